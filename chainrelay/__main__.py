@@ -1,0 +1,3 @@
+from chainrelay.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The app: builds a node's services from its config, starts them in order, stops them in
+reverse order (collecting errors instead of stopping at the first)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from chainrelay.config import Config, parse_listen
+from chainrelay.errors import ChainRelayError
+from chainrelay.protocol.chains import ChainProfile, profile_for
+from chainrelay.services.cache import MemoryCache
+from chainrelay.services.head import HeadTracker
+from chainrelay.services.http import HttpLimits, HttpServer, Routes
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import PoolSettings, UpstreamPool
+from chainrelay.services.rpc import RpcLimits, RpcService
+from chainrelay.services.upstream import make_upstream
+
+log = logging.getLogger(__name__)
+
+# How long start() waits for a first head before serving without one.
+FIRST_HEAD_TIMEOUT = 10.0
+
+
+class Node:
+    """One relay node. ``await node.start()``, serve, ``await node.stop()``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self._stack: list[Callable[[], Awaitable[None]]] = []
+        self.pool: UpstreamPool | None = None
+        self.head: HeadTracker | None = None
+        self.rpc: RpcService | None = None
+        self.server: HttpServer | None = None
+        self.profile: ChainProfile | None = None
+        self.chain_id = 0
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        try:
+            await self._start(reuse_port)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, reuse_port: bool) -> None:
+        cfg = self.cfg
+        p = cfg.pool
+        upstreams = [
+            make_upstream(u.name, u.url, timeout=p.timeout, connections=p.connections)
+            for u in cfg.upstreams
+        ]
+        settings = PoolSettings(
+            max_attempts=p.max_attempts,
+            hedge=p.hedge,
+            hedge_quantile=p.hedge_quantile,
+            hedge_min_delay=p.hedge_min_delay,
+            max_lag_blocks=p.max_lag_blocks,
+            max_consecutive_errors=p.max_consecutive_errors,
+            probe_interval=p.probe_interval,
+        )
+        pool = self.pool = UpstreamPool(upstreams, settings, self.metrics)
+        self._stack.append(pool.stop)
+        await pool.start()
+        self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
+        for u in pool.upstreams:
+            self.metrics.upstream_healthy.labels(u.name).set(1)
+        profile = self.profile = profile_for(cfg.chain.profile or None, self.chain_id)
+        head = self.head = HeadTracker(
+            pool,
+            profile,
+            self.metrics,
+            window=cfg.head.reorg_window,
+            finality_refresh_blocks=cfg.head.finality_refresh_blocks,
+            fresh_blocks=cfg.head.fresh_blocks,
+        )
+        self._stack.append(head.stop)
+        await head.start()
+        if not await head.wait_ready(FIRST_HEAD_TIMEOUT):
+            log.warning(
+                "no head after %.0fs; serving, uncached until one arrives", FIRST_HEAD_TIMEOUT
+            )
+        cache = MemoryCache(cfg.cache.memory_bytes, cfg.cache.max_entry_bytes)
+        self.rpc = RpcService(
+            cache,
+            pool,
+            head,
+            self.metrics,
+            self.chain_id,
+            RpcLimits(max_batch_len=cfg.limits.max_batch_len),
+        )
+        lim = cfg.limits
+        limits = HttpLimits(
+            max_body_bytes=lim.max_body_bytes,
+            max_header_bytes=lim.max_header_bytes,
+            max_pending_per_connection=lim.max_pending_per_connection,
+            max_connections_per_ip=lim.max_connections_per_ip,
+            keepalive_timeout=lim.keepalive_timeout,
+            max_ws_message_bytes=lim.max_ws_message_bytes,
+            max_ws_send_buffer=lim.max_ws_send_buffer,
+            cors_origins=cfg.server.cors_origins,
+        )
+        server = self.server = HttpServer(
+            Routes(self.rpc.handle, self.health, self.metrics.render), limits, self.metrics
+        )
+        host, port = parse_listen(cfg.server.listen)
+        await server.start(host, port, reuse_port=reuse_port)
+        self._stack.append(server.stop)
+        log.info(
+            "serving chain %d (%s profile) on %s:%d with %d upstream(s), head %d",
+            self.chain_id,
+            profile.name,
+            host,
+            server.port,
+            len(pool.upstreams),
+            head.view.number,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    def health(self) -> tuple[int, bytes]:
+        head, pool = self.head, self.pool
+        ok = bool(head and head.fresh and pool and any(u.healthy for u in pool.upstreams))
+        body = {
+            "status": "ok" if ok else "degraded",
+            "chainId": self.chain_id,
+            "head": head.view.number if head else None,
+            "finalized": head.view.finalized if head else None,
+            "upstreams": [
+                {
+                    "name": u.name,
+                    "healthy": u.healthy,
+                    "latest": u.latest,
+                    "latencyMs": round(u.latency * 1000, 3),
+                }
+                for u in (pool.upstreams if pool else [])
+            ],
+        }
+        return (200 if ok else 503), orjson.dumps(body)
+
+    async def stop(self) -> None:
+        errors: list[BaseException] = []
+        while self._stack:
+            stop = self._stack.pop()
+            try:
+                await stop()
+            except Exception as exc:  # keep stopping the rest
+                errors.append(exc)
+        if errors:
+            raise ChainRelayError(f"errors while stopping: {errors!r}")
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,138 @@
+"""Command line: parses arguments, loads the config, runs the app. Nothing else.
+
+``chainrelay`` with no arguments runs the devnet demo: anvil (chain id 56, a block a
+second, real transactions) with a relay in front of it on 127.0.0.1:8545.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from chainrelay import config as configmod
+from chainrelay import defaults
+from chainrelay.errors import ChainRelayError, ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chainrelay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run a relay node")
+    serve.add_argument("--config", help="a TOML config file (see configs/)")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        help="an upstream JSON-RPC URL (http(s):// or ws(s)://); repeatable",
+    )
+    serve.add_argument("--listen", help=f"HOST:PORT (default {defaults.LISTEN})")
+    val = sub.add_parser("validate", help="check a config file without starting anything")
+    val.add_argument("file")
+    dev = sub.add_parser("devnet", help="anvil + real transactions + a relay (the default)")
+    dev.add_argument("--listen", default=defaults.LISTEN)
+    dev.add_argument("--chain-id", type=int, default=56)
+    dev.add_argument("--block-time", type=float, default=1.0)
+    return p
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """Start the event loop: uvloop, chosen here and nowhere else."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+async def _until_signal(coro_factory: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await coro_factory(stop)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from chainrelay.app import Node
+
+    if args.config:
+        cfg = configmod.load(args.config)
+        if args.listen:
+            cfg.server.listen = args.listen
+    elif args.upstream:
+        cfg = configmod.quick(args.upstream, args.listen or defaults.LISTEN)
+    else:
+        raise ConfigError("serve needs --config FILE or at least one --upstream URL")
+    _run(_until_signal(Node(cfg).run_forever))
+    return 0
+
+
+def _devnet(args: argparse.Namespace) -> int:
+    from chainrelay import devnet
+    from chainrelay.app import Node
+
+    async def main(stop: asyncio.Event) -> None:
+        anvil = devnet.Anvil(chain_id=args.chain_id, block_time=args.block_time)
+        anvil.start()
+        try:
+            await anvil.wait_ready()
+            node = Node(configmod.quick([anvil.ws_url], args.listen))
+            await node.start()
+            try:
+                gen = asyncio.create_task(devnet.traffic(anvil.url, stop))
+                url = f"http://{args.listen}"
+                print(
+                    f"\nchainrelay devnet: anvil (chain id {args.chain_id}) at {anvil.url}, "
+                    f"relay at {url}\n"
+                    f"  web3.py : Web3(Web3.HTTPProvider('{url}'))\n"
+                    f"  ethers  : new ethers.JsonRpcProvider('{url}')\n"
+                    f"  wallet  : RPC URL {url}, chain id {args.chain_id}\n"
+                    f"  ws      : ws://{args.listen}\n"
+                    f"  metrics : {url}/metrics   health: {url}/health\n"
+                    "Ctrl-C stops.",
+                    flush=True,
+                )
+                await stop.wait()
+                gen.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gen
+            finally:
+                await node.stop()
+        finally:
+            anvil.stop()
+
+    _run(_until_signal(main))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "validate":
+            configmod.load(args.file)
+            print(f"{args.file}: ok")
+            return 0
+        if args.command == "serve":
+            return _serve(args)
+        if args.command in (None, "devnet"):
+            if args.command is None:
+                args = _parser().parse_args(["devnet"])
+            return _devnet(args)
+    except ConfigError as exc:
+        print(f"chainrelay: config error: {exc}", file=sys.stderr)
+        return 2
+    except ChainRelayError as exc:
+        print(f"chainrelay: {exc}", file=sys.stderr)
+        return 1
+    return 0

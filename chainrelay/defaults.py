@@ -1,0 +1,62 @@
+"""Every default and limit, with the reason for its value. Each is overridable in config.
+
+Config keys use the lower-case name without the ``DEFAULT_`` prefix (see ``config.py``).
+"""
+
+from __future__ import annotations
+
+MiB = 1024 * 1024
+
+# --- Server --------------------------------------------------------------------------------
+LISTEN = "127.0.0.1:8545"  # the port every Ethereum tool tries first
+# geth's HTTP server refuses bodies over 5 MiB; a relay must accept whatever geth accepts.
+MAX_BODY_BYTES = 5 * MiB
+# geth's BatchRequestLimit is 1000; longer batches are abuse more often than need.
+MAX_BATCH_LEN = 1000
+# Request line plus headers: nginx's large_client_header_buffers total 32 KiB.
+MAX_HEADER_BYTES = 32 * 1024
+# Answers queued on one connection before we stop reading from it (backpressure, not loss).
+MAX_PENDING_PER_CONNECTION = 256
+# Connections one IP may hold: a browser opens ~6, a busy backend a few hundred.
+MAX_CONNECTIONS_PER_IP = 1024
+# Idle keep-alive connections are closed after this; matches nginx's keepalive_timeout.
+KEEPALIVE_TIMEOUT = 75.0
+# A WebSocket message is a JSON-RPC body, so it gets the same ceiling.
+MAX_WS_MESSAGE_BYTES = MAX_BODY_BYTES
+# Bytes buffered for a slow WebSocket reader before the connection is closed (1013).
+MAX_WS_SEND_BUFFER = 16 * MiB
+
+# --- Cache ---------------------------------------------------------------------------------
+# Holds ~100k typical answers or a few thousand full blocks; a relay's working set.
+CACHE_MEMORY_BYTES = 256 * MiB
+# One answer larger than this is served but never stored: it would evict too much.
+CACHE_MAX_ENTRY_BYTES = 8 * MiB
+
+# --- Upstreams -----------------------------------------------------------------------------
+# A read that has not answered in this long is retried on another upstream.
+UPSTREAM_TIMEOUT = 10.0
+# Attempts per read, across distinct upstreams where there are several.
+UPSTREAM_MAX_ATTEMPTS = 3
+# Hedge a read when it is slower than this quantile of the upstream's recent latencies.
+HEDGE_QUANTILE = 0.95
+# Never hedge sooner than this: below it a second call costs more than it saves.
+HEDGE_MIN_DELAY = 0.05
+# An upstream this many blocks behind the best is taken out of rotation.
+MAX_LAG_BLOCKS = 5
+# Errors in a row that take an upstream out of rotation.
+MAX_CONSECUTIVE_ERRORS = 3
+# How often an out-of-rotation upstream is probed to bring it back.
+PROBE_INTERVAL = 2.0
+# Keep-alive connections per upstream; more than anvil or a provider serves well at once.
+UPSTREAM_CONNECTIONS = 64
+# Smoothing of the latency EWMA: ~the last 10 calls dominate.
+LATENCY_EWMA_ALPHA = 0.1
+
+# --- Head tracker --------------------------------------------------------------------------
+# Canonical hashes remembered per chain: deeper than any reorg either chain has seen.
+REORG_WINDOW = 256
+# How often safe/finalized are refreshed, in blocks.
+FINALITY_REFRESH_BLOCKS = 4
+# eth_blockNumber/eth_chainId are answered locally only while the head is this fresh,
+# in block times; past it they go upstream.
+HEAD_FRESH_BLOCKS = 3.0

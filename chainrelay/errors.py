@@ -1,0 +1,117 @@
+"""Every error chainrelay raises, in one tree.
+
+::
+
+    ChainRelayError
+    ├── ConfigError                      a config file or flag is wrong (names the key path)
+    ├── RequestError                     the caller's request is wrong; maps to a JSON-RPC code
+    │   ├── ParseError                   -32700  body is not JSON
+    │   ├── InvalidRequest               -32600  not a JSON-RPC 2.0 request object
+    │   │   └── BatchTooLarge            -32600  batch longer than the configured limit
+    │   ├── MethodNotFound               -32601  method refused by this node
+    │   └── InvalidParams                -32602  params of the wrong shape for the method
+    ├── InternalError                    -32603  a bug in this node; never the caller's fault
+    └── UpstreamError                    -32000 range; carries upstream, method, attempts
+        ├── UpstreamUnavailable          -32001  no healthy upstream could answer
+        ├── UpstreamTimeout              -32002  every attempt timed out
+        └── UpstreamWrongChain           refused at start: the upstream serves another chain
+
+A JSON-RPC error that an upstream node *answered* (``execution reverted`` and the like) is
+not an exception here: it is the node's real answer and passes through unchanged.
+"""
+
+from __future__ import annotations
+
+
+class ChainRelayError(Exception):
+    """Root of every error raised by chainrelay."""
+
+
+class ConfigError(ChainRelayError):
+    """A configuration file or command-line option is invalid."""
+
+
+class RequestError(ChainRelayError):
+    """The caller sent something this node cannot serve; ``code`` is the JSON-RPC code."""
+
+    code = -32600
+
+    def __init__(self, message: str, data: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class ParseError(RequestError):
+    code = -32700
+
+
+class InvalidRequest(RequestError):
+    code = -32600
+
+
+class BatchTooLarge(InvalidRequest):
+    pass
+
+
+class MethodNotFound(RequestError):
+    code = -32601
+
+
+class InvalidParams(RequestError):
+    code = -32602
+
+
+class InternalError(ChainRelayError):
+    code = -32603
+
+
+class UpstreamError(ChainRelayError):
+    """No upstream gave an answer; carries which upstream, which method, how many attempts."""
+
+    code = -32000
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        method: str = "",
+        upstream: str = "",
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.method = method
+        self.upstream = upstream
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return (
+            f"{self.message} (method={self.method or '-'}, upstream={self.upstream or '-'}, "
+            f"attempts={self.attempts})"
+        )
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = -32001
+
+
+class UpstreamTimeout(UpstreamError):
+    code = -32002
+
+
+class UpstreamWrongChain(UpstreamError):
+    code = -32003
+
+
+def error_code(exc: BaseException) -> int:
+    """The one place an exception becomes a JSON-RPC error code."""
+    if isinstance(exc, RequestError | UpstreamError | InternalError):
+        return exc.code
+    return InternalError.code
+
+
+def error_message(exc: BaseException) -> str:
+    if isinstance(exc, RequestError | UpstreamError):
+        return exc.message
+    return "internal error"

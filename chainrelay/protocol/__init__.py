@@ -1,0 +1,1 @@
+"""Sans-I/O protocol logic: method policy, chain profiles. No asyncio here."""

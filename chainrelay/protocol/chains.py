@@ -1,0 +1,41 @@
+"""Per-chain facts the cache and head tracker depend on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProfile:
+    name: str
+    chain_id: int
+    # Seconds between blocks; realtime answers live about this long.
+    block_time: float
+    # Depth below the head treated as final when an upstream does not answer the
+    # "finalized" tag. Chosen on the safe side of each chain's real finality.
+    fallback_finality_depth: int
+    # Depth below the head treated as "safe" when the tag is missing.
+    fallback_safe_depth: int
+
+
+PROFILES: dict[str, ChainProfile] = {
+    # BSC: 0.75 s blocks since the Maxwell upgrade; fast finality finalizes in ~2 blocks,
+    # and before it the rule of thumb was 15 blocks (2/3 of 21 validators plus one).
+    "bsc": ChainProfile("bsc", 56, 0.75, 15, 2),
+    # Arbitrum One: ~0.25 s blocks; "finalized" follows L1 finality (~15-20 min). Without
+    # the tag nothing under 30 min (7,200 blocks) is assumed final.
+    "arbitrum": ChainProfile("arbitrum", 42161, 0.25, 7200, 240),
+    # A local anvil devnet: one block a second; anvil answers the tags itself.
+    "devnet": ChainProfile("devnet", 31337, 1.0, 64, 32),
+}
+
+BY_CHAIN_ID: dict[int, ChainProfile] = {p.chain_id: p for p in PROFILES.values()}
+
+
+def profile_for(name: str | None, chain_id: int | None) -> ChainProfile:
+    """The named profile, else the one for ``chain_id``, else the devnet profile."""
+    if name:
+        return PROFILES[name]
+    if chain_id is not None and chain_id in BY_CHAIN_ID:
+        return BY_CHAIN_ID[chain_id]
+    return PROFILES["devnet"]

@@ -1,0 +1,377 @@
+"""Method policy: what each method reads, at which block, and how its answer may be cached.
+
+Every caching decision lives in this file, as a table (``RULES``) plus one function
+(``plan``) that turns a call and a view of the head into a ``Plan``. It does no I/O.
+
+The four finality classes of DESIGN.md:
+
+* ``FINALIZED``   - the block is final: cache forever, key by block number.
+* ``UNFINALIZED`` - key by block **hash**, so a reorg can never serve the old answer.
+* ``REALTIME``    - about the head: keyed by the head's hash, lives about one block time.
+* ``NEVER``       - writes, filters, subscriptions, ``pending`` and unknown methods.
+
+Tags are resolved against the node's head before keying, and the forwarded request names
+the resolved block, so the answer stored under a key is the answer *for that block*.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Params = list[Any] | dict[str, Any]
+
+
+class Finality(enum.IntEnum):
+    FINALIZED = 0
+    UNFINALIZED = 1
+    REALTIME = 2
+    NEVER = 3
+
+
+class Kind(enum.Enum):
+    BLOCK = "block"  # reads state or data at a block given by a block parameter
+    BLOCK_HASH = "block_hash"  # names a block by hash; answer valid while it is canonical
+    TX_HASH = "tx_hash"  # names a transaction; answer valid while its block is canonical
+    LOGS = "logs"  # eth_getLogs filter object
+    CHAIN = "chain"  # a fact of the chain that never changes (chain id)
+    HEAD = "head"  # the head's number, answered locally
+    REALTIME = "realtime"  # about the current head (gas price, syncing)
+    SEND = "send"  # eth_sendRawTransaction: broadcast to every upstream
+    NEVER = "never"  # passes through, never cached
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    kind: Kind
+    # Index of the block parameter (BLOCK) or of the hash (BLOCK_HASH, TX_HASH).
+    index: int = 0
+    # Tag assumed when the block parameter is omitted; None: do not cache when omitted.
+    default: str | None = "latest"
+    # The block parameter may be sent as an EIP-1898 {"blockHash": ...} object.
+    by_hash: bool = False
+    # What in the answer names its block: "block" (a block object), "item" (an object with
+    # blockHash/blockNumber) or "items" (a list of those). Checked before storing.
+    anchor: str | None = None
+
+
+_B = Kind.BLOCK
+RULES: dict[str, Rule] = {
+    # state at a block
+    "eth_getBalance": Rule(_B, 1, by_hash=True),
+    "eth_getTransactionCount": Rule(_B, 1, by_hash=True),
+    "eth_getCode": Rule(_B, 1, by_hash=True),
+    "eth_getStorageAt": Rule(_B, 2, by_hash=True),
+    "eth_call": Rule(_B, 1, by_hash=True),
+    "eth_getProof": Rule(_B, 2, by_hash=True),
+    # geth estimates against "pending" when the block is omitted: never cached then.
+    "eth_estimateGas": Rule(_B, 1, default=None, by_hash=True),
+    "eth_createAccessList": Rule(_B, 1, default=None, by_hash=True),
+    # blocks by number
+    "eth_getBlockByNumber": Rule(_B, 0, default=None, anchor="block"),
+    "eth_getBlockReceipts": Rule(_B, 0, default=None, by_hash=True, anchor="items"),
+    "eth_getBlockTransactionCountByNumber": Rule(_B, 0, default=None),
+    "eth_getUncleCountByBlockNumber": Rule(_B, 0, default=None),
+    "eth_getTransactionByBlockNumberAndIndex": Rule(_B, 0, default=None, anchor="item"),
+    "eth_getUncleByBlockNumberAndIndex": Rule(_B, 0, default=None, anchor="block"),
+    "eth_feeHistory": Rule(_B, 1, default=None),
+    "debug_traceBlockByNumber": Rule(_B, 0, default=None),
+    # blocks by hash
+    "eth_getBlockByHash": Rule(Kind.BLOCK_HASH, 0, anchor="block"),
+    "eth_getBlockTransactionCountByHash": Rule(Kind.BLOCK_HASH, 0),
+    "eth_getUncleCountByBlockHash": Rule(Kind.BLOCK_HASH, 0),
+    "eth_getTransactionByBlockHashAndIndex": Rule(Kind.BLOCK_HASH, 0, anchor="item"),
+    "eth_getUncleByBlockHashAndIndex": Rule(Kind.BLOCK_HASH, 0, anchor="block"),
+    "debug_traceBlockByHash": Rule(Kind.BLOCK_HASH, 0),
+    # transactions by hash
+    "eth_getTransactionByHash": Rule(Kind.TX_HASH, 0, anchor="item"),
+    "eth_getTransactionReceipt": Rule(Kind.TX_HASH, 0, anchor="item"),
+    # logs
+    "eth_getLogs": Rule(Kind.LOGS, 0, anchor="items"),
+    # chain facts and the head
+    "eth_chainId": Rule(Kind.CHAIN),
+    "net_version": Rule(Kind.CHAIN),
+    "eth_blockNumber": Rule(Kind.HEAD),
+    "eth_gasPrice": Rule(Kind.REALTIME),
+    "eth_maxPriorityFeePerGas": Rule(Kind.REALTIME),
+    "eth_blobBaseFee": Rule(Kind.REALTIME),
+    "eth_syncing": Rule(Kind.REALTIME),
+    "net_peerCount": Rule(Kind.REALTIME),
+    "web3_clientVersion": Rule(Kind.REALTIME),
+    # writes
+    "eth_sendRawTransaction": Rule(Kind.SEND),
+}
+
+TAGS = frozenset({"latest", "safe", "finalized", "earliest", "pending"})
+
+
+class HeadView:
+    """What ``plan`` needs to know of the head; filled by the head tracker."""
+
+    __slots__ = ("canonical", "finalized", "hash", "number", "numbers", "safe")
+
+    def __init__(self) -> None:
+        self.number = -1
+        self.hash = ""
+        self.safe = -1
+        self.finalized = -1
+        # number -> hash of the recent canonical chain (a bounded window).
+        self.canonical: dict[int, str] = {}
+        # hash -> number, the same window seen the other way.
+        self.numbers: dict[str, int] = {}
+
+    @property
+    def known(self) -> bool:
+        return self.number >= 0
+
+    def is_canonical(self, number: int, block_hash: str) -> bool | None:
+        """True/False when known; None when the block is outside the remembered window."""
+        got = self.canonical.get(number)
+        if got is None:
+            return None
+        return got == block_hash
+
+    def is_canonical_hash(self, block_hash: str) -> bool | None:
+        """True when in the window; None when unknown (too old, or not seen yet)."""
+        return True if block_hash in self.numbers else None
+
+
+@dataclass(slots=True)
+class Plan:
+    """How to serve one call. ``key`` None: do not cache, forward ``params`` as they are."""
+
+    finality: Finality
+    key: bytes | None = None
+    params: Params | None = None  # what to forward; None: the caller's params
+    min_block: int = -1  # only upstreams at or past this block should answer
+    block_number: int = -1  # the resolved block, for checks on the answer
+    block_hash: str | None = None  # the resolved block's hash when unfinalized
+    anchor: str | None = None  # see Rule.anchor
+    validate_canonical: bool = False  # a by-hash answer: check its block on every hit
+
+
+PASS = Plan(Finality.NEVER)
+
+
+def _hexint(value: Any) -> int | None:
+    if isinstance(value, str) and value.startswith(("0x", "0X")) and 2 < len(value) <= 18:
+        try:
+            return int(value, 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _is_hash(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 66 and value[:2] in ("0x", "0X")
+
+
+@dataclass(slots=True)
+class _Block:
+    number: int
+    hash: str | None  # set when unfinalized
+    final: bool
+
+
+def _resolve(ref: Any, head: HeadView) -> _Block | None:
+    """A block reference (tag, number, EIP-1898 object) as a concrete block; None: uncacheable."""
+    if isinstance(ref, dict):
+        if "blockHash" in ref or "blockNumber" not in ref:
+            return None  # by-hash references are keyed as given, see plan()
+        ref = ref["blockNumber"]
+    if isinstance(ref, str):
+        if ref == "latest":
+            n = head.number
+        elif ref == "safe":
+            n = head.safe
+        elif ref == "finalized":
+            n = head.finalized
+        elif ref == "earliest":
+            n = 0
+        elif ref == "pending":
+            return None
+        else:
+            parsed = _hexint(ref)
+            if parsed is None:
+                return None
+            n = parsed
+    else:
+        return None
+    if n < 0 or n > head.number:
+        return None
+    if n <= head.finalized:
+        return _Block(n, None, True)
+    h = head.canonical.get(n)
+    if h is None:
+        return None
+    return _Block(n, h, False)
+
+
+def _key(method: str, params: Any) -> bytes:
+    return method.encode() + b":" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+
+
+def _with(params: list[Any], index: int, value: Any) -> list[Any]:
+    out = list(params)
+    while len(out) <= index:
+        out.append(None)
+    out[index] = value
+    return out
+
+
+def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan:
+    if not isinstance(params, list) or len(params) > rule.index + 2:
+        return PASS
+    if len(params) > rule.index:
+        ref = params[rule.index]
+    elif rule.default is not None:
+        ref = rule.default
+    else:
+        return PASS
+    if isinstance(ref, dict) and "blockHash" in ref and _is_hash(ref["blockHash"]):
+        # An explicit block hash names one block for ever; its answer never changes.
+        if ref.get("requireCanonical") and head.is_canonical_hash(ref["blockHash"]) is not True:
+            return PASS  # the answer depends on canonicality we cannot vouch for
+        return Plan(Finality.UNFINALIZED, _key(method, params))
+    block = _resolve(ref, head)
+    if block is None:
+        return PASS
+    if block.final:
+        fwd_ref: Any = hex(block.number)
+        keyed = _with(params, rule.index, fwd_ref)
+        return Plan(
+            Finality.FINALIZED,
+            _key(method, keyed),
+            params=keyed,
+            min_block=block.number,
+            block_number=block.number,
+            anchor=rule.anchor,
+        )
+    assert block.hash is not None
+    keyed = _with(params, rule.index, "#" + block.hash)
+    fwd_ref = {"blockHash": block.hash} if rule.by_hash else hex(block.number)
+    return Plan(
+        Finality.UNFINALIZED,
+        _key(method, keyed),
+        params=_with(params, rule.index, fwd_ref),
+        min_block=block.number,
+        block_number=block.number,
+        block_hash=block.hash,
+        anchor=rule.anchor,
+    )
+
+
+def _plan_logs(method: str, params: Params, head: HeadView) -> Plan:
+    if not isinstance(params, list) or len(params) != 1 or not isinstance(params[0], dict):
+        return PASS
+    flt: dict[str, Any] = params[0]
+    if "blockHash" in flt:
+        if not _is_hash(flt["blockHash"]) or "fromBlock" in flt or "toBlock" in flt:
+            return PASS
+        return Plan(Finality.UNFINALIZED, _key(method, params), anchor="items")
+    lo = _resolve(flt.get("fromBlock", "latest"), head)
+    hi = _resolve(flt.get("toBlock", "latest"), head)
+    if lo is None or hi is None or lo.number > hi.number:
+        return PASS
+    fwd = dict(flt)
+    fwd["fromBlock"] = hex(lo.number)
+    fwd["toBlock"] = hex(hi.number)
+    if hi.final:
+        return Plan(
+            Finality.FINALIZED,
+            _key(method, [fwd]),
+            params=[fwd],
+            min_block=hi.number,
+            block_number=hi.number,
+            anchor="items",
+        )
+    keyed = dict(fwd)
+    # The hash of the last block commits to every block before it.
+    keyed["toBlock"] = "#" + str(hi.hash)
+    return Plan(
+        Finality.UNFINALIZED,
+        _key(method, [keyed]),
+        params=[fwd],
+        min_block=hi.number,
+        block_number=hi.number,
+        block_hash=hi.hash,
+        anchor="items",
+    )
+
+
+def plan(method: str, params: Params, head: HeadView, rules: Mapping[str, Rule] = RULES) -> Plan:
+    """Decide how to serve ``method(params)`` given the node's current head."""
+    rule = rules.get(method)
+    if rule is None:
+        return PASS
+    kind = rule.kind
+    if kind is Kind.BLOCK:
+        if not head.known:
+            return PASS
+        return _plan_block(method, rule, params, head)
+    if kind is Kind.BLOCK_HASH or kind is Kind.TX_HASH:
+        if not isinstance(params, list) or not params or not _is_hash(params[0]):
+            return PASS
+        return Plan(
+            Finality.UNFINALIZED,
+            _key(method, params),
+            anchor=rule.anchor,
+            validate_canonical=True,
+        )
+    if kind is Kind.LOGS:
+        if not head.known:
+            return PASS
+        return _plan_logs(method, params, head)
+    if kind is Kind.CHAIN:
+        return Plan(Finality.FINALIZED, _key(method, params))
+    if kind is Kind.REALTIME:
+        if not head.known:
+            return PASS
+        return Plan(Finality.REALTIME, _key(method, params) + b"@" + head.hash.encode())
+    return PASS
+
+
+def anchor_of(answer: Any, anchor: str | None) -> tuple[int, str] | bool | None:
+    """The (number, hash) of the block a decoded answer belongs to.
+
+    Returns None when the answer names no block (nothing to check), False when it is
+    malformed or not yet in a block (a pending transaction): such answers are not stored.
+    """
+    if anchor is None or answer is None:
+        return None
+    try:
+        if anchor == "block":
+            return int(answer["number"], 16), answer["hash"]
+        if anchor == "item":
+            if answer.get("blockHash") is None:
+                return False
+            return int(answer["blockNumber"], 16), answer["blockHash"]
+        if anchor == "items":
+            if not answer:
+                return None
+            first = answer[0]
+            if first.get("blockHash") is None:
+                return False
+            return int(first["blockNumber"], 16), first["blockHash"]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return None
+
+
+def items_canonical(answer: Any, head: HeadView) -> bool:
+    """Every item of a list answer (logs, receipts) sits on the chain this node follows."""
+    if not isinstance(answer, list):
+        return True
+    for item in answer:
+        try:
+            n = int(item["blockNumber"], 16)
+            h = item["blockHash"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if n > head.finalized and head.is_canonical(n, h) is False:
+            return False
+    return True

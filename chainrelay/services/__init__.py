@@ -1,0 +1,1 @@
+"""Asyncio services, one concern each, each with start/stop."""

@@ -1,0 +1,82 @@
+"""The in-process answer cache: an LRU bounded in bytes.
+
+A cached value is the raw JSON of a result (see ``wire.jsonrpc``). Entries that belong to a
+block carry that block's (number, hash) so a hit can be refused once the block has been
+reorged away; realtime entries carry an expiry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+# Per-entry bookkeeping (key, tuple, dict slot) on CPython, counted against the byte bound.
+ENTRY_OVERHEAD = 120
+
+
+class Entry:
+    __slots__ = ("anchor_hash", "anchor_number", "expires", "value")
+
+    def __init__(
+        self,
+        value: bytes,
+        expires: float = 0.0,
+        anchor_number: int = -1,
+        anchor_hash: str | None = None,
+    ) -> None:
+        self.value = value
+        self.expires = expires  # monotonic deadline; 0: never
+        self.anchor_number = anchor_number
+        self.anchor_hash = anchor_hash
+
+
+class MemoryCache:
+    """An LRU over raw answers, never holding more than ``max_bytes`` (keys included).
+
+    ``get`` is synchronous and allocation-free on a hit: it is on the cache-hit hot path.
+    """
+
+    def __init__(self, max_bytes: int, max_entry_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.bytes = 0
+        self._data: OrderedDict[bytes, Entry] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes) -> Entry | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry.expires and entry.expires < time.monotonic():
+            self._drop(key, entry)
+            return None
+        self._data.move_to_end(key)
+        return entry
+
+    def put(self, key: bytes, entry: Entry) -> bool:
+        """Store ``entry``; False when it alone is over the per-entry limit."""
+        size = len(key) + len(entry.value) + ENTRY_OVERHEAD
+        if size > self.max_entry_bytes or size > self.max_bytes:
+            return False
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.bytes -= len(key) + len(old.value) + ENTRY_OVERHEAD
+        self._data[key] = entry
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            k, e = self._data.popitem(last=False)
+            self.bytes -= len(k) + len(e.value) + ENTRY_OVERHEAD
+            self.evictions += 1
+        return True
+
+    def discard(self, key: bytes) -> None:
+        entry = self._data.get(key)
+        if entry is not None:
+            self._drop(key, entry)
+
+    def _drop(self, key: bytes, entry: Entry) -> None:
+        del self._data[key]
+        self.bytes -= len(key) + len(entry.value) + ENTRY_OVERHEAD

@@ -1,0 +1,37 @@
+"""Coalescing: N concurrent identical calls cost one upstream call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Coalescer(Generic[T]):
+    """Runs one call per key at a time; every concurrent caller awaits the same result.
+
+    The call runs in a task of its own, so a caller that goes away (a client disconnect)
+    cancels only its own wait, never the call the others are waiting on.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: dict[bytes, asyncio.Task[T]] = {}
+        self.joined = 0  # callers that rode on another's call
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._inflight
+
+    async def run(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> T:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+        else:
+            self.joined += 1
+        return await asyncio.shield(task)

@@ -1,0 +1,251 @@
+"""The head tracker: follows every upstream's head, keeps latest/safe/finalized, sees reorgs.
+
+Each upstream is followed by ``newHeads`` when it speaks WebSocket and by polling
+otherwise. The node's head is the highest block any upstream reported; the recent
+canonical chain (number -> hash) is kept for a bounded window and rewritten on a reorg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from chainrelay import defaults
+from chainrelay.protocol.chains import ChainProfile
+from chainrelay.protocol.policy import HeadView
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.upstream import TransportError, Upstream
+
+log = logging.getLogger(__name__)
+
+# Upper bound on one poll's wait, so a long block time still notices a stalled upstream.
+MAX_POLL_INTERVAL = 2.0
+# Back-off after a failed poll or a broken head stream.
+RETRY_DELAY = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    number: int
+    hash: str
+    parent_hash: str
+
+    @classmethod
+    def parse(cls, obj: Any) -> Header | None:
+        try:
+            return cls(int(obj["number"], 16), obj["hash"], obj["parentHash"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+# Called with (new canonical headers, oldest first; headers reorged away, newest first).
+HeadListener = Callable[[list[Header], list[Header]], None]
+
+
+class HeadTracker:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        profile: ChainProfile,
+        metrics: Metrics,
+        *,
+        window: int = defaults.REORG_WINDOW,
+        finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
+        fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
+    ) -> None:
+        self.pool = pool
+        self.profile = profile
+        self.metrics = metrics
+        self.view = HeadView()
+        self.window = window
+        self.finality_refresh_blocks = finality_refresh_blocks
+        self.fresh_seconds = fresh_blocks * profile.block_time
+        self.updated_at = 0.0  # monotonic time of the last head change
+        self.listeners: list[HeadListener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+        self._finality_task: asyncio.Task[None] | None = None
+        self._last_finality_at = -(10**9)
+        self._changed = asyncio.Event()
+
+    @property
+    def fresh(self) -> bool:
+        return self.view.known and time.monotonic() - self.updated_at < max(self.fresh_seconds, 1.0)
+
+    async def start(self) -> None:
+        for u in self.pool.upstreams:
+            self._tasks.append(asyncio.create_task(self._follow(u), name=f"head:{u.name}"))
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks]
+        if self._finality_task is not None:
+            tasks.append(self._finality_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until a first head is known."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.view.known:
+                    self._changed.clear()
+                    await self._changed.wait()
+        return self.view.known
+
+    # --- following -------------------------------------------------------------------
+    async def _follow(self, u: Upstream) -> None:
+        while True:
+            try:
+                if u.is_ws:
+                    await u.subscribe_heads(lambda h, u=u: self._spawn_header(u, h))
+                else:
+                    await self._poll(u)
+            except asyncio.CancelledError:
+                raise
+            except (TransportError, NotImplementedError) as exc:
+                log.debug("head stream of %s broke: %s", u.name, exc)
+                if u.is_ws:
+                    # Whatever the stream missed is fetched when the next head links back.
+                    with contextlib.suppress(TransportError):
+                        await self._poll_once(u)
+            await asyncio.sleep(RETRY_DELAY)
+
+    def _spawn_header(self, u: Upstream, obj: Any) -> None:
+        h = Header.parse(obj)
+        if h is not None:
+            task = asyncio.ensure_future(self.on_header(u, h))
+            task.add_done_callback(_log_failure)
+
+    async def _poll(self, u: Upstream) -> None:
+        interval = min(MAX_POLL_INTERVAL, max(0.05, self.profile.block_time / 4))
+        while True:
+            await self._poll_once(u)
+            await asyncio.sleep(interval)
+
+    async def _poll_once(self, u: Upstream) -> None:
+        answer = await u.call("eth_getBlockByNumber", ["latest", False])
+        h = Header.parse(answer.value)
+        if h is not None:
+            await self.on_header(u, h)
+
+    # --- the canonical chain ---------------------------------------------------------
+    async def on_header(self, u: Upstream, h: Header) -> None:
+        if h.number > u.latest:
+            u.latest = h.number
+        self.metrics.upstream_lag.labels(u.name).set(max(0, self.pool.best_latest - u.latest))
+        view = self.view
+        if view.canonical.get(h.number) == h.hash:
+            return
+        if view.known and h.number < view.number:
+            return  # a lagging upstream; the longest chain seen is followed
+        async with self._lock:
+            if view.canonical.get(h.number) == h.hash or (view.known and h.number < view.number):
+                return
+            await self._adopt(u, h)
+
+    async def _adopt(self, u: Upstream, h: Header) -> None:
+        """Make ``h`` the head, fetching the blocks that link it to the known chain."""
+        view = self.view
+        chain = [h]
+        low = max(0, h.number - self.window)
+        # Walk back by parent hash until the chain links to a block we hold as canonical.
+        while view.known:
+            tip = chain[-1]
+            if tip.number == 0 or tip.number - 1 < low:
+                break
+            parent_known = view.canonical.get(tip.number - 1)
+            if parent_known == tip.parent_hash:
+                break
+            if parent_known is None and tip.number - 1 < min(view.canonical, default=0):
+                break
+            try:
+                answer = await u.call("eth_getBlockByHash", [tip.parent_hash, False])
+            except TransportError:
+                return  # retried on the next head
+            parent = Header.parse(answer.value)
+            if parent is None:
+                return
+            chain.append(parent)
+        chain.reverse()
+        base = chain[0].number
+        removed: list[Header] = []
+        for n in sorted((n for n in view.canonical if n >= base), reverse=True):
+            old = view.canonical[n]
+            if n < len(chain) + base and chain[n - base].hash == old:
+                continue
+            removed.append(Header(n, old, ""))
+        for old_h in removed:
+            view.canonical.pop(old_h.number, None)
+            view.numbers.pop(old_h.hash, None)
+        added = [c for c in chain if view.canonical.get(c.number) != c.hash]
+        for c in chain:
+            view.canonical[c.number] = c.hash
+            view.numbers[c.hash] = c.number
+        view.number = h.number
+        view.hash = h.hash
+        self._trim()
+        self.updated_at = time.monotonic()
+        if removed:
+            self.metrics.reorgs.inc()
+            log.info(
+                "reorg at %d: %d block(s) replaced, new head %d %s",
+                removed[-1].number,
+                len(removed),
+                h.number,
+                h.hash,
+            )
+        self.metrics.head.set(h.number)
+        self._fallback_finality()
+        if h.number - self._last_finality_at >= self.finality_refresh_blocks and (
+            self._finality_task is None or self._finality_task.done()
+        ):
+            self._last_finality_at = h.number
+            self._finality_task = asyncio.create_task(self._refresh_finality(u))
+        for listener in self.listeners:
+            listener(added, removed)
+        self._changed.set()
+
+    def _trim(self) -> None:
+        view = self.view
+        floor = view.number - self.window
+        for n in [n for n in view.canonical if n < floor]:
+            view.numbers.pop(view.canonical.pop(n), None)
+
+    def _fallback_finality(self) -> None:
+        """Keep safe/finalized no further behind the head than the profile's depths."""
+        view = self.view
+        p = self.profile
+        view.finalized = max(view.finalized, view.number - p.fallback_finality_depth)
+        view.safe = max(view.safe, view.finalized, view.number - p.fallback_safe_depth)
+        self.metrics.finalized.set(view.finalized)
+
+    async def _refresh_finality(self, u: Upstream) -> None:
+        view = self.view
+        for tag in ("finalized", "safe"):
+            try:
+                answer = await u.call("eth_getBlockByNumber", [tag, False])
+            except TransportError:
+                return
+            h = Header.parse(answer.value) if answer.error is None else None
+            if h is None:
+                continue  # this upstream lacks the tag: the fallback depth stands
+            n = min(h.number, view.number)
+            if tag == "finalized":
+                view.finalized = max(view.finalized, n)
+            else:
+                view.safe = max(view.safe, n)
+        view.safe = max(view.safe, view.finalized)
+        self.metrics.finalized.set(view.finalized)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("head update failed", exc_info=task.exception())

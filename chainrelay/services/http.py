@@ -1,0 +1,390 @@
+"""The HTTP front door: an asyncio Protocol over httptools, with WebSocket upgrade.
+
+Hot-path invariant: for a POST whose calls are all cache hits, ``on_message_complete``
+parses, answers and writes synchronously: no task, no timer, no upstream I/O.
+Answers on one connection are written in request order (HTTP/1.1 pipelining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httptools
+import orjson
+
+from chainrelay import defaults
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.ws import WsSession
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes], bytes | Awaitable[bytes]]
+
+_REASONS = {
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+# How often idle keep-alive connections are looked for.
+IDLE_SWEEP_INTERVAL = 5.0
+
+
+@dataclass(slots=True)
+class HttpLimits:
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
+    max_header_bytes: int = defaults.MAX_HEADER_BYTES
+    max_pending_per_connection: int = defaults.MAX_PENDING_PER_CONNECTION
+    max_connections_per_ip: int = defaults.MAX_CONNECTIONS_PER_IP
+    keepalive_timeout: float = defaults.KEEPALIVE_TIMEOUT
+    max_ws_message_bytes: int = defaults.MAX_WS_MESSAGE_BYTES
+    max_ws_send_buffer: int = defaults.MAX_WS_SEND_BUFFER
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+
+
+class Routes:
+    """What the front door serves besides JSON-RPC POSTs."""
+
+    def __init__(
+        self,
+        rpc: Handler,
+        health: Callable[[], tuple[int, bytes]],
+        metrics_text: Callable[[], bytes],
+    ) -> None:
+        self.rpc = rpc
+        self.health = health
+        self.metrics_text = metrics_text
+
+
+class HttpServer:
+    """Owns the listening socket and the set of live connections."""
+
+    def __init__(self, routes: Routes, limits: HttpLimits, metrics: Metrics) -> None:
+        self.routes = routes
+        self.limits = limits
+        self.metrics = metrics
+        self.connections: set[HttpProtocol] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        origins = limits.cors_origins
+        self.cors_any = "*" in origins
+        self.cors_origins = {o.encode() for o in origins}
+        self._base_headers = b"Content-Type: application/json\r\n"
+        if self.cors_any:
+            self._base_headers += b"Access-Control-Allow-Origin: *\r\n"
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
+        )
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop accepting, let in-flight answers finish (up to ``drain_timeout``), close."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = time.monotonic() + drain_timeout
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _sweep(self) -> None:
+        timeout = self.limits.keepalive_timeout
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_INTERVAL)
+            cutoff = time.monotonic() - timeout
+            for conn in list(self.connections):
+                if conn.ws is None and not conn.busy and conn.last_active < cutoff:
+                    conn.close()
+
+    def head(self, status: int, length: int, keep_alive: bool, extra: bytes = b"") -> bytes:
+        return b"".join(
+            (
+                b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK")),
+                self._base_headers,
+                extra,
+                b"Content-Length: %d\r\n" % length,
+                b"" if keep_alive else b"Connection: close\r\n",
+                b"\r\n",
+            )
+        )
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_head_chunks",
+        "_headers",
+        "_in_head",
+        "_origin",
+        "_paused",
+        "_queue",
+        "_too_large",
+        "_url",
+        "busy",
+        "ip",
+        "last_active",
+        "parser",
+        "server",
+        "transport",
+        "ws",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.ws: WsSession | None = None
+        self.ip = ""
+        self.last_active = time.monotonic()
+        self.busy = False
+        self._url = b""
+        self._body: list[bytes] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._head_chunks: list[bytes] = []
+        self._in_head = False
+        self._too_large = False
+        self._origin: bytes | None = None
+        self._queue: collections.deque[list[object]] = collections.deque()
+        self._paused = False
+
+    # --- connection ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else ""
+        srv = self.server
+        srv.per_ip[self.ip] += 1
+        srv.connections.add(self)
+        srv.metrics.connections.labels("http").inc()
+        if srv.per_ip[self.ip] > srv.limits.max_connections_per_ip:
+            srv.metrics.rejected.labels("connections_per_ip").inc()
+            self._plain(429, b"too many connections from this address", keep_alive=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        srv = self.server
+        srv.connections.discard(self)
+        srv.per_ip[self.ip] -= 1
+        if srv.per_ip[self.ip] <= 0:
+            del srv.per_ip[self.ip]
+        srv.metrics.connections.labels("ws" if self.ws else "http").dec()
+        if self.ws is not None:
+            self.ws.connection_lost()
+        for entry in self._queue:
+            item = entry[0]
+            if isinstance(item, asyncio.Future):
+                item.cancel()
+        self._queue.clear()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
+        self._head_chunks.append(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data, int(upgrade.args[0]))
+        except httptools.HttpParserError:
+            self.server.metrics.rejected.labels("bad_http").inc()
+            self._plain(400, b"malformed HTTP request", keep_alive=False)
+
+    # --- httptools callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._body = []
+        self._headers = {}
+        self._too_large = False
+        self._origin = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        limits = self.server.limits
+        if self.parser.should_upgrade():
+            return  # keep the raw head for the WebSocket handshake
+        self._head_chunks = []
+        self._origin = self._headers.get(b"origin")
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            self._reject_too_large()
+
+    def on_body(self, body: bytes) -> None:
+        if self._too_large:
+            return
+        self._body.append(body)
+        if len(self._body) > 1 and sum(map(len, self._body)) > self.server.limits.max_body_bytes:
+            self._reject_too_large()
+
+    def on_message_complete(self) -> None:
+        self._head_chunks = []
+        if self._too_large:
+            return
+        method = self.parser.get_method()
+        keep_alive = self.parser.should_keep_alive()
+        if method == b"POST":
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._answer(self.server.routes.rpc(body), keep_alive)
+        elif method == b"GET":
+            self._get(keep_alive)
+        elif method == b"OPTIONS":
+            self._preflight(keep_alive)
+        else:
+            self._plain(405, b"method not allowed", keep_alive)
+
+    # --- answers ---------------------------------------------------------------------
+    def _answer(self, result: bytes | Awaitable[bytes], keep_alive: bool) -> None:
+        if isinstance(result, bytes):
+            self._send(200, result, keep_alive)
+            return
+        fut = asyncio.ensure_future(result)
+        self._queue.append([fut, keep_alive])
+        self.busy = True
+        fut.add_done_callback(self._flush)
+        if len(self._queue) > self.server.limits.max_pending_per_connection and not self._paused:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def _send(self, status: int, body: bytes, keep_alive: bool, extra: bytes = b"") -> None:
+        if self._origin is not None and not self.server.cors_any:
+            if self._origin in self.server.cors_origins:
+                extra += b"Access-Control-Allow-Origin: " + self._origin + b"\r\nVary: Origin\r\n"
+        data = self.server.head(status, len(body), keep_alive, extra) + body
+        if self._queue:
+            self._queue.append([data, keep_alive])
+            return
+        self._write(data, keep_alive)
+
+    def _write(self, data: bytes, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if not keep_alive:
+            transport.close()
+
+    def _flush(self, _fut: object = None) -> None:
+        q = self._queue
+        while q:
+            item, keep_alive = q[0]
+            if isinstance(item, asyncio.Future):
+                if not item.done():
+                    break
+                q.popleft()
+                if item.cancelled():
+                    continue
+                exc = item.exception()
+                if exc is not None:
+                    log.error("request failed", exc_info=exc)
+                    body = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
+                else:
+                    body = item.result()
+                self._write(
+                    self.server.head(200, len(body), bool(keep_alive)) + body, bool(keep_alive)
+                )
+            else:
+                q.popleft()
+                assert isinstance(item, bytes)
+                self._write(item, bool(keep_alive))
+        self.busy = bool(q)
+        if self._paused and len(q) <= self.server.limits.max_pending_per_connection // 2:
+            self._paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _plain(self, status: int, text: bytes, keep_alive: bool) -> None:
+        body = orjson.dumps({"error": text.decode()})
+        self._send(status, body, keep_alive)
+
+    def _reject_too_large(self) -> None:
+        self._too_large = True
+        self.server.metrics.rejected.labels("body_too_large").inc()
+        limit = self.server.limits.max_body_bytes
+        self._plain(413, b"request body larger than %d bytes" % limit, keep_alive=False)
+
+    def _get(self, keep_alive: bool) -> None:
+        path = self._url.split(b"?", 1)[0]
+        routes = self.server.routes
+        if path == b"/health":
+            status, body = routes.health()
+            self._send(status, body, keep_alive)
+        elif path == b"/metrics":
+            text = routes.metrics_text()
+            data = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(text)
+            ) + text
+            if self._queue:
+                self._queue.append([data, keep_alive])
+            else:
+                self._write(data, keep_alive)
+        else:
+            self._plain(
+                404, b"not found: POST JSON-RPC to any path; GET /health, /metrics", keep_alive
+            )
+
+    def _preflight(self, keep_alive: bool) -> None:
+        req_headers = self._headers.get(b"access-control-request-headers", b"content-type")
+        extra = (
+            b"Access-Control-Allow-Methods: POST, GET, OPTIONS\r\n"
+            b"Access-Control-Allow-Headers: " + req_headers + b"\r\n"
+            b"Access-Control-Max-Age: 86400\r\n"
+        )
+        self._send(204, b"", keep_alive, extra)
+
+    def _upgrade(self, data: bytes, offset: int) -> None:
+        assert self.transport is not None
+        head = b"".join(self._head_chunks[:-1]) + data[:offset]
+        rest = data[offset:]
+        self._head_chunks = []
+        limits = self.server.limits
+        session = WsSession(
+            self.transport,
+            self.server.routes.rpc,
+            max_message_bytes=limits.max_ws_message_bytes,
+            max_send_buffer=limits.max_ws_send_buffer,
+        )
+        if not session.accept(head):
+            self.transport.close()
+            return
+        self.ws = session
+        metrics = self.server.metrics
+        metrics.connections.labels("http").dec()
+        metrics.connections.labels("ws").inc()
+        if rest:
+            session.data_received(rest)

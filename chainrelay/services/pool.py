@@ -1,0 +1,259 @@
+"""The upstream pool: picks upstreams by health, lag and latency; retries, hedges, fails over.
+
+Reads go to the best upstream; a timeout, connection error, 5xx, 429 or malformed answer is
+retried on another one, and a slow read may be hedged onto a second upstream. A JSON-RPC
+error that an upstream answered is the node's real answer and is returned as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eth_utils import keccak
+
+from chainrelay import defaults
+from chainrelay.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamWrongChain
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.upstream import TransportError, Upstream
+from chainrelay.wire.jsonrpc import Answer, Params
+
+log = logging.getLogger(__name__)
+
+# Error texts that mean "this node already has the transaction": success for a broadcast.
+ALREADY_KNOWN = ("already known", "known transaction", "already imported", "already exists")
+
+
+@dataclass(slots=True)
+class PoolSettings:
+    max_attempts: int = defaults.UPSTREAM_MAX_ATTEMPTS
+    hedge: bool = True
+    hedge_quantile: float = defaults.HEDGE_QUANTILE
+    hedge_min_delay: float = defaults.HEDGE_MIN_DELAY
+    max_lag_blocks: int = defaults.MAX_LAG_BLOCKS
+    max_consecutive_errors: int = defaults.MAX_CONSECUTIVE_ERRORS
+    probe_interval: float = defaults.PROBE_INTERVAL
+
+
+class UpstreamPool:
+    def __init__(
+        self, upstreams: Sequence[Upstream], settings: PoolSettings, metrics: Metrics
+    ) -> None:
+        if not upstreams:
+            raise ValueError("at least one upstream is needed")
+        self.upstreams = list(upstreams)
+        self.settings = settings
+        self.metrics = metrics
+        self._probes: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> None:
+        for u in self.upstreams:
+            await u.start()
+
+    async def check_chain(self, expected: int | None) -> int:
+        """Read every upstream's eth_chainId; refuse those on another chain.
+
+        Returns the chain id. Raises ``UpstreamWrongChain`` when no upstream is left.
+        """
+        ids: dict[str, int] = {}
+        for u in self.upstreams:
+            try:
+                answer = await u.call("eth_chainId", [])
+                ids[u.name] = int(str(answer.value), 16)
+            except (TransportError, ValueError, TypeError) as exc:
+                log.warning("upstream %s: could not read eth_chainId (%s)", u.name, exc)
+        if expected is None and ids:
+            values = list(ids.values())
+            expected = max(set(values), key=values.count)
+        keep = []
+        for u in self.upstreams:
+            got = ids.get(u.name)
+            if got is not None and got != expected:
+                log.error(
+                    "upstream %s refused: it serves chain id %d, this node serves %d",
+                    u.name,
+                    got,
+                    expected,
+                )
+                continue
+            u.chain_id = got
+            keep.append(u)
+        if not keep or expected is None:
+            raise UpstreamWrongChain("no upstream serves the configured chain")
+        self.upstreams = keep
+        return expected
+
+    async def stop(self) -> None:
+        for t in (*self._probes, *self._background):
+            t.cancel()
+        await asyncio.gather(*self._probes, *self._background, return_exceptions=True)
+        for u in self.upstreams:
+            await u.stop()
+
+    # --- selection --------------------------------------------------------------------
+    @property
+    def best_latest(self) -> int:
+        return max((u.latest for u in self.upstreams), default=-1)
+
+    def candidates(self, min_block: int = -1) -> list[Upstream]:
+        """Upstreams in the order to try them: in rotation, caught up, fastest first."""
+        best = self.best_latest
+        lag = self.settings.max_lag_blocks
+        good = [
+            u
+            for u in self.upstreams
+            if u.healthy
+            and (u.latest < 0 or best - u.latest <= lag)
+            and (min_block < 0 or u.latest < 0 or u.latest >= min_block)
+        ]
+        good.sort(key=lambda u: u.latency)
+        rest = [u for u in self.upstreams if u not in good]
+        rest.sort(key=lambda u: (not u.healthy, u.latency))
+        return good + rest
+
+    def _mark_failed(self, u: Upstream) -> None:
+        if u.healthy and u.consecutive_errors >= self.settings.max_consecutive_errors:
+            u.healthy = False
+            log.warning("upstream %s out of rotation after %d errors", u.name, u.consecutive_errors)
+            self.metrics.upstream_healthy.labels(u.name).set(0)
+            task = asyncio.ensure_future(self._probe(u))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, u: Upstream) -> None:
+        while not u.healthy:
+            await asyncio.sleep(self.settings.probe_interval)
+            try:
+                await u.call("eth_blockNumber", [])
+            except TransportError:
+                continue
+            u.healthy = True
+            u.consecutive_errors = 0
+            self.metrics.upstream_healthy.labels(u.name).set(1)
+            log.info("upstream %s back in rotation", u.name)
+
+    # --- calls ------------------------------------------------------------------------
+    async def _attempt(self, u: Upstream, method: str, params: Params | None) -> Answer:
+        m = self.metrics
+        try:
+            with m.upstream_latency.labels(u.name).time():
+                answer = await u.call(method, params)
+        except TransportError as exc:
+            m.upstream_calls.labels(u.name, "transport_error").inc()
+            self._mark_failed(u)
+            log.debug("upstream %s %s failed: %s", u.name, method, exc)
+            raise
+        m.upstream_calls.labels(u.name, "error" if answer.error is not None else "ok").inc()
+        return answer
+
+    def _hedge_delay(self, u: Upstream) -> float | None:
+        s = self.settings
+        if not s.hedge or len(u.samples) < 20:
+            return None
+        return max(s.hedge_min_delay, u.quantile(s.hedge_quantile))
+
+    async def call(self, method: str, params: Params | None, min_block: int = -1) -> Answer:
+        """A read: the first good answer from the best upstreams, retried and maybe hedged."""
+        order = self.candidates(min_block)
+        max_attempts = self.settings.max_attempts
+        tried = 0
+        last_exc: TransportError | None = None
+        running: dict[asyncio.Task[Answer], Upstream] = {}
+
+        def launch() -> bool:
+            nonlocal tried
+            if tried >= max_attempts:
+                return False
+            u = order[tried % len(order)]
+            tried += 1
+            running[asyncio.ensure_future(self._attempt(u, method, params))] = u
+            return True
+
+        launch()
+        try:
+            while running:
+                first = next(iter(running.values()))
+                delay = self._hedge_delay(first) if len(running) == 1 and len(order) > 1 else None
+                done, _ = await asyncio.wait(
+                    running, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    self.metrics.hedged.inc()
+                    launch()
+                    continue
+                for task in done:
+                    running.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    if not isinstance(exc, TransportError):
+                        raise exc
+                    last_exc = exc
+                    if not running:
+                        launch()
+        finally:
+            for task in running:
+                task.cancel()
+        where = ",".join(u.name for u in order[: max(1, tried)])
+        if last_exc is not None and last_exc.timeout:
+            raise UpstreamTimeout(
+                "upstream timed out", method=method, upstream=where, attempts=tried
+            )
+        raise UpstreamUnavailable(
+            f"no upstream answered: {last_exc}", method=method, upstream=where, attempts=tried
+        )
+
+    async def broadcast(self, method: str, params: Params | None) -> Answer:
+        """A write to every upstream at once; the first success answers.
+
+        "already known" from a node is success: the transaction is there. The calls that
+        have not answered yet go on in the background so every node gets the transaction.
+        """
+        order = [u for u in self.upstreams if u.healthy] or list(self.upstreams)
+        tasks = [asyncio.ensure_future(self._attempt(u, method, params)) for u in order]
+        first_error: Answer | None = None
+        last_exc: BaseException | None = None
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None:
+                        last_exc = exc
+                        continue
+                    answer = task.result()
+                    if answer.error is None:
+                        return answer
+                    if _already_known(answer) and isinstance(params, list) and params:
+                        return Answer(_tx_hash(params[0]), None)
+                    if first_error is None:
+                        first_error = answer
+        finally:
+            for task in pending:
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        if first_error is not None:
+            return first_error
+        raise UpstreamUnavailable(
+            f"no upstream took the transaction: {last_exc}",
+            method=method,
+            upstream=",".join(u.name for u in order),
+            attempts=len(order),
+        )
+
+
+def _already_known(answer: Answer) -> bool:
+    msg = answer.error_message().lower()
+    return any(s in msg for s in ALREADY_KNOWN)
+
+
+def _tx_hash(raw: object) -> bytes:
+    with contextlib.suppress(ValueError, TypeError):
+        data = bytes.fromhex(str(raw)[2:])
+        return b'"0x' + keccak(data).hex().encode() + b'"'
+    return b"null"

@@ -1,0 +1,234 @@
+"""The JSON-RPC request pipeline: policy → cache → coalescer → upstream pool → store.
+
+``handle`` answers a body synchronously when every call in it is a cache hit or a local
+answer (the hot path: no task, no upstream I/O, one concatenation per answer), and returns
+an awaitable otherwise. Transports (HTTP, WebSocket) own nothing of this logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from chainrelay import defaults
+from chainrelay.errors import RequestError, UpstreamError, error_code, error_message
+from chainrelay.protocol import policy
+from chainrelay.protocol.policy import Finality, Kind, Plan
+from chainrelay.services.cache import Entry, MemoryCache
+from chainrelay.services.coalesce import Coalescer
+from chainrelay.services.head import HeadTracker
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import UpstreamPool
+from chainrelay.wire.jsonrpc import (
+    NULL_ID,
+    Answer,
+    Call,
+    encode_error,
+    encode_error_raw,
+    encode_result,
+    join_batch,
+    parse_body,
+)
+
+log = logging.getLogger(__name__)
+
+_RULES = policy.RULES
+_CHAIN_ID = "eth_chainId"
+_BLOCK_NUMBER = "eth_blockNumber"
+
+
+@dataclass(slots=True)
+class RpcLimits:
+    max_batch_len: int = defaults.MAX_BATCH_LEN
+
+
+class RpcService:
+    def __init__(
+        self,
+        cache: MemoryCache,
+        pool: UpstreamPool,
+        head: HeadTracker,
+        metrics: Metrics,
+        chain_id: int,
+        limits: RpcLimits | None = None,
+    ) -> None:
+        self.cache = cache
+        self.pool = pool
+        self.head = head
+        self.view = head.view
+        self.metrics = metrics
+        self.limits = limits or RpcLimits()
+        self.chain_id = chain_id
+        self._chain_id_json = f'"{hex(chain_id)}"'.encode()
+        self._coalescer: Coalescer[Answer] = Coalescer()
+        self._block_time = head.profile.block_time
+
+    # --- entry point -----------------------------------------------------------------
+    def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
+        """The answer to an HTTP body or WebSocket message (b"" when nothing is owed)."""
+        try:
+            items, is_batch = parse_body(body, self.limits.max_batch_len)
+        except RequestError as exc:
+            self.metrics.count("", "invalid", 0.0)
+            return encode_error(NULL_ID, exc.code, exc.message)
+        if not is_batch:
+            item = items[0]
+            if isinstance(item, bytes):
+                return item
+            started = time.perf_counter()
+            fast = self._answer_now(item, started)
+            if fast is not None:
+                return fast if item.id is not None else b""
+            return self._answer_later(item, started)
+        parts: list[bytes | Awaitable[bytes | None] | None] = []
+        slow = False
+        for item in items:
+            if isinstance(item, bytes):
+                parts.append(item)
+                continue
+            started = time.perf_counter()
+            fast = self._answer_now(item, started)
+            if fast is not None:
+                parts.append(fast if item.id is not None else None)
+            else:
+                parts.append(self._answer_later(item, started))
+                slow = True
+        if not slow:
+            return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
+        return self._gather(parts)
+
+    async def _gather(self, parts: list[bytes | Awaitable[bytes | None] | None]) -> bytes:
+        waits = [p for p in parts if p is not None and not isinstance(p, bytes)]
+        done = iter(await asyncio.gather(*waits))
+        out: list[bytes] = []
+        for p in parts:
+            if p is None:
+                continue
+            got = p if isinstance(p, bytes) else next(done)
+            if got:
+                out.append(got)
+        return join_batch(out) if out else b""
+
+    # --- the hot path ----------------------------------------------------------------
+    def _answer_now(self, call: Call, started: float) -> bytes | None:
+        """A cache hit or a local answer, or None when the call needs upstream I/O."""
+        method = call.method
+        if method == _BLOCK_NUMBER or method == _CHAIN_ID:
+            if not self.head.fresh:
+                return None
+            if method == _CHAIN_ID:
+                result = self._chain_id_json
+            else:
+                result = f'"{hex(self.view.number)}"'.encode()
+            self.metrics.count(method, "local", time.perf_counter() - started)
+            return encode_result(call.id or NULL_ID, result)
+        if method not in _RULES:
+            return None
+        p = policy.plan(method, call.params, self.view)
+        if p.key is None:
+            return None
+        entry = self.cache.get(p.key)
+        if entry is None or not self._still_canonical(entry):
+            return None
+        self.metrics.cache_hits.inc()
+        self.metrics.count(method, "hit", time.perf_counter() - started)
+        return encode_result(call.id or NULL_ID, entry.value)
+
+    def _still_canonical(self, entry: Entry) -> bool:
+        if entry.anchor_hash is None:
+            return True
+        n = entry.anchor_number
+        view = self.view
+        if n > view.number:
+            return False
+        got = view.canonical.get(n)
+        return got is None or got == entry.anchor_hash
+
+    # --- misses ----------------------------------------------------------------------
+    async def _answer_later(self, call: Call, started: float) -> bytes | None:
+        rid = call.id or NULL_ID
+        method = call.method
+        try:
+            answer, outcome = await self._fetch(call)
+        except UpstreamError as exc:
+            log.warning("%s", exc)
+            self.metrics.count(method, "error", time.perf_counter() - started)
+            data = {"upstream": exc.upstream, "attempts": exc.attempts}
+            return encode_error(rid, error_code(exc), error_message(exc), data)
+        except Exception:
+            log.exception("internal error serving %s", method)
+            self.metrics.count(method, "error", time.perf_counter() - started)
+            return encode_error(rid, -32603, "internal error")
+        self.metrics.count(method, outcome, time.perf_counter() - started)
+        if call.id is None:
+            return None
+        if answer.error is not None:
+            return encode_error_raw(rid, answer.error)
+        assert answer.result is not None
+        return encode_result(rid, answer.result)
+
+    async def _fetch(self, call: Call) -> tuple[Answer, str]:
+        method = call.method
+        params = call.params if call.has_params else None
+        rule = _RULES.get(method)
+        if rule is not None and rule.kind is Kind.SEND:
+            return await self.pool.broadcast(method, params), "pass"
+        p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
+        if p.key is None:
+            return await self.pool.call(method, params), "pass"
+        # A concurrent identical miss may have landed while this call waited.
+        entry = self.cache.get(p.key)
+        if entry is not None and self._still_canonical(entry):
+            self.metrics.cache_hits.inc()
+            return Answer(entry.value, None), "hit"
+        self.metrics.cache_misses.inc()
+        fwd = p.params if p.params is not None else params
+        if p.key in self._coalescer:
+            self.metrics.coalesced.inc()
+        answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd))
+        return answer, "miss"
+
+    async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
+        answer = await self.pool.call(method, params, p.min_block)
+        self._store(p, answer, params)
+        return answer
+
+    def _store(self, p: Plan, answer: Answer, params: policy.Params | None) -> None:
+        """Store a fresh answer when the caching rules allow it."""
+        if answer.error is not None or answer.result is None or p.key is None:
+            return
+        if answer.is_empty and p.finality is not Finality.FINALIZED:
+            return
+        view = self.view
+        anchor = policy.anchor_of(answer.value, p.anchor)
+        if anchor is False:
+            return
+        expires = 0.0
+        a_num, a_hash = -1, None
+        if p.finality is Finality.REALTIME:
+            expires = time.monotonic() + self._block_time
+        elif p.validate_canonical:
+            if isinstance(anchor, tuple):
+                a_num, a_hash = anchor
+            elif isinstance(params, list) and params and isinstance(params[0], str):
+                a_hash = params[0]
+                a_num = view.numbers.get(a_hash, -1)
+                if a_num < 0:
+                    a_hash = None  # outside the window: the block is old or unknown
+            if a_hash is not None:
+                if a_num > view.number or view.is_canonical(a_num, a_hash) is False:
+                    return
+                if a_num <= view.finalized:
+                    a_num, a_hash = -1, None  # final: no check needed on hits
+        elif isinstance(anchor, tuple):
+            if p.block_hash is not None and p.anchor != "items" and anchor[1] != p.block_hash:
+                return  # answered from another fork than the one the key names
+            if p.block_hash is None and p.anchor == "block" and anchor[0] != p.block_number:
+                return
+        if p.anchor == "items" and not policy.items_canonical(answer.value, view):
+            return
+        self.cache.put(p.key, Entry(answer.result, expires, a_num, a_hash))
+        self.metrics.cache_bytes.set(self.cache.bytes)

@@ -1,0 +1,225 @@
+"""JSON-RPC 2.0 framing: parse requests, splice ids into cached answers, read upstream answers.
+
+Sans-I/O: bytes in, objects or bytes out. Answers are kept as the raw JSON bytes of their
+``result`` member so that a cache hit is one concatenation with the caller's id, with no
+re-encoding, and an upstream's answer reaches the client byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from chainrelay.errors import (
+    BatchTooLarge,
+    InvalidRequest,
+    ParseError,
+    RequestError,
+)
+
+Params = list[Any] | dict[str, Any]
+
+NULL_ID = b"null"
+_RESULT_KEY = b'"result"'
+_ERROR_KEY = b'"error"'
+_WS = b" \t\r\n"
+
+
+@dataclass(slots=True)
+class Call:
+    """One request: ``id`` is the caller's id already encoded as JSON, None for a notification."""
+
+    id: bytes | None
+    method: str
+    params: Params
+    # False when the caller omitted "params": forwarded upstream exactly as it came.
+    has_params: bool = True
+
+
+# An item of a parsed body: a call to serve, or an error answer already encoded.
+Item = Call | bytes
+
+
+def _encode_id(value: Any) -> bytes | None:
+    if value is None:
+        return NULL_ID
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # an int beyond 64 bits
+            return str(value).encode()
+    if isinstance(value, float):
+        return None  # caller re-parses with the stdlib, see parse_body
+    raise InvalidRequest("invalid id: must be a string, number or null")
+
+
+def _call_from(obj: Any) -> Item:
+    if not isinstance(obj, dict):
+        return encode_error(NULL_ID, InvalidRequest.code, "invalid request: not an object")
+    id_bytes: bytes | None
+    if "id" in obj:
+        try:
+            id_bytes = _encode_id(obj["id"])
+        except RequestError as exc:
+            return encode_error(NULL_ID, exc.code, exc.message)
+        if id_bytes is None:  # float id: keep the caller's spelling
+            id_bytes = json.dumps(obj["id"]).encode()
+    else:
+        id_bytes = None
+    reply_id = id_bytes if id_bytes is not None else NULL_ID
+    if obj.get("jsonrpc") != "2.0":
+        return encode_error(reply_id, InvalidRequest.code, 'invalid request: jsonrpc must be "2.0"')
+    method = obj.get("method")
+    if not isinstance(method, str) or not method:
+        return encode_error(
+            reply_id, InvalidRequest.code, "invalid request: method must be a string"
+        )
+    if "params" in obj:
+        params = obj["params"]
+        if params is None:
+            params, has = [], False
+        elif isinstance(params, list | dict):
+            has = True
+        else:
+            return encode_error(
+                reply_id, InvalidRequest.code, "invalid request: params must be an array or object"
+            )
+    else:
+        params, has = [], False
+    return Call(id_bytes, method, params, has)
+
+
+def _loads_exact(body: bytes | str) -> Any:
+    """Parse keeping integers beyond 64 bits exact (orjson turns them into floats)."""
+    return json.loads(body)
+
+
+def parse_body(body: bytes, max_batch: int) -> tuple[list[Item], bool]:
+    """Parse an HTTP body or WebSocket message into calls and ready error answers.
+
+    Returns ``(items, is_batch)``. Raises ``ParseError`` for bytes that are not JSON,
+    ``InvalidRequest`` for an empty batch and ``BatchTooLarge`` past ``max_batch``.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(f"parse error: {exc}") from None
+    if isinstance(doc, list):
+        if not doc:
+            raise InvalidRequest("invalid request: empty batch")
+        if len(doc) > max_batch:
+            raise BatchTooLarge(f"batch of {len(doc)} exceeds the limit of {max_batch}")
+        if any(isinstance(o, dict) and isinstance(o.get("id"), float) for o in doc):
+            doc = _loads_exact(body)
+        return [_call_from(o) for o in doc], True
+    if isinstance(doc, dict) and isinstance(doc.get("id"), float):
+        doc = _loads_exact(body)
+    return [_call_from(doc)], False
+
+
+def encode_result(id_bytes: bytes, result: bytes) -> bytes:
+    """The answer to a call, from the raw JSON of its result: the cache-hit splice."""
+    return b'{"jsonrpc":"2.0","id":' + id_bytes + b',"result":' + result + b"}"
+
+
+def encode_error(id_bytes: bytes, code: int, message: str, data: Any = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return b'{"jsonrpc":"2.0","id":' + id_bytes + b',"error":' + orjson.dumps(err) + b"}"
+
+
+def encode_error_raw(id_bytes: bytes, error: bytes) -> bytes:
+    """An upstream's error member, passed through as it was sent."""
+    return b'{"jsonrpc":"2.0","id":' + id_bytes + b',"error":' + error + b"}"
+
+
+def join_batch(parts: list[bytes]) -> bytes:
+    return b"[" + b",".join(parts) + b"]"
+
+
+def encode_request(id_: int, method: str, params: Params | None) -> bytes:
+    """A request to an upstream. ``params`` None omits the member, as the caller did."""
+    if params is None:
+        return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method})
+    return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
+
+
+@dataclass(slots=True)
+class Answer:
+    """An upstream's answer to one call: exactly one of ``result``/``error`` is set (raw JSON)."""
+
+    result: bytes | None
+    error: bytes | None
+    # The decoded result, when someone already paid for decoding it.
+    value: Any = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.result in (b"null", b"[]", b'"0x"')
+
+    def error_message(self) -> str:
+        if self.error is None:
+            return ""
+        try:
+            err = orjson.loads(self.error)
+        except orjson.JSONDecodeError:
+            return ""
+        return str(err.get("message", "")) if isinstance(err, dict) else ""
+
+
+def _member_tail(body: bytes, key: bytes) -> bytes | None:
+    """Raw bytes of the member ``key`` when it is the object's last member, else None."""
+    at = body.find(key)
+    if at < 0:
+        return None
+    i = at + len(key)
+    n = len(body)
+    while i < n and body[i] in _WS:
+        i += 1
+    if i >= n or body[i] != 0x3A:  # ':'
+        return None
+    end = len(body.rstrip(_WS))
+    if end == 0 or body[end - 1] != 0x7D:  # '}'
+        return None
+    raw = body[i + 1 : end - 1].strip(_WS)
+    return raw or None
+
+
+def parse_answer(body: bytes) -> Answer:
+    """Read an upstream's answer to a single call, keeping ``result`` as its raw bytes.
+
+    Raises ``ValueError`` for an answer that is not a JSON-RPC response object.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("upstream answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ValueError("upstream answer is not an object")
+    keys = list(doc)
+    if "error" in doc and doc["error"] is not None:
+        raw = _member_tail(body, _ERROR_KEY) if keys[-1] == "error" else None
+        if raw is None:
+            raw = orjson.dumps(doc["error"])
+        return Answer(None, raw)
+    if "result" not in doc:
+        raise ValueError("upstream answer has neither result nor error")
+    value = doc["result"]
+    raw = None
+    # Slicing is exact only when "result" is the last member and appears once before it.
+    if keys[-1] == "result" and body.count(_RESULT_KEY) == 1:
+        raw = _member_tail(body, _RESULT_KEY)
+    if raw is None:
+        raw = _dumps_exact(value, body)
+    return Answer(raw, None, value)
+
+
+def _dumps_exact(value: Any, body: bytes) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(json.loads(body)["result"], separators=(",", ":")).encode()
