@@ -73,6 +73,9 @@ class HeadTracker:
         self._finality_task: asyncio.Task[None] | None = None
         self._last_finality_at = -(10**9)
         self._changed = asyncio.Event()
+        # Whether the upstreams answer each tag: None until asked. The profile's fallback
+        # depth stands in only for a tag that is missing, never on top of a real answer.
+        self._has_tag: dict[str, bool | None] = {"finalized": None, "safe": None}
 
     @property
     def fresh(self) -> bool:
@@ -223,8 +226,11 @@ class HeadTracker:
         """Keep safe/finalized no further behind the head than the profile's depths."""
         view = self.view
         p = self.profile
-        view.finalized = max(view.finalized, view.number - p.fallback_finality_depth)
-        view.safe = max(view.safe, view.finalized, view.number - p.fallback_safe_depth)
+        if self._has_tag["finalized"] is False:
+            view.finalized = max(view.finalized, view.number - p.fallback_finality_depth)
+        if self._has_tag["safe"] is False:
+            view.safe = max(view.safe, view.number - p.fallback_safe_depth)
+        view.safe = max(view.safe, view.finalized)
         self.metrics.finalized.set(view.finalized)
 
     async def _refresh_finality(self, u: Upstream) -> None:
@@ -235,6 +241,7 @@ class HeadTracker:
             except TransportError:
                 return
             h = Header.parse(answer.value) if answer.error is None else None
+            self._has_tag[tag] = h is not None
             if h is None:
                 continue  # this upstream lacks the tag: the fallback depth stands
             n = min(h.number, view.number)
@@ -242,8 +249,7 @@ class HeadTracker:
                 view.finalized = max(view.finalized, n)
             else:
                 view.safe = max(view.safe, n)
-        view.safe = max(view.safe, view.finalized)
-        self.metrics.finalized.set(view.finalized)
+        self._fallback_finality()
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -37,6 +37,7 @@ _REASONS = {
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
+INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
 
@@ -104,7 +105,8 @@ class HttpServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         deadline = time.monotonic() + drain_timeout
-        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+        # Answers complete in callbacks on many connections; polling the set is simplest.
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
@@ -311,7 +313,7 @@ class HttpProtocol(asyncio.Protocol):
                 exc = item.exception()
                 if exc is not None:
                     log.error("request failed", exc_info=exc)
-                    body = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
+                    body = INTERNAL_ERROR
                 else:
                     body = item.result()
                 self._write(
