@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from chainrelay import defaults
 from chainrelay.errors import RequestError, UpstreamError, error_code, error_message
@@ -40,6 +41,23 @@ _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
 
 
+class SharedCache(Protocol):
+    """A cache tier shared by several processes or nodes (Redis), behind the memory LRU.
+
+    Every method must stay fast and must not raise when the shared tier is down: the
+    shared cache is an accelerator, never a point of failure.
+    """
+
+    async def get(self, key: bytes) -> Entry | None: ...
+
+    async def put(self, key: bytes, entry: Entry, finality: Finality) -> None: ...
+
+    async def exclusive(self, key: bytes, produce: Callable[[], Awaitable[Answer]]) -> Answer:
+        """Run ``produce`` in one process at a time for ``key``; the others wait for the
+        answer it stores, and run ``produce`` themselves if the holder dies or stores none."""
+        ...
+
+
 @dataclass(slots=True)
 class RpcLimits:
     max_batch_len: int = defaults.MAX_BATCH_LEN
@@ -54,8 +72,10 @@ class RpcService:
         metrics: Metrics,
         chain_id: int,
         limits: RpcLimits | None = None,
+        shared: SharedCache | None = None,
     ) -> None:
         self.cache = cache
+        self.shared = shared
         self.pool = pool
         self.head = head
         self.view = head.view
@@ -184,6 +204,12 @@ class RpcService:
         if entry is not None and self._still_canonical(entry):
             self.metrics.cache_hits.inc()
             return Answer(entry.value, None), "hit"
+        if self.shared is not None:
+            entry = await self.shared.get(p.key)
+            if entry is not None and self._still_canonical(entry):
+                self.cache.put(p.key, entry)
+                self.metrics.cache_hits.inc()
+                return Answer(entry.value, None), "shared_hit"
         self.metrics.cache_misses.inc()
         fwd = p.params if p.params is not None else params
         if p.key in self._coalescer:
@@ -192,20 +218,33 @@ class RpcService:
         return answer, "miss"
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
-        answer = await self.pool.call(method, params, p.min_block)
-        self._store(p, answer, params)
-        return answer
+        shared = self.shared
+        if shared is None:
+            answer = await self.pool.call(method, params, p.min_block)
+            self._store(p, answer, params)
+            return answer
+        key = p.key
+        assert key is not None
 
-    def _store(self, p: Plan, answer: Answer, params: policy.Params | None) -> None:
-        """Store a fresh answer when the caching rules allow it."""
+        async def produce() -> Answer:
+            answer = await self.pool.call(method, params, p.min_block)
+            entry = self._store(p, answer, params)
+            if entry is not None:
+                await shared.put(key, entry, p.finality)
+            return answer
+
+        return await shared.exclusive(key, produce)
+
+    def _store(self, p: Plan, answer: Answer, params: policy.Params | None) -> Entry | None:
+        """Store a fresh answer when the caching rules allow it; the entry stored, if any."""
         if answer.error is not None or answer.result is None or p.key is None:
-            return
+            return None
         if answer.is_empty and p.finality is not Finality.FINALIZED:
-            return
+            return None
         view = self.view
         anchor = policy.anchor_of(answer.value, p.anchor)
         if anchor is False:
-            return
+            return None
         expires = 0.0
         a_num, a_hash = -1, None
         if p.finality is Finality.REALTIME:
@@ -220,15 +259,17 @@ class RpcService:
                     a_hash = None  # outside the window: the block is old or unknown
             if a_hash is not None:
                 if a_num > view.number or view.is_canonical(a_num, a_hash) is False:
-                    return
+                    return None
                 if a_num <= view.finalized:
                     a_num, a_hash = -1, None  # final: no check needed on hits
         elif isinstance(anchor, tuple):
             if p.block_hash is not None and p.anchor != "items" and anchor[1] != p.block_hash:
-                return  # answered from another fork than the one the key names
+                return None  # answered from another fork than the one the key names
             if p.block_hash is None and p.anchor == "block" and anchor[0] != p.block_number:
-                return
+                return None
         if p.anchor == "items" and not policy.items_canonical(answer.value, view):
-            return
-        self.cache.put(p.key, Entry(answer.result, expires, a_num, a_hash))
+            return None
+        entry = Entry(answer.result, expires, a_num, a_hash)
+        self.cache.put(p.key, entry)
         self.metrics.cache_bytes.set(self.cache.bytes)
+        return entry

@@ -1,0 +1,54 @@
+"""Fixtures shared by every tier. System fixtures start real processes and stop them by PID."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chainrelay.devnet import Anvil
+from tests.lab.procs import Procs, Relay, relay_config
+from tests.lab.timing import SECOND
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def anvil_factory(procs: Procs) -> Callable[..., Awaitable[Anvil]]:
+    """Start an anvil node: ``await anvil_factory(chain_id=56, block_time=1.0)``."""
+
+    async def make(**kw: object) -> Anvil:
+        node = Anvil(**kw)  # type: ignore[arg-type]
+        procs.anvils.append(node)
+        node.start()
+        await node.wait_ready(20 * SECOND)
+        return node
+
+    return make
+
+
+@pytest.fixture
+async def anvil(anvil_factory: Callable[..., Awaitable[Anvil]]) -> AsyncIterator[Anvil]:
+    """A BSC-like anvil (chain id 56) mining a block every second."""
+    yield await anvil_factory(chain_id=56, block_time=1.0)
+
+
+@pytest.fixture
+def relay_factory(procs: Procs, tmp_path: Path) -> Callable[..., Awaitable[Relay]]:
+    """Start a relay process: ``await relay_factory([upstream_url, ...], extra_toml)``."""
+
+    async def make(upstreams: list[str], extra: str = "", name: str = "relay") -> Relay:
+        relay = Relay(procs, relay_config(upstreams, extra), tmp_path, name)
+        relay.start()
+        await relay.wait_ready()
+        return relay
+
+    return make

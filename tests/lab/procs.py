@@ -1,0 +1,138 @@
+"""Start real processes for system tests and stop every one of them, by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from chainrelay.devnet import Anvil, free_port
+from tests.lab.timing import SECOND
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Procs:
+    """Every process a test started; ``close()`` ends them all (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.anvils: list[Anvil] = []
+
+    def spawn(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for anvil in self.anvils:
+            anvil.stop()
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5 * SECOND
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for proc in self.procs:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+async def until(cond: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
+    """Poll ``cond`` until true, failing with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if not isinstance(got, bool):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def rpc(url: str, method: str, params: list[Any] | None = None, id_: Any = 1) -> Any:
+    """One JSON-RPC call; returns the whole response object."""
+    body = {"jsonrpc": "2.0", "id": id_, "method": method, "params": params or []}
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        return orjson.loads(await r.read())
+
+
+class Relay:
+    """A chainrelay node in its own process."""
+
+    def __init__(self, procs: Procs, config_text: str, tmp: Path, name: str = "relay") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.config_path = tmp / f"{name}-{self.port}.toml"
+        self.config_path.write_text(config_text.replace("{listen}", f"127.0.0.1:{self.port}"))
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        self.procs = procs
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = self.procs.spawn(
+            [
+                sys.executable,
+                "-m",
+                "chainrelay",
+                "--log-level",
+                "INFO",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        log.close()
+
+    async def wait_ready(self, timeout: float = 20 * SECOND) -> None:
+        async def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited: {self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with aiohttp.ClientSession() as s, s.get(self.url + "/health") as r:
+                    return r.status == 200
+            return False
+
+        await until(healthy, timeout, f"relay on port {self.port} to be healthy")
+
+    async def metrics(self) -> dict[str, float]:
+        """The node's Prometheus samples as {"name{labels}": value}."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            text = await r.text()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+
+def relay_config(upstreams: list[str], extra: str = "") -> str:
+    """A config for a lab relay; ``{listen}`` is filled in by ``Relay``."""
+    ups = "\n".join(f'[[upstreams]]\nname = "u{i}"\nurl = "{u}"\n' for i, u in enumerate(upstreams))
+    return f'[server]\nlisten = "{{listen}}"\n\n{extra}\n{ups}'
