@@ -1,7 +1,8 @@
 """Configuration: TOML files, loaded in a fixed order.
 
-read → expand ``${ENV}`` → strict decode (an unknown key is an error naming its full path)
-→ defaults (from ``defaults.py``) → validate. ``chainrelay validate FILE`` runs exactly this.
+read → expand ``${ENV}`` in string values → strict decode (an unknown key is an error naming
+its full path) → defaults (from ``defaults.py``) → validate.
+``chainrelay validate FILE`` runs exactly this.
 """
 
 from __future__ import annotations
@@ -177,12 +178,28 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _expand_values(data: Any, env: typing.Mapping[str, str] | None, path: str) -> Any:
+    """Expand ``${ENV}`` inside string values only, so comments may mention variables."""
+    if isinstance(data, str):
+        try:
+            return expand_env(data, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if isinstance(data, dict):
+        return {
+            k: _expand_values(v, env, f"{path}.{k}" if path else k) for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_expand_values(v, env, f"{path}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
 def loads(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
     try:
-        raw = tomllib.loads(expand_env(text, env))
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
-    return validate(_decode(Config, raw, ""))
+    return validate(_decode(Config, _expand_values(raw, env, ""), ""))
 
 
 def load(path: str | Path) -> Config:
