@@ -112,7 +112,7 @@ TAGS = frozenset({"latest", "safe", "finalized", "earliest", "pending"})
 class HeadView:
     """What ``plan`` needs to know of the head; filled by the head tracker."""
 
-    __slots__ = ("canonical", "finalized", "hash", "number", "numbers", "safe")
+    __slots__ = ("canonical", "finalized", "generation", "hash", "number", "numbers", "safe")
 
     def __init__(self) -> None:
         self.number = -1
@@ -123,6 +123,8 @@ class HeadView:
         self.canonical: dict[int, str] = {}
         # hash -> number, the same window seen the other way.
         self.numbers: dict[str, int] = {}
+        # Bumped on every change, so plans derived from this view can be memoised.
+        self.generation = 0
 
     @property
     def known(self) -> bool:

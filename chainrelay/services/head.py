@@ -194,6 +194,7 @@ class HeadTracker:
             view.numbers[c.hash] = c.number
         view.number = h.number
         view.hash = h.hash
+        view.generation += 1
         self._trim()
         self.updated_at = time.monotonic()
         if removed:
@@ -226,11 +227,14 @@ class HeadTracker:
         """Keep safe/finalized no further behind the head than the profile's depths."""
         view = self.view
         p = self.profile
+        before = (view.finalized, view.safe)
         if self._has_tag["finalized"] is False:
             view.finalized = max(view.finalized, view.number - p.fallback_finality_depth)
         if self._has_tag["safe"] is False:
             view.safe = max(view.safe, view.number - p.fallback_safe_depth)
         view.safe = max(view.safe, view.finalized)
+        if (view.finalized, view.safe) != before:
+            view.generation += 1
         self.metrics.finalized.set(view.finalized)
 
     async def _refresh_finality(self, u: Upstream) -> None:
@@ -245,6 +249,7 @@ class HeadTracker:
             if h is None:
                 continue  # this upstream lacks the tag: the fallback depth stands
             n = min(h.number, view.number)
+            view.generation += 1
             if tag == "finalized":
                 view.finalized = max(view.finalized, n)
             else:

@@ -38,6 +38,8 @@ _REASONS = {
     503: b"Service Unavailable",
 }
 INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
+# Answers above this are written as head and body without joining them (saves a copy).
+LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
 
@@ -85,6 +87,7 @@ class HttpServer:
         self._base_headers = b"Content-Type: application/json\r\n"
         if self.cors_any:
             self._base_headers += b"Access-Control-Allow-Origin: *\r\n"
+        self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -114,13 +117,28 @@ class HttpServer:
             await self._server.wait_closed()
 
     async def _sweep(self) -> None:
+        """Close keep-alive connections idle for ``keepalive_timeout``.
+
+        The hot path only counts requests; a connection whose count has not moved for
+        a whole timeout (and that owes no answer) is idle.
+        """
         timeout = self.limits.keepalive_timeout
+        seen: dict[HttpProtocol, tuple[int, float]] = {}
         while True:
-            await asyncio.sleep(IDLE_SWEEP_INTERVAL)
-            cutoff = time.monotonic() - timeout
-            for conn in list(self.connections):
-                if conn.ws is None and not conn.busy and conn.last_active < cutoff:
+            await asyncio.sleep(min(IDLE_SWEEP_INTERVAL, timeout))
+            now = time.monotonic()
+            live: dict[HttpProtocol, tuple[int, float]] = {}
+            for conn in self.connections:
+                if conn.ws is not None:
+                    continue
+                count, since = seen.get(conn, (-1, now))
+                if count != conn.requests or conn.busy:
+                    live[conn] = (conn.requests, now)
+                elif now - since >= timeout:
                     conn.close()
+                else:
+                    live[conn] = (count, since)
+            seen = live
 
     def head(self, status: int, length: int, keep_alive: bool, extra: bytes = b"") -> bytes:
         return b"".join(
@@ -138,18 +156,19 @@ class HttpServer:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_body",
-        "_head_chunks",
+        "_body_len",
+        "_chunk",
+        "_head_buf",
         "_headers",
         "_in_head",
-        "_origin",
         "_paused",
         "_queue",
         "_too_large",
         "_url",
         "busy",
         "ip",
-        "last_active",
         "parser",
+        "requests",
         "server",
         "transport",
         "ws",
@@ -161,15 +180,16 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ws: WsSession | None = None
         self.ip = ""
-        self.last_active = time.monotonic()
+        self.requests = 0  # messages seen; the idle sweep compares it between sweeps
         self.busy = False
         self._url = b""
         self._body: list[bytes] = []
-        self._headers: dict[bytes, bytes] = {}
-        self._head_chunks: list[bytes] = []
+        self._body_len = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunk = b""
+        self._head_buf: list[bytes] = []
         self._in_head = False
         self._too_large = False
-        self._origin: bytes | None = None
         self._queue: collections.deque[list[object]] = collections.deque()
         self._paused = False
 
@@ -206,11 +226,12 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
         if self.ws is not None:
             self.ws.data_received(data)
             return
-        self._head_chunks.append(data)
+        if self._in_head:  # a request head split over reads: keep it for an upgrade
+            self._head_buf.append(data)
+        self._chunk = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -221,45 +242,55 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
+        self.requests += 1
         self._in_head = True
+        self._head_buf = [self._chunk]
         self._url = b""
-        self._body = []
-        self._headers = {}
+        self._headers = []
         self._too_large = False
-        self._origin = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
+        self._headers.append((name, value))
+
+    def header(self, name: bytes) -> bytes | None:
+        """A request header by lower-case name (looked up only off the hot path)."""
+        for k, v in self._headers:
+            if k.lower() == name:
+                return v
+        return None
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        limits = self.server.limits
+        self._body = []
+        self._body_len = 0
         if self.parser.should_upgrade():
-            return  # keep the raw head for the WebSocket handshake
-        self._head_chunks = []
-        self._origin = self._headers.get(b"origin")
-        length = self._headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            self._reject_too_large()
+            return  # _head_buf is kept for the WebSocket handshake
+        self._head_buf = []
+        length = self.header(b"content-length") if len(self._headers) > 2 else None
+        if length is not None and length.isdigit():
+            if int(length) > self.server.limits.max_body_bytes:
+                self._reject_too_large()
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:
             return
         self._body.append(body)
-        if len(self._body) > 1 and sum(map(len, self._body)) > self.server.limits.max_body_bytes:
+        self._body_len += len(body)
+        if self._body_len > self.server.limits.max_body_bytes:
+            self._body = []
             self._reject_too_large()
 
     def on_message_complete(self) -> None:
-        self._head_chunks = []
         if self._too_large:
             return
         method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
         if method == b"POST":
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._body = []
             self._answer(self.server.routes.rpc(body), keep_alive)
         elif method == b"GET":
             self._get(keep_alive)
@@ -270,9 +301,14 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- answers ---------------------------------------------------------------------
     def _answer(self, result: bytes | Awaitable[bytes], keep_alive: bool) -> None:
-        if isinstance(result, bytes):
-            self._send(200, result, keep_alive)
+        if result.__class__ is bytes:
+            # The hot path: a synchronous answer on an idle keep-alive connection.
+            if keep_alive and not self._queue and self.server.cors_any:
+                self._write_ok(typing.cast(bytes, result))
+            else:
+                self._send(200, typing.cast(bytes, result), keep_alive)
             return
+        assert not isinstance(result, bytes)
         fut = asyncio.ensure_future(result)
         self._queue.append([fut, keep_alive])
         self.busy = True
@@ -283,14 +319,26 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _send(self, status: int, body: bytes, keep_alive: bool, extra: bytes = b"") -> None:
-        if self._origin is not None and not self.server.cors_any:
-            if self._origin in self.server.cors_origins:
-                extra += b"Access-Control-Allow-Origin: " + self._origin + b"\r\nVary: Origin\r\n"
+        if not self.server.cors_any:
+            origin = self.header(b"origin")
+            if origin is not None and origin in self.server.cors_origins:
+                extra += b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
         data = self.server.head(status, len(body), keep_alive, extra) + body
         if self._queue:
             self._queue.append([data, keep_alive])
             return
         self._write(data, keep_alive)
+
+    def _write_ok(self, body: bytes) -> None:
+        """200 OK on a keep-alive connection: the prebuilt head plus the length."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        head = self.server.ok_head + b"%d\r\n\r\n" % len(body)
+        if len(body) > LARGE_BODY:
+            transport.writelines((head, body))  # no copy of a large answer
+        else:
+            transport.write(head + body)
 
     def _write(self, data: bytes, keep_alive: bool) -> None:
         transport = self.transport
@@ -361,7 +409,7 @@ class HttpProtocol(asyncio.Protocol):
             )
 
     def _preflight(self, keep_alive: bool) -> None:
-        req_headers = self._headers.get(b"access-control-request-headers", b"content-type")
+        req_headers = self.header(b"access-control-request-headers") or b"content-type"
         extra = (
             b"Access-Control-Allow-Methods: POST, GET, OPTIONS\r\n"
             b"Access-Control-Allow-Headers: " + req_headers + b"\r\n"
@@ -371,9 +419,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upgrade(self, data: bytes, offset: int) -> None:
         assert self.transport is not None
-        head = b"".join(self._head_chunks[:-1]) + data[:offset]
+        head = b"".join(self._head_buf[:-1]) + data[:offset]
         rest = data[offset:]
-        self._head_chunks = []
+        self._head_buf = []
         limits = self.server.limits
         session = WsSession(
             self.transport,

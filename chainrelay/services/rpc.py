@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from chainrelay import defaults
 from chainrelay.errors import RequestError, UpstreamError, error_code, error_message
 from chainrelay.protocol import policy
@@ -37,6 +39,9 @@ from chainrelay.wire.jsonrpc import (
 log = logging.getLogger(__name__)
 
 _RULES = policy.RULES
+_UNSET = b"\x00unset"
+# Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
+MEMO_MAX_ENTRIES = 50_000
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
 
@@ -85,6 +90,10 @@ class RpcService:
         self._chain_id_json = f'"{hex(chain_id)}"'.encode()
         self._coalescer: Coalescer[Answer] = Coalescer()
         self._block_time = head.profile.block_time
+        # (method, params JSON) -> cache key, for the current head only: skips planning on
+        # repeated calls. Cleared whenever the head view changes, and when it grows too big.
+        self._memo: dict[tuple[str, bytes], bytes | None] = {}
+        self._memo_generation = -1
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
@@ -147,13 +156,24 @@ class RpcService:
             return encode_result(call.id or NULL_ID, result)
         if method not in _RULES:
             return None
-        p = policy.plan(method, call.params, self.view)
-        if p.key is None:
+        view = self.view
+        memo = self._memo
+        if self._memo_generation != view.generation or len(memo) >= MEMO_MAX_ENTRIES:
+            memo.clear()
+            self._memo_generation = view.generation
+        try:
+            memo_key = (method, orjson.dumps(call.params))
+        except TypeError:  # an integer beyond 64 bits: not worth memoising
             return None
-        entry = self.cache.get(p.key)
+        key = memo.get(memo_key, _UNSET)
+        if key is _UNSET:
+            key = memo[memo_key] = policy.plan(method, call.params, view).key
+        if key is None:
+            return None
+        entry = self.cache.get(key)
         if entry is None or not self._still_canonical(entry):
             return None
-        self.metrics.cache_hits.inc()
+        self.metrics.hits += 1
         self.metrics.count(method, "hit", time.perf_counter() - started)
         return encode_result(call.id or NULL_ID, entry.value)
 
@@ -202,15 +222,15 @@ class RpcService:
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):
-            self.metrics.cache_hits.inc()
+            self.metrics.hits += 1
             return Answer(entry.value, None), "hit"
         if self.shared is not None:
             entry = await self.shared.get(p.key)
             if entry is not None and self._still_canonical(entry):
                 self.cache.put(p.key, entry)
-                self.metrics.cache_hits.inc()
+                self.metrics.hits += 1
                 return Answer(entry.value, None), "shared_hit"
-        self.metrics.cache_misses.inc()
+        self.metrics.misses += 1
         fwd = p.params if p.params is not None else params
         if p.key in self._coalescer:
             self.metrics.coalesced.inc()
