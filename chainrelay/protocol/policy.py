@@ -17,6 +17,7 @@ the resolved block, so the answer stored under a key is the answer *for that blo
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ class Kind(enum.Enum):
     HEAD = "head"  # the head's number, answered locally
     REALTIME = "realtime"  # about the current head (gas price, syncing)
     SEND = "send"  # eth_sendRawTransaction: broadcast to every upstream
+    # Subscriptions belong to a connection; forwarding them over a shared upstream
+    # connection would lose every notification, so they are refused, as geth does on HTTP.
+    SUBSCRIBE = "subscribe"
     NEVER = "never"  # passes through, never cached
 
 
@@ -104,6 +108,9 @@ RULES: dict[str, Rule] = {
     "web3_clientVersion": Rule(Kind.REALTIME),
     # writes
     "eth_sendRawTransaction": Rule(Kind.SEND),
+    # subscriptions
+    "eth_subscribe": Rule(Kind.SUBSCRIBE),
+    "eth_unsubscribe": Rule(Kind.SUBSCRIBE),
 }
 
 TAGS = frozenset({"latest", "safe", "finalized", "earliest", "pending"})
@@ -136,10 +143,6 @@ class HeadView:
         if got is None:
             return None
         return got == block_hash
-
-    def is_canonical_hash(self, block_hash: str) -> bool | None:
-        """True when in the window; None when unknown (too old, or not seen yet)."""
-        return True if block_hash in self.numbers else None
 
 
 @dataclass(slots=True)
@@ -214,7 +217,10 @@ def _resolve(ref: Any, head: HeadView) -> _Block | None:
 
 
 def _key(method: str, params: Any) -> bytes:
-    return method.encode() + b":" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+    try:
+        return method.encode() + b":" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer beyond 64 bits
+        return method.encode() + b":" + json.dumps(params, sort_keys=True).encode()
 
 
 def _with(params: list[Any], index: int, value: Any) -> list[Any]:
@@ -236,8 +242,19 @@ def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan
         return PASS
     if isinstance(ref, dict) and "blockHash" in ref and _is_hash(ref["blockHash"]):
         # An explicit block hash names one block for ever; its answer never changes.
-        if ref.get("requireCanonical") and head.is_canonical_hash(ref["blockHash"]) is not True:
-            return PASS  # the answer depends on canonicality we cannot vouch for
+        h = ref["blockHash"]
+        if ref.get("requireCanonical"):
+            n = head.numbers.get(h)
+            if n is None:
+                return PASS  # the answer depends on canonicality we cannot vouch for
+            # Served from cache only while the block stays canonical.
+            return Plan(
+                Finality.UNFINALIZED,
+                _key(method, params),
+                block_number=n,
+                block_hash=h,
+                validate_canonical=True,
+            )
         return Plan(Finality.UNFINALIZED, _key(method, params))
     block = _resolve(ref, head)
     if block is None:

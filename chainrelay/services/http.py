@@ -232,6 +232,9 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
+        if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
+            self._reject_head()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -264,6 +267,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        limit = self.server.limits.max_header_bytes
+        if len(self._chunk) > limit and (
+            len(self._url) + sum(len(k) + len(v) + 4 for k, v in self._headers) > limit
+        ):
+            self._reject_head()
+            return
         self._body = []
         self._body_len = 0
         if self.parser.should_upgrade():
@@ -381,6 +390,11 @@ class HttpProtocol(asyncio.Protocol):
         body = orjson.dumps({"error": text.decode()})
         self._send(status, body, keep_alive)
 
+    def _reject_head(self) -> None:
+        self._too_large = True
+        self.server.metrics.rejected.labels("header_too_large").inc()
+        self._plain(431, b"request head too large", keep_alive=False)
+
     def _reject_too_large(self) -> None:
         self._too_large = True
         self.server.metrics.rejected.labels("body_too_large").inc()
@@ -428,6 +442,7 @@ class HttpProtocol(asyncio.Protocol):
             self.server.routes.rpc,
             max_message_bytes=limits.max_ws_message_bytes,
             max_send_buffer=limits.max_ws_send_buffer,
+            max_pending=limits.max_pending_per_connection,
         )
         if not session.accept(head):
             self.transport.close()

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _RULES = policy.RULES
 _UNSET = b"\x00unset"
+NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
 # Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
 MEMO_MAX_ENTRIES = 50_000
 _CHAIN_ID = "eth_chainId"
@@ -216,6 +217,8 @@ class RpcService:
         rule = _RULES.get(method)
         if rule is not None and rule.kind is Kind.SEND:
             return await self.pool.broadcast(method, params), "pass"
+        if rule is not None and rule.kind is Kind.SUBSCRIBE:
+            return Answer(None, NOTIFICATIONS_UNSUPPORTED), "invalid"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
         if p.key is None:
             return await self.pool.call(method, params), "pass"
@@ -270,7 +273,9 @@ class RpcService:
         if p.finality is Finality.REALTIME:
             expires = time.monotonic() + self._block_time
         elif p.validate_canonical:
-            if isinstance(anchor, tuple):
+            if p.block_hash is not None:
+                a_num, a_hash = p.block_number, p.block_hash
+            elif isinstance(anchor, tuple):
                 a_num, a_hash = anchor
             elif isinstance(params, list) and params and isinstance(params[0], str):
                 a_hash = params[0]

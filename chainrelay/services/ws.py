@@ -35,11 +35,14 @@ class WsSession:
         *,
         max_message_bytes: int = defaults.MAX_WS_MESSAGE_BYTES,
         max_send_buffer: int = defaults.MAX_WS_SEND_BUFFER,
+        max_pending: int = defaults.MAX_PENDING_PER_CONNECTION,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self.transport = transport
         self.handler = handler
         self.max_send_buffer = max_send_buffer
+        self.max_pending = max_pending
+        self._paused = False
         self.proto = ServerProtocol(max_size=max_message_bytes)
         self._fragments: list[bytes] = []
         self._tasks: set[asyncio.Task[bytes]] = set()
@@ -92,9 +95,16 @@ class WsSession:
         task = asyncio.ensure_future(out)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        if len(self._tasks) >= self.max_pending and not self._paused:
+            # Backpressure, not loss: stop reading until answers drain.
+            self._paused = True
+            self.transport.pause_reading()
 
     def _done(self, task: asyncio.Task[bytes]) -> None:
         self._tasks.discard(task)
+        if self._paused and len(self._tasks) <= self.max_pending // 2 and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
         if task.cancelled() or self.closed:
             return
         exc = task.exception()

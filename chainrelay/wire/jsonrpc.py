@@ -8,6 +8,7 @@ re-encoding, and an upstream's answer reaches the client byte for byte.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,10 @@ NULL_ID = b"null"
 _RESULT_KEY = b'"result"'
 _ERROR_KEY = b'"error"'
 _WS = b" \t\r\n"
+# Twenty digits in a row may be an integer past 64 bits, which orjson turns into a float:
+# such bodies are parsed again with the stdlib, which keeps them exact. (A hex string can
+# match too; that only costs the slower parse.)
+_LONG_INT = re.compile(rb"\d{20}")
 
 
 @dataclass(slots=True)
@@ -107,6 +112,8 @@ def parse_body(body: bytes, max_batch: int) -> tuple[list[Item], bool]:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"parse error: {exc}") from None
+    if _LONG_INT.search(body) is not None:
+        doc = _loads_exact(body)
     if isinstance(doc, list):
         if not doc:
             raise InvalidRequest("invalid request: empty batch")
@@ -143,9 +150,13 @@ def join_batch(parts: list[bytes]) -> bytes:
 
 def encode_request(id_: int, method: str, params: Params | None) -> bytes:
     """A request to an upstream. ``params`` None omits the member, as the caller did."""
-    if params is None:
-        return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method})
-    return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
+    doc: dict[str, Any] = {"jsonrpc": "2.0", "id": id_, "method": method}
+    if params is not None:
+        doc["params"] = params
+    try:
+        return orjson.dumps(doc)
+    except TypeError:  # an integer beyond 64 bits
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 @dataclass(slots=True)
@@ -194,9 +205,10 @@ def parse_answer(body: bytes) -> Answer:
 
     Raises ``ValueError`` for an answer that is not a JSON-RPC response object.
     """
+    exact = _LONG_INT.search(body) is not None
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        doc = _loads_exact(body) if exact else orjson.loads(body)
+    except (orjson.JSONDecodeError, ValueError):
         raise ValueError("upstream answer is not JSON") from None
     if not isinstance(doc, dict):
         raise ValueError("upstream answer is not an object")
@@ -204,7 +216,7 @@ def parse_answer(body: bytes) -> Answer:
     if "error" in doc and doc["error"] is not None:
         raw = _member_tail(body, _ERROR_KEY) if keys[-1] == "error" else None
         if raw is None:
-            raw = orjson.dumps(doc["error"])
+            raw = dumps_exact(doc["error"])
         return Answer(None, raw)
     if "result" not in doc:
         raise ValueError("upstream answer has neither result nor error")
@@ -214,12 +226,13 @@ def parse_answer(body: bytes) -> Answer:
     if keys[-1] == "result" and body.count(_RESULT_KEY) == 1:
         raw = _member_tail(body, _RESULT_KEY)
     if raw is None:
-        raw = _dumps_exact(value, body)
+        raw = dumps_exact(value)
     return Answer(raw, None, value)
 
 
-def _dumps_exact(value: Any, body: bytes) -> bytes:
+def dumps_exact(value: Any) -> bytes:
+    """Compact JSON of ``value``, exact for integers of any size."""
     try:
         return orjson.dumps(value)
     except TypeError:
-        return json.dumps(json.loads(body)["result"], separators=(",", ":")).encode()
+        return json.dumps(value, separators=(",", ":")).encode()
