@@ -1,0 +1,183 @@
+"""The head tracker's canonical chain: linking, gap filling, reorgs, finality; no sockets.
+
+An in-memory chain stands in for an upstream's answers to ``eth_getBlockByHash``; the
+tracker's logic is what is under test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from chainrelay.protocol.chains import PROFILES
+from chainrelay.services.head import Header, HeadTracker
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import PoolSettings, UpstreamPool
+from chainrelay.services.upstream import Upstream
+
+
+def h(fork: str, n: int) -> str:
+    return "0x" + f"{fork}{n:x}".rjust(64, "0")
+
+
+class MemoryChain(Upstream):
+    """Answers block lookups from a dict of blocks; counts what it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__("mem", "memory://", timeout=1.0, connections=1)
+        self.blocks: dict[str, dict[str, Any]] = {}
+        self.asked: list[str] = []
+        self.finalized: int | None = None
+
+    def add(self, fork: str, n: int, parent_fork: str) -> Header:
+        parent = h(parent_fork, n - 1) if n > 0 else "0x" + "0" * 64
+        block = {"number": hex(n), "hash": h(fork, n), "parentHash": parent}
+        self.blocks[block["hash"]] = block
+        return Header(n, block["hash"], parent)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def request(self, body: bytes) -> bytes:
+        req = orjson.loads(body)
+        method, params = req["method"], req.get("params", [])
+        if method == "eth_getBlockByHash":
+            self.asked.append(params[0])
+            result: Any = self.blocks.get(params[0])
+        elif method == "eth_getBlockByNumber" and params[0] == "finalized":
+            result = None
+            if self.finalized is not None:
+                n = self.finalized
+                result = next(b for b in self.blocks.values() if int(b["number"], 16) == n)
+        else:
+            result = None
+        return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": result})
+
+
+@pytest.fixture
+def chain() -> MemoryChain:
+    return MemoryChain()
+
+
+@pytest.fixture
+def tracker(chain: MemoryChain) -> HeadTracker:
+    metrics = Metrics()
+    pool = UpstreamPool([chain], PoolSettings(), metrics)
+    return HeadTracker(pool, PROFILES["devnet"], metrics, window=16)
+
+
+def extend(chain: MemoryChain, fork: str, lo: int, hi: int, parent_fork: str) -> list[Header]:
+    out = [chain.add(fork, lo, parent_fork)]
+    out += [chain.add(fork, n, fork) for n in range(lo + 1, hi + 1)]
+    return out
+
+
+async def test_consecutive_heads_link_without_lookups(
+    chain: MemoryChain, tracker: HeadTracker
+) -> None:
+    for header in extend(chain, "a", 0, 5, "a"):
+        await tracker.on_header(chain, header)
+    view = tracker.view
+    assert view.number == 5
+    assert view.canonical == {n: h("a", n) for n in range(6)}
+    assert chain.asked == []
+
+
+async def test_a_gap_is_filled_by_walking_parents(chain: MemoryChain, tracker: HeadTracker) -> None:
+    headers = extend(chain, "a", 0, 9, "a")
+    await tracker.on_header(chain, headers[2])
+    seen: list[list[int]] = []
+    tracker.listeners.append(lambda added, removed: seen.append([x.number for x in added]))
+    await tracker.on_header(chain, headers[9])
+    assert tracker.view.canonical == {n: h("a", n) for n in range(2, 10)}
+    assert seen == [[3, 4, 5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+async def test_reorg_replaces_the_orphaned_blocks(
+    chain: MemoryChain, tracker: HeadTracker, depth: int
+) -> None:
+    for header in extend(chain, "a", 0, 10, "a"):
+        await tracker.on_header(chain, header)
+    events: list[tuple[list[int], list[int]]] = []
+    tracker.listeners.append(
+        lambda added, removed: events.append(
+            ([x.number for x in added], [x.number for x in removed])
+        )
+    )
+    fork_at = 10 - depth + 1
+    new = extend(chain, "b", fork_at, 11, "a")
+    await tracker.on_header(chain, new[-1])
+    view = tracker.view
+    assert view.number == 11 and view.hash == h("b", 11)
+    for n in range(fork_at):
+        assert view.canonical[n] == h("a", n)
+    for n in range(fork_at, 12):
+        assert view.canonical[n] == h("b", n)
+    assert all(h("a", n) not in view.numbers for n in range(fork_at, 11))
+    added, removed = events[-1]
+    assert added == list(range(fork_at, 12))
+    assert sorted(removed) == list(range(fork_at, 11))
+
+
+async def test_same_height_replacement_is_a_reorg(chain: MemoryChain, tracker: HeadTracker) -> None:
+    for header in extend(chain, "a", 0, 6, "a"):
+        await tracker.on_header(chain, header)
+    before = tracker.view.generation
+    replacement = extend(chain, "c", 5, 6, "a")
+    await tracker.on_header(chain, replacement[-1])
+    assert tracker.view.canonical[5] == h("c", 5)
+    assert tracker.view.canonical[6] == h("c", 6)
+    assert tracker.view.generation > before
+
+
+async def test_lagging_headers_do_not_move_the_head(
+    chain: MemoryChain, tracker: HeadTracker
+) -> None:
+    headers = extend(chain, "a", 0, 8, "a")
+    await tracker.on_header(chain, headers[8])
+    other = extend(chain, "z", 3, 4, "a")
+    await tracker.on_header(chain, other[-1])
+    assert tracker.view.number == 8
+    assert tracker.view.canonical.get(4) != h("z", 4)
+
+
+async def test_window_is_bounded(chain: MemoryChain, tracker: HeadTracker) -> None:
+    for header in extend(chain, "a", 0, 100, "a"):
+        await tracker.on_header(chain, header)
+    view = tracker.view
+    assert len(view.canonical) <= tracker.window + 1
+    assert len(view.numbers) == len(view.canonical)
+    assert min(view.canonical) >= 100 - tracker.window
+
+
+async def test_finalized_from_the_tag_never_goes_back(
+    chain: MemoryChain, tracker: HeadTracker
+) -> None:
+    headers = extend(chain, "a", 0, 12, "a")
+    for header in headers[:9]:
+        await tracker.on_header(chain, header)
+    chain.finalized = 6
+    await tracker._refresh_finality(chain)
+    assert tracker.view.finalized == 6
+    chain.finalized = 3
+    await tracker._refresh_finality(chain)
+    assert tracker.view.finalized == 6
+    assert tracker.view.safe >= tracker.view.finalized
+
+
+async def test_missing_tag_falls_back_to_the_profile_depth(
+    chain: MemoryChain, tracker: HeadTracker
+) -> None:
+    headers = extend(chain, "a", 0, 100, "a")
+    for header in headers[:90]:
+        await tracker.on_header(chain, header)
+    assert tracker.view.finalized == -1  # nothing assumed before the upstream is asked
+    await tracker._refresh_finality(chain)  # the chain answers null: no tag
+    await tracker.on_header(chain, headers[90])
+    assert tracker.view.finalized == 90 - PROFILES["devnet"].fallback_finality_depth
