@@ -25,6 +25,8 @@ PROFILES: dict[str, ChainProfile] = {
     # Arbitrum One: ~0.25 s blocks; "finalized" follows L1 finality (~15-20 min). Without
     # the tag nothing under 30 min (7,200 blocks) is assumed final.
     "arbitrum": ChainProfile("arbitrum", 42161, 0.25, 7200, 240),
+    "bsc-testnet": ChainProfile("bsc-testnet", 97, 0.75, 15, 2),
+    "arbitrum-sepolia": ChainProfile("arbitrum-sepolia", 421614, 0.25, 7200, 240),
     # A local anvil devnet: one block a second; anvil answers the tags itself.
     "devnet": ChainProfile("devnet", 31337, 1.0, 64, 32),
 }

@@ -67,6 +67,9 @@ class HeadTracker:
         self.finality_refresh_blocks = finality_refresh_blocks
         self.fresh_seconds = fresh_blocks * profile.block_time
         self.updated_at = 0.0  # monotonic time of the last head change
+        # Monotonic time an upstream last confirmed the head (changed or not): a quiet
+        # chain with a live upstream is fresh; a silent upstream is not.
+        self.confirmed_at = 0.0
         self.listeners: list[HeadListener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
@@ -105,6 +108,8 @@ class HeadTracker:
 
     # --- following -------------------------------------------------------------------
     async def _follow(self, u: Upstream) -> None:
+        if u.is_ws:
+            self._tasks.append(asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}"))
         while True:
             try:
                 if u.is_ws:
@@ -120,6 +125,16 @@ class HeadTracker:
                     with contextlib.suppress(TransportError):
                         await self._poll_once(u)
             await asyncio.sleep(RETRY_DELAY)
+
+    async def _confirm(self, u: Upstream) -> None:
+        """On a quiet chain a head stream says nothing: ask now and then, so a live
+        upstream keeps the head fresh and a dead one shows."""
+        period = max(self.fresh_seconds, 1.0) / 2
+        while True:
+            await asyncio.sleep(period)
+            if time.monotonic() - self.confirmed_at >= period:
+                with contextlib.suppress(TransportError):
+                    await self._poll_once(u)
 
     def _spawn_header(self, u: Upstream, obj: Any) -> None:
         h = Header.parse(obj)
@@ -143,6 +158,8 @@ class HeadTracker:
     async def on_header(self, u: Upstream, h: Header) -> None:
         if h.number > u.latest:
             u.latest = h.number
+        if self.view.known and h.number >= self.view.number:
+            self.confirmed_at = time.monotonic()
         self.metrics.upstream_lag.labels(u.name).set(max(0, self.pool.best_latest - u.latest))
         view = self.view
         if view.canonical.get(h.number) == h.hash:
@@ -196,7 +213,7 @@ class HeadTracker:
         view.hash = h.hash
         view.generation += 1
         self._trim()
-        self.updated_at = time.monotonic()
+        self.updated_at = self.confirmed_at = time.monotonic()
         if removed:
             self.metrics.reorgs.inc()
             log.info(

@@ -27,9 +27,12 @@ LATENCY_SAMPLES = 256
 class TransportError(Exception):
     """The upstream gave no usable answer (timeout, refused, 5xx, 429, garbage): retryable."""
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, malformed: bool = False) -> None:
         super().__init__(message)
         self.timeout = timeout
+        # The upstream answered, but not with JSON-RPC. Retried elsewhere, yet not counted
+        # against the upstream's health: one odd request must not take every node out.
+        self.malformed = malformed
 
 
 Notify = Callable[[str, Any], None]
@@ -76,12 +79,14 @@ class Upstream:
             try:
                 answer = parse_answer(raw)
             except ValueError as exc:
-                raise TransportError(f"malformed answer: {exc}") from None
+                self.errors += 1
+                raise TransportError(f"malformed answer: {exc}", malformed=True) from None
         except TimeoutError:
             self._failed()
             raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
-        except TransportError:
-            self._failed()
+        except TransportError as exc:
+            if not exc.malformed:
+                self._failed()
             raise
         elapsed = time.perf_counter() - started
         self.samples.append(elapsed)
