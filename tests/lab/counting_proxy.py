@@ -1,0 +1,259 @@
+"""A JSON-RPC proxy in front of a real node that counts the calls it forwards, per method.
+
+Run as a process of its own (a test must be able to SIGKILL it)::
+
+    python -m tests.lab.counting_proxy --upstream http://127.0.0.1:8545 --port 9001
+
+* ``POST /`` (any path but ``/reset`` and ``/release``): a JSON-RPC body, forwarded as it is;
+  the node's answer comes back byte for byte with the node's HTTP status.
+* ``GET /counts``: ``{"method": calls, ...}`` since the start or the last reset (batch items
+  are counted one by one, at arrival).
+* ``POST /reset``: zero the counts.
+* ``--hold METHOD`` (repeatable): calls of that method wait, upstream not yet asked, until
+  ``POST /release``; ``GET /held`` says how many wait. Lets a test line up concurrent callers
+  behind one in-flight call without guessing how long the call takes.
+* ``--delay-ms N``: every forwarded call answers N ms later, like a node further away.
+
+``CountingProxy`` starts one from a test through the ``procs`` fixture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from chainrelay.devnet import free_port
+from tests.lab.procs import ROOT, Procs, until
+from tests.lab.timing import SECOND
+
+JSON = "application/json"
+
+
+def methods_of(body: bytes) -> list[str]:
+    """The method of every call in a JSON-RPC body ("?" for what is not a call)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ["?"]
+    items = doc if isinstance(doc, list) else [doc]
+    return [
+        str(o["method"]) if isinstance(o, dict) and isinstance(o.get("method"), str) else "?"
+        for o in items
+    ]
+
+
+class Counter:
+    """Calls per method, served at ``GET /counts`` and zeroed by ``POST /reset``."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, methods: list[str]) -> None:
+        self.counts.update(methods)
+
+    async def get_counts(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(dict(self.counts)), content_type=JSON)
+
+    async def post_reset(self, _request: web.Request) -> web.Response:
+        self.counts.clear()
+        return web.Response(body=b"{}", content_type=JSON)
+
+
+class CountingProxyApp:
+    def __init__(self, upstream: str, hold: set[str], delay: float) -> None:
+        self.upstream = upstream
+        self.hold = hold
+        self.delay = delay
+        self.counter = Counter()
+        self.released = asyncio.Event()
+        self.held = 0
+        self.session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/counts", self.counter.get_counts)
+        app.router.add_post("/reset", self.counter.post_reset)
+        app.router.add_get("/held", self.get_held)
+        app.router.add_post("/release", self.post_release)
+        app.router.add_post("/{tail:.*}", self.forward)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, _app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+
+    async def _close(self, _app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def get_held(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"held": self.held}), content_type=JSON)
+
+    async def post_release(self, _request: web.Request) -> web.Response:
+        self.released.set()
+        return web.Response(body=b"{}", content_type=JSON)
+
+    async def forward(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        methods = methods_of(body)
+        self.counter.add(methods)
+        if self.hold.intersection(methods) and not self.released.is_set():
+            self.held += 1
+            try:
+                await self.released.wait()
+            finally:
+                self.held -= 1
+        assert self.session is not None
+        try:
+            async with self.session.post(
+                self.upstream, data=body, headers={"Content-Type": JSON}
+            ) as resp:
+                answer = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, OSError) as exc:
+            return web.Response(status=502, text=f"upstream: {exc}")
+        if self.delay:
+            await asyncio.sleep(self.delay)  # the latency being simulated, not a wait for state
+        return web.Response(body=answer, status=status, content_type=JSON)
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; a call left waiting is cancelled, not drained."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="counting_proxy", description=__doc__)
+    p.add_argument("--upstream", required=True, help="the node's HTTP JSON-RPC URL")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--hold", action="append", default=[], help="hold this method's calls")
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    args = p.parse_args(argv)
+    proxy = CountingProxyApp(args.upstream, set(args.hold), args.delay_ms / 1000)
+    asyncio.run(serve(proxy.app(), args.host, args.port))
+
+
+class LabServer:
+    """A lab HTTP server in a process of its own, started through ``Procs``."""
+
+    module = ""
+
+    def __init__(self, procs: Procs, args: list[str], log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs = procs
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", self.module, "--port", str(self.port), *self.args]
+        if self.log_path is not None:
+            with self.log_path.open("ab") as log:
+                self.proc = self.procs.spawn(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        else:
+            self.proc = self.procs.spawn(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+            )
+
+    async def wait_ready(self, timeout: float = 20 * SECOND) -> None:
+        async def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.module} exited with {self.proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with aiohttp.ClientSession() as s, s.get(self.url + "/counts") as r:
+                    return r.status == 200
+            return False
+
+        await until(up, timeout, f"{self.module} on port {self.port}")
+
+    async def _get(self, path: str) -> Any:
+        async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
+            assert r.status == 200, f"GET {path}: HTTP {r.status}"
+            return orjson.loads(await r.read())
+
+    async def _post(self, path: str) -> None:
+        async with aiohttp.ClientSession() as s, s.post(self.url + path) as r:
+            assert r.status == 200, f"POST {path}: HTTP {r.status}"
+
+    async def counts(self) -> dict[str, int]:
+        return dict(await self._get("/counts"))
+
+    async def reset(self) -> None:
+        await self._post("/reset")
+
+    def kill(self) -> None:
+        """SIGKILL: the process vanishes mid-call, as a crashed node does."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+class CountingProxy(LabServer):
+    """``python -m tests.lab.counting_proxy`` in front of ``upstream``."""
+
+    module = "tests.lab.counting_proxy"
+
+    def __init__(
+        self,
+        procs: Procs,
+        upstream: str,
+        *,
+        hold: tuple[str, ...] = (),
+        delay_ms: float = 0.0,
+        log_path: Path | None = None,
+    ) -> None:
+        args = ["--upstream", upstream, "--delay-ms", str(delay_ms)]
+        for method in hold:
+            args += ["--hold", method]
+        super().__init__(procs, args, log_path)
+
+    async def held(self) -> int:
+        return int((await self._get("/held"))["held"])
+
+    async def release(self) -> None:
+        await self._post("/release")
+
+
+async def start_proxy(
+    procs: Procs,
+    upstream: str,
+    *,
+    hold: tuple[str, ...] = (),
+    delay_ms: float = 0.0,
+    log_path: Path | None = None,
+) -> CountingProxy:
+    proxy = CountingProxy(procs, upstream, hold=hold, delay_ms=delay_ms, log_path=log_path)
+    proxy.start()
+    await proxy.wait_ready()
+    return proxy
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""A fake upstream that injects the faults a real node cannot be made to produce.
+
+Run as a process of its own::
+
+    python -m tests.lab.fault_upstream --mode 429 --upstream http://127.0.0.1:8545 --port 9002
+
+The calls a relay makes to check an upstream and follow its head (``HEAD_METHODS``) are
+forwarded to the real node, so the fake passes the relay's startup checks and stays caught
+up; every other call gets the fault of ``--mode``:
+
+* ``429``: HTTP 429 Too Many Requests, as a rate-limited provider answers.
+* ``hang``: accepts the request and never answers.
+* ``malformed``: HTTP 200 with a body that is not a JSON-RPC answer (cut-off JSON, a bare
+  array, an object with neither result nor error), in turn.
+
+``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.lab.counting_proxy import JSON, Counter, LabServer, methods_of, serve
+from tests.lab.procs import Procs
+
+MODES = ("429", "hang", "malformed")
+# eth_chainId: the relay's chain check; eth_getBlockByNumber/ByHash: the head tracker;
+# eth_blockNumber: the pool's probe that brings an upstream back into rotation.
+HEAD_METHODS = frozenset(
+    {"eth_chainId", "eth_getBlockByNumber", "eth_getBlockByHash", "eth_blockNumber"}
+)
+MALFORMED = (
+    b'{"jsonrpc":"2.0","id":1,"result":"0x',
+    b"[]",
+    b'{"jsonrpc":"2.0","id":1}',
+    b"<html>502 Bad Gateway</html>",
+)
+
+
+class FaultUpstreamApp:
+    def __init__(self, mode: str, upstream: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.mode = mode
+        self.upstream = upstream
+        self.counter = Counter()
+        self.session: aiohttp.ClientSession | None = None
+        self._malformed = itertools.cycle(MALFORMED)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/counts", self.counter.get_counts)
+        app.router.add_post("/reset", self.counter.post_reset)
+        app.router.add_post("/{tail:.*}", self.handle)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, _app: web.Application) -> None:
+        self.session = aiohttp.ClientSession()
+
+    async def _close(self, _app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        methods = methods_of(body)
+        self.counter.add(methods)
+        if all(m in HEAD_METHODS for m in methods):
+            assert self.session is not None
+            async with self.session.post(
+                self.upstream, data=body, headers={"Content-Type": JSON}
+            ) as resp:
+                return web.Response(body=await resp.read(), status=resp.status, content_type=JSON)
+        if self.mode == "429":
+            return web.Response(status=429, text="rate limited", headers={"Retry-After": "1"})
+        if self.mode == "hang":
+            await asyncio.Event().wait()  # never set: cancelled when the caller gives up
+        return web.Response(body=next(self._malformed), content_type=JSON)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="fault_upstream", description=__doc__)
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--upstream", required=True, help="the real node, for HEAD_METHODS")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    args = p.parse_args(argv)
+    asyncio.run(serve(FaultUpstreamApp(args.mode, args.upstream).app(), args.host, args.port))
+
+
+class FaultUpstream(LabServer):
+    module = "tests.lab.fault_upstream"
+
+    def __init__(
+        self, procs: Procs, mode: str, upstream: str, log_path: Path | None = None
+    ) -> None:
+        super().__init__(procs, ["--mode", mode, "--upstream", upstream], log_path)
+        self.mode = mode
+
+    async def fault_calls(self) -> int:
+        """Calls that got the fault (every call outside ``HEAD_METHODS``)."""
+        counts = await self.counts()
+        return sum(n for m, n in counts.items() if m not in HEAD_METHODS)
+
+
+async def start_fault_upstream(
+    procs: Procs, mode: str, upstream: str, log_path: Path | None = None
+) -> FaultUpstream:
+    fake = FaultUpstream(procs, mode, upstream, log_path)
+    fake.start()
+    await fake.wait_ready()
+    return fake
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Configuration: strict TOML, ${ENV} expansion, defaults, validation. No sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chainrelay import cli, defaults
+from chainrelay.config import Config, expand_env, load, loads, parse_listen, quick
+from chainrelay.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+UPSTREAM = '[[upstreams]]\nurl = "http://127.0.0.1:8545"\n'
+
+
+def error_of(text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as exc:
+        loads(text, env or {})
+    return str(exc.value)
+
+
+# --- strict decoding -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("[pool]\ntimeoutt = 3.0\n" + UPSTREAM, "pool.timeoutt"),
+        ('[[upstreams]]\nurll = "http://127.0.0.1:1"\n', "upstreams[0].urll"),
+        (UPSTREAM + '[[upstreams]]\nurl = "http://127.0.0.1:2"\nnmae = "b"\n', "upstreams[1].nmae"),
+        ("[serverr]\n" + UPSTREAM, "serverr"),
+        ("verbose = true\n" + UPSTREAM, "verbose"),
+        ("[limits]\nmax_body_byte = 1\n" + UPSTREAM, "limits.max_body_byte"),
+        ("[cache.memory]\nbytes = 1\n" + UPSTREAM, "cache.memory"),
+    ],
+)
+def test_unknown_key_is_an_error_naming_its_full_path(text: str, path: str) -> None:
+    msg = error_of(text)
+    assert f"'{path}'" in msg
+    assert "unknown key" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "words"),
+    [
+        ('[pool]\ntimeout = "3"\n' + UPSTREAM, "pool.timeout", "expected float"),
+        ("[limits]\nmax_batch_len = 1.5\n" + UPSTREAM, "limits.max_batch_len", "expected int"),
+        ("[limits]\nmax_batch_len = true\n" + UPSTREAM, "limits.max_batch_len", "expected int"),
+        ('[pool]\nhedge = "yes"\n' + UPSTREAM, "pool.hedge", "expected bool"),
+        ("[server]\nlisten = 8545\n" + UPSTREAM, "server.listen", "expected str"),
+        ('[server]\ncors_origins = "*"\n' + UPSTREAM, "server.cors_origins", "array"),
+        ("server = 1\n" + UPSTREAM, "server", "table"),
+        ('upstreams = ["http://127.0.0.1:1"]\n', "upstreams[0]", "table"),
+    ],
+)
+def test_wrong_types_name_the_key(text: str, path: str, words: str) -> None:
+    msg = error_of(text)
+    assert path in msg and words in msg
+
+
+def test_int_is_accepted_where_a_float_is_expected() -> None:
+    cfg = loads("[pool]\ntimeout = 3\n" + UPSTREAM, {})
+    assert cfg.pool.timeout == 3.0 and isinstance(cfg.pool.timeout, float)
+
+
+def test_not_toml_is_a_config_error() -> None:
+    assert "TOML" in error_of("[server\nlisten=")
+
+
+# --- defaults --------------------------------------------------------------------------------
+def test_omitted_keys_take_the_defaults() -> None:
+    cfg = loads(UPSTREAM, {})
+    assert isinstance(cfg, Config)
+    assert cfg.limits.max_body_bytes == defaults.MAX_BODY_BYTES
+    assert cfg.limits.max_batch_len == defaults.MAX_BATCH_LEN
+    assert cfg.pool.timeout == defaults.UPSTREAM_TIMEOUT
+    assert cfg.cache.memory_bytes == defaults.CACHE_MEMORY_BYTES
+    assert cfg.server.listen == defaults.LISTEN
+    assert cfg.upstreams[0].name == "upstream0"  # named by position when unnamed
+
+
+def test_overrides_land_where_they_belong() -> None:
+    cfg = loads(
+        "[limits]\nmax_body_bytes = 100000\nmax_batch_len = 7\n"
+        "[pool]\nmax_attempts = 5\nhedge = false\n"
+        '[chain]\nprofile = "bsc"\nchain_id = 56\n'
+        '[[upstreams]]\nname = "a"\nurl = "ws://127.0.0.1:1"\n'
+        '[[upstreams]]\nname = "b"\nurl = "https://example.org/rpc"\n',
+        {},
+    )
+    assert (cfg.limits.max_body_bytes, cfg.limits.max_batch_len) == (100000, 7)
+    assert (cfg.pool.max_attempts, cfg.pool.hedge) == (5, False)
+    assert (cfg.chain.profile, cfg.chain.chain_id) == ("bsc", 56)
+    assert [(u.name, u.url) for u in cfg.upstreams] == [
+        ("a", "ws://127.0.0.1:1"),
+        ("b", "https://example.org/rpc"),
+    ]
+
+
+# --- ${ENV} expansion ------------------------------------------------------------------------
+def test_env_variables_expand_in_string_values() -> None:
+    cfg = loads(
+        '[server]\nlisten = "${HOST}:${PORT}"\n'
+        '[[upstreams]]\nurl = "https://rpc.example/v1/${KEY}"\n',
+        {"HOST": "127.0.0.2", "PORT": "9000", "KEY": "s3cr3t"},
+    )
+    assert cfg.server.listen == "127.0.0.2:9000"
+    assert cfg.upstreams[0].url == "https://rpc.example/v1/s3cr3t"
+
+
+def test_env_default_is_used_only_when_the_variable_is_unset() -> None:
+    text = '[server]\nlisten = "${LISTEN:-127.0.0.1:7000}"\n' + UPSTREAM
+    assert loads(text, {}).server.listen == "127.0.0.1:7000"
+    assert loads(text, {"LISTEN": "127.0.0.1:7001"}).server.listen == "127.0.0.1:7001"
+    # An empty value is a value: it is used, and then fails validation as a listen address.
+    assert "server.listen" in error_of(text, {"LISTEN": ""})
+
+
+def test_unset_env_variable_is_an_error_naming_key_and_variable() -> None:
+    msg = error_of('[[upstreams]]\nurl = "https://rpc.example/${API_KEY}"\n')
+    assert "API_KEY" in msg and "upstreams[0].url" in msg
+
+
+def test_env_is_not_expanded_in_comments() -> None:
+    cfg = loads('# url = "${NOT_SET}"\n' + UPSTREAM, {})
+    assert cfg.upstreams[0].url == "http://127.0.0.1:8545"
+
+
+def test_expand_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAINRELAY_TEST_VALUE", "v")
+    assert expand_env("a-${CHAINRELAY_TEST_VALUE}-b") == "a-v-b"
+    assert expand_env("$NOT_BRACED and ${X:-d}", {}) == "$NOT_BRACED and d"
+
+
+# --- validation ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "upstreams"),
+        ('[[upstreams]]\nurl = "127.0.0.1:8545"\n', "upstreams[0].url"),
+        ('[[upstreams]]\nurl = "ftp://127.0.0.1"\n', "upstreams[0].url"),
+        (
+            '[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\n'
+            '[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:2"\n',
+            "unique",
+        ),
+        ('[chain]\nprofile = "solana"\n' + UPSTREAM, "chain.profile"),
+        ('[cache]\nbackend = "memcached"\n' + UPSTREAM, "cache.backend"),
+        ('[server]\nlisten = "localhost"\n' + UPSTREAM, "server.listen"),
+        ('[server]\nlisten = "127.0.0.1:http"\n' + UPSTREAM, "server.listen"),
+        ("[limits]\nmax_body_bytes = 0\n" + UPSTREAM, "limits.max_body_bytes"),
+        ("[limits]\nmax_batch_len = -1\n" + UPSTREAM, "limits.max_batch_len"),
+        ("[cache]\nmemory_bytes = 0\n" + UPSTREAM, "cache.memory_bytes"),
+        ("[pool]\nmax_attempts = 0\n" + UPSTREAM, "pool.max_attempts"),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_key(text: str, words: str) -> None:
+    assert words in error_of(text)
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:8545") == ("127.0.0.1", 8545)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+    assert parse_listen(":9000") == ("127.0.0.1", 9000)
+
+
+def test_quick_config_names_upstreams_by_position() -> None:
+    cfg = quick(["http://127.0.0.1:1", "ws://127.0.0.1:2"], "127.0.0.1:9")
+    assert [u.name for u in cfg.upstreams] == ["upstream0", "upstream1"]
+    assert cfg.server.listen == "127.0.0.1:9"
+    with pytest.raises(ConfigError):
+        quick([])
+
+
+def test_load_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pool]\ntimeoutt = 1\n" + UPSTREAM)
+    with pytest.raises(ConfigError) as exc:
+        load(bad)
+    assert str(bad) in str(exc.value) and "pool.timeoutt" in str(exc.value)
+    with pytest.raises(ConfigError) as missing:
+        load(tmp_path / "missing.toml")
+    assert "missing.toml" in str(missing.value)
+
+
+def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(UPSTREAM)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[upstreams]]\nurll = "http://127.0.0.1:1"\n')
+    assert cli.main(["validate", str(good)]) == 0
+    assert cli.main(["validate", str(bad)]) == 2
+    assert "upstreams[0].urll" in capsys.readouterr().err
+
+
+# --- the shipped configs ---------------------------------------------------------------------
+@pytest.mark.skipif(not CONFIGS, reason="no configs/*.toml yet")
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load(path)
+    assert cfg.upstreams
+    assert all(u.name for u in cfg.upstreams)

@@ -1,0 +1,342 @@
+"""Method policy: how each call is keyed, forwarded and classed, against a hand-built head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from chainrelay.protocol.policy import (
+    PASS,
+    RULES,
+    Finality,
+    HeadView,
+    Kind,
+    anchor_of,
+    items_canonical,
+    plan,
+)
+
+ADDR = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+HEAD, SAFE, FINAL = 100, 95, 90
+WINDOW_LOW = 80  # the head view remembers hashes of blocks 80..100
+
+
+def block_hash(n: int, fork: str = "a") -> str:
+    return "0x" + fork * 2 + f"{n:062x}"
+
+
+def make_head(
+    number: int = HEAD, safe: int = SAFE, finalized: int = FINAL, fork: str = "a"
+) -> HeadView:
+    view = HeadView()
+    view.number, view.safe, view.finalized = number, safe, finalized
+    for n in range(WINDOW_LOW, number + 1):
+        h = block_hash(n, fork)
+        view.canonical[n] = h
+        view.numbers[h] = n
+    view.hash = view.canonical[number]
+    return view
+
+
+@pytest.fixture
+def head() -> HeadView:
+    return make_head()
+
+
+def passes(p: Any) -> bool:
+    return p.finality is Finality.NEVER and p.key is None
+
+
+# --- finality classes and tag resolution -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("ref", "number"),
+    [
+        ("finalized", FINAL),
+        ("earliest", 0),
+        ("0x5", 5),
+        ("0X5", 5),
+        ("0x05", 5),
+        (hex(FINAL), FINAL),
+    ],
+)
+def test_final_blocks_are_keyed_and_forwarded_by_number(
+    head: HeadView, ref: str, number: int
+) -> None:
+    p = plan("eth_getBalance", [ADDR, ref], head)
+    assert p.finality is Finality.FINALIZED
+    assert p.params == [ADDR, hex(number)]
+    assert p.key == f'eth_getBalance:["{ADDR}","{hex(number)}"]'.encode()
+    assert p.block_number == number and p.min_block == number
+    assert p.block_hash is None
+
+
+def test_every_spelling_of_a_final_block_shares_one_key(head: HeadView) -> None:
+    keys = {plan("eth_getBalance", [ADDR, ref], head).key for ref in ("finalized", "0x5a", "0x05a")}
+    keys.add(plan("eth_getBalance", [ADDR, {"blockNumber": "0x5a"}], head).key)
+    assert len(keys) == 1 and None not in keys
+
+
+@pytest.mark.parametrize(("ref", "number"), [("latest", HEAD), ("safe", SAFE), (hex(97), 97)])
+def test_unfinalized_state_reads_are_keyed_and_forwarded_by_hash(
+    head: HeadView, ref: str, number: int
+) -> None:
+    p = plan("eth_call", [{"to": ADDR, "data": "0x"}, ref], head)
+    h = block_hash(number)
+    assert p.finality is Finality.UNFINALIZED
+    assert p.block_hash == h and p.block_number == number and p.min_block == number
+    assert p.params == [{"to": ADDR, "data": "0x"}, {"blockHash": h}]
+    assert p.key is not None and h.encode() in p.key
+    assert b'"latest"' not in p.key and b'"safe"' not in p.key
+
+
+def test_omitted_block_means_latest(head: HeadView) -> None:
+    assert (
+        plan("eth_getBalance", [ADDR], head).key
+        == plan("eth_getBalance", [ADDR, "latest"], head).key
+    )
+    assert plan("eth_getBalance", [ADDR], head).params == [ADDR, {"blockHash": block_hash(HEAD)}]
+
+
+def test_unfinalized_block_by_number_is_forwarded_by_number_but_keyed_by_hash(
+    head: HeadView,
+) -> None:
+    p = plan("eth_getBlockByNumber", ["latest", False], head)
+    assert p.finality is Finality.UNFINALIZED
+    assert p.params == [hex(HEAD), False]
+    assert p.block_hash == block_hash(HEAD)
+    assert p.key is not None and block_hash(HEAD).encode() in p.key
+    assert p.anchor == "block"
+    final = plan("eth_getBlockByNumber", ["0x50", True], head)
+    assert final.finality is Finality.FINALIZED and final.params == ["0x50", True]
+
+
+def test_a_reorg_changes_the_key_of_latest_so_the_old_answer_cannot_be_served() -> None:
+    before = plan("eth_getBalance", [ADDR, "latest"], make_head(fork="a"))
+    after = plan("eth_getBalance", [ADDR, "latest"], make_head(fork="b"))
+    assert before.key is not None and after.key is not None
+    assert before.key != after.key
+    # A final block's key names its number only: a reorg above it does not matter.
+    f1 = plan("eth_getBalance", [ADDR, "finalized"], make_head(fork="a"))
+    f2 = plan("eth_getBalance", [ADDR, "finalized"], make_head(fork="b"))
+    assert f1.key == f2.key
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("eth_getBalance", [ADDR, "pending"]),
+        ("eth_call", [{"to": ADDR}, "pending"]),
+        ("eth_getTransactionCount", [ADDR, "pending"]),
+        ("eth_getBlockByNumber", ["pending", False]),
+        ("eth_getLogs", [{"fromBlock": "0x1", "toBlock": "pending"}]),
+        ("eth_getLogs", [{"fromBlock": "pending"}]),
+    ],
+)
+def test_pending_is_never_cached(head: HeadView, method: str, params: list[Any]) -> None:
+    assert passes(plan(method, params, head))
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("eth_getBalance", [ADDR, hex(HEAD + 1)]),  # past the head: the node may not have it
+        ("eth_getBalance", [ADDR, 5]),  # a bare integer is not a block reference
+        ("eth_getBalance", [ADDR, "Latest"]),
+        ("eth_getBalance", [ADDR, "0x"]),
+        ("eth_getBalance", [ADDR, "0xzz"]),
+        ("eth_getBalance", [ADDR, "0x" + "f" * 17]),
+        ("eth_getBalance", [ADDR, {"blockHash": "0x1234"}]),  # not a hash
+        ("eth_getBalance", {"address": ADDR}),  # named params: not ours to interpret
+        ("eth_getBalance", [ADDR, "latest", "extra", "more"]),
+        ("eth_getBlockByNumber", []),
+        ("eth_estimateGas", [{"to": ADDR}]),  # geth estimates on pending when omitted
+        ("eth_createAccessList", [{"to": ADDR}]),
+        ("eth_getBlockByHash", ["0x1234", False]),
+        ("eth_getTransactionReceipt", []),
+        ("eth_getLogs", [{"fromBlock": "0x20", "toBlock": "0x10"}]),  # empty range
+        ("eth_getLogs", [{"blockHash": block_hash(99), "fromBlock": "0x1"}]),
+        ("eth_getLogs", [{}, {}]),
+        ("eth_getLogs", ["latest"]),
+        ("eth_blockNumber", []),  # answered from the head by the rpc service
+        ("eth_sendRawTransaction", ["0x02f8"]),
+        ("eth_newFilter", [{}]),
+        ("eth_subscribe", ["newHeads"]),
+        ("foo_bar", [ADDR, "latest"]),
+        ("anvil_setCode", [ADDR, "0xfe"]),
+    ],
+)
+def test_uncacheable_calls_pass_through(head: HeadView, method: str, params: Any) -> None:
+    p = plan(method, params, head)
+    assert p is PASS
+    assert passes(p) and p.params is None  # forwarded exactly as the caller sent them
+
+
+def test_unfinal_block_outside_the_remembered_window_passes_through() -> None:
+    view = make_head(finalized=WINDOW_LOW - 10)
+    assert passes(plan("eth_getBalance", [ADDR, hex(WINDOW_LOW - 1)], view))
+    assert plan("eth_getBalance", [ADDR, hex(WINDOW_LOW)], view).block_hash == block_hash(
+        WINDOW_LOW
+    )
+    assert plan("eth_getBalance", [ADDR, hex(WINDOW_LOW - 10)], view).finality is Finality.FINALIZED
+
+
+def test_estimate_gas_with_a_block_is_cacheable(head: HeadView) -> None:
+    p = plan("eth_estimateGas", [{"to": ADDR}, "finalized"], head)
+    assert p.finality is Finality.FINALIZED and p.params == [{"to": ADDR}, hex(FINAL)]
+
+
+def test_nothing_block_based_is_cached_before_a_head_is_known() -> None:
+    blank = HeadView()
+    assert not blank.known
+    for method, params in (
+        ("eth_getBalance", [ADDR, "0x0"]),
+        ("eth_getBlockByNumber", ["earliest", False]),
+        ("eth_getLogs", [{"fromBlock": "0x0", "toBlock": "0x0"}]),
+        ("eth_gasPrice", []),
+    ):
+        assert passes(plan(method, params, blank)), method
+    # The chain id does not depend on any head.
+    assert plan("eth_chainId", [], blank).finality is Finality.FINALIZED
+
+
+# --- explicit block hashes (EIP-1898) --------------------------------------------------------
+def test_explicit_block_hash_is_keyed_as_given(head: HeadView) -> None:
+    h = block_hash(99)
+    p = plan("eth_getBalance", [ADDR, {"blockHash": h}], head)
+    assert p.finality is Finality.UNFINALIZED
+    assert p.params is None  # forwarded as given
+    assert p.key is not None and h.encode() in p.key
+    # A hash the node has never seen names one block for ever too.
+    other = block_hash(5, "c")
+    q = plan("eth_getBalance", [ADDR, {"blockHash": other}], head)
+    assert q.finality is Finality.UNFINALIZED and q.key is not None and other.encode() in q.key
+
+
+def test_require_canonical_on_an_unknown_hash_passes_through(head: HeadView) -> None:
+    unknown = block_hash(99, "c")
+    p = plan("eth_getBalance", [ADDR, {"blockHash": unknown, "requireCanonical": True}], head)
+    assert passes(p)
+    # requireCanonical false is a plain by-hash read.
+    q = plan("eth_getBalance", [ADDR, {"blockHash": unknown, "requireCanonical": False}], head)
+    assert q.finality is Finality.UNFINALIZED
+
+
+def test_require_canonical_on_a_canonical_hash_is_keyed_apart_from_the_plain_read(
+    head: HeadView,
+) -> None:
+    h = block_hash(99)
+    strict = plan("eth_getBalance", [ADDR, {"blockHash": h, "requireCanonical": True}], head)
+    plain = plan("eth_getBalance", [ADDR, {"blockHash": h}], head)
+    assert strict.key is not None and plain.key is not None
+    # The two can have different answers once the block is reorged away.
+    assert strict.key != plain.key
+
+
+def test_require_canonical_answer_is_tied_to_its_block(head: HeadView) -> None:
+    h = block_hash(99)
+    p = plan("eth_getBalance", [ADDR, {"blockHash": h, "requireCanonical": True}], head)
+    # Either never cached, or the plan names the block so the stored entry is checked on hits.
+    assert passes(p) or (p.block_hash == h and p.block_number == 99)
+
+
+# --- by-hash and by-transaction reads --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "params", "anchor"),
+    [
+        ("eth_getBlockByHash", [block_hash(99), False], "block"),
+        ("eth_getTransactionByHash", ["0x" + "cd" * 32], "item"),
+        ("eth_getTransactionReceipt", ["0x" + "cd" * 32], "item"),
+        ("eth_getTransactionByBlockHashAndIndex", [block_hash(99), "0x0"], "item"),
+    ],
+)
+def test_hash_reads_are_checked_for_canonicality_on_every_hit(
+    head: HeadView, method: str, params: list[Any], anchor: str
+) -> None:
+    p = plan(method, params, head)
+    assert p.finality is Finality.UNFINALIZED
+    assert p.validate_canonical is True
+    assert p.anchor == anchor
+    assert p.params is None
+
+
+# --- eth_getLogs ranges ----------------------------------------------------------------------
+def test_final_log_range_is_cached_for_ever_with_numbers(head: HeadView) -> None:
+    flt = {"address": ADDR, "fromBlock": "earliest", "toBlock": "finalized", "topics": [None]}
+    p = plan("eth_getLogs", [flt], head)
+    assert p.finality is Finality.FINALIZED
+    assert p.params == [{**flt, "fromBlock": "0x0", "toBlock": hex(FINAL)}]
+    assert p.min_block == FINAL
+    assert p.anchor == "items"
+
+
+def test_log_range_reaching_unfinal_blocks_is_keyed_by_the_last_hash(head: HeadView) -> None:
+    p = plan("eth_getLogs", [{"fromBlock": hex(FINAL - 5), "toBlock": "latest"}], head)
+    assert p.finality is Finality.UNFINALIZED
+    assert p.params == [{"fromBlock": hex(FINAL - 5), "toBlock": hex(HEAD)}]
+    assert p.block_hash == block_hash(HEAD)
+    assert p.key is not None and block_hash(HEAD).encode() in p.key
+    moved = plan(
+        "eth_getLogs", [{"fromBlock": hex(FINAL - 5), "toBlock": "latest"}], make_head(fork="b")
+    )
+    assert moved.key != p.key
+
+
+def test_log_filter_defaults_to_the_head_block(head: HeadView) -> None:
+    p = plan("eth_getLogs", [{"address": ADDR}], head)
+    assert p.params == [{"address": ADDR, "fromBlock": hex(HEAD), "toBlock": hex(HEAD)}]
+    assert p.finality is Finality.UNFINALIZED
+
+
+def test_log_filter_by_block_hash_is_keyed_as_given(head: HeadView) -> None:
+    p = plan("eth_getLogs", [{"blockHash": block_hash(99)}], head)
+    assert p.finality is Finality.UNFINALIZED and p.params is None and p.anchor == "items"
+
+
+def test_log_keys_ignore_member_order(head: HeadView) -> None:
+    a = plan("eth_getLogs", [{"fromBlock": "0x1", "toBlock": "0x2", "address": ADDR}], head)
+    b = plan("eth_getLogs", [{"address": ADDR, "toBlock": "0x2", "fromBlock": "0x1"}], head)
+    assert a.key == b.key and a.key is not None
+
+
+# --- chain facts and realtime ----------------------------------------------------------------
+def test_chain_id_is_final_and_realtime_answers_are_keyed_by_the_head(head: HeadView) -> None:
+    assert plan("eth_chainId", [], head).finality is Finality.FINALIZED
+    assert plan("net_version", [], head).finality is Finality.FINALIZED
+    gas = plan("eth_gasPrice", [], head)
+    assert gas.finality is Finality.REALTIME
+    assert gas.key is not None and gas.key.endswith(block_hash(HEAD).encode())
+    assert plan("eth_gasPrice", [], make_head(number=HEAD - 1)).key != gas.key
+
+
+def test_every_rule_points_at_a_parameter_it_can_read() -> None:
+    for method, rule in RULES.items():
+        if rule.kind in (Kind.BLOCK, Kind.BLOCK_HASH, Kind.TX_HASH):
+            assert 0 <= rule.index <= 2, method
+        if rule.default is not None:
+            assert rule.default in ("latest", "pending", "safe", "finalized", "earliest"), method
+
+
+# --- checks on answers -----------------------------------------------------------------------
+def test_anchor_of_reads_the_block_an_answer_belongs_to() -> None:
+    h = block_hash(99)
+    assert anchor_of({"number": "0x63", "hash": h}, "block") == (99, h)
+    assert anchor_of({"blockNumber": "0x63", "blockHash": h}, "item") == (99, h)
+    assert anchor_of([{"blockNumber": "0x63", "blockHash": h}], "items") == (99, h)
+    assert anchor_of({"blockHash": None, "blockNumber": None}, "item") is False  # pending tx
+    assert anchor_of({"number": "zz", "hash": h}, "block") is False
+    assert anchor_of(None, "block") is None
+    assert anchor_of([], "items") is None
+    assert anchor_of({"x": 1}, None) is None
+
+
+def test_items_canonical_refuses_items_from_a_replaced_fork(head: HeadView) -> None:
+    good = [{"blockNumber": hex(n), "blockHash": block_hash(n)} for n in (85, 99)]
+    assert items_canonical(good, head)
+    stale = [*good, {"blockNumber": "0x60", "blockHash": block_hash(96, "b")}]
+    assert not items_canonical(stale, head)
+    # Final blocks and blocks outside the window are not second-guessed.
+    old = [{"blockNumber": hex(FINAL), "blockHash": block_hash(FINAL, "b")}]
+    assert items_canonical(old, head)
+    assert not items_canonical([{"blockNumber": "0x1"}], head)
+    assert items_canonical("0x", head)
