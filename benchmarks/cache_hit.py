@@ -1,0 +1,479 @@
+"""Cache-hit throughput: one relay process under wrk, side by side with anvil itself.
+
+wrk (keep-alive, 32 connections, 2 threads) replays a rotating mix of cacheable calls
+(blocks by number and hash, balances and nonces at "latest", receipts and transactions of
+real transactions, eth_call, eth_getCode, eth_getLogs, eth_chainId, eth_blockNumber), each
+body under several ids, first against the relay (cache warmed, every call checked to be a
+hit) and then against anvil directly, alternating, several runs each.
+
+anvil mines only when a transaction arrives and none is sent while measuring, so "latest"
+does not move. The relay is told its head stays fresh that long (``head.fresh_blocks``):
+on a live chain new heads keep it fresh, and eth_blockNumber/eth_chainId are answered
+locally only while it is.
+
+    python benchmarks/cache_hit.py [--duration 10] [--runs 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+
+from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
+
+GOAL_RPS = 45_000
+WRK_BIN = common.WRK
+CONNECTIONS = 32
+THREADS = 2
+# Ids per body in the wrk rotation: every body is sent under several ids.
+IDS_PER_BODY = 8
+# Accounts that never sent anything: balances "0x0" are still non-empty answers.
+IDLE_ACCOUNTS = ["0x" + f"{0xB0B + i:040x}" for i in range(3)]
+# The relay must believe its head is fresh for the whole run (see the module docstring).
+RELAY_TOML = "[head]\nfresh_blocks = 1000000.0\n"
+
+
+@dataclass
+class Run:
+    target: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    seconds: float
+    cpu: dict[str, float]  # process -> % of one core during the run
+
+
+def build_chain(client: common.RpcClient) -> dict[str, Any]:
+    """Contracts and real transactions in their own blocks; returns what the mix names."""
+    emitter = common.deploy(client, transfer_emitter_initcode())
+    echo = common.deploy(client, common.echo_initcode())
+    txs: list[str] = []
+    for i in range(8):
+        sender = DEV_ACCOUNTS[i % 3]
+        to = DEV_ACCOUNTS[(i + 1) % 3]
+        if i % 2:
+            tx = {"from": sender, "to": to, "value": hex(1000 + i)}
+        else:
+            data = "0x" + to[2:].lower().rjust(64, "0") + f"{i:064x}"
+            tx = {"from": sender, "to": emitter, "data": data, "gas": "0x20000"}
+        txs.append(client.call("eth_sendTransaction", [tx]))
+    receipts = [common.wait_receipt(client, h) for h in txs]
+    client.call("anvil_mine", ["0x3"])
+    head = int(client.call("eth_blockNumber", []), 16)
+    return {
+        "emitter": emitter,
+        "echo": echo,
+        "txs": txs,
+        "blocks": [r["blockHash"] for r in receipts],
+        "head": head,
+        "first_tx_block": int(receipts[0]["blockNumber"], 16),
+    }
+
+
+def mix(chain: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    head = chain["head"]
+    calls: list[tuple[str, list[Any]]] = [("eth_chainId", []), ("eth_blockNumber", [])]
+    calls += [("eth_getBlockByNumber", [hex(n), False]) for n in range(head - 5, head + 1)]
+    calls += [("eth_getBlockByNumber", [hex(head - 2), True])]
+    calls += [("eth_getBlockByHash", [h, False]) for h in chain["blocks"][:2]]
+    for acct in DEV_ACCOUNTS + IDLE_ACCOUNTS:
+        calls.append(("eth_getBalance", [acct, "latest"]))
+    calls += [("eth_getTransactionCount", [a, "latest"]) for a in DEV_ACCOUNTS]
+    calls += [("eth_getTransactionReceipt", [h]) for h in chain["txs"][:6]]
+    calls += [("eth_getTransactionByHash", [h]) for h in chain["txs"][6:]]
+    calls += [
+        ("eth_call", [{"to": chain["echo"], "data": common.word(n)}, "latest"]) for n in (1, 2, 3)
+    ]
+    calls += [("eth_getCode", [chain[c], "latest"]) for c in ("echo", "emitter")]
+    lo, hi = chain["first_tx_block"], chain["head"]
+    calls.append(
+        ("eth_getLogs", [{"fromBlock": hex(lo), "toBlock": hex(hi), "address": chain["emitter"]}])
+    )
+    return calls
+
+
+def lua_script(bodies: list[bytes], path: Path) -> None:
+    """A wrk script cycling through every body under IDS_PER_BODY ids, formatted once."""
+    parts = []
+    for b in bodies:
+        text = b.decode()
+        if '"id":0,' not in text:
+            raise ValueError(f"unexpected body layout: {text}")
+        parts.append("  [==[" + text.replace('"id":0,', '"id":__ID__,', 1) + "]==],")
+    path.write_text(
+        "local bodies = {\n" + "\n".join(parts) + "\n}\n"
+        f"local ids_per_body = {IDS_PER_BODY}\n"
+        """local reqs = {}
+local i = 0
+local headers = {["Content-Type"] = "application/json"}
+init = function(args)
+  local n = #bodies * ids_per_body
+  for k = 1, n do
+    local id = tostring(k)
+    if k % 3 == 0 then id = '"r' .. k .. '"' end
+    local body = bodies[(k - 1) % #bodies + 1]
+    local filled = string.gsub(body, "__ID__", id)
+    reqs[k] = wrk.format("POST", "/", headers, filled)
+  end
+end
+request = function()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+"""
+    )
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if m is None:
+        raise ValueError(f"unexpected latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(
+    url: str, script: Path, seconds: float, watch: dict[str, int]
+) -> tuple[str, dict[str, float], float, float]:
+    """Run wrk to completion; its output, CPU seconds per process, and wall seconds.
+
+    ``watch`` names other processes whose CPU time is measured over the same interval.
+    """
+    cmd = [WRK_BIN, "-t", str(THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s"]
+    cmd += ["--latency", "-s", str(script), url]
+    before = {name: common.cpu_seconds(pid) for name, pid in watch.items()}
+    sys_before = {name: common.cpu_times(pid)[1] for name, pid in watch.items()}
+    machine_before = common.busy_cpu_seconds()
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killer = threading.Timer(seconds + 30, lambda: os.kill(proc.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        assert proc.stdout is not None
+        out = proc.stdout.read().decode()
+        # wait4 gives wrk's own CPU time, which /proc no longer has once it has exited.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        killer.cancel()
+        if proc.returncode is None:
+            common.stop_process(proc)
+        elif proc.stdout is not None:
+            proc.stdout.close()
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}")
+    cpu = {name: common.cpu_seconds(pid) - before[name] for name, pid in watch.items()}
+    for name, pid in watch.items():
+        cpu[name + " sys"] = common.cpu_times(pid)[1] - sys_before[name]
+    cpu["wrk"] = usage.ru_utime + usage.ru_stime
+    # Whatever else ran on the machine meanwhile (other users of a shared machine, this script).
+    ours = sum(v for k, v in cpu.items() if not k.endswith(" sys"))
+    cpu["other"] = max(0.0, common.busy_cpu_seconds() - machine_before - ours)
+    return out, cpu, wall, seconds
+
+
+def parse_wrk(target: str, out: str, cpu: dict[str, float], wall: float) -> Run:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return Run(
+        target,
+        rps,
+        _ms(lat["50"]),
+        _ms(lat["99"]),
+        total,
+        errors,
+        wall,
+        {k: 100.0 * v / wall for k, v in cpu.items()},
+    )
+
+
+def check_hits(relay: common.Relay, bodies: list[bytes], calls: list[Any]) -> None:
+    """Every body of the mix is answered from the relay's cache (or locally): no upstream call."""
+    client = common.RpcClient(relay.url)
+    try:
+        for body in bodies:  # warm: misses fill the cache
+            client.raw(body)
+        before = relay.metrics()
+        missing = []
+        for body, call in zip(bodies, calls, strict=True):
+            up0 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+            client.raw(body)
+            up1 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+            if up1 != up0:
+                missing.append(call)
+        after = relay.metrics()
+    finally:
+        client.close()
+    served = sum(
+        common.metric_sum(after, "chainrelay_requests_total", outcome=o)
+        - common.metric_sum(before, "chainrelay_requests_total", outcome=o)
+        for o in ("hit", "local")
+    )
+    if missing or served < len(bodies):
+        raise RuntimeError(
+            f"the mix is not all cache hits: {served:.0f}/{len(bodies)} hit or local; "
+            f"went upstream: {missing}"
+        )
+
+
+def check_same_answers(relay_url: str, anvil_url: str, calls: list[Any]) -> None:
+    """The relay answers every call of the mix exactly like anvil (the id aside)."""
+    r, a = common.RpcClient(relay_url), common.RpcClient(anvil_url)
+    try:
+        for method, params in calls:
+            got, want = r.call(method, params), a.call(method, params)
+            if got != want:
+                raise RuntimeError(f"{method}{params}: relay {got!r} != anvil {want!r}")
+    finally:
+        r.close()
+        a.close()
+
+
+def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
+    """Where the relay's CPU goes under the same load: py-spy's top functions by self time."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        return "py-spy not installed (pip install py-spy)"
+    assert relay.proc is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "stacks.txt"
+        spy = subprocess.Popen(
+            [
+                *(py_spy, "record", "--pid", str(relay.proc.pid), "--rate", "250"),
+                *("--nonblocking", "--duration", f"{int(seconds)}"),
+                *("--format", "raw", "--output", str(raw)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            run_wrk(url, script, seconds, {})
+            spy.wait(seconds + 30)
+        finally:
+            common.stop_process(spy)
+        if not raw.exists():
+            return "py-spy recorded nothing (ptrace not permitted?)"
+        stacks = raw.read_text().splitlines()
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in stacks:
+        frames_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        n = int(count_text)
+        total += n
+        frames = [_short(f) for f in frames_text.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "py-spy recorded no samples"
+    lines = [f"py-spy, {total} samples of the relay under wrk (self time / total time):", ""]
+    lines.append(common.table(["function", "self", "total"], _rows(own, incl, total)))
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    # "handle (chainrelay/services/rpc.py:100)" -> "rpc.py:handle"
+    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
+    if m is None:
+        return frame
+    return f"{Path(m.group(2)).name}:{m.group(1)}"
+
+
+def _rows(
+    own: collections.Counter[str], incl: collections.Counter[str], total: int
+) -> list[list[str]]:
+    return [
+        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
+        for name, n in own.most_common(18)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    ap.add_argument("--runs", type=int, default=3, help="runs per target (>= 3 for the table)")
+    ap.add_argument("--profile", action="store_true", help="also sample the relay with py-spy")
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = ap.parse_args(argv)
+    common.budget(int(40 + (2 * args.runs + 2) * (args.duration + 3) + 30 * args.profile))
+    m = common.machine()
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        anvil = common.start_anvil(block_time=None)
+        stack.callback(anvil.stop)
+        setup = common.RpcClient(anvil.url)
+        stack.callback(setup.close)
+        relay = common.Relay(anvil.ws_url, RELAY_TOML)
+        stack.callback(relay.stop)
+        relay.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
+        chain = build_chain(setup)
+        relay.wait_head(chain["head"])
+        calls = mix(chain)
+        bodies = [common.request_body(meth, params, 0) for meth, params in calls]
+        check_same_answers(relay.url, anvil.url, calls)
+        check_hits(relay, bodies, calls)
+        script = Path(tmp) / "mix.lua"
+        lua_script(bodies, script)
+        assert relay.proc is not None and anvil.proc is not None
+        watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid}
+        targets = {"relay": relay.url + "/", "anvil": anvil.url + "/"}
+        for url in targets.values():  # connections, allocator, caches: warm, not measured
+            run_wrk(url, script, 2, watch)
+        runs: list[Run] = []
+        up0 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+        m0 = relay.metrics()
+        for i in range(args.runs):
+            for name, url in targets.items():
+                out, cpu, wall, _ = run_wrk(url, script, args.duration, watch)
+                run = parse_wrk(name, out, cpu, wall)
+                runs.append(run)
+                print(
+                    f"run {i + 1} {name:5s}: {run.rps:9.0f} req/s  p50 {run.p50_ms:.2f} ms  "
+                    f"p99 {run.p99_ms:.2f} ms  errors {run.errors}  cpu "
+                    + " ".join(f"{k} {v:.0f}%" for k, v in run.cpu.items()),
+                    flush=True,
+                )
+        m1 = relay.metrics()
+        up1 = common.metric_sum(m1, "chainrelay_upstream_calls_total")
+        served = {
+            o: common.metric_sum(m1, "chainrelay_requests_total", outcome=o)
+            - common.metric_sum(m0, "chainrelay_requests_total", outcome=o)
+            for o in ("hit", "local", "miss", "pass", "error")
+        }
+        prof = (
+            profile(relay, targets["relay"], script, min(8.0, args.duration))
+            if args.profile
+            else ""
+        )
+    text = report(m, runs, calls, served, up1 - up0, args)
+    if prof:
+        text += "\n\n" + prof
+    print(text)
+    if not args.no_write:
+        common.write_section("cache_hit", text)
+    return 0
+
+
+def _us_per_request(r: Run) -> float:
+    """CPU time the process under test spent per answered request: steadier than req/s on
+    a shared machine, since it does not count time spent waiting for a CPU."""
+    return r.cpu[r.target] / 100.0 * r.seconds / r.requests * 1e6
+
+
+def _idle(target: str) -> str:
+    """The process that has nothing to do while the other one is measured."""
+    return "anvil" if target == "relay" else "relay"
+
+
+def _cpu_cell(rs: list[Run], key: str, target: str) -> str:
+    text = f"{key} {common.median([r.cpu[key] for r in rs]):.0f}%"
+    if key == target:
+        text += f" (system {common.median([r.cpu[key + ' sys'] for r in rs]):.0f}%)"
+    return text
+
+
+def report(
+    m: dict[str, str],
+    runs: list[Run],
+    calls: list[Any],
+    served: dict[str, float],
+    upstream_calls: float,
+    args: argparse.Namespace,
+) -> str:
+    by = {t: [r for r in runs if r.target == t] for t in ("relay", "anvil")}
+    med = {t: common.median([r.rps for r in rs]) for t, rs in by.items()}
+    rows = []
+    for t, rs in by.items():
+        cpu_keys = ["relay", "anvil", "wrk", "other"]
+        rows.append(
+            [
+                "relay (cache hits)" if t == "relay" else "anvil direct",
+                f"**{med[t]:,.0f}**",
+                " / ".join(f"{r.rps:,.0f}" for r in rs),
+                f"{common.median([r.p50_ms for r in rs]):.2f}",
+                f"{common.median([r.p99_ms for r in rs]):.2f}",
+                str(sum(r.errors for r in rs)),
+                " · ".join(_cpu_cell(rs, k, t) for k in cpu_keys if k != _idle(t)),
+                f"{common.median([_us_per_request(r) for r in rs]):.1f}",
+            ]
+        )
+    total = sum(served.values())
+    hit_share = (served["hit"] + served["local"]) / total if total else 0.0
+    ratio = med["relay"] / med["anvil"] if med["anvil"] else float("nan")
+    us_relay = common.median([_us_per_request(r) for r in by["relay"]])
+    verdict = "met" if med["relay"] >= GOAL_RPS else "not met"
+    methods = collections.Counter(meth for meth, _ in calls)
+    mix_text = ", ".join(f"{meth} x{n}" for meth, n in methods.items())
+    return "\n".join(
+        [
+            "## Cache-hit throughput (`cache_hit.py`)",
+            "",
+            common.machine_line(m),
+            "",
+            f"wrk {THREADS} threads, {CONNECTIONS} keep-alive connections, "
+            f"{args.duration:g} s per run, {args.runs} runs per target, alternating "
+            "relay/anvil. "
+            f"Mix: {len(calls)} bodies ({mix_text}), each under {IDS_PER_BODY} ids.",
+            "",
+            common.table(
+                [
+                    "target",
+                    "req/s (median)",
+                    "req/s (runs)",
+                    "p50 ms",
+                    "p99 ms",
+                    "errors",
+                    "CPU, % of one core (median)",
+                    "CPU µs per request",
+                ],
+                rows,
+            ),
+            "",
+            f"- relay / anvil: **{ratio:.2f}x**",
+            f"- goal ≥ {GOAL_RPS:,} req/s on the relay: **{verdict}** "
+            f"({med['relay'] / GOAL_RPS:.0%} of goal); one core at 100% reaches it only at "
+            f"≤ {1e6 / GOAL_RPS:.1f} CPU µs per request, the relay used "
+            f"{us_relay:.1f}",
+            f"- relay answers during the measured runs: {hit_share:.2%} hits or local "
+            f"({served['hit']:,.0f} hit, {served['local']:,.0f} local, "
+            f"{served['miss'] + served['pass']:,.0f} miss/pass, {served['error']:,.0f} error); "
+            f"upstream calls: {upstream_calls:,.0f}",
+            f"- wrk and the process under test share {m['nproc']} CPUs; CPU is each "
+            "process's user+system time over the run's wall time (100% = one core); "
+            "*other* is everything else the machine ran meanwhile.",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

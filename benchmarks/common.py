@@ -1,0 +1,412 @@
+"""What every benchmark script shares: processes, a small JSON-RPC client, statistics and
+the RESULTS.md writer.
+
+Each script starts every process it uses (anvil, relays, wrk) and stops each one by PID,
+also when it is interrupted or runs past its time budget (``budget``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import http.client
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from chainrelay.devnet import DEV_ACCOUNTS, Anvil, free_port
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+WRK = "/usr/bin/wrk"
+# Scripts run in this order in run_all.py and their sections appear in this order.
+SECTIONS = ("cache_hit", "miss_overhead", "upstream_ratio")
+# How long a relay may take to answer /health after it is started.
+RELAY_READY_SECONDS = 20.0
+
+
+# --- time budget and signals -------------------------------------------------------------
+def _exit_on(signum: int, _frame: FrameType | None) -> None:
+    # SystemExit, not an Exception: asyncio re-raises it instead of logging it, so every
+    # ``finally`` that stops a process runs.
+    raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _out_of_time(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit("time budget exceeded")
+
+
+def budget(seconds: int) -> None:
+    """Bound the whole script: SIGALRM after ``seconds``; SIGTERM also unwinds cleanly."""
+    signal.signal(signal.SIGTERM, _exit_on)
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(seconds)
+
+
+# --- the machine -------------------------------------------------------------------------
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip()
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on; printed with every result."""
+    dirty = _git("status", "--porcelain", "--", "chainrelay")
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "commit": commit + (" + uncommitted changes in chainrelay/" if dirty else ""),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def machine_line(m: dict[str, str]) -> str:
+    return (
+        f"{m['date']} · {m['nproc']} CPUs ({m['cpu']}) · Python {m['python']} · "
+        f"commit {m['commit']} · load average at start {m['load']}"
+    )
+
+
+# --- statistics --------------------------------------------------------------------------
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile with linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return quantile(values, 0.5)
+
+
+# --- processes ---------------------------------------------------------------------------
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process, all its threads."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (all its threads), in seconds."""
+    return sum(cpu_times(pid))
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time spent by the whole machine (every CPU, not idle or iowait), in seconds."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + ticks[4]
+    # guest time is already counted in user time
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; by PID, and only this one process."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def start_anvil(*, block_time: float | None, chain_id: int = 56) -> Anvil:
+    """A ready anvil node; the caller stops it (``anvil.stop()``)."""
+    node = Anvil(chain_id=chain_id, block_time=block_time)
+    node.start()
+    try:
+        asyncio.run(node.wait_ready(20.0))
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
+@dataclass
+class Relay:
+    """A relay node in its own process: ``python -m chainrelay serve``.
+
+    Started from the command line (``--upstream URL --listen H:P``) unless ``toml`` is
+    given, in which case those lines are added to a generated config file.
+    """
+
+    upstream: str
+    toml: str = ""
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, poke: Callable[[], object] | None = None) -> None:
+        """Start the process and wait until /health says ok.
+
+        ``poke`` is called about twice a second meanwhile: a relay following a WebSocket
+        upstream learns its first head from the next block, so a chain that mines only on
+        demand needs one mined (see RESULTS.md).
+        """
+        listen = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "serve"]
+        if self.toml:
+            self._tmp = tempfile.TemporaryDirectory(prefix="chainrelay-bench-")
+            path = Path(self._tmp.name) / "relay.toml"
+            path.write_text(
+                f'[server]\nlisten = "{listen}"\n\n{self.toml}\n\n'
+                f'[[upstreams]]\nname = "anvil"\nurl = "{self.upstream}"\n'
+            )
+            cmd += ["--config", str(path)]
+        else:
+            cmd += ["--upstream", self.upstream, "--listen", listen]
+        self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self._wait_ready(poke)
+
+    def _wait_ready(self, poke: Callable[[], object] | None) -> None:
+        deadline = time.monotonic() + RELAY_READY_SECONDS
+        next_poke = time.monotonic() + 0.5
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                try:
+                    conn.request("GET", "/health")
+                    if conn.getresponse().status == 200:
+                        return
+                finally:
+                    conn.close()
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(
+                    f"relay not healthy after {RELAY_READY_SECONDS}s:\n{self.output()}"
+                )
+            if poke is not None and now >= next_poke:
+                poke()
+                next_poke = now + 0.5
+            time.sleep(0.05)
+
+    def wait_head(self, number: int, timeout: float = 10.0) -> None:
+        """Wait until the relay's head (its eth_blockNumber) has reached ``number``."""
+        client = RpcClient(self.url)
+        deadline = time.monotonic() + timeout
+        try:
+            while int(client.call("eth_blockNumber", []), 16) < number:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"relay head not at block {number} after {timeout}s")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def metrics(self) -> dict[str, float]:
+        """The node's Prometheus samples as {"name{labels}": value}."""
+        return parse_metrics(http_get(self.url + "/metrics", 10.0).decode())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        if hasattr(self, "log"):
+            self.log.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {"name{labels}": value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    """GET ``url`` (http://HOST:PORT/path); raises OSError when nothing answers."""
+    m = re.fullmatch(r"http://([^:/]+):(\d+)(/.*)?", url)
+    if m is None:
+        raise ValueError(f"expected http://HOST:PORT/..., got {url}")
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout)
+    try:
+        conn.request("GET", m.group(3) or "/")
+        return conn.getresponse().read()
+    except http.client.HTTPException as exc:
+        raise OSError(str(exc)) from None
+    finally:
+        conn.close()
+
+
+def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of every sample of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+# --- a plain JSON-RPC client -------------------------------------------------------------
+class RpcClient:
+    """One keep-alive HTTP/1.1 connection; adds little noise to what it measures."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        m = re.fullmatch(r"http://([^:/]+):(\d+)/?", url)
+        if m is None:
+            raise ValueError(f"expected http://HOST:PORT, got {url}")
+        self.conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout)
+        self.headers = {"Content-Type": "application/json"}
+        self._id = 0
+
+    def raw(self, body: bytes) -> bytes:
+        self.conn.request("POST", "/", body, self.headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        return data
+
+    def call(self, method: str, params: list[Any]) -> Any:
+        self._id += 1
+        doc = orjson.loads(self.raw(request_body(method, params, self._id)))
+        if "error" in doc:
+            raise RuntimeError(f"{method}{params}: {doc['error']}")
+        return doc["result"]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def request_body(method: str, params: list[Any], id_: int | str) -> bytes:
+    return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
+
+
+def wait_receipt(client: RpcClient, tx_hash: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        receipt = client.call("eth_getTransactionReceipt", [tx_hash])
+        if receipt is not None:
+            return dict(receipt)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no receipt for {tx_hash} after {timeout}s")
+        time.sleep(0.05)
+
+
+# A contract that returns its first 32 bytes of calldata: eth_call answers are non-empty
+# (an empty "0x" answer is cached only for finalized blocks).
+# Runtime: mstore(0, calldataload(0)); return(0, 32).
+ECHO_RUNTIME = "60003560005260206000f3"
+
+
+def echo_initcode() -> str:
+    size = len(ECHO_RUNTIME) // 2
+    return "0x" + f"60{size:02x}80600b6000396000f3" + ECHO_RUNTIME
+
+
+def deploy(client: RpcClient, initcode: str) -> str:
+    tx = client.call(
+        "eth_sendTransaction", [{"from": DEV_ACCOUNTS[0], "data": initcode, "gas": "0x30000"}]
+    )
+    return str(wait_receipt(client, tx)["contractAddress"])
+
+
+def word(n: int) -> str:
+    return "0x" + f"{n:064x}"
+
+
+# --- RESULTS.md --------------------------------------------------------------------------
+HEADER = """# Benchmarks
+
+Measured by the scripts in this folder; `python benchmarks/run_all.py` runs them all (about
+five minutes) and rewrites this file, and each script refreshes its own section when run
+alone. The machines are shared and noisy: each number is a median of several runs made
+side by side in one invocation, and comparisons are ratios within that invocation. Each
+section names the machine, the commit and the load average when it started; *other* CPU
+in `cache_hit` is what the rest of the machine used during the run.
+
+| script | measures | goal |
+|---|---|---|
+| `cache_hit.py` | cache-hit req/s of one relay process under wrk, vs anvil | ≥ 45,000 req/s |
+| `miss_overhead.py` | latency a relay adds to a forwarded call | ≤ 0.15 ms at p50 |
+| `upstream_ratio.py` | upstream calls per 1,000 client calls under a dapp-like mix | ≤ 50 |
+"""
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+
+
+def write_section(name: str, body: str, *, path: Path = RESULTS) -> None:
+    """Replace (or add, in ``SECTIONS`` order) the section ``name`` of RESULTS.md."""
+    text = path.read_text() if path.exists() else HEADER
+    sections: dict[str, str] = {}
+    for s in SECTIONS:
+        begin, end = _markers(s)
+        m = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), text, re.S)
+        if m is not None:
+            sections[s] = m.group(1)
+    sections[name] = body.rstrip("\n") + "\n"
+    head = text.split("<!-- BEGIN ", 1)[0].rstrip("\n") + "\n"
+    parts = [head]
+    for s in SECTIONS:
+        if s in sections:
+            begin, end = _markers(s)
+            parts.append(f"\n{begin}\n{sections[s]}{end}\n")
+    path.write_text("".join(parts))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Miss-path overhead at low load: what a relay adds to a call it must forward.
+
+Sequential calls that are never cached (``eth_getBalance`` and ``eth_call`` at "pending")
+go to anvil directly and through relays, each target on one keep-alive connection, one
+call at a time, interleaved call by call (the order rotates) so drift hits every target
+alike. Two relays run side by side: one follows anvil over HTTP, one over WebSocket.
+For each call the relay's time minus the direct time of the same iteration is recorded;
+the table gives its p50 and p99, medians over several rounds.
+
+    python benchmarks/miss_overhead.py [--requests 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import sys
+import time
+from typing import Any
+
+import common
+
+from chainrelay.devnet import DEV_ACCOUNTS
+
+GOAL_P50_MS = 0.15
+WARMUP = 200
+
+
+def calls(echo: str) -> dict[str, tuple[str, list[Any]]]:
+    return {
+        "eth_getBalance pending": ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"]),
+        "eth_call pending": ("eth_call", [{"to": echo, "data": common.word(7)}, "pending"]),
+    }
+
+
+def measure(clients: dict[str, common.RpcClient], body: bytes, n: int) -> dict[str, list[float]]:
+    """``n`` iterations; each sends ``body`` once to every target, in a rotating order."""
+    names = list(clients)
+    orders = list(itertools.permutations(names))
+    out: dict[str, list[float]] = {name: [] for name in names}
+    clock = time.perf_counter_ns
+    for i in range(n):
+        for name in orders[i % len(orders)]:
+            c = clients[name]
+            t0 = clock()
+            c.raw(body)
+            out[name].append((clock() - t0) / 1e6)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000, help="calls per target per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = ap.parse_args(argv)
+    common.budget(150)
+    m = common.machine()
+    rows: list[list[str]] = []
+    summary: list[str] = []
+    with contextlib.ExitStack() as stack:
+        anvil = common.start_anvil(block_time=None)
+        stack.callback(anvil.stop)
+        setup = common.RpcClient(anvil.url)
+        stack.callback(setup.close)
+        echo = common.deploy(setup, common.echo_initcode())
+        relays = {"relay (HTTP upstream)": anvil.url, "relay (WS upstream)": anvil.ws_url}
+        started: dict[str, common.Relay] = {}
+        for name, upstream in relays.items():
+            r = common.Relay(upstream)
+            stack.callback(r.stop)
+            r.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
+            started[name] = r
+        clients = {"direct": common.RpcClient(anvil.url)}
+        clients.update({name: common.RpcClient(r.url) for name, r in started.items()})
+        for c in clients.values():
+            stack.callback(c.close)
+        for label, (method, params) in calls(echo).items():
+            want = clients["direct"].call(method, params)
+            for name in started:
+                got = clients[name].call(method, params)
+                if got != want:
+                    raise RuntimeError(f"{name} {method}: {got!r} != anvil's {want!r}")
+            body = common.request_body(method, params, 1)
+            measure(clients, body, WARMUP)
+            per_round: list[dict[str, Any]] = []
+            for rnd in range(args.rounds):
+                before = {n: r.metrics() for n, r in started.items()}
+                cpu0 = {n: common.cpu_seconds(r.proc.pid) for n, r in started.items() if r.proc}
+                gc.disable()
+                try:
+                    got_times = measure(clients, body, args.requests)
+                finally:
+                    gc.enable()
+                cpu1 = {n: common.cpu_seconds(r.proc.pid) for n, r in started.items() if r.proc}
+                stats: dict[str, Any] = {}
+                direct = got_times["direct"]
+                stats["direct"] = (common.median(direct), common.quantile(direct, 0.99))
+                for name, r in started.items():
+                    after = r.metrics()
+                    passed = common.metric_sum(
+                        after, "chainrelay_requests_total", outcome="pass"
+                    ) - common.metric_sum(before[name], "chainrelay_requests_total", outcome="pass")
+                    if passed < args.requests:
+                        raise RuntimeError(
+                            f"{name}: only {passed:.0f}/{args.requests} calls were forwarded"
+                        )
+                    t = got_times[name]
+                    diff = [a - b for a, b in zip(t, direct, strict=True)]
+                    stats[name] = {
+                        "p50": common.median(t),
+                        "p99": common.quantile(t, 0.99),
+                        "d50": common.median(diff),
+                        "d99": common.quantile(diff, 0.99),
+                        "cpu_us": (cpu1[name] - cpu0[name]) / args.requests * 1e6,
+                    }
+                    print(
+                        f"{label:24s} round {rnd + 1} {name:22s} p50 {stats[name]['p50']:.3f} "
+                        f"(direct {stats['direct'][0]:.3f}) overhead p50 "
+                        f"{stats[name]['d50']:.3f} p99 {stats[name]['d99']:.3f} ms, relay CPU "
+                        f"{stats[name]['cpu_us']:.0f} µs/call",
+                        flush=True,
+                    )
+                per_round.append(stats)
+            d50 = common.median([s["direct"][0] for s in per_round])
+            d99 = common.median([s["direct"][1] for s in per_round])
+            rows.append([label, "anvil direct", f"{d50:.3f}", f"{d99:.3f}", "", "", "", ""])
+            for name in started:
+                med = {
+                    k: common.median([s[name][k] for s in per_round])
+                    for k in ("p50", "p99", "d50", "d99", "cpu_us")
+                }
+                rows.append(
+                    [
+                        label,
+                        name,
+                        f"{med['p50']:.3f}",
+                        f"{med['p99']:.3f}",
+                        f"**{med['d50']:.3f}**",
+                        f"{med['d99']:.3f}",
+                        f"{med['p50'] / d50:.2f}x",
+                        f"{med['cpu_us']:.0f}",
+                    ]
+                )
+                verdict = "met" if med["d50"] <= GOAL_P50_MS else "not met"
+                summary.append(
+                    f"- {label}, {name}: overhead p50 {med['d50']:.3f} ms → goal "
+                    f"≤ {GOAL_P50_MS} ms **{verdict}**"
+                )
+    text = "\n".join(
+        [
+            "## Miss-path overhead (`miss_overhead.py`)",
+            "",
+            common.machine_line(m),
+            "",
+            f"{args.requests} sequential calls per target per round, {args.rounds} rounds, one "
+            "keep-alive `http.client` connection per target, interleaved call by call. "
+            "Overhead = relay time - direct time of the same iteration. Times in ms, medians "
+            "over rounds.",
+            "",
+            common.table(
+                [
+                    "call",
+                    "target",
+                    "p50",
+                    "p99",
+                    "overhead p50",
+                    "overhead p99",
+                    "p50 ratio",
+                    "relay CPU µs/call",
+                ],
+                rows,
+            ),
+            "",
+            *summary,
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        common.write_section("miss_overhead", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

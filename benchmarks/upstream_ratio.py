@@ -1,0 +1,408 @@
+"""Upstream calls per 1,000 client requests under a dapp-like mix.
+
+anvil mines a block a second and carries real traffic (``chainrelay.devnet.traffic``:
+transfers and Transfer-log emitting calls). Many simulated users poll a relay, each once a
+second (jittered), each poll a few sequential calls:
+
+* eth_blockNumber, eth_getBlockByNumber("latest", false)
+* eth_getBalance and eth_getTransactionCount at "latest" of the user's account (20 shared
+  accounts)
+* eth_call at "latest" on a contract (5 distinct calls)
+* every other poll: eth_getLogs of the emitter's Transfer logs over the last 10 blocks
+  (explicit numbers, from the user's eth_blockNumber)
+* the receipt of one transaction of the latest block, when it has any
+* every fifth poll: eth_chainId
+
+The relay reaches anvil through ``wire_counter.py``, a transparent proxy that counts every
+call it forwards, so the count includes the head tracker's own calls; the relay's
+``chainrelay_upstream_calls_total`` (all labels summed) is reported next to it. Both
+upstream transports run, one after the other: WebSocket (newHeads) and HTTP (polling).
+
+    python benchmarks/upstream_ratio.py [--users 150] [--window 8] [--windows 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import common
+import orjson
+
+from chainrelay.devnet import (
+    DEV_ACCOUNTS,
+    TRANSFER_TOPIC,
+    traffic,
+    transfer_emitter_initcode,
+)
+
+GOAL_PER_1000 = 50.0
+POLL_SECONDS = 1.0
+# eth_getLogs spans the last 10 blocks; the relay knows blocks from its first head on.
+COLD_BLOCKS = 10
+ACCOUNTS = DEV_ACCOUNTS + ["0x" + f"{0xA11CE + i:040x}" for i in range(17)]
+# "latest" keys per block: balance and nonce per account, 5 eth_calls, the block, the logs.
+KEYS_PER_BLOCK = 2 * len(ACCOUNTS) + 5 + 1 + 1
+HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass
+class Load:
+    requests: int = 0
+    errors: int = 0
+    by_method: collections.Counter[str] = field(default_factory=collections.Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Window:
+    seconds: float
+    client: int
+    errors: int
+    relay_requests: float
+    metric_upstream: float
+    wire: collections.Counter[str]
+    served: dict[str, float]
+    blocks: int
+
+    @property
+    def wire_total(self) -> int:
+        return sum(self.wire.values())
+
+    def per_1000(self, calls: float) -> float:
+        return 1000.0 * calls / self.client if self.client else float("nan")
+
+
+class Users:
+    """The simulated dapp users, all sharing one aiohttp session to the relay."""
+
+    def __init__(self, url: str, emitter: str, echo: str, load: Load) -> None:
+        self.url = url
+        self.emitter = emitter
+        self.echo = echo
+        self.load = load
+
+    async def call(self, session: aiohttp.ClientSession, method: str, params: list[Any]) -> Any:
+        body = common.request_body(method, params, self.load.requests + 1)
+        load = self.load
+        try:
+            async with session.post(self.url, data=body, headers=HEADERS) as r:
+                doc = orjson.loads(await r.read())
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+            doc = {"error": repr(exc)}
+        load.requests += 1
+        load.by_method[method] += 1
+        if "error" in doc:
+            load.errors += 1
+            if len(load.first_errors) < 5:
+                load.first_errors.append(f"{method}{params}: {doc['error']}")
+            return None
+        return doc.get("result")
+
+    async def user(self, i: int, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        rng = random.Random(i)
+        acct = ACCOUNTS[i % len(ACCOUNTS)]
+        call = self.call
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):  # random phase: users do not poll in step
+            await asyncio.wait_for(stop.wait(), rng.random() * POLL_SECONDS)
+        tick = 0
+        while not stop.is_set():
+            started = loop.time()
+            head = await call(session, "eth_blockNumber", [])
+            block = await call(session, "eth_getBlockByNumber", ["latest", False])
+            await call(session, "eth_getBalance", [acct, "latest"])
+            await call(session, "eth_getTransactionCount", [acct, "latest"])
+            data = common.word(i % 5)
+            await call(session, "eth_call", [{"to": self.echo, "data": data}, "latest"])
+            if tick % 2 == 0 and isinstance(head, str):
+                top = int(head, 16)
+                flt = {
+                    "fromBlock": hex(max(0, top - 9)),
+                    "toBlock": hex(top),
+                    "address": self.emitter,
+                    "topics": [TRANSFER_TOPIC],
+                }
+                await call(session, "eth_getLogs", [flt])
+            txs = block.get("transactions") if isinstance(block, dict) else None
+            if txs:
+                await call(session, "eth_getTransactionReceipt", [rng.choice(txs)])
+            if tick % 5 == 0:
+                await call(session, "eth_chainId", [])
+            tick += 1
+            pause = POLL_SECONDS * rng.uniform(0.8, 1.2) - (loop.time() - started)
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+
+
+async def _head(session: aiohttp.ClientSession, relay_url: str) -> int:
+    body = common.request_body("eth_blockNumber", [], "probe")
+    async with session.post(relay_url, data=body, headers=HEADERS) as r:
+        return int(orjson.loads(await r.read())["result"], 16)
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as r:
+        return await r.read()
+
+
+async def snapshot(
+    session: aiohttp.ClientSession, relay_url: str, counter_url: str, load: Load
+) -> tuple[float, int, int, dict[str, float], collections.Counter[str]]:
+    wire, metrics_text = await asyncio.gather(
+        _get(session, counter_url + "/counts"), _get(session, relay_url + "/metrics")
+    )
+    metrics = common.parse_metrics(metrics_text.decode())
+    return (
+        time.monotonic(),
+        load.requests,
+        load.errors,
+        metrics,
+        collections.Counter(orjson.loads(wire)),
+    )
+
+
+async def drive(
+    relay_url: str, counter_url: str, anvil_url: str, emitter: str, echo: str, args: Any
+) -> list[Window]:
+    """Traffic on anvil, users on the relay: the cold-start ``Window``, then one per
+    measured interval."""
+    load = Load()
+    users = Users(relay_url + "/", emitter, echo, load)
+    stop = asyncio.Event()
+    windows: list[Window] = []
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as tg:
+        first_head = await _head(session, relay_url)
+        tg.create_task(traffic(anvil_url, stop, emitter=emitter))
+        for i in range(args.users):
+            tg.create_task(users.user(i, session, stop))
+        try:
+            # Cold start: until the relay has seen COLD_BLOCKS heads, the eth_getLogs range
+            # reaches blocks older than its first head, whose hashes it does not know.
+            before = await snapshot(session, relay_url, counter_url, load)
+            deadline = time.monotonic() + COLD_BLOCKS * 3
+            while await _head(session, relay_url) < first_head + COLD_BLOCKS:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"relay head did not advance {COLD_BLOCKS} blocks")
+                await asyncio.sleep(0.2)
+            after = await snapshot(session, relay_url, counter_url, load)
+            windows.append(_window(before, after))
+            before = after
+            for _ in range(args.windows):
+                await asyncio.sleep(args.window)
+                after = await snapshot(session, relay_url, counter_url, load)
+                windows.append(_window(before, after))
+                before = after
+        finally:
+            stop.set()
+    if load.first_errors:
+        print("client errors, first few:\n  " + "\n  ".join(load.first_errors), flush=True)
+    return windows
+
+
+def _window(before: Any, after: Any) -> Window:
+    t0, n0, e0, m0, w0 = before
+    t1, n1, e1, m1, w1 = after
+    served = {
+        o: common.metric_sum(m1, "chainrelay_requests_total", outcome=o)
+        - common.metric_sum(m0, "chainrelay_requests_total", outcome=o)
+        for o in ("hit", "local", "miss", "pass", "error")
+    }
+    return Window(
+        seconds=t1 - t0,
+        client=n1 - n0,
+        errors=e1 - e0,
+        relay_requests=common.metric_sum(m1, "chainrelay_requests_total")
+        - common.metric_sum(m0, "chainrelay_requests_total"),
+        metric_upstream=common.metric_sum(m1, "chainrelay_upstream_calls_total")
+        - common.metric_sum(m0, "chainrelay_upstream_calls_total"),
+        wire=w1 - w0,
+        served=served,
+        blocks=int(
+            common.metric_sum(m1, "chainrelay_head_block")
+            - common.metric_sum(m0, "chainrelay_head_block")
+        ),
+    )
+
+
+def start_counter(anvil: Any) -> tuple[subprocess.Popen[bytes], str]:
+    port = common.free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(common.HERE / "wire_counter.py"),
+            *("--http", anvil.url, "--ws", anvil.ws_url, "--port", str(port)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"wire_counter exited: {err[-2000:]}")
+        try:
+            common.http_get(url + "/counts")
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline:
+                common.stop_process(proc)
+                raise RuntimeError("wire_counter did not start") from None
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=150)
+    ap.add_argument("--window", type=float, default=8.0, help="seconds per measured window")
+    ap.add_argument("--windows", type=int, default=3, help="windows per transport")
+    ap.add_argument(
+        "--transport", choices=("ws", "http", "both"), default="both", help="relay -> anvil"
+    )
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = ap.parse_args(argv)
+    transports = ["ws", "http"] if args.transport == "both" else [args.transport]
+    per = COLD_BLOCKS * 1.5 + args.window * args.windows + 8
+    common.budget(int(40 + per * len(transports)))
+    m = common.machine()
+    results: dict[str, list[Window]] = {}
+    with contextlib.ExitStack() as stack:
+        anvil = common.start_anvil(block_time=1.0)
+        stack.callback(anvil.stop)
+        setup = common.RpcClient(anvil.url)
+        stack.callback(setup.close)
+        emitter = common.deploy(setup, transfer_emitter_initcode())
+        echo = common.deploy(setup, common.echo_initcode())
+        counter, counter_url = start_counter(anvil)
+        stack.callback(common.stop_process, counter)
+        for transport in transports:
+            upstream = counter_url.replace("http://", "ws://") if transport == "ws" else counter_url
+            relay = common.Relay(upstream)
+            try:
+                relay.start()
+                windows = asyncio.run(drive(relay.url, counter_url, anvil.url, emitter, echo, args))
+            finally:
+                relay.stop()
+            results[transport] = windows
+            for k, w in enumerate(windows):
+                print(
+                    f"{transport:4s} {'cold  ' if k == 0 else 'window'} {w.seconds:4.1f}s: "
+                    f"{w.client} client calls "
+                    f"({w.client / w.seconds:.0f}/s, {w.errors} errors), upstream "
+                    f"{w.wire_total} on the wire ({w.per_1000(w.wire_total):.1f}/1000), "
+                    f"{w.metric_upstream:.0f} by metric ({w.per_1000(w.metric_upstream):.1f}/1000)",
+                    flush=True,
+                )
+    text = report(m, results, args)
+    print(text)
+    if not args.no_write:
+        common.write_section("upstream_ratio", text)
+    return 0
+
+
+def report(m: dict[str, str], results: dict[str, list[Window]], args: Any) -> str:
+    rows = []
+    verdicts = []
+    breakdown: dict[str, collections.Counter[str]] = {}
+    clients: dict[str, int] = {}
+    for transport, (cold, *ws) in results.items():
+        wire = [w.per_1000(w.wire_total) for w in ws]
+        metric = [w.per_1000(w.metric_upstream) for w in ws]
+        head = [w.per_1000(w.wire_total - w.metric_upstream) for w in ws]
+        served = sum(sum(w.served.values()) for w in ws)
+        hits = sum(w.served["hit"] + w.served["local"] for w in ws)
+        rows.append(
+            [
+                "WebSocket (newHeads)" if transport == "ws" else "HTTP (polling)",
+                f"{common.median([w.client / w.seconds for w in ws]):,.0f}",
+                str(sum(w.errors for w in ws)),
+                f"{hits / served:.1%}" if served else "-",
+                f"**{common.median(wire):.1f}**",
+                " / ".join(f"{x:.1f}" for x in wire),
+                f"{common.median(metric):.1f}",
+                f"{common.median(head):.1f}",
+                f"{common.median([w.client / w.blocks if w.blocks else 0.0 for w in ws]):,.0f}",
+                f"{cold.per_1000(cold.wire_total):.1f} ({cold.seconds:.0f} s)",
+            ]
+        )
+        verdict = "met" if common.median(wire) <= GOAL_PER_1000 else "not met"
+        verdicts.append(
+            f"- {transport.upper()} upstream: {common.median(wire):.1f} upstream calls per "
+            f"1,000 client requests (on the wire) → goal ≤ {GOAL_PER_1000:.0f} **{verdict}**"
+        )
+        total: collections.Counter[str] = collections.Counter()
+        for w in ws:
+            total.update(w.wire)
+        breakdown[transport] = total
+        clients[transport] = sum(w.client for w in ws)
+    methods = sorted(
+        {meth for c in breakdown.values() for meth in c},
+        key=lambda meth: -sum(c[meth] for c in breakdown.values()),
+    )
+    method_rows = [
+        [f"`{meth}`"]
+        + [f"{1000 * breakdown[t][meth] / clients[t]:.1f}" if clients[t] else "-" for t in results]
+        for meth in methods
+    ]
+    return "\n".join(
+        [
+            "## Upstream calls per 1,000 client requests (`upstream_ratio.py`)",
+            "",
+            common.machine_line(m),
+            "",
+            f"anvil with 1 s blocks and `devnet.traffic` (4 transactions a second); "
+            f"{args.users} simulated users polling once a second (mix in the script's "
+            f"docstring). Per upstream transport: a cold-start window (from the relay's "
+            f"start until it has seen {COLD_BLOCKS} new heads), then {args.windows} windows "
+            f"of {args.window:g} s. *Wire* is counted by `wire_counter.py` between the relay "
+            "and anvil and includes the head tracker; *metric* is "
+            "`chainrelay_upstream_calls_total`, all labels summed.",
+            "",
+            common.table(
+                [
+                    "relay upstream",
+                    "client req/s",
+                    "client errors",
+                    "hit or local",
+                    "upstream / 1000, wire (median)",
+                    "wire (windows)",
+                    "metric",
+                    "wire - metric",
+                    "client calls per block",
+                    "cold start, wire",
+                ],
+                rows,
+            ),
+            "",
+            *verdicts,
+            "",
+            "Upstream calls on the wire per 1,000 client requests, by method (measured windows):",
+            "",
+            common.table(
+                ["method", *("WS" if t == "ws" else "HTTP" for t in results)], method_rows
+            ),
+            "",
+            f'Every new block makes each "latest" answer stale, so per block this mix has '
+            f"about {KEYS_PER_BLOCK} keys that must be fetched once ({len(ACCOUNTS)} accounts, "
+            "balance and nonce each, 5 eth_call, the latest block, one log range) plus the "
+            "receipts of the block's transactions: a cache that fetches each once per block "
+            f"makes ≈ 1000 * ({KEYS_PER_BLOCK} + receipts) / (client calls per block) per "
+            "1,000; more users per block lower the ratio, more accounts raise it.",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
