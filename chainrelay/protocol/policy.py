@@ -231,6 +231,23 @@ def _with(params: list[Any], index: int, value: Any) -> list[Any]:
     return out
 
 
+def _hash_named(
+    method: str, params: Params, block_hash: str, head: HeadView, anchor: str | None
+) -> Plan:
+    """A read that names its block by hash: keyed as asked, served from cache only while
+    that block is canonical. A hash outside the window (an old block, or one never seen)
+    is checked through the block fields of the answer, where it has any."""
+    n = head.numbers.get(block_hash, -1)
+    return Plan(
+        Finality.UNFINALIZED,
+        _key(method, params),
+        block_number=n,
+        block_hash=block_hash if n >= 0 else None,
+        anchor=anchor,
+        validate_canonical=True,
+    )
+
+
 def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan:
     if not isinstance(params, list) or len(params) > rule.index + 2:
         return PASS
@@ -241,21 +258,10 @@ def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan
     else:
         return PASS
     if isinstance(ref, dict) and "blockHash" in ref and _is_hash(ref["blockHash"]):
-        # An explicit block hash names one block for ever; its answer never changes.
         h = ref["blockHash"]
-        if ref.get("requireCanonical"):
-            n = head.numbers.get(h)
-            if n is None:
-                return PASS  # the answer depends on canonicality we cannot vouch for
-            # Served from cache only while the block stays canonical.
-            return Plan(
-                Finality.UNFINALIZED,
-                _key(method, params),
-                block_number=n,
-                block_hash=h,
-                validate_canonical=True,
-            )
-        return Plan(Finality.UNFINALIZED, _key(method, params))
+        if ref.get("requireCanonical") and h not in head.numbers:
+            return PASS  # the answer depends on canonicality we cannot vouch for
+        return _hash_named(method, params, h, head, rule.anchor)
     block = _resolve(ref, head)
     if block is None:
         return PASS
@@ -291,7 +297,7 @@ def _plan_logs(method: str, params: Params, head: HeadView) -> Plan:
     if "blockHash" in flt:
         if not _is_hash(flt["blockHash"]) or "fromBlock" in flt or "toBlock" in flt:
             return PASS
-        return Plan(Finality.UNFINALIZED, _key(method, params), anchor="items")
+        return _hash_named(method, params, flt["blockHash"], head, "items")
     lo = _resolve(flt.get("fromBlock", "latest"), head)
     hi = _resolve(flt.get("toBlock", "latest"), head)
     if lo is None or hi is None or lo.number > hi.number:
@@ -335,6 +341,8 @@ def plan(method: str, params: Params, head: HeadView, rules: Mapping[str, Rule] 
     if kind is Kind.BLOCK_HASH or kind is Kind.TX_HASH:
         if not isinstance(params, list) or not params or not _is_hash(params[0]):
             return PASS
+        if kind is Kind.BLOCK_HASH:
+            return _hash_named(method, params, params[0], head, rule.anchor)
         return Plan(
             Finality.UNFINALIZED,
             _key(method, params),

@@ -110,6 +110,8 @@ class HeadTracker:
     async def _follow(self, u: Upstream) -> None:
         if u.is_ws:
             self._tasks.append(asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}"))
+        with contextlib.suppress(TransportError):
+            await self._poll_once(u)  # a first head now, not at the next block
         while True:
             try:
                 if u.is_ws:

@@ -293,8 +293,8 @@ class HttpProtocol(asyncio.Protocol):
             self._reject_too_large()
 
     def on_message_complete(self) -> None:
-        if self._too_large:
-            return
+        if self._too_large or self.parser.should_upgrade():
+            return  # an upgrade is answered when httptools raises HttpParserUpgrade
         method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
         if method == b"POST":

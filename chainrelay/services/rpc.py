@@ -244,21 +244,21 @@ class RpcService:
         shared = self.shared
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block)
-            self._store(p, answer, params)
+            self._store(p, answer)
             return answer
         key = p.key
         assert key is not None
 
         async def produce() -> Answer:
             answer = await self.pool.call(method, params, p.min_block)
-            entry = self._store(p, answer, params)
+            entry = self._store(p, answer)
             if entry is not None:
                 await shared.put(key, entry, p.finality)
             return answer
 
         return await shared.exclusive(key, produce)
 
-    def _store(self, p: Plan, answer: Answer, params: policy.Params | None) -> Entry | None:
+    def _store(self, p: Plan, answer: Answer) -> Entry | None:
         """Store a fresh answer when the caching rules allow it; the entry stored, if any."""
         if answer.error is not None or answer.result is None or p.key is None:
             return None
@@ -277,11 +277,6 @@ class RpcService:
                 a_num, a_hash = p.block_number, p.block_hash
             elif isinstance(anchor, tuple):
                 a_num, a_hash = anchor
-            elif isinstance(params, list) and params and isinstance(params[0], str):
-                a_hash = params[0]
-                a_num = view.numbers.get(a_hash, -1)
-                if a_num < 0:
-                    a_hash = None  # outside the window: the block is old or unknown
             if a_hash is not None:
                 if a_num > view.number or view.is_canonical(a_num, a_hash) is False:
                     return None

@@ -272,11 +272,5 @@ async def test_reorg_never_serves_replaced_blocks(lab: Lab, depth: int) -> None:
     await reorg_and_check(lab, depth, hash_named=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy: eth_getLogs({blockHash}) and EIP-1898 {blockHash} reads are cached with "
-    "no block anchor, so after a reorg the relay keeps serving the replaced block's logs and "
-    "receipts while anvil answers 'unknown block' / null",
-)
 async def test_reorg_reads_naming_the_replaced_block_hash(lab: Lab) -> None:
     await reorg_and_check(lab, 2, hash_named=True)

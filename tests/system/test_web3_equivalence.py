@@ -416,11 +416,6 @@ async def test_signed_transaction_through_relay(net: Net) -> None:
     assert value["value"] == 123_456_789 + attempt
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HttpProtocol.on_message_complete answers the upgrade GET with 404 before "
-    "_upgrade runs (httptools 0.9 fires on_message_complete before HttpParserUpgrade)",
-)
 @pytest.mark.parametrize("net", ["ws"], indirect=True)
 async def test_websocket_provider_plain_calls(net: Net) -> None:
     live = await live_blocks(net, 1)
