@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
-from chainrelay.config import Config, parse_listen
+from chainrelay.config import CacheConfig, Config, parse_listen
 from chainrelay.errors import ChainRelayError
 from chainrelay.protocol.chains import ChainProfile, profile_for
 from chainrelay.services.cache import MemoryCache
@@ -18,6 +18,7 @@ from chainrelay.services.http import HttpLimits, HttpServer, Routes
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import PoolSettings, UpstreamPool
 from chainrelay.services.rpc import RpcLimits, RpcService
+from chainrelay.services.shared_cache import REDIS_MODE_MEMORY_BYTES, RedisCache, RedisSettings
 from chainrelay.services.upstream import make_upstream
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Node:
         self.head: HeadTracker | None = None
         self.rpc: RpcService | None = None
         self.server: HttpServer | None = None
+        self.shared: RedisCache | None = None
         self.profile: ChainProfile | None = None
         self.chain_id = 0
 
@@ -84,7 +86,15 @@ class Node:
             log.warning(
                 "no head after %.0fs; serving, uncached until one arrives", FIRST_HEAD_TIMEOUT
             )
-        cache = MemoryCache(cfg.cache.memory_bytes, cfg.cache.max_entry_bytes)
+        c = cfg.cache
+        memory_bytes = c.memory_bytes
+        if c.backend != "memory":
+            shared = self.shared = RedisCache(redis_settings(c), self.chain_id, self.metrics)
+            self._stack.append(shared.close)
+            await shared.start()  # an unreachable Redis is probed in the background
+            if c.backend == "redis":
+                memory_bytes = min(memory_bytes, REDIS_MODE_MEMORY_BYTES)
+        cache = MemoryCache(memory_bytes, c.max_entry_bytes)
         self.rpc = RpcService(
             cache,
             pool,
@@ -92,6 +102,7 @@ class Node:
             self.metrics,
             self.chain_id,
             RpcLimits(max_batch_len=cfg.limits.max_batch_len),
+            shared=self.shared,
         )
         lim = cfg.limits
         limits = HttpLimits(
@@ -133,6 +144,8 @@ class Node:
             "chainId": self.chain_id,
             "head": head.view.number if head else None,
             "finalized": head.view.finalized if head else None,
+            # Informational: a down Redis tier slows misses but never fails a request.
+            "sharedCache": None if self.shared is None else ("up" if self.shared.up else "down"),
             "upstreams": [
                 {
                     "name": u.name,
@@ -156,9 +169,24 @@ class Node:
         if errors:
             raise ChainRelayError(f"errors while stopping: {errors!r}")
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
-        await self.start()
+    async def run_forever(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
+        await self.start(reuse_port=reuse_port)
         try:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def redis_settings(c: CacheConfig) -> RedisSettings:
+    return RedisSettings(
+        url=c.redis_url,
+        key_prefix=c.redis_key_prefix,
+        max_entry_bytes=c.redis_max_entry_bytes,
+        ttl_finalized=c.redis_ttl_finalized,
+        ttl_unfinalized=c.redis_ttl_unfinalized,
+        lock_ttl=c.redis_lock_ttl,
+        timeout=c.redis_timeout,
+        connect_timeout=c.redis_connect_timeout,
+        retry_interval=c.redis_retry_interval,
+        max_connections=c.redis_max_connections,
+    )

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an upstream JSON-RPC URL (http(s):// or ws(s)://); repeatable",
     )
     serve.add_argument("--listen", help=f"HOST:PORT (default {defaults.LISTEN})")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (SO_REUSEPORT); overrides server.workers",
+    )
     val = sub.add_parser("validate", help="check a config file without starting anything")
     val.add_argument("file")
     dev = sub.add_parser("devnet", help="anvil + real transactions + a relay (the default)")
@@ -71,6 +76,13 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = configmod.quick(args.upstream, args.listen or defaults.LISTEN)
     else:
         raise ConfigError("serve needs --config FILE or at least one --upstream URL")
+    if args.workers is not None:
+        cfg.server.workers = args.workers
+    configmod.validate(cfg)
+    if cfg.server.workers > 1:
+        from chainrelay.workers import supervise
+
+        return supervise(cfg, cfg.server.workers, args.log_level)
     _run(_until_signal(Node(cfg).run_forever))
     return 0
 

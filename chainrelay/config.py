@@ -20,6 +20,7 @@ from typing import Any
 from chainrelay import defaults as d
 from chainrelay.errors import ConfigError
 from chainrelay.protocol.chains import PROFILES
+from chainrelay.services import shared_cache as sc
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -43,11 +44,28 @@ class LimitsConfig:
     max_ws_send_buffer: int = d.MAX_WS_SEND_BUFFER
 
 
+# "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
+# "redis": Redis, with only a minimal memory tier (see shared_cache.REDIS_MODE_MEMORY_BYTES).
+CACHE_BACKENDS = ("memory", "redis", "tiered")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 @dataclass
 class CacheConfig:
     backend: str = "memory"
     memory_bytes: int = d.CACHE_MEMORY_BYTES
     max_entry_bytes: int = d.CACHE_MAX_ENTRY_BYTES
+    # The Redis tier ("redis" and "tiered" backends); defaults and reasons in shared_cache.py.
+    redis_url: str = sc.REDIS_URL
+    redis_key_prefix: str = sc.REDIS_KEY_PREFIX
+    redis_max_entry_bytes: int = sc.REDIS_MAX_ENTRY_BYTES
+    redis_ttl_finalized: float = sc.REDIS_TTL_FINALIZED  # 0: no TTL (maxmemory + LRU only)
+    redis_ttl_unfinalized: float = sc.REDIS_TTL_UNFINALIZED
+    redis_lock_ttl: float = sc.REDIS_LOCK_TTL
+    redis_timeout: float = sc.REDIS_TIMEOUT
+    redis_connect_timeout: float = sc.REDIS_CONNECT_TIMEOUT
+    redis_retry_interval: float = sc.REDIS_RETRY_INTERVAL
+    redis_max_connections: int = sc.REDIS_MAX_CONNECTIONS
 
 
 @dataclass
@@ -156,19 +174,45 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"chain.profile: unknown profile {cfg.chain.profile!r} (one of {sorted(PROFILES)})"
         )
-    if cfg.cache.backend not in ("memory",):
-        raise ConfigError(f"cache.backend: unknown backend {cfg.cache.backend!r}")
-    parse_listen(cfg.server.listen)
+    _validate_cache(cfg.cache)
+    _, port = parse_listen(cfg.server.listen)
     for path, value in (
         ("limits.max_body_bytes", cfg.limits.max_body_bytes),
         ("limits.max_batch_len", cfg.limits.max_batch_len),
-        ("cache.memory_bytes", cfg.cache.memory_bytes),
         ("pool.max_attempts", cfg.pool.max_attempts),
         ("server.workers", cfg.server.workers),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")
+    if cfg.server.workers > 1 and port == 0:
+        raise ConfigError("server.listen: port 0 gives each worker its own port; name one")
     return cfg
+
+
+def _validate_cache(c: CacheConfig) -> None:
+    if c.backend not in CACHE_BACKENDS:
+        raise ConfigError(
+            f"cache.backend: unknown backend {c.backend!r} (one of {', '.join(CACHE_BACKENDS)})"
+        )
+    for key in (
+        "memory_bytes",
+        "max_entry_bytes",
+        "redis_max_entry_bytes",
+        "redis_ttl_unfinalized",
+        "redis_lock_ttl",
+        "redis_timeout",
+        "redis_connect_timeout",
+        "redis_retry_interval",
+        "redis_max_connections",
+    ):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"cache.{key}: must be positive")
+    if c.redis_ttl_finalized < 0:
+        raise ConfigError("cache.redis_ttl_finalized: must be 0 (no TTL) or positive")
+    if c.backend != "memory" and not c.redis_url.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"cache.redis_url: expected a {', '.join(REDIS_SCHEMES)} URL, got {c.redis_url!r}"
+        )
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -186,9 +230,7 @@ def _expand_values(data: Any, env: typing.Mapping[str, str] | None, path: str) -
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     if isinstance(data, dict):
-        return {
-            k: _expand_values(v, env, f"{path}.{k}" if path else k) for k, v in data.items()
-        }
+        return {k: _expand_values(v, env, f"{path}.{k}" if path else k) for k, v in data.items()}
     if isinstance(data, list):
         return [_expand_values(v, env, f"{path}[{i}]") for i, v in enumerate(data)]
     return data
