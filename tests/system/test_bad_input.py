@@ -402,15 +402,6 @@ async def test_preflight_204_has_no_content_length(relay) -> None:
 
 
 # --- WebSocket -------------------------------------------------------------------------------
-# httptools calls on_message_complete for the upgrade GET before it raises HttpParserUpgrade,
-# so the relay writes a 404 ahead of its 101 and every WebSocket client gives up.
-WS_UPGRADE_404 = pytest.mark.xfail(
-    strict=True,
-    reason="a WebSocket upgrade is answered 404 before 101: HttpProtocol.on_message_complete "
-    "(chainrelay/services/http.py) routes the upgrade GET like a plain GET",
-)
-
-
 def ws(relay: Relay, **kw: Any) -> Any:
     return connect(relay.ws_url, proxy=None, open_timeout=10 * SECOND, **kw)
 
@@ -428,7 +419,6 @@ def _is_utf8(body: bytes) -> bool:
     return True
 
 
-@WS_UPGRADE_404
 async def test_ws_bad_requests_get_json_rpc_errors(anvil, relay) -> None:
     cases = bad_inputs(await anvil_errors(anvil.url))
     async with ws(relay) as conn:
@@ -447,7 +437,6 @@ async def test_ws_bad_requests_get_json_rpc_errors(anvil, relay) -> None:
     await assert_alive(relay, "websocket bad input")
 
 
-@WS_UPGRADE_404
 async def test_ws_oversized_message_is_closed_with_1009(relay) -> None:
     async with ws(relay) as conn:
         assert (await ask(conn, CALL % 1))["result"] == "0x38"
@@ -461,7 +450,6 @@ async def test_ws_oversized_message_is_closed_with_1009(relay) -> None:
     await assert_alive(relay, "an oversized websocket message")
 
 
-@WS_UPGRADE_404
 async def test_ws_message_just_under_the_limit_is_served(relay) -> None:
     call = CALL % 4
     padded = call[:-1] + b" " * (MAX_BODY - len(call)) + b"}"
