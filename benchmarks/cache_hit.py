@@ -3,8 +3,9 @@
 wrk (keep-alive, 32 connections, 2 threads) replays a rotating mix of cacheable calls
 (blocks by number and hash, balances and nonces at "latest", receipts and transactions of
 real transactions, eth_call, eth_getCode, eth_getLogs, eth_chainId, eth_blockNumber), each
-body under several ids, first against the relay (cache warmed, every call checked to be a
-hit) and then against anvil directly, alternating, several runs each.
+body under several ids, against the relay (cache warmed, every call checked to be a hit),
+anvil directly and ``floor_server.py`` (the relay's transport stack with no relay work),
+in turn, several runs each.
 
 anvil mines only when a transaction arrives and none is sent while measuring, so "latest"
 does not move. The relay is told its head stays fresh that long (``head.fresh_blocks``):
@@ -37,6 +38,11 @@ import common
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 GOAL_RPS = 45_000
+TARGETS = {
+    "relay": "relay (cache hits)",
+    "anvil": "anvil direct",
+    "floor": "floor: uvloop + httptools, fixed answer",
+}
 WRK_BIN = common.WRK
 CONNECTIONS = 32
 THREADS = 2
@@ -58,6 +64,30 @@ class Run:
     errors: int
     seconds: float
     cpu: dict[str, float]  # process -> % of one core during the run
+
+
+def start_floor() -> tuple[subprocess.Popen[bytes], str]:
+    """``floor_server.py`` in its own process, answering; (process, URL)."""
+    port = common.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(common.HERE / "floor_server.py"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 15
+    while True:
+        client = common.RpcClient(url.rstrip("/"))
+        try:
+            client.raw(b"{}")
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                common.stop_process(proc)
+                raise RuntimeError("floor_server did not start") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
 
 
 def build_chain(client: common.RpcClient) -> dict[str, Any]:
@@ -297,7 +327,13 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
             incl[f] += n
     if not total:
         return "py-spy recorded no samples"
-    lines = [f"py-spy, {total} samples of the relay under wrk (self time / total time):", ""]
+    lines = [
+        f"py-spy, {total} samples of the relay under wrk (self time / total time). Time in C "
+        "(uvloop, system calls) is charged to the Python frame that called it: "
+        "`_write_ok` is mostly `transport.write`, the send system call; `Runner.run` is "
+        "the event loop itself (epoll, reads).",
+        "",
+    ]
     lines.append(common.table(["function", "self", "total"], _rows(own, incl, total)))
     return "\n".join(lines)
 
@@ -326,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
-    common.budget(int(40 + (2 * args.runs + 2) * (args.duration + 3) + 30 * args.profile))
+    rounds = len(TARGETS) * (args.runs + 1)
+    common.budget(int(40 + rounds * (args.duration + 3) + 30 * args.profile))
     m = common.machine()
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         anvil = common.start_anvil(block_time=None)
@@ -345,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(tmp) / "mix.lua"
         lua_script(bodies, script)
         assert relay.proc is not None and anvil.proc is not None
-        watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid}
-        targets = {"relay": relay.url + "/", "anvil": anvil.url + "/"}
+        floor = start_floor()
+        stack.callback(common.stop_process, floor[0])
+        watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid, "floor": floor[0].pid}
+        targets = {"relay": relay.url + "/", "anvil": anvil.url + "/", "floor": floor[1]}
         for url in targets.values():  # connections, allocator, caches: warm, not measured
             run_wrk(url, script, 2, watch)
         runs: list[Run] = []
@@ -360,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"run {i + 1} {name:5s}: {run.rps:9.0f} req/s  p50 {run.p50_ms:.2f} ms  "
                     f"p99 {run.p99_ms:.2f} ms  errors {run.errors}  cpu "
-                    + " ".join(f"{k} {v:.0f}%" for k, v in run.cpu.items()),
+                    + " ".join(
+                        f"{k} {run.cpu[k]:.0f}%" for k in (name, name + " sys", "wrk", "other")
+                    ),
                     flush=True,
                 )
         m1 = relay.metrics()
@@ -390,11 +431,6 @@ def _us_per_request(r: Run) -> float:
     return r.cpu[r.target] / 100.0 * r.seconds / r.requests * 1e6
 
 
-def _idle(target: str) -> str:
-    """The process that has nothing to do while the other one is measured."""
-    return "anvil" if target == "relay" else "relay"
-
-
 def _cpu_cell(rs: list[Run], key: str, target: str) -> str:
     text = f"{key} {common.median([r.cpu[key] for r in rs]):.0f}%"
     if key == target:
@@ -410,20 +446,20 @@ def report(
     upstream_calls: float,
     args: argparse.Namespace,
 ) -> str:
-    by = {t: [r for r in runs if r.target == t] for t in ("relay", "anvil")}
+    by = {t: [r for r in runs if r.target == t] for t in TARGETS}
     med = {t: common.median([r.rps for r in rs]) for t, rs in by.items()}
     rows = []
     for t, rs in by.items():
-        cpu_keys = ["relay", "anvil", "wrk", "other"]
+        cpu_keys = [t, "wrk", "other"]
         rows.append(
             [
-                "relay (cache hits)" if t == "relay" else "anvil direct",
+                TARGETS[t],
                 f"**{med[t]:,.0f}**",
                 " / ".join(f"{r.rps:,.0f}" for r in rs),
                 f"{common.median([r.p50_ms for r in rs]):.2f}",
                 f"{common.median([r.p99_ms for r in rs]):.2f}",
                 str(sum(r.errors for r in rs)),
-                " · ".join(_cpu_cell(rs, k, t) for k in cpu_keys if k != _idle(t)),
+                " · ".join(_cpu_cell(rs, k, t) for k in cpu_keys),
                 f"{common.median([_us_per_request(r) for r in rs]):.1f}",
             ]
         )
@@ -431,6 +467,8 @@ def report(
     hit_share = (served["hit"] + served["local"]) / total if total else 0.0
     ratio = med["relay"] / med["anvil"] if med["anvil"] else float("nan")
     us_relay = common.median([_us_per_request(r) for r in by["relay"]])
+    us_floor = common.median([_us_per_request(r) for r in by["floor"]])
+    budget_us = 1e6 / GOAL_RPS
     verdict = "met" if med["relay"] >= GOAL_RPS else "not met"
     methods = collections.Counter(meth for meth, _ in calls)
     mix_text = ", ".join(f"{meth} x{n}" for meth, n in methods.items())
@@ -441,8 +479,8 @@ def report(
             common.machine_line(m),
             "",
             f"wrk {THREADS} threads, {CONNECTIONS} keep-alive connections, "
-            f"{args.duration:g} s per run, {args.runs} runs per target, alternating "
-            "relay/anvil. "
+            f"{args.duration:g} s per run, {args.runs} runs per target, the targets in "
+            "turn. "
             f"Mix: {len(calls)} bodies ({mix_text}), each under {IDS_PER_BODY} ids.",
             "",
             common.table(
@@ -459,11 +497,15 @@ def report(
                 rows,
             ),
             "",
-            f"- relay / anvil: **{ratio:.2f}x**",
+            f"- relay / anvil: **{ratio:.2f}x**; relay / floor: "
+            f"**{med['relay'] / med['floor']:.2f}x** (the floor is the same transport stack "
+            "answering a fixed body: what the relay would reach if its own work were free)",
             f"- goal ≥ {GOAL_RPS:,} req/s on the relay: **{verdict}** "
             f"({med['relay'] / GOAL_RPS:.0%} of goal); one core at 100% reaches it only at "
             f"≤ {1e6 / GOAL_RPS:.1f} CPU µs per request, the relay used "
-            f"{us_relay:.1f}",
+            f"{us_relay:.1f}; the transport alone (floor) costs {us_floor:.1f}, so the relay's "
+            f"own work is {us_relay - us_floor:.1f} µs per request against a budget of "
+            f"{budget_us - us_floor:.1f}",
             f"- relay answers during the measured runs: {hit_share:.2%} hits or local "
             f"({served['hit']:,.0f} hit, {served['local']:,.0f} local, "
             f"{served['miss'] + served['pass']:,.0f} miss/pass, {served['error']:,.0f} error); "

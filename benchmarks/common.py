@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,30 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
+def loopback_round_trip_us(n: int = 20_000) -> float:
+    """Kernel cost of one request/response pair over loopback TCP (two sends, two
+    receives, one thread, no waiting): how dear networking syscalls are on this machine."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    msg = b"x" * 300
+    try:
+        for s in (a, b):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        for _ in range(n):
+            a.send(msg)
+            b.recv(4096)
+            b.send(msg)
+            a.recv(4096)
+        return (time.perf_counter() - started) / n * 1e6
+    finally:
+        for s in (a, b, srv):
+            s.close()
+
+
 def machine() -> dict[str, str]:
     """What the numbers were measured on; printed with every result."""
     dirty = _git("status", "--porcelain", "--", "chainrelay")
@@ -88,13 +113,15 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "commit": commit + (" + uncommitted changes in chainrelay/" if dirty else ""),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "rtt": f"{loopback_round_trip_us():.1f}",
     }
 
 
 def machine_line(m: dict[str, str]) -> str:
     return (
         f"{m['date']} · {m['nproc']} CPUs ({m['cpu']}) · Python {m['python']} · "
-        f"commit {m['commit']} · load average at start {m['load']}"
+        f"commit {m['commit']} · load average at start {m['load']} · loopback TCP "
+        f"request/response pair {m['rtt']} µs of syscalls"
     )
 
 
@@ -369,7 +396,7 @@ def word(n: int) -> str:
 HEADER = """# Benchmarks
 
 Measured by the scripts in this folder; `python benchmarks/run_all.py` runs them all (about
-five minutes) and rewrites this file, and each script refreshes its own section when run
+four minutes) and rewrites this file, and each script refreshes its own section when run
 alone. The machines are shared and noisy: each number is a median of several runs made
 side by side in one invocation, and comparisons are ratios within that invocation. Each
 section names the machine, the commit and the load average when it started; *other* CPU
