@@ -18,7 +18,12 @@ from chainrelay.services.http import HttpLimits, HttpServer, Routes
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import PoolSettings, UpstreamPool
 from chainrelay.services.rpc import RpcLimits, RpcService
-from chainrelay.services.shared_cache import REDIS_MODE_MEMORY_BYTES, RedisCache, RedisSettings
+from chainrelay.services.shared_cache import (
+    REDIS_MODE_MEMORY_BYTES,
+    RedisCache,
+    RedisSettings,
+    lock_scope,
+)
 from chainrelay.services.upstream import make_upstream
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,9 @@ class Node:
         c = cfg.cache
         memory_bytes = c.memory_bytes
         if c.backend != "memory":
-            shared = self.shared = RedisCache(redis_settings(c), self.chain_id, self.metrics)
+            scope = lock_scope([u.url for u in cfg.upstreams])
+            shared = RedisCache(redis_settings(c), self.chain_id, self.metrics, scope)
+            self.shared = shared
             self._stack.append(shared.close)
             await shared.start()  # an unreachable Redis is probed in the background
             if c.backend == "redis":

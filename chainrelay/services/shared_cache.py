@@ -202,19 +202,29 @@ def decode_answer(raw: bytes) -> Answer | None:
     return None
 
 
-class RedisKeys:
-    """Key names for one chain: ``{prefix}{chain id}:{v|l|a}:{cache key or #digest}``.
+def lock_scope(upstream_urls: list[str]) -> str:
+    """Who coalesces with whom: relays with the same upstreams (the workers of one node, the
+    replicas of one tier). A relay and its parent may share a Redis and its answers, but
+    never a lock: the child would hold it while asking the parent, and the parent would
+    wait on it until it expired."""
+    text = "\n".join(sorted(upstream_urls)).encode()
+    return hashlib.blake2b(text, digest_size=6).hexdigest()
 
-    ``v`` holds entries, ``l`` coalescing locks, ``a`` answers handed from a lock's holder to
-    its waiters when they were not stored. Cache keys start with a method name, never ``#``,
-    so a digest cannot collide with a raw key.
+
+class RedisKeys:
+    """Key names for one chain: ``{prefix}{chain id}:v:{key}`` for entries, and
+    ``{prefix}{chain id}:{l|a}:{scope}:{key}`` for coalescing locks and for the answers a
+    lock's holder hands to its waiters when it did not store them (see ``lock_scope``).
+
+    ``{key}`` is the cache key, or ``#`` and its digest when long. Cache keys start with a
+    method name, never ``#``, so a digest cannot collide with a raw key.
     """
 
-    def __init__(self, prefix: str, chain_id: int) -> None:
+    def __init__(self, prefix: str, chain_id: int, scope: str = "") -> None:
         base = f"{prefix}{chain_id}:".encode()
         self.value_prefix = base + b"v:"
-        self.lock_prefix = base + b"l:"
-        self.answer_prefix = base + b"a:"
+        self.lock_prefix = base + b"l:" + scope.encode() + b":"
+        self.answer_prefix = base + b"a:" + scope.encode() + b":"
 
     @staticmethod
     def short(key: bytes) -> bytes:
@@ -275,9 +285,11 @@ T = TypeVar("T")
 class RedisCache:
     """The ``rpc.SharedCache`` over one Redis. ``await start()``, use, ``await close()``."""
 
-    def __init__(self, settings: RedisSettings, chain_id: int, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: RedisSettings, chain_id: int, metrics: Metrics, scope: str = ""
+    ) -> None:
         self.s = settings
-        self.keys = RedisKeys(settings.key_prefix, chain_id)
+        self.keys = RedisKeys(settings.key_prefix, chain_id, scope)
         self._pool = aioredis.BlockingConnectionPool.from_url(
             settings.url,
             max_connections=settings.max_connections,

@@ -94,7 +94,18 @@ def test_keys_are_namespaced_by_prefix_and_chain() -> None:
     assert arb.value(k) != bsc.value(k)
     value, lock, answer = bsc.all(k)
     assert len({value, lock, answer}) == 3
-    assert lock.startswith(b"cr:56:l:") and answer.startswith(b"cr:56:a:")
+    assert lock.startswith(b"cr:56:l::") and answer.startswith(b"cr:56:a::")
+
+
+def test_a_relay_and_its_parent_share_answers_but_never_a_lock() -> None:
+    k = b'eth_getBalance:["0x1","0x10"]'
+    leaf = sc.lock_scope(["http://regional-eu:8545", "http://regional-us:8545"])
+    peer = sc.lock_scope(["http://regional-us:8545", "http://regional-eu:8545"])
+    parent = sc.lock_scope(["http://origin:8545"])
+    assert leaf == peer != parent
+    a, b = sc.RedisKeys("eu:", 56, leaf).all(k), sc.RedisKeys("eu:", 56, parent).all(k)
+    assert a[0] == b[0]  # the same entry
+    assert a[1] != b[1] and a[2] != b[2]  # different locks and hand-offs
 
 
 def test_long_keys_are_stored_under_a_digest() -> None:

@@ -322,3 +322,29 @@ async def test_a_flood_of_distinct_calls_never_pushes_memory_past_its_limit(
     # Redis itself runs bounded: the setting docs/deployment.md asks for.
     assert await redis.config_get("maxmemory-policy") == "allkeys-lru"
     assert int(await redis.config_get("maxmemory")) == 32 * 1024 * 1024
+
+
+async def test_a_relay_and_its_parent_on_one_redis_never_wait_on_each_other(
+    redis: RedisServer, still_anvil: Anvil, relay_factory: RelayFactory
+) -> None:
+    # The compose topology's region: a regional relay and a leaf whose upstream it is, on
+    # one Redis under one prefix. The leaf holds its lock while it asks the regional; were
+    # the lock shared, the regional would wait on it until it expired (10 s here).
+    regional = await relay_factory([still_anvil.url], tiered(redis), name="regional")
+    leaf = await relay_factory([regional.url], tiered(redis), name="leaf")
+    # A call both relays key alike (the leaf forwards it unchanged).
+    block = (await rpc(still_anvil.url, "eth_getBlockByNumber", ["0x3", False]))["result"]
+    started = time.monotonic()
+    got = await rpc(leaf.url, "eth_getBlockByHash", [block["hash"], False])
+    assert got["result"] == block
+    assert time.monotonic() - started < 2 * SECOND
+    for r in (leaf, regional):  # each made its own call, neither waited on the other
+        m = await r.metrics()
+        assert m[requests("eth_getBlockByHash", "miss")] == 1
+        assert m['chainrelay_shared_cache_locks_total{outcome="waited"}'] == 0
+        assert m['chainrelay_shared_cache_locks_total{outcome="fallback"}'] == 0
+    # What the regional stored, the leaf finds in Redis: the answers are shared.
+    other = [address(6), "latest"]
+    assert (await rpc(regional.url, "eth_getBalance", other))["result"] == "0x0"
+    assert (await rpc(leaf.url, "eth_getBalance", other))["result"] == "0x0"
+    assert await metric(leaf, requests("eth_getBalance", "shared_hit")) == 1
