@@ -219,10 +219,19 @@ async def test_body_over_the_limit_is_refused_with_413(relay) -> None:
     assert status == 413 and headers["connection"] == "close"
     await assert_alive(relay, "an oversized Content-Length")
 
-    # Chunked: no length announced, refused once the chunks pass the limit.
-    chunk = b"%x\r\n" % 40_000 + b" " * 40_000 + b"\r\n"
+    # Chunked: no length announced, refused once the chunks pass the limit. The last,
+    # small chunk crosses it, so nothing is left unread to turn the close into a reset.
+    def chunk(n: int) -> bytes:
+        return b"%x\r\n" % n + b" " * n + b"\r\n"
+
     ((status, _, _),) = await raw_exchange(
-        relay, [post_head(extra=b"Transfer-Encoding: chunked\r\n"), chunk, chunk, chunk]
+        relay,
+        [
+            post_head(extra=b"Transfer-Encoding: chunked\r\n"),
+            chunk(60_000),
+            chunk(40_000),
+            chunk(1),
+        ],
     )
     assert status == 413
     await assert_alive(relay, "an oversized chunked body")

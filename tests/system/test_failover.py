@@ -27,13 +27,11 @@ pytestmark = pytest.mark.lab
 DEV_BALANCE = hex(10_000 * 10**18)  # every anvil dev account's balance while nobody spends
 BALANCE_READER = "0x" + "be" * 20
 BALANCE_READER_CODE = "0x60003531600052602060" + "00f3"  # returns balance(calldata[0:32])
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def reader_call(account: str) -> dict[str, str]:
     return {"to": BALANCE_READER, "data": "0x" + account[2:].lower().rjust(64, "0")}
-
-
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
