@@ -84,9 +84,8 @@ class HttpServer:
         origins = limits.cors_origins
         self.cors_any = "*" in origins
         self.cors_origins = {o.encode() for o in origins}
-        self._base_headers = b"Content-Type: application/json\r\n"
-        if self.cors_any:
-            self._base_headers += b"Access-Control-Allow-Origin: *\r\n"
+        self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""
+        self._base_headers = b"Content-Type: application/json\r\n" + self._cors_line
         self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -141,6 +140,16 @@ class HttpServer:
             seen = live
 
     def head(self, status: int, length: int, keep_alive: bool, extra: bytes = b"") -> bytes:
+        if status == 204:  # RFC 9110 8.6: no Content-Length (nor content) on a 204
+            return b"".join(
+                (
+                    b"HTTP/1.1 204 No Content\r\n",
+                    self._cors_line,
+                    extra,
+                    b"" if keep_alive else b"Connection: close\r\n",
+                    b"\r\n",
+                )
+            )
         return b"".join(
             (
                 b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK")),
@@ -232,16 +241,18 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
-        if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
-            self._reject_head()
-            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade(data, int(upgrade.args[0]))
+            return
         except httptools.HttpParserError:
             self.server.metrics.rejected.labels("bad_http").inc()
             self._plain(400, b"malformed HTTP request", keep_alive=False)
+            return
+        # Still inside a head after this read: it is only ever head bytes that pile up.
+        if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
+            self._reject_head()
 
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:

@@ -107,6 +107,7 @@ class RpcService:
         if not is_batch:
             item = items[0]
             if isinstance(item, bytes):
+                self.metrics.count("", "invalid", 0.0)
                 return item
             started = time.perf_counter()
             fast = self._answer_now(item, started)
@@ -117,6 +118,7 @@ class RpcService:
         slow = False
         for item in items:
             if isinstance(item, bytes):
+                self.metrics.count("", "invalid", 0.0)
                 parts.append(item)
                 continue
             started = time.perf_counter()

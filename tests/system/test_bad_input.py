@@ -277,12 +277,6 @@ async def test_request_head_over_the_limit_is_refused_with_431(relay) -> None:
     assert m['chainrelay_rejected_total{reason="header_too_large"}'] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the head-size check in HttpProtocol.data_received (chainrelay/services/http.py) "
-    "counts whole reads, so body bytes that share a read with the end of a split head "
-    "are taken for header bytes: 431 for a small head",
-)
 async def test_split_head_followed_by_a_large_body_is_served(relay) -> None:
     body = CALL[:-1] % 7 + b" " * 60_000 + b"}"
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
@@ -398,11 +392,6 @@ async def test_http_routes(relay) -> None:
     await assert_alive(relay, "the routes")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 204 preflight answer carries Content-Length: 0, which RFC 9110 §8.6 forbids "
-    "on a 204 (chainrelay/services/http.py HttpServer.head)",
-)
 async def test_preflight_204_has_no_content_length(relay) -> None:
     req = b"OPTIONS / HTTP/1.1\r\nHost: relay\r\nOrigin: https://dapp.example\r\n\r\n"
     ((status, headers, _),) = await raw_exchange(relay, [req])
