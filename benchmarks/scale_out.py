@@ -432,8 +432,9 @@ def render(
         "redis-server and whatever else runs on it; a second worker can only use what wrk "
         "and the first worker leave.",
         "- A memory hit is answered synchronously in the HTTP callback; a Redis hit goes "
-        "through the asynchronous miss path (a task, one Redis round trip, the answer "
-        "copied into the memory tier and evicted again by the next calls of the mix).",
+        "through the asynchronous miss path (a task, a Redis lookup sent in one MGET with "
+        "the other lookups of the same event-loop turn, the answer copied into the memory "
+        "tier and evicted again by the next calls of the mix).",
         "",
     ]
     return "\n".join(lines)
