@@ -27,10 +27,10 @@ NULL_ID = b"null"
 _RESULT_KEY = b'"result"'
 _ERROR_KEY = b'"error"'
 _WS = b" \t\r\n"
-# Twenty digits in a row may be an integer past 64 bits, which orjson turns into a float:
-# such bodies are parsed again with the stdlib, which keeps them exact. (A hex string can
-# match too; that only costs the slower parse.)
-_LONG_INT = re.compile(rb"\d{20}")
+# A number token of twenty digits or more may be an integer past 64 bits, which orjson
+# turns into a float: such bodies are parsed again with the stdlib, which keeps them
+# exact. Number tokens follow "[", "," or ":"; hex strings (quoted) never match.
+_LONG_INT = re.compile(rb"[\[,:]\s*-?\d{20}")
 
 
 @dataclass(slots=True)
