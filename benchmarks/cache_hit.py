@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import orjson
 
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
@@ -41,7 +42,7 @@ GOAL_RPS = 45_000
 TARGETS = {
     "relay": "relay (cache hits)",
     "anvil": "anvil direct",
-    "floor": "floor: uvloop + httptools, fixed answer",
+    "floor": "floor: uvloop + httptools, same answers, no relay work",
 }
 WRK_BIN = common.WRK
 CONNECTIONS = 32
@@ -66,11 +67,14 @@ class Run:
     cpu: dict[str, float]  # process -> % of one core during the run
 
 
-def start_floor() -> tuple[subprocess.Popen[bytes], str]:
+def start_floor(answers: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``floor_server.py`` in its own process, answering; (process, URL)."""
     port = common.free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(common.HERE / "floor_server.py"), "--port", str(port)],
+        [
+            *(sys.executable, str(common.HERE / "floor_server.py")),
+            *("--port", str(port), "--answers", str(answers)),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -274,17 +278,49 @@ def check_hits(relay: common.Relay, bodies: list[bytes], calls: list[Any]) -> No
         )
 
 
-def check_same_answers(relay_url: str, anvil_url: str, calls: list[Any]) -> None:
-    """The relay answers every call of the mix exactly like anvil (the id aside)."""
+def check_same_answers(relay_url: str, anvil_url: str, bodies: list[bytes]) -> list[bytes]:
+    """The relay answers every call of the mix exactly like anvil (the id aside); returns
+    the relay's answers."""
     r, a = common.RpcClient(relay_url), common.RpcClient(anvil_url)
+    answers = []
     try:
-        for method, params in calls:
-            got, want = r.call(method, params), a.call(method, params)
-            if got != want:
-                raise RuntimeError(f"{method}{params}: relay {got!r} != anvil {want!r}")
+        for body in bodies:
+            got, want = r.raw(body), a.raw(body)
+            doc = orjson.loads(got)
+            if doc != orjson.loads(want) or "error" in doc:
+                raise RuntimeError(f"{body!r}: relay {got[:300]!r} != anvil {want[:300]!r}")
+            answers.append(got)
     finally:
         r.close()
         a.close()
+    return answers
+
+
+def in_process(upstream: str, bodies: list[bytes], tmp: Path) -> str:
+    """``hot_path.py`` in its own process (it runs a node in-process): the relay's own work
+    per cache hit, without sockets."""
+    path = tmp / "bodies.jsonl"
+    path.write_bytes(b"\n".join(bodies) + b"\n")
+    cmd = [sys.executable, str(common.HERE / "hot_path.py"), "--upstream", upstream]
+    cmd += ["--bodies", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        common.stop_process(proc)
+        return "- in-process measurement unavailable: hot_path.py timed out"
+    if proc.returncode != 0:
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        return f"- in-process measurement unavailable: {last[0]}"
+    r = orjson.loads(out)
+    return (
+        f"- in process, no sockets (`hot_path.py`: a node's HTTP protocol object fed wrk's "
+        f"requests): **{r['total_us']:.1f} µs** of CPU per cache hit, of which "
+        f"`RpcService.handle` {r['rpc_us']:.1f} µs and HTTP parsing and framing "
+        f"{r['total_us'] - r['rpc_us']:.1f} µs ({r['used']} of the {len(bodies)} bodies: "
+        "the others name blocks older than that node's first head, which it does not "
+        "cache by number)"
+    )
 
 
 def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
@@ -377,12 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         relay.wait_head(chain["head"])
         calls = mix(chain)
         bodies = [common.request_body(meth, params, 0) for meth, params in calls]
-        check_same_answers(relay.url, anvil.url, calls)
+        answers = check_same_answers(relay.url, anvil.url, bodies)
+        answers_path = Path(tmp) / "answers.jsonl"
+        answers_path.write_bytes(b"\n".join(answers) + b"\n")
         check_hits(relay, bodies, calls)
         script = Path(tmp) / "mix.lua"
         lua_script(bodies, script)
         assert relay.proc is not None and anvil.proc is not None
-        floor = start_floor()
+        floor = start_floor(answers_path)
         stack.callback(common.stop_process, floor[0])
         watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid, "floor": floor[0].pid}
         targets = {"relay": relay.url + "/", "anvil": anvil.url + "/", "floor": floor[1]}
@@ -416,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile
             else ""
         )
-    text = report(m, runs, calls, served, up1 - up0, args)
+        inproc = in_process(anvil.ws_url, bodies, Path(tmp))
+    text = report(m, runs, calls, served, up1 - up0, args) + "\n" + inproc
     if prof:
         text += "\n\n" + prof
     print(text)
@@ -499,7 +538,7 @@ def report(
             "",
             f"- relay / anvil: **{ratio:.2f}x**; relay / floor: "
             f"**{med['relay'] / med['floor']:.2f}x** (the floor is the same transport stack "
-            "answering a fixed body: what the relay would reach if its own work were free)",
+            "sending the same answers: what the relay would reach if its own work were free)",
             f"- goal ≥ {GOAL_RPS:,} req/s on the relay: **{verdict}** "
             f"({med['relay'] / GOAL_RPS:.0%} of goal); one core at 100% reaches it only at "
             f"≤ {1e6 / GOAL_RPS:.1f} CPU µs per request, the relay used "
