@@ -355,3 +355,35 @@ async def test_a_relay_and_its_parent_on_one_redis_never_wait_on_each_other(
     assert (await rpc(regional.url, "eth_getBalance", other))["result"] == "0x0"
     assert (await rpc(leaf.url, "eth_getBalance", other))["result"] == "0x0"
     assert await metric(leaf, requests("eth_getBalance", "shared_hit")) == 1
+
+
+async def test_a_redis_that_stops_answering_costs_one_timeout_then_is_skipped(
+    redis: RedisServer, still_anvil: Anvil, relay_factory: RelayFactory
+) -> None:
+    relay = await relay_factory(
+        [still_anvil.url], tiered(redis, redis_timeout=0.3, redis_retry_interval=0.2)
+    )
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # alive, connected, silent: a hung Redis
+    try:
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            for i in range(40):
+                got = await post(s, relay.url, call("eth_getBalance", [address(500 + i), "latest"]))
+                assert got["result"] == "0x0"
+        elapsed = time.monotonic() - started
+        m = await relay.metrics()
+        assert m["chainrelay_shared_cache_up"] == 0
+        assert m["chainrelay_shared_cache_down_total"] == 1
+        assert m['chainrelay_shared_cache_gets_total{outcome="skipped"}'] >= 38
+        # One command waited out its timeout; every later request skipped Redis.
+        assert elapsed < 10 * 0.3
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    await until(
+        lambda: _gauge(relay, "chainrelay_shared_cache_up", 1.0),
+        10 * SECOND,
+        "the relay to use Redis again",
+    )
+    assert (await rpc(relay.url, "eth_getBalance", [address(999), "latest"]))["result"] == "0x0"
+    assert await metric(relay, 'chainrelay_shared_cache_puts_total{outcome="stored"}') >= 1
