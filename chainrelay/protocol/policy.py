@@ -232,7 +232,12 @@ def _with(params: list[Any], index: int, value: Any) -> list[Any]:
 
 
 def _hash_named(
-    method: str, params: Params, block_hash: str, head: HeadView, anchor: str | None
+    method: str,
+    params: Params,
+    block_hash: str,
+    head: HeadView,
+    anchor: str | None,
+    keyed: Params | None = None,
 ) -> Plan:
     """A read that names its block by hash: keyed as asked, served from cache only while
     that block is canonical. A hash outside the window (an old block, or one never seen)
@@ -240,7 +245,7 @@ def _hash_named(
     n = head.numbers.get(block_hash, -1)
     return Plan(
         Finality.UNFINALIZED,
-        _key(method, params),
+        _key(method, params if keyed is None else keyed),
         block_number=n,
         block_hash=block_hash if n >= 0 else None,
         anchor=anchor,
@@ -261,7 +266,11 @@ def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan
         h = ref["blockHash"]
         if ref.get("requireCanonical") and h not in head.numbers:
             return PASS  # the answer depends on canonicality we cannot vouch for
-        return _hash_named(method, params, h, head, rule.anchor)
+        # Keyed like a tag resolved to the same block ("#H"), since that is forwarded as
+        # exactly this request; requireCanonical is an answer of its own.
+        mark = "#!" if ref.get("requireCanonical") else "#"
+        keyed = _with(params, rule.index, mark + h)
+        return _hash_named(method, params, h, head, rule.anchor, keyed)
     block = _resolve(ref, head)
     if block is None:
         return PASS

@@ -229,16 +229,19 @@ class RpcService:
         if entry is not None and self._still_canonical(entry):
             self.metrics.hits += 1
             return Answer(entry.value, None), "hit"
+        fwd = p.params if p.params is not None else params
+        if p.key in self._coalescer:
+            # Join the call already under way: no shared-tier lookup of our own.
+            self.metrics.coalesced.inc()
+            return await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd)), "miss"
         if self.shared is not None:
             entry = await self.shared.get(p.key)
             if entry is not None and self._still_canonical(entry):
                 self.cache.put(p.key, entry)
+                self.metrics.cache_bytes.set(self.cache.bytes)
                 self.metrics.hits += 1
                 return Answer(entry.value, None), "shared_hit"
         self.metrics.misses += 1
-        fwd = p.params if p.params is not None else params
-        if p.key in self._coalescer:
-            self.metrics.coalesced.inc()
         answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd))
         return answer, "miss"
 
