@@ -242,6 +242,8 @@ class RpcService:
                 self.metrics.hits += 1
                 return Answer(entry.value, None), "shared_hit"
         self.metrics.misses += 1
+        if p.key in self._coalescer:  # another caller's miss started during our lookup
+            self.metrics.coalesced.inc()
         answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd))
         return answer, "miss"
 
