@@ -378,7 +378,7 @@ def _short(frame: str) -> str:
     # "handle (chainrelay/services/rpc.py:100)" -> "rpc.py:handle"
     m = re.match(r"(.*) \((.*?):\d+\)$", frame)
     if m is None:
-        return frame
+        return frame or "(no Python frame)"
     return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
