@@ -14,10 +14,10 @@ from chainrelay.errors import ChainRelayError
 from chainrelay.protocol.chains import ChainProfile, profile_for
 from chainrelay.services.cache import MemoryCache
 from chainrelay.services.head import HeadTracker
-from chainrelay.services.http import HttpLimits, HttpServer, Routes
+from chainrelay.services.http import HttpServer, Routes
 from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import PoolSettings, UpstreamPool
-from chainrelay.services.rpc import RpcLimits, RpcService
+from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.rpc import RpcService
 from chainrelay.services.shared_cache import (
     REDIS_MODE_MEMORY_BYTES,
     RedisCache,
@@ -61,16 +61,7 @@ class Node:
             make_upstream(u.name, u.url, timeout=p.timeout, connections=p.connections)
             for u in cfg.upstreams
         ]
-        settings = PoolSettings(
-            max_attempts=p.max_attempts,
-            hedge=p.hedge,
-            hedge_quantile=p.hedge_quantile,
-            hedge_min_delay=p.hedge_min_delay,
-            max_lag_blocks=p.max_lag_blocks,
-            max_consecutive_errors=p.max_consecutive_errors,
-            probe_interval=p.probe_interval,
-        )
-        pool = self.pool = UpstreamPool(upstreams, settings, self.metrics)
+        pool = self.pool = UpstreamPool(upstreams, p, self.metrics)
         self._stack.append(pool.stop)
         await pool.start()
         self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
@@ -108,22 +99,14 @@ class Node:
             head,
             self.metrics,
             self.chain_id,
-            RpcLimits(max_batch_len=cfg.limits.max_batch_len),
+            max_batch_len=cfg.limits.max_batch_len,
             shared=self.shared,
         )
-        lim = cfg.limits
-        limits = HttpLimits(
-            max_body_bytes=lim.max_body_bytes,
-            max_header_bytes=lim.max_header_bytes,
-            max_pending_per_connection=lim.max_pending_per_connection,
-            max_connections_per_ip=lim.max_connections_per_ip,
-            keepalive_timeout=lim.keepalive_timeout,
-            max_ws_message_bytes=lim.max_ws_message_bytes,
-            max_ws_send_buffer=lim.max_ws_send_buffer,
-            cors_origins=cfg.server.cors_origins,
-        )
         server = self.server = HttpServer(
-            Routes(self.rpc.handle, self.health, self.metrics.render), limits, self.metrics
+            Routes(self.rpc.handle, self.health, self.metrics.render),
+            cfg.limits,
+            self.metrics,
+            cfg.server.cors_origins,
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)

@@ -13,12 +13,11 @@ import logging
 import time
 import typing
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import httptools
 import orjson
 
-from chainrelay import defaults
+from chainrelay.config import LimitsConfig
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.ws import WsSession
 
@@ -44,18 +43,6 @@ LARGE_BODY = 16 * 1024
 IDLE_SWEEP_INTERVAL = 5.0
 
 
-@dataclass(slots=True)
-class HttpLimits:
-    max_body_bytes: int = defaults.MAX_BODY_BYTES
-    max_header_bytes: int = defaults.MAX_HEADER_BYTES
-    max_pending_per_connection: int = defaults.MAX_PENDING_PER_CONNECTION
-    max_connections_per_ip: int = defaults.MAX_CONNECTIONS_PER_IP
-    keepalive_timeout: float = defaults.KEEPALIVE_TIMEOUT
-    max_ws_message_bytes: int = defaults.MAX_WS_MESSAGE_BYTES
-    max_ws_send_buffer: int = defaults.MAX_WS_SEND_BUFFER
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])
-
-
 class Routes:
     """What the front door serves besides JSON-RPC POSTs."""
 
@@ -73,7 +60,13 @@ class Routes:
 class HttpServer:
     """Owns the listening socket and the set of live connections."""
 
-    def __init__(self, routes: Routes, limits: HttpLimits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        routes: Routes,
+        limits: LimitsConfig,
+        metrics: Metrics,
+        cors_origins: list[str] | None = None,
+    ) -> None:
         self.routes = routes
         self.limits = limits
         self.metrics = metrics
@@ -81,7 +74,7 @@ class HttpServer:
         self.per_ip: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        origins = limits.cors_origins
+        origins = ["*"] if cors_origins is None else cors_origins
         self.cors_any = "*" in origins
         self.cors_origins = {o.encode() for o in origins}
         self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""

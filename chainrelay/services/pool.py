@@ -11,11 +11,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from eth_utils import keccak
 
-from chainrelay import defaults
+from chainrelay.config import PoolConfig
 from chainrelay.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamWrongChain
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.upstream import TransportError, Upstream
@@ -27,20 +26,9 @@ log = logging.getLogger(__name__)
 ALREADY_KNOWN = ("already known", "known transaction", "already imported", "already exists")
 
 
-@dataclass(slots=True)
-class PoolSettings:
-    max_attempts: int = defaults.UPSTREAM_MAX_ATTEMPTS
-    hedge: bool = True
-    hedge_quantile: float = defaults.HEDGE_QUANTILE
-    hedge_min_delay: float = defaults.HEDGE_MIN_DELAY
-    max_lag_blocks: int = defaults.MAX_LAG_BLOCKS
-    max_consecutive_errors: int = defaults.MAX_CONSECUTIVE_ERRORS
-    probe_interval: float = defaults.PROBE_INTERVAL
-
-
 class UpstreamPool:
     def __init__(
-        self, upstreams: Sequence[Upstream], settings: PoolSettings, metrics: Metrics
+        self, upstreams: Sequence[Upstream], settings: PoolConfig, metrics: Metrics
     ) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
@@ -64,11 +63,6 @@ class SharedCache(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class RpcLimits:
-    max_batch_len: int = defaults.MAX_BATCH_LEN
-
-
 class RpcService:
     def __init__(
         self,
@@ -77,7 +71,7 @@ class RpcService:
         head: HeadTracker,
         metrics: Metrics,
         chain_id: int,
-        limits: RpcLimits | None = None,
+        max_batch_len: int = defaults.MAX_BATCH_LEN,
         shared: SharedCache | None = None,
     ) -> None:
         self.cache = cache
@@ -86,7 +80,7 @@ class RpcService:
         self.head = head
         self.view = head.view
         self.metrics = metrics
-        self.limits = limits or RpcLimits()
+        self.max_batch_len = max_batch_len
         self.chain_id = chain_id
         self._chain_id_json = f'"{hex(chain_id)}"'.encode()
         self._coalescer: Coalescer[Answer] = Coalescer()
@@ -100,7 +94,7 @@ class RpcService:
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
         """The answer to an HTTP body or WebSocket message (b"" when nothing is owed)."""
         try:
-            items, is_batch = parse_body(body, self.limits.max_batch_len)
+            items, is_batch = parse_body(body, self.max_batch_len)
         except RequestError as exc:
             self.metrics.count("", "invalid", 0.0)
             return encode_error(NULL_ID, exc.code, exc.message)

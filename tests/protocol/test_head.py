@@ -11,10 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.config import PoolConfig
 from chainrelay.protocol.chains import PROFILES
 from chainrelay.services.head import Header, HeadTracker
 from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import PoolSettings, UpstreamPool
+from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.upstream import Upstream
 
 
@@ -67,7 +68,7 @@ def chain() -> MemoryChain:
 @pytest.fixture
 def tracker(chain: MemoryChain) -> HeadTracker:
     metrics = Metrics()
-    pool = UpstreamPool([chain], PoolSettings(), metrics)
+    pool = UpstreamPool([chain], PoolConfig(), metrics)
     return HeadTracker(pool, PROFILES["devnet"], metrics, window=16)
 
 
