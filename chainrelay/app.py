@@ -73,6 +73,7 @@ class Node:
             profile,
             self.metrics,
             window=cfg.head.reorg_window,
+            backfill=cfg.head.backfill_blocks,
             finality_refresh_blocks=cfg.head.finality_refresh_blocks,
             fresh_blocks=cfg.head.fresh_blocks,
         )

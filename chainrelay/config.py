@@ -98,6 +98,7 @@ class PoolConfig:
 @dataclass
 class HeadConfig:
     reorg_window: int = d.REORG_WINDOW
+    backfill_blocks: int = d.BACKFILL_BLOCKS
     finality_refresh_blocks: int = d.FINALITY_REFRESH_BLOCKS
     fresh_blocks: float = d.HEAD_FRESH_BLOCKS
 

@@ -55,6 +55,9 @@ LATENCY_EWMA_ALPHA = 0.1
 # --- Head tracker --------------------------------------------------------------------------
 # Canonical hashes remembered per chain: deeper than any reorg either chain has seen.
 REORG_WINDOW = 256
+# Recent canonical hashes fetched behind the first head, so reads of blocks from just
+# before a start are cached by hash at once: a BSC minute, well inside the window.
+BACKFILL_BLOCKS = 64
 # How often safe/finalized are refreshed, in blocks.
 FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber/eth_chainId are answered locally only while the head is this fresh,

@@ -56,6 +56,7 @@ class HeadTracker:
         metrics: Metrics,
         *,
         window: int = defaults.REORG_WINDOW,
+        backfill: int = defaults.BACKFILL_BLOCKS,
         finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
         fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
     ) -> None:
@@ -64,6 +65,8 @@ class HeadTracker:
         self.metrics = metrics
         self.view = HeadView()
         self.window = window
+        self.backfill = min(backfill, window)
+        self._backfill_task: asyncio.Task[None] | None = None
         self.finality_refresh_blocks = finality_refresh_blocks
         self.fresh_seconds = fresh_blocks * profile.block_time
         self.updated_at = 0.0  # monotonic time of the last head change
@@ -82,7 +85,9 @@ class HeadTracker:
 
     @property
     def fresh(self) -> bool:
-        return self.view.known and time.monotonic() - self.updated_at < max(self.fresh_seconds, 1.0)
+        return self.view.known and time.monotonic() - self.confirmed_at < max(
+            self.fresh_seconds, 1.0
+        )
 
     async def start(self) -> None:
         for u in self.pool.upstreams:
@@ -90,8 +95,9 @@ class HeadTracker:
 
     async def stop(self) -> None:
         tasks = [*self._tasks]
-        if self._finality_task is not None:
-            tasks.append(self._finality_task)
+        for extra in (self._finality_task, self._backfill_task):
+            if extra is not None:
+                tasks.append(extra)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -176,6 +182,7 @@ class HeadTracker:
     async def _adopt(self, u: Upstream, h: Header) -> None:
         """Make ``h`` the head, fetching the blocks that link it to the known chain."""
         view = self.view
+        first = not view.known
         chain = [h]
         low = max(0, h.number - self.window)
         # Walk back by parent hash until the chain links to a block we hold as canonical.
@@ -235,6 +242,30 @@ class HeadTracker:
         for listener in self.listeners:
             listener(added, removed)
         self._changed.set()
+        if first and self.backfill > 0:
+            self._backfill_task = asyncio.create_task(self._backfill_window(u))
+
+    async def _backfill_window(self, u: Upstream) -> None:
+        """Fetch the canonical hashes just behind the first head, walking parent hashes."""
+        view = self.view
+        for _ in range(self.backfill):
+            low = min(view.canonical)
+            if low == 0 or low <= view.number - self.window:
+                return
+            low_hash = view.canonical[low]
+            try:
+                answer = await u.call("eth_getBlockByHash", [low_hash, False])
+            except TransportError:
+                return
+            block = Header.parse(answer.value)
+            if block is None or block.hash != low_hash:
+                return
+            async with self._lock:
+                if view.canonical.get(low) != low_hash or (low - 1) in view.canonical:
+                    return  # the chain moved under us: a later head will link as usual
+                view.canonical[low - 1] = block.parent_hash
+                view.numbers[block.parent_hash] = low - 1
+                view.generation += 1
 
     def _trim(self) -> None:
         view = self.view

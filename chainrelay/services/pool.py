@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from eth_utils import keccak
 
@@ -35,6 +35,8 @@ class UpstreamPool:
         self.upstreams = list(upstreams)
         self.settings = settings
         self.metrics = metrics
+        for u in self.upstreams:
+            u.observer = self._observer(u.name)
         self._probes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[object]] = set()
 
@@ -125,18 +127,25 @@ class UpstreamPool:
             log.info("upstream %s back in rotation", u.name)
 
     # --- calls ------------------------------------------------------------------------
-    async def _attempt(self, u: Upstream, method: str, params: Params | None) -> Answer:
+    def _observer(self, name: str) -> Callable[[str, float], None]:
+        """Counts every call of one upstream, with its label children looked up once."""
         m = self.metrics
+        latency = m.upstream_latency.labels(name)
+        calls = {o: m.upstream_calls.labels(name, o) for o in ("ok", "error", "transport_error")}
+
+        def observe(outcome: str, seconds: float) -> None:
+            calls[outcome].inc()
+            latency.observe(seconds)
+
+        return observe
+
+    async def _attempt(self, u: Upstream, method: str, params: Params | None) -> Answer:
         try:
-            with m.upstream_latency.labels(u.name).time():
-                answer = await u.call(method, params)
+            return await u.call(method, params)
         except TransportError as exc:
-            m.upstream_calls.labels(u.name, "transport_error").inc()
             self._mark_failed(u)
             log.debug("upstream %s %s failed: %s", u.name, method, exc)
             raise
-        m.upstream_calls.labels(u.name, "error" if answer.error is not None else "ok").inc()
-        return answer
 
     def _hedge_delay(self, u: Upstream) -> float | None:
         s = self.settings
@@ -148,6 +157,8 @@ class UpstreamPool:
         """A read: the first good answer from the best upstreams, retried and maybe hedged."""
         order = self.candidates(min_block)
         max_attempts = self.settings.max_attempts
+        if len(order) == 1:
+            return await self._call_one(order[0], method, params, max_attempts)
         tried = 0
         last_exc: TransportError | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
@@ -194,6 +205,20 @@ class UpstreamPool:
         raise UpstreamUnavailable(
             f"no upstream answered: {last_exc}", method=method, upstream=where, attempts=tried
         )
+
+    async def _call_one(
+        self, u: Upstream, method: str, params: Params | None, attempts: int
+    ) -> Answer:
+        """The only upstream: retried in place, with no tasks to race."""
+        last: TransportError | None = None
+        for _ in range(attempts):
+            try:
+                return await self._attempt(u, method, params)
+            except TransportError as exc:
+                last = exc
+        assert last is not None
+        cls = UpstreamTimeout if last.timeout else UpstreamUnavailable
+        raise cls(f"upstream failed: {last}", method=method, upstream=u.name, attempts=attempts)
 
     async def broadcast(self, method: str, params: Params | None) -> Answer:
         """A write to every upstream at once; the first success answers.

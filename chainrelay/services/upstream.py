@@ -36,6 +36,8 @@ class TransportError(Exception):
 
 
 Notify = Callable[[str, Any], None]
+# Told of every call an upstream made: (outcome "ok" | "error" | "transport_error", seconds).
+Observer = Callable[[str, float], None]
 
 
 class Upstream:
@@ -55,6 +57,8 @@ class Upstream:
         self.calls = 0
         self.errors = 0
         self.chain_id: int | None = None
+        # Set by the pool so that every call counts, the head tracker's included.
+        self.observer: Observer | None = None
 
     @property
     def is_ws(self) -> bool:
@@ -83,17 +87,24 @@ class Upstream:
                 raise TransportError(f"malformed answer: {exc}", malformed=True) from None
         except TimeoutError:
             self._failed()
+            self._observe("transport_error", started)
             raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
         except TransportError as exc:
             if not exc.malformed:
                 self._failed()
+            self._observe("transport_error", started)
             raise
         elapsed = time.perf_counter() - started
         self.samples.append(elapsed)
         a = defaults.LATENCY_EWMA_ALPHA
         self.latency = elapsed if self.latency == 0.0 else (1 - a) * self.latency + a * elapsed
         self.consecutive_errors = 0
+        self._observe("error" if answer.error is not None else "ok", started)
         return answer
+
+    def _observe(self, outcome: str, started: float) -> None:
+        if self.observer is not None:
+            self.observer(outcome, time.perf_counter() - started)
 
     def _failed(self) -> None:
         self.errors += 1
@@ -161,13 +172,14 @@ class WsUpstream(Upstream):
         return None  # connects on first use
 
     async def stop(self) -> None:
+        conn = self._conn  # the reader forgets it as it ends
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        self._conn = None
+        if conn is not None:
+            await conn.close()
 
     async def _connection(self) -> ClientConnection:
         if self._conn is not None:

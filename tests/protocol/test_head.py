@@ -69,7 +69,7 @@ def chain() -> MemoryChain:
 def tracker(chain: MemoryChain) -> HeadTracker:
     metrics = Metrics()
     pool = UpstreamPool([chain], PoolConfig(), metrics)
-    return HeadTracker(pool, PROFILES["devnet"], metrics, window=16)
+    return HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=0)
 
 
 def extend(chain: MemoryChain, fork: str, lo: int, hi: int, parent_fork: str) -> list[Header]:
@@ -182,3 +182,18 @@ async def test_missing_tag_falls_back_to_the_profile_depth(
     await tracker._refresh_finality(chain)  # the chain answers null: no tag
     await tracker.on_header(chain, headers[90])
     assert tracker.view.finalized == 90 - PROFILES["devnet"].fallback_finality_depth
+
+
+async def test_first_head_backfills_the_window_behind_it(chain: MemoryChain) -> None:
+    metrics = Metrics()
+    pool = UpstreamPool([chain], PoolConfig(), metrics)
+    tracker = HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=64)
+    headers = extend(chain, "a", 0, 40, "a")
+    await tracker.on_header(chain, headers[40])
+    assert tracker._backfill_task is not None
+    await tracker._backfill_task
+    view = tracker.view
+    assert view.canonical == {n: h("a", n) for n in range(24, 41)}
+    assert all(view.numbers[h("a", n)] == n for n in range(24, 41))
+    await tracker.on_header(chain, headers[39])  # nothing new
+    assert view.number == 40
