@@ -272,7 +272,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         limit = self.server.limits.max_header_bytes
-        if len(self._chunk) > limit and (
+        if (len(self._chunk) > limit or len(self._head_buf) > 1) and (
             len(self._url) + sum(len(k) + len(v) + 4 for k, v in self._headers) > limit
         ):
             self._reject_head()

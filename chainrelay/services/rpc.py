@@ -273,7 +273,9 @@ class RpcService:
         a_num, a_hash = -1, None
         if p.finality is Finality.REALTIME:
             expires = time.monotonic() + self._block_time
-        elif p.validate_canonical:
+        elif p.block_hash is not None or p.validate_canonical:
+            # Every answer keyed by a block hash carries that block, so a hit is refused
+            # once the block is reorged away, however the caller named it.
             if p.block_hash is not None:
                 a_num, a_hash = p.block_number, p.block_hash
             elif isinstance(anchor, tuple):
@@ -281,13 +283,12 @@ class RpcService:
             if a_hash is not None:
                 if a_num > view.number or view.is_canonical(a_num, a_hash) is False:
                     return None
+                if isinstance(anchor, tuple) and p.anchor != "items" and anchor[1] != a_hash:
+                    return None  # answered from another fork than the one the key names
                 if a_num <= view.finalized:
                     a_num, a_hash = -1, None  # final: no check needed on hits
-        elif isinstance(anchor, tuple):
-            if p.block_hash is not None and p.anchor != "items" and anchor[1] != p.block_hash:
-                return None  # answered from another fork than the one the key names
-            if p.block_hash is None and p.anchor == "block" and anchor[0] != p.block_number:
-                return None
+        elif isinstance(anchor, tuple) and p.anchor == "block" and anchor[0] != p.block_number:
+            return None  # a final block asked by number, answered with another one
         if p.anchor == "items" and not policy.items_canonical(answer.value, view):
             return None
         entry = Entry(answer.result, expires, a_num, a_hash)

@@ -338,7 +338,10 @@ async def test_a_relay_and_its_parent_on_one_redis_never_wait_on_each_other(
     # one Redis under one prefix. The leaf holds its lock while it asks the regional; were
     # the lock shared, the regional would wait on it until it expired (10 s here).
     regional = await relay_factory([still_anvil.url], tiered(redis), name="regional")
-    leaf = await relay_factory([regional.url], tiered(redis), name="leaf")
+    # The leaf's head tracker would otherwise fetch recent blocks by hash through the
+    # regional as it starts (its backfill), storing the very block asked for below.
+    no_backfill = tiered(redis).replace("[head]\n", "[head]\nbackfill_blocks = 0\n")
+    leaf = await relay_factory([regional.url], no_backfill, name="leaf")
     # A call both relays key alike (the leaf forwards it unchanged).
     block = (await rpc(still_anvil.url, "eth_getBlockByNumber", ["0x3", False]))["result"]
     started = time.monotonic()

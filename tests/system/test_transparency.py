@@ -27,10 +27,10 @@ from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
-# The recorded chain never advances. With the default freshness (three block times) the
-# relay would call its head stale a few seconds in, report itself degraded and send
-# eth_blockNumber upstream; a head that stays fresh keeps every run the same.
-STATIC_HEAD = "[head]\nfresh_blocks = 1000000000.0\n"
+# The recorded upstream answers only what was recorded: the relay's start-up backfill of
+# recent block hashes (lookups by hash of arbitrary blocks) is turned off, so everything
+# the relay sends comes from the replayed requests and the head tracker's tag reads.
+STATIC_HEAD = "[head]\nbackfill_blocks = 0\n"
 
 # execution-apis: 232 files, 4 of them with two exchanges (see the corpora's README.md).
 EXECUTION_APIS_EXCHANGES = 236
