@@ -127,6 +127,44 @@ def parse_body(body: bytes, max_batch: int) -> tuple[list[Item], bool]:
     return [_call_from(doc)], False
 
 
+_ID_KEY = b'"id":'
+
+
+def split_id(body: bytes) -> tuple[bytes, bytes] | None:
+    """``(id token, body without it)`` for a single call whose id can be found without
+    parsing: one ``"id":`` member holding a plain integer, ``null`` or a string without
+    escapes. None otherwise. Two bodies with the same remainder are the same call.
+
+    This is the cache-hit fast path's key: it costs two scans in C and no decoding.
+    """
+    if body[:1] != b"{":
+        return None
+    at = body.find(_ID_KEY)
+    if at < 0:
+        return None
+    start = at + 5
+    first = body[start : start + 1]
+    if first == b'"':
+        end = body.find(b'"', start + 1) + 1
+        if end <= 0:
+            return None
+        token = body[start:end]
+        if b"\\" in token:
+            return None
+    else:
+        end = body.find(b",", start)
+        if end < 0:
+            end = body.find(b"}", start)
+            if end < 0:
+                return None
+        token = body[start:end]
+        if not (token.isdigit() or token == b"null"):
+            return None
+    if body.find(_ID_KEY, end) >= 0:
+        return None
+    return token, body[:start] + body[end:]
+
+
 def encode_result(id_bytes: bytes, result: bytes) -> bytes:
     """The answer to a call, from the raw JSON of its result: the cache-hit splice."""
     return b'{"jsonrpc":"2.0","id":' + id_bytes + b',"result":' + result + b"}"

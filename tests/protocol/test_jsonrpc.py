@@ -17,6 +17,7 @@ from chainrelay.wire.jsonrpc import (
     join_batch,
     parse_answer,
     parse_body,
+    split_id,
 )
 
 BIG = 123456789012345678901234567890  # past 64 bits: orjson alone would turn it into a float
@@ -301,3 +302,34 @@ def test_null_error_beside_a_result_is_a_result() -> None:
 def test_malformed_answers_raise_value_error(body: bytes) -> None:
     with pytest.raises(ValueError):
         parse_answer(body)
+
+
+# --- the fast path's id split ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "token", "rest"),
+    [
+        (b'{"jsonrpc":"2.0","id":12,"method":"m"}', b"12", b'{"jsonrpc":"2.0","id":,"method":"m"}'),
+        (b'{"method":"m","id":7}', b"7", b'{"method":"m","id":}'),
+        (b'{"id":"abc","method":"m"}', b'"abc"', b'{"id":,"method":"m"}'),
+        (b'{"id":null,"method":"m"}', b"null", b'{"id":,"method":"m"}'),
+    ],
+)
+def test_split_id_finds_plain_ids(body: bytes, token: bytes, rest: bytes) -> None:
+    assert split_id(body) == (token, rest)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'[{"id":1,"method":"m"}]',  # a batch
+        b'{"method":"m"}',  # a notification
+        b'{"id":1.5,"method":"m"}',  # a float keeps the slow path
+        b'{"id":-1,"method":"m"}',
+        b'{"id":"a\\"b","method":"m"}',  # an escape in the id
+        b'{"id":1,"params":[{"id":2}]}',  # a second "id" member
+        b'{"id" : 1,"method":"m"}',  # spaced
+        b'{"id":abc,"method":"m"}',  # not JSON
+    ],
+)
+def test_split_id_declines_what_it_cannot_split_safely(body: bytes) -> None:
+    assert split_id(body) is None

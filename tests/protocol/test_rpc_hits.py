@@ -1,0 +1,104 @@
+"""The request pipeline's synchronous hit paths, without sockets or upstreams.
+
+A call answered from cache once is answered again, id aside, through the body-remainder
+fast path; the answers must be those of the full path, and the fast path must end with
+the head it was learned at.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from chainrelay.config import PoolConfig
+from chainrelay.protocol import policy
+from chainrelay.protocol.chains import PROFILES
+from chainrelay.protocol.policy import HeadView
+from chainrelay.services.cache import Entry, MemoryCache
+from chainrelay.services.head import HeadTracker
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.rpc import RpcService
+from chainrelay.services.upstream import Upstream
+from chainrelay.wire.jsonrpc import parse_body
+
+ADDR = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+
+
+class NoUpstream(Upstream):
+    """Fails the test if the pipeline ever leaves the hit path."""
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def request(self, body: bytes) -> bytes:
+        raise AssertionError(f"upstream asked: {body!r}")
+
+
+def head_at(view: HeadView, n: int) -> None:
+    view.number = n
+    view.hash = "0x" + f"{n:x}".rjust(64, "a")
+    view.canonical = {i: "0x" + f"{i:x}".rjust(64, "a") for i in range(max(0, n - 20), n + 1)}
+    view.numbers = {h: i for i, h in view.canonical.items()}
+    view.finalized = n - 10
+    view.generation += 1
+
+
+@pytest.fixture
+def service() -> RpcService:
+    metrics = Metrics()
+    pool = UpstreamPool(
+        [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), metrics
+    )
+    head = HeadTracker(pool, PROFILES["devnet"], metrics)
+    head_at(head.view, 100)
+    return RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56)
+
+
+def body(id_: object, block: str = "latest") -> bytes:
+    return orjson.dumps(
+        {"jsonrpc": "2.0", "id": id_, "method": "eth_getBalance", "params": [ADDR, block]}
+    )
+
+
+def warm(service: RpcService, value: bytes) -> None:
+    (call,), _ = parse_body(body(0), 10)
+    assert not isinstance(call, bytes)
+    key = policy.plan(call.method, call.params, service.view).key
+    assert key is not None
+    service.cache.put(key, Entry(value))
+
+
+def test_repeated_calls_take_the_fast_path_with_their_own_ids(service: RpcService) -> None:
+    warm(service, b'"0x2a"')
+    first = service.handle(body(1))
+    assert first == b'{"jsonrpc":"2.0","id":1,"result":"0x2a"}'
+    assert len(service._seen) == 1
+    for id_ in (2, "two", None, 10**12):
+        got = service.handle(body(id_))
+        assert isinstance(got, bytes)
+        assert orjson.loads(got) == {"jsonrpc": "2.0", "id": id_, "result": "0x2a"}
+    assert service.metrics.hits == 5
+
+
+def test_a_new_head_ends_the_fast_path(service: RpcService) -> None:
+    warm(service, b'"0x2a"')
+    service.handle(body(1))
+    head_at(service.view, 101)  # "latest" is another block now: not in cache
+    assert service._seen_hit(b"3", body(3).replace(b'"id":3', b'"id":'), 0.0) is None
+    pending = service.handle(body(3))
+    assert not isinstance(pending, bytes)  # goes upstream, not to the old answer
+    pending.close()  # type: ignore[attr-defined]
+
+
+def test_a_body_that_differs_beyond_its_id_is_not_taken_for_another(
+    service: RpcService,
+) -> None:
+    warm(service, b'"0x2a"')
+    service.handle(body(1))
+    pending = service.handle(body(4, "0x5a"))  # another block: a different call
+    assert not isinstance(pending, bytes)
+    pending.close()  # type: ignore[attr-defined]
