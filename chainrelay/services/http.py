@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 import typing
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,9 @@ _REASONS = {
     503: b"Service Unavailable",
 }
 INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
+# Headers that take a POST off the fast path (see HttpProtocol._plain_post).
+_SPECIAL = re.compile(rb"\r\n(?:transfer-encoding|connection|upgrade|expect)[ \t]*:", re.I)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
@@ -162,6 +166,7 @@ class HttpProtocol(asyncio.Protocol):
         "_chunk",
         "_head_buf",
         "_headers",
+        "_idle",
         "_in_head",
         "_paused",
         "_queue",
@@ -191,6 +196,7 @@ class HttpProtocol(asyncio.Protocol):
         self._chunk = b""
         self._head_buf: list[bytes] = []
         self._in_head = False
+        self._idle = True  # between messages: the fast path may take the next one
         self._too_large = False
         self._queue: collections.deque[list[object]] = collections.deque()
         self._paused = False
@@ -231,6 +237,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.data_received(data)
             return
+        if self._idle and data[:5] == b"POST " and self.server.cors_any and self._plain_post(data):
+            return
         if self._in_head:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
@@ -247,9 +255,34 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
             self._reject_head()
 
+    def _plain_post(self, data: bytes) -> bool:
+        """Answer a read that holds exactly one ordinary keep-alive POST, without httptools.
+
+        The common case of every JSON-RPC client, taken only when nothing in the head asks
+        for more than a length-delimited body (no chunking, upgrade, Expect, Connection or
+        a second Content-Length); anything else goes to httptools untouched.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end > self.server.limits.max_header_bytes:
+            return False
+        head = data[:end]
+        first = head.find(b"\r\n")
+        if first < 0 or not head[:first].endswith(b" HTTP/1.1") or _SPECIAL.search(head):
+            return False
+        length = _CONTENT_LENGTH.search(head)
+        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
+            return False
+        n = int(length.group(1))
+        if len(data) != end + 4 + n or n > self.server.limits.max_body_bytes:
+            return False
+        self.requests += 1
+        self._answer(self.server.routes.rpc(data[end + 4 :]), True)
+        return True
+
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
         self.requests += 1
+        self._idle = False
         self._in_head = True
         self._head_buf = [self._chunk]
         self._url = b""
@@ -297,6 +330,7 @@ class HttpProtocol(asyncio.Protocol):
             self._reject_too_large()
 
     def on_message_complete(self) -> None:
+        self._idle = True
         if self._too_large or self.parser.should_upgrade():
             return  # an upgrade is answered when httptools raises HttpParserUpgrade
         method = self.parser.get_method()
