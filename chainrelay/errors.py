@@ -9,7 +9,9 @@
     │   ├── InvalidRequest               -32600  not a JSON-RPC 2.0 request object
     │   │   └── BatchTooLarge            -32600  batch longer than the configured limit
     │   ├── MethodNotFound               -32601  method refused by this node
-    │   └── InvalidParams                -32602  params of the wrong shape for the method
+    │   ├── InvalidParams                -32602  params of the wrong shape for the method
+    │   ├── FilterNotFound               -32000  filter id never installed, uninstalled or expired
+    │   └── TooManyFilters               -32005  the node holds as many filters as it allows
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
@@ -60,6 +62,16 @@ class MethodNotFound(RequestError):
 
 class InvalidParams(RequestError):
     code = -32602
+
+
+class FilterNotFound(RequestError):
+    """geth's answer, code and message alike, so clients that reinstall on it keep working."""
+
+    code = -32000
+
+
+class TooManyFilters(RequestError):
+    code = -32005  # EIP-1474 "limit exceeded"
 
 
 class InternalError(ChainRelayError):

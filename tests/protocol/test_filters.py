@@ -1,0 +1,203 @@
+"""The filter table: install, poll, reorgs, expiry and bounds, with time passed in."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from chainrelay.errors import FilterNotFound, InvalidParams, TooManyFilters
+from chainrelay.protocol.filters import FilterKind, FilterTable, live_filter, new_id
+from chainrelay.protocol.logfilter import LogFilter
+
+TOKEN = "0x5fbdb2315678afecb367f032d93f642f64180aa3"
+OTHER = "0xe7f1725e7734ce288f8367e1bb143e90bb3f0512"
+TRANSFER = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+APPROVAL = "0x8c5be1e5ebec7d5bd14f71427d1e84f3dd0314c0f7b2291e5b200ac8c7c3b925"
+IDLE = 300.0
+
+
+@dataclass(frozen=True)
+class Block:
+    number: int
+    hash: str
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    removed: bool = False
+
+
+def bhash(n: int, fork: str = "a") -> str:
+    return "0x" + fork * 2 + f"{n:062x}"
+
+
+def mklog(n: int, i: int, address: str = TOKEN, topic: str = TRANSFER, fork: str = "a") -> dict:
+    return {
+        "address": address,
+        "topics": [topic],
+        "data": "0x",
+        "blockNumber": hex(n),
+        "blockHash": bhash(n, fork),
+        "logIndex": hex(i),
+        "removed": False,
+    }
+
+
+def block(n: int, logs: list[dict[str, Any]] | None = None, fork: str = "a") -> Block:
+    return Block(n, bhash(n, fork), logs if logs is not None else [mklog(n, 0, fork=fork)])
+
+
+def removed(b: Block) -> Block:
+    return Block(b.number, b.hash, [{**lg, "removed": True} for lg in b.logs], removed=True)
+
+
+def table(**kw: Any) -> FilterTable:
+    counter = itertools.count(1)
+    args: dict[str, Any] = {"idle_timeout": IDLE, "max_filters": 100, "max_changes": 1000}
+    args.update(kw)
+    return FilterTable(token=lambda n: next(counter).to_bytes(n, "big"), **args)
+
+
+def test_ids_look_like_geths() -> None:
+    assert re.fullmatch(r"0x[0-9a-f]{32}", new_id(lambda n: b"\xab" * n))
+    assert new_id(lambda n: b"\x00" * (n - 1) + b"\x05") == "0x5"
+    assert new_id(lambda n: b"\x00" * n) == "0x0"
+    assert len({new_id() for _ in range(100)}) == 100
+
+
+def test_log_filter_collects_matching_logs_since_last_poll() -> None:
+    t = table()
+    fid = t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+    b1 = block(1, [mklog(1, 0), mklog(1, 1, OTHER), mklog(1, 2)])
+    t.on_blocks([b1])
+    assert t.poll(fid, now=1.0) == [b1.logs[0], b1.logs[2]]
+    assert t.poll(fid, now=2.0) == []
+    b2, b3 = block(2), block(3, [mklog(3, 0, OTHER)])
+    t.on_blocks([b2, b3])
+    assert t.poll(fid, now=3.0) == b2.logs
+
+
+def test_filters_by_address_and_catch_all_keep_log_order() -> None:
+    t = table()
+    anyf = t.install(FilterKind.LOGS, LogFilter.parse({"topics": [TRANSFER]}), now=0.0)
+    both = t.install(FilterKind.LOGS, LogFilter.parse({"address": [TOKEN, OTHER]}), now=0.0)
+    logs = [mklog(1, 0), mklog(1, 1, OTHER, APPROVAL), mklog(1, 2, OTHER), mklog(1, 3)]
+    t.on_blocks([block(1, logs)])
+    assert t.poll(anyf, 1.0) == [logs[0], logs[2], logs[3]]
+    assert t.poll(both, 1.0) == logs
+
+
+def test_block_and_pending_filters() -> None:
+    t = table()
+    bf = t.install(FilterKind.BLOCKS, None, now=0.0)
+    pf = t.install(FilterKind.PENDING, None, now=0.0)
+    t.on_blocks([block(1), block(2)])
+    t.on_pending("0x" + "11" * 32)
+    assert t.poll(bf, 1.0) == [bhash(1), bhash(2)]
+    assert t.poll(pf, 1.0) == ["0x" + "11" * 32]
+    assert t.poll(bf, 2.0) == [] and t.poll(pf, 2.0) == []
+
+
+def test_reorg_reports_removed_logs_then_the_new_fork() -> None:
+    t = table()
+    lf = t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+    bf = t.install(FilterKind.BLOCKS, None, now=0.0)
+    a2, a3 = block(2), block(3)
+    t.on_blocks([a2, a3])
+    assert t.poll(lf, 1.0) == a2.logs + a3.logs
+    b3 = block(3, fork="b")
+    t.on_blocks([removed(a3), b3])
+    got = t.poll(lf, 2.0)
+    assert [lg["removed"] for lg in got] == [True, False]
+    assert got[0]["blockHash"] == a3.hash and got[1]["blockHash"] == b3.hash
+    # a block filter reports only blocks that became canonical
+    assert t.poll(bf, 2.0) == [a2.hash, a3.hash, b3.hash]
+
+
+def test_numeric_range_bounds_an_installed_filter() -> None:
+    t = table()
+    fid = t.install(FilterKind.LOGS, live_filter({"fromBlock": "0x2", "toBlock": "0x3"}), 0.0)
+    t.on_blocks([block(n) for n in range(1, 6)])
+    assert [int(lg["blockNumber"], 16) for lg in t.poll(fid, 1.0)] == [2, 3]
+
+
+def test_unknown_and_uninstalled_ids_are_not_found() -> None:
+    t = table()
+    fid = t.install(FilterKind.BLOCKS, None, now=0.0)
+    for bad in ("0x1234", 5, None, ["x"], fid.upper()):
+        with pytest.raises(FilterNotFound) as info:
+            t.poll(bad, 1.0)
+        assert (info.value.code, info.value.message) == (-32000, "filter not found")
+    assert t.uninstall(fid) is True
+    assert t.uninstall(fid) is False
+    assert t.uninstall({"x": 1}) is False
+    with pytest.raises(FilterNotFound):
+        t.poll(fid, 1.0)
+
+
+def test_idle_filters_expire_and_a_poll_keeps_one_alive() -> None:
+    t = table(idle_timeout=10.0)
+    polled = t.install(FilterKind.BLOCKS, None, now=0.0)
+    idle = t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+    for now in (5.0, 12.0, 19.0):
+        t.poll(polled, now)
+    with pytest.raises(FilterNotFound):
+        t.poll(idle, 19.0)
+    assert len(t) == 1 and t.expired_total == 1
+    assert t.expire(29.5) == [polled]
+    assert len(t) == 0 and not t._by_address and not t._block_filters
+
+
+def test_expire_sweeps_indexes_so_blocks_cost_nothing_after() -> None:
+    t = table(idle_timeout=1.0)
+    for _ in range(10):
+        t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+        t.install(FilterKind.LOGS, LogFilter.parse({}), now=0.0)
+    assert len(t.expire(2.0)) == 20
+    assert not t._by_address and not t._any_address
+    t.on_blocks([block(1)])  # nothing left to match: no error, no state
+
+
+def test_full_buffer_drops_oldest_and_counts() -> None:
+    t = table(max_changes=3)
+    fid = t.install(FilterKind.BLOCKS, None, now=0.0)
+    t.on_blocks([block(n) for n in range(1, 8)])
+    assert t.poll(fid, 1.0) == [bhash(5), bhash(6), bhash(7)]
+    assert t.filters[fid].dropped == 4 and t.dropped_total == 4
+
+
+def test_filter_count_is_bounded_and_idle_ones_make_room() -> None:
+    t = table(max_filters=2, idle_timeout=10.0)
+    t.install(FilterKind.BLOCKS, None, now=0.0)
+    t.install(FilterKind.PENDING, None, now=5.0)
+    with pytest.raises(TooManyFilters) as info:
+        t.install(FilterKind.BLOCKS, None, now=6.0)
+    assert info.value.code == -32005
+    t.install(FilterKind.BLOCKS, None, now=11.0)  # the first one expired meanwhile
+    assert len(t) == 2
+
+
+@pytest.mark.parametrize(
+    ("obj", "words"),
+    [
+        ({"fromBlock": "pending"}, "pending logs are not supported"),
+        ({"toBlock": "pending"}, "pending logs are not supported"),
+        ({"fromBlock": "earliest"}, "invalid from and to block combination"),
+        ({"toBlock": "finalized"}, "invalid from and to block combination"),
+        ({"fromBlock": "latest", "toBlock": "0x5"}, "invalid from and to block combination"),
+        ({"blockHash": "0x" + "ab" * 32}, "blockHash"),
+        ({"address": "0x12"}, "address"),
+        ("x", "expected an object"),
+    ],
+)
+def test_installed_filter_ranges_geth_refuses(obj: Any, words: str) -> None:
+    with pytest.raises(InvalidParams) as info:
+        live_filter(obj)
+    assert words in info.value.message
+
+
+def test_installed_filter_ranges_geth_accepts() -> None:
+    for obj in ({}, {"fromBlock": "latest"}, {"fromBlock": "0x1"}, {"toBlock": "latest"}):
+        live_filter(obj)
+    assert live_filter({"fromBlock": "0x1", "toBlock": "0x9"}).to_block == 9
