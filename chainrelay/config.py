@@ -104,6 +104,13 @@ class HeadConfig:
 
 
 @dataclass
+class FiltersConfig:
+    idle_timeout: float = d.FILTER_IDLE_TIMEOUT
+    max_filters: int = d.MAX_FILTERS
+    max_changes: int = d.MAX_FILTER_CHANGES
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -111,6 +118,7 @@ class Config:
     chain: ChainConfig = field(default_factory=ChainConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
     upstreams: list[UpstreamConfig] = field(default_factory=list)
 
 
@@ -182,6 +190,9 @@ def validate(cfg: Config) -> Config:
         ("limits.max_batch_len", cfg.limits.max_batch_len),
         ("pool.max_attempts", cfg.pool.max_attempts),
         ("server.workers", cfg.server.workers),
+        ("filters.idle_timeout", cfg.filters.idle_timeout),
+        ("filters.max_filters", cfg.filters.max_filters),
+        ("filters.max_changes", cfg.filters.max_changes),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")

@@ -63,3 +63,13 @@ FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber/eth_chainId are answered locally only while the head is this fresh,
 # in block times; past it they go upstream.
 HEAD_FRESH_BLOCKS = 3.0
+
+# --- Filters (eth_newFilter & co) ------------------------------------------------------------
+# geth drops a filter not polled for 5 minutes; clients written against geth poll sooner.
+FILTER_IDLE_TIMEOUT = 300.0
+# Filters held by one node: each is matched against every block's logs, so this bounds the
+# per-block CPU of matching (one catch-all filter per dapp backend of a busy relay).
+MAX_FILTERS = 10_000
+# Changes one filter buffers between polls, then the oldest are dropped and counted: a
+# catch-all log filter on BSC (~2k logs a block every 3 s) polled each minute holds ~40k.
+MAX_FILTER_CHANGES = 50_000

@@ -46,6 +46,9 @@ class Kind(enum.Enum):
     # Subscriptions belong to a connection; forwarding them over a shared upstream
     # connection would lose every notification, so they are refused, as geth does on HTTP.
     SUBSCRIBE = "subscribe"
+    # Installed filters are answered by the node's own filter table (protocol/filters.py),
+    # fed by its head stream: an upstream's filter id would die with that upstream.
+    FILTER = "filter"
     NEVER = "never"  # passes through, never cached
 
 
@@ -111,6 +114,13 @@ RULES: dict[str, Rule] = {
     # subscriptions
     "eth_subscribe": Rule(Kind.SUBSCRIBE),
     "eth_unsubscribe": Rule(Kind.SUBSCRIBE),
+    # filters: state of this node, never cached
+    "eth_newFilter": Rule(Kind.FILTER),
+    "eth_newBlockFilter": Rule(Kind.FILTER),
+    "eth_newPendingTransactionFilter": Rule(Kind.FILTER),
+    "eth_getFilterChanges": Rule(Kind.FILTER),
+    "eth_getFilterLogs": Rule(Kind.FILTER),
+    "eth_uninstallFilter": Rule(Kind.FILTER),
 }
 
 TAGS = frozenset({"latest", "safe", "finalized", "earliest", "pending"})

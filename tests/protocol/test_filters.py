@@ -201,3 +201,38 @@ def test_installed_filter_ranges_geth_accepts() -> None:
     for obj in ({}, {"fromBlock": "latest"}, {"fromBlock": "0x1"}, {"toBlock": "latest"}):
         live_filter(obj)
     assert live_filter({"fromBlock": "0x1", "toBlock": "0x9"}).to_block == 9
+
+
+def test_filters_config_section_defaults_and_overrides() -> None:
+    from chainrelay import defaults
+    from chainrelay.config import loads
+    from chainrelay.errors import ConfigError
+
+    upstream = '[[upstreams]]\nurl = "http://127.0.0.1:1"\n'
+    cfg = loads(upstream, {})
+    assert cfg.filters.idle_timeout == defaults.FILTER_IDLE_TIMEOUT
+    assert cfg.filters.max_filters == defaults.MAX_FILTERS
+    assert cfg.filters.max_changes == defaults.MAX_FILTER_CHANGES
+    cfg = loads("[filters]\nidle_timeout = 2\nmax_filters = 3\nmax_changes = 4\n" + upstream, {})
+    assert (cfg.filters.idle_timeout, cfg.filters.max_filters, cfg.filters.max_changes) == (
+        2.0,
+        3,
+        4,
+    )
+    for bad in ("idle_timeout = 0", "max_filters = -1", "max_changes = 0", "max_filter = 1"):
+        with pytest.raises(ConfigError) as info:
+            loads(f"[filters]\n{bad}\n" + upstream, {})
+        assert "filters." + bad.split(" ")[0] in str(info.value)
+
+
+def test_policy_never_caches_filter_methods() -> None:
+    from chainrelay.protocol.filters import FILTER_METHODS
+    from chainrelay.protocol.policy import RULES, Finality, HeadView, Kind, plan
+
+    head = HeadView()
+    head.number, head.hash, head.finalized = 10, "0x" + "aa" * 32, 5
+    head.canonical = {10: head.hash}
+    for method in FILTER_METHODS:
+        assert RULES[method].kind is Kind.FILTER
+        p = plan(method, [{"fromBlock": "0x1", "toBlock": "0x2"}], head)
+        assert p.finality is Finality.NEVER and p.key is None
