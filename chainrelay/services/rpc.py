@@ -64,6 +64,12 @@ class SharedCache(Protocol):
         ...
 
 
+class FilterCalls(Protocol):
+    """The node's filter service (``services/filters.py``), as the pipeline sees it."""
+
+    async def call(self, method: str, params: policy.Params | None) -> Answer: ...
+
+
 class RpcService:
     def __init__(
         self,
@@ -95,6 +101,8 @@ class RpcService:
         self._seen: dict[bytes, tuple[str, bytes]] = {}
         self._seen_generation = -1
         self._hit_key: bytes | None = None
+        # Installed filters (eth_newFilter & co), answered by the node; set by the app.
+        self.filters: FilterCalls | None = None
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
@@ -255,6 +263,8 @@ class RpcService:
             return await self.pool.broadcast(method, params), "pass"
         if rule is not None and rule.kind is Kind.SUBSCRIBE:
             return Answer(None, NOTIFICATIONS_UNSUPPORTED), "invalid"
+        if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
+            return await self.filters.call(method, params), "local"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
         if p.key is None:
             return await self.pool.call(method, params), "pass"
@@ -280,6 +290,12 @@ class RpcService:
             self.metrics.coalesced.inc()
         answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd))
         return answer, "miss"
+
+    async def call(self, method: str, params: policy.Params) -> Answer:
+        """One call through the whole pipeline (policy, cache, coalescing, pool), for the
+        node's own services: ``eth_getFilterLogs`` reads its range this way, cached."""
+        answer, _ = await self._fetch(Call(None, method, params))
+        return answer
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
         shared = self.shared
