@@ -12,6 +12,7 @@ import orjson
 from chainrelay.config import CacheConfig, Config, parse_listen
 from chainrelay.errors import ChainRelayError
 from chainrelay.protocol.chains import ChainProfile, profile_for
+from chainrelay.services.blocks import BlockFeed
 from chainrelay.services.cache import MemoryCache
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.http import HttpServer, Routes
@@ -24,6 +25,7 @@ from chainrelay.services.shared_cache import (
     RedisSettings,
     lock_scope,
 )
+from chainrelay.services.subscriptions import SubscriptionService
 from chainrelay.services.upstream import make_upstream
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class Node:
         self.rpc: RpcService | None = None
         self.server: HttpServer | None = None
         self.shared: RedisCache | None = None
+        self.blocks: BlockFeed | None = None
+        self.subscriptions: SubscriptionService | None = None
         self.profile: ChainProfile | None = None
         self.chain_id = 0
 
@@ -103,8 +107,20 @@ class Node:
             max_batch_len=cfg.limits.max_batch_len,
             shared=self.shared,
         )
+        blocks = self.blocks = BlockFeed(
+            pool,
+            head,
+            cache,
+            self.metrics,
+            window=cfg.head.reorg_window,
+            follow_always=cfg.subscriptions.follow_blocks_always,
+        )
+        self._stack.append(blocks.stop)
+        await blocks.start()
+        subs = self.subscriptions = SubscriptionService(blocks, self.metrics, cfg.subscriptions)
+        self._stack.append(subs.stop)
         server = self.server = HttpServer(
-            Routes(self.rpc.handle, self.health, self.metrics.render),
+            Routes(self.rpc.handle, self.health, self.metrics.render, subs.open),
             cfg.limits,
             self.metrics,
             cfg.server.cors_origins,

@@ -111,6 +111,15 @@ class FiltersConfig:
 
 
 @dataclass
+class SubscriptionsConfig:
+    max_per_connection: int = d.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    max_per_ip: int = d.MAX_SUBSCRIPTIONS_PER_IP
+    max_total: int = d.MAX_SUBSCRIPTIONS_TOTAL
+    slow_close_grace: float = d.SLOW_CLOSE_GRACE
+    follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -119,6 +128,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    subscriptions: SubscriptionsConfig = field(default_factory=SubscriptionsConfig)
     upstreams: list[UpstreamConfig] = field(default_factory=list)
 
 
@@ -193,6 +203,9 @@ def validate(cfg: Config) -> Config:
         ("filters.idle_timeout", cfg.filters.idle_timeout),
         ("filters.max_filters", cfg.filters.max_filters),
         ("filters.max_changes", cfg.filters.max_changes),
+        ("subscriptions.max_per_connection", cfg.subscriptions.max_per_connection),
+        ("subscriptions.max_per_ip", cfg.subscriptions.max_per_ip),
+        ("subscriptions.max_total", cfg.subscriptions.max_total),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")

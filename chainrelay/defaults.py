@@ -73,3 +73,20 @@ MAX_FILTERS = 10_000
 # Changes one filter buffers between polls, then the oldest are dropped and counted: a
 # catch-all log filter on BSC (~2k logs a block every 3 s) polled each minute holds ~40k.
 MAX_FILTER_CHANGES = 50_000
+
+# --- Subscriptions (eth_subscribe over WebSocket) ------------------------------------------
+# Subscriptions one connection may hold: a dapp watching a few hundred contracts with one
+# logs subscription each fits; more is one client pinning the node's fan-out work.
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 1000
+# Subscriptions one address may hold across its connections (at most MAX_CONNECTIONS_PER_IP
+# of them): a busy indexer backend, not a flood.
+MAX_SUBSCRIPTIONS_PER_IP = 10_000
+# Subscriptions of the whole node: each costs a filter match per log of every block, so this
+# bounds the fan-out work of one block to well under a block time on one core.
+MAX_SUBSCRIPTIONS_TOTAL = 100_000
+# A subscriber closed for reading too slowly gets this long to take its close frame before
+# its connection is dropped, so a reader that never reads cannot pin its send buffer.
+SLOW_CLOSE_GRACE = 5.0
+# Fetch every block (and warm the cache with it) even while nobody subscribes: for a node
+# whose clients read each new block anyway. Off: two upstream calls per block saved.
+FOLLOW_BLOCKS_ALWAYS = False

@@ -11,7 +11,8 @@
     │   ├── MethodNotFound               -32601  method refused by this node
     │   ├── InvalidParams                -32602  params of the wrong shape for the method
     │   ├── FilterNotFound               -32000  filter id never installed, uninstalled or expired
-    │   └── TooManyFilters               -32005  the node holds as many filters as it allows
+    │   ├── TooManyFilters               -32005  the node holds as many filters as it allows
+    │   └── LimitExceeded                -32005  subscriptions per connection, address or node
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
@@ -72,6 +73,14 @@ class FilterNotFound(RequestError):
 
 class TooManyFilters(RequestError):
     code = -32005  # EIP-1474 "limit exceeded"
+
+
+class LimitExceeded(RequestError):
+    """A limit of this node is reached (subscriptions per connection, per IP, per node).
+
+    -32005 is the code providers answer for "limit exceeded"; the caller may retry later."""
+
+    code = -32005
 
 
 class InternalError(ChainRelayError):

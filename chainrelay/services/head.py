@@ -74,6 +74,9 @@ class HeadTracker:
         # chain with a live upstream is fresh; a silent upstream is not.
         self.confirmed_at = 0.0
         self.listeners: list[HeadListener] = []
+        # The last header an upstream's head stream sent, as sent: the fields (and their
+        # order) of this upstream's newHeads, which the block feed reproduces for its clients.
+        self.last_payload: dict[str, Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self._finality_task: asyncio.Task[None] | None = None
@@ -147,6 +150,7 @@ class HeadTracker:
     def _spawn_header(self, u: Upstream, obj: Any) -> None:
         h = Header.parse(obj)
         if h is not None:
+            self.last_payload = obj
             task = asyncio.ensure_future(self.on_header(u, h))
             task.add_done_callback(_log_failure)
 

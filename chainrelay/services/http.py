@@ -20,7 +20,7 @@ import orjson
 
 from chainrelay.config import LimitsConfig
 from chainrelay.services.metrics import Metrics
-from chainrelay.services.ws import WsSession
+from chainrelay.services.ws import Subscriptions, WsSession
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,13 @@ class Routes:
         rpc: Handler,
         health: Callable[[], tuple[int, bytes]],
         metrics_text: Callable[[], bytes],
+        ws_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
     ) -> None:
         self.rpc = rpc
         self.health = health
         self.metrics_text = metrics_text
+        # Opens the eth_subscribe state of each upgraded WebSocket connection.
+        self.ws_subscriptions = ws_subscriptions
 
 
 class HttpServer:
@@ -481,6 +484,7 @@ class HttpProtocol(asyncio.Protocol):
             max_message_bytes=limits.max_ws_message_bytes,
             max_send_buffer=limits.max_ws_send_buffer,
             max_pending=limits.max_pending_per_connection,
+            open_subscriptions=self.server.routes.ws_subscriptions,
         )
         if not session.accept(head):
             self.transport.close()

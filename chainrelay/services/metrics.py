@@ -99,6 +99,24 @@ class Metrics:
             registry=r,
         )
 
+        self.subscriptions = Gauge(
+            "chainrelay_subscriptions",
+            "Active eth_subscribe subscriptions by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "chainrelay_subscription_notifications",
+            "eth_subscription notifications sent, by subscription kind",
+            ["kind"],
+            registry=r,
+        )
+        self.slow_subscribers = Counter(
+            "chainrelay_slow_subscriber_disconnects",
+            "WebSocket subscribers closed (1013) for reading too slowly",
+            registry=r,
+        )
+
     def count(self, method: str, outcome: str, seconds: float) -> None:
         """Count one answered call. On the hot path: two dict updates, no locks, no labels."""
         if method not in KNOWN_METHODS:

@@ -24,6 +24,7 @@ from chainrelay.services.coalesce import Coalescer
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.ws import current_subscriptions
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
     Answer,
@@ -262,7 +263,11 @@ class RpcService:
         if rule is not None and rule.kind is Kind.SEND:
             return await self.pool.broadcast(method, params), "pass"
         if rule is not None and rule.kind is Kind.SUBSCRIBE:
-            return Answer(None, NOTIFICATIONS_UNSUPPORTED), "invalid"
+            # A subscription belongs to its WebSocket connection; over HTTP there is none.
+            subs = current_subscriptions()
+            if subs is None:
+                return Answer(None, NOTIFICATIONS_UNSUPPORTED), "invalid"
+            return subs.call(method, call.params), "local"
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS

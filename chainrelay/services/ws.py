@@ -3,13 +3,20 @@
 The HTTP protocol hands over the raw upgrade request; from then on this session owns the
 connection's bytes. Each text or binary message is one JSON-RPC body; answers go back as
 text messages, in whatever order they complete (ids pair them, as on any node).
+
+A session may carry the subscriptions of its connection (``eth_subscribe``): while a
+message is handled they are reachable through ``current_subscriptions()``, so the RPC
+pipeline routes subscription calls to this connection's without knowing the transport.
+Notifications go out through ``send`` like answers, under the same send-buffer bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
@@ -18,6 +25,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from chainrelay import defaults
+from chainrelay.wire.jsonrpc import Answer
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,35 @@ Handler = Callable[[bytes], bytes | Awaitable[bytes]]
 
 # Close code for a reader too slow to keep up: "try again later" (RFC 6455, 1013).
 CLOSE_TRY_AGAIN_LATER = 1013
+SLOW_READER_REASON = "client too slow: send buffer full"
+
+
+class Subscriptions(Protocol):
+    """The subscriptions of one WebSocket connection, as its session sees them."""
+
+    def call(self, method: str, params: Any) -> Answer:
+        """Answer eth_subscribe / eth_unsubscribe for this connection."""
+        ...
+
+    def answered(self, payload: bytes) -> None:
+        """An answer was sent: subscriptions it announces may notify from now on."""
+        ...
+
+    def closed(self, slow: bool) -> None:
+        """The connection is closing (``slow``: for reading too slowly): unsubscribe all."""
+        ...
+
+
+# The subscriptions of the connection whose message is being handled; tasks started for
+# that message inherit it (asyncio copies the context into every task it creates).
+_CURRENT: contextvars.ContextVar[Subscriptions | None] = contextvars.ContextVar(
+    "chainrelay_ws_subscriptions", default=None
+)
+
+
+def current_subscriptions() -> Subscriptions | None:
+    """The subscriptions of the WebSocket connection being served; None over HTTP."""
+    return _CURRENT.get()
 
 
 class WsSession:
@@ -37,6 +74,7 @@ class WsSession:
         max_send_buffer: int = defaults.MAX_WS_SEND_BUFFER,
         max_pending: int = defaults.MAX_PENDING_PER_CONNECTION,
         on_close: Callable[[], None] | None = None,
+        open_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
     ) -> None:
         self.transport = transport
         self.handler = handler
@@ -47,7 +85,10 @@ class WsSession:
         self._fragments: list[bytes] = []
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._on_close = on_close
+        self._open_subscriptions = open_subscriptions
+        self.subscriptions: Subscriptions | None = None
         self.closed = False
+        self.slow = False  # closed for reading too slowly
 
     def accept(self, raw_request: bytes) -> bool:
         """Answer the upgrade request; False when it was refused (and answered so)."""
@@ -60,7 +101,11 @@ class WsSession:
         response = self.proto.accept(request)
         self.proto.send_response(response)
         self._flush()
-        return response.status_code == 101
+        if response.status_code != 101:
+            return False
+        if self._open_subscriptions is not None:
+            self.subscriptions = self._open_subscriptions(self)
+        return True
 
     def data_received(self, data: bytes) -> None:
         self.proto.receive_data(data)
@@ -73,6 +118,16 @@ class WsSession:
         self.closed = True
         for task in self._tasks:
             task.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        subs, self.subscriptions = self.subscriptions, None
+        if subs is not None:
+            subs.closed(self.slow)
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is still buffered for it."""
+        self.transport.abort()
 
     def _frame(self, frame: Frame) -> None:
         if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
@@ -88,11 +143,17 @@ class WsSession:
                 self._message(body)
 
     def _message(self, body: bytes) -> None:
-        out = self.handler(body)
-        if isinstance(out, bytes):
-            self.send(out)
-            return
-        task = asyncio.ensure_future(out)
+        subs = self.subscriptions
+        token = _CURRENT.set(subs) if subs is not None else None
+        try:
+            out = self.handler(body)
+            if isinstance(out, bytes):
+                self.send(out)
+                return
+            task = asyncio.ensure_future(out)  # takes the context: the subscriptions too
+        finally:
+            if token is not None:
+                _CURRENT.reset(token)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         if len(self._tasks) >= self.max_pending and not self._paused:
@@ -111,14 +172,21 @@ class WsSession:
         if exc is not None:
             log.error("websocket handler failed", exc_info=exc)
             return
-        self.send(task.result())
+        answer = task.result()
+        self.send(answer)
+        if self.subscriptions is not None and answer:
+            self.subscriptions.answered(answer)
 
     def send(self, payload: bytes) -> None:
-        """Send one text message; close a connection whose reader has fallen too far behind."""
+        """Send one text message; close a connection whose reader has fallen too far behind.
+
+        Never blocks: a notification fan-out calls it for every subscriber in turn."""
         if not payload or self.closed or self.proto.state is not State.OPEN:
             return
         if self.transport.get_write_buffer_size() > self.max_send_buffer:
-            self.close(CLOSE_TRY_AGAIN_LATER, "client too slow: send buffer full")
+            self.slow = True
+            self.close(CLOSE_TRY_AGAIN_LATER, SLOW_READER_REASON)
+            self._release()  # no more notifications pile up behind the close frame
             return
         try:
             self.proto.send_text(payload)
@@ -143,5 +211,6 @@ class WsSession:
         if self.proto.close_expected() and not self.closed:
             self.closed = True
             self.transport.close()
+            self._release()
             if self._on_close is not None:
                 self._on_close()

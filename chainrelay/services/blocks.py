@@ -1,0 +1,396 @@
+"""The block feed: every new canonical block fetched once, in chain order, for everyone who
+follows blocks on this node (eth_subscribe clients, eth_newFilter filters).
+
+After each head change the feed fetches the full block and its receipts (``eth_getLogs``
+by block hash where an upstream lacks ``eth_getBlockReceipts``) through the upstream pool,
+one block at a time, warms the memory cache with what they answer, and hands listeners
+one list of events: the blocks a reorg removed (newest first, logs marked removed), then
+the new blocks (oldest first). What to retract and fetch is decided by
+``protocol.blockorder`` against the head tracker's canonical chain, which the tracker
+links by parent hash across missed heads and reconnected head streams.
+
+The feed fetches only while someone listens (or ``follow_blocks_always``): a node nobody
+subscribes to costs its upstreams nothing more than its head.
+
+Pending transaction hashes come from one ``eth_subscribe("newPendingTransactions")`` on a
+WebSocket upstream, held while anyone listens. With no WebSocket upstream there is no such
+stream: pending listeners are accepted and get nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import websockets
+
+from chainrelay import defaults
+from chainrelay.errors import UpstreamError
+from chainrelay.protocol import policy
+from chainrelay.protocol.blockorder import DeliveredChain
+from chainrelay.protocol.logfilter import logs_of_receipts
+from chainrelay.protocol.policy import Finality
+from chainrelay.services.cache import Entry, MemoryCache
+from chainrelay.services.head import HeadTracker
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+# Wait before asking again for a block an upstream could not give (not there yet, or an
+# error): about a BSC block time's sixth, so a lagging upstream costs little delay.
+FETCH_RETRY_DELAY = 0.5
+# Tries for one block before the feed waits for the next head change to try again.
+FETCH_ATTEMPTS = 6
+# Back-off after the pending-transaction stream of a WebSocket upstream broke.
+PENDING_RETRY_DELAY = 1.0
+# Largest message taken from the pending-transaction stream: a hash notification is ~200 B.
+PENDING_MAX_MESSAGE = 64 * 1024
+# Error codes meaning "this upstream does not serve the method" (geth, erigon, providers).
+_UNSUPPORTED = (-32601, -32604)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    number: int
+    hash: str
+    header: dict[str, Any]  # the newHeads payload for this block, in the upstream's form
+    block: dict[str, Any]  # eth_getBlockByHash(hash, true) as answered
+    logs: list[dict[str, Any]]  # the block's logs in log-index order; "removed": True on removal
+    removed: bool  # True: this block was reorged away
+
+
+BlockListener = Callable[[list[BlockEvent]], None]
+PendingListener = Callable[[str], None]
+
+
+class _Unavailable(Exception):
+    """No upstream could give this block now (not there yet, another fork, an error)."""
+
+
+class BlockFeed:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        head: HeadTracker,
+        cache: MemoryCache,
+        metrics: Metrics,
+        *,
+        window: int = defaults.REORG_WINDOW,
+        follow_always: bool = defaults.FOLLOW_BLOCKS_ALWAYS,
+    ) -> None:
+        self.pool = pool
+        self.head = head
+        self.cache = cache
+        self.metrics = metrics
+        self.follow_always = follow_always
+        self.order: DeliveredChain[BlockEvent] = DeliveredChain(window)
+        self._listeners: list[BlockListener] = []
+        self._pending_listeners: list[PendingListener] = []
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._pending_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._has_block_receipts: bool | None = None  # None until an upstream says
+
+    # --- listeners -------------------------------------------------------------------
+    def add_listener(self, fn: BlockListener) -> None:
+        """Call ``fn`` with each head change's events; ``fn`` must return at once."""
+        self._listeners.append(fn)
+        self._follow()
+
+    def remove_listener(self, fn: BlockListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+        if not self._listeners and not self.follow_always:
+            self._unfollow()
+
+    def add_pending_listener(self, fn: PendingListener) -> None:
+        """Call ``fn`` with each pending transaction hash the upstream stream reports."""
+        self._pending_listeners.append(fn)
+        if self._started and (self._pending_task is None or self._pending_task.done()):
+            self._pending_task = asyncio.create_task(self._follow_pending(), name="pending")
+
+    def remove_pending_listener(self, fn: PendingListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._pending_listeners.remove(fn)
+        if not self._pending_listeners and self._pending_task is not None:
+            self._pending_task.cancel()
+            self._pending_task = None
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._started = True
+        self.head.listeners.append(self._on_head)
+        if self.follow_always or self._listeners:
+            self._follow()
+        if self._pending_listeners:
+            self._pending_task = asyncio.create_task(self._follow_pending(), name="pending")
+
+    async def stop(self) -> None:
+        self._started = False
+        with contextlib.suppress(ValueError):
+            self.head.listeners.remove(self._on_head)
+        tasks = [t for t in (self._worker, self._pending_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._worker = self._pending_task = None
+
+    def _follow(self) -> None:
+        if not self._started or (self._worker is not None and not self._worker.done()):
+            return
+        # Listeners get the blocks after the head they joined at, as from a node's newHeads.
+        self.order.start_after(self.head.view.number)
+        self._worker = asyncio.create_task(self._run(), name="block-feed")
+
+    def _unfollow(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+
+    def _on_head(self, _added: list[Any], _removed: list[Any]) -> None:
+        # Called inside the head tracker's update: only a wake-up, the work is the worker's.
+        self._wake.set()
+
+    # --- the worker ------------------------------------------------------------------
+    async def _run(self) -> None:
+        behind = False
+        while True:
+            if behind:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), FETCH_RETRY_DELAY)
+            else:
+                await self._wake.wait()
+            self._wake.clear()
+            try:
+                behind = not await self._catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("block feed failed; retrying at the next head")
+                behind = True
+
+    async def _catch_up(self) -> bool:
+        """Deliver until the delivered chain is the canonical chain; False: a block could
+        not be fetched yet (tried again shortly)."""
+        while True:
+            view = self.head.view
+            step = self.order.step(view.canonical, view.number)
+            events = [_removed(ev) for ev in step.retract]
+            complete = True
+            for number, block_hash in step.fetch:
+                try:
+                    event, raw = await self._fetch(number, block_hash)
+                except _Unavailable:
+                    complete = False
+                    break
+                if self.head.view.canonical.get(number) != block_hash:
+                    break  # the chain moved while we fetched: step again
+                if not self.order.links(number, event.block.get("parentHash", "")):
+                    complete = False  # the tracker has not linked this fork yet
+                    break
+                self._warm(event, raw)
+                self.order.delivered(number, block_hash, event)
+                events.append(event)
+            else:
+                if events:
+                    self._deliver(events)
+                return True
+            if events:
+                self._deliver(events)
+            if not complete:
+                return False
+
+    def _deliver(self, events: list[BlockEvent]) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(events)
+            except Exception:
+                log.exception("block listener failed")
+
+    # --- fetching --------------------------------------------------------------------
+    async def _fetch(self, number: int, block_hash: str) -> tuple[BlockEvent, _Raw]:
+        for attempt in range(FETCH_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(FETCH_RETRY_DELAY)
+            if self.head.view.canonical.get(number) != block_hash:
+                raise _Unavailable  # reorged away while we waited: the next step says what
+            try:
+                return await self._fetch_once(number, block_hash)
+            except (_Unavailable, UpstreamError) as exc:
+                log.debug("block %d %s not fetched (%s)", number, block_hash, exc)
+        raise _Unavailable
+
+    async def _fetch_once(self, number: int, block_hash: str) -> tuple[BlockEvent, _Raw]:
+        answer = await self.pool.call("eth_getBlockByHash", [block_hash, True], number)
+        block = answer.value
+        if answer.error is not None or not isinstance(block, dict) or answer.result is None:
+            raise _Unavailable("block")
+        if block.get("hash") != block_hash:
+            raise _Unavailable("another block")
+        receipts, receipts_raw = await self._receipts(number, block_hash)
+        if receipts is not None:
+            logs = logs_of_receipts(receipts)
+        else:
+            got = await self.pool.call("eth_getLogs", [{"blockHash": block_hash}], number)
+            if got.error is not None or not isinstance(got.value, list):
+                raise _Unavailable("logs")
+            logs = [x for x in got.value if isinstance(x, dict)]
+        if any(x.get("blockHash") != block_hash for x in logs):
+            raise _Unavailable("logs of another fork")
+        light = _light(block)
+        event = BlockEvent(number, block_hash, self._header(light), block, logs, False)
+        return event, _Raw(answer.result, light, receipts, receipts_raw)
+
+    async def _receipts(
+        self, number: int, block_hash: str
+    ) -> tuple[list[dict[str, Any]] | None, bytes | None]:
+        if self._has_block_receipts is False:
+            return None, None
+        answer = await self.pool.call("eth_getBlockReceipts", [block_hash], number)
+        if answer.error is not None:
+            if _error_code(answer.error) in _UNSUPPORTED:
+                log.info("upstream lacks eth_getBlockReceipts: logs come from eth_getLogs")
+                self._has_block_receipts = False
+                return None, None
+            raise _Unavailable("receipts")
+        if not isinstance(answer.value, list):
+            raise _Unavailable("receipts")
+        self._has_block_receipts = True
+        if any(not isinstance(r, dict) or r.get("blockHash") != block_hash for r in answer.value):
+            raise _Unavailable("receipts of another fork")
+        return answer.value, answer.result
+
+    def _header(self, light: dict[str, Any]) -> dict[str, Any]:
+        """The newHeads payload of a block: the fields the upstream's own head stream sends
+        (the block without transaction bodies where no stream has been seen)."""
+        form = self.head.last_payload
+        if not form:
+            return light
+        return {k: light[k] for k in form if k in light}
+
+    # --- the cache -------------------------------------------------------------------
+    def _warm(self, ev: BlockEvent, raw: _Raw) -> None:
+        """Store what a dapp asks right after a new block, under the keys ``policy.plan``
+        gives its requests, so those reads are hits from the first one."""
+        h, n = ev.hash, ev.number
+        light_raw = orjson.dumps(raw.light)
+        self._put("eth_getBlockByHash", [h, True], raw.block, n, h)
+        self._put("eth_getBlockByHash", [h, False], light_raw, n, h)
+        # Keyed by hash, so "latest" (resolved by the head) and the number share this entry.
+        self._put("eth_getBlockByNumber", [hex(n), True], raw.block, n, h)
+        self._put("eth_getBlockByNumber", [hex(n), False], light_raw, n, h)
+        for tx in ev.block.get("transactions") or ():
+            if isinstance(tx, dict) and isinstance(tx.get("hash"), str):
+                self._put("eth_getTransactionByHash", [tx["hash"]], orjson.dumps(tx), n, h)
+        if raw.receipts is not None and raw.receipts_raw is not None:
+            self._put("eth_getBlockReceipts", [hex(n)], raw.receipts_raw, n, h)
+            for r in raw.receipts:
+                tx_hash = r.get("transactionHash")
+                if isinstance(tx_hash, str):
+                    self._put("eth_getTransactionReceipt", [tx_hash], orjson.dumps(r), n, h)
+        self.metrics.cache_bytes.set(self.cache.bytes)
+
+    def _put(self, method: str, params: list[Any], value: bytes, n: int, h: str) -> None:
+        view = self.head.view
+        p = policy.plan(method, params, view)
+        if p.key is None or p.finality is Finality.REALTIME or p.finality is Finality.NEVER:
+            return
+        final = n <= view.finalized
+        if value in (b"null", b"[]", b'"0x"') and not final:
+            return  # the caching rules: empty answers only for final blocks
+        a_num, a_hash = -1, None
+        if not final and (p.block_hash is not None or p.validate_canonical):
+            a_num, a_hash = n, h  # hidden once the block is reorged away, as rpc stores it
+        self.cache.put(p.key, Entry(value, 0.0, a_num, a_hash))
+
+    # --- pending transactions --------------------------------------------------------
+    async def _follow_pending(self) -> None:
+        """Hold one newPendingTransactions stream on a WebSocket upstream while anyone
+        listens, moving to another upstream (or reconnecting) when it breaks."""
+        ws = [u for u in self.pool.upstreams if u.is_ws]
+        if not ws:
+            log.info("no WebSocket upstream: pending transaction listeners get nothing")
+            return
+        turn = 0
+        while self._pending_listeners:
+            healthy = [u for u in ws if u.healthy] or ws
+            u = healthy[turn % len(healthy)]
+            turn += 1
+            try:
+                await self._pending_stream(u)
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                log.debug("pending stream of %s broke: %s", u.name, exc)
+            await asyncio.sleep(PENDING_RETRY_DELAY)
+
+    async def _pending_stream(self, u: Upstream) -> None:
+        async with websockets.connect(
+            u.url, max_size=PENDING_MAX_MESSAGE, compression=None, open_timeout=u.timeout
+        ) as conn:
+            await conn.send(
+                b'{"jsonrpc":"2.0","id":1,"method":"eth_subscribe",'
+                b'"params":["newPendingTransactions"]}',
+                text=True,
+            )
+            async with asyncio.timeout(u.timeout):
+                answer = orjson.loads(await conn.recv(decode=False))
+            sub_id = answer.get("result") if isinstance(answer, dict) else None
+            if not isinstance(sub_id, str):
+                log.info("upstream %s refused newPendingTransactions: %s", u.name, answer)
+                await asyncio.sleep(PENDING_RETRY_DELAY * 10)  # not worth asking often
+                return
+            async for message in conn:
+                try:
+                    doc = orjson.loads(message)
+                except orjson.JSONDecodeError:
+                    continue
+                params = doc.get("params") if isinstance(doc, dict) else None
+                if not isinstance(params, dict) or params.get("subscription") != sub_id:
+                    continue
+                tx_hash = params.get("result")
+                if isinstance(tx_hash, str):
+                    for fn in list(self._pending_listeners):
+                        try:
+                            fn(tx_hash)
+                        except Exception:
+                            log.exception("pending listener failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """The bytes the upstream answered for a block, kept for the cache."""
+
+    block: bytes
+    light: dict[str, Any]  # the block with transaction hashes instead of bodies
+    receipts: list[dict[str, Any]] | None
+    receipts_raw: bytes | None
+
+
+def _light(block: dict[str, Any]) -> dict[str, Any]:
+    """eth_getBlockByHash(h, false) derived from the full block: transactions as hashes."""
+    light = dict(block)
+    txs = block.get("transactions")
+    if isinstance(txs, list):
+        light["transactions"] = [t.get("hash") if isinstance(t, dict) else t for t in txs]
+    return light
+
+
+def _removed(ev: BlockEvent) -> BlockEvent:
+    logs = [{**x, "removed": True} for x in ev.logs]
+    return BlockEvent(ev.number, ev.hash, ev.header, ev.block, logs, True)
+
+
+def _error_code(error: bytes) -> int | None:
+    try:
+        doc = orjson.loads(error)
+    except orjson.JSONDecodeError:
+        return None
+    code = doc.get("code") if isinstance(doc, dict) else None
+    return code if isinstance(code, int) else None

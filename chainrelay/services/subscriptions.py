@@ -1,0 +1,241 @@
+"""eth_subscribe over WebSocket: every subscription of the node served from one block feed.
+
+The node holds no subscription upstream per client: ``newHeads`` and ``logs`` come from the
+``BlockFeed`` (one head stream and one fetch per block for the whole node), logs matched
+locally with ``LogFilter``; ``newPendingTransactions`` from the feed's single upstream
+pending stream. ``syncing`` is accepted and stays silent: a relay serves its followed head,
+so, to its clients, it never starts or stops syncing.
+
+Fan-out invariant: a block's notifications are written by one synchronous pass over the
+subscribers; each result is encoded once per block (or log, or transaction) and spliced
+with each subscription id; a slow reader is closed by its own send bound, never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from chainrelay.config import SubscriptionsConfig
+from chainrelay.errors import LimitExceeded, RequestError
+from chainrelay.protocol import subscriptions as proto
+from chainrelay.protocol.logfilter import LogFilter
+from chainrelay.services.blocks import BlockEvent, BlockFeed
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.ws import WsSession
+from chainrelay.wire.jsonrpc import Answer
+
+# Notifications held for a subscription whose id has not reached its client yet (the
+# answer to eth_subscribe is still being written): a few blocks' worth at most.
+MAX_HELD_NOTIFICATIONS = 256
+_TRUE = b"true"
+_FALSE = b"false"
+
+
+def _error(exc: RequestError) -> Answer:
+    return Answer(None, orjson.dumps({"code": exc.code, "message": exc.message}))
+
+
+class SubscriptionService:
+    """Subscriptions of every WebSocket connection of the node, and their fan-out."""
+
+    def __init__(
+        self,
+        feed: BlockFeed,
+        metrics: Metrics,
+        cfg: SubscriptionsConfig | None = None,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.feed = feed
+        self.metrics = metrics
+        self.cfg = cfg or SubscriptionsConfig()
+        self._random = random
+        # subscription id (ASCII bytes) -> its connection, by kind
+        self._heads: dict[bytes, Connection] = {}
+        self._logs: dict[bytes, tuple[Connection, LogFilter]] = {}
+        self._pending: dict[bytes, Connection] = {}
+        self._syncing: dict[bytes, Connection] = {}
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.total = 0
+        self._following_blocks = False
+        self._following_pending = False
+        self._gauges = {k: metrics.subscriptions.labels(k) for k in proto.KINDS}
+        self._sent = {k: metrics.notifications.labels(k) for k in proto.KINDS}
+
+    def open(self, session: WsSession) -> Connection:
+        """The subscriptions of a newly upgraded WebSocket connection."""
+        peer = session.transport.get_extra_info("peername")
+        return Connection(self, session, peer[0] if peer else "")
+
+    async def stop(self) -> None:
+        for table in (self._heads, self._logs, self._pending, self._syncing):
+            for entry in list(table.values()):
+                conn = entry[0] if isinstance(entry, tuple) else entry
+                conn.closed(False)
+        self._update_listeners()
+
+    # --- bookkeeping -----------------------------------------------------------------
+    def _table(self, kind: str) -> dict[bytes, Any]:
+        if kind == proto.NEW_HEADS:
+            return self._heads
+        if kind == proto.LOGS:
+            return self._logs
+        if kind == proto.PENDING:
+            return self._pending
+        return self._syncing
+
+    def _add(self, conn: Connection, req: proto.SubscribeRequest) -> bytes:
+        cfg = self.cfg
+        if len(conn.subs) >= cfg.max_per_connection:
+            raise LimitExceeded(
+                f"limit exceeded: at most {cfg.max_per_connection} subscriptions per connection"
+            )
+        if self.per_ip[conn.ip] >= cfg.max_per_ip:
+            raise LimitExceeded(
+                f"limit exceeded: at most {cfg.max_per_ip} subscriptions per client address"
+            )
+        if self.total >= cfg.max_total:
+            raise LimitExceeded("limit exceeded: this node holds all the subscriptions it can")
+        sub_id = proto.new_id(self._random(proto.ID_BYTES)).encode()
+        entry: Any = (conn, req.filter) if req.kind == proto.LOGS else conn
+        self._table(req.kind)[sub_id] = entry
+        conn.subs[sub_id] = req.kind
+        self.per_ip[conn.ip] += 1
+        self.total += 1
+        self._gauges[req.kind].inc()
+        self._update_listeners()
+        return sub_id
+
+    def _remove(self, conn: Connection, sub_id: bytes) -> bool:
+        kind = conn.subs.pop(sub_id, None)
+        if kind is None:
+            return False
+        self._table(kind).pop(sub_id, None)
+        self.per_ip[conn.ip] -= 1
+        if self.per_ip[conn.ip] <= 0:
+            del self.per_ip[conn.ip]
+        self.total -= 1
+        self._gauges[kind].dec()
+        return True
+
+    def _update_listeners(self) -> None:
+        """Follow the feed only while a subscription needs it."""
+        want_blocks = bool(self._heads or self._logs)
+        if want_blocks != self._following_blocks:
+            self._following_blocks = want_blocks
+            if want_blocks:
+                self.feed.add_listener(self._on_blocks)
+            else:
+                self.feed.remove_listener(self._on_blocks)
+        want_pending = bool(self._pending)
+        if want_pending != self._following_pending:
+            self._following_pending = want_pending
+            if want_pending:
+                self.feed.add_pending_listener(self._on_pending)
+            else:
+                self.feed.remove_pending_listener(self._on_pending)
+
+    # --- fan-out ---------------------------------------------------------------------
+    def _on_blocks(self, events: list[BlockEvent]) -> None:
+        # geth's order: logs of removed blocks (newest block first, each block's logs
+        # last first), then the new blocks, each announced by newHeads with its logs.
+        heads_sent = logs_sent = 0
+        for ev in events:
+            if not ev.removed and self._heads:
+                result = orjson.dumps(ev.header)
+                for sub_id, conn in list(self._heads.items()):
+                    conn.notify(sub_id, proto.encode_notification(sub_id, result))
+                    heads_sent += 1
+            if self._logs and ev.logs:
+                logs_sent += self._fan_out_logs(reversed(ev.logs) if ev.removed else ev.logs)
+        if heads_sent:
+            self._sent[proto.NEW_HEADS].inc(heads_sent)
+        if logs_sent:
+            self._sent[proto.LOGS].inc(logs_sent)
+
+    def _fan_out_logs(self, logs: Any) -> int:
+        sent = 0
+        subs = list(self._logs.items())
+        for log in logs:
+            encoded: bytes | None = None
+            for sub_id, (conn, flt) in subs:
+                if flt is not None and not flt.matches(log):
+                    continue
+                if encoded is None:
+                    encoded = orjson.dumps(log)
+                conn.notify(sub_id, proto.encode_notification(sub_id, encoded))
+                sent += 1
+        return sent
+
+    def _on_pending(self, tx_hash: str) -> None:
+        result = orjson.dumps(tx_hash)
+        subs = list(self._pending.items())
+        for sub_id, conn in subs:
+            conn.notify(sub_id, proto.encode_notification(sub_id, result))
+        if subs:
+            self._sent[proto.PENDING].inc(len(subs))
+
+
+class Connection:
+    """The subscriptions of one WebSocket connection (see ``ws.Subscriptions``)."""
+
+    def __init__(self, service: SubscriptionService, session: WsSession, ip: str) -> None:
+        self.service = service
+        self.session = session
+        self.ip = ip
+        self.subs: dict[bytes, str] = {}
+        # Subscriptions whose id is not yet with the client, and what they would have sent:
+        # a notification must never reach a client before the answer naming its id.
+        self._held: dict[bytes, list[bytes]] = {}
+        self._closed = False
+
+    def call(self, method: str, params: Any) -> Answer:
+        if self._closed:  # a call still in flight as its connection closed
+            return Answer(_FALSE, None)
+        try:
+            if method == "eth_unsubscribe":
+                sub_id = proto.parse_unsubscribe(params).encode()
+                self._held.pop(sub_id, None)
+                removed = self.service._remove(self, sub_id)
+                self.service._update_listeners()
+                return Answer(_TRUE if removed else _FALSE, None)
+            req = proto.parse_subscribe(params)
+            sub_id = self.service._add(self, req)
+        except RequestError as exc:
+            return _error(exc)
+        self._held[sub_id] = []
+        return Answer(b'"' + sub_id + b'"', None)
+
+    def notify(self, sub_id: bytes, payload: bytes) -> None:
+        held = self._held.get(sub_id)
+        if held is not None:
+            if len(held) < MAX_HELD_NOTIFICATIONS:
+                held.append(payload)
+            return
+        self.session.send(payload)
+
+    def answered(self, payload: bytes) -> None:
+        if not self._held:
+            return
+        for sub_id in [s for s in self._held if s in payload]:
+            for note in self._held.pop(sub_id):
+                self.session.send(note)
+
+    def closed(self, slow: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        svc = self.service
+        for sub_id in list(self.subs):
+            svc._remove(self, sub_id)
+        self._held.clear()
+        svc._update_listeners()
+        if slow:
+            svc.metrics.slow_subscribers.inc()
+            # The reader may never take its close frame: drop it after a grace period.
+            asyncio.get_running_loop().call_later(svc.cfg.slow_close_grace, self.session.abort)
