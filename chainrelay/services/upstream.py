@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import ssl
 import time
+import typing
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
-import websockets
-from websockets.asyncio.client import ClientConnection
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import WebSocketURI, parse_uri
 
 from chainrelay import defaults
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
@@ -22,6 +29,14 @@ log = logging.getLogger(__name__)
 
 # Latencies kept per upstream for the hedging quantile: enough for a stable p95.
 LATENCY_SAMPLES = 256
+# Largest WebSocket message taken from an upstream: a full block with its transactions
+# on BSC stays far below, and a node's debug_trace answers can reach tens of MiB.
+WS_MAX_MESSAGE = 64 * defaults.MiB
+# Ping period of a WebSocket upstream; silence for a whole period after a ping means the
+# connection is dead (websockets' own default, 20 s, and what geth's server expects).
+WS_PING_INTERVAL = 20.0
+_ANSWER_PREFIX = b'{"jsonrpc":"2.0","id":'
+_ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 
 
 class TransportError(Exception):
@@ -73,13 +88,16 @@ class Upstream:
     async def request(self, body: bytes) -> bytes:
         raise NotImplementedError
 
+    async def _roundtrip(self, method: str, params: Params | None) -> bytes:
+        return await self.request(encode_request(1, method, params))
+
     async def call(self, method: str, params: Params | None) -> Answer:
         """One call, timed and measured. Raises ``TransportError``."""
         self.calls += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                raw = await self.request(encode_request(1, method, params))
+                raw = await self._roundtrip(method, params)
             try:
                 answer = parse_answer(raw)
             except ValueError as exc:
@@ -155,14 +173,153 @@ class HttpUpstream(Upstream):
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
 
 
+class _WsLink(asyncio.Protocol):
+    """One WebSocket connection to an upstream, driven through websockets' sans-I/O
+    ``ClientProtocol`` in the transport's own callbacks: a message costs no task, no
+    queue and no lock, only a frame parsed and a frame written.
+
+    Keep-alive: a ping goes out every ``WS_PING_INTERVAL``; a connection that has sent
+    nothing at all by the next one is dead and is aborted.
+    """
+
+    def __init__(
+        self,
+        uri: WebSocketURI,
+        on_message: Callable[[bytes], None],
+        on_lost: Callable[[_WsLink], None],
+    ) -> None:
+        self.proto = ClientProtocol(uri, max_size=WS_MAX_MESSAGE)
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._fragments: list[bytes] = []
+        self._heard = True  # something arrived since the last ping
+        self._ping: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None
+
+    # --- transport callbacks ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = True
+        proto = self.proto
+        proto.receive_data(data)
+        for event in proto.events_received():
+            if event.__class__ is Frame:
+                self._frame(typing.cast(Frame, event))
+            elif isinstance(event, Response):
+                self._handshake()
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.proto.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._ping is not None:
+            self._ping.cancel()
+        if not self.opened.done():
+            self.opened.set_exception(TransportError(f"connect: {exc or 'connection closed'}"))
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # --- frames ----------------------------------------------------------------------
+    def _handshake(self) -> None:
+        if self.opened.done():
+            return
+        exc = self.proto.handshake_exc
+        if exc is not None:
+            self.opened.set_exception(TransportError(f"connect: {exc}"))
+            return
+        self.opened.set_result(None)
+        self._ping = asyncio.get_running_loop().call_later(WS_PING_INTERVAL, self._keepalive)
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._on_message(bytes(frame.data))
+            else:
+                self._fragments = [bytes(frame.data)]
+        elif opcode is Opcode.CONT:
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                message = b"".join(self._fragments)
+                self._fragments = []
+                self._on_message(message)
+
+    def _keepalive(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if not self._heard:
+            log.warning("WebSocket upstream silent for %.0fs: reconnecting", WS_PING_INTERVAL)
+            self.transport.abort()
+            return
+        self._heard = False
+        with contextlib.suppress(InvalidState):
+            self.proto.send_ping(b"")
+            self._flush()
+        self._ping = asyncio.get_running_loop().call_later(WS_PING_INTERVAL, self._keepalive)
+
+    # --- sending ---------------------------------------------------------------------
+    def send(self, body: bytes) -> None:
+        """Send one text message. Raises ``TransportError`` once the connection is gone."""
+        if self.closed or self.proto.state is not State.OPEN:
+            raise TransportError("send: connection closed")
+        self.proto.send_text(body)
+        self._flush()
+
+    async def writable(self) -> None:
+        """Wait while the transport's buffer is above its high-water mark."""
+        if self._writable is not None:
+            await asyncio.shield(self._writable)
+
+    def close(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        with contextlib.suppress(InvalidState):
+            if self.proto.state is State.OPEN:
+                self.proto.send_close()
+                self._flush()
+        self.transport.close()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:  # websockets asks for the end of the stream with an empty chunk
+                transport.close()
+        if self.proto.close_expected():
+            transport.close()
+
+
 class WsUpstream(Upstream):
     """A WebSocket upstream: requests multiplexed by id over one connection, reconnected
     on demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``."""
 
     def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
         super().__init__(name, url, timeout=timeout, connections=connections)
-        self._conn: ClientConnection | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._uri = parse_uri(url)
+        self._link: _WsLink | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._subs: dict[str, Callable[[Any], None]] = {}
@@ -172,75 +329,89 @@ class WsUpstream(Upstream):
         return None  # connects on first use
 
     async def stop(self) -> None:
-        conn = self._conn  # the reader forgets it as it ends
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
-        self._conn = None
-        if conn is not None:
-            await conn.close()
+        link = self._link
+        if link is not None:
+            link.close()
+            self._lost(link)
 
-    async def _connection(self) -> ClientConnection:
-        if self._conn is not None:
-            return self._conn
+    async def _connection(self) -> _WsLink:
+        link = self._link
+        if link is not None:
+            return link
         async with self._lock:
-            if self._conn is None:
-                try:
-                    conn = await websockets.connect(
-                        self.url, max_size=64 * defaults.MiB, compression=None
-                    )
-                except (OSError, websockets.WebSocketException) as exc:
-                    raise TransportError(f"connect: {exc}") from None
-                self._conn = conn
-                self._reader = asyncio.create_task(self._read(conn))
-        assert self._conn is not None
-        return self._conn
+            if self._link is None:
+                self._link = await self._connect()
+        return self._link
 
-    async def _read(self, conn: ClientConnection) -> None:
+    async def _connect(self) -> _WsLink:
+        uri = self._uri
+        loop = asyncio.get_running_loop()
+        link = _WsLink(uri, self._message, self._lost)
         try:
-            async for message in conn:
-                raw = message if isinstance(message, bytes) else message.encode()
-                try:
-                    doc = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(doc, dict):
-                    continue
-                if doc.get("method") == "eth_subscription":
-                    p = doc.get("params") or {}
-                    cb = self._subs.get(p.get("subscription"))
-                    if cb is not None:
-                        cb(p.get("result"))
-                    continue
-                fut = self._pending.pop(doc.get("id"), None)  # type: ignore[arg-type]
-                if fut is not None and not fut.done():
-                    fut.set_result(raw)
-        except websockets.WebSocketException:
-            pass
-        finally:
-            self._conn = None
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(TransportError("connection closed"))
-            self._pending.clear()
-            for cb in list(self._subs.values()):
-                cb(None)  # None tells a subscriber its stream broke
-            self._subs.clear()
+            await loop.create_connection(
+                lambda: link,
+                uri.host,
+                uri.port,
+                ssl=ssl.create_default_context() if uri.secure else None,
+            )
+        except OSError as exc:
+            raise TransportError(f"connect: {exc}") from None
+        try:
+            await link.opened
+        except BaseException:
+            link.close()
+            raise
+        return link
 
-    async def request(self, body: bytes) -> bytes:
-        conn = await self._connection()
-        doc = orjson.loads(body)
+    def _lost(self, link: _WsLink) -> None:
+        if link is not self._link:
+            return
+        self._link = None
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(TransportError("connection closed"))
+        subs, self._subs = self._subs, {}
+        for cb in subs.values():
+            cb(None)  # None tells a subscriber its stream broke
+
+    def _message(self, raw: bytes) -> None:
+        # Answers nearly always open with this prefix: their id is read without decoding
+        # the message (the caller decodes it once, in parse_answer).
+        if raw.startswith(_ANSWER_PREFIX):
+            end = raw.find(b",", _ANSWER_PREFIX_LEN, _ANSWER_PREFIX_LEN + 24)
+            token = raw[_ANSWER_PREFIX_LEN:end] if end > 0 else b""
+            if token.isdigit():
+                fut = self._pending.pop(int(token), None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(raw)
+                    return
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        if doc.get("method") == "eth_subscription":
+            p = doc.get("params") or {}
+            cb = self._subs.get(p.get("subscription")) if isinstance(p, dict) else None
+            if cb is not None:
+                cb(p.get("result"))
+            return
+        rid = doc.get("id")
+        fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is not None and not fut.done():
+            fut.set_result(raw)
+
+    async def _roundtrip(self, method: str, params: Params | None) -> bytes:
+        link = self._link or await self._connection()
+        await link.writable()
         rid = next(self._ids)
-        doc["id"] = rid
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await conn.send(orjson.dumps(doc).decode())
-        except websockets.WebSocketException as exc:
-            self._pending.pop(rid, None)
-            raise TransportError(f"send: {exc}") from None
-        try:
+            link.send(encode_request(rid, method, params))
             return await fut
         finally:
             self._pending.pop(rid, None)
@@ -257,6 +428,8 @@ class WsUpstream(Upstream):
         answer = await self.call("eth_subscribe", ["newHeads"])
         if answer.error is not None or not isinstance(answer.value, str):
             raise TransportError(f"eth_subscribe refused: {answer.error!r}")
+        if self._link is None:
+            raise TransportError("newHeads stream closed")
         self._subs[answer.value] = deliver
         try:
             await broken.wait()
