@@ -14,6 +14,7 @@ from chainrelay.errors import ChainRelayError
 from chainrelay.protocol.chains import ChainProfile, profile_for
 from chainrelay.services.blocks import BlockFeed
 from chainrelay.services.cache import MemoryCache
+from chainrelay.services.filters import FilterService
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.http import HttpServer, Routes
 from chainrelay.services.metrics import Metrics
@@ -47,6 +48,7 @@ class Node:
         self.server: HttpServer | None = None
         self.shared: RedisCache | None = None
         self.blocks: BlockFeed | None = None
+        self.filters: FilterService | None = None
         self.subscriptions: SubscriptionService | None = None
         self.profile: ChainProfile | None = None
         self.chain_id = 0
@@ -117,6 +119,10 @@ class Node:
         )
         self._stack.append(blocks.stop)
         await blocks.start()
+        filters = self.filters = FilterService(cfg.filters, blocks, self.rpc.call, self.metrics)
+        self._stack.append(filters.stop)
+        await filters.start()
+        self.rpc.filters = filters
         subs = self.subscriptions = SubscriptionService(blocks, self.metrics, cfg.subscriptions)
         self._stack.append(subs.stop)
         server = self.server = HttpServer(

@@ -126,6 +126,15 @@ class FilterTable:
     def __len__(self) -> int:
         return len(self.filters)
 
+    @property
+    def wants_blocks(self) -> bool:
+        """True while a log or block filter is installed: only then is the feed needed."""
+        return bool(self._block_filters or self._any_address or self._by_address)
+
+    @property
+    def wants_pending(self) -> bool:
+        return bool(self._pending_filters)
+
     # --- install / uninstall -------------------------------------------------------------
     def install(self, kind: FilterKind, criteria: LogFilter | None, now: float) -> str:
         """Install a filter and return its id; raises ``TooManyFilters`` when full."""

@@ -42,10 +42,15 @@ class BlockSource(Protocol):
 
     def add_listener(self, fn: Callable[[list[Any]], None]) -> None: ...
 
+    def remove_listener(self, fn: Callable[[list[Any]], None]) -> None: ...
+
     def add_pending_listener(self, fn: Callable[[str], None]) -> None: ...
 
+    def remove_pending_listener(self, fn: Callable[[str], None]) -> None: ...
 
-GetLogs = Callable[[dict[str, Any]], Awaitable[Answer]]
+
+# One call through the node's own request pipeline (RpcService.call): cached, coalesced.
+Ask = Callable[[str, list[Any]], Awaitable[Answer]]
 
 
 def _error(exc: RequestError) -> Answer:
@@ -82,7 +87,7 @@ class FilterService:
         self,
         cfg: FiltersConfig,
         feed: BlockSource,
-        get_logs: GetLogs,
+        ask: Ask,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -92,11 +97,15 @@ class FilterService:
             max_changes=cfg.max_changes,
         )
         self.feed = feed
-        self.get_logs = get_logs
+        self.ask = ask
         self.clock = clock
         self._sweep_every = min(cfg.idle_timeout * SWEEP_FRACTION, MAX_SWEEP_INTERVAL)
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
+        # Listening costs the feed two upstream calls per block (the block, its receipts),
+        # so the service listens only while a filter needs it.
+        self._listening = False
+        self._listening_pending = False
         self._collector = _FilterCollector(self.table)
         self._metrics = metrics
         self._handlers: dict[str, Callable[[Any], Answer | Awaitable[Answer]]] = {
@@ -110,14 +119,12 @@ class FilterService:
 
     async def start(self) -> None:
         self._running = True
-        self.feed.add_listener(self._on_blocks)
-        self.feed.add_pending_listener(self._on_pending)
         self._metrics.registry.register(self._collector)
         self._sweeper = asyncio.create_task(self._sweep(), name="filters-sweep")
 
     async def stop(self) -> None:
-        # The feed keeps its listeners; they do nothing once stopped.
         self._running = False
+        self._listen()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -127,6 +134,24 @@ class FilterService:
             self._metrics.registry.unregister(self._collector)
 
     # --- the feed (called synchronously, in order) -----------------------------------------
+    def _listen(self) -> None:
+        """Listen to the feed exactly while installed filters need it; call after every
+        change to the table's membership."""
+        blocks = self._running and self.table.wants_blocks
+        if blocks != self._listening:
+            if blocks:
+                self.feed.add_listener(self._on_blocks)
+            else:
+                self.feed.remove_listener(self._on_blocks)
+            self._listening = blocks
+        pending = self._running and self.table.wants_pending
+        if pending != self._listening_pending:
+            if pending:
+                self.feed.add_pending_listener(self._on_pending)
+            else:
+                self.feed.remove_pending_listener(self._on_pending)
+            self._listening_pending = pending
+
     def _on_blocks(self, events: list[BlockLike]) -> None:
         if self._running:
             self.table.on_blocks(events)
@@ -141,6 +166,7 @@ class FilterService:
             gone = self.table.expire(self.clock())
             if gone:
                 log.debug("%d idle filter(s) expired", len(gone))
+                self._listen()
 
     # --- calls -----------------------------------------------------------------------------
     async def call(self, method: str, params: Any) -> Answer:
@@ -152,6 +178,8 @@ class FilterService:
                 got = await got
         except RequestError as exc:
             return _error(exc)
+        finally:
+            self._listen()  # an install, uninstall or expiry may change what is needed
         return got
 
     def _new_filter(self, params: Any) -> Answer:
@@ -183,7 +211,7 @@ class FilterService:
         f = self.table.get(fid, self.clock())
         if f.criteria is None:
             raise FilterNotFound("filter not found")  # geth: only log filters have logs
-        return await self.get_logs(f.criteria.to_params())
+        return await self.ask("eth_getLogs", [f.criteria.to_params()])
 
 
 class _FilterCollector(Collector):

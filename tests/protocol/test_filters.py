@@ -236,3 +236,19 @@ def test_policy_never_caches_filter_methods() -> None:
         assert RULES[method].kind is Kind.FILTER
         p = plan(method, [{"fromBlock": "0x1", "toBlock": "0x2"}], head)
         assert p.finality is Finality.NEVER and p.key is None
+
+
+def test_the_table_says_when_it_needs_the_feed() -> None:
+    t = table(idle_timeout=10.0)
+    assert not t.wants_blocks and not t.wants_pending
+    pf = t.install(FilterKind.PENDING, None, now=0.0)
+    assert t.wants_pending and not t.wants_blocks
+    lf = t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+    assert t.wants_blocks
+    bf = t.install(FilterKind.BLOCKS, None, now=5.0)
+    t.uninstall(lf)
+    assert t.wants_blocks
+    t.uninstall(pf)
+    assert not t.wants_pending
+    t.expire(16.0)
+    assert bf not in t.filters and not t.wants_blocks
