@@ -11,8 +11,8 @@
     │   ├── MethodNotFound               -32601  method refused by this node
     │   ├── InvalidParams                -32602  params of the wrong shape for the method
     │   ├── FilterNotFound               -32000  filter id never installed, uninstalled or expired
-    │   ├── TooManyFilters               -32005  the node holds as many filters as it allows
     │   └── LimitExceeded                -32005  subscriptions per connection, address or node
+    │       └── TooManyFilters           -32005  the node holds as many filters as it allows
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
@@ -71,16 +71,16 @@ class FilterNotFound(RequestError):
     code = -32000
 
 
-class TooManyFilters(RequestError):
-    code = -32005  # EIP-1474 "limit exceeded"
-
-
 class LimitExceeded(RequestError):
     """A limit of this node is reached (subscriptions per connection, per IP, per node).
 
     -32005 is the code providers answer for "limit exceeded"; the caller may retry later."""
 
     code = -32005
+
+
+class TooManyFilters(LimitExceeded):
+    """Installed filters (eth_newFilter & co) of the whole node."""
 
 
 class InternalError(ChainRelayError):
