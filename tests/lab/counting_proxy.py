@@ -13,6 +13,11 @@ Run as a process of its own (a test must be able to SIGKILL it)::
   ``POST /release``; ``GET /held`` says how many wait. Lets a test line up concurrent callers
   behind one in-flight call without guessing how long the call takes.
 * ``--delay-ms N``: every forwarded call answers N ms later, like a node further away.
+* WebSocket: a ``GET`` upgrade on any other path is proxied to the node's WebSocket (the
+  upstream URL with ``ws://``), message for message both ways; the client's calls are
+  counted like POSTed ones (``eth_subscribe`` included). ``POST /drop`` closes every
+  proxied WebSocket at once, as a provider dropping its streams does; ``GET /ws`` says how
+  many are open.
 
 ``CountingProxy`` starts one from a test through the ``procs`` fixture.
 """
@@ -80,6 +85,8 @@ class CountingProxyApp:
         self.released = asyncio.Event()
         self.held = 0
         self.session: aiohttp.ClientSession | None = None
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.ws_upstream = "ws" + upstream[4:] if upstream.startswith("http") else upstream
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -87,7 +94,10 @@ class CountingProxyApp:
         app.router.add_post("/reset", self.counter.post_reset)
         app.router.add_get("/held", self.get_held)
         app.router.add_post("/release", self.post_release)
+        app.router.add_post("/drop", self.post_drop)
+        app.router.add_get("/ws", self.get_ws)
         app.router.add_post("/{tail:.*}", self.forward)
+        app.router.add_get("/{tail:.*}", self.forward_ws)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -105,6 +115,52 @@ class CountingProxyApp:
     async def post_release(self, _request: web.Request) -> web.Response:
         self.released.set()
         return web.Response(body=b"{}", content_type=JSON)
+
+    async def get_ws(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"open": len(self.sockets)}), content_type=JSON)
+
+    async def post_drop(self, _request: web.Request) -> web.Response:
+        dropped = len(self.sockets)
+        for ws in list(self.sockets):
+            await ws.close(code=1001, message=b"dropped by the lab")
+        return web.Response(body=orjson.dumps({"dropped": dropped}), content_type=JSON)
+
+    async def forward_ws(self, request: web.Request) -> web.StreamResponse:
+        """Proxy one WebSocket to the node, counting the client's calls."""
+        client = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024)
+        await client.prepare(request)
+        assert self.session is not None
+        try:
+            node = await self.session.ws_connect(self.ws_upstream, max_msg_size=64 * 1024 * 1024)
+        except (aiohttp.ClientError, OSError):
+            await client.close(code=1011, message=b"upstream unreachable")
+            return client
+        self.sockets.add(client)
+
+        async def down() -> None:
+            async for msg in node:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    await client.send_str(msg.data)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    await client.send_bytes(msg.data)
+            await client.close()
+
+        pump = asyncio.create_task(down())
+        try:
+            async for msg in client:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    self.counter.add(methods_of(msg.data.encode()))
+                    await node.send_str(msg.data)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    self.counter.add(methods_of(msg.data))
+                    await node.send_bytes(msg.data)
+        finally:
+            self.sockets.discard(client)
+            await node.close()
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
+                await pump
+        return client
 
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -239,6 +295,17 @@ class CountingProxy(LabServer):
 
     async def release(self) -> None:
         await self._post("/release")
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def drop_websockets(self) -> None:
+        """Close every proxied WebSocket (the relay's head stream among them)."""
+        await self._post("/drop")
+
+    async def open_websockets(self) -> int:
+        return int((await self._get("/ws"))["open"])
 
 
 async def start_proxy(
