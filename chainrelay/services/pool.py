@@ -155,10 +155,10 @@ class UpstreamPool:
 
     async def call(self, method: str, params: Params | None, min_block: int = -1) -> Answer:
         """A read: the first good answer from the best upstreams, retried and maybe hedged."""
-        order = self.candidates(min_block)
         max_attempts = self.settings.max_attempts
-        if len(order) == 1:
-            return await self._call_one(order[0], method, params, max_attempts)
+        if len(self.upstreams) == 1:
+            return await self._call_one(self.upstreams[0], method, params, max_attempts)
+        order = self.candidates(min_block)
         tried = 0
         last_exc: TransportError | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
@@ -213,8 +213,10 @@ class UpstreamPool:
         last: TransportError | None = None
         for _ in range(attempts):
             try:
-                return await self._attempt(u, method, params)
+                return await u.call(method, params)
             except TransportError as exc:
+                self._mark_failed(u)
+                log.debug("upstream %s %s failed: %s", u.name, method, exc)
                 last = exc
         assert last is not None
         cls = UpstreamTimeout if last.timeout else UpstreamUnavailable
