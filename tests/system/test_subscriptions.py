@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,15 +20,16 @@ import websockets
 from web3 import AsyncWeb3, WebSocketProvider
 from websockets.asyncio.client import ClientConnection
 
-from chainrelay.devnet import Anvil, deploy_emitter, traffic
+from chainrelay.devnet import Anvil, deploy_emitter, traffic, transfer_emitter_initcode
 from tests.lab.chain import (
     DEV_ACCOUNTS,
     TRANSFER_TOPIC,
     Chain,
+    emitter_data,
     metric,
 )
 from tests.lab.counting_proxy import start_proxy
-from tests.lab.procs import Relay, until
+from tests.lab.procs import Relay, rpc, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -291,3 +293,300 @@ async def test_a_thousand_subscribers_cost_one_upstream_head_stream(
         for m in want:
             result = orjson.loads(m)["params"]["result"]
             assert (await node.block(result["number"]))["hash"] == result["hash"]
+
+
+# --- reorgs ----------------------------------------------------------------------------
+async def test_reorg_retracts_orphaned_logs_then_delivers_the_new_chain(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        emitter = await node.deploy(transfer_emitter_initcode())
+        relay = await start_relay_on_manual_node(node, relay_factory, [anvil.ws_url], "")
+        async with Subscriber.connect(relay.ws_url) as sub:
+            heads = await sub.subscribe(NEW_HEADS)
+            logs = await sub.subscribe(TRANSFER_LOGS)
+            for i in range(3):
+                for sender in (A0, A1):
+                    data = emitter_data(A2, 100 + i)
+                    await node.send({"from": sender, "to": emitter, "data": data, "gas": "0x20000"})
+                await node.call("evm_mine")
+            await until(lambda: len(sub.notes[logs]) == 6, 10 * SECOND, "6 logs before the reorg")
+            before = sub.results(logs)
+            tip = int(before[-1]["blockNumber"], 16)
+            old_hashes = {x["blockHash"] for x in before}
+            heads_before = len(sub.notes[heads])
+
+            depth = 2
+            pairs = []
+            for k in range(depth):
+                for sender in (A2, A0):
+                    data = emitter_data(A1, 9000 + k)
+                    tx = {"from": sender, "to": emitter, "data": data, "gas": "0x20000"}
+                    pairs.append([tx, k])
+            await node.call("anvil_reorg", [depth, pairs])
+            replaced = [tip - 1, tip]
+            new_logs: list[Any] = []
+            for n in replaced:
+                new_logs += await node.call(
+                    "eth_getLogs", [{"fromBlock": hex(n), "toBlock": hex(n)}]
+                )
+            assert len(new_logs) == 4 and not {x["blockHash"] for x in new_logs} & old_hashes
+            await until(
+                lambda: len(sub.notes[logs]) >= 6 + 4 + 4,
+                10 * SECOND,
+                "the orphaned logs retracted and the new chain's logs",
+            )
+            await until(
+                lambda: len(sub.notes[heads]) >= heads_before + depth, 10 * SECOND, "new heads"
+            )
+            new_heads = [await node.block(hex(n)) for n in replaced]
+
+    after = sub.results(logs)[6:]
+    orphaned = [x for x in before if int(x["blockNumber"], 16) in replaced]
+    # geth's order: newest orphaned block first, each block's logs last first.
+    want_removed = [{**x, "removed": True} for x in reversed(orphaned)]
+    assert after[:4] == want_removed
+    assert after[4:] == new_logs
+    assert len(after) == 8
+    got_heads = sub.results(heads)[heads_before:]
+    assert got_heads[-depth:] == new_heads
+    assert {h["hash"] for h in got_heads} & old_hashes == set()
+
+
+# --- a dropped upstream stream -----------------------------------------------------------
+async def test_upstream_stream_dropped_mid_stream_no_gap_no_duplicate(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=BLOCK_TIME)
+    proxy = await start_proxy(procs, anvil.url)
+    relay = await relay_factory([proxy.ws_url])
+    async with mining(anvil.url), Subscriber.connect(relay.ws_url) as sub:
+        heads = await sub.subscribe(NEW_HEADS)
+        logs = await sub.subscribe(TRANSFER_LOGS)
+        for _ in range(2):
+            target = len(sub.notes[heads]) + 3
+            await until(lambda t=target: len(sub.notes[heads]) >= t, 10 * SECOND, "3 more heads")
+            await proxy.drop_websockets()
+        target = len(sub.notes[heads]) + 6
+        await until(lambda: len(sub.notes[heads]) >= target, 20 * SECOND, "heads after the drops")
+    counts = await proxy.counts()
+    assert counts.get("eth_subscribe", 0) >= 3, "the upstream stream was never dropped"
+    got = sub.results(heads)
+    assert_consecutive(got, "heads across two dropped upstream streams")
+    async with Chain.open(anvil.url) as node:
+        for h in got:
+            assert (await node.block(h["number"]))["hash"] == h["hash"]
+        lo, hi = got[0]["number"], got[-1]["number"]
+        want = await node.call(
+            "eth_getLogs", [{"fromBlock": lo, "toBlock": hi, "topics": [TRANSFER_TOPIC]}]
+        )
+    assert sub.results(logs) == want  # every log once, in order, none lost in the drops
+
+
+# --- a slow subscriber -------------------------------------------------------------------
+SLOW_SUBSCRIPTIONS = 300
+SLOW_CONFIG = "[limits]\nmax_ws_send_buffer = 65536\n\n[subscriptions]\nslow_close_grace = 60.0\n"
+
+
+async def test_slow_subscriber_is_closed_while_a_fast_one_keeps_up(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=BLOCK_TIME)
+    relay = await relay_factory([anvil.ws_url], SLOW_CONFIG)
+    # A reader that takes nothing: a tiny receive buffer and a one-message client queue.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", relay.port))
+    async with (
+        Subscriber.connect(relay.ws_url) as fast,
+        websockets.connect(
+            relay.ws_url, sock=sock, max_queue=1, compression=None, max_size=None
+        ) as slow,
+    ):
+        fast_heads = await fast.subscribe(NEW_HEADS)
+        for i in range(SLOW_SUBSCRIPTIONS):
+            body = {"jsonrpc": "2.0", "id": i, "method": "eth_subscribe", "params": NEW_HEADS}
+            await slow.send(orjson.dumps(body).decode())
+        for _ in range(SLOW_SUBSCRIPTIONS):
+            assert "result" in orjson.loads(await slow.recv())
+
+        async def slow_closed() -> bool:
+            m = await relay.metrics()
+            return metric(m, "chainrelay_slow_subscriber_disconnects_total") == 1
+
+        await until(slow_closed, 30 * SECOND, "the slow subscriber to be closed")
+        m = await relay.metrics()
+        assert metric(m, "chainrelay_subscriptions", kind="newHeads") == 1  # the fast one
+        target = len(fast.notes[fast_heads]) + 3
+        await until(lambda: len(fast.notes[fast_heads]) >= target, 10 * SECOND, "fast heads")
+        assert_consecutive(fast.results(fast_heads), "the fast subscriber")
+        # The slow reader, once it reads, finds its notifications and then the reason.
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with asyncio.timeout(30 * SECOND):
+                while True:
+                    await slow.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1013
+    assert closed.value.rcvd.reason == "client too slow: send buffer full"
+
+
+# --- limits and cleanup ------------------------------------------------------------------
+async def test_limits_answer_an_error_and_closing_unsubscribes(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=BLOCK_TIME)
+    relay = await relay_factory([anvil.ws_url], "[subscriptions]\nmax_per_connection = 3\n")
+
+    async def active() -> float:
+        return metric(await relay.metrics(), "chainrelay_subscriptions")
+
+    async with Subscriber.connect(relay.ws_url) as sub, Subscriber.connect(relay.ws_url) as other:
+        ids = [await sub.subscribe(p) for p in (NEW_HEADS, TRANSFER_LOGS, NEW_HEADS)]
+        assert len(set(ids)) == 3
+        assert all(len(i) == 34 and int(i, 16) >= 0 for i in ids)
+        over = await sub.call("eth_subscribe", NEW_HEADS)
+        assert over["error"]["code"] == -32005, over
+        assert "limit exceeded" in over["error"]["message"]
+        assert (await sub.call("eth_unsubscribe", [ids[0]]))["result"] is True
+        assert (await sub.call("eth_unsubscribe", [ids[0]]))["result"] is False
+        assert (await sub.call("eth_unsubscribe", ["0x" + "00" * 16]))["result"] is False
+        # Another connection's subscription is not this one's to cancel.
+        theirs = await other.subscribe(NEW_HEADS)
+        assert (await sub.call("eth_unsubscribe", [theirs]))["result"] is False
+        ids[0] = await sub.subscribe(NEW_HEADS)
+        bad = await sub.call("eth_subscribe", ["logs", {"address": "0x1"}])
+        assert bad["error"]["code"] == -32602, bad
+        unknown = await sub.call("eth_subscribe", ["newBlocks"])
+        assert unknown["error"]["code"] == -32601, unknown
+        # The node keeps serving, over this connection and others.
+        got = await sub.call("eth_chainId", [])
+        assert got["result"] == "0x38"
+        assert await active() == 4
+        await until(lambda: len(other.notes[theirs]) >= 2, 10 * SECOND, "heads on the other")
+    await until(lambda: active_is(relay, 0), 10 * SECOND, "every subscription gone on close")
+    # Over HTTP there are no notifications, as on geth.
+    http = await rpc(relay.url, "eth_subscribe", NEW_HEADS)
+    assert http["error"] == {"code": -32601, "message": "notifications not supported"}
+
+
+async def active_is(relay: Relay, n: float) -> bool:
+    return metric(await relay.metrics(), "chainrelay_subscriptions") == n
+
+
+# --- the cache warmed by the feed; pending transactions ----------------------------------
+async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        emitter = await node.deploy(transfer_emitter_initcode())
+        relay = await start_relay_on_manual_node(node, relay_factory, [proxy.ws_url], "")
+        async with (
+            Subscriber.connect(relay.ws_url) as sub,
+            Subscriber.connect(anvil.ws_url) as direct,
+            Chain.open(relay.url) as through,
+        ):
+            heads = await sub.subscribe(NEW_HEADS)
+            pending = await sub.subscribe(["newPendingTransactions"])
+            direct_pending = await direct.subscribe(["newPendingTransactions"])
+            await until(lambda: active_is(relay, 2), 5 * SECOND, "two subscriptions")
+            # The upstream pending stream starts as the first subscription arrives: a probe
+            # sent before it is up is never announced, so probe until one is.
+            probe = ""
+            for attempt in range(10):
+                probe = await node.send({"from": A2, "to": A0, "value": hex(1 + attempt)})
+                with contextlib.suppress(AssertionError):
+                    await until(
+                        lambda p=probe: orjson.dumps(p) in b"".join(sub.notes[pending]),
+                        SECOND,
+                        "a probe announced as pending",
+                    )
+                    break
+            else:
+                raise AssertionError("the pending stream never announced a transaction")
+            sent = [probe]
+            for sender in (A0, A1):
+                data = emitter_data(A2, 7)
+                sent.append(
+                    await node.send({"from": sender, "to": emitter, "data": data, "gas": "0x20000"})
+                )
+                sent.append(await node.send({"from": sender, "to": A2, "value": "0x2"}))
+            await until(
+                lambda: all(orjson.dumps(h) in b"".join(sub.notes[pending]) for h in sent),
+                10 * SECOND,
+                "every sent transaction as pending",
+            )
+            await node.call("evm_mine")
+            n, block_hash = await node.head()
+            await until(
+                lambda: any(h["hash"] == block_hash for h in sub.results(heads)),
+                10 * SECOND,
+                "the mined block's head",
+            )
+            await proxy.reset()
+            calls: list[tuple[str, list[Any]]] = [
+                ("eth_getBlockByNumber", [hex(n), True]),
+                ("eth_getBlockByNumber", [hex(n), False]),
+                ("eth_getBlockByNumber", ["latest", True]),
+                ("eth_getBlockByNumber", ["latest", False]),
+                ("eth_getBlockByHash", [block_hash, True]),
+                ("eth_getBlockByHash", [block_hash, False]),
+                ("eth_getBlockReceipts", [hex(n)]),
+                ("eth_getBlockReceipts", ["latest"]),
+            ]
+            for tx in sent:
+                calls += [("eth_getTransactionByHash", [tx]), ("eth_getTransactionReceipt", [tx])]
+            m0 = await relay.metrics()
+            for method, params in calls:
+                assert await through.request(method, params) == await node.request(
+                    method, params
+                ), (method, params)
+            m1 = await relay.metrics()
+            counts = await proxy.counts()
+    hits = metric(m1, "chainrelay_requests_total", outcome="hit") - metric(
+        m0, "chainrelay_requests_total", outcome="hit"
+    )
+    assert hits == len(calls)
+    assert not set(counts) & {m for m, _ in calls}, counts  # nothing asked upstream
+    # The pending hashes are anvil's own stream, in its order.
+    direct_seen = [h for h in direct.results(direct_pending) if h in sent]
+    assert [h for h in sub.results(pending) if h in sent] == direct_seen == sent
+
+
+# --- skipped numbers -----------------------------------------------------------------------
+async def test_heads_the_upstream_skipped_are_delivered_in_order(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        # Over HTTP the relay polls: a burst of blocks between two polls is a jump of heads.
+        relay = await start_relay_on_manual_node(node, relay_factory, [anvil.url], "")
+        async with Subscriber.connect(relay.ws_url) as sub:
+            heads = await sub.subscribe(NEW_HEADS)
+            start, _ = await node.head()
+            for burst in (7, 1, 12):
+                await node.call("anvil_mine", [hex(burst)])
+            tip, _ = await node.head()
+            await until(
+                lambda: bool(sub.notes[heads]) and numbers(sub.results(heads))[-1] == tip,
+                10 * SECOND,
+                "the last head of the bursts",
+            )
+            want = [await node.block(hex(n)) for n in range(start + 1, tip + 1)]
+    got = sub.results(heads)
+    assert_consecutive(got, "heads across bursts")
+    assert got == want[-len(got) :]
+    assert len(got) >= 19  # the bursts' blocks, not only their last heads
