@@ -412,3 +412,18 @@ async def test_bad_params_are_refused_and_the_node_keeps_serving(lab: Lab, trans
 
         await until(logged, SETTLE_TIMEOUT, "a log through a filter installed after bad calls")
         assert (await ask("eth_uninstallFilter", [fid]))["result"] is True
+
+
+async def test_filters_per_node_are_bounded(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    extra = "[filters]\nmax_filters = 2\n"
+    async with lab_of(anvil_factory, relay_factory, extra=extra) as lab:
+        first = (await raw(lab.through, "eth_newBlockFilter", []))["result"]
+        (await raw(lab.through, "eth_newFilter", [{"address": lab.emitter}]))["result"]
+        refused = await raw(lab.through, "eth_newPendingTransactionFilter", [])
+        assert refused["error"]["code"] == -32005
+        assert "too many filters" in refused["error"]["message"]
+        assert (await raw(lab.through, "eth_uninstallFilter", [first]))["result"] is True
+        assert "result" in await raw(lab.through, "eth_newPendingTransactionFilter", [])
