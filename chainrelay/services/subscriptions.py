@@ -77,7 +77,7 @@ class SubscriptionService:
             for entry in list(table.values()):
                 conn = entry[0] if isinstance(entry, tuple) else entry
                 conn.closed(False)
-        self._update_listeners()
+        self.update_listeners()
 
     # --- bookkeeping -----------------------------------------------------------------
     def _table(self, kind: str) -> dict[bytes, Any]:
@@ -89,7 +89,8 @@ class SubscriptionService:
             return self._pending
         return self._syncing
 
-    def _add(self, conn: Connection, req: proto.SubscribeRequest) -> bytes:
+    def register(self, conn: Connection, req: proto.SubscribeRequest) -> bytes:
+        """A new subscription of ``conn``; raises ``LimitExceeded`` past a limit."""
         cfg = self.cfg
         if len(conn.subs) >= cfg.max_per_connection:
             raise LimitExceeded(
@@ -108,10 +109,11 @@ class SubscriptionService:
         self.per_ip[conn.ip] += 1
         self.total += 1
         self._gauges[req.kind].inc()
-        self._update_listeners()
+        self.update_listeners()
         return sub_id
 
-    def _remove(self, conn: Connection, sub_id: bytes) -> bool:
+    def unregister(self, conn: Connection, sub_id: bytes) -> bool:
+        """Cancel one subscription of ``conn``; False when it holds no such id."""
         kind = conn.subs.pop(sub_id, None)
         if kind is None:
             return False
@@ -123,7 +125,7 @@ class SubscriptionService:
         self._gauges[kind].dec()
         return True
 
-    def _update_listeners(self) -> None:
+    def update_listeners(self) -> None:
         """Follow the feed only while a subscription needs it."""
         want_blocks = bool(self._heads or self._logs)
         if want_blocks != self._following_blocks:
@@ -201,11 +203,11 @@ class Connection:
             if method == "eth_unsubscribe":
                 sub_id = proto.parse_unsubscribe(params).encode()
                 self._held.pop(sub_id, None)
-                removed = self.service._remove(self, sub_id)
-                self.service._update_listeners()
+                removed = self.service.unregister(self, sub_id)
+                self.service.update_listeners()
                 return Answer(_TRUE if removed else _FALSE, None)
             req = proto.parse_subscribe(params)
-            sub_id = self.service._add(self, req)
+            sub_id = self.service.register(self, req)
         except RequestError as exc:
             return _error(exc)
         self._held[sub_id] = []
@@ -232,9 +234,9 @@ class Connection:
         self._closed = True
         svc = self.service
         for sub_id in list(self.subs):
-            svc._remove(self, sub_id)
+            svc.unregister(self, sub_id)
         self._held.clear()
-        svc._update_listeners()
+        svc.update_listeners()
         if slow:
             svc.metrics.slow_subscribers.inc()
             # The reader may never take its close frame: drop it after a grace period.

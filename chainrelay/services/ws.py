@@ -89,6 +89,7 @@ class WsSession:
         self.subscriptions: Subscriptions | None = None
         self.closed = False
         self.slow = False  # closed for reading too slowly
+        self._lost = False  # the transport is gone
 
     def accept(self, raw_request: bytes) -> bool:
         """Answer the upgrade request; False when it was refused (and answered so)."""
@@ -116,6 +117,7 @@ class WsSession:
 
     def connection_lost(self) -> None:
         self.closed = True
+        self._lost = True
         for task in self._tasks:
             task.cancel()
         self._release()
@@ -127,7 +129,8 @@ class WsSession:
 
     def abort(self) -> None:
         """Drop the connection now, whatever is still buffered for it."""
-        self.transport.abort()
+        if not self._lost:
+            self.transport.abort()
 
     def _frame(self, frame: Frame) -> None:
         if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
