@@ -171,3 +171,21 @@ def test_links_checks_the_parent_of_the_next_block() -> None:
     assert order.links(2, "a1")
     assert not order.links(2, "b1")
     assert order.links(5, "anything")  # its parent was never delivered
+
+
+# --- config ------------------------------------------------------------------------------
+def test_subscriptions_section_is_strict_and_defaults_from_one_place() -> None:
+    from chainrelay import defaults
+    from chainrelay.config import loads
+    from chainrelay.errors import ConfigError
+
+    base = '[[upstreams]]\nurl = "ws://127.0.0.1:8545"\n'
+    cfg = loads(base)
+    assert cfg.subscriptions.max_per_connection == defaults.MAX_SUBSCRIPTIONS_PER_CONNECTION
+    assert cfg.subscriptions.follow_blocks_always is defaults.FOLLOW_BLOCKS_ALWAYS
+    cfg = loads("[subscriptions]\nmax_per_ip = 7\nfollow_blocks_always = true\n" + base)
+    assert cfg.subscriptions.max_per_ip == 7 and cfg.subscriptions.follow_blocks_always
+    with pytest.raises(ConfigError, match=r"subscriptions\.max_per_conection"):
+        loads("[subscriptions]\nmax_per_conection = 1\n" + base)
+    with pytest.raises(ConfigError, match=r"subscriptions\.max_total"):
+        loads("[subscriptions]\nmax_total = 0\n" + base)
