@@ -58,6 +58,9 @@ class SubscriptionService:
         # subscription id (ASCII bytes) -> its connection, by kind
         self._heads: dict[bytes, Connection] = {}
         self._logs: dict[bytes, tuple[Connection, LogFilter]] = {}
+        # logs subscriptions grouped by filter: subscribers with the same filter (the usual
+        # case: one dapp, many users) cost one match per log, not one each.
+        self._log_groups: dict[LogFilter, dict[bytes, Connection]] = {}
         self._pending: dict[bytes, Connection] = {}
         self._syncing: dict[bytes, Connection] = {}
         self.per_ip: collections.Counter[str] = collections.Counter()
@@ -103,8 +106,12 @@ class SubscriptionService:
         if self.total >= cfg.max_total:
             raise LimitExceeded("limit exceeded: this node holds all the subscriptions it can")
         sub_id = proto.new_id(self._random(proto.ID_BYTES)).encode()
-        entry: Any = (conn, req.filter) if req.kind == proto.LOGS else conn
-        self._table(req.kind)[sub_id] = entry
+        if req.kind == proto.LOGS:
+            assert req.filter is not None
+            self._logs[sub_id] = (conn, req.filter)
+            self._log_groups.setdefault(req.filter, {})[sub_id] = conn
+        else:
+            self._table(req.kind)[sub_id] = conn
         conn.subs[sub_id] = req.kind
         self.per_ip[conn.ip] += 1
         self.total += 1
@@ -117,7 +124,13 @@ class SubscriptionService:
         kind = conn.subs.pop(sub_id, None)
         if kind is None:
             return False
-        self._table(kind).pop(sub_id, None)
+        entry = self._table(kind).pop(sub_id, None)
+        if kind == proto.LOGS and entry is not None:
+            flt = entry[1]
+            group = self._log_groups[flt]
+            del group[sub_id]
+            if not group:
+                del self._log_groups[flt]
         self.per_ip[conn.ip] -= 1
         if self.per_ip[conn.ip] <= 0:
             del self.per_ip[conn.ip]
@@ -162,16 +175,17 @@ class SubscriptionService:
 
     def _fan_out_logs(self, logs: Any) -> int:
         sent = 0
-        subs = list(self._logs.items())
+        groups = [(flt, list(members.items())) for flt, members in self._log_groups.items()]
         for log in logs:
             encoded: bytes | None = None
-            for sub_id, (conn, flt) in subs:
-                if flt is not None and not flt.matches(log):
+            for flt, members in groups:
+                if not flt.matches(log):
                     continue
                 if encoded is None:
                     encoded = orjson.dumps(log)
-                conn.notify(sub_id, proto.encode_notification(sub_id, encoded))
-                sent += 1
+                for sub_id, conn in members:
+                    conn.notify(sub_id, proto.encode_notification(sub_id, encoded))
+                sent += len(members)
         return sent
 
     def _on_pending(self, tx_hash: str) -> None:

@@ -249,3 +249,23 @@ async def test_a_slow_reader_is_counted_and_dropped_after_its_grace() -> None:
     assert not session.aborted.is_set()  # the reader gets its grace to take the close frame
     await asyncio.wait_for(session.aborted.wait(), SECOND)
     assert b"chainrelay_slow_subscriber_disconnects_total 1.0" in metrics.render()
+
+
+def test_subscribers_sharing_a_filter_each_get_its_logs(
+    setup: tuple[SubscriptionService, FakeFeed],
+) -> None:
+    svc, feed = setup
+    sessions = [FakeSession() for _ in range(3)]
+    conns = [svc.open(s) for s in sessions]  # type: ignore[arg-type]
+    same = [subscribe(c, ["logs", {"topics": [TOPIC]}]) for c in conns[:2]]
+    other = subscribe(conns[2], ["logs", {"topics": [[OTHER, TOPIC]]}])
+    only_other = subscribe(conns[2], ["logs", {"topics": [OTHER]}])
+    feed.emit([event(3, [log(3, 0), log(3, 1, OTHER), log(3, 2)])])
+    for s, sub_id in zip(sessions[:2], same, strict=True):
+        assert [x["logIndex"] for x in results(s, sub_id)] == ["0x0", "0x2"]
+    assert [x["logIndex"] for x in results(sessions[2], other)] == ["0x0", "0x1", "0x2"]
+    assert [x["logIndex"] for x in results(sessions[2], only_other)] == ["0x1"]
+    conns[0].call("eth_unsubscribe", [same[0]])
+    feed.emit([event(4, [log(4, 0)])])
+    assert len(results(sessions[0], same[0])) == 2  # nothing after unsubscribing
+    assert len(results(sessions[1], same[1])) == 3
