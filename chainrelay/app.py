@@ -126,7 +126,7 @@ class Node:
         subs = self.subscriptions = SubscriptionService(blocks, self.metrics, cfg.subscriptions)
         self._stack.append(subs.stop)
         server = self.server = HttpServer(
-            Routes(self.rpc.handle, self.health, self.metrics.render, subs.open),
+            Routes(self.rpc.handle, self.health, self.metrics.render, subs.open, replayer=self.rpc),
             cfg.limits,
             self.metrics,
             cfg.server.cors_origins,

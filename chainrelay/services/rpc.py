@@ -22,7 +22,7 @@ from chainrelay.protocol.policy import Finality, Kind, Plan
 from chainrelay.services.cache import Entry, MemoryCache
 from chainrelay.services.coalesce import Coalescer
 from chainrelay.services.head import HeadTracker
-from chainrelay.services.metrics import Metrics
+from chainrelay.services.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.ws import current_subscriptions
 from chainrelay.wire.jsonrpc import (
@@ -32,6 +32,7 @@ from chainrelay.wire.jsonrpc import (
     encode_error,
     encode_error_raw,
     encode_result,
+    id_probe,
     join_batch,
     parse_body,
     split_id,
@@ -44,6 +45,10 @@ _UNSET = b"\x00unset"
 NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
 # Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
 MEMO_MAX_ENTRIES = 50_000
+# Bytes of bodies and answers the seen table holds at most (it starts over past that):
+# room for every distinct hit of a busy block, and a bound on the entries it keeps alive
+# after the cache has let them go.
+SEEN_MAX_BYTES = 32 * 1024 * 1024
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
 
@@ -69,6 +74,34 @@ class FilterCalls(Protocol):
     """The node's filter service (``services/filters.py``), as the pipeline sees it."""
 
     async def call(self, method: str, params: policy.Params | None) -> Answer: ...
+
+
+class Seen:
+    """A call answered at one head (view generation) from cache or locally, recognised
+    later by its bytes without its id: a repeat is answered with no decoding or planning.
+
+    Whether an entry's block is canonical cannot change within a generation (every change
+    of the canonical window bumps it), so the check made when the call was first answered
+    holds for every repeat while ``entry`` is still the one the cache holds.
+    """
+
+    __slots__ = ("entry", "generation", "key", "method", "slot", "value")
+
+    def __init__(
+        self,
+        generation: int,
+        method: str,
+        key: bytes | None,
+        entry: Entry | None,
+        value: bytes,
+        slot: list[int],
+    ) -> None:
+        self.generation = generation
+        self.method = method
+        self.key = key  # None: a local answer (eth_chainId, eth_blockNumber), ``value``
+        self.entry = entry
+        self.value = value
+        self.slot = slot  # the (method, outcome) counter in Metrics
 
 
 class RpcService:
@@ -97,11 +130,18 @@ class RpcService:
         # repeated calls. Cleared whenever the head view changes, and when it grows too big.
         self._memo: dict[tuple[str, bytes], bytes | None] = {}
         self._memo_generation = -1
-        # Body without its id -> (method, cache key), for bodies answered from cache at
-        # this head: repeated calls skip decoding too. Same lifetime as the memo.
-        self._seen: dict[bytes, tuple[str, bytes]] = {}
+        # Body without its id -> what answered it, for bodies answered from cache (or
+        # locally) at this head: repeated calls skip decoding too. Same lifetime as the memo.
+        self._seen: dict[bytes, Seen] = {}
         self._seen_generation = -1
+        self._seen_bytes = 0
         self._hit_key: bytes | None = None
+        self._hit_entry: Entry | None = None
+        self._hit_local = b""
+        # The Seen record that answered the last ``handle`` call, if any: a transport may
+        # keep it to answer byte-identical repeats through ``replay``.
+        self.last_seen: Seen | None = None
+        self._replays = 0
         # Installed filters (eth_newFilter & co), answered by the node; set by the app.
         self.filters: FilterCalls | None = None
 
@@ -109,6 +149,7 @@ class RpcService:
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
         """The answer to an HTTP body or WebSocket message (b"" when nothing is owed)."""
         started = time.perf_counter()
+        self.last_seen = None
         split = split_id(body)
         if split is not None:
             fast = self._seen_hit(split[0], split[1], started)
@@ -125,10 +166,15 @@ class RpcService:
                 self.metrics.count("", "invalid", 0.0)
                 return item
             self._hit_key = None
+            self._hit_local = b""
             fast = self._answer_now(item, started)
             if fast is not None:
-                if self._hit_key is not None and split is not None and split[0] == item.id:
-                    self._remember(split[1], item.method, self._hit_key)
+                if (
+                    (self._hit_key is not None or self._hit_local)
+                    and split is not None
+                    and split[0] == item.id
+                ):
+                    self._remember(split[1], item.method)
                 return fast if item.id is not None else b""
             return self._answer_later(item, started)
         parts: list[bytes | Awaitable[bytes | None] | None] = []
@@ -172,6 +218,7 @@ class RpcService:
                 result = self._chain_id_json
             else:
                 result = f'"{hex(self.view.number)}"'.encode()
+            self._hit_local = result
             self.metrics.count(method, "local", time.perf_counter() - started)
             return encode_result(call.id or NULL_ID, result)
         if method not in _RULES:
@@ -194,34 +241,81 @@ class RpcService:
         if entry is None or not self._still_canonical(entry):
             return None
         self._hit_key = key
+        self._hit_entry = entry
         self.metrics.hits += 1
         self.metrics.count(method, "hit", time.perf_counter() - started)
         return encode_result(call.id or NULL_ID, entry.value)
 
     # --- the hottest path: a call seen before at this head ---------------------------
-    def _remember(self, rest: bytes, method: str, key: bytes) -> None:
+    def _remember(self, rest: bytes, method: str) -> None:
+        """Remember the call just answered by ``_answer_now`` under its body's remainder."""
         seen = self._seen
-        if self._seen_generation != self.view.generation or len(seen) >= MEMO_MAX_ENTRIES:
+        generation = self.view.generation
+        if (
+            self._seen_generation != generation
+            or len(seen) >= MEMO_MAX_ENTRIES
+            or self._seen_bytes > SEEN_MAX_BYTES
+        ):
             seen.clear()
-            self._seen_generation = self.view.generation
-        seen[rest] = (method, key)
+            self._seen_generation = generation
+            self._seen_bytes = 0
+        if rest not in seen and not id_probe(rest):
+            return
+        key = self._hit_key
+        if key is None:
+            record = Seen(
+                generation, method, None, None, self._hit_local, self.metrics.slot(method, "local")
+            )
+        else:
+            entry = self._hit_entry
+            assert entry is not None
+            record = Seen(
+                generation, method, key, entry, entry.value, self.metrics.slot(method, "hit")
+            )
+        seen[rest] = self.last_seen = record
+        self._seen_bytes += len(rest) + len(record.value)
 
     def _seen_hit(self, id_token: bytes, rest: bytes, started: float) -> bytes | None:
         """A hit for a body that, id aside, was answered from cache at this head.
 
-        No decoding and no planning: the body's remainder names the cache key."""
+        No decoding and no planning: the body's remainder names the answer."""
         if self._seen_generation != self.view.generation:
             return None
-        known = self._seen.get(rest)
-        if known is None:
+        record = self._seen.get(rest)
+        if record is None:
             return None
-        method, key = known
-        entry = self.cache.get(key)
-        if entry is None or not self._still_canonical(entry):
+        if record.key is None:
+            if not self.head.fresh:
+                return None
+            self.metrics.count(record.method, "local", time.perf_counter() - started)
+        else:
+            if self.cache.get(record.key) is not record.entry:
+                return None
+            self.metrics.hits += 1
+            self.metrics.count(record.method, "hit", time.perf_counter() - started)
+        self.last_seen = record
+        return encode_result(id_token, record.value)
+
+    def replay(self, record: Seen) -> bytes | None:
+        """The result of a call recognised by its bytes (see ``Seen``), counted; None when
+        it must take the full path: another head, its entry no longer cached, a stale local
+        answer, or one replay in ``REPLAY_TIMED_EVERY`` (timed there).
+
+        Hot-path invariant: no decoding, no allocation, no upstream I/O."""
+        if record.generation != self.view.generation:
             return None
-        self.metrics.hits += 1
-        self.metrics.count(method, "hit", time.perf_counter() - started)
-        return encode_result(id_token, entry.value)
+        self._replays += 1
+        if not self._replays & (REPLAY_TIMED_EVERY - 1):
+            return None
+        if record.key is None:
+            if not self.head.fresh:
+                return None
+        else:
+            if self.cache.get(record.key) is not record.entry:
+                return None
+            self.metrics.hits += 1
+        record.slot[0] += 1
+        return record.value
 
     def _still_canonical(self, entry: Entry) -> bool:
         if entry.anchor_hash is None:

@@ -14,10 +14,12 @@ from chainrelay.wire.jsonrpc import (
     encode_error_raw,
     encode_request,
     encode_result,
+    id_probe,
     join_batch,
     parse_answer,
     parse_body,
     split_id,
+    split_token,
 )
 
 BIG = 123456789012345678901234567890  # past 64 bits: orjson alone would turn it into a float
@@ -329,7 +331,34 @@ def test_split_id_finds_plain_ids(body: bytes, token: bytes, rest: bytes) -> Non
         b'{"id":1,"params":[{"id":2}]}',  # a second "id" member
         b'{"id" : 1,"method":"m"}',  # spaced
         b'{"id":abc,"method":"m"}',  # not JSON
+        b'{"id":01,"method":"m"}',  # a leading zero: not JSON
+        b'{"id":-0,"method":"m"}',  # JSON, but answered as 0 by the full path
+        b'{"id":"a\x01","method":"m"}',  # a control character: not JSON
+        b'{"id":"\xc3\xa9","method":"m"}',  # not plain ASCII
+        b'{"id":12.0,"method":"m"}',
+        b'{"id":nulls,"method":"m"}',
     ],
 )
 def test_split_id_declines_what_it_cannot_split_safely(body: bytes) -> None:
     assert split_id(body) is None
+
+
+def test_split_token_finds_the_id_of_a_whole_http_request() -> None:
+    request = b'POST / HTTP/1.1\r\nContent-Length: 22\r\n\r\n{"id":"x","method":"m"}'
+    assert split_token(request) == (b'"x"', request.replace(b'"x"', b"", 1))
+    assert split_token(b'POST / HTTP/1.1\r\nX: "id":1\r\n\r\n{"id":2}') is None
+
+
+@pytest.mark.parametrize(
+    ("body", "own"),
+    [
+        (b'{"jsonrpc":"2.0","id":5,"method":"m","params":[]}', True),
+        (b'{"jsonrpc":"2.0","method":"m","params":[{"id":5}],"id" : 5}', False),
+        (b'{"jsonrpc":"2.0","\\u0069d":5,"method":"m","params":[{"id":5}]}', False),
+        (b'{"jsonrpc":"2.0","method":"m","params":[{"id":5}]}', False),
+    ],
+)
+def test_id_probe_tells_the_calls_own_id_from_a_nested_one(body: bytes, own: bool) -> None:
+    split = split_id(body)
+    assert split is not None
+    assert id_probe(split[1]) is own
