@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import ssl
 import time
 import typing
@@ -23,6 +24,7 @@ from websockets.protocol import State
 from websockets.uri import WebSocketURI, parse_uri
 
 from chainrelay import defaults
+from chainrelay.wire import wsframes
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ WS_MAX_MESSAGE = 64 * defaults.MiB
 # Ping period of a WebSocket upstream; silence for a whole period after a ping means the
 # connection is dead (websockets' own default, 20 s, and what geth's server expects).
 WS_PING_INTERVAL = 20.0
+# Random bytes drawn at once for client frame masks: a thousand frames per system call.
+WS_MASK_POOL = 4096
 _ANSWER_PREFIX = b'{"jsonrpc":"2.0","id":'
 _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 
@@ -197,6 +201,10 @@ class _WsLink(asyncio.Protocol):
     ``ClientProtocol`` in the transport's own callbacks: a message costs no task, no
     queue and no lock, only a frame parsed and a frame written.
 
+    Once open, a final text or binary frame (nearly every frame) is framed by
+    ``wire.wsframes`` directly; every other frame (ping, pong, close, fragments) is handed
+    whole to the protocol object, which therefore never sees a frame cut in two.
+
     Keep-alive: a ping goes out every ``WS_PING_INTERVAL``; a connection that has sent
     nothing at all by the next one is dead and is aborted.
     """
@@ -217,6 +225,10 @@ class _WsLink(asyncio.Protocol):
         self._heard = True  # something arrived since the last ping
         self._ping: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
+        self._framing = False  # frames are split here (after the handshake)
+        self._buf = bytearray()  # the start of a frame not yet complete
+        self._masks = b""  # random bytes for client frame masks, used four at a time
+        self._mask_at = 0
 
     # --- transport callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -226,6 +238,39 @@ class _WsLink(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._heard = True
+        if not self._framing:
+            self._receive(data)
+            return
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
+        pos = 0
+        try:
+            while (frame := wsframes.next_frame(buf, pos, WS_MAX_MESSAGE)) is not None:
+                first, start, end = frame
+                if (first == wsframes.FIN_TEXT or first == wsframes.FIN_BINARY) and not (
+                    buf[pos + 1] & wsframes.MASK_BIT  # a server never masks
+                ):
+                    self._on_message(bytes(buf[start:end]))
+                    pos = end
+                    continue
+                self._receive(bytes(buf[pos:end]))
+                pos = end
+        except wsframes.FrameTooLarge as exc:
+            log.warning("WebSocket upstream: %s; reconnecting", exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < len(buf):
+            self._buf = bytearray(buf[pos:])
+
+    def _receive(self, data: bytes) -> None:
+        """Bytes for websockets' protocol object: the handshake, then whole frames."""
         proto = self.proto
         proto.receive_data(data)
         for event in proto.events_received():
@@ -267,6 +312,10 @@ class _WsLink(asyncio.Protocol):
             self.opened.set_exception(TransportError(f"connect: {exc}"))
             return
         self.opened.set_result(None)
+        # From here on frames are split here, unless the protocol object holds the start of
+        # one already (a server speaking first, in the handshake's own read).
+        reader = getattr(self.proto, "reader", None)
+        self._framing = not getattr(reader, "buffer", None)
         self._ping = asyncio.get_running_loop().call_later(WS_PING_INTERVAL, self._keepalive)
 
     def _frame(self, frame: Frame) -> None:
@@ -299,10 +348,16 @@ class _WsLink(asyncio.Protocol):
     # --- sending ---------------------------------------------------------------------
     def send(self, body: bytes) -> None:
         """Send one text message. Raises ``TransportError`` once the connection is gone."""
-        if self.closed or self.proto.state is not State.OPEN:
+        transport = self.transport
+        if self.closed or transport is None or self.proto.state is not State.OPEN:
             raise TransportError("send: connection closed")
-        self.proto.send_text(body)
-        self._flush()
+        at = self._mask_at
+        if at + 4 > len(self._masks):
+            # RFC 6455 asks for unpredictable masks; one read of the system's randomness
+            # serves a thousand frames.
+            self._masks, at = os.urandom(WS_MASK_POOL), 0
+        self._mask_at = at + 4
+        transport.write(wsframes.encode_text(body, self._masks[at : at + 4]))
 
     async def writable(self) -> None:
         """Wait while the transport's buffer is above its high-water mark."""
