@@ -4,7 +4,9 @@ Sequential calls that are never cached (``eth_getBalance`` and ``eth_call`` at "
 go to anvil directly and through relays, each target on one keep-alive connection, one
 call at a time, interleaved call by call (the order rotates) so drift hits every target
 alike. Two relays run side by side: one follows anvil over HTTP, one over WebSocket.
-For each call the relay's time minus the direct time of the same iteration is recorded;
+A third target, ``miss_floor.py``, forwards the same calls over the same kind of hop
+with no relay work: its overhead is what the extra loopback hop alone costs here.
+For each call the target's time minus the direct time of the same iteration is recorded;
 the table gives its p50 and p99, medians over several rounds.
 
     python benchmarks/miss_overhead.py [--requests 2000] [--rounds 3]
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import gc
 import itertools
+import subprocess
 import sys
 import time
 from typing import Any
@@ -26,6 +29,7 @@ from chainrelay.devnet import DEV_ACCOUNTS
 
 GOAL_P50_MS = 0.15
 WARMUP = 200
+FLOOR = "floor: forwarder, no relay work"
 
 
 def calls(echo: str) -> dict[str, tuple[str, list[Any]]]:
@@ -33,6 +37,33 @@ def calls(echo: str) -> dict[str, tuple[str, list[Any]]]:
         "eth_getBalance pending": ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"]),
         "eth_call pending": ("eth_call", [{"to": echo, "data": common.word(7)}, "pending"]),
     }
+
+
+def start_floor(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``miss_floor.py`` in its own process, forwarding to ``upstream``; (process, URL)."""
+    port = common.free_port()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, str(common.HERE / "miss_floor.py")),
+            *("--port", str(port), "--upstream", upstream.split("://", 1)[1]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        client = common.RpcClient(url)
+        try:
+            client.call("eth_chainId", [])
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                common.stop_process(proc)
+                raise RuntimeError("miss_floor did not start") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
 
 
 def measure(clients: dict[str, common.RpcClient], body: bytes, n: int) -> dict[str, list[float]]:
@@ -73,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(r.stop)
             r.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
             started[name] = r
-        clients = {"direct": common.RpcClient(anvil.url)}
+        floor_proc, floor_url = start_floor(anvil.url)
+        stack.callback(common.stop_process, floor_proc)
+        clients = {"direct": common.RpcClient(anvil.url), FLOOR: common.RpcClient(floor_url)}
         clients.update({name: common.RpcClient(r.url) for name, r in started.items()})
         for c in clients.values():
             stack.callback(c.close)
@@ -89,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 before = {n: r.metrics() for n, r in started.items()}
                 cpu0 = {n: common.cpu_seconds(r.proc.pid) for n, r in started.items() if r.proc}
+                floor_cpu0 = common.cpu_seconds(floor_proc.pid)
                 gc.disable()
                 try:
                     got_times = measure(clients, body, args.requests)
@@ -98,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                 stats: dict[str, Any] = {}
                 direct = got_times["direct"]
                 stats["direct"] = (common.median(direct), common.quantile(direct, 0.99))
+                floor = got_times[FLOOR]
+                floor_diff = [a - b for a, b in zip(floor, direct, strict=True)]
+                stats[FLOOR] = {
+                    "p50": common.median(floor),
+                    "p99": common.quantile(floor, 0.99),
+                    "d50": common.median(floor_diff),
+                    "d99": common.quantile(floor_diff, 0.99),
+                    "cpu_us": (common.cpu_seconds(floor_proc.pid) - floor_cpu0)
+                    / args.requests
+                    * 1e6,
+                }
                 for name, r in started.items():
                     after = r.metrics()
                     passed = common.metric_sum(
@@ -127,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             d50 = common.median([s["direct"][0] for s in per_round])
             d99 = common.median([s["direct"][1] for s in per_round])
             rows.append([label, "anvil direct", f"{d50:.3f}", f"{d99:.3f}", "", "", "", ""])
-            for name in started:
+            for name in (FLOOR, *started):
                 med = {
                     k: common.median([s[name][k] for s in per_round])
                     for k in ("p50", "p99", "d50", "d99", "cpu_us")
@@ -144,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"{med['cpu_us']:.0f}",
                     ]
                 )
+                if name == FLOOR:
+                    floor_d50 = med["d50"]
+                    continue
                 verdict = "met" if med["d50"] <= GOAL_P50_MS else "not met"
                 summary.append(
                     f"- {label}, {name}: overhead p50 {med['d50']:.3f} ms → goal "
-                    f"≤ {GOAL_P50_MS} ms **{verdict}**"
+                    f"≤ {GOAL_P50_MS} ms **{verdict}** (the hop alone: {floor_d50:.3f} ms; "
+                    f"the relay's own work: {med['d50'] - floor_d50:.3f} ms)"
                 )
     text = "\n".join(
         [
