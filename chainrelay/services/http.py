@@ -21,7 +21,7 @@ import orjson
 from chainrelay.config import LimitsConfig
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.ws import Subscriptions, WsSession
-from chainrelay.wire.jsonrpc import split_token
+from chainrelay.wire.jsonrpc import single_id, split_token
 
 if typing.TYPE_CHECKING:
     from chainrelay.services.rpc import Seen
@@ -132,8 +132,10 @@ class HttpServer:
     def learn_replay(self, rest: bytes, token: bytes, answer: bytes, record: Seen) -> None:
         """Remember that the request ``rest`` (id token aside) was answered ``answer`` from
         ``record``, when the answer is exactly the splice ``replay`` would write."""
-        if answer != b"".join((_ANSWER_OPEN, token, _ANSWER_RESULT, record.value, b"}")):
-            return
+        if not single_id(rest) or answer != b"".join(
+            (_ANSWER_OPEN, token, _ANSWER_RESULT, record.value, b"}")
+        ):
+            return  # an "id" in the head, or an answer not spliced from the record
         prefix = self.ok_head + b"%d\r\n\r\n" % len(answer) + _ANSWER_OPEN
         size = len(rest) + len(prefix) + len(record.value) + REPLAY_ENTRY_OVERHEAD
         if (

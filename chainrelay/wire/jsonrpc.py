@@ -127,40 +127,57 @@ def parse_body(body: bytes, max_batch: int) -> tuple[list[Item], bool]:
     return [_call_from(doc)], False
 
 
-_ID_KEY = b'"id":'
-# An id token copied into answers as it came, so only spellings the full path would echo
-# byte for byte: a non-negative integer without leading zeros ("-0" comes back as 0), null,
-# or a string of printable ASCII without escapes; then the member ends.
-_ID_TOKEN = re.compile(rb'(?:0|[1-9][0-9]*|null|"[ !#-\[\]-~]*")(?=[,}])')
+_ID_NAME = b'"id"'
+# The id member, its token copied into answers as it came, so only spellings the full path
+# would echo byte for byte: a non-negative integer without leading zeros ("-0" comes back
+# as 0), null, or a string of printable ASCII without escapes; then the member ends.
+_ID_MEMBER = re.compile(
+    rb'"id"[ \t\r\n]*:[ \t\r\n]*(0|[1-9][0-9]*|null|"[ !#-\[\]-~]*")(?=[ \t\r\n]*[,}])'
+)
+_ID_HEAD = re.compile(rb'"id"[ \t\r\n]*:[ \t\r\n]*')
 
 
 def split_id(body: bytes) -> tuple[bytes, bytes] | None:
     """``(id token, body without it)`` for a single call whose id can be found without
-    parsing: one ``"id":`` member holding a plain integer, ``null`` or a plain string.
-    None otherwise. Two bodies with the same remainder are the same call, provided the
-    remainder was checked once to hold the call's id where the token was (``id_probe``).
+    parsing: the only ``"id"`` in the body, a member holding a plain integer, ``null`` or
+    a plain string. None otherwise. Two bodies with the same remainder are the same call,
+    once the remainder is known to hold the call's own id where the token was
+    (``id_probe``).
 
     This is the cache-hit fast path's key: a few scans in C and no decoding.
     """
     if body[:1] != b"{":
         return None
-    return split_token(body)
+    at = body.find(_ID_NAME)
+    if at < 0:
+        return None
+    m = _ID_MEMBER.match(body, at)
+    if m is None:
+        return None
+    start, end = m.span(1)
+    if body.find(_ID_NAME, end) >= 0:
+        return None
+    return body[start:end], body[:start] + body[end:]
 
 
 def split_token(data: bytes) -> tuple[bytes, bytes] | None:
-    """``split_id`` on any bytes that hold one call (a body, or an HTTP request with its
-    head): the only ``"id":`` in ``data`` and what is left around it."""
-    at = data.find(_ID_KEY)
+    """``split_id`` of the first ``"id"`` in any bytes that hold one call (a body, or an
+    HTTP request with its head), without making sure it is the only one: for looking up
+    a remainder that was checked to hold just one (``single_id``) when it was stored;
+    an equal remainder then holds just one too."""
+    at = data.find(_ID_NAME)
     if at < 0:
         return None
-    start = at + 5
-    m = _ID_TOKEN.match(data, start)
+    m = _ID_MEMBER.match(data, at)
     if m is None:
         return None
-    end = m.end()
-    if data.find(_ID_KEY, end) >= 0:
-        return None
+    start, end = m.span(1)
     return data[start:end], data[:start] + data[end:]
+
+
+def single_id(rest: bytes) -> bool:
+    """Whether a remainder of ``split_token`` holds no other ``"id"`` than the split one."""
+    return rest.count(_ID_NAME) == 1
 
 
 def id_probe(rest: bytes) -> bool:
@@ -168,7 +185,10 @@ def id_probe(rest: bytes) -> bool:
     and not in a nested object while the real id is spelled otherwise (escaped or
     spaced): only then may any token put back there stand for the call's id. Costs a
     decode: called once per remainder, when it is first remembered."""
-    at = rest.find(_ID_KEY) + 5
+    m = _ID_HEAD.match(rest, rest.find(_ID_NAME))
+    if m is None:
+        return False
+    at = m.end()
     try:
         doc = orjson.loads(rest[:at] + b'"\\u0000"' + rest[at:])
     except orjson.JSONDecodeError:

@@ -11,6 +11,7 @@ the test if it is ever asked.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import orjson
@@ -226,9 +227,9 @@ def test_an_id_of_the_same_length_but_another_spelling_is_not_replayed(
 
 def test_an_id_that_is_not_the_calls_own_is_never_learned(front: Front) -> None:
     front.warm(b'"0x2a"')
-    # The only literal "id": member is nested; the call's own id is spelled with spaces.
+    # The only literal "id" member is nested; the call's own id is spelled with an escape.
     body = (
-        b'{"jsonrpc":"2.0","id" : 7,"method":"eth_getBalance",'
+        b'{"jsonrpc":"2.0","\\u0069d":7,"method":"eth_getBalance",'
         b'"params":["%s","latest"],"x":{"id":7}}' % ADDR.encode()
     )
     conn, transport = front.connect()
@@ -447,3 +448,25 @@ def test_a_longer_id_under_a_learned_content_length_is_not_replayed(front: Front
     got = front.exchange(liar)
     assert got, "answered, by the full path"
     assert got[0].doc.get("id") != 123
+
+
+def test_an_id_member_in_the_head_is_never_taken_for_the_calls(front: Front) -> None:
+    front.warm(b'"0x2a"')
+    conn, transport = front.connect()
+    for trace in (5, 6, 7):
+        body = balance(5)
+        headers = b'X-Trace: "id":%d,\r\nContent-Length: %d\r\n' % (trace, len(body))
+        conn.data_received(post(body, headers=headers))
+    assert [a.doc["id"] for a in answers(transport.out)] == [5, 5, 5]
+
+
+def test_bodies_spaced_as_json_dumps_spaces_them_are_replayed(front: Front) -> None:
+    front.warm(b'"0x2a"')
+    conn, transport = front.connect()
+    ids = [1, 2, 3, 4]
+    for id_ in ids:  # web3.py's spelling: the stdlib's default separators, id last
+        doc = {"jsonrpc": "2.0", "method": "eth_getBalance", "params": [ADDR, "latest"]}
+        conn.data_received(post(json.dumps({**doc, "id": id_}).encode()))
+    assert [a.doc["id"] for a in answers(transport.out)] == ids
+    assert front.server.replays
+    assert front.hits() == len(ids)

@@ -18,6 +18,7 @@ from chainrelay.wire.jsonrpc import (
     join_batch,
     parse_answer,
     parse_body,
+    single_id,
     split_id,
     split_token,
 )
@@ -314,6 +315,8 @@ def test_malformed_answers_raise_value_error(body: bytes) -> None:
         (b'{"method":"m","id":7}', b"7", b'{"method":"m","id":}'),
         (b'{"id":"abc","method":"m"}', b'"abc"', b'{"id":,"method":"m"}'),
         (b'{"id":null,"method":"m"}', b"null", b'{"id":,"method":"m"}'),
+        (b'{"method": "m", "id": 5}', b"5", b'{"method": "m", "id": }'),  # json.dumps' spacing
+        (b'{"id" :\n1 ,"method":"m"}', b"1", b'{"id" :\n ,"method":"m"}'),
     ],
 )
 def test_split_id_finds_plain_ids(body: bytes, token: bytes, rest: bytes) -> None:
@@ -329,7 +332,7 @@ def test_split_id_finds_plain_ids(body: bytes, token: bytes, rest: bytes) -> Non
         b'{"id":-1,"method":"m"}',
         b'{"id":"a\\"b","method":"m"}',  # an escape in the id
         b'{"id":1,"params":[{"id":2}]}',  # a second "id" member
-        b'{"id" : 1,"method":"m"}',  # spaced
+        b'{"method":"m","params":["id"],"id":1}',  # "id" twice, if only as a string
         b'{"id":abc,"method":"m"}',  # not JSON
         b'{"id":01,"method":"m"}',  # a leading zero: not JSON
         b'{"id":-0,"method":"m"}',  # JSON, but answered as 0 by the full path
@@ -346,14 +349,15 @@ def test_split_id_declines_what_it_cannot_split_safely(body: bytes) -> None:
 def test_split_token_finds_the_id_of_a_whole_http_request() -> None:
     request = b'POST / HTTP/1.1\r\nContent-Length: 22\r\n\r\n{"id":"x","method":"m"}'
     assert split_token(request) == (b'"x"', request.replace(b'"x"', b"", 1))
-    assert split_token(b'POST / HTTP/1.1\r\nX: "id":1\r\n\r\n{"id":2}') is None
+    head_too = split_token(b'POST / HTTP/1.1\r\nX: "id":1,\r\n\r\n{"id":2}')
+    assert head_too is not None and not single_id(head_too[1])
 
 
 @pytest.mark.parametrize(
     ("body", "own"),
     [
         (b'{"jsonrpc":"2.0","id":5,"method":"m","params":[]}', True),
-        (b'{"jsonrpc":"2.0","method":"m","params":[{"id":5}],"id" : 5}', False),
+        (b'{"jsonrpc":"2.0","method":"m","params":[{"id":5}],"\\u0069d" : 5}', False),
         (b'{"jsonrpc":"2.0","\\u0069d":5,"method":"m","params":[{"id":5}]}', False),
         (b'{"jsonrpc":"2.0","method":"m","params":[{"id":5}]}', False),
     ],
