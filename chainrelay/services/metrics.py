@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     HistogramMetricFamily,
@@ -25,6 +25,9 @@ KNOWN_METHODS = frozenset(RULES) | frozenset(
 # takes the full hit path, which times it: such hits are all counted, and their latency is
 # sampled, since a clock read costs as much as a tenth of a replay (a power of two: a mask).
 REPLAY_TIMED_EVERY = 64
+
+# What an upstream call ends in: an answer, a JSON-RPC error answer, or no usable answer.
+UPSTREAM_OUTCOMES = ("ok", "error", "transport_error")
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -55,25 +58,16 @@ class Metrics:
         # (method, outcome) -> a one-item list: a slot a hot path can hold and bump itself.
         self._requests: dict[tuple[str, str], list[int]] = {}
         self._latency: dict[str, list[float]] = {}  # per outcome: bucket counts..., sum
+        # Upstream calls, per upstream: outcome counts (UPSTREAM_OUTCOMES order), then
+        # latency bucket counts and sum; exported as chainrelay_upstream_calls_total and
+        # chainrelay_upstream_latency_seconds.
+        self._upstream: dict[str, list[float]] = {}
         r.register(_HotCollector(self))
         self.cache_bytes = Gauge(
             "chainrelay_cache_bytes", "Bytes held by the memory cache", registry=r
         )
         self.coalesced = Counter(
             "chainrelay_coalesced", "Calls answered by another caller's upstream call", registry=r
-        )
-        self.upstream_calls = Counter(
-            "chainrelay_upstream_calls",
-            "Calls sent to upstreams by upstream and outcome",
-            ["upstream", "outcome"],
-            registry=r,
-        )
-        self.upstream_latency = Histogram(
-            "chainrelay_upstream_latency_seconds",
-            "Upstream call latency",
-            ["upstream"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         self.upstream_healthy = Gauge(
             "chainrelay_upstream_healthy",
@@ -122,6 +116,24 @@ class Metrics:
             "WebSocket subscribers closed (1013) for reading too slowly",
             registry=r,
         )
+
+    def upstream_observer(self, name: str) -> Callable[[str, float], None]:
+        """The function that counts each call made to upstream ``name``, with its latency:
+        plain list updates (no labels, no locks), one per upstream call."""
+        slots = self._upstream.setdefault(
+            name, [0.0] * (len(UPSTREAM_OUTCOMES) + len(LATENCY_BUCKETS) + 2)
+        )
+        index = {o: i for i, o in enumerate(UPSTREAM_OUTCOMES)}
+        first_bucket = len(UPSTREAM_OUTCOMES)
+        buckets = LATENCY_BUCKETS
+        bisect_left = bisect.bisect_left
+
+        def observe(outcome: str, seconds: float) -> None:
+            slots[index[outcome]] += 1
+            slots[first_bucket + bisect_left(buckets, seconds)] += 1
+            slots[-1] += seconds
+
+        return observe
 
     def count(self, method: str, outcome: str, seconds: float) -> None:
         """Count one answered call. On the hot path: two dict updates, no locks, no labels."""
@@ -182,10 +194,30 @@ class _HotCollector(Collector):
             labels=["outcome"],
         )
         for outcome, lat in list(m._latency.items()):
-            cumulative = 0.0
-            buckets = []
-            for le, n in zip((*LATENCY_BUCKETS, float("inf")), lat[:-1], strict=True):
-                cumulative += n
-                buckets.append(("+Inf" if le == float("inf") else repr(le), cumulative))
-            hist.add_metric([outcome], buckets, lat[-1])
+            hist.add_metric([outcome], _buckets(lat[:-1]), lat[-1])
         yield hist
+        calls = CounterMetricFamily(
+            "chainrelay_upstream_calls",
+            "Calls sent to upstreams by upstream and outcome",
+            labels=["upstream", "outcome"],
+        )
+        up_latency = HistogramMetricFamily(
+            "chainrelay_upstream_latency_seconds", "Upstream call latency", labels=["upstream"]
+        )
+        n = len(UPSTREAM_OUTCOMES)
+        for name, slots in list(m._upstream.items()):
+            for i, outcome in enumerate(UPSTREAM_OUTCOMES):
+                calls.add_metric([name, outcome], slots[i])
+            up_latency.add_metric([name], _buckets(slots[n:-1]), slots[-1])
+        yield calls
+        yield up_latency
+
+
+def _buckets(counts: list[float]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from per-bucket counts (the last one is +Inf)."""
+    cumulative = 0.0
+    out = []
+    for le, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+        cumulative += n
+        out.append(("+Inf" if le == float("inf") else repr(le), cumulative))
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from eth_utils import keccak
 
@@ -36,7 +36,7 @@ class UpstreamPool:
         self.settings = settings
         self.metrics = metrics
         for u in self.upstreams:
-            u.observer = self._observer(u.name)
+            u.observer = metrics.upstream_observer(u.name)
         self._probes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[object]] = set()
 
@@ -127,18 +127,6 @@ class UpstreamPool:
             log.info("upstream %s back in rotation", u.name)
 
     # --- calls ------------------------------------------------------------------------
-    def _observer(self, name: str) -> Callable[[str, float], None]:
-        """Counts every call of one upstream, with its label children looked up once."""
-        m = self.metrics
-        latency = m.upstream_latency.labels(name)
-        calls = {o: m.upstream_calls.labels(name, o) for o in ("ok", "error", "transport_error")}
-
-        def observe(outcome: str, seconds: float) -> None:
-            calls[outcome].inc()
-            latency.observe(seconds)
-
-        return observe
-
     async def _attempt(self, u: Upstream, method: str, params: Params | None) -> Answer:
         try:
             return await u.call(method, params)
