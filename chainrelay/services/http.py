@@ -13,7 +13,8 @@ import logging
 import re
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
 
 import httptools
 import orjson
@@ -454,7 +455,12 @@ class HttpProtocol(asyncio.Protocol):
                 self._send(200, typing.cast(bytes, result), keep_alive)
             return
         assert not isinstance(result, bytes)
-        fut = asyncio.ensure_future(result)
+        if result.__class__ is CoroutineType:
+            # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
+            coro = typing.cast("Coroutine[object, object, bytes]", result)
+            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_task(coro)
+        else:
+            fut = asyncio.ensure_future(result)
         self._queue.append([fut, keep_alive])
         self.busy = True
         fut.add_done_callback(self._flush)
@@ -509,9 +515,10 @@ class HttpProtocol(asyncio.Protocol):
                     body = INTERNAL_ERROR
                 else:
                     body = item.result()
-                self._write(
-                    self.server.head(200, len(body), bool(keep_alive)) + body, bool(keep_alive)
-                )
+                if keep_alive:
+                    self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
+                else:
+                    self._write(self.server.head(200, len(body), False) + body, False)
             else:
                 q.popleft()
                 assert isinstance(item, bytes)
