@@ -262,7 +262,9 @@ def _member_tail(body: bytes, key: bytes) -> bytes | None:
         i += 1
     if i >= n or body[i] != 0x3A:  # ':'
         return None
-    end = len(body.rstrip(_WS))
+    end = n
+    while end and body[end - 1] in _WS:  # no copy of a large body to strip its tail
+        end -= 1
     if end == 0 or body[end - 1] != 0x7D:  # '}'
         return None
     raw = body[i + 1 : end - 1].strip(_WS)
@@ -272,31 +274,40 @@ def _member_tail(body: bytes, key: bytes) -> bytes | None:
 def parse_answer(body: bytes) -> Answer:
     """Read an upstream's answer to a single call, keeping ``result`` as its raw bytes.
 
+    ``value`` is orjson's decoding, in which an integer past 64 bits is a float; the raw
+    bytes stay exact. The answer is scanned for such integers only when its member has to
+    be encoded again (it is not the last one): on a large block that scan costs several
+    times the decoding itself.
+
     Raises ``ValueError`` for an answer that is not a JSON-RPC response object.
     """
-    exact = _LONG_INT.search(body) is not None
     try:
-        doc = _loads_exact(body) if exact else orjson.loads(body)
-    except (orjson.JSONDecodeError, ValueError):
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise ValueError("upstream answer is not JSON") from None
     if not isinstance(doc, dict):
         raise ValueError("upstream answer is not an object")
-    keys = list(doc)
-    if "error" in doc and doc["error"] is not None:
-        raw = _member_tail(body, _ERROR_KEY) if keys[-1] == "error" else None
+    last = next(reversed(doc), None)
+    if doc.get("error") is not None:
+        raw = _member_tail(body, _ERROR_KEY) if last == "error" else None
         if raw is None:
-            raw = dumps_exact(doc["error"])
+            raw = _encode_member(body, "error")
         return Answer(None, raw)
     if "result" not in doc:
         raise ValueError("upstream answer has neither result nor error")
-    value = doc["result"]
     raw = None
     # Slicing is exact only when "result" is the last member and appears once before it.
-    if keys[-1] == "result" and body.count(_RESULT_KEY) == 1:
+    if last == "result" and body.count(_RESULT_KEY) == 1:
         raw = _member_tail(body, _RESULT_KEY)
     if raw is None:
-        raw = dumps_exact(value)
-    return Answer(raw, None, value)
+        raw = _encode_member(body, "result")
+    return Answer(raw, None, doc["result"])
+
+
+def _encode_member(body: bytes, member: str) -> bytes:
+    """A top-level member of ``body`` encoded compactly, exact for integers of any size."""
+    doc = _loads_exact(body) if _LONG_INT.search(body) is not None else orjson.loads(body)
+    return dumps_exact(doc[member])
 
 
 def dumps_exact(value: Any) -> bytes:

@@ -268,6 +268,20 @@ def test_big_int_result_not_last_stays_exact() -> None:
     assert json.loads(a.result) == {"x": BIG}
 
 
+def test_big_int_in_an_error_not_last_stays_exact() -> None:
+    a = parse_answer(b'{"jsonrpc":"2.0","error":{"code":3,"data":%d},"id":1}' % BIG)
+    assert a.result is None and a.error is not None
+    assert json.loads(a.error) == {"code": 3, "data": BIG}
+
+
+def test_large_answer_is_sliced_with_its_value_decoded_once() -> None:
+    block = {"number": "0x10", "transactions": [{"input": "0x" + "cd" * 500}] * 300}
+    body = b'{"jsonrpc":"2.0","id":7,"result":' + orjson.dumps(block) + b"}\n"
+    a = parse_answer(body)
+    assert a.result == orjson.dumps(block)
+    assert a.value == block
+
+
 @pytest.mark.parametrize("empty", [b"null", b"[]", b'"0x"'])
 def test_empty_results_are_recognised(empty: bytes) -> None:
     a = parse_answer(b'{"jsonrpc":"2.0","id":1,"result":' + empty + b"}")
