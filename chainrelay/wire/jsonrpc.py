@@ -284,7 +284,10 @@ def parse_answer(body: bytes) -> Answer:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise ValueError("upstream answer is not JSON") from None
+        try:  # a number too large even for a float: the stdlib reads it
+            doc = _loads_exact(body)
+        except ValueError:
+            raise ValueError("upstream answer is not JSON") from None
     if not isinstance(doc, dict):
         raise ValueError("upstream answer is not an object")
     last = next(reversed(doc), None)

@@ -274,6 +274,12 @@ def test_big_int_in_an_error_not_last_stays_exact() -> None:
     assert json.loads(a.error) == {"code": 3, "data": BIG}
 
 
+def test_integer_beyond_a_float_is_still_read() -> None:
+    huge = b"9" * 400  # orjson refuses a number it cannot hold as a float
+    a = parse_answer(b'{"jsonrpc":"2.0","result":{"x":%s},"id":1}' % huge)
+    assert a.result == b'{"x":%s}' % huge
+
+
 def test_large_answer_is_sliced_with_its_value_decoded_once() -> None:
     block = {"number": "0x10", "transactions": [{"input": "0x" + "cd" * 500}] * 300}
     body = b'{"jsonrpc":"2.0","id":7,"result":' + orjson.dumps(block) + b"}\n"
