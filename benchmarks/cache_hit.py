@@ -315,11 +315,12 @@ def in_process(upstream: str, bodies: list[bytes], tmp: Path) -> str:
     r = orjson.loads(out)
     return (
         f"- in process, no sockets (`hot_path.py`: a node's HTTP protocol object fed wrk's "
-        f"requests): **{r['total_us']:.1f} µs** of CPU per cache hit, of which "
-        f"`RpcService.handle` {r['rpc_us']:.1f} µs and HTTP parsing and framing "
-        f"{r['total_us'] - r['rpc_us']:.1f} µs ({r['used']} of the {len(bodies)} bodies: "
-        "the others name blocks older than that node's first head, which it does not "
-        "cache by number)"
+        f"requests): **{r['total_us']:.1f} µs** of CPU per cache hit, replays included (a "
+        "request seen before at this head, its id aside, answered from the record of its "
+        f"first hit); **{r['full_us']:.1f} µs** with replays off (the head checked by "
+        f"`_plain_post`, then `RpcService.handle`, of which {r['rpc_us']:.1f} µs); "
+        f"{r['used']} of the {len(bodies)} bodies (the others name blocks older than that "
+        "node's first head, which it does not cache by number)"
     )
 
 
@@ -366,8 +367,8 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
     lines = [
         f"py-spy, {total} samples of the relay under wrk (self time / total time). Time in C "
         "(uvloop, system calls) is charged to the Python frame that called it: "
-        "`_write_ok` is mostly `transport.write`, the send system call; `Runner.run` is "
-        "the event loop itself (epoll, reads).",
+        "`_replay` and `_write_ok` are mostly `transport.write`, the send system call; "
+        "`Runner.run` is the event loop itself (epoll, reads).",
         "",
     ]
     lines.append(common.table(["function", "self", "total"], _rows(own, incl, total)))

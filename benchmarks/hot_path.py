@@ -2,10 +2,12 @@
 
 A node runs in this process against ``--upstream``; its cache is warmed with the bodies
 of ``--bodies`` (one JSON-RPC request per line), then its HTTP protocol object is fed the
-same requests wrk sends, its answers written to a transport that drops them. Prints JSON:
-``total_us`` (CPU per request, HTTP + JSON-RPC), ``rpc_us`` (``RpcService.handle`` alone),
-``used`` (bodies answered from cache; by-number reads of blocks older than the node's
-first head are not).
+same requests wrk sends (each body under several ids), its answers written to a transport
+that drops them. Prints JSON: ``total_us`` (CPU per request, HTTP + JSON-RPC: after its
+first answer at a head, a request is replayed), ``full_us`` (the same with replays off:
+httptools-free parsing, then ``RpcService.handle``), ``rpc_us`` (``RpcService.handle``
+alone), ``used`` (bodies answered from cache; by-number reads of blocks older than the
+node's first head are not).
 
     python benchmarks/hot_path.py --upstream ws://127.0.0.1:8545 --bodies FILE
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cache_hit import IDS_PER_BODY
 
 from chainrelay import config as configmod
 from chainrelay.app import Node
@@ -74,26 +77,20 @@ async def measure(upstream: str, bodies: list[bytes], seconds: float) -> dict[st
                 await got
         if not hits:
             raise RuntimeError("no body is answered from cache")
-        requests = [
-            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(b), b)
-            for b in hits
-        ]
-        conn = HttpProtocol(node.server)
-        transport = NullTransport()
-        conn.connection_made(transport)
-        n = 0
-        # CPU time, not wall time: a shared machine may take the CPU away meanwhile.
-        cpu0 = time.process_time()
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            for r in requests:
-                conn.data_received(r)
-            n += len(requests)
-        total = time.process_time() - cpu0
-        conn.connection_lost(None)
-        if transport.written == 0:
-            raise RuntimeError("the node wrote no answer")
+        requests = []
+        for k in range(1, len(hits) * IDS_PER_BODY + 1):  # as cache_hit.py's wrk script
+            rid = b'"r%d"' % k if k % 3 == 0 else b"%d" % k
+            b = hits[(k - 1) % len(hits)].replace(b'"id":0,', b'"id":' + rid + b",", 1)
+            requests.append(
+                b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(b), b)
+            )
+        routes = node.server.routes
+        total, n = feed(node, requests, seconds)
+        replayer, routes.replayer = routes.replayer, None  # no replays: the full path
+        node.server.replays.clear()
+        full, n_full = feed(node, requests, seconds / 2)
+        routes.replayer = replayer
         handle = node.rpc.handle
         rounds = max(1, n // len(hits) // 4)
         t0 = time.process_time()
@@ -103,12 +100,34 @@ async def measure(upstream: str, bodies: list[bytes], seconds: float) -> dict[st
         rpc = time.process_time() - t0
         return {
             "total_us": total / n * 1e6,
+            "full_us": full / n_full * 1e6,
             "rpc_us": rpc / (rounds * len(hits)) * 1e6,
             "used": len(hits),
             "requests": n,
         }
     finally:
         await node.stop()
+
+
+def feed(node: Node, requests: list[bytes], seconds: float) -> tuple[float, int]:
+    """Feed ``requests`` in turn to a new connection for ``seconds``: (CPU seconds, count)."""
+    assert node.server is not None
+    conn = HttpProtocol(node.server)
+    transport = NullTransport()
+    conn.connection_made(transport)
+    n = 0
+    # CPU time, not wall time: a shared machine may take the CPU away meanwhile.
+    cpu0 = time.process_time()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for r in requests:
+            conn.data_received(r)
+        n += len(requests)
+    used = time.process_time() - cpu0
+    conn.connection_lost(None)
+    if transport.written == 0:
+        raise RuntimeError("the node wrote no answer")
+    return used, n
 
 
 def main() -> int:

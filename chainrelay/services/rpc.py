@@ -49,6 +49,7 @@ MEMO_MAX_ENTRIES = 50_000
 # room for every distinct hit of a busy block, and a bound on the entries it keeps alive
 # after the cache has let them go.
 SEEN_MAX_BYTES = 32 * 1024 * 1024
+_TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
 
@@ -141,7 +142,6 @@ class RpcService:
         # The Seen record that answered the last ``handle`` call, if any: a transport may
         # keep it to answer byte-identical repeats through ``replay``.
         self.last_seen: Seen | None = None
-        self._replays = 0
         # Installed filters (eth_newFilter & co), answered by the node; set by the app.
         self.filters: FilterCalls | None = None
 
@@ -299,13 +299,12 @@ class RpcService:
     def replay(self, record: Seen) -> bytes | None:
         """The result of a call recognised by its bytes (see ``Seen``), counted; None when
         it must take the full path: another head, its entry no longer cached, a stale local
-        answer, or one replay in ``REPLAY_TIMED_EVERY`` (timed there).
+        answer, or one call in ``REPLAY_TIMED_EVERY`` of its method and outcome (timed
+        there).
 
         Hot-path invariant: no decoding, no allocation, no upstream I/O."""
-        if record.generation != self.view.generation:
-            return None
-        self._replays += 1
-        if not self._replays & (REPLAY_TIMED_EVERY - 1):
+        slot = record.slot
+        if record.generation != self.view.generation or not (slot[0] + 1) & _TIMED_MASK:
             return None
         if record.key is None:
             if not self.head.fresh:
@@ -314,7 +313,7 @@ class RpcService:
             if self.cache.get(record.key) is not record.entry:
                 return None
             self.metrics.hits += 1
-        record.slot[0] += 1
+        slot[0] += 1
         return record.value
 
     def _still_canonical(self, entry: Entry) -> bool:
