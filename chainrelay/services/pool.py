@@ -147,6 +147,8 @@ class UpstreamPool:
         if len(self.upstreams) == 1:
             return await self._call_one(self.upstreams[0], method, params, max_attempts)
         order = self.candidates(min_block)
+        if self._hedge_delay(order[0]) is None:
+            return await self._call_in_turn(order, method, params, max_attempts)
         tried = 0
         last_exc: TransportError | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
@@ -192,6 +194,30 @@ class UpstreamPool:
             )
         raise UpstreamUnavailable(
             f"no upstream answered: {last_exc}", method=method, upstream=where, attempts=tried
+        )
+
+    async def _call_in_turn(
+        self, order: list[Upstream], method: str, params: Params | None, attempts: int
+    ) -> Answer:
+        """No hedge due (hedging off, or too few latencies known yet): the candidates one
+        after another in the caller's own task, as the race would try them, with no tasks."""
+        last: TransportError | None = None
+        for i in range(attempts):
+            u = order[i % len(order)]
+            try:
+                return await u.call(method, params)
+            except TransportError as exc:
+                self._mark_failed(u)
+                log.debug("upstream %s %s failed: %s", u.name, method, exc)
+                last = exc
+        assert last is not None
+        where = ",".join(u.name for u in order[:attempts])
+        if last.timeout:
+            raise UpstreamTimeout(
+                "upstream timed out", method=method, upstream=where, attempts=attempts
+            )
+        raise UpstreamUnavailable(
+            f"no upstream answered: {last}", method=method, upstream=where, attempts=attempts
         )
 
     async def _call_one(

@@ -217,7 +217,9 @@ class _WsLink(asyncio.Protocol):
     ) -> None:
         self.proto = ClientProtocol(uri, max_size=WS_MAX_MESSAGE)
         self.transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asking asyncio for the running loop costs a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = self.loop.create_future()
         self.closed = False
         self._on_message = on_message
         self._on_lost = on_lost
@@ -491,7 +493,7 @@ class WsUpstream(Upstream):
         link = self._link or await self._connection()
         await link.writable()
         rid = next(self._ids)
-        loop = asyncio.get_running_loop()
+        loop = link.loop
         fut: asyncio.Future[bytes] = loop.create_future()
         pending = self._pending
         pending[rid] = fut
