@@ -138,6 +138,9 @@ class RpcService:
         self._seen_bytes = 0
         self._hit_key: bytes | None = None
         self._hit_entry: Entry | None = None
+        # The last call _answer_now found uncacheable by its memo: _fetch forwards that
+        # very call without planning it a second time.
+        self._pass_call: Call | None = None
         self._hit_local = b""
         # The Seen record that answered the last ``handle`` call, if any: a transport may
         # keep it to answer byte-identical repeats through ``replay``.
@@ -236,6 +239,7 @@ class RpcService:
         if key is _UNSET:
             key = memo[memo_key] = policy.plan(method, call.params, view).key
         if key is None:
+            self._pass_call = call
             return None
         entry = self.cache.get(key)
         if entry is None or not self._still_canonical(entry):
@@ -363,6 +367,9 @@ class RpcService:
             return subs.call(method, call.params), "local"
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"
+        if call is self._pass_call:
+            self._pass_call = None
+            return await self.pool.call(method, params), "pass"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
         if p.key is None:
             return await self.pool.call(method, params), "pass"
