@@ -108,6 +108,7 @@ class Node:
             self.chain_id,
             max_batch_len=cfg.limits.max_batch_len,
             shared=self.shared,
+            max_hit_table_bytes=cfg.limits.max_hit_table_bytes,
         )
         blocks = self.blocks = BlockFeed(
             pool,

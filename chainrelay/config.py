@@ -42,6 +42,7 @@ class LimitsConfig:
     keepalive_timeout: float = d.KEEPALIVE_TIMEOUT
     max_ws_message_bytes: int = d.MAX_WS_MESSAGE_BYTES
     max_ws_send_buffer: int = d.MAX_WS_SEND_BUFFER
+    max_hit_table_bytes: int = d.MAX_HIT_TABLE_BYTES
 
 
 # "memory": this process only. "tiered": the memory LRU in front of a shared Redis.

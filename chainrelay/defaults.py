@@ -25,6 +25,10 @@ KEEPALIVE_TIMEOUT = 75.0
 MAX_WS_MESSAGE_BYTES = MAX_BODY_BYTES
 # Bytes buffered for a slow WebSocket reader before the connection is closed (1013).
 MAX_WS_SEND_BUFFER = 16 * MiB
+# Bytes held by each table of repeated cache hits (the pipeline's by body, the front door's
+# by whole request, ids aside): thousands of distinct hot calls of one block fit; past it a
+# table starts over, so a flood of distinct calls costs hits, not memory.
+MAX_HIT_TABLE_BYTES = 16 * MiB
 
 # --- Cache ---------------------------------------------------------------------------------
 # Holds ~100k typical answers or a few thousand full blocks; a relay's working set.

@@ -50,10 +50,8 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(
 LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
-# Bytes the replay table may hold (requests without their id, the answers they name, and
-# bookkeeping); past it the table starts over. Thousands of distinct hot calls fit.
-REPLAY_MAX_BYTES = 16 * 1024 * 1024
-# Per replay entry: the record, its dict slot and the answer's head, counted in the bound.
+# Per replay entry: the record, its dict slot and the answer's head, counted against
+# ``limits.max_hit_table_bytes`` with the request and the answer it names.
 REPLAY_ENTRY_OVERHEAD = 300
 _ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
 _ANSWER_RESULT = b',"result":'
@@ -78,7 +76,7 @@ class Replay:
         self.prefix = prefix
         self.record = record
         self.token_len = token_len
-        self.size = size  # counted against REPLAY_MAX_BYTES
+        self.size = size  # counted against limits.max_hit_table_bytes
 
 
 class Routes:
@@ -141,7 +139,7 @@ class HttpServer:
         size = len(rest) + len(prefix) + len(record.value) + REPLAY_ENTRY_OVERHEAD
         if (
             record.generation != self._replay_generation
-            or self._replay_bytes + size > REPLAY_MAX_BYTES
+            or self._replay_bytes + size > self.limits.max_hit_table_bytes
         ):
             self.replays.clear()
             self._replay_bytes = 0
@@ -306,8 +304,10 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._idle:
             split = split_token(data) if not self._queue else None
-            if split is not None and self._replay(split[0], split[1]):
-                return
+            if split is not None:
+                replay = self.server.replays.get(split[1])
+                if replay is not None and self._replay(replay, split[0]):
+                    return
             if data[:5] == b"POST " and self.server.cors_any and self._plain_post(data, split):
                 return
         if self._in_head:  # a request head split over reads: keep it for an upgrade
@@ -326,16 +326,15 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
             self._reject_head()
 
-    def _replay(self, token: bytes, rest: bytes) -> bool:
+    def _replay(self, replay: Replay, token: bytes) -> bool:
         """Answer a read that, but for its id token, is a request answered from cache
         before at this head (a read of exactly one POST whose head passed ``_plain_post``),
         with that answer and this id: no HTTP parsing, no JSON decoding, one write.
 
-        The token has the length of the one it stands for, so the bytes are those of the
+        With a token of the length of the one it stands for, the bytes are those of the
         request it was learned from but for a valid JSON id of the same length.
         """
-        replay = self.server.replays.get(rest)
-        if replay is None or len(token) != replay.token_len:
+        if len(token) != replay.token_len:
             return False
         replayer = self.server.routes.replayer
         assert replayer is not None  # replays are learned only from one

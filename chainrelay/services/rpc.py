@@ -45,10 +45,6 @@ _UNSET = b"\x00unset"
 NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
 # Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
 MEMO_MAX_ENTRIES = 50_000
-# Bytes of bodies and answers the seen table holds at most (it starts over past that):
-# room for every distinct hit of a busy block, and a bound on the entries it keeps alive
-# after the cache has let them go.
-SEEN_MAX_BYTES = 32 * 1024 * 1024
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
@@ -115,6 +111,7 @@ class RpcService:
         chain_id: int,
         max_batch_len: int = defaults.MAX_BATCH_LEN,
         shared: SharedCache | None = None,
+        max_hit_table_bytes: int = defaults.MAX_HIT_TABLE_BYTES,
     ) -> None:
         self.cache = cache
         self.shared = shared
@@ -136,6 +133,9 @@ class RpcService:
         self._seen: dict[bytes, Seen] = {}
         self._seen_generation = -1
         self._seen_bytes = 0
+        # Bounds the seen table's bodies and the answers it keeps alive after the cache
+        # has let them go.
+        self.max_hit_table_bytes = max_hit_table_bytes
         self._hit_key: bytes | None = None
         self._hit_entry: Entry | None = None
         # The last call _answer_now found uncacheable by its memo: _fetch forwards that
@@ -258,7 +258,7 @@ class RpcService:
         if (
             self._seen_generation != generation
             or len(seen) >= MEMO_MAX_ENTRIES
-            or self._seen_bytes > SEEN_MAX_BYTES
+            or self._seen_bytes > self.max_hit_table_bytes
         ):
             seen.clear()
             self._seen_generation = generation

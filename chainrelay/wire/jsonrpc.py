@@ -134,6 +134,7 @@ _ID_NAME = b'"id"'
 _ID_MEMBER = re.compile(
     rb'"id"[ \t\r\n]*:[ \t\r\n]*(0|[1-9][0-9]*|null|"[ !#-\[\]-~]*")(?=[ \t\r\n]*[,}])'
 )
+_ID_SEARCH = _ID_MEMBER.search
 _ID_HEAD = re.compile(rb'"id"[ \t\r\n]*:[ \t\r\n]*')
 
 
@@ -161,14 +162,11 @@ def split_id(body: bytes) -> tuple[bytes, bytes] | None:
 
 
 def split_token(data: bytes) -> tuple[bytes, bytes] | None:
-    """``split_id`` of the first ``"id"`` in any bytes that hold one call (a body, or an
-    HTTP request with its head), without making sure it is the only one: for looking up
-    a remainder that was checked to hold just one (``single_id``) when it was stored;
-    an equal remainder then holds just one too."""
-    at = data.find(_ID_NAME)
-    if at < 0:
-        return None
-    m = _ID_MEMBER.match(data, at)
+    """``split_id`` of the first plain ``"id"`` member in any bytes that hold one call (a
+    body, or an HTTP request with its head), without making sure it is the only ``"id"``:
+    for looking up a remainder that was checked to hold just one (``single_id``) when it
+    was stored; an equal remainder then holds just one too."""
+    m = _ID_SEARCH(data)
     if m is None:
         return None
     start, end = m.span(1)

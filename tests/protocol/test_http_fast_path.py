@@ -100,7 +100,7 @@ def answers(out: bytes | bytearray) -> list[Answer]:
 class Front:
     """One node's pipeline and HTTP server, and connections to it."""
 
-    def __init__(self, cors: list[str] | None = None) -> None:
+    def __init__(self, cors: list[str] | None = None, hit_table_bytes: int = 1 << 20) -> None:
         self.metrics = Metrics()
         pool = UpstreamPool(
             [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), self.metrics
@@ -108,9 +108,13 @@ class Front:
         head = HeadTracker(pool, PROFILES["devnet"], self.metrics)
         head.confirmed_at = float("inf")  # the head stays fresh: local answers allowed
         head_at(head.view, 100)
-        self.rpc = RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, self.metrics, 56)
+        cache = MemoryCache(1 << 20, 1 << 16)
+        self.rpc = RpcService(
+            cache, pool, head, self.metrics, 56, max_hit_table_bytes=hit_table_bytes
+        )
         routes = Routes(self.rpc.handle, lambda: (200, b"{}"), lambda: b"", replayer=self.rpc)
-        self.server = HttpServer(routes, LimitsConfig(max_body_bytes=MAX_BODY), self.metrics, cors)
+        limits = LimitsConfig(max_body_bytes=MAX_BODY, max_hit_table_bytes=hit_table_bytes)
+        self.server = HttpServer(routes, limits, self.metrics, cors)
 
     def warm(self, value: bytes, block: str = "latest") -> bytes:
         """Cache ``value`` as the balance of ADDR at ``block``; the cache key."""
@@ -470,3 +474,21 @@ def test_bodies_spaced_as_json_dumps_spaces_them_are_replayed(front: Front) -> N
     assert [a.doc["id"] for a in answers(transport.out)] == ids
     assert front.server.replays
     assert front.hits() == len(ids)
+
+
+def test_the_hit_tables_stay_within_their_bytes() -> None:
+    bound = 4000
+    front = Front(hit_table_bytes=bound)
+    conn, transport = front.connect()
+    blocks = [hex(n) for n in range(90, 101)]  # distinct hot calls, more than fit
+    for n, block in enumerate(blocks):
+        front.warm(b'"0x%x"' % n, block)
+    for round_ in range(3):
+        for block in blocks:
+            conn.data_received(post(balance(10 + round_, block)))
+            assert front.server._replay_bytes <= bound
+            assert front.rpc._seen_bytes <= bound + 1000  # checked before each addition
+    got = answers(transport.out)
+    assert [a.doc["result"] for a in got] == [hex(n) for n in range(len(blocks))] * 3
+    assert front.hits() == 3 * len(blocks)
+    assert 0 < len(front.server.replays) < len(blocks), "the table started over"
