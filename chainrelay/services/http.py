@@ -1,7 +1,10 @@
 """The HTTP front door: an asyncio Protocol over httptools, with WebSocket upgrade.
 
-Hot-path invariant: for a POST whose calls are all cache hits, ``on_message_complete``
-parses, answers and writes synchronously: no task, no timer, no upstream I/O.
+Hot-path invariant: for a POST whose calls are all cache hits, the read that completes it
+is parsed, answered and written synchronously: no task, no timer, no upstream I/O. Three
+ways in, cheapest first: a repeat of a request answered from cache at this head, its id
+aside (``_replay``: no parsing, no decoding); a read of one plain POST (``_plain_post``:
+no httptools); anything else through httptools (``on_message_complete``).
 Answers on one connection are written in request order (HTTP/1.1 pipelining).
 """
 
