@@ -9,6 +9,13 @@ the new blocks (oldest first). What to retract and fetch is decided by
 ``protocol.blockorder`` against the head tracker's canonical chain, which the tracker
 links by parent hash across missed heads and reconnected head streams.
 
+Head listeners (the newHeads fan-out) need no fetch: a head the tracker adopts as the next
+block after the last head they got, whose header an upstream pushed (``last_payload``), is
+announced to them at once, while its block and receipts are fetched; the block's event then
+comes with ``announced`` set, for its logs. A head that is not the next one (a gap the
+tracker walked back to fill, a reorg, a header only polled) waits for the fetch, so heads
+go out in chain order, each once.
+
 The feed fetches only while someone listens (or ``follow_blocks_always``): a node nobody
 subscribes to costs its upstreams nothing more than its head.
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +44,7 @@ from chainrelay.protocol.blockorder import DeliveredChain
 from chainrelay.protocol.logfilter import logs_of_receipts
 from chainrelay.protocol.policy import Finality
 from chainrelay.services.cache import Entry, MemoryCache
-from chainrelay.services.head import HeadTracker
+from chainrelay.services.head import Header, HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.upstream import Upstream
@@ -64,9 +72,12 @@ class BlockEvent:
     block: dict[str, Any]  # eth_getBlockByHash(hash, true) as answered
     logs: list[dict[str, Any]]  # the block's logs in log-index order; "removed": True on removal
     removed: bool  # True: this block was reorged away
+    announced: bool = False  # True: head listeners got this header before the block's fetch
 
 
 BlockListener = Callable[[list[BlockEvent]], None]
+# Called with a head's newHeads payload, as the upstream pushed it, ahead of its block.
+HeadListener = Callable[[dict[str, Any]], None]
 PendingListener = Callable[[str], None]
 
 
@@ -93,6 +104,12 @@ class BlockFeed:
         self.order: DeliveredChain[BlockEvent] = DeliveredChain(window)
         self._listeners: list[BlockListener] = []
         self._pending_listeners: list[PendingListener] = []
+        self._head_listeners: list[HeadListener] = []
+        # The last head whose header head listeners got, early or with its block: the next
+        # head goes out early only if it is this one's child.
+        self._heads_tip: tuple[int, str] = (-1, "")
+        # number -> hash of heads announced early whose block is not delivered yet.
+        self._announced: dict[int, str] = {}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._pending_task: asyncio.Task[None] | None = None
@@ -110,6 +127,16 @@ class BlockFeed:
             self._listeners.remove(fn)
         if not self._listeners and not self.follow_always:
             self._unfollow()
+
+    def add_head_listener(self, fn: HeadListener) -> None:
+        """Call ``fn`` with each new head's pushed payload as soon as the head is adopted
+        (see the module docstring); ``fn`` must return at once. Only while the feed follows
+        blocks (a block listener is there): the fetch is what keeps heads in order."""
+        self._head_listeners.append(fn)
+
+    def remove_head_listener(self, fn: HeadListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._head_listeners.remove(fn)
 
     def add_pending_listener(self, fn: PendingListener) -> None:
         """Call ``fn`` with each pending transaction hash the upstream stream reports."""
@@ -147,7 +174,10 @@ class BlockFeed:
         if not self._started or (self._worker is not None and not self._worker.done()):
             return
         # Listeners get the blocks after the head they joined at, as from a node's newHeads.
-        self.order.start_after(self.head.view.number)
+        view = self.head.view
+        self.order.start_after(view.number)
+        self._heads_tip = (view.number, view.hash)
+        self._announced.clear()
         self._worker = asyncio.create_task(self._run(), name="block-feed")
 
     def _unfollow(self) -> None:
@@ -155,9 +185,30 @@ class BlockFeed:
             self._worker.cancel()
             self._worker = None
 
-    def _on_head(self, _added: list[Any], _removed: list[Any]) -> None:
-        # Called inside the head tracker's update: only a wake-up, the work is the worker's.
+    def _on_head(self, added: list[Header], removed: list[Header]) -> None:
+        # Called inside the head tracker's update: a wake-up for the worker, and at most one
+        # early header for head listeners (one pass, no await).
         self._wake.set()
+        if len(added) == 1 and not removed and self._head_listeners:
+            self._announce(added[0])
+
+    def _announce(self, h: Header) -> None:
+        """Give head listeners ``h``'s pushed header now if it is the next head they are
+        due; otherwise it goes out with its block, after the fetch."""
+        payload = self.head.last_payload
+        if payload is None or payload.get("hash") != h.hash:
+            return  # polled, or the stream has moved on: the fetch derives the header
+        if self._heads_tip != (h.number - 1, h.parent_hash):
+            return
+        if self._worker is None or self._worker.done():
+            return
+        self._heads_tip = (h.number, h.hash)
+        self._announced[h.number] = h.hash
+        for fn in list(self._head_listeners):
+            try:
+                fn(payload)
+            except Exception:
+                log.exception("head listener failed")
 
     # --- the worker ------------------------------------------------------------------
     async def _run(self) -> None:
@@ -197,6 +248,10 @@ class BlockFeed:
                     complete = False  # the tracker has not linked this fork yet
                     break
                 self._warm(event, raw)
+                if self._announced.pop(number, None) == block_hash:
+                    event = dataclasses.replace(event, announced=True)
+                else:
+                    self._heads_tip = (number, block_hash)  # its header goes out with it
                 self.order.delivered(number, block_hash, event)
                 events.append(event)
             else:
@@ -384,7 +439,7 @@ def _light(block: dict[str, Any]) -> dict[str, Any]:
 
 def _removed(ev: BlockEvent) -> BlockEvent:
     logs = [{**x, "removed": True} for x in ev.logs]
-    return BlockEvent(ev.number, ev.hash, ev.header, ev.block, logs, True)
+    return BlockEvent(ev.number, ev.hash, ev.header, ev.block, logs, True, ev.announced)
 
 
 def _error_code(error: bytes) -> int | None:

@@ -6,9 +6,14 @@ locally with ``LogFilter``; ``newPendingTransactions`` from the feed's single up
 pending stream. ``syncing`` is accepted and stays silent: a relay serves its followed head,
 so, to its clients, it never starts or stops syncing.
 
+newHeads go out as soon as the head tracker adopts a pushed header (the feed's head
+listener), ahead of the block's fetch; logs follow with the fetched block. A head the feed
+could not announce early comes with its block, as before.
+
 Fan-out invariant: a block's notifications are written by one synchronous pass over the
-subscribers; each result is encoded once per block (or log, or transaction) and spliced
-with each subscription id; a slow reader is closed by its own send bound, never waited on.
+subscribers; each result is encoded once per block (or log, or transaction) into a frame
+template spliced with each subscription id; a connection's frames of one pass go out in
+one write; a slow reader is closed by its own send bound, never waited on.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ class SubscriptionService:
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.total = 0
         self._following_blocks = False
+        # Connections with frames queued in the pass under way, written at its end.
+        self._dirty: list[Connection] = []
         self._following_pending = False
         self._gauges = {k: metrics.subscriptions.labels(k) for k in proto.KINDS}
         self._sent = {k: metrics.notifications.labels(k) for k in proto.KINDS}
@@ -144,9 +151,11 @@ class SubscriptionService:
         if want_blocks != self._following_blocks:
             self._following_blocks = want_blocks
             if want_blocks:
+                self.feed.add_head_listener(self._on_head)
                 self.feed.add_listener(self._on_blocks)
             else:
                 self.feed.remove_listener(self._on_blocks)
+                self.feed.remove_head_listener(self._on_head)
         want_pending = bool(self._pending)
         if want_pending != self._following_pending:
             self._following_pending = want_pending
@@ -156,45 +165,64 @@ class SubscriptionService:
                 self.feed.remove_pending_listener(self._on_pending)
 
     # --- fan-out ---------------------------------------------------------------------
+    def _on_head(self, header: dict[str, Any]) -> None:
+        if self._heads:
+            self._sent[proto.NEW_HEADS].inc(self._fan_out_head(header))
+            self._write_out()
+
     def _on_blocks(self, events: list[BlockEvent]) -> None:
         # geth's order: logs of removed blocks (newest block first, each block's logs
-        # last first), then the new blocks, each announced by newHeads with its logs.
+        # last first), then the new blocks, each announced by newHeads with its logs
+        # (a head announced early has had its newHeads already).
         heads_sent = logs_sent = 0
         for ev in events:
-            if not ev.removed and self._heads:
-                result = orjson.dumps(ev.header)
-                for sub_id, conn in list(self._heads.items()):
-                    conn.notify(sub_id, proto.encode_notification(sub_id, result))
-                    heads_sent += 1
+            if not ev.removed and not ev.announced and self._heads:
+                heads_sent += self._fan_out_head(ev.header)
             if self._logs and ev.logs:
                 logs_sent += self._fan_out_logs(reversed(ev.logs) if ev.removed else ev.logs)
+        self._write_out()
         if heads_sent:
             self._sent[proto.NEW_HEADS].inc(heads_sent)
         if logs_sent:
             self._sent[proto.LOGS].inc(logs_sent)
 
+    def _fan_out_head(self, header: dict[str, Any]) -> int:
+        frame = proto.NotificationFrames(orjson.dumps(header)).frame
+        subs = list(self._heads.items())
+        for sub_id, conn in subs:
+            conn.notify(sub_id, frame(sub_id))
+        return len(subs)
+
     def _fan_out_logs(self, logs: Any) -> int:
         sent = 0
         groups = [(flt, list(members.items())) for flt, members in self._log_groups.items()]
         for log in logs:
-            encoded: bytes | None = None
+            frame = None
             for flt, members in groups:
                 if not flt.matches(log):
                     continue
-                if encoded is None:
-                    encoded = orjson.dumps(log)
+                if frame is None:
+                    frame = proto.NotificationFrames(orjson.dumps(log)).frame
                 for sub_id, conn in members:
-                    conn.notify(sub_id, proto.encode_notification(sub_id, encoded))
+                    conn.notify(sub_id, frame(sub_id))
                 sent += len(members)
         return sent
 
     def _on_pending(self, tx_hash: str) -> None:
-        result = orjson.dumps(tx_hash)
+        frame = proto.NotificationFrames(orjson.dumps(tx_hash)).frame
         subs = list(self._pending.items())
         for sub_id, conn in subs:
-            conn.notify(sub_id, proto.encode_notification(sub_id, result))
+            conn.notify(sub_id, frame(sub_id))
+        self._write_out()
         if subs:
             self._sent[proto.PENDING].inc(len(subs))
+
+    def _write_out(self) -> None:
+        """End of a pass: each connection's queued frames in one write (one syscall)."""
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            out, conn.out = conn.out, b""
+            conn.session.send_frames(out)
 
 
 class Connection:
@@ -205,10 +233,12 @@ class Connection:
         self.session = session
         self.ip = ip
         self.subs: dict[bytes, str] = {}
-        # Subscriptions whose id is not yet with the client, and what they would have sent:
-        # a notification must never reach a client before the answer naming its id.
+        # Subscriptions whose id is not yet with the client, and the frames they would have
+        # sent: a notification must never reach a client before the answer naming its id.
         self._held: dict[bytes, list[bytes]] = {}
         self._closed = False
+        # Frames of the fan-out pass under way, written by the service at the pass's end.
+        self.out = b""
 
     def call(self, method: str, params: Any) -> Answer:
         if self._closed:  # a call still in flight as its connection closed
@@ -227,20 +257,27 @@ class Connection:
         self._held[sub_id] = []
         return Answer(b'"' + sub_id + b'"', None)
 
-    def notify(self, sub_id: bytes, payload: bytes) -> None:
-        held = self._held.get(sub_id)
-        if held is not None:
-            if len(held) < MAX_HELD_NOTIFICATIONS:
-                held.append(payload)
-            return
-        self.session.send(payload)
+    def notify(self, sub_id: bytes, frame: bytes) -> None:
+        """Queue one notification frame for the end of the fan-out pass."""
+        if self._held:
+            held = self._held.get(sub_id)
+            if held is not None:
+                if len(held) < MAX_HELD_NOTIFICATIONS:
+                    held.append(frame)
+                return
+        if self.out:
+            self.out += frame
+        else:
+            self.out = frame
+            self.service._dirty.append(self)
 
     def answered(self, payload: bytes) -> None:
         if not self._held:
             return
         for sub_id in [s for s in self._held if s in payload]:
-            for note in self._held.pop(sub_id):
-                self.session.send(note)
+            frames = self._held.pop(sub_id)
+            if frames:
+                self.session.send_frames(b"".join(frames))
 
     def closed(self, slow: bool) -> None:
         if self._closed:

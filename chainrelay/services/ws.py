@@ -7,7 +7,8 @@ text messages, in whatever order they complete (ids pair them, as on any node).
 A session may carry the subscriptions of its connection (``eth_subscribe``): while a
 message is handled they are reachable through ``current_subscriptions()``, so the RPC
 pipeline routes subscription calls to this connection's without knowing the transport.
-Notifications go out through ``send`` like answers, under the same send-buffer bound.
+Notifications go out as frames the fan-out built once for all subscribers
+(``send_frames``), under the same send-buffer bound as answers.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class WsSession:
         self.max_send_buffer = max_send_buffer
         self.max_pending = max_pending
         self._paused = False
-        self.proto = ServerProtocol(max_size=max_message_bytes)
+        # No extension is ever negotiated (no permessage-deflate): ``send_frames`` relies on
+        # a frame being its header and the payload as is.
+        self.proto = ServerProtocol(max_size=max_message_bytes, extensions=None)
         self._fragments: list[bytes] = []
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._on_close = on_close
@@ -187,15 +190,34 @@ class WsSession:
         if not payload or self.closed or self.proto.state is not State.OPEN:
             return
         if self.transport.get_write_buffer_size() > self.max_send_buffer:
-            self.slow = True
-            self.close(CLOSE_TRY_AGAIN_LATER, SLOW_READER_REASON)
-            self._release()  # no more notifications pile up behind the close frame
+            self._too_slow()
             return
         try:
             self.proto.send_text(payload)
         except InvalidState:
             return
         self._flush()
+
+    def send_frames(self, frames: bytes) -> None:
+        """Write final text frames built elsewhere (the notification fan-out's templates,
+        ``protocol.subscriptions.NotificationFrames``), past websockets' per-message path.
+
+        Sound because this session never fragments what it sends (no frame can land inside
+        a message of its own), negotiates no extension (a frame is header + payload) and
+        flushes the protocol object after every operation (none of its bytes wait to go
+        out ahead of these). Same rules as ``send``: only while open, never blocks, and a
+        reader past the send-buffer bound is closed instead."""
+        if self.closed or self.proto.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+            self._too_slow()
+            return
+        self.transport.write(frames)
+
+    def _too_slow(self) -> None:
+        self.slow = True
+        self.close(CLOSE_TRY_AGAIN_LATER, SLOW_READER_REASON)
+        self._release()  # no more notifications pile up behind the close frame
 
     def close(self, code: int, reason: str) -> None:
         if self.proto.state is State.OPEN:

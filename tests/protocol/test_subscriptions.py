@@ -1,10 +1,14 @@
-"""Sans-I/O pieces of eth_subscribe: params, ids, notification bytes, and the block order
+"""Sans-I/O pieces of eth_subscribe: params, ids, notification bytes and frames, and the block order
 bookkeeping that makes the feed gap-free and duplicate-free across missed heads and reorgs."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from chainrelay.errors import InvalidParams, MethodNotFound
 from chainrelay.protocol import subscriptions as proto
@@ -76,6 +80,25 @@ def test_notification_is_spliced_byte_for_byte() -> None:
         }
     )
     assert got == want
+
+
+# Message sizes at each edge of the frame header's length encodings (7, 16 and 64 bits).
+@pytest.mark.parametrize("size", [125, 126, 65_535, 65_536, 70_000])
+@pytest.mark.parametrize("sub_id", [b"0x01", b"0x" + b"ab" * 16])
+def test_notification_frames_parse_as_one_final_text_message(size: int, sub_id: bytes) -> None:
+    base = len(proto.encode_notification(sub_id, b'""'))
+    result = orjson.dumps("x" * (size - base))
+    assert len(proto.encode_notification(sub_id, result)) == size
+    frames = proto.NotificationFrames(result)
+    client = ClientProtocol(parse_uri("ws://relay.test/"), state=State.OPEN, max_size=None)
+    other = b"0x" + b"ef" * 16
+    client.receive_data(frames.frame(sub_id) + frames.frame(other) + frames.frame(sub_id))
+    got = client.events_received()
+    assert [(f.opcode, f.fin) for f in got] == [(Opcode.TEXT, True)] * 3
+    assert [bytes(f.data) for f in got] == [
+        proto.encode_notification(i, result) for i in (sub_id, other, sub_id)
+    ]
+    assert client.parser_exc is None and client.data_to_send() == []
 
 
 # --- block order -----------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Covers what the system tests can only see by chance: a notification never overtakes the
 answer that announces its subscription, removed logs come newest first, one encoding per
-block is shared by every subscriber, and every limit answers -32005.
+block is shared by every subscriber, a connection's notifications of one block go out in
+one write, and every limit answers -32005. What the service writes is parsed back by
+websockets' own client protocol, so every frame it splices is proved a valid final text
+frame.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from chainrelay.config import SubscriptionsConfig
+from chainrelay.protocol import subscriptions as subs_proto
 from chainrelay.services import subscriptions as subs_mod
 from chainrelay.services.blocks import BlockEvent
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.subscriptions import Connection, SubscriptionService
+from chainrelay.services.ws import WsSession
 from tests.lab.timing import SECOND
 
 TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
@@ -28,6 +38,7 @@ OTHER = "0x" + "77" * 32
 class FakeFeed:
     def __init__(self) -> None:
         self.listeners: list[Callable[[list[BlockEvent]], None]] = []
+        self.head_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.pending: list[Callable[[str], None]] = []
 
     def add_listener(self, fn: Callable[[list[BlockEvent]], None]) -> None:
@@ -35,6 +46,12 @@ class FakeFeed:
 
     def remove_listener(self, fn: Callable[[list[BlockEvent]], None]) -> None:
         self.listeners.remove(fn)
+
+    def add_head_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self.head_listeners.append(fn)
+
+    def remove_head_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self.head_listeners.remove(fn)
 
     def add_pending_listener(self, fn: Callable[[str], None]) -> None:
         self.pending.append(fn)
@@ -46,6 +63,10 @@ class FakeFeed:
         for fn in list(self.listeners):
             fn(events)
 
+    def emit_head(self, header: dict[str, Any]) -> None:
+        for fn in list(self.head_listeners):
+            fn(header)
+
 
 class FakeTransport:
     def __init__(self, ip: str) -> None:
@@ -56,13 +77,25 @@ class FakeTransport:
 
 
 class FakeSession:
+    """Stands in for ``ws.WsSession``: what the service writes is read by a websockets
+    client protocol, as a client would, and kept message by message."""
+
     def __init__(self, ip: str = "10.0.0.1") -> None:
         self.transport = FakeTransport(ip)
         self.sent: list[bytes] = []
+        self.writes = 0
         self.aborted = asyncio.Event()
+        self.client = ClientProtocol(parse_uri("ws://relay.test/"), state=State.OPEN)
 
-    def send(self, payload: bytes) -> None:
-        self.sent.append(payload)
+    def send_frames(self, frames: bytes) -> None:
+        self.writes += 1
+        self.client.receive_data(frames)
+        for ev in self.client.events_received():
+            assert isinstance(ev, Frame), ev
+            assert ev.opcode is Opcode.TEXT and ev.fin, ev
+            self.sent.append(bytes(ev.data))
+        assert self.client.parser_exc is None
+        assert self.client.data_to_send() == []  # nothing for the client to answer or close
 
     def abort(self) -> None:
         self.aborted.set()
@@ -269,3 +302,125 @@ def test_subscribers_sharing_a_filter_each_get_its_logs(
     feed.emit([event(4, [log(4, 0)])])
     assert len(results(sessions[0], same[0])) == 2  # nothing after unsubscribing
     assert len(results(sessions[1], same[1])) == 3
+
+
+def test_a_head_announced_early_is_not_sent_again_with_its_logs(
+    setup: tuple[SubscriptionService, FakeFeed],
+) -> None:
+    svc, feed = setup
+    session = FakeSession()
+    conn = svc.open(session)  # type: ignore[arg-type]
+    heads = subscribe(conn, ["newHeads"])
+    logs = subscribe(conn, ["logs", {"topics": [TOPIC]}])
+    head = {"number": "0xa", "hash": f"0x{10:064x}"}
+    feed.emit_head(head)  # the head is adopted: out at once, before its block is fetched
+    assert results(session, heads) == [head] and results(session, logs) == []
+    early = event(10, [log(10, 0)])
+    feed.emit([BlockEvent(10, early.hash, early.header, {}, early.logs, False, True)])
+    feed.emit([event(11, [log(11, 0)])])  # not announced early: its head comes with it
+    assert numbers_of(results(session, heads)) == [10, 11]
+    assert [x["blockNumber"] for x in results(session, logs)] == ["0xa", "0xb"]
+
+
+def numbers_of(heads: list[Any]) -> list[int]:
+    return [int(h["number"], 16) for h in heads]
+
+
+def test_a_connections_notifications_of_one_block_go_out_in_one_write(
+    setup: tuple[SubscriptionService, FakeFeed],
+) -> None:
+    svc, feed = setup
+    busy, quiet = FakeSession(), FakeSession("10.0.0.2")
+    conn = svc.open(busy)  # type: ignore[arg-type]
+    heads = subscribe(conn, ["newHeads"])
+    logs = subscribe(conn, ["logs", {"topics": [TOPIC]}])
+    alone = subscribe(svc.open(quiet), ["newHeads"])  # type: ignore[arg-type]
+    feed.emit([event(3, [log(3, 0), log(3, 1), log(3, 2)]), event(4, [log(4, 0)])])
+    assert busy.writes == 1 and quiet.writes == 1
+    assert numbers_of(results(busy, heads)) == [3, 4]
+    assert numbers_of(results(quiet, alone)) == [3, 4]
+    order = [orjson.loads(m)["params"]["subscription"] for m in busy.sent]
+    assert order == [heads, logs, logs, logs, heads, logs]  # each block's head, then its logs
+
+
+class RecordingTransport:
+    """What a WsSession writes, and a send buffer the test sets."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.buffered = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("10.0.0.9", 40000) if name == "peername" else None
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def upgraded_session(max_send_buffer: int) -> tuple[WsSession, RecordingTransport, ClientProtocol]:
+    """A server session and a client protocol past a handshake in which the client offered
+    permessage-deflate (as browsers and websockets' own client do)."""
+    transport = RecordingTransport()
+    session = WsSession(
+        transport,  # type: ignore[arg-type]
+        lambda body: body,
+        max_send_buffer=max_send_buffer,
+    )
+    client = ClientProtocol(
+        parse_uri("ws://relay.test/"),
+        extensions=[ClientPerMessageDeflateFactory()],
+        max_size=None,
+    )
+    request = client.connect()
+    assert "permessage-deflate" in request.headers["Sec-WebSocket-Extensions"]
+    client.send_request(request)
+    assert session.accept(b"".join(client.data_to_send()))
+    client.receive_data(bytes(transport.written))
+    transport.written.clear()
+    (response,) = client.events_received()
+    assert response.status_code == 101
+    assert "Sec-WebSocket-Extensions" not in response.headers
+    assert client.state is State.OPEN and client.extensions == []
+    return session, transport, client
+
+
+def test_spliced_frames_pass_a_client_that_offered_compression() -> None:
+    session, transport, client = upgraded_session(max_send_buffer=1024)
+    frames = subs_proto.NotificationFrames(b'{"number":"0x1"}')
+    session.send_frames(frames.frame(b"0x01") + frames.frame(b"0x02"))
+    session.send(b'{"jsonrpc":"2.0","id":7,"result":true}')  # an answer, websockets' path
+    session.send_frames(frames.frame(b"0x03"))
+    client.receive_data(bytes(transport.written))
+    got = [bytes(f.data) for f in client.events_received() if isinstance(f, Frame)]
+    assert got == [
+        subs_proto.encode_notification(b"0x01", b'{"number":"0x1"}'),
+        subs_proto.encode_notification(b"0x02", b'{"number":"0x1"}'),
+        b'{"jsonrpc":"2.0","id":7,"result":true}',
+        subs_proto.encode_notification(b"0x03", b'{"number":"0x1"}'),
+    ]
+
+
+def test_spliced_frames_respect_the_send_bound_and_the_closing_state() -> None:
+    session, transport, client = upgraded_session(max_send_buffer=1024)
+    frame = subs_proto.NotificationFrames(b"1").frame(b"0x01")
+    transport.buffered = 1025  # the reader has fallen behind
+    session.send_frames(frame)
+    assert session.slow
+    session.send_frames(frame)  # closing: nothing more goes out behind the close frame
+    client.receive_data(bytes(transport.written))
+    (close,) = client.events_received()
+    assert isinstance(close, Frame) and close.opcode is Opcode.CLOSE
+    assert int.from_bytes(close.data[:2], "big") == 1013
