@@ -234,6 +234,7 @@ class HttpProtocol(asyncio.Protocol):
         "_chunk",
         "_head_buf",
         "_headers",
+        "_held",
         "_idle",
         "_in_head",
         "_paused",
@@ -265,6 +266,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head_buf: list[bytes] = []
         self._in_head = False
         self._idle = True  # between messages: the fast path may take the next one
+        self._held = b""  # a lone POST head waiting for its body's read (_hold_head)
         self._too_large = False
         self._queue: collections.deque[list[object]] = collections.deque()
         self._paused = False
@@ -305,14 +307,18 @@ class HttpProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.data_received(data)
             return
+        if self._held:
+            data = self._held + data
+            self._held = b""
         if self._idle:
             split = split_token(data) if not self._queue else None
             if split is not None:
                 replay = self.server.replays.get(split[1])
                 if replay is not None and self._replay(replay, split[0]):
                     return
-            if data[:5] == b"POST " and self.server.cors_any and self._plain_post(data, split):
-                return
+            if data[:5] == b"POST " and self.server.cors_any:
+                if self._plain_post(data, split) or self._hold_head(data):
+                    return
         if self._in_head:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
@@ -378,6 +384,25 @@ class HttpProtocol(asyncio.Protocol):
             if record is not None:
                 self.server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record)
         self._answer(answer, True)
+        return True
+
+    def _hold_head(self, data: bytes) -> bool:
+        """Keep a read that is exactly one plain POST head announcing a body, until the
+        body's read: clients that write head and body apart (Python's http.client, hence
+        requests and web3.py's HTTPProvider) then take the fast paths too, in one pass.
+
+        Not with Expect (the client would wait for a 100 first), any other header that
+        keeps a POST off the fast path, or a length over the limit.
+        """
+        end = len(data) - 4
+        if end <= 0 or end > self.server.limits.max_header_bytes:
+            return False
+        if data.find(b"\r\n\r\n") != end or _SPECIAL.search(data) is not None:
+            return False
+        length = _CONTENT_LENGTH.search(data)
+        if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
+            return False  # no body to wait for, or one refused at once (413)
+        self._held = data
         return True
 
     # --- httptools callbacks ---------------------------------------------------------
