@@ -3,8 +3,8 @@
 Hot-path invariant: for a POST whose calls are all cache hits, the read that completes it
 is parsed, answered and written synchronously: no task, no timer, no upstream I/O. Three
 ways in, cheapest first: a repeat of a request answered from cache at this head, its id
-aside (``_replay``: no parsing, no decoding); a read of one plain POST (``_plain_post``:
-no httptools); anything else through httptools (``on_message_complete``).
+aside (a replay, in ``data_received``: no parsing, no decoding); a read of one plain POST
+(``_plain_post``: no httptools); anything else through httptools (``on_message_complete``).
 Answers on one connection are written in request order (HTTP/1.1 pipelining).
 """
 
@@ -70,16 +70,32 @@ class Replayer(typing.Protocol):
 
 
 class Replay:
-    """A POST answered from cache whose bytes, id aside, come again: the answer's head up
-    to the id (the id has the same length, so the Content-Length holds) and its record."""
+    """A POST answered from cache whose bytes, id aside, come again: the answer around the
+    id (an id of the same length, so the Content-Length holds), its record, and the
+    check that the record still answers (``Replayer.replay``)."""
 
-    __slots__ = ("prefix", "record", "size", "token_len")
+    __slots__ = ("check", "prefix", "record", "size", "suffix", "token_len")
 
-    def __init__(self, prefix: bytes, record: Seen, token_len: int, size: int) -> None:
+    def __init__(
+        self,
+        prefix: bytes,
+        record: Seen,
+        token_len: int,
+        size: int,
+        check: Callable[[Seen], bytes | None],
+    ) -> None:
+        self.check = check
         self.prefix = prefix
+        # The answer after the id: the record's value, which stays the same while the
+        # record answers (``Replayer.replay`` checks that the cache holds it still).
+        self.suffix = _ANSWER_RESULT + record.value + b"}"
         self.record = record
         self.token_len = token_len
         self.size = size  # counted against limits.max_hit_table_bytes
+
+
+def _nowhere(_data: bytes) -> None:
+    """Where a protocol object writes before it has a transport: nowhere."""
 
 
 class Routes:
@@ -94,7 +110,7 @@ class Routes:
         replayer: Replayer | None = None,
     ) -> None:
         self.rpc = rpc
-        # Answers repeats of a POST without calling ``rpc`` (see HttpProtocol._replay).
+        # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
         self.replayer = replayer
         self.health = health
         self.metrics_text = metrics_text
@@ -139,7 +155,7 @@ class HttpServer:
         ):
             return  # an "id" in the head, or an answer not spliced from the record
         prefix = self.ok_head + b"%d\r\n\r\n" % len(answer) + _ANSWER_OPEN
-        size = len(rest) + len(prefix) + len(record.value) + REPLAY_ENTRY_OVERHEAD
+        size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
         if (
             record.generation != self._replay_generation
             or self._replay_bytes + size > self.limits.max_hit_table_bytes
@@ -150,7 +166,9 @@ class HttpServer:
         old = self.replays.get(rest)
         if old is not None:
             self._replay_bytes -= old.size
-        self.replays[rest] = Replay(prefix, record, len(token), size)
+        replayer = self.routes.replayer
+        assert replayer is not None  # replays are learned only from one
+        self.replays[rest] = Replay(prefix, record, len(token), size, replayer.replay)
         self._replay_bytes += size
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -239,6 +257,7 @@ class HttpProtocol(asyncio.Protocol):
         "_in_head",
         "_paused",
         "_queue",
+        "_send_now",
         "_too_large",
         "_url",
         "busy",
@@ -270,10 +289,12 @@ class HttpProtocol(asyncio.Protocol):
         self._too_large = False
         self._queue: collections.deque[list[object]] = collections.deque()
         self._paused = False
+        self._send_now: Callable[[bytes], object] = _nowhere  # the transport's write
 
     # --- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
+        self._send_now = self.transport.write
         peer = self.transport.get_extra_info("peername")
         self.ip = peer[0] if peer else ""
         srv = self.server
@@ -313,8 +334,20 @@ class HttpProtocol(asyncio.Protocol):
         if self._idle:
             split = split_token(data) if not self._queue else None
             if split is not None:
+                # A replay: but for its id token, this read is a request answered from
+                # cache before at this head (a read of exactly one POST whose head passed
+                # _plain_post). With a token of the same length as the one it stands
+                # for, the bytes are those of that request but for a valid JSON id, so
+                # it gets that answer with this id: no parsing, no decoding, one write.
                 replay = self.server.replays.get(split[1])
-                if replay is not None and self._replay(replay, split[0]):
+                if (
+                    replay is not None
+                    and len(split[0]) == replay.token_len
+                    and replay.check(replay.record) is not None
+                ):
+                    self.requests += 1
+                    # Reads stop when the transport closes, so it is open here.
+                    self._send_now(replay.prefix + split[0] + replay.suffix)
                     return
             if data[:5] == b"POST " and self.server.cors_any:
                 if self._plain_post(data, split) or self._hold_head(data):
@@ -334,27 +367,6 @@ class HttpProtocol(asyncio.Protocol):
         # Still inside a head after this read: it is only ever head bytes that pile up.
         if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
             self._reject_head()
-
-    def _replay(self, replay: Replay, token: bytes) -> bool:
-        """Answer a read that, but for its id token, is a request answered from cache
-        before at this head (a read of exactly one POST whose head passed ``_plain_post``),
-        with that answer and this id: no HTTP parsing, no JSON decoding, one write.
-
-        With a token of the length of the one it stands for, the bytes are those of the
-        request it was learned from but for a valid JSON id of the same length.
-        """
-        if len(token) != replay.token_len:
-            return False
-        replayer = self.server.routes.replayer
-        assert replayer is not None  # replays are learned only from one
-        value = replayer.replay(replay.record)
-        if value is None:
-            return False
-        self.requests += 1
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"".join((replay.prefix, token, _ANSWER_RESULT, value, b"}")))
-        return True
 
     def _plain_post(self, data: bytes, split: tuple[bytes, bytes] | None = None) -> bool:
         """Answer a read that holds exactly one ordinary keep-alive POST, without httptools.

@@ -2,7 +2,7 @@
 
 A read holding exactly one plain keep-alive POST skips httptools (``_plain_post``), and a
 read that repeats such a POST answered from cache, its id aside, skips decoding too
-(``_replay``). Each must answer exactly what the full path answers, and every request
+(a replay). Each must answer exactly what the full path answers, and every request
 shape the shortcuts do not understand must reach httptools untouched. No sockets: the
 pipeline behind the protocol object is a real ``RpcService`` over an upstream that fails
 the test if it is ever asked.

@@ -3,7 +3,7 @@ viem) or spaced as Python's json spaces it (web3.py), is answered as anvil answe
 the caller's own id, and every answer is counted once.
 
 After the first answer at a head, such repeats are replayed from their request's bytes
-(``HttpProtocol._replay``); the latency histogram times only some of them, which is how
+(``HttpServer.learn_replay``); the latency histogram times only some of them, which is how
 the test sees that replays served the calls.
 """
 
