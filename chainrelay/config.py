@@ -109,6 +109,9 @@ class FiltersConfig:
     idle_timeout: float = d.FILTER_IDLE_TIMEOUT
     max_filters: int = d.MAX_FILTERS
     max_changes: int = d.MAX_FILTER_CHANGES
+    max_per_ip: int = d.MAX_FILTERS_PER_IP
+    max_addresses: int = d.MAX_FILTER_ADDRESSES
+    max_topics_per_position: int = d.MAX_TOPICS_PER_POSITION
 
 
 @dataclass
@@ -204,6 +207,9 @@ def validate(cfg: Config) -> Config:
         ("filters.idle_timeout", cfg.filters.idle_timeout),
         ("filters.max_filters", cfg.filters.max_filters),
         ("filters.max_changes", cfg.filters.max_changes),
+        ("filters.max_per_ip", cfg.filters.max_per_ip),
+        ("filters.max_addresses", cfg.filters.max_addresses),
+        ("filters.max_topics_per_position", cfg.filters.max_topics_per_position),
         ("subscriptions.max_per_connection", cfg.subscriptions.max_per_connection),
         ("subscriptions.max_per_ip", cfg.subscriptions.max_per_ip),
         ("subscriptions.max_total", cfg.subscriptions.max_total),

@@ -74,9 +74,19 @@ FILTER_IDLE_TIMEOUT = 300.0
 # Filters held by one node: each is matched against every block's logs, so this bounds the
 # per-block CPU of matching (one catch-all filter per dapp backend of a busy relay).
 MAX_FILTERS = 10_000
-# Changes one filter buffers between polls, then the oldest are dropped and counted: a
-# catch-all log filter on BSC (~2k logs a block every 3 s) polled each minute holds ~40k.
+# Changes one filter buffers between polls, then the filter is expired (its client's next
+# poll gets "filter not found" and reinstalls): a catch-all log filter on BSC (~2k logs a
+# block every 3 s) polled each minute holds ~40k.
 MAX_FILTER_CHANGES = 50_000
+# Filters one client address may hold: a busy dapp backend polls a few hundred, and one
+# address can never take more than a tenth of MAX_FILTERS and lock every other client out.
+MAX_FILTERS_PER_IP = 1000
+# geth's maxAddresses (1.14): bounds the memory one filter object can pin, and a filter's
+# entries in the address index.
+MAX_FILTER_ADDRESSES = 1000
+# geth's maxSubTopics (1.14): bounds the memory one filter object can pin and the work of
+# matching one log position against it.
+MAX_TOPICS_PER_POSITION = 1000
 
 # --- Subscriptions (eth_subscribe over WebSocket) ------------------------------------------
 # Subscriptions one connection may hold: a dapp watching a few hundred contracts with one

@@ -11,8 +11,9 @@
     │   ├── MethodNotFound               -32601  method refused by this node
     │   ├── InvalidParams                -32602  params of the wrong shape for the method
     │   ├── FilterNotFound               -32000  filter id never installed, uninstalled or expired
+    │   ├── PendingUnavailable           -32000  no upstream streams pending transactions
     │   └── LimitExceeded                -32005  subscriptions per connection, address or node
-    │       └── TooManyFilters           -32005  the node holds as many filters as it allows
+    │       └── TooManyFilters           -32005  filters per node or per client address
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
@@ -71,6 +72,13 @@ class FilterNotFound(RequestError):
     code = -32000
 
 
+class PendingUnavailable(RequestError):
+    """Pending transactions were asked for, and no upstream of this node can stream them
+    (only a WebSocket upstream can): said at once, not as a filter that never yields."""
+
+    code = -32000
+
+
 class LimitExceeded(RequestError):
     """A limit of this node is reached (subscriptions per connection, per IP, per node).
 
@@ -80,7 +88,7 @@ class LimitExceeded(RequestError):
 
 
 class TooManyFilters(LimitExceeded):
-    """Installed filters (eth_newFilter & co) of the whole node."""
+    """Installed filters (eth_newFilter & co) of the whole node, or of one client address."""
 
 
 class InternalError(ChainRelayError):

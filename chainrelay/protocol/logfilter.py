@@ -20,15 +20,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from chainrelay import defaults
 from chainrelay.errors import InvalidParams
 
 # geth's maxTopics: the EVM's LOG0..LOG4 carry at most four topics, so a fifth position
 # could never match.
 MAX_TOPIC_POSITIONS = 4
-# geth's maxAddresses and maxSubTopics (1.14): bounds the work of matching every log of
-# every block against one filter, and the memory one filter object can pin.
-MAX_FILTER_ADDRESSES = 1000
-MAX_TOPICS_PER_POSITION = 1000
+# The defaults of the per-filter bounds (reasons in defaults.py); parse takes others.
+MAX_FILTER_ADDRESSES = defaults.MAX_FILTER_ADDRESSES
+MAX_TOPICS_PER_POSITION = defaults.MAX_TOPICS_PER_POSITION
 
 BLOCK_TAGS = frozenset({"latest", "earliest", "pending", "safe", "finalized"})
 _HEX = frozenset("0123456789abcdef")
@@ -48,30 +48,28 @@ def _hex_of_length(value: Any, length: int, what: str) -> str:
     return low
 
 
-def _parse_addresses(raw: Any) -> frozenset[str] | None:
+def _parse_addresses(raw: Any, most: int) -> frozenset[str] | None:
     if raw is None:
         return None
     if isinstance(raw, str):
         return frozenset((_hex_of_length(raw, _ADDRESS_LEN, "address"),))
     if isinstance(raw, list):
-        if len(raw) > MAX_FILTER_ADDRESSES:
-            raise InvalidParams(f"too many addresses: at most {MAX_FILTER_ADDRESSES}")
+        if len(raw) > most:
+            raise InvalidParams(f"too many addresses: at most {most}")
         if not raw:
             return None
         return frozenset(_hex_of_length(a, _ADDRESS_LEN, "address") for a in raw)
     raise InvalidParams("invalid address: expected a string or a list of strings")
 
 
-def _parse_position(raw: Any) -> frozenset[str] | None:
+def _parse_position(raw: Any, most: int) -> frozenset[str] | None:
     if raw is None:
         return None
     if isinstance(raw, str):
         return frozenset((_hex_of_length(raw, _TOPIC_LEN, "topic"),))
     if isinstance(raw, list):
-        if len(raw) > MAX_TOPICS_PER_POSITION:
-            raise InvalidParams(
-                f"too many topics in one position: at most {MAX_TOPICS_PER_POSITION}"
-            )
+        if len(raw) > most:
+            raise InvalidParams(f"too many topics in one position: at most {most}")
         out: set[str] = set()
         wildcard = not raw
         for item in raw:
@@ -85,14 +83,14 @@ def _parse_position(raw: Any) -> frozenset[str] | None:
     raise InvalidParams("invalid topic: expected null, a string or a list")
 
 
-def _parse_topics(raw: Any) -> tuple[frozenset[str] | None, ...]:
+def _parse_topics(raw: Any, most: int) -> tuple[frozenset[str] | None, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise InvalidParams("invalid topics: expected a list")
     if len(raw) > MAX_TOPIC_POSITIONS:
         raise InvalidParams(f"exceed max topics: at most {MAX_TOPIC_POSITIONS} positions")
-    return tuple(_parse_position(p) for p in raw)
+    return tuple(_parse_position(p, most) for p in raw)
 
 
 def _parse_block(raw: Any, what: str) -> str | int | None:
@@ -138,11 +136,18 @@ class LogFilter:
     block_hash: str | None = None
 
     @classmethod
-    def parse(cls, obj: Any) -> LogFilter:
+    def parse(
+        cls,
+        obj: Any,
+        *,
+        max_addresses: int = MAX_FILTER_ADDRESSES,
+        max_topics_per_position: int = MAX_TOPICS_PER_POSITION,
+    ) -> LogFilter:
         """Parse a JSON-RPC filter object; raises ``InvalidParams`` naming what is wrong.
 
         Call once per request or subscription, never per log: matching then does no
-        parsing. Unknown keys are ignored, as geth does.
+        parsing. Unknown keys are ignored, as geth does. The bounds are the node's
+        configured ones (``[filters]``); a longer list is refused, never truncated.
         """
         if obj is None:
             obj = {}
@@ -164,8 +169,8 @@ class LogFilter:
                 f"invalid block range: fromBlock {from_block} is after toBlock {to_block}"
             )
         return cls(
-            addresses=_parse_addresses(obj.get("address")),
-            topics=_parse_topics(obj.get("topics")),
+            addresses=_parse_addresses(obj.get("address"), max_addresses),
+            topics=_parse_topics(obj.get("topics"), max_topics_per_position),
             from_block=from_block,
             to_block=to_block,
             block_hash=block_hash,

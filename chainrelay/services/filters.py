@@ -7,6 +7,11 @@ fed from the node's block feed, which follows whichever upstream is healthy.
 
 Every call but ``eth_getFilterLogs`` is answered without I/O; that one asks the node's
 own request pipeline for ``eth_getLogs`` over the filter's range, so it is cached there.
+
+Filters are counted per client address (``[filters] max_per_ip``): the transports make the
+address of the request being served known through ``services.peer``. Pending-transaction
+filters are refused when no upstream can stream pending transactions (only a WebSocket
+upstream can), rather than installed to stay empty forever.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from chainrelay.config import FiltersConfig
-from chainrelay.errors import FilterNotFound, InvalidParams, RequestError
+from chainrelay.errors import FilterNotFound, InvalidParams, PendingUnavailable, RequestError
 from chainrelay.protocol.filters import BlockLike, FilterKind, FilterTable, live_filter
 from chainrelay.services.metrics import Metrics
+from chainrelay.services.peer import current_peer
 from chainrelay.wire.jsonrpc import Answer
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,18 @@ class BlockSource(Protocol):
     def add_pending_listener(self, fn: Callable[[str], None]) -> None: ...
 
     def remove_pending_listener(self, fn: Callable[[str], None]) -> None: ...
+
+
+class WsUpstream(Protocol):
+    @property
+    def is_ws(self) -> bool: ...
+
+
+class UpstreamSet(Protocol):
+    """The upstream pool, as far as the filters ask it: which upstreams are WebSocket."""
+
+    @property
+    def upstreams(self) -> Sequence[WsUpstream]: ...
 
 
 # One call through the node's own request pipeline (RpcService.call): cached, coalesced.
@@ -90,12 +108,19 @@ class FilterService:
         ask: Ask,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        pool: UpstreamSet | None = None,
     ) -> None:
         self.table = FilterTable(
             idle_timeout=cfg.idle_timeout,
             max_filters=cfg.max_filters,
             max_changes=cfg.max_changes,
+            max_per_owner=cfg.max_per_ip,
         )
+        self.max_addresses = cfg.max_addresses
+        self.max_topics_per_position = cfg.max_topics_per_position
+        # The feed's pending transactions come from an upstream's eth_subscribe, so only a
+        # WebSocket upstream gives any; the pool is the feed's own unless one is given.
+        self.pool: UpstreamSet | None = pool if pool is not None else getattr(feed, "pool", None)
         self.feed = feed
         self.ask = ask
         self.clock = clock
@@ -153,12 +178,17 @@ class FilterService:
             self._listening_pending = pending
 
     def _on_blocks(self, events: list[BlockLike]) -> None:
-        if self._running:
-            self.table.on_blocks(events)
+        if self._running and self.table.on_blocks(events):
+            self._relisten_soon()
 
     def _on_pending(self, tx_hash: str) -> None:
-        if self._running:
-            self.table.on_pending(tx_hash)
+        if self._running and self.table.on_pending(tx_hash):
+            self._relisten_soon()
+
+    def _relisten_soon(self) -> None:
+        """Filters expired inside a feed callback: stop listening if none needs it, once
+        the feed's own call is over (unlistening from inside it would cancel its task)."""
+        asyncio.get_running_loop().call_soon(self._listen)
 
     async def _sweep(self) -> None:
         while True:
@@ -184,19 +214,34 @@ class FilterService:
 
     def _new_filter(self, params: Any) -> Answer:
         (obj,) = _params(params, "eth_newFilter", 1, 1)
-        criteria = live_filter(obj)
-        return _result(self.table.install(FilterKind.LOGS, criteria, self.clock()))
+        criteria = live_filter(
+            obj,
+            max_addresses=self.max_addresses,
+            max_topics_per_position=self.max_topics_per_position,
+        )
+        return _result(self.table.install(FilterKind.LOGS, criteria, self.clock(), current_peer()))
 
     def _new_block_filter(self, params: Any) -> Answer:
         _params(params, "eth_newBlockFilter", 0, 0)
-        return _result(self.table.install(FilterKind.BLOCKS, None, self.clock()))
+        return _result(self.table.install(FilterKind.BLOCKS, None, self.clock(), current_peer()))
 
     def _new_pending_filter(self, params: Any) -> Answer:
         got = _params(params, "eth_newPendingTransactionFilter", 0, 1)
         if got and got[0] not in (None, False):
             # geth's fullTx flag: the feed carries hashes only.
             raise InvalidParams("full pending transactions are not supported, only hashes")
-        return _result(self.table.install(FilterKind.PENDING, None, self.clock()))
+        if not self.pending_available:
+            raise PendingUnavailable(
+                "pending transactions are not available from this node's upstreams"
+                " (they need a WebSocket upstream)"
+            )
+        return _result(self.table.install(FilterKind.PENDING, None, self.clock(), current_peer()))
+
+    @property
+    def pending_available(self) -> bool:
+        """True when some upstream can stream pending transactions (a WebSocket one)."""
+        pool = self.pool
+        return pool is None or any(u.is_ws for u in pool.upstreams)
 
     def _changes(self, params: Any) -> Answer:
         fid = _filter_id(params, "eth_getFilterChanges")
@@ -224,9 +269,9 @@ class _FilterCollector(Collector):
         t = self.table
         yield GaugeMetricFamily("chainrelay_filters", "Filters installed on this node", len(t))
         yield CounterMetricFamily(
-            "chainrelay_filter_changes_dropped",
-            "Filter changes dropped from full buffers (polled too rarely)",
-            t.dropped_total,
+            "chainrelay_filters_overflowed",
+            "Filters expired because their change buffer filled up (polled too rarely)",
+            t.overflowed_total,
         )
         yield CounterMetricFamily(
             "chainrelay_filters_expired", "Filters removed after idling", t.expired_total

@@ -24,6 +24,7 @@ import orjson
 
 from chainrelay.config import LimitsConfig
 from chainrelay.services.metrics import Metrics
+from chainrelay.services.peer import enter_peer, leave_peer
 from chainrelay.services.ws import Subscriptions, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
@@ -496,10 +497,15 @@ class HttpProtocol(asyncio.Protocol):
         assert not isinstance(result, bytes)
         if result.__class__ is CoroutineType:
             # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
+            # The task keeps the client's address (limits per IP); hits never set it.
             coro = typing.cast("Coroutine[object, object, bytes]", result)
+            token = enter_peer(self.ip)
             fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_task(coro)
+            leave_peer(token)
         else:
+            token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)
+            leave_peer(token)
         self._queue.append([fut, keep_alive])
         self.busy = True
         fut.add_done_callback(self._flush)
@@ -622,6 +628,7 @@ class HttpProtocol(asyncio.Protocol):
         session = WsSession(
             self.transport,
             self.server.routes.rpc,
+            ip=self.ip,
             max_message_bytes=limits.max_ws_message_bytes,
             max_send_buffer=limits.max_ws_send_buffer,
             max_pending=limits.max_pending_per_connection,

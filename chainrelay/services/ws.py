@@ -26,6 +26,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from chainrelay import defaults
+from chainrelay.services.peer import enter_peer, leave_peer
 from chainrelay.wire.jsonrpc import Answer
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,10 @@ class WsSession:
         max_pending: int = defaults.MAX_PENDING_PER_CONNECTION,
         on_close: Callable[[], None] | None = None,
         open_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
+        ip: str = "",
     ) -> None:
         self.transport = transport
+        self.ip = ip  # the client's address, kept by each message's task (limits per IP)
         self.handler = handler
         self.max_send_buffer = max_send_buffer
         self.max_pending = max_pending
@@ -156,7 +159,9 @@ class WsSession:
             if isinstance(out, bytes):
                 self.send(out)
                 return
-            task = asyncio.ensure_future(out)  # takes the context: the subscriptions too
+            peer = enter_peer(self.ip)
+            task = asyncio.ensure_future(out)  # takes the context: subscriptions, address
+            leave_peer(peer)
         finally:
             if token is not None:
                 _CURRENT.reset(token)

@@ -153,18 +153,165 @@ def test_expire_sweeps_indexes_so_blocks_cost_nothing_after() -> None:
     t = table(idle_timeout=1.0)
     for _ in range(10):
         t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+        t.install(FilterKind.LOGS, LogFilter.parse({"topics": [[TRANSFER, APPROVAL]]}), now=0.0)
         t.install(FilterKind.LOGS, LogFilter.parse({}), now=0.0)
-    assert len(t.expire(2.0)) == 20
-    assert not t._by_address and not t._any_address
+    assert len(t.expire(2.0)) == 30
+    assert not t._by_address and not t._by_topic0 and not t._match_all
+    assert not t.wants_blocks
     t.on_blocks([block(1)])  # nothing left to match: no error, no state
 
 
-def test_full_buffer_drops_oldest_and_counts() -> None:
+def test_full_buffer_expires_the_filter_and_counts() -> None:
+    # Dropping the oldest changes would hand the client a poll that looks complete; an
+    # expired filter makes it reinstall and catch up (web3.py and ethers do on "not found").
     t = table(max_changes=3)
-    fid = t.install(FilterKind.BLOCKS, None, now=0.0)
-    t.on_blocks([block(n) for n in range(1, 8)])
-    assert t.poll(fid, 1.0) == [bhash(5), bhash(6), bhash(7)]
-    assert t.filters[fid].dropped == 4 and t.dropped_total == 4
+    full = t.install(FilterKind.BLOCKS, None, now=0.0)
+    logs = t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
+    polled = t.install(FilterKind.BLOCKS, None, now=0.0)
+    t.on_blocks([block(n) for n in range(1, 4)])
+    assert t.poll(polled, 1.0) == [bhash(1), bhash(2), bhash(3)]
+    assert t.on_blocks([block(4)]) == [full, logs]  # expired: the caller may stop listening
+    with pytest.raises(FilterNotFound) as info:
+        t.poll(full, 2.0)
+    assert info.value.message == "filter not found"
+    with pytest.raises(FilterNotFound):
+        t.poll(logs, 2.0)
+    assert t.overflowed_total == 2 and t.expired_total == 0
+    assert not t._by_address
+    assert t.poll(polled, 2.0) == [bhash(4)]  # the one polled in time is untouched
+    assert t.on_blocks([block(5)]) == []
+
+
+def test_full_pending_buffer_expires_the_filter() -> None:
+    t = table(max_changes=2)
+    fid = t.install(FilterKind.PENDING, None, now=0.0)
+    assert t.on_pending("0x01") == [] and t.on_pending("0x02") == []
+    assert t.on_pending("0x03") == [fid]
+    assert not t.wants_pending and t.overflowed_total == 1
+    with pytest.raises(FilterNotFound):
+        t.poll(fid, 1.0)
+
+
+def test_overflow_within_one_feed_call_expires_once_and_keeps_indexes_whole() -> None:
+    t = table(max_changes=1)
+    fid = t.install(FilterKind.LOGS, LogFilter.parse({"topics": [TRANSFER]}), now=0.0)
+    keep = t.install(FilterKind.LOGS, LogFilter.parse({"topics": [TRANSFER]}), now=0.0)
+    t.poll(keep, 0.0)
+    assert sorted(t.on_blocks([block(1, [mklog(1, i) for i in range(5)])])) == sorted([fid, keep])
+    assert t.overflowed_total == 2 and len(t) == 0 and not t._by_topic0
+
+
+def test_reorg_removed_logs_oldest_block_first_in_log_order_then_new_chain() -> None:
+    # geth core/blockchain.go reorg(): "Deleted log emission on the API uses forward order".
+    # The feed reports a reorg's removed blocks newest first; the table puts them in order.
+    t = table()
+    lf = t.install(FilterKind.LOGS, LogFilter.parse({"topics": [TRANSFER]}), now=0.0)
+    a2 = block(2, [mklog(2, 0), mklog(2, 1, OTHER), mklog(2, 2)])
+    a3 = block(3, [mklog(3, 0, OTHER), mklog(3, 1)])
+    a4 = block(4, [mklog(4, 0)])
+    t.on_blocks([block(1), a2, a3, a4])
+    t.poll(lf, 1.0)
+    b2 = block(2, [mklog(2, 0, fork="b")], fork="b")
+    b3 = block(3, [mklog(3, 0, fork="b"), mklog(3, 1, OTHER, fork="b")], fork="b")
+    t.on_blocks([removed(a4), removed(a3), removed(a2), b2, b3])
+    want = [*removed(a2).logs, *removed(a3).logs, *removed(a4).logs, *b2.logs, *b3.logs]
+    got = t.poll(lf, 2.0)
+    assert got == want
+    assert [(lg["blockNumber"], lg["logIndex"], lg["removed"]) for lg in got] == [
+        ("0x2", "0x0", True),
+        ("0x2", "0x1", True),
+        ("0x2", "0x2", True),
+        ("0x3", "0x0", True),
+        ("0x3", "0x1", True),
+        ("0x4", "0x0", True),
+        ("0x2", "0x0", False),
+        ("0x3", "0x0", False),
+        ("0x3", "0x1", False),
+    ]
+    # the same whatever order the removed blocks arrive in, and across feed calls
+    t.on_blocks([removed(b2), removed(b3)])
+    t.on_blocks([a2])
+    assert t.poll(lf, 3.0) == [*removed(b2).logs, *removed(b3).logs, *a2.logs]
+
+
+def test_matching_work_is_in_proportion_to_the_filters_that_could_match(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2,000 filters on distinct topics with any address, 100 on addresses, 2 match-all:
+    # a log is tried only against the filters indexed under its address and its topic0,
+    # and the match-all ones, never against all 2,102.
+    calls = 0
+    real = LogFilter.matches
+
+    def counting(self: LogFilter, lg: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(self, lg)
+
+    monkeypatch.setattr(LogFilter, "matches", counting)
+    t = table(max_filters=3000)
+    topics = ["0x" + f"{i:064x}" for i in range(1, 2001)]
+    addresses = ["0x" + f"{i:040x}" for i in range(1, 101)]
+    by_topic = [t.install(FilterKind.LOGS, LogFilter.parse({"topics": [tp]}), 0.0) for tp in topics]
+    by_address = [
+        t.install(FilterKind.LOGS, LogFilter.parse({"address": a}), 0.0) for a in addresses
+    ]
+    match_all = [
+        t.install(FilterKind.LOGS, LogFilter.parse({}), 0.0),
+        t.install(FilterKind.LOGS, LogFilter.parse({"topics": [None, topics[0]]}), 0.0),
+    ]
+    logs = [mklog(1, i, addresses[i % 100], topics[(7 * i) % 2000]) for i in range(500)]
+    t.on_blocks([block(1, logs)])
+    assert calls == 500 * (1 + 1 + 2)  # its topic's filter, its address's, the match-all two
+    assert t.poll(match_all[0], 1.0) == logs
+    assert t.poll(match_all[1], 1.0) == []
+    assert t.poll(by_topic[7], 1.0) == [logs[1]]
+    assert t.poll(by_address[3], 1.0) == logs[3::100]
+    # a log with an address and a topic0 nobody indexes costs only the match-all filters
+    calls = 0
+    t.on_blocks([block(2, [mklog(2, i, OTHER, TRANSFER) for i in range(50)])])
+    assert calls == 50 * 2
+
+
+def test_a_filter_naming_addresses_and_topics_is_matched_once_per_log() -> None:
+    t = table()
+    both = t.install(
+        FilterKind.LOGS, LogFilter.parse({"address": [TOKEN, OTHER], "topics": [TRANSFER]}), 0.0
+    )
+    logs = [mklog(1, 0), mklog(1, 1, OTHER), mklog(1, 2, OTHER, APPROVAL), mklog(1, 3)]
+    t.on_blocks([block(1, logs)])
+    assert t.poll(both, 1.0) == [logs[0], logs[1], logs[3]]
+    assert t.uninstall(both) and not t._by_address and not t._by_topic0
+
+
+def test_filters_per_client_address_are_bounded() -> None:
+    t = table(max_filters=10, max_per_owner=2)
+    first = t.install(FilterKind.BLOCKS, None, 0.0, owner="10.0.0.1")
+    t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), 0.0, owner="10.0.0.1")
+    with pytest.raises(TooManyFilters) as info:
+        t.install(FilterKind.PENDING, None, 0.0, owner="10.0.0.1")
+    assert info.value.code == -32005
+    assert "per client address" in info.value.message
+    # another address is not locked out, nor the node's own calls (no address)
+    t.install(FilterKind.BLOCKS, None, 0.0, owner="10.0.0.2")
+    for _ in range(3):
+        t.install(FilterKind.BLOCKS, None, 0.0)
+    assert t.owned_by("10.0.0.1") == 2 and t.owned_by("10.0.0.2") == 1 and t.owned_by("") == 0
+    assert t.uninstall(first)
+    t.install(FilterKind.PENDING, None, 0.0, owner="10.0.0.1")
+    with pytest.raises(TooManyFilters):
+        t.install(FilterKind.BLOCKS, None, 0.0, owner="10.0.0.1")
+
+
+def test_idle_filters_of_an_address_make_room_for_it() -> None:
+    t = table(max_per_owner=1, idle_timeout=10.0)
+    t.install(FilterKind.BLOCKS, None, 0.0, owner="10.0.0.1")
+    with pytest.raises(TooManyFilters):
+        t.install(FilterKind.BLOCKS, None, 5.0, owner="10.0.0.1")
+    t.install(FilterKind.BLOCKS, None, 11.0, owner="10.0.0.1")
+    assert t.owned_by("10.0.0.1") == 1 and len(t) == 1
+    t.expire(30.0)
+    assert t.owned_by("10.0.0.1") == 0 and not t._per_owner
 
 
 def test_filter_count_is_bounded_and_idle_ones_make_room() -> None:
@@ -197,6 +344,18 @@ def test_installed_filter_ranges_geth_refuses(obj: Any, words: str) -> None:
     assert words in info.value.message
 
 
+def test_installed_filter_bounds_are_the_configured_ones() -> None:
+    topics = ["0x" + f"{i:064x}" for i in range(3)]
+    live_filter({"address": [TOKEN, OTHER]}, max_addresses=2)
+    with pytest.raises(InvalidParams) as info:
+        live_filter({"address": [TOKEN, OTHER, TOKEN]}, max_addresses=2)
+    assert "too many addresses: at most 2" in info.value.message
+    live_filter({"topics": [topics[:2]]}, max_topics_per_position=2)
+    with pytest.raises(InvalidParams) as info:
+        live_filter({"topics": [None, topics]}, max_topics_per_position=2)
+    assert "too many topics in one position: at most 2" in info.value.message
+
+
 def test_installed_filter_ranges_geth_accepts() -> None:
     for obj in ({}, {"fromBlock": "latest"}, {"fromBlock": "0x1"}, {"toBlock": "latest"}):
         live_filter(obj)
@@ -213,13 +372,26 @@ def test_filters_config_section_defaults_and_overrides() -> None:
     assert cfg.filters.idle_timeout == defaults.FILTER_IDLE_TIMEOUT
     assert cfg.filters.max_filters == defaults.MAX_FILTERS
     assert cfg.filters.max_changes == defaults.MAX_FILTER_CHANGES
-    cfg = loads("[filters]\nidle_timeout = 2\nmax_filters = 3\nmax_changes = 4\n" + upstream, {})
-    assert (cfg.filters.idle_timeout, cfg.filters.max_filters, cfg.filters.max_changes) == (
-        2.0,
-        3,
-        4,
+    assert cfg.filters.max_per_ip == defaults.MAX_FILTERS_PER_IP
+    assert cfg.filters.max_addresses == defaults.MAX_FILTER_ADDRESSES
+    assert cfg.filters.max_topics_per_position == defaults.MAX_TOPICS_PER_POSITION
+    cfg = loads(
+        "[filters]\nidle_timeout = 2\nmax_filters = 3\nmax_changes = 4\nmax_per_ip = 5\n"
+        "max_addresses = 6\nmax_topics_per_position = 7\n" + upstream,
+        {},
     )
-    for bad in ("idle_timeout = 0", "max_filters = -1", "max_changes = 0", "max_filter = 1"):
+    f = cfg.filters
+    assert (f.idle_timeout, f.max_filters, f.max_changes) == (2.0, 3, 4)
+    assert (f.max_per_ip, f.max_addresses, f.max_topics_per_position) == (5, 6, 7)
+    for bad in (
+        "idle_timeout = 0",
+        "max_filters = -1",
+        "max_changes = 0",
+        "max_filter = 1",
+        "max_per_ip = 0",
+        "max_addresses = 0",
+        "max_topics_per_position = -3",
+    ):
         with pytest.raises(ConfigError) as info:
             loads(f"[filters]\n{bad}\n" + upstream, {})
         assert "filters." + bad.split(" ")[0] in str(info.value)
