@@ -64,7 +64,14 @@ class Node:
         cfg = self.cfg
         p = cfg.pool
         upstreams = [
-            make_upstream(u.name, u.url, timeout=p.timeout, connections=p.connections)
+            make_upstream(
+                u.name,
+                u.url,
+                timeout=p.timeout,
+                connections=p.connections,
+                ws_ping_interval=p.ws_ping_interval,
+                ws_max_message_bytes=p.ws_max_message_bytes,
+            )
             for u in cfg.upstreams
         ]
         pool = self.pool = UpstreamPool(upstreams, p, self.metrics)

@@ -94,6 +94,8 @@ class PoolConfig:
     max_consecutive_errors: int = d.MAX_CONSECUTIVE_ERRORS
     probe_interval: float = d.PROBE_INTERVAL
     connections: int = d.UPSTREAM_CONNECTIONS
+    ws_ping_interval: float = d.WS_PING_INTERVAL
+    ws_max_message_bytes: int = d.WS_MAX_MESSAGE_BYTES
 
 
 @dataclass
@@ -203,6 +205,8 @@ def validate(cfg: Config) -> Config:
         ("limits.max_body_bytes", cfg.limits.max_body_bytes),
         ("limits.max_batch_len", cfg.limits.max_batch_len),
         ("pool.max_attempts", cfg.pool.max_attempts),
+        ("pool.ws_ping_interval", cfg.pool.ws_ping_interval),
+        ("pool.ws_max_message_bytes", cfg.pool.ws_max_message_bytes),
         ("server.workers", cfg.server.workers),
         ("filters.idle_timeout", cfg.filters.idle_timeout),
         ("filters.max_filters", cfg.filters.max_filters),

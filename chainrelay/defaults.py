@@ -53,6 +53,12 @@ MAX_CONSECUTIVE_ERRORS = 3
 PROBE_INTERVAL = 2.0
 # Keep-alive connections per upstream; more than anvil or a provider serves well at once.
 UPSTREAM_CONNECTIONS = 64
+# A WebSocket upstream is pinged this often; one that sends nothing for a whole period
+# after a ping is dead and is reconnected (websockets' own default; geth expects pings).
+WS_PING_INTERVAL = 20.0
+# Largest message taken from a WebSocket upstream: a full BSC block with its transactions
+# stays far below, while debug_trace answers can reach tens of MiB.
+WS_MAX_MESSAGE_BYTES = 64 * MiB
 # Smoothing of the latency EWMA: ~the last 10 calls dominate.
 LATENCY_EWMA_ALPHA = 0.1
 

@@ -31,12 +31,6 @@ log = logging.getLogger(__name__)
 
 # Latencies kept per upstream for the hedging quantile: enough for a stable p95.
 LATENCY_SAMPLES = 256
-# Largest WebSocket message taken from an upstream: a full block with its transactions
-# on BSC stays far below, and a node's debug_trace answers can reach tens of MiB.
-WS_MAX_MESSAGE = 64 * defaults.MiB
-# Ping period of a WebSocket upstream; silence for a whole period after a ping means the
-# connection is dead (websockets' own default, 20 s, and what geth's server expects).
-WS_PING_INTERVAL = 20.0
 # Random bytes drawn at once for client frame masks: a thousand frames per system call.
 WS_MASK_POOL = 4096
 _ANSWER_PREFIX = b'{"jsonrpc":"2.0","id":'
@@ -205,8 +199,8 @@ class _WsLink(asyncio.Protocol):
     ``wire.wsframes`` directly; every other frame (ping, pong, close, fragments) is handed
     whole to the protocol object, which therefore never sees a frame cut in two.
 
-    Keep-alive: a ping goes out every ``WS_PING_INTERVAL``; a connection that has sent
-    nothing at all by the next one is dead and is aborted.
+    Keep-alive: a ping goes out every ``ping_interval`` seconds; a connection that has
+    sent nothing at all by the next one is dead and is aborted.
     """
 
     def __init__(
@@ -214,8 +208,13 @@ class _WsLink(asyncio.Protocol):
         uri: WebSocketURI,
         on_message: Callable[[bytes], None],
         on_lost: Callable[[_WsLink], None],
+        *,
+        ping_interval: float = defaults.WS_PING_INTERVAL,
+        max_message: int = defaults.WS_MAX_MESSAGE_BYTES,
     ) -> None:
-        self.proto = ClientProtocol(uri, max_size=WS_MAX_MESSAGE)
+        self.proto = ClientProtocol(uri, max_size=max_message)
+        self.ping_interval = ping_interval
+        self.max_message = max_message
         self.transport: asyncio.Transport | None = None
         # Kept: asking asyncio for the running loop costs a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
@@ -251,7 +250,7 @@ class _WsLink(asyncio.Protocol):
             buf = data
         pos = 0
         try:
-            while (frame := wsframes.next_frame(buf, pos, WS_MAX_MESSAGE)) is not None:
+            while (frame := wsframes.next_frame(buf, pos, self.max_message)) is not None:
                 first, start, end = frame
                 if (first == wsframes.FIN_TEXT or first == wsframes.FIN_BINARY) and not (
                     buf[pos + 1] & wsframes.MASK_BIT  # a server never masks
@@ -318,7 +317,7 @@ class _WsLink(asyncio.Protocol):
         # one already (a server speaking first, in the handshake's own read).
         reader = getattr(self.proto, "reader", None)
         self._framing = not getattr(reader, "buffer", None)
-        self._ping = asyncio.get_running_loop().call_later(WS_PING_INTERVAL, self._keepalive)
+        self._ping = asyncio.get_running_loop().call_later(self.ping_interval, self._keepalive)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -338,14 +337,14 @@ class _WsLink(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         if not self._heard:
-            log.warning("WebSocket upstream silent for %.0fs: reconnecting", WS_PING_INTERVAL)
+            log.warning("WebSocket upstream silent for %.1fs: reconnecting", self.ping_interval)
             self.transport.abort()
             return
         self._heard = False
         with contextlib.suppress(InvalidState):
             self.proto.send_ping(b"")
             self._flush()
-        self._ping = asyncio.get_running_loop().call_later(WS_PING_INTERVAL, self._keepalive)
+        self._ping = asyncio.get_running_loop().call_later(self.ping_interval, self._keepalive)
 
     # --- sending ---------------------------------------------------------------------
     def send(self, body: bytes) -> None:
@@ -392,9 +391,20 @@ class WsUpstream(Upstream):
     """A WebSocket upstream: requests multiplexed by id over one connection, reconnected
     on demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``."""
 
-    def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        timeout: float,
+        connections: int,
+        ping_interval: float = defaults.WS_PING_INTERVAL,
+        max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
+    ) -> None:
         super().__init__(name, url, timeout=timeout, connections=connections)
         self._uri = parse_uri(url)
+        self.ping_interval = ping_interval
+        self.max_message_bytes = max_message_bytes
         self._link: _WsLink | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[bytes]] = {}
@@ -430,7 +440,13 @@ class WsUpstream(Upstream):
     async def _connect(self) -> _WsLink:
         uri = self._uri
         loop = asyncio.get_running_loop()
-        link = _WsLink(uri, self._message, self._lost)
+        link = _WsLink(
+            uri,
+            self._message,
+            self._lost,
+            ping_interval=self.ping_interval,
+            max_message=self.max_message_bytes,
+        )
         try:
             await loop.create_connection(
                 lambda: link,
@@ -551,6 +567,22 @@ class WsUpstream(Upstream):
         raise TransportError("newHeads stream closed")
 
 
-def make_upstream(name: str, url: str, *, timeout: float, connections: int) -> Upstream:
-    cls = WsUpstream if url.startswith(("ws://", "wss://")) else HttpUpstream
-    return cls(name, url, timeout=timeout, connections=connections)
+def make_upstream(
+    name: str,
+    url: str,
+    *,
+    timeout: float,
+    connections: int,
+    ws_ping_interval: float = defaults.WS_PING_INTERVAL,
+    ws_max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
+) -> Upstream:
+    if url.startswith(("ws://", "wss://")):
+        return WsUpstream(
+            name,
+            url,
+            timeout=timeout,
+            connections=connections,
+            ping_interval=ws_ping_interval,
+            max_message_bytes=ws_max_message_bytes,
+        )
+    return HttpUpstream(name, url, timeout=timeout, connections=connections)

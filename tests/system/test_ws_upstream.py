@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,19 @@ pytestmark = pytest.mark.lab
 DEV_BALANCE = hex(10_000 * 10**18)
 TIMEOUT = 0.5  # the pool's per-call timeout in these tests, seconds
 ATTEMPTS = 2
+SILENT = "WebSocket upstream silent"  # the relay's log line when pings go unanswered
+
+
+async def stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped: a thread busy on the
+    other core can still answer for a moment after kill() returns."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        tasks = Path(f"/proc/{pid}/task").glob("*/stat")
+        return all(t.read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks)
+
+    await until(stopped, 5 * SECOND, f"process {pid} to stop")
 
 
 async def test_silent_ws_node_costs_the_timeout_then_calls_succeed_again(
@@ -32,7 +46,7 @@ async def test_silent_ws_node_costs_the_timeout_then_calls_succeed_again(
     call = ("eth_getBalance", [DEV_ACCOUNTS[2], "pending"])
     assert (await rpc(relay.url, *call))["result"] == DEV_BALANCE
     assert anvil.proc is not None
-    os.kill(anvil.proc.pid, signal.SIGSTOP)  # connected and silent: a hung node
+    await stop_process(anvil.proc.pid)  # connected and silent: a hung node
     try:
         started = time.monotonic()
         got = await asyncio.wait_for(rpc(relay.url, *call), 10 * SECOND)
@@ -74,3 +88,34 @@ async def test_dropped_ws_link_reconnects_without_failing_a_call(
         return int((await rpc(relay.url, "eth_blockNumber"))["result"], 16) > first + 1
 
     await until(advanced, 10 * SECOND, "the relay's head to advance after the drops")
+
+
+async def test_ws_link_to_a_silent_node_is_dropped_by_its_pings_then_restored(
+    anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
+) -> None:
+    ping = 0.3  # seconds between pings in this test
+    relay = await relay_factory(
+        [anvil.ws_url], f"[pool]\ntimeout = {TIMEOUT}\nws_ping_interval = {ping}\n"
+    )
+    call = ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"])
+    # A live node answers every ping: several periods pass without a reconnection.
+    live_until = time.monotonic() + 4 * ping
+    while time.monotonic() < live_until:
+        assert (await rpc(relay.url, *call))["result"] == DEV_BALANCE
+    assert SILENT not in relay.log_path.read_text()
+    assert anvil.proc is not None
+    await stop_process(anvil.proc.pid)
+    try:
+        started = time.monotonic()
+        await until(
+            lambda: SILENT in relay.log_path.read_text(), 10 * SECOND, "the silent link's abort"
+        )
+        # At most two periods: the one whose ping goes unanswered, and the one after it.
+        assert time.monotonic() - started < 2 * ping + 2 * SECOND
+    finally:
+        os.kill(anvil.proc.pid, signal.SIGCONT)
+
+    async def answers() -> bool:
+        return bool((await rpc(relay.url, *call)).get("result") == DEV_BALANCE)
+
+    await until(answers, 10 * SECOND, "the relay to answer through a new link")
