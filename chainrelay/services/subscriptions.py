@@ -12,8 +12,9 @@ could not announce early comes with its block, as before.
 
 Fan-out invariant: a block's notifications are written by one synchronous pass over the
 subscribers; each result is encoded once per block (or log, or transaction) into a frame
-template spliced with each subscription id; a connection's frames of one pass go out in
-one write; a slow reader is closed by its own send bound, never waited on.
+template spliced with each subscription id; a connection's frames of one block go out in
+one write (a newHeads-only connection's at once, the others' at the end of the pass); a
+slow reader is closed by its own send bound, never waited on.
 """
 
 from __future__ import annotations
@@ -190,7 +191,12 @@ class SubscriptionService:
         frame = proto.NotificationFrames(orjson.dumps(header)).frame
         subs = list(self._heads.items())
         for sub_id, conn in subs:
-            conn.notify(sub_id, frame(sub_id))
+            if len(conn.subs) == 1 and not conn._held:
+                # Its only subscription, one frame per block: written now, not at the end
+                # of the pass, so the first subscribers do not wait for the last frame.
+                conn.session.send_frames(frame(sub_id))
+            else:
+                conn.notify(sub_id, frame(sub_id))
         return len(subs)
 
     def _fan_out_logs(self, logs: Any) -> int:
