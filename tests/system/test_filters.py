@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import websockets
@@ -206,14 +207,16 @@ async def test_filter_ids_are_geths_and_never_reach_the_upstream(
             for m, p in (
                 ("eth_newFilter", [{"address": lab.emitter}]),
                 ("eth_newBlockFilter", []),
-                ("eth_newPendingTransactionFilter", []),
             )
         ]
+        # the proxy speaks HTTP only: no pending transactions to stream, said at once
+        pending = await raw(through, "eth_newPendingTransactionFilter", [])
+        assert pending["error"]["code"] == -32000, pending
         for fid in ids:
             assert fid.startswith("0x") and 3 <= len(fid) <= 34, fid
             int(fid, 16)
             assert (await raw(through, "eth_getFilterChanges", [fid]))["result"] == []
-        assert len(set(ids)) == 3
+        assert len(set(ids)) == 2
         counts = await proxy.counts()
         assert not {m for m in counts if "Filter" in m}, counts
 
@@ -299,13 +302,20 @@ async def test_reorg_reports_removed_logs(lab: Lab) -> None:
     fid = (await raw(lab.through, "eth_newFilter", [{"address": lab.emitter}]))["result"]
     blocks_f = (await raw(lab.through, "eth_newBlockFilter", []))["result"]
     for i in range(3):
-        await mine_block(lab, i)
+        await mine_block(lab, i, logs=2)  # two logs a block: their order shows
     have: list[dict[str, Any]] = []
-    await poll_until(lab.through, fid, have, lambda h: len(h) == 3, "three logs")
+    await poll_until(lab.through, fid, have, lambda h: len(h) == 6, "six logs")
     tip, _ = await lab.node.head()
     old = [(await lab.node.block(hex(n)))["hash"] for n in (tip - 1, tip)]
+    # the orphaned blocks' logs as anvil served them, oldest block first, in log order
+    orphaned = await lab.node.call(
+        "eth_getLogs", [{"fromBlock": hex(tip - 1), "toBlock": hex(tip), "address": lab.emitter}]
+    )
+    assert (
+        len(orphaned) == 4 and [lg["blockHash"] for lg in orphaned] == [old[0]] * 2 + [old[1]] * 2
+    )
     replaced = [lg for lg in have if lg["blockHash"] in old]
-    assert len(replaced) == 2
+    assert replaced == orphaned
 
     txs = [
         [{"from": A2, "to": lab.emitter, "data": emitter_data(A0, 7000 + k), "gas": "0x20000"}, k]
@@ -316,25 +326,59 @@ async def test_reorg_reports_removed_logs(lab: Lab) -> None:
     assert not set(new) & set(old)
     await wait_same_head(lab.through, lab.node, SETTLE_TIMEOUT)
 
-    after: list[dict[str, Any]] = []
-    await poll_until(lab.through, fid, after, lambda h: len(h) >= 4, "removed and new logs")
-    removed = [lg for lg in after if lg["removed"]]
-    added = [lg for lg in after if not lg["removed"]]
-    # the replaced blocks' logs come back marked removed, the new fork's logs follow
-    assert sorted(lg["transactionHash"] for lg in removed) == sorted(
-        lg["transactionHash"] for lg in replaced
-    )
-    assert all(lg["blockHash"] in old for lg in removed)
-    want = await lab.node.call(
+    added = await lab.node.call(
         "eth_getLogs", [{"fromBlock": hex(tip - 1), "toBlock": hex(tip), "address": lab.emitter}]
     )
-    assert added == want
-    assert after.index(removed[-1]) < after.index(added[0]), "removed logs come first"
+    assert len(added) == 2
+    # geth's order (core/blockchain.go reorg: "Deleted log emission on the API uses forward
+    # order"): the orphaned logs, oldest block first and in log order, marked removed; then
+    # the new chain's logs
+    want = [{**lg, "removed": True} for lg in orphaned] + added
+    after: list[dict[str, Any]] = []
+    await poll_until(lab.through, fid, after, lambda h: len(h) >= len(want), "removed and new logs")
+    assert after == want
     hashes = (await raw(lab.through, "eth_getFilterChanges", [blocks_f]))["result"]
     assert hashes[-2:] == new
 
 
 # --- expiry ------------------------------------------------------------------------------------
+async def test_filter_whose_buffer_fills_up_expires_and_a_new_one_catches_up(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    extra = "[filters]\nmax_changes = 3\n"
+    async with lab_of(anvil_factory, relay_factory, extra=extra) as lab:
+        start, _ = await lab.node.head()
+        rare = (await raw(lab.through, "eth_newFilter", [{"address": lab.emitter}]))["result"]
+        blocks_f = (await raw(lab.through, "eth_newBlockFilter", []))["result"]
+        polled = (await raw(lab.through, "eth_newFilter", [{"address": lab.emitter}]))["result"]
+        got: list[dict[str, Any]] = []
+        for i in range(4):  # four logs and four blocks: one more than either buffer holds
+            await mine_block(lab, i)
+            await poll_until(lab.through, polled, got, lambda h, n=i + 1: len(h) == n, "a log")
+
+        async def overflowed() -> bool:
+            return metric(await lab.relay.metrics(), "chainrelay_filters_overflowed_total") == 2
+
+        await until(overflowed, SETTLE_TIMEOUT, "both rarely polled filters to overflow")
+        for fid in (rare, blocks_f):
+            assert (await raw(lab.through, "eth_getFilterChanges", [fid]))["error"] == (
+                FILTER_NOT_FOUND
+            )
+        # what a client does on "filter not found": reinstall, read what it missed, go on
+        again = (await raw(lab.through, "eth_newFilter", [{"address": lab.emitter}]))["result"]
+        end, _ = await lab.node.head()
+        missed = await lab.node.call(
+            "eth_getLogs", [{"fromBlock": hex(start + 1), "toBlock": hex(end)}]
+        )
+        assert missed == got and len(missed) == 4
+        await mine_block(lab, 4)
+        fresh: list[dict[str, Any]] = []
+        await poll_until(lab.through, again, fresh, lambda h: len(h) == 1, "the next log")
+        assert fresh[0]["blockNumber"] == hex(end + 1)
+        assert metric(await lab.relay.metrics(), "chainrelay_filters") == 2
+
+
 async def test_idle_filter_expires(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
@@ -427,3 +471,65 @@ async def test_filters_per_node_are_bounded(
         assert "too many filters" in refused["error"]["message"]
         assert (await raw(lab.through, "eth_uninstallFilter", [first]))["result"] is True
         assert "result" in await raw(lab.through, "eth_newPendingTransactionFilter", [])
+
+
+async def test_filters_per_client_address_are_bounded_over_http_and_websocket(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    # One address may not take every filter of the node: 127.0.0.1 is refused at its own
+    # limit while 127.0.0.2 (another loopback address) still installs.
+    extra = "[filters]\nmax_filters = 10\nmax_per_ip = 2\n"
+    async with (
+        lab_of(anvil_factory, relay_factory, extra=extra) as lab,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        ) as session,
+        websockets.connect(lab.relay.ws_url) as ws,
+    ):
+        other = Chain(lab.relay.url, session)
+
+        async def over_ws(method: str, params: list[Any]) -> dict[str, Any]:
+            await ws.send(
+                orjson.dumps(
+                    {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+                ).decode()
+            )
+            async with asyncio.timeout(5 * SECOND):
+                return dict(orjson.loads(await ws.recv()))
+
+        first = (await raw(lab.through, "eth_newBlockFilter", []))["result"]
+        assert "result" in await over_ws("eth_newFilter", [{"address": lab.emitter}])
+        for refused in (
+            await raw(lab.through, "eth_newBlockFilter", []),
+            await over_ws("eth_newPendingTransactionFilter", []),
+        ):
+            assert refused["error"]["code"] == -32005, refused
+            assert "per client address" in refused["error"]["message"]
+        theirs = [(await raw(other, "eth_newBlockFilter", []))["result"] for _ in range(2)]
+        assert (await raw(other, "eth_newBlockFilter", []))["error"]["code"] == -32005
+        assert metric(await lab.relay.metrics(), "chainrelay_filters") == 4
+        # a filter of the other address is not this one's to count
+        assert (await raw(lab.through, "eth_uninstallFilter", [theirs[0]]))["result"] is True
+        assert (await raw(lab.through, "eth_newBlockFilter", []))["error"]["code"] == -32005
+        assert (await raw(lab.through, "eth_uninstallFilter", [first]))["result"] is True
+        assert "result" in await over_ws("eth_newBlockFilter", [])
+
+
+async def test_pending_filter_without_websocket_upstream_says_so(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    async def http_only(anvil: Anvil) -> str:
+        return anvil.url
+
+    async with lab_of(anvil_factory, relay_factory, http_only) as lab:
+        got = await raw(lab.through, "eth_newPendingTransactionFilter", [])
+        assert got["error"]["code"] == -32000, got
+        assert "pending transactions are not available" in got["error"]["message"]
+        assert metric(await lab.relay.metrics(), "chainrelay_filters") == 0
+        # block and log filters need no stream of pending transactions
+        fid = (await raw(lab.through, "eth_newBlockFilter", []))["result"]
+        await mine_block(lab, 0)
+        hashes: list[str] = []
+        await poll_until(lab.through, fid, hashes, lambda h: len(h) >= 1, "a block hash")
