@@ -367,7 +367,8 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
     lines = [
         f"py-spy, {total} samples of the relay under wrk (self time / total time). Time in C "
         "(uvloop, system calls) is charged to the Python frame that called it: "
-        "`_replay` and `_write_ok` are mostly `transport.write`, the send system call; "
+        "`data_received` (where replays are written) and `_write_ok` are mostly "
+        "`transport.write`, the send system call; "
         "`Runner.run` is the event loop itself (epoll, reads).",
         "",
     ]
