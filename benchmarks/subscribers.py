@@ -26,6 +26,7 @@ the relay for the CPUs nor counts in the times. The file descriptor limit is rai
 for both processes.
 
     python benchmarks/subscribers.py [--subscribers 5000] [--blocks 35] [--interval 1.0]
+                                      [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ CONNECT_CONCURRENCY = 100
 # A block not received by every subscriber within this long counts as missed by the rest.
 BLOCK_TIMEOUT = 5.0
 BUDGET_SECONDS = 300
+# Rounds of the kernel-floor measurement (plain sends, no relay), of which the median.
+FLOOR_ROUNDS = 7
 # How long after mining a block the client first reads: the fan-out is (nearly always) over
 # by then, so this client's reads do not compete with the relay for the CPUs; arrival
 # times come from the kernel (SO_TIMESTAMPNS), not from when the client got round to reading.
@@ -100,6 +103,7 @@ class Receipts:
     direct: dict[int, float] = field(default_factory=dict)
     subscribed: int = 0
     errors: list[str] = field(default_factory=list)
+    frame_bytes: int = 0  # size of a relay notification's frame, for the kernel floor
 
     def got(self, number: int, direct: bool, now: float) -> None:
         if direct:
@@ -144,12 +148,14 @@ class Subscriber:
             end = start + n
             if end > len(buf):
                 break
-            pos = end
+            first, pos = pos, end
             if opcode == 0x1:
                 got = buf.find(_NUMBER, start, end)
                 if got >= 0:
                     got += len(_NUMBER)
                     receipts.got(int(buf[got : buf.index(b'"', got)], 16), self.direct, at)
+                    if not self.direct:
+                        receipts.frame_bytes = end - first
                 elif b'"result":"0x' not in buf[start:end]:
                     receipts.errors.append(f"subscribe refused: {buf[start:end][:200]!r}")
             elif opcode == 0x9:  # ping: answer, or be closed
@@ -235,6 +241,54 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def kernel_floor(count: int, size: int) -> float:
+    """Wall milliseconds for one thread to ``send`` ``size`` bytes on each of ``count``
+    loopback TCP connections whose reader is not waiting (as the subscribers are): what
+    the kernel alone costs a fan-out here, now. Median of a few rounds."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=count)
+    readers, writers = [], []
+    try:
+        for _ in range(count):
+            readers.append(socket.create_connection(server.getsockname()))
+            writer, _addr = server.accept()
+            writer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writers.append(writer)
+        for r in readers:
+            r.setblocking(False)
+        data = b"x" * size
+        rounds = []
+        for _ in range(FLOOR_ROUNDS):
+            started = time.perf_counter()
+            for w in writers:
+                w.send(data)
+            rounds.append((time.perf_counter() - started) * 1000)
+            for r in readers:
+                with contextlib.suppress(BlockingIOError):
+                    r.recv(RECV_BYTES)
+        return common.median(rounds)
+    finally:
+        for sock in (*readers, *writers, server):
+            sock.close()
+
+
+def relay_pids(pid: int) -> list[int]:
+    """The relay process and its children (the workers of ``serve --workers N``)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
+def relay_rss_kib(pids: list[int]) -> int:
+    return sum(rss_kib(p) for p in pids)
+
+
+def relay_cpu(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the relay's processes together."""
+    times = [common.cpu_times(p) for p in pids]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
 def raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, need))
@@ -258,11 +312,12 @@ class Result:
     kib_per_subscriber: float
     rss_before_mib: float
     rss_after_mib: float
+    frame_bytes: int
 
 
 async def run(args: argparse.Namespace, anvil_ws_port: int, relay: common.Relay) -> Result:
     assert relay.proc is not None
-    pid = relay.proc.pid
+    pids = relay_pids(relay.proc.pid)
     receipts = Receipts()
     miner = common.RpcClient(f"http://127.0.0.1:{anvil_ws_port}")
     conns: list[Subscriber] = []
@@ -295,17 +350,17 @@ async def run(args: argparse.Namespace, anvil_ws_port: int, relay: common.Relay)
             await all_got(await mine(), WARMUP_SUBSCRIBERS, BLOCK_TIMEOUT)
         await asyncio.sleep(0.5)  # let the relay's buffers drain before the baseline
         drain(conns, receipts)
-        before = rss_kib(pid)
+        before = relay_rss_kib(pids)
         rest = args.subscribers - WARMUP_SUBSCRIBERS
         conns += await subscribe(relay.port, receipts, rest)
         await asyncio.sleep(1.0)  # idle: nothing is sent to subscribers between blocks
-        after = rss_kib(pid)
+        after = relay_rss_kib(pids)
         drain(conns, receipts)
         if receipts.errors:
             raise RuntimeError(f"{len(receipts.errors)} subscriber errors: {receipts.errors[:3]}")
 
         numbers: list[int] = []
-        cpu0, rcpu0 = os.times(), common.cpu_times(pid)
+        cpu0, rcpu0 = os.times(), relay_cpu(pids)
         for _ in range(args.blocks):
             started = time.monotonic()
             number = await mine()
@@ -314,7 +369,7 @@ async def run(args: argparse.Namespace, anvil_ws_port: int, relay: common.Relay)
             await asyncio.sleep(max(0.0, args.interval - (time.monotonic() - started)))
         cpu1 = os.times()
         client_user, client_sys = cpu1.user - cpu0.user, cpu1.system - cpu0.system
-        rcpu1 = common.cpu_times(pid)
+        rcpu1 = relay_cpu(pids)
         relay_user, relay_sys = rcpu1[0] - rcpu0[0], rcpu1[1] - rcpu0[1]
     finally:
         for sub in conns:
@@ -351,6 +406,7 @@ async def run(args: argparse.Namespace, anvil_ws_port: int, relay: common.Relay)
         (after - before) / rest,
         before / 1024,
         after / 1024,
+        receipts.frame_bytes,
     )
 
 
@@ -358,19 +414,10 @@ def ms(values: list[float], q: float) -> str:
     return f"{common.quantile(values, q):.1f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--subscribers", type=int, default=5000)
-    ap.add_argument("--blocks", type=int, default=35)
-    ap.add_argument("--interval", type=float, default=1.0, help="seconds between blocks")
-    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-    args = ap.parse_args(argv)
-    if args.subscribers <= WARMUP_SUBSCRIBERS:
-        ap.error(f"--subscribers must be above the {WARMUP_SUBSCRIBERS} warm-up subscribers")
-    common.budget(BUDGET_SECONDS)
-    raise_fd_limit(args.subscribers + 1000)
-    m = common.machine()
+def measure(args: argparse.Namespace, workers: int) -> Result:
+    """One relay (``workers`` processes on the port) in front of a fresh anvil."""
     toml = (
+        f"workers = {workers}\n\n"  # lands in the [server] table the relay's config opens
         f"[limits]\nmax_connections_per_ip = {args.subscribers + 100}\n\n"
         f"[subscriptions]\nmax_per_ip = {args.subscribers + 100}\n"
     )
@@ -383,70 +430,86 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(relay.stop)
         relay.start(poke=lambda: poker.call("evm_mine", []))
         port = int(anvil.url.rsplit(":", 1)[1])
-        res = uvloop.run(run(args, port, relay))
+        return uvloop.run(run(args, port, relay))
 
+
+def report(args: argparse.Namespace, workers: int, res: Result) -> tuple[list[list[str]], str]:
+    """Latency rows and a paragraph for one relay configuration."""
+    who = "1 relay process" if workers == 1 else f"{workers} relay processes"
     rows = [
-        [
-            "first relay subscriber - anvil's subscriber",
-            ms(res.first_ms, 0.5),
-            ms(res.first_ms, 0.99),
-        ],
-        [
-            "last - first relay subscriber (fan-out)",
-            ms(res.spread_ms, 0.5),
-            ms(res.spread_ms, 0.99),
-        ],
-        ["last relay subscriber - anvil's subscriber", ms(res.last_ms, 0.5), ms(res.last_ms, 0.99)],
+        [who, "first relay subscriber - anvil's", ms(res.first_ms, 0.5), ms(res.first_ms, 0.99)],
+        [who, "last - first (fan-out)", ms(res.spread_ms, 0.5), ms(res.spread_ms, 0.99)],
+        [who, "last relay subscriber - anvil's", ms(res.last_ms, 0.5), ms(res.last_ms, 0.99)],
     ]
-    lat = common.table(["per block, ms", "p50", "p99"], rows)
-    mem = common.table(
-        [
-            "relay RSS, warm-up subscribers",
-            f"RSS with {args.subscribers} subscribers",
-            "per idle subscriber",
-        ],
-        [
-            [
-                f"{res.rss_before_mib:.1f} MiB",
-                f"{res.rss_after_mib:.1f} MiB",
-                f"{res.kib_per_subscriber:.1f} KiB",
-            ]
-        ],
-    )
-    p99_last = common.quantile(res.last_ms, 0.99)
-    relay_cpu = res.relay_user_ms + res.relay_sys_ms
-    relay_us = relay_cpu / args.subscribers * 1000
+    cpu = res.relay_user_ms + res.relay_sys_ms
+    per_sub_us = cpu / args.subscribers * 1000
     missed_in = f" (in blocks {res.missed_blocks})" if res.missed_blocks else ""
-    verdict = (
-        f"Goals: last subscriber within {GOAL_LAST_P99_MS:.0f} ms of the head at p99 (last "
-        f"relay subscriber - anvil's subscriber: {p99_last:.1f} ms, "
-        f"{'met' if p99_last <= GOAL_LAST_P99_MS else 'NOT met'}); "
-        f"≤ {GOAL_KB_PER_SUBSCRIBER:.0f} KB per idle subscriber "
-        f"({res.kib_per_subscriber:.1f} KiB, "
-        f"{'met' if res.kib_per_subscriber * 1.024 <= GOAL_KB_PER_SUBSCRIBER else 'NOT met'})."
+    p99_last = common.quantile(res.last_ms, 0.99)
+    met = "met" if p99_last <= GOAL_LAST_P99_MS else "NOT met"
+    kib_met = "met" if res.kib_per_subscriber * 1.024 <= GOAL_KB_PER_SUBSCRIBER else "NOT met"
+    text = (
+        f"**{who}**: {res.blocks} blocks, one every {args.interval:.1f} s; notifications "
+        f"missed: {res.missed}{missed_in}. Relay CPU per block: {res.relay_user_ms:.1f} ms "
+        f"user + {res.relay_sys_ms:.1f} ms system, {per_sub_us:.1f} µs per subscriber (one "
+        "socket write each; on loopback the sender's write also runs the receiver's TCP "
+        f"input), on {'one thread' if workers == 1 else f'{workers} threads'}. RSS "
+        f"{res.rss_before_mib:.1f} MiB with the warm-up subscribers, {res.rss_after_mib:.1f} "
+        f"MiB with all: {res.kib_per_subscriber:.1f} KiB per idle subscriber. This client: "
+        f"{res.client_user_ms:.1f} ms user + {res.client_sys_ms:.1f} ms system per block, "
+        f"reading {READ_AFTER * 1000:.0f} ms after each block, outside the times. Goals: "
+        f"last subscriber within {GOAL_LAST_P99_MS:.0f} ms of the head at p99 "
+        f"({p99_last:.1f} ms, {met}); ≤ {GOAL_KB_PER_SUBSCRIBER:.0f} KB per idle subscriber "
+        f"({kib_met})."
     )
-    notes = (
-        f"{res.blocks} blocks, one every {args.interval:.1f} s; notifications missed: "
-        f"{res.missed}{missed_in}. Relay CPU per block: {res.relay_user_ms:.1f} ms user + "
-        f"{res.relay_sys_ms:.1f} ms system (one socket write per subscriber; on loopback the "
-        f"sender's write also runs the receiver's TCP input): "
-        f"{relay_us:.1f} µs per subscriber, on one thread, so the fan-out cannot be shorter "
-        f"than about {relay_cpu:.0f} ms. This client: {res.client_user_ms:.1f} ms user + "
-        f"{res.client_sys_ms:.1f} ms system per block to read {args.subscribers} messages, "
-        f"{READ_AFTER * 1000:.0f} ms after each block, outside the times."
+    return rows, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--subscribers", type=int, default=5000)
+    ap.add_argument("--blocks", type=int, default=35)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between blocks")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="relay configurations to measure, by worker processes (serve --workers N)",
+    )
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.subscribers <= WARMUP_SUBSCRIBERS:
+        ap.error(f"--subscribers must be above the {WARMUP_SUBSCRIBERS} warm-up subscribers")
+    common.budget(BUDGET_SECONDS)
+    raise_fd_limit(2 * args.subscribers + 1000)  # the kernel floor's pairs, at the end
+    m = common.machine()
+    rows: list[list[str]] = []
+    texts: list[str] = []
+    size = 0
+    for workers in args.workers:
+        res = measure(args, workers)
+        size = res.frame_bytes or size
+        more, text = report(args, workers, res)
+        rows += more
+        texts.append(text)
+    floor = kernel_floor(args.subscribers, size)
+    texts.append(
+        f"Kernel floor, measured right after on the same machine: one thread sending a "
+        f"{size}-byte frame on each of {args.subscribers} loopback TCP connections takes "
+        f"{floor:.1f} ms (median of {FLOOR_ROUNDS} rounds), the fan-out's length if a relay "
+        "did nothing but write."
     )
     body = "\n\n".join(
         [
             "## `subscribers.py`",
-            f"{args.subscribers} WebSocket `newHeads` subscribers on one relay process in "
-            "front of anvil (followed over WebSocket). Times per block are the kernel's "
-            "receive times of each subscriber's read (SO_TIMESTAMPNS), read after the "
-            "fan-out by one client process; anvil's own subscriber marks the head's arrival.",
+            f"{args.subscribers} WebSocket `newHeads` subscribers on one relay (one process, "
+            "then worker processes sharing the port) in front of anvil (followed over "
+            "WebSocket). Times per block are the kernel's receive times of each subscriber's "
+            "read (SO_TIMESTAMPNS), read after the fan-out by one client process; anvil's own "
+            "subscriber marks the head's arrival.",
             common.machine_line(m),
-            lat,
-            mem,
-            notes,
-            verdict,
+            common.table(["relay", "per block, ms", "p50", "p99"], rows),
+            *texts,
         ]
     )
     print(body)
