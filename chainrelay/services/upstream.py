@@ -144,9 +144,9 @@ class Upstream:
 class HttpUpstream(Upstream):
     """An HTTP upstream through one pooled keep-alive aiohttp session.
 
-    The session is set up for the least work per call: no cookie jar, no User-Agent or
-    Accept headers, and the call's deadline kept by aiohttp's own timer (``total``)
-    instead of a second one around it.
+    The call's deadline is kept by aiohttp's own timer (``total``) rather than by a second
+    one around it. Its default headers and cookie jar stay: some providers refuse requests
+    without a User-Agent, and load balancers pin a client to a node by cookie.
     """
 
     def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
@@ -158,8 +158,6 @@ class HttpUpstream(Upstream):
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers={"Content-Type": "application/json"},
-            skip_auto_headers=("User-Agent", "Accept"),
-            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
         )
 
