@@ -486,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[str]] = []
     texts: list[str] = []
     size = 0
+    results: list[tuple[int, Result]] = []
     for workers in args.workers:
         res = measure(args, workers)
+        results.append((workers, res))
         size = res.frame_bytes or size
         more, text = report(args, workers, res)
         rows += more
@@ -498,6 +500,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{size}-byte frame on each of {args.subscribers} loopback TCP connections takes "
         f"{floor:.1f} ms (median of {FLOOR_ROUNDS} rounds), the fan-out's length if a relay "
         "did nothing but write."
+    )
+    workers, res = results[0]
+    q = common.median
+    texts.append(
+        f"Where the last subscriber's time goes ({workers} relay process"
+        f"{'' if workers == 1 else 'es'}, medians): {q(res.first_ms):.1f} ms from anvil's "
+        f"subscriber to the relay's first, then {q(res.spread_ms):.1f} ms of fan-out; the "
+        f"relay's whole CPU per block is {res.relay_user_ms:.1f} ms user + "
+        f"{res.relay_sys_ms:.1f} ms system, against {floor:.1f} ms for the writes alone "
+        f"(kernel floor); the rest is waiting for a CPU (load average {m['load']} at the "
+        f"start, {m['nproc']} CPUs shared with the client, anvil and other work)."
     )
     body = "\n\n".join(
         [
