@@ -15,15 +15,19 @@ the table gives its p50 and p99, medians over several rounds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import itertools
 import subprocess
 import sys
 import time
+import typing
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import common
+import httptools
 
 from chainrelay.devnet import DEV_ACCOUNTS
 
@@ -64,6 +68,76 @@ def start_floor(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
         finally:
             client.close()
+
+
+class _BareClient(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with no client library: a request written, its
+    answer framed by httptools (the relay's own parser)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        if self.done is not None:
+            self.done.set_result(None)
+
+
+def client_cpu(url: str, body: bytes, n: int) -> dict[str, float]:
+    """CPU µs per call of an HTTP upstream client alone, in this process on uvloop:
+    aiohttp's ClientSession set up as ``HttpUpstream`` sets it up, and a bare asyncio
+    Protocol on one keep-alive connection (what the hop costs with no client library)."""
+    import aiohttp
+    import uvloop
+
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    request = (
+        b"POST / HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (f"{host}:{port}".encode(), len(body))
+    ) + body
+
+    async def timed(call: Callable[[], Awaitable[object]]) -> float:
+        for _ in range(WARMUP):
+            await call()
+        started = time.thread_time()
+        for _ in range(n):
+            await call()
+        return (time.thread_time() - started) / n * 1e6
+
+    async def run() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        out: dict[str, float] = {}
+        async with aiohttp.ClientSession(
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as session:
+
+            async def post() -> bytes:
+                async with session.post(url, data=body) as resp:
+                    return await resp.read()
+
+            out["aiohttp"] = await timed(post)
+        transport, bare = await loop.create_connection(_BareClient, host, int(port))
+        try:
+
+            async def exchange() -> None:
+                bare.done = loop.create_future()
+                transport.write(request)
+                await bare.done
+
+            out["bare"] = await timed(exchange)
+        finally:
+            transport.close()
+        return out
+
+    return uvloop.run(run())
 
 
 def measure(clients: dict[str, common.RpcClient], body: bytes, n: int) -> dict[str, list[float]]:
@@ -198,6 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"≤ {GOAL_P50_MS} ms **{verdict}** (the hop alone: {floor_d50:.3f} ms; "
                     f"the relay's own work: {med['d50'] - floor_d50:.3f} ms)"
                 )
+        balance = calls(echo)["eth_getBalance pending"]
+        cost = client_cpu(anvil.url, common.request_body(*balance, 1), args.requests)
+        summary.append(
+            "- the HTTP upstream client alone (in this process on uvloop, eth_getBalance "
+            f"pending to the same anvil, CPU per call): aiohttp `ClientSession` "
+            f"**{cost['aiohttp']:.0f} µs**, a bare asyncio Protocol {cost['bare']:.0f} µs: "
+            f"aiohttp adds {cost['aiohttp'] - cost['bare']:.0f} µs of CPU to every call "
+            "forwarded over HTTP, on its critical path"
+        )
     text = "\n".join(
         [
             "## Miss-path overhead (`miss_overhead.py`)",
@@ -206,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"{args.requests} sequential calls per target per round, {args.rounds} rounds, one "
             "keep-alive `http.client` connection per target, interleaved call by call. "
-            "Overhead = relay time - direct time of the same iteration. Times in ms, medians "
-            "over rounds.",
+            "Overhead = target time - direct time of the same iteration. Times in ms, medians "
+            "over rounds. The floor (`miss_floor.py`: uvloop + httptools, one keep-alive "
+            "upstream connection) forwards the same calls with no relay work: what the extra "
+            "loopback hop alone costs. CPU µs/call is the target process's user + system time.",
             "",
             common.table(
                 [
@@ -218,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                     "overhead p50",
                     "overhead p99",
                     "p50 ratio",
-                    "relay CPU µs/call",
+                    "process CPU µs/call",
                 ],
                 rows,
             ),
