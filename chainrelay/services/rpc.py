@@ -2,7 +2,10 @@
 
 ``handle`` answers a body synchronously when every call in it is a cache hit or a local
 answer (the hot path: no task, no upstream I/O, one concatenation per answer), and returns
-an awaitable otherwise. Transports (HTTP, WebSocket) own nothing of this logic.
+an awaitable otherwise. Transports (HTTP, WebSocket) own nothing of this logic. A call
+answered so is remembered for the rest of the head as a ``Seen`` record, which answers its
+repeats under other ids: by the body's remainder inside ``handle``, or by whole request
+bytes that a transport keeps (``last_seen``) and checks again through ``replay``.
 """
 
 from __future__ import annotations
