@@ -510,6 +510,8 @@ def report(
     us_relay = common.median([_us_per_request(r) for r in by["relay"]])
     us_floor = common.median([_us_per_request(r) for r in by["floor"]])
     budget_us = 1e6 / GOAL_RPS
+    relay_cpu = common.median([r.cpu["relay"] for r in by["relay"]])
+    other_cpu = common.median([r.cpu["other"] for r in by["relay"]])
     verdict = "met" if med["relay"] >= GOAL_RPS else "not met"
     methods = collections.Counter(meth for meth, _ in calls)
     mix_text = ", ".join(f"{meth} x{n}" for meth, n in methods.items())
@@ -547,6 +549,10 @@ def report(
             f"{us_relay:.1f}; the transport alone (floor) costs {us_floor:.1f}, so the relay's "
             f"own work is {us_relay - us_floor:.1f} µs per request against a budget of "
             f"{budget_us - us_floor:.1f}",
+            f"- CPU bound: the relay got a median {relay_cpu:.0f}% of one core while other "
+            f"processes used {other_cpu:.0f}%; at {us_relay:.1f} µs per request a whole core "
+            f"answers {1e6 / us_relay:,.0f} req/s (the floor's {us_floor:.1f} µs: "
+            f"{1e6 / us_floor:,.0f})",
             f"- relay answers during the measured runs: {hit_share:.2%} hits or local "
             f"({served['hit']:,.0f} hit, {served['local']:,.0f} local, "
             f"{served['miss'] + served['pass']:,.0f} miss/pass, {served['error']:,.0f} error); "
