@@ -10,7 +10,7 @@ the new blocks (oldest first). What to retract and fetch is decided by
 links by parent hash across missed heads and reconnected head streams.
 
 Head listeners (the newHeads fan-out) need no fetch: a head the tracker adopts as the next
-block after the last head they got, whose header an upstream pushed (``last_payload``), is
+block after the last head they got, whose header an upstream pushed (``head.pushed``), is
 announced to them at once, while its block and receipts are fetched; the block's event then
 comes with ``announced`` set, for its logs. A head that is not the next one (a gap the
 tracker walked back to fill, a reorg, a header only polled) waits for the fetch, so heads
@@ -195,9 +195,9 @@ class BlockFeed:
     def _announce(self, h: Header) -> None:
         """Give head listeners ``h``'s pushed header now if it is the next head they are
         due; otherwise it goes out with its block, after the fetch."""
-        payload = self.head.last_payload
-        if payload is None or payload.get("hash") != h.hash:
-            return  # polled, or the stream has moved on: the fetch derives the header
+        payload = self.head.pushed.get(h.hash)
+        if payload is None:
+            return  # polled, not pushed: the fetch derives the header
         if self._heads_tip != (h.number - 1, h.parent_hash):
             return
         if self._worker is None or self._worker.done():

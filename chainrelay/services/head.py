@@ -77,6 +77,10 @@ class HeadTracker:
         # The last header an upstream's head stream sent, as sent: the fields (and their
         # order) of this upstream's newHeads, which the block feed reproduces for its clients.
         self.last_payload: dict[str, Any] | None = None
+        # Every header a head stream sent, by hash, as sent (the last ``window`` of them):
+        # heads pushed back to back are adopted one task later each, and the block feed
+        # gives each its own payload when it is adopted.
+        self.pushed: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self._finality_task: asyncio.Task[None] | None = None
@@ -151,6 +155,10 @@ class HeadTracker:
         h = Header.parse(obj)
         if h is not None:
             self.last_payload = obj
+            pushed = self.pushed
+            pushed[h.hash] = obj
+            if len(pushed) > self.window:
+                del pushed[next(iter(pushed))]
             task = asyncio.ensure_future(self.on_header(u, h))
             task.add_done_callback(_log_failure)
 

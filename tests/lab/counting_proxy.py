@@ -11,7 +11,9 @@ Run as a process of its own (a test must be able to SIGKILL it)::
 * ``POST /reset``: zero the counts.
 * ``--hold METHOD`` (repeatable): calls of that method wait, upstream not yet asked, until
   ``POST /release``; ``GET /held`` says how many wait. Lets a test line up concurrent callers
-  behind one in-flight call without guessing how long the call takes.
+  behind one in-flight call without guessing how long the call takes. Over a proxied
+  WebSocket the client's later messages wait behind a held call too; the node's messages
+  (subscription notifications) keep flowing.
 * ``--delay-ms N``: every forwarded call answers N ms later, like a node further away.
 * WebSocket: a ``GET`` upgrade on any other path is proxied to the node's WebSocket (the
   upstream URL with ``ws://``), message for message both ways; the client's calls are
@@ -149,10 +151,14 @@ class CountingProxyApp:
         try:
             async for msg in client:
                 if msg.type is aiohttp.WSMsgType.TEXT:
-                    self.counter.add(methods_of(msg.data.encode()))
+                    methods = methods_of(msg.data.encode())
+                    self.counter.add(methods)
+                    await self._wait_if_held(methods)
                     await node.send_str(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
-                    self.counter.add(methods_of(msg.data))
+                    methods = methods_of(msg.data)
+                    self.counter.add(methods)
+                    await self._wait_if_held(methods)
                     await node.send_bytes(msg.data)
         finally:
             self.sockets.discard(client)
@@ -162,16 +168,20 @@ class CountingProxyApp:
                 await pump
         return client
 
-    async def forward(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        methods = methods_of(body)
-        self.counter.add(methods)
+    async def _wait_if_held(self, methods: list[str]) -> None:
+        """Until ``POST /release`` when one of ``methods`` is held."""
         if self.hold.intersection(methods) and not self.released.is_set():
             self.held += 1
             try:
                 await self.released.wait()
             finally:
                 self.held -= 1
+
+    async def forward(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        methods = methods_of(body)
+        self.counter.add(methods)
+        await self._wait_if_held(methods)
         assert self.session is not None
         try:
             async with self.session.post(

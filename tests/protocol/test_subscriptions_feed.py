@@ -89,8 +89,10 @@ class Lab:
         self.feed.add_listener(self.events.extend)
 
     async def push(self, h: Header) -> None:
-        """The upstream's head stream sends ``h``, as ``HeadTracker._spawn_header`` takes it."""
-        self.tracker.last_payload = self.chain.pushed(h)
+        """The upstream's head stream sends ``h``, as ``HeadTracker._spawn_header`` takes it,
+        and the tracker adopts it before this returns."""
+        payload = self.chain.pushed(h)
+        self.tracker.last_payload = self.tracker.pushed[h.hash] = payload
         await self.tracker.on_header(self.chain, h)
 
     def head_numbers(self) -> list[int]:
@@ -184,3 +186,20 @@ async def test_a_head_reorged_away_before_its_fetch_is_replaced_not_delivered(la
     assert lab.head_numbers() == [2, 4]
     await lab.wait_events(4)
     assert lab.events[-1].header == c.pushed(four_b)
+
+
+async def test_heads_pushed_back_to_back_each_go_out_early(lab: Lab) -> None:
+    c = lab.chain
+    await lab.push(c.add("a", 1, "a"))
+    await lab.wait_events(1)
+    c.receipts_open.clear()
+    two, three = c.add("a", 2, "a"), c.add("a", 3, "a")
+    # Both arrive before the tracker's task for the first has run.
+    lab.tracker._spawn_header(c, c.pushed(two))
+    lab.tracker._spawn_header(c, c.pushed(three))
+    await until(lambda: len(lab.heads) == 2, 5 * SECOND, "both heads")
+    assert lab.heads == [c.pushed(two), c.pushed(three)]
+    assert len(lab.events) == 1  # neither block fetched yet
+    c.receipts_open.set()
+    await lab.wait_events(3)
+    assert [(n, early) for n, _, early in lab.delivered()] == [(1, False), (2, True), (3, True)]

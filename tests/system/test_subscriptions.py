@@ -356,6 +356,47 @@ async def test_reorg_retracts_orphaned_logs_then_delivers_the_new_chain(
     assert {h["hash"] for h in got_heads} & old_hashes == set()
 
 
+# --- heads ahead of the block's fetch ---------------------------------------------------
+async def test_new_heads_go_out_before_the_relay_has_the_blocks_receipts(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    # Every receipts call of the relay waits at the proxy until released (and the relay's
+    # later calls on that link behind it), while anvil's head pushes keep flowing.
+    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockReceipts",))
+    async with Chain.open(anvil.url) as node:
+        emitter = await node.deploy(transfer_emitter_initcode())
+        relay = await start_relay_on_manual_node(node, relay_factory, [proxy.ws_url], "")
+        async with Subscriber.connect(relay.ws_url) as sub:
+            heads = await sub.subscribe(NEW_HEADS)
+            logs = await sub.subscribe(TRANSFER_LOGS)
+            for i in range(2):
+                data = emitter_data(A2, 100 + i)
+                await node.send({"from": A0, "to": emitter, "data": data, "gas": "0x20000"})
+            await until(lambda: len(sub.notes[heads]) >= 2, 10 * SECOND, "2 heads, unfetched")
+            await until(lambda: proxy.held(), 10 * SECOND, "the relay's receipts call held")
+            assert sub.notes[logs] == []  # logs need the receipts: none yet
+            got = sub.results(heads)
+            assert_consecutive(got, "heads ahead of their blocks")
+            for h in got:
+                assert (await node.block(h["number"]))["hash"] == h["hash"]
+
+            await proxy.release()
+            await until(lambda: len(sub.notes[logs]) >= 2, 10 * SECOND, "the logs, once fetched")
+            await node.send(
+                {"from": A0, "to": emitter, "data": emitter_data(A2, 102), "gas": "0x20000"}
+            )
+            await until(lambda: len(sub.notes[logs]) >= 3, 10 * SECOND, "the next block's log")
+            await until(lambda: len(sub.notes[heads]) >= 3, 10 * SECOND, "the next head")
+    got = sub.results(heads)
+    assert_consecutive(got, "heads across the held fetch")  # each once: not again when fetched
+    log_blocks = [int(x["blockNumber"], 16) for x in sub.results(logs)]
+    assert len(log_blocks) == 3 and log_blocks == sorted(set(log_blocks))  # once each, in order
+    assert set(log_blocks) <= set(numbers(got))
+
+
 # --- a dropped upstream stream -----------------------------------------------------------
 async def test_upstream_stream_dropped_mid_stream_no_gap_no_duplicate(
     procs: Any,
