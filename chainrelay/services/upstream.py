@@ -87,8 +87,9 @@ class Upstream:
         raise NotImplementedError
 
     async def _roundtrip(self, method: str, params: Params | None) -> bytes:
-        """The raw answer to one call, within ``self.timeout``: each transport bounds the
-        wait with a timer it already has, cheaper than a ``asyncio.timeout`` per call."""
+        """The raw answer to one call, within ``self.timeout``. HTTP and WebSocket override
+        it to bound the wait with a timer they keep anyway (aiohttp's own, one expiry timer
+        for all calls), cheaper than an ``asyncio.timeout`` per call."""
         async with asyncio.timeout(self.timeout):
             return await self.request(encode_request(1, method, params))
 
@@ -295,7 +296,7 @@ class _WsLink(asyncio.Protocol):
         self._on_lost(self)
 
     def pause_writing(self) -> None:
-        self._writable = asyncio.get_running_loop().create_future()
+        self._writable = self.loop.create_future()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
@@ -315,7 +316,7 @@ class _WsLink(asyncio.Protocol):
         # one already (a server speaking first, in the handshake's own read).
         reader = getattr(self.proto, "reader", None)
         self._framing = not getattr(reader, "buffer", None)
-        self._ping = asyncio.get_running_loop().call_later(self.ping_interval, self._keepalive)
+        self._ping = self.loop.call_later(self.ping_interval, self._keepalive)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -342,7 +343,7 @@ class _WsLink(asyncio.Protocol):
         with contextlib.suppress(InvalidState):
             self.proto.send_ping(b"")
             self._flush()
-        self._ping = asyncio.get_running_loop().call_later(self.ping_interval, self._keepalive)
+        self._ping = self.loop.call_later(self.ping_interval, self._keepalive)
 
     # --- sending ---------------------------------------------------------------------
     def send(self, body: bytes) -> None:
