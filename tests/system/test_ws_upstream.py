@@ -31,8 +31,14 @@ async def stop_process(pid: int) -> None:
     os.kill(pid, signal.SIGSTOP)
 
     def stopped() -> bool:
-        tasks = Path(f"/proc/{pid}/task").glob("*/stat")
-        return all(t.read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks)
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+            if state != "T":
+                return False
+        return True
 
     await until(stopped, 5 * SECOND, f"process {pid} to stop")
 
