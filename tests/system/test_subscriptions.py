@@ -550,9 +550,10 @@ async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
             Chain.open(relay.url) as through,
         ):
             heads = await sub.subscribe(NEW_HEADS)
+            logs = await sub.subscribe(TRANSFER_LOGS)
             pending = await sub.subscribe(["newPendingTransactions"])
             direct_pending = await direct.subscribe(["newPendingTransactions"])
-            await until(lambda: active_is(relay, 2), 5 * SECOND, "two subscriptions")
+            await until(lambda: active_is(relay, 3), 5 * SECOND, "three subscriptions")
             # The upstream pending stream starts as the first subscription arrives: a probe
             # sent before it is up is never announced, so probe until one is.
             probe = ""
@@ -585,6 +586,13 @@ async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
                 lambda: any(h["hash"] == block_hash for h in sub.results(heads)),
                 10 * SECOND,
                 "the mined block's head",
+            )
+            # The head goes out as it is adopted; its logs once the block is fetched, and
+            # the cache warmed with it.
+            await until(
+                lambda: any(x["blockHash"] == block_hash for x in sub.results(logs)),
+                10 * SECOND,
+                "the mined block's logs",
             )
             await proxy.reset()
             calls: list[tuple[str, list[Any]]] = [
