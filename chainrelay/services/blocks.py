@@ -14,7 +14,8 @@ block after the last head they got, whose header an upstream pushed (``head.push
 announced to them at once, while its block and receipts are fetched; the block's event then
 comes with ``announced`` set, for its logs. A head that is not the next one (a gap the
 tracker walked back to fill, a reorg, a header only polled) waits for the fetch, so heads
-go out in chain order, each once.
+go out in chain order, each once. The price: a client that asks for a block as soon as its
+newHeads arrives may be answered before the feed has warmed the cache with it.
 
 The feed fetches only while someone listens (or ``follow_blocks_always``): a node nobody
 subscribes to costs its upstreams nothing more than its head.
