@@ -506,7 +506,9 @@ class HttpProtocol(asyncio.Protocol):
             token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)
             leave_peer(token)
-        self._queue.append([fut, keep_alive])
+        # The origin is read now: by the time the answer is written, the headers at hand
+        # may be those of a later request.
+        self._queue.append([fut, keep_alive, b"" if self.server.cors_any else self._cors()])
         self.busy = True
         fut.add_done_callback(self._flush)
         if len(self._queue) > self.server.limits.max_pending_per_connection and not self._paused:
@@ -514,11 +516,16 @@ class HttpProtocol(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()
 
+    def _cors(self) -> bytes:
+        """The CORS lines for the request at hand when origins are listed (not ``*``)."""
+        origin = self.header(b"origin")
+        if origin is not None and origin in self.server.cors_origins:
+            return b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
+        return b""
+
     def _send(self, status: int, body: bytes, keep_alive: bool, extra: bytes = b"") -> None:
         if not self.server.cors_any:
-            origin = self.header(b"origin")
-            if origin is not None and origin in self.server.cors_origins:
-                extra += b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
+            extra += self._cors()
         data = self.server.head(status, len(body), keep_alive, extra) + body
         if self._queue:
             self._queue.append([data, keep_alive])
@@ -547,7 +554,8 @@ class HttpProtocol(asyncio.Protocol):
     def _flush(self, _fut: object = None) -> None:
         q = self._queue
         while q:
-            item, keep_alive = q[0]
+            entry = q[0]
+            item, keep_alive = entry[0], entry[1]
             if isinstance(item, asyncio.Future):
                 if not item.done():
                     break
@@ -560,10 +568,12 @@ class HttpProtocol(asyncio.Protocol):
                     body = INTERNAL_ERROR
                 else:
                     body = item.result()
-                if keep_alive:
+                cors = typing.cast(bytes, entry[2])
+                if keep_alive and not cors:
                     self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
                 else:
-                    self._write(self.server.head(200, len(body), False) + body, False)
+                    head = self.server.head(200, len(body), bool(keep_alive), cors)
+                    self._write(head + body, bool(keep_alive))
             else:
                 q.popleft()
                 assert isinstance(item, bytes)

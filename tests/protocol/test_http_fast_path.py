@@ -561,3 +561,25 @@ async def test_a_replay_answers_every_near_miss_as_a_fresh_node_does() -> None:
     for read in mutations(post(balance(12)), rng):
         assert await written(fast, read) == await written(fresh(), read), read
     assert fast.hits() - replayed >= 6, "some near misses are valid repeats, replayed"
+
+
+async def test_a_listed_origin_is_echoed_on_answers_that_wait_for_the_upstream() -> None:
+    front = Front(cors=["https://dapp.example"])
+    front.warm(b'"0x2a"')
+
+    def from_origin(body: bytes, origin: bytes) -> bytes:
+        return post(body, headers=b"Origin: %s\r\nContent-Length: %d\r\n" % (origin, len(body)))
+
+    # A miss (block 5 is not cached: the upstream is asked, and refuses) from a listed
+    # origin, then a hit from another, in one read: the hit waits for the miss.
+    out, _ = await written(
+        front,
+        from_origin(balance(1, "0x5"), b"https://dapp.example")
+        + from_origin(balance(2), b"https://evil.example"),
+    )
+    got = answers(out)
+    assert [a.doc["id"] for a in got] == [1, 2]
+    assert "error" in got[0].doc and got[1].doc["result"] == "0x2a"
+    allowed = [a.headers.get(b"access-control-allow-origin") for a in got]
+    assert allowed == [b"https://dapp.example", None]
+    assert got[0].headers.get(b"vary") == b"Origin"
