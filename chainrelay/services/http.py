@@ -47,8 +47,21 @@ _REASONS = {
     503: b"Service Unavailable",
 }
 INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
+# A request head the fast path reads as httptools would: a POST line with a target of
+# visible characters, then header lines of a token name, a colon and a value without
+# control characters. Anything else (spaces in names or targets, folded lines, lines with
+# no colon) goes to httptools, which refuses it.
+_PLAIN_HEAD = re.compile(
+    rb"POST [!-~]+ HTTP/1\.1(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~\x80-\xff]*)*"
+)
 # Headers that take a POST off the fast path (see HttpProtocol._plain_post).
-_SPECIAL = re.compile(rb"\r\n(?:transfer-encoding|connection|upgrade|expect)[ \t]*:", re.I)
+# "Connection: keep-alive" alone changes nothing in HTTP/1.1 (requests, and so web3.py,
+# sends it on every call); any other Connection header does.
+_SPECIAL = re.compile(
+    rb"\r\n(?:transfer-encoding|upgrade|expect)[ \t]*:"
+    rb"|\r\nconnection[ \t]*:(?![ \t]*keep-alive[ \t]*(?:\r\n|$))",
+    re.I,
+)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
@@ -380,8 +393,7 @@ class HttpProtocol(asyncio.Protocol):
         if end < 0 or end > self.server.limits.max_header_bytes:
             return False
         head = data[:end]
-        first = head.find(b"\r\n")
-        if first < 0 or not head[:first].endswith(b" HTTP/1.1") or _SPECIAL.search(head):
+        if _PLAIN_HEAD.fullmatch(head) is None or _SPECIAL.search(head):
             return False
         length = _CONTENT_LENGTH.search(head)
         if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:

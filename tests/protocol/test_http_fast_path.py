@@ -55,6 +55,9 @@ class RecordingTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    def can_write_eof(self) -> bool:
+        return False
+
     def close(self) -> None:
         self.closed = True
 
@@ -583,3 +586,50 @@ async def test_a_listed_origin_is_echoed_on_answers_that_wait_for_the_upstream()
     allowed = [a.headers.get(b"access-control-allow-origin") for a in got]
     assert allowed == [b"https://dapp.example", None]
     assert got[0].headers.get(b"vary") == b"Origin"
+
+
+HEADS = {  # request heads for balance(7), and whether the one-read shortcut may take them
+    "plain": (b"Host: r\r\nContent-Length: {n}", True),
+    "tab around the length": (b"Host: r\r\nContent-Length:\t{n}\t", True),
+    "leading zero in the length": (b"Host: r\r\nContent-Length: 0{n}", True),
+    "no Host": (b"Content-Length: {n}", True),
+    "Connection: keep-alive": (b"Host: r\r\nConnection: keep-alive\r\nContent-Length: {n}", True),
+    "connection:Keep-Alive": (b"Host: r\r\nconnection:Keep-Alive \r\nContent-Length: {n}", True),
+    "Connection: close": (b"Host: r\r\nConnection: close\r\nContent-Length: {n}", False),
+    "keep-alive, Upgrade": (
+        b"Host: r\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nContent-Length: {n}",
+        False,
+    ),
+    "space before a colon": (b"Host: r\r\nContent-Length : {n}", False),
+    "plus sign in the length": (b"Host: r\r\nContent-Length: +{n}", False),
+    "the length twice": (b"Host: r\r\nContent-Length: {n}\r\nContent-Length: {n}", False),
+    "folded Transfer-Encoding": (
+        b"Host: r\r\nContent-Length: {n}\r\nX: a\r\n Transfer-Encoding: chunked",
+        False,
+    ),
+    "bare LF": (b"Host: r\nContent-Length: {n}", False),
+    "space in a name": (b"Ho st: r\r\nContent-Length: {n}", False),
+    "control character in a value": (b"Host: r\x01\r\nContent-Length: {n}", False),
+    "empty name": (b"Host: r\r\n: x\r\nContent-Length: {n}", False),
+    "line without a colon": (b"Host: r\r\nJunk\r\nContent-Length: {n}", False),
+    "Transfer-Encoding: identity": (
+        b"Host: r\r\nTransfer-Encoding: identity\r\nContent-Length: {n}",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+async def test_the_one_read_shortcut_answers_every_head_as_httptools_does(name: str) -> None:
+    headers, shortcut = HEADS[name]
+    body = balance(7)
+    for line in (b"POST / HTTP/1.1", b"POST /a b HTTP/1.1", b"POST / HTTP/1.10"):
+        request = line + b"\r\n" + headers.replace(b"{n}", b"%d" % len(body)) + b"\r\n\r\n"
+        request += body
+        one, split = Front(), Front()
+        for front in (one, split):
+            front.warm(b'"0x2a"')
+        # A read split after its first byte never takes a shortcut: httptools answers it.
+        assert await written(one, request) == await written(split, request[:1], request[1:])
+        took = bool(one.server.replays)  # only the shortcut learns replays
+        assert took == (shortcut and line == b"POST / HTTP/1.1"), line
