@@ -62,6 +62,8 @@ _SPECIAL = re.compile(
     rb"|\r\nconnection[ \t]*:(?![ \t]*keep-alive[ \t]*(?:\r\n|$))",
     re.I,
 )
+# The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
+_ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
@@ -161,14 +163,24 @@ class HttpServer:
         self._replay_bytes = 0
         self._replay_generation = -1
 
-    def learn_replay(self, rest: bytes, token: bytes, answer: bytes, record: Seen) -> None:
+    def cors_lines(self, origin: bytes | None) -> bytes:
+        """The CORS lines of an answer to a request from ``origin`` when origins are listed
+        (with ``*``, every answer's head carries its own line)."""
+        if origin is not None and not self.cors_any and origin in self.cors_origins:
+            return b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
+        return b""
+
+    def learn_replay(
+        self, rest: bytes, token: bytes, answer: bytes, record: Seen, cors: bytes = b""
+    ) -> None:
         """Remember that the request ``rest`` (id token aside) was answered ``answer`` from
-        ``record``, when the answer is exactly the splice ``replay`` would write."""
+        ``record`` (with the CORS lines ``cors``), when the answer is exactly the splice a
+        replay writes."""
         if not single_id(rest) or answer != b"".join(
             (_ANSWER_OPEN, token, _ANSWER_RESULT, record.value, b"}")
         ):
             return  # an "id" in the head, or an answer not spliced from the record
-        prefix = self.ok_head + b"%d\r\n\r\n" % len(answer) + _ANSWER_OPEN
+        prefix = self.head(200, len(answer), True, cors) + _ANSWER_OPEN
         size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
         if (
             record.generation != self._replay_generation
@@ -363,7 +375,7 @@ class HttpProtocol(asyncio.Protocol):
                     # Reads stop when the transport closes, so it is open here.
                     self._send_now(replay.prefix + split[0] + replay.suffix)
                     return
-            if data[:5] == b"POST " and self.server.cors_any:
+            if data[:5] == b"POST ":
                 if self._plain_post(data, split) or self._hold_head(data):
                     return
         if self._in_head:  # a request head split over reads: keep it for an upgrade
@@ -402,13 +414,18 @@ class HttpProtocol(asyncio.Protocol):
         if len(data) != end + 4 + n or n > self.server.limits.max_body_bytes:
             return False
         self.requests += 1
-        routes = self.server.routes
+        server = self.server
+        cors = b""
+        if not server.cors_any:  # the first Origin line, as httptools' headers would give it
+            origin = _ORIGIN.search(head)
+            cors = server.cors_lines(origin.group(1) if origin is not None else None)
+        routes = server.routes
         answer = routes.rpc(data[end + 4 :])
         if answer.__class__ is bytes and split is not None and routes.replayer is not None:
             record = routes.replayer.last_seen
             if record is not None:
-                self.server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record)
-        self._answer(answer, True)
+                server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record, cors)
+        self._answer(answer, True, cors)
         return True
 
     def _hold_head(self, data: bytes) -> bool:
@@ -498,13 +515,21 @@ class HttpProtocol(asyncio.Protocol):
             self._plain(405, b"method not allowed", keep_alive)
 
     # --- answers ---------------------------------------------------------------------
-    def _answer(self, result: bytes | Awaitable[bytes], keep_alive: bool) -> None:
+    def _answer(
+        self, result: bytes | Awaitable[bytes], keep_alive: bool, cors: bytes | None = None
+    ) -> None:
+        """Write a POST's answer now or once it is ready, in request order. ``cors``: the
+        request's CORS lines, when they were not left to be read from httptools' headers."""
+        if cors is None:
+            # Read now: by the time an answer that waits is written, the headers at hand
+            # may be those of a later request.
+            cors = b"" if self.server.cors_any else self._cors()
         if result.__class__ is bytes:
             # The hot path: a synchronous answer on an idle keep-alive connection.
-            if keep_alive and not self._queue and self.server.cors_any:
+            if keep_alive and not self._queue and not cors:
                 self._write_ok(typing.cast(bytes, result))
             else:
-                self._send(200, typing.cast(bytes, result), keep_alive)
+                self._send(200, typing.cast(bytes, result), keep_alive, cors=cors)
             return
         assert not isinstance(result, bytes)
         if result.__class__ is CoroutineType:
@@ -518,9 +543,7 @@ class HttpProtocol(asyncio.Protocol):
             token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)
             leave_peer(token)
-        # The origin is read now: by the time the answer is written, the headers at hand
-        # may be those of a later request.
-        self._queue.append([fut, keep_alive, b"" if self.server.cors_any else self._cors()])
+        self._queue.append([fut, keep_alive, cors])
         self.busy = True
         fut.add_done_callback(self._flush)
         if len(self._queue) > self.server.limits.max_pending_per_connection and not self._paused:
@@ -529,16 +552,20 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _cors(self) -> bytes:
-        """The CORS lines for the request at hand when origins are listed (not ``*``)."""
-        origin = self.header(b"origin")
-        if origin is not None and origin in self.server.cors_origins:
-            return b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
-        return b""
+        """The CORS lines for the request httptools read last, when origins are listed."""
+        return self.server.cors_lines(self.header(b"origin"))
 
-    def _send(self, status: int, body: bytes, keep_alive: bool, extra: bytes = b"") -> None:
-        if not self.server.cors_any:
-            extra += self._cors()
-        data = self.server.head(status, len(body), keep_alive, extra) + body
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        keep_alive: bool,
+        extra: bytes = b"",
+        cors: bytes | None = None,
+    ) -> None:
+        if cors is None:
+            cors = b"" if self.server.cors_any else self._cors()
+        data = self.server.head(status, len(body), keep_alive, extra + cors) + body
         if self._queue:
             self._queue.append([data, keep_alive])
             return

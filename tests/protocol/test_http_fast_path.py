@@ -633,3 +633,30 @@ async def test_the_one_read_shortcut_answers_every_head_as_httptools_does(name: 
         assert await written(one, request) == await written(split, request[:1], request[1:])
         took = bool(one.server.replays)  # only the shortcut learns replays
         assert took == (shortcut and line == b"POST / HTTP/1.1"), line
+
+
+ORIGINS = {
+    "listed": b"Origin: https://dapp.example",
+    "listed, lower case": b"origin:https://dapp.example",
+    "not listed": b"Origin: https://evil.example",
+    "none": b"X-Origin: https://dapp.example",
+    "listed, then another": b"Origin: https://dapp.example\r\nOrigin: https://evil.example",
+    "another, then listed": b"Origin: https://evil.example\r\nOrigin: https://dapp.example",
+    "listed, trailing blank": b"Origin: https://dapp.example ",
+}
+
+
+@pytest.mark.parametrize("name", list(ORIGINS))
+async def test_listed_origins_get_the_same_answers_from_every_path(name: str) -> None:
+    body = balance(7)
+    request = post(body, headers=ORIGINS[name] + b"\r\nContent-Length: %d\r\n" % len(body))
+    one, split = (Front(cors=["https://dapp.example"]) for _ in range(2))
+    for front in (one, split):
+        front.warm(b'"0x2a"')
+    # Twice on one connection: the second is a replay; then httptools for both.
+    fast = await written(one, request, request.replace(b'"id":7', b'"id":8'))
+    full = await written(split, request[:1], request[1:], request.replace(b'"id":7', b'"id":8'))
+    assert fast == full
+    assert one.server.replays and one.hits() == 2
+    listed = b"Access-Control-Allow-Origin: https://dapp.example\r\n" in fast[0]
+    assert listed == (name.startswith("listed") and "trailing" not in name)
