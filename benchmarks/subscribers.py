@@ -452,7 +452,7 @@ def report(args: argparse.Namespace, workers: int, res: Result) -> tuple[list[li
         f"missed: {res.missed}{missed_in}. Relay CPU per block: {res.relay_user_ms:.1f} ms "
         f"user + {res.relay_sys_ms:.1f} ms system, {per_sub_us:.1f} µs per subscriber (one "
         "socket write each; on loopback the sender's write also runs the receiver's TCP "
-        f"input), on {'one thread' if workers == 1 else f'{workers} threads'}. RSS "
+        f"input), {'on one thread' if workers == 1 else f'spread over {workers} processes'}. RSS "
         f"{res.rss_before_mib:.1f} MiB with the warm-up subscribers, {res.rss_after_mib:.1f} "
         f"MiB with all: {res.kib_per_subscriber:.1f} KiB per idle subscriber. This client: "
         f"{res.client_user_ms:.1f} ms user + {res.client_sys_ms:.1f} ms system per block, "
