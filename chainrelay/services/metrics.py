@@ -21,7 +21,7 @@ KNOWN_METHODS = frozenset(RULES) | frozenset(
     {"eth_subscribe", "eth_unsubscribe", "eth_newFilter", "eth_getFilterChanges"}
 )
 
-# One cache hit replayed from its request's bytes (``RpcService.replay``) in this many
+# One cache hit recognised by its bytes, id aside (``RpcService.replay``) in this many
 # takes the full hit path instead, which times it: such hits are all counted and their
 # latency is sampled. The full path costs about five replays, so one in 64 would cost 7%
 # of a replay's CPU; one in 1024 costs 0.5% and still times dozens of hits a second under
@@ -191,8 +191,8 @@ class _HotCollector(Collector):
         yield misses
         hist = HistogramMetricFamily(
             "chainrelay_request_latency_seconds",
-            "Time to answer a JSON-RPC call (cache hits replayed from an HTTP request's "
-            f"bytes: one in {REPLAY_TIMED_EVERY} timed)",
+            "Time to answer a JSON-RPC call (cache hits recognised by their bytes, id "
+            f"aside: one in {REPLAY_TIMED_EVERY} timed)",
             labels=["outcome"],
         )
         for outcome, lat in list(m._latency.items()):

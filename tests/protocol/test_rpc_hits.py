@@ -88,7 +88,7 @@ def test_a_new_head_ends_the_fast_path(service: RpcService) -> None:
     warm(service, b'"0x2a"')
     service.handle(body(1))
     head_at(service.view, 101)  # "latest" is another block now: not in cache
-    assert service._seen_hit(b"3", body(3).replace(b'"id":3', b'"id":'), 0.0) is None
+    assert service._seen_hit(b"3", body(3).replace(b'"id":3', b'"id":')) is None
     pending = service.handle(body(3))
     assert not isinstance(pending, bytes)  # goes upstream, not to the old answer
     pending.close()  # type: ignore[attr-defined]
