@@ -123,6 +123,11 @@ class SubscriptionsConfig:
     max_total: int = d.MAX_SUBSCRIPTIONS_TOTAL
     slow_close_grace: float = d.SLOW_CLOSE_GRACE
     follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
+    feed_fetch_retry_delay: float = d.FEED_FETCH_RETRY_DELAY
+    feed_fetch_attempts: int = d.FEED_FETCH_ATTEMPTS
+    feed_block_passes: int = d.FEED_BLOCK_PASSES
+    feed_receipts_retry_blocks: int = d.FEED_RECEIPTS_RETRY_BLOCKS
+    pending_max_message: int = d.PENDING_MAX_MESSAGE
 
 
 @dataclass
@@ -217,6 +222,15 @@ def validate(cfg: Config) -> Config:
         ("subscriptions.max_per_connection", cfg.subscriptions.max_per_connection),
         ("subscriptions.max_per_ip", cfg.subscriptions.max_per_ip),
         ("subscriptions.max_total", cfg.subscriptions.max_total),
+        ("subscriptions.slow_close_grace", cfg.subscriptions.slow_close_grace),
+        ("subscriptions.feed_fetch_retry_delay", cfg.subscriptions.feed_fetch_retry_delay),
+        ("subscriptions.feed_fetch_attempts", cfg.subscriptions.feed_fetch_attempts),
+        ("subscriptions.feed_block_passes", cfg.subscriptions.feed_block_passes),
+        (
+            "subscriptions.feed_receipts_retry_blocks",
+            cfg.subscriptions.feed_receipts_retry_blocks,
+        ),
+        ("subscriptions.pending_max_message", cfg.subscriptions.pending_max_message),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")

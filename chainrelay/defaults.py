@@ -110,3 +110,22 @@ SLOW_CLOSE_GRACE = 5.0
 # Fetch every block (and warm the cache with it) even while nobody subscribes: for a node
 # whose clients read each new block anyway. Off: two upstream calls per block saved.
 FOLLOW_BLOCKS_ALWAYS = False
+
+# --- Block feed (what eth_subscribe and eth_newFilter follow) ------------------------------
+# Wait before asking again for a block an upstream could not give (not there yet, or an
+# error): about a sixth of a BSC block time, so a lagging upstream costs little delay.
+FEED_FETCH_RETRY_DELAY = 0.5
+# Tries for one block in one pass before the feed waits for the next head change (or the
+# retry delay) to try again: three seconds of tries, one BSC block time.
+FEED_FETCH_ATTEMPTS = 6
+# Passes over one block before the feed gives it up (logged and counted) and moves on: a
+# block no upstream serves for ~30 passes (over a minute) is not coming, and waiting longer
+# would hold every later block from every listener.
+FEED_BLOCK_PASSES = 30
+# Blocks after an upstream said it lacks eth_getBlockReceipts before the feed asks again:
+# another upstream of the pool (or the same one, upgraded) may serve it; once per BSC
+# five minutes costs one failed call.
+FEED_RECEIPTS_RETRY_BLOCKS = 100
+# Largest message taken from an upstream's pending-transaction stream: a hash
+# notification is ~200 B, so this only bounds what a broken upstream can make us hold.
+PENDING_MAX_MESSAGE = 64 * 1024

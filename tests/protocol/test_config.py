@@ -153,6 +153,15 @@ def test_expand_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ("[limits]\nmax_batch_len = -1\n" + UPSTREAM, "limits.max_batch_len"),
         ("[cache]\nmemory_bytes = 0\n" + UPSTREAM, "cache.memory_bytes"),
         ("[pool]\nmax_attempts = 0\n" + UPSTREAM, "pool.max_attempts"),
+        ("[subscriptions]\nslow_close_grace = 0\n" + UPSTREAM, "subscriptions.slow_close_grace"),
+        (
+            "[subscriptions]\nfeed_fetch_attempts = 0\n" + UPSTREAM,
+            "subscriptions.feed_fetch_attempts",
+        ),
+        (
+            "[subscriptions]\npending_max_message = -1\n" + UPSTREAM,
+            "subscriptions.pending_max_message",
+        ),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(text: str, words: str) -> None:
