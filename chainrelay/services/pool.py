@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import typing
 from collections.abc import Sequence
 
 from eth_utils import keccak
@@ -17,7 +18,7 @@ from eth_utils import keccak
 from chainrelay.config import PoolConfig
 from chainrelay.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamWrongChain
 from chainrelay.services.metrics import Metrics
-from chainrelay.services.upstream import TransportError, Upstream
+from chainrelay.services.upstream import TransportError, Upstream, WsUpstream
 from chainrelay.wire.jsonrpc import Answer, Params
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,30 @@ class UpstreamPool:
         rest = [u for u in self.upstreams if u not in good]
         rest.sort(key=lambda u: (not u.healthy, u.latency))
         return good + rest
+
+    def direct(self) -> WsUpstream | None:
+        """The upstream a read may be sent to straight away by a caller that pairs its
+        answer itself (RpcService's forwarding path): the one ``call`` would try first,
+        when it is a healthy WebSocket upstream and no hedge would be raced against it.
+        None otherwise: the read goes through ``call``. Retries are the caller's to ask
+        for, through ``call``, after ``failed`` (see ``Upstream``)."""
+        upstreams = self.upstreams
+        if len(upstreams) == 1:
+            u = upstreams[0]
+        else:
+            u = self.candidates()[0]
+            if self._hedge_delay(u) is not None:
+                return None
+        if u.__class__ is not WsUpstream or not u.healthy:
+            return None
+        return typing.cast(WsUpstream, u)
+
+    def failed(self, u: Upstream, exc: TransportError, elapsed: float) -> None:
+        """Count a call sent through ``direct`` that got no usable answer, as ``call``
+        counts its own attempts (health included)."""
+        u.failed(exc, elapsed)
+        if not exc.malformed:
+            self._mark_failed(u)
 
     def _mark_failed(self, u: Upstream) -> None:
         if u.healthy and u.consecutive_errors >= self.settings.max_consecutive_errors:

@@ -27,6 +27,7 @@ from chainrelay.services.coalesce import Coalescer
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.upstream import TransportError, WsUpstream
 from chainrelay.services.ws import current_subscriptions
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
@@ -37,7 +38,9 @@ from chainrelay.wire.jsonrpc import (
     encode_result,
     id_probe,
     join_batch,
+    parse_answer,
     parse_body,
+    readdress,
     split_id,
 )
 
@@ -46,11 +49,15 @@ log = logging.getLogger(__name__)
 _RULES = policy.RULES
 _UNSET = b"\x00unset"
 NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
+SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 # Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
 MEMO_MAX_ENTRIES = 50_000
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
+# Kinds whose calls are never sent straight to one upstream (``RpcService._forward``):
+# writes go to every upstream, subscriptions and filters are the node's own.
+_NOT_FORWARDED = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
 
 
 class SharedCache(Protocol):
@@ -102,6 +109,76 @@ class Seen:
         self.entry = entry
         self.value = value
         self.slot = slot  # the (method, outcome) counter in Metrics
+
+
+class Forward:
+    """Completes a call sent by ``RpcService._forward`` once its upstream answer arrives:
+    the answer readdressed to the caller's id, measured and counted as the full path
+    would ("pass"); on a transport error (timeout, connection lost, garbage), the call
+    starts again on the full path, which retries and fails over."""
+
+    __slots__ = ("call", "out", "rpc", "started", "upstream")
+
+    def __init__(
+        self,
+        rpc: RpcService,
+        upstream: WsUpstream,
+        call: Call,
+        started: float,
+        out: asyncio.Future[bytes],
+    ) -> None:
+        self.rpc = rpc
+        self.upstream = upstream
+        self.call = call
+        self.started = started
+        self.out = out
+
+    def __call__(self, sent: asyncio.Future[bytes]) -> None:
+        rpc, upstream, call = self.rpc, self.upstream, self.call
+        upstream.prune()
+        now = time.perf_counter()
+        exc = sent.exception() if not sent.cancelled() else TransportError("cancelled")
+        if exc is None:
+            raw = sent.result()
+            got = readdress(raw, call.id or NULL_ID)
+            if got is None:
+                try:
+                    answer = parse_answer(raw)
+                except ValueError as err:
+                    exc = TransportError(f"malformed answer: {err}", malformed=True)
+                else:
+                    body = (
+                        encode_error_raw(call.id or NULL_ID, answer.error)
+                        if answer.error is not None
+                        else encode_result(call.id or NULL_ID, answer.result or NULL_ID)
+                    )
+                    got = body, answer.error is not None
+            if got is not None:
+                upstream.answered(now - self.started, got[1])
+                rpc.metrics.count(call.method, "pass", now - self.started)
+                if not self.out.done():
+                    self.out.set_result(got[0])
+                return
+        assert isinstance(exc, BaseException)
+        if not isinstance(exc, TransportError):
+            exc = TransportError(f"{type(exc).__name__}: {exc}")
+        rpc.pool.failed(upstream, exc, now - self.started)
+        log.debug("upstream %s %s failed: %s; retried", upstream.name, call.method, exc)
+        if self.out.done():
+            return  # the caller went away
+        retry = sent.get_loop().create_task(rpc._answer_later(call, self.started))
+        retry.add_done_callback(self._retried)
+
+    def _retried(self, retry: asyncio.Task[bytes | None]) -> None:
+        out = self.out
+        if out.done():
+            return
+        if retry.cancelled():
+            out.cancel()
+        elif (exc := retry.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(retry.result() or b"")
 
 
 class RpcService:
@@ -182,6 +259,10 @@ class RpcService:
                 ):
                     self._remember(split[1], item.method)
                 return fast if item.id is not None else b""
+            if self._pass_call is item and item.id is not None:
+                sent = self._forward(item, started)
+                if sent is not None:
+                    return sent
             return self._answer_later(item, started)
         parts: list[bytes | Awaitable[bytes | None] | None] = []
         slow = False
@@ -326,6 +407,26 @@ class RpcService:
         got = view.canonical.get(n)
         return got is None or got == entry.anchor_hash
 
+    # --- forwarded reads -------------------------------------------------------------
+    def _forward(self, call: Call, started: float) -> asyncio.Future[bytes] | None:
+        """A read that is never cached, sent at once to a WebSocket upstream (the pool's
+        ``direct``): the future of its answer, or None when it takes the full path.
+
+        No task and no decoding: the upstream's answer is paired by its id where it
+        arrives and readdressed to the caller's id in a done-callback (``Forward``)."""
+        if _RULES[call.method].kind in _NOT_FORWARDED:
+            return None
+        upstream = self.pool.direct()
+        if upstream is None:
+            return None
+        sent = upstream.send_now(call.method, call.params if call.has_params else None)
+        if sent is None:
+            return None
+        self._pass_call = None
+        out: asyncio.Future[bytes] = sent.get_loop().create_future()
+        sent.add_done_callback(Forward(self, upstream, call, started, out))
+        return out
+
     # --- misses ----------------------------------------------------------------------
     async def _answer_later(self, call: Call, started: float) -> bytes | None:
         rid = call.id or NULL_ID
@@ -360,6 +461,10 @@ class RpcService:
             subs = current_subscriptions()
             if subs is None:
                 return Answer(None, NOTIFICATIONS_UNSUPPORTED), "invalid"
+            if call.id is None and method == "eth_subscribe":
+                # Sent as a notification, its answer (the id) is never sent: a subscription
+                # made now would hold its notifications for good. None is made.
+                return Answer(None, SUBSCRIBE_WITHOUT_ID), "invalid"
             return subs.call(method, call.params), "local"
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"

@@ -113,15 +113,27 @@ class Upstream:
                 self._failed()
             self._observe("transport_error", started)
             raise
-        elapsed = time.perf_counter() - started
+        self.answered(time.perf_counter() - started, answer.error is not None)
+        return answer
+
+    def answered(self, elapsed: float, is_error: bool) -> None:
+        """Measure a call the upstream answered (a JSON-RPC error is an answer too)."""
         self.samples.append(elapsed)
         a = defaults.LATENCY_EWMA_ALPHA
         self.latency = elapsed if self.latency == 0.0 else (1 - a) * self.latency + a * elapsed
         self.consecutive_errors = 0
         observer = self.observer
         if observer is not None:
-            observer("error" if answer.error is not None else "ok", elapsed)
-        return answer
+            observer("error" if is_error else "ok", elapsed)
+
+    def failed(self, exc: TransportError, elapsed: float) -> None:
+        """Measure a call that got no usable answer (``exc``)."""
+        if not exc.malformed:
+            self._failed()
+        else:
+            self.errors += 1
+        if self.observer is not None:
+            self.observer("transport_error", elapsed)
 
     def _observe(self, outcome: str, started: float) -> None:
         if self.observer is not None:
@@ -523,6 +535,38 @@ class WsUpstream(Upstream):
             pending.pop(rid, None)
             while deadlines and deadlines[0][1] not in pending:
                 deadlines.popleft()
+
+    def send_now(self, method: str, params: Params | None) -> asyncio.Future[bytes] | None:
+        """Send one call at once on the open link; the future of its raw answer, failed
+        with ``TransportError`` on timeout or connection loss. None when that cannot be
+        done without waiting (no link yet, or its buffer full): ``call`` then.
+
+        For callers that pair the answer themselves and measure it (``answered``,
+        ``failed``): no task, no decoding."""
+        link = self._link
+        if link is None or link._writable is not None:
+            return None
+        rid = next(self._ids)
+        loop = link.loop
+        try:
+            link.send(encode_request(rid, method, params))
+        except TransportError:
+            return None
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self._pending[rid] = fut
+        deadlines = self._deadlines
+        deadlines.append((loop.time() + self.timeout, rid))
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        self.calls += 1
+        return fut
+
+    def prune(self) -> None:
+        """Drop the deadlines of answered calls at the head of the line (``send_now``'s
+        callers, once their answer arrived): bounds the line by the calls under way."""
+        deadlines, pending = self._deadlines, self._pending
+        while deadlines and deadlines[0][1] not in pending:
+            deadlines.popleft()
 
     def _expire(self) -> None:
         """Fail the calls past their deadline; re-arm for the oldest one left."""

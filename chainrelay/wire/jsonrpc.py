@@ -211,6 +211,35 @@ def encode_error_raw(id_bytes: bytes, error: bytes) -> bytes:
     return b'{"jsonrpc":"2.0","id":' + id_bytes + b',"error":' + error + b"}"
 
 
+_ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
+_ANSWER_OPEN_LEN = len(_ANSWER_OPEN)
+_RESULT_MEMBER = b',"result":'
+_ERROR_MEMBER = b',"error":'
+# Digits an upstream id may have on the way back: ids we send are counters.
+_MAX_ID_DIGITS = 20
+
+
+def readdress(raw: bytes, id_bytes: bytes) -> tuple[bytes, bool] | None:
+    """An upstream's answer to one call, addressed to the caller's id ``id_bytes`` without
+    decoding it: ``(answer, is_error)``, the upstream's bytes but for the id.
+
+    Only for the layout this codec writes (and geth, erigon and anvil send): ``jsonrpc``,
+    an integer ``id``, then a ``result`` or ``error`` member up to the closing brace.
+    None for any other layout: such an answer is decoded (``parse_answer``)."""
+    if not raw.startswith(_ANSWER_OPEN) or raw[-1:] != b"}":
+        return None
+    comma = raw.find(b",", _ANSWER_OPEN_LEN, _ANSWER_OPEN_LEN + _MAX_ID_DIGITS + 1)
+    if comma < 0 or not raw[_ANSWER_OPEN_LEN:comma].isdigit():
+        return None
+    if raw.startswith(_RESULT_MEMBER, comma):
+        is_error = False
+    elif raw.startswith(_ERROR_MEMBER, comma):
+        is_error = True
+    else:
+        return None
+    return _ANSWER_OPEN + id_bytes + raw[comma:], is_error
+
+
 def join_batch(parts: list[bytes]) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 

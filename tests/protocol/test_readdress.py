@@ -1,0 +1,55 @@
+"""Upstream answers readdressed to the caller's id without decoding (wire.jsonrpc.readdress)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from chainrelay.wire.jsonrpc import encode_error_raw, encode_result, parse_answer, readdress
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"jsonrpc":"2.0","id":7,"result":"0x1bc16d674ec80000"}',
+        b'{"jsonrpc":"2.0","id":123456789,"result":{"a":[1,2,{"id":3}],"b":null}}',
+        b'{"jsonrpc":"2.0","id":1,"result":null}',
+        b'{"jsonrpc":"2.0","id":1,"result":123456789012345678901234567890}',
+    ],
+)
+@pytest.mark.parametrize("caller", [b"1", b"null", b'"abc"', b"18446744073709551616"])
+def test_a_result_is_the_full_paths_answer(raw: bytes, caller: bytes) -> None:
+    got = readdress(raw, caller)
+    assert got is not None
+    answer = parse_answer(raw)
+    assert answer.result is not None
+    assert got == (encode_result(caller, answer.result), False)
+
+
+def test_an_error_passes_through_unchanged_but_for_the_id() -> None:
+    error = b'{"code":3,"message":"execution reverted: no","data":"0x08c379a0"}'
+    raw = b'{"jsonrpc":"2.0","id":42,"error":' + error + b"}"
+    got = readdress(raw, b'"mine"')
+    assert got == (encode_error_raw(b'"mine"', error), True)
+    assert orjson.loads(got[0])["error"] == orjson.loads(error)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"jsonrpc":"2.0","result":"0x1","id":7}',  # id last (Nethermind's order)
+        b'{"id":7,"jsonrpc":"2.0","result":"0x1"}',
+        b'{"jsonrpc":"2.0","id":"7","result":"0x1"}',  # a string id: not one we sent
+        b'{"jsonrpc":"2.0","id":-7,"result":"0x1"}',
+        b'{"jsonrpc":"2.0","id":7, "result":"0x1"}',  # spaced
+        b'{"jsonrpc":"2.0","id":7,"result":"0x1"}\n',  # trailing bytes
+        b'{"jsonrpc":"2.0","id":7,"results":"0x1"}',
+        b'{"jsonrpc":"2.0","id":7}',
+        b'{"jsonrpc":"2.0","id":' + b"1" * 40 + b',"result":"0x1"}',  # not an id we sent
+        b'{"jsonrpc":"2.0","id":',
+        b"",
+        b"[]",
+    ],
+)
+def test_other_layouts_are_left_to_decoding(raw: bytes) -> None:
+    assert readdress(raw, b"1") is None
