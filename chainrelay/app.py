@@ -131,7 +131,9 @@ class Node:
         self._stack.append(filters.stop)
         await filters.start()
         self.rpc.filters = filters
-        subs = self.subscriptions = SubscriptionService(blocks, self.metrics, cfg.subscriptions)
+        subs = self.subscriptions = SubscriptionService(
+            blocks, self.metrics, cfg.subscriptions, filters=cfg.filters
+        )
         self._stack.append(subs.stop)
         server = self.server = HttpServer(
             Routes(self.rpc.handle, self.health, self.metrics.render, subs.open, replayer=self.rpc),

@@ -121,6 +121,10 @@ class SubscriptionsConfig:
     max_per_connection: int = d.MAX_SUBSCRIPTIONS_PER_CONNECTION
     max_per_ip: int = d.MAX_SUBSCRIPTIONS_PER_IP
     max_total: int = d.MAX_SUBSCRIPTIONS_TOTAL
+    max_log_filters: int = d.MAX_LOG_FILTERS
+    max_log_filters_per_ip: int = d.MAX_LOG_FILTERS_PER_IP
+    max_held_notifications: int = d.MAX_HELD_NOTIFICATIONS
+    max_held_bytes: int = d.MAX_HELD_BYTES
     slow_close_grace: float = d.SLOW_CLOSE_GRACE
     follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
     feed_fetch_retry_delay: float = d.FEED_FETCH_RETRY_DELAY
@@ -222,6 +226,10 @@ def validate(cfg: Config) -> Config:
         ("subscriptions.max_per_connection", cfg.subscriptions.max_per_connection),
         ("subscriptions.max_per_ip", cfg.subscriptions.max_per_ip),
         ("subscriptions.max_total", cfg.subscriptions.max_total),
+        ("subscriptions.max_log_filters", cfg.subscriptions.max_log_filters),
+        ("subscriptions.max_log_filters_per_ip", cfg.subscriptions.max_log_filters_per_ip),
+        ("subscriptions.max_held_notifications", cfg.subscriptions.max_held_notifications),
+        ("subscriptions.max_held_bytes", cfg.subscriptions.max_held_bytes),
         ("subscriptions.slow_close_grace", cfg.subscriptions.slow_close_grace),
         ("subscriptions.feed_fetch_retry_delay", cfg.subscriptions.feed_fetch_retry_delay),
         ("subscriptions.feed_fetch_attempts", cfg.subscriptions.feed_fetch_attempts),

@@ -101,9 +101,24 @@ MAX_SUBSCRIPTIONS_PER_CONNECTION = 1000
 # Subscriptions one address may hold across its connections (at most MAX_CONNECTIONS_PER_IP
 # of them): a busy indexer backend, not a flood.
 MAX_SUBSCRIPTIONS_PER_IP = 10_000
-# Subscriptions of the whole node: each costs a filter match per log of every block, so this
-# bounds the fan-out work of one block to well under a block time on one core.
+# Subscriptions of the whole node: bounds their memory and the frames written per block
+# (one per newHeads subscriber, one per matching log and logs subscriber); matching work is
+# bounded by MAX_LOG_FILTERS, since subscribers sharing a filter share its matches.
 MAX_SUBSCRIPTIONS_TOTAL = 100_000
+# Distinct logs filters of the node (subscribers with one filter count once). Filters are
+# indexed by address, else topic0, so a log is matched only against those that name its
+# address or topic0 and the few with neither; the worst case, every filter on one hot
+# topic0 (or none), costs ~1.3 us per filter per log: 1,000 x 500 logs ~ 0.65 s a block.
+MAX_LOG_FILTERS = 1000
+# Distinct logs filters one client address may hold: a quarter of the node's, so one
+# address can never lock every other client out of new filters.
+MAX_LOG_FILTERS_PER_IP = 250
+# Notifications held on one connection for subscriptions whose id has not reached the
+# client yet (its eth_subscribe answer is still being written): a few blocks' worth for
+# the subscriptions a connection opens at once; past it the connection is closed.
+MAX_HELD_NOTIFICATIONS = 4096
+# Bytes of such held notifications per connection: a few full BSC newHeads/log bursts.
+MAX_HELD_BYTES = 8 * MiB
 # A subscriber closed for reading too slowly gets this long to take its close frame before
 # its connection is dropped, so a reader that never reads cannot pin its send buffer.
 SLOW_CLOSE_GRACE = 5.0

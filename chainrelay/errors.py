@@ -72,6 +72,13 @@ class FilterNotFound(RequestError):
     code = -32000
 
 
+class SubscriptionNotFound(RequestError):
+    """eth_unsubscribe of an id this connection does not hold: geth's -32000 "subscription
+    not found" (BSC runs geth; anvil answers false instead)."""
+
+    code = -32000
+
+
 class PendingUnavailable(RequestError):
     """Pending transactions were asked for, and no upstream of this node can stream them
     (only a WebSocket upstream can): said at once, not as a filter that never yields."""

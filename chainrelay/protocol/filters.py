@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chainrelay.errors import FilterNotFound, InvalidParams, TooManyFilters
+from chainrelay.protocol.ids import ID_BYTES, encode_id
 from chainrelay.protocol.logfilter import (
     MAX_FILTER_ADDRESSES,
     MAX_TOPICS_PER_POSITION,
@@ -54,9 +55,6 @@ FILTER_METHODS = frozenset(
         "eth_uninstallFilter",
     }
 )
-
-# geth's rpc.NewID: 16 random bytes.
-_ID_BYTES = 16
 
 
 class FilterKind(enum.Enum):
@@ -94,7 +92,7 @@ class Filter:
 
 def new_id(token: Callable[[int], bytes] = secrets.token_bytes) -> str:
     """A filter id as geth makes one: ``0x`` and 16 random bytes of hex, leading zeros cut."""
-    return "0x" + (token(_ID_BYTES).hex().lstrip("0") or "0")
+    return encode_id(token(ID_BYTES))
 
 
 def live_filter(

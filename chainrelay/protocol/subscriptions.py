@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from chainrelay.defaults import MAX_FILTER_ADDRESSES, MAX_TOPICS_PER_POSITION
 from chainrelay.errors import InvalidParams, MethodNotFound
+from chainrelay.protocol.ids import ID_BYTES as ID_BYTES  # the service draws this many
+from chainrelay.protocol.ids import encode_id
 from chainrelay.protocol.logfilter import LogFilter
 
 NEW_HEADS = "newHeads"
@@ -21,8 +24,6 @@ LOGS = "logs"
 PENDING = "newPendingTransactions"
 SYNCING = "syncing"
 KINDS = (NEW_HEADS, LOGS, PENDING, SYNCING)
-# Bytes of randomness in a subscription id: geth's 16 (0x + 32 hex digits).
-ID_BYTES = 16
 
 _NOTE_HEAD = b'{"jsonrpc":"2.0","method":"eth_subscription","params":{"subscription":"'
 _NOTE_MID = b'","result":'
@@ -36,8 +37,14 @@ class SubscribeRequest:
     filter: LogFilter | None = None  # logs only
 
 
-def parse_subscribe(params: Any) -> SubscribeRequest:
-    """The subscription an ``eth_subscribe`` asks for.
+def parse_subscribe(
+    params: Any,
+    *,
+    max_addresses: int = MAX_FILTER_ADDRESSES,
+    max_topics_per_position: int = MAX_TOPICS_PER_POSITION,
+) -> SubscribeRequest:
+    """The subscription an ``eth_subscribe`` asks for; a logs filter within the node's
+    configured bounds (``[filters]``).
 
     Raises ``MethodNotFound`` for an unknown kind (geth's answer) and ``InvalidParams`` for
     params of the wrong shape.
@@ -52,12 +59,45 @@ def parse_subscribe(params: Any) -> SubscribeRequest:
     if kind == LOGS:
         if len(params) > 2:
             raise InvalidParams("too many arguments, want at most 2")
-        return SubscribeRequest(LOGS, LogFilter.parse(params[1] if len(params) > 1 else None))
+        flt = LogFilter.parse(
+            params[1] if len(params) > 1 else None,
+            max_addresses=max_addresses,
+            max_topics_per_position=max_topics_per_position,
+        )
+        return SubscribeRequest(LOGS, live_logs(flt))
+    if kind == PENDING and len(params) == 2 and isinstance(params[1], bool):
+        # geth's fullTx flag (web3.py sends True for full transactions): the node's pending
+        # stream carries hashes only, so full transactions are refused, never faked.
+        if params[1]:
+            raise InvalidParams(
+                "full pending transactions are not supported by this node, only hashes"
+            )
+        return SubscribeRequest(PENDING)
     # geth accepts and ignores an options object after newPendingTransactions/syncing only
     # when it is null; anything more is an argument the subscription does not take.
     if len(params) > 1 and any(p is not None for p in params[1:]):
         raise InvalidParams("too many arguments, want at most 1")
     return SubscribeRequest(kind)
+
+
+def live_logs(flt: LogFilter) -> LogFilter:
+    """The filter of a logs subscription: new logs only, as geth's subscriptions allow.
+
+    geth refuses pending logs and block ranges for a subscription; ``fromBlock``/``toBlock``
+    may be omitted or ``latest`` only, and no ``blockHash``. The tags are dropped so that
+    subscribers asking the same thing share one filter group.
+    """
+    if flt.block_hash is not None:
+        raise InvalidParams("invalid filter: blockHash is not supported for subscriptions")
+    for name, ref in (("fromBlock", flt.from_block), ("toBlock", flt.to_block)):
+        if ref is not None and ref != "latest":
+            raise InvalidParams(
+                f"invalid filter: {name} {ref!r} not supported, subscriptions deliver new"
+                " logs only (omit it or use latest)"
+            )
+    if flt.from_block is None and flt.to_block is None:
+        return flt
+    return LogFilter(flt.addresses, flt.topics)
 
 
 def parse_unsubscribe(params: Any) -> str:
@@ -73,8 +113,9 @@ def parse_unsubscribe(params: Any) -> str:
 
 
 def new_id(random: bytes) -> str:
-    """A subscription id from ``ID_BYTES`` random bytes, as geth writes them."""
-    return "0x" + random.hex()
+    """A subscription id from ``ID_BYTES`` random bytes, as geth writes them (leading
+    zeros trimmed, like filter ids: one helper for both)."""
+    return encode_id(random)
 
 
 def encode_notification(sub_id: bytes, result: bytes) -> bytes:

@@ -118,6 +118,12 @@ class Metrics:
             "WebSocket subscribers closed (1013) for reading too slowly",
             registry=r,
         )
+        self.held_overflows = Counter(
+            "chainrelay_held_notification_overflows",
+            "WebSocket connections closed (1008) for holding too many notifications of"
+            " subscriptions whose eth_subscribe answer was not yet sent",
+            registry=r,
+        )
 
     def upstream_observer(self, name: str) -> Callable[[str, float], None]:
         """The function that counts each call made to upstream ``name``, with its latency:

@@ -14,7 +14,9 @@ Fan-out invariant: a block's notifications are written by one synchronous pass o
 subscribers; each result is encoded once per block (or log, or transaction) into a frame
 template spliced with each subscription id; a connection's frames of one block go out in
 one write (a newHeads-only connection's at once, the others' at the end of the pass); a
-slow reader is closed by its own send bound, never waited on.
+slow reader is closed by its own send bound, never waited on. Which logs filters a log is
+matched against, the order of a reorg's logs and the frames held for a subscription not
+yet announced are decided in ``protocol.fanout``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,22 @@ from typing import Any
 
 import orjson
 
-from chainrelay.config import SubscriptionsConfig
-from chainrelay.errors import LimitExceeded, RequestError
+from chainrelay.config import FiltersConfig, SubscriptionsConfig
+from chainrelay.errors import LimitExceeded, PendingUnavailable, RequestError, SubscriptionNotFound
 from chainrelay.protocol import subscriptions as proto
+from chainrelay.protocol.fanout import Held, HeldNotifications, LogRoutes, geth_order
 from chainrelay.protocol.logfilter import LogFilter
 from chainrelay.services.blocks import BlockEvent, BlockFeed
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.ws import WsSession
 from chainrelay.wire.jsonrpc import Answer
 
-# Notifications held for a subscription whose id has not reached its client yet (the
-# answer to eth_subscribe is still being written): a few blocks' worth at most.
-MAX_HELD_NOTIFICATIONS = 256
 _TRUE = b"true"
 _FALSE = b"false"
+# Close code for a connection past its held-notification bound: "policy violation"
+# (RFC 6455, 1008), with a reason saying which.
+CLOSE_POLICY_VIOLATION = 1008
+HELD_OVERFLOW_REASON = "too many notifications held for subscriptions not yet answered"
 
 
 def _error(exc: RequestError) -> Answer:
@@ -56,17 +60,24 @@ class SubscriptionService:
         metrics: Metrics,
         cfg: SubscriptionsConfig | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        filters: FiltersConfig | None = None,
     ) -> None:
         self.feed = feed
         self.metrics = metrics
         self.cfg = cfg or SubscriptionsConfig()
+        # A logs subscription's filter takes the node's filter bounds, like eth_newFilter.
+        self.filters_cfg = filters or FiltersConfig()
         self._random = random
+        # Pending transactions come from an upstream's eth_subscribe: only a WebSocket
+        # upstream gives any (the filters code asks the same of the feed's pool).
+        self.pool: Any = getattr(feed, "pool", None)
         # subscription id (ASCII bytes) -> its connection, by kind
         self._heads: dict[bytes, Connection] = {}
         self._logs: dict[bytes, tuple[Connection, LogFilter]] = {}
-        # logs subscriptions grouped by filter: subscribers with the same filter (the usual
-        # case: one dapp, many users) cost one match per log, not one each.
-        self._log_groups: dict[LogFilter, dict[bytes, Connection]] = {}
+        # logs subscriptions grouped by filter and indexed (see ``LogRoutes``).
+        self.routes: LogRoutes[Connection] = LogRoutes()
+        # client address -> its logs subscriptions by filter (distinct filters per address)
+        self._log_filters_by_ip: dict[str, collections.Counter[LogFilter]] = {}
         self._pending: dict[bytes, Connection] = {}
         self._syncing: dict[bytes, Connection] = {}
         self.per_ip: collections.Counter[str] = collections.Counter()
@@ -113,11 +124,22 @@ class SubscriptionService:
             )
         if self.total >= cfg.max_total:
             raise LimitExceeded("limit exceeded: this node holds all the subscriptions it can")
+        if req.kind == proto.PENDING and not self.pending_available:
+            raise PendingUnavailable(
+                "pending transactions are not available from this node's upstreams"
+                " (they need a WebSocket upstream)"
+            )
+        if req.kind == proto.LOGS:
+            assert req.filter is not None
+            self._check_log_filter(conn.ip, req.filter)
         sub_id = proto.new_id(self._random(proto.ID_BYTES)).encode()
+        while sub_id in self._table(req.kind):
+            sub_id = proto.new_id(self._random(proto.ID_BYTES)).encode()
         if req.kind == proto.LOGS:
             assert req.filter is not None
             self._logs[sub_id] = (conn, req.filter)
-            self._log_groups.setdefault(req.filter, {})[sub_id] = conn
+            self.routes.add(req.filter, sub_id, conn)
+            self._log_filters_by_ip.setdefault(conn.ip, collections.Counter())[req.filter] += 1
         else:
             self._table(req.kind)[sub_id] = conn
         conn.subs[sub_id] = req.kind
@@ -127,6 +149,36 @@ class SubscriptionService:
         self.update_listeners()
         return sub_id
 
+    def _check_log_filter(self, ip: str, flt: LogFilter) -> None:
+        """Refuse a new distinct filter past the node's or the address's bound: matching
+        work grows with distinct filters, not with subscribers sharing one."""
+        cfg = self.cfg
+        mine = self._log_filters_by_ip.get(ip)
+        if mine is not None and flt in mine:
+            return
+        if mine is not None and len(mine) >= cfg.max_log_filters_per_ip:
+            raise LimitExceeded(
+                f"limit exceeded: at most {cfg.max_log_filters_per_ip} distinct logs filters"
+                " per client address"
+            )
+        if flt not in self.routes.groups and len(self.routes.groups) >= cfg.max_log_filters:
+            raise LimitExceeded(
+                "limit exceeded: this node matches all the distinct logs filters it can"
+            )
+
+    @property
+    def pending_available(self) -> bool:
+        """True when some upstream can stream pending transactions (a WebSocket one)."""
+        pool = self.pool
+        return pool is None or any(u.is_ws for u in pool.upstreams)
+
+    def parse(self, params: Any) -> proto.SubscribeRequest:
+        """An ``eth_subscribe``'s params, a logs filter within the node's filter bounds."""
+        f = self.filters_cfg
+        return proto.parse_subscribe(
+            params, max_addresses=f.max_addresses, max_topics_per_position=f.max_topics_per_position
+        )
+
     def unregister(self, conn: Connection, sub_id: bytes) -> bool:
         """Cancel one subscription of ``conn``; False when it holds no such id."""
         kind = conn.subs.pop(sub_id, None)
@@ -135,10 +187,13 @@ class SubscriptionService:
         entry = self._table(kind).pop(sub_id, None)
         if kind == proto.LOGS and entry is not None:
             flt = entry[1]
-            group = self._log_groups[flt]
-            del group[sub_id]
-            if not group:
-                del self._log_groups[flt]
+            self.routes.remove(flt, sub_id)
+            mine = self._log_filters_by_ip[conn.ip]
+            mine[flt] -= 1
+            if mine[flt] <= 0:
+                del mine[flt]
+                if not mine:
+                    del self._log_filters_by_ip[conn.ip]
         self.per_ip[conn.ip] -= 1
         if self.per_ip[conn.ip] <= 0:
             del self.per_ip[conn.ip]
@@ -172,15 +227,15 @@ class SubscriptionService:
             self._write_out()
 
     def _on_blocks(self, events: list[BlockEvent]) -> None:
-        # geth's order: logs of removed blocks (newest block first, each block's logs
-        # last first), then the new blocks, each announced by newHeads with its logs
-        # (a head announced early has had its newHeads already).
+        # geth's order (``geth_order``): logs of removed blocks, oldest block first and
+        # each block's logs in log-index order, then the new blocks, each announced by
+        # newHeads with its logs (a head announced early has had its newHeads already).
         heads_sent = logs_sent = 0
-        for ev in events:
+        for ev in geth_order(events):
             if not ev.removed and not ev.announced and self._heads:
                 heads_sent += self._fan_out_head(ev.header)
             if self._logs and ev.logs:
-                logs_sent += self._fan_out_logs(reversed(ev.logs) if ev.removed else ev.logs)
+                logs_sent += self._fan_out_logs(ev.logs)
         self._write_out()
         if heads_sent:
             self._sent[proto.NEW_HEADS].inc(heads_sent)
@@ -191,7 +246,7 @@ class SubscriptionService:
         frame = proto.NotificationFrames(orjson.dumps(header)).frame
         subs = list(self._heads.items())
         for sub_id, conn in subs:
-            if len(conn.subs) == 1 and not conn._held:
+            if len(conn.subs) == 1 and not conn.held and not conn.overflowed:
                 # Its only subscription, one frame per block: written now, not at the end
                 # of the pass, so the first subscribers do not wait for the last frame.
                 conn.session.send_frames(frame(sub_id))
@@ -199,17 +254,18 @@ class SubscriptionService:
                 conn.notify(sub_id, frame(sub_id))
         return len(subs)
 
-    def _fan_out_logs(self, logs: Any) -> int:
+    def _fan_out_logs(self, logs: list[dict[str, Any]]) -> int:
+        # Nothing unsubscribes during the pass (a connection past a bound is closed at its
+        # end, in ``_write_out``), so the groups are walked as they are.
         sent = 0
-        groups = [(flt, list(members.items())) for flt, members in self._log_groups.items()]
+        route = self.routes.route
         for log in logs:
-            frame = None
-            for flt, members in groups:
-                if not flt.matches(log):
-                    continue
-                if frame is None:
-                    frame = proto.NotificationFrames(orjson.dumps(log)).frame
-                for sub_id, conn in members:
+            groups = route(log)
+            if not groups:
+                continue
+            frame = proto.NotificationFrames(orjson.dumps(log)).frame
+            for members in groups:
+                for sub_id, conn in members.items():
                     conn.notify(sub_id, frame(sub_id))
                 sent += len(members)
         return sent
@@ -224,11 +280,16 @@ class SubscriptionService:
             self._sent[proto.PENDING].inc(len(subs))
 
     def _write_out(self) -> None:
-        """End of a pass: each connection's queued frames in one write (one syscall)."""
+        """End of a pass: each connection's queued frames in one write (one syscall); a
+        connection past its held-notification bound is closed instead."""
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             out, conn.out = conn.out, b""
-            conn.session.send_frames(out)
+            if conn.overflowed:
+                self.metrics.held_overflows.inc()
+                conn.session.close_now(CLOSE_POLICY_VIOLATION, HELD_OVERFLOW_REASON)
+            else:
+                conn.session.send_frames(out)
 
 
 class Connection:
@@ -241,7 +302,9 @@ class Connection:
         self.subs: dict[bytes, str] = {}
         # Subscriptions whose id is not yet with the client, and the frames they would have
         # sent: a notification must never reach a client before the answer naming its id.
-        self._held: dict[bytes, list[bytes]] = {}
+        cfg = service.cfg
+        self.held = HeldNotifications(cfg.max_held_notifications, cfg.max_held_bytes)
+        self.overflowed = False  # past the held bound: closed at the end of the pass
         self._closed = False
         # Frames of the fan-out pass under way, written by the service at the pass's end.
         self.out = b""
@@ -252,25 +315,35 @@ class Connection:
         try:
             if method == "eth_unsubscribe":
                 sub_id = proto.parse_unsubscribe(params).encode()
-                self._held.pop(sub_id, None)
-                removed = self.service.unregister(self, sub_id)
+                self.held.forget(sub_id)
+                if not self.service.unregister(self, sub_id):
+                    # geth's answer (BSC runs geth); anvil answers false instead.
+                    raise SubscriptionNotFound("subscription not found")
                 self.service.update_listeners()
-                return Answer(_TRUE if removed else _FALSE, None)
-            req = proto.parse_subscribe(params)
+                return Answer(_TRUE, None)
+            req = self.service.parse(params)
             sub_id = self.service.register(self, req)
         except RequestError as exc:
             return _error(exc)
-        self._held[sub_id] = []
+        self.held.wait(sub_id)
         return Answer(b'"' + sub_id + b'"', None)
 
     def notify(self, sub_id: bytes, frame: bytes) -> None:
         """Queue one notification frame for the end of the fan-out pass."""
-        if self._held:
-            held = self._held.get(sub_id)
-            if held is not None:
-                if len(held) < MAX_HELD_NOTIFICATIONS:
-                    held.append(frame)
+        if self.held:
+            verdict = self.held.hold(sub_id, frame)
+            if verdict is Held.HELD:
                 return
+            if verdict is Held.OVERFLOW:
+                if not self.overflowed:
+                    self.overflowed = True
+                    self.held.clear()
+                    if not self.out:
+                        self.service._dirty.append(self)
+                    self.out = b""
+                return
+        if self.overflowed:
+            return
         if self.out:
             self.out += frame
         else:
@@ -278,12 +351,11 @@ class Connection:
             self.service._dirty.append(self)
 
     def answered(self, payload: bytes) -> None:
-        if not self._held:
+        if not self.held:
             return
-        for sub_id in [s for s in self._held if s in payload]:
-            frames = self._held.pop(sub_id)
-            if frames:
-                self.session.send_frames(b"".join(frames))
+        frames = self.held.announced(payload)
+        if frames:
+            self.session.send_frames(frames)
 
     def closed(self, slow: bool) -> None:
         if self._closed:
@@ -292,7 +364,7 @@ class Connection:
         svc = self.service
         for sub_id in list(self.subs):
             svc.unregister(self, sub_id)
-        self._held.clear()
+        self.held.clear()
         svc.update_listeners()
         if slow:
             svc.metrics.slow_subscribers.inc()

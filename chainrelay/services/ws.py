@@ -224,6 +224,12 @@ class WsSession:
         self.close(CLOSE_TRY_AGAIN_LATER, SLOW_READER_REASON)
         self._release()  # no more notifications pile up behind the close frame
 
+    def close_now(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason`` and drop this connection's subscriptions at
+        once, so nothing more is queued behind the close frame."""
+        self.close(code, reason)
+        self._release()
+
     def close(self, code: int, reason: str) -> None:
         if self.proto.state is State.OPEN:
             self.proto.send_close(code, reason)

@@ -13,6 +13,7 @@ from websockets.uri import parse_uri
 from chainrelay.errors import InvalidParams, MethodNotFound
 from chainrelay.protocol import subscriptions as proto
 from chainrelay.protocol.blockorder import DeliveredChain
+from chainrelay.protocol.filters import new_id as filters_new_id
 
 TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
@@ -64,9 +65,50 @@ def test_unsubscribe_params() -> None:
 
 
 def test_ids_look_like_geths() -> None:
+    # geth's encodeID trims leading zeros; filter ids and subscription ids share the helper.
     sub_id = proto.new_id(bytes(range(16)))
-    assert sub_id == "0x000102030405060708090a0b0c0d0e0f"
-    assert len(sub_id) == 2 + 2 * proto.ID_BYTES
+    assert sub_id == "0x102030405060708090a0b0c0d0e0f"
+    assert proto.new_id(b"\xab" * proto.ID_BYTES) == "0x" + "ab" * proto.ID_BYTES
+    assert proto.new_id(bytes(proto.ID_BYTES)) == "0x0"
+    assert proto.new_id(bytes(range(16))) == filters_new_id(lambda n: bytes(range(n)))
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        {"fromBlock": "pending"},
+        {"toBlock": "pending"},
+        {"fromBlock": "earliest"},
+        {"fromBlock": "0x1"},
+        {"fromBlock": "0x1", "toBlock": "0x5"},
+        {"toBlock": "finalized"},
+        {"blockHash": "0x" + "11" * 32},
+    ],
+)
+def test_logs_subscriptions_refuse_anything_but_new_logs(flt: dict[str, str]) -> None:
+    with pytest.raises(InvalidParams):
+        proto.parse_subscribe(["logs", flt])
+
+
+def test_logs_subscriptions_at_latest_share_the_filter_of_no_range() -> None:
+    plain = proto.parse_subscribe(["logs", {"topics": [TOPIC]}]).filter
+    latest = {"fromBlock": "latest", "toBlock": "latest", "topics": [TOPIC]}
+    assert proto.parse_subscribe(["logs", latest]).filter == plain
+
+
+def test_logs_subscriptions_take_the_bounds_given() -> None:
+    addrs = ["0x" + f"{i:040x}" for i in range(1, 4)]
+    proto.parse_subscribe(["logs", {"address": addrs}])
+    with pytest.raises(InvalidParams):
+        proto.parse_subscribe(["logs", {"address": addrs}], max_addresses=2)
+    with pytest.raises(InvalidParams):
+        proto.parse_subscribe(["logs", {"topics": [[TOPIC, TOPIC]]}], max_topics_per_position=1)
+
+
+def test_pending_takes_geths_full_tx_flag_and_refuses_full_transactions() -> None:
+    assert proto.parse_subscribe(["newPendingTransactions", False]).kind == proto.PENDING
+    with pytest.raises(InvalidParams, match="full pending transactions"):
+        proto.parse_subscribe(["newPendingTransactions", True])
 
 
 def test_notification_is_spliced_byte_for_byte() -> None:

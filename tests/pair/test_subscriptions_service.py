@@ -1,7 +1,9 @@
 """The subscription service without sockets: a session stand-in records what would be sent.
 
-Covers what the system tests can only see by chance: a notification never overtakes the
-answer that announces its subscription, removed logs come newest first, one encoding per
+Pair tier: the asyncio service driven in memory against a stand-in session and feed (the
+decisions it delegates are proved sans-I/O in tests/protocol/test_fanout.py). Covers what
+the system tests can only see by chance: a notification never overtakes the answer that
+announces its subscription, removed logs come oldest block first, one encoding per
 block is shared by every subscriber, a connection's notifications of one block go out in
 one write, and every limit answers -32005. What the service writes is parsed back by
 websockets' own client protocol, so every frame it splices is proved a valid final text
@@ -22,7 +24,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from chainrelay.config import SubscriptionsConfig
+from chainrelay.config import FiltersConfig, SubscriptionsConfig
 from chainrelay.protocol import subscriptions as subs_proto
 from chainrelay.services import subscriptions as subs_mod
 from chainrelay.services.blocks import BlockEvent
@@ -85,6 +87,7 @@ class FakeSession:
         self.sent: list[bytes] = []
         self.writes = 0
         self.aborted = asyncio.Event()
+        self.close: tuple[int, str] | None = None
         self.client = ClientProtocol(parse_uri("ws://relay.test/"), state=State.OPEN)
 
     def send_frames(self, frames: bytes) -> None:
@@ -99,6 +102,9 @@ class FakeSession:
 
     def abort(self) -> None:
         self.aborted.set()
+
+    def close_now(self, code: int, reason: str) -> None:
+        self.close = (code, reason)
 
 
 def subscribe(conn: Connection, params: list[Any], announce: bool = True) -> str:
@@ -158,7 +164,7 @@ def test_notifications_wait_for_the_answer_that_announces_them(
     assert [h["number"] for h in results(session, sub_id)] == ["0x5", "0x6"]
 
 
-def test_removed_logs_newest_block_first_then_the_new_chain(
+def test_removed_logs_oldest_block_first_in_log_order_then_the_new_chain(
     setup: tuple[SubscriptionService, FakeFeed],
 ) -> None:
     svc, feed = setup
@@ -168,6 +174,7 @@ def test_removed_logs_newest_block_first_then_the_new_chain(
     old7, old8 = [log(7, 0), log(7, 1)], [log(8, 2), log(8, 3, OTHER), log(8, 4)]
     feed.emit([event(7, old7), event(8, old8)])
     new7 = [log(7, 0)]
+    # The feed hands removed blocks newest first; geth emits them oldest first.
     feed.emit([event(8, old8, removed=True), event(7, old7, removed=True), event(7, new7)])
     got = [
         (int(x["blockNumber"], 16), int(x["logIndex"], 16), x["removed"])
@@ -178,10 +185,10 @@ def test_removed_logs_newest_block_first_then_the_new_chain(
         (7, 1, False),
         (8, 2, False),
         (8, 4, False),  # the OTHER-topic log matches no filter
-        (8, 4, True),
-        (8, 2, True),
-        (7, 1, True),
         (7, 0, True),
+        (7, 1, True),
+        (8, 2, True),
+        (8, 4, True),
         (7, 0, False),
     ]
 
@@ -256,14 +263,22 @@ def test_closing_unsubscribes_everything_and_stops_following_the_feed(
     assert feed.listeners == [] and feed.pending == []
 
 
+def not_found(answer: Any) -> bool:
+    # geth's answer to an unknown id (anvil answers false instead; BSC runs geth).
+    return answer.result is None and orjson.loads(answer.error) == {
+        "code": -32000,
+        "message": "subscription not found",
+    }
+
+
 def test_unsubscribe_answers_true_once(setup: tuple[SubscriptionService, FakeFeed]) -> None:
     svc, feed = setup
     conn = svc.open(FakeSession())  # type: ignore[arg-type]
     other = svc.open(FakeSession())  # type: ignore[arg-type]
     sub_id = subscribe(conn, ["newHeads"])
-    assert other.call("eth_unsubscribe", [sub_id]).result == b"false"
+    assert not_found(other.call("eth_unsubscribe", [sub_id]))
     assert conn.call("eth_unsubscribe", [sub_id]).result == b"true"
-    assert conn.call("eth_unsubscribe", [sub_id]).result == b"false"
+    assert not_found(conn.call("eth_unsubscribe", [sub_id]))
     assert feed.listeners == []
     bad = conn.call("eth_unsubscribe", [])
     assert bad.error is not None and orjson.loads(bad.error)["code"] == -32602
@@ -425,3 +440,104 @@ def test_spliced_frames_respect_the_send_bound_and_the_closing_state() -> None:
     (close,) = client.events_received()
     assert isinstance(close, Frame) and close.opcode is Opcode.CLOSE
     assert int.from_bytes(close.data[:2], "big") == 1013
+
+
+def test_held_notifications_past_the_count_bound_close_the_connection() -> None:
+    feed = FakeFeed()
+    metrics = Metrics()
+    cfg = SubscriptionsConfig(max_held_notifications=3)
+    svc = SubscriptionService(feed, metrics, cfg)  # type: ignore[arg-type]
+    session = FakeSession()
+    conn = svc.open(session)  # type: ignore[arg-type]
+    subscribe(conn, ["newHeads"], announce=False)  # its answer never goes out
+    for n in range(3):
+        feed.emit([event(n, [])])
+    assert session.close is None and conn.held.count == 3
+    feed.emit([event(3, [])])
+    assert session.close == (subs_mod.CLOSE_POLICY_VIOLATION, subs_mod.HELD_OVERFLOW_REASON)
+    assert conn.held.count == 0 and session.sent == []
+    assert b"chainrelay_held_notification_overflows_total 1.0" in metrics.render()
+
+
+def test_held_notifications_past_the_byte_bound_close_the_connection() -> None:
+    feed = FakeFeed()
+    cfg = SubscriptionsConfig(max_held_bytes=1000)
+    svc = SubscriptionService(feed, Metrics(), cfg)  # type: ignore[arg-type]
+    session = FakeSession()
+    conn = svc.open(session)  # type: ignore[arg-type]
+    subscribe(conn, ["logs"], announce=False)
+    feed.emit([event(1, [log(1, 0)])])
+    assert session.close is None and 0 < conn.held.bytes < 1000
+    feed.emit([event(2, [log(2, i) for i in range(5)])])
+    assert session.close is not None and session.close[0] == subs_mod.CLOSE_POLICY_VIOLATION
+
+
+def test_distinct_log_filters_are_bounded_per_address_and_per_node() -> None:
+    feed = FakeFeed()
+    cfg = SubscriptionsConfig(max_log_filters=3, max_log_filters_per_ip=2)
+    svc = SubscriptionService(feed, Metrics(), cfg)  # type: ignore[arg-type]
+    a = svc.open(FakeSession("10.0.0.1"))  # type: ignore[arg-type]
+    b = svc.open(FakeSession("10.0.0.2"))  # type: ignore[arg-type]
+    topic = ["logs", {"topics": [TOPIC]}]
+    other = ["logs", {"topics": [OTHER]}]
+    subscribe(a, topic)
+    subscribe(a, other)
+    assert error_code(a, ["logs", {"address": "0x" + "22" * 20}]) == -32005  # per address
+    subscribe(a, topic)  # a filter it holds already costs no more matching: accepted
+    c = svc.open(FakeSession("10.0.0.3"))  # type: ignore[arg-type]
+    subscribe(b, topic)  # shared with a: two distinct on the node so far
+    subscribe(b, ["logs"])  # the third
+    assert error_code(c, ["logs", {"address": "0x" + "33" * 20}]) == -32005  # per node
+    subscribe(c, topic)  # one the node holds already
+    a.closed(False)
+    subscribe(c, ["logs", {"address": "0x" + "33" * 20}])  # room again: OTHER was a's only
+    assert len(svc.routes.groups) == 3
+
+
+def test_logs_filters_take_the_nodes_filter_bounds() -> None:
+    feed = FakeFeed()
+    svc = SubscriptionService(
+        feed,  # type: ignore[arg-type]
+        Metrics(),
+        filters=FiltersConfig(max_addresses=2, max_topics_per_position=2),
+    )
+    conn = svc.open(FakeSession())  # type: ignore[arg-type]
+    addrs = ["0x" + f"{i:040x}" for i in range(1, 4)]
+    assert error_code(conn, ["logs", {"address": addrs}]) == -32602
+    assert error_code(conn, ["logs", {"topics": [[TOPIC, OTHER, "0x" + "55" * 32]]}]) == -32602
+    subscribe(conn, ["logs", {"address": addrs[:2], "topics": [[TOPIC, OTHER]]}])
+
+
+class FakeUpstream:
+    def __init__(self, is_ws: bool) -> None:
+        self.is_ws = is_ws
+
+
+class FakePool:
+    def __init__(self, *upstreams: FakeUpstream) -> None:
+        self.upstreams = list(upstreams)
+
+
+def test_pending_transactions_without_a_websocket_upstream_are_refused() -> None:
+    feed = FakeFeed()
+    feed.pool = FakePool(FakeUpstream(False))  # type: ignore[attr-defined]
+    svc = SubscriptionService(feed, Metrics())  # type: ignore[arg-type]
+    conn = svc.open(FakeSession())  # type: ignore[arg-type]
+    answer = conn.call("eth_subscribe", ["newPendingTransactions"])
+    assert answer.error is not None
+    err = orjson.loads(answer.error)
+    assert err["code"] == -32000 and "not available from this node's upstreams" in err["message"]
+    assert svc.total == 0 and feed.pending == []
+    feed.pool.upstreams.append(FakeUpstream(True))  # type: ignore[attr-defined]
+    subscribe(conn, ["newPendingTransactions"])
+    assert feed.pending
+
+
+def test_full_pending_transactions_are_refused_hashes_accepted(
+    setup: tuple[SubscriptionService, FakeFeed],
+) -> None:
+    svc, _ = setup
+    conn = svc.open(FakeSession())  # type: ignore[arg-type]
+    assert error_code(conn, ["newPendingTransactions", True]) == -32602
+    subscribe(conn, ["newPendingTransactions", False])
+    assert svc.total == 1
