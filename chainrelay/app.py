@@ -124,6 +124,11 @@ class Node:
             self.metrics,
             window=cfg.head.reorg_window,
             follow_always=cfg.subscriptions.follow_blocks_always,
+            fetch_retry_delay=cfg.subscriptions.feed_fetch_retry_delay,
+            fetch_attempts=cfg.subscriptions.feed_fetch_attempts,
+            block_passes=cfg.subscriptions.feed_block_passes,
+            receipts_retry_blocks=cfg.subscriptions.feed_receipts_retry_blocks,
+            pending_max_message=cfg.subscriptions.pending_max_message,
         )
         self._stack.append(blocks.stop)
         await blocks.start()

@@ -19,10 +19,13 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class Step(Generic[T]):
     """What to do after a head change: retract ``retract`` (newest first), then fetch and
-    deliver ``fetch`` ((number, hash), oldest first)."""
+    deliver ``fetch`` ((number, hash), oldest first). ``skipped``: blocks between the last
+    delivered one and ``fetch`` that fell out of the window and will never be delivered
+    (the feed fell further behind than the window): the feed logs and counts them."""
 
     retract: list[T]
     fetch: list[tuple[int, str]]
+    skipped: int = 0
 
 
 class DeliveredChain(Generic[T]):
@@ -39,8 +42,8 @@ class DeliveredChain(Generic[T]):
 
     @property
     def tip(self) -> int:
-        """The highest number delivered, or ``floor`` when nothing was."""
-        return max(self._blocks, default=self.floor)
+        """The highest number delivered, or ``floor`` when nothing above it was."""
+        return max(max(self._blocks, default=self.floor), self.floor)
 
     def hash_at(self, number: int) -> str | None:
         got = self._blocks.get(number)
@@ -71,7 +74,11 @@ class DeliveredChain(Generic[T]):
         tip = self.tip
         low = max(tip + 1, head - self.window + 1)
         fetch = [(n, canonical[n]) for n in range(low, head + 1) if n in canonical]
-        return Step(retract, fetch)
+        skipped = low - (tip + 1)
+        if skipped > 0:
+            # Given up for good: the next step must not report the same gap again.
+            self.floor = low - 1
+        return Step(retract, fetch, max(0, skipped))
 
     def links(self, number: int, parent_hash: str) -> bool:
         """Whether a block at ``number`` with ``parent_hash`` extends the delivered chain
@@ -85,3 +92,14 @@ class DeliveredChain(Generic[T]):
         floor = number - self.window
         for n in [n for n in self._blocks if n <= floor]:
             del self._blocks[n]
+
+    def prune_final(self, finalized: int) -> None:
+        """Forget delivered blocks at or below ``finalized``: no reorg can retract them, so
+        what they hold is memory for nothing. The highest delivered block stays, so the
+        next block is still checked against its parent."""
+        tip = self.tip
+        gone = [n for n in self._blocks if n <= finalized and n < tip]
+        for n in gone:
+            del self._blocks[n]
+        if gone:
+            self.floor = max(self.floor, max(gone))

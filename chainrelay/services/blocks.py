@@ -1,13 +1,21 @@
 """The block feed: every new canonical block fetched once, in chain order, for everyone who
 follows blocks on this node (eth_subscribe clients, eth_newFilter filters).
 
-After each head change the feed fetches the full block and its receipts (``eth_getLogs``
-by block hash where an upstream lacks ``eth_getBlockReceipts``) through the upstream pool,
-one block at a time, warms the memory cache with what they answer, and hands listeners
-one list of events: the blocks a reorg removed (newest first, logs marked removed), then
-the new blocks (oldest first). What to retract and fetch is decided by
-``protocol.blockorder`` against the head tracker's canonical chain, which the tracker
-links by parent hash across missed heads and reconnected head streams.
+After each head change the feed fetches the full block and its receipts through the
+upstream pool, one block at a time, warms the memory cache with what they answer, and hands
+listeners each block as soon as it is fetched: first the blocks a reorg removed (newest
+first, logs marked removed) together with the first new block, then each further new block
+(oldest first). What to retract and fetch is decided by ``protocol.blockorder`` against the
+head tracker's canonical chain, which the tracker links by parent hash across missed heads
+and reconnected head streams.
+
+One block never stops the feed: a block whose receipts fail (any error, or an upstream
+without ``eth_getBlockReceipts``, asked again every ``receipts_retry_blocks``) gets its logs
+from ``eth_getLogs`` by block hash; a failure while warming the cache is logged and
+counted, never in the way of delivery; a block no upstream serves after ``block_passes``
+passes is given up (logged, counted in ``chainrelay_block_feed_problems``) and the feed
+moves on. For reorgs the feed keeps only each delivered block's number, hash and logs, and
+only above the finalized block.
 
 Head listeners (the newHeads fan-out) need no fetch: a head the tracker adopts as the next
 block after the last head they got, whose header an upstream pushed (``head.pushed``), is
@@ -20,9 +28,13 @@ newHeads arrives may be answered before the feed has warmed the cache with it.
 The feed fetches only while someone listens (or ``follow_blocks_always``): a node nobody
 subscribes to costs its upstreams nothing more than its head.
 
+A head's newHeads payload is the header its upstream pushed for that very block (by hash);
+a head only polled gets geth's header form (``HEADER_FIELDS``), never the whole block.
+
 Pending transaction hashes come from one ``eth_subscribe("newPendingTransactions")`` on a
-WebSocket upstream, held while anyone listens. With no WebSocket upstream there is no such
-stream: pending listeners are accepted and get nothing.
+WebSocket upstream, held while anyone listens, reconnected with a growing back-off when it
+breaks or answers garbage. With no WebSocket upstream there is no such stream
+(``pending_available`` is False).
 """
 
 from __future__ import annotations
@@ -52,25 +64,54 @@ from chainrelay.services.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-# Wait before asking again for a block an upstream could not give (not there yet, or an
-# error): about a BSC block time's sixth, so a lagging upstream costs little delay.
-FETCH_RETRY_DELAY = 0.5
-# Tries for one block before the feed waits for the next head change to try again.
-FETCH_ATTEMPTS = 6
-# Back-off after the pending-transaction stream of a WebSocket upstream broke.
+# First back-off after the pending-transaction stream of a WebSocket upstream broke; it
+# doubles with each failure in a row up to PENDING_RETRY_MAX, so a broken upstream is not
+# hammered and a blip costs a second.
 PENDING_RETRY_DELAY = 1.0
-# Largest message taken from the pending-transaction stream: a hash notification is ~200 B.
-PENDING_MAX_MESSAGE = 64 * 1024
+# Longest back-off of the pending stream: ten BSC blocks of pending hashes at most missed.
+PENDING_RETRY_MAX = 30.0
 # Error codes meaning "this upstream does not serve the method" (geth, erigon, providers).
 _UNSUPPORTED = (-32601, -32604)
+# The fields of a newHeads payload as geth sends it (RPCMarshalHeader; a Go map, so its
+# keys come out sorted): what BSC nodes send, where no upstream pushed this block's header.
+HEADER_FIELDS = tuple(
+    sorted(
+        (
+            "baseFeePerGas",
+            "blobGasUsed",
+            "difficulty",
+            "excessBlobGas",
+            "extraData",
+            "gasLimit",
+            "gasUsed",
+            "hash",
+            "logsBloom",
+            "miner",
+            "mixHash",
+            "nonce",
+            "number",
+            "parentBeaconBlockRoot",
+            "parentHash",
+            "receiptsRoot",
+            "requestsHash",
+            "sha3Uncles",
+            "stateRoot",
+            "timestamp",
+            "transactionsRoot",
+            "withdrawalsRoot",
+        )
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockEvent:
     number: int
     hash: str
-    header: dict[str, Any]  # the newHeads payload for this block, in the upstream's form
-    block: dict[str, Any]  # eth_getBlockByHash(hash, true) as answered
+    # The newHeads payload and eth_getBlockByHash(hash, true) as answered; both empty ({})
+    # in removed events: the feed keeps only what a reorg needs (number, hash, logs).
+    header: dict[str, Any]
+    block: dict[str, Any]
     logs: list[dict[str, Any]]  # the block's logs in log-index order; "removed": True on removal
     removed: bool  # True: this block was reorged away
     announced: bool = False  # True: head listeners got this header before the block's fetch
@@ -96,12 +137,24 @@ class BlockFeed:
         *,
         window: int = defaults.REORG_WINDOW,
         follow_always: bool = defaults.FOLLOW_BLOCKS_ALWAYS,
+        fetch_retry_delay: float = defaults.FEED_FETCH_RETRY_DELAY,
+        fetch_attempts: int = defaults.FEED_FETCH_ATTEMPTS,
+        block_passes: int = defaults.FEED_BLOCK_PASSES,
+        receipts_retry_blocks: int = defaults.FEED_RECEIPTS_RETRY_BLOCKS,
+        pending_max_message: int = defaults.PENDING_MAX_MESSAGE,
     ) -> None:
         self.pool = pool
         self.head = head
         self.cache = cache
         self.metrics = metrics
         self.follow_always = follow_always
+        self.fetch_retry_delay = fetch_retry_delay
+        self.fetch_attempts = fetch_attempts
+        self.block_passes = block_passes
+        self.receipts_retry_blocks = receipts_retry_blocks
+        self.pending_max_message = pending_max_message
+        # Failed passes per block (number, hash) not delivered yet.
+        self._passes: dict[tuple[int, str], int] = {}
         self.order: DeliveredChain[BlockEvent] = DeliveredChain(window)
         self._listeners: list[BlockListener] = []
         self._pending_listeners: list[PendingListener] = []
@@ -115,7 +168,9 @@ class BlockFeed:
         self._worker: asyncio.Task[None] | None = None
         self._pending_task: asyncio.Task[None] | None = None
         self._started = False
-        self._has_block_receipts: bool | None = None  # None until an upstream says
+        # eth_getBlockReceipts is skipped below this block number: an upstream said it
+        # lacks the method, and is asked again past it.
+        self._receipts_from = -1
 
     # --- listeners -------------------------------------------------------------------
     def add_listener(self, fn: BlockListener) -> None:
@@ -138,6 +193,12 @@ class BlockFeed:
     def remove_head_listener(self, fn: HeadListener) -> None:
         with contextlib.suppress(ValueError):
             self._head_listeners.remove(fn)
+
+    @property
+    def pending_available(self) -> bool:
+        """Whether pending transactions can be followed: only a WebSocket upstream has
+        the stream."""
+        return any(u.is_ws for u in self.pool.upstreams)
 
     def add_pending_listener(self, fn: PendingListener) -> None:
         """Call ``fn`` with each pending transaction hash the upstream stream reports."""
@@ -217,7 +278,7 @@ class BlockFeed:
         while True:
             if behind:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), FETCH_RETRY_DELAY)
+                    await asyncio.wait_for(self._wake.wait(), self.fetch_retry_delay)
             else:
                 await self._wake.wait()
             self._wake.clear()
@@ -230,17 +291,26 @@ class BlockFeed:
                 behind = True
 
     async def _catch_up(self) -> bool:
-        """Deliver until the delivered chain is the canonical chain; False: a block could
-        not be fetched yet (tried again shortly)."""
+        """Deliver until the delivered chain is the canonical chain, each block as soon as
+        it is fetched; False: a block could not be fetched yet (tried again shortly)."""
         while True:
             view = self.head.view
+            self.order.prune_final(view.finalized)
             step = self.order.step(view.canonical, view.number)
+            if step.skipped:
+                log.warning(
+                    "block feed fell %d block(s) behind its window: never delivered",
+                    step.skipped,
+                )
+                self.metrics.feed_problems.labels("gap").inc(step.skipped)
             events = [_removed(ev) for ev in step.retract]
             complete = True
             for number, block_hash in step.fetch:
                 try:
                     event, raw = await self._fetch(number, block_hash)
                 except _Unavailable:
+                    if self._give_up(number, block_hash):
+                        continue
                     complete = False
                     break
                 if self.head.view.canonical.get(number) != block_hash:
@@ -248,13 +318,17 @@ class BlockFeed:
                 if not self.order.links(number, event.block.get("parentHash", "")):
                     complete = False  # the tracker has not linked this fork yet
                     break
+                self._passes.pop((number, block_hash), None)
                 self._warm(event, raw)
                 if self._announced.pop(number, None) == block_hash:
                     event = dataclasses.replace(event, announced=True)
                 else:
                     self._heads_tip = (number, block_hash)  # its header goes out with it
-                self.order.delivered(number, block_hash, event)
+                # What a reorg needs of it, no more: the block and header are big.
+                self.order.delivered(number, block_hash, _kept(event))
                 events.append(event)
+                self._deliver(events)
+                events = []
             else:
                 if events:
                     self._deliver(events)
@@ -263,6 +337,28 @@ class BlockFeed:
                 self._deliver(events)
             if not complete:
                 return False
+
+    def _give_up(self, number: int, block_hash: str) -> bool:
+        """Count a failed pass over a block; after ``block_passes`` of them, record it as
+        delivered without telling listeners, so the blocks after it are not held forever."""
+        key = (number, block_hash)
+        passes = self._passes[key] = self._passes.get(key, 0) + 1
+        if len(self._passes) > self.order.window:
+            del self._passes[next(iter(self._passes))]
+        if passes < self.block_passes:
+            return False
+        del self._passes[key]
+        log.error(
+            "block %d %s: no upstream gave it in %d passes; given up, listeners skip it",
+            number,
+            block_hash,
+            passes,
+        )
+        self.metrics.feed_problems.labels("block_given_up").inc()
+        self._announced.pop(number, None)
+        self._heads_tip = (number, block_hash)
+        self.order.delivered(number, block_hash, BlockEvent(number, block_hash, {}, {}, [], False))
+        return True
 
     def _deliver(self, events: list[BlockEvent]) -> None:
         for fn in list(self._listeners):
@@ -273,9 +369,9 @@ class BlockFeed:
 
     # --- fetching --------------------------------------------------------------------
     async def _fetch(self, number: int, block_hash: str) -> tuple[BlockEvent, _Raw]:
-        for attempt in range(FETCH_ATTEMPTS):
+        for attempt in range(self.fetch_attempts):
             if attempt:
-                await asyncio.sleep(FETCH_RETRY_DELAY)
+                await asyncio.sleep(self.fetch_retry_delay)
             if self.head.view.canonical.get(number) != block_hash:
                 raise _Unavailable  # reorged away while we waited: the next step says what
             try:
@@ -308,34 +404,56 @@ class BlockFeed:
     async def _receipts(
         self, number: int, block_hash: str
     ) -> tuple[list[dict[str, Any]] | None, bytes | None]:
-        if self._has_block_receipts is False:
+        """The block's receipts, or (None, None): take its logs from eth_getLogs instead
+        (the upstream lacks the method, or failed it this time)."""
+        if number < self._receipts_from:
             return None, None
-        answer = await self.pool.call("eth_getBlockReceipts", [block_hash], number)
-        if answer.error is not None:
+        try:
+            answer = await self.pool.call("eth_getBlockReceipts", [block_hash], number)
+        except UpstreamError as exc:
+            answer = None
+            why = str(exc)
+        else:
+            why = answer.error_message() if answer.error is not None else "not a list"
+        if answer is not None and answer.error is None and isinstance(answer.value, list):
+            if any(
+                not isinstance(r, dict) or r.get("blockHash") != block_hash for r in answer.value
+            ):
+                raise _Unavailable("receipts of another fork")
+            return answer.value, answer.result
+        if answer is not None and answer.error is not None:
             if _error_code(answer.error) in _UNSUPPORTED:
-                log.info("upstream lacks eth_getBlockReceipts: logs come from eth_getLogs")
-                self._has_block_receipts = False
+                self._receipts_from = number + self.receipts_retry_blocks
+                log.info(
+                    "upstream lacks eth_getBlockReceipts: logs come from eth_getLogs "
+                    "until block %d",
+                    self._receipts_from,
+                )
                 return None, None
-            raise _Unavailable("receipts")
-        if not isinstance(answer.value, list):
-            raise _Unavailable("receipts")
-        self._has_block_receipts = True
-        if any(not isinstance(r, dict) or r.get("blockHash") != block_hash for r in answer.value):
-            raise _Unavailable("receipts of another fork")
-        return answer.value, answer.result
+        log.warning("block %d: eth_getBlockReceipts failed (%s); logs by eth_getLogs", number, why)
+        self.metrics.feed_problems.labels("receipts_fallback").inc()
+        return None, None
 
     def _header(self, light: dict[str, Any]) -> dict[str, Any]:
-        """The newHeads payload of a block: the fields the upstream's own head stream sends
-        (the block without transaction bodies where no stream has been seen)."""
-        form = self.head.last_payload
-        if not form:
-            return light
-        return {k: light[k] for k in form if k in light}
+        """The newHeads payload of a block: the header an upstream pushed for this very
+        block, as pushed; else geth's header fields of the block (a head only polled)."""
+        pushed = self.head.pushed.get(light.get("hash", ""))
+        if pushed is not None:
+            return pushed
+        return {k: light[k] for k in HEADER_FIELDS if k in light}
 
     # --- the cache -------------------------------------------------------------------
     def _warm(self, ev: BlockEvent, raw: _Raw) -> None:
         """Store what a dapp asks right after a new block, under the keys ``policy.plan``
-        gives its requests, so those reads are hits from the first one."""
+        gives its requests, so those reads are hits from the first one. Never in the way of
+        delivery: a failure is logged and counted, and the reads go upstream as misses."""
+        try:
+            self._warm_cache(ev, raw)
+        except Exception:
+            log.exception("block %d %s: warming the cache failed", ev.number, ev.hash)
+            self.metrics.feed_problems.labels("warm_failed").inc()
+
+    def _warm_cache(self, ev: BlockEvent, raw: _Raw) -> None:
         h, n = ev.hash, ev.number
         light_raw = orjson.dumps(raw.light)
         self._put("eth_getBlockByHash", [h, True], raw.block, n, h)
@@ -376,19 +494,31 @@ class BlockFeed:
             log.info("no WebSocket upstream: pending transaction listeners get nothing")
             return
         turn = 0
+        delay = PENDING_RETRY_DELAY
         while self._pending_listeners:
             healthy = [u for u in ws if u.healthy] or ws
             u = healthy[turn % len(healthy)]
             turn += 1
             try:
-                await self._pending_stream(u)
+                if await self._pending_stream(u):
+                    delay = PENDING_RETRY_DELAY  # it worked for a while: a blip
+            except asyncio.CancelledError:
+                raise
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-                log.debug("pending stream of %s broke: %s", u.name, exc)
-            await asyncio.sleep(PENDING_RETRY_DELAY)
+                log.info("pending stream of %s broke: %s", u.name, exc)
+                self.metrics.feed_problems.labels("pending_stream").inc()
+            except Exception:
+                # Garbage from the upstream (a malformed answer) must not end the stream
+                # for good: logged, counted, asked again after the back-off.
+                log.exception("pending stream of %s failed", u.name)
+                self.metrics.feed_problems.labels("pending_stream").inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PENDING_RETRY_MAX)
 
-    async def _pending_stream(self, u: Upstream) -> None:
+    async def _pending_stream(self, u: Upstream) -> bool:
+        """Follow ``u``'s pending stream until it ends; True if it was subscribed."""
         async with websockets.connect(
-            u.url, max_size=PENDING_MAX_MESSAGE, compression=None, open_timeout=u.timeout
+            u.url, max_size=self.pending_max_message, compression=None, open_timeout=u.timeout
         ) as conn:
             await conn.send(
                 b'{"jsonrpc":"2.0","id":1,"method":"eth_subscribe",'
@@ -396,12 +526,17 @@ class BlockFeed:
                 text=True,
             )
             async with asyncio.timeout(u.timeout):
-                answer = orjson.loads(await conn.recv(decode=False))
+                raw = await conn.recv(decode=False)
+            try:
+                answer = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                log.warning("upstream %s answered eth_subscribe with no JSON: %.200r", u.name, raw)
+                self.metrics.feed_problems.labels("pending_stream").inc()
+                return False
             sub_id = answer.get("result") if isinstance(answer, dict) else None
             if not isinstance(sub_id, str):
-                log.info("upstream %s refused newPendingTransactions: %s", u.name, answer)
-                await asyncio.sleep(PENDING_RETRY_DELAY * 10)  # not worth asking often
-                return
+                log.info("upstream %s refused newPendingTransactions: %.200r", u.name, raw)
+                return False
             async for message in conn:
                 try:
                     doc = orjson.loads(message)
@@ -417,6 +552,7 @@ class BlockFeed:
                             fn(tx_hash)
                         except Exception:
                             log.exception("pending listener failed")
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +572,11 @@ def _light(block: dict[str, Any]) -> dict[str, Any]:
     if isinstance(txs, list):
         light["transactions"] = [t.get("hash") if isinstance(t, dict) else t for t in txs]
     return light
+
+
+def _kept(ev: BlockEvent) -> BlockEvent:
+    """What the feed keeps of a delivered block for a reorg: number, hash, logs."""
+    return BlockEvent(ev.number, ev.hash, {}, {}, ev.logs, False, ev.announced)
 
 
 def _removed(ev: BlockEvent) -> BlockEvent:

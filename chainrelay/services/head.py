@@ -74,12 +74,9 @@ class HeadTracker:
         # chain with a live upstream is fresh; a silent upstream is not.
         self.confirmed_at = 0.0
         self.listeners: list[HeadListener] = []
-        # The last header an upstream's head stream sent, as sent: the fields (and their
-        # order) of this upstream's newHeads, which the block feed reproduces for its clients.
-        self.last_payload: dict[str, Any] | None = None
         # Every header a head stream sent, by hash, as sent (the last ``window`` of them):
         # heads pushed back to back are adopted one task later each, and the block feed
-        # gives each its own payload when it is adopted.
+        # gives each block the payload pushed for it, whichever upstream pushed it.
         self.pushed: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
@@ -154,7 +151,6 @@ class HeadTracker:
     def _spawn_header(self, u: Upstream, obj: Any) -> None:
         h = Header.parse(obj)
         if h is not None:
-            self.last_payload = obj
             pushed = self.pushed
             pushed[h.hash] = obj
             if len(pushed) > self.window:

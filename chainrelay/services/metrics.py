@@ -118,6 +118,14 @@ class Metrics:
             "WebSocket subscribers closed (1013) for reading too slowly",
             registry=r,
         )
+        self.feed_problems = Counter(
+            "chainrelay_block_feed_problems",
+            "Block feed troubles it got past: receipts_fallback (eth_getLogs for a block),"
+            " warm_failed, block_given_up, gap (blocks past the reorg window never"
+            " delivered), pending_stream (the pending-transaction stream broke)",
+            ["problem"],
+            registry=r,
+        )
         self.held_overflows = Counter(
             "chainrelay_held_notification_overflows",
             "WebSocket connections closed (1008) for holding too many notifications of"

@@ -10,6 +10,8 @@ answers; receipts can be held back to hold the fetch where the test wants it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -17,8 +19,8 @@ import pytest
 
 from chainrelay.config import PoolConfig
 from chainrelay.protocol.chains import PROFILES
-from chainrelay.services.blocks import BlockEvent, BlockFeed
-from chainrelay.services.cache import MemoryCache
+from chainrelay.services.blocks import HEADER_FIELDS, BlockEvent, BlockFeed
+from chainrelay.services.cache import Entry, MemoryCache
 from chainrelay.services.head import Header, HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
@@ -38,8 +40,13 @@ class MemoryChain(Upstream):
     def __init__(self) -> None:
         super().__init__("mem", "memory://", timeout=10.0, connections=1)
         self.blocks: dict[str, dict[str, Any]] = {}
+        self.logs: dict[str, list[dict[str, Any]]] = {}  # block hash -> its logs
         self.receipts_open = asyncio.Event()
         self.receipts_open.set()
+        self.held: set[str] = set()  # blocks whose receipts wait while receipts_open is clear
+        # Answered as the error of eth_getBlockReceipts, when set: a node's failure.
+        self.receipts_error: dict[str, Any] | None = None
+        self.methods: list[str] = []
 
     def add(self, fork: str, n: int, parent_fork: str) -> Header:
         parent = block_hash(parent_fork, n - 1)
@@ -66,23 +73,31 @@ class MemoryChain(Upstream):
     async def request(self, body: bytes) -> bytes:
         req = orjson.loads(body)
         method, params = req["method"], req.get("params", [])
+        self.methods.append(method)
         result: Any = None
         if method == "eth_getBlockByHash":
             result = self.blocks.get(params[0])
         elif method == "eth_getBlockReceipts":
-            await self.receipts_open.wait()
-            result = []
+            if not self.held or params[0] in self.held:
+                await self.receipts_open.wait()
+            if self.receipts_error is not None:
+                error = {"jsonrpc": "2.0", "id": req["id"], "error": self.receipts_error}
+                return orjson.dumps(error)
+            logs = self.logs.get(params[0], [])
+            result = [{"blockHash": params[0], "logs": logs}] if logs else []
+        elif method == "eth_getLogs":
+            result = self.logs.get(params[0]["blockHash"], [])
         return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": result})
 
 
 class Lab:
-    def __init__(self) -> None:
+    def __init__(self, cache: MemoryCache | None = None, **feed: Any) -> None:
         self.chain = MemoryChain()
-        metrics = Metrics()
+        self.metrics = metrics = Metrics()
         pool = UpstreamPool([self.chain], PoolConfig(), metrics)
         self.tracker = HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=0)
-        cache = MemoryCache(1 << 20, 1 << 16)
-        self.feed = BlockFeed(pool, self.tracker, cache, metrics, window=16)
+        cache = MemoryCache(1 << 20, 1 << 16) if cache is None else cache
+        self.feed = BlockFeed(pool, self.tracker, cache, metrics, window=16, **feed)
         self.heads: list[dict[str, Any]] = []
         self.events: list[BlockEvent] = []
         self.feed.add_head_listener(self.heads.append)
@@ -92,7 +107,7 @@ class Lab:
         """The upstream's head stream sends ``h``, as ``HeadTracker._spawn_header`` takes it,
         and the tracker adopts it before this returns."""
         payload = self.chain.pushed(h)
-        self.tracker.last_payload = self.tracker.pushed[h.hash] = payload
+        self.tracker.pushed[h.hash] = payload
         await self.tracker.on_header(self.chain, h)
 
     def head_numbers(self) -> list[int]:
@@ -104,14 +119,28 @@ class Lab:
     async def wait_events(self, count: int) -> None:
         await until(lambda: len(self.events) >= count, 5 * SECOND, f"{count} block events")
 
+    async def polled(self, h: Header) -> None:
+        """The tracker adopts ``h`` from a poll: no pushed header."""
+        await self.tracker.on_header(self.chain, h)
+
+    def problems(self, problem: str) -> float:
+        return self.metrics.feed_problems.labels(problem)._value.get()
+
+
+@asynccontextmanager
+async def running(lab: Lab) -> AsyncIterator[Lab]:
+    await lab.feed.start()
+    try:
+        yield lab
+    finally:
+        await lab.feed.stop()
+        await lab.tracker.stop()
+
 
 @pytest.fixture
 async def lab() -> Any:
-    lab = Lab()
-    await lab.feed.start()
-    yield lab
-    await lab.feed.stop()
-    await lab.tracker.stop()
+    async with running(Lab()) as lab:
+        yield lab
 
 
 async def test_a_pushed_head_goes_out_before_its_block_is_fetched(lab: Lab) -> None:
@@ -203,3 +232,160 @@ async def test_heads_pushed_back_to_back_each_go_out_early(lab: Lab) -> None:
     c.receipts_open.set()
     await lab.wait_events(3)
     assert [(n, early) for n, _, early in lab.delivered()] == [(1, False), (2, True), (3, True)]
+
+
+# --- one block never stops the feed ------------------------------------------------------
+def a_log(block: Header, index: int) -> dict[str, Any]:
+    return {
+        "address": "0x" + "11" * 20,
+        "topics": [],
+        "data": "0x",
+        "blockNumber": hex(block.number),
+        "blockHash": block.hash,
+        "logIndex": hex(index),
+        "removed": False,
+    }
+
+
+async def test_receipts_failing_with_a_server_error_fall_back_to_get_logs(lab: Lab) -> None:
+    c = lab.chain
+    await lab.push(c.add("a", 1, "a"))
+    await lab.wait_events(1)
+    c.receipts_error = {"code": -32000, "message": "header not found"}
+    two = c.add("a", 2, "a")
+    c.logs[two.hash] = [a_log(two, 0), a_log(two, 1)]
+    await lab.push(two)
+    await lab.wait_events(2)
+    assert lab.events[-1].logs == c.logs[two.hash]
+    assert lab.problems("receipts_fallback") == 1
+    # Not a lack of the method: the next block asks for its receipts again.
+    c.receipts_error = None
+    c.methods.clear()
+    await lab.push(c.add("a", 3, "a"))
+    await lab.wait_events(3)
+    assert "eth_getBlockReceipts" in c.methods and "eth_getLogs" not in c.methods
+
+
+async def test_an_upstream_without_block_receipts_is_asked_again_later() -> None:
+    async with running(Lab(receipts_retry_blocks=2)) as lab:
+        c = lab.chain
+        await lab.push(c.add("a", 1, "a"))
+        await lab.wait_events(1)
+        c.receipts_error = {"code": -32601, "message": "the method does not exist"}
+        c.methods.clear()
+        for n in (2, 3, 4):
+            await lab.push(c.add("a", n, "a"))
+            await lab.wait_events(n)
+        # 2 asked and refused; 3 not asked; 4 (two blocks on) asked again.
+        assert c.methods.count("eth_getBlockReceipts") == 2
+        assert c.methods.count("eth_getLogs") == 3
+        assert lab.problems("receipts_fallback") == 0
+
+
+class FailingCache(MemoryCache):
+    """A cache whose stores fail: the fault a warming bug would cause."""
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        raise RuntimeError("store failed")
+
+
+async def test_a_failure_while_warming_the_cache_does_not_hold_delivery() -> None:
+    async with running(Lab(cache=FailingCache(1 << 20, 1 << 16))) as lab:
+        c = lab.chain
+        for n in (1, 2):
+            await lab.push(c.add("a", n, "a"))
+            await lab.wait_events(n)
+        assert [e.number for e in lab.events] == [1, 2]
+        assert lab.problems("warm_failed") == 2
+
+
+async def test_a_block_no_upstream_serves_is_given_up_after_its_passes() -> None:
+    feed = {"fetch_attempts": 1, "fetch_retry_delay": 0.01 * SECOND, "block_passes": 3}
+    async with running(Lab(**feed)) as lab:
+        c = lab.chain
+        await lab.push(c.add("a", 1, "a"))
+        await lab.wait_events(1)
+        two = c.add("a", 2, "a")
+        three = c.add("a", 3, "a")
+        del c.blocks[two.hash]  # the node lost it: every fetch of 2 answers null
+        await lab.polled(two)
+        await lab.polled(three)
+        await lab.wait_events(2)
+        assert [e.number for e in lab.events] == [1, 3]
+        assert c.methods.count("eth_getBlockByHash") >= 3
+        assert lab.problems("block_given_up") == 1
+
+
+# --- delivery block by block; what is kept --------------------------------------------------
+async def test_each_block_goes_out_as_soon_as_it_is_fetched(lab: Lab) -> None:
+    c = lab.chain
+    await lab.push(c.add("a", 1, "a"))
+    await lab.wait_events(1)
+    two, three = c.add("a", 2, "a"), c.add("a", 3, "a")
+    c.held.add(three.hash)
+    c.receipts_open.clear()
+    await lab.polled(three)  # 2 is walked back to; 3's receipts are held
+    await lab.wait_events(2)
+    assert [e.number for e in lab.events] == [1, 2]  # 2 out while 3 is under way
+    c.receipts_open.set()
+    await lab.wait_events(3)
+    assert [e.hash for e in lab.events[1:]] == [two.hash, three.hash]
+
+
+async def test_only_number_hash_and_logs_are_kept_and_none_at_or_below_finalized(
+    lab: Lab,
+) -> None:
+    c = lab.chain
+    for n in range(1, 6):
+        h = c.add("a", n, "a")
+        c.logs[h.hash] = [a_log(h, 0)]
+        await lab.push(h)
+        await lab.wait_events(n)
+    kept = [lab.feed.order._blocks[n][1] for n in sorted(lab.feed.order._blocks)]
+    assert [e.number for e in kept] == [1, 2, 3, 4, 5]
+    assert all(e.block == {} and e.header == {} and len(e.logs) == 1 for e in kept)
+    lab.tracker.view.finalized = 3
+    six = c.add("a", 6, "a")
+    c.logs[six.hash] = [a_log(six, 0)]
+    await lab.push(six)
+    await lab.wait_events(6)
+    assert sorted(lab.feed.order._blocks) == [4, 5, 6]
+    # A reorg above the finalized block still retracts what it replaces.
+    six_b = c.add("b", 6, "a")
+    await lab.push(six_b)
+    await lab.push(c.add("b", 7, "b"))
+    await lab.wait_events(9)
+    assert [(e.number, e.removed) for e in lab.events[6:]] == [(6, True), (6, False), (7, False)]
+    assert lab.events[6].logs == [{**a_log(six, 0), "removed": True}]
+
+
+# --- newHeads payloads -----------------------------------------------------------------------
+async def test_a_polled_head_gets_gethss_header_form_not_the_block(lab: Lab) -> None:
+    c = lab.chain
+    await lab.push(c.add("a", 1, "a"))
+    await lab.wait_events(1)
+    two = c.add("a", 2, "a")
+    c.blocks[two.hash].update(
+        size="0x220", totalDifficulty="0x0", uncles=[], miner="0x" + "00" * 20
+    )
+    await lab.polled(two)
+    await lab.wait_events(2)
+    block = c.blocks[two.hash]
+    header = lab.events[-1].header
+    assert list(header) == sorted(header) == [k for k in HEADER_FIELDS if k in block]
+    assert header == {k: block[k] for k in header}
+    assert not {"transactions", "uncles", "size", "totalDifficulty"} & set(header)
+
+
+async def test_a_pushed_head_keeps_the_payload_pushed_for_that_block(lab: Lab) -> None:
+    c = lab.chain
+    one = c.add("a", 1, "a")
+    await lab.push(one)
+    await lab.wait_events(1)
+    # Another upstream pushes a later head in another form: block 1 keeps its own.
+    two = c.add("a", 2, "a")
+    lab.tracker.pushed[two.hash] = {"hash": two.hash, "number": hex(2), "extra": "x"}
+    await lab.polled(two)
+    await lab.wait_events(2)
+    assert lab.events[0].header == c.pushed(one)
+    assert lab.events[1].header == {"hash": two.hash, "number": hex(2), "extra": "x"}
