@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -368,8 +369,12 @@ async def test_reorg_retracts_orphaned_logs_then_delivers_the_new_chain(
 
     after = sub.results(logs)[6:]
     orphaned = [x for x in before if int(x["blockNumber"], 16) in replaced]
-    # geth's order: newest orphaned block first, each block's logs last first.
-    want_removed = [{**x, "removed": True} for x in reversed(orphaned)]
+    # geth's order (core/blockchain.go reorg(): "Deleted log emission on the API uses forward
+    # order"): oldest orphaned block first, each block's logs in log-index order.
+    want_removed = [{**x, "removed": True} for x in orphaned]
+    assert [(int(x["blockNumber"], 16), int(x["logIndex"], 16)) for x in want_removed] == sorted(
+        (int(x["blockNumber"], 16), int(x["logIndex"], 16)) for x in orphaned
+    )
     assert after[:4] == want_removed
     assert after[4:] == new_logs
     assert len(after) == 8
@@ -511,6 +516,49 @@ async def test_slow_subscriber_is_closed_while_a_fast_one_keeps_up(
 
 
 # --- limits and cleanup ------------------------------------------------------------------
+NOT_FOUND = {"code": -32000, "message": "subscription not found"}
+
+
+async def test_anvil_answers_false_where_geth_and_the_relay_say_not_found(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+) -> None:
+    # The one answer where the relay follows geth (what BSC runs), not anvil.
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Subscriber.connect(anvil.ws_url) as direct:
+        assert (await direct.call("eth_unsubscribe", ["0x1"]))["result"] is False
+
+
+async def test_subscribe_sent_without_an_id_makes_no_subscription(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=BLOCK_TIME)
+    relay = await relay_factory([anvil.ws_url], "")
+    async with Subscriber.connect(relay.ws_url) as sub:
+        note = orjson.dumps({"jsonrpc": "2.0", "method": "eth_subscribe", "params": NEW_HEADS})
+        for _ in range(1000):
+            await sub.conn.send(note.decode())
+        # Messages of one connection are handled in order: by this answer, the 1,000 were.
+        mine = await sub.subscribe(NEW_HEADS)
+        assert metric(await relay.metrics(), "chainrelay_subscriptions") == 1
+        await until(lambda: len(sub.notes[mine]) >= 2, 10 * SECOND, "heads of the real one")
+        assert set(sub.notes) == {mine}  # nothing for a subscription nobody was told of
+        assert sub.answers == {}  # and no answer to a notification
+
+
+async def test_pending_subscription_without_a_websocket_upstream_is_refused(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=BLOCK_TIME)
+    relay = await relay_factory([anvil.url], "")
+    async with Subscriber.connect(relay.ws_url) as sub:
+        got = await sub.call("eth_subscribe", ["newPendingTransactions"])
+        assert got["error"]["code"] == -32000, got
+        assert "not available from this node's upstreams" in got["error"]["message"]
+        assert metric(await relay.metrics(), "chainrelay_subscriptions") == 0
+
+
 async def test_limits_answer_an_error_and_closing_unsubscribes(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
@@ -524,16 +572,18 @@ async def test_limits_answer_an_error_and_closing_unsubscribes(
     async with Subscriber.connect(relay.ws_url) as sub, Subscriber.connect(relay.ws_url) as other:
         ids = [await sub.subscribe(p) for p in (NEW_HEADS, TRANSFER_LOGS, NEW_HEADS)]
         assert len(set(ids)) == 3
-        assert all(len(i) == 34 and int(i, 16) >= 0 for i in ids)
+        # geth's encodeID: 0x and up to 32 hex digits, leading zeros trimmed.
+        assert all(re.fullmatch(r"0x(0|[1-9a-f][0-9a-f]{0,31})", i) for i in ids), ids
         over = await sub.call("eth_subscribe", NEW_HEADS)
         assert over["error"]["code"] == -32005, over
         assert "limit exceeded" in over["error"]["message"]
         assert (await sub.call("eth_unsubscribe", [ids[0]]))["result"] is True
-        assert (await sub.call("eth_unsubscribe", [ids[0]]))["result"] is False
-        assert (await sub.call("eth_unsubscribe", ["0x" + "00" * 16]))["result"] is False
+        # An unknown id gets geth's error (BSC runs geth); anvil answers false instead.
+        assert (await sub.call("eth_unsubscribe", [ids[0]]))["error"] == NOT_FOUND
+        assert (await sub.call("eth_unsubscribe", ["0x0"]))["error"] == NOT_FOUND
         # Another connection's subscription is not this one's to cancel.
         theirs = await other.subscribe(NEW_HEADS)
-        assert (await sub.call("eth_unsubscribe", [theirs]))["result"] is False
+        assert (await sub.call("eth_unsubscribe", [theirs]))["error"] == NOT_FOUND
         ids[0] = await sub.subscribe(NEW_HEADS)
         bad = await sub.call("eth_subscribe", ["logs", {"address": "0x1"}])
         assert bad["error"]["code"] == -32602, bad
