@@ -420,6 +420,9 @@ class WsUpstream(Upstream):
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._subs: dict[str, Callable[[Any], None]] = {}
+        # eth_subscribe calls under way, by request id: the subscription is registered as
+        # its answer is read, so a notification in the same read is not lost.
+        self._sub_calls: dict[int, Callable[[Any], None]] = {}
         self._lock = asyncio.Lock()
         # (deadline, id) of calls in the order sent: with one timeout for all, that is
         # deadline order, so one timer, armed for the oldest, serves every call.
@@ -494,8 +497,11 @@ class WsUpstream(Upstream):
             end = raw.find(b",", _ANSWER_PREFIX_LEN, _ANSWER_PREFIX_LEN + 24)
             token = raw[_ANSWER_PREFIX_LEN:end] if end > 0 else b""
             if token.isdigit():
-                fut = self._pending.pop(int(token), None)
+                rid = int(token)
+                fut = self._pending.pop(rid, None)
                 if fut is not None:
+                    if self._sub_calls:
+                        self._subscribed(rid, raw)
                     if not fut.done():
                         fut.set_result(raw)
                     return
@@ -514,12 +520,33 @@ class WsUpstream(Upstream):
         rid = doc.get("id")
         fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
         if fut is not None and not fut.done():
+            if self._sub_calls:
+                self._subscribed(rid, raw)
             fut.set_result(raw)
 
-    async def _roundtrip(self, method: str, params: Params | None) -> bytes:
+    def _subscribed(self, rid: int, raw: bytes) -> None:
+        """Register the subscription an eth_subscribe answer names, before its caller
+        resumes: notifications read right after the answer find their callback."""
+        cb = self._sub_calls.pop(rid, None)
+        if cb is None:
+            return
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(raw)
+            sub_id = doc.get("result") if isinstance(doc, dict) else None
+            if isinstance(sub_id, str):
+                self._subs[sub_id] = cb
+
+    async def _roundtrip(
+        self,
+        method: str,
+        params: Params | None,
+        subscriber: Callable[[Any], None] | None = None,
+    ) -> bytes:
         link = self._link or await self._connection()
         await link.writable()
         rid = next(self._ids)
+        if subscriber is not None:
+            self._sub_calls[rid] = subscriber
         loop = link.loop
         fut: asyncio.Future[bytes] = loop.create_future()
         pending = self._pending
@@ -533,6 +560,8 @@ class WsUpstream(Upstream):
             return await fut
         finally:
             pending.pop(rid, None)
+            if subscriber is not None:
+                self._sub_calls.pop(rid, None)
             while deadlines and deadlines[0][1] not in pending:
                 deadlines.popleft()
 
@@ -597,12 +626,27 @@ class WsUpstream(Upstream):
             elif isinstance(result, dict):
                 on_header(result)
 
-        answer = await self.call("eth_subscribe", ["newHeads"])
+        # Not through ``call``: the answer's reader registers ``deliver`` under the id it
+        # names before this resumes (a header may follow in the same read); measured alike.
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            try:
+                raw = await self._roundtrip("eth_subscribe", ["newHeads"], deliver)
+            except TimeoutError:
+                raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+            try:
+                answer = parse_answer(raw)
+            except ValueError as exc:
+                raise TransportError(f"malformed answer: {exc}", malformed=True) from None
+        except TransportError as exc:
+            self.failed(exc, time.perf_counter() - started)
+            raise
+        self.answered(time.perf_counter() - started, answer.error is not None)
         if answer.error is not None or not isinstance(answer.value, str):
             raise TransportError(f"eth_subscribe refused: {answer.error!r}")
-        if self._link is None:
-            raise TransportError("newHeads stream closed")
-        self._subs[answer.value] = deliver
+        if self._subs.get(answer.value) is not deliver:
+            raise TransportError("newHeads stream closed")  # lost as it was answered
         try:
             await broken.wait()
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -108,3 +109,28 @@ async def test_a_close_from_the_node_fails_calls_under_way() -> None:
     with pytest.raises(TransportError):
         await call
     assert up._link is None and not up._pending
+
+
+async def test_a_head_read_with_the_subscribe_answer_is_not_lost() -> None:
+    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1)
+    pair = Pair(up)
+    up._link = pair.link
+    heads: list[dict[str, object]] = []
+    stream = asyncio.ensure_future(up.subscribe_heads(heads.append))
+    await until(lambda: bool(up._pending), SECOND, "eth_subscribe to be sent")
+    (request,) = [e for e in pair.server_reads() if isinstance(e, Frame)]
+    rid = orjson.loads(request.data)["id"]
+    # The node answers and, at once, sends the first header: one read holds both.
+    pair.server.send_text(b'{"jsonrpc":"2.0","id":%d,"result":"0xab"}' % rid)
+    header = {"number": "0x5", "hash": "0x" + "55" * 32, "parentHash": "0x" + "44" * 32}
+    params = {"subscription": "0xab", "result": header}
+    pair.server.send_text(
+        orjson.dumps({"jsonrpc": "2.0", "method": "eth_subscription", "params": params})
+    )
+    pair.to_link(pair.server_bytes())
+    assert heads == [header]
+    assert up.calls == 1
+    pair.link.connection_lost(None)
+    with pytest.raises(TransportError):
+        await stream
+    assert not up._subs and not up._sub_calls
