@@ -12,6 +12,9 @@ up; every other call gets the fault of ``--mode``:
 * ``hang``: accepts the request and never answers.
 * ``malformed``: HTTP 200 with a body that is not a JSON-RPC answer (cut-off JSON, a bare
   array, an object with neither result nor error), in turn.
+* ``receipts_error``: every call is forwarded but ``eth_getBlockReceipts``, which gets the
+  JSON-RPC error -32000 a node answers when it cannot serve a block's receipts for now
+  (a pruned or lagging backend behind a provider's load balancer).
 
 ``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``.
 """
@@ -24,12 +27,13 @@ import itertools
 from pathlib import Path
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from tests.lab.counting_proxy import JSON, Counter, LabServer, methods_of, serve
 from tests.lab.procs import Procs
 
-MODES = ("429", "hang", "malformed")
+MODES = ("429", "hang", "malformed", "receipts_error")
 # eth_chainId: the relay's chain check; eth_getBlockByNumber/ByHash: the head tracker;
 # eth_blockNumber: the pool's probe that brings an upstream back into rotation.
 HEAD_METHODS = frozenset(
@@ -73,7 +77,12 @@ class FaultUpstreamApp:
         body = await request.read()
         methods = methods_of(body)
         self.counter.add(methods)
-        if all(m in HEAD_METHODS for m in methods):
+        forward = (
+            "eth_getBlockReceipts" not in methods
+            if self.mode == "receipts_error"
+            else all(m in HEAD_METHODS for m in methods)
+        )
+        if forward:
             assert self.session is not None
             async with self.session.post(
                 self.upstream, data=body, headers={"Content-Type": JSON}
@@ -83,6 +92,10 @@ class FaultUpstreamApp:
             return web.Response(status=429, text="rate limited", headers={"Retry-After": "1"})
         if self.mode == "hang":
             await asyncio.Event().wait()  # never set: cancelled when the caller gives up
+        if self.mode == "receipts_error":
+            rid = orjson.loads(body).get("id")
+            error = {"code": -32000, "message": "receipts not available"}
+            return web.json_response({"jsonrpc": "2.0", "id": rid, "error": error})
         return web.Response(body=next(self._malformed), content_type=JSON)
 
 
@@ -106,8 +119,11 @@ class FaultUpstream(LabServer):
         self.mode = mode
 
     async def fault_calls(self) -> int:
-        """Calls that got the fault (every call outside ``HEAD_METHODS``)."""
+        """Calls that got the fault (every call outside ``HEAD_METHODS``, or every
+        ``eth_getBlockReceipts`` in ``receipts_error`` mode)."""
         counts = await self.counts()
+        if self.mode == "receipts_error":
+            return counts.get("eth_getBlockReceipts", 0)
         return sum(n for m, n in counts.items() if m not in HEAD_METHODS)
 
 
