@@ -137,7 +137,7 @@ class Node:
         await filters.start()
         self.rpc.filters = filters
         subs = self.subscriptions = SubscriptionService(
-            blocks, self.metrics, cfg.subscriptions, filters=cfg.filters
+            blocks, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=self.rpc.call
         )
         self._stack.append(subs.stop)
         server = self.server = HttpServer(

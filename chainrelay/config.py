@@ -125,6 +125,7 @@ class SubscriptionsConfig:
     max_log_filters_per_ip: int = d.MAX_LOG_FILTERS_PER_IP
     max_held_notifications: int = d.MAX_HELD_NOTIFICATIONS
     max_held_bytes: int = d.MAX_HELD_BYTES
+    pending_tx_fetches: int = d.PENDING_TX_FETCHES
     slow_close_grace: float = d.SLOW_CLOSE_GRACE
     follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
     feed_fetch_retry_delay: float = d.FEED_FETCH_RETRY_DELAY
@@ -230,6 +231,7 @@ def validate(cfg: Config) -> Config:
         ("subscriptions.max_log_filters_per_ip", cfg.subscriptions.max_log_filters_per_ip),
         ("subscriptions.max_held_notifications", cfg.subscriptions.max_held_notifications),
         ("subscriptions.max_held_bytes", cfg.subscriptions.max_held_bytes),
+        ("subscriptions.pending_tx_fetches", cfg.subscriptions.pending_tx_fetches),
         ("subscriptions.slow_close_grace", cfg.subscriptions.slow_close_grace),
         ("subscriptions.feed_fetch_retry_delay", cfg.subscriptions.feed_fetch_retry_delay),
         ("subscriptions.feed_fetch_attempts", cfg.subscriptions.feed_fetch_attempts),

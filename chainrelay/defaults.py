@@ -119,6 +119,10 @@ MAX_LOG_FILTERS_PER_IP = 250
 MAX_HELD_NOTIFICATIONS = 4096
 # Bytes of such held notifications per connection: a few full BSC newHeads/log bursts.
 MAX_HELD_BYTES = 8 * MiB
+# Pending transactions fetched at once (eth_getTransactionByHash, one per hash for every
+# fullTx subscriber): BSC's mempool sees hundreds a second; past this a hash is skipped
+# and counted, so a flood costs no unbounded tasks or upstream calls.
+PENDING_TX_FETCHES = 64
 # A subscriber closed for reading too slowly gets this long to take its close frame before
 # its connection is dropped, so a reader that never reads cannot pin its send buffer.
 SLOW_CLOSE_GRACE = 5.0

@@ -35,6 +35,7 @@ _FIN_TEXT = 0x81  # first byte of a final text frame: FIN set, opcode 1, no rese
 class SubscribeRequest:
     kind: str
     filter: LogFilter | None = None  # logs only
+    full: bool = False  # newPendingTransactions only: full transaction objects, not hashes
 
 
 def parse_subscribe(
@@ -66,13 +67,8 @@ def parse_subscribe(
         )
         return SubscribeRequest(LOGS, live_logs(flt))
     if kind == PENDING and len(params) == 2 and isinstance(params[1], bool):
-        # geth's fullTx flag (web3.py sends True for full transactions): the node's pending
-        # stream carries hashes only, so full transactions are refused, never faked.
-        if params[1]:
-            raise InvalidParams(
-                "full pending transactions are not supported by this node, only hashes"
-            )
-        return SubscribeRequest(PENDING)
+        # geth's fullTx flag (web3.py sends True for full transactions).
+        return SubscribeRequest(PENDING, full=params[1])
     # geth accepts and ignores an options object after newPendingTransactions/syncing only
     # when it is null; anything more is an argument the subscription does not take.
     if len(params) > 1 and any(p is not None for p in params[1:]):

@@ -132,6 +132,12 @@ class Metrics:
             " subscriptions whose eth_subscribe answer was not yet sent",
             registry=r,
         )
+        self.pending_tx_skipped = Counter(
+            "chainrelay_pending_tx_skipped",
+            "Pending transactions not sent to fullTx subscribers: too many fetches under"
+            " way, or gone (mined, dropped) or unreadable when fetched",
+            registry=r,
+        )
 
     def upstream_observer(self, name: str) -> Callable[[str, float], None]:
         """The function that counts each call made to upstream ``name``, with its latency:

@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from chainrelay.config import FiltersConfig, SubscriptionsConfig
-from chainrelay.errors import LimitExceeded, PendingUnavailable, RequestError, SubscriptionNotFound
+from chainrelay.errors import (
+    InvalidParams,
+    LimitExceeded,
+    PendingUnavailable,
+    RequestError,
+    SubscriptionNotFound,
+)
 from chainrelay.protocol import subscriptions as proto
 from chainrelay.protocol.fanout import Held, HeldNotifications, LogRoutes, geth_order
 from chainrelay.protocol.logfilter import LogFilter
@@ -39,8 +46,13 @@ from chainrelay.services.metrics import Metrics
 from chainrelay.services.ws import WsSession
 from chainrelay.wire.jsonrpc import Answer
 
+log = logging.getLogger(__name__)
 _TRUE = b"true"
 _FALSE = b"false"
+_NULL = b"null"
+# Internal kind of newPendingTransactions with geth's fullTx flag (counted as the kind).
+_PENDING_FULL = proto.PENDING + "/full"
+Ask = Callable[[str, Any], Awaitable[Answer]]
 # Close code for a connection past its held-notification bound: "policy violation"
 # (RFC 6455, 1008), with a reason saying which.
 CLOSE_POLICY_VIOLATION = 1008
@@ -61,6 +73,7 @@ class SubscriptionService:
         cfg: SubscriptionsConfig | None = None,
         random: Callable[[int], bytes] = os.urandom,
         filters: FiltersConfig | None = None,
+        ask: Ask | None = None,
     ) -> None:
         self.feed = feed
         self.metrics = metrics
@@ -71,6 +84,10 @@ class SubscriptionService:
         # Pending transactions come from an upstream's eth_subscribe: only a WebSocket
         # upstream gives any (the filters code asks the same of the feed's pool).
         self.pool: Any = getattr(feed, "pool", None)
+        # Reads through the node's pipeline: a full pending transaction is fetched once per
+        # hash for all its subscribers. None: full transactions are refused.
+        self._ask = ask
+        self._fetches: set[asyncio.Task[None]] = set()
         # subscription id (ASCII bytes) -> its connection, by kind
         self._heads: dict[bytes, Connection] = {}
         self._logs: dict[bytes, tuple[Connection, LogFilter]] = {}
@@ -79,6 +96,7 @@ class SubscriptionService:
         # client address -> its logs subscriptions by filter (distinct filters per address)
         self._log_filters_by_ip: dict[str, collections.Counter[LogFilter]] = {}
         self._pending: dict[bytes, Connection] = {}
+        self._pending_full: dict[bytes, Connection] = {}
         self._syncing: dict[bytes, Connection] = {}
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.total = 0
@@ -88,6 +106,7 @@ class SubscriptionService:
         self._following_pending = False
         self._gauges = {k: metrics.subscriptions.labels(k) for k in proto.KINDS}
         self._sent = {k: metrics.notifications.labels(k) for k in proto.KINDS}
+        self._gauges[_PENDING_FULL] = self._gauges[proto.PENDING]
 
     def open(self, session: WsSession) -> Connection:
         """The subscriptions of a newly upgraded WebSocket connection."""
@@ -95,7 +114,9 @@ class SubscriptionService:
         return Connection(self, session, peer[0] if peer else "")
 
     async def stop(self) -> None:
-        for table in (self._heads, self._logs, self._pending, self._syncing):
+        for task in self._fetches:
+            task.cancel()
+        for table in (self._heads, self._logs, self._pending, self._pending_full, self._syncing):
             for entry in list(table.values()):
                 conn = entry[0] if isinstance(entry, tuple) else entry
                 conn.closed(False)
@@ -109,6 +130,8 @@ class SubscriptionService:
             return self._logs
         if kind == proto.PENDING:
             return self._pending
+        if kind == _PENDING_FULL:
+            return self._pending_full
         return self._syncing
 
     def register(self, conn: Connection, req: proto.SubscribeRequest) -> bytes:
@@ -129,11 +152,14 @@ class SubscriptionService:
                 "pending transactions are not available from this node's upstreams"
                 " (they need a WebSocket upstream)"
             )
+        if req.full and self._ask is None:
+            raise InvalidParams("full pending transactions are not served here, only hashes")
+        kind = _PENDING_FULL if req.full else req.kind
         if req.kind == proto.LOGS:
             assert req.filter is not None
             self._check_log_filter(conn.ip, req.filter)
         sub_id = proto.new_id(self._random(proto.ID_BYTES)).encode()
-        while sub_id in self._table(req.kind):
+        while sub_id in self._table(kind):
             sub_id = proto.new_id(self._random(proto.ID_BYTES)).encode()
         if req.kind == proto.LOGS:
             assert req.filter is not None
@@ -141,11 +167,11 @@ class SubscriptionService:
             self.routes.add(req.filter, sub_id, conn)
             self._log_filters_by_ip.setdefault(conn.ip, collections.Counter())[req.filter] += 1
         else:
-            self._table(req.kind)[sub_id] = conn
-        conn.subs[sub_id] = req.kind
+            self._table(kind)[sub_id] = conn
+        conn.subs[sub_id] = kind
         self.per_ip[conn.ip] += 1
         self.total += 1
-        self._gauges[req.kind].inc()
+        self._gauges[kind].inc()
         self.update_listeners()
         return sub_id
 
@@ -212,7 +238,7 @@ class SubscriptionService:
             else:
                 self.feed.remove_listener(self._on_blocks)
                 self.feed.remove_head_listener(self._on_head)
-        want_pending = bool(self._pending)
+        want_pending = bool(self._pending or self._pending_full)
         if want_pending != self._following_pending:
             self._following_pending = want_pending
             if want_pending:
@@ -271,13 +297,45 @@ class SubscriptionService:
         return sent
 
     def _on_pending(self, tx_hash: str) -> None:
-        frame = proto.NotificationFrames(orjson.dumps(tx_hash)).frame
-        subs = list(self._pending.items())
+        if self._pending_full:
+            self._fetch_full(tx_hash)
+        if not self._pending:
+            return
+        self._fan_out_pending(orjson.dumps(tx_hash), self._pending)
+
+    def _fan_out_pending(self, result: bytes, table: dict[bytes, Connection]) -> None:
+        frame = proto.NotificationFrames(result).frame
+        subs = list(table.items())
         for sub_id, conn in subs:
             conn.notify(sub_id, frame(sub_id))
         self._write_out()
         if subs:
             self._sent[proto.PENDING].inc(len(subs))
+
+    def _fetch_full(self, tx_hash: str) -> None:
+        """Fetch one pending transaction for every fullTx subscriber at once; past the
+        bound of fetches under way the hash is skipped and counted, never queued."""
+        if len(self._fetches) >= self.cfg.pending_tx_fetches:
+            self.metrics.pending_tx_skipped.inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._send_full(tx_hash))
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
+
+    async def _send_full(self, tx_hash: str) -> None:
+        assert self._ask is not None
+        try:
+            answer = await self._ask("eth_getTransactionByHash", [tx_hash])
+        except Exception as exc:  # an upstream error costs this one transaction only
+            log.info("pending transaction %s not fetched: %s", tx_hash, exc)
+            self.metrics.pending_tx_skipped.inc()
+            return
+        # null: mined or dropped before it could be read; an error: not readable now.
+        if answer.result is None or answer.result == _NULL:
+            self.metrics.pending_tx_skipped.inc()
+            return
+        if self._pending_full:
+            self._fan_out_pending(answer.result, self._pending_full)
 
     def _write_out(self) -> None:
         """End of a pass: each connection's queued frames in one write (one syscall); a

@@ -31,6 +31,7 @@ from chainrelay.services.blocks import BlockEvent
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.subscriptions import Connection, SubscriptionService
 from chainrelay.services.ws import WsSession
+from chainrelay.wire.jsonrpc import Answer
 from tests.lab.timing import SECOND
 
 TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
@@ -533,11 +534,70 @@ def test_pending_transactions_without_a_websocket_upstream_are_refused() -> None
     assert feed.pending
 
 
-def test_full_pending_transactions_are_refused_hashes_accepted(
+def test_full_pending_transactions_are_refused_with_no_way_to_read_them(
     setup: tuple[SubscriptionService, FakeFeed],
 ) -> None:
-    svc, _ = setup
+    svc, _ = setup  # no ``ask``: nothing to fetch a transaction with
     conn = svc.open(FakeSession())  # type: ignore[arg-type]
     assert error_code(conn, ["newPendingTransactions", True]) == -32602
     subscribe(conn, ["newPendingTransactions", False])
     assert svc.total == 1
+
+
+class Reader:
+    """Stands in for the node's pipeline: answers eth_getTransactionByHash when released."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.release = asyncio.Event()
+        self._asked = asyncio.Condition()
+
+    async def until_asked(self, n: int) -> None:
+        async with asyncio.timeout(SECOND), self._asked:
+            await self._asked.wait_for(lambda: len(self.asked) >= n)
+
+    async def __call__(self, method: str, params: Any) -> Answer:
+        assert method == "eth_getTransactionByHash"
+        async with self._asked:
+            self.asked.append(params[0])
+            self._asked.notify_all()
+        await self.release.wait()
+        if params[0] == GONE:
+            return Answer(b"null", None)
+        return Answer(orjson.dumps({"hash": params[0], "nonce": "0x1"}), None)
+
+
+GONE = "0x" + "99" * 32
+
+
+async def test_full_pending_transactions_are_read_once_per_hash_for_every_subscriber() -> None:
+    feed = FakeFeed()
+    metrics = Metrics()
+    reader = Reader()
+    cfg = SubscriptionsConfig(pending_tx_fetches=2)
+    svc = SubscriptionService(feed, metrics, cfg, ask=reader)  # type: ignore[arg-type]
+    sessions = [FakeSession() for _ in range(3)]
+    conns = [svc.open(s) for s in sessions]  # type: ignore[arg-type]
+    full = [subscribe(c, ["newPendingTransactions", True]) for c in conns[:2]]
+    hashes = subscribe(conns[2], ["newPendingTransactions"])
+    one, two, three = ("0x" + f"{i:064x}" for i in (1, 2, 3))
+    for tx_hash in (one, GONE, three):  # the third is past the bound of fetches under way
+        for fn in list(feed.pending):
+            fn(tx_hash)
+    assert results(sessions[2], hashes) == [one, GONE, three]  # hashes go out at once
+    await reader.until_asked(2)
+    assert reader.asked == [one, GONE]  # one read per hash, whatever the subscribers
+    reader.release.set()
+    await asyncio.wait_for(asyncio.gather(*svc._fetches), SECOND)
+    for session, sub_id in zip(sessions, full, strict=False):
+        assert results(session, sub_id) == [{"hash": one, "nonce": "0x1"}]
+    # the one skipped and the one gone by the time it was read
+    assert b"chainrelay_pending_tx_skipped_total 2.0" in metrics.render()
+    for tx_hash in (two,):
+        for fn in list(feed.pending):
+            fn(tx_hash)
+    await asyncio.wait_for(asyncio.gather(*svc._fetches), SECOND)
+    assert results(sessions[0], full[0])[-1]["hash"] == two
+    for c in conns:
+        c.closed(False)
+    assert feed.pending == []

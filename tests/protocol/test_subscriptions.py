@@ -105,10 +105,14 @@ def test_logs_subscriptions_take_the_bounds_given() -> None:
         proto.parse_subscribe(["logs", {"topics": [[TOPIC, TOPIC]]}], max_topics_per_position=1)
 
 
-def test_pending_takes_geths_full_tx_flag_and_refuses_full_transactions() -> None:
-    assert proto.parse_subscribe(["newPendingTransactions", False]).kind == proto.PENDING
-    with pytest.raises(InvalidParams, match="full pending transactions"):
-        proto.parse_subscribe(["newPendingTransactions", True])
+def test_pending_takes_geths_full_tx_flag() -> None:
+    hashes = proto.parse_subscribe(["newPendingTransactions", False])
+    assert hashes.kind == proto.PENDING and not hashes.full
+    assert not proto.parse_subscribe(["newPendingTransactions"]).full
+    full = proto.parse_subscribe(["newPendingTransactions", True])
+    assert full.kind == proto.PENDING and full.full
+    with pytest.raises(InvalidParams):
+        proto.parse_subscribe(["newPendingTransactions", {"full": True}])
 
 
 def test_notification_is_spliced_byte_for_byte() -> None:

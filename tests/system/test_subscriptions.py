@@ -606,6 +606,46 @@ async def active_is(relay: Relay, n: float) -> bool:
     return metric(await relay.metrics(), "chainrelay_subscriptions") == n
 
 
+async def test_full_pending_transactions_are_the_nodes_own(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    # geth's fullTx flag (web3.py sends it for full transactions): each pending hash read
+    # once by the relay, its transaction sent to every such subscriber as the node has it.
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        relay = await start_relay_on_manual_node(node, relay_factory, [anvil.ws_url], "")
+        async with Subscriber.connect(relay.ws_url) as a, Subscriber.connect(relay.ws_url) as b:
+            full_a = await a.subscribe(["newPendingTransactions", True])
+            full_b = await b.subscribe(["newPendingTransactions", True])
+            # The upstream pending stream starts with the first subscription: probe until
+            # one transaction is announced.
+            sent: list[str] = []
+            for attempt in range(10):
+                sent.append(await node.send({"from": A2, "to": A0, "value": hex(1 + attempt)}))
+                with contextlib.suppress(AssertionError):
+                    await until(lambda: bool(a.notes[full_a]), SECOND, "a probe announced")
+                    break
+            else:
+                raise AssertionError("the pending stream never announced a transaction")
+            sent.append(await node.send({"from": A1, "to": A2, "value": "0x2"}))
+            first = a.results(full_a)[0]["hash"]
+            want = sent[sent.index(first) :]
+
+            def got(sub: Subscriber, sub_id: str) -> list[str]:
+                return [tx["hash"] for tx in sub.results(sub_id)]
+
+            await until(
+                lambda: got(a, full_a) == want and got(b, full_b)[-1:] == want[-1:],
+                10 * SECOND,
+                "every later transaction in full, to both subscribers",
+            )
+            for tx in a.results(full_a):
+                assert tx == await node.call("eth_getTransactionByHash", [tx["hash"]])
+                assert tx["blockHash"] is None  # still pending: the node's pending form
+
+
 # --- the cache warmed by the feed; pending transactions ----------------------------------
 async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
     procs: Any,
