@@ -117,13 +117,16 @@ class Node:
             shared=self.shared,
             max_hit_table_bytes=cfg.limits.max_hit_table_bytes,
         )
+        sc = cfg.subscriptions
         blocks = self.blocks = BlockFeed(
             pool,
             head,
             cache,
             self.metrics,
             window=cfg.head.reorg_window,
-            follow_always=cfg.subscriptions.follow_blocks_always,
+            follow="always" if sc.follow_blocks_always else sc.follow_blocks,
+            follow_recent=sc.follow_recent_blocks,
+            feed_call=self.rpc.feed_call,
             fetch_retry_delay=cfg.subscriptions.feed_fetch_retry_delay,
             fetch_attempts=cfg.subscriptions.feed_fetch_attempts,
             block_passes=cfg.subscriptions.feed_block_passes,
@@ -136,6 +139,7 @@ class Node:
         self._stack.append(filters.stop)
         await filters.start()
         self.rpc.filters = filters
+        self.rpc.note_miss = blocks.note_miss
         subs = self.subscriptions = SubscriptionService(
             blocks, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=self.rpc.call
         )

@@ -49,6 +49,8 @@ class LimitsConfig:
 # "redis": Redis, with only a minimal memory tier (see shared_cache.REDIS_MODE_MEMORY_BYTES).
 CACHE_BACKENDS = ("memory", "redis", "tiered")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# When the block feed follows blocks (see chainrelay.services.blocks).
+FOLLOW_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -128,6 +130,8 @@ class SubscriptionsConfig:
     pending_tx_fetches: int = d.PENDING_TX_FETCHES
     slow_close_grace: float = d.SLOW_CLOSE_GRACE
     follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
+    follow_blocks: str = d.FOLLOW_BLOCKS
+    follow_recent_blocks: int = d.FOLLOW_RECENT_BLOCKS
     feed_fetch_retry_delay: float = d.FEED_FETCH_RETRY_DELAY
     feed_fetch_attempts: int = d.FEED_FETCH_ATTEMPTS
     feed_block_passes: int = d.FEED_BLOCK_PASSES
@@ -234,6 +238,7 @@ def validate(cfg: Config) -> Config:
         ("subscriptions.pending_tx_fetches", cfg.subscriptions.pending_tx_fetches),
         ("subscriptions.slow_close_grace", cfg.subscriptions.slow_close_grace),
         ("subscriptions.feed_fetch_retry_delay", cfg.subscriptions.feed_fetch_retry_delay),
+        ("subscriptions.follow_recent_blocks", cfg.subscriptions.follow_recent_blocks),
         ("subscriptions.feed_fetch_attempts", cfg.subscriptions.feed_fetch_attempts),
         ("subscriptions.feed_block_passes", cfg.subscriptions.feed_block_passes),
         (
@@ -244,6 +249,11 @@ def validate(cfg: Config) -> Config:
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")
+    if cfg.subscriptions.follow_blocks not in FOLLOW_MODES:
+        raise ConfigError(
+            f"subscriptions.follow_blocks: expected one of {', '.join(FOLLOW_MODES)}, "
+            f"got {cfg.subscriptions.follow_blocks!r}"
+        )
     if cfg.server.workers > 1 and port == 0:
         raise ConfigError("server.listen: port 0 gives each worker its own port; name one")
     return cfg

@@ -128,7 +128,17 @@ PENDING_TX_FETCHES = 64
 SLOW_CLOSE_GRACE = 5.0
 # Fetch every block (and warm the cache with it) even while nobody subscribes: for a node
 # whose clients read each new block anyway. Off: two upstream calls per block saved.
+# True overrides FOLLOW_BLOCKS with "always".
 FOLLOW_BLOCKS_ALWAYS = False
+# When the block feed fetches each new block: "auto" while someone subscribes or clients
+# missed on block, transaction or receipt reads lately (two calls a block then replace a
+# receipt miss per transaction read and the latest block's miss), "always", or "never"
+# (only while someone subscribes).
+FOLLOW_BLOCKS = "auto"
+# Blocks an automatic feed keeps following after a client's last such miss: a dapp that
+# polls every few seconds misses at least once in this many BSC blocks (a minute), and a
+# node whose clients went away wastes at most twice this many calls.
+FOLLOW_RECENT_BLOCKS = 20
 
 # --- Block feed (what eth_subscribe and eth_newFilter follow) ------------------------------
 # Wait before asking again for a block an upstream could not give (not there yet, or an

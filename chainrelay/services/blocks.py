@@ -25,8 +25,17 @@ tracker walked back to fill, a reorg, a header only polled) waits for the fetch,
 go out in chain order, each once. The price: a client that asks for a block as soon as its
 newHeads arrives may be answered before the feed has warmed the cache with it.
 
-The feed fetches only while someone listens (or ``follow_blocks_always``): a node nobody
-subscribes to costs its upstreams nothing more than its head.
+When the feed follows (``follow``): ``always``; ``never`` fetches only while someone
+listens; ``auto`` (the default) also while clients' reads of block, transaction or receipt
+data missed the cache within the last ``follow_recent`` blocks (``note_miss``, called by
+the RPC pipeline on its miss path only). One eth_getBlockByHash and one
+eth_getBlockReceipts per block then replace the per-transaction receipt misses and the
+latest block's miss; a node nobody reads blocks from costs its upstreams only its head.
+
+The feed's reads go through the RPC pipeline's cache and coalescer (``feed_call``) under
+the keys a client's same request has, with the light block, the block by number and each
+transaction's receipt derived from them as calls clients join: a client asking for the
+block the moment its newHeads arrives rides on the feed's fetch.
 
 A head's newHeads payload is the header its upstream pushed for that very block (by hash);
 a head only polled gets geth's header form (``HEADER_FIELDS``), never the whole block.
@@ -43,7 +52,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +60,7 @@ import orjson
 import websockets
 
 from chainrelay import defaults
+from chainrelay.config import FOLLOW_MODES
 from chainrelay.errors import UpstreamError
 from chainrelay.protocol import policy
 from chainrelay.protocol.blockorder import DeliveredChain
@@ -61,6 +71,7 @@ from chainrelay.services.head import Header, HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.upstream import Upstream
+from chainrelay.wire.jsonrpc import Answer
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +128,22 @@ class BlockEvent:
     announced: bool = False  # True: head listeners got this header before the block's fetch
 
 
+# ``RpcService.feed_call``: (method, params, min_block, derived reads) -> the answer.
+FeedCall = Callable[
+    [str, list[Any], int, Sequence[tuple[str, list[Any], Callable[[Any], Any]]]], Awaitable[Answer]
+]
+# Reads the feed answers once it follows blocks: a miss on one of them means a client
+# reads new blocks' data, which following would have made a hit.
+FEED_SERVED = frozenset(
+    {
+        "eth_getBlockByNumber",
+        "eth_getBlockByHash",
+        "eth_getBlockReceipts",
+        "eth_getTransactionByHash",
+        "eth_getTransactionReceipt",
+    }
+)
+
 BlockListener = Callable[[list[BlockEvent]], None]
 # Called with a head's newHeads payload, as the upstream pushed it, ahead of its block.
 HeadListener = Callable[[dict[str, Any]], None]
@@ -136,7 +163,9 @@ class BlockFeed:
         metrics: Metrics,
         *,
         window: int = defaults.REORG_WINDOW,
-        follow_always: bool = defaults.FOLLOW_BLOCKS_ALWAYS,
+        follow: str = defaults.FOLLOW_BLOCKS,
+        follow_recent: int = defaults.FOLLOW_RECENT_BLOCKS,
+        feed_call: FeedCall | None = None,
         fetch_retry_delay: float = defaults.FEED_FETCH_RETRY_DELAY,
         fetch_attempts: int = defaults.FEED_FETCH_ATTEMPTS,
         block_passes: int = defaults.FEED_BLOCK_PASSES,
@@ -147,7 +176,14 @@ class BlockFeed:
         self.head = head
         self.cache = cache
         self.metrics = metrics
-        self.follow_always = follow_always
+        if follow not in FOLLOW_MODES:
+            raise ValueError(f"follow must be one of {FOLLOW_MODES}")
+        self.follow_always = follow == "always"
+        self._auto = follow == "auto"
+        self.follow_recent = follow_recent
+        # Clients' misses keep an automatic feed following up to this block number.
+        self._interest_until = -1
+        self._call: FeedCall = feed_call or self._pool_call
         self.fetch_retry_delay = fetch_retry_delay
         self.fetch_attempts = fetch_attempts
         self.block_passes = block_passes
@@ -181,8 +217,25 @@ class BlockFeed:
     def remove_listener(self, fn: BlockListener) -> None:
         with contextlib.suppress(ValueError):
             self._listeners.remove(fn)
-        if not self._listeners and not self.follow_always:
+        if not self._wanted():
             self._unfollow()
+
+    def note_miss(self, method: str) -> None:
+        """Called by the RPC pipeline on a cache miss of ``method`` (never on a hit): a
+        read of block data makes an automatic feed follow for ``follow_recent`` blocks."""
+        if not self._auto or method not in FEED_SERVED:
+            return
+        self._interest_until = self.head.view.number + self.follow_recent
+        worker = self._worker
+        if worker is None or worker.done():
+            self._follow()
+
+    def _wanted(self) -> bool:
+        return (
+            self.follow_always
+            or bool(self._listeners)
+            or (self._auto and self.head.view.number <= self._interest_until)
+        )
 
     def add_head_listener(self, fn: HeadListener) -> None:
         """Call ``fn`` with each new head's pushed payload as soon as the head is adopted
@@ -251,6 +304,9 @@ class BlockFeed:
         # Called inside the head tracker's update: a wake-up for the worker, and at most one
         # early header for head listeners (one pass, no await).
         self._wake.set()
+        if self._auto and self._worker is not None and not self._wanted():
+            self._unfollow()  # nobody listens and no client read a block for a while
+            return
         if len(added) == 1 and not removed and self._head_listeners:
             self._announce(added[0])
 
@@ -381,13 +437,23 @@ class BlockFeed:
         raise _Unavailable
 
     async def _fetch_once(self, number: int, block_hash: str) -> tuple[BlockEvent, _Raw]:
-        answer = await self.pool.call("eth_getBlockByHash", [block_hash, True], number)
+        # Client reads answered from this block, joined while it is fetched. By number
+        # only while this block is the canonical one there (the key names that hash).
+        derived: list[tuple[str, list[Any], Callable[[Any], Any]]] = [
+            ("eth_getBlockByHash", [block_hash, False], _light_or_none),
+        ]
+        if self.head.view.canonical.get(number) == block_hash:
+            derived += [
+                ("eth_getBlockByNumber", [hex(number), True], _block_or_none),
+                ("eth_getBlockByNumber", [hex(number), False], _light_or_none),
+            ]
+        answer = await self._call("eth_getBlockByHash", [block_hash, True], number, derived)
         block = answer.value
         if answer.error is not None or not isinstance(block, dict) or answer.result is None:
             raise _Unavailable("block")
         if block.get("hash") != block_hash:
             raise _Unavailable("another block")
-        receipts, receipts_raw = await self._receipts(number, block_hash)
+        receipts, receipts_raw = await self._receipts(number, block_hash, block)
         if receipts is not None:
             logs = logs_of_receipts(receipts)
         else:
@@ -402,14 +468,14 @@ class BlockFeed:
         return event, _Raw(answer.result, light, receipts, receipts_raw)
 
     async def _receipts(
-        self, number: int, block_hash: str
+        self, number: int, block_hash: str, block: dict[str, Any]
     ) -> tuple[list[dict[str, Any]] | None, bytes | None]:
         """The block's receipts, or (None, None): take its logs from eth_getLogs instead
         (the upstream lacks the method, or failed it this time)."""
         if number < self._receipts_from:
             return None, None
         try:
-            answer = await self.pool.call("eth_getBlockReceipts", [block_hash], number)
+            answer = await self._call_receipts(number, block_hash, block)
         except UpstreamError as exc:
             answer = None
             why = str(exc)
@@ -433,6 +499,27 @@ class BlockFeed:
         log.warning("block %d: eth_getBlockReceipts failed (%s); logs by eth_getLogs", number, why)
         self.metrics.feed_problems.labels("receipts_fallback").inc()
         return None, None
+
+    async def _call_receipts(self, number: int, block_hash: str, block: dict[str, Any]) -> Answer:
+        """eth_getBlockReceipts under the key of a client's receipts by number (the
+        pipeline asks by this block's hash), each transaction's receipt derived from it."""
+        if self._call == self._pool_call or self.head.view.canonical.get(number) != block_hash:
+            return await self.pool.call("eth_getBlockReceipts", [block_hash], number)
+        derived = [
+            ("eth_getTransactionReceipt", [tx["hash"]], _receipt_of(tx["hash"], block_hash))
+            for tx in block.get("transactions") or ()
+            if isinstance(tx, dict) and isinstance(tx.get("hash"), str)
+        ]
+        return await self._call("eth_getBlockReceipts", [hex(number)], number, derived)
+
+    async def _pool_call(
+        self,
+        method: str,
+        params: list[Any],
+        min_block: int,
+        derived: Sequence[tuple[str, list[Any], Callable[[Any], Any]]] = (),
+    ) -> Answer:
+        return await self.pool.call(method, params, min_block)
 
     def _header(self, light: dict[str, Any]) -> dict[str, Any]:
         """The newHeads payload of a block: the header an upstream pushed for this very
@@ -572,6 +659,30 @@ def _light(block: dict[str, Any]) -> dict[str, Any]:
     if isinstance(txs, list):
         light["transactions"] = [t.get("hash") if isinstance(t, dict) else t for t in txs]
     return light
+
+
+def _light_or_none(block: Any) -> dict[str, Any] | None:
+    return _light(block) if isinstance(block, dict) else None
+
+
+def _block_or_none(block: Any) -> dict[str, Any] | None:
+    return block if isinstance(block, dict) else None
+
+
+def _receipt_of(tx_hash: str, block_hash: str) -> Callable[[Any], Any]:
+    """Picks one transaction's receipt out of its block's receipts."""
+
+    def pick(receipts: Any) -> Any:
+        for r in receipts if isinstance(receipts, list) else ():
+            if (
+                isinstance(r, dict)
+                and r.get("transactionHash") == tx_hash
+                and r.get("blockHash") == block_hash
+            ):
+                return r
+        return None
+
+    return pick
 
 
 def _kept(ev: BlockEvent) -> BlockEvent:

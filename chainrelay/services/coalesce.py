@@ -27,6 +27,11 @@ class Coalescer(Generic[T]):
         return key in self._inflight
 
     async def run(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> T:
+        return await asyncio.shield(self.start(key, factory))
+
+    def start(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """The call under way for ``key``, started from ``factory`` if there is none: for a
+        caller that lets others join a call it may not wait for itself."""
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(factory())
@@ -34,4 +39,4 @@ class Coalescer(Generic[T]):
             task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
         else:
             self.joined += 1
-        return await asyncio.shield(task)
+        return task

@@ -11,10 +11,11 @@ bytes that a transport keeps (``last_seen``) and checks again through ``replay``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import orjson
 
@@ -75,6 +76,11 @@ class SharedCache(Protocol):
         """Run ``produce`` in one process at a time for ``key``; the others wait for the
         answer it stores, and run ``produce`` themselves if the holder dies or stores none."""
         ...
+
+
+# (method, params, derive): a client read that ``RpcService.feed_call`` answers from its
+# own call's decoded answer (``derive`` returns the decoded value, None when it has none).
+Derived = tuple[str, list[Any], Callable[[Any], Any]]
 
 
 class FilterCalls(Protocol):
@@ -227,6 +233,9 @@ class RpcService:
         self.last_seen: Seen | None = None
         # Installed filters (eth_newFilter & co), answered by the node; set by the app.
         self.filters: FilterCalls | None = None
+        # Told of each miss (the method's name): the block feed follows blocks while
+        # misses it could have answered are recent (``BlockFeed.note_miss``).
+        self.note_miss: Callable[[str], None] | None = None
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
@@ -492,6 +501,9 @@ class RpcService:
                 self.metrics.hits += 1
                 return Answer(entry.value, None), "shared_hit"
         self.metrics.misses += 1
+        note = self.note_miss
+        if note is not None:
+            note(method)
         if p.key in self._coalescer:  # another caller's miss started during our lookup
             self.metrics.coalesced.inc()
         answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd))
@@ -502,6 +514,65 @@ class RpcService:
         node's own services: ``eth_getFilterLogs`` reads its range this way, cached."""
         answer, _ = await self._fetch(Call(None, method, params))
         return answer
+
+    async def feed_call(
+        self,
+        method: str,
+        params: list[Any],
+        min_block: int,
+        derived: Sequence[Derived] = (),
+    ) -> Answer:
+        """A read of the block feed, through the cache and the coalescer under the key
+        ``policy.plan`` gives a client's same request: a client asking the same block at
+        that moment rides on this call (or this call on the client's), so the data costs
+        one upstream call. ``derived``: (method, params, derive) of other client reads
+        answered from this one (the light block, one transaction's receipt), started at
+        once as calls of their own that clients join. The answer carries its decoding."""
+        view = self.view
+        p = policy.plan(method, params, view)
+        if p.key is None:
+            return await self.pool.call(method, params, min_block)
+        entry = self.cache.get(p.key)
+        if entry is not None and self._still_canonical(entry):
+            return Answer(entry.value, None, orjson.loads(entry.value))
+        if p.min_block < min_block:
+            p.min_block = min_block  # an upstream that has the block, not a lagging one
+        fwd = p.params if p.params is not None else params
+        if p.key in self._coalescer:
+            self.metrics.coalesced.inc()
+        task = self._coalescer.start(p.key, lambda: self._miss(p, method, fwd))
+        for d_method, d_params, derive in derived:
+            dp = policy.plan(d_method, d_params, view)
+            if dp.key is None or dp.key in self._coalescer or self.cache.get(dp.key) is not None:
+                continue
+            d_fwd = dp.params if dp.params is not None else d_params
+            self._coalescer.start(
+                dp.key,
+                lambda dp=dp, m=d_method, f=d_fwd, fn=derive: self._derived(task, dp, m, f, fn),
+            )
+        answer = await asyncio.shield(task)
+        if answer.value is None and answer.result is not None and answer.result != b"null":
+            answer = Answer(answer.result, answer.error, orjson.loads(answer.result))
+        return answer
+
+    async def _derived(
+        self,
+        source: asyncio.Task[Answer],
+        p: Plan,
+        method: str,
+        params: policy.Params | None,
+        derive: Callable[[Any], Any],
+    ) -> Answer:
+        """A client read answered from the feed's call ``source``; its own upstream call
+        when that call fails or holds no answer for it."""
+        with contextlib.suppress(UpstreamError):
+            got = await asyncio.shield(source)
+            value = derive(got.value) if got.error is None and got.value is not None else None
+            if value is not None:
+                answer = Answer(orjson.dumps(value), None, value)
+                self._store(p, answer)
+                return answer
+        return await self._miss(p, method, params)
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
         shared = self.shared

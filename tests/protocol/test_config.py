@@ -162,6 +162,10 @@ def test_expand_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatc
             "[subscriptions]\npending_max_message = -1\n" + UPSTREAM,
             "subscriptions.pending_max_message",
         ),
+        (
+            '[subscriptions]\nfollow_blocks = "sometimes"\n' + UPSTREAM,
+            "subscriptions.follow_blocks",
+        ),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(text: str, words: str) -> None:

@@ -1,0 +1,173 @@
+"""The block feed's upstream side through a relay: its fetch shared with clients' reads of
+the same block, and the automatic mode that follows blocks only while clients read them.
+
+Real anvil (mining on demand), a real relay, the counting proxy between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from chainrelay.devnet import Anvil
+from tests.lab.chain import DEV_ACCOUNTS, Chain, metric
+from tests.lab.counting_proxy import start_proxy
+from tests.lab.procs import Relay, until
+from tests.lab.timing import SECOND
+
+pytestmark = pytest.mark.lab
+
+A0, A1, A2 = DEV_ACCOUNTS
+# Heartbeat that keeps heads coming while a relay starts in front of a node that mines only
+# when told to.
+HEARTBEAT = 0.2
+# No backfill: the head tracker's walk behind its first head would ask eth_getBlockByHash,
+# which the proxy holds in the coalescing test.
+NO_BACKFILL = "[head]\nbackfill_blocks = 0\n"
+
+
+async def start_relay(
+    node: Chain, relay_factory: Callable[..., Awaitable[Relay]], upstream: str, extra: str
+) -> Relay:
+    """A relay in front of a node that mines on demand (blocks every HEARTBEAT until the
+    relay serves, so its head tracker sees a first head)."""
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            await node.call("evm_mine")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT)
+
+    task = asyncio.create_task(heartbeat())
+    try:
+        return await relay_factory([upstream], extra)
+    finally:
+        stop.set()
+        await task
+
+
+async def coalesced(relay: Relay) -> float:
+    return metric(await relay.metrics(), "chainrelay_coalesced_total")
+
+
+async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockByHash",))
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
+        relay = await start_relay(node, relay_factory, proxy.url, extra)
+        async with Chain.open(relay.url) as through:
+            await node.send({"from": A0, "to": A1, "value": "0x5"})
+            await proxy.reset()
+            await node.call("evm_mine")
+            n, block_hash = await node.head()
+            # The feed's fetch of the new block is under way, held at the proxy.
+            await until(lambda: _held(proxy, 1), 10 * SECOND, "the feed's fetch of the block")
+            before = await coalesced(relay)
+            # A client that saw the head asks for the block at once, in both forms.
+            asks = [
+                asyncio.ensure_future(through.request("eth_getBlockByHash", [block_hash, True])),
+                asyncio.ensure_future(through.request("eth_getBlockByHash", [block_hash, False])),
+                asyncio.ensure_future(through.request("eth_getBlockByNumber", [hex(n), False])),
+            ]
+            await until(
+                lambda: _joined_or_held(relay, proxy, before + len(asks)),
+                10 * SECOND,
+                "the client's reads to join the feed's call or reach the node",
+            )
+            held = await proxy.held()
+            await proxy.release()
+            got = await asyncio.gather(*asks)
+            want = [
+                await node.request("eth_getBlockByHash", [block_hash, True]),
+                await node.request("eth_getBlockByHash", [block_hash, False]),
+                await node.request("eth_getBlockByNumber", [hex(n), False]),
+            ]
+            counts = await proxy.counts()
+    assert got == want
+    assert held == 1  # only the feed's call reached the node
+    assert counts.get("eth_getBlockByHash") == 1, counts
+
+
+async def _held(proxy: Any, n: int) -> bool:
+    return await proxy.held() >= n
+
+
+async def _joined_or_held(relay: Relay, proxy: Any, coalesced_at_least: float) -> bool:
+    return await coalesced(relay) >= coalesced_at_least or await proxy.held() > 1
+
+
+async def test_automatic_feed_follows_only_while_clients_read_blocks(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        # The default mode ("auto"), following for 3 blocks after a client's last miss.
+        extra = "[subscriptions]\nfollow_recent_blocks = 3\n"
+        relay = await start_relay(node, relay_factory, proxy.url, extra)
+        async with Chain.open(relay.url) as through:
+
+            async def mine_one() -> tuple[int, str]:
+                await node.call("evm_mine")
+                head = await node.head()
+                await until(lambda: _relay_at(through, head[0]), 10 * SECOND, "the relay's head")
+                return head
+
+            # Nobody subscribes and nobody reads blocks: no block is fetched.
+            await proxy.reset()
+            for _ in range(3):
+                await mine_one()
+            idle = await proxy.counts()
+            assert "eth_getBlockReceipts" not in idle and "eth_getBlockByHash" not in idle, idle
+
+            # A client reads a receipt (a miss): the feed follows from the next block on.
+            tx = await node.send({"from": A0, "to": A1, "value": "0x7"})
+            await mine_one()
+            assert (await through.call("eth_getTransactionReceipt", [tx]))["status"] == "0x1"
+            txs = [await node.send({"from": s, "to": A2, "value": "0x1"}) for s in (A0, A1)]
+            await proxy.reset()
+            await mine_one()
+            await until(
+                lambda: _counted(proxy, "eth_getBlockReceipts", 1),
+                10 * SECOND,
+                "the feed's fetch of the block",
+            )
+            # Its transactions' receipts are then hits, byte for byte the node's.
+            for t in txs:
+                assert await through.request(
+                    "eth_getTransactionReceipt", [t]
+                ) == await node.request("eth_getTransactionReceipt", [t])
+            following = await proxy.counts()
+            assert "eth_getTransactionReceipt" not in following, following
+
+            # Reads stop: three blocks later the feed stops fetching.
+            for _ in range(3):
+                await mine_one()
+            await proxy.reset()
+            for _ in range(3):
+                await mine_one()
+            stopped = await proxy.counts()
+    assert following.get("eth_getBlockReceipts") == 1, following
+    assert "eth_getBlockReceipts" not in stopped and "eth_getBlockByHash" not in stopped, stopped
+
+
+async def _relay_at(through: Chain, n: int) -> bool:
+    return int(await through.call("eth_blockNumber"), 16) >= n
+
+
+async def _counted(proxy: Any, method: str, n: int) -> bool:
+    return (await proxy.counts()).get(method, 0) >= n
