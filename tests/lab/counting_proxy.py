@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,9 @@ class CountingProxyApp:
         self.session: aiohttp.ClientSession | None = None
         self.sockets: set[web.WebSocketResponse] = set()
         self.ws_upstream = "ws" + upstream[4:] if upstream.startswith("http") else upstream
+        # A client WebSocket message -> the answer to send back instead of forwarding it
+        # (None: forward). For fakes built on this proxy (``fault_upstream``).
+        self.intercept: Callable[[str], str | None] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -154,6 +158,10 @@ class CountingProxyApp:
                     methods = methods_of(msg.data.encode())
                     self.counter.add(methods)
                     await self._wait_if_held(methods)
+                    instead = self.intercept(msg.data) if self.intercept is not None else None
+                    if instead is not None:
+                        await client.send_str(instead)
+                        continue
                     await node.send_str(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
                     methods = methods_of(msg.data)

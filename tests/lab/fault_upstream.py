@@ -15,6 +15,9 @@ up; every other call gets the fault of ``--mode``:
 * ``receipts_error``: every call is forwarded but ``eth_getBlockReceipts``, which gets the
   JSON-RPC error -32000 a node answers when it cannot serve a block's receipts for now
   (a pruned or lagging backend behind a provider's load balancer).
+* ``pending_garbage``: a WebSocket proxy to the node (``counting_proxy``'s) whose first
+  ``PENDING_GARBAGE`` ``eth_subscribe("newPendingTransactions")`` calls are answered with
+  cut-off JSON, as a broken gateway sends; later ones, and every other call, reach the node.
 
 ``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -30,10 +34,19 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.lab.counting_proxy import JSON, Counter, LabServer, methods_of, serve
+from tests.lab.counting_proxy import (
+    JSON,
+    Counter,
+    CountingProxyApp,
+    LabServer,
+    methods_of,
+    serve,
+)
 from tests.lab.procs import Procs
 
-MODES = ("429", "hang", "malformed", "receipts_error")
+MODES = ("429", "hang", "malformed", "receipts_error", "pending_garbage")
+# Pending-transaction subscriptions answered with garbage before they reach the node.
+PENDING_GARBAGE = 2
 # eth_chainId: the relay's chain check; eth_getBlockByNumber/ByHash: the head tracker;
 # eth_blockNumber: the pool's probe that brings an upstream back into rotation.
 HEAD_METHODS = frozenset(
@@ -106,7 +119,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     args = p.parse_args(argv)
-    asyncio.run(serve(FaultUpstreamApp(args.mode, args.upstream).app(), args.host, args.port))
+    if args.mode == "pending_garbage":
+        app = pending_garbage_app(args.upstream)
+    else:
+        app = FaultUpstreamApp(args.mode, args.upstream).app()
+    asyncio.run(serve(app, args.host, args.port))
+
+
+def pending_garbage_app(upstream: str) -> web.Application:
+    proxy = CountingProxyApp(upstream, set(), 0.0)
+    left = [PENDING_GARBAGE]
+
+    def garbage(message: str) -> str | None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(message)
+            if (
+                isinstance(doc, dict)
+                and doc.get("method") == "eth_subscribe"
+                and doc.get("params") == ["newPendingTransactions"]
+                and left[0] > 0
+            ):
+                left[0] -= 1
+                return MALFORMED[0].decode()
+        return None
+
+    proxy.intercept = garbage
+    return proxy.app()
 
 
 class FaultUpstream(LabServer):

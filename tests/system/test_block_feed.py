@@ -11,11 +11,14 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
+import websockets
 
 from chainrelay.devnet import Anvil
 from tests.lab.chain import DEV_ACCOUNTS, Chain, metric
 from tests.lab.counting_proxy import start_proxy
+from tests.lab.fault_upstream import PENDING_GARBAGE, start_fault_upstream
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
 
@@ -171,3 +174,49 @@ async def _relay_at(through: Chain, n: int) -> bool:
 
 async def _counted(proxy: Any, method: str, n: int) -> bool:
     return (await proxy.counts()).get(method, 0) >= n
+
+
+async def test_garbage_from_a_fake_upstream_does_not_end_the_pending_stream(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    # Answers the relay's first pending subscriptions with cut-off JSON (anvil cannot).
+    fake = await start_fault_upstream(procs, "pending_garbage", anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        relay = await start_relay(node, relay_factory, fake.url.replace("http", "ws", 1), "")
+        async with websockets.connect(relay.ws_url, compression=None) as conn:
+            await conn.send(
+                '{"jsonrpc":"2.0","id":1,"method":"eth_subscribe",'
+                '"params":["newPendingTransactions"]}'
+            )
+            answer = orjson.loads(await conn.recv())
+            assert isinstance(answer.get("result"), str), answer
+            seen: list[str] = []
+
+            async def read() -> None:
+                async for message in conn:
+                    doc = orjson.loads(message)
+                    if doc.get("method") == "eth_subscription":
+                        seen.append(doc["params"]["result"])
+
+            reader = asyncio.create_task(read())
+            try:
+                # The relay's stream comes up after its back-off; probe until one arrives.
+                probe = ""
+                for attempt in range(20):
+                    probe = await node.send({"from": A2, "to": A0, "value": hex(1 + attempt)})
+                    with contextlib.suppress(AssertionError):
+                        await until(lambda p=probe: p in seen, SECOND, "a probe as pending")
+                        break
+                else:
+                    raise AssertionError("the pending stream never came back")
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        m = await relay.metrics()
+    problems = metric(m, "chainrelay_block_feed_problems_total", problem="pending_stream")
+    assert problems >= PENDING_GARBAGE
