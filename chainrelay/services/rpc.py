@@ -118,10 +118,11 @@ class Seen:
 
 
 class Forward:
-    """Completes a call sent by ``RpcService._forward`` once its upstream answer arrives:
-    the answer readdressed to the caller's id, measured and counted as the full path
-    would ("pass"); on a transport error (timeout, connection lost, garbage), the call
-    starts again on the full path, which retries and fails over."""
+    """Completes a call sent by ``RpcService._forward``, as its upstream's waiter: called
+    where the answer is read, it readdresses the answer to the caller's id, measures and
+    counts it as the full path would ("pass") and sets the caller's future (``out``). A
+    transport error (timeout, connection lost, garbage) starts the call again on the full
+    path, which retries and fails over."""
 
     __slots__ = ("call", "out", "rpc", "started", "upstream")
 
@@ -139,40 +140,50 @@ class Forward:
         self.started = started
         self.out = out
 
-    def __call__(self, sent: asyncio.Future[bytes]) -> None:
+    def done(self) -> bool:
+        return False  # the upstream gives each waiter one outcome, once
+
+    def set_result(self, raw: bytes, /) -> None:
+        # Called inside the upstream link's read: nothing may escape into it.
+        try:
+            self._answered(raw)
+        except Exception as exc:
+            log.exception("internal error serving %s", self.call.method)
+            if not self.out.done():
+                self.out.set_exception(exc)
+
+    def _answered(self, raw: bytes) -> None:
+        upstream, call = self.upstream, self.call
+        upstream.prune()
+        rid = call.id or NULL_ID
+        got = readdress(raw, rid)
+        if got is None:
+            try:
+                answer = parse_answer(raw)
+            except ValueError as err:
+                self.set_exception(TransportError(f"malformed answer: {err}", malformed=True))
+                return
+            if answer.error is not None:
+                got = encode_error_raw(rid, answer.error), True
+            else:
+                got = encode_result(rid, answer.result or NULL_ID), False
+        out = self.out
+        if not out.done():
+            out.set_result(got[0])
+        elapsed = time.perf_counter() - self.started
+        upstream.answered(elapsed, got[1])
+        self.rpc.metrics.count(call.method, "pass", elapsed)
+
+    def set_exception(self, exc: BaseException, /) -> None:
         rpc, upstream, call = self.rpc, self.upstream, self.call
         upstream.prune()
-        now = time.perf_counter()
-        exc = sent.exception() if not sent.cancelled() else TransportError("cancelled")
-        if exc is None:
-            raw = sent.result()
-            got = readdress(raw, call.id or NULL_ID)
-            if got is None:
-                try:
-                    answer = parse_answer(raw)
-                except ValueError as err:
-                    exc = TransportError(f"malformed answer: {err}", malformed=True)
-                else:
-                    body = (
-                        encode_error_raw(call.id or NULL_ID, answer.error)
-                        if answer.error is not None
-                        else encode_result(call.id or NULL_ID, answer.result or NULL_ID)
-                    )
-                    got = body, answer.error is not None
-            if got is not None:
-                upstream.answered(now - self.started, got[1])
-                rpc.metrics.count(call.method, "pass", now - self.started)
-                if not self.out.done():
-                    self.out.set_result(got[0])
-                return
-        assert isinstance(exc, BaseException)
         if not isinstance(exc, TransportError):
             exc = TransportError(f"{type(exc).__name__}: {exc}")
-        rpc.pool.failed(upstream, exc, now - self.started)
+        rpc.pool.failed(upstream, exc, time.perf_counter() - self.started)
         log.debug("upstream %s %s failed: %s; retried", upstream.name, call.method, exc)
         if self.out.done():
             return  # the caller went away
-        retry = sent.get_loop().create_task(rpc._answer_later(call, self.started))
+        retry = self.out.get_loop().create_task(rpc._answer_later(call, self.started))
         retry.add_done_callback(self._retried)
 
     def _retried(self, retry: asyncio.Task[bytes | None]) -> None:
@@ -236,6 +247,7 @@ class RpcService:
         # Told of each miss (the method's name): the block feed follows blocks while
         # misses it could have answered are recent (``BlockFeed.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
@@ -428,12 +440,15 @@ class RpcService:
         upstream = self.pool.direct()
         if upstream is None:
             return None
-        sent = upstream.send_now(call.method, call.params if call.has_params else None)
-        if sent is None:
+        loop = self._loop
+        if loop is None:
+            # Kept: asking asyncio for the running loop costs a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
+        out: asyncio.Future[bytes] = loop.create_future()
+        params = call.params if call.has_params else None
+        if not upstream.send_now(call.method, params, Forward(self, upstream, call, started, out)):
             return None
         self._pass_call = None
-        out: asyncio.Future[bytes] = sent.get_loop().create_future()
-        sent.add_done_callback(Forward(self, upstream, call, started, out))
         return out
 
     # --- misses ----------------------------------------------------------------------

@@ -398,6 +398,17 @@ class _WsLink(asyncio.Protocol):
             transport.close()
 
 
+class Waiter(typing.Protocol):
+    """What waits for a WebSocket upstream's answer to one call: an asyncio future, or an
+    object that acts on the answer where it arrives (``WsUpstream.send_now``)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: bytes, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 class WsUpstream(Upstream):
     """A WebSocket upstream: requests multiplexed by id over one connection, reconnected
     on demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``."""
@@ -418,7 +429,7 @@ class WsUpstream(Upstream):
         self.max_message_bytes = max_message_bytes
         self._link: _WsLink | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._pending: dict[int, Waiter] = {}
         self._subs: dict[str, Callable[[Any], None]] = {}
         # eth_subscribe calls under way, by request id: the subscription is registered as
         # its answer is read, so a notification in the same read is not lost.
@@ -565,30 +576,30 @@ class WsUpstream(Upstream):
             while deadlines and deadlines[0][1] not in pending:
                 deadlines.popleft()
 
-    def send_now(self, method: str, params: Params | None) -> asyncio.Future[bytes] | None:
-        """Send one call at once on the open link; the future of its raw answer, failed
-        with ``TransportError`` on timeout or connection loss. None when that cannot be
-        done without waiting (no link yet, or its buffer full): ``call`` then.
+    def send_now(self, method: str, params: Params | None, waiter: Waiter) -> bool:
+        """Send one call at once on the open link; ``waiter`` is given its raw answer, or
+        a ``TransportError`` on timeout or connection loss, from the callback where that
+        is learnt (no hop through the event loop). False when the call cannot be sent
+        without waiting (no link yet, or its buffer full): ``call`` then.
 
-        For callers that pair the answer themselves and measure it (``answered``,
-        ``failed``): no task, no decoding."""
+        For callers that measure the answer themselves (``answered``, ``failed``): no
+        task, no decoding."""
         link = self._link
         if link is None or link._writable is not None:
-            return None
+            return False
         rid = next(self._ids)
         loop = link.loop
         try:
             link.send(encode_request(rid, method, params))
         except TransportError:
-            return None
-        fut: asyncio.Future[bytes] = loop.create_future()
-        self._pending[rid] = fut
+            return False
+        self._pending[rid] = waiter
         deadlines = self._deadlines
         deadlines.append((loop.time() + self.timeout, rid))
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
         self.calls += 1
-        return fut
+        return True
 
     def prune(self) -> None:
         """Drop the deadlines of answered calls at the head of the line (``send_now``'s

@@ -1,0 +1,112 @@
+"""Reads that are never cached, forwarded straight to a WebSocket upstream (RpcService's
+forwarding path): the node's answers come back byte for byte, errors included, and a link
+lost mid-call sends the call back to the full path instead of failing the client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import orjson
+import pytest
+
+from chainrelay.devnet import DEV_ACCOUNTS, Anvil
+from tests.lab.chain import metric
+from tests.lab.counting_proxy import start_proxy
+from tests.lab.procs import Procs, Relay, rpc, until
+from tests.lab.timing import SECOND
+
+pytestmark = pytest.mark.lab
+
+DEV_BALANCE = hex(10_000 * 10**18)
+# Creation code that reverts with one word of data (0x2a): PUSH1 42, PUSH1 0, MSTORE,
+# PUSH1 32, PUSH1 0, REVERT.
+REVERTS = "0x602a60005260206000fd"
+
+
+def body(id_: object, method: str, params: list[object]) -> bytes:
+    return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
+
+
+CALLS = [
+    ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"]),
+    ("eth_getTransactionCount", [DEV_ACCOUNTS[0], "pending"]),
+    ("eth_call", [{"to": "0x00000000000000000000000000000000000000aa", "data": "0x"}, "pending"]),
+    ("eth_call", [{"from": DEV_ACCOUNTS[0], "data": REVERTS}, "pending"]),
+    ("eth_getCode", [DEV_ACCOUNTS[0], "pending"]),
+]
+
+
+async def test_forwarded_reads_are_the_nodes_answers_byte_for_byte(
+    anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
+) -> None:
+    relay = await relay_factory([anvil.ws_url])
+    before = await relay.metrics()
+    async with aiohttp.ClientSession() as s:
+
+        async def post(url: str, data: bytes) -> bytes:
+            async with s.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200
+                return await r.read()
+
+        errors = 0
+        for id_ in (1, "a-string id", 2**40, None):
+            for method, params in CALLS:
+                request = body(id_, method, params)
+                # Twice: the second call of a body finds its plan memoised for the head.
+                for _ in range(2):
+                    got = await post(relay.url, request)
+                    expected = await post(anvil.url, request)
+                    assert got == expected, (request, got, expected)
+                errors += b'"error"' in got
+    # The revert is the node's own error answer, passed through as it was.
+    assert errors == 4
+    after = await relay.metrics()
+    passed = metric(after, "chainrelay_requests_total", outcome="pass") - metric(
+        before, "chainrelay_requests_total", outcome="pass"
+    )
+    assert passed == 4 * len(CALLS) * 2
+    upstream_calls = sum(
+        metric(after, "chainrelay_upstream_calls_total", upstream="u0", outcome=o)
+        - metric(before, "chainrelay_upstream_calls_total", upstream="u0", outcome=o)
+        for o in ("ok", "error")
+    )
+    assert upstream_calls >= passed
+
+
+async def test_link_lost_mid_call_falls_back_without_failing_the_client(
+    anvil: Anvil, procs: Procs, relay_factory: Callable[..., Awaitable[Relay]]
+) -> None:
+    # The lab proxy holds eth_getBalance calls until released: the relay's call is sent on
+    # its link and waits there when the link is dropped under it.
+    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBalance",))
+    relay = await relay_factory([proxy.ws_url])
+
+    async def linked() -> bool:
+        return await proxy.open_websockets() >= 1
+
+    await until(linked, 10 * SECOND, "the relay's WebSocket link through the proxy")
+    call = asyncio.ensure_future(rpc(relay.url, "eth_getBalance", [DEV_ACCOUNTS[1], "pending"]))
+    try:
+        await until(lambda: proxy.held(), 10 * SECOND, "the call to be held at the proxy")
+        await proxy.drop_websockets()
+
+        async def sent_again() -> bool:
+            # The first one is counted at arrival; the proxy may let it go with its socket.
+            counts = await proxy.counts()
+            return counts.get("eth_getBalance", 0) >= 2 and await proxy.held() >= 1
+
+        # The full path takes the call up again, on a new link (held there too).
+        await until(sent_again, 10 * SECOND, "the call to be sent again")
+        assert not call.done()
+        await proxy.release()
+        got = await asyncio.wait_for(call, 10 * SECOND)
+    finally:
+        call.cancel()
+    assert got == {"jsonrpc": "2.0", "id": 1, "result": DEV_BALANCE}
+    samples = await relay.metrics()
+    assert (
+        metric(samples, "chainrelay_requests_total", method="eth_getBalance", outcome="pass") == 1
+    )
+    assert metric(samples, "chainrelay_upstream_calls_total", outcome="transport_error") >= 1
