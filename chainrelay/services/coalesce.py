@@ -19,6 +19,9 @@ class Coalescer(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[bytes, asyncio.Task[T]] = {}
         self.joined = 0  # callers that rode on another's call
+        # Callers that rode on the call under way for a key, kept only for keys someone
+        # joined: a call started for others (``start``) asks whether anyone came.
+        self._joins: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -36,7 +39,16 @@ class Coalescer(Generic[T]):
         if task is None:
             task = asyncio.ensure_future(factory())
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(lambda _t, k=key: self._done(k))
         else:
             self.joined += 1
+            self._joins[key] = self._joins.get(key, 0) + 1
         return task
+
+    def joiners(self, key: bytes) -> int:
+        """Callers that joined the call under way for ``key``."""
+        return self._joins.get(key, 0)
+
+    def _done(self, key: bytes) -> None:
+        self._inflight.pop(key, None)
+        self._joins.pop(key, None)

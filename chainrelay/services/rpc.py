@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _RULES = policy.RULES
 _UNSET = b"\x00unset"
 NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
+# A read derived from the block feed's call that failed, which no client had joined.
+DERIVED_UNAVAILABLE = b'{"code":-32000,"message":"block data not available yet"}'
 SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 # Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
 MEMO_MAX_ENTRIES = 50_000
@@ -578,8 +580,9 @@ class RpcService:
         params: policy.Params | None,
         derive: Callable[[Any], Any],
     ) -> Answer:
-        """A client read answered from the feed's call ``source``; its own upstream call
-        when that call fails or holds no answer for it."""
+        """A client read answered from the feed's call ``source``; when that call fails or
+        holds no answer for it, the joined clients' own upstream call (none when nobody
+        joined: a block of 500 transactions must not cost 500 receipt calls)."""
         with contextlib.suppress(UpstreamError):
             got = await asyncio.shield(source)
             value = derive(got.value) if got.error is None and got.value is not None else None
@@ -587,6 +590,9 @@ class RpcService:
                 answer = Answer(orjson.dumps(value), None, value)
                 self._store(p, answer)
                 return answer
+        assert p.key is not None
+        if not self._coalescer.joiners(p.key):
+            return Answer(None, DERIVED_UNAVAILABLE)
         return await self._miss(p, method, params)
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
