@@ -539,6 +539,9 @@ class HttpProtocol(asyncio.Protocol):
             token = enter_peer(self.ip)
             fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_task(coro)
             leave_peer(token)
+        elif result.__class__ is asyncio.Future:
+            # A read already sent upstream (RpcService's forwarding path): no task to make.
+            fut = typing.cast("asyncio.Future[bytes]", result)
         else:
             token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)

@@ -155,9 +155,8 @@ class Forward:
                 self.out.set_exception(exc)
 
     def _answered(self, raw: bytes) -> None:
-        upstream, call = self.upstream, self.call
-        upstream.prune()
-        rid = call.id or NULL_ID
+        elapsed = time.perf_counter() - self.started
+        rid = self.call.id or NULL_ID
         got = readdress(raw, rid)
         if got is None:
             try:
@@ -170,11 +169,18 @@ class Forward:
             else:
                 got = encode_result(rid, answer.result or NULL_ID), False
         out = self.out
-        if not out.done():
-            out.set_result(got[0])
-        elapsed = time.perf_counter() - self.started
-        upstream.answered(elapsed, got[1])
-        self.rpc.metrics.count(call.method, "pass", elapsed)
+        if out.done():  # the caller went away
+            self._measure(elapsed, got[1])
+            return
+        out.set_result(got[0])
+        # Measured once the answer is written: the write was scheduled first.
+        out.get_loop().call_soon(self._measure, elapsed, got[1])
+
+    def _measure(self, elapsed: float, is_error: bool) -> None:
+        upstream = self.upstream
+        upstream.prune()
+        upstream.answered(elapsed, is_error)
+        self.rpc.metrics.count(self.call.method, "pass", elapsed)
 
     def set_exception(self, exc: BaseException, /) -> None:
         rpc, upstream, call = self.rpc, self.upstream, self.call
