@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         "--transport", choices=("ws", "http", "both"), default="both", help="relay -> anvil"
     )
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument(
+        "--follow-blocks",
+        choices=("auto", "always", "never"),
+        default=None,
+        help="the relay's [subscriptions] follow_blocks (default: the relay's default)",
+    )
     args = ap.parse_args(argv)
     transports = ["ws", "http"] if args.transport == "both" else [args.transport]
     per = COLD_BLOCKS * 1.5 + args.window * args.windows + 8
@@ -289,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(common.stop_process, counter)
         for transport in transports:
             upstream = counter_url.replace("http://", "ws://") if transport == "ws" else counter_url
-            relay = common.Relay(upstream)
+            toml = f'[subscriptions]\nfollow_blocks = "{args.follow_blocks}"\n'
+            relay = common.Relay(upstream, toml=toml if args.follow_blocks else "")
             try:
                 relay.start()
                 windows = asyncio.run(drive(relay.url, counter_url, anvil.url, emitter, echo, args))
