@@ -773,16 +773,16 @@ async def test_heads_the_upstream_skipped_are_delivered_in_order(
                 "the last head of the bursts",
             )
             await until(lambda: bool(direct.notes[direct_heads]), 10 * SECOND, "anvil's heads")
-            want = [await node.block(hex(n)) for n in range(start + 1, tip + 1)]
-    got = sub.results(heads)
+            got = sub.results(heads)
+            # A heartbeat block mined as the relay started may come first.
+            want = [await node.block(hex(n)) for n in numbers(got)]
     assert_consecutive(got, "heads across bursts")
-    assert len(got) >= 19  # the bursts' blocks, not only their last heads
+    assert numbers(got)[0] <= start + 1  # the bursts' blocks, not only their last heads
     # Polled heads carry geth's newHeads form (what BSC nodes send: the header, keys
     # sorted), never the block. Anvil's own newHeads is its whole light block
     # (transactions, uncles, size, totalDifficulty, withdrawals too): a pushed payload is
     # passed on as pushed, but none was pushed here.
-    header_of = [{k: b[k] for k in HEADER_FIELDS if k in b} for b in want]
-    assert got == header_of[-len(got) :]
+    assert got == [{k: b[k] for k in HEADER_FIELDS if k in b} for b in want]
     assert all(list(h) == sorted(h) for h in got)
     anvils = set(direct.results(direct_heads)[0])
     assert set(got[0]) < anvils
