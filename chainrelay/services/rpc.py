@@ -36,7 +36,9 @@ from chainrelay.wire.jsonrpc import (
     Call,
     encode_error,
     encode_error_raw,
+    encode_request,
     encode_result,
+    id_at,
     id_probe,
     join_batch,
     parse_answer,
@@ -61,6 +63,8 @@ _BLOCK_NUMBER = "eth_blockNumber"
 # Kinds whose calls are never sent straight to one upstream (``RpcService._forward``):
 # writes go to every upstream, subscriptions and filters are the node's own.
 _NOT_FORWARDED = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
+_REQUEST_OPEN = b'{"jsonrpc":"2.0","id":'
+_REQUEST_OPEN_LEN = len(_REQUEST_OPEN)
 
 
 class SharedCache(Protocol):
@@ -126,19 +130,23 @@ class Forward:
     transport error (timeout, connection lost, garbage) starts the call again on the full
     path, which retries and fails over."""
 
-    __slots__ = ("call", "out", "rpc", "started", "upstream")
+    __slots__ = ("call", "method", "out", "rid", "rpc", "started", "upstream")
 
     def __init__(
         self,
         rpc: RpcService,
         upstream: WsUpstream,
-        call: Call,
+        rid: bytes,
+        method: str,
+        call: Call | bytes,
         started: float,
         out: asyncio.Future[bytes],
     ) -> None:
         self.rpc = rpc
         self.upstream = upstream
-        self.call = call
+        self.rid = rid  # the caller's id token
+        self.method = method
+        self.call = call  # or the body, parsed again only if the call must be retried
         self.started = started
         self.out = out
 
@@ -150,13 +158,13 @@ class Forward:
         try:
             self._answered(raw)
         except Exception as exc:
-            log.exception("internal error serving %s", self.call.method)
+            log.exception("internal error serving %s", self.method)
             if not self.out.done():
                 self.out.set_exception(exc)
 
     def _answered(self, raw: bytes) -> None:
         elapsed = time.perf_counter() - self.started
-        rid = self.call.id or NULL_ID
+        rid = self.rid
         got = readdress(raw, rid)
         if got is None:
             try:
@@ -180,7 +188,7 @@ class Forward:
         upstream = self.upstream
         upstream.prune()
         upstream.answered(elapsed, is_error)
-        self.rpc.metrics.count(self.call.method, "pass", elapsed)
+        self.rpc.metrics.count(self.method, "pass", elapsed)
 
     def set_exception(self, exc: BaseException, /) -> None:
         rpc, upstream, call = self.rpc, self.upstream, self.call
@@ -188,9 +196,13 @@ class Forward:
         if not isinstance(exc, TransportError):
             exc = TransportError(f"{type(exc).__name__}: {exc}")
         rpc.pool.failed(upstream, exc, time.perf_counter() - self.started)
-        log.debug("upstream %s %s failed: %s; retried", upstream.name, call.method, exc)
+        log.debug("upstream %s %s failed: %s; retried", upstream.name, self.method, exc)
         if self.out.done():
             return  # the caller went away
+        if isinstance(call, bytes):
+            item = parse_body(call, 1)[0][0]
+            assert isinstance(item, Call)  # it was forwarded as one
+            call = item
         retry = self.out.get_loop().create_task(rpc._answer_later(call, self.started))
         retry.add_done_callback(self._retried)
 
@@ -256,6 +268,12 @@ class RpcService:
         # misses it could have answered are recent (``BlockFeed.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
+        # Body without its id -> (method, where the id goes), for calls forwarded at this
+        # head (``_forward``): their repeats are forwarded as they came. Same lifetime and
+        # bounds as the seen table.
+        self._passes: dict[bytes, tuple[str, int]] = {}
+        self._passes_generation = -1
+        self._passes_bytes = 0
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
@@ -266,6 +284,10 @@ class RpcService:
             fast = self._seen_hit(split[0], split[1])
             if fast is not None:
                 return fast
+            if self._passes:
+                sent = self._forward_again(body, split[0], split[1])
+                if sent is not None:
+                    return sent
         started = time.perf_counter()
         try:
             items, is_batch = parse_body(body, self.max_batch_len)
@@ -289,7 +311,7 @@ class RpcService:
                     self._remember(split[1], item.method)
                 return fast if item.id is not None else b""
             if self._pass_call is item and item.id is not None:
-                sent = self._forward(item, started)
+                sent = self._forward(item, started, body, split)
                 if sent is not None:
                     return sent
             return self._answer_later(item, started)
@@ -437,7 +459,9 @@ class RpcService:
         return got is None or got == entry.anchor_hash
 
     # --- forwarded reads -------------------------------------------------------------
-    def _forward(self, call: Call, started: float) -> asyncio.Future[bytes] | None:
+    def _forward(
+        self, call: Call, started: float, body: bytes, split: tuple[bytes, bytes] | None
+    ) -> asyncio.Future[bytes] | None:
         """A read that is never cached, sent at once to a WebSocket upstream (the pool's
         ``direct``): the future of its answer, or None when it takes the full path.
 
@@ -453,10 +477,56 @@ class RpcService:
             # Kept: asking asyncio for the running loop costs a getpid() system call.
             loop = self._loop = asyncio.get_running_loop()
         out: asyncio.Future[bytes] = loop.create_future()
-        params = call.params if call.has_params else None
-        if not upstream.send_now(call.method, params, Forward(self, upstream, call, started, out)):
+        method = call.method
+        rid = call.id or NULL_ID
+        request = encode_request(0, method, call.params if call.has_params else None)
+        forward = Forward(self, upstream, rid, method, call, started, out)
+        # The request around its id (orjson keeps the members in order, "id" second).
+        if not upstream.send_now(_REQUEST_OPEN, request[_REQUEST_OPEN_LEN + 1 :], forward):
             return None
         self._pass_call = None
+        if split is not None and split[0] == rid:
+            self._remember_pass(body, split[1], method)
+        return out
+
+    def _remember_pass(self, body: bytes, rest: bytes, method: str) -> None:
+        """Remember a call just forwarded by its body without its id (``split_id``), so
+        that its repeats at this head are forwarded with no decoding (``_forward_again``)."""
+        passes = self._passes
+        generation = self.view.generation
+        if (
+            self._passes_generation != generation
+            or len(passes) >= MEMO_MAX_ENTRIES
+            or self._passes_bytes > self.max_hit_table_bytes
+        ):
+            passes.clear()
+            self._passes_generation = generation
+            self._passes_bytes = 0
+        if rest in passes or not id_probe(rest):
+            return
+        at = id_at(body)
+        if at < 0:
+            return
+        passes[rest] = (method, at)
+        self._passes_bytes += len(rest)
+
+    def _forward_again(
+        self, body: bytes, token: bytes, rest: bytes
+    ) -> asyncio.Future[bytes] | None:
+        """A call forwarded before at this head (``_remember_pass``), id aside, sent again
+        as it came with only the id replaced: no decoding, no planning."""
+        known = self._passes.get(rest)
+        if known is None or self._passes_generation != self.view.generation:
+            return None
+        upstream = self.pool.direct()
+        loop = self._loop
+        if upstream is None or loop is None:
+            return None
+        method, at = known
+        out: asyncio.Future[bytes] = loop.create_future()
+        forward = Forward(self, upstream, token, method, body, time.perf_counter(), out)
+        if not upstream.send_now(rest[:at], rest[at:], forward):
+            return None
         return out
 
     # --- misses ----------------------------------------------------------------------

@@ -576,11 +576,12 @@ class WsUpstream(Upstream):
             while deadlines and deadlines[0][1] not in pending:
                 deadlines.popleft()
 
-    def send_now(self, method: str, params: Params | None, waiter: Waiter) -> bool:
-        """Send one call at once on the open link; ``waiter`` is given its raw answer, or
-        a ``TransportError`` on timeout or connection loss, from the callback where that
-        is learnt (no hop through the event loop). False when the call cannot be sent
-        without waiting (no link yet, or its buffer full): ``call`` then.
+    def send_now(self, head: bytes, tail: bytes, waiter: Waiter) -> bool:
+        """Send one call at once on the open link: the request ``head`` + an id of this
+        link's + ``tail``. ``waiter`` is given its raw answer, or a ``TransportError`` on
+        timeout or connection loss, from the callback where that is learnt (no hop through
+        the event loop). False when the call cannot be sent without waiting (no link yet,
+        or its buffer full): ``call`` then.
 
         For callers that measure the answer themselves (``answered``, ``failed``): no
         task, no decoding."""
@@ -590,7 +591,7 @@ class WsUpstream(Upstream):
         rid = next(self._ids)
         loop = link.loop
         try:
-            link.send(encode_request(rid, method, params))
+            link.send(b"%b%d%b" % (head, rid, tail))
         except TransportError:
             return False
         self._pending[rid] = waiter

@@ -161,6 +161,15 @@ def split_id(body: bytes) -> tuple[bytes, bytes] | None:
     return body[start:end], body[:start] + body[end:]
 
 
+def id_at(body: bytes) -> int:
+    """Where the id token of a body that ``split_id`` splits starts (-1 for any other):
+    the remainder with another token put back there is the same call under that id."""
+    if body[:1] != b"{":
+        return -1
+    m = _ID_MEMBER.match(body, body.find(_ID_NAME))
+    return -1 if m is None else m.start(1)
+
+
 def split_token(data: bytes) -> tuple[bytes, bytes] | None:
     """``split_id`` of the first plain ``"id"`` member in any bytes that hold one call (a
     body, or an HTTP request with its head), without making sure it is the only ``"id"``:

@@ -1,11 +1,19 @@
-"""Upstream answers readdressed to the caller's id without decoding (wire.jsonrpc.readdress)."""
+"""Forwarding without decoding: upstream answers readdressed to the caller's id
+(``readdress``), and where a request's id goes when it is sent again (``id_at``)."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from chainrelay.wire.jsonrpc import encode_error_raw, encode_result, parse_answer, readdress
+from chainrelay.wire.jsonrpc import (
+    encode_error_raw,
+    encode_result,
+    id_at,
+    parse_answer,
+    readdress,
+    split_id,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +61,30 @@ def test_an_error_passes_through_unchanged_but_for_the_id() -> None:
 )
 def test_other_layouts_are_left_to_decoding(raw: bytes) -> None:
     assert readdress(raw, b"1") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"eth_getBalance","params":["0xab","pending"]}',
+        b'{"method":"eth_call","params":[{"to":"0x1"},"pending"],"id":"x-1","jsonrpc":"2.0"}',
+        b'{ "jsonrpc" : "2.0" , "id" :\t null , "method":"eth_chainId"}',
+        b'{"params":["0x1d"],"id":42,"method":"eth_getBlockByNumber","jsonrpc":"2.0"}',
+    ],
+)
+def test_the_id_goes_back_where_split_id_took_it(body: bytes) -> None:
+    split = split_id(body)
+    assert split is not None
+    token, rest = split
+    at = id_at(body)
+    assert rest[:at] + token + rest[at:] == body
+    again = orjson.loads(rest[:at] + b"777" + rest[at:])
+    assert again == {**orjson.loads(body), "id": 777}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"[]", b'{"jsonrpc":"2.0","method":"eth_chainId"}', b'{"id":1.5}', b'{"id":[1]}'],
+)
+def test_no_place_for_an_id_without_a_plain_one(body: bytes) -> None:
+    assert id_at(body) == -1

@@ -87,26 +87,37 @@ async def test_link_lost_mid_call_falls_back_without_failing_the_client(
         return await proxy.open_websockets() >= 1
 
     await until(linked, 10 * SECOND, "the relay's WebSocket link through the proxy")
-    call = asyncio.ensure_future(rpc(relay.url, "eth_getBalance", [DEV_ACCOUNTS[1], "pending"]))
+    params = [DEV_ACCOUNTS[1], "pending"]
+    # The same call under two ids: the second is a repeat, forwarded as it came (on the
+    # link, behind the first: the proxy reads a WebSocket's messages one after another).
+    first = asyncio.ensure_future(rpc(relay.url, "eth_getBalance", params, 1))
+    calls = [first]
     try:
-        await until(lambda: proxy.held(), 10 * SECOND, "the call to be held at the proxy")
+
+        async def held(n: int) -> bool:
+            return await proxy.held() >= n
+
+        await until(lambda: held(1), 10 * SECOND, "the first call to be held at the proxy")
+        calls.append(asyncio.ensure_future(rpc(relay.url, "eth_getBalance", params, 2)))
         await proxy.drop_websockets()
 
         async def sent_again() -> bool:
-            # The first one is counted at arrival; the proxy may let it go with its socket.
+            # The first ones are counted at arrival; the proxy may let them go with their
+            # socket.
             counts = await proxy.counts()
-            return counts.get("eth_getBalance", 0) >= 2 and await proxy.held() >= 1
+            return counts.get("eth_getBalance", 0) >= 2 and await held(1)
 
-        # The full path takes the call up again, on a new link (held there too).
-        await until(sent_again, 10 * SECOND, "the call to be sent again")
-        assert not call.done()
+        # The full path takes the calls up again, on a new link (held there too).
+        await until(sent_again, 10 * SECOND, "the calls to be sent again")
+        assert not any(c.done() for c in calls)
         await proxy.release()
-        got = await asyncio.wait_for(call, 10 * SECOND)
+        got = await asyncio.wait_for(asyncio.gather(*calls), 10 * SECOND)
     finally:
-        call.cancel()
-    assert got == {"jsonrpc": "2.0", "id": 1, "result": DEV_BALANCE}
+        for c in calls:
+            c.cancel()
+    assert got == [{"jsonrpc": "2.0", "id": i, "result": DEV_BALANCE} for i in (1, 2)]
     samples = await relay.metrics()
     assert (
-        metric(samples, "chainrelay_requests_total", method="eth_getBalance", outcome="pass") == 1
+        metric(samples, "chainrelay_requests_total", method="eth_getBalance", outcome="pass") == 2
     )
     assert metric(samples, "chainrelay_upstream_calls_total", outcome="transport_error") >= 1
