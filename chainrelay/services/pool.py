@@ -166,9 +166,13 @@ class UpstreamPool:
             return None
         return max(s.hedge_min_delay, u.quantile(s.hedge_quantile))
 
-    async def call(self, method: str, params: Params | None, min_block: int = -1) -> Answer:
-        """A read: the first good answer from the best upstreams, retried and maybe hedged."""
-        max_attempts = self.settings.max_attempts
+    async def call(
+        self, method: str, params: Params | None, min_block: int = -1, spent: int = 0
+    ) -> Answer:
+        """A read: the first good answer from the best upstreams, retried and maybe hedged.
+        ``spent``: attempts the caller made already (a read sent through ``direct``), taken
+        from the budget; one is always left, for a link that failed under it."""
+        max_attempts = max(1, self.settings.max_attempts - spent)
         if len(self.upstreams) == 1:
             return await self._call_one(self.upstreams[0], method, params, max_attempts)
         order = self.candidates(min_block)

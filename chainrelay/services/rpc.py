@@ -203,7 +203,7 @@ class Forward:
             item = parse_body(call, 1)[0][0]
             assert isinstance(item, Call)  # it was forwarded as one
             call = item
-        retry = self.out.get_loop().create_task(rpc._answer_later(call, self.started))
+        retry = self.out.get_loop().create_task(rpc._answer_later(call, self.started, 1))
         retry.add_done_callback(self._retried)
 
     def _retried(self, retry: asyncio.Task[bytes | None]) -> None:
@@ -530,12 +530,15 @@ class RpcService:
         return out
 
     # --- misses ----------------------------------------------------------------------
-    async def _answer_later(self, call: Call, started: float) -> bytes | None:
+    async def _answer_later(self, call: Call, started: float, spent: int = 0) -> bytes | None:
+        """A call that waits for I/O; ``spent``: upstream attempts already made for it (by
+        the forwarding path, ``Forward``)."""
         rid = call.id or NULL_ID
         method = call.method
         try:
-            answer, outcome = await self._fetch(call)
+            answer, outcome = await self._fetch(call, spent)
         except UpstreamError as exc:
+            exc.attempts += spent
             log.warning("%s", exc)
             self.metrics.count(method, "error", time.perf_counter() - started)
             data = {"upstream": exc.upstream, "attempts": exc.attempts}
@@ -552,7 +555,7 @@ class RpcService:
         assert answer.result is not None
         return encode_result(rid, answer.result)
 
-    async def _fetch(self, call: Call) -> tuple[Answer, str]:
+    async def _fetch(self, call: Call, spent: int = 0) -> tuple[Answer, str]:
         method = call.method
         params = call.params if call.has_params else None
         rule = _RULES.get(method)
@@ -572,10 +575,10 @@ class RpcService:
             return await self.filters.call(method, params), "local"
         if call is self._pass_call:
             self._pass_call = None
-            return await self.pool.call(method, params), "pass"
+            return await self.pool.call(method, params, spent=spent), "pass"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
         if p.key is None:
-            return await self.pool.call(method, params), "pass"
+            return await self.pool.call(method, params, spent=spent), "pass"
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):

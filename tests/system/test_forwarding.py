@@ -5,6 +5,8 @@ lost mid-call sends the call back to the full path instead of failing the client
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -16,6 +18,7 @@ from tests.lab.chain import metric
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.procs import Procs, Relay, rpc, until
 from tests.lab.timing import SECOND
+from tests.system.test_ws_upstream import stop_process
 
 pytestmark = pytest.mark.lab
 
@@ -121,3 +124,29 @@ async def test_link_lost_mid_call_falls_back_without_failing_the_client(
         metric(samples, "chainrelay_requests_total", method="eth_getBalance", outcome="pass") == 2
     )
     assert metric(samples, "chainrelay_upstream_calls_total", outcome="transport_error") >= 1
+
+
+async def test_a_hung_node_costs_the_same_attempts_through_the_forwarding_path(
+    anvil: Anvil, procs: Procs, relay_factory: Callable[..., Awaitable[Relay]]
+) -> None:
+    # The proxy counts every attempt that reaches it, and keeps answering the relay's
+    # pings while the node behind it is stopped: each attempt waits out its timeout.
+    attempts = 3
+    proxy = await start_proxy(procs, anvil.url)
+    relay = await relay_factory(
+        [proxy.ws_url], f"[pool]\ntimeout = 0.3\nmax_attempts = {attempts}\n"
+    )
+    params = [DEV_ACCOUNTS[1], "pending"]
+    assert (await rpc(relay.url, "eth_getBalance", params))["result"] == DEV_BALANCE
+    assert anvil.proc is not None
+    await stop_process(anvil.proc.pid)
+    try:
+        await proxy.reset()
+        got = await asyncio.wait_for(rpc(relay.url, "eth_getBalance", params, 2), 10 * SECOND)
+        counts = await proxy.counts()
+    finally:
+        os.kill(anvil.proc.pid, signal.SIGCONT)
+    assert -32099 <= got["error"]["code"] <= -32000, got
+    # The forwarded attempt counts against the budget: no extra attempt, none unreported.
+    assert got["error"]["data"]["attempts"] == attempts
+    assert counts.get("eth_getBalance") == attempts, counts
