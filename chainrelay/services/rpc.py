@@ -6,6 +6,11 @@ an awaitable otherwise. Transports (HTTP, WebSocket) own nothing of this logic. 
 answered so is remembered for the rest of the head as a ``Seen`` record, which answers its
 repeats under other ids: by the body's remainder inside ``handle``, or by whole request
 bytes that a transport keeps (``last_seen``) and checks again through ``replay``.
+
+A read that is never cached goes straight to a healthy WebSocket upstream when there is one
+(``_forward``): no task, and its answer readdressed to the caller's id without decoding
+(``Forward``); its repeats at the same head are forwarded as they came, id aside. A
+transport error hands the call to the full path, which retries and fails over.
 """
 
 from __future__ import annotations
