@@ -57,6 +57,7 @@ class HeldNode(Upstream):
         super().__init__("mem", "memory://", timeout=10.0, connections=1)
         self.go = asyncio.Event()
         self.fail = False  # answer the block with a server error
+        self.refuse_block_hash_object = False  # -32602 to {"blockHash": ...} parameters
         self.methods: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
@@ -71,6 +72,9 @@ class HeldNode(Upstream):
         self.methods[method] += 1
         await self.go.wait()
         result: Any = None
+        if self.refuse_block_hash_object and isinstance(params[0], dict):
+            error = {"code": -32602, "message": "invalid argument 0: hex string expected"}
+            return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "error": error})
         if self.fail:
             error = {"code": -32000, "message": "not now"}
             return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "error": error})
@@ -152,3 +156,13 @@ async def test_reads_derived_from_a_failed_feed_call_cost_nothing_unless_joined(
     # nobody joined (the light block by hash, the full block by number) made none.
     assert answer["error"]["code"] == -32000
     assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockByNumber": 1}
+
+
+async def test_an_upstream_refusing_block_hash_objects_is_asked_by_hash(pair: Pair) -> None:
+    pair.node.refuse_block_hash_object = True
+    pair.node.go.set()
+    _, raw = await pair.feed._fetch_once(N, BLOCK_HASH)
+    assert raw.receipts == receipts()
+    assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockReceipts": 2}
+    await pair.feed._fetch_once(N, BLOCK_HASH)  # the block is cached; receipts by hash at once
+    assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockReceipts": 3}
