@@ -89,6 +89,16 @@ class Node:
             backfill=cfg.head.backfill_blocks,
             finality_refresh_blocks=cfg.head.finality_refresh_blocks,
             fresh_blocks=cfg.head.fresh_blocks,
+            poll={
+                "lead": cfg.head.poll_lead,
+                "near": cfg.head.poll_near,
+                "alpha": cfg.head.interval_alpha,
+                "min_factor": cfg.head.interval_min_factor,
+                "max_factor": cfg.head.interval_max_factor,
+                "backoff": cfg.head.poll_backoff,
+                "min_interval": cfg.head.poll_min_interval,
+                "max_interval": cfg.head.poll_max_interval,
+            },
         )
         self._stack.append(head.stop)
         await head.start()

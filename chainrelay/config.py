@@ -106,6 +106,14 @@ class HeadConfig:
     backfill_blocks: int = d.BACKFILL_BLOCKS
     finality_refresh_blocks: int = d.FINALITY_REFRESH_BLOCKS
     fresh_blocks: float = d.HEAD_FRESH_BLOCKS
+    poll_lead: float = d.HEAD_POLL_LEAD
+    poll_near: float = d.HEAD_POLL_NEAR
+    interval_alpha: float = d.HEAD_INTERVAL_ALPHA
+    interval_min_factor: float = d.HEAD_INTERVAL_MIN_FACTOR
+    interval_max_factor: float = d.HEAD_INTERVAL_MAX_FACTOR
+    poll_backoff: float = d.HEAD_POLL_BACKOFF
+    poll_min_interval: float = d.HEAD_POLL_MIN_INTERVAL
+    poll_max_interval: float = d.HEAD_POLL_MAX_INTERVAL
 
 
 @dataclass
@@ -246,9 +254,21 @@ def validate(cfg: Config) -> Config:
             cfg.subscriptions.feed_receipts_retry_blocks,
         ),
         ("subscriptions.pending_max_message", cfg.subscriptions.pending_max_message),
+        ("head.poll_near", cfg.head.poll_near),
+        ("head.interval_alpha", cfg.head.interval_alpha),
+        ("head.interval_min_factor", cfg.head.interval_min_factor),
+        ("head.poll_min_interval", cfg.head.poll_min_interval),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")
+    h = cfg.head
+    if h.poll_lead < 0 or h.interval_alpha > 1 or h.poll_backoff < 1:
+        raise ConfigError("head: poll_lead >= 0, interval_alpha <= 1 and poll_backoff >= 1")
+    if h.interval_max_factor < h.interval_min_factor or h.poll_max_interval < h.poll_min_interval:
+        raise ConfigError(
+            "head: interval_max_factor >= interval_min_factor and "
+            "poll_max_interval >= poll_min_interval"
+        )
     if cfg.subscriptions.follow_blocks not in FOLLOW_MODES:
         raise ConfigError(
             f"subscriptions.follow_blocks: expected one of {', '.join(FOLLOW_MODES)}, "

@@ -73,6 +73,28 @@ FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber/eth_chainId are answered locally only while the head is this fresh,
 # in block times; past it they go upstream.
 HEAD_FRESH_BLOCKS = 3.0
+# HTTP head polling (chainrelay/protocol/headpoll.py). Fractions are of the learned block
+# interval. The first poll for the next block goes this early: the block's expected time
+# is known to within about one near-poll step, so one poll before it usually suffices.
+HEAD_POLL_LEAD = 0.05
+# Then a poll this often until the block arrives: a block waits half of it on average,
+# 5 % of a block time against 12.5 % when every block time / 4 was polled.
+HEAD_POLL_NEAR = 0.1
+# Weight of each observed interval in the learned one: ~the last 5 blocks dominate, so a
+# wrong profile block time (anvil's 1 s against BSC's 0.75 s) is learned in a few seconds.
+HEAD_INTERVAL_ALPHA = 0.25
+# The learned interval stays within these multiples of the profile's block time: a stall
+# or a burst of blocks cannot teach the schedule a time the chain does not keep.
+HEAD_INTERVAL_MIN_FACTOR = 0.5
+HEAD_INTERVAL_MAX_FACTOR = 3.0
+# Growth of the wait per poll once a block is overdue by half an interval: a stalled chain
+# is asked less and less, up to HEAD_POLL_MAX_INTERVAL.
+HEAD_POLL_BACKOFF = 1.5
+# Shortest wait between polls: 20 polls a second is enough for 0.25 s Arbitrum blocks.
+HEAD_POLL_MIN_INTERVAL = 0.05
+# Longest wait between polls, so a long block time still notices a stalled upstream and a
+# quiet chain's head stays fresh (HEAD_FRESH_BLOCKS).
+HEAD_POLL_MAX_INTERVAL = 2.0
 
 # --- Filters (eth_newFilter & co) ------------------------------------------------------------
 # geth drops a filter not polled for 5 minutes; clients written against geth poll sooner.

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from chainrelay import defaults
 from chainrelay.protocol.chains import ChainProfile
+from chainrelay.protocol.headpoll import HeadPollSchedule
 from chainrelay.protocol.policy import HeadView
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
@@ -24,8 +25,6 @@ from chainrelay.services.upstream import TransportError, Upstream
 
 log = logging.getLogger(__name__)
 
-# Upper bound on one poll's wait, so a long block time still notices a stalled upstream.
-MAX_POLL_INTERVAL = 2.0
 # Back-off after a failed poll or a broken head stream.
 RETRY_DELAY = 0.5
 
@@ -59,6 +58,7 @@ class HeadTracker:
         backfill: int = defaults.BACKFILL_BLOCKS,
         finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
         fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
+        poll: Mapping[str, float] | None = None,
     ) -> None:
         self.pool = pool
         self.profile = profile
@@ -69,6 +69,10 @@ class HeadTracker:
         self._backfill_task: asyncio.Task[None] | None = None
         self.finality_refresh_blocks = finality_refresh_blocks
         self.fresh_seconds = fresh_blocks * profile.block_time
+        # HeadPollSchedule's keyword arguments; one schedule per polled upstream, kept
+        # across broken polls so a retry does not forget the chain's rhythm.
+        self.poll_options = dict(poll or {})
+        self.schedules: dict[str, HeadPollSchedule] = {}
         self.updated_at = 0.0  # monotonic time of the last head change
         # Monotonic time an upstream last confirmed the head (changed or not): a quiet
         # chain with a live upstream is fresh; a silent upstream is not.
@@ -119,9 +123,10 @@ class HeadTracker:
     # --- following -------------------------------------------------------------------
     async def _follow(self, u: Upstream) -> None:
         if u.is_ws:
+            # Polling confirms the head by itself; a head stream needs the confirmation loop.
             self._tasks.append(asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}"))
-        with contextlib.suppress(TransportError):
-            await self._poll_once(u)  # a first head now, not at the next block
+            with contextlib.suppress(TransportError):
+                await self._poll_once(u)  # a first head now, not at the next block
         while True:
             try:
                 if u.is_ws:
@@ -159,16 +164,32 @@ class HeadTracker:
             task.add_done_callback(_log_failure)
 
     async def _poll(self, u: Upstream) -> None:
-        interval = min(MAX_POLL_INTERVAL, max(0.05, self.profile.block_time / 4))
+        """Follow an HTTP upstream: the first poll at once, then whenever its schedule
+        expects the next block. Each poll also confirms the head's freshness, so no
+        ``_confirm`` loop runs beside it."""
+        schedule = self.schedules.get(u.name)
+        if schedule is None:
+            schedule = HeadPollSchedule(self.profile.block_time, **self.poll_options)
+            self.schedules[u.name] = schedule
+        loop = asyncio.get_running_loop()
         while True:
-            await self._poll_once(u)
-            await asyncio.sleep(interval)
+            sent = loop.time()  # the answer describes the node at the time of asking
+            try:
+                number = await self._poll_once(u)
+            except TransportError:
+                schedule.polled(sent, None)
+                raise
+            wake = schedule.polled(sent, number)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
-    async def _poll_once(self, u: Upstream) -> None:
+    async def _poll_once(self, u: Upstream) -> int | None:
+        """Ask ``u`` for its head and take it in; the head's number, if it answered one."""
         answer = await u.call("eth_getBlockByNumber", ["latest", False])
         h = Header.parse(answer.value)
-        if h is not None:
-            await self.on_header(u, h)
+        if h is None:
+            return None
+        await self.on_header(u, h)
+        return h.number
 
     # --- the canonical chain ---------------------------------------------------------
     async def on_header(self, u: Upstream, h: Header) -> None:

@@ -1,0 +1,127 @@
+"""When to poll an HTTP upstream for its head next; sans-I/O.
+
+Rules, all of them here:
+
+* A new block is expected about one interval after the last one appeared. The interval
+  starts at the chain profile's block time and is learned from the blocks seen (a smoothed
+  estimate, bounded around the profile's block time so a stall or a burst cannot run away
+  with it).
+* When a block appeared is known only to lie between the last poll that did not see it and
+  the poll that did; the expected time (the last block's plus the interval) is used when it
+  lies in that span, else the nearest end of the span. This locks the schedule to the
+  chain's phase the way a clock follows a reference.
+* After a new block: no poll until ``lead`` (a fraction of the interval) before the next one
+  is due (earlier while blocks keep arriving before that first poll); then one every
+  ``near`` (a fraction of the interval) until it arrives; once it is overdue by half an
+  interval the chain is taken as stalled and the wait grows by ``backoff`` each poll, never
+  beyond ``max_interval``.
+* An answer that is not a newer block (the same head, a lagging upstream's older one, a
+  reorg's sibling at the same height) moves nothing but the "not seen yet" edge.
+
+Times are the caller's monotonic seconds at which each poll was sent: that is the moment
+the answer describes. The object answers "poll next at"; it sleeps on nothing.
+"""
+
+from __future__ import annotations
+
+from chainrelay import defaults
+
+# A block that came before the first poll looked for it doubles how early the next one is
+# looked for: the phase is found again in a few blocks after a stall or a wrong estimate.
+EARLY_WIDEN = 2.0
+# Each block found by a later poll gives a quarter of that back, down to ``lead``.
+EARLY_NARROW = 0.75
+# Never look earlier than half an interval ahead: that would be polling all the time.
+MAX_EARLY = 0.5
+
+
+class HeadPollSchedule:
+    """The polling plan for one upstream. Call ``first`` before the first poll, then
+    ``polled`` with each answer's head number (None when the poll failed)."""
+
+    def __init__(
+        self,
+        block_time: float,
+        *,
+        lead: float = defaults.HEAD_POLL_LEAD,
+        near: float = defaults.HEAD_POLL_NEAR,
+        alpha: float = defaults.HEAD_INTERVAL_ALPHA,
+        min_factor: float = defaults.HEAD_INTERVAL_MIN_FACTOR,
+        max_factor: float = defaults.HEAD_INTERVAL_MAX_FACTOR,
+        backoff: float = defaults.HEAD_POLL_BACKOFF,
+        min_interval: float = defaults.HEAD_POLL_MIN_INTERVAL,
+        max_interval: float = defaults.HEAD_POLL_MAX_INTERVAL,
+    ) -> None:
+        self.block_time = block_time
+        self.lead = lead
+        self.near = near
+        self.alpha = alpha
+        self.low = block_time * min_factor
+        self.high = block_time * max_factor
+        self.backoff = backoff
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        # The learned seconds between blocks.
+        self.interval = block_time
+        self.number: int | None = None  # the highest head seen
+        self.appeared_at: float | None = None  # when that head is taken to have appeared
+        self.missed_at: float | None = None  # the last poll that saw no newer head
+        self._step = 0.0  # the current wait between overdue polls
+        # How early the next block is looked for: widened while blocks come before the
+        # first poll looks (nothing then says how early they came), narrowed back after.
+        self.early = lead
+        self._looked = False  # whether a poll since the last block was a "near" one
+
+    @property
+    def due(self) -> float | None:
+        """When the next block is expected, if a block has been seen."""
+        if self.appeared_at is None:
+            return None
+        return self.appeared_at + self.interval
+
+    def polled(self, now: float, number: int | None) -> float:
+        """Record a poll sent at ``now`` that answered head ``number`` (None: failed);
+        return when to send the next one."""
+        if number is not None and (self.number is None or number > self.number):
+            self._advance(now, number)
+        else:
+            self.missed_at = now
+        return self._next(now)
+
+    def _advance(self, now: float, number: int) -> None:
+        due = self.due
+        low = self.missed_at if self.missed_at is not None else now
+        if self.number is None or self.appeared_at is None or due is None:
+            appeared = now
+        else:
+            # The expected time, held to the span in which the block must have appeared.
+            appeared = min(max(due + self.interval * (number - self.number - 1), low), now)
+            observed = (appeared - self.appeared_at) / (number - self.number)
+            observed = min(max(observed, self.low), self.high)
+            self.interval += self.alpha * (observed - self.interval)
+        if due is not None:
+            if self._looked:
+                self.early = max(self.lead, self.early * EARLY_NARROW)
+            else:
+                self.early = min(MAX_EARLY, self.early * EARLY_WIDEN)
+        self._looked = False
+        self.number = number
+        self.appeared_at = appeared
+        # The poll that saw this block saw no later one.
+        self.missed_at = now
+        self._step = 0.0
+
+    def _next(self, now: float) -> float:
+        due = self.due
+        near = max(self.min_interval, self.near * self.interval)
+        if due is None:
+            return now + min(self.max_interval, near)
+        start = due - self.early * self.interval
+        if now < start:
+            return min(start, now + self.max_interval)
+        self._looked = True
+        if now < due + self.interval / 2:
+            return now + min(near, self.max_interval)
+        # Overdue: a stalled chain or upstream is asked less and less often.
+        self._step = min(self.max_interval, max(near, self._step * self.backoff))
+        return now + self._step
