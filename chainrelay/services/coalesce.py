@@ -27,7 +27,8 @@ class Coalescer(Generic[T]):
         return len(self._inflight)
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._inflight
+        task = self._inflight.get(key)
+        return task is not None and not task.done()
 
     async def run(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> T:
         return await asyncio.shield(self.start(key, factory))
@@ -36,10 +37,14 @@ class Coalescer(Generic[T]):
         """The call under way for ``key``, started from ``factory`` if there is none: for a
         caller that lets others join a call it may not wait for itself."""
         task = self._inflight.get(key)
-        if task is None:
+        # A finished call stays listed until its done-callback runs, one loop iteration
+        # later: joining it then would hand out an outcome decided without this caller
+        # (a derived read refused because nobody had joined).
+        if task is None or task.done():
+            self._joins.pop(key, None)  # those of the finished call, if any
             task = asyncio.ensure_future(factory())
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._done(k))
+            task.add_done_callback(lambda t, k=key: self._done(k, t))
         else:
             self.joined += 1
             self._joins[key] = self._joins.get(key, 0) + 1
@@ -49,6 +54,8 @@ class Coalescer(Generic[T]):
         """Callers that joined the call under way for ``key``."""
         return self._joins.get(key, 0)
 
-    def _done(self, key: bytes) -> None:
-        self._inflight.pop(key, None)
+    def _done(self, key: bytes, task: asyncio.Task[T]) -> None:
+        if self._inflight.get(key) is not task:
+            return  # a newer call for the key, started once this one was done
+        del self._inflight[key]
         self._joins.pop(key, None)

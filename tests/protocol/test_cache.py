@@ -190,6 +190,35 @@ async def test_a_failed_call_fails_every_waiter_and_is_not_remembered() -> None:
     assert await co.run(b"k", _const(b"again")) == b"again"
 
 
+async def test_a_call_that_just_finished_is_not_joined() -> None:
+    # A finished call's done-callback runs one loop iteration after it ends: a caller that
+    # runs in between must start a call of its own, not take the outcome decided for
+    # those who had joined before (the feed's "not available" when nobody had).
+    co: Coalescer[bytes] = Coalescer()
+    loop = asyncio.get_running_loop()
+    release: asyncio.Future[None] = loop.create_future()
+    late: asyncio.Future[None] = loop.create_future()
+
+    async def for_others() -> bytes:
+        await release
+        return b"joined" if co.joiners(b"k") else b"not available"
+
+    async def late_caller() -> bytes:
+        await late  # resumes in the iteration where for_others ends
+        return await co.start(b"k", _const(b"fresh"))
+
+    started = co.start(b"k", for_others)
+    caller = asyncio.ensure_future(late_caller())
+    # Both first run in the next iteration, for_others first: the late caller comes
+    # right after it ends, before its done-callback.
+    release.set_result(None)
+    late.set_result(None)
+    assert await caller == b"fresh"
+    assert await started == b"not available"
+    assert co.joined == 0
+    assert len(co) == 0
+
+
 def _const(value: bytes) -> Callable[[], Awaitable[bytes]]:
     async def produce() -> bytes:
         return value
