@@ -603,9 +603,10 @@ class HttpProtocol(asyncio.Protocol):
                     break
                 q.popleft()
                 if item.cancelled():
-                    continue
-                exc = item.exception()
-                if exc is not None:
+                    # Still answered: on a pipelined connection the answers that follow
+                    # would otherwise each land on the request before their own.
+                    body = INTERNAL_ERROR
+                elif (exc := item.exception()) is not None:
                     log.error("request failed", exc_info=exc)
                     body = INTERNAL_ERROR
                 else:

@@ -348,6 +348,22 @@ def test_pipelined_requests_in_one_read_are_all_answered_in_order(front: Front) 
     assert [a.doc["result"] for a in got] == ["0x2a"] * 3
 
 
+async def test_a_cancelled_answer_still_takes_its_place_in_the_pipeline(front: Front) -> None:
+    front.warm(b'"0x2a"')
+    conn, transport = front.connect()
+    conn.data_received(post(balance(1, "0x5")) + post(balance(2)))  # a miss, then a hit
+    miss = conn._queue[0][0]
+    assert isinstance(miss, asyncio.Future)
+    miss.cancel()
+    await asyncio.wait_for(asyncio.gather(miss, return_exceptions=True), 5 * SECOND)
+    got = answers(transport.out)
+    # One answer per request, in order: the hit is not read as the miss's answer.
+    assert len(got) == 2
+    assert got[0].doc["error"]["code"] == -32603
+    assert got[1].doc == {"jsonrpc": "2.0", "id": 2, "result": "0x2a"}
+    assert not transport.closed
+
+
 def test_a_body_split_across_reads_is_answered_once(front: Front) -> None:
     front.warm(b'"0x2a"')
     front.exchange(post(balance(1)), post(balance(2)))
