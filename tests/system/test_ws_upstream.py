@@ -20,7 +20,7 @@ from tests.lab.timing import SECOND
 pytestmark = pytest.mark.lab
 
 DEV_BALANCE = hex(10_000 * 10**18)
-TIMEOUT = 0.5  # the pool's per-call timeout in these tests, seconds
+TIMEOUT = SECOND / 2  # the pool's per-call timeout in these tests
 ATTEMPTS = 2
 SILENT = "WebSocket upstream silent"  # the relay's log line when pings go unanswered
 
@@ -99,7 +99,7 @@ async def test_dropped_ws_link_reconnects_without_failing_a_call(
 async def test_ws_link_to_a_silent_node_is_dropped_by_its_pings_then_restored(
     anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
 ) -> None:
-    ping = 0.3  # seconds between pings in this test
+    ping = 0.3 * SECOND  # between pings in this test
     relay = await relay_factory(
         [anvil.ws_url], f"[pool]\ntimeout = {TIMEOUT}\nws_ping_interval = {ping}\n"
     )
