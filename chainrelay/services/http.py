@@ -65,6 +65,12 @@ _SPECIAL = re.compile(
 # The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
 _ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
+# A request head as httptools reads it: blank lines before it are skipped, and it ends at
+# the first empty line (CRLF or bare LF). Group 1 is what ``max_header_bytes`` measures,
+# the same bytes as ``_plain_post`` measures: the head up to its last header line's end.
+_RAW_HEAD = re.compile(rb"[\r\n]*(.*?)\r?\n\r?\n", re.S)
+# A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
+_PARTIAL_HEAD_END = 3
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
@@ -273,9 +279,11 @@ class HttpServer:
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
+        "_at",
         "_body",
         "_body_len",
         "_chunk",
+        "_head_at",
         "_head_buf",
         "_headers",
         "_held",
@@ -309,6 +317,11 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunk = b""
         self._head_buf: list[bytes] = []
+        # Where in the current read httptools' next message starts (None: not known, after
+        # a chunked body, whose framing httptools does not hand over) and where in
+        # _head_buf[0] the head being read starts: a read may hold earlier messages.
+        self._at: int | None = 0
+        self._head_at: int | None = 0
         self._in_head = False
         self._idle = True  # between messages: the fast path may take the next one
         self._held = b""  # a lone POST head waiting for its body's read (_hold_head)
@@ -381,6 +394,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
+        self._at = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -391,7 +405,10 @@ class HttpProtocol(asyncio.Protocol):
             self._plain(400, b"malformed HTTP request", keep_alive=False)
             return
         # Still inside a head after this read: it is only ever head bytes that pile up.
-        if self._in_head and sum(map(len, self._head_buf)) > self.server.limits.max_header_bytes:
+        if self._in_head and (
+            sum(map(len, self._head_buf)) - (self._head_at or 0)
+            > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END
+        ):
             self._reject_head()
 
     def _plain_post(self, data: bytes, split: tuple[bytes, bytes] | None = None) -> bool:
@@ -453,6 +470,7 @@ class HttpProtocol(asyncio.Protocol):
         self._idle = False
         self._in_head = True
         self._head_buf = [self._chunk]
+        self._head_at = self._at
         self._url = b""
         self._headers = []
         self._too_large = False
@@ -472,10 +490,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        limit = self.server.limits.max_header_bytes
-        if (len(self._chunk) > limit or len(self._head_buf) > 1) and (
-            len(self._url) + sum(len(k) + len(v) + 4 for k, v in self._headers) > limit
-        ):
+        if self._head_bytes() > self.server.limits.max_header_bytes:
             self._reject_head()
             return
         self._body = []
@@ -488,7 +503,29 @@ class HttpProtocol(asyncio.Protocol):
             if int(length) > self.server.limits.max_body_bytes:
                 self._reject_too_large()
 
+    def _head_bytes(self) -> int:
+        """The size of the head just read, as ``_plain_post`` measures a head in one read:
+        its raw bytes, so that where a client's reads split a request never decides
+        whether it is answered. Also moves ``_at`` past the head."""
+        start = self._head_at
+        bufs = self._head_buf
+        if start is None:  # after a chunked body in this read: the parsed fields, as sent
+            self._at = None
+            return len(self._url) + sum(len(k) + len(v) + 3 for k, v in self._headers)
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        m = _RAW_HEAD.match(data, start)
+        if m is None:  # httptools saw the blank line, so only a miscount gets here
+            self._at = None
+            return len(data) - start
+        self._at = m.end() - (len(data) - len(self._chunk))
+        return m.end(1) - m.start(1)
+
+    def on_chunk_header(self) -> None:
+        self._at = None  # the chunk's size line is not handed over: positions are lost
+
     def on_body(self, body: bytes) -> None:
+        if self._at is not None:
+            self._at += len(body)
         if self._too_large:
             return
         self._body.append(body)

@@ -604,6 +604,17 @@ async def test_a_listed_origin_is_echoed_on_answers_that_wait_for_the_upstream()
     assert got[0].headers.get(b"vary") == b"Origin"
 
 
+def short_lines(head_bytes: int) -> bytes:
+    """3,700 header lines ``X<i>:y`` then the length, making the head of ``POST / HTTP/1.1``
+    exactly ``head_bytes`` long: lines without blanks, whose raw size the parsed names and
+    values (plus ": " and CRLF) overstate by a byte each."""
+    length = b"Content-Length: %d" % len(balance(7))
+    lines = [b"X%d:y\r\n" % i for i in range(3700)]
+    room = head_bytes - len(b"POST / HTTP/1.1\r\n") - len(length) - sum(map(len, lines))
+    lines[0] = b"X0:" + b"y" * (1 + room) + b"\r\n"
+    return b"".join(lines) + length
+
+
 HEADS = {  # request heads for balance(7), and whether the one-read shortcut may take them
     "plain": (b"Host: r\r\nContent-Length: {n}", True),
     "tab around the length": (b"Host: r\r\nContent-Length:\t{n}\t", True),
@@ -632,6 +643,11 @@ HEADS = {  # request heads for balance(7), and whether the one-read shortcut may
         b"Host: r\r\nTransfer-Encoding: identity\r\nContent-Length: {n}",
         False,
     ),
+    "3,700 short lines, head at the limit": (short_lines(LimitsConfig().max_header_bytes), True),
+    "3,700 short lines, head a byte over": (
+        short_lines(LimitsConfig().max_header_bytes + 1),
+        False,
+    ),
 }
 
 
@@ -649,6 +665,27 @@ async def test_the_one_read_shortcut_answers_every_head_as_httptools_does(name: 
         assert await written(one, request) == await written(split, request[:1], request[1:])
         took = bool(one.server.replays)  # only the shortcut learns replays
         assert took == (shortcut and line == b"POST / HTTP/1.1"), line
+
+
+@pytest.mark.parametrize("over", [0, 1])
+async def test_a_pipelined_head_is_measured_from_its_own_first_byte(over: int) -> None:
+    """Two requests with heads at (or a byte over) the limit in two reads that split the
+    second one's head: each head is measured alone, not with the bytes before it in its
+    read, and the split decides nothing."""
+    body = balance(7)
+    limit = LimitsConfig().max_header_bytes
+    request = b"POST / HTTP/1.1\r\n" + short_lines(limit + over) + b"\r\n\r\n" + body
+    pair = request + request.replace(b'"id":7', b'"id":8')
+    front = Front()
+    front.warm(b'"0x2a"')
+    for cut in (len(request) + 10, len(request) + limit // 2, len(pair) - len(body) - 2):
+        out, _ = await written(front, pair[:cut], pair[cut:])
+        got = answers(out)
+        if over:
+            assert [a.status for a in got] == [431], cut
+        else:
+            assert [a.status for a in got] == [200, 200], cut
+            assert [a.doc["id"] for a in got] == [7, 8]
 
 
 ORIGINS = {
