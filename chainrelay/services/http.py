@@ -65,10 +65,6 @@ _SPECIAL = re.compile(
 # The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
 _ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
-# A request head as httptools reads it: blank lines before it are skipped, and it ends at
-# the first empty line (CRLF or bare LF). Group 1 is what ``max_header_bytes`` measures,
-# the same bytes as ``_plain_post`` measures: the head up to its last header line's end.
-_RAW_HEAD = re.compile(rb"[\r\n]*(.*?)\r?\n\r?\n", re.S)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
 # Answers above this are written as head and body without joining them (saves a copy).
@@ -513,12 +509,21 @@ class HttpProtocol(asyncio.Protocol):
             self._at = None
             return len(self._url) + sum(len(k) + len(v) + 3 for k, v in self._headers)
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
-        m = _RAW_HEAD.match(data, start)
-        if m is None:  # httptools saw the blank line, so only a miscount gets here
+        # As httptools reads a head: blank lines before it skipped, its end the first empty
+        # line (CRLF or bare LF); measured up to its last line's end, as _plain_post does.
+        while data[start : start + 1] in (b"\r", b"\n"):
+            start += 1
+        lf = data.find(b"\n\n", start)
+        crlf = data.find(b"\n\r\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            end, after = crlf, crlf + 3
+        elif lf >= 0:
+            end, after = lf, lf + 2
+        else:  # httptools saw the blank line, so only a miscount gets here
             self._at = None
             return len(data) - start
-        self._at = m.end() - (len(data) - len(self._chunk))
-        return m.end(1) - m.start(1)
+        self._at = after - (len(data) - len(self._chunk))
+        return end - start - (data[end - 1 : end] == b"\r")
 
     def on_chunk_header(self) -> None:
         self._at = None  # the chunk's size line is not handed over: positions are lost
