@@ -167,15 +167,24 @@ class UpstreamPool:
         return max(s.hedge_min_delay, u.quantile(s.hedge_quantile))
 
     async def call(
-        self, method: str, params: Params | None, min_block: int = -1, spent: int = 0
+        self,
+        method: str,
+        params: Params | None,
+        min_block: int = -1,
+        spent: int = 0,
+        tried: Sequence[Upstream] = (),
     ) -> Answer:
         """A read: the first good answer from the best upstreams, retried and maybe hedged.
         ``spent``: attempts the caller made already (a read sent through ``direct``), taken
-        from the budget; one is always left, for a link that failed under it."""
+        from the budget; one is always left, for a link that failed under it. ``tried``:
+        the upstreams those attempts went to, asked last (the best one may be the one that
+        just failed, still healthy after one error)."""
         max_attempts = max(1, self.settings.max_attempts - spent)
         if len(self.upstreams) == 1:
             return await self._call_one(self.upstreams[0], method, params, max_attempts)
         order = self.candidates(min_block)
+        if tried:
+            order = [u for u in order if u not in tried] + [u for u in order if u in tried]
         if self._hedge_delay(order[0]) is None:
             return await self._call_in_turn(order, method, params, max_attempts)
         tried = 0

@@ -9,8 +9,9 @@ bytes that a transport keeps (``last_seen``) and checks again through ``replay``
 
 A read that is never cached goes straight to a healthy WebSocket upstream when there is one
 (``_forward``): no task, and its answer readdressed to the caller's id without decoding
-(``Forward``); its repeats at the same head are forwarded as they came, id aside. A
-transport error hands the call to the full path, which retries and fails over.
+(``Forward``); its repeats at the same head are sent as the relay encoded the first one,
+id aside, with no decoding (a node must never read a repeat otherwise than the first call).
+A transport error hands the call to the full path, which retries and fails over.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from chainrelay.services.coalesce import Coalescer
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.upstream import TransportError, WsUpstream
+from chainrelay.services.upstream import TransportError, Upstream, WsUpstream
 from chainrelay.services.ws import current_subscriptions
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
@@ -43,7 +44,6 @@ from chainrelay.wire.jsonrpc import (
     encode_error_raw,
     encode_request,
     encode_result,
-    id_at,
     id_probe,
     join_batch,
     parse_answer,
@@ -208,7 +208,9 @@ class Forward:
             item = parse_body(call, 1)[0][0]
             assert isinstance(item, Call)  # it was forwarded as one
             call = item
-        retry = self.out.get_loop().create_task(rpc._answer_later(call, self.started, 1))
+        retry = self.out.get_loop().create_task(
+            rpc._answer_later(call, self.started, 1, (upstream,))
+        )
         retry.add_done_callback(self._retried)
 
     def _retried(self, retry: asyncio.Task[bytes | None]) -> None:
@@ -273,10 +275,10 @@ class RpcService:
         # misses it could have answered are recent (``BlockFeed.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
-        # Body without its id -> (method, where the id goes), for calls forwarded at this
-        # head (``_forward``): their repeats are forwarded as they came. Same lifetime and
-        # bounds as the seen table.
-        self._passes: dict[bytes, tuple[str, int]] = {}
+        # Body without its id -> (method, the relay's own request after its id), for calls
+        # forwarded at this head (``_forward``): their repeats are sent as that request
+        # under a new id. Same lifetime and bounds as the seen table.
+        self._passes: dict[bytes, tuple[str, bytes]] = {}
         self._passes_generation = -1
         self._passes_bytes = 0
 
@@ -487,16 +489,18 @@ class RpcService:
         request = encode_request(0, method, call.params if call.has_params else None)
         forward = Forward(self, upstream, rid, method, call, started, out)
         # The request around its id (orjson keeps the members in order, "id" second).
-        if not upstream.send_now(_REQUEST_OPEN, request[_REQUEST_OPEN_LEN + 1 :], forward):
+        tail = request[_REQUEST_OPEN_LEN + 1 :]
+        if not upstream.send_now(_REQUEST_OPEN, tail, forward):
             return None
         self._pass_call = None
         if split is not None and split[0] == rid:
-            self._remember_pass(body, split[1], method)
+            self._remember_pass(split[1], method, tail)
         return out
 
-    def _remember_pass(self, body: bytes, rest: bytes, method: str) -> None:
-        """Remember a call just forwarded by its body without its id (``split_id``), so
-        that its repeats at this head are forwarded with no decoding (``_forward_again``)."""
+    def _remember_pass(self, rest: bytes, method: str, tail: bytes) -> None:
+        """Remember a call just forwarded by its body without its id (``split_id``), with
+        the request it was sent as (``tail``: what follows the id), so that its repeats at
+        this head are sent the same with no decoding (``_forward_again``)."""
         passes = self._passes
         generation = self.view.generation
         if (
@@ -509,17 +513,16 @@ class RpcService:
             self._passes_bytes = 0
         if rest in passes or not id_probe(rest):
             return
-        at = id_at(body)
-        if at < 0:
-            return
-        passes[rest] = (method, at)
-        self._passes_bytes += len(rest)
+        passes[rest] = (method, tail)
+        self._passes_bytes += len(rest) + len(tail)
 
     def _forward_again(
         self, body: bytes, token: bytes, rest: bytes
     ) -> asyncio.Future[bytes] | None:
         """A call forwarded before at this head (``_remember_pass``), id aside, sent again
-        as it came with only the id replaced: no decoding, no planning."""
+        as the relay encoded it the first time, under a new id: no decoding, no planning.
+        Never the caller's bytes: a node might read them otherwise (a key twice, a member
+        spelled in another case) than the relay did."""
         known = self._passes.get(rest)
         if known is None or self._passes_generation != self.view.generation:
             return None
@@ -527,21 +530,23 @@ class RpcService:
         loop = self._loop
         if upstream is None or loop is None:
             return None
-        method, at = known
+        method, tail = known
         out: asyncio.Future[bytes] = loop.create_future()
         forward = Forward(self, upstream, token, method, body, time.perf_counter(), out)
-        if not upstream.send_now(rest[:at], rest[at:], forward):
+        if not upstream.send_now(_REQUEST_OPEN, tail, forward):
             return None
         return out
 
     # --- misses ----------------------------------------------------------------------
-    async def _answer_later(self, call: Call, started: float, spent: int = 0) -> bytes | None:
+    async def _answer_later(
+        self, call: Call, started: float, spent: int = 0, tried: Sequence[Upstream] = ()
+    ) -> bytes | None:
         """A call that waits for I/O; ``spent``: upstream attempts already made for it (by
-        the forwarding path, ``Forward``)."""
+        the forwarding path, ``Forward``), on the upstreams ``tried``."""
         rid = call.id or NULL_ID
         method = call.method
         try:
-            answer, outcome = await self._fetch(call, spent)
+            answer, outcome = await self._fetch(call, spent, tried)
         except UpstreamError as exc:
             exc.attempts += spent
             log.warning("%s", exc)
@@ -560,7 +565,9 @@ class RpcService:
         assert answer.result is not None
         return encode_result(rid, answer.result)
 
-    async def _fetch(self, call: Call, spent: int = 0) -> tuple[Answer, str]:
+    async def _fetch(
+        self, call: Call, spent: int = 0, tried: Sequence[Upstream] = ()
+    ) -> tuple[Answer, str]:
         method = call.method
         params = call.params if call.has_params else None
         rule = _RULES.get(method)
@@ -580,10 +587,10 @@ class RpcService:
             return await self.filters.call(method, params), "local"
         if call is self._pass_call:
             self._pass_call = None
-            return await self.pool.call(method, params, spent=spent), "pass"
+            return await self.pool.call(method, params, spent=spent, tried=tried), "pass"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
         if p.key is None:
-            return await self.pool.call(method, params, spent=spent), "pass"
+            return await self.pool.call(method, params, spent=spent, tried=tried), "pass"
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):

@@ -233,20 +233,35 @@ def readdress(raw: bytes, id_bytes: bytes) -> tuple[bytes, bool] | None:
     decoding it: ``(answer, is_error)``, the upstream's bytes but for the id.
 
     Only for the layout this codec writes (and geth, erigon and anvil send): ``jsonrpc``,
-    an integer ``id``, then a ``result`` or ``error`` member up to the closing brace.
-    None for any other layout: such an answer is decoded (``parse_answer``)."""
+    an integer ``id``, then a ``result`` or a non-null ``error`` member up to the closing
+    brace, the whole of it JSON (decoded to check it, never encoded again). None for any
+    other layout, and for bytes that are not JSON: such an answer is decoded
+    (``parse_answer``), which refuses what is not an answer."""
     if not raw.startswith(_ANSWER_OPEN) or raw[-1:] != b"}":
         return None
     comma = raw.find(b",", _ANSWER_OPEN_LEN, _ANSWER_OPEN_LEN + _MAX_ID_DIGITS + 1)
     if comma < 0 or not raw[_ANSWER_OPEN_LEN:comma].isdigit():
         return None
     if raw.startswith(_RESULT_MEMBER, comma):
-        is_error = False
+        member, key = "result", _RESULT_KEY
     elif raw.startswith(_ERROR_MEMBER, comma):
-        is_error = True
+        member, key = "error", _ERROR_KEY
     else:
         return None
-    return _ANSWER_OPEN + id_bytes + raw[comma:], is_error
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    # Three members, the third the one found and spelled once (a duplicate is read as its
+    # last copy by the full path), and an error that is one: "error":null is no error.
+    if (
+        len(doc) != 3
+        or next(reversed(doc)) != member
+        or (member == "error" and doc[member] is None)
+        or raw.count(key) != 1
+    ):
+        return None
+    return _ANSWER_OPEN + id_bytes + raw[comma:], member == "error"
 
 
 def join_batch(parts: list[bytes]) -> bytes:

@@ -18,6 +18,9 @@ up; every other call gets the fault of ``--mode``:
 * ``pending_garbage``: a WebSocket proxy to the node (``counting_proxy``'s) whose first
   ``PENDING_GARBAGE`` ``eth_subscribe("newPendingTransactions")`` calls are answered with
   cut-off JSON, as a broken gateway sends; later ones, and every other call, reach the node.
+* ``ws_garbage``: a WebSocket proxy to the node (``counting_proxy``'s) that answers every
+  call but ``HEAD_METHODS`` and the head stream's ``eth_subscribe``/``eth_unsubscribe``
+  with ``WS_GARBAGE``: the layout of an answer under the call's own id, but not JSON.
 
 ``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``.
 """
@@ -44,7 +47,7 @@ from tests.lab.counting_proxy import (
 )
 from tests.lab.procs import Procs
 
-MODES = ("429", "hang", "malformed", "receipts_error", "pending_garbage")
+MODES = ("429", "hang", "malformed", "receipts_error", "pending_garbage", "ws_garbage")
 # Pending-transaction subscriptions answered with garbage before they reach the node.
 PENDING_GARBAGE = 2
 # eth_chainId: the relay's chain check; eth_getBlockByNumber/ByHash: the head tracker;
@@ -52,6 +55,9 @@ PENDING_GARBAGE = 2
 HEAD_METHODS = frozenset(
     {"eth_chainId", "eth_getBlockByNumber", "eth_getBlockByHash", "eth_blockNumber"}
 )
+# ``ws_garbage``'s answer, %d the call's id: an answer's opening and closing brace around
+# a value that is not JSON, as a broken gateway might send.
+WS_GARBAGE = '{"jsonrpc":"2.0","id":%d,"result":0x1} trailing}'
 MALFORMED = (
     b'{"jsonrpc":"2.0","id":1,"result":"0x',
     b"[]",
@@ -121,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.mode == "pending_garbage":
         app = pending_garbage_app(args.upstream)
+    elif args.mode == "ws_garbage":
+        app = ws_garbage_app(args.upstream)
     else:
         app = FaultUpstreamApp(args.mode, args.upstream).app()
     asyncio.run(serve(app, args.host, args.port))
@@ -147,6 +155,25 @@ def pending_garbage_app(upstream: str) -> web.Application:
     return proxy.app()
 
 
+def ws_garbage_app(upstream: str) -> web.Application:
+    proxy = CountingProxyApp(upstream, set(), 0.0)
+    passed = HEAD_METHODS | {"eth_subscribe", "eth_unsubscribe"}
+
+    def garbage(message: str) -> str | None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(message)
+            if (
+                isinstance(doc, dict)
+                and doc.get("method") not in passed
+                and isinstance(doc.get("id"), int)
+            ):
+                return WS_GARBAGE % doc["id"]
+        return None
+
+    proxy.intercept = garbage
+    return proxy.app()
+
+
 class FaultUpstream(LabServer):
     module = "tests.lab.fault_upstream"
 
@@ -162,7 +189,10 @@ class FaultUpstream(LabServer):
         counts = await self.counts()
         if self.mode == "receipts_error":
             return counts.get("eth_getBlockReceipts", 0)
-        return sum(n for m, n in counts.items() if m not in HEAD_METHODS)
+        passed = HEAD_METHODS
+        if self.mode == "ws_garbage":
+            passed = passed | {"eth_subscribe", "eth_unsubscribe"}
+        return sum(n for m, n in counts.items() if m not in passed)
 
 
 async def start_fault_upstream(

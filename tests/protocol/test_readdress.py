@@ -57,6 +57,15 @@ def test_an_error_passes_through_unchanged_but_for_the_id() -> None:
         b'{"jsonrpc":"2.0","id":',
         b"",
         b"[]",
+        # Not JSON, though shaped like an answer: the full path refuses it as malformed.
+        b'{"jsonrpc":"2.0","id":7,"result":0x1} trailing}',
+        b'{"jsonrpc":"2.0","id":7,"result":"0x1"}}',
+        b'{"jsonrpc":"2.0","id":7,"result":"0x1",}',
+        # "error":null is no error: the full path reads the result beside it.
+        b'{"jsonrpc":"2.0","id":7,"error":null,"result":"0x1"}',
+        b'{"jsonrpc":"2.0","id":7,"error":null}',
+        b'{"jsonrpc":"2.0","id":7,"result":"0x1","error":{"code":1,"message":"m"}}',
+        b'{"jsonrpc":"2.0","id":7,"result":"0x1","result":"0x2"}',  # read as its last copy
     ],
 )
 def test_other_layouts_are_left_to_decoding(raw: bytes) -> None:

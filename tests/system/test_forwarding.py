@@ -16,6 +16,7 @@ import pytest
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.chain import metric
 from tests.lab.counting_proxy import start_proxy
+from tests.lab.fault_upstream import start_fault_upstream
 from tests.lab.procs import Procs, Relay, rpc, until
 from tests.lab.timing import SECOND
 from tests.system.test_ws_upstream import stop_process
@@ -134,7 +135,7 @@ async def test_a_hung_node_costs_the_same_attempts_through_the_forwarding_path(
     attempts = 3
     proxy = await start_proxy(procs, anvil.url)
     relay = await relay_factory(
-        [proxy.ws_url], f"[pool]\ntimeout = 0.3\nmax_attempts = {attempts}\n"
+        [proxy.ws_url], f"[pool]\ntimeout = {0.3 * SECOND}\nmax_attempts = {attempts}\n"
     )
     params = [DEV_ACCOUNTS[1], "pending"]
     assert (await rpc(relay.url, "eth_getBalance", params))["result"] == DEV_BALANCE
@@ -150,3 +151,100 @@ async def test_a_hung_node_costs_the_same_attempts_through_the_forwarding_path(
     # The forwarded attempt counts against the budget: no extra attempt, none unreported.
     assert got["error"]["data"]["attempts"] == attempts
     assert counts.get("eth_getBalance") == attempts, counts
+
+
+async def post_raw(url: str, data: bytes) -> bytes:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url, data=data, headers={"Content-Type": "application/json"}) as r,
+    ):
+        assert r.status == 200
+        return await r.read()
+
+
+# Bodies whose bytes a node may read otherwise than the relay does; %d: the id. The relay
+# decodes them and sends its own encoding, the first time and on every repeat.
+ODD_BODIES = [
+    # Spaced.
+    b'{ "jsonrpc" : "2.0" , "id" : %d , "method" : "eth_getBalance" , '
+    b'"params" : [ "' + DEV_ACCOUNTS[1].encode() + b'" , "pending" ] }',
+    # A member JSON-RPC does not define.
+    b'{"jsonrpc":"2.0","id":%d,"method":"eth_getBalance",'
+    b'"params":["' + DEV_ACCOUNTS[1].encode() + b'","pending"],"extra":true}',
+    # A key twice: the relay reads the last copy (an empty account in the first).
+    b'{"jsonrpc":"2.0","id":%d,"method":"eth_getBalance",'
+    b'"params":["0x00000000000000000000000000000000000000aa","pending"],'
+    b'"params":["' + DEV_ACCOUNTS[1].encode() + b'","pending"]}',
+]
+
+
+@pytest.mark.parametrize("odd", ODD_BODIES, ids=["spaced", "extra_member", "duplicated_key"])
+async def test_repeats_of_a_forwarded_call_are_sent_as_the_relay_encodes_it(
+    odd: bytes,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    # No block unless asked: both calls are at one head, so the second is a repeat.
+    node = await anvil_factory(chain_id=56, block_time=None)
+    relay = await relay_factory([node.ws_url])
+    params = [DEV_ACCOUNTS[1], "pending"]
+    for id_ in (1, 2):
+        got = await post_raw(relay.url, odd % id_)
+        expected = await post_raw(node.url, body(id_, "eth_getBalance", params))
+        assert got == expected, (id_, got)
+    assert orjson.loads(got)["result"] == DEV_BALANCE
+
+
+async def test_a_forwarded_call_that_failed_is_retried_on_another_upstream(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    procs: Procs,
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    # u0: a WebSocket node behind the lab proxy (which keeps answering the relay's pings
+    # once the node is stopped), the fastest, so calls are forwarded to it. u1: a healthy
+    # node behind a proxy that delays every HTTP answer, so it stays the slower one.
+    hung = await anvil_factory(chain_id=56, block_time=1.0)
+    healthy = await anvil_factory(chain_id=56, block_time=1.0)
+    hung_proxy = await start_proxy(procs, hung.url)
+    slow_proxy = await start_proxy(procs, healthy.url, delay_ms=100)
+    relay = await relay_factory(
+        [hung_proxy.ws_url, slow_proxy.url],
+        f"[pool]\ntimeout = {SECOND}\nmax_attempts = 2\nhedge = false\n",
+    )
+    params = [DEV_ACCOUNTS[1], "pending"]
+    assert (await rpc(relay.url, "eth_getBalance", params))["result"] == DEV_BALANCE
+    assert hung.proc is not None
+    await stop_process(hung.proc.pid)
+    try:
+        await hung_proxy.reset()
+        await slow_proxy.reset()
+        got = await asyncio.wait_for(rpc(relay.url, "eth_getBalance", params, 2), 10 * SECOND)
+        hung_counts = await hung_proxy.counts()
+        healthy_counts = await slow_proxy.counts()
+    finally:
+        os.kill(hung.proc.pid, signal.SIGCONT)
+    assert got == {"jsonrpc": "2.0", "id": 2, "result": DEV_BALANCE}, got
+    # Forwarded to the hung node once, then retried on the other one, not on it again.
+    assert hung_counts.get("eth_getBalance") == 1, hung_counts
+    assert healthy_counts.get("eth_getBalance") == 1, healthy_counts
+
+
+async def test_garbage_from_a_fake_upstream_on_the_forwarding_path_is_retried_elsewhere(
+    anvil: Anvil, procs: Procs, relay_factory: Callable[..., Awaitable[Relay]]
+) -> None:
+    # u0 (a fake: no node answers garbage) answers every forwarded call with bytes laid out
+    # like an answer under the call's id, that are not JSON; u1, the node behind a proxy
+    # that delays its answers, stays the slower one.
+    fake = await start_fault_upstream(procs, "ws_garbage", anvil.url)
+    slow_proxy = await start_proxy(procs, anvil.url, delay_ms=100)
+    relay = await relay_factory(
+        [fake.url.replace("http", "ws", 1), slow_proxy.url],
+        "[pool]\nmax_attempts = 2\nhedge = false\n",
+    )
+    params = [DEV_ACCOUNTS[1], "pending"]
+    for id_ in (1, 2):  # the second call is a repeat at the same head, as likely as not
+        got = await post_raw(relay.url, body(id_, "eth_getBalance", params))
+        assert orjson.loads(got) == {"jsonrpc": "2.0", "id": id_, "result": DEV_BALANCE}, got
+    assert await fake.fault_calls() >= 1
+    samples = await relay.metrics()
+    assert metric(samples, "chainrelay_upstream_calls_total", upstream="u0", outcome="ok") >= 1
