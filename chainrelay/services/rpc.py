@@ -62,6 +62,10 @@ DERIVED_UNAVAILABLE = b'{"code":-32000,"message":"block data not available yet"}
 SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 # Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
 MEMO_MAX_ENTRIES = 50_000
+# Params (as JSON) past this size are planned on every call, never memoised: planning is
+# cheap next to decoding such a body, and a body may carry megabytes of params. A large
+# eth_call's calldata fits.
+MEMO_MAX_PARAMS_BYTES = 4096
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
@@ -249,9 +253,11 @@ class RpcService:
         self._coalescer: Coalescer[Answer] = Coalescer()
         self._block_time = head.profile.block_time
         # (method, params JSON) -> cache key, for the current head only: skips planning on
-        # repeated calls. Cleared whenever the head view changes, and when it grows too big.
+        # repeated calls. Cleared whenever the head view changes, and when it grows too big
+        # (in entries, or in bytes past ``max_hit_table_bytes``).
         self._memo: dict[tuple[str, bytes], bytes | None] = {}
         self._memo_generation = -1
+        self._memo_bytes = 0
         # Body without its id -> what answered it, for bodies answered from cache (or
         # locally) at this head: repeated calls skip decoding too. Same lifetime as the memo.
         self._seen: dict[bytes, Seen] = {}
@@ -370,16 +376,26 @@ class RpcService:
             return None
         view = self.view
         memo = self._memo
-        if self._memo_generation != view.generation or len(memo) >= MEMO_MAX_ENTRIES:
+        if (
+            self._memo_generation != view.generation
+            or len(memo) >= MEMO_MAX_ENTRIES
+            or self._memo_bytes > self.max_hit_table_bytes
+        ):
             memo.clear()
             self._memo_generation = view.generation
+            self._memo_bytes = 0
         try:
-            memo_key = (method, orjson.dumps(call.params))
+            params = orjson.dumps(call.params)
         except TypeError:  # an integer beyond 64 bits: not worth memoising
             return None
-        key = memo.get(memo_key, _UNSET)
-        if key is _UNSET:
-            key = memo[memo_key] = policy.plan(method, call.params, view).key
+        if len(params) > MEMO_MAX_PARAMS_BYTES:
+            key = policy.plan(method, call.params, view).key
+        else:
+            memo_key = (method, params)
+            key = memo.get(memo_key, _UNSET)
+            if key is _UNSET:
+                key = memo[memo_key] = policy.plan(method, call.params, view).key
+                self._memo_bytes += len(params) + (len(key) if key is not None else 0)
         if key is None:
             self._pass_call = call
             return None

@@ -18,7 +18,7 @@ from chainrelay.services.cache import Entry, MemoryCache
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.rpc import RpcService
+from chainrelay.services.rpc import MEMO_MAX_PARAMS_BYTES, RpcService
 from chainrelay.services.upstream import Upstream
 from chainrelay.wire.jsonrpc import parse_body
 
@@ -102,3 +102,35 @@ def test_a_body_that_differs_beyond_its_id_is_not_taken_for_another(
     pending = service.handle(body(4, "0x5a"))  # another block: a different call
     assert not isinstance(pending, bytes)
     pending.close()  # type: ignore[attr-defined]
+
+
+def test_the_plan_memo_stays_within_its_bytes_and_skips_large_params() -> None:
+    bound = 4000
+    metrics = Metrics()
+    pool = UpstreamPool(
+        [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), metrics
+    )
+    head = HeadTracker(pool, PROFILES["devnet"], metrics)
+    head_at(head.view, 100)
+    service = RpcService(
+        MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, max_hit_table_bytes=bound
+    )
+
+    def miss(method: str, params: list[object]) -> None:
+        pending = service.handle(
+            orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+        )
+        assert not isinstance(pending, bytes)  # planned, then sent upstream (never awaited)
+        pending.close()  # type: ignore[attr-defined]
+
+    calls = 300  # distinct calls, more than fit
+    for i in range(calls):
+        miss("eth_getBalance", ["0x" + f"{i:x}".rjust(40, "0"), "0x5a"])
+        # Checked before each addition: one entry past the bound at most.
+        assert service._memo_bytes <= bound + 200
+    assert 0 < len(service._memo) < calls, "the memo started over"
+    # Params past MEMO_MAX_PARAMS_BYTES are planned without being kept.
+    data = "0x" + "ab" * MEMO_MAX_PARAMS_BYTES
+    miss("eth_call", [{"to": ADDR, "data": data}, "0x5a"])
+    assert service._memo, "not cleared: the large call is simply not kept"
+    assert all(len(params) <= MEMO_MAX_PARAMS_BYTES for _, params in service._memo)
