@@ -59,8 +59,12 @@ class Rule:
     index: int = 0
     # Tag assumed when the block parameter is omitted; None: do not cache when omitted.
     default: str | None = "latest"
-    # The block parameter may be sent as an EIP-1898 {"blockHash": ...} object.
+    # An unfinalized block is forwarded by its hash (a reorg then cannot answer for another
+    # block): as an EIP-1898 {"blockHash": ...} object, or as the bare hash with bare_hash.
     by_hash: bool = False
+    # eth_getBlockReceipts takes BlockNumberOrTagOrHash (execution-apis; geth, erigon and
+    # anvil agree), and some upstreams refuse the EIP-1898 object for it (-32602).
+    bare_hash: bool = False
     # What in the answer names its block: "block" (a block object), "item" (an object with
     # blockHash/blockNumber) or "items" (a list of those). Checked before storing.
     anchor: str | None = None
@@ -80,7 +84,7 @@ RULES: dict[str, Rule] = {
     "eth_createAccessList": Rule(_B, 1, default=None, by_hash=True),
     # blocks by number
     "eth_getBlockByNumber": Rule(_B, 0, default=None, anchor="block"),
-    "eth_getBlockReceipts": Rule(_B, 0, default=None, by_hash=True, anchor="items"),
+    "eth_getBlockReceipts": Rule(_B, 0, default=None, by_hash=True, bare_hash=True, anchor="items"),
     "eth_getBlockTransactionCountByNumber": Rule(_B, 0, default=None),
     "eth_getUncleCountByBlockNumber": Rule(_B, 0, default=None),
     "eth_getTransactionByBlockNumberAndIndex": Rule(_B, 0, default=None, anchor="item"),
@@ -297,7 +301,12 @@ def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan
         )
     assert block.hash is not None
     keyed = _with(params, rule.index, "#" + block.hash)
-    fwd_ref = {"blockHash": block.hash} if rule.by_hash else hex(block.number)
+    if rule.bare_hash:
+        fwd_ref = block.hash
+    elif rule.by_hash:
+        fwd_ref = {"blockHash": block.hash}
+    else:
+        fwd_ref = hex(block.number)
     return Plan(
         Finality.UNFINALIZED,
         _key(method, keyed),

@@ -207,7 +207,6 @@ class BlockFeed:
         # eth_getBlockReceipts is skipped below this block number: an upstream said it
         # lacks the method, and is asked again past it.
         self._receipts_from = -1
-        self._receipts_by_hash = False  # the upstream refuses the EIP-1898 form
 
     # --- listeners -------------------------------------------------------------------
     def add_listener(self, fn: BlockListener) -> None:
@@ -504,25 +503,14 @@ class BlockFeed:
     async def _call_receipts(self, number: int, block_hash: str, block: dict[str, Any]) -> Answer:
         """eth_getBlockReceipts under the key of a client's receipts by number (the
         pipeline asks by this block's hash), each transaction's receipt derived from it."""
-        if (
-            self._call == self._pool_call
-            or self._receipts_by_hash
-            or self.head.view.canonical.get(number) != block_hash
-        ):
+        if self._call == self._pool_call or self.head.view.canonical.get(number) != block_hash:
             return await self.pool.call("eth_getBlockReceipts", [block_hash], number)
         derived = [
             ("eth_getTransactionReceipt", [tx["hash"]], _receipt_of(tx["hash"], block_hash))
             for tx in block.get("transactions") or ()
             if isinstance(tx, dict) and isinstance(tx.get("hash"), str)
         ]
-        answer = await self._call("eth_getBlockReceipts", [hex(number)], number, derived)
-        if answer.error is not None and _error_code(answer.error) == -32602:
-            # The pipeline names the block as {"blockHash": ...} (EIP-1898), which this
-            # upstream refuses for the method: ask by the bare hash from now on.
-            log.info("upstream refuses eth_getBlockReceipts({blockHash}): asked by hash")
-            self._receipts_by_hash = True
-            return await self.pool.call("eth_getBlockReceipts", [block_hash], number)
-        return answer
+        return await self._call("eth_getBlockReceipts", [hex(number)], number, derived)
 
     async def _pool_call(
         self,

@@ -1,10 +1,10 @@
-"""The block feed's reads and the request pipeline, in memory: a client's read of the block
-being fetched (in any of its forms, or one of its transactions' receipts) rides on the
-feed's call; when the feed's call fails, reads nobody joined cost nothing.
+"""The block feed's calls and the request pipeline, in memory, when the feed's call fails:
+reads derived from it that nobody joined cost nothing; a client that joined gets the error.
 
-Pair tier: a real RpcService and its coalescer against an in-memory upstream whose block
-and receipts answers wait until the test lets them go, so the client's read is made
-while the feed's call is surely under way.
+Pair tier: a real RpcService and its coalescer against a fake upstream that holds every
+call until the test lets it go, then answers it with a server error (a node cannot be made
+to fail one call on demand). Reads that succeed ride on the feed's calls as well: that is
+checked against anvil in tests/system/test_block_feed.py.
 """
 
 from __future__ import annotations
@@ -30,34 +30,15 @@ from tests.lab.timing import SECOND
 
 N = 100
 BLOCK_HASH = "0x" + "b1" * 32
-TXS = ["0x" + f"{i:02x}" * 32 for i in (1, 2, 3)]
 
 
-def block() -> dict[str, Any]:
-    txs = [{"hash": t, "blockHash": BLOCK_HASH, "blockNumber": hex(N), "nonce": "0x0"} for t in TXS]
-    return {
-        "number": hex(N),
-        "hash": BLOCK_HASH,
-        "parentHash": "0x" + "a0" * 32,
-        "transactions": txs,
-    }
-
-
-def receipts() -> list[dict[str, Any]]:
-    return [
-        {"transactionHash": t, "blockHash": BLOCK_HASH, "blockNumber": hex(N), "logs": []}
-        for t in TXS
-    ]
-
-
-class HeldNode(Upstream):
-    """Answers one block and its receipts once ``go`` is set; counts calls by method."""
+class FakeFailingUpstream(Upstream):
+    """Holds every call until ``go`` is set, then answers it with a server error; counts
+    calls by method."""
 
     def __init__(self) -> None:
-        super().__init__("mem", "memory://", timeout=10.0, connections=1)
+        super().__init__("fake", "memory://", timeout=10.0, connections=1)
         self.go = asyncio.Event()
-        self.fail = False  # answer the block with a server error
-        self.refuse_block_hash_object = False  # -32602 to {"blockHash": ...} parameters
         self.methods: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
@@ -68,31 +49,15 @@ class HeldNode(Upstream):
 
     async def request(self, body: bytes) -> bytes:
         req = orjson.loads(body)
-        method, params = req["method"], req["params"]
-        self.methods[method] += 1
+        self.methods[req["method"]] += 1
         await self.go.wait()
-        result: Any = None
-        if self.refuse_block_hash_object and isinstance(params[0], dict):
-            error = {"code": -32602, "message": "invalid argument 0: hex string expected"}
-            return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "error": error})
-        if self.fail:
-            error = {"code": -32000, "message": "not now"}
-            return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "error": error})
-        if method in ("eth_getBlockByHash", "eth_getBlockByNumber"):
-            b = block()
-            if not params[1]:
-                b["transactions"] = TXS
-            result = b
-        elif method == "eth_getBlockReceipts":
-            result = receipts()
-        elif method == "eth_getTransactionReceipt":
-            result = next(r for r in receipts() if r["transactionHash"] == params[0])
-        return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": result})
+        error = {"code": -32000, "message": "not now"}
+        return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "error": error})
 
 
 class Pair:
     def __init__(self) -> None:
-        self.node = HeldNode()
+        self.node = FakeFailingUpstream()
         metrics = Metrics()
         pool = UpstreamPool([self.node], PoolConfig(max_attempts=1), metrics)
         self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
@@ -117,33 +82,9 @@ def pair() -> Pair:
     return Pair()
 
 
-async def test_client_reads_of_the_block_being_fetched_ride_on_the_feeds_calls(pair: Pair) -> None:
-    fetch = asyncio.ensure_future(pair.feed._fetch_once(N, BLOCK_HASH))
-    await until(lambda: pair.node.methods["eth_getBlockByHash"] == 1, 5 * SECOND, "the fetch")
-    reads = [
-        ("eth_getBlockByHash", [BLOCK_HASH, True]),
-        ("eth_getBlockByHash", [BLOCK_HASH, False]),
-        ("eth_getBlockByNumber", [hex(N), False]),
-        ("eth_getBlockByNumber", ["latest", True]),
-    ]
-    clients = [asyncio.ensure_future(pair.client(m, p)) for m, p in reads]
-    pair.node.go.set()
-    await until(lambda: pair.node.methods["eth_getBlockReceipts"] == 1, 5 * SECOND, "receipts")
-    receipt_reads = [asyncio.ensure_future(pair.client("eth_getTransactionReceipt", [TXS[1]]))]
-    event, _ = await fetch
-    got = await asyncio.gather(*clients, *receipt_reads)
-    light = {**block(), "transactions": TXS}
-    assert [g["result"] for g in got[:4]] == [block(), light, light, block()]
-    assert got[4]["result"] == receipts()[1]
-    assert event.number == N and len(event.block["transactions"]) == 3
-    # One call for the block and one for its receipts, whoever asked.
-    assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockReceipts": 1}
-
-
-async def test_reads_derived_from_a_failed_feed_call_cost_nothing_unless_joined(
+async def test_reads_derived_from_a_feed_call_a_fake_upstream_fails_cost_nothing_unless_joined(
     pair: Pair,
 ) -> None:
-    pair.node.fail = True
     fetch = asyncio.ensure_future(pair.feed._fetch_once(N, BLOCK_HASH))
     await until(lambda: pair.node.methods["eth_getBlockByHash"] == 1, 5 * SECOND, "the fetch")
     joined = asyncio.ensure_future(pair.client("eth_getBlockByNumber", [hex(N), False]))
@@ -152,17 +93,7 @@ async def test_reads_derived_from_a_failed_feed_call_cost_nothing_unless_joined(
     with pytest.raises(_Unavailable):  # the feed's own retries take it from there
         await fetch
     answer = await joined
-    # The joined read made its own call (and got the node's error); the derived reads
+    # The joined read made its own call (and got the upstream's error); the derived reads
     # nobody joined (the light block by hash, the full block by number) made none.
     assert answer["error"]["code"] == -32000
     assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockByNumber": 1}
-
-
-async def test_an_upstream_refusing_block_hash_objects_is_asked_by_hash(pair: Pair) -> None:
-    pair.node.refuse_block_hash_object = True
-    pair.node.go.set()
-    _, raw = await pair.feed._fetch_once(N, BLOCK_HASH)
-    assert raw.receipts == receipts()
-    assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockReceipts": 2}
-    await pair.feed._fetch_once(N, BLOCK_HASH)  # the block is cached; receipts by hash at once
-    assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockReceipts": 3}

@@ -90,6 +90,24 @@ def test_unfinalized_state_reads_are_keyed_and_forwarded_by_hash(
     assert b'"latest"' not in p.key and b'"safe"' not in p.key
 
 
+@pytest.mark.parametrize(("ref", "number"), [("latest", HEAD), ("safe", SAFE), (hex(97), 97)])
+def test_unfinalized_block_receipts_are_forwarded_by_the_bare_hash(
+    head: HeadView, ref: str, number: int
+) -> None:
+    # execution-apis: eth_getBlockReceipts takes BlockNumberOrTagOrHash; some upstreams
+    # refuse the EIP-1898 object for it.
+    p = plan("eth_getBlockReceipts", [ref], head)
+    h = block_hash(number)
+    assert p.finality is Finality.UNFINALIZED
+    assert p.block_hash == h and p.block_number == number and p.min_block == number
+    assert p.params == [h]
+    # Keyed as before: with a client's EIP-1898 request for the same block.
+    assert p.key == plan("eth_getBlockReceipts", [{"blockHash": h}], head).key
+    assert p.key == b'eth_getBlockReceipts:["#' + h.encode() + b'"]'
+    final = plan("eth_getBlockReceipts", [hex(FINAL)], head)
+    assert final.finality is Finality.FINALIZED and final.params == [hex(FINAL)]
+
+
 def test_omitted_block_means_latest(head: HeadView) -> None:
     assert (
         plan("eth_getBalance", [ADDR], head).key
