@@ -1,5 +1,6 @@
 """The block feed's upstream side through a relay: its fetch shared with clients' reads of
-the same block, and the automatic mode that follows blocks only while clients read them.
+the same block and of its receipts, and the automatic mode that follows blocks only while
+clients read them. Every answer is compared with anvil's, byte for byte.
 
 Real anvil (mining on demand), a real relay, the counting proxy between them.
 """
@@ -58,6 +59,28 @@ async def coalesced(relay: Relay) -> float:
     return metric(await relay.metrics(), "chainrelay_coalesced_total")
 
 
+async def raw(chain: Chain, method: str, params: list[Any]) -> bytes:
+    """The answer's body as sent, for a call with id 1 (the relay splices in the caller's
+    id, so a relay's body and the node's are then the same bytes)."""
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    headers = {"Content-Type": "application/json"}
+    async with chain.session.post(chain.url, data=body, headers=headers) as r:
+        assert r.status == 200, f"{method}: HTTP {r.status}"
+        return await r.read()
+
+
+async def receipt_reads(node: Chain, block_hash: str) -> list[tuple[str, list[Any]]]:
+    """A client's reads of the receipts of block ``block_hash``: each transaction's, and the
+    block's by number and by an EIP-1898 hash object."""
+    block = await node.call("eth_getBlockByHash", [block_hash, False])
+    assert len(block["transactions"]) >= 2, "the block was meant to carry transactions"
+    return [
+        *(("eth_getTransactionReceipt", [t]) for t in block["transactions"]),
+        ("eth_getBlockReceipts", [block["number"]]),
+        ("eth_getBlockReceipts", [{"blockHash": block_hash}]),
+    ]
+
+
 async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
     procs: Any,
     anvil_factory: Callable[..., Awaitable[Anvil]],
@@ -70,7 +93,8 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay(node, relay_factory, proxy.url, extra)
         async with Chain.open(relay.url) as through:
-            await node.send({"from": A0, "to": A1, "value": "0x5"})
+            for sender in (A0, A1):
+                await node.send({"from": sender, "to": A2, "value": "0x5"})
             await proxy.reset()
             await node.call("evm_mine")
             n, block_hash = await node.head()
@@ -78,11 +102,13 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
             await until(lambda: _held(proxy, 1), 10 * SECOND, "the feed's fetch of the block")
             before = await coalesced(relay)
             # A client that saw the head asks for the block at once, in both forms.
-            asks = [
-                asyncio.ensure_future(through.request("eth_getBlockByHash", [block_hash, True])),
-                asyncio.ensure_future(through.request("eth_getBlockByHash", [block_hash, False])),
-                asyncio.ensure_future(through.request("eth_getBlockByNumber", [hex(n), False])),
+            reads: list[tuple[str, list[Any]]] = [
+                ("eth_getBlockByHash", [block_hash, True]),
+                ("eth_getBlockByHash", [block_hash, False]),
+                ("eth_getBlockByNumber", [hex(n), False]),
+                ("eth_getBlockByNumber", ["latest", True]),
             ]
+            asks = [asyncio.ensure_future(raw(through, m, p)) for m, p in reads]
             await until(
                 lambda: _joined_or_held(relay, proxy, before + len(asks)),
                 10 * SECOND,
@@ -91,15 +117,58 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
             held = await proxy.held()
             await proxy.release()
             got = await asyncio.gather(*asks)
-            want = [
-                await node.request("eth_getBlockByHash", [block_hash, True]),
-                await node.request("eth_getBlockByHash", [block_hash, False]),
-                await node.request("eth_getBlockByNumber", [hex(n), False]),
-            ]
+            want = [await raw(node, m, p) for m, p in reads]
+            # The receipts the feed fetched with the block: hits, the node's bytes.
+            await until(lambda: _counted(proxy, "eth_getBlockReceipts", 1), 10 * SECOND, "receipts")
+            derived = await receipt_reads(node, block_hash)
+            got_receipts = [await raw(through, m, p) for m, p in derived]
+            want_receipts = [await raw(node, m, p) for m, p in derived]
+            counts = await proxy.counts()
+    assert got == want
+    assert got_receipts == want_receipts
+    assert held == 1  # only the feed's call reached the node
+    assert counts.get("eth_getBlockByHash") == 1, counts
+    # One call each for the block and its receipts, whoever asked.
+    assert counts.get("eth_getBlockReceipts") == 1, counts
+    assert "eth_getTransactionReceipt" not in counts, counts
+
+
+async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockReceipts",))
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
+        relay = await start_relay(node, relay_factory, proxy.url, extra)
+        async with Chain.open(relay.url) as through:
+            for sender in (A0, A1):
+                await node.send({"from": sender, "to": A2, "value": "0x6"})
+            await proxy.reset()
+            await node.call("evm_mine")
+            _, block_hash = await node.head()
+            # The feed has the block and its receipts call is under way, held at the proxy.
+            await until(lambda: _held(proxy, 1), 10 * SECOND, "the feed's receipts call")
+            reads = await receipt_reads(node, block_hash)
+            before = await coalesced(relay)
+            asks = [asyncio.ensure_future(raw(through, m, p)) for m, p in reads]
+            await until(
+                lambda: _joined_or_held(relay, proxy, before + len(asks)),
+                10 * SECOND,
+                "the client's reads to join the feed's call or reach the node",
+            )
+            held = await proxy.held()
+            await proxy.release()
+            got = await asyncio.gather(*asks)
+            want = [await raw(node, m, p) for m, p in reads]
             counts = await proxy.counts()
     assert got == want
     assert held == 1  # only the feed's call reached the node
-    assert counts.get("eth_getBlockByHash") == 1, counts
+    assert counts.get("eth_getBlockReceipts") == 1, counts
+    assert "eth_getTransactionReceipt" not in counts, counts
 
 
 async def _held(proxy: Any, n: int) -> bool:
@@ -141,7 +210,8 @@ async def test_automatic_feed_follows_only_while_clients_read_blocks(
             tx = await node.send({"from": A0, "to": A1, "value": "0x7"})
             await mine_one()
             assert (await through.call("eth_getTransactionReceipt", [tx]))["status"] == "0x1"
-            txs = [await node.send({"from": s, "to": A2, "value": "0x1"}) for s in (A0, A1)]
+            for sender in (A0, A1):
+                await node.send({"from": sender, "to": A2, "value": "0x1"})
             await proxy.reset()
             await mine_one()
             await until(
@@ -149,11 +219,10 @@ async def test_automatic_feed_follows_only_while_clients_read_blocks(
                 10 * SECOND,
                 "the feed's fetch of the block",
             )
-            # Its transactions' receipts are then hits, byte for byte the node's.
-            for t in txs:
-                assert await through.request(
-                    "eth_getTransactionReceipt", [t]
-                ) == await node.request("eth_getTransactionReceipt", [t])
+            # Its receipts are then hits, byte for byte the node's.
+            reads = await receipt_reads(node, (await node.head())[1])
+            for m, p in reads:
+                assert await raw(through, m, p) == await raw(node, m, p), (m, p)
             following = await proxy.counts()
             assert "eth_getTransactionReceipt" not in following, following
 
