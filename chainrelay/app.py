@@ -98,6 +98,7 @@ class Node:
                 "backoff": cfg.head.poll_backoff,
                 "min_interval": cfg.head.poll_min_interval,
                 "max_interval": cfg.head.poll_max_interval,
+                "probe_every": cfg.head.poll_probe_every,
             },
         )
         self._stack.append(head.stop)

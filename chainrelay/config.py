@@ -114,6 +114,7 @@ class HeadConfig:
     poll_backoff: float = d.HEAD_POLL_BACKOFF
     poll_min_interval: float = d.HEAD_POLL_MIN_INTERVAL
     poll_max_interval: float = d.HEAD_POLL_MAX_INTERVAL
+    poll_probe_every: int = d.HEAD_POLL_PROBE_EVERY
 
 
 @dataclass
@@ -258,6 +259,7 @@ def validate(cfg: Config) -> Config:
         ("head.interval_alpha", cfg.head.interval_alpha),
         ("head.interval_min_factor", cfg.head.interval_min_factor),
         ("head.poll_min_interval", cfg.head.poll_min_interval),
+        ("head.poll_probe_every", cfg.head.poll_probe_every),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")

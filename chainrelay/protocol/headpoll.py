@@ -10,9 +10,12 @@ Rules, all of them here:
   the poll that did; the expected time (the last block's plus the interval) is used when it
   lies in that span, else the nearest end of the span. This locks the schedule to the
   chain's phase the way a clock follows a reference.
-* After a new block: no poll until ``lead`` (a fraction of the interval) before the next one
-  is due (earlier while blocks keep arriving before that first poll); then one every
-  ``near`` (a fraction of the interval) until it arrives; once it is overdue by half an
+* After a new block: no poll until half a ``near`` step after the next one is due, so a
+  block on time costs one poll. Every ``probe_every`` blocks the first poll goes ``lead``
+  (a fraction of the interval) before it is due instead, which tells whether blocks now come
+  earlier than expected (a poll after the due time cannot); while they do, the probe goes
+  earlier each block. Then one poll every ``near`` (a fraction of the interval) until the
+  block arrives; once it is overdue by half an
   interval the chain is taken as stalled and the wait grows by ``backoff`` each poll, never
   beyond ``max_interval``.
 * An answer that is not a newer block (the same head, a lagging upstream's older one, a
@@ -51,6 +54,7 @@ class HeadPollSchedule:
         backoff: float = defaults.HEAD_POLL_BACKOFF,
         min_interval: float = defaults.HEAD_POLL_MIN_INTERVAL,
         max_interval: float = defaults.HEAD_POLL_MAX_INTERVAL,
+        probe_every: int = defaults.HEAD_POLL_PROBE_EVERY,
     ) -> None:
         self.block_time = block_time
         self.lead = lead
@@ -61,6 +65,7 @@ class HeadPollSchedule:
         self.backoff = backoff
         self.min_interval = min_interval
         self.max_interval = max_interval
+        self.probe_every = probe_every
         # The learned seconds between blocks.
         self.interval = block_time
         self.number: int | None = None  # the highest head seen
@@ -71,6 +76,10 @@ class HeadPollSchedule:
         # first poll looks (nothing then says how early they came), narrowed back after.
         self.early = lead
         self._looked = False  # whether a poll since the last block was a "near" one
+        # Whether the next block is looked for before it is due (a probe of the phase)
+        # rather than just after, and the blocks since the last probe.
+        self.probing = True
+        self._since_probe = 0
 
     @property
     def due(self) -> float | None:
@@ -99,11 +108,15 @@ class HeadPollSchedule:
             observed = (appeared - self.appeared_at) / (number - self.number)
             observed = min(max(observed, self.low), self.high)
             self.interval += self.alpha * (observed - self.interval)
-        if due is not None:
+        if due is not None and self.probing:
             if self._looked:
                 self.early = max(self.lead, self.early * EARLY_NARROW)
             else:
                 self.early = min(MAX_EARLY, self.early * EARLY_WIDEN)
+            self._since_probe = 0
+        elif due is not None:
+            self._since_probe += 1
+        self.probing = self.early > self.lead or self._since_probe + 1 >= self.probe_every
         self._looked = False
         self.number = number
         self.appeared_at = appeared
@@ -116,7 +129,11 @@ class HeadPollSchedule:
         near = max(self.min_interval, self.near * self.interval)
         if due is None:
             return now + min(self.max_interval, near)
-        start = due - self.early * self.interval
+        if self.probing:
+            start = due - self.early * self.interval
+        else:
+            # Half a near step after the block is due: usually the only poll it costs.
+            start = due + near / 2
         if now < start:
             return min(start, now + self.max_interval)
         self._looked = True

@@ -58,7 +58,7 @@ class HeadTracker:
         backfill: int = defaults.BACKFILL_BLOCKS,
         finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
         fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
-        poll: Mapping[str, float] | None = None,
+        poll: Mapping[str, Any] | None = None,
     ) -> None:
         self.pool = pool
         self.profile = profile
