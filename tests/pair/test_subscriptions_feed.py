@@ -3,8 +3,8 @@ reaches head listeners as the tracker adopts it, before its block and receipts a
 heads the tracker had to walk back to, and the heads of a reorg, wait for the fetch. Every
 head reaches head listeners once and in chain order, and each block's event follows.
 
-A real head tracker and block feed over an in-memory chain standing in for the upstream's
-answers; receipts can be held back to hold the fetch where the test wants it.
+Pair tier: a real head tracker and block feed over an in-memory chain standing in for the
+upstream's answers; receipts can be held back to hold the fetch where the test wants it.
 """
 
 from __future__ import annotations
