@@ -103,8 +103,11 @@ class HeadPollSchedule:
         if self.number is None or self.appeared_at is None or due is None:
             appeared = now
         else:
-            # The expected time, held to the span in which the block must have appeared.
-            appeared = min(max(due + self.interval * (number - self.number - 1), low), now)
+            # The expected time if it lies in the span in which the block must have
+            # appeared; a block later than expected is put in the middle of the span (the
+            # last miss and this poll are a near step apart), an earlier one at its end.
+            expected = due + self.interval * (number - self.number - 1)
+            appeared = (low + now) / 2 if expected < low else min(expected, now)
             observed = (appeared - self.appeared_at) / (number - self.number)
             observed = min(max(observed, self.low), self.high)
             self.interval += self.alpha * (observed - self.interval)
