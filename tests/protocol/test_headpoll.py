@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from chainrelay import defaults
+from chainrelay.config import loads
+from chainrelay.errors import ConfigError
 from chainrelay.protocol.headpoll import HeadPollSchedule
 
 BLOCK = 1.0
@@ -189,3 +192,30 @@ def test_blocks_faster_than_the_profile_are_learned_by_the_probes() -> None:
     _polls, delays = run(s, produced, produced[-1] + 0.01)
     assert s.interval == pytest.approx(0.8, rel=0.05)
     assert median(delays[40:]) < 0.8 / 8
+
+
+# --- configuration ---------------------------------------------------------------------------
+UPSTREAM = '[[upstreams]]\nurl = "http://127.0.0.1:8545"\n'
+
+
+def test_head_poll_settings_are_read_from_head() -> None:
+    cfg = loads("[head]\npoll_near = 0.2\npoll_probe_every = 8\n" + UPSTREAM, {})
+    assert (cfg.head.poll_near, cfg.head.poll_probe_every) == (0.2, 8)
+    assert cfg.head.poll_lead == defaults.HEAD_POLL_LEAD
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("poll_near = 0", "head.poll_near"),
+        ("poll_probe_every = 0", "head.poll_probe_every"),
+        ("poll_backoff = 0.5", "poll_backoff"),
+        ("poll_lead = -0.1", "poll_lead"),
+        ("poll_max_interval = 0.01", "poll_max_interval"),
+        ("interval_max_factor = 0.1", "interval_max_factor"),
+    ],
+)
+def test_bad_head_poll_settings_are_refused(line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        loads(f"[head]\n{line}\n" + UPSTREAM, {})
+    assert key in str(exc.value)
