@@ -100,6 +100,7 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
             n, block_hash = await node.head()
             # The feed's fetch of the new block is under way, held at the proxy.
             await until(lambda: _held(proxy, 1), 10 * SECOND, "the feed's fetch of the block")
+            await until(lambda: _relay_at(through, n), 10 * SECOND, "the relay's head")
             before = await coalesced(relay)
             # A client that saw the head asks for the block at once, in both forms.
             reads: list[tuple[str, list[Any]]] = [
@@ -124,8 +125,8 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
             got_receipts = [await raw(through, m, p) for m, p in derived]
             want_receipts = [await raw(node, m, p) for m, p in derived]
             counts = await proxy.counts()
-    assert got == want
-    assert got_receipts == want_receipts
+    for read, g, w in zip(reads + derived, got + got_receipts, want + want_receipts, strict=True):
+        assert g == w, read
     assert held == 1  # only the feed's call reached the node
     assert counts.get("eth_getBlockByHash") == 1, counts
     # One call each for the block and its receipts, whoever asked.
@@ -149,9 +150,10 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
                 await node.send({"from": sender, "to": A2, "value": "0x6"})
             await proxy.reset()
             await node.call("evm_mine")
-            _, block_hash = await node.head()
+            n, block_hash = await node.head()
             # The feed has the block and its receipts call is under way, held at the proxy.
             await until(lambda: _held(proxy, 1), 10 * SECOND, "the feed's receipts call")
+            await until(lambda: _relay_at(through, n), 10 * SECOND, "the relay's head")
             reads = await receipt_reads(node, block_hash)
             before = await coalesced(relay)
             asks = [asyncio.ensure_future(raw(through, m, p)) for m, p in reads]
@@ -165,7 +167,8 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
             got = await asyncio.gather(*asks)
             want = [await raw(node, m, p) for m, p in reads]
             counts = await proxy.counts()
-    assert got == want
+    for read, g, w in zip(reads, got, want, strict=True):
+        assert g == w, read
     assert held == 1  # only the feed's call reached the node
     assert counts.get("eth_getBlockReceipts") == 1, counts
     assert "eth_getTransactionReceipt" not in counts, counts
