@@ -717,6 +717,8 @@ class HttpProtocol(asyncio.Protocol):
     def _upgrade(self, data: bytes, offset: int) -> None:
         assert self.transport is not None
         head = b"".join(self._head_buf[:-1]) + data[:offset]
+        if self._head_at:  # the read began with earlier messages, already answered
+            head = head[self._head_at :]
         rest = data[offset:]
         self._head_buf = []
         limits = self.server.limits

@@ -713,3 +713,27 @@ async def test_listed_origins_get_the_same_answers_from_every_path(name: str) ->
     assert one.server.replays and one.hits() == 2
     listed = b"Access-Control-Allow-Origin: https://dapp.example\r\n" in fast[0]
     assert listed == (name.startswith("listed") and "trailing" not in name)
+
+
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_read", "head_split"])
+def test_an_upgrade_after_a_request_in_the_same_read_is_accepted(
+    front: Front, split: bool
+) -> None:
+    front.warm(b'"0x1"')
+    conn, transport = front.connect()
+    first = post(balance(1)) + (UPGRADE if not split else UPGRADE[:20])
+    conn.data_received(first)
+    if split:
+        conn.data_received(UPGRADE[20:])
+    out = bytes(transport.out)
+    assert out.count(b"HTTP/1.1 200 OK") == 1
+    assert b"HTTP/1.1 101 Switching Protocols" in out
+    # RFC 6455's sample key: the accept value proves the handshake read this head.
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in out
+    assert conn.ws is not None
