@@ -722,9 +722,7 @@ UPGRADE = (
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one_read", "head_split"])
-def test_an_upgrade_after_a_request_in_the_same_read_is_accepted(
-    front: Front, split: bool
-) -> None:
+def test_an_upgrade_after_a_request_in_the_same_read_is_accepted(front: Front, split: bool) -> None:
     front.warm(b'"0x1"')
     conn, transport = front.connect()
     first = post(balance(1)) + (UPGRADE if not split else UPGRADE[:20])
