@@ -7,8 +7,9 @@ session, so a test can make hundreds of calls without paying for a connection ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +19,7 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 
 from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, TRANSFER_TOPIC
+from tests.lab.procs import Relay
 from tests.lab.timing import SECOND
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "emitter_data",
     "metric",
     "sign_transfer",
+    "start_relay_mining",
     "store_initcode",
     "topic_of",
     "wait_same_head",
@@ -201,3 +204,34 @@ def metric(samples: dict[str, float], name: str, **labels: str) -> float:
         if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
             total += value
     return total
+
+
+# How often a node that mines on demand is made to mine while a relay in front of it
+# starts: the relay waits for a first head before it reports healthy.
+START_HEARTBEAT = 0.2 * SECOND
+RELAY_START_TIMEOUT = 20 * SECOND
+
+
+async def start_relay_mining(
+    node: Chain,
+    relay_factory: Callable[..., Awaitable[Relay]],
+    upstreams: list[str],
+    extra: str = "",
+) -> Relay:
+    """Start a relay in front of a node that mines on demand, mining a block every
+    START_HEARTBEAT until the relay serves (bounded by RELAY_START_TIMEOUT)."""
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            await node.call("evm_mine")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), START_HEARTBEAT)
+
+    task = asyncio.create_task(heartbeat())
+    try:
+        async with asyncio.timeout(RELAY_START_TIMEOUT):
+            return await relay_factory(upstreams, extra)
+    finally:
+        stop.set()
+        await task

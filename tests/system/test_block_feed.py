@@ -17,7 +17,7 @@ import pytest
 import websockets
 
 from chainrelay.devnet import Anvil
-from tests.lab.chain import DEV_ACCOUNTS, Chain, metric
+from tests.lab.chain import DEV_ACCOUNTS, Chain, metric, start_relay_mining
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.fault_upstream import PENDING_GARBAGE, start_fault_upstream
 from tests.lab.procs import Relay, until
@@ -28,31 +28,9 @@ pytestmark = pytest.mark.lab
 A0, A1, A2 = DEV_ACCOUNTS
 # Heartbeat that keeps heads coming while a relay starts in front of a node that mines only
 # when told to.
-HEARTBEAT = 0.2
 # No backfill: the head tracker's walk behind its first head would ask eth_getBlockByHash,
 # which the proxy holds in the coalescing test.
 NO_BACKFILL = "[head]\nbackfill_blocks = 0\n"
-
-
-async def start_relay(
-    node: Chain, relay_factory: Callable[..., Awaitable[Relay]], upstream: str, extra: str
-) -> Relay:
-    """A relay in front of a node that mines on demand (blocks every HEARTBEAT until the
-    relay serves, so its head tracker sees a first head)."""
-    stop = asyncio.Event()
-
-    async def heartbeat() -> None:
-        while not stop.is_set():
-            await node.call("evm_mine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT)
-
-    task = asyncio.create_task(heartbeat())
-    try:
-        return await relay_factory([upstream], extra)
-    finally:
-        stop.set()
-        await task
 
 
 async def coalesced(relay: Relay) -> float:
@@ -91,7 +69,7 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
-        relay = await start_relay(node, relay_factory, proxy.url, extra)
+        relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
             for sender in (A0, A1):
                 await node.send({"from": sender, "to": A2, "value": "0x5"})
@@ -144,7 +122,7 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
-        relay = await start_relay(node, relay_factory, proxy.url, extra)
+        relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
             for sender in (A0, A1):
                 await node.send({"from": sender, "to": A2, "value": "0x6"})
@@ -193,7 +171,7 @@ async def test_automatic_feed_follows_only_while_clients_read_blocks(
         await node.call("evm_setAutomine", [False])
         # The default mode ("auto"), following for 3 blocks after a client's last miss.
         extra = "[subscriptions]\nfollow_recent_blocks = 3\n"
-        relay = await start_relay(node, relay_factory, proxy.url, extra)
+        relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
 
             async def mine_one() -> tuple[int, str]:
@@ -258,7 +236,7 @@ async def test_garbage_from_a_fake_upstream_does_not_end_the_pending_stream(
     fake = await start_fault_upstream(procs, "pending_garbage", anvil.url)
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
-        relay = await start_relay(node, relay_factory, fake.url.replace("http", "ws", 1), "")
+        relay = await start_relay_mining(node, relay_factory, [fake.url.replace("http", "ws", 1)])
         async with websockets.connect(relay.ws_url, compression=None) as conn:
             await conn.send(
                 '{"jsonrpc":"2.0","id":1,"method":"eth_subscribe",'

@@ -27,6 +27,7 @@ from tests.lab.chain import (
     Chain,
     emitter_data,
     metric,
+    start_relay_mining,
     wait_same_head,
 )
 from tests.lab.counting_proxy import CountingProxy, start_proxy
@@ -37,9 +38,6 @@ pytestmark = pytest.mark.lab
 
 A0, A1, A2 = DEV_ACCOUNTS
 BLOCKS = 10
-# The heartbeat that keeps heads coming while the relay starts (anvil mines on demand here).
-HEARTBEAT = 0.2
-RELAY_START_TIMEOUT = 20 * SECOND
 SETTLE_TIMEOUT = 15 * SECOND
 FILTER_NOT_FOUND = {"code": -32000, "message": "filter not found"}
 
@@ -51,27 +49,6 @@ class Lab:
     relay: Relay
     through: Chain  # the relay
     emitter: str
-
-
-async def start_relay(
-    node: Chain, relay_factory: Callable[..., Awaitable[Relay]], upstream: str, extra: str = ""
-) -> Relay:
-    """Start a relay, mining a block every HEARTBEAT until it serves (bounded by its wait)."""
-    stop = asyncio.Event()
-
-    async def heartbeat() -> None:
-        while not stop.is_set():
-            await node.call("evm_mine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT)
-
-    task = asyncio.create_task(heartbeat())
-    try:
-        async with asyncio.timeout(RELAY_START_TIMEOUT):
-            return await relay_factory([upstream], extra)
-    finally:
-        stop.set()
-        await task
 
 
 @contextlib.asynccontextmanager
@@ -86,7 +63,7 @@ async def lab_of(
         await node.call("evm_setAutomine", [False])
         emitter = await node.deploy(transfer_emitter_initcode())
         url = anvil.ws_url if upstream is None else await upstream(anvil)
-        relay = await start_relay(node, relay_factory, url, extra)
+        relay = await start_relay_mining(node, relay_factory, [url], extra)
         async with Chain.open(relay.url) as through:
             await wait_same_head(through, node, SETTLE_TIMEOUT)
             yield Lab(anvil, node, relay, through, emitter)
@@ -198,7 +175,7 @@ async def test_filter_ids_are_geths_and_never_reach_the_upstream(
     lab: Lab, procs: Procs, relay_factory: Callable[..., Awaitable[Relay]]
 ) -> None:
     proxy = await start_proxy(procs, lab.anvil.url)
-    relay = await start_relay(lab.node, relay_factory, proxy.url)
+    relay = await start_relay_mining(lab.node, relay_factory, [proxy.url])
     async with Chain.open(relay.url) as through:
         await wait_same_head(through, lab.node, SETTLE_TIMEOUT)
         await proxy.reset()

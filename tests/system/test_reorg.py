@@ -10,8 +10,6 @@ replaced block, a dropped transaction, or the new chain, and a second time from 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,23 +24,19 @@ from tests.lab.chain import (
     Chain,
     emitter_data,
     metric,
+    start_relay_mining,
     store_initcode,
     topic_of,
     wait_same_head,
     word,
 )
 from tests.lab.procs import Relay
-from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
 A0, A1, A2 = DEV_ACCOUNTS
 # Blocks under the replaced ones, so ranges and tags reach below the fork point.
 BASE_BLOCKS = 3
-# The heartbeat that keeps a first head coming while the relay starts (anvil only mines
-# on demand here, and a WS upstream only reports heads as they are mined).
-HEARTBEAT = 0.2
-RELAY_START_TIMEOUT = 20 * SECOND
 
 Query = tuple[str, list[Any]]
 
@@ -80,33 +74,12 @@ async def lab(
         emitter = await node.deploy(transfer_emitter_initcode())
         store = await node.deploy(store_initcode())
         upstream = anvil.ws_url if request.param == "ws" else anvil.url
-        relay = await start_relay(node, relay_factory, upstream)
+        relay = await start_relay_mining(node, relay_factory, [upstream])
         for i in range(BASE_BLOCKS):
             await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
             await node.call("evm_mine")
         async with Chain.open(relay.url) as through:
             yield Lab(anvil, node, relay, through, emitter, store)
-
-
-async def start_relay(
-    node: Chain, relay_factory: Callable[..., Awaitable[Relay]], upstream: str
-) -> Relay:
-    """Start a relay, mining a block every HEARTBEAT until it serves (bounded by its wait)."""
-    stop = asyncio.Event()
-
-    async def heartbeat() -> None:
-        while not stop.is_set():
-            await node.call("evm_mine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT)
-
-    task = asyncio.create_task(heartbeat())
-    try:
-        async with asyncio.timeout(RELAY_START_TIMEOUT):
-            return await relay_factory([upstream])
-    finally:
-        stop.set()
-        await task
 
 
 async def mine_old_blocks(lab: Lab, depth: int) -> None:

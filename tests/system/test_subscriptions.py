@@ -29,6 +29,7 @@ from tests.lab.chain import (
     Chain,
     emitter_data,
     metric,
+    start_relay_mining,
 )
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.fault_upstream import start_fault_upstream
@@ -44,7 +45,6 @@ TRANSFER_LOGS = ["logs", {"topics": [TRANSFER_TOPIC]}]
 BLOCK_TIME = 0.5
 # Heartbeat that keeps heads coming while a relay starts in front of a node that mines
 # only when told to (the reorg and cache tests).
-HEARTBEAT = 0.2
 
 
 class Subscriber:
@@ -140,27 +140,6 @@ async def mining(url: str) -> AsyncIterator[None]:
     )
     try:
         yield
-    finally:
-        stop.set()
-        await task
-
-
-async def start_relay_on_manual_node(
-    node: Chain, relay_factory: Callable[..., Awaitable[Relay]], upstreams: list[str], extra: str
-) -> Relay:
-    """A relay in front of a node that mines on demand: blocks come every HEARTBEAT until
-    the relay serves, so its head tracker sees a first head (bounded by the relay's wait)."""
-    stop = asyncio.Event()
-
-    async def heartbeat() -> None:
-        while not stop.is_set():
-            await node.call("evm_mine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT)
-
-    task = asyncio.create_task(heartbeat())
-    try:
-        return await relay_factory(upstreams, extra)
     finally:
         stop.set()
         await task
@@ -329,7 +308,7 @@ async def test_reorg_retracts_orphaned_logs_then_delivers_the_new_chain(
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
         emitter = await node.deploy(transfer_emitter_initcode())
-        relay = await start_relay_on_manual_node(node, relay_factory, [anvil.ws_url], "")
+        relay = await start_relay_mining(node, relay_factory, [anvil.ws_url])
         async with Subscriber.connect(relay.ws_url) as sub:
             heads = await sub.subscribe(NEW_HEADS)
             logs = await sub.subscribe(TRANSFER_LOGS)
@@ -397,7 +376,7 @@ async def test_new_heads_go_out_before_the_relay_has_the_blocks_receipts(
     proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockReceipts",))
     async with Chain.open(anvil.url) as node:
         emitter = await node.deploy(transfer_emitter_initcode())
-        relay = await start_relay_on_manual_node(node, relay_factory, [proxy.ws_url], "")
+        relay = await start_relay_mining(node, relay_factory, [proxy.ws_url])
         async with Subscriber.connect(relay.ws_url) as sub:
             heads = await sub.subscribe(NEW_HEADS)
             logs = await sub.subscribe(TRANSFER_LOGS)
@@ -615,7 +594,7 @@ async def test_full_pending_transactions_are_the_nodes_own(
     anvil = await anvil_factory(chain_id=56, block_time=None)
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
-        relay = await start_relay_on_manual_node(node, relay_factory, [anvil.ws_url], "")
+        relay = await start_relay_mining(node, relay_factory, [anvil.ws_url])
         async with Subscriber.connect(relay.ws_url) as a, Subscriber.connect(relay.ws_url) as b:
             full_a = await a.subscribe(["newPendingTransactions", True])
             full_b = await b.subscribe(["newPendingTransactions", True])
@@ -657,7 +636,7 @@ async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
         emitter = await node.deploy(transfer_emitter_initcode())
-        relay = await start_relay_on_manual_node(node, relay_factory, [proxy.ws_url], "")
+        relay = await start_relay_mining(node, relay_factory, [proxy.ws_url])
         async with (
             Subscriber.connect(relay.ws_url) as sub,
             Subscriber.connect(anvil.ws_url) as direct,
@@ -756,7 +735,7 @@ async def test_heads_the_upstream_skipped_are_delivered_in_order(
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
         # Over HTTP the relay polls: a burst of blocks between two polls is a jump of heads.
-        relay = await start_relay_on_manual_node(node, relay_factory, [anvil.url], "")
+        relay = await start_relay_mining(node, relay_factory, [anvil.url])
         async with (
             Subscriber.connect(relay.ws_url) as sub,
             Subscriber.connect(anvil.ws_url) as direct,
@@ -801,7 +780,7 @@ async def test_receipts_errors_from_a_fake_upstream_fall_back_to_logs_by_block_h
     async with Chain.open(anvil.url) as node:
         await node.call("evm_setAutomine", [False])
         emitter = await node.deploy(transfer_emitter_initcode())
-        relay = await start_relay_on_manual_node(node, relay_factory, [fake.url], "")
+        relay = await start_relay_mining(node, relay_factory, [fake.url])
         async with Subscriber.connect(relay.ws_url) as sub:
             logs = await sub.subscribe(TRANSFER_LOGS)
             mined: list[str] = []
