@@ -127,6 +127,8 @@ class Node:
             max_batch_len=cfg.limits.max_batch_len,
             shared=self.shared,
             max_hit_table_bytes=cfg.limits.max_hit_table_bytes,
+            max_hit_table_entries=cfg.limits.max_hit_table_entries,
+            memo_max_params_bytes=cfg.limits.memo_max_params_bytes,
         )
         sc = cfg.subscriptions
         blocks = self.blocks = BlockFeed(

@@ -43,6 +43,8 @@ class LimitsConfig:
     max_ws_message_bytes: int = d.MAX_WS_MESSAGE_BYTES
     max_ws_send_buffer: int = d.MAX_WS_SEND_BUFFER
     max_hit_table_bytes: int = d.MAX_HIT_TABLE_BYTES
+    max_hit_table_entries: int = d.MAX_HIT_TABLE_ENTRIES
+    memo_max_params_bytes: int = d.MEMO_MAX_PARAMS_BYTES
 
 
 # "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
@@ -227,6 +229,9 @@ def validate(cfg: Config) -> Config:
     for path, value in (
         ("limits.max_body_bytes", cfg.limits.max_body_bytes),
         ("limits.max_batch_len", cfg.limits.max_batch_len),
+        ("limits.max_hit_table_bytes", cfg.limits.max_hit_table_bytes),
+        ("limits.max_hit_table_entries", cfg.limits.max_hit_table_entries),
+        ("limits.memo_max_params_bytes", cfg.limits.memo_max_params_bytes),
         ("pool.max_attempts", cfg.pool.max_attempts),
         ("pool.ws_ping_interval", cfg.pool.ws_ping_interval),
         ("pool.ws_max_message_bytes", cfg.pool.ws_max_message_bytes),

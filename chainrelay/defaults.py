@@ -29,6 +29,13 @@ MAX_WS_SEND_BUFFER = 16 * MiB
 # by whole request, ids aside): thousands of distinct hot calls of one block fit; past it a
 # table starts over, so a flood of distinct calls costs hits, not memory.
 MAX_HIT_TABLE_BYTES = 16 * MiB
+# Entries in each of those tables and in the plan memo: bounds the dict overhead a flood of
+# tiny distinct calls can pin within one block, whatever their bytes.
+MAX_HIT_TABLE_ENTRIES = 50_000
+# Params (as JSON) past this size are planned on every call, never memoised: planning is
+# cheap next to decoding such a body, and a body may carry megabytes of params. A large
+# eth_call's calldata fits.
+MEMO_MAX_PARAMS_BYTES = 4096
 
 # --- Cache ---------------------------------------------------------------------------------
 # Holds ~100k typical answers or a few thousand full blocks; a relay's working set.

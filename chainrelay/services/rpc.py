@@ -60,12 +60,6 @@ NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not suppor
 # A read derived from the block feed's call that failed, which no client had joined.
 DERIVED_UNAVAILABLE = b'{"code":-32000,"message":"block data not available yet"}'
 SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
-# Memoised plans kept per head: bounds what a flood of distinct calls can pin in one block.
-MEMO_MAX_ENTRIES = 50_000
-# Params (as JSON) past this size are planned on every call, never memoised: planning is
-# cheap next to decoding such a body, and a body may carry megabytes of params. A large
-# eth_call's calldata fits.
-MEMO_MAX_PARAMS_BYTES = 4096
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
@@ -240,6 +234,8 @@ class RpcService:
         max_batch_len: int = defaults.MAX_BATCH_LEN,
         shared: SharedCache | None = None,
         max_hit_table_bytes: int = defaults.MAX_HIT_TABLE_BYTES,
+        max_hit_table_entries: int = defaults.MAX_HIT_TABLE_ENTRIES,
+        memo_max_params_bytes: int = defaults.MEMO_MAX_PARAMS_BYTES,
     ) -> None:
         self.cache = cache
         self.shared = shared
@@ -266,6 +262,8 @@ class RpcService:
         # Bounds the seen table's bodies and the answers it keeps alive after the cache
         # has let them go.
         self.max_hit_table_bytes = max_hit_table_bytes
+        self.max_hit_table_entries = max_hit_table_entries
+        self.memo_max_params_bytes = memo_max_params_bytes
         self._hit_key: bytes | None = None
         self._hit_entry: Entry | None = None
         # The last call _answer_now found uncacheable by its memo: _fetch forwards that
@@ -378,7 +376,7 @@ class RpcService:
         memo = self._memo
         if (
             self._memo_generation != view.generation
-            or len(memo) >= MEMO_MAX_ENTRIES
+            or len(memo) >= self.max_hit_table_entries
             or self._memo_bytes > self.max_hit_table_bytes
         ):
             memo.clear()
@@ -388,7 +386,7 @@ class RpcService:
             params = orjson.dumps(call.params)
         except TypeError:  # an integer beyond 64 bits: not worth memoising
             return None
-        if len(params) > MEMO_MAX_PARAMS_BYTES:
+        if len(params) > self.memo_max_params_bytes:
             key = policy.plan(method, call.params, view).key
         else:
             memo_key = (method, params)
@@ -415,7 +413,7 @@ class RpcService:
         generation = self.view.generation
         if (
             self._seen_generation != generation
-            or len(seen) >= MEMO_MAX_ENTRIES
+            or len(seen) >= self.max_hit_table_entries
             or self._seen_bytes > self.max_hit_table_bytes
         ):
             seen.clear()
@@ -521,7 +519,7 @@ class RpcService:
         generation = self.view.generation
         if (
             self._passes_generation != generation
-            or len(passes) >= MEMO_MAX_ENTRIES
+            or len(passes) >= self.max_hit_table_entries
             or self._passes_bytes > self.max_hit_table_bytes
         ):
             passes.clear()

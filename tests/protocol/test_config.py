@@ -214,3 +214,12 @@ def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load(path)
     assert cfg.upstreams
     assert all(u.name for u in cfg.upstreams)
+
+
+def test_hit_table_and_memo_bounds_are_limits_and_must_be_positive() -> None:
+    base = '[[upstreams]]\nurl = "http://127.0.0.1:1"\n'
+    cfg = loads("[limits]\nmax_hit_table_entries = 7\nmemo_max_params_bytes = 64\n" + base)
+    assert (cfg.limits.max_hit_table_entries, cfg.limits.memo_max_params_bytes) == (7, 64)
+    for key in ("max_hit_table_bytes", "max_hit_table_entries", "memo_max_params_bytes"):
+        with pytest.raises(ConfigError, match=f"limits.{key}: must be positive"):
+            loads(f"[limits]\n{key} = 0\n" + base)

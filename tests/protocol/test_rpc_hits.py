@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from chainrelay.config import PoolConfig
+from chainrelay.defaults import MEMO_MAX_PARAMS_BYTES
 from chainrelay.protocol import policy
 from chainrelay.protocol.chains import PROFILES
 from chainrelay.protocol.policy import HeadView
@@ -18,7 +19,7 @@ from chainrelay.services.cache import Entry, MemoryCache
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.rpc import MEMO_MAX_PARAMS_BYTES, RpcService
+from chainrelay.services.rpc import RpcService
 from chainrelay.services.upstream import Upstream
 from chainrelay.wire.jsonrpc import parse_body
 
