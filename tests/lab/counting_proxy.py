@@ -100,6 +100,7 @@ class CountingProxyApp:
         app.router.add_post("/reset", self.counter.post_reset)
         app.router.add_get("/held", self.get_held)
         app.router.add_post("/release", self.post_release)
+        app.router.add_post("/hold", self.post_hold)
         app.router.add_post("/drop", self.post_drop)
         app.router.add_get("/ws", self.get_ws)
         app.router.add_post("/{tail:.*}", self.forward)
@@ -120,6 +121,11 @@ class CountingProxyApp:
 
     async def post_release(self, _request: web.Request) -> web.Response:
         self.released.set()
+        return web.Response(body=b"{}", content_type=JSON)
+
+    async def post_hold(self, _request: web.Request) -> web.Response:
+        """Hold the ``--hold`` methods again after a release (calls from now on)."""
+        self.released.clear()
         return web.Response(body=b"{}", content_type=JSON)
 
     async def get_ws(self, _request: web.Request) -> web.Response:
@@ -313,6 +319,9 @@ class CountingProxy(LabServer):
 
     async def release(self) -> None:
         await self._post("/release")
+
+    async def hold(self) -> None:
+        await self._post("/hold")
 
     @property
     def ws_url(self) -> str:
