@@ -71,6 +71,7 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
+            await settle_feed(node, proxy)
             for sender in (A0, A1):
                 await node.send({"from": sender, "to": A2, "value": "0x5"})
             await proxy.reset()
@@ -124,14 +125,7 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
-            # Receipts calls for blocks mined while the relay started may be held: let them
-            # go, and wait until the feed asks for a block mined after them (it fetches in
-            # order), so that the one call held from here on is for the block under test.
-            await proxy.release()
-            await proxy.reset()
-            await node.call("evm_mine")
-            await until(lambda: _counted(proxy, "eth_getBlockReceipts", 1), 10 * SECOND, "the feed")
-            await proxy.hold()
+            await settle_feed(node, proxy)
             for sender in (A0, A1):
                 await node.send({"from": sender, "to": A2, "value": "0x6"})
             await proxy.reset()
@@ -158,6 +152,17 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
     assert held == 1  # only the feed's call reached the node
     assert counts.get("eth_getBlockReceipts") == 1, counts
     assert "eth_getTransactionReceipt" not in counts, counts
+
+
+async def settle_feed(node: Chain, proxy: Any) -> None:
+    """Let through the calls held for blocks mined while the relay started, and wait until
+    the feed has asked the receipts of a block mined after them (it fetches in order), then
+    hold again: from here on, what is held is for the blocks the test mines."""
+    await proxy.release()
+    await proxy.reset()
+    await node.call("evm_mine")
+    await until(lambda: _counted(proxy, "eth_getBlockReceipts", 1), 10 * SECOND, "the feed")
+    await proxy.hold()
 
 
 async def _held(proxy: Any, n: int) -> bool:
