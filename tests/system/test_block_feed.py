@@ -37,16 +37,6 @@ async def coalesced(relay: Relay) -> float:
     return metric(await relay.metrics(), "chainrelay_coalesced_total")
 
 
-async def raw(chain: Chain, method: str, params: list[Any]) -> bytes:
-    """The answer's body as sent, for a call with id 1 (the relay splices in the caller's
-    id, so a relay's body and the node's are then the same bytes)."""
-    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
-    headers = {"Content-Type": "application/json"}
-    async with chain.session.post(chain.url, data=body, headers=headers) as r:
-        assert r.status == 200, f"{method}: HTTP {r.status}"
-        return await r.read()
-
-
 async def receipt_reads(node: Chain, block_hash: str) -> list[tuple[str, list[Any]]]:
     """A client's reads of the receipts of block ``block_hash``: each transaction's, and the
     block's by number and by an EIP-1898 hash object."""
@@ -88,7 +78,7 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
                 ("eth_getBlockByNumber", [hex(n), False]),
                 ("eth_getBlockByNumber", ["latest", True]),
             ]
-            asks = [asyncio.ensure_future(raw(through, m, p)) for m, p in reads]
+            asks = [asyncio.ensure_future(through.raw(m, p)) for m, p in reads]
             await until(
                 lambda: _joined_or_held(relay, proxy, before + len(asks)),
                 10 * SECOND,
@@ -97,12 +87,12 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
             held = await proxy.held()
             await proxy.release()
             got = await asyncio.gather(*asks)
-            want = [await raw(node, m, p) for m, p in reads]
+            want = [await node.raw(m, p) for m, p in reads]
             # The receipts the feed fetched with the block: hits, the node's bytes.
             await until(lambda: _counted(proxy, "eth_getBlockReceipts", 1), 10 * SECOND, "receipts")
             derived = await receipt_reads(node, block_hash)
-            got_receipts = [await raw(through, m, p) for m, p in derived]
-            want_receipts = [await raw(node, m, p) for m, p in derived]
+            got_receipts = [await through.raw(m, p) for m, p in derived]
+            want_receipts = [await node.raw(m, p) for m, p in derived]
             counts = await proxy.counts()
     for read, g, w in zip(reads + derived, got + got_receipts, want + want_receipts, strict=True):
         assert g == w, read
@@ -136,7 +126,7 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
             await until(lambda: _relay_at(through, n), 10 * SECOND, "the relay's head")
             reads = await receipt_reads(node, block_hash)
             before = await coalesced(relay)
-            asks = [asyncio.ensure_future(raw(through, m, p)) for m, p in reads]
+            asks = [asyncio.ensure_future(through.raw(m, p)) for m, p in reads]
             await until(
                 lambda: _joined_or_held(relay, proxy, before + len(asks)),
                 10 * SECOND,
@@ -145,7 +135,7 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
             held = await proxy.held()
             await proxy.release()
             got = await asyncio.gather(*asks)
-            want = [await raw(node, m, p) for m, p in reads]
+            want = [await node.raw(m, p) for m, p in reads]
             counts = await proxy.counts()
     for read, g, w in zip(reads, got, want, strict=True):
         assert g == w, read
@@ -216,7 +206,7 @@ async def test_automatic_feed_follows_only_while_clients_read_blocks(
             # Its receipts are then hits, byte for byte the node's.
             reads = await receipt_reads(node, (await node.head())[1])
             for m, p in reads:
-                assert await raw(through, m, p) == await raw(node, m, p), (m, p)
+                assert await through.raw(m, p) == await node.raw(m, p), (m, p)
             following = await proxy.counts()
             assert "eth_getTransactionReceipt" not in following, following
 

@@ -703,9 +703,10 @@ async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
             m0 = await relay.metrics()
             for method, params in calls:
                 # The same body (the same id) to both: the answers' bytes must be the same.
-                assert await raw_answer(through, method, params) == await raw_answer(
-                    node, method, params
-                ), (method, params)
+                assert await through.raw(method, params) == await node.raw(method, params), (
+                    method,
+                    params,
+                )
             m1 = await relay.metrics()
             counts = await proxy.counts()
     hits = metric(m1, "chainrelay_requests_total", outcome="hit") - metric(
@@ -716,14 +717,6 @@ async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
     # The pending hashes are anvil's own stream, in its order.
     direct_seen = [h for h in direct.results(direct_pending) if h in sent]
     assert [h for h in sub.results(pending) if h in sent] == direct_seen == sent
-
-
-async def raw_answer(chain: Chain, method: str, params: list[Any]) -> bytes:
-    """The bytes a node answers to one request body, as they arrived."""
-    body = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params})
-    headers = {"Content-Type": "application/json"}
-    async with chain.session.post(chain.url, data=body, headers=headers) as r:
-        return await r.read()
 
 
 # --- skipped numbers -----------------------------------------------------------------------
