@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from eth_utils import keccak
 
 from chainrelay.config import PoolConfig
-from chainrelay.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamWrongChain
+from chainrelay.errors import (
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamWrongChain,
+)
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.upstream import TransportError, Upstream, WsUpstream
 from chainrelay.wire.jsonrpc import Answer, Params
@@ -181,22 +186,22 @@ class UpstreamPool:
         just failed, still healthy after one error)."""
         max_attempts = max(1, self.settings.max_attempts - spent)
         if len(self.upstreams) == 1:
-            return await self._call_one(self.upstreams[0], method, params, max_attempts)
+            return await self._call_in_turn(self.upstreams, method, params, max_attempts)
         order = self.candidates(min_block)
         if tried:
             order = [u for u in order if u not in tried] + [u for u in order if u in tried]
         if self._hedge_delay(order[0]) is None:
             return await self._call_in_turn(order, method, params, max_attempts)
-        tried = 0
+        launched = 0
         last_exc: TransportError | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
 
         def launch() -> bool:
-            nonlocal tried
-            if tried >= max_attempts:
+            nonlocal launched
+            if launched >= max_attempts:
                 return False
-            u = order[tried % len(order)]
-            tried += 1
+            u = order[launched % len(order)]
+            launched += 1
             running[asyncio.ensure_future(self._attempt(u, method, params))] = u
             return True
 
@@ -225,14 +230,7 @@ class UpstreamPool:
         finally:
             for task in running:
                 task.cancel()
-        where = ",".join(u.name for u in order[: max(1, tried)])
-        if last_exc is not None and last_exc.timeout:
-            raise UpstreamTimeout(
-                "upstream timed out", method=method, upstream=where, attempts=tried
-            )
-        raise UpstreamUnavailable(
-            f"no upstream answered: {last_exc}", method=method, upstream=where, attempts=tried
-        )
+        raise _no_answer(order, launched, last_exc, method)
 
     async def _call_in_turn(
         self, order: list[Upstream], method: str, params: Params | None, attempts: int
@@ -248,31 +246,7 @@ class UpstreamPool:
                 self._mark_failed(u)
                 log.debug("upstream %s %s failed: %s", u.name, method, exc)
                 last = exc
-        assert last is not None
-        where = ",".join(u.name for u in order[:attempts])
-        if last.timeout:
-            raise UpstreamTimeout(
-                "upstream timed out", method=method, upstream=where, attempts=attempts
-            )
-        raise UpstreamUnavailable(
-            f"no upstream answered: {last}", method=method, upstream=where, attempts=attempts
-        )
-
-    async def _call_one(
-        self, u: Upstream, method: str, params: Params | None, attempts: int
-    ) -> Answer:
-        """The only upstream: retried in place, with no tasks to race."""
-        last: TransportError | None = None
-        for _ in range(attempts):
-            try:
-                return await u.call(method, params)
-            except TransportError as exc:
-                self._mark_failed(u)
-                log.debug("upstream %s %s failed: %s", u.name, method, exc)
-                last = exc
-        assert last is not None
-        cls = UpstreamTimeout if last.timeout else UpstreamUnavailable
-        raise cls(f"upstream failed: {last}", method=method, upstream=u.name, attempts=attempts)
+        raise _no_answer(order, attempts, last, method)
 
     async def broadcast(self, method: str, params: Params | None) -> Answer:
         """A write to every upstream at once; the first success answers.
@@ -324,3 +298,17 @@ def _tx_hash(raw: object) -> bytes:
         data = bytes.fromhex(str(raw)[2:])
         return b'"0x' + keccak(data).hex().encode() + b'"'
     return b"null"
+
+
+def _no_answer(
+    order: list[Upstream], attempts: int, last: TransportError | None, method: str
+) -> UpstreamError:
+    """What a read that got no answer from ``attempts`` tries of ``order`` raises."""
+    where = ",".join(u.name for u in order[: max(1, attempts)])
+    if last is not None and last.timeout:
+        return UpstreamTimeout(
+            "upstream timed out", method=method, upstream=where, attempts=attempts
+        )
+    return UpstreamUnavailable(
+        f"no upstream answered: {last}", method=method, upstream=where, attempts=attempts
+    )
