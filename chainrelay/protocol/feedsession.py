@@ -1,0 +1,305 @@
+"""The feed session, sans-I/O: backlog, a child's cursor, dedup, and the control messages.
+
+Rules (everything that decides what a child is sent lives here):
+
+- Each node keeps, per stream, a **backlog**: the first copy of every frame it accepted, in
+  the order it accepted them, bounded in count and bytes (oldest dropped first). Entries
+  have consecutive sequence numbers (``seq``) local to the node.
+- A child's session is a **cursor** into that backlog: the seq of the next frame to send.
+  Replay and live are the same thing (sending from the cursor until it reaches the end of
+  the backlog; a new frame appended while the child is caught up is sent at once), so
+  there is no gap or duplicate between replay and live by construction.
+- ``hello`` names the streams a child wants and, for each, where to resume: ``from`` a
+  position (the first position it lacks), or the ``last`` N frames, or neither (live).
+  The answer (``welcome``) tells each stream's cursor start and, when ``from`` is older
+  than the backlog, a ``gap``: the positions [from, oldest) the child must backfill over
+  JSON-RPC. The replay is the backlog from there on: bounded by the backlog, never a flood.
+- A cursor that falls behind the backlog's oldest entry (the child read slower than the
+  stream overwrote it), or more frames or bytes behind its end than its queue allows, is
+  **lagging**: the parent says ``bye`` and closes; the child resumes from its position.
+- A child accepts the first copy of each identity (``Dedup``) and tracks positions
+  (``Positions``): a frame past the next expected position reveals a gap to backfill; a
+  frame at or below a position already delivered, with a new identity, is a reorg.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+PROTOCOL_VERSION = 1
+# Control messages are small JSON objects; anything larger is abuse.
+MAX_CONTROL_BYTES = 64 * 1024
+# Streams one hello may name: a node carries a handful of chains' blocks and batches.
+MAX_HELLO_STREAMS = 16
+
+# Close codes (RFC 6455 private range 4000-4999): why a parent ended a session.
+CLOSE_BAD_HELLO = 4400
+CLOSE_UNKNOWN_STREAM = 4404
+CLOSE_LAGGING = 4408
+CLOSE_SHUTDOWN = 1001
+
+
+class ControlError(ValueError):
+    """A control message that breaks the protocol; the session closes with ``code``."""
+
+    def __init__(self, message: str, code: int = CLOSE_BAD_HELLO) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Entry:
+    seq: int
+    position: int
+    identity: bytes
+    raw: bytes
+    offset: int  # bytes appended to the backlog before this frame, for O(1) lag in bytes
+
+
+class Backlog:
+    """One stream's recent frames, first copies only, bounded by count and bytes."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        if max_frames < 1 or max_bytes < 1:
+            raise ValueError("a backlog holds at least one frame")
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.entries: deque[Entry] = deque()
+        self.bytes = 0
+        self.next_seq = 0  # seq the next appended frame gets
+        self.appended_bytes = 0  # every frame's bytes ever appended
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def base_seq(self) -> int:
+        """Seq of the oldest frame held (== ``next_seq`` when empty)."""
+        return self.entries[0].seq if self.entries else self.next_seq
+
+    @property
+    def oldest_position(self) -> int | None:
+        return min((e.position for e in self.entries), default=None)
+
+    @property
+    def newest_position(self) -> int | None:
+        return max((e.position for e in self.entries), default=None)
+
+    def append(self, position: int, identity: bytes, raw: bytes) -> int:
+        e = Entry(self.next_seq, position, identity, raw, self.appended_bytes)
+        self.next_seq += 1
+        self.appended_bytes += len(raw)
+        self.entries.append(e)
+        self.bytes += len(raw)
+        entries = self.entries
+        while len(entries) > 1 and (len(entries) > self.max_frames or self.bytes > self.max_bytes):
+            self.bytes -= len(entries.popleft().raw)
+        return e.seq
+
+    def get(self, seq: int) -> Entry | None:
+        i = seq - self.base_seq
+        if 0 <= i < len(self.entries):
+            return self.entries[i]
+        return None
+
+    def trim_below(self, position: int) -> None:
+        """Drop frames below ``position`` from the front (confirmed, never needed again)."""
+        entries = self.entries
+        while entries and entries[0].position < position:
+            self.bytes -= len(entries.popleft().raw)
+
+    def resume(self, from_position: int | None, last: int | None) -> tuple[int, Gap | None]:
+        """Where a child's cursor starts, and the positions it must backfill, if any."""
+        if last is not None:
+            return max(self.base_seq, self.next_seq - last), None
+        if from_position is None or not self.entries:
+            return self.next_seq, None
+        oldest = self.oldest_position
+        assert oldest is not None
+        if from_position < oldest:
+            return self.base_seq, Gap(from_position, oldest)
+        for e in self.entries:
+            if e.position >= from_position:
+                return e.seq, None
+        return self.next_seq, None
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Positions ``[start, end)`` a child lacks and no frame will bring."""
+
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class Cursor:
+    """A child's place in one stream's backlog, and how far behind it may fall."""
+
+    seq: int
+    max_frames: int
+    max_bytes: int
+
+    def lagging(self, backlog: Backlog) -> bool:
+        if self.seq < backlog.base_seq:
+            return True  # the frames it still needed are gone
+        behind = backlog.next_seq - self.seq
+        if behind > self.max_frames:
+            return True
+        e = backlog.get(self.seq)
+        return e is not None and backlog.appended_bytes - e.offset > self.max_bytes
+
+    def take(self, backlog: Backlog, budget: int) -> list[bytes]:
+        """Frames to write now, at most ``budget`` bytes (at least one frame if any is
+        due), advancing the cursor past them."""
+        out: list[bytes] = []
+        used = 0
+        while self.seq < backlog.next_seq:
+            e = backlog.get(self.seq)
+            if e is None:
+                break  # lagging: the caller checks ``lagging`` and closes
+            if out and used + len(e.raw) > budget:
+                break
+            out.append(e.raw)
+            used += len(e.raw)
+            self.seq += 1
+        return out
+
+
+class Dedup:
+    """The identities seen lately (first copy wins); bounded by count."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def __contains__(self, identity: bytes) -> bool:
+        return identity in self._seen
+
+    def add(self, identity: bytes) -> bool:
+        """True the first time ``identity`` is seen (within the window)."""
+        seen = self._seen
+        if identity in seen:
+            return False
+        seen[identity] = None
+        if len(seen) > self.max_entries:
+            seen.popitem(last=False)
+        return True
+
+
+@dataclass(slots=True)
+class Positions:
+    """What a child has delivered of one stream: the next position it expects."""
+
+    next: int | None = None
+
+    def gap_before(self, position: int) -> Gap | None:
+        """The positions missing before ``position`` arrives, if any."""
+        if self.next is not None and position > self.next:
+            return Gap(self.next, position)
+        return None
+
+    def is_reorg(self, position: int) -> bool:
+        return self.next is not None and position < self.next
+
+    def delivered(self, position: int) -> None:
+        self.next = position + 1
+
+
+# --- control messages ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Want:
+    stream: str
+    from_position: int | None = None
+    last: int | None = None
+
+
+@dataclass(slots=True)
+class Hello:
+    wants: list[Want] = field(default_factory=list)
+
+
+def _int_or_none(v: Any, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 2**64:
+        raise ControlError(f"{what} must be a non-negative integer")
+    return v
+
+
+def encode_hello(wants: list[Want]) -> bytes:
+    streams = []
+    for w in wants:
+        s: dict[str, Any] = {"stream": w.stream}
+        if w.from_position is not None:
+            s["from"] = w.from_position
+        if w.last is not None:
+            s["last"] = w.last
+        streams.append(s)
+    return orjson.dumps({"type": "hello", "version": PROTOCOL_VERSION, "streams": streams})
+
+
+def parse_hello(data: bytes | str) -> Hello:
+    msg = parse_control(data)
+    if msg.get("type") != "hello":
+        raise ControlError("the first message must be a hello")
+    if msg.get("version") != PROTOCOL_VERSION:
+        raise ControlError(f"unsupported feed protocol version {msg.get('version')!r}")
+    streams = msg.get("streams")
+    if not isinstance(streams, list) or not streams or len(streams) > MAX_HELLO_STREAMS:
+        raise ControlError(f"streams must be a list of 1-{MAX_HELLO_STREAMS} entries")
+    hello = Hello()
+    names: set[str] = set()
+    for s in streams:
+        if not isinstance(s, dict) or not isinstance(s.get("stream"), str):
+            raise ControlError("each stream entry needs a stream name")
+        name = s["stream"]
+        if name in names:
+            raise ControlError(f"stream {name} named twice")
+        names.add(name)
+        from_ = _int_or_none(s.get("from"), "from")
+        last = _int_or_none(s.get("last"), "last")
+        if from_ is not None and last is not None:
+            raise ControlError("give from or last, not both")
+        hello.wants.append(Want(name, from_, last))
+    return hello
+
+
+def parse_control(data: bytes | str) -> dict[str, Any]:
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ControlError("control message too large")
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ControlError("control message is not JSON") from None
+    if not isinstance(msg, dict):
+        raise ControlError("control message must be an object")
+    return msg
+
+
+def encode_welcome(streams: list[dict[str, Any]]) -> bytes:
+    return orjson.dumps({"type": "welcome", "streams": streams})
+
+
+def welcome_entry(want: Want, backlog: Backlog, gap: Gap | None) -> dict[str, Any]:
+    """What a child learns of one stream it asked for (a gap is its cue to backfill)."""
+    entry: dict[str, Any] = {
+        "stream": want.stream,
+        "oldest": backlog.oldest_position,
+        "newest": backlog.newest_position,
+    }
+    if gap is not None:
+        entry["gap"] = [gap.start, gap.end]
+    return entry
+
+
+def encode_bye(reason: str) -> bytes:
+    return orjson.dumps({"type": "bye", "reason": reason})
+
+
+def encode_error(message: str) -> bytes:
+    return orjson.dumps({"type": "error", "message": message})
