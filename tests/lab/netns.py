@@ -46,7 +46,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.lab.delay_link import DEFAULT_MAX_SECONDS
@@ -122,7 +122,7 @@ def stop_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@dataclass
+@dataclass(eq=False)
 class Region:
     """One network namespace of a lab, with an address every other region can reach."""
 
@@ -130,6 +130,8 @@ class Region:
     name: str
     netns: str
     address: str
+    # (host, port) inside the region -> its address in the root namespace, one link each.
+    exposed: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
 
     def spawn(self, argv: list[str], **popen_kw: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside this region; the lab and the test's ``Procs`` stop it by PID.
@@ -145,18 +147,23 @@ class Region:
         from inside this region; call it so the test process can talk to a node here.
 
         ``host`` defaults to the region's loopback; give another region's address to go
-        from here to there over the bridge.
+        from here to there over the bridge. Asking twice for the same place gives the same
+        address (one link process each). The root-side connection is accepted at once, so a
+        port nobody listens on yet shows as a connection closed (reset) right after it opened,
+        not as a refusal.
         """
-        return self.lab._start_link(
-            ["--to", f"{host}:{port}", "--delay-ms", "0", "--netns", self.netns],
-            None,
-            DEFAULT_MAX_SECONDS,
-        )
+        if (host, port) not in self.exposed:
+            self.exposed[host, port] = self.lab._start_link(
+                ["--to", f"{host}:{port}", "--delay-ms", "0", "--netns", self.netns],
+                None,
+                DEFAULT_MAX_SECONDS,
+            )
+        return self.exposed[host, port]
 
-    def url(self, port: int, path: str = "", scheme: str = "http") -> str:
-        """``expose(port)`` as a URL: ``region.url(8545)``, ``region.url(p, "/feed", "ws")``."""
-        host, local = self.expose(port)
-        return f"{scheme}://{host}:{local}{path}"
+    def url(self, port: int, path: str = "", scheme: str = "http", host: str = "127.0.0.1") -> str:
+        """``expose(port, host)`` as a URL: ``url(8545)``, ``url(p, "/feed", "ws")``."""
+        local_host, local_port = self.expose(port, host)
+        return f"{scheme}://{local_host}:{local_port}{path}"
 
 
 class RegionLab:
@@ -173,7 +180,12 @@ class RegionLab:
         self.made: list[str] = []
 
     def __enter__(self) -> RegionLab:
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            # __exit__ does not run when __enter__ fails; a half-made hub must still go.
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,10 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from chainrelay.devnet import find_anvil
 from tests.lab.netns import RegionLab, ip, namespaces, pid_alive, unavailable
-from tests.lab.procs import Procs, until
+from tests.lab.procs import Procs, relay_config, rpc, until
 from tests.lab.timing import MS, SECOND
 
 pytestmark = pytest.mark.lab
@@ -95,6 +97,46 @@ async def test_link_delays_round_trips_and_the_bridge_does_not(
     print(f"{BIG} bytes through the link in {took * 1000:.0f} ms")
     assert len(body) == BIG
     assert hashlib.sha256(body).digest() == hashlib.sha256(big).digest()
+
+
+async def test_relay_in_one_region_reaches_anvil_in_another_through_a_link(
+    lab: RegionLab, tmp_path: Path
+) -> None:
+    a, b = lab.add_region("a"), lab.add_region("b")
+    b.spawn(
+        [find_anvil(), "--host", b.address, "--port", "8545", "--chain-id", "56", "--silent"],
+        stdout=subprocess.DEVNULL,
+    )
+    _, port = lab.link(a, b, 8545, rtt_ms=RTT_MS)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        relay_config([f"ws://127.0.0.1:{port}"]).replace("{listen}", "127.0.0.1:8000")
+    )
+    log = (tmp_path / "relay.log").open("ab")
+    a.spawn(
+        [sys.executable, "-m", "chainrelay", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    relay = a.url(8000)
+
+    async def healthy() -> bool:
+        try:
+            return "result" in await rpc(relay, "eth_chainId")
+        except (OSError, aiohttp.ClientError):
+            return False
+
+    await until(healthy, 20 * SECOND, "the relay in region a")
+    assert (await rpc(relay, "eth_chainId"))["result"] == hex(56)
+    # A method the relay does not know passes through, never cached: one trip over the link.
+    direct = await rpc(b.url(8545, host=b.address), "anvil_nodeInfo")
+    start = time.perf_counter()
+    through = await rpc(relay, "anvil_nodeInfo")
+    took = time.perf_counter() - start
+    print(f"relay miss over a {RTT_MS} ms link: {took * 1000:.1f} ms")
+    assert through == direct
+    assert RTT_MS / 1000 <= took < RTT_MS / 1000 + 200 * MS
 
 
 async def test_close_leaves_no_namespace_and_no_process(procs: Procs) -> None:
