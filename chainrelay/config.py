@@ -151,6 +151,52 @@ class SubscriptionsConfig:
 
 
 @dataclass
+class TreeParentConfig:
+    url: str = ""  # the parent's feed: ws://HOST:PORT/feed
+    rpc: str = ""  # its JSON-RPC endpoint; empty: the same host and port over http
+    region: str = ""
+    name: str = ""
+
+
+@dataclass
+class TreeConfig:
+    """The relay tree (see services/feedhub.py). A node with ``key`` is an origin of its
+    chain's block stream; a node with ``parents`` takes frames from them (and, without
+    ``[[upstreams]]``, their JSON-RPC endpoints are its upstreams)."""
+
+    region: str = ""
+    key: str = ""  # the origin's secp256k1 key, hex (better: "${ENV_VAR}")
+    key_file: str = ""  # or an eth-account keystore JSON (or a file holding the hex key)
+    key_password: str = ""  # the keystore's password (better: "${ENV_VAR}")
+    trust: list[str] = field(default_factory=list)  # origin addresses whose frames count
+    streams: list[str] = field(default_factory=list)  # empty: "<profile>/blocks"
+    parents: list[TreeParentConfig] = field(default_factory=list)
+    parents_k: int = d.TREE_PARENTS
+    resume_last: int = d.TREE_RESUME_LAST
+    backlog_frames: int = d.TREE_BACKLOG_FRAMES
+    backlog_bytes: int = d.TREE_BACKLOG_BYTES
+    child_queue_frames: int = d.TREE_CHILD_QUEUE_FRAMES
+    child_queue_bytes: int = d.TREE_CHILD_QUEUE_BYTES
+    child_buffer_bytes: int = d.TREE_CHILD_BUFFER_BYTES
+    dedup_entries: int = d.TREE_DEDUP_ENTRIES
+    max_frame_bytes: int = d.TREE_MAX_FRAME_BYTES
+    max_payload_bytes: int = d.TREE_MAX_PAYLOAD_BYTES
+    max_children: int = d.TREE_MAX_CHILDREN
+    stale_positions: int = d.TREE_STALE_POSITIONS
+    probe_interval: float = d.TREE_PROBE_INTERVAL
+    degrade_factor: float = d.TREE_DEGRADE_FACTOR
+    min_gain: float = d.TREE_MIN_GAIN
+    connect_timeout: float = d.TREE_CONNECT_TIMEOUT
+    retry_delay: float = d.TREE_RETRY_DELAY
+    retry_max: float = d.TREE_RETRY_MAX
+    ping_interval: float = d.TREE_PING_INTERVAL
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key or self.key_file or self.parents)
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -160,6 +206,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     subscriptions: SubscriptionsConfig = field(default_factory=SubscriptionsConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
     upstreams: list[UpstreamConfig] = field(default_factory=list)
 
 
@@ -210,8 +257,11 @@ def _value(tp: Any, v: Any, path: str) -> Any:
 
 
 def validate(cfg: Config) -> Config:
+    _validate_tree(cfg)
     if not cfg.upstreams:
-        raise ConfigError("upstreams: at least one [[upstreams]] entry is needed")
+        raise ConfigError(
+            "upstreams: at least one [[upstreams]] entry (or [[tree.parents]]) is needed"
+        )
     for i, u in enumerate(cfg.upstreams):
         if not u.url.startswith(("http://", "https://", "ws://", "wss://")):
             raise ConfigError(f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL")
@@ -284,6 +334,61 @@ def validate(cfg: Config) -> Config:
     if cfg.server.workers > 1 and port == 0:
         raise ConfigError("server.listen: port 0 gives each worker its own port; name one")
     return cfg
+
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_STREAM = re.compile(r"[a-z0-9_-]{1,20}/[a-z0-9_-]{1,11}")
+
+
+def _validate_tree(cfg: Config) -> None:
+    t = cfg.tree
+    for i, a in enumerate(t.trust):
+        if not _ADDRESS.fullmatch(a):
+            raise ConfigError(f"tree.trust[{i}]: expected a 0x-prefixed 20-byte address")
+    for i, name in enumerate(t.streams):
+        if not _STREAM.fullmatch(name):
+            raise ConfigError(f"tree.streams[{i}]: expected <chain>/<kind>, e.g. bsc/blocks")
+    if t.key and t.key_file:
+        raise ConfigError("tree: give key or key_file, not both")
+    for i, p in enumerate(t.parents):
+        if not p.url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"tree.parents[{i}].url: expected a ws(s):// URL")
+        if not p.rpc:
+            p.rpc = "http" + p.url[2:].split("/feed", 1)[0]
+        if not p.rpc.startswith(("http://", "https://")):
+            raise ConfigError(f"tree.parents[{i}].rpc: expected an http(s):// URL")
+        if not p.name:
+            p.name = f"parent{i}"
+    if len({p.name for p in t.parents}) != len(t.parents):
+        raise ConfigError("tree.parents: names must be unique")
+    if t.parents and not t.trust:
+        raise ConfigError("tree.trust: a node with parents needs its origins' addresses")
+    if t.parents and not cfg.upstreams:
+        # Misses go to the parents' JSON-RPC endpoints, as to any upstream.
+        cfg.upstreams = [UpstreamConfig(url=p.rpc, name=p.name) for p in t.parents]
+    for path, value in (
+        ("tree.parents_k", t.parents_k),
+        ("tree.backlog_frames", t.backlog_frames),
+        ("tree.backlog_bytes", t.backlog_bytes),
+        ("tree.child_queue_frames", t.child_queue_frames),
+        ("tree.child_queue_bytes", t.child_queue_bytes),
+        ("tree.child_buffer_bytes", t.child_buffer_bytes),
+        ("tree.dedup_entries", t.dedup_entries),
+        ("tree.max_frame_bytes", t.max_frame_bytes),
+        ("tree.max_payload_bytes", t.max_payload_bytes),
+        ("tree.max_children", t.max_children),
+        ("tree.stale_positions", t.stale_positions),
+        ("tree.probe_interval", t.probe_interval),
+        ("tree.degrade_factor", t.degrade_factor),
+        ("tree.connect_timeout", t.connect_timeout),
+        ("tree.retry_delay", t.retry_delay),
+        ("tree.retry_max", t.retry_max),
+        ("tree.ping_interval", t.ping_interval),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{path}: must be positive")
+    if t.resume_last < 0 or t.min_gain < 0:
+        raise ConfigError("tree: resume_last and min_gain must not be negative")
 
 
 def _validate_cache(c: CacheConfig) -> None:

@@ -191,3 +191,54 @@ FEED_RECEIPTS_RETRY_BLOCKS = 100
 # Largest message taken from an upstream's pending-transaction stream: a hash
 # notification is ~200 B, so this only bounds what a broken upstream can make us hold.
 PENDING_MAX_MESSAGE = 64 * 1024
+
+# --- Relay tree (feed frames between nodes; see protocol/feedsession.py) -------------------
+# Frames each stream's backlog holds: ~6 minutes of BSC blocks (0.75 s), 2 of Arbitrum's
+# (4 a second); a restarted node or a reconnecting child resumes from it without JSON-RPC.
+TREE_BACKLOG_FRAMES = 512
+# Bytes of one stream's backlog: 512 compressed full blocks of a busy BSC block (~250 KB
+# each, corpus-sized) fit; a stream of bigger frames keeps fewer of them.
+TREE_BACKLOG_BYTES = 256 * MiB
+# Live frames a child may fall behind before it is told "lagging" and closed: ~100 s of
+# BSC; a child that far behind resumes faster from its position than from a queue.
+TREE_CHILD_QUEUE_FRAMES = 128
+# The same bound in bytes: what one slow child may keep the backlog "owing" it.
+TREE_CHILD_QUEUE_BYTES = 32 * MiB
+# Bytes written into a child's socket buffer before the fan-out skips it until it drains:
+# a few frames in flight keep a distant child's link full without one child pinning RAM.
+TREE_CHILD_BUFFER_BYTES = 4 * MiB
+# Identities remembered for dedup: well past a backlog's worth, so a parent replaying its
+# whole backlog after a reconnect never brings a frame back as new.
+TREE_DEDUP_ENTRIES = 8192
+# Largest frame taken from a parent: a full 140M-gas BSC block with receipts is ~10 MB of
+# JSON, ~3 MB compressed.
+TREE_MAX_FRAME_BYTES = 16 * MiB
+# Largest payload a frame may unpack to (the lz4-bomb bound): 6x the largest JSON above.
+TREE_MAX_PAYLOAD_BYTES = 64 * MiB
+# Children one node serves: a leaf node with 1,000 subscribers is the benchmarked case;
+# ten times that keeps room without letting connections exhaust file descriptors.
+TREE_MAX_CHILDREN = 10_000
+# Frames this many positions older than the newest accepted are dropped as stale: past the
+# reorg window no node acts on them, so they could only be replays of forgotten frames.
+TREE_STALE_POSITIONS = 1024
+# Parents a node keeps, each in another region: one may die without a missed frame.
+TREE_PARENTS = 2
+# Frames a node asks a parent to replay when it starts with nothing: its own children can
+# then resume across its restart from its backlog (a minute of BSC).
+TREE_RESUME_LAST = 64
+# Seconds between round-trip probes of candidate parents: a failed parent is replaced by
+# its link's own reconnect first; re-choosing by distance can wait this long.
+TREE_PROBE_INTERVAL = 5.0
+# A parent is replaced by a closer one only when its round trip is this many times the
+# other's and ...
+TREE_DEGRADE_FACTOR = 2.0
+# ... at least this many seconds worse: no flapping between two parents of one region.
+TREE_MIN_GAIN = 0.02
+# Connecting to a parent (TCP + WebSocket handshake) gives up after this: three
+# intercontinental round trips and then some.
+TREE_CONNECT_TIMEOUT = 5.0
+# First delay before reconnecting to a parent, doubled per failure up to the max.
+TREE_RETRY_DELAY = 0.25
+TREE_RETRY_MAX = 5.0
+# WebSocket pings to a parent: measure its round trip and find a dead link within two.
+TREE_PING_INTERVAL = 2.0

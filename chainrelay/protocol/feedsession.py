@@ -138,20 +138,31 @@ class Gap:
 
 @dataclass(slots=True)
 class Cursor:
-    """A child's place in one stream's backlog, and how far behind it may fall."""
+    """A child's place in one stream's backlog, and how far behind it may fall.
+
+    The queue bound counts only frames that arrived after the session began (``live_seq``
+    on): a child replaying a long backlog is not lagging for that, only for falling
+    behind the live stream or out of the backlog."""
 
     seq: int
     max_frames: int
     max_bytes: int
+    live_seq: int = 0  # backlog.next_seq when the session began
+    live_bytes: int = 0  # backlog.appended_bytes when the session began
+
+    @classmethod
+    def at(cls, backlog: Backlog, seq: int, max_frames: int, max_bytes: int) -> Cursor:
+        return cls(seq, max_frames, max_bytes, backlog.next_seq, backlog.appended_bytes)
 
     def lagging(self, backlog: Backlog) -> bool:
         if self.seq < backlog.base_seq:
             return True  # the frames it still needed are gone
-        behind = backlog.next_seq - self.seq
-        if behind > self.max_frames:
+        if backlog.next_seq - max(self.seq, self.live_seq) > self.max_frames:
             return True
         e = backlog.get(self.seq)
-        return e is not None and backlog.appended_bytes - e.offset > self.max_bytes
+        if e is None:
+            return False  # caught up
+        return backlog.appended_bytes - max(e.offset, self.live_bytes) > self.max_bytes
 
     def take(self, backlog: Backlog, budget: int) -> list[bytes]:
         """Frames to write now, at most ``budget`` bytes (at least one frame if any is

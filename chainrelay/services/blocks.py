@@ -145,6 +145,9 @@ FEED_SERVED = frozenset(
 )
 
 BlockListener = Callable[[list[BlockEvent]], None]
+# Called with each block the feed fetched (not the removed ones): its event and the bytes
+# its upstream answered for the full block and its receipts (None: logs came another way).
+FetchedListener = Callable[[BlockEvent, bytes, bytes | None], None]
 # Called with a head's newHeads payload, as the upstream pushed it, ahead of its block.
 HeadListener = Callable[[dict[str, Any]], None]
 PendingListener = Callable[[str], None]
@@ -195,6 +198,11 @@ class BlockFeed:
         self._listeners: list[BlockListener] = []
         self._pending_listeners: list[PendingListener] = []
         self._head_listeners: list[HeadListener] = []
+        self._fetched_listeners: list[FetchedListener] = []
+        # Blocks handed over whole (``offer``: a relay tree frame), by hash: the fetch takes
+        # them from here instead of asking an upstream.
+        self._offered: dict[str, tuple[dict[str, Any], bytes, bytes | None]] = {}
+        self._window = window
         # The last head whose header head listeners got, early or with its block: the next
         # head goes out early only if it is this one's child.
         self._heads_tip: tuple[int, str] = (-1, "")
@@ -219,6 +227,24 @@ class BlockFeed:
             self._listeners.remove(fn)
         if not self._wanted():
             self._unfollow()
+
+    def add_fetched_listener(self, fn: FetchedListener) -> None:
+        """Call ``fn`` with each block as fetched, with its raw answers (the relay tree's
+        origin publishes them); ``fn`` must return at once."""
+        self._fetched_listeners.append(fn)
+
+    def offer(self, block: dict[str, Any], block_raw: bytes, receipts_raw: bytes | None) -> None:
+        """A block and its receipts as an upstream answered them (``block_raw``:
+        eth_getBlockByHash(h, true)'s result; ``receipts_raw``: eth_getBlockReceipts' or
+        None), from elsewhere than this node's upstreams: when the head reaches it, the
+        feed takes it from here, with no upstream call. Held for the reorg window only."""
+        block_hash = block.get("hash")
+        if not isinstance(block_hash, str):
+            return
+        offered = self._offered
+        offered[block_hash] = (block, block_raw, receipts_raw)
+        while len(offered) > self._window:
+            del offered[next(iter(offered))]
 
     def note_miss(self, method: str) -> None:
         """Called by the RPC pipeline on a cache miss of ``method`` (never on a hit): a
@@ -376,6 +402,11 @@ class BlockFeed:
                     break
                 self._passes.pop((number, block_hash), None)
                 self._warm(event, raw)
+                for fetched in self._fetched_listeners:
+                    try:
+                        fetched(event, raw.block, raw.receipts_raw)
+                    except Exception:
+                        log.exception("fetched-block listener failed")
                 if self._announced.pop(number, None) == block_hash:
                     event = dataclasses.replace(event, announced=True)
                 else:
@@ -437,6 +468,11 @@ class BlockFeed:
         raise _Unavailable
 
     async def _fetch_once(self, number: int, block_hash: str) -> tuple[BlockEvent, _Raw]:
+        offered = self._offered.pop(block_hash, None)
+        if offered is not None:
+            got = self._from_offer(number, block_hash, *offered)
+            if got is not None:
+                return got
         # Client reads answered from this block, joined while it is fetched. By number
         # only while this block is the canonical one there (the key names that hash).
         derived: list[tuple[str, list[Any], Callable[[Any], Any]]] = [
@@ -466,6 +502,28 @@ class BlockFeed:
         light = _light(block)
         event = BlockEvent(number, block_hash, self._header(light), block, logs, False)
         return event, _Raw(answer.result, light, receipts, receipts_raw)
+
+    def _from_offer(
+        self,
+        number: int,
+        block_hash: str,
+        block: dict[str, Any],
+        block_raw: bytes,
+        receipts_raw: bytes | None,
+    ) -> tuple[BlockEvent, _Raw] | None:
+        """An offered block as if fetched; None (fetch it) if it does not hold together."""
+        if block.get("hash") != block_hash or block.get("number") != hex(number):
+            return None
+        receipts = orjson.loads(receipts_raw) if receipts_raw is not None else None
+        if not isinstance(receipts, list) or any(
+            not isinstance(r, dict) or r.get("blockHash") != block_hash for r in receipts
+        ):
+            return None  # no usable receipts: fetched the usual way
+        light = _light(block)
+        event = BlockEvent(
+            number, block_hash, self._header(light), block, logs_of_receipts(receipts), False
+        )
+        return event, _Raw(block_raw, light, receipts, receipts_raw)
 
     async def _receipts(
         self, number: int, block_hash: str, block: dict[str, Any]

@@ -130,7 +130,7 @@ class HeadTracker:
         while True:
             try:
                 if u.is_ws:
-                    await u.subscribe_heads(lambda h, u=u: self._spawn_header(u, h))
+                    await u.subscribe_heads(lambda h, u=u: self.push_header(u, h))
                 else:
                     await self._poll(u)
             except asyncio.CancelledError:
@@ -153,7 +153,9 @@ class HeadTracker:
                 with contextlib.suppress(TransportError):
                     await self._poll_once(u)
 
-    def _spawn_header(self, u: Upstream, obj: Any) -> None:
+    def push_header(self, u: Upstream, obj: Any) -> None:
+        """A header pushed to this node (a head stream's newHeads, a relay tree frame's
+        block): kept by hash as pushed, and taken in as ``u``'s head in a task of its own."""
         h = Header.parse(obj)
         if h is not None:
             pushed = self.pushed
@@ -224,6 +226,10 @@ class HeadTracker:
                 break
             if parent_known is None and tip.number - 1 < min(view.canonical, default=0):
                 break
+            pushed = Header.parse(self.pushed.get(tip.parent_hash))
+            if pushed is not None and pushed.hash == tip.parent_hash:
+                chain.append(pushed)  # pushed earlier (a fork's frames): no fetch
+                continue
             try:
                 answer = await u.call("eth_getBlockByHash", [tip.parent_hash, False])
             except TransportError:

@@ -116,6 +116,16 @@ def _nowhere(_data: bytes) -> None:
     """Where a protocol object writes before it has a transport: nowhere."""
 
 
+# The path of the feed (the relay tree's frames) on the node's port.
+FEED_PATH = b"/feed"
+
+
+class FeedOpener(typing.Protocol):
+    def __call__(
+        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int
+    ) -> WsSession: ...
+
+
 class Routes:
     """What the front door serves besides JSON-RPC POSTs."""
 
@@ -126,6 +136,7 @@ class Routes:
         metrics_text: Callable[[], bytes],
         ws_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
         replayer: Replayer | None = None,
+        feed: FeedOpener | None = None,
     ) -> None:
         self.rpc = rpc
         # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
@@ -134,6 +145,8 @@ class Routes:
         self.metrics_text = metrics_text
         # Opens the eth_subscribe state of each upgraded WebSocket connection.
         self.ws_subscriptions = ws_subscriptions
+        # Opens a child's feed session for a WebSocket upgrade on FEED_PATH.
+        self.feed = feed
 
 
 class HttpServer:
@@ -354,6 +367,10 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(item, asyncio.Future):
                 item.cancel()
         self._queue.clear()
+
+    def resume_writing(self) -> None:
+        if self.ws is not None:
+            self.ws.resume_writing()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -722,15 +739,21 @@ class HttpProtocol(asyncio.Protocol):
         rest = data[offset:]
         self._head_buf = []
         limits = self.server.limits
-        session = WsSession(
-            self.transport,
-            self.server.routes.rpc,
-            ip=self.ip,
-            max_message_bytes=limits.max_ws_message_bytes,
-            max_send_buffer=limits.max_ws_send_buffer,
-            max_pending=limits.max_pending_per_connection,
-            open_subscriptions=self.server.routes.ws_subscriptions,
-        )
+        feed = self.server.routes.feed
+        path = self._url.split(b"?", 1)[0]
+        session: WsSession
+        if feed is not None and path == FEED_PATH:
+            session = feed(self.transport, ip=self.ip, max_send_buffer=limits.max_ws_send_buffer)
+        else:
+            session = WsSession(
+                self.transport,
+                self.server.routes.rpc,
+                ip=self.ip,
+                max_message_bytes=limits.max_ws_message_bytes,
+                max_send_buffer=limits.max_ws_send_buffer,
+                max_pending=limits.max_pending_per_connection,
+                open_subscriptions=self.server.routes.ws_subscriptions,
+            )
         if not session.accept(head):
             self.transport.close()
             return

@@ -132,6 +132,38 @@ class Metrics:
             " subscriptions whose eth_subscribe answer was not yet sent",
             registry=r,
         )
+        self.feed_frames = Counter(
+            "chainrelay_feed_frames",
+            "Feed frames by outcome: accepted (first copy, verified), duplicate (a copy"
+            " already accepted), published (by this origin), or dropped for a reason"
+            " (truncated, version, kind, flags, too_large, stream, signature, untrusted,"
+            " unknown_stream, stale, payload)",
+            ["stream", "outcome"],
+            registry=r,
+        )
+        self.feed_children = Gauge(
+            "chainrelay_feed_children",
+            "Feed sessions of children (relays, leaves, subscribers) served, by stream",
+            ["stream"],
+            registry=r,
+        )
+        self.feed_child_closes = Counter(
+            "chainrelay_feed_child_closes",
+            "Feed sessions this node ended, by reason (lagging, bad_hello, unknown_stream)",
+            ["reason"],
+            registry=r,
+        )
+        self.feed_parents = Gauge(
+            "chainrelay_feed_parents",
+            "Parents this node takes the feed from (linked now)",
+            registry=r,
+        )
+        self.feed_latency = Gauge(
+            "chainrelay_feed_last_latency_seconds",
+            "Origin-to-here time of the last frame accepted, by stream (clocks assumed in sync)",
+            ["stream"],
+            registry=r,
+        )
         self.pending_tx_skipped = Counter(
             "chainrelay_pending_tx_skipped",
             "Pending transactions not sent to fullTx subscribers: too many fetches under"

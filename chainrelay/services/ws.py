@@ -219,6 +219,9 @@ class WsSession:
             return
         self.transport.write(frames)
 
+    def resume_writing(self) -> None:
+        """The transport drained below its high-water mark (sessions that stream use it)."""
+
     def _too_slow(self) -> None:
         self.slow = True
         self.close(CLOSE_TRY_AGAIN_LATER, SLOW_READER_REASON)

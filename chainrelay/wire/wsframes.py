@@ -36,6 +36,16 @@ def encode_text(payload: bytes, mask: bytes) -> bytes:
     return head + mask + apply_mask(payload, mask)
 
 
+def binary_header(n: int) -> bytes:
+    """The header of one final, unmasked binary frame of ``n`` payload bytes (a server's):
+    written before bytes shared by every reader, so the payload is never copied."""
+    if n < 126:
+        return bytes((FIN_BINARY, n))
+    if n < 65536:
+        return bytes((FIN_BINARY, 126)) + n.to_bytes(2, "big")
+    return bytes((FIN_BINARY, 127)) + n.to_bytes(8, "big")
+
+
 def next_frame(buf: bytes | bytearray, pos: int, max_size: int) -> tuple[int, int, int] | None:
     """``(first byte, payload start, frame end)`` of the frame at ``pos``, or None until
     all of it has arrived. A masked frame's payload starts after its mask (a server must

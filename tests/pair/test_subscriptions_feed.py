@@ -104,7 +104,7 @@ class Lab:
         self.feed.add_listener(self.events.extend)
 
     async def push(self, h: Header) -> None:
-        """The upstream's head stream sends ``h``, as ``HeadTracker._spawn_header`` takes it,
+        """The upstream's head stream sends ``h``, as ``HeadTracker.push_header`` takes it,
         and the tracker adopts it before this returns."""
         payload = self.chain.pushed(h)
         self.tracker.pushed[h.hash] = payload
@@ -224,8 +224,8 @@ async def test_heads_pushed_back_to_back_each_go_out_early(lab: Lab) -> None:
     c.receipts_open.clear()
     two, three = c.add("a", 2, "a"), c.add("a", 3, "a")
     # Both arrive before the tracker's task for the first has run.
-    lab.tracker._spawn_header(c, c.pushed(two))
-    lab.tracker._spawn_header(c, c.pushed(three))
+    lab.tracker.push_header(c, c.pushed(two))
+    lab.tracker.push_header(c, c.pushed(three))
     await until(lambda: len(lab.heads) == 2, 5 * SECOND, "both heads")
     assert lab.heads == [c.pushed(two), c.pushed(three)]
     assert len(lab.events) == 1  # neither block fetched yet

@@ -1,0 +1,299 @@
+"""The feed hub: a node's streams of frames, their backlogs, and the children it serves.
+
+Frames enter by ``publish`` (this node is their origin) or ``accept`` (a parent sent
+them). ``accept`` keeps the first copy of each identity only, and only once its signature
+checks out against the trusted origins: a duplicate costs a dict lookup, a forged or
+broken frame is counted and dropped (never marked seen, so a good copy from another
+parent still wins). Accepted frames go to the stream's backlog and, in the same call, to
+every child that is caught up; then to the node's own listeners (``on_frame``).
+
+Children are WebSocket sessions on the node's port, path ``/feed`` (``FeedChild``). A
+child's place in a stream is a ``Cursor`` into the backlog (``protocol.feedsession``), so
+replay and live are one loop. The fan-out loop writes the same frame bytes to every child
+(one shared WebSocket header per frame, ``writelines``: no copy) and never waits: a child
+whose socket buffer is full is skipped until its transport drains (``resume_writing``),
+and one that falls past its queue bound or out of the backlog is told ``bye`` and closed;
+it resumes from its position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from chainrelay import defaults
+from chainrelay.protocol.feedsession import (
+    CLOSE_BAD_HELLO,
+    CLOSE_LAGGING,
+    CLOSE_UNKNOWN_STREAM,
+    MAX_CONTROL_BYTES,
+    Backlog,
+    ControlError,
+    Cursor,
+    Dedup,
+    Want,
+    encode_bye,
+    encode_error,
+    encode_welcome,
+    parse_hello,
+    welcome_entry,
+)
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.ws import WsSession
+from chainrelay.wire import feedframe
+from chainrelay.wire.feedframe import Frame, FrameError
+from chainrelay.wire.wsframes import binary_header
+
+log = logging.getLogger(__name__)
+
+FrameListener = Callable[[Frame], None]
+
+
+@dataclass(frozen=True, slots=True)
+class HubLimits:
+    backlog_frames: int = defaults.TREE_BACKLOG_FRAMES
+    backlog_bytes: int = defaults.TREE_BACKLOG_BYTES
+    child_queue_frames: int = defaults.TREE_CHILD_QUEUE_FRAMES
+    child_queue_bytes: int = defaults.TREE_CHILD_QUEUE_BYTES
+    child_buffer_bytes: int = defaults.TREE_CHILD_BUFFER_BYTES
+    dedup_entries: int = defaults.TREE_DEDUP_ENTRIES
+    max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
+    max_children: int = defaults.TREE_MAX_CHILDREN
+    stale_positions: int = defaults.TREE_STALE_POSITIONS
+
+
+@dataclass(slots=True)
+class Stream:
+    name: str
+    backlog: Backlog
+    dedup: Dedup
+    children: set[FeedChild] = field(default_factory=set)
+    newest: int | None = None  # highest position accepted
+
+
+class FeedHub:
+    def __init__(
+        self,
+        streams: Iterable[str],
+        metrics: Metrics,
+        *,
+        trust: Iterable[bytes] = (),
+        limits: HubLimits | None = None,
+    ) -> None:
+        self.limits = lim = limits or HubLimits()
+        self.metrics = metrics
+        self.trust = frozenset(trust)
+        self.streams: dict[str, Stream] = {
+            name: Stream(
+                name,
+                Backlog(lim.backlog_frames, lim.backlog_bytes),
+                Dedup(lim.dedup_entries),
+            )
+            for name in streams
+        }
+        self.listeners: list[FrameListener] = []
+        self.children: set[FeedChild] = set()
+        self._counters: dict[tuple[str, str], Callable[[], None]] = {}
+
+    # --- counting ----------------------------------------------------------------------
+    def _count(self, stream: str, outcome: str) -> None:
+        key = (stream, outcome)
+        inc = self._counters.get(key)
+        if inc is None:
+            if stream not in self.streams:
+                stream = "other"  # names come from the wire: never grow the label set
+            inc = self._counters[key] = self.metrics.feed_frames.labels(stream, outcome).inc
+        inc()
+
+    # --- frames in ---------------------------------------------------------------------
+    def publish(self, raw: bytes) -> None:
+        """A frame this node made (its origin): kept and fanned out like an accepted one."""
+        frame = feedframe.decode(raw, len(raw))
+        st = self.streams[frame.stream]
+        if st.dedup.add(frame.identity):
+            self._keep(st, frame, "published")
+
+    def accept(self, raw: bytes) -> Frame | None:
+        """A frame from a parent: the accepted frame, or None (a duplicate, or dropped)."""
+        try:
+            frame = feedframe.decode(raw, self.limits.max_frame_bytes)
+        except FrameError as exc:
+            self._count("", exc.reason)
+            log.debug("feed frame dropped: %s", exc)
+            return None
+        st = self.streams.get(frame.stream)
+        if st is None:
+            self._count(frame.stream, "unknown_stream")
+            return None
+        if frame.identity in st.dedup:
+            self._count(st.name, "duplicate")
+            return None
+        if st.newest is not None and frame.position + self.limits.stale_positions < st.newest:
+            self._count(st.name, "stale")
+            return None
+        try:
+            who = feedframe.signer(frame)
+        except FrameError as exc:
+            self._count(st.name, exc.reason)
+            return None
+        if who not in self.trust:
+            self._count(st.name, "untrusted")
+            log.warning(
+                "feed frame of %s at %d signed by untrusted 0x%s: dropped",
+                st.name,
+                frame.position,
+                who.hex(),
+            )
+            return None
+        st.dedup.add(frame.identity)
+        self._keep(st, frame, "accepted")
+        return frame
+
+    def _keep(self, st: Stream, frame: Frame, outcome: str) -> None:
+        st.backlog.append(frame.position, frame.identity, frame.raw)
+        if st.newest is None or frame.position > st.newest:
+            st.newest = frame.position
+        self._count(st.name, outcome)
+        for child in list(st.children):
+            child.pump()
+        self.metrics.feed_latency.labels(st.name).set(max(0.0, time.time() - frame.origin_us / 1e6))
+        for fn in self.listeners:
+            try:
+                fn(frame)
+            except Exception:
+                log.exception("feed listener failed")
+
+    # --- resuming from parents ---------------------------------------------------------
+    def wants(self, resume_last: int) -> list[Want]:
+        """What to ask a parent for: each stream from just past the newest position held,
+        or, before any frame arrived, the parent's last ``resume_last`` frames."""
+        out = []
+        for st in self.streams.values():
+            if st.newest is None:
+                out.append(Want(st.name, last=resume_last))
+            else:
+                out.append(Want(st.name, from_position=st.newest + 1))
+        return out
+
+    def trim_below(self, stream: str, position: int) -> None:
+        st = self.streams.get(stream)
+        if st is not None:
+            st.backlog.trim_below(position)
+
+    # --- children ----------------------------------------------------------------------
+    def open_child(
+        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int
+    ) -> FeedChild:
+        return FeedChild(self, transport, ip=ip, max_send_buffer=max_send_buffer)
+
+    def close_children(self) -> None:
+        for child in list(self.children):
+            child.close(1001, "node shutting down")
+
+
+class FeedChild(WsSession):
+    """One child's feed session: a hello, then every frame due from its cursors."""
+
+    def __init__(
+        self, hub: FeedHub, transport: asyncio.Transport, *, ip: str, max_send_buffer: int
+    ) -> None:
+        super().__init__(
+            transport,
+            _no_rpc,
+            max_message_bytes=MAX_CONTROL_BYTES,
+            max_send_buffer=max_send_buffer,
+            ip=ip,
+        )
+        self.hub = hub
+        self.cursors: dict[str, Cursor] = {}
+        self.greeted = False
+        self.high_water = hub.limits.child_buffer_bytes
+        # Above this the transport pauses us; ``resume_writing`` pumps again.
+        transport.set_write_buffer_limits(high=self.high_water)
+
+    def accept(self, raw_request: bytes) -> bool:
+        if len(self.hub.children) >= self.hub.limits.max_children:
+            self.hub.metrics.feed_child_closes.labels("too_many_children").inc()
+            return False
+        ok = super().accept(raw_request)
+        if ok:
+            self.hub.children.add(self)
+        return ok
+
+    def _message(self, body: bytes) -> None:
+        if self.greeted:
+            self._refuse("one hello per session", CLOSE_BAD_HELLO, "bad_hello")
+            return
+        self.greeted = True
+        try:
+            hello = parse_hello(body)
+        except ControlError as exc:
+            self._refuse(str(exc), exc.code, "bad_hello")
+            return
+        hub = self.hub
+        entries = []
+        for want in hello.wants:
+            st = hub.streams.get(want.stream)
+            if st is None:
+                self._refuse(
+                    f"unknown stream {want.stream}", CLOSE_UNKNOWN_STREAM, "unknown_stream"
+                )
+                return
+        for want in hello.wants:
+            st = hub.streams[want.stream]
+            start, gap = st.backlog.resume(want.from_position, want.last)
+            self.cursors[want.stream] = Cursor.at(
+                st.backlog, start, hub.limits.child_queue_frames, hub.limits.child_queue_bytes
+            )
+            entries.append(welcome_entry(want, st.backlog, gap))
+        self.send(encode_welcome(entries))
+        for name in self.cursors:
+            st = hub.streams[name]
+            st.children.add(self)
+            hub.metrics.feed_children.labels(name).inc()
+        self.pump()
+
+    def _refuse(self, message: str, code: int, reason: str) -> None:
+        self.hub.metrics.feed_child_closes.labels(reason).inc()
+        self.send(encode_error(message))
+        self.close_now(code, message[:120])
+
+    def pump(self) -> None:
+        """Write what is due while the socket buffer has room; never waits."""
+        if self.closed:
+            return
+        transport = self.transport
+        streams = self.hub.streams
+        for name, cursor in self.cursors.items():
+            backlog = streams[name].backlog
+            if cursor.lagging(backlog):
+                self.hub.metrics.feed_child_closes.labels("lagging").inc()
+                self.send(encode_bye("lagging"))
+                self.close_now(CLOSE_LAGGING, "lagging: resume from your position")
+                return
+            room = self.high_water - transport.get_write_buffer_size()
+            if room <= 0:
+                continue
+            for raw in cursor.take(backlog, room):
+                transport.writelines((binary_header(len(raw)), raw))
+
+    def resume_writing(self) -> None:
+        self.pump()
+
+    def _release(self) -> None:
+        hub = self.hub
+        if self in hub.children:
+            hub.children.discard(self)
+            for name in self.cursors:
+                st = hub.streams[name]
+                if self in st.children:
+                    st.children.discard(self)
+                    hub.metrics.feed_children.labels(name).dec()
+        super()._release()
+
+
+def _no_rpc(_body: bytes) -> bytes:
+    return b""
