@@ -1,0 +1,102 @@
+"""The [tree] section: roles from config, derived upstreams, and the shipped tree configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+
+from chainrelay.config import load, loads
+from chainrelay.errors import ConfigError
+from chainrelay.services.origin import load_signer
+
+TREE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "tree").glob("*.toml"))
+KEY = "0x" + "11" * 32
+ADDRESS = Account.from_key(KEY).address
+PARENTS = f"""
+[tree]
+trust = ["{ADDRESS}"]
+[[tree.parents]]
+url = "ws://10.0.0.2:8545/feed"
+region = "us"
+[[tree.parents]]
+name = "asia"
+url = "wss://asia.example/feed"
+rpc = "https://asia.example/rpc"
+region = "asia"
+"""
+
+
+def test_parents_become_upstreams_when_none_are_listed() -> None:
+    cfg = loads(PARENTS)
+    assert [(u.name, u.url) for u in cfg.upstreams] == [
+        ("parent0", "http://10.0.0.2:8545"),
+        ("asia", "https://asia.example/rpc"),
+    ]
+    assert cfg.tree.enabled and cfg.tree.parents_k == 2
+
+
+def test_listed_upstreams_are_kept_beside_parents() -> None:
+    cfg = loads(PARENTS + '[[upstreams]]\nurl = "http://127.0.0.1:1"\n')
+    assert [u.url for u in cfg.upstreams] == ["http://127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (PARENTS.replace(f'trust = ["{ADDRESS}"]', "trust = []"), "tree.trust: a node"),
+        (PARENTS.replace(ADDRESS, "0x1234"), r"tree.trust\[0\]"),
+        (PARENTS.replace("ws://10.0.0.2", "http://10.0.0.2"), r"tree.parents\[0\].url"),
+        (PARENTS.replace('rpc = "https://', 'rpc = "ftp://'), r"tree.parents\[1\].rpc"),
+        (PARENTS.replace('name = "asia"', 'name = "parent0"'), "names must be unique"),
+        ("[tree]\nparents_k = 0\n" + '[[upstreams]]\nurl = "http://a:1"\n', "tree.parents_k"),
+        ('[tree]\nstreams = ["BSC blocks"]\n[[upstreams]]\nurl = "http://a:1"\n', "streams"),
+        (f'[tree]\nkey = "{KEY}"\nkey_file = "k"\n[[upstreams]]\nurl = "http://a:1"\n', "not both"),
+        ("[tree]\nbacklog_bytes = -1\n" + '[[upstreams]]\nurl = "http://a:1"\n', "backlog_bytes"),
+    ],
+)
+def test_bad_tree_settings_are_named(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        loads(text)
+
+
+def test_origin_keys_load_as_eth_account_loads_them(tmp_path: Path) -> None:
+    hex_cfg = loads(f'[tree]\nkey = "{KEY}"\n[[upstreams]]\nurl = "http://a:1"\n')
+    signer = load_signer(hex_cfg.tree)
+    assert signer is not None and "0x" + signer.address.hex() == ADDRESS.lower()
+    keystore = tmp_path / "origin.json"
+    keystore.write_text(json.dumps(Account.encrypt(KEY, "pw", kdf="pbkdf2", iterations=2)))
+    ks_cfg = loads(
+        f'[tree]\nkey_file = "{keystore}"\nkey_password = "pw"\n[[upstreams]]\nurl = "http://a:1"\n'
+    )
+    ks = load_signer(ks_cfg.tree)
+    assert ks is not None and ks.address == signer.address
+    ks_cfg.tree.key_password = "wrong"
+    with pytest.raises(ConfigError, match="cannot decrypt"):
+        load_signer(ks_cfg.tree)
+    assert load_signer(loads('[[upstreams]]\nurl = "http://a:1"\n').tree) is None
+    with pytest.raises(ConfigError, match="not a secp256k1"):
+        load_signer(loads('[tree]\nkey = "0x12"\n[[upstreams]]\nurl = "http://a:1"\n').tree)
+
+
+@pytest.mark.parametrize("path", TREE_CONFIGS, ids=[p.name for p in TREE_CONFIGS])
+def test_every_shipped_tree_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAINRELAY_ORIGIN_KEY", KEY)
+    monkeypatch.setenv("CHAINRELAY_ORIGIN_ADDRESS", ADDRESS)
+    cfg = load(path)
+    assert cfg.tree.enabled and cfg.tree.region
+    if cfg.tree.parents:
+        assert len({p.region for p in cfg.tree.parents}) >= 2  # two regions to choose from
+        assert cfg.tree.trust == [ADDRESS]
+    else:
+        assert load_signer(cfg.tree) is not None
+
+
+def test_the_tree_example_has_three_regions() -> None:
+    regions = set()
+    for path in TREE_CONFIGS:
+        text = path.read_text()
+        regions |= {line.split('"')[1] for line in text.splitlines() if line.startswith("region")}
+    assert regions == {"eu", "us", "asia"}
