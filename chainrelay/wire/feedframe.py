@@ -203,10 +203,11 @@ def unpack(frame: Frame, max_plain_bytes: int) -> bytes:
             raise FrameError("payload", "no size")
         size = int.from_bytes(payload[:4], "little")
         # Checked before lz4 allocates: the size prefix is what it would allocate, and a
-        # lying prefix makes decompression fail, never overrun. Hex-packed text is shorter
-        # than the text it unpacks to, so the same bound holds for it.
-        if size > max_plain_bytes:
-            raise FrameError("payload", f"decompresses to {size} bytes > {max_plain_bytes}")
+        # lying prefix makes decompression fail, never overrun. Hex-packed text is at most
+        # its packing header longer than the text it unpacks to (each token shrinks).
+        bound = max_plain_bytes + _PACKED.size if frame.flags & FLAG_HEXPACK else max_plain_bytes
+        if size > bound:
+            raise FrameError("payload", f"decompresses to {size} bytes > {bound}")
         try:
             body = lz4.block.decompress(payload)
         except lz4.block.LZ4BlockError as exc:
@@ -255,7 +256,10 @@ def unpack_hex(packed: bytes, max_bytes: int) -> bytes:
     at += skel_len
     short = packed[at : at + count]
     at += count
-    long = struct.unpack_from(f">{long_count}I", packed, at) if long_count else ()
+    try:
+        long = struct.unpack_from(f">{long_count}I", packed, at) if long_count else ()
+    except struct.error:
+        raise FrameError("payload", "hex packing lengths truncated") from None
     at += 4 * long_count
     blob = memoryview(packed)[at:]
     if len(skeleton) != skel_len or len(short) != count:
