@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--listen", default=defaults.LISTEN)
     dev.add_argument("--chain-id", type=int, default=56)
     dev.add_argument("--block-time", type=float, default=1.0)
+    subs = sub.add_parser(
+        "subscribe", help="follow a stream of blocks from relay nodes; one JSON line a block"
+    )
+    subs.add_argument("urls", nargs="+", metavar="URL", help="a node's ws://HOST:PORT/feed")
+    subs.add_argument("--stream", required=True, help="e.g. bsc/blocks")
+    subs.add_argument("--from", dest="from_block", type=int, help="first block wanted")
+    subs.add_argument(
+        "--trust", action="append", default=[], help="an origin's signer address; repeatable"
+    )
+    subs.add_argument("--count", type=int, help="stop after this many blocks")
+    subs.add_argument("--max-seconds", type=float, help="stop after this long")
     return p
 
 
@@ -125,6 +136,26 @@ def _devnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subscribe(args: argparse.Namespace) -> int:
+    from chainrelay.subscriber import print_blocks
+
+    code = 0
+
+    async def main() -> None:
+        nonlocal code
+        code = await print_blocks(
+            args.urls,
+            args.stream,
+            from_block=args.from_block,
+            trust=args.trust,
+            count=args.count,
+            max_seconds=args.max_seconds,
+        )
+
+    _run(main())
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -137,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "subscribe":
+            return _subscribe(args)
         if args.command in (None, "devnet"):
             if args.command is None:
                 args = _parser().parse_args(["devnet"])

@@ -15,6 +15,7 @@
     │   └── LimitExceeded                -32005  subscriptions per connection, address or node
     │       └── TooManyFilters           -32005  filters per node or per client address
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
+    ├── BackfillFailed                   a feed subscriber could not fill a gap over JSON-RPC
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
         ├── UpstreamTimeout              -32002  every attempt timed out
@@ -100,6 +101,11 @@ class TooManyFilters(LimitExceeded):
 
 class InternalError(ChainRelayError):
     code = -32603
+
+
+class BackfillFailed(ChainRelayError):
+    """Blocks a feed subscriber lacks and no parent's JSON-RPC endpoint gave: the
+    subscription ends here rather than hand its consumer a gap."""
 
 
 class UpstreamError(ChainRelayError):

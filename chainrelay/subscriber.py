@@ -1,0 +1,563 @@
+"""Following one chain's blocks from relay tree nodes: the subscriber library.
+
+``subscribe(urls, "bsc/blocks")`` yields each new block once, in order, with no gap and no
+duplicate across reconnects and parent failures::
+
+    from chainrelay.subscriber import subscribe
+
+    async for block in subscribe(["ws://a:8545/feed", "ws://b:8545/feed"], "bsc/blocks",
+                                 trust=["0xOriginAddress"]):
+        print(block.number, block.hash, block.tx_count, block.latency_ms)
+
+``Subscription`` is the same with its counters in reach (``dropped``, ``duplicates``,
+``backfilled``, ``signers``), and ``async with`` to close it.
+
+Each URL is one parent, held by its own ``FeedLink``; the first copy of a block wins.
+Every frame is checked before it is queued: shape, stream, signer (one of ``trust``; any
+signer when ``trust`` is empty, reported in ``FeedBlock.origin``), then unpacked within
+``max_payload_bytes``. A frame that fails is counted in ``dropped`` by reason and never
+raised: a parent that forwards garbage costs a counter, not the subscription.
+
+Positions a parent cannot send (its welcome's ``gap``, or a frame past the next position
+expected) are fetched over JSON-RPC from that parent's HTTP endpoint (the same host and
+port, path ``/``) and yielded with ``verified=False`` before the frame that revealed them;
+another parent's endpoint is tried when that one fails, and ``BackfillFailed`` ends the
+subscription when none can give them, rather than skip them.
+
+Frames wait in a bounded queue for the consumer. A consumer that falls that far behind is
+resynchronised: new frames are dropped (``dropped["overflow"]``) until the queue is empty,
+then every link reconnects and its parent replays from the first position not yet queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+
+from chainrelay.errors import BackfillFailed, ConfigError
+from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
+from chainrelay.services.feedlink import FeedLink
+from chainrelay.wire.feedframe import (
+    KIND_BLOCK,
+    FrameError,
+    decode,
+    signer,
+    split_block_payload,
+    unpack,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+# Largest frame taken from a parent: a full 140M-gas BSC block with its receipts is ~10 MB
+# of JSON, ~3 MB as a frame.
+MAX_FRAME_BYTES = 16 * MiB
+# Largest payload a frame may unpack to (the lz4-bomb bound), and the largest JSON-RPC
+# answer read while backfilling: 6x that largest block's JSON.
+MAX_PAYLOAD_BYTES = 64 * MiB
+# Block hashes remembered for dedup: well past a parent's backlog, so a parent replaying
+# its whole backlog after a reconnect never brings a block back as new.
+DEDUP_ENTRIES = 8192
+# Blocks waiting for the consumer: ~3 minutes of BSC; a consumer further behind is
+# resynchronised from its parents' backlogs instead of holding more here.
+QUEUE_BLOCKS = 256
+# Unpacked bytes of those blocks: a few dozen of the largest blocks; bounds what a slow
+# consumer pins (the parsed JSON costs a few times its text).
+QUEUE_BYTES = 256 * MiB
+# Connecting to a parent (TCP + WebSocket handshake + welcome) gives up after this: three
+# intercontinental round trips and then some.
+CONNECT_TIMEOUT = 5.0
+# First delay before reconnecting to a parent, doubled per failed connect up to the max.
+RETRY_DELAY = 0.25
+RETRY_MAX = 5.0
+# Pings to each parent: a dead link is noticed within two, a few BSC blocks.
+PING_INTERVAL = 5.0
+# One JSON-RPC backfill call gives up after this: a full block and its receipts from a
+# distant parent.
+BACKFILL_TIMEOUT = 10.0
+# Rounds over every parent's endpoint for one missing block, the wait doubling from
+# RETRY_DELAY to RETRY_MAX between rounds: ~20 s for a block a parent has not fetched yet.
+BACKFILL_ROUNDS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class FeedBlock:
+    """One block as the subscriber hands it over."""
+
+    number: int
+    hash: str
+    tx_count: int
+    latency_ms: float | None  # origin's publication to arrival here; None when backfilled
+    verified: bool  # False only for blocks backfilled over JSON-RPC
+    reorg: bool  # a new block at a height already delivered
+    block: dict[str, Any]
+    receipts: list[Any] | None
+    origin: str | None  # the frame's signer, 0x-address; None when backfilled
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A checked frame's block, or a welcome's gap, waiting for the consumer."""
+
+    link: FeedLink
+    block: FeedBlock | None
+    identity: bytes
+    size: int
+    gap: Gap | None = None
+
+
+def feed_url(url: str) -> str:
+    """The ``/feed`` WebSocket URL of a node given as ``ws://host:port[/feed]`` or
+    ``http://host:port``."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise ConfigError(f"a feed URL is ws://HOST:PORT/feed: {url!r}")
+    path = parts.path if parts.path not in ("", "/") else "/feed"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def rpc_url(url: str) -> str:
+    """The JSON-RPC endpoint of the node serving the feed at ``url``: same host and port."""
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "/", "", ""))
+
+
+def _address(text: str) -> bytes:
+    raw = text[2:] if text[:2] in ("0x", "0X") else text
+    try:
+        address = bytes.fromhex(raw)
+    except ValueError:
+        address = b""
+    if len(address) != 20:
+        raise ConfigError(f"a trusted signer is a 20-byte hex address: {text!r}")
+    return address
+
+
+def _tx_count(block: dict[str, Any]) -> int:
+    txs = block.get("transactions")
+    return len(txs) if isinstance(txs, list) else 0
+
+
+class Subscription:
+    """Blocks of ``stream`` from the nodes at ``urls``; iterate it once (``async for``),
+    close it with ``aclose()`` or ``async with``."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        stream: str,
+        *,
+        from_block: int | None = None,
+        trust: Sequence[str] = (),
+        backfill: bool = True,
+        # Limits
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        dedup_entries: int = DEDUP_ENTRIES,
+        queue_blocks: int = QUEUE_BLOCKS,
+        queue_bytes: int = QUEUE_BYTES,
+        # Timeouts
+        connect_timeout: float = CONNECT_TIMEOUT,
+        retry_delay: float = RETRY_DELAY,
+        retry_max: float = RETRY_MAX,
+        ping_interval: float = PING_INTERVAL,
+        backfill_timeout: float = BACKFILL_TIMEOUT,
+        backfill_rounds: int = BACKFILL_ROUNDS,
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ConfigError("a subscription needs at least one node URL")
+        if from_block is not None and from_block < 0:
+            raise ConfigError(f"from_block must be >= 0: {from_block}")
+        self.stream = stream
+        self.trust = frozenset(_address(a) for a in trust)
+        self.backfill = backfill
+        self.max_frame_bytes = max_frame_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self.queue_blocks = queue_blocks
+        self.queue_bytes = queue_bytes
+        self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        self.backfill_timeout = backfill_timeout
+        self.backfill_rounds = backfill_rounds
+        # Counters: frames dropped by reason, copies already had, blocks fetched over
+        # JSON-RPC, and every signer whose blocks were accepted (0x-addresses).
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.duplicates = 0
+        self.backfilled = 0
+        self.signers: set[str] = set()
+        self.links = [
+            FeedLink(
+                feed_url(u),
+                name=f"parent{i}",
+                wants=self._wants,
+                on_frame=self._on_frame,
+                on_gap=self._on_gap,
+                max_frame_bytes=max_frame_bytes,
+                connect_timeout=connect_timeout,
+                retry_delay=retry_delay,
+                retry_max=retry_max,
+                ping_interval=ping_interval,
+            )
+            for i, u in enumerate(url_list)
+        ]
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._queued_bytes = 0
+        self._arrived = asyncio.Event()
+        self._seen = Dedup(dedup_entries)  # queued or delivered: later copies are dropped
+        self._delivered = Dedup(dedup_entries)  # yielded, frames and backfilled blocks alike
+        self._positions = Positions(from_block)
+        self._accepted_next = from_block  # first position after the last one queued
+        self._overflow = False
+        self._stale: dict[FeedLink, int] = {}  # link -> session whose frames are ignored
+        self._gen: AsyncGenerator[FeedBlock, None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    # --- the consumer side ----------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[FeedBlock]:
+        if self._gen is not None or self._closed:
+            raise RuntimeError("a Subscription is iterated once")
+        self._gen = self._blocks()
+        return self._gen
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every link and forget what is queued; safe to call more than once."""
+        self._closed = True
+        self._arrived.set()
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            with contextlib.suppress(RuntimeError):  # closed from another task mid-step
+                await gen.aclose()
+        for link in self.links:
+            await link.stop()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self._queue.clear()
+        self._queued_bytes = 0
+
+    async def _blocks(self) -> AsyncGenerator[FeedBlock, None]:
+        for link in self.links:
+            await link.start()
+        try:
+            while True:
+                item = await self._next()
+                if item is None:
+                    return
+                if item.gap is not None:
+                    nxt = self._positions.next
+                    if self.backfill and nxt is not None and item.gap.end > nxt:
+                        start = max(item.gap.start, nxt)
+                        async for b in self._backfill(item.link, Gap(start, item.gap.end)):
+                            yield b
+                    continue
+                block = item.block
+                assert block is not None
+                if not self._delivered.add(item.identity):
+                    self.duplicates += 1  # backfilled while this copy waited in the queue
+                    continue
+                gap = self._positions.gap_before(block.number)
+                if gap is not None and self.backfill:
+                    async for b in self._backfill(item.link, gap):
+                        yield b
+                if self._positions.is_reorg(block.number):
+                    block = replace(block, reorg=True)
+                self._positions.delivered(block.number)
+                yield block
+        finally:
+            for link in self.links:
+                await link.stop()
+
+    async def _next(self) -> _Queued | None:
+        """The next queued item; None once the subscription is closed."""
+        while not self._queue:
+            if self._closed:
+                return None
+            if self._overflow:
+                self._resync()
+            self._arrived.clear()
+            await self._arrived.wait()
+        item = self._queue.popleft()
+        self._queued_bytes -= item.size
+        return item
+
+    def _resync(self) -> None:
+        """Every frame that did not fit was dropped; the queue is empty now: reconnect each
+        link so its parent replays from the first position not queued."""
+        self._overflow = False
+        for link in self.links:
+            self._stale[link] = link.sessions
+            link.reset("resync after the queue overflowed")
+        log.warning("subscriber fell behind its parents; resynchronising from their backlogs")
+
+    # --- the links' side: called from their read loops, never blocking -------------------
+    def _wants(self) -> list[Want]:
+        return [Want(self.stream, from_position=self._accepted_next)]
+
+    def _drop(self, link: FeedLink, reason: str, detail: object = "") -> None:
+        self.dropped[reason] += 1
+        level = logging.WARNING if self.dropped[reason] == 1 else logging.DEBUG
+        log.log(level, "dropped a frame from %s (%s): %s %s", link.name, link.url, reason, detail)
+
+    def _room(self) -> bool:
+        return not self._queue or (
+            len(self._queue) < self.queue_blocks and self._queued_bytes < self.queue_bytes
+        )
+
+    def _enqueue(self, item: _Queued) -> None:
+        self._queue.append(item)
+        self._queued_bytes += item.size
+        self._arrived.set()
+
+    def _on_gap(self, link: FeedLink, stream: str, gap: Gap) -> None:
+        if stream != self.stream or self._overflow or self._stale.get(link) == link.sessions:
+            return
+        if not self._room():
+            self._overflow = True
+            return
+        self._enqueue(_Queued(link, None, b"", 0, gap))
+
+    def _on_frame(self, link: FeedLink, raw: bytes) -> None:
+        arrived_us = time.time_ns() // 1000
+        if self._overflow or self._stale.get(link) == link.sessions:
+            self.dropped["overflow"] += 1
+            return
+        try:
+            frame = decode(raw, self.max_frame_bytes)
+        except FrameError as exc:
+            self._drop(link, exc.reason, exc)
+            return
+        if frame.stream != self.stream:
+            self._drop(link, "stream", frame.stream)
+            return
+        if frame.kind != KIND_BLOCK:
+            self._drop(link, "kind", frame.kind)
+            return
+        if frame.identity in self._seen:
+            self.duplicates += 1
+            return
+        if not self._room():
+            self._overflow = True
+            self.dropped["overflow"] += 1
+            log.warning(
+                "subscriber queue full (%d blocks): dropping until it drains", len(self._queue)
+            )
+            return
+        try:
+            origin = signer(frame)
+        except FrameError as exc:
+            self._drop(link, exc.reason, exc)
+            return
+        if self.trust and origin not in self.trust:
+            self._drop(link, "untrusted", "0x" + origin.hex())
+            return
+        try:
+            plain = unpack(frame, self.max_payload_bytes)
+            block_json, receipts_json = split_block_payload(plain)
+            block = orjson.loads(block_json)
+            receipts = orjson.loads(receipts_json)
+        except FrameError as exc:
+            self._drop(link, exc.reason, exc)
+            return
+        except orjson.JSONDecodeError as exc:
+            self._drop(link, "payload", exc)
+            return
+        if not isinstance(block, dict) or not isinstance(receipts, list | None):
+            self._drop(link, "payload", "block is not an object or receipts not a list")
+            return
+        self._seen.add(frame.identity)
+        origin_hex = "0x" + origin.hex()
+        self.signers.add(origin_hex)
+        position = frame.position
+        if self._accepted_next is None or position >= self._accepted_next:
+            self._accepted_next = position + 1
+        fb = FeedBlock(
+            number=position,
+            hash="0x" + frame.identity.hex(),
+            tx_count=_tx_count(block),
+            latency_ms=(arrived_us - frame.origin_us) / 1000,
+            verified=True,
+            reorg=False,
+            block=block,
+            receipts=receipts,
+            origin=origin_hex,
+        )
+        self._enqueue(_Queued(link, fb, frame.identity, len(plain)))
+
+    # --- backfill over JSON-RPC -----------------------------------------------------------
+    async def _backfill(self, first: FeedLink, gap: Gap) -> AsyncIterator[FeedBlock]:
+        """The blocks of ``gap``, in order, from ``first``'s endpoint or another link's."""
+        log.info("backfilling blocks %d..%d over JSON-RPC", gap.start, gap.end - 1)
+        for n in range(gap.start, gap.end):
+            block, receipts = await self._fetch(first, n)
+            h = block["hash"]
+            identity = bytes.fromhex(h[2:])
+            self._seen.add(identity)
+            self._positions.delivered(n)
+            if not self._delivered.add(identity):
+                self.duplicates += 1
+                continue
+            self.backfilled += 1
+            yield FeedBlock(n, h, _tx_count(block), None, False, False, block, receipts, None)
+
+    async def _fetch(self, first: FeedLink, n: int) -> tuple[dict[str, Any], list[Any] | None]:
+        order = [first] + [link for link in self.links if link is not first]
+        delay = self.retry_delay
+        problems: list[str] = []
+        for round_ in range(self.backfill_rounds):
+            for link in order:
+                try:
+                    return await self._fetch_from(rpc_url(link.url), n)
+                except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                    problems.append(f"{link.name}: {exc}")
+            if round_ + 1 < self.backfill_rounds:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+        raise BackfillFailed(f"block {n} could not be fetched: {'; '.join(problems[-3:])}")
+
+    async def _fetch_from(self, url: str, n: int) -> tuple[dict[str, Any], list[Any] | None]:
+        """Block ``n`` with its transactions, and its receipts (None if the node has none),
+        in one JSON-RPC batch. ``ValueError`` for an answer without the block."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        tag = hex(n)
+        body = orjson.dumps(
+            [
+                {
+                    "jsonrpc": "2.0",
+                    "id": 0,
+                    "method": "eth_getBlockByNumber",
+                    "params": [tag, True],
+                },
+                {"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockReceipts", "params": [tag]},
+            ]
+        )
+        headers = {"Content-Type": "application/json"}
+        async with (
+            asyncio.timeout(self.backfill_timeout),
+            self._http.post(url, data=body, headers=headers) as resp,
+        ):
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status}")
+            raw = await resp.content.read(self.max_payload_bytes + 1)
+            while len(raw) <= self.max_payload_bytes and not resp.content.at_eof():
+                more = await resp.content.read(self.max_payload_bytes + 1 - len(raw))
+                if not more:
+                    break
+                raw += more
+        if len(raw) > self.max_payload_bytes:
+            raise ValueError(f"answer larger than {self.max_payload_bytes} bytes")
+        answers = orjson.loads(raw)  # JSONDecodeError is a ValueError
+        if not isinstance(answers, list):
+            raise ValueError(f"not a batch answer: {raw[:200]!r}")
+        by_id = {a["id"]: a for a in answers if isinstance(a, dict) and a.get("id") in (0, 1)}
+        block = by_id.get(0, {}).get("result")
+        if not isinstance(block, dict):
+            raise ValueError(f"no block {n}: {by_id.get(0)!r:.200}")
+        h = block.get("hash")
+        if block.get("number") != tag or not isinstance(h, str) or len(h) != 66:
+            raise ValueError(f"block {n} answered as {block.get('number')!r} {h!r}")
+        bytes.fromhex(h[2:])
+        receipts = by_id.get(1, {}).get("result")
+        return block, receipts if isinstance(receipts, list) else None
+
+
+async def subscribe(
+    urls: str | Sequence[str],
+    stream: str,
+    *,
+    from_block: int | None = None,
+    trust: Sequence[str] = (),
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    backfill: bool = True,
+) -> AsyncIterator[FeedBlock]:
+    """Each block of ``stream`` once, in order, from the nodes at ``urls`` (see the module
+    docstring); closing the generator stops every link."""
+    sub = Subscription(
+        urls,
+        stream,
+        from_block=from_block,
+        trust=trust,
+        max_frame_bytes=max_frame_bytes,
+        max_payload_bytes=max_payload_bytes,
+        backfill=backfill,
+    )
+    try:
+        async for block in sub:
+            yield block
+    finally:
+        await sub.aclose()
+
+
+async def print_blocks(
+    urls: Sequence[str],
+    stream: str,
+    *,
+    from_block: int | None = None,
+    trust: Sequence[str] = (),
+    count: int | None = None,
+    max_seconds: float | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """``chainrelay subscribe``: one JSON line per block on ``out``, until ``count`` blocks
+    or ``max_seconds``; warnings and the drop counters on ``err``. Returns the exit code."""
+    sub = Subscription(urls, stream, from_block=from_block, trust=trust)
+    if not trust:
+        print(
+            "chainrelay subscribe: no --trust given: blocks signed by any key are accepted",
+            file=err,
+            flush=True,
+        )
+    warned: set[str] = set()
+    n = 0
+    try:
+        async with asyncio.timeout(max_seconds):
+            async for b in sub:
+                if not trust and b.origin is not None and b.origin not in warned:
+                    warned.add(b.origin)
+                    print(
+                        f"chainrelay subscribe: blocks signed by {b.origin}", file=err, flush=True
+                    )
+                line = {
+                    "number": b.number,
+                    "hash": b.hash,
+                    "txs": b.tx_count,
+                    "latency_ms": None if b.latency_ms is None else round(b.latency_ms, 3),
+                    "verified": b.verified,
+                    "reorg": b.reorg,
+                }
+                out.write(orjson.dumps(line).decode() + "\n")
+                out.flush()
+                n += 1
+                if count is not None and n >= count:
+                    break
+    except TimeoutError:
+        pass
+    finally:
+        await sub.aclose()
+        if sub.dropped:
+            print(f"chainrelay subscribe: dropped frames {dict(sub.dropped)}", file=err, flush=True)
+    return 0
