@@ -234,6 +234,18 @@ TREE_PROBE_INTERVAL = 5.0
 TREE_DEGRADE_FACTOR = 2.0
 # ... at least this many seconds worse: no flapping between two parents of one region.
 TREE_MIN_GAIN = 0.02
+# A round-trip probe of a candidate parent not answered within this long failed: an
+# intercontinental round trip is ~0.3 s; a parent ten times slower is no parent to choose.
+TREE_PROBE_TIMEOUT = 3.0
+# Failed probes in a row that make a candidate parent down: one lost probe on a busy link
+# is noise; two in a row, a probe interval apart, is an outage.
+TREE_PROBE_FAILURES_DOWN = 2
+# Failed connects in a row (no welcome) that make a linked parent down: its link's own
+# back-off has tried for a few seconds by then, and the other parents serve meanwhile.
+TREE_LINK_FAILURES_DOWN = 3
+# Seconds a parent whose feed kept failing stays down whatever its probes say: six default
+# probe rounds, so a parent with a broken feed costs one failed link per half minute.
+TREE_DOWN_HOLD = 30.0
 # Connecting to a parent (TCP + WebSocket handshake) gives up after this: three
 # intercontinental round trips and then some.
 TREE_CONNECT_TIMEOUT = 5.0
