@@ -12,12 +12,19 @@ import orjson
 from chainrelay.config import CacheConfig, Config, parse_listen
 from chainrelay.errors import ChainRelayError
 from chainrelay.protocol.chains import ChainProfile, profile_for
+from chainrelay.protocol.feedsession import Gap
+from chainrelay.protocol.parents import Candidate
 from chainrelay.services.blocks import BlockFeed
 from chainrelay.services.cache import MemoryCache
+from chainrelay.services.feedhub import FeedHub, HubLimits
+from chainrelay.services.feedlink import FeedLink
+from chainrelay.services.feedsource import FeedSource
 from chainrelay.services.filters import FilterService
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.http import HttpServer, Routes
 from chainrelay.services.metrics import Metrics
+from chainrelay.services.origin import Origin, load_signer
+from chainrelay.services.parents import ParentSet
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.rpc import RpcService
 from chainrelay.services.shared_cache import (
@@ -51,6 +58,9 @@ class Node:
         self.filters: FilterService | None = None
         self.subscriptions: SubscriptionService | None = None
         self.profile: ChainProfile | None = None
+        self.hub: FeedHub | None = None
+        self.origin: Origin | None = None
+        self.parents: ParentSet | None = None
         self.chain_id = 0
 
     async def start(self, *, reuse_port: bool = False) -> None:
@@ -100,6 +110,9 @@ class Node:
                 "max_interval": cfg.head.poll_max_interval,
                 "probe_every": cfg.head.poll_probe_every,
             },
+            # A node whose upstreams are only its tree parents takes its heads from frames.
+            pushed_only=bool(cfg.tree.parents)
+            and {u.url for u in cfg.upstreams} <= {p.rpc for p in cfg.tree.parents},
         )
         self._stack.append(head.stop)
         await head.start()
@@ -131,13 +144,17 @@ class Node:
             memo_max_params_bytes=cfg.limits.memo_max_params_bytes,
         )
         sc = cfg.subscriptions
+        tree = cfg.tree
+        follow = "always" if sc.follow_blocks_always else sc.follow_blocks
+        if tree.enabled:
+            follow = "always"  # every block of the tree warms this node's cache
         blocks = self.blocks = BlockFeed(
             pool,
             head,
             cache,
             self.metrics,
             window=cfg.head.reorg_window,
-            follow="always" if sc.follow_blocks_always else sc.follow_blocks,
+            follow=follow,
             follow_recent=sc.follow_recent_blocks,
             feed_call=self.rpc.feed_call,
             fetch_retry_delay=cfg.subscriptions.feed_fetch_retry_delay,
@@ -147,6 +164,8 @@ class Node:
             pending_max_message=cfg.subscriptions.pending_max_message,
         )
         self._stack.append(blocks.stop)
+        if tree.enabled:
+            self._start_tree(profile.name, blocks)
         await blocks.start()
         filters = self.filters = FilterService(cfg.filters, blocks, self.rpc.call, self.metrics)
         self._stack.append(filters.stop)
@@ -158,7 +177,14 @@ class Node:
         )
         self._stack.append(subs.stop)
         server = self.server = HttpServer(
-            Routes(self.rpc.handle, self.health, self.metrics.render, subs.open, replayer=self.rpc),
+            Routes(
+                self.rpc.handle,
+                self.health,
+                self.metrics.render,
+                subs.open,
+                replayer=self.rpc,
+                feed=self.hub.open_child if self.hub is not None else None,
+            ),
             cfg.limits,
             self.metrics,
             cfg.server.cors_origins,
@@ -166,6 +192,10 @@ class Node:
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)
         self._stack.append(server.stop)
+        if self.hub is not None:
+            self._stack.append(self._close_children)
+        if tree.parents:
+            await self._link_parents()
         log.info(
             "serving chain %d (%s profile) on %s:%d with %d upstream(s), head %d",
             self.chain_id,
@@ -175,6 +205,73 @@ class Node:
             len(pool.upstreams),
             head.view.number,
         )
+
+    def _start_tree(self, chain: str, blocks: BlockFeed) -> None:
+        """The hub, and this node's place in the tree: origin (a key), relay or leaf."""
+        tree = self.cfg.tree
+        assert self.head is not None and self.pool is not None
+        signer = load_signer(tree)
+        streams = tree.streams or [f"{chain}/blocks"]
+        trust = {bytes.fromhex(a[2:]) for a in tree.trust}
+        if signer is not None:
+            trust.add(signer.address)
+        hub = self.hub = FeedHub(
+            streams,
+            self.metrics,
+            trust=trust,
+            limits=HubLimits(
+                backlog_frames=tree.backlog_frames,
+                backlog_bytes=tree.backlog_bytes,
+                child_queue_frames=tree.child_queue_frames,
+                child_queue_bytes=tree.child_queue_bytes,
+                child_buffer_bytes=tree.child_buffer_bytes,
+                dedup_entries=tree.dedup_entries,
+                max_frame_bytes=tree.max_frame_bytes,
+                max_children=tree.max_children,
+                stale_positions=tree.stale_positions,
+            ),
+        )
+        if signer is not None:
+            self.origin = Origin(hub, blocks, signer, streams[0])
+            log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
+        if tree.parents:
+            source = FeedSource(
+                blocks,
+                self.head,
+                self.pool,
+                self.metrics,
+                max_payload_bytes=tree.max_payload_bytes,
+            )
+            hub.listeners.append(source.on_frame)
+
+    async def _close_children(self) -> None:
+        if self.hub is not None:
+            self.hub.close_children()
+
+    async def _link_parents(self) -> None:
+        """Link to the nearest parents (after the server is up: children may come first)."""
+        tree, hub = self.cfg.tree, self.hub
+        assert hub is not None
+        metrics = self.metrics
+        parents = self.parents = ParentSet(
+            [Candidate(p.name, p.url, p.region) for p in tree.parents],
+            k=tree.parents_k,
+            wants=lambda: hub.wants(tree.resume_last),
+            on_frame=lambda _link, raw: hub.accept(raw),
+            on_gap=_log_gap,
+            max_frame_bytes=tree.max_frame_bytes,
+            connect_timeout=tree.connect_timeout,
+            retry_delay=tree.retry_delay,
+            retry_max=tree.retry_max,
+            ping_interval=tree.ping_interval,
+            probe_interval=tree.probe_interval,
+            degrade_factor=tree.degrade_factor,
+            min_gain=tree.min_gain,
+            probe_urls={p.name: p.rpc for p in tree.parents},
+            on_change=lambda names: metrics.feed_parents.set(len(names)),
+        )
+        self._stack.append(parents.stop)
+        await parents.start()
 
     @property
     def port(self) -> int:
@@ -220,6 +317,19 @@ class Node:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
+    # The node itself needs nothing more: the head tracker links the next frame's block
+    # back over the parent's JSON-RPC and the block feed fetches what it skipped. Children
+    # see the jump in positions and backfill from this node the same way.
+    log.warning(
+        "%s: positions %d-%d of %s are past its backlog; filled over JSON-RPC",
+        link.name,
+        gap.start,
+        gap.end - 1,
+        stream,
+    )
 
 
 def redis_settings(c: CacheConfig) -> RedisSettings:

@@ -59,6 +59,7 @@ class HeadTracker:
         finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
         fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
         poll: Mapping[str, Any] | None = None,
+        pushed_only: bool = False,
     ) -> None:
         self.pool = pool
         self.profile = profile
@@ -72,6 +73,9 @@ class HeadTracker:
         # HeadPollSchedule's keyword arguments; one schedule per polled upstream, kept
         # across broken polls so a retry does not forget the chain's rhythm.
         self.poll_options = dict(poll or {})
+        # Heads come from elsewhere (``push_header``: the relay tree's frames): upstreams
+        # are asked once for a first head, then only when nothing confirmed it for a while.
+        self.pushed_only = pushed_only
         self.schedules: dict[str, HeadPollSchedule] = {}
         self.updated_at = 0.0  # monotonic time of the last head change
         # Monotonic time an upstream last confirmed the head (changed or not): a quiet
@@ -122,6 +126,11 @@ class HeadTracker:
 
     # --- following -------------------------------------------------------------------
     async def _follow(self, u: Upstream) -> None:
+        if self.pushed_only:
+            with contextlib.suppress(TransportError):
+                await self._poll_once(u)
+            await self._confirm(u)
+            return
         if u.is_ws:
             # Polling confirms the head by itself; a head stream needs the confirmation loop.
             self._tasks.append(asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}"))
