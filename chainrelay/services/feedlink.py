@@ -153,6 +153,10 @@ class FeedLink:
             except ControlError as exc:
                 why = f"protocol: {exc}"
                 log.warning("feed link %s (%s): %s", self.name, self.url, why)
+            except Exception as exc:
+                # A bug in a callback must not end the link for good: logged, reconnected.
+                why = f"{type(exc).__name__}: {exc}"
+                log.exception("feed link %s (%s) failed", self.name, self.url)
             finally:
                 self._conn = None
                 self._mark_down()
