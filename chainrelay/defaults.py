@@ -254,3 +254,18 @@ TREE_RETRY_DELAY = 0.25
 TREE_RETRY_MAX = 5.0
 # WebSocket pings to a parent: measure its round trip and find a dead link within two.
 TREE_PING_INTERVAL = 2.0
+
+# --- Subscriber library (chainrelay.subscriber, ``chainrelay subscribe``) ------------------
+# Its links use the TREE_* frame, dedup and reconnect limits above, as a node's do.
+# Blocks waiting for the consumer: ~3 minutes of BSC; a consumer further behind is
+# resynchronised from its parents' backlogs instead of holding more here.
+SUBSCRIBER_QUEUE_BLOCKS = 256
+# Unpacked bytes of those blocks: a few of the largest blocks; bounds what a slow consumer
+# pins (their parsed JSON costs a few times the text).
+SUBSCRIBER_QUEUE_BYTES = 256 * MiB
+# One JSON-RPC backfill call (a full block and its receipts, in one batch) gives up after
+# this: the largest block from a distant parent.
+SUBSCRIBER_BACKFILL_TIMEOUT = 10.0
+# Rounds over every parent's endpoint for one missing block, waiting TREE_RETRY_DELAY
+# doubling to TREE_RETRY_MAX between them: ~20 s for a block a parent has yet to fetch.
+SUBSCRIBER_BACKFILL_ROUNDS = 8

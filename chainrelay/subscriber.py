@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
 from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
 from chainrelay.services.feedlink import FeedLink
@@ -59,37 +60,19 @@ from chainrelay.wire.feedframe import (
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
-
-# Largest frame taken from a parent: a full 140M-gas BSC block with its receipts is ~10 MB
-# of JSON, ~3 MB as a frame.
-MAX_FRAME_BYTES = 16 * MiB
-# Largest payload a frame may unpack to (the lz4-bomb bound), and the largest JSON-RPC
-# answer read while backfilling: 6x that largest block's JSON.
-MAX_PAYLOAD_BYTES = 64 * MiB
-# Block hashes remembered for dedup: well past a parent's backlog, so a parent replaying
-# its whole backlog after a reconnect never brings a block back as new.
-DEDUP_ENTRIES = 8192
-# Blocks waiting for the consumer: ~3 minutes of BSC; a consumer further behind is
-# resynchronised from its parents' backlogs instead of holding more here.
-QUEUE_BLOCKS = 256
-# Unpacked bytes of those blocks: a few dozen of the largest blocks; bounds what a slow
-# consumer pins (the parsed JSON costs a few times its text).
-QUEUE_BYTES = 256 * MiB
-# Connecting to a parent (TCP + WebSocket handshake + welcome) gives up after this: three
-# intercontinental round trips and then some.
-CONNECT_TIMEOUT = 5.0
-# First delay before reconnecting to a parent, doubled per failed connect up to the max.
-RETRY_DELAY = 0.25
-RETRY_MAX = 5.0
-# Pings to each parent: a dead link is noticed within two, a few BSC blocks.
-PING_INTERVAL = 5.0
-# One JSON-RPC backfill call gives up after this: a full block and its receipts from a
-# distant parent.
-BACKFILL_TIMEOUT = 10.0
-# Rounds over every parent's endpoint for one missing block, the wait doubling from
-# RETRY_DELAY to RETRY_MAX between rounds: ~20 s for a block a parent has not fetched yet.
-BACKFILL_ROUNDS = 8
+# Every limit is in chainrelay.defaults, with its reason; the keywords of Subscription
+# override them.
+MAX_FRAME_BYTES = d.TREE_MAX_FRAME_BYTES
+MAX_PAYLOAD_BYTES = d.TREE_MAX_PAYLOAD_BYTES
+DEDUP_ENTRIES = d.TREE_DEDUP_ENTRIES
+QUEUE_BLOCKS = d.SUBSCRIBER_QUEUE_BLOCKS
+QUEUE_BYTES = d.SUBSCRIBER_QUEUE_BYTES
+CONNECT_TIMEOUT = d.TREE_CONNECT_TIMEOUT
+RETRY_DELAY = d.TREE_RETRY_DELAY
+RETRY_MAX = d.TREE_RETRY_MAX
+PING_INTERVAL = d.TREE_PING_INTERVAL
+BACKFILL_TIMEOUT = d.SUBSCRIBER_BACKFILL_TIMEOUT
+BACKFILL_ROUNDS = d.SUBSCRIBER_BACKFILL_ROUNDS
 
 
 @dataclass(frozen=True, slots=True)
