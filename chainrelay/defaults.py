@@ -246,6 +246,10 @@ TREE_LINK_FAILURES_DOWN = 3
 # Seconds a parent whose feed kept failing stays down whatever its probes say: six default
 # probe rounds, so a parent with a broken feed costs one failed link per half minute.
 TREE_DOWN_HOLD = 30.0
+# Seconds between looks at the parents' links between probe rounds: a dead parent's link
+# reaches TREE_LINK_FAILURES_DOWN within about a second of back-off, and is replaced at
+# most this much later instead of up to a probe interval later; a look reads two ints.
+TREE_LINK_CHECK_INTERVAL = 0.25
 # Connecting to a parent (TCP + WebSocket handshake) gives up after this: three
 # intercontinental round trips and then some.
 TREE_CONNECT_TIMEOUT = 5.0

@@ -11,7 +11,9 @@ A candidate is down when its probes fail ``probe_failures_down`` times in a row 
 its link is connected: then the feed itself proves it reachable and the link's ping times
 stand in for the probe), or when its link failed ``link_failures_down`` connects in a row
 (a parent that answers ``/health`` but whose feed is broken); that second kind holds for
-``down_hold`` seconds, so such a parent is not re-linked every round.
+``down_hold`` seconds, so such a parent is not re-linked every round. A link that reaches
+that count brings the next round forward: a dead parent is replaced about a second after
+it died (its link's back-off), not up to a probe interval later.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ParentSet:
         probe_failures_down: int = defaults.TREE_PROBE_FAILURES_DOWN,
         link_failures_down: int = defaults.TREE_LINK_FAILURES_DOWN,
         down_hold: float = defaults.TREE_DOWN_HOLD,
+        link_check_interval: float = defaults.TREE_LINK_CHECK_INTERVAL,
         # Hooks (metrics, logs, tests): called synchronously, must not block
         on_change: Callable[[list[str]], None] = _nothing,
         on_probe: Callable[[str, float | None], None] = _nothing,
@@ -89,8 +92,8 @@ class ParentSet:
             raise ValueError("candidate names must be unique")
         if k < 1:
             raise ValueError("a node needs at least one parent")
-        if probe_interval <= 0 or probe_timeout <= 0:
-            raise ValueError("probe_interval and probe_timeout must be positive")
+        if min(probe_interval, probe_timeout, link_check_interval) <= 0:
+            raise ValueError("probe_interval, probe_timeout, link_check_interval must be positive")
         if probe_failures_down < 1 or link_failures_down < 1 or down_hold < 0:
             raise ValueError("failure thresholds must be positive, down_hold not negative")
         urls = probe_urls or {}
@@ -104,6 +107,7 @@ class ParentSet:
         self.probe_failures_down = probe_failures_down
         self.link_failures_down = link_failures_down
         self.down_hold = down_hold
+        self.link_check_interval = link_check_interval
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
@@ -158,7 +162,18 @@ class ParentSet:
             except Exception:
                 # A bug in one round must not leave the node without parents for good.
                 log.exception("choosing parents failed; trying again next round")
-            await asyncio.sleep(self.probe_interval)
+            await self._until_next_round()
+
+    async def _until_next_round(self) -> None:
+        """Wait out ``probe_interval``, or less when a link has failed enough to be dropped:
+        FeedLink reports failures by its counter only, so it is looked at every
+        ``link_check_interval``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.probe_interval
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(left, self.link_check_interval))
+            if any(link.failures >= self.link_failures_down for link in self.links.values()):
+                return
 
     async def round(self) -> None:
         """Probe every candidate, then re-choose and re-link. The loop calls it every

@@ -223,6 +223,21 @@ async def test_a_dead_parent_is_replaced_by_a_third_linked_before_it_is_dropped(
     assert lab.changes == [["eu-1", "us-1"], ["eu-1", "ap-1"]]
 
 
+async def test_a_dead_parent_is_replaced_without_waiting_for_the_next_probe_round(
+    lab: Lab,
+) -> None:
+    await lab.parent("eu-1", "eu", 20)
+    us = await lab.parent("us-1", "us", 50)
+    await lab.parent("ap-1", "ap", 90)
+    ps = await lab.start(probe_interval=120 * SECOND)  # past the test's own timeout
+    await lab.linked(["eu-1", "us-1"], "the two nearest linked")
+    assert ps.rounds == 1
+
+    await us.kill()
+    await lab.linked(["eu-1", "ap-1"], "ap-1 linked once us-1's link failed")
+    assert ps.rounds == 2
+
+
 async def test_a_slowed_parent_is_replaced_only_past_the_hysteresis(lab: Lab) -> None:
     await lab.parent("eu-1", "eu", 20)
     us1 = await lab.parent("us-1", "us", 40)
