@@ -214,17 +214,20 @@ class ParentSet:
         cand.up = now >= st.down_until
 
     async def _time_health(self, url: str) -> float | None:
-        """Seconds one ``GET /health`` took, or None when it failed or said unhealthy."""
+        """Seconds one ``GET /health`` took, or None when no answer came in time.
+
+        Any answer counts, a 503 too: it measures the distance as well, and a node whose
+        own JSON-RPC upstreams are degraded may still forward its parents' frames. Whether
+        a parent's feed works is its link's to find out."""
         session = self._session
         assert session is not None
         t0 = time.perf_counter()
         try:
             async with session.get(url, allow_redirects=False) as r:
-                await r.read()
-                ok = 200 <= r.status < 300  # a degraded node has no fresh head to forward
+                await r.read()  # drained, so the connection is reused by the next probe
         except (aiohttp.ClientError, TimeoutError, OSError):
             return None
-        return time.perf_counter() - t0 if ok else None
+        return time.perf_counter() - t0
 
     def _mark_failed_links(self) -> None:
         now = time.monotonic()

@@ -30,6 +30,9 @@ SIGNER = feedframe.Signer(bytes.fromhex("11" * 32))
 D = 0.001
 FACTOR = 2.0
 GAIN = 30 * D
+PROBE_TIMEOUT = 1 * SECOND
+# For the test whose probes time out: rounds then take this long each.
+SHORT_PROBE_TIMEOUT = 200 * MS
 
 
 class TinyParent:
@@ -38,7 +41,8 @@ class TinyParent:
     def __init__(self, name: str, delay: float) -> None:
         self.name = name
         self.delay = delay
-        self.healthy = True
+        self.answers = True  # False: /health answers only after the probes gave up
+        self.degraded = False  # /health says 503, as a node whose upstreams are down
         self.feed_open = True
         self.hellos = 0
         self.sockets: set[web.WebSocketResponse] = set()
@@ -72,8 +76,8 @@ class TinyParent:
         await self.runner.cleanup()
 
     async def _health(self, _req: web.Request) -> web.Response:
-        await asyncio.sleep(self.delay)  # the distance this server stands for
-        if not self.healthy:
+        await asyncio.sleep(self.delay if self.answers else 3 * SHORT_PROBE_TIMEOUT)
+        if self.degraded:
             return web.json_response({"status": "degraded"}, status=503)
         return web.json_response({"status": "ok"})
 
@@ -136,6 +140,7 @@ class Lab:
             "degrade_factor": FACTOR,
             "min_gain": GAIN,
             "down_hold": 60 * SECOND,
+            "probe_timeout": PROBE_TIMEOUT,
         }
         settings.update(kwargs)
         self.set = ParentSet(
@@ -284,13 +289,13 @@ async def test_a_linked_parent_whose_probes_fail_stays_while_its_feed_is_up(lab:
     eu = await lab.parent("eu-1", "eu", 20)
     await lab.parent("us-1", "us", 50)
     await lab.parent("ap-1", "ap", 90)
-    ps = await lab.start(ping_interval=100 * MS)
+    ps = await lab.start(ping_interval=100 * MS, probe_timeout=SHORT_PROBE_TIMEOUT)
     await lab.linked(["eu-1", "us-1"], "the two nearest linked")
     await until(lambda: ps.links["eu-1"].rtt is not None, 5 * SECOND, "eu-1's link's ping")
 
-    eu.healthy = False  # its /health now says 503; its feed session is untouched
+    eu.answers = False  # its probes now time out; its feed session is untouched
     rounds = ps.rounds
-    await until(lambda: ps.rounds >= rounds + 10, 10 * SECOND, "ten more rounds")
+    await until(lambda: ps.rounds >= rounds + 5, 10 * SECOND, "five more rounds")
     assert ps.parents == ["eu-1", "us-1"]
     assert set(ps.links) == {"eu-1", "us-1"} and ps.candidates["eu-1"].up
     assert lab.servers["ap-1"].hellos == 0
@@ -298,6 +303,16 @@ async def test_a_linked_parent_whose_probes_fail_stays_while_its_feed_is_up(lab:
     # The feed goes too: now it is down and replaced.
     await eu.kill()
     await lab.linked(["us-1", "ap-1"], "ap-1 linked in eu-1's place")
+
+
+async def test_a_parent_that_says_degraded_is_still_measured_and_chosen(lab: Lab) -> None:
+    eu = await lab.parent("eu-1", "eu", 20)
+    eu.degraded = True  # /health says 503: its JSON-RPC upstreams are down, not its feed
+    await lab.parent("us-1", "us", 50)
+    await lab.parent("ap-1", "ap", 90)
+    ps = await lab.start()
+    await lab.linked(["eu-1", "us-1"], "the two nearest linked, the degraded one too")
+    assert ps.candidates["eu-1"].rtt is not None
 
 
 async def test_stop_ends_every_link(lab: Lab) -> None:
