@@ -244,6 +244,19 @@ def test_choice_properties(
     assert len(regions) == min(len(got), len({x.region for x in reachable}))
     rtts = [by_name[n].rtt for n in got]
     assert rtts == sorted(rtts)  # type: ignore[type-var]
+    # A faster candidate that could take a parent's place without costing a region is left
+    # out only by the hysteresis: the parent is a current one, not worse by both thresholds.
+    target = len(regions)
+    for n in got:
+        p = by_name[n]
+        for x in reachable:
+            if x.name in got or (x.rtt, x.name) >= (p.rtt, p.name):  # type: ignore[operator]
+                continue
+            rest = {by_name[m].region for m in got if m != n}
+            if len(rest | {x.region}) < target:
+                continue
+            assert n in current, f"{x.name} is faster than the new parent {n}"
+            assert not (p.rtt > factor * x.rtt and p.rtt - x.rtt >= gain)  # type: ignore[operator]
     # Stable: the answer, given back as the current parents, is the answer again.
     assert choose(cands, k, got, degrade_factor=factor, min_gain=gain) == got
     # Deterministic: the candidates' order does not matter.
