@@ -36,7 +36,15 @@ ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
 WRK = "/usr/bin/wrk"
 # Scripts run in this order in run_all.py and their sections appear in this order.
-SECTIONS = ("cache_hit", "miss_overhead", "upstream_ratio", "subscribers")
+SECTIONS = (
+    "cache_hit",
+    "miss_overhead",
+    "upstream_ratio",
+    "subscribers",
+    "tree_bytes",
+    "tree_hop",
+    "tree_e2e",
+)
 # How long a relay may take to answer /health after it is started.
 RELAY_READY_SECONDS = 20.0
 
@@ -408,6 +416,9 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `miss_overhead.py` | latency a relay adds to a forwarded call | ≤ 0.15 ms at p50 |
 | `upstream_ratio.py` | upstream calls per 1,000 client calls under a dapp-like mix | ≤ 50 |
 | `subscribers.py` | 5,000 `newHeads` subscribers: head to the last one; RSS each | ≤ 50 ms, 30 KB |
+| `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |
+| `tree_hop.py` | latency a relay adds, frame in to out, 1,000 children | ≤ 1 ms p50, 5 ms p99 |
+| `tree_e2e.py` | delivery through a namespace tree, minus its link delays | per hop |
 """
 
 
