@@ -274,11 +274,15 @@ class FeedChild(WsSession):
                 self.send(encode_bye("lagging"))
                 self.close_now(CLOSE_LAGGING, "lagging: resume from your position")
                 return
-            room = self.high_water - transport.get_write_buffer_size()
-            if room <= 0:
-                continue
-            for raw in cursor.take(backlog, room):
-                transport.writelines((binary_header(len(raw)), raw))
+            # Until the buffer passes its high-water mark: only a transport that paused us
+            # calls ``resume_writing`` once drained; stopping below it would leave the rest
+            # of a replay waiting for the next live frame.
+            while (room := self.high_water - transport.get_write_buffer_size()) >= 0:
+                batch = cursor.take(backlog, room)
+                if not batch:
+                    break
+                for raw in batch:
+                    transport.writelines((binary_header(len(raw)), raw))
 
     def resume_writing(self) -> None:
         self.pump()

@@ -1,0 +1,572 @@
+"""The relay tree's hub, two nodes at a time: parents' ``FeedHub``s serving children over
+in-memory links (``tests.pair.feedpair``), each child a websockets client that does the
+upgrade and hello and hands every binary message to its own node's ``FeedHub.accept``.
+
+What a child must see: the parent's frames from its resume point, replay then live, with
+no gap or duplicate between them; an explicit ``gap`` when it asks for more than the
+backlog holds; one copy of each identity across two parents; bad frames dropped without
+losing the link; ``bye`` and 4408 when it reads too slowly, and the rest when it resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tracemalloc
+from collections.abc import Callable
+
+import lz4.block
+import orjson
+import pytest
+from websockets.protocol import State
+
+from chainrelay import defaults
+from chainrelay.config import PoolConfig
+from chainrelay.protocol.chains import PROFILES
+from chainrelay.protocol.feedsession import (
+    CLOSE_BAD_HELLO,
+    CLOSE_LAGGING,
+    CLOSE_UNKNOWN_STREAM,
+    PROTOCOL_VERSION,
+    Want,
+    encode_hello,
+)
+from chainrelay.services.blocks import BlockFeed
+from chainrelay.services.cache import MemoryCache
+from chainrelay.services.feedhub import FeedHub, HubLimits
+from chainrelay.services.feedsource import FeedSource
+from chainrelay.services.head import HeadTracker
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.pool import UpstreamPool
+from chainrelay.services.upstream import Upstream
+from chainrelay.wire import feedframe
+from chainrelay.wire.feedframe import KIND_BLOCK, Signer, block_payload, keccak
+from chainrelay.wire.wsframes import binary_header
+from tests.lab.procs import until
+from tests.lab.timing import SECOND
+from tests.pair.feedpair import Pair, connect
+
+STREAM = "devnet/blocks"
+ORIGIN = Signer(keccak(b"chainrelay test origin"))
+STRANGER = Signer(keccak(b"chainrelay test stranger"))
+WAIT = 5 * SECOND
+
+
+def block_hash(n: int, fork: int = 0) -> bytes:
+    return keccak(f"block {n} fork {fork}".encode())
+
+
+def block_json(n: int, fork: int = 0) -> bytes:
+    tx = {
+        "hash": "0x" + keccak(f"tx {n} {fork}".encode()).hex(),
+        "from": "0x" + "11" * 20,
+        "to": "0x" + "22" * 20,
+        "value": hex(n * 1000),
+        "input": "0x",
+    }
+    return orjson.dumps(
+        {
+            "number": hex(n),
+            "hash": "0x" + block_hash(n, fork).hex(),
+            "parentHash": "0x" + block_hash(n - 1).hex() if n else "0x" + "00" * 32,
+            "timestamp": hex(1_700_000_000 + n),
+            "transactions": [tx],
+        }
+    )
+
+
+def frame(n: int, *, fork: int = 0, signer: Signer = ORIGIN, plain: bytes | None = None) -> bytes:
+    """The block frame an origin publishes for block ``n`` (of fork ``fork``)."""
+    if plain is None:
+        plain = block_payload(block_json(n, fork), b"[]")
+    return feedframe.encode(
+        signer,
+        kind=KIND_BLOCK,
+        stream=STREAM,
+        position=n,
+        identity=block_hash(n, fork),
+        plain=plain,
+    )
+
+
+def hub(trust: bool = True, **limits: int) -> FeedHub:
+    return FeedHub(
+        [STREAM], Metrics(), trust=[ORIGIN.address] if trust else [], limits=HubLimits(**limits)
+    )
+
+
+def counted(h: FeedHub, outcome: str, stream: str = STREAM) -> float:
+    return float(h.metrics.feed_frames.labels(stream, outcome)._value.get())
+
+
+def closes(h: FeedHub, reason: str) -> float:
+    return float(h.metrics.feed_child_closes.labels(reason)._value.get())
+
+
+async def welcomed(*pairs: Pair) -> None:
+    await until(lambda: all(p.child.welcome for p in pairs), WAIT, "every child's welcome")
+
+
+async def has(p: Pair, n: int, what: str = "frames") -> None:
+    await until(lambda: len(p.child.frames) >= n, WAIT, f"{n} {what}")
+
+
+def positions(raws: list[bytes]) -> list[int]:
+    return [feedframe.decode(r, len(r)).position for r in raws]
+
+
+# --- replay and live --------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+async def test_children_joining_while_the_parent_publishes_get_every_frame_from_their_start(
+    seed: int,
+) -> None:
+    rnd = random.Random(seed)
+    total, backlog = 120, 24
+    size = len(frame(0))
+    # A buffer of two frames: replay runs over many turns (resume_writing), live frames
+    # arrive meanwhile; the queue bound is out of reach (no child may be dropped here).
+    parent = hub(backlog_frames=backlog, child_buffer_bytes=2 * size, child_queue_frames=10_000)
+    published: list[bytes] = []
+    joins: list[tuple[Pair, int]] = []
+
+    async def children() -> None:
+        for _ in range(10):
+            for _ in range(rnd.randint(1, 25)):
+                await asyncio.sleep(0)
+            start = rnd.randint(0, len(published))  # at most one past the newest
+            rate = rnd.choice([None, 3 * size, 8 * size])
+            joins.append((connect(parent, [Want(STREAM, from_position=start)], rate=rate), start))
+
+    async def origin() -> None:
+        for n in range(total):
+            raw = frame(n)
+            published.append(raw)
+            parent.publish(raw)
+            for _ in range(rnd.randint(1, 3)):
+                await asyncio.sleep(0)
+
+    await asyncio.gather(children(), origin())
+    for p, _ in joins:
+        await until(
+            lambda p=p: p.child.frames[-1:] == published[-1:] or p.child.close_code is not None,
+            WAIT,
+            "the last frame at every child",
+        )
+    for p, start in joins:
+        assert p.child.close_code is None, f"child from {start} was closed"
+        (entry,) = p.child.welcome["streams"]  # type: ignore[index]
+        got = p.child.frames
+        first = positions(got[:1])[0]
+        if start < entry["oldest"]:
+            # Asked for more than the backlog held: told so, then sent the backlog on.
+            assert entry["gap"] == [start, entry["oldest"]]
+            assert first == entry["oldest"]
+        else:
+            assert "gap" not in entry
+            assert first == start
+        assert got == published[first:], f"child from {start}: a gap or duplicate"
+
+
+async def test_a_replay_bigger_than_the_child_buffer_finishes_with_no_new_frame() -> None:
+    size = len(frame(0))
+    parent = hub(child_buffer_bytes=2 * size)
+    published = [frame(n) for n in range(20)]
+    for raw in published:
+        parent.publish(raw)
+    # The child reads a frame's worth a turn: the buffer fills and drains many times over,
+    # and only the transport's resume_writing can keep the replay going.
+    p = connect(parent, [Want(STREAM, from_position=0)], rate=size)
+    await has(p, len(published))
+    assert p.child.frames == published
+
+
+async def test_last_k_replays_the_newest_k_then_goes_live() -> None:
+    parent = hub()
+    published = [frame(n) for n in range(10)]
+    for raw in published:
+        parent.publish(raw)
+    p = connect(parent, [Want(STREAM, last=3)])
+    await has(p, 3)
+    assert p.child.welcome == {
+        "type": "welcome",
+        "streams": [{"stream": STREAM, "oldest": 0, "newest": 9}],
+    }
+    live = frame(10)
+    parent.publish(live)
+    await has(p, 4)
+    assert p.child.frames == [*published[7:], live]
+
+
+async def test_from_older_than_the_backlog_gets_a_gap_then_the_whole_backlog() -> None:
+    parent = hub(backlog_frames=5)
+    published = [frame(n) for n in range(10)]
+    for raw in published:
+        parent.publish(raw)
+    p = connect(parent, [Want(STREAM, from_position=2)])
+    await has(p, 5)
+    assert p.child.welcome == {
+        "type": "welcome",
+        "streams": [{"stream": STREAM, "oldest": 5, "newest": 9, "gap": [2, 5]}],
+    }
+    parent.publish(live := frame(10))
+    await has(p, 6)
+    assert p.child.frames == [*published[5:], live]
+
+
+async def test_from_newer_than_everything_is_live_only() -> None:
+    parent = hub()
+    for n in range(10):
+        parent.publish(frame(n))
+    p = connect(parent, [Want(STREAM, from_position=50)])
+    await welcomed(p)
+    assert p.child.welcome["streams"] == [{"stream": STREAM, "oldest": 0, "newest": 9}]  # type: ignore[index]
+    # Nothing was replayed: the first frame to arrive is the next one published.
+    parent.publish(live := frame(10))
+    await has(p, 1)
+    assert p.child.frames == [live]
+
+
+async def test_from_on_an_empty_backlog_is_live_only() -> None:
+    parent = hub()
+    p = connect(parent, [Want(STREAM, from_position=7)])
+    await welcomed(p)
+    assert p.child.welcome["streams"] == [  # type: ignore[index]
+        {"stream": STREAM, "oldest": None, "newest": None}
+    ]
+    parent.publish(live := frame(7))
+    await has(p, 1)
+    assert p.child.frames == [live]
+
+
+# --- two parents ------------------------------------------------------------------------
+async def test_a_node_with_two_parents_keeps_and_forwards_the_first_copy_of_each_frame() -> None:
+    a, b, node = hub(), hub(), hub()
+    via_a = connect(a, [Want(STREAM)], hub=node)
+    via_b = connect(b, [Want(STREAM)], hub=node)
+    below = connect(node, [Want(STREAM)])
+    await welcomed(via_a, via_b, below)
+    n_frames = 12
+    for n in range(n_frames):
+        raw = frame(n)
+        # Each parent gets every frame; which one is nearer changes block by block.
+        first, second = (a, b) if n % 2 == 0 else (b, a)
+        first.publish(raw)
+        await asyncio.sleep(0)
+        second.publish(raw)
+    await has(via_a, n_frames)
+    await has(via_b, n_frames)
+    await has(below, n_frames)
+    kept = [e.raw for e in node.streams[STREAM].backlog.entries]
+    assert positions(kept) == list(range(n_frames))
+    for n, raw in enumerate(kept):
+        winner = via_a if n % 2 == 0 else via_b
+        assert raw is winner.child.frames[n], f"frame {n}: not the first copy"
+    assert below.child.frames == kept  # once each, in order
+    assert counted(node, "accepted") == n_frames
+    assert counted(node, "duplicate") == n_frames
+
+
+# --- bad frames -------------------------------------------------------------------------
+def flip(raw: bytes, at: int) -> bytes:
+    b = bytearray(raw)
+    b[at] ^= 0x01
+    return bytes(b)
+
+
+def inject(p: Pair, raw: bytes) -> None:
+    """Bytes a faulty parent puts on the wire as one binary message, past its hub."""
+    p.to_child.writelines((binary_header(len(raw)), raw))
+
+
+async def test_a_child_drops_bad_frames_keeps_the_link_and_takes_good_copies_after_them() -> None:
+    parent, node = hub(), hub()
+    p = connect(parent, [Want(STREAM)], hub=node)
+    await welcomed(p)
+    good = frame(1)
+    sig_at = len(good) - feedframe.SIGNATURE_LEN
+    zero_r = good[:sig_at] + bytes(32) + good[sig_at + 32 :]
+    bad_recovery = good[:-1] + b"\x07"
+    version_2 = b"\x02" + good[1:]
+    cases: list[tuple[str, bytes, Callable[[], float]]] = [
+        ("untrusted", frame(1, signer=STRANGER), lambda: counted(node, "untrusted")),
+        ("signature", zero_r, lambda: counted(node, "signature")),
+        ("signature", bad_recovery, lambda: counted(node, "signature")),
+        ("truncated", good[:-7], lambda: counted(node, "truncated", "other")),
+        ("version", version_2, lambda: counted(node, "version", "other")),
+        # A flipped bit in the payload or in s recovers some other key: not one trusted.
+        (
+            "payload bit",
+            flip(good, feedframe.HEADER_LEN + 10),
+            lambda: counted(node, "untrusted") + counted(node, "signature"),
+        ),
+        (
+            "signature bit",
+            flip(good, sig_at + 40),
+            lambda: counted(node, "untrusted") + counted(node, "signature"),
+        ),
+    ]
+    for what, bad, count in cases:
+        before, seen = count(), len(p.child.frames)
+        inject(p, bad)
+        await has(p, seen + 1, what)
+        assert count() == before + 1, what
+        assert len(node.streams[STREAM].backlog) == 0, f"{what} was kept"
+    # Nothing bad was marked seen: the genuine frame of the same block is still accepted,
+    # over the same link.
+    assert p.child.close_code is None and not p.child.lost.is_set()
+    parent.publish(good)
+    await has(p, len(cases) + 1, "the good frame")
+    assert [e.raw for e in node.streams[STREAM].backlog.entries] == [good]
+    assert counted(node, "accepted") == 1
+
+
+class BlanketUpstream(Upstream):
+    """An upstream that knows no block (every answer ``null``): the head tracker asks it
+    for the blocks behind its first head and for finality; the frames never need it."""
+
+    def __init__(self) -> None:
+        super().__init__("blank", "memory://", timeout=1.0, connections=1)
+        self.methods: list[str] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def request(self, body: bytes) -> bytes:
+        req = orjson.loads(body)
+        self.methods.append(req["method"])
+        return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": None})
+
+
+def lz4_bomb(plain_bytes: int) -> bytes:
+    """A genuine lz4 block (size prefix included) that decompresses to ``plain_bytes``
+    zeros from about ``plain_bytes / 255`` bytes: one literal, one long match, the five
+    literals a block must end with."""
+    match = plain_bytes - 1 - 5  # bytes the match copies
+    extra = match - 4 - 15  # past what the token's nibble holds
+    body = (
+        b"\x1f\x00"  # token: 1 literal, match length 15+; the literal
+        + b"\x01\x00"  # match offset 1: repeat the previous byte
+        + b"\xff" * (extra // 255)
+        + bytes((extra % 255,))
+        + b"\x50"
+        + bytes(5)  # last sequence: five literals
+    )
+    return plain_bytes.to_bytes(4, "little") + body
+
+
+def raw_frame(n: int, payload: bytes, flags: int = feedframe.FLAG_LZ4) -> bytes:
+    """A frame around ``payload`` as is, signed by the origin (what a buggy or hostile
+    origin key could send)."""
+    header = feedframe.HEADER.pack(
+        feedframe.VERSION,
+        KIND_BLOCK,
+        flags,
+        STREAM.encode(),
+        n,
+        block_hash(n),
+        1_700_000_000_000_000,
+        len(payload),
+    )
+    digest = keccak(feedframe.DOMAIN + header + keccak(payload))
+    return header + payload + ORIGIN.sign(digest)
+
+
+def test_the_bomb_builder_makes_real_bombs() -> None:
+    small = lz4_bomb(1 << 20)
+    assert len(small) < 5000
+    assert lz4.block.decompress(small) == bytes(1 << 20)
+
+
+class Node:
+    """A child node whose frames go on to its block feed and head (``FeedSource``)."""
+
+    def __init__(self, max_payload_bytes: int) -> None:
+        metrics = Metrics()
+        pool = UpstreamPool([BlanketUpstream()], PoolConfig(max_attempts=1), metrics)
+        self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
+        self.blocks = BlockFeed(pool, self.head, MemoryCache(1 << 20, 1 << 16), metrics)
+        self.source = FeedSource(
+            self.blocks, self.head, pool, metrics, max_payload_bytes=max_payload_bytes
+        )
+        self.hub = FeedHub([STREAM], metrics, trust=[ORIGIN.address])
+        self.hub.listeners.append(self.source.on_frame)
+
+    def offered(self) -> list[str]:
+        return list(self.blocks._offered)
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["lz4 size prefix past the bound", "lz4 size prefix lying low", "hex unpacking past the bound"],
+)
+async def test_a_signed_frame_that_unpacks_too_big_is_forwarded_but_never_unpacked(
+    what: str,
+) -> None:
+    bound = defaults.TREE_MAX_PAYLOAD_BYTES
+    if what == "lz4 size prefix past the bound":
+        payload = lz4_bomb(2 * bound)
+        flags = feedframe.FLAG_LZ4
+    elif what == "lz4 size prefix lying low":
+        bomb = lz4_bomb(2 * bound)
+        payload = (1000).to_bytes(4, "little") + bomb[4:]
+        flags = feedframe.FLAG_LZ4
+    else:
+        # Hex packing halves "0x…" strings: a packed body within the bound whose text is not.
+        bound = 1 << 20
+        text = b"[" + b",".join([b'"0x' + b"00" * 2000 + b'"'] * 500) + b"]"
+        packed = feedframe.pack_hex(text)
+        assert len(packed) < bound and len(text) > 1.9 * bound
+        payload = lz4.block.compress(packed, store_size=True)
+        flags = feedframe.FLAG_LZ4 | feedframe.FLAG_HEXPACK
+    node = Node(bound)
+    parent = hub()
+    below = connect(node.hub, [Want(STREAM)])
+    p = connect(parent, [Want(STREAM)], hub=node.hub)
+    await welcomed(p, below)
+    bad = raw_frame(1, payload, flags)
+    tracemalloc.start()
+    try:
+        parent.publish(bad)
+        await has(below, 1, "the bomb forwarded")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Signed by the origin: the hub accepts and forwards it as it came; the node's own use
+    # of it stops at the bound, before anything near it was allocated.
+    assert below.child.frames == [bad]
+    assert counted(node.hub, "accepted") == 1
+    assert counted(node.hub, "payload") == 1
+    if what.startswith("lz4"):
+        # Decompressed, it would take twice the bound.
+        assert peak < bound // 4, f"{peak} bytes allocated"
+    assert node.offered() == []
+    good = frame(2)
+    parent.publish(good)
+    await has(below, 2, "the good frame")
+    assert node.offered() == ["0x" + block_hash(2).hex()]
+    await until(lambda: node.head.view.number == 2, WAIT, "the head at the good frame's block")
+
+
+# --- a slow child -----------------------------------------------------------------------
+async def test_a_child_that_stops_reading_is_told_lagging_and_resumes_from_its_position() -> None:
+    queue = 4
+    size = len(frame(0))
+    parent = hub(child_queue_frames=queue, child_buffer_bytes=2 * size)
+    fast = [connect(parent, [Want(STREAM)]) for _ in range(2)]
+    slow = connect(parent, [Want(STREAM)])
+    await welcomed(slow, *fast)
+    published = [frame(n) for n in range(3)]
+    for raw in published:
+        parent.publish(raw)
+    await has(slow, 3)
+    slow.stall()
+    session = slow.session
+    cursor = session.cursors[STREAM]
+    n = len(published)
+    backlog = parent.streams[STREAM].backlog
+    behind = []
+    while session.proto.state is State.OPEN:
+        assert n < 100, "the slow child was never told it lags"
+        published.append(raw := frame(n))
+        parent.publish(raw)
+        behind.append(backlog.next_seq - cursor.seq)
+        n += 1
+        await asyncio.sleep(0)
+    # Closed by the frame that put it one past its queue, not before.
+    assert behind[-2:] == [queue, queue + 1]
+    assert closes(parent, "lagging") == 1
+    assert slow.to_child.get_write_buffer_size() > 0  # still owed what it had been sent
+    for _ in range(5):
+        published.append(raw := frame(n))
+        parent.publish(raw)
+        n += 1
+    for p in fast:
+        await has(p, len(published))
+        assert p.child.frames == published
+        assert p.child.close_code is None
+    slow.unstall()
+    await asyncio.wait_for(slow.child.lost.wait(), WAIT)
+    assert slow.child.texts[-1] == {"type": "bye", "reason": "lagging"}
+    assert slow.child.close_code == CLOSE_LAGGING
+    got = slow.child.frames
+    assert got == published[: len(got)]  # what it read is a prefix: no gap, no duplicate
+    again = connect(parent, [Want(STREAM, from_position=positions(got)[-1] + 1)])
+    await has(again, len(published) - len(got), "the rest")
+    assert got + again.child.frames == published
+    assert "gap" not in again.child.welcome["streams"][0]  # type: ignore[index]
+
+
+# --- hellos and the children bound ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("hello", "code"),
+    [
+        ([b"not json"], CLOSE_BAD_HELLO),
+        (
+            [
+                orjson.dumps(
+                    {
+                        "type": "hello",
+                        "version": PROTOCOL_VERSION + 1,
+                        "streams": [{"stream": STREAM}],
+                    }
+                )
+            ],
+            CLOSE_BAD_HELLO,
+        ),
+        ([encode_hello([Want("bsc/blocks")])], CLOSE_UNKNOWN_STREAM),
+        ([encode_hello([Want(STREAM)]), encode_hello([Want(STREAM)])], CLOSE_BAD_HELLO),
+    ],
+    ids=["not json", "wrong version", "unknown stream", "two hellos"],
+)
+async def test_a_bad_hello_gets_an_error_and_its_close_code(hello: list[bytes], code: int) -> None:
+    parent = hub()
+    p = connect(parent, hello=hello)
+    await asyncio.wait_for(p.child.lost.wait(), WAIT)
+    assert p.child.status == 101
+    assert p.child.texts[-1]["type"] == "error"
+    assert p.child.close_code == code
+    # A second hello is refused after the first was served; a refused first gets no welcome.
+    assert (p.child.welcome is not None) == (len(hello) == 2)
+    assert parent.children == set() and parent.streams[STREAM].children == set()
+    assert closes(parent, "unknown_stream" if code == CLOSE_UNKNOWN_STREAM else "bad_hello") == 1
+
+
+async def test_max_children_refuses_the_upgrade_until_a_child_leaves() -> None:
+    parent = hub(max_children=2)
+    first, second = connect(parent, [Want(STREAM)]), connect(parent, [Want(STREAM)])
+    await welcomed(first, second)
+    third = connect(parent, [Want(STREAM)])
+    await asyncio.wait_for(third.child.lost.wait(), WAIT)
+    assert third.child.status != 101 and third.child.welcome is None
+    assert closes(parent, "too_many_children") == 1
+    assert len(parent.children) == 2
+    first.to_parent.close()
+    await until(lambda: len(parent.children) == 1, WAIT, "the first child gone")
+    fourth = connect(parent, [Want(STREAM)])
+    await welcomed(fourth)
+    assert len(parent.children) == 2
+
+
+# --- encoded once -----------------------------------------------------------------------
+async def test_the_fan_out_writes_the_same_bytes_object_to_every_child() -> None:
+    parent, node = hub(), hub()
+    children = [connect(parent, [Want(STREAM)]) for _ in range(3)]
+    relay = connect(parent, [Want(STREAM)], hub=node)
+    grandchildren = [connect(node, [Want(STREAM)]) for _ in range(3)]
+    await welcomed(*children, relay, *grandchildren)
+    published = [frame(n) for n in range(4)]
+    for raw in published:
+        parent.publish(raw)
+    for p in [*children, relay, *grandchildren]:
+        await has(p, len(published))
+    for raw in published:
+        for p in [*children, relay]:
+            assert any(chunk is raw for chunk in p.to_child.written)
+    # The relay node forwards the one object it read, to each of its children.
+    for got in relay.child.frames:
+        for p in grandchildren:
+            assert any(chunk is got for chunk in p.to_child.written)
+            assert got in p.child.frames
