@@ -16,7 +16,10 @@ Each URL is one parent, held by its own ``FeedLink``; the first copy of a block 
 Every frame is checked before it is queued: shape, stream, signer (one of ``trust``; any
 signer when ``trust`` is empty, reported in ``FeedBlock.origin``), then unpacked within
 ``max_payload_bytes``. A frame that fails is counted in ``dropped`` by reason and never
-raised: a parent that forwards garbage costs a counter, not the subscription.
+raised: a parent that forwards garbage costs a counter, not the subscription. A frame
+below the first position wanted (``from_block``, else the first block received) is
+``stale``: a parent may forward frames it took in late, and a block never delivered
+cannot be reorged; a new block at a height already delivered is a reorg.
 
 Positions a parent cannot send (its welcome's ``gap``, or a frame past the next position
 expected) are fetched over JSON-RPC from that parent's HTTP endpoint (the same host and
@@ -65,6 +68,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = d.TREE_MAX_FRAME_BYTES
 MAX_PAYLOAD_BYTES = d.TREE_MAX_PAYLOAD_BYTES
 DEDUP_ENTRIES = d.TREE_DEDUP_ENTRIES
+STALE_POSITIONS = d.TREE_STALE_POSITIONS
 QUEUE_BLOCKS = d.SUBSCRIBER_QUEUE_BLOCKS
 QUEUE_BYTES = d.SUBSCRIBER_QUEUE_BYTES
 CONNECT_TIMEOUT = d.TREE_CONNECT_TIMEOUT
@@ -151,6 +155,7 @@ class Subscription:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         dedup_entries: int = DEDUP_ENTRIES,
+        stale_positions: int = STALE_POSITIONS,
         queue_blocks: int = QUEUE_BLOCKS,
         queue_bytes: int = QUEUE_BYTES,
         # Timeouts
@@ -171,6 +176,7 @@ class Subscription:
         self.backfill = backfill
         self.max_frame_bytes = max_frame_bytes
         self.max_payload_bytes = max_payload_bytes
+        self.stale_positions = stale_positions
         self.queue_blocks = queue_blocks
         self.queue_bytes = queue_bytes
         self.retry_delay = retry_delay
@@ -205,6 +211,7 @@ class Subscription:
         self._delivered = Dedup(dedup_entries)  # yielded, frames and backfilled blocks alike
         self._positions = Positions(from_block)
         self._accepted_next = from_block  # first position after the last one queued
+        self._floor = from_block  # nothing below it is wanted (first block queued if None)
         self._overflow = False
         self._stale: dict[FeedLink, int] = {}  # link -> session whose frames are ignored
         self._gen: AsyncGenerator[FeedBlock, None] | None = None
@@ -340,6 +347,15 @@ class Subscription:
         if frame.identity in self._seen:
             self.duplicates += 1
             return
+        position = frame.position
+        floor, ahead = self._floor, self._accepted_next
+        if floor is not None and (
+            position < floor or (ahead is not None and position + self.stale_positions < ahead)
+        ):
+            # Below what was asked for, or past any reorg: a parent's replay of frames it
+            # took in late, never a block this subscriber lacks.
+            self._drop(link, "stale", position)
+            return
         if not self._room():
             self._overflow = True
             self.dropped["overflow"] += 1
@@ -372,7 +388,8 @@ class Subscription:
         self._seen.add(frame.identity)
         origin_hex = "0x" + origin.hex()
         self.signers.add(origin_hex)
-        position = frame.position
+        if floor is None:
+            self._floor = position
         if self._accepted_next is None or position >= self._accepted_next:
             self._accepted_next = position + 1
         fb = FeedBlock(

@@ -467,6 +467,23 @@ async def test_a_new_block_at_a_delivered_height_is_a_reorg(parents: Any, consum
     assert got[2].hash == make_block(2, salt=b"other").hash
 
 
+async def test_frames_below_the_position_asked_for_are_stale_not_reorgs(
+    parents: Any, consumers: Any
+) -> None:
+    parent = await parents()
+    parent.publish(make_block(1))
+    sub = Subscription(parent.url, STREAM, from_block=5, trust=TRUST, **FAST)
+    c = consumers(sub)
+    assert await sub.links[0].wait_connected(5 * SECOND)
+    # A relay that took its own parent's replay in late forwards it after the hello.
+    for k in (2, 3, 4, 5, 6):
+        parent.publish(make_block(k))
+    await c.wait(2)
+    assert c.numbers == [5, 6]
+    assert sub.dropped == {"stale": 3}
+    assert not any(b.reorg for b in c.got) and not parent.rpc_calls
+
+
 async def test_a_consumer_that_falls_behind_is_resynchronised_from_the_backlog(
     parents: Any,
 ) -> None:

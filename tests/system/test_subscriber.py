@@ -95,7 +95,9 @@ async def test_subscriber_gets_every_block_once_through_a_parents_death(
         assert (await chain.head())[0] == first + 11
         assert all(b.verified and not b.reorg and b.origin == ORIGIN for b in got)
         assert all(b.latency_ms is not None for b in got)
-        assert not sub.dropped and sub.backfilled == 0
+        # A relay that started just before the subscriber may forward its own parent's
+        # replay of older blocks after the subscriber's hello: those are dropped as stale.
+        assert set(sub.dropped) <= {"stale"} and sub.backfilled == 0
         await check_against_node(chain, got)
 
         # The command line, replaying the same blocks from the origin's backlog.
