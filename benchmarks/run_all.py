@@ -21,6 +21,9 @@ LIMIT_SECONDS = {
     "miss_overhead": 180,
     "upstream_ratio": 180,
     "subscribers": 330,
+    "tree_bytes": 270,
+    "tree_hop": 330,
+    "tree_e2e": 390,
 }
 
 
