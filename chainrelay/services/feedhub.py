@@ -217,6 +217,11 @@ class FeedChild(WsSession):
     def accept(self, raw_request: bytes) -> bool:
         if len(self.hub.children) >= self.hub.limits.max_children:
             self.hub.metrics.feed_child_closes.labels("too_many_children").inc()
+            # Answered, not just dropped: the child can tell a full parent from a dead one.
+            self.proto.receive_data(raw_request)
+            self.proto.events_received()
+            self.proto.send_response(self.proto.reject(503, "too many children\n"))
+            self._flush()
             return False
         ok = super().accept(raw_request)
         if ok:

@@ -1,5 +1,6 @@
 """Two feed nodes joined in memory, like h11's ConnectionPair: a parent's ``FeedHub``
-serving a child over a ``MemoryLink``, the child side a websockets ``ClientProtocol``.
+serving a child over two ``MemoryTransport``s joined back to back (``connect``), the child
+side a websockets ``ClientProtocol``.
 
 Bytes written on one end reach the other end on a later loop turn, never inside the
 ``write`` call: a session can never re-enter itself through its peer, as with a socket.
@@ -26,7 +27,6 @@ from websockets.uri import parse_uri
 
 from chainrelay.protocol.feedsession import Want, encode_hello
 from chainrelay.services.feedhub import FeedChild, FeedHub
-from chainrelay.wire.feedframe import FrameError, decode
 
 # asyncio's own default high-water mark for a transport's write buffer.
 DEFAULT_HIGH_WATER = 64 * 1024
@@ -56,7 +56,8 @@ class MemoryTransport(asyncio.Transport):
         self.peer: MemoryTransport | None = None
         self.buffer: deque[bytes] = deque()  # written, not yet delivered
         self.buffered = 0
-        self.written: list[bytes] = []  # every chunk ever written, as given
+        # Every chunk ever written, as given (the same objects).
+        self.written: list[bytes | bytearray | memoryview] = []
         self.rate: int | None = None  # bytes this end reads per turn (None: all)
         self.reading = True
         self.high = DEFAULT_HIGH_WATER
@@ -73,7 +74,7 @@ class MemoryTransport(asyncio.Transport):
             return  # as asyncio's socket transports do after close (it only warns)
         if not data:
             return
-        self.written.append(data)  # type: ignore[arg-type]
+        self.written.append(data)
         self.buffer.append(bytes(data) if not isinstance(data, bytes) else data)
         self.buffered += len(data)
         if self.buffered > self.high:
@@ -280,9 +281,6 @@ class ChildEnd:
     def welcome(self) -> dict[str, Any] | None:
         return next((t for t in self.texts if t.get("type") == "welcome"), None)
 
-    def positions(self) -> list[int]:
-        return [decode(raw, len(raw)).position for raw in self.frames]
-
     def data_received(self, data: bytes) -> None:
         self.proto.receive_data(data)
         self._events()
@@ -380,10 +378,3 @@ def connect(
     to_parent.rate = rate  # the child end reads what the parent's transport delivers
     ce.start()
     return Pair(pe, ce, to_child, to_parent)
-
-
-def frame_position(raw: bytes) -> int:
-    try:
-        return decode(raw, len(raw)).position
-    except FrameError:
-        return -1
