@@ -37,21 +37,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import http.client
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import common
 import orjson
 import uvloop
+from subscribers import raise_fd_limit
 
 from chainrelay.protocol.feedsession import Want, encode_hello
 from chainrelay.wire.wsframes import binary_header
@@ -77,6 +84,9 @@ WARMUP_BLOCKS = 4
 CONNECT_CONCURRENCY = 100
 FLOOR_ROUNDS = 5
 READY_SECONDS = 30.0
+# With --profile: blocks published after the measured ones while py-spy samples the relay.
+PROFILE_BLOCKS = 10
+PROFILE_ROWS = 12
 # SO_TIMESTAMPNS (Linux, asm-generic): each read comes with the time the kernel received
 # its last segment, on the wall clock. The socket module lacks the name.
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -351,12 +361,13 @@ def relay_toml(source_port: int, trust: str, children: int) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> tuple[list[Block], float]:
+def run(args: argparse.Namespace, stacks: Path) -> tuple[list[Block], float]:
     """Source, relay and children up; publish warm-up then measured blocks; tear down."""
     source_port = common.free_port()
     stack = contextlib.ExitStack()
     with stack:
-        source, trust = start_source(source_port, WARMUP_BLOCKS + args.blocks)
+        extra = PROFILE_BLOCKS if args.profile else 0
+        source, trust = start_source(source_port, WARMUP_BLOCKS + args.blocks + extra)
         stack.callback(common.stop_process, source)
         relay = common.Relay(
             f"http://127.0.0.1:{source_port}", relay_toml(source_port, trust, args.children)
@@ -403,7 +414,12 @@ def run(args: argparse.Namespace) -> tuple[list[Block], float]:
             return reply
 
         measured: list[Block] = []
-        for i in range(WARMUP_BLOCKS + args.blocks):
+        spy: subprocess.Popen[bytes] | None = None
+        extra = PROFILE_BLOCKS if args.profile else 0
+        for i in range(WARMUP_BLOCKS + args.blocks + extra):
+            if extra and i == WARMUP_BLOCKS + args.blocks:
+                spy = start_py_spy(relay.proc.pid, stacks)
+                stack.callback(common.stop_process, spy)
             cpu0 = common.cpu_times(relay.proc.pid)
             pub = post(source_port, "/publish")
             if len(pub["relay"]) != 1 or len(pub["direct"]) != 1:
@@ -425,10 +441,64 @@ def run(args: argparse.Namespace) -> tuple[list[Block], float]:
             b.relay_cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
             b.client_cpu = (client_cpu[0], client_cpu[1])
             b.disturbed = sum(1 for t in b.arrivals if t > first_read)
-            if i >= WARMUP_BLOCKS:
+            if WARMUP_BLOCKS <= i < WARMUP_BLOCKS + args.blocks:
                 measured.append(b)
         big_frame = next(b.size for b in measured if b.big)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
+            spy.wait(30)
     return measured, float(big_frame)
+
+
+def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [
+            *(py_spy, "record", "--pid", str(pid), "--rate", "500", "--nonblocking"),
+            *("--format", "raw", "--output", str(output)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def profile_table(stacks: Path) -> str:
+    """The relay's busiest Python functions while it fanned out (self / total samples);
+    time in C (uvloop, system calls) is charged to the Python frame that called it."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in stacks.read_text().splitlines() if stacks.exists() else []:
+        frames_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        n = int(count_text)
+        total += n
+        frames = [_short(f) for f in frames_text.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "py-spy recorded no samples (not installed, or ptrace not permitted)."
+    rows = [
+        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
+        for name, n in own.most_common(PROFILE_ROWS)
+    ]
+    return (
+        f"py-spy, {total} samples of the relay's busy time over {PROFILE_BLOCKS} more blocks "
+        "(after the measured ones, so sampling does not touch the numbers above); self / "
+        "total share; time in C (uvloop, system calls) is charged to the Python frame that "
+        "called it (`pump`: `transport.writelines`, the send system calls).\n\n"
+        + common.table(["function", "self", "total"], rows)
+    )
+
+
+def _short(frame: str) -> str:
+    # "pump (chainrelay/services/feedhub.py:100)" -> "feedhub.py:pump"
+    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
+    if m is None:
+        return frame or "(no Python frame)"
+    return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
 def kernel_floor(count: int, size: int) -> float:
@@ -526,17 +596,19 @@ def main(argv: list[str] | None = None) -> int:
     kids.add_argument("--count", type=int, required=True)
     ap.add_argument("--children", type=int, default=1000)
     ap.add_argument("--blocks", type=int, default=16, help="measured blocks, big and small")
+    ap.add_argument("--profile", action="store_true", help="then sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
-    from subscribers import raise_fd_limit
-
     if args.mode == "children":
         raise_fd_limit(args.count + 200)
         return children_main(args)
     common.budget(BUDGET_SECONDS)
     raise_fd_limit(2 * args.children + 500)  # the floor's pairs
     m = common.machine()
-    blocks, big_size = run(args)
+    with tempfile.TemporaryDirectory(prefix="chainrelay-hop-") as tmp:
+        stacks = Path(tmp) / "stacks.txt"
+        blocks, big_size = run(args, stacks)
+        profiled = profile_table(stacks) if args.profile else ""
     small_size = next((b.size for b in blocks if not b.big), 0)
     floors = {
         True: kernel_floor(args.children, int(big_size)),
@@ -588,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows,
             ),
             *texts,
+            *([profiled] if profiled else []),
         ]
     )
     print(body)
