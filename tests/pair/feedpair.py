@@ -270,6 +270,7 @@ class ChildEnd:
         self.frames: list[bytes] = []
         self.texts: list[dict[str, Any]] = []
         self.close_code: int | None = None
+        self.pongs: list[bytes] = []
         self.lost = asyncio.Event()
         self.arrived = asyncio.Event()  # set on every message; tests clear it
 
@@ -284,6 +285,10 @@ class ChildEnd:
     def data_received(self, data: bytes) -> None:
         self.proto.receive_data(data)
         self._events()
+
+    def ping(self, data: bytes) -> None:
+        self.proto.send_ping(data)
+        self._flush()
 
     def eof_received(self) -> None:
         self.proto.receive_eof()
@@ -308,6 +313,8 @@ class ChildEnd:
                 self.hub.accept(raw)
         elif frame.opcode is Opcode.TEXT:
             self.texts.append(orjson.loads(frame.data))
+        elif frame.opcode is Opcode.PONG:
+            self.pongs.append(bytes(frame.data))
         elif frame.opcode is Opcode.CLOSE:
             self.close_code = self.proto.close_rcvd.code if self.proto.close_rcvd else None
         self.arrived.set()

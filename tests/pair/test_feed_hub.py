@@ -276,6 +276,84 @@ async def test_a_node_with_two_parents_keeps_and_forwards_the_first_copy_of_each
     assert counted(node, "duplicate") == n_frames
 
 
+async def test_a_reorg_reaches_children_and_frames_past_the_stale_window_do_not() -> None:
+    parent, node = hub(), hub(stale_positions=3)
+    p = connect(parent, [Want(STREAM)], hub=node)
+    below = connect(node, [Want(STREAM)])
+    await welcomed(p, below)
+    # Blocks 0-9, then a fork replacing 8 and 9: new identities at positions already sent.
+    sent = [frame(n) for n in range(10)] + [frame(8, fork=1), frame(9, fork=1)]
+    # Then a copy of block 5 from another fork, more than 3 positions behind the newest.
+    old = frame(5, fork=2)
+    for raw in [*sent, old]:
+        parent.publish(raw)
+    await has(p, len(sent) + 1)
+    await has(below, len(sent))
+    assert below.child.frames == sent
+    assert positions(below.child.frames)[-3:] == [9, 8, 9]
+    assert counted(node, "stale") == 1
+    parent.publish(last := frame(10, fork=1))
+    await has(below, len(sent) + 1)
+    assert below.child.frames[-1] == last
+
+
+BATCHES = "devnet/batches"
+
+
+def batch_frame(seq: int) -> bytes:
+    return feedframe.encode(
+        ORIGIN,
+        kind=feedframe.KIND_BATCH,
+        stream=BATCHES,
+        position=seq,
+        identity=feedframe.position_identity(seq),
+        plain=orjson.dumps({"sequence": seq}),
+    )
+
+
+async def test_each_child_gets_the_streams_it_asked_for_from_its_own_point() -> None:
+    parent = FeedHub([STREAM, BATCHES], Metrics())
+    for n in range(4):
+        parent.publish(frame(n))
+        parent.publish(batch_frame(n))
+    both = connect(parent, [Want(STREAM, from_position=2), Want(BATCHES, last=1)])
+    blocks = connect(parent, [Want(STREAM)])
+    await welcomed(both, blocks)
+    assert welcome_streams(both) == [
+        {"stream": STREAM, "oldest": 0, "newest": 3},
+        {"stream": BATCHES, "oldest": 0, "newest": 3},
+    ]
+    parent.publish(frame(4))
+    parent.publish(batch_frame(4))
+    await has(both, 5)
+    await has(blocks, 1)
+    streams = [feedframe.decode(r, len(r)).stream for r in both.child.frames]
+    assert [r for r, s in zip(both.child.frames, streams, strict=True) if s == STREAM] == [
+        frame_at(parent, STREAM, n) for n in (2, 3, 4)
+    ]
+    assert [r for r, s in zip(both.child.frames, streams, strict=True) if s == BATCHES] == [
+        frame_at(parent, BATCHES, n) for n in (3, 4)
+    ]
+    assert blocks.child.frames == [frame_at(parent, STREAM, 4)]
+
+
+def frame_at(h: FeedHub, stream: str, position: int) -> bytes:
+    (raw,) = [e.raw for e in h.streams[stream].backlog.entries if e.position == position]
+    return raw
+
+
+async def test_a_child_pinging_its_parent_gets_pongs_between_frames() -> None:
+    parent = hub()
+    p = connect(parent, [Want(STREAM)])
+    await welcomed(p)
+    for n in range(3):
+        parent.publish(frame(n))
+        p.child.ping(b"rtt %d" % n)
+    await until(lambda: len(p.child.pongs) == 3, WAIT, "three pongs")
+    assert p.child.pongs == [b"rtt 0", b"rtt 1", b"rtt 2"]
+    await has(p, 3)
+
+
 # --- bad frames -------------------------------------------------------------------------
 def flip(raw: bytes, at: int) -> bytes:
     b = bytearray(raw)
