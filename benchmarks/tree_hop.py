@@ -630,6 +630,30 @@ def main(argv: list[str] | None = None) -> int:
             f"Missed: {f['missed']}; arrivals after the client began reading: "
             f"{f['disturbed']}."
         )
+    if facts:
+        # A fan-out writes children one after another: the median child waits for half of
+        # them, so a p50 goal is a budget per child write.
+        budget_us = GOAL_P50_MS * 1000 / (args.children / 2)
+        per_write = {big: floors[big] * 1000 / args.children for big in facts}
+        texts.append(
+            "What bounds it: one relay writes its children one after another, so the median "
+            f"child waits for {args.children // 2} writes; a {GOAL_P50_MS:.0f} ms p50 leaves "
+            f"{budget_us:.1f} µs per child write, and the kernel alone takes "
+            + " and ".join(
+                f"{per_write[big]:.1f} µs per write of a {'corpus' if big else 'small'} frame"
+                for big in facts
+            )
+            + " here (the floor above: on loopback each send also runs the receiver's TCP "
+            "input, and a corpus frame is a 265 KB copy per child, 265 MB per block for "
+            "1,000). The relay's own work per frame (receive, verify, then the fan-out loop) "
+            "shows in the first child's hop. What would change it: fewer children per node "
+            "(a wider, deeper tree: the hop grows with children per node, the path with "
+            "depth), children spread over worker processes (the `subscribers.py` fan-out "
+            "halved with two), and on real hosts a NIC instead of loopback (the receiver's "
+            "TCP work leaves the sender's CPU); a per-child copy of large frames remains "
+            "unless the kernel sends them without copying (MSG_ZEROCOPY, sendfile from one "
+            "shared buffer; over a NIC, not loopback)."
+        )
     body = "\n\n".join(
         [
             "## Per-hop latency, 1,000 children (`tree_hop.py`)",
