@@ -210,6 +210,7 @@ class Subscription:
         self._seen = Dedup(dedup_entries)  # queued or delivered: later copies are dropped
         self._delivered = Dedup(dedup_entries)  # yielded, frames and backfilled blocks alike
         self._positions = Positions(from_block)
+        self._high: int | None = None  # highest position delivered
         self._accepted_next = from_block  # first position after the last one queued
         self._floor = from_block  # nothing below it is wanted (first block queued if None)
         self._overflow = False
@@ -271,13 +272,20 @@ class Subscription:
                 if gap is not None and self.backfill:
                     async for b in self._backfill(item.link, gap):
                         yield b
-                if self._positions.is_reorg(block.number):
+                if self._high is not None and block.number <= self._high:
+                    # Every height up to the highest delivered one is replaced after a
+                    # reorg, not only the first: next-expected alone would miss the rest.
                     block = replace(block, reorg=True)
-                self._positions.delivered(block.number)
+                self._deliver(block.number)
                 yield block
         finally:
             for link in self.links:
                 await link.stop()
+
+    def _deliver(self, position: int) -> None:
+        self._positions.delivered(position)
+        if self._high is None or position > self._high:
+            self._high = position
 
     async def _next(self) -> _Queued | None:
         """The next queued item; None once the subscription is closed."""
@@ -414,7 +422,7 @@ class Subscription:
             h = block["hash"]
             identity = bytes.fromhex(h[2:])
             self._seen.add(identity)
-            self._positions.delivered(n)
+            self._deliver(n)
             if not self._delivered.add(identity):
                 self.duplicates += 1
                 continue

@@ -459,12 +459,14 @@ async def test_a_new_block_at_a_delivered_height_is_a_reorg(parents: Any, consum
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
     c = consumers(sub)
-    for m in (make_block(1), make_block(2), make_block(2, salt=b"other"), make_block(3)):
+    old = [make_block(k) for k in (1, 2, 3)]
+    new = [make_block(k, salt=b"other") for k in (2, 3, 4)]
+    for m in old + new:
         parent.publish(m)
-    got = await c.wait(4)
-    assert c.numbers == [1, 2, 2, 3]
-    assert [b.reorg for b in got] == [False, False, True, False]
-    assert got[2].hash == make_block(2, salt=b"other").hash
+    got = await c.wait(6)
+    assert c.numbers == [1, 2, 3, 2, 3, 4]
+    assert [b.reorg for b in got] == [False, False, False, True, True, False]
+    assert [b.hash for b in got[3:]] == [m.hash for m in new]
 
 
 async def test_frames_below_the_position_asked_for_are_stale_not_reorgs(

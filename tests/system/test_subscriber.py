@@ -38,6 +38,37 @@ async def mine_with_transfers(chain: Chain, blocks: int, first: int = 0) -> None
         await chain.call("evm_mine")
 
 
+async def start_origin(
+    chain: Chain, node_ws: str, relay_factory: Callable[..., Awaitable[Relay]]
+) -> Relay:
+    return await start_relay_mining(
+        chain, relay_factory, [node_ws], f'[tree]\nkey = "0x{ORIGIN_KEY}"\n'
+    )
+
+
+class Reader:
+    """Reads a subscription in a task, keeping every block."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.got: list[FeedBlock] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for b in self.sub:
+            self.got.append(b)
+
+    async def wait(self, n: int, what: str, timeout: float = 20 * SECOND) -> None:
+        await until(lambda: len(self.got) >= n or self.task.done(), timeout, what)
+        if self.task.done():
+            self.task.result()  # what ended it
+
+    async def close(self) -> None:
+        await self.sub.aclose()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
 async def check_against_node(chain: Chain, got: list[FeedBlock]) -> None:
     for b in got:
         block = await chain.block(hex(b.number), full=True)
@@ -121,3 +152,63 @@ async def test_subscriber_gets_every_block_once_through_a_parents_death(
         ]
         assert all(x["verified"] for x in lines)
         assert b"no --trust" not in err
+
+
+async def test_blocks_from_before_the_origin_are_backfilled_from_its_jsonrpc(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    node = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(node.url) as chain:
+        await chain.call("evm_setAutomine", [False])
+        await mine_with_transfers(chain, 5)  # blocks 1-5: no frame was ever made of them
+        origin = await start_origin(chain, node.ws_url, relay_factory)
+        sub = Subscription(f"{origin.ws_url}/feed", STREAM, from_block=1, trust=[ORIGIN])
+        reader = Reader(sub)
+        try:
+            assert await sub.links[0].wait_connected(10 * SECOND), sub.links[0].last_error
+            await mine_with_transfers(chain, 3, first=5)
+            tip = (await chain.head())[0]
+            await reader.wait(tip, f"blocks 1-{tip}")
+        finally:
+            await reader.close()
+        got = reader.got
+        assert [b.number for b in got] == list(range(1, tip + 1))
+        # Blocks 1-5 came over JSON-RPC, unverified; the last three as the origin's frames.
+        assert not any(b.verified for b in got[:5])
+        assert all(b.verified and b.origin == ORIGIN for b in got[-3:])
+        assert sub.backfilled == sum(not b.verified for b in got) >= 5
+        await check_against_node(chain, got)
+
+
+async def test_a_reorg_reaches_the_subscriber_as_new_blocks_at_delivered_heights(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    node = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(node.url) as chain:
+        await chain.call("evm_setAutomine", [False])
+        origin = await start_origin(chain, node.ws_url, relay_factory)
+        first = (await chain.head())[0] + 1
+        sub = Subscription(f"{origin.ws_url}/feed", STREAM, from_block=first, trust=[ORIGIN])
+        reader = Reader(sub)
+        try:
+            assert await sub.links[0].wait_connected(10 * SECOND), sub.links[0].last_error
+            await mine_with_transfers(chain, 4)
+            await reader.wait(4, "four blocks")
+            a, b, _ = DEV_ACCOUNTS
+            await chain.call(
+                "anvil_reorg",
+                [2, [[{"from": b, "to": a, "value": hex(7000 + k)}, k] for k in (0, 1)]],
+            )
+            await mine_with_transfers(chain, 1, first=4)
+            await reader.wait(7, "the two replaced blocks and the next")
+        finally:
+            await reader.close()
+        got = reader.got
+        tip = (await chain.head())[0]
+        assert [x.number for x in got] == [*range(first, first + 4), tip - 2, tip - 1, tip]
+        assert [x.reorg for x in got] == [False] * 4 + [True, True, False]
+        assert got[4].hash != got[2].hash and got[5].hash != got[3].hash
+        assert all(x.verified for x in got)
+        await check_against_node(chain, got[4:])
