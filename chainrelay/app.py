@@ -268,6 +268,11 @@ class Node:
             degrade_factor=tree.degrade_factor,
             min_gain=tree.min_gain,
             probe_urls={p.name: p.rpc for p in tree.parents},
+            probe_timeout=tree.probe_timeout,
+            probe_failures_down=tree.probe_failures_down,
+            link_failures_down=tree.link_failures_down,
+            down_hold=tree.down_hold,
+            link_check_interval=tree.link_check_interval,
             on_change=lambda names: metrics.feed_parents.set(len(names)),
         )
         self._stack.append(parents.stop)

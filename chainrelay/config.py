@@ -190,6 +190,11 @@ class TreeConfig:
     retry_delay: float = d.TREE_RETRY_DELAY
     retry_max: float = d.TREE_RETRY_MAX
     ping_interval: float = d.TREE_PING_INTERVAL
+    probe_timeout: float = d.TREE_PROBE_TIMEOUT
+    probe_failures_down: int = d.TREE_PROBE_FAILURES_DOWN
+    link_failures_down: int = d.TREE_LINK_FAILURES_DOWN
+    down_hold: float = d.TREE_DOWN_HOLD
+    link_check_interval: float = d.TREE_LINK_CHECK_INTERVAL
 
     @property
     def enabled(self) -> bool:
@@ -384,11 +389,15 @@ def _validate_tree(cfg: Config) -> None:
         ("tree.retry_delay", t.retry_delay),
         ("tree.retry_max", t.retry_max),
         ("tree.ping_interval", t.ping_interval),
+        ("tree.probe_timeout", t.probe_timeout),
+        ("tree.probe_failures_down", t.probe_failures_down),
+        ("tree.link_failures_down", t.link_failures_down),
+        ("tree.link_check_interval", t.link_check_interval),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")
-    if t.resume_last < 0 or t.min_gain < 0:
-        raise ConfigError("tree: resume_last and min_gain must not be negative")
+    if t.resume_last < 0 or t.min_gain < 0 or t.down_hold < 0:
+        raise ConfigError("tree: resume_last, min_gain and down_hold must not be negative")
 
 
 def _validate_cache(c: CacheConfig) -> None:
