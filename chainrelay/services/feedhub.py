@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from websockets.protocol import State
+
 from chainrelay import defaults
 from chainrelay.protocol.feedsession import (
     CLOSE_BAD_HELLO,
@@ -276,7 +278,10 @@ class FeedChild(WsSession):
             backlog = streams[name].backlog
             if cursor.lagging(backlog):
                 self.hub.metrics.feed_child_closes.labels("lagging").inc()
-                self.send(encode_bye("lagging"))
+                # Not through ``send``: its send-buffer bound would turn the bye into a 1013
+                # close, and a lagging child's buffer is full by definition.
+                if self.proto.state is State.OPEN:
+                    self.proto.send_text(encode_bye("lagging"))
                 self.close_now(CLOSE_LAGGING, "lagging: resume from your position")
                 return
             # Until the buffer passes its high-water mark: only a transport that paused us

@@ -579,12 +579,32 @@ async def test_a_child_that_stops_reading_is_told_lagging_and_resumes_from_its_p
     await asyncio.wait_for(slow.child.lost.wait(), WAIT)
     assert slow.child.texts[-1] == {"type": "bye", "reason": "lagging"}
     assert slow.child.close_code == CLOSE_LAGGING
+    assert closes(parent, "lagging") == 1  # once, though its buffer drained after
     got = slow.child.frames
     assert got == published[: len(got)]  # what it read is a prefix: no gap, no duplicate
     again = connect(parent, [Want(STREAM, from_position=positions(got)[-1] + 1)])
     await has(again, len(published) - len(got), "the rest")
     assert got + again.child.frames == published
     assert "gap" not in welcome_streams(again)[0]
+
+
+async def test_a_lagging_child_past_the_send_buffer_bound_is_still_told_lagging() -> None:
+    size = len(frame(0))
+    # The node's WebSocket send bound below what the feed lets a child's buffer hold.
+    parent = hub(child_queue_frames=2, child_buffer_bytes=4 * size)
+    p = connect(parent, [Want(STREAM)], max_send_buffer=2 * size)
+    await welcomed(p)
+    p.stall()
+    n = 0
+    while p.session.proto.state is State.OPEN:
+        assert n < 50, "never told it lags"
+        parent.publish(frame(n))
+        n += 1
+    assert p.to_child.get_write_buffer_size() > 2 * size
+    p.unstall()
+    await asyncio.wait_for(p.child.lost.wait(), WAIT)
+    assert p.child.texts[-1] == {"type": "bye", "reason": "lagging"}
+    assert p.child.close_code == CLOSE_LAGGING
 
 
 # --- hellos and the children bound ------------------------------------------------------
