@@ -1,0 +1,498 @@
+"""The relay tree on loopback: what an origin, its relays and their leaves serve.
+
+Real processes: anvil (chain id 56, blocks with transfers and Transfer logs), chainrelay
+nodes in their tree roles (an origin holding a key and following anvil; relays and leaves
+fed only by their parents' frames, with their parents' JSON-RPC as upstreams), and real
+clients (web3.py over HTTP and WebSocket, raw websockets, the subscriber library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import websockets
+from eth_account import Account
+from eth_utils import to_checksum_address
+from web3 import AsyncHTTPProvider, AsyncWeb3
+from websockets.asyncio.client import ClientConnection
+
+from chainrelay.devnet import Anvil, deploy_emitter, traffic, transfer_emitter_initcode
+from chainrelay.protocol.feedsession import Want, encode_hello
+from chainrelay.wire import feedframe
+from tests.lab.chain import (
+    DEV_ACCOUNTS,
+    START_HEARTBEAT,
+    Chain,
+    emitter_data,
+    metric,
+    wait_same_head,
+)
+from tests.lab.procs import Procs, Relay, until
+from tests.lab.timing import SECOND
+from tests.system.test_subscriptions import NEW_HEADS, TRANSFER_LOGS, Subscriber
+
+pytestmark = pytest.mark.lab
+
+A0, A1, A2 = DEV_ACCOUNTS
+
+ORIGIN_KEY = "0x" + "11" * 32
+ORIGIN_ADDRESS = Account.from_key(ORIGIN_KEY).address
+OTHER_KEY = "0x" + "22" * 32
+OTHER_ADDRESS = Account.from_key(OTHER_KEY).address
+STREAM = "bsc/blocks"
+# Mining interval: a dozen blocks in a few seconds, each with a few transactions.
+BLOCK_TIME = 0.5
+NODE_START_TIMEOUT = 20 * SECOND
+# Long enough for a frame to cross three processes on a loaded two-core machine.
+HOP_TIMEOUT = 10 * SECOND
+
+
+def node_config(
+    *,
+    region: str,
+    key: str = "",
+    trust: Sequence[str] = (),
+    parents: Sequence[tuple[str, Relay]] = (),
+    upstreams: Sequence[str] = (),
+    tree_extra: str = "",
+) -> str:
+    """A tree node's config; ``{listen}`` is filled in by ``Relay``."""
+    lines = ["[server]", 'listen = "{listen}"', "", "[tree]", f'region = "{region}"']
+    if key:
+        lines.append(f'key = "{key}"')
+    if trust:
+        lines.append("trust = [" + ", ".join(f'"{a}"' for a in trust) + "]")
+    if tree_extra:
+        lines.append(tree_extra)
+    for name, parent in parents:
+        lines += [
+            "",
+            "[[tree.parents]]",
+            f'name = "{name}"',
+            f'region = "{name}"',
+            f'url = "{parent.ws_url}/feed"',
+        ]
+    for i, url in enumerate(upstreams):
+        lines += ["", "[[upstreams]]", f'name = "u{i}"', f'url = "{url}"']
+    return "\n".join(lines) + "\n"
+
+
+class Tree:
+    """Starts tree nodes as processes of ``procs``; each is healthy when returned."""
+
+    def __init__(self, procs: Procs, tmp: Path) -> None:
+        self.procs = procs
+        self.tmp = tmp
+
+    async def node(self, name: str, config: str) -> Relay:
+        node = Relay(self.procs, config, self.tmp, name)
+        node.start()
+        await node.wait_ready(NODE_START_TIMEOUT)
+        return node
+
+    async def origin(self, anvil: Anvil, key: str = ORIGIN_KEY, name: str = "origin") -> Relay:
+        return await self.node(name, node_config(region=name, key=key, upstreams=[anvil.ws_url]))
+
+    async def child(
+        self,
+        name: str,
+        parents: Sequence[Relay],
+        trust: Sequence[str] = (ORIGIN_ADDRESS,),
+        tree_extra: str = "",
+    ) -> Relay:
+        named = [(f"{name}-p{i}", p) for i, p in enumerate(parents)]
+        config = node_config(region=name, trust=trust, parents=named, tree_extra=tree_extra)
+        return await self.node(name, config)
+
+
+@pytest.fixture
+def tree(procs: Procs, tmp_path: Path) -> Tree:
+    return Tree(procs, tmp_path)
+
+
+@asynccontextmanager
+async def mining(url: str) -> AsyncIterator[str]:
+    """Transfers and Transfer logs in every block while the block runs; yields the
+    emitter's address."""
+    stop = asyncio.Event()
+    async with Chain.open(url) as node:
+        emitter = await deploy_emitter(node.session, url)
+    task = asyncio.create_task(
+        traffic(url, stop, per_block=4, interval=BLOCK_TIME, emitter=emitter)
+    )
+    try:
+        yield emitter
+    finally:
+        stop.set()
+        await task
+
+
+async def head_number(url: str) -> int:
+    async with Chain.open(url) as c:
+        return (await c.head())[0]
+
+
+async def wait_head(node: Relay, number: int, timeout: float = HOP_TIMEOUT) -> None:
+    async def reached() -> bool:
+        return await head_number(node.url) >= number
+
+    await until(reached, timeout, f"{node.log_path.name} to reach block {number}")
+
+
+def upstream_calls(samples: dict[str, float]) -> float:
+    return metric(samples, "chainrelay_upstream_calls_total")
+
+
+def frames(samples: dict[str, float], outcome: str) -> float:
+    return metric(samples, "chainrelay_feed_frames_total", stream=STREAM, outcome=outcome)
+
+
+def addr(address: str) -> bytes:
+    return bytes.fromhex(address[2:])
+
+
+async def rpc_get(url: str) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return orjson.loads(await r.read())
+
+
+@asynccontextmanager
+async def heartbeat(node: Chain) -> AsyncIterator[None]:
+    """Mine a block every START_HEARTBEAT while the block runs: a node in front of a chain
+    that mines on demand waits for a first head before it reports healthy."""
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop.is_set():
+            await node.call("evm_mine")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), START_HEARTBEAT)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+@asynccontextmanager
+async def feed_client(
+    node: Relay, want: Want
+) -> AsyncIterator[tuple[dict[str, Any], ClientConnection]]:
+    """A raw feed session on ``node``: the hello sent, the welcome read."""
+    async with websockets.connect(node.ws_url + "/feed", max_size=None, compression=None) as conn:
+        await conn.send(encode_hello([want]).decode())
+        async with asyncio.timeout(HOP_TIMEOUT):
+            welcome = orjson.loads(await conn.recv())
+        assert welcome.get("type") == "welcome", welcome
+        yield welcome, conn
+
+
+async def newest(node: Relay) -> int | None:
+    """The newest position in ``node``'s backlog of STREAM, as its welcome tells."""
+    async with feed_client(node, Want(STREAM)) as (welcome, _conn):
+        return welcome["streams"][0]["newest"]  # type: ignore[no-any-return]
+
+
+async def next_frame(conn: ClientConnection) -> feedframe.Frame:
+    async with asyncio.timeout(HOP_TIMEOUT):
+        raw = await conn.recv()
+    assert isinstance(raw, bytes), f"a control message where a frame was due: {raw!r}"
+    return feedframe.decode(raw, len(raw))
+
+
+# The reads a dapp makes about a recent block; the leaf's frames warm each of them.
+BLOCK_READS = (
+    "eth_getBlockByNumber",
+    "eth_getBlockByHash",
+    "eth_getTransactionByHash",
+    "eth_getTransactionReceipt",
+    "eth_getBlockReceipts",
+)
+
+
+def outcomes(samples: dict[str, float], method: str) -> dict[str, float]:
+    """``chainrelay_requests_total`` of ``method`` by outcome."""
+    out: dict[str, float] = {}
+    prefix = f'chainrelay_requests_total{{method="{method}",outcome="'
+    for key, value in samples.items():
+        if key.startswith(prefix):
+            out[key[len(prefix) : -2]] = value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+# --- 1: what a leaf serves is what anvil serves, from frames alone --------------------
+async def test_leaf_serves_what_anvil_serves_from_frames(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=BLOCK_TIME)
+    async with mining(anvil.url) as emitter:
+        origin = await tree.origin(anvil)
+        relay = await tree.child("relay", [origin])
+        leaf = await tree.child("leaf", [relay])
+        first = await head_number(anvil.url) + 1
+        last = first + 5
+        # Two blocks past: a read racing the newest block's warming may go upstream (the
+        # block feed's documented price), and this test is about what frames warmed.
+        await wait_head(leaf, last + 2)
+    w3_leaf = AsyncWeb3(AsyncHTTPProvider(leaf.url))
+    w3_anvil = AsyncWeb3(AsyncHTTPProvider(anvil.url))
+    before = await leaf.metrics()
+    asked = dict.fromkeys(BLOCK_READS, 0)
+    logs = 0
+    for n in range(first, last + 1):
+        for full in (False, True):
+            got = await w3_leaf.eth.get_block(n, full)
+            assert got == await w3_anvil.eth.get_block(n, full), f"block {n} full={full}"
+            asked["eth_getBlockByNumber"] += 1
+        block = await w3_anvil.eth.get_block(n, True)
+        assert await w3_leaf.eth.get_block(block["hash"], True) == block
+        asked["eth_getBlockByHash"] += 1
+        for tx in block["transactions"]:
+            h = tx["hash"]
+            assert await w3_leaf.eth.get_transaction(h) == await w3_anvil.eth.get_transaction(h)
+            got_receipt = await w3_leaf.eth.get_transaction_receipt(h)
+            assert got_receipt == await w3_anvil.eth.get_transaction_receipt(h)
+            asked["eth_getTransactionByHash"] += 1
+            asked["eth_getTransactionReceipt"] += 1
+        receipts = await w3_anvil.eth.get_block_receipts(n)
+        assert await w3_leaf.eth.get_block_receipts(n) == receipts
+        asked["eth_getBlockReceipts"] += 1
+        logs += sum(len(r["logs"]) for r in receipts)
+    after = await leaf.metrics()
+    assert asked["eth_getTransactionByHash"] >= 6 and logs >= 3, f"{asked}, {logs} logs"
+    for method, n in asked.items():
+        # A hit is answered from the cache, with no upstream I/O (the cache-hit path).
+        got = delta(outcomes(after, method), outcomes(before, method))
+        assert got == {"hit": n}, f"{method}: {got} for {n} reads"
+
+    # Logs: the same answers as anvil's. The block feed warms no eth_getLogs entry, so the
+    # first of each filter goes to the leaf's parent; a repeat is a hit.
+    flts: list[Any] = [
+        {"fromBlock": first, "toBlock": last},
+        {"fromBlock": last, "toBlock": last, "address": to_checksum_address(emitter)},
+        {"blockHash": (await w3_anvil.eth.get_block(last))["hash"]},
+    ]
+    for flt in flts:
+        want = await w3_anvil.eth.get_logs(flt)
+        assert await w3_leaf.eth.get_logs(flt) == want, flt
+        before = await leaf.metrics()
+        assert await w3_leaf.eth.get_logs(flt) == want, flt
+        got = delta(outcomes(await leaf.metrics(), "eth_getLogs"), outcomes(before, "eth_getLogs"))
+        assert got == {"hit": 1}, f"{flt}: {got}"
+
+
+# --- 2: a reorg at the origin's node reaches the leaf -----------------------------------
+async def test_reorg_at_the_origin_reaches_the_leaf(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        emitter = await node.deploy(transfer_emitter_initcode())
+        async with heartbeat(node):
+            origin = await tree.origin(anvil)
+            relay = await tree.child("relay", [origin])
+            leaf = await tree.child("leaf", [relay])
+        async with Chain.open(leaf.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+        reorgs_before = metric(await leaf.metrics(), "chainrelay_reorgs_total")
+        async with Subscriber.connect(leaf.ws_url) as sub:
+            heads = await sub.subscribe(NEW_HEADS)
+            logs = await sub.subscribe(TRANSFER_LOGS)
+            for i in range(3):
+                for sender in (A0, A1):
+                    data = emitter_data(A2, 100 + i)
+                    await node.send({"from": sender, "to": emitter, "data": data, "gas": "0x20000"})
+                await node.call("evm_mine")
+            await until(lambda: len(sub.notes[logs]) == 6, HOP_TIMEOUT, "6 logs before the reorg")
+            await until(lambda: len(sub.notes[heads]) == 3, HOP_TIMEOUT, "3 heads before the reorg")
+            before = sub.results(logs)
+            tip = int(before[-1]["blockNumber"], 16)
+            old_blocks = {n: await node.block(hex(n), True) for n in (tip - 1, tip)}
+
+            depth = 2
+            pairs = []
+            for k in range(depth):
+                for sender in (A2, A0):
+                    data = emitter_data(A1, 9000 + k)
+                    tx = {"from": sender, "to": emitter, "data": data, "gas": "0x20000"}
+                    pairs.append([tx, k])
+            await node.call("anvil_reorg", [depth, pairs])
+            new_blocks = {n: await node.block(hex(n), True) for n in old_blocks}
+            new_logs: list[Any] = []
+            for n in old_blocks:
+                new_logs += await node.call(
+                    "eth_getLogs", [{"fromBlock": hex(n), "toBlock": hex(n)}]
+                )
+            old_hashes = {b["hash"] for b in old_blocks.values()}
+            assert len(new_logs) == 4 and not {x["blockHash"] for x in new_logs} & old_hashes
+
+            async with Chain.open(leaf.url) as through:
+                await wait_same_head(through, node, HOP_TIMEOUT)
+                for n, want in new_blocks.items():
+                    for full in (True, False):
+                        got = await through.block(hex(n), full)
+                        assert got["hash"] == want["hash"], f"block {n}: the stale one"
+                    assert await through.block(hex(n), True) == want
+                    by_hash = await through.call("eth_getBlockByHash", [want["hash"], True])
+                    assert by_hash == want
+            await until(
+                lambda: len(sub.notes[logs]) >= 6 + 4 + 4,
+                HOP_TIMEOUT,
+                "the orphaned logs retracted and the new chain's logs",
+            )
+            await until(
+                lambda: sub.results(heads)[-1]["hash"] == new_blocks[tip]["hash"],
+                HOP_TIMEOUT,
+                "the new head",
+            )
+        reorgs_after = metric(await leaf.metrics(), "chainrelay_reorgs_total")
+
+    after = sub.results(logs)[6:]
+    orphaned = [x for x in before if int(x["blockNumber"], 16) in old_blocks]
+    assert after[:4] == [{**x, "removed": True} for x in orphaned]
+    assert after[4:] == new_logs
+    assert len(after) == 8
+    # After the old chain's heads, the new chain's, in order, each once.
+    got_heads = sub.results(heads)[3:]
+    assert [h["hash"] for h in got_heads] == [new_blocks[n]["hash"] for n in sorted(new_blocks)]
+    assert reorgs_after == reorgs_before + 1
+
+
+# --- 3: two origins, one relay: each block once ----------------------------------------
+async def test_two_origins_each_block_accepted_once_and_forwarded_once(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    both = (ORIGIN_ADDRESS, OTHER_ADDRESS)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            first_origin = await tree.origin(anvil, ORIGIN_KEY, "origin-a")
+            second_origin = await tree.origin(anvil, OTHER_KEY, "origin-b")
+            relay = await tree.child("relay", [first_origin, second_origin], trust=both)
+            leaf = await tree.child("leaf", [relay], trust=both)
+
+        async def settled() -> bool:
+            # Both origins published anvil's head; every frame either published reached the
+            # relay once (replayed from their backlogs or live), and the leaf holds every
+            # block the relay accepted.
+            tip = await head_number(anvil.url)
+            for o in (first_origin, second_origin):
+                if await newest(o) != tip:
+                    return False
+            a, b = await first_origin.metrics(), await second_origin.metrics()
+            r, f = await relay.metrics(), await leaf.metrics()
+            published = frames(a, "published") + frames(b, "published")
+            return (
+                frames(r, "accepted") + frames(r, "duplicate") == published
+                and frames(f, "accepted") == frames(r, "accepted")
+                and await head_number(leaf.url) == await head_number(anvil.url)
+            )
+
+        await until(settled, HOP_TIMEOUT, "the tree to settle after its start")
+        r0, f0 = await relay.metrics(), await leaf.metrics()
+        start = await head_number(anvil.url) + 1
+        async with feed_client(relay, Want(STREAM, from_position=start)) as (_welcome, conn):
+            blocks = 5
+            for i in range(blocks):
+                await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
+                await node.call("evm_mine")
+            await until(settled, HOP_TIMEOUT, f"{blocks} blocks through the tree")
+            r1, f1 = await relay.metrics(), await leaf.metrics()
+            got = [await next_frame(conn) for _ in range(blocks)]
+            # One more block: the frame after the five is its own, no second copy of any.
+            await node.call("evm_mine")
+            got.append(await next_frame(conn))
+    assert frames(r1, "accepted") - frames(r0, "accepted") == blocks
+    assert frames(r1, "duplicate") - frames(r0, "duplicate") == blocks
+    assert frames(f1, "accepted") - frames(f0, "accepted") == blocks
+    assert frames(f1, "duplicate") - frames(f0, "duplicate") == 0
+    assert [f.position for f in got] == list(range(start, start + blocks + 1))
+    async with Chain.open(anvil.url) as node:
+        for f in got:
+            assert "0x" + f.identity.hex() == (await node.block(hex(f.position)))["hash"]
+    assert {feedframe.signer(f) for f in got} <= {addr(a) for a in both}
+
+
+# --- 4: an untrusted origin ---------------------------------------------------------------
+async def test_untrusted_origin_frames_are_counted_never_forwarded_nor_served(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    # The untrusted origin follows a chain of its own (the same chain id, other blocks):
+    # were its frames taken in, the relay would serve blocks anvil never made.
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    rogue_anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node, Chain.open(rogue_anvil.url) as rogue_node:
+        for chain in (node, rogue_node):
+            await chain.call("evm_setAutomine", [False])
+        await rogue_node.send({"from": A2, "to": A1, "value": hex(77)})
+        async with heartbeat(node), heartbeat(rogue_node):
+            origin = await tree.origin(anvil)
+            rogue = await tree.origin(rogue_anvil, OTHER_KEY, "rogue")
+            config = node_config(
+                region="relay",
+                trust=[ORIGIN_ADDRESS],
+                parents=[("origin", origin), ("rogue", rogue)],
+                upstreams=[origin.url],
+            )
+            relay = await tree.node("relay", config)
+        # Both chains at the same height: from here on, each block of one has a rival of
+        # the same number on the other.
+        behind = await head_number(anvil.url) - await head_number(rogue_anvil.url)
+        if behind:
+            await (rogue_node if behind > 0 else node).call("anvil_mine", [hex(abs(behind))])
+
+        async def rogue_linked() -> bool:
+            return frames(await relay.metrics(), "untrusted") > 0
+
+        await until(rogue_linked, HOP_TIMEOUT, "the rogue origin's frames at the relay")
+        async with Chain.open(relay.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+        r0 = await relay.metrics()
+        start = await head_number(anvil.url) + 1
+        async with feed_client(relay, Want(STREAM, from_position=start)) as (_welcome, conn):
+            blocks = 4
+            for i in range(blocks):
+                await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
+                await node.call("evm_mine")
+                await rogue_node.send({"from": A2, "to": A0, "value": hex(100 + i)})
+                await rogue_node.call("evm_mine")
+            got = [await next_frame(conn) for _ in range(blocks)]
+
+            async def rogue_counted() -> bool:
+                r = await relay.metrics()
+                return frames(r, "untrusted") - frames(r0, "untrusted") >= blocks
+
+            await until(rogue_counted, HOP_TIMEOUT, f"{blocks} untrusted frames counted")
+            # The frame after them is the next trusted block: no rogue frame went out.
+            await rogue_node.call("evm_mine")
+            await node.call("evm_mine")
+            got.append(await next_frame(conn))
+        assert [f.position for f in got] == list(range(start, start + blocks + 1))
+        assert {feedframe.signer(f) for f in got} == {addr(ORIGIN_ADDRESS)}
+        async with Chain.open(relay.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+            r1 = await relay.metrics()
+            for n in range(start, start + blocks + 1):
+                want = await node.block(hex(n), True)
+                assert (await rogue_node.block(hex(n)))["hash"] != want["hash"]
+                assert await through.block(hex(n), True) == want
+        assert frames(r1, "accepted") - frames(r0, "accepted") == blocks + 1
+        assert metric(r1, "chainrelay_reorgs_total") == metric(r0, "chainrelay_reorgs_total")
+        health = await rpc_get(relay.url + "/health")
+        assert health["status"] == "ok", health
