@@ -588,6 +588,32 @@ async def test_a_child_that_stops_reading_is_told_lagging_and_resumes_from_its_p
     assert "gap" not in welcome_streams(again)[0]
 
 
+async def test_a_child_owed_more_bytes_than_its_queue_allows_is_told_lagging() -> None:
+    size = len(frame(0))
+    parent = hub(child_queue_frames=1000, child_queue_bytes=3 * size, child_buffer_bytes=size)
+    p = connect(parent, [Want(STREAM)])
+    other = connect(parent, [Want(STREAM)])
+    await welcomed(p, other)
+    p.stall()
+    cursor = p.session.cursors[STREAM]
+    backlog = parent.streams[STREAM].backlog
+    owed = []
+    n = 0
+    while p.session.proto.state is State.OPEN:
+        assert n < 50, "never told it lags"
+        parent.publish(frame(n))
+        n += 1
+        entry = backlog.get(cursor.seq)
+        owed.append(backlog.appended_bytes - entry.offset if entry else 0)
+        await asyncio.sleep(0)  # the other child reads as frames come
+    # Closed by the frame that put it past the bytes bound, not before.
+    assert owed[-2] <= 3 * size < owed[-1]
+    p.unstall()
+    await asyncio.wait_for(p.child.lost.wait(), WAIT)
+    assert p.child.close_code == CLOSE_LAGGING
+    await has(other, n)
+
+
 async def test_a_lagging_child_past_the_send_buffer_bound_is_still_told_lagging() -> None:
     size = len(frame(0))
     # The node's WebSocket send bound below what the feed lets a child's buffer hold.
