@@ -141,18 +141,28 @@ def _subscribe(args: argparse.Namespace) -> int:
 
     code = 0
 
-    async def main() -> None:
+    async def main(stop: asyncio.Event) -> None:
         nonlocal code
-        code = await print_blocks(
-            args.urls,
-            args.stream,
-            from_block=args.from_block,
-            trust=args.trust,
-            count=args.count,
-            max_seconds=args.max_seconds,
+        work = asyncio.ensure_future(
+            print_blocks(
+                args.urls,
+                args.stream,
+                from_block=args.from_block,
+                trust=args.trust,
+                count=args.count,
+                max_seconds=args.max_seconds,
+            )
         )
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            work.cancel()  # Ctrl-C: it closes its links and prints its counters
+        with contextlib.suppress(asyncio.CancelledError):
+            code = await work
 
-    _run(main())
+    _run(_until_signal(main))
     return code
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -554,3 +555,40 @@ async def test_cli_prints_one_json_line_per_block(parents: Any) -> None:
     ]
     assert all(x["verified"] and not x["reorg"] and x["latency_ms"] >= 0 for x in lines)
     assert b"no --trust" in err and ("0x" + ORIGIN.address.hex()).encode() in err
+
+
+async def test_cli_ends_cleanly_on_sigint_and_reports_drops(parents: Any) -> None:
+    parent = await parents()
+    parent.publish(make_block(1))
+    parent.publish(make_block(2, signer=STRANGER), rpc_too=False)
+    parent.publish(make_block(2))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chainrelay", "subscribe", parent.url, "--stream", STREAM,
+        "--from", "1", "--trust", TRUST[0],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(15 * SECOND):
+            lines = [await proc.stdout.readline() for _ in range(2)]
+            proc.send_signal(signal.SIGINT)
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert [orjson.loads(x)["number"] for x in lines] == [1, 2] and not out
+    assert b"Traceback" not in err and b"'untrusted': 1" in err
+    assert b"no --trust" not in err
+
+
+async def test_cli_refuses_a_bad_trust_address() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chainrelay", "subscribe", "ws://127.0.0.1:1/feed",
+        "--stream", STREAM, "--trust", "0x1234",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    async with asyncio.timeout(15 * SECOND):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2 and b"20-byte hex address" in err
