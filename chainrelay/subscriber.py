@@ -422,12 +422,13 @@ class Subscription:
             h = block["hash"]
             identity = bytes.fromhex(h[2:])
             self._seen.add(identity)
+            reorg = self._high is not None and n <= self._high
             self._deliver(n)
             if not self._delivered.add(identity):
-                self.duplicates += 1
+                self.duplicates += 1  # a height a reorg left as it was
                 continue
             self.backfilled += 1
-            yield FeedBlock(n, h, _tx_count(block), None, False, False, block, receipts, None)
+            yield FeedBlock(n, h, _tx_count(block), None, False, reorg, block, receipts, None)
 
     async def _fetch(self, first: FeedLink, n: int) -> tuple[dict[str, Any], list[Any] | None]:
         order = [first] + [link for link in self.links if link is not first]

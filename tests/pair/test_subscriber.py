@@ -487,6 +487,28 @@ async def test_frames_below_the_position_asked_for_are_stale_not_reorgs(
     assert not any(b.reorg for b in c.got) and not parent.rpc_calls
 
 
+async def test_a_reorg_frame_past_a_missed_height_backfills_it_as_a_reorg(
+    parents: Any, consumers: Any
+) -> None:
+    parent = await parents()
+    sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
+    c = consumers(sub)
+    old = [make_block(k) for k in (1, 2, 3, 4)]
+    new = {k: make_block(k, salt=b"other") for k in (2, 3, 4)}
+    for m in old:
+        parent.publish(m)
+    await c.wait(4)
+    parent.publish(new[2])
+    # The parent misses the new 3 (JSON-RPC has it) and sends the new 4.
+    parent.chain[3] = new[3]
+    parent.publish(new[4])
+    got = await c.wait(7)
+    assert c.numbers == [1, 2, 3, 4, 2, 3, 4]
+    assert [b.reorg for b in got] == [False] * 4 + [True] * 3
+    assert [b.verified for b in got[4:]] == [True, False, True]
+    assert [b.hash for b in got[4:]] == [new[k].hash for k in (2, 3, 4)]
+
+
 async def test_a_consumer_that_falls_behind_is_resynchronised_from_the_backlog(
     parents: Any,
 ) -> None:
