@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from chainrelay.errors import BackfillFailed
+from chainrelay.errors import BackfillFailed, ConfigError
 from chainrelay.protocol.feedsession import (
     CLOSE_LAGGING,
     CLOSE_UNKNOWN_STREAM,
@@ -35,7 +35,7 @@ from chainrelay.protocol.feedsession import (
     parse_hello,
     welcome_entry,
 )
-from chainrelay.subscriber import FeedBlock, Subscription, subscribe
+from chainrelay.subscriber import FeedBlock, Subscription, feed_url, rpc_url, subscribe
 from chainrelay.wire.feedframe import KIND_BLOCK, Signer, block_payload, encode, keccak
 from tests.lab.corpora import CORPORA
 from tests.lab.procs import ROOT, until
@@ -614,3 +614,14 @@ async def test_cli_refuses_a_bad_trust_address() -> None:
     async with asyncio.timeout(15 * SECOND):
         _, err = await proc.communicate()
     assert proc.returncode == 2 and b"20-byte hex address" in err
+
+
+def test_node_urls_name_the_feed_and_its_jsonrpc_endpoint() -> None:
+    assert feed_url("ws://10.0.0.1:8545/feed") == "ws://10.0.0.1:8545/feed"
+    assert feed_url("http://10.0.0.1:8545") == "ws://10.0.0.1:8545/feed"
+    assert feed_url("wss://relay.example/") == "wss://relay.example/feed"
+    assert rpc_url("ws://10.0.0.1:8545/feed") == "http://10.0.0.1:8545/"
+    assert rpc_url("wss://relay.example/feed") == "https://relay.example/"
+    for bad in ("10.0.0.1:8545", "ftp://x/feed", "ws:///feed"):
+        with pytest.raises(ConfigError):
+            feed_url(bad)
