@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,11 +23,13 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import to_checksum_address
-from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3 import AsyncHTTPProvider, AsyncWeb3, WebSocketProvider
 from websockets.asyncio.client import ClientConnection
 
 from chainrelay.devnet import Anvil, deploy_emitter, traffic, transfer_emitter_initcode
 from chainrelay.protocol.feedsession import Want, encode_hello
+from chainrelay.services.blocks import HEADER_FIELDS
+from chainrelay.subscriber import FeedBlock, Subscription
 from chainrelay.wire import feedframe
 from tests.lab.chain import (
     DEV_ACCOUNTS,
@@ -35,7 +39,7 @@ from tests.lab.chain import (
     metric,
     wait_same_head,
 )
-from tests.lab.procs import Procs, Relay, until
+from tests.lab.procs import ROOT, Procs, Relay, until
 from tests.lab.timing import SECOND
 from tests.system.test_subscriptions import NEW_HEADS, TRANSFER_LOGS, Subscriber
 
@@ -496,3 +500,142 @@ async def test_untrusted_origin_frames_are_counted_never_forwarded_nor_served(
         assert metric(r1, "chainrelay_reorgs_total") == metric(r0, "chainrelay_reorgs_total")
         health = await rpc_get(relay.url + "/health")
         assert health["status"] == "ok", health
+
+
+# --- 5: a child far behind the backlog backfills over JSON-RPC --------------------------
+async def test_child_far_behind_the_backlog_backfills_over_json_rpc(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree, procs: Procs
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    backlog = 5
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            origin = await tree.origin(anvil)
+            relay = await tree.child("relay", [origin], tree_extra=f"backlog_frames = {backlog}")
+        start = await head_number(anvil.url) + 1
+        blocks = 2 * backlog
+        for i in range(blocks):
+            await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
+            await node.call("evm_mine")
+        tip = start + blocks - 1
+        async with Chain.open(relay.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+        want = {n: (await node.block(hex(n)))["hash"] for n in range(start, tip + 1)}
+
+        async with feed_client(relay, Want(STREAM, from_position=start)) as (welcome, conn):
+            oldest = tip - backlog + 1
+            assert welcome["streams"] == [
+                {"stream": STREAM, "oldest": oldest, "newest": tip, "gap": [start, oldest]}
+            ]
+            # Then the backlog, from its oldest frame on.
+            assert [(await next_frame(conn)).position for _ in range(backlog)] == list(
+                range(oldest, tip + 1)
+            )
+
+        got: list[FeedBlock] = []
+        async with Subscription(
+            relay.ws_url + "/feed", STREAM, from_block=start, trust=[ORIGIN_ADDRESS]
+        ) as sub:
+            delivered = aiter(sub)
+            async with asyncio.timeout(HOP_TIMEOUT):
+                while not got or got[-1].number < tip:
+                    got.append(await anext(delivered))
+            # Live past the backlog: the next block comes as a verified frame.
+            await node.send({"from": A0, "to": A1, "value": hex(99)})
+            await node.call("evm_mine")
+            async with asyncio.timeout(HOP_TIMEOUT):
+                got.append(await anext(delivered))
+        live = (await node.block(hex(tip + 1)))["hash"]
+        assert [b.number for b in got] == list(range(start, tip + 2))
+        assert [b.hash for b in got] == [*want.values(), live]
+        assert [b.verified for b in got] == [n >= oldest for n in range(start, tip + 2)]
+        assert all(b.tx_count == 1 for b in got)
+        assert sub.backfilled == oldest - start and not sub.dropped
+
+        # The command line does the same, a JSON line per block.
+        cli = procs.spawn(
+            [
+                sys.executable,
+                "-m",
+                "chainrelay",
+                "subscribe",
+                relay.ws_url + "/feed",
+                "--stream",
+                STREAM,
+                "--from",
+                str(start),
+                "--trust",
+                ORIGIN_ADDRESS,
+                "--count",
+                str(tip + 2 - start),
+                "--max-seconds",
+                str(HOP_TIMEOUT),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        out, err = await asyncio.to_thread(cli.communicate, timeout=2 * HOP_TIMEOUT)
+    lines = [orjson.loads(line) for line in out.splitlines()]
+    assert cli.returncode == 0, err
+    # The relay's backlog has moved on by the live block: one more backfilled.
+    assert [(x["number"], x["hash"], x["verified"]) for x in lines] == [
+        (b.number, b.hash, b.number > tip + 1 - backlog) for b in got
+    ], err
+
+
+# --- 6: newHeads on a leaf, as a plain Ethereum client ----------------------------------
+async def test_leaf_new_heads_every_head_once_in_order_with_anvils_values(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            origin = await tree.origin(anvil)
+            relay = await tree.child("relay", [origin])
+            leaf = await tree.child("leaf", [relay])
+        async with Chain.open(leaf.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+        heads: dict[str, list[Any]] = {"leaf": [], "anvil": []}
+        async with (
+            AsyncWeb3(WebSocketProvider(leaf.ws_url, max_connection_retries=1)) as via,
+            AsyncWeb3(WebSocketProvider(anvil.ws_url, max_connection_retries=1)) as direct,
+        ):
+
+            async def pump(w3: AsyncWeb3[Any], name: str) -> None:
+                async for msg in w3.socket.process_subscriptions():
+                    heads[name].append(msg["result"])
+
+            await via.eth.subscribe("newHeads")
+            await direct.eth.subscribe("newHeads")
+            pumps = [asyncio.create_task(pump(w, n)) for w, n in ((via, "leaf"), (direct, "anvil"))]
+            try:
+                start = await head_number(anvil.url) + 1
+                blocks = 8
+                for i in range(blocks):
+                    await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
+                    await node.call("evm_mine")
+                await until(
+                    lambda: len(heads["leaf"]) >= blocks and len(heads["anvil"]) >= blocks,
+                    HOP_TIMEOUT,
+                    f"{blocks} heads at the leaf and at anvil",
+                )
+                # One more: had any head come twice, it would be in the leaf's list by now.
+                await node.call("evm_mine")
+                await until(
+                    lambda: len(heads["leaf"]) > blocks and len(heads["anvil"]) > blocks,
+                    HOP_TIMEOUT,
+                    "the last head",
+                )
+            finally:
+                for t in pumps:
+                    t.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+    numbers = [h["number"] for h in heads["leaf"]]
+    assert numbers == list(range(start, start + blocks + 1))
+    # anvil's newHeads is its whole block; a frame's head goes out in geth's header form
+    # (what BSC nodes send), with anvil's values.
+    for mine, theirs in zip(heads["leaf"], heads["anvil"], strict=True):
+        assert dict(mine) == {k: v for k, v in theirs.items() if k in HEADER_FIELDS}
