@@ -188,11 +188,13 @@ class FeedLink:
                     first = await conn.recv()
                 if not isinstance(first, str):
                     raise ControlError("a frame came before the welcome")
-                self._welcome(first)
+                gaps = self._welcome(first)
                 self._welcomed = True
                 self.sessions += 1
                 self.connected = True
                 self._up.set()
+                for stream, gap in gaps:  # after ``sessions`` counts this session
+                    self.on_gap(self, stream, gap)
                 async for message in conn:
                     if isinstance(message, bytes):
                         self.on_frame(self, message)
@@ -206,7 +208,8 @@ class FeedLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pinger
 
-    def _welcome(self, text: str) -> None:
+    def _welcome(self, text: str) -> list[tuple[str, Gap]]:
+        """The welcome's gaps; ``ControlError`` for anything but a well-formed welcome."""
         msg = parse_control(text)
         if msg.get("type") == "error":
             raise ControlError(f"parent refused the hello: {msg.get('message')!r}")
@@ -215,6 +218,7 @@ class FeedLink:
         streams = msg.get("streams")
         if not isinstance(streams, list):
             raise ControlError("welcome without a streams list")
+        gaps: list[tuple[str, Gap]] = []
         for entry in streams:
             if not isinstance(entry, dict) or not isinstance(entry.get("stream"), str):
                 raise ControlError("welcome entry without a stream name")
@@ -229,7 +233,8 @@ class FeedLink:
             ):
                 raise ControlError(f"welcome gap must be [start, end]: {gap!r}")
             if gap[0] < gap[1]:
-                self.on_gap(self, entry["stream"], Gap(gap[0], gap[1]))
+                gaps.append((entry["stream"], Gap(gap[0], gap[1])))
+        return gaps
 
     def _control(self, text: str) -> None:
         msg = parse_control(text)

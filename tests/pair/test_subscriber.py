@@ -153,6 +153,10 @@ class Parent:
         reader = asyncio.create_task(drain())
         try:
             while not ws.closed and not reader.done():
+                if cursor.lagging(self.backlog):  # its next frame left the backlog
+                    await ws.send_str(encode_bye("lagging").decode())
+                    await ws.close(code=CLOSE_LAGGING)
+                    break
                 frames = cursor.take(self.backlog, 1 << 20)
                 for raw in frames:
                     await ws.send_bytes(raw)
@@ -528,6 +532,28 @@ async def test_a_consumer_that_falls_behind_is_resynchronised_from_the_backlog(
     assert all(b.verified for b in got)
     assert not parent.rpc_calls
     assert len(parent.hellos) >= 2
+
+
+async def test_a_resync_past_the_parents_backlog_backfills_what_it_lost(
+    parents: Any,
+) -> None:
+    parent = await parents(backlog_frames=4)
+    sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, queue_blocks=2, **FAST)
+    it = aiter(sub)
+    parent.publish(make_block(1))
+    got = [await anext(it)]
+    for k in range(2, 13):  # nobody reads; the backlog keeps only the last 4
+        parent.publish(make_block(k))
+    await until(lambda: sub.dropped["overflow"] > 0, 5 * SECOND, "the queue to overflow")
+    async with asyncio.timeout(5 * SECOND):
+        while len(got) < 12:
+            got.append(await anext(it))
+    await sub.aclose()
+    assert [b.number for b in got] == list(range(1, 13))
+    assert [b.hash for b in got] == [make_block(k).hash for k in range(1, 13)]
+    unverified = [b.number for b in got if not b.verified]
+    assert unverified and unverified == list(range(unverified[0], 9))  # 9-12: the backlog
+    assert sub.backfilled == len(unverified)
 
 
 async def test_closing_the_generator_stops_every_link(parents: Any) -> None:
