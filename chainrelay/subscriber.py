@@ -484,9 +484,11 @@ class Subscription:
         block = by_id.get(0, {}).get("result")
         if not isinstance(block, dict):
             raise ValueError(f"no block {n}: {by_id.get(0)!r:.200}")
-        h = block.get("hash")
-        if block.get("number") != tag or not isinstance(h, str) or len(h) != 66:
-            raise ValueError(f"block {n} answered as {block.get('number')!r} {h!r}")
+        h, number = block.get("hash"), block.get("number")
+        if not isinstance(h, str) or len(h) != 66 or not isinstance(number, str):
+            raise ValueError(f"block {n} answered as {number!r} {h!r}")
+        if int(number, 16) != n:  # int() and fromhex() raise ValueError for non-hex
+            raise ValueError(f"block {n} answered as block {number}")
         bytes.fromhex(h[2:])
         receipts = by_id.get(1, {}).get("result")
         return block, receipts if isinstance(receipts, list) else None

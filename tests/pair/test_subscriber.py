@@ -447,6 +447,25 @@ async def test_position_jump_backfilled_over_a_jsonrpc_answerer(
     assert [b.hash for b in got] == [m.hash for m in blocks]
 
 
+async def test_a_gap_its_parent_cannot_fill_is_fetched_from_the_other_parent(
+    parents: Any, consumers: Any
+) -> None:
+    a, b = await parents(), await parents()
+    sub = Subscription([a.url, b.url], STREAM, from_block=1, trust=TRUST, **FAST)
+    c = consumers(sub)
+    blocks = [make_block(k) for k in range(1, 5)]
+    a.publish(blocks[0])
+    a.publish(blocks[1])
+    await c.wait(2)
+    b.chain[3] = blocks[2]  # a answers null for block 3; b has it
+    a.publish(blocks[3])
+    got = await c.wait(4)
+    assert c.numbers == [1, 2, 3, 4]
+    assert got[2].hash == blocks[2].hash and not got[2].verified
+    assert ("eth_getBlockByNumber", ["0x3", True]) in a.rpc_calls
+    assert ("eth_getBlockByNumber", ["0x3", True]) in b.rpc_calls
+
+
 async def test_a_gap_no_endpoint_can_fill_ends_the_subscription(parents: Any) -> None:
     parent = await parents()
     parent.publish(make_block(1))
