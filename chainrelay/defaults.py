@@ -25,6 +25,10 @@ KEEPALIVE_TIMEOUT = 75.0
 MAX_WS_MESSAGE_BYTES = MAX_BODY_BYTES
 # Bytes buffered for a slow WebSocket reader before the connection is closed (1013).
 MAX_WS_SEND_BUFFER = 16 * MiB
+# A WebSocket peer told to close (a slow reader, a lagging child, a bad hello) that has not
+# closed within this long is dropped, with whatever is buffered for it: websockets' own
+# close_timeout; a peer that ignores a close for 10 s will not read it.
+WS_CLOSE_TIMEOUT = 10.0
 # Bytes held by each table of repeated cache hits (the pipeline's by body, the front door's
 # by whole request, ids aside): thousands of distinct hot calls of one block fit; past it a
 # table starts over, so a flood of distinct calls costs hits, not memory.
@@ -264,9 +268,9 @@ TREE_PING_INTERVAL = 2.0
 # Blocks waiting for the consumer: ~3 minutes of BSC; a consumer further behind is
 # resynchronised from its parents' backlogs instead of holding more here.
 SUBSCRIBER_QUEUE_BLOCKS = 256
-# Unpacked bytes of those blocks: a few of the largest blocks; bounds what a slow consumer
-# pins (their parsed JSON costs a few times the text).
-SUBSCRIBER_QUEUE_BYTES = 256 * MiB
+# Frame bytes of those blocks (compressed: a block is unpacked when the consumer takes it):
+# 256 corpus-sized frames (~250 KB) fit; a stream of bigger frames queues fewer.
+SUBSCRIBER_QUEUE_BYTES = 64 * MiB
 # One JSON-RPC backfill call (a full block and its receipts, in one batch) gives up after
 # this: the largest block from a distant parent.
 SUBSCRIBER_BACKFILL_TIMEOUT = 10.0

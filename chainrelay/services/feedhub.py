@@ -187,9 +187,16 @@ class FeedHub:
 
     # --- children ----------------------------------------------------------------------
     def open_child(
-        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int
+        self,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
     ) -> FeedChild:
-        return FeedChild(self, transport, ip=ip, max_send_buffer=max_send_buffer)
+        return FeedChild(
+            self, transport, ip=ip, max_send_buffer=max_send_buffer, close_timeout=close_timeout
+        )
 
     def close_children(self) -> None:
         for child in list(self.children):
@@ -200,7 +207,13 @@ class FeedChild(WsSession):
     """One child's feed session: a hello, then every frame due from its cursors."""
 
     def __init__(
-        self, hub: FeedHub, transport: asyncio.Transport, *, ip: str, max_send_buffer: int
+        self,
+        hub: FeedHub,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
     ) -> None:
         super().__init__(
             transport,
@@ -208,6 +221,7 @@ class FeedChild(WsSession):
             max_message_bytes=MAX_CONTROL_BYTES,
             max_send_buffer=max_send_buffer,
             ip=ip,
+            close_timeout=close_timeout,
         )
         self.hub = hub
         self.cursors: dict[str, Cursor] = {}

@@ -122,7 +122,12 @@ FEED_PATH = b"/feed"
 
 class FeedOpener(typing.Protocol):
     def __call__(
-        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int
+        self,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float,
     ) -> WsSession: ...
 
 
@@ -743,7 +748,12 @@ class HttpProtocol(asyncio.Protocol):
         path = self._url.split(b"?", 1)[0]
         session: WsSession
         if feed is not None and path == FEED_PATH:
-            session = feed(self.transport, ip=self.ip, max_send_buffer=limits.max_ws_send_buffer)
+            session = feed(
+                self.transport,
+                ip=self.ip,
+                max_send_buffer=limits.max_ws_send_buffer,
+                close_timeout=limits.ws_close_timeout,
+            )
         else:
             session = WsSession(
                 self.transport,
@@ -753,6 +763,7 @@ class HttpProtocol(asyncio.Protocol):
                 max_send_buffer=limits.max_ws_send_buffer,
                 max_pending=limits.max_pending_per_connection,
                 open_subscriptions=self.server.routes.ws_subscriptions,
+                close_timeout=limits.ws_close_timeout,
             )
         if not session.accept(head):
             self.transport.close()

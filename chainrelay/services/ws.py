@@ -78,8 +78,10 @@ class WsSession:
         on_close: Callable[[], None] | None = None,
         open_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
         ip: str = "",
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
     ) -> None:
         self.transport = transport
+        self.close_timeout = close_timeout
         self.ip = ip  # the client's address, kept by each message's task (limits per IP)
         self.handler = handler
         self.max_send_buffer = max_send_buffer
@@ -237,6 +239,16 @@ class WsSession:
         if self.proto.state is State.OPEN:
             self.proto.send_close(code, reason)
             self._flush()
+            if not self._lost:
+                self._abort_later()
+
+    def _abort_later(self) -> None:
+        # A peer that never answers the close would keep its buffers forever.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven outside a loop (sans-I/O tests): nothing to wait for
+            return
+        loop.call_later(self.close_timeout, self.abort)
 
     def _flush(self) -> None:
         for chunk in self.proto.data_to_send():

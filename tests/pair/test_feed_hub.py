@@ -702,3 +702,25 @@ async def test_the_fan_out_writes_the_same_bytes_object_to_every_child() -> None
         for p in grandchildren:
             assert any(chunk is got for chunk in p.to_child.written)
             assert got in p.child.frames
+
+
+async def test_a_lagging_child_that_never_reads_the_close_is_dropped_after_the_close_timeout() -> (
+    None
+):
+    size = len(frame(0))
+    parent = hub(child_queue_frames=2, child_buffer_bytes=2 * size)
+    p = connect(parent, [Want(STREAM)])
+    await welcomed(p)
+    p.session.close_timeout = 0.05
+    p.stall()
+    n = 0
+    while p.session.proto.state is State.OPEN:
+        assert n < 50, "never told it lags"
+        parent.publish(frame(n))
+        n += 1
+        await asyncio.sleep(0)
+    assert p.to_child.get_write_buffer_size() > 0  # owed bytes it will never read
+    # Nothing more is done for it: the timer alone drops it, with what it was owed.
+    await asyncio.wait_for(p.child.lost.wait(), WAIT)
+    assert p.to_child.get_write_buffer_size() == 0
+    assert parent.children == set()
