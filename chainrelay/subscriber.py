@@ -14,9 +14,10 @@ duplicate across reconnects and parent failures::
 
 Each URL is one parent, held by its own ``FeedLink``; the first copy of a block wins.
 Every frame is checked before it is queued: shape, stream, signer (one of ``trust``; any
-signer when ``trust`` is empty, reported in ``FeedBlock.origin``), then unpacked within
-``max_payload_bytes``. A frame that fails is counted in ``dropped`` by reason and never
-raised: a parent that forwards garbage costs a counter, not the subscription. A frame
+signer when ``trust`` is empty, reported in ``FeedBlock.origin``); it is unpacked within
+``max_payload_bytes`` when the consumer takes it. A frame that fails is counted in
+``dropped`` by reason and never raised: a parent that forwards garbage costs a counter,
+not the subscription (a trusted frame whose payload fails leaves a gap, backfilled). A frame
 below the first position wanted (``from_block``, else the first block received) is
 ``stale``: a parent may forward frames it took in late, and a block never delivered
 cannot be reorged; a new block at a height already delivered is a reorg.
@@ -54,6 +55,7 @@ from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
 from chainrelay.services.feedlink import FeedLink
 from chainrelay.wire.feedframe import (
     KIND_BLOCK,
+    Frame,
     FrameError,
     decode,
     signer,
@@ -96,11 +98,12 @@ class FeedBlock:
 
 @dataclass(slots=True)
 class _Queued:
-    """A checked frame's block, or a welcome's gap, waiting for the consumer."""
+    """A checked frame (still compressed), or a welcome's gap, waiting for the consumer."""
 
     link: FeedLink
-    block: FeedBlock | None
-    identity: bytes
+    frame: Frame | None
+    origin: str  # the frame's signer, 0x-address
+    arrived_us: int
     size: int
     gap: Gap | None = None
 
@@ -263,9 +266,10 @@ class Subscription:
                         async for b in self._backfill(item.link, Gap(start, item.gap.end)):
                             yield b
                     continue
-                block = item.block
-                assert block is not None
-                if not self._delivered.add(item.identity):
+                block = self._open(item)
+                if block is None:
+                    continue  # dropped and counted; its height is backfilled as a gap
+                if not self._delivered.add(bytes.fromhex(block.hash[2:])):
                     self.duplicates += 1  # backfilled while this copy waited in the queue
                     continue
                 gap = self._positions.gap_before(block.number)
@@ -334,7 +338,7 @@ class Subscription:
         if not self._room():
             self._overflow = True
             return
-        self._enqueue(_Queued(link, None, b"", 0, gap))
+        self._enqueue(_Queued(link, None, "", 0, 0, gap))
 
     def _on_frame(self, link: FeedLink, raw: bytes) -> None:
         arrived_us = time.time_ns() // 1000
@@ -379,20 +383,6 @@ class Subscription:
         if self.trust and origin not in self.trust:
             self._drop(link, "untrusted", "0x" + origin.hex())
             return
-        try:
-            plain = unpack(frame, self.max_payload_bytes)
-            block_json, receipts_json = split_block_payload(plain)
-            block = orjson.loads(block_json)
-            receipts = orjson.loads(receipts_json)
-        except FrameError as exc:
-            self._drop(link, exc.reason, exc)
-            return
-        except orjson.JSONDecodeError as exc:
-            self._drop(link, "payload", exc)
-            return
-        if not isinstance(block, dict) or not isinstance(receipts, list | None):
-            self._drop(link, "payload", "block is not an object or receipts not a list")
-            return
         self._seen.add(frame.identity)
         origin_hex = "0x" + origin.hex()
         self.signers.add(origin_hex)
@@ -400,18 +390,40 @@ class Subscription:
             self._floor = position
         if self._accepted_next is None or position >= self._accepted_next:
             self._accepted_next = position + 1
-        fb = FeedBlock(
-            number=position,
+        # Unpacked by the consumer: the read loop stays quick (a parent says bye to a
+        # child that reads slowly) and the queue holds compressed bytes.
+        self._enqueue(_Queued(link, frame, origin_hex, arrived_us, len(raw)))
+
+    def _open(self, item: _Queued) -> FeedBlock | None:
+        """The block of a queued frame, unpacked within ``max_payload_bytes``; None (and
+        counted) for a payload that does not unpack or is not a block and its receipts."""
+        frame = item.frame
+        assert frame is not None
+        try:
+            plain = unpack(frame, self.max_payload_bytes)
+            block_json, receipts_json = split_block_payload(plain)
+            block = orjson.loads(block_json)
+            receipts = orjson.loads(receipts_json)
+        except FrameError as exc:
+            self._drop(item.link, exc.reason, exc)
+            return None
+        except orjson.JSONDecodeError as exc:
+            self._drop(item.link, "payload", exc)
+            return None
+        if not isinstance(block, dict) or not isinstance(receipts, list | None):
+            self._drop(item.link, "payload", "block is not an object or receipts not a list")
+            return None
+        return FeedBlock(
+            number=frame.position,
             hash="0x" + frame.identity.hex(),
             tx_count=_tx_count(block),
-            latency_ms=(arrived_us - frame.origin_us) / 1000,
+            latency_ms=(item.arrived_us - frame.origin_us) / 1000,
             verified=True,
             reorg=False,
             block=block,
             receipts=receipts,
-            origin=origin_hex,
+            origin=item.origin,
         )
-        self._enqueue(_Queued(link, fb, frame.identity, len(plain)))
 
     # --- backfill over JSON-RPC -----------------------------------------------------------
     async def _backfill(self, first: FeedLink, gap: Gap) -> AsyncIterator[FeedBlock]:
