@@ -207,6 +207,10 @@ async def newest(node: Relay) -> int | None:
         return welcome["streams"][0]["newest"]  # type: ignore[no-any-return]
 
 
+async def newest_is(node: Relay, position: int) -> bool:
+    return await newest(node) == position
+
+
 async def next_frame(conn: ClientConnection) -> feedframe.Frame:
     async with asyncio.timeout(HOP_TIMEOUT):
         raw = await conn.recv()
@@ -388,27 +392,25 @@ async def test_two_origins_each_block_accepted_once_and_forwarded_once(
         async with heartbeat(node):
             first_origin = await tree.origin(anvil, ORIGIN_KEY, "origin-a")
             second_origin = await tree.origin(anvil, OTHER_KEY, "origin-b")
-            relay = await tree.child("relay", [first_origin, second_origin], trust=both)
-            leaf = await tree.child("leaf", [relay], trust=both)
+        # One block both origins follow (an origin publishes the blocks that come after its
+        # start); then the chain is quiet up to the blocks under test: the relay's links
+        # replay what the origins hold, once, and nothing else comes until those blocks.
+        await node.call("evm_mine")
+        tip = await head_number(anvil.url)
+        for o in (first_origin, second_origin):
+            await until(lambda o=o: newest_is(o, tip), HOP_TIMEOUT, f"{o.log_path.name} at {tip}")
+        relay = await tree.child("relay", [first_origin, second_origin], trust=both)
+        leaf = await tree.child("leaf", [relay], trust=both)
 
-        async def settled() -> bool:
-            # Both origins published anvil's head; every frame either published reached the
-            # relay once (replayed from their backlogs or live), and the leaf holds every
-            # block the relay accepted.
-            tip = await head_number(anvil.url)
+        async def linked() -> bool:
+            # Each origin has said welcome to the relay, and the leaf holds the tip.
             for o in (first_origin, second_origin):
-                if await newest(o) != tip:
+                children = metric(await o.metrics(), "chainrelay_feed_children", stream=STREAM)
+                if children != 1:
                     return False
-            a, b = await first_origin.metrics(), await second_origin.metrics()
-            r, f = await relay.metrics(), await leaf.metrics()
-            published = frames(a, "published") + frames(b, "published")
-            return (
-                frames(r, "accepted") + frames(r, "duplicate") == published
-                and frames(f, "accepted") == frames(r, "accepted")
-                and await head_number(leaf.url) == await head_number(anvil.url)
-            )
+            return await head_number(leaf.url) == tip
 
-        await until(settled, HOP_TIMEOUT, "the tree to settle after its start")
+        await until(linked, HOP_TIMEOUT, "the relay linked to both origins, the leaf at the tip")
         r0, f0 = await relay.metrics(), await leaf.metrics()
         start = await head_number(anvil.url) + 1
         async with feed_client(relay, Want(STREAM, from_position=start)) as (_welcome, conn):
@@ -416,16 +418,29 @@ async def test_two_origins_each_block_accepted_once_and_forwarded_once(
             for i in range(blocks):
                 await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
                 await node.call("evm_mine")
-            await until(settled, HOP_TIMEOUT, f"{blocks} blocks through the tree")
-            r1, f1 = await relay.metrics(), await leaf.metrics()
+
+            async def through(n: int) -> bool:
+                r, f = await relay.metrics(), await leaf.metrics()
+                return (
+                    frames(r, "accepted") - frames(r0, "accepted") == n
+                    and frames(r, "duplicate") - frames(r0, "duplicate") == n
+                    and frames(f, "accepted") - frames(f0, "accepted") == n
+                )
+
+            await until(
+                lambda: through(blocks), HOP_TIMEOUT, f"{blocks} blocks, twice, at the relay"
+            )
             got = [await next_frame(conn) for _ in range(blocks)]
-            # One more block: the frame after the five is its own, no second copy of any.
+            # One more block: the frame after the five is its own, no second copy of any,
+            # and the counts move by one block each.
             await node.call("evm_mine")
             got.append(await next_frame(conn))
-    assert frames(r1, "accepted") - frames(r0, "accepted") == blocks
-    assert frames(r1, "duplicate") - frames(r0, "duplicate") == blocks
-    assert frames(f1, "accepted") - frames(f0, "accepted") == blocks
-    assert frames(f1, "duplicate") - frames(f0, "duplicate") == 0
+            await until(lambda: through(blocks + 1), HOP_TIMEOUT, "one more block")
+        r1, f1 = await relay.metrics(), await leaf.metrics()
+    assert frames(r1, "accepted") - frames(r0, "accepted") == blocks + 1
+    assert frames(r1, "duplicate") - frames(r0, "duplicate") == blocks + 1
+    assert frames(f1, "accepted") - frames(f0, "accepted") == blocks + 1
+    assert frames(f1, "duplicate") == frames(f0, "duplicate")
     assert [f.position for f in got] == list(range(start, start + blocks + 1))
     async with Chain.open(anvil.url) as node:
         for f in got:
