@@ -1,9 +1,11 @@
-"""The relay tree across regions: anvil and the origin in eu, a relay each in us and asia,
-four leaves, every link delayed; subscribers on every leaf.
+"""The relay tree across regions: anvil and the origin in eu, a relay each in us and asia
+(each the other's candidate parent), four leaves (us1, us2, asia1, asia2) with both relays
+and the origin as candidates; every parent link is a delay link of its regions' round trip,
+and each leaf has a ``chainrelay subscribe`` beside it.
 
-One tree serves the whole module (seven nodes take a while to start on two cores); each test
-checks the subscribers' whole record so far, so a test that breaks the tree for the next
-one shows up as a gap or duplicate there. The relay is killed last.
+One tree serves the whole module (eleven processes take a while to start on two cores); each
+test checks the subscribers' whole record so far, so a test that breaks the tree for the next
+one shows up there as a gap or a duplicate. The relay is killed last.
 """
 
 from __future__ import annotations
@@ -285,9 +287,12 @@ async def test_restarted_leaf_resumes_its_subscriber_and_serves_from_twenty_back
     leaf, sub = r.leaves["us1"], r.subs["us1"]
     await sub.wait_count(20, 40 * BLOCK)
     leaf.kill()
+    killed = time.monotonic()
     killed_at = sub.numbers[-1]
     await r.tree.start(leaf)
     # The subscriber was left running: it reconnects to the new process by itself.
+    await sub.wait_number(killed_at + 1, 20 * BLOCK)
+    print(f"us1 killed: its subscriber's next block {time.monotonic() - killed:.1f} s later")
     await sub.wait_number(killed_at + 5, 20 * BLOCK)
     contiguous(sub)
     start = sub.numbers[-1] - 20
@@ -353,6 +358,9 @@ async def test_leaves_miss_no_block_when_a_relay_dies_and_choose_new_parents(
             await sub.wait_number(killed_at + 10, 25 * BLOCK)
             contiguous(sub)
             await assert_canonical(node, sub)
+            # The other parent's copies filled in at once: nothing was fetched over JSON-RPC.
+            late = [b for b in sub.blocks if b["number"] >= killed_at]
+            assert all(b["verified"] for b in late), (sub.name, late)
 
     async def rechosen(leaf: TreeNode) -> bool:
         parents = last_parents(leaf)
