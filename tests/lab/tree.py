@@ -8,7 +8,8 @@ misses to) is ``ws://127.0.0.1:<link port>/feed``. A node's ``region`` is the ta
 ``[tree]`` config (what parent choice reads), not its namespace. The test process reaches a
 node through ``Region.expose`` (``TreeNode.url``) and follows a node's feed with a
 ``chainrelay subscribe`` process started inside that node's namespace (``Subscriber``),
-whose JSON lines a reader thread collects.
+whose JSON lines a reader thread collects. Each node's config and log, and each subscriber's
+lines and stderr, stay in ``tmp`` for a look after a failure.
 
 Usage::
 
@@ -19,7 +20,7 @@ Usage::
         tree.parent(relay, origin, rtt_ms=80)
         await tree.start(origin)
         await tree.start(relay)
-        sub = tree.subscribe(relay)
+        sub = tree.subscribe(relay, "bsc/blocks")
         await sub.wait_count(5, 10 * SECOND)
 
 Nodes start in the order given to ``start``; a node must start after at least one of its
@@ -165,9 +166,10 @@ class TreeNode:
 class Subscriber:
     """A ``chainrelay subscribe`` process; ``blocks`` holds its JSON lines as they come."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, record: Path) -> None:
         self.proc = proc
         self.name = name
+        self.record = record  # every line as printed, for a look after a failure
         self.blocks: list[dict[str, Any]] = []
         self.bad_lines: list[bytes] = []
         self._reader = threading.Thread(target=self._read, name=f"sub-{name}", daemon=True)
@@ -176,8 +178,10 @@ class Subscriber:
     def _read(self) -> None:
         # Ends at EOF: when the process exits, by itself or stopped.
         assert self.proc.stdout is not None
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError), self.record.open("ab") as record:
             for line in self.proc.stdout:
+                record.write(line)
+                record.flush()
                 try:
                     doc = orjson.loads(line)
                 except orjson.JSONDecodeError:
@@ -352,6 +356,6 @@ class Tree:
             proc = node.place.spawn(argv, stdout=subprocess.PIPE, stderr=err)
         finally:
             err.close()
-        sub = Subscriber(proc, name)
+        sub = Subscriber(proc, name, self.tmp / f"{name}.jsonl")
         self.subscribers.append(sub)
         return sub
