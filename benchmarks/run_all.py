@@ -22,7 +22,7 @@ LIMIT_SECONDS = {
     "upstream_ratio": 180,
     "subscribers": 330,
     "tree_bytes": 270,
-    "tree_hop": 330,
+    "tree_hop": 450,
     "tree_e2e": 390,
 }
 

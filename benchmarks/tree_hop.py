@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -65,7 +66,7 @@ from chainrelay.wire.wsframes import binary_header
 
 GOAL_P50_MS = 1.0
 GOAL_P99_MS = 5.0
-BUDGET_SECONDS = 300
+BUDGET_SECONDS = 420
 STREAM = "bsc/blocks"
 # Each child's receive buffer: several whole frames, so the relay's write never waits for
 # a reader (the kernel doubles it; net.core.rmem_max caps it). Set before connecting, so
@@ -361,20 +362,50 @@ def relay_toml(source_port: int, trust: str, children: int) -> str:
     )
 
 
-def run(args: argparse.Namespace, stacks: Path) -> tuple[list[Block], float]:
-    """Source, relay and children up; publish warm-up then measured blocks; tear down."""
+def run(
+    args: argparse.Namespace, stacks: Path, forwarder: bool = False
+) -> tuple[list[Block], float]:
+    """Source, relay (or the bare forwarder) and children up; publish warm-up then
+    measured blocks; tear down."""
     source_port = common.free_port()
     stack = contextlib.ExitStack()
     with stack:
         extra = PROFILE_BLOCKS if args.profile else 0
         source, trust = start_source(source_port, WARMUP_BLOCKS + args.blocks + extra)
         stack.callback(common.stop_process, source)
-        relay = common.Relay(
-            f"http://127.0.0.1:{source_port}", relay_toml(source_port, trust, args.children)
-        )
-        stack.callback(relay.stop)
-        relay.start()
-        assert relay.proc is not None
+        linked: Callable[[], float]
+        if forwarder:
+            port = common.free_port()
+            hop = subprocess.Popen(
+                [
+                    *(sys.executable, str(common.HERE / "hop_floor.py"), "--port", str(port)),
+                    *("--parent", f"ws://127.0.0.1:{source_port}/feed", "--stream", STREAM),
+                ],
+                stdout=subprocess.PIPE,
+                cwd=common.ROOT,
+            )
+            stack.callback(common.stop_process, hop)
+            assert hop.stdout is not None
+            if read_line(hop.stdout, hop, "the bare forwarder").strip() != b"ready":
+                raise RuntimeError("bare forwarder not ready")
+            pid = hop.pid
+            children_url = f"http://127.0.0.1:{port}/children"
+
+            def linked() -> float:
+                return float(common.http_get(children_url))
+        else:
+            relay = common.Relay(
+                f"http://127.0.0.1:{source_port}", relay_toml(source_port, trust, args.children)
+            )
+            stack.callback(relay.stop)
+            relay.start()
+            assert relay.proc is not None
+            port, pid = relay.port, relay.proc.pid
+
+            def linked() -> float:
+                m = relay.metrics()
+                return common.metric_sum(m, "chainrelay_feed_children", stream=STREAM)
+
         stats = f"http://127.0.0.1:{source_port}/stats"
         wait_for(lambda: orjson.loads(common.http_get(stats))["relays"] >= 1, "relay linked")
         client = subprocess.Popen(
@@ -383,7 +414,7 @@ def run(args: argparse.Namespace, stacks: Path) -> tuple[list[Block], float]:
                 str(common.HERE / "tree_hop.py"),
                 "children",
                 "--relay-port",
-                str(relay.port),
+                str(port),
                 "--source-port",
                 str(source_port),
                 "--count",
@@ -398,11 +429,7 @@ def run(args: argparse.Namespace, stacks: Path) -> tuple[list[Block], float]:
         if read_line(client.stdout, client, "the client").strip() != b"ready":
             raise RuntimeError("client not ready")
 
-        def children_linked() -> bool:
-            m = relay.metrics()
-            return common.metric_sum(m, "chainrelay_feed_children", stream=STREAM) >= args.children
-
-        wait_for(children_linked, f"{args.children} children on the relay")
+        wait_for(lambda: linked() >= args.children, f"{args.children} children linked")
 
         def drain() -> dict[str, Any]:
             assert client.stdin is not None and client.stdout is not None
@@ -418,9 +445,9 @@ def run(args: argparse.Namespace, stacks: Path) -> tuple[list[Block], float]:
         extra = PROFILE_BLOCKS if args.profile else 0
         for i in range(WARMUP_BLOCKS + args.blocks + extra):
             if extra and i == WARMUP_BLOCKS + args.blocks:
-                spy = start_py_spy(relay.proc.pid, stacks)
+                spy = start_py_spy(pid, stacks)
                 stack.callback(common.stop_process, spy)
-            cpu0 = common.cpu_times(relay.proc.pid)
+            cpu0 = common.cpu_times(pid)
             pub = post(source_port, "/publish")
             if len(pub["relay"]) != 1 or len(pub["direct"]) != 1:
                 raise RuntimeError(f"source sessions: {pub}")
@@ -437,7 +464,7 @@ def run(args: argparse.Namespace, stacks: Path) -> tuple[list[Block], float]:
                 if (len(b.arrivals) >= args.children and b.direct) or (time.monotonic() > deadline):
                     break
                 time.sleep(0.1)
-            cpu1 = common.cpu_times(relay.proc.pid)
+            cpu1 = common.cpu_times(pid)
             b.relay_cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
             b.client_cpu = (client_cpu[0], client_cpu[1])
             b.disturbed = sum(1 for t in b.arrivals if t > first_read)
@@ -536,11 +563,23 @@ def kernel_floor(count: int, size: int) -> float:
             sock.close()
 
 
+def side_by_side(bare: dict[str, Any] | None, relay: dict[str, Any]) -> str:
+    if not bare:
+        return ""
+    return (
+        f" The bare forwarder with as many children: p50 {bare['p50']:.2f} ms, p99 "
+        f"{bare['p99']:.2f} ms, CPU {bare['cpu']:.1f} ms per block (relay / forwarder at "
+        f"p50: {relay['p50'] / bare['p50']:.2f}x)."
+    )
+
+
 def ms(v: float) -> str:
     return f"{v:.2f}"
 
 
-def summarise(blocks: list[Block], children: int) -> tuple[list[list[str]], dict[bool, Any]]:
+def summarise(
+    blocks: list[Block], children: int, who: str
+) -> tuple[list[list[str]], dict[bool, Any]]:
     rows: list[list[str]] = []
     facts: dict[bool, Any] = {}
     for big in (True, False):
@@ -558,7 +597,8 @@ def summarise(blocks: list[Block], children: int) -> tuple[list[list[str]], dict
         cpu_sys = sum(b.relay_cpu[1] for b in sel) * 1000 / len(sel)
         client = sum(b.client_cpu[0] + b.client_cpu[1] for b in sel) * 1000 / len(sel)
         p50, p99 = common.quantile(pairs, 0.5), common.quantile(pairs, 0.99)
-        label = f"{'corpus block' if big else 'small block'}, {sel[0].size / 1000:,.1f} kB"
+        kind = "corpus" if big else "small"
+        label = f"{who}, {children:,} children, {kind} frames ({sel[0].size / 1000:,.1f} kB)"
         rows.append(
             [
                 label,
@@ -596,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     kids.add_argument("--count", type=int, required=True)
     ap.add_argument("--children", type=int, default=1000)
     ap.add_argument("--blocks", type=int, default=16, help="measured blocks, big and small")
+    ap.add_argument(
+        "--few", type=int, default=10, help="then the same with this many children (0: not)"
+    )
+    ap.add_argument(
+        "--no-forwarder", dest="forwarder", action="store_false", help="skip the bare forwarder"
+    )
     ap.add_argument("--profile", action="store_true", help="then sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
@@ -614,7 +660,22 @@ def main(argv: list[str] | None = None) -> int:
         True: kernel_floor(args.children, int(big_size)),
         False: kernel_floor(args.children, small_size),
     }
-    rows, facts = summarise(blocks, args.children)
+    rows, facts = summarise(blocks, args.children, "relay")
+    # Side by side: the bare forwarder with as many children (what the hop costs if the
+    # relay's own work were free), then both with a handful of children (the work per
+    # frame with next to no fan-out behind it).
+    other: dict[tuple[str, int], dict[bool, Any]] = {}
+    configs = [("bare forwarder", args.children)] if args.forwarder else []
+    if args.few:
+        configs.append(("relay", args.few))
+        if args.forwarder:
+            configs.append(("bare forwarder", args.few))
+    for who, count in configs:
+        cfg = argparse.Namespace(**{**vars(args), "children": count, "profile": False})
+        with tempfile.TemporaryDirectory(prefix="chainrelay-hop-") as tmp:
+            got, _ = run(cfg, Path(tmp) / "stacks.txt", forwarder=who != "relay")
+        more, other[who, count] = summarise(got, count, who)
+        rows += more
     texts = []
     for big, f in facts.items():
         floor = floors[big]
@@ -629,6 +690,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{f['last'] / floor:.1f}x that. Relay CPU {f['cpu']:.1f} ms per block. "
             f"Missed: {f['missed']}; arrivals after the client began reading: "
             f"{f['disturbed']}."
+            + side_by_side(other.get(("bare forwarder", args.children), {}).get(big), f)
+        )
+    if ("relay", args.few) in other:
+        relay_few = other["relay", args.few]
+        bare_few = other.get(("bare forwarder", args.few), {})
+        texts.append(
+            f"With {args.few} children, the relay's hop is "
+            + " and ".join(
+                f"{f['p50']:.2f} ms p50 / {f['p99']:.2f} ms p99 for "
+                f"{'corpus' if big else 'small'} frames"
+                + (
+                    f" (bare forwarder {bare_few[big]['p50']:.2f} / {bare_few[big]['p99']:.2f})"
+                    if big in bare_few
+                    else ""
+                )
+                for big, f in relay_few.items()
+            )
+            + ": the work per frame (the read of the frame from the parent, decode and "
+            "signature check, the fan-out loop) with next to no fan-out behind it; the bare "
+            "forwarder reads with the same WebSocket library and writes the same way, so "
+            "what it costs is the process and its libraries, not the relay's own work."
         )
     if facts:
         # A fan-out writes children one after another: the median child waits for half of
@@ -644,8 +726,9 @@ def main(argv: list[str] | None = None) -> int:
                 for big in facts
             )
             + " here (the floor above: on loopback each send also runs the receiver's TCP "
-            "input, and a corpus frame is a 265 KB copy per child, 265 MB per block for "
-            "1,000). The relay's own work per frame (receive, verify, then the fan-out loop) "
+            f"input, and a corpus frame is a {big_size / 1000:.0f} kB copy per child, "
+            f"{big_size * args.children / 1e6:.0f} MB per block for {args.children:,}). "
+            "The relay's own work per frame (receive, verify, then the fan-out loop) "
             "shows in the first child's hop. What would change it: fewer children per node "
             "(a wider, deeper tree: the hop grows with children per node, the path with "
             "depth), children spread over worker processes (the `subscribers.py` fan-out "
@@ -670,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             "of it after the fan-out.",
             common.table(
                 [
-                    "frames",
+                    "children, frames",
                     "blocks",
                     "p50",
                     "p99",
