@@ -358,6 +358,16 @@ async def test_reorg_at_the_origin_reaches_the_leaf(
                     assert await through.block(hex(n), True) == want
                     by_hash = await through.call("eth_getBlockByHash", [want["hash"], True])
                     assert by_hash == want
+                    receipts = await through.call("eth_getBlockReceipts", [hex(n)])
+                    assert receipts == await node.call("eth_getBlockReceipts", [hex(n)])
+                # The replaced blocks' transactions: as anvil has them now, not as they were.
+                for x in before[2:]:
+                    h = x["transactionHash"]
+                    for method in ("eth_getTransactionReceipt", "eth_getTransactionByHash"):
+                        assert await through.call(method, [h]) == await node.call(method, [h])
+                flt = {"fromBlock": hex(tip - 2), "toBlock": hex(tip)}
+                got_logs = await through.call("eth_getLogs", [flt])
+                assert got_logs == await node.call("eth_getLogs", [flt])
             await until(
                 lambda: len(sub.notes[logs]) >= 6 + 4 + 4,
                 HOP_TIMEOUT,
