@@ -318,7 +318,21 @@ async def test_reorg_at_the_origin_reaches_the_leaf(
         async with Chain.open(leaf.url) as through:
             await wait_same_head(through, node, HOP_TIMEOUT)
         reorgs_before = metric(await leaf.metrics(), "chainrelay_reorgs_total")
-        async with Subscriber.connect(leaf.ws_url) as sub:
+        first = await head_number(anvil.url) + 1
+        async with (
+            Subscriber.connect(leaf.ws_url) as sub,
+            Subscription(
+                leaf.ws_url + "/feed", STREAM, from_block=first, trust=[ORIGIN_ADDRESS]
+            ) as feed,
+        ):
+            # A feed subscriber on the leaf too: the new blocks come as reorgs.
+            feed_blocks: list[FeedBlock] = []
+
+            async def follow_feed() -> None:
+                async for b in feed:
+                    feed_blocks.append(b)
+
+            follower = asyncio.create_task(follow_feed())
             heads = await sub.subscribe(NEW_HEADS)
             logs = await sub.subscribe(TRANSFER_LOGS)
             for i in range(3):
@@ -378,6 +392,14 @@ async def test_reorg_at_the_origin_reaches_the_leaf(
                 HOP_TIMEOUT,
                 "the new head",
             )
+            await until(
+                lambda: bool(feed_blocks) and feed_blocks[-1].hash == new_blocks[tip]["hash"],
+                HOP_TIMEOUT,
+                "the new head's block from the leaf's feed",
+            )
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         reorgs_after = metric(await leaf.metrics(), "chainrelay_reorgs_total")
 
     after = sub.results(logs)[6:]
@@ -389,6 +411,14 @@ async def test_reorg_at_the_origin_reaches_the_leaf(
     got_heads = sub.results(heads)[3:]
     assert [h["hash"] for h in got_heads] == [new_blocks[n]["hash"] for n in sorted(new_blocks)]
     assert reorgs_after == reorgs_before + 1
+    # The feed: blocks from the first mined after it connected, then the new chain's.
+    feed_seen = [(b.number, b.hash, b.reorg, b.verified) for b in feed_blocks]
+    old_chain = [(n, b["hash"], False, True) for n, b in sorted(old_blocks.items())]
+    assert feed_seen[-4:] == [
+        *old_chain,
+        *((n, b["hash"], True, True) for n, b in sorted(new_blocks.items())),
+    ]
+    assert [b.number for b in feed_blocks[:-2]] == list(range(first, tip + 1))
 
 
 # --- 3: two origins, one relay: each block once ----------------------------------------
