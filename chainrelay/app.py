@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -62,6 +63,8 @@ class Node:
         self.origin: Origin | None = None
         self.parents: ParentSet | None = None
         self.chain_id = 0
+        # This node's name in the Via header of what it forwards (loop detection).
+        self.via = f"chainrelay-{secrets.token_hex(4)}"
 
     async def start(self, *, reuse_port: bool = False) -> None:
         try:
@@ -90,6 +93,7 @@ class Node:
         self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
         for u in pool.upstreams:
             self.metrics.upstream_healthy.labels(u.name).set(1)
+            u.via = f"1.1 {self.via}"
         profile = self.profile = profile_for(cfg.chain.profile or None, self.chain_id)
         head = self.head = HeadTracker(
             pool,
@@ -188,6 +192,7 @@ class Node:
             cfg.limits,
             self.metrics,
             cfg.server.cors_origins,
+            via=self.via,
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)

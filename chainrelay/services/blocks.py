@@ -69,6 +69,7 @@ from chainrelay.protocol.policy import Finality
 from chainrelay.services.cache import Entry, MemoryCache
 from chainrelay.services.head import Header, HeadTracker
 from chainrelay.services.metrics import Metrics
+from chainrelay.services.peer import detached
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.upstream import Upstream
 from chainrelay.wire.jsonrpc import Answer
@@ -283,7 +284,7 @@ class BlockFeed:
         """Call ``fn`` with each pending transaction hash the upstream stream reports."""
         self._pending_listeners.append(fn)
         if self._started and (self._pending_task is None or self._pending_task.done()):
-            self._pending_task = asyncio.create_task(self._follow_pending(), name="pending")
+            self._pending_task = detached(self._follow_pending(), name="pending")
 
     def remove_pending_listener(self, fn: PendingListener) -> None:
         with contextlib.suppress(ValueError):
@@ -299,7 +300,7 @@ class BlockFeed:
         if self.follow_always or self._listeners:
             self._follow()
         if self._pending_listeners:
-            self._pending_task = asyncio.create_task(self._follow_pending(), name="pending")
+            self._pending_task = detached(self._follow_pending(), name="pending")
 
     async def stop(self) -> None:
         self._started = False
@@ -319,7 +320,7 @@ class BlockFeed:
         self.order.start_after(view.number)
         self._heads_tip = (view.number, view.hash)
         self._announced.clear()
-        self._worker = asyncio.create_task(self._run(), name="block-feed")
+        self._worker = detached(self._run(), name="block-feed")
 
     def _unfollow(self) -> None:
         if self._worker is not None:

@@ -20,6 +20,7 @@ from chainrelay.protocol.chains import ChainProfile
 from chainrelay.protocol.headpoll import HeadPollSchedule
 from chainrelay.protocol.policy import HeadView
 from chainrelay.services.metrics import Metrics
+from chainrelay.services.peer import detached
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.upstream import TransportError, Upstream
 
@@ -282,12 +283,12 @@ class HeadTracker:
             self._finality_task is None or self._finality_task.done()
         ):
             self._last_finality_at = h.number
-            self._finality_task = asyncio.create_task(self._refresh_finality(u))
+            self._finality_task = detached(self._refresh_finality(u), name="finality")
         for listener in self.listeners:
             listener(added, removed)
         self._changed.set()
         if first and self.backfill > 0:
-            self._backfill_task = asyncio.create_task(self._backfill_window(u))
+            self._backfill_task = detached(self._backfill_window(u), name="backfill")
 
     async def _backfill_window(self, u: Upstream) -> None:
         """Fetch the canonical hashes just behind the first head, walking parent hashes."""

@@ -24,7 +24,7 @@ import orjson
 
 from chainrelay.config import LimitsConfig
 from chainrelay.services.metrics import Metrics
-from chainrelay.services.peer import enter_peer, leave_peer
+from chainrelay.services.peer import enter_peer, enter_via, leave_peer, leave_via
 from chainrelay.services.ws import Subscriptions, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
@@ -45,6 +45,7 @@ _REASONS = {
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
+    508: b"Loop Detected",
 }
 INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
 # A request head the fast path reads as httptools would: a POST line with a target of
@@ -58,7 +59,7 @@ _PLAIN_HEAD = re.compile(
 # "Connection: keep-alive" alone changes nothing in HTTP/1.1 (requests, and so web3.py,
 # sends it on every call); any other Connection header does.
 _SPECIAL = re.compile(
-    rb"\r\n(?:transfer-encoding|upgrade|expect)[ \t]*:"
+    rb"\r\n(?:transfer-encoding|upgrade|expect|via)[ \t]*:"
     rb"|\r\nconnection[ \t]*:(?![ \t]*keep-alive[ \t]*(?:\r\n|$))",
     re.I,
 )
@@ -163,8 +164,12 @@ class HttpServer:
         limits: LimitsConfig,
         metrics: Metrics,
         cors_origins: list[str] | None = None,
+        via: str = "",
     ) -> None:
         self.routes = routes
+        # This node's name in Via headers ("chainrelay-<random>"): a request naming it
+        # came round in a loop. Empty: no loop check.
+        self.via = via
         self.limits = limits
         self.metrics = metrics
         self.connections: set[HttpProtocol] = set()
@@ -570,13 +575,33 @@ class HttpProtocol(asyncio.Protocol):
         if method == b"POST":
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []
-            self._answer(self.server.routes.rpc(body), keep_alive)
+            via = self.header(b"via")
+            if via is None:
+                self._answer(self.server.routes.rpc(body), keep_alive)
+            else:
+                self._relayed(body, via, keep_alive)
         elif method == b"GET":
             self._get(keep_alive)
         elif method == b"OPTIONS":
             self._preflight(keep_alive)
         else:
             self._plain(405, b"method not allowed", keep_alive)
+
+    def _relayed(self, body: bytes, via: bytes, keep_alive: bool) -> None:
+        """A request another relay forwarded (``Via``, RFC 9110 7.6.3): refused with 508 if
+        it passed through this node already (relays that are each other's upstreams would
+        pass a miss or a write round forever); else served with its Via carried on to any
+        upstream request made for it."""
+        server = self.server
+        if server.via and server.via.encode() in via:
+            server.metrics.rejected.labels("relay_loop").inc()
+            self._plain(508, b"relay loop: this request passed through this node", keep_alive)
+            return
+        token = enter_via(via.decode("latin-1"))
+        try:
+            self._answer(server.routes.rpc(body), keep_alive)
+        finally:
+            leave_via(token)
 
     # --- answers ---------------------------------------------------------------------
     def _answer(

@@ -1,4 +1,5 @@
-"""The client address of the request being served, for limits kept per address.
+"""Who asks: the client address of the request being served (limits per address) and
+the relays it already passed through (loop detection).
 
 The request pipeline does not know its transport; a limit per client address (filters per
 IP) still needs the address. Transports set it only where a request becomes a task (a
@@ -9,7 +10,12 @@ never pay for setting it.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _PEER: contextvars.ContextVar[str] = contextvars.ContextVar("chainrelay_peer", default="")
 
@@ -28,3 +34,28 @@ def enter_peer(ip: str) -> contextvars.Token[str]:
 
 def leave_peer(token: contextvars.Token[str]) -> None:
     _PEER.reset(token)
+
+
+# The Via header (RFC 9110 7.6.3) of the request being served, as it came: the relays it
+# passed through. Upstream requests made for it carry it on, with this node added.
+_VIA: contextvars.ContextVar[str] = contextvars.ContextVar("chainrelay_via", default="")
+
+
+def current_via() -> str:
+    return _VIA.get()
+
+
+def enter_via(via: str) -> contextvars.Token[str]:
+    return _VIA.set(via)
+
+
+def leave_via(token: contextvars.Token[str]) -> None:
+    _VIA.reset(token)
+
+
+def detached(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+    """A task of the node's own, started from wherever: it runs in an empty context, so a
+    request that happened to start it (a miss that made the block feed follow, an error
+    that sent an upstream to probation) lends it neither its client address nor its Via,
+    which would otherwise mark every later call of the task."""
+    return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())

@@ -23,6 +23,7 @@ from chainrelay.errors import (
     UpstreamWrongChain,
 )
 from chainrelay.services.metrics import Metrics
+from chainrelay.services.peer import detached
 from chainrelay.services.upstream import TransportError, Upstream, WsUpstream
 from chainrelay.wire.jsonrpc import Answer, Params
 
@@ -140,7 +141,7 @@ class UpstreamPool:
             u.healthy = False
             log.warning("upstream %s out of rotation after %d errors", u.name, u.consecutive_errors)
             self.metrics.upstream_healthy.labels(u.name).set(0)
-            task = asyncio.ensure_future(self._probe(u))
+            task = detached(self._probe(u), name=f"probe:{u.name}")
             self._probes.add(task)
             task.add_done_callback(self._probes.discard)
 

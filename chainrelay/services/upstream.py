@@ -24,6 +24,7 @@ from websockets.protocol import State
 from websockets.uri import WebSocketURI, parse_uri
 
 from chainrelay import defaults
+from chainrelay.services.peer import current_via
 from chainrelay.wire import wsframes
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 LATENCY_SAMPLES = 256
 # Random bytes drawn at once for client frame masks: a thousand frames per system call.
 WS_MASK_POOL = 4096
+# A relay's answer to a request whose Via names it (RFC 5842's 508 Loop Detected).
+LOOP_DETECTED = 508
 _ANSWER_PREFIX = b'{"jsonrpc":"2.0","id":'
 _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 
@@ -40,12 +43,17 @@ _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 class TransportError(Exception):
     """The upstream gave no usable answer (timeout, refused, 5xx, 429, garbage): retryable."""
 
-    def __init__(self, message: str, *, timeout: bool = False, malformed: bool = False) -> None:
+    def __init__(
+        self, message: str, *, timeout: bool = False, malformed: bool = False, loop: bool = False
+    ) -> None:
         super().__init__(message)
         self.timeout = timeout
-        # The upstream answered, but not with JSON-RPC. Retried elsewhere, yet not counted
-        # against the upstream's health: one odd request must not take every node out.
-        self.malformed = malformed
+        # The upstream answered, but not with JSON-RPC (or, ``loop``, refused a request that
+        # had passed through it already: relays that are each other's upstreams). Retried
+        # elsewhere, yet not counted against the upstream's health: one odd request must not
+        # take every node out.
+        self.malformed = malformed or loop
+        self.loop = loop
 
 
 Notify = Callable[[str, Any], None]
@@ -72,6 +80,8 @@ class Upstream:
         self.chain_id: int | None = None
         # Set by the pool so that every call counts, the head tracker's included.
         self.observer: Observer | None = None
+        # This node's entry in the Via header of its HTTP upstream requests ("" sends none).
+        self.via = ""
 
     @property
     def is_ws(self) -> bool:
@@ -186,8 +196,13 @@ class HttpUpstream(Upstream):
         """POST one body; the answer's bytes. Raises ``TransportError``."""
         session = self._session
         assert session is not None, "upstream not started"
+        via = self.via
+        headers = None
+        if via:
+            came = current_via()
+            headers = {"Via": f"{came}, {via}" if came else via}
         try:
-            async with session.post(self.url, data=body) as resp:
+            async with session.post(self.url, data=body, headers=headers) as resp:
                 data = await resp.read()
                 status = resp.status
         except TimeoutError:
@@ -196,6 +211,8 @@ class HttpUpstream(Upstream):
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
+        if status == LOOP_DETECTED:
+            raise TransportError("the request came round to a relay it passed", loop=True)
         if status != 200 and (status == 429 or status >= 500 or not data.lstrip().startswith(b"{")):
             raise TransportError(f"HTTP {status}")
         return data
