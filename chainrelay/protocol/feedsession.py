@@ -258,8 +258,10 @@ def parse_hello(data: bytes | str) -> Hello:
     msg = parse_control(data)
     if msg.get("type") != "hello":
         raise ControlError("the first message must be a hello")
-    if msg.get("version") != PROTOCOL_VERSION:
-        raise ControlError(f"unsupported feed protocol version {msg.get('version')!r}")
+    version = msg.get("version")
+    # type(): true and 1.0 equal 1 in Python but are not the protocol's version number.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ControlError(f"unsupported feed protocol version {version!r}")
     streams = msg.get("streams")
     if not isinstance(streams, list) or not streams or len(streams) > MAX_HELLO_STREAMS:
         raise ControlError(f"streams must be a list of 1-{MAX_HELLO_STREAMS} entries")
