@@ -176,6 +176,7 @@ class Node:
         await filters.start()
         self.rpc.filters = filters
         self.rpc.note_miss = blocks.note_miss
+        self.rpc.local_logs = blocks.recent_logs
         subs = self.subscriptions = SubscriptionService(
             blocks, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=self.rpc.call
         )

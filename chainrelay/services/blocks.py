@@ -61,11 +61,11 @@ import websockets
 
 from chainrelay import defaults
 from chainrelay.config import FOLLOW_MODES
-from chainrelay.errors import UpstreamError
+from chainrelay.errors import InvalidParams, UpstreamError
 from chainrelay.protocol import policy
 from chainrelay.protocol.blockorder import DeliveredChain
-from chainrelay.protocol.logfilter import logs_of_receipts
-from chainrelay.protocol.policy import Finality
+from chainrelay.protocol.logfilter import LogFilter, logs_of_receipts
+from chainrelay.protocol.policy import Finality, HeadView
 from chainrelay.services.cache import Entry, MemoryCache
 from chainrelay.services.head import Header, HeadTracker
 from chainrelay.services.metrics import Metrics
@@ -203,6 +203,9 @@ class BlockFeed:
         # Blocks handed over whole (``offer``: a relay tree frame), by hash: the fetch takes
         # them from here instead of asking an upstream.
         self._offered: dict[str, tuple[dict[str, Any], bytes, bytes | None]] = {}
+        # number -> (hash, logs) of the blocks delivered lately (the reorg window): what
+        # ``recent_logs`` answers eth_getLogs from.
+        self._recent: dict[int, tuple[str, list[dict[str, Any]]]] = {}
         self._window = window
         # The last head whose header head listeners got, early or with its block: the next
         # head goes out early only if it is this one's child.
@@ -246,6 +249,40 @@ class BlockFeed:
         offered[block_hash] = (block, block_raw, receipts_raw)
         while len(offered) > self._window:
             del offered[next(iter(offered))]
+
+    def recent_logs(self, params: Any) -> bytes | None:
+        """eth_getLogs answered from the blocks this feed delivered, as a JSON array, when
+        every block of the range is one of them and still canonical; None (ask upstream)
+        otherwise: a range reaching past them, "pending", a filter this node would refuse
+        (the upstream's own error is the transparent answer), anything odd."""
+        if not isinstance(params, list) or len(params) != 1:
+            return None
+        try:
+            flt = LogFilter.parse(params[0])
+        except InvalidParams:
+            return None
+        view = self.head.view
+        recent = self._recent
+        if flt.block_hash is not None:
+            number = view.numbers.get(flt.block_hash)
+            if number is None:
+                return None
+            low = high = number
+        else:
+            low_ = _resolve(flt.from_block, view)
+            high_ = _resolve(flt.to_block, view)
+            if low_ is None or high_ is None or low_ > high_ or high_ > view.number:
+                return None
+            low, high = low_, high_
+        if high - low >= len(recent):
+            return None
+        out: list[dict[str, Any]] = []
+        for n in range(low, high + 1):
+            got = recent.get(n)
+            if got is None or got[0] != view.canonical.get(n):
+                return None
+            out.extend(x for x in got[1] if flt.matches(x))
+        return orjson.dumps(out)
 
     def note_miss(self, method: str) -> None:
         """Called by the RPC pipeline on a cache miss of ``method`` (never on a hit): a
@@ -449,6 +486,15 @@ class BlockFeed:
         return True
 
     def _deliver(self, events: list[BlockEvent]) -> None:
+        recent = self._recent
+        for ev in events:
+            if ev.removed:
+                if recent.get(ev.number, ("",))[0] == ev.hash:
+                    del recent[ev.number]
+            else:
+                recent[ev.number] = (ev.hash, ev.logs)
+                while len(recent) > self._window:
+                    del recent[min(recent)]
         for fn in list(self._listeners):
             try:
                 fn(events)
@@ -742,6 +788,21 @@ def _receipt_of(tx_hash: str, block_hash: str) -> Callable[[Any], Any]:
         return None
 
     return pick
+
+
+def _resolve(ref: str | int | None, view: HeadView) -> int | None:
+    """A filter's block bound as a number against ``view``; None: not answerable here."""
+    if ref is None or ref == "latest":
+        return view.number
+    if isinstance(ref, int):
+        return ref
+    if ref == "safe":
+        return view.safe if view.safe >= 0 else None
+    if ref == "finalized":
+        return view.finalized if view.finalized >= 0 else None
+    if ref == "earliest":
+        return 0
+    return None  # "pending": the upstream's pending block
 
 
 def _kept(ev: BlockEvent) -> BlockEvent:

@@ -278,6 +278,9 @@ class RpcService:
         # Told of each miss (the method's name): the block feed follows blocks while
         # misses it could have answered are recent (``BlockFeed.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
+        # eth_getLogs from the block feed's recent blocks (BlockFeed.recent_logs), tried on
+        # a miss before the upstreams.
+        self.local_logs: Callable[[Any], bytes | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
         # Body without its id -> (method, the relay's own request after its id), for calls
         # forwarded at this head (``_forward``): their repeats are sent as that request
@@ -701,6 +704,12 @@ class RpcService:
         return await self._miss(p, method, params)
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
+        if method == "eth_getLogs" and self.local_logs is not None:
+            local = self.local_logs(params)
+            if local is not None:
+                answer = Answer(local, None)
+                self._store(p, answer)
+                return answer
         shared = self.shared
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block)
