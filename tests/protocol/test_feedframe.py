@@ -242,7 +242,7 @@ def anvil_blocks(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]] 
 
 
 @given(anvil_blocks())
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 def test_anvil_shaped_blocks_round_trip(
     pair: tuple[dict[str, Any], list[dict[str, Any]] | None],
 ) -> None:
@@ -318,7 +318,7 @@ def test_a_stream_name_of_32_characters_fills_the_field() -> None:
 
 # --- hex packing -----------------------------------------------------------------------------
 @given(st.binary(max_size=3000).filter(lambda b: b"\x01" not in b))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_pack_hex_round_trips_any_bytes_without_the_marker(text: bytes) -> None:
     packed = ff.pack_hex(text)
     assert ff.unpack_hex(packed, len(text)) == text
@@ -362,7 +362,7 @@ def json_ish(draw: st.DrawFn) -> bytes:
 
 
 @given(json_ish())
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_pack_hex_round_trips_json_ish_text_byte_exactly(text: bytes) -> None:
     packed = ff.pack_hex(text)
     assert ff.unpack_hex(packed, len(text)) == text
@@ -419,7 +419,7 @@ def test_text_holding_the_marker_byte_is_sent_without_hex_packing() -> None:
 
 # --- signatures --------------------------------------------------------------------------------
 @given(st.integers(1, SECP256K1_N - 1), st.binary(max_size=200))
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 def test_signer_is_the_eth_account_address_of_the_key(secret: int, plain: bytes) -> None:
     key = secret.to_bytes(32, "big")
     origin = ff.Signer(key)
@@ -764,7 +764,7 @@ def test_malformed_hex_packing_is_a_payload_error(packed: bytes) -> None:
 
 
 @given(st.binary(max_size=600), st.integers(0, 3000))
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_unpack_hex_of_any_bytes_gives_text_or_a_payload_error(packed: bytes, limit: int) -> None:
     try:
         text = ff.unpack_hex(packed, limit)
@@ -775,7 +775,7 @@ def test_unpack_hex_of_any_bytes_gives_text_or_a_payload_error(packed: bytes, li
 
 
 @given(st.binary(max_size=600), st.sampled_from([0, 1, 2, 3]), st.integers(0, 3000))
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_unpack_of_any_signed_payload_gives_text_or_a_payload_error(
     payload: bytes, flags: int, limit: int
 ) -> None:
@@ -789,7 +789,7 @@ def test_unpack_of_any_signed_payload_gives_text_or_a_payload_error(
 
 
 @given(st.binary(max_size=400), st.integers(ff.HEADER_LEN + 65, 600))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_decode_of_any_bytes_gives_a_frame_or_a_named_reason(raw: bytes, limit: int) -> None:
     try:
         frame = ff.decode(raw, limit)

@@ -77,7 +77,7 @@ def test_a_backlog_holds_at_least_one_frame(frames: int, nbytes: int) -> None:
     st.integers(1, 600),
     st.lists(st.integers(0, 300), max_size=60),
 )
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_backlog_never_exceeds_either_bound_but_for_one_oversized_frame(
     max_frames: int, max_bytes: int, sizes: list[int]
 ) -> None:
@@ -224,7 +224,7 @@ def test_resume_before_a_backlog_whose_oldest_frame_is_a_reorg() -> None:
     st.integers(1, 40),
     st.integers(0, 35),
 )
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_resume_from_never_skips_a_frame_at_or_after_the_position(
     positions: list[int], max_frames: int, from_position: int
 ) -> None:
@@ -441,7 +441,7 @@ def test_a_parent_replaying_a_window_of_frames_brings_none_back_as_new() -> None
 
 
 @given(st.integers(1, 6), st.lists(st.integers(0, 10), max_size=80))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_dedup_remembers_the_last_identities_first_seen(window: int, seen: list[int]) -> None:
     d = Dedup(window)
     recent: deque[int] = deque(maxlen=window)
@@ -493,6 +493,7 @@ wants_strategy = st.lists(
 
 
 @given(wants_strategy, st.booleans())
+@settings(deadline=None)
 def test_hello_round_trips(spec: list[tuple[str, str, int]], as_text: bool) -> None:
     wants = [
         Want(name, n if how == "from" else None, n if how == "last" else None)
