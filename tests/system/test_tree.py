@@ -99,7 +99,10 @@ class Tree:
     async def node(self, name: str, config: str) -> Relay:
         node = Relay(self.procs, config, self.tmp, name)
         node.start()
-        await node.wait_ready(NODE_START_TIMEOUT)
+        try:
+            await node.wait_ready(NODE_START_TIMEOUT)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}\n{node.log_path.read_text()[-3000:]}") from None
         return node
 
     async def origin(self, anvil: Anvil, key: str = ORIGIN_KEY, name: str = "origin") -> Relay:
