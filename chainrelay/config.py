@@ -398,6 +398,9 @@ def _validate_tree(cfg: Config) -> None:
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")
+    if t.child_queue_bytes < t.max_frame_bytes:
+        # A child owed one frame bigger than its queue would be closed at every resume.
+        raise ConfigError("tree.child_queue_bytes: must be at least tree.max_frame_bytes")
     if t.resume_last < 0 or t.min_gain < 0 or t.down_hold < 0:
         raise ConfigError("tree: resume_last, min_gain and down_hold must not be negative")
 

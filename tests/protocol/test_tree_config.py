@@ -55,6 +55,11 @@ def test_listed_upstreams_are_kept_beside_parents() -> None:
         ('[tree]\nstreams = ["BSC blocks"]\n[[upstreams]]\nurl = "http://a:1"\n', "streams"),
         (f'[tree]\nkey = "{KEY}"\nkey_file = "k"\n[[upstreams]]\nurl = "http://a:1"\n', "not both"),
         ("[tree]\nbacklog_bytes = -1\n" + '[[upstreams]]\nurl = "http://a:1"\n', "backlog_bytes"),
+        (
+            "[tree]\nchild_queue_bytes = 1000\nmax_frame_bytes = 2000\n"
+            + '[[upstreams]]\nurl = "http://a:1"\n',
+            "child_queue_bytes: must be at least",
+        ),
     ],
 )
 def test_bad_tree_settings_are_named(text: str, message: str) -> None:
