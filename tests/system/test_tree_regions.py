@@ -186,13 +186,7 @@ def block_reads(block: dict[str, Any], tx: str) -> list[tuple[str, list[Any]]]:
         ("eth_getTransactionByHash", [tx]),
         ("eth_getTransactionReceipt", [tx]),
         ("eth_getBlockReceipts", [number]),
-    ]
-
-
-def log_reads(block: dict[str, Any]) -> list[tuple[str, list[Any]]]:
-    number = block["number"]
-    return [
-        ("eth_getLogs", [{"blockHash": block["hash"]}]),
+        ("eth_getLogs", [{"blockHash": h}]),
         ("eth_getLogs", [{"fromBlock": number, "toBlock": number}]),
     ]
 
@@ -205,7 +199,8 @@ READ_TRIES = 3
 async def assert_answered_from_cache(
     name: str, leaf: TreeNode, reads: list[tuple[str, list[Any]]], expected: list[Any]
 ) -> None:
-    """Each read answered as ``expected``, as a cache hit, with no upstream call."""
+    """Each read answered as ``expected`` with no upstream call; the warmed ones (all but
+    eth_getLogs, answered from the feed's delivered blocks on the miss path) as cache hits."""
     calls = -1.0
     for _ in range(READ_TRIES):
         before = await leaf.metrics()
@@ -214,7 +209,7 @@ async def assert_answered_from_cache(
         after = await leaf.metrics()
         for (method, params), want, have in zip(reads, expected, got, strict=True):
             assert have == want, f"{name} {method}{params}"
-        for method in {m for m, _ in reads}:
+        for method in {m for m, _ in reads} - {"eth_getLogs"}:
             hits = metric(after, "chainrelay_requests_total", method=method, outcome="hit")
             hits -= metric(before, "chainrelay_requests_total", method=method, outcome="hit")
             asked = sum(1 for m, _ in reads if m == method)
@@ -253,31 +248,9 @@ async def test_every_leaf_gets_every_block_and_answers_from_its_cache(regions: R
         block, tx = await recent_logged_block(node, min(s.numbers[-1] for s in r.subs.values()))
         reads = block_reads(block, tx)
         expected = [await node.raw(m, p) for m, p in reads]
-        logs = log_reads(block)
-        logs_expected = [await node.raw(m, p) for m, p in logs]
     for name, leaf in r.leaves.items():
         await assert_answered_from_cache(name, leaf, reads, expected)
-        async with Chain.open(leaf.url) as at_leaf:
-            for (method, params), want in zip(logs, logs_expected, strict=True):
-                assert await at_leaf.raw(method, params) == want, f"{name} {method}{params}"
     print(latency_report(r))
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the block feed warms a new block's body, transactions and receipts, not "
-    "eth_getLogs: a leaf asks a parent for a new block's logs",
-)
-async def test_every_leaf_answers_logs_of_a_new_block_from_its_cache(regions: Regions) -> None:
-    r = regions
-    for sub in r.subs.values():
-        await sub.wait_count(3, 30 * BLOCK)
-    async with Chain.open(r.anvil) as node:
-        block, _ = await recent_logged_block(node, min(s.numbers[-1] for s in r.subs.values()))
-        logs = log_reads(block)
-        expected = [await node.raw(m, p) for m, p in logs]
-    for name, leaf in r.leaves.items():
-        await assert_answered_from_cache(name, leaf, logs, expected)
 
 
 async def test_restarted_leaf_resumes_its_subscriber_and_serves_from_twenty_back(
