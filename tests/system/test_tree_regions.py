@@ -3,9 +3,10 @@
 and the origin as candidates; every parent link is a delay link of its regions' round trip,
 and each leaf has a ``chainrelay subscribe`` beside it.
 
-One tree serves the whole module (eleven processes take a while to start on two cores); each
-test checks the subscribers' whole record so far, so a test that breaks the tree for the next
-one shows up there as a gap or a duplicate. The relay is killed last.
+One tree serves the whole module (a dozen processes and two dozen delay links take a while
+to start on two cores); each test checks the subscribers' whole record so far, so a test
+that breaks the tree for the next one shows up there as a gap or a duplicate. The relay is
+killed last.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ TREE_EXTRA = {"probe_interval": 0.5, "retry_delay": 0.1, "retry_max": 1.0, "ping
 # anvil's fourth development account: the traffic uses the first three (and their nonces).
 SIGNER = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 SIGNER_KEY = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"
-# A block a second; a few spare seconds for a loaded machine.
+# anvil mines a block a second: waits for blocks are counted in these (scaled by SLOWDOWN).
 BLOCK = 1 * SECOND
 
 
@@ -110,6 +111,7 @@ def contiguous(sub: Subscriber) -> list[int]:
         f"{sub.name}: not contiguous: {numbers}"
     )
     assert not sub.bad_lines, sub.bad_lines
+    assert not [b for b in sub.blocks if b["reorg"]], f"{sub.name}: a reorg anvil never made"
     return numbers
 
 
