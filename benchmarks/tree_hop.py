@@ -25,6 +25,10 @@ child (direct arrival - the source's write time to it). A child's hop latency is
 minus that. Per block the first, median and last child; over all (block, child) pairs the
 p50 and p99; and the relay's CPU per block.
 
+Side by side, the same relay config under ``serve --workers 2`` (SO_REUSEPORT: each worker
+process links to the source itself and serves the children the kernel handed it; the
+children connect as before): a hop is then counted from the first worker's receipt.
+
 The kernel floor is measured last, with the relay stopped: one thread writing the same
 frame (WebSocket header + frame) on each of ``--children`` loopback TCP connections whose
 readers wait, as the children do: what the fan-out costs if a relay did nothing but write.
@@ -59,14 +63,16 @@ from typing import IO, Any
 import common
 import orjson
 import uvloop
-from subscribers import raise_fd_limit
+from subscribers import raise_fd_limit, relay_cpu, relay_pids
 
 from chainrelay.protocol.feedsession import Want, encode_hello
 from chainrelay.wire.wsframes import binary_header
 
 GOAL_P50_MS = 1.0
 GOAL_P99_MS = 5.0
-BUDGET_SECONDS = 420
+# --rounds (3) times three runs with 1,000 children (relay, its workers, the forwarder), two
+# with 10, the floors: about 3 minutes here, with room for a shared machine's pauses.
+BUDGET_SECONDS = 600
 STREAM = "bsc/blocks"
 # Each child's receive buffer: several whole frames, so the relay's write never waits for
 # a reader (the kernel doubles it; net.core.rmem_max caps it). Set before connecting, so
@@ -280,8 +286,9 @@ class Block:
     position: int
     size: int
     big: bool
-    wrote_relay: float
+    wrote_relay: float  # the source's first write of it to a relay session
     wrote_direct: float
+    relay_spread: float = 0.0  # its last write to a relay session - the first (workers)
     direct: float = 0.0
     arrivals: list[float] = field(default_factory=list)
     relay_cpu: tuple[float, float] = (0.0, 0.0)
@@ -352,9 +359,11 @@ def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
     return proc, line.split()[1]
 
 
-def relay_toml(source_port: int, trust: str, children: int) -> str:
+def relay_toml(source_port: int, trust: str, children: int, workers: int = 1) -> str:
     return (
-        f"[limits]\nmax_connections_per_ip = {children + 100}\n\n"
+        # Lands in the [server] table common.Relay opens.
+        (f"workers = {workers}\n\n" if workers > 1 else "")
+        + f"[limits]\nmax_connections_per_ip = {children + 100}\n\n"
         '[chain]\nprofile = "bsc"\nchain_id = 56\n\n'
         f'[tree]\nregion = "here"\ntrust = ["{trust}"]\n\n'
         f'[[tree.parents]]\nname = "source"\nregion = "here"\n'
@@ -363,10 +372,10 @@ def relay_toml(source_port: int, trust: str, children: int) -> str:
 
 
 def run(
-    args: argparse.Namespace, stacks: Path, forwarder: bool = False
-) -> tuple[list[Block], float]:
-    """Source, relay (or the bare forwarder) and children up; publish warm-up then
-    measured blocks; tear down."""
+    args: argparse.Namespace, stacks: Path, forwarder: bool = False, workers: int = 1
+) -> tuple[list[Block], float, list[int]]:
+    """Source, relay (``workers`` processes, or the bare forwarder) and children up; publish
+    warm-up then measured blocks; tear down. Also the children each relay process held."""
     source_port = common.free_port()
     stack = contextlib.ExitStack()
     with stack:
@@ -395,7 +404,8 @@ def run(
                 return float(common.http_get(children_url))
         else:
             relay = common.Relay(
-                f"http://127.0.0.1:{source_port}", relay_toml(source_port, trust, args.children)
+                f"http://127.0.0.1:{source_port}",
+                relay_toml(source_port, trust, args.children, workers),
             )
             stack.callback(relay.stop)
             relay.start()
@@ -403,11 +413,19 @@ def run(
             port, pid = relay.port, relay.proc.pid
 
             def linked() -> float:
+                # A scrape is answered by whichever worker accepted it: keep each one's.
                 m = relay.metrics()
-                return common.metric_sum(m, "chainrelay_feed_children", stream=STREAM)
+                who = next((k for k in m if k.startswith("chainrelay_worker{")), "")
+                held[who] = common.metric_sum(m, "chainrelay_feed_children", stream=STREAM)
+                return sum(held.values()) if len(held) >= workers else 0.0
 
+        held: dict[str, float] = {}
         stats = f"http://127.0.0.1:{source_port}/stats"
-        wait_for(lambda: orjson.loads(common.http_get(stats))["relays"] >= 1, "relay linked")
+        wait_for(
+            lambda: orjson.loads(common.http_get(stats))["relays"] >= workers,
+            f"{workers} relay session(s) on the source",
+        )
+        pids = relay_pids(pid)  # with workers: the supervisor and each worker
         client = subprocess.Popen(
             [
                 sys.executable,
@@ -447,11 +465,18 @@ def run(
             if extra and i == WARMUP_BLOCKS + args.blocks:
                 spy = start_py_spy(pid, stacks)
                 stack.callback(common.stop_process, spy)
-            cpu0 = common.cpu_times(pid)
+            cpu0 = relay_cpu(pids)
             pub = post(source_port, "/publish")
-            if len(pub["relay"]) != 1 or len(pub["direct"]) != 1:
+            if len(pub["relay"]) != workers or len(pub["direct"]) != 1:
                 raise RuntimeError(f"source sessions: {pub}")
-            b = Block(pub["position"], pub["bytes"], pub["big"], pub["relay"][0], pub["direct"][0])
+            b = Block(
+                pub["position"],
+                pub["bytes"],
+                pub["big"],
+                min(pub["relay"]),
+                pub["direct"][0],
+                max(pub["relay"]) - min(pub["relay"]),
+            )
             time.sleep(SETTLE_BIG if b.big else SETTLE_SMALL)
             first_read = time.time()
             deadline = time.monotonic() + BLOCK_TIMEOUT
@@ -464,7 +489,7 @@ def run(
                 if (len(b.arrivals) >= args.children and b.direct) or (time.monotonic() > deadline):
                     break
                 time.sleep(0.1)
-            cpu1 = common.cpu_times(pid)
+            cpu1 = relay_cpu(pids)
             b.relay_cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
             b.client_cpu = (client_cpu[0], client_cpu[1])
             b.disturbed = sum(1 for t in b.arrivals if t > first_read)
@@ -474,7 +499,7 @@ def run(
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
             spy.wait(30)
-    return measured, float(big_frame)
+    return measured, float(big_frame), sorted(int(v) for v in held.values())
 
 
 def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
@@ -573,6 +598,49 @@ def side_by_side(bare: dict[str, Any] | None, relay: dict[str, Any]) -> str:
     )
 
 
+def workers_text(
+    args: argparse.Namespace,
+    multi: dict[bool, Any],
+    one: dict[bool, Any],
+    splits: list[list[int]],
+    spread: list[float],
+    rounds: list[tuple[dict[bool, Any], dict[bool, Any]]],
+) -> str:
+    """The relay as worker processes beside the one-process relay, per frame kind, pooled
+    and round by round (each round ran both, one after the other)."""
+    parts = []
+    for big, f in multi.items():
+        met = f["p50"] <= GOAL_P50_MS and f["p99"] <= GOAL_P99_MS
+        base = one.get(big)
+        versus = (
+            f" ({f['p50'] / base['p50']:.2f}x / {f['p99'] / base['p99']:.2f}x one process's; "
+            f"last child {f['last']:.2f} ms against {base['last']:.2f})"
+            if base
+            else ""
+        )
+        per = [
+            f"{o[big]['p50']:.1f} → {w[big]['p50']:.1f}" for o, w in rounds if big in o and big in w
+        ]
+        parts.append(
+            f"{'corpus' if big else 'small'} frames p50 {f['p50']:.2f} ms / p99 "
+            f"{f['p99']:.2f} ms{versus}, p50 by round (one process → workers) "
+            f"{', '.join(per)}; CPU of all its processes {f['cpu']:.1f} ms per block, "
+            f"missed {f['missed']}, arrivals after the client began reading "
+            f"{f['disturbed']}: {'met' if met else 'NOT met'}"
+        )
+    return (
+        f"**`chainrelay serve --workers {args.workers}`**, the same config: each worker links "
+        f"to the source itself (the source held {args.workers} relay sessions in every "
+        "round) and serves the children the kernel's SO_REUSEPORT hash gave it ("
+        + ", ".join(" / ".join(str(n) for n in split) for split in splits)
+        + f" of {args.children:,} by round); "
+        + "; ".join(parts)
+        + ". A hop is counted from the first worker's receipt of the frame: the source "
+        f"writes it to the next worker {common.median(spread):.2f} ms later (median), so "
+        "that worker's children carry that much of the source's time."
+    )
+
+
 def ms(v: float) -> str:
     return f"{v:.2f}"
 
@@ -642,6 +710,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-forwarder", dest="forwarder", action="store_false", help="skip the bare forwarder"
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="then the same relay under serve --workers N with as many children (0: not)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each 1,000-children config, in turn; their blocks are pooled",
+    )
     ap.add_argument("--profile", action="store_true", help="then sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
@@ -651,30 +731,61 @@ def main(argv: list[str] | None = None) -> int:
     common.budget(BUDGET_SECONDS)
     raise_fd_limit(2 * args.children + 500)  # the floor's pairs
     m = common.machine()
-    with tempfile.TemporaryDirectory(prefix="chainrelay-hop-") as tmp:
-        stacks = Path(tmp) / "stacks.txt"
-        blocks, big_size = run(args, stacks)
-        profiled = profile_table(stacks) if args.profile else ""
+    # Side by side: the same relay as worker processes with as many children (the fan-out
+    # split between processes) and the bare forwarder with as many children (what the hop
+    # costs if the relay's own work were free), in turn for --rounds rounds so that a
+    # shared machine's load falls on each alike; then the relay and the forwarder with a
+    # handful of children (the work per frame with next to no fan-out behind it).
+    multi = f"relay, --workers {args.workers}"
+    many = [("relay", 1)]
+    if args.workers > 1:
+        many.append((multi, args.workers))
+    if args.forwarder:
+        many.append(("bare forwarder", 1))
+    got: dict[str, list[Block]] = {who: [] for who, _ in many}
+    per_round: dict[str, list[dict[bool, Any]]] = {who: [] for who, _ in many}
+    splits: list[list[int]] = []
+    profiled = ""
+    big_size = 0.0
+    quiet = argparse.Namespace(**{**vars(args), "profile": False})
+    for r in range(args.rounds):
+        for who, workers in many:
+            profiling = who == "relay" and r == 0 and args.profile
+            with tempfile.TemporaryDirectory(prefix="chainrelay-hop-") as tmp:
+                stacks = Path(tmp) / "stacks.txt"
+                measured, big_size, held = run(
+                    args if profiling else quiet,
+                    stacks,
+                    forwarder=who == "bare forwarder",
+                    workers=workers,
+                )
+                if profiling:
+                    profiled = profile_table(stacks)
+            got[who] += measured
+            per_round[who].append(summarise(measured, args.children, who)[1])
+            if who == multi:
+                splits.append(held)
+    blocks = got["relay"]
     small_size = next((b.size for b in blocks if not b.big), 0)
     floors = {
         True: kernel_floor(args.children, int(big_size)),
         False: kernel_floor(args.children, small_size),
     }
     rows, facts = summarise(blocks, args.children, "relay")
-    # Side by side: the bare forwarder with as many children (what the hop costs if the
-    # relay's own work were free), then both with a handful of children (the work per
-    # frame with next to no fan-out behind it).
     other: dict[tuple[str, int], dict[bool, Any]] = {}
-    configs = [("bare forwarder", args.children)] if args.forwarder else []
+    for who, _ in many[1:]:
+        more, other[who, args.children] = summarise(got[who], args.children, who)
+        rows += more
+    configs = []
     if args.few:
         configs.append(("relay", args.few))
         if args.forwarder:
             configs.append(("bare forwarder", args.few))
     for who, count in configs:
-        cfg = argparse.Namespace(**{**vars(args), "children": count, "profile": False})
+        cfg = argparse.Namespace(**{**vars(quiet), "children": count})
         with tempfile.TemporaryDirectory(prefix="chainrelay-hop-") as tmp:
-            got, _ = run(cfg, Path(tmp) / "stacks.txt", forwarder=who != "relay")
-        more, other[who, count] = summarise(got, count, who)
+            few, _, _ = run(cfg, Path(tmp) / "stacks.txt", forwarder=who == "bare forwarder")
+        more, other[who, count] = summarise(few, count, who)
         rows += more
     texts = []
     for big, f in facts.items():
@@ -692,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{f['disturbed']}."
             + side_by_side(other.get(("bare forwarder", args.children), {}).get(big), f)
         )
+    if (multi, args.children) in other:
+        spread = [b.relay_spread * 1000 for b in got[multi]]
+        rounds = list(zip(per_round["relay"], per_round[multi], strict=True))
+        texts.append(workers_text(args, other[multi, args.children], facts, splits, spread, rounds))
     if ("relay", args.few) in other:
         relay_few = other["relay", args.few]
         bare_few = other.get(("bare forwarder", args.few), {})
@@ -731,11 +846,11 @@ def main(argv: list[str] | None = None) -> int:
             "The relay's own work per frame (receive, verify, then the fan-out loop) "
             "shows in the first child's hop. What would change it: fewer children per node "
             "(a wider, deeper tree: the hop grows with children per node, the path with "
-            "depth), children spread over worker processes (the `subscribers.py` fan-out "
-            "halved with two), and on real hosts a NIC instead of loopback (the receiver's "
-            "TCP work leaves the sender's CPU); a per-child copy of large frames remains "
-            "unless the kernel sends them without copying (MSG_ZEROCOPY, sendfile from one "
-            "shared buffer; over a NIC, not loopback)."
+            "depth), children spread over worker processes (`--workers` above: each writes "
+            "its share of the children, on its own core), and on real hosts a NIC instead "
+            "of loopback (the receiver's TCP work leaves the sender's CPU); a per-child copy "
+            "of large frames remains unless the kernel sends them without copying "
+            "(MSG_ZEROCOPY, sendfile from one shared buffer; over a NIC, not loopback)."
         )
     body = "\n\n".join(
         [
@@ -750,7 +865,11 @@ def main(argv: list[str] | None = None) -> int:
             "frames (the same block cut to one transaction) in turn. ms; *first / median / "
             "last child*: medians over blocks of each block's first, median and last child; "
             "*relay CPU*: user + system ms per block (mean); *client CPU*: ms per block, all "
-            "of it after the fan-out.",
+            "of it after the fan-out. The rows with "
+            f"{args.children:,} children pool {args.rounds} rounds; each round ran the relay"
+            + (f", the relay under `--workers {args.workers}`" if args.workers > 1 else "")
+            + (" and the bare forwarder" if args.forwarder else "")
+            + " one after another, so a shared machine's load falls on each alike.",
             common.table(
                 [
                     "children, frames",
