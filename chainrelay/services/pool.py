@@ -249,6 +249,13 @@ class UpstreamPool:
                 last = exc
         raise _no_answer(order, attempts, last, method)
 
+    def _settled(self, task: asyncio.Task[Answer]) -> None:
+        """A write still going to a slower upstream after the first answer was sent: its
+        failure is the upstream's (counted by ``_attempt``) and no one waits for it."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("late write failed: %s", task.exception())
+
     async def broadcast(self, method: str, params: Params | None) -> Answer:
         """A write to every upstream at once; the first success answers.
 
@@ -278,7 +285,7 @@ class UpstreamPool:
         finally:
             for task in pending:
                 self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                task.add_done_callback(self._settled)
         if first_error is not None:
             return first_error
         raise UpstreamUnavailable(
