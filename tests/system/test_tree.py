@@ -112,8 +112,11 @@ class Tree:
             raise AssertionError(f"{name}: {exc}\n{node.log_path.read_text()[-3000:]}") from None
         return node
 
-    async def origin(self, anvil: Anvil, key: str = ORIGIN_KEY, name: str = "origin") -> Relay:
-        return await self.node(name, node_config(region=name, key=key, upstreams=[anvil.ws_url]))
+    async def origin(
+        self, anvil: Anvil, key: str = ORIGIN_KEY, name: str = "origin", tree_extra: str = ""
+    ) -> Relay:
+        config = node_config(region=name, key=key, upstreams=[anvil.ws_url], tree_extra=tree_extra)
+        return await self.node(name, config)
 
     async def child(
         self,
@@ -709,3 +712,84 @@ async def test_leaf_new_heads_every_head_once_in_order_with_anvils_values(
     # (what BSC nodes send), with anvil's values.
     for mine, theirs in zip(heads["leaf"], heads["anvil"], strict=True):
         assert dict(mine) == {k: v for k, v in theirs.items() if k in HEADER_FIELDS}
+
+
+# --- 7: a parent restarts while blocks pass its backlog ----------------------------------
+async def test_leaf_fills_blocks_missed_while_its_parent_restarted(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    backlog = 3
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            origin = await tree.origin(anvil, tree_extra=f"backlog_frames = {backlog}")
+            relay = await tree.child("relay", [origin], tree_extra=f"backlog_frames = {backlog}")
+            leaf = await tree.child("leaf", [relay])
+        async with Chain.open(leaf.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+        async with Subscriber.connect(leaf.ws_url) as sub:
+            heads = await sub.subscribe(NEW_HEADS)
+            start = await head_number(anvil.url) + 1
+            await node.call("evm_mine")
+            await until(lambda: len(sub.notes[heads]) == 1, HOP_TIMEOUT, "a first head")
+            assert relay.proc is not None
+            relay.proc.kill()
+            relay.proc.wait()
+            missed = 2 * backlog
+            for i in range(missed):
+                await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
+                await node.call("evm_mine")
+            relay.start()  # the same port: the leaf's link comes back to it
+            await relay.wait_ready(NODE_START_TIMEOUT)
+            await node.call("evm_mine")
+            tip = start + missed + 1
+            await until(
+                lambda: len(sub.notes[heads]) >= tip - start + 1,
+                HOP_TIMEOUT,
+                "every head, the missed ones included",
+            )
+            async with Chain.open(leaf.url) as through:
+                await wait_same_head(through, node, HOP_TIMEOUT)
+                for n in range(start, tip + 1):
+                    assert await through.block(hex(n), True) == await node.block(hex(n), True)
+    got = sub.results(heads)
+    assert [int(h["number"], 16) for h in got] == list(range(start, tip + 1))
+    async with Chain.open(anvil.url) as node:
+        for h in got:
+            assert h["hash"] == (await node.block(h["number"]))["hash"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a sole parent that failed three connects is held down for TREE_DOWN_HOLD (30 s) "
+    "even once it is back: the ParentSet links no parent meanwhile",
+)
+async def test_leaf_feed_comes_back_soon_after_its_sole_parent_restarted(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            origin = await tree.origin(anvil)
+            relay = await tree.child("relay", [origin])
+            leaf = await tree.child("leaf", [relay])
+        assert relay.proc is not None
+        relay.proc.kill()
+        relay.proc.wait()
+
+        async def held_down() -> bool:
+            return "down: 3 connects failed" in leaf.log_path.read_text()
+
+        await until(held_down, HOP_TIMEOUT, "the leaf's link to fail its connects")
+        relay.start()  # the same port
+        await relay.wait_ready(NODE_START_TIMEOUT)
+        accepted = frames(await leaf.metrics(), "accepted")
+        await node.call("evm_mine")
+
+        async def by_frame() -> bool:
+            return frames(await leaf.metrics(), "accepted") > accepted
+
+        await until(by_frame, HOP_TIMEOUT, "a frame at the leaf after its parent's restart")
