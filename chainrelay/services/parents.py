@@ -181,15 +181,33 @@ class ParentSet:
         async with self._round_lock:  # one change of links at a time
             await asyncio.gather(*(self._probe(name) for name in self.candidates))
             self._mark_failed_links()
-            chosen = choose(
-                list(self.candidates.values()),
-                self.k,
-                self.parents,
-                degrade_factor=self.degrade_factor,
-                min_gain=self.min_gain,
-            )
+            chosen = self._choose()
+            if not chosen and self._lift_holds():
+                chosen = self._choose()
             await self._relink(chosen)
             self.rounds += 1
+
+    def _choose(self) -> list[str]:
+        return choose(
+            list(self.candidates.values()),
+            self.k,
+            self.parents,
+            degrade_factor=self.degrade_factor,
+            min_gain=self.min_gain,
+        )
+
+    def _lift_holds(self) -> bool:
+        """With no parent at all, a candidate held down for a broken feed whose /health
+        answers gets another chance now: most often it was restarting (a node whose only
+        parent restarted would otherwise wait out the hold with no feed). True if any."""
+        lifted = False
+        for name, cand in self.candidates.items():
+            st = self._state[name]
+            if not cand.up and st.down_until > 0 and cand.rtt is not None:
+                st.down_until = 0.0
+                cand.up = True
+                lifted = True
+        return lifted
 
     async def _probe(self, name: str) -> None:
         cand, st = self.candidates[name], self._state[name]

@@ -760,12 +760,6 @@ async def test_leaf_fills_blocks_missed_while_its_parent_restarted(
             assert h["hash"] == (await node.block(h["number"]))["hash"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a sole parent that failed three connects is held down for TREE_DOWN_HOLD (30 s) "
-    "even once it is back: the ParentSet links no parent meanwhile",
-)
 async def test_leaf_feed_comes_back_soon_after_its_sole_parent_restarted(
     anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
 ) -> None:
