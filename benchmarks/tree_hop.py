@@ -45,6 +45,7 @@ import collections
 import contextlib
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -553,9 +554,11 @@ def _short(frame: str) -> str:
     return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
-def kernel_floor(count: int, size: int) -> float:
+def kernel_floor(count: int, size: int, parts: int = 1) -> float:
     """Wall ms for one thread to write ``size`` bytes (a header + frame) on each of
-    ``count`` loopback TCP connections whose readers wait; median of a few rounds."""
+    ``count`` loopback TCP connections whose readers wait; median of a few rounds. With
+    ``parts`` > 1, that many processes write a share each at once (first start to last
+    end): what worker processes could do at best."""
     server = socket.create_server(("127.0.0.1", 0), backlog=count)
     readers: list[socket.socket] = []
     writers: list[socket.socket] = []
@@ -574,10 +577,13 @@ def kernel_floor(count: int, size: int) -> float:
         buf = bytearray(READ_BYTES)
         rounds = []
         for _ in range(FLOOR_ROUNDS):
-            started = time.perf_counter()
-            for w in writers:
-                w.sendmsg((head, data))
-            rounds.append((time.perf_counter() - started) * 1000)
+            if parts > 1:
+                rounds.append(_write_in_parts(writers, (head, data), parts))
+            else:
+                started = time.perf_counter()
+                for w in writers:
+                    w.sendmsg((head, data))
+                rounds.append((time.perf_counter() - started) * 1000)
             for r in readers:
                 with contextlib.suppress(BlockingIOError):
                     while r.recv_into(buf) == len(buf):
@@ -586,6 +592,33 @@ def kernel_floor(count: int, size: int) -> float:
     finally:
         for sock in (*readers, *writers, server):
             sock.close()
+
+
+def _write_in_parts(writers: list[socket.socket], chunks: tuple[bytes, bytes], parts: int) -> float:
+    """One write of ``chunks`` on every writer, by ``parts`` forked processes started together."""
+    ctx = multiprocessing.get_context("fork")  # the sockets are inherited
+    gate = ctx.Barrier(parts + 1)
+    times: multiprocessing.SimpleQueue[tuple[float, float]] = ctx.SimpleQueue()
+    share = -(-len(writers) // parts)
+
+    def write(mine: list[socket.socket]) -> None:
+        gate.wait()
+        started = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+        for w in mine:
+            w.sendmsg(chunks)
+        times.put((started, time.monotonic()))
+
+    procs = [
+        ctx.Process(target=write, args=(writers[i * share : (i + 1) * share],))
+        for i in range(parts)
+    ]
+    for proc in procs:
+        proc.start()
+    gate.wait()
+    spans = [times.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return (max(end for _, end in spans) - min(start for start, _ in spans)) * 1000
 
 
 def side_by_side(bare: dict[str, Any] | None, relay: dict[str, Any]) -> str:
@@ -605,6 +638,7 @@ def workers_text(
     splits: list[list[int]],
     spread: list[float],
     rounds: list[tuple[dict[bool, Any], dict[bool, Any]]],
+    floors: tuple[dict[bool, float], dict[bool, float]],
 ) -> str:
     """The relay as worker processes beside the one-process relay, per frame kind, pooled
     and round by round (each round ran both, one after the other)."""
@@ -621,10 +655,13 @@ def workers_text(
         per = [
             f"{o[big]['p50']:.1f} → {w[big]['p50']:.1f}" for o, w in rounds if big in o and big in w
         ]
+        one_floor, split_floor = floors[0].get(big, 0.0), floors[1].get(big, 0.0)
         parts.append(
             f"{'corpus' if big else 'small'} frames p50 {f['p50']:.2f} ms / p99 "
             f"{f['p99']:.2f} ms{versus}, p50 by round (one process → workers) "
-            f"{', '.join(per)}; CPU of all its processes {f['cpu']:.1f} ms per block, "
+            f"{', '.join(per)}; kernel floor with {args.workers} processes writing a share "
+            f"each at once {split_floor:.2f} ms (one thread {one_floor:.2f}); "
+            f"CPU of all its processes {f['cpu']:.1f} ms per block, "
             f"missed {f['missed']}, arrivals after the client began reading "
             f"{f['disturbed']}: {'met' if met else 'NOT met'}"
         )
@@ -767,10 +804,16 @@ def main(argv: list[str] | None = None) -> int:
                 splits.append(held)
     blocks = got["relay"]
     small_size = next((b.size for b in blocks if not b.big), 0)
+    sizes = {True: int(big_size), False: small_size}
     floors = {
         True: kernel_floor(args.children, int(big_size)),
         False: kernel_floor(args.children, small_size),
     }
+    split_floors = (
+        {big: kernel_floor(args.children, size, args.workers) for big, size in sizes.items()}
+        if args.workers > 1
+        else {}
+    )
     rows, facts = summarise(blocks, args.children, "relay")
     other: dict[tuple[str, int], dict[bool, Any]] = {}
     for who, _ in many[1:]:
@@ -806,7 +849,17 @@ def main(argv: list[str] | None = None) -> int:
     if (multi, args.children) in other:
         spread = [b.relay_spread * 1000 for b in got[multi]]
         rounds = list(zip(per_round["relay"], per_round[multi], strict=True))
-        texts.append(workers_text(args, other[multi, args.children], facts, splits, spread, rounds))
+        texts.append(
+            workers_text(
+                args,
+                other[multi, args.children],
+                facts,
+                splits,
+                spread,
+                rounds,
+                (floors, split_floors),
+            )
+        )
     if ("relay", args.few) in other:
         relay_few = other["relay", args.few]
         bare_few = other.get(("bare forwarder", args.few), {})
