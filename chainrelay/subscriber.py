@@ -215,6 +215,7 @@ class Subscription:
         self._positions = Positions(from_block)
         self._high: int | None = None  # highest position delivered
         self._accepted_next = from_block  # first position after the last one queued
+        self._last_identity: bytes | None = None  # the last frame queued, for resuming
         self._floor = from_block  # nothing below it is wanted (first block queued if None)
         self._overflow = False
         self._stale: dict[FeedLink, int] = {}  # link -> session whose frames are ignored
@@ -315,7 +316,8 @@ class Subscription:
 
     # --- the links' side: called from their read loops, never blocking -------------------
     def _wants(self) -> list[Want]:
-        return [Want(self.stream, from_position=self._accepted_next)]
+        after = self._last_identity if self._accepted_next is not None else None
+        return [Want(self.stream, from_position=self._accepted_next, after=after)]
 
     def _drop(self, link: FeedLink, reason: str, detail: object = "") -> None:
         self.dropped[reason] += 1
@@ -384,6 +386,7 @@ class Subscription:
             self._drop(link, "untrusted", "0x" + origin.hex())
             return
         self._seen.add(frame.identity)
+        self._last_identity = frame.identity
         origin_hex = "0x" + origin.hex()
         self.signers.add(origin_hex)
         if floor is None:

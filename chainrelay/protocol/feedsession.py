@@ -11,6 +11,9 @@ Rules (everything that decides what a child is sent lives here):
   there is no gap or duplicate between replay and live by construction.
 - ``hello`` names the streams a child wants and, for each, where to resume: ``from`` a
   position (the first position it lacks), or the ``last`` N frames, or neither (live).
+  With ``from`` a child may name ``after``, the identity of the last frame it took: the
+  replay then also holds every frame that arrived after that one, whatever its position
+  (a reorg's new blocks sit below ``from`` but after the frames they replace).
   The answer (``welcome``) tells each stream's cursor start and, when ``from`` is older
   than the backlog, a ``gap``: the positions [from, oldest) the child must backfill over
   JSON-RPC. The replay is the backlog from there on: bounded by the backlog, never a flood.
@@ -112,8 +115,19 @@ class Backlog:
         while entries and entries[0].position < position:
             self.bytes -= len(entries.popleft().raw)
 
-    def resume(self, from_position: int | None, last: int | None) -> tuple[int, Gap | None]:
+    def resume(
+        self, from_position: int | None, last: int | None, after: bytes | None = None
+    ) -> tuple[int, Gap | None]:
         """Where a child's cursor starts, and the positions it must backfill, if any."""
+        start, gap = self._resume(from_position, last)
+        if after is not None:
+            for e in self.entries:
+                if e.identity == after:
+                    # What came after the child's last frame, reorgs below ``from`` too.
+                    return min(start, e.seq + 1), gap
+        return start, gap
+
+    def _resume(self, from_position: int | None, last: int | None) -> tuple[int, Gap | None]:
         if last is not None:
             return max(self.base_seq, self.next_seq - last), None
         if from_position is None or not self.entries:
@@ -227,6 +241,7 @@ class Want:
     stream: str
     from_position: int | None = None
     last: int | None = None
+    after: bytes | None = None  # identity of the last frame the child took
 
 
 @dataclass(slots=True)
@@ -242,6 +257,17 @@ def _int_or_none(v: Any, what: str) -> int | None:
     return v
 
 
+def _identity_or_none(v: Any) -> bytes | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) != 66 or not v.startswith("0x"):
+        raise ControlError("after must be a 0x-prefixed 32-byte identity")
+    try:
+        return bytes.fromhex(v[2:])
+    except ValueError:
+        raise ControlError("after must be a 0x-prefixed 32-byte identity") from None
+
+
 def encode_hello(wants: list[Want]) -> bytes:
     streams = []
     for w in wants:
@@ -250,6 +276,8 @@ def encode_hello(wants: list[Want]) -> bytes:
             s["from"] = w.from_position
         if w.last is not None:
             s["last"] = w.last
+        if w.after is not None:
+            s["after"] = "0x" + w.after.hex()
         streams.append(s)
     return orjson.dumps({"type": "hello", "version": PROTOCOL_VERSION, "streams": streams})
 
@@ -278,7 +306,10 @@ def parse_hello(data: bytes | str) -> Hello:
         last = _int_or_none(s.get("last"), "last")
         if from_ is not None and last is not None:
             raise ControlError("give from or last, not both")
-        hello.wants.append(Want(name, from_, last))
+        after = _identity_or_none(s.get("after"))
+        if after is not None and from_ is None:
+            raise ControlError("after goes with from")
+        hello.wants.append(Want(name, from_, last, after))
     return hello
 
 

@@ -74,6 +74,7 @@ class Stream:
     dedup: Dedup
     children: set[FeedChild] = field(default_factory=set)
     newest: int | None = None  # highest position accepted
+    last_identity: bytes | None = None  # identity of the last frame accepted
 
 
 class FeedHub:
@@ -158,6 +159,7 @@ class FeedHub:
         st.backlog.append(frame.position, frame.identity, frame.raw)
         if st.newest is None or frame.position > st.newest:
             st.newest = frame.position
+        st.last_identity = frame.identity
         self._count(st.name, outcome)
         for child in list(st.children):
             child.pump()
@@ -177,7 +179,7 @@ class FeedHub:
             if st.newest is None:
                 out.append(Want(st.name, last=resume_last))
             else:
-                out.append(Want(st.name, from_position=st.newest + 1))
+                out.append(Want(st.name, from_position=st.newest + 1, after=st.last_identity))
         return out
 
     def trim_below(self, stream: str, position: int) -> None:
@@ -265,7 +267,7 @@ class FeedChild(WsSession):
                 return
         for want in hello.wants:
             st = hub.streams[want.stream]
-            start, gap = st.backlog.resume(want.from_position, want.last)
+            start, gap = st.backlog.resume(want.from_position, want.last, want.after)
             self.cursors[want.stream] = Cursor.at(
                 st.backlog, start, hub.limits.child_queue_frames, hub.limits.child_queue_bytes
             )

@@ -654,3 +654,59 @@ def test_bye_and_error_parse_as_control_messages() -> None:
 def test_a_malformed_control_message_is_a_control_error(name: str) -> None:
     with pytest.raises(ControlError):
         parse_control(MALFORMED_HELLOS[name])
+
+
+# --- resuming after a reorg: ``after`` -------------------------------------------------------
+def _ident(tag: str) -> bytes:
+    return tag.encode().ljust(32, b"\x00")
+
+
+def _backlog_of(*frames: tuple[int, str]) -> Backlog:
+    b = Backlog(100, 10**9)
+    for position, tag in frames:
+        b.append(position, _ident(tag), tag.encode())
+    return b
+
+
+def _replay(b: Backlog, start: int) -> list[bytes]:
+    return Cursor.at(b, start, 1000, 10**9).take(b, 10**9)
+
+
+def test_resume_after_the_last_frame_taken_brings_a_reorg_below_from() -> None:
+    b = _backlog_of((9, "a9"), (10, "a10"), (9, "b9"), (10, "b10"), (11, "b11"))
+    # By position alone the reorg's b9 and b10 are skipped: they sit below ``from``.
+    start, gap = b.resume(11, None)
+    assert _replay(b, start) == [b"b11"] and gap is None
+    start, gap = b.resume(11, None, _ident("a10"))
+    assert _replay(b, start) == [b"b9", b"b10", b"b11"] and gap is None
+
+
+def test_resume_after_a_depth_one_reorg_replays_the_replacing_frame() -> None:
+    b = _backlog_of((10, "a10"), (10, "b10"))
+    assert _replay(b, b.resume(11, None)[0]) == []
+    assert _replay(b, b.resume(11, None, _ident("a10"))[0]) == [b"b10"]
+
+
+def test_resume_after_a_frame_the_backlog_lacks_falls_back_to_from() -> None:
+    b = _backlog_of((9, "a9"), (10, "a10"), (11, "a11"))
+    assert _replay(b, b.resume(10, None, _ident("zz"))[0]) == [b"a10", b"a11"]
+    # ``after`` never starts later than ``from`` would.
+    assert _replay(b, b.resume(10, None, _ident("a11"))[0]) == [b"a10", b"a11"]
+
+
+def test_after_travels_in_the_hello_and_goes_with_from_only() -> None:
+    hello = parse_hello(encode_hello([Want("bsc/blocks", from_position=5, after=b"\x07" * 32)]))
+    assert hello.wants == [Want("bsc/blocks", 5, None, b"\x07" * 32)]
+    for bad in ('"0x12"', '"' + "0x" + "zz" * 32 + '"', "7"):
+        with pytest.raises(ControlError):
+            parse_hello(
+                b'{"type":"hello","version":1,"streams":[{"stream":"s/b","from":1,"after":'
+                + bad.encode()
+                + b"}]}"
+            )
+    with pytest.raises(ControlError, match="after goes with from"):
+        parse_hello(
+            b'{"type":"hello","version":1,"streams":[{"stream":"s/b","after":"0x'
+            + b"00" * 32
+            + b'"}]}'
+        )
