@@ -235,6 +235,7 @@ class Node:
                 max_frame_bytes=tree.max_frame_bytes,
                 max_children=tree.max_children,
                 stale_positions=tree.stale_positions,
+                hello_timeout=tree.hello_timeout,
             ),
         )
         if signer is not None:
@@ -263,7 +264,7 @@ class Node:
             [Candidate(p.name, p.url, p.region) for p in tree.parents],
             k=tree.parents_k,
             wants=lambda: hub.wants(tree.resume_last),
-            on_frame=lambda _link, raw: hub.accept(raw),
+            on_frame=lambda link, raw: hub.accept(raw, link.name),
             on_gap=_log_gap,
             max_frame_bytes=tree.max_frame_bytes,
             connect_timeout=tree.connect_timeout,

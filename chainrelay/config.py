@@ -196,6 +196,7 @@ class TreeConfig:
     link_failures_down: int = d.TREE_LINK_FAILURES_DOWN
     down_hold: float = d.TREE_DOWN_HOLD
     link_check_interval: float = d.TREE_LINK_CHECK_INTERVAL
+    hello_timeout: float = d.TREE_HELLO_TIMEOUT
 
     @property
     def enabled(self) -> bool:
@@ -395,6 +396,7 @@ def _validate_tree(cfg: Config) -> None:
         ("tree.probe_failures_down", t.probe_failures_down),
         ("tree.link_failures_down", t.link_failures_down),
         ("tree.link_check_interval", t.link_check_interval),
+        ("tree.hello_timeout", t.hello_timeout),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")

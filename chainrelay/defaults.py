@@ -225,6 +225,9 @@ TREE_MAX_CHILDREN = 10_000
 # Frames this many positions older than the newest accepted are dropped as stale: past the
 # reorg window no node acts on them, so they could only be replays of forgotten frames.
 TREE_STALE_POSITIONS = 1024
+# A child that upgraded to the feed but sent no hello within this long is closed (4400):
+# a hello is the first thing a child sends; an idle upgrade only holds a child's place.
+TREE_HELLO_TIMEOUT = 10.0
 # Parents a node keeps, each in another region: one may die without a missed frame.
 TREE_PARENTS = 2
 # Frames a node asks a parent to replay when it starts with nothing: its own children can

@@ -51,7 +51,9 @@ from chainrelay.wire.wsframes import binary_header
 
 log = logging.getLogger(__name__)
 
-FrameListener = Callable[[Frame], None]
+# Called with each frame kept and the name of the parent it came from ("" for a frame this
+# node published).
+FrameListener = Callable[[Frame, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class HubLimits:
     max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
     max_children: int = defaults.TREE_MAX_CHILDREN
     stale_positions: int = defaults.TREE_STALE_POSITIONS
+    hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
 
 
 @dataclass(slots=True)
@@ -103,11 +106,11 @@ class FeedHub:
 
     # --- counting ----------------------------------------------------------------------
     def _count(self, stream: str, outcome: str) -> None:
+        if stream not in self.streams:
+            stream = "other"  # names come from the wire: never grow the label set
         key = (stream, outcome)
         inc = self._counters.get(key)
         if inc is None:
-            if stream not in self.streams:
-                stream = "other"  # names come from the wire: never grow the label set
             inc = self._counters[key] = self.metrics.feed_frames.labels(stream, outcome).inc
         inc()
 
@@ -117,10 +120,11 @@ class FeedHub:
         frame = feedframe.decode(raw, len(raw))
         st = self.streams[frame.stream]
         if st.dedup.add(frame.identity):
-            self._keep(st, frame, "published")
+            self._keep(st, frame, "published", "")
 
-    def accept(self, raw: bytes) -> Frame | None:
-        """A frame from a parent: the accepted frame, or None (a duplicate, or dropped)."""
+    def accept(self, raw: bytes, source: str = "") -> Frame | None:
+        """A frame from a parent (named ``source``): the accepted frame, or None (a
+        duplicate, or dropped)."""
         try:
             frame = feedframe.decode(raw, self.limits.max_frame_bytes)
         except FrameError as exc:
@@ -152,21 +156,25 @@ class FeedHub:
             )
             return None
         st.dedup.add(frame.identity)
-        self._keep(st, frame, "accepted")
+        self._keep(st, frame, "accepted", source)
         return frame
 
-    def _keep(self, st: Stream, frame: Frame, outcome: str) -> None:
+    def _keep(self, st: Stream, frame: Frame, outcome: str, source: str) -> None:
         st.backlog.append(frame.position, frame.identity, frame.raw)
         if st.newest is None or frame.position > st.newest:
             st.newest = frame.position
         st.last_identity = frame.identity
         self._count(st.name, outcome)
         for child in list(st.children):
-            child.pump()
+            try:
+                child.pump()
+            except Exception:  # one child's trouble never costs the others this frame
+                log.exception("feed child %s failed; dropped", child.ip)
+                child.abort()
         self.metrics.feed_latency.labels(st.name).set(max(0.0, time.time() - frame.origin_us / 1e6))
         for fn in self.listeners:
             try:
-                fn(frame)
+                fn(frame, source)
             except Exception:
                 log.exception("feed listener failed")
 
@@ -181,11 +189,6 @@ class FeedHub:
             else:
                 out.append(Want(st.name, from_position=st.newest + 1, after=st.last_identity))
         return out
-
-    def trim_below(self, stream: str, position: int) -> None:
-        st = self.streams.get(stream)
-        if st is not None:
-            st.backlog.trim_below(position)
 
     # --- children ----------------------------------------------------------------------
     def open_child(
@@ -202,7 +205,7 @@ class FeedHub:
 
     def close_children(self) -> None:
         for child in list(self.children):
-            child.close(1001, "node shutting down")
+            child.close_now(1001, "node shutting down")
 
 
 class FeedChild(WsSession):
@@ -244,7 +247,14 @@ class FeedChild(WsSession):
         ok = super().accept(raw_request)
         if ok:
             self.hub.children.add(self)
+            # A child that never says hello would hold its place among max_children.
+            asyncio.get_running_loop().call_later(self.hub.limits.hello_timeout, self._hello_due)
         return ok
+
+    def _hello_due(self) -> None:
+        if not self.greeted and not self.closed:
+            self.greeted = True
+            self._refuse("no hello in time", CLOSE_BAD_HELLO, "no_hello")
 
     def _message(self, body: bytes) -> None:
         if self.greeted:
@@ -286,7 +296,7 @@ class FeedChild(WsSession):
 
     def pump(self) -> None:
         """Write what is due while the socket buffer has room; never waits."""
-        if self.closed:
+        if self.closed or self.proto.state is not State.OPEN:
             return
         transport = self.transport
         streams = self.hub.streams

@@ -40,7 +40,9 @@ class FeedSource:
         self.metrics = metrics
         self.max_payload_bytes = max_payload_bytes
 
-    def on_frame(self, frame: Frame) -> None:
+    def on_frame(self, frame: Frame, source: str) -> None:
+        """``source``: the parent that sent it, whose upstream is then credited with the
+        block (a miss for it goes where it is known to be)."""
         if frame.kind != feedframe.KIND_BLOCK:
             return
         try:
@@ -60,9 +62,12 @@ class FeedSource:
             return
         self.blocks.offer(block, block_raw, None if receipts_raw == b"null" else receipts_raw)
         header = {k: block[k] for k in HEADER_FIELDS if k in block}
-        # The tracker asks this upstream for parents it lacks (a gap): any live parent.
+        # The tracker asks this upstream for parents it lacks (a gap): the parent that sent
+        # the frame when it is one of the upstreams, else any live one.
         upstreams = self.pool.upstreams
-        u = next((x for x in upstreams if x.healthy), upstreams[0])
+        u = next((x for x in upstreams if x.name == source), None)
+        if u is None:
+            u = next((x for x in upstreams if x.healthy), upstreams[0])
         self.head.push_header(u, header)
 
     def _bad(self, frame: Frame, why: str) -> None:

@@ -724,3 +724,35 @@ async def test_a_lagging_child_that_never_reads_the_close_is_dropped_after_the_c
     await asyncio.wait_for(p.child.lost.wait(), WAIT)
     assert p.to_child.get_write_buffer_size() == 0
     assert parent.children == set()
+
+
+async def test_a_child_that_never_says_hello_is_closed_and_frees_its_place() -> None:
+    parent = FeedHub(
+        [STREAM],
+        Metrics(),
+        trust=[ORIGIN.address],
+        limits=HubLimits(hello_timeout=0.05, max_children=1),
+    )
+    silent = connect(parent, hello=[])
+    await asyncio.wait_for(silent.child.lost.wait(), WAIT)
+    assert silent.child.close_code == CLOSE_BAD_HELLO
+    assert closes(parent, "no_hello") == 1
+    assert parent.children == set()
+    p = connect(parent, [Want(STREAM)])  # the place it held is free again
+    await welcomed(p)
+
+
+async def test_frames_of_unknown_streams_are_counted_under_one_label() -> None:
+    parent = hub()
+    for i in range(50):
+        raw = feedframe.encode(
+            ORIGIN,
+            kind=feedframe.KIND_BLOCK,
+            stream=f"junk{i}/blocks",
+            position=i,
+            identity=block_hash(i),
+            plain=block_payload(block_json(i), b"[]"),
+        )
+        assert parent.accept(raw) is None
+    assert counted(parent, "unknown_stream", "other") == 50
+    assert len(parent._counters) == 1
