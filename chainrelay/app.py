@@ -166,6 +166,7 @@ class Node:
             block_passes=cfg.subscriptions.feed_block_passes,
             receipts_retry_blocks=cfg.subscriptions.feed_receipts_retry_blocks,
             pending_max_message=cfg.subscriptions.pending_max_message,
+            offered_max_bytes=tree.offered_max_bytes,
         )
         self._stack.append(blocks.stop)
         if tree.enabled:

@@ -197,6 +197,7 @@ class TreeConfig:
     down_hold: float = d.TREE_DOWN_HOLD
     link_check_interval: float = d.TREE_LINK_CHECK_INTERVAL
     hello_timeout: float = d.TREE_HELLO_TIMEOUT
+    offered_max_bytes: int = d.OFFERED_MAX_BYTES
 
     @property
     def enabled(self) -> bool:
@@ -397,6 +398,7 @@ def _validate_tree(cfg: Config) -> None:
         ("tree.link_failures_down", t.link_failures_down),
         ("tree.link_check_interval", t.link_check_interval),
         ("tree.hello_timeout", t.hello_timeout),
+        ("tree.offered_max_bytes", t.offered_max_bytes),
     ):
         if value <= 0:
             raise ConfigError(f"{path}: must be positive")

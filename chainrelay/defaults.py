@@ -228,6 +228,10 @@ TREE_STALE_POSITIONS = 1024
 # A child that upgraded to the feed but sent no hello within this long is closed (4400):
 # a hello is the first thing a child sends; an idle upgrade only holds a child's place.
 TREE_HELLO_TIMEOUT = 10.0
+# Bytes of blocks a node holds from frames before its block feed takes them (most are
+# taken within a block time; a restart's replay and side forks wait): 64 corpus-sized
+# blocks, raw. Past it the oldest are dropped and fetched from a parent if ever needed.
+OFFERED_MAX_BYTES = 64 * MiB
 # Parents a node keeps, each in another region: one may die without a missed frame.
 TREE_PARENTS = 2
 # Frames a node asks a parent to replay when it starts with nothing: its own children can

@@ -175,6 +175,7 @@ class BlockFeed:
         block_passes: int = defaults.FEED_BLOCK_PASSES,
         receipts_retry_blocks: int = defaults.FEED_RECEIPTS_RETRY_BLOCKS,
         pending_max_message: int = defaults.PENDING_MAX_MESSAGE,
+        offered_max_bytes: int = defaults.OFFERED_MAX_BYTES,
     ) -> None:
         self.pool = pool
         self.head = head
@@ -203,6 +204,8 @@ class BlockFeed:
         # Blocks handed over whole (``offer``: a relay tree frame), by hash: the fetch takes
         # them from here instead of asking an upstream.
         self._offered: dict[str, tuple[dict[str, Any], bytes, bytes | None]] = {}
+        self._offered_bytes = 0  # their raw bytes, bounded by offered_max_bytes
+        self.offered_max_bytes = offered_max_bytes
         # number -> (hash, logs) of the blocks delivered lately (the reorg window): what
         # ``recent_logs`` answers eth_getLogs from.
         self._recent: dict[int, tuple[str, list[dict[str, Any]]]] = {}
@@ -243,12 +246,21 @@ class BlockFeed:
         None), from elsewhere than this node's upstreams: when the head reaches it, the
         feed takes it from here, with no upstream call. Held for the reorg window only."""
         block_hash = block.get("hash")
-        if not isinstance(block_hash, str):
+        if not isinstance(block_hash, str) or block_hash in self._offered:
             return
         offered = self._offered
         offered[block_hash] = (block, block_raw, receipts_raw)
-        while len(offered) > self._window:
-            del offered[next(iter(offered))]
+        self._offered_bytes += _offer_size(block_raw, receipts_raw)
+        while offered and (
+            len(offered) > self._window or self._offered_bytes > self.offered_max_bytes
+        ):
+            self._take_offer(next(iter(offered)))
+
+    def _take_offer(self, block_hash: str) -> tuple[dict[str, Any], bytes, bytes | None] | None:
+        got = self._offered.pop(block_hash, None)
+        if got is not None:
+            self._offered_bytes -= _offer_size(got[1], got[2])
+        return got
 
     def recent_logs(self, params: Any) -> bytes | None:
         """eth_getLogs answered from the blocks this feed delivered, as a JSON array, when
@@ -515,7 +527,7 @@ class BlockFeed:
         raise _Unavailable
 
     async def _fetch_once(self, number: int, block_hash: str) -> tuple[BlockEvent, _Raw]:
-        offered = self._offered.pop(block_hash, None)
+        offered = self._take_offer(block_hash)
         if offered is not None:
             got = self._from_offer(number, block_hash, *offered)
             if got is not None:
@@ -788,6 +800,12 @@ def _receipt_of(tx_hash: str, block_hash: str) -> Callable[[Any], Any]:
         return None
 
     return pick
+
+
+def _offer_size(block_raw: bytes, receipts_raw: bytes | None) -> int:
+    # The parsed block held beside the raw bytes costs a few times as much again; the bound
+    # counts raw bytes, which are what a frame delivers.
+    return len(block_raw) + (len(receipts_raw) if receipts_raw is not None else 0)
 
 
 def _resolve(ref: str | int | None, view: HeadView) -> int | None:

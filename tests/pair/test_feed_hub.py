@@ -756,3 +756,13 @@ async def test_frames_of_unknown_streams_are_counted_under_one_label() -> None:
         assert parent.accept(raw) is None
     assert counted(parent, "unknown_stream", "other") == 50
     assert len(parent._counters) == 1
+
+
+async def test_blocks_offered_by_frames_are_bounded_in_bytes_oldest_dropped_first() -> None:
+    node = Node(defaults.TREE_MAX_PAYLOAD_BYTES)
+    sizes = [len(block_json(n)) + len(b"[]") for n in range(6)]
+    node.blocks.offered_max_bytes = sum(sizes[3:])  # room for the newest three exactly
+    for n in range(6):
+        assert node.hub.accept(frame(n)) is not None  # the head never reaches them here
+    assert node.offered() == ["0x" + block_hash(n).hex() for n in (3, 4, 5)]
+    assert node.blocks._offered_bytes == sum(sizes[3:])
