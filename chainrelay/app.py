@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -26,6 +25,7 @@ from chainrelay.services.http import HttpServer, Routes
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.origin import Origin, load_signer
 from chainrelay.services.parents import ParentSet
+from chainrelay.services.peer import new_via_name
 from chainrelay.services.pool import UpstreamPool
 from chainrelay.services.rpc import RpcService
 from chainrelay.services.shared_cache import (
@@ -46,7 +46,9 @@ FIRST_HEAD_TIMEOUT = 10.0
 class Node:
     """One relay node. ``await node.start()``, serve, ``await node.stop()``."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, via: str | None = None) -> None:
+        """``via``: the node's name in Via headers, shared by a node's worker processes
+        (one is made when not given)."""
         self.cfg = cfg
         self.metrics = Metrics()
         self._stack: list[Callable[[], Awaitable[None]]] = []
@@ -64,7 +66,7 @@ class Node:
         self.parents: ParentSet | None = None
         self.chain_id = 0
         # This node's name in the Via header of what it forwards (loop detection).
-        self.via = f"chainrelay-{secrets.token_hex(4)}"
+        self.via = via or new_via_name()
 
     async def start(self, *, reuse_port: bool = False) -> None:
         try:

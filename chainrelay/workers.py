@@ -29,6 +29,7 @@ from typing import Any
 
 from chainrelay.config import Config, parse_listen
 from chainrelay.errors import ChainRelayError
+from chainrelay.services.peer import new_via_name
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class _Supervisor:
         self.wakeup = wakeup
         self.slots = [_Slot(i) for i in range(workers)]
         self.ctx = multiprocessing.get_context("fork")  # no loop, no thread runs here yet
+        # One name in Via headers for every worker: a request that comes back round to
+        # another worker of this node is a loop all the same.
+        self.via = new_via_name()
         self.stop_deadline: float | None = None
         self.exit_code = 0
 
@@ -138,7 +142,7 @@ class _Supervisor:
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(self.cfg, slot.index, writer, self.log_level, self.wakeup),
+            args=(self.cfg, slot.index, writer, self.log_level, self.wakeup, self.via),
             name=f"chainrelay-worker-{slot.index}",
         )
         # Blocked across fork so the child cannot run the parent's handlers before it has
@@ -234,7 +238,12 @@ class _Supervisor:
 
 
 def _worker_main(
-    cfg: Config, index: int, ready: Connection, log_level: str, wakeup: tuple[int, int]
+    cfg: Config,
+    index: int,
+    ready: Connection,
+    log_level: str,
+    wakeup: tuple[int, int],
+    via: str,
 ) -> None:
     """A worker's whole life, in the forked child."""
     # Signals are still blocked here (see _Supervisor._spawn): drop the parent's handling
@@ -255,7 +264,7 @@ def _worker_main(
     from chainrelay.cli import _run, _until_signal
 
     async def serve(stop: asyncio.Event) -> None:
-        node = Node(cfg)
+        node = Node(cfg, via=via)
         _register_worker(node, index)
         await node.start(reuse_port=True)
         try:

@@ -24,7 +24,7 @@ import orjson
 
 from chainrelay.config import LimitsConfig
 from chainrelay.services.metrics import Metrics
-from chainrelay.services.peer import enter_peer, enter_via, leave_peer, leave_via
+from chainrelay.services.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
 from chainrelay.services.ws import Subscriptions, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
@@ -117,6 +117,10 @@ def _nowhere(_data: bytes) -> None:
     """Where a protocol object writes before it has a transport: nowhere."""
 
 
+# Relays a request may have passed through before this one refuses it (508): a tree is a
+# few levels deep (origin, regional relays, leaves), so a longer chain is a loop that
+# names none of its nodes twice, e.g. through workers of one node.
+MAX_RELAY_HOPS = 8
 # The path of the feed (the relay tree's frames) on the node's port.
 FEED_PATH = b"/feed"
 
@@ -511,6 +515,12 @@ class HttpProtocol(asyncio.Protocol):
                 return v
         return None
 
+    def headers(self, name: bytes) -> bytes | None:
+        """Every line of a request header, joined as one list (RFC 9110 5.3); None if
+        absent."""
+        got = [v for k, v in self._headers if k.lower() == name]
+        return b", ".join(got) if got else None
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         if self._head_bytes() > self.server.limits.max_header_bytes:
@@ -575,7 +585,7 @@ class HttpProtocol(asyncio.Protocol):
         if method == b"POST":
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []
-            via = self.header(b"via")
+            via = self.headers(b"via")
             if via is None:
                 self._answer(self.server.routes.rpc(body), keep_alive)
             else:
@@ -593,11 +603,12 @@ class HttpProtocol(asyncio.Protocol):
         pass a miss or a write round forever); else served with its Via carried on to any
         upstream request made for it."""
         server = self.server
-        if server.via and server.via.encode() in via:
+        relays = relays_in(via)
+        if (server.via and server.via.encode() in relays) or len(relays) >= MAX_RELAY_HOPS:
             server.metrics.rejected.labels("relay_loop").inc()
             self._plain(508, b"relay loop: this request passed through this node", keep_alive)
             return
-        token = enter_via(via.decode("latin-1"))
+        token = enter_via(", ".join(f"1.1 {r.decode()}" for r in relays))
         try:
             self._answer(server.routes.rpc(body), keep_alive)
         finally:

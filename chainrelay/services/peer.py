@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import re
+import secrets
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -39,6 +41,20 @@ def leave_peer(token: contextvars.Token[str]) -> None:
 # The Via header (RFC 9110 7.6.3) of the request being served, as it came: the relays it
 # passed through. Upstream requests made for it carry it on, with this node added.
 _VIA: contextvars.ContextVar[str] = contextvars.ContextVar("chainrelay_via", default="")
+# One relay's entry: what a chainrelay node writes, and all it carries on.
+_VIA_ENTRY = re.compile(rb"1\.1 (chainrelay-[0-9a-f]{8})")
+
+
+def new_via_name() -> str:
+    """A node's name in Via headers: random, so two nodes never share one; made once per
+    node (its worker processes share it)."""
+    return f"chainrelay-{secrets.token_hex(4)}"
+
+
+def relays_in(via: bytes) -> list[bytes]:
+    """The chainrelay nodes a request passed through, from its Via header(s): anything
+    else a client or a proxy wrote there is dropped, so none of it is carried on."""
+    return _VIA_ENTRY.findall(via)
 
 
 def current_via() -> str:

@@ -250,8 +250,8 @@ class UpstreamPool:
         raise _no_answer(order, attempts, last, method)
 
     def _settled(self, task: asyncio.Task[Answer]) -> None:
-        """A write still going to a slower upstream after the first answer was sent: its
-        failure is the upstream's (counted by ``_attempt``) and no one waits for it."""
+        """A write's copy to one upstream ended; one still going after the first answer was
+        sent has its failure read here (the upstream's, counted by ``_attempt``)."""
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("late write failed: %s", task.exception())
@@ -264,6 +264,9 @@ class UpstreamPool:
         """
         order = [u for u in self.upstreams if u.healthy] or list(self.upstreams)
         tasks = [asyncio.ensure_future(self._attempt(u, method, params)) for u in order]
+        for task in tasks:
+            # Failures that come after the answer (or together with it) are read there.
+            task.add_done_callback(self._settled)
         first_error: Answer | None = None
         last_exc: BaseException | None = None
         pending = set(tasks)
@@ -283,9 +286,7 @@ class UpstreamPool:
                     if first_error is None:
                         first_error = answer
         finally:
-            for task in pending:
-                self._background.add(task)
-                task.add_done_callback(self._settled)
+            self._background.update(pending)
         if first_error is not None:
             return first_error
         raise UpstreamUnavailable(

@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, Anvil
+from chainrelay.services.http import MAX_RELAY_HOPS
+from chainrelay.services.peer import relays_in
 from tests.lab.chain import metric, sign_transfer
 from tests.lab.procs import Procs, Relay, relay_config, rpc, until
 from tests.lab.timing import SECOND
@@ -92,3 +95,33 @@ async def test_two_relays_that_are_each_others_upstreams_send_a_write_round_once
     # consumed quietly, never an "exception was never retrieved" in either log.
     for relay in (a, b):
         assert "never retrieved" not in relay.log_path.read_text()
+
+
+async def test_via_entries_other_than_relays_are_ignored_and_long_relay_chains_refused(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    node = await anvil_factory(chain_id=56, block_time=1.0)
+    relay = await relay_factory([node.url])
+    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount"}
+    body["params"] = [DEV_ACCOUNTS[0], "pending"]
+    want = await rpc(node.url, "eth_getTransactionCount", body["params"])
+    chain = ", ".join(f"1.1 chainrelay-{i:08x}" for i in range(MAX_RELAY_HOPS))
+    async with aiohttp.ClientSession() as s:
+        # A proxy's or a client's own entries are no relays: served (and not carried on).
+        via = "1.1 proxy.example, HTTP/2 edge, 1.1 chainrelay-0000000a"
+        async with s.post(relay.url, json=body, headers={"Via": via}) as r:
+            assert r.status == 200
+            assert (await r.json())["result"] == want["result"]
+        # A request that passed through as many relays as a tree has levels and more.
+        async with s.post(relay.url, json=body, headers={"Via": chain}) as r:
+            assert r.status == 508
+    assert metric(await relay.metrics(), "chainrelay_rejected_total", reason="relay_loop") == 1
+
+
+def test_relays_in_keeps_only_chainrelay_entries_from_every_line() -> None:
+    got = relays_in(
+        b"1.1 chainrelay-0123abcd, 1.0 fred, 1.1 chainrelay-XYZ, 1.1 chainrelay-ffffffff"
+    )
+    assert got == [b"chainrelay-0123abcd", b"chainrelay-ffffffff"]
+    assert relays_in(b"") == [] and relays_in(b"1.1 nginx") == []
