@@ -43,6 +43,7 @@ class LimitsConfig:
     max_ws_message_bytes: int = d.MAX_WS_MESSAGE_BYTES
     max_ws_send_buffer: int = d.MAX_WS_SEND_BUFFER
     ws_close_timeout: float = d.WS_CLOSE_TIMEOUT
+    max_relay_hops: int = d.MAX_RELAY_HOPS
     max_hit_table_bytes: int = d.MAX_HIT_TABLE_BYTES
     max_hit_table_entries: int = d.MAX_HIT_TABLE_ENTRIES
     memo_max_params_bytes: int = d.MEMO_MAX_PARAMS_BYTES
@@ -288,6 +289,7 @@ def validate(cfg: Config) -> Config:
         ("limits.max_body_bytes", cfg.limits.max_body_bytes),
         ("limits.max_batch_len", cfg.limits.max_batch_len),
         ("limits.ws_close_timeout", cfg.limits.ws_close_timeout),
+        ("limits.max_relay_hops", cfg.limits.max_relay_hops),
         ("limits.max_hit_table_bytes", cfg.limits.max_hit_table_bytes),
         ("limits.max_hit_table_entries", cfg.limits.max_hit_table_entries),
         ("limits.memo_max_params_bytes", cfg.limits.memo_max_params_bytes),

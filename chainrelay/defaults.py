@@ -29,6 +29,10 @@ MAX_WS_SEND_BUFFER = 16 * MiB
 # closed within this long is dropped, with whatever is buffered for it: websockets' own
 # close_timeout; a peer that ignores a close for 10 s will not read it.
 WS_CLOSE_TIMEOUT = 10.0
+# Relays a request may have passed through (its Via header) before a node refuses it with
+# 508: a tree is a few levels deep (origin, regional relays, leaves), so a longer chain is
+# a loop that named none of its nodes twice.
+MAX_RELAY_HOPS = 8
 # Bytes held by each table of repeated cache hits (the pipeline's by body, the front door's
 # by whole request, ids aside): thousands of distinct hot calls of one block fit; past it a
 # table starts over, so a flood of distinct calls costs hits, not memory.

@@ -117,10 +117,6 @@ def _nowhere(_data: bytes) -> None:
     """Where a protocol object writes before it has a transport: nowhere."""
 
 
-# Relays a request may have passed through before this one refuses it (508): a tree is a
-# few levels deep (origin, regional relays, leaves), so a longer chain is a loop that
-# names none of its nodes twice, e.g. through workers of one node.
-MAX_RELAY_HOPS = 8
 # The path of the feed (the relay tree's frames) on the node's port.
 FEED_PATH = b"/feed"
 
@@ -604,7 +600,7 @@ class HttpProtocol(asyncio.Protocol):
         upstream request made for it."""
         server = self.server
         relays = relays_in(via)
-        if (server.via and server.via.encode() in relays) or len(relays) >= MAX_RELAY_HOPS:
+        if (server.via and server.via.encode() in relays) or len(relays) >= server.limits.max_relay_hops:
             server.metrics.rejected.labels("relay_loop").inc()
             self._plain(508, b"relay loop: this request passed through this node", keep_alive)
             return
