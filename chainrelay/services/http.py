@@ -600,7 +600,8 @@ class HttpProtocol(asyncio.Protocol):
         upstream request made for it."""
         server = self.server
         relays = relays_in(via)
-        if (server.via and server.via.encode() in relays) or len(relays) >= server.limits.max_relay_hops:
+        looped = server.via and server.via.encode() in relays
+        if looped or len(relays) >= server.limits.max_relay_hops:
             server.metrics.rejected.labels("relay_loop").inc()
             self._plain(508, b"relay loop: this request passed through this node", keep_alive)
             return
