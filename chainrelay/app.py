@@ -303,6 +303,7 @@ class Node:
             "finalized": head.view.finalized if head else None,
             # Informational: a down Redis tier slows misses but never fails a request.
             "sharedCache": None if self.shared is None else ("up" if self.shared.up else "down"),
+            "tree": self._tree_health(),
             "upstreams": [
                 {
                     "name": u.name,
@@ -314,6 +315,18 @@ class Node:
             ],
         }
         return (200 if ok else 503), orjson.dumps(body)
+
+    def _tree_health(self) -> dict[str, object] | None:
+        hub = self.hub
+        if hub is None:
+            return None
+        return {
+            "region": self.cfg.tree.region,
+            "origin": self.origin is not None,
+            "parents": list(self.parents.parents) if self.parents is not None else [],
+            "children": len(hub.children),
+            "streams": {name: st.newest for name, st in hub.streams.items()},
+        }
 
     async def stop(self) -> None:
         errors: list[BaseException] = []

@@ -207,6 +207,9 @@ class ParentSet:
                 st.down_until = 0.0
                 cand.up = True
                 lifted = True
+                link = self.links.get(name)
+                if link is not None:
+                    link.failures = 0  # counted afresh, or the link check re-runs at once
         return lifted
 
     async def _probe(self, name: str) -> None:

@@ -573,6 +573,10 @@ async def test_untrusted_origin_frames_are_counted_never_forwarded_nor_served(
         assert metric(r1, "chainrelay_reorgs_total") == metric(r0, "chainrelay_reorgs_total")
         health = await rpc_get(relay.url + "/health")
         assert health["status"] == "ok", health
+        tree_state = health["tree"]
+        assert tree_state["origin"] is False and tree_state["children"] >= 0
+        assert tree_state["streams"][STREAM] >= start + blocks
+        assert len(tree_state["parents"]) == 2  # the trusted origin and the rogue one
 
 
 # --- 5: a child far behind the backlog backfills over JSON-RPC --------------------------
