@@ -57,7 +57,9 @@ _MARKER = 0x01
 _MARKER_BYTE = b"\x01"
 # A length this long or longer goes to the long-lengths list (one byte per token otherwise).
 _LONG = 255
-_HEX = re.compile(rb'"0x((?:[0-9a-f]{2})+)"')
+# Any lower-case hex string; odd-length ones are put back as text. (A pattern that asks
+# for pairs of digits makes the scan four times slower.)
+_HEX = re.compile(rb'"0x([0-9a-f]+)"')
 _PACKED = struct.Struct(">III")  # skeleton length, token count, long-token count
 
 
@@ -223,13 +225,19 @@ def unpack(frame: Frame, max_plain_bytes: int) -> bytes:
 
 def pack_hex(text: bytes) -> bytes:
     """``text`` with its even-length lower-case ``"0x…"`` strings moved to a binary blob."""
+    parts = _HEX.split(text)  # text, hex digits, text, hex digits, ..., text
     tokens: list[bytes] = []
-
-    def take(m: re.Match[bytes]) -> bytes:
-        tokens.append(m.group(1))
-        return _MARKER_BYTE
-
-    skeleton = _HEX.sub(take, text)
+    piece = [parts[0]]
+    pieces = [piece]
+    for i in range(1, len(parts), 2):
+        digits, after = parts[i], parts[i + 1]
+        if len(digits) & 1:
+            piece.extend((b'"0x', digits, b'"', after))  # odd: a quantity, stays text
+        else:
+            tokens.append(digits)
+            piece = [after]
+            pieces.append(piece)
+    skeleton = _MARKER_BYTE.join(b"".join(p) for p in pieces)
     blob = bytes.fromhex(b"".join(tokens).decode("ascii"))
     sizes = [len(t) >> 1 for t in tokens]
     short = bytes(s if s < _LONG else _LONG for s in sizes)
