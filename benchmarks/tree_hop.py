@@ -91,6 +91,9 @@ BLOCK_TIMEOUT = 5.0
 WARMUP_BLOCKS = 4
 CONNECT_CONCURRENCY = 100
 FLOOR_ROUNDS = 5
+# A split floor at least this much faster than one thread's: the split writes had cores of
+# their own (two free cores give about 2x; one shared core about 1x).
+FREE_CORES_GAIN = 1.5
 READY_SECONDS = 30.0
 # With --profile: blocks published after the measured ones while py-spy samples the relay.
 PROFILE_BLOCKS = 10
@@ -674,7 +677,27 @@ def workers_text(
         + "; ".join(parts)
         + ". A hop is counted from the first worker's receipt of the frame: the source "
         f"writes it to the next worker {common.median(spread):.2f} ms later (median), so "
-        "that worker's children carry that much of the source's time."
+        "that worker's children carry that much of the source's time. "
+        + _cores_text(args.workers, floors)
+    )
+
+
+def _cores_text(workers: int, floors: tuple[dict[bool, float], dict[bool, float]]) -> str:
+    """Whether the writes could run on several cores at all while this ran."""
+    one, split = floors
+    gains = [one[big] / split[big] for big in one if split.get(big)]
+    if not gains:
+        return ""
+    gain = max(gains)
+    if gain >= FREE_CORES_GAIN:
+        return (
+            f"The writes alone ran {gain:.1f}x faster split over {workers} processes: the "
+            "cores were there for the workers to use."
+        )
+    return (
+        f"The writes alone ran only {gain:.1f}x faster split over {workers} processes: while "
+        "this ran, they did not get a core each (other work on this shared machine), so "
+        "neither could the workers' shares of the fan-out run at once."
     )
 
 
