@@ -22,11 +22,13 @@ below the first position wanted (``from_block``, else the first block received) 
 ``stale``: a parent may forward frames it took in late, and a block never delivered
 cannot be reorged; a new block at a height already delivered is a reorg.
 
-Positions a parent cannot send (its welcome's ``gap``, or a frame past the next position
-expected) are fetched over JSON-RPC from that parent's HTTP endpoint (the same host and
-port, path ``/``) and yielded with ``verified=False`` before the frame that revealed them;
-another parent's endpoint is tried when that one fails, and ``BackfillFailed`` ends the
-subscription when none can give them, rather than skip them.
+Positions a parent cannot send (a frame past the next position expected; a welcome's
+``gap`` is only logged, since the frame after it shows the same gap, signed) are fetched
+over JSON-RPC from that parent's HTTP endpoint (the same host and port, path ``/``),
+one block at a time as the consumer takes them, and yielded with ``verified=False``
+before the frame that revealed them; another parent's endpoint is tried when that one
+fails, and ``BackfillFailed`` ends the subscription when none can give them, rather than
+skip them.
 
 Frames wait in a bounded queue for the consumer. A consumer that falls that far behind is
 resynchronised: new frames are dropped (``dropped["overflow"]``) until the queue is empty,
@@ -98,14 +100,13 @@ class FeedBlock:
 
 @dataclass(slots=True)
 class _Queued:
-    """A checked frame (still compressed), or a welcome's gap, waiting for the consumer."""
+    """A checked frame (still compressed) waiting for the consumer."""
 
     link: FeedLink
-    frame: Frame | None
+    frame: Frame
     origin: str  # the frame's signer, 0x-address
     arrived_us: int
     size: int
-    gap: Gap | None = None
 
 
 def feed_url(url: str) -> str:
@@ -260,13 +261,6 @@ class Subscription:
                 item = await self._next()
                 if item is None:
                     return
-                if item.gap is not None:
-                    nxt = self._positions.next
-                    if self.backfill and nxt is not None and item.gap.end > nxt:
-                        start = max(item.gap.start, nxt)
-                        async for b in self._backfill(item.link, Gap(start, item.gap.end)):
-                            yield b
-                    continue
                 block = self._open(item)
                 if block is None:
                     continue  # dropped and counted; its height is backfilled as a gap
@@ -335,12 +329,15 @@ class Subscription:
         self._arrived.set()
 
     def _on_gap(self, link: FeedLink, stream: str, gap: Gap) -> None:
-        if stream != self.stream or self._overflow or self._stale.get(link) == link.sessions:
-            return
-        if not self._room():
-            self._overflow = True
-            return
-        self._enqueue(_Queued(link, None, "", 0, 0, gap))
+        # Only said, not signed: what is backfilled is what the next frame's signed position
+        # shows missing (``Positions.gap_before``), so a parent that lies about its backlog
+        # cannot send the subscriber after blocks that do not exist.
+        log.info(
+            "%s: blocks %d..%d are past its backlog; backfilled once a frame follows",
+            link.name,
+            gap.start,
+            gap.end - 1,
+        )
 
     def _on_frame(self, link: FeedLink, raw: bytes) -> None:
         arrived_us = time.time_ns() // 1000
@@ -401,7 +398,6 @@ class Subscription:
         """The block of a queued frame, unpacked within ``max_payload_bytes``; None (and
         counted) for a payload that does not unpack or is not a block and its receipts."""
         frame = item.frame
-        assert frame is not None
         try:
             plain = unpack(frame, self.max_payload_bytes)
             block_json, receipts_json = split_block_payload(plain)
