@@ -84,11 +84,17 @@ async def test_two_relays_that_are_each_others_upstreams_send_a_write_round_once
         )
         assert sent == writes, f"{relay.url} served eth_sendRawTransaction {sent} times"
 
-    # A read no cache holds goes round at most once too, and gets anvil's answer.
+    # A read no cache holds goes round at most once too, and gets anvil's answer: each
+    # relay serves its client's read and at most the other's copy of it.
+    method = "eth_getTransactionCount"
+    before = [metric(await r.metrics(), "chainrelay_requests_total", method=method) for r in (a, b)]
     for relay in (a, b):
-        got = await rpc(relay.url, "eth_getTransactionCount", [sender, "pending"])
-        want = await rpc(node.url, "eth_getTransactionCount", [sender, "pending"])
+        got = await rpc(relay.url, method, [sender, "pending"])
+        want = await rpc(node.url, method, [sender, "pending"])
         assert got["result"] == want["result"]
+    for relay, was in zip((a, b), before, strict=True):
+        served = metric(await relay.metrics(), "chainrelay_requests_total", method=method) - was
+        assert 1 <= served <= 2, f"{relay.url} served {method} {served} times for two reads"
     # Refusing a loop is no fault of the refusing relay: b kept a in rotation.
     assert await healthy()
     # The copy of each write that came back round failed after the client had its answer:
