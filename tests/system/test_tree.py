@@ -181,6 +181,16 @@ async def rpc_get(url: str) -> Any:
 
 
 @asynccontextmanager
+async def web3_http(url: str) -> AsyncIterator[AsyncWeb3[Any]]:
+    """web3.py over HTTP to ``url``, its provider's session closed on the way out."""
+    w3 = AsyncWeb3(AsyncHTTPProvider(url))
+    try:
+        yield w3
+    finally:
+        await w3.provider.disconnect()
+
+
+@asynccontextmanager
 async def heartbeat(node: Chain) -> AsyncIterator[None]:
     """Mine a block every START_HEARTBEAT while the ``async with`` body runs: a node in
     front of a chain that mines on demand waits for a first head before it reports
@@ -272,53 +282,54 @@ async def test_leaf_serves_what_anvil_serves_from_frames(
         # Two blocks past: a read racing the newest block's warming may go upstream (the
         # block feed's documented price), and this test is about what frames warmed.
         await wait_head(leaf, last + 2)
-    w3_leaf = AsyncWeb3(AsyncHTTPProvider(leaf.url))
-    w3_anvil = AsyncWeb3(AsyncHTTPProvider(anvil.url))
-    await proxy.reset()
-    before = await leaf.metrics()
-    asked = dict.fromkeys(BLOCK_READS, 0)
-    logs = 0
-    for n in range(first, last + 1):
-        for full in (False, True):
-            got = await w3_leaf.eth.get_block(n, full)
-            assert got == await w3_anvil.eth.get_block(n, full), f"block {n} full={full}"
-            asked["eth_getBlockByNumber"] += 1
-        block = await w3_anvil.eth.get_block(n, True)
-        assert await w3_leaf.eth.get_block(block["hash"], True) == block
-        asked["eth_getBlockByHash"] += 1
-        for tx in block["transactions"]:
-            h = tx["hash"]
-            assert await w3_leaf.eth.get_transaction(h) == await w3_anvil.eth.get_transaction(h)
-            got_receipt = await w3_leaf.eth.get_transaction_receipt(h)
-            assert got_receipt == await w3_anvil.eth.get_transaction_receipt(h)
-            asked["eth_getTransactionByHash"] += 1
-            asked["eth_getTransactionReceipt"] += 1
-        receipts = await w3_anvil.eth.get_block_receipts(n)
-        assert await w3_leaf.eth.get_block_receipts(n) == receipts
-        asked["eth_getBlockReceipts"] += 1
-        logs += sum(len(r["logs"]) for r in receipts)
-    after = await leaf.metrics()
-    assert asked["eth_getTransactionByHash"] >= 6 and logs >= 3, f"{asked}, {logs} logs"
-    for method, n in asked.items():
-        # A hit is answered from the cache, with no upstream I/O (the cache-hit path).
-        # chainrelay_upstream_calls_total is no measure of this: it also counts the head
-        # tracker's finality refreshes (two calls every FINALITY_REFRESH_BLOCKS blocks).
-        got = delta(outcomes(after, method), outcomes(before, method))
-        assert got == {"hit": n}, f"{method}: {got} for {n} reads"
+    # Each provider holds an aiohttp session: left open, it surfaces as an unraisable
+    # warning in whichever test the garbage collector happens to run.
+    async with web3_http(leaf.url) as w3_leaf, web3_http(anvil.url) as w3_anvil:
+        await proxy.reset()
+        before = await leaf.metrics()
+        asked = dict.fromkeys(BLOCK_READS, 0)
+        logs = 0
+        for n in range(first, last + 1):
+            for full in (False, True):
+                got = await w3_leaf.eth.get_block(n, full)
+                assert got == await w3_anvil.eth.get_block(n, full), f"block {n} full={full}"
+                asked["eth_getBlockByNumber"] += 1
+            block = await w3_anvil.eth.get_block(n, True)
+            assert await w3_leaf.eth.get_block(block["hash"], True) == block
+            asked["eth_getBlockByHash"] += 1
+            for tx in block["transactions"]:
+                h = tx["hash"]
+                assert await w3_leaf.eth.get_transaction(h) == await w3_anvil.eth.get_transaction(h)
+                got_receipt = await w3_leaf.eth.get_transaction_receipt(h)
+                assert got_receipt == await w3_anvil.eth.get_transaction_receipt(h)
+                asked["eth_getTransactionByHash"] += 1
+                asked["eth_getTransactionReceipt"] += 1
+            receipts = await w3_anvil.eth.get_block_receipts(n)
+            assert await w3_leaf.eth.get_block_receipts(n) == receipts
+            asked["eth_getBlockReceipts"] += 1
+            logs += sum(len(r["logs"]) for r in receipts)
+        after = await leaf.metrics()
+        assert asked["eth_getTransactionByHash"] >= 6 and logs >= 3, f"{asked}, {logs} logs"
+        for method, n in asked.items():
+            # A hit is answered from the cache, with no upstream I/O (the cache-hit path).
+            # chainrelay_upstream_calls_total is no measure of this: it also counts the head
+            # tracker's finality refreshes (two calls every FINALITY_REFRESH_BLOCKS blocks).
+            got = delta(outcomes(after, method), outcomes(before, method))
+            assert got == {"hit": n}, f"{method}: {got} for {n} reads"
 
-    # Logs: answered from the blocks the leaf's frames delivered.
-    flts: list[Any] = [
-        {"fromBlock": first, "toBlock": last},
-        {"fromBlock": first, "toBlock": last, "address": to_checksum_address(emitter)},
-        {"blockHash": (await w3_anvil.eth.get_block(last))["hash"]},
-    ]
-    for flt in flts:
-        assert await w3_leaf.eth.get_logs(flt) == await w3_anvil.eth.get_logs(flt), flt
-    # None of those reads reached the parent (the head tracker's own calls aside: it asks
-    # for blocks by number and hash, never for these).
-    counts = await proxy.counts()
-    for method in (*BLOCK_READS[2:], "eth_getLogs"):
-        assert counts.get(method, 0) == 0, f"the leaf asked its parent: {counts}"
+        # Logs: answered from the blocks the leaf's frames delivered.
+        flts: list[Any] = [
+            {"fromBlock": first, "toBlock": last},
+            {"fromBlock": first, "toBlock": last, "address": to_checksum_address(emitter)},
+            {"blockHash": (await w3_anvil.eth.get_block(last))["hash"]},
+        ]
+        for flt in flts:
+            assert await w3_leaf.eth.get_logs(flt) == await w3_anvil.eth.get_logs(flt), flt
+        # None of those reads reached the parent (the head tracker's own calls aside: it asks
+        # for blocks by number and hash, never for these).
+        counts = await proxy.counts()
+        for method in (*BLOCK_READS[2:], "eth_getLogs"):
+            assert counts.get(method, 0) == 0, f"the leaf asked its parent: {counts}"
 
 
 # --- 2: a reorg at the origin's node reaches the leaf -----------------------------------
