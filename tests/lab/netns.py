@@ -66,6 +66,9 @@ SUBNET_BASE = ipaddress.IPv4Address("10.213.0.0")
 LINK_READY_TIMEOUT = 10 * SECOND
 # Processes get this long to stop after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 5 * SECOND
+# A lab's delay links stop by themselves after this long: the link's own default, scaled like
+# every deadline so a slowed run's links do not vanish under a test still running.
+LINK_MAX_SECONDS = DEFAULT_MAX_SECONDS * SECOND
 
 _labs = itertools.count()
 
@@ -156,7 +159,7 @@ class Region:
             self.exposed[host, port] = self.lab._start_link(
                 ["--to", f"{host}:{port}", "--delay-ms", "0", "--netns", self.netns],
                 None,
-                DEFAULT_MAX_SECONDS,
+                LINK_MAX_SECONDS,
             )
         return self.exposed[host, port]
 
@@ -231,7 +234,7 @@ class RegionLab:
         dst_port: int,
         rtt_ms: float,
         *,
-        max_seconds: float = DEFAULT_MAX_SECONDS,
+        max_seconds: float = LINK_MAX_SECONDS,
     ) -> tuple[str, int]:
         """Start a delay link inside ``src`` to ``dst.address:dst_port``, ``rtt_ms`` round
         trip; returns the address (on ``src``'s loopback) that ``src``'s processes should use.

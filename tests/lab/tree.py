@@ -62,8 +62,9 @@ ORIGIN_ADDRESS: str = Account.from_key(ORIGIN_KEY).address
 # more with seven starting at once on two cores.
 NODE_READY_TIMEOUT = 40 * SECOND
 ANVIL_READY_TIMEOUT = 20 * SECOND
-# A subscriber process stops by itself after this long, even if nobody stops it.
-SUBSCRIBER_MAX_SECONDS = 300
+# A subscriber process stops by itself after this long, even if nobody stops it: longer than
+# any tree test runs, scaled like every other deadline so a slowed run does not cut it short.
+SUBSCRIBER_MAX_SECONDS = 300 * SECOND
 # A stopped process gets this long to exit after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 5 * SECOND
 
