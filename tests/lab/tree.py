@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,10 +167,13 @@ class TreeNode:
 class Subscriber:
     """A ``chainrelay subscribe`` process; ``blocks`` holds its JSON lines as they come."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], name: str, record: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], name: str, record: Path, stderr_path: Path
+    ) -> None:
         self.proc = proc
         self.name = name
         self.record = record  # every line as printed, for a look after a failure
+        self.stderr_path = stderr_path
         self.blocks: list[dict[str, Any]] = []
         self.bad_lines: list[bytes] = []
         self._reader = threading.Thread(target=self._read, name=f"sub-{name}", daemon=True)
@@ -196,26 +199,41 @@ class Subscriber:
 
     async def wait_count(self, count: int, timeout: float) -> None:
         """Until it has printed ``count`` blocks."""
-        await until(lambda: self._check(count), timeout, f"{count} blocks at {self.name}")
+        await until(
+            lambda: self._check(lambda: len(self.blocks) >= count),
+            timeout,
+            f"{count} blocks at {self.name}",
+        )
 
     async def wait_number(self, number: int, timeout: float) -> None:
         """Until it has printed block ``number`` or a later one."""
 
         def past() -> bool:
             got = self.numbers
-            self._check(0)
             return bool(got) and got[-1] >= number
 
-        await until(past, timeout, f"block {number} at {self.name}")
+        await until(lambda: self._check(past), timeout, f"block {number} at {self.name}")
 
-    def _check(self, count: int) -> bool:
-        if self.proc.poll() is not None and len(self.blocks) < count:
-            self._reader.join(STOP_TIMEOUT)
-            raise AssertionError(
-                f"subscriber {self.name} exited ({self.proc.returncode}) after "
-                f"{len(self.blocks)} blocks"
-            )
-        return len(self.blocks) >= count
+    def _check(self, done: Callable[[], bool]) -> bool:
+        """``done()``, or a failure at once if the process has exited short of it."""
+        if done():
+            return True
+        if self.proc.poll() is None:
+            return False
+        # Lines it printed before exiting may still be in the pipe: read them all, then ask
+        # again before calling it a failure.
+        self._reader.join(STOP_TIMEOUT)
+        if done():
+            return True
+        raise AssertionError(
+            f"subscriber {self.name} exited ({self.proc.returncode}) after "
+            f"{len(self.blocks)} blocks; stderr:\n{self.stderr_tail()}"
+        )
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.stderr_path.read_text(errors="replace")[-chars:]
+        return ""
 
     def stop(self) -> None:
         """SIGTERM by PID (SIGKILL if it lingers), then join the reader."""
@@ -352,11 +370,12 @@ class Tree:
         if from_block is not None:
             argv += ["--from", str(from_block)]
         name = label or f"{node.name}-sub{len(self.subscribers)}"
-        err = (self.tmp / f"{name}.err").open("ab")
+        err_path = self.tmp / f"{name}.err"
+        err = err_path.open("ab")
         try:
             proc = node.place.spawn(argv, stdout=subprocess.PIPE, stderr=err)
         finally:
             err.close()
-        sub = Subscriber(proc, name, self.tmp / f"{name}.jsonl")
+        sub = Subscriber(proc, name, self.tmp / f"{name}.jsonl", err_path)
         self.subscribers.append(sub)
         return sub
