@@ -656,8 +656,13 @@ async def test_cli_refuses_a_bad_trust_address() -> None:
         "--stream", STREAM, "--trust", "0x1234",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
-    async with asyncio.timeout(15 * SECOND):
-        _, err = await proc.communicate()
+    try:
+        async with asyncio.timeout(15 * SECOND):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 2 and b"20-byte hex address" in err
 
 

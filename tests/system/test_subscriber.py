@@ -115,7 +115,8 @@ async def test_subscriber_gets_every_block_once_through_a_parents_death(
             await until(lambda: sub.duplicates >= 6, 10 * SECOND, "the second copy of each")
             assert relay.proc is not None
             relay.proc.send_signal(signal.SIGTERM)
-            relay.proc.wait(10 * SECOND)
+            # A thread waits so the subscriber's links keep running while the relay exits.
+            await asyncio.to_thread(relay.proc.wait, 10 * SECOND)
             await mine_with_transfers(chain, 6, first=6)
             await until(lambda: len(got) >= 12, 20 * SECOND, "six blocks through the origin")
         finally:
