@@ -122,14 +122,23 @@ class Relay:
 
     async def metrics(self) -> dict[str, float]:
         """The node's Prometheus samples as {"name{labels}": value}."""
-        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+        return await fetch_metrics(self.url)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition as {"name{labels}": value}, for ``chain.metric``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+async def fetch_metrics(url: str) -> dict[str, float]:
+    """The samples a node at ``url`` serves at ``/metrics`` (see ``parse_metrics``)."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        return parse_metrics(await r.text())
 
 
 def relay_config(upstreams: list[str], extra: str = "") -> str:

@@ -48,7 +48,7 @@ from eth_account import Account
 
 from chainrelay.devnet import find_anvil
 from tests.lab.netns import Region, RegionLab
-from tests.lab.procs import until
+from tests.lab.procs import fetch_metrics, until
 from tests.lab.timing import SECOND
 
 # Every node listens on this port inside its own namespace: one number for every node keeps
@@ -154,14 +154,7 @@ class TreeNode:
 
     async def metrics(self) -> dict[str, float]:
         """Its Prometheus samples as {"name{labels}": value} (see ``chain.metric``)."""
-        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+        return await fetch_metrics(self.url)
 
 
 class Subscriber:

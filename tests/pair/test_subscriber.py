@@ -35,10 +35,11 @@ from chainrelay.protocol.feedsession import (
     parse_hello,
     welcome_entry,
 )
-from chainrelay.subscriber import FeedBlock, Subscription, feed_url, rpc_url, subscribe
+from chainrelay.subscriber import Subscription, feed_url, rpc_url, subscribe
 from chainrelay.wire.feedframe import KIND_BLOCK, Signer, block_payload, encode, keccak
 from tests.lab.corpora import CORPORA
 from tests.lab.procs import ROOT, until
+from tests.lab.subscriptions import FeedReader
 from tests.lab.timing import SECOND
 
 STREAM = "devnet/blocks"
@@ -187,34 +188,6 @@ class Parent:
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
 
-class Consumer:
-    """Reads a subscription in a task, keeping every block."""
-
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
-        self.got: list[FeedBlock] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for block in self.sub:
-            self.got.append(block)
-
-    async def wait(self, n: int, what: str = "") -> list[FeedBlock]:
-        await until(lambda: len(self.got) >= n or self.task.done(), 5 * SECOND, what or f"{n}")
-        if self.task.done():
-            self.task.result()  # raises what ended it
-        return self.got
-
-    @property
-    def numbers(self) -> list[int]:
-        return [b.number for b in self.got]
-
-    async def close(self) -> None:
-        await self.sub.aclose()
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 @pytest.fixture
 async def parents() -> Any:
     made: list[Parent] = []
@@ -231,10 +204,10 @@ async def parents() -> Any:
 
 @pytest.fixture
 async def consumers() -> Any:
-    made: list[Consumer] = []
+    made: list[FeedReader] = []
 
-    def start(sub: Subscription) -> Consumer:
-        c = Consumer(sub)
+    def start(sub: Subscription) -> FeedReader:
+        c = FeedReader(sub)
         made.append(c)
         return c
 

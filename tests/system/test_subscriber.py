@@ -20,6 +20,7 @@ from chainrelay.subscriber import FeedBlock, Subscription
 from chainrelay.wire.feedframe import Signer
 from tests.lab.chain import DEV_ACCOUNTS, Chain, start_relay_mining
 from tests.lab.procs import ROOT, Relay, until
+from tests.lab.subscriptions import FeedReader
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.lab
 ORIGIN_KEY = "42" * 32
 ORIGIN = "0x" + Signer(bytes.fromhex(ORIGIN_KEY)).address.hex()
 STREAM = "bsc/blocks"  # anvil runs as chain 56, so the nodes take the bsc profile
+# Blocks pass a node process or two and may be backfilled over JSON-RPC: seconds, not ms.
+READ_TIMEOUT = 20 * SECOND
 
 
 async def mine_with_transfers(chain: Chain, blocks: int, first: int = 0) -> None:
@@ -44,29 +47,6 @@ async def start_origin(
     return await start_relay_mining(
         chain, relay_factory, [node_ws], f'[tree]\nkey = "0x{ORIGIN_KEY}"\n'
     )
-
-
-class Reader:
-    """Reads a subscription in a task, keeping every block."""
-
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
-        self.got: list[FeedBlock] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for b in self.sub:
-            self.got.append(b)
-
-    async def wait(self, n: int, what: str, timeout: float = 20 * SECOND) -> None:
-        await until(lambda: len(self.got) >= n or self.task.done(), timeout, what)
-        if self.task.done():
-            self.task.result()  # what ended it
-
-    async def close(self) -> None:
-        await self.sub.aclose()
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def check_against_node(chain: Chain, got: list[FeedBlock]) -> None:
@@ -100,13 +80,8 @@ async def test_subscriber_gets_every_block_once_through_a_parents_death(
             from_block=first,
             trust=[ORIGIN],
         )
-        got: list[FeedBlock] = []
-
-        async def read() -> None:
-            async for b in sub:
-                got.append(b)
-
-        reader = asyncio.create_task(read())
+        reader = FeedReader(sub)
+        got = reader.got
         try:
             for link in sub.links:
                 assert await link.wait_connected(10 * SECOND), link.last_error
@@ -120,9 +95,7 @@ async def test_subscriber_gets_every_block_once_through_a_parents_death(
             await mine_with_transfers(chain, 6, first=6)
             await until(lambda: len(got) >= 12, 20 * SECOND, "six blocks through the origin")
         finally:
-            await sub.aclose()
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await reader.close()
         assert [b.number for b in got] == list(range(first, first + 12))
         assert (await chain.head())[0] == first + 11
         assert all(b.verified and not b.reorg and b.origin == ORIGIN for b in got)
@@ -165,12 +138,12 @@ async def test_blocks_from_before_the_origin_are_backfilled_from_its_jsonrpc(
         await mine_with_transfers(chain, 5)  # blocks 1-5: no frame was ever made of them
         origin = await start_origin(chain, node.ws_url, relay_factory)
         sub = Subscription(f"{origin.ws_url}/feed", STREAM, from_block=1, trust=[ORIGIN])
-        reader = Reader(sub)
+        reader = FeedReader(sub)
         try:
             assert await sub.links[0].wait_connected(10 * SECOND), sub.links[0].last_error
             await mine_with_transfers(chain, 3, first=5)
             tip = (await chain.head())[0]
-            await reader.wait(tip, f"blocks 1-{tip}")
+            await reader.wait(tip, f"blocks 1-{tip}", READ_TIMEOUT)
         finally:
             await reader.close()
         got = reader.got
@@ -192,18 +165,18 @@ async def test_a_reorg_reaches_the_subscriber_as_new_blocks_at_delivered_heights
         origin = await start_origin(chain, node.ws_url, relay_factory)
         first = (await chain.head())[0] + 1
         sub = Subscription(f"{origin.ws_url}/feed", STREAM, from_block=first, trust=[ORIGIN])
-        reader = Reader(sub)
+        reader = FeedReader(sub)
         try:
             assert await sub.links[0].wait_connected(10 * SECOND), sub.links[0].last_error
             await mine_with_transfers(chain, 4)
-            await reader.wait(4, "four blocks")
+            await reader.wait(4, "four blocks", READ_TIMEOUT)
             a, b, _ = DEV_ACCOUNTS
             await chain.call(
                 "anvil_reorg",
                 [2, [[{"from": b, "to": a, "value": hex(7000 + k)}, k] for k in (0, 1)]],
             )
             await mine_with_transfers(chain, 1, first=4)
-            await reader.wait(7, "the two replaced blocks and the next")
+            await reader.wait(7, "the two replaced blocks and the next", READ_TIMEOUT)
         finally:
             await reader.close()
         got = reader.got

@@ -34,75 +34,14 @@ from tests.lab.chain import (
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.fault_upstream import start_fault_upstream
 from tests.lab.procs import Relay, rpc, until
+from tests.lab.subscriptions import NEW_HEADS, TRANSFER_LOGS, Subscriber
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
 A0, A1, A2 = DEV_ACCOUNTS
-NEW_HEADS = ["newHeads"]
-TRANSFER_LOGS = ["logs", {"topics": [TRANSFER_TOPIC]}]
 # Mining interval of the streaming tests: 20+ blocks in about ten seconds.
 BLOCK_TIME = 0.5
-# Heartbeat that keeps heads coming while a relay starts in front of a node that mines
-# only when told to (the reorg and cache tests).
-
-
-class Subscriber:
-    """One raw WebSocket client; notifications are kept as the bytes that arrived."""
-
-    def __init__(self, conn: ClientConnection) -> None:
-        self.conn = conn
-        self.ids = 0
-        self.answers: dict[int, dict[str, Any]] = {}
-        self.notes: dict[str, list[bytes]] = {}  # subscription id -> notifications
-        self._answered = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    @asynccontextmanager
-    async def connect(cls, url: str, **kw: Any) -> AsyncIterator[Subscriber]:
-        async with websockets.connect(url, max_size=None, compression=None, **kw) as conn:
-            sub = cls(conn)
-            try:
-                yield sub
-            finally:
-                sub._reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sub._reader
-
-    async def _read(self) -> None:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            async for message in self.conn:
-                raw = message if isinstance(message, bytes) else message.encode()
-                doc = orjson.loads(raw)
-                if doc.get("method") == "eth_subscription":
-                    self.notes.setdefault(doc["params"]["subscription"], []).append(raw)
-                    continue
-                async with self._answered:
-                    self.answers[doc["id"]] = doc
-                    self._answered.notify_all()
-
-    async def call(self, method: str, params: list[Any]) -> dict[str, Any]:
-        self.ids += 1
-        rid = self.ids
-        body = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
-        await self.conn.send(orjson.dumps(body).decode())
-        async with asyncio.timeout(10 * SECOND), self._answered:
-            await self._answered.wait_for(lambda: rid in self.answers)
-        return self.answers.pop(rid)
-
-    async def subscribe(self, params: list[Any]) -> str:
-        answer = await self.call("eth_subscribe", params)
-        assert "result" in answer, answer
-        self.notes.setdefault(answer["result"], [])
-        return str(answer["result"])
-
-    def results(self, sub_id: str) -> list[Any]:
-        return [orjson.loads(n)["params"]["result"] for n in self.notes[sub_id]]
-
-    def stripped(self, sub_id: str) -> list[bytes]:
-        """The notifications with the subscription id cut out, for byte comparisons."""
-        return [n.replace(sub_id.encode(), b"") for n in self.notes[sub_id]]
 
 
 def numbers(heads: list[dict[str, Any]]) -> list[int]:

@@ -41,8 +41,8 @@ from tests.lab.chain import (
 )
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.procs import ROOT, Procs, Relay, until
+from tests.lab.subscriptions import NEW_HEADS, TRANSFER_LOGS, Subscriber
 from tests.lab.timing import SECOND
-from tests.system.test_subscriptions import NEW_HEADS, TRANSFER_LOGS, Subscriber
 
 pytestmark = pytest.mark.lab
 
