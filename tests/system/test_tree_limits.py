@@ -261,6 +261,8 @@ async def test_slow_child_is_closed_lagging_others_unharmed_and_it_resumes_witho
                     await mine(node, calldata=CALLDATA)
                     await next_block()
                 closed_at = normal[-1]
+                # Its place is freed with the close: only the normal child is left.
+                assert (await health(relay))["tree"]["children"] == 1
                 if reads_again:
                     drained = asyncio.create_task(slow.drain(HOP_TIMEOUT))
                 else:
