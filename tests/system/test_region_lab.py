@@ -89,9 +89,11 @@ async def test_link_delays_round_trips_and_the_bridge_does_not(
         f"{RTT_MS} ms link min {min(delayed_s) * 1000:.2f} "
         f"median {statistics.median(delayed_s) * 1000:.2f}"
     )
-    assert statistics.median(direct_s) < 20 * MS
+    # Lower bounds hold for every sample; an upper bound is asked of the fastest of several,
+    # since a busy machine can stall any one of them.
+    assert min(direct_s) < 20 * MS
     assert min(delayed_s) >= RTT_MS / 1000
-    assert statistics.median(delayed_s) < RTT_MS / 1000 + 60 * MS
+    assert min(delayed_s) < RTT_MS / 1000 + 60 * MS
 
     took, body = await http_get(delayed, "/big")
     print(f"{BIG} bytes through the link in {took * 1000:.0f} ms")
@@ -131,12 +133,19 @@ async def test_relay_in_one_region_reaches_anvil_in_another_through_a_link(
     assert (await rpc(relay, "eth_chainId"))["result"] == hex(56)
     # A method the relay does not know passes through, never cached: one trip over the link.
     direct = await rpc(b.url(8545, host=b.address), "anvil_nodeInfo")
-    start = time.perf_counter()
-    through = await rpc(relay, "anvil_nodeInfo")
-    took = time.perf_counter() - start
-    print(f"relay miss over a {RTT_MS} ms link: {took * 1000:.1f} ms")
-    assert through == direct
-    assert RTT_MS / 1000 <= took < RTT_MS / 1000 + 200 * MS
+    took_s = []
+    for _ in range(SAMPLES):
+        start = time.perf_counter()
+        through = await rpc(relay, "anvil_nodeInfo")
+        took_s.append(time.perf_counter() - start)
+        assert through == direct
+    print(
+        f"relay miss over a {RTT_MS} ms link: min {min(took_s) * 1000:.1f} ms, "
+        f"median {statistics.median(took_s) * 1000:.1f} ms"
+    )
+    # Every call crossed the link; the fastest shows what the relay adds when not stalled.
+    assert min(took_s) >= RTT_MS / 1000
+    assert min(took_s) < RTT_MS / 1000 + 200 * MS
 
 
 async def test_close_leaves_no_namespace_and_no_process(procs: Procs) -> None:
