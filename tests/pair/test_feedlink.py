@@ -215,9 +215,14 @@ async def test_no_parent_listening_counts_failures(scripted: Any) -> None:
 
 
 async def test_a_callback_that_raises_does_not_end_the_link(scripted: Any) -> None:
+    sessions = 0
+
     async def script(conn: ServerConnection, hello: Hello) -> None:
+        nonlocal sessions
+        sessions += 1
         await conn.send(encode_welcome([{"stream": STREAM}]).decode())
-        await conn.send(b"boom")
+        if sessions == 1:  # the next session stays quiet and open
+            await conn.send(b"boom")
 
     _parent, url = await scripted(script)
     calls: list[bytes] = []
@@ -239,7 +244,15 @@ async def test_a_callback_that_raises_does_not_end_the_link(scripted: Any) -> No
     )
     await link.start()
     try:
-        await until(lambda: len(calls) >= 2, 5 * SECOND, "a second session after the bug")
+        await until(
+            lambda: link.connected and link.sessions == 2,
+            5 * SECOND,
+            "a second session after the bug",
+        )
+        assert calls == [b"boom"]
+        # The session that met the bug had reached its welcome: no failed connect counted.
+        assert link.failures == 0
+        assert link.last_error is not None and "a bug in the caller" in link.last_error
     finally:
         await link.stop()
 
