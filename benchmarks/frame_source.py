@@ -38,6 +38,9 @@ from chainrelay.protocol.feedsession import encode_welcome, parse_hello
 from chainrelay.wire import feedframe
 
 MAINNET = "erigon-mainnet-block-18000000"
+# A source never outlives a benchmark by much, even one that died without stopping it:
+# tree_hop's whole budget is 600 s, and it passes its own bound.
+DEFAULT_MAX_SECONDS = 600.0
 STREAM = "bsc/blocks"
 CHAIN_ID = 56
 ORIGIN_KEY = bytes.fromhex(DEV_KEYS[0][2:])
@@ -213,7 +216,7 @@ class Source:
         return web.Response(body=body, content_type="application/json")
 
 
-async def serve(port: int, chain: Chain) -> None:
+async def serve(port: int, chain: Chain, max_seconds: float) -> None:
     src = Source(chain)
     app = web.Application(client_max_size=1 << 20)
     app.router.add_get("/feed", src.feed)
@@ -228,7 +231,8 @@ async def serve(port: int, chain: Chain) -> None:
     sizes = sorted({len(b.frame) for b in chain.blocks.values()})
     print(f"ready {address} frame sizes {sizes}", flush=True)
     try:
-        await asyncio.Event().wait()
+        await asyncio.sleep(max_seconds)
+        print(f"frame source: stopping after --max-seconds {max_seconds:g}", file=sys.stderr)
     finally:
         await runner.cleanup()
 
@@ -238,9 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--blocks", type=int, required=True, help="blocks after the base block")
     ap.add_argument("--corpora", required=True, help="the shared corpora folder")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help="stop by itself after this long",
+    )
     args = ap.parse_args(argv)
+    if args.max_seconds <= 0:
+        ap.error("--max-seconds must be > 0")
     chain = build(args.corpora, args.blocks)
-    uvloop.run(serve(args.port, chain))
+    uvloop.run(serve(args.port, chain, args.max_seconds))
     return 0
 
 

@@ -352,6 +352,9 @@ def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
             str(blocks),
             "--corpora",
             str(common.ROOT.parent / "shared" / "corpora"),
+            # One run's source ends with the benchmark's whole budget at the latest.
+            "--max-seconds",
+            str(BUDGET_SECONDS),
         ],
         stdout=subprocess.PIPE,
         cwd=common.ROOT,
