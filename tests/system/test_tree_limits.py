@@ -414,3 +414,42 @@ async def test_subscriber_far_behind_backfills_each_block_once_then_verified_fra
         assert got[first].number == got[first - 1].number + 1
         assert got[first].number >= newest - backlog + 1
         assert sub.backfilled == first
+
+
+# --- 5: a frame over the relay's max_frame_bytes -------------------------------------------
+# Oversized here: the relay's bound, lowered, under a frame of CALLDATA-carrying transfers.
+SMALL_MAX_FRAME = 64 * 1024
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a frame over a link's max_frame_bytes ends the link's WebSocket (1009, its "
+    "max_size) instead of being dropped as too_large; every reconnect resumes after the "
+    "last frame taken, so the parent replays the same frame first and the link never "
+    "gets past it",
+)
+async def test_frame_over_max_frame_bytes_is_dropped_and_the_feed_goes_on(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    relay_tree = f"max_frame_bytes = {SMALL_MAX_FRAME}\nchild_queue_bytes = {SMALL_MAX_FRAME}"
+    async with on_demand_tree(anvil_factory, tree, relay_tree) as (node, _origin, relay):
+        await mine(node)
+        async with Chain.open(relay.url) as through:
+            await wait_same_head(through, node, HOP_TIMEOUT)
+            big = (await node.head())[0] + 1
+            await mine(node, calldata=CALLDATA)  # its frame is over the relay's bound
+            await mine(node, 3)
+            tip = (await node.head())[0]
+            # The block itself is served all the same (over JSON-RPC from the parent).
+            want = (await node.block(hex(big)))["hash"]
+            assert (await through.block(hex(big)))["hash"] == want
+
+        async def past_it() -> bool:
+            return (await health(relay))["tree"]["streams"][STREAM] == tip
+
+        # The relay's feed goes on past the frame it could not take: its backlog reaches the
+        # tip, and a child of it gets every frame after that one.
+        await until(past_it, HOP_TIMEOUT, f"the relay's feed to reach block {tip}")
+        async with feed_client(relay, Want(STREAM, from_position=big + 1)) as (_welcome, conn):
+            got = [(await next_frame(conn)).position for _ in range(tip - big)]
+        assert got == list(range(big + 1, tip + 1))
