@@ -341,6 +341,32 @@ async def test_peer_without_hello_is_closed_4400_after_hello_timeout(
     await until(freed, 5 * SECOND, "the peer's place to be freed")
 
 
+async def test_silent_peer_holds_the_last_place_only_until_hello_timeout(
+    anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=1.0)
+    extra = f"hello_timeout = {HELLO_TIMEOUT}\nmax_children = 1"
+    origin = await tree.origin(anvil, tree_extra=extra)
+    async with websockets.connect(origin.ws_url + "/feed", compression=None) as silent:
+        # Its upgrade took the one place: a child that would say hello is refused for now.
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.connect(origin.ws_url + "/feed", compression=None):
+                pass
+        assert refused.value.response.status_code == 503
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(HELLO_TIMEOUT + 5 * SECOND):
+                while True:
+                    await silent.recv()
+
+    async def freed() -> bool:
+        return (await health(origin))["tree"]["children"] == 0
+
+    await until(freed, 5 * SECOND, "the silent peer's place to be freed")
+    async with feed_client(origin, Want(STREAM, last=1)) as (welcome, conn):
+        newest = welcome["streams"][0]["newest"]
+        assert (await next_frame(conn)).position == newest
+
+
 # --- 3: backlog_frames and max_children come from the config ------------------------------
 async def test_backlog_frames_and_max_children_from_config(
     anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
