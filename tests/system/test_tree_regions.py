@@ -296,7 +296,16 @@ async def test_a_write_climbs_the_tree_without_going_round_between_the_relays(
         samples = await relay.metrics()
         return metric(samples, "chainrelay_requests_total", method="eth_sendRawTransaction")
 
+    async def loops_cut() -> float:
+        """Requests the relays refused for naming them in Via already (HTTP 508)."""
+        total = 0.0
+        for relay in relays:
+            samples = await relay.metrics()
+            total += metric(samples, "chainrelay_rejected_total", reason="relay_loop")
+        return total
+
     before = {relay.name: await writes(relay) for relay in relays}
+    cut_before = await loops_cut()
     async with Chain.open(r.anvil) as node:
         raw_tx, tx_hash = await signed_transfer(node)
         async with Chain.open(r.leaves["us1"].url) as leaf:
@@ -306,12 +315,18 @@ async def test_a_write_climbs_the_tree_without_going_round_between_the_relays(
         print(f"eth_sendRawTransaction through us1: {took * 1000:.0f} ms")
         mined = int((await node.receipt(tx_hash, 10 * BLOCK))["blockNumber"], 16)
     await r.subs["us1"].wait_number(mined + 2, 10 * BLOCK)
+    leaf_parents = last_parents(r.leaves["us1"])
     for relay in relays:
         # Once from the leaf, once more through the other relay.
         took_it = await writes(relay) - before[relay.name]
         assert took_it <= 2, f"{relay.name} took the one transaction {took_it:.0f} times"
+        if relay.name in leaf_parents:
+            assert took_it >= 1, f"{relay.name}, a parent of us1, never took the write"
         healthy = metric(await relay.metrics(), "chainrelay_upstream_healthy")
         assert healthy == len(relay.parents), f"{relay.name} took an upstream out of rotation"
+    # Each relay sends a write to every upstream, the other relay included: the copy that
+    # would go back to a relay it passed was refused there, which is what ended the round.
+    assert await loops_cut() > cut_before, "no copy of the write was refused as a loop"
 
 
 async def test_leaves_miss_no_block_when_a_relay_dies_and_choose_new_parents(
