@@ -70,6 +70,8 @@ CHILD_QUEUE_FRAMES = 4
 # A short close handshake: a child that never reads is dropped a second after its close.
 CLOSE_TIMEOUT = 1.0
 HELLO_TIMEOUT = 1.0
+# A backlog shorter than what the kernel's buffers hold for a child that stops reading.
+SMALL_BACKLOG = 6
 
 
 @pytest.fixture
@@ -224,20 +226,23 @@ def relay_side_state(relay_port: int, child_port: int) -> str | None:
 # --- 1: a slow child is closed; the others get every frame; it resumes without a gap ------
 @pytest.mark.parametrize(
     ("bound", "reads_again"),
-    [("frames", True), ("frames", False), ("bytes", True)],
-    ids=["frames-reads-again", "frames-never-reads", "bytes-reads-again"],
+    [("frames", True), ("frames", False), ("bytes", True), ("backlog", True)],
+    ids=["frames-reads-again", "frames-never-reads", "bytes-reads-again", "backlog-reads-again"],
 )
 async def test_slow_child_is_closed_lagging_others_unharmed_and_it_resumes_without_gap(
     anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree, bound: str, reads_again: bool
 ) -> None:
-    # The bound under test is the low one; the other is far out of reach.
+    # The bound under test is the low one; the others are far out of reach. "backlog": the
+    # frames the child still needs leave the relay's backlog before its queue fills.
     frames = CHILD_QUEUE_FRAMES if bound == "frames" else MAX_BLOCKS * 10
     queue_bytes = SMALL_FRAME_BYTES if bound == "bytes" else MAX_BLOCKS * SMALL_FRAME_BYTES
+    backlog = SMALL_BACKLOG if bound == "backlog" else MAX_BLOCKS * 2
     relay_tree = (
         f"child_queue_frames = {frames}\n"
         f"child_buffer_bytes = {SMALL_CHILD_BUFFER}\n"
         f"child_queue_bytes = {queue_bytes}\n"
-        f"max_frame_bytes = {SMALL_FRAME_BYTES}"
+        f"max_frame_bytes = {SMALL_FRAME_BYTES}\n"
+        f"backlog_frames = {backlog}"
     )
     # A child that reads again at once has the default close handshake time, far more
     # than it needs; one that does not is dropped a CLOSE_TIMEOUT after the close.
@@ -304,9 +309,22 @@ async def test_slow_child_is_closed_lagging_others_unharmed_and_it_resumes_witho
 
         # It comes back from its next position and gets the rest, with no gap.
         after = start + len(got.positions)
-        async with feed_client(relay, Want(STREAM, from_position=after)) as (welcome, conn):
-            assert "gap" not in welcome["streams"][0], welcome
-            rest = [(await next_frame(conn)).position for _ in range(tip + 1 - after)]
+        if bound != "backlog":
+            async with feed_client(relay, Want(STREAM, from_position=after)) as (welcome, conn):
+                assert "gap" not in welcome["streams"][0], welcome
+                rest = [(await next_frame(conn)).position for _ in range(tip + 1 - after)]
+        else:  # past the backlog: what left it is backfilled over JSON-RPC, then frames
+            resumed: list[FeedBlock] = []
+            async with Subscription(
+                relay.ws_url + "/feed", STREAM, from_block=after, trust=[ORIGIN_ADDRESS]
+            ) as sub:
+                async with asyncio.timeout(HOP_TIMEOUT):
+                    async for block in sub:
+                        resumed.append(block)
+                        if block.number >= tip:
+                            break
+            rest = [b.number for b in resumed]
+            assert [b.verified for b in resumed] == [n > tip - backlog for n in rest]
         assert got.positions + rest == list(range(start, tip + 1))
         assert await closes(relay, "lagging") == lagging_before + 1
 
