@@ -51,21 +51,23 @@ pytestmark = pytest.mark.lab
 
 A0, A1, A2 = DEV_ACCOUNTS
 
-# Asked of the kernel for the slow child's socket (it doubles it, to ~8 KiB): a couple of
-# frames fill it, so the relay's own buffers fill within a few blocks.
+# Asked of the kernel for the slow child's socket (it doubles it, to ~8 KiB): it announces
+# a window that small, so what the relay sends piles up on the relay's side.
 SLOW_RCVBUF = 4096
-# Transfers in each block mined here: a frame of a few KB, so buffers fill in few blocks.
+# Transfers in each block mined here (without calldata a frame is under 1 KB).
 TXS_PER_BLOCK = 4
 # Bounds the blocks mined while waiting for a child to be found lagging.
 MAX_BLOCKS = 80
-# Random calldata of each transfer in the slow child's test: a frame of ~256 KB (hex), so
-# the kernel's socket buffers (a few MB on loopback) fill within a couple dozen blocks.
+# Random calldata of each transfer in the slow child's test: a frame of ~134 KB (lz4 of
+# 4 x 64 KB of hex), so the kernel's buffers for a child that stopped reading (~3 MB on
+# loopback, measured: ~22 frames) fill within a couple dozen blocks.
 CALLDATA = 32 * 1024
 # The relay's bound on a frame, and so on a child's queue in bytes (the config requires
 # child_queue_bytes >= max_frame_bytes): a few of those frames.
 SMALL_FRAME_BYTES = 1024 * 1024
-# The relay's write buffer per child before it skips that child: a frame or so.
+# The relay's write buffer per child before it skips that child: less than a frame.
 SMALL_CHILD_BUFFER = 2048
+# Frames a child may owe before it is closed: a handful of blocks.
 CHILD_QUEUE_FRAMES = 4
 # A short close handshake: a child that never reads is dropped a second after its close.
 CLOSE_TIMEOUT = 1.0
