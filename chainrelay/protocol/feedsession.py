@@ -163,6 +163,10 @@ class Cursor:
     max_bytes: int
     live_seq: int = 0  # backlog.next_seq when the session began
     live_bytes: int = 0  # backlog.appended_bytes when the session began
+    # Frames larger than the child takes (its hello's max_frame_bytes) are passed over: the
+    # child sees the jump in positions and backfills that block over JSON-RPC.
+    max_frame: int | None = None
+    skipped: int = 0  # frames passed over for being larger than max_frame
 
     @classmethod
     def at(cls, backlog: Backlog, seq: int, max_frames: int, max_bytes: int) -> Cursor:
@@ -187,6 +191,10 @@ class Cursor:
             e = backlog.get(self.seq)
             if e is None:
                 break  # lagging: the caller checks ``lagging`` and closes
+            if self.max_frame is not None and len(e.raw) > self.max_frame:
+                self.seq += 1
+                self.skipped += 1
+                continue
             if out and used + len(e.raw) > budget:
                 break
             out.append(e.raw)
@@ -247,6 +255,9 @@ class Want:
 @dataclass(slots=True)
 class Hello:
     wants: list[Want] = field(default_factory=list)
+    # The largest frame the child takes (a WebSocket message past it would end its link):
+    # larger ones are not sent to it. None: no bound given.
+    max_frame_bytes: int | None = None
 
 
 def _int_or_none(v: Any, what: str) -> int | None:
@@ -268,7 +279,7 @@ def _identity_or_none(v: Any) -> bytes | None:
         raise ControlError("after must be a 0x-prefixed 32-byte identity") from None
 
 
-def encode_hello(wants: list[Want]) -> bytes:
+def encode_hello(wants: list[Want], max_frame_bytes: int | None = None) -> bytes:
     streams = []
     for w in wants:
         s: dict[str, Any] = {"stream": w.stream}
@@ -279,7 +290,10 @@ def encode_hello(wants: list[Want]) -> bytes:
         if w.after is not None:
             s["after"] = "0x" + w.after.hex()
         streams.append(s)
-    return orjson.dumps({"type": "hello", "version": PROTOCOL_VERSION, "streams": streams})
+    msg: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION, "streams": streams}
+    if max_frame_bytes is not None:
+        msg["max_frame_bytes"] = max_frame_bytes
+    return orjson.dumps(msg)
 
 
 def parse_hello(data: bytes | str) -> Hello:
@@ -293,7 +307,7 @@ def parse_hello(data: bytes | str) -> Hello:
     streams = msg.get("streams")
     if not isinstance(streams, list) or not streams or len(streams) > MAX_HELLO_STREAMS:
         raise ControlError(f"streams must be a list of 1-{MAX_HELLO_STREAMS} entries")
-    hello = Hello()
+    hello = Hello(max_frame_bytes=_int_or_none(msg.get("max_frame_bytes"), "max_frame_bytes"))
     names: set[str] = set()
     for s in streams:
         if not isinstance(s, dict) or not isinstance(s.get("stream"), str):

@@ -278,9 +278,11 @@ class FeedChild(WsSession):
         for want in hello.wants:
             st = hub.streams[want.stream]
             start, gap = st.backlog.resume(want.from_position, want.last, want.after)
-            self.cursors[want.stream] = Cursor.at(
+            cursor = Cursor.at(
                 st.backlog, start, hub.limits.child_queue_frames, hub.limits.child_queue_bytes
             )
+            cursor.max_frame = hello.max_frame_bytes
+            self.cursors[want.stream] = cursor
             entries.append(welcome_entry(want, st.backlog, gap))
         self.send(encode_welcome(entries))
         for name in self.cursors:

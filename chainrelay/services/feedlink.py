@@ -183,7 +183,10 @@ class FeedLink:
             self._conn = conn
             pinger = asyncio.create_task(self._ping(conn), name=f"feedlink {self.name} ping")
             try:
-                await conn.send(encode_hello(self.wants()), text=True)
+                # Frames past our bound would end the link (1009) at every resume: the parent
+                # leaves them out, and the jump in positions is backfilled.
+                hello = encode_hello(self.wants(), max_frame_bytes=self.max_frame_bytes)
+                await conn.send(hello, text=True)
                 async with asyncio.timeout(self.connect_timeout):
                     first = await conn.recv()
                 if not isinstance(first, str):

@@ -710,3 +710,21 @@ def test_after_travels_in_the_hello_and_goes_with_from_only() -> None:
             + b"00" * 32
             + b'"}]}'
         )
+
+
+def test_frames_larger_than_the_child_takes_are_passed_over() -> None:
+    b = _backlog_of((1, "a"), (2, "big" + "x" * 100), (3, "c"))
+    cursor = Cursor.at(b, 0, 1000, 10**9)
+    cursor.max_frame = 10
+    assert cursor.take(b, 10**9) == [b"a", b"c"]
+    assert cursor.skipped == 1 and cursor.seq == b.next_seq
+
+
+def test_max_frame_bytes_travels_in_the_hello() -> None:
+    hello = parse_hello(encode_hello([Want("bsc/blocks")], max_frame_bytes=1 << 20))
+    assert hello.max_frame_bytes == 1 << 20
+    assert parse_hello(encode_hello([Want("bsc/blocks")])).max_frame_bytes is None
+    with pytest.raises(ControlError):
+        parse_hello(
+            b'{"type":"hello","version":1,"max_frame_bytes":-1,"streams":[{"stream":"a/b"}]}'
+        )

@@ -475,13 +475,6 @@ async def test_subscriber_far_behind_backfills_each_block_once_then_verified_fra
 SMALL_MAX_FRAME = 64 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a frame over a link's max_frame_bytes ends the link's WebSocket (1009, its "
-    "max_size) instead of being dropped as too_large; every reconnect resumes after the "
-    "last frame taken, so the parent replays the same frame first and the link never "
-    "gets past it",
-)
 async def test_frame_over_max_frame_bytes_is_dropped_and_the_feed_goes_on(
     anvil_factory: Callable[..., Awaitable[Anvil]], tree: Tree
 ) -> None:
