@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -111,11 +112,15 @@ class ParentSet:
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
-        self.max_frame_bytes = max_frame_bytes
+        # Every link's own settings, passed on as they came.
+        self._link_settings: dict[str, Any] = {
+            "max_frame_bytes": max_frame_bytes,
+            "connect_timeout": connect_timeout,
+            "retry_delay": retry_delay,
+            "retry_max": retry_max,
+            "ping_interval": ping_interval,
+        }
         self.connect_timeout = connect_timeout
-        self.retry_delay = retry_delay
-        self.retry_max = retry_max
-        self.ping_interval = ping_interval
         self.on_change = on_change
         self.on_probe = on_probe
         self.on_link = on_link
@@ -276,11 +281,7 @@ class ParentSet:
                 wants=self.wants,
                 on_frame=self.on_frame,
                 on_gap=self.on_gap,
-                max_frame_bytes=self.max_frame_bytes,
-                connect_timeout=self.connect_timeout,
-                retry_delay=self.retry_delay,
-                retry_max=self.retry_max,
-                ping_interval=self.ping_interval,
+                **self._link_settings,
             )
             self.links[name] = link
             await link.start()
