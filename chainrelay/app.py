@@ -283,6 +283,7 @@ class Node:
             link_failures_down=tree.link_failures_down,
             down_hold=tree.down_hold,
             link_check_interval=tree.link_check_interval,
+            stall_rounds=tree.stall_rounds,
             on_change=lambda names: metrics.feed_parents.set(len(names)),
         )
         self._stack.append(parents.stop)

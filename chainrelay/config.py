@@ -198,6 +198,7 @@ class TreeConfig:
     down_hold: float = d.TREE_DOWN_HOLD
     link_check_interval: float = d.TREE_LINK_CHECK_INTERVAL
     hello_timeout: float = d.TREE_HELLO_TIMEOUT
+    stall_rounds: int = d.TREE_STALL_ROUNDS
     offered_max_bytes: int = d.OFFERED_MAX_BYTES
 
     @property
@@ -400,6 +401,7 @@ def _validate_tree(cfg: Config) -> None:
         ("tree.link_failures_down", t.link_failures_down),
         ("tree.link_check_interval", t.link_check_interval),
         ("tree.hello_timeout", t.hello_timeout),
+        ("tree.stall_rounds", t.stall_rounds),
         ("tree.offered_max_bytes", t.offered_max_bytes),
     ):
         if value <= 0:

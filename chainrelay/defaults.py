@@ -265,6 +265,10 @@ TREE_DOWN_HOLD = 30.0
 # reaches TREE_LINK_FAILURES_DOWN within about a second of back-off, and is replaced at
 # most this much later instead of up to a probe interval later; a look reads two ints.
 TREE_LINK_CHECK_INTERVAL = 0.25
+# Probe rounds in a row in which a linked parent sent no frame while another parent did,
+# before it counts as down (stalled): three rounds are 15 s by default, 5 to 20 BSC blocks
+# that only the other parent brought.
+TREE_STALL_ROUNDS = 3
 # Connecting to a parent (TCP + WebSocket handshake) gives up after this: three
 # intercontinental round trips and then some.
 TREE_CONNECT_TIMEOUT = 5.0

@@ -77,6 +77,7 @@ class FeedLink:
         self.rtt: float | None = None
         self.failures = 0  # consecutive connects that never reached a welcome
         self.sessions = 0  # sessions that reached a welcome, ever
+        self.frames = 0  # binary messages received, ever (copies others sent too)
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._conn: ClientConnection | None = None
@@ -200,6 +201,7 @@ class FeedLink:
                     self.on_gap(self, stream, gap)
                 async for message in conn:
                     if isinstance(message, bytes):
+                        self.frames += 1
                         self.on_frame(self, message)
                     else:
                         self._control(message)

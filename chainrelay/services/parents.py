@@ -42,13 +42,15 @@ def _nothing(*_args: object) -> None:
 class _State:
     """What the set knows of one candidate beyond what ``choose`` reads."""
 
-    __slots__ = ("down_until", "estimate", "probe_failures", "probe_url")
+    __slots__ = ("down_until", "estimate", "frames", "probe_failures", "probe_url", "quiet")
 
     def __init__(self, probe_url: str) -> None:
         self.probe_url = probe_url
         self.estimate = RttEstimate()
         self.probe_failures = 0
         self.down_until = 0.0
+        self.frames = 0  # its link's frame count at the last round
+        self.quiet = 0  # rounds in a row its link sent nothing while another link did
 
 
 class ParentSet:
@@ -79,6 +81,7 @@ class ParentSet:
         link_failures_down: int = defaults.TREE_LINK_FAILURES_DOWN,
         down_hold: float = defaults.TREE_DOWN_HOLD,
         link_check_interval: float = defaults.TREE_LINK_CHECK_INTERVAL,
+        stall_rounds: int = defaults.TREE_STALL_ROUNDS,
         # Hooks (metrics, logs, tests): called synchronously, must not block
         on_change: Callable[[list[str]], None] = _nothing,
         on_probe: Callable[[str, float | None], None] = _nothing,
@@ -95,7 +98,7 @@ class ParentSet:
             raise ValueError("a node needs at least one parent")
         if min(probe_interval, probe_timeout, link_check_interval) <= 0:
             raise ValueError("probe_interval, probe_timeout, link_check_interval must be positive")
-        if probe_failures_down < 1 or link_failures_down < 1 or down_hold < 0:
+        if probe_failures_down < 1 or link_failures_down < 1 or stall_rounds < 1 or down_hold < 0:
             raise ValueError("failure thresholds must be positive, down_hold not negative")
         urls = probe_urls or {}
         self.candidates: dict[str, Candidate] = {c.name: c for c in candidates}
@@ -109,6 +112,7 @@ class ParentSet:
         self.link_failures_down = link_failures_down
         self.down_hold = down_hold
         self.link_check_interval = link_check_interval
+        self.stall_rounds = stall_rounds
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
@@ -186,6 +190,7 @@ class ParentSet:
         async with self._round_lock:  # one change of links at a time
             await asyncio.gather(*(self._probe(name) for name in self.candidates))
             self._mark_failed_links()
+            self._mark_stalled_links()
             chosen = self._choose()
             if not chosen and self._lift_holds():
                 chosen = self._choose()
@@ -269,6 +274,32 @@ class ParentSet:
                 self._state[name].down_until = now + self.down_hold
                 cand.failures = max(cand.failures, link.failures)
                 cand.up = False
+
+    def _mark_stalled_links(self) -> None:
+        """A parent whose link stays connected but sends nothing while another parent's
+        link sends frames (its own parents gone, a stuck process) is down like one whose
+        connects fail: after ``stall_rounds`` such rounds in a row."""
+        moved: dict[str, int] = {}
+        for name, link in self.links.items():
+            st = self._state[name]
+            # A new link counts from zero again.
+            moved[name] = link.frames - st.frames if link.frames >= st.frames else link.frames
+            st.frames = link.frames
+        if not any(moved.values()):
+            return  # a quiet chain, or every parent stuck alike: nothing to tell apart
+        now = time.monotonic()
+        for name, n in moved.items():
+            st = self._state[name]
+            st.quiet = st.quiet + 1 if n == 0 else 0
+            if st.quiet >= self.stall_rounds:
+                log.warning(
+                    "parent %s down: no frame in %d rounds while another parent sent some",
+                    name,
+                    st.quiet,
+                )
+                st.quiet = 0
+                st.down_until = now + self.down_hold
+                self.candidates[name].up = False
 
     async def _relink(self, chosen: list[str]) -> None:
         """Link ``chosen``: the new links first, connected (or timed out), then drop the rest."""

@@ -72,6 +72,12 @@ class TinyParent:
         await self.runner.setup()
         await web.SockSite(self.runner, self.sock).start()
 
+    async def send(self, raw: bytes) -> None:
+        """A frame to every child linked now (a parent that sends nothing more: ``quiet``)."""
+        for ws in list(self.sockets):
+            if not ws.closed:
+                await ws.send_bytes(raw)
+
     async def kill(self) -> None:
         """Stop serving: open feeds are closed and the port refuses from now on."""
         for ws in list(self.sockets):
@@ -331,3 +337,48 @@ async def test_stop_ends_every_link(lab: Lab) -> None:
     await until(
         lambda: all(not p.sockets for p in lab.servers.values()), 5 * SECOND, "feeds closed"
     )
+
+
+async def test_a_parent_that_stays_linked_but_sends_nothing_is_replaced(lab: Lab) -> None:
+    await lab.parent("eu-1", "eu", 20)
+    await lab.parent("us-1", "us", 200)
+    us = lab.servers["us-1"]
+    await lab.parent("ap-1", "ap", 400)
+    ps = await lab.start(stall_rounds=3)
+    await lab.linked(["eu-1", "us-1"], "the two fastest")
+    # us-1 keeps its link open and answers its probes, but sends no frame any more, while
+    # eu-1 goes on: after three such rounds us-1 is down and ap-1 takes its place.
+    n = 0
+
+    async def replaced() -> bool:
+        nonlocal n
+        n += 1
+        frame = feedframe.encode(
+            SIGNER,
+            kind=feedframe.KIND_BLOCK,
+            stream=STREAM,
+            position=100 + n,
+            identity=feedframe.keccak(b"next %d" % n),
+            plain=b"{}\x00null",
+        )
+        await lab.servers["eu-1"].send(frame)
+        return ps.parents == ["eu-1", "ap-1"] and ps.links["ap-1"].connected
+
+    await until(replaced, 10 * SECOND, "the silent parent replaced")
+    assert us.sockets == set()  # its link was dropped, the server itself still up
+    assert not ps.candidates["us-1"].up
+
+
+async def test_parents_that_all_fall_quiet_together_are_kept(lab: Lab) -> None:
+    await lab.parent("eu-1", "eu", 20)
+    await lab.parent("us-1", "us", 200)
+    await lab.parent("ap-1", "ap", 400)
+    ps = await lab.start(stall_rounds=2)
+    await lab.linked(["eu-1", "us-1"], "the two fastest")
+    rounds = ps.rounds
+
+    async def several_rounds() -> bool:
+        return ps.rounds >= rounds + 6
+
+    await until(several_rounds, 10 * SECOND, "six quiet rounds")
+    assert ps.parents == ["eu-1", "us-1"]  # a quiet chain is no stalled parent
