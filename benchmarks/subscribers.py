@@ -88,6 +88,30 @@ def masked_text_frame(payload: bytes) -> bytes:
     return head + b"\x00\x00\x00\x00" + payload
 
 
+async def ws_upgrade(sock: socket.socket, port: int, path: str = "/") -> bytes:
+    """Connect the non-blocking ``sock`` to 127.0.0.1:``port`` and upgrade it to a WebSocket
+    on ``path``, then time-stamp its reads (SO_TIMESTAMPNS); the bytes read past the
+    handshake's answer."""
+    loop = asyncio.get_running_loop()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {_KEY}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            raise RuntimeError("closed during the upgrade")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"upgrade refused: {head[:120]!r}")
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    return head[head.index(b"\r\n\r\n") + 4 :]
+
+
 @dataclass
 class BlockTimes:
     first: float = float("inf")
@@ -196,11 +220,6 @@ async def subscribe(
     """``count`` connections to 127.0.0.1:``port``, each upgraded and subscribed."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    request = (
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {_KEY}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
     subs: list[Subscriber] = []
 
     async def one() -> None:
@@ -209,19 +228,8 @@ async def subscribe(
             sock.setblocking(False)
             sub = Subscriber(sock, direct)
             subs.append(sub)
-            await loop.sock_connect(sock, ("127.0.0.1", port))
-            await loop.sock_sendall(sock, request)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = await loop.sock_recv(sock, 4096)
-                if not chunk:
-                    raise RuntimeError("closed during the upgrade")
-                head += chunk
-            if not head.startswith(b"HTTP/1.1 101"):
-                raise RuntimeError(f"upgrade refused: {head[:80]!r}")
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            rest = await ws_upgrade(sock, port)
             await loop.sock_sendall(sock, masked_text_frame(_SUBSCRIBE))
-            rest = head[head.index(b"\r\n\r\n") + 4 :]
             while b'"result":"0x' not in rest and b'"error"' not in rest:
                 chunk = await loop.sock_recv(sock, 4096)
                 if not chunk:

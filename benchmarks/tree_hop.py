@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import contextlib
 import http.client
@@ -64,7 +63,14 @@ from typing import IO, Any
 import common
 import orjson
 import uvloop
-from subscribers import raise_fd_limit, relay_cpu, relay_pids
+from subscribers import (
+    SO_TIMESTAMPNS,
+    masked_text_frame,
+    raise_fd_limit,
+    relay_cpu,
+    relay_pids,
+    ws_upgrade,
+)
 
 from chainrelay.protocol.feedsession import Want, encode_hello
 from chainrelay.wire.wsframes import binary_header
@@ -98,9 +104,6 @@ READY_SECONDS = 30.0
 # With --profile: blocks published after the measured ones while py-spy samples the relay.
 PROFILE_BLOCKS = 10
 PROFILE_ROWS = 12
-# SO_TIMESTAMPNS (Linux, asm-generic): each read comes with the time the kernel received
-# its last segment, on the wall clock. The socket module lacks the name.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 # Where a frame's position lies in its header (feedframe.HEADER: version, kind, flags,
@@ -219,27 +222,9 @@ async def open_child(port: int, path: str, direct: bool) -> Child:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHILD_RCVBUF)
     sock.setblocking(False)
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    await loop.sock_sendall(sock, request)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = await loop.sock_recv(sock, 4096)
-        if not chunk:
-            raise RuntimeError("closed during the upgrade")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError(f"upgrade refused: {head[:120]!r}")
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    hello = encode_hello([Want(STREAM)])
-    await loop.sock_sendall(sock, bytes([0x81, 0x80 | len(hello)]) + b"\0\0\0\0" + hello)
+    rest = await ws_upgrade(sock, port, path)
+    await loop.sock_sendall(sock, masked_text_frame(encode_hello([Want(STREAM)])))
     child = Child(sock, direct)
-    rest = head[head.index(b"\r\n\r\n") + 4 :]
     if rest:
         child.take(memoryview(rest), time.time(), Arrivals())
     return child
