@@ -221,6 +221,27 @@ START_HEARTBEAT = 0.2 * SECOND
 RELAY_START_TIMEOUT = 20 * SECOND
 
 
+@asynccontextmanager
+async def heartbeat(node: Chain) -> AsyncIterator[None]:
+    """Mine a block every START_HEARTBEAT while the ``async with`` body runs: a node in
+    front of a chain that mines on demand waits for a first head before it reports
+    healthy."""
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop.is_set():
+            await node.call("evm_mine")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), START_HEARTBEAT)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def start_relay_mining(
     node: Chain,
     relay_factory: Callable[..., Awaitable[Relay]],
@@ -229,18 +250,5 @@ async def start_relay_mining(
 ) -> Relay:
     """Start a relay in front of a node that mines on demand, mining a block every
     START_HEARTBEAT until the relay serves (bounded by RELAY_START_TIMEOUT)."""
-    stop = asyncio.Event()
-
-    async def heartbeat() -> None:
-        while not stop.is_set():
-            await node.call("evm_mine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), START_HEARTBEAT)
-
-    task = asyncio.create_task(heartbeat())
-    try:
-        async with asyncio.timeout(RELAY_START_TIMEOUT):
-            return await relay_factory(upstreams, extra)
-    finally:
-        stop.set()
-        await task
+    async with heartbeat(node), asyncio.timeout(RELAY_START_TIMEOUT):
+        return await relay_factory(upstreams, extra)

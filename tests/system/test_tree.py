@@ -33,9 +33,9 @@ from chainrelay.subscriber import FeedBlock, Subscription
 from chainrelay.wire import feedframe
 from tests.lab.chain import (
     DEV_ACCOUNTS,
-    START_HEARTBEAT,
     Chain,
     emitter_data,
+    heartbeat,
     metric,
     wait_same_head,
 )
@@ -188,27 +188,6 @@ async def web3_http(url: str) -> AsyncIterator[AsyncWeb3[Any]]:
         yield w3
     finally:
         await w3.provider.disconnect()
-
-
-@asynccontextmanager
-async def heartbeat(node: Chain) -> AsyncIterator[None]:
-    """Mine a block every START_HEARTBEAT while the ``async with`` body runs: a node in
-    front of a chain that mines on demand waits for a first head before it reports
-    healthy."""
-    stop = asyncio.Event()
-
-    async def beat() -> None:
-        while not stop.is_set():
-            await node.call("evm_mine")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), START_HEARTBEAT)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
 
 
 @asynccontextmanager

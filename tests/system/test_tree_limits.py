@@ -32,7 +32,7 @@ from chainrelay.devnet import Anvil
 from chainrelay.protocol.feedsession import CLOSE_BAD_HELLO, CLOSE_LAGGING, Want, encode_hello
 from chainrelay.subscriber import FeedBlock, Subscription
 from chainrelay.wire import feedframe
-from tests.lab.chain import DEV_ACCOUNTS, Chain, metric, wait_same_head
+from tests.lab.chain import DEV_ACCOUNTS, Chain, heartbeat, metric, wait_same_head
 from tests.lab.procs import Procs, Relay, until
 from tests.lab.timing import SECOND
 from tests.system.test_tree import (
@@ -41,7 +41,6 @@ from tests.system.test_tree import (
     STREAM,
     Tree,
     feed_client,
-    heartbeat,
     next_frame,
     node_config,
     rpc_get,
