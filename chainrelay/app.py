@@ -89,13 +89,14 @@ class Node:
             )
             for u in cfg.upstreams
         ]
+        for u in upstreams:
+            u.via = f"1.1 {self.via}"  # before start: an HTTP session sends it by default
         pool = self.pool = UpstreamPool(upstreams, p, self.metrics)
         self._stack.append(pool.stop)
         await pool.start()
         self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
         for u in pool.upstreams:
             self.metrics.upstream_healthy.labels(u.name).set(1)
-            u.via = f"1.1 {self.via}"
         profile = self.profile = profile_for(cfg.chain.profile or None, self.chain_id)
         head = self.head = HeadTracker(
             pool,

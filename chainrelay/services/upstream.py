@@ -80,7 +80,8 @@ class Upstream:
         self.chain_id: int | None = None
         # Set by the pool so that every call counts, the head tracker's included.
         self.observer: Observer | None = None
-        # This node's entry in the Via header of its HTTP upstream requests ("" sends none).
+        # This node's entry in the Via header of its HTTP upstream requests ("" sends none);
+        # set before ``start``, which makes it a default header of the session.
         self.via = ""
 
     @property
@@ -178,9 +179,12 @@ class HttpUpstream(Upstream):
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=300)
+        headers = {"Content-Type": "application/json"}
+        if self.via:
+            headers["Via"] = self.via  # a relayed request's Via replaces it (``request``)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            headers={"Content-Type": "application/json"},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=self.timeout),
         )
 
@@ -196,11 +200,10 @@ class HttpUpstream(Upstream):
         """POST one body; the answer's bytes. Raises ``TransportError``."""
         session = self._session
         assert session is not None, "upstream not started"
-        via = self.via
-        headers = None
-        if via:
-            came = current_via()
-            headers = {"Via": f"{came}, {via}" if came else via}
+        # This node's own Via goes with every request (the session's default header); a
+        # request made for one another relay forwarded carries that one's chain too.
+        came = current_via()
+        headers = {"Via": f"{came}, {self.via}"} if came and self.via else None
         try:
             async with session.post(self.url, data=body, headers=headers) as resp:
                 data = await resp.read()
