@@ -644,7 +644,7 @@ class BlockFeed:
         pushed = self.head.pushed.get(light.get("hash", ""))
         if pushed is not None:
             return pushed
-        return {k: light[k] for k in HEADER_FIELDS if k in light}
+        return geth_header(light)
 
     # --- the cache -------------------------------------------------------------------
     def _warm(self, ev: BlockEvent, raw: _Raw) -> None:
@@ -800,6 +800,11 @@ def _receipt_of(tx_hash: str, block_hash: str) -> Callable[[Any], Any]:
         return None
 
     return pick
+
+
+def geth_header(block: dict[str, Any]) -> dict[str, Any]:
+    """geth's newHeads payload of ``block`` (``HEADER_FIELDS``, in its sorted order)."""
+    return {k: block[k] for k in HEADER_FIELDS if k in block}
 
 
 def _offer_size(block_raw: bytes, receipts_raw: bytes | None) -> int:

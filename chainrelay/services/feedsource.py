@@ -14,7 +14,7 @@ import logging
 
 import orjson
 
-from chainrelay.services.blocks import HEADER_FIELDS, BlockFeed
+from chainrelay.services.blocks import BlockFeed, geth_header
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.pool import UpstreamPool
@@ -61,7 +61,7 @@ class FeedSource:
             self._bad(frame, "block does not match the frame's header")
             return
         self.blocks.offer(block, block_raw, None if receipts_raw == b"null" else receipts_raw)
-        header = {k: block[k] for k in HEADER_FIELDS if k in block}
+        header = geth_header(block)
         # The tracker asks this upstream for parents it lacks (a gap): the parent that sent
         # the frame when it is one of the upstreams, else any live one.
         upstreams = self.pool.upstreams
