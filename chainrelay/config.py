@@ -207,6 +207,41 @@ class TreeConfig:
 
 
 @dataclass
+class BatchStreamConfig:
+    """One sequencer's batch stream: who may sign it, for which chain, from which number."""
+
+    name: str = ""  # e.g. "arbitrum/batches"
+    chain_id: int = 0  # 0: the node's chain (its upstreams')
+    sequencers: list[str] = field(default_factory=list)  # addresses whose batches count
+    first_seq: int = 0  # the stream's first sequence number
+
+
+@dataclass
+class BatchesConfig:
+    """L2 batch streams (see services/ingress.py). Every node that carries a batch stream
+    names it here with its sequencers, so it can check each batch it relays; a node with
+    ``log`` is also an ingress: sequencers push to it, and it keeps every batch durably."""
+
+    streams: list[BatchStreamConfig] = field(default_factory=list)
+    log: str = ""  # the durable log (sqlite3 file); set: this node takes pushes
+    api_keys: list[str] = field(default_factory=list)  # a pusher's Bearer token (better: ${ENV})
+    max_payload_bytes: int = d.BATCH_MAX_PAYLOAD_BYTES
+    commit_max_batches: int = d.BATCH_COMMIT_MAX_BATCHES
+    commit_max_bytes: int = d.BATCH_COMMIT_MAX_BYTES
+    max_in_flight: int = d.BATCH_MAX_IN_FLIGHT
+    recent_hashes: int = d.BATCH_RECENT_HASHES
+    relay_ack_timeout: float = d.BATCH_RELAY_ACK_TIMEOUT
+    backlog_frames: int = d.BATCH_BACKLOG_FRAMES
+    backlog_bytes: int = d.BATCH_BACKLOG_BYTES
+    order_max_held: int = d.BATCH_ORDER_MAX_HELD
+    order_max_held_bytes: int = d.BATCH_ORDER_MAX_HELD_BYTES
+    order_wait: float = d.BATCH_ORDER_WAIT
+    range_max_frames: int = d.BATCH_RANGE_MAX_FRAMES
+    range_max_bytes: int = d.BATCH_RANGE_MAX_BYTES
+    range_timeout: float = d.BATCH_RANGE_TIMEOUT
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -217,6 +252,7 @@ class Config:
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     subscriptions: SubscriptionsConfig = field(default_factory=SubscriptionsConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
+    batches: BatchesConfig = field(default_factory=BatchesConfig)
     upstreams: list[UpstreamConfig] = field(default_factory=list)
 
 
@@ -268,6 +304,7 @@ def _value(tp: Any, v: Any, path: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     _validate_tree(cfg)
+    _validate_batches(cfg)
     if not cfg.upstreams:
         raise ConfigError(
             "upstreams: at least one [[upstreams]] entry (or [[tree.parents]]) is needed"
@@ -373,7 +410,7 @@ def _validate_tree(cfg: Config) -> None:
             p.name = f"parent{i}"
     if len({p.name for p in t.parents}) != len(t.parents):
         raise ConfigError("tree.parents: names must be unique")
-    if t.parents and not t.trust:
+    if t.parents and not t.trust and not cfg.batches.streams:
         raise ConfigError("tree.trust: a node with parents needs its origins' addresses")
     if t.parents and not cfg.upstreams:
         # Misses go to the parents' JSON-RPC endpoints, as to any upstream.
@@ -411,6 +448,54 @@ def _validate_tree(cfg: Config) -> None:
         raise ConfigError("tree.child_queue_bytes: must be at least tree.max_frame_bytes")
     if t.resume_last < 0 or t.min_gain < 0 or t.down_hold < 0:
         raise ConfigError("tree: resume_last, min_gain and down_hold must not be negative")
+
+
+def _validate_batches(cfg: Config) -> None:
+    b = cfg.batches
+    names: set[str] = set()
+    for i, st in enumerate(b.streams):
+        where = f"batches.streams[{i}]"
+        if not _STREAM.fullmatch(st.name):
+            raise ConfigError(f"{where}.name: expected <chain>/<kind>, e.g. arbitrum/batches")
+        if st.name in names or st.name in cfg.tree.streams:
+            raise ConfigError(f"{where}.name: {st.name} is named twice")
+        names.add(st.name)
+        if not st.sequencers:
+            raise ConfigError(f"{where}.sequencers: name the addresses that sign its batches")
+        for j, a in enumerate(st.sequencers):
+            if not _ADDRESS.fullmatch(a):
+                raise ConfigError(f"{where}.sequencers[{j}]: expected a 0x-prefixed address")
+        if st.chain_id < 0 or st.first_seq < 0 or st.first_seq >= 2**63:
+            raise ConfigError(f"{where}: chain_id and first_seq must not be negative")
+    if b.log and not b.streams:
+        raise ConfigError("batches.log: an ingress needs batches.streams to take pushes for")
+    if b.log and not b.api_keys:
+        raise ConfigError("batches.api_keys: an ingress takes pushes only with a key; name one")
+    for i, key in enumerate(b.api_keys):
+        if len(key) < 16:
+            raise ConfigError(f"batches.api_keys[{i}]: at least 16 characters")
+    for name in (
+        "max_payload_bytes",
+        "commit_max_batches",
+        "commit_max_bytes",
+        "max_in_flight",
+        "recent_hashes",
+        "relay_ack_timeout",
+        "backlog_frames",
+        "backlog_bytes",
+        "order_max_held",
+        "order_max_held_bytes",
+        "order_wait",
+        "range_max_frames",
+        "range_max_bytes",
+        "range_timeout",
+    ):
+        if getattr(b, name) <= 0:
+            raise ConfigError(f"batches.{name}: must be positive")
+    if b.max_payload_bytes + 1024 > cfg.tree.max_frame_bytes:
+        raise ConfigError(
+            "batches.max_payload_bytes: a batch's frame must fit in tree.max_frame_bytes"
+        )
 
 
 def _validate_cache(c: CacheConfig) -> None:

@@ -292,3 +292,42 @@ SUBSCRIBER_BACKFILL_TIMEOUT = 10.0
 # Rounds over every parent's endpoint for one missing block, waiting TREE_RETRY_DELAY
 # doubling to TREE_RETRY_MAX between them: ~20 s for a block a parent has yet to fetch.
 SUBSCRIBER_BACKFILL_ROUNDS = 8
+
+# --- L2 batches (ingress, batch streams in the tree; see protocol/ingress.py) -------------
+# Largest batch payload an ingress takes: Arbitrum's poster caps a calldata batch at ~100 KB
+# and a blob batch at 6 blobs of 128 KiB (768 KiB); 1 MiB holds either with room.
+BATCH_MAX_PAYLOAD_BYTES = 1 * MiB
+# Batches one group commit writes at most: 2 KB batches at 5,000/s arrive ~5 per ms, so a
+# 1-5 ms fsync gathers far fewer; the bound only caps one transaction's work.
+BATCH_COMMIT_MAX_BATCHES = 4096
+# Bytes one group commit writes at most: 16 full-size batches; a larger group waits.
+BATCH_COMMIT_MAX_BYTES = 16 * MiB
+# Pushes one sequencer connection may have in flight (accepted, not yet acknowledged):
+# ~1 s of 5,000 batches/s; past it the connection stops being read until acks go out.
+BATCH_MAX_IN_FLIGHT = 8192
+# Accepted payload hashes each stream keeps in memory for duplicate checks without a log
+# read: more than a sequencer resends after any reconnect.
+BATCH_RECENT_HASHES = 65_536
+# Seconds an acknowledgement that waits for relays to hold a batch waits at most: then
+# the batch is answered durable here but not held by enough relays (-32046).
+BATCH_RELAY_ACK_TIMEOUT = 10.0
+# Frames a batch stream's backlog holds: ~20 s of 5,000 batches/s; older ones are read
+# from an ingress node's durable log through the range endpoint.
+BATCH_BACKLOG_FRAMES = 100_000
+# Bytes of that backlog: 256 full 1 MiB batches, or all of the frames above at 2 KB.
+BATCH_BACKLOG_BYTES = 256 * MiB
+# Batches a relay holds past a missing one while it waits for it (from another parent, or
+# fetched): ~2 s of 5,000/s; past it the relay fetches the missing ones at once.
+BATCH_ORDER_MAX_HELD = 10_000
+# Bytes of those held batches.
+BATCH_ORDER_MAX_HELD_BYTES = 64 * MiB
+# Seconds a relay waits for a missing batch from its other parents before fetching it from
+# a parent's range endpoint: two parents' copies are apart by their link delays (<0.3 s).
+BATCH_ORDER_WAIT = 1.0
+# Frames one range answer holds at most: a subscriber resuming far back pages through
+# the durable log in answers this large.
+BATCH_RANGE_MAX_FRAMES = 1000
+# Bytes one range answer holds at most (frames are never split; one frame may pass it).
+BATCH_RANGE_MAX_BYTES = 8 * MiB
+# Seconds a range request to a parent waits (it may climb to an ingress node).
+BATCH_RANGE_TIMEOUT = 10.0

@@ -136,12 +136,18 @@ def decode(raw: bytes, max_frame_bytes: int) -> Frame:
 
 
 def signer(frame: Frame) -> bytes:
-    """The 20-byte address that signed ``frame``; ``FrameError("signature")`` if none can."""
-    sig = frame.signature
-    if sig[64] > 3:
+    """The 20-byte address that signed block frame ``frame``; ``FrameError("signature")``
+    if none can. (A batch frame is the sequencer's: ``batchframe.open_frame``.)"""
+    return recover(frame.signature, frame.digest())
+
+
+def recover(sig: bytes, digest: bytes) -> bytes:
+    """The 20-byte address whose key made ``sig`` over ``digest``; ``FrameError("signature")``
+    if none did."""
+    if len(sig) != SIGNATURE_LEN or sig[64] > 3:
         raise FrameError("signature", "recovery id")
     try:
-        pub = coincurve.PublicKey.from_signature_and_message(sig, frame.digest(), hasher=None)
+        pub = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
     except Exception as exc:  # coincurve raises plain Exception/ValueError
         raise FrameError("signature", str(exc)) from None
     return keccak(pub.format(compressed=False)[1:])[12:]
