@@ -195,3 +195,32 @@ def decode_push(data: bytes) -> Push:
     if kind == CONFIRMED and payload:
         raise PushError("a confirmed message carries no payload")
     return Push(kind, stream, seq, signature, payload, relays)
+
+
+# --- range answers (GET /feed/range) ----------------------------------------------------------
+_LEN = struct.Struct(">I")
+
+
+def encode_range(frames: list[bytes]) -> bytes:
+    """A range answer's body: each frame as ``u32 length | frame``, back to back."""
+    parts: list[bytes] = []
+    for f in frames:
+        parts.append(_LEN.pack(len(f)))
+        parts.append(f)
+    return b"".join(parts)
+
+
+def decode_range(body: bytes, max_frame_bytes: int) -> list[bytes]:
+    """The frames of a range answer; ``FrameError("range")`` if it is cut or a length lies."""
+    out: list[bytes] = []
+    at, n = 0, len(body)
+    while at < n:
+        if at + 4 > n:
+            raise FrameError("range", "cut inside a length")
+        (size,) = _LEN.unpack_from(body, at)
+        at += 4
+        if size > max_frame_bytes or at + size > n:
+            raise FrameError("range", f"frame of {size} bytes at {at}")
+        out.append(body[at : at + size])
+        at += size
+    return out
