@@ -16,6 +16,7 @@
     │       └── TooManyFilters           -32005  filters per node or per client address
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     ├── BackfillFailed                   a feed subscriber could not fill a gap over JSON-RPC
+    ├── BatchLogError                    the durable batch log did not take a record (push again)
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
         ├── UpstreamTimeout              -32002  every attempt timed out
@@ -106,6 +107,11 @@ class InternalError(ChainRelayError):
 class BackfillFailed(ChainRelayError):
     """Blocks a feed subscriber lacks and no parent's JSON-RPC endpoint gave: the
     subscription ends here rather than hand its consumer a gap."""
+
+
+class BatchLogError(ChainRelayError):
+    """A batch the durable log did not commit: its transaction failed, the log is closed, or
+    its seq does not follow the stream's last one in the log. Nothing of it was written."""
 
 
 class UpstreamError(ChainRelayError):
