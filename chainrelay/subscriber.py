@@ -46,13 +46,13 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
 from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
+from chainrelay.feedclient import feed_url, rpc_url, signer_address
 from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
 from chainrelay.services.feedlink import FeedLink
 from chainrelay.wire.feedframe import (
@@ -109,35 +109,6 @@ class _Queued:
     size: int
 
 
-def feed_url(url: str) -> str:
-    """The ``/feed`` WebSocket URL of a node given as ``ws://host:port[/feed]`` or
-    ``http://host:port``."""
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss") or not parts.netloc:
-        raise ConfigError(f"a feed URL is ws://HOST:PORT/feed: {url!r}")
-    path = parts.path if parts.path not in ("", "/") else "/feed"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
-def rpc_url(url: str) -> str:
-    """The JSON-RPC endpoint of the node serving the feed at ``url``: same host and port."""
-    parts = urlsplit(url)
-    scheme = "https" if parts.scheme == "wss" else "http"
-    return urlunsplit((scheme, parts.netloc, "/", "", ""))
-
-
-def _address(text: str) -> bytes:
-    raw = text[2:] if text[:2] in ("0x", "0X") else text
-    try:
-        address = bytes.fromhex(raw)
-    except ValueError:
-        address = b""
-    if len(address) != 20:
-        raise ConfigError(f"a trusted signer is a 20-byte hex address: {text!r}")
-    return address
-
-
 def _tx_count(block: dict[str, Any]) -> int:
     txs = block.get("transactions")
     return len(txs) if isinstance(txs, list) else 0
@@ -176,7 +147,7 @@ class Subscription:
         if from_block is not None and from_block < 0:
             raise ConfigError(f"from_block must be >= 0: {from_block}")
         self.stream = stream
-        self.trust = frozenset(_address(a) for a in trust)
+        self.trust = frozenset(signer_address(a) for a in trust)
         self.backfill = backfill
         self.max_frame_bytes = max_frame_bytes
         self.max_payload_bytes = max_payload_bytes
