@@ -140,6 +140,10 @@ def open_frame(frame: Frame, max_payload_bytes: int) -> tuple[bytes, bytes]:
     chain_id, seq = identity_parts(frame.identity)
     if seq != frame.position:
         raise FrameError("identity", f"seq {seq} at position {frame.position}")
+    try:
+        stream_field(frame.stream)
+    except ValueError:  # feedframe.decode keeps bytes after a NUL; no sequencer signs them
+        raise FrameError("stream", repr(frame.stream)) from None
     payload = unpack(frame, max_payload_bytes)
     digest = batch_digest(chain_id, frame.stream, seq, keccak(payload))
     return recover(frame.signature, digest), payload
