@@ -331,3 +331,18 @@ BATCH_RANGE_MAX_FRAMES = 1000
 BATCH_RANGE_MAX_BYTES = 8 * MiB
 # Seconds a range request to a parent waits (it may climb to an ingress node).
 BATCH_RANGE_TIMEOUT = 10.0
+
+# --- Batch subscriber (chainrelay.batchsubscriber, ``chainrelay subscribe --stream X/batches``)
+# Its links use the TREE_* frame and reconnect limits, its range fetches BATCH_RANGE_MAX_FRAMES
+# and BATCH_RANGE_TIMEOUT, and its rounds over the nodes SUBSCRIBER_BACKFILL_ROUNDS.
+# Batches waiting for the consumer: ~2 s of 5,000 batches/s, so a relay's replay of a
+# backlog arrives whole while the consumer reads fetched ones; further behind, resync.
+BATCH_SUBSCRIBER_QUEUE_BATCHES = 10_000
+# Payload bytes of those batches (checked and unpacked on arrival): 64 full 1 MiB batches.
+BATCH_SUBSCRIBER_QUEUE_BYTES = 64 * MiB
+# Largest batch payload taken: 16 times an ingress's default limit, so an ingress set for
+# larger batches still reaches its subscribers; still the lz4-bomb bound of one frame.
+BATCH_SUBSCRIBER_MAX_PAYLOAD_BYTES = 16 * MiB
+# Largest range answer read: BATCH_RANGE_MAX_BYTES of a node set four times larger, plus
+# one frame past it (an answer never splits a frame).
+BATCH_SUBSCRIBER_RANGE_MAX_BYTES = 32 * MiB + TREE_MAX_FRAME_BYTES

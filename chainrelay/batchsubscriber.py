@@ -1,0 +1,535 @@
+"""Following one L2 batch stream from relay tree nodes: the batch subscriber library.
+
+``subscribe_batches(urls, "arbitrum/batches", from_seq=0)`` yields every batch once, in
+sequence order, with no gap and no duplicate across reconnects and parent failures::
+
+    from chainrelay.batchsubscriber import subscribe_batches
+
+    async for b in subscribe_batches(["ws://a:8545/feed", "ws://b:8545/feed"],
+                                     "arbitrum/batches", from_seq=0,
+                                     trust=["0xSequencerAddress"]):
+        print(b.seq, len(b.payload), b.signer, b.fetched)
+
+``BatchSubscription`` is the same with its counters in reach (``dropped`` by reason,
+``duplicates``, ``fetched``, ``signers``), and ``async with`` to close it.
+
+Each URL is one parent, held by its own ``FeedLink`` and asked (hello ``from``) for the
+first number not yet taken, or for the live stream when no ``from_seq`` is given and none
+was taken yet. Every frame is checked as it arrives, before it is queued: shape, stream,
+batch kind, chain id (when ``chain_id`` is given), number (one already taken from any
+parent is a ``duplicate``: counted, dropped), and the sequencer's signature over chain id,
+stream, number and payload (``batchframe.open_frame``) by one of ``trust`` (any signer when
+``trust`` is empty). A frame that fails is counted in ``dropped`` by reason, never raised:
+a parent that forwards garbage costs a counter, not the subscription. The sequencer's
+signature travels with the frame, so no relay on the way needs to be trusted.
+
+The consumer gets number ``next`` and only it. A frame past ``next`` shows numbers
+``[next, seq)`` no parent sent (the parent's backlog did not reach back that far, or it lost
+them); they are read from ``GET /feed/range`` of that parent's node (same host and port),
+which serves them from its backlog, an ingress node's durable log, or its own parents,
+then from the other parents' nodes, in pages, each frame checked as above and the numbers
+consecutive. They are yielded (``fetched=True``) before the frame that showed them. An
+answer that is empty, refused or broken sends the request to the next node, in rounds with
+a doubling back-off; when no node can give them the subscription ends with
+``BackfillFailed`` rather than skip them. A welcome's ``gap`` is only logged: the parent
+replays its backlog right after it, and that replay's first frame shows the same gap,
+signed, so an unsigned word never sends the subscriber after numbers that do not exist.
+
+Checked batches wait in a bounded queue (count and payload bytes). A consumer that falls
+that far behind is resynchronised: new frames are dropped (``dropped["overflow"]``) until
+the queue is empty, then every link reconnects and its parent replays from the first
+number not yet queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+import aiohttp
+import orjson
+
+from chainrelay import defaults as d
+from chainrelay.errors import BackfillFailed, ConfigError
+from chainrelay.feedclient import feed_url, range_url, signer_address
+from chainrelay.protocol.feedsession import Gap, Want
+from chainrelay.services.feedlink import FeedLink
+from chainrelay.wire.batchframe import decode_range, frame_chain_id, open_frame
+from chainrelay.wire.feedframe import KIND_BATCH, Frame, FrameError, decode, keccak
+
+log = logging.getLogger(__name__)
+
+# Every limit is in chainrelay.defaults, with its reason; the keywords of BatchSubscription
+# override them.
+MAX_FRAME_BYTES = d.TREE_MAX_FRAME_BYTES
+MAX_PAYLOAD_BYTES = d.BATCH_SUBSCRIBER_MAX_PAYLOAD_BYTES
+QUEUE_BATCHES = d.BATCH_SUBSCRIBER_QUEUE_BATCHES
+QUEUE_BYTES = d.BATCH_SUBSCRIBER_QUEUE_BYTES
+RANGE_FRAMES = d.BATCH_RANGE_MAX_FRAMES
+RANGE_MAX_BYTES = d.BATCH_SUBSCRIBER_RANGE_MAX_BYTES
+RANGE_TIMEOUT = d.BATCH_RANGE_TIMEOUT
+RANGE_ROUNDS = d.SUBSCRIBER_BACKFILL_ROUNDS
+CONNECT_TIMEOUT = d.TREE_CONNECT_TIMEOUT
+RETRY_DELAY = d.TREE_RETRY_DELAY
+RETRY_MAX = d.TREE_RETRY_MAX
+PING_INTERVAL = d.TREE_PING_INTERVAL
+
+
+@dataclass(frozen=True, slots=True)
+class FeedBatch:
+    """One batch as the subscriber hands it over."""
+
+    seq: int
+    payload: bytes
+    signer: str  # the sequencer that signed it, 0x-address
+    latency_ms: float | None  # ingress's acceptance to arrival here; None when fetched
+    fetched: bool  # True: read from a node's range endpoint, not sent down a link
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A batch frame that passed every check: its number, payload and signer."""
+
+    seq: int
+    payload: bytes
+    signer: str
+    origin_us: int
+
+
+class BatchCheck:
+    """The checks every batch frame passes, from a link or a range answer alike: shape,
+    stream, kind, chain id, and the sequencer's signature by a trusted key. Sans-I/O."""
+
+    def __init__(
+        self,
+        stream: str,
+        *,
+        trust: frozenset[bytes],
+        chain_id: int | None,
+        max_frame_bytes: int,
+        max_payload_bytes: int,
+    ) -> None:
+        self.stream = stream
+        self.trust = trust
+        self.chain_id = chain_id
+        self.max_frame_bytes = max_frame_bytes
+        self.max_payload_bytes = max_payload_bytes
+
+    def frame(self, raw: bytes) -> Frame:
+        """The frame's header, checked but for its signature; ``FrameError`` (its
+        ``reason`` is the counter's name) for a frame not of this stream's batches."""
+        frame = decode(raw, self.max_frame_bytes)
+        if frame.stream != self.stream:
+            raise FrameError("stream", frame.stream)
+        if frame.kind != KIND_BATCH:
+            raise FrameError("kind", str(frame.kind))
+        chain_id = frame_chain_id(frame)  # FrameError("identity") for a block's hash
+        if self.chain_id is not None and chain_id != self.chain_id:
+            raise FrameError("chain", str(chain_id))
+        return frame
+
+    def open(self, frame: Frame) -> Checked:
+        """The batch in ``frame``, its signature checked; ``FrameError`` for a payload that
+        does not unpack (``payload``), a signature that recovers no key (``signature``), or
+        one whose key is not trusted (``untrusted``: an unknown sequencer, or a batch
+        altered on the way, whose digest recovers some other key)."""
+        address, payload = open_frame(frame, self.max_payload_bytes)
+        if self.trust and address not in self.trust:
+            raise FrameError("untrusted", "0x" + address.hex())
+        return Checked(frame.position, payload, "0x" + address.hex(), frame.origin_us)
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A checked batch waiting for the consumer."""
+
+    link: FeedLink
+    batch: Checked
+    arrived_us: int
+    size: int
+
+
+class BatchSubscription:
+    """Batches of ``stream`` from the nodes at ``urls``; iterate it once (``async for``),
+    close it with ``aclose()`` or ``async with``."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        stream: str,
+        *,
+        from_seq: int | None = None,
+        trust: Sequence[str] = (),
+        chain_id: int | None = None,
+        # Limits
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        queue_batches: int = QUEUE_BATCHES,
+        queue_bytes: int = QUEUE_BYTES,
+        range_frames: int = RANGE_FRAMES,
+        range_max_bytes: int = RANGE_MAX_BYTES,
+        # Timeouts
+        connect_timeout: float = CONNECT_TIMEOUT,
+        retry_delay: float = RETRY_DELAY,
+        retry_max: float = RETRY_MAX,
+        ping_interval: float = PING_INTERVAL,
+        range_timeout: float = RANGE_TIMEOUT,
+        range_rounds: int = RANGE_ROUNDS,
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ConfigError("a subscription needs at least one node URL")
+        if from_seq is not None and from_seq < 0:
+            raise ConfigError(f"from_seq must be >= 0: {from_seq}")
+        if range_frames < 1 or range_rounds < 1:
+            raise ConfigError("range_frames and range_rounds must be >= 1")
+        self.stream = stream
+        self.check = BatchCheck(
+            stream,
+            trust=frozenset(signer_address(a) for a in trust),
+            chain_id=chain_id,
+            max_frame_bytes=max_frame_bytes,
+            max_payload_bytes=max_payload_bytes,
+        )
+        self.queue_batches = queue_batches
+        self.queue_bytes = queue_bytes
+        self.range_frames = range_frames
+        self.range_max_bytes = range_max_bytes
+        self.range_timeout = range_timeout
+        self.range_rounds = range_rounds
+        self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        # Counters: frames dropped by reason, copies of numbers already taken, batches read
+        # from range endpoints, and every signer whose batches were accepted.
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.duplicates = 0
+        self.fetched = 0
+        self.signers: set[str] = set()
+        self.links = [
+            FeedLink(
+                feed_url(u),
+                name=f"parent{i}",
+                wants=self._wants,
+                on_frame=self.on_frame,
+                on_gap=self._on_gap,
+                max_frame_bytes=max_frame_bytes,
+                connect_timeout=connect_timeout,
+                retry_delay=retry_delay,
+                retry_max=retry_max,
+                ping_interval=ping_interval,
+            )
+            for i, u in enumerate(url_list)
+        ]
+        self.queue: collections.deque[_Queued] = collections.deque()
+        self._queued_bytes = 0
+        self._arrived = asyncio.Event()
+        # The links' side: the first number not yet queued (None: live, nothing taken yet).
+        self.accepted_next = from_seq
+        # The consumer's side: the number it gets next (None: the first one queued).
+        self.next = from_seq
+        self._overflow = False
+        self._stale: dict[FeedLink, int] = {}  # link -> session whose frames are ignored
+        self._gen: AsyncGenerator[FeedBatch, None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    # --- the consumer side ----------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[FeedBatch]:
+        if self._gen is not None or self._closed:
+            raise RuntimeError("a BatchSubscription is iterated once")
+        self._gen = self._batches()
+        return self._gen
+
+    async def __aenter__(self) -> BatchSubscription:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every link and forget what is queued; safe to call more than once."""
+        self._closed = True
+        self._arrived.set()
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            with contextlib.suppress(RuntimeError):  # closed from another task mid-step
+                await gen.aclose()
+        for link in self.links:
+            await link.stop()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self.queue.clear()
+        self._queued_bytes = 0
+
+    async def _batches(self) -> AsyncGenerator[FeedBatch, None]:
+        for link in self.links:
+            await link.start()
+        try:
+            while True:
+                item = await self._take()
+                if item is None:
+                    return
+                b = item.batch
+                if self.next is None:
+                    self.next = b.seq
+                if b.seq < self.next:
+                    self.duplicates += 1  # fetched while this copy waited in the queue
+                    continue
+                if b.seq > self.next:
+                    async for fetched in self._fill(item.link, b.seq):
+                        yield fetched
+                self.next = b.seq + 1
+                yield FeedBatch(
+                    b.seq, b.payload, b.signer, (item.arrived_us - b.origin_us) / 1000, False
+                )
+        finally:
+            for link in self.links:
+                await link.stop()
+
+    async def _take(self) -> _Queued | None:
+        """The next queued batch; None once the subscription is closed."""
+        while not self.queue:
+            if self._closed:
+                return None
+            if self._overflow:
+                self._resync()
+            self._arrived.clear()
+            await self._arrived.wait()
+        item = self.queue.popleft()
+        self._queued_bytes -= item.size
+        return item
+
+    def _resync(self) -> None:
+        """Every batch that did not fit was dropped; the queue is empty now: reconnect each
+        link so its parent replays from the first number not queued."""
+        self._overflow = False
+        for link in self.links:
+            self._stale[link] = link.sessions
+            link.reset("resync after the queue overflowed")
+        log.warning(
+            "batch subscriber fell behind its parents; resynchronising from seq %s",
+            self.accepted_next,
+        )
+
+    # --- the links' side: called from their read loops, never blocking -------------------
+    def _wants(self) -> list[Want]:
+        return [Want(self.stream, from_position=self.accepted_next)]
+
+    def _drop(self, link: FeedLink | None, reason: str, detail: object = "") -> None:
+        self.dropped[reason] += 1
+        level = logging.WARNING if self.dropped[reason] == 1 else logging.DEBUG
+        where = "a range answer" if link is None else f"{link.name} ({link.url})"
+        log.log(level, "dropped a batch frame from %s: %s %s", where, reason, detail)
+
+    def _room(self) -> bool:
+        return not self.queue or (
+            len(self.queue) < self.queue_batches and self._queued_bytes < self.queue_bytes
+        )
+
+    def _on_gap(self, link: FeedLink, stream: str, gap: Gap) -> None:
+        log.info(
+            "%s: batches %d..%d are past its backlog; fetched once its replay shows them",
+            link.name,
+            gap.start,
+            gap.end - 1,
+        )
+
+    def on_frame(self, link: FeedLink, raw: bytes) -> None:
+        """Check one frame from ``link`` and queue its batch, or count why not (a
+        ``FeedLink`` callback; public so the checks can be driven without sockets)."""
+        arrived_us = time.time_ns() // 1000
+        if self._overflow or self._stale.get(link) == link.sessions:
+            self.dropped["overflow"] += 1
+            return
+        try:
+            frame = self.check.frame(raw)
+        except FrameError as exc:
+            self._drop(link, exc.reason, exc)
+            return
+        if self.accepted_next is not None and frame.position < self.accepted_next:
+            self.duplicates += 1  # taken already, from this parent or another
+            return
+        if not self._room():
+            self._overflow = True
+            self.dropped["overflow"] += 1
+            log.warning(
+                "batch subscriber queue full (%d batches): dropping until it drains",
+                len(self.queue),
+            )
+            return
+        try:
+            batch = self.check.open(frame)
+        except FrameError as exc:
+            self._drop(link, exc.reason, exc)
+            return
+        self.signers.add(batch.signer)
+        # Past the next number: the consumer fetches the ones between before this one.
+        self.accepted_next = batch.seq + 1
+        size = len(batch.payload)
+        self.queue.append(_Queued(link, batch, arrived_us, size))
+        self._queued_bytes += size
+        self._arrived.set()
+
+    # --- numbers no link sent, from range endpoints -----------------------------------------
+    async def _fill(self, first: FeedLink, end: int) -> AsyncIterator[FeedBatch]:
+        """Batches ``[next, end)`` in order, from ``first``'s node or the other links'
+        nodes, page by page; ``BackfillFailed`` when no node gives the next one."""
+        assert self.next is not None
+        log.info("fetching batches %d..%d from range endpoints", self.next, end - 1)
+        order = [first] + [link for link in self.links if link is not first]
+        while self.next < end:
+            got = await self._page(order, self.next, min(end - self.next, self.range_frames))
+            for batch in got:
+                self.next = batch.seq + 1
+                self.fetched += 1
+                yield FeedBatch(batch.seq, batch.payload, batch.signer, None, True)
+
+    async def _page(self, order: list[FeedLink], start: int, limit: int) -> list[Checked]:
+        """At least one checked batch from ``start`` on (at most ``limit``), from the first
+        node in ``order`` that gives one, in rounds over them all."""
+        delay = self.retry_delay
+        problems: list[str] = []
+        for round_ in range(self.range_rounds):
+            for i, link in enumerate(order):
+                try:
+                    body = await self._get(range_url(link.url, self.stream, start, limit))
+                except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                    problems.append(f"{link.name}: {exc}")
+                    continue
+                got = self.range_answer(body, start, limit)
+                if got:
+                    if i:  # the node that answered is tried first for the next page
+                        order.insert(0, order.pop(i))
+                    return got
+                problems.append(f"{link.name}: nothing usable at {start}")
+            if round_ + 1 < self.range_rounds:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+        raise BackfillFailed(
+            f"{self.stream} batch {start} could not be fetched: {'; '.join(problems[-3:])}"
+        )
+
+    def range_answer(self, body: bytes, start: int, limit: int) -> list[Checked]:
+        """The checked batches of a range answer from ``start`` on, consecutive, at most
+        ``limit``: its longest good prefix (a bad frame or a jump ends it, counted)."""
+        try:
+            raws = decode_range(body, self.check.max_frame_bytes)
+        except FrameError as exc:
+            self._drop(None, exc.reason, exc)
+            return []
+        out: list[Checked] = []
+        for raw in raws[:limit]:
+            try:
+                frame = self.check.frame(raw)
+                if frame.position != start + len(out):
+                    raise FrameError("range_seq", f"{frame.position}, {start + len(out)} wanted")
+                out.append(self.check.open(frame))
+            except FrameError as exc:
+                self._drop(None, exc.reason, exc)
+                break
+        return out
+
+    async def _get(self, url: str) -> bytes:
+        """A range answer's body; ``ValueError`` for anything but a 200 within the size
+        bound."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        async with asyncio.timeout(self.range_timeout), self._http.get(url) as resp:
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status}: {(await resp.content.read(300))!r}")
+            raw = bytearray()
+            while len(raw) <= self.range_max_bytes:
+                more = await resp.content.read(self.range_max_bytes + 1 - len(raw))
+                if not more:
+                    break
+                raw += more
+        if len(raw) > self.range_max_bytes:
+            raise ValueError(f"range answer larger than {self.range_max_bytes} bytes")
+        return bytes(raw)
+
+
+async def subscribe_batches(
+    urls: str | Sequence[str],
+    stream: str,
+    *,
+    from_seq: int | None = None,
+    trust: Sequence[str] = (),
+    chain_id: int | None = None,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+) -> AsyncIterator[FeedBatch]:
+    """Each batch of ``stream`` once, in order, from the nodes at ``urls`` (see the module
+    docstring); closing the generator stops every link."""
+    sub = BatchSubscription(
+        urls,
+        stream,
+        from_seq=from_seq,
+        trust=trust,
+        chain_id=chain_id,
+        max_payload_bytes=max_payload_bytes,
+    )
+    try:
+        async for batch in sub:
+            yield batch
+    finally:
+        await sub.aclose()
+
+
+async def print_batches(
+    urls: Sequence[str],
+    stream: str,
+    *,
+    from_seq: int | None = None,
+    trust: Sequence[str] = (),
+    count: int | None = None,
+    max_seconds: float | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """``chainrelay subscribe --stream X/batches``: one JSON line per batch on ``out``, until
+    ``count`` batches or ``max_seconds``; warnings and the drop counters on ``err``.
+    Returns the exit code."""
+    sub = BatchSubscription(urls, stream, from_seq=from_seq, trust=trust)
+    if not trust:
+        print(
+            "chainrelay subscribe: no --trust given: batches signed by any key are accepted",
+            file=err,
+            flush=True,
+        )
+    warned: set[str] = set()
+    n = 0
+    try:
+        async with asyncio.timeout(max_seconds):
+            async for b in sub:
+                if not trust and b.signer not in warned:
+                    warned.add(b.signer)
+                    print(
+                        f"chainrelay subscribe: batches signed by {b.signer}", file=err, flush=True
+                    )
+                line = {
+                    "seq": b.seq,
+                    "bytes": len(b.payload),
+                    "keccak": "0x" + keccak(b.payload).hex(),
+                    "signer": b.signer,
+                    "latency_ms": None if b.latency_ms is None else round(b.latency_ms, 3),
+                    "fetched": b.fetched,
+                }
+                out.write(orjson.dumps(line).decode() + "\n")
+                out.flush()
+                n += 1
+                if count is not None and n >= count:
+                    break
+    except TimeoutError:
+        pass
+    finally:
+        await sub.aclose()
+        if sub.dropped:
+            print(f"chainrelay subscribe: dropped frames {dict(sub.dropped)}", file=err, flush=True)
+    return 0
