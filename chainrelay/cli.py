@@ -47,15 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--chain-id", type=int, default=56)
     dev.add_argument("--block-time", type=float, default=1.0)
     subs = sub.add_parser(
-        "subscribe", help="follow a stream of blocks from relay nodes; one JSON line a block"
+        "subscribe",
+        help="follow a stream of blocks (or X/batches) from relay nodes; one JSON line each",
     )
     subs.add_argument("urls", nargs="+", metavar="URL", help="a node's ws://HOST:PORT/feed")
-    subs.add_argument("--stream", required=True, help="e.g. bsc/blocks")
-    subs.add_argument("--from", dest="from_block", type=int, help="first block wanted")
+    subs.add_argument("--stream", required=True, help="e.g. bsc/blocks, arbitrum/batches")
     subs.add_argument(
-        "--trust", action="append", default=[], help="an origin's signer address; repeatable"
+        "--from", dest="from_block", type=int, help="first block (batches: first seq) wanted"
     )
-    subs.add_argument("--count", type=int, help="stop after this many blocks")
+    subs.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        help="an origin's (batches: a sequencer's) signer address; repeatable",
+    )
+    subs.add_argument("--count", type=int, help="stop after this many blocks or batches")
     subs.add_argument("--max-seconds", type=float, help="stop after this long")
     return p
 
@@ -137,22 +143,33 @@ def _devnet(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
+    from chainrelay.batchsubscriber import print_batches
     from chainrelay.subscriber import print_blocks
 
     code = 0
 
-    async def main(stop: asyncio.Event) -> None:
-        nonlocal code
-        work = asyncio.ensure_future(
-            print_blocks(
+    def printer() -> Coroutine[Any, Any, int]:
+        if args.stream.endswith("/batches"):
+            return print_batches(
                 args.urls,
                 args.stream,
-                from_block=args.from_block,
+                from_seq=args.from_block,
                 trust=args.trust,
                 count=args.count,
                 max_seconds=args.max_seconds,
             )
+        return print_blocks(
+            args.urls,
+            args.stream,
+            from_block=args.from_block,
+            trust=args.trust,
+            count=args.count,
+            max_seconds=args.max_seconds,
         )
+
+    async def main(stop: asyncio.Event) -> None:
+        nonlocal code
+        work = asyncio.ensure_future(printer())
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
