@@ -14,6 +14,8 @@ from chainrelay.errors import ChainRelayError
 from chainrelay.protocol.chains import ChainProfile, profile_for
 from chainrelay.protocol.feedsession import Gap
 from chainrelay.protocol.parents import Candidate
+from chainrelay.services.batchlog import BatchLog
+from chainrelay.services.batchrange import BatchRange
 from chainrelay.services.blocks import BlockFeed
 from chainrelay.services.cache import MemoryCache
 from chainrelay.services.feedhub import FeedHub, HubLimits
@@ -22,6 +24,7 @@ from chainrelay.services.feedsource import FeedSource
 from chainrelay.services.filters import FilterService
 from chainrelay.services.head import HeadTracker
 from chainrelay.services.http import HttpServer, Routes
+from chainrelay.services.ingress import Ingress, specs_of
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.origin import Origin, load_signer
 from chainrelay.services.parents import ParentSet
@@ -64,6 +67,8 @@ class Node:
         self.hub: FeedHub | None = None
         self.origin: Origin | None = None
         self.parents: ParentSet | None = None
+        self.ingress: Ingress | None = None
+        self.range: BatchRange | None = None
         self.chain_id = 0
         # This node's name in the Via header of what it forwards (loop detection).
         self.via = via or new_via_name()
@@ -118,7 +123,8 @@ class Node:
                 "probe_every": cfg.head.poll_probe_every,
             },
             # A node whose upstreams are only its tree parents takes its heads from frames.
-            pushed_only=bool(cfg.tree.parents)
+            # (Unless it trusts no block origin: a tree of batches alone brings no heads.)
+            pushed_only=bool(cfg.tree.parents and cfg.tree.trust)
             and {u.url for u in cfg.upstreams} <= {p.rpc for p in cfg.tree.parents},
         )
         self._stack.append(head.stop)
@@ -153,7 +159,7 @@ class Node:
         sc = cfg.subscriptions
         tree = cfg.tree
         follow = "always" if sc.follow_blocks_always else sc.follow_blocks
-        if tree.enabled:
+        if tree.enabled and (tree.trust or tree.key or tree.key_file):
             follow = "always"  # every block of the tree warms this node's cache
         blocks = self.blocks = BlockFeed(
             pool,
@@ -172,8 +178,9 @@ class Node:
             offered_max_bytes=tree.offered_max_bytes,
         )
         self._stack.append(blocks.stop)
-        if tree.enabled:
+        if tree.enabled or cfg.batches.streams:
             self._start_tree(profile.name, blocks)
+            await self._start_batches()
         await blocks.start()
         filters = self.filters = FilterService(cfg.filters, blocks, self.rpc.call, self.metrics)
         self._stack.append(filters.stop)
@@ -193,6 +200,8 @@ class Node:
                 subs.open,
                 replayer=self.rpc,
                 feed=self.hub.open_child if self.hub is not None else None,
+                batches=self.ingress,
+                feed_range=self.range.serve if self.range is not None else None,
             ),
             cfg.limits,
             self.metrics,
@@ -229,6 +238,7 @@ class Node:
             streams,
             self.metrics,
             trust=trust,
+            batches=specs_of(self.cfg.batches, self.chain_id),
             limits=HubLimits(
                 backlog_frames=tree.backlog_frames,
                 backlog_bytes=tree.backlog_bytes,
@@ -255,6 +265,49 @@ class Node:
             )
             hub.listeners.append(source.on_frame)
 
+    async def _start_batches(self) -> None:
+        """Batch streams: the range endpoint on every node that carries them, and the
+        ingress (durable log, pushes) on a node with ``[batches] log``."""
+        cfg, hub = self.cfg, self.hub
+        assert hub is not None
+        self._stack.append(hub.stop)
+        b = cfg.batches
+        if not b.streams:
+            return
+        batch_log = None
+        if b.log:
+            batch_log = BatchLog(
+                b.log, max_batches=b.commit_max_batches, max_bytes=b.commit_max_bytes
+            )
+            ingress = self.ingress = Ingress(
+                b,
+                [st.batch for st in hub.streams.values() if st.batch is not None],
+                batch_log,
+                hub,
+                self.metrics,
+                {s.name: s.first_seq for s in b.streams},
+            )
+            self._stack.append(ingress.stop)
+            await ingress.start()
+        rng = self.range = BatchRange(
+            hub,
+            b,
+            via=self.via,
+            max_hops=cfg.limits.max_relay_hops,
+            max_frame_bytes=cfg.tree.max_frame_bytes,
+            parents=self._parent_urls,
+            log_=batch_log,
+        )
+        self._stack.append(rng.stop)
+        await rng.start()
+        hub.fetch_range = rng.fetch
+
+    def _parent_urls(self) -> list[str]:
+        """The parents' HTTP endpoints: those linked now first, then the other candidates."""
+        by_name = {p.name: p.rpc for p in self.cfg.tree.parents}
+        linked = list(self.parents.parents) if self.parents is not None else []
+        return [by_name[n] for n in linked] + [u for n, u in by_name.items() if n not in linked]
+
     async def _close_children(self) -> None:
         if self.hub is not None:
             self.hub.close_children()
@@ -270,6 +323,7 @@ class Node:
             wants=lambda: hub.wants(tree.resume_last),
             on_frame=lambda link, raw: hub.accept(raw, link.name),
             on_gap=_log_gap,
+            on_confirmed=lambda _link, stream, seq, sig: hub.confirm(stream, seq, sig),
             max_frame_bytes=tree.max_frame_bytes,
             connect_timeout=tree.connect_timeout,
             retry_delay=tree.retry_delay,
@@ -288,7 +342,15 @@ class Node:
             on_change=lambda names: metrics.feed_parents.set(len(names)),
         )
         self._stack.append(parents.stop)
+        hub.on_held = self._tell_held
         await parents.start()
+
+    def _tell_held(self, stream: str, position: int) -> None:
+        """Every parent hears what this node holds (an ingress acknowledging only once
+        relays hold a batch counts on it)."""
+        if self.parents is not None:
+            for link in self.parents.links.values():
+                link.held(stream, position)
 
     @property
     def port(self) -> int:
@@ -328,6 +390,7 @@ class Node:
             "parents": list(self.parents.parents) if self.parents is not None else [],
             "children": len(hub.children),
             "streams": {name: st.newest for name, st in hub.streams.items()},
+            "ingress": self.ingress is not None,
         }
 
     async def stop(self) -> None:

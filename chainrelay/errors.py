@@ -12,11 +12,15 @@
     │   ├── InvalidParams                -32602  params of the wrong shape for the method
     │   ├── FilterNotFound               -32000  filter id never installed, uninstalled or expired
     │   ├── PendingUnavailable           -32000  no upstream streams pending transactions
-    │   └── LimitExceeded                -32005  subscriptions per connection, address or node
-    │       └── TooManyFilters           -32005  filters per node or per client address
+    │   ├── LimitExceeded                -32005  subscriptions per connection, address or node
+    │   │   └── TooManyFilters           -32005  filters per node or per client address
+    │   └── BatchRefused                 -32040..-32047  a batch push refused (ingress)
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     ├── BackfillFailed                   a feed subscriber could not fill a gap over JSON-RPC
     ├── BatchLogError                    the durable batch log did not take a record (push again)
+    ├── PublishError                     a publisher's batch was not acknowledged (gave up, closed)
+    │   ├── PublishRefused               -32040..-32047  an ingress node refused the batch
+    │   └── PublishUnauthorized          an ingress node refused the API key (HTTP 401)
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
         ├── UpstreamTimeout              -32002  every attempt timed out
@@ -100,6 +104,16 @@ class TooManyFilters(LimitExceeded):
     """Installed filters (eth_newFilter & co) of the whole node, or of one client address."""
 
 
+class BatchRefused(RequestError):
+    """A batch push this ingress node refuses; ``code`` names why (services/ingress.py:
+    -32040 gap, -32041 conflict, -32042 signer, -32043 signature, -32044 too large, -32045
+    unknown stream, -32046 not held by enough relays, -32047 not durable)."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(message, data)
+        self.code = code
+
+
 class InternalError(ChainRelayError):
     code = -32603
 
@@ -112,6 +126,31 @@ class BackfillFailed(ChainRelayError):
 class BatchLogError(ChainRelayError):
     """A batch the durable log did not commit: its transaction failed, the log is closed, or
     its seq does not follow the stream's last one in the log. Nothing of it was written."""
+
+
+class PublishError(ChainRelayError):
+    """A batch the publisher could not get acknowledged: no ingress node reachable for its
+    give-up time, the publisher closed, or refused (the subclasses)."""
+
+
+class PublishRefused(PublishError):
+    """An ingress node's refusal of a pushed batch or confirmation, as it answered it:
+    ``code`` (-32040 gap, -32041 conflict, -32042 signer, -32044 too large, -32045 unknown
+    stream, ...), ``message``, ``data`` (``expected``, ``signer``, ``limit``)."""
+
+    def __init__(
+        self, code: int, message: str, data: object = None, *, url: str = "", seq: int = -1
+    ) -> None:
+        super().__init__(f"{url or 'ingress'} refused batch {seq}: {message} ({code}) {data or ''}")
+        self.code = code
+        self.message = message
+        self.data = data
+        self.url = url
+        self.seq = seq
+
+
+class PublishUnauthorized(PublishError):
+    """An ingress node refused the API key at the upgrade: retrying cannot help."""
 
 
 class UpstreamError(ChainRelayError):

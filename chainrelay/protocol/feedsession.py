@@ -361,3 +361,28 @@ def encode_bye(reason: str) -> bytes:
 
 def encode_error(message: str) -> bytes:
     return orjson.dumps({"type": "error", "message": message})
+
+
+def encode_confirmed(stream: str, seq: int, signature: bytes) -> bytes:
+    """A sequencer's confirmation passed down the tree, its signature as it came."""
+    return orjson.dumps(
+        {"type": "confirmed", "stream": stream, "seq": seq, "signature": "0x" + signature.hex()}
+    )
+
+
+def encode_held(stream: str, position: int) -> bytes:
+    """A child relay's word that it holds every batch of ``stream`` up to ``position``."""
+    return orjson.dumps({"type": "held", "stream": stream, "position": position})
+
+
+def parse_confirmed(msg: dict[str, Any]) -> tuple[str, int, bytes]:
+    """``(stream, seq, signature)`` of a confirmed message; ``ControlError`` if malformed."""
+    stream, seq, sig = msg.get("stream"), msg.get("seq"), msg.get("signature")
+    if not isinstance(stream, str) or type(seq) is not int or seq < 0:
+        raise ControlError("confirmed needs a stream and a seq")
+    if not isinstance(sig, str) or len(sig) != 132 or not sig.startswith("0x"):
+        raise ControlError("confirmed needs a 65-byte 0x signature")
+    try:
+        return stream, seq, bytes.fromhex(sig[2:])
+    except ValueError:
+        raise ControlError("confirmed needs a 65-byte 0x signature") from None

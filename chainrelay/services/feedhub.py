@@ -19,14 +19,16 @@ it resumes from its position.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from websockets.protocol import State
 
 from chainrelay import defaults
+from chainrelay.protocol.batchorder import BatchOrder, Missing
 from chainrelay.protocol.feedsession import (
     CLOSE_BAD_HELLO,
     CLOSE_LAGGING,
@@ -38,15 +40,17 @@ from chainrelay.protocol.feedsession import (
     Dedup,
     Want,
     encode_bye,
+    encode_confirmed,
     encode_error,
     encode_welcome,
+    parse_control,
     parse_hello,
     welcome_entry,
 )
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.ws import WsSession
-from chainrelay.wire import feedframe
-from chainrelay.wire.feedframe import Frame, FrameError
+from chainrelay.wire import batchframe, feedframe
+from chainrelay.wire.feedframe import KIND_BATCH, Frame, FrameError
 from chainrelay.wire.wsframes import binary_header
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,21 @@ class HubLimits:
     hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
 
 
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """A batch stream: whose signatures count, for which chain, and its limits here."""
+
+    name: str
+    chain_id: int
+    sequencers: frozenset[bytes]
+    max_payload_bytes: int = defaults.BATCH_MAX_PAYLOAD_BYTES
+    backlog_frames: int = defaults.BATCH_BACKLOG_FRAMES
+    backlog_bytes: int = defaults.BATCH_BACKLOG_BYTES
+    order_max_held: int = defaults.BATCH_ORDER_MAX_HELD
+    order_max_held_bytes: int = defaults.BATCH_ORDER_MAX_HELD_BYTES
+    order_wait: float = defaults.BATCH_ORDER_WAIT
+
+
 @dataclass(slots=True)
 class Stream:
     name: str
@@ -78,6 +97,19 @@ class Stream:
     children: set[FeedChild] = field(default_factory=set)
     newest: int | None = None  # highest position accepted
     last_identity: bytes | None = None  # identity of the last frame accepted
+    # Batch streams only: passed on strictly in sequence.
+    batch: BatchSpec | None = None
+    order: BatchOrder[Frame] | None = None
+    confirmed: tuple[int, bytes] | None = None  # (seq, the sequencer's signature)
+    held: dict[FeedChild, int] = field(default_factory=dict)  # what each child holds
+    held_waiters: list[tuple[int, int, asyncio.Future[int]]] = field(default_factory=list)
+    gap_timer: asyncio.TimerHandle | None = None
+    fetching: bool = False
+
+
+# Fetches a batch stream's frames ``[start, end)`` from this node's parents (their range
+# endpoints); returns the frames got, in order, possibly fewer.
+RangeFetcher = Callable[[str, int, int], Awaitable[list[bytes]]]
 
 
 class FeedHub:
@@ -88,6 +120,7 @@ class FeedHub:
         *,
         trust: Iterable[bytes] = (),
         limits: HubLimits | None = None,
+        batches: Iterable[BatchSpec] = (),
     ) -> None:
         self.limits = lim = limits or HubLimits()
         self.metrics = metrics
@@ -100,9 +133,23 @@ class FeedHub:
             )
             for name in streams
         }
+        for spec in batches:
+            self.streams[spec.name] = Stream(
+                spec.name,
+                Backlog(spec.backlog_frames, spec.backlog_bytes),
+                Dedup(1),  # order by seq is the dedup of a batch stream
+                batch=spec,
+                order=BatchOrder(spec.order_max_held, spec.order_max_held_bytes),
+            )
         self.listeners: list[FrameListener] = []
         self.children: set[FeedChild] = set()
         self._counters: dict[tuple[str, str], Callable[[], None]] = {}
+        # Set by the node: where missing batches come from, and who hears what this node
+        # holds (its parents, for acknowledgements that wait for relays) and which
+        # confirmations it took (its own children get them from here).
+        self.fetch_range: RangeFetcher | None = None
+        self.on_held: Callable[[str, int], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- counting ----------------------------------------------------------------------
     def _count(self, stream: str, outcome: str) -> None:
@@ -116,11 +163,21 @@ class FeedHub:
 
     # --- frames in ---------------------------------------------------------------------
     def publish(self, raw: bytes) -> None:
-        """A frame this node made (its origin): kept and fanned out like an accepted one."""
+        """A frame this node made (its origin), or a batch its ingress made durable: kept
+        and fanned out like an accepted one. Batches come in sequence."""
         frame = feedframe.decode(raw, len(raw))
         st = self.streams[frame.stream]
-        if st.dedup.add(frame.identity):
+        if st.order is not None:
+            st.order.next = frame.position + 1
             self._keep(st, frame, "published", "")
+        elif st.dedup.add(frame.identity):
+            self._keep(st, frame, "published", "")
+
+    def start_batches_at(self, stream: str, seq: int) -> None:
+        """The next seq of a batch stream this node's own log will publish (an ingress)."""
+        order = self.streams[stream].order
+        assert order is not None
+        order.next = seq
 
     def accept(self, raw: bytes, source: str = "") -> Frame | None:
         """A frame from a parent (named ``source``): the accepted frame, or None (a
@@ -134,6 +191,11 @@ class FeedHub:
         st = self.streams.get(frame.stream)
         if st is None:
             self._count(frame.stream, "unknown_stream")
+            return None
+        if st.order is not None:
+            return self._accept_batch(st, frame, source)
+        if frame.kind == KIND_BATCH:
+            self._count(st.name, "kind")
             return None
         if frame.identity in st.dedup:
             self._count(st.name, "duplicate")
@@ -159,6 +221,180 @@ class FeedHub:
         self._keep(st, frame, "accepted", source)
         return frame
 
+    # --- batch streams -----------------------------------------------------------------
+    def _accept_batch(self, st: Stream, frame: Frame, source: str) -> Frame | None:
+        """A batch frame: checked against the stream's sequencers, then passed on in
+        sequence (held while an earlier one is missing)."""
+        spec, order = st.batch, st.order
+        assert spec is not None and order is not None
+        if not order.is_new(frame.position):
+            self._count(st.name, "duplicate")
+            return None
+        try:
+            if batchframe.frame_chain_id(frame) != spec.chain_id:
+                raise FrameError("chain", str(batchframe.frame_chain_id(frame)))
+            who, _payload = batchframe.open_frame(frame, spec.max_payload_bytes)
+        except FrameError as exc:
+            self._count(st.name, exc.reason)
+            return None
+        if who not in spec.sequencers:
+            self._count(st.name, "untrusted")
+            log.warning(
+                "batch %d of %s signed by 0x%s, not a sequencer of it: dropped",
+                frame.position,
+                st.name,
+                who.hex(),
+            )
+            return None
+        released = order.offer(frame.position, frame, len(frame.raw))
+        if released is None:
+            # Too much held past a missing batch: fetch it now rather than wait.
+            self._count(st.name, "held_full")
+            self._fill_gap(st)
+            return None
+        for f in released:
+            self._keep(st, f, "accepted", source)
+        if released and self.on_held is not None and order.next is not None:
+            self.on_held(st.name, order.next - 1)
+        self._watch_gap(st)
+        return frame
+
+    def _watch_gap(self, st: Stream) -> None:
+        """A batch is missing: wait ``order_wait`` for another parent's copy, then fetch."""
+        assert st.order is not None and st.batch is not None
+        if st.order.missing() is None:
+            if st.gap_timer is not None:
+                st.gap_timer.cancel()
+                st.gap_timer = None
+                self.metrics.batch_gaps.labels(st.name, "arrived").inc()
+            return
+        if st.gap_timer is None and not st.fetching:
+            loop = asyncio.get_running_loop()
+            st.gap_timer = loop.call_later(st.batch.order_wait, self._fill_gap, st)
+
+    def _fill_gap(self, st: Stream) -> None:
+        st.gap_timer = None
+        assert st.order is not None
+        missing = st.order.missing()
+        if missing is None or st.fetching:
+            return
+        st.fetching = True
+        task = asyncio.get_running_loop().create_task(self._fetch(st, missing))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, st: Stream, missing: Missing) -> None:
+        assert st.order is not None
+        got: list[bytes] = []
+        try:
+            if self.fetch_range is not None:
+                got = await self.fetch_range(st.name, missing.start, missing.end)
+        except Exception as exc:  # any parent's failure: the batches are skipped below
+            log.warning("fetching batches %s of %s failed: %s", missing, st.name, exc)
+        finally:
+            st.fetching = False
+        for raw in got:
+            self.accept(raw, "range")
+        if st.order.missing() == missing:
+            # No parent could give them: the held batches go on; children see the jump
+            # and fetch the missing ones themselves (their range requests climb further).
+            log.warning(
+                "batches %d-%d of %s are in no parent's backlog: passed over",
+                missing.start,
+                missing.end - 1,
+                st.name,
+            )
+            self.metrics.batch_gaps.labels(st.name, "skipped").inc()
+            for f in st.order.skip():
+                self._keep(st, f, "accepted", "")
+        else:
+            self.metrics.batch_gaps.labels(st.name, "fetched").inc()
+        self._watch_gap(st)
+
+    def range(self, stream: str, start: int, max_frames: int, max_bytes: int) -> list[bytes] | None:
+        """Frames of batch ``stream`` from seq ``start`` on, consecutive, from the backlog
+        (at least one if any, at most ``max_frames`` and about ``max_bytes``); [] when
+        ``start`` is not reached yet; None when the backlog no longer holds ``start``."""
+        st = self.streams[stream]
+        entries = st.backlog.entries
+        if st.order is None or st.order.next is None or start >= st.order.next:
+            return []
+        if not entries or entries[0].position > start:
+            return None
+        out: list[bytes] = []
+        used = 0
+        # The backlog is in sequence; after a skipped gap, positions jump: stop there.
+        i = start - entries[0].position
+        if i >= len(entries) or entries[i].position != start:
+            i = next((j for j, e in enumerate(entries) if e.position == start), -1)
+            if i < 0:
+                return None
+        expect = start
+        while i < len(entries) and len(out) < max_frames:
+            e = entries[i]
+            if e.position != expect or (out and used + len(e.raw) > max_bytes):
+                break
+            out.append(e.raw)
+            used += len(e.raw)
+            expect += 1
+            i += 1
+        return out
+
+    def confirm(self, stream: str, seq: int, signature: bytes) -> bool:
+        """The sequencer's word that batches up to ``seq`` are final: checked, the backlog
+        trimmed below it, passed on to every child. False (and nothing done) if the
+        signature is not a sequencer's or the stream is not a batch stream."""
+        st = self.streams.get(stream)
+        if st is None or st.batch is None:
+            return False
+        if st.confirmed is not None and seq <= st.confirmed[0]:
+            return True  # known already (from another parent)
+        try:
+            digest = batchframe.confirmed_digest(st.batch.chain_id, stream, seq)
+            who = feedframe.recover(signature, digest)
+        except (FrameError, ValueError):
+            return False
+        if who not in st.batch.sequencers:
+            return False
+        st.confirmed = (seq, signature)
+        st.backlog.trim_below(seq)
+        text = encode_confirmed(stream, seq, signature)
+        for child in list(st.children):
+            child.send(text)
+        return True
+
+    def note_held(self, child: FeedChild, stream: str, position: int) -> None:
+        """A child relay holds every batch of ``stream`` up to ``position``."""
+        st = self.streams.get(stream)
+        if st is None or st.batch is None or child not in st.children:
+            return
+        if position <= st.held.get(child, -1):
+            return
+        st.held[child] = position
+        self._wake_held(st)
+
+    def _wake_held(self, st: Stream) -> None:
+        if not st.held_waiters:
+            return
+        keep = []
+        for seq, k, fut in st.held_waiters:
+            n = sum(1 for p in st.held.values() if p >= seq)
+            if fut.done():
+                continue
+            if n >= k:
+                fut.set_result(n)
+            else:
+                keep.append((seq, k, fut))
+        st.held_waiters = keep
+
+    def wait_held(self, stream: str, seq: int, k: int) -> asyncio.Future[int]:
+        """A future resolved (with how many) once ``k`` children hold batch ``seq``."""
+        st = self.streams[stream]
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        st.held_waiters.append((seq, k, fut))
+        self._wake_held(st)
+        return fut
+
     def _keep(self, st: Stream, frame: Frame, outcome: str, source: str) -> None:
         st.backlog.append(frame.position, frame.identity, frame.raw)
         if st.newest is None or frame.position > st.newest:
@@ -181,10 +417,13 @@ class FeedHub:
     # --- resuming from parents ---------------------------------------------------------
     def wants(self, resume_last: int) -> list[Want]:
         """What to ask a parent for: each stream from just past the newest position held,
-        or, before any frame arrived, the parent's last ``resume_last`` frames."""
+        or, before any frame arrived, the parent's last ``resume_last`` frames (a batch
+        stream: from the next seq it lacks)."""
         out = []
         for st in self.streams.values():
-            if st.newest is None:
+            if st.order is not None and st.order.next is not None:
+                out.append(Want(st.name, from_position=st.order.next))
+            elif st.newest is None:
                 out.append(Want(st.name, last=resume_last))
             else:
                 out.append(Want(st.name, from_position=st.newest + 1, after=st.last_identity))
@@ -206,6 +445,22 @@ class FeedHub:
     def close_children(self) -> None:
         for child in list(self.children):
             child.close_now(1001, "node shutting down")
+
+    async def stop(self) -> None:
+        """Cancel the hub's own work (gap fetches, timers, acknowledgement waits)."""
+        for st in self.streams.values():
+            if st.gap_timer is not None:
+                st.gap_timer.cancel()
+                st.gap_timer = None
+            for _seq, _k, fut in st.held_waiters:
+                fut.cancel()
+            st.held_waiters = []
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class FeedChild(WsSession):
@@ -258,7 +513,7 @@ class FeedChild(WsSession):
 
     def _message(self, body: bytes) -> None:
         if self.greeted:
-            self._refuse("one hello per session", CLOSE_BAD_HELLO, "bad_hello")
+            self._after_hello(body)
             return
         self.greeted = True
         try:
@@ -289,7 +544,27 @@ class FeedChild(WsSession):
             st = hub.streams[name]
             st.children.add(self)
             hub.metrics.feed_children.labels(name).inc()
+            if st.confirmed is not None:
+                self.send(encode_confirmed(name, *st.confirmed))
         self.pump()
+
+    def _after_hello(self, body: bytes) -> None:
+        """A child relay's ``held`` (what it holds of a batch stream); nothing else."""
+        try:
+            msg = parse_control(body)
+        except ControlError as exc:
+            self._refuse(str(exc), exc.code, "bad_control")
+            return
+        stream, position = msg.get("stream"), msg.get("position")
+        if (
+            msg.get("type") != "held"
+            or not isinstance(stream, str)
+            or type(position) is not int
+            or stream not in self.cursors
+        ):
+            self._refuse("after the hello only held messages", CLOSE_BAD_HELLO, "bad_control")
+            return
+        self.hub.note_held(self, stream, position)
 
     def _refuse(self, message: str, code: int, reason: str) -> None:
         self.hub.metrics.feed_child_closes.labels(reason).inc()
@@ -333,6 +608,7 @@ class FeedChild(WsSession):
                 st = hub.streams[name]
                 if self in st.children:
                     st.children.discard(self)
+                    st.held.pop(self, None)
                     hub.metrics.feed_children.labels(name).dec()
         super()._release()
 

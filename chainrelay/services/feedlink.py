@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -29,7 +30,9 @@ from chainrelay.protocol.feedsession import (
     ControlError,
     Gap,
     Want,
+    encode_held,
     encode_hello,
+    parse_confirmed,
     parse_control,
 )
 
@@ -42,7 +45,17 @@ RTT_ALPHA = 0.25
 CLOSE_CHILD_RESET = 4000
 
 
+# Seconds a link gathers what its node holds before telling the parent (``held``): at
+# 5,000 batches/s one message per 2 ms instead of one per batch; an acknowledgement that
+# waits for relays waits this much longer.
+HELD_INTERVAL = 0.002
+
+
 def _no_gap(_link: FeedLink, _stream: str, _gap: Gap) -> None:
+    return None
+
+
+def _no_confirmed(_link: FeedLink, _stream: str, _seq: int, _signature: bytes) -> None:
     return None
 
 
@@ -57,6 +70,7 @@ class FeedLink:
         wants: Callable[[], list[Want]],
         on_frame: Callable[[FeedLink, bytes], None],
         on_gap: Callable[[FeedLink, str, Gap], None] = _no_gap,
+        on_confirmed: Callable[[FeedLink, str, int, bytes], None] = _no_confirmed,
         max_frame_bytes: int,
         connect_timeout: float,
         retry_delay: float,
@@ -68,6 +82,7 @@ class FeedLink:
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
+        self.on_confirmed = on_confirmed
         self.max_frame_bytes = max_frame_bytes
         self.connect_timeout = connect_timeout
         self.retry_delay = retry_delay
@@ -85,6 +100,8 @@ class FeedLink:
         self._reset_reason: str | None = None
         self._welcomed = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._held: dict[str, int] = {}  # what to tell the parent this node holds
+        self._held_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"FeedLink({self.name} {self.url} connected={self.connected})"
@@ -102,6 +119,9 @@ class FeedLink:
                 await task
         self.connected = False
         self._up.clear()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once a session reached its welcome (now or within ``timeout`` seconds)."""
@@ -125,11 +145,29 @@ class FeedLink:
         self._mark_down()
         # The read loop sees the close and reconnects; nothing is awaited here because
         # reset is called from on_frame, inside that very loop.
-        task = asyncio.get_running_loop().create_task(
-            conn.close(CLOSE_CHILD_RESET, reason[:100]), name=f"feedlink {self.name} reset"
-        )
+        self._spawn(conn.close(CLOSE_CHILD_RESET, reason[:100]), "reset")
+
+    def held(self, stream: str, position: int) -> None:
+        """This node holds every batch of ``stream`` up to ``position``: told to the
+        parent within ``HELD_INTERVAL`` (its acknowledgements may wait for relays)."""
+        self._held[stream] = position
+        if self._held_timer is None and self._conn is not None:
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(HELD_INTERVAL, self._send_held)
+
+    def _send_held(self) -> None:
+        self._held_timer = None
+        conn, held, self._held = self._conn, self._held, {}
+        if conn is None or not self.connected:
+            return
+        for stream, position in held.items():
+            self._spawn(conn.send(encode_held(stream, position), text=True), "held")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"feedlink {self.name} {what}")
         self._closing.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._closing.discard)
+        task.add_done_callback(_ignore_closed)
 
     # --- the loop ----------------------------------------------------------------------
     def _backoff(self) -> float:
@@ -251,6 +289,9 @@ class FeedLink:
             return
         if kind == "error":
             raise ControlError(f"parent error: {msg.get('message')!r}")
+        if kind == "confirmed":
+            self.on_confirmed(self, *parse_confirmed(msg))
+            return
         raise ControlError(f"unexpected control message {kind!r}")
 
     async def _ping(self, conn: ClientConnection) -> None:
@@ -269,3 +310,9 @@ class FeedLink:
                 return
             self.rtt = rtt if self.rtt is None else self.rtt + RTT_ALPHA * (rtt - self.rtt)
             await asyncio.sleep(self.ping_interval)
+
+
+def _ignore_closed(task: asyncio.Task[None]) -> None:
+    """A control message or close sent as the link went down: nothing to do about it."""
+    if not task.cancelled():
+        task.exception()

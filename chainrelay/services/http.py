@@ -39,8 +39,11 @@ _REASONS = {
     200: b"OK",
     204: b"No Content",
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    409: b"Conflict",
     413: b"Content Too Large",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -119,6 +122,12 @@ def _nowhere(_data: bytes) -> None:
 
 # The path of the feed (the relay tree's frames) on the node's port.
 FEED_PATH = b"/feed"
+# Batch streams' frames by seq, from a backlog or a durable log: GET with a query.
+RANGE_PATH = b"/feed/range"
+# Where sequencers push batches: a WebSocket upgrade, or POST one push message.
+BATCHES_PATH = b"/batches"
+# An answer made elsewhere: status, body, content type.
+Reply = tuple[int, bytes, bytes]
 
 
 class FeedOpener(typing.Protocol):
@@ -132,6 +141,20 @@ class FeedOpener(typing.Protocol):
     ) -> WsSession: ...
 
 
+class BatchRoutes(typing.Protocol):
+    """An ingress node's push endpoints (services/ingress.py behind them)."""
+
+    def authorized(self, header: bytes | None) -> bool: ...
+
+    def refuse_unauthorized(self) -> None: ...
+
+    def open(
+        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int, close_timeout: float
+    ) -> WsSession: ...
+
+    def post(self, body: bytes) -> Awaitable[Reply]: ...
+
+
 class Routes:
     """What the front door serves besides JSON-RPC POSTs."""
 
@@ -143,6 +166,8 @@ class Routes:
         ws_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
         replayer: Replayer | None = None,
         feed: FeedOpener | None = None,
+        batches: BatchRoutes | None = None,
+        feed_range: Callable[[bytes, bytes | None], Awaitable[Reply]] | None = None,
     ) -> None:
         self.rpc = rpc
         # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
@@ -153,6 +178,10 @@ class Routes:
         self.ws_subscriptions = ws_subscriptions
         # Opens a child's feed session for a WebSocket upgrade on FEED_PATH.
         self.feed = feed
+        # An ingress node's BATCHES_PATH (pushes), and any tree node's RANGE_PATH
+        # (called with the query string and the request's Via).
+        self.batches = batches
+        self.feed_range = feed_range
 
 
 class HttpServer:
@@ -273,7 +302,14 @@ class HttpServer:
                     live[conn] = (count, since)
             seen = live
 
-    def head(self, status: int, length: int, keep_alive: bool, extra: bytes = b"") -> bytes:
+    def head(
+        self,
+        status: int,
+        length: int,
+        keep_alive: bool,
+        extra: bytes = b"",
+        content_type: bytes | None = None,
+    ) -> bytes:
         if status == 204:  # RFC 9110 8.6: no Content-Length (nor content) on a 204
             return b"".join(
                 (
@@ -287,7 +323,9 @@ class HttpServer:
         return b"".join(
             (
                 b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK")),
-                self._base_headers,
+                self._base_headers
+                if content_type is None
+                else b"Content-Type: " + content_type + b"\r\n" + self._cors_line,
                 extra,
                 b"Content-Length: %d\r\n" % length,
                 b"" if keep_alive else b"Connection: close\r\n",
@@ -447,6 +485,8 @@ class HttpProtocol(asyncio.Protocol):
         head = data[:end]
         if _PLAIN_HEAD.fullmatch(head) is None or _SPECIAL.search(head):
             return False
+        if head.startswith(b"POST " + BATCHES_PATH):
+            return False  # not JSON-RPC
         length = _CONTENT_LENGTH.search(head)
         if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
             return False
@@ -480,6 +520,8 @@ class HttpProtocol(asyncio.Protocol):
         if end <= 0 or end > self.server.limits.max_header_bytes:
             return False
         if data.find(b"\r\n\r\n") != end or _SPECIAL.search(data) is not None:
+            return False
+        if data.startswith(b"POST " + BATCHES_PATH):
             return False
         length = _CONTENT_LENGTH.search(data)
         if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
@@ -581,6 +623,10 @@ class HttpProtocol(asyncio.Protocol):
         if method == b"POST":
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []
+            batches = self.server.routes.batches
+            if batches is not None and self._url.split(b"?", 1)[0] == BATCHES_PATH:
+                self._batch_post(batches, body, keep_alive)
+                return
             via = self.headers(b"via")
             if via is None:
                 self._answer(self.server.routes.rpc(body), keep_alive)
@@ -610,6 +656,26 @@ class HttpProtocol(asyncio.Protocol):
             self._answer(server.routes.rpc(body), keep_alive)
         finally:
             leave_via(token)
+
+    def _batch_post(self, batches: BatchRoutes, body: bytes, keep_alive: bool) -> None:
+        if not batches.authorized(self.header(b"authorization")):
+            batches.refuse_unauthorized()
+            self._plain(401, b"a push needs Authorization: Bearer <api key>", keep_alive)
+            return
+        self._reply(batches.post(body), keep_alive)
+
+    def _reply(self, reply: Awaitable[Reply], keep_alive: bool) -> None:
+        """Queue an answer made elsewhere (any status and content type), in request order."""
+
+        async def whole() -> bytes:
+            status, body, content_type = await reply
+            return self.server.head(status, len(body), keep_alive, cors, content_type) + body
+
+        cors = b"" if self.server.cors_any else self._cors()
+        fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
+        self._queue.append([fut, keep_alive, cors, True])
+        self.busy = True
+        fut.add_done_callback(self._flush)
 
     # --- answers ---------------------------------------------------------------------
     def _answer(
@@ -708,6 +774,9 @@ class HttpProtocol(asyncio.Protocol):
                     body = INTERNAL_ERROR
                 else:
                     body = item.result()
+                    if len(entry) > 3:  # a whole response (``_reply``)
+                        self._write(body, bool(keep_alive))
+                        continue
                 cors = typing.cast(bytes, entry[2])
                 if keep_alive and not cors:
                     self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
@@ -745,6 +814,9 @@ class HttpProtocol(asyncio.Protocol):
         if path == b"/health":
             status, body = routes.health()
             self._send(status, body, keep_alive)
+        elif path == RANGE_PATH and routes.feed_range is not None:
+            query = self._url.split(b"?", 1)[1] if b"?" in self._url else b""
+            self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
         elif path == b"/metrics":
             text = routes.metrics_text()
             data = (
@@ -780,7 +852,19 @@ class HttpProtocol(asyncio.Protocol):
         feed = self.server.routes.feed
         path = self._url.split(b"?", 1)[0]
         session: WsSession
-        if feed is not None and path == FEED_PATH:
+        batches = self.server.routes.batches
+        if batches is not None and path == BATCHES_PATH:
+            if not batches.authorized(self.header(b"authorization")):
+                batches.refuse_unauthorized()
+                self._plain(401, b"a push needs Authorization: Bearer <api key>", False)
+                return
+            session = batches.open(
+                self.transport,
+                ip=self.ip,
+                max_send_buffer=limits.max_ws_send_buffer,
+                close_timeout=limits.ws_close_timeout,
+            )
+        elif feed is not None and path == FEED_PATH:
             session = feed(
                 self.transport,
                 ip=self.ip,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     HistogramMetricFamily,
@@ -162,6 +162,29 @@ class Metrics:
             "chainrelay_feed_last_latency_seconds",
             "Origin-to-here time of the last frame accepted, by stream (clocks assumed in sync)",
             ["stream"],
+            registry=r,
+        )
+        self.batch_pushes = Counter(
+            "chainrelay_batch_pushes",
+            "Batch pushes taken by this ingress node, by stream and outcome: accepted,"
+            " duplicate (acknowledged again), or refused for a reason (gap, conflict,"
+            " signer, signature, too_large, unknown_stream, malformed, not_durable,"
+            " not_held, unauthorized)",
+            ["stream", "outcome"],
+            registry=r,
+        )
+        self.batch_ack_seconds = Histogram(
+            "chainrelay_batch_ack_seconds",
+            "Seconds from a batch push read to its acknowledgement (durable, fsynced)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+            registry=r,
+        )
+        self.batch_gaps = Counter(
+            "chainrelay_batch_order_gaps",
+            "Missing batches a relay waited for, by stream and how they were filled:"
+            " arrived (from another parent), fetched (from a parent's range endpoint),"
+            " skipped (no parent could give them; children fetch them themselves)",
+            ["stream", "outcome"],
             registry=r,
         )
         self.pending_tx_skipped = Counter(

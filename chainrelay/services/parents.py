@@ -64,6 +64,7 @@ class ParentSet:
         wants: Callable[[], list[Want]],
         on_frame: Callable[[FeedLink, bytes], None],
         on_gap: Callable[[FeedLink, str, Gap], None] = _nothing,
+        on_confirmed: Callable[[FeedLink, str, int, bytes], None] = _nothing,
         # FeedLink's own settings, for every link
         max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES,
         connect_timeout: float = defaults.TREE_CONNECT_TIMEOUT,
@@ -116,6 +117,7 @@ class ParentSet:
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
+        self.on_confirmed = on_confirmed
         # Every link's own settings, passed on as they came.
         self._link_settings: dict[str, Any] = {
             "max_frame_bytes": max_frame_bytes,
@@ -312,6 +314,7 @@ class ParentSet:
                 wants=self.wants,
                 on_frame=self.on_frame,
                 on_gap=self.on_gap,
+                on_confirmed=self.on_confirmed,
                 **self._link_settings,
             )
             self.links[name] = link

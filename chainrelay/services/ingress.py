@@ -1,0 +1,360 @@
+"""The batch ingress: sequencers push signed batches; each accepted one is made durable,
+acknowledged, and published to the relay tree.
+
+A push (``wire.batchframe.Push``, over WebSocket ``/batches`` or ``POST /batches``) is
+checked in this order: the stream is one of this node's, the payload within its limit,
+the signature recovers to one of the stream's sequencers, then the sequence rules
+(``protocol.ingress``: contiguous numbers, first payload wins). An accepted batch becomes
+its feed frame once (the sequencer's signature in it), goes to the durable log's next
+group commit, and only when that commit is fsynced is it acknowledged and handed to the
+feed hub, in sequence: nothing a child or subscriber sees can be lost by this node. A
+push that asked for ``relays = k`` is acknowledged once k child relays say they hold it
+(their ``held`` messages), or answered -32046 after ``relay_ack_timeout`` (durable here,
+not held by enough relays in time).
+
+A duplicate of an accepted batch is acknowledged again once that batch is durable; a
+conflicting one is refused loudly (logged as an error: a sequencer signed two batches
+with one number). Every outcome is counted (``chainrelay_batch_pushes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+
+import orjson
+
+from chainrelay.config import BatchesConfig
+from chainrelay.errors import (
+    BatchLogError,
+    BatchRefused,
+)
+from chainrelay.protocol.ingress import StreamRules, Verdict
+from chainrelay.services.batchlog import BatchLog
+from chainrelay.services.feedhub import BatchSpec, FeedHub
+from chainrelay.services.metrics import Metrics
+from chainrelay.services.ws import WsSession
+from chainrelay.wire import batchframe
+from chainrelay.wire.batchframe import CONFIRMED, Push, PushError
+from chainrelay.wire.feedframe import FrameError, keccak, recover
+
+log = logging.getLogger(__name__)
+
+# Error codes of a refused push (JSON-RPC server range) and the HTTP status each gets on
+# POST /batches.
+GAP = -32040
+CONFLICT = -32041
+SIGNER = -32042
+SIGNATURE = -32043
+TOO_LARGE = -32044
+UNKNOWN_STREAM = -32045
+NOT_HELD = -32046
+NOT_DURABLE = -32047
+MALFORMED = -32600
+HTTP_STATUS = {
+    GAP: 409,
+    CONFLICT: 409,
+    SIGNER: 403,
+    SIGNATURE: 403,
+    TOO_LARGE: 413,
+    UNKNOWN_STREAM: 404,
+    NOT_HELD: 503,
+    NOT_DURABLE: 503,
+    MALFORMED: 400,
+}
+
+
+@dataclass(slots=True)
+class _Stream:
+    spec: BatchSpec
+    rules: StreamRules
+    # Accepted batches not yet durable: seq -> the log's future (a duplicate waits on it).
+    in_flight: dict[int, asyncio.Future[None]]
+
+
+class Ingress:
+    """Takes pushes for ``specs`` (the node's batch streams) into ``log`` and ``hub``."""
+
+    def __init__(
+        self,
+        cfg: BatchesConfig,
+        specs: Iterable[BatchSpec],
+        log_: BatchLog,
+        hub: FeedHub,
+        metrics: Metrics,
+        first_seqs: dict[str, int],
+    ) -> None:
+        self.cfg = cfg
+        self.log = log_
+        self.hub = hub
+        self.metrics = metrics
+        self._specs = {s.name: s for s in specs}
+        self._first = first_seqs
+        self.streams: dict[str, _Stream] = {}
+        self._keys = [k.encode() for k in cfg.api_keys]
+
+    async def start(self) -> None:
+        await self.log.start()
+        for name, spec in self._specs.items():
+            tail = await self.log.tail(name, self.cfg.recent_hashes)
+            rules = StreamRules.restored(self._first.get(name, 0), tail, self.cfg.recent_hashes)
+            self.streams[name] = _Stream(spec, rules, {})
+            self.hub.start_batches_at(name, rules.next)
+            log.info("ingress of %s: next batch %d", name, rules.next)
+
+    async def stop(self) -> None:
+        await self.log.stop()
+
+    # --- authentication -------------------------------------------------------------------
+    def authorized(self, header: bytes | None) -> bool:
+        """True for ``Authorization: Bearer <one of the api keys>`` (compared in constant
+        time, every key, so timing tells nothing of which or how much matched)."""
+        if header is None or not header.startswith(b"Bearer "):
+            return False
+        token = header[7:].strip()
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    def refuse_unauthorized(self) -> None:
+        self._count("", "unauthorized")
+
+    # --- pushes ---------------------------------------------------------------------------
+    def _count(self, stream: str, outcome: str) -> None:
+        if stream not in self.streams:
+            stream = "other"  # names come from the wire: never grow the label set
+        self.metrics.batch_pushes.labels(stream, outcome).inc()
+
+    def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
+        """One push message (a WebSocket message): its answer, now or once durable."""
+        t0 = time.perf_counter()
+        try:
+            push = batchframe.decode_push(body)
+        except PushError as exc:
+            self._count("", "malformed")
+            return _error("", 0, MALFORMED, str(exc))
+        try:
+            fut = self.submit(push)
+        except BatchRefused as exc:
+            return _error(push.stream, push.seq, exc.code, exc.message, exc.data)
+        return self._answer(push, fut, t0)
+
+    async def _answer(self, push: Push, fut: Awaitable[int | None], t0: float) -> bytes:
+        try:
+            relays = await fut
+        except BatchRefused as exc:
+            return _error(push.stream, push.seq, exc.code, exc.message, exc.data)
+        self.metrics.batch_ack_seconds.observe(time.perf_counter() - t0)
+        kind = "confirmed" if push.kind == CONFIRMED else "ack"
+        msg: dict[str, object] = {"type": kind, "stream": push.stream, "seq": push.seq}
+        if relays is not None:
+            msg["relays"] = relays
+        return orjson.dumps(msg)
+
+    # --- the endpoints (http.BatchRoutes) ---------------------------------------------------
+    def open(
+        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int, close_timeout: float
+    ) -> WsSession:
+        """A pusher's WebSocket session: each binary message a push, answered in text;
+        at most ``max_in_flight`` unanswered before the connection stops being read."""
+        return WsSession(
+            transport,
+            self.handle,
+            max_message_bytes=max_push_message(self.cfg),
+            max_send_buffer=max_send_buffer,
+            max_pending=self.cfg.max_in_flight,
+            ip=ip,
+            close_timeout=close_timeout,
+        )
+
+    async def post(self, body: bytes) -> tuple[int, bytes, bytes]:
+        """``POST /batches``: the status and JSON answer of one push message."""
+        answer = self.handle(body)
+        if not isinstance(answer, bytes):
+            answer = await answer
+        code = orjson.loads(answer).get("code")
+        return HTTP_STATUS.get(code, 200), answer, b"application/json"
+
+    def submit(self, push: Push) -> Awaitable[int | None]:
+        """Check ``push``; ``BatchRefused`` now, or an awaitable that completes once the
+        batch is durable (and held by ``push.relays`` relays: how many, else None)."""
+        st = self.streams.get(push.stream)
+        if st is None:
+            self._count(push.stream, "unknown_stream")
+            raise BatchRefused(UNKNOWN_STREAM, f"no batch stream {push.stream!r} here")
+        if push.kind == CONFIRMED:
+            return self._confirm(st, push)
+        limit = st.spec.max_payload_bytes
+        if len(push.payload) > limit:
+            self._count(push.stream, "too_large")
+            raise BatchRefused(
+                TOO_LARGE, f"payload of {len(push.payload)} bytes > {limit}", {"limit": limit}
+            )
+        payload_hash = keccak(push.payload)
+        digest = batchframe.batch_digest(st.spec.chain_id, push.stream, push.seq, payload_hash)
+        self._check_signer(st, push, digest)
+        decision = st.rules.decide(push.seq, payload_hash)
+        verdict = decision.verdict
+        if verdict is Verdict.ACCEPT:
+            return self._accept(st, push, payload_hash)
+        if verdict is Verdict.LOOKUP:
+            return self._lookup(st, push, payload_hash)
+        return self._settle(st, push, verdict, decision.expected)
+
+    def _check_signer(self, st: _Stream, push: Push, digest: bytes) -> None:
+        try:
+            who = recover(push.signature, digest)
+        except FrameError:
+            self._count(push.stream, "signature")
+            raise BatchRefused(
+                SIGNATURE, "signature unreadable (65 bytes r|s|v, v 0 or 1)"
+            ) from None
+        if who not in st.spec.sequencers:
+            self._count(push.stream, "signer")
+            raise BatchRefused(
+                SIGNER,
+                "signature is not a sequencer's of this stream (forged, or an unknown key)",
+                {"signer": "0x" + who.hex()},
+            )
+
+    def _accept(self, st: _Stream, push: Push, payload_hash: bytes) -> Awaitable[int | None]:
+        frame = batchframe.encode_frame(
+            chain_id=st.spec.chain_id,
+            stream=push.stream,
+            seq=push.seq,
+            payload=push.payload,
+            signature=push.signature,
+            origin_us=time.time_ns() // 1000,
+        )
+        durable = self.log.append(push.stream, push.seq, payload_hash, frame)
+        st.in_flight[push.seq] = durable
+        durable.add_done_callback(lambda f: self._durable(st, push.seq, frame, f))
+        self._count(push.stream, "accepted")
+        return self._after(st, push, durable)
+
+    def _durable(self, st: _Stream, seq: int, frame: bytes, fut: asyncio.Future[None]) -> None:
+        """A batch's commit finished (callbacks run in append order: in sequence)."""
+        st.in_flight.pop(seq, None)
+        if fut.cancelled() or fut.exception() is not None:
+            st.rules.rollback(seq)
+            return
+        self.hub.publish(frame)
+
+    async def _after(self, st: _Stream, push: Push, durable: asyncio.Future[None]) -> int | None:
+        try:
+            await asyncio.shield(durable)
+        except BatchLogError as exc:
+            self._count(push.stream, "not_durable")
+            log.error("batch %d of %s not durable: %s", push.seq, push.stream, exc)
+            raise BatchRefused(NOT_DURABLE, f"not durable: {exc}; push it again") from None
+        if push.relays <= 0:
+            return None
+        return await self._held(st, push)
+
+    async def _held(self, st: _Stream, push: Push) -> int:
+        fut = self.hub.wait_held(push.stream, push.seq, push.relays)
+        try:
+            async with asyncio.timeout(self.cfg.relay_ack_timeout):
+                return await fut
+        except TimeoutError:
+            self._count(push.stream, "not_held")
+            raise BatchRefused(
+                NOT_HELD,
+                f"durable here, but not held by {push.relays} relays within "
+                f"{self.cfg.relay_ack_timeout:g}s",
+                {"durable": True},
+            ) from None
+        finally:
+            fut.cancel()
+
+    async def _lookup(self, st: _Stream, push: Push, payload_hash: bytes) -> int | None:
+        stored = await self.log.hash_of(push.stream, push.seq)
+        d = st.rules.decide_known(push.seq, payload_hash, stored)
+        return await self._settle(st, push, d.verdict, d.expected)
+
+    def _settle(
+        self, st: _Stream, push: Push, verdict: Verdict, expected: int
+    ) -> Awaitable[int | None]:
+        if verdict is Verdict.DUPLICATE:
+            self._count(push.stream, "duplicate")
+            durable = st.in_flight.get(push.seq)
+            if durable is None:
+                durable = asyncio.get_running_loop().create_future()
+                durable.set_result(None)
+            return self._after(st, push, durable)
+        if verdict is Verdict.CONFLICT:
+            self._count(push.stream, "conflict")
+            log.error(
+                "sequencer pushed a second, different batch %d of %s: refused",
+                push.seq,
+                push.stream,
+            )
+            raise BatchRefused(
+                CONFLICT,
+                f"batch {push.seq} is accepted already with another payload",
+                {"seq": push.seq},
+            )
+        self._count(push.stream, "gap")
+        raise BatchRefused(
+            GAP,
+            f"batch {push.seq} does not follow on: next expected {expected}",
+            {"expected": expected},
+        )
+
+    def _confirm(self, st: _Stream, push: Push) -> Awaitable[int | None]:
+        digest = batchframe.confirmed_digest(st.spec.chain_id, push.stream, push.seq)
+        self._check_signer(st, push, digest)
+        if push.seq >= st.rules.next:
+            self._count(push.stream, "gap")
+            raise BatchRefused(
+                GAP,
+                f"cannot confirm {push.seq}: batches end at {st.rules.next - 1}",
+                {"expected": st.rules.next},
+            )
+        self.hub.confirm(push.stream, push.seq, push.signature)
+        self._count(push.stream, "confirmed")
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def _error(stream: str, seq: int, code: int, message: str, data: object = None) -> bytes:
+    msg: dict[str, object] = {
+        "type": "error",
+        "stream": stream,
+        "seq": seq,
+        "code": code,
+        "message": message,
+    }
+    if data is not None:
+        msg["data"] = data
+    return orjson.dumps(msg)
+
+
+def specs_of(cfg: BatchesConfig, node_chain_id: int) -> list[BatchSpec]:
+    """The node's batch streams as the hub and the ingress check them."""
+    return [
+        BatchSpec(
+            s.name,
+            s.chain_id or node_chain_id,
+            frozenset(bytes.fromhex(a[2:]) for a in s.sequencers),
+            max_payload_bytes=cfg.max_payload_bytes,
+            backlog_frames=cfg.backlog_frames,
+            backlog_bytes=cfg.backlog_bytes,
+            order_max_held=cfg.order_max_held,
+            order_max_held_bytes=cfg.order_max_held_bytes,
+            order_wait=cfg.order_wait,
+        )
+        for s in cfg.streams
+    ]
+
+
+def max_push_message(cfg: BatchesConfig) -> int:
+    """The largest WebSocket message a pusher may send: twice the payload limit, so a
+    batch somewhat too large gets its -32044 answer; a larger message is closed (1009)."""
+    return 2 * cfg.max_payload_bytes + batchframe.PUSH_HEADER_LEN
