@@ -63,6 +63,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     subs.add_argument("--count", type=int, help="stop after this many blocks or batches")
     subs.add_argument("--max-seconds", type=float, help="stop after this long")
+    pub = sub.add_parser(
+        "publish",
+        help="sign and push batches to ingress nodes, wait for the acks, print a JSON summary",
+    )
+    pub.add_argument("urls", nargs="+", metavar="URL", help="an ingress's ws://HOST:PORT")
+    pub.add_argument("--stream", required=True, help="e.g. arbitrum/batches")
+    pub.add_argument("--chain-id", type=int, required=True)
+    pub.add_argument("--key", help="the sequencer's secp256k1 key, hex")
+    pub.add_argument("--key-file", help="a file holding the sequencer's key, hex")
+    pub.add_argument("--api-key", help="the ingress's API key (default: $CHAINRELAY_API_KEY)")
+    pub.add_argument("--file", help="batches to push, one a line in hex")
+    pub.add_argument("--count", type=int, help="generate this many batches...")
+    pub.add_argument("--size", type=int, help="...of this many bytes each")
+    pub.add_argument("--seed", type=int, default=0, help="of the generated batches")
+    pub.add_argument("--from", dest="from_seq", type=int, default=0, help="the first seq")
+    pub.add_argument("--rate", type=float, help="batches per second at most")
+    pub.add_argument("--relays", type=int, default=0, help="ack once this many relays hold it")
+    pub.add_argument("--window", type=int, default=defaults.PUBLISHER_WINDOW)
+    pub.add_argument(
+        "--confirm-every", type=int, default=0, help="send a confirmation every N batches"
+    )
     return p
 
 
@@ -183,6 +204,47 @@ def _subscribe(args: argparse.Namespace) -> int:
     return code
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from chainrelay.publisher import run_publish
+
+    code = 0
+
+    async def main(stop: asyncio.Event) -> None:
+        nonlocal code
+        work = asyncio.ensure_future(
+            run_publish(
+                args.urls,
+                stream=args.stream,
+                chain_id=args.chain_id,
+                key=args.key,
+                key_file=args.key_file,
+                api_key=args.api_key,
+                file=args.file,
+                count=args.count,
+                size=args.size,
+                seed=args.seed,
+                from_seq=args.from_seq,
+                rate=args.rate,
+                relays=args.relays,
+                window=args.window,
+                confirm_every=args.confirm_every,
+            )
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not work.done():
+                work.cancel()  # Ctrl-C: it closes its connections
+                code = 130  # interrupted: batches in flight may or may not be acknowledged
+        with contextlib.suppress(asyncio.CancelledError):
+            code = await work
+
+    _run(_until_signal(main))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -197,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "subscribe":
             return _subscribe(args)
+        if args.command == "publish":
+            return _publish(args)
         if args.command in (None, "devnet"):
             if args.command is None:
                 args = _parser().parse_args(["devnet"])

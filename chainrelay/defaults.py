@@ -346,3 +346,29 @@ BATCH_SUBSCRIBER_MAX_PAYLOAD_BYTES = 16 * MiB
 # Largest range answer read: BATCH_RANGE_MAX_BYTES of a node set four times larger, plus
 # one frame past it (an answer never splits a frame).
 BATCH_SUBSCRIBER_RANGE_MAX_BYTES = 32 * MiB + TREE_MAX_FRAME_BYTES
+
+# --- Publisher (chainrelay.publisher, ``chainrelay publish``) ------------------------------
+# Pushes in flight (sent, unanswered) per ingress connection: 5,000 batches/s with 5 ms
+# acks keep ~25 in flight; 1024 keeps a 200 ms intercontinental link full, and stays far
+# below BATCH_MAX_IN_FLIGHT, where the ingress stops reading.
+PUBLISHER_WINDOW = 1024
+# Bytes of batches no ingress has acknowledged yet (push/submit wait or refuse past it),
+# and of one connection's resend queue: 256 full 1 MiB batches, ~128k batches of 2 KB.
+PUBLISHER_MAX_UNACKED_BYTES = 256 * MiB
+# Largest message an ingress sends back: an answer is one JSON line of a few hundred bytes.
+PUBLISHER_MAX_MESSAGE_BYTES = 64 * 1024
+# Resends in a row (a gap or "not durable" answered for a batch this connection holds)
+# without an acknowledgement in between before the batch fails: a node that keeps losing
+# the same batches is broken, not restarting.
+PUBLISHER_RESYNC_LIMIT = 3
+# TCP + WebSocket handshake to an ingress: three intercontinental round trips and then some.
+PUBLISHER_CONNECT_TIMEOUT = 5.0
+# First delay before reconnecting to an ingress, doubled per failed connect up to the max:
+# a restarted ingress (sqlite WAL recovery, ~1 s) is found within ~0.2 s of being back.
+PUBLISHER_RETRY_DELAY = 0.1
+PUBLISHER_RETRY_MAX = 2.0
+# Seconds with no ingress connected before waiting batches fail: long enough for an ingress
+# node to be restarted by its supervisor, short enough for a sequencer to notice and alert.
+PUBLISHER_GIVE_UP_AFTER = 60.0
+# WebSocket pings to an ingress: a dead link (no pong) is found within two of them.
+PUBLISHER_PING_INTERVAL = 5.0
