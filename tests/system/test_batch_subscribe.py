@@ -1,0 +1,201 @@
+"""A subscriber's view of a batch stream: the batch subscriber library and ``chainrelay
+subscribe --stream arbitrum/batches`` against real nodes (anvil as chain 42161, an ingress
+node taking a sequencer's pushes into its durable log, a relay fed by the ingress).
+
+Every batch the sequencer had acknowledged must reach the subscriber once, in sequence,
+with the payload and signer it was pushed with: the ones older than the relay's backlog
+read through the relay's range endpoint (which climbs to the ingress's durable log), the
+rest from the relay's feed, then live ones; a subscriber started again at any number
+resumes with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from chainrelay.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.publisher import Publisher
+from chainrelay.wire.feedframe import Signer, keccak
+from tests.lab.procs import ROOT, Procs, Relay, until
+from tests.lab.timing import SECOND
+
+pytestmark = pytest.mark.lab
+
+STREAM = "arbitrum/batches"
+CHAIN = 42161
+SEQUENCER_KEY = keccak(b"batch subscribe sequencer")
+SEQUENCER = Signer(SEQUENCER_KEY)
+SEQUENCER_HEX = "0x" + SEQUENCER.address.hex()
+API_KEY = "lab-sequencer-key"
+# Batches pass two node processes and may be read through a range endpoint that climbs
+# to the ingress: seconds, not milliseconds.
+READ_TIMEOUT = 30 * SECOND
+
+
+def payload_of(seq: int) -> bytes:
+    """~1 KB that differs per batch and that lz4 cannot shrink, like a compressed batch."""
+    return b"".join(keccak(b"lab batch %d/%d" % (seq, i)) for i in range(32))
+
+
+async def push_batches(ingress: Relay, first: int, count: int) -> None:
+    """Push batches ``first .. first+count-1`` pipelined (the publisher library) and return
+    once every one is acknowledged (durable at the ingress)."""
+    async with (
+        asyncio.timeout(READ_TIMEOUT),
+        Publisher(
+            ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN, api_key=API_KEY
+        ) as pub,
+    ):
+        acks = []
+        for seq in range(first, first + count):
+            await pub.room(len(payload_of(seq)))
+            acks.append(pub.submit(seq, payload_of(seq)))
+        await asyncio.gather(*acks)
+
+
+async def start_pair(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+    relay_backlog: int,
+) -> tuple[Relay, Relay]:
+    """An ingress node and a relay whose parent it is, the relay holding the last
+    ``relay_backlog`` batches."""
+    node = await anvil_factory(chain_id=CHAIN, block_time=1.0)
+    stream = (
+        f'[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN}\n'
+        f'sequencers = ["{SEQUENCER_HEX}"]\n'
+    )
+    ingress = await relay_factory(
+        [node.url],
+        f'[batches]\nlog = "{tmp_path / "ingress.sqlite"}"\napi_keys = ["{API_KEY}"]\n\n{stream}',
+        name="ingress",
+    )
+    relay = await relay_factory(
+        [node.url],
+        f'[tree]\n\n[[tree.parents]]\nname = "ingress"\nurl = "{ingress.ws_url}/feed"\n\n'
+        f"[batches]\nbacklog_frames = {relay_backlog}\n\n{stream}",
+        name="relay",
+    )
+    return ingress, relay
+
+
+async def relay_holds(relay: Relay, seq: int) -> bool:
+    """True once the relay's feed has batch ``seq`` (a subscriber asking for it live gets it)."""
+    sub = BatchSubscription(relay.ws_url, STREAM, from_seq=seq, trust=[SEQUENCER_HEX])
+    try:
+        async with asyncio.timeout(2 * SECOND):
+            async for b in sub:
+                return b.seq == seq and not b.fetched
+    except TimeoutError:
+        return False
+    finally:
+        await sub.aclose()
+    return False
+
+
+async def read(batches: AsyncIterator[FeedBatch], count: int) -> list[FeedBatch]:
+    """The next ``count`` batches of a subscription's iterator (taken once: ``aiter``)."""
+    got: list[FeedBatch] = []
+    async with asyncio.timeout(READ_TIMEOUT):
+        async for b in batches:
+            got.append(b)
+            if len(got) == count:
+                break
+    return got
+
+
+def check(got: list[FeedBatch], first: int) -> None:
+    assert [b.seq for b in got] == list(range(first, first + len(got)))
+    for b in got:
+        assert b.payload == payload_of(b.seq), f"batch {b.seq}"
+        assert b.signer == SEQUENCER_HEX
+        assert (b.latency_ms is None) == b.fetched
+
+
+async def test_from_zero_past_the_relays_backlog_every_batch_in_order_then_live(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+) -> None:
+    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
+    await push_batches(ingress, 0, 3000)
+    await until(lambda: relay_holds(relay, 2999), READ_TIMEOUT, "the relay to hold batch 2999")
+    sub = BatchSubscription(
+        f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX], chain_id=CHAIN
+    )
+    try:
+        batches = aiter(sub)
+        got = await read(batches, 3000)
+        check(got, 0)
+        fetched = [b.seq for b in got if b.fetched]
+        # The relay holds 500: everything older came from the ingress's durable log,
+        # through the relay's range endpoint; nothing after the first frame is fetched.
+        assert len(fetched) >= 2500 and fetched == list(range(len(fetched)))
+        assert sub.fetched == len(fetched)
+        live = asyncio.ensure_future(read(batches, 200))
+        await push_batches(ingress, 3000, 200)
+        later = await live
+        check(later, 3000)
+        assert not any(b.fetched for b in later)
+        assert not sub.dropped, sub.dropped
+    finally:
+        await sub.aclose()
+
+
+async def test_a_subscriber_started_again_at_any_seq_resumes_without_gap_or_duplicate(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+) -> None:
+    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
+    await push_batches(ingress, 0, 1500)
+    await until(lambda: relay_holds(relay, 1499), READ_TIMEOUT, "the relay to hold batch 1499")
+    taken: list[FeedBatch] = []
+    # Restart points inside the durable log only, across the backlog's edge, and inside it.
+    for stop in (400, 999, 1001, 1300, 1499):
+        start = taken[-1].seq + 1 if taken else 0
+        sub = BatchSubscription(
+            f"{relay.ws_url}/feed", STREAM, from_seq=start, trust=[SEQUENCER_HEX]
+        )
+        try:
+            taken += await read(aiter(sub), stop - start + 1)
+        finally:
+            await sub.aclose()
+    check(taken, 0)
+    assert taken[-1].seq == 1499
+
+
+async def test_cli_prints_one_json_line_per_batch(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    procs: Procs,
+    tmp_path: Path,
+) -> None:
+    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=100)
+    await push_batches(ingress, 0, 300)
+    await until(lambda: relay_holds(relay, 299), READ_TIMEOUT, "the relay to hold batch 299")
+    cmd = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "subscribe"]
+    cmd += [f"{relay.ws_url}/feed", "--stream", STREAM, "--from", "150"]
+    cmd += ["--trust", SEQUENCER_HEX, "--count", "150", "--max-seconds", str(READ_TIMEOUT)]
+    out, err = tmp_path / "cli.out", tmp_path / "cli.err"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = procs.spawn(cmd, stdout=o, stderr=e, cwd=ROOT)
+    await until(lambda: proc.poll() is not None, READ_TIMEOUT, "the CLI to exit")
+    assert proc.returncode == 0, err.read_text()
+    lines = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert [x["seq"] for x in lines] == list(range(150, 300))
+    for x in lines:
+        data = payload_of(x["seq"])
+        assert x["bytes"] == len(data) and x["keccak"] == "0x" + keccak(data).hex()
+        assert x["signer"] == SEQUENCER_HEX
+        assert (x["latency_ms"] is None) == x["fetched"]
+    # The relay holds the last 100: 150..199 were read from the ingress through it.
+    assert [x["fetched"] for x in lines] == [True] * 50 + [False] * 100
