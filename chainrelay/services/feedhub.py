@@ -555,6 +555,9 @@ class FeedChild(WsSession):
         except ControlError as exc:
             self._refuse(str(exc), exc.code, "bad_control")
             return
+        if msg.get("type") == "hello":
+            self._refuse("one hello per session", CLOSE_BAD_HELLO, "bad_hello")
+            return
         stream, position = msg.get("stream"), msg.get("position")
         if (
             msg.get("type") != "held"
