@@ -413,11 +413,12 @@ class Node:
 
 
 def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
-    # The node itself needs nothing more: the head tracker links the next frame's block
-    # back over the parent's JSON-RPC and the block feed fetches what it skipped. Children
-    # see the jump in positions and backfill from this node the same way.
+    # The node itself needs nothing more: for blocks the head tracker links the next
+    # frame's block back over the parent's JSON-RPC and the block feed fetches what it
+    # skipped; for batches the hub holds what follows and fetches the missing ones from a
+    # parent's range endpoint. Children see the jump and backfill the same ways.
     log.warning(
-        "%s: positions %d-%d of %s are past its backlog; filled over JSON-RPC",
+        "%s: positions %d-%d of %s are past its backlog; filled from its endpoints",
         link.name,
         gap.start,
         gap.end - 1,

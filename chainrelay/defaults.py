@@ -316,6 +316,9 @@ BATCH_RELAY_ACK_TIMEOUT = 10.0
 BATCH_BACKLOG_FRAMES = 100_000
 # Bytes of that backlog: 256 full 1 MiB batches, or all of the frames above at 2 KB.
 BATCH_BACKLOG_BYTES = 256 * MiB
+# Live batches a child may fall behind before it is told "lagging": ~3 s of 5,000 batches/s
+# (a block stream's 128 frames would be 25 ms of batches); the bytes bound still applies.
+BATCH_CHILD_QUEUE_FRAMES = 16_384
 # Batches a relay holds past a missing one while it waits for it (from another parent, or
 # fetched): ~2 s of 5,000/s; past it the relay fetches the missing ones at once.
 BATCH_ORDER_MAX_HELD = 10_000

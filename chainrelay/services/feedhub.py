@@ -87,6 +87,7 @@ class BatchSpec:
     order_max_held: int = defaults.BATCH_ORDER_MAX_HELD
     order_max_held_bytes: int = defaults.BATCH_ORDER_MAX_HELD_BYTES
     order_wait: float = defaults.BATCH_ORDER_WAIT
+    child_queue_frames: int = defaults.BATCH_CHILD_QUEUE_FRAMES
 
 
 @dataclass(slots=True)
@@ -534,7 +535,10 @@ class FeedChild(WsSession):
             st = hub.streams[want.stream]
             start, gap = st.backlog.resume(want.from_position, want.last, want.after)
             cursor = Cursor.at(
-                st.backlog, start, hub.limits.child_queue_frames, hub.limits.child_queue_bytes
+                st.backlog,
+                start,
+                st.batch.child_queue_frames if st.batch else hub.limits.child_queue_frames,
+                hub.limits.child_queue_bytes,
             )
             cursor.max_frame = hello.max_frame_bytes
             self.cursors[want.stream] = cursor

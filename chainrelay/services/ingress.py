@@ -349,6 +349,7 @@ def specs_of(cfg: BatchesConfig, node_chain_id: int) -> list[BatchSpec]:
             order_max_held=cfg.order_max_held,
             order_max_held_bytes=cfg.order_max_held_bytes,
             order_wait=cfg.order_wait,
+            child_queue_frames=cfg.child_queue_frames,
         )
         for s in cfg.streams
     ]
