@@ -318,10 +318,12 @@ class FeedHub:
         ``start`` is not reached yet; None when the backlog no longer holds ``start``."""
         st = self.streams[stream]
         entries = st.backlog.entries
-        if st.order is None or st.order.next is None or start >= st.order.next:
+        if st.order is None:
             return []
-        if not entries or entries[0].position > start:
-            return None
+        if st.order.next is None or not entries or entries[0].position > start:
+            return None  # nothing taken in yet, or no longer held: ask further up
+        if start >= st.order.next:
+            return []
         out: list[bytes] = []
         used = 0
         # The backlog is in sequence; after a skipped gap, positions jump: stop there.
