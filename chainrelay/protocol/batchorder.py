@@ -10,7 +10,7 @@ a moment). The gate passes a batch on only when every batch before it has passed
   is ``next``, nothing when it is past ``next`` (held, within ``max_held`` items and
   ``max_held_bytes``; past those, refused: the missing numbers must be fetched first).
 - Before its first batch a gate has no ``next``: the first batch offered sets it (a node
-  that starts with nothing starts where its parents are), unless ``start`` names it.
+  that starts with nothing starts where its parents are), unless ``next`` is given.
 - ``missing()`` names the numbers the held batches wait for; the node fetches them from
   a parent's range endpoint (which climbs to an ingress node's durable log) and offers
   them like any other.
