@@ -171,6 +171,7 @@ class _Ingress:
         self._conn: ClientConnection | None = None
         self._wake = asyncio.Event()
         self._resyncing = False
+        self._warned_behind = False
         self._closing: set[asyncio.Task[None]] = set()
 
     def add(self, batch: _Batch) -> None:
@@ -258,6 +259,7 @@ class _Ingress:
         ) as conn:
             self._conn = conn
             self._resyncing = False
+            self._warned_behind = False
             self.confirm_sent = False
             self.in_flight.clear()
             # Everything not acknowledged, again, in seq order: the node acknowledges again
@@ -367,6 +369,13 @@ class _Ingress:
             return
         batch = self.forget(seq)
         assert batch is not None
+        if batch.future.done() and not self._warned_behind:
+            # Another node acknowledged it; this one lacks batches this connection forgot
+            # (past max_unacked_bytes) or refuses what the others took: it stays behind.
+            self._warned_behind = True
+            log.warning(
+                "%s refused batch %d another node has: %s (%d)", self.url, seq, message, code
+            )
         self.pub.fail(batch, PublishRefused(code, message, data, url=self.url, seq=seq))
 
     def _resync(self, why: str) -> bool:
