@@ -12,6 +12,8 @@ resumes with no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -199,3 +201,52 @@ async def test_cli_prints_one_json_line_per_batch(
         assert (x["latency_ms"] is None) == x["fetched"]
     # The relay holds the last 100: 150..199 were read from the ingress through it.
     assert [x["fetched"] for x in lines] == [True] * 50 + [False] * 100
+
+
+async def test_a_consumer_behind_its_queue_is_resynchronised_and_misses_nothing(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+) -> None:
+    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
+    await push_batches(ingress, 0, 3000)
+    await until(lambda: relay_holds(relay, 2999), READ_TIMEOUT, "the relay to hold batch 2999")
+    # While the consumer reads 0..2499 through the range endpoint, the relay replays its 500
+    # over the link: a queue of 64 overflows, and the link resumes after the 64 it holds.
+    sub = BatchSubscription(
+        f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX], queue_batches=64
+    )
+    try:
+        got = await read(aiter(sub), 3000)
+    finally:
+        await sub.aclose()
+    check(got, 0)
+    assert sub.dropped["overflow"] > 0 and set(sub.dropped) == {"overflow"}
+    assert sub.links[0].sessions >= 2  # resynchronised: a second session from its position
+
+
+async def test_a_parent_killed_mid_stream_costs_no_batch(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+) -> None:
+    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
+    sub = BatchSubscription(
+        [f"{relay.ws_url}/feed", f"{ingress.ws_url}/feed"],
+        STREAM,
+        from_seq=0,
+        trust=[SEQUENCER_HEX],
+    )
+    batches = aiter(sub)
+    pushing = asyncio.ensure_future(push_batches(ingress, 0, 2000))
+    try:
+        got = await read(batches, 500)
+        assert relay.proc is not None
+        os.kill(relay.proc.pid, signal.SIGKILL)
+        got += await read(batches, 1500)
+        await pushing
+    finally:
+        pushing.cancel()
+        await sub.aclose()
+    check(got, 0)
+    assert sub.duplicates > 0  # both parents sent batches: the second copies were dropped
