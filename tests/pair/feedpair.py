@@ -290,6 +290,11 @@ class ChildEnd:
         self.proto.send_ping(data)
         self._flush()
 
+    def send_text(self, text: bytes | str) -> None:
+        """A control message after the hello (a relay's ``held``, or garbage)."""
+        self.proto.send_text(text.encode() if isinstance(text, str) else text)
+        self._flush()
+
     def eof_received(self) -> None:
         self.proto.receive_eof()
         self._events()
@@ -385,3 +390,39 @@ def connect(
     to_parent.rate = rate  # the child end reads what the parent's transport delivers
     ce.start()
     return Pair(pe, ce, to_child, to_parent)
+
+
+class MemoryDialer:
+    """Stands in for the event loop's ``create_connection`` (install it with
+    ``monkeypatch.setattr(loop, "create_connection", dialer.create_connection)``): a client
+    that dials ``host:port`` of a registered hub, as websockets' ``connect`` does for
+    ``FeedLink``, gets a ``MemoryTransport`` to that hub's ``/feed`` instead of a socket.
+    Any other address is refused, as a port nobody listens on."""
+
+    def __init__(self, max_send_buffer: int = 16 * 1024 * 1024) -> None:
+        self.hubs: dict[tuple[str, int], FeedHub] = {}
+        self.parents: list[ParentEnd] = []  # one per connection made, in order
+        self.max_send_buffer = max_send_buffer
+
+    def add(self, host: str, port: int, hub: FeedHub) -> str:
+        """``hub`` reachable at ``ws://host:port/feed`` (returned)."""
+        self.hubs[(host, port)] = hub
+        return f"ws://{host}:{port}/feed"
+
+    async def create_connection(
+        self,
+        protocol_factory: Any,
+        host: str | None = None,
+        port: int | None = None,
+        **_kw: Any,
+    ) -> tuple[asyncio.Transport, Any]:
+        hub = self.hubs.get((host or "", port or 0))
+        if hub is None:
+            raise ConnectionRefusedError(f"nothing listens at {host}:{port}")
+        client = protocol_factory()
+        pe = ParentEnd(hub, self.max_send_buffer)
+        to_client, to_parent = link(pe, client, "dial")
+        pe.transport = to_client
+        self.parents.append(pe)
+        client.connection_made(to_parent)
+        return to_parent, client
