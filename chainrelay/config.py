@@ -498,7 +498,7 @@ def _validate_batches(cfg: Config) -> None:
         # A duplicate of a batch still in flight must be found among the recent hashes:
         # the log holds only what is durable.
         raise ConfigError("batches.recent_hashes: must be at least batches.max_in_flight")
-    if b.max_payload_bytes + 1024 > cfg.tree.max_frame_bytes:
+    if b.streams and b.max_payload_bytes + 1024 > cfg.tree.max_frame_bytes:
         raise ConfigError(
             "batches.max_payload_bytes: a batch's frame must fit in tree.max_frame_bytes"
         )
