@@ -190,6 +190,11 @@ class Subscriber:
     def numbers(self) -> list[int]:
         return [int(b["number"]) for b in list(self.blocks)]
 
+    @property
+    def seqs(self) -> list[int]:
+        """The sequence numbers of a batch stream's lines, as printed."""
+        return [int(b["seq"]) for b in list(self.blocks)]
+
     async def wait_count(self, count: int, timeout: float) -> None:
         """Until it has printed ``count`` blocks."""
         await until(
@@ -304,6 +309,20 @@ class Tree:
         )
         return self._add(name, self.anvil_place, region, text)
 
+    def ingress(self, name: str, region: str, extra: str) -> TreeNode:
+        """A node beside anvil (its upstream, over loopback) without a signing key: an
+        ingress for batch streams when ``extra`` holds its ``[batches]`` tables."""
+        assert self.anvil_place is not None, "chain() first"
+        text = (
+            _table("server", {"listen": f"0.0.0.0:{NODE_PORT}"})
+            + "\n"
+            + _table("tree", {"region": region})
+            + "\n[[upstreams]]\n"
+            + f'name = "anvil"\nurl = "ws://127.0.0.1:{ANVIL_PORT}"\n\n'
+            + extra
+        )
+        return self._add(name, self.anvil_place, region, text)
+
     def node(
         self,
         name: str,
@@ -354,11 +373,13 @@ class Tree:
         from_block: int | None = None,
         label: str = "",
         max_seconds: float = SUBSCRIBER_MAX_SECONDS,
+        trust: str = ORIGIN_ADDRESS,
     ) -> Subscriber:
         """``chainrelay subscribe`` to ``node``'s feed, from inside its namespace, trusting
-        the origin; live only unless ``from_block``."""
+        the origin (a batch stream: ``trust`` its sequencer); live only unless
+        ``from_block`` (a batch stream: the first seq)."""
         argv = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "subscribe",
-                node.feed_url, "--stream", stream, "--trust", ORIGIN_ADDRESS,
+                node.feed_url, "--stream", stream, "--trust", trust,
                 "--max-seconds", str(max_seconds)]  # fmt: skip
         if from_block is not None:
             argv += ["--from", str(from_block)]
