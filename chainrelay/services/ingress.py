@@ -20,11 +20,13 @@ with one number). Every outcome is counted (``chainrelay_batch_pushes``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -96,6 +98,10 @@ class Ingress:
         self._first = first_seqs
         self.streams: dict[str, _Stream] = {}
         self._keys = [k.encode() for k in cfg.api_keys]
+        # (stream, outcome) -> its counter: prometheus_client's labels() takes a lock and
+        # builds a key on every call, once or twice per push. Bounded: streams are this
+        # node's (else "other"), outcomes a fixed set.
+        self._counters: dict[tuple[str, str], Any] = {}
 
     async def start(self) -> None:
         await self.log.start()
@@ -128,7 +134,11 @@ class Ingress:
     def _count(self, stream: str, outcome: str) -> None:
         if stream not in self.streams:
             stream = "other"  # names come from the wire: never grow the label set
-        self.metrics.batch_pushes.labels(stream, outcome).inc()
+        counter = self._counters.get((stream, outcome))
+        if counter is None:
+            counter = self.metrics.batch_pushes.labels(stream, outcome)
+            self._counters[(stream, outcome)] = counter
+        counter.inc()
 
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
         """One push message (a WebSocket message): its answer, now or once durable."""
@@ -142,13 +152,37 @@ class Ingress:
             fut = self.submit(push)
         except BatchRefused as exc:
             return _error(push.stream, push.seq, exc.code, exc.message, exc.data)
+        if isinstance(fut, asyncio.Future):
+            # The common push: answered from a callback, no task or coroutine per push.
+            answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(functools.partial(self._answered, push, t0, answer))
+            return answer
         return self._answer(push, fut, t0)
+
+    def _answered(
+        self, push: Push, t0: float, answer: asyncio.Future[bytes], fut: asyncio.Future[int | None]
+    ) -> None:
+        if answer.done():  # cancelled: the connection is gone
+            return
+        if fut.cancelled():
+            answer.cancel()
+            return
+        exc = fut.exception()
+        if isinstance(exc, BatchRefused):
+            answer.set_result(_error(push.stream, push.seq, exc.code, exc.message, exc.data))
+        elif exc is not None:
+            answer.set_exception(exc)
+        else:
+            answer.set_result(self._reply(push, fut.result(), t0))
 
     async def _answer(self, push: Push, fut: Awaitable[int | None], t0: float) -> bytes:
         try:
             relays = await fut
         except BatchRefused as exc:
             return _error(push.stream, push.seq, exc.code, exc.message, exc.data)
+        return self._reply(push, relays, t0)
+
+    def _reply(self, push: Push, relays: int | None, t0: float) -> bytes:
         self.metrics.batch_ack_seconds.observe(time.perf_counter() - t0)
         kind = "confirmed" if push.kind == CONFIRMED else "ack"
         msg: dict[str, object] = {"type": kind, "stream": push.stream, "seq": push.seq}
@@ -235,7 +269,30 @@ class Ingress:
         st.in_flight[push.seq] = durable
         durable.add_done_callback(lambda f: self._durable(st, push.seq, frame, f))
         self._count(push.stream, "accepted")
-        return self._after(st, push, durable)
+        if push.relays > 0:
+            return self._after(st, push, durable)
+        # Its own future, resolved after _durable published the batch: a closing
+        # connection cancels this one, never the log's (a duplicate may wait on that).
+        acked: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        durable.add_done_callback(functools.partial(self._acked, push, acked))
+        return acked
+
+    def _acked(
+        self, push: Push, acked: asyncio.Future[int | None], durable: asyncio.Future[None]
+    ) -> None:
+        """``_after`` for a push that waits for no relay, as a callback."""
+        if acked.done():
+            return
+        if durable.cancelled():
+            acked.cancel()
+            return
+        exc = durable.exception()
+        if exc is None:
+            acked.set_result(None)
+        elif isinstance(exc, BatchLogError):
+            acked.set_exception(self._not_durable(push, exc))
+        else:
+            acked.set_exception(exc)
 
     def _durable(self, st: _Stream, seq: int, frame: bytes, fut: asyncio.Future[None]) -> None:
         """A batch's commit finished (callbacks run in append order: in sequence)."""
@@ -249,12 +306,15 @@ class Ingress:
         try:
             await asyncio.shield(durable)
         except BatchLogError as exc:
-            self._count(push.stream, "not_durable")
-            log.error("batch %d of %s not durable: %s", push.seq, push.stream, exc)
-            raise BatchRefused(NOT_DURABLE, f"not durable: {exc}; push it again") from None
+            raise self._not_durable(push, exc) from None
         if push.relays <= 0:
             return None
         return await self._held(st, push)
+
+    def _not_durable(self, push: Push, exc: BatchLogError) -> BatchRefused:
+        self._count(push.stream, "not_durable")
+        log.error("batch %d of %s not durable: %s", push.seq, push.stream, exc)
+        return BatchRefused(NOT_DURABLE, f"not durable: {exc}; push it again")
 
     async def _held(self, st: _Stream, push: Push) -> int:
         fut = self.hub.wait_held(push.stream, push.seq, push.relays)
