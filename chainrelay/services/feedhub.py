@@ -106,6 +106,7 @@ class Stream:
     held_waiters: list[tuple[int, int, asyncio.Future[int]]] = field(default_factory=list)
     gap_timer: asyncio.TimerHandle | None = None
     fetching: bool = False
+    refused: int | None = None  # highest seq refused while too much was held
 
 
 # Fetches a batch stream's frames ``[start, end)`` from this node's parents (their range
@@ -249,8 +250,10 @@ class FeedHub:
             return None
         released = order.offer(frame.position, frame, len(frame.raw))
         if released is None:
-            # Too much held past a missing batch: fetch it now rather than wait.
+            # Too much held past a missing batch: fetch it now rather than wait, and what
+            # was refused too (a quiet stream may never send it again).
             self._count(st.name, "held_full")
+            st.refused = max(st.refused or 0, frame.position)
             self._fill_gap(st)
             return None
         for f in released:
@@ -260,10 +263,24 @@ class FeedHub:
         self._watch_gap(st)
         return frame
 
+    def _wanted(self, st: Stream) -> Missing | None:
+        """Numbers to fetch: those the held batches wait for, and up to the highest one
+        refused while the gate was full."""
+        order = st.order
+        assert order is not None
+        missing = order.missing()
+        if st.refused is not None and order.next is not None:
+            if st.refused < order.next:
+                st.refused = None
+            elif missing is None or st.refused >= missing.end:
+                # Past the held ones too: their range is fetched with it (copies are dropped).
+                return Missing(order.next, st.refused + 1)
+        return missing
+
     def _watch_gap(self, st: Stream) -> None:
         """A batch is missing: wait ``order_wait`` for another parent's copy, then fetch."""
         assert st.order is not None and st.batch is not None
-        if st.order.missing() is None:
+        if self._wanted(st) is None:
             if st.gap_timer is not None:
                 st.gap_timer.cancel()
                 st.gap_timer = None
@@ -275,8 +292,7 @@ class FeedHub:
 
     def _fill_gap(self, st: Stream) -> None:
         st.gap_timer = None
-        assert st.order is not None
-        missing = st.order.missing()
+        missing = self._wanted(st)
         if missing is None or st.fetching:
             return
         st.fetching = True
@@ -294,9 +310,10 @@ class FeedHub:
             log.warning("fetching batches %s of %s failed: %s", missing, st.name, exc)
         finally:
             st.fetching = False
+        before = st.order.next
         for raw in got:
             self.accept(raw, "range")
-        if st.order.missing() == missing:
+        if st.order.next == before and st.order.missing() is not None:
             # No parent could give them: the held batches go on; children see the jump
             # and fetch the missing ones themselves (their range requests climb further).
             log.warning(
@@ -310,7 +327,10 @@ class FeedHub:
                 self._keep(st, f, "accepted", "")
         else:
             self.metrics.batch_gaps.labels(st.name, "fetched").inc()
-        self._watch_gap(st)
+        if st.refused is not None and st.refused >= (st.order.next or 0):
+            self._fill_gap(st)  # refused while held: no parent sends those again
+        else:
+            self._watch_gap(st)
 
     def range(self, stream: str, start: int, max_frames: int, max_bytes: int) -> list[bytes] | None:
         """Frames of batch ``stream`` from seq ``start`` on, consecutive, from the backlog
@@ -350,8 +370,6 @@ class FeedHub:
         st = self.streams.get(stream)
         if st is None or st.batch is None:
             return False
-        if st.confirmed is not None and seq <= st.confirmed[0]:
-            return True  # known already (from another parent)
         try:
             digest = batchframe.confirmed_digest(st.batch.chain_id, stream, seq)
             who = feedframe.recover(signature, digest)
@@ -359,6 +377,8 @@ class FeedHub:
             return False
         if who not in st.batch.sequencers:
             return False
+        if st.confirmed is not None and seq <= st.confirmed[0]:
+            return True  # known already (from another parent)
         st.confirmed = (seq, signature)
         st.backlog.trim_below(seq)
         text = encode_confirmed(stream, seq, signature)
@@ -369,8 +389,10 @@ class FeedHub:
     def note_held(self, child: FeedChild, stream: str, position: int) -> None:
         """A child relay holds every batch of ``stream`` up to ``position``."""
         st = self.streams.get(stream)
-        if st is None or st.batch is None or child not in st.children:
+        if st is None or st.order is None or st.order.next is None or child not in st.children:
             return
+        # Never more than this node sent: a child's word cannot make up a relay's copy.
+        position = min(position, st.order.next - 1)
         if position <= st.held.get(child, -1):
             return
         st.held[child] = position

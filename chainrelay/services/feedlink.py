@@ -101,6 +101,7 @@ class FeedLink:
         self._welcomed = False
         self._closing: set[asyncio.Task[None]] = set()
         self._held: dict[str, int] = {}  # what to tell the parent this node holds
+        self._held_all: dict[str, int] = {}  # ... and told, again at each new session
         self._held_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -151,7 +152,8 @@ class FeedLink:
         """This node holds every batch of ``stream`` up to ``position``: told to the
         parent within ``HELD_INTERVAL`` (its acknowledgements may wait for relays)."""
         self._held[stream] = position
-        if self._held_timer is None and self._conn is not None:
+        self._held_all[stream] = position
+        if self._held_timer is None and self.connected:
             loop = asyncio.get_running_loop()
             self._held_timer = loop.call_later(HELD_INTERVAL, self._send_held)
 
@@ -235,6 +237,9 @@ class FeedLink:
                 self.sessions += 1
                 self.connected = True
                 self._up.set()
+                if self._held_all:  # a parent's new session knows nothing of what we hold
+                    self._held.update(self._held_all)
+                    self._send_held()
                 for stream, gap in gaps:  # after ``sessions`` counts this session
                     self.on_gap(self, stream, gap)
                 async for message in conn:
