@@ -391,6 +391,11 @@ class Node:
             "children": len(hub.children),
             "streams": {name: st.newest for name, st in hub.streams.items()},
             "ingress": self.ingress is not None,
+            "confirmed": {
+                name: st.confirmed[0]
+                for name, st in hub.streams.items()
+                if st.confirmed is not None
+            },
         }
 
     async def stop(self) -> None:

@@ -31,9 +31,10 @@ then from the other parents' nodes, in pages, each frame checked as above and th
 consecutive. They are yielded (``fetched=True``) before the frame that showed them. An
 answer that is empty, refused or broken sends the request to the next node, in rounds with
 a doubling back-off; when no node can give them the subscription ends with
-``BackfillFailed`` rather than skip them. A welcome's ``gap`` is only logged: the parent
-replays its backlog right after it, and that replay's first frame shows the same gap,
-signed, so an unsigned word never sends the subscriber after numbers that do not exist.
+``BackfillFailed`` rather than skip them. A welcome's ``gap`` (numbers the parent holds no
+more, e.g. trimmed after a confirmation) is read from the range endpoints at once, before
+the replay that follows it: a quiet stream may send no frame to show it. The word is not
+signed, but every fetched batch is; a gap that no node can fill is only logged.
 
 Checked batches wait in a bounded queue (count and payload bytes). A consumer that falls
 that far behind is resynchronised: new frames are dropped (``dropped["overflow"]``) until
@@ -151,9 +152,10 @@ class _Queued:
     """A checked batch waiting for the consumer."""
 
     link: FeedLink
-    batch: Checked
+    batch: Checked | None  # None: a parent's word that [next, gap_end) is past its backlog
     arrived_us: int
     size: int
+    gap_end: int = 0
 
 
 class BatchSubscription:
@@ -278,6 +280,10 @@ class BatchSubscription:
                 if item is None:
                     return
                 b = item.batch
+                if b is None:
+                    async for fetched in self._fill_said(item.link, item.gap_end):
+                        yield fetched
+                    continue
                 if self.next is None:
                     self.next = b.seq
                 if b.seq < self.next:
@@ -336,11 +342,28 @@ class BatchSubscription:
 
     def _on_gap(self, link: FeedLink, stream: str, gap: Gap) -> None:
         log.info(
-            "%s: batches %d..%d are past its backlog; fetched once its replay shows them",
+            "%s: batches %d..%d are past its backlog; fetched from range endpoints",
             link.name,
             gap.start,
             gap.end - 1,
         )
+        # In the queue's order: the consumer reads them before the replay that follows.
+        self.queue.append(_Queued(link, None, 0, 0, gap.end))
+        self._arrived.set()
+
+    async def _fill_said(self, link: FeedLink, end: int) -> AsyncIterator[FeedBatch]:
+        """Batches up to ``end`` that a parent said it no longer holds (a quiet stream
+        may send no frame to show the gap). The word is not signed, the batches are: a
+        range that gives nothing is only logged, and the next frame decides."""
+        if self.next is None or self.next >= end:
+            return
+        try:
+            async for fetched in self._fill(link, end):
+                yield fetched
+        except BackfillFailed as exc:
+            log.warning(
+                "batches %d..%d a parent said were past its backlog: %s", self.next, end - 1, exc
+            )
 
     def on_frame(self, link: FeedLink, raw: bytes) -> None:
         """Check one frame from ``link`` and queue its batch, or count why not (a

@@ -38,6 +38,7 @@ from chainrelay.protocol.feedsession import (
     ControlError,
     Cursor,
     Dedup,
+    Gap,
     Want,
     encode_bye,
     encode_confirmed,
@@ -558,6 +559,8 @@ class FeedChild(WsSession):
         for want in hello.wants:
             st = hub.streams[want.stream]
             start, gap = st.backlog.resume(want.from_position, want.last, want.after)
+            if st.order is not None and gap is None:
+                gap = _batch_gap(st, want.from_position)
             cursor = Cursor.at(
                 st.backlog,
                 start,
@@ -642,6 +645,18 @@ class FeedChild(WsSession):
                     st.held.pop(self, None)
                     hub.metrics.feed_children.labels(name).dec()
         super()._release()
+
+
+def _batch_gap(st: Stream, from_position: int | None) -> Gap | None:
+    """Batches a child asks for that this node holds no more (trimmed after a confirmation,
+    or from before it started), even with an empty backlog: the child's cue to read them
+    from the range endpoint now, not at the next batch, which a quiet stream may not send."""
+    assert st.order is not None
+    if from_position is None or st.order.next is None:
+        return None
+    entries = st.backlog.entries
+    oldest = entries[0].position if entries else st.order.next
+    return Gap(from_position, oldest) if from_position < oldest else None
 
 
 def _no_rpc(_body: bytes) -> bytes:

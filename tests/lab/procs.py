@@ -124,6 +124,12 @@ class Relay:
         """The node's Prometheus samples as {"name{labels}": value}."""
         return await fetch_metrics(self.url)
 
+    async def health(self) -> dict[str, Any]:
+        """The node's ``/health`` answer (any status)."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/health") as r:
+            body: dict[str, Any] = await r.json()
+            return body
+
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text exposition as {"name{labels}": value}, for ``chain.metric``."""

@@ -152,6 +152,35 @@ async def test_from_zero_past_the_relays_backlog_every_batch_in_order_then_live(
         await sub.aclose()
 
 
+async def test_from_zero_after_a_confirmation_trimmed_the_backlog_on_a_quiet_stream(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+) -> None:
+    """The relay's backlog holds only the confirmed batch and nothing new comes: every
+    batch before it comes through the range endpoint (from the ingress's durable log)."""
+    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
+    await push_batches(ingress, 0, 300)
+    await until(lambda: relay_holds(relay, 299), READ_TIMEOUT, "the relay to hold batch 299")
+    async with Publisher(
+        ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN, api_key=API_KEY
+    ) as pub:
+        await pub.confirm(299)
+
+    async def trimmed() -> bool:
+        health = await relay.health()
+        return bool(health["tree"]["confirmed"].get(STREAM) == 299)
+
+    await until(trimmed, READ_TIMEOUT, "the relay to take the confirmation")
+    sub = BatchSubscription(f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX])
+    try:
+        got = await read(aiter(sub), 300)
+        check(got, 0)
+        assert [b.seq for b in got if b.fetched] == list(range(299))
+    finally:
+        await sub.aclose()
+
+
 async def test_a_subscriber_started_again_at_any_seq_resumes_without_gap_or_duplicate(
     anvil_factory: Callable[..., Awaitable[Any]],
     relay_factory: Callable[..., Awaitable[Relay]],
