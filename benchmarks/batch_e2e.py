@@ -147,7 +147,10 @@ def has_children(node: TreeNode, want: int) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-ROLES = ("nodes", "links", "subscribers", "publisher", "anvil")
+# The ingress's own ack latency (push read to ack written), as its histogram's sum and count.
+ACK_SUM = "chainrelay_batch_ack_seconds_sum"
+ACK_COUNT = "chainrelay_batch_ack_seconds_count"
+ROLES = ("ingress", "relays", "leaves", "links", "subscribers", "publisher", "anvil")
 
 
 def role(argv: Sequence[str]) -> str:
@@ -157,7 +160,8 @@ def role(argv: Sequence[str]) -> str:
     if "--follow" in argv:
         return "subscribers"
     if "serve" in argv:
-        return "nodes"
+        config = Path(argv[-1]).name
+        return "ingress" if config == "ingress.toml" else "leaves" if "leaf" in config else "relays"
     return "anvil"
 
 
@@ -261,7 +265,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], int]
             url = ingress.place.url(NODE_PORT, scheme="ws")
             plan = [(max(args.rates), WARMUP_BATCHES)]
             plan += [(rate, int(rate * args.seconds)) for rate in schedule(args.rates, args.rounds)]
-            pushed: list[tuple[float, Round, dict[str, float]]] = []
+            pushed: list[tuple[float, Round, dict[str, float], float]] = []
             async with Publisher(
                 url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN, api_key=API_KEY
             ) as pub:
@@ -269,19 +273,24 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], int]
                 for n, (rate, count) in enumerate(plan):
                     r = Round()
                     busy0, wall0 = lab_cpu_seconds(lab), time.monotonic()
+                    acks0 = await ingress.metrics()
                     await push(pub, range(seq, seq + count), rate, args.size, r)
                     seq += count
                     for sub in (*subs, direct):
                         await sub.wait_count(seq, DRAIN_SECONDS)
                     busy1, wall = lab_cpu_seconds(lab), time.monotonic() - wall0
+                    acks1 = await ingress.metrics()
                     if n:  # the first is the warm-up
                         cpu = {k: (busy1[k] - busy0[k]) / wall for k in ROLES}
-                        pushed.append((rate, r, cpu))
+                        inside = (acks1[ACK_SUM] - acks0[ACK_SUM]) / (
+                            acks1[ACK_COUNT] - acks0[ACK_COUNT]
+                        )
+                        pushed.append((rate, r, cpu, inside * 1000))
             arrivals = [{int(x["seq"]): int(x["arrived_us"]) for x in sub.blocks} for sub in subs]
             direct_at = {int(x["seq"]): int(x["arrived_us"]) for x in direct.blocks}
             fetched = sum(bool(x["fetched"]) for sub in (*subs, direct) for x in sub.blocks)
             out = []
-            for rate, r, cpu in pushed:
+            for rate, r, cpu, inside_ms in pushed:
                 sent = r.sent_us.items()
                 series = {
                     "last": [(max(a[s] for a in arrivals) - t) / 1000 for s, t in sent],
@@ -292,6 +301,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], int]
                 p: dict[str, float] = {}
                 for name, values in series.items():
                     p[name + "_p50"], p[name + "_p99"] = stats(values)
+                p["ack_inside_mean"] = inside_ms
                 out.append(Measured(rate, p, cpu))
             return out, fetched
     finally:
@@ -324,8 +334,9 @@ def report(args: argparse.Namespace, m: dict[str, str], got: list[Measured], fet
         return f"{p[key + '_p50']:.1f} / {p[key + '_p99']:.1f}"
 
     rows = [
-        [str(i), f"{g.rate:.0f}", pair(g.p, "ack"), pair(g.p, "first"), pair(g.p, "last"),
-         pair(g.p, "direct"), f"{sum(g.cpu.values()):.2f}"]
+        [str(i), f"{g.rate:.0f}", pair(g.p, "ack"), f"{g.p['ack_inside_mean']:.1f}",
+         pair(g.p, "first"), pair(g.p, "last"), pair(g.p, "direct"),
+         f"{sum(g.cpu.values()):.2f}"]
         for i, g in enumerate(got, 1)
     ]  # fmt: skip
     summary = []
@@ -369,12 +380,23 @@ def report(args: argparse.Namespace, m: dict[str, str], got: list[Measured], fet
             "*Latency*: per batch, a subscriber's arrival (wall clock) minus the publisher's "
             "send (when `submit` returned, signed and queued; one host clock); *last* is the "
             "latest of the leaf subscribers, *first* the earliest; *ack*: send to the "
-            "ingress's durable ack. p50 / p99, ms; *cores busy*: CPU seconds per second of the "
+            "ingress's durable ack; *ack inside*: the ingress's own figure (push read to ack "
+            "written; its `chainrelay_batch_ack_seconds`), the mean over the round. p50 / p99, "
+            "ms; *cores busy*: CPU seconds per second of the "
             "round (push and drain) of the lab's processes (nodes, links, subscribers, anvil) "
             "and the publisher's, out of 2. Batches read from a range "
             f"endpoint (not live): {fetched}.",
             common.table(
-                ["round", "batches/s", "ack", "first leaf", "last leaf", "direct", "cores busy"],
+                [
+                    "round",
+                    "batches/s",
+                    "ack",
+                    "ack inside (mean)",
+                    "first leaf",
+                    "last leaf",
+                    "direct",
+                    "cores busy",
+                ],
                 rows,
             ),
             "Medians over rounds (p50 / p99, ms):",
