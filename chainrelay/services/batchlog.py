@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -52,7 +53,18 @@ _SCHEMA_V1 = (
 
 _T = TypeVar("_T")
 
-_INSERT = "INSERT INTO batches (stream, seq, hash, frame) VALUES (?, ?, ?, ?)"
+_INSERT = "INSERT INTO batches (stream, seq, hash, frame) VALUES "
+_ROW = "(?,?,?,?)"
+_ROW_PARAMS = 4
+
+
+@functools.lru_cache(maxsize=256)
+def _insert(rows: int) -> str:
+    """One INSERT of ``rows`` rows. sqlite3 gives up the GIL around every statement it
+    runs, and the writer taking it back waits up to the interpreter's switch interval
+    (5 ms) while the event loop runs Python: a busy ingress would spend that per row of
+    an ``executemany``, so the writer runs as few statements per group as it can."""
+    return _INSERT + ",".join([_ROW] * rows)
 
 
 @dataclass(slots=True)
@@ -275,10 +287,20 @@ class BatchLog:
             rows.append((r.stream, r.seq, r.payload_hash, r.frame))
             outcome.append((r.future, None))
         if rows:
+            per_statement = max(
+                1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _ROW_PARAMS
+            )
             try:
-                conn.execute("BEGIN")
-                conn.executemany(_INSERT, rows)
-                conn.execute("COMMIT")
+                if len(rows) <= per_statement:
+                    # One statement is its own transaction (autocommit): committed, and
+                    # fsynced, whole or not at all, for one round trip through the GIL.
+                    conn.execute(_insert(len(rows)), [v for row in rows for v in row])
+                else:
+                    conn.execute("BEGIN")
+                    for at in range(0, len(rows), per_statement):
+                        chunk = rows[at : at + per_statement]
+                        conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
+                    conn.execute("COMMIT")
             except Exception as exc:
                 log.error("batch log %s: commit of %d failed: %s", self.path, len(rows), exc)
                 with contextlib.suppress(Exception):
