@@ -341,6 +341,7 @@ def report(args: argparse.Namespace, m: dict[str, str], got: list[Measured], fet
     ]  # fmt: skip
     summary = []
     cpu_lines = []
+    reading = []
     for rate in args.rates:
         mine = [g for g in got if g.rate == rate]
 
@@ -356,6 +357,15 @@ def report(args: argparse.Namespace, m: dict[str, str], got: list[Measured], fet
              f"{dir50:.1f} / {dir99:.1f}", f"{dir50 - path_ms:.1f} / {dir99 - path_ms:.1f}",
              f"{last50 - dir50:.1f} / {last99 - dir99:.1f}"]
         )  # fmt: skip
+        busy = med([sum(g.cpu.values()) for g in mine])
+        reading.append(
+            f"at {rate:.0f}/s the last leaf's p50 is {last50 - path_ms:.1f} ms above the "
+            f"links' {path_ms:.0f} ms: the durable ack takes {m_of('ack_p50'):.1f} of it "
+            f"(the ingress publishes a batch once it is fsynced; "
+            f"{m_of('ack_inside_mean'):.1f} ms inside the ingress), the two relay hops and "
+            f"the leaf {last50 - dir50:.1f} (last - direct), with the lab's processes keeping "
+            f"{busy:.2f} of the 2 cores busy"
+        )
         cpu_lines.append(
             f"{rate:.0f}/s: " + ", ".join(f"{k} {med([g.cpu[k] for g in mine]):.2f}" for k in ROLES)
         )
@@ -413,6 +423,9 @@ def report(args: argparse.Namespace, m: dict[str, str], got: list[Measured], fet
                 ],
                 summary,
             ),
+            "Reading: " + "; ".join(reading) + ". The machine is shared: the load average "
+            "above is other work's as much as this run's, and a process waiting for a core "
+            "shows here as latency (the durable ack's fsync shares the disk too).",
             "Cores busy by part (medians over rounds): "
             + "; ".join(cpu_lines)
             + f" ({LEAVES + 3} nodes: the ingress, 2 relays, {LEAVES} leaves; "
