@@ -44,6 +44,8 @@ SECTIONS = (
     "tree_bytes",
     "tree_hop",
     "tree_e2e",
+    "batch_ack",
+    "batch_e2e",
 )
 # How long a relay may take to answer /health after it is started.
 RELAY_READY_SECONDS = 20.0
