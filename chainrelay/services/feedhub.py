@@ -211,18 +211,25 @@ class FeedHub:
         except FrameError as exc:
             self._count(st.name, exc.reason)
             return None
-        if who not in self.trust:
-            self._count(st.name, "untrusted")
-            log.warning(
-                "feed frame of %s at %d signed by untrusted 0x%s: dropped",
-                st.name,
-                frame.position,
-                who.hex(),
-            )
+        if not self._signed_by(st, frame, who, self.trust):
             return None
         st.dedup.add(frame.identity)
         self._keep(st, frame, "accepted", source)
         return frame
+
+    def _signed_by(self, st: Stream, frame: Frame, who: bytes, allowed: frozenset[bytes]) -> bool:
+        """True if ``who`` (the frame's signer) is one of ``allowed`` (the trusted origins,
+        or a batch stream's sequencers); else counted and logged."""
+        if who in allowed:
+            return True
+        self._count(st.name, "untrusted")
+        log.warning(
+            "feed frame of %s at %d signed by untrusted 0x%s: dropped",
+            st.name,
+            frame.position,
+            who.hex(),
+        )
+        return False
 
     # --- batch streams -----------------------------------------------------------------
     def _accept_batch(self, st: Stream, frame: Frame, source: str) -> Frame | None:
@@ -240,14 +247,7 @@ class FeedHub:
         except FrameError as exc:
             self._count(st.name, exc.reason)
             return None
-        if who not in spec.sequencers:
-            self._count(st.name, "untrusted")
-            log.warning(
-                "batch %d of %s signed by 0x%s, not a sequencer of it: dropped",
-                frame.position,
-                st.name,
-                who.hex(),
-            )
+        if not self._signed_by(st, frame, who, spec.sequencers):
             return None
         released = order.offer(frame.position, frame, len(frame.raw))
         if released is None:
