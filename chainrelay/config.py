@@ -451,6 +451,11 @@ def _validate_tree(cfg: Config) -> None:
         raise ConfigError("tree: resume_last, min_gain and down_hold must not be negative")
 
 
+def _positive(section: str, values: object, key: str) -> None:
+    if getattr(values, key) <= 0:
+        raise ConfigError(f"{section}.{key}: must be positive")
+
+
 def _validate_batches(cfg: Config) -> None:
     b = cfg.batches
     names: set[str] = set()
@@ -475,7 +480,7 @@ def _validate_batches(cfg: Config) -> None:
     for i, key in enumerate(b.api_keys):
         if len(key) < 16:
             raise ConfigError(f"batches.api_keys[{i}]: at least 16 characters")
-    for name in (
+    for key in (
         "max_payload_bytes",
         "commit_max_batches",
         "commit_max_bytes",
@@ -492,8 +497,7 @@ def _validate_batches(cfg: Config) -> None:
         "range_max_bytes",
         "range_timeout",
     ):
-        if getattr(b, name) <= 0:
-            raise ConfigError(f"batches.{name}: must be positive")
+        _positive("batches", b, key)
     if b.recent_hashes < b.max_in_flight:
         # A duplicate of a batch still in flight must be found among the recent hashes:
         # the log holds only what is durable.
@@ -520,8 +524,7 @@ def _validate_cache(c: CacheConfig) -> None:
         "redis_retry_interval",
         "redis_max_connections",
     ):
-        if getattr(c, key) <= 0:
-            raise ConfigError(f"cache.{key}: must be positive")
+        _positive("cache", c, key)
     if c.redis_ttl_finalized < 0:
         raise ConfigError("cache.redis_ttl_finalized: must be 0 (no TTL) or positive")
     if c.backend != "memory" and not c.redis_url.startswith(REDIS_SCHEMES):
