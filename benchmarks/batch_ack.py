@@ -40,6 +40,7 @@ import contextlib
 import os
 import pstats
 import re
+import signal
 import statistics
 import struct
 import subprocess
@@ -126,7 +127,15 @@ def push_messages(key: bytes, first_seq: int, count: int, size: int) -> list[byt
 
 
 async def push_load(
-    url: str, msgs: list[bytes], first_seq: int, *, mode: str, rate: float, window: int, warm: int
+    url: str,
+    msgs: list[bytes],
+    first_seq: int,
+    *,
+    mode: str,
+    rate: float,
+    window: int,
+    warm: int,
+    signal_pid: int = 0,
 ) -> dict[str, Any]:
     """Push ``msgs`` (the first ``warm`` unmeasured), at ``rate`` or ``window`` in flight."""
     n = len(msgs)
@@ -177,6 +186,8 @@ async def push_load(
             await send(i)
         if warm:
             await asyncio.wait_for(warmed.wait(), LOAD_TIMEOUT)
+        if signal_pid:
+            os.kill(signal_pid, signal.SIGUSR1)
         cpu0 = time.process_time()
         lag = 0.0
         t0 = time.perf_counter()
@@ -190,6 +201,8 @@ async def push_load(
             await send(i)
         await asyncio.wait_for(done.wait(), LOAD_TIMEOUT)
         cpu = time.process_time() - cpu0
+        if signal_pid:
+            os.kill(signal_pid, signal.SIGUSR2)
         reader.cancel()
     measured = [(acked[i] - sent[i]) * 1e3 for i in range(warm, n) if acked[i]]
     count = len(measured)
@@ -221,6 +234,7 @@ def load_main(args: argparse.Namespace) -> None:
                 rate=args.rate,
                 window=args.window,
                 warm=args.warm,
+                signal_pid=args.signal_pid,
             )
         )
     print(orjson.dumps(result).decode())
@@ -235,9 +249,25 @@ def ingress_toml(log: Path, sequencer: str) -> str:
     )
 
 
+# Runs a node with a profiler that SIGUSR1 turns on and SIGUSR2 turns off and writes out
+# (argv: the profile's path, then the CLI's arguments): only the measured pushes count,
+# not the start, the imports or the warm-up.
+_PROFILED_NODE = """
+import cProfile, signal, sys
+from chainrelay.cli import main
+path = sys.argv[1]
+prof = cProfile.Profile()
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(path)
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+signal.signal(signal.SIGUSR2, stop)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 class ProfiledRelay(Relay):
-    """The same node under ``python -m cProfile``: the profile is written when SIGTERM ends
-    the process cleanly."""
+    """The same node with ``_PROFILED_NODE``'s profiler (its event-loop thread)."""
 
     profile_path: Path = Path()
 
@@ -248,17 +278,11 @@ class ProfiledRelay(Relay):
             f'[server]\nlisten = "127.0.0.1:{self.port}"\n\n{self.toml}\n\n'
             f'[[upstreams]]\nname = "anvil"\nurl = "{self.upstream}"\n'
         )
-        cmd = [sys.executable, "-m", "cProfile", "-o", str(self.profile_path)]
-        cmd += ["-m", "chainrelay", "--log-level", "WARNING", "serve", "--config", str(path)]
+        cmd = [sys.executable, "-c", _PROFILED_NODE, str(self.profile_path)]
+        cmd += ["--log-level", "WARNING", "serve", "--config", str(path)]
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         self._wait_ready(poke)
-
-    def stop(self) -> None:
-        # The profile is written on a clean exit: give it time before any SIGKILL.
-        if self.proc is not None:
-            stop_process(self.proc, grace=30.0)
-        super().stop()
 
 
 @dataclass
@@ -280,13 +304,17 @@ def scaled(phase: Phase, scale: float) -> Phase:
     )
 
 
-def run_load(target: Target, key: bytes, phase: Phase, window: int) -> dict[str, Any]:
+def run_load(
+    target: Target, key: bytes, phase: Phase, window: int, *, profile: bool = False
+) -> dict[str, Any]:
     """One phase against one target, the pusher in its own process."""
     cmd = [sys.executable, "-m", "benchmarks.batch_ack", "load", "--url", target.url]
     cmd += ["--key", key.hex(), "--first-seq", str(target.next_seq)]
     cmd += ["--count", str(phase.warm + phase.count), "--size", str(phase.size)]
     cmd += ["--mode", phase.mode, "--rate", str(OPEN_RATE), "--window", str(window)]
     cmd += ["--warm", str(phase.warm)]
+    if profile:
+        cmd += ["--signal-pid", str(target.pid)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     cpu_before = cpu_seconds(target.pid)
     try:
@@ -379,7 +407,7 @@ def report(
         ratios.append(f"{phase.name}: disk " + ", ".join(parts))
     open_p99 = med(results[(PHASES[0].name, "disk")], "p99")
     rate = med(results[(PHASES[1].name, "disk")], "rate")
-    lag = max(r["lag_ms"] for r in results[(PHASES[0].name, "disk")])
+    lags = [r["lag_ms"] for t in targets for r in results[(PHASES[0].name, t)]]
     goals = (
         f"Goals (disk): p99 ack at {OPEN_RATE:,.0f}/s {open_p99:.2f} ms "
         f"({'met' if open_p99 <= GOAL_P99_MS else 'NOT met'}: ≤ {GOAL_P99_MS:g} ms); "
@@ -396,9 +424,11 @@ def report(
         f"tmpfs (fsync free); *floor*: `batch_floor.py`, the same WebSocket session acking "
         f"each push at once (no checks, no log). Open loop {OPEN_RATE:,.0f} batches/s for "
         f"{OPEN_SECONDS:g} s; closed loop {window} in flight. Latency: message handed to "
-        f"the pusher's socket to its ack read (the pusher lagged its schedule by at most "
-        f"{lag:.2f} ms). Medians of {runs} runs, targets in rotating order. Node CPU: user + "
-        f"system of the node process over the phase (warm-up included) per batch. "
+        f"the pusher's socket to its ack read (the pusher's worst lag behind its schedule "
+        f"per run: median {statistics.median(lags):.2f} ms, worst {max(lags):.2f} ms: how "
+        f"much the shared machine stalled it). Medians of {runs} runs, targets in rotating "
+        f"order. Node CPU: user + system of the node process over the phase (warm-up "
+        f"included) per batch. "
         f"fsync (4 KB append + fsync, {FSYNC_LOOPS} loops): {fs}.\n\n"
         + table(header, rows)
         + "\n\n"
@@ -410,9 +440,9 @@ def report(
     )
 
 
-def write_results(body: str, path: Path = RESULTS) -> None:
-    """Replace this script's section of RESULTS.md, or add it at the end."""
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
+def write_results(body: str, path: Path = RESULTS, section: str = SECTION) -> None:
+    """Replace ``section`` of RESULTS.md, or add it at the end."""
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = path.read_text()
     pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end) + r"\n?", re.S)
@@ -424,18 +454,18 @@ def write_results(body: str, path: Path = RESULTS) -> None:
 
 
 # --- the orchestration -----------------------------------------------------------------------
-def profile_report(path: Path, batches: int, top: int = 30) -> str:
+def profile_report(path: Path, batches: int, top: int = 25) -> str:
     stats = pstats.Stats(str(path))
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in raw.values())
     lines = [
         f"event-loop thread: {total / batches * 1e6:.1f} µs own time per acked batch "
-        f"({batches:,} batches, whole process life)",
+        f"({batches:,} batches, warm-up excluded)",
         f"{'tottime µs/batch':>17} {'cum µs/batch':>13} {'calls/batch':>12}  function",
     ]
     ranked = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     for (file, line, fn), (_cc, nc, tt, ct, _callers) in ranked:
-        where = f"{Path(file).name}:{line}({fn})" if line else fn
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}({fn})" if line else fn
         lines.append(
             f"{tt / batches * 1e6:17.2f} {ct / batches * 1e6:13.2f} {nc / batches:12.2f}  {where}"
         )
@@ -451,11 +481,25 @@ def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -
             assert node.proc is not None
             target = Target("disk", f"ws://127.0.0.1:{node.port}/batches", node.proc.pid)
             phase = scaled(PHASES[1], args.scale)
-            r = run_load(target, key, phase, args.window)
-            print(f"closed 2 KB under cProfile: {r['rate']:,.0f} acked/s, errors {r['errors']}")
+            r = run_load(target, key, phase, args.window, profile=True)
+            until_file(node.profile_path)
         finally:
             node.stop()
-        print(profile_report(node.profile_path, phase.warm + phase.count))
+        head = f"closed 2 KB under cProfile: {r['rate']:,.0f} acked/s, errors {r['errors']}"
+        text = head + "\n" + profile_report(node.profile_path, phase.count)
+        print(text)
+        if not args.no_write:
+            write_results(
+                "## Where an ingress spends a 2 KB push (`batch_ack.py --profile`)\n\n"
+                f"{machine_line(machine())}\n\n"
+                "cProfile on the node's event-loop thread over the measured closed-loop "
+                "pushes (not the log's writer thread; the profiler roughly doubles Python "
+                "call costs, so read shares, and the unprofiled node CPU per batch in the "
+                "table above).\n\n```\n" + text + "\n```\n",
+                section=SECTION + "_profile",
+            )
+        if args.profile_out:
+            Path(args.profile_out).write_bytes(node.profile_path.read_bytes())
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -501,7 +545,7 @@ def bench(args: argparse.Namespace) -> None:
                         f"run {run + 1} {phase.name:>13} {t.name:>5}: {r['rate']:8,.0f}/s "
                         f"{r['mbps']:6.1f} MB/s p50 {r['p50']:6.2f} p99 {r['p99']:6.2f} "
                         f"max {r['max']:6.2f} ms errors {r['errors']} node "
-                        f"{r['node_cpu_us']:.0f} µs/batch",
+                        f"{r['node_cpu_us']:.0f} µs/batch lag {r['lag_ms']:.1f} ms",
                         flush=True,
                     )
                     if r["first_error"]:
@@ -513,6 +557,20 @@ def bench(args: argparse.Namespace) -> None:
     finally:
         stack.close()
         anvil.stop()
+
+
+def until_file(path: Path, timeout: float = 30.0) -> None:
+    """Wait for the profiler to have written ``path`` (after SIGUSR2)."""
+    deadline = time.monotonic() + timeout
+    size = -1
+    while True:
+        now = path.stat().st_size if path.exists() else -1
+        if now > 0 and now == size:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no profile at {path} after {timeout}s")
+        size = now
+        time.sleep(0.2)
 
 
 def _wait_port(port: int, timeout: float = 10.0) -> None:
@@ -542,9 +600,11 @@ def main() -> None:
     load.add_argument("--rate", type=float, default=OPEN_RATE)
     load.add_argument("--window", type=int, default=256)
     load.add_argument("--warm", type=int, default=0)
+    load.add_argument("--signal-pid", type=int, default=0, help="SIGUSR1/2 around the clock")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-out", help="keep the cProfile file here")
     parser.add_argument("--scale", type=float, default=1.0, help="times the pushes per phase")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
     args = parser.parse_args()
