@@ -45,12 +45,10 @@ number not yet queued.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -59,7 +57,7 @@ import orjson
 
 from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import feed_url, range_url, signer_address
+from chainrelay.feedclient import FeedSubscription, range_url, signer_address
 from chainrelay.protocol.feedsession import Gap, Want
 from chainrelay.services.feedlink import FeedLink
 from chainrelay.wire.batchframe import decode_range, frame_chain_id, open_frame
@@ -158,9 +156,12 @@ class _Queued:
     gap_end: int = 0
 
 
-class BatchSubscription:
+class BatchSubscription(FeedSubscription[FeedBatch, _Queued]):
     """Batches of ``stream`` from the nodes at ``urls``; iterate it once (``async for``),
     close it with ``aclose()`` or ``async with``."""
+
+    noun = "batch subscriber"
+    unit = "batches"
 
     def __init__(
         self,
@@ -185,14 +186,21 @@ class BatchSubscription:
         range_timeout: float = RANGE_TIMEOUT,
         range_rounds: int = RANGE_ROUNDS,
     ) -> None:
-        url_list = [urls] if isinstance(urls, str) else list(urls)
-        if not url_list:
-            raise ConfigError("a subscription needs at least one node URL")
         if from_seq is not None and from_seq < 0:
             raise ConfigError(f"from_seq must be >= 0: {from_seq}")
         if range_frames < 1 or range_rounds < 1:
             raise ConfigError("range_frames and range_rounds must be >= 1")
-        self.stream = stream
+        super().__init__(
+            urls,
+            stream,
+            queue_items=queue_batches,
+            queue_bytes=queue_bytes,
+            max_frame_bytes=max_frame_bytes,
+            connect_timeout=connect_timeout,
+            retry_delay=retry_delay,
+            retry_max=retry_max,
+            ping_interval=ping_interval,
+        )
         self.check = BatchCheck(
             stream,
             trust=frozenset(signer_address(a) for a in trust),
@@ -200,145 +208,40 @@ class BatchSubscription:
             max_frame_bytes=max_frame_bytes,
             max_payload_bytes=max_payload_bytes,
         )
-        self.queue_batches = queue_batches
-        self.queue_bytes = queue_bytes
         self.range_frames = range_frames
         self.range_max_bytes = range_max_bytes
         self.range_timeout = range_timeout
         self.range_rounds = range_rounds
-        self.retry_delay = retry_delay
-        self.retry_max = retry_max
-        # Counters: frames dropped by reason, copies of numbers already taken, batches read
-        # from range endpoints, and every signer whose batches were accepted.
-        self.dropped: collections.Counter[str] = collections.Counter()
-        self.duplicates = 0
-        self.fetched = 0
-        self.signers: set[str] = set()
-        self.links = [
-            FeedLink(
-                feed_url(u),
-                name=f"parent{i}",
-                wants=self._wants,
-                on_frame=self.on_frame,
-                on_gap=self._on_gap,
-                max_frame_bytes=max_frame_bytes,
-                connect_timeout=connect_timeout,
-                retry_delay=retry_delay,
-                retry_max=retry_max,
-                ping_interval=ping_interval,
-            )
-            for i, u in enumerate(url_list)
-        ]
-        self.queue: collections.deque[_Queued] = collections.deque()
-        self._queued_bytes = 0
-        self._arrived = asyncio.Event()
+        self.fetched = 0  # batches read from range endpoints
         # The links' side: the first number not yet queued (None: live, nothing taken yet).
         self.accepted_next = from_seq
         # The consumer's side: the number it gets next (None: the first one queued).
         self.next = from_seq
-        self._overflow = False
-        self._stale: dict[FeedLink, int] = {}  # link -> session whose frames are ignored
-        self._gen: AsyncGenerator[FeedBatch, None] | None = None
-        self._http: aiohttp.ClientSession | None = None
-        self._closed = False
 
     # --- the consumer side ----------------------------------------------------------------
-    def __aiter__(self) -> AsyncIterator[FeedBatch]:
-        if self._gen is not None or self._closed:
-            raise RuntimeError("a BatchSubscription is iterated once")
-        self._gen = self._batches()
-        return self._gen
+    async def _hand_over(self, item: _Queued) -> AsyncIterator[FeedBatch]:
+        b = item.batch
+        if b is None:
+            async for fetched in self._fill_said(item.link, item.gap_end):
+                yield fetched
+            return
+        if self.next is None:
+            self.next = b.seq
+        if b.seq < self.next:
+            self.duplicates += 1  # fetched while this copy waited in the queue
+            return
+        if b.seq > self.next:
+            async for fetched in self._fill(item.link, b.seq):
+                yield fetched
+        self.next = b.seq + 1
+        yield FeedBatch(b.seq, b.payload, b.signer, (item.arrived_us - b.origin_us) / 1000, False)
 
-    async def __aenter__(self) -> BatchSubscription:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop every link and forget what is queued; safe to call more than once."""
-        self._closed = True
-        self._arrived.set()
-        gen, self._gen = self._gen, None
-        if gen is not None:
-            with contextlib.suppress(RuntimeError):  # closed from another task mid-step
-                await gen.aclose()
-        for link in self.links:
-            await link.stop()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        self.queue.clear()
-        self._queued_bytes = 0
-
-    async def _batches(self) -> AsyncGenerator[FeedBatch, None]:
-        for link in self.links:
-            await link.start()
-        try:
-            while True:
-                item = await self._take()
-                if item is None:
-                    return
-                b = item.batch
-                if b is None:
-                    async for fetched in self._fill_said(item.link, item.gap_end):
-                        yield fetched
-                    continue
-                if self.next is None:
-                    self.next = b.seq
-                if b.seq < self.next:
-                    self.duplicates += 1  # fetched while this copy waited in the queue
-                    continue
-                if b.seq > self.next:
-                    async for fetched in self._fill(item.link, b.seq):
-                        yield fetched
-                self.next = b.seq + 1
-                yield FeedBatch(
-                    b.seq, b.payload, b.signer, (item.arrived_us - b.origin_us) / 1000, False
-                )
-        finally:
-            for link in self.links:
-                await link.stop()
-
-    async def _take(self) -> _Queued | None:
-        """The next queued batch; None once the subscription is closed."""
-        while not self.queue:
-            if self._closed:
-                return None
-            if self._overflow:
-                self._resync()
-            self._arrived.clear()
-            await self._arrived.wait()
-        item = self.queue.popleft()
-        self._queued_bytes -= item.size
-        return item
-
-    def _resync(self) -> None:
-        """Every batch that did not fit was dropped; the queue is empty now: reconnect each
-        link so its parent replays from the first number not queued."""
-        self._overflow = False
-        for link in self.links:
-            self._stale[link] = link.sessions
-            link.reset("resync after the queue overflowed")
-        log.warning(
-            "batch subscriber fell behind its parents; resynchronising from seq %s",
-            self.accepted_next,
-        )
+    def _resume_point(self) -> str:
+        return f"seq {self.accepted_next}"
 
     # --- the links' side: called from their read loops, never blocking -------------------
     def _wants(self) -> list[Want]:
         return [Want(self.stream, from_position=self.accepted_next)]
-
-    def _drop(self, link: FeedLink | None, reason: str, detail: object = "") -> None:
-        self.dropped[reason] += 1
-        level = logging.WARNING if self.dropped[reason] == 1 else logging.DEBUG
-        where = "a range answer" if link is None else f"{link.name} ({link.url})"
-        log.log(level, "dropped a batch frame from %s: %s %s", where, reason, detail)
-
-    def _room(self) -> bool:
-        return not self.queue or (
-            len(self.queue) < self.queue_batches and self._queued_bytes < self.queue_bytes
-        )
 
     def _on_gap(self, link: FeedLink, stream: str, gap: Gap) -> None:
         log.info(
@@ -348,8 +251,7 @@ class BatchSubscription:
             gap.end - 1,
         )
         # In the queue's order: the consumer reads them before the replay that follows.
-        self.queue.append(_Queued(link, None, 0, 0, gap.end))
-        self._arrived.set()
+        self._enqueue(_Queued(link, None, 0, 0, gap.end))
 
     async def _fill_said(self, link: FeedLink, end: int) -> AsyncIterator[FeedBatch]:
         """Batches up to ``end`` that a parent said it no longer holds (a quiet stream
@@ -369,8 +271,7 @@ class BatchSubscription:
         """Check one frame from ``link`` and queue its batch, or count why not (a
         ``FeedLink`` callback; public so the checks can be driven without sockets)."""
         arrived_us = time.time_ns() // 1000
-        if self._overflow or self._stale.get(link) == link.sessions:
-            self.dropped["overflow"] += 1
+        if self._refused(link):
             return
         try:
             frame = self.check.frame(raw)
@@ -380,13 +281,7 @@ class BatchSubscription:
         if self.accepted_next is not None and frame.position < self.accepted_next:
             self.duplicates += 1  # taken already, from this parent or another
             return
-        if not self._room():
-            self._overflow = True
-            self.dropped["overflow"] += 1
-            log.warning(
-                "batch subscriber queue full (%d batches): dropping until it drains",
-                len(self.queue),
-            )
+        if self._full():
             return
         try:
             batch = self.check.open(frame)
@@ -396,10 +291,7 @@ class BatchSubscription:
         self.signers.add(batch.signer)
         # Past the next number: the consumer fetches the ones between before this one.
         self.accepted_next = batch.seq + 1
-        size = len(batch.payload)
-        self.queue.append(_Queued(link, batch, arrived_us, size))
-        self._queued_bytes += size
-        self._arrived.set()
+        self._enqueue(_Queued(link, batch, arrived_us, len(batch.payload)))
 
     # --- numbers no link sent, from range endpoints -----------------------------------------
     async def _fill(self, first: FeedLink, end: int) -> AsyncIterator[FeedBatch]:
@@ -463,9 +355,7 @@ class BatchSubscription:
     async def _get(self, url: str) -> bytes:
         """A range answer's body; ``ValueError`` for anything but a 200 within the size
         bound."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
-        async with asyncio.timeout(self.range_timeout), self._http.get(url) as resp:
+        async with asyncio.timeout(self.range_timeout), self._session().get(url) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}: {(await resp.content.read(300))!r}")
             raw = bytearray()

@@ -38,12 +38,10 @@ then every link reconnects and its parent replays from the first position not ye
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -52,7 +50,8 @@ import orjson
 
 from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import feed_url, rpc_url, signer_address
+from chainrelay.feedclient import FeedSubscription, rpc_url, signer_address
+from chainrelay.feedclient import feed_url as feed_url  # where it was first imported from
 from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
 from chainrelay.services.feedlink import FeedLink
 from chainrelay.wire.feedframe import (
@@ -114,9 +113,11 @@ def _tx_count(block: dict[str, Any]) -> int:
     return len(txs) if isinstance(txs, list) else 0
 
 
-class Subscription:
+class Subscription(FeedSubscription[FeedBlock, _Queued]):
     """Blocks of ``stream`` from the nodes at ``urls``; iterate it once (``async for``),
     close it with ``aclose()`` or ``async with``."""
+
+    unit = "blocks"
 
     def __init__(
         self,
@@ -141,47 +142,27 @@ class Subscription:
         backfill_timeout: float = BACKFILL_TIMEOUT,
         backfill_rounds: int = BACKFILL_ROUNDS,
     ) -> None:
-        url_list = [urls] if isinstance(urls, str) else list(urls)
-        if not url_list:
-            raise ConfigError("a subscription needs at least one node URL")
         if from_block is not None and from_block < 0:
             raise ConfigError(f"from_block must be >= 0: {from_block}")
-        self.stream = stream
+        super().__init__(
+            urls,
+            stream,
+            queue_items=queue_blocks,
+            queue_bytes=queue_bytes,
+            max_frame_bytes=max_frame_bytes,
+            connect_timeout=connect_timeout,
+            retry_delay=retry_delay,
+            retry_max=retry_max,
+            ping_interval=ping_interval,
+        )
         self.trust = frozenset(signer_address(a) for a in trust)
         self.backfill = backfill
         self.max_frame_bytes = max_frame_bytes
         self.max_payload_bytes = max_payload_bytes
         self.stale_positions = stale_positions
-        self.queue_blocks = queue_blocks
-        self.queue_bytes = queue_bytes
-        self.retry_delay = retry_delay
-        self.retry_max = retry_max
         self.backfill_timeout = backfill_timeout
         self.backfill_rounds = backfill_rounds
-        # Counters: frames dropped by reason, copies already had, blocks fetched over
-        # JSON-RPC, and every signer whose blocks were accepted (0x-addresses).
-        self.dropped: collections.Counter[str] = collections.Counter()
-        self.duplicates = 0
-        self.backfilled = 0
-        self.signers: set[str] = set()
-        self.links = [
-            FeedLink(
-                feed_url(u),
-                name=f"parent{i}",
-                wants=self._wants,
-                on_frame=self._on_frame,
-                on_gap=self._on_gap,
-                max_frame_bytes=max_frame_bytes,
-                connect_timeout=connect_timeout,
-                retry_delay=retry_delay,
-                retry_max=retry_max,
-                ping_interval=ping_interval,
-            )
-            for i, u in enumerate(url_list)
-        ]
-        self._queue: collections.deque[_Queued] = collections.deque()
-        self._queued_bytes = 0
-        self._arrived = asyncio.Event()
+        self.backfilled = 0  # blocks fetched over JSON-RPC
         self._seen = Dedup(dedup_entries)  # queued or delivered: later copies are dropped
         self._delivered = Dedup(dedup_entries)  # yielded, frames and backfilled blocks alike
         self._positions = Positions(from_block)
@@ -189,115 +170,38 @@ class Subscription:
         self._accepted_next = from_block  # first position after the last one queued
         self._last_identity: bytes | None = None  # the last frame queued, for resuming
         self._floor = from_block  # nothing below it is wanted (first block queued if None)
-        self._overflow = False
-        self._stale: dict[FeedLink, int] = {}  # link -> session whose frames are ignored
-        self._gen: AsyncGenerator[FeedBlock, None] | None = None
-        self._http: aiohttp.ClientSession | None = None
-        self._closed = False
 
     # --- the consumer side ----------------------------------------------------------------
-    def __aiter__(self) -> AsyncIterator[FeedBlock]:
-        if self._gen is not None or self._closed:
-            raise RuntimeError("a Subscription is iterated once")
-        self._gen = self._blocks()
-        return self._gen
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop every link and forget what is queued; safe to call more than once."""
-        self._closed = True
-        self._arrived.set()
-        gen, self._gen = self._gen, None
-        if gen is not None:
-            with contextlib.suppress(RuntimeError):  # closed from another task mid-step
-                await gen.aclose()
-        for link in self.links:
-            await link.stop()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        self._queue.clear()
-        self._queued_bytes = 0
-
-    async def _blocks(self) -> AsyncGenerator[FeedBlock, None]:
-        for link in self.links:
-            await link.start()
-        try:
-            while True:
-                item = await self._next()
-                if item is None:
-                    return
-                block = self._open(item)
-                if block is None:
-                    continue  # dropped and counted; its height is backfilled as a gap
-                if not self._delivered.add(bytes.fromhex(block.hash[2:])):
-                    self.duplicates += 1  # backfilled while this copy waited in the queue
-                    continue
-                gap = self._positions.gap_before(block.number)
-                if gap is not None and self.backfill:
-                    async for b in self._backfill(item.link, gap):
-                        yield b
-                if self._high is not None and block.number <= self._high:
-                    # Every height up to the highest delivered one is replaced after a
-                    # reorg, not only the first: next-expected alone would miss the rest.
-                    block = replace(block, reorg=True)
-                self._deliver(block.number)
-                yield block
-        finally:
-            for link in self.links:
-                await link.stop()
+    async def _hand_over(self, item: _Queued) -> AsyncIterator[FeedBlock]:
+        block = self._open(item)
+        if block is None:
+            return  # dropped and counted; its height is backfilled as a gap
+        if not self._delivered.add(bytes.fromhex(block.hash[2:])):
+            self.duplicates += 1  # backfilled while this copy waited in the queue
+            return
+        gap = self._positions.gap_before(block.number)
+        if gap is not None and self.backfill:
+            async for b in self._backfill(item.link, gap):
+                yield b
+        if self._high is not None and block.number <= self._high:
+            # Every height up to the highest delivered one is replaced after a
+            # reorg, not only the first: next-expected alone would miss the rest.
+            block = replace(block, reorg=True)
+        self._deliver(block.number)
+        yield block
 
     def _deliver(self, position: int) -> None:
         self._positions.delivered(position)
         if self._high is None or position > self._high:
             self._high = position
 
-    async def _next(self) -> _Queued | None:
-        """The next queued item; None once the subscription is closed."""
-        while not self._queue:
-            if self._closed:
-                return None
-            if self._overflow:
-                self._resync()
-            self._arrived.clear()
-            await self._arrived.wait()
-        item = self._queue.popleft()
-        self._queued_bytes -= item.size
-        return item
-
-    def _resync(self) -> None:
-        """Every frame that did not fit was dropped; the queue is empty now: reconnect each
-        link so its parent replays from the first position not queued."""
-        self._overflow = False
-        for link in self.links:
-            self._stale[link] = link.sessions
-            link.reset("resync after the queue overflowed")
-        log.warning("subscriber fell behind its parents; resynchronising from their backlogs")
+    def _resume_point(self) -> str:
+        return "their backlogs"
 
     # --- the links' side: called from their read loops, never blocking -------------------
     def _wants(self) -> list[Want]:
         after = self._last_identity if self._accepted_next is not None else None
         return [Want(self.stream, from_position=self._accepted_next, after=after)]
-
-    def _drop(self, link: FeedLink, reason: str, detail: object = "") -> None:
-        self.dropped[reason] += 1
-        level = logging.WARNING if self.dropped[reason] == 1 else logging.DEBUG
-        log.log(level, "dropped a frame from %s (%s): %s %s", link.name, link.url, reason, detail)
-
-    def _room(self) -> bool:
-        return not self._queue or (
-            len(self._queue) < self.queue_blocks and self._queued_bytes < self.queue_bytes
-        )
-
-    def _enqueue(self, item: _Queued) -> None:
-        self._queue.append(item)
-        self._queued_bytes += item.size
-        self._arrived.set()
 
     def _on_gap(self, link: FeedLink, stream: str, gap: Gap) -> None:
         # Only said, not signed: what is backfilled is what the next frame's signed position
@@ -310,10 +214,9 @@ class Subscription:
             gap.end - 1,
         )
 
-    def _on_frame(self, link: FeedLink, raw: bytes) -> None:
+    def on_frame(self, link: FeedLink, raw: bytes) -> None:
         arrived_us = time.time_ns() // 1000
-        if self._overflow or self._stale.get(link) == link.sessions:
-            self.dropped["overflow"] += 1
+        if self._refused(link):
             return
         try:
             frame = decode(raw, self.max_frame_bytes)
@@ -338,12 +241,7 @@ class Subscription:
             # took in late, never a block this subscriber lacks.
             self._drop(link, "stale", position)
             return
-        if not self._room():
-            self._overflow = True
-            self.dropped["overflow"] += 1
-            log.warning(
-                "subscriber queue full (%d blocks): dropping until it drains", len(self._queue)
-            )
+        if self._full():
             return
         try:
             origin = signer(frame)
@@ -430,8 +328,7 @@ class Subscription:
     async def _fetch_from(self, url: str, n: int) -> tuple[dict[str, Any], list[Any] | None]:
         """Block ``n`` with its transactions, and its receipts (None if the node has none),
         in one JSON-RPC batch. ``ValueError`` for an answer without the block."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
+        http = self._session()
         tag = hex(n)
         body = orjson.dumps(
             [
@@ -447,7 +344,7 @@ class Subscription:
         headers = {"Content-Type": "application/json"}
         async with (
             asyncio.timeout(self.backfill_timeout),
-            self._http.post(url, data=body, headers=headers) as resp,
+            http.post(url, data=body, headers=headers) as resp,
         ):
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
