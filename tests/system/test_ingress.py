@@ -37,6 +37,7 @@ from tests.lab.batches import (
     range_status,
     read_range,
 )
+from tests.lab.chain import metric
 from tests.lab.procs import Relay, fetch_metrics, until
 from tests.lab.timing import SECOND
 
@@ -78,6 +79,9 @@ CRASH_BATCHES = 10_000
 CRASH_SIZE = 2048
 CRASH_SEED = 20_261_126
 CRASH_KILLS = 3
+# Batches submitted ahead of the acknowledgements: well past the publisher's window, so the
+# node always has a pipeline full when it is killed.
+CRASH_LEAD = 2000
 
 
 async def test_ingress_sigkilled_three_times_during_10000_pushes_loses_nothing_acked(
@@ -90,46 +94,70 @@ async def test_ingress_sigkilled_three_times_during_10000_pushes_loses_nothing_a
         name="ingress",
     )
     rng = random.Random(CRASH_SEED)
-    # Kill points spread over the push, drawn apart so each restart has acks in between.
-    kill_at = sorted(rng.sample(range(500, CRASH_BATCHES - 500, 250), CRASH_KILLS))
+    # One kill point drawn in each third of the stream, CRASH_LEAD + 500 apart at least: a
+    # killed node can have acknowledged at most CRASH_LEAD more, so every kill falls on a
+    # node restarted and acknowledging, and batches are left for the last one.
+    third = CRASH_BATCHES // CRASH_KILLS
+    kill_at = [i * third + rng.randrange(250, third - CRASH_LEAD - 250) for i in range(CRASH_KILLS)]
     acks: list[Ack] = []
+    # At each kill: the highest seq acknowledged (every ack came from the live node, so that
+    # batch and all before it must survive) and how many batches were still unacknowledged.
+    acked_at_kill: list[int] = []
+    unacked_at_kill: list[int] = []
+    killed = asyncio.Event()
     acked = asyncio.Event()
+    up = [True]  # the node's process is running (not killed yet)
+    held: list[Publisher] = []
 
     def on_ack(fut: asyncio.Future[Ack]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            acks.append(fut.result())
-            acked.set()
-
-    # Every ack received before (or in the socket after) a SIGKILL was sent by the live
-    # node: the batch and everything before it must survive the kill.
-    acked_at_kill: list[int] = []
-
-    async def killer() -> None:
-        for k in kill_at:
-            while len(acks) < k:
-                acked.clear()
-                await acked.wait()
-            await kill(node)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        acks.append(fut.result())
+        acked.set()
+        i = len(acked_at_kill)
+        if i < len(kill_at) and len(acks) >= kill_at[i] and up[0]:
+            # Killed right here, in the kth ack's callback: not after whatever else the
+            # publisher read meanwhile.
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGKILL)
+            up[0] = False
             acked_at_kill.append(max(a.seq for a in acks))
+            unacked_at_kill.append(held[0].unacked)
+            killed.set()
+
+    async def restarter() -> None:
+        for _ in kill_at:
+            await killed.wait()
+            killed.clear()
+            assert node.proc is not None
+            await asyncio.to_thread(node.proc.wait)
             await restart(node)
+            up[0] = True
 
     t0 = time.monotonic()
     async with Publisher(
         node.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN_ID, api_key=API_KEY,
         retry_delay=0.02, retry_max=0.2,
     ) as pub:  # fmt: skip
-        killing = asyncio.create_task(killer())
+        held.append(pub)
+        restarting = asyncio.create_task(restarter())
         futures = []
         async with asyncio.timeout(80 * SECOND):
             for seq in range(CRASH_BATCHES):
+                while seq - len(acks) >= CRASH_LEAD:
+                    acked.clear()
+                    await acked.wait()
                 payload = generated_payload(CRASH_SEED, seq, CRASH_SIZE)
                 await pub.room(len(payload))
                 fut = pub.submit(seq, payload)
                 fut.add_done_callback(on_ack)
                 futures.append(fut)
             await asyncio.gather(*futures)
-            await killing
-        assert sum(n.sessions for n in pub.nodes) == CRASH_KILLS + 1
+            await restarting
+            # One session per process (the last may open after the last ack).
+            await until(
+                lambda: pub.nodes[0].sessions >= CRASH_KILLS + 1, HOP_TIMEOUT, "a reconnect"
+            )
     seconds = time.monotonic() - t0
 
     assert sorted(a.seq for a in acks) == list(range(CRASH_BATCHES))
@@ -144,7 +172,11 @@ async def test_ingress_sigkilled_three_times_during_10000_pushes_loses_nothing_a
     assert await range_status(node, CRASH_BATCHES) == (200, [])  # nothing after the last
     counts = await pushes(node)  # this process's: since the last restart
     assert counts.get("conflict", 0) == counts.get("gap", 0) == 0, counts
-    print(f"10,000 x 2 KB with {CRASH_KILLS} kills at {kill_at} acks: {seconds:.1f} s")
+    print(f"{CRASH_BATCHES} x 2 KB, kills after {kill_at} acks: {seconds:.1f} s;")
+    print(f"  highest acked at each kill {acked_at_kill}, restored next {starts[1:]}")
+    print(f"  unacknowledged at each kill {unacked_at_kill}")
+    # The kills fell mid-stream: the publisher had batches to resend.
+    assert sum(unacked_at_kill) > 0, unacked_at_kill
 
 
 # --- 2. refusals ------------------------------------------------------------------------------
@@ -319,8 +351,7 @@ RELAY_ACK_TIMEOUT = 1.0  # seconds: the ingress's [batches] relay_ack_timeout he
 
 
 async def children(node: Relay) -> float:
-    samples = await fetch_metrics(node.url)
-    return samples.get(f'chainrelay_feed_children{{stream="{STREAM}"}}', 0.0)
+    return metric(await fetch_metrics(node.url), "chainrelay_feed_children", stream=STREAM)
 
 
 async def test_acks_wait_for_k_relays_and_more_than_exist_time_out_durable(
@@ -445,6 +476,9 @@ async def test_two_ingress_nodes_feed_a_relay_every_batch_once_one_killed_mid_st
     assert acked == TWO_BATCHES
     check_batches(got, 0, TWO_BATCHES)
     assert sub.duplicates == 0 and not sub.dropped, (sub.duplicates, sub.dropped)
+    # Both parents sent the batches before the kill: the relay dropped the second copies.
+    samples = await fetch_metrics(relay.url)
+    assert metric(samples, "chainrelay_feed_frames_total", stream=STREAM, outcome="duplicate")
 
 
 # --- 5. confirmed -----------------------------------------------------------------------------
