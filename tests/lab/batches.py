@@ -1,6 +1,7 @@
-"""Batch-stream nodes for system tests: the ``[batches]`` TOML of an ingress node or a
-relay (passed as ``relay_factory``'s extra text), what a node's range endpoint holds read
-back and checked end to end, and its push counters.
+"""Batch-stream nodes for system tests: the lab's sequencer and its batches, the
+``[batches]`` TOML of an ingress node or a relay (passed as ``relay_factory``'s extra
+text), what a node's range endpoint holds read back and checked end to end, what a
+subscription yields read and checked, and a node's push counters.
 
     ingress = await relay_factory([anvil.ws_url], batches_toml(SEQ, log=tmp / "a.sqlite",
                                                                api_keys=[KEY]), name="a")
@@ -10,19 +11,45 @@ back and checked end to end, and its push counters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
 
+from chainrelay.batchsubscriber import FeedBatch
+from chainrelay.publisher import generated_payload
 from chainrelay.wire.batchframe import decode_range, open_frame
-from chainrelay.wire.feedframe import decode
+from chainrelay.wire.feedframe import Signer, decode, keccak
 from tests.lab.procs import Relay, fetch_metrics
+from tests.lab.timing import SECOND
 
 STREAM = "arbitrum/batches"
 CHAIN_ID = 42161  # anvil_factory(chain_id=CHAIN_ID): Arbitrum One's
 # Larger than any frame a lab node sends (payload limit 1 MiB, plus the frame's header).
 MAX_FRAME = 2 * 1024 * 1024
+# The lab's sequencer: the stream's one signer, pushing with the ingress's API key.
+SEQUENCER_KEY = keccak(b"lab batch sequencer")
+SEQUENCER_HEX = "0x" + Signer(SEQUENCER_KEY).address.hex()
+API_KEY = "lab-sequencer-key"
+# Batches cross node processes and may be read through range requests that climb to an
+# ingress: seconds on a loaded two-core machine, not milliseconds.
+READ_TIMEOUT = 30 * SECOND
+
+
+def payload_of(seq: int, size: int = 1024) -> bytes:
+    """Batch ``seq`` of the lab's stream: ``size`` bytes that differ per batch and that lz4
+    cannot shrink, like a compressed batch."""
+    return generated_payload(2, seq, size)
+
+
+def streams_toml(sequencer: str = SEQUENCER_HEX) -> str:
+    """``[[batches.streams]]``: ``STREAM`` of ``CHAIN_ID``, signed by ``sequencer``; to
+    append to a node's TOML that has no other ``[batches]`` keys."""
+    return (
+        f'\n[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN_ID}\n'
+        f'sequencers = ["{sequencer}"]\n'
+    )
 
 
 def batches_toml(
@@ -55,14 +82,7 @@ def batches_toml(
         lines.append("api_keys = [" + ", ".join(f'"{k}"' for k in api_keys) + "]")
     if settings:
         lines.append(settings)
-    lines += [
-        "",
-        "[[batches.streams]]",
-        f'name = "{STREAM}"',
-        f"chain_id = {CHAIN_ID}",
-        f'sequencers = ["{sequencer}"]',
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + streams_toml(sequencer)
 
 
 async def range_status(node: Relay, start: int, limit: int = 1) -> tuple[int, list[bytes]]:
@@ -103,3 +123,25 @@ async def pushes(node: Relay) -> dict[str, float]:
             outcome = key.split('outcome="', 1)[1].split('"', 1)[0]
             out[outcome] = out.get(outcome, 0.0) + value
     return out
+
+
+async def read_batches(batches: AsyncIterator[FeedBatch], count: int) -> list[FeedBatch]:
+    """The next ``count`` batches of a subscription's iterator (taken once: ``aiter``),
+    within ``READ_TIMEOUT``."""
+    got: list[FeedBatch] = []
+    async with asyncio.timeout(READ_TIMEOUT):
+        async for b in batches:
+            got.append(b)
+            if len(got) == count:
+                break
+    return got
+
+
+def check_batches(got: list[FeedBatch], first: int, sequencer: str = SEQUENCER_HEX) -> None:
+    """``got`` is batches ``first, first+1, ...`` as ``payload_of`` made them, signed by
+    ``sequencer``, with a latency exactly when sent down a link."""
+    assert [b.seq for b in got] == list(range(first, first + len(got)))
+    for b in got:
+        assert b.payload == payload_of(b.seq), f"batch {b.seq}"
+        assert b.signer == sequencer
+        assert (b.latency_ms is None) == b.fetched

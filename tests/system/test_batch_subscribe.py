@@ -15,7 +15,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +24,23 @@ import pytest
 
 from chainrelay.batchsubscriber import BatchSubscription, FeedBatch
 from chainrelay.publisher import Publisher
-from chainrelay.wire.feedframe import Signer, keccak
+from chainrelay.wire.feedframe import keccak
+from tests.lab.batches import (
+    API_KEY,
+    CHAIN_ID,
+    READ_TIMEOUT,
+    SEQUENCER_HEX,
+    SEQUENCER_KEY,
+    STREAM,
+    batches_toml,
+    check_batches,
+    payload_of,
+    read_batches,
+)
 from tests.lab.procs import ROOT, Procs, Relay, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
-
-STREAM = "arbitrum/batches"
-CHAIN = 42161
-SEQUENCER_KEY = keccak(b"batch subscribe sequencer")
-SEQUENCER = Signer(SEQUENCER_KEY)
-SEQUENCER_HEX = "0x" + SEQUENCER.address.hex()
-API_KEY = "lab-sequencer-key"
-# Batches pass two node processes and may be read through a range endpoint that climbs
-# to the ingress: seconds, not milliseconds.
-READ_TIMEOUT = 30 * SECOND
-
-
-def payload_of(seq: int) -> bytes:
-    """~1 KB that differs per batch and that lz4 cannot shrink, like a compressed batch."""
-    return b"".join(keccak(b"lab batch %d/%d" % (seq, i)) for i in range(32))
 
 
 async def push_batches(ingress: Relay, first: int, count: int) -> None:
@@ -52,7 +49,7 @@ async def push_batches(ingress: Relay, first: int, count: int) -> None:
     async with (
         asyncio.timeout(READ_TIMEOUT),
         Publisher(
-            ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN, api_key=API_KEY
+            ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN_ID, api_key=API_KEY
         ) as pub,
     ):
         acks = []
@@ -67,25 +64,27 @@ async def start_pair(
     relay_factory: Callable[..., Awaitable[Relay]],
     tmp_path: Path,
     relay_backlog: int,
+    pushed: int = 0,
 ) -> tuple[Relay, Relay]:
     """An ingress node and a relay whose parent it is, the relay holding the last
-    ``relay_backlog`` batches."""
-    node = await anvil_factory(chain_id=CHAIN, block_time=1.0)
-    stream = (
-        f'[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN}\n'
-        f'sequencers = ["{SEQUENCER_HEX}"]\n'
-    )
+    ``relay_backlog`` batches; batches ``0 .. pushed-1`` pushed and on the relay's feed."""
+    node = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
     ingress = await relay_factory(
         [node.url],
-        f'[batches]\nlog = "{tmp_path / "ingress.sqlite"}"\napi_keys = ["{API_KEY}"]\n\n{stream}',
+        batches_toml(SEQUENCER_HEX, log=tmp_path / "ingress.sqlite", api_keys=[API_KEY]),
         name="ingress",
     )
     relay = await relay_factory(
         [node.url],
-        f'[tree]\n\n[[tree.parents]]\nname = "ingress"\nurl = "{ingress.ws_url}/feed"\n\n'
-        f"[batches]\nbacklog_frames = {relay_backlog}\n\n{stream}",
+        batches_toml(
+            SEQUENCER_HEX, parents=[ingress], settings=f"backlog_frames = {relay_backlog}"
+        ),
         name="relay",
     )
+    if pushed:
+        await push_batches(ingress, 0, pushed)
+        last = pushed - 1
+        await until(lambda: relay_holds(relay, last), READ_TIMEOUT, f"the relay to hold {last}")
     return ingress, relay
 
 
@@ -103,49 +102,30 @@ async def relay_holds(relay: Relay, seq: int) -> bool:
     return False
 
 
-async def read(batches: AsyncIterator[FeedBatch], count: int) -> list[FeedBatch]:
-    """The next ``count`` batches of a subscription's iterator (taken once: ``aiter``)."""
-    got: list[FeedBatch] = []
-    async with asyncio.timeout(READ_TIMEOUT):
-        async for b in batches:
-            got.append(b)
-            if len(got) == count:
-                break
-    return got
-
-
-def check(got: list[FeedBatch], first: int) -> None:
-    assert [b.seq for b in got] == list(range(first, first + len(got)))
-    for b in got:
-        assert b.payload == payload_of(b.seq), f"batch {b.seq}"
-        assert b.signer == SEQUENCER_HEX
-        assert (b.latency_ms is None) == b.fetched
-
-
 async def test_from_zero_past_the_relays_backlog_every_batch_in_order_then_live(
     anvil_factory: Callable[..., Awaitable[Any]],
     relay_factory: Callable[..., Awaitable[Relay]],
     tmp_path: Path,
 ) -> None:
-    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
-    await push_batches(ingress, 0, 3000)
-    await until(lambda: relay_holds(relay, 2999), READ_TIMEOUT, "the relay to hold batch 2999")
+    ingress, relay = await start_pair(
+        anvil_factory, relay_factory, tmp_path, relay_backlog=500, pushed=3000
+    )
     sub = BatchSubscription(
-        f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX], chain_id=CHAIN
+        f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX], chain_id=CHAIN_ID
     )
     try:
         batches = aiter(sub)
-        got = await read(batches, 3000)
-        check(got, 0)
+        got = await read_batches(batches, 3000)
+        check_batches(got, 0)
         fetched = [b.seq for b in got if b.fetched]
         # The relay holds 500: everything older came from the ingress's durable log,
         # through the relay's range endpoint; nothing after the first frame is fetched.
         assert len(fetched) >= 2500 and fetched == list(range(len(fetched)))
         assert sub.fetched == len(fetched)
-        live = asyncio.ensure_future(read(batches, 200))
+        live = asyncio.ensure_future(read_batches(batches, 200))
         await push_batches(ingress, 3000, 200)
         later = await live
-        check(later, 3000)
+        check_batches(later, 3000)
         assert not any(b.fetched for b in later)
         assert not sub.dropped, sub.dropped
     finally:
@@ -159,11 +139,11 @@ async def test_from_zero_after_a_confirmation_trimmed_the_backlog_on_a_quiet_str
 ) -> None:
     """The relay's backlog holds only the confirmed batch and nothing new comes: every
     batch before it comes through the range endpoint (from the ingress's durable log)."""
-    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
-    await push_batches(ingress, 0, 300)
-    await until(lambda: relay_holds(relay, 299), READ_TIMEOUT, "the relay to hold batch 299")
+    ingress, relay = await start_pair(
+        anvil_factory, relay_factory, tmp_path, relay_backlog=500, pushed=300
+    )
     async with Publisher(
-        ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN, api_key=API_KEY
+        ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN_ID, api_key=API_KEY
     ) as pub:
         await pub.confirm(299)
 
@@ -174,8 +154,8 @@ async def test_from_zero_after_a_confirmation_trimmed_the_backlog_on_a_quiet_str
     await until(trimmed, READ_TIMEOUT, "the relay to take the confirmation")
     sub = BatchSubscription(f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX])
     try:
-        got = await read(aiter(sub), 300)
-        check(got, 0)
+        got = await read_batches(aiter(sub), 300)
+        check_batches(got, 0)
         assert [b.seq for b in got if b.fetched] == list(range(299))
     finally:
         await sub.aclose()
@@ -186,9 +166,9 @@ async def test_a_subscriber_started_again_at_any_seq_resumes_without_gap_or_dupl
     relay_factory: Callable[..., Awaitable[Relay]],
     tmp_path: Path,
 ) -> None:
-    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
-    await push_batches(ingress, 0, 1500)
-    await until(lambda: relay_holds(relay, 1499), READ_TIMEOUT, "the relay to hold batch 1499")
+    _, relay = await start_pair(
+        anvil_factory, relay_factory, tmp_path, relay_backlog=500, pushed=1500
+    )
     taken: list[FeedBatch] = []
     # Restart points inside the durable log only, across the backlog's edge, and inside it.
     for stop in (400, 999, 1001, 1300, 1499):
@@ -197,10 +177,10 @@ async def test_a_subscriber_started_again_at_any_seq_resumes_without_gap_or_dupl
             f"{relay.ws_url}/feed", STREAM, from_seq=start, trust=[SEQUENCER_HEX]
         )
         try:
-            taken += await read(aiter(sub), stop - start + 1)
+            taken += await read_batches(aiter(sub), stop - start + 1)
         finally:
             await sub.aclose()
-    check(taken, 0)
+    check_batches(taken, 0)
     assert taken[-1].seq == 1499
 
 
@@ -210,9 +190,9 @@ async def test_cli_prints_one_json_line_per_batch(
     procs: Procs,
     tmp_path: Path,
 ) -> None:
-    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=100)
-    await push_batches(ingress, 0, 300)
-    await until(lambda: relay_holds(relay, 299), READ_TIMEOUT, "the relay to hold batch 299")
+    _, relay = await start_pair(
+        anvil_factory, relay_factory, tmp_path, relay_backlog=100, pushed=300
+    )
     cmd = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "subscribe"]
     cmd += [f"{relay.ws_url}/feed", "--stream", STREAM, "--from", "150"]
     cmd += ["--trust", SEQUENCER_HEX, "--count", "150", "--max-seconds", str(READ_TIMEOUT)]
@@ -237,19 +217,19 @@ async def test_a_consumer_behind_its_queue_is_resynchronised_and_misses_nothing(
     relay_factory: Callable[..., Awaitable[Relay]],
     tmp_path: Path,
 ) -> None:
-    ingress, relay = await start_pair(anvil_factory, relay_factory, tmp_path, relay_backlog=500)
-    await push_batches(ingress, 0, 3000)
-    await until(lambda: relay_holds(relay, 2999), READ_TIMEOUT, "the relay to hold batch 2999")
+    _, relay = await start_pair(
+        anvil_factory, relay_factory, tmp_path, relay_backlog=500, pushed=3000
+    )
     # While the consumer reads 0..2499 through the range endpoint, the relay replays its 500
     # over the link: a queue of 64 overflows, and the link resumes after the 64 it holds.
     sub = BatchSubscription(
         f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX], queue_batches=64
     )
     try:
-        got = await read(aiter(sub), 3000)
+        got = await read_batches(aiter(sub), 3000)
     finally:
         await sub.aclose()
-    check(got, 0)
+    check_batches(got, 0)
     assert sub.dropped["overflow"] > 0 and set(sub.dropped) == {"overflow"}
     assert sub.links[0].sessions >= 2  # resynchronised: a second session from its position
 
@@ -269,13 +249,13 @@ async def test_a_parent_killed_mid_stream_costs_no_batch(
     batches = aiter(sub)
     pushing = asyncio.ensure_future(push_batches(ingress, 0, 2000))
     try:
-        got = await read(batches, 500)
+        got = await read_batches(batches, 500)
         assert relay.proc is not None
         os.kill(relay.proc.pid, signal.SIGKILL)
-        got += await read(batches, 1500)
+        got += await read_batches(batches, 1500)
         await pushing
     finally:
         pushing.cancel()
         await sub.aclose()
-    check(got, 0)
+    check_batches(got, 0)
     assert sub.duplicates > 0  # both parents sent batches: the second copies were dropped
