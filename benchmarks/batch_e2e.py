@@ -55,10 +55,21 @@ sys.path.insert(0, str(common.ROOT))
 from chainrelay.batchsubscriber import BatchSubscription
 from chainrelay.publisher import Publisher
 from chainrelay.wire.feedframe import Signer, keccak
+from tests.lab.batches import payload_of
 from tests.lab.chain import metric
 from tests.lab.netns import Region, RegionLab, unavailable
 from tests.lab.procs import Procs, until
-from tests.lab.tree import NODE_PORT, Subscriber, Tree, TreeNode
+from tests.lab.tree import (
+    NODE_PORT,
+    RTT_B_LEAF,
+    RTT_C_LEAF,
+    RTT_INGRESS_B,
+    RTT_INGRESS_C,
+    Subscriber,
+    Tree,
+    TreeNode,
+    batch_tree,
+)
 
 BUDGET_SECONDS = 420
 STREAM = "arbitrum/batches"
@@ -67,14 +78,10 @@ SEQUENCER_KEY = keccak(b"batch e2e sequencer")
 SEQUENCER_HEX = "0x" + Signer(SEQUENCER_KEY).address.hex()
 API_KEY = "bench-e2e-sequencer-key"
 LEAVES = 4
-# Round trips, ms (as in tests/system/test_batch_tree.py).
-RTT_INGRESS_B, RTT_INGRESS_C = 40.0, 60.0
-RTT_B_LEAF, RTT_C_LEAF = 20.0, 40.0
 # The first copy's path: ingress -> relay b -> leaf, one way.
 PATH_ONE_WAY_MS = [RTT_INGRESS_B / 2, RTT_B_LEAF / 2]
 # The direct subscriber's one link has the whole path's one-way delay.
 RTT_DIRECT = 2 * sum(PATH_ONE_WAY_MS)
-TREE_EXTRA = {"probe_interval": 1.0, "retry_delay": 0.1, "retry_max": 1.0, "ping_interval": 1.0}
 # Batches pushed (at the run's rate) before the measured rounds: links up, caches warm.
 WARMUP_BATCHES = 200
 NODE_READY_SECONDS = 60.0
@@ -82,16 +89,6 @@ NODE_READY_SECONDS = 60.0
 DRAIN_SECONDS = 60.0
 # A follower stops by itself after this long, even if nobody stops it.
 FOLLOW_MAX_SECONDS = BUDGET_SECONDS
-
-
-def payload_of(seq: int, size: int) -> bytes:
-    """``size`` bytes lz4 cannot shrink (like a compressed batch), different per batch."""
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += keccak(b"e2e %d/%d" % (seq, i))
-        i += 1
-    return bytes(out[:size])
 
 
 # --- the follower (runs inside a leaf's namespace) ---------------------------------------------
@@ -113,13 +110,6 @@ async def follow(url: str, max_seconds: float) -> None:
 
 
 # --- the tree ----------------------------------------------------------------------------------
-def streams_toml() -> str:
-    return (
-        f'\n[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN}\n'
-        f'sequencers = ["{SEQUENCER_HEX}"]\n'
-    )
-
-
 def spawn_follower(tree: Tree, place: Region, url: str, name: str) -> Subscriber:
     """This script with ``--follow`` inside namespace ``place``; stopped by ``tree.close``."""
     err_path = tree.tmp / f"{name}.err"
@@ -228,28 +218,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Measured], int]
     procs = Procs()
     try:
         with RegionLab(procs) as lab, Tree(lab, tmp) as tree:
-            await tree.chain("a", chain_id=CHAIN)
-            ingress = tree.ingress(
-                "ingress",
-                "a",
-                f'[batches]\nlog = "{tmp / "ingress.sqlite"}"\napi_keys = ["{API_KEY}"]\n'
-                + streams_toml(),
+            ingress, _, leaves = await batch_tree(
+                tree,
+                sequencer=SEQUENCER_HEX,
+                api_key=API_KEY,
+                leaves=LEAVES,
+                timeout=NODE_READY_SECONDS,
             )
-            b = tree.node("relayb", "b", trust=(), tree_extra=TREE_EXTRA)
-            c = tree.node("relayc", "c", trust=(), tree_extra=TREE_EXTRA)
-            tree.parent(b, ingress, RTT_INGRESS_B)
-            tree.parent(c, ingress, RTT_INGRESS_C)
-            leaves = []
-            for i in range(1, LEAVES + 1):
-                leaf = tree.node(f"leaf{i}", f"l{i}", trust=(), tree_extra=TREE_EXTRA)
-                tree.parent(leaf, b, RTT_B_LEAF)
-                tree.parent(leaf, c, RTT_C_LEAF)
-                leaves.append(leaf)
-            for node in (b, c, *leaves):
-                node.text += streams_toml()
-            await tree.start(ingress, timeout=NODE_READY_SECONDS)
-            await tree.start(b, c, timeout=NODE_READY_SECONDS)
-            await tree.start(*leaves, timeout=NODE_READY_SECONDS)
             # The direct subscriber: a namespace of its own, one link straight to the ingress.
             direct_place = lab.add_region("direct")
             host, port = lab.link(direct_place, ingress.place, NODE_PORT, RTT_DIRECT)

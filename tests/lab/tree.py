@@ -47,6 +47,7 @@ import orjson
 from eth_account import Account
 
 from chainrelay.devnet import find_anvil
+from tests.lab.batches import CHAIN_ID, batches_toml, streams_toml
 from tests.lab.netns import Region, RegionLab
 from tests.lab.procs import fetch_metrics, until
 from tests.lab.timing import SECOND
@@ -393,3 +394,50 @@ class Tree:
         sub = Subscriber(proc, name, self.tmp / f"{name}.jsonl", err_path)
         self.subscribers.append(sub)
         return sub
+
+
+# --- the batch region tree ----------------------------------------------------------------------
+# Round trips, ms: relay b sits nearer the ingress and the leaves than relay c, so b is most
+# leaves' first copy, the one a kill takes away.
+RTT_INGRESS_B, RTT_INGRESS_C = 40.0, 60.0
+RTT_B_LEAF, RTT_C_LEAF = 20.0, 40.0
+# Probes and reconnects quick enough for a short run.
+BATCH_TREE_EXTRA = {
+    "probe_interval": 1.0,
+    "retry_delay": 0.1,
+    "retry_max": 1.0,
+    "ping_interval": 1.0,
+}
+
+
+async def batch_tree(
+    tree: Tree, *, sequencer: str, api_key: str, leaves: int, timeout: float
+) -> tuple[TreeNode, list[TreeNode], list[TreeNode]]:
+    """Start a batch stream's region tree, the one ``tests/system/test_batch_tree.py`` checks
+    and ``benchmarks/batch_e2e.py`` times: an ingress beside anvil (region a, its log in
+    ``tree.tmp``, pushed to with ``api_key``), relays b and c as its children, and
+    ``leaves`` leaves with both relays as parents; (ingress, [b, c], leaves). The stream is
+    signed by ``sequencer``; no node needs a ``[tree] trust`` (every batch is checked
+    against the stream's sequencers)."""
+    await tree.chain("a", chain_id=CHAIN_ID)
+    ingress = tree.ingress(
+        "ingress",
+        "a",
+        batches_toml(sequencer, log=tree.tmp / "ingress.sqlite", api_keys=[api_key]),
+    )
+    b = tree.node("relayb", "b", trust=(), tree_extra=BATCH_TREE_EXTRA)
+    c = tree.node("relayc", "c", trust=(), tree_extra=BATCH_TREE_EXTRA)
+    tree.parent(b, ingress, RTT_INGRESS_B)
+    tree.parent(c, ingress, RTT_INGRESS_C)
+    leaf_nodes = []
+    for i in range(1, leaves + 1):
+        leaf = tree.node(f"leaf{i}", f"l{i}", trust=(), tree_extra=BATCH_TREE_EXTRA)
+        tree.parent(leaf, b, RTT_B_LEAF)
+        tree.parent(leaf, c, RTT_C_LEAF)
+        leaf_nodes.append(leaf)
+    for node in (b, c, *leaf_nodes):
+        node.text += streams_toml(sequencer)
+    await tree.start(ingress, timeout=timeout)
+    await tree.start(b, c, timeout=timeout)
+    await tree.start(*leaf_nodes, timeout=timeout)
+    return ingress, [b, c], leaf_nodes

@@ -24,34 +24,23 @@ from pathlib import Path
 import pytest
 
 from chainrelay.publisher import Publisher
-from chainrelay.wire.feedframe import Signer, keccak
+from chainrelay.wire.feedframe import keccak
+from tests.lab.batches import API_KEY, CHAIN_ID, SEQUENCER_HEX, SEQUENCER_KEY, STREAM, payload_of
 from tests.lab.chain import metric
 from tests.lab.netns import RegionLab, unavailable
 from tests.lab.procs import Procs, until
 from tests.lab.timing import SECOND
-from tests.lab.tree import NODE_PORT, Subscriber, Tree, TreeNode
+from tests.lab.tree import NODE_PORT, Subscriber, Tree, TreeNode, batch_tree
 
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
 ]
 
-STREAM = "arbitrum/batches"
-CHAIN = 42161
-SEQUENCER_KEY = keccak(b"batch tree sequencer")
-SEQUENCER = Signer(SEQUENCER_KEY)
-SEQUENCER_HEX = "0x" + SEQUENCER.address.hex()
-API_KEY = "lab-tree-sequencer"
 BATCHES = 2000
 # A steady 200 batches/s: 10 s of pushing, long enough to kill a relay in the middle.
 RATE = 200.0
 LEAVES = 4
-# Round trips, ms: relay b sits nearer the ingress and the leaves than relay c, so b is
-# most leaves' first copy, the one a kill takes away.
-RTT_INGRESS_B, RTT_INGRESS_C = 40.0, 60.0
-RTT_B_LEAF, RTT_C_LEAF = 20.0, 40.0
-# Probes and reconnects quick enough for a short run.
-TREE_EXTRA = {"probe_interval": 1.0, "retry_delay": 0.1, "retry_max": 1.0, "ping_interval": 1.0}
 # 2,000 batches at 200/s take 10 s; every subscriber has them a few link delays later.
 # Nodes and subscribers share two cores with the delay links: generous.
 DELIVERY_TIMEOUT = 60 * SECOND
@@ -59,42 +48,11 @@ DELIVERY_TIMEOUT = 60 * SECOND
 START_TIMEOUT = 60 * SECOND
 
 
-def payload_of(seq: int) -> bytes:
-    """~1 KB that differs per batch and that lz4 cannot shrink, like a compressed batch."""
-    return b"".join(keccak(b"tree batch %d/%d" % (seq, i)) for i in range(32))
-
-
-def streams_toml() -> str:
-    return (
-        f'\n[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN}\n'
-        f'sequencers = ["{SEQUENCER_HEX}"]\n'
-    )
-
-
-async def build(tree: Tree, tmp: Path) -> tuple[TreeNode, list[TreeNode], list[TreeNode]]:
+async def build(tree: Tree) -> tuple[TreeNode, list[TreeNode], list[TreeNode]]:
     """Start the ingress, the two regional relays and the leaves; (ingress, relays, leaves)."""
-    await tree.chain("a", chain_id=CHAIN)
-    ingress = tree.ingress(
-        "ingress",
-        "a",
-        f'[batches]\nlog = "{tmp / "ingress.sqlite"}"\napi_keys = ["{API_KEY}"]\n' + streams_toml(),
+    return await batch_tree(
+        tree, sequencer=SEQUENCER_HEX, api_key=API_KEY, leaves=LEAVES, timeout=START_TIMEOUT
     )
-    b = tree.node("relayb", "b", trust=(), tree_extra=TREE_EXTRA)
-    c = tree.node("relayc", "c", trust=(), tree_extra=TREE_EXTRA)
-    tree.parent(b, ingress, RTT_INGRESS_B)
-    tree.parent(c, ingress, RTT_INGRESS_C)
-    leaves = []
-    for i in range(1, LEAVES + 1):
-        leaf = tree.node(f"leaf{i}", f"l{i}", trust=(), tree_extra=TREE_EXTRA)
-        tree.parent(leaf, b, RTT_B_LEAF)
-        tree.parent(leaf, c, RTT_C_LEAF)
-        leaves.append(leaf)
-    for node in (b, c, *leaves):
-        node.text += streams_toml()
-    await tree.start(ingress, timeout=START_TIMEOUT)
-    await tree.start(b, c, timeout=START_TIMEOUT)
-    await tree.start(*leaves, timeout=START_TIMEOUT)
-    return ingress, [b, c], leaves
 
 
 async def linked_to_both(leaf: TreeNode) -> bool:
@@ -107,7 +65,7 @@ async def push_steady(ingress: TreeNode, count: int, rate: float) -> None:
     url = ingress.place.url(NODE_PORT, scheme="ws")
     loop = asyncio.get_running_loop()
     async with Publisher(
-        url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN, api_key=API_KEY
+        url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN_ID, api_key=API_KEY
     ) as pub:
         acks = []
         start = loop.time()
@@ -148,7 +106,7 @@ async def subscribe_all(tree: Tree, leaves: list[TreeNode]) -> list[Subscriber]:
 
 async def test_every_subscriber_gets_every_batch_in_order(procs: Procs, tmp_path: Path) -> None:
     with RegionLab(procs) as lab, Tree(lab, tmp_path) as tree:
-        ingress, _, leaves = await build(tree, tmp_path)
+        ingress, _, leaves = await build(tree)
         for leaf in leaves:
             await until(lambda leaf=leaf: linked_to_both(leaf), START_TIMEOUT, "two parents")
         subs = await subscribe_all(tree, leaves)
@@ -168,7 +126,7 @@ async def test_a_regional_relay_killed_mid_stream_costs_no_subscriber_a_batch(
     procs: Procs, tmp_path: Path
 ) -> None:
     with RegionLab(procs) as lab, Tree(lab, tmp_path) as tree:
-        ingress, (b, _), leaves = await build(tree, tmp_path)
+        ingress, (b, _), leaves = await build(tree)
         for leaf in leaves:
             await until(lambda leaf=leaf: linked_to_both(leaf), START_TIMEOUT, "two parents")
         subs = await subscribe_all(tree, leaves)
