@@ -37,7 +37,7 @@ API_KEY = "lab-sequencer-key"
 READ_TIMEOUT = 30 * SECOND
 
 
-def payload_of(seq: int, size: int = 1024) -> bytes:
+def payload_of(seq: int, size: int = 1000) -> bytes:
     """Batch ``seq`` of the lab's stream: ``size`` bytes that differ per batch and that lz4
     cannot shrink, like a compressed batch."""
     return generated_payload(2, seq, size)
