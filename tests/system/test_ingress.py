@@ -466,6 +466,9 @@ async def test_two_ingress_nodes_feed_a_relay_every_batch_once_one_killed_mid_st
     # Both parents sent the batches before the kill: the relay dropped the second copies.
     samples = await fetch_metrics(relay.url)
     assert metric(samples, "chainrelay_feed_frames_total", stream=STREAM, outcome="duplicate")
+    # The survivor took every batch into its own durable log.
+    got_b = await read_range(b, SEQUENCER_HEX, 0, TWO_BATCHES)
+    assert got_b == {s: payload_of(s) for s in range(TWO_BATCHES)}
 
 
 # --- 5. confirmed -----------------------------------------------------------------------------
