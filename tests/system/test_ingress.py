@@ -396,16 +396,30 @@ async def test_acks_wait_for_k_relays_and_more_than_exist_time_out_durable(
         waited = time.monotonic() - t0
     assert refused.value.code == -32046 and refused.value.data == {"durable": True}
     assert waited >= 0.9 * RELAY_ACK_TIMEOUT
+
+    # One relay gone: two no longer hold the next batch; back, they do again.
+    await kill(relays[1])
+    await until(lambda: _equals(children(ingress), 1), HOP_TIMEOUT, "relay1 gone")
+    async with publisher(2) as pub:
+        with pytest.raises(PublishRefused) as refused:
+            await asyncio.wait_for(pub.push(52, payload_of(52)), HOP_TIMEOUT)
+    assert refused.value.code == -32046
+    await restart(relays[1])
+    await until(lambda: _equals(children(ingress), 2), HOP_TIMEOUT, "relay1 back")
+    async with publisher(2) as pub:
+        ack = await asyncio.wait_for(pub.push(53, payload_of(53)), HOP_TIMEOUT)
+    assert ack.relays == 2
+
     counts = await pushes(ingress)
-    assert counts == {"accepted": 52, "not_held": 1}, counts
-    got = await read_range(ingress, SEQUENCER_HEX, 0, 52)
-    assert got == {seq: payload_of(seq) for seq in range(52)}
-    # "Held by 2" meant it: with the ingress gone, each relay still serves every batch
-    # from its own backlog.
+    assert counts == {"accepted": 54, "not_held": 2}, counts
+    got = await read_range(ingress, SEQUENCER_HEX, 0, 54)
+    assert got == {seq: payload_of(seq) for seq in range(54)}
+    # "Held by 2" meant it: with the ingress gone, each relay still serves the batches
+    # acknowledged as held from its own backlog.
     await kill(ingress)
-    for relay in relays:
-        got = await read_range(relay, SEQUENCER_HEX, 0, 52)
-        assert got == {seq: payload_of(seq) for seq in range(52)}
+    for relay, end in ((relays[0], 54), (relays[1], 54)):
+        got = await read_range(relay, SEQUENCER_HEX, 0, end)
+        assert got == {seq: payload_of(seq) for seq in range(end)}
 
 
 async def _equals(value: Awaitable[float], want: float) -> bool:
