@@ -502,6 +502,9 @@ def _validate_batches(cfg: Config) -> None:
         # A duplicate of a batch still in flight must be found among the recent hashes:
         # the log holds only what is durable.
         raise ConfigError("batches.recent_hashes: must be at least batches.max_in_flight")
+    if b.log and b.max_payload_bytes + 1024 > cfg.limits.max_body_bytes:
+        # POST /batches bodies pass the HTTP body bound first: a legal push must fit it.
+        raise ConfigError("batches.max_payload_bytes: a push must fit in limits.max_body_bytes")
     if b.streams and b.max_payload_bytes + 1024 > cfg.tree.max_frame_bytes:
         raise ConfigError(
             "batches.max_payload_bytes: a batch's frame must fit in tree.max_frame_bytes"

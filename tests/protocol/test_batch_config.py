@@ -58,6 +58,7 @@ def test_a_batches_only_relay_needs_no_block_origin_to_trust() -> None:
         ("[batches]\norder_wait = 0\n" + STREAM, "batches.order_wait"),
         ("[batches]\nmax_payload_bytes = 99999999\n" + STREAM, "tree.max_frame_bytes"),
         ("[batches]\nlogg = 1\n", "batches.logg"),
+        ("[limits]\nmax_body_bytes = 4096\n" + INGRESS + STREAM, "limits.max_body_bytes"),
         ("[batches]\nrecent_hashes = 10\nmax_in_flight = 11\n" + STREAM, "recent_hashes"),
     ],
 )
