@@ -25,9 +25,9 @@ The node's CPU per batch (user + system, all threads, from /proc) is taken over 
 Medians over ``--runs`` runs, ratios to the floors. The disk's fsync cost is measured first
 by a tiny loop (4 KB write + fsync) in the log's directory.
 
-``--profile`` instead runs the disk node under cProfile (its event-loop thread; the log's
-writer thread is not profiled) through one closed-loop 2 KB phase and prints its top costs
-per acknowledged batch.
+After the runs, the disk node runs again under cProfile (its event-loop thread; the log's
+writer thread is not profiled) through one closed-loop 2 KB phase: its top costs per
+acknowledged batch end the section. ``--profile`` runs only that, and prints it.
 
     python benchmarks/batch_ack.py [--runs 3] [--window 256] [--profile]
 """
@@ -440,9 +440,9 @@ def report(
     )
 
 
-def write_results(body: str, path: Path = RESULTS, section: str = SECTION) -> None:
-    """Replace ``section`` of RESULTS.md, or add it at the end."""
-    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+def write_results(body: str, path: Path = RESULTS) -> None:
+    """Replace this script's section of RESULTS.md, or add it at the end."""
+    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = path.read_text()
     pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end) + r"\n?", re.S)
@@ -472,7 +472,8 @@ def profile_report(path: Path, batches: int, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -> None:
+def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -> str:
+    """The profile of the disk node under the closed-loop 2 KB load, as text."""
     with tempfile.TemporaryDirectory(prefix="batch-ack-prof-") as tmp:
         node = ProfiledRelay(upstream, ingress_toml(Path(tmp) / "log.sqlite", address))
         node.profile_path = Path(tmp) / "ingress.prof"
@@ -487,19 +488,10 @@ def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -
             node.stop()
         head = f"closed 2 KB under cProfile: {r['rate']:,.0f} acked/s, errors {r['errors']}"
         text = head + "\n" + profile_report(node.profile_path, phase.count)
-        print(text)
-        if not args.no_write:
-            write_results(
-                "## Where an ingress spends a 2 KB push (`batch_ack.py --profile`)\n\n"
-                f"{machine_line(machine())}\n\n"
-                "cProfile on the node's event-loop thread over the measured closed-loop "
-                "pushes (not the log's writer thread; the profiler roughly doubles Python "
-                "call costs, so read shares, and the unprofiled node CPU per batch in the "
-                "table above).\n\n```\n" + text + "\n```\n",
-                section=SECTION + "_profile",
-            )
+        print(text, flush=True)
         if args.profile_out:
             Path(args.profile_out).write_bytes(node.profile_path.read_bytes())
+        return text
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -551,6 +543,16 @@ def bench(args: argparse.Namespace) -> None:
                     if r["first_error"]:
                         print("  first error:", r["first_error"], flush=True)
         body = report(results, [t.name for t in targets], m, fsync, args.runs, args.window)
+        if not args.no_profile:
+            stack.close()  # the profiled node runs alone
+            body += (
+                "\nWhere the node's event-loop thread spends a push (`--profile`: cProfile "
+                "over the measured closed-loop 2 KB pushes, after the runs above; not the "
+                "log's writer thread; the profiler roughly doubles Python call costs, so read "
+                "shares, and the unprofiled node CPU per batch in the table):\n\n```\n"
+                + profile(args, key, address, anvil.ws_url)
+                + "\n```\n"
+            )
         print(body)
         if not args.no_write:
             write_results(body)
@@ -603,7 +605,8 @@ def main() -> None:
     load.add_argument("--signal-pid", type=int, default=0, help="SIGUSR1/2 around the clock")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="only the profile, printed")
+    parser.add_argument("--no-profile", action="store_true", help="runs without the profile")
     parser.add_argument("--profile-out", help="keep the cProfile file here")
     parser.add_argument("--scale", type=float, default=1.0, help="times the pushes per phase")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
