@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from websockets.protocol import State
 
 from chainrelay.config import BatchesConfig
 from chainrelay.errors import (
@@ -43,6 +44,7 @@ from chainrelay.services.ws import WsSession
 from chainrelay.wire import batchframe
 from chainrelay.wire.batchframe import CONFIRMED, Push, PushError
 from chainrelay.wire.feedframe import FrameError, keccak, recover
+from chainrelay.wire.wsframes import text_header
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ class Ingress:
     ) -> WsSession:
         """A pusher's WebSocket session: each binary message a push, answered in text;
         at most ``max_in_flight`` unanswered before the connection stops being read."""
-        return WsSession(
+        return PushSession(
             transport,
             self.handle,
             max_message_bytes=max_push_message(self.cfg),
@@ -381,6 +383,38 @@ class Ingress:
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+
+class PushSession(WsSession):
+    """A pusher's WebSocket session. One group commit acknowledges many pushes at once:
+    their answers leave in one write at the end of the loop turn, not one write each."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._out: list[bytes] = []
+
+    def send(self, payload: bytes) -> None:
+        """Same rules as ``WsSession.send`` (never blocks, a reader too far behind is
+        closed), the frame built here: this session never fragments and negotiates no
+        extension, so an answer is its header and its bytes (see ``send_frames``)."""
+        if not payload or self.closed or self.proto.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+            self._too_slow()
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._write_out)
+        self._out.append(text_header(len(payload)))
+        self._out.append(payload)
+
+    def _write_out(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.closed and self.proto.state is State.OPEN:
+            self.transport.write(b"".join(out))
+
+    def close(self, code: int, reason: str) -> None:
+        self._write_out()  # answers already due go before the close frame
+        super().close(code, reason)
 
 
 def _error(stream: str, seq: int, code: int, message: str, data: object = None) -> bytes:

@@ -150,7 +150,19 @@ def recover(sig: bytes, digest: bytes) -> bytes:
         pub = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
     except Exception as exc:  # coincurve raises plain Exception/ValueError
         raise FrameError("signature", str(exc)) from None
-    return keccak(pub.format(compressed=False)[1:])[12:]
+    key = pub.format(compressed=False)
+    address = _ADDRESSES.get(key)
+    if address is None:
+        if len(_ADDRESSES) >= _ADDRESSES_MAX:
+            _ADDRESSES.clear()  # keys forged at random would otherwise grow it
+        address = _ADDRESSES[key] = keccak(key[1:])[12:]
+    return address
+
+
+# Public key -> address of the signers seen lately: a stream has a few origins or
+# sequencers, so the keccak of the key is taken once per key, not once per frame.
+_ADDRESSES: dict[bytes, bytes] = {}
+_ADDRESSES_MAX = 1024
 
 
 class Signer:

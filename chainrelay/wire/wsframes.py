@@ -36,14 +36,23 @@ def encode_text(payload: bytes, mask: bytes) -> bytes:
     return head + mask + apply_mask(payload, mask)
 
 
+def text_header(n: int) -> bytes:
+    """The header of one final, unmasked text frame of ``n`` payload bytes (a server's)."""
+    return _header(FIN_TEXT, n)
+
+
 def binary_header(n: int) -> bytes:
     """The header of one final, unmasked binary frame of ``n`` payload bytes (a server's):
     written before bytes shared by every reader, so the payload is never copied."""
+    return _header(FIN_BINARY, n)
+
+
+def _header(first: int, n: int) -> bytes:
     if n < 126:
-        return bytes((FIN_BINARY, n))
+        return bytes((first, n))
     if n < 65536:
-        return bytes((FIN_BINARY, 126)) + n.to_bytes(2, "big")
-    return bytes((FIN_BINARY, 127)) + n.to_bytes(8, "big")
+        return bytes((first, 126)) + n.to_bytes(2, "big")
+    return bytes((first, 127)) + n.to_bytes(8, "big")
 
 
 def next_frame(buf: bytes | bytearray, pos: int, max_size: int) -> tuple[int, int, int] | None:
