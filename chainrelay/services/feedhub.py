@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.protocol import State
 
@@ -147,6 +148,7 @@ class FeedHub:
         self.listeners: list[FrameListener] = []
         self.children: set[FeedChild] = set()
         self._counters: dict[tuple[str, str], Callable[[], None]] = {}
+        self._latency: dict[str, Any] = {}
         # Set by the node: where missing batches come from, and who hears what this node
         # holds (its parents, for acknowledgements that wait for relays) and which
         # confirmations it took (its own children get them from here).
@@ -433,7 +435,10 @@ class FeedHub:
             except Exception:  # one child's trouble never costs the others this frame
                 log.exception("feed child %s failed; dropped", child.ip)
                 child.abort()
-        self.metrics.feed_latency.labels(st.name).set(max(0.0, time.time() - frame.origin_us / 1e6))
+        latency = self._latency.get(st.name)
+        if latency is None:  # labels() takes a lock and builds a key: once per stream
+            latency = self._latency[st.name] = self.metrics.feed_latency.labels(st.name)
+        latency.set(max(0.0, time.time() - frame.origin_us / 1e6))
         for fn in self.listeners:
             try:
                 fn(frame, source)

@@ -27,6 +27,7 @@ A push message (WebSocket binary message, or the body of ``POST /batches``)::
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ LZ4_MIN_SAVING = 1 / 16
 LZ4_SAMPLE = 4096
 
 
+@functools.lru_cache(maxsize=256)  # a node carries a handful of streams
 def stream_field(stream: str) -> bytes:
     """``stream`` as its 32-byte field (``ValueError`` if it cannot be one)."""
     b = stream.encode("ascii")
