@@ -1,8 +1,9 @@
 """The ingress rules of a batch stream (chainrelay.protocol.ingress.StreamRules): each
 verdict by example, then a state machine that pushes true, duplicate, conflicting and
-out-of-order batches through commits, failed commits and restarts, and checks that what is
-accepted is always a prefix of the sequencer's true stream, and that the sequencer's retry
-always ends with the whole stream durable, once each. No I/O."""
+out-of-order batches through commits, failed commits (of all that is in flight, or of what
+follows a committed part) and restarts, and checks that what is accepted is always a prefix
+of the sequencer's true stream, and that the sequencer's retry always ends with the whole
+stream durable, once each. No I/O."""
 
 from __future__ import annotations
 
@@ -269,6 +270,21 @@ class IngressStream(RuleBasedStateMachine):
     def commit_fails(self) -> None:
         self.rules.rollback(self.first + len(self.durable))
         self.in_flight = []
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def commit_part_then_fail(self, data: st.DataObject) -> None:
+        """Earlier groups commit, one fails: what was queued behind it fails with it (the
+        log takes nothing that does not follow on), so the node rolls back at the first
+        failed seq, which may be any of the in-flight ones."""
+        done = data.draw(st.integers(0, len(self.in_flight) - 1), label="committed")
+        self.durable += self.in_flight[:done]
+        failed_at = self.in_flight[done][0]
+        assert failed_at == self.first + len(self.durable)
+        self.rules.rollback(failed_at)
+        self.in_flight = []
+        assert self.rules.next == failed_at
+        assert self.rules.hash_of(failed_at) is None
 
     @rule(data=st.data())
     def crash_and_restart(self, data: st.DataObject) -> None:
