@@ -1,7 +1,8 @@
 """The floor under the ingress's push path: the same WebSocket session, no ingress logic.
 
-uvloop + an asyncio Protocol that hands the upgrade to ``chainrelay.services.ws.WsSession``,
-like ``chainrelay.services.http``; each binary message is read as a push message
+uvloop + an asyncio Protocol that hands the upgrade to the ingress's own session class,
+``chainrelay.services.ingress.PushSession`` (the answers of one loop turn leave in one
+write), like ``chainrelay.services.http``; each binary message is read as a push message
 (``decode_push``) and answered at once with the ack the ingress would send. No API key,
 no signature check, no sequence rules, no log: what a pusher measures against it is what
 the ingress would reach if durability and its checks were free.
@@ -20,7 +21,7 @@ import orjson
 import uvloop
 
 from chainrelay import defaults
-from chainrelay.services.ws import WsSession
+from chainrelay.services.ingress import PushSession
 from chainrelay.wire.batchframe import PUSH_HEADER_LEN, decode_push
 
 # A request head larger than this is not an upgrade this floor takes.
@@ -41,7 +42,7 @@ class Floor(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.head = b""
-        self.ws: WsSession | None = None
+        self.ws: PushSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -59,7 +60,7 @@ class Floor(asyncio.Protocol):
             return
         head, rest = self.head[: end + 4], self.head[end + 4 :]
         self.head = b""
-        session = WsSession(
+        session = PushSession(
             self.transport,
             answer,
             max_message_bytes=MAX_MESSAGE_BYTES,
