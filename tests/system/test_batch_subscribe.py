@@ -247,15 +247,19 @@ async def test_a_parent_killed_mid_stream_costs_no_batch(
         trust=[SEQUENCER_HEX],
     )
     batches = aiter(sub)
-    pushing = asyncio.ensure_future(push_batches(ingress, 0, 2000))
+    # Far more than is read before the kill, so that it lands while pushes go on.
+    pushing = asyncio.ensure_future(push_batches(ingress, 0, 4000))
     try:
         got = await read_batches(batches, 500)
         assert relay.proc is not None
+        assert not pushing.done()  # the kill lands mid-stream
         os.kill(relay.proc.pid, signal.SIGKILL)
-        got += await read_batches(batches, 1500)
+        got += await read_batches(batches, 3500)
         await pushing
     finally:
         pushing.cancel()
         await sub.aclose()
     check_batches(got, 0)
+    # The other parent brought every batch live: none was made up from a range endpoint.
+    assert not any(b.fetched for b in got)
     assert sub.duplicates > 0  # both parents sent batches: the second copies were dropped
