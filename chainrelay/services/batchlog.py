@@ -39,6 +39,8 @@ from chainrelay.errors import BatchLogError
 
 log = logging.getLogger(__name__)
 
+# ``PRAGMA synchronous`` reads back 2 for FULL: what every acknowledgement rests on.
+SYNCHRONOUS_FULL = 2
 # Bumped by each change of the schema; ``_migrate`` takes a file from any older version.
 SCHEMA_VERSION = 1
 
@@ -222,6 +224,9 @@ class BatchLog:
                 raise BatchLogError(f"batch log {self.path}: journal mode {mode}, not wal")
             # FULL in WAL mode: every COMMIT fsyncs the WAL, so an ack survives power loss.
             conn.execute("PRAGMA synchronous = FULL")
+            sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+            if sync != SYNCHRONOUS_FULL:  # a build or setting that ignored it: no acks
+                raise BatchLogError(f"batch log {self.path}: synchronous={sync}, not FULL")
             _migrate(conn)
             next_seq: dict[str, int] = {
                 stream: last + 1

@@ -13,10 +13,12 @@ import random
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from chainrelay.errors import BatchLogError
+from chainrelay.services import batchlog
 from chainrelay.services.batchlog import SCHEMA_VERSION, BatchLog
 
 STREAM = "arbitrum/batches"
@@ -206,5 +208,27 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     log = BatchLog(str(path))
     with pytest.raises(BatchLogError, match="newer"):
+        await log.start()
+    await log.stop()
+
+
+async def test_a_log_whose_commits_would_not_fsync_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An acknowledgement rests on synchronous=FULL: a connection that does not take it
+    (here one that ignores the pragma) must not open, rather than ack from the page cache."""
+
+    class IgnoresSynchronous(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.replace(" ", "").upper() == "PRAGMASYNCHRONOUS=FULL":
+                sql = "PRAGMA synchronous = OFF"
+            return super().execute(sql, *args)
+
+    def connect(path: str) -> sqlite3.Connection:
+        return sqlite3.connect(path, isolation_level=None, factory=IgnoresSynchronous)
+
+    monkeypatch.setattr(batchlog, "_connect", connect)
+    log = BatchLog(str(tmp_path / "batches.sqlite"))
+    with pytest.raises(BatchLogError, match="synchronous=0, not FULL"):
         await log.start()
     await log.stop()
