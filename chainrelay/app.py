@@ -277,7 +277,10 @@ class Node:
         batch_log = None
         if b.log:
             batch_log = BatchLog(
-                b.log, max_batches=b.commit_max_batches, max_bytes=b.commit_max_bytes
+                b.log,
+                max_batches=b.commit_max_batches,
+                max_bytes=b.commit_max_bytes,
+                first_seqs={s.name: s.first_seq for s in b.streams},
             )
             ingress = self.ingress = Ingress(
                 b,

@@ -121,8 +121,12 @@ class BatchLog:
         *,
         max_batches: int = d.BATCH_COMMIT_MAX_BATCHES,
         max_bytes: int = d.BATCH_COMMIT_MAX_BYTES,
+        first_seqs: dict[str, int] | None = None,
     ) -> None:
+        """``first_seqs``: each stream's first number; an empty stream's log starts
+        there and nowhere else (a first group that failed must not let later numbers in)."""
         self.path = path
+        self.first_seqs = dict(first_seqs or {})
         self.max_batches = max(1, max_batches)
         self.max_bytes = max_bytes
         # Counters, read by metrics and benchmarks.
@@ -281,7 +285,9 @@ class BatchLog:
         rows: list[tuple[str, int, bytes, bytes]] = []
         advanced: dict[str, int] = {}
         for r in group:
-            expected = advanced.get(r.stream, next_seq.get(r.stream, r.seq))
+            expected = advanced.get(
+                r.stream, next_seq.get(r.stream, self.first_seqs.get(r.stream, r.seq))
+            )
             if r.seq != expected:
                 err = BatchLogError(
                     f"{r.stream}: seq {r.seq} does not follow on in the log (next is {expected})"

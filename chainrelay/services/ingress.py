@@ -59,6 +59,7 @@ UNKNOWN_STREAM = -32045
 NOT_HELD = -32046
 NOT_DURABLE = -32047
 MALFORMED = -32600
+INTERNAL = -32603
 HTTP_STATUS = {
     GAP: 409,
     CONFLICT: 409,
@@ -69,6 +70,7 @@ HTTP_STATUS = {
     NOT_HELD: 503,
     NOT_DURABLE: 503,
     MALFORMED: 400,
+    INTERNAL: 500,
 }
 
 
@@ -77,7 +79,9 @@ class _Stream:
     spec: BatchSpec
     rules: StreamRules
     # Accepted batches not yet durable: seq -> the log's future (a duplicate waits on it).
-    in_flight: dict[int, asyncio.Future[None]]
+    # Its payload hash too: more may be in flight (several connections, POSTs) than the
+    # rules keep hashes of, and the log has none of them yet.
+    in_flight: dict[int, tuple[asyncio.Future[None], bytes]]
 
 
 class Ingress:
@@ -173,7 +177,8 @@ class Ingress:
         if isinstance(exc, BatchRefused):
             answer.set_result(_error(push.stream, push.seq, exc.code, exc.message, exc.data))
         elif exc is not None:
-            answer.set_exception(exc)
+            log.error("push %d of %s failed", push.seq, push.stream, exc_info=exc)
+            answer.set_result(_error(push.stream, push.seq, INTERNAL, f"internal error: {exc}"))
         else:
             answer.set_result(self._reply(push, fut.result(), t0))
 
@@ -182,6 +187,9 @@ class Ingress:
             relays = await fut
         except BatchRefused as exc:
             return _error(push.stream, push.seq, exc.code, exc.message, exc.data)
+        except Exception as exc:  # a log read failed (a duplicate's lookup): say so
+            log.exception("push %d of %s failed", push.seq, push.stream)
+            return _error(push.stream, push.seq, INTERNAL, f"internal error: {exc}")
         return self._reply(push, relays, t0)
 
     def _reply(self, push: Push, relays: int | None, t0: float) -> bytes:
@@ -268,7 +276,7 @@ class Ingress:
             origin_us=time.time_ns() // 1000,
         )
         durable = self.log.append(push.stream, push.seq, payload_hash, frame)
-        st.in_flight[push.seq] = durable
+        st.in_flight[push.seq] = (durable, payload_hash)
         durable.add_done_callback(lambda f: self._durable(st, push.seq, frame, f))
         self._count(push.stream, "accepted")
         if push.relays > 0:
@@ -298,8 +306,15 @@ class Ingress:
 
     def _durable(self, st: _Stream, seq: int, frame: bytes, fut: asyncio.Future[None]) -> None:
         """A batch's commit finished (callbacks run in append order: in sequence)."""
-        st.in_flight.pop(seq, None)
-        if fut.cancelled() or fut.exception() is not None:
+        failed = fut.cancelled() or fut.exception() is not None
+        entry = st.in_flight.get(seq)
+        if entry is not None and entry[0] is fut:
+            del st.in_flight[seq]
+        elif failed:
+            # A record of an earlier try, failed after its seq was pushed again and
+            # accepted anew: the new one decides, this one rolls nothing back.
+            return
+        if failed:
             st.rules.rollback(seq)
             return
         self.hub.publish(frame)
@@ -335,7 +350,11 @@ class Ingress:
             fut.cancel()
 
     async def _lookup(self, st: _Stream, push: Push, payload_hash: bytes) -> int | None:
-        stored = await self.log.hash_of(push.stream, push.seq)
+        entry = st.in_flight.get(push.seq)
+        if entry is not None:
+            stored: bytes | None = entry[1]  # accepted, not yet in the log
+        else:
+            stored = await self.log.hash_of(push.stream, push.seq)
         d = st.rules.decide_known(push.seq, payload_hash, stored)
         return await self._settle(st, push, d.verdict, d.expected)
 
@@ -344,7 +363,8 @@ class Ingress:
     ) -> Awaitable[int | None]:
         if verdict is Verdict.DUPLICATE:
             self._count(push.stream, "duplicate")
-            durable = st.in_flight.get(push.seq)
+            entry = st.in_flight.get(push.seq)
+            durable = entry[0] if entry is not None else None
             if durable is None:
                 durable = asyncio.get_running_loop().create_future()
                 durable.set_result(None)
@@ -371,12 +391,15 @@ class Ingress:
     def _confirm(self, st: _Stream, push: Push) -> Awaitable[int | None]:
         digest = batchframe.confirmed_digest(st.spec.chain_id, push.stream, push.seq)
         self._check_signer(st, push, digest)
-        if push.seq >= st.rules.next:
+        # Only what is durable (published): a batch in flight may yet be rolled back.
+        order = self.hub.streams[push.stream].order
+        durable_next = order.next if order is not None and order.next is not None else 0
+        if push.seq >= durable_next:
             self._count(push.stream, "gap")
             raise BatchRefused(
                 GAP,
-                f"cannot confirm {push.seq}: batches end at {st.rules.next - 1}",
-                {"expected": st.rules.next},
+                f"cannot confirm {push.seq}: durable batches end at {durable_next - 1}",
+                {"expected": durable_next},
             )
         self.hub.confirm(push.stream, push.seq, push.signature)
         self._count(push.stream, "confirmed")

@@ -232,3 +232,19 @@ async def test_a_log_whose_commits_would_not_fsync_is_refused(
     with pytest.raises(BatchLogError, match="synchronous=0, not FULL"):
         await log.start()
     await log.stop()
+
+
+async def test_an_empty_stream_starts_at_its_first_seq_and_nowhere_else(tmp_path: Path) -> None:
+    """Were the first record to set the start, a first group that failed would let the
+    numbers queued behind it in, and the log would begin past the stream's start."""
+    log = BatchLog(str(tmp_path / "batches.sqlite"), first_seqs={STREAM: 0})
+    await log.start()
+    try:
+        with pytest.raises(BatchLogError, match="next is 0"):
+            await push(log, 10)
+        assert await log.last_seq(STREAM) is None
+        await push(log, 0)
+        await push(log, 40, stream="b/batches")  # a stream with no first given: as it comes
+        assert await log.last_seq(STREAM) == 0 and await log.last_seq("b/batches") == 40
+    finally:
+        await log.stop()

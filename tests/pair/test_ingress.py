@@ -291,11 +291,6 @@ async def test_a_duplicate_of_a_batch_in_flight_is_refused_when_its_commit_fails
     assert [s for s, _ in await node.logged()] == [0, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingress.py _lookup: a duplicate of an in-flight batch older than the hashes "
-    "held asks the log, which does not hold it yet, and is refused as a gap",
-)
 async def test_a_duplicate_of_an_in_flight_batch_older_than_the_hashes_held_waits(
     node: Node,
 ) -> None:
