@@ -53,11 +53,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import aiohttp
-import orjson
 
 from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import FeedSubscription, range_url, signer_address
+from chainrelay.feedclient import FeedSubscription, print_items, range_url, signer_address
 from chainrelay.protocol.feedsession import Gap, Want
 from chainrelay.services.feedlink import FeedLink
 from chainrelay.wire.batchframe import decode_range, frame_chain_id, open_frame
@@ -410,39 +409,26 @@ async def print_batches(
     ``count`` batches or ``max_seconds``; warnings and the drop counters on ``err``.
     Returns the exit code."""
     sub = BatchSubscription(urls, stream, from_seq=from_seq, trust=trust)
-    if not trust:
-        print(
-            "chainrelay subscribe: no --trust given: batches signed by any key are accepted",
-            file=err,
-            flush=True,
-        )
-    warned: set[str] = set()
-    n = 0
-    try:
-        async with asyncio.timeout(max_seconds):
-            async for b in sub:
-                if not trust and b.signer not in warned:
-                    warned.add(b.signer)
-                    print(
-                        f"chainrelay subscribe: batches signed by {b.signer}", file=err, flush=True
-                    )
-                line = {
-                    "seq": b.seq,
-                    "bytes": len(b.payload),
-                    "keccak": "0x" + keccak(b.payload).hex(),
-                    "signer": b.signer,
-                    "latency_ms": None if b.latency_ms is None else round(b.latency_ms, 3),
-                    "fetched": b.fetched,
-                }
-                out.write(orjson.dumps(line).decode() + "\n")
-                out.flush()
-                n += 1
-                if count is not None and n >= count:
-                    break
-    except TimeoutError:
-        pass
-    finally:
-        await sub.aclose()
-        if sub.dropped:
-            print(f"chainrelay subscribe: dropped frames {dict(sub.dropped)}", file=err, flush=True)
-    return 0
+    return await print_items(
+        sub,
+        "batches",
+        _batch_line,
+        lambda b: b.signer,
+        trusted=bool(trust),
+        count=count,
+        max_seconds=max_seconds,
+        out=out,
+        err=err,
+    )
+
+
+def _batch_line(b: FeedBatch) -> dict[str, object]:
+    """One batch as ``chainrelay subscribe`` prints it."""
+    return {
+        "seq": b.seq,
+        "bytes": len(b.payload),
+        "keccak": "0x" + keccak(b.payload).hex(),
+        "signer": b.signer,
+        "latency_ms": None if b.latency_ms is None else round(b.latency_ms, 3),
+        "fetched": b.fetched,
+    }

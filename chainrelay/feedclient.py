@@ -1,7 +1,8 @@
 """What a feed client (``chainrelay.subscriber``, ``chainrelay.batchsubscriber``) needs to
 reach a node and judge its frames: the node's endpoints, derived from the one URL a user
 gives, the signer addresses it trusts, and ``FeedSubscription``, the links, queue and
-lifecycle that a block and a batch subscription share."""
+lifecycle that a block and a batch subscription share, and ``print_items``, the printing
+loop of ``chainrelay subscribe`` for either."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Generic, Protocol, Self, TypeVar
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, Generic, Protocol, Self, TextIO, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 
 from chainrelay.errors import ConfigError
 from chainrelay.protocol.feedsession import Gap, Want
@@ -261,3 +264,49 @@ class FeedSubscription(Generic[ItemT, QueuedT]):
         level = logging.WARNING if self.dropped[reason] == 1 else logging.DEBUG
         where = "a range answer" if link is None else f"{link.name} ({link.url})"
         log.log(level, "%s dropped a frame from %s: %s %s", self.noun, where, reason, detail)
+
+
+async def print_items(
+    sub: FeedSubscription[ItemT, Any],
+    what: str,
+    line: Callable[[ItemT], dict[str, object]],
+    signed_by: Callable[[ItemT], str | None],
+    *,
+    trusted: bool,
+    count: int | None,
+    max_seconds: float | None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """The body of ``chainrelay subscribe`` for a subscription of ``what`` (``blocks``,
+    ``batches``): one JSON ``line`` per item on ``out``, until ``count`` items or
+    ``max_seconds``; without ``trusted`` signers, a warning and each new signer (``signed_by``,
+    None for an item no signer vouches for) on ``err``, then the drop counters. Closes ``sub``;
+    returns the exit code."""
+    if not trusted:
+        print(
+            f"chainrelay subscribe: no --trust given: {what} signed by any key are accepted",
+            file=err,
+            flush=True,
+        )
+    warned: set[str] = set()
+    n = 0
+    try:
+        async with asyncio.timeout(max_seconds):
+            async for item in sub:
+                signer = None if trusted else signed_by(item)
+                if signer is not None and signer not in warned:
+                    warned.add(signer)
+                    print(f"chainrelay subscribe: {what} signed by {signer}", file=err, flush=True)
+                out.write(orjson.dumps(line(item)).decode() + "\n")
+                out.flush()
+                n += 1
+                if count is not None and n >= count:
+                    break
+    except TimeoutError:
+        pass
+    finally:
+        await sub.aclose()
+        if sub.dropped:
+            print(f"chainrelay subscribe: dropped frames {dict(sub.dropped)}", file=err, flush=True)
+    return 0

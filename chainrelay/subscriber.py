@@ -50,7 +50,7 @@ import orjson
 
 from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import FeedSubscription, rpc_url, signer_address
+from chainrelay.feedclient import FeedSubscription, print_items, rpc_url, signer_address
 from chainrelay.feedclient import feed_url as feed_url  # where it was first imported from
 from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
 from chainrelay.services.feedlink import FeedLink
@@ -415,39 +415,26 @@ async def print_blocks(
     """``chainrelay subscribe``: one JSON line per block on ``out``, until ``count`` blocks
     or ``max_seconds``; warnings and the drop counters on ``err``. Returns the exit code."""
     sub = Subscription(urls, stream, from_block=from_block, trust=trust)
-    if not trust:
-        print(
-            "chainrelay subscribe: no --trust given: blocks signed by any key are accepted",
-            file=err,
-            flush=True,
-        )
-    warned: set[str] = set()
-    n = 0
-    try:
-        async with asyncio.timeout(max_seconds):
-            async for b in sub:
-                if not trust and b.origin is not None and b.origin not in warned:
-                    warned.add(b.origin)
-                    print(
-                        f"chainrelay subscribe: blocks signed by {b.origin}", file=err, flush=True
-                    )
-                line = {
-                    "number": b.number,
-                    "hash": b.hash,
-                    "txs": b.tx_count,
-                    "latency_ms": None if b.latency_ms is None else round(b.latency_ms, 3),
-                    "verified": b.verified,
-                    "reorg": b.reorg,
-                }
-                out.write(orjson.dumps(line).decode() + "\n")
-                out.flush()
-                n += 1
-                if count is not None and n >= count:
-                    break
-    except TimeoutError:
-        pass
-    finally:
-        await sub.aclose()
-        if sub.dropped:
-            print(f"chainrelay subscribe: dropped frames {dict(sub.dropped)}", file=err, flush=True)
-    return 0
+    return await print_items(
+        sub,
+        "blocks",
+        _block_line,
+        lambda b: b.origin,
+        trusted=bool(trust),
+        count=count,
+        max_seconds=max_seconds,
+        out=out,
+        err=err,
+    )
+
+
+def _block_line(b: FeedBlock) -> dict[str, object]:
+    """One block as ``chainrelay subscribe`` prints it."""
+    return {
+        "number": b.number,
+        "hash": b.hash,
+        "txs": b.tx_count,
+        "latency_ms": None if b.latency_ms is None else round(b.latency_ms, 3),
+        "verified": b.verified,
+        "reorg": b.reorg,
+    }
