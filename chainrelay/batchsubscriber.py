@@ -52,11 +52,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-import aiohttp
-
 from chainrelay import defaults as d
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import FeedSubscription, print_items, range_url, signer_address
+from chainrelay.feedclient import (
+    FeedSubscription,
+    in_rounds,
+    print_items,
+    range_url,
+    signer_address,
+)
 from chainrelay.protocol.feedsession import Gap, Want
 from chainrelay.services.feedlink import FeedLink
 from chainrelay.wire.batchframe import decode_range, frame_chain_id, open_frame
@@ -309,26 +313,21 @@ class BatchSubscription(FeedSubscription[FeedBatch, _Queued]):
     async def _page(self, order: list[FeedLink], start: int, limit: int) -> list[Checked]:
         """At least one checked batch from ``start`` on (at most ``limit``), from the first
         node in ``order`` that gives one, in rounds over them all."""
-        delay = self.retry_delay
-        problems: list[str] = []
-        for round_ in range(self.range_rounds):
-            for i, link in enumerate(order):
-                try:
-                    body = await self._get(range_url(link.url, self.stream, start, limit))
-                except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
-                    problems.append(f"{link.name}: {exc}")
-                    continue
-                got = self.range_answer(body, start, limit)
-                if got:
-                    if i:  # the node that answered is tried first for the next page
-                        order.insert(0, order.pop(i))
-                    return got
-                problems.append(f"{link.name}: nothing usable at {start}")
-            if round_ + 1 < self.range_rounds:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
-        raise BackfillFailed(
-            f"{self.stream} batch {start} could not be fetched: {'; '.join(problems[-3:])}"
+
+        async def attempt(link: FeedLink) -> list[Checked]:
+            body = await self._get(range_url(link.url, self.stream, start, limit))
+            got = self.range_answer(body, start, limit)
+            if not got:  # its bad frames are counted already; the next node may have them
+                raise ValueError(f"nothing usable at {start}")
+            return got
+
+        return await in_rounds(
+            order,
+            attempt,
+            rounds=self.range_rounds,
+            retry_delay=self.retry_delay,
+            retry_max=self.retry_max,
+            failed=f"{self.stream} batch {start} could not be fetched",
         )
 
     def range_answer(self, body: bytes, start: int, limit: int) -> list[Checked]:

@@ -11,14 +11,14 @@ import collections
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, Protocol, Self, TextIO, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
-from chainrelay.errors import ConfigError
+from chainrelay.errors import BackfillFailed, ConfigError
 from chainrelay.protocol.feedsession import Gap, Want
 from chainrelay.services.feedlink import FeedLink
 
@@ -63,6 +63,43 @@ def signer_address(text: str) -> bytes:
     if len(address) != 20:
         raise ConfigError(f"a trusted signer is a 20-byte hex address: {text!r}")
     return address
+
+
+T = TypeVar("T")
+
+
+async def in_rounds(
+    order: list[FeedLink],
+    attempt: Callable[[FeedLink], Awaitable[T]],
+    *,
+    rounds: int,
+    retry_delay: float,
+    retry_max: float,
+    failed: str,
+) -> T:
+    """What ``attempt`` gets from the first link in ``order`` that answers, trying them all
+    in up to ``rounds`` rounds with a doubling back-off between rounds (from ``retry_delay``
+    to ``retry_max``). Call it to fetch what no link sent from the links' nodes. An attempt
+    fails by raising ``OSError``, ``TimeoutError``, ``aiohttp.ClientError`` or
+    ``ValueError``; the link that answered moves to the front of ``order``, so the next
+    fetch asks it first. ``BackfillFailed`` (``failed``, then the last problems) when no
+    round gives an answer."""
+    delay = retry_delay
+    problems: list[str] = []
+    for round_ in range(rounds):
+        for i, link in enumerate(order):
+            try:
+                got = await attempt(link)
+            except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                problems.append(f"{link.name}: {exc}")
+                continue
+            if i:
+                order.insert(0, order.pop(i))
+            return got
+        if round_ + 1 < rounds:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_max)
+    raise BackfillFailed(f"{failed}: {'; '.join(problems[-3:])}")
 
 
 class Queued(Protocol):

@@ -45,12 +45,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
-import aiohttp
 import orjson
 
 from chainrelay import defaults as d
-from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import FeedSubscription, print_items, rpc_url, signer_address
+from chainrelay.errors import ConfigError
+from chainrelay.feedclient import (
+    FeedSubscription,
+    in_rounds,
+    print_items,
+    rpc_url,
+    signer_address,
+)
 from chainrelay.feedclient import feed_url as feed_url  # where it was first imported from
 from chainrelay.protocol.feedsession import Dedup, Gap, Positions, Want
 from chainrelay.services.feedlink import FeedLink
@@ -311,19 +316,14 @@ class Subscription(FeedSubscription[FeedBlock, _Queued]):
             yield FeedBlock(n, h, _tx_count(block), None, False, reorg, block, receipts, None)
 
     async def _fetch(self, first: FeedLink, n: int) -> tuple[dict[str, Any], list[Any] | None]:
-        order = [first] + [link for link in self.links if link is not first]
-        delay = self.retry_delay
-        problems: list[str] = []
-        for round_ in range(self.backfill_rounds):
-            for link in order:
-                try:
-                    return await self._fetch_from(rpc_url(link.url), n)
-                except (OSError, TimeoutError, aiohttp.ClientError, ValueError) as exc:
-                    problems.append(f"{link.name}: {exc}")
-            if round_ + 1 < self.backfill_rounds:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
-        raise BackfillFailed(f"block {n} could not be fetched: {'; '.join(problems[-3:])}")
+        return await in_rounds(
+            [first] + [link for link in self.links if link is not first],
+            lambda link: self._fetch_from(rpc_url(link.url), n),
+            rounds=self.backfill_rounds,
+            retry_delay=self.retry_delay,
+            retry_max=self.retry_max,
+            failed=f"block {n} could not be fetched",
+        )
 
     async def _fetch_from(self, url: str, n: int) -> tuple[dict[str, Any], list[Any] | None]:
         """Block ``n`` with its transactions, and its receipts (None if the node has none),
