@@ -7,13 +7,20 @@ subscription yields read and checked, and a node's push counters.
                                                                api_keys=[KEY]), name="a")
     relay = await relay_factory([anvil.ws_url], batches_toml(SEQ, parents=[ingress]))
     got = await read_range(relay, SEQ, 0, 1000)     # {seq: payload}, each frame checked
+
+or, for the lab's sequencer, all at once (anvil, ingress nodes, relays linked to them):
+
+    lab = await start_ingress(anvil_factory, relay_factory, tmp_path, relays=1)
+    ingress, relay = lab.ingresses[0], lab.relays[0]
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -21,7 +28,8 @@ from chainrelay.batchsubscriber import FeedBatch
 from chainrelay.publisher import generated_payload
 from chainrelay.wire.batchframe import decode_range, open_frame
 from chainrelay.wire.feedframe import Signer, decode, keccak
-from tests.lab.procs import Relay, fetch_metrics
+from tests.lab.chain import metric
+from tests.lab.procs import Relay, fetch_metrics, until
 from tests.lab.timing import SECOND
 
 STREAM = "arbitrum/batches"
@@ -83,6 +91,62 @@ def batches_toml(
     if settings:
         lines.append(settings)
     return "\n".join(lines) + "\n" + streams_toml(sequencer)
+
+
+@dataclass(frozen=True, slots=True)
+class IngressLab:
+    """What ``start_ingress`` started."""
+
+    anvil: Any  # the chain's anvil, each node's upstream
+    ingresses: list[Relay]
+    relays: list[Relay]
+
+
+async def start_ingress(
+    anvil_factory: Callable[..., Awaitable[Any]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
+    *,
+    names: Sequence[str] = ("ingress",),
+    settings: str = "",
+    relays: int = 0,
+) -> IngressLab:
+    """Anvil as ``CHAIN_ID``'s chain; an ingress node per name in ``names`` for the lab's
+    sequencer (its durable log ``tmp_path/NAME.sqlite``, ``API_KEY``, ``settings`` as more
+    ``[batches]`` lines); and ``relays`` relays whose parents they all are, returned once
+    every ingress counts them all as children."""
+    anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
+    ingresses = [
+        await relay_factory(
+            [anvil.ws_url],
+            batches_toml(
+                SEQUENCER_HEX, log=tmp_path / f"{name}.sqlite", api_keys=[API_KEY],
+                settings=settings,
+            ),
+            name=name,
+        )
+        for name in names
+    ]  # fmt: skip
+    relay_nodes = [
+        await relay_factory(
+            [anvil.ws_url],
+            batches_toml(SEQUENCER_HEX, parents=ingresses),
+            name="relay" if relays == 1 else f"relay{i}",
+        )
+        for i in range(relays)
+    ]
+    if relay_nodes:
+
+        async def linked() -> bool:
+            return all([await children(node) == relays for node in ingresses])
+
+        await until(linked, READ_TIMEOUT, "every relay linked to every ingress")
+    return IngressLab(anvil, ingresses, relay_nodes)
+
+
+async def children(node: Relay) -> float:
+    """How many feed children ``node`` serves ``STREAM`` to."""
+    return metric(await fetch_metrics(node.url), "chainrelay_feed_children", stream=STREAM)
 
 
 async def range_status(node: Relay, start: int, limit: int = 1) -> tuple[int, list[bytes]]:

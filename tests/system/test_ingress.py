@@ -30,15 +30,19 @@ from chainrelay.publisher import Ack, Publisher, generated_payload
 from chainrelay.wire.batchframe import PUSH, Push, decode_push, encode_push, sign_batch
 from chainrelay.wire.feedframe import Signer, keccak
 from tests.lab.batches import (
+    API_KEY,
     CHAIN_ID,
+    SEQUENCER_HEX,
+    SEQUENCER_KEY,
     STREAM,
-    batches_toml,
     check_batches,
+    children,
     payload_of,
     pushes,
     range_status,
     read_batches,
     read_range,
+    start_ingress,
 )
 from tests.lab.chain import metric
 from tests.lab.procs import Relay, fetch_metrics, until
@@ -49,10 +53,6 @@ pytestmark = pytest.mark.lab
 RelayFactory = Callable[..., Awaitable[Relay]]
 AnvilFactory = Callable[..., Awaitable[Any]]
 
-SEQUENCER_KEY = keccak(b"ingress system test sequencer")
-SEQUENCER = Signer(SEQUENCER_KEY)
-SEQUENCER_HEX = "0x" + SEQUENCER.address.hex()
-API_KEY = "ingress-system-test-key"
 # Batches cross one or two node processes and may be read back through range requests that
 # climb to an ingress: seconds on a loaded two-core machine, not milliseconds.
 HOP_TIMEOUT = 30 * SECOND
@@ -90,12 +90,7 @@ CRASH_LEAD = 2000
 async def test_ingress_sigkilled_three_times_during_10000_pushes_loses_nothing_acked(
     anvil_factory: AnvilFactory, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
-    anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
-    node = await relay_factory(
-        [anvil.ws_url],
-        batches_toml(SEQUENCER_HEX, log=tmp_path / "ingress.sqlite", api_keys=[API_KEY]),
-        name="ingress",
-    )
+    (node,) = (await start_ingress(anvil_factory, relay_factory, tmp_path)).ingresses
     rng = random.Random(CRASH_SEED)
     # One kill point drawn in each third of the stream, CRASH_LEAD + 500 apart at least: a
     # killed node can have acknowledged at most CRASH_LEAD more, so every kill falls on a
@@ -269,15 +264,10 @@ async def upgrade_status(node: Relay, api_key: str | None) -> int:
 async def test_refusals_are_answered_and_counted_and_the_node_keeps_acknowledging(
     anvil_factory: AnvilFactory, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
-    anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
-    node = await relay_factory(
-        [anvil.ws_url],
-        batches_toml(
-            SEQUENCER_HEX, log=tmp_path / "ingress.sqlite", api_keys=[API_KEY],
-            settings=f"max_payload_bytes = {MAX_PAYLOAD}",
-        ),
-        name="ingress",
-    )  # fmt: skip
+    lab = await start_ingress(
+        anvil_factory, relay_factory, tmp_path, settings=f"max_payload_bytes = {MAX_PAYLOAD}"
+    )
+    (node,) = lab.ingresses
     expected: dict[str, float] = {}
 
     def count(outcome: str, n: int = 1) -> None:
@@ -353,29 +343,14 @@ async def test_refusals_are_answered_and_counted_and_the_node_keeps_acknowledgin
 RELAY_ACK_TIMEOUT = 1.0  # seconds: the ingress's [batches] relay_ack_timeout here
 
 
-async def children(node: Relay) -> float:
-    return metric(await fetch_metrics(node.url), "chainrelay_feed_children", stream=STREAM)
-
-
 async def test_acks_wait_for_k_relays_and_more_than_exist_time_out_durable(
     anvil_factory: AnvilFactory, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
-    anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
-    ingress = await relay_factory(
-        [anvil.ws_url],
-        batches_toml(
-            SEQUENCER_HEX, log=tmp_path / "ingress.sqlite", api_keys=[API_KEY],
-            settings=f"relay_ack_timeout = {RELAY_ACK_TIMEOUT}",
-        ),
-        name="ingress",
+    lab = await start_ingress(
+        anvil_factory, relay_factory, tmp_path, relays=2,
+        settings=f"relay_ack_timeout = {RELAY_ACK_TIMEOUT}",
     )  # fmt: skip
-    relays = [
-        await relay_factory(
-            [anvil.ws_url], batches_toml(SEQUENCER_HEX, parents=[ingress]), name=f"relay{i}"
-        )
-        for i in range(2)
-    ]
-    await until(lambda: _equals(children(ingress), 2), HOP_TIMEOUT, "both relays linked")
+    (ingress,), relays = lab.ingresses, lab.relays
 
     def publisher(k: int) -> Publisher:
         return Publisher(
@@ -433,22 +408,10 @@ TWO_BATCHES = 3000
 async def test_two_ingress_nodes_feed_a_relay_every_batch_once_one_killed_mid_stream(
     anvil_factory: AnvilFactory, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
-    anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
-    a, b = [
-        await relay_factory(
-            [anvil.ws_url],
-            batches_toml(SEQUENCER_HEX, log=tmp_path / f"{n}.sqlite", api_keys=[API_KEY]),
-            name=n,
-        )
-        for n in ("ingress-a", "ingress-b")
-    ]
-    relay = await relay_factory(
-        [anvil.ws_url], batches_toml(SEQUENCER_HEX, parents=[a, b]), name="relay"
+    lab = await start_ingress(
+        anvil_factory, relay_factory, tmp_path, names=("ingress-a", "ingress-b"), relays=1
     )
-    for ingress in (a, b):
-        await until(
-            lambda node=ingress: _equals(children(node), 1), HOP_TIMEOUT, "the relay linked"
-        )
+    (a, b), (relay,) = lab.ingresses, lab.relays
     sub = BatchSubscription(
         f"{relay.ws_url}/feed", STREAM, from_seq=0, trust=[SEQUENCER_HEX], chain_id=CHAIN_ID
     )
@@ -493,16 +456,8 @@ CONFIRMED = 600
 async def test_confirmed_trims_the_relays_backlog_and_older_batches_come_from_the_log(
     anvil_factory: AnvilFactory, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
-    anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1.0)
-    ingress = await relay_factory(
-        [anvil.ws_url],
-        batches_toml(SEQUENCER_HEX, log=tmp_path / "ingress.sqlite", api_keys=[API_KEY]),
-        name="ingress",
-    )
-    relay = await relay_factory(
-        [anvil.ws_url], batches_toml(SEQUENCER_HEX, parents=[ingress]), name="relay"
-    )
-    await until(lambda: _equals(children(ingress), 1), HOP_TIMEOUT, "the relay linked")
+    lab = await start_ingress(anvil_factory, relay_factory, tmp_path, relays=1)
+    (ingress,), (relay,) = lab.ingresses, lab.relays
     # relays=1: each ack means the relay holds the batch too.
     async with Publisher(
         ingress.ws_url, key=SEQUENCER_KEY, stream=STREAM, chain_id=CHAIN_ID, api_key=API_KEY,
