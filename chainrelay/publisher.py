@@ -22,10 +22,23 @@ to ``retry_max``; every batch its node has not acknowledged is then sent again i
 order (a duplicate is acknowledged again: pushes are idempotent). With no connection to
 any node for ``give_up_after`` seconds, the waiting futures fail (``PublishError``). A node
 that refuses the API key (HTTP 401 at the upgrade) fails everything at once
-(``PublishUnauthorized``): a wrong key is not retried. A refused batch (conflict, signer,
-size, unknown stream, ...) fails its future with ``PublishRefused``; a gap is answered by
-sending the node the missing batches again when the connection still holds them (the node
-lost them unacknowledged), else it fails as refused.
+(``PublishUnauthorized``): a wrong key is not retried.
+
+Refusals are answered at once, acknowledgements only after an fsync, so one node's
+refusal often comes before another node's ack of the same batch; what a refusal does
+depends on whose fault it is:
+
+- The sequencer's (conflict, signer, signature, size, unknown stream, malformed): no node
+  will take the batch; its future fails at once with ``PublishRefused``.
+- One node's state (a gap, not held by enough relays, not durable): a gap is answered by
+  sending the node the missing batches again when the connection still holds them, -32047
+  by sending again (each at most ``resync_limit`` times without an ack in between); past
+  that the node's connection forgets the batch, and its future fails only when no other
+  connection still holds it unacknowledged: an ack from any node resolves it.
+- A node whose gap starts at a batch its connection forgot while other nodes had it (it
+  was down longer than ``max_unacked_bytes`` lasts) can never catch up from this
+  publisher: it is marked ``behind``, logged once, and no longer sent to until the
+  publisher restarts.
 """
 
 from __future__ import annotations
@@ -67,7 +80,10 @@ log = logging.getLogger(__name__)
 
 # The ingress node's answer codes the publisher acts on (see services/ingress.py).
 CODE_GAP = -32040
+CODE_NOT_HELD = -32046
 CODE_NOT_DURABLE = -32047
+# Refusals about one node's state, not the batch: another node may still acknowledge it.
+NODE_REFUSALS = frozenset({CODE_GAP, CODE_NOT_HELD, CODE_NOT_DURABLE})
 
 
 # --- pieces without I/O -----------------------------------------------------------------------
@@ -165,16 +181,23 @@ class _Ingress:
         self.sessions = 0
         self.resyncs = 0  # resends since the last acknowledgement
         self.dropped = 0  # batches forgotten unacknowledged: another node had them
+        # The highest seq forgotten here unacknowledged while another node had it or could
+        # still take it: a gap at or below it is one this connection cannot fill.
+        self.lost_through = -1
+        self.behind = False  # hopelessly behind: no longer sent to
         self.acks = 0
         self.last_error: str | None = None
         self.task: asyncio.Task[None] | None = None
         self._conn: ClientConnection | None = None
         self._wake = asyncio.Event()
         self._resyncing = False
-        self._warned_behind = False
         self._closing: set[asyncio.Task[None]] = set()
 
-    def add(self, batch: _Batch) -> None:
+    def add(self, batch: _Batch) -> bool:
+        """Queue ``batch`` for this node; False when the node is behind (not sent to)."""
+        if self.behind:
+            self.dropped += 1
+            return False
         if batch.seq in self.queue:
             self.queue_bytes -= len(self.queue[batch.seq].message)
         self.queue[batch.seq] = batch
@@ -189,6 +212,8 @@ class _Ingress:
                 break
             self.forget(oldest.seq)
             self.dropped += 1
+            self.lost_through = max(self.lost_through, oldest.seq)
+        return True
 
     def forget(self, seq: int) -> _Batch | None:
         batch = self.queue.pop(seq, None)
@@ -239,6 +264,9 @@ class _Ingress:
                     self.connected = False
                     self.pub.went_down()
                 self.in_flight.clear()
+            if self.behind:
+                self.last_error = "behind: it lacks batches only other nodes acknowledged"
+                return
             self.last_error = why
             self.failures = 0 if reached else self.failures + 1
             log.info("publisher connection to %s ended: %s", self.url, why)
@@ -259,7 +287,6 @@ class _Ingress:
         ) as conn:
             self._conn = conn
             self._resyncing = False
-            self._warned_behind = False
             self.confirm_sent = False
             self.in_flight.clear()
             # Everything not acknowledged, again, in seq order: the node acknowledges again
@@ -353,30 +380,74 @@ class _Ingress:
     def _refused(self, seq: int, code: int, message: str, data: dict[str, Any]) -> None:
         self.in_flight.discard(seq)
         self._wake.set()
+        if self.behind:
+            return  # answers still in flight when it was marked: nothing is held for it
         if seq not in self.queue:
             if self.confirm is not None and self.confirm[0] == seq:
                 self.confirm = None
                 self.pub.confirm_refused(seq, code, message, data, self.url)
             return
-        expected = data.get("expected")
-        lost = (
-            code == CODE_GAP
-            and isinstance(expected, int)
-            and expected < seq
-            and expected in self.queue
-        )
-        if (lost or code == CODE_NOT_DURABLE) and self._resync(f"{code} at {seq}"):
+        refused = PublishRefused(code, message, data, url=self.url, seq=seq)
+        if code not in NODE_REFUSALS:
+            batch = self.forget(seq)
+            assert batch is not None
+            self.pub.fail(batch, refused)  # no node will take it: gone from every queue
             return
+        expected = data.get("expected")
+        if code == CODE_GAP and isinstance(expected, int) and expected < seq:
+            if expected in self.queue:
+                # The node lost batches it never acknowledged: they are here to send again.
+                if self._resync(f"{code} at {seq}, expected {expected}"):
+                    return
+            elif expected <= self.lost_through:
+                self._fall_behind(expected, seq)
+                return
+        elif code == CODE_NOT_DURABLE and self._resync(f"{code} at {seq}"):
+            return
+        # This node will not take it from this connection; another node still may.
         batch = self.forget(seq)
         assert batch is not None
-        if batch.future.done() and not self._warned_behind:
-            # Another node acknowledged it; this one lacks batches this connection forgot
-            # (past max_unacked_bytes) or refuses what the others took: it stays behind.
-            self._warned_behind = True
-            log.warning(
-                "%s refused batch %d another node has: %s (%d)", self.url, seq, message, code
+        self.dropped += 1
+        log.info("%s refused batch %d: %s (%d)", self.url, seq, message, code)
+        if self.pub.forgotten(batch, refused):
+            self.lost_through = max(self.lost_through, seq)
+
+    def _fall_behind(self, expected: int, seq: int) -> None:
+        """The node needs ``expected``, which this connection forgot while other nodes had
+        it: nothing it sends can fill the gap, so it stops sending to the node for good and
+        leaves every batch to the others."""
+        self.behind = True
+        log.warning(
+            "%s is behind: it expects batch %d (refused %d), which only other nodes hold; "
+            "no longer pushing to it until the publisher restarts",
+            self.url,
+            expected,
+            seq,
+        )
+        batches = list(self.queue.values())
+        for batch in batches:
+            self.forget(batch.seq)
+        self.dropped += len(batches)
+        self.to_send.clear()
+        for batch in batches:
+            self.pub.forgotten(
+                batch,
+                PublishRefused(
+                    CODE_GAP,
+                    f"behind: it expects {expected}, held by no node's connection",
+                    {"expected": expected},
+                    url=self.url,
+                    seq=batch.seq,
+                ),
             )
-        self.pub.fail(batch, PublishRefused(code, message, data, url=self.url, seq=seq))
+        self._close("behind")
+
+    def _close(self, reason: str) -> None:
+        conn = self._conn
+        if conn is not None:
+            task = asyncio.get_running_loop().create_task(conn.close(1000, reason))
+            self._closing.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._closing.discard)
 
     def _resync(self, why: str) -> bool:
         """Close the connection to send every unacknowledged batch again after the reconnect;
@@ -387,12 +458,9 @@ class _Ingress:
             return False
         self.resyncs += 1
         self._resyncing = True
-        conn = self._conn
-        if conn is not None:
+        if self._conn is not None:
             log.info("%s: %s; resending what it has not acknowledged", self.url, why)
-            task = asyncio.get_running_loop().create_task(conn.close(1000, "resend"))
-            self._closing.add(task)  # held until done: the loop keeps only weak references
-            task.add_done_callback(self._closing.discard)
+            self._close("resend")
         return True
 
 
@@ -523,8 +591,9 @@ class Publisher:
         batch = _Batch(seq, message, asyncio.get_running_loop().create_future(), time.monotonic())
         self._pending[seq] = batch
         self._unacked_bytes += len(message)
-        for node in self.nodes:
-            node.add(batch)
+        taken = [node.add(batch) for node in self.nodes]
+        if not any(taken):
+            self.fail(batch, PublishError("every ingress node is behind: restart the publisher"))
         return batch.future
 
     async def room(self, size: int = 0) -> None:
@@ -559,6 +628,7 @@ class Publisher:
     # --- called by the connections ----------------------------------------------------------
     def resolve(self, batch: _Batch, url: str, relays: int | None) -> None:
         if batch.future.done():
+            self._settled(batch)  # cancelled by its caller: its bytes are free all the same
             return
         ms = (time.monotonic() - batch.submitted) * 1000
         batch.future.set_result(Ack(self.stream, batch.seq, url, ms, relays))
@@ -566,11 +636,30 @@ class Publisher:
 
     def fail(self, batch: _Batch, exc: PublishError) -> None:
         if batch.future.done():
+            self._settled(batch)
             return
         batch.future.set_exception(exc)
         self._settled(batch)
         for node in self.nodes:  # nothing after it can be taken either: no resend
             node.forget(batch.seq)
+
+    def forgotten(self, batch: _Batch, exc: PublishError) -> bool:
+        """One node's connection forgot ``batch`` unacknowledged: it fails with ``exc`` when
+        no other connection holds it to be acknowledged. True when it is still acknowledged
+        or may be (by another node)."""
+        if batch.future.cancelled():
+            return False
+        if batch.future.done():
+            return batch.future.exception() is None
+        if any(batch.seq in node.queue for node in self.nodes):
+            return True
+        self.fail(batch, exc)
+        return False
+
+    @property
+    def behind(self) -> list[str]:
+        """The ingress nodes marked behind (no longer pushed to)."""
+        return [node.url for node in self.nodes if node.behind]
 
     def _settled(self, batch: _Batch) -> None:
         if self._pending.get(batch.seq) is batch:

@@ -8,11 +8,12 @@ import io
 import lzma
 from pathlib import Path
 
+import orjson
 import pytest
 from eth_account import Account
 
 from chainrelay.cli import main
-from chainrelay.errors import ConfigError, PublishError
+from chainrelay.errors import ConfigError, PublishError, PublishRefused
 from chainrelay.publisher import (
     Publisher,
     generated_payload,
@@ -22,7 +23,7 @@ from chainrelay.publisher import (
     publish_plan,
     read_batches,
 )
-from chainrelay.wire.batchframe import PUSH, batch_digest, decode_push
+from chainrelay.wire.batchframe import PUSH, PUSH_HEADER_LEN, batch_digest, decode_push
 from chainrelay.wire.feedframe import keccak, recover
 
 KEY = bytes(Account.create().key)
@@ -201,3 +202,116 @@ async def test_give_up_after_with_no_node_reachable() -> None:
             await asyncio.wait_for(pub.push(0, b"x"), 10)
         assert "127.0.0.1:9" in str(caught.value)
         assert pub.nodes[0].failures >= 1
+
+
+# --- refusals: whose fault, and who may still acknowledge -------------------------------------
+# Driven through ``_answer``, the text each node's connection receives; nothing connects.
+def two_nodes(**limits: int) -> Publisher:
+    return Publisher(
+        ["ws://127.0.0.1:9", "ws://127.0.0.1:10"],
+        key=KEY,
+        stream="s",
+        chain_id=1,
+        api_key="k",
+        resync_limit=0,  # past the resend limit at the first refusal: no connection to close
+        **limits,
+    )
+
+
+def answer(pub: Publisher, node: int, kind: str, seq: int, **fields: object) -> None:
+    pub.nodes[node]._answer(orjson.dumps({"type": kind, "stream": "s", "seq": seq, **fields}))
+
+
+def refuse(pub: Publisher, node: int, seq: int, code: int, **data: object) -> None:
+    answer(pub, node, "error", seq, code=code, message="refused", data=data)
+
+
+@pytest.mark.parametrize("code", [-32040, -32046, -32047])
+async def test_one_nodes_refusal_leaves_the_batch_to_the_other(code: int) -> None:
+    pub = two_nodes()
+    future = pub.submit(0, b"x")
+    refuse(pub, 1, 0, code, expected=7)  # b refuses first: acks wait for an fsync
+    assert not future.done() and 0 not in pub.nodes[1].queue and 0 in pub.nodes[0].queue
+    answer(pub, 0, "ack", 0)
+    assert (await future).url == pub.nodes[0].url
+    assert pub.unacked == 0 and not pub.behind
+    await pub.close()
+
+
+@pytest.mark.parametrize("code", [-32040, -32046, -32047])
+async def test_a_batch_every_node_refused_for_its_state_fails(code: int) -> None:
+    pub = two_nodes()
+    future = pub.submit(0, b"x")
+    refuse(pub, 0, 0, code)
+    assert not future.done()
+    refuse(pub, 1, 0, code)
+    with pytest.raises(PublishRefused) as caught:
+        await future
+    assert caught.value.code == code and caught.value.url == pub.nodes[1].url
+    assert pub.unacked == 0 and not pub.behind  # nobody has it: it may be pushed again
+    await pub.close()
+
+
+@pytest.mark.parametrize("code", [-32041, -32042, -32043, -32044, -32045, -32600])
+async def test_the_sequencers_fault_fails_the_batch_at_once_on_every_node(code: int) -> None:
+    pub = two_nodes()
+    future = pub.submit(0, b"x")
+    refuse(pub, 1, 0, code)
+    with pytest.raises(PublishRefused) as caught:
+        await future
+    assert caught.value.code == code
+    assert not pub.nodes[0].queue and not pub.nodes[1].queue
+    await pub.close()
+
+
+async def test_a_node_expecting_what_only_the_other_acknowledged_is_behind() -> None:
+    # b's connection keeps ~3 batches the other acknowledged: b was down longer than that.
+    pub = two_nodes(max_unacked_bytes=3 * (PUSH_HEADER_LEN + 100 + 2))
+    acked = []
+    for seq in range(10):
+        future = pub.submit(seq, bytes(100))
+        answer(pub, 0, "ack", seq)
+        acked.append(await future)
+    b = pub.nodes[1]
+    assert b.dropped > 0 and min(b.queue) > 1 and b.lost_through == min(b.queue) - 1
+    waiting = pub.submit(10, bytes(100))
+    # b comes back holding 0..1 and answers every resent batch with a gap at 2.
+    for seq in sorted(b.queue):
+        refuse(pub, 1, seq, -32040, expected=2)
+    assert pub.behind == [b.url] and b.dropped == 11 and not b.queue
+    assert not waiting.done()  # a still holds it
+    answer(pub, 0, "ack", 10)
+    assert (await waiting).url == pub.nodes[0].url
+    later = pub.submit(11, bytes(100))
+    assert 11 not in b.queue and b.dropped == 12  # not sent to any more
+    answer(pub, 0, "ack", 11)
+    assert (await later).seq == 11 and [a.seq for a in acked] == list(range(10))
+    await pub.close()
+
+
+async def test_a_gap_at_a_batch_never_pushed_fails_it_and_marks_nothing_behind() -> None:
+    pub = Publisher("ws://127.0.0.1:9", key=KEY, stream="s", chain_id=1, api_key="k")
+    future = pub.submit(2000, b"x")
+    refuse(pub, 0, 2000, -32040, expected=1001)
+    with pytest.raises(PublishRefused) as caught:
+        await future
+    assert caught.value.code == -32040 and caught.value.data == {"expected": 1001}
+    assert not pub.behind
+    again = pub.submit(1001, b"y")  # the node is still pushed to
+    assert 1001 in pub.nodes[0].queue
+    answer(pub, 0, "ack", 1001)
+    assert (await again).seq == 1001
+    await pub.close()
+
+
+async def test_a_lone_nodes_refusal_past_the_resend_limit_fails_the_batch_not_the_node() -> None:
+    pub = Publisher(
+        "ws://127.0.0.1:9", key=KEY, stream="s", chain_id=1, api_key="k", resync_limit=0
+    )
+    first = pub.submit(0, b"x")
+    refuse(pub, 0, 0, -32047)  # past the resend limit: nobody else holds it
+    with pytest.raises(PublishRefused):
+        await first
+    # Not lost to another node: pushing it again is the sequencer's to decide, not "behind".
+    assert pub.nodes[0].lost_through == -1 and not pub.behind
+    await pub.close()
