@@ -226,3 +226,40 @@ async def test_two_ingress_nodes_both_get_every_batch_one_restarted_midway(
     for node in (a, b):
         got = await read_stream(node, address, 600)
         assert [got[seq] for seq in range(600)] == payloads
+
+
+async def test_a_node_down_past_max_unacked_bytes_comes_back_behind_and_fails_nothing(
+    anvil_factory: AnvilFactory, relay_factory: RelayFactory, tmp_path: Path
+) -> None:
+    key, address, (a, b) = await start_ingress(anvil_factory, relay_factory, tmp_path, 2)
+    payloads = [generated_payload(2, seq, 1000) for seq in range(300)]
+    async with Publisher(
+        [a.ws_url, b.ws_url], key=key, stream=STREAM, chain_id=CHAIN_ID, api_key=API_KEY,
+        retry_delay=0.05, retry_max=0.5, max_unacked_bytes=20_000,  # ~19 batches
+    ) as pub:  # fmt: skip
+        node_b = pub.nodes[1]
+        for seq in range(50):
+            await asyncio.wait_for(pub.push(seq, payloads[seq]), 10 * SECOND)
+        await until(lambda: not node_b.queue, 10 * SECOND, "b to acknowledge 50")
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(b.proc.wait)
+        # a alone acknowledges 200 more; b's connection keeps only the newest of them.
+        for seq in range(50, 250):
+            ack = await asyncio.wait_for(pub.push(seq, payloads[seq]), 10 * SECOND)
+            assert ack.url == a.ws_url + "/batches"
+        assert node_b.dropped > 0 and min(node_b.queue) > 50
+        b.start()  # the same port and durable log: it expects 50, which only a holds now
+        await b.wait_ready()
+        await until(lambda: node_b.behind, 30 * SECOND, "b to be marked behind")
+        assert pub.behind == [node_b.url] and not node_b.queue and not node_b.connected
+        sessions = node_b.sessions
+        for seq in range(250, 300):
+            ack = await asyncio.wait_for(pub.push(seq, payloads[seq]), 10 * SECOND)
+            assert ack.url == a.ws_url + "/batches"
+        assert pub.unacked == 0 and not node_b.queue and node_b.sessions == sessions
+        assert await pushes(b, "accepted") == 0  # restarted: its counters began again
+    got = await read_stream(a, address, 300)
+    assert [got[seq] for seq in range(300)] == payloads
+    got = await read_stream(b, address, 50)
+    assert [got[seq] for seq in range(50)] == payloads[:50]
