@@ -937,7 +937,15 @@ async def publish(plan: PublishPlan, *, out: TextIO = sys.stdout, err: TextIO = 
             "p99": round(percentile(ack_ms, 0.99), 3),
             "max": round(ack_ms[-1], 3) if ack_ms else 0.0,
         },
-        "ingress": {n.url: {"acks": n.acks, "sessions": n.sessions} for n in pub.nodes},
+        "ingress": {
+            n.url: {
+                "acks": n.acks,
+                "sessions": n.sessions,
+                "dropped": n.dropped,
+                "behind": n.behind,
+            }
+            for n in pub.nodes
+        },
     }
     if failure is not None:
         summary["error"] = str(failure)
