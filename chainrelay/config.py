@@ -38,6 +38,7 @@ class LimitsConfig:
     max_batch_len: int = d.MAX_BATCH_LEN
     max_header_bytes: int = d.MAX_HEADER_BYTES
     max_pending_per_connection: int = d.MAX_PENDING_PER_CONNECTION
+    max_pending_replies: int = d.MAX_PENDING_REPLIES
     max_connections_per_ip: int = d.MAX_CONNECTIONS_PER_IP
     keepalive_timeout: float = d.KEEPALIVE_TIMEOUT
     max_ws_message_bytes: int = d.MAX_WS_MESSAGE_BYTES
@@ -329,6 +330,7 @@ def validate(cfg: Config) -> Config:
         ("limits.max_batch_len", cfg.limits.max_batch_len),
         ("limits.ws_close_timeout", cfg.limits.ws_close_timeout),
         ("limits.max_relay_hops", cfg.limits.max_relay_hops),
+        ("limits.max_pending_replies", cfg.limits.max_pending_replies),
         ("limits.max_hit_table_bytes", cfg.limits.max_hit_table_bytes),
         ("limits.max_hit_table_entries", cfg.limits.max_hit_table_entries),
         ("limits.memo_max_params_bytes", cfg.limits.memo_max_params_bytes),

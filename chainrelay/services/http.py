@@ -351,6 +351,7 @@ class HttpProtocol(asyncio.Protocol):
         "_send_now",
         "_too_large",
         "_url",
+        "_write_paused",
         "busy",
         "ip",
         "parser",
@@ -368,6 +369,7 @@ class HttpProtocol(asyncio.Protocol):
         self.ip = ""
         self.requests = 0  # messages seen; the idle sweep compares it between sweeps
         self.busy = False
+        self._write_paused = False
         self._url = b""
         self._body: list[bytes] = []
         self._body_len = 0
@@ -416,9 +418,21 @@ class HttpProtocol(asyncio.Protocol):
                 item.cancel()
         self._queue.clear()
 
+    def pause_writing(self) -> None:
+        if self.ws is None and self.transport is not None:
+            # A client that does not read its answers is not read either: answers (a
+            # range answer runs to megabytes) never pile up in the transport unbounded.
+            self._write_paused = True
+            self.transport.pause_reading()
+
     def resume_writing(self) -> None:
         if self.ws is not None:
             self.ws.resume_writing()
+            return
+        if self._write_paused:
+            self._write_paused = False
+            if not self._paused and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -668,14 +682,26 @@ class HttpProtocol(asyncio.Protocol):
         """Queue an answer made elsewhere (any status and content type), in request order."""
 
         async def whole() -> bytes:
-            status, body, content_type = await reply
+            try:
+                status, body, content_type = await reply
+            except Exception:
+                # Never a 200: on POST /batches a 200 says "acknowledged".
+                log.exception("answer to %s failed", path.decode(errors="replace"))
+                status, body, content_type = 500, b'{"error":"internal error"}', None
             return self.server.head(status, len(body), keep_alive, cors, content_type) + body
 
+        path = self._url
         cors = b"" if self.server.cors_any else self._cors()
         fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
         self._queue.append([fut, keep_alive, cors, True])
         self.busy = True
         fut.add_done_callback(self._flush)
+        replies = sum(1 for e in self._queue if len(e) > 3)
+        if replies >= self.server.limits.max_pending_replies and not self._paused:
+            # Each may be megabytes (range answers): a few at a time per connection.
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
 
     # --- answers ---------------------------------------------------------------------
     def _answer(
@@ -788,9 +814,18 @@ class HttpProtocol(asyncio.Protocol):
                 assert isinstance(item, bytes)
                 self._write(item, bool(keep_alive))
         self.busy = bool(q)
-        if self._paused and len(q) <= self.server.limits.max_pending_per_connection // 2:
+        limits = self.server.limits
+        if (
+            self._paused
+            and len(q) <= limits.max_pending_per_connection // 2
+            and sum(1 for e in q if len(e) > 3) < limits.max_pending_replies
+        ):
             self._paused = False
-            if self.transport is not None and not self.transport.is_closing():
+            if (
+                not self._write_paused
+                and self.transport is not None
+                and not self.transport.is_closing()
+            ):
                 self.transport.resume_reading()
 
     def _plain(self, status: int, text: bytes, keep_alive: bool) -> None:
