@@ -238,6 +238,7 @@ class BatchesConfig:
     order_max_held_bytes: int = d.BATCH_ORDER_MAX_HELD_BYTES
     order_wait: float = d.BATCH_ORDER_WAIT
     child_queue_frames: int = d.BATCH_CHILD_QUEUE_FRAMES
+    fetch_rounds: int = d.BATCH_FETCH_ROUNDS
     range_max_frames: int = d.BATCH_RANGE_MAX_FRAMES
     range_max_bytes: int = d.BATCH_RANGE_MAX_BYTES
     range_timeout: float = d.BATCH_RANGE_TIMEOUT
@@ -495,6 +496,7 @@ def _validate_batches(cfg: Config) -> None:
         "order_max_held_bytes",
         "order_wait",
         "child_queue_frames",
+        "fetch_rounds",
         "range_max_frames",
         "range_max_bytes",
         "range_timeout",

@@ -330,6 +330,9 @@ BATCH_ORDER_MAX_HELD_BYTES = 64 * MiB
 # Seconds a relay waits for a missing batch from its other parents before fetching it from
 # a parent's range endpoint: two parents' copies are apart by their link delays (<0.3 s).
 BATCH_ORDER_WAIT = 1.0
+# Fetches of a missing batch that bring nothing before a relay passes over it (its
+# children then fetch it themselves), order_wait apart: a parent restarting is back by then.
+BATCH_FETCH_ROUNDS = 3
 # Frames one range answer holds at most: a subscriber resuming far back pages through
 # the durable log in answers this large.
 BATCH_RANGE_MAX_FRAMES = 1000

@@ -19,6 +19,7 @@ it resumes from its position.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -90,6 +91,8 @@ class BatchSpec:
     order_max_held_bytes: int = defaults.BATCH_ORDER_MAX_HELD_BYTES
     order_wait: float = defaults.BATCH_ORDER_WAIT
     child_queue_frames: int = defaults.BATCH_CHILD_QUEUE_FRAMES
+    fetch_frames: int = defaults.BATCH_RANGE_MAX_FRAMES
+    fetch_rounds: int = defaults.BATCH_FETCH_ROUNDS
 
 
 @dataclass(slots=True)
@@ -109,6 +112,7 @@ class Stream:
     gap_timer: asyncio.TimerHandle | None = None
     fetching: bool = False
     refused: int | None = None  # highest seq refused while too much was held
+    fetch_failures: int = 0  # fetches in a row that brought nothing
 
 
 # Fetches a batch stream's frames ``[start, end)`` from this node's parents (their range
@@ -304,36 +308,45 @@ class FeedHub:
         task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, st: Stream, missing: Missing) -> None:
-        assert st.order is not None
+        """One page of what is missing (at most ``fetch_frames``: a long outage is
+        fetched page by page, each page checked in one go, the loop free in between)."""
+        assert st.order is not None and st.batch is not None
+        end = min(missing.end, missing.start + st.batch.fetch_frames)
         got: list[bytes] = []
         try:
             if self.fetch_range is not None:
-                got = await self.fetch_range(st.name, missing.start, missing.end)
-        except Exception as exc:  # any parent's failure: the batches are skipped below
+                got = await self.fetch_range(st.name, missing.start, end)
+        except Exception as exc:  # any parent's failure: tried again, then passed over
             log.warning("fetching batches %s of %s failed: %s", missing, st.name, exc)
         finally:
             st.fetching = False
         before = st.order.next
         for raw in got:
             self.accept(raw, "range")
-        if st.order.next == before and st.order.missing() is not None:
-            # No parent could give them: the held batches go on; children see the jump
-            # and fetch the missing ones themselves (their range requests climb further).
-            log.warning(
-                "batches %d-%d of %s are in no parent's backlog: passed over",
-                missing.start,
-                missing.end - 1,
-                st.name,
-            )
-            self.metrics.batch_gaps.labels(st.name, "skipped").inc()
-            for f in st.order.skip():
-                self._keep(st, f, "accepted", "")
-        else:
+        if st.order.next != before or st.order.missing() is None:
+            st.fetch_failures = 0
             self.metrics.batch_gaps.labels(st.name, "fetched").inc()
-        if st.refused is not None and st.refused >= (st.order.next or 0):
-            self._fill_gap(st)  # refused while held: no parent sends those again
-        else:
-            self._watch_gap(st)
+            if self._wanted(st) is not None:
+                # More pages, or what a full gate refused: no parent sends those again.
+                asyncio.get_running_loop().call_soon(self._fill_gap, st)
+            return
+        st.fetch_failures += 1
+        if st.fetch_failures < st.batch.fetch_rounds:
+            self._watch_gap(st)  # again after order_wait: a parent may be restarting
+            return
+        # No parent could give them: the held batches go on; children see the jump and
+        # fetch the missing ones themselves (their range requests climb further).
+        st.fetch_failures = 0
+        log.warning(
+            "batches %d-%d of %s are in no parent's backlog: passed over",
+            missing.start,
+            missing.end - 1,
+            st.name,
+        )
+        self.metrics.batch_gaps.labels(st.name, "skipped").inc()
+        for f in st.order.skip():
+            self._keep(st, f, "accepted", "")
+        self._watch_gap(st)
 
     def range(self, stream: str, start: int, max_frames: int, max_bytes: int) -> list[bytes] | None:
         """Frames of batch ``stream`` from seq ``start`` on, consecutive, from the backlog
@@ -405,10 +418,11 @@ class FeedHub:
         if not st.held_waiters:
             return
         keep = []
+        held = sorted(st.held.values())  # once per message, not once per waiter
         for seq, k, fut in st.held_waiters:
-            n = sum(1 for p in st.held.values() if p >= seq)
             if fut.done():
                 continue
+            n = len(held) - bisect.bisect_left(held, seq)
             if n >= k:
                 fut.set_result(n)
             else:

@@ -467,6 +467,8 @@ def specs_of(cfg: BatchesConfig, node_chain_id: int) -> list[BatchSpec]:
             order_max_held_bytes=cfg.order_max_held_bytes,
             order_wait=cfg.order_wait,
             child_queue_frames=cfg.child_queue_frames,
+            fetch_frames=cfg.range_max_frames,
+            fetch_rounds=cfg.fetch_rounds,
         )
         for s in cfg.streams
     ]
