@@ -332,6 +332,7 @@ class Node:
             retry_delay=tree.retry_delay,
             retry_max=tree.retry_max,
             ping_interval=tree.ping_interval,
+            node=self.via,
             probe_interval=tree.probe_interval,
             degrade_factor=tree.degrade_factor,
             min_gain=tree.min_gain,

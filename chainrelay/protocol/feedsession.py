@@ -27,6 +27,7 @@ Rules (everything that decides what a child is sent lives here):
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import orjson
 
 PROTOCOL_VERSION = 1
+_NODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Control messages are small JSON objects; anything larger is abuse.
 MAX_CONTROL_BYTES = 64 * 1024
 # Streams one hello may name: a node carries a handful of chains' blocks and batches.
@@ -258,6 +260,9 @@ class Hello:
     # The largest frame the child takes (a WebSocket message past it would end its link):
     # larger ones are not sent to it. None: no bound given.
     max_frame_bytes: int | None = None
+    # The child node's name, when it is a relay (its Via name): what it says it holds
+    # (``held``) counts towards acknowledgements that wait for relays, once per name.
+    node: str | None = None
 
 
 def _int_or_none(v: Any, what: str) -> int | None:
@@ -279,7 +284,9 @@ def _identity_or_none(v: Any) -> bytes | None:
         raise ControlError("after must be a 0x-prefixed 32-byte identity") from None
 
 
-def encode_hello(wants: list[Want], max_frame_bytes: int | None = None) -> bytes:
+def encode_hello(
+    wants: list[Want], max_frame_bytes: int | None = None, node: str | None = None
+) -> bytes:
     streams = []
     for w in wants:
         s: dict[str, Any] = {"stream": w.stream}
@@ -293,6 +300,8 @@ def encode_hello(wants: list[Want], max_frame_bytes: int | None = None) -> bytes
     msg: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION, "streams": streams}
     if max_frame_bytes is not None:
         msg["max_frame_bytes"] = max_frame_bytes
+    if node is not None:
+        msg["node"] = node
     return orjson.dumps(msg)
 
 
@@ -307,7 +316,12 @@ def parse_hello(data: bytes | str) -> Hello:
     streams = msg.get("streams")
     if not isinstance(streams, list) or not streams or len(streams) > MAX_HELLO_STREAMS:
         raise ControlError(f"streams must be a list of 1-{MAX_HELLO_STREAMS} entries")
-    hello = Hello(max_frame_bytes=_int_or_none(msg.get("max_frame_bytes"), "max_frame_bytes"))
+    node = msg.get("node")
+    if node is not None and (not isinstance(node, str) or not _NODE.fullmatch(node)):
+        raise ControlError("node must be a name of 1-64 letters, digits, '.', '_' or '-'")
+    hello = Hello(
+        max_frame_bytes=_int_or_none(msg.get("max_frame_bytes"), "max_frame_bytes"), node=node
+    )
     names: set[str] = set()
     for s in streams:
         if not isinstance(s, dict) or not isinstance(s.get("stream"), str):

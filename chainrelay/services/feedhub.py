@@ -407,6 +407,8 @@ class FeedHub:
         st = self.streams.get(stream)
         if st is None or st.order is None or st.order.next is None or child not in st.children:
             return
+        if child.node is None:
+            return  # a subscriber, not a relay: what it holds helps no acknowledgement
         # Never more than this node sent: a child's word cannot make up a relay's copy.
         position = min(position, st.order.next - 1)
         if position <= st.held.get(child, -1):
@@ -418,7 +420,12 @@ class FeedHub:
         if not st.held_waiters:
             return
         keep = []
-        held = sorted(st.held.values())  # once per message, not once per waiter
+        # Per relay name (one relay is one, however many sessions it has), once per
+        # message, not once per waiter.
+        by_node: dict[str | None, int] = {}
+        for child, position in st.held.items():
+            by_node[child.node] = max(position, by_node.get(child.node, -1))
+        held = sorted(by_node.values())
         for seq, k, fut in st.held_waiters:
             if fut.done():
                 continue
@@ -531,6 +538,7 @@ class FeedChild(WsSession):
         self.hub = hub
         self.cursors: dict[str, Cursor] = {}
         self.greeted = False
+        self.node: str | None = None  # the relay's name its hello gave
         self.high_water = hub.limits.child_buffer_bytes
         # Above this the transport pauses us; ``resume_writing`` pumps again.
         transport.set_write_buffer_limits(high=self.high_water)
@@ -566,6 +574,7 @@ class FeedChild(WsSession):
         except ControlError as exc:
             self._refuse(str(exc), exc.code, "bad_hello")
             return
+        self.node = hello.node
         hub = self.hub
         entries = []
         for want in hello.wants:

@@ -76,7 +76,10 @@ class FeedLink:
         retry_delay: float,
         retry_max: float,
         ping_interval: float,
+        node: str | None = None,
     ) -> None:
+        """``node``: this node's name, told to the parent in the hello when this node is a
+        relay (what it holds may count towards acknowledgements that wait for relays)."""
         self.url = url
         self.name = name
         self.wants = wants
@@ -88,6 +91,7 @@ class FeedLink:
         self.retry_delay = retry_delay
         self.retry_max = retry_max
         self.ping_interval = ping_interval
+        self.node = node
         self.connected = False
         self.rtt: float | None = None
         self.failures = 0  # consecutive connects that never reached a welcome
@@ -226,7 +230,9 @@ class FeedLink:
             try:
                 # Frames past our bound would end the link (1009) at every resume: the parent
                 # leaves them out, and the jump in positions is backfilled.
-                hello = encode_hello(self.wants(), max_frame_bytes=self.max_frame_bytes)
+                hello = encode_hello(
+                    self.wants(), max_frame_bytes=self.max_frame_bytes, node=self.node
+                )
                 await conn.send(hello, text=True)
                 async with asyncio.timeout(self.connect_timeout):
                     first = await conn.recv()

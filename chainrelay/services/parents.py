@@ -71,6 +71,7 @@ class ParentSet:
         retry_delay: float = defaults.TREE_RETRY_DELAY,
         retry_max: float = defaults.TREE_RETRY_MAX,
         ping_interval: float = defaults.TREE_PING_INTERVAL,
+        node: str | None = None,
         # Choosing
         probe_interval: float = defaults.TREE_PROBE_INTERVAL,
         degrade_factor: float = defaults.TREE_DEGRADE_FACTOR,
@@ -125,6 +126,7 @@ class ParentSet:
             "retry_delay": retry_delay,
             "retry_max": retry_max,
             "ping_interval": ping_interval,
+            "node": node,
         }
         self.connect_timeout = connect_timeout
         self.on_change = on_change

@@ -258,12 +258,13 @@ class ChildEnd:
         hub: FeedHub | None = None,
         hello: bytes | list[bytes] | None = None,
         max_frame_bytes: int = 1 << 24,
+        node: str | None = None,
     ) -> None:
         self.proto = ClientProtocol(parse_uri("ws://parent.test/feed"), max_size=max_frame_bytes)
         self.hub = hub
         if hello is None:
             assert wants is not None
-            hello = encode_hello(wants)
+            hello = encode_hello(wants, node=node)
         self.hellos = [hello] if isinstance(hello, bytes) else hello
         self.transport: MemoryTransport | None = None
         self.status: int | None = None  # the upgrade's answer
@@ -379,12 +380,15 @@ def connect(
     hello: bytes | list[bytes] | None = None,
     rate: int | None = None,
     max_send_buffer: int = 16 * 1024 * 1024,
+    node: str | None = None,
 ) -> Pair:
     """A child of ``parent`` asking for ``wants`` (or sending ``hello`` as is): the upgrade
     and hello start now and complete over the next loop turns. ``hub``: the child node
     whose ``accept`` takes each frame; ``rate``: bytes the child reads a turn."""
     pe = ParentEnd(parent, max_send_buffer)
-    ce = ChildEnd(wants, hub=hub, hello=hello, max_frame_bytes=parent.limits.max_frame_bytes)
+    ce = ChildEnd(
+        wants, hub=hub, hello=hello, max_frame_bytes=parent.limits.max_frame_bytes, node=node
+    )
     to_child, to_parent = link(pe, ce, "feed")
     pe.transport, ce.transport = to_child, to_parent
     to_parent.rate = rate  # the child end reads what the parent's transport delivers

@@ -454,7 +454,7 @@ async def tell_held(h: FeedHub, p: Pair, position: int) -> None:
 
 async def test_wait_held_resolves_once_k_children_hold_the_seq() -> None:
     relay = ingress_with(10)
-    c1, c2, c3 = (connect(relay, [Want(S, from_position=0)]) for _ in range(3))
+    c1, c2, c3 = (connect(relay, [Want(S, from_position=0)], node=f"relay{i}") for i in range(3))
     await welcomed(c1, c2, c3)
     fut = relay.wait_held(S, 5, 2)
     await tell_held(relay, c1, 5)
@@ -478,6 +478,17 @@ async def test_wait_held_resolves_once_k_children_hold_the_seq() -> None:
     await tell_held(relay, c3, 9)
     assert await asyncio.wait_for(later, WAIT) == 2
 
+    # A subscriber (no node in its hello) never counts; two sessions of one relay count once.
+    sub = connect(relay, [Want(S, from_position=0)])
+    twin = connect(relay, [Want(S, from_position=0)], node="relay2")  # c3's name
+    await welcomed(sub, twin)
+    alone = relay.wait_held(S, 9, 2)
+    sub.child.send_text(encode_held(S, 9))
+    await tell_held(relay, twin, 9)
+    assert held_by(relay, sub) is None
+    assert not alone.done()  # relay2 holds 9 (twice); relay1 only 7
+    alone.cancel()
+
 
 MALFORMED = {
     "not json": b"{held",
@@ -494,7 +505,7 @@ async def test_a_malformed_control_message_closes_that_child_only(body: bytes) -
     relay = node((S, OTHER))
     for n in range(3):
         relay.publish(FRAMES[n])
-    bad, good = (connect(relay, [Want(S, from_position=0)]) for _ in range(2))
+    bad, good = (connect(relay, [Want(S, from_position=0)], node=f"r{i}") for i in range(2))
     await has(bad, 3)
     await has(good, 3)
     fut = relay.wait_held(S, 2, 1)
@@ -544,6 +555,7 @@ def memory_link(
         retry_delay=0.01,
         retry_max=0.05,
         ping_interval=1 * SECOND,
+        node="relay-under-test",
     )
 
 

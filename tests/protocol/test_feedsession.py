@@ -728,3 +728,15 @@ def test_max_frame_bytes_travels_in_the_hello() -> None:
         parse_hello(
             b'{"type":"hello","version":1,"max_frame_bytes":-1,"streams":[{"stream":"a/b"}]}'
         )
+
+
+def test_a_hello_may_name_the_relay_node_and_a_bad_name_is_refused() -> None:
+    hello = parse_hello(encode_hello([Want("arbitrum/batches")], node="chainrelay-0a1b2c3d"))
+    assert hello.node == "chainrelay-0a1b2c3d"
+    assert parse_hello(encode_hello([Want("arbitrum/batches")])).node is None
+    for bad in ("", "x" * 65, "a b", 7):
+        text = orjson.dumps(
+            {"type": "hello", "version": 1, "streams": [{"stream": "a/b"}], "node": bad}
+        )
+        with pytest.raises(ControlError, match="node"):
+            parse_hello(text)
