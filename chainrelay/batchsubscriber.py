@@ -48,7 +48,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -367,7 +367,7 @@ class BatchSubscription(FeedSubscription[FeedBatch, _Queued]):
         return bytes(raw)
 
 
-async def subscribe_batches(
+def subscribe_batches(
     urls: str | Sequence[str],
     stream: str,
     *,
@@ -375,22 +375,17 @@ async def subscribe_batches(
     trust: Sequence[str] = (),
     chain_id: int | None = None,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-) -> AsyncIterator[FeedBatch]:
+) -> AsyncGenerator[FeedBatch, None]:
     """Each batch of ``stream`` once, in order, from the nodes at ``urls`` (see the module
     docstring); closing the generator stops every link."""
-    sub = BatchSubscription(
+    return BatchSubscription(
         urls,
         stream,
         from_seq=from_seq,
         trust=trust,
         chain_id=chain_id,
         max_payload_bytes=max_payload_bytes,
-    )
-    try:
-        async for batch in sub:
-            yield batch
-    finally:
-        await sub.aclose()
+    ).closing()
 
 
 async def print_batches(

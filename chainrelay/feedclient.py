@@ -202,6 +202,15 @@ class FeedSubscription(Generic[ItemT, QueuedT]):
         self._gen = self._items()
         return self._gen
 
+    async def closing(self) -> AsyncGenerator[ItemT, None]:
+        """Each item, as ``async for`` gives them; the subscription closed when the
+        iteration ends, however it ends (the body of ``subscribe``)."""
+        try:
+            async for item in self:
+                yield item
+        finally:
+            await self.aclose()
+
     async def __aenter__(self) -> Self:
         return self
 

@@ -41,7 +41,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -373,7 +373,7 @@ class Subscription(FeedSubscription[FeedBlock, _Queued]):
         return block, receipts if isinstance(receipts, list) else None
 
 
-async def subscribe(
+def subscribe(
     urls: str | Sequence[str],
     stream: str,
     *,
@@ -382,10 +382,10 @@ async def subscribe(
     max_frame_bytes: int = MAX_FRAME_BYTES,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     backfill: bool = True,
-) -> AsyncIterator[FeedBlock]:
+) -> AsyncGenerator[FeedBlock, None]:
     """Each block of ``stream`` once, in order, from the nodes at ``urls`` (see the module
     docstring); closing the generator stops every link."""
-    sub = Subscription(
+    return Subscription(
         urls,
         stream,
         from_block=from_block,
@@ -393,12 +393,7 @@ async def subscribe(
         max_frame_bytes=max_frame_bytes,
         max_payload_bytes=max_payload_bytes,
         backfill=backfill,
-    )
-    try:
-        async for block in sub:
-            yield block
-    finally:
-        await sub.aclose()
+    ).closing()
 
 
 async def print_blocks(
