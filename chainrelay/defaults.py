@@ -18,7 +18,8 @@ MAX_HEADER_BYTES = 32 * 1024
 # Answers queued on one connection before we stop reading from it (backpressure, not loss).
 MAX_PENDING_PER_CONNECTION = 256
 # Answers made elsewhere (range answers, batch pushes over POST) one HTTP connection may
-# have under way before it is no longer read: a range answer runs to megabytes.
+# have under way; more are answered 429: a range answer runs to megabytes (a pusher that
+# wants more in flight uses the WebSocket).
 MAX_PENDING_REPLIES = 4
 # Connections one IP may hold: a browser opens ~6, a busy backend a few hundred.
 MAX_CONNECTIONS_PER_IP = 1024

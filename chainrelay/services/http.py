@@ -690,18 +690,21 @@ class HttpProtocol(asyncio.Protocol):
                 status, body, content_type = 500, b'{"error":"internal error"}', None
             return self.server.head(status, len(body), keep_alive, cors, content_type) + body
 
+        if sum(1 for e in self._queue if len(e) > 3) >= self.server.limits.max_pending_replies:
+            # Each may be megabytes (range answers): a few at a time per connection. A
+            # pipelined burst arrives in one read, parsed whole before reading could pause,
+            # so the rest is refused, each in its turn, not held.
+            if isinstance(reply, Coroutine):
+                reply.close()
+            self.server.metrics.rejected.labels("too_many_pending").inc()
+            self._plain(429, b"too many answers under way on this connection", keep_alive)
+            return
         path = self._url
         cors = b"" if self.server.cors_any else self._cors()
         fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
         self._queue.append([fut, keep_alive, cors, True])
         self.busy = True
         fut.add_done_callback(self._flush)
-        replies = sum(1 for e in self._queue if len(e) > 3)
-        if replies >= self.server.limits.max_pending_replies and not self._paused:
-            # Each may be megabytes (range answers): a few at a time per connection.
-            self._paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
 
     # --- answers ---------------------------------------------------------------------
     def _answer(
@@ -814,12 +817,7 @@ class HttpProtocol(asyncio.Protocol):
                 assert isinstance(item, bytes)
                 self._write(item, bool(keep_alive))
         self.busy = bool(q)
-        limits = self.server.limits
-        if (
-            self._paused
-            and len(q) <= limits.max_pending_per_connection // 2
-            and sum(1 for e in q if len(e) > 3) < limits.max_pending_replies
-        ):
+        if self._paused and len(q) <= self.server.limits.max_pending_per_connection // 2:
             self._paused = False
             if (
                 not self._write_paused
