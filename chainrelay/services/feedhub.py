@@ -14,6 +14,12 @@ replay and live are one loop. The fan-out loop writes the same frame bytes to ev
 whose socket buffer is full is skipped until its transport drains (``resume_writing``),
 and one that falls past its queue bound or out of the backlog is told ``bye`` and closed;
 it resumes from its position.
+
+Batch streams (``BatchSpec``) differ in three ways: each frame is checked against the
+stream's sequencers (the frame carries the sequencer's own signature), frames pass on
+strictly in sequence (``protocol.batchorder``: held past a missing one, which is fetched
+from a parent's range endpoint), and the sequencer's ``confirmed`` trims the backlog; child
+relays say what they hold (``held``) for acknowledgements that wait for relays.
 """
 
 from __future__ import annotations
