@@ -28,12 +28,18 @@ log = logging.getLogger(__name__)
 def feed_url(url: str) -> str:
     """The ``/feed`` WebSocket URL of a node given as ``ws://host:port[/feed]`` or
     ``http://host:port``."""
+    return ws_endpoint(url, "/feed", "a feed URL")
+
+
+def ws_endpoint(url: str, path: str, what: str) -> str:
+    """A node's WebSocket endpoint ``path`` from ``ws(s)://`` or ``http(s)://HOST:PORT``
+    (a path given in ``url`` is kept); ``ConfigError`` naming ``what`` otherwise."""
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.netloc:
-        raise ConfigError(f"a feed URL is ws://HOST:PORT/feed: {url!r}")
-    path = parts.path if parts.path not in ("", "/") else "/feed"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+        raise ConfigError(f"{what} is ws://HOST:PORT{path}: {url!r}")
+    given = parts.path if parts.path not in ("", "/") else path
+    return urlunsplit((scheme, parts.netloc, given, parts.query, ""))
 
 
 def rpc_url(url: str) -> str:

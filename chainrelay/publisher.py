@@ -55,7 +55,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import websockets
@@ -64,8 +63,12 @@ from websockets.exceptions import InvalidStatus
 
 from chainrelay import defaults as d
 from chainrelay.errors import ConfigError, PublishError, PublishRefused, PublishUnauthorized
+from chainrelay.feedclient import ws_endpoint
 from chainrelay.wire.batchframe import (
     CONFIRMED,
+    GAP,
+    NOT_DURABLE,
+    NOT_HELD,
     PUSH,
     PUSH_HEADER_LEN,
     Push,
@@ -78,23 +81,14 @@ from chainrelay.wire.feedframe import Signer
 
 log = logging.getLogger(__name__)
 
-# The ingress node's answer codes the publisher acts on (see services/ingress.py).
-CODE_GAP = -32040
-CODE_NOT_HELD = -32046
-CODE_NOT_DURABLE = -32047
 # Refusals about one node's state, not the batch: another node may still acknowledge it.
-NODE_REFUSALS = frozenset({CODE_GAP, CODE_NOT_HELD, CODE_NOT_DURABLE})
+NODE_REFUSALS = frozenset({GAP, NOT_HELD, NOT_DURABLE})
 
 
 # --- pieces without I/O -----------------------------------------------------------------------
 def ingress_url(url: str) -> str:
     """The push endpoint of ``url``: ``ws://HOST:PORT`` (or http://) means its ``/batches``."""
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss") or not parts.netloc:
-        raise ConfigError(f"an ingress URL is ws://HOST:PORT[/batches]: {url!r}")
-    path = parts.path if parts.path not in ("", "/") else "/batches"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    return ws_endpoint(url, "/batches", "an ingress URL")
 
 
 def private_key(key: bytes | str) -> bytes:
@@ -394,7 +388,7 @@ class _Ingress:
             self.pub.fail(batch, refused)  # no node will take it: gone from every queue
             return
         expected = data.get("expected")
-        if code == CODE_GAP and isinstance(expected, int) and expected < seq:
+        if code == GAP and isinstance(expected, int) and expected < seq:
             if expected in self.queue:
                 # The node lost batches it never acknowledged: they are here to send again.
                 if self._resync(f"{code} at {seq}, expected {expected}"):
@@ -402,7 +396,7 @@ class _Ingress:
             elif expected <= self.lost_through:
                 self._fall_behind(expected, seq)
                 return
-        elif code == CODE_NOT_DURABLE and self._resync(f"{code} at {seq}"):
+        elif code == NOT_DURABLE and self._resync(f"{code} at {seq}"):
             return
         # This node will not take it from this connection; another node still may.
         batch = self.forget(seq)
@@ -433,7 +427,7 @@ class _Ingress:
             self.pub.forgotten(
                 batch,
                 PublishRefused(
-                    CODE_GAP,
+                    GAP,
                     f"behind: it expects {expected}, held by no node's connection",
                     {"expected": expected},
                     url=self.url,

@@ -42,24 +42,27 @@ from chainrelay.services.feedhub import BatchSpec, FeedHub
 from chainrelay.services.metrics import Metrics
 from chainrelay.services.ws import WsSession
 from chainrelay.wire import batchframe
-from chainrelay.wire.batchframe import CONFIRMED, Push, PushError
+from chainrelay.wire.batchframe import (
+    CONFIRMED,
+    CONFLICT,
+    GAP,
+    INTERNAL,
+    MALFORMED,
+    NOT_DURABLE,
+    NOT_HELD,
+    SIGNATURE,
+    SIGNER,
+    TOO_LARGE,
+    UNKNOWN_STREAM,
+    Push,
+    PushError,
+)
 from chainrelay.wire.feedframe import FrameError, keccak, recover
 from chainrelay.wire.wsframes import text_header
 
 log = logging.getLogger(__name__)
 
-# Error codes of a refused push (JSON-RPC server range) and the HTTP status each gets on
-# POST /batches.
-GAP = -32040
-CONFLICT = -32041
-SIGNER = -32042
-SIGNATURE = -32043
-TOO_LARGE = -32044
-UNKNOWN_STREAM = -32045
-NOT_HELD = -32046
-NOT_DURABLE = -32047
-MALFORMED = -32600
-INTERNAL = -32603
+# The HTTP status each refusal (``batchframe``'s codes) gets on POST /batches.
 HTTP_STATUS = {
     GAP: 409,
     CONFLICT: 409,

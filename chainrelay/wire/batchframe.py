@@ -167,6 +167,21 @@ def frame_chain_id(frame: Frame) -> int:
     return identity_parts(frame.identity)[0]
 
 
+# --- answers to pushes -----------------------------------------------------------------------
+# A refused push's error code (JSON-RPC server range), as the ingress answers it and the
+# publisher acts on it.
+GAP = -32040  # not the next expected number; data.expected
+CONFLICT = -32041  # another payload is accepted for this number
+SIGNER = -32042  # the signature is not a sequencer's of this stream
+SIGNATURE = -32043  # the signature is unreadable
+TOO_LARGE = -32044  # payload over the limit; data.limit
+UNKNOWN_STREAM = -32045
+NOT_HELD = -32046  # durable, but not held by the relays asked for in time
+NOT_DURABLE = -32047  # the log failed: push it again
+MALFORMED = -32600
+INTERNAL = -32603
+
+
 # --- push messages --------------------------------------------------------------------------
 class PushError(ValueError):
     """A push message that cannot be read at all (answered -32600)."""
