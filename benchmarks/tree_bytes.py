@@ -44,7 +44,7 @@ from chainrelay.wire.wsframes import binary_header
 
 GOAL_RATIO = 0.4
 BUDGET_SECONDS = 240
-CORPORA = common.ROOT.parent / "shared" / "corpora"
+CORPORA = common.ROOT / "tests" / "corpora"
 MAINNET = CORPORA / "erigon-mainnet-block-18000000"
 ARBITRUM = CORPORA / "arbitrum-one-block-0x1db7fd9c.json"
 # Any key signs as fast as any other; this one is anvil's first dev account's.

@@ -336,7 +336,7 @@ def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
             "--blocks",
             str(blocks),
             "--corpora",
-            str(common.ROOT.parent / "shared" / "corpora"),
+            str(common.ROOT / "tests" / "corpora"),
             # One run's source ends with the benchmark's whole budget at the latest.
             "--max-seconds",
             str(BUDGET_SECONDS),

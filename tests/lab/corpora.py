@@ -1,4 +1,4 @@
-"""The recorded JSON-RPC corpora in ``../shared/corpora``, read as exchanges and chain facts.
+"""The recorded JSON-RPC corpora in ``tests/corpora``, read as exchanges and chain facts.
 
 Two layouts (see the corpora's README.md):
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from eth_utils import keccak
 
-# CI clones the repository with shared/ beside it.
-CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
+# Kept inside the repository (with their origins and licences), so any clone runs them.
+CORPORA = Path(__file__).resolve().parents[1] / "corpora"
 
 # Corpus names used on the command line -> their folder under CORPORA.
 FOLDERS: dict[str, str] = {

@@ -1,6 +1,6 @@
 """Transparency: behind a relay, every recorded request gets the recorded response.
 
-Each corpus of ``../shared/corpora`` is replayed by a fake upstream
+Each corpus of ``tests/corpora`` is replayed by a fake upstream
 (``tests.lab.recorded_upstream``, the only kind of upstream that can answer as those nodes
 did); a relay process sits in front of it, and every recorded request is sent through the
 relay twice - the second time mostly from its cache - and each answer is compared with the
@@ -72,8 +72,8 @@ ARB_SEPOLIA_UNRECORDED_TAGS = [
 
 
 def corpora_root() -> Path:
-    if not CORPORA.is_dir():
-        pytest.skip(f"recorded corpora not found at {CORPORA} (shared/ beside the repository)")
+    """The corpora folder; they live in the repository, so a missing one is a failure."""
+    assert CORPORA.is_dir(), f"recorded corpora not found at {CORPORA}"
     return CORPORA
 
 
@@ -242,8 +242,7 @@ async def test_arb_sepolia_recordings_pass_through_relay(
     procs: Procs, tmp_path: Path, relay_factory: RelayFactory
 ) -> None:
     root = corpora_root()
-    if not corpus_dir("arb-sepolia", root).is_dir():
-        pytest.skip("the erigon-arb-sepolia corpus is not in shared/corpora")
+    assert corpus_dir("arb-sepolia", root).is_dir()
     exchanges = load("arb-sepolia", root)
     assert len(exchanges) == ARB_SEPOLIA_EXCHANGES
     placeholders = {ex.name for ex in exchanges if not {"result", "error"} & set(ex.response)}
