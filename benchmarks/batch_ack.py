@@ -70,9 +70,9 @@ from benchmarks.common import (
     stop_process,
     table,
 )
+from chainrelay.batches.frame import PUSH, Push, encode_push, sign_batch
 from chainrelay.devnet import free_port
-from chainrelay.wire.batchframe import PUSH, Push, encode_push, sign_batch
-from chainrelay.wire.feedframe import Signer
+from chainrelay.tree.frame import Signer
 
 STREAM = "arbitrum/batches"
 CHAIN_ID = 42161

@@ -52,9 +52,9 @@ import orjson
 # The lab's helpers live with the tests (``tests/lab``), one level above this folder.
 sys.path.insert(0, str(common.ROOT))
 
-from chainrelay.batchsubscriber import BatchSubscription
-from chainrelay.publisher import Publisher
-from chainrelay.wire.feedframe import Signer, keccak
+from chainrelay.clients.batchsubscriber import BatchSubscription
+from chainrelay.clients.publisher import Publisher
+from chainrelay.tree.frame import Signer, keccak
 from tests.lab.batches import payload_of
 from tests.lab.chain import metric
 from tests.lab.netns import Region, RegionLab, unavailable

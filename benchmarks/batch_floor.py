@@ -1,8 +1,8 @@
 """The floor under the ingress's push path: the same WebSocket session, no ingress logic.
 
 uvloop + an asyncio Protocol that hands the upgrade to the ingress's own session class,
-``chainrelay.services.ingress.PushSession`` (the answers of one loop turn leave in one
-write), like ``chainrelay.services.http``; each binary message is read as a push message
+``chainrelay.batches.ingress.PushSession`` (the answers of one loop turn leave in one
+write), like ``chainrelay.server.http``; each binary message is read as a push message
 (``decode_push``) and answered at once with the ack the ingress would send. No API key,
 no signature check, no sequence rules, no log: what a pusher measures against it is what
 the ingress would reach if durability and its checks were free.
@@ -21,8 +21,8 @@ import orjson
 import uvloop
 
 from chainrelay import defaults
-from chainrelay.services.ingress import PushSession
-from chainrelay.wire.batchframe import PUSH_HEADER_LEN, decode_push
+from chainrelay.batches.frame import PUSH_HEADER_LEN, decode_push
+from chainrelay.batches.ingress import PushSession
 
 # A request head larger than this is not an upgrade this floor takes.
 MAX_HEAD_BYTES = 16 * 1024

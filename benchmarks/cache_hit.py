@@ -377,7 +377,7 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
 
 
 def _short(frame: str) -> str:
-    # "handle (chainrelay/services/rpc.py:100)" -> "rpc.py:handle"
+    # "handle (chainrelay/rpc/service.py:100)" -> "rpc.py:handle"
     m = re.match(r"(.*) \((.*?):\d+\)$", frame)
     if m is None:
         return frame or "(no Python frame)"

@@ -1,6 +1,6 @@
 """The floor under the relay's cache-hit path: the same transport stack, no relay logic.
 
-uvloop + an asyncio Protocol + httptools, like ``chainrelay.services.http``, answering
+uvloop + an asyncio Protocol + httptools, like ``chainrelay.server.http``, answering
 every POST with ready-made answers taken in turn (one ``transport.write`` per answer),
 the same bytes the relay sends for the benchmark's mix. What it reaches under wrk is
 what the relay could reach if its own work per request were free.

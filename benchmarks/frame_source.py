@@ -34,8 +34,8 @@ from aiohttp import WSMsgType, web
 from eth_utils import keccak
 
 from chainrelay.devnet import DEV_KEYS
-from chainrelay.protocol.feedsession import encode_welcome, parse_hello
-from chainrelay.wire import feedframe
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.session import encode_welcome, parse_hello
 
 MAINNET = "erigon-mainnet-block-18000000"
 # A source never outlives a benchmark by much, even one that died without stopping it:

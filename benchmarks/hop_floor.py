@@ -22,7 +22,7 @@ from typing import cast
 import uvloop
 from websockets.asyncio.client import connect
 
-from chainrelay.protocol.feedsession import Want, encode_hello, encode_welcome
+from chainrelay.tree.session import Want, encode_hello, encode_welcome
 from chainrelay.wire.wsframes import binary_header
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"

@@ -29,7 +29,7 @@ from cache_hit import IDS_PER_BODY
 
 from chainrelay import config as configmod
 from chainrelay.app import Node
-from chainrelay.services.http import HttpProtocol
+from chainrelay.server.http import HttpProtocol
 
 
 class NullTransport(asyncio.Transport):

@@ -39,7 +39,7 @@ import orjson
 from eth_account import Account
 
 from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, transfer_emitter_initcode
-from chainrelay.wire import feedframe
+from chainrelay.tree import frame as feedframe
 from chainrelay.wire.wsframes import binary_header
 
 GOAL_RATIO = 0.4

@@ -72,7 +72,7 @@ from subscribers import (
     ws_upgrade,
 )
 
-from chainrelay.protocol.feedsession import Want, encode_hello
+from chainrelay.tree.session import Want, encode_hello
 from chainrelay.wire.wsframes import binary_header
 
 GOAL_P50_MS = 1.0
@@ -538,7 +538,7 @@ def profile_table(stacks: Path) -> str:
 
 
 def _short(frame: str) -> str:
-    # "pump (chainrelay/services/feedhub.py:100)" -> "feedhub.py:pump"
+    # "pump (chainrelay/tree/hub.py:100)" -> "feedhub.py:pump"
     m = re.match(r"(.*) \((.*?):\d+\)$", frame)
     if m is None:
         return frame or "(no Python frame)"

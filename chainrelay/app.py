@@ -9,36 +9,36 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
+from chainrelay.batches.ingress import Ingress, specs_of
+from chainrelay.batches.log import BatchLog
+from chainrelay.batches.ranges import BatchRange
+from chainrelay.chain.follower import BlockFeed
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.config import CacheConfig, Config, parse_listen
 from chainrelay.errors import ChainRelayError
-from chainrelay.protocol.chains import ChainProfile, profile_for
-from chainrelay.protocol.feedsession import Gap
-from chainrelay.protocol.parents import Candidate
-from chainrelay.services.batchlog import BatchLog
-from chainrelay.services.batchrange import BatchRange
-from chainrelay.services.blocks import BlockFeed
-from chainrelay.services.cache import MemoryCache
-from chainrelay.services.feedhub import FeedHub, HubLimits
-from chainrelay.services.feedlink import FeedLink
-from chainrelay.services.feedsource import FeedSource
-from chainrelay.services.filters import FilterService
-from chainrelay.services.head import HeadTracker
-from chainrelay.services.http import HttpServer, Routes
-from chainrelay.services.ingress import Ingress, specs_of
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.origin import Origin, load_signer
-from chainrelay.services.parents import ParentSet
-from chainrelay.services.peer import new_via_name
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.rpc import RpcService
-from chainrelay.services.shared_cache import (
+from chainrelay.metrics import Metrics
+from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc.service import RpcService
+from chainrelay.rpc.shared_cache import (
     REDIS_MODE_MEMORY_BYTES,
     RedisCache,
     RedisSettings,
     lock_scope,
 )
-from chainrelay.services.subscriptions import SubscriptionService
-from chainrelay.services.upstream import make_upstream
+from chainrelay.server.http import HttpServer, Routes
+from chainrelay.server.peer import new_via_name
+from chainrelay.subscriptions.filters import FilterService
+from chainrelay.subscriptions.service import SubscriptionService
+from chainrelay.tree.choice import Candidate
+from chainrelay.tree.hub import FeedHub, HubLimits
+from chainrelay.tree.intake import FeedSource
+from chainrelay.tree.link import FeedLink
+from chainrelay.tree.origin import Origin, load_signer
+from chainrelay.tree.parents import ParentSet
+from chainrelay.tree.session import Gap
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import make_upstream
 
 log = logging.getLogger(__name__)
 

@@ -164,8 +164,8 @@ def _devnet(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    from chainrelay.batchsubscriber import print_batches
-    from chainrelay.subscriber import print_blocks
+    from chainrelay.clients.batchsubscriber import print_batches
+    from chainrelay.clients.subscriber import print_blocks
 
     code = 0
 
@@ -205,7 +205,7 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from chainrelay.publisher import run_publish
+    from chainrelay.clients.publisher import run_publish
 
     code = 0
 

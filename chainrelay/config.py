@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from chainrelay import defaults as d
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.errors import ConfigError
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.services import shared_cache as sc
+from chainrelay.rpc import shared_cache as sc
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -54,7 +54,7 @@ class LimitsConfig:
 # "redis": Redis, with only a minimal memory tier (see shared_cache.REDIS_MODE_MEMORY_BYTES).
 CACHE_BACKENDS = ("memory", "redis", "tiered")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-# When the block feed follows blocks (see chainrelay.services.blocks).
+# When the block feed follows blocks (see chainrelay.chain.follower).
 FOLLOW_MODES = ("auto", "always", "never")
 
 
@@ -78,7 +78,7 @@ class CacheConfig:
 
 @dataclass
 class ChainConfig:
-    # A profile from chainrelay.protocol.chains ("bsc", "arbitrum", "devnet"); empty: by id.
+    # A profile from chainrelay.chain.profiles ("bsc", "arbitrum", "devnet"); empty: by id.
     profile: str = ""
     # Expected chain id; upstreams on another chain are refused. 0: read from upstreams.
     chain_id: int = 0

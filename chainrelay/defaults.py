@@ -92,7 +92,7 @@ FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber/eth_chainId are answered locally only while the head is this fresh,
 # in block times; past it they go upstream.
 HEAD_FRESH_BLOCKS = 3.0
-# HTTP head polling (chainrelay/protocol/headpoll.py). Fractions are of the learned block
+# HTTP head polling (chainrelay/chain/headpoll.py). Fractions are of the learned block
 # interval. A probe's first poll goes this early: the block's expected time is known to
 # within about one near-poll step, so one poll before it usually suffices.
 HEAD_POLL_LEAD = 0.05
@@ -357,7 +357,7 @@ BATCH_SUBSCRIBER_MAX_PAYLOAD_BYTES = 16 * MiB
 # one frame past it (an answer never splits a frame).
 BATCH_SUBSCRIBER_RANGE_MAX_BYTES = 32 * MiB + TREE_MAX_FRAME_BYTES
 
-# --- Publisher (chainrelay.publisher, ``chainrelay publish``) ------------------------------
+# --- Publisher (chainrelay.publisher, ``chainrelay publish``) ------------
 # Pushes in flight (sent, unanswered) per ingress connection: 5,000 batches/s with 5 ms
 # acks keep ~25 in flight; 1024 keeps a 200 ms intercontinental link full, and stays far
 # below BATCH_MAX_IN_FLIGHT, where the ingress stops reading.

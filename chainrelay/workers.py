@@ -29,7 +29,7 @@ from typing import Any
 
 from chainrelay.config import Config, parse_listen
 from chainrelay.errors import ChainRelayError
-from chainrelay.services.peer import new_via_name
+from chainrelay.server.peer import new_via_name
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Sans-I/O wire formats: JSON-RPC 2.0 framing and id splicing. No asyncio here."""
+"""Wire formats shared across capabilities: JSON-RPC and WebSocket frame headers."""

@@ -24,10 +24,10 @@ from typing import Any
 
 import aiohttp
 
-from chainrelay.batchsubscriber import FeedBatch
-from chainrelay.publisher import generated_payload
-from chainrelay.wire.batchframe import decode_range, open_frame
-from chainrelay.wire.feedframe import Signer, decode, keccak
+from chainrelay.batches.frame import decode_range, open_frame
+from chainrelay.clients.batchsubscriber import FeedBatch
+from chainrelay.clients.publisher import generated_payload
+from chainrelay.tree.frame import Signer, decode, keccak
 from tests.lab.chain import metric
 from tests.lab.procs import Relay, fetch_metrics, until
 from tests.lab.timing import SECOND

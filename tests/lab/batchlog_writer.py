@@ -17,7 +17,7 @@ import hashlib
 import random
 import sys
 
-from chainrelay.services.batchlog import BatchLog
+from chainrelay.batches.log import BatchLog
 
 STREAM = "arbitrum/batches"
 # Batches in flight at once, as a pipelining sequencer keeps them.

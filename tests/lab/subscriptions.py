@@ -15,7 +15,7 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from chainrelay.subscriber import FeedBlock, Subscription
+from chainrelay.clients.subscriber import FeedBlock, Subscription
 from tests.lab.chain import TRANSFER_TOPIC
 from tests.lab.procs import until
 from tests.lab.timing import SECOND

@@ -25,8 +25,8 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from chainrelay.protocol.feedsession import Want, encode_hello
-from chainrelay.services.feedhub import FeedChild, FeedHub
+from chainrelay.tree.hub import FeedChild, FeedHub
+from chainrelay.tree.session import Want, encode_hello
 
 # asyncio's own default high-water mark for a transport's write buffer.
 DEFAULT_HIGH_WATER = 64 * 1024

@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
-from chainrelay.protocol.batchorder import BatchOrder
-from chainrelay.protocol.feedsession import CLOSE_BAD_HELLO, Want, encode_held
-from chainrelay.services.feedhub import BatchSpec, FeedChild, FeedHub
-from chainrelay.services.feedlink import HELD_INTERVAL, FeedLink
-from chainrelay.services.metrics import Metrics
-from chainrelay.wire import batchframe, feedframe
-from chainrelay.wire.feedframe import HEADER, HEADER_LEN, Frame, Signer, keccak
+from chainrelay.batches import frame as batchframe
+from chainrelay.batches.order import BatchOrder
+from chainrelay.metrics import Metrics
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.frame import HEADER, HEADER_LEN, Frame, Signer, keccak
+from chainrelay.tree.hub import BatchSpec, FeedChild, FeedHub
+from chainrelay.tree.link import HELD_INTERVAL, FeedLink
+from chainrelay.tree.session import CLOSE_BAD_HELLO, Want, encode_held
 from chainrelay.wire.wsframes import binary_header
 from tests.lab.procs import until
 from tests.lab.timing import SECOND

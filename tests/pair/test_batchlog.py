@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from chainrelay.batches import log as batchlog
+from chainrelay.batches.log import SCHEMA_VERSION, BatchLog
 from chainrelay.errors import BatchLogError
-from chainrelay.services import batchlog
-from chainrelay.services.batchlog import SCHEMA_VERSION, BatchLog
 
 STREAM = "arbitrum/batches"
 

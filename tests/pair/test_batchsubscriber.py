@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from chainrelay.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.batches.frame import encode_frame, encode_range, sign_batch
+from chainrelay.clients.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.clients.feed import range_url
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.feedclient import range_url
-from chainrelay.wire.batchframe import encode_frame, encode_range, sign_batch
-from chainrelay.wire.feedframe import HEADER_LEN, KIND_BLOCK, Signer, encode, keccak
+from chainrelay.tree.frame import HEADER_LEN, KIND_BLOCK, Signer, encode, keccak
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 

@@ -16,15 +16,15 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.chain.follower import BlockFeed, _Unavailable
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.services.blocks import BlockFeed, _Unavailable
-from chainrelay.services.cache import MemoryCache
-from chainrelay.services.head import HeadTracker
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.rpc import RpcService
-from chainrelay.services.upstream import Upstream
+from chainrelay.metrics import Metrics
+from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc.service import RpcService
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 

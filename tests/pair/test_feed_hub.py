@@ -22,9 +22,17 @@ import pytest
 from websockets.protocol import State
 
 from chainrelay import defaults
+from chainrelay.chain.follower import BlockFeed
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.protocol.feedsession import (
+from chainrelay.metrics import Metrics
+from chainrelay.rpc.cache import MemoryCache
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.frame import KIND_BLOCK, Signer, block_payload, keccak
+from chainrelay.tree.hub import FeedHub, HubLimits
+from chainrelay.tree.intake import FeedSource
+from chainrelay.tree.session import (
     CLOSE_BAD_HELLO,
     CLOSE_LAGGING,
     CLOSE_UNKNOWN_STREAM,
@@ -32,16 +40,8 @@ from chainrelay.protocol.feedsession import (
     Want,
     encode_hello,
 )
-from chainrelay.services.blocks import BlockFeed
-from chainrelay.services.cache import MemoryCache
-from chainrelay.services.feedhub import FeedHub, HubLimits
-from chainrelay.services.feedsource import FeedSource
-from chainrelay.services.head import HeadTracker
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.upstream import Upstream
-from chainrelay.wire import feedframe
-from chainrelay.wire.feedframe import KIND_BLOCK, Signer, block_payload, keccak
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.wsframes import binary_header
 from tests.lab.procs import until
 from tests.lab.timing import SECOND

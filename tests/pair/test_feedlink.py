@@ -16,7 +16,8 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from chainrelay.devnet import free_port
-from chainrelay.protocol.feedsession import (
+from chainrelay.tree.link import CLOSE_CHILD_RESET, FeedLink
+from chainrelay.tree.session import (
     CLOSE_UNKNOWN_STREAM,
     Gap,
     Hello,
@@ -25,7 +26,6 @@ from chainrelay.protocol.feedsession import (
     encode_welcome,
     parse_hello,
 )
-from chainrelay.services.feedlink import CLOSE_CHILD_RESET, FeedLink
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 

@@ -28,10 +28,9 @@ from typing import Any
 import orjson
 import pytest
 
-from chainrelay.config import BatchesConfig, BatchStreamConfig
-from chainrelay.services.batchlog import BatchLog
-from chainrelay.services.feedhub import FeedHub
-from chainrelay.services.ingress import (
+from chainrelay.batches import frame as batchframe
+from chainrelay.batches.frame import CONFIRMED, PUSH, Push
+from chainrelay.batches.ingress import (
     CONFLICT,
     GAP,
     MALFORMED,
@@ -43,10 +42,12 @@ from chainrelay.services.ingress import (
     Ingress,
     specs_of,
 )
-from chainrelay.services.metrics import Metrics
-from chainrelay.wire import batchframe, feedframe
-from chainrelay.wire.batchframe import CONFIRMED, PUSH, Push
-from chainrelay.wire.feedframe import Frame, Signer, keccak
+from chainrelay.batches.log import BatchLog
+from chainrelay.config import BatchesConfig, BatchStreamConfig
+from chainrelay.metrics import Metrics
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.frame import Frame, Signer, keccak
+from chainrelay.tree.hub import FeedHub
 from tests.lab.timing import SECOND
 
 S = "arbitrum/batches"

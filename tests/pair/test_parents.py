@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import WSMsgType, web
 
-from chainrelay.protocol.feedsession import Want, encode_welcome, parse_hello
-from chainrelay.protocol.parents import Candidate
-from chainrelay.services.feedlink import FeedLink
-from chainrelay.services.parents import ParentSet
-from chainrelay.wire import feedframe
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.choice import Candidate
+from chainrelay.tree.link import FeedLink
+from chainrelay.tree.parents import ParentSet
+from chainrelay.tree.session import Want, encode_welcome, parse_hello
 from tests.lab.procs import until
 from tests.lab.timing import MS, SECOND
 

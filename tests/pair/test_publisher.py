@@ -12,9 +12,9 @@ import orjson
 import pytest
 from eth_account import Account
 
+from chainrelay.batches.frame import PUSH, PUSH_HEADER_LEN, batch_digest, decode_push
 from chainrelay.cli import main
-from chainrelay.errors import ConfigError, PublishError, PublishRefused
-from chainrelay.publisher import (
+from chainrelay.clients.publisher import (
     Publisher,
     generated_payload,
     ingress_url,
@@ -23,8 +23,8 @@ from chainrelay.publisher import (
     publish_plan,
     read_batches,
 )
-from chainrelay.wire.batchframe import PUSH, PUSH_HEADER_LEN, batch_digest, decode_push
-from chainrelay.wire.feedframe import keccak, recover
+from chainrelay.errors import ConfigError, PublishError, PublishRefused
+from chainrelay.tree.frame import keccak, recover
 
 KEY = bytes(Account.create().key)
 OPTS = {"stream": "arbitrum/batches", "chain_id": 42161, "key": KEY.hex(), "api_key": "k"}

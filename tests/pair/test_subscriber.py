@@ -21,8 +21,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from chainrelay.clients.subscriber import Subscription, feed_url, rpc_url, subscribe
 from chainrelay.errors import BackfillFailed, ConfigError
-from chainrelay.protocol.feedsession import (
+from chainrelay.tree.frame import KIND_BLOCK, Signer, block_payload, encode, keccak
+from chainrelay.tree.session import (
     CLOSE_LAGGING,
     CLOSE_UNKNOWN_STREAM,
     Backlog,
@@ -35,8 +37,6 @@ from chainrelay.protocol.feedsession import (
     parse_hello,
     welcome_entry,
 )
-from chainrelay.subscriber import Subscription, feed_url, rpc_url, subscribe
-from chainrelay.wire.feedframe import KIND_BLOCK, Signer, block_payload, encode, keccak
 from tests.lab.corpora import CORPORA
 from tests.lab.procs import ROOT, until
 from tests.lab.subscriptions import FeedReader

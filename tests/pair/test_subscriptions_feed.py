@@ -17,14 +17,14 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.chain.follower import HEADER_FIELDS, BlockEvent, BlockFeed
+from chainrelay.chain.head import Header, HeadTracker
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.services.blocks import HEADER_FIELDS, BlockEvent, BlockFeed
-from chainrelay.services.cache import Entry, MemoryCache
-from chainrelay.services.head import Header, HeadTracker
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.upstream import Upstream
+from chainrelay.metrics import Metrics
+from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 

@@ -24,13 +24,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from chainrelay.chain.follower import BlockEvent
 from chainrelay.config import FiltersConfig, SubscriptionsConfig
-from chainrelay.protocol import subscriptions as subs_proto
-from chainrelay.services import subscriptions as subs_mod
-from chainrelay.services.blocks import BlockEvent
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.subscriptions import Connection, SubscriptionService
-from chainrelay.services.ws import WsSession
+from chainrelay.metrics import Metrics
+from chainrelay.server.ws import WsSession
+from chainrelay.subscriptions import registry as subs_proto
+from chainrelay.subscriptions import service as subs_mod
+from chainrelay.subscriptions.service import Connection, SubscriptionService
 from chainrelay.wire.jsonrpc import Answer
 from tests.lab.timing import SECOND
 

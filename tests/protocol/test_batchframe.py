@@ -16,8 +16,8 @@ from eth_utils import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainrelay.wire import batchframe as bf
-from chainrelay.wire import feedframe as ff
+from chainrelay.batches import frame as bf
+from chainrelay.tree import frame as ff
 
 STREAM = "arbitrum/batches"
 CHAIN = 42161

@@ -1,4 +1,4 @@
-"""A relay's in-order gate for batch streams (chainrelay.protocol.batchorder.BatchOrder):
+"""A relay's in-order gate for batch streams (chainrelay.batches.order.BatchOrder):
 by example, then over generated interleavings of two parents' copies of a stream, each
 missing some batches: what goes on is the stream, in order, once each. No I/O."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainrelay.protocol.batchorder import BatchOrder, Missing
+from chainrelay.batches.order import BatchOrder, Missing
 
 BIG = 1 << 30
 

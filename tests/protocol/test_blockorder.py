@@ -3,7 +3,7 @@ reported once, and blocks at or below the finalized one are forgotten."""
 
 from __future__ import annotations
 
-from chainrelay.protocol.blockorder import DeliveredChain
+from chainrelay.chain.blockorder import DeliveredChain
 
 
 def chain(low: int, high: int, fork: str = "a") -> dict[int, str]:

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from chainrelay.services.cache import ENTRY_OVERHEAD, Entry, MemoryCache
-from chainrelay.services.coalesce import Coalescer
+from chainrelay.rpc.cache import ENTRY_OVERHEAD, Entry, MemoryCache
+from chainrelay.rpc.coalesce import Coalescer
 
 
 def cost(key: bytes, value: bytes) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from chainrelay.protocol.fanout import Held, HeldNotifications, LogRoutes, geth_order
-from chainrelay.protocol.logfilter import LogFilter
+from chainrelay.subscriptions.fanout import Held, HeldNotifications, LogRoutes, geth_order
+from chainrelay.subscriptions.logfilter import LogFilter
 
 TRANSFER = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 APPROVAL = "0x8c5be1e5ebec7d5bd14f71427d1e84f3dd0314c0f7b2291e5b200ac8c7c3b925"

@@ -18,7 +18,7 @@ from eth_utils import keccak
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chainrelay.wire import feedframe as ff
+from chainrelay.tree import frame as ff
 from tests.lab.corpora import CORPORA, load
 
 MAINNET = CORPORA / "erigon-mainnet-block-18000000"

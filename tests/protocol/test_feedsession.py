@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainrelay.protocol.feedsession import (
+from chainrelay.tree.session import (
     CLOSE_BAD_HELLO,
     MAX_CONTROL_BYTES,
     MAX_HELLO_STREAMS,

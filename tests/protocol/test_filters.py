@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from chainrelay.errors import FilterNotFound, InvalidParams, TooManyFilters
-from chainrelay.protocol.filters import FilterKind, FilterTable, live_filter, new_id
-from chainrelay.protocol.logfilter import LogFilter
+from chainrelay.subscriptions.filtertable import FilterKind, FilterTable, live_filter, new_id
+from chainrelay.subscriptions.logfilter import LogFilter
 
 TOKEN = "0x5fbdb2315678afecb367f032d93f642f64180aa3"
 OTHER = "0xe7f1725e7734ce288f8367e1bb143e90bb3f0512"
@@ -398,8 +398,8 @@ def test_filters_config_section_defaults_and_overrides() -> None:
 
 
 def test_policy_never_caches_filter_methods() -> None:
-    from chainrelay.protocol.filters import FILTER_METHODS
-    from chainrelay.protocol.policy import RULES, Finality, HeadView, Kind, plan
+    from chainrelay.rpc.policy import RULES, Finality, HeadView, Kind, plan
+    from chainrelay.subscriptions.filtertable import FILTER_METHODS
 
     head = HeadView()
     head.number, head.hash, head.finalized = 10, "0x" + "aa" * 32, 5

@@ -11,12 +11,12 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.chain.head import Header, HeadTracker
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.services.head import Header, HeadTracker
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.upstream import Upstream
+from chainrelay.metrics import Metrics
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
 
 
 def h(fork: str, n: int) -> str:

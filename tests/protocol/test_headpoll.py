@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import pytest
 
 from chainrelay import defaults
+from chainrelay.chain.headpoll import HeadPollSchedule
 from chainrelay.config import loads
 from chainrelay.errors import ConfigError
-from chainrelay.protocol.headpoll import HeadPollSchedule
 
 BLOCK = 1.0
 # Today's fixed schedule polled every block time / 4: a block waited block time / 8 on

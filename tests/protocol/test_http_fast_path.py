@@ -18,15 +18,15 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import LimitsConfig, PoolConfig
-from chainrelay.protocol import policy
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.services.cache import Entry, MemoryCache
-from chainrelay.services.head import HeadTracker
-from chainrelay.services.http import HttpProtocol, HttpServer, Routes
-from chainrelay.services.metrics import REPLAY_TIMED_EVERY, Metrics
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.rpc import RpcService
+from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
+from chainrelay.rpc import policy
+from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.service import RpcService
+from chainrelay.server.http import HttpProtocol, HttpServer, Routes
+from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.wire.jsonrpc import parse_body
 from tests.lab.timing import SECOND
 from tests.protocol.test_rpc_hits import ADDR, NoUpstream, head_at

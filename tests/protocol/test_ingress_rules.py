@@ -1,4 +1,4 @@
-"""The ingress rules of a batch stream (chainrelay.protocol.ingress.StreamRules): each
+"""The ingress rules of a batch stream (chainrelay.batches.rules.StreamRules): each
 verdict by example, then a state machine that pushes true, duplicate, conflicting and
 out-of-order batches through commits, failed commits (of all that is in flight, or of what
 follows a committed part) and restarts, and checks that what is accepted is always a prefix
@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from chainrelay.protocol.ingress import Decision, StreamRules, Verdict
+from chainrelay.batches.rules import Decision, StreamRules, Verdict
 
 
 def true_hash(seq: int) -> bytes:

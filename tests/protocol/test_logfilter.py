@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chainrelay.errors import InvalidParams
-from chainrelay.protocol.logfilter import (
+from chainrelay.subscriptions.logfilter import (
     MAX_FILTER_ADDRESSES,
     MAX_TOPIC_POSITIONS,
     LogFilter,

@@ -1,4 +1,4 @@
-"""Choosing parents by round-trip time: the rules of chainrelay.protocol.parents, case by
+"""Choosing parents by round-trip time: the rules of chainrelay.tree.choice, case by
 case, then as properties over generated candidate sets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainrelay.protocol.parents import (
+from chainrelay.tree.choice import (
     RTT_ALPHA,
     Candidate,
     RttEstimate,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from chainrelay.protocol.policy import (
+from chainrelay.rpc.policy import (
     PASS,
     RULES,
     Finality,

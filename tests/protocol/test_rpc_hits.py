@@ -10,17 +10,17 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
 from chainrelay.defaults import MEMO_MAX_PARAMS_BYTES
-from chainrelay.protocol import policy
-from chainrelay.protocol.chains import PROFILES
-from chainrelay.protocol.policy import HeadView
-from chainrelay.services.cache import Entry, MemoryCache
-from chainrelay.services.head import HeadTracker
-from chainrelay.services.metrics import Metrics
-from chainrelay.services.pool import UpstreamPool
-from chainrelay.services.rpc import RpcService
-from chainrelay.services.upstream import Upstream
+from chainrelay.metrics import Metrics
+from chainrelay.rpc import policy
+from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.policy import HeadView
+from chainrelay.rpc.service import RpcService
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import parse_body
 
 ADDR = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"

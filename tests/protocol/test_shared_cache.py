@@ -7,10 +7,10 @@ import pytest
 
 from chainrelay import config
 from chainrelay.errors import ConfigError
-from chainrelay.protocol.policy import Finality
-from chainrelay.services import shared_cache as sc
-from chainrelay.services.cache import Entry
-from chainrelay.services.metrics import Metrics
+from chainrelay.metrics import Metrics
+from chainrelay.rpc import shared_cache as sc
+from chainrelay.rpc.cache import Entry
+from chainrelay.rpc.policy import Finality
 from chainrelay.wire.jsonrpc import Answer
 
 HASH = "0x" + "ab" * 32

@@ -10,10 +10,10 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from chainrelay.chain.blockorder import DeliveredChain
 from chainrelay.errors import InvalidParams, MethodNotFound
-from chainrelay.protocol import subscriptions as proto
-from chainrelay.protocol.blockorder import DeliveredChain
-from chainrelay.protocol.filters import new_id as filters_new_id
+from chainrelay.subscriptions import registry as proto
+from chainrelay.subscriptions.filtertable import new_id as filters_new_id
 
 TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 

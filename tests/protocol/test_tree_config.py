@@ -10,7 +10,7 @@ from eth_account import Account
 
 from chainrelay.config import load, loads
 from chainrelay.errors import ConfigError
-from chainrelay.services.origin import load_signer
+from chainrelay.tree.origin import load_signer
 
 TREE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "tree").glob("*.toml"))
 KEY = "0x" + "11" * 32

@@ -13,7 +13,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from chainrelay.services.upstream import TransportError, WsUpstream, _WsLink
+from chainrelay.upstreams.upstream import TransportError, WsUpstream, _WsLink
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 from tests.protocol.test_http_fast_path import RecordingTransport

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from chainrelay.publisher import Publisher
+from chainrelay.clients.publisher import Publisher
 from tests.lab.batches import (
     API_KEY,
     CHAIN_ID,

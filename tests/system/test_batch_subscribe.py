@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 import pytest
 
-from chainrelay.batchsubscriber import BatchSubscription, FeedBatch
-from chainrelay.publisher import Publisher
-from chainrelay.wire.feedframe import keccak
+from chainrelay.clients.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.clients.publisher import Publisher
+from chainrelay.tree.frame import keccak
 from tests.lab.batches import (
     API_KEY,
     CHAIN_ID,

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from chainrelay.publisher import Publisher
-from chainrelay.wire.feedframe import keccak
+from chainrelay.clients.publisher import Publisher
+from chainrelay.tree.frame import keccak
 from tests.lab.batches import API_KEY, CHAIN_ID, SEQUENCER_HEX, SEQUENCER_KEY, STREAM, payload_of
 from tests.lab.chain import metric
 from tests.lab.netns import RegionLab, unavailable

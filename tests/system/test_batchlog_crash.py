@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from chainrelay.services.batchlog import BatchLog
+from chainrelay.batches.log import BatchLog
 from tests.lab.batchlog_writer import STREAM, batch
 from tests.lab.procs import ROOT, Procs
 from tests.lab.timing import SECOND

@@ -24,11 +24,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from chainrelay.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.batches.frame import PUSH, Push, decode_push, encode_push, sign_batch
+from chainrelay.clients.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.clients.publisher import Ack, Publisher, generated_payload
 from chainrelay.errors import PublishRefused
-from chainrelay.publisher import Ack, Publisher, generated_payload
-from chainrelay.wire.batchframe import PUSH, Push, decode_push, encode_push, sign_batch
-from chainrelay.wire.feedframe import Signer, keccak
+from chainrelay.tree.frame import Signer, keccak
 from tests.lab.batches import (
     API_KEY,
     CHAIN_ID,

@@ -18,10 +18,10 @@ import orjson
 import pytest
 from eth_account import Account
 
+from chainrelay.batches.frame import decode_range, open_frame
+from chainrelay.clients.publisher import Publisher, generated_payload
 from chainrelay.errors import PublishRefused
-from chainrelay.publisher import Publisher, generated_payload
-from chainrelay.wire.batchframe import decode_range, open_frame
-from chainrelay.wire.feedframe import decode
+from chainrelay.tree.frame import decode
 from tests.lab.procs import ROOT, Procs, Relay, until
 from tests.lab.timing import SECOND
 

@@ -12,7 +12,7 @@ import pytest
 
 from chainrelay.defaults import MAX_RELAY_HOPS
 from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, Anvil
-from chainrelay.services.peer import relays_in
+from chainrelay.server.peer import relays_in
 from tests.lab.chain import metric, sign_transfer
 from tests.lab.procs import Procs, Relay, relay_config, rpc, until
 from tests.lab.timing import SECOND

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from chainrelay.subscriber import FeedBlock, Subscription
-from chainrelay.wire.feedframe import Signer
+from chainrelay.clients.subscriber import FeedBlock, Subscription
+from chainrelay.tree.frame import Signer
 from tests.lab.chain import DEV_ACCOUNTS, Chain, start_relay_mining
 from tests.lab.procs import ROOT, Relay, until
 from tests.lab.subscriptions import FeedReader

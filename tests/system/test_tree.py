@@ -26,11 +26,11 @@ from eth_utils import to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3, WebSocketProvider
 from websockets.asyncio.client import ClientConnection
 
+from chainrelay.chain.follower import HEADER_FIELDS
+from chainrelay.clients.subscriber import FeedBlock, Subscription
 from chainrelay.devnet import Anvil, deploy_emitter, traffic, transfer_emitter_initcode
-from chainrelay.protocol.feedsession import Want, encode_hello
-from chainrelay.services.blocks import HEADER_FIELDS
-from chainrelay.subscriber import FeedBlock, Subscription
-from chainrelay.wire import feedframe
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.session import Want, encode_hello
 from tests.lab.chain import (
     DEV_ACCOUNTS,
     Chain,

@@ -28,10 +28,10 @@ from websockets.frames import Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from chainrelay.clients.subscriber import FeedBlock, Subscription
 from chainrelay.devnet import Anvil
-from chainrelay.protocol.feedsession import CLOSE_BAD_HELLO, CLOSE_LAGGING, Want, encode_hello
-from chainrelay.subscriber import FeedBlock, Subscription
-from chainrelay.wire import feedframe
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.session import CLOSE_BAD_HELLO, CLOSE_LAGGING, Want, encode_hello
 from tests.lab.chain import DEV_ACCOUNTS, Chain, heartbeat, metric, wait_same_head
 from tests.lab.procs import Procs, Relay, until
 from tests.lab.timing import SECOND

@@ -1,0 +1,357 @@
+"""The head tracker: follows every upstream's head, keeps latest/safe/finalized, sees reorgs.
+
+Each upstream is followed by ``newHeads`` when it speaks WebSocket and by polling
+otherwise. The node's head is the highest block any upstream reported; the recent
+canonical chain (number -> hash) is kept for a bounded window and rewritten on a reorg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from chainrelay import defaults
+from chainrelay.chain.headpoll import HeadPollSchedule
+from chainrelay.chain.profiles import ChainProfile
+from chainrelay.metrics import Metrics
+from chainrelay.rpc.policy import HeadView
+from chainrelay.server.peer import detached
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import TransportError, Upstream
+
+log = logging.getLogger(__name__)
+
+# Back-off after a failed poll or a broken head stream.
+RETRY_DELAY = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    number: int
+    hash: str
+    parent_hash: str
+
+    @classmethod
+    def parse(cls, obj: Any) -> Header | None:
+        try:
+            return cls(int(obj["number"], 16), obj["hash"], obj["parentHash"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+# Called with (new canonical headers, oldest first; headers reorged away, newest first).
+HeadListener = Callable[[list[Header], list[Header]], None]
+
+
+class HeadTracker:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        profile: ChainProfile,
+        metrics: Metrics,
+        *,
+        window: int = defaults.REORG_WINDOW,
+        backfill: int = defaults.BACKFILL_BLOCKS,
+        finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
+        fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
+        poll: Mapping[str, Any] | None = None,
+        pushed_only: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.profile = profile
+        self.metrics = metrics
+        self.view = HeadView()
+        self.window = window
+        self.backfill = min(backfill, window)
+        self._backfill_task: asyncio.Task[None] | None = None
+        self.finality_refresh_blocks = finality_refresh_blocks
+        self.fresh_seconds = fresh_blocks * profile.block_time
+        # HeadPollSchedule's keyword arguments; one schedule per polled upstream, kept
+        # across broken polls so a retry does not forget the chain's rhythm.
+        self.poll_options = dict(poll or {})
+        # Heads come from elsewhere (``push_header``: the relay tree's frames): upstreams
+        # are asked once for a first head, then only when nothing confirmed it for a while.
+        self.pushed_only = pushed_only
+        self.schedules: dict[str, HeadPollSchedule] = {}
+        self.updated_at = 0.0  # monotonic time of the last head change
+        # Monotonic time an upstream last confirmed the head (changed or not): a quiet
+        # chain with a live upstream is fresh; a silent upstream is not.
+        self.confirmed_at = 0.0
+        self.listeners: list[HeadListener] = []
+        # Every header a head stream sent, by hash, as sent (the last ``window`` of them):
+        # heads pushed back to back are adopted one task later each, and the block feed
+        # gives each block the payload pushed for it, whichever upstream pushed it.
+        self.pushed: dict[str, dict[str, Any]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+        self._finality_task: asyncio.Task[None] | None = None
+        self._last_finality_at = -(10**9)
+        self._changed = asyncio.Event()
+        # Whether the upstreams answer each tag: None until asked. The profile's fallback
+        # depth stands in only for a tag that is missing, never on top of a real answer.
+        self._has_tag: dict[str, bool | None] = {"finalized": None, "safe": None}
+
+    @property
+    def fresh(self) -> bool:
+        return self.view.known and time.monotonic() - self.confirmed_at < max(
+            self.fresh_seconds, 1.0
+        )
+
+    async def start(self) -> None:
+        for u in self.pool.upstreams:
+            self._tasks.append(asyncio.create_task(self._follow(u), name=f"head:{u.name}"))
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks]
+        for extra in (self._finality_task, self._backfill_task):
+            if extra is not None:
+                tasks.append(extra)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until a first head is known."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.view.known:
+                    self._changed.clear()
+                    await self._changed.wait()
+        return self.view.known
+
+    # --- following -------------------------------------------------------------------
+    async def _follow(self, u: Upstream) -> None:
+        if self.pushed_only:
+            with contextlib.suppress(TransportError):
+                await self._poll_once(u)
+            await self._confirm(u)
+            return
+        if u.is_ws:
+            # Polling confirms the head by itself; a head stream needs the confirmation loop.
+            self._tasks.append(asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}"))
+            with contextlib.suppress(TransportError):
+                await self._poll_once(u)  # a first head now, not at the next block
+        while True:
+            try:
+                if u.is_ws:
+                    await u.subscribe_heads(lambda h, u=u: self.push_header(u, h))
+                else:
+                    await self._poll(u)
+            except asyncio.CancelledError:
+                raise
+            except (TransportError, NotImplementedError) as exc:
+                log.debug("head stream of %s broke: %s", u.name, exc)
+                if u.is_ws:
+                    # Whatever the stream missed is fetched when the next head links back.
+                    with contextlib.suppress(TransportError):
+                        await self._poll_once(u)
+            await asyncio.sleep(RETRY_DELAY)
+
+    async def _confirm(self, u: Upstream) -> None:
+        """On a quiet chain a head stream says nothing: ask now and then, so a live
+        upstream keeps the head fresh and a dead one shows."""
+        period = max(self.fresh_seconds, 1.0) / 2
+        while True:
+            await asyncio.sleep(period)
+            if time.monotonic() - self.confirmed_at >= period:
+                with contextlib.suppress(TransportError):
+                    await self._poll_once(u)
+
+    def push_header(self, u: Upstream, obj: Any) -> None:
+        """A header pushed to this node (a head stream's newHeads, a relay tree frame's
+        block): kept by hash as pushed, and taken in as ``u``'s head in a task of its own."""
+        h = Header.parse(obj)
+        if h is not None:
+            pushed = self.pushed
+            pushed[h.hash] = obj
+            if len(pushed) > self.window:
+                del pushed[next(iter(pushed))]
+            task = asyncio.ensure_future(self.on_header(u, h))
+            task.add_done_callback(_log_failure)
+
+    async def _poll(self, u: Upstream) -> None:
+        """Follow an HTTP upstream: the first poll at once, then whenever its schedule
+        expects the next block. Each poll also confirms the head's freshness, so no
+        ``_confirm`` loop runs beside it."""
+        schedule = self.schedules.get(u.name)
+        if schedule is None:
+            schedule = HeadPollSchedule(self.profile.block_time, **self.poll_options)
+            self.schedules[u.name] = schedule
+        loop = asyncio.get_running_loop()
+        while True:
+            sent = loop.time()  # the answer describes the node at the time of asking
+            try:
+                number = await self._poll_once(u)
+            except TransportError:
+                schedule.polled(sent, None)
+                raise
+            wake = schedule.polled(sent, number)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
+
+    async def _poll_once(self, u: Upstream) -> int | None:
+        """Ask ``u`` for its head and take it in; the head's number, if it answered one."""
+        answer = await u.call("eth_getBlockByNumber", ["latest", False])
+        h = Header.parse(answer.value)
+        if h is None:
+            return None
+        await self.on_header(u, h)
+        return h.number
+
+    # --- the canonical chain ---------------------------------------------------------
+    async def on_header(self, u: Upstream, h: Header) -> None:
+        if h.number > u.latest:
+            u.latest = h.number
+        if self.view.known and h.number >= self.view.number:
+            self.confirmed_at = time.monotonic()
+        self.metrics.upstream_lag.labels(u.name).set(max(0, self.pool.best_latest - u.latest))
+        view = self.view
+        if view.canonical.get(h.number) == h.hash:
+            return
+        if view.known and h.number < view.number:
+            return  # a lagging upstream; the longest chain seen is followed
+        async with self._lock:
+            if view.canonical.get(h.number) == h.hash or (view.known and h.number < view.number):
+                return
+            await self._adopt(u, h)
+
+    async def _adopt(self, u: Upstream, h: Header) -> None:
+        """Make ``h`` the head, fetching the blocks that link it to the known chain."""
+        view = self.view
+        first = not view.known
+        chain = [h]
+        low = max(0, h.number - self.window)
+        # Walk back by parent hash until the chain links to a block we hold as canonical.
+        while view.known:
+            tip = chain[-1]
+            if tip.number == 0 or tip.number - 1 < low:
+                break
+            parent_known = view.canonical.get(tip.number - 1)
+            if parent_known == tip.parent_hash:
+                break
+            if parent_known is None and tip.number - 1 < min(view.canonical, default=0):
+                break
+            pushed = Header.parse(self.pushed.get(tip.parent_hash))
+            if pushed is not None and pushed.hash == tip.parent_hash:
+                chain.append(pushed)  # pushed earlier (a fork's frames): no fetch
+                continue
+            try:
+                answer = await u.call("eth_getBlockByHash", [tip.parent_hash, False])
+            except TransportError:
+                return  # retried on the next head
+            parent = Header.parse(answer.value)
+            if parent is None:
+                return
+            chain.append(parent)
+        chain.reverse()
+        base = chain[0].number
+        removed: list[Header] = []
+        for n in sorted((n for n in view.canonical if n >= base), reverse=True):
+            old = view.canonical[n]
+            if n < len(chain) + base and chain[n - base].hash == old:
+                continue
+            removed.append(Header(n, old, ""))
+        for old_h in removed:
+            view.canonical.pop(old_h.number, None)
+            view.numbers.pop(old_h.hash, None)
+        added = [c for c in chain if view.canonical.get(c.number) != c.hash]
+        for c in chain:
+            view.canonical[c.number] = c.hash
+            view.numbers[c.hash] = c.number
+        view.number = h.number
+        view.hash = h.hash
+        view.generation += 1
+        self._trim()
+        self.updated_at = self.confirmed_at = time.monotonic()
+        if removed:
+            self.metrics.reorgs.inc()
+            log.info(
+                "reorg at %d: %d block(s) replaced, new head %d %s",
+                removed[-1].number,
+                len(removed),
+                h.number,
+                h.hash,
+            )
+        self.metrics.head.set(h.number)
+        self._fallback_finality()
+        if h.number - self._last_finality_at >= self.finality_refresh_blocks and (
+            self._finality_task is None or self._finality_task.done()
+        ):
+            self._last_finality_at = h.number
+            self._finality_task = detached(self._refresh_finality(u), name="finality")
+        for listener in self.listeners:
+            listener(added, removed)
+        self._changed.set()
+        if first and self.backfill > 0:
+            self._backfill_task = detached(self._backfill_window(u), name="backfill")
+
+    async def _backfill_window(self, u: Upstream) -> None:
+        """Fetch the canonical hashes just behind the first head, walking parent hashes."""
+        view = self.view
+        for _ in range(self.backfill):
+            low = min(view.canonical)
+            if low == 0 or low <= view.number - self.window:
+                return
+            low_hash = view.canonical[low]
+            try:
+                answer = await u.call("eth_getBlockByHash", [low_hash, False])
+            except TransportError:
+                return
+            block = Header.parse(answer.value)
+            if block is None or block.hash != low_hash:
+                return
+            async with self._lock:
+                if view.canonical.get(low) != low_hash or (low - 1) in view.canonical:
+                    return  # the chain moved under us: a later head will link as usual
+                view.canonical[low - 1] = block.parent_hash
+                view.numbers[block.parent_hash] = low - 1
+                view.generation += 1
+
+    def _trim(self) -> None:
+        view = self.view
+        floor = view.number - self.window
+        for n in [n for n in view.canonical if n < floor]:
+            view.numbers.pop(view.canonical.pop(n), None)
+
+    def _fallback_finality(self) -> None:
+        """Keep safe/finalized no further behind the head than the profile's depths."""
+        view = self.view
+        p = self.profile
+        before = (view.finalized, view.safe)
+        if self._has_tag["finalized"] is False:
+            view.finalized = max(view.finalized, view.number - p.fallback_finality_depth)
+        if self._has_tag["safe"] is False:
+            view.safe = max(view.safe, view.number - p.fallback_safe_depth)
+        view.safe = max(view.safe, view.finalized)
+        if (view.finalized, view.safe) != before:
+            view.generation += 1
+        self.metrics.finalized.set(view.finalized)
+
+    async def _refresh_finality(self, u: Upstream) -> None:
+        view = self.view
+        for tag in ("finalized", "safe"):
+            try:
+                answer = await u.call("eth_getBlockByNumber", [tag, False])
+            except TransportError:
+                return
+            h = Header.parse(answer.value) if answer.error is None else None
+            self._has_tag[tag] = h is not None
+            if h is None:
+                continue  # this upstream lacks the tag: the fallback depth stands
+            n = min(h.number, view.number)
+            view.generation += 1
+            if tag == "finalized":
+                view.finalized = max(view.finalized, n)
+            else:
+                view.safe = max(view.safe, n)
+        self._fallback_finality()
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("head update failed", exc_info=task.exception())

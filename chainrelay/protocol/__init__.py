@@ -1,1 +1,0 @@
-"""Sans-I/O protocol logic: method policy, chain profiles. No asyncio here."""

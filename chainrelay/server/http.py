@@ -1,0 +1,926 @@
+"""The HTTP front door: an asyncio Protocol over httptools, with WebSocket upgrade.
+
+Hot-path invariant: for a POST whose calls are all cache hits, the read that completes it
+is parsed, answered and written synchronously: no task, no timer, no upstream I/O. Three
+ways in, cheapest first: a repeat of a request answered from cache at this head, its id
+aside (a replay, in ``data_received``: no parsing, no decoding); a read of one plain POST
+(``_plain_post``: no httptools); anything else through httptools (``on_message_complete``).
+Answers on one connection are written in request order (HTTP/1.1 pipelining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import time
+import typing
+from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
+
+import httptools
+import orjson
+
+from chainrelay.config import LimitsConfig
+from chainrelay.metrics import Metrics
+from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
+from chainrelay.server.ws import Subscriptions, WsSession
+from chainrelay.wire.jsonrpc import single_id, split_token
+
+if typing.TYPE_CHECKING:
+    from chainrelay.rpc.service import Seen
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes], bytes | Awaitable[bytes]]
+
+_REASONS = {
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+    508: b"Loop Detected",
+}
+INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
+# A request head the fast path reads as httptools would: a POST line with a target of
+# visible characters, then header lines of a token name, a colon and a value without
+# control characters. Anything else (spaces in names or targets, folded lines, lines with
+# no colon) goes to httptools, which refuses it.
+_PLAIN_HEAD = re.compile(
+    rb"POST [!-~]+ HTTP/1\.1(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~\x80-\xff]*)*"
+)
+# Headers that take a POST off the fast path (see HttpProtocol._plain_post).
+# "Connection: keep-alive" alone changes nothing in HTTP/1.1 (requests, and so web3.py,
+# sends it on every call); any other Connection header does.
+_SPECIAL = re.compile(
+    rb"\r\n(?:transfer-encoding|upgrade|expect|via)[ \t]*:"
+    rb"|\r\nconnection[ \t]*:(?![ \t]*keep-alive[ \t]*(?:\r\n|$))",
+    re.I,
+)
+# The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
+_ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
+# A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
+_PARTIAL_HEAD_END = 3
+# Answers above this are written as head and body without joining them (saves a copy).
+LARGE_BODY = 16 * 1024
+# How often idle keep-alive connections are looked for.
+IDLE_SWEEP_INTERVAL = 5.0
+# Per replay entry: the record, its dict slot and the answer's head, counted against
+# ``limits.max_hit_table_bytes`` with the request and the answer it names.
+REPLAY_ENTRY_OVERHEAD = 300
+_ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
+_ANSWER_RESULT = b',"result":'
+
+
+class Replayer(typing.Protocol):
+    """The JSON-RPC side of replays (``RpcService``): which record answered the last body,
+    and the result of a record's call now, or None when it must take the full path."""
+
+    last_seen: Seen | None
+
+    def replay(self, record: Seen) -> bytes | None: ...
+
+
+class Replay:
+    """A POST answered from cache whose bytes, id aside, come again: the answer around the
+    id (an id of the same length, so the Content-Length holds), its record, and the
+    check that the record still answers (``Replayer.replay``)."""
+
+    __slots__ = ("check", "prefix", "record", "size", "suffix", "token_len")
+
+    def __init__(
+        self,
+        prefix: bytes,
+        record: Seen,
+        token_len: int,
+        size: int,
+        check: Callable[[Seen], bytes | None],
+    ) -> None:
+        self.check = check
+        self.prefix = prefix
+        # The answer after the id: the record's value, which stays the same while the
+        # record answers (``Replayer.replay`` checks that the cache holds it still).
+        self.suffix = _ANSWER_RESULT + record.value + b"}"
+        self.record = record
+        self.token_len = token_len
+        self.size = size  # counted against limits.max_hit_table_bytes
+
+
+def _nowhere(_data: bytes) -> None:
+    """Where a protocol object writes before it has a transport: nowhere."""
+
+
+# The path of the feed (the relay tree's frames) on the node's port.
+FEED_PATH = b"/feed"
+# Batch streams' frames by seq, from a backlog or a durable log: GET with a query.
+RANGE_PATH = b"/feed/range"
+# Where sequencers push batches: a WebSocket upgrade, or POST one push message.
+BATCHES_PATH = b"/batches"
+# An answer made elsewhere: status, body, content type.
+Reply = tuple[int, bytes, bytes]
+
+
+class FeedOpener(typing.Protocol):
+    def __call__(
+        self,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float,
+    ) -> WsSession: ...
+
+
+class BatchRoutes(typing.Protocol):
+    """An ingress node's push endpoints (services/ingress.py behind them)."""
+
+    def authorized(self, header: bytes | None) -> bool: ...
+
+    def refuse_unauthorized(self) -> None: ...
+
+    def open(
+        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int, close_timeout: float
+    ) -> WsSession: ...
+
+    def post(self, body: bytes) -> Awaitable[Reply]: ...
+
+
+class Routes:
+    """What the front door serves besides JSON-RPC POSTs."""
+
+    def __init__(
+        self,
+        rpc: Handler,
+        health: Callable[[], tuple[int, bytes]],
+        metrics_text: Callable[[], bytes],
+        ws_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
+        replayer: Replayer | None = None,
+        feed: FeedOpener | None = None,
+        batches: BatchRoutes | None = None,
+        feed_range: Callable[[bytes, bytes | None], Awaitable[Reply]] | None = None,
+    ) -> None:
+        self.rpc = rpc
+        # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
+        self.replayer = replayer
+        self.health = health
+        self.metrics_text = metrics_text
+        # Opens the eth_subscribe state of each upgraded WebSocket connection.
+        self.ws_subscriptions = ws_subscriptions
+        # Opens a child's feed session for a WebSocket upgrade on FEED_PATH.
+        self.feed = feed
+        # An ingress node's BATCHES_PATH (pushes), and any tree node's RANGE_PATH
+        # (called with the query string and the request's Via).
+        self.batches = batches
+        self.feed_range = feed_range
+
+
+class HttpServer:
+    """Owns the listening socket and the set of live connections."""
+
+    def __init__(
+        self,
+        routes: Routes,
+        limits: LimitsConfig,
+        metrics: Metrics,
+        cors_origins: list[str] | None = None,
+        via: str = "",
+    ) -> None:
+        self.routes = routes
+        # This node's name in Via headers ("chainrelay-<random>"): a request naming it
+        # came round in a loop. Empty: no loop check.
+        self.via = via
+        self.limits = limits
+        self.metrics = metrics
+        self.connections: set[HttpProtocol] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        origins = ["*"] if cors_origins is None else cors_origins
+        self.cors_any = "*" in origins
+        self.cors_origins = {o.encode() for o in origins}
+        self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""
+        self._base_headers = b"Content-Type: application/json\r\n" + self._cors_line
+        self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
+        # A request without its id token -> how a repeat of it is answered; entries of one
+        # head generation only, so they never keep older cache entries alive.
+        self.replays: dict[bytes, Replay] = {}
+        self._replay_bytes = 0
+        self._replay_generation = -1
+
+    def cors_lines(self, origin: bytes | None) -> bytes:
+        """The CORS lines of an answer to a request from ``origin`` when origins are listed
+        (with ``*``, every answer's head carries its own line)."""
+        if origin is not None and not self.cors_any and origin in self.cors_origins:
+            return b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
+        return b""
+
+    def learn_replay(
+        self, rest: bytes, token: bytes, answer: bytes, record: Seen, cors: bytes = b""
+    ) -> None:
+        """Remember that the request ``rest`` (id token aside) was answered ``answer`` from
+        ``record`` (with the CORS lines ``cors``), when the answer is exactly the splice a
+        replay writes."""
+        if not single_id(rest) or answer != b"".join(
+            (_ANSWER_OPEN, token, _ANSWER_RESULT, record.value, b"}")
+        ):
+            return  # an "id" in the head, or an answer not spliced from the record
+        prefix = self.head(200, len(answer), True, cors) + _ANSWER_OPEN
+        size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
+        if (
+            record.generation != self._replay_generation
+            or self._replay_bytes + size > self.limits.max_hit_table_bytes
+        ):
+            self.replays.clear()
+            self._replay_bytes = 0
+            self._replay_generation = record.generation
+        old = self.replays.get(rest)
+        if old is not None:
+            self._replay_bytes -= old.size
+        replayer = self.routes.replayer
+        assert replayer is not None  # replays are learned only from one
+        self.replays[rest] = Replay(prefix, record, len(token), size, replayer.replay)
+        self._replay_bytes += size
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
+        )
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop accepting, let in-flight answers finish (up to ``drain_timeout``), close."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = time.monotonic() + drain_timeout
+        # Answers complete in callbacks on many connections; polling the set is simplest.
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle for ``keepalive_timeout``.
+
+        The hot path only counts requests; a connection whose count has not moved for
+        a whole timeout (and that owes no answer) is idle.
+        """
+        timeout = self.limits.keepalive_timeout
+        seen: dict[HttpProtocol, tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(min(IDLE_SWEEP_INTERVAL, timeout))
+            now = time.monotonic()
+            live: dict[HttpProtocol, tuple[int, float]] = {}
+            for conn in self.connections:
+                if conn.ws is not None:
+                    continue
+                count, since = seen.get(conn, (-1, now))
+                if count != conn.requests or conn.busy:
+                    live[conn] = (conn.requests, now)
+                elif now - since >= timeout:
+                    conn.close()
+                else:
+                    live[conn] = (count, since)
+            seen = live
+
+    def head(
+        self,
+        status: int,
+        length: int,
+        keep_alive: bool,
+        extra: bytes = b"",
+        content_type: bytes | None = None,
+    ) -> bytes:
+        if status == 204:  # RFC 9110 8.6: no Content-Length (nor content) on a 204
+            return b"".join(
+                (
+                    b"HTTP/1.1 204 No Content\r\n",
+                    self._cors_line,
+                    extra,
+                    b"" if keep_alive else b"Connection: close\r\n",
+                    b"\r\n",
+                )
+            )
+        return b"".join(
+            (
+                b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK")),
+                self._base_headers
+                if content_type is None
+                else b"Content-Type: " + content_type + b"\r\n" + self._cors_line,
+                extra,
+                b"Content-Length: %d\r\n" % length,
+                b"" if keep_alive else b"Connection: close\r\n",
+                b"\r\n",
+            )
+        )
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_at",
+        "_body",
+        "_body_len",
+        "_chunk",
+        "_head_at",
+        "_head_buf",
+        "_headers",
+        "_held",
+        "_idle",
+        "_in_head",
+        "_paused",
+        "_queue",
+        "_send_now",
+        "_too_large",
+        "_url",
+        "_write_paused",
+        "busy",
+        "ip",
+        "parser",
+        "requests",
+        "server",
+        "transport",
+        "ws",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.ws: WsSession | None = None
+        self.ip = ""
+        self.requests = 0  # messages seen; the idle sweep compares it between sweeps
+        self.busy = False
+        self._write_paused = False
+        self._url = b""
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunk = b""
+        self._head_buf: list[bytes] = []
+        # Where in the current read httptools' next message starts (None: not known, after
+        # a chunked body, whose framing httptools does not hand over) and where in
+        # _head_buf[0] the head being read starts: a read may hold earlier messages.
+        self._at: int | None = 0
+        self._head_at: int | None = 0
+        self._in_head = False
+        self._idle = True  # between messages: the fast path may take the next one
+        self._held = b""  # a lone POST head waiting for its body's read (_hold_head)
+        self._too_large = False
+        self._queue: collections.deque[list[object]] = collections.deque()
+        self._paused = False
+        self._send_now: Callable[[bytes], object] = _nowhere  # the transport's write
+
+    # --- connection ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self._send_now = self.transport.write
+        peer = self.transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else ""
+        srv = self.server
+        srv.per_ip[self.ip] += 1
+        srv.connections.add(self)
+        srv.metrics.connections.labels("http").inc()
+        if srv.per_ip[self.ip] > srv.limits.max_connections_per_ip:
+            srv.metrics.rejected.labels("connections_per_ip").inc()
+            self._plain(429, b"too many connections from this address", keep_alive=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        srv = self.server
+        srv.connections.discard(self)
+        srv.per_ip[self.ip] -= 1
+        if srv.per_ip[self.ip] <= 0:
+            del srv.per_ip[self.ip]
+        srv.metrics.connections.labels("ws" if self.ws else "http").dec()
+        if self.ws is not None:
+            self.ws.connection_lost()
+        for entry in self._queue:
+            item = entry[0]
+            if isinstance(item, asyncio.Future):
+                item.cancel()
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        if self.ws is None and self.transport is not None:
+            # A client that does not read its answers is not read either: answers (a
+            # range answer runs to megabytes) never pile up in the transport unbounded.
+            self._write_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.ws is not None:
+            self.ws.resume_writing()
+            return
+        if self._write_paused:
+            self._write_paused = False
+            if not self._paused and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        if self._idle:
+            split = split_token(data) if not self._queue else None
+            if split is not None:
+                # A replay: but for its id token, this read is a request answered from
+                # cache before at this head (a read of exactly one POST whose head passed
+                # _plain_post). With a token of the same length as the one it stands
+                # for, the bytes are those of that request but for a valid JSON id, so
+                # it gets that answer with this id: no parsing, no decoding, one write.
+                replay = self.server.replays.get(split[1])
+                if (
+                    replay is not None
+                    and len(split[0]) == replay.token_len
+                    and replay.check(replay.record) is not None
+                ):
+                    self.requests += 1
+                    # Reads stop when the transport closes, so it is open here.
+                    self._send_now(replay.prefix + split[0] + replay.suffix)
+                    return
+            if data[:5] == b"POST ":
+                if self._plain_post(data, split) or self._hold_head(data):
+                    return
+        if self._in_head:  # a request head split over reads: keep it for an upgrade
+            self._head_buf.append(data)
+        self._chunk = data
+        self._at = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data, int(upgrade.args[0]))
+            return
+        except httptools.HttpParserError:
+            self.server.metrics.rejected.labels("bad_http").inc()
+            self._plain(400, b"malformed HTTP request", keep_alive=False)
+            return
+        # Still inside a head after this read: it is only ever head bytes that pile up.
+        if self._in_head and (
+            sum(map(len, self._head_buf)) - (self._head_at or 0)
+            > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END
+        ):
+            self._reject_head()
+
+    def _plain_post(self, data: bytes, split: tuple[bytes, bytes] | None = None) -> bool:
+        """Answer a read that holds exactly one ordinary keep-alive POST, without httptools.
+
+        The common case of every JSON-RPC client, taken only when nothing in the head asks
+        for more than a length-delimited body (no chunking, upgrade, Expect, Connection or
+        a second Content-Length); anything else goes to httptools untouched.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end > self.server.limits.max_header_bytes:
+            return False
+        head = data[:end]
+        if _PLAIN_HEAD.fullmatch(head) is None or _SPECIAL.search(head):
+            return False
+        if head.startswith(b"POST " + BATCHES_PATH):
+            return False  # not JSON-RPC
+        length = _CONTENT_LENGTH.search(head)
+        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
+            return False
+        n = int(length.group(1))
+        if len(data) != end + 4 + n or n > self.server.limits.max_body_bytes:
+            return False
+        self.requests += 1
+        server = self.server
+        cors = b""
+        if not server.cors_any:  # the first Origin line, as httptools' headers would give it
+            origin = _ORIGIN.search(head)
+            cors = server.cors_lines(origin.group(1) if origin is not None else None)
+        routes = server.routes
+        answer = routes.rpc(data[end + 4 :])
+        if answer.__class__ is bytes and split is not None and routes.replayer is not None:
+            record = routes.replayer.last_seen
+            if record is not None:
+                server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record, cors)
+        self._answer(answer, True, cors)
+        return True
+
+    def _hold_head(self, data: bytes) -> bool:
+        """Keep a read that is exactly one plain POST head announcing a body, until the
+        body's read: clients that write head and body apart (Python's http.client, hence
+        requests and web3.py's HTTPProvider) then take the fast paths too, in one pass.
+
+        Not with Expect (the client would wait for a 100 first), any other header that
+        keeps a POST off the fast path, or a length over the limit.
+        """
+        end = len(data) - 4
+        if end <= 0 or end > self.server.limits.max_header_bytes:
+            return False
+        if data.find(b"\r\n\r\n") != end or _SPECIAL.search(data) is not None:
+            return False
+        if data.startswith(b"POST " + BATCHES_PATH):
+            return False
+        length = _CONTENT_LENGTH.search(data)
+        if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
+            return False  # no body to wait for, or one refused at once (413)
+        self._held = data
+        return True
+
+    # --- httptools callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.requests += 1
+        self._idle = False
+        self._in_head = True
+        self._head_buf = [self._chunk]
+        self._head_at = self._at
+        self._url = b""
+        self._headers = []
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def header(self, name: bytes) -> bytes | None:
+        """A request header by lower-case name (looked up only off the hot path)."""
+        for k, v in self._headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def headers(self, name: bytes) -> bytes | None:
+        """Every line of a request header, joined as one list (RFC 9110 5.3); None if
+        absent."""
+        got = [v for k, v in self._headers if k.lower() == name]
+        return b", ".join(got) if got else None
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_bytes() > self.server.limits.max_header_bytes:
+            self._reject_head()
+            return
+        self._body = []
+        self._body_len = 0
+        if self.parser.should_upgrade():
+            return  # _head_buf is kept for the WebSocket handshake
+        self._head_buf = []
+        length = self.header(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.server.limits.max_body_bytes:
+                self._reject_too_large()
+
+    def _head_bytes(self) -> int:
+        """The size of the head just read, as ``_plain_post`` measures a head in one read:
+        its raw bytes, so that where a client's reads split a request never decides
+        whether it is answered. Also moves ``_at`` past the head."""
+        start = self._head_at
+        bufs = self._head_buf
+        if start is None:  # after a chunked body in this read: the parsed fields, as sent
+            self._at = None
+            return len(self._url) + sum(len(k) + len(v) + 3 for k, v in self._headers)
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        # As httptools reads a head: blank lines before it skipped, its end the first empty
+        # line (CRLF or bare LF); measured up to its last line's end, as _plain_post does.
+        while data[start : start + 1] in (b"\r", b"\n"):
+            start += 1
+        lf = data.find(b"\n\n", start)
+        crlf = data.find(b"\n\r\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            end, after = crlf, crlf + 3
+        elif lf >= 0:
+            end, after = lf, lf + 2
+        else:  # httptools saw the blank line, so only a miscount gets here
+            self._at = None
+            return len(data) - start
+        self._at = after - (len(data) - len(self._chunk))
+        return end - start - (data[end - 1 : end] == b"\r")
+
+    def on_chunk_header(self) -> None:
+        self._at = None  # the chunk's size line is not handed over: positions are lost
+
+    def on_body(self, body: bytes) -> None:
+        if self._at is not None:
+            self._at += len(body)
+        if self._too_large:
+            return
+        self._body.append(body)
+        self._body_len += len(body)
+        if self._body_len > self.server.limits.max_body_bytes:
+            self._body = []
+            self._reject_too_large()
+
+    def on_message_complete(self) -> None:
+        self._idle = True
+        if self._too_large or self.parser.should_upgrade():
+            return  # an upgrade is answered when httptools raises HttpParserUpgrade
+        method = self.parser.get_method()
+        keep_alive = self.parser.should_keep_alive()
+        if method == b"POST":
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._body = []
+            batches = self.server.routes.batches
+            if batches is not None and self._url.split(b"?", 1)[0] == BATCHES_PATH:
+                self._batch_post(batches, body, keep_alive)
+                return
+            via = self.headers(b"via")
+            if via is None:
+                self._answer(self.server.routes.rpc(body), keep_alive)
+            else:
+                self._relayed(body, via, keep_alive)
+        elif method == b"GET":
+            self._get(keep_alive)
+        elif method == b"OPTIONS":
+            self._preflight(keep_alive)
+        else:
+            self._plain(405, b"method not allowed", keep_alive)
+
+    def _relayed(self, body: bytes, via: bytes, keep_alive: bool) -> None:
+        """A request another relay forwarded (``Via``, RFC 9110 7.6.3): refused with 508 if
+        it passed through this node already (relays that are each other's upstreams would
+        pass a miss or a write round forever); else served with its Via carried on to any
+        upstream request made for it."""
+        server = self.server
+        relays = relays_in(via)
+        looped = server.via and server.via.encode() in relays
+        if looped or len(relays) >= server.limits.max_relay_hops:
+            server.metrics.rejected.labels("relay_loop").inc()
+            self._plain(508, b"relay loop: this request passed through this node", keep_alive)
+            return
+        token = enter_via(", ".join(f"1.1 {r.decode()}" for r in relays))
+        try:
+            self._answer(server.routes.rpc(body), keep_alive)
+        finally:
+            leave_via(token)
+
+    def _batch_post(self, batches: BatchRoutes, body: bytes, keep_alive: bool) -> None:
+        if not batches.authorized(self.header(b"authorization")):
+            batches.refuse_unauthorized()
+            self._plain(401, b"a push needs Authorization: Bearer <api key>", keep_alive)
+            return
+        self._reply(batches.post(body), keep_alive)
+
+    def _reply(self, reply: Awaitable[Reply], keep_alive: bool) -> None:
+        """Queue an answer made elsewhere (any status and content type), in request order."""
+
+        async def whole() -> bytes:
+            try:
+                status, body, content_type = await reply
+            except Exception:
+                # Never a 200: on POST /batches a 200 says "acknowledged".
+                log.exception("answer to %s failed", path.decode(errors="replace"))
+                status, body, content_type = 500, b'{"error":"internal error"}', None
+            return self.server.head(status, len(body), keep_alive, cors, content_type) + body
+
+        if sum(1 for e in self._queue if len(e) > 3) >= self.server.limits.max_pending_replies:
+            # Each may be megabytes (range answers): a few at a time per connection. A
+            # pipelined burst arrives in one read, parsed whole before reading could pause,
+            # so the rest is refused, each in its turn, not held.
+            if isinstance(reply, Coroutine):
+                reply.close()
+            self.server.metrics.rejected.labels("too_many_pending").inc()
+            self._plain(429, b"too many answers under way on this connection", keep_alive)
+            return
+        path = self._url
+        cors = b"" if self.server.cors_any else self._cors()
+        fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
+        self._queue.append([fut, keep_alive, cors, True])
+        self.busy = True
+        fut.add_done_callback(self._flush)
+
+    # --- answers ---------------------------------------------------------------------
+    def _answer(
+        self, result: bytes | Awaitable[bytes], keep_alive: bool, cors: bytes | None = None
+    ) -> None:
+        """Write a POST's answer now or once it is ready, in request order. ``cors``: the
+        request's CORS lines, when they were not left to be read from httptools' headers."""
+        if cors is None:
+            # Read now: by the time an answer that waits is written, the headers at hand
+            # may be those of a later request.
+            cors = b"" if self.server.cors_any else self._cors()
+        if result.__class__ is bytes:
+            # The hot path: a synchronous answer on an idle keep-alive connection.
+            if keep_alive and not self._queue and not cors:
+                self._write_ok(typing.cast(bytes, result))
+            else:
+                self._send(200, typing.cast(bytes, result), keep_alive, cors=cors)
+            return
+        assert not isinstance(result, bytes)
+        if result.__class__ is CoroutineType:
+            # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
+            # The task keeps the client's address (limits per IP); hits never set it.
+            coro = typing.cast("Coroutine[object, object, bytes]", result)
+            token = enter_peer(self.ip)
+            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_task(coro)
+            leave_peer(token)
+        elif result.__class__ is asyncio.Future:
+            # A read already sent upstream (RpcService's forwarding path): no task to make.
+            fut = typing.cast("asyncio.Future[bytes]", result)
+        else:
+            token = enter_peer(self.ip)
+            fut = asyncio.ensure_future(result)
+            leave_peer(token)
+        self._queue.append([fut, keep_alive, cors])
+        self.busy = True
+        fut.add_done_callback(self._flush)
+        if len(self._queue) > self.server.limits.max_pending_per_connection and not self._paused:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def _cors(self) -> bytes:
+        """The CORS lines for the request httptools read last, when origins are listed."""
+        return self.server.cors_lines(self.header(b"origin"))
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        keep_alive: bool,
+        extra: bytes = b"",
+        cors: bytes | None = None,
+    ) -> None:
+        if cors is None:
+            cors = b"" if self.server.cors_any else self._cors()
+        data = self.server.head(status, len(body), keep_alive, extra + cors) + body
+        if self._queue:
+            self._queue.append([data, keep_alive])
+            return
+        self._write(data, keep_alive)
+
+    def _write_ok(self, body: bytes) -> None:
+        """200 OK on a keep-alive connection: the prebuilt head plus the length."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        head = self.server.ok_head + b"%d\r\n\r\n" % len(body)
+        if len(body) > LARGE_BODY:
+            transport.writelines((head, body))  # no copy of a large answer
+        else:
+            transport.write(head + body)
+
+    def _write(self, data: bytes, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if not keep_alive:
+            transport.close()
+
+    def _flush(self, _fut: object = None) -> None:
+        q = self._queue
+        while q:
+            entry = q[0]
+            item, keep_alive = entry[0], entry[1]
+            if isinstance(item, asyncio.Future):
+                if not item.done():
+                    break
+                q.popleft()
+                if item.cancelled():
+                    # Still answered: on a pipelined connection the answers that follow
+                    # would otherwise each land on the request before their own.
+                    body = INTERNAL_ERROR
+                elif (exc := item.exception()) is not None:
+                    log.error("request failed", exc_info=exc)
+                    body = INTERNAL_ERROR
+                else:
+                    body = item.result()
+                    if len(entry) > 3:  # a whole response (``_reply``)
+                        self._write(body, bool(keep_alive))
+                        continue
+                cors = typing.cast(bytes, entry[2])
+                if keep_alive and not cors:
+                    self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
+                else:
+                    head = self.server.head(200, len(body), bool(keep_alive), cors)
+                    self._write(head + body, bool(keep_alive))
+            else:
+                q.popleft()
+                assert isinstance(item, bytes)
+                self._write(item, bool(keep_alive))
+        self.busy = bool(q)
+        if self._paused and len(q) <= self.server.limits.max_pending_per_connection // 2:
+            self._paused = False
+            if (
+                not self._write_paused
+                and self.transport is not None
+                and not self.transport.is_closing()
+            ):
+                self.transport.resume_reading()
+
+    def _plain(self, status: int, text: bytes, keep_alive: bool) -> None:
+        body = orjson.dumps({"error": text.decode()})
+        self._send(status, body, keep_alive)
+
+    def _reject_head(self) -> None:
+        self._too_large = True
+        self.server.metrics.rejected.labels("header_too_large").inc()
+        self._plain(431, b"request head too large", keep_alive=False)
+
+    def _reject_too_large(self) -> None:
+        self._too_large = True
+        self.server.metrics.rejected.labels("body_too_large").inc()
+        limit = self.server.limits.max_body_bytes
+        self._plain(413, b"request body larger than %d bytes" % limit, keep_alive=False)
+
+    def _get(self, keep_alive: bool) -> None:
+        path = self._url.split(b"?", 1)[0]
+        routes = self.server.routes
+        if path == b"/health":
+            status, body = routes.health()
+            self._send(status, body, keep_alive)
+        elif path == RANGE_PATH and routes.feed_range is not None:
+            query = self._url.split(b"?", 1)[1] if b"?" in self._url else b""
+            self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
+        elif path == b"/metrics":
+            text = routes.metrics_text()
+            data = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(text)
+            ) + text
+            if self._queue:
+                self._queue.append([data, keep_alive])
+            else:
+                self._write(data, keep_alive)
+        else:
+            self._plain(
+                404, b"not found: POST JSON-RPC to any path; GET /health, /metrics", keep_alive
+            )
+
+    def _preflight(self, keep_alive: bool) -> None:
+        req_headers = self.header(b"access-control-request-headers") or b"content-type"
+        extra = (
+            b"Access-Control-Allow-Methods: POST, GET, OPTIONS\r\n"
+            b"Access-Control-Allow-Headers: " + req_headers + b"\r\n"
+            b"Access-Control-Max-Age: 86400\r\n"
+        )
+        self._send(204, b"", keep_alive, extra)
+
+    def _upgrade(self, data: bytes, offset: int) -> None:
+        assert self.transport is not None
+        head = b"".join(self._head_buf[:-1]) + data[:offset]
+        if self._head_at:  # the read began with earlier messages, already answered
+            head = head[self._head_at :]
+        rest = data[offset:]
+        self._head_buf = []
+        limits = self.server.limits
+        feed = self.server.routes.feed
+        path = self._url.split(b"?", 1)[0]
+        session: WsSession
+        batches = self.server.routes.batches
+        if batches is not None and path == BATCHES_PATH:
+            if not batches.authorized(self.header(b"authorization")):
+                batches.refuse_unauthorized()
+                self._plain(401, b"a push needs Authorization: Bearer <api key>", False)
+                return
+            session = batches.open(
+                self.transport,
+                ip=self.ip,
+                max_send_buffer=limits.max_ws_send_buffer,
+                close_timeout=limits.ws_close_timeout,
+            )
+        elif feed is not None and path == FEED_PATH:
+            session = feed(
+                self.transport,
+                ip=self.ip,
+                max_send_buffer=limits.max_ws_send_buffer,
+                close_timeout=limits.ws_close_timeout,
+            )
+        else:
+            session = WsSession(
+                self.transport,
+                self.server.routes.rpc,
+                ip=self.ip,
+                max_message_bytes=limits.max_ws_message_bytes,
+                max_send_buffer=limits.max_ws_send_buffer,
+                max_pending=limits.max_pending_per_connection,
+                open_subscriptions=self.server.routes.ws_subscriptions,
+                close_timeout=limits.ws_close_timeout,
+            )
+        if not session.accept(head):
+            self.transport.close()
+            return
+        self.ws = session
+        metrics = self.server.metrics
+        metrics.connections.labels("http").dec()
+        metrics.connections.labels("ws").inc()
+        if rest:
+            session.data_received(rest)

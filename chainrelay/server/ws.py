@@ -1,0 +1,267 @@
+"""WebSocket JSON-RPC on the HTTP port, driven through websockets' sans-I/O ServerProtocol.
+
+The HTTP protocol hands over the raw upgrade request; from then on this session owns the
+connection's bytes. Each text or binary message is one JSON-RPC body; answers go back as
+text messages, in whatever order they complete (ids pair them, as on any node).
+
+A session may carry the subscriptions of its connection (``eth_subscribe``): while a
+message is handled they are reachable through ``current_subscriptions()``, so the RPC
+pipeline routes subscription calls to this connection's without knowing the transport.
+Notifications go out as frames the fan-out built once for all subscribers
+(``send_frames``), under the same send-buffer bound as answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from chainrelay import defaults
+from chainrelay.server.peer import enter_peer, leave_peer
+from chainrelay.wire.jsonrpc import Answer
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes], bytes | Awaitable[bytes]]
+
+# Close code for a reader too slow to keep up: "try again later" (RFC 6455, 1013).
+CLOSE_TRY_AGAIN_LATER = 1013
+SLOW_READER_REASON = "client too slow: send buffer full"
+
+
+class Subscriptions(Protocol):
+    """The subscriptions of one WebSocket connection, as its session sees them."""
+
+    def call(self, method: str, params: Any) -> Answer:
+        """Answer eth_subscribe / eth_unsubscribe for this connection."""
+        ...
+
+    def answered(self, payload: bytes) -> None:
+        """An answer was sent: subscriptions it announces may notify from now on."""
+        ...
+
+    def closed(self, slow: bool) -> None:
+        """The connection is closing (``slow``: for reading too slowly): unsubscribe all."""
+        ...
+
+
+# The subscriptions of the connection whose message is being handled; tasks started for
+# that message inherit it (asyncio copies the context into every task it creates).
+_CURRENT: contextvars.ContextVar[Subscriptions | None] = contextvars.ContextVar(
+    "chainrelay_ws_subscriptions", default=None
+)
+
+
+def current_subscriptions() -> Subscriptions | None:
+    """The subscriptions of the WebSocket connection being served; None over HTTP."""
+    return _CURRENT.get()
+
+
+class WsSession:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        handler: Handler,
+        *,
+        max_message_bytes: int = defaults.MAX_WS_MESSAGE_BYTES,
+        max_send_buffer: int = defaults.MAX_WS_SEND_BUFFER,
+        max_pending: int = defaults.MAX_PENDING_PER_CONNECTION,
+        on_close: Callable[[], None] | None = None,
+        open_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
+        ip: str = "",
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
+    ) -> None:
+        self.transport = transport
+        self.close_timeout = close_timeout
+        self.ip = ip  # the client's address, kept by each message's task (limits per IP)
+        self.handler = handler
+        self.max_send_buffer = max_send_buffer
+        self.max_pending = max_pending
+        self._paused = False
+        # No extension is ever negotiated (no permessage-deflate): ``send_frames`` relies on
+        # a frame being its header and the payload as is.
+        self.proto = ServerProtocol(max_size=max_message_bytes, extensions=None)
+        self._fragments: list[bytes] = []
+        self._tasks: set[asyncio.Task[bytes]] = set()
+        self._on_close = on_close
+        self._open_subscriptions = open_subscriptions
+        self.subscriptions: Subscriptions | None = None
+        self.closed = False
+        self.slow = False  # closed for reading too slowly
+        self._lost = False  # the transport is gone
+
+    def accept(self, raw_request: bytes) -> bool:
+        """Answer the upgrade request; False when it was refused (and answered so)."""
+        self.proto.receive_data(raw_request)
+        events = self.proto.events_received()
+        request = events[0] if events and isinstance(events[0], Request) else None
+        if request is None:
+            self._flush()
+            return False
+        response = self.proto.accept(request)
+        self.proto.send_response(response)
+        self._flush()
+        if response.status_code != 101:
+            return False
+        if self._open_subscriptions is not None:
+            self.subscriptions = self._open_subscriptions(self)
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        self.proto.receive_data(data)
+        for event in self.proto.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+        self._flush()
+
+    def connection_lost(self) -> None:
+        self.closed = True
+        self._lost = True
+        for task in self._tasks:
+            task.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        subs, self.subscriptions = self.subscriptions, None
+        if subs is not None:
+            subs.closed(self.slow)
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is still buffered for it."""
+        if not self._lost:
+            self.transport.abort()
+
+    def _frame(self, frame: Frame) -> None:
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+            if not frame.fin:
+                self._fragments = [frame.data]
+                return
+            self._message(bytes(frame.data))
+        elif frame.opcode is Opcode.CONT:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                body = b"".join(self._fragments)
+                self._fragments = []
+                self._message(body)
+
+    def _message(self, body: bytes) -> None:
+        subs = self.subscriptions
+        token = _CURRENT.set(subs) if subs is not None else None
+        try:
+            out = self.handler(body)
+            if isinstance(out, bytes):
+                self.send(out)
+                return
+            peer = enter_peer(self.ip)
+            task = asyncio.ensure_future(out)  # takes the context: subscriptions, address
+            leave_peer(peer)
+        finally:
+            if token is not None:
+                _CURRENT.reset(token)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        if len(self._tasks) >= self.max_pending and not self._paused:
+            # Backpressure, not loss: stop reading until answers drain.
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _done(self, task: asyncio.Task[bytes]) -> None:
+        self._tasks.discard(task)
+        if self._paused and len(self._tasks) <= self.max_pending // 2 and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        if task.cancelled() or self.closed:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("websocket handler failed", exc_info=exc)
+            return
+        answer = task.result()
+        self.send(answer)
+        if self.subscriptions is not None and answer:
+            self.subscriptions.answered(answer)
+
+    def send(self, payload: bytes) -> None:
+        """Send one text message; close a connection whose reader has fallen too far behind.
+
+        Never blocks: a notification fan-out calls it for every subscriber in turn."""
+        if not payload or self.closed or self.proto.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+            self._too_slow()
+            return
+        try:
+            self.proto.send_text(payload)
+        except InvalidState:
+            return
+        self._flush()
+
+    def send_frames(self, frames: bytes) -> None:
+        """Write final text frames built elsewhere (the notification fan-out's templates,
+        ``subscriptions.registry.NotificationFrames``), past websockets' per-message path.
+
+        Sound because this session never fragments what it sends (no frame can land inside
+        a message of its own), negotiates no extension (a frame is header + payload) and
+        flushes the protocol object after every operation (none of its bytes wait to go
+        out ahead of these). Same rules as ``send``: only while open, never blocks, and a
+        reader past the send-buffer bound is closed instead."""
+        if self.closed or self.proto.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+            self._too_slow()
+            return
+        self.transport.write(frames)
+
+    def resume_writing(self) -> None:
+        """The transport drained below its high-water mark (sessions that stream use it)."""
+
+    def _too_slow(self) -> None:
+        self.slow = True
+        self.close(CLOSE_TRY_AGAIN_LATER, SLOW_READER_REASON)
+        self._release()  # no more notifications pile up behind the close frame
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason`` and drop this connection's subscriptions at
+        once, so nothing more is queued behind the close frame."""
+        self.close(code, reason)
+        self._release()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.proto.state is State.OPEN:
+            self.proto.send_close(code, reason)
+            self._flush()
+            if not self._lost:
+                self._abort_later()
+
+    def _abort_later(self) -> None:
+        # A peer that never answers the close would keep its buffers forever.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven outside a loop (sans-I/O tests): nothing to wait for
+            return
+        loop.call_later(self.close_timeout, self.abort)
+
+    def _flush(self) -> None:
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            else:  # websockets signals "half-close now" with an empty chunk
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+                else:
+                    self.transport.close()
+        if self.proto.close_expected() and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self._release()
+            if self._on_close is not None:
+                self._on_close()

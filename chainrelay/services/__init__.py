@@ -1,1 +1,0 @@
-"""Asyncio services, one concern each, each with start/stop."""

@@ -1,0 +1,698 @@
+"""The feed hub: a node's streams of frames, their backlogs, and the children it serves.
+
+Frames enter by ``publish`` (this node is their origin) or ``accept`` (a parent sent
+them). ``accept`` keeps the first copy of each identity only, and only once its signature
+checks out against the trusted origins: a duplicate costs a dict lookup, a forged or
+broken frame is counted and dropped (never marked seen, so a good copy from another
+parent still wins). Accepted frames go to the stream's backlog and, in the same call, to
+every child that is caught up; then to the node's own listeners (``on_frame``).
+
+Children are WebSocket sessions on the node's port, path ``/feed`` (``FeedChild``). A
+child's place in a stream is a ``Cursor`` into the backlog (``tree.session``), so
+replay and live are one loop. The fan-out loop writes the same frame bytes to every child
+(one shared WebSocket header per frame, ``writelines``: no copy) and never waits: a child
+whose socket buffer is full is skipped until its transport drains (``resume_writing``),
+and one that falls past its queue bound or out of the backlog is told ``bye`` and closed;
+it resumes from its position.
+
+Batch streams (``BatchSpec``) differ in three ways: each frame is checked against the
+stream's sequencers (the frame carries the sequencer's own signature), frames pass on
+strictly in sequence (``batches.order``: held past a missing one, which is fetched
+from a parent's range endpoint), and the sequencer's ``confirmed`` trims the backlog; child
+relays say what they hold (``held``) for acknowledgements that wait for relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.protocol import State
+
+from chainrelay import defaults
+from chainrelay.batches import frame as batchframe
+from chainrelay.batches.order import BatchOrder, Missing
+from chainrelay.metrics import Metrics
+from chainrelay.server.ws import WsSession
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.frame import KIND_BATCH, Frame, FrameError
+from chainrelay.tree.session import (
+    CLOSE_BAD_HELLO,
+    CLOSE_LAGGING,
+    CLOSE_UNKNOWN_STREAM,
+    MAX_CONTROL_BYTES,
+    Backlog,
+    ControlError,
+    Cursor,
+    Dedup,
+    Gap,
+    Want,
+    encode_bye,
+    encode_confirmed,
+    encode_error,
+    encode_welcome,
+    parse_control,
+    parse_hello,
+    welcome_entry,
+)
+from chainrelay.wire.wsframes import binary_header
+
+log = logging.getLogger(__name__)
+
+# Called with each frame kept and the name of the parent it came from ("" for a frame this
+# node published).
+FrameListener = Callable[[Frame, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class HubLimits:
+    backlog_frames: int = defaults.TREE_BACKLOG_FRAMES
+    backlog_bytes: int = defaults.TREE_BACKLOG_BYTES
+    child_queue_frames: int = defaults.TREE_CHILD_QUEUE_FRAMES
+    child_queue_bytes: int = defaults.TREE_CHILD_QUEUE_BYTES
+    child_buffer_bytes: int = defaults.TREE_CHILD_BUFFER_BYTES
+    dedup_entries: int = defaults.TREE_DEDUP_ENTRIES
+    max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
+    max_children: int = defaults.TREE_MAX_CHILDREN
+    stale_positions: int = defaults.TREE_STALE_POSITIONS
+    hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """A batch stream: whose signatures count, for which chain, and its limits here."""
+
+    name: str
+    chain_id: int
+    sequencers: frozenset[bytes]
+    max_payload_bytes: int = defaults.BATCH_MAX_PAYLOAD_BYTES
+    backlog_frames: int = defaults.BATCH_BACKLOG_FRAMES
+    backlog_bytes: int = defaults.BATCH_BACKLOG_BYTES
+    order_max_held: int = defaults.BATCH_ORDER_MAX_HELD
+    order_max_held_bytes: int = defaults.BATCH_ORDER_MAX_HELD_BYTES
+    order_wait: float = defaults.BATCH_ORDER_WAIT
+    child_queue_frames: int = defaults.BATCH_CHILD_QUEUE_FRAMES
+    fetch_frames: int = defaults.BATCH_RANGE_MAX_FRAMES
+    fetch_rounds: int = defaults.BATCH_FETCH_ROUNDS
+
+
+@dataclass(slots=True)
+class Stream:
+    name: str
+    backlog: Backlog
+    dedup: Dedup
+    children: set[FeedChild] = field(default_factory=set)
+    newest: int | None = None  # highest position accepted
+    last_identity: bytes | None = None  # identity of the last frame accepted
+    # Batch streams only: passed on strictly in sequence.
+    batch: BatchSpec | None = None
+    order: BatchOrder[Frame] | None = None
+    confirmed: tuple[int, bytes] | None = None  # (seq, the sequencer's signature)
+    held: dict[FeedChild, int] = field(default_factory=dict)  # what each child holds
+    held_waiters: list[tuple[int, int, asyncio.Future[int]]] = field(default_factory=list)
+    gap_timer: asyncio.TimerHandle | None = None
+    fetching: bool = False
+    refused: int | None = None  # highest seq refused while too much was held
+    fetch_failures: int = 0  # fetches in a row that brought nothing
+
+
+# Fetches a batch stream's frames ``[start, end)`` from this node's parents (their range
+# endpoints); returns the frames got, in order, possibly fewer.
+RangeFetcher = Callable[[str, int, int], Awaitable[list[bytes]]]
+
+
+class FeedHub:
+    def __init__(
+        self,
+        streams: Iterable[str],
+        metrics: Metrics,
+        *,
+        trust: Iterable[bytes] = (),
+        limits: HubLimits | None = None,
+        batches: Iterable[BatchSpec] = (),
+    ) -> None:
+        self.limits = lim = limits or HubLimits()
+        self.metrics = metrics
+        self.trust = frozenset(trust)
+        self.streams: dict[str, Stream] = {
+            name: Stream(
+                name,
+                Backlog(lim.backlog_frames, lim.backlog_bytes),
+                Dedup(lim.dedup_entries),
+            )
+            for name in streams
+        }
+        for spec in batches:
+            self.streams[spec.name] = Stream(
+                spec.name,
+                Backlog(spec.backlog_frames, spec.backlog_bytes),
+                Dedup(1),  # order by seq is the dedup of a batch stream
+                batch=spec,
+                order=BatchOrder(spec.order_max_held, spec.order_max_held_bytes),
+            )
+        self.listeners: list[FrameListener] = []
+        self.children: set[FeedChild] = set()
+        self._counters: dict[tuple[str, str], Callable[[], None]] = {}
+        self._latency: dict[str, Any] = {}
+        # Set by the node: where missing batches come from, and who hears what this node
+        # holds (its parents, for acknowledgements that wait for relays) and which
+        # confirmations it took (its own children get them from here).
+        self.fetch_range: RangeFetcher | None = None
+        self.on_held: Callable[[str, int], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- counting ----------------------------------------------------------------------
+    def _count(self, stream: str, outcome: str) -> None:
+        if stream not in self.streams:
+            stream = "other"  # names come from the wire: never grow the label set
+        key = (stream, outcome)
+        inc = self._counters.get(key)
+        if inc is None:
+            inc = self._counters[key] = self.metrics.feed_frames.labels(stream, outcome).inc
+        inc()
+
+    # --- frames in ---------------------------------------------------------------------
+    def publish(self, raw: bytes) -> None:
+        """A frame this node made (its origin), or a batch its ingress made durable: kept
+        and fanned out like an accepted one. Batches come in sequence."""
+        frame = feedframe.decode(raw, len(raw))
+        st = self.streams[frame.stream]
+        if st.order is not None:
+            st.order.next = frame.position + 1
+            self._keep(st, frame, "published", "")
+        elif st.dedup.add(frame.identity):
+            self._keep(st, frame, "published", "")
+
+    def start_batches_at(self, stream: str, seq: int) -> None:
+        """The next seq of a batch stream this node's own log will publish (an ingress)."""
+        order = self.streams[stream].order
+        assert order is not None
+        order.next = seq
+
+    def accept(self, raw: bytes, source: str = "") -> Frame | None:
+        """A frame from a parent (named ``source``): the accepted frame, or None (a
+        duplicate, or dropped)."""
+        try:
+            frame = feedframe.decode(raw, self.limits.max_frame_bytes)
+        except FrameError as exc:
+            self._count("", exc.reason)
+            log.debug("feed frame dropped: %s", exc)
+            return None
+        st = self.streams.get(frame.stream)
+        if st is None:
+            self._count(frame.stream, "unknown_stream")
+            return None
+        if st.order is not None:
+            return self._accept_batch(st, frame, source)
+        if frame.kind == KIND_BATCH:
+            self._count(st.name, "kind")
+            return None
+        if frame.identity in st.dedup:
+            self._count(st.name, "duplicate")
+            return None
+        if st.newest is not None and frame.position + self.limits.stale_positions < st.newest:
+            self._count(st.name, "stale")
+            return None
+        try:
+            who = feedframe.signer(frame)
+        except FrameError as exc:
+            self._count(st.name, exc.reason)
+            return None
+        if not self._signed_by(st, frame, who, self.trust):
+            return None
+        st.dedup.add(frame.identity)
+        self._keep(st, frame, "accepted", source)
+        return frame
+
+    def _signed_by(self, st: Stream, frame: Frame, who: bytes, allowed: frozenset[bytes]) -> bool:
+        """True if ``who`` (the frame's signer) is one of ``allowed`` (the trusted origins,
+        or a batch stream's sequencers); else counted and logged."""
+        if who in allowed:
+            return True
+        self._count(st.name, "untrusted")
+        log.warning(
+            "feed frame of %s at %d signed by untrusted 0x%s: dropped",
+            st.name,
+            frame.position,
+            who.hex(),
+        )
+        return False
+
+    # --- batch streams -----------------------------------------------------------------
+    def _accept_batch(self, st: Stream, frame: Frame, source: str) -> Frame | None:
+        """A batch frame: checked against the stream's sequencers, then passed on in
+        sequence (held while an earlier one is missing)."""
+        spec, order = st.batch, st.order
+        assert spec is not None and order is not None
+        if not order.is_new(frame.position):
+            self._count(st.name, "duplicate")
+            return None
+        try:
+            if batchframe.frame_chain_id(frame) != spec.chain_id:
+                raise FrameError("chain", str(batchframe.frame_chain_id(frame)))
+            who, _payload = batchframe.open_frame(frame, spec.max_payload_bytes)
+        except FrameError as exc:
+            self._count(st.name, exc.reason)
+            return None
+        if not self._signed_by(st, frame, who, spec.sequencers):
+            return None
+        released = order.offer(frame.position, frame, len(frame.raw))
+        if released is None:
+            # Too much held past a missing batch: fetch it now rather than wait, and what
+            # was refused too (a quiet stream may never send it again).
+            self._count(st.name, "held_full")
+            st.refused = max(st.refused or 0, frame.position)
+            self._fill_gap(st)
+            return None
+        for f in released:
+            self._keep(st, f, "accepted", source)
+        if released and self.on_held is not None and order.next is not None:
+            self.on_held(st.name, order.next - 1)
+        self._watch_gap(st)
+        return frame
+
+    def _wanted(self, st: Stream) -> Missing | None:
+        """Numbers to fetch: those the held batches wait for, and up to the highest one
+        refused while the gate was full."""
+        order = st.order
+        assert order is not None
+        missing = order.missing()
+        if st.refused is not None and order.next is not None:
+            if st.refused < order.next:
+                st.refused = None
+            elif missing is None or st.refused >= missing.end:
+                # Past the held ones too: their range is fetched with it (copies are dropped).
+                return Missing(order.next, st.refused + 1)
+        return missing
+
+    def _watch_gap(self, st: Stream) -> None:
+        """A batch is missing: wait ``order_wait`` for another parent's copy, then fetch."""
+        assert st.order is not None and st.batch is not None
+        if self._wanted(st) is None:
+            if st.gap_timer is not None:
+                st.gap_timer.cancel()
+                st.gap_timer = None
+                self.metrics.batch_gaps.labels(st.name, "arrived").inc()
+            return
+        if st.gap_timer is None and not st.fetching:
+            loop = asyncio.get_running_loop()
+            st.gap_timer = loop.call_later(st.batch.order_wait, self._fill_gap, st)
+
+    def _fill_gap(self, st: Stream) -> None:
+        st.gap_timer = None
+        missing = self._wanted(st)
+        if missing is None or st.fetching:
+            return
+        st.fetching = True
+        task = asyncio.get_running_loop().create_task(self._fetch(st, missing))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, st: Stream, missing: Missing) -> None:
+        """One page of what is missing (at most ``fetch_frames``: a long outage is
+        fetched page by page, each page checked in one go, the loop free in between)."""
+        assert st.order is not None and st.batch is not None
+        end = min(missing.end, missing.start + st.batch.fetch_frames)
+        got: list[bytes] = []
+        try:
+            if self.fetch_range is not None:
+                got = await self.fetch_range(st.name, missing.start, end)
+        except Exception as exc:  # any parent's failure: tried again, then passed over
+            log.warning("fetching batches %s of %s failed: %s", missing, st.name, exc)
+        finally:
+            st.fetching = False
+        before = st.order.next
+        for raw in got:
+            self.accept(raw, "range")
+        if st.order.next != before or st.order.missing() is None:
+            st.fetch_failures = 0
+            self.metrics.batch_gaps.labels(st.name, "fetched").inc()
+            if self._wanted(st) is not None:
+                # More pages, or what a full gate refused: no parent sends those again.
+                asyncio.get_running_loop().call_soon(self._fill_gap, st)
+            return
+        st.fetch_failures += 1
+        if st.fetch_failures < st.batch.fetch_rounds:
+            self._watch_gap(st)  # again after order_wait: a parent may be restarting
+            return
+        # No parent could give them: the held batches go on; children see the jump and
+        # fetch the missing ones themselves (their range requests climb further).
+        st.fetch_failures = 0
+        log.warning(
+            "batches %d-%d of %s are in no parent's backlog: passed over",
+            missing.start,
+            missing.end - 1,
+            st.name,
+        )
+        self.metrics.batch_gaps.labels(st.name, "skipped").inc()
+        for f in st.order.skip():
+            self._keep(st, f, "accepted", "")
+        self._watch_gap(st)
+
+    def range(self, stream: str, start: int, max_frames: int, max_bytes: int) -> list[bytes] | None:
+        """Frames of batch ``stream`` from seq ``start`` on, consecutive, from the backlog
+        (at least one if any, at most ``max_frames`` and about ``max_bytes``); [] when
+        ``start`` is not reached yet; None when the backlog no longer holds ``start``."""
+        st = self.streams[stream]
+        entries = st.backlog.entries
+        if st.order is None:
+            return []
+        if st.order.next is None or not entries or entries[0].position > start:
+            return None  # nothing taken in yet, or no longer held: ask further up
+        if start >= st.order.next:
+            return []
+        out: list[bytes] = []
+        used = 0
+        # The backlog is in sequence; after a skipped gap, positions jump: stop there.
+        i = start - entries[0].position
+        if i >= len(entries) or entries[i].position != start:
+            i = next((j for j, e in enumerate(entries) if e.position == start), -1)
+            if i < 0:
+                return None
+        expect = start
+        while i < len(entries) and len(out) < max_frames:
+            e = entries[i]
+            if e.position != expect or (out and used + len(e.raw) > max_bytes):
+                break
+            out.append(e.raw)
+            used += len(e.raw)
+            expect += 1
+            i += 1
+        return out
+
+    def confirm(self, stream: str, seq: int, signature: bytes) -> bool:
+        """The sequencer's word that batches up to ``seq`` are final: checked, the backlog
+        trimmed below it, passed on to every child. False (and nothing done) if the
+        signature is not a sequencer's or the stream is not a batch stream."""
+        st = self.streams.get(stream)
+        if st is None or st.batch is None:
+            return False
+        try:
+            digest = batchframe.confirmed_digest(st.batch.chain_id, stream, seq)
+            who = feedframe.recover(signature, digest)
+        except (FrameError, ValueError):
+            return False
+        if who not in st.batch.sequencers:
+            return False
+        if st.confirmed is not None and seq <= st.confirmed[0]:
+            return True  # known already (from another parent)
+        st.confirmed = (seq, signature)
+        st.backlog.trim_below(seq)
+        text = encode_confirmed(stream, seq, signature)
+        for child in list(st.children):
+            child.send(text)
+        return True
+
+    def note_held(self, child: FeedChild, stream: str, position: int) -> None:
+        """A child relay holds every batch of ``stream`` up to ``position``."""
+        st = self.streams.get(stream)
+        if st is None or st.order is None or st.order.next is None or child not in st.children:
+            return
+        if child.node is None:
+            return  # a subscriber, not a relay: what it holds helps no acknowledgement
+        # Never more than this node sent: a child's word cannot make up a relay's copy.
+        position = min(position, st.order.next - 1)
+        if position <= st.held.get(child, -1):
+            return
+        st.held[child] = position
+        self._wake_held(st)
+
+    def _wake_held(self, st: Stream) -> None:
+        if not st.held_waiters:
+            return
+        keep = []
+        # Per relay name (one relay is one, however many sessions it has), once per
+        # message, not once per waiter.
+        by_node: dict[str | None, int] = {}
+        for child, position in st.held.items():
+            by_node[child.node] = max(position, by_node.get(child.node, -1))
+        held = sorted(by_node.values())
+        for seq, k, fut in st.held_waiters:
+            if fut.done():
+                continue
+            n = len(held) - bisect.bisect_left(held, seq)
+            if n >= k:
+                fut.set_result(n)
+            else:
+                keep.append((seq, k, fut))
+        st.held_waiters = keep
+
+    def wait_held(self, stream: str, seq: int, k: int) -> asyncio.Future[int]:
+        """A future resolved (with how many) once ``k`` children hold batch ``seq``."""
+        st = self.streams[stream]
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        st.held_waiters.append((seq, k, fut))
+        self._wake_held(st)
+        return fut
+
+    def _keep(self, st: Stream, frame: Frame, outcome: str, source: str) -> None:
+        st.backlog.append(frame.position, frame.identity, frame.raw)
+        if st.newest is None or frame.position > st.newest:
+            st.newest = frame.position
+        st.last_identity = frame.identity
+        self._count(st.name, outcome)
+        for child in list(st.children):
+            try:
+                child.pump()
+            except Exception:  # one child's trouble never costs the others this frame
+                log.exception("feed child %s failed; dropped", child.ip)
+                child.abort()
+        latency = self._latency.get(st.name)
+        if latency is None:  # labels() takes a lock and builds a key: once per stream
+            latency = self._latency[st.name] = self.metrics.feed_latency.labels(st.name)
+        latency.set(max(0.0, time.time() - frame.origin_us / 1e6))
+        for fn in self.listeners:
+            try:
+                fn(frame, source)
+            except Exception:
+                log.exception("feed listener failed")
+
+    # --- resuming from parents ---------------------------------------------------------
+    def wants(self, resume_last: int) -> list[Want]:
+        """What to ask a parent for: each stream from just past the newest position held,
+        or, before any frame arrived, the parent's last ``resume_last`` frames (a batch
+        stream: from the next seq it lacks)."""
+        out = []
+        for st in self.streams.values():
+            if st.order is not None and st.order.next is not None:
+                out.append(Want(st.name, from_position=st.order.next))
+            elif st.newest is None:
+                out.append(Want(st.name, last=resume_last))
+            else:
+                out.append(Want(st.name, from_position=st.newest + 1, after=st.last_identity))
+        return out
+
+    # --- children ----------------------------------------------------------------------
+    def open_child(
+        self,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
+    ) -> FeedChild:
+        return FeedChild(
+            self, transport, ip=ip, max_send_buffer=max_send_buffer, close_timeout=close_timeout
+        )
+
+    def close_children(self) -> None:
+        for child in list(self.children):
+            child.close_now(1001, "node shutting down")
+
+    async def stop(self) -> None:
+        """Cancel the hub's own work (gap fetches, timers, acknowledgement waits)."""
+        for st in self.streams.values():
+            if st.gap_timer is not None:
+                st.gap_timer.cancel()
+                st.gap_timer = None
+            for _seq, _k, fut in st.held_waiters:
+                fut.cancel()
+            st.held_waiters = []
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class FeedChild(WsSession):
+    """One child's feed session: a hello, then every frame due from its cursors."""
+
+    def __init__(
+        self,
+        hub: FeedHub,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            transport,
+            _no_rpc,
+            max_message_bytes=MAX_CONTROL_BYTES,
+            max_send_buffer=max_send_buffer,
+            ip=ip,
+            close_timeout=close_timeout,
+        )
+        self.hub = hub
+        self.cursors: dict[str, Cursor] = {}
+        self.greeted = False
+        self.node: str | None = None  # the relay's name its hello gave
+        self.high_water = hub.limits.child_buffer_bytes
+        # Above this the transport pauses us; ``resume_writing`` pumps again.
+        transport.set_write_buffer_limits(high=self.high_water)
+
+    def accept(self, raw_request: bytes) -> bool:
+        if len(self.hub.children) >= self.hub.limits.max_children:
+            self.hub.metrics.feed_child_closes.labels("too_many_children").inc()
+            # Answered, not just dropped: the child can tell a full parent from a dead one.
+            self.proto.receive_data(raw_request)
+            self.proto.events_received()
+            self.proto.send_response(self.proto.reject(503, "too many children\n"))
+            self._flush()
+            return False
+        ok = super().accept(raw_request)
+        if ok:
+            self.hub.children.add(self)
+            # A child that never says hello would hold its place among max_children.
+            asyncio.get_running_loop().call_later(self.hub.limits.hello_timeout, self._hello_due)
+        return ok
+
+    def _hello_due(self) -> None:
+        if not self.greeted and not self.closed:
+            self.greeted = True
+            self._refuse("no hello in time", CLOSE_BAD_HELLO, "no_hello")
+
+    def _message(self, body: bytes) -> None:
+        if self.greeted:
+            self._after_hello(body)
+            return
+        self.greeted = True
+        try:
+            hello = parse_hello(body)
+        except ControlError as exc:
+            self._refuse(str(exc), exc.code, "bad_hello")
+            return
+        self.node = hello.node
+        hub = self.hub
+        entries = []
+        for want in hello.wants:
+            st = hub.streams.get(want.stream)
+            if st is None:
+                self._refuse(
+                    f"unknown stream {want.stream}", CLOSE_UNKNOWN_STREAM, "unknown_stream"
+                )
+                return
+        for want in hello.wants:
+            st = hub.streams[want.stream]
+            start, gap = st.backlog.resume(want.from_position, want.last, want.after)
+            if st.order is not None and gap is None:
+                gap = _batch_gap(st, want.from_position)
+            cursor = Cursor.at(
+                st.backlog,
+                start,
+                st.batch.child_queue_frames if st.batch else hub.limits.child_queue_frames,
+                hub.limits.child_queue_bytes,
+            )
+            cursor.max_frame = hello.max_frame_bytes
+            self.cursors[want.stream] = cursor
+            entries.append(welcome_entry(want, st.backlog, gap))
+        self.send(encode_welcome(entries))
+        for name in self.cursors:
+            st = hub.streams[name]
+            st.children.add(self)
+            hub.metrics.feed_children.labels(name).inc()
+            if st.confirmed is not None:
+                self.send(encode_confirmed(name, *st.confirmed))
+        self.pump()
+
+    def _after_hello(self, body: bytes) -> None:
+        """A child relay's ``held`` (what it holds of a batch stream); nothing else."""
+        try:
+            msg = parse_control(body)
+        except ControlError as exc:
+            self._refuse(str(exc), exc.code, "bad_control")
+            return
+        if msg.get("type") == "hello":
+            self._refuse("one hello per session", CLOSE_BAD_HELLO, "bad_hello")
+            return
+        stream, position = msg.get("stream"), msg.get("position")
+        if (
+            msg.get("type") != "held"
+            or not isinstance(stream, str)
+            or type(position) is not int
+            or stream not in self.cursors
+        ):
+            self._refuse("after the hello only held messages", CLOSE_BAD_HELLO, "bad_control")
+            return
+        self.hub.note_held(self, stream, position)
+
+    def _refuse(self, message: str, code: int, reason: str) -> None:
+        self.hub.metrics.feed_child_closes.labels(reason).inc()
+        self.send(encode_error(message))
+        self.close_now(code, message[:120])
+
+    def pump(self) -> None:
+        """Write what is due while the socket buffer has room; never waits."""
+        if self.closed or self.proto.state is not State.OPEN:
+            return
+        transport = self.transport
+        streams = self.hub.streams
+        for name, cursor in self.cursors.items():
+            backlog = streams[name].backlog
+            if cursor.lagging(backlog):
+                self.hub.metrics.feed_child_closes.labels("lagging").inc()
+                # Not through ``send``: its send-buffer bound would turn the bye into a 1013
+                # close, and a lagging child's buffer is full by definition.
+                if self.proto.state is State.OPEN:
+                    self.proto.send_text(encode_bye("lagging"))
+                self.close_now(CLOSE_LAGGING, "lagging: resume from your position")
+                return
+            # Until the buffer passes its high-water mark: only a transport that paused us
+            # calls ``resume_writing`` once drained; stopping below it would leave the rest
+            # of a replay waiting for the next live frame.
+            while (room := self.high_water - transport.get_write_buffer_size()) >= 0:
+                batch = cursor.take(backlog, room)
+                if not batch:
+                    break
+                for raw in batch:
+                    transport.writelines((binary_header(len(raw)), raw))
+
+    def resume_writing(self) -> None:
+        self.pump()
+
+    def _release(self) -> None:
+        hub = self.hub
+        if self in hub.children:
+            hub.children.discard(self)
+            for name in self.cursors:
+                st = hub.streams[name]
+                if self in st.children:
+                    st.children.discard(self)
+                    st.held.pop(self, None)
+                    hub.metrics.feed_children.labels(name).dec()
+        super()._release()
+
+
+def _batch_gap(st: Stream, from_position: int | None) -> Gap | None:
+    """Batches a child asks for that this node holds no more (trimmed after a confirmation,
+    or from before it started), even with an empty backlog: the child's cue to read them
+    from the range endpoint now, not at the next batch, which a quiet stream may not send."""
+    assert st.order is not None
+    if from_position is None or st.order.next is None:
+        return None
+    entries = st.backlog.entries
+    oldest = entries[0].position if entries else st.order.next
+    return Gap(from_position, oldest) if from_position < oldest else None
+
+
+def _no_rpc(_body: bytes) -> bytes:
+    return b""

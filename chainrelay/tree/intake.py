@@ -1,0 +1,76 @@
+"""Block frames from the relay tree, taken into this node as if an upstream pushed them.
+
+Each accepted block frame is unpacked (bounded), its block and receipts offered to the
+block feed (which then warms the cache with them, byte for byte, and tells eth_subscribe
+clients and filters, with no upstream call) and its header pushed to the head tracker. A
+frame for a new block at a height already seen is a reorg there, handled exactly as an
+upstream's: the tracker links the fork by parent hash (headers of earlier frames need no
+fetch), the feed retracts the old blocks, subscribers get removed logs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from chainrelay.chain.follower import BlockFeed, geth_header
+from chainrelay.chain.head import HeadTracker
+from chainrelay.metrics import Metrics
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.frame import Frame, FrameError
+from chainrelay.upstreams.pool import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+
+class FeedSource:
+    def __init__(
+        self,
+        blocks: BlockFeed,
+        head: HeadTracker,
+        pool: UpstreamPool,
+        metrics: Metrics,
+        *,
+        max_payload_bytes: int,
+    ) -> None:
+        self.blocks = blocks
+        self.head = head
+        self.pool = pool
+        self.metrics = metrics
+        self.max_payload_bytes = max_payload_bytes
+
+    def on_frame(self, frame: Frame, source: str) -> None:
+        """``source``: the parent that sent it, whose upstream is then credited with the
+        block (a miss for it goes where it is known to be)."""
+        if frame.kind != feedframe.KIND_BLOCK:
+            return
+        try:
+            block_raw, receipts_raw = feedframe.split_block_payload(
+                feedframe.unpack(frame, self.max_payload_bytes)
+            )
+            block = orjson.loads(block_raw)
+        except (FrameError, orjson.JSONDecodeError) as exc:
+            self._bad(frame, str(exc))
+            return
+        if (
+            not isinstance(block, dict)
+            or block.get("hash") != "0x" + frame.identity.hex()
+            or block.get("number") != hex(frame.position)
+        ):
+            self._bad(frame, "block does not match the frame's header")
+            return
+        self.blocks.offer(block, block_raw, None if receipts_raw == b"null" else receipts_raw)
+        header = geth_header(block)
+        # The tracker asks this upstream for parents it lacks (a gap): the parent that sent
+        # the frame when it is one of the upstreams, else any live one.
+        upstreams = self.pool.upstreams
+        u = next((x for x in upstreams if x.name == source), None)
+        if u is None:
+            u = next((x for x in upstreams if x.healthy), upstreams[0])
+        self.head.push_header(u, header)
+
+    def _bad(self, frame: Frame, why: str) -> None:
+        # Signed by a trusted origin yet unusable: forwarded already, never applied here.
+        self.metrics.feed_frames.labels(frame.stream, "payload").inc()
+        log.warning("feed frame %s at %d unusable: %s", frame.stream, frame.position, why)

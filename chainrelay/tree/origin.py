@@ -1,0 +1,71 @@
+"""The relay tree's origin: each block this node's feed fetched, published as one frame.
+
+The block feed (``chain.follower``) already fetches every new canonical block once, full,
+with its receipts, and in chain order (a reorg's new blocks included). The origin signs
+what its upstream answered, byte for byte, into one frame per block, encoded once; the
+hub keeps it and fans it out to every child.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from eth_account import Account
+
+from chainrelay.chain.follower import BlockEvent, BlockFeed
+from chainrelay.config import TreeConfig
+from chainrelay.errors import ConfigError
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.hub import FeedHub
+
+log = logging.getLogger(__name__)
+
+
+def load_signer(tree: TreeConfig) -> feedframe.Signer | None:
+    """The origin key of ``tree`` (None: this node is no origin), loaded with eth-account:
+    a hex key, a keystore JSON (with ``key_password``), or a file holding a hex key."""
+    secret = tree.key
+    if tree.key_file:
+        try:
+            text = Path(tree.key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"tree.key_file: {exc}") from None
+        if text.startswith("{"):
+            try:
+                key = Account.decrypt(text, tree.key_password)
+            except ValueError as exc:
+                raise ConfigError(f"tree.key_file: cannot decrypt the keystore: {exc}") from None
+            return feedframe.Signer(bytes(key))
+        secret = text
+    if not secret:
+        return None
+    try:
+        account = Account.from_key(secret)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"tree.key: not a secp256k1 private key ({exc})") from None
+    return feedframe.Signer(bytes(account.key))
+
+
+class Origin:
+    """Signs and publishes the block feed's blocks on ``stream``."""
+
+    def __init__(
+        self, hub: FeedHub, blocks: BlockFeed, signer: feedframe.Signer, stream: str
+    ) -> None:
+        self.hub = hub
+        self.signer = signer
+        self.stream = stream
+        blocks.add_fetched_listener(self._publish)
+
+    def _publish(self, ev: BlockEvent, block_raw: bytes, receipts_raw: bytes | None) -> None:
+        plain = feedframe.block_payload(block_raw, receipts_raw or b"null")
+        raw = feedframe.encode(
+            self.signer,
+            kind=feedframe.KIND_BLOCK,
+            stream=self.stream,
+            position=ev.number,
+            identity=bytes.fromhex(ev.hash[2:]),
+            plain=plain,
+        )
+        self.hub.publish(raw)

@@ -1,0 +1,323 @@
+"""The upstream pool: picks upstreams by health, lag and latency; retries, hedges, fails over.
+
+Reads go to the best upstream; a timeout, connection error, 5xx, 429 or malformed answer is
+retried on another one, and a slow read may be hedged onto a second upstream. A JSON-RPC
+error that an upstream answered is the node's real answer and is returned as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import typing
+from collections.abc import Sequence
+
+from eth_utils import keccak
+
+from chainrelay.config import PoolConfig
+from chainrelay.errors import (
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamWrongChain,
+)
+from chainrelay.metrics import Metrics
+from chainrelay.server.peer import detached
+from chainrelay.upstreams.upstream import TransportError, Upstream, WsUpstream
+from chainrelay.wire.jsonrpc import Answer, Params
+
+log = logging.getLogger(__name__)
+
+# Error texts that mean "this node already has the transaction": success for a broadcast.
+ALREADY_KNOWN = ("already known", "known transaction", "already imported", "already exists")
+
+
+class UpstreamPool:
+    def __init__(
+        self, upstreams: Sequence[Upstream], settings: PoolConfig, metrics: Metrics
+    ) -> None:
+        if not upstreams:
+            raise ValueError("at least one upstream is needed")
+        self.upstreams = list(upstreams)
+        self.settings = settings
+        self.metrics = metrics
+        for u in self.upstreams:
+            u.observer = metrics.upstream_observer(u.name)
+        self._probes: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> None:
+        for u in self.upstreams:
+            await u.start()
+
+    async def check_chain(self, expected: int | None) -> int:
+        """Read every upstream's eth_chainId; refuse those on another chain.
+
+        Returns the chain id. Raises ``UpstreamWrongChain`` when no upstream is left.
+        """
+        ids: dict[str, int] = {}
+        for u in self.upstreams:
+            try:
+                answer = await u.call("eth_chainId", [])
+                ids[u.name] = int(str(answer.value), 16)
+            except (TransportError, ValueError, TypeError) as exc:
+                log.warning("upstream %s: could not read eth_chainId (%s)", u.name, exc)
+        if expected is None and ids:
+            values = list(ids.values())
+            expected = max(set(values), key=values.count)
+        keep = []
+        for u in self.upstreams:
+            got = ids.get(u.name)
+            if got is not None and got != expected:
+                log.error(
+                    "upstream %s refused: it serves chain id %d, this node serves %d",
+                    u.name,
+                    got,
+                    expected,
+                )
+                continue
+            u.chain_id = got
+            keep.append(u)
+        if not keep or expected is None:
+            raise UpstreamWrongChain("no upstream serves the configured chain")
+        self.upstreams = keep
+        return expected
+
+    async def stop(self) -> None:
+        for t in (*self._probes, *self._background):
+            t.cancel()
+        await asyncio.gather(*self._probes, *self._background, return_exceptions=True)
+        for u in self.upstreams:
+            await u.stop()
+
+    # --- selection --------------------------------------------------------------------
+    @property
+    def best_latest(self) -> int:
+        return max((u.latest for u in self.upstreams), default=-1)
+
+    def candidates(self, min_block: int = -1) -> list[Upstream]:
+        """Upstreams in the order to try them: in rotation, caught up, fastest first."""
+        best = self.best_latest
+        lag = self.settings.max_lag_blocks
+        good = [
+            u
+            for u in self.upstreams
+            if u.healthy
+            and (u.latest < 0 or best - u.latest <= lag)
+            and (min_block < 0 or u.latest < 0 or u.latest >= min_block)
+        ]
+        good.sort(key=lambda u: u.latency)
+        rest = [u for u in self.upstreams if u not in good]
+        rest.sort(key=lambda u: (not u.healthy, u.latency))
+        return good + rest
+
+    def direct(self) -> WsUpstream | None:
+        """The upstream a read may be sent to straight away by a caller that pairs its
+        answer itself (RpcService's forwarding path): the one ``call`` would try first,
+        when it is a healthy WebSocket upstream and no hedge would be raced against it.
+        None otherwise: the read goes through ``call``. Retries are the caller's to ask
+        for, through ``call``, after ``failed`` (see ``Upstream``)."""
+        upstreams = self.upstreams
+        if len(upstreams) == 1:
+            u = upstreams[0]
+        else:
+            u = self.candidates()[0]
+            if self._hedge_delay(u) is not None:
+                return None
+        if u.__class__ is not WsUpstream or not u.healthy:
+            return None
+        return typing.cast(WsUpstream, u)
+
+    def failed(self, u: Upstream, exc: TransportError, elapsed: float) -> None:
+        """Count a call sent through ``direct`` that got no usable answer, as ``call``
+        counts its own attempts (health included)."""
+        u.failed(exc, elapsed)
+        if not exc.malformed:
+            self._mark_failed(u)
+
+    def _mark_failed(self, u: Upstream) -> None:
+        if u.healthy and u.consecutive_errors >= self.settings.max_consecutive_errors:
+            u.healthy = False
+            log.warning("upstream %s out of rotation after %d errors", u.name, u.consecutive_errors)
+            self.metrics.upstream_healthy.labels(u.name).set(0)
+            task = detached(self._probe(u), name=f"probe:{u.name}")
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, u: Upstream) -> None:
+        while not u.healthy:
+            await asyncio.sleep(self.settings.probe_interval)
+            try:
+                await u.call("eth_blockNumber", [])
+            except TransportError:
+                continue
+            u.healthy = True
+            u.consecutive_errors = 0
+            self.metrics.upstream_healthy.labels(u.name).set(1)
+            log.info("upstream %s back in rotation", u.name)
+
+    # --- calls ------------------------------------------------------------------------
+    async def _attempt(self, u: Upstream, method: str, params: Params | None) -> Answer:
+        try:
+            return await u.call(method, params)
+        except TransportError as exc:
+            self._mark_failed(u)
+            log.debug("upstream %s %s failed: %s", u.name, method, exc)
+            raise
+
+    def _hedge_delay(self, u: Upstream) -> float | None:
+        s = self.settings
+        if not s.hedge or len(u.samples) < 20:
+            return None
+        return max(s.hedge_min_delay, u.quantile(s.hedge_quantile))
+
+    async def call(
+        self,
+        method: str,
+        params: Params | None,
+        min_block: int = -1,
+        spent: int = 0,
+        tried: Sequence[Upstream] = (),
+    ) -> Answer:
+        """A read: the first good answer from the best upstreams, retried and maybe hedged.
+        ``spent``: attempts the caller made already (a read sent through ``direct``), taken
+        from the budget; one is always left, for a link that failed under it. ``tried``:
+        the upstreams those attempts went to, asked last (the best one may be the one that
+        just failed, still healthy after one error)."""
+        max_attempts = max(1, self.settings.max_attempts - spent)
+        if len(self.upstreams) == 1:
+            return await self._call_in_turn(self.upstreams, method, params, max_attempts)
+        order = self.candidates(min_block)
+        if tried:
+            order = [u for u in order if u not in tried] + [u for u in order if u in tried]
+        if self._hedge_delay(order[0]) is None:
+            return await self._call_in_turn(order, method, params, max_attempts)
+        launched = 0
+        last_exc: TransportError | None = None
+        running: dict[asyncio.Task[Answer], Upstream] = {}
+
+        def launch() -> bool:
+            nonlocal launched
+            if launched >= max_attempts:
+                return False
+            u = order[launched % len(order)]
+            launched += 1
+            running[asyncio.ensure_future(self._attempt(u, method, params))] = u
+            return True
+
+        launch()
+        try:
+            while running:
+                first = next(iter(running.values()))
+                delay = self._hedge_delay(first) if len(running) == 1 and len(order) > 1 else None
+                done, _ = await asyncio.wait(
+                    running, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    self.metrics.hedged.inc()
+                    launch()
+                    continue
+                for task in done:
+                    running.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    if not isinstance(exc, TransportError):
+                        raise exc
+                    last_exc = exc
+                    if not running:
+                        launch()
+        finally:
+            for task in running:
+                task.cancel()
+        raise _no_answer(order, launched, last_exc, method)
+
+    async def _call_in_turn(
+        self, order: list[Upstream], method: str, params: Params | None, attempts: int
+    ) -> Answer:
+        """No hedge due (hedging off, or too few latencies known yet): the candidates one
+        after another in the caller's own task, as the race would try them, with no tasks."""
+        last: TransportError | None = None
+        for i in range(attempts):
+            u = order[i % len(order)]
+            try:
+                return await u.call(method, params)
+            except TransportError as exc:
+                self._mark_failed(u)
+                log.debug("upstream %s %s failed: %s", u.name, method, exc)
+                last = exc
+        raise _no_answer(order, attempts, last, method)
+
+    def _settled(self, task: asyncio.Task[Answer]) -> None:
+        """A write's copy to one upstream ended; one still going after the first answer was
+        sent has its failure read here (the upstream's, counted by ``_attempt``)."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("late write failed: %s", task.exception())
+
+    async def broadcast(self, method: str, params: Params | None) -> Answer:
+        """A write to every upstream at once; the first success answers.
+
+        "already known" from a node is success: the transaction is there. The calls that
+        have not answered yet go on in the background so every node gets the transaction.
+        """
+        order = [u for u in self.upstreams if u.healthy] or list(self.upstreams)
+        tasks = [asyncio.ensure_future(self._attempt(u, method, params)) for u in order]
+        for task in tasks:
+            # Failures that come after the answer (or together with it) are read there.
+            task.add_done_callback(self._settled)
+        first_error: Answer | None = None
+        last_exc: BaseException | None = None
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None:
+                        last_exc = exc
+                        continue
+                    answer = task.result()
+                    if answer.error is None:
+                        return answer
+                    if _already_known(answer) and isinstance(params, list) and params:
+                        return Answer(_tx_hash(params[0]), None)
+                    if first_error is None:
+                        first_error = answer
+        finally:
+            self._background.update(pending)
+        if first_error is not None:
+            return first_error
+        raise UpstreamUnavailable(
+            f"no upstream took the transaction: {last_exc}",
+            method=method,
+            upstream=",".join(u.name for u in order),
+            attempts=len(order),
+        )
+
+
+def _already_known(answer: Answer) -> bool:
+    msg = answer.error_message().lower()
+    return any(s in msg for s in ALREADY_KNOWN)
+
+
+def _tx_hash(raw: object) -> bytes:
+    with contextlib.suppress(ValueError, TypeError):
+        data = bytes.fromhex(str(raw)[2:])
+        return b'"0x' + keccak(data).hex().encode() + b'"'
+    return b"null"
+
+
+def _no_answer(
+    order: list[Upstream], attempts: int, last: TransportError | None, method: str
+) -> UpstreamError:
+    """What a read that got no answer from ``attempts`` tries of ``order`` raises."""
+    where = ",".join(u.name for u in order[: max(1, attempts)])
+    if last is not None and last.timeout:
+        return UpstreamTimeout(
+            "upstream timed out", method=method, upstream=where, attempts=attempts
+        )
+    return UpstreamUnavailable(
+        f"no upstream answered: {last}", method=method, upstream=where, attempts=attempts
+    )

@@ -1,0 +1,707 @@
+"""One upstream JSON-RPC endpoint (HTTP or WebSocket) and what we measure of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import ssl
+import time
+import typing
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import WebSocketURI, parse_uri
+
+from chainrelay import defaults
+from chainrelay.server.peer import current_via
+from chainrelay.wire import wsframes
+from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
+
+log = logging.getLogger(__name__)
+
+# Latencies kept per upstream for the hedging quantile: enough for a stable p95.
+LATENCY_SAMPLES = 256
+# Random bytes drawn at once for client frame masks: a thousand frames per system call.
+WS_MASK_POOL = 4096
+# A relay's answer to a request whose Via names it (RFC 5842's 508 Loop Detected).
+LOOP_DETECTED = 508
+_ANSWER_PREFIX = b'{"jsonrpc":"2.0","id":'
+_ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
+
+
+class TransportError(Exception):
+    """The upstream gave no usable answer (timeout, refused, 5xx, 429, garbage): retryable."""
+
+    def __init__(
+        self, message: str, *, timeout: bool = False, malformed: bool = False, loop: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        # The upstream answered, but not with JSON-RPC (or, ``loop``, refused a request that
+        # had passed through it already: relays that are each other's upstreams). Retried
+        # elsewhere, yet not counted against the upstream's health: one odd request must not
+        # take every node out.
+        self.malformed = malformed or loop
+        self.loop = loop
+
+
+Notify = Callable[[str, Any], None]
+# Told of every call an upstream made: (outcome "ok" | "error" | "transport_error", seconds).
+Observer = Callable[[str, float], None]
+
+
+class Upstream:
+    """A JSON-RPC endpoint. ``call`` returns the node's answer or raises ``TransportError``."""
+
+    def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
+        self.name = name
+        self.url = url
+        self.timeout = timeout
+        self.connections = connections
+        # Measured state, read by the pool.
+        self.latest = -1
+        self.latency = 0.0  # EWMA, seconds
+        self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.consecutive_errors = 0
+        self.healthy = True
+        self.calls = 0
+        self.errors = 0
+        self.chain_id: int | None = None
+        # Set by the pool so that every call counts, the head tracker's included.
+        self.observer: Observer | None = None
+        # This node's entry in the Via header of its HTTP upstream requests ("" sends none);
+        # set before ``start``, which makes it a default header of the session.
+        self.via = ""
+
+    @property
+    def is_ws(self) -> bool:
+        return self.url.startswith(("ws://", "wss://"))
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def request(self, body: bytes) -> bytes:
+        raise NotImplementedError
+
+    async def _roundtrip(self, method: str, params: Params | None) -> bytes:
+        """The raw answer to one call, within ``self.timeout``. HTTP and WebSocket override
+        it to bound the wait with a timer they keep anyway (aiohttp's own, one expiry timer
+        for all calls), cheaper than an ``asyncio.timeout`` per call."""
+        async with asyncio.timeout(self.timeout):
+            return await self.request(encode_request(1, method, params))
+
+    async def call(self, method: str, params: Params | None) -> Answer:
+        """One call, timed and measured. Raises ``TransportError``."""
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            raw = await self._roundtrip(method, params)
+            try:
+                answer = parse_answer(raw)
+            except ValueError as exc:
+                self.errors += 1
+                raise TransportError(f"malformed answer: {exc}", malformed=True) from None
+        except TimeoutError:
+            self._failed()
+            self._observe("transport_error", started)
+            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+        except TransportError as exc:
+            if not exc.malformed:
+                self._failed()
+            self._observe("transport_error", started)
+            raise
+        self.answered(time.perf_counter() - started, answer.error is not None)
+        return answer
+
+    def answered(self, elapsed: float, is_error: bool) -> None:
+        """Measure a call the upstream answered (a JSON-RPC error is an answer too)."""
+        self.samples.append(elapsed)
+        a = defaults.LATENCY_EWMA_ALPHA
+        self.latency = elapsed if self.latency == 0.0 else (1 - a) * self.latency + a * elapsed
+        self.consecutive_errors = 0
+        observer = self.observer
+        if observer is not None:
+            observer("error" if is_error else "ok", elapsed)
+
+    def failed(self, exc: TransportError, elapsed: float) -> None:
+        """Measure a call that got no usable answer (``exc``)."""
+        if not exc.malformed:
+            self._failed()
+        else:
+            self.errors += 1
+        if self.observer is not None:
+            self.observer("transport_error", elapsed)
+
+    def _observe(self, outcome: str, started: float) -> None:
+        if self.observer is not None:
+            self.observer(outcome, time.perf_counter() - started)
+
+    def _failed(self) -> None:
+        self.errors += 1
+        self.consecutive_errors += 1
+
+    def quantile(self, q: float) -> float:
+        if not self.samples:
+            return 0.0
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    async def subscribe_heads(self, on_header: Callable[[dict[str, Any]], None]) -> None:
+        """Follow new heads until cancelled or the stream breaks (raises ``TransportError``)."""
+        raise NotImplementedError
+
+
+class HttpUpstream(Upstream):
+    """An HTTP upstream through one pooled keep-alive aiohttp session.
+
+    The call's deadline is kept by aiohttp's own timer (``total``) rather than by a second
+    one around it. Its default headers and cookie jar stay: some providers refuse requests
+    without a User-Agent, and load balancers pin a client to a node by cookie.
+    """
+
+    def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
+        super().__init__(name, url, timeout=timeout, connections=connections)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=300)
+        headers = {"Content-Type": "application/json"}
+        if self.via:
+            headers["Via"] = self.via  # a relayed request's Via replaces it (``request``)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        )
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _roundtrip(self, method: str, params: Params | None) -> bytes:
+        return await self.request(encode_request(1, method, params))
+
+    async def request(self, body: bytes) -> bytes:
+        """POST one body; the answer's bytes. Raises ``TransportError``."""
+        session = self._session
+        assert session is not None, "upstream not started"
+        # This node's own Via goes with every request (the session's default header); a
+        # request made for one another relay forwarded carries that one's chain too.
+        came = current_via()
+        headers = {"Via": f"{came}, {self.via}"} if came and self.via else None
+        try:
+            async with session.post(self.url, data=body, headers=headers) as resp:
+                data = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from None
+        if status == LOOP_DETECTED:
+            raise TransportError("the request came round to a relay it passed", loop=True)
+        if status != 200 and (status == 429 or status >= 500 or not data.lstrip().startswith(b"{")):
+            raise TransportError(f"HTTP {status}")
+        return data
+
+
+class _WsLink(asyncio.Protocol):
+    """One WebSocket connection to an upstream, driven through websockets' sans-I/O
+    ``ClientProtocol`` in the transport's own callbacks: a message costs no task, no
+    queue and no lock, only a frame parsed and a frame written.
+
+    Once open, a final text or binary frame (nearly every frame) is framed by
+    ``wire.wsframes`` directly; every other frame (ping, pong, close, fragments) is handed
+    whole to the protocol object, which therefore never sees a frame cut in two.
+
+    Keep-alive: a ping goes out every ``ping_interval`` seconds; a connection that has
+    sent nothing at all by the next one is dead and is aborted.
+    """
+
+    def __init__(
+        self,
+        uri: WebSocketURI,
+        on_message: Callable[[bytes], None],
+        on_lost: Callable[[_WsLink], None],
+        *,
+        ping_interval: float = defaults.WS_PING_INTERVAL,
+        max_message: int = defaults.WS_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.proto = ClientProtocol(uri, max_size=max_message)
+        self.ping_interval = ping_interval
+        self.max_message = max_message
+        self.transport: asyncio.Transport | None = None
+        # Kept: asking asyncio for the running loop costs a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = self.loop.create_future()
+        self.closed = False
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._fragments: list[bytes] = []
+        self._heard = True  # something arrived since the last ping
+        self._ping: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._framing = False  # frames are split here (after the handshake)
+        self._buf = bytearray()  # the start of a frame not yet complete
+        self._masks = b""  # random bytes for client frame masks, used four at a time
+        self._mask_at = 0
+
+    # --- transport callbacks ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = True
+        if not self._framing:
+            self._receive(data)
+            return
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
+        pos = 0
+        try:
+            while (frame := wsframes.next_frame(buf, pos, self.max_message)) is not None:
+                first, start, end = frame
+                if (first == wsframes.FIN_TEXT or first == wsframes.FIN_BINARY) and not (
+                    buf[pos + 1] & wsframes.MASK_BIT  # a server never masks
+                ):
+                    self._on_message(bytes(buf[start:end]))
+                    pos = end
+                    continue
+                self._receive(bytes(buf[pos:end]))
+                pos = end
+        except wsframes.FrameTooLarge as exc:
+            log.warning("WebSocket upstream: %s; reconnecting", exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < len(buf):
+            self._buf = bytearray(buf[pos:])
+
+    def _receive(self, data: bytes) -> None:
+        """Bytes for websockets' protocol object: the handshake, then whole frames."""
+        proto = self.proto
+        proto.receive_data(data)
+        for event in proto.events_received():
+            if event.__class__ is Frame:
+                self._frame(typing.cast(Frame, event))
+            elif isinstance(event, Response):
+                self._handshake()
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.proto.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._ping is not None:
+            self._ping.cancel()
+        if not self.opened.done():
+            self.opened.set_exception(TransportError(f"connect: {exc or 'connection closed'}"))
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # --- frames ----------------------------------------------------------------------
+    def _handshake(self) -> None:
+        if self.opened.done():
+            return
+        exc = self.proto.handshake_exc
+        if exc is not None:
+            self.opened.set_exception(TransportError(f"connect: {exc}"))
+            return
+        self.opened.set_result(None)
+        # From here on frames are split here, unless the protocol object holds the start of
+        # one already (a server speaking first, in the handshake's own read).
+        reader = getattr(self.proto, "reader", None)
+        self._framing = not getattr(reader, "buffer", None)
+        self._ping = self.loop.call_later(self.ping_interval, self._keepalive)
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._on_message(bytes(frame.data))
+            else:
+                self._fragments = [bytes(frame.data)]
+        elif opcode is Opcode.CONT:
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                message = b"".join(self._fragments)
+                self._fragments = []
+                self._on_message(message)
+
+    def _keepalive(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if not self._heard:
+            log.warning("WebSocket upstream silent for %.1fs: reconnecting", self.ping_interval)
+            self.transport.abort()
+            return
+        self._heard = False
+        with contextlib.suppress(InvalidState):
+            self.proto.send_ping(b"")
+            self._flush()
+        self._ping = self.loop.call_later(self.ping_interval, self._keepalive)
+
+    # --- sending ---------------------------------------------------------------------
+    def send(self, body: bytes) -> None:
+        """Send one text message. Raises ``TransportError`` once the connection is gone."""
+        transport = self.transport
+        if self.closed or transport is None or self.proto.state is not State.OPEN:
+            raise TransportError("send: connection closed")
+        at = self._mask_at
+        if at + 4 > len(self._masks):
+            # RFC 6455 asks for unpredictable masks; one read of the system's randomness
+            # serves a thousand frames.
+            self._masks, at = os.urandom(WS_MASK_POOL), 0
+        self._mask_at = at + 4
+        transport.write(wsframes.encode_text(body, self._masks[at : at + 4]))
+
+    async def writable(self) -> None:
+        """Wait while the transport's buffer is above its high-water mark."""
+        if self._writable is not None:
+            await asyncio.shield(self._writable)
+
+    def close(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        with contextlib.suppress(InvalidState):
+            if self.proto.state is State.OPEN:
+                self.proto.send_close()
+                self._flush()
+        self.transport.close()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:  # websockets asks for the end of the stream with an empty chunk
+                transport.close()
+        if self.proto.close_expected():
+            transport.close()
+
+
+class Waiter(typing.Protocol):
+    """What waits for a WebSocket upstream's answer to one call: an asyncio future, or an
+    object that acts on the answer where it arrives (``WsUpstream.send_now``)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: bytes, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class WsUpstream(Upstream):
+    """A WebSocket upstream: requests multiplexed by id over one connection, reconnected
+    on demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        timeout: float,
+        connections: int,
+        ping_interval: float = defaults.WS_PING_INTERVAL,
+        max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(name, url, timeout=timeout, connections=connections)
+        self._uri = parse_uri(url)
+        self.ping_interval = ping_interval
+        self.max_message_bytes = max_message_bytes
+        self._link: _WsLink | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Waiter] = {}
+        self._subs: dict[str, Callable[[Any], None]] = {}
+        # eth_subscribe calls under way, by request id: the subscription is registered as
+        # its answer is read, so a notification in the same read is not lost.
+        self._sub_calls: dict[int, Callable[[Any], None]] = {}
+        self._lock = asyncio.Lock()
+        # (deadline, id) of calls in the order sent: with one timeout for all, that is
+        # deadline order, so one timer, armed for the oldest, serves every call.
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        return None  # connects on first use
+
+    async def stop(self) -> None:
+        link = self._link
+        if link is not None:
+            link.close()
+            self._lost(link)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    async def _connection(self) -> _WsLink:
+        link = self._link
+        if link is not None:
+            return link
+        async with self._lock:
+            if self._link is None:
+                async with asyncio.timeout(self.timeout):
+                    self._link = await self._connect()
+        return self._link
+
+    async def _connect(self) -> _WsLink:
+        uri = self._uri
+        loop = asyncio.get_running_loop()
+        link = _WsLink(
+            uri,
+            self._message,
+            self._lost,
+            ping_interval=self.ping_interval,
+            max_message=self.max_message_bytes,
+        )
+        try:
+            await loop.create_connection(
+                lambda: link,
+                uri.host,
+                uri.port,
+                ssl=ssl.create_default_context() if uri.secure else None,
+            )
+        except OSError as exc:
+            raise TransportError(f"connect: {exc}") from None
+        try:
+            await link.opened
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _lost(self, link: _WsLink) -> None:
+        if link is not self._link:
+            return
+        self._link = None
+        pending = list(self._pending.values())
+        self._pending.clear()  # the same dict: calls under way still hold it
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(TransportError("connection closed"))
+        subs, self._subs = self._subs, {}
+        for cb in subs.values():
+            cb(None)  # None tells a subscriber its stream broke
+
+    def _message(self, raw: bytes) -> None:
+        # Answers nearly always open with this prefix: their id is read without decoding
+        # the message (the caller decodes it once, in parse_answer).
+        if raw.startswith(_ANSWER_PREFIX):
+            end = raw.find(b",", _ANSWER_PREFIX_LEN, _ANSWER_PREFIX_LEN + 24)
+            token = raw[_ANSWER_PREFIX_LEN:end] if end > 0 else b""
+            if token.isdigit():
+                rid = int(token)
+                fut = self._pending.pop(rid, None)
+                if fut is not None:
+                    if self._sub_calls:
+                        self._subscribed(rid, raw)
+                    if not fut.done():
+                        fut.set_result(raw)
+                    return
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        if doc.get("method") == "eth_subscription":
+            p = doc.get("params") or {}
+            cb = self._subs.get(p.get("subscription")) if isinstance(p, dict) else None
+            if cb is not None:
+                cb(p.get("result"))
+            return
+        rid = doc.get("id")
+        fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is not None and not fut.done():
+            if self._sub_calls:
+                self._subscribed(rid, raw)
+            fut.set_result(raw)
+
+    def _subscribed(self, rid: int, raw: bytes) -> None:
+        """Register the subscription an eth_subscribe answer names, before its caller
+        resumes: notifications read right after the answer find their callback."""
+        cb = self._sub_calls.pop(rid, None)
+        if cb is None:
+            return
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(raw)
+            sub_id = doc.get("result") if isinstance(doc, dict) else None
+            if isinstance(sub_id, str):
+                self._subs[sub_id] = cb
+
+    async def _roundtrip(
+        self,
+        method: str,
+        params: Params | None,
+        subscriber: Callable[[Any], None] | None = None,
+    ) -> bytes:
+        link = self._link or await self._connection()
+        await link.writable()
+        rid = next(self._ids)
+        if subscriber is not None:
+            self._sub_calls[rid] = subscriber
+        loop = link.loop
+        fut: asyncio.Future[bytes] = loop.create_future()
+        pending = self._pending
+        pending[rid] = fut
+        deadlines = self._deadlines
+        deadlines.append((loop.time() + self.timeout, rid))
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        try:
+            link.send(encode_request(rid, method, params))
+            return await fut
+        finally:
+            pending.pop(rid, None)
+            if subscriber is not None:
+                self._sub_calls.pop(rid, None)
+            while deadlines and deadlines[0][1] not in pending:
+                deadlines.popleft()
+
+    def send_now(self, head: bytes, tail: bytes, waiter: Waiter) -> bool:
+        """Send one call at once on the open link: the request ``head`` + an id of this
+        link's + ``tail``. ``waiter`` is given its raw answer, or a ``TransportError`` on
+        timeout or connection loss, from the callback where that is learnt (no hop through
+        the event loop). False when the call cannot be sent without waiting (no link yet,
+        or its buffer full): ``call`` then.
+
+        For callers that measure the answer themselves (``answered``, ``failed``): no
+        task, no decoding."""
+        link = self._link
+        if link is None or link._writable is not None:
+            return False
+        rid = next(self._ids)
+        loop = link.loop
+        try:
+            link.send(b"%b%d%b" % (head, rid, tail))
+        except TransportError:
+            return False
+        self._pending[rid] = waiter
+        deadlines = self._deadlines
+        deadlines.append((loop.time() + self.timeout, rid))
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        self.calls += 1
+        return True
+
+    def prune(self) -> None:
+        """Drop the deadlines of answered calls at the head of the line (``send_now``'s
+        callers, once their answer arrived): bounds the line by the calls under way."""
+        deadlines, pending = self._deadlines, self._pending
+        while deadlines and deadlines[0][1] not in pending:
+            deadlines.popleft()
+
+    def _expire(self) -> None:
+        """Fail the calls past their deadline; re-arm for the oldest one left."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines, pending = self._deadlines, self._pending
+        while deadlines:
+            at, rid = deadlines[0]
+            fut = pending.get(rid)
+            if fut is not None and at > now:
+                self._expiry = loop.call_at(at, self._expire)
+                return
+            deadlines.popleft()
+            if fut is not None:
+                del pending[rid]
+                if not fut.done():
+                    fut.set_exception(
+                        TransportError(f"timed out after {self.timeout}s", timeout=True)
+                    )
+
+    async def subscribe_heads(self, on_header: Callable[[dict[str, Any]], None]) -> None:
+        broken = asyncio.Event()
+
+        def deliver(result: Any) -> None:
+            if result is None:
+                broken.set()
+            elif isinstance(result, dict):
+                on_header(result)
+
+        # Not through ``call``: the answer's reader registers ``deliver`` under the id it
+        # names before this resumes (a header may follow in the same read); measured alike.
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            try:
+                raw = await self._roundtrip("eth_subscribe", ["newHeads"], deliver)
+            except TimeoutError:
+                raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+            try:
+                answer = parse_answer(raw)
+            except ValueError as exc:
+                raise TransportError(f"malformed answer: {exc}", malformed=True) from None
+        except TransportError as exc:
+            self.failed(exc, time.perf_counter() - started)
+            raise
+        self.answered(time.perf_counter() - started, answer.error is not None)
+        if answer.error is not None or not isinstance(answer.value, str):
+            raise TransportError(f"eth_subscribe refused: {answer.error!r}")
+        if self._subs.get(answer.value) is not deliver:
+            raise TransportError("newHeads stream closed")  # lost as it was answered
+        try:
+            await broken.wait()
+        finally:
+            self._subs.pop(answer.value, None)
+        raise TransportError("newHeads stream closed")
+
+
+def make_upstream(
+    name: str,
+    url: str,
+    *,
+    timeout: float,
+    connections: int,
+    ws_ping_interval: float = defaults.WS_PING_INTERVAL,
+    ws_max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
+) -> Upstream:
+    if url.startswith(("ws://", "wss://")):
+        return WsUpstream(
+            name,
+            url,
+            timeout=timeout,
+            connections=connections,
+            ping_interval=ws_ping_interval,
+            max_message_bytes=ws_max_message_bytes,
+        )
+    return HttpUpstream(name, url, timeout=timeout, connections=connections)
