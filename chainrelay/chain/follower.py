@@ -66,8 +66,8 @@ from chainrelay.config import FOLLOW_MODES
 from chainrelay.errors import InvalidParams, UpstreamError
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import Entry, MemoryCache
-from chainrelay.rpc.policy import Finality, HeadView
+from chainrelay.rpc.cache import MemoryCache, stored_entry
+from chainrelay.rpc.policy import HeadView
 from chainrelay.server.peer import detached
 from chainrelay.subscriptions.logfilter import LogFilter, logs_of_receipts
 from chainrelay.upstreams.pool import UpstreamPool
@@ -678,16 +678,17 @@ class BlockFeed:
 
     def _put(self, method: str, params: list[Any], value: bytes, n: int, h: str) -> None:
         view = self.head.view
-        p = policy.plan(method, params, view)
-        if p.key is None or p.finality is Finality.REALTIME or p.finality is Finality.NEVER:
-            return
-        final = n <= view.finalized
-        if value in (b"null", b"[]", b'"0x"') and not final:
-            return  # the caching rules: empty answers only for final blocks
-        a_num, a_hash = -1, None
-        if not final and (p.block_hash is not None or p.validate_canonical):
-            a_num, a_hash = n, h  # hidden once the block is reorged away, as rpc stores it
-        self.cache.put(p.key, Entry(value, 0.0, a_num, a_hash))
+        how = policy.store_decision(
+            policy.plan(method, params, view),
+            value,
+            None,
+            None,  # the block is known: nothing to decode (receipts were checked on arrival)
+            view,
+            self.head.profile.block_time,
+            block=(n, h),
+        )
+        if how is not None:
+            self.cache.put(how.key, stored_entry(value, how))
 
     # --- pending transactions --------------------------------------------------------
     async def _follow_pending(self) -> None:

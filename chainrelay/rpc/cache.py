@@ -8,7 +8,11 @@ reorged away; realtime entries carry an expiry.
 from __future__ import annotations
 
 import time
+import typing
 from collections import OrderedDict
+
+if typing.TYPE_CHECKING:
+    from chainrelay.rpc.policy import Storing
 
 # Per-entry bookkeeping (key, tuple, dict slot) on CPython, counted against the byte bound.
 ENTRY_OVERHEAD = 120
@@ -28,6 +32,12 @@ class Entry:
         self.expires = expires  # monotonic deadline; 0: never
         self.anchor_number = anchor_number
         self.anchor_hash = anchor_hash
+
+
+def stored_entry(value: bytes, how: Storing) -> Entry:
+    """The entry that holds ``value`` as ``policy.store_decision`` said (``how``)."""
+    expires = time.monotonic() + how.lifetime if how.lifetime else 0.0
+    return Entry(value, expires, how.anchor_number, how.anchor_hash)
 
 
 class MemoryCache:

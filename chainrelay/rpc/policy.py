@@ -1,7 +1,10 @@
 """Method policy: what each method reads, at which block, and how its answer may be cached.
 
-Every caching decision lives in this file, as a table (``RULES``) plus one function
-(``plan``) that turns a call and a view of the head into a ``Plan``. It does no I/O.
+Every caching decision lives in this file, as a table (``RULES``) plus two functions:
+``plan`` turns a call and a view of the head into a ``Plan`` (how to key and forward it),
+and ``store_decision`` says whether and how an answer to that plan is stored, for every
+writer of the cache (the request pipeline's misses, the block feed's warming). It does no
+I/O.
 
 The four finality classes of DESIGN.md:
 
@@ -20,7 +23,7 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -430,3 +433,68 @@ def items_canonical(answer: Any, head: HeadView) -> bool:
         if n > head.finalized and head.is_canonical(n, h) is False:
             return False
     return True
+
+
+# Results that say "nothing here (yet)": a block or transaction not seen, no receipts, no
+# code. Stored only for final blocks, where they can no longer change.
+EMPTY_RESULTS = (b"null", b"[]", b'"0x"')
+
+
+class Storing(NamedTuple):
+    """How an answer is stored: under ``key``, for ``lifetime`` seconds (0: until evicted),
+    and served only while the block (``anchor_number``, ``anchor_hash``) is canonical
+    (-1, None: no check on hits)."""
+
+    key: bytes
+    lifetime: float
+    anchor_number: int
+    anchor_hash: str | None
+
+
+def store_decision(
+    p: Plan,
+    result: bytes | None,
+    error: bytes | None,
+    decoded: Any,
+    head: HeadView,
+    block_time: float,
+    block: tuple[int, str] | None = None,
+) -> Storing | None:
+    """Whether an answer to a call planned as ``p`` is stored, and how; None: not stored.
+
+    ``result``/``error``: the raw answer; ``decoded``: the decoded result when at hand (its
+    block fields are checked against the key); ``block``: the block the answer is known to
+    belong to without decoding it (the block feed's own blocks). Never stored: errors,
+    uncacheable plans, empty answers to blocks that are not final, answers of another
+    fork than the key names, or of a block that is reorged away or past the head.
+    """
+    if error is not None or result is None or p.key is None:
+        return None
+    if result in EMPTY_RESULTS and p.finality is not Finality.FINALIZED:
+        return None
+    anchor = block if block is not None else anchor_of(decoded, p.anchor)
+    if anchor is False:
+        return None
+    lifetime = 0.0
+    a_num, a_hash = -1, None
+    if p.finality is Finality.REALTIME:
+        lifetime = block_time
+    elif p.block_hash is not None or p.validate_canonical:
+        # Every answer keyed by a block hash carries that block, so a hit is refused
+        # once the block is reorged away, however the caller named it.
+        if p.block_hash is not None:
+            a_num, a_hash = p.block_number, p.block_hash
+        elif isinstance(anchor, tuple):
+            a_num, a_hash = anchor
+        if a_hash is not None:
+            if a_num > head.number or head.is_canonical(a_num, a_hash) is False:
+                return None
+            if isinstance(anchor, tuple) and p.anchor != "items" and anchor[1] != a_hash:
+                return None  # answered from another fork than the one the key names
+            if a_num <= head.finalized:
+                a_num, a_hash = -1, None  # final: no check needed on hits
+    elif isinstance(anchor, tuple) and p.anchor == "block" and anchor[0] != p.block_number:
+        return None  # a final block asked by number, answered with another one
+    if p.anchor == "items" and not items_canonical(decoded, head):
+        return None
+    return Storing(p.key, lifetime, a_num, a_hash)

@@ -5,7 +5,8 @@ answer (the hot path: no task, no upstream I/O, one concatenation per answer), a
 an awaitable otherwise. Transports (HTTP, WebSocket) own nothing of this logic. A call
 answered so is remembered for the rest of the head as a ``Seen`` record, which answers its
 repeats under other ids: by the body's remainder inside ``handle``, or by whole request
-bytes that a transport keeps (``last_seen``) and checks again through ``replay``.
+bytes that a transport keeps (``serve`` returns the record with the answer) and checks
+again through ``replay``. Those tables are ``ReplayTable``s (``rpc/replay.py``).
 
 A read that is never cached goes straight to a healthy WebSocket upstream when there is one
 (``_forward``): no task, and its answer readdressed to the caller's id without decoding
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,9 +32,10 @@ from chainrelay.chain.head import HeadTracker
 from chainrelay.errors import RequestError, UpstreamError, error_code, error_message
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.policy import Finality, Kind, Plan
+from chainrelay.rpc.replay import ReplayTable, Seen
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import TransportError, Upstream, WsUpstream
@@ -40,6 +43,7 @@ from chainrelay.wire.jsonrpc import (
     NULL_ID,
     Answer,
     Call,
+    Item,
     encode_error,
     encode_error_raw,
     encode_request,
@@ -98,32 +102,19 @@ class FilterCalls(Protocol):
     async def call(self, method: str, params: policy.Params | None) -> Answer: ...
 
 
-class Seen:
-    """A call answered at one head (view generation) from cache or locally, recognised
-    later by its bytes without its id: a repeat is answered with no decoding or planning.
+class Lookup(enum.Enum):
+    """Why ``RpcService._answer_now`` found no answer without I/O."""
 
-    Whether an entry's block is canonical cannot change within a generation (every change
-    of the canonical window bumps it), so the check made when the call was first answered
-    holds for every repeat while ``entry`` is still the one the cache holds.
-    """
+    MISS = "miss"  # cacheable, but not in the cache (or no longer canonical)
+    UNCACHED = "uncached"  # never cached: may go straight to an upstream, unplanned
 
-    __slots__ = ("entry", "generation", "key", "method", "slot", "value")
 
-    def __init__(
-        self,
-        generation: int,
-        method: str,
-        key: bytes | None,
-        entry: Entry | None,
-        value: bytes,
-        slot: list[int],
-    ) -> None:
-        self.generation = generation
-        self.method = method
-        self.key = key  # None: a local answer (eth_chainId, eth_blockNumber), ``value``
-        self.entry = entry
-        self.value = value
-        self.slot = slot  # the (method, outcome) counter in Metrics
+# A call answered without I/O: (result, cache key, entry); key and entry None for a local
+# answer (eth_chainId, eth_blockNumber).
+Found = tuple[bytes, bytes | None, Entry | None]
+# An answer (or the awaitable of one), with the record that answered it from cache or
+# locally when a transport may replay it (see ``RpcService.serve``).
+Served = tuple["bytes | Awaitable[bytes]", Seen | None]
 
 
 class Forward:
@@ -248,31 +239,21 @@ class RpcService:
         self._chain_id_json = f'"{hex(chain_id)}"'.encode()
         self._coalescer: Coalescer[Answer] = Coalescer()
         self._block_time = head.profile.block_time
-        # (method, params JSON) -> cache key, for the current head only: skips planning on
-        # repeated calls. Cleared whenever the head view changes, and when it grows too big
-        # (in entries, or in bytes past ``max_hit_table_bytes``).
-        self._memo: dict[tuple[str, bytes], bytes | None] = {}
-        self._memo_generation = -1
-        self._memo_bytes = 0
-        # Body without its id -> what answered it, for bodies answered from cache (or
-        # locally) at this head: repeated calls skip decoding too. Same lifetime as the memo.
-        self._seen: dict[bytes, Seen] = {}
-        self._seen_generation = -1
-        self._seen_bytes = 0
-        # Bounds the seen table's bodies and the answers it keeps alive after the cache
-        # has let them go.
+        # The bounds of every replay table below: its bodies, and the answers it keeps
+        # alive after the cache has let them go.
         self.max_hit_table_bytes = max_hit_table_bytes
         self.max_hit_table_entries = max_hit_table_entries
         self.memo_max_params_bytes = memo_max_params_bytes
-        self._hit_key: bytes | None = None
-        self._hit_entry: Entry | None = None
-        # The last call _answer_now found uncacheable by its memo: _fetch forwards that
-        # very call without planning it a second time.
-        self._pass_call: Call | None = None
-        self._hit_local = b""
-        # The Seen record that answered the last ``handle`` call, if any: a transport may
-        # keep it to answer byte-identical repeats through ``replay``.
-        self.last_seen: Seen | None = None
+        # (method, params JSON) -> cache key (None: never cached), at this head: skips
+        # planning on repeated calls.
+        self._memo: ReplayTable[tuple[str, bytes], bytes | None] = ReplayTable(
+            max_hit_table_bytes, max_hit_table_entries, _memo_size
+        )
+        # Body without its id -> what answered it, for bodies answered from cache (or
+        # locally) at this head: repeated calls skip decoding too.
+        self._seen: ReplayTable[bytes, Seen] = ReplayTable(
+            max_hit_table_bytes, max_hit_table_entries, _seen_size
+        )
         # Installed filters (eth_newFilter & co), answered by the node; set by the app.
         self.filters: FilterCalls | None = None
         # Told of each miss (the method's name): the block feed follows blocks while
@@ -284,51 +265,61 @@ class RpcService:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
         # Body without its id -> (method, the relay's own request after its id), for calls
         # forwarded at this head (``_forward``): their repeats are sent as that request
-        # under a new id. Same lifetime and bounds as the seen table.
-        self._passes: dict[bytes, tuple[str, bytes]] = {}
-        self._passes_generation = -1
-        self._passes_bytes = 0
+        # under a new id.
+        self._passes: ReplayTable[bytes, tuple[str, bytes]] = ReplayTable(
+            max_hit_table_bytes, max_hit_table_entries, _pass_size
+        )
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
         """The answer to an HTTP body or WebSocket message (b"" when nothing is owed)."""
-        self.last_seen = None
+        return self.serve(body)[0]
+
+    def serve(self, body: bytes) -> Served:
+        """The answer to a body, as ``handle`` gives it, and the ``Seen`` record that
+        answered it when its repeats (id aside) may be replayed by the caller through
+        ``replay``: a transport that keeps whole requests (HttpServer) learns it there."""
         split = split_id(body)
         if split is not None:
-            fast = self._seen_hit(split[0], split[1])
-            if fast is not None:
-                return fast
+            record = self._seen.get(split[1])
+            if record is not None:
+                value = self.replay(record)
+                if value is not None:
+                    return encode_result(split[0], value), record
             if self._passes:
                 sent = self._forward_again(body, split[0], split[1])
                 if sent is not None:
-                    return sent
+                    return sent, None
         started = time.perf_counter()
         try:
             items, is_batch = parse_body(body, self.max_batch_len)
         except RequestError as exc:
             self.metrics.count("", "invalid", 0.0)
-            return encode_error(NULL_ID, exc.code, exc.message)
-        if not is_batch:
-            item = items[0]
-            if isinstance(item, bytes):
-                self.metrics.count("", "invalid", 0.0)
-                return item
-            self._hit_key = None
-            self._hit_local = b""
-            fast = self._answer_now(item, started)
-            if fast is not None:
-                if (
-                    (self._hit_key is not None or self._hit_local)
-                    and split is not None
-                    and split[0] == item.id
-                ):
-                    self._remember(split[1], item.method)
-                return fast if item.id is not None else b""
-            if self._pass_call is item and item.id is not None:
+            return encode_error(NULL_ID, exc.code, exc.message), None
+        if is_batch:
+            return self._batch(items), None
+        item = items[0]
+        if isinstance(item, bytes):
+            self.metrics.count("", "invalid", 0.0)
+            return item, None
+        found = self._answer_now(item, started)
+        if found is Lookup.MISS:
+            return self._answer_later(item, started), None
+        if found is Lookup.UNCACHED:
+            if item.id is not None:
                 sent = self._forward(item, started, body, split)
                 if sent is not None:
-                    return sent
-            return self._answer_later(item, started)
+                    return sent, None
+            return self._answer_later(item, started, uncached=True), None
+        rid = item.id
+        if rid is None:
+            return b"", None
+        record = None
+        if split is not None and split[0] == rid:
+            record = self._remember(split[1], item.method, found)
+        return encode_result(rid, found[0]), record
+
+    def _batch(self, items: list[Item]) -> bytes | Awaitable[bytes]:
         parts: list[bytes | Awaitable[bytes | None] | None] = []
         slow = False
         for item in items:
@@ -337,12 +328,12 @@ class RpcService:
                 parts.append(item)
                 continue
             started = time.perf_counter()
-            fast = self._answer_now(item, started)
-            if fast is not None:
-                parts.append(fast if item.id is not None else None)
-            else:
-                parts.append(self._answer_later(item, started))
+            found = self._answer_now(item, started)
+            if found is Lookup.MISS or found is Lookup.UNCACHED:
+                parts.append(self._answer_later(item, started, uncached=found is Lookup.UNCACHED))
                 slow = True
+            else:
+                parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
         if not slow:
             return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
         return self._gather(parts)
@@ -360,97 +351,56 @@ class RpcService:
         return join_batch(out) if out else b""
 
     # --- the hot path ----------------------------------------------------------------
-    def _answer_now(self, call: Call, started: float) -> bytes | None:
-        """A cache hit or a local answer, or None when the call needs upstream I/O."""
+    def _answer_now(self, call: Call, started: float) -> Found | Lookup:
+        """A cache hit or a local answer, counted, or why the call needs upstream I/O."""
         method = call.method
         if method == _BLOCK_NUMBER or method == _CHAIN_ID:
             if not self.head.fresh:
-                return None
+                return Lookup.MISS
             if method == _CHAIN_ID:
                 result = self._chain_id_json
             else:
                 result = f'"{hex(self.view.number)}"'.encode()
-            self._hit_local = result
             self.metrics.count(method, "local", time.perf_counter() - started)
-            return encode_result(call.id or NULL_ID, result)
+            return result, None, None
         if method not in _RULES:
-            return None
+            return Lookup.MISS
         view = self.view
-        memo = self._memo
-        if (
-            self._memo_generation != view.generation
-            or len(memo) >= self.max_hit_table_entries
-            or self._memo_bytes > self.max_hit_table_bytes
-        ):
-            memo.clear()
-            self._memo_generation = view.generation
-            self._memo_bytes = 0
         try:
             params = orjson.dumps(call.params)
         except TypeError:  # an integer beyond 64 bits: not worth memoising
-            return None
+            return Lookup.MISS
         if len(params) > self.memo_max_params_bytes:
             key = policy.plan(method, call.params, view).key
         else:
+            memo = self._memo
             memo_key = (method, params)
-            key = memo.get(memo_key, _UNSET)
+            key = memo.get_at(memo_key, view.generation, _UNSET)
             if key is _UNSET:
-                key = memo[memo_key] = policy.plan(method, call.params, view).key
-                self._memo_bytes += len(params) + (len(key) if key is not None else 0)
+                key = policy.plan(method, call.params, view).key
+                memo.add(memo_key, key, view.generation)
         if key is None:
-            self._pass_call = call
-            return None
+            return Lookup.UNCACHED
         entry = self.cache.get(key)
         if entry is None or not self._still_canonical(entry):
-            return None
-        self._hit_key = key
-        self._hit_entry = entry
+            return Lookup.MISS
         self.metrics.hits += 1
         self.metrics.count(method, "hit", time.perf_counter() - started)
-        return encode_result(call.id or NULL_ID, entry.value)
+        return entry.value, key, entry
 
     # --- the hottest path: a call seen before at this head ---------------------------
-    def _remember(self, rest: bytes, method: str) -> None:
-        """Remember the call just answered by ``_answer_now`` under its body's remainder."""
+    def _remember(self, rest: bytes, method: str, found: Found) -> Seen | None:
+        """Remember the call just answered by ``_answer_now`` (``found``) under its body's
+        remainder; the record, or None when the body cannot be replayed."""
         seen = self._seen
         generation = self.view.generation
-        if (
-            self._seen_generation != generation
-            or len(seen) >= self.max_hit_table_entries
-            or self._seen_bytes > self.max_hit_table_bytes
-        ):
-            seen.clear()
-            self._seen_generation = generation
-            self._seen_bytes = 0
-        if rest not in seen and not id_probe(rest):
-            return
-        key = self._hit_key
-        if key is None:
-            record = Seen(
-                generation, method, None, None, self._hit_local, self.metrics.slot(method, "local")
-            )
-        else:
-            entry = self._hit_entry
-            assert entry is not None
-            record = Seen(
-                generation, method, key, entry, entry.value, self.metrics.slot(method, "hit")
-            )
-        seen[rest] = self.last_seen = record
-        self._seen_bytes += len(rest) + len(record.value)
-
-    def _seen_hit(self, id_token: bytes, rest: bytes) -> bytes | None:
-        """A hit for a body that, id aside, was answered from cache at this head.
-
-        No decoding and no planning: the body's remainder names the answer. Counted, and
-        timed like replays: one in ``REPLAY_TIMED_EVERY`` takes the full path instead."""
-        record = self._seen.get(rest)
-        if record is None:
+        if seen.get_at(rest, generation) is None and not id_probe(rest):
             return None
-        value = self.replay(record)
-        if value is None:
-            return None
-        self.last_seen = record
-        return encode_result(id_token, value)
+        value, key, entry = found
+        outcome = "local" if key is None else "hit"
+        record = Seen(generation, method, key, entry, value, self.metrics.slot(method, outcome))
+        seen.add(rest, record, generation)
+        return record
 
     def replay(self, record: Seen) -> bytes | None:
         """The result of a call recognised by its bytes (see ``Seen``), counted; None when
@@ -509,7 +459,6 @@ class RpcService:
         tail = request[_REQUEST_OPEN_LEN + 1 :]
         if not upstream.send_now(_REQUEST_OPEN, tail, forward):
             return None
-        self._pass_call = None
         if split is not None and split[0] == rid:
             self._remember_pass(split[1], method, tail)
         return out
@@ -520,18 +469,9 @@ class RpcService:
         this head are sent the same with no decoding (``_forward_again``)."""
         passes = self._passes
         generation = self.view.generation
-        if (
-            self._passes_generation != generation
-            or len(passes) >= self.max_hit_table_entries
-            or self._passes_bytes > self.max_hit_table_bytes
-        ):
-            passes.clear()
-            self._passes_generation = generation
-            self._passes_bytes = 0
-        if rest in passes or not id_probe(rest):
+        if passes.get_at(rest, generation) is not None or not id_probe(rest):
             return
-        passes[rest] = (method, tail)
-        self._passes_bytes += len(rest) + len(tail)
+        passes.add(rest, (method, tail), generation)
 
     def _forward_again(
         self, body: bytes, token: bytes, rest: bytes
@@ -540,8 +480,8 @@ class RpcService:
         as the relay encoded it the first time, under a new id: no decoding, no planning.
         Never the caller's bytes: a node might read them otherwise (a key twice, a member
         spelled in another case) than the relay did."""
-        known = self._passes.get(rest)
-        if known is None or self._passes_generation != self.view.generation:
+        known = self._passes.get_at(rest, self.view.generation)
+        if known is None:
             return None
         upstream = self.pool.direct()
         loop = self._loop
@@ -556,14 +496,21 @@ class RpcService:
 
     # --- misses ----------------------------------------------------------------------
     async def _answer_later(
-        self, call: Call, started: float, spent: int = 0, tried: Sequence[Upstream] = ()
+        self,
+        call: Call,
+        started: float,
+        spent: int = 0,
+        tried: Sequence[Upstream] = (),
+        *,
+        uncached: bool = False,
     ) -> bytes | None:
         """A call that waits for I/O; ``spent``: upstream attempts already made for it (by
-        the forwarding path, ``Forward``), on the upstreams ``tried``."""
+        the forwarding path, ``Forward``), on the upstreams ``tried``; ``uncached``: planned
+        already as never cached (``Lookup.UNCACHED``), so not planned again."""
         rid = call.id or NULL_ID
         method = call.method
         try:
-            answer, outcome = await self._fetch(call, spent, tried)
+            answer, outcome = await self._fetch(call, spent, tried, uncached)
         except UpstreamError as exc:
             exc.attempts += spent
             log.warning("%s", exc)
@@ -583,7 +530,7 @@ class RpcService:
         return encode_result(rid, answer.result)
 
     async def _fetch(
-        self, call: Call, spent: int = 0, tried: Sequence[Upstream] = ()
+        self, call: Call, spent: int = 0, tried: Sequence[Upstream] = (), uncached: bool = False
     ) -> tuple[Answer, str]:
         method = call.method
         params = call.params if call.has_params else None
@@ -602,8 +549,7 @@ class RpcService:
             return subs.call(method, call.params), "local"
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"
-        if call is self._pass_call:
-            self._pass_call = None
+        if uncached:
             return await self.pool.call(method, params, spent=spent, tried=tried), "pass"
         p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
         if p.key is None:
@@ -728,38 +674,27 @@ class RpcService:
         return await shared.exclusive(key, produce)
 
     def _store(self, p: Plan, answer: Answer) -> Entry | None:
-        """Store a fresh answer when the caching rules allow it; the entry stored, if any."""
-        if answer.error is not None or answer.result is None or p.key is None:
+        """Store a fresh answer as the caching rules say (``policy.store_decision``); the
+        entry stored, if any."""
+        how = policy.store_decision(
+            p, answer.result, answer.error, answer.value, self.view, self._block_time
+        )
+        if how is None:
             return None
-        if answer.is_empty and p.finality is not Finality.FINALIZED:
-            return None
-        view = self.view
-        anchor = policy.anchor_of(answer.value, p.anchor)
-        if anchor is False:
-            return None
-        expires = 0.0
-        a_num, a_hash = -1, None
-        if p.finality is Finality.REALTIME:
-            expires = time.monotonic() + self._block_time
-        elif p.block_hash is not None or p.validate_canonical:
-            # Every answer keyed by a block hash carries that block, so a hit is refused
-            # once the block is reorged away, however the caller named it.
-            if p.block_hash is not None:
-                a_num, a_hash = p.block_number, p.block_hash
-            elif isinstance(anchor, tuple):
-                a_num, a_hash = anchor
-            if a_hash is not None:
-                if a_num > view.number or view.is_canonical(a_num, a_hash) is False:
-                    return None
-                if isinstance(anchor, tuple) and p.anchor != "items" and anchor[1] != a_hash:
-                    return None  # answered from another fork than the one the key names
-                if a_num <= view.finalized:
-                    a_num, a_hash = -1, None  # final: no check needed on hits
-        elif isinstance(anchor, tuple) and p.anchor == "block" and anchor[0] != p.block_number:
-            return None  # a final block asked by number, answered with another one
-        if p.anchor == "items" and not policy.items_canonical(answer.value, view):
-            return None
-        entry = Entry(answer.result, expires, a_num, a_hash)
-        self.cache.put(p.key, entry)
+        assert answer.result is not None  # never stored otherwise
+        entry = stored_entry(answer.result, how)
+        self.cache.put(how.key, entry)
         self.metrics.cache_bytes.set(self.cache.bytes)
         return entry
+
+
+def _memo_size(key: tuple[str, bytes], cache_key: bytes | None) -> int:
+    return len(key[1]) + (len(cache_key) if cache_key is not None else 0)
+
+
+def _seen_size(rest: bytes, record: Seen) -> int:
+    return len(rest) + len(record.value)
+
+
+def _pass_size(rest: bytes, sent: tuple[str, bytes]) -> int:
+    return len(rest) + len(sent[1])

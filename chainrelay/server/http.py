@@ -24,12 +24,14 @@ import orjson
 
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
+from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
 from chainrelay.server.ws import Subscriptions, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
 if typing.TYPE_CHECKING:
-    from chainrelay.rpc.service import Seen
+    from chainrelay.rpc.replay import Seen
+    from chainrelay.rpc.service import Served
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,11 @@ _ANSWER_RESULT = b',"result":'
 
 
 class Replayer(typing.Protocol):
-    """The JSON-RPC side of replays (``RpcService``): which record answered the last body,
-    and the result of a record's call now, or None when it must take the full path."""
+    """The JSON-RPC side of replays (``RpcService``): a body's answer with the record that
+    answered it, if one did, and the result of a record's call now, or None when it must
+    take the full path."""
 
-    last_seen: Seen | None
+    def serve(self, body: bytes) -> Served: ...
 
     def replay(self, record: Seen) -> bytes | None: ...
 
@@ -114,6 +117,10 @@ class Replay:
         self.record = record
         self.token_len = token_len
         self.size = size  # counted against limits.max_hit_table_bytes
+
+
+def _replay_size(_rest: bytes, replay: Replay) -> int:
+    return replay.size
 
 
 def _nowhere(_data: bytes) -> None:
@@ -211,11 +218,10 @@ class HttpServer:
         self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""
         self._base_headers = b"Content-Type: application/json\r\n" + self._cors_line
         self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
-        # A request without its id token -> how a repeat of it is answered; entries of one
-        # head generation only, so they never keep older cache entries alive.
-        self.replays: dict[bytes, Replay] = {}
-        self._replay_bytes = 0
-        self._replay_generation = -1
+        # A request without its id token -> how a repeat of it is answered, at one head.
+        self.replays: ReplayTable[bytes, Replay] = ReplayTable(
+            limits.max_hit_table_bytes, limits.max_hit_table_entries, _replay_size
+        )
 
     def cors_lines(self, origin: bytes | None) -> bytes:
         """The CORS lines of an answer to a request from ``origin`` when origins are listed
@@ -236,20 +242,10 @@ class HttpServer:
             return  # an "id" in the head, or an answer not spliced from the record
         prefix = self.head(200, len(answer), True, cors) + _ANSWER_OPEN
         size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
-        if (
-            record.generation != self._replay_generation
-            or self._replay_bytes + size > self.limits.max_hit_table_bytes
-        ):
-            self.replays.clear()
-            self._replay_bytes = 0
-            self._replay_generation = record.generation
-        old = self.replays.get(rest)
-        if old is not None:
-            self._replay_bytes -= old.size
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
-        self.replays[rest] = Replay(prefix, record, len(token), size, replayer.replay)
-        self._replay_bytes += size
+        replay = Replay(prefix, record, len(token), size, replayer.replay)
+        self.replays.add(rest, replay, record.generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -514,11 +510,13 @@ class HttpProtocol(asyncio.Protocol):
             origin = _ORIGIN.search(head)
             cors = server.cors_lines(origin.group(1) if origin is not None else None)
         routes = server.routes
-        answer = routes.rpc(data[end + 4 :])
-        if answer.__class__ is bytes and split is not None and routes.replayer is not None:
-            record = routes.replayer.last_seen
-            if record is not None:
-                server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record, cors)
+        replayer = routes.replayer
+        if replayer is None:
+            self._answer(routes.rpc(data[end + 4 :]), True, cors)
+            return True
+        answer, record = replayer.serve(data[end + 4 :])
+        if record is not None and split is not None and answer.__class__ is bytes:
+            server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record, cors)
         self._answer(answer, True, cors)
         return True
 

@@ -12,9 +12,12 @@ from chainrelay.rpc.policy import (
     Finality,
     HeadView,
     Kind,
+    Plan,
+    Storing,
     anchor_of,
     items_canonical,
     plan,
+    store_decision,
 )
 
 ADDR = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
@@ -358,3 +361,105 @@ def test_items_canonical_refuses_items_from_a_replaced_fork(head: HeadView) -> N
     assert items_canonical(old, head)
     assert not items_canonical([{"blockNumber": "0x1"}], head)
     assert items_canonical("0x", head)
+
+
+# --- what is stored, and how -------------------------------------------------------------
+def balance_at(ref: Any, head: HeadView) -> Plan:
+    return plan("eth_getBalance", [ADDR, ref], head)
+
+
+def test_errors_are_never_stored(head: HeadView) -> None:
+    p = balance_at(hex(FINAL), head)
+    assert store_decision(p, None, b'{"code":-32000,"message":"x"}', None, head, 3.0) is None
+
+
+def test_uncacheable_calls_are_never_stored(head: HeadView) -> None:
+    assert store_decision(PASS, b'"0x1"', None, "0x1", head, 3.0) is None
+    assert store_decision(balance_at("pending", head), b'"0x1"', None, "0x1", head, 3.0) is None
+
+
+@pytest.mark.parametrize("empty", [b"null", b"[]", b'"0x"'])
+def test_empty_answers_are_stored_only_once_final(head: HeadView, empty: bytes) -> None:
+    code = plan("eth_getCode", [ADDR, hex(FINAL)], head)
+    stored = store_decision(code, empty, None, None, head, 3.0)
+    assert stored is not None and stored.key == code.key
+    for ref in ("latest", hex(FINAL + 1), {"blockHash": block_hash(HEAD)}):
+        unfinal = plan("eth_getCode", [ADDR, ref], head)
+        assert store_decision(unfinal, empty, None, None, head, 3.0) is None
+
+
+def test_a_final_answer_is_stored_for_ever_without_a_check(head: HeadView) -> None:
+    p = balance_at(hex(FINAL), head)
+    assert store_decision(p, b'"0x1"', None, "0x1", head, 3.0) == Storing(p.key, 0.0, -1, None)
+
+
+def test_reads_pinned_to_a_block_hash_are_stored_whatever_they_hold_tied_to_that_block(
+    head: HeadView,
+) -> None:
+    h = block_hash(HEAD - 1)
+    for ref in ("latest", hex(HEAD - 1), {"blockHash": h}):
+        p = balance_at(ref, head)
+        for value in (b'"0x0"', b'"0x1"', b'"0xffffffffffffffffffff"'):
+            stored = store_decision(p, value, None, None, head, 3.0)
+            expected = (HEAD, head.canonical[HEAD]) if ref == "latest" else (HEAD - 1, h)
+            assert stored == Storing(p.key, 0.0, *expected)
+
+
+def test_a_pinned_block_reorged_away_or_past_the_head_is_not_stored(head: HeadView) -> None:
+    p = balance_at({"blockHash": block_hash(HEAD - 1)}, head)
+    reorged = make_head(fork="b")
+    assert store_decision(p, b'"0x1"', None, None, reorged, 3.0) is None
+    tx = plan("eth_getTransactionByHash", ["0x" + "12" * 32], head)
+    ahead = {"blockNumber": hex(HEAD + 1), "blockHash": block_hash(HEAD + 1)}
+    assert store_decision(tx, b"{}", None, ahead, head, 3.0) is None
+
+
+def test_an_answer_from_another_fork_than_the_key_names_is_not_stored(head: HeadView) -> None:
+    p = plan("eth_getBlockByNumber", [hex(HEAD - 1), False], head)
+    other = {"number": hex(HEAD - 1), "hash": block_hash(HEAD - 1, "b")}
+    assert store_decision(p, b"{}", None, other, head, 3.0) is None
+    own = {"number": hex(HEAD - 1), "hash": block_hash(HEAD - 1)}
+    assert store_decision(p, b"{}", None, own, head, 3.0) is not None
+
+
+def test_a_final_block_asked_by_number_answered_with_another_is_not_stored(
+    head: HeadView,
+) -> None:
+    p = plan("eth_getBlockByNumber", [hex(FINAL), False], head)
+    other = {"number": hex(FINAL - 1), "hash": block_hash(FINAL - 1)}
+    assert store_decision(p, b"{}", None, other, head, 3.0) is None
+
+
+def test_a_transaction_not_yet_in_a_block_is_not_stored(head: HeadView) -> None:
+    p = plan("eth_getTransactionByHash", ["0x" + "12" * 32], head)
+    pending = {"hash": "0x" + "12" * 32, "blockHash": None, "blockNumber": None}
+    assert store_decision(p, b"{}", None, pending, head, 3.0) is None
+    mined = {"hash": "0x" + "12" * 32, "blockHash": block_hash(HEAD), "blockNumber": hex(HEAD)}
+    stored = store_decision(p, b"{}", None, mined, head, 3.0)
+    assert stored == Storing(p.key, 0.0, HEAD, block_hash(HEAD))
+
+
+def test_list_answers_with_an_item_off_the_chain_are_not_stored(head: HeadView) -> None:
+    p = plan("eth_getLogs", [{"fromBlock": hex(HEAD - 2), "toBlock": "latest"}], head)
+    logs = [
+        {"blockNumber": hex(HEAD - 2), "blockHash": block_hash(HEAD - 2)},
+        {"blockNumber": hex(HEAD - 1), "blockHash": block_hash(HEAD - 1, "b")},
+    ]
+    assert store_decision(p, b"[{}]", None, logs, head, 3.0) is None
+    assert store_decision(p, b"[{}]", None, logs[:1], head, 3.0) is not None
+
+
+def test_realtime_answers_live_one_block_time(head: HeadView) -> None:
+    p = plan("eth_gasPrice", [], head)
+    assert store_decision(p, b'"0x1"', None, "0x1", head, 3.0) == Storing(p.key, 3.0, -1, None)
+
+
+def test_a_block_known_to_the_caller_is_its_answer_s_block(head: HeadView) -> None:
+    n, h = HEAD - 1, block_hash(HEAD - 1)
+    by_hash = plan("eth_getBlockByHash", [h, False], head)
+    assert store_decision(by_hash, b"{}", None, None, head, 3.0, block=(n, h)) == Storing(
+        by_hash.key, 0.0, n, h
+    )
+    final = plan("eth_getBlockByNumber", [hex(FINAL), False], head)
+    stored = store_decision(final, b"{}", None, None, head, 3.0, block=(FINAL, "0x00"))
+    assert stored == Storing(final.key, 0.0, -1, None)

@@ -89,9 +89,11 @@ def test_a_new_head_ends_the_fast_path(service: RpcService) -> None:
     warm(service, b'"0x2a"')
     service.handle(body(1))
     head_at(service.view, 101)  # "latest" is another block now: not in cache
-    assert service._seen_hit(b"3", body(3).replace(b'"id":3', b'"id":')) is None
-    pending = service.handle(body(3))
+    record = service._seen.get(body(3).replace(b'"id":3', b'"id":'))
+    assert record is not None and service.replay(record) is None
+    pending, record = service.serve(body(3))
     assert not isinstance(pending, bytes)  # goes upstream, not to the old answer
+    assert record is None
     pending.close()  # type: ignore[attr-defined]
 
 
@@ -127,8 +129,7 @@ def test_the_plan_memo_stays_within_its_bytes_and_skips_large_params() -> None:
     calls = 300  # distinct calls, more than fit
     for i in range(calls):
         miss("eth_getBalance", ["0x" + f"{i:x}".rjust(40, "0"), "0x5a"])
-        # Checked before each addition: one entry past the bound at most.
-        assert service._memo_bytes <= bound + 200
+        assert service._memo.bytes <= bound
     assert 0 < len(service._memo) < calls, "the memo started over"
     # Params past MEMO_MAX_PARAMS_BYTES are planned without being kept.
     data = "0x" + "ab" * MEMO_MAX_PARAMS_BYTES
