@@ -26,6 +26,18 @@ from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
+from chainrelay.server.pending import (
+    INTERNAL_ERROR,
+    Awaited,
+    AwaitedReply,
+    PendingQueue,
+    Ready,
+    cancel_all,
+    outcome,
+    pop_ready,
+    replies_under_way,
+)
+from chainrelay.server.phases import TRANSITIONS, Event, Paused, Phase
 from chainrelay.server.ws import Subscriptions, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
@@ -52,7 +64,6 @@ _REASONS = {
     503: b"Service Unavailable",
     508: b"Loop Detected",
 }
-INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
 # A request head the fast path reads as httptools would: a POST line with a target of
 # visible characters, then header lines of a token name, a colon and a value without
 # control characters. Anything else (spaces in names or targets, folded lines, lines with
@@ -330,7 +341,15 @@ class HttpServer:
         )
 
 
+_IDLE = Phase.IDLE
+_HEAD = Phase.HEAD
+_UPGRADED = Phase.UPGRADED
+
+
 class HttpProtocol(asyncio.Protocol):
+    """One client connection: its phase (``server/phases.py``), the answers it is owed
+    (``server/pending.py``) and, once upgraded, its WebSocket session."""
+
     __slots__ = (
         "_at",
         "_body",
@@ -340,15 +359,11 @@ class HttpProtocol(asyncio.Protocol):
         "_head_buf",
         "_headers",
         "_held",
-        "_idle",
-        "_in_head",
         "_paused",
+        "_phase",
         "_queue",
         "_send_now",
-        "_too_large",
         "_url",
-        "_write_paused",
-        "busy",
         "ip",
         "parser",
         "requests",
@@ -364,8 +379,7 @@ class HttpProtocol(asyncio.Protocol):
         self.ws: WsSession | None = None
         self.ip = ""
         self.requests = 0  # messages seen; the idle sweep compares it between sweeps
-        self.busy = False
-        self._write_paused = False
+        self._phase = Phase.IDLE
         self._url = b""
         self._body: list[bytes] = []
         self._body_len = 0
@@ -377,12 +391,9 @@ class HttpProtocol(asyncio.Protocol):
         # _head_buf[0] the head being read starts: a read may hold earlier messages.
         self._at: int | None = 0
         self._head_at: int | None = 0
-        self._in_head = False
-        self._idle = True  # between messages: the fast path may take the next one
-        self._held = b""  # a lone POST head waiting for its body's read (_hold_head)
-        self._too_large = False
-        self._queue: collections.deque[list[object]] = collections.deque()
-        self._paused = False
+        self._held = b""  # the lone POST head kept in Phase.HELD
+        self._queue: PendingQueue = collections.deque()
+        self._paused = Paused(0)
         self._send_now: Callable[[bytes], object] = _nowhere  # the transport's write
 
     # --- connection ------------------------------------------------------------------
@@ -408,40 +419,57 @@ class HttpProtocol(asyncio.Protocol):
         srv.metrics.connections.labels("ws" if self.ws else "http").dec()
         if self.ws is not None:
             self.ws.connection_lost()
-        for entry in self._queue:
-            item = entry[0]
-            if isinstance(item, asyncio.Future):
-                item.cancel()
-        self._queue.clear()
+        cancel_all(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether answers are owed (the server's drain and idle sweep ask)."""
+        return bool(self._queue)
+
+    def _to(self, event: Event) -> None:
+        self._phase = TRANSITIONS[self._phase, event]
+
+    def _pause(self, reason: Paused) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: Paused) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         if self.ws is None and self.transport is not None:
             # A client that does not read its answers is not read either: answers (a
             # range answer runs to megabytes) never pile up in the transport unbounded.
-            self._write_paused = True
-            self.transport.pause_reading()
+            self._pause(Paused.WRITES)
 
     def resume_writing(self) -> None:
         if self.ws is not None:
             self.ws.resume_writing()
             return
-        if self._write_paused:
-            self._write_paused = False
-            if not self._paused and self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+        self._resume(Paused.WRITES)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.ws is not None:
-            self.ws.data_received(data)
-            return
-        if self._held:
-            data = self._held + data
-            self._held = b""
-        if self._idle:
+        phase = self._phase
+        if phase is not _IDLE:
+            if phase is _UPGRADED:
+                assert self.ws is not None
+                self.ws.data_received(data)
+                return
+            if phase is Phase.HELD:
+                data = self._held + data
+                self._held = b""
+                self._to(Event.RELEASE)
+                phase = _IDLE
+        if phase is _IDLE:
             split = split_token(data) if not self._queue else None
             if split is not None:
                 # A replay: but for its id token, this read is a request answered from
@@ -462,7 +490,7 @@ class HttpProtocol(asyncio.Protocol):
             if data[:5] == b"POST ":
                 if self._plain_post(data, split) or self._hold_head(data):
                     return
-        if self._in_head:  # a request head split over reads: keep it for an upgrade
+        if phase is _HEAD:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
         self._at = 0
@@ -476,7 +504,7 @@ class HttpProtocol(asyncio.Protocol):
             self._plain(400, b"malformed HTTP request", keep_alive=False)
             return
         # Still inside a head after this read: it is only ever head bytes that pile up.
-        if self._in_head and (
+        if self._phase is _HEAD and (
             sum(map(len, self._head_buf)) - (self._head_at or 0)
             > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END
         ):
@@ -539,18 +567,17 @@ class HttpProtocol(asyncio.Protocol):
         if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
             return False  # no body to wait for, or one refused at once (413)
         self._held = data
+        self._to(Event.HOLD)
         return True
 
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
         self.requests += 1
-        self._idle = False
-        self._in_head = True
+        self._to(Event.BEGIN)
         self._head_buf = [self._chunk]
         self._head_at = self._at
         self._url = b""
         self._headers = []
-        self._too_large = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -572,7 +599,9 @@ class HttpProtocol(asyncio.Protocol):
         return b", ".join(got) if got else None
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._to(Event.HEADERS)
+        if self._phase is Phase.REFUSED:
+            return  # refused while it still came in
         if self._head_bytes() > self.server.limits.max_header_bytes:
             self._reject_head()
             return
@@ -618,7 +647,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._at is not None:
             self._at += len(body)
-        if self._too_large:
+        if self._phase is Phase.REFUSED:
             return
         self._body.append(body)
         self._body_len += len(body)
@@ -627,8 +656,9 @@ class HttpProtocol(asyncio.Protocol):
             self._reject_too_large()
 
     def on_message_complete(self) -> None:
-        self._idle = True
-        if self._too_large or self.parser.should_upgrade():
+        refused = self._phase is Phase.REFUSED
+        self._to(Event.COMPLETE)
+        if refused or self.parser.should_upgrade():
             return  # an upgrade is answered when httptools raises HttpParserUpgrade
         method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
@@ -688,7 +718,7 @@ class HttpProtocol(asyncio.Protocol):
                 status, body, content_type = 500, b'{"error":"internal error"}', None
             return self.server.head(status, len(body), keep_alive, cors, content_type) + body
 
-        if sum(1 for e in self._queue if len(e) > 3) >= self.server.limits.max_pending_replies:
+        if replies_under_way(self._queue) >= self.server.limits.max_pending_replies:
             # Each may be megabytes (range answers): a few at a time per connection. A
             # pipelined burst arrives in one read, parsed whole before reading could pause,
             # so the rest is refused, each in its turn, not held.
@@ -700,8 +730,7 @@ class HttpProtocol(asyncio.Protocol):
         path = self._url
         cors = b"" if self.server.cors_any else self._cors()
         fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
-        self._queue.append([fut, keep_alive, cors, True])
-        self.busy = True
+        self._queue.append(AwaitedReply(fut, keep_alive, cors))
         fut.add_done_callback(self._flush)
 
     # --- answers ---------------------------------------------------------------------
@@ -736,13 +765,10 @@ class HttpProtocol(asyncio.Protocol):
             token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)
             leave_peer(token)
-        self._queue.append([fut, keep_alive, cors])
-        self.busy = True
+        self._queue.append(Awaited(fut, keep_alive, cors))
         fut.add_done_callback(self._flush)
-        if len(self._queue) > self.server.limits.max_pending_per_connection and not self._paused:
-            self._paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+        if len(self._queue) > self.server.limits.max_pending_per_connection:
+            self._pause(Paused.BACKLOG)
 
     def _cors(self) -> bytes:
         """The CORS lines for the request httptools read last, when origins are listed."""
@@ -760,7 +786,7 @@ class HttpProtocol(asyncio.Protocol):
             cors = b"" if self.server.cors_any else self._cors()
         data = self.server.head(status, len(body), keep_alive, extra + cors) + body
         if self._queue:
-            self._queue.append([data, keep_alive])
+            self._queue.append(Ready(data, keep_alive))
             return
         self._write(data, keep_alive)
 
@@ -784,57 +810,38 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
 
     def _flush(self, _fut: object = None) -> None:
+        """Write the answers now ready at the front of the queue, in request order."""
         q = self._queue
-        while q:
-            entry = q[0]
-            item, keep_alive = entry[0], entry[1]
-            if isinstance(item, asyncio.Future):
-                if not item.done():
-                    break
-                q.popleft()
-                if item.cancelled():
-                    # Still answered: on a pipelined connection the answers that follow
-                    # would otherwise each land on the request before their own.
-                    body = INTERNAL_ERROR
-                elif (exc := item.exception()) is not None:
-                    log.error("request failed", exc_info=exc)
-                    body = INTERNAL_ERROR
-                else:
-                    body = item.result()
-                    if len(entry) > 3:  # a whole response (``_reply``)
-                        self._write(body, bool(keep_alive))
-                        continue
-                cors = typing.cast(bytes, entry[2])
-                if keep_alive and not cors:
-                    self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
-                else:
-                    head = self.server.head(200, len(body), bool(keep_alive), cors)
-                    self._write(head + body, bool(keep_alive))
+        for entry in pop_ready(q):
+            keep_alive = entry.keep_alive
+            if isinstance(entry, Ready):
+                self._write(entry.data, keep_alive)
+                continue
+            body = outcome(entry.answer)
+            if body is None:
+                body = INTERNAL_ERROR
+            elif isinstance(entry, AwaitedReply):
+                self._write(body, keep_alive)
+                continue
+            if keep_alive and not entry.cors:
+                self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
             else:
-                q.popleft()
-                assert isinstance(item, bytes)
-                self._write(item, bool(keep_alive))
-        self.busy = bool(q)
+                head = self.server.head(200, len(body), keep_alive, entry.cors)
+                self._write(head + body, keep_alive)
         if self._paused and len(q) <= self.server.limits.max_pending_per_connection // 2:
-            self._paused = False
-            if (
-                not self._write_paused
-                and self.transport is not None
-                and not self.transport.is_closing()
-            ):
-                self.transport.resume_reading()
+            self._resume(Paused.BACKLOG)
 
     def _plain(self, status: int, text: bytes, keep_alive: bool) -> None:
         body = orjson.dumps({"error": text.decode()})
         self._send(status, body, keep_alive)
 
     def _reject_head(self) -> None:
-        self._too_large = True
+        self._to(Event.REFUSE)
         self.server.metrics.rejected.labels("header_too_large").inc()
         self._plain(431, b"request head too large", keep_alive=False)
 
     def _reject_too_large(self) -> None:
-        self._too_large = True
+        self._to(Event.REFUSE)
         self.server.metrics.rejected.labels("body_too_large").inc()
         limit = self.server.limits.max_body_bytes
         self._plain(413, b"request body larger than %d bytes" % limit, keep_alive=False)
@@ -855,7 +862,7 @@ class HttpProtocol(asyncio.Protocol):
                 b"Content-Length: %d\r\n\r\n" % len(text)
             ) + text
             if self._queue:
-                self._queue.append([data, keep_alive])
+                self._queue.append(Ready(data, keep_alive))
             else:
                 self._write(data, keep_alive)
         else:
@@ -917,6 +924,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self.ws = session
+        self._to(Event.UPGRADE)
         metrics = self.server.metrics
         metrics.connections.labels("http").dec()
         metrics.connections.labels("ws").inc()

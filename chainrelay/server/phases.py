@@ -1,0 +1,57 @@
+"""Where an HTTP connection is in its byte stream, and what moves it: the one table of
+``HttpProtocol``'s states (in h11's spirit: transitions are data, not branches).
+
+The phase decides who reads the next bytes: the fast paths (``IDLE``), the held head's
+body (``HELD``), httptools (``HEAD``, ``BODY``, ``REFUSED``) or a WebSocket session
+(``UPGRADED``). Whether reading is paused is apart from it (``Paused``): a connection in
+any phase may owe too many answers, or have a client that does not read them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # between messages: the fast paths may take the next read
+    HELD = "held"  # a lone POST head kept for its body's read (HttpProtocol._hold_head)
+    HEAD = "head"  # httptools is inside a request head
+    BODY = "body"  # httptools is past the head, inside the body or at the message's end
+    REFUSED = "refused"  # the message was answered 413/431: the rest of it is ignored
+    UPGRADED = "upgraded"  # a WebSocket session owns the connection for good
+
+
+class Event(enum.Enum):
+    BEGIN = "begin"  # httptools starts a message
+    HEADERS = "headers"  # httptools ends a head that is kept
+    REFUSE = "refuse"  # the head or body is over its limit (431, 413)
+    COMPLETE = "complete"  # httptools ends a message
+    HOLD = "hold"  # a read that is a lone POST head is kept
+    RELEASE = "release"  # the next read joins the head kept
+    UPGRADE = "upgrade"  # a WebSocket handshake is accepted
+
+
+_P, _E = Phase, Event
+TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
+    (_P.IDLE, _E.BEGIN): _P.HEAD,
+    (_P.IDLE, _E.HOLD): _P.HELD,
+    (_P.HELD, _E.RELEASE): _P.IDLE,
+    (_P.HEAD, _E.HEADERS): _P.BODY,
+    (_P.HEAD, _E.REFUSE): _P.REFUSED,
+    (_P.BODY, _E.REFUSE): _P.REFUSED,
+    # A head refused while it still came in (too large before its end): its end is read
+    # and refused with it.
+    (_P.REFUSED, _E.HEADERS): _P.REFUSED,
+    (_P.BODY, _E.COMPLETE): _P.IDLE,
+    (_P.REFUSED, _E.COMPLETE): _P.IDLE,
+    # httptools ends an upgrade request's message before it stops at the upgrade.
+    (_P.IDLE, _E.UPGRADE): _P.UPGRADED,
+    (_P.BODY, _E.UPGRADE): _P.UPGRADED,
+}
+
+
+class Paused(enum.IntFlag):
+    """Why reading is paused; it resumes once no reason is left."""
+
+    BACKLOG = 1  # more answers owed than limits.max_pending_per_connection
+    WRITES = 2  # the transport's buffer is full: a client that does not read its answers
