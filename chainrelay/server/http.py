@@ -37,7 +37,7 @@ from chainrelay.server.pending import (
     pop_ready,
     replies_under_way,
 )
-from chainrelay.server.phases import TRANSITIONS, Event, Paused, Phase
+from chainrelay.server.phases import Event, Paused, Phase, on
 from chainrelay.server.ws import Subscriptions, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
@@ -341,9 +341,19 @@ class HttpServer:
         )
 
 
+# Read once: a member read off its Enum class costs a Python call per message.
 _IDLE = Phase.IDLE
+_HELD = Phase.HELD
 _HEAD = Phase.HEAD
+_REFUSED = Phase.REFUSED
 _UPGRADED = Phase.UPGRADED
+_ON_BEGIN = on(Event.BEGIN)
+_ON_HEADERS = on(Event.HEADERS)
+_ON_REFUSE = on(Event.REFUSE)
+_ON_COMPLETE = on(Event.COMPLETE)
+_ON_HOLD = on(Event.HOLD)
+_ON_RELEASE = on(Event.RELEASE)
+_ON_UPGRADE = on(Event.UPGRADE)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -426,9 +436,6 @@ class HttpProtocol(asyncio.Protocol):
         """Whether answers are owed (the server's drain and idle sweep ask)."""
         return bool(self._queue)
 
-    def _to(self, event: Event) -> None:
-        self._phase = TRANSITIONS[self._phase, event]
-
     def _pause(self, reason: Paused) -> None:
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
@@ -464,10 +471,10 @@ class HttpProtocol(asyncio.Protocol):
                 assert self.ws is not None
                 self.ws.data_received(data)
                 return
-            if phase is Phase.HELD:
+            if phase is _HELD:
                 data = self._held + data
                 self._held = b""
-                self._to(Event.RELEASE)
+                self._phase = _ON_RELEASE[self._phase]
                 phase = _IDLE
         if phase is _IDLE:
             split = split_token(data) if not self._queue else None
@@ -567,13 +574,13 @@ class HttpProtocol(asyncio.Protocol):
         if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
             return False  # no body to wait for, or one refused at once (413)
         self._held = data
-        self._to(Event.HOLD)
+        self._phase = _ON_HOLD[self._phase]
         return True
 
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
         self.requests += 1
-        self._to(Event.BEGIN)
+        self._phase = _ON_BEGIN[self._phase]
         self._head_buf = [self._chunk]
         self._head_at = self._at
         self._url = b""
@@ -599,8 +606,8 @@ class HttpProtocol(asyncio.Protocol):
         return b", ".join(got) if got else None
 
     def on_headers_complete(self) -> None:
-        self._to(Event.HEADERS)
-        if self._phase is Phase.REFUSED:
+        self._phase = _ON_HEADERS[self._phase]
+        if self._phase is _REFUSED:
             return  # refused while it still came in
         if self._head_bytes() > self.server.limits.max_header_bytes:
             self._reject_head()
@@ -647,7 +654,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._at is not None:
             self._at += len(body)
-        if self._phase is Phase.REFUSED:
+        if self._phase is _REFUSED:
             return
         self._body.append(body)
         self._body_len += len(body)
@@ -656,8 +663,8 @@ class HttpProtocol(asyncio.Protocol):
             self._reject_too_large()
 
     def on_message_complete(self) -> None:
-        refused = self._phase is Phase.REFUSED
-        self._to(Event.COMPLETE)
+        refused = self._phase is _REFUSED
+        self._phase = _ON_COMPLETE[self._phase]
         if refused or self.parser.should_upgrade():
             return  # an upgrade is answered when httptools raises HttpParserUpgrade
         method = self.parser.get_method()
@@ -836,12 +843,12 @@ class HttpProtocol(asyncio.Protocol):
         self._send(status, body, keep_alive)
 
     def _reject_head(self) -> None:
-        self._to(Event.REFUSE)
+        self._phase = _ON_REFUSE[self._phase]
         self.server.metrics.rejected.labels("header_too_large").inc()
         self._plain(431, b"request head too large", keep_alive=False)
 
     def _reject_too_large(self) -> None:
-        self._to(Event.REFUSE)
+        self._phase = _ON_REFUSE[self._phase]
         self.server.metrics.rejected.labels("body_too_large").inc()
         limit = self.server.limits.max_body_bytes
         self._plain(413, b"request body larger than %d bytes" % limit, keep_alive=False)
@@ -924,7 +931,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self.ws = session
-        self._to(Event.UPGRADE)
+        self._phase = _ON_UPGRADE[self._phase]
         metrics = self.server.metrics
         metrics.connections.labels("http").dec()
         metrics.connections.labels("ws").inc()

@@ -13,6 +13,10 @@ import enum
 
 
 class Phase(enum.Enum):
+    # Members are keys of TRANSITIONS, looked up per message: hashed by identity (C-level),
+    # not by name as Enum does (a Python call).
+    __hash__ = object.__hash__
+
     IDLE = "idle"  # between messages: the fast paths may take the next read
     HELD = "held"  # a lone POST head kept for its body's read (HttpProtocol._hold_head)
     HEAD = "head"  # httptools is inside a request head
@@ -22,6 +26,8 @@ class Phase(enum.Enum):
 
 
 class Event(enum.Enum):
+    __hash__ = object.__hash__
+
     BEGIN = "begin"  # httptools starts a message
     HEADERS = "headers"  # httptools ends a head that is kept
     REFUSE = "refuse"  # the head or body is over its limit (431, 413)
@@ -48,6 +54,12 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (_P.IDLE, _E.UPGRADE): _P.UPGRADED,
     (_P.BODY, _E.UPGRADE): _P.UPGRADED,
 }
+
+
+def on(event: Event) -> dict[Phase, Phase]:
+    """The rows of ``TRANSITIONS`` for one event, by phase: a connection looks up its next
+    phase in one of these (keyed by one member, looked up without building a tuple)."""
+    return {phase: after for (phase, e), after in TRANSITIONS.items() if e is event}
 
 
 class Paused(enum.IntFlag):
