@@ -9,8 +9,8 @@ bytes that a transport keeps (``serve`` returns the record with the answer) and 
 again through ``replay``. Those tables are ``ReplayTable``s (``rpc/replay.py``).
 
 A read that is never cached goes straight to a healthy WebSocket upstream when there is one
-(``_forward``): no task, and its answer readdressed to the caller's id without decoding
-(``Forward``); its repeats at the same head are sent as the relay encoded the first one,
+(``rpc/forward.py``): no task, and its answer readdressed to the caller's id without
+decoding; its repeats at the same head are sent as the relay encoded the first one,
 id aside, with no decoding (a node must never read a repeat otherwise than the first call).
 A transport error hands the call to the full path, which retries and fails over.
 """
@@ -34,11 +34,12 @@ from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
+from chainrelay.rpc.forward import Forwarder
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import TransportError, Upstream, WsUpstream
+from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
     Answer,
@@ -46,13 +47,10 @@ from chainrelay.wire.jsonrpc import (
     Item,
     encode_error,
     encode_error_raw,
-    encode_request,
     encode_result,
     id_probe,
     join_batch,
-    parse_answer,
     parse_body,
-    readdress,
     split_id,
 )
 
@@ -67,11 +65,6 @@ SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
 _BLOCK_NUMBER = "eth_blockNumber"
-# Kinds whose calls are never sent straight to one upstream (``RpcService._forward``):
-# writes go to every upstream, subscriptions and filters are the node's own.
-_NOT_FORWARDED = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
-_REQUEST_OPEN = b'{"jsonrpc":"2.0","id":'
-_REQUEST_OPEN_LEN = len(_REQUEST_OPEN)
 
 
 class SharedCache(Protocol):
@@ -115,103 +108,6 @@ Found = tuple[bytes, bytes | None, Entry | None]
 # An answer (or the awaitable of one), with the record that answered it from cache or
 # locally when a transport may replay it (see ``RpcService.serve``).
 Served = tuple["bytes | Awaitable[bytes]", Seen | None]
-
-
-class Forward:
-    """Completes a call sent by ``RpcService._forward``, as its upstream's waiter: called
-    where the answer is read, it readdresses the answer to the caller's id, measures and
-    counts it as the full path would ("pass") and sets the caller's future (``out``). A
-    transport error (timeout, connection lost, garbage) starts the call again on the full
-    path, which retries and fails over."""
-
-    __slots__ = ("call", "method", "out", "rid", "rpc", "started", "upstream")
-
-    def __init__(
-        self,
-        rpc: RpcService,
-        upstream: WsUpstream,
-        rid: bytes,
-        method: str,
-        call: Call | bytes,
-        started: float,
-        out: asyncio.Future[bytes],
-    ) -> None:
-        self.rpc = rpc
-        self.upstream = upstream
-        self.rid = rid  # the caller's id token
-        self.method = method
-        self.call = call  # or the body, parsed again only if the call must be retried
-        self.started = started
-        self.out = out
-
-    def done(self) -> bool:
-        return False  # the upstream gives each waiter one outcome, once
-
-    def set_result(self, raw: bytes, /) -> None:
-        # Called inside the upstream link's read: nothing may escape into it.
-        try:
-            self._answered(raw)
-        except Exception as exc:
-            log.exception("internal error serving %s", self.method)
-            if not self.out.done():
-                self.out.set_exception(exc)
-
-    def _answered(self, raw: bytes) -> None:
-        elapsed = time.perf_counter() - self.started
-        rid = self.rid
-        got = readdress(raw, rid)
-        if got is None:
-            try:
-                answer = parse_answer(raw)
-            except ValueError as err:
-                self.set_exception(TransportError(f"malformed answer: {err}", malformed=True))
-                return
-            if answer.error is not None:
-                got = encode_error_raw(rid, answer.error), True
-            else:
-                got = encode_result(rid, answer.result or NULL_ID), False
-        out = self.out
-        if out.done():  # the caller went away
-            self._measure(elapsed, got[1])
-            return
-        out.set_result(got[0])
-        # Measured once the answer is written: the write was scheduled first.
-        out.get_loop().call_soon(self._measure, elapsed, got[1])
-
-    def _measure(self, elapsed: float, is_error: bool) -> None:
-        upstream = self.upstream
-        upstream.prune()
-        upstream.answered(elapsed, is_error)
-        self.rpc.metrics.count(self.method, "pass", elapsed)
-
-    def set_exception(self, exc: BaseException, /) -> None:
-        rpc, upstream, call = self.rpc, self.upstream, self.call
-        upstream.prune()
-        if not isinstance(exc, TransportError):
-            exc = TransportError(f"{type(exc).__name__}: {exc}")
-        rpc.pool.failed(upstream, exc, time.perf_counter() - self.started)
-        log.debug("upstream %s %s failed: %s; retried", upstream.name, self.method, exc)
-        if self.out.done():
-            return  # the caller went away
-        if isinstance(call, bytes):
-            item = parse_body(call, 1)[0][0]
-            assert isinstance(item, Call)  # it was forwarded as one
-            call = item
-        retry = self.out.get_loop().create_task(
-            rpc._answer_later(call, self.started, 1, (upstream,))
-        )
-        retry.add_done_callback(self._retried)
-
-    def _retried(self, retry: asyncio.Task[bytes | None]) -> None:
-        out = self.out
-        if out.done():
-            return
-        if retry.cancelled():
-            out.cancel()
-        elif (exc := retry.exception()) is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(retry.result() or b"")
 
 
 class RpcService:
@@ -262,12 +158,9 @@ class RpcService:
         # eth_getLogs from the block feed's recent blocks (BlockFeed.recent_logs), tried on
         # a miss before the upstreams.
         self.local_logs: Callable[[Any], bytes | None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
-        # Body without its id -> (method, the relay's own request after its id), for calls
-        # forwarded at this head (``_forward``): their repeats are sent as that request
-        # under a new id.
-        self._passes: ReplayTable[bytes, tuple[str, bytes]] = ReplayTable(
-            max_hit_table_bytes, max_hit_table_entries, _pass_size
+        # Reads that are never cached, sent straight to a WebSocket upstream.
+        self._forwarder = Forwarder(
+            pool, metrics, head.view, self._answer_later, max_hit_table_bytes, max_hit_table_entries
         )
 
     # --- entry point -----------------------------------------------------------------
@@ -286,8 +179,9 @@ class RpcService:
                 value = self.replay(record)
                 if value is not None:
                     return encode_result(split[0], value), record
-            if self._passes:
-                sent = self._forward_again(body, split[0], split[1])
+            forwarder = self._forwarder
+            if forwarder.passes:
+                sent = forwarder.again(body, split[0], split[1])
                 if sent is not None:
                     return sent, None
         started = time.perf_counter()
@@ -307,7 +201,7 @@ class RpcService:
             return self._answer_later(item, started), None
         if found is Lookup.UNCACHED:
             if item.id is not None:
-                sent = self._forward(item, started, body, split)
+                sent = self._forwarder.send(item, started, split)
                 if sent is not None:
                     return sent, None
             return self._answer_later(item, started, uncached=True), None
@@ -431,68 +325,6 @@ class RpcService:
             return False
         got = view.canonical.get(n)
         return got is None or got == entry.anchor_hash
-
-    # --- forwarded reads -------------------------------------------------------------
-    def _forward(
-        self, call: Call, started: float, body: bytes, split: tuple[bytes, bytes] | None
-    ) -> asyncio.Future[bytes] | None:
-        """A read that is never cached, sent at once to a WebSocket upstream (the pool's
-        ``direct``): the future of its answer, or None when it takes the full path.
-
-        No task and no decoding: the upstream's answer is paired by its id where it
-        arrives and readdressed to the caller's id in a done-callback (``Forward``)."""
-        if _RULES[call.method].kind in _NOT_FORWARDED:
-            return None
-        upstream = self.pool.direct()
-        if upstream is None:
-            return None
-        loop = self._loop
-        if loop is None:
-            # Kept: asking asyncio for the running loop costs a getpid() system call.
-            loop = self._loop = asyncio.get_running_loop()
-        out: asyncio.Future[bytes] = loop.create_future()
-        method = call.method
-        rid = call.id or NULL_ID
-        request = encode_request(0, method, call.params if call.has_params else None)
-        forward = Forward(self, upstream, rid, method, call, started, out)
-        # The request around its id (orjson keeps the members in order, "id" second).
-        tail = request[_REQUEST_OPEN_LEN + 1 :]
-        if not upstream.send_now(_REQUEST_OPEN, tail, forward):
-            return None
-        if split is not None and split[0] == rid:
-            self._remember_pass(split[1], method, tail)
-        return out
-
-    def _remember_pass(self, rest: bytes, method: str, tail: bytes) -> None:
-        """Remember a call just forwarded by its body without its id (``split_id``), with
-        the request it was sent as (``tail``: what follows the id), so that its repeats at
-        this head are sent the same with no decoding (``_forward_again``)."""
-        passes = self._passes
-        generation = self.view.generation
-        if passes.get_at(rest, generation) is not None or not id_probe(rest):
-            return
-        passes.add(rest, (method, tail), generation)
-
-    def _forward_again(
-        self, body: bytes, token: bytes, rest: bytes
-    ) -> asyncio.Future[bytes] | None:
-        """A call forwarded before at this head (``_remember_pass``), id aside, sent again
-        as the relay encoded it the first time, under a new id: no decoding, no planning.
-        Never the caller's bytes: a node might read them otherwise (a key twice, a member
-        spelled in another case) than the relay did."""
-        known = self._passes.get_at(rest, self.view.generation)
-        if known is None:
-            return None
-        upstream = self.pool.direct()
-        loop = self._loop
-        if upstream is None or loop is None:
-            return None
-        method, tail = known
-        out: asyncio.Future[bytes] = loop.create_future()
-        forward = Forward(self, upstream, token, method, body, time.perf_counter(), out)
-        if not upstream.send_now(_REQUEST_OPEN, tail, forward):
-            return None
-        return out
 
     # --- misses ----------------------------------------------------------------------
     async def _answer_later(
@@ -694,7 +526,3 @@ def _memo_size(key: tuple[str, bytes], cache_key: bytes | None) -> int:
 
 def _seen_size(rest: bytes, record: Seen) -> int:
     return len(rest) + len(record.value)
-
-
-def _pass_size(rest: bytes, sent: tuple[str, bytes]) -> int:
-    return len(rest) + len(sent[1])
