@@ -38,16 +38,28 @@ from chainrelay.server.pending import (
     replies_under_way,
 )
 from chainrelay.server.phases import Event, Paused, Phase, on
-from chainrelay.server.ws import Subscriptions, WsSession
+from chainrelay.server.replays import (
+    ANSWER_OPEN,
+    ANSWER_RESULT,
+    REPLAY_ENTRY_OVERHEAD,
+    Replay,
+    replay_size,
+)
+from chainrelay.server.routes import (
+    BATCHES_PATH,
+    FEED_PATH,
+    RANGE_PATH,
+    BatchRoutes,
+    Reply,
+    Routes,
+)
+from chainrelay.server.ws import WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
 if typing.TYPE_CHECKING:
     from chainrelay.rpc.replay import Seen
-    from chainrelay.rpc.service import Served
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[bytes], bytes | Awaitable[bytes]]
 
 _REASONS = {
     200: b"OK",
@@ -88,118 +100,10 @@ _PARTIAL_HEAD_END = 3
 LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
-# Per replay entry: the record, its dict slot and the answer's head, counted against
-# ``limits.max_hit_table_bytes`` with the request and the answer it names.
-REPLAY_ENTRY_OVERHEAD = 300
-_ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
-_ANSWER_RESULT = b',"result":'
-
-
-class Replayer(typing.Protocol):
-    """The JSON-RPC side of replays (``RpcService``): a body's answer with the record that
-    answered it, if one did, and the result of a record's call now, or None when it must
-    take the full path."""
-
-    def serve(self, body: bytes) -> Served: ...
-
-    def replay(self, record: Seen) -> bytes | None: ...
-
-
-class Replay:
-    """A POST answered from cache whose bytes, id aside, come again: the answer around the
-    id (an id of the same length, so the Content-Length holds), its record, and the
-    check that the record still answers (``Replayer.replay``)."""
-
-    __slots__ = ("check", "prefix", "record", "size", "suffix", "token_len")
-
-    def __init__(
-        self,
-        prefix: bytes,
-        record: Seen,
-        token_len: int,
-        size: int,
-        check: Callable[[Seen], bytes | None],
-    ) -> None:
-        self.check = check
-        self.prefix = prefix
-        # The answer after the id: the record's value, which stays the same while the
-        # record answers (``Replayer.replay`` checks that the cache holds it still).
-        self.suffix = _ANSWER_RESULT + record.value + b"}"
-        self.record = record
-        self.token_len = token_len
-        self.size = size  # counted against limits.max_hit_table_bytes
-
-
-def _replay_size(_rest: bytes, replay: Replay) -> int:
-    return replay.size
 
 
 def _nowhere(_data: bytes) -> None:
     """Where a protocol object writes before it has a transport: nowhere."""
-
-
-# The path of the feed (the relay tree's frames) on the node's port.
-FEED_PATH = b"/feed"
-# Batch streams' frames by seq, from a backlog or a durable log: GET with a query.
-RANGE_PATH = b"/feed/range"
-# Where sequencers push batches: a WebSocket upgrade, or POST one push message.
-BATCHES_PATH = b"/batches"
-# An answer made elsewhere: status, body, content type.
-Reply = tuple[int, bytes, bytes]
-
-
-class FeedOpener(typing.Protocol):
-    def __call__(
-        self,
-        transport: asyncio.Transport,
-        *,
-        ip: str,
-        max_send_buffer: int,
-        close_timeout: float,
-    ) -> WsSession: ...
-
-
-class BatchRoutes(typing.Protocol):
-    """An ingress node's push endpoints (services/ingress.py behind them)."""
-
-    def authorized(self, header: bytes | None) -> bool: ...
-
-    def refuse_unauthorized(self) -> None: ...
-
-    def open(
-        self, transport: asyncio.Transport, *, ip: str, max_send_buffer: int, close_timeout: float
-    ) -> WsSession: ...
-
-    def post(self, body: bytes) -> Awaitable[Reply]: ...
-
-
-class Routes:
-    """What the front door serves besides JSON-RPC POSTs."""
-
-    def __init__(
-        self,
-        rpc: Handler,
-        health: Callable[[], tuple[int, bytes]],
-        metrics_text: Callable[[], bytes],
-        ws_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
-        replayer: Replayer | None = None,
-        feed: FeedOpener | None = None,
-        batches: BatchRoutes | None = None,
-        feed_range: Callable[[bytes, bytes | None], Awaitable[Reply]] | None = None,
-    ) -> None:
-        self.rpc = rpc
-        # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
-        self.replayer = replayer
-        self.health = health
-        self.metrics_text = metrics_text
-        # Opens the eth_subscribe state of each upgraded WebSocket connection.
-        self.ws_subscriptions = ws_subscriptions
-        # Opens a child's feed session for a WebSocket upgrade on FEED_PATH.
-        self.feed = feed
-        # An ingress node's BATCHES_PATH (pushes), and any tree node's RANGE_PATH
-        # (called with the query string and the request's Via).
-        self.batches = batches
-        self.feed_range = feed_range
 
 
 class HttpServer:
@@ -231,7 +135,7 @@ class HttpServer:
         self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
-            limits.max_hit_table_bytes, limits.max_hit_table_entries, _replay_size
+            limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
         )
 
     def cors_lines(self, origin: bytes | None) -> bytes:
@@ -248,10 +152,10 @@ class HttpServer:
         ``record`` (with the CORS lines ``cors``), when the answer is exactly the splice a
         replay writes."""
         if not single_id(rest) or answer != b"".join(
-            (_ANSWER_OPEN, token, _ANSWER_RESULT, record.value, b"}")
+            (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
             return  # an "id" in the head, or an answer not spliced from the record
-        prefix = self.head(200, len(answer), True, cors) + _ANSWER_OPEN
+        prefix = self.head(200, len(answer), True, cors) + ANSWER_OPEN
         size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one

@@ -1,0 +1,51 @@
+"""Whole-request replays: a POST answered from cache, found again by its bytes, id aside.
+
+The cheapest way in of ``HttpProtocol.data_received``: a read that, but for its id token,
+is a request answered from cache before at this head is answered by splicing the new id
+into the old answer, with no parsing and no decoding. ``HttpServer.learn_replay`` makes
+the entries; the server's ``ReplayTable`` holds them for one head.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+
+if typing.TYPE_CHECKING:
+    from chainrelay.rpc.replay import Seen
+
+# Per replay entry: the record, its dict slot and the answer's head, counted against
+# ``limits.max_hit_table_bytes`` with the request and the answer it names.
+REPLAY_ENTRY_OVERHEAD = 300
+# An answer spliced around its id: ANSWER_OPEN, the id token, ANSWER_RESULT, the value, "}".
+ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
+ANSWER_RESULT = b',"result":'
+
+
+class Replay:
+    """A POST answered from cache whose bytes, id aside, come again: the answer around the
+    id (an id of the same length, so the Content-Length holds), its record, and the
+    check that the record still answers (``Replayer.replay``)."""
+
+    __slots__ = ("check", "prefix", "record", "size", "suffix", "token_len")
+
+    def __init__(
+        self,
+        prefix: bytes,
+        record: Seen,
+        token_len: int,
+        size: int,
+        check: Callable[[Seen], bytes | None],
+    ) -> None:
+        self.check = check
+        self.prefix = prefix
+        # The answer after the id: the record's value, which stays the same while the
+        # record answers (``Replayer.replay`` checks that the cache holds it still).
+        self.suffix = ANSWER_RESULT + record.value + b"}"
+        self.record = record
+        self.token_len = token_len
+        self.size = size  # counted against limits.max_hit_table_bytes
+
+
+def replay_size(_rest: bytes, replay: Replay) -> int:
+    return replay.size

@@ -1,0 +1,61 @@
+"""The HTTP connection's phases: the transition table, and a connection moved by it."""
+
+from __future__ import annotations
+
+from chainrelay.server.phases import TRANSITIONS, Event, Phase, on
+from tests.protocol.test_http_fast_path import MAX_BODY, Front, answers, balance, post
+
+
+def test_every_phase_but_upgraded_leads_back_to_idle() -> None:
+    back = {Phase.IDLE}
+    grew = True
+    while grew:
+        before = len(back)
+        back |= {phase for (phase, _), after in TRANSITIONS.items() if after in back}
+        grew = len(back) > before
+    assert back == set(Phase) - {Phase.UPGRADED}
+    assert not any(phase is Phase.UPGRADED for phase, _ in TRANSITIONS), "upgraded for good"
+
+
+def test_the_rows_of_each_event_are_the_table() -> None:
+    rows = {(phase, event): after for event in Event for phase, after in on(event).items()}
+    assert rows == TRANSITIONS
+
+
+def test_a_request_read_by_httptools_ends_idle_and_a_lone_head_is_held() -> None:
+    front = Front()
+    front.warm(b'"0x2a"')
+    conn, transport = front.connect()
+    assert conn._phase is Phase.IDLE
+    conn.data_received(post(balance(1)) + post(balance(2)))  # two in one read: httptools
+    assert conn._phase is Phase.IDLE
+    request = post(balance(3))
+    head_end = request.index(b"\r\n\r\n") + 4
+    conn.data_received(request[:head_end])
+    assert conn._phase is Phase.HELD
+    conn.data_received(request[head_end:])
+    assert conn._phase is Phase.IDLE
+    assert [a.doc["id"] for a in answers(transport.out)] == [1, 2, 3]
+
+
+def test_a_head_split_over_reads_is_read_in_the_head_phase() -> None:
+    front = Front()
+    conn, _ = front.connect()
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: x\r\n")
+    assert conn._phase is Phase.HEAD
+    conn.data_received(b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert conn._phase is Phase.BODY
+    conn.data_received(b"{}")
+    assert conn._phase is Phase.IDLE
+
+
+def test_a_body_over_the_limit_is_refused_and_the_rest_of_it_ignored() -> None:
+    front = Front()
+    conn, transport = front.connect()
+    conn.data_received(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % (MAX_BODY + 1)
+        + b"x" * (MAX_BODY + 1)
+    )
+    assert conn._phase is Phase.REFUSED
+    assert [a.status for a in answers(transport.out)] == [413]
+    assert transport.closed
