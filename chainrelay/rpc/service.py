@@ -23,7 +23,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -102,6 +102,9 @@ class Lookup(enum.Enum):
     UNCACHED = "uncached"  # never cached: may go straight to an upstream, unplanned
 
 
+# Read once: a member read off its Enum class costs a Python call per request.
+_MISS: Final = Lookup.MISS
+_UNCACHED: Final = Lookup.UNCACHED
 # A call answered without I/O: (result, cache key, entry); key and entry None for a local
 # answer (eth_chainId, eth_blockNumber).
 Found = tuple[bytes, bytes | None, Entry | None]
@@ -197,9 +200,9 @@ class RpcService:
             self.metrics.count("", "invalid", 0.0)
             return item, None
         found = self._answer_now(item, started)
-        if found is Lookup.MISS:
+        if found is _MISS:
             return self._answer_later(item, started), None
-        if found is Lookup.UNCACHED:
+        if found is _UNCACHED:
             if item.id is not None:
                 sent = self._forwarder.send(item, started, split)
                 if sent is not None:
@@ -223,8 +226,8 @@ class RpcService:
                 continue
             started = time.perf_counter()
             found = self._answer_now(item, started)
-            if found is Lookup.MISS or found is Lookup.UNCACHED:
-                parts.append(self._answer_later(item, started, uncached=found is Lookup.UNCACHED))
+            if found is _MISS or found is _UNCACHED:
+                parts.append(self._answer_later(item, started, uncached=found is _UNCACHED))
                 slow = True
             else:
                 parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
@@ -250,7 +253,7 @@ class RpcService:
         method = call.method
         if method == _BLOCK_NUMBER or method == _CHAIN_ID:
             if not self.head.fresh:
-                return Lookup.MISS
+                return _MISS
             if method == _CHAIN_ID:
                 result = self._chain_id_json
             else:
@@ -258,12 +261,12 @@ class RpcService:
             self.metrics.count(method, "local", time.perf_counter() - started)
             return result, None, None
         if method not in _RULES:
-            return Lookup.MISS
+            return _MISS
         view = self.view
         try:
             params = orjson.dumps(call.params)
         except TypeError:  # an integer beyond 64 bits: not worth memoising
-            return Lookup.MISS
+            return _MISS
         if len(params) > self.memo_max_params_bytes:
             key = policy.plan(method, call.params, view).key
         else:
@@ -274,10 +277,10 @@ class RpcService:
                 key = policy.plan(method, call.params, view).key
                 memo.add(memo_key, key, view.generation)
         if key is None:
-            return Lookup.UNCACHED
+            return _UNCACHED
         entry = self.cache.get(key)
         if entry is None or not self._still_canonical(entry):
-            return Lookup.MISS
+            return _MISS
         self.metrics.hits += 1
         self.metrics.count(method, "hit", time.perf_counter() - started)
         return entry.value, key, entry
