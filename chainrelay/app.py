@@ -37,6 +37,7 @@ from chainrelay.tree.link import FeedLink
 from chainrelay.tree.origin import Origin, load_signer
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.session import Gap
+from chainrelay.tree.streams import BatchStream
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import make_upstream
 
@@ -284,7 +285,7 @@ class Node:
             )
             ingress = self.ingress = Ingress(
                 b,
-                [st.batch for st in hub.streams.values() if st.batch is not None],
+                [st.spec for st in hub.streams.values() if isinstance(st, BatchStream)],
                 batch_log,
                 hub,
                 self.metrics,
@@ -398,7 +399,7 @@ class Node:
             "confirmed": {
                 name: st.confirmed[0]
                 for name, st in hub.streams.items()
-                if st.confirmed is not None
+                if isinstance(st, BatchStream) and st.confirmed is not None
             },
         }
 
