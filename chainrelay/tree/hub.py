@@ -73,15 +73,20 @@ FrameListener = Callable[[Frame, str], None]
 
 @dataclass(frozen=True, slots=True)
 class HubLimits:
+    """The hub's limits: the block streams' own (a batch stream's are in its
+    ``BatchSpec``), and those of every child and frame, whatever the stream."""
+
+    # Block streams
     backlog_frames: int = defaults.TREE_BACKLOG_FRAMES
     backlog_bytes: int = defaults.TREE_BACKLOG_BYTES
     child_queue_frames: int = defaults.TREE_CHILD_QUEUE_FRAMES
+    dedup_entries: int = defaults.TREE_DEDUP_ENTRIES
+    stale_positions: int = defaults.TREE_STALE_POSITIONS
+    # Every stream
     child_queue_bytes: int = defaults.TREE_CHILD_QUEUE_BYTES
     child_buffer_bytes: int = defaults.TREE_CHILD_BUFFER_BYTES
-    dedup_entries: int = defaults.TREE_DEDUP_ENTRIES
     max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
     max_children: int = defaults.TREE_MAX_CHILDREN
-    stale_positions: int = defaults.TREE_STALE_POSITIONS
     hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
 
 
@@ -107,6 +112,7 @@ class FeedHub:
             name: BlockStream(
                 name=name,
                 backlog=Backlog(lim.backlog_frames, lim.backlog_bytes),
+                child_queue_frames=lim.child_queue_frames,
                 dedup=Dedup(lim.dedup_entries),
             )
             for name in streams
@@ -543,14 +549,11 @@ class FeedChild(WsSession):
         for want in hello.wants:
             st = hub.streams[want.stream]
             start, gap = st.backlog.resume(want.from_position, want.last, want.after)
-            match st:
-                case BatchStream():
-                    if gap is None:
-                        gap = st.gap_before(want.from_position)
-                    queue_frames = st.spec.child_queue_frames
-                case BlockStream():
-                    queue_frames = hub.limits.child_queue_frames
-            cursor = Cursor.at(st.backlog, start, queue_frames, hub.limits.child_queue_bytes)
+            if isinstance(st, BatchStream) and gap is None:
+                gap = st.gap_before(want.from_position)
+            cursor = Cursor.at(
+                st.backlog, start, st.child_queue_frames, hub.limits.child_queue_bytes
+            )
             cursor.max_frame = hello.max_frame_bytes
             self.cursors[want.stream] = cursor
             entries.append(welcome_entry(want, st.backlog, gap))

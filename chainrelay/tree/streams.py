@@ -41,6 +41,7 @@ class BatchSpec:
 class _StreamBase:
     name: str
     backlog: Backlog
+    child_queue_frames: int  # live frames a child may fall behind before it is closed
     children: set[FeedChild] = field(default_factory=set)
     newest: int | None = None  # highest position accepted
     last_identity: bytes | None = None  # identity of the last frame accepted
@@ -68,6 +69,7 @@ class BatchStream(_StreamBase):
         return cls(
             name=spec.name,
             backlog=Backlog(spec.backlog_frames, spec.backlog_bytes),
+            child_queue_frames=spec.child_queue_frames,
             spec=spec,
             order=BatchOrder(spec.order_max_held, spec.order_max_held_bytes),
         )
