@@ -30,7 +30,7 @@ After the runs, the disk node runs again under cProfile (its event-loop thread; 
 writer thread is not profiled) through one closed-loop 2 KB phase: its top costs per
 acknowledged batch end the section. ``--profile`` runs only that, and prints it.
 
-    python benchmarks/batch_ack.py [--runs 3] [--window 256] [--profile]
+    python -m benchmarks.batch_ack [--runs 3] [--window 256] [--profile]
 """
 
 from __future__ import annotations
@@ -57,19 +57,7 @@ import uvloop
 from eth_account import Account
 from websockets.asyncio.client import connect
 
-from benchmarks.common import (
-    RESULTS,
-    ROOT,
-    Relay,
-    budget,
-    cpu_seconds,
-    machine,
-    machine_line,
-    quantile,
-    start_anvil,
-    stop_process,
-    table,
-)
+from benchmarks import common
 from chainrelay.batches.frame import PUSH, Push, encode_push, sign_batch
 from chainrelay.devnet import free_port
 from chainrelay.tree.frame import Signer
@@ -224,11 +212,11 @@ async def push_load(
         "acked": count,
         "errors": state["errors"],
         "first_error": first_error[0] if first_error else None,
-        "p50": quantile(measured, 0.5),
-        "p99": quantile(measured, 0.99),
+        "p50": common.quantile(measured, 0.5),
+        "p99": common.quantile(measured, 0.99),
         "max": max(measured) if measured else float("nan"),
-        "p50_send": quantile(from_send, 0.5),
-        "p99_send": quantile(from_send, 0.99),
+        "p50_send": common.quantile(from_send, 0.5),
+        "p99_send": common.quantile(from_send, 0.99),
         "rate": count / elapsed,
         "mbps": count * size / elapsed / 1e6,
         "lag_ms": lag * 1e3,
@@ -280,7 +268,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-class ProfiledRelay(Relay):
+class ProfiledRelay(common.Relay):
     """The same node with ``_PROFILED_NODE``'s profiler (its event-loop thread)."""
 
     profile_path: Path = Path()
@@ -295,7 +283,7 @@ class ProfiledRelay(Relay):
         cmd = [sys.executable, "-c", _PROFILED_NODE, str(self.profile_path)]
         cmd += ["--log-level", "WARNING", "serve", "--config", str(path)]
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
         self._wait_ready(poke)
 
 
@@ -322,20 +310,21 @@ def run_load(
     target: Target, key: bytes, phase: Phase, window: int, *, profile: bool = False
 ) -> dict[str, Any]:
     """One phase against one target, the pusher in its own process."""
-    cmd = [sys.executable, "-m", "benchmarks.batch_ack", "load", "--url", target.url]
-    cmd += ["--key", key.hex(), "--first-seq", str(target.next_seq)]
+    cmd = ["load", "--url", target.url, "--key", key.hex(), "--first-seq", str(target.next_seq)]
     cmd += ["--count", str(phase.warm + phase.count), "--size", str(phase.size)]
     cmd += ["--mode", phase.mode, "--rate", str(OPEN_RATE), "--window", str(window)]
     cmd += ["--warm", str(phase.warm)]
     if profile:
         cmd += ["--signal-pid", str(target.pid)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    cpu_before = cpu_seconds(target.pid)
+    proc = common.spawn(
+        "benchmarks.batch_ack", *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    cpu_before = common.cpu_seconds(target.pid)
     try:
         out, err = proc.communicate(timeout=LOAD_TIMEOUT + 60)
     finally:
-        stop_process(proc)
-    cpu = cpu_seconds(target.pid) - cpu_before
+        common.stop_process(proc)
+    cpu = common.cpu_seconds(target.pid) - cpu_before
     if proc.returncode != 0:
         raise RuntimeError(f"pusher failed ({proc.returncode}): {err.decode()[-2000:]}")
     target.next_seq += phase.warm + phase.count
@@ -359,7 +348,7 @@ def fsync_cost(directory: Path, loops: int = FSYNC_LOOPS) -> tuple[float, float]
     finally:
         os.close(fd)
         os.unlink(path)
-    return quantile(times, 0.5), quantile(times, 0.99)
+    return common.quantile(times, 0.5), common.quantile(times, 0.99)
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -472,7 +461,7 @@ def report(
     fs = "; ".join(f"{k} {v[0]:.0f} µs median, {v[1]:.0f} µs p99" for k, v in fsync.items())
     return (
         "## Durable-ack latency and throughput (`batch_ack.py`)\n\n"
-        f"{machine_line(m)}\n\n"
+        f"{common.machine_line(m)}\n\n"
         f"anvil (chain 42161) + one ingress node (`chainrelay serve`, `[batches]`); the pusher "
         f"in its own process signs every push before the clock and pipelines them over one "
         f"WebSocket. *disk*: the log in /tmp, on {disk_device}: a virtio disk the hypervisor "
@@ -489,7 +478,7 @@ def report(
         f"targets in rotating order; load average at the end {load_end}. Node CPU: user + "
         f"system of the node process over the phase (warm-up included) per batch. "
         f"fsync (4 KB append + fsync, {FSYNC_LOOPS} loops): {fs}.\n\n"
-        + table(header, rows)
+        + common.table(header, rows)
         + "\n\n"
         + "Ratios: "
         + "; ".join(ratios)
@@ -499,7 +488,7 @@ def report(
     )
 
 
-def write_results(body: str, path: Path = RESULTS) -> None:
+def write_results(body: str, path: Path = common.RESULTS) -> None:
     """Replace this script's section of RESULTS.md, or add it at the end."""
     begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
@@ -554,11 +543,11 @@ def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -
 
 
 def bench(args: argparse.Namespace) -> None:
-    budget(BUDGET_SECONDS)
+    common.budget(BUDGET_SECONDS)
     account = Account.create()
     key, address = bytes(account.key), account.address
-    m = machine()
-    anvil = start_anvil(block_time=1.0, chain_id=CHAIN_ID)
+    m = common.machine()
+    anvil = common.start_anvil(block_time=1.0, chain_id=CHAIN_ID)
     stack = contextlib.ExitStack()
     try:
         if args.profile:
@@ -572,16 +561,14 @@ def bench(args: argparse.Namespace) -> None:
         print("fsync:", fsync, flush=True)
         targets: list[Target] = []
         for name, d in (("disk", disk_dir), ("shm", shm_dir)):
-            node = Relay(anvil.ws_url, ingress_toml(d / "log.sqlite", address))
+            node = common.Relay(anvil.ws_url, ingress_toml(d / "log.sqlite", address))
             stack.callback(node.stop)
             node.start()
             assert node.proc is not None
             targets.append(Target(name, f"ws://127.0.0.1:{node.port}/batches", node.proc.pid))
         port = free_port()
-        floor = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.batch_floor", "--port", str(port)], cwd=ROOT
-        )
-        stack.callback(stop_process, floor)
+        floor = common.spawn("benchmarks.batch_floor", "--port", str(port))
+        stack.callback(common.stop_process, floor)
         _wait_port(port)
         targets.append(Target("floor", f"ws://127.0.0.1:{port}/batches", floor.pid))
 

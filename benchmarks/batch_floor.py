@@ -7,7 +7,7 @@ write), like ``chainrelay.server.http``; each binary message is read as a push m
 no signature check, no sequence rules, no log: what a pusher measures against it is what
 the ingress would reach if durability and its checks were free.
 
-    python benchmarks/batch_floor.py --port 9003
+    python -m benchmarks.batch_floor --port 9003
 """
 
 from __future__ import annotations

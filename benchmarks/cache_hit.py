@@ -12,7 +12,7 @@ does not move. The relay is told its head stays fresh that long (``head.fresh_bl
 on a live chain new heads keep it fresh, and eth_blockNumber/eth_chainId are answered
 locally only while it is.
 
-    python benchmarks/cache_hit.py [--duration 10] [--runs 3] [--profile]
+    python -m benchmarks.cache_hit [--duration 10] [--runs 3] [--profile]
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
 import orjson
 
+from benchmarks import common
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 GOAL_RPS = 45_000
@@ -70,28 +70,17 @@ class Run:
 def start_floor(answers: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``floor_server.py`` in its own process, answering; (process, URL)."""
     port = common.free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, str(common.HERE / "floor_server.py")),
-            *("--port", str(port), "--answers", str(answers)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 15
-    while True:
+
+    def probe() -> None:
         client = common.RpcClient(url.rstrip("/"))
         try:
             client.raw(b"{}")
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                common.stop_process(proc)
-                raise RuntimeError("floor_server did not start") from None
-            time.sleep(0.05)
         finally:
             client.close()
+
+    args = ("--port", str(port), "--answers", str(answers))
+    return common.start_server("benchmarks.floor_server", args, probe), url
 
 
 def build_chain(client: common.RpcClient) -> dict[str, Any]:
@@ -301,9 +290,10 @@ def in_process(upstream: str, bodies: list[bytes], tmp: Path) -> str:
     per cache hit, without sockets."""
     path = tmp / "bodies.jsonl"
     path.write_bytes(b"\n".join(bodies) + b"\n")
-    cmd = [sys.executable, str(common.HERE / "hot_path.py"), "--upstream", upstream]
-    cmd += ["--bodies", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ("--upstream", upstream, "--bodies", str(path))
+    proc = common.spawn(
+        "benchmarks.hot_path", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:

@@ -1,6 +1,11 @@
 """What every benchmark script shares: processes, a small JSON-RPC client, statistics and
 the RESULTS.md writer.
 
+Every script in this folder runs from the repository root as a module of the
+``benchmarks`` package, ``python -m benchmarks.NAME``, so it imports this clone's
+``chainrelay`` and ``tests.lab`` whatever is installed; the processes a script starts
+(``spawn``, ``Relay``) run the same way, from the same root.
+
 Each script starts every process it uses (anvil, relays, wrk) and stops each one by PID,
 also when it is interrupted or runs past its time budget (``budget``).
 """
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import datetime
 import http.client
+import io
 import math
 import os
 import platform
@@ -19,9 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -30,6 +37,7 @@ from typing import Any
 import orjson
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil, free_port
+from tests.lab.procs import parse_metrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -190,6 +198,68 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             stream.close()
 
 
+def spawn(module: str, *args: str, **popen_kw: Any) -> subprocess.Popen[bytes]:
+    """Start a helper (a floor, a proxy, a load generator: ``benchmarks.floor_server``,
+    ``tests.lab.counting_proxy``) in its own process, run as every script is, from the
+    repository root; the caller stops it (``stop_process``)."""
+    popen_kw.setdefault("cwd", ROOT)
+    return subprocess.Popen([sys.executable, "-m", module, *args], **popen_kw)
+
+
+def start_server(
+    module: str, args: Sequence[str], probe: Callable[[], object]
+) -> subprocess.Popen[bytes]:
+    """``spawn`` a helper that serves, and return once ``probe()`` stops raising OSError
+    (it answers); a helper that exits or is not answering after 15 s is stopped."""
+    proc = spawn(module, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            probe()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc)
+                raise RuntimeError(f"{module} did not start") from None
+            time.sleep(0.05)
+
+
+def start_counter(node: Anvil) -> tuple[subprocess.Popen[bytes], str]:
+    """``tests.lab.counting_proxy`` in front of ``node``: every call a relay sends through
+    it, over HTTP or WebSocket, is counted per method at ``URL/counts``; (process, URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ("--upstream", node.url, "--port", str(port))
+    return start_server("tests.lab.counting_proxy", args, lambda: http_get(url + "/counts")), url
+
+
+@contextlib.contextmanager
+def checkout(commit: str) -> Iterator[Path]:
+    """The ``chainrelay`` package of ``commit`` in a temporary folder, for ``Relay(root=...)``.
+
+    A relay of another commit runs from its own tree, so it imports that commit's modules
+    whatever their layout, and nothing of this one; the harness (clients, floors, sources)
+    stays this clone's. ``git archive``, not a worktree: nothing is left in the repository.
+    """
+    tar = subprocess.run(
+        ["git", "archive", "--format=tar", commit, "chainrelay"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    if tar.returncode != 0:
+        raise RuntimeError(f"git archive {commit}: {tar.stderr.decode(errors='replace')}")
+    with tempfile.TemporaryDirectory(prefix="chainrelay-bench-commit-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+            archive.extractall(tmp, filter="data")
+        yield Path(tmp)
+
+
+def commit_name(commit: str) -> str:
+    """``commit`` as a short hash, for tables and target names."""
+    return _git("rev-parse", "--short", commit) or commit
+
+
 def start_anvil(*, block_time: float | None, chain_id: int = 56) -> Anvil:
     """A ready anvil node; the caller stops it (``anvil.stop()``)."""
     node = Anvil(chain_id=chain_id, block_time=block_time)
@@ -207,11 +277,14 @@ class Relay:
     """A relay node in its own process: ``python -m chainrelay serve``.
 
     Started from the command line (``--upstream URL --listen H:P``) unless ``toml`` is
-    given, in which case those lines are added to a generated config file.
+    given, in which case those lines are added to a generated config file. ``root`` is the
+    tree whose ``chainrelay`` it runs: this clone, or an older commit's (``checkout``),
+    for a side-by-side comparison with the commit under test.
     """
 
     upstream: str
     toml: str = ""
+    root: Path = ROOT
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -240,7 +313,9 @@ class Relay:
         else:
             cmd += ["--upstream", self.upstream, "--listen", listen]
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # ``-m`` puts the working directory first on sys.path: the process imports
+        # ``root``'s chainrelay, never the installed one.
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
         self._wait_ready(poke)
 
     def _wait_ready(self, poke: Callable[[], object] | None) -> None:
@@ -295,16 +370,6 @@ class Relay:
             self._tmp.cleanup()
         if hasattr(self, "log"):
             self.log.close()
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text as {"name{labels}": value}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
@@ -405,7 +470,7 @@ def word(n: int) -> str:
 # --- RESULTS.md --------------------------------------------------------------------------
 HEADER = """# Benchmarks
 
-Measured by the scripts in this folder; `python benchmarks/run_all.py` runs them all (about
+Measured by the scripts in this folder; `python -m benchmarks.run_all` runs them all (about
 five minutes) and rewrites this file, and each script refreshes its own section when run
 alone. The machines are shared and noisy: each number is a median of several runs made
 side by side in one invocation, and comparisons are ratios within that invocation. Each

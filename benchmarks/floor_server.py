@@ -5,7 +5,7 @@ every POST with ready-made answers taken in turn (one ``transport.write`` per an
 the same bytes the relay sends for the benchmark's mix. What it reaches under wrk is
 what the relay could reach if its own work per request were free.
 
-    python benchmarks/floor_server.py --port 9002 [--answers FILE]
+    python -m benchmarks.floor_server --port 9002 [--answers FILE]
 
 ``FILE`` holds one JSON-RPC answer per line; without it every answer is a short one.
 """

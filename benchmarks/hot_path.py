@@ -9,7 +9,7 @@ httptools-free parsing, then ``RpcService.handle``), ``rpc_us`` (``RpcService.ha
 alone), ``used`` (bodies answered from cache; by-number reads of blocks older than the
 node's first head are not).
 
-    python benchmarks/hot_path.py --upstream ws://127.0.0.1:8545 --bodies FILE
+    python -m benchmarks.hot_path --upstream ws://127.0.0.1:8545 --bodies FILE
 
 Run by ``cache_hit.py``; it leans on the node's internals (``Node``, ``HttpProtocol``),
 so it runs in a process of its own that may fail without taking the benchmark down.
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from cache_hit import IDS_PER_BODY
 
+from benchmarks.cache_hit import IDS_PER_BODY
 from chainrelay import config as configmod
 from chainrelay.app import Node
 from chainrelay.server.http import HttpProtocol

@@ -7,7 +7,7 @@ upstream, and the upstream's answer body is framed anew and written back, one
 upstream directly is what one more loopback hop costs on this machine: what the relay
 would add if its own work per forwarded call were free.
 
-    python benchmarks/miss_floor.py --port 9003 --upstream 127.0.0.1:8545
+    python -m benchmarks.miss_floor --port 9003 --upstream 127.0.0.1:8545
 """
 
 from __future__ import annotations

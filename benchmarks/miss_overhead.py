@@ -9,7 +9,7 @@ with no relay work: its overhead is what the extra loopback hop alone costs here
 For each call the target's time minus the direct time of the same iteration is recorded;
 the table gives its p50 and p99, medians over several rounds.
 
-    python benchmarks/miss_overhead.py [--requests 2000] [--rounds 3]
+    python -m benchmarks.miss_overhead [--requests 2000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import common
 import httptools
 
+from benchmarks import common
 from chainrelay.devnet import DEV_ACCOUNTS
 
 GOAL_P50_MS = 0.15
@@ -46,28 +46,17 @@ def calls(echo: str) -> dict[str, tuple[str, list[Any]]]:
 def start_floor(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
     """``miss_floor.py`` in its own process, forwarding to ``upstream``; (process, URL)."""
     port = common.free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, str(common.HERE / "miss_floor.py")),
-            *("--port", str(port), "--upstream", upstream.split("://", 1)[1]),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
+
+    def probe() -> None:
         client = common.RpcClient(url)
         try:
             client.call("eth_chainId", [])
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                common.stop_process(proc)
-                raise RuntimeError("miss_floor did not start") from None
-            time.sleep(0.05)
         finally:
             client.close()
+
+    args = ("--port", str(port), "--upstream", upstream.split("://", 1)[1])
+    return common.start_server("benchmarks.miss_floor", args, probe), url
 
 
 class _BareClient(asyncio.Protocol):

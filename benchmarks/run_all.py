@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, and rewrite RESULTS.md from their output.
 
-    python benchmarks/run_all.py [--no-profile]
+    python -m benchmarks.run_all [--no-profile]
 
 Each script runs in its own process with a time limit; one that fails leaves a note in
 its section instead of numbers, and the others still run.
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-import common
+from benchmarks import common
 
 # Per-script ceiling, above each script's own budget: a hung script is killed, not waited on.
 LIMIT_SECONDS = {

@@ -14,7 +14,7 @@ against each relay in turn, ``--runs`` times; the table gives medians and the ra
 Before measuring, every call is checked to answer like anvil; while measuring, the outcome
 counters of every worker say where the answers came from.
 
-    python benchmarks/scale_out.py [--duration 8] [--runs 3]
+    python -m benchmarks.scale_out [--duration 8] [--runs 3]
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
-
+from benchmarks import common
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 OUT = common.HERE / "SCALE_OUT.md"
@@ -131,7 +130,10 @@ class RelayProc:
         self.log = (tmp / f"relay-{self.port}.log").open("wb")
         cmd = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "serve"]
         self.proc = subprocess.Popen(
-            [*cmd, "--config", str(path)], stdout=self.log, stderr=subprocess.STDOUT
+            [*cmd, "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=common.ROOT,
         )
 
     def wait_ready(self) -> None:

@@ -33,7 +33,7 @@ The kernel floor is measured last, with the relay stopped: one thread writing th
 frame (WebSocket header + frame) on each of ``--children`` loopback TCP connections whose
 readers wait, as the children do: what the fan-out costs if a relay did nothing but write.
 
-    python benchmarks/tree_hop.py [--children 1000] [--blocks 16]
+    python -m benchmarks.tree_hop [--children 1000] [--blocks 16]
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import common
 import orjson
 import uvloop
-from subscribers import (
+
+from benchmarks import common
+from benchmarks.subscribers import (
     SO_TIMESTAMPNS,
     masked_text_frame,
     raise_fd_limit,
@@ -71,7 +72,6 @@ from subscribers import (
     relay_pids,
     ws_upgrade,
 )
-
 from chainrelay.tree.session import Want, encode_hello
 from chainrelay.wire.wsframes import binary_header
 
@@ -327,10 +327,9 @@ def read_line(stream: IO[bytes], proc: subprocess.Popen[bytes], what: str) -> by
 
 
 def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(common.HERE / "frame_source.py"),
+    proc = common.spawn(
+        "benchmarks.frame_source",
+        *(
             "--port",
             str(port),
             "--blocks",
@@ -340,9 +339,8 @@ def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
             # One run's source ends with the benchmark's whole budget at the latest.
             "--max-seconds",
             str(BUDGET_SECONDS),
-        ],
+        ),
         stdout=subprocess.PIPE,
-        cwd=common.ROOT,
     )
     assert proc.stdout is not None
     line = read_line(proc.stdout, proc, "the frame source").decode()
@@ -377,13 +375,11 @@ def run(
         linked: Callable[[], float]
         if forwarder:
             port = common.free_port()
-            hop = subprocess.Popen(
-                [
-                    *(sys.executable, str(common.HERE / "hop_floor.py"), "--port", str(port)),
-                    *("--parent", f"ws://127.0.0.1:{source_port}/feed", "--stream", STREAM),
-                ],
+            hop = common.spawn(
+                "benchmarks.hop_floor",
+                *("--port", str(port), "--parent", f"ws://127.0.0.1:{source_port}/feed"),
+                *("--stream", STREAM),
                 stdout=subprocess.PIPE,
-                cwd=common.ROOT,
             )
             stack.callback(common.stop_process, hop)
             assert hop.stdout is not None
@@ -418,21 +414,12 @@ def run(
             f"{workers} relay session(s) on the source",
         )
         pids = relay_pids(pid)  # with workers: the supervisor and each worker
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                str(common.HERE / "tree_hop.py"),
-                "children",
-                "--relay-port",
-                str(port),
-                "--source-port",
-                str(source_port),
-                "--count",
-                str(args.children),
-            ],
+        client = common.spawn(
+            "benchmarks.tree_hop",
+            *("children", "--relay-port", str(port), "--source-port", str(source_port)),
+            *("--count", str(args.children)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            cwd=common.ROOT,
         )
         stack.callback(common.stop_process, client)
         assert client.stdin is not None and client.stdout is not None
