@@ -645,7 +645,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="cmd")
     load = sub.add_parser("load", help="the pusher (run by the benchmark in its own process)")
@@ -666,7 +666,7 @@ def main() -> None:
     parser.add_argument("--profile-out", help="keep the cProfile file here")
     parser.add_argument("--scale", type=float, default=1.0, help="times the pushes per phase")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cmd == "load":
         load_main(args)
     else:

@@ -470,11 +470,12 @@ def word(n: int) -> str:
 # --- RESULTS.md --------------------------------------------------------------------------
 HEADER = """# Benchmarks
 
-Measured by the scripts in this folder; `python -m benchmarks.run_all` runs them all (about
-five minutes) and rewrites this file, and each script refreshes its own section when run
-alone. The machines are shared and noisy: each number is a median of several runs made
-side by side in one invocation, and comparisons are ratios within that invocation. Each
-section names the machine, the commit and the load average when it started; *other* CPU
+Measured by the scripts in this folder, each run from the repository root as
+`python -m benchmarks.NAME`; `python -m benchmarks.run_all` runs them all (under an hour)
+and rewrites this file, and each script refreshes its own section when run alone. The
+machines are shared and noisy: each number is a median of several runs made side by side
+in one invocation, and comparisons are ratios within that invocation. Each section names
+the machine, the commit and the load average when it started; *other* CPU
 in `cache_hit` is what the rest of the machine used during the run.
 
 | script | measures | goal |
@@ -486,6 +487,8 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |
 | `tree_hop.py` | latency a relay adds, frame in to out, 1,000 children | ≤ 1 ms p50, 5 ms p99 |
 | `tree_e2e.py` | delivery through a namespace tree, minus its link delays | per hop |
+| `batch_ack.py` | durable-ack latency, acked batches/s of one ingress | ≤ 5 ms p99, ≥ 5,000/s |
+| `batch_e2e.py` | sequencer to the last leaf subscriber, minus link delays | none set |
 """
 
 

@@ -130,14 +130,14 @@ def feed(node: Node, requests: list[bytes], seconds: float) -> tuple[float, int]
     return used, n
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--bodies", type=Path, required=True)
     ap.add_argument("--seconds", type=float, default=3.0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     bodies = [b for b in args.bodies.read_bytes().splitlines() if b.strip()]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(measure(args.upstream, bodies, args.seconds))

@@ -120,13 +120,13 @@ async def serve(port: int, host: str, upstream_port: int) -> None:
         await stop.wait()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream", required=True, help="HOST:PORT of the JSON-RPC node")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     host, _, up_port = args.upstream.rpartition(":")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(args.port, host, int(up_port)))
