@@ -5,14 +5,16 @@ wrk (keep-alive, 32 connections, 2 threads) replays a rotating mix of cacheable 
 real transactions, eth_call, eth_getCode, eth_getLogs, eth_chainId, eth_blockNumber), each
 body under several ids, against the relay (cache warmed, every call checked to be a hit),
 anvil directly and ``floor_server.py`` (the relay's transport stack with no relay work),
-in turn, several runs each.
+in turn, several runs each. With ``--against COMMIT`` a relay of that older commit (the
+same config, run from that commit's own tree: ``common.checkout``) takes its turn beside
+them, so two commits compare side by side in one run.
 
 anvil mines only when a transaction arrives and none is sent while measuring, so "latest"
 does not move. The relay is told its head stays fresh that long (``head.fresh_blocks``):
 on a live chain new heads keep it fresh, and eth_blockNumber/eth_chainId are answered
 locally only while it is.
 
-    python -m benchmarks.cache_hit [--duration 10] [--runs 3] [--profile]
+    python -m benchmarks.cache_hit [--duration 10] [--runs 3] [--profile] [--against COMMIT]
 """
 
 from __future__ import annotations
@@ -389,8 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per target (>= 3 for the table)")
     ap.add_argument("--profile", action="store_true", help="also sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
     args = ap.parse_args(argv)
-    rounds = len(TARGETS) * (args.runs + 1)
+    labels = dict(TARGETS)
+    if args.against:
+        labels["base"] = f"relay at {common.commit_name(args.against)} (cache hits)"
+    rounds = len(labels) * (args.runs + 1)
     common.budget(int(40 + rounds * (args.duration + 3) + 30 * args.profile))
     m = common.machine()
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -401,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         relay = common.Relay(anvil.ws_url, RELAY_TOML)
         stack.callback(relay.stop)
         relay.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
+        base = None
+        if args.against:  # started before the chain is built: its start may mine a block
+            root = stack.enter_context(common.checkout(args.against))
+            base = common.Relay(anvil.ws_url, RELAY_TOML, root=root)
+            stack.callback(base.stop)
+            base.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
         chain = build_chain(setup)
         relay.wait_head(chain["head"])
         calls = mix(chain)
@@ -416,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(common.stop_process, floor[0])
         watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid, "floor": floor[0].pid}
         targets = {"relay": relay.url + "/", "anvil": anvil.url + "/", "floor": floor[1]}
+        if base is not None:
+            base.wait_head(chain["head"])
+            check_same_answers(base.url, anvil.url, bodies)
+            check_hits(base, bodies, calls)
+            assert base.proc is not None
+            watch["base"] = base.proc.pid
+            targets["base"] = base.url + "/"
         for url in targets.values():  # connections, allocator, caches: warm, not measured
             run_wrk(url, script, 2, watch)
         runs: list[Run] = []
@@ -447,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         inproc = in_process(anvil.ws_url, bodies, Path(tmp))
-    text = report(m, runs, calls, served, up1 - up0, args) + "\n" + inproc
+    text = report(m, labels, runs, calls, served, up1 - up0, args) + "\n" + inproc
     if prof:
         text += "\n\n" + prof
     print(text)
@@ -471,20 +490,21 @@ def _cpu_cell(rs: list[Run], key: str, target: str) -> str:
 
 def report(
     m: dict[str, str],
+    labels: dict[str, str],
     runs: list[Run],
     calls: list[Any],
     served: dict[str, float],
     upstream_calls: float,
     args: argparse.Namespace,
 ) -> str:
-    by = {t: [r for r in runs if r.target == t] for t in TARGETS}
+    by = {t: [r for r in runs if r.target == t] for t in labels}
     med = {t: common.median([r.rps for r in rs]) for t, rs in by.items()}
     rows = []
     for t, rs in by.items():
         cpu_keys = [t, "wrk", "other"]
         rows.append(
             [
-                TARGETS[t],
+                labels[t],
                 f"**{med[t]:,.0f}**",
                 " / ".join(f"{r.rps:,.0f}" for r in rs),
                 f"{common.median([r.p50_ms for r in rs]):.2f}",
@@ -505,6 +525,14 @@ def report(
     verdict = "met" if med["relay"] >= GOAL_RPS else "not met"
     methods = collections.Counter(meth for meth, _ in calls)
     mix_text = ", ".join(f"{meth} x{n}" for meth, n in methods.items())
+    against = []
+    if "base" in by:
+        us_base = common.median([_us_per_request(r) for r in by["base"]])
+        against.append(
+            f"- relay / {labels['base'].removesuffix(' (cache hits)')}: "
+            f"**{med['relay'] / med['base']:.2f}x** req/s; CPU µs per request "
+            f"{us_relay:.1f} against {us_base:.1f}"
+        )
     return "\n".join(
         [
             "## Cache-hit throughput (`cache_hit.py`)",
@@ -550,6 +578,7 @@ def report(
             f"- wrk and the process under test share {m['nproc']} CPUs; CPU is each "
             "process's user+system time over the run's wall time (100% = one core); "
             "*other* is everything else the machine ran meanwhile.",
+            *against,
         ]
     )
 
