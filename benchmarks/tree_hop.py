@@ -29,11 +29,15 @@ Side by side, the same relay config under ``serve --workers 2`` (SO_REUSEPORT: e
 process links to the source itself and serves the children the kernel handed it; the
 children connect as before): a hop is then counted from the first worker's receipt.
 
+With ``--against COMMIT`` a relay of that older commit (the same config, run from that
+commit's own tree: ``common.checkout``) takes its turn in every round beside them, so two
+commits compare side by side in one run.
+
 The kernel floor is measured last, with the relay stopped: one thread writing the same
 frame (WebSocket header + frame) on each of ``--children`` loopback TCP connections whose
 readers wait, as the children do: what the fan-out costs if a relay did nothing but write.
 
-    python -m benchmarks.tree_hop [--children 1000] [--blocks 16]
+    python -m benchmarks.tree_hop [--children 1000] [--blocks 16] [--against COMMIT]
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ GOAL_P99_MS = 5.0
 # --rounds (3) times three runs with 1,000 children (relay, its workers, the forwarder), two
 # with 10, the floors: about 3 minutes here, with room for a shared machine's pauses.
 BUDGET_SECONDS = 600
+# What ``--against``'s extra variant (one more relay per round) adds to the budget.
+AGAINST_SECONDS = 150
 STREAM = "bsc/blocks"
 # Each child's receive buffer: several whole frames, so the relay's write never waits for
 # a reader (the kernel doubles it; net.core.rmem_max caps it). Set before connecting, so
@@ -362,10 +368,15 @@ def relay_toml(source_port: int, trust: str, children: int, workers: int = 1) ->
 
 
 def run(
-    args: argparse.Namespace, stacks: Path, forwarder: bool = False, workers: int = 1
+    args: argparse.Namespace,
+    stacks: Path,
+    forwarder: bool = False,
+    workers: int = 1,
+    root: Path = common.ROOT,
 ) -> tuple[list[Block], float, list[int]]:
-    """Source, relay (``workers`` processes, or the bare forwarder) and children up; publish
-    warm-up then measured blocks; tear down. Also the children each relay process held."""
+    """Source, relay (``workers`` processes of ``root``'s chainrelay, or the bare forwarder)
+    and children up; publish warm-up then measured blocks; tear down. Also the children
+    each relay process held."""
     source_port = common.free_port()
     stack = contextlib.ExitStack()
     with stack:
@@ -394,6 +405,7 @@ def run(
             relay = common.Relay(
                 f"http://127.0.0.1:{source_port}",
                 relay_toml(source_port, trust, args.children, workers),
+                root=root,
             )
             stack.callback(relay.stop)
             relay.start()
@@ -759,11 +771,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--profile", action="store_true", help="then sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
     args = ap.parse_args(argv)
     if args.mode == "children":
         raise_fd_limit(args.count + 200)
         return children_main(args)
-    common.budget(BUDGET_SECONDS)
+    with contextlib.ExitStack() as trees:
+        base = trees.enter_context(common.checkout(args.against)) if args.against else None
+        return measure(args, base)
+
+
+def measure(args: argparse.Namespace, base: Path | None) -> int:
+    """Every variant side by side, then the section; ``base``: an older commit's tree."""
+    common.budget(BUDGET_SECONDS + (AGAINST_SECONDS if base is not None else 0))
     raise_fd_limit(2 * args.children + 500)  # the floor's pairs
     m = common.machine()
     # Side by side: the same relay as worker processes with as many children (the fan-out
@@ -777,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
         many.append((multi, args.workers))
     if args.forwarder:
         many.append(("bare forwarder", 1))
+    older = f"relay at {common.commit_name(args.against)}" if base is not None else ""
+    if older:
+        many.append((older, 1))
     got: dict[str, list[Block]] = {who: [] for who, _ in many}
     per_round: dict[str, list[dict[bool, Any]]] = {who: [] for who, _ in many}
     splits: list[list[int]] = []
@@ -793,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                     stacks,
                     forwarder=who == "bare forwarder",
                     workers=workers,
+                    root=base if who == older and base is not None else common.ROOT,
                 )
                 if profiling:
                     profiled = profile_table(stacks)
@@ -858,6 +882,18 @@ def main(argv: list[str] | None = None) -> int:
                 (floors, split_floors),
             )
         )
+    if (older, args.children) in other:
+        texts.append(
+            f"Against {older}, {args.children:,} children, in the same rounds: "
+            + " and ".join(
+                f"{'corpus' if big else 'small'} frames p50 {f['p50']:.2f} ms against "
+                f"{o['p50']:.2f} (this commit / {older.removeprefix('relay at ')}: "
+                f"{f['p50'] / o['p50']:.2f}x), p99 {f['p99']:.2f} against {o['p99']:.2f}"
+                for big, f in facts.items()
+                if (o := other[older, args.children].get(big))
+            )
+            + "."
+        )
     if ("relay", args.few) in other:
         relay_few = other["relay", args.few]
         bare_few = other.get(("bare forwarder", args.few), {})
@@ -920,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.children:,} children pool {args.rounds} rounds; each round ran the relay"
             + (f", the relay under `--workers {args.workers}`" if args.workers > 1 else "")
             + (" and the bare forwarder" if args.forwarder else "")
+            + (f" and the {older}" if older else "")
             + " one after another, so a shared machine's load falls on each alike.",
             common.table(
                 [
