@@ -8,6 +8,8 @@ Real processes on one host clock:
 * ``shm``: the same node, log on tmpfs (/dev/shm): the same work, every fsync free;
 * ``floor``: ``batch_floor.py``, the ingress's own session class (``PushSession``)
   answering each push at once (no key, signature, rules or log);
+* with ``--against COMMIT``, ``disk at COMMIT``: the disk node of that older commit, run
+  from its own tree (``common.checkout``), so two commits compare side by side in one run;
 * the pusher, this script in ``load`` mode, in its own process: it signs every push message
   before it connects (signing is the sequencer's cost, not the ingress's), then pipelines
   them over one WebSocket on ``/batches``.
@@ -30,7 +32,7 @@ After the runs, the disk node runs again under cProfile (its event-loop thread; 
 writer thread is not profiled) through one closed-loop 2 KB phase: its top costs per
 acknowledged batch end the section. ``--profile`` runs only that, and prints it.
 
-    python -m benchmarks.batch_ack [--runs 3] [--window 256] [--profile]
+    python -m benchmarks.batch_ack [--runs 3] [--window 256] [--profile] [--against COMMIT]
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ WARM_LARGE = 50
 # A load that has not finished in this long is stuck: the script stops it.
 LOAD_TIMEOUT = 180.0
 BUDGET_SECONDS = 1500
+# What ``--against``'s fourth target (a third of the runs' work again) adds to the budget.
+AGAINST_SECONDS = 500
 FSYNC_LOOPS = 300
 
 
@@ -543,7 +547,7 @@ def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -
 
 
 def bench(args: argparse.Namespace) -> None:
-    common.budget(BUDGET_SECONDS)
+    common.budget(BUDGET_SECONDS + (AGAINST_SECONDS if args.against else 0))
     account = Account.create()
     key, address = bytes(account.key), account.address
     m = common.machine()
@@ -559,9 +563,16 @@ def bench(args: argparse.Namespace) -> None:
         )
         fsync = {"disk (/tmp)": fsync_cost(disk_dir), "tmpfs (/dev/shm)": fsync_cost(shm_dir)}
         print("fsync:", fsync, flush=True)
+        nodes = [("disk", disk_dir, common.ROOT), ("shm", shm_dir, common.ROOT)]
+        if args.against:
+            older_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="batch-ack-")))
+            older = common.commit_name(args.against)
+            nodes.append(
+                (f"disk at {older}", older_dir, stack.enter_context(common.checkout(args.against)))
+            )
         targets: list[Target] = []
-        for name, d in (("disk", disk_dir), ("shm", shm_dir)):
-            node = common.Relay(anvil.ws_url, ingress_toml(d / "log.sqlite", address))
+        for name, d, root in nodes:
+            node = common.Relay(anvil.ws_url, ingress_toml(d / "log.sqlite", address), root=root)
             stack.callback(node.stop)
             node.start()
             assert node.proc is not None
@@ -666,6 +677,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-out", help="keep the cProfile file here")
     parser.add_argument("--scale", type=float, default=1.0, help="times the pushes per phase")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
+    parser.add_argument("--against", metavar="COMMIT", help="also a disk node of this commit")
     args = parser.parse_args(argv)
     if args.cmd == "load":
         load_main(args)
