@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks import common
+from benchmarks import common, wrk
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 GOAL_RPS = 45_000
@@ -46,11 +46,6 @@ TARGETS = {
     "anvil": "anvil direct",
     "floor": "floor: uvloop + httptools, same answers, no relay work",
 }
-WRK_BIN = common.WRK
-CONNECTIONS = 32
-THREADS = 2
-# Ids per body in the wrk rotation: every body is sent under several ids.
-IDS_PER_BODY = 8
 # Accounts that never sent anything: balances "0x0" are still non-empty answers.
 IDLE_ACCOUNTS = ["0x" + f"{0xB0B + i:040x}" for i in range(3)]
 # The relay must believe its head is fresh for the whole run (see the module docstring).
@@ -134,48 +129,6 @@ def mix(chain: dict[str, Any]) -> list[tuple[str, list[Any]]]:
     return calls
 
 
-def lua_script(bodies: list[bytes], path: Path) -> None:
-    """A wrk script cycling through every body under IDS_PER_BODY ids, formatted once."""
-    parts = []
-    for b in bodies:
-        text = b.decode()
-        if '"id":0,' not in text:
-            raise ValueError(f"unexpected body layout: {text}")
-        parts.append("  [==[" + text.replace('"id":0,', '"id":__ID__,', 1) + "]==],")
-    path.write_text(
-        "local bodies = {\n" + "\n".join(parts) + "\n}\n"
-        f"local ids_per_body = {IDS_PER_BODY}\n"
-        """local reqs = {}
-local i = 0
-local headers = {["Content-Type"] = "application/json"}
-init = function(args)
-  local n = #bodies * ids_per_body
-  for k = 1, n do
-    local id = tostring(k)
-    if k % 3 == 0 then id = '"r' .. k .. '"' end
-    local body = bodies[(k - 1) % #bodies + 1]
-    local filled = string.gsub(body, "__ID__", id)
-    reqs[k] = wrk.format("POST", "/", headers, filled)
-  end
-end
-request = function()
-  i = i % #reqs + 1
-  return reqs[i]
-end
-"""
-    )
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if m is None:
-        raise ValueError(f"unexpected latency {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def run_wrk(
     url: str, script: Path, seconds: float, watch: dict[str, int]
 ) -> tuple[str, dict[str, float], float, float]:
@@ -183,8 +136,7 @@ def run_wrk(
 
     ``watch`` names other processes whose CPU time is measured over the same interval.
     """
-    cmd = [WRK_BIN, "-t", str(THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s"]
-    cmd += ["--latency", "-s", str(script), url]
+    cmd = wrk.command(url, script, seconds)
     before = {name: common.cpu_seconds(pid) for name, pid in watch.items()}
     sys_before = {name: common.cpu_times(pid)[1] for name, pid in watch.items()}
     machine_before = common.busy_cpu_seconds()
@@ -218,23 +170,14 @@ def run_wrk(
 
 
 def parse_wrk(target: str, out: str, cpu: dict[str, float], wall: float) -> Run:
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
-    errors = 0
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
+    got = wrk.parse(out)
     return Run(
         target,
-        rps,
-        _ms(lat["50"]),
-        _ms(lat["99"]),
-        total,
-        errors,
+        got.rps,
+        got.p50_ms,
+        got.p99_ms,
+        got.requests,
+        got.errors,
         wall,
         {k: 100.0 * v / wall for k, v in cpu.items()},
     )
@@ -422,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         answers_path.write_bytes(b"\n".join(answers) + b"\n")
         check_hits(relay, bodies, calls)
         script = Path(tmp) / "mix.lua"
-        lua_script(bodies, script)
+        wrk.lua_script(bodies, script, string_ids=True)
         assert relay.proc is not None and anvil.proc is not None
         floor = start_floor(answers_path)
         stack.callback(common.stop_process, floor[0])
@@ -539,10 +482,10 @@ def report(
             "",
             common.machine_line(m),
             "",
-            f"wrk {THREADS} threads, {CONNECTIONS} keep-alive connections, "
+            f"wrk {wrk.THREADS} threads, {wrk.CONNECTIONS} keep-alive connections, "
             f"{args.duration:g} s per run, {args.runs} runs per target, the targets in "
             "turn. "
-            f"Mix: {len(calls)} bodies ({mix_text}), each under {IDS_PER_BODY} ids.",
+            f"Mix: {len(calls)} bodies ({mix_text}), each under {wrk.IDS_PER_BODY} ids.",
             "",
             common.table(
                 [

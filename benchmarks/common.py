@@ -37,12 +37,11 @@ from typing import Any
 import orjson
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil, free_port
-from tests.lab.procs import parse_metrics
+from tests.lab.procs import parse_metrics, stop_all
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
-WRK = "/usr/bin/wrk"
 # Scripts run in this order in run_all.py and their sections appear in this order.
 SECTIONS = (
     "cache_hit",
@@ -184,18 +183,7 @@ def busy_cpu_seconds() -> float:
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds; by PID, and only this one process."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+    stop_all([proc], grace)
 
 
 def spawn(module: str, *args: str, **popen_kw: Any) -> subprocess.Popen[bytes]:

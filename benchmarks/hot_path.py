@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks.cache_hit import IDS_PER_BODY
+from benchmarks.wrk import IDS_PER_BODY
 from chainrelay import config as configmod
 from chainrelay.app import Node
 from chainrelay.server.http import HttpProtocol
@@ -78,7 +78,7 @@ async def measure(upstream: str, bodies: list[bytes], seconds: float) -> dict[st
         if not hits:
             raise RuntimeError("no body is answered from cache")
         requests = []
-        for k in range(1, len(hits) * IDS_PER_BODY + 1):  # as cache_hit.py's wrk script
+        for k in range(1, len(hits) * IDS_PER_BODY + 1):  # as the wrk script (wrk.lua_script)
             rid = b'"r%d"' % k if k % 3 == 0 else b"%d" % k
             b = hits[(k - 1) % len(hits)].replace(b'"id":0,', b'"id":' + rid + b",", 1)
             requests.append(

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import http.client
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -35,13 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, wrk
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 OUT = common.HERE / "SCALE_OUT.md"
-CONNECTIONS = 32
-THREADS = 2
-IDS_PER_BODY = 8
 # One block an hour: no block arrives while measuring, so "latest" keys stay the same.
 BLOCK_TIME = 3600.0
 # Memory tier of the Redis-hit relays: a few entries, far smaller than the mix.
@@ -234,48 +230,9 @@ def mix(chain: dict[str, Any]) -> list[tuple[str, list[Any]]]:
     return calls
 
 
-def lua_script(bodies: list[bytes], path: Path) -> None:
-    parts = []
-    for b in bodies:
-        text = b.decode()
-        if '"id":0,' not in text:
-            raise ValueError(f"unexpected body layout: {text}")
-        parts.append("  [==[" + text.replace('"id":0,', '"id":__ID__,', 1) + "]==],")
-    path.write_text(
-        "local bodies = {\n" + "\n".join(parts) + "\n}\n"
-        f"local ids_per_body = {IDS_PER_BODY}\n"
-        """local reqs = {}
-local i = 0
-local headers = {["Content-Type"] = "application/json"}
-init = function(args)
-  for k = 1, #bodies * ids_per_body do
-    local body = bodies[(k - 1) % #bodies + 1]
-    reqs[k] = wrk.format("POST", "/", headers, (string.gsub(body, "__ID__", tostring(k))))
-  end
-end
-request = function()
-  i = i % #reqs + 1
-  return reqs[i]
-end
-"""
-    )
-
-
-# --- wrk ---------------------------------------------------------------------------------
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if m is None:
-        raise ValueError(f"unexpected latency {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def run_wrk(url: str, script: Path, seconds: float) -> Run:
-    cmd = [common.WRK, "-t", str(THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s"]
     proc = subprocess.Popen(
-        [*cmd, "--latency", "-s", str(script), url + "/"],
+        wrk.command(url + "/", script, seconds),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -288,14 +245,8 @@ def run_wrk(url: str, script: Path, seconds: float) -> Run:
     text = out.decode()
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{text}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
-    errors = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: (.*)"):
-        m = re.search(pattern, text)
-        if m:
-            errors += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
-    return Run(rps, _ms(lat["50"]), _ms(lat["99"]), errors)
+    got = wrk.parse(text)
+    return Run(got.rps, got.p50_ms, got.p99_ms, got.errors)
 
 
 def check_answers(relay: RelayProc, anvil_url: str, calls: list[Any]) -> None:
@@ -340,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = mix(chain)
         bodies = [common.request_body(meth, params, 0) for meth, params in calls]
         script = tmp / "mix.lua"
-        lua_script(bodies, script)
+        wrk.lua_script(bodies, script, string_ids=False)
         for r in relays:
             check_answers(r, anvil.url, calls)
             run_wrk(r.url, script, 2)  # warm every worker; not measured
@@ -403,12 +354,12 @@ def render(
         "",
         common.machine_line(m),
         "",
-        f"wrk {THREADS} threads, {CONNECTIONS} keep-alive connections, {args.duration:g} s per "
-        f"run, {args.runs} runs per setup, the setups in turn. Mix: {n_bodies} cacheable "
-        f"bodies (blocks by number and hash, balances, nonces, receipts, transactions, "
-        f"eth_call, eth_getCode), each under {IDS_PER_BODY} ids; anvil mines one block an "
-        f"hour, so nothing moves while measuring. Redis: one local redis-server, "
-        f"maxmemory {REDIS_MAXMEMORY}, allkeys-lru.",
+        f"wrk {wrk.THREADS} threads, {wrk.CONNECTIONS} keep-alive connections, "
+        f"{args.duration:g} s per run, {args.runs} runs per setup, the setups in turn. "
+        f"Mix: {n_bodies} cacheable bodies (blocks by number and hash, balances, nonces, "
+        f"receipts, transactions, eth_call, eth_getCode), each under {wrk.IDS_PER_BODY} ids; "
+        f"anvil mines one block an hour, so nothing moves while measuring. Redis: one local "
+        f"redis-server, maxmemory {REDIS_MAXMEMORY}, allkeys-lru.",
         "",
         common.table(
             [

@@ -14,7 +14,7 @@ from benchmarks import run_all
 
 FOLDER = Path(__file__).resolve().parents[2] / "benchmarks"
 # Scripts every other script imports from; not run on their own.
-LIBRARIES = {"__init__", "common"}
+LIBRARIES = {"__init__", "common", "wrk"}
 SCRIPTS = sorted(p.stem for p in FOLDER.glob("*.py") if p.stem not in LIBRARIES)
 SIBLINGS = {p.stem for p in FOLDER.glob("*.py")}
 # Floors measure only themselves: they import nothing of the project.
