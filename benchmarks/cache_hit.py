@@ -23,8 +23,6 @@ import argparse
 import collections
 import contextlib
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +46,8 @@ TARGETS = {
 }
 # Accounts that never sent anything: balances "0x0" are still non-empty answers.
 IDLE_ACCOUNTS = ["0x" + f"{0xB0B + i:040x}" for i in range(3)]
+# Functions in the py-spy table.
+PROFILE_ROWS = 18
 # The relay must believe its head is fresh for the whole run (see the module docstring).
 RELAY_TOML = "[head]\nfresh_blocks = 1000000.0\n"
 
@@ -261,7 +261,7 @@ def in_process(upstream: str, bodies: list[bytes], tmp: Path) -> str:
 
 def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
     """Where the relay's CPU goes under the same load: py-spy's top functions by self time."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    py_spy = common.py_spy()
     if not Path(py_spy).exists():
         return "py-spy not installed (pip install py-spy)"
     assert relay.proc is not None
@@ -283,20 +283,7 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
             common.stop_process(spy)
         if not raw.exists():
             return "py-spy recorded nothing (ptrace not permitted?)"
-        stacks = raw.read_text().splitlines()
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in stacks:
-        frames_text, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        n = int(count_text)
-        total += n
-        frames = [_short(f) for f in frames_text.split(";")]
-        own[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
+        total, rows = common.profile_rows(raw.read_text(), PROFILE_ROWS)
     if not total:
         return "py-spy recorded no samples"
     lines = [
@@ -307,25 +294,8 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
         "`Runner.run` is the event loop itself (epoll, reads).",
         "",
     ]
-    lines.append(common.table(["function", "self", "total"], _rows(own, incl, total)))
+    lines.append(common.table(["function", "self", "total"], rows))
     return "\n".join(lines)
-
-
-def _short(frame: str) -> str:
-    # "handle (chainrelay/rpc/service.py:100)" -> "rpc.py:handle"
-    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
-    if m is None:
-        return frame or "(no Python frame)"
-    return f"{Path(m.group(2)).name}:{m.group(1)}"
-
-
-def _rows(
-    own: collections.Counter[str], incl: collections.Counter[str], total: int
-) -> list[list[str]]:
-    return [
-        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
-        for name, n in own.most_common(18)
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ also when it is interrupted or runs past its time budget (``budget``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import http.client
@@ -21,6 +22,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -385,6 +387,45 @@ def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += value
     return total
+
+
+# --- py-spy ------------------------------------------------------------------------------
+def py_spy() -> str:
+    """The py-spy binary: on PATH, or beside this Python (installed into its venv)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
+def profile_rows(raw: str, top: int) -> tuple[int, list[list[str]]]:
+    """py-spy's raw stacks (``--format raw``: ``frame;frame;... count`` per line) as the
+    sample count and table rows: the ``top`` functions by self samples, each with its self
+    and total share. Time in C (uvloop, system calls) is charged to the Python frame that
+    called it."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        frames_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        n = int(count_text)
+        total += n
+        frames = [_function(f) for f in frames_text.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    rows = [
+        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
+        for name, n in own.most_common(top)
+    ]
+    return total, rows
+
+
+def _function(frame: str) -> str:
+    # "handle (chainrelay/rpc/service.py:100)" -> "service.py:handle"
+    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
+    if m is None:
+        return frame or "(no Python frame)"
+    return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
 # --- a plain JSON-RPC client -------------------------------------------------------------

@@ -44,14 +44,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import http.client
 import json
 import multiprocessing
 import os
-import re
-import shutil
 import signal
 import socket
 import struct
@@ -494,7 +491,7 @@ def run(
 
 
 def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    py_spy = common.py_spy()
     return subprocess.Popen(
         [
             *(py_spy, "record", "--pid", str(pid), "--rate", "500", "--nonblocking"),
@@ -508,25 +505,10 @@ def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
 def profile_table(stacks: Path) -> str:
     """The relay's busiest Python functions while it fanned out (self / total samples);
     time in C (uvloop, system calls) is charged to the Python frame that called it."""
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in stacks.read_text().splitlines() if stacks.exists() else []:
-        frames_text, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        n = int(count_text)
-        total += n
-        frames = [_short(f) for f in frames_text.split(";")]
-        own[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
+    raw = stacks.read_text() if stacks.exists() else ""
+    total, rows = common.profile_rows(raw, PROFILE_ROWS)
     if not total:
         return "py-spy recorded no samples (not installed, or ptrace not permitted)."
-    rows = [
-        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
-        for name, n in own.most_common(PROFILE_ROWS)
-    ]
     return (
         f"py-spy, {total} samples of the relay's busy time over {PROFILE_BLOCKS} more blocks "
         "(after the measured ones, so sampling does not touch the numbers above); self / "
@@ -534,14 +516,6 @@ def profile_table(stacks: Path) -> str:
         "called it (`pump`: `transport.writelines`, the send system calls).\n\n"
         + common.table(["function", "self", "total"], rows)
     )
-
-
-def _short(frame: str) -> str:
-    # "pump (chainrelay/tree/hub.py:100)" -> "feedhub.py:pump"
-    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
-    if m is None:
-        return frame or "(no Python frame)"
-    return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
 def kernel_floor(count: int, size: int, parts: int = 1) -> float:
