@@ -192,17 +192,17 @@ def check_hits(relay: common.Relay, bodies: list[bytes], calls: list[Any]) -> No
         before = relay.metrics()
         missing = []
         for body, call in zip(bodies, calls, strict=True):
-            up0 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+            up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
             client.raw(body)
-            up1 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+            up1 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
             if up1 != up0:
                 missing.append(call)
         after = relay.metrics()
     finally:
         client.close()
     served = sum(
-        common.metric_sum(after, "chainrelay_requests_total", outcome=o)
-        - common.metric_sum(before, "chainrelay_requests_total", outcome=o)
+        common.metric(after, "chainrelay_requests_total", outcome=o)
+        - common.metric(before, "chainrelay_requests_total", outcome=o)
         for o in ("hit", "local")
     )
     if missing or served < len(bodies):
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         for url in targets.values():  # connections, allocator, caches: warm, not measured
             run_wrk(url, script, 2, watch)
         runs: list[Run] = []
-        up0 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+        up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
         m0 = relay.metrics()
         for i in range(args.runs):
             for name, url in targets.items():
@@ -367,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         m1 = relay.metrics()
-        up1 = common.metric_sum(m1, "chainrelay_upstream_calls_total")
+        up1 = common.metric(m1, "chainrelay_upstream_calls_total")
         served = {
-            o: common.metric_sum(m1, "chainrelay_requests_total", outcome=o)
-            - common.metric_sum(m0, "chainrelay_requests_total", outcome=o)
+            o: common.metric(m1, "chainrelay_requests_total", outcome=o)
+            - common.metric(m0, "chainrelay_requests_total", outcome=o)
             for o in ("hit", "local", "miss", "pass", "error")
         }
         prof = (

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil, free_port
+from tests.lab.chain import metric as metric  # for the scripts: one harness module
 from tests.lab.procs import parse_metrics, stop_all
 
 HERE = Path(__file__).resolve().parent
@@ -309,29 +310,8 @@ class Relay:
         self._wait_ready(poke)
 
     def _wait_ready(self, poke: Callable[[], object] | None) -> None:
-        deadline = time.monotonic() + RELAY_READY_SECONDS
-        next_poke = time.monotonic() + 0.5
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                try:
-                    conn.request("GET", "/health")
-                    if conn.getresponse().status == 200:
-                        return
-                finally:
-                    conn.close()
-            now = time.monotonic()
-            if now > deadline:
-                raise RuntimeError(
-                    f"relay not healthy after {RELAY_READY_SECONDS}s:\n{self.output()}"
-                )
-            if poke is not None and now >= next_poke:
-                poke()
-                next_poke = now + 0.5
-            time.sleep(0.05)
+        assert self.proc is not None
+        wait_healthy(self.proc, self.port, "relay", self.output, poke)
 
     def wait_head(self, number: int, timeout: float = 10.0) -> None:
         """Wait until the relay's head (its eth_blockNumber) has reached ``number``."""
@@ -362,6 +342,38 @@ class Relay:
             self.log.close()
 
 
+def wait_healthy(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    what: str,
+    output: Callable[[], str],
+    poke: Callable[[], object] | None = None,
+) -> None:
+    """Wait until the node ``proc`` started answers ``GET /health`` on ``port`` with 200;
+    fail with its ``output()`` if it exits or is not healthy within ``RELAY_READY_SECONDS``.
+    ``poke`` is called about twice a second meanwhile (see ``Relay.start``)."""
+    deadline = time.monotonic() + RELAY_READY_SECONDS
+    next_poke = time.monotonic() + 0.5
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{output()}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            finally:
+                conn.close()
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"{what} not healthy after {RELAY_READY_SECONDS}s:\n{output()}")
+        if poke is not None and now >= next_poke:
+            poke()
+            next_poke = now + 0.5
+        time.sleep(0.05)
+
+
 def http_get(url: str, timeout: float = 5.0) -> bytes:
     """GET ``url`` (http://HOST:PORT/path); raises OSError when nothing answers."""
     m = re.fullmatch(r"http://([^:/]+):(\d+)(/.*)?", url)
@@ -375,18 +387,6 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         raise OSError(str(exc)) from None
     finally:
         conn.close()
-
-
-def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of every sample of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        if base != name:
-            continue
-        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
 
 
 # --- py-spy ------------------------------------------------------------------------------

@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for name, r in started.items():
                     after = r.metrics()
-                    passed = common.metric_sum(
+                    passed = common.metric(
                         after, "chainrelay_requests_total", outcome="pass"
-                    ) - common.metric_sum(before[name], "chainrelay_requests_total", outcome="pass")
+                    ) - common.metric(before[name], "chainrelay_requests_total", outcome="pass")
                     if passed < args.requests:
                         raise RuntimeError(
                             f"{name}: only {passed:.0f}/{args.requests} calls were forwarded"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import os
 import shutil
 import signal
@@ -133,21 +132,7 @@ class RelayProc:
         )
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + common.RELAY_READY_SECONDS
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.setup.name} exited: {self.output()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                try:
-                    conn.request("GET", "/health")
-                    if conn.getresponse().status == 200:
-                        return
-                finally:
-                    conn.close()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.setup.name} not healthy: {self.output()}")
-            time.sleep(0.05)
+        common.wait_healthy(self.proc, self.port, self.setup.name, self.output)
 
     def wait_head(self, number: int) -> None:
         deadline = time.monotonic() + 20
@@ -178,7 +163,7 @@ class RelayProc:
         total: dict[str, float] = {}
         for m in self.worker_metrics().values():
             for o in ("hit", "shared_hit", "local", "miss", "pass", "error"):
-                v = common.metric_sum(m, "chainrelay_requests_total", outcome=o)
+                v = common.metric(m, "chainrelay_requests_total", outcome=o)
                 total[o] = total.get(o, 0.0) + v
         return total
 

@@ -413,7 +413,7 @@ def run(
                 # A scrape is answered by whichever worker accepted it: keep each one's.
                 m = relay.metrics()
                 who = next((k for k in m if k.startswith("chainrelay_worker{")), "")
-                held[who] = common.metric_sum(m, "chainrelay_feed_children", stream=STREAM)
+                held[who] = common.metric(m, "chainrelay_feed_children", stream=STREAM)
                 return sum(held.values()) if len(held) >= workers else 0.0
 
         held: dict[str, float] = {}

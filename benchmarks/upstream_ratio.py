@@ -214,23 +214,22 @@ def _window(before: Any, after: Any) -> Window:
     t0, n0, e0, m0, w0 = before
     t1, n1, e1, m1, w1 = after
     served = {
-        o: common.metric_sum(m1, "chainrelay_requests_total", outcome=o)
-        - common.metric_sum(m0, "chainrelay_requests_total", outcome=o)
+        o: common.metric(m1, "chainrelay_requests_total", outcome=o)
+        - common.metric(m0, "chainrelay_requests_total", outcome=o)
         for o in ("hit", "local", "miss", "pass", "error")
     }
     return Window(
         seconds=t1 - t0,
         client=n1 - n0,
         errors=e1 - e0,
-        relay_requests=common.metric_sum(m1, "chainrelay_requests_total")
-        - common.metric_sum(m0, "chainrelay_requests_total"),
-        metric_upstream=common.metric_sum(m1, "chainrelay_upstream_calls_total")
-        - common.metric_sum(m0, "chainrelay_upstream_calls_total"),
+        relay_requests=common.metric(m1, "chainrelay_requests_total")
+        - common.metric(m0, "chainrelay_requests_total"),
+        metric_upstream=common.metric(m1, "chainrelay_upstream_calls_total")
+        - common.metric(m0, "chainrelay_upstream_calls_total"),
         wire=w1 - w0,
         served=served,
         blocks=int(
-            common.metric_sum(m1, "chainrelay_head_block")
-            - common.metric_sum(m0, "chainrelay_head_block")
+            common.metric(m1, "chainrelay_head_block") - common.metric(m0, "chainrelay_head_block")
         ),
     )
 
