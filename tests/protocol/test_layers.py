@@ -29,6 +29,8 @@ SANS_IO = (
     "chainrelay.chain.profiles",
     "chainrelay.chain.headpoll",
     "chainrelay.chain.blockorder",
+    "chainrelay.chain.events",
+    "chainrelay.chain.offers",
     "chainrelay.subscriptions.registry",
     "chainrelay.subscriptions.filtertable",
     "chainrelay.subscriptions.logfilter",
