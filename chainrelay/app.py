@@ -12,7 +12,7 @@ import orjson
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
-from chainrelay.chain.follower import BlockFeed
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.config import CacheConfig, Config, parse_listen
@@ -37,6 +37,7 @@ from chainrelay.tree.link import FeedLink
 from chainrelay.tree.origin import Origin, load_signer
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.session import Gap
+from chainrelay.tree.streams import BatchStream
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import make_upstream
 
@@ -60,7 +61,7 @@ class Node:
         self.rpc: RpcService | None = None
         self.server: HttpServer | None = None
         self.shared: RedisCache | None = None
-        self.blocks: BlockFeed | None = None
+        self.follower: BlockFollower | None = None
         self.filters: FilterService | None = None
         self.subscriptions: SubscriptionService | None = None
         self.profile: ChainProfile | None = None
@@ -161,7 +162,7 @@ class Node:
         follow = "always" if sc.follow_blocks_always else sc.follow_blocks
         if tree.enabled and (tree.trust or tree.key or tree.key_file):
             follow = "always"  # every block of the tree warms this node's cache
-        blocks = self.blocks = BlockFeed(
+        follower = self.follower = BlockFollower(
             pool,
             head,
             cache,
@@ -169,7 +170,7 @@ class Node:
             window=cfg.head.reorg_window,
             follow=follow,
             follow_recent=sc.follow_recent_blocks,
-            feed_call=self.rpc.feed_call,
+            rpc_call=self.rpc.follower_call,
             fetch_retry_delay=cfg.subscriptions.feed_fetch_retry_delay,
             fetch_attempts=cfg.subscriptions.feed_fetch_attempts,
             block_passes=cfg.subscriptions.feed_block_passes,
@@ -177,19 +178,19 @@ class Node:
             pending_max_message=cfg.subscriptions.pending_max_message,
             offered_max_bytes=tree.offered_max_bytes,
         )
-        self._stack.append(blocks.stop)
+        self._stack.append(follower.stop)
         if tree.enabled or cfg.batches.streams:
-            self._start_tree(profile.name, blocks)
+            self._start_tree(profile.name, follower)
             await self._start_batches()
-        await blocks.start()
-        filters = self.filters = FilterService(cfg.filters, blocks, self.rpc.call, self.metrics)
+        await follower.start()
+        filters = self.filters = FilterService(cfg.filters, follower, self.rpc.call, self.metrics)
         self._stack.append(filters.stop)
         await filters.start()
         self.rpc.filters = filters
-        self.rpc.note_miss = blocks.note_miss
-        self.rpc.local_logs = blocks.recent_logs
+        self.rpc.note_miss = follower.note_miss
+        self.rpc.local_logs = follower.recent_logs
         subs = self.subscriptions = SubscriptionService(
-            blocks, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=self.rpc.call
+            follower, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=self.rpc.call
         )
         self._stack.append(subs.stop)
         server = self.server = HttpServer(
@@ -225,7 +226,7 @@ class Node:
             head.view.number,
         )
 
-    def _start_tree(self, chain: str, blocks: BlockFeed) -> None:
+    def _start_tree(self, chain: str, follower: BlockFollower) -> None:
         """The hub, and this node's place in the tree: origin (a key), relay or leaf."""
         tree = self.cfg.tree
         assert self.head is not None and self.pool is not None
@@ -253,11 +254,11 @@ class Node:
             ),
         )
         if signer is not None:
-            self.origin = Origin(hub, blocks, signer, streams[0])
+            self.origin = Origin(hub, follower, signer, streams[0])
             log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
         if tree.parents:
             source = FeedSource(
-                blocks,
+                follower,
                 self.head,
                 self.pool,
                 self.metrics,
@@ -284,7 +285,7 @@ class Node:
             )
             ingress = self.ingress = Ingress(
                 b,
-                [st.batch for st in hub.streams.values() if st.batch is not None],
+                [st.spec for st in hub.streams.values() if isinstance(st, BatchStream)],
                 batch_log,
                 hub,
                 self.metrics,
@@ -398,7 +399,7 @@ class Node:
             "confirmed": {
                 name: st.confirmed[0]
                 for name, st in hub.streams.items()
-                if st.confirmed is not None
+                if isinstance(st, BatchStream) and st.confirmed is not None
             },
         }
 
@@ -423,7 +424,7 @@ class Node:
 
 def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
     # The node itself needs nothing more: for blocks the head tracker links the next
-    # frame's block back over the parent's JSON-RPC and the block feed fetches what it
+    # frame's block back over the parent's JSON-RPC and the block follower fetches what it
     # skipped; for batches the hub holds what follows and fetches the missing ones from a
     # parent's range endpoint. Children see the jump and backfill the same ways.
     log.warning(

@@ -54,7 +54,7 @@ class LimitsConfig:
 # "redis": Redis, with only a minimal memory tier (see shared_cache.REDIS_MODE_MEMORY_BYTES).
 CACHE_BACKENDS = ("memory", "redis", "tiered")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-# When the block feed follows blocks (see chainrelay.chain.follower).
+# When the block follower follows blocks (see chainrelay.chain.follower).
 FOLLOW_MODES = ("auto", "always", "never")
 
 

@@ -3,7 +3,7 @@
 Every caching decision lives in this file, as a table (``RULES``) plus two functions:
 ``plan`` turns a call and a view of the head into a ``Plan`` (how to key and forward it),
 and ``store_decision`` says whether and how an answer to that plan is stored, for every
-writer of the cache (the request pipeline's misses, the block feed's warming). It does no
+writer of the cache (the request pipeline's misses, the block follower's warming). It does no
 I/O.
 
 The four finality classes of DESIGN.md:
@@ -464,7 +464,7 @@ def store_decision(
 
     ``result``/``error``: the raw answer; ``decoded``: the decoded result when at hand (its
     block fields are checked against the key); ``block``: the block the answer is known to
-    belong to without decoding it (the block feed's own blocks). Never stored: errors,
+    belong to without decoding it (the block follower's own blocks). Never stored: errors,
     uncacheable plans, empty answers to blocks that are not final, answers of another
     fork than the key names, or of a block that is reorged away or past the head.
     """

@@ -455,7 +455,7 @@ class HttpProtocol(asyncio.Protocol):
             return True
         answer, record = replayer.serve(data[end + 4 :])
         if record is not None and split is not None and answer.__class__ is bytes:
-            server.learn_replay(split[1], split[0], typing.cast(bytes, answer), record, cors)
+            server.learn_replay(split[1], split[0], answer, record, cors)
         self._answer(answer, True, cors)
         return True
 

@@ -62,9 +62,9 @@ class ParentSet:
         *,
         k: int = defaults.TREE_PARENTS,
         wants: Callable[[], list[Want]],
-        on_frame: Callable[[FeedLink, bytes], None],
+        on_frame: Callable[[FeedLink, bytes], object],
         on_gap: Callable[[FeedLink, str, Gap], None] = _nothing,
-        on_confirmed: Callable[[FeedLink, str, int, bytes], None] = _nothing,
+        on_confirmed: Callable[[FeedLink, str, int, bytes], object] = _nothing,
         # FeedLink's own settings, for every link
         max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES,
         connect_timeout: float = defaults.TREE_CONNECT_TIMEOUT,
