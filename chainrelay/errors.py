@@ -4,6 +4,7 @@
 
     ChainRelayError
     ├── ConfigError                      a config file or flag is wrong (names the key path)
+    ├── StopFailed                       stops that failed, as one ExceptionGroup (every stop ran)
     ├── RequestError                     the caller's request is wrong; maps to a JSON-RPC code
     │   ├── ParseError                   -32700  body is not JSON
     │   ├── InvalidRequest               -32600  not a JSON-RPC 2.0 request object
@@ -39,6 +40,11 @@ class ChainRelayError(Exception):
 
 class ConfigError(ChainRelayError):
     """A configuration file or command-line option is invalid."""
+
+
+class StopFailed(ChainRelayError, ExceptionGroup):  # type: ignore[misc]
+    """Stopping a node's capabilities raised; ``exceptions`` holds every failure, in the
+    order the stops ran (every stop ran, whatever the others raised)."""
 
 
 class RequestError(ChainRelayError):
