@@ -42,7 +42,7 @@ class ConfigError(ChainRelayError):
     """A configuration file or command-line option is invalid."""
 
 
-class StopFailed(ChainRelayError, ExceptionGroup):  # type: ignore[misc]
+class StopFailed(ChainRelayError, ExceptionGroup):
     """Stopping a node's capabilities raised; ``exceptions`` holds every failure, in the
     order the stops ran (every stop ran, whatever the others raised)."""
 

@@ -32,7 +32,7 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -237,6 +237,8 @@ class _Down(Exception):
 
 
 T = TypeVar("T")
+# What MGET answers: a value per key, None where there is none.
+Values = list[bytes | None]
 
 
 class RedisCache:
@@ -423,7 +425,7 @@ class RedisCache:
             await self._check_eviction()
             return
 
-    async def _run(self, op: str, aw: Coroutine[Any, Any, T]) -> T:
+    async def _run(self, op: str, aw: Awaitable[T]) -> T:
         """One round trip under the command timeout; any failure marks the tier down."""
         started = time.perf_counter()
         try:
@@ -466,7 +468,8 @@ class RedisCache:
         try:
             if not self._up:  # marked down since the lookups were queued
                 raise _Down
-            raws = await self._run("get", self._redis.mget([k for k, _ in batch]))
+            # Values come back as bytes: the client is made without decode_responses.
+            raws = cast(Values, await self._run("get", self._redis.mget([k for k, _ in batch])))
         except _Down:
             self._gets["error"].inc(len(batch))
             raws = [None] * len(batch)
@@ -584,7 +587,8 @@ class RedisCache:
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
             try:
-                raw, handoff, lock = await self._run("wait", self._redis.mget(vkey, akey, lkey))
+                got = await self._run("wait", self._redis.mget(vkey, akey, lkey))
+                raw, handoff, lock = cast(Values, got)
             except _Down:
                 return None
             if raw:

@@ -550,15 +550,18 @@ class WsUpstream(Upstream):
             return
         if doc.get("method") == "eth_subscription":
             p = doc.get("params") or {}
-            cb = self._subs.get(p.get("subscription")) if isinstance(p, dict) else None
+            sub = p.get("subscription") if isinstance(p, dict) else None
+            cb = self._subs.get(sub) if isinstance(sub, str) else None
             if cb is not None:
                 cb(p.get("result"))
             return
-        rid = doc.get("id")
-        fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        doc_id = doc.get("id")
+        if not isinstance(doc_id, int):
+            return
+        fut = self._pending.pop(doc_id, None)
         if fut is not None and not fut.done():
             if self._sub_calls:
-                self._subscribed(rid, raw)
+                self._subscribed(doc_id, raw)
             fut.set_result(raw)
 
     def _subscribed(self, rid: int, raw: bytes) -> None:
