@@ -262,16 +262,10 @@ class Node:
             return
         batch_log = None
         if b.log:
-            first_seqs = {s.name: s.first_seq for s in b.streams}
-            batch_log = BatchLog(
-                b.log,
-                max_batches=b.commit_max_batches,
-                max_bytes=b.commit_max_bytes,
-                first_seqs=first_seqs,
-            )
+            batch_log = BatchLog(b)
             specs = [st.batch for st in hub.streams.values() if st.batch is not None]
             self.ingress = await self._composition.enter(
-                running(Ingress(b, specs, batch_log, hub, self.metrics, first_seqs))
+                running(Ingress(b, specs, batch_log, hub, self.metrics))
             )
         rng = self.range = await self._composition.enter(
             running(

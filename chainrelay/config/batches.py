@@ -67,6 +67,10 @@ class BatchesConfig:
     range_max_bytes: int = positive(d.BATCH_RANGE_MAX_BYTES)
     range_timeout: float = positive(d.BATCH_RANGE_TIMEOUT)
 
+    def first_seqs(self) -> dict[str, int]:
+        """Each stream's first sequence number, by name."""
+        return {s.name: s.first_seq for s in self.streams}
+
     def check(self, taken: list[str]) -> None:
         """``taken``: stream names already carried (the tree's block streams)."""
         names: set[str] = set()
