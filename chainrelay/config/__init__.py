@@ -82,11 +82,7 @@ class Config:
         """Every section's own rules, then those that span sections. Fills in what is
         derived (upstream and parent names, parents' JSON-RPC URLs, upstreams from parents)."""
         tree, batches = self.tree, self.batches
-        tree.check()
-        require(
-            not (tree.parents and not tree.trust and not batches.streams),
-            "tree.trust: a node with parents needs its origins' addresses",
-        )
+        tree.check(batch_streams=bool(batches.streams))
         if tree.parents and not self.upstreams:
             # Misses go to the parents' JSON-RPC endpoints, as to any upstream.
             self.upstreams = [UpstreamConfig(url=p.rpc, name=p.name) for p in tree.parents]

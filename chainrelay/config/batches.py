@@ -3,6 +3,7 @@ log sequencers push to (chainrelay/batches/)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from chainrelay import defaults as d
@@ -22,11 +23,13 @@ class BatchStreamConfig:
     sequencers: list[str] = field(default_factory=list)  # addresses whose batches count
     first_seq: int = 0  # the stream's first sequence number
 
-    def check(self, path: str) -> None:
+    def check(self, path: str, taken: Collection[str]) -> None:
+        """``taken``: the names of the streams before it (block streams included)."""
         require(
             STREAM.fullmatch(self.name) is not None,
             f"{path}.name: expected <chain>/<kind>, e.g. arbitrum/batches",
         )
+        require(self.name not in taken, f"{path}.name: {self.name} is named twice")
         require(
             bool(self.sequencers), f"{path}.sequencers: name the addresses that sign its batches"
         )
@@ -73,14 +76,9 @@ class BatchesConfig:
 
     def check(self, taken: list[str]) -> None:
         """``taken``: stream names already carried (the tree's block streams)."""
-        names: set[str] = set()
+        names = set(taken)
         for i, st in enumerate(self.streams):
-            where = f"batches.streams[{i}]"
-            st.check(where)
-            require(
-                st.name not in names and st.name not in taken,
-                f"{where}.name: {st.name} is named twice",
-            )
+            st.check(f"batches.streams[{i}]", names)
             names.add(st.name)
         require(
             not (self.log and not self.streams),

@@ -76,7 +76,9 @@ class TreeConfig:
     def enabled(self) -> bool:
         return bool(self.key or self.key_file or self.parents)
 
-    def check(self) -> None:
+    def check(self, *, batch_streams: bool) -> None:
+        """``batch_streams``: the node carries batch streams, whose sequencers it trusts
+        (``[batches]``); a node with parents needs some origin to trust."""
         for i, a in enumerate(self.trust):
             require(
                 ADDRESS.fullmatch(a) is not None,
@@ -93,6 +95,10 @@ class TreeConfig:
         require(
             len({p.name for p in self.parents}) == len(self.parents),
             "tree.parents: names must be unique",
+        )
+        require(
+            not (self.parents and not self.trust and not batch_streams),
+            "tree.trust: a node with parents needs its origins' addresses",
         )
         check_fields(self, "tree")
         # A child owed one frame bigger than its queue would be closed at every resume.
