@@ -46,6 +46,10 @@ class StopFailed(ChainRelayError, ExceptionGroup):
     """Stopping a node's capabilities raised; ``exceptions`` holds every failure, in the
     order the stops ran (every stop ran, whatever the others raised)."""
 
+    def __str__(self) -> str:
+        # What the command line prints: every failure, not only how many there were.
+        return f"{self.message}: {list(self.exceptions)!r}"
+
 
 class RequestError(ChainRelayError):
     """The caller sent something this node cannot serve; ``code`` is the JSON-RPC code."""

@@ -67,6 +67,11 @@ async def test_every_stop_runs_and_failures_come_out_as_one_group() -> None:
     # In the order the stops ran: the newest first.
     assert [str(e) for e in group.exceptions] == ["server did not stop", "pool did not stop"]
     assert all(isinstance(e, ValueError) for e in group.exceptions)
+    # The command line prints every failure, as it always has.
+    assert str(group) == (
+        "errors while stopping: "
+        "[ValueError('server did not stop'), ValueError('pool did not stop')]"
+    )
 
 
 async def test_a_failed_start_is_undone_and_what_started_before_still_stops() -> None:
