@@ -8,6 +8,8 @@ Real processes on one host clock:
 * ``shm``: the same node, log on tmpfs (/dev/shm): the same work, every fsync free;
 * ``floor``: ``batch_floor.py``, the ingress's own session class (``PushSession``)
   answering each push at once (no key, signature, rules or log);
+* with ``--against COMMIT``, ``disk at COMMIT``: the disk node of that older commit, run
+  from its own tree (``common.checkout``), so two commits compare side by side in one run;
 * the pusher, this script in ``load`` mode, in its own process: it signs every push message
   before it connects (signing is the sequencer's cost, not the ingress's), then pipelines
   them over one WebSocket on ``/batches``.
@@ -30,7 +32,7 @@ After the runs, the disk node runs again under cProfile (its event-loop thread; 
 writer thread is not profiled) through one closed-loop 2 KB phase: its top costs per
 acknowledged batch end the section. ``--profile`` runs only that, and prints it.
 
-    python benchmarks/batch_ack.py [--runs 3] [--window 256] [--profile]
+    python -m benchmarks.batch_ack [--runs 3] [--window 256] [--profile] [--against COMMIT]
 """
 
 from __future__ import annotations
@@ -57,19 +59,7 @@ import uvloop
 from eth_account import Account
 from websockets.asyncio.client import connect
 
-from benchmarks.common import (
-    RESULTS,
-    ROOT,
-    Relay,
-    budget,
-    cpu_seconds,
-    machine,
-    machine_line,
-    quantile,
-    start_anvil,
-    stop_process,
-    table,
-)
+from benchmarks import common
 from chainrelay.batches.frame import PUSH, Push, encode_push, sign_batch
 from chainrelay.devnet import free_port
 from chainrelay.tree.frame import Signer
@@ -94,6 +84,8 @@ WARM_LARGE = 50
 # A load that has not finished in this long is stuck: the script stops it.
 LOAD_TIMEOUT = 180.0
 BUDGET_SECONDS = 1500
+# What ``--against``'s fourth target (a third of the runs' work again) adds to the budget.
+AGAINST_SECONDS = 500
 FSYNC_LOOPS = 300
 
 
@@ -224,11 +216,11 @@ async def push_load(
         "acked": count,
         "errors": state["errors"],
         "first_error": first_error[0] if first_error else None,
-        "p50": quantile(measured, 0.5),
-        "p99": quantile(measured, 0.99),
+        "p50": common.quantile(measured, 0.5),
+        "p99": common.quantile(measured, 0.99),
         "max": max(measured) if measured else float("nan"),
-        "p50_send": quantile(from_send, 0.5),
-        "p99_send": quantile(from_send, 0.99),
+        "p50_send": common.quantile(from_send, 0.5),
+        "p99_send": common.quantile(from_send, 0.99),
         "rate": count / elapsed,
         "mbps": count * size / elapsed / 1e6,
         "lag_ms": lag * 1e3,
@@ -280,7 +272,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-class ProfiledRelay(Relay):
+class ProfiledRelay(common.Relay):
     """The same node with ``_PROFILED_NODE``'s profiler (its event-loop thread)."""
 
     profile_path: Path = Path()
@@ -295,7 +287,7 @@ class ProfiledRelay(Relay):
         cmd = [sys.executable, "-c", _PROFILED_NODE, str(self.profile_path)]
         cmd += ["--log-level", "WARNING", "serve", "--config", str(path)]
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
         self._wait_ready(poke)
 
 
@@ -322,20 +314,21 @@ def run_load(
     target: Target, key: bytes, phase: Phase, window: int, *, profile: bool = False
 ) -> dict[str, Any]:
     """One phase against one target, the pusher in its own process."""
-    cmd = [sys.executable, "-m", "benchmarks.batch_ack", "load", "--url", target.url]
-    cmd += ["--key", key.hex(), "--first-seq", str(target.next_seq)]
+    cmd = ["load", "--url", target.url, "--key", key.hex(), "--first-seq", str(target.next_seq)]
     cmd += ["--count", str(phase.warm + phase.count), "--size", str(phase.size)]
     cmd += ["--mode", phase.mode, "--rate", str(OPEN_RATE), "--window", str(window)]
     cmd += ["--warm", str(phase.warm)]
     if profile:
         cmd += ["--signal-pid", str(target.pid)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    cpu_before = cpu_seconds(target.pid)
+    proc = common.spawn(
+        "benchmarks.batch_ack", *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    cpu_before = common.cpu_seconds(target.pid)
     try:
         out, err = proc.communicate(timeout=LOAD_TIMEOUT + 60)
     finally:
-        stop_process(proc)
-    cpu = cpu_seconds(target.pid) - cpu_before
+        common.stop_process(proc)
+    cpu = common.cpu_seconds(target.pid) - cpu_before
     if proc.returncode != 0:
         raise RuntimeError(f"pusher failed ({proc.returncode}): {err.decode()[-2000:]}")
     target.next_seq += phase.warm + phase.count
@@ -359,7 +352,7 @@ def fsync_cost(directory: Path, loops: int = FSYNC_LOOPS) -> tuple[float, float]
     finally:
         os.close(fd)
         os.unlink(path)
-    return quantile(times, 0.5), quantile(times, 0.99)
+    return common.quantile(times, 0.5), common.quantile(times, 0.99)
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -472,7 +465,7 @@ def report(
     fs = "; ".join(f"{k} {v[0]:.0f} µs median, {v[1]:.0f} µs p99" for k, v in fsync.items())
     return (
         "## Durable-ack latency and throughput (`batch_ack.py`)\n\n"
-        f"{machine_line(m)}\n\n"
+        f"{common.machine_line(m)}\n\n"
         f"anvil (chain 42161) + one ingress node (`chainrelay serve`, `[batches]`); the pusher "
         f"in its own process signs every push before the clock and pipelines them over one "
         f"WebSocket. *disk*: the log in /tmp, on {disk_device}: a virtio disk the hypervisor "
@@ -489,7 +482,7 @@ def report(
         f"targets in rotating order; load average at the end {load_end}. Node CPU: user + "
         f"system of the node process over the phase (warm-up included) per batch. "
         f"fsync (4 KB append + fsync, {FSYNC_LOOPS} loops): {fs}.\n\n"
-        + table(header, rows)
+        + common.table(header, rows)
         + "\n\n"
         + "Ratios: "
         + "; ".join(ratios)
@@ -499,7 +492,7 @@ def report(
     )
 
 
-def write_results(body: str, path: Path = RESULTS) -> None:
+def write_results(body: str, path: Path = common.RESULTS) -> None:
     """Replace this script's section of RESULTS.md, or add it at the end."""
     begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
@@ -554,11 +547,11 @@ def profile(args: argparse.Namespace, key: bytes, address: str, upstream: str) -
 
 
 def bench(args: argparse.Namespace) -> None:
-    budget(BUDGET_SECONDS)
+    common.budget(BUDGET_SECONDS + (AGAINST_SECONDS if args.against else 0))
     account = Account.create()
     key, address = bytes(account.key), account.address
-    m = machine()
-    anvil = start_anvil(block_time=1.0, chain_id=CHAIN_ID)
+    m = common.machine()
+    anvil = common.start_anvil(block_time=1.0, chain_id=CHAIN_ID)
     stack = contextlib.ExitStack()
     try:
         if args.profile:
@@ -570,18 +563,23 @@ def bench(args: argparse.Namespace) -> None:
         )
         fsync = {"disk (/tmp)": fsync_cost(disk_dir), "tmpfs (/dev/shm)": fsync_cost(shm_dir)}
         print("fsync:", fsync, flush=True)
+        nodes = [("disk", disk_dir, common.ROOT), ("shm", shm_dir, common.ROOT)]
+        if args.against:
+            older_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="batch-ack-")))
+            older = common.commit_name(args.against)
+            nodes.append(
+                (f"disk at {older}", older_dir, stack.enter_context(common.checkout(args.against)))
+            )
         targets: list[Target] = []
-        for name, d in (("disk", disk_dir), ("shm", shm_dir)):
-            node = Relay(anvil.ws_url, ingress_toml(d / "log.sqlite", address))
+        for name, d, root in nodes:
+            node = common.Relay(anvil.ws_url, ingress_toml(d / "log.sqlite", address), root=root)
             stack.callback(node.stop)
             node.start()
             assert node.proc is not None
             targets.append(Target(name, f"ws://127.0.0.1:{node.port}/batches", node.proc.pid))
         port = free_port()
-        floor = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.batch_floor", "--port", str(port)], cwd=ROOT
-        )
-        stack.callback(stop_process, floor)
+        floor = common.spawn("benchmarks.batch_floor", "--port", str(port))
+        stack.callback(common.stop_process, floor)
         _wait_port(port)
         targets.append(Target("floor", f"ws://127.0.0.1:{port}/batches", floor.pid))
 
@@ -658,7 +656,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="cmd")
     load = sub.add_parser("load", help="the pusher (run by the benchmark in its own process)")
@@ -679,7 +677,8 @@ def main() -> None:
     parser.add_argument("--profile-out", help="keep the cProfile file here")
     parser.add_argument("--scale", type=float, default=1.0, help="times the pushes per phase")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
-    args = parser.parse_args()
+    parser.add_argument("--against", metavar="COMMIT", help="also a disk node of this commit")
+    args = parser.parse_args(argv)
     if args.cmd == "load":
         load_main(args)
     else:

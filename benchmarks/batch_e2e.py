@@ -27,7 +27,7 @@ send time is taken when ``Publisher.submit`` returns (signed and queued). Per ro
 per batch, the latest arrival over the leaves' subscribers minus the send time; p50 and
 p99 per round; medians over ``--rounds`` rounds per rate.
 
-    python benchmarks/batch_e2e.py [--rates 200,50] [--size 2048] [--seconds 10] [--rounds 3]
+    python -m benchmarks.batch_e2e [--rates 200,50] [--size 2048] [--seconds 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -46,12 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import common
 import orjson
 
 # The lab's helpers live with the tests (``tests/lab``), one level above this folder.
-sys.path.insert(0, str(common.ROOT))
-
+from benchmarks import common
 from chainrelay.clients.batchsubscriber import BatchSubscription
 from chainrelay.clients.publisher import Publisher
 from chainrelay.tree.frame import Signer, keccak
@@ -115,7 +113,7 @@ def spawn_follower(tree: Tree, place: Region, url: str, name: str) -> Subscriber
     err_path = tree.tmp / f"{name}.err"
     with err_path.open("ab") as err:
         proc = place.spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--follow", url,
+            [sys.executable, "-m", "benchmarks.batch_e2e", "--follow", url,
              "--max-seconds", str(FOLLOW_MAX_SECONDS)],
             stdout=subprocess.PIPE,
             stderr=err,

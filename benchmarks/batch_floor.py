@@ -7,7 +7,7 @@ write), like ``chainrelay.server.http``; each binary message is read as a push m
 no signature check, no sequence rules, no log: what a pusher measures against it is what
 the ingress would reach if durability and its checks were free.
 
-    python benchmarks/batch_floor.py --port 9003
+    python -m benchmarks.batch_floor --port 9003
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ async def serve(port: int) -> None:
         await stop.wait()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(args.port))
 

@@ -5,14 +5,16 @@ wrk (keep-alive, 32 connections, 2 threads) replays a rotating mix of cacheable 
 real transactions, eth_call, eth_getCode, eth_getLogs, eth_chainId, eth_blockNumber), each
 body under several ids, against the relay (cache warmed, every call checked to be a hit),
 anvil directly and ``floor_server.py`` (the relay's transport stack with no relay work),
-in turn, several runs each.
+in turn, several runs each. With ``--against COMMIT`` a relay of that older commit (the
+same config, run from that commit's own tree: ``common.checkout``) takes its turn beside
+them, so two commits compare side by side in one run.
 
 anvil mines only when a transaction arrives and none is sent while measuring, so "latest"
 does not move. The relay is told its head stays fresh that long (``head.fresh_blocks``):
 on a live chain new heads keep it fresh, and eth_blockNumber/eth_chainId are answered
 locally only while it is.
 
-    python benchmarks/cache_hit.py [--duration 10] [--runs 3] [--profile]
+    python -m benchmarks.cache_hit [--duration 10] [--runs 3] [--profile] [--against COMMIT]
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import argparse
 import collections
 import contextlib
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
 import orjson
 
+from benchmarks import common, wrk
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 GOAL_RPS = 45_000
@@ -44,13 +44,10 @@ TARGETS = {
     "anvil": "anvil direct",
     "floor": "floor: uvloop + httptools, same answers, no relay work",
 }
-WRK_BIN = common.WRK
-CONNECTIONS = 32
-THREADS = 2
-# Ids per body in the wrk rotation: every body is sent under several ids.
-IDS_PER_BODY = 8
 # Accounts that never sent anything: balances "0x0" are still non-empty answers.
 IDLE_ACCOUNTS = ["0x" + f"{0xB0B + i:040x}" for i in range(3)]
+# Functions in the py-spy table.
+PROFILE_ROWS = 18
 # The relay must believe its head is fresh for the whole run (see the module docstring).
 RELAY_TOML = "[head]\nfresh_blocks = 1000000.0\n"
 
@@ -70,28 +67,17 @@ class Run:
 def start_floor(answers: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``floor_server.py`` in its own process, answering; (process, URL)."""
     port = common.free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, str(common.HERE / "floor_server.py")),
-            *("--port", str(port), "--answers", str(answers)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 15
-    while True:
+
+    def probe() -> None:
         client = common.RpcClient(url.rstrip("/"))
         try:
             client.raw(b"{}")
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                common.stop_process(proc)
-                raise RuntimeError("floor_server did not start") from None
-            time.sleep(0.05)
         finally:
             client.close()
+
+    args = ("--port", str(port), "--answers", str(answers))
+    return common.start_server("benchmarks.floor_server", args, probe), url
 
 
 def build_chain(client: common.RpcClient) -> dict[str, Any]:
@@ -143,48 +129,6 @@ def mix(chain: dict[str, Any]) -> list[tuple[str, list[Any]]]:
     return calls
 
 
-def lua_script(bodies: list[bytes], path: Path) -> None:
-    """A wrk script cycling through every body under IDS_PER_BODY ids, formatted once."""
-    parts = []
-    for b in bodies:
-        text = b.decode()
-        if '"id":0,' not in text:
-            raise ValueError(f"unexpected body layout: {text}")
-        parts.append("  [==[" + text.replace('"id":0,', '"id":__ID__,', 1) + "]==],")
-    path.write_text(
-        "local bodies = {\n" + "\n".join(parts) + "\n}\n"
-        f"local ids_per_body = {IDS_PER_BODY}\n"
-        """local reqs = {}
-local i = 0
-local headers = {["Content-Type"] = "application/json"}
-init = function(args)
-  local n = #bodies * ids_per_body
-  for k = 1, n do
-    local id = tostring(k)
-    if k % 3 == 0 then id = '"r' .. k .. '"' end
-    local body = bodies[(k - 1) % #bodies + 1]
-    local filled = string.gsub(body, "__ID__", id)
-    reqs[k] = wrk.format("POST", "/", headers, filled)
-  end
-end
-request = function()
-  i = i % #reqs + 1
-  return reqs[i]
-end
-"""
-    )
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if m is None:
-        raise ValueError(f"unexpected latency {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def run_wrk(
     url: str, script: Path, seconds: float, watch: dict[str, int]
 ) -> tuple[str, dict[str, float], float, float]:
@@ -192,8 +136,7 @@ def run_wrk(
 
     ``watch`` names other processes whose CPU time is measured over the same interval.
     """
-    cmd = [WRK_BIN, "-t", str(THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s"]
-    cmd += ["--latency", "-s", str(script), url]
+    cmd = wrk.command(url, script, seconds)
     before = {name: common.cpu_seconds(pid) for name, pid in watch.items()}
     sys_before = {name: common.cpu_times(pid)[1] for name, pid in watch.items()}
     machine_before = common.busy_cpu_seconds()
@@ -227,23 +170,14 @@ def run_wrk(
 
 
 def parse_wrk(target: str, out: str, cpu: dict[str, float], wall: float) -> Run:
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
-    errors = 0
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
+    got = wrk.parse(out)
     return Run(
         target,
-        rps,
-        _ms(lat["50"]),
-        _ms(lat["99"]),
-        total,
-        errors,
+        got.rps,
+        got.p50_ms,
+        got.p99_ms,
+        got.requests,
+        got.errors,
         wall,
         {k: 100.0 * v / wall for k, v in cpu.items()},
     )
@@ -258,17 +192,17 @@ def check_hits(relay: common.Relay, bodies: list[bytes], calls: list[Any]) -> No
         before = relay.metrics()
         missing = []
         for body, call in zip(bodies, calls, strict=True):
-            up0 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+            up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
             client.raw(body)
-            up1 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+            up1 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
             if up1 != up0:
                 missing.append(call)
         after = relay.metrics()
     finally:
         client.close()
     served = sum(
-        common.metric_sum(after, "chainrelay_requests_total", outcome=o)
-        - common.metric_sum(before, "chainrelay_requests_total", outcome=o)
+        common.metric(after, "chainrelay_requests_total", outcome=o)
+        - common.metric(before, "chainrelay_requests_total", outcome=o)
         for o in ("hit", "local")
     )
     if missing or served < len(bodies):
@@ -301,9 +235,10 @@ def in_process(upstream: str, bodies: list[bytes], tmp: Path) -> str:
     per cache hit, without sockets."""
     path = tmp / "bodies.jsonl"
     path.write_bytes(b"\n".join(bodies) + b"\n")
-    cmd = [sys.executable, str(common.HERE / "hot_path.py"), "--upstream", upstream]
-    cmd += ["--bodies", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ("--upstream", upstream, "--bodies", str(path))
+    proc = common.spawn(
+        "benchmarks.hot_path", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -326,7 +261,7 @@ def in_process(upstream: str, bodies: list[bytes], tmp: Path) -> str:
 
 def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
     """Where the relay's CPU goes under the same load: py-spy's top functions by self time."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    py_spy = common.py_spy()
     if not Path(py_spy).exists():
         return "py-spy not installed (pip install py-spy)"
     assert relay.proc is not None
@@ -348,20 +283,7 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
             common.stop_process(spy)
         if not raw.exists():
             return "py-spy recorded nothing (ptrace not permitted?)"
-        stacks = raw.read_text().splitlines()
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in stacks:
-        frames_text, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        n = int(count_text)
-        total += n
-        frames = [_short(f) for f in frames_text.split(";")]
-        own[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
+        total, rows = common.profile_rows(raw.read_text(), PROFILE_ROWS)
     if not total:
         return "py-spy recorded no samples"
     lines = [
@@ -372,25 +294,8 @@ def profile(relay: common.Relay, url: str, script: Path, seconds: float) -> str:
         "`Runner.run` is the event loop itself (epoll, reads).",
         "",
     ]
-    lines.append(common.table(["function", "self", "total"], _rows(own, incl, total)))
+    lines.append(common.table(["function", "self", "total"], rows))
     return "\n".join(lines)
-
-
-def _short(frame: str) -> str:
-    # "handle (chainrelay/rpc/service.py:100)" -> "rpc.py:handle"
-    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
-    if m is None:
-        return frame or "(no Python frame)"
-    return f"{Path(m.group(2)).name}:{m.group(1)}"
-
-
-def _rows(
-    own: collections.Counter[str], incl: collections.Counter[str], total: int
-) -> list[list[str]]:
-    return [
-        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
-        for name, n in own.most_common(18)
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,8 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per target (>= 3 for the table)")
     ap.add_argument("--profile", action="store_true", help="also sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
     args = ap.parse_args(argv)
-    rounds = len(TARGETS) * (args.runs + 1)
+    labels = dict(TARGETS)
+    if args.against:
+        labels["base"] = f"relay at {common.commit_name(args.against)} (cache hits)"
+    rounds = len(labels) * (args.runs + 1)
     common.budget(int(40 + rounds * (args.duration + 3) + 30 * args.profile))
     m = common.machine()
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -411,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         relay = common.Relay(anvil.ws_url, RELAY_TOML)
         stack.callback(relay.stop)
         relay.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
+        base = None
+        if args.against:  # started before the chain is built: its start may mine a block
+            root = stack.enter_context(common.checkout(args.against))
+            base = common.Relay(anvil.ws_url, RELAY_TOML, root=root)
+            stack.callback(base.stop)
+            base.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
         chain = build_chain(setup)
         relay.wait_head(chain["head"])
         calls = mix(chain)
@@ -420,16 +335,23 @@ def main(argv: list[str] | None = None) -> int:
         answers_path.write_bytes(b"\n".join(answers) + b"\n")
         check_hits(relay, bodies, calls)
         script = Path(tmp) / "mix.lua"
-        lua_script(bodies, script)
+        wrk.lua_script(bodies, script, string_ids=True)
         assert relay.proc is not None and anvil.proc is not None
         floor = start_floor(answers_path)
         stack.callback(common.stop_process, floor[0])
         watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid, "floor": floor[0].pid}
         targets = {"relay": relay.url + "/", "anvil": anvil.url + "/", "floor": floor[1]}
+        if base is not None:
+            base.wait_head(chain["head"])
+            check_same_answers(base.url, anvil.url, bodies)
+            check_hits(base, bodies, calls)
+            assert base.proc is not None
+            watch["base"] = base.proc.pid
+            targets["base"] = base.url + "/"
         for url in targets.values():  # connections, allocator, caches: warm, not measured
             run_wrk(url, script, 2, watch)
         runs: list[Run] = []
-        up0 = common.metric_sum(relay.metrics(), "chainrelay_upstream_calls_total")
+        up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
         m0 = relay.metrics()
         for i in range(args.runs):
             for name, url in targets.items():
@@ -445,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         m1 = relay.metrics()
-        up1 = common.metric_sum(m1, "chainrelay_upstream_calls_total")
+        up1 = common.metric(m1, "chainrelay_upstream_calls_total")
         served = {
-            o: common.metric_sum(m1, "chainrelay_requests_total", outcome=o)
-            - common.metric_sum(m0, "chainrelay_requests_total", outcome=o)
+            o: common.metric(m1, "chainrelay_requests_total", outcome=o)
+            - common.metric(m0, "chainrelay_requests_total", outcome=o)
             for o in ("hit", "local", "miss", "pass", "error")
         }
         prof = (
@@ -457,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         inproc = in_process(anvil.ws_url, bodies, Path(tmp))
-    text = report(m, runs, calls, served, up1 - up0, args) + "\n" + inproc
+    text = report(m, labels, runs, calls, served, up1 - up0, args) + "\n" + inproc
     if prof:
         text += "\n\n" + prof
     print(text)
@@ -481,20 +403,21 @@ def _cpu_cell(rs: list[Run], key: str, target: str) -> str:
 
 def report(
     m: dict[str, str],
+    labels: dict[str, str],
     runs: list[Run],
     calls: list[Any],
     served: dict[str, float],
     upstream_calls: float,
     args: argparse.Namespace,
 ) -> str:
-    by = {t: [r for r in runs if r.target == t] for t in TARGETS}
+    by = {t: [r for r in runs if r.target == t] for t in labels}
     med = {t: common.median([r.rps for r in rs]) for t, rs in by.items()}
     rows = []
     for t, rs in by.items():
         cpu_keys = [t, "wrk", "other"]
         rows.append(
             [
-                TARGETS[t],
+                labels[t],
                 f"**{med[t]:,.0f}**",
                 " / ".join(f"{r.rps:,.0f}" for r in rs),
                 f"{common.median([r.p50_ms for r in rs]):.2f}",
@@ -515,16 +438,24 @@ def report(
     verdict = "met" if med["relay"] >= GOAL_RPS else "not met"
     methods = collections.Counter(meth for meth, _ in calls)
     mix_text = ", ".join(f"{meth} x{n}" for meth, n in methods.items())
+    against = []
+    if "base" in by:
+        us_base = common.median([_us_per_request(r) for r in by["base"]])
+        against.append(
+            f"- relay / {labels['base'].removesuffix(' (cache hits)')}: "
+            f"**{med['relay'] / med['base']:.2f}x** req/s; CPU µs per request "
+            f"{us_relay:.1f} against {us_base:.1f}"
+        )
     return "\n".join(
         [
             "## Cache-hit throughput (`cache_hit.py`)",
             "",
             common.machine_line(m),
             "",
-            f"wrk {THREADS} threads, {CONNECTIONS} keep-alive connections, "
+            f"wrk {wrk.THREADS} threads, {wrk.CONNECTIONS} keep-alive connections, "
             f"{args.duration:g} s per run, {args.runs} runs per target, the targets in "
             "turn. "
-            f"Mix: {len(calls)} bodies ({mix_text}), each under {IDS_PER_BODY} ids.",
+            f"Mix: {len(calls)} bodies ({mix_text}), each under {wrk.IDS_PER_BODY} ids.",
             "",
             common.table(
                 [
@@ -560,6 +491,7 @@ def report(
             f"- wrk and the process under test share {m['nproc']} CPUs; CPU is each "
             "process's user+system time over the run's wall time (100% = one core); "
             "*other* is everything else the machine ran meanwhile.",
+            *against,
         ]
     )
 

@@ -1,6 +1,11 @@
 """What every benchmark script shares: processes, a small JSON-RPC client, statistics and
 the RESULTS.md writer.
 
+Every script in this folder runs from the repository root as a module of the
+``benchmarks`` package, ``python -m benchmarks.NAME``, so it imports this clone's
+``chainrelay`` and ``tests.lab`` whatever is installed; the processes a script starts
+(``spawn``, ``Relay``) run the same way, from the same root.
+
 Each script starts every process it uses (anvil, relays, wrk) and stops each one by PID,
 also when it is interrupted or runs past its time budget (``budget``).
 """
@@ -8,20 +13,24 @@ also when it is interrupted or runs past its time budget (``budget``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import http.client
+import io
 import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -30,11 +39,12 @@ from typing import Any
 import orjson
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil, free_port
+from tests.lab.chain import metric as metric  # for the scripts: one harness module
+from tests.lab.procs import parse_metrics, stop_all
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
-WRK = "/usr/bin/wrk"
 # Scripts run in this order in run_all.py and their sections appear in this order.
 SECTIONS = (
     "cache_hit",
@@ -176,18 +186,69 @@ def busy_cpu_seconds() -> float:
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds; by PID, and only this one process."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
+    stop_all([proc], grace)
+
+
+def spawn(module: str, *args: str, **popen_kw: Any) -> subprocess.Popen[bytes]:
+    """Start a helper (a floor, a proxy, a load generator: ``benchmarks.floor_server``,
+    ``tests.lab.counting_proxy``) in its own process, run as every script is, from the
+    repository root; the caller stops it (``stop_process``)."""
+    popen_kw.setdefault("cwd", ROOT)
+    return subprocess.Popen([sys.executable, "-m", module, *args], **popen_kw)
+
+
+def start_server(
+    module: str, args: Sequence[str], probe: Callable[[], object]
+) -> subprocess.Popen[bytes]:
+    """``spawn`` a helper that serves, and return once ``probe()`` stops raising OSError
+    (it answers); a helper that exits or is not answering after 15 s is stopped."""
+    proc = spawn(module, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
         try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+            probe()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc)
+                raise RuntimeError(f"{module} did not start") from None
+            time.sleep(0.05)
+
+
+def start_counter(node: Anvil) -> tuple[subprocess.Popen[bytes], str]:
+    """``tests.lab.counting_proxy`` in front of ``node``: every call a relay sends through
+    it, over HTTP or WebSocket, is counted per method at ``URL/counts``; (process, URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ("--upstream", node.url, "--port", str(port))
+    return start_server("tests.lab.counting_proxy", args, lambda: http_get(url + "/counts")), url
+
+
+@contextlib.contextmanager
+def checkout(commit: str) -> Iterator[Path]:
+    """The ``chainrelay`` package of ``commit`` in a temporary folder, for ``Relay(root=...)``.
+
+    A relay of another commit runs from its own tree, so it imports that commit's modules
+    whatever their layout, and nothing of this one; the harness (clients, floors, sources)
+    stays this clone's. ``git archive``, not a worktree: nothing is left in the repository.
+    """
+    tar = subprocess.run(
+        ["git", "archive", "--format=tar", commit, "chainrelay"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    if tar.returncode != 0:
+        raise RuntimeError(f"git archive {commit}: {tar.stderr.decode(errors='replace')}")
+    with tempfile.TemporaryDirectory(prefix="chainrelay-bench-commit-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+            archive.extractall(tmp, filter="data")
+        yield Path(tmp)
+
+
+def commit_name(commit: str) -> str:
+    """``commit`` as a short hash, for tables and target names."""
+    return _git("rev-parse", "--short", commit) or commit
 
 
 def start_anvil(*, block_time: float | None, chain_id: int = 56) -> Anvil:
@@ -207,11 +268,14 @@ class Relay:
     """A relay node in its own process: ``python -m chainrelay serve``.
 
     Started from the command line (``--upstream URL --listen H:P``) unless ``toml`` is
-    given, in which case those lines are added to a generated config file.
+    given, in which case those lines are added to a generated config file. ``root`` is the
+    tree whose ``chainrelay`` it runs: this clone, or an older commit's (``checkout``),
+    for a side-by-side comparison with the commit under test.
     """
 
     upstream: str
     toml: str = ""
+    root: Path = ROOT
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -240,33 +304,14 @@ class Relay:
         else:
             cmd += ["--upstream", self.upstream, "--listen", listen]
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # ``-m`` puts the working directory first on sys.path: the process imports
+        # ``root``'s chainrelay, never the installed one.
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
         self._wait_ready(poke)
 
     def _wait_ready(self, poke: Callable[[], object] | None) -> None:
-        deadline = time.monotonic() + RELAY_READY_SECONDS
-        next_poke = time.monotonic() + 0.5
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                try:
-                    conn.request("GET", "/health")
-                    if conn.getresponse().status == 200:
-                        return
-                finally:
-                    conn.close()
-            now = time.monotonic()
-            if now > deadline:
-                raise RuntimeError(
-                    f"relay not healthy after {RELAY_READY_SECONDS}s:\n{self.output()}"
-                )
-            if poke is not None and now >= next_poke:
-                poke()
-                next_poke = now + 0.5
-            time.sleep(0.05)
+        assert self.proc is not None
+        wait_healthy(self.proc, self.port, "relay", self.output, poke)
 
     def wait_head(self, number: int, timeout: float = 10.0) -> None:
         """Wait until the relay's head (its eth_blockNumber) has reached ``number``."""
@@ -297,14 +342,36 @@ class Relay:
             self.log.close()
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text as {"name{labels}": value}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+def wait_healthy(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    what: str,
+    output: Callable[[], str],
+    poke: Callable[[], object] | None = None,
+) -> None:
+    """Wait until the node ``proc`` started answers ``GET /health`` on ``port`` with 200;
+    fail with its ``output()`` if it exits or is not healthy within ``RELAY_READY_SECONDS``.
+    ``poke`` is called about twice a second meanwhile (see ``Relay.start``)."""
+    deadline = time.monotonic() + RELAY_READY_SECONDS
+    next_poke = time.monotonic() + 0.5
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{output()}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            finally:
+                conn.close()
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"{what} not healthy after {RELAY_READY_SECONDS}s:\n{output()}")
+        if poke is not None and now >= next_poke:
+            poke()
+            next_poke = now + 0.5
+        time.sleep(0.05)
 
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
@@ -322,16 +389,43 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         conn.close()
 
 
-def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of every sample of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        if base != name:
+# --- py-spy ------------------------------------------------------------------------------
+def py_spy() -> str:
+    """The py-spy binary: on PATH, or beside this Python (installed into its venv)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
+def profile_rows(raw: str, top: int) -> tuple[int, list[list[str]]]:
+    """py-spy's raw stacks (``--format raw``: ``frame;frame;... count`` per line) as the
+    sample count and table rows: the ``top`` functions by self samples, each with its self
+    and total share. Time in C (uvloop, system calls) is charged to the Python frame that
+    called it."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        frames_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
             continue
-        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
+        n = int(count_text)
+        total += n
+        frames = [_function(f) for f in frames_text.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    rows = [
+        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
+        for name, n in own.most_common(top)
+    ]
+    return total, rows
+
+
+def _function(frame: str) -> str:
+    # "handle (chainrelay/rpc/service.py:100)" -> "service.py:handle"
+    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
+    if m is None:
+        return frame or "(no Python frame)"
+    return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
 # --- a plain JSON-RPC client -------------------------------------------------------------
@@ -405,11 +499,12 @@ def word(n: int) -> str:
 # --- RESULTS.md --------------------------------------------------------------------------
 HEADER = """# Benchmarks
 
-Measured by the scripts in this folder; `python benchmarks/run_all.py` runs them all (about
-five minutes) and rewrites this file, and each script refreshes its own section when run
-alone. The machines are shared and noisy: each number is a median of several runs made
-side by side in one invocation, and comparisons are ratios within that invocation. Each
-section names the machine, the commit and the load average when it started; *other* CPU
+Measured by the scripts in this folder, each run from the repository root as
+`python -m benchmarks.NAME`; `python -m benchmarks.run_all` runs them all (under an hour)
+and rewrites this file, and each script refreshes its own section when run alone. The
+machines are shared and noisy: each number is a median of several runs made side by side
+in one invocation, and comparisons are ratios within that invocation. Each section names
+the machine, the commit and the load average when it started; *other* CPU
 in `cache_hit` is what the rest of the machine used during the run.
 
 | script | measures | goal |
@@ -421,6 +516,8 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |
 | `tree_hop.py` | latency a relay adds, frame in to out, 1,000 children | ≤ 1 ms p50, 5 ms p99 |
 | `tree_e2e.py` | delivery through a namespace tree, minus its link delays | per hop |
+| `batch_ack.py` | durable-ack latency, acked batches/s of one ingress | ≤ 5 ms p99, ≥ 5,000/s |
+| `batch_e2e.py` | sequencer to the last leaf subscriber, minus link delays | none set |
 """
 
 

@@ -5,7 +5,7 @@ every POST with ready-made answers taken in turn (one ``transport.write`` per an
 the same bytes the relay sends for the benchmark's mix. What it reaches under wrk is
 what the relay could reach if its own work per request were free.
 
-    python benchmarks/floor_server.py --port 9002 [--answers FILE]
+    python -m benchmarks.floor_server --port 9002 [--answers FILE]
 
 ``FILE`` holds one JSON-RPC answer per line; without it every answer is a short one.
 """
@@ -57,13 +57,13 @@ async def serve(port: int, responses: list[bytes]) -> None:
         await stop.wait()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--answers", type=Path, help="one JSON-RPC answer per line")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     answers = args.answers.read_bytes().splitlines() if args.answers else [ANSWER]
     responses = [HEAD % len(a) + a for a in answers if a.strip()]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

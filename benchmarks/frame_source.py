@@ -1,4 +1,4 @@
-"""A feed parent under a benchmark's control: ``python benchmarks/frame_source.py --port N``.
+"""A feed parent under a benchmark's control: ``python -m benchmarks.frame_source --port N``.
 
 It stands in for an origin so a relay can be measured with real full blocks (mainnet block
 18,000,000 from the corpora) at a pace the benchmark sets. At start it builds a chain of

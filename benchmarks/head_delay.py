@@ -3,10 +3,11 @@
 anvil mines a block a second. One WebSocket subscriber on anvil's own ``newHeads`` and one
 on the relay's ``newHeads`` stamp each block hash as it arrives, in this process's clock;
 the delay of a block is the relay's stamp minus anvil's. The relay follows anvil over HTTP
-(polling) through ``wire_counter.py``, so the head tracker's ``eth_getBlockByNumber`` calls
-are counted on the wire. No client load: every such call is the head tracker's.
+(polling) through ``tests/lab/counting_proxy.py``, so the head tracker's
+``eth_getBlockByNumber`` calls are counted on the wire. No client load: every such call is
+the head tracker's.
 
-    python benchmarks/head_delay.py [--blocks 40]
+    python -m benchmarks.head_delay [--blocks 40]
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import time
 from typing import Any
 
 import aiohttp
-import common
 import orjson
-from upstream_ratio import start_counter
+
+from benchmarks import common
 
 # Blocks skipped after both subscriptions are live: the relay's first heads are its start.
 WARMUP_BLOCKS = 3
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         anvil = common.start_anvil(block_time=1.0)
         stack.callback(anvil.stop)
-        counter, counter_url = start_counter(anvil)
+        counter, counter_url = common.start_counter(anvil)
         stack.callback(common.stop_process, counter)
         relay = common.Relay(counter_url)
         stack.callback(relay.stop)

@@ -1,6 +1,6 @@
 """A bare frame forwarder: what a relay hop would cost if the relay's own work were free.
 
-``python benchmarks/hop_floor.py --port N --parent ws://127.0.0.1:S/feed --stream S``
+``python -m benchmarks.hop_floor --port N --parent ws://127.0.0.1:S/feed --stream S``
 
 It takes a feed session from its parent with the relay's own client library (websockets,
 no compression, one hello for the stream, live only) and writes each binary message to

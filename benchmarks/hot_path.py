@@ -9,7 +9,7 @@ httptools-free parsing, then ``RpcService.handle``), ``rpc_us`` (``RpcService.ha
 alone), ``used`` (bodies answered from cache; by-number reads of blocks older than the
 node's first head are not).
 
-    python benchmarks/hot_path.py --upstream ws://127.0.0.1:8545 --bodies FILE
+    python -m benchmarks.hot_path --upstream ws://127.0.0.1:8545 --bodies FILE
 
 Run by ``cache_hit.py``; it leans on the node's internals (``Node``, ``HttpProtocol``),
 so it runs in a process of its own that may fail without taking the benchmark down.
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from cache_hit import IDS_PER_BODY
 
+from benchmarks.wrk import IDS_PER_BODY
 from chainrelay import config as configmod
 from chainrelay.app import Node
 from chainrelay.server.http import HttpProtocol
@@ -78,7 +78,7 @@ async def measure(upstream: str, bodies: list[bytes], seconds: float) -> dict[st
         if not hits:
             raise RuntimeError("no body is answered from cache")
         requests = []
-        for k in range(1, len(hits) * IDS_PER_BODY + 1):  # as cache_hit.py's wrk script
+        for k in range(1, len(hits) * IDS_PER_BODY + 1):  # as the wrk script (wrk.lua_script)
             rid = b'"r%d"' % k if k % 3 == 0 else b"%d" % k
             b = hits[(k - 1) % len(hits)].replace(b'"id":0,', b'"id":' + rid + b",", 1)
             requests.append(
@@ -130,14 +130,14 @@ def feed(node: Node, requests: list[bytes], seconds: float) -> tuple[float, int]
     return used, n
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--bodies", type=Path, required=True)
     ap.add_argument("--seconds", type=float, default=3.0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     bodies = [b for b in args.bodies.read_bytes().splitlines() if b.strip()]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(measure(args.upstream, bodies, args.seconds))

@@ -7,7 +7,7 @@ upstream, and the upstream's answer body is framed anew and written back, one
 upstream directly is what one more loopback hop costs on this machine: what the relay
 would add if its own work per forwarded call were free.
 
-    python benchmarks/miss_floor.py --port 9003 --upstream 127.0.0.1:8545
+    python -m benchmarks.miss_floor --port 9003 --upstream 127.0.0.1:8545
 """
 
 from __future__ import annotations
@@ -120,13 +120,13 @@ async def serve(port: int, host: str, upstream_port: int) -> None:
         await stop.wait()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream", required=True, help="HOST:PORT of the JSON-RPC node")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     host, _, up_port = args.upstream.rpartition(":")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(args.port, host, int(up_port)))

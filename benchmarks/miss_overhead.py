@@ -7,9 +7,11 @@ alike. Two relays run side by side: one follows anvil over HTTP, one over WebSoc
 A third target, ``miss_floor.py``, forwards the same calls over the same kind of hop
 with no relay work: its overhead is what the extra loopback hop alone costs here.
 For each call the target's time minus the direct time of the same iteration is recorded;
-the table gives its p50 and p99, medians over several rounds.
+the table gives its p50 and p99, medians over several rounds. With ``--against COMMIT``
+two relays of that older commit (run from its own tree: ``common.checkout``) take part
+beside them, so two commits compare side by side in one run.
 
-    python benchmarks/miss_overhead.py [--requests 2000] [--rounds 3]
+    python -m benchmarks.miss_overhead [--requests 2000] [--rounds 3] [--against COMMIT]
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import common
 import httptools
 
+from benchmarks import common
 from chainrelay.devnet import DEV_ACCOUNTS
 
 GOAL_P50_MS = 0.15
@@ -46,28 +48,17 @@ def calls(echo: str) -> dict[str, tuple[str, list[Any]]]:
 def start_floor(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
     """``miss_floor.py`` in its own process, forwarding to ``upstream``; (process, URL)."""
     port = common.free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, str(common.HERE / "miss_floor.py")),
-            *("--port", str(port), "--upstream", upstream.split("://", 1)[1]),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
+
+    def probe() -> None:
         client = common.RpcClient(url)
         try:
             client.call("eth_chainId", [])
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                common.stop_process(proc)
-                raise RuntimeError("miss_floor did not start") from None
-            time.sleep(0.05)
         finally:
             client.close()
+
+    args = ("--port", str(port), "--upstream", upstream.split("://", 1)[1])
+    return common.start_server("benchmarks.miss_floor", args, probe), url
 
 
 class _BareClient(asyncio.Protocol):
@@ -160,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="calls per target per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--against", metavar="COMMIT", help="also relays of this older commit")
     args = ap.parse_args(argv)
-    common.budget(150)
+    common.budget(240 if args.against else 150)
     m = common.machine()
     rows: list[list[str]] = []
     summary: list[str] = []
@@ -171,10 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         setup = common.RpcClient(anvil.url)
         stack.callback(setup.close)
         echo = common.deploy(setup, common.echo_initcode())
-        relays = {"relay (HTTP upstream)": anvil.url, "relay (WS upstream)": anvil.ws_url}
+        relays = {
+            "relay (HTTP upstream)": (anvil.url, common.ROOT),
+            "relay (WS upstream)": (anvil.ws_url, common.ROOT),
+        }
+        if args.against:
+            root = stack.enter_context(common.checkout(args.against))
+            base = common.commit_name(args.against)
+            relays[f"relay at {base} (HTTP upstream)"] = (anvil.url, root)
+            relays[f"relay at {base} (WS upstream)"] = (anvil.ws_url, root)
         started: dict[str, common.Relay] = {}
-        for name, upstream in relays.items():
-            r = common.Relay(upstream)
+        for name, (upstream, tree) in relays.items():
+            r = common.Relay(upstream, root=tree)
             stack.callback(r.stop)
             r.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
             started[name] = r
@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for name, r in started.items():
                     after = r.metrics()
-                    passed = common.metric_sum(
+                    passed = common.metric(
                         after, "chainrelay_requests_total", outcome="pass"
-                    ) - common.metric_sum(before[name], "chainrelay_requests_total", outcome="pass")
+                    ) - common.metric(before[name], "chainrelay_requests_total", outcome="pass")
                     if passed < args.requests:
                         raise RuntimeError(
                             f"{name}: only {passed:.0f}/{args.requests} calls were forwarded"

@@ -14,16 +14,14 @@ against each relay in turn, ``--runs`` times; the table gives medians and the ra
 Before measuring, every call is checked to answer like anvil; while measuring, the outcome
 counters of every worker say where the answers came from.
 
-    python benchmarks/scale_out.py [--duration 8] [--runs 3]
+    python -m benchmarks.scale_out [--duration 8] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -35,14 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
-
+from benchmarks import common, wrk
 from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 
 OUT = common.HERE / "SCALE_OUT.md"
-CONNECTIONS = 32
-THREADS = 2
-IDS_PER_BODY = 8
 # One block an hour: no block arrives while measuring, so "latest" keys stay the same.
 BLOCK_TIME = 3600.0
 # Memory tier of the Redis-hit relays: a few entries, far smaller than the mix.
@@ -131,25 +125,14 @@ class RelayProc:
         self.log = (tmp / f"relay-{self.port}.log").open("wb")
         cmd = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "serve"]
         self.proc = subprocess.Popen(
-            [*cmd, "--config", str(path)], stdout=self.log, stderr=subprocess.STDOUT
+            [*cmd, "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=common.ROOT,
         )
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + common.RELAY_READY_SECONDS
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.setup.name} exited: {self.output()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                try:
-                    conn.request("GET", "/health")
-                    if conn.getresponse().status == 200:
-                        return
-                finally:
-                    conn.close()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.setup.name} not healthy: {self.output()}")
-            time.sleep(0.05)
+        common.wait_healthy(self.proc, self.port, self.setup.name, self.output)
 
     def wait_head(self, number: int) -> None:
         deadline = time.monotonic() + 20
@@ -180,7 +163,7 @@ class RelayProc:
         total: dict[str, float] = {}
         for m in self.worker_metrics().values():
             for o in ("hit", "shared_hit", "local", "miss", "pass", "error"):
-                v = common.metric_sum(m, "chainrelay_requests_total", outcome=o)
+                v = common.metric(m, "chainrelay_requests_total", outcome=o)
                 total[o] = total.get(o, 0.0) + v
         return total
 
@@ -232,48 +215,9 @@ def mix(chain: dict[str, Any]) -> list[tuple[str, list[Any]]]:
     return calls
 
 
-def lua_script(bodies: list[bytes], path: Path) -> None:
-    parts = []
-    for b in bodies:
-        text = b.decode()
-        if '"id":0,' not in text:
-            raise ValueError(f"unexpected body layout: {text}")
-        parts.append("  [==[" + text.replace('"id":0,', '"id":__ID__,', 1) + "]==],")
-    path.write_text(
-        "local bodies = {\n" + "\n".join(parts) + "\n}\n"
-        f"local ids_per_body = {IDS_PER_BODY}\n"
-        """local reqs = {}
-local i = 0
-local headers = {["Content-Type"] = "application/json"}
-init = function(args)
-  for k = 1, #bodies * ids_per_body do
-    local body = bodies[(k - 1) % #bodies + 1]
-    reqs[k] = wrk.format("POST", "/", headers, (string.gsub(body, "__ID__", tostring(k))))
-  end
-end
-request = function()
-  i = i % #reqs + 1
-  return reqs[i]
-end
-"""
-    )
-
-
-# --- wrk ---------------------------------------------------------------------------------
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if m is None:
-        raise ValueError(f"unexpected latency {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def run_wrk(url: str, script: Path, seconds: float) -> Run:
-    cmd = [common.WRK, "-t", str(THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds:g}s"]
     proc = subprocess.Popen(
-        [*cmd, "--latency", "-s", str(script), url + "/"],
+        wrk.command(url + "/", script, seconds),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -286,14 +230,8 @@ def run_wrk(url: str, script: Path, seconds: float) -> Run:
     text = out.decode()
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{text}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
-    errors = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: (.*)"):
-        m = re.search(pattern, text)
-        if m:
-            errors += sum(int(x) for x in re.findall(r"\d+", m.group(1)))
-    return Run(rps, _ms(lat["50"]), _ms(lat["99"]), errors)
+    got = wrk.parse(text)
+    return Run(got.rps, got.p50_ms, got.p99_ms, got.errors)
 
 
 def check_answers(relay: RelayProc, anvil_url: str, calls: list[Any]) -> None:
@@ -338,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = mix(chain)
         bodies = [common.request_body(meth, params, 0) for meth, params in calls]
         script = tmp / "mix.lua"
-        lua_script(bodies, script)
+        wrk.lua_script(bodies, script, string_ids=False)
         for r in relays:
             check_answers(r, anvil.url, calls)
             run_wrk(r.url, script, 2)  # warm every worker; not measured
@@ -401,12 +339,12 @@ def render(
         "",
         common.machine_line(m),
         "",
-        f"wrk {THREADS} threads, {CONNECTIONS} keep-alive connections, {args.duration:g} s per "
-        f"run, {args.runs} runs per setup, the setups in turn. Mix: {n_bodies} cacheable "
-        f"bodies (blocks by number and hash, balances, nonces, receipts, transactions, "
-        f"eth_call, eth_getCode), each under {IDS_PER_BODY} ids; anvil mines one block an "
-        f"hour, so nothing moves while measuring. Redis: one local redis-server, "
-        f"maxmemory {REDIS_MAXMEMORY}, allkeys-lru.",
+        f"wrk {wrk.THREADS} threads, {wrk.CONNECTIONS} keep-alive connections, "
+        f"{args.duration:g} s per run, {args.runs} runs per setup, the setups in turn. "
+        f"Mix: {n_bodies} cacheable bodies (blocks by number and hash, balances, nonces, "
+        f"receipts, transactions, eth_call, eth_getCode), each under {wrk.IDS_PER_BODY} ids; "
+        f"anvil mines one block an hour, so nothing moves while measuring. Redis: one local "
+        f"redis-server, maxmemory {REDIS_MAXMEMORY}, allkeys-lru.",
         "",
         common.table(
             [

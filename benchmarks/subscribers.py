@@ -25,7 +25,7 @@ is over, so the client's own reading (its CPU per block is printed) neither comp
 the relay for the CPUs nor counts in the times. The file descriptor limit is raised here
 for both processes.
 
-    python benchmarks/subscribers.py [--subscribers 5000] [--blocks 35] [--interval 1.0]
+    python -m benchmarks.subscribers [--subscribers 5000] [--blocks 35] [--interval 1.0]
                                       [--workers 1 2]
 """
 
@@ -44,9 +44,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import common
 import uvloop
 
+from benchmarks import common
 from chainrelay.devnet import DEV_ACCOUNTS
 
 GOAL_LAST_P99_MS = 50.0

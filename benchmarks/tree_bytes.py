@@ -20,7 +20,7 @@ bytes each). The frame: ``feedframe.encode`` plus its WebSocket binary header.
 CPU per block, medians of ``--repeats``: encode (the origin, once per block), verify
 (every hop: ``decode`` + ``signer``) and unpack (every hop that uses the block).
 
-    python benchmarks/tree_bytes.py [--transfers 300] [--emits 100] [--repeats 15]
+    python -m benchmarks.tree_bytes [--transfers 300] [--emits 100] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import common
 import orjson
 from eth_account import Account
 
+from benchmarks import common
 from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, transfer_emitter_initcode
 from chainrelay.tree import frame as feedframe
 from chainrelay.wire.wsframes import binary_header

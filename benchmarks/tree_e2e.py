@@ -21,7 +21,7 @@ Delays are emulated in user space (this kernel has no ``netem``): each link is a
 process holding every chunk for the one-way delay, so links add their own scheduling
 delay, the more so on a loaded machine; the floor measures that.
 
-    python benchmarks/tree_e2e.py [--blocks 20] [--block-time 1.0]
+    python -m benchmarks.tree_e2e [--blocks 20] [--block-time 1.0]
 """
 
 from __future__ import annotations
@@ -37,11 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
-
 # The lab's helpers live with the tests (``tests/lab``), one level above this folder.
-sys.path.insert(0, str(common.ROOT))
-
+from benchmarks import common
 from chainrelay import devnet
 from tests.lab.netns import RegionLab, read_ready, unavailable
 from tests.lab.procs import Procs

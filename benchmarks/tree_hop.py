@@ -29,25 +29,26 @@ Side by side, the same relay config under ``serve --workers 2`` (SO_REUSEPORT: e
 process links to the source itself and serves the children the kernel handed it; the
 children connect as before): a hop is then counted from the first worker's receipt.
 
+With ``--against COMMIT`` a relay of that older commit (the same config, run from that
+commit's own tree: ``common.checkout``) takes its turn in every round beside them, so two
+commits compare side by side in one run.
+
 The kernel floor is measured last, with the relay stopped: one thread writing the same
 frame (WebSocket header + frame) on each of ``--children`` loopback TCP connections whose
 readers wait, as the children do: what the fan-out costs if a relay did nothing but write.
 
-    python benchmarks/tree_hop.py [--children 1000] [--blocks 16]
+    python -m benchmarks.tree_hop [--children 1000] [--blocks 16] [--against COMMIT]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import http.client
 import json
 import multiprocessing
 import os
-import re
-import shutil
 import signal
 import socket
 import struct
@@ -60,10 +61,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import common
 import orjson
 import uvloop
-from subscribers import (
+
+from benchmarks import common
+from benchmarks.subscribers import (
     SO_TIMESTAMPNS,
     masked_text_frame,
     raise_fd_limit,
@@ -71,7 +73,6 @@ from subscribers import (
     relay_pids,
     ws_upgrade,
 )
-
 from chainrelay.tree.session import Want, encode_hello
 from chainrelay.wire.wsframes import binary_header
 
@@ -80,6 +81,8 @@ GOAL_P99_MS = 5.0
 # --rounds (3) times three runs with 1,000 children (relay, its workers, the forwarder), two
 # with 10, the floors: about 3 minutes here, with room for a shared machine's pauses.
 BUDGET_SECONDS = 600
+# What ``--against``'s extra variant (one more relay per round) adds to the budget.
+AGAINST_SECONDS = 150
 STREAM = "bsc/blocks"
 # Each child's receive buffer: several whole frames, so the relay's write never waits for
 # a reader (the kernel doubles it; net.core.rmem_max caps it). Set before connecting, so
@@ -327,10 +330,9 @@ def read_line(stream: IO[bytes], proc: subprocess.Popen[bytes], what: str) -> by
 
 
 def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(common.HERE / "frame_source.py"),
+    proc = common.spawn(
+        "benchmarks.frame_source",
+        *(
             "--port",
             str(port),
             "--blocks",
@@ -340,9 +342,8 @@ def start_source(port: int, blocks: int) -> tuple[subprocess.Popen[bytes], str]:
             # One run's source ends with the benchmark's whole budget at the latest.
             "--max-seconds",
             str(BUDGET_SECONDS),
-        ],
+        ),
         stdout=subprocess.PIPE,
-        cwd=common.ROOT,
     )
     assert proc.stdout is not None
     line = read_line(proc.stdout, proc, "the frame source").decode()
@@ -364,10 +365,15 @@ def relay_toml(source_port: int, trust: str, children: int, workers: int = 1) ->
 
 
 def run(
-    args: argparse.Namespace, stacks: Path, forwarder: bool = False, workers: int = 1
+    args: argparse.Namespace,
+    stacks: Path,
+    forwarder: bool = False,
+    workers: int = 1,
+    root: Path = common.ROOT,
 ) -> tuple[list[Block], float, list[int]]:
-    """Source, relay (``workers`` processes, or the bare forwarder) and children up; publish
-    warm-up then measured blocks; tear down. Also the children each relay process held."""
+    """Source, relay (``workers`` processes of ``root``'s chainrelay, or the bare forwarder)
+    and children up; publish warm-up then measured blocks; tear down. Also the children
+    each relay process held."""
     source_port = common.free_port()
     stack = contextlib.ExitStack()
     with stack:
@@ -377,13 +383,11 @@ def run(
         linked: Callable[[], float]
         if forwarder:
             port = common.free_port()
-            hop = subprocess.Popen(
-                [
-                    *(sys.executable, str(common.HERE / "hop_floor.py"), "--port", str(port)),
-                    *("--parent", f"ws://127.0.0.1:{source_port}/feed", "--stream", STREAM),
-                ],
+            hop = common.spawn(
+                "benchmarks.hop_floor",
+                *("--port", str(port), "--parent", f"ws://127.0.0.1:{source_port}/feed"),
+                *("--stream", STREAM),
                 stdout=subprocess.PIPE,
-                cwd=common.ROOT,
             )
             stack.callback(common.stop_process, hop)
             assert hop.stdout is not None
@@ -398,6 +402,7 @@ def run(
             relay = common.Relay(
                 f"http://127.0.0.1:{source_port}",
                 relay_toml(source_port, trust, args.children, workers),
+                root=root,
             )
             stack.callback(relay.stop)
             relay.start()
@@ -408,7 +413,7 @@ def run(
                 # A scrape is answered by whichever worker accepted it: keep each one's.
                 m = relay.metrics()
                 who = next((k for k in m if k.startswith("chainrelay_worker{")), "")
-                held[who] = common.metric_sum(m, "chainrelay_feed_children", stream=STREAM)
+                held[who] = common.metric(m, "chainrelay_feed_children", stream=STREAM)
                 return sum(held.values()) if len(held) >= workers else 0.0
 
         held: dict[str, float] = {}
@@ -418,21 +423,12 @@ def run(
             f"{workers} relay session(s) on the source",
         )
         pids = relay_pids(pid)  # with workers: the supervisor and each worker
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                str(common.HERE / "tree_hop.py"),
-                "children",
-                "--relay-port",
-                str(port),
-                "--source-port",
-                str(source_port),
-                "--count",
-                str(args.children),
-            ],
+        client = common.spawn(
+            "benchmarks.tree_hop",
+            *("children", "--relay-port", str(port), "--source-port", str(source_port)),
+            *("--count", str(args.children)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            cwd=common.ROOT,
         )
         stack.callback(common.stop_process, client)
         assert client.stdin is not None and client.stdout is not None
@@ -495,7 +491,7 @@ def run(
 
 
 def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    py_spy = common.py_spy()
     return subprocess.Popen(
         [
             *(py_spy, "record", "--pid", str(pid), "--rate", "500", "--nonblocking"),
@@ -509,25 +505,10 @@ def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
 def profile_table(stacks: Path) -> str:
     """The relay's busiest Python functions while it fanned out (self / total samples);
     time in C (uvloop, system calls) is charged to the Python frame that called it."""
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in stacks.read_text().splitlines() if stacks.exists() else []:
-        frames_text, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        n = int(count_text)
-        total += n
-        frames = [_short(f) for f in frames_text.split(";")]
-        own[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
+    raw = stacks.read_text() if stacks.exists() else ""
+    total, rows = common.profile_rows(raw, PROFILE_ROWS)
     if not total:
         return "py-spy recorded no samples (not installed, or ptrace not permitted)."
-    rows = [
-        [f"`{name}`", f"{100 * n / total:.1f}%", f"{100 * incl[name] / total:.1f}%"]
-        for name, n in own.most_common(PROFILE_ROWS)
-    ]
     return (
         f"py-spy, {total} samples of the relay's busy time over {PROFILE_BLOCKS} more blocks "
         "(after the measured ones, so sampling does not touch the numbers above); self / "
@@ -535,14 +516,6 @@ def profile_table(stacks: Path) -> str:
         "called it (`pump`: `transport.writelines`, the send system calls).\n\n"
         + common.table(["function", "self", "total"], rows)
     )
-
-
-def _short(frame: str) -> str:
-    # "pump (chainrelay/tree/hub.py:100)" -> "feedhub.py:pump"
-    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
-    if m is None:
-        return frame or "(no Python frame)"
-    return f"{Path(m.group(2)).name}:{m.group(1)}"
 
 
 def kernel_floor(count: int, size: int, parts: int = 1) -> float:
@@ -772,11 +745,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--profile", action="store_true", help="then sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
     args = ap.parse_args(argv)
     if args.mode == "children":
         raise_fd_limit(args.count + 200)
         return children_main(args)
-    common.budget(BUDGET_SECONDS)
+    with contextlib.ExitStack() as trees:
+        base = trees.enter_context(common.checkout(args.against)) if args.against else None
+        return measure(args, base)
+
+
+def measure(args: argparse.Namespace, base: Path | None) -> int:
+    """Every variant side by side, then the section; ``base``: an older commit's tree."""
+    common.budget(BUDGET_SECONDS + (AGAINST_SECONDS if base is not None else 0))
     raise_fd_limit(2 * args.children + 500)  # the floor's pairs
     m = common.machine()
     # Side by side: the same relay as worker processes with as many children (the fan-out
@@ -790,6 +771,9 @@ def main(argv: list[str] | None = None) -> int:
         many.append((multi, args.workers))
     if args.forwarder:
         many.append(("bare forwarder", 1))
+    older = f"relay at {common.commit_name(args.against)}" if base is not None else ""
+    if older:
+        many.append((older, 1))
     got: dict[str, list[Block]] = {who: [] for who, _ in many}
     per_round: dict[str, list[dict[bool, Any]]] = {who: [] for who, _ in many}
     splits: list[list[int]] = []
@@ -806,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                     stacks,
                     forwarder=who == "bare forwarder",
                     workers=workers,
+                    root=base if who == older and base is not None else common.ROOT,
                 )
                 if profiling:
                     profiled = profile_table(stacks)
@@ -871,6 +856,18 @@ def main(argv: list[str] | None = None) -> int:
                 (floors, split_floors),
             )
         )
+    if (older, args.children) in other:
+        texts.append(
+            f"Against {older}, {args.children:,} children, in the same rounds: "
+            + " and ".join(
+                f"{'corpus' if big else 'small'} frames p50 {f['p50']:.2f} ms against "
+                f"{o['p50']:.2f} (this commit / {older.removeprefix('relay at ')}: "
+                f"{f['p50'] / o['p50']:.2f}x), p99 {f['p99']:.2f} against {o['p99']:.2f}"
+                for big, f in facts.items()
+                if (o := other[older, args.children].get(big))
+            )
+            + "."
+        )
     if ("relay", args.few) in other:
         relay_few = other["relay", args.few]
         bare_few = other.get(("bare forwarder", args.few), {})
@@ -933,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.children:,} children pool {args.rounds} rounds; each round ran the relay"
             + (f", the relay under `--workers {args.workers}`" if args.workers > 1 else "")
             + (" and the bare forwarder" if args.forwarder else "")
+            + (f" and the {older}" if older else "")
             + " one after another, so a shared machine's load falls on each alike.",
             common.table(
                 [

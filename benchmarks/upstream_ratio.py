@@ -13,12 +13,12 @@ second (jittered), each poll a few sequential calls:
 * the receipt of one transaction of the latest block, when it has any
 * every fifth poll: eth_chainId
 
-The relay reaches anvil through ``wire_counter.py``, a transparent proxy that counts every
-call it forwards, so the count includes the head tracker's own calls; the relay's
+The relay reaches anvil through ``tests/lab/counting_proxy.py``, a transparent proxy that
+counts every call it forwards, so the count includes the head tracker's own calls; the relay's
 ``chainrelay_upstream_calls_total`` (all labels summed) is reported next to it. Both
 upstream transports run, one after the other: WebSocket (newHeads) and HTTP (polling).
 
-    python benchmarks/upstream_ratio.py [--users 150] [--window 8] [--windows 3]
+    python -m benchmarks.upstream_ratio [--users 150] [--window 8] [--windows 3]
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ import asyncio
 import collections
 import contextlib
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import common
 import orjson
 
+from benchmarks import common
 from chainrelay.devnet import (
     DEV_ACCOUNTS,
     TRANSFER_TOPIC,
@@ -215,52 +214,24 @@ def _window(before: Any, after: Any) -> Window:
     t0, n0, e0, m0, w0 = before
     t1, n1, e1, m1, w1 = after
     served = {
-        o: common.metric_sum(m1, "chainrelay_requests_total", outcome=o)
-        - common.metric_sum(m0, "chainrelay_requests_total", outcome=o)
+        o: common.metric(m1, "chainrelay_requests_total", outcome=o)
+        - common.metric(m0, "chainrelay_requests_total", outcome=o)
         for o in ("hit", "local", "miss", "pass", "error")
     }
     return Window(
         seconds=t1 - t0,
         client=n1 - n0,
         errors=e1 - e0,
-        relay_requests=common.metric_sum(m1, "chainrelay_requests_total")
-        - common.metric_sum(m0, "chainrelay_requests_total"),
-        metric_upstream=common.metric_sum(m1, "chainrelay_upstream_calls_total")
-        - common.metric_sum(m0, "chainrelay_upstream_calls_total"),
+        relay_requests=common.metric(m1, "chainrelay_requests_total")
+        - common.metric(m0, "chainrelay_requests_total"),
+        metric_upstream=common.metric(m1, "chainrelay_upstream_calls_total")
+        - common.metric(m0, "chainrelay_upstream_calls_total"),
         wire=w1 - w0,
         served=served,
         blocks=int(
-            common.metric_sum(m1, "chainrelay_head_block")
-            - common.metric_sum(m0, "chainrelay_head_block")
+            common.metric(m1, "chainrelay_head_block") - common.metric(m0, "chainrelay_head_block")
         ),
     )
-
-
-def start_counter(anvil: Any) -> tuple[subprocess.Popen[bytes], str]:
-    port = common.free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(common.HERE / "wire_counter.py"),
-            *("--http", anvil.url, "--ws", anvil.ws_url, "--port", str(port)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"wire_counter exited: {err[-2000:]}")
-        try:
-            common.http_get(url + "/counts")
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline:
-                common.stop_process(proc)
-                raise RuntimeError("wire_counter did not start") from None
-            time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(setup.close)
         emitter = common.deploy(setup, transfer_emitter_initcode())
         echo = common.deploy(setup, common.echo_initcode())
-        counter, counter_url = start_counter(anvil)
+        counter, counter_url = common.start_counter(anvil)
         stack.callback(common.stop_process, counter)
         for transport in transports:
             upstream = counter_url.replace("http://", "ws://") if transport == "ws" else counter_url
@@ -373,8 +344,8 @@ def report(m: dict[str, str], results: dict[str, list[Window]], args: Any) -> st
             f"{args.users} simulated users polling once a second (mix in the script's "
             f"docstring). Per upstream transport: a cold-start window (from the relay's "
             f"start until it has seen {COLD_BLOCKS} new heads), then {args.windows} windows "
-            f"of {args.window:g} s. *Wire* is counted by `wire_counter.py` between the relay "
-            "and anvil and includes the head tracker; *metric* is "
+            f"of {args.window:g} s. *Wire* is counted by `tests/lab/counting_proxy.py` between "
+            "the relay and anvil and includes the head tracker; *metric* is "
             "`chainrelay_upstream_calls_total`, all labels summed.",
             "",
             common.table(

@@ -19,7 +19,7 @@ from chainrelay import defaults
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
-from chainrelay.chain.follower import BlockFeed
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.composition import Composition, on_leaving, running
@@ -39,6 +39,7 @@ from chainrelay.tree.link import FeedLink
 from chainrelay.tree.origin import Origin, load_signer
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.session import Gap
+from chainrelay.tree.streams import BatchStream
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import make_upstream
 
@@ -62,7 +63,7 @@ class Node:
         self.rpc: RpcService | None = None
         self.server: HttpServer | None = None
         self.shared: RedisCache | None = None
-        self.blocks: BlockFeed | None = None
+        self.follower: BlockFollower | None = None
         self.filters: FilterService | None = None
         self.subscriptions: SubscriptionService | None = None
         self.profile: ChainProfile | None = None
@@ -100,13 +101,13 @@ class Node:
             max_hit_table_entries=cfg.limits.max_hit_table_entries,
             memo_max_params_bytes=cfg.limits.memo_max_params_bytes,
         )
-        blocks = await self._blocks(pool, head, cache, rpc)
+        follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
-            running(FilterService(cfg.filters, blocks, rpc.call, self.metrics))
+            running(FilterService(cfg.filters, follower, rpc.call, self.metrics))
         )
-        _link_rpc(rpc, filters, blocks)
+        _link_rpc(rpc, filters, follower)
         subs = self.subscriptions = SubscriptionService(
-            blocks, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=rpc.call
+            follower, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=rpc.call
         )
         await self._composition.enter(on_leaving(subs.stop))
         server = await self._server(rpc, subs, reuse_port)
@@ -180,10 +181,10 @@ class Node:
                 memory_bytes = min(memory_bytes, defaults.REDIS_MODE_MEMORY_BYTES)
         return MemoryCache(memory_bytes, c.max_entry_bytes)
 
-    async def _blocks(
+    async def _follower(
         self, pool: UpstreamPool, head: HeadTracker, cache: MemoryCache, rpc: RpcService
-    ) -> BlockFeed:
-        """The block feed, started once the tree and batch streams built on it are in place
+    ) -> BlockFollower:
+        """The block follower, started once the tree and batch streams built on it are in place
         (an origin listens before the first block); it stops after them."""
         cfg = self.cfg
         tree = cfg.tree
@@ -191,7 +192,7 @@ class Node:
         if tree.enabled and (tree.trust or tree.key or tree.key_file):
             follow = "always"  # every block of the tree warms this node's cache
         sc = cfg.subscriptions
-        blocks = self.blocks = BlockFeed(
+        follower = self.follower = BlockFollower(
             pool,
             head,
             cache,
@@ -199,7 +200,7 @@ class Node:
             window=cfg.head.reorg_window,
             follow=follow,
             follow_recent=sc.follow_recent_blocks,
-            feed_call=rpc.feed_call,
+            rpc_call=rpc.follower_call,
             fetch_retry_delay=sc.feed_fetch_retry_delay,
             fetch_attempts=sc.feed_fetch_attempts,
             block_passes=sc.feed_block_passes,
@@ -207,16 +208,16 @@ class Node:
             pending_max_message=sc.pending_max_message,
             offered_max_bytes=tree.offered_max_bytes,
         )
-        await self._composition.enter(on_leaving(blocks.stop))
+        await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:
-            hub = self._tree(head.profile.name, blocks, head, pool)
+            hub = self._tree(head.profile.name, follower, head, pool)
             await self._composition.enter(on_leaving(hub.stop))
             await self._batches(hub)
-        await blocks.start()
-        return blocks
+        await follower.start()
+        return follower
 
     def _tree(
-        self, chain: str, blocks: BlockFeed, head: HeadTracker, pool: UpstreamPool
+        self, chain: str, follower: BlockFollower, head: HeadTracker, pool: UpstreamPool
     ) -> FeedHub:
         """The hub, and this node's place in the tree: origin (a key), relay or leaf."""
         tree = self.cfg.tree
@@ -244,11 +245,11 @@ class Node:
             ),
         )
         if signer is not None:
-            self.origin = Origin(hub, blocks, signer, streams[0])
+            self.origin = Origin(hub, follower, signer, streams[0])
             log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
         if tree.parents:
             source = FeedSource(
-                blocks, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes
+                follower, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes
             )
             _link_hub_source(hub, source)
         return hub
@@ -263,7 +264,7 @@ class Node:
         batch_log = None
         if b.log:
             batch_log = BatchLog(b)
-            specs = [st.batch for st in hub.streams.values() if st.batch is not None]
+            specs = [st.spec for st in hub.streams.values() if isinstance(st, BatchStream)]
             self.ingress = await self._composition.enter(
                 running(Ingress(b, specs, batch_log, hub, self.metrics))
             )
@@ -386,7 +387,7 @@ class Node:
             "confirmed": {
                 name: st.confirmed[0]
                 for name, st in hub.streams.items()
-                if st.confirmed is not None
+                if isinstance(st, BatchStream) and st.confirmed is not None
             },
         }
 
@@ -405,7 +406,7 @@ class Node:
 
 def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
     # The node itself needs nothing more: for blocks the head tracker links the next
-    # frame's block back over the parent's JSON-RPC and the block feed fetches what it
+    # frame's block back over the parent's JSON-RPC and the block follower fetches what it
     # skipped; for batches the hub holds what follows and fetches the missing ones from a
     # parent's range endpoint. Children see the jump and backfill the same ways.
     log.warning(
@@ -423,17 +424,17 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
 # and before the parents' links bring frames.
 
 
-def _link_rpc(rpc: RpcService, filters: FilterService, blocks: BlockFeed) -> None:
+def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) -> None:
     """The pipeline answers filter calls from the filter service, which asks the pipeline;
-    tells the block feed of misses and reads its recent logs, while the feed fetches
+    tells the follower of misses and reads its recent logs, while the follower fetches
     through the pipeline."""
     rpc.filters = filters
-    rpc.note_miss = blocks.note_miss
-    rpc.local_logs = blocks.recent_logs
+    rpc.note_miss = follower.note_miss
+    rpc.local_logs = follower.recent_logs
 
 
 def _link_hub_source(hub: FeedHub, source: FeedSource) -> None:
-    """Blocks from the parents' frames go to the block feed."""
+    """Blocks from the parents' frames go to the block follower."""
     hub.listeners.append(source.on_frame)
 
 

@@ -217,7 +217,7 @@ SLOW_CLOSE_GRACE = 5.0
 # whose clients read each new block anyway. Off: two upstream calls per block saved.
 # True overrides FOLLOW_BLOCKS with "always".
 FOLLOW_BLOCKS_ALWAYS = False
-# When the block feed fetches each new block: "auto" while someone subscribes or clients
+# When the block follower fetches each new block: "auto" while someone subscribes or clients
 # missed on block, transaction or receipt reads lately (two calls a block then replace a
 # receipt miss per transaction read and the latest block's miss), "always", or "never"
 # (only while someone subscribes).
@@ -278,7 +278,7 @@ TREE_STALE_POSITIONS = 1024
 # A child that upgraded to the feed but sent no hello within this long is closed (4400):
 # a hello is the first thing a child sends; an idle upgrade only holds a child's place.
 TREE_HELLO_TIMEOUT = 10.0
-# Bytes of blocks a node holds from frames before its block feed takes them (most are
+# Bytes of blocks a node holds from frames before its block follower takes them (most are
 # taken within a block time; a restart's replay and side forks wait): 64 corpus-sized
 # blocks, raw. Past it the oldest are dropped and fetched from a parent if ever needed.
 OFFERED_MAX_BYTES = 64 * MiB

@@ -57,7 +57,8 @@ from chainrelay.errors import (
 from chainrelay.metrics import Metrics
 from chainrelay.server.ws import WsSession
 from chainrelay.tree.frame import FrameError, keccak, recover
-from chainrelay.tree.hub import BatchSpec, FeedHub
+from chainrelay.tree.hub import FeedHub
+from chainrelay.tree.streams import BatchSpec
 from chainrelay.wire.wsframes import text_header
 
 log = logging.getLogger(__name__)
@@ -394,8 +395,8 @@ class Ingress:
         digest = batchframe.confirmed_digest(st.spec.chain_id, push.stream, push.seq)
         self._check_signer(st, push, digest)
         # Only what is durable (published): a batch in flight may yet be rolled back.
-        order = self.hub.streams[push.stream].order
-        durable_next = order.next if order is not None and order.next is not None else 0
+        next_seq = self.hub.next_seq(push.stream)
+        durable_next = next_seq if next_seq is not None else 0
         if push.seq >= durable_next:
             self._count(push.stream, "gap")
             raise BatchRefused(

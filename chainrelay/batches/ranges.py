@@ -29,6 +29,7 @@ from chainrelay.server.http import RANGE_PATH, Reply
 from chainrelay.server.peer import relays_in
 from chainrelay.tree.frame import FrameError
 from chainrelay.tree.hub import FeedHub
+from chainrelay.tree.streams import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ class BatchRange:
     def _parse(self, query: bytes) -> tuple[str, int, int]:
         q = parse_qs(query.decode("ascii", "replace"), strict_parsing=False)
         stream = q.get("stream", [""])[0]
-        st = self.hub.streams.get(stream)
-        if st is None or st.batch is None:
+        if not isinstance(self.hub.streams.get(stream), BatchStream):
             raise ValueError(f"no batch stream {stream!r} here")
         try:
             start = int(q.get("from", [""])[0])

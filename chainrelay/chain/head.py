@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -140,7 +141,7 @@ class HeadTracker:
         while True:
             try:
                 if u.is_ws:
-                    await u.subscribe_heads(lambda h, u=u: self.push_header(u, h))
+                    await u.subscribe_heads(functools.partial(self.push_header, u))
                 else:
                     await self._poll(u)
             except asyncio.CancelledError:

@@ -9,7 +9,7 @@ naming the key path, so ``chainrelay validate`` points at the line to fix.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from chainrelay.errors import ConfigError
 
@@ -21,7 +21,7 @@ _POSITIVE = "positive"
 
 def positive(default: T) -> T:
     """A field whose value must be above zero; ``default`` comes from ``defaults.py``."""
-    return cast(T, dataclasses.field(default=default, metadata={_RULE: _POSITIVE}))
+    return dataclasses.field(default=default, metadata={_RULE: _POSITIVE})
 
 
 def check_fields(section: Any, path: str) -> None:

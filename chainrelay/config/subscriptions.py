@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from chainrelay import defaults as d
 from chainrelay.config.checks import check_fields, positive, require
 
-# When the block feed follows blocks (see chainrelay.chain.follower).
+# When the block follower follows blocks (see chainrelay.chain.follower).
 FOLLOW_MODES = ("auto", "always", "never")
 
 

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 _RULES = policy.RULES
 _UNSET = b"\x00unset"
 NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
-# A read derived from the block feed's call that failed, which no client had joined.
+# A read derived from the block follower's call that failed, which no client had joined.
 DERIVED_UNAVAILABLE = b'{"code":-32000,"message":"block data not available yet"}'
 SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
@@ -87,7 +87,7 @@ class SharedCache(Protocol):
         ...
 
 
-# (method, params, derive): a client read that ``RpcService.feed_call`` answers from its
+# (method, params, derive): a client read that ``RpcService.follower_call`` answers from its
 # own call's decoded answer (``derive`` returns the decoded value, None when it has none).
 Derived = tuple[str, list[Any], Callable[[Any], Any]]
 
@@ -275,10 +275,10 @@ class RpcService:
         self.last_seen: Seen | None = None
         # Installed filters (eth_newFilter & co), answered by the node; set by the app.
         self.filters: FilterCalls | None = None
-        # Told of each miss (the method's name): the block feed follows blocks while
-        # misses it could have answered are recent (``BlockFeed.note_miss``).
+        # Told of each miss (the method's name): the block follower follows blocks while
+        # misses it could have answered are recent (``BlockFollower.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
-        # eth_getLogs from the block feed's recent blocks (BlockFeed.recent_logs), tried on
+        # eth_getLogs from the block follower's recent blocks (BlockFollower.recent_logs), tried on
         # a miss before the upstreams.
         self.local_logs: Callable[[Any], bytes | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of forwarded reads
@@ -640,14 +640,14 @@ class RpcService:
         answer, _ = await self._fetch(Call(None, method, params))
         return answer
 
-    async def feed_call(
+    async def follower_call(
         self,
         method: str,
         params: list[Any],
         min_block: int,
         derived: Sequence[Derived] = (),
     ) -> Answer:
-        """A read of the block feed, through the cache and the coalescer under the key
+        """A read of the block follower, through the cache and the coalescer under the key
         ``policy.plan`` gives a client's same request: a client asking the same block at
         that moment rides on this call (or this call on the client's), so the data costs
         one upstream call. ``derived``: (method, params, derive) of other client reads

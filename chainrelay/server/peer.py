@@ -71,7 +71,7 @@ def leave_via(token: contextvars.Token[str]) -> None:
 
 def detached(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
     """A task of the node's own, started from wherever: it runs in an empty context, so a
-    request that happened to start it (a miss that made the block feed follow, an error
+    request that happened to start it (a miss that made the block follower follow, an error
     that sent an upstream to probation) lends it neither its client address nor its Via,
     which would otherwise mark every later call of the task."""
     return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())

@@ -1,9 +1,9 @@
-"""``eth_newFilter`` & co, answered by the node itself from its own block feed.
+"""``eth_newFilter`` & co, answered by the node itself from its own block follower.
 
 An upstream's filter id lives on that upstream only: after a failover, or behind a pool
 that spreads polls over several upstreams, every poll would answer "filter not found".
 So filters are installed here, in the node's filter table (``protocol/filters.py``), and
-fed from the node's block feed, which follows whichever upstream is healthy.
+fed from the node's block follower, which follows whichever upstream is healthy.
 
 Every call but ``eth_getFilterLogs`` is answered without I/O; that one asks the node's
 own request pipeline for ``eth_getLogs`` over the filter's range, so it is cached there.
@@ -44,7 +44,7 @@ MAX_SWEEP_INTERVAL = 60.0
 
 
 class BlockSource(Protocol):
-    """The part of the block feed (``services/blocks.py``) the filters listen to."""
+    """The part of the block follower (``chain.follower``) the filters listen to."""
 
     def add_listener(self, fn: Callable[[list[Any]], None]) -> None: ...
 
@@ -104,7 +104,7 @@ class FilterService:
     def __init__(
         self,
         cfg: FiltersConfig,
-        feed: BlockSource,
+        follower: BlockSource,
         ask: Ask,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
@@ -118,16 +118,18 @@ class FilterService:
         )
         self.max_addresses = cfg.max_addresses
         self.max_topics_per_position = cfg.max_topics_per_position
-        # The feed's pending transactions come from an upstream's eth_subscribe, so only a
-        # WebSocket upstream gives any; the pool is the feed's own unless one is given.
-        self.pool: UpstreamSet | None = pool if pool is not None else getattr(feed, "pool", None)
-        self.feed = feed
+        # The follower's pending transactions come from an upstream's eth_subscribe, so only a
+        # WebSocket upstream gives any; the pool is the follower's own unless one is given.
+        self.pool: UpstreamSet | None = (
+            pool if pool is not None else getattr(follower, "pool", None)
+        )
+        self.follower = follower
         self.ask = ask
         self.clock = clock
         self._sweep_every = min(cfg.idle_timeout * SWEEP_FRACTION, MAX_SWEEP_INTERVAL)
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
-        # Listening costs the feed two upstream calls per block (the block, its receipts),
+        # Listening costs the follower two upstream calls per block (the block, its receipts),
         # so the service listens only while a filter needs it.
         self._listening = False
         self._listening_pending = False
@@ -158,23 +160,23 @@ class FilterService:
         with contextlib.suppress(KeyError):
             self._metrics.registry.unregister(self._collector)
 
-    # --- the feed (called synchronously, in order) -----------------------------------------
+    # --- the follower (called synchronously, in order) -------------------------------------
     def _listen(self) -> None:
-        """Listen to the feed exactly while installed filters need it; call after every
+        """Listen to the follower exactly while installed filters need it; call after every
         change to the table's membership."""
         blocks = self._running and self.table.wants_blocks
         if blocks != self._listening:
             if blocks:
-                self.feed.add_listener(self._on_blocks)
+                self.follower.add_listener(self._on_blocks)
             else:
-                self.feed.remove_listener(self._on_blocks)
+                self.follower.remove_listener(self._on_blocks)
             self._listening = blocks
         pending = self._running and self.table.wants_pending
         if pending != self._listening_pending:
             if pending:
-                self.feed.add_pending_listener(self._on_pending)
+                self.follower.add_pending_listener(self._on_pending)
             else:
-                self.feed.remove_pending_listener(self._on_pending)
+                self.follower.remove_pending_listener(self._on_pending)
             self._listening_pending = pending
 
     def _on_blocks(self, events: list[BlockLike]) -> None:
@@ -186,8 +188,8 @@ class FilterService:
             self._relisten_soon()
 
     def _relisten_soon(self) -> None:
-        """Filters expired inside a feed callback: stop listening if none needs it, once
-        the feed's own call is over (unlistening from inside it would cancel its task)."""
+        """Filters expired inside a follower callback: stop listening if none needs it, once
+        the follower's own call is over (unlistening from inside it would cancel its task)."""
         asyncio.get_running_loop().call_soon(self._listen)
 
     async def _sweep(self) -> None:
@@ -228,7 +230,7 @@ class FilterService:
     def _new_pending_filter(self, params: Any) -> Answer:
         got = _params(params, "eth_newPendingTransactionFilter", 0, 1)
         if got and got[0] not in (None, False):
-            # geth's fullTx flag: the feed carries hashes only.
+            # geth's fullTx flag: the follower carries hashes only.
             raise InvalidParams("full pending transactions are not supported, only hashes")
         if not self.pending_available:
             raise PendingUnavailable(

@@ -1,13 +1,13 @@
-"""eth_subscribe over WebSocket: every subscription of the node served from one block feed.
+"""eth_subscribe over WebSocket: every subscription of the node served from one block follower.
 
 The node holds no subscription upstream per client: ``newHeads`` and ``logs`` come from the
-``BlockFeed`` (one head stream and one fetch per block for the whole node), logs matched
-locally with ``LogFilter``; ``newPendingTransactions`` from the feed's single upstream
+``BlockFollower`` (one head stream and one fetch per block for the whole node), logs matched
+locally with ``LogFilter``; ``newPendingTransactions`` from the follower's single upstream
 pending stream. ``syncing`` is accepted and stays silent: a relay serves its followed head,
 so, to its clients, it never starts or stops syncing.
 
-newHeads go out as soon as the head tracker adopts a pushed header (the feed's head
-listener), ahead of the block's fetch; logs follow with the fetched block. A head the feed
+newHeads go out as soon as the head tracker adopts a pushed header (the follower's head
+listener), ahead of the block's fetch; logs follow with the fetched block. A head the follower
 could not announce early comes with its block, as before.
 
 Fan-out invariant: a block's notifications are written by one synchronous pass over the
@@ -30,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from chainrelay.chain.follower import BlockEvent, BlockFeed
+from chainrelay.chain.events import BlockEvent
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.config import FiltersConfig, SubscriptionsConfig
 from chainrelay.errors import (
     InvalidParams,
@@ -68,22 +69,22 @@ class SubscriptionService:
 
     def __init__(
         self,
-        feed: BlockFeed,
+        follower: BlockFollower,
         metrics: Metrics,
         cfg: SubscriptionsConfig | None = None,
         random: Callable[[int], bytes] = os.urandom,
         filters: FiltersConfig | None = None,
         ask: Ask | None = None,
     ) -> None:
-        self.feed = feed
+        self.follower = follower
         self.metrics = metrics
         self.cfg = cfg or SubscriptionsConfig()
         # A logs subscription's filter takes the node's filter bounds, like eth_newFilter.
         self.filters_cfg = filters or FiltersConfig()
         self._random = random
         # Pending transactions come from an upstream's eth_subscribe: only a WebSocket
-        # upstream gives any (the filters code asks the same of the feed's pool).
-        self.pool: Any = getattr(feed, "pool", None)
+        # upstream gives any (the filters code asks the same of the follower's pool).
+        self.pool: Any = getattr(follower, "pool", None)
         # Reads through the node's pipeline: a full pending transaction is fetched once per
         # hash for all its subscribers. None: full transactions are refused.
         self._ask = ask
@@ -236,23 +237,23 @@ class SubscriptionService:
         return True
 
     def update_listeners(self) -> None:
-        """Follow the feed only while a subscription needs it."""
+        """Listen to the follower only while a subscription needs it."""
         want_blocks = bool(self._heads or self._logs)
         if want_blocks != self._following_blocks:
             self._following_blocks = want_blocks
             if want_blocks:
-                self.feed.add_head_listener(self._on_head)
-                self.feed.add_listener(self._on_blocks)
+                self.follower.add_head_listener(self._on_head)
+                self.follower.add_listener(self._on_blocks)
             else:
-                self.feed.remove_listener(self._on_blocks)
-                self.feed.remove_head_listener(self._on_head)
+                self.follower.remove_listener(self._on_blocks)
+                self.follower.remove_head_listener(self._on_head)
         want_pending = bool(self._pending or self._pending_full)
         if want_pending != self._following_pending:
             self._following_pending = want_pending
             if want_pending:
-                self.feed.add_pending_listener(self._on_pending)
+                self.follower.add_pending_listener(self._on_pending)
             else:
-                self.feed.remove_pending_listener(self._on_pending)
+                self.follower.remove_pending_listener(self._on_pending)
 
     # --- fan-out ---------------------------------------------------------------------
     def _on_head(self, header: dict[str, Any]) -> None:

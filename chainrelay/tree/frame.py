@@ -83,6 +83,7 @@ def _load_keccak() -> ctypes.CDLL:
     return lib
 
 
+_LIB: ctypes.CDLL | None
 try:
     _LIB = _load_keccak()
 except (OSError, AttributeError):  # another build of pycryptodome: its wrapper then

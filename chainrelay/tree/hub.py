@@ -15,11 +15,12 @@ whose socket buffer is full is skipped until its transport drains (``resume_writ
 and one that falls past its queue bound or out of the backlog is told ``bye`` and closed;
 it resumes from its position.
 
-Batch streams (``BatchSpec``) differ in three ways: each frame is checked against the
-stream's sequencers (the frame carries the sequencer's own signature), frames pass on
-strictly in sequence (``batches.order``: held past a missing one, which is fetched
-from a parent's range endpoint), and the sequencer's ``confirmed`` trims the backlog; child
-relays say what they hold (``held``) for acknowledgements that wait for relays.
+Block streams and batch streams are two types (``tree.streams``). Batch streams differ in
+three ways: each frame is checked against the stream's sequencers (the frame carries the
+sequencer's own signature), frames pass on strictly in sequence (``batches.order``: held
+past a missing one, which is fetched from a parent's range endpoint), and the sequencer's
+``confirmed`` trims the backlog; child relays say what they hold (``held``) for
+acknowledgements that wait for relays.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.protocol import State
 
 from chainrelay import defaults
 from chainrelay.batches import frame as batchframe
-from chainrelay.batches.order import BatchOrder, Missing
+from chainrelay.batches.order import Missing
 from chainrelay.metrics import Metrics
 from chainrelay.server.ws import WsSession
 from chainrelay.tree import frame as feedframe
@@ -51,7 +52,6 @@ from chainrelay.tree.session import (
     ControlError,
     Cursor,
     Dedup,
-    Gap,
     Want,
     encode_bye,
     encode_confirmed,
@@ -61,6 +61,7 @@ from chainrelay.tree.session import (
     parse_hello,
     welcome_entry,
 )
+from chainrelay.tree.streams import BatchSpec, BatchStream, BlockStream, Stream
 from chainrelay.wire.wsframes import binary_header
 
 log = logging.getLogger(__name__)
@@ -72,54 +73,21 @@ FrameListener = Callable[[Frame, str], None]
 
 @dataclass(frozen=True, slots=True)
 class HubLimits:
+    """The hub's limits: the block streams' own (a batch stream's are in its
+    ``BatchSpec``), and those of every child and frame, whatever the stream."""
+
+    # Block streams
     backlog_frames: int = defaults.TREE_BACKLOG_FRAMES
     backlog_bytes: int = defaults.TREE_BACKLOG_BYTES
     child_queue_frames: int = defaults.TREE_CHILD_QUEUE_FRAMES
+    dedup_entries: int = defaults.TREE_DEDUP_ENTRIES
+    stale_positions: int = defaults.TREE_STALE_POSITIONS
+    # Every stream
     child_queue_bytes: int = defaults.TREE_CHILD_QUEUE_BYTES
     child_buffer_bytes: int = defaults.TREE_CHILD_BUFFER_BYTES
-    dedup_entries: int = defaults.TREE_DEDUP_ENTRIES
     max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
     max_children: int = defaults.TREE_MAX_CHILDREN
-    stale_positions: int = defaults.TREE_STALE_POSITIONS
     hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
-
-
-@dataclass(frozen=True, slots=True)
-class BatchSpec:
-    """A batch stream: whose signatures count, for which chain, and its limits here."""
-
-    name: str
-    chain_id: int
-    sequencers: frozenset[bytes]
-    max_payload_bytes: int = defaults.BATCH_MAX_PAYLOAD_BYTES
-    backlog_frames: int = defaults.BATCH_BACKLOG_FRAMES
-    backlog_bytes: int = defaults.BATCH_BACKLOG_BYTES
-    order_max_held: int = defaults.BATCH_ORDER_MAX_HELD
-    order_max_held_bytes: int = defaults.BATCH_ORDER_MAX_HELD_BYTES
-    order_wait: float = defaults.BATCH_ORDER_WAIT
-    child_queue_frames: int = defaults.BATCH_CHILD_QUEUE_FRAMES
-    fetch_frames: int = defaults.BATCH_RANGE_MAX_FRAMES
-    fetch_rounds: int = defaults.BATCH_FETCH_ROUNDS
-
-
-@dataclass(slots=True)
-class Stream:
-    name: str
-    backlog: Backlog
-    dedup: Dedup
-    children: set[FeedChild] = field(default_factory=set)
-    newest: int | None = None  # highest position accepted
-    last_identity: bytes | None = None  # identity of the last frame accepted
-    # Batch streams only: passed on strictly in sequence.
-    batch: BatchSpec | None = None
-    order: BatchOrder[Frame] | None = None
-    confirmed: tuple[int, bytes] | None = None  # (seq, the sequencer's signature)
-    held: dict[FeedChild, int] = field(default_factory=dict)  # what each child holds
-    held_waiters: list[tuple[int, int, asyncio.Future[int]]] = field(default_factory=list)
-    gap_timer: asyncio.TimerHandle | None = None
-    fetching: bool = False
-    refused: int | None = None  # highest seq refused while too much was held
-    fetch_failures: int = 0  # fetches in a row that brought nothing
 
 
 # Fetches a batch stream's frames ``[start, end)`` from this node's parents (their range
@@ -141,21 +109,16 @@ class FeedHub:
         self.metrics = metrics
         self.trust = frozenset(trust)
         self.streams: dict[str, Stream] = {
-            name: Stream(
-                name,
-                Backlog(lim.backlog_frames, lim.backlog_bytes),
-                Dedup(lim.dedup_entries),
+            name: BlockStream(
+                name=name,
+                backlog=Backlog(lim.backlog_frames, lim.backlog_bytes),
+                child_queue_frames=lim.child_queue_frames,
+                dedup=Dedup(lim.dedup_entries),
             )
             for name in streams
         }
         for spec in batches:
-            self.streams[spec.name] = Stream(
-                spec.name,
-                Backlog(spec.backlog_frames, spec.backlog_bytes),
-                Dedup(1),  # order by seq is the dedup of a batch stream
-                batch=spec,
-                order=BatchOrder(spec.order_max_held, spec.order_max_held_bytes),
-            )
+            self.streams[spec.name] = BatchStream.of(spec)
         self.listeners: list[FrameListener] = []
         self.children: set[FeedChild] = set()
         self._counters: dict[tuple[str, str], Callable[[], None]] = {}
@@ -183,17 +146,23 @@ class FeedHub:
         and fanned out like an accepted one. Batches come in sequence."""
         frame = feedframe.decode(raw, len(raw))
         st = self.streams[frame.stream]
-        if st.order is not None:
+        if isinstance(st, BatchStream):
             st.order.next = frame.position + 1
             self._keep(st, frame, "published", "")
         elif st.dedup.add(frame.identity):
             self._keep(st, frame, "published", "")
 
+    def next_seq(self, stream: str) -> int | None:
+        """The seq batch stream ``stream`` passes on next; None before it took any in (or
+        for a block stream)."""
+        st = self.streams[stream]
+        return st.order.next if isinstance(st, BatchStream) else None
+
     def start_batches_at(self, stream: str, seq: int) -> None:
         """The next seq of a batch stream this node's own log will publish (an ingress)."""
-        order = self.streams[stream].order
-        assert order is not None
-        order.next = seq
+        st = self.streams[stream]
+        assert isinstance(st, BatchStream)
+        st.order.next = seq
 
     def accept(self, raw: bytes, source: str = "") -> Frame | None:
         """A frame from a parent (named ``source``): the accepted frame, or None (a
@@ -208,7 +177,7 @@ class FeedHub:
         if st is None:
             self._count(frame.stream, "unknown_stream")
             return None
-        if st.order is not None:
+        if isinstance(st, BatchStream):
             return self._accept_batch(st, frame, source)
         if frame.kind == KIND_BATCH:
             self._count(st.name, "kind")
@@ -245,11 +214,10 @@ class FeedHub:
         return False
 
     # --- batch streams -----------------------------------------------------------------
-    def _accept_batch(self, st: Stream, frame: Frame, source: str) -> Frame | None:
+    def _accept_batch(self, st: BatchStream, frame: Frame, source: str) -> Frame | None:
         """A batch frame: checked against the stream's sequencers, then passed on in
         sequence (held while an earlier one is missing)."""
-        spec, order = st.batch, st.order
-        assert spec is not None and order is not None
+        spec, order = st.spec, st.order
         if not order.is_new(frame.position):
             self._count(st.name, "duplicate")
             return None
@@ -277,24 +245,9 @@ class FeedHub:
         self._watch_gap(st)
         return frame
 
-    def _wanted(self, st: Stream) -> Missing | None:
-        """Numbers to fetch: those the held batches wait for, and up to the highest one
-        refused while the gate was full."""
-        order = st.order
-        assert order is not None
-        missing = order.missing()
-        if st.refused is not None and order.next is not None:
-            if st.refused < order.next:
-                st.refused = None
-            elif missing is None or st.refused >= missing.end:
-                # Past the held ones too: their range is fetched with it (copies are dropped).
-                return Missing(order.next, st.refused + 1)
-        return missing
-
-    def _watch_gap(self, st: Stream) -> None:
+    def _watch_gap(self, st: BatchStream) -> None:
         """A batch is missing: wait ``order_wait`` for another parent's copy, then fetch."""
-        assert st.order is not None and st.batch is not None
-        if self._wanted(st) is None:
+        if st.wanted() is None:
             if st.gap_timer is not None:
                 st.gap_timer.cancel()
                 st.gap_timer = None
@@ -302,11 +255,11 @@ class FeedHub:
             return
         if st.gap_timer is None and not st.fetching:
             loop = asyncio.get_running_loop()
-            st.gap_timer = loop.call_later(st.batch.order_wait, self._fill_gap, st)
+            st.gap_timer = loop.call_later(st.spec.order_wait, self._fill_gap, st)
 
-    def _fill_gap(self, st: Stream) -> None:
+    def _fill_gap(self, st: BatchStream) -> None:
         st.gap_timer = None
-        missing = self._wanted(st)
+        missing = st.wanted()
         if missing is None or st.fetching:
             return
         st.fetching = True
@@ -314,11 +267,10 @@ class FeedHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fetch(self, st: Stream, missing: Missing) -> None:
+    async def _fetch(self, st: BatchStream, missing: Missing) -> None:
         """One page of what is missing (at most ``fetch_frames``: a long outage is
         fetched page by page, each page checked in one go, the loop free in between)."""
-        assert st.order is not None and st.batch is not None
-        end = min(missing.end, missing.start + st.batch.fetch_frames)
+        end = min(missing.end, missing.start + st.spec.fetch_frames)
         got: list[bytes] = []
         try:
             if self.fetch_range is not None:
@@ -333,12 +285,12 @@ class FeedHub:
         if st.order.next != before or st.order.missing() is None:
             st.fetch_failures = 0
             self.metrics.batch_gaps.labels(st.name, "fetched").inc()
-            if self._wanted(st) is not None:
+            if st.wanted() is not None:
                 # More pages, or what a full gate refused: no parent sends those again.
                 asyncio.get_running_loop().call_soon(self._fill_gap, st)
             return
         st.fetch_failures += 1
-        if st.fetch_failures < st.batch.fetch_rounds:
+        if st.fetch_failures < st.spec.fetch_rounds:
             self._watch_gap(st)  # again after order_wait: a parent may be restarting
             return
         # No parent could give them: the held batches go on; children see the jump and
@@ -361,7 +313,7 @@ class FeedHub:
         ``start`` is not reached yet; None when the backlog no longer holds ``start``."""
         st = self.streams[stream]
         entries = st.backlog.entries
-        if st.order is None:
+        if not isinstance(st, BatchStream):
             return []
         if st.order.next is None or not entries or entries[0].position > start:
             return None  # nothing taken in yet, or no longer held: ask further up
@@ -391,14 +343,14 @@ class FeedHub:
         trimmed below it, passed on to every child. False (and nothing done) if the
         signature is not a sequencer's or the stream is not a batch stream."""
         st = self.streams.get(stream)
-        if st is None or st.batch is None:
+        if not isinstance(st, BatchStream):
             return False
         try:
-            digest = batchframe.confirmed_digest(st.batch.chain_id, stream, seq)
+            digest = batchframe.confirmed_digest(st.spec.chain_id, stream, seq)
             who = feedframe.recover(signature, digest)
         except (FrameError, ValueError):
             return False
-        if who not in st.batch.sequencers:
+        if who not in st.spec.sequencers:
             return False
         if st.confirmed is not None and seq <= st.confirmed[0]:
             return True  # known already (from another parent)
@@ -412,7 +364,7 @@ class FeedHub:
     def note_held(self, child: FeedChild, stream: str, position: int) -> None:
         """A child relay holds every batch of ``stream`` up to ``position``."""
         st = self.streams.get(stream)
-        if st is None or st.order is None or st.order.next is None or child not in st.children:
+        if not isinstance(st, BatchStream) or st.order.next is None or child not in st.children:
             return
         if child.node is None:
             return  # a subscriber, not a relay: what it holds helps no acknowledgement
@@ -423,7 +375,7 @@ class FeedHub:
         st.held[child] = position
         self._wake_held(st)
 
-    def _wake_held(self, st: Stream) -> None:
+    def _wake_held(self, st: BatchStream) -> None:
         if not st.held_waiters:
             return
         keep = []
@@ -446,6 +398,7 @@ class FeedHub:
     def wait_held(self, stream: str, seq: int, k: int) -> asyncio.Future[int]:
         """A future resolved (with how many) once ``k`` children hold batch ``seq``."""
         st = self.streams[stream]
+        assert isinstance(st, BatchStream)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         st.held_waiters.append((seq, k, fut))
         self._wake_held(st)
@@ -480,7 +433,7 @@ class FeedHub:
         stream: from the next seq it lacks)."""
         out = []
         for st in self.streams.values():
-            if st.order is not None and st.order.next is not None:
+            if isinstance(st, BatchStream) and st.order.next is not None:
                 out.append(Want(st.name, from_position=st.order.next))
             elif st.newest is None:
                 out.append(Want(st.name, last=resume_last))
@@ -508,6 +461,8 @@ class FeedHub:
     async def stop(self) -> None:
         """Cancel the hub's own work (gap fetches, timers, acknowledgement waits)."""
         for st in self.streams.values():
+            if not isinstance(st, BatchStream):
+                continue
             if st.gap_timer is not None:
                 st.gap_timer.cancel()
                 st.gap_timer = None
@@ -594,13 +549,10 @@ class FeedChild(WsSession):
         for want in hello.wants:
             st = hub.streams[want.stream]
             start, gap = st.backlog.resume(want.from_position, want.last, want.after)
-            if st.order is not None and gap is None:
-                gap = _batch_gap(st, want.from_position)
+            if isinstance(st, BatchStream) and gap is None:
+                gap = st.gap_before(want.from_position)
             cursor = Cursor.at(
-                st.backlog,
-                start,
-                st.batch.child_queue_frames if st.batch else hub.limits.child_queue_frames,
-                hub.limits.child_queue_bytes,
+                st.backlog, start, st.child_queue_frames, hub.limits.child_queue_bytes
             )
             cursor.max_frame = hello.max_frame_bytes
             self.cursors[want.stream] = cursor
@@ -610,7 +562,7 @@ class FeedChild(WsSession):
             st = hub.streams[name]
             st.children.add(self)
             hub.metrics.feed_children.labels(name).inc()
-            if st.confirmed is not None:
+            if isinstance(st, BatchStream) and st.confirmed is not None:
                 self.send(encode_confirmed(name, *st.confirmed))
         self.pump()
 
@@ -677,21 +629,10 @@ class FeedChild(WsSession):
                 st = hub.streams[name]
                 if self in st.children:
                     st.children.discard(self)
-                    st.held.pop(self, None)
+                    if isinstance(st, BatchStream):
+                        st.held.pop(self, None)
                     hub.metrics.feed_children.labels(name).dec()
         super()._release()
-
-
-def _batch_gap(st: Stream, from_position: int | None) -> Gap | None:
-    """Batches a child asks for that this node holds no more (trimmed after a confirmation,
-    or from before it started), even with an empty backlog: the child's cue to read them
-    from the range endpoint now, not at the next batch, which a quiet stream may not send."""
-    assert st.order is not None
-    if from_position is None or st.order.next is None:
-        return None
-    entries = st.backlog.entries
-    oldest = entries[0].position if entries else st.order.next
-    return Gap(from_position, oldest) if from_position < oldest else None
 
 
 def _no_rpc(_body: bytes) -> bytes:

@@ -1,11 +1,11 @@
 """Block frames from the relay tree, taken into this node as if an upstream pushed them.
 
 Each accepted block frame is unpacked (bounded), its block and receipts offered to the
-block feed (which then warms the cache with them, byte for byte, and tells eth_subscribe
+block follower (which then warms the cache with them, byte for byte, and tells eth_subscribe
 clients and filters, with no upstream call) and its header pushed to the head tracker. A
 frame for a new block at a height already seen is a reorg there, handled exactly as an
 upstream's: the tracker links the fork by parent hash (headers of earlier frames need no
-fetch), the feed retracts the old blocks, subscribers get removed logs.
+fetch), the follower retracts the old blocks, subscribers get removed logs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import logging
 
 import orjson
 
-from chainrelay.chain.follower import BlockFeed, geth_header
+from chainrelay.chain.events import geth_header
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.metrics import Metrics
 from chainrelay.tree import frame as feedframe
@@ -27,14 +28,14 @@ log = logging.getLogger(__name__)
 class FeedSource:
     def __init__(
         self,
-        blocks: BlockFeed,
+        follower: BlockFollower,
         head: HeadTracker,
         pool: UpstreamPool,
         metrics: Metrics,
         *,
         max_payload_bytes: int,
     ) -> None:
-        self.blocks = blocks
+        self.follower = follower
         self.head = head
         self.pool = pool
         self.metrics = metrics
@@ -60,7 +61,7 @@ class FeedSource:
         ):
             self._bad(frame, "block does not match the frame's header")
             return
-        self.blocks.offer(block, block_raw, None if receipts_raw == b"null" else receipts_raw)
+        self.follower.offer(block, block_raw, None if receipts_raw == b"null" else receipts_raw)
         header = geth_header(block)
         # The tracker asks this upstream for parents it lacks (a gap): the parent that sent
         # the frame when it is one of the upstreams, else any live one.

@@ -1,6 +1,6 @@
-"""The relay tree's origin: each block this node's feed fetched, published as one frame.
+"""The relay tree's origin: each block this node's follower fetched, published as one frame.
 
-The block feed (``chain.follower``) already fetches every new canonical block once, full,
+The block follower (``chain.follower``) already fetches every new canonical block once, full,
 with its receipts, and in chain order (a reorg's new blocks included). The origin signs
 what its upstream answered, byte for byte, into one frame per block, encoded once; the
 hub keeps it and fans it out to every child.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from eth_account import Account
 
-from chainrelay.chain.follower import BlockEvent, BlockFeed
+from chainrelay.chain.events import BlockEvent
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.config import TreeConfig
 from chainrelay.errors import ConfigError
 from chainrelay.tree import frame as feedframe
@@ -48,15 +49,15 @@ def load_signer(tree: TreeConfig) -> feedframe.Signer | None:
 
 
 class Origin:
-    """Signs and publishes the block feed's blocks on ``stream``."""
+    """Signs and publishes the block follower's blocks on ``stream``."""
 
     def __init__(
-        self, hub: FeedHub, blocks: BlockFeed, signer: feedframe.Signer, stream: str
+        self, hub: FeedHub, follower: BlockFollower, signer: feedframe.Signer, stream: str
     ) -> None:
         self.hub = hub
         self.signer = signer
         self.stream = stream
-        blocks.add_fetched_listener(self._publish)
+        follower.add_fetched_listener(self._publish)
 
     def _publish(self, ev: BlockEvent, block_raw: bytes, receipts_raw: bytes | None) -> None:
         plain = feedframe.block_payload(block_raw, receipts_raw or b"null")

@@ -312,7 +312,7 @@ class _WsLink(asyncio.Protocol):
         proto.receive_data(data)
         for event in proto.events_received():
             if event.__class__ is Frame:
-                self._frame(typing.cast(Frame, event))
+                self._frame(event)
             elif isinstance(event, Response):
                 self._handshake()
         self._flush()

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.lab.delay_link import DEFAULT_MAX_SECONDS
-from tests.lab.procs import ROOT, Procs
+from tests.lab.procs import ROOT, Procs, stop_all
 from tests.lab.timing import SECOND
 
 # Every lab's namespaces start with "cr<pid>-<n>-"; the PID says whether the creator lives.
@@ -249,21 +249,7 @@ class RegionLab:
         """Stop every process (lab's first, then any left in its namespaces), then delete the
         namespaces; errors are collected and raised after everything was tried."""
         errors: list[str] = []
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+        stop_all(self.procs, STOP_TIMEOUT)
         for netns in reversed(self.made):
             try:
                 stop_pids([int(p) for p in ip("netns", "pids", netns).split()])

@@ -25,9 +25,10 @@ from chainrelay.batches.order import BatchOrder
 from chainrelay.metrics import Metrics
 from chainrelay.tree import frame as feedframe
 from chainrelay.tree.frame import HEADER, HEADER_LEN, Frame, Signer, keccak
-from chainrelay.tree.hub import BatchSpec, FeedChild, FeedHub
+from chainrelay.tree.hub import FeedChild, FeedHub
 from chainrelay.tree.link import HELD_INTERVAL, FeedLink
 from chainrelay.tree.session import CLOSE_BAD_HELLO, Want, encode_held
+from chainrelay.tree.streams import BatchSpec, BatchStream
 from chainrelay.wire.wsframes import binary_header
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
@@ -84,9 +85,9 @@ def relay_node(**kw: Any) -> FeedHub:
 
 
 def order_of(h: FeedHub) -> BatchOrder[Frame]:
-    order = h.streams[S].order
-    assert order is not None
-    return order
+    st = h.streams[S]
+    assert isinstance(st, BatchStream)
+    return st.order
 
 
 def counted(h: FeedHub, outcome: str, stream: str = S) -> float:

@@ -1,9 +1,9 @@
-"""The block feed's calls and the request pipeline, in memory, when the feed's call fails:
+"""The block follower's calls and the request pipeline, in memory, when its call fails:
 reads derived from it that nobody joined cost nothing; a client that joined gets the error.
 
 Pair tier: a real RpcService and its coalescer against a fake upstream that holds every
 call until the test lets it go, then answers it with a server error (a node cannot be made
-to fail one call on demand). Reads that succeed ride on the feed's calls as well: that is
+to fail one call on demand). Reads that succeed ride on the follower's calls as well: that is
 checked against anvil in tests/system/test_block_feed.py.
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from chainrelay.chain.follower import BlockFeed, _Unavailable
+from chainrelay.chain.fetch import Unavailable
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
@@ -66,8 +67,8 @@ class Pair:
         view.canonical, view.numbers = {N: BLOCK_HASH}, {BLOCK_HASH: N}
         view.generation += 1
         self.rpc = RpcService(MemoryCache(1 << 20, 1 << 16), pool, self.head, metrics, 56)
-        self.feed = BlockFeed(
-            pool, self.head, self.rpc.cache, metrics, feed_call=self.rpc.feed_call
+        self.follower = BlockFollower(
+            pool, self.head, self.rpc.cache, metrics, rpc_call=self.rpc.follower_call
         )
 
     async def client(self, method: str, params: list[Any]) -> Any:
@@ -82,15 +83,15 @@ def pair() -> Pair:
     return Pair()
 
 
-async def test_reads_derived_from_a_feed_call_a_fake_upstream_fails_cost_nothing_unless_joined(
+async def test_reads_derived_from_a_follower_call_a_fake_upstream_fails_cost_nothing_unless_joined(
     pair: Pair,
 ) -> None:
-    fetch = asyncio.ensure_future(pair.feed._fetch_once(N, BLOCK_HASH))
+    fetch = asyncio.ensure_future(pair.follower.fetcher.fetch_once(N, BLOCK_HASH))
     await until(lambda: pair.node.methods["eth_getBlockByHash"] == 1, 5 * SECOND, "the fetch")
     joined = asyncio.ensure_future(pair.client("eth_getBlockByNumber", [hex(N), False]))
     await until(lambda: pair.rpc._coalescer.joined >= 1, 5 * SECOND, "the client to join")
     pair.node.go.set()
-    with pytest.raises(_Unavailable):  # the feed's own retries take it from there
+    with pytest.raises(Unavailable):  # the follower's own retries take it from there
         await fetch
     answer = await joined
     # The joined read made its own call (and got the upstream's error); the derived reads

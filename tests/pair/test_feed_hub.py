@@ -22,7 +22,7 @@ import pytest
 from websockets.protocol import State
 
 from chainrelay import defaults
-from chainrelay.chain.follower import BlockFeed
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
@@ -467,21 +467,21 @@ def test_the_bomb_builder_makes_real_bombs() -> None:
 
 
 class Node:
-    """A child node whose frames go on to its block feed and head (``FeedSource``)."""
+    """A child node whose frames go on to its block follower and head (``FeedSource``)."""
 
     def __init__(self, max_payload_bytes: int) -> None:
         metrics = Metrics()
         pool = UpstreamPool([BlanketUpstream()], PoolConfig(max_attempts=1), metrics)
         self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
-        self.blocks = BlockFeed(pool, self.head, MemoryCache(1 << 20, 1 << 16), metrics)
+        self.follower = BlockFollower(pool, self.head, MemoryCache(1 << 20, 1 << 16), metrics)
         self.source = FeedSource(
-            self.blocks, self.head, pool, metrics, max_payload_bytes=max_payload_bytes
+            self.follower, self.head, pool, metrics, max_payload_bytes=max_payload_bytes
         )
         self.hub = FeedHub([STREAM], metrics, trust=[ORIGIN.address])
         self.hub.listeners.append(self.source.on_frame)
 
     def offered(self) -> list[str]:
-        return list(self.blocks._offered)
+        return list(self.follower.offers.blocks)
 
 
 @pytest.mark.parametrize(
@@ -761,8 +761,8 @@ async def test_frames_of_unknown_streams_are_counted_under_one_label() -> None:
 async def test_blocks_offered_by_frames_are_bounded_in_bytes_oldest_dropped_first() -> None:
     node = Node(defaults.TREE_MAX_PAYLOAD_BYTES)
     sizes = [len(block_json(n)) + len(b"[]") for n in range(6)]
-    node.blocks.offered_max_bytes = sum(sizes[3:])  # room for the newest three exactly
+    node.follower.offers.max_bytes = sum(sizes[3:])  # room for the newest three exactly
     for n in range(6):
         assert node.hub.accept(frame(n)) is not None  # the head never reaches them here
     assert node.offered() == ["0x" + block_hash(n).hex() for n in (3, 4, 5)]
-    assert node.blocks._offered_bytes == sum(sizes[3:])
+    assert node.follower.offers.bytes == sum(sizes[3:])

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from chainrelay.app import Node
-from chainrelay.chain.follower import BlockFeed
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.config import quick
 from chainrelay.errors import StopFailed
@@ -29,7 +29,7 @@ from tests.lab.recorded_upstream import make_app, recordings_for
 SERVICES: dict[str, Any] = {
     "pool": UpstreamPool,
     "head": HeadTracker,
-    "blocks": BlockFeed,
+    "follower": BlockFollower,
     "filters": FilterService,
     "subscriptions": SubscriptionService,
     "server": HttpServer,

@@ -1,9 +1,9 @@
-"""The block feed's early heads, without sockets: a head whose header the upstream pushed
+"""The block follower's early heads, without sockets: a head whose header the upstream pushed
 reaches head listeners as the tracker adopts it, before its block and receipts are fetched;
 heads the tracker had to walk back to, and the heads of a reorg, wait for the fetch. Every
 head reaches head listeners once and in chain order, and each block's event follows.
 
-Pair tier: a real head tracker and block feed over an in-memory chain standing in for the
+Pair tier: a real head tracker and block follower over an in-memory chain standing in for the
 upstream's answers; receipts can be held back to hold the fetch where the test wants it.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 import orjson
 import pytest
 
-from chainrelay.chain.follower import HEADER_FIELDS, BlockEvent, BlockFeed
+from chainrelay.chain.events import HEADER_FIELDS, BlockEvent
+from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import PoolConfig
@@ -91,17 +92,17 @@ class MemoryChain(Upstream):
 
 
 class Lab:
-    def __init__(self, cache: MemoryCache | None = None, **feed: Any) -> None:
+    def __init__(self, cache: MemoryCache | None = None, **follower: Any) -> None:
         self.chain = MemoryChain()
         self.metrics = metrics = Metrics()
         pool = UpstreamPool([self.chain], PoolConfig(), metrics)
         self.tracker = HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=0)
         cache = MemoryCache(1 << 20, 1 << 16) if cache is None else cache
-        self.feed = BlockFeed(pool, self.tracker, cache, metrics, window=16, **feed)
+        self.follower = BlockFollower(pool, self.tracker, cache, metrics, window=16, **follower)
         self.heads: list[dict[str, Any]] = []
         self.events: list[BlockEvent] = []
-        self.feed.add_head_listener(self.heads.append)
-        self.feed.add_listener(self.events.extend)
+        self.follower.add_head_listener(self.heads.append)
+        self.follower.add_listener(self.events.extend)
 
     async def push(self, h: Header) -> None:
         """The upstream's head stream sends ``h``, as ``HeadTracker.push_header`` takes it,
@@ -129,11 +130,11 @@ class Lab:
 
 @asynccontextmanager
 async def running(lab: Lab) -> AsyncIterator[Lab]:
-    await lab.feed.start()
+    await lab.follower.start()
     try:
         yield lab
     finally:
-        await lab.feed.stop()
+        await lab.follower.stop()
         await lab.tracker.stop()
 
 
@@ -341,7 +342,7 @@ async def test_only_number_hash_and_logs_are_kept_and_none_at_or_below_finalized
         c.logs[h.hash] = [a_log(h, 0)]
         await lab.push(h)
         await lab.wait_events(n)
-    kept = [lab.feed.order._blocks[n][1] for n in sorted(lab.feed.order._blocks)]
+    kept = [lab.follower.order._blocks[n][1] for n in sorted(lab.follower.order._blocks)]
     assert [e.number for e in kept] == [1, 2, 3, 4, 5]
     assert all(e.block == {} and e.header == {} and len(e.logs) == 1 for e in kept)
     lab.tracker.view.finalized = 3
@@ -349,7 +350,7 @@ async def test_only_number_hash_and_logs_are_kept_and_none_at_or_below_finalized
     c.logs[six.hash] = [a_log(six, 0)]
     await lab.push(six)
     await lab.wait_events(6)
-    assert sorted(lab.feed.order._blocks) == [4, 5, 6]
+    assert sorted(lab.follower.order._blocks) == [4, 5, 6]
     # A reorg above the finalized block still retracts what it replaces.
     six_b = c.add("b", 6, "a")
     await lab.push(six_b)

@@ -24,7 +24,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from chainrelay.chain.follower import BlockEvent
+from chainrelay.chain.events import BlockEvent
 from chainrelay.config import FiltersConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.server.ws import WsSession

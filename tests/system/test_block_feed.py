@@ -1,4 +1,4 @@
-"""The block feed's upstream side through a relay: its fetch shared with clients' reads of
+"""The block follower's upstream side through a relay: its fetch shared with clients' reads of
 the same block and of its receipts, and the automatic mode that follows blocks only while
 clients read them. Every answer is compared with anvil's, byte for byte.
 

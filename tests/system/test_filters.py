@@ -2,7 +2,7 @@
 
 anvil mines only when told to, so both sides see exactly the same blocks; web3.py's filter
 API polls the relay and anvil alike and the two must collect the same logs and blocks. The
-relay's filters live on the relay, fed by its block feed: they survive the loss of the
+relay's filters live on the relay, fed by its block follower: they survive the loss of the
 upstream connection, report removed logs after a reorg, and expire when nobody polls.
 """
 

@@ -1,4 +1,4 @@
-"""eth_getLogs for recent blocks answered from the block feed's own blocks: no upstream
+"""eth_getLogs for recent blocks answered from the block follower's own blocks: no upstream
 call, the same bytes as the node's answer. Real anvil (mining on demand), a real relay,
 the counting proxy between them."""
 

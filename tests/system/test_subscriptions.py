@@ -21,7 +21,7 @@ import websockets
 from web3 import AsyncWeb3, WebSocketProvider
 from websockets.asyncio.client import ClientConnection
 
-from chainrelay.chain.follower import HEADER_FIELDS
+from chainrelay.chain.events import HEADER_FIELDS
 from chainrelay.devnet import Anvil, deploy_emitter, traffic, transfer_emitter_initcode
 from tests.lab.chain import (
     DEV_ACCOUNTS,

@@ -26,7 +26,7 @@ from eth_utils import to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3, WebSocketProvider
 from websockets.asyncio.client import ClientConnection
 
-from chainrelay.chain.follower import HEADER_FIELDS
+from chainrelay.chain.events import HEADER_FIELDS
 from chainrelay.clients.subscriber import FeedBlock, Subscription
 from chainrelay.devnet import Anvil, deploy_emitter, traffic, transfer_emitter_initcode
 from chainrelay.tree import frame as feedframe
@@ -259,7 +259,7 @@ async def test_leaf_serves_what_anvil_serves_from_frames(
         first = await head_number(anvil.url) + 1
         last = first + 5
         # Two blocks past: a read racing the newest block's warming may go upstream (the
-        # block feed's documented price), and this test is about what frames warmed.
+        # block follower's documented price), and this test is about what frames warmed.
         await wait_head(leaf, last + 2)
     # Each provider holds an aiohttp session: left open, it surfaces as an unraisable
     # warning in whichever test the garbage collector happens to run.

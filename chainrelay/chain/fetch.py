@@ -1,0 +1,262 @@
+"""Fetching one block for the follower: the full block, its receipts, its logs.
+
+A block offered whole (``chain.offers``: a relay tree frame) is taken as it is, with no
+upstream call. Otherwise the block comes from eth_getBlockByHash(h, true) and its logs from
+eth_getBlockReceipts; a block whose receipts fail (any error, or an upstream without
+``eth_getBlockReceipts``, asked again every ``receipts_retry_blocks``) gets its logs from
+``eth_getLogs`` by block hash. A block no upstream gives now raises ``Unavailable``: the
+follower tries it again at a later pass.
+
+The reads go through the RPC pipeline's cache and coalescer (``rpc_call``) under the keys a
+client's same request has, with the light block, the block by number and each
+transaction's receipt derived from them as calls clients join: a client asking for the
+block the moment its newHeads arrives rides on the follower's fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from chainrelay import defaults
+from chainrelay.chain.events import BlockEvent, geth_header
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.offers import OfferedBlocks
+from chainrelay.errors import UpstreamError
+from chainrelay.metrics import Metrics
+from chainrelay.subscriptions.logfilter import logs_of_receipts
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.wire.jsonrpc import Answer
+
+log = logging.getLogger(__name__)
+
+# Error codes meaning "this upstream does not serve the method" (geth, erigon, providers).
+_UNSUPPORTED = (-32601, -32604)
+
+# A read the client's same request could join: (method, params, the answer from the
+# source call's value).
+Derived = tuple[str, list[Any], Callable[[Any], Any]]
+# ``RpcService.follower_call``: (method, params, min_block, derived reads) -> the answer.
+RpcCall = Callable[[str, list[Any], int, Sequence[Derived]], Awaitable[Answer]]
+
+
+class Unavailable(Exception):
+    """No upstream could give this block now (not there yet, another fork, an error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawBlock:
+    """The bytes the upstream answered for a block, kept for the cache."""
+
+    block: bytes
+    light: dict[str, Any]  # the block with transaction hashes instead of bodies
+    receipts: list[dict[str, Any]] | None
+    receipts_raw: bytes | None
+
+
+class BlockFetcher:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        head: HeadTracker,
+        metrics: Metrics,
+        offers: OfferedBlocks,
+        *,
+        rpc_call: RpcCall | None = None,
+        retry_delay: float = defaults.FEED_FETCH_RETRY_DELAY,
+        attempts: int = defaults.FEED_FETCH_ATTEMPTS,
+        receipts_retry_blocks: int = defaults.FEED_RECEIPTS_RETRY_BLOCKS,
+    ) -> None:
+        self.pool = pool
+        self.head = head
+        self.metrics = metrics
+        self.offers = offers
+        self._call: RpcCall = rpc_call or self._pool_call
+        self.retry_delay = retry_delay
+        self.attempts = attempts
+        self.receipts_retry_blocks = receipts_retry_blocks
+        # eth_getBlockReceipts is skipped below this block number: an upstream said it
+        # lacks the method, and is asked again past it.
+        self._receipts_from = -1
+
+    async def fetch(self, number: int, block_hash: str) -> tuple[BlockEvent, RawBlock]:
+        """Block ``number`` with ``block_hash``, up to ``attempts`` tries while it is
+        canonical; ``Unavailable`` if none gave it."""
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(self.retry_delay)
+            if self.head.view.canonical.get(number) != block_hash:
+                raise Unavailable  # reorged away while we waited: the next step says what
+            try:
+                return await self.fetch_once(number, block_hash)
+            except (Unavailable, UpstreamError) as exc:
+                log.debug("block %d %s not fetched (%s)", number, block_hash, exc)
+        raise Unavailable
+
+    async def fetch_once(self, number: int, block_hash: str) -> tuple[BlockEvent, RawBlock]:
+        offered = self.offers.take(block_hash)
+        if offered is not None:
+            got = self._from_offer(number, block_hash, *offered)
+            if got is not None:
+                return got
+        # Client reads answered from this block, joined while it is fetched. By number
+        # only while this block is the canonical one there (the key names that hash).
+        derived: list[Derived] = [
+            ("eth_getBlockByHash", [block_hash, False], _light_or_none),
+        ]
+        if self.head.view.canonical.get(number) == block_hash:
+            derived += [
+                ("eth_getBlockByNumber", [hex(number), True], _block_or_none),
+                ("eth_getBlockByNumber", [hex(number), False], _light_or_none),
+            ]
+        answer = await self._call("eth_getBlockByHash", [block_hash, True], number, derived)
+        block = answer.value
+        if answer.error is not None or not isinstance(block, dict) or answer.result is None:
+            raise Unavailable("block")
+        if block.get("hash") != block_hash:
+            raise Unavailable("another block")
+        receipts, receipts_raw = await self._receipts(number, block_hash, block)
+        if receipts is not None:
+            logs = logs_of_receipts(receipts)
+        else:
+            logs = await self._logs(number, block_hash)
+        if any(x.get("blockHash") != block_hash for x in logs):
+            raise Unavailable("logs of another fork")
+        light = _light(block)
+        event = BlockEvent(number, block_hash, self._header(light), block, logs, False)
+        return event, RawBlock(answer.result, light, receipts, receipts_raw)
+
+    def _from_offer(
+        self,
+        number: int,
+        block_hash: str,
+        block: dict[str, Any],
+        block_raw: bytes,
+        receipts_raw: bytes | None,
+    ) -> tuple[BlockEvent, RawBlock] | None:
+        """An offered block as if fetched; None (fetch it) if it does not hold together."""
+        if block.get("hash") != block_hash or block.get("number") != hex(number):
+            return None
+        receipts = orjson.loads(receipts_raw) if receipts_raw is not None else None
+        if not isinstance(receipts, list) or any(
+            not isinstance(r, dict) or r.get("blockHash") != block_hash for r in receipts
+        ):
+            return None  # no usable receipts: fetched the usual way
+        light = _light(block)
+        event = BlockEvent(
+            number, block_hash, self._header(light), block, logs_of_receipts(receipts), False
+        )
+        return event, RawBlock(block_raw, light, receipts, receipts_raw)
+
+    async def _logs(self, number: int, block_hash: str) -> list[dict[str, Any]]:
+        """The block's logs by eth_getLogs, when its receipts did not come."""
+        got = await self.pool.call("eth_getLogs", [{"blockHash": block_hash}], number)
+        if got.error is not None or not isinstance(got.value, list):
+            raise Unavailable("logs")
+        return [x for x in got.value if isinstance(x, dict)]
+
+    async def _receipts(
+        self, number: int, block_hash: str, block: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]] | None, bytes | None]:
+        """The block's receipts, or (None, None): take its logs from eth_getLogs instead
+        (the upstream lacks the method, or failed it this time)."""
+        if number < self._receipts_from:
+            return None, None
+        answer: Answer | None = None
+        try:
+            got = await self._call_receipts(number, block_hash, block)
+        except UpstreamError as exc:
+            why = str(exc)
+        else:
+            answer = got
+            why = got.error_message() if got.error is not None else "not a list"
+        if answer is not None and answer.error is None and isinstance(answer.value, list):
+            if any(
+                not isinstance(r, dict) or r.get("blockHash") != block_hash for r in answer.value
+            ):
+                raise Unavailable("receipts of another fork")
+            return answer.value, answer.result
+        if answer is not None and answer.error is not None:
+            if _error_code(answer.error) in _UNSUPPORTED:
+                self._receipts_from = number + self.receipts_retry_blocks
+                log.info(
+                    "upstream lacks eth_getBlockReceipts: logs come from eth_getLogs "
+                    "until block %d",
+                    self._receipts_from,
+                )
+                return None, None
+        log.warning("block %d: eth_getBlockReceipts failed (%s); logs by eth_getLogs", number, why)
+        self.metrics.feed_problems.labels("receipts_fallback").inc()
+        return None, None
+
+    async def _call_receipts(self, number: int, block_hash: str, block: dict[str, Any]) -> Answer:
+        """eth_getBlockReceipts under the key of a client's receipts by number (the
+        pipeline asks by this block's hash), each transaction's receipt derived from it."""
+        if self._call == self._pool_call or self.head.view.canonical.get(number) != block_hash:
+            return await self.pool.call("eth_getBlockReceipts", [block_hash], number)
+        derived = [
+            ("eth_getTransactionReceipt", [tx["hash"]], _receipt_of(tx["hash"], block_hash))
+            for tx in block.get("transactions") or ()
+            if isinstance(tx, dict) and isinstance(tx.get("hash"), str)
+        ]
+        return await self._call("eth_getBlockReceipts", [hex(number)], number, derived)
+
+    async def _pool_call(
+        self, method: str, params: list[Any], min_block: int, derived: Sequence[Derived] = ()
+    ) -> Answer:
+        return await self.pool.call(method, params, min_block)
+
+    def _header(self, light: dict[str, Any]) -> dict[str, Any]:
+        """The newHeads payload of a block: the header an upstream pushed for this very
+        block, as pushed; else geth's header fields of the block (a head only polled)."""
+        pushed = self.head.pushed.get(light.get("hash", ""))
+        if pushed is not None:
+            return pushed
+        return geth_header(light)
+
+
+def _light(block: dict[str, Any]) -> dict[str, Any]:
+    """eth_getBlockByHash(h, false) derived from the full block: transactions as hashes."""
+    light = dict(block)
+    txs = block.get("transactions")
+    if isinstance(txs, list):
+        light["transactions"] = [t.get("hash") if isinstance(t, dict) else t for t in txs]
+    return light
+
+
+def _light_or_none(block: Any) -> dict[str, Any] | None:
+    return _light(block) if isinstance(block, dict) else None
+
+
+def _block_or_none(block: Any) -> dict[str, Any] | None:
+    return block if isinstance(block, dict) else None
+
+
+def _receipt_of(tx_hash: str, block_hash: str) -> Callable[[Any], Any]:
+    """Picks one transaction's receipt out of its block's receipts."""
+
+    def pick(receipts: Any) -> Any:
+        for r in receipts if isinstance(receipts, list) else ():
+            if (
+                isinstance(r, dict)
+                and r.get("transactionHash") == tx_hash
+                and r.get("blockHash") == block_hash
+            ):
+                return r
+        return None
+
+    return pick
+
+
+def _error_code(error: bytes) -> int | None:
+    try:
+        doc = orjson.loads(error)
+    except orjson.JSONDecodeError:
+        return None
+    code = doc.get("code") if isinstance(doc, dict) else None
+    return code if isinstance(code, int) else None
