@@ -246,7 +246,7 @@ FEED_RECEIPTS_RETRY_BLOCKS = 100
 # notification is ~200 B, so this only bounds what a broken upstream can make us hold.
 PENDING_MAX_MESSAGE = 64 * 1024
 
-# --- Relay tree (feed frames between nodes; see protocol/feedsession.py) -------------------
+# --- Relay tree (feed frames between nodes; see tree/session.py) ------------------------
 # Frames each stream's backlog holds: ~6 minutes of BSC blocks (0.75 s), 2 of Arbitrum's
 # (4 a second); a restarted node or a reconnecting child resumes from it without JSON-RPC.
 TREE_BACKLOG_FRAMES = 512
@@ -339,7 +339,7 @@ SUBSCRIBER_BACKFILL_TIMEOUT = 10.0
 # doubling to TREE_RETRY_MAX between them: ~20 s for a block a parent has yet to fetch.
 SUBSCRIBER_BACKFILL_ROUNDS = 8
 
-# --- L2 batches (ingress, batch streams in the tree; see protocol/ingress.py) -------------
+# --- L2 batches (ingress, batch streams in the tree; see batches/rules.py) -------------
 # Largest batch payload an ingress takes: Arbitrum's poster caps a calldata batch at ~100 KB
 # and a blob batch at 6 blobs of 128 KiB (768 KiB); 1 MiB holds either with room.
 BATCH_MAX_PAYLOAD_BYTES = 1 * MiB

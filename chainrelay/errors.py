@@ -115,7 +115,7 @@ class TooManyFilters(LimitExceeded):
 
 
 class BatchRefused(RequestError):
-    """A batch push this ingress node refuses; ``code`` names why (services/ingress.py:
+    """A batch push this ingress node refuses; ``code`` names why (batches/ingress.py:
     -32040 gap, -32041 conflict, -32042 signer, -32043 signature, -32044 too large, -32045
     unknown stream, -32046 not held by enough relays, -32047 not durable)."""
 
