@@ -1,31 +1,33 @@
-"""The app: builds a node's services from its config, starts them in order, stops them in
-reverse order (collecting errors instead of stopping at the first)."""
+"""The app: composes a node from its config, one capability after another, and takes it
+apart in reverse order, every stop running whatever the others raise (see composition.py).
+
+Each capability is entered through the node's one ``Composition`` (an ``AsyncExitStack``),
+and each service gets what it needs at construction. Four links close cycles through
+constructors this module keeps as they are (RpcService's, FeedHub's); they are made in
+one place, the "Late links" at the end of this module.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import orjson
 
+from chainrelay import defaults
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import ChainProfile, profile_for
-from chainrelay.config import CacheConfig, Config, parse_listen
-from chainrelay.errors import ChainRelayError
+from chainrelay.composition import Composition, on_leaving, running
+from chainrelay.config import Config, parse_listen
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
-from chainrelay.rpc.shared_cache import (
-    REDIS_MODE_MEMORY_BYTES,
-    RedisCache,
-    RedisSettings,
-    lock_scope,
-)
+from chainrelay.rpc.shared_cache import RedisCache, lock_scope
 from chainrelay.server.http import HttpServer, Routes
 from chainrelay.server.peer import new_via_name
 from chainrelay.subscriptions.filters import FilterService
@@ -55,7 +57,7 @@ class Node:
         (one is made when not given)."""
         self.cfg = cfg
         self.metrics = Metrics()
-        self._stack: list[Callable[[], Awaitable[None]]] = []
+        self._composition = Composition()
         self.pool: UpstreamPool | None = None
         self.head: HeadTracker | None = None
         self.rpc: RpcService | None = None
@@ -75,77 +77,19 @@ class Node:
         self.via = via or new_via_name()
 
     async def start(self, *, reuse_port: bool = False) -> None:
+        """Every capability in order; a failure stops what had started, then is raised."""
         try:
-            await self._start(reuse_port)
+            await self._compose(reuse_port)
         except BaseException:
             await self.stop()
             raise
 
-    async def _start(self, reuse_port: bool) -> None:
+    async def _compose(self, reuse_port: bool) -> None:
         cfg = self.cfg
-        p = cfg.pool
-        upstreams = [
-            make_upstream(
-                u.name,
-                u.url,
-                timeout=p.timeout,
-                connections=p.connections,
-                ws_ping_interval=p.ws_ping_interval,
-                ws_max_message_bytes=p.ws_max_message_bytes,
-            )
-            for u in cfg.upstreams
-        ]
-        for u in upstreams:
-            u.via = f"1.1 {self.via}"  # before start: an HTTP session sends it by default
-        pool = self.pool = UpstreamPool(upstreams, p, self.metrics)
-        self._stack.append(pool.stop)
-        await pool.start()
-        self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
-        for u in pool.upstreams:
-            self.metrics.upstream_healthy.labels(u.name).set(1)
-        profile = self.profile = profile_for(cfg.chain.profile or None, self.chain_id)
-        head = self.head = HeadTracker(
-            pool,
-            profile,
-            self.metrics,
-            window=cfg.head.reorg_window,
-            backfill=cfg.head.backfill_blocks,
-            finality_refresh_blocks=cfg.head.finality_refresh_blocks,
-            fresh_blocks=cfg.head.fresh_blocks,
-            poll={
-                "lead": cfg.head.poll_lead,
-                "near": cfg.head.poll_near,
-                "alpha": cfg.head.interval_alpha,
-                "min_factor": cfg.head.interval_min_factor,
-                "max_factor": cfg.head.interval_max_factor,
-                "backoff": cfg.head.poll_backoff,
-                "min_interval": cfg.head.poll_min_interval,
-                "max_interval": cfg.head.poll_max_interval,
-                "probe_every": cfg.head.poll_probe_every,
-            },
-            # A node whose upstreams are only its tree parents takes its heads from frames.
-            # (Unless it trusts no block origin: a tree of batches alone brings no heads.)
-            pushed_only=bool(cfg.tree.parents and cfg.tree.trust)
-            and {u.url for u in cfg.upstreams} <= {p.rpc for p in cfg.tree.parents},
-        )
-        self._stack.append(head.stop)
-        await head.start()
-        if not await head.wait_ready(FIRST_HEAD_TIMEOUT):
-            log.warning(
-                "no head after %.0fs; serving, uncached until one arrives", FIRST_HEAD_TIMEOUT
-            )
-        c = cfg.cache
-        memory_bytes = c.memory_bytes
-        if c.backend != "memory":
-            scope = lock_scope([u.url for u in cfg.upstreams])
-            shared = RedisCache(redis_settings(c), self.chain_id, self.metrics, scope)
-            self.shared = shared
-            self._stack.append(shared.close)
-            await shared.start()  # an unreachable Redis is probed in the background
-            if c.backend == "redis":
-                memory_bytes = min(memory_bytes, REDIS_MODE_MEMORY_BYTES)
-        cache = MemoryCache(memory_bytes, c.max_entry_bytes)
-        self.rpc = RpcService(
+        pool = await self._upstreams()
+        head = await self._head(pool)
+        cache = await self._cache()
+        rpc = self.rpc = RpcService(
             cache,
             pool,
             head,
@@ -157,11 +101,97 @@ class Node:
             max_hit_table_entries=cfg.limits.max_hit_table_entries,
             memo_max_params_bytes=cfg.limits.memo_max_params_bytes,
         )
-        sc = cfg.subscriptions
+        follower = await self._follower(pool, head, cache, rpc)
+        filters = self.filters = await self._composition.enter(
+            running(FilterService(cfg.filters, follower, rpc.call, self.metrics))
+        )
+        _link_rpc(rpc, filters, follower)
+        subs = self.subscriptions = SubscriptionService(
+            follower, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=rpc.call
+        )
+        await self._composition.enter(on_leaving(subs.stop))
+        server = await self._server(rpc, subs, reuse_port)
+        if self.hub is not None:
+            await self._composition.enter(on_leaving(self._close_children))
+        if cfg.tree.parents:
+            await self._link_parents()
+        log.info(
+            "serving chain %d (%s profile) on %s:%d with %d upstream(s), head %d",
+            self.chain_id,
+            head.profile.name,
+            parse_listen(cfg.server.listen)[0],
+            server.port,
+            len(pool.upstreams),
+            head.view.number,
+        )
+
+    async def _upstreams(self) -> UpstreamPool:
+        """The pool, started, and the chain its upstreams serve."""
+        cfg = self.cfg
+        # Via before start: an HTTP upstream's session sends it by default.
+        via = f"1.1 {self.via}"
+        upstreams = [make_upstream(u, cfg.pool, via=via) for u in cfg.upstreams]
+        pool = self.pool = await self._composition.enter(
+            running(UpstreamPool(upstreams, cfg.pool, self.metrics))
+        )
+        self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
+        for u in pool.upstreams:
+            self.metrics.upstream_healthy.labels(u.name).set(1)
+        return pool
+
+    async def _head(self, pool: UpstreamPool) -> HeadTracker:
+        cfg = self.cfg
+        profile = self.profile = profile_for(cfg.chain.profile or None, self.chain_id)
         tree = cfg.tree
-        follow = "always" if sc.follow_blocks_always else sc.follow_blocks
+        head = self.head = await self._composition.enter(
+            running(
+                HeadTracker(
+                    pool,
+                    profile,
+                    self.metrics,
+                    window=cfg.head.reorg_window,
+                    backfill=cfg.head.backfill_blocks,
+                    finality_refresh_blocks=cfg.head.finality_refresh_blocks,
+                    fresh_blocks=cfg.head.fresh_blocks,
+                    poll=cfg.head.poll_settings(),
+                    # A node whose upstreams are only its tree parents takes its heads from
+                    # frames. (Unless it trusts no block origin: a tree of batches alone
+                    # brings no heads.)
+                    pushed_only=bool(tree.parents and tree.trust)
+                    and {u.url for u in cfg.upstreams} <= {p.rpc for p in tree.parents},
+                )
+            )
+        )
+        if not await head.wait_ready(FIRST_HEAD_TIMEOUT):
+            log.warning(
+                "no head after %.0fs; serving, uncached until one arrives", FIRST_HEAD_TIMEOUT
+            )
+        return head
+
+    async def _cache(self) -> MemoryCache:
+        """The memory LRU, and the Redis tier behind it for the "redis"/"tiered" backends."""
+        c = self.cfg.cache
+        memory_bytes = c.memory_bytes
+        if c.backend != "memory":
+            scope = lock_scope([u.url for u in self.cfg.upstreams])
+            shared = self.shared = RedisCache(c, self.chain_id, self.metrics, scope)
+            await self._composition.enter(on_leaving(shared.close))
+            await shared.start()  # an unreachable Redis is probed in the background
+            if c.backend == "redis":
+                memory_bytes = min(memory_bytes, defaults.REDIS_MODE_MEMORY_BYTES)
+        return MemoryCache(memory_bytes, c.max_entry_bytes)
+
+    async def _follower(
+        self, pool: UpstreamPool, head: HeadTracker, cache: MemoryCache, rpc: RpcService
+    ) -> BlockFollower:
+        """The block follower, started once the tree and batch streams built on it are in place
+        (an origin listens before the first block); it stops after them."""
+        cfg = self.cfg
+        tree = cfg.tree
+        follow = cfg.subscriptions.follow
         if tree.enabled and (tree.trust or tree.key or tree.key_file):
             follow = "always"  # every block of the tree warms this node's cache
+        sc = cfg.subscriptions
         follower = self.follower = BlockFollower(
             pool,
             head,
@@ -170,66 +200,27 @@ class Node:
             window=cfg.head.reorg_window,
             follow=follow,
             follow_recent=sc.follow_recent_blocks,
-            rpc_call=self.rpc.follower_call,
-            fetch_retry_delay=cfg.subscriptions.feed_fetch_retry_delay,
-            fetch_attempts=cfg.subscriptions.feed_fetch_attempts,
-            block_passes=cfg.subscriptions.feed_block_passes,
-            receipts_retry_blocks=cfg.subscriptions.feed_receipts_retry_blocks,
-            pending_max_message=cfg.subscriptions.pending_max_message,
+            rpc_call=rpc.follower_call,
+            fetch_retry_delay=sc.feed_fetch_retry_delay,
+            fetch_attempts=sc.feed_fetch_attempts,
+            block_passes=sc.feed_block_passes,
+            receipts_retry_blocks=sc.feed_receipts_retry_blocks,
+            pending_max_message=sc.pending_max_message,
             offered_max_bytes=tree.offered_max_bytes,
         )
-        self._stack.append(follower.stop)
+        await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:
-            self._start_tree(profile.name, follower)
-            await self._start_batches()
+            hub = self._tree(head.profile.name, follower, head, pool)
+            await self._composition.enter(on_leaving(hub.stop))
+            await self._batches(hub)
         await follower.start()
-        filters = self.filters = FilterService(cfg.filters, follower, self.rpc.call, self.metrics)
-        self._stack.append(filters.stop)
-        await filters.start()
-        self.rpc.filters = filters
-        self.rpc.note_miss = follower.note_miss
-        self.rpc.local_logs = follower.recent_logs
-        subs = self.subscriptions = SubscriptionService(
-            follower, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=self.rpc.call
-        )
-        self._stack.append(subs.stop)
-        server = self.server = HttpServer(
-            Routes(
-                self.rpc.handle,
-                self.health,
-                self.metrics.render,
-                subs.open,
-                replayer=self.rpc,
-                feed=self.hub.open_child if self.hub is not None else None,
-                batches=self.ingress,
-                feed_range=self.range.serve if self.range is not None else None,
-            ),
-            cfg.limits,
-            self.metrics,
-            cfg.server.cors_origins,
-            via=self.via,
-        )
-        host, port = parse_listen(cfg.server.listen)
-        await server.start(host, port, reuse_port=reuse_port)
-        self._stack.append(server.stop)
-        if self.hub is not None:
-            self._stack.append(self._close_children)
-        if tree.parents:
-            await self._link_parents()
-        log.info(
-            "serving chain %d (%s profile) on %s:%d with %d upstream(s), head %d",
-            self.chain_id,
-            profile.name,
-            host,
-            server.port,
-            len(pool.upstreams),
-            head.view.number,
-        )
+        return follower
 
-    def _start_tree(self, chain: str, follower: BlockFollower) -> None:
+    def _tree(
+        self, chain: str, follower: BlockFollower, head: HeadTracker, pool: UpstreamPool
+    ) -> FeedHub:
         """The hub, and this node's place in the tree: origin (a key), relay or leaf."""
         tree = self.cfg.tree
-        assert self.head is not None and self.pool is not None
         signer = load_signer(tree)
         streams = tree.streams or [f"{chain}/blocks"]
         trust = {bytes.fromhex(a[2:]) for a in tree.trust}
@@ -258,53 +249,65 @@ class Node:
             log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
         if tree.parents:
             source = FeedSource(
-                follower,
-                self.head,
-                self.pool,
-                self.metrics,
-                max_payload_bytes=tree.max_payload_bytes,
+                follower, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes
             )
-            hub.listeners.append(source.on_frame)
+            _link_hub_source(hub, source)
+        return hub
 
-    async def _start_batches(self) -> None:
+    async def _batches(self, hub: FeedHub) -> None:
         """Batch streams: the range endpoint on every node that carries them, and the
         ingress (durable log, pushes) on a node with ``[batches] log``."""
-        cfg, hub = self.cfg, self.hub
-        assert hub is not None
-        self._stack.append(hub.stop)
+        cfg = self.cfg
         b = cfg.batches
         if not b.streams:
             return
         batch_log = None
         if b.log:
-            batch_log = BatchLog(
-                b.log,
-                max_batches=b.commit_max_batches,
-                max_bytes=b.commit_max_bytes,
-                first_seqs={s.name: s.first_seq for s in b.streams},
+            batch_log = BatchLog(b)
+            specs = [st.spec for st in hub.streams.values() if isinstance(st, BatchStream)]
+            self.ingress = await self._composition.enter(
+                running(Ingress(b, specs, batch_log, hub, self.metrics))
             )
-            ingress = self.ingress = Ingress(
-                b,
-                [st.spec for st in hub.streams.values() if isinstance(st, BatchStream)],
-                batch_log,
-                hub,
-                self.metrics,
-                {s.name: s.first_seq for s in b.streams},
+        rng = self.range = await self._composition.enter(
+            running(
+                BatchRange(
+                    hub,
+                    b,
+                    via=self.via,
+                    max_hops=cfg.limits.max_relay_hops,
+                    max_frame_bytes=cfg.tree.max_frame_bytes,
+                    parents=self._parent_urls,
+                    log_=batch_log,
+                )
             )
-            self._stack.append(ingress.stop)
-            await ingress.start()
-        rng = self.range = BatchRange(
-            hub,
-            b,
-            via=self.via,
-            max_hops=cfg.limits.max_relay_hops,
-            max_frame_bytes=cfg.tree.max_frame_bytes,
-            parents=self._parent_urls,
-            log_=batch_log,
         )
-        self._stack.append(rng.stop)
-        await rng.start()
-        hub.fetch_range = rng.fetch
+        _link_hub_range(hub, rng)
+
+    async def _server(
+        self, rpc: RpcService, subs: SubscriptionService, reuse_port: bool
+    ) -> HttpServer:
+        cfg = self.cfg
+        server = self.server = HttpServer(
+            Routes(
+                rpc.handle,
+                self.health,
+                self.metrics.render,
+                subs.open,
+                replayer=rpc,
+                feed=self.hub.open_child if self.hub is not None else None,
+                batches=self.ingress,
+                feed_range=self.range.serve if self.range is not None else None,
+            ),
+            cfg.limits,
+            self.metrics,
+            cfg.server.cors_origins,
+            via=self.via,
+        )
+        host, port = parse_listen(cfg.server.listen)
+        await server.start(host, port, reuse_port=reuse_port)
+        # Its stop is entered once it has started: a server that failed to bind has none.
+        await self._composition.enter(on_leaving(server.stop))
+        return server
 
     def _parent_urls(self) -> list[str]:
         """The parents' HTTP endpoints: those linked now first, then the other candidates."""
@@ -323,32 +326,17 @@ class Node:
         metrics = self.metrics
         parents = self.parents = ParentSet(
             [Candidate(p.name, p.url, p.region) for p in tree.parents],
-            k=tree.parents_k,
+            tree,
             wants=lambda: hub.wants(tree.resume_last),
             on_frame=lambda link, raw: hub.accept(raw, link.name),
             on_gap=_log_gap,
             on_confirmed=lambda _link, stream, seq, sig: hub.confirm(stream, seq, sig),
-            max_frame_bytes=tree.max_frame_bytes,
-            connect_timeout=tree.connect_timeout,
-            retry_delay=tree.retry_delay,
-            retry_max=tree.retry_max,
-            ping_interval=tree.ping_interval,
             node=self.via,
-            probe_interval=tree.probe_interval,
-            degrade_factor=tree.degrade_factor,
-            min_gain=tree.min_gain,
             probe_urls={p.name: p.rpc for p in tree.parents},
-            probe_timeout=tree.probe_timeout,
-            probe_failures_down=tree.probe_failures_down,
-            link_failures_down=tree.link_failures_down,
-            down_hold=tree.down_hold,
-            link_check_interval=tree.link_check_interval,
-            stall_rounds=tree.stall_rounds,
             on_change=lambda names: metrics.feed_parents.set(len(names)),
         )
-        self._stack.append(parents.stop)
-        hub.on_held = self._tell_held
-        await parents.start()
+        _link_hub_parents(hub, self._tell_held)
+        await self._composition.enter(running(parents))
 
     def _tell_held(self, stream: str, position: int) -> None:
         """Every parent hears what this node holds (an ingress acknowledging only once
@@ -404,15 +392,9 @@ class Node:
         }
 
     async def stop(self) -> None:
-        errors: list[BaseException] = []
-        while self._stack:
-            stop = self._stack.pop()
-            try:
-                await stop()
-            except Exception as exc:  # keep stopping the rest
-                errors.append(exc)
-        if errors:
-            raise ChainRelayError(f"errors while stopping: {errors!r}")
+        """Stop what started, newest first. Every stop runs; their failures are raised
+        together afterwards, as one ``StopFailed`` (an ``ExceptionGroup``)."""
+        await self._composition.aclose()
 
     async def run_forever(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
         await self.start(reuse_port=reuse_port)
@@ -436,16 +418,31 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
     )
 
 
-def redis_settings(c: CacheConfig) -> RedisSettings:
-    return RedisSettings(
-        url=c.redis_url,
-        key_prefix=c.redis_key_prefix,
-        max_entry_bytes=c.redis_max_entry_bytes,
-        ttl_finalized=c.redis_ttl_finalized,
-        ttl_unfinalized=c.redis_ttl_unfinalized,
-        lock_ttl=c.redis_lock_ttl,
-        timeout=c.redis_timeout,
-        connect_timeout=c.redis_connect_timeout,
-        retry_interval=c.redis_retry_interval,
-        max_connections=c.redis_max_connections,
-    )
+# --- Late links ----------------------------------------------------------------------------
+# Each closes a cycle through a constructor this module keeps as it is, so the link is an
+# attribute set once, here, before anything can use it: before the server takes requests,
+# and before the parents' links bring frames.
+
+
+def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) -> None:
+    """The pipeline answers filter calls from the filter service, which asks the pipeline;
+    tells the follower of misses and reads its recent logs, while the follower fetches
+    through the pipeline."""
+    rpc.filters = filters
+    rpc.note_miss = follower.note_miss
+    rpc.local_logs = follower.recent_logs
+
+
+def _link_hub_source(hub: FeedHub, source: FeedSource) -> None:
+    """Blocks from the parents' frames go to the block follower."""
+    hub.listeners.append(source.on_frame)
+
+
+def _link_hub_range(hub: FeedHub, rng: BatchRange) -> None:
+    """The hub fetches missing batches through the range endpoint, which serves the hub's."""
+    hub.fetch_range = rng.fetch
+
+
+def _link_hub_parents(hub: FeedHub, tell_held: Callable[[str, int], None]) -> None:
+    """What the hub holds is told to the parents, whose frames go to the hub."""
+    hub.on_held = tell_held

@@ -1,6 +1,7 @@
 """Every default and limit, with the reason for its value. Each is overridable in config.
 
-Config keys use the lower-case name without the ``DEFAULT_`` prefix (see ``config.py``).
+A config section's field names its default here (see ``chainrelay/config/``); no other
+module repeats a value.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ MiB = 1024 * 1024
 
 # --- Server --------------------------------------------------------------------------------
 LISTEN = "127.0.0.1:8545"  # the port every Ethereum tool tries first
+# Browser origins allowed to call: a public JSON-RPC endpoint is meant for any dapp.
+CORS_ORIGINS = ("*",)
+# Worker processes sharing the port: one; each more serves from another core (workers.py).
+WORKERS = 1
 # geth's HTTP server refuses bodies over 5 MiB; a relay must accept whatever geth accepts.
 MAX_BODY_BYTES = 5 * MiB
 # geth's BatchRequestLimit is 1000; longer batches are abuse more often than need.
@@ -50,16 +55,53 @@ MAX_HIT_TABLE_ENTRIES = 50_000
 MEMO_MAX_PARAMS_BYTES = 4096
 
 # --- Cache ---------------------------------------------------------------------------------
+# "memory": this process only; a node with one worker needs nothing else. "tiered" puts the
+# memory LRU in front of a shared Redis, "redis" keeps only a minimal memory tier.
+CACHE_BACKEND = "memory"
 # Holds ~100k typical answers or a few thousand full blocks; a relay's working set.
 CACHE_MEMORY_BYTES = 256 * MiB
 # One answer larger than this is served but never stored: it would evict too much.
 CACHE_MAX_ENTRY_BYTES = 8 * MiB
+
+# --- Redis tier (the [cache] redis_* keys; see chainrelay/rpc/shared_cache.py) -------------
+# Redis' own port on the local host: the compose file and docs/deployment.md override it.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# One Redis may serve other applications too; every key says whose it is.
+REDIS_KEY_PREFIX = "chainrelay:"
+# Redis runs commands on one thread: a multi-MB value stalls every other client while it is
+# copied. 2 MiB holds a full BSC block with its transactions; bigger answers stay local.
+REDIS_MAX_ENTRY_BYTES = 2 * MiB
+# Finalized answers never change: kept a week, and in practice until allkeys-lru evicts
+# them. The TTL only guards a Redis that was started without maxmemory.
+REDIS_TTL_FINALIZED = 7 * 24 * 3600.0
+# Unfinalized answers are keyed by block hash; once the block is final, calls key it by
+# number instead. 30 min outlives Arbitrum's L1-based finality lag (~15-20 min).
+REDIS_TTL_UNFINALIZED = 1800.0
+# Covers a normal upstream call (public RPCs answer in well under 2 s at p99); waiters of a
+# holder that died fall back to their own call after at most this.
+REDIS_LOCK_TTL = 3.0
+# A Redis in the same region answers in well under a millisecond; at 250 ms it is overloaded
+# or gone and the upstream path is as fast, so the tier is marked down.
+REDIS_TIMEOUT = 0.25
+# Connecting includes the TCP handshake and HELLO; twice the command timeout.
+REDIS_CONNECT_TIMEOUT = 0.5
+# A down Redis is probed this often: back within a second of recovering, one PING a second.
+REDIS_RETRY_INTERVAL = 1.0
+# Concurrent Redis commands per process; a caller beyond waits for a connection (within the
+# command timeout). Each is a socket on the Redis side, so N workers x this must fit maxclients.
+REDIS_MAX_CONNECTIONS = 64
+# The in-process tier of backend = "redis": RpcService answers hits synchronously only from
+# memory and rechecks it after coalescing, so a tier stays; 1 MiB keeps the hottest answers
+# (chain id, the head's gas price, a hot eth_call) without holding a copy of Redis per worker.
+REDIS_MODE_MEMORY_BYTES = 1 * MiB
 
 # --- Upstreams -----------------------------------------------------------------------------
 # A read that has not answered in this long is retried on another upstream.
 UPSTREAM_TIMEOUT = 10.0
 # Attempts per read, across distinct upstreams where there are several.
 UPSTREAM_MAX_ATTEMPTS = 3
+# Hedge slow reads (a second call on another upstream): tail latency falls for ~5 % more calls.
+HEDGE = True
 # Hedge a read when it is slower than this quantile of the upstream's recent latencies.
 HEDGE_QUANTILE = 0.95
 # Never hedge sooner than this: below it a second call costs more than it saves.
@@ -204,7 +246,7 @@ FEED_RECEIPTS_RETRY_BLOCKS = 100
 # notification is ~200 B, so this only bounds what a broken upstream can make us hold.
 PENDING_MAX_MESSAGE = 64 * 1024
 
-# --- Relay tree (feed frames between nodes; see protocol/feedsession.py) -------------------
+# --- Relay tree (feed frames between nodes; see tree/session.py) ------------------------
 # Frames each stream's backlog holds: ~6 minutes of BSC blocks (0.75 s), 2 of Arbitrum's
 # (4 a second); a restarted node or a reconnecting child resumes from it without JSON-RPC.
 TREE_BACKLOG_FRAMES = 512
@@ -297,7 +339,7 @@ SUBSCRIBER_BACKFILL_TIMEOUT = 10.0
 # doubling to TREE_RETRY_MAX between them: ~20 s for a block a parent has yet to fetch.
 SUBSCRIBER_BACKFILL_ROUNDS = 8
 
-# --- L2 batches (ingress, batch streams in the tree; see protocol/ingress.py) -------------
+# --- L2 batches (ingress, batch streams in the tree; see batches/rules.py) -------------
 # Largest batch payload an ingress takes: Arbitrum's poster caps a calldata batch at ~100 KB
 # and a blob batch at 6 blobs of 128 KiB (768 KiB); 1 MiB holds either with room.
 BATCH_MAX_PAYLOAD_BYTES = 1 * MiB

@@ -4,6 +4,7 @@
 
     ChainRelayError
     ├── ConfigError                      a config file or flag is wrong (names the key path)
+    ├── StopFailed                       stops that failed, as one ExceptionGroup (every stop ran)
     ├── RequestError                     the caller's request is wrong; maps to a JSON-RPC code
     │   ├── ParseError                   -32700  body is not JSON
     │   ├── InvalidRequest               -32600  not a JSON-RPC 2.0 request object
@@ -39,6 +40,15 @@ class ChainRelayError(Exception):
 
 class ConfigError(ChainRelayError):
     """A configuration file or command-line option is invalid."""
+
+
+class StopFailed(ChainRelayError, ExceptionGroup):
+    """Stopping a node's capabilities raised; ``exceptions`` holds every failure, in the
+    order the stops ran (every stop ran, whatever the others raised)."""
+
+    def __str__(self) -> str:
+        # What the command line prints: every failure, not only how many there were.
+        return f"{self.message}: {list(self.exceptions)!r}"
 
 
 class RequestError(ChainRelayError):
@@ -105,7 +115,7 @@ class TooManyFilters(LimitExceeded):
 
 
 class BatchRefused(RequestError):
-    """A batch push this ingress node refuses; ``code`` names why (services/ingress.py:
+    """A batch push this ingress node refuses; ``code`` names why (batches/ingress.py:
     -32040 gap, -32041 conflict, -32042 signer, -32043 signature, -32044 too large, -32045
     unknown stream, -32046 not held by enough relays, -32047 not durable)."""
 

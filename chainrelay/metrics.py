@@ -255,8 +255,8 @@ class _HotCollector(Collector):
             "JSON-RPC calls by method and outcome",
             labels=["method", "outcome"],
         )
-        for (method, outcome), n in list(m._requests.items()):
-            req.add_metric([method, outcome], n[0])
+        for (method, outcome), count in list(m._requests.items()):
+            req.add_metric([method, outcome], count[0])
         yield req
         hits = CounterMetricFamily("chainrelay_cache_hits", "Answers served from cache")
         hits.add_metric([], m.hits)

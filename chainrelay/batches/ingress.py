@@ -98,14 +98,13 @@ class Ingress:
         log_: BatchLog,
         hub: FeedHub,
         metrics: Metrics,
-        first_seqs: dict[str, int],
     ) -> None:
         self.cfg = cfg
         self.log = log_
         self.hub = hub
         self.metrics = metrics
         self._specs = {s.name: s for s in specs}
-        self._first = first_seqs
+        self._first = cfg.first_seqs()
         self.streams: dict[str, _Stream] = {}
         self._keys = [k.encode() for k in cfg.api_keys]
         # (stream, outcome) -> its counter: prometheus_client's labels() takes a lock and

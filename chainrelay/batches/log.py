@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from chainrelay import defaults as d
+from chainrelay.config import BatchesConfig
 from chainrelay.errors import BatchLogError
 
 log = logging.getLogger(__name__)
@@ -115,20 +115,15 @@ class BatchLog:
     """Start it before the ingress takes pushes, stop it after the ingress stops: ``stop``
     commits whatever is still queued before it returns."""
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        max_batches: int = d.BATCH_COMMIT_MAX_BATCHES,
-        max_bytes: int = d.BATCH_COMMIT_MAX_BYTES,
-        first_seqs: dict[str, int] | None = None,
-    ) -> None:
-        """``first_seqs``: each stream's first number; an empty stream's log starts
-        there and nowhere else (a first group that failed must not let later numbers in)."""
-        self.path = path
-        self.first_seqs = dict(first_seqs or {})
-        self.max_batches = max(1, max_batches)
-        self.max_bytes = max_bytes
+    def __init__(self, cfg: BatchesConfig) -> None:
+        """``cfg``: the ``[batches]`` section; its ``log`` is the file, its ``commit_*``
+        bound one group commit, and each of its streams starts at its ``first_seq``: an
+        empty stream's log starts there and nowhere else (a first group that failed must
+        not let later numbers in)."""
+        self.path = cfg.log
+        self.first_seqs = cfg.first_seqs()
+        self.max_batches = max(1, cfg.commit_max_batches)
+        self.max_bytes = cfg.commit_max_bytes
         # Counters, read by metrics and benchmarks.
         self.commits = 0  # transactions committed
         self.committed = 0  # records in them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -44,7 +45,7 @@ class Coalescer(Generic[T]):
             self._joins.pop(key, None)  # those of the finished call, if any
             task = asyncio.ensure_future(factory())
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._done(k, t))
+            task.add_done_callback(functools.partial(self._done, key))
         else:
             self.joined += 1
             self._joins[key] = self._joins.get(key, 0) + 1

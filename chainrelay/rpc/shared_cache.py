@@ -32,8 +32,7 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -41,6 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from chainrelay.config.cache import CacheConfig
 from chainrelay.metrics import LATENCY_BUCKETS, Metrics
 from chainrelay.rpc.cache import Entry
 from chainrelay.rpc.policy import Finality
@@ -49,38 +49,6 @@ from chainrelay.wire.jsonrpc import Answer
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-
-# --- Defaults of the [cache] redis_* keys (config.py reads them from here) ------------------
-# Redis' own port on the local host: the compose file and docs/deployment.md override it.
-REDIS_URL = "redis://127.0.0.1:6379/0"
-# One Redis may serve other applications too; every key says whose it is.
-REDIS_KEY_PREFIX = "chainrelay:"
-# Redis runs commands on one thread: a multi-MB value stalls every other client while it is
-# copied. 2 MiB holds a full BSC block with its transactions; bigger answers stay local.
-REDIS_MAX_ENTRY_BYTES = 2 * MiB
-# Finalized answers never change: kept a week, and in practice until allkeys-lru evicts
-# them. The TTL only guards a Redis that was started without maxmemory.
-REDIS_TTL_FINALIZED = 7 * 24 * 3600.0
-# Unfinalized answers are keyed by block hash; once the block is final, calls key it by
-# number instead. 30 min outlives Arbitrum's L1-based finality lag (~15-20 min).
-REDIS_TTL_UNFINALIZED = 1800.0
-# Covers a normal upstream call (public RPCs answer in well under 2 s at p99); waiters of a
-# holder that died fall back to their own call after at most this.
-REDIS_LOCK_TTL = 3.0
-# A Redis in the same region answers in well under a millisecond; at 250 ms it is overloaded
-# or gone and the upstream path is as fast, so the tier is marked down.
-REDIS_TIMEOUT = 0.25
-# Connecting includes the TCP handshake and HELLO; twice the command timeout.
-REDIS_CONNECT_TIMEOUT = 0.5
-# A down Redis is probed this often: back within a second of recovering, one PING a second.
-REDIS_RETRY_INTERVAL = 1.0
-# Concurrent Redis commands per process; a caller beyond waits for a connection (within the
-# command timeout). Each is a socket on the Redis side, so N workers x this must fit maxclients.
-REDIS_MAX_CONNECTIONS = 64
-# The in-process tier of backend = "redis": RpcService answers hits synchronously only from
-# memory and rechecks it after coalescing, so a tier stays; 1 MiB keeps the hottest answers
-# (chain id, the head's gas price, a hot eth_call) without holding a copy of Redis per worker.
-REDIS_MODE_MEMORY_BYTES = 1 * MiB
 
 # --- Internal limits ------------------------------------------------------------------------
 # Keys longer than this (eth_call with kilobytes of calldata) are stored under a 20-byte
@@ -243,26 +211,12 @@ class RedisKeys:
         return self.value_prefix + k, self.lock_prefix + k, self.answer_prefix + k
 
 
-@dataclass(slots=True)
-class RedisSettings:
-    url: str = REDIS_URL
-    key_prefix: str = REDIS_KEY_PREFIX
-    max_entry_bytes: int = REDIS_MAX_ENTRY_BYTES
-    ttl_finalized: float = REDIS_TTL_FINALIZED  # 0: no TTL, bounded by maxmemory alone
-    ttl_unfinalized: float = REDIS_TTL_UNFINALIZED
-    lock_ttl: float = REDIS_LOCK_TTL
-    timeout: float = REDIS_TIMEOUT
-    connect_timeout: float = REDIS_CONNECT_TIMEOUT
-    retry_interval: float = REDIS_RETRY_INTERVAL
-    max_connections: int = REDIS_MAX_CONNECTIONS
-
-
-def ttl_ms(finality: Finality, entry: Entry, s: RedisSettings, now_mono: float) -> int | None:
+def ttl_ms(finality: Finality, entry: Entry, c: CacheConfig, now_mono: float) -> int | None:
     """Milliseconds an entry lives in Redis; 0: no TTL; None: not stored at all."""
     if finality is Finality.FINALIZED:
-        return round(s.ttl_finalized * 1000)
+        return round(c.redis_ttl_finalized * 1000)
     if finality is Finality.UNFINALIZED:
-        return max(1, round(s.ttl_unfinalized * 1000))
+        return max(1, round(c.redis_ttl_unfinalized * 1000))
     if finality is Finality.REALTIME:
         left = round((entry.expires - now_mono) * 1000) if entry.expires else 0
         return left if left > 0 else None
@@ -283,22 +237,23 @@ class _Down(Exception):
 
 
 T = TypeVar("T")
+# What MGET answers: a value per key, None where there is none.
+Values = list[bytes | None]
 
 
 class RedisCache:
     """The ``rpc.SharedCache`` over one Redis. ``await start()``, use, ``await close()``."""
 
-    def __init__(
-        self, settings: RedisSettings, chain_id: int, metrics: Metrics, scope: str = ""
-    ) -> None:
-        self.s = settings
-        self.keys = RedisKeys(settings.key_prefix, chain_id, scope)
+    def __init__(self, cfg: CacheConfig, chain_id: int, metrics: Metrics, scope: str = "") -> None:
+        """``cfg``: the validated ``[cache]`` section (its ``redis_*`` keys)."""
+        self.cfg = cfg
+        self.keys = RedisKeys(cfg.redis_key_prefix, chain_id, scope)
         self._pool = aioredis.BlockingConnectionPool.from_url(
-            settings.url,
-            max_connections=settings.max_connections,
-            timeout=settings.timeout,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.connect_timeout,
+            cfg.redis_url,
+            max_connections=cfg.redis_max_connections,
+            timeout=cfg.redis_timeout,
+            socket_timeout=cfg.redis_timeout,
+            socket_connect_timeout=cfg.redis_connect_timeout,
             # One reconnect of a stale pooled connection, then the error is ours to handle.
             retry=Retry(NoBackoff(), 1),
         )
@@ -312,8 +267,8 @@ class RedisCache:
         self._holding: dict[bytes, bool] = {}
         # Lookups waiting for the next MGET (see get).
         self._batch: list[tuple[bytes, asyncio.Future[bytes | None]]] = []
-        self._lock_px = max(1, round(settings.lock_ttl * 1000))
-        self._where = _redact(settings.url)
+        self._lock_px = max(1, round(cfg.redis_lock_ttl * 1000))
+        self._where = _redact(cfg.redis_url)
         self._register(metrics)
 
     def _register(self, metrics: Metrics) -> None:
@@ -381,7 +336,7 @@ class RedisCache:
     async def start(self) -> None:
         """Connect; a Redis that does not answer is not an error: it is probed until it does."""
         try:
-            async with asyncio.timeout(self.s.connect_timeout + self.s.timeout):
+            async with asyncio.timeout(self.cfg.redis_connect_timeout + self.cfg.redis_timeout):
                 await self._redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             self._m_errors.labels("ping").inc()
@@ -414,7 +369,7 @@ class RedisCache:
     async def _check_eviction(self) -> None:
         """Warn when Redis could grow without bound: no maxmemory, or a non-LRU/LFU policy."""
         try:
-            async with asyncio.timeout(self.s.timeout):
+            async with asyncio.timeout(self.cfg.redis_timeout):
                 got = await self._redis.config_get("maxmemory*")
         except (RedisError, OSError, TimeoutError):
             return  # managed Redis services often refuse CONFIG; nothing to check then
@@ -456,12 +411,12 @@ class RedisCache:
 
     async def _probe(self) -> None:
         while True:
-            await asyncio.sleep(self.s.retry_interval)
+            await asyncio.sleep(self.cfg.redis_retry_interval)
             # Connections of the old server are dead; new ones are opened on demand.
             with contextlib.suppress(RedisError, OSError):
                 await self._pool.disconnect()
             try:
-                async with asyncio.timeout(self.s.connect_timeout + self.s.timeout):
+                async with asyncio.timeout(self.cfg.redis_connect_timeout + self.cfg.redis_timeout):
                     await self._redis.ping()
             except (RedisError, OSError, TimeoutError):
                 continue
@@ -470,11 +425,11 @@ class RedisCache:
             await self._check_eviction()
             return
 
-    async def _run(self, op: str, aw: Coroutine[Any, Any, T]) -> T:
+    async def _run(self, op: str, aw: Awaitable[T]) -> T:
         """One round trip under the command timeout; any failure marks the tier down."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.s.timeout):
+            async with asyncio.timeout(self.cfg.redis_timeout):
                 got = await aw
         except (RedisError, OSError, TimeoutError) as exc:
             self._fail(op, exc)
@@ -513,7 +468,8 @@ class RedisCache:
         try:
             if not self._up:  # marked down since the lookups were queued
                 raise _Down
-            raws = await self._run("get", self._redis.mget([k for k, _ in batch]))
+            # Values come back as bytes: the client is made without decode_responses.
+            raws = cast(Values, await self._run("get", self._redis.mget([k for k, _ in batch])))
         except _Down:
             self._gets["error"].inc(len(batch))
             raws = [None] * len(batch)
@@ -530,11 +486,11 @@ class RedisCache:
         if not self._up:
             self._puts["skipped"].inc()
             return
-        if len(entry.value) > self.s.max_entry_bytes:
+        if len(entry.value) > self.cfg.redis_max_entry_bytes:
             self._puts["too_large"].inc()
             return
         now = time.monotonic()
-        ttl = ttl_ms(finality, entry, self.s, now)
+        ttl = ttl_ms(finality, entry, self.cfg, now)
         if ttl is None:
             return
         value = encode_entry(entry, time.time(), now)
@@ -608,7 +564,7 @@ class RedisCache:
         handoff = b""
         if not stored:
             handoff = encode_answer(answer)
-            if len(handoff) > self.s.max_entry_bytes:
+            if len(handoff) > self.cfg.redis_max_entry_bytes:
                 handoff = b""
         # The answer is already stored (awaited inside produce): releasing can trail it.
         self._background(self._release(lkey, akey, token, handoff))
@@ -625,13 +581,14 @@ class RedisCache:
 
     async def _wait(self, vkey: bytes, lkey: bytes, akey: bytes) -> Answer | None:
         """The holder's answer once it lands; None when the holder is gone without one."""
-        deadline = time.monotonic() + self.s.lock_ttl
+        deadline = time.monotonic() + self.cfg.redis_lock_ttl
         delay = POLL_FIRST
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
             try:
-                raw, handoff, lock = await self._run("wait", self._redis.mget(vkey, akey, lkey))
+                got = await self._run("wait", self._redis.mget(vkey, akey, lkey))
+                raw, handoff, lock = cast(Values, got)
             except _Down:
                 return None
             if raw:

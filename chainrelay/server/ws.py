@@ -90,7 +90,8 @@ class WsSession:
         # No extension is ever negotiated (no permessage-deflate): ``send_frames`` relies on
         # a frame being its header and the payload as is.
         self.proto = ServerProtocol(max_size=max_message_bytes, extensions=None)
-        self._fragments: list[bytes] = []
+        # Frame payloads as websockets hands them over (bytes-like), joined once at the end.
+        self._fragments: list[bytes | bytearray | memoryview] = []
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._on_close = on_close
         self._open_subscriptions = open_subscriptions

@@ -2,7 +2,7 @@
 
 An upstream's filter id lives on that upstream only: after a failover, or behind a pool
 that spreads polls over several upstreams, every poll would answer "filter not found".
-So filters are installed here, in the node's filter table (``protocol/filters.py``), and
+So filters are installed here, in the node's filter table (``subscriptions/filtertable.py``), and
 fed from the node's block follower, which follows whichever upstream is healthy.
 
 Every call but ``eth_getFilterLogs`` is answered without I/O; that one asks the node's

@@ -117,7 +117,15 @@ class SubscriptionService:
     async def stop(self) -> None:
         for task in self._fetches:
             task.cancel()
-        for table in (self._heads, self._logs, self._pending, self._pending_full, self._syncing):
+        # Each table is read again after the ones before it closed their connections.
+        tables: tuple[dict[bytes, Any], ...] = (
+            self._heads,
+            self._logs,
+            self._pending,
+            self._pending_full,
+            self._syncing,
+        )
+        for table in tables:
             for entry in list(table.values()):
                 conn = entry[0] if isinstance(entry, tuple) else entry
                 conn.closed(False)

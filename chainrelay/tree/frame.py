@@ -68,7 +68,7 @@ _PACKED = struct.Struct(">III")  # skeleton length, token count, long-token coun
 def keccak(data: bytes | memoryview) -> bytes:
     """keccak-256; takes a memoryview, so a frame's payload is hashed where it lies."""
     if data.__class__ is bytes:
-        return _keccak_bytes(data)  # type: ignore[arg-type]
+        return _keccak_bytes(data)
     return _keccak.new(digest_bits=256, data=data).digest()
 
 

@@ -23,11 +23,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import aiohttp
 
-from chainrelay import defaults
+from chainrelay.config import TreeConfig
 from chainrelay.tree.choice import Candidate, RttEstimate, choose, health_url
 from chainrelay.tree.link import FeedLink
 from chainrelay.tree.session import Gap, Want
@@ -54,81 +53,44 @@ class _State:
 
 
 class ParentSet:
-    """Keeps ``k`` parents linked, chosen among ``candidates`` by round-trip time."""
+    """Keeps ``parents_k`` parents linked, chosen among ``candidates`` by round-trip time."""
 
     def __init__(
         self,
         candidates: Sequence[Candidate],
+        tree: TreeConfig,
         *,
-        k: int = defaults.TREE_PARENTS,
         wants: Callable[[], list[Want]],
         on_frame: Callable[[FeedLink, bytes], object],
         on_gap: Callable[[FeedLink, str, Gap], None] = _nothing,
         on_confirmed: Callable[[FeedLink, str, int, bytes], object] = _nothing,
-        # FeedLink's own settings, for every link
-        max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES,
-        connect_timeout: float = defaults.TREE_CONNECT_TIMEOUT,
-        retry_delay: float = defaults.TREE_RETRY_DELAY,
-        retry_max: float = defaults.TREE_RETRY_MAX,
-        ping_interval: float = defaults.TREE_PING_INTERVAL,
         node: str | None = None,
-        # Choosing
-        probe_interval: float = defaults.TREE_PROBE_INTERVAL,
-        degrade_factor: float = defaults.TREE_DEGRADE_FACTOR,
-        min_gain: float = defaults.TREE_MIN_GAIN,
         probe_urls: Mapping[str, str] | None = None,
-        # Limits
-        probe_timeout: float = defaults.TREE_PROBE_TIMEOUT,
-        probe_failures_down: int = defaults.TREE_PROBE_FAILURES_DOWN,
-        link_failures_down: int = defaults.TREE_LINK_FAILURES_DOWN,
-        down_hold: float = defaults.TREE_DOWN_HOLD,
-        link_check_interval: float = defaults.TREE_LINK_CHECK_INTERVAL,
-        stall_rounds: int = defaults.TREE_STALL_ROUNDS,
         # Hooks (metrics, logs, tests): called synchronously, must not block
         on_change: Callable[[list[str]], None] = _nothing,
         on_probe: Callable[[str, float | None], None] = _nothing,
         on_link: Callable[[str, bool], None] = _nothing,
     ) -> None:
-        """``probe_urls`` maps a candidate's name to any URL of its HTTP endpoint (its
+        """``tree``: the checked ``[tree]`` section; its ``parents_k``, probe, failure and
+        hold settings drive the choice, and its frame, connect, retry and ping settings go
+        to every link (``node``: this node's name in their hello).
+        ``probe_urls`` maps a candidate's name to any URL of its HTTP endpoint (its
         JSON-RPC URL will do); without one, the candidate's own URL is probed.
         ``on_change(names)`` follows every change of parents, ``on_probe(name, seconds or
-        None)`` every probe, ``on_link(name, started)`` every link started or stopped."""
+        None)`` every probe, ``on_link(name, started)`` every link started or stopped.
+        What ``on_frame`` and ``on_confirmed`` return is ignored."""
         names = [c.name for c in candidates]
         if len(set(names)) != len(names):
             raise ValueError("candidate names must be unique")
-        if k < 1:
-            raise ValueError("a node needs at least one parent")
-        if min(probe_interval, probe_timeout, link_check_interval) <= 0:
-            raise ValueError("probe_interval, probe_timeout, link_check_interval must be positive")
-        if probe_failures_down < 1 or link_failures_down < 1 or stall_rounds < 1 or down_hold < 0:
-            raise ValueError("failure thresholds must be positive, down_hold not negative")
         urls = probe_urls or {}
         self.candidates: dict[str, Candidate] = {c.name: c for c in candidates}
         self._state = {c.name: _State(health_url(urls.get(c.name, c.url))) for c in candidates}
-        self.k = k
-        self.degrade_factor = degrade_factor
-        self.min_gain = min_gain
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout
-        self.probe_failures_down = probe_failures_down
-        self.link_failures_down = link_failures_down
-        self.down_hold = down_hold
-        self.link_check_interval = link_check_interval
-        self.stall_rounds = stall_rounds
+        self.cfg = tree
+        self.node = node
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
         self.on_confirmed = on_confirmed
-        # Every link's own settings, passed on as they came.
-        self._link_settings: dict[str, Any] = {
-            "max_frame_bytes": max_frame_bytes,
-            "connect_timeout": connect_timeout,
-            "retry_delay": retry_delay,
-            "retry_max": retry_max,
-            "ping_interval": ping_interval,
-            "node": node,
-        }
-        self.connect_timeout = connect_timeout
         self.on_change = on_change
         self.on_probe = on_probe
         self.on_link = on_link
@@ -145,7 +107,7 @@ class ParentSet:
             return
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, use_dns_cache=True),
-            timeout=aiohttp.ClientTimeout(total=self.probe_timeout),
+            timeout=aiohttp.ClientTimeout(total=self.cfg.probe_timeout),
         )
         self._task = asyncio.create_task(self._run(), name="parents")
 
@@ -182,10 +144,10 @@ class ParentSet:
         FeedLink reports failures by its counter only, so it is looked at every
         ``link_check_interval``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.probe_interval
+        deadline = loop.time() + self.cfg.probe_interval
         while (left := deadline - loop.time()) > 0:
-            await asyncio.sleep(min(left, self.link_check_interval))
-            if any(link.failures >= self.link_failures_down for link in self.links.values()):
+            await asyncio.sleep(min(left, self.cfg.link_check_interval))
+            if any(link.failures >= self.cfg.link_failures_down for link in self.links.values()):
                 return
 
     async def round(self) -> None:
@@ -204,10 +166,10 @@ class ParentSet:
     def _choose(self) -> list[str]:
         return choose(
             list(self.candidates.values()),
-            self.k,
+            self.cfg.parents_k,
             self.parents,
-            degrade_factor=self.degrade_factor,
-            min_gain=self.min_gain,
+            degrade_factor=self.cfg.degrade_factor,
+            min_gain=self.cfg.min_gain,
         )
 
     def _lift_holds(self) -> bool:
@@ -237,7 +199,7 @@ class ParentSet:
         if sample is None:
             st.probe_failures += 1
             cand.failures = st.probe_failures
-            if st.probe_failures >= self.probe_failures_down:
+            if st.probe_failures >= self.cfg.probe_failures_down:
                 # Lost: its return is measured afresh, not from a time that no longer holds.
                 st.estimate.reset()
                 cand.rtt = None
@@ -267,7 +229,7 @@ class ParentSet:
     def _mark_failed_links(self) -> None:
         now = time.monotonic()
         for name, link in self.links.items():
-            if link.failures >= self.link_failures_down:
+            if link.failures >= self.cfg.link_failures_down:
                 cand = self.candidates[name]
                 log.warning(
                     "parent %s down: %d connects failed (%s)",
@@ -275,7 +237,7 @@ class ParentSet:
                     link.failures,
                     link.last_error,
                 )
-                self._state[name].down_until = now + self.down_hold
+                self._state[name].down_until = now + self.cfg.down_hold
                 cand.failures = max(cand.failures, link.failures)
                 cand.up = False
 
@@ -295,14 +257,14 @@ class ParentSet:
         for name, n in moved.items():
             st = self._state[name]
             st.quiet = st.quiet + 1 if n == 0 else 0
-            if st.quiet >= self.stall_rounds:
+            if st.quiet >= self.cfg.stall_rounds:
                 log.warning(
                     "parent %s down: no frame in %d rounds while another parent sent some",
                     name,
                     st.quiet,
                 )
                 st.quiet = 0
-                st.down_until = now + self.down_hold
+                st.down_until = now + self.cfg.down_hold
                 self.candidates[name].up = False
 
     async def _relink(self, chosen: list[str]) -> None:
@@ -317,7 +279,12 @@ class ParentSet:
                 on_frame=self.on_frame,
                 on_gap=self.on_gap,
                 on_confirmed=self.on_confirmed,
-                **self._link_settings,
+                max_frame_bytes=self.cfg.max_frame_bytes,
+                connect_timeout=self.cfg.connect_timeout,
+                retry_delay=self.cfg.retry_delay,
+                retry_max=self.cfg.retry_max,
+                ping_interval=self.cfg.ping_interval,
+                node=self.node,
             )
             self.links[name] = link
             await link.start()
@@ -325,7 +292,7 @@ class ParentSet:
         if added and dropped:
             # A dropped parent may still be serving; keep it until its successor is in.
             await asyncio.gather(
-                *(self.links[n].wait_connected(self.connect_timeout) for n in added)
+                *(self.links[n].wait_connected(self.cfg.connect_timeout) for n in added)
             )
         for name in dropped:
             link = self.links.pop(name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import typing
 from collections.abc import Sequence
 
 from eth_utils import keccak
@@ -127,7 +126,7 @@ class UpstreamPool:
                 return None
         if u.__class__ is not WsUpstream or not u.healthy:
             return None
-        return typing.cast(WsUpstream, u)
+        return u
 
     def failed(self, u: Upstream, exc: TransportError, elapsed: float) -> None:
         """Count a call sent through ``direct`` that got no usable answer, as ``call``

@@ -24,6 +24,7 @@ from websockets.protocol import State
 from websockets.uri import WebSocketURI, parse_uri
 
 from chainrelay import defaults
+from chainrelay.config import PoolConfig, UpstreamConfig
 from chainrelay.server.peer import current_via
 from chainrelay.wire import wsframes
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
@@ -64,7 +65,11 @@ Observer = Callable[[str, float], None]
 class Upstream:
     """A JSON-RPC endpoint. ``call`` returns the node's answer or raises ``TransportError``."""
 
-    def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
+    def __init__(
+        self, name: str, url: str, *, timeout: float, connections: int, via: str = ""
+    ) -> None:
+        """``via``: this node's entry in the Via header of its HTTP upstream requests ("":
+        none); a default header of the session ``start`` opens."""
         self.name = name
         self.url = url
         self.timeout = timeout
@@ -80,9 +85,7 @@ class Upstream:
         self.chain_id: int | None = None
         # Set by the pool so that every call counts, the head tracker's included.
         self.observer: Observer | None = None
-        # This node's entry in the Via header of its HTTP upstream requests ("" sends none);
-        # set before ``start``, which makes it a default header of the session.
-        self.via = ""
+        self.via = via
 
     @property
     def is_ws(self) -> bool:
@@ -173,8 +176,10 @@ class HttpUpstream(Upstream):
     without a User-Agent, and load balancers pin a client to a node by cookie.
     """
 
-    def __init__(self, name: str, url: str, *, timeout: float, connections: int) -> None:
-        super().__init__(name, url, timeout=timeout, connections=connections)
+    def __init__(
+        self, name: str, url: str, *, timeout: float, connections: int, via: str = ""
+    ) -> None:
+        super().__init__(name, url, timeout=timeout, connections=connections, via=via)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -307,7 +312,7 @@ class _WsLink(asyncio.Protocol):
         proto.receive_data(data)
         for event in proto.events_received():
             if event.__class__ is Frame:
-                self._frame(typing.cast(Frame, event))
+                self._frame(event)
             elif isinstance(event, Response):
                 self._handshake()
         self._flush()
@@ -442,8 +447,9 @@ class WsUpstream(Upstream):
         connections: int,
         ping_interval: float = defaults.WS_PING_INTERVAL,
         max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
+        via: str = "",
     ) -> None:
-        super().__init__(name, url, timeout=timeout, connections=connections)
+        super().__init__(name, url, timeout=timeout, connections=connections, via=via)
         self._uri = parse_uri(url)
         self.ping_interval = ping_interval
         self.max_message_bytes = max_message_bytes
@@ -544,15 +550,18 @@ class WsUpstream(Upstream):
             return
         if doc.get("method") == "eth_subscription":
             p = doc.get("params") or {}
-            cb = self._subs.get(p.get("subscription")) if isinstance(p, dict) else None
+            sub = p.get("subscription") if isinstance(p, dict) else None
+            cb = self._subs.get(sub) if isinstance(sub, str) else None
             if cb is not None:
                 cb(p.get("result"))
             return
-        rid = doc.get("id")
-        fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        doc_id = doc.get("id")
+        if not isinstance(doc_id, int):
+            return
+        fut = self._pending.pop(doc_id, None)
         if fut is not None and not fut.done():
             if self._sub_calls:
-                self._subscribed(rid, raw)
+                self._subscribed(doc_id, raw)
             fut.set_result(raw)
 
     def _subscribed(self, rid: int, raw: bytes) -> None:
@@ -686,22 +695,17 @@ class WsUpstream(Upstream):
         raise TransportError("newHeads stream closed")
 
 
-def make_upstream(
-    name: str,
-    url: str,
-    *,
-    timeout: float,
-    connections: int,
-    ws_ping_interval: float = defaults.WS_PING_INTERVAL,
-    ws_max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
-) -> Upstream:
-    if url.startswith(("ws://", "wss://")):
+def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upstream:
+    """The upstream ``u`` names, over WebSocket or HTTP by its URL, with the pool's
+    per-upstream settings."""
+    if u.url.startswith(("ws://", "wss://")):
         return WsUpstream(
-            name,
-            url,
-            timeout=timeout,
-            connections=connections,
-            ping_interval=ws_ping_interval,
-            max_message_bytes=ws_max_message_bytes,
+            u.name,
+            u.url,
+            timeout=pool.timeout,
+            connections=pool.connections,
+            ping_interval=pool.ws_ping_interval,
+            max_message_bytes=pool.ws_max_message_bytes,
+            via=via,
         )
-    return HttpUpstream(name, url, timeout=timeout, connections=connections)
+    return HttpUpstream(u.name, u.url, timeout=pool.timeout, connections=pool.connections, via=via)

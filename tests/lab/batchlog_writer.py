@@ -18,6 +18,7 @@ import random
 import sys
 
 from chainrelay.batches.log import BatchLog
+from chainrelay.config import BatchesConfig
 
 STREAM = "arbitrum/batches"
 # Batches in flight at once, as a pipelining sequencer keeps them.
@@ -32,7 +33,7 @@ def batch(seq: int) -> tuple[bytes, bytes]:
 
 
 async def run(path: str, count: int) -> None:
-    log = BatchLog(path)
+    log = BatchLog(BatchesConfig(log=path))
     await log.start()
     window = asyncio.Semaphore(WINDOW)
     out = sys.stdout

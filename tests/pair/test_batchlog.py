@@ -19,6 +19,7 @@ import pytest
 
 from chainrelay.batches import log as batchlog
 from chainrelay.batches.log import SCHEMA_VERSION, BatchLog
+from chainrelay.config import BatchesConfig, BatchStreamConfig
 from chainrelay.errors import BatchLogError
 
 STREAM = "arbitrum/batches"
@@ -32,7 +33,7 @@ def record(seq: int, size: int = 64, stream: str = STREAM) -> tuple[bytes, bytes
 
 @pytest.fixture
 async def blog(tmp_path: Path) -> AsyncIterator[BatchLog]:
-    log = BatchLog(str(tmp_path / "batches.sqlite"))
+    log = BatchLog(BatchesConfig(log=str(tmp_path / "batches.sqlite")))
     await log.start()
     try:
         yield log
@@ -84,13 +85,13 @@ async def test_reads_see_what_was_committed(blog: BatchLog) -> None:
 
 async def test_restart_keeps_every_record_and_the_next_seq(tmp_path: Path) -> None:
     path = str(tmp_path / "batches.sqlite")
-    first = BatchLog(path)
+    first = BatchLog(BatchesConfig(log=path))
     await first.start()
     await asyncio.gather(*(push(first, seq, 1000) for seq in range(1, 501)))
     await asyncio.gather(*(push(first, seq, 10, "b/batches") for seq in range(40, 45)))
     await first.stop()
 
-    again = BatchLog(path)
+    again = BatchLog(BatchesConfig(log=path))
     await again.start()
     try:
         assert await again.last_seq(STREAM) == 500
@@ -182,7 +183,7 @@ async def test_frames_pages_by_count_and_bytes(blog: BatchLog) -> None:
 
 async def test_stop_commits_everything_appended(tmp_path: Path) -> None:
     path = str(tmp_path / "batches.sqlite")
-    log = BatchLog(path)
+    log = BatchLog(BatchesConfig(log=path))
     await log.start()
     futures = [push(log, seq, 4096) for seq in range(1, 1001)]
     await log.stop()
@@ -192,7 +193,7 @@ async def test_stop_commits_everything_appended(tmp_path: Path) -> None:
         await late
     await log.stop()  # idempotent
 
-    again = BatchLog(path)
+    again = BatchLog(BatchesConfig(log=path))
     await again.start()
     try:
         assert await again.last_seq(STREAM) == 1000
@@ -206,7 +207,7 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    log = BatchLog(str(path))
+    log = BatchLog(BatchesConfig(log=str(path)))
     with pytest.raises(BatchLogError, match="newer"):
         await log.start()
     await log.stop()
@@ -228,7 +229,7 @@ async def test_a_log_whose_commits_would_not_fsync_is_refused(
         return sqlite3.connect(path, isolation_level=None, factory=IgnoresSynchronous)
 
     monkeypatch.setattr(batchlog, "_connect", connect)
-    log = BatchLog(str(tmp_path / "batches.sqlite"))
+    log = BatchLog(BatchesConfig(log=str(tmp_path / "batches.sqlite")))
     with pytest.raises(BatchLogError, match="synchronous=0, not FULL"):
         await log.start()
     await log.stop()
@@ -237,7 +238,9 @@ async def test_a_log_whose_commits_would_not_fsync_is_refused(
 async def test_an_empty_stream_starts_at_its_first_seq_and_nowhere_else(tmp_path: Path) -> None:
     """Were the first record to set the start, a first group that failed would let the
     numbers queued behind it in, and the log would begin past the stream's start."""
-    log = BatchLog(str(tmp_path / "batches.sqlite"), first_seqs={STREAM: 0})
+    log = BatchLog(
+        BatchesConfig(log=str(tmp_path / "batches.sqlite"), streams=[BatchStreamConfig(STREAM)])
+    )
     await log.start()
     try:
         with pytest.raises(BatchLogError, match="next is 0"):

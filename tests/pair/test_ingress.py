@@ -171,8 +171,8 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     hub = FeedHub([], metrics, batches=specs)
     published: list[int] = []
     hub.listeners.append(lambda frame, _source: published.append(frame.position))
-    blog = BatchLog(str(path))
-    ingress = Ingress(cfg, specs, blog, hub, metrics, {S: 0})
+    blog = BatchLog(BatchesConfig(log=str(path)))
+    ingress = Ingress(cfg, specs, blog, hub, metrics)
     await ingress.start()
     try:
         yield Node(ingress, blog, hub, metrics, path, published)

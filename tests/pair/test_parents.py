@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import WSMsgType, web
 
+from chainrelay.config import TreeConfig
 from chainrelay.tree import frame as feedframe
 from chainrelay.tree.choice import Candidate
 from chainrelay.tree.link import FeedLink
@@ -152,15 +153,14 @@ class Lab:
             "probe_timeout": PROBE_TIMEOUT,
         }
         settings.update(kwargs)
+        tree = TreeConfig(parents_k=k, max_frame_bytes=1 << 20, **settings)  # type: ignore[arg-type]
         self.set = ParentSet(
             cands,
-            k=k,
+            tree,
             wants=lambda: [Want(STREAM, last=1)],
             on_frame=on_frame,
             on_change=self.changes.append,
             on_link=on_link,
-            max_frame_bytes=1 << 20,
-            **settings,  # type: ignore[arg-type]
         )
         await self.set.start()
         return self.set

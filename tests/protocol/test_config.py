@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,53 @@ def test_hit_table_and_memo_bounds_are_limits_and_must_be_positive() -> None:
     for key in ("max_hit_table_bytes", "max_hit_table_entries", "memo_max_params_bytes"):
         with pytest.raises(ConfigError, match=f"limits.{key}: must be positive"):
             loads(f"[limits]\n{key} = 0\n" + base)
+
+
+# --- one rule for positive bounds ------------------------------------------------------------
+# Exactly the keys refused at 0, each with the one message: a bound whose check is lost, or
+# one newly checked (a config that loaded would stop loading), shows up here.
+POSITIVE_KEYS = {
+    "server": "workers",
+    "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
+    "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes",
+    "cache": "memory_bytes max_entry_bytes redis_max_entry_bytes redis_ttl_unfinalized "
+    "redis_lock_ttl redis_timeout redis_connect_timeout redis_retry_interval "
+    "redis_max_connections",
+    "pool": "max_attempts ws_ping_interval ws_max_message_bytes",
+    "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
+    "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "
+    "max_topics_per_position",
+    "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "
+    "max_log_filters_per_ip max_held_notifications max_held_bytes pending_tx_fetches "
+    "slow_close_grace follow_recent_blocks feed_fetch_retry_delay feed_fetch_attempts "
+    "feed_block_passes feed_receipts_retry_blocks pending_max_message",
+    "tree": "parents_k backlog_frames backlog_bytes child_queue_frames child_queue_bytes "
+    "child_buffer_bytes dedup_entries max_frame_bytes max_payload_bytes max_children "
+    "stale_positions probe_interval degrade_factor connect_timeout retry_delay retry_max "
+    "ping_interval probe_timeout probe_failures_down link_failures_down link_check_interval "
+    "hello_timeout stall_rounds offered_max_bytes",
+    "batches": "max_payload_bytes commit_max_batches commit_max_bytes max_in_flight "
+    "recent_hashes relay_ack_timeout backlog_frames backlog_bytes order_max_held "
+    "order_max_held_bytes order_wait child_queue_frames fetch_rounds range_max_frames "
+    "range_max_bytes range_timeout",
+}
+
+
+def test_exactly_the_bounded_keys_must_be_positive_with_one_message() -> None:
+    refused: set[str] = set()
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            default = getattr(values, f.name)
+            if isinstance(default, bool) or not isinstance(default, int | float):
+                continue
+            try:
+                loads(f"[{section.name}]\n{f.name} = 0\n" + UPSTREAM)
+            except ConfigError as exc:
+                if str(exc) == f"{section.name}.{f.name}: must be positive":
+                    refused.add(f"{section.name}.{f.name}")
+    expected = {f"{s}.{k}" for s, keys in POSITIVE_KEYS.items() for k in keys.split()}
+    assert refused == expected

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chainrelay import config
+from chainrelay import config, defaults
 from chainrelay.errors import ConfigError
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import shared_cache as sc
@@ -120,10 +120,11 @@ def test_long_keys_are_stored_under_a_digest() -> None:
 
 
 def test_every_non_finalized_class_lives_a_bounded_time() -> None:
-    s = sc.RedisSettings(ttl_finalized=0.0, ttl_unfinalized=1800.0)
+    s = config.CacheConfig(redis_ttl_finalized=0.0, redis_ttl_unfinalized=1800.0)
     e = Entry(b"1")
     assert sc.ttl_ms(Finality.FINALIZED, e, s, 0.0) == 0  # no TTL: maxmemory + LRU bound it
-    assert sc.ttl_ms(Finality.FINALIZED, e, sc.RedisSettings(ttl_finalized=60.0), 0.0) == 60_000
+    minute = config.CacheConfig(redis_ttl_finalized=60.0)
+    assert sc.ttl_ms(Finality.FINALIZED, e, minute, 0.0) == 60_000
     assert sc.ttl_ms(Finality.UNFINALIZED, e, s, 0.0) == 1_800_000
     # Realtime entries live what is left of their own expiry, and not at all once expired.
     assert sc.ttl_ms(Finality.REALTIME, Entry(b"1", expires=10.75), s, 10.0) == 750
@@ -133,23 +134,23 @@ def test_every_non_finalized_class_lives_a_bounded_time() -> None:
 
 
 def test_defaults_keep_every_non_finalized_class_bounded() -> None:
-    assert 0 < sc.REDIS_TTL_UNFINALIZED < sc.REDIS_TTL_FINALIZED
-    assert sc.REDIS_LOCK_TTL < sc.REDIS_TTL_UNFINALIZED
-    assert sc.REDIS_TIMEOUT < sc.REDIS_LOCK_TTL
+    assert 0 < defaults.REDIS_TTL_UNFINALIZED < defaults.REDIS_TTL_FINALIZED
+    assert defaults.REDIS_LOCK_TTL < defaults.REDIS_TTL_UNFINALIZED
+    assert defaults.REDIS_TIMEOUT < defaults.REDIS_LOCK_TTL
 
 
 # --- config -------------------------------------------------------------------------------------
-def test_cache_section_defaults_come_from_the_shared_cache_module() -> None:
+def test_cache_section_defaults_come_from_the_defaults_module() -> None:
     cfg = config.loads(UPSTREAM)
     c = cfg.cache
     assert c.backend == "memory"
-    assert (c.redis_url, c.redis_key_prefix) == (sc.REDIS_URL, sc.REDIS_KEY_PREFIX)
-    assert c.redis_max_entry_bytes == sc.REDIS_MAX_ENTRY_BYTES
+    assert (c.redis_url, c.redis_key_prefix) == (defaults.REDIS_URL, defaults.REDIS_KEY_PREFIX)
+    assert c.redis_max_entry_bytes == defaults.REDIS_MAX_ENTRY_BYTES
     assert (c.redis_ttl_finalized, c.redis_ttl_unfinalized) == (
-        sc.REDIS_TTL_FINALIZED,
-        sc.REDIS_TTL_UNFINALIZED,
+        defaults.REDIS_TTL_FINALIZED,
+        defaults.REDIS_TTL_UNFINALIZED,
     )
-    assert (c.redis_lock_ttl, c.redis_timeout) == (sc.REDIS_LOCK_TTL, sc.REDIS_TIMEOUT)
+    assert (c.redis_lock_ttl, c.redis_timeout) == (defaults.REDIS_LOCK_TTL, defaults.REDIS_TIMEOUT)
 
 
 def test_a_tiered_cache_section_loads() -> None:
@@ -203,7 +204,7 @@ def sample(m: Metrics, name: str, **labels: str) -> float:
 async def test_a_tier_marked_down_is_skipped_by_every_operation() -> None:
     m = Metrics()
     # A port nothing listens on; the tier is never started, so it is down and never dials.
-    cache = sc.RedisCache(sc.RedisSettings(url="redis://127.0.0.1:9/0"), 56, m)
+    cache = sc.RedisCache(config.CacheConfig(redis_url="redis://127.0.0.1:9/0"), 56, m)
     assert not cache.up
     assert await cache.get(b"k") is None
     await cache.put(b"k", Entry(b'"0x1"'), Finality.FINALIZED)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from chainrelay.batches.log import BatchLog
+from chainrelay.config import BatchesConfig
 from tests.lab.batchlog_writer import STREAM, batch
 from tests.lab.procs import ROOT, Procs
 from tests.lab.timing import SECOND
@@ -60,7 +61,7 @@ def acks_until_killed(proc: subprocess.Popen[bytes], k: int, timeout: float) -> 
 
 
 async def check_log(path: str, acked: list[int]) -> None:
-    log = BatchLog(path)
+    log = BatchLog(BatchesConfig(log=path))
     await log.start()
     try:
         last = await log.last_seq(STREAM) or 0

@@ -123,7 +123,7 @@ async def assert_canonical(node: Chain, sub: Subscriber) -> None:
 
 
 # ParentSet logs each change of parents as "parents: a, b".
-PARENTS_LINE = re.compile(r" chainrelay\.services\.parents: parents: (.*)$", re.MULTILINE)
+PARENTS_LINE = re.compile(r" chainrelay\.tree\.parents: parents: (.*)$", re.MULTILINE)
 
 
 def last_parents(leaf: TreeNode) -> list[str]:
