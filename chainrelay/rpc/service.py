@@ -23,6 +23,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Final, Protocol
 
 import orjson
@@ -110,7 +111,7 @@ _UNCACHED: Final = Lookup.UNCACHED
 Found = tuple[bytes, bytes | None, Entry | None]
 # An answer (or the awaitable of one), with the record that answered it from cache or
 # locally when a transport may replay it (see ``RpcService.serve``).
-Served = tuple[bytes | Awaitable[bytes], Seen | None]
+Served = tuple[bytes | Awaitable[bytes | None], Seen | None]
 
 
 class RpcService:
@@ -167,8 +168,9 @@ class RpcService:
         )
 
     # --- entry point -----------------------------------------------------------------
-    def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
-        """The answer to an HTTP body or WebSocket message (b"" when nothing is owed)."""
+    def handle(self, body: bytes) -> bytes | Awaitable[bytes | None]:
+        """The answer to an HTTP body or WebSocket message (b"", or None later, when
+        nothing is owed)."""
         return self.serve(body)[0]
 
     def serve(self, body: bytes) -> Served:
@@ -450,10 +452,7 @@ class RpcService:
             if dp.key is None or dp.key in self._coalescer or self.cache.get(dp.key) is not None:
                 continue
             d_fwd = dp.params if dp.params is not None else d_params
-            self._coalescer.start(
-                dp.key,
-                lambda dp=dp, m=d_method, f=d_fwd, fn=derive: self._derived(task, dp, m, f, fn),
-            )
+            self._coalescer.start(dp.key, partial(self._derived, task, dp, d_method, d_fwd, derive))
         answer = await asyncio.shield(task)
         if answer.value is None and answer.result is not None and answer.result != b"null":
             answer = Answer(answer.result, answer.error, orjson.loads(answer.result))

@@ -646,7 +646,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- answers ---------------------------------------------------------------------
     def _answer(
-        self, result: bytes | Awaitable[bytes], keep_alive: bool, cors: bytes | None = None
+        self, result: bytes | Awaitable[bytes | None], keep_alive: bool, cors: bytes | None = None
     ) -> None:
         """Write a POST's answer now or once it is ready, in request order. ``cors``: the
         request's CORS lines, when they were not left to be read from httptools' headers."""
@@ -657,21 +657,21 @@ class HttpProtocol(asyncio.Protocol):
         if result.__class__ is bytes:
             # The hot path: a synchronous answer on an idle keep-alive connection.
             if keep_alive and not self._queue and not cors:
-                self._write_ok(typing.cast(bytes, result))
+                self._write_ok(result)
             else:
-                self._send(200, typing.cast(bytes, result), keep_alive, cors=cors)
+                self._send(200, result, keep_alive, cors=cors)
             return
         assert not isinstance(result, bytes)
         if result.__class__ is CoroutineType:
             # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
             # The task keeps the client's address (limits per IP); hits never set it.
-            coro = typing.cast("Coroutine[object, object, bytes]", result)
+            coro = typing.cast("Coroutine[object, object, bytes | None]", result)
             token = enter_peer(self.ip)
-            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_task(coro)
+            fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_task(coro)
             leave_peer(token)
         elif result.__class__ is asyncio.Future:
             # A read already sent upstream (RpcService's forwarding path): no task to make.
-            fut = typing.cast("asyncio.Future[bytes]", result)
+            fut = typing.cast("asyncio.Future[bytes | None]", result)
         else:
             token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)

@@ -22,7 +22,7 @@ INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"
 class Awaited(NamedTuple):
     """A JSON-RPC answer under way: written as a 200 with the request's CORS lines."""
 
-    answer: asyncio.Future[bytes]
+    answer: asyncio.Future[bytes | None]
     keep_alive: bool
     cors: bytes
 
@@ -57,17 +57,19 @@ def pop_ready(queue: PendingQueue) -> Iterator[Pending]:
         yield entry
 
 
-def outcome(answer: asyncio.Future[bytes]) -> bytes | None:
-    """The body of a completed answer; None when it failed or was cancelled, which is
-    still answered (``INTERNAL_ERROR``): on a pipelined connection the answers that follow
-    would otherwise each land on the request before their own."""
+def outcome(answer: asyncio.Future[bytes] | asyncio.Future[bytes | None]) -> bytes | None:
+    """The body of a completed answer (b"" for a notification's: nothing owed, as when
+    answered at once); None when it failed or was cancelled, which is still answered
+    (``INTERNAL_ERROR``): on a pipelined connection the answers that follow would
+    otherwise each land on the request before their own."""
     if answer.cancelled():
         return None
     exc = answer.exception()
     if exc is not None:
         log.error("request failed", exc_info=exc)
         return None
-    return answer.result()
+    result = answer.result()
+    return b"" if result is None else result
 
 
 def replies_under_way(queue: PendingQueue) -> int:

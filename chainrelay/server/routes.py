@@ -13,7 +13,8 @@ if typing.TYPE_CHECKING:
     from chainrelay.rpc.replay import Seen
     from chainrelay.rpc.service import Served
 
-Handler = Callable[[bytes], bytes | Awaitable[bytes]]
+# A body's answer: now, or later (None later: a notification, nothing owed).
+Handler = Callable[[bytes], bytes | Awaitable[bytes | None]]
 
 # The path of the feed (the relay tree's frames) on the node's port.
 FEED_PATH = b"/feed"

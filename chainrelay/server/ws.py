@@ -31,7 +31,7 @@ from chainrelay.wire.jsonrpc import Answer
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], bytes | Awaitable[bytes]]
+Handler = Callable[[bytes], bytes | Awaitable[bytes | None]]
 
 # Close code for a reader too slow to keep up: "try again later" (RFC 6455, 1013).
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -92,7 +92,7 @@ class WsSession:
         self.proto = ServerProtocol(max_size=max_message_bytes, extensions=None)
         # Frame payloads as websockets hands them over (bytes-like), joined once at the end.
         self._fragments: list[bytes | bytearray | memoryview] = []
-        self._tasks: set[asyncio.Task[bytes]] = set()
+        self._tasks: set[asyncio.Task[bytes | None]] = set()
         self._on_close = on_close
         self._open_subscriptions = open_subscriptions
         self.subscriptions: Subscriptions | None = None
@@ -175,7 +175,7 @@ class WsSession:
             self._paused = True
             self.transport.pause_reading()
 
-    def _done(self, task: asyncio.Task[bytes]) -> None:
+    def _done(self, task: asyncio.Task[bytes | None]) -> None:
         self._tasks.discard(task)
         if self._paused and len(self._tasks) <= self.max_pending // 2 and not self.closed:
             self._paused = False
@@ -187,8 +187,10 @@ class WsSession:
             log.error("websocket handler failed", exc_info=exc)
             return
         answer = task.result()
+        if not answer:
+            return  # a notification: nothing owed
         self.send(answer)
-        if self.subscriptions is not None and answer:
+        if self.subscriptions is not None:
             self.subscriptions.answered(answer)
 
     def send(self, payload: bytes) -> None:

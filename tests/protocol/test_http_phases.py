@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from chainrelay.server.phases import TRANSITIONS, Event, Phase, on
 from tests.protocol.test_http_fast_path import MAX_BODY, Front, answers, balance, post
+from tests.protocol.test_rpc_hits import ADDR
 
 
 def test_every_phase_but_upgraded_leads_back_to_idle() -> None:
@@ -59,3 +62,22 @@ def test_a_body_over_the_limit_is_refused_and_the_rest_of_it_ignored() -> None:
     assert conn._phase is Phase.REFUSED
     assert [a.status for a in answers(transport.out)] == [413]
     assert transport.closed
+
+
+async def test_a_notification_answered_later_is_written_as_one_answered_at_once() -> None:
+    front = Front()
+    front.warm(b'"0x2a"')
+    conn, transport = front.connect()
+    conn.data_received(
+        post(
+            b'{"jsonrpc":"2.0","method":"eth_getBalance","params":["%s","latest"]}' % ADDR.encode()
+        )
+    )
+    at_once = bytes(transport.out)
+    transport.out.clear()
+    later: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+    conn._answer(later, True)
+    later.set_result(None)  # what the pipeline gives a notification's call: nothing owed
+    conn._flush()  # as its done-callback will
+    assert bytes(transport.out) == at_once
+    assert [(a.status, a.body) for a in answers(at_once)] == [(200, b"")]
