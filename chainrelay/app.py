@@ -10,6 +10,7 @@ one place, the "Late links" at the end of this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -188,25 +189,19 @@ class Node:
         (an origin listens before the first block); it stops after them."""
         cfg = self.cfg
         tree = cfg.tree
-        follow = cfg.subscriptions.follow
-        if tree.enabled and (tree.trust or tree.key or tree.key_file):
-            follow = "always"  # every block of the tree warms this node's cache
         sc = cfg.subscriptions
+        if tree.enabled and (tree.trust or tree.key or tree.key_file):
+            # Every block of the tree warms this node's cache.
+            sc = dataclasses.replace(sc, follow_blocks_always=True)
         follower = self.follower = BlockFollower(
             pool,
             head,
             cache,
             self.metrics,
+            sc,
             window=cfg.head.reorg_window,
-            follow=follow,
-            follow_recent=sc.follow_recent_blocks,
-            rpc_call=rpc.follower_call,
-            fetch_retry_delay=sc.feed_fetch_retry_delay,
-            fetch_attempts=sc.feed_fetch_attempts,
-            block_passes=sc.feed_block_passes,
-            receipts_retry_blocks=sc.feed_receipts_retry_blocks,
-            pending_max_message=sc.pending_max_message,
             offered_max_bytes=tree.offered_max_bytes,
+            rpc_call=rpc.follower_call,
         )
         await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:

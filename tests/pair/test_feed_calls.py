@@ -16,11 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay import defaults
 from chainrelay.chain.fetch import Unavailable
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -68,7 +69,14 @@ class Pair:
         view.generation += 1
         self.rpc = RpcService(MemoryCache(1 << 20, 1 << 16), pool, self.head, metrics, 56)
         self.follower = BlockFollower(
-            pool, self.head, self.rpc.cache, metrics, rpc_call=self.rpc.follower_call
+            pool,
+            self.head,
+            self.rpc.cache,
+            metrics,
+            SubscriptionsConfig(),
+            window=defaults.REORG_WINDOW,
+            offered_max_bytes=defaults.OFFERED_MAX_BYTES,
+            rpc_call=self.rpc.follower_call,
         )
 
     async def client(self, method: str, params: list[Any]) -> Any:
