@@ -96,11 +96,8 @@ class Node:
             head,
             self.metrics,
             self.chain_id,
-            max_batch_len=cfg.limits.max_batch_len,
+            cfg.limits,
             shared=self.shared,
-            max_hit_table_bytes=cfg.limits.max_hit_table_bytes,
-            max_hit_table_entries=cfg.limits.max_hit_table_entries,
-            memo_max_params_bytes=cfg.limits.memo_max_params_bytes,
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(

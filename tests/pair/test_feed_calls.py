@@ -21,7 +21,7 @@ from chainrelay.chain.fetch import Unavailable
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig, SubscriptionsConfig
+from chainrelay.config import LimitsConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -67,7 +67,9 @@ class Pair:
         view.number, view.hash = N, BLOCK_HASH
         view.canonical, view.numbers = {N: BLOCK_HASH}, {BLOCK_HASH: N}
         view.generation += 1
-        self.rpc = RpcService(MemoryCache(1 << 20, 1 << 16), pool, self.head, metrics, 56)
+        self.rpc = RpcService(
+            MemoryCache(1 << 20, 1 << 16), pool, self.head, metrics, 56, LimitsConfig()
+        )
         self.follower = BlockFollower(
             pool,
             self.head,

@@ -118,16 +118,14 @@ class Front:
         head.confirmed_at = float("inf")  # the head stays fresh: local answers allowed
         head_at(head.view, 100)
         cache = MemoryCache(1 << 20, 1 << 16)
-        self.rpc = RpcService(
-            cache, pool, head, self.metrics, 56, max_hit_table_bytes=hit_table_bytes
-        )
+        limits = LimitsConfig(max_body_bytes=MAX_BODY, max_hit_table_bytes=hit_table_bytes)
+        self.rpc = RpcService(cache, pool, head, self.metrics, 56, limits)
         routes = Routes(
             self.rpc.handle,
             lambda: (200, b"{}"),
             lambda: b"",
             replayer=self.rpc if replays else None,
         )
-        limits = LimitsConfig(max_body_bytes=MAX_BODY, max_hit_table_bytes=hit_table_bytes)
         self.server = HttpServer(routes, limits, self.metrics, cors)
 
     def warm(self, value: bytes, block: str = "latest") -> bytes:

@@ -12,7 +12,7 @@ import pytest
 
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import LimitsConfig, PoolConfig
 from chainrelay.defaults import MEMO_MAX_PARAMS_BYTES
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
@@ -56,7 +56,7 @@ def service() -> RpcService:
     )
     head = HeadTracker(pool, PROFILES["devnet"], metrics)
     head_at(head.view, 100)
-    return RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56)
+    return RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, LimitsConfig())
 
 
 def body(id_: object, block: str = "latest") -> bytes:
@@ -115,9 +115,8 @@ def test_the_plan_memo_stays_within_its_bytes_and_skips_large_params() -> None:
     )
     head = HeadTracker(pool, PROFILES["devnet"], metrics)
     head_at(head.view, 100)
-    service = RpcService(
-        MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, max_hit_table_bytes=bound
-    )
+    limits = LimitsConfig(max_hit_table_bytes=bound)
+    service = RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, limits)
 
     def miss(method: str, params: list[object]) -> None:
         pending = service.handle(
