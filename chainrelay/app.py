@@ -147,11 +147,7 @@ class Node:
                     pool,
                     profile,
                     self.metrics,
-                    window=cfg.head.reorg_window,
-                    backfill=cfg.head.backfill_blocks,
-                    finality_refresh_blocks=cfg.head.finality_refresh_blocks,
-                    fresh_blocks=cfg.head.fresh_blocks,
-                    poll=cfg.head.poll_settings(),
+                    cfg.head,
                     # A node whose upstreams are only its tree parents takes its heads from
                     # frames. (Unless it trusts no block origin: a tree of batches alone
                     # brings no heads.)

@@ -185,20 +185,6 @@ class HeadConfig:
             "poll_max_interval >= poll_min_interval",
         )
 
-    def poll_settings(self) -> dict[str, float]:
-        """The HTTP head poller's settings (chain/headpoll.py), by its own names."""
-        return {
-            "lead": self.poll_lead,
-            "near": self.poll_near,
-            "alpha": self.interval_alpha,
-            "min_factor": self.interval_min_factor,
-            "max_factor": self.interval_max_factor,
-            "backoff": self.poll_backoff,
-            "min_interval": self.poll_min_interval,
-            "max_interval": self.poll_max_interval,
-            "probe_every": self.poll_probe_every,
-        }
-
 
 @dataclass
 class SubscriptionsConfig:

@@ -21,7 +21,7 @@ from chainrelay.chain.fetch import Unavailable
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import LimitsConfig, PoolConfig, SubscriptionsConfig
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -62,7 +62,7 @@ class Pair:
         self.node = FakeFailingUpstream()
         metrics = Metrics()
         pool = UpstreamPool([self.node], PoolConfig(max_attempts=1), metrics)
-        self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
+        self.head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
         view = self.head.view
         view.number, view.hash = N, BLOCK_HASH
         view.canonical, view.numbers = {N: BLOCK_HASH}, {BLOCK_HASH: N}

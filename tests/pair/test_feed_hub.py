@@ -25,7 +25,7 @@ from chainrelay import defaults
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig, SubscriptionsConfig
+from chainrelay.config import HeadConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.tree import frame as feedframe
@@ -472,7 +472,7 @@ class Node:
     def __init__(self, max_payload_bytes: int) -> None:
         metrics = Metrics()
         pool = UpstreamPool([BlanketUpstream()], PoolConfig(max_attempts=1), metrics)
-        self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
+        self.head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
         self.follower = BlockFollower(
             pool,
             self.head,

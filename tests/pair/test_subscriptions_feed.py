@@ -22,7 +22,7 @@ from chainrelay.chain.events import HEADER_FIELDS, BlockEvent
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig, SubscriptionsConfig
+from chainrelay.config import HeadConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import Entry, MemoryCache
 from chainrelay.upstreams.pool import UpstreamPool
@@ -99,7 +99,9 @@ class Lab:
         self.chain = MemoryChain()
         self.metrics = metrics = Metrics()
         pool = UpstreamPool([self.chain], PoolConfig(), metrics)
-        self.tracker = HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=0)
+        self.tracker = HeadTracker(
+            pool, PROFILES["devnet"], metrics, HeadConfig(reorg_window=16, backfill_blocks=0)
+        )
         cache = MemoryCache(1 << 20, 1 << 16) if cache is None else cache
         self.follower = BlockFollower(
             pool,

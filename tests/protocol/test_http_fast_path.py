@@ -20,7 +20,7 @@ import pytest
 
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import LimitsConfig, PoolConfig
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import Entry, MemoryCache
@@ -114,7 +114,7 @@ class Front:
         pool = UpstreamPool(
             [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), self.metrics
         )
-        head = HeadTracker(pool, PROFILES["devnet"], self.metrics)
+        head = HeadTracker(pool, PROFILES["devnet"], self.metrics, HeadConfig())
         head.confirmed_at = float("inf")  # the head stays fresh: local answers allowed
         head_at(head.view, 100)
         cache = MemoryCache(1 << 20, 1 << 16)

@@ -12,7 +12,7 @@ import pytest
 
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import LimitsConfig, PoolConfig
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.defaults import MEMO_MAX_PARAMS_BYTES
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
@@ -54,7 +54,7 @@ def service() -> RpcService:
     pool = UpstreamPool(
         [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), metrics
     )
-    head = HeadTracker(pool, PROFILES["devnet"], metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
     head_at(head.view, 100)
     return RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, LimitsConfig())
 
@@ -113,7 +113,7 @@ def test_the_plan_memo_stays_within_its_bytes_and_skips_large_params() -> None:
     pool = UpstreamPool(
         [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), metrics
     )
-    head = HeadTracker(pool, PROFILES["devnet"], metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
     head_at(head.view, 100)
     limits = LimitsConfig(max_hit_table_bytes=bound)
     service = RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, limits)
