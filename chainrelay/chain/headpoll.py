@@ -27,7 +27,7 @@ the answer describes. The object answers "poll next at"; it sleeps on nothing.
 
 from __future__ import annotations
 
-from chainrelay.config import HeadConfig
+from typing import Protocol
 
 # A block that came before the first poll looked for it doubles how early the next one is
 # looked for: the phase is found again in a few blocks after a stall or a wrong estimate.
@@ -38,11 +38,26 @@ EARLY_NARROW = 0.75
 MAX_EARLY = 0.5
 
 
+class PollSettings(Protocol):
+    """What the schedule reads of the ``[head]`` section (``config.HeadConfig``), under its
+    keys: a sans-I/O core imports no config."""
+
+    poll_lead: float
+    poll_near: float
+    poll_backoff: float
+    poll_min_interval: float
+    poll_max_interval: float
+    poll_probe_every: int
+    interval_alpha: float
+    interval_min_factor: float
+    interval_max_factor: float
+
+
 class HeadPollSchedule:
     """The polling plan for one upstream. Call ``first`` before the first poll, then
     ``polled`` with each answer's head number (None when the poll failed)."""
 
-    def __init__(self, block_time: float, cfg: HeadConfig) -> None:
+    def __init__(self, block_time: float, cfg: PollSettings) -> None:
         """``cfg``: the ``[head]`` section, whose ``poll_*`` and ``interval_*`` keys shape
         the plan."""
         self.block_time = block_time
