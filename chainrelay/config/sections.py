@@ -26,6 +26,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # When the block follower follows blocks (see chainrelay.chain.follower).
 FOLLOW_MODES = ("auto", "always", "never")
 
+# A trusted signer, and a stream's name (<chain>/<kind>: at most 32 bytes, a frame's field).
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 STREAM = re.compile(r"[a-z0-9_-]{1,20}/[a-z0-9_-]{1,11}")
 
