@@ -10,6 +10,7 @@ one place, the "Late links" at the end of this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -95,11 +96,8 @@ class Node:
             head,
             self.metrics,
             self.chain_id,
-            max_batch_len=cfg.limits.max_batch_len,
+            cfg.limits,
             shared=self.shared,
-            max_hit_table_bytes=cfg.limits.max_hit_table_bytes,
-            max_hit_table_entries=cfg.limits.max_hit_table_entries,
-            memo_max_params_bytes=cfg.limits.memo_max_params_bytes,
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
@@ -149,11 +147,7 @@ class Node:
                     pool,
                     profile,
                     self.metrics,
-                    window=cfg.head.reorg_window,
-                    backfill=cfg.head.backfill_blocks,
-                    finality_refresh_blocks=cfg.head.finality_refresh_blocks,
-                    fresh_blocks=cfg.head.fresh_blocks,
-                    poll=cfg.head.poll_settings(),
+                    cfg.head,
                     # A node whose upstreams are only its tree parents takes its heads from
                     # frames. (Unless it trusts no block origin: a tree of batches alone
                     # brings no heads.)
@@ -188,25 +182,19 @@ class Node:
         (an origin listens before the first block); it stops after them."""
         cfg = self.cfg
         tree = cfg.tree
-        follow = cfg.subscriptions.follow
-        if tree.enabled and (tree.trust or tree.key or tree.key_file):
-            follow = "always"  # every block of the tree warms this node's cache
         sc = cfg.subscriptions
+        if tree.enabled and (tree.trust or tree.key or tree.key_file):
+            # Every block of the tree warms this node's cache.
+            sc = dataclasses.replace(sc, follow_blocks_always=True)
         follower = self.follower = BlockFollower(
             pool,
             head,
             cache,
             self.metrics,
+            sc,
             window=cfg.head.reorg_window,
-            follow=follow,
-            follow_recent=sc.follow_recent_blocks,
-            rpc_call=rpc.follower_call,
-            fetch_retry_delay=sc.feed_fetch_retry_delay,
-            fetch_attempts=sc.feed_fetch_attempts,
-            block_passes=sc.feed_block_passes,
-            receipts_retry_blocks=sc.feed_receipts_retry_blocks,
-            pending_max_message=sc.pending_max_message,
             offered_max_bytes=tree.offered_max_bytes,
+            rpc_call=rpc.follower_call,
         )
         await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:

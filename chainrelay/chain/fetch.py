@@ -3,8 +3,8 @@
 A block offered whole (``chain.offers``: a relay tree frame) is taken as it is, with no
 upstream call. Otherwise the block comes from eth_getBlockByHash(h, true) and its logs from
 eth_getBlockReceipts; a block whose receipts fail (any error, or an upstream without
-``eth_getBlockReceipts``, asked again every ``receipts_retry_blocks``) gets its logs from
-``eth_getLogs`` by block hash. A block no upstream gives now raises ``Unavailable``: the
+``eth_getBlockReceipts``, asked again every ``feed_receipts_retry_blocks``) gets its logs
+from ``eth_getLogs`` by block hash. A block no upstream gives now raises ``Unavailable``: the
 follower tries it again at a later pass.
 
 The reads go through the RPC pipeline's cache and coalescer (``rpc_call``) under the keys a
@@ -23,10 +23,10 @@ from typing import Any
 
 import orjson
 
-from chainrelay import defaults
 from chainrelay.chain.events import BlockEvent, geth_header
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.offers import OfferedBlocks
+from chainrelay.config import SubscriptionsConfig
 from chainrelay.errors import UpstreamError
 from chainrelay.metrics import Metrics
 from chainrelay.subscriptions.logfilter import logs_of_receipts
@@ -66,30 +66,28 @@ class BlockFetcher:
         head: HeadTracker,
         metrics: Metrics,
         offers: OfferedBlocks,
+        cfg: SubscriptionsConfig,
         *,
         rpc_call: RpcCall | None = None,
-        retry_delay: float = defaults.FEED_FETCH_RETRY_DELAY,
-        attempts: int = defaults.FEED_FETCH_ATTEMPTS,
-        receipts_retry_blocks: int = defaults.FEED_RECEIPTS_RETRY_BLOCKS,
     ) -> None:
+        """``cfg``: how often and how long to try a block (``feed_fetch_*``), and when to
+        ask an upstream without eth_getBlockReceipts again (``feed_receipts_retry_blocks``)."""
         self.pool = pool
         self.head = head
         self.metrics = metrics
         self.offers = offers
+        self.cfg = cfg
         self._call: RpcCall = rpc_call or self._pool_call
-        self.retry_delay = retry_delay
-        self.attempts = attempts
-        self.receipts_retry_blocks = receipts_retry_blocks
         # eth_getBlockReceipts is skipped below this block number: an upstream said it
         # lacks the method, and is asked again past it.
         self._receipts_from = -1
 
     async def fetch(self, number: int, block_hash: str) -> tuple[BlockEvent, RawBlock]:
-        """Block ``number`` with ``block_hash``, up to ``attempts`` tries while it is
-        canonical; ``Unavailable`` if none gave it."""
-        for attempt in range(self.attempts):
+        """Block ``number`` with ``block_hash``, up to ``feed_fetch_attempts`` tries while it
+        is canonical; ``Unavailable`` if none gave it."""
+        for attempt in range(self.cfg.feed_fetch_attempts):
             if attempt:
-                await asyncio.sleep(self.retry_delay)
+                await asyncio.sleep(self.cfg.feed_fetch_retry_delay)
             if self.head.view.canonical.get(number) != block_hash:
                 raise Unavailable  # reorged away while we waited: the next step says what
             try:
@@ -183,7 +181,7 @@ class BlockFetcher:
             return answer.value, answer.result
         if answer is not None and answer.error is not None:
             if _error_code(answer.error) in _UNSUPPORTED:
-                self._receipts_from = number + self.receipts_retry_blocks
+                self._receipts_from = number + self.cfg.feed_receipts_retry_blocks
                 log.info(
                     "upstream lacks eth_getBlockReceipts: logs come from eth_getLogs "
                     "until block %d",

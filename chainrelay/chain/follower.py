@@ -12,10 +12,10 @@ links by parent hash across missed heads and reconnected head streams. Head list
 pushed headers ahead of the fetch (``chain.announce``).
 
 One block never stops the follower: a failure while warming the cache is logged and
-counted, never in the way of delivery; a block no upstream serves after ``block_passes``
-passes is given up (logged, counted in ``chainrelay_block_feed_problems``) and the
-follower moves on. For reorgs it keeps only each delivered block's number, hash and logs,
-and only above the finalized block.
+counted, never in the way of delivery; a block no upstream serves after
+``feed_block_passes`` passes is given up (logged, counted in
+``chainrelay_block_feed_problems``) and the follower moves on. For reorgs it keeps only
+each delivered block's number, hash and logs, and only above the finalized block.
 
 Whether it follows at all is ``chain.followmode``'s decision; the blocks it delivered
 lately answer eth_getLogs (``chain.recentlogs``); pending transactions come from their
@@ -30,7 +30,6 @@ import dataclasses
 import logging
 from typing import Any
 
-from chainrelay import defaults
 from chainrelay.chain.announce import HeadAnnouncer
 from chainrelay.chain.blockorder import DeliveredChain
 from chainrelay.chain.events import (
@@ -48,6 +47,7 @@ from chainrelay.chain.offers import OfferedBlocks
 from chainrelay.chain.pending import PendingListener, PendingStream
 from chainrelay.chain.recentlogs import RecentLogs
 from chainrelay.chain.warm import CacheWarmer
+from chainrelay.config import SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.server.peer import detached
@@ -63,38 +63,25 @@ class BlockFollower:
         head: HeadTracker,
         cache: MemoryCache,
         metrics: Metrics,
+        cfg: SubscriptionsConfig,
         *,
-        window: int = defaults.REORG_WINDOW,
-        follow: str = defaults.FOLLOW_BLOCKS,
-        follow_recent: int = defaults.FOLLOW_RECENT_BLOCKS,
+        window: int,
+        offered_max_bytes: int,
         rpc_call: RpcCall | None = None,
-        fetch_retry_delay: float = defaults.FEED_FETCH_RETRY_DELAY,
-        fetch_attempts: int = defaults.FEED_FETCH_ATTEMPTS,
-        block_passes: int = defaults.FEED_BLOCK_PASSES,
-        receipts_retry_blocks: int = defaults.FEED_RECEIPTS_RETRY_BLOCKS,
-        pending_max_message: int = defaults.PENDING_MAX_MESSAGE,
-        offered_max_bytes: int = defaults.OFFERED_MAX_BYTES,
     ) -> None:
+        """``cfg``: when to follow and how hard to try a block; ``window``: ``[head]``'s
+        reorg window; ``offered_max_bytes``: what the relay tree's offered blocks may hold."""
         self.pool = pool
         self.head = head
         self.metrics = metrics
-        self.mode = FollowMode(follow, follow_recent)
-        self.block_passes = block_passes
+        self.cfg = cfg
+        self.mode = FollowMode(cfg.follow, cfg.follow_recent_blocks)
         self.offers = OfferedBlocks(window, offered_max_bytes)
-        self.fetcher = BlockFetcher(
-            pool,
-            head,
-            metrics,
-            self.offers,
-            rpc_call=rpc_call,
-            retry_delay=fetch_retry_delay,
-            attempts=fetch_attempts,
-            receipts_retry_blocks=receipts_retry_blocks,
-        )
+        self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, rpc_call=rpc_call)
         self.warmer = CacheWarmer(head, cache, metrics)
         self.recent = RecentLogs(head, window)
         self.heads = HeadAnnouncer()
-        self.pending = PendingStream(pool, metrics, max_message=pending_max_message)
+        self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
         # Failed passes per block (number, hash) not delivered yet.
         self._passes: dict[tuple[int, str], int] = {}
         self.order: DeliveredChain[BlockEvent] = DeliveredChain(window)
@@ -217,7 +204,7 @@ class BlockFollower:
         while True:
             if behind:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.fetcher.retry_delay)
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.feed_fetch_retry_delay)
             else:
                 await self._wake.wait()
             self._wake.clear()
@@ -281,13 +268,13 @@ class BlockFollower:
                 return False
 
     def _give_up(self, number: int, block_hash: str) -> bool:
-        """Count a failed pass over a block; after ``block_passes`` of them, record it as
+        """Count a failed pass over a block; after ``feed_block_passes`` of them, record it as
         delivered without telling listeners, so the blocks after it are not held forever."""
         key = (number, block_hash)
         passes = self._passes[key] = self._passes.get(key, 0) + 1
         if len(self._passes) > self.order.window:
             del self._passes[next(iter(self._passes))]
-        if passes < self.block_passes:
+        if passes < self.cfg.feed_block_passes:
             return False
         del self._passes[key]
         log.error(

@@ -12,13 +12,13 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chainrelay import defaults
 from chainrelay.chain.headpoll import HeadPollSchedule
 from chainrelay.chain.profiles import ChainProfile
+from chainrelay.config import HeadConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.policy import HeadView
 from chainrelay.server.peer import detached
@@ -55,29 +55,26 @@ class HeadTracker:
         pool: UpstreamPool,
         profile: ChainProfile,
         metrics: Metrics,
+        cfg: HeadConfig,
         *,
-        window: int = defaults.REORG_WINDOW,
-        backfill: int = defaults.BACKFILL_BLOCKS,
-        finality_refresh_blocks: int = defaults.FINALITY_REFRESH_BLOCKS,
-        fresh_blocks: float = defaults.HEAD_FRESH_BLOCKS,
-        poll: Mapping[str, Any] | None = None,
         pushed_only: bool = False,
     ) -> None:
+        """``cfg``: the ``[head]`` section (reorg window, backfill, finality refresh,
+        freshness, and each polled upstream's schedule)."""
         self.pool = pool
         self.profile = profile
         self.metrics = metrics
+        self.cfg = cfg
         self.view = HeadView()
-        self.window = window
-        self.backfill = min(backfill, window)
+        self.window = cfg.reorg_window
+        self.backfill = min(cfg.backfill_blocks, cfg.reorg_window)
         self._backfill_task: asyncio.Task[None] | None = None
-        self.finality_refresh_blocks = finality_refresh_blocks
-        self.fresh_seconds = fresh_blocks * profile.block_time
-        # HeadPollSchedule's keyword arguments; one schedule per polled upstream, kept
-        # across broken polls so a retry does not forget the chain's rhythm.
-        self.poll_options = dict(poll or {})
+        self.fresh_seconds = cfg.fresh_blocks * profile.block_time
         # Heads come from elsewhere (``push_header``: the relay tree's frames): upstreams
         # are asked once for a first head, then only when nothing confirmed it for a while.
         self.pushed_only = pushed_only
+        # One schedule per polled upstream, kept across broken polls so a retry does not
+        # forget the chain's rhythm.
         self.schedules: dict[str, HeadPollSchedule] = {}
         self.updated_at = 0.0  # monotonic time of the last head change
         # Monotonic time an upstream last confirmed the head (changed or not): a quiet
@@ -182,7 +179,7 @@ class HeadTracker:
         ``_confirm`` loop runs beside it."""
         schedule = self.schedules.get(u.name)
         if schedule is None:
-            schedule = HeadPollSchedule(self.profile.block_time, **self.poll_options)
+            schedule = HeadPollSchedule(self.profile.block_time, self.cfg)
             self.schedules[u.name] = schedule
         loop = asyncio.get_running_loop()
         while True:
@@ -280,7 +277,7 @@ class HeadTracker:
             )
         self.metrics.head.set(h.number)
         self._fallback_finality()
-        if h.number - self._last_finality_at >= self.finality_refresh_blocks and (
+        if h.number - self._last_finality_at >= self.cfg.finality_refresh_blocks and (
             self._finality_task is None or self._finality_task.done()
         ):
             self._last_finality_at = h.number

@@ -10,14 +10,14 @@ Rules, all of them here:
   the poll that did; the expected time (the last block's plus the interval) is used when it
   lies in that span, else the nearest end of the span. This locks the schedule to the
   chain's phase the way a clock follows a reference.
-* After a new block: no poll until half a ``near`` step after the next one is due, so a
-  block on time costs one poll. Every ``probe_every`` blocks the first poll goes ``lead``
-  (a fraction of the interval) before it is due instead, which tells whether blocks now come
-  earlier than expected (a poll after the due time cannot); while they do, the probe goes
-  earlier each block. Then one poll every ``near`` (a fraction of the interval) until the
-  block arrives; once it is overdue by half an
-  interval the chain is taken as stalled and the wait grows by ``backoff`` each poll, never
-  beyond ``max_interval``.
+* After a new block: no poll until half a ``poll_near`` step after the next one is due, so
+  a block on time costs one poll. Every ``poll_probe_every`` blocks the first poll goes
+  ``poll_lead`` (a fraction of the interval) before it is due instead, which tells whether
+  blocks now come earlier than expected (a poll after the due time cannot); while they do,
+  the probe goes earlier each block. Then one poll every ``poll_near`` (a fraction of the
+  interval) until the block arrives; once it is overdue by half an interval the chain is
+  taken as stalled and the wait grows by ``poll_backoff`` each poll, never beyond
+  ``poll_max_interval``.
 * An answer that is not a newer block (the same head, a lagging upstream's older one, a
   reorg's sibling at the same height) moves nothing but the "not seen yet" edge.
 
@@ -27,45 +27,43 @@ the answer describes. The object answers "poll next at"; it sleeps on nothing.
 
 from __future__ import annotations
 
-from chainrelay import defaults
+from typing import Protocol
 
 # A block that came before the first poll looked for it doubles how early the next one is
 # looked for: the phase is found again in a few blocks after a stall or a wrong estimate.
 EARLY_WIDEN = 2.0
-# Each block found by a later poll gives a quarter of that back, down to ``lead``.
+# Each block found by a later poll gives a quarter of that back, down to ``poll_lead``.
 EARLY_NARROW = 0.75
 # Never look earlier than half an interval ahead: that would be polling all the time.
 MAX_EARLY = 0.5
+
+
+class PollSettings(Protocol):
+    """What the schedule reads of the ``[head]`` section (``config.HeadConfig``), under its
+    keys: a sans-I/O core imports no config."""
+
+    poll_lead: float
+    poll_near: float
+    poll_backoff: float
+    poll_min_interval: float
+    poll_max_interval: float
+    poll_probe_every: int
+    interval_alpha: float
+    interval_min_factor: float
+    interval_max_factor: float
 
 
 class HeadPollSchedule:
     """The polling plan for one upstream. Call ``first`` before the first poll, then
     ``polled`` with each answer's head number (None when the poll failed)."""
 
-    def __init__(
-        self,
-        block_time: float,
-        *,
-        lead: float = defaults.HEAD_POLL_LEAD,
-        near: float = defaults.HEAD_POLL_NEAR,
-        alpha: float = defaults.HEAD_INTERVAL_ALPHA,
-        min_factor: float = defaults.HEAD_INTERVAL_MIN_FACTOR,
-        max_factor: float = defaults.HEAD_INTERVAL_MAX_FACTOR,
-        backoff: float = defaults.HEAD_POLL_BACKOFF,
-        min_interval: float = defaults.HEAD_POLL_MIN_INTERVAL,
-        max_interval: float = defaults.HEAD_POLL_MAX_INTERVAL,
-        probe_every: int = defaults.HEAD_POLL_PROBE_EVERY,
-    ) -> None:
+    def __init__(self, block_time: float, cfg: PollSettings) -> None:
+        """``cfg``: the ``[head]`` section, whose ``poll_*`` and ``interval_*`` keys shape
+        the plan."""
         self.block_time = block_time
-        self.lead = lead
-        self.near = near
-        self.alpha = alpha
-        self.low = block_time * min_factor
-        self.high = block_time * max_factor
-        self.backoff = backoff
-        self.min_interval = min_interval
-        self.max_interval = max_interval
-        self.probe_every = probe_every
+        self.cfg = cfg
+        self.low = block_time * cfg.interval_min_factor
+        self.high = block_time * cfg.interval_max_factor
         # The learned seconds between blocks.
         self.interval = block_time
         self.number: int | None = None  # the highest head seen
@@ -74,7 +72,7 @@ class HeadPollSchedule:
         self._step = 0.0  # the current wait between overdue polls
         # How early the next block is looked for: widened while blocks come before the
         # first poll looks (nothing then says how early they came), narrowed back after.
-        self.early = lead
+        self.early = cfg.poll_lead
         self._looked = False  # whether a poll since the last block was a "near" one
         # Whether the next block is looked for before it is due (a probe of the phase)
         # rather than just after, and the blocks since the last probe.
@@ -110,16 +108,17 @@ class HeadPollSchedule:
             appeared = (low + now) / 2 if expected < low else min(expected, now)
             observed = (appeared - self.appeared_at) / (number - self.number)
             observed = min(max(observed, self.low), self.high)
-            self.interval += self.alpha * (observed - self.interval)
+            self.interval += self.cfg.interval_alpha * (observed - self.interval)
+        lead = self.cfg.poll_lead
         if due is not None and self.probing:
             if self._looked:
-                self.early = max(self.lead, self.early * EARLY_NARROW)
+                self.early = max(lead, self.early * EARLY_NARROW)
             else:
                 self.early = min(MAX_EARLY, self.early * EARLY_WIDEN)
             self._since_probe = 0
         elif due is not None:
             self._since_probe += 1
-        self.probing = self.early > self.lead or self._since_probe + 1 >= self.probe_every
+        self.probing = self.early > lead or self._since_probe + 1 >= self.cfg.poll_probe_every
         self._looked = False
         self.number = number
         self.appeared_at = appeared
@@ -128,20 +127,21 @@ class HeadPollSchedule:
         self._step = 0.0
 
     def _next(self, now: float) -> float:
-        due = self.due
-        near = max(self.min_interval, self.near * self.interval)
+        cfg, due = self.cfg, self.due
+        near = max(cfg.poll_min_interval, cfg.poll_near * self.interval)
+        max_interval = cfg.poll_max_interval
         if due is None:
-            return now + min(self.max_interval, near)
+            return now + min(max_interval, near)
         if self.probing:
             start = due - self.early * self.interval
         else:
             # Half a near step after the block is due: usually the only poll it costs.
             start = due + near / 2
         if now < start:
-            return min(start, now + self.max_interval)
+            return min(start, now + max_interval)
         self._looked = True
         if now < due + self.interval / 2:
-            return now + min(near, self.max_interval)
+            return now + min(near, max_interval)
         # Overdue: a stalled chain or upstream is asked less and less often.
-        self._step = min(self.max_interval, max(near, self._step * self.backoff))
+        self._step = min(max_interval, max(near, self._step * cfg.poll_backoff))
         return now + self._step

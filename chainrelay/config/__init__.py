@@ -4,8 +4,7 @@ read → expand ``${ENV}`` in string values → strict decode (an unknown key is
 its full path) → defaults (each field names its value in ``defaults.py``) → validate.
 ``chainrelay validate FILE`` runs exactly this.
 
-Each section is a dataclass in the module of its group (``server``, ``cache``, ``chain``,
-``subscriptions``, ``tree``, ``batches``) and checks itself (``check``); ``Config.check``
+Each section is a dataclass in ``sections.py`` and checks itself (``check``); ``Config.check``
 runs them and then the few rules that span sections. This package imports no service:
 services import their section from here.
 """
@@ -18,20 +17,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chainrelay import defaults as d
-from chainrelay.config.batches import BatchesConfig, BatchStreamConfig
-from chainrelay.config.cache import CACHE_BACKENDS, REDIS_SCHEMES, CacheConfig
-from chainrelay.config.chain import (
-    ChainConfig,
-    HeadConfig,
-    PoolConfig,
-    UpstreamConfig,
-    check_upstreams,
-)
 from chainrelay.config.checks import require
 from chainrelay.config.decode import decode, expand_env, expand_values
-from chainrelay.config.server import LimitsConfig, ServerConfig, parse_listen
-from chainrelay.config.subscriptions import FOLLOW_MODES, FiltersConfig, SubscriptionsConfig
-from chainrelay.config.tree import TreeConfig, TreeParentConfig
+from chainrelay.config.sections import (
+    CACHE_BACKENDS,
+    FOLLOW_MODES,
+    REDIS_SCHEMES,
+    BatchesConfig,
+    BatchStreamConfig,
+    CacheConfig,
+    ChainConfig,
+    FiltersConfig,
+    HeadConfig,
+    LimitsConfig,
+    PoolConfig,
+    ServerConfig,
+    SubscriptionsConfig,
+    TreeConfig,
+    TreeParentConfig,
+    UpstreamConfig,
+    check_upstreams,
+    parse_listen,
+)
 from chainrelay.errors import ConfigError
 
 __all__ = [

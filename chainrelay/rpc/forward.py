@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.policy import HeadView, Kind
@@ -58,9 +59,10 @@ class Forwarder:
         metrics: Metrics,
         view: HeadView,
         full_path: FullPath,
-        max_table_bytes: int,
-        max_table_entries: int,
+        limits: LimitsConfig,
     ) -> None:
+        """``limits``: the bounds of the table of calls forwarded at this head (those of
+        every replay table)."""
         self.pool = pool
         self.metrics = metrics
         self.view = view
@@ -69,7 +71,7 @@ class Forwarder:
         # Body without its id -> (method, the relay's own request after its id), for calls
         # forwarded at this head: their repeats are sent as that request under a new id.
         self.passes: ReplayTable[bytes, tuple[str, bytes]] = ReplayTable(
-            max_table_bytes, max_table_entries, _pass_size
+            limits.max_hit_table_bytes, limits.max_hit_table_entries, _pass_size
         )
 
     def send(

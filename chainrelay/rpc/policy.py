@@ -337,24 +337,17 @@ def _plan_logs(method: str, params: Params, head: HeadView) -> Plan:
     fwd["fromBlock"] = hex(lo.number)
     fwd["toBlock"] = hex(hi.number)
     if hi.final:
-        return Plan(
-            Finality.FINALIZED,
-            _key(method, [fwd]),
-            params=[fwd],
-            min_block=hi.number,
-            block_number=hi.number,
-            anchor="items",
-        )
-    keyed = dict(fwd)
-    # The hash of the last block commits to every block before it.
-    keyed["toBlock"] = "#" + str(hi.hash)
+        finality, keyed = Finality.FINALIZED, fwd
+    else:
+        # The hash of the last block commits to every block before it.
+        finality, keyed = Finality.UNFINALIZED, {**fwd, "toBlock": "#" + str(hi.hash)}
     return Plan(
-        Finality.UNFINALIZED,
+        finality,
         _key(method, [keyed]),
         params=[fwd],
         min_block=hi.number,
         block_number=hi.number,
-        block_hash=hi.hash,
+        block_hash=None if hi.final else hi.hash,
         anchor="items",
     )
 

@@ -28,8 +28,8 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from chainrelay import defaults
 from chainrelay.chain.head import HeadTracker
+from chainrelay.config import LimitsConfig
 from chainrelay.errors import RequestError, UpstreamError, error_code, error_message
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
@@ -122,37 +122,33 @@ class RpcService:
         head: HeadTracker,
         metrics: Metrics,
         chain_id: int,
-        max_batch_len: int = defaults.MAX_BATCH_LEN,
+        limits: LimitsConfig,
         shared: SharedCache | None = None,
-        max_hit_table_bytes: int = defaults.MAX_HIT_TABLE_BYTES,
-        max_hit_table_entries: int = defaults.MAX_HIT_TABLE_ENTRIES,
-        memo_max_params_bytes: int = defaults.MEMO_MAX_PARAMS_BYTES,
     ) -> None:
+        """``limits``: a batch's length, and the bounds of the replay tables below (their
+        bodies, and the answers they keep alive after the cache has let them go)."""
         self.cache = cache
         self.shared = shared
         self.pool = pool
         self.head = head
         self.view = head.view
         self.metrics = metrics
-        self.max_batch_len = max_batch_len
+        # Copied out of ``limits``: read on every request that is not a replay.
+        self.max_batch_len = limits.max_batch_len
+        self.memo_max_params_bytes = limits.memo_max_params_bytes
         self.chain_id = chain_id
         self._chain_id_json = f'"{hex(chain_id)}"'.encode()
         self._coalescer: Coalescer[Answer] = Coalescer()
         self._block_time = head.profile.block_time
-        # The bounds of every replay table below: its bodies, and the answers it keeps
-        # alive after the cache has let them go.
-        self.max_hit_table_bytes = max_hit_table_bytes
-        self.max_hit_table_entries = max_hit_table_entries
-        self.memo_max_params_bytes = memo_max_params_bytes
         # (method, params JSON) -> cache key (None: never cached), at this head: skips
         # planning on repeated calls.
         self._memo: ReplayTable[tuple[str, bytes], bytes | None] = ReplayTable(
-            max_hit_table_bytes, max_hit_table_entries, _memo_size
+            limits.max_hit_table_bytes, limits.max_hit_table_entries, _memo_size
         )
         # Body without its id -> what answered it, for bodies answered from cache (or
         # locally) at this head: repeated calls skip decoding too.
         self._seen: ReplayTable[bytes, Seen] = ReplayTable(
-            max_hit_table_bytes, max_hit_table_entries, _seen_size
+            limits.max_hit_table_bytes, limits.max_hit_table_entries, _seen_size
         )
         # Installed filters (eth_newFilter & co), answered by the node; set by the app.
         self.filters: FilterCalls | None = None
@@ -163,9 +159,7 @@ class RpcService:
         # a miss before the upstreams.
         self.local_logs: Callable[[Any], bytes | None] | None = None
         # Reads that are never cached, sent straight to a WebSocket upstream.
-        self._forwarder = Forwarder(
-            pool, metrics, head.view, self._answer_later, max_hit_table_bytes, max_hit_table_entries
-        )
+        self._forwarder = Forwarder(pool, metrics, head.view, self._answer_later, limits)
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes | None]:

@@ -40,7 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from chainrelay.config.cache import CacheConfig
+from chainrelay.config.sections import CacheConfig
 from chainrelay.metrics import LATENCY_BUCKETS, Metrics
 from chainrelay.rpc.cache import Entry
 from chainrelay.rpc.policy import Finality

@@ -16,11 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay import defaults
 from chainrelay.chain.fetch import Unavailable
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -61,14 +62,23 @@ class Pair:
         self.node = FakeFailingUpstream()
         metrics = Metrics()
         pool = UpstreamPool([self.node], PoolConfig(max_attempts=1), metrics)
-        self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
+        self.head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
         view = self.head.view
         view.number, view.hash = N, BLOCK_HASH
         view.canonical, view.numbers = {N: BLOCK_HASH}, {BLOCK_HASH: N}
         view.generation += 1
-        self.rpc = RpcService(MemoryCache(1 << 20, 1 << 16), pool, self.head, metrics, 56)
+        self.rpc = RpcService(
+            MemoryCache(1 << 20, 1 << 16), pool, self.head, metrics, 56, LimitsConfig()
+        )
         self.follower = BlockFollower(
-            pool, self.head, self.rpc.cache, metrics, rpc_call=self.rpc.follower_call
+            pool,
+            self.head,
+            self.rpc.cache,
+            metrics,
+            SubscriptionsConfig(),
+            window=defaults.REORG_WINDOW,
+            offered_max_bytes=defaults.OFFERED_MAX_BYTES,
+            rpc_call=self.rpc.follower_call,
         )
 
     async def client(self, method: str, params: list[Any]) -> Any:

@@ -25,7 +25,7 @@ from chainrelay import defaults
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import HeadConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.tree import frame as feedframe
@@ -472,8 +472,16 @@ class Node:
     def __init__(self, max_payload_bytes: int) -> None:
         metrics = Metrics()
         pool = UpstreamPool([BlanketUpstream()], PoolConfig(max_attempts=1), metrics)
-        self.head = HeadTracker(pool, PROFILES["devnet"], metrics)
-        self.follower = BlockFollower(pool, self.head, MemoryCache(1 << 20, 1 << 16), metrics)
+        self.head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
+        self.follower = BlockFollower(
+            pool,
+            self.head,
+            MemoryCache(1 << 20, 1 << 16),
+            metrics,
+            SubscriptionsConfig(),
+            window=defaults.REORG_WINDOW,
+            offered_max_bytes=defaults.OFFERED_MAX_BYTES,
+        )
         self.source = FeedSource(
             self.follower, self.head, pool, metrics, max_payload_bytes=max_payload_bytes
         )

@@ -17,11 +17,12 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay import defaults
 from chainrelay.chain.events import HEADER_FIELDS, BlockEvent
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import HeadConfig, PoolConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import Entry, MemoryCache
 from chainrelay.upstreams.pool import UpstreamPool
@@ -92,13 +93,25 @@ class MemoryChain(Upstream):
 
 
 class Lab:
-    def __init__(self, cache: MemoryCache | None = None, **follower: Any) -> None:
+    def __init__(
+        self, feed: SubscriptionsConfig | None = None, cache: MemoryCache | None = None
+    ) -> None:
         self.chain = MemoryChain()
         self.metrics = metrics = Metrics()
         pool = UpstreamPool([self.chain], PoolConfig(), metrics)
-        self.tracker = HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=0)
+        self.tracker = HeadTracker(
+            pool, PROFILES["devnet"], metrics, HeadConfig(reorg_window=16, backfill_blocks=0)
+        )
         cache = MemoryCache(1 << 20, 1 << 16) if cache is None else cache
-        self.follower = BlockFollower(pool, self.tracker, cache, metrics, window=16, **follower)
+        self.follower = BlockFollower(
+            pool,
+            self.tracker,
+            cache,
+            metrics,
+            SubscriptionsConfig() if feed is None else feed,
+            window=16,
+            offered_max_bytes=defaults.OFFERED_MAX_BYTES,
+        )
         self.heads: list[dict[str, Any]] = []
         self.events: list[BlockEvent] = []
         self.follower.add_head_listener(self.heads.append)
@@ -268,7 +281,7 @@ async def test_receipts_failing_with_a_server_error_fall_back_to_get_logs(lab: L
 
 
 async def test_an_upstream_without_block_receipts_is_asked_again_later() -> None:
-    async with running(Lab(receipts_retry_blocks=2)) as lab:
+    async with running(Lab(SubscriptionsConfig(feed_receipts_retry_blocks=2))) as lab:
         c = lab.chain
         await lab.push(c.add("a", 1, "a"))
         await lab.wait_events(1)
@@ -301,8 +314,10 @@ async def test_a_failure_while_warming_the_cache_does_not_hold_delivery() -> Non
 
 
 async def test_a_block_no_upstream_serves_is_given_up_after_its_passes() -> None:
-    feed = {"fetch_attempts": 1, "fetch_retry_delay": 0.01 * SECOND, "block_passes": 3}
-    async with running(Lab(**feed)) as lab:
+    feed = SubscriptionsConfig(
+        feed_fetch_attempts=1, feed_fetch_retry_delay=0.01 * SECOND, feed_block_passes=3
+    )
+    async with running(Lab(feed)) as lab:
         c = lab.chain
         await lab.push(c.add("a", 1, "a"))
         await lab.wait_events(1)

@@ -13,7 +13,7 @@ import pytest
 
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import HeadConfig, PoolConfig
 from chainrelay.metrics import Metrics
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import Upstream
@@ -69,7 +69,9 @@ def chain() -> MemoryChain:
 def tracker(chain: MemoryChain) -> HeadTracker:
     metrics = Metrics()
     pool = UpstreamPool([chain], PoolConfig(), metrics)
-    return HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=0)
+    return HeadTracker(
+        pool, PROFILES["devnet"], metrics, HeadConfig(reorg_window=16, backfill_blocks=0)
+    )
 
 
 def extend(chain: MemoryChain, fork: str, lo: int, hi: int, parent_fork: str) -> list[Header]:
@@ -187,7 +189,9 @@ async def test_missing_tag_falls_back_to_the_profile_depth(
 async def test_first_head_backfills_the_window_behind_it(chain: MemoryChain) -> None:
     metrics = Metrics()
     pool = UpstreamPool([chain], PoolConfig(), metrics)
-    tracker = HeadTracker(pool, PROFILES["devnet"], metrics, window=16, backfill=64)
+    tracker = HeadTracker(
+        pool, PROFILES["devnet"], metrics, HeadConfig(reorg_window=16, backfill_blocks=64)
+    )
     headers = extend(chain, "a", 0, 40, "a")
     await tracker.on_header(chain, headers[40])
     assert tracker._backfill_task is not None

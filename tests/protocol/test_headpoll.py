@@ -15,7 +15,7 @@ import pytest
 
 from chainrelay import defaults
 from chainrelay.chain.headpoll import HeadPollSchedule
-from chainrelay.config import loads
+from chainrelay.config import HeadConfig, loads
 from chainrelay.errors import ConfigError
 
 BLOCK = 1.0
@@ -65,7 +65,7 @@ def median(values: Sequence[float]) -> float:
 
 def test_regular_blocks_are_seen_sooner_with_fewer_polls() -> None:
     produced = [0.37 + i * BLOCK for i in range(100)]
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     polls, delays = run(s, produced, produced[-1] + 0.01)
     settled = delays[10:]
     assert median(settled) < OLD_MEAN_DELAY
@@ -77,7 +77,7 @@ def test_regular_blocks_are_seen_sooner_with_fewer_polls() -> None:
 def test_a_wrong_profile_block_time_is_learned() -> None:
     # anvil mining every second under the BSC profile's 0.75 s.
     produced = [0.5 + i * 1.0 for i in range(60)]
-    s = HeadPollSchedule(0.75)
+    s = HeadPollSchedule(0.75, HeadConfig())
     polls, delays = run(s, produced, produced[-1] + 0.01)
     assert s.interval == pytest.approx(1.0, rel=0.1)
     assert median(delays[20:]) < 0.75 / 8
@@ -92,7 +92,7 @@ def test_jittery_intervals(seed: int) -> None:
     for _ in range(200):
         t += BLOCK * rng.uniform(0.7, 1.3)
         produced.append(t)
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     polls, delays = run(s, produced, produced[-1] + BLOCK)
     assert len(delays) == len(produced)
     assert median(delays) <= OLD_MEAN_DELAY
@@ -106,7 +106,7 @@ def test_jittery_intervals(seed: int) -> None:
 
 def test_a_stalled_chain_is_asked_less_and_less_but_at_least_every_max_interval() -> None:
     produced = [0.1 + i * BLOCK for i in range(10)]
-    s = HeadPollSchedule(BLOCK, max_interval=2.0)
+    s = HeadPollSchedule(BLOCK, HeadConfig(poll_max_interval=2.0))
     stall_end = produced[-1] + 30.0
     polls, _ = run(s, [*produced, stall_end], stall_end + 5.0)
     during = [t for t in polls if produced[-1] + 2 * BLOCK < t < stall_end]
@@ -123,7 +123,7 @@ def test_a_stalled_chain_is_asked_less_and_less_but_at_least_every_max_interval(
 def test_after_a_stall_the_rhythm_returns() -> None:
     first = [0.1 + i * BLOCK for i in range(10)]
     second = [first[-1] + 20.0 + i * BLOCK for i in range(30)]
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     _polls, delays = run(s, [*first, *second], second[-1] + 0.01)
     assert median(delays[-15:]) < OLD_MEAN_DELAY
     assert s.interval == pytest.approx(BLOCK, rel=0.1)
@@ -134,7 +134,7 @@ def test_a_skipped_block_counts_as_two_intervals() -> None:
     produced = [0.3 + i * BLOCK for i in range(30)]
     numbers = list(range(1, 31))
     shown = [(t, n) for t, n in zip(produced, numbers, strict=True) if n not in (11, 21)]
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     _polls, delays = run(
         s, [t for t, _ in shown], shown[-1][0] + 0.01, numbers=[n for _, n in shown]
     )
@@ -143,7 +143,7 @@ def test_a_skipped_block_counts_as_two_intervals() -> None:
 
 
 def test_a_reorg_at_the_same_height_or_lower_changes_no_plan() -> None:
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     for i in range(5):
         s.polled(i * BLOCK, i + 1)
     due, interval = s.due, s.interval
@@ -156,13 +156,13 @@ def test_a_reorg_at_the_same_height_or_lower_changes_no_plan() -> None:
 def test_a_lagging_upstream_is_followed_on_its_own_rhythm() -> None:
     # The upstream shows each block 0.3 s after it is produced: its schedule locks on that.
     produced = [0.1 + i * BLOCK for i in range(50)]
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     _polls, delays = run(s, produced, produced[-1] + 0.5, lag=0.3)
     assert median([d - 0.3 for d in delays[10:]]) < OLD_MEAN_DELAY
 
 
 def test_failed_polls_are_retried_near_the_due_time() -> None:
-    s = HeadPollSchedule(BLOCK)
+    s = HeadPollSchedule(BLOCK, HeadConfig())
     s.polled(0.0, 1)
     s.polled(1.0, 2)
     due = s.due
@@ -172,7 +172,7 @@ def test_failed_polls_are_retried_near_the_due_time() -> None:
 
 
 def test_no_wait_exceeds_the_max_interval_even_for_long_blocks() -> None:
-    s = HeadPollSchedule(12.0, max_interval=2.0)
+    s = HeadPollSchedule(12.0, HeadConfig(poll_max_interval=2.0))
     now = 0.0
     for n in (1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3):
         nxt = s.polled(now, n)
@@ -181,14 +181,14 @@ def test_no_wait_exceeds_the_max_interval_even_for_long_blocks() -> None:
 
 
 def test_the_first_poll_answers_soon() -> None:
-    s = HeadPollSchedule(0.25)
+    s = HeadPollSchedule(0.25, HeadConfig())
     assert s.polled(10.0, None) - 10.0 <= 0.25
 
 
 def test_blocks_faster_than_the_profile_are_learned_by_the_probes() -> None:
     # A poll just after the due time cannot tell how early a block came; the probes can.
     produced = [0.5 + i * 0.8 for i in range(80)]
-    s = HeadPollSchedule(1.0)
+    s = HeadPollSchedule(1.0, HeadConfig())
     _polls, delays = run(s, produced, produced[-1] + 0.01)
     assert s.interval == pytest.approx(0.8, rel=0.05)
     assert median(delays[40:]) < 0.8 / 8

@@ -20,7 +20,7 @@ import pytest
 
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import LimitsConfig, PoolConfig
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import Entry, MemoryCache
@@ -114,20 +114,18 @@ class Front:
         pool = UpstreamPool(
             [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), self.metrics
         )
-        head = HeadTracker(pool, PROFILES["devnet"], self.metrics)
+        head = HeadTracker(pool, PROFILES["devnet"], self.metrics, HeadConfig())
         head.confirmed_at = float("inf")  # the head stays fresh: local answers allowed
         head_at(head.view, 100)
         cache = MemoryCache(1 << 20, 1 << 16)
-        self.rpc = RpcService(
-            cache, pool, head, self.metrics, 56, max_hit_table_bytes=hit_table_bytes
-        )
+        limits = LimitsConfig(max_body_bytes=MAX_BODY, max_hit_table_bytes=hit_table_bytes)
+        self.rpc = RpcService(cache, pool, head, self.metrics, 56, limits)
         routes = Routes(
             self.rpc.handle,
             lambda: (200, b"{}"),
             lambda: b"",
             replayer=self.rpc if replays else None,
         )
-        limits = LimitsConfig(max_body_bytes=MAX_BODY, max_hit_table_bytes=hit_table_bytes)
         self.server = HttpServer(routes, limits, self.metrics, cors)
 
     def warm(self, value: bytes, block: str = "latest") -> bytes:

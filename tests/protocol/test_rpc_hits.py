@@ -12,7 +12,7 @@ import pytest
 
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
-from chainrelay.config import PoolConfig
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.defaults import MEMO_MAX_PARAMS_BYTES
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
@@ -54,9 +54,9 @@ def service() -> RpcService:
     pool = UpstreamPool(
         [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), metrics
     )
-    head = HeadTracker(pool, PROFILES["devnet"], metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
     head_at(head.view, 100)
-    return RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56)
+    return RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, LimitsConfig())
 
 
 def body(id_: object, block: str = "latest") -> bytes:
@@ -113,11 +113,10 @@ def test_the_plan_memo_stays_within_its_bytes_and_skips_large_params() -> None:
     pool = UpstreamPool(
         [NoUpstream("none", "none://", timeout=1, connections=1)], PoolConfig(), metrics
     )
-    head = HeadTracker(pool, PROFILES["devnet"], metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
     head_at(head.view, 100)
-    service = RpcService(
-        MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, max_hit_table_bytes=bound
-    )
+    limits = LimitsConfig(max_hit_table_bytes=bound)
+    service = RpcService(MemoryCache(1 << 20, 1 << 16), pool, head, metrics, 56, limits)
 
     def miss(method: str, params: list[object]) -> None:
         pending = service.handle(

@@ -1,0 +1,454 @@
+"""Every section of the config file, in the order the file reads: ``[server]``,
+``[limits]``, ``[cache]``, ``[chain]``, ``[pool]``, ``[head]``, ``[subscriptions]``,
+``[filters]``, ``[tree]``, ``[batches]``, ``[[upstreams]]``.
+
+Each section is a dataclass whose fields are its keys, each default named in
+``defaults.py``; ``check`` holds its own rules (``checks.py`` says how a rule is written).
+The rules that span sections are ``Config.check``'s.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from chainrelay import defaults as d
+from chainrelay.chain.profiles import PROFILES
+from chainrelay.config.checks import check_fields, positive, require
+from chainrelay.errors import ConfigError
+
+# "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
+# "redis": Redis, with only a minimal memory tier (defaults.REDIS_MODE_MEMORY_BYTES).
+CACHE_BACKENDS = ("memory", "redis", "tiered")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+# When the block follower follows blocks (see chainrelay.chain.follower).
+FOLLOW_MODES = ("auto", "always", "never")
+
+# A trusted signer, and a stream's name (<chain>/<kind>: at most 32 bytes, a frame's field).
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+STREAM = re.compile(r"[a-z0-9_-]{1,20}/[a-z0-9_-]{1,11}")
+
+# A pusher's API key: long enough that guessing one is out of reach.
+MIN_API_KEY_CHARS = 16
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass
+class ServerConfig:
+    """``[server]``: where the front door listens, and how many processes serve it."""
+
+    listen: str = d.LISTEN
+    cors_origins: list[str] = field(default_factory=lambda: list(d.CORS_ORIGINS))
+    workers: int = positive(d.WORKERS)
+
+    def check(self) -> None:
+        _, port = parse_listen(self.listen)
+        check_fields(self, "server")
+        require(
+            self.workers <= 1 or port != 0,
+            "server.listen: port 0 gives each worker its own port; name one",
+        )
+
+
+@dataclass
+class LimitsConfig:
+    """``[limits]``: what one request, connection or client may cost."""
+
+    max_body_bytes: int = positive(d.MAX_BODY_BYTES)
+    max_batch_len: int = positive(d.MAX_BATCH_LEN)
+    max_header_bytes: int = d.MAX_HEADER_BYTES
+    max_pending_per_connection: int = d.MAX_PENDING_PER_CONNECTION
+    max_pending_replies: int = positive(d.MAX_PENDING_REPLIES)
+    max_connections_per_ip: int = d.MAX_CONNECTIONS_PER_IP
+    keepalive_timeout: float = d.KEEPALIVE_TIMEOUT
+    max_ws_message_bytes: int = d.MAX_WS_MESSAGE_BYTES
+    max_ws_send_buffer: int = d.MAX_WS_SEND_BUFFER
+    ws_close_timeout: float = positive(d.WS_CLOSE_TIMEOUT)
+    max_relay_hops: int = positive(d.MAX_RELAY_HOPS)
+    max_hit_table_bytes: int = positive(d.MAX_HIT_TABLE_BYTES)
+    max_hit_table_entries: int = positive(d.MAX_HIT_TABLE_ENTRIES)
+    memo_max_params_bytes: int = positive(d.MEMO_MAX_PARAMS_BYTES)
+
+    def check(self) -> None:
+        check_fields(self, "limits")
+
+
+@dataclass
+class CacheConfig:
+    """``[cache]``: the memory LRU and, for the "redis" and "tiered" backends, the Redis
+    tier (chainrelay/rpc/shared_cache.py)."""
+
+    backend: str = d.CACHE_BACKEND
+    memory_bytes: int = positive(d.CACHE_MEMORY_BYTES)
+    max_entry_bytes: int = positive(d.CACHE_MAX_ENTRY_BYTES)
+    redis_url: str = d.REDIS_URL
+    redis_key_prefix: str = d.REDIS_KEY_PREFIX
+    redis_max_entry_bytes: int = positive(d.REDIS_MAX_ENTRY_BYTES)
+    redis_ttl_finalized: float = d.REDIS_TTL_FINALIZED  # 0: no TTL (maxmemory + LRU only)
+    redis_ttl_unfinalized: float = positive(d.REDIS_TTL_UNFINALIZED)
+    redis_lock_ttl: float = positive(d.REDIS_LOCK_TTL)
+    redis_timeout: float = positive(d.REDIS_TIMEOUT)
+    redis_connect_timeout: float = positive(d.REDIS_CONNECT_TIMEOUT)
+    redis_retry_interval: float = positive(d.REDIS_RETRY_INTERVAL)
+    redis_max_connections: int = positive(d.REDIS_MAX_CONNECTIONS)
+
+    def check(self) -> None:
+        require(
+            self.backend in CACHE_BACKENDS,
+            f"cache.backend: unknown backend {self.backend!r} (one of {', '.join(CACHE_BACKENDS)})",
+        )
+        check_fields(self, "cache")
+        require(
+            not self.redis_ttl_finalized < 0,
+            "cache.redis_ttl_finalized: must be 0 (no TTL) or positive",
+        )
+        require(
+            self.backend == "memory" or self.redis_url.startswith(REDIS_SCHEMES),
+            f"cache.redis_url: expected a {', '.join(REDIS_SCHEMES)} URL, got {self.redis_url!r}",
+        )
+
+
+@dataclass
+class ChainConfig:
+    """``[chain]``: which chain the node serves."""
+
+    # A profile from chainrelay.chain.profiles ("bsc", "arbitrum", "devnet"); empty: by id.
+    profile: str = ""
+    # Expected chain id; upstreams on another chain are refused. 0: read from upstreams.
+    chain_id: int = 0
+
+    def check(self) -> None:
+        require(
+            not self.profile or self.profile in PROFILES,
+            f"chain.profile: unknown profile {self.profile!r} (one of {sorted(PROFILES)})",
+        )
+
+
+@dataclass
+class PoolConfig:
+    """``[pool]``: picking, retrying and hedging among upstreams."""
+
+    timeout: float = d.UPSTREAM_TIMEOUT
+    max_attempts: int = positive(d.UPSTREAM_MAX_ATTEMPTS)
+    hedge: bool = d.HEDGE
+    hedge_quantile: float = d.HEDGE_QUANTILE
+    hedge_min_delay: float = d.HEDGE_MIN_DELAY
+    max_lag_blocks: int = d.MAX_LAG_BLOCKS
+    max_consecutive_errors: int = d.MAX_CONSECUTIVE_ERRORS
+    probe_interval: float = d.PROBE_INTERVAL
+    connections: int = d.UPSTREAM_CONNECTIONS
+    ws_ping_interval: float = positive(d.WS_PING_INTERVAL)
+    ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
+
+    def check(self) -> None:
+        check_fields(self, "pool")
+
+
+@dataclass
+class HeadConfig:
+    """``[head]``: following the chain's head."""
+
+    reorg_window: int = d.REORG_WINDOW
+    backfill_blocks: int = d.BACKFILL_BLOCKS
+    finality_refresh_blocks: int = d.FINALITY_REFRESH_BLOCKS
+    fresh_blocks: float = d.HEAD_FRESH_BLOCKS
+    poll_lead: float = d.HEAD_POLL_LEAD
+    poll_near: float = positive(d.HEAD_POLL_NEAR)
+    interval_alpha: float = positive(d.HEAD_INTERVAL_ALPHA)
+    interval_min_factor: float = positive(d.HEAD_INTERVAL_MIN_FACTOR)
+    interval_max_factor: float = d.HEAD_INTERVAL_MAX_FACTOR
+    poll_backoff: float = d.HEAD_POLL_BACKOFF
+    poll_min_interval: float = positive(d.HEAD_POLL_MIN_INTERVAL)
+    poll_max_interval: float = d.HEAD_POLL_MAX_INTERVAL
+    poll_probe_every: int = positive(d.HEAD_POLL_PROBE_EVERY)
+
+    def check(self) -> None:
+        check_fields(self, "head")
+        require(
+            # Written as refusals, so a NaN (valid TOML) passes exactly as it always has.
+            not (self.poll_lead < 0 or self.interval_alpha > 1 or self.poll_backoff < 1),
+            "head: poll_lead >= 0, interval_alpha <= 1 and poll_backoff >= 1",
+        )
+        require(
+            not (
+                self.interval_max_factor < self.interval_min_factor
+                or self.poll_max_interval < self.poll_min_interval
+            ),
+            "head: interval_max_factor >= interval_min_factor and "
+            "poll_max_interval >= poll_min_interval",
+        )
+
+
+@dataclass
+class SubscriptionsConfig:
+    """``[subscriptions]``: eth_subscribe, and when the block follower follows blocks."""
+
+    max_per_connection: int = positive(d.MAX_SUBSCRIPTIONS_PER_CONNECTION)
+    max_per_ip: int = positive(d.MAX_SUBSCRIPTIONS_PER_IP)
+    max_total: int = positive(d.MAX_SUBSCRIPTIONS_TOTAL)
+    max_log_filters: int = positive(d.MAX_LOG_FILTERS)
+    max_log_filters_per_ip: int = positive(d.MAX_LOG_FILTERS_PER_IP)
+    max_held_notifications: int = positive(d.MAX_HELD_NOTIFICATIONS)
+    max_held_bytes: int = positive(d.MAX_HELD_BYTES)
+    pending_tx_fetches: int = positive(d.PENDING_TX_FETCHES)
+    slow_close_grace: float = positive(d.SLOW_CLOSE_GRACE)
+    follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
+    follow_blocks: str = d.FOLLOW_BLOCKS
+    follow_recent_blocks: int = positive(d.FOLLOW_RECENT_BLOCKS)
+    feed_fetch_retry_delay: float = positive(d.FEED_FETCH_RETRY_DELAY)
+    feed_fetch_attempts: int = positive(d.FEED_FETCH_ATTEMPTS)
+    feed_block_passes: int = positive(d.FEED_BLOCK_PASSES)
+    feed_receipts_retry_blocks: int = positive(d.FEED_RECEIPTS_RETRY_BLOCKS)
+    pending_max_message: int = positive(d.PENDING_MAX_MESSAGE)
+
+    def check(self) -> None:
+        check_fields(self, "subscriptions")
+        require(
+            self.follow_blocks in FOLLOW_MODES,
+            f"subscriptions.follow_blocks: expected one of {', '.join(FOLLOW_MODES)}, "
+            f"got {self.follow_blocks!r}",
+        )
+
+    @property
+    def follow(self) -> str:
+        """The follow mode in force: ``follow_blocks_always`` overrides ``follow_blocks``."""
+        return "always" if self.follow_blocks_always else self.follow_blocks
+
+
+@dataclass
+class FiltersConfig:
+    """``[filters]``: eth_newFilter & co."""
+
+    idle_timeout: float = positive(d.FILTER_IDLE_TIMEOUT)
+    max_filters: int = positive(d.MAX_FILTERS)
+    max_changes: int = positive(d.MAX_FILTER_CHANGES)
+    max_per_ip: int = positive(d.MAX_FILTERS_PER_IP)
+    max_addresses: int = positive(d.MAX_FILTER_ADDRESSES)
+    max_topics_per_position: int = positive(d.MAX_TOPICS_PER_POSITION)
+
+    def check(self) -> None:
+        check_fields(self, "filters")
+
+
+@dataclass
+class TreeParentConfig:
+    """One ``[[tree.parents]]`` entry: a node this one takes frames from."""
+
+    url: str = ""  # the parent's feed: ws://HOST:PORT/feed
+    rpc: str = ""  # its JSON-RPC endpoint; empty: the same host and port over http
+    region: str = ""
+    name: str = ""  # empty: "parent<index>"
+
+    def check(self, path: str, index: int) -> None:
+        require(self.url.startswith(("ws://", "wss://")), f"{path}.url: expected a ws(s):// URL")
+        if not self.rpc:
+            self.rpc = "http" + self.url[2:].split("/feed", 1)[0]
+        require(
+            self.rpc.startswith(("http://", "https://")), f"{path}.rpc: expected an http(s):// URL"
+        )
+        if not self.name:
+            self.name = f"parent{index}"
+
+
+@dataclass
+class TreeConfig:
+    """``[tree]``: this node's place in the relay tree (origin, relay or leaf), its parents
+    and the bounds of its feed (see chainrelay/tree/hub.py). A node with ``key`` is an origin
+    of its chain's block stream; a node with ``parents`` takes frames from them (and, without
+    ``[[upstreams]]``, their JSON-RPC endpoints are its upstreams)."""
+
+    region: str = ""
+    key: str = ""  # the origin's secp256k1 key, hex (better: "${ENV_VAR}")
+    key_file: str = ""  # or an eth-account keystore JSON (or a file holding the hex key)
+    key_password: str = ""  # the keystore's password (better: "${ENV_VAR}")
+    trust: list[str] = field(default_factory=list)  # origin addresses whose frames count
+    streams: list[str] = field(default_factory=list)  # empty: "<profile>/blocks"
+    parents: list[TreeParentConfig] = field(default_factory=list)
+    parents_k: int = positive(d.TREE_PARENTS)
+    resume_last: int = d.TREE_RESUME_LAST
+    backlog_frames: int = positive(d.TREE_BACKLOG_FRAMES)
+    backlog_bytes: int = positive(d.TREE_BACKLOG_BYTES)
+    child_queue_frames: int = positive(d.TREE_CHILD_QUEUE_FRAMES)
+    child_queue_bytes: int = positive(d.TREE_CHILD_QUEUE_BYTES)
+    child_buffer_bytes: int = positive(d.TREE_CHILD_BUFFER_BYTES)
+    dedup_entries: int = positive(d.TREE_DEDUP_ENTRIES)
+    max_frame_bytes: int = positive(d.TREE_MAX_FRAME_BYTES)
+    max_payload_bytes: int = positive(d.TREE_MAX_PAYLOAD_BYTES)
+    max_children: int = positive(d.TREE_MAX_CHILDREN)
+    stale_positions: int = positive(d.TREE_STALE_POSITIONS)
+    probe_interval: float = positive(d.TREE_PROBE_INTERVAL)
+    degrade_factor: float = positive(d.TREE_DEGRADE_FACTOR)
+    min_gain: float = d.TREE_MIN_GAIN
+    connect_timeout: float = positive(d.TREE_CONNECT_TIMEOUT)
+    retry_delay: float = positive(d.TREE_RETRY_DELAY)
+    retry_max: float = positive(d.TREE_RETRY_MAX)
+    ping_interval: float = positive(d.TREE_PING_INTERVAL)
+    probe_timeout: float = positive(d.TREE_PROBE_TIMEOUT)
+    probe_failures_down: int = positive(d.TREE_PROBE_FAILURES_DOWN)
+    link_failures_down: int = positive(d.TREE_LINK_FAILURES_DOWN)
+    down_hold: float = d.TREE_DOWN_HOLD
+    link_check_interval: float = positive(d.TREE_LINK_CHECK_INTERVAL)
+    hello_timeout: float = positive(d.TREE_HELLO_TIMEOUT)
+    stall_rounds: int = positive(d.TREE_STALL_ROUNDS)
+    offered_max_bytes: int = positive(d.OFFERED_MAX_BYTES)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key or self.key_file or self.parents)
+
+    def check(self, *, batch_streams: bool) -> None:
+        """``batch_streams``: the node carries batch streams, whose sequencers it trusts
+        (``[batches]``); a node with parents needs some origin to trust."""
+        for i, a in enumerate(self.trust):
+            require(
+                ADDRESS.fullmatch(a) is not None,
+                f"tree.trust[{i}]: expected a 0x-prefixed 20-byte address",
+            )
+        for i, name in enumerate(self.streams):
+            require(
+                STREAM.fullmatch(name) is not None,
+                f"tree.streams[{i}]: expected <chain>/<kind>, e.g. bsc/blocks",
+            )
+        require(not (self.key and self.key_file), "tree: give key or key_file, not both")
+        for i, p in enumerate(self.parents):
+            p.check(f"tree.parents[{i}]", i)
+        require(
+            len({p.name for p in self.parents}) == len(self.parents),
+            "tree.parents: names must be unique",
+        )
+        require(
+            not (self.parents and not self.trust and not batch_streams),
+            "tree.trust: a node with parents needs its origins' addresses",
+        )
+        check_fields(self, "tree")
+        # A child owed one frame bigger than its queue would be closed at every resume.
+        require(
+            not self.child_queue_bytes < self.max_frame_bytes,
+            "tree.child_queue_bytes: must be at least tree.max_frame_bytes",
+        )
+        require(
+            not (self.resume_last < 0 or self.min_gain < 0 or self.down_hold < 0),
+            "tree: resume_last, min_gain and down_hold must not be negative",
+        )
+
+
+@dataclass
+class BatchStreamConfig:
+    """One sequencer's batch stream: who may sign it, for which chain, from which number."""
+
+    name: str = ""  # e.g. "arbitrum/batches"
+    chain_id: int = 0  # 0: the node's chain (its upstreams')
+    sequencers: list[str] = field(default_factory=list)  # addresses whose batches count
+    first_seq: int = 0  # the stream's first sequence number
+
+    def check(self, path: str, taken: Collection[str]) -> None:
+        """``taken``: the names of the streams before it (block streams included)."""
+        require(
+            STREAM.fullmatch(self.name) is not None,
+            f"{path}.name: expected <chain>/<kind>, e.g. arbitrum/batches",
+        )
+        require(self.name not in taken, f"{path}.name: {self.name} is named twice")
+        require(
+            bool(self.sequencers), f"{path}.sequencers: name the addresses that sign its batches"
+        )
+        for j, a in enumerate(self.sequencers):
+            require(
+                ADDRESS.fullmatch(a) is not None,
+                f"{path}.sequencers[{j}]: expected a 0x-prefixed address",
+            )
+        require(
+            not (self.chain_id < 0 or self.first_seq < 0 or self.first_seq >= 2**63),
+            f"{path}: chain_id and first_seq must not be negative",
+        )
+
+
+@dataclass
+class BatchesConfig:
+    """``[batches]``: the L2 batch streams a node carries (see chainrelay/batches/ingress.py).
+    Every node that carries a batch stream names it here with its sequencers, so it can check
+    each batch it relays; a node with ``log`` is also an ingress: sequencers push to it, and it
+    keeps every batch durably."""
+
+    streams: list[BatchStreamConfig] = field(default_factory=list)
+    log: str = ""  # the durable log (sqlite3 file); set: this node takes pushes
+    api_keys: list[str] = field(default_factory=list)  # a pusher's Bearer token (better: ${ENV})
+    max_payload_bytes: int = positive(d.BATCH_MAX_PAYLOAD_BYTES)
+    commit_max_batches: int = positive(d.BATCH_COMMIT_MAX_BATCHES)
+    commit_max_bytes: int = positive(d.BATCH_COMMIT_MAX_BYTES)
+    max_in_flight: int = positive(d.BATCH_MAX_IN_FLIGHT)
+    recent_hashes: int = positive(d.BATCH_RECENT_HASHES)
+    relay_ack_timeout: float = positive(d.BATCH_RELAY_ACK_TIMEOUT)
+    backlog_frames: int = positive(d.BATCH_BACKLOG_FRAMES)
+    backlog_bytes: int = positive(d.BATCH_BACKLOG_BYTES)
+    order_max_held: int = positive(d.BATCH_ORDER_MAX_HELD)
+    order_max_held_bytes: int = positive(d.BATCH_ORDER_MAX_HELD_BYTES)
+    order_wait: float = positive(d.BATCH_ORDER_WAIT)
+    child_queue_frames: int = positive(d.BATCH_CHILD_QUEUE_FRAMES)
+    fetch_rounds: int = positive(d.BATCH_FETCH_ROUNDS)
+    range_max_frames: int = positive(d.BATCH_RANGE_MAX_FRAMES)
+    range_max_bytes: int = positive(d.BATCH_RANGE_MAX_BYTES)
+    range_timeout: float = positive(d.BATCH_RANGE_TIMEOUT)
+
+    def first_seqs(self) -> dict[str, int]:
+        """Each stream's first sequence number, by name."""
+        return {s.name: s.first_seq for s in self.streams}
+
+    def check(self, taken: list[str]) -> None:
+        """``taken``: stream names already carried (the tree's block streams)."""
+        names = set(taken)
+        for i, st in enumerate(self.streams):
+            st.check(f"batches.streams[{i}]", names)
+            names.add(st.name)
+        require(
+            not (self.log and not self.streams),
+            "batches.log: an ingress needs batches.streams to take pushes for",
+        )
+        require(
+            not (self.log and not self.api_keys),
+            "batches.api_keys: an ingress takes pushes only with a key; name one",
+        )
+        for i, key in enumerate(self.api_keys):
+            require(
+                len(key) >= MIN_API_KEY_CHARS,
+                f"batches.api_keys[{i}]: at least {MIN_API_KEY_CHARS} characters",
+            )
+        check_fields(self, "batches")
+        # A duplicate of a batch still in flight must be found among the recent hashes:
+        # the log holds only what is durable.
+        require(
+            not self.recent_hashes < self.max_in_flight,
+            "batches.recent_hashes: must be at least batches.max_in_flight",
+        )
+
+
+@dataclass
+class UpstreamConfig:
+    """One ``[[upstreams]]`` entry: a node the relay forwards misses to."""
+
+    url: str = ""
+    name: str = ""  # empty: "upstream<index>"
+
+
+def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
+    """The ``[[upstreams]]`` list: at least one, each a URL, names unique (and given)."""
+    require(
+        bool(upstreams),
+        "upstreams: at least one [[upstreams]] entry (or [[tree.parents]]) is needed",
+    )
+    for i, u in enumerate(upstreams):
+        require(
+            u.url.startswith(("http://", "https://", "ws://", "wss://")),
+            f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
+        )
+        if not u.name:
+            u.name = f"upstream{i}"
+    names = [u.name for u in upstreams]
+    require(len(set(names)) == len(names), "upstreams: names must be unique")
