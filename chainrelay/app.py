@@ -2,9 +2,10 @@
 apart in reverse order, every stop running whatever the others raise (see composition.py).
 
 Each capability is entered through the node's one ``Composition`` (an ``AsyncExitStack``),
-and each service gets what it needs at construction. Four links close cycles through
-constructors this module keeps as they are (RpcService's, FeedHub's); they are made in
-one place, the "Late links" at the end of this module.
+and each service gets what it needs at construction. Three links close true cycles, where
+each of two services calls the other: the pipeline and the block follower and filters, the
+hub and the range endpoint, the hub and its parents. They are made in one place, the "Late
+links" at the end of this module, before anything can use them.
 """
 
 from __future__ import annotations
@@ -214,32 +215,23 @@ class Node:
         trust = {bytes.fromhex(a[2:]) for a in tree.trust}
         if signer is not None:
             trust.add(signer.address)
+        # Blocks from the parents' frames go to the block follower, as if pushed upstream.
+        source = (
+            FeedSource(follower, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes)
+            if tree.parents
+            else None
+        )
         hub = self.hub = FeedHub(
             streams,
             self.metrics,
             trust=trust,
             batches=specs_of(self.cfg.batches, self.chain_id),
-            limits=HubLimits(
-                backlog_frames=tree.backlog_frames,
-                backlog_bytes=tree.backlog_bytes,
-                child_queue_frames=tree.child_queue_frames,
-                child_queue_bytes=tree.child_queue_bytes,
-                child_buffer_bytes=tree.child_buffer_bytes,
-                dedup_entries=tree.dedup_entries,
-                max_frame_bytes=tree.max_frame_bytes,
-                max_children=tree.max_children,
-                stale_positions=tree.stale_positions,
-                hello_timeout=tree.hello_timeout,
-            ),
+            limits=HubLimits.of(tree),
+            listeners=[source.on_frame] if source is not None else (),
         )
         if signer is not None:
             self.origin = Origin(hub, follower, signer, streams[0])
             log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
-        if tree.parents:
-            source = FeedSource(
-                follower, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes
-            )
-            _link_hub_source(hub, source)
         return hub
 
     async def _batches(self, hub: FeedHub) -> None:
@@ -407,9 +399,9 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
 
 
 # --- Late links ----------------------------------------------------------------------------
-# Each closes a cycle through a constructor this module keeps as it is, so the link is an
-# attribute set once, here, before anything can use it: before the server takes requests,
-# and before the parents' links bring frames.
+# Each closes a cycle (either side calls the other, so one must exist before the other is
+# told of it): an attribute set once, here, before anything can use it: before the server
+# takes requests, and before the parents' links bring frames.
 
 
 def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) -> None:
@@ -419,11 +411,6 @@ def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) 
     rpc.filters = filters
     rpc.note_miss = follower.note_miss
     rpc.local_logs = follower.recent_logs
-
-
-def _link_hub_source(hub: FeedHub, source: FeedSource) -> None:
-    """Blocks from the parents' frames go to the block follower."""
-    hub.listeners.append(source.on_frame)
 
 
 def _link_hub_range(hub: FeedHub, rng: BatchRange) -> None:

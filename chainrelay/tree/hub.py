@@ -39,6 +39,7 @@ from websockets.protocol import State
 from chainrelay import defaults
 from chainrelay.batches import frame as batchframe
 from chainrelay.batches.order import Missing
+from chainrelay.config import TreeConfig
 from chainrelay.metrics import Metrics
 from chainrelay.server.ws import WsSession
 from chainrelay.tree import frame as feedframe
@@ -89,6 +90,22 @@ class HubLimits:
     max_children: int = defaults.TREE_MAX_CHILDREN
     hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
 
+    @classmethod
+    def of(cls, tree: TreeConfig) -> HubLimits:
+        """The limits the ``[tree]`` section sets."""
+        return cls(
+            backlog_frames=tree.backlog_frames,
+            backlog_bytes=tree.backlog_bytes,
+            child_queue_frames=tree.child_queue_frames,
+            child_queue_bytes=tree.child_queue_bytes,
+            child_buffer_bytes=tree.child_buffer_bytes,
+            dedup_entries=tree.dedup_entries,
+            max_frame_bytes=tree.max_frame_bytes,
+            max_children=tree.max_children,
+            stale_positions=tree.stale_positions,
+            hello_timeout=tree.hello_timeout,
+        )
+
 
 # Fetches a batch stream's frames ``[start, end)`` from this node's parents (their range
 # endpoints); returns the frames got, in order, possibly fewer.
@@ -104,6 +121,7 @@ class FeedHub:
         trust: Iterable[bytes] = (),
         limits: HubLimits | None = None,
         batches: Iterable[BatchSpec] = (),
+        listeners: Iterable[FrameListener] = (),
     ) -> None:
         self.limits = lim = limits or HubLimits()
         self.metrics = metrics
@@ -119,7 +137,8 @@ class FeedHub:
         }
         for spec in batches:
             self.streams[spec.name] = BatchStream.of(spec)
-        self.listeners: list[FrameListener] = []
+        # The node's own takers of accepted frames (blocks from the tree go to its follower).
+        self.listeners: list[FrameListener] = list(listeners)
         self.children: set[FeedChild] = set()
         self._counters: dict[tuple[str, str], Callable[[], None]] = {}
         self._latency: dict[str, Any] = {}
