@@ -13,6 +13,7 @@ Every import counts, also one inside a function or under ``TYPE_CHECKING``.
 from __future__ import annotations
 
 import ast
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +161,23 @@ def test_only_the_entry_points_import_the_app() -> None:
 def test_the_base_modules_import_nothing_of_the_project() -> None:
     for name in BASE:
         assert project_imports(name) == set(), name
+
+
+@pytest.mark.parametrize(
+    ("documented", "library"),
+    [
+        ("chainrelay.subscriber", "chainrelay.clients.subscriber"),
+        ("chainrelay.batchsubscriber", "chainrelay.clients.batchsubscriber"),
+        ("chainrelay.publisher", "chainrelay.clients.publisher"),
+    ],
+)
+def test_documented_client_import_paths_name_the_libraries_objects(
+    documented: str, library: str
+) -> None:
+    """``from chainrelay.subscriber import subscribe`` (as the README shows) keeps working:
+    each documented path re-exports its library's public names, the same objects."""
+    public = importlib.import_module(documented)
+    lib = importlib.import_module(library)
+    assert public.__all__
+    for name in public.__all__:
+        assert getattr(public, name) is getattr(lib, name), name
