@@ -1,4 +1,4 @@
-"""Which blocks a block feed must deliver, retract or fetch, so that its listeners see the
+"""Which blocks the block follower must deliver, retract or fetch, so that its listeners see the
 canonical chain in order: no gap, no duplicate, reorged blocks retracted newest first.
 
 The feed compares what it has delivered (number -> hash, bounded by the reorg window) with

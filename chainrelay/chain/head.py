@@ -82,7 +82,7 @@ class HeadTracker:
         self.confirmed_at = 0.0
         self.listeners: list[HeadListener] = []
         # Every header a head stream sent, by hash, as sent (the last ``window`` of them):
-        # heads pushed back to back are adopted one task later each, and the block feed
+        # heads pushed back to back are adopted one task later each, and the block follower
         # gives each block the payload pushed for it, whichever upstream pushed it.
         self.pushed: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []

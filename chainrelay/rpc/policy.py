@@ -49,7 +49,7 @@ class Kind(enum.Enum):
     # Subscriptions belong to a connection; forwarding them over a shared upstream
     # connection would lose every notification, so they are refused, as geth does on HTTP.
     SUBSCRIBE = "subscribe"
-    # Installed filters are answered by the node's own filter table (protocol/filters.py),
+    # Installed filters are answered by the node's own filter table (subscriptions/filtertable.py),
     # fed by its head stream: an upstream's filter id would die with that upstream.
     FILTER = "filter"
     NEVER = "never"  # passes through, never cached

@@ -91,7 +91,7 @@ Derived = tuple[str, list[Any], Callable[[Any], Any]]
 
 
 class FilterCalls(Protocol):
-    """The node's filter service (``services/filters.py``), as the pipeline sees it."""
+    """The node's filter service (``subscriptions/filters.py``), as the pipeline sees it."""
 
     async def call(self, method: str, params: policy.Params | None) -> Answer: ...
 

@@ -48,7 +48,7 @@ class FeedOpener(typing.Protocol):
 
 
 class BatchRoutes(typing.Protocol):
-    """An ingress node's push endpoints (services/ingress.py behind them)."""
+    """An ingress node's push endpoints (batches/ingress.py behind them)."""
 
     def authorized(self, header: bytes | None) -> bool: ...
 
