@@ -26,6 +26,7 @@ from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.composition import Composition, on_leaving, running
 from chainrelay.config import Config, parse_listen
+from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -88,6 +89,7 @@ class Node:
 
     async def _compose(self, reuse_port: bool) -> None:
         cfg = self.cfg
+        await self._composition.enter(running(LoopLag(self.metrics)))
         pool = await self._upstreams()
         head = await self._head(pool)
         cache = await self._cache()

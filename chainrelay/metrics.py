@@ -187,6 +187,13 @@ class Metrics:
             ["stream", "outcome"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "chainrelay_event_loop_lag_seconds",
+            "How late a timer due on the event loop fired (chainrelay/looplag.py): the wait a"
+            " request arriving then saw before the loop turned to it",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.pending_tx_skipped = Counter(
             "chainrelay_pending_tx_skipped",
             "Pending transactions not sent to fullTx subscribers: too many fetches under"
