@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -244,6 +244,11 @@ class Metrics:
         if got is None:
             got = self._requests[key] = [0]
         return got
+
+    def answered(self, methods: Collection[str]) -> int:
+        """Calls of ``methods`` answered so far, whatever their outcome (a few dozen dict
+        items walked: for a look once a block, not per call)."""
+        return sum(n[0] for (method, _), n in list(self._requests.items()) if method in methods)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

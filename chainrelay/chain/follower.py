@@ -41,7 +41,7 @@ from chainrelay.chain.events import (
     removed,
 )
 from chainrelay.chain.fetch import BlockFetcher, RpcCall, Unavailable
-from chainrelay.chain.followmode import FollowMode
+from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.offers import OfferedBlocks
 from chainrelay.chain.pending import PendingListener, PendingStream
@@ -141,8 +141,9 @@ class BlockFollower:
         return self.recent.answer(params)
 
     def note_miss(self, method: str) -> None:
-        """Called by the RPC pipeline on a cache miss of ``method`` (never on a hit): a
-        read of block data makes an automatic follower follow for ``follow_recent`` blocks."""
+        """Called by the RPC pipeline on a cache miss of ``method``: a read of block data
+        makes an automatic follower follow at once, for ``follow_recent`` blocks (reads that
+        hit are counted at each head instead: ``FollowMode.note_reads``)."""
         if not self.mode.note_miss(method, self.head.view.number):
             return
         worker = self._worker
@@ -171,13 +172,16 @@ class BlockFollower:
         tasks = [t for t in (worker, pending) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _follow(self) -> None:
+    def _follow(self, after: tuple[int, str] | None = None) -> None:
+        """Start following with the block after ``after`` (number, hash; default: the head
+        now)."""
         if not self._started or (self._worker is not None and not self._worker.done()):
             return
         # Listeners get the blocks after the head they joined at, as from a node's newHeads.
         view = self.head.view
-        self.order.start_after(view.number)
-        self.heads.reset(view.number, view.hash)
+        number, block_hash = after if after is not None else (view.number, view.hash)
+        self.order.start_after(number)
+        self.heads.reset(number, block_hash)
         self._worker = detached(self._run(), name="block-feed")
 
     def _unfollow(self) -> None:
@@ -190,9 +194,17 @@ class BlockFollower:
         # early header for head listeners (one pass, no await).
         self._wake.set()
         worker = self._worker
-        if self.mode.auto and worker is not None and not self._wanted():
-            self._unfollow()  # nobody listens and no client read a block for a while
-            return
+        if self.mode.auto:
+            self.mode.note_reads(self.metrics.answered(FOLLOWER_SERVED), self.head.view.number)
+            if not self._wanted():
+                if worker is not None:
+                    self._unfollow()  # nobody listens and no client read a block for a while
+                return
+            if worker is None or worker.done():
+                # Clients read what an earlier run warmed: from the first block just added.
+                first = added[0] if added and not gone else None
+                self._follow((first.number - 1, first.parent_hash) if first else None)
+                worker = self._worker
         if len(added) == 1 and not gone and self.heads.listeners:
             if worker is not None and not worker.done():
                 h = added[0]
