@@ -197,7 +197,7 @@ class Node:
             sc,
             window=cfg.head.reorg_window,
             offered_max_bytes=tree.offered_max_bytes,
-            rpc_call=rpc.follower_call,
+            reads=rpc,
         )
         await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:

@@ -40,7 +40,7 @@ from chainrelay.chain.events import (
     kept,
     removed,
 )
-from chainrelay.chain.fetch import BlockFetcher, RpcCall, Unavailable
+from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.offers import OfferedBlocks
@@ -67,17 +67,18 @@ class BlockFollower:
         *,
         window: int,
         offered_max_bytes: int,
-        rpc_call: RpcCall | None = None,
+        reads: FollowerReads | None = None,
     ) -> None:
         """``cfg``: when to follow and how hard to try a block; ``window``: ``[head]``'s
-        reorg window; ``offered_max_bytes``: what the relay tree's offered blocks may hold."""
+        reorg window; ``offered_max_bytes``: what the relay tree's offered blocks may hold;
+        ``reads``: the RPC pipeline, which the follower reads through (clients join its calls)."""
         self.pool = pool
         self.head = head
         self.metrics = metrics
         self.cfg = cfg
         self.mode = FollowMode(cfg.follow, cfg.follow_recent_blocks)
         self.offers = OfferedBlocks(window, offered_max_bytes)
-        self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, rpc_call=rpc_call)
+        self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, reads=reads)
         self.warmer = CacheWarmer(head, cache, metrics)
         self.recent = RecentLogs(head, window)
         self.heads = HeadAnnouncer()

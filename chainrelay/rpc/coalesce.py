@@ -51,6 +51,11 @@ class Coalescer(Generic[T]):
             self._joins[key] = self._joins.get(key, 0) + 1
         return task
 
+    def task(self, key: bytes) -> asyncio.Task[T] | None:
+        """The call under way for ``key``, if any (not joined: the caller only watches it)."""
+        task = self._inflight.get(key)
+        return task if task is not None and not task.done() else None
+
     def joiners(self, key: bytes) -> int:
         """Callers that joined the call under way for ``key``."""
         return self._joins.get(key, 0)

@@ -441,16 +441,31 @@ class RpcService:
         if p.key in self._coalescer:
             self.metrics.coalesced.inc()
         task = self._coalescer.start(p.key, lambda: self._miss(p, method, fwd))
+        self._start_derived(task, derived)
+        answer = await asyncio.shield(task)
+        if answer.value is None and answer.result is not None and answer.result != b"null":
+            answer = Answer(answer.result, answer.error, orjson.loads(answer.result))
+        return answer
+
+    def follower_derive(self, method: str, params: list[Any], derived: Sequence[Derived]) -> None:
+        """More client reads answered from the follower's call ``method(params)`` while it
+        is under way (see ``follower_call``); none once it is over (its answer is cached,
+        and the follower warms the cache with what it holds)."""
+        key = policy.plan(method, params, self.view).key
+        task = self._coalescer.task(key) if key is not None else None
+        if task is not None:
+            self._start_derived(task, derived)
+
+    def _start_derived(self, source: asyncio.Task[Answer], derived: Sequence[Derived]) -> None:
+        view = self.view
         for d_method, d_params, derive in derived:
             dp = policy.plan(d_method, d_params, view)
             if dp.key is None or dp.key in self._coalescer or self.cache.get(dp.key) is not None:
                 continue
             d_fwd = dp.params if dp.params is not None else d_params
-            self._coalescer.start(dp.key, partial(self._derived, task, dp, d_method, d_fwd, derive))
-        answer = await asyncio.shield(task)
-        if answer.value is None and answer.result is not None and answer.result != b"null":
-            answer = Answer(answer.result, answer.error, orjson.loads(answer.result))
-        return answer
+            self._coalescer.start(
+                dp.key, partial(self._derived, source, dp, d_method, d_fwd, derive)
+            )
 
     async def _derived(
         self,
