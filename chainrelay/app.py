@@ -408,10 +408,11 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
 
 def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) -> None:
     """The pipeline answers filter calls from the filter service, which asks the pipeline;
-    tells the follower of misses and reads its recent logs, while the follower fetches
-    through the pipeline."""
+    tells the follower of misses (and of the blocks they name, to fill) and reads its recent
+    logs, while the follower fetches through the pipeline."""
     rpc.filters = filters
     rpc.note_miss = follower.note_miss
+    rpc.note_block_of = follower.fill
     rpc.local_logs = follower.recent_logs
 
 

@@ -187,6 +187,14 @@ class Metrics:
             ["stream", "outcome"],
             registry=r,
         )
+        self.block_fills = Counter(
+            "chainrelay_block_fills",
+            "Blocks brought in after a client's miss on one of their receipts or"
+            " transactions, by kind (receipts, transactions) and outcome: filled, failed,"
+            " busy (too many fills under way: not filled)",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "chainrelay_event_loop_lag_seconds",
             "How late a timer due on the event loop fired (chainrelay/looplag.py): the wait a"

@@ -154,7 +154,7 @@ class BlockFetcher:
             logs = await self._logs(number, block_hash)
         if any(x.get("blockHash") != block_hash for x in logs):
             raise Unavailable("logs of another fork")
-        light = _light(block)
+        light = light_block(block)
         event = BlockEvent(number, block_hash, self._header(light), block, logs, False)
         return event, RawBlock(answer.result, light, receipts, receipts_raw)
 
@@ -174,7 +174,7 @@ class BlockFetcher:
             not isinstance(r, dict) or r.get("blockHash") != block_hash for r in receipts
         ):
             return None  # no usable receipts: fetched the usual way
-        light = _light(block)
+        light = light_block(block)
         event = BlockEvent(
             number, block_hash, self._header(light), block, logs_of_receipts(receipts), False
         )
@@ -264,7 +264,7 @@ class BlockFetcher:
         return geth_header(light)
 
 
-def _light(block: dict[str, Any]) -> dict[str, Any]:
+def light_block(block: dict[str, Any]) -> dict[str, Any]:
     """eth_getBlockByHash(h, false) derived from the full block: transactions as hashes."""
     light = dict(block)
     txs = block.get("transactions")
@@ -274,7 +274,7 @@ def _light(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def _light_or_none(block: Any) -> dict[str, Any] | None:
-    return _light(block) if isinstance(block, dict) else None
+    return light_block(block) if isinstance(block, dict) else None
 
 
 def _block_or_none(block: Any) -> dict[str, Any] | None:

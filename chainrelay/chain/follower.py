@@ -41,6 +41,7 @@ from chainrelay.chain.events import (
     removed,
 )
 from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
+from chainrelay.chain.fill import BlockFiller
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.offers import OfferedBlocks
@@ -80,6 +81,18 @@ class BlockFollower:
         self.offers = OfferedBlocks(window, offered_max_bytes)
         self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, reads=reads)
         self.warmer = CacheWarmer(head, cache, metrics)
+        self.filler = (
+            BlockFiller(
+                head,
+                self.warmer,
+                reads,
+                metrics,
+                max_fills=cfg.max_block_fills,
+                remembered=cfg.filled_blocks_remembered,
+            )
+            if reads is not None
+            else None
+        )
         self.recent = RecentLogs(head, window)
         self.heads = HeadAnnouncer()
         self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
@@ -141,6 +154,13 @@ class BlockFollower:
         None: ask upstream (see ``chain.recentlogs``)."""
         return self.recent.answer(params)
 
+    def fill(self, method: str, number: int, block_hash: str) -> None:
+        """Called by the RPC pipeline when a client's receipt or transaction read went
+        upstream and named its block: the rest of that block is brought in
+        (``chain.fill``)."""
+        if self.filler is not None:
+            self.filler.note(method, number, block_hash)
+
     def note_miss(self, method: str) -> None:
         """Called by the RPC pipeline on a cache miss of ``method``: a read of block data
         makes an automatic follower follow at once, for ``follow_recent`` blocks (reads that
@@ -172,6 +192,8 @@ class BlockFollower:
         pending = self.pending.stop()
         tasks = [t for t in (worker, pending) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.filler is not None:
+            await self.filler.stop()
 
     def _follow(self, after: tuple[int, str] | None = None) -> None:
         """Start following with the block after ``after`` (number, hash; default: the head
@@ -258,7 +280,9 @@ class BlockFollower:
                     complete = False  # the tracker has not linked this fork yet
                     break
                 self._passes.pop((number, block_hash), None)
-                self.warmer.warm(event, raw)
+                await self.warmer.warm(event, raw)
+                if self.head.view.canonical.get(number) != block_hash:
+                    break  # reorged away while the cache was warmed: step again
                 for fetched in self._fetched_listeners:
                     try:
                         fetched(event, raw.block, raw.receipts_raw)

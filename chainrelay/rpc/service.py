@@ -65,6 +65,8 @@ DERIVED_UNAVAILABLE = b'{"code":-32000,"message":"block data not available yet"}
 SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
+# Reads whose miss brings in the rest of their block (``chain.fill``).
+_FILLED_BY = frozenset({"eth_getTransactionReceipt", "eth_getTransactionByHash"})
 _BLOCK_NUMBER = "eth_blockNumber"
 
 
@@ -155,6 +157,10 @@ class RpcService:
         # Told of each miss (the method's name): the block follower follows blocks while
         # misses it could have answered are recent (``BlockFollower.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
+        # Told of each receipt or transaction read that went upstream, with the block its
+        # answer names (method, number, hash): the block follower fills the rest of that
+        # block (``BlockFiller.note``).
+        self.note_block_of: Callable[[str, int, str], None] | None = None
         # eth_getLogs from the block follower's recent blocks (BlockFollower.recent_logs), tried on
         # a miss before the upstreams.
         self.local_logs: Callable[[Any], bytes | None] | None = None
@@ -501,6 +507,7 @@ class RpcService:
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block)
             self._store(p, answer)
+            self._fill_block(method, answer)
             return answer
         key = p.key
         assert key is not None
@@ -508,11 +515,23 @@ class RpcService:
         async def produce() -> Answer:
             answer = await self.pool.call(method, params, p.min_block)
             entry = self._store(p, answer)
+            self._fill_block(method, answer)
             if entry is not None:
                 await shared.put(key, entry, p.finality)
             return answer
 
         return await shared.exclusive(key, produce)
+
+    def _fill_block(self, method: str, answer: Answer) -> None:
+        """A transaction or receipt just read upstream: its block may be filled."""
+        note = self.note_block_of
+        if note is None or method not in _FILLED_BY or not isinstance(answer.value, dict):
+            return
+        block_hash = answer.value.get("blockHash")
+        number = answer.value.get("blockNumber")
+        if isinstance(block_hash, str) and isinstance(number, str):
+            with contextlib.suppress(ValueError):
+                note(method, int(number, 16), block_hash)
 
     def _store(self, p: Plan, answer: Answer) -> Entry | None:
         """Store a fresh answer as the caching rules say (``policy.store_decision``); the
