@@ -10,9 +10,9 @@ follower tries it again at a later pass.
 
 The reads go through the RPC pipeline's cache and coalescer (``reads``) under the keys a
 client's same request has, with the light block, the block by number and each
-transaction's receipt derived from them as calls clients join (the receipts once the block
-has named its transactions): a client asking for the block the moment its newHeads arrives
-rides on the follower's fetch.
+transaction's receipt derivable from them (the receipts once the block has named its
+transactions): a client asking for the block the moment its newHeads arrives waits for the
+follower's fetch instead of asking upstream.
 """
 
 from __future__ import annotations
