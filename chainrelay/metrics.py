@@ -202,6 +202,14 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "chainrelay_gc_pause_seconds",
+            "Pauses of Python's garbage collector, by generation (2: every object the node"
+            " holds is walked)",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.pending_tx_skipped = Counter(
             "chainrelay_pending_tx_skipped",
             "Pending transactions not sent to fullTx subscribers: too many fetches under"

@@ -42,3 +42,18 @@ async def test_a_stall_of_the_loop_is_sampled_as_lag() -> None:
         assert (after[float("inf")] - after[0.025]) - (before[float("inf")] - before[0.025]) >= 1
     finally:
         await lag.stop()
+
+
+async def test_a_full_collection_is_measured_as_a_gc_pause() -> None:
+    import gc
+
+    m = Metrics()
+    lag = LoopLag(m)
+    await lag.start()
+    try:
+        gc.collect()
+    finally:
+        await lag.stop()
+    gc.collect()  # not measured once stopped
+    count = m.registry.get_sample_value("chainrelay_gc_pause_seconds_count", {"generation": "2"})
+    assert count == 1
