@@ -4,7 +4,8 @@ whole block's.
 A receipt or transaction that went upstream names its block. Readers of recent
 transactions read several from the same blocks, so one more call makes every other one of
 that block a hit: eth_getBlockReceipts after a receipt miss (its logs then answer
-eth_getLogs locally too), eth_getBlockByHash(h, true) after a transaction miss. The client
+eth_getLogs locally too), eth_getBlockByHash(h, true) after a second transaction miss in the
+block (``MISSES_BEFORE_FILL``). The client
 is not kept waiting for it: its own answer goes out first, and the fill warms the cache
 behind it (``chain.warm``).
 
@@ -39,6 +40,12 @@ RECEIPT = "eth_getTransactionReceipt"
 TRANSACTION = "eth_getTransactionByHash"
 # What a miss of each method fills: its block's receipts, or its block's transactions.
 FILLS = {RECEIPT: "receipts", TRANSACTION: "transactions"}
+# Misses in one block before it is filled. Receipts at the first: dapps read many receipts
+# of a block (every transfer of a token they watch), and one receipts call is about the size
+# of the reads it saves. Transactions at the second: they are read one at a time far more
+# often (a link followed to one transaction), and a whole block of bodies to save none
+# would double the cost of such reads.
+MISSES_BEFORE_FILL = {"receipts": 1, "transactions": 2}
 
 # Told the logs of a block whose receipts were filled: (number, hash, logs).
 LogsListener = Callable[[int, str, list[dict[str, Any]]], None]
@@ -63,8 +70,9 @@ class BlockFiller:
         self.max_fills = max_fills
         self.remembered = remembered
         self.on_logs = on_logs
-        # (kind, block hash) filled lately or under way, oldest first.
-        self._seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        # (kind, block hash) -> misses seen, for blocks filled lately, under way or missed
+        # in (fewer misses than MISSES_BEFORE_FILL), oldest first.
+        self._seen: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._running: set[asyncio.Task[None]] = set()
 
     def note(self, method: str, number: int, block_hash: str) -> None:
@@ -74,17 +82,24 @@ class BlockFiller:
         if kind is None:
             return
         key = (kind, block_hash)
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            return
+        seen = self._seen
+        misses = seen.get(key, 0) + 1
+        if misses > MISSES_BEFORE_FILL[kind]:
+            seen.move_to_end(key)
+            return  # filled, or under way
         if not self._vouched(number, block_hash):
             return
+        seen[key] = misses
+        seen.move_to_end(key)
+        while len(seen) > self.remembered:
+            seen.popitem(last=False)
+        if misses < MISSES_BEFORE_FILL[kind]:
+            return
         if len(self._running) >= self.max_fills:
+            seen[key] = misses - 1  # asked again by a later miss of this block
             self.metrics.block_fills.labels(kind, "busy").inc()
-            return  # asked again by a later miss of this block
-        self._seen[key] = None
-        while len(self._seen) > self.remembered:
-            self._seen.popitem(last=False)
+            return
+        seen[key] = misses + 1  # past the count: filled or under way
         task = detached(self._fill(kind, number, block_hash), name="block-fill")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -111,7 +126,7 @@ class BlockFiller:
             log.exception("block %d %s: filling its %s failed", n, h, kind)
             ok = False
         if not ok:
-            self._seen.pop((kind, h), None)  # a later miss may try again
+            self._seen[(kind, h)] = MISSES_BEFORE_FILL[kind] - 1  # a later miss tries again
         self.metrics.block_fills.labels(kind, "filled" if ok else "failed").inc()
 
     async def _receipts(self, n: int, h: str) -> bool:

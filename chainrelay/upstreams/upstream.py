@@ -46,6 +46,7 @@ _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 # bytes and whatever else that turn runs: no single turn holds the loop for both.
 LARGE_ANSWER_BYTES = 256 * 1024
 
+
 class TransportError(Exception):
     """The upstream gave no usable answer (timeout, refused, 5xx, 429, garbage): retryable."""
 
