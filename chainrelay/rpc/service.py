@@ -155,9 +155,9 @@ class RpcService:
         # Told of each miss (the method's name): the block follower follows blocks while
         # misses it could have answered are recent (``BlockFollower.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
-        # eth_getLogs from the block follower's recent blocks (BlockFollower.recent_logs), tried on
-        # a miss before the upstreams.
-        self.local_logs: Callable[[Any], bytes | None] | None = None
+        # eth_getLogs from the block logs the node holds (chain/locallogs.py), tried on a miss
+        # before the upstreams; its answer None: ask the upstreams.
+        self.local_logs: Callable[[policy.Params | None], Awaitable[Answer | None]] | None = None
         # Reads that are never cached, sent straight to a WebSocket upstream.
         self._forwarder = Forwarder(pool, metrics, head.view, self._answer_later, limits)
 
@@ -477,11 +477,10 @@ class RpcService:
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
         if method == "eth_getLogs" and self.local_logs is not None:
-            local = self.local_logs(params)
+            local = await self.local_logs(params)
             if local is not None:
-                answer = Answer(local, None)
-                self._store(p, answer)
-                return answer
+                self._store(p, local)
+                return local
         shared = self.shared
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block)
