@@ -261,6 +261,16 @@ def test_a_held_block_replaced_before_finality_never_comes_back_beyond_the_windo
     assert store.by_hash(ANY, block_hash(96)) is None
     assert store.by_hash(ANY, block_hash(95)) == want([95])
 
+    # Replaced, and out of the window before the store is asked again: it cannot tell which
+    # of them was replaced, so none answers.
+    chain = Chain(number=100, finalized=90, window=20)
+    store = held(chain, range(95, 101))
+    chain.reorg(96, "b")
+    chain.move(140, finalized=130)
+    assert store.split(ANY, 95, 100, max_upstream=0) is None
+    assert store.by_hash(ANY, block_hash(95)) is None
+    assert len(store) == 0
+
 
 def test_held_runs_are_vouched_for_again_after_the_sub_ranges_came_back() -> None:
     chain = Chain(number=100, finalized=90, window=20)
