@@ -50,6 +50,7 @@ _BLOCK_SIZE = 400
 class _Block:
     hash: str
     logs: list[HeldLog]
+    raws: list[bytes]  # each log's JSON, in order: what a filter matching anything gets
     size: int
     sealed: bool  # seen canonical while final: usable beyond the canonical window
 
@@ -113,13 +114,19 @@ class LogStore:
         held = _held_logs(logs, block_hash)
         if held is None:
             return False
-        size = _BLOCK_SIZE + sys.getsizeof(block_hash) + sum(_log_size(x) for x in held)
+        raws = [raw for _, _, raw in held]
+        size = (
+            _BLOCK_SIZE
+            + sys.getsizeof(block_hash)
+            + sys.getsizeof(raws)
+            + sum(_log_size(x) for x in held)
+        )
         if size > self.max_bytes:
             return False
         if have is not None:
             self._drop(number)
         sealed = number <= view.finalized
-        self._blocks[number] = _Block(block_hash, held, size, sealed)
+        self._blocks[number] = _Block(block_hash, held, raws, size, sealed)
         numbers = self._numbers
         if not numbers or number > numbers[-1]:
             numbers.append(number)
@@ -196,7 +203,7 @@ class LogStore:
         block = self._blocks[number]
         if block.hash != block_hash or not self._usable(number, block):
             return None
-        return _matching(flt, block)
+        return list(_matching(flt, block))
 
     def vouches(self, pieces: list[Piece]) -> bool:
         """Whether the held blocks of ``pieces`` (from ``split``) are still canonical: asked
@@ -261,6 +268,21 @@ class LogStore:
 
 
 def _matching(flt: LogFilter, block: _Block) -> list[bytes]:
+    """The JSON of the logs of ``block`` that ``flt`` matches, in order (the block's own
+    list when it matches all: copy it to keep it). The usual filters (none, addresses only,
+    an event signature) are tested inline."""
+    addresses, positions = flt.addresses, flt.topics
+    if not positions:
+        if addresses is None:
+            return block.raws
+        return [raw for address, _, raw in block.logs if address in addresses]
+    first = positions[0]
+    if len(positions) == 1 and first is not None:
+        return [
+            raw
+            for address, topics, raw in block.logs
+            if topics and topics[0] in first and (addresses is None or address in addresses)
+        ]
     return [raw for address, topics, raw in block.logs if flt.matches_fields(address, topics)]
 
 

@@ -361,3 +361,47 @@ def test_pieces_tile_the_window_in_order_and_hold_exactly_its_matching_logs(
     assert covered == inside
     logs = [raw for p in pieces if p.logs is not None for raw in p.logs]
     assert logs == want(sorted(inside), flt)
+
+
+# --- a property: a held block's logs go to the filters geth's matching picks -------------------
+TOPIC_POOL = [TRANSFER, APPROVAL, ALICE, BOB]
+_position = st.one_of(
+    st.none(),
+    st.sampled_from(TOPIC_POOL),
+    st.lists(st.one_of(st.none(), st.sampled_from(TOPIC_POOL)), max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shapes=st.lists(
+        st.tuples(
+            st.sampled_from([TOKEN, OTHER]), st.lists(st.sampled_from(TOPIC_POOL), max_size=4)
+        ),
+        max_size=8,
+    ),
+    addresses=st.one_of(st.none(), st.lists(st.sampled_from([TOKEN, OTHER.upper()]), max_size=2)),
+    positions=st.one_of(st.none(), st.lists(_position, max_size=4)),
+)
+def test_the_logs_a_filter_gets_from_a_held_block_are_those_geth_s_matching_picks(
+    shapes: list[tuple[str, list[str]]],
+    addresses: list[str] | None,
+    positions: list[Any] | None,
+) -> None:
+    chain = Chain(number=100, finalized=90)
+    logs = []
+    for i, (address, topics) in enumerate(shapes):
+        x = block_logs(100)[0]
+        logs.append({**x, "address": address, "topics": topics, "logIndex": hex(i)})
+    store = LogStore(chain.view, 1 << 30)
+    assert store.hold(100, block_hash(100), logs)
+    spec: dict[str, Any] = {}
+    if addresses is not None:
+        spec["address"] = [a.replace("0X", "0x") for a in addresses]
+    if positions is not None:
+        spec["topics"] = positions
+    flt = LogFilter.parse(spec)
+    pieces = store.split(flt, 100, 100, max_upstream=0)
+    assert pieces is not None
+    assert pieces[0].logs == [orjson.dumps(x) for x in logs if flt.matches(x)]
+    assert store.by_hash(flt, block_hash(100)) == pieces[0].logs
