@@ -23,6 +23,8 @@ from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.locallogs import LocalLogs
+from chainrelay.chain.logstore import LogStore
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.composition import Composition, on_leaving, running
 from chainrelay.config import Config, parse_listen
@@ -106,7 +108,8 @@ class Node:
         filters = self.filters = await self._composition.enter(
             running(FilterService(cfg.filters, follower, rpc.call, self.metrics))
         )
-        _link_rpc(rpc, filters, follower)
+        local_logs = LocalLogs(follower.logs, rpc.call, self.metrics, cfg.cache, cfg.filters)
+        _link_rpc(rpc, filters, follower, local_logs)
         subs = self.subscriptions = SubscriptionService(
             follower, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=rpc.call
         )
@@ -198,6 +201,7 @@ class Node:
             window=cfg.head.reorg_window,
             offered_max_bytes=tree.offered_max_bytes,
             reads=rpc,
+            logs=LogStore(head.view, cfg.cache.logs_bytes),
         )
         await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:
@@ -406,14 +410,17 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
 # takes requests, and before the parents' links bring frames.
 
 
-def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) -> None:
+def _link_rpc(
+    rpc: RpcService, filters: FilterService, follower: BlockFollower, local_logs: LocalLogs
+) -> None:
     """The pipeline answers filter calls from the filter service, which asks the pipeline;
-    tells the follower of misses (and of the blocks they name, to fill) and reads its recent
-    logs, while the follower fetches through the pipeline."""
+    tells the follower of misses (and of the blocks they name, to fill), while the follower
+    fetches through the pipeline; answers eth_getLogs from the logs the node holds, which
+    asks the pipeline for what it lacks."""
     rpc.filters = filters
     rpc.note_miss = follower.note_miss
     rpc.note_block_of = follower.fill
-    rpc.local_logs = follower.recent_logs
+    rpc.local_logs = local_logs.answer
 
 
 def _link_hub_range(hub: FeedHub, rng: BatchRange) -> None:

@@ -62,6 +62,17 @@ CACHE_BACKEND = "memory"
 CACHE_MEMORY_BYTES = 256 * MiB
 # One answer larger than this is served but never stored: it would evict too much.
 CACHE_MAX_ENTRY_BYTES = 8 * MiB
+# Block logs held to answer eth_getLogs locally (chain/logstore.py), oldest blocks dropped
+# first. A log held costs ~1.3 KB (its JSON, ~720 B on the mainnet corpus block, plus its
+# address and topics kept apart for matching); a BSC block of ~500 logs is ~650 KB, so this
+# holds ~200 such blocks (2.5 min at 0.75 s): past the ~100 blocks that dapps' sliding
+# eth_getLogs windows reach back, well within what the cache itself may take.
+CACHE_LOGS_BYTES = 128 * MiB
+# Sub-ranges of one eth_getLogs window asked upstream around the held blocks: one is the
+# usual case (a window reaching past the oldest block held), a second a block the follower
+# gave up on in the middle. With more, the calls cost the upstream more than the window
+# asked whole, which is what happens then.
+CACHE_LOGS_MAX_UPSTREAM_RANGES = 2
 
 # --- Redis tier (the [cache] redis_* keys; see chainrelay/rpc/shared_cache.py) -------------
 # Redis' own port on the local host: the compose file and docs/deployment.md override it.

@@ -126,6 +126,20 @@ class Metrics:
             ["problem"],
             registry=r,
         )
+        self.local_logs = Counter(
+            "chainrelay_local_logs",
+            "eth_getLogs misses answered from the block logs the node holds: local (no"
+            " upstream call), split (held blocks, and eth_getLogs upstream for the"
+            " sub-ranges around them)",
+            ["answer"],
+            registry=r,
+        )
+        self.log_store_bytes = Gauge(
+            "chainrelay_log_store_bytes", "Bytes of block logs held for eth_getLogs", registry=r
+        )
+        self.log_store_blocks = Gauge(
+            "chainrelay_log_store_blocks", "Blocks whose logs are held for eth_getLogs", registry=r
+        )
         self.held_overflows = Counter(
             "chainrelay_held_notification_overflows",
             "WebSocket connections closed (1008) for holding too many notifications of"

@@ -48,7 +48,7 @@ FILLS = {RECEIPT: "receipts", TRANSACTION: "transactions"}
 MISSES_BEFORE_FILL = {"receipts": 1, "transactions": 2}
 
 # Told the logs of a block whose receipts were filled: (number, hash, logs).
-LogsListener = Callable[[int, str, list[dict[str, Any]]], None]
+LogsListener = Callable[[int, str, list[dict[str, Any]]], object]
 
 
 class BlockFiller:

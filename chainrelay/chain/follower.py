@@ -17,8 +17,8 @@ counted, never in the way of delivery; a block no upstream serves after
 ``chainrelay_block_feed_problems``) and the follower moves on. For reorgs it keeps only
 each delivered block's number, hash and logs, and only above the finalized block.
 
-Whether it follows at all is ``chain.followmode``'s decision; the blocks it delivered
-lately answer eth_getLogs (``chain.recentlogs``); pending transactions come from their
+Whether it follows at all is ``chain.followmode``'s decision; the logs of the blocks it
+delivers are held for eth_getLogs (``chain.logstore``); pending transactions come from their
 own upstream stream (``chain.pending``).
 """
 
@@ -30,6 +30,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from chainrelay import defaults
 from chainrelay.chain.announce import HeadAnnouncer
 from chainrelay.chain.blockorder import DeliveredChain
 from chainrelay.chain.events import (
@@ -44,9 +45,9 @@ from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
 from chainrelay.chain.fill import BlockFiller
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
+from chainrelay.chain.logstore import LogStore
 from chainrelay.chain.offers import OfferedBlocks
 from chainrelay.chain.pending import PendingListener, PendingStream
-from chainrelay.chain.recentlogs import RecentLogs
 from chainrelay.chain.warm import CacheWarmer
 from chainrelay.config import SubscriptionsConfig
 from chainrelay.metrics import Metrics
@@ -69,10 +70,13 @@ class BlockFollower:
         window: int,
         offered_max_bytes: int,
         reads: FollowerReads | None = None,
+        logs: LogStore | None = None,
     ) -> None:
         """``cfg``: when to follow and how hard to try a block; ``window``: ``[head]``'s
         reorg window; ``offered_max_bytes``: what the relay tree's offered blocks may hold;
-        ``reads``: the RPC pipeline, which the follower reads through (clients join its calls)."""
+        ``reads``: the RPC pipeline, which the follower reads through (clients join its calls);
+        ``logs``: where the delivered and filled blocks' logs are held (one of the default
+        size if not given)."""
         self.pool = pool
         self.head = head
         self.metrics = metrics
@@ -81,6 +85,7 @@ class BlockFollower:
         self.offers = OfferedBlocks(window, offered_max_bytes)
         self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, reads=reads)
         self.warmer = CacheWarmer(head, cache, metrics)
+        self.logs = logs if logs is not None else LogStore(head.view, defaults.CACHE_LOGS_BYTES)
         self.filler = (
             BlockFiller(
                 head,
@@ -89,11 +94,11 @@ class BlockFollower:
                 metrics,
                 max_fills=cfg.max_block_fills,
                 remembered=cfg.filled_blocks_remembered,
+                on_logs=self.logs.hold,
             )
             if reads is not None
             else None
         )
-        self.recent = RecentLogs(head, window)
         self.heads = HeadAnnouncer()
         self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
         # Failed passes per block (number, hash) not delivered yet.
@@ -148,11 +153,6 @@ class BlockFollower:
         """A block and its receipts from elsewhere than this node's upstreams (a relay tree
         frame): when the head reaches it, the follower takes it with no upstream call."""
         self.offers.offer(block, block_raw, receipts_raw)
-
-    def recent_logs(self, params: Any) -> bytes | None:
-        """eth_getLogs answered from the blocks this follower delivered (a JSON array), or
-        None: ask upstream (see ``chain.recentlogs``)."""
-        return self.recent.answer(params)
 
     def fill(self, method: str, number: int, block_hash: str) -> None:
         """Called by the RPC pipeline when a client's receipt or transaction read went
@@ -326,7 +326,7 @@ class BlockFollower:
         return True
 
     def _deliver(self, events: list[BlockEvent]) -> None:
-        self.recent.note(events)
+        self.logs.note(events)
         for fn in list(self._listeners):
             try:
                 fn(events)

@@ -25,7 +25,7 @@ FOLLOWER_SERVED = frozenset(
         "eth_getBlockReceipts",
         "eth_getTransactionByHash",
         "eth_getTransactionReceipt",
-        # From the logs of blocks it delivered (``chain.recentlogs``).
+        # From the logs of blocks it delivered or filled (``chain.logstore``).
         "eth_getLogs",
     }
 )

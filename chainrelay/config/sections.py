@@ -89,6 +89,10 @@ class CacheConfig:
     backend: str = d.CACHE_BACKEND
     memory_bytes: int = positive(d.CACHE_MEMORY_BYTES)
     max_entry_bytes: int = positive(d.CACHE_MAX_ENTRY_BYTES)
+    # Block logs held for eth_getLogs (chain/logstore.py), and the upstream sub-ranges a
+    # window may be split into around them (0: only windows wholly held are answered here).
+    logs_bytes: int = positive(d.CACHE_LOGS_BYTES)
+    logs_max_upstream_ranges: int = d.CACHE_LOGS_MAX_UPSTREAM_RANGES
     redis_url: str = d.REDIS_URL
     redis_key_prefix: str = d.REDIS_KEY_PREFIX
     redis_max_entry_bytes: int = positive(d.REDIS_MAX_ENTRY_BYTES)
@@ -106,6 +110,10 @@ class CacheConfig:
             f"cache.backend: unknown backend {self.backend!r} (one of {', '.join(CACHE_BACKENDS)})",
         )
         check_fields(self, "cache")
+        require(
+            self.logs_max_upstream_ranges >= 0,
+            "cache.logs_max_upstream_ranges: must be 0 (no split) or more",
+        )
         require(
             not self.redis_ttl_finalized < 0,
             "cache.redis_ttl_finalized: must be 0 (no TTL) or positive",

@@ -159,9 +159,9 @@ class RpcService:
         # answer names (method, number, hash): the block follower fills the rest of that
         # block (``BlockFiller.note``).
         self.note_block_of: Callable[[str, int, str], None] | None = None
-        # eth_getLogs from the block follower's recent blocks (BlockFollower.recent_logs), tried on
-        # a miss before the upstreams.
-        self.local_logs: Callable[[Any], bytes | None] | None = None
+        # eth_getLogs from the block logs the node holds (chain/locallogs.py), tried on a miss
+        # before the upstreams; its answer None: ask the upstreams.
+        self.local_logs: Callable[[policy.Params | None], Awaitable[Answer | None]] | None = None
         # Client reads answerable from a block follower's call under way, by cache key:
         # (that call, the read's plan, how to pick its answer out of the call's). A client
         # that misses on one waits for that call instead of asking upstream; entries go
@@ -514,11 +514,10 @@ class RpcService:
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
         if method == "eth_getLogs" and self.local_logs is not None:
-            local = self.local_logs(params)
+            local = await self.local_logs(params)
             if local is not None:
-                answer = Answer(local, None)
-                self._store(p, answer)
-                return answer
+                self._store(p, local)
+                return local
         shared = self.shared
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block)

@@ -207,6 +207,20 @@ class LogFilter:
                 return False
         return True
 
+    def matches_fields(self, address: str, topics: tuple[str, ...]) -> bool:
+        """``matches`` for a log already reduced to its lower-case address and topics (the
+        block bounds aside): the logs a node holds are matched without a dict per log."""
+        if self.addresses is not None and address not in self.addresses:
+            return False
+        if not self.topics:
+            return True
+        if len(self.topics) > len(topics):
+            return False
+        for wanted, got in zip(self.topics, topics, strict=False):
+            if wanted is not None and got not in wanted:
+                return False
+        return True
+
     def to_params(self) -> dict[str, Any]:
         """This filter as an ``eth_getLogs`` filter object (lower-case hex)."""
         out: dict[str, Any] = {}

@@ -8,7 +8,9 @@ Run as a process of its own (a test must be able to SIGKILL it)::
   the node's answer comes back byte for byte with the node's HTTP status.
 * ``GET /counts``: ``{"method": calls, ...}`` since the start or the last reset (batch items
   are counted one by one, at arrival).
-* ``POST /reset``: zero the counts.
+* ``GET /params?method=M``: the params of each call of ``M`` since then, in arrival order
+  (the last ``RECORDED_CALLS`` calls of any method are kept).
+* ``POST /reset``: zero the counts and forget the params.
 * ``--hold METHOD`` (repeatable): calls of that method wait, upstream not yet asked, until
   ``POST /release``; ``GET /held`` says how many wait. Lets a test line up concurrent callers
   behind one in-flight call without guessing how long the call takes. Over a proxied
@@ -47,6 +49,8 @@ from tests.lab.procs import ROOT, Procs, until
 from tests.lab.timing import SECOND
 
 JSON = "application/json"
+# Calls whose params ``GET /params`` can tell: a test's worth, bounded for a long run.
+RECORDED_CALLS = 10_000
 
 
 def methods_of(body: bytes) -> list[str]:
@@ -62,20 +66,51 @@ def methods_of(body: bytes) -> list[str]:
     ]
 
 
+def calls_of(body: bytes) -> list[tuple[str, Any]]:
+    """(method, params) of every call in a JSON-RPC body ("?" and None for what is not one)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return [("?", None)]
+    items = doc if isinstance(doc, list) else [doc]
+    return [
+        (str(o["method"]), o.get("params"))
+        if isinstance(o, dict) and isinstance(o.get("method"), str)
+        else ("?", None)
+        for o in items
+    ]
+
+
 class Counter:
-    """Calls per method, served at ``GET /counts`` and zeroed by ``POST /reset``."""
+    """Calls per method, served at ``GET /counts`` and zeroed by ``POST /reset``; with
+    ``record``, their params too (``GET /params``)."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        self.calls: collections.deque[tuple[str, Any]] = collections.deque(maxlen=RECORDED_CALLS)
 
     def add(self, methods: list[str]) -> None:
         self.counts.update(methods)
 
+    def record(self, body: bytes) -> list[str]:
+        """Count and remember the calls of ``body``; their methods."""
+        calls = calls_of(body)
+        self.calls.extend(calls)
+        methods = [m for m, _ in calls]
+        self.add(methods)
+        return methods
+
     async def get_counts(self, _request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(dict(self.counts)), content_type=JSON)
 
+    async def get_params(self, request: web.Request) -> web.Response:
+        method = request.query.get("method", "")
+        got = [params for m, params in self.calls if m == method]
+        return web.Response(body=orjson.dumps(got), content_type=JSON)
+
     async def post_reset(self, _request: web.Request) -> web.Response:
         self.counts.clear()
+        self.calls.clear()
         return web.Response(body=b"{}", content_type=JSON)
 
 
@@ -97,6 +132,7 @@ class CountingProxyApp:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/counts", self.counter.get_counts)
+        app.router.add_get("/params", self.counter.get_params)
         app.router.add_post("/reset", self.counter.post_reset)
         app.router.add_get("/held", self.get_held)
         app.router.add_post("/release", self.post_release)
@@ -161,8 +197,7 @@ class CountingProxyApp:
         try:
             async for msg in client:
                 if msg.type is aiohttp.WSMsgType.TEXT:
-                    methods = methods_of(msg.data.encode())
-                    self.counter.add(methods)
+                    methods = self.counter.record(msg.data.encode())
                     await self._wait_if_held(methods)
                     instead = self.intercept(msg.data) if self.intercept is not None else None
                     if instead is not None:
@@ -170,8 +205,7 @@ class CountingProxyApp:
                         continue
                     await node.send_str(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
-                    methods = methods_of(msg.data)
-                    self.counter.add(methods)
+                    methods = self.counter.record(msg.data)
                     await self._wait_if_held(methods)
                     await node.send_bytes(msg.data)
         finally:
@@ -193,8 +227,7 @@ class CountingProxyApp:
 
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()
-        methods = methods_of(body)
-        self.counter.add(methods)
+        methods = self.counter.record(body)
         await self._wait_if_held(methods)
         assert self.session is not None
         try:
@@ -284,6 +317,10 @@ class LabServer:
 
     async def counts(self) -> dict[str, int]:
         return dict(await self._get("/counts"))
+
+    async def params(self, method: str) -> list[Any]:
+        """The params of each call of ``method`` since the last reset, in arrival order."""
+        return list(await self._get(f"/params?method={method}"))
 
     async def reset(self) -> None:
         await self._post("/reset")

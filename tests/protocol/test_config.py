@@ -77,6 +77,8 @@ def test_omitted_keys_take_the_defaults() -> None:
     assert cfg.limits.max_batch_len == defaults.MAX_BATCH_LEN
     assert cfg.pool.timeout == defaults.UPSTREAM_TIMEOUT
     assert cfg.cache.memory_bytes == defaults.CACHE_MEMORY_BYTES
+    assert cfg.cache.logs_bytes == defaults.CACHE_LOGS_BYTES
+    assert cfg.cache.logs_max_upstream_ranges == defaults.CACHE_LOGS_MAX_UPSTREAM_RANGES
     assert cfg.server.listen == defaults.LISTEN
     assert cfg.upstreams[0].name == "upstream0"  # named by position when unnamed
 
@@ -153,6 +155,11 @@ def test_expand_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ("[limits]\nmax_body_bytes = 0\n" + UPSTREAM, "limits.max_body_bytes"),
         ("[limits]\nmax_batch_len = -1\n" + UPSTREAM, "limits.max_batch_len"),
         ("[cache]\nmemory_bytes = 0\n" + UPSTREAM, "cache.memory_bytes"),
+        ("[cache]\nlogs_bytes = 0\n" + UPSTREAM, "cache.logs_bytes"),
+        (
+            "[cache]\nlogs_max_upstream_ranges = -1\n" + UPSTREAM,
+            "cache.logs_max_upstream_ranges",
+        ),
         ("[pool]\nmax_attempts = 0\n" + UPSTREAM, "pool.max_attempts"),
         ("[subscriptions]\nslow_close_grace = 0\n" + UPSTREAM, "subscriptions.slow_close_grace"),
         (
@@ -233,9 +240,9 @@ POSITIVE_KEYS = {
     "server": "workers",
     "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
     "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes",
-    "cache": "memory_bytes max_entry_bytes redis_max_entry_bytes redis_ttl_unfinalized "
-    "redis_lock_ttl redis_timeout redis_connect_timeout redis_retry_interval "
-    "redis_max_connections",
+    "cache": "memory_bytes max_entry_bytes logs_bytes redis_max_entry_bytes "
+    "redis_ttl_unfinalized redis_lock_ttl redis_timeout redis_connect_timeout "
+    "redis_retry_interval redis_max_connections",
     "pool": "max_attempts ws_ping_interval ws_max_message_bytes",
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
     "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 
-from chainrelay.devnet import Anvil
-from tests.lab.chain import DEV_ACCOUNTS, Chain, metric, start_relay_mining
+from chainrelay.devnet import Anvil, transfer_emitter_initcode
+from tests.lab.chain import DEV_ACCOUNTS, Chain, emitter_data, metric, start_relay_mining
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
@@ -134,3 +135,38 @@ async def _held(proxy: Any, n: int) -> bool:
 
 async def _filled_once(relay: Relay) -> bool:
     return await fills(relay, "receipts") >= 1
+
+
+async def test_a_filled_blocks_logs_answer_eth_get_logs_with_no_upstream_call(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        emitter = await node.deploy(transfer_emitter_initcode())
+        sent = []
+        for i in range(TXS_PER_BLOCK):
+            data = emitter_data(A2, 11 + i)
+            sent.append(
+                await node.send({"from": A0, "to": emitter, "data": data, "gas": "0x20000"})
+            )
+        await node.call("evm_mine")
+        number = hex((await node.head())[0])
+        relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
+        async with Chain.open(relay.url) as through:
+            await through.call("eth_getTransactionReceipt", [sent[0]])
+            await until(lambda: _filled_once(relay), 10 * SECOND, "the block's receipts fill")
+            await proxy.reset()
+            filters: list[dict[str, Any]] = [
+                {"fromBlock": number, "toBlock": number},
+                {"fromBlock": number, "toBlock": number, "address": emitter},
+            ]
+            got = [await through.raw("eth_getLogs", [f]) for f in filters]
+            want = [await node.raw("eth_getLogs", [f]) for f in filters]
+            counts = await proxy.counts()
+    assert got == want
+    assert len(orjson.loads(want[0])["result"]) == TXS_PER_BLOCK
+    assert "eth_getLogs" not in counts, counts
