@@ -26,6 +26,7 @@ from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.composition import Composition, on_leaving, running
 from chainrelay.config import Config, parse_listen
+from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -88,6 +89,7 @@ class Node:
 
     async def _compose(self, reuse_port: bool) -> None:
         cfg = self.cfg
+        await self._composition.enter(running(LoopLag(self.metrics)))
         pool = await self._upstreams()
         head = await self._head(pool)
         cache = await self._cache()
@@ -195,7 +197,7 @@ class Node:
             sc,
             window=cfg.head.reorg_window,
             offered_max_bytes=tree.offered_max_bytes,
-            rpc_call=rpc.follower_call,
+            reads=rpc,
         )
         await self._composition.enter(on_leaving(follower.stop))
         if tree.enabled or cfg.batches.streams:
@@ -406,10 +408,11 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
 
 def _link_rpc(rpc: RpcService, filters: FilterService, follower: BlockFollower) -> None:
     """The pipeline answers filter calls from the filter service, which asks the pipeline;
-    tells the follower of misses and reads its recent logs, while the follower fetches
-    through the pipeline."""
+    tells the follower of misses (and of the blocks they name, to fill) and reads its recent
+    logs, while the follower fetches through the pipeline."""
     rpc.filters = filters
     rpc.note_miss = follower.note_miss
+    rpc.note_block_of = follower.fill
     rpc.local_logs = follower.recent_logs
 
 
