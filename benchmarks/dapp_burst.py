@@ -854,7 +854,8 @@ def notes(
         f'{" or ".join(LATEST_STATE)} at "latest" with arguments not yet asked at the '
         "chain's head of the moment. A relay that caches by block sends each of them upstream, "
         f"so {floor:.3f} upstream calls per client call is the least it can reach on this mix; "
-        f"the warm goal leaves {GOAL_WARM_UPSTREAM - floor:.3f} for every other call."
+        f"the warm goal ({GOAL_WARM_UPSTREAM:g}) leaves {GOAL_WARM_UPSTREAM - floor:+.3f} for "
+        "every other call."
     )
     if chain.driver_errors:
         out.append(
