@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import math
 import random
 import re
@@ -103,6 +104,10 @@ LIGHT_SECONDS = 1.0
 CALL_TIMEOUT = 10.0
 # Seconds a phase may take beyond its load: snapshots, a cold relay's start and stop.
 PHASE_OVERHEAD = 5.0
+# Calls at "latest" that read the chain's state with the mix's own arguments.
+LATEST_STATE = ("eth_call", "eth_getBalance")
+# How often this process checks its own event loop's lag while the users run.
+LOAD_LAG_TICK = 0.01
 # Goals.
 GOAL_WARM_UPSTREAM = 0.35
 GOAL_COLD_UPSTREAM = 0.45
@@ -217,6 +222,10 @@ class Phase:
     lag_note: str = "n/a"
     cpu: dict[str, float] = field(default_factory=dict)  # context: anvil, load, machine
     first_errors: list[str] = field(default_factory=list)
+    # (method, params, block) of the calls at "latest" whose answer is the chain's state
+    # (balanceOf, balances): a cache keyed by block must ask upstream once for each.
+    latest_keys: set[tuple[str, str, int]] = field(default_factory=set)
+    load_lag: list[float] = field(default_factory=list)  # this process's loop lag, seconds
 
     @property
     def total(self) -> int:
@@ -271,6 +280,8 @@ class Users:
         self.ids += 1
         body = common.request_body(method, params, self.ids)
         phase = self.phase
+        if method in LATEST_STATE:
+            phase.latest_keys.add((method, str(params), self.world.traffic.head))
         problem = None
         data = b""
         started = time.perf_counter()
@@ -330,6 +341,15 @@ async def bursts(users: Users, traffic: BusyTraffic, seconds: float, interval: f
         await users.burst()
         count += 1
         next_at = started + interval
+
+
+async def loop_lag(samples: list[float]) -> None:
+    """This process's own event-loop lag (how late a short sleep wakes) until cancelled:
+    whatever the client adds to the latencies it measures while it handles a burst."""
+    while True:
+        start = time.perf_counter()  # not loop.time(): uvloop's clock counts whole ms
+        await asyncio.sleep(LOAD_LAG_TICK)  # the probe itself, not a wait for a condition
+        samples.append(time.perf_counter() - start - LOAD_LAG_TICK)
 
 
 # --- measuring around a phase -------------------------------------------------------------
@@ -425,11 +445,19 @@ async def run_phase(
                 first.upstream = before_start
             url = target.relay.url if target.relay is not None else target.proxy
             users = Users(url, world, phase, args.users, rnd)
+            watch = asyncio.create_task(loop_lag(phase.load_lag))
+            # The client's garbage collector waits for the end of the phase: a full
+            # collection stops this loop for tens of ms, which every call then in flight
+            # would count as the target's latency. The answers it parses hold no cycles.
+            gc.disable()
             try:
                 phase.bursts = await bursts(users, world.traffic, args.seconds, args.interval)
             finally:
+                gc.enable()
+                watch.cancel()
                 users.close()
             last = await Snapshot.take(target, pids)
+            gc.collect()
         finally:
             if target.kind == "cold" and target.relay is not None:
                 await asyncio.to_thread(target.relay.stop)
@@ -743,9 +771,11 @@ def report(
             "",
             "CPU over each phase, % of one core (medians): anvil, the target's proxy, *load* "
             "(this script: the users and the traffic driver), *run* (every process of the run: "
-            "those, every proxy and relay), *other* (the rest of the machine, not ours):",
+            "those, every proxy and relay), *other* (the rest of the machine, not ours); this "
+            "script's loop lag: how late a 10 ms timer fired in it (its garbage collector held "
+            "off during the load), a bound on what the client adds to the latencies:",
             "",
-            *notes(targets, s, chain),
+            *notes(targets, s, phases, chain),
         ]
     )
 
@@ -786,7 +816,9 @@ def goals(targets: list[Target], s: dict[str, Summary]) -> list[str]:
     return lines
 
 
-def notes(targets: list[Target], s: dict[str, Summary], chain: Chain) -> list[str]:
+def notes(
+    targets: list[Target], s: dict[str, Summary], phases: list[Phase], chain: Chain
+) -> list[str]:
     out = []
     for t in targets:
         x = s[t.name]
@@ -803,6 +835,9 @@ def notes(targets: list[Target], s: dict[str, Summary], chain: Chain) -> list[st
         if t.kind == "warm":
             n = t.light_calls
             extra.append(f"light reader {n} calls, {t.light_errors} errors")
+        lag99 = x.med(lambda p: common.quantile(p.load_lag, 0.99))
+        lag_max = x.med(lambda p: max(p.load_lag, default=math.nan))
+        extra.append(f"this script's loop lag p99 {_ms(lag99)} ms, max {_ms(lag_max)} ms")
         empty = sum(sum(p.empty.values()) for p in x.phases)
         if empty:
             extra.append(f"{empty} transactions answered null")
@@ -813,6 +848,15 @@ def notes(targets: list[Target], s: dict[str, Summary], chain: Chain) -> list[st
         errors = [e for p in x.phases for e in p.first_errors][:3]
         if errors:
             out.append("  first errors: " + " | ".join(f"`{e}`" for e in errors))
+    floor = common.median([len(p.latest_keys) / p.total for p in phases if p.total])
+    out.append(
+        f"- the floor: {floor:.3f} of every client call (median of the phases) is an "
+        f'{" or ".join(LATEST_STATE)} at "latest" with arguments not yet asked at the '
+        "chain's head of the moment. A relay that caches by block sends each of them upstream, "
+        f"so {floor:.3f} upstream calls per client call is the least it can reach on this mix; "
+        f"the warm goal ({GOAL_WARM_UPSTREAM:g}) leaves {GOAL_WARM_UPSTREAM - floor:+.3f} for "
+        "every other call."
+    )
     if chain.driver_errors:
         out.append(
             f"- the traffic driver's transfers refused by anvil: {chain.driver_errors} "
