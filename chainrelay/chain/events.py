@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 # The fields of a newHeads payload as geth sends it (RPCMarshalHeader; a Go map, so its
 # keys come out sorted): what BSC nodes send, where no upstream pushed this block's header.
 HEADER_FIELDS = tuple(
@@ -54,6 +56,10 @@ class BlockEvent:
     logs: list[dict[str, Any]]  # the block's logs in log-index order; "removed": True on removal
     removed: bool  # True: this block was reorged away
     announced: bool = False  # True: head listeners got this header before the block's fetch
+    # The logs of an event kept for a reorg (``kept``), encoded: ``logs`` is then empty. A
+    # reorg window of decoded logs is hundreds of thousands of objects for the garbage
+    # collector to walk at every full collection; bytes are none.
+    logs_raw: bytes | None = None
 
 
 BlockListener = Callable[[list[BlockEvent]], None]
@@ -71,11 +77,13 @@ def geth_header(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def kept(ev: BlockEvent) -> BlockEvent:
-    """What the follower keeps of a delivered block for a reorg: number, hash, logs."""
-    return BlockEvent(ev.number, ev.hash, {}, {}, ev.logs, False, ev.announced)
+    """What the follower keeps of a delivered block for a reorg: number, hash, and its
+    logs encoded (decoded again only if a reorg retracts it)."""
+    return BlockEvent(ev.number, ev.hash, {}, {}, [], False, ev.announced, orjson.dumps(ev.logs))
 
 
 def removed(ev: BlockEvent) -> BlockEvent:
-    """The retraction of a delivered block: its logs marked removed."""
-    logs = [{**x, "removed": True} for x in ev.logs]
+    """The retraction of a delivered (or kept) block: its logs marked removed."""
+    logs_of = orjson.loads(ev.logs_raw) if ev.logs_raw is not None else ev.logs
+    logs = [{**x, "removed": True} for x in logs_of]
     return BlockEvent(ev.number, ev.hash, ev.header, ev.block, logs, True, ev.announced)

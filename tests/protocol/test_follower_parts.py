@@ -92,3 +92,19 @@ def test_offered_blocks_are_bounded_by_the_window_oldest_dropped_first() -> None
     assert offers.take("h2") == ({"hash": "h2"}, b"x" * 10, b"[]")
     assert offers.take("h2") is None
     assert offers.bytes == 12
+
+
+def test_a_kept_block_holds_its_logs_encoded_and_retracts_them_as_delivered() -> None:
+    import gc
+
+    from chainrelay.chain.events import BlockEvent, kept, removed
+
+    logs = [
+        {"address": "0x" + "aa" * 20, "topics": ["0x" + "bb" * 32], "logIndex": hex(i)}
+        for i in range(3)
+    ]
+    ev = BlockEvent(7, "0x" + "07" * 32, {"number": "0x7"}, {"number": "0x7"}, logs, False)
+    k = kept(ev)
+    assert k.logs == [] and k.block == {} and not gc.is_tracked(k.logs_raw)
+    assert removed(k).logs == removed(ev).logs
+    assert all(x["removed"] is True for x in removed(k).logs)
