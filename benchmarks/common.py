@@ -50,6 +50,7 @@ SECTIONS = (
     "cache_hit",
     "miss_overhead",
     "upstream_ratio",
+    "logs_windows",
     "subscribers",
     "tree_bytes",
     "tree_hop",
@@ -512,6 +513,7 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `cache_hit.py` | cache-hit req/s of one relay process under wrk, vs anvil | ≥ 45,000 req/s |
 | `miss_overhead.py` | latency a relay adds to a forwarded call | ≤ 0.15 ms at p50 |
 | `upstream_ratio.py` | upstream calls per 1,000 client calls under a dapp-like mix | ≤ 50 |
+| `logs_windows.py` | upstream eth_getLogs under sliding 20-block windows, vs main | none set |
 | `subscribers.py` | 5,000 `newHeads` subscribers: head to the last one; RSS each | ≤ 50 ms, 30 KB |
 | `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |
 | `tree_hop.py` | latency a relay adds, frame in to out, 1,000 children | ≤ 1 ms p50, 5 ms p99 |
