@@ -50,6 +50,7 @@ SECTIONS = (
     "cache_hit",
     "miss_overhead",
     "upstream_ratio",
+    "dapp_burst",
     "logs_windows",
     "subscribers",
     "tree_bytes",
@@ -252,9 +253,12 @@ def commit_name(commit: str) -> str:
     return _git("rev-parse", "--short", commit) or commit
 
 
-def start_anvil(*, block_time: float | None, chain_id: int = 56) -> Anvil:
-    """A ready anvil node; the caller stops it (``anvil.stop()``)."""
-    node = Anvil(chain_id=chain_id, block_time=block_time)
+def start_anvil(
+    *, block_time: float | None, chain_id: int = 56, extra: Sequence[str] = ()
+) -> Anvil:
+    """A ready anvil node (``extra``: more anvil arguments); the caller stops it
+    (``anvil.stop()``)."""
+    node = Anvil(chain_id=chain_id, block_time=block_time, extra=list(extra))
     node.start()
     try:
         asyncio.run(node.wait_ready(20.0))
@@ -513,6 +517,7 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `cache_hit.py` | cache-hit req/s of one relay process under wrk, vs anvil | ≥ 45,000 req/s |
 | `miss_overhead.py` | latency a relay adds to a forwarded call | ≤ 0.15 ms at p50 |
 | `upstream_ratio.py` | upstream calls per 1,000 client calls under a dapp-like mix | ≤ 50 |
+| `dapp_burst.py` | dapp bursts on a busy chain: relays vs direct | ≤ 0.35/0.45 up/call, p99 ≤ ½ |
 | `logs_windows.py` | upstream eth_getLogs under sliding 20-block windows, vs main | none set |
 | `subscribers.py` | 5,000 `newHeads` subscribers: head to the last one; RSS each | ≤ 50 ms, 30 KB |
 | `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |

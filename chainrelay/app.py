@@ -28,6 +28,7 @@ from chainrelay.chain.logstore import LogStore
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.composition import Composition, on_leaving, running
 from chainrelay.config import Config, parse_listen
+from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
@@ -90,6 +91,7 @@ class Node:
 
     async def _compose(self, reuse_port: bool) -> None:
         cfg = self.cfg
+        await self._composition.enter(running(LoopLag(self.metrics)))
         pool = await self._upstreams()
         head = await self._head(pool)
         cache = await self._cache()
@@ -198,7 +200,7 @@ class Node:
             sc,
             window=cfg.head.reorg_window,
             offered_max_bytes=tree.offered_max_bytes,
-            rpc_call=rpc.follower_call,
+            reads=rpc,
             logs=LogStore(head.view, cfg.cache.logs_bytes),
         )
         await self._composition.enter(on_leaving(follower.stop))
@@ -412,10 +414,12 @@ def _link_rpc(
     rpc: RpcService, filters: FilterService, follower: BlockFollower, local_logs: LocalLogs
 ) -> None:
     """The pipeline answers filter calls from the filter service, which asks the pipeline;
-    tells the follower of misses, while the follower fetches through the pipeline; answers
-    eth_getLogs from the logs the node holds, which asks the pipeline for what it lacks."""
+    tells the follower of misses (and of the blocks they name, to fill), while the follower
+    fetches through the pipeline; answers eth_getLogs from the logs the node holds, which
+    asks the pipeline for what it lacks."""
     rpc.filters = filters
     rpc.note_miss = follower.note_miss
+    rpc.note_block_of = follower.fill
     rpc.local_logs = local_logs.answer
 
 

@@ -229,14 +229,22 @@ SLOW_CLOSE_GRACE = 5.0
 # True overrides FOLLOW_BLOCKS with "always".
 FOLLOW_BLOCKS_ALWAYS = False
 # When the block follower fetches each new block: "auto" while someone subscribes or clients
-# missed on block, transaction or receipt reads lately (two calls a block then replace a
-# receipt miss per transaction read and the latest block's miss), "always", or "never"
-# (only while someone subscribes).
+# read block, transaction, receipt or log data lately, hit or miss (two calls a block then
+# replace a receipt miss per transaction read and the latest block's miss), "always", or
+# "never" (only while someone subscribes).
 FOLLOW_BLOCKS = "auto"
-# Blocks an automatic feed keeps following after a client's last such miss: a dapp that
-# polls every few seconds misses at least once in this many BSC blocks (a minute), and a
+# Blocks an automatic feed keeps following after a client's last such read: a dapp that
+# polls every few seconds reads at least once in this many BSC blocks (a minute), and a
 # node whose clients went away wastes at most twice this many calls.
 FOLLOW_RECENT_BLOCKS = 20
+# Blocks filled at once after clients' misses (a receipt miss brings in its block's
+# receipts, a transaction miss its block's transactions; see chainrelay/chain/fill.py): a
+# burst of readers over the last hundred blocks fills a handful at a time, and a client
+# scanning receipts of old blocks cannot make the node call upstream twice per read.
+MAX_BLOCK_FILLS = 8
+# Blocks remembered as filled, so a block is filled once: two kinds of fill over the reorg
+# window and then some, at about 150 bytes each.
+FILLED_BLOCKS_REMEMBERED = 4096
 
 # --- Block feed (what eth_subscribe and eth_newFilter follow) ------------------------------
 # Wait before asking again for a block an upstream could not give (not there yet, or an

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -201,6 +201,29 @@ class Metrics:
             ["stream", "outcome"],
             registry=r,
         )
+        self.block_fills = Counter(
+            "chainrelay_block_fills",
+            "Blocks brought in after a client's miss on one of their receipts or"
+            " transactions, by kind (receipts, transactions) and outcome: filled, failed,"
+            " busy (too many fills under way: not filled)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "chainrelay_event_loop_lag_seconds",
+            "How late a timer due on the event loop fired (chainrelay/looplag.py): the wait a"
+            " request arriving then saw before the loop turned to it",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "chainrelay_gc_pause_seconds",
+            "Pauses of Python's garbage collector, by generation (2: every object the node"
+            " holds is walked)",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.pending_tx_skipped = Counter(
             "chainrelay_pending_tx_skipped",
             "Pending transactions not sent to fullTx subscribers: too many fetches under"
@@ -251,6 +274,11 @@ class Metrics:
         if got is None:
             got = self._requests[key] = [0]
         return got
+
+    def answered(self, methods: Collection[str]) -> int:
+        """Calls of ``methods`` answered so far, whatever their outcome (a few dozen dict
+        items walked: for a look once a block, not per call)."""
+        return sum(n[0] for (method, _), n in list(self._requests.items()) if method in methods)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,24 +2,27 @@
 
 A block offered whole (``chain.offers``: a relay tree frame) is taken as it is, with no
 upstream call. Otherwise the block comes from eth_getBlockByHash(h, true) and its logs from
-eth_getBlockReceipts; a block whose receipts fail (any error, or an upstream without
+eth_getBlockReceipts, both asked at once (the block's data is whole one round trip after its
+head, not two); a block whose receipts fail (any error, or an upstream without
 ``eth_getBlockReceipts``, asked again every ``feed_receipts_retry_blocks``) gets its logs
 from ``eth_getLogs`` by block hash. A block no upstream gives now raises ``Unavailable``: the
 follower tries it again at a later pass.
 
-The reads go through the RPC pipeline's cache and coalescer (``rpc_call``) under the keys a
+The reads go through the RPC pipeline's cache and coalescer (``reads``) under the keys a
 client's same request has, with the light block, the block by number and each
-transaction's receipt derived from them as calls clients join: a client asking for the
-block the moment its newHeads arrives rides on the follower's fetch.
+transaction's receipt derivable from them (the receipts once the block has named its
+transactions): a client asking for the block the moment its newHeads arrives waits for the
+follower's fetch instead of asking upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -41,8 +44,23 @@ _UNSUPPORTED = (-32601, -32604)
 # A read the client's same request could join: (method, params, the answer from the
 # source call's value).
 Derived = tuple[str, list[Any], Callable[[Any], Any]]
-# ``RpcService.follower_call``: (method, params, min_block, derived reads) -> the answer.
-RpcCall = Callable[[str, list[Any], int, Sequence[Derived]], Awaitable[Answer]]
+
+
+class FollowerReads(Protocol):
+    """The RPC pipeline as the follower reads through it (``RpcService``)."""
+
+    async def follower_call(
+        self, method: str, params: list[Any], min_block: int, derived: Sequence[Derived] = ()
+    ) -> Answer:
+        """``method(params)`` through the cache and coalescer, as a client's same call,
+        from an upstream at or past ``min_block``; ``derived``: client reads answered from
+        it, which clients may join while it runs."""
+        ...
+
+    def follower_derive(self, method: str, params: list[Any], derived: Sequence[Derived]) -> None:
+        """More reads answered from ``method(params)``, a ``follower_call`` still under way
+        (nothing when it is over: its answer is cached)."""
+        ...
 
 
 class Unavailable(Exception):
@@ -68,16 +86,17 @@ class BlockFetcher:
         offers: OfferedBlocks,
         cfg: SubscriptionsConfig,
         *,
-        rpc_call: RpcCall | None = None,
+        reads: FollowerReads | None = None,
     ) -> None:
         """``cfg``: how often and how long to try a block (``feed_fetch_*``), and when to
-        ask an upstream without eth_getBlockReceipts again (``feed_receipts_retry_blocks``)."""
+        ask an upstream without eth_getBlockReceipts again (``feed_receipts_retry_blocks``);
+        ``reads``: the pipeline to read through (None: straight from the pool, uncached)."""
         self.pool = pool
         self.head = head
         self.metrics = metrics
         self.offers = offers
         self.cfg = cfg
-        self._call: RpcCall = rpc_call or self._pool_call
+        self.reads = reads
         # eth_getBlockReceipts is skipped below this block number: an upstream said it
         # lacks the method, and is asked again past it.
         self._receipts_from = -1
@@ -112,20 +131,30 @@ class BlockFetcher:
                 ("eth_getBlockByNumber", [hex(number), True], _block_or_none),
                 ("eth_getBlockByNumber", [hex(number), False], _light_or_none),
             ]
-        answer = await self._call("eth_getBlockByHash", [block_hash, True], number, derived)
-        block = answer.value
-        if answer.error is not None or not isinstance(block, dict) or answer.result is None:
-            raise Unavailable("block")
-        if block.get("hash") != block_hash:
-            raise Unavailable("another block")
-        receipts, receipts_raw = await self._receipts(number, block_hash, block)
+        receipts_call = self._start_receipts(number, block_hash)
+        try:
+            answer = await self._read("eth_getBlockByHash", [block_hash, True], number, derived)
+            block = answer.value
+            if answer.error is not None or not isinstance(block, dict) or answer.result is None:
+                raise Unavailable("block")
+            if block.get("hash") != block_hash:
+                raise Unavailable("another block")
+        except BaseException:
+            if receipts_call is not None:
+                receipts_call.cancel()  # a pipeline call goes on for whoever joined it
+                with contextlib.suppress(BaseException):
+                    await receipts_call
+            raise
+        if receipts_call is not None:
+            self._derive_receipts(number, block_hash, block)
+        receipts, receipts_raw = await self._receipts(number, block_hash, receipts_call)
         if receipts is not None:
             logs = logs_of_receipts(receipts)
         else:
             logs = await self._logs(number, block_hash)
         if any(x.get("blockHash") != block_hash for x in logs):
             raise Unavailable("logs of another fork")
-        light = _light(block)
+        light = light_block(block)
         event = BlockEvent(number, block_hash, self._header(light), block, logs, False)
         return event, RawBlock(answer.result, light, receipts, receipts_raw)
 
@@ -145,7 +174,7 @@ class BlockFetcher:
             not isinstance(r, dict) or r.get("blockHash") != block_hash for r in receipts
         ):
             return None  # no usable receipts: fetched the usual way
-        light = _light(block)
+        light = light_block(block)
         event = BlockEvent(
             number, block_hash, self._header(light), block, logs_of_receipts(receipts), False
         )
@@ -158,27 +187,54 @@ class BlockFetcher:
             raise Unavailable("logs")
         return [x for x in got.value if isinstance(x, dict)]
 
-    async def _receipts(
-        self, number: int, block_hash: str, block: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]] | None, bytes | None]:
-        """The block's receipts, or (None, None): take its logs from eth_getLogs instead
-        (the upstream lacks the method, or failed it this time)."""
+    def _start_receipts(self, number: int, block_hash: str) -> asyncio.Task[Answer] | None:
+        """The block's eth_getBlockReceipts, started; None when this upstream lacks it.
+
+        Under the key of a client's receipts by number (the pipeline asks by this block's
+        hash) while the block is canonical there; else by hash, straight from the pool."""
         if number < self._receipts_from:
+            return None
+        if self.reads is None or self.head.view.canonical.get(number) != block_hash:
+            call = self.pool.call("eth_getBlockReceipts", [block_hash], number)
+        else:
+            call = self.reads.follower_call("eth_getBlockReceipts", [hex(number)], number)
+        return asyncio.ensure_future(call)
+
+    def _derive_receipts(self, number: int, block_hash: str, block: dict[str, Any]) -> None:
+        """Each transaction's receipt, answered from the block's receipts call under way:
+        a client asking one now joins that call."""
+        if self.reads is None or self.head.view.canonical.get(number) != block_hash:
+            return
+        derived = [
+            ("eth_getTransactionReceipt", [tx["hash"]], _receipt_of(tx["hash"], block_hash))
+            for tx in block.get("transactions") or ()
+            if isinstance(tx, dict) and isinstance(tx.get("hash"), str)
+        ]
+        self.reads.follower_derive("eth_getBlockReceipts", [hex(number)], derived)
+
+    async def _receipts(
+        self, number: int, block_hash: str, call: asyncio.Task[Answer] | None
+    ) -> tuple[list[dict[str, Any]] | None, bytes | None]:
+        """The block's receipts from ``call``, or (None, None): take its logs from
+        eth_getLogs instead (the upstream lacks the method, or failed it this time)."""
+        if call is None:
             return None, None
         answer: Answer | None = None
         try:
-            got = await self._call_receipts(number, block_hash, block)
+            got = await call
         except UpstreamError as exc:
             why = str(exc)
         else:
             answer = got
             why = got.error_message() if got.error is not None else "not a list"
-        if answer is not None and answer.error is None and isinstance(answer.value, list):
-            if any(
-                not isinstance(r, dict) or r.get("blockHash") != block_hash for r in answer.value
-            ):
-                raise Unavailable("receipts of another fork")
-            return answer.value, answer.result
+        if answer is not None and answer.error is None and answer.result is not None:
+            value = answer.value
+            if value is None:
+                value = orjson.loads(answer.result)
+            if isinstance(value, list):
+                if any(not isinstance(r, dict) or r.get("blockHash") != block_hash for r in value):
+                    raise Unavailable("receipts of another fork")
+                return value, answer.result
         if answer is not None and answer.error is not None:
             if _error_code(answer.error) in _UNSUPPORTED:
                 self._receipts_from = number + self.cfg.feed_receipts_retry_blocks
@@ -192,22 +248,12 @@ class BlockFetcher:
         self.metrics.feed_problems.labels("receipts_fallback").inc()
         return None, None
 
-    async def _call_receipts(self, number: int, block_hash: str, block: dict[str, Any]) -> Answer:
-        """eth_getBlockReceipts under the key of a client's receipts by number (the
-        pipeline asks by this block's hash), each transaction's receipt derived from it."""
-        if self._call == self._pool_call or self.head.view.canonical.get(number) != block_hash:
-            return await self.pool.call("eth_getBlockReceipts", [block_hash], number)
-        derived = [
-            ("eth_getTransactionReceipt", [tx["hash"]], _receipt_of(tx["hash"], block_hash))
-            for tx in block.get("transactions") or ()
-            if isinstance(tx, dict) and isinstance(tx.get("hash"), str)
-        ]
-        return await self._call("eth_getBlockReceipts", [hex(number)], number, derived)
-
-    async def _pool_call(
+    async def _read(
         self, method: str, params: list[Any], min_block: int, derived: Sequence[Derived] = ()
     ) -> Answer:
-        return await self.pool.call(method, params, min_block)
+        if self.reads is None:
+            return await self.pool.call(method, params, min_block)
+        return await self.reads.follower_call(method, params, min_block, derived)
 
     def _header(self, light: dict[str, Any]) -> dict[str, Any]:
         """The newHeads payload of a block: the header an upstream pushed for this very
@@ -218,7 +264,7 @@ class BlockFetcher:
         return geth_header(light)
 
 
-def _light(block: dict[str, Any]) -> dict[str, Any]:
+def light_block(block: dict[str, Any]) -> dict[str, Any]:
     """eth_getBlockByHash(h, false) derived from the full block: transactions as hashes."""
     light = dict(block)
     txs = block.get("transactions")
@@ -228,7 +274,7 @@ def _light(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def _light_or_none(block: Any) -> dict[str, Any] | None:
-    return _light(block) if isinstance(block, dict) else None
+    return light_block(block) if isinstance(block, dict) else None
 
 
 def _block_or_none(block: Any) -> dict[str, Any] | None:

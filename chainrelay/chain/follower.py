@@ -41,8 +41,9 @@ from chainrelay.chain.events import (
     kept,
     removed,
 )
-from chainrelay.chain.fetch import BlockFetcher, RpcCall, Unavailable
-from chainrelay.chain.followmode import FollowMode
+from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
+from chainrelay.chain.fill import BlockFiller
+from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.logstore import LogStore
 from chainrelay.chain.offers import OfferedBlocks
@@ -68,22 +69,36 @@ class BlockFollower:
         *,
         window: int,
         offered_max_bytes: int,
-        rpc_call: RpcCall | None = None,
+        reads: FollowerReads | None = None,
         logs: LogStore | None = None,
     ) -> None:
         """``cfg``: when to follow and how hard to try a block; ``window``: ``[head]``'s
         reorg window; ``offered_max_bytes``: what the relay tree's offered blocks may hold;
-        ``logs``: where the delivered blocks' logs are held (one of the default size if not
-        given)."""
+        ``reads``: the RPC pipeline, which the follower reads through (clients join its calls);
+        ``logs``: where the delivered and filled blocks' logs are held (one of the default
+        size if not given)."""
         self.pool = pool
         self.head = head
         self.metrics = metrics
         self.cfg = cfg
         self.mode = FollowMode(cfg.follow, cfg.follow_recent_blocks)
         self.offers = OfferedBlocks(window, offered_max_bytes)
-        self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, rpc_call=rpc_call)
+        self.fetcher = BlockFetcher(pool, head, metrics, self.offers, cfg, reads=reads)
         self.warmer = CacheWarmer(head, cache, metrics)
         self.logs = logs if logs is not None else LogStore(head.view, defaults.CACHE_LOGS_BYTES)
+        self.filler = (
+            BlockFiller(
+                head,
+                self.warmer,
+                reads,
+                metrics,
+                max_fills=cfg.max_block_fills,
+                remembered=cfg.filled_blocks_remembered,
+                on_logs=self.logs.hold,
+            )
+            if reads is not None
+            else None
+        )
         self.heads = HeadAnnouncer()
         self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
         # Failed passes per block (number, hash) not delivered yet.
@@ -139,9 +154,17 @@ class BlockFollower:
         frame): when the head reaches it, the follower takes it with no upstream call."""
         self.offers.offer(block, block_raw, receipts_raw)
 
+    def fill(self, method: str, number: int, block_hash: str) -> None:
+        """Called by the RPC pipeline when a client's receipt or transaction read went
+        upstream and named its block: the rest of that block is brought in
+        (``chain.fill``)."""
+        if self.filler is not None:
+            self.filler.note(method, number, block_hash)
+
     def note_miss(self, method: str) -> None:
-        """Called by the RPC pipeline on a cache miss of ``method`` (never on a hit): a
-        read of block data makes an automatic follower follow for ``follow_recent`` blocks."""
+        """Called by the RPC pipeline on a cache miss of ``method``: a read of block data
+        makes an automatic follower follow at once, for ``follow_recent`` blocks (reads that
+        hit are counted at each head instead: ``FollowMode.note_reads``)."""
         if not self.mode.note_miss(method, self.head.view.number):
             return
         worker = self._worker
@@ -169,14 +192,19 @@ class BlockFollower:
         pending = self.pending.stop()
         tasks = [t for t in (worker, pending) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.filler is not None:
+            await self.filler.stop()
 
-    def _follow(self) -> None:
+    def _follow(self, after: tuple[int, str] | None = None) -> None:
+        """Start following with the block after ``after`` (number, hash; default: the head
+        now)."""
         if not self._started or (self._worker is not None and not self._worker.done()):
             return
         # Listeners get the blocks after the head they joined at, as from a node's newHeads.
         view = self.head.view
-        self.order.start_after(view.number)
-        self.heads.reset(view.number, view.hash)
+        number, block_hash = after if after is not None else (view.number, view.hash)
+        self.order.start_after(number)
+        self.heads.reset(number, block_hash)
         self._worker = detached(self._run(), name="block-feed")
 
     def _unfollow(self) -> None:
@@ -189,9 +217,17 @@ class BlockFollower:
         # early header for head listeners (one pass, no await).
         self._wake.set()
         worker = self._worker
-        if self.mode.auto and worker is not None and not self._wanted():
-            self._unfollow()  # nobody listens and no client read a block for a while
-            return
+        if self.mode.auto:
+            self.mode.note_reads(self.metrics.answered(FOLLOWER_SERVED), self.head.view.number)
+            if not self._wanted():
+                if worker is not None:
+                    self._unfollow()  # nobody listens and no client read a block for a while
+                return
+            if worker is None or worker.done():
+                # Clients read what an earlier run warmed: from the first block just added.
+                first = added[0] if added and not gone else None
+                self._follow((first.number - 1, first.parent_hash) if first else None)
+                worker = self._worker
         if len(added) == 1 and not gone and self.heads.listeners:
             if worker is not None and not worker.done():
                 h = added[0]
@@ -244,7 +280,9 @@ class BlockFollower:
                     complete = False  # the tracker has not linked this fork yet
                     break
                 self._passes.pop((number, block_hash), None)
-                self.warmer.warm(event, raw)
+                await self.warmer.warm(event, raw)
+                if self.head.view.canonical.get(number) != block_hash:
+                    break  # reorged away while the cache was warmed: step again
                 for fetched in self._fetched_listeners:
                     try:
                         fetched(event, raw.block, raw.receipts_raw)

@@ -1,24 +1,42 @@
-"""Warming the memory cache with each block the follower fetched: the block (full and
-light, by hash and by number), its transactions and its receipts, under the keys
-``policy.plan`` gives a client's same request, so a dapp's reads right after a new block
-are hits from the first one.
+"""Warming the memory cache with a block's data: the block (full and light, by hash and by
+number), its transactions and its receipts, under the keys ``policy.plan`` gives a client's
+same request, so a dapp's reads right after a new block are hits from the first one.
+
+Used for each block the follower fetched (``warm``), and for the parts of a block that a
+client's miss brought in (``chain.fill``: ``warm_block``, ``warm_receipts``). A block of a
+thousand transactions is a few thousand entries: they are stored ``WARM_CHUNK`` at a time,
+the event loop free between chunks, so clients waiting on it are not held up by the whole
+block at once. Each chunk first checks that the block is still one the node can vouch for
+(canonical, or final), and an entry keyed by number is stored only under the hash of the
+block it came from.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
 
 from chainrelay.chain.events import BlockEvent
-from chainrelay.chain.fetch import RawBlock
+from chainrelay.chain.fetch import RawBlock, light_block
 from chainrelay.chain.head import HeadTracker
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import MemoryCache, stored_entry
 
 log = logging.getLogger(__name__)
+
+# Entries stored between two looks at the event loop: about 0.3 ms of work (encoding one
+# transaction or receipt, planning its key, storing it), so a 1 MB block never holds the
+# loop for more than a fraction of a millisecond at a time.
+WARM_CHUNK = 64
+
+# (method, params, the answer's raw bytes, or the decoded answer to encode)
+Put = tuple[str, list[Any], bytes | None, Any]
 
 
 class CacheWarmer:
@@ -27,38 +45,82 @@ class CacheWarmer:
         self.cache = cache
         self.metrics = metrics
 
-    def warm(self, ev: BlockEvent, raw: RawBlock) -> None:
+    async def warm(self, ev: BlockEvent, raw: RawBlock) -> None:
         """Store what a dapp asks right after a new block. Never in the way of delivery: a
         failure is logged and counted, and the reads go upstream as misses."""
-        try:
-            self._warm_cache(ev, raw)
-        except Exception:
-            log.exception("block %d %s: warming the cache failed", ev.number, ev.hash)
-            self.metrics.feed_problems.labels("warm_failed").inc()
-
-    def _warm_cache(self, ev: BlockEvent, raw: RawBlock) -> None:
-        h, n = ev.hash, ev.number
-        light_raw = orjson.dumps(raw.light)
-        self._put("eth_getBlockByHash", [h, True], raw.block, n, h)
-        self._put("eth_getBlockByHash", [h, False], light_raw, n, h)
-        # Keyed by hash, so "latest" (resolved by the head) and the number share this entry.
-        self._put("eth_getBlockByNumber", [hex(n), True], raw.block, n, h)
-        self._put("eth_getBlockByNumber", [hex(n), False], light_raw, n, h)
-        for tx in ev.block.get("transactions") or ():
-            if isinstance(tx, dict) and isinstance(tx.get("hash"), str):
-                self._put("eth_getTransactionByHash", [tx["hash"]], orjson.dumps(tx), n, h)
+        puts = self._block_puts(ev.number, ev.block, raw)
         if raw.receipts is not None and raw.receipts_raw is not None:
-            self._put("eth_getBlockReceipts", [hex(n)], raw.receipts_raw, n, h)
-            for r in raw.receipts:
-                tx_hash = r.get("transactionHash")
-                if isinstance(tx_hash, str):
-                    self._put("eth_getTransactionReceipt", [tx_hash], orjson.dumps(r), n, h)
-        self.metrics.cache_bytes.set(self.cache.bytes)
+            receipts = self._receipt_puts(ev.number, raw.receipts, raw.receipts_raw)
+            puts = itertools.chain(puts, receipts)
+        await self._warm(ev.number, ev.hash, puts)
+
+    async def warm_block(
+        self, number: int, block_hash: str, block: dict[str, Any], block_raw: bytes
+    ) -> None:
+        """A full block (eth_getBlockByHash(h, true)) and each of its transactions."""
+        raw = RawBlock(block_raw, light_block(block), None, None)
+        await self._warm(number, block_hash, self._block_puts(number, block, raw))
+
+    async def warm_receipts(
+        self, number: int, block_hash: str, receipts: list[dict[str, Any]], receipts_raw: bytes
+    ) -> None:
+        """A block's receipts (eth_getBlockReceipts) and each transaction's."""
+        await self._warm(number, block_hash, self._receipt_puts(number, receipts, receipts_raw))
+
+    def _block_puts(self, n: int, block: dict[str, Any], raw: RawBlock) -> Iterator[Put]:
+        h = str(block.get("hash"))
+        yield "eth_getBlockByHash", [h, True], raw.block, None
+        yield "eth_getBlockByHash", [h, False], None, raw.light
+        # Keyed by hash, so "latest" (resolved by the head) and the number share this entry.
+        yield "eth_getBlockByNumber", [hex(n), True], raw.block, None
+        yield "eth_getBlockByNumber", [hex(n), False], None, raw.light
+        for tx in block.get("transactions") or ():
+            if isinstance(tx, dict) and isinstance(tx.get("hash"), str):
+                yield "eth_getTransactionByHash", [tx["hash"]], None, tx
+
+    def _receipt_puts(
+        self, n: int, receipts: list[dict[str, Any]], receipts_raw: bytes
+    ) -> Iterator[Put]:
+        yield "eth_getBlockReceipts", [hex(n)], receipts_raw, None
+        for r in receipts:
+            tx_hash = r.get("transactionHash")
+            if isinstance(tx_hash, str):
+                yield "eth_getTransactionReceipt", [tx_hash], None, r
+
+    async def _warm(self, n: int, h: str, puts: Iterable[Put]) -> None:
+        try:
+            chunk = 0
+            for method, params, value, decoded in puts:
+                if chunk == 0 and not self._vouched(n, h):
+                    return  # reorged away meanwhile: its data answers nothing now
+                self._put(
+                    method, params, value if value is not None else orjson.dumps(decoded), n, h
+                )
+                chunk += 1
+                if chunk == WARM_CHUNK:
+                    chunk = 0
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("block %d %s: warming the cache failed", n, h)
+            self.metrics.feed_problems.labels("warm_failed").inc()
+        finally:
+            self.metrics.cache_bytes.set(self.cache.bytes)
+
+    def _vouched(self, n: int, h: str) -> bool:
+        """The block is canonical as far as the head knows (in its window), or final."""
+        view = self.head.view
+        known = view.canonical.get(n)
+        return known == h if known is not None else 0 <= n <= view.finalized
 
     def _put(self, method: str, params: list[Any], value: bytes, n: int, h: str) -> None:
         view = self.head.view
+        p = policy.plan(method, params, view)
+        if p.block_hash is not None and p.block_hash != h:
+            return  # keyed by number, and that number names another block now
         how = policy.store_decision(
-            policy.plan(method, params, view),
+            p,
             value,
             None,
             None,  # the block is known: nothing to decode (receipts were checked on arrival)

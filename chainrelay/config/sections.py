@@ -211,6 +211,8 @@ class SubscriptionsConfig:
     follow_blocks_always: bool = d.FOLLOW_BLOCKS_ALWAYS
     follow_blocks: str = d.FOLLOW_BLOCKS
     follow_recent_blocks: int = positive(d.FOLLOW_RECENT_BLOCKS)
+    max_block_fills: int = positive(d.MAX_BLOCK_FILLS)
+    filled_blocks_remembered: int = positive(d.FILLED_BLOCKS_REMEMBERED)
     feed_fetch_retry_delay: float = positive(d.FEED_FETCH_RETRY_DELAY)
     feed_fetch_attempts: int = positive(d.FEED_FETCH_ATTEMPTS)
     feed_block_passes: int = positive(d.FEED_BLOCK_PASSES)

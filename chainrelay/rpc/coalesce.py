@@ -20,9 +20,6 @@ class Coalescer(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[bytes, asyncio.Task[T]] = {}
         self.joined = 0  # callers that rode on another's call
-        # Callers that rode on the call under way for a key, kept only for keys someone
-        # joined: a call started for others (``start``) asks whether anyone came.
-        self._joins: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -39,24 +36,21 @@ class Coalescer(Generic[T]):
         caller that lets others join a call it may not wait for itself."""
         task = self._inflight.get(key)
         # A finished call stays listed until its done-callback runs, one loop iteration
-        # later: joining it then would hand out an outcome decided without this caller
-        # (a derived read refused because nobody had joined).
+        # later: joining it then would hand out an outcome decided before this caller came.
         if task is None or task.done():
-            self._joins.pop(key, None)  # those of the finished call, if any
             task = asyncio.ensure_future(factory())
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._done, key))
         else:
             self.joined += 1
-            self._joins[key] = self._joins.get(key, 0) + 1
         return task
 
-    def joiners(self, key: bytes) -> int:
-        """Callers that joined the call under way for ``key``."""
-        return self._joins.get(key, 0)
+    def task(self, key: bytes) -> asyncio.Task[T] | None:
+        """The call under way for ``key``, if any (not joined: the caller only watches it)."""
+        task = self._inflight.get(key)
+        return task if task is not None and not task.done() else None
 
     def _done(self, key: bytes, task: asyncio.Task[T]) -> None:
         if self._inflight.get(key) is not task:
             return  # a newer call for the key, started once this one was done
         del self._inflight[key]
-        self._joins.pop(key, None)

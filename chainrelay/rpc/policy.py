@@ -174,6 +174,9 @@ class Plan:
     block_hash: str | None = None  # the resolved block's hash when unfinalized
     anchor: str | None = None  # see Rule.anchor
     validate_canonical: bool = False  # a by-hash answer: check its block on every hit
+    # The forwarded request names its block by hash, so the answer is about that very block
+    # and can never change, whatever it holds: an empty one ("0x", []) is stored too.
+    pinned: bool = False
 
 
 PASS = Plan(Finality.NEVER)
@@ -255,10 +258,13 @@ def _hash_named(
     head: HeadView,
     anchor: str | None,
     keyed: Params | None = None,
+    *,
+    pinned: bool = True,
 ) -> Plan:
     """A read that names its block by hash: keyed as asked, served from cache only while
     that block is canonical. A hash outside the window (an old block, or one never seen)
-    is checked through the block fields of the answer, where it has any."""
+    is checked through the block fields of the answer, where it has any. ``pinned``: the
+    answer cannot change (see ``Plan.pinned``)."""
     n = head.numbers.get(block_hash, -1)
     return Plan(
         Finality.UNFINALIZED,
@@ -267,6 +273,7 @@ def _hash_named(
         block_hash=block_hash if n >= 0 else None,
         anchor=anchor,
         validate_canonical=True,
+        pinned=pinned,
     )
 
 
@@ -318,6 +325,7 @@ def _plan_block(method: str, rule: Rule, params: Params, head: HeadView) -> Plan
         block_number=block.number,
         block_hash=block.hash,
         anchor=rule.anchor,
+        pinned=rule.by_hash,
     )
 
 
@@ -328,7 +336,8 @@ def _plan_logs(method: str, params: Params, head: HeadView) -> Plan:
     if "blockHash" in flt:
         if not _is_hash(flt["blockHash"]) or "fromBlock" in flt or "toBlock" in flt:
             return PASS
-        return _hash_named(method, params, flt["blockHash"], head, "items")
+        # Not pinned: some nodes answer [] for a block hash they do not know (yet).
+        return _hash_named(method, params, flt["blockHash"], head, "items", pinned=False)
     lo = _resolve(flt.get("fromBlock", "latest"), head)
     hi = _resolve(flt.get("toBlock", "latest"), head)
     if lo is None or hi is None or lo.number > hi.number:
@@ -417,20 +426,27 @@ def items_canonical(answer: Any, head: HeadView) -> bool:
     """Every item of a list answer (logs, receipts) sits on the chain this node follows."""
     if not isinstance(answer, list):
         return True
+    seen: tuple[str, str] | None = None  # the last item's block, checked: most share it
     for item in answer:
         try:
-            n = int(item["blockNumber"], 16)
-            h = item["blockHash"]
+            block = (item["blockNumber"], item["blockHash"])
+            if block == seen:
+                continue
+            n = int(block[0], 16)
         except (KeyError, TypeError, ValueError):
             return False
-        if n > head.finalized and head.is_canonical(n, h) is False:
+        if n > head.finalized and head.is_canonical(n, block[1]) is False:
             return False
+        seen = block
     return True
 
 
 # Results that say "nothing here (yet)": a block or transaction not seen, no receipts, no
-# code. Stored only for final blocks, where they can no longer change.
+# code. Stored only for final blocks, where they can no longer change, or as the answer to
+# a request pinned to a block hash (``Plan.pinned``), which cannot change either. ``null``
+# only for final blocks: a node that has not seen a block (yet) answers ``null`` for it.
 EMPTY_RESULTS = (b"null", b"[]", b'"0x"')
+NOT_FOUND = b"null"
 
 
 class Storing(NamedTuple):
@@ -458,12 +474,17 @@ def store_decision(
     ``result``/``error``: the raw answer; ``decoded``: the decoded result when at hand (its
     block fields are checked against the key); ``block``: the block the answer is known to
     belong to without decoding it (the block follower's own blocks). Never stored: errors,
-    uncacheable plans, empty answers to blocks that are not final, answers of another
+    uncacheable plans, empty answers to blocks that are not final unless the request is
+    pinned to its block by hash (then never ``null``), answers of another
     fork than the key names, or of a block that is reorged away or past the head.
     """
     if error is not None or result is None or p.key is None:
         return None
-    if result in EMPTY_RESULTS and p.finality is not Finality.FINALIZED:
+    if (
+        result in EMPTY_RESULTS
+        and p.finality is not Finality.FINALIZED
+        and (not p.pinned or result == NOT_FOUND)
+    ):
         return None
     anchor = block if block is not None else anchor_of(decoded, p.anchor)
     if anchor is False:

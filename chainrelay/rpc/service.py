@@ -60,11 +60,11 @@ log = logging.getLogger(__name__)
 _RULES = policy.RULES
 _UNSET = b"\x00unset"
 NOTIFICATIONS_UNSUPPORTED = b'{"code":-32601,"message":"notifications not supported"}'
-# A read derived from the block follower's call that failed, which no client had joined.
-DERIVED_UNAVAILABLE = b'{"code":-32000,"message":"block data not available yet"}'
 SUBSCRIBE_WITHOUT_ID = b'{"code":-32600,"message":"eth_subscribe needs an id"}'
 _TIMED_MASK = REPLAY_TIMED_EVERY - 1
 _CHAIN_ID = "eth_chainId"
+# Reads whose miss brings in the rest of their block (``chain.fill``).
+_FILLED_BY = frozenset({"eth_getTransactionReceipt", "eth_getTransactionByHash"})
 _BLOCK_NUMBER = "eth_blockNumber"
 
 
@@ -155,9 +155,18 @@ class RpcService:
         # Told of each miss (the method's name): the block follower follows blocks while
         # misses it could have answered are recent (``BlockFollower.note_miss``).
         self.note_miss: Callable[[str], None] | None = None
+        # Told of each receipt or transaction read that went upstream, with the block its
+        # answer names (method, number, hash): the block follower fills the rest of that
+        # block (``BlockFiller.note``).
+        self.note_block_of: Callable[[str, int, str], None] | None = None
         # eth_getLogs from the block logs the node holds (chain/locallogs.py), tried on a miss
         # before the upstreams; its answer None: ask the upstreams.
         self.local_logs: Callable[[policy.Params | None], Awaitable[Answer | None]] | None = None
+        # Client reads answerable from a block follower's call under way, by cache key:
+        # (that call, the read's plan, how to pick its answer out of the call's). A client
+        # that misses on one waits for that call instead of asking upstream; entries go
+        # when the call ends (the follower then warms the cache with all of it).
+        self._derivable: dict[bytes, tuple[asyncio.Task[Answer], Plan, Callable[[Any], Any]]] = {}
         # Reads that are never cached, sent straight to a WebSocket upstream.
         self._forwarder = Forwarder(pool, metrics, head.view, self._answer_later, limits)
 
@@ -388,6 +397,11 @@ class RpcService:
         if entry is not None and self._still_canonical(entry):
             self.metrics.hits += 1
             return Answer(entry.value, None), "hit"
+        derivable = self._derivable.get(p.key)
+        if derivable is not None:
+            derived = await self._from_follower(*derivable)
+            if derived is not None:
+                return derived, "miss"
         fwd = p.params if p.params is not None else params
         if p.key in self._coalescer:
             # Join the call already under way: no shared-tier lookup of our own.
@@ -426,8 +440,9 @@ class RpcService:
         ``policy.plan`` gives a client's same request: a client asking the same block at
         that moment rides on this call (or this call on the client's), so the data costs
         one upstream call. ``derived``: (method, params, derive) of other client reads
-        answered from this one (the light block, one transaction's receipt), started at
-        once as calls of their own that clients join. The answer carries its decoding."""
+        answered from this one (the light block, one transaction's receipt): a client
+        missing on one of them while this call runs waits for it. The answer carries its
+        decoding."""
         view = self.view
         p = policy.plan(method, params, view)
         if p.key is None:
@@ -441,39 +456,61 @@ class RpcService:
         if p.key in self._coalescer:
             self.metrics.coalesced.inc()
         task = self._coalescer.start(p.key, lambda: self._miss(p, method, fwd))
-        for d_method, d_params, derive in derived:
-            dp = policy.plan(d_method, d_params, view)
-            if dp.key is None or dp.key in self._coalescer or self.cache.get(dp.key) is not None:
-                continue
-            d_fwd = dp.params if dp.params is not None else d_params
-            self._coalescer.start(dp.key, partial(self._derived, task, dp, d_method, d_fwd, derive))
+        self._derive_from(task, derived)
         answer = await asyncio.shield(task)
         if answer.value is None and answer.result is not None and answer.result != b"null":
             answer = Answer(answer.result, answer.error, orjson.loads(answer.result))
         return answer
 
-    async def _derived(
-        self,
-        source: asyncio.Task[Answer],
-        p: Plan,
-        method: str,
-        params: policy.Params | None,
-        derive: Callable[[Any], Any],
-    ) -> Answer:
-        """A client read answered from the feed's call ``source``; when that call fails or
-        holds no answer for it, the joined clients' own upstream call (none when nobody
-        joined: a block of 500 transactions must not cost 500 receipt calls)."""
-        with contextlib.suppress(UpstreamError):
+    def follower_derive(self, method: str, params: list[Any], derived: Sequence[Derived]) -> None:
+        """More client reads answered from the follower's call ``method(params)`` while it
+        is under way (see ``follower_call``); none once it is over (its answer is cached,
+        and the follower warms the cache with what it holds)."""
+        key = policy.plan(method, params, self.view).key
+        task = self._coalescer.task(key) if key is not None else None
+        if task is not None:
+            self._derive_from(task, derived)
+
+    def _derive_from(self, source: asyncio.Task[Answer], derived: Sequence[Derived]) -> None:
+        """Make each of ``derived`` answerable from the follower's call ``source`` while it
+        runs. No task per read: a block of a thousand transactions costs a thousand dict
+        entries, and nothing at all for the reads nobody makes."""
+        view = self.view
+        table = self._derivable
+        keys = []
+        for d_method, d_params, derive in derived:
+            dp = policy.plan(d_method, d_params, view)
+            if dp.key is None or self.cache.get(dp.key) is not None:
+                continue
+            table[dp.key] = (source, dp, derive)
+            keys.append(dp.key)
+        if keys:
+            source.add_done_callback(partial(self._underivable, keys))
+
+    def _underivable(self, keys: list[bytes], source: asyncio.Task[Answer]) -> None:
+        table = self._derivable
+        for key in keys:
+            got = table.get(key)
+            if got is not None and got[0] is source:
+                del table[key]
+
+    async def _from_follower(
+        self, source: asyncio.Task[Answer], p: Plan, derive: Callable[[Any], Any]
+    ) -> Answer | None:
+        """A client read answered from the follower's call ``source`` (see
+        ``_derive_from``), stored; None when that call fails or holds no answer for it:
+        the client asks for itself."""
+        self.metrics.coalesced.inc()
+        try:
             got = await asyncio.shield(source)
-            value = derive(got.value) if got.error is None and got.value is not None else None
-            if value is not None:
-                answer = Answer(orjson.dumps(value), None, value)
-                self._store(p, answer)
-                return answer
-        assert p.key is not None
-        if not self._coalescer.joiners(p.key):
-            return Answer(None, DERIVED_UNAVAILABLE)
-        return await self._miss(p, method, params)
+        except UpstreamError:
+            return None
+        value = derive(got.value) if got.error is None and got.value is not None else None
+        if value is None:
+            return None
+        answer = Answer(orjson.dumps(value), None, value)
+        self._store(p, answer)
+        return answer
 
     async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
         if method == "eth_getLogs" and self.local_logs is not None:
@@ -485,6 +522,7 @@ class RpcService:
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block)
             self._store(p, answer)
+            self._fill_block(method, answer)
             return answer
         key = p.key
         assert key is not None
@@ -492,11 +530,23 @@ class RpcService:
         async def produce() -> Answer:
             answer = await self.pool.call(method, params, p.min_block)
             entry = self._store(p, answer)
+            self._fill_block(method, answer)
             if entry is not None:
                 await shared.put(key, entry, p.finality)
             return answer
 
         return await shared.exclusive(key, produce)
+
+    def _fill_block(self, method: str, answer: Answer) -> None:
+        """A transaction or receipt just read upstream: its block may be filled."""
+        note = self.note_block_of
+        if note is None or method not in _FILLED_BY or not isinstance(answer.value, dict):
+            return
+        block_hash = answer.value.get("blockHash")
+        number = answer.value.get("blockNumber")
+        if isinstance(block_hash, str) and isinstance(number, str):
+            with contextlib.suppress(ValueError):
+                note(method, int(number, 16), block_hash)
 
     def _store(self, p: Plan, answer: Answer) -> Entry | None:
         """Store a fresh answer as the caching rules say (``policy.store_decision``); the

@@ -78,7 +78,7 @@ class Pair:
             SubscriptionsConfig(),
             window=defaults.REORG_WINDOW,
             offered_max_bytes=defaults.OFFERED_MAX_BYTES,
-            rpc_call=self.rpc.follower_call,
+            reads=self.rpc,
         )
 
     async def client(self, method: str, params: list[Any]) -> Any:
@@ -86,6 +86,12 @@ class Pair:
         got = self.rpc.handle(body)
         raw = got if isinstance(got, bytes) else await got
         return orjson.loads(raw)
+
+
+def coalesced(pair: Pair) -> float:
+    """Client reads that waited on a call under way (chainrelay_coalesced_total)."""
+    got = pair.rpc.metrics.registry.get_sample_value("chainrelay_coalesced_total")
+    return got or 0.0
 
 
 @pytest.fixture
@@ -98,13 +104,22 @@ async def test_reads_derived_from_a_follower_call_a_fake_upstream_fails_cost_not
 ) -> None:
     fetch = asyncio.ensure_future(pair.follower.fetcher.fetch_once(N, BLOCK_HASH))
     await until(lambda: pair.node.methods["eth_getBlockByHash"] == 1, 5 * SECOND, "the fetch")
+    # Its receipts are asked while the block is still on its way: one round trip for both.
+    await until(
+        lambda: pair.node.methods["eth_getBlockReceipts"] == 1, 5 * SECOND, "the receipts call"
+    )
     joined = asyncio.ensure_future(pair.client("eth_getBlockByNumber", [hex(N), False]))
-    await until(lambda: pair.rpc._coalescer.joined >= 1, 5 * SECOND, "the client to join")
+    await until(lambda: coalesced(pair) >= 1, 5 * SECOND, "the client to join")
     pair.node.go.set()
     with pytest.raises(Unavailable):  # the follower's own retries take it from there
         await fetch
     answer = await joined
     # The joined read made its own call (and got the upstream's error); the derived reads
-    # nobody joined (the light block by hash, the full block by number) made none.
+    # nobody joined (the light block by hash, the full block by number) made none. The
+    # block's receipts were asked beside the block, once.
     assert answer["error"]["code"] == -32000
-    assert pair.node.methods == {"eth_getBlockByHash": 1, "eth_getBlockByNumber": 1}
+    assert pair.node.methods == {
+        "eth_getBlockByHash": 1,
+        "eth_getBlockByNumber": 1,
+        "eth_getBlockReceipts": 1,
+    }

@@ -72,3 +72,28 @@ def test_run_all_runs_every_benchmark() -> None:
     assert not set(run_all.SCRIPTS) & run_all.HELPERS
     assert set(run_all.LIMIT_SECONDS) == set(run_all.SCRIPTS)
     assert run_all.SCRIPTS[: len(run_all.common.SECTIONS)] == run_all.common.SECTIONS
+
+
+def test_dapp_burst_reads_the_loop_lag_histogram_between_two_scrapes() -> None:
+    from benchmarks import dapp_burst
+
+    def scrape(counts: dict[str, int]) -> dict[str, float]:
+        name = dapp_burst.LAG_HISTOGRAM
+        samples = {f'{name}_bucket{{le="{le}"}}': float(n) for le, n in counts.items()}
+        samples[f"{name}_count"] = float(counts["+Inf"])
+        samples["chainrelay_requests_total"] = 7.0
+        return samples
+
+    before = dapp_burst.lag_buckets(scrape({"0.001": 10, "0.002": 10, "0.005": 10, "+Inf": 10}))
+    # 100 more observations: 90 under 1 ms, 8 from 1 to 2 ms, 2 from 2 to 5 ms.
+    after = dapp_burst.lag_buckets(scrape({"0.001": 100, "0.002": 108, "0.005": 110, "+Inf": 110}))
+    assert after[float("inf")] == 110.0
+    value, past = dapp_burst.histogram_quantile(0.99, before, after) or (0.0, True)
+    assert not past
+    assert abs(value - 0.0035) < 1e-9  # halfway through the 2-5 ms bucket
+    p50 = dapp_burst.histogram_quantile(0.5, before, after)
+    assert p50 is not None and abs(p50[0] - 0.001 * 50 / 90) < 1e-9
+    assert dapp_burst.histogram_quantile(0.99, after, after) is None  # nothing observed
+    slow = dapp_burst.lag_buckets(scrape({"0.001": 10, "0.002": 10, "0.005": 10, "+Inf": 110}))
+    assert dapp_burst.histogram_quantile(0.99, before, slow) == (0.005, True)
+    assert dapp_burst.lag_buckets({"chainrelay_requests_total": 1.0}) == {}

@@ -192,8 +192,8 @@ async def test_a_failed_call_fails_every_waiter_and_is_not_remembered() -> None:
 
 async def test_a_call_that_just_finished_is_not_joined() -> None:
     # A finished call's done-callback runs one loop iteration after it ends: a caller that
-    # runs in between must start a call of its own, not take the outcome decided for
-    # those who had joined before (the feed's "not available" when nobody had).
+    # runs in between must start a call of its own, not take an outcome decided before it
+    # came.
     co: Coalescer[bytes] = Coalescer()
     loop = asyncio.get_running_loop()
     release: asyncio.Future[None] = loop.create_future()
@@ -201,7 +201,7 @@ async def test_a_call_that_just_finished_is_not_joined() -> None:
 
     async def for_others() -> bytes:
         await release
-        return b"joined" if co.joiners(b"k") else b"not available"
+        return b"decided before"
 
     async def late_caller() -> bytes:
         await late  # resumes in the iteration where for_others ends
@@ -214,7 +214,7 @@ async def test_a_call_that_just_finished_is_not_joined() -> None:
     release.set_result(None)
     late.set_result(None)
     assert await caller == b"fresh"
-    assert await started == b"not available"
+    assert await started == b"decided before"
     assert co.joined == 0
     assert len(co) == 0
 

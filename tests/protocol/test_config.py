@@ -249,7 +249,8 @@ POSITIVE_KEYS = {
     "max_topics_per_position",
     "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "
     "max_log_filters_per_ip max_held_notifications max_held_bytes pending_tx_fetches "
-    "slow_close_grace follow_recent_blocks feed_fetch_retry_delay feed_fetch_attempts "
+    "slow_close_grace follow_recent_blocks max_block_fills filled_blocks_remembered "
+    "feed_fetch_retry_delay feed_fetch_attempts "
     "feed_block_passes feed_receipts_retry_blocks pending_max_message",
     "tree": "parents_k backlog_frames backlog_bytes child_queue_frames child_queue_bytes "
     "child_buffer_bytes dedup_entries max_frame_bytes max_payload_bytes max_children "

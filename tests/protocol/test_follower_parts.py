@@ -24,6 +24,25 @@ def test_an_automatic_follower_follows_for_recent_blocks_after_a_miss_of_block_d
     assert mode.wanted(listening=True, head=14)
 
 
+def test_reads_that_hit_keep_an_automatic_follower_following() -> None:
+    mode = FollowMode("auto", follow_recent=3)
+    mode.note_reads(0, 10)
+    assert not mode.wanted(listening=False, head=10)
+    assert mode.note_miss("eth_getTransactionReceipt", 10)
+    mode.note_reads(5, 11)  # reads answered at head 10 (hits of what following warmed)
+    mode.note_reads(9, 14)  # and at head 13
+    assert mode.wanted(listening=False, head=16)
+    mode.note_reads(9, 15)  # none at 14: interest runs out 3 blocks past the last read
+    assert mode.wanted(listening=False, head=16)
+    assert not mode.wanted(listening=False, head=17)
+
+
+def test_reads_never_make_a_never_follower_follow() -> None:
+    mode = FollowMode("never", follow_recent=3)
+    mode.note_reads(7, 10)
+    assert not mode.wanted(listening=False, head=10)
+
+
 @pytest.mark.parametrize(("follow", "idle"), [("always", True), ("never", False)])
 def test_always_and_never_ignore_misses(follow: str, idle: bool) -> None:
     mode = FollowMode(follow, follow_recent=3)

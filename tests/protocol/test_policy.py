@@ -379,13 +379,46 @@ def test_uncacheable_calls_are_never_stored(head: HeadView) -> None:
 
 
 @pytest.mark.parametrize("empty", [b"null", b"[]", b'"0x"'])
-def test_empty_answers_are_stored_only_once_final(head: HeadView, empty: bytes) -> None:
+def test_empty_answers_are_stored_once_final(head: HeadView, empty: bytes) -> None:
     code = plan("eth_getCode", [ADDR, hex(FINAL)], head)
     stored = store_decision(code, empty, None, None, head, 3.0)
     assert stored is not None and stored.key == code.key
-    for ref in ("latest", hex(FINAL + 1), {"blockHash": block_hash(HEAD)}):
-        unfinal = plan("eth_getCode", [ADDR, ref], head)
-        assert store_decision(unfinal, empty, None, None, head, 3.0) is None
+
+
+@pytest.mark.parametrize("ref", ["latest", hex(FINAL + 1), {"blockHash": block_hash(HEAD)}])
+def test_a_not_found_answer_to_an_unfinal_block_is_never_stored(head: HeadView, ref: Any) -> None:
+    # A node that has not seen the block yet (a lagging upstream) answers null for it.
+    unfinal = plan("eth_getCode", [ADDR, ref], head)
+    assert unfinal.pinned
+    assert store_decision(unfinal, b"null", None, None, head, 3.0) is None
+
+
+@pytest.mark.parametrize("empty", [b"[]", b'"0x"'])
+@pytest.mark.parametrize("ref", ["latest", hex(FINAL + 1), {"blockHash": block_hash(HEAD)}])
+def test_an_empty_answer_pinned_to_a_block_hash_is_stored_tied_to_that_block(
+    head: HeadView, ref: Any, empty: bytes
+) -> None:
+    # Forwarded by hash, the answer is about that very block: "0x" there is "0x" for good.
+    p = plan("eth_call", [{"to": ADDR, "data": "0x"}, ref], head)
+    assert p.pinned and p.block_hash is not None
+    stored = store_decision(p, empty, None, None, head, 3.0)
+    assert stored == Storing(p.key, 0.0, p.block_number, p.block_hash)
+
+
+def test_empty_answers_not_pinned_to_a_block_wait_for_finality(head: HeadView) -> None:
+    # Not forwarded by hash: the answer could be another fork's, or not there yet.
+    receipt = plan("eth_getTransactionReceipt", ["0x" + "ab" * 32], head)
+    assert not receipt.pinned
+    assert store_decision(receipt, b"null", None, None, head, 3.0) is None
+    by_number = plan("eth_getBlockTransactionCountByNumber", [hex(FINAL + 1)], head)
+    assert not by_number.pinned
+    assert store_decision(by_number, b'"0x"', None, None, head, 3.0) is None
+    logs = plan("eth_getLogs", [{"fromBlock": hex(FINAL + 1), "toBlock": "latest"}], head)
+    assert not logs.pinned
+    assert store_decision(logs, b"[]", None, [], head, 3.0) is None
+    by_hash = plan("eth_getLogs", [{"blockHash": block_hash(HEAD)}], head)
+    assert not by_hash.pinned
+    assert store_decision(by_hash, b"[]", None, [], head, 3.0) is None
 
 
 def test_a_final_answer_is_stored_for_ever_without_a_check(head: HeadView) -> None:

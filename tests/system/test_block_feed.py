@@ -163,7 +163,7 @@ async def _joined_or_held(relay: Relay, proxy: Any, coalesced_at_least: float) -
     return await coalesced(relay) >= coalesced_at_least or await proxy.held() > 1
 
 
-async def test_automatic_feed_follows_only_while_clients_read_blocks(
+async def test_automatic_feed_follows_while_clients_read_blocks_hit_or_miss(
     procs: Any,
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
@@ -209,6 +209,23 @@ async def test_automatic_feed_follows_only_while_clients_read_blocks(
                 assert await through.raw(m, p) == await node.raw(m, p), (m, p)
             following = await proxy.counts()
             assert "eth_getTransactionReceipt" not in following, following
+
+            # Reads that hit keep it following, past follow_recent_blocks.
+            await proxy.reset()
+            for _ in range(5):
+                await node.send({"from": A0, "to": A2, "value": "0x1"})
+                await mine_one()
+                await until(
+                    lambda: _counted(proxy, "eth_getBlockReceipts", 1),
+                    10 * SECOND,
+                    "the feed's fetch of the block",
+                )
+                block = await node.call("eth_getBlockByNumber", ["latest", False])
+                await through.call("eth_getTransactionReceipt", [block["transactions"][0]])
+                hits = await proxy.counts()
+                await proxy.reset()
+                assert hits.get("eth_getBlockReceipts") == 1, hits
+                assert "eth_getTransactionReceipt" not in hits, hits
 
             # Reads stop: three blocks later the feed stops fetching.
             for _ in range(3):

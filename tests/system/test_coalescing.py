@@ -116,6 +116,43 @@ async def test_200_concurrent_identical_eth_calls_reach_the_node_once(
     assert (await proxy.counts()).get("eth_call") == 1
 
 
+async def test_an_empty_eth_call_answer_at_an_unfinal_block_costs_one_upstream_call(
+    procs, anvil_factory, relay_factory, tmp_path
+) -> None:
+    # Asked by hash, an empty answer ("0x": no code there) is that block's answer for good.
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    await call(anvil.url, "evm_mine", [])
+    proxy = await start_proxy(procs, anvil.url, hold=("eth_call",), log_path=tmp_path / "proxy.log")
+    relay = await relay_factory([proxy.url], RELAY_CONFIG)
+    params = [{"to": "0x" + "0e" * 20, "data": "0x70a08231"}, "latest"]
+    assert await call(anvil.url, "eth_call", params) == "0x"
+    health = await relay_health(relay.url)
+    assert health["finalized"] < health["head"]  # latest is not final: keyed by its hash
+
+    n = 200
+    bodies = [
+        {"jsonrpc": "2.0", "id": request_id(i), "method": "eth_call", "params": params}
+        for i in range(n)
+    ]
+    answers = asyncio.ensure_future(burst(relay.url, bodies))
+
+    async def all_joined() -> bool:
+        if answers.done():
+            answers.result()
+            return True
+        return (await relay.metrics()).get("chainrelay_coalesced_total", 0) >= n - 1
+
+    await until(all_joined, 30 * SECOND, f"{n - 1} callers to join the in-flight eth_call")
+    await proxy.release()
+    got = await answers
+    assert {a["result"] for a in got} == {"0x"}
+    # The calls after it are hits, at the same head.
+    assert {a["result"] for a in await burst(relay.url, bodies)} == {"0x"}
+    assert (await proxy.counts()).get("eth_call") == 1
+    m = await relay.metrics()
+    assert m['chainrelay_requests_total{method="eth_call",outcome="hit"}'] >= n
+
+
 async def test_concurrent_reads_of_a_finalized_block_cost_one_upstream_call(
     procs, anvil_factory, relay_factory, tmp_path
 ) -> None:

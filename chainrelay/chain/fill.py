@@ -1,0 +1,152 @@
+"""Block-granular filling: a client's miss on one transaction or receipt brings in its
+whole block's.
+
+A receipt or transaction that went upstream names its block. Readers of recent
+transactions read several from the same blocks, so one more call makes every other one of
+that block a hit: eth_getBlockReceipts after a receipt miss (its logs then answer
+eth_getLogs locally too), eth_getBlockByHash(h, true) after a second transaction miss in the
+block (``MISSES_BEFORE_FILL``). The client
+is not kept waiting for it: its own answer goes out first, and the fill warms the cache
+behind it (``chain.warm``).
+
+Each (kind, block) is filled once, coalesced with whoever asks the same block meanwhile (the
+call goes through the pipeline under a client's key), and remembered for a while so a block
+is not filled twice. Only blocks the node can vouch for are filled: canonical in the head's
+window, or final. At most ``max_fills`` fills run at once node-wide: a client scanning
+receipts of old blocks costs its upstream calls, not twice that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from chainrelay import defaults
+from chainrelay.chain.fetch import FollowerReads
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.warm import CacheWarmer
+from chainrelay.errors import UpstreamError
+from chainrelay.metrics import Metrics
+from chainrelay.server.peer import detached
+from chainrelay.subscriptions.logfilter import logs_of_receipts
+
+log = logging.getLogger(__name__)
+
+RECEIPT = "eth_getTransactionReceipt"
+TRANSACTION = "eth_getTransactionByHash"
+# What a miss of each method fills: its block's receipts, or its block's transactions.
+FILLS = {RECEIPT: "receipts", TRANSACTION: "transactions"}
+# Misses in one block before it is filled. Receipts at the first: dapps read many receipts
+# of a block (every transfer of a token they watch), and one receipts call is about the size
+# of the reads it saves. Transactions at the second: they are read one at a time far more
+# often (a link followed to one transaction), and a whole block of bodies to save none
+# would double the cost of such reads.
+MISSES_BEFORE_FILL = {"receipts": 1, "transactions": 2}
+
+# Told the logs of a block whose receipts were filled: (number, hash, logs).
+LogsListener = Callable[[int, str, list[dict[str, Any]]], object]
+
+
+class BlockFiller:
+    def __init__(
+        self,
+        head: HeadTracker,
+        warmer: CacheWarmer,
+        reads: FollowerReads,
+        metrics: Metrics,
+        *,
+        max_fills: int = defaults.MAX_BLOCK_FILLS,
+        remembered: int = defaults.FILLED_BLOCKS_REMEMBERED,
+        on_logs: LogsListener | None = None,
+    ) -> None:
+        self.head = head
+        self.warmer = warmer
+        self.reads = reads
+        self.metrics = metrics
+        self.max_fills = max_fills
+        self.remembered = remembered
+        self.on_logs = on_logs
+        # (kind, block hash) -> misses seen, for blocks filled lately, under way or missed
+        # in (fewer misses than MISSES_BEFORE_FILL), oldest first.
+        self._seen: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._running: set[asyncio.Task[None]] = set()
+
+    def note(self, method: str, number: int, block_hash: str) -> None:
+        """A client's ``method`` (a receipt or a transaction read) went upstream and
+        answered with a transaction of block ``number`` ``block_hash``: fill that block."""
+        kind = FILLS.get(method)
+        if kind is None:
+            return
+        key = (kind, block_hash)
+        seen = self._seen
+        misses = seen.get(key, 0) + 1
+        if misses > MISSES_BEFORE_FILL[kind]:
+            seen.move_to_end(key)
+            return  # filled, or under way
+        if not self._vouched(number, block_hash):
+            return
+        seen[key] = misses
+        seen.move_to_end(key)
+        while len(seen) > self.remembered:
+            seen.popitem(last=False)
+        if misses < MISSES_BEFORE_FILL[kind]:
+            return
+        if len(self._running) >= self.max_fills:
+            seen[key] = misses - 1  # asked again by a later miss of this block
+            self.metrics.block_fills.labels(kind, "busy").inc()
+            return
+        seen[key] = misses + 1  # past the count: filled or under way
+        task = detached(self._fill(kind, number, block_hash), name="block-fill")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def stop(self) -> None:
+        tasks = list(self._running)
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _vouched(self, n: int, h: str) -> bool:
+        view = self.head.view
+        known = view.canonical.get(n)
+        return known == h if known is not None else 0 <= n <= view.finalized
+
+    async def _fill(self, kind: str, n: int, h: str) -> None:
+        try:
+            ok = await (self._receipts(n, h) if kind == "receipts" else self._transactions(n, h))
+        except UpstreamError as exc:
+            log.debug("block %d %s: %s not filled (%s)", n, h, kind, exc)
+            ok = False
+        except Exception:
+            log.exception("block %d %s: filling its %s failed", n, h, kind)
+            ok = False
+        if not ok:
+            self._seen[(kind, h)] = MISSES_BEFORE_FILL[kind] - 1  # a later miss tries again
+        self.metrics.block_fills.labels(kind, "filled" if ok else "failed").inc()
+
+    async def _receipts(self, n: int, h: str) -> bool:
+        answer = await self.reads.follower_call("eth_getBlockReceipts", [hex(n)], n)
+        receipts = answer.value
+        if answer.error is not None or answer.result is None or not isinstance(receipts, list):
+            return False
+        if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
+            return False  # another block by now: nothing to warm
+        await self.warmer.warm_receipts(n, h, receipts, answer.result)
+        if self.on_logs is not None and self._vouched(n, h):
+            self.on_logs(n, h, logs_of_receipts(receipts))
+        return True
+
+    async def _transactions(self, n: int, h: str) -> bool:
+        answer = await self.reads.follower_call("eth_getBlockByHash", [h, True], n)
+        block = answer.value
+        if answer.error is not None or answer.result is None or not isinstance(block, dict):
+            return False
+        if block.get("hash") != h:
+            return False
+        await self.warmer.warm_block(n, h, block, answer.result)
+        return True
