@@ -103,7 +103,7 @@ class Users:
             head_body = common.request_body("eth_blockNumber", [], 1)
             head = orjson.loads(await self.post(session, self.relay, head_body)).get("result")
             if isinstance(head, str):
-                top = int(head, 16) - rng.randint(0, REACH)
+                top = max(0, int(head, 16) - rng.randint(0, REACH))
                 flt = {
                     "fromBlock": hex(max(0, top - SPAN + 1)),
                     "toBlock": hex(top),
