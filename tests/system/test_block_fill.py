@@ -41,6 +41,21 @@ async def mine_blocks_of_transfers(node: Chain, blocks: int) -> list[list[str]]:
     return out
 
 
+async def until_vouched(relay: Relay, through: Chain, number: int) -> None:
+    """Wait until the relay's head tracker knows block ``number`` as canonical (its walk
+    back from its first head may still be under way): only such blocks are filled. A read
+    of the block by number is then planned under the block's hash (outcome miss or hit),
+    no longer passed through."""
+
+    async def known() -> bool:
+        before = metric(await relay.metrics(), "chainrelay_requests_total", outcome="pass")
+        await through.call("eth_getBlockByNumber", [hex(number), False])
+        after = metric(await relay.metrics(), "chainrelay_requests_total", outcome="pass")
+        return after == before
+
+    await until(known, 20 * SECOND, f"the relay to know block {number} as canonical")
+
+
 async def fills(relay: Relay, kind: str) -> float:
     return metric(await relay.metrics(), "chainrelay_block_fills_total", kind=kind)
 
@@ -57,6 +72,8 @@ async def test_a_receipt_miss_brings_in_its_blocks_receipts_and_tx_misses_its_tx
         blocks = await mine_blocks_of_transfers(node, 2)
         relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
         async with Chain.open(relay.url) as through:
+            first_block = await node.call("eth_getTransactionReceipt", [blocks[0][0]])
+            await until_vouched(relay, through, int(first_block["blockNumber"], 16))
             await proxy.reset()
             # One receipt of the first block: its own call, then the block's receipts.
             first, *others = blocks[0]
@@ -112,6 +129,8 @@ async def test_a_block_is_filled_once_however_many_of_its_receipts_miss(
         (block,) = await mine_blocks_of_transfers(node, 1)
         relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
         async with Chain.open(relay.url) as through:
+            mined = await node.call("eth_getTransactionReceipt", [block[0]])
+            await until_vouched(relay, through, int(mined["blockNumber"], 16))
             await proxy.reset()
             for h in block[:3]:
                 await through.call("eth_getTransactionReceipt", [h])
@@ -157,6 +176,7 @@ async def test_a_filled_blocks_logs_answer_eth_get_logs_with_no_upstream_call(
         number = hex((await node.head())[0])
         relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
         async with Chain.open(relay.url) as through:
+            await until_vouched(relay, through, int(number, 16))
             await through.call("eth_getTransactionReceipt", [sent[0]])
             await until(lambda: _filled_once(relay), 10 * SECOND, "the block's receipts fill")
             await proxy.reset()
