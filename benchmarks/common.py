@@ -51,6 +51,7 @@ SECTIONS = (
     "miss_overhead",
     "upstream_ratio",
     "dapp_burst",
+    "logs_windows",
     "subscribers",
     "tree_bytes",
     "tree_hop",
@@ -517,6 +518,7 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `miss_overhead.py` | latency a relay adds to a forwarded call | ≤ 0.15 ms at p50 |
 | `upstream_ratio.py` | upstream calls per 1,000 client calls under a dapp-like mix | ≤ 50 |
 | `dapp_burst.py` | dapp bursts on a busy chain: relays vs direct | ≤ 0.35/0.45 up/call, p99 ≤ ½ |
+| `logs_windows.py` | upstream eth_getLogs under sliding 20-block windows, vs main | none set |
 | `subscribers.py` | 5,000 `newHeads` subscribers: head to the last one; RSS each | ≤ 50 ms, 30 KB |
 | `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |
 | `tree_hop.py` | latency a relay adds, frame in to out, 1,000 children | ≤ 1 ms p50, 5 ms p99 |

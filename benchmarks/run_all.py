@@ -24,6 +24,7 @@ LIMIT_SECONDS = {
     "miss_overhead": 180,
     "upstream_ratio": 180,
     "dapp_burst": 415,
+    "logs_windows": 530,
     "subscribers": 330,
     "tree_bytes": 270,
     "tree_hop": 630,
