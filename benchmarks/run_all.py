@@ -24,6 +24,7 @@ LIMIT_SECONDS = {
     "miss_overhead": 180,
     "upstream_ratio": 180,
     "dapp_burst": 415,
+    "intake_lag": 390,
     "subscribers": 330,
     "tree_bytes": 270,
     "tree_hop": 630,
@@ -36,9 +37,18 @@ LIMIT_SECONDS = {
 # The benchmarks in the order they run.
 SCRIPTS = (*common.SECTIONS, "scale_out", "head_delay")
 # Processes the benchmarks start (floors, a frame source, a forwarder, an in-process
-# measurement); each is run by the benchmark that needs it, never on its own.
+# measurement, a relay launcher with a loop-lag probe); each is run by the benchmark that
+# needs it, never on its own.
 HELPERS = frozenset(
-    ("floor_server", "miss_floor", "batch_floor", "hop_floor", "frame_source", "hot_path")
+    (
+        "floor_server",
+        "miss_floor",
+        "batch_floor",
+        "hop_floor",
+        "frame_source",
+        "hot_path",
+        "lag_probe",
+    )
 )
 
 
