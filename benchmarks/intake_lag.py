@@ -2,11 +2,11 @@
 
 anvil (chain id 56) mines a block a second (``--block-time 1``, its block gas limit raised
 with ``--gas-limit``), and ``devnet.BusyTraffic`` fills every block with 1,000 to 1,500
-ERC-20 transfers (``--txs``): BenchToken contracts, as many unlocked sender accounts as
-transfers a block (``--accounts``), recipients drawn from 4,000 addresses, one JSON-RPC
-batch sent right after each block. A block with its transactions is about 1 MB of JSON,
-its receipts about as much again (the run measures both: ``eth_getBlockByNumber(n, true)``
-and ``eth_getBlockReceipts(n)`` answers of anvil, in bytes).
+ERC-20 transfers (``--txs``): BenchToken contracts, twice as many unlocked sender accounts
+as transfers in the fullest block (``--accounts``), recipients drawn from 4,000 addresses,
+one JSON-RPC batch sent right after each block. A block with its transactions is about
+1 MB of JSON, its receipts about twice that (the run measures both: anvil's answers to
+``eth_getBlockByNumber(n, true)`` and ``eth_getBlockReceipts(n)``, in bytes).
 
 The relay under test follows every block (``[subscriptions] follow_blocks = "always"``:
 it fetches each block and its receipts, warms its cache and holds the logs), its upstream
@@ -56,10 +56,17 @@ GC_HISTOGRAM = "chainrelay_gc_pause_seconds"
 TOKENS = 4
 RECIPIENTS = 4_000
 MINTED = 10**30
-# 1,500 transfers of at most ~52,000 gas each are 78 M gas; four token deployments that
-# mint to 1,500 holders each are ~46 M gas apiece and land in one block. anvil's default
-# limit is 30 M.
+# 1,500 transfers of at most ~52,000 gas each are 78 M gas; a token deployment that mints
+# to 3,000 holders is ~91 M gas. anvil's default limit is 30 M.
 GAS_LIMIT = 300_000_000
+# Sender accounts per transfer of the fullest block: a sender is used again about two
+# blocks later, once its last transfer is mined (anvil gives an unlocked account's next
+# transaction the nonce of its mined state: one sent again while the last is pending
+# replaces it, or is refused as an underpriced replacement).
+SENDERS_PER_TRANSFER = 2
+# A token's init code carries its holders (32 bytes each): 3,000 of them pass EIP-3860's
+# 48 KiB init code limit, which anvil ties to its code size limit (twice it).
+CODE_SIZE_LIMIT = 0x10000
 # The light reader: the latest block, then this many of its receipts, once a second.
 READER_SECONDS = 1.0
 READER_RECEIPTS = 3
@@ -449,19 +456,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=150.0, help="seconds measured")
     ap.add_argument("--warmup", type=int, default=20, help="busy blocks before measuring")
     ap.add_argument("--txs", type=_txs, default=(1000, 1500), help="transfers a block: LO-HI")
-    ap.add_argument("--accounts", type=int, help="anvil's unlocked accounts (default: HI)")
+    ap.add_argument("--accounts", type=int, help="anvil's unlocked accounts (default: 2 HI)")
     ap.add_argument("--gas-limit", type=int, default=GAS_LIMIT, help="anvil's block gas limit")
     ap.add_argument("--transport", choices=("ws", "http"), default="ws", help="relay -> anvil")
     ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
-    args.accounts = args.accounts or args.txs[1]
+    args.accounts = args.accounts or SENDERS_PER_TRANSFER * args.txs[1]
     common.budget(int(120 + 1.5 * args.warmup + args.seconds + 60))
     m = common.machine()
     with contextlib.ExitStack() as stack:
         anvil = common.start_anvil(
             block_time=1.0,
-            extra=["--accounts", str(args.accounts), "--gas-limit", str(args.gas_limit)],
+            extra=[
+                *("--accounts", str(args.accounts), "--gas-limit", str(args.gas_limit)),
+                *("--code-size-limit", str(CODE_SIZE_LIMIT)),
+            ],
         )
         stack.callback(anvil.stop)
         upstream = anvil.ws_url if args.transport == "ws" else anvil.url
