@@ -52,6 +52,7 @@ SECTIONS = (
     "upstream_ratio",
     "dapp_burst",
     "logs_windows",
+    "intake_lag",
     "subscribers",
     "tree_bytes",
     "tree_hop",
@@ -282,6 +283,10 @@ class Relay:
     toml: str = ""
     root: Path = ROOT
     port: int = field(default_factory=free_port)
+    # The module run with ``python -m``: the relay's own, or a launcher that runs it
+    # (``benchmarks.lag_probe``); ``env``: more environment variables for the process.
+    module: str = "chainrelay"
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -297,7 +302,7 @@ class Relay:
         demand needs one mined (see RESULTS.md).
         """
         listen = f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "serve"]
+        cmd = [sys.executable, "-m", self.module, "--log-level", "WARNING", "serve"]
         if self.toml:
             self._tmp = tempfile.TemporaryDirectory(prefix="chainrelay-bench-")
             path = Path(self._tmp.name) / "relay.toml"
@@ -311,7 +316,10 @@ class Relay:
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
         # ``-m`` puts the working directory first on sys.path: the process imports
         # ``root``'s chainrelay, never the installed one.
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root, env=env
+        )
         self._wait_ready(poke)
 
     def _wait_ready(self, poke: Callable[[], object] | None) -> None:
@@ -518,7 +526,8 @@ in `cache_hit` is what the rest of the machine used during the run.
 | `miss_overhead.py` | latency a relay adds to a forwarded call | ≤ 0.15 ms at p50 |
 | `upstream_ratio.py` | upstream calls per 1,000 client calls under a dapp-like mix | ≤ 50 |
 | `dapp_burst.py` | dapp bursts on a busy chain: relays vs direct | ≤ 0.35/0.45 up/call, p99 ≤ ½ |
-| `logs_windows.py` | upstream eth_getLogs under sliding 20-block windows, vs main | none set |
+| `logs_windows.py` | upstream eth_getLogs, sliding 20-block windows, vs a commit | none set |
+| `intake_lag.py` | relay loop lag following 1 MB blocks a second, no client load | p99 ≤ 2 ms |
 | `subscribers.py` | 5,000 `newHeads` subscribers: head to the last one; RSS each | ≤ 50 ms, 30 KB |
 | `tree_bytes.py` | feed frame bytes per block vs the JSON-RPC answers it replaces | ≤ 0.4x |
 | `tree_hop.py` | latency a relay adds, frame in to out, 1,000 children | ≤ 1 ms p50, 5 ms p99 |

@@ -25,6 +25,7 @@ LIMIT_SECONDS = {
     "upstream_ratio": 180,
     "dapp_burst": 415,
     "logs_windows": 530,
+    "intake_lag": 390,
     "subscribers": 330,
     "tree_bytes": 270,
     "tree_hop": 630,
@@ -37,9 +38,18 @@ LIMIT_SECONDS = {
 # The benchmarks in the order they run.
 SCRIPTS = (*common.SECTIONS, "scale_out", "head_delay")
 # Processes the benchmarks start (floors, a frame source, a forwarder, an in-process
-# measurement); each is run by the benchmark that needs it, never on its own.
+# measurement, a relay launcher with a loop-lag probe); each is run by the benchmark that
+# needs it, never on its own.
 HELPERS = frozenset(
-    ("floor_server", "miss_floor", "batch_floor", "hop_floor", "frame_source", "hot_path")
+    (
+        "floor_server",
+        "miss_floor",
+        "batch_floor",
+        "hop_floor",
+        "frame_source",
+        "hot_path",
+        "lag_probe",
+    )
 )
 
 
