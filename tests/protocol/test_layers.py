@@ -36,6 +36,7 @@ SANS_IO = (
     "chainrelay.chain.blockorder",
     "chainrelay.chain.events",
     "chainrelay.chain.offers",
+    "chainrelay.chain.sharedhead",
     "chainrelay.subscriptions.registry",
     "chainrelay.subscriptions.filtertable",
     "chainrelay.subscriptions.logfilter",
