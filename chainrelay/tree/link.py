@@ -183,7 +183,10 @@ class FeedLink:
     def _backoff(self) -> float:
         if self.failures == 0:
             return self.retry_delay
-        return min(self.retry_max, self.retry_delay * 2 ** (self.failures - 1))
+        # The doubling stops counting long after retry_max is reached: a parent away for
+        # hours (a thousand failures) would make 2**failures too large for a float.
+        doublings = min(self.failures - 1, 32)
+        return min(self.retry_max, self.retry_delay * 2**doublings)
 
     def _mark_down(self) -> None:
         self.connected = False
