@@ -463,7 +463,7 @@ class Node:
             "region": self.cfg.tree.region,
             "origin": self.origin is not None,
             "parents": list(self.parents.parents) if self.parents is not None else [],
-            "children": len(hub.children),
+            "children": len(hub.children) - len(hub.siblings),
             "streams": {name: st.newest for name, st in hub.streams.items()},
             "ingress": self.ingress is not None,
             "confirmed": {

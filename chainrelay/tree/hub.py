@@ -609,7 +609,8 @@ class FeedChild(WsSession):
         for name in self.cursors:
             st = hub.streams[name]
             st.children.add(self)
-            hub.metrics.feed_children.labels(name).inc()
+            if not self.sibling:  # the node's own workers are no children of the tree
+                hub.metrics.feed_children.labels(name).inc()
             if isinstance(st, BatchStream) and st.confirmed is not None:
                 self.send(encode_confirmed(name, *st.confirmed))
         self.pump()
@@ -680,7 +681,8 @@ class FeedChild(WsSession):
                     st.children.discard(self)
                     if isinstance(st, BatchStream):
                         st.held.pop(self, None)
-                    hub.metrics.feed_children.labels(name).dec()
+                    if not self.sibling:
+                        hub.metrics.feed_children.labels(name).dec()
         super()._release()
 
 

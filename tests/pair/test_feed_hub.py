@@ -729,6 +729,8 @@ async def test_a_feeders_fan_out_writes_the_nodes_other_workers_first() -> None:
         p.to_child.writelines = recorded  # type: ignore[method-assign]
     parent.publish(frame(1))
     assert order == ["sibling"] * 2 + ["child"] * 6
+    # The node's own workers are not counted among the tree's children.
+    assert parent.metrics.feed_children.labels(STREAM)._value.get() == len(children)
     for p in [*children, *siblings]:
         await has(p, 1)
     for p in siblings:
