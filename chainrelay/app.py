@@ -191,6 +191,7 @@ class Node:
                     pushed_only=pushed_only,
                     share_to=share_to,
                     shared=shared,
+                    feeder_linked=self._feeder_linked if shared is not None else None,
                 )
             )
         )
@@ -374,6 +375,10 @@ class Node:
                 link.held(stream, position)
         if self.sibling_link is not None:
             self.sibling_link.held(stream, position)
+
+    def _feeder_linked(self) -> bool:
+        link = self.sibling_link
+        return link is not None and link.connected
 
     async def _serve_siblings(self, feed: SiblingFeed) -> None:
         """The feeder: the node's other workers' feed, on the private listener the

@@ -68,11 +68,14 @@ class HeadTracker:
         pushed_only: bool = False,
         share_to: SharedHead | None = None,
         shared: SharedHead | None = None,
+        feeder_linked: Callable[[], bool] | None = None,
     ) -> None:
         """``cfg``: the ``[head]`` section (reorg window, backfill, finality refresh,
         freshness, and each polled upstream's schedule). ``share_to``: where this tracker
         writes its head for the node's other workers (the feeder's); ``shared``: where it
-        reads the feeder's (the other workers')."""
+        reads the feeder's (the other workers'), and ``feeder_linked`` whether this worker's
+        link to the feeder is up (a feeder that died is known at once, not only once its
+        confirmations stop)."""
         self.pool = pool
         self.profile = profile
         self.metrics = metrics
@@ -92,6 +95,7 @@ class HeadTracker:
         self.pushed_only = pushed_only
         self.share_to = share_to
         self.shared = shared
+        self.feeder_linked = feeder_linked
         # One schedule per polled upstream, kept across broken polls so a retry does not
         # forget the chain's rhythm.
         self.schedules: dict[str, HeadPollSchedule] = {}
@@ -184,11 +188,11 @@ class HeadTracker:
                     await self._poll_once(u)
 
     def _feeder_confirms(self) -> bool:
-        """Whether the feeder worker, not away, last confirmed a head no newer than this
-        tracker's (give or take the block whose frame is on its way): this one's head is
-        then as current as an upstream's, and needs no poll."""
+        """Whether the feeder worker, linked and not away, last confirmed a head no newer
+        than this tracker's (give or take the block whose frame is on its way): this one's
+        head is then as current as an upstream's, and needs no poll."""
         shared = self.shared
-        if shared is None:
+        if shared is None or (self.feeder_linked is not None and not self.feeder_linked()):
             return False
         at = shared.confirmed_for(self.view.number)
         return time.monotonic() - at < self.feeder_away_after

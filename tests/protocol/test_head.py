@@ -281,3 +281,16 @@ async def test_a_worker_is_fresh_while_the_feeder_confirms_its_head() -> None:
     assert not worker.fresh and not worker._feeder_confirms()
     shared.publish(7, time.monotonic() - worker.feeder_away_after, 0, 0)  # away
     assert not worker.fresh and not worker._feeder_confirms()
+
+
+async def test_a_worker_whose_link_to_the_feeder_is_down_confirms_its_head_itself() -> None:
+    chain = MemoryChain()
+    shared = SharedHead([0.0] * SLOTS)
+    linked = True
+    worker = tracker_of(chain, pushed_only=True, shared=shared, feeder_linked=lambda: linked)
+    headers = extend(chain, "a", 0, 12, "a")
+    await worker.on_header(chain, headers[7])
+    shared.publish(7, time.monotonic(), 0, 0)
+    assert worker._feeder_confirms()
+    linked = False  # the feeder died: its last word still looks fresh, for a while
+    assert not worker._feeder_confirms()
