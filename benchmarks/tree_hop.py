@@ -25,9 +25,11 @@ child (direct arrival - the source's write time to it). A child's hop latency is
 minus that. Per block the first, median and last child; over all (block, child) pairs the
 p50 and p99; and the relay's CPU per block.
 
-Side by side, the same relay config under ``serve --workers 2`` (SO_REUSEPORT: each worker
-process links to the source itself and serves the children the kernel handed it; the
-children connect as before): a hop is then counted from the first worker's receipt.
+Side by side, the same relay config under ``serve --workers 2`` (SO_REUSEPORT: the feeder
+worker links to the source and passes each frame on to the other worker over its private
+listener before its own children; each worker serves the children the kernel handed it; the
+children connect as before): a hop is counted from the feeder's receipt, so the other
+worker's children carry that extra hop.
 
 With ``--against COMMIT`` a relay of that older commit (the same config, run from that
 commit's own tree: ``common.checkout``) takes its turn in every round beside them, so two
@@ -278,9 +280,8 @@ class Block:
     position: int
     size: int
     big: bool
-    wrote_relay: float  # the source's first write of it to a relay session
+    wrote_relay: float  # the source's write of it to the relay's session
     wrote_direct: float
-    relay_spread: float = 0.0  # its last write to a relay session - the first (workers)
     direct: float = 0.0
     arrivals: list[float] = field(default_factory=list)
     relay_cpu: tuple[float, float] = (0.0, 0.0)
@@ -418,9 +419,10 @@ def run(
 
         held: dict[str, float] = {}
         stats = f"http://127.0.0.1:{source_port}/stats"
+        # One session per node: under workers, the feeder's.
         wait_for(
-            lambda: orjson.loads(common.http_get(stats))["relays"] >= workers,
-            f"{workers} relay session(s) on the source",
+            lambda: orjson.loads(common.http_get(stats))["relays"] >= 1,
+            "the relay's session on the source",
         )
         pids = relay_pids(pid)  # with workers: the supervisor and each worker
         client = common.spawn(
@@ -455,16 +457,9 @@ def run(
                 stack.callback(common.stop_process, spy)
             cpu0 = relay_cpu(pids)
             pub = post(source_port, "/publish")
-            if len(pub["relay"]) != workers or len(pub["direct"]) != 1:
+            if len(pub["relay"]) != 1 or len(pub["direct"]) != 1:
                 raise RuntimeError(f"source sessions: {pub}")
-            b = Block(
-                pub["position"],
-                pub["bytes"],
-                pub["big"],
-                min(pub["relay"]),
-                pub["direct"][0],
-                max(pub["relay"]) - min(pub["relay"]),
-            )
+            b = Block(pub["position"], pub["bytes"], pub["big"], pub["relay"][0], pub["direct"][0])
             time.sleep(SETTLE_BIG if b.big else SETTLE_SMALL)
             first_read = time.time()
             deadline = time.monotonic() + BLOCK_TIMEOUT
@@ -487,7 +482,7 @@ def run(
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
             spy.wait(30)
-    return measured, float(big_frame), sorted(int(v) for v in held.values())
+    return measured, float(big_frame), [int(held[who]) for who in sorted(held)]  # by worker
 
 
 def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
@@ -600,7 +595,6 @@ def workers_text(
     multi: dict[bool, Any],
     one: dict[bool, Any],
     splits: list[list[int]],
-    spread: list[float],
     rounds: list[tuple[dict[bool, Any], dict[bool, Any]]],
     floors: tuple[dict[bool, float], dict[bool, float]],
 ) -> str:
@@ -630,16 +624,15 @@ def workers_text(
             f"{f['disturbed']}: {'met' if met else 'NOT met'}"
         )
     return (
-        f"**`chainrelay serve --workers {args.workers}`**, the same config: each worker links "
-        f"to the source itself (the source held {args.workers} relay sessions in every "
-        "round) and serves the children the kernel's SO_REUSEPORT hash gave it ("
+        f"**`chainrelay serve --workers {args.workers}`**, the same config: the feeder worker "
+        "links to the source (one relay session on it, as for one process) and passes each "
+        "frame on to the other worker over its private listener before its own children; "
+        "each worker serves the children the kernel's SO_REUSEPORT hash gave it ("
         + ", ".join(" / ".join(str(n) for n in split) for split in splits)
-        + f" of {args.children:,} by round); "
+        + f" of {args.children:,} by round, the feeder's first); "
         + "; ".join(parts)
-        + ". A hop is counted from the first worker's receipt of the frame: the source "
-        f"writes it to the next worker {common.median(spread):.2f} ms later (median), so "
-        "that worker's children carry that much of the source's time. "
-        + _cores_text(args.workers, floors)
+        + ". A hop is counted from the feeder's receipt of the frame: the other worker's "
+        "children carry the extra hop through the feeder. " + _cores_text(args.workers, floors)
     )
 
 
@@ -843,7 +836,6 @@ def measure(args: argparse.Namespace, base: Path | None) -> int:
             + side_by_side(other.get(("bare forwarder", args.children), {}).get(big), f)
         )
     if (multi, args.children) in other:
-        spread = [b.relay_spread * 1000 for b in got[multi]]
         rounds = list(zip(per_round["relay"], per_round[multi], strict=True))
         texts.append(
             workers_text(
@@ -851,7 +843,6 @@ def measure(args: argparse.Namespace, base: Path | None) -> int:
                 other[multi, args.children],
                 facts,
                 splits,
-                spread,
                 rounds,
                 (floors, split_floors),
             )

@@ -6,6 +6,11 @@ and each service gets what it needs at construction. Three links close true cycl
 each of two services calls the other: the pipeline and the block follower and filters, the
 hub and the range endpoint, the hub and its parents. They are made in one place, the "Late
 links" at the end of this module, before anything can use them.
+
+Under ``serve --workers N`` each worker is a ``Node`` given its ``WorkerRole``
+(``tree.siblings``): the feeder follows the chain, publishes every block on its private
+listener and shares its head; the others link to it as tree children, take heads and
+blocks from its frames and its finality from the shared head.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ from chainrelay.tree.link import FeedLink
 from chainrelay.tree.origin import Origin, load_signer
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.session import Gap
+from chainrelay.tree.siblings import (
+    FEEDER_NAME,
+    FEEDER_URL,
+    SiblingFeed,
+    WorkerRole,
+    origin_signer,
+)
 from chainrelay.tree.streams import BatchStream
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import make_upstream
@@ -57,9 +69,11 @@ FIRST_HEAD_TIMEOUT = 10.0
 class Node:
     """One relay node. ``await node.start()``, serve, ``await node.stop()``."""
 
-    def __init__(self, cfg: Config, *, via: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, via: str | None = None, worker: WorkerRole | None = None
+    ) -> None:
         """``via``: the node's name in Via headers, shared by a node's worker processes
-        (one is made when not given)."""
+        (one is made when not given); ``worker``: this process's place among them."""
         self.cfg = cfg
         self.metrics = Metrics()
         self._composition = Composition()
@@ -77,6 +91,13 @@ class Node:
         self.parents: ParentSet | None = None
         self.ingress: Ingress | None = None
         self.range: BatchRange | None = None
+        self.worker = worker
+        # Under workers: the feeder's private listener, or another worker's link to it.
+        self.sibling_server: HttpServer | None = None
+        self.sibling_link: FeedLink | None = None
+        # The node's own config makes it a tree node (or one carrying batch streams): its
+        # hub serves /feed on the public port. Under workers every worker has a hub.
+        self.in_tree = cfg.tree.enabled or bool(cfg.batches.streams)
         self.chain_id = 0
         # This node's name in the Via header of what it forwards (loop detection).
         self.via = via or new_via_name()
@@ -117,7 +138,12 @@ class Node:
         server = await self._server(rpc, subs, reuse_port)
         if self.hub is not None:
             await self._composition.enter(on_leaving(self._close_children))
-        if cfg.tree.parents:
+        worker = self.worker
+        if worker is not None and worker.feeder:
+            await self._serve_siblings(worker.feed)
+        if worker is not None and not worker.feeder:
+            await self._link_feeder(worker.feed)
+        elif cfg.tree.parents:
             await self._link_parents()
         log.info(
             "serving chain %d (%s profile) on %s:%d with %d upstream(s), head %d",
@@ -147,6 +173,19 @@ class Node:
         cfg = self.cfg
         profile = self.profile = profile_for(cfg.chain.profile or None, self.chain_id)
         tree = cfg.tree
+        # A node whose upstreams are only its tree parents takes its heads from frames.
+        # (Unless it trusts no block origin: a tree of batches alone brings no heads.)
+        pushed_only = bool(tree.parents and tree.trust) and {u.url for u in cfg.upstreams} <= {
+            p.rpc for p in tree.parents
+        }
+        # Under workers the feeder shares its head; every other worker takes its heads from
+        # the feeder's frames, and reads the shared head.
+        worker = self.worker
+        share_to = shared = None
+        if worker is not None and worker.feeder:
+            share_to = worker.feed.head
+        elif worker is not None:
+            pushed_only, shared = True, worker.feed.head
         head = self.head = await self._composition.enter(
             running(
                 HeadTracker(
@@ -154,11 +193,10 @@ class Node:
                     profile,
                     self.metrics,
                     cfg.head,
-                    # A node whose upstreams are only its tree parents takes its heads from
-                    # frames. (Unless it trusts no block origin: a tree of batches alone
-                    # brings no heads.)
-                    pushed_only=bool(tree.parents and tree.trust)
-                    and {u.url for u in cfg.upstreams} <= {p.rpc for p in tree.parents},
+                    pushed_only=pushed_only,
+                    share_to=share_to,
+                    shared=shared,
+                    feeder_linked=self._feeder_linked if shared is not None else None,
                 )
             )
         )
@@ -189,8 +227,9 @@ class Node:
         cfg = self.cfg
         tree = cfg.tree
         sc = cfg.subscriptions
-        if tree.enabled and (tree.trust or tree.key or tree.key_file):
-            # Every block of the tree warms this node's cache.
+        if self.worker is not None or (tree.enabled and (tree.trust or tree.key or tree.key_file)):
+            # Every block of the tree warms this node's cache. Under workers the feeder
+            # publishes every block, and every other worker takes each into its cache.
             sc = dataclasses.replace(sc, follow_blocks_always=True)
         follower = self.follower = BlockFollower(
             pool,
@@ -204,7 +243,7 @@ class Node:
             logs=LogStore(head.view, cfg.cache.logs_bytes),
         )
         await self._composition.enter(on_leaving(follower.stop))
-        if tree.enabled or cfg.batches.streams:
+        if self.in_tree or self.worker is not None:
             hub = self._tree(head.profile.name, follower, head, pool)
             await self._composition.enter(on_leaving(hub.stop))
             await self._batches(hub)
@@ -214,17 +253,26 @@ class Node:
     def _tree(
         self, chain: str, follower: BlockFollower, head: HeadTracker, pool: UpstreamPool
     ) -> FeedHub:
-        """The hub, and this node's place in the tree: origin (a key), relay or leaf."""
+        """The hub, and this node's place in the tree: origin (a key), relay or leaf.
+        Under workers the feeder is the node's origin (see ``tree.siblings``), and every
+        other worker a child of the feeder that trusts whoever signs the feeder's frames."""
         tree = self.cfg.tree
-        signer = load_signer(tree)
+        worker = self.worker
+        signer = load_signer(tree) if worker is None else None
         streams = tree.streams or [f"{chain}/blocks"]
         trust = {bytes.fromhex(a[2:]) for a in tree.trust}
+        if worker is not None:
+            feeder_signer = origin_signer(tree, worker.feed)
+            if worker.feeder:
+                signer = feeder_signer
+            elif feeder_signer is not None:
+                trust.add(feeder_signer.address)
         if signer is not None:
             trust.add(signer.address)
         # Blocks from the parents' frames go to the block follower, as if pushed upstream.
         source = (
             FeedSource(follower, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes)
-            if tree.parents
+            if tree.parents or (worker is not None and not worker.feeder)
             else None
         )
         hub = self.hub = FeedHub(
@@ -237,7 +285,8 @@ class Node:
         )
         if signer is not None:
             self.origin = Origin(hub, follower, signer, streams[0])
-            log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
+            if self.in_tree:
+                log.info("origin of %s as 0x%s", streams[0], signer.address.hex())
         return hub
 
     async def _batches(self, hub: FeedHub) -> None:
@@ -280,7 +329,7 @@ class Node:
                 self.metrics.render,
                 subs.open,
                 replayer=rpc,
-                feed=self.hub.open_child if self.hub is not None else None,
+                feed=self.hub.open_child if self.hub is not None and self.in_tree else None,
                 batches=self.ingress,
                 feed_range=self.range.serve if self.range is not None else None,
             ),
@@ -330,6 +379,51 @@ class Node:
         if self.parents is not None:
             for link in self.parents.links.values():
                 link.held(stream, position)
+        if self.sibling_link is not None:
+            self.sibling_link.held(stream, position)
+
+    def _feeder_linked(self) -> bool:
+        link = self.sibling_link
+        return link is not None and link.connected
+
+    async def _serve_siblings(self, feed: SiblingFeed) -> None:
+        """The feeder: the node's other workers' feed, on the private listener the
+        supervisor made; nothing else is served there."""
+        hub = self.hub
+        assert hub is not None and feed.listener is not None
+        server = self.sibling_server = HttpServer(
+            Routes(_feed_only, None, None, feed=hub.open_sibling),
+            self.cfg.limits,
+            Metrics(),  # the node's metrics count its clients' connections, not its workers'
+            via=self.via,
+        )
+        listener, feed.listener = feed.listener, None  # the server closes it when it stops
+        await server.start_on(listener)
+        await self._composition.enter(on_leaving(server.stop))
+
+    async def _link_feeder(self, feed: SiblingFeed) -> None:
+        """Another worker: a child of the feeder on its private listener, whatever parents
+        the config names (the feeder links to those). Reconnected while the feeder is away;
+        each session resumes after the last frame this worker took."""
+        tree, hub = self.cfg.tree, self.hub
+        assert hub is not None
+        link = self.sibling_link = FeedLink(
+            FEEDER_URL,
+            name=FEEDER_NAME,
+            wants=lambda: hub.wants(tree.resume_last),
+            on_frame=lambda link, raw: hub.accept(raw, link.name),
+            on_gap=_log_gap,
+            on_confirmed=lambda _link, stream, seq, sig: hub.confirm(stream, seq, sig),
+            max_frame_bytes=tree.max_frame_bytes,
+            connect_timeout=tree.connect_timeout,
+            retry_delay=tree.retry_delay,
+            retry_max=tree.retry_max,
+            ping_interval=tree.ping_interval,
+            node=self.via,
+            unix_path=feed.path,
+        )
+        _link_hub_parents(hub, self._tell_held)
+        await self._composition.enter(running(link))
 
     @property
     def port(self) -> int:
@@ -347,6 +441,7 @@ class Node:
             # Informational: a down Redis tier slows misses but never fails a request.
             "sharedCache": None if self.shared is None else ("up" if self.shared.up else "down"),
             "tree": self._tree_health(),
+            "worker": self._worker_health(),
             "upstreams": [
                 {
                     "name": u.name,
@@ -359,15 +454,27 @@ class Node:
         }
         return (200 if ok else 503), orjson.dumps(body)
 
+    def _worker_health(self) -> dict[str, object] | None:
+        """Under workers: which one answered, and whether it takes the feeder's frames."""
+        worker = self.worker
+        if worker is None:
+            return None
+        link = self.sibling_link
+        return {
+            "index": worker.index,
+            "feeder": worker.feeder,
+            "linked": None if link is None else link.connected,
+        }
+
     def _tree_health(self) -> dict[str, object] | None:
         hub = self.hub
-        if hub is None:
+        if hub is None or not self.in_tree:
             return None
         return {
             "region": self.cfg.tree.region,
             "origin": self.origin is not None,
             "parents": list(self.parents.parents) if self.parents is not None else [],
-            "children": len(hub.children),
+            "children": len(hub.children) - len(hub.siblings),
             "streams": {name: st.newest for name, st in hub.streams.items()},
             "ingress": self.ingress is not None,
             "confirmed": {
@@ -402,6 +509,17 @@ def _log_gap(link: FeedLink, stream: str, gap: Gap) -> None:
         gap.end - 1,
         stream,
     )
+
+
+# What the feeder's private listener answers to anything but its feed.
+_FEED_ONLY = (
+    b'{"jsonrpc":"2.0","id":null,"error":{"code":-32601,'
+    b'"message":"this listener serves only the feed of the node\'s workers"}}'
+)
+
+
+def _feed_only(_body: bytes) -> bytes:
+    return _FEED_ONLY
 
 
 # --- Late links ----------------------------------------------------------------------------

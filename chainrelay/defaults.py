@@ -14,6 +14,10 @@ LISTEN = "127.0.0.1:8545"  # the port every Ethereum tool tries first
 CORS_ORIGINS = ("*",)
 # Worker processes sharing the port: one; each more serves from another core (workers.py).
 WORKERS = 1
+# Connects the feeder worker's private feed listener holds before it takes them (the other
+# workers' links to it, see tree/siblings.py): each worker has one under way at a time, two
+# for a moment when one timed out while the feeder restarted; a hundred workers fit.
+WORKER_FEED_BACKLOG = 256
 # geth's HTTP server refuses bodies over 5 MiB; a relay must accept whatever geth accepts.
 MAX_BODY_BYTES = 5 * MiB
 # geth's BatchRequestLimit is 1000; longer batches are abuse more often than need.

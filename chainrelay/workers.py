@@ -1,9 +1,26 @@
 """``chainrelay serve --workers N``: N relay processes on one port, supervised by this one.
 
-Each worker is a whole node (its own uvloop loop, upstream pool, head tracker and memory
-cache) listening on the same address with SO_REUSEPORT, so the kernel spreads connections
-over them. Workers share answers through the Redis tier when the config names one
+Each worker is a node of its own (its own uvloop loop, upstream pool and memory cache)
+listening on the same address with SO_REUSEPORT, so the kernel spreads connections over
+them. Workers share answers through the Redis tier when the config names one
 (``[cache] backend = "tiered"`` or ``"redis"``); without it each keeps its own cache.
+
+The chain is followed once per node, not once per worker (``tree.siblings``): worker 0, the
+feeder, tracks the head and fetches every block from the upstreams, and publishes each on a
+private listener; the other workers are its relay-tree children. They take heads and blocks
+from its frames (each block warms every worker's cache and reaches every worker's
+subscriptions and filters), read its head's freshness and finality from memory the
+workers share, and keep the upstreams for their own misses and forwarded calls. The
+supervisor makes that listener (a Unix socket in a private directory), the shared memory and
+an ephemeral signing key before it forks any worker, holds them for the service's life (a
+restarted feeder serves the same listener) and removes the directory when it stops.
+
+While the feeder is away (it died; the supervisor restarts it as any worker), the other
+workers keep serving: their links wait for the new feeder, and once the shared head goes a
+freshness window without confirmation each polls its upstreams for heads and finality as a
+tree leaf does whose parent is gone, its block follower fetching the blocks itself; the
+blocks their subscribers would have missed are fetched the same way. When the new feeder
+serves, frames flow again and the polling stops.
 
 The parent runs no event loop and serves nothing. It forks the workers, restarts one that
 dies after it served (with backoff), and on SIGTERM or SIGINT forwards SIGTERM to every
@@ -30,6 +47,7 @@ from typing import Any
 from chainrelay.config import Config, parse_listen
 from chainrelay.errors import ChainRelayError
 from chainrelay.server.peer import new_via_name
+from chainrelay.tree.siblings import FEEDER, SiblingFeed, WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +81,11 @@ def supervise(cfg: Config, workers: int, log_level: str) -> int:
     os.set_blocking(w, False)
     previous = {sig: signal.signal(sig, _wake) for sig in _SIGNALS}
     old_fd = signal.set_wakeup_fd(w)
+    feed = SiblingFeed.create()
     try:
-        return _Supervisor(cfg, workers, log_level, (r, w)).run()
+        return _Supervisor(cfg, workers, log_level, (r, w), feed).run()
     finally:
+        feed.close()
         signal.set_wakeup_fd(old_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -78,8 +98,16 @@ def _wake(signum: int, frame: Any) -> None:
 
 
 class _Supervisor:
-    def __init__(self, cfg: Config, workers: int, log_level: str, wakeup: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        workers: int,
+        log_level: str,
+        wakeup: tuple[int, int],
+        feed: SiblingFeed,
+    ) -> None:
         self.cfg = cfg
+        self.feed = feed
         self.log_level = log_level
         self.wakeup = wakeup
         self.slots = [_Slot(i) for i in range(workers)]
@@ -132,6 +160,8 @@ class _Supervisor:
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
+        if self.stop_deadline == float("inf"):
+            return None  # killed: wait for them to be reaped
         if self.stop_deadline is not None:
             return max(0.0, self.stop_deadline - now)
         times = [s.restart_at for s in self.slots if s.restart_at is not None]
@@ -142,7 +172,7 @@ class _Supervisor:
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(self.cfg, slot.index, writer, self.log_level, self.wakeup, self.via),
+            args=(self.cfg, slot.index, writer, self.log_level, self.wakeup, self.via, self.feed),
             name=f"chainrelay-worker-{slot.index}",
         )
         # Blocked across fork so the child cannot run the parent's handlers before it has
@@ -244,6 +274,7 @@ def _worker_main(
     log_level: str,
     wakeup: tuple[int, int],
     via: str,
+    feed: SiblingFeed,
 ) -> None:
     """A worker's whole life, in the forked child."""
     # Signals are still blocked here (see _Supervisor._spawn): drop the parent's handling
@@ -252,6 +283,8 @@ def _worker_main(
     signal.set_wakeup_fd(-1)
     for fd in wakeup:
         os.close(fd)
+    if index != FEEDER:
+        feed.drop_listener()  # only the feeder serves it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
@@ -264,7 +297,7 @@ def _worker_main(
     from chainrelay.cli import _run, _until_signal
 
     async def serve(stop: asyncio.Event) -> None:
-        node = Node(cfg, via=via)
+        node = Node(cfg, via=via, worker=WorkerRole(index, feed))
         _register_worker(node, index)
         await node.start(reuse_port=True)
         try:

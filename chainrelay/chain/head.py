@@ -3,6 +3,13 @@
 Each upstream is followed by ``newHeads`` when it speaks WebSocket and by polling
 otherwise. The node's head is the highest block any upstream reported; the recent
 canonical chain (number -> hash) is kept for a bounded window and rewritten on a reorg.
+
+Under ``serve --workers N`` the feeder worker's tracker writes its head to a
+``SharedHead`` (``share_to``); the other workers' trackers take their heads from the
+feeder's frames (``pushed_only``) and read the shared head (``shared``): while the feeder
+confirms a head no older than theirs, they ask no upstream to confirm it, and they take
+its finality instead of asking for their own. When it stops confirming (it is away),
+they poll their upstreams and ask for finality as a pushed-only tracker does.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 
 from chainrelay.chain.headpoll import HeadPollSchedule
 from chainrelay.chain.profiles import ChainProfile
+from chainrelay.chain.sharedhead import SharedHead
 from chainrelay.config import HeadConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.policy import HeadView
@@ -58,9 +66,16 @@ class HeadTracker:
         cfg: HeadConfig,
         *,
         pushed_only: bool = False,
+        share_to: SharedHead | None = None,
+        shared: SharedHead | None = None,
+        feeder_linked: Callable[[], bool] | None = None,
     ) -> None:
         """``cfg``: the ``[head]`` section (reorg window, backfill, finality refresh,
-        freshness, and each polled upstream's schedule)."""
+        freshness, and each polled upstream's schedule). ``share_to``: where this tracker
+        writes its head for the node's other workers (the feeder's); ``shared``: where it
+        reads the feeder's (the other workers'), and ``feeder_linked`` whether this worker's
+        link to the feeder is up (a feeder that died is known at once, not only once its
+        confirmations stop)."""
         self.pool = pool
         self.profile = profile
         self.metrics = metrics
@@ -70,9 +85,17 @@ class HeadTracker:
         self.backfill = min(cfg.backfill_blocks, cfg.reorg_window)
         self._backfill_task: asyncio.Task[None] | None = None
         self.fresh_seconds = cfg.fresh_blocks * profile.block_time
+        # The feeder worker is away once it confirmed nothing for this long: on a quiet
+        # chain it confirms its head every half freshness window to a whole one (``_confirm``
+        # looks every half window), so a window and a half pass between its confirmations
+        # at worst while it is well.
+        self.feeder_away_after = 1.5 * max(self.fresh_seconds, 1.0)
         # Heads come from elsewhere (``push_header``: the relay tree's frames): upstreams
         # are asked once for a first head, then only when nothing confirmed it for a while.
         self.pushed_only = pushed_only
+        self.share_to = share_to
+        self.shared = shared
+        self.feeder_linked = feeder_linked
         # One schedule per polled upstream, kept across broken polls so a retry does not
         # forget the chain's rhythm.
         self.schedules: dict[str, HeadPollSchedule] = {}
@@ -96,9 +119,10 @@ class HeadTracker:
 
     @property
     def fresh(self) -> bool:
-        return self.view.known and time.monotonic() - self.confirmed_at < max(
-            self.fresh_seconds, 1.0
-        )
+        confirmed = self.confirmed_at
+        if self.shared is not None:
+            confirmed = max(confirmed, self.shared.confirmed_for(self.view.number))
+        return self.view.known and time.monotonic() - confirmed < max(self.fresh_seconds, 1.0)
 
     async def start(self) -> None:
         for u in self.pool.upstreams:
@@ -157,9 +181,21 @@ class HeadTracker:
         period = max(self.fresh_seconds, 1.0) / 2
         while True:
             await asyncio.sleep(period)
+            if self._feeder_confirms():
+                continue
             if time.monotonic() - self.confirmed_at >= period:
                 with contextlib.suppress(TransportError):
                     await self._poll_once(u)
+
+    def _feeder_confirms(self) -> bool:
+        """Whether the feeder worker, linked and not away, last confirmed a head no newer
+        than this tracker's (give or take the block whose frame is on its way): this one's
+        head is then as current as an upstream's, and needs no poll."""
+        shared = self.shared
+        if shared is None or (self.feeder_linked is not None and not self.feeder_linked()):
+            return False
+        at = shared.confirmed_for(self.view.number)
+        return time.monotonic() - at < self.feeder_away_after
 
     def push_header(self, u: Upstream, obj: Any) -> None:
         """A header pushed to this node (a head stream's newHeads, a relay tree frame's
@@ -203,6 +239,18 @@ class HeadTracker:
 
     # --- the canonical chain ---------------------------------------------------------
     async def on_header(self, u: Upstream, h: Header) -> None:
+        await self._take_header(u, h)
+        if self.share_to is not None:
+            self._share()
+
+    def _share(self) -> None:
+        """Tell the node's other workers this tracker's head (see ``chain.sharedhead``)."""
+        assert self.share_to is not None
+        view = self.view
+        if view.known:
+            self.share_to.publish(view.number, self.confirmed_at, view.finalized, view.safe)
+
+    async def _take_header(self, u: Upstream, h: Header) -> None:
         if h.number > u.latest:
             u.latest = h.number
         if self.view.known and h.number >= self.view.number:
@@ -276,9 +324,12 @@ class HeadTracker:
                 h.hash,
             )
         self.metrics.head.set(h.number)
+        shared_finality = self._take_shared_finality()
         self._fallback_finality()
-        if h.number - self._last_finality_at >= self.cfg.finality_refresh_blocks and (
-            self._finality_task is None or self._finality_task.done()
+        if (
+            not shared_finality
+            and h.number - self._last_finality_at >= self.cfg.finality_refresh_blocks
+            and (self._finality_task is None or self._finality_task.done())
         ):
             self._last_finality_at = h.number
             self._finality_task = detached(self._refresh_finality(u), name="finality")
@@ -316,6 +367,23 @@ class HeadTracker:
         for n in [n for n in view.canonical if n < floor]:
             view.numbers.pop(view.canonical.pop(n), None)
 
+    def _take_shared_finality(self) -> bool:
+        """Take the feeder worker's finality, no higher than this head; False when there is
+        none to take (no feeder, or it confirmed nothing lately): ask an upstream then."""
+        shared = self.shared
+        if shared is None:
+            return False
+        got = shared.finality(time.monotonic(), self.feeder_away_after)
+        if got is None:
+            return False
+        view = self.view
+        finalized = max(view.finalized, min(got.finalized, view.number))
+        safe = max(view.safe, min(got.safe, view.number), finalized)
+        if (finalized, safe) != (view.finalized, view.safe):
+            view.finalized, view.safe = finalized, safe
+            view.generation += 1
+        return True
+
     def _fallback_finality(self) -> None:
         """Keep safe/finalized no further behind the head than the profile's depths."""
         view = self.view
@@ -348,6 +416,8 @@ class HeadTracker:
             else:
                 view.safe = max(view.safe, n)
         self._fallback_finality()
+        if self.share_to is not None:
+            self._share()
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -109,6 +109,12 @@ class Config:
             ),
             "batches.max_payload_bytes: a batch's frame must fit in tree.max_frame_bytes",
         )
+        # Under workers every worker would take pushes and write the log: one must.
+        require(
+            not (batches.log and self.server.workers > 1),
+            "batches.log: an ingress writes its durable log from one process; "
+            "set server.workers = 1",
+        )
         check_upstreams(self.upstreams)
         self.chain.check()
         self.cache.check()

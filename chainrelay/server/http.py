@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import re
+import socket
 import time
 import typing
 from collections.abc import Awaitable, Callable, Coroutine
@@ -167,6 +168,13 @@ class HttpServer:
         self._server = await loop.create_server(
             lambda: HttpProtocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
         )
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def start_on(self, sock: socket.socket) -> None:
+        """Serve on a socket bound and listening already (made by another process: a
+        node's feeder worker serves its private feed listener, which the supervisor made)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock)
         self._sweeper = asyncio.create_task(self._sweep())
 
     @property
@@ -760,13 +768,13 @@ class HttpProtocol(asyncio.Protocol):
     def _get(self, keep_alive: bool) -> None:
         path = self._url.split(b"?", 1)[0]
         routes = self.server.routes
-        if path == b"/health":
+        if path == b"/health" and routes.health is not None:
             status, body = routes.health()
             self._send(status, body, keep_alive)
         elif path == RANGE_PATH and routes.feed_range is not None:
             query = self._url.split(b"?", 1)[1] if b"?" in self._url else b""
             self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
-        elif path == b"/metrics":
+        elif path == b"/metrics" and routes.metrics_text is not None:
             text = routes.metrics_text()
             data = (
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"

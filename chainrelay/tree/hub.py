@@ -7,8 +7,10 @@ broken frame is counted and dropped (never marked seen, so a good copy from anot
 parent still wins). Accepted frames go to the stream's backlog and, in the same call, to
 every child that is caught up; then to the node's own listeners (``on_frame``).
 
-Children are WebSocket sessions on the node's port, path ``/feed`` (``FeedChild``). A
-child's place in a stream is a ``Cursor`` into the backlog (``tree.session``), so
+Children are WebSocket sessions on the node's port, path ``/feed`` (``FeedChild``), and,
+under ``serve --workers N``, the node's other workers on the feeder's private listener
+(``open_sibling``): each frame is written to those first, since every child of theirs waits
+for it too. A child's place in a stream is a ``Cursor`` into the backlog (``tree.session``), so
 replay and live are one loop. The fan-out loop writes the same frame bytes to every child
 (one shared WebSocket header per frame, ``writelines``: no copy) and never waits: a child
 whose socket buffer is full is skipped until its transport drains (``resume_writing``),
@@ -140,6 +142,8 @@ class FeedHub:
         # The node's own takers of accepted frames (blocks from the tree go to its follower).
         self.listeners: list[FrameListener] = list(listeners)
         self.children: set[FeedChild] = set()
+        # The node's other workers among the children (``open_sibling``): written first.
+        self.siblings: set[FeedChild] = set()
         self._counters: dict[tuple[str, str], Callable[[], None]] = {}
         self._latency: dict[str, Any] = {}
         # Set by the node: where missing batches come from, and who hears what this node
@@ -429,7 +433,13 @@ class FeedHub:
             st.newest = frame.position
         st.last_identity = frame.identity
         self._count(st.name, outcome)
-        for child in list(st.children):
+        children = st.children
+        if self.siblings:
+            first = [c for c in self.siblings if c in children]
+            order = first + [c for c in children if c not in self.siblings]
+        else:
+            order = list(children)
+        for child in order:
             try:
                 child.pump()
             except Exception:  # one child's trouble never costs the others this frame
@@ -472,6 +482,22 @@ class FeedHub:
         return FeedChild(
             self, transport, ip=ip, max_send_buffer=max_send_buffer, close_timeout=close_timeout
         )
+
+    def open_sibling(
+        self,
+        transport: asyncio.Transport,
+        *,
+        ip: str,
+        max_send_buffer: int,
+        close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
+    ) -> FeedChild:
+        """A child that is another worker of this node (on the feeder's private listener):
+        written each frame before the other children."""
+        child = self.open_child(
+            transport, ip=ip, max_send_buffer=max_send_buffer, close_timeout=close_timeout
+        )
+        child.sibling = True
+        return child
 
     def close_children(self) -> None:
         for child in list(self.children):
@@ -520,6 +546,7 @@ class FeedChild(WsSession):
         self.cursors: dict[str, Cursor] = {}
         self.greeted = False
         self.node: str | None = None  # the relay's name its hello gave
+        self.sibling = False  # another worker of this node (``FeedHub.open_sibling``)
         self.high_water = hub.limits.child_buffer_bytes
         # Above this the transport pauses us; ``resume_writing`` pumps again.
         transport.set_write_buffer_limits(high=self.high_water)
@@ -536,6 +563,8 @@ class FeedChild(WsSession):
         ok = super().accept(raw_request)
         if ok:
             self.hub.children.add(self)
+            if self.sibling:
+                self.hub.siblings.add(self)
             # A child that never says hello would hold its place among max_children.
             asyncio.get_running_loop().call_later(self.hub.limits.hello_timeout, self._hello_due)
         return ok
@@ -580,7 +609,8 @@ class FeedChild(WsSession):
         for name in self.cursors:
             st = hub.streams[name]
             st.children.add(self)
-            hub.metrics.feed_children.labels(name).inc()
+            if not self.sibling:  # the node's own workers are no children of the tree
+                hub.metrics.feed_children.labels(name).inc()
             if isinstance(st, BatchStream) and st.confirmed is not None:
                 self.send(encode_confirmed(name, *st.confirmed))
         self.pump()
@@ -644,13 +674,15 @@ class FeedChild(WsSession):
         hub = self.hub
         if self in hub.children:
             hub.children.discard(self)
+            hub.siblings.discard(self)
             for name in self.cursors:
                 st = hub.streams[name]
                 if self in st.children:
                     st.children.discard(self)
                     if isinstance(st, BatchStream):
                         st.held.pop(self, None)
-                    hub.metrics.feed_children.labels(name).dec()
+                    if not self.sibling:
+                        hub.metrics.feed_children.labels(name).dec()
         super()._release()
 
 

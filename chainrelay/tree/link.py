@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 
 from chainrelay.tree.session import (
     ControlError,
@@ -77,10 +77,14 @@ class FeedLink:
         retry_max: float,
         ping_interval: float,
         node: str | None = None,
+        unix_path: str | None = None,
     ) -> None:
         """``node``: this node's name, told to the parent in the hello when this node is a
-        relay (what it holds may count towards acknowledgements that wait for relays)."""
+        relay (what it holds may count towards acknowledgements that wait for relays).
+        ``unix_path``: the parent listens on this Unix socket (``url`` then only names the
+        path and host of the handshake), as a node's feeder worker does for its others."""
         self.url = url
+        self.unix_path = unix_path
         self.name = name
         self.wants = wants
         self.on_frame = on_frame
@@ -179,7 +183,10 @@ class FeedLink:
     def _backoff(self) -> float:
         if self.failures == 0:
             return self.retry_delay
-        return min(self.retry_max, self.retry_delay * 2 ** (self.failures - 1))
+        # The doubling stops counting long after retry_max is reached: a parent away for
+        # hours (a thousand failures) would make 2**failures too large for a float.
+        doublings = min(self.failures - 1, 32)
+        return min(self.retry_max, self.retry_delay * 2**doublings)
 
     def _mark_down(self) -> None:
         self.connected = False
@@ -216,15 +223,19 @@ class FeedLink:
 
     async def _session(self) -> None:
         """One connection, until it ends (an exception when it ends badly)."""
-        async with connect(
-            self.url,
-            max_size=self.max_frame_bytes,
-            compression=None,  # frames are lz4 already; control messages are tiny
-            open_timeout=self.connect_timeout,
-            close_timeout=self.connect_timeout,
-            ping_interval=None,  # our own pings below, for the round-trip time
-            proxy=None,  # a feed parent is dialled directly, whatever the environment says
-        ) as conn:
+        options: dict[str, Any] = {
+            "max_size": self.max_frame_bytes,
+            "compression": None,  # frames are lz4 already; control messages are tiny
+            "open_timeout": self.connect_timeout,
+            "close_timeout": self.connect_timeout,
+            "ping_interval": None,  # our own pings below, for the round-trip time
+        }
+        if self.unix_path is not None:
+            opening = unix_connect(self.unix_path, self.url, **options)
+        else:
+            # A feed parent is dialled directly, whatever the environment says.
+            opening = connect(self.url, proxy=None, **options)
+        async with opening as conn:
             self._conn = conn
             pinger = asyncio.create_task(self._ping(conn), name=f"feedlink {self.name} ping")
             try:
@@ -259,8 +270,9 @@ class FeedLink:
                 raise
             finally:
                 pinger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pinger
+                # Waited for without catching CancelledError: a ``stop`` that lands just as
+                # the session ends must end the link, not be taken for the pinger's.
+                await asyncio.wait([pinger])
 
     def _welcome(self, text: str) -> list[tuple[str, Gap]]:
         """The welcome's gaps; ``ControlError`` for anything but a well-formed welcome."""

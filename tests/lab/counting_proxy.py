@@ -8,9 +8,11 @@ Run as a process of its own (a test must be able to SIGKILL it)::
   the node's answer comes back byte for byte with the node's HTTP status.
 * ``GET /counts``: ``{"method": calls, ...}`` since the start or the last reset (batch items
   are counted one by one, at arrival).
-* ``GET /params?method=M``: the params of each call of ``M`` since then, in arrival order
-  (the last ``RECORDED_CALLS`` calls of any method are kept).
-* ``POST /reset``: zero the counts and forget the params.
+* ``GET /calls``: every call since the start or the last reset (at most ``MAX_CALLS``, the
+  latest), in arrival order, as ``[peer port, method, params]``: the port of the client
+  connection it came over, so a test can tell which process of the client made it.
+* ``GET /params?method=M``: the params of each of those calls of ``M``, in arrival order.
+* ``POST /reset``: zero the counts and forget the calls.
 * ``--hold METHOD`` (repeatable): calls of that method wait, upstream not yet asked, until
   ``POST /release``; ``GET /held`` says how many wait. Lets a test line up concurrent callers
   behind one in-flight call without guessing how long the call takes. Over a proxied
@@ -49,25 +51,12 @@ from tests.lab.procs import ROOT, Procs, until
 from tests.lab.timing import SECOND
 
 JSON = "application/json"
-# Calls whose params ``GET /params`` can tell: a test's worth, bounded for a long run.
-RECORDED_CALLS = 10_000
-
-
-def methods_of(body: bytes) -> list[str]:
-    """The method of every call in a JSON-RPC body ("?" for what is not a call)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ["?"]
-    items = doc if isinstance(doc, list) else [doc]
-    return [
-        str(o["method"]) if isinstance(o, dict) and isinstance(o.get("method"), str) else "?"
-        for o in items
-    ]
+# Calls ``GET /calls`` keeps: far more than a test makes, and a bound on what it holds.
+MAX_CALLS = 100_000
 
 
 def calls_of(body: bytes) -> list[tuple[str, Any]]:
-    """(method, params) of every call in a JSON-RPC body ("?" and None for what is not one)."""
+    """The method and params of every call in a JSON-RPC body ("?" for what is not a call)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -81,31 +70,38 @@ def calls_of(body: bytes) -> list[tuple[str, Any]]:
     ]
 
 
+def peer_port(request: web.Request) -> int:
+    """The client's port of the connection ``request`` came over (0 if unknown)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return int(peer[1]) if peer else 0
+
+
 class Counter:
-    """Calls per method, served at ``GET /counts`` and zeroed by ``POST /reset``; with
-    ``record``, their params too (``GET /params``)."""
+    """Calls per method, served at ``GET /counts``, and each call (``GET /calls``); both
+    forgotten on ``POST /reset``."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
-        self.calls: collections.deque[tuple[str, Any]] = collections.deque(maxlen=RECORDED_CALLS)
+        self.calls: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=MAX_CALLS)
 
-    def add(self, methods: list[str]) -> None:
-        self.counts.update(methods)
-
-    def record(self, body: bytes) -> list[str]:
-        """Count and remember the calls of ``body``; their methods."""
+    def add(self, body: bytes, port: int) -> list[str]:
+        """Count the calls in ``body``, which came over a connection from ``port``; their
+        methods."""
         calls = calls_of(body)
-        self.calls.extend(calls)
-        methods = [m for m, _ in calls]
-        self.add(methods)
+        methods = [method for method, _params in calls]
+        self.counts.update(methods)
+        self.calls.extend((port, method, params) for method, params in calls)
         return methods
 
     async def get_counts(self, _request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(dict(self.counts)), content_type=JSON)
 
+    async def get_calls(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(list(self.calls)), content_type=JSON)
+
     async def get_params(self, request: web.Request) -> web.Response:
         method = request.query.get("method", "")
-        got = [params for m, params in self.calls if m == method]
+        got = [params for _port, m, params in self.calls if m == method]
         return web.Response(body=orjson.dumps(got), content_type=JSON)
 
     async def post_reset(self, _request: web.Request) -> web.Response:
@@ -132,6 +128,7 @@ class CountingProxyApp:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/counts", self.counter.get_counts)
+        app.router.add_get("/calls", self.counter.get_calls)
         app.router.add_get("/params", self.counter.get_params)
         app.router.add_post("/reset", self.counter.post_reset)
         app.router.add_get("/held", self.get_held)
@@ -194,10 +191,11 @@ class CountingProxyApp:
             await client.close()
 
         pump = asyncio.create_task(down())
+        port = peer_port(request)
         try:
             async for msg in client:
                 if msg.type is aiohttp.WSMsgType.TEXT:
-                    methods = self.counter.record(msg.data.encode())
+                    methods = self.counter.add(msg.data.encode(), port)
                     await self._wait_if_held(methods)
                     instead = self.intercept(msg.data) if self.intercept is not None else None
                     if instead is not None:
@@ -205,7 +203,7 @@ class CountingProxyApp:
                         continue
                     await node.send_str(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
-                    methods = self.counter.record(msg.data)
+                    methods = self.counter.add(msg.data, port)
                     await self._wait_if_held(methods)
                     await node.send_bytes(msg.data)
         finally:
@@ -227,7 +225,7 @@ class CountingProxyApp:
 
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()
-        methods = self.counter.record(body)
+        methods = self.counter.add(body, peer_port(request))
         await self._wait_if_held(methods)
         assert self.session is not None
         try:
@@ -321,6 +319,11 @@ class LabServer:
     async def params(self, method: str) -> list[Any]:
         """The params of each call of ``method`` since the last reset, in arrival order."""
         return list(await self._get(f"/params?method={method}"))
+
+    async def calls(self) -> list[tuple[int, str, Any]]:
+        """Every call since the start or the last reset: (client port, method, params)."""
+        got = await self._get("/calls")
+        return [(int(port), str(method), params) for port, method, params in got]
 
     async def reset(self) -> None:
         await self._post("/reset")

@@ -42,7 +42,7 @@ from tests.lab.counting_proxy import (
     Counter,
     CountingProxyApp,
     LabServer,
-    methods_of,
+    peer_port,
     serve,
 )
 from tests.lab.procs import Procs
@@ -94,8 +94,7 @@ class FaultUpstreamApp:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        methods = methods_of(body)
-        self.counter.add(methods)
+        methods = self.counter.add(body, peer_port(request))
         forward = (
             "eth_getBlockReceipts" not in methods
             if self.mode == "receipts_error"

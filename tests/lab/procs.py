@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,37 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def tcp_owner(local_port: int, remote_port: int, pids: Iterable[int]) -> int | None:
+    """Which of ``pids`` holds the TCP connection whose own end has ``local_port`` and whose
+    peer's has ``remote_port`` (any local address), read from /proc: the socket's inode in
+    /proc/net/tcp{,6}, then the process with a descriptor on it. None if none of them does.
+
+    Tells which worker of ``serve --workers N`` a client's connection landed on (the
+    worker's end is the relay port, the peer's the client's own port), or which made a
+    call an upstream saw (the worker's end is the port the upstream saw, the peer's the
+    upstream's)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if (
+                    int(local.rsplit(":", 1)[1], 16) == local_port
+                    and int(remote.rsplit(":", 1)[1], 16) == remote_port
+                ):
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in (Path("/proc") / str(pid) / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return pid
+    return None
 
 
 async def until(cond: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:

@@ -201,9 +201,11 @@ class ParentEnd:
     """A parent node's end of a link: what the node's HTTP protocol does for ``/feed``
     (hand the upgrade request to ``hub.open_child``'s session, then every byte after it)."""
 
-    def __init__(self, hub: FeedHub, max_send_buffer: int) -> None:
+    def __init__(self, hub: FeedHub, max_send_buffer: int, sibling: bool = False) -> None:
+        """``sibling``: the link comes in on a feeder's private listener (``open_sibling``)."""
         self.hub = hub
         self.max_send_buffer = max_send_buffer
+        self.sibling = sibling
         self.transport: MemoryTransport | None = None
         self.session: FeedChild | None = None
         self.refused = False
@@ -221,9 +223,8 @@ class ParentEnd:
             return
         head, rest = self._head[: at + 4], self._head[at + 4 :]
         assert self.transport is not None
-        session = self.hub.open_child(
-            self.transport, ip="127.0.0.1", max_send_buffer=self.max_send_buffer
-        )
+        opener = self.hub.open_sibling if self.sibling else self.hub.open_child
+        session = opener(self.transport, ip="127.0.0.1", max_send_buffer=self.max_send_buffer)
         if not session.accept(head):
             self.refused = True
             self.transport.close()
@@ -381,11 +382,13 @@ def connect(
     rate: int | None = None,
     max_send_buffer: int = 16 * 1024 * 1024,
     node: str | None = None,
+    sibling: bool = False,
 ) -> Pair:
     """A child of ``parent`` asking for ``wants`` (or sending ``hello`` as is): the upgrade
     and hello start now and complete over the next loop turns. ``hub``: the child node
-    whose ``accept`` takes each frame; ``rate``: bytes the child reads a turn."""
-    pe = ParentEnd(parent, max_send_buffer)
+    whose ``accept`` takes each frame; ``rate``: bytes the child reads a turn; ``sibling``:
+    another worker of the parent's node."""
+    pe = ParentEnd(parent, max_send_buffer, sibling)
     ce = ChildEnd(
         wants, hub=hub, hello=hello, max_frame_bytes=parent.limits.max_frame_bytes, node=node
     )

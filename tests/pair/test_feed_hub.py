@@ -712,6 +712,33 @@ async def test_the_fan_out_writes_the_same_bytes_object_to_every_child() -> None
             assert got in p.child.frames
 
 
+async def test_a_feeders_fan_out_writes_the_nodes_other_workers_first() -> None:
+    """Every child of the other workers waits for the frame too."""
+    parent = hub()
+    children = [connect(parent, [Want(STREAM)]) for _ in range(6)]
+    siblings = [connect(parent, [Want(STREAM)], sibling=True) for _ in range(2)]
+    await welcomed(*children, *siblings)
+    order: list[str] = []
+    for name, p in [*(("child", c) for c in children), *(("sibling", s) for s in siblings)]:
+        write = p.to_child.writelines
+
+        def recorded(chunks: Any, write: Any = write, name: str = name) -> None:
+            order.append(name)
+            write(chunks)
+
+        p.to_child.writelines = recorded  # type: ignore[method-assign]
+    parent.publish(frame(1))
+    assert order == ["sibling"] * 2 + ["child"] * 6
+    # The node's own workers are not counted among the tree's children.
+    assert parent.metrics.feed_children.labels(STREAM)._value.get() == len(children)
+    for p in [*children, *siblings]:
+        await has(p, 1)
+    for p in siblings:
+        p.to_parent.close()
+    await until(lambda: not parent.siblings, WAIT, "the siblings to leave")
+    assert len(parent.children) == len(children)
+
+
 async def test_a_lagging_child_that_never_reads_the_close_is_dropped_after_the_close_timeout() -> (
     None
 ):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection, serve, unix_serve
 
 from chainrelay.devnet import free_port
 from chainrelay.tree.link import CLOSE_CHILD_RESET, FeedLink
@@ -89,8 +91,13 @@ class ScriptedParent:
 async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[tuple[ScriptedParent, str]]]]:
     servers: list[Any] = []
 
-    async def start(script: Script) -> tuple[ScriptedParent, str]:
+    async def start(script: Script, unix_path: Path | None = None) -> tuple[ScriptedParent, str]:
+        """A parent on 127.0.0.1, or on the Unix socket ``unix_path``; its feed URL."""
         parent = ScriptedParent(script)
+        if unix_path is not None:
+            server = await unix_serve(parent.handler, str(unix_path), compression=None)
+            servers.append(server)
+            return parent, "ws://localhost/feed"
         server = await serve(parent.handler, "127.0.0.1", 0, compression=None)
         servers.append(server)
         port = next(iter(server.sockets)).getsockname()[1]
@@ -281,3 +288,68 @@ async def test_stop_is_prompt_while_backing_off(scripted: Any) -> None:
     await until(lambda: link.failures >= 1, 5 * SECOND, "a failed connect")
     async with asyncio.timeout(1 * SECOND):
         await link.stop()
+
+
+async def test_a_parent_on_a_unix_socket(scripted: Any, tmp_path: Path) -> None:
+    """As a node's feeder worker serves the others, on a socket in a private directory."""
+
+    async def script(conn: ServerConnection, hello: Hello) -> None:
+        await conn.send(encode_welcome([{"stream": STREAM}]).decode())
+        await conn.send(b"a frame")
+
+    path = tmp_path / "feed.sock"
+    parent, url = await scripted(script, path)
+    rec = Recorder()
+    link = make_link(url, rec, unix_path=str(path))
+    await link.start()
+    try:
+        await until(lambda: rec.frames == [b"a frame"], 5 * SECOND, "the frame")
+        assert parent.hellos[0].wants == [Want(STREAM, from_position=7)]
+        assert link.connected and link.sessions == 1
+    finally:
+        await link.stop()
+
+
+async def test_a_stop_that_lands_as_the_session_ends_ends_the_link(
+    scripted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's end waits for its pinger to finish; a stop arriving then is the link's
+    to obey, not the pinger's cancellation to swallow (the link would reconnect, and the
+    stop wait for ever)."""
+    winding_down = asyncio.Event()
+
+    async def pinger_slow_to_end(self: FeedLink, conn: ClientConnection) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            winding_down.set()
+            # A teardown that takes a while: the session's end is waiting for it.
+            await asyncio.shield(asyncio.sleep(0.2 * SECOND))
+            raise
+
+    monkeypatch.setattr(FeedLink, "_ping", pinger_slow_to_end)
+
+    async def script(conn: ServerConnection, hello: Hello) -> None:
+        await conn.send(encode_welcome([{"stream": STREAM}]).decode())
+        await conn.close(1001)  # the parent goes away
+
+    parent, url = await scripted(script)
+    link = make_link(url, Recorder())
+    await link.start()
+    task = link._task
+    await until(winding_down.is_set, 5 * SECOND, "the session to end")
+    stopping = asyncio.create_task(link.stop())
+    try:
+        await until(stopping.done, 2 * SECOND, "the stop to end the link")
+    finally:
+        if task is not None and not task.done():
+            task.cancel()  # it went on reconnecting: cancelled again while it backs off
+            await until(stopping.done, 2 * SECOND, "the link to end")
+    assert len(parent.hellos) == 1  # never reconnected
+
+
+def test_a_parent_away_for_thousands_of_connects_is_still_retried() -> None:
+    rec = Recorder()
+    link = make_link(f"ws://127.0.0.1:{free_port()}/feed", rec, retry_delay=0.25, retry_max=5.0)
+    link.failures = 5000  # hours of a parent's absence, at retry_max apart
+    assert link._backoff() == 5.0

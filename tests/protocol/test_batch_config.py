@@ -60,6 +60,8 @@ def test_a_batches_only_relay_needs_no_block_origin_to_trust() -> None:
         ("[batches]\nlogg = 1\n", "batches.logg"),
         ("[limits]\nmax_body_bytes = 4096\n" + INGRESS + STREAM, "limits.max_body_bytes"),
         ("[batches]\nrecent_hashes = 10\nmax_in_flight = 11\n" + STREAM, "recent_hashes"),
+        # Every worker would take pushes and write the one log.
+        ('[server]\nlisten = "127.0.0.1:8600"\nworkers = 2\n' + INGRESS + STREAM, "workers"),
     ],
 )
 def test_bad_batch_settings_are_named(text: str, message: str) -> None:

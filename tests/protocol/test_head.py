@@ -6,6 +6,7 @@ tracker's logic is what is under test.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ import pytest
 
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.profiles import PROFILES
+from chainrelay.chain.sharedhead import SLOTS, Finality, SharedHead
 from chainrelay.config import HeadConfig, PoolConfig
 from chainrelay.metrics import Metrics
 from chainrelay.upstreams.pool import UpstreamPool
@@ -30,6 +32,7 @@ class MemoryChain(Upstream):
         super().__init__("mem", "memory://", timeout=1.0, connections=1)
         self.blocks: dict[str, dict[str, Any]] = {}
         self.asked: list[str] = []
+        self.tags: list[str] = []  # eth_getBlockByNumber's block tags asked
         self.finalized: int | None = None
 
     def add(self, fork: str, n: int, parent_fork: str) -> Header:
@@ -51,11 +54,14 @@ class MemoryChain(Upstream):
             self.asked.append(params[0])
             result: Any = self.blocks.get(params[0])
         elif method == "eth_getBlockByNumber" and params[0] == "finalized":
+            self.tags.append(params[0])
             result = None
             if self.finalized is not None:
                 n = self.finalized
                 result = next(b for b in self.blocks.values() if int(b["number"], 16) == n)
         else:
+            if method == "eth_getBlockByNumber":
+                self.tags.append(params[0])
             result = None
         return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": result})
 
@@ -201,3 +207,90 @@ async def test_first_head_backfills_the_window_behind_it(chain: MemoryChain) -> 
     assert all(view.numbers[h("a", n)] == n for n in range(24, 41))
     await tracker.on_header(chain, headers[39])  # nothing new
     assert view.number == 40
+
+
+# --- under serve --workers: the feeder's head, shared ------------------------------------
+def test_a_shared_head_vouches_for_heads_at_most_one_block_behind_the_feeders() -> None:
+    shared = SharedHead([0.0] * SLOTS)
+    assert shared.confirmed_for(10) == 0.0  # nothing published yet
+    assert shared.finality(100.0, 5.0) is None
+    shared.publish(11, 100.0, 5, 8)
+    assert shared.confirmed_for(11) == 100.0
+    assert shared.confirmed_for(12) == 100.0  # a worker ahead: the feeder is not behind it
+    assert shared.confirmed_for(10) == 100.0  # block 11's frame is on its way to it
+    assert shared.confirmed_for(9) == 0.0  # two behind: the feeder vouches for nothing
+    assert shared.finality(104.9, 5.0) == Finality(5, 8)
+    assert shared.finality(105.0, 5.0) is None  # confirmed nothing lately: it is away
+
+
+def tracker_of(chain: MemoryChain, **kw: Any) -> HeadTracker:
+    metrics = Metrics()
+    pool = UpstreamPool([chain], PoolConfig(), metrics)
+    cfg = HeadConfig(reorg_window=16, backfill_blocks=0, finality_refresh_blocks=1)
+    return HeadTracker(pool, PROFILES["devnet"], metrics, cfg, **kw)
+
+
+async def test_a_worker_takes_the_feeders_finality_and_asks_its_upstream_for_none() -> None:
+    feeder_chain, worker_chain = MemoryChain(), MemoryChain()
+    shared = SharedHead([0.0] * SLOTS)
+    feeder = tracker_of(feeder_chain, share_to=shared)
+    worker = tracker_of(worker_chain, pushed_only=True, shared=shared)
+    headers = extend(feeder_chain, "a", 0, 12, "a")
+    extend(worker_chain, "a", 0, 12, "a")
+    feeder_chain.finalized = 10
+    for header in headers:
+        await feeder.on_header(feeder_chain, header)
+        assert feeder._finality_task is not None
+        await feeder._finality_task
+    assert (feeder.view.finalized, feeder.view.safe) == (10, 10)
+    for header in headers[:9]:  # the worker's frames lag: block 8 is its head
+        await worker.on_header(worker_chain, header)
+    assert (worker.view.finalized, worker.view.safe) == (8, 8)  # never past its head
+    await worker.on_header(worker_chain, headers[12])
+    assert (worker.view.finalized, worker.view.safe) == (10, 10)
+    assert worker_chain.tags == []
+    assert worker._finality_task is None
+
+
+async def test_a_worker_asks_its_upstream_for_finality_once_the_feeder_is_away() -> None:
+    chain = MemoryChain()
+    shared = SharedHead([0.0] * SLOTS)
+    worker = tracker_of(chain, pushed_only=True, shared=shared)
+    headers = extend(chain, "a", 0, 12, "a")
+    chain.finalized = 4
+    away = time.monotonic() - 2 * worker.feeder_away_after
+    shared.publish(5, away, 3, 3)  # the feeder's last word, long ago
+    await worker.on_header(chain, headers[5])
+    assert worker._finality_task is not None
+    await worker._finality_task
+    assert chain.tags == ["finalized", "safe"]
+    assert worker.view.finalized == 4
+
+
+async def test_a_worker_is_fresh_while_the_feeder_confirms_its_head() -> None:
+    chain = MemoryChain()
+    shared = SharedHead([0.0] * SLOTS)
+    worker = tracker_of(chain, pushed_only=True, shared=shared)
+    headers = extend(chain, "a", 0, 12, "a")
+    await worker.on_header(chain, headers[7])
+    worker.confirmed_at = 0.0  # its own word is old
+    assert not worker.fresh and not worker._feeder_confirms()
+    shared.publish(8, time.monotonic(), 0, 0)  # the feeder, one block ahead, just now
+    assert worker.fresh and worker._feeder_confirms()
+    shared.publish(9, time.monotonic(), 0, 0)  # two ahead: this worker's frames are stuck
+    assert not worker.fresh and not worker._feeder_confirms()
+    shared.publish(7, time.monotonic() - worker.feeder_away_after, 0, 0)  # away
+    assert not worker.fresh and not worker._feeder_confirms()
+
+
+async def test_a_worker_whose_link_to_the_feeder_is_down_confirms_its_head_itself() -> None:
+    chain = MemoryChain()
+    shared = SharedHead([0.0] * SLOTS)
+    linked = True
+    worker = tracker_of(chain, pushed_only=True, shared=shared, feeder_linked=lambda: linked)
+    headers = extend(chain, "a", 0, 12, "a")
+    await worker.on_header(chain, headers[7])
+    shared.publish(7, time.monotonic(), 0, 0)
+    assert worker._feeder_confirms()
+    linked = False  # the feeder died: its last word still looks fresh, for a while
+    assert not worker._feeder_confirms()

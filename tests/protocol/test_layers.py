@@ -37,6 +37,7 @@ SANS_IO = (
     "chainrelay.chain.events",
     "chainrelay.chain.offers",
     "chainrelay.chain.logstore",
+    "chainrelay.chain.sharedhead",
     "chainrelay.subscriptions.registry",
     "chainrelay.subscriptions.filtertable",
     "chainrelay.subscriptions.logfilter",

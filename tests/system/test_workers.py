@@ -1,7 +1,10 @@
-"""``chainrelay serve --workers N``: worker processes on one port, supervised, sharing Redis.
+"""``chainrelay serve --workers N``: worker processes on one port, supervised, sharing Redis,
+following the chain once per node.
 
 Each test starts the real CLI as a process of its own; workers are found as its children in
-/proc, and each /metrics scrape says which worker answered it (``chainrelay_worker``).
+/proc, and each /metrics scrape says which worker answered it (``chainrelay_worker``). A
+WebSocket client's worker, and the worker that made a call the counting proxy saw, are read
+from /proc too (``tcp_owner``: which process holds that TCP connection).
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+import websockets
+from eth_account import Account
 
-from chainrelay.devnet import DEV_ACCOUNTS, Anvil
-from tests.lab.counting_proxy import start_proxy
-from tests.lab.procs import ROOT, Procs, Relay, relay_config, until
+from chainrelay.devnet import DEV_ACCOUNTS, TRANSFER_TOPIC, Anvil, transfer_emitter_initcode
+from chainrelay.tree import frame as feedframe
+from chainrelay.tree.session import Want, encode_hello
+from tests.lab.chain import Chain, emitter_data, heartbeat
+from tests.lab.counting_proxy import CountingProxy, start_proxy
+from tests.lab.procs import ROOT, Procs, Relay, relay_config, tcp_owner, until
 from tests.lab.redis_server import start_redis
+from tests.lab.subscriptions import NEW_HEADS, TRANSFER_LOGS, Subscriber
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -241,3 +251,403 @@ async def test_a_worker_that_cannot_start_stops_the_service_with_an_error(
     assert children(proc.pid) == set()
     text = relay.log_path.read_text()
     assert "before serving; stopping" in text
+
+
+# --- one block follower per node -------------------------------------------------------
+FEEDER = "0"  # the worker that follows the chain (chainrelay.tree.siblings.FEEDER)
+A0, A1, A2 = DEV_ACCOUNTS
+# A block crosses the feeder and its private listener in milliseconds; this much is a
+# loaded two-core machine.
+BLOCK_TIMEOUT = 10 * SECOND
+# Connections opened to find one on each worker: the kernel's SO_REUSEPORT hash spreads
+# them; missing one of three workers 60 times in a row has odds of 3 * (2/3)**60 < 1e-10.
+MAX_CONNECTS = 60
+# The test's chain while a feeder dies: a block every this long, at most MAX_BLOCKS of
+# them (the miner stops by itself).
+MINE_INTERVAL = 0.3
+MAX_BLOCKS = 400
+# Head-tracking calls: polls, and newHeads subscriptions (eth_subscribe's first param).
+HEAD_METHODS = ("eth_blockNumber", "eth_getBlockByNumber")
+
+
+async def worker_pids(relay: Relay, n: int) -> dict[str, int]:
+    """Each worker's pid, by index."""
+    return {i: int(m["pid"]) for i, m in (await per_worker_metrics(relay, n)).items()}
+
+
+async def per_worker_health(
+    relay: Relay, n: int, ready: Callable[[dict[str, Any]], bool]
+) -> dict[int, dict[str, Any]]:
+    """Each of ``n`` workers' /health, asking until every one has answered with ``ready``."""
+    seen: dict[int, dict[str, Any]] = {}
+
+    async def all_ready() -> bool:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with fresh_connections() as s, s.get(relay.url + "/health") as r:
+                body = orjson.loads(await r.read())
+            worker = body.get("worker")
+            if worker is not None:
+                seen[int(worker["index"])] = body
+        return len(seen) == n and all(ready(b) for b in seen.values())
+
+    await until(all_ready, 20 * SECOND, f"all {n} workers' /health to be ready")
+    return seen
+
+
+@asynccontextmanager
+async def subscriber_per_worker(
+    relay: Relay, pids: dict[str, int]
+) -> AsyncIterator[dict[str, Subscriber]]:
+    """One WebSocket client on each worker of ``pids`` (index -> pid), by index; the
+    connections that landed on a worker already taken stay open, idle, until the end."""
+    index_of = {pid: i for i, pid in pids.items()}
+    got: dict[str, Subscriber] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(MAX_CONNECTS):
+            sub = await stack.enter_async_context(Subscriber.connect(relay.ws_url))
+            owner = tcp_owner(relay.port, sub.conn.local_address[1], pids.values())
+            i = index_of.get(owner) if owner is not None else None
+            if i is not None and i not in got:
+                got[i] = sub
+            if len(got) == len(pids):
+                break
+        assert len(got) == len(pids), f"connections reached only workers {sorted(got)}"
+        yield got
+
+
+def callers(
+    calls: Iterable[tuple[int, str, Any]], proxy: CountingProxy, pids: Iterable[int]
+) -> dict[int, int | None]:
+    """The pid that made each call the proxy saw, by the port it came from (its worker's
+    connections to the proxy are open still)."""
+    pids = list(pids)
+    return {port: tcp_owner(port, proxy.port, pids) for port in {c[0] for c in calls}}
+
+
+def numbers(sub: Subscriber, sub_id: str) -> list[int]:
+    return [int(r["number"], 16) for r in sub.results(sub_id)]
+
+
+async def send_block(node: Chain, emitter: str, i: int) -> tuple[int, str, str]:
+    """One block (anvil mines on each transaction) with one Transfer log: its number, hash
+    and transaction."""
+    tx = await node.send(
+        {"from": A1, "to": emitter, "data": emitter_data(A2, 1 + i), "gas": hex(100_000)}
+    )
+    receipt = await node.receipt(tx)
+    return int(receipt["blockNumber"], 16), str(receipt["blockHash"]), tx
+
+
+async def test_three_workers_follow_the_chain_once_and_every_worker_serves_each_block(
+    procs: Procs, anvil_factory: AnvilFactory, tmp_path: Path
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)  # mines each transaction
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        emitter = await node.deploy(transfer_emitter_initcode())
+        async with heartbeat(node):
+            relay = await start_workers(procs, tmp_path, [proxy.ws_url], 3)
+        pids = await worker_pids(relay, 3)
+        feeder = pids[FEEDER]
+        async with subscriber_per_worker(relay, pids) as subs:
+            ids: dict[str, tuple[str, str, str, str]] = {}
+            for i, sub in subs.items():
+                heads = await sub.subscribe(NEW_HEADS)
+                logs = await sub.subscribe(TRANSFER_LOGS)
+                block_filter = (await sub.call("eth_newBlockFilter", []))["result"]
+                log_filter = await sub.call("eth_newFilter", [{"topics": [TRANSFER_TOPIC]}])
+                ids[i] = (heads, logs, block_filter, log_filter["result"])
+            since_start = await proxy.calls()
+            await proxy.reset()
+
+            blocks = [await send_block(node, emitter, 0)]
+            for k in range(1, 6):
+                # Each block once every subscriber has the one before: no call of one
+                # block's can be taken for another's.
+                await until(
+                    lambda: all(
+                        numbers(s, ids[i][0])[-1:] == [blocks[-1][0]] for i, s in subs.items()
+                    ),
+                    BLOCK_TIMEOUT,
+                    f"block {blocks[-1][0]} at every worker's subscriber",
+                )
+                blocks.append(await send_block(node, emitter, k))
+            await until(
+                lambda: all(numbers(s, ids[i][0])[-1:] == [blocks[-1][0]] for i, s in subs.items()),
+                BLOCK_TIMEOUT,
+                "the last block at every worker's subscriber",
+            )
+            following = await proxy.calls()
+            await proxy.reset()
+
+            # A receipt or a full block read right after the block is a hit on every worker.
+            for i, sub in subs.items():
+                for _n, block_hash, tx in blocks:
+                    got = await sub.call("eth_getTransactionReceipt", [tx])
+                    assert got["result"] == await node.receipt(tx), f"worker {i}"
+                    got = await sub.call("eth_getBlockByHash", [block_hash, True])
+                    assert got["result"] == await node.call(
+                        "eth_getBlockByHash", [block_hash, True]
+                    )
+            reads = await proxy.calls()
+
+            # Every filter of every worker saw the same blocks and logs.
+            for i, sub in subs.items():
+                heads, logs, block_filter, log_filter = ids[i]
+                assert [
+                    (n, r["hash"])
+                    for n, r in zip(numbers(sub, heads), sub.results(heads), strict=True)
+                ] == [(n, h) for n, h, _tx in blocks], f"worker {i}'s newHeads"
+                assert [(r["blockHash"], r["transactionHash"]) for r in sub.results(logs)] == [
+                    (h, tx) for _n, h, tx in blocks
+                ], f"worker {i}'s logs"
+                changes = await sub.call("eth_getFilterChanges", [block_filter])
+                assert changes["result"] == [h for _n, h, _tx in blocks], f"worker {i}"
+                changes = await sub.call("eth_getFilterChanges", [log_filter])
+                assert [x["transactionHash"] for x in changes["result"]] == [
+                    tx for _n, _h, tx in blocks
+                ], f"worker {i}'s log filter"
+            by_port = callers([*since_start, *following, *reads], proxy, pids.values())
+
+    # One newHeads subscription upstream, the feeder's, over the node's whole life.
+    subscribed = [
+        by_port[c[0]] for c in since_start if c[1] == "eth_subscribe" and c[2][0] == "newHeads"
+    ]
+    assert subscribed == [feeder], f"newHeads subscriptions from {subscribed} (feeder {feeder})"
+    # While the chain moved, every upstream call was the feeder's: each block fetched once,
+    # its receipts once; no other worker polled, fetched or asked for finality.
+    assert {by_port[c[0]] for c in following} == {feeder}, following
+    full = [c[2][0] for c in following if c[1] == "eth_getBlockByHash" and c[2][1] is True]
+    assert sorted(full) == sorted(h for _n, h, _tx in blocks)
+    receipts = [c for c in following if c[1] == "eth_getBlockReceipts"]
+    assert len(receipts) == len(blocks)
+    heads_polled = {by_port[c[0]] for c in following if c[1] in HEAD_METHODS}
+    assert heads_polled <= {feeder}
+    # The reads on each worker were cache hits: no upstream call at all.
+    assert reads == [], reads
+
+
+@asynccontextmanager
+async def mining(node: Chain) -> AsyncIterator[None]:
+    """An empty block every MINE_INTERVAL while the ``async with`` body runs (at most
+    MAX_BLOCKS of them): the chain's own pace, which the test does not wait on."""
+    stop = asyncio.Event()
+
+    async def mine() -> None:
+        for _ in range(MAX_BLOCKS):
+            await node.call("evm_mine")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MINE_INTERVAL)
+            if stop.is_set():
+                return
+
+    task = asyncio.create_task(mine())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def test_a_killed_feeder_is_restarted_and_the_other_workers_miss_no_block(
+    procs: Procs, anvil_factory: AnvilFactory, tmp_path: Path
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            relay = await start_workers(procs, tmp_path, [proxy.ws_url], 3)
+        assert relay.proc is not None
+        parent = relay.proc.pid
+        pids = await worker_pids(relay, 3)
+        victim = pids[FEEDER]
+        others = {i: p for i, p in pids.items() if i != FEEDER}
+        async with subscriber_per_worker(relay, others) as subs:
+            heads = {i: await sub.subscribe(NEW_HEADS) for i, sub in subs.items()}
+
+            def least() -> int:
+                return min(len(sub.notes[heads[i]]) for i, sub in subs.items())
+
+            async with mining(node), fresh_connections() as s:
+                await until(lambda: least() >= 3, BLOCK_TIMEOUT, "3 blocks at each subscriber")
+                os.kill(victim, signal.SIGKILL)
+                # Until the supervisor forks a new feeder, the other workers answer every
+                # call: eth_blockNumber from their heads, eth_getBalance from the upstream.
+                answered_alone = 0
+
+                async def replaced() -> bool:
+                    nonlocal answered_alone
+                    alone = children(parent) == set(others.values())
+                    for method, params in (
+                        ("eth_blockNumber", []),
+                        ("eth_getBalance", [A0, "latest"]),
+                    ):
+                        answer = await post(s, relay.url, call(method, params))
+                        assert "result" in answer, answer
+                    answered_alone += alone
+                    return len(children(parent) - {victim}) == 3
+
+                await until(replaced, 20 * SECOND, "the supervisor to fork a new feeder")
+                assert answered_alone > 0
+                # The new feeder serves; the others' links find it on the same listener.
+                healths = await per_worker_health(
+                    relay,
+                    3,
+                    lambda b: (
+                        b["status"] == "ok"
+                        and (b["worker"]["feeder"] or b["worker"]["linked"] is True)
+                    ),
+                )
+                assert healths[0]["worker"]["feeder"] is True
+                after = least()
+                await until(
+                    lambda: least() >= after + 5, 2 * BLOCK_TIMEOUT, "5 blocks after the relink"
+                )
+            tip = (await node.head())[0]
+
+            def all_at(n: int) -> Callable[[], bool]:
+                return lambda: all(numbers(sub, heads[i])[-1] == n for i, sub in subs.items())
+
+            await until(all_at(tip), BLOCK_TIMEOUT, f"every subscriber at the last block {tip}")
+            # Every block, once and in order, before, while and after the feeder was away.
+            for i, sub in subs.items():
+                got = numbers(sub, heads[i])
+                assert got == list(range(got[0], tip + 1)), f"worker {i}: {got}"
+                for r in sub.results(heads[i]):
+                    assert r["hash"] == (await node.block(r["number"]))["hash"], f"worker {i}"
+
+            # And the new feeder is again the only one following.
+            pids = await worker_pids(relay, 3)
+            assert pids[FEEDER] != victim and pids[FEEDER] in children(parent)
+            await proxy.reset()
+            for _ in range(3):
+                await node.call("evm_mine")
+                tip += 1
+                await until(all_at(tip), BLOCK_TIMEOUT, f"block {tip} at every subscriber")
+            following = await proxy.calls()
+            by_port = callers(following, proxy, pids.values())
+    assert {by_port[c[0]] for c in following} == {pids[FEEDER]}, following
+    log = relay.log_path.read_text()
+    assert f"worker 0 (pid {victim}) died" in log
+
+
+ORIGIN_KEY = "0x" + "33" * 32
+STREAM = "bsc/blocks"
+
+
+@asynccontextmanager
+async def feed_per_worker(
+    relay: Relay, pids: dict[str, int]
+) -> AsyncIterator[dict[str, websockets.ClientConnection]]:
+    """One live session of the public /feed on each worker of ``pids``, welcomed."""
+    index_of = {pid: i for i, pid in pids.items()}
+    got: dict[str, websockets.ClientConnection] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(MAX_CONNECTS):
+            conn = await stack.enter_async_context(
+                websockets.connect(relay.ws_url + "/feed", max_size=None, compression=None)
+            )
+            await conn.send(encode_hello([Want(STREAM)]).decode())
+            async with asyncio.timeout(BLOCK_TIMEOUT):
+                welcome = orjson.loads(await conn.recv())
+            assert welcome["type"] == "welcome", welcome
+            owner = tcp_owner(relay.port, conn.local_address[1], pids.values())
+            i = index_of.get(owner) if owner is not None else None
+            if i is not None and i not in got:
+                got[i] = conn
+            if len(got) == len(pids):
+                break
+        assert len(got) == len(pids), f"feed sessions reached only workers {sorted(got)}"
+        yield got
+
+
+async def test_an_origin_under_workers_signs_each_block_once_and_every_worker_serves_it(
+    procs: Procs, anvil_factory: AnvilFactory, tmp_path: Path
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    origin = bytes.fromhex(Account.from_key(ORIGIN_KEY).address[2:])
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            relay = await start_workers(
+                procs, tmp_path, [proxy.ws_url], 2, f'[tree]\nkey = "{ORIGIN_KEY}"\n'
+            )
+        pids = await worker_pids(relay, 2)
+        async with feed_per_worker(relay, pids) as feeds:
+            await proxy.reset()
+            first = (await node.head())[0] + 1
+            for _ in range(4):
+                await node.send({"from": A0, "to": A1, "value": "0x1"})
+                await node.call("evm_mine")
+            tip = (await node.head())[0]
+            got: dict[str, list[bytes]] = {}
+            for i, conn in feeds.items():
+                raws: list[bytes] = []
+                async with asyncio.timeout(BLOCK_TIMEOUT):
+                    while True:
+                        raw = await conn.recv()
+                        assert isinstance(raw, bytes), raw
+                        raws.append(raw)
+                        if feedframe.decode(raw, len(raw)).position == tip:
+                            break
+                got[i] = raws
+            following = await proxy.calls()
+            by_port = callers(following, proxy, pids.values())
+    # The same frames, byte for byte, from both workers: the feeder signed each block once
+    # with the node's key, and the other worker passed its frames on.
+    assert got[FEEDER] == got["1"]
+    frames = [feedframe.decode(raw, len(raw)) for raw in got[FEEDER]]
+    assert [f.position for f in frames] == list(range(first, tip + 1))
+    assert all(feedframe.signer(f) == origin for f in frames)
+    assert {by_port[c[0]] for c in following} == {pids[FEEDER]}, following
+    full = [c[2][0] for c in following if c[1] == "eth_getBlockByHash" and c[2][1] is True]
+    assert sorted(full) == sorted("0x" + f.identity.hex() for f in frames)
+
+
+async def test_while_the_feeder_is_frozen_the_other_workers_follow_the_chain_themselves(
+    procs: Procs, anvil_factory: AnvilFactory, tmp_path: Path
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        async with heartbeat(node):
+            relay = await start_workers(procs, tmp_path, [proxy.ws_url], 2)
+        pids = await worker_pids(relay, 2)
+        feeder, other = pids[FEEDER], pids["1"]
+        async with subscriber_per_worker(relay, {"1": other}) as subs, mining(node):
+            sub = subs["1"]
+            heads = await sub.subscribe(NEW_HEADS)
+            await until(lambda: len(sub.notes[heads]) >= 3, BLOCK_TIMEOUT, "3 blocks")
+            # Frozen, not dead: the supervisor sees nothing to restart, and its links stay
+            # open until their pings go unanswered.
+            os.kill(feeder, signal.SIGSTOP)
+            try:
+                await proxy.reset()
+                frozen_at = len(sub.notes[heads])
+                await until(
+                    lambda: len(sub.notes[heads]) >= frozen_at + 5,
+                    4 * BLOCK_TIMEOUT,
+                    "5 blocks while the feeder is frozen",
+                )
+                alone = await proxy.calls()
+            finally:
+                os.kill(feeder, signal.SIGCONT)
+            await per_worker_health(relay, 2, lambda b: b["worker"]["linked"] is not False)
+            back_at = len(sub.notes[heads])
+            await until(lambda: len(sub.notes[heads]) >= back_at + 3, BLOCK_TIMEOUT, "3 blocks")
+            await proxy.reset()
+            back_at = len(sub.notes[heads])
+            await until(lambda: len(sub.notes[heads]) >= back_at + 5, BLOCK_TIMEOUT, "5 blocks")
+            fed = await proxy.calls()
+            by_port = callers([*alone, *fed], proxy, pids.values())
+        got = numbers(sub, heads)
+    assert got == list(range(got[0], got[0] + len(got))), got
+    # Frozen: the other worker polled its upstream for heads and fetched the blocks itself.
+    assert {by_port[c[0]] for c in alone} == {other}, alone
+    assert any(c[1] == "eth_getBlockByNumber" and c[2][0] == "latest" for c in alone)
+    assert any(c[1] == "eth_getBlockByHash" and c[2][1] is True for c in alone)
+    # Back: the feeder follows alone again.
+    assert {by_port[c[0]] for c in fed} == {feeder}, fed
