@@ -95,6 +95,7 @@ class Node:
         # Under workers: the feeder's private listener, or another worker's link to it.
         self.sibling_server: HttpServer | None = None
         self.sibling_link: FeedLink | None = None
+        self.source: FeedSource | None = None  # blocks of the frames from parents
         # The node's own config makes it a tree node (or one carrying batch streams): its
         # hub serves /feed on the public port. Under workers every worker has a hub.
         self.in_tree = cfg.tree.enabled or bool(cfg.batches.streams)
@@ -270,7 +271,7 @@ class Node:
         if signer is not None:
             trust.add(signer.address)
         # Blocks from the parents' frames go to the block follower, as if pushed upstream.
-        source = (
+        source = self.source = (
             FeedSource(follower, head, pool, self.metrics, max_payload_bytes=tree.max_payload_bytes)
             if tree.parents or (worker is not None and not worker.feeder)
             else None
@@ -283,6 +284,10 @@ class Node:
             limits=HubLimits.of(tree),
             listeners=[source.on_frame] if source is not None else (),
         )
+        if worker is not None and worker.feeder:
+            # Each head's header goes to the other workers as the feeder adopts it, before
+            # its own newHeads subscribers get it (registered before any of theirs).
+            follower.add_head_listener(hub.announce_head)
         if signer is not None:
             self.origin = Origin(hub, follower, signer, streams[0])
             if self.in_tree:
@@ -405,8 +410,8 @@ class Node:
         """Another worker: a child of the feeder on its private listener, whatever parents
         the config names (the feeder links to those). Reconnected while the feeder is away;
         each session resumes after the last frame this worker took."""
-        tree, hub = self.cfg.tree, self.hub
-        assert hub is not None
+        tree, hub, source = self.cfg.tree, self.hub, self.source
+        assert hub is not None and source is not None
         link = self.sibling_link = FeedLink(
             FEEDER_URL,
             name=FEEDER_NAME,
@@ -421,6 +426,7 @@ class Node:
             ping_interval=tree.ping_interval,
             node=self.via,
             unix_path=feed.path,
+            on_head=lambda _link, header: source.on_head(header),
         )
         _link_hub_parents(hub, self._tell_held)
         await self._composition.enter(running(link))

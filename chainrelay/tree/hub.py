@@ -59,6 +59,7 @@ from chainrelay.tree.session import (
     encode_bye,
     encode_confirmed,
     encode_error,
+    encode_head,
     encode_welcome,
     parse_control,
     parse_hello,
@@ -499,6 +500,15 @@ class FeedHub:
         child.sibling = True
         return child
 
+    def announce_head(self, header: dict[str, Any]) -> None:
+        """A new head's header, for the node's other workers ahead of its block's frame
+        (``tree.session.encode_head``); no other child gets it."""
+        if not self.siblings:
+            return
+        text = encode_head(header)
+        for child in list(self.siblings):
+            child.hint(text)
+
     def close_children(self) -> None:
         for child in list(self.children):
             child.close_now(1001, "node shutting down")
@@ -669,6 +679,17 @@ class FeedChild(WsSession):
 
     def resume_writing(self) -> None:
         self.pump()
+
+    def hint(self, text: bytes) -> None:
+        """A text message worth sending now or never (an early head): left out when the
+        child has not said hello yet or its socket buffer is past its high-water mark (the
+        block's frame will tell it all the same), never a reason to close it."""
+        if not self.cursors or self.closed or self.proto.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.high_water:
+            return
+        self.proto.send_text(text)
+        self._flush()
 
     def _release(self) -> None:
         hub = self.hub

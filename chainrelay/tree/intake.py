@@ -11,12 +11,13 @@ fetch), the follower retracts the old blocks, subscribers get removed logs.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
 
 from chainrelay.chain.events import geth_header
 from chainrelay.chain.follower import BlockFollower
-from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.metrics import Metrics
 from chainrelay.tree import frame as feedframe
 from chainrelay.tree.frame import Frame, FrameError
@@ -70,6 +71,16 @@ class FeedSource:
         if u is None:
             u = next((x for x in upstreams if x.healthy), upstreams[0])
         self.head.push_header(u, header)
+
+    def on_head(self, header: dict[str, Any]) -> None:
+        """A new head's header from the node's feeder worker, ahead of its block's frame:
+        announced to this worker's newHeads subscribers now when it is the next head they
+        are due (as the feeder announced it to its own); its block follows in a frame,
+        whose event then comes marked announced."""
+        h = Header.parse(header)
+        announcer = self.follower.heads
+        if h is not None and announcer.listeners:  # as the follower's own announcing
+            announcer.announce(h, header)
 
     def _bad(self, frame: Frame, why: str) -> None:
         # Signed by a trusted origin yet unusable: forwarded already, never applied here.

@@ -59,6 +59,10 @@ def _no_confirmed(_link: FeedLink, _stream: str, _seq: int, _signature: bytes) -
     return None
 
 
+def _no_head(_link: FeedLink, _header: dict[str, Any]) -> None:
+    return None
+
+
 class FeedLink:
     """The feed session with one parent, reconnected until ``stop``."""
 
@@ -78,12 +82,15 @@ class FeedLink:
         ping_interval: float,
         node: str | None = None,
         unix_path: str | None = None,
+        on_head: Callable[[FeedLink, dict[str, Any]], object] = _no_head,
     ) -> None:
         """``node``: this node's name, told to the parent in the hello when this node is a
         relay (what it holds may count towards acknowledgements that wait for relays).
         ``unix_path``: the parent listens on this Unix socket (``url`` then only names the
-        path and host of the handshake), as a node's feeder worker does for its others."""
+        path and host of the handshake), as a node's feeder worker does for its others;
+        ``on_head`` takes the early heads such a feeder sends (``tree.session.encode_head``)."""
         self.url = url
+        self.on_head = on_head
         self.unix_path = unix_path
         self.name = name
         self.wants = wants
@@ -314,6 +321,12 @@ class FeedLink:
             raise ControlError(f"parent error: {msg.get('message')!r}")
         if kind == "confirmed":
             self.on_confirmed(self, *parse_confirmed(msg))
+            return
+        if kind == "head":
+            header = msg.get("header")
+            if not isinstance(header, dict):
+                raise ControlError("head needs a header object")
+            self.on_head(self, header)
             return
         raise ControlError(f"unexpected control message {kind!r}")
 

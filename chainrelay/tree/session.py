@@ -23,6 +23,9 @@ Rules (everything that decides what a child is sent lives here):
 - A child accepts the first copy of each identity (``Dedup``) and tracks positions
   (``Positions``): a frame past the next expected position reveals a gap to backfill; a
   frame at or below a position already delivered, with a new identity, is a reorg.
+- Between the workers of one node (``serve --workers N``) the feeder also sends each new
+  head's header (``head``) as soon as it has it, before the block's frame: the others
+  announce it to their newHeads subscribers at once, as the feeder does to its own.
 """
 
 from __future__ import annotations
@@ -371,6 +374,13 @@ def welcome_entry(want: Want, backlog: Backlog, gap: Gap | None) -> dict[str, An
 
 def encode_bye(reason: str) -> bytes:
     return orjson.dumps({"type": "bye", "reason": reason})
+
+
+def encode_head(header: dict[str, Any]) -> bytes:
+    """A head's header, ahead of its block's frame: sent only to the other workers of the
+    parent's own node (``serve --workers N``), whose newHeads subscribers then get it as
+    early as the feeder's own do. No other child is sent one."""
+    return orjson.dumps({"type": "head", "header": header})
 
 
 def encode_error(message: str) -> bytes:

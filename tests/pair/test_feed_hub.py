@@ -731,6 +731,18 @@ async def test_a_feeders_fan_out_writes_the_nodes_other_workers_first() -> None:
     assert order == ["sibling"] * 2 + ["child"] * 6
     # The node's own workers are not counted among the tree's children.
     assert parent.metrics.feed_children.labels(STREAM)._value.get() == len(children)
+    # A new head's header goes to them alone, ahead of its block's frame.
+    header = {"number": "0x2", "hash": "0x" + block_hash(2).hex()}
+    parent.announce_head(header)
+    parent.publish(frame(2))
+    for p in [*children, *siblings]:
+        await has(p, 2)
+    for p in siblings:
+        assert [t for t in p.child.texts if t["type"] == "head"] == [
+            {"type": "head", "header": header}
+        ]
+    for p in children:
+        assert all(t["type"] != "head" for t in p.child.texts)
     for p in [*children, *siblings]:
         await has(p, 1)
     for p in siblings:

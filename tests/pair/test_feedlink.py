@@ -25,6 +25,7 @@ from chainrelay.tree.session import (
     Hello,
     Want,
     encode_error,
+    encode_head,
     encode_welcome,
     parse_hello,
 )
@@ -353,3 +354,24 @@ def test_a_parent_away_for_thousands_of_connects_is_still_retried() -> None:
     link = make_link(f"ws://127.0.0.1:{free_port()}/feed", rec, retry_delay=0.25, retry_max=5.0)
     link.failures = 5000  # hours of a parent's absence, at retry_max apart
     assert link._backoff() == 5.0
+
+
+async def test_a_feeders_early_head_reaches_the_caller(scripted: Any) -> None:
+    header = {"number": "0x8", "hash": "0x" + "08" * 32, "parentHash": "0x" + "07" * 32}
+
+    async def script(conn: ServerConnection, hello: Hello) -> None:
+        await conn.send(encode_welcome([{"stream": STREAM}]).decode())
+        await conn.send(encode_head(header).decode())
+        await conn.send(b"frame eight")
+
+    _parent, url = await scripted(script)
+    rec = Recorder()
+    heads: list[dict[str, Any]] = []
+    link = make_link(url, rec, on_head=lambda _link, h: heads.append(h))
+    await link.start()
+    try:
+        await until(lambda: rec.frames == [b"frame eight"], 5 * SECOND, "the frame")
+        assert heads == [header]
+        assert link.sessions == 1
+    finally:
+        await link.stop()
