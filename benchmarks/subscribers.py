@@ -525,9 +525,10 @@ def main(argv: list[str] | None = None) -> int:
             "## `subscribers.py`",
             f"{args.subscribers} WebSocket `newHeads` subscribers on one relay (one process, "
             "then worker processes sharing the port) in front of anvil (followed over "
-            "WebSocket). Times per block are the kernel's receive times of each subscriber's "
-            "read (SO_TIMESTAMPNS), read after the fan-out by one client process; anvil's own "
-            "subscriber marks the head's arrival.",
+            "WebSocket; under workers by the feeder worker alone, which passes each head to "
+            "the others as it adopts it). Times per block are the kernel's receive times of "
+            "each subscriber's read (SO_TIMESTAMPNS), read after the fan-out by one client "
+            "process; anvil's own subscriber marks the head's arrival.",
             common.machine_line(m),
             common.table(["relay", "per block, ms", "p50", "p99"], rows),
             *texts,
