@@ -87,7 +87,7 @@ class BlockFiller:
         if misses > MISSES_BEFORE_FILL[kind]:
             seen.move_to_end(key)
             return  # filled, or under way
-        if not self._vouched(number, block_hash):
+        if not self.warmer.vouched(number, block_hash):
             return
         seen[key] = misses
         seen.move_to_end(key)
@@ -111,11 +111,6 @@ class BlockFiller:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _vouched(self, n: int, h: str) -> bool:
-        view = self.head.view
-        known = view.canonical.get(n)
-        return known == h if known is not None else 0 <= n <= view.finalized
-
     async def _fill(self, kind: str, n: int, h: str) -> None:
         try:
             ok = await (self._receipts(n, h) if kind == "receipts" else self._transactions(n, h))
@@ -137,7 +132,7 @@ class BlockFiller:
         if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
             return False  # another block by now: nothing to warm
         await self.warmer.warm_receipts(n, h, receipts, answer.result)
-        if self.on_logs is not None and self._vouched(n, h):
+        if self.on_logs is not None and self.warmer.vouched(n, h):
             self.on_logs(n, h, logs_of_receipts(receipts))
         return True
 

@@ -91,7 +91,7 @@ class CacheWarmer:
         try:
             chunk = 0
             for method, params, value, decoded in puts:
-                if chunk == 0 and not self._vouched(n, h):
+                if chunk == 0 and not self.vouched(n, h):
                     return  # reorged away meanwhile: its data answers nothing now
                 self._put(
                     method, params, value if value is not None else orjson.dumps(decoded), n, h
@@ -108,8 +108,9 @@ class CacheWarmer:
         finally:
             self.metrics.cache_bytes.set(self.cache.bytes)
 
-    def _vouched(self, n: int, h: str) -> bool:
-        """The block is canonical as far as the head knows (in its window), or final."""
+    def vouched(self, n: int, h: str) -> bool:
+        """Block ``n`` ``h`` is canonical as far as the head knows (in its window), or
+        final: what the node can vouch for, and so serve."""
         view = self.head.view
         known = view.canonical.get(n)
         return known == h if known is not None else 0 <= n <= view.finalized
