@@ -31,6 +31,10 @@ REPLAY_TIMED_EVERY = 1024
 # What an upstream call ends in: an answer, a JSON-RPC error answer, or no usable answer.
 UPSTREAM_OUTCOMES = ("ok", "error", "transport_error")
 
+# How long the node's loop was held (its lag, a GC pause): fine around the 2 ms that a burst
+# of clients should never wait for, coarse up to the second a full collection can take.
+STALL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -213,7 +217,7 @@ class Metrics:
             "chainrelay_event_loop_lag_seconds",
             "How late a timer due on the event loop fired (chainrelay/looplag.py): the wait a"
             " request arriving then saw before the loop turned to it",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            buckets=STALL_BUCKETS,
             registry=r,
         )
         self.gc_pause = Histogram(
@@ -221,7 +225,7 @@ class Metrics:
             "Pauses of Python's garbage collector, by generation (2: every object the node"
             " holds is walked)",
             ["generation"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            buckets=STALL_BUCKETS,
             registry=r,
         )
         self.pending_tx_skipped = Counter(
