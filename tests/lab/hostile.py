@@ -1,0 +1,131 @@
+"""What the hostile-client tests measure: a node's RSS, read from ``/proc``, and the latency
+a well-behaved client sees while an attack runs.
+
+``Rss`` reads the resident set of a relay process (``VmRSS``, and ``VmHWM``, its peak).
+``Bystander`` is the well-behaved client: one keep-alive HTTP connection asking a cheap
+call (``eth_chainId``, answered from what the node knows) one at a time, for as long as
+the attack runs; its p99 must stay under ``BYSTANDER_P99``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from types import TracebackType
+
+import aiohttp
+
+MiB = 1024 * 1024
+# The bounds the hostile-client tests hold a node to: what one attack may make it grow by,
+# what all of them together may, and what a well-behaved client may wait meanwhile.
+ATTACK_RSS_GROWTH = 64 * MiB
+NODE_RSS_GROWTH = 256 * MiB
+BYSTANDER_P99 = 0.100
+_BODY = b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}'
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+class Rss:
+    """The resident set of one process, in bytes."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.now()
+
+    def now(self) -> int:
+        return _status_kib(self.pid, "VmRSS") * 1024
+
+    def peak(self) -> int:
+        """The highest RSS the process has had (``VmHWM``)."""
+        return _status_kib(self.pid, "VmHWM") * 1024
+
+    def growth(self) -> int:
+        """RSS now over RSS when this was made."""
+        return self.now() - self.start
+
+    def peak_growth(self) -> int:
+        """Peak RSS over RSS when this was made."""
+        return self.peak() - self.start
+
+
+class Bystander:
+    """A well-behaved client asking one cheap call at a time, for as long as it runs::
+
+        async with Bystander(relay.url) as b:
+            ... attack ...
+        assert b.p99() < BYSTANDER_P99
+
+    A call that fails or takes longer than ``timeout`` counts as ``timeout`` seconds (and
+    as a failure): a bystander that cannot get through is the worst latency there is.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0, pause: float = 0.005) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.pause = pause  # between calls: a client, not a flood
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Bystander:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1, force_close=False)
+        )
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._task is not None and self._session is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._session.close()
+
+    async def _run(self) -> None:
+        assert self._session is not None
+        headers = {"Content-Type": "application/json"}
+        while True:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    async with self._session.post(self.url, data=_BODY, headers=headers) as r:
+                        await r.read()
+                        ok = r.status == 200
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                ok = False
+            elapsed = time.perf_counter() - t0
+            if ok:
+                self.latencies.append(elapsed)
+            else:
+                self.failures += 1
+                self.latencies.append(self.timeout)
+            await asyncio.sleep(self.pause)
+
+    def p99(self) -> float:
+        """The 99th percentile of the calls made so far (at least one must have been)."""
+        got = sorted(self.latencies)
+        assert got, "the bystander made no call"
+        return got[min(len(got) - 1, int(len(got) * 0.99))]
+
+    def summary(self) -> str:
+        got = sorted(self.latencies)
+        if not got:
+            return "no calls"
+        return (
+            f"{len(got)} calls, {self.failures} failed, p50 {got[len(got) // 2] * 1e3:.1f} ms, "
+            f"p99 {self.p99() * 1e3:.1f} ms, max {got[-1] * 1e3:.1f} ms"
+        )
