@@ -57,6 +57,15 @@ MAX_HIT_TABLE_ENTRIES = 50_000
 # cheap next to decoding such a body, and a body may carry megabytes of params. A large
 # eth_call's calldata fits.
 MEMO_MAX_PARAMS_BYTES = 4096
+# Upstream calls under way for clients, node-wide; past it a miss is answered -32005 at once
+# (retry later) instead of queueing: 64 keep-alive connections per upstream x a few calls
+# each, ~16 upstream batches of 100 with room for single misses; far above what a node
+# answers at once without every client's latency rising together.
+MAX_UPSTREAM_IN_FLIGHT = 1024
+# The same per client address: a quarter of the node's, so one client cannot take it all;
+# a batch of 1000 misses goes a few upstream batches at a time within it, its later chunks
+# waiting for its earlier ones (within the call's deadline, else -32005).
+MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT = 256
 
 # --- Cache ---------------------------------------------------------------------------------
 # "memory": this process only; a node with one worker needs nothing else. "tiered" puts the
@@ -135,6 +144,10 @@ WS_PING_INTERVAL = 20.0
 # Largest message taken from a WebSocket upstream: a full BSC block with its transactions
 # stays far below, while debug_trace answers can reach tens of MiB.
 WS_MAX_MESSAGE_BYTES = 64 * MiB
+# Calls per JSON-RPC batch sent upstream (a client batch's misses go up in chunks this long):
+# many providers cap batches at 100 or less (geth's own cap is 1000); 100 calls in one
+# request instead of 100 requests.
+UPSTREAM_BATCH_LEN = 100
 # Smoothing of the latency EWMA: ~the last 10 calls dominate.
 LATENCY_EWMA_ALPHA = 0.1
 

@@ -25,7 +25,8 @@
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
         ├── UpstreamTimeout              -32002  every attempt timed out
-        └── UpstreamWrongChain           refused at start: the upstream serves another chain
+        ├── UpstreamWrongChain           refused at start: the upstream serves another chain
+        └── UpstreamOverloaded           -32005  upstream calls in flight at their bound: shed
 
 A JSON-RPC error that an upstream node *answered* (``execution reverted`` and the like) is
 not an exception here: it is the node's real answer and passes through unchanged.
@@ -199,6 +200,15 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamWrongChain(UpstreamError):
     code = -32003
+
+
+class UpstreamOverloaded(UpstreamError):
+    """The node's upstream calls in flight are at their bound (node-wide, or the caller's
+    own past its wait): the call was never sent. -32005, the code providers answer for
+    "limit exceeded": the caller may retry later. An ``UpstreamError`` so that every
+    caller waiting on the same answer (coalesced calls) gets it as such."""
+
+    code = -32005
 
 
 def error_code(exc: BaseException) -> int:

@@ -76,6 +76,10 @@ class LimitsConfig:
     max_hit_table_bytes: int = positive(d.MAX_HIT_TABLE_BYTES)
     max_hit_table_entries: int = positive(d.MAX_HIT_TABLE_ENTRIES)
     memo_max_params_bytes: int = positive(d.MEMO_MAX_PARAMS_BYTES)
+    # Upstream calls under way for clients: node-wide (past it -32005 at once), per client
+    # address (past it a client waits for its own earlier calls, within the call's deadline).
+    max_upstream_in_flight: int = positive(d.MAX_UPSTREAM_IN_FLIGHT)
+    max_upstream_in_flight_per_client: int = positive(d.MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT)
 
     def check(self) -> None:
         check_fields(self, "limits")
@@ -155,6 +159,8 @@ class PoolConfig:
     connections: int = d.UPSTREAM_CONNECTIONS
     ws_ping_interval: float = positive(d.WS_PING_INTERVAL)
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
+    # Calls per JSON-RPC batch sent upstream for a client batch's misses (1: no batches).
+    batch_len: int = positive(d.UPSTREAM_BATCH_LEN)
 
     def check(self) -> None:
         check_fields(self, "pool")

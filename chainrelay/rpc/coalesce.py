@@ -18,7 +18,7 @@ class Coalescer(Generic[T]):
     """
 
     def __init__(self) -> None:
-        self._inflight: dict[bytes, asyncio.Task[T]] = {}
+        self._inflight: dict[bytes, asyncio.Future[T]] = {}
         self.joined = 0  # callers that rode on another's call
 
     def __len__(self) -> int:
@@ -31,7 +31,7 @@ class Coalescer(Generic[T]):
     async def run(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> T:
         return await asyncio.shield(self.start(key, factory))
 
-    def start(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+    def start(self, key: bytes, factory: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
         """The call under way for ``key``, started from ``factory`` if there is none: for a
         caller that lets others join a call it may not wait for itself."""
         task = self._inflight.get(key)
@@ -45,12 +45,21 @@ class Coalescer(Generic[T]):
             self.joined += 1
         return task
 
-    def task(self, key: bytes) -> asyncio.Task[T] | None:
+    def task(self, key: bytes) -> asyncio.Future[T] | None:
         """The call under way for ``key``, if any (not joined: the caller only watches it)."""
         task = self._inflight.get(key)
         return task if task is not None and not task.done() else None
 
-    def _done(self, key: bytes, task: asyncio.Task[T]) -> None:
+    def promise(self, key: bytes) -> asyncio.Future[T]:
+        """A call for ``key`` that the caller runs itself and settles through the future
+        returned (a call of an upstream batch): others join it as they join a task. There
+        must be no call under way for ``key``."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        fut.add_done_callback(functools.partial(self._done, key))
+        return fut
+
+    def _done(self, key: bytes, task: asyncio.Future[T]) -> None:
         if self._inflight.get(key) is not task:
             return  # a newer call for the key, started once this one was done
         del self._inflight[key]

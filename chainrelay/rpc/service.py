@@ -23,6 +23,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Protocol
 
@@ -30,14 +31,23 @@ import orjson
 
 from chainrelay.chain.head import HeadTracker
 from chainrelay.config import LimitsConfig
-from chainrelay.errors import RequestError, UpstreamError, error_code, error_message
+from chainrelay.errors import (
+    RequestError,
+    UpstreamError,
+    UpstreamOverloaded,
+    UpstreamUnavailable,
+    error_code,
+    error_message,
+)
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import Forwarder
+from chainrelay.rpc.gate import UpstreamGate
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
+from chainrelay.server.peer import current_peer
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import Upstream
@@ -66,6 +76,9 @@ _CHAIN_ID = "eth_chainId"
 # Reads whose miss brings in the rest of their block (``chain.fill``).
 _FILLED_BY = frozenset({"eth_getTransactionReceipt", "eth_getTransactionByHash"})
 _BLOCK_NUMBER = "eth_blockNumber"
+# Kinds whose calls in a client batch keep their own path (``_fetch``'s), never an upstream
+# batch: writes go to every upstream, subscriptions and filters are the node's own.
+_OWN_PATH = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
 
 
 class SharedCache(Protocol):
@@ -112,6 +125,21 @@ Found = tuple[bytes, bytes | None, Entry | None]
 # An answer (or the awaitable of one), with the record that answered it from cache or
 # locally when a transport may replay it (see ``RpcService.serve``).
 Served = tuple[bytes | Awaitable[bytes | None], Seen | None]
+
+
+@dataclass(slots=True, eq=False)
+class Batched:
+    """A call of a client batch that goes upstream in an upstream batch (``_chunk``):
+    ``plan`` None for a read that is never cached; ``answer`` settled by its chunk, and
+    for a cached read listed in the coalescer, so identical calls join it."""
+
+    call: Call
+    started: float
+    plan: Plan | None
+    method: str
+    params: policy.Params | None
+    min_block: int
+    answer: asyncio.Future[Answer]
 
 
 class RpcService:
@@ -166,9 +194,19 @@ class RpcService:
         # (that call, the read's plan, how to pick its answer out of the call's). A client
         # that misses on one waits for that call instead of asking upstream; entries go
         # when the call ends (the follower then warms the cache with all of it).
-        self._derivable: dict[bytes, tuple[asyncio.Task[Answer], Plan, Callable[[Any], Any]]] = {}
+        self._derivable: dict[bytes, tuple[asyncio.Future[Answer], Plan, Callable[[Any], Any]]] = {}
         # Reads that are never cached, sent straight to a WebSocket upstream.
         self._forwarder = Forwarder(pool, metrics, head.view, self._answer_later, limits)
+        # Upstream calls under way for clients, node-wide and per client address.
+        self.gate = UpstreamGate(
+            limits.max_upstream_in_flight, limits.max_upstream_in_flight_per_client
+        )
+        # Calls per upstream batch, and how long a client's calls may wait for its own
+        # earlier ones (and a batch's chunks take in all): as long as one read may take,
+        # every attempt timed out.
+        self.batch_len = pool.settings.batch_len
+        self.call_budget = pool.settings.timeout * pool.settings.max_attempts
+        self._chunks: set[asyncio.Task[None]] = set()  # upstream batches under way
 
     # --- entry point -----------------------------------------------------------------
     def handle(self, body: bytes) -> bytes | Awaitable[bytes | None]:
@@ -210,7 +248,7 @@ class RpcService:
             if sent is not None:
                 return sent, None
         if found is _MISS or found is _UNCACHED:
-            return self._answer_later(item, started, uncached=found is _UNCACHED), None
+            return self._answer_gated(item, started, found is _UNCACHED), None
         rid = item.id
         if rid is None:
             return b"", None
@@ -220,8 +258,8 @@ class RpcService:
         return encode_result(rid, found[0]), record
 
     def _batch(self, items: list[Item]) -> bytes | Awaitable[bytes]:
-        parts: list[bytes | Awaitable[bytes | None] | None] = []
-        slow = False
+        parts: list[bytes | Awaitable[bytes | None] | Batched | None] = []
+        misses: list[tuple[int, Call, float, bool]] = []
         for item in items:
             if isinstance(item, bytes):
                 self.metrics.count("", "invalid", 0.0)
@@ -230,25 +268,201 @@ class RpcService:
             started = time.perf_counter()
             found = self._answer_now(item, started)
             if found is _MISS or found is _UNCACHED:
-                parts.append(self._answer_later(item, started, uncached=found is _UNCACHED))
-                slow = True
+                misses.append((len(parts), item, started, found is _UNCACHED))
+                parts.append(None)  # its answer, once ``_gather`` knows how it is served
             else:
                 parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
-        if not slow:
+        if not misses:
             return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
-        return self._gather(parts)
+        return self._gather(parts, misses)
 
-    async def _gather(self, parts: list[bytes | Awaitable[bytes | None] | None]) -> bytes:
-        waits = [p for p in parts if p is not None and not isinstance(p, bytes)]
-        done = iter(await asyncio.gather(*waits))
+    async def _gather(
+        self,
+        parts: list[bytes | Awaitable[bytes | None] | Batched | None],
+        misses: list[tuple[int, Call, float, bool]],
+    ) -> bytes:
+        """The answers of a batch's ``misses`` (at their index in ``parts``), then the
+        batch's answer, in the order of its calls.
+
+        Plain upstream reads go upstream as upstream batches of ``batch_len`` calls, each
+        chunk counted as that many calls in flight of the client (``_chunk``); every other
+        miss takes a single call's path."""
+        ups: list[Batched] = []
+        for at, call, started, uncached in misses:
+            parts[at] = self._batch_miss(call, started, uncached, ups)
+        chunks: list[asyncio.Task[None]] = []
+        if ups:
+            who = current_peer()
+            deadline = asyncio.get_running_loop().time() + self.call_budget
+            size = self.batch_len
+            for i in range(0, len(ups), size):
+                chunk = ups[i : i + size]
+                task = asyncio.ensure_future(self._chunk(chunk, who, deadline))
+                self._chunks.add(task)  # runs on for its joiners if this batch's client goes
+                task.add_done_callback(self._chunks.discard)
+                chunks.append(task)
+        waits = [p for p in parts if p is not None and not isinstance(p, bytes | Batched)]
+        # A chunk's calls may have been joined by others: a client gone cancels its own wait
+        # only, never the chunk (which settles every call of it, whatever happens).
+        got = await asyncio.gather(*waits, *(asyncio.shield(c) for c in chunks))
+        done = iter(got)
         out: list[bytes] = []
         for p in parts:
             if p is None:
                 continue
-            got = p if isinstance(p, bytes) else next(done)
-            if got:
-                out.append(got)
+            if isinstance(p, bytes):
+                answer: bytes | None = p
+            elif isinstance(p, Batched):
+                answer = self._batched_answer(p)
+            else:
+                answer = next(done)
+            if answer:
+                out.append(answer)
         return join_batch(out) if out else b""
+
+    def _batch_miss(
+        self, call: Call, started: float, uncached: bool, ups: list[Batched]
+    ) -> bytes | Awaitable[bytes | None] | Batched | None:
+        """How one miss of a client batch is served, as ``_fetch`` would serve it alone: a
+        plain upstream read is added to ``ups`` (its upstream batches); writes,
+        subscriptions, filters, reads the node may answer itself (eth_getLogs from the
+        block logs it holds, a block follower's call under way, the shared tier) and
+        reads joining an identical one under way take the single call's path."""
+        method = call.method
+        rule = _RULES.get(method)
+        params = call.params if call.has_params else None
+        if rule is None or uncached:
+            return self._batched(ups, call, started, None, params)
+        if rule.kind in _OWN_PATH:
+            return self._answer_gated(call, started)
+        p = policy.plan(method, call.params, self.view)
+        key = p.key
+        if key is None:
+            return self._batched(ups, call, started, None, params)
+        entry = self.cache.get(key)
+        if entry is not None and self._still_canonical(entry):
+            self.metrics.hits += 1
+            self.metrics.count(method, "hit", time.perf_counter() - started)
+            return encode_result(call.id, entry.value) if call.id is not None else None
+        if key in self._coalescer or key in self._derivable:
+            return self._answer_later(call, started)  # joins: no upstream call of its own
+        if self.shared is not None or (method == "eth_getLogs" and self.local_logs is not None):
+            return self._answer_gated(call, started)
+        self.metrics.misses += 1
+        note = self.note_miss
+        if note is not None:
+            note(method)
+        fwd = p.params if p.params is not None else params
+        return self._batched(ups, call, started, p, fwd)
+
+    def _batched(
+        self,
+        ups: list[Batched],
+        call: Call,
+        started: float,
+        p: Plan | None,
+        params: policy.Params | None,
+    ) -> Batched:
+        if p is None:
+            fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+            item = Batched(call, started, None, call.method, params, -1, fut)
+        else:
+            assert p.key is not None
+            fut = self._coalescer.promise(p.key)
+            item = Batched(call, started, p, call.method, params, p.min_block, fut)
+        ups.append(item)
+        return item
+
+    async def _chunk(self, items: list[Batched], who: str, deadline: float) -> None:
+        """Ask upstream for ``items`` as one upstream batch (one call when alone), counted
+        as that many calls in flight of ``who``, and settle each: stored as a single call's
+        answer is (``_store``), then handed to whoever waits on it. Never raises: every
+        call of the chunk is settled, an error being its answer."""
+        n = len(items)
+        gate = self.gate
+        try:
+            await gate.enter(who, n, deadline, items[0].method)
+        except UpstreamError as exc:
+            _settle_failed(items, exc)
+            return
+        try:
+            got: list[Answer | UpstreamError]
+            if n == 1:
+                it = items[0]
+                try:
+                    got = [await self.pool.call(it.method, it.params, it.min_block)]
+                except UpstreamError as exc:
+                    got = [exc]
+            else:
+                calls = [(it.method, it.params) for it in items]
+                min_block = max(it.min_block for it in items)
+                got = await self.pool.call_batch(calls, min_block, deadline=deadline)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                _settle_failed(items, UpstreamUnavailable("call abandoned"))
+                raise
+            log.exception("internal error serving an upstream batch")
+            _settle_failed(items, exc)
+            return
+        finally:
+            gate.leave(who, n)
+        for it, answer in zip(items, got, strict=True):
+            if isinstance(answer, Answer):
+                if it.plan is not None:
+                    self._store(it.plan, answer)
+                    self._fill_block(it.method, answer)
+                it.answer.set_result(answer)
+            else:
+                _settle_failed([it], answer)
+
+    def _batched_answer(self, item: Batched) -> bytes | None:
+        """The answer of a call its chunk settled, counted and addressed as
+        ``_answer_later`` answers a call alone."""
+        call = item.call
+        method = item.method
+        rid = call.id or NULL_ID
+        elapsed = time.perf_counter() - item.started
+        exc = item.answer.exception()
+        if exc is not None:
+            self.metrics.count(method, "error", elapsed)
+            if isinstance(exc, UpstreamOverloaded):  # never sent: no upstream to name
+                return encode_error(rid, exc.code, exc.message)
+            if isinstance(exc, UpstreamError):
+                log.warning("%s", exc)
+                data = {"upstream": exc.upstream, "attempts": exc.attempts}
+                return encode_error(rid, error_code(exc), error_message(exc), data)
+            return encode_error(rid, -32603, "internal error")
+        self.metrics.count(method, "pass" if item.plan is None else "miss", elapsed)
+        if call.id is None:
+            return None
+        answer = item.answer.result()
+        if answer.error is not None:
+            return encode_error_raw(rid, answer.error)
+        assert answer.result is not None
+        return encode_result(rid, answer.result)
+
+    async def _answer_gated(
+        self, call: Call, started: float, uncached: bool = False
+    ) -> bytes | None:
+        """``_answer_later`` once the client's upstream calls in flight leave room for one
+        more (``UpstreamGate``): at once on the usual path, else after its own earlier calls
+        end; -32005 when the node is at its bound or the wait would pass the call's
+        deadline."""
+        gate = self.gate
+        who = current_peer()
+        if not gate.enter_now(who, 1):
+            deadline = asyncio.get_running_loop().time() + self.call_budget
+            try:
+                await gate.enter(who, 1, deadline, call.method)
+            except UpstreamError as exc:
+                self.metrics.count(call.method, "shed", time.perf_counter() - started)
+                if call.id is None:
+                    return None
+                return encode_error(call.id, error_code(exc), error_message(exc))
+        try:
+            return await self._answer_later(call, started, uncached=uncached)
+        finally:
+            gate.leave(who, 1)
 
     # --- the hot path ----------------------------------------------------------------
     def _answer_now(self, call: Call, started: float) -> Found | Lookup:
@@ -471,7 +685,7 @@ class RpcService:
         if task is not None:
             self._derive_from(task, derived)
 
-    def _derive_from(self, source: asyncio.Task[Answer], derived: Sequence[Derived]) -> None:
+    def _derive_from(self, source: asyncio.Future[Answer], derived: Sequence[Derived]) -> None:
         """Make each of ``derived`` answerable from the follower's call ``source`` while it
         runs. No task per read: a block of a thousand transactions costs a thousand dict
         entries, and nothing at all for the reads nobody makes."""
@@ -487,7 +701,7 @@ class RpcService:
         if keys:
             source.add_done_callback(partial(self._underivable, keys))
 
-    def _underivable(self, keys: list[bytes], source: asyncio.Task[Answer]) -> None:
+    def _underivable(self, keys: list[bytes], source: asyncio.Future[Answer]) -> None:
         table = self._derivable
         for key in keys:
             got = table.get(key)
@@ -495,7 +709,7 @@ class RpcService:
                 del table[key]
 
     async def _from_follower(
-        self, source: asyncio.Task[Answer], p: Plan, derive: Callable[[Any], Any]
+        self, source: asyncio.Future[Answer], p: Plan, derive: Callable[[Any], Any]
     ) -> Answer | None:
         """A client read answered from the follower's call ``source`` (see
         ``_derive_from``), stored; None when that call fails or holds no answer for it:
@@ -561,6 +775,16 @@ class RpcService:
         self.cache.put(how.key, entry)
         self.metrics.cache_bytes.set(self.cache.bytes)
         return entry
+
+
+def _settle_failed(items: list[Batched], exc: BaseException) -> None:
+    """Settle the calls of ``items`` not settled yet with ``exc``, marked as read: a call
+    whose client went away leaves no "exception never retrieved" behind."""
+    for it in items:
+        fut = it.answer
+        if not fut.done():
+            fut.set_exception(exc)
+            fut.exception()
 
 
 def _memo_size(key: tuple[str, bytes], cache_key: bytes | None) -> int:

@@ -23,7 +23,13 @@ from chainrelay.errors import (
 )
 from chainrelay.metrics import Metrics
 from chainrelay.server.peer import detached
-from chainrelay.upstreams.upstream import TransportError, Upstream, WsUpstream
+from chainrelay.upstreams.batching import BatchCall
+from chainrelay.upstreams.upstream import (
+    BatchUnsupported,
+    TransportError,
+    Upstream,
+    WsUpstream,
+)
 from chainrelay.wire.jsonrpc import Answer, Params
 
 log = logging.getLogger(__name__)
@@ -248,6 +254,64 @@ class UpstreamPool:
                 last = exc
         raise _no_answer(order, attempts, last, method)
 
+    async def call_batch(
+        self,
+        calls: Sequence[BatchCall],
+        min_block: int = -1,
+        *,
+        deadline: float | None = None,
+    ) -> list[Answer | UpstreamError]:
+        """Reads sent as one JSON-RPC batch: each one's answer, in order, or the
+        ``UpstreamError`` it got. The batch is tried on the candidates in turn as ``call``
+        tries one read (never hedged: a batch is not raced); an upstream that refuses it
+        (``BatchUnsupported``) has its reads asked one by one through ``call``.
+        ``deadline`` (``loop.time()``, None: none) bounds the whole of it."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._batch_in_turn(calls, min_block)
+        except TimeoutError:
+            err = UpstreamTimeout(
+                "batch past its deadline", method=_methods(calls), upstream="", attempts=1
+            )
+            return [err] * len(calls)
+
+    async def _batch_in_turn(
+        self, calls: Sequence[BatchCall], min_block: int
+    ) -> list[Answer | UpstreamError]:
+        upstreams = self.upstreams
+        order = upstreams if len(upstreams) == 1 else self.candidates(min_block)
+        attempts = self.settings.max_attempts
+        last: TransportError | None = None
+        for i in range(attempts):
+            u = order[i % len(order)]
+            try:
+                return list(await u.call_batch(calls))
+            except BatchUnsupported as exc:
+                log.debug("upstream %s: %s; asking call by call", u.name, exc)
+                return await self._one_by_one(calls, min_block)
+            except TransportError as exc:
+                self._mark_failed(u)
+                log.debug("upstream %s batch of %d failed: %s", u.name, len(calls), exc)
+                last = exc
+        err = _no_answer(order, attempts, last, _methods(calls))
+        return [err] * len(calls)
+
+    async def _one_by_one(
+        self, calls: Sequence[BatchCall], min_block: int
+    ) -> list[Answer | UpstreamError]:
+        """A refused batch's reads, each through ``call`` (all at once: the caller counted
+        them as that many calls in flight)."""
+        got = await asyncio.gather(
+            *(self.call(m, p, min_block) for m, p in calls), return_exceptions=True
+        )
+        out: list[Answer | UpstreamError] = []
+        for r in got:
+            if isinstance(r, Answer | UpstreamError):
+                out.append(r)
+            else:
+                raise r
+        return out
+
     def _settled(self, task: asyncio.Task[Answer]) -> None:
         """A write's copy to one upstream ended; one still going after the first answer was
         sent has its failure read here (the upstream's, counted by ``_attempt``)."""
@@ -306,6 +370,11 @@ def _tx_hash(raw: object) -> bytes:
         data = bytes.fromhex(str(raw)[2:])
         return b'"0x' + keccak(data).hex().encode() + b'"'
     return b"null"
+
+
+def _methods(calls: Sequence[BatchCall]) -> str:
+    """The methods of a batch, for its errors: each once, in first-seen order."""
+    return ",".join(dict.fromkeys(m for m, _ in calls))
 
 
 def _no_answer(

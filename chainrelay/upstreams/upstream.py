@@ -11,7 +11,7 @@ import ssl
 import time
 import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,7 @@ from websockets.uri import WebSocketURI, parse_uri
 from chainrelay import defaults
 from chainrelay.config import PoolConfig, UpstreamConfig
 from chainrelay.server.peer import current_via
+from chainrelay.upstreams.batching import BatchCall, NotABatchAnswer, encode_batch, parse_batch
 from chainrelay.wire import wsframes
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
 
@@ -61,6 +62,16 @@ class TransportError(Exception):
         # take every node out.
         self.malformed = malformed or loop
         self.loop = loop
+
+
+class BatchUnsupported(TransportError):
+    """The upstream answered a batch with something else than an answer to each of its
+    calls (an HTTP error status, an error object, an array missing ids): the calls are
+    asked one by one. Not counted against the upstream's health: it answers, only not
+    batches (or not batches this long)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, malformed=True)
 
 
 Notify = Callable[[str, Any], None]
@@ -137,6 +148,41 @@ class Upstream:
             raise
         self.answered(time.perf_counter() - started, answer.error is not None)
         return answer
+
+    async def call_batch(self, calls: Sequence[BatchCall]) -> list[Answer]:
+        """``calls`` as one JSON-RPC batch: their answers, in order. Raises
+        ``BatchUnsupported`` when the upstream does not answer the batch as one, and
+        ``TransportError`` as ``call`` does.
+
+        Counted as one call of the upstream; its time is not a latency sample (a batch is
+        slower than the call the hedging quantile is about)."""
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            raw, first_id = await self._batch_roundtrip(calls)
+            if len(raw) > LARGE_ANSWER_BYTES:
+                await asyncio.sleep(0)  # see LARGE_ANSWER_BYTES
+            try:
+                answers = parse_batch(raw, first_id, len(calls))
+            except NotABatchAnswer as exc:
+                raise BatchUnsupported(f"batch of {len(calls)} refused: {exc}") from None
+        except TimeoutError:
+            self._failed()
+            self._observe("transport_error", started)
+            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+        except TransportError as exc:
+            if not exc.malformed:
+                self._failed()
+            self._observe("transport_error", started)
+            raise
+        self.consecutive_errors = 0
+        self._observe("ok", started)
+        return answers
+
+    async def _batch_roundtrip(self, calls: Sequence[BatchCall]) -> tuple[bytes, int]:
+        """The raw answer to the batch of ``calls``, and the id of its first call."""
+        async with asyncio.timeout(self.timeout):
+            return await self.request(encode_batch(1, calls)), 1
 
     def answered(self, elapsed: float, is_error: bool) -> None:
         """Measure a call the upstream answered (a JSON-RPC error is an answer too)."""
@@ -232,6 +278,29 @@ class HttpUpstream(Upstream):
         if status != 200 and (status == 429 or status >= 500 or not data.lstrip().startswith(b"{")):
             raise TransportError(f"HTTP {status}")
         return data
+
+    async def _batch_roundtrip(self, calls: Sequence[BatchCall]) -> tuple[bytes, int]:
+        """One POST of the batch, within the session's timeout. An HTTP error status other
+        than 429 (slow down: another upstream is asked) refuses the batch."""
+        session = self._session
+        assert session is not None, "upstream not started"
+        came = current_via()
+        headers = {"Via": f"{came}, {self.via}"} if came and self.via else None
+        try:
+            async with session.post(self.url, data=encode_batch(1, calls), headers=headers) as resp:
+                data = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from None
+        if status == LOOP_DETECTED:
+            raise TransportError("the request came round to a relay it passed", loop=True)
+        if status == 429:
+            raise TransportError("HTTP 429")
+        if status != 200:
+            raise BatchUnsupported(f"HTTP {status}")
+        return data, 1
 
 
 class _WsLink(asyncio.Protocol):
@@ -554,6 +623,9 @@ class WsUpstream(Upstream):
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return
+        if isinstance(doc, list):
+            self._batch_answered(doc, raw)
+            return
         if not isinstance(doc, dict):
             return
         if doc.get("method") == "eth_subscription":
@@ -571,6 +643,19 @@ class WsUpstream(Upstream):
             if self._sub_calls:
                 self._subscribed(doc_id, raw)
             fut.set_result(raw)
+
+    def _batch_answered(self, doc: list[Any], raw: bytes) -> None:
+        """An answer to a batch (``call_batch``): every call of it waits on one future,
+        given the whole array by the first id of it found here."""
+        pending = self._pending
+        for member in doc:
+            rid = member.get("id") if isinstance(member, dict) else None
+            if isinstance(rid, int):
+                fut = pending.pop(rid, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(raw)
+                    return
 
     def _subscribed(self, rid: int, raw: bytes) -> None:
         """Register the subscription an eth_subscribe answer names, before its caller
@@ -610,6 +695,34 @@ class WsUpstream(Upstream):
             pending.pop(rid, None)
             if subscriber is not None:
                 self._sub_calls.pop(rid, None)
+            while deadlines and deadlines[0][1] not in pending:
+                deadlines.popleft()
+
+    async def _batch_roundtrip(self, calls: Sequence[BatchCall]) -> tuple[bytes, int]:
+        """One message of the batch; the answer array comes back as one message, paired
+        by any id of it (``_batch_answered``). The batch's deadline is its first id's."""
+        link = self._link or await self._connection()
+        await link.writable()
+        n = len(calls)
+        first = next(self._ids)
+        for _ in range(n - 1):
+            next(self._ids)  # the batch's ids: first .. first + n - 1, nothing awaited between
+        ids = range(first, first + n)
+        loop = link.loop
+        fut: asyncio.Future[bytes] = loop.create_future()
+        pending = self._pending
+        for rid in ids:
+            pending[rid] = fut
+        deadlines = self._deadlines
+        deadlines.append((loop.time() + self.timeout, first))
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        try:
+            link.send(encode_batch(first, calls))
+            return await fut, first
+        finally:
+            for rid in ids:
+                pending.pop(rid, None)
             while deadlines and deadlines[0][1] not in pending:
                 deadlines.popleft()
 

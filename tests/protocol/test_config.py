@@ -239,11 +239,12 @@ def test_hit_table_and_memo_bounds_are_limits_and_must_be_positive() -> None:
 POSITIVE_KEYS = {
     "server": "workers",
     "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
-    "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes",
+    "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes "
+    "max_upstream_in_flight max_upstream_in_flight_per_client",
     "cache": "memory_bytes max_entry_bytes logs_bytes redis_max_entry_bytes "
     "redis_ttl_unfinalized redis_lock_ttl redis_timeout redis_connect_timeout "
     "redis_retry_interval redis_max_connections",
-    "pool": "max_attempts ws_ping_interval ws_max_message_bytes",
+    "pool": "max_attempts ws_ping_interval ws_max_message_bytes batch_len",
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
     "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "
     "max_topics_per_position",
