@@ -1,0 +1,223 @@
+"""A client batch is one unit of upstream work: its misses go upstream as JSON-RPC batches,
+each call answered as it would be alone. No sockets: the upstream is an in-memory node
+that answers singles and batches the way geth does (compact, one answer per id)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import PROFILES
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
+from chainrelay.metrics import Metrics
+from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc.service import RpcService
+from chainrelay.server.peer import enter_peer, leave_peer
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
+from tests.protocol.test_rpc_hits import head_at
+
+
+def balance_of(address: str) -> str:
+    return hex(int(address, 16) % 1_000_003 * 10**15)
+
+
+class MemoryNode(Upstream):
+    """Answers eth_getBalance (from the address), eth_call (reverts) and eth_gasPrice;
+    ``refuse``: answers a batch with one error object, as providers without batches do;
+    ``hold``: requests wait until it is set."""
+
+    def __init__(self, *, refuse: bool = False) -> None:
+        super().__init__("mem", "mem://", timeout=30, connections=1)
+        self.refuse = refuse
+        self.requests: list[Any] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def request(self, body: bytes) -> bytes:
+        doc = orjson.loads(body)
+        self.requests.append(doc)
+        await self.hold.wait()
+        if isinstance(doc, list):
+            if self.refuse:
+                return b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"no batches"}}'
+            return b"[" + b",".join(self._answer(d) for d in reversed(doc)) + b"]"
+        return self._answer(doc)
+
+    def _answer(self, d: dict[str, Any]) -> bytes:
+        head = b'{"jsonrpc":"2.0","id":' + orjson.dumps(d["id"])
+        if d["method"] == "eth_call":
+            return head + b',"error":{"code":3,"message":"execution reverted","data":"0x"}}'
+        if d["method"] == "eth_gasPrice":
+            return head + b',"result":"0x3b9aca00"}'
+        if d["method"] == "eth_getBalance":
+            return head + b',"result":"' + balance_of(d["params"][0]).encode() + b'"}'
+        return head + b',"result":{"method":' + orjson.dumps(d["method"]) + b"}}"
+
+    def sent(self) -> int:
+        return sum(len(r) if isinstance(r, list) else 1 for r in self.requests)
+
+
+def make_service(node: MemoryNode, **limits: int) -> RpcService:
+    metrics = Metrics()
+    pool = UpstreamPool([node], PoolConfig(hedge=False), metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
+    head_at(head.view, 100)
+    return RpcService(
+        MemoryCache(1 << 24, 1 << 20), pool, head, metrics, 56, LimitsConfig(**limits)
+    )
+
+
+def address(i: int) -> str:
+    return "0x" + f"{i + 1:x}".rjust(40, "0")
+
+
+def get_balance(i: int, id_: object, block: str = "0x5a") -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "method": "eth_getBalance", "params": [address(i), block]}
+
+
+async def answer(service: RpcService, body: bytes, peer: str = "10.0.0.1") -> bytes:
+    got = service.handle(body)
+    if isinstance(got, bytes):
+        return got
+    token = enter_peer(peer)
+    task = asyncio.ensure_future(got)
+    leave_peer(token)
+    out = await task
+    assert out is not None
+    return out
+
+
+async def test_a_batch_of_250_distinct_misses_costs_three_upstream_requests_in_call_order() -> None:
+    node = MemoryNode()
+    service = make_service(node)
+    batch = [get_balance(i, i if i % 2 else f"c{i}") for i in range(250)]
+    got = orjson.loads(await answer(service, orjson.dumps(batch)))
+    assert len(node.requests) == 3 and [len(r) for r in node.requests] == [100, 100, 50]
+    assert [a["id"] for a in got] == [b["id"] for b in batch]
+    assert all(a["result"] == balance_of(address(i)) for i, a in enumerate(got))
+    # Stored as single calls' answers are: the same batch again costs nothing.
+    again = await answer(service, orjson.dumps(batch))
+    assert orjson.loads(again) == got and len(node.requests) == 3
+    assert service.gate.counts.total == 0
+
+
+async def test_each_answer_is_byte_for_byte_what_the_call_alone_gets() -> None:
+    calls = [
+        get_balance(0, 1, "latest"),
+        get_balance(1, "x", "pending"),  # never cached
+        {"jsonrpc": "2.0", "id": 3, "method": "eth_call", "params": [{"to": address(2)}, "0x5a"]},
+        {"jsonrpc": "2.0", "id": 4, "method": "eth_gasPrice"},  # params omitted
+        {"jsonrpc": "2.0", "method": "eth_getBalance", "params": [address(5), "0x5a"]},  # no id
+        {"jsonrpc": "2.0", "id": 6, "method": "web3_sha3x", "params": []},  # unknown to policy
+    ]
+    alone = make_service(MemoryNode())
+    singles = [await answer(alone, orjson.dumps(c)) for c in calls[:4]]
+    singles.append(await answer(alone, orjson.dumps(calls[5])))
+    node = MemoryNode()
+    batched = await answer(make_service(node), orjson.dumps(calls))
+    assert batched == b"[" + b",".join(singles) + b"]"
+    assert len(node.requests) == 1
+    sent = {d["id"]: d for d in node.requests[0]}
+    assert "params" not in next(d for d in sent.values() if d["method"] == "eth_gasPrice")
+
+
+async def test_hits_are_not_sent_and_duplicates_in_a_batch_cost_one_call() -> None:
+    node = MemoryNode()
+    service = make_service(node)
+    await answer(service, orjson.dumps([get_balance(i, i) for i in range(10)]))
+    node.requests.clear()
+    batch = [get_balance(i, i) for i in range(20)] + [get_balance(15, "dup")]
+    got = orjson.loads(await answer(service, orjson.dumps(batch)))
+    assert [len(r) for r in node.requests] == [10]
+    assert {d["params"][0] for d in node.requests[0]} == {address(i) for i in range(10, 20)}
+    assert got[-1] == {"jsonrpc": "2.0", "id": "dup", "result": balance_of(address(15))}
+
+
+async def test_a_concurrent_single_call_joins_the_batchs_call_and_the_batch_joins_one() -> None:
+    node = MemoryNode()
+    service = make_service(node)
+    node.hold.clear()
+    single = asyncio.ensure_future(answer(service, orjson.dumps(get_balance(0, "s"))))
+    await asyncio.sleep(0.01)
+    batch = asyncio.ensure_future(
+        answer(service, orjson.dumps([get_balance(i, i) for i in range(5)]), "10.0.0.2")
+    )
+    await asyncio.sleep(0.01)
+    late = asyncio.ensure_future(answer(service, orjson.dumps(get_balance(3, "late")), "10.0.0.3"))
+    await asyncio.sleep(0.01)
+    node.hold.set()
+    await asyncio.gather(single, batch, late)
+    assert node.sent() == 5  # address 0 by the single call, 1..4 in one batch
+    assert [len(r) if isinstance(r, list) else 1 for r in node.requests] == [1, 4]
+    assert orjson.loads(late.result())["result"] == balance_of(address(3))
+    assert service.metrics.coalesced._value.get() == 2
+
+
+async def test_a_provider_that_refuses_batches_is_asked_call_by_call() -> None:
+    node = MemoryNode(refuse=True)
+    service = make_service(node)
+    batch = [get_balance(i, i) for i in range(120)]
+    got = orjson.loads(await answer(service, orjson.dumps(batch)))
+    assert [a["result"] for a in got] == [balance_of(address(i)) for i in range(120)]
+    assert len(node.requests) == 2 + 120  # two refused batches, then each call
+    assert node.consecutive_errors == 0 and node.healthy
+
+
+async def test_past_the_node_bound_the_batch_is_answered_minus_32005_at_once() -> None:
+    node = MemoryNode()
+    service = make_service(node, max_upstream_in_flight=100)
+    node.hold.clear()
+    first = asyncio.ensure_future(
+        answer(service, orjson.dumps([get_balance(i, i) for i in range(100)]), "10.0.0.1")
+    )
+    await asyncio.sleep(0.01)
+    shed = await answer(
+        service, orjson.dumps([get_balance(i, i) for i in range(100, 200)]), "10.0.0.2"
+    )
+    assert {a["error"]["code"] for a in orjson.loads(shed)} == {-32005}
+    single = await answer(service, orjson.dumps(get_balance(500, 1)), "10.0.0.3")
+    assert orjson.loads(single)["error"] == {"code": -32005, "message": "node overloaded, retry later"}
+    node.hold.set()
+    assert all("result" in a for a in orjson.loads(await first))
+    assert len(node.requests) == 1 and service.gate.counts.total == 0
+
+
+async def test_a_client_past_its_own_bound_goes_a_few_chunks_at_a_time() -> None:
+    node = MemoryNode()
+    service = make_service(node, max_upstream_in_flight_per_client=200)
+    node.hold.clear()
+    batch = asyncio.ensure_future(
+        answer(service, orjson.dumps([get_balance(i, i) for i in range(500)]))
+    )
+    await asyncio.sleep(0.01)
+    assert len(node.requests) == 2  # 200 calls in flight: the other chunks wait
+    assert service.gate.counts.held == {"10.0.0.1": 200}
+    assert service.gate.enter_now("10.0.0.9", 1)  # another client is not held up
+    service.gate.leave("10.0.0.9", 1)
+    node.hold.set()
+    got = orjson.loads(await batch)
+    assert [a["result"] for a in got] == [balance_of(address(i)) for i in range(500)]
+    assert [len(r) for r in node.requests if isinstance(r, list)] == [100] * 5
+
+
+@pytest.mark.parametrize("batch_len", [1, 7])
+async def test_the_chunk_length_is_the_pool_setting(batch_len: int) -> None:
+    node = MemoryNode()
+    metrics = Metrics()
+    pool = UpstreamPool([node], PoolConfig(hedge=False, batch_len=batch_len), metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
+    head_at(head.view, 100)
+    service = RpcService(MemoryCache(1 << 24, 1 << 20), pool, head, metrics, 56, LimitsConfig())
+    await answer(service, orjson.dumps([get_balance(i, i) for i in range(14)]))
+    assert node.sent() == 14 and len(node.requests) == 14 // batch_len
