@@ -187,7 +187,8 @@ async def test_past_the_node_bound_the_batch_is_answered_minus_32005_at_once() -
     )
     assert {a["error"]["code"] for a in orjson.loads(shed)} == {-32005}
     single = await answer(service, orjson.dumps(get_balance(500, 1)), "10.0.0.3")
-    assert orjson.loads(single)["error"] == {"code": -32005, "message": "node overloaded, retry later"}
+    overloaded = {"code": -32005, "message": "node overloaded, retry later"}
+    assert orjson.loads(single)["error"] == overloaded
     node.hold.set()
     assert all("result" in a for a in orjson.loads(await first))
     assert len(node.requests) == 1 and service.gate.counts.total == 0
