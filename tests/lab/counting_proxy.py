@@ -12,7 +12,11 @@ Run as a process of its own (a test must be able to SIGKILL it)::
   latest), in arrival order, as ``[peer port, method, params]``: the port of the client
   connection it came over, so a test can tell which process of the client made it.
 * ``GET /params?method=M``: the params of each of those calls of ``M``, in arrival order.
+* ``GET /requests``: ``{"requests": N}``, the HTTP requests and WebSocket messages that
+  carried those calls (a batch is one), since the start or the last reset.
 * ``POST /reset``: zero the counts and forget the calls.
+* ``--refuse-batches``: a POSTed batch is answered HTTP 400 with one error object, as
+  providers without batches answer (counted, never forwarded).
 * ``--hold METHOD`` (repeatable): calls of that method wait, upstream not yet asked, until
   ``POST /release``; ``GET /held`` says how many wait. Lets a test line up concurrent callers
   behind one in-flight call without guessing how long the call takes. Over a proxied
@@ -51,6 +55,11 @@ from tests.lab.procs import ROOT, Procs, until
 from tests.lab.timing import SECOND
 
 JSON = "application/json"
+# What ``--refuse-batches`` answers a batch with (a provider without batches).
+BATCH_REFUSAL = (
+    b'{"jsonrpc":"2.0","id":null,'
+    b'"error":{"code":-32600,"message":"batch requests are not supported"}}'
+)
 # Calls ``GET /calls`` keeps: far more than a test makes, and a bound on what it holds.
 MAX_CALLS = 100_000
 
@@ -83,11 +92,13 @@ class Counter:
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         self.calls: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=MAX_CALLS)
+        self.requests = 0
 
     def add(self, body: bytes, port: int) -> list[str]:
         """Count the calls in ``body``, which came over a connection from ``port``; their
         methods."""
         calls = calls_of(body)
+        self.requests += 1
         methods = [method for method, _params in calls]
         self.counts.update(methods)
         self.calls.extend((port, method, params) for method, params in calls)
@@ -104,15 +115,22 @@ class Counter:
         got = [params for _port, m, params in self.calls if m == method]
         return web.Response(body=orjson.dumps(got), content_type=JSON)
 
+    async def get_requests(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"requests": self.requests}), content_type=JSON)
+
     async def post_reset(self, _request: web.Request) -> web.Response:
+        self.requests = 0
         self.counts.clear()
         self.calls.clear()
         return web.Response(body=b"{}", content_type=JSON)
 
 
 class CountingProxyApp:
-    def __init__(self, upstream: str, hold: set[str], delay: float) -> None:
+    def __init__(
+        self, upstream: str, hold: set[str], delay: float, refuse_batches: bool = False
+    ) -> None:
         self.upstream = upstream
+        self.refuse_batches = refuse_batches
         self.hold = hold
         self.delay = delay
         self.counter = Counter()
@@ -130,6 +148,7 @@ class CountingProxyApp:
         app.router.add_get("/counts", self.counter.get_counts)
         app.router.add_get("/calls", self.counter.get_calls)
         app.router.add_get("/params", self.counter.get_params)
+        app.router.add_get("/requests", self.counter.get_requests)
         app.router.add_post("/reset", self.counter.post_reset)
         app.router.add_get("/held", self.get_held)
         app.router.add_post("/release", self.post_release)
@@ -226,6 +245,8 @@ class CountingProxyApp:
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()
         methods = self.counter.add(body, peer_port(request))
+        if self.refuse_batches and body.lstrip()[:1] == b"[":
+            return web.Response(body=BATCH_REFUSAL, status=400, content_type=JSON)
         await self._wait_if_held(methods)
         assert self.session is not None
         try:
@@ -264,8 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--hold", action="append", default=[], help="hold this method's calls")
     p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--refuse-batches", action="store_true")
     args = p.parse_args(argv)
-    proxy = CountingProxyApp(args.upstream, set(args.hold), args.delay_ms / 1000)
+    proxy = CountingProxyApp(
+        args.upstream, set(args.hold), args.delay_ms / 1000, args.refuse_batches
+    )
     asyncio.run(serve(proxy.app(), args.host, args.port))
 
 
@@ -325,6 +349,10 @@ class LabServer:
         got = await self._get("/calls")
         return [(int(port), str(method), params) for port, method, params in got]
 
+    async def requests(self) -> int:
+        """HTTP requests and WebSocket messages since the last reset (a batch is one)."""
+        return int((await self._get("/requests"))["requests"])
+
     async def reset(self) -> None:
         await self._post("/reset")
 
@@ -348,10 +376,13 @@ class CountingProxy(LabServer):
         hold: tuple[str, ...] = (),
         delay_ms: float = 0.0,
         log_path: Path | None = None,
+        refuse_batches: bool = False,
     ) -> None:
         args = ["--upstream", upstream, "--delay-ms", str(delay_ms)]
         for method in hold:
             args += ["--hold", method]
+        if refuse_batches:
+            args.append("--refuse-batches")
         super().__init__(procs, args, log_path)
 
     async def held(self) -> int:
@@ -382,8 +413,16 @@ async def start_proxy(
     hold: tuple[str, ...] = (),
     delay_ms: float = 0.0,
     log_path: Path | None = None,
+    refuse_batches: bool = False,
 ) -> CountingProxy:
-    proxy = CountingProxy(procs, upstream, hold=hold, delay_ms=delay_ms, log_path=log_path)
+    proxy = CountingProxy(
+        procs,
+        upstream,
+        hold=hold,
+        delay_ms=delay_ms,
+        log_path=log_path,
+        refuse_batches=refuse_batches,
+    )
     proxy.start()
     await proxy.wait_ready()
     return proxy
