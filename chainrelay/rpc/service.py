@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from types import CoroutineType
 from typing import Any, Final, Protocol
 
 import orjson
@@ -61,6 +62,7 @@ from chainrelay.wire.jsonrpc import (
     encode_result,
     id_probe,
     join_batch,
+    kept,
     parse_body,
     split_id,
 )
@@ -76,6 +78,10 @@ _CHAIN_ID = "eth_chainId"
 # Reads whose miss brings in the rest of their block (``chain.fill``).
 _FILLED_BY = frozenset({"eth_getTransactionReceipt", "eth_getTransactionByHash"})
 _BLOCK_NUMBER = "eth_blockNumber"
+# Calls of a client batch served per turn of the event loop once one of them is a miss
+# (~0.5 ms of planning and cache lookups): ten batches of 1,000 arriving at once hold the
+# loop in slices of milliseconds, not for the 100 ms their calls take in all.
+BATCH_SLICE = 64
 # Kinds whose calls in a client batch keep their own path (``_fetch``'s), never an upstream
 # batch: writes go to every upstream, subscriptions and filters are the node's own.
 _OWN_PATH = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
@@ -259,8 +265,7 @@ class RpcService:
 
     def _batch(self, items: list[Item]) -> bytes | Awaitable[bytes]:
         parts: list[bytes | Awaitable[bytes | None] | Batched | None] = []
-        misses: list[tuple[int, Call, float, bool]] = []
-        for item in items:
+        for at, item in enumerate(items):
             if isinstance(item, bytes):
                 self.metrics.count("", "invalid", 0.0)
                 parts.append(item)
@@ -268,39 +273,62 @@ class RpcService:
             started = time.perf_counter()
             found = self._answer_now(item, started)
             if found is _MISS or found is _UNCACHED:
-                misses.append((len(parts), item, started, found is _UNCACHED))
-                parts.append(None)  # its answer, once ``_gather`` knows how it is served
-            else:
-                parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
-        if not misses:
-            return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
-        return self._gather(parts, misses)
+                return self._gather(parts, items, at, started, found is _UNCACHED)
+            parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
+        return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
 
     async def _gather(
         self,
         parts: list[bytes | Awaitable[bytes | None] | Batched | None],
-        misses: list[tuple[int, Call, float, bool]],
+        items: list[Item],
+        at: int,
+        started: float,
+        uncached: bool,
     ) -> bytes:
-        """The answers of a batch's ``misses`` (at their index in ``parts``), then the
-        batch's answer, in the order of its calls.
+        """The answer of a batch whose call ``at`` is a miss (``parts``: the answers of
+        those before it), in the order of its calls. The calls from ``at`` on are served
+        here, ``BATCH_SLICE`` per turn of the event loop: a batch of a thousand calls never
+        holds the loop for all of them.
 
         Plain upstream reads go upstream as upstream batches of ``batch_len`` calls, each
-        chunk counted as that many calls in flight of the client (``_chunk``); every other
-        miss takes a single call's path."""
+        sent as soon as it is full and counted as that many calls in flight of the client
+        (``_chunk``); every other miss takes a single call's path."""
         ups: list[Batched] = []
-        for at, call, started, uncached in misses:
-            parts[at] = self._batch_miss(call, started, uncached, ups)
         chunks: list[asyncio.Task[None]] = []
-        if ups:
-            who = current_peer()
-            deadline = asyncio.get_running_loop().time() + self.call_budget
-            size = self.batch_len
-            for i in range(0, len(ups), size):
-                chunk = ups[i : i + size]
-                task = asyncio.ensure_future(self._chunk(chunk, who, deadline))
-                self._chunks.add(task)  # runs on for its joiners if this batch's client goes
-                task.add_done_callback(self._chunks.discard)
-                chunks.append(task)
+        who = current_peer()
+        deadline = asyncio.get_running_loop().time() + self.call_budget
+        size = self.batch_len
+        found: Found | Lookup = _UNCACHED if uncached else _MISS  # call ``at``'s, known
+        try:
+            for n, item in enumerate(items[at:]):
+                if n:
+                    if not n % BATCH_SLICE:
+                        await asyncio.sleep(0)
+                    if isinstance(item, bytes):
+                        self.metrics.count("", "invalid", 0.0)
+                        parts.append(item)
+                        continue
+                    started = time.perf_counter()
+                    found = self._answer_now(item, started)
+                assert not isinstance(item, bytes)
+                if found is _MISS or found is _UNCACHED:
+                    parts.append(self._batch_miss(item, started, found is _UNCACHED, ups))
+                    if len(ups) >= size:
+                        chunks.append(self._send_chunk(ups, who, deadline))
+                        ups = []
+                elif item.id is not None:
+                    parts.append(encode_result(item.id, found[0]))
+                else:
+                    parts.append(None)
+        except BaseException:
+            for p in parts:  # single calls' paths not started: never will be
+                if isinstance(p, CoroutineType):
+                    p.close()
+            raise
+        finally:
+            # Even when this client went away: its calls in the coalescer may be joined.
+            if ups:
+                chunks.append(self._send_chunk(ups, who, deadline))
         waits = [p for p in parts if p is not None and not isinstance(p, bytes | Batched)]
         # A chunk's calls may have been joined by others: a client gone cancels its own wait
         # only, never the chunk (which settles every call of it, whatever happens).
@@ -319,6 +347,12 @@ class RpcService:
             if answer:
                 out.append(answer)
         return join_batch(out) if out else b""
+
+    def _send_chunk(self, ups: list[Batched], who: str, deadline: float) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(self._chunk(ups, who, deadline))
+        self._chunks.add(task)  # runs on for its joiners if this batch's client goes
+        task.add_done_callback(self._chunks.discard)
+        return task
 
     def _batch_miss(
         self, call: Call, started: float, uncached: bool, ups: list[Batched]
@@ -492,7 +526,7 @@ class RpcService:
             key = memo.get_at(memo_key, view.generation, _UNSET)
             if key is _UNSET:
                 key = policy.plan(method, call.params, view).key
-                memo.add(memo_key, key, view.generation)
+                memo.add((method, kept(params)), key, view.generation)
         if key is None:
             return _UNCACHED
         entry = self.cache.get(key)

@@ -1,0 +1,125 @@
+"""Batch amplification: one client's batches of distinct misses, all at once.
+
+A batch of 1,000 distinct uncached calls used to cost 1,000 upstream calls, each a task
+and an upstream request of its own: 30 such batches cost +721 MiB and seconds of latency
+for everyone. Now a batch's misses go upstream as JSON-RPC batches of 100 calls, a client
+has at most ``max_upstream_in_flight_per_client`` calls in flight (its later chunks wait
+for its earlier ones), and past ``max_upstream_in_flight`` the node answers -32005 at once.
+
+relay → counting proxy → anvil; the proxy counts the upstream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.lab.counting_proxy import CountingProxy, start_proxy
+from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, Rss
+from tests.lab.procs import Relay
+from tests.lab.timing import SECOND
+
+pytestmark = pytest.mark.lab
+
+BATCHES = 10
+CALLS = 1000
+# The relay's own calls, one request each, taken off the count.
+OWN = {"eth_blockNumber", "eth_getBlockByNumber", "eth_getBlockByHash", "eth_chainId"}
+
+
+def attack_batch(k: int) -> bytes:
+    """``CALLS`` distinct balance reads (a "latest" miss each: cacheable, not cached)."""
+    return orjson.dumps(
+        [
+            {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "eth_getBalance",
+                "params": ["0x" + f"{k:04x}{i:036x}", "latest"],
+            }
+            for i in range(CALLS)
+        ]
+    )
+
+
+async def attack(url: str) -> list[list[dict[str, Any]]]:
+    """``BATCHES`` batches at once from one client, each on its own connection."""
+    bodies = [attack_batch(k) for k in range(BATCHES)]
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60 * SECOND)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+
+        async def one(body: bytes) -> list[dict[str, Any]]:
+            headers = {"Content-Type": "application/json"}
+            async with s.post(url, data=body, headers=headers) as r:
+                assert r.status == 200
+                got: list[dict[str, Any]] = orjson.loads(await r.read())
+                return got
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+async def upstream_requests(proxy: CountingProxy) -> tuple[int, int]:
+    """(requests that carried clients' calls, those calls) since the last reset."""
+    counts = await proxy.counts()
+    own = sum(v for k, v in counts.items() if k in OWN)
+    return await proxy.requests() - own, sum(v for k, v in counts.items() if k not in OWN)
+
+
+async def start(
+    procs, anvil, relay_factory, tmp_path, extra: str = ""
+) -> tuple[CountingProxy, Relay, Rss]:  # type: ignore[no-untyped-def]
+    proxy = await start_proxy(procs, anvil.url, log_path=tmp_path / "proxy.log")
+    relay = await relay_factory([proxy.url], "[pool]\nhedge = false\n" + extra)
+    assert relay.proc is not None
+    await proxy.reset()
+    return proxy, relay, Rss(relay.proc.pid)
+
+
+async def test_parallel_batches_of_distinct_misses_cost_a_request_per_100_calls(
+    procs, anvil, relay_factory, tmp_path
+) -> None:
+    proxy, relay, rss = await start(procs, anvil, relay_factory, tmp_path)
+    async with Bystander(relay.url) as bystander:
+        got = await asyncio.wait_for(attack(relay.url), 90 * SECOND)
+    answers = [a for batch in got for a in batch]
+    assert len(answers) == BATCHES * CALLS
+    assert all(a.get("result") == "0x0" for a in answers), [a for a in answers if "error" in a][:3]
+    requests, calls = await upstream_requests(proxy)
+    assert calls == BATCHES * CALLS
+    assert requests <= BATCHES * CALLS // 100 + BATCHES, requests  # ~ calls / 100
+    growth = rss.peak_growth()
+    mib = growth / 2**20
+    print(f"requests {requests} for {calls} calls; RSS +{mib:.1f} MiB; {bystander.summary()}")
+    assert growth < ATTACK_RSS_GROWTH, growth
+    assert bystander.p99() < BYSTANDER_P99, bystander.summary()
+    assert bystander.failures == 0
+
+
+async def test_past_the_node_bound_batches_are_shed_with_minus_32005(
+    procs, anvil, relay_factory, tmp_path
+) -> None:
+    # Room for one chunk of 100 calls and a few single misses: the other chunks are shed.
+    limits = "[limits]\nmax_upstream_in_flight = 150\nmax_upstream_in_flight_per_client = 1000\n"
+    proxy, relay, rss = await start(procs, anvil, relay_factory, tmp_path, limits)
+    async with Bystander(relay.url) as bystander:
+        got = await asyncio.wait_for(attack(relay.url), 90 * SECOND)
+    answers = [a for batch in got for a in batch]
+    shed = [a for a in answers if "error" in a]
+    served = [a for a in answers if "result" in a]
+    assert len(shed) + len(served) == BATCHES * CALLS
+    assert shed and served, (len(shed), len(served))
+    assert {a["error"]["code"] for a in shed} == {-32005}
+    assert {a["error"]["message"] for a in shed} == {"node overloaded, retry later"}
+    _requests, calls = await upstream_requests(proxy)
+    assert calls == len(served)  # a shed call never went upstream
+    m = await relay.metrics()
+    assert m.get('chainrelay_requests_total{method="eth_getBalance",outcome="error"}', 0) == len(
+        shed
+    )
+    assert rss.peak_growth() < ATTACK_RSS_GROWTH
+    assert bystander.p99() < BYSTANDER_P99, bystander.summary()
