@@ -29,6 +29,8 @@ SANS_IO = (
     "chainrelay.rpc.policy",
     "chainrelay.rpc.cache",
     "chainrelay.rpc.replay",
+    "chainrelay.rpc.inflight",
+    "chainrelay.upstreams.batching",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
     "chainrelay.chain.profiles",
