@@ -136,8 +136,9 @@ Served = tuple[bytes | Awaitable[bytes | None], Seen | None]
 @dataclass(slots=True, eq=False)
 class Batched:
     """A call of a client batch that goes upstream in an upstream batch (``_chunk``):
-    ``plan`` None for a read that is never cached; ``answer`` settled by its chunk, and
-    for a cached read listed in the coalescer, so identical calls join it."""
+    ``plan`` None for a read that is never cached; ``answer`` settled by its chunk (or by
+    the shared tier), and for a cached read listed in the coalescer, so identical calls
+    join it."""
 
     call: Call
     started: float
@@ -146,6 +147,7 @@ class Batched:
     params: policy.Params | None
     min_block: int
     answer: asyncio.Future[Answer]
+    outcome: str  # counted as: "pass" (never cached), "miss", "shared_hit"
 
 
 class RpcService:
@@ -299,6 +301,8 @@ class RpcService:
         deadline = asyncio.get_running_loop().time() + self.call_budget
         size = self.batch_len
         found: Found | Lookup = _UNCACHED if uncached else _MISS  # call ``at``'s, known
+        # Cached reads to look up in the shared tier first (in one MGET), when there is one.
+        looked: list[Batched] | None = [] if self.shared is not None else None
         try:
             for n, item in enumerate(items[at:]):
                 if n:
@@ -312,7 +316,7 @@ class RpcService:
                     found = self._answer_now(item, started)
                 assert not isinstance(item, bytes)
                 if found is _MISS or found is _UNCACHED:
-                    parts.append(self._batch_miss(item, started, found is _UNCACHED, ups))
+                    parts.append(self._batch_miss(item, started, found is _UNCACHED, ups, looked))
                     if len(ups) >= size:
                         chunks.append(self._send_chunk(ups, who, deadline))
                         ups = []
@@ -320,6 +324,13 @@ class RpcService:
                     parts.append(encode_result(item.id, found[0]))
                 else:
                     parts.append(None)
+            if looked:
+                for it in await self._shared_misses(looked):
+                    ups.append(it)
+                    if len(ups) >= size:
+                        chunks.append(self._send_chunk(ups, who, deadline))
+                        ups = []
+            looked = None
         except BaseException:
             for p in parts:  # single calls' paths not started: never will be
                 if isinstance(p, CoroutineType):
@@ -327,8 +338,10 @@ class RpcService:
             raise
         finally:
             # Even when this client went away: its calls in the coalescer may be joined.
-            if ups:
-                chunks.append(self._send_chunk(ups, who, deadline))
+            if looked:
+                ups.extend(looked)
+            for i in range(0, len(ups), size):
+                chunks.append(self._send_chunk(ups[i : i + size], who, deadline))
         waits = [p for p in parts if p is not None and not isinstance(p, bytes | Batched)]
         # A chunk's calls may have been joined by others: a client gone cancels its own wait
         # only, never the chunk (which settles every call of it, whatever happens).
@@ -355,13 +368,19 @@ class RpcService:
         return task
 
     def _batch_miss(
-        self, call: Call, started: float, uncached: bool, ups: list[Batched]
+        self,
+        call: Call,
+        started: float,
+        uncached: bool,
+        ups: list[Batched],
+        looked: list[Batched] | None,
     ) -> bytes | Awaitable[bytes | None] | Batched | None:
         """How one miss of a client batch is served, as ``_fetch`` would serve it alone: a
-        plain upstream read is added to ``ups`` (its upstream batches); writes,
+        plain upstream read is added to ``ups`` (its upstream batches), a cached one to
+        ``looked`` first when there is a shared tier (``_shared_misses``); writes,
         subscriptions, filters, reads the node may answer itself (eth_getLogs from the
-        block logs it holds, a block follower's call under way, the shared tier) and
-        reads joining an identical one under way take the single call's path."""
+        block logs it holds, a block follower's call under way) and reads joining an
+        identical one under way take the single call's path."""
         method = call.method
         rule = _RULES.get(method)
         params = call.params if call.has_params else None
@@ -380,14 +399,41 @@ class RpcService:
             return encode_result(call.id, entry.value) if call.id is not None else None
         if key in self._coalescer or key in self._derivable:
             return self._answer_later(call, started)  # joins: no upstream call of its own
-        if self.shared is not None or (method == "eth_getLogs" and self.local_logs is not None):
+        if method == "eth_getLogs" and self.local_logs is not None:
             return self._answer_gated(call, started)
+        fwd = p.params if p.params is not None else params
+        if looked is not None:
+            return self._batched(looked, call, started, p, fwd)
+        self._count_miss(method)
+        return self._batched(ups, call, started, p, fwd)
+
+    def _count_miss(self, method: str) -> None:
         self.metrics.misses += 1
         note = self.note_miss
         if note is not None:
             note(method)
-        fwd = p.params if p.params is not None else params
-        return self._batched(ups, call, started, p, fwd)
+
+    async def _shared_misses(self, looked: list[Batched]) -> list[Batched]:
+        """Answer the cached reads of ``looked`` that the shared tier holds (looked up
+        together: one MGET); the others, to ask upstream. Unlike a single call's, their
+        upstream calls are not made one process at a time (``SharedCache.exclusive``)."""
+        shared = self.shared
+        assert shared is not None
+        keys = [it.plan.key for it in looked if it.plan is not None and it.plan.key is not None]
+        assert len(keys) == len(looked)
+        entries = await asyncio.gather(*(shared.get(k) for k in keys))
+        misses: list[Batched] = []
+        for it, key, entry in zip(looked, keys, entries, strict=True):
+            if entry is not None and self._still_canonical(entry):
+                self.cache.put(key, entry)
+                self.metrics.cache_bytes.set(self.cache.bytes)
+                self.metrics.hits += 1
+                it.outcome = "shared_hit"
+                it.answer.set_result(Answer(entry.value, None))
+            else:
+                self._count_miss(it.method)
+                misses.append(it)
+        return misses
 
     def _batched(
         self,
@@ -399,11 +445,11 @@ class RpcService:
     ) -> Batched:
         if p is None:
             fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-            item = Batched(call, started, None, call.method, params, -1, fut)
+            item = Batched(call, started, None, call.method, params, -1, fut, "pass")
         else:
             assert p.key is not None
             fut = self._coalescer.promise(p.key)
-            item = Batched(call, started, p, call.method, params, p.min_block, fut)
+            item = Batched(call, started, p, call.method, params, p.min_block, fut, "miss")
         ups.append(item)
         return item
 
@@ -440,14 +486,21 @@ class RpcService:
             return
         finally:
             gate.leave(who, n)
+        shared = self.shared
+        puts = []
         for it, answer in zip(items, got, strict=True):
             if isinstance(answer, Answer):
-                if it.plan is not None:
-                    self._store(it.plan, answer)
+                p = it.plan
+                if p is not None:
+                    entry = self._store(p, answer)
                     self._fill_block(it.method, answer)
+                    if entry is not None and shared is not None and p.key is not None:
+                        puts.append(shared.put(p.key, entry, p.finality))
                 it.answer.set_result(answer)
             else:
                 _settle_failed([it], answer)
+        if puts:
+            await asyncio.gather(*puts)
 
     def _batched_answer(self, item: Batched) -> bytes | None:
         """The answer of a call its chunk settled, counted and addressed as
@@ -458,15 +511,16 @@ class RpcService:
         elapsed = time.perf_counter() - item.started
         exc = item.answer.exception()
         if exc is not None:
-            self.metrics.count(method, "error", elapsed)
             if isinstance(exc, UpstreamOverloaded):  # never sent: no upstream to name
+                self.metrics.count(method, "shed", elapsed)
                 return encode_error(rid, exc.code, exc.message)
+            self.metrics.count(method, "error", elapsed)
             if isinstance(exc, UpstreamError):
                 log.warning("%s", exc)
                 data = {"upstream": exc.upstream, "attempts": exc.attempts}
                 return encode_error(rid, error_code(exc), error_message(exc), data)
             return encode_error(rid, -32603, "internal error")
-        self.metrics.count(method, "pass" if item.plan is None else "miss", elapsed)
+        self.metrics.count(method, item.outcome, elapsed)
         if call.id is None:
             return None
         answer = item.answer.result()

@@ -118,7 +118,7 @@ async def test_past_the_node_bound_batches_are_shed_with_minus_32005(
     _requests, calls = await upstream_requests(proxy)
     assert calls == len(served)  # a shed call never went upstream
     m = await relay.metrics()
-    assert m.get('chainrelay_requests_total{method="eth_getBalance",outcome="error"}', 0) == len(
+    assert m.get('chainrelay_requests_total{method="eth_getBalance",outcome="shed"}', 0) == len(
         shed
     )
     assert rss.peak_growth() < ATTACK_RSS_GROWTH

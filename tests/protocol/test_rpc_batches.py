@@ -5,6 +5,7 @@ that answers singles and batches the way geth does (compact, one answer per id).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -14,11 +15,14 @@ from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.metrics import Metrics
-from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc import policy
+from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.policy import Finality
 from chainrelay.rpc.service import RpcService
 from chainrelay.server.peer import enter_peer, leave_peer
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import Upstream
+from chainrelay.wire.jsonrpc import Answer
 from tests.protocol.test_rpc_hits import head_at
 
 
@@ -222,3 +226,41 @@ async def test_the_chunk_length_is_the_pool_setting(batch_len: int) -> None:
     service = RpcService(MemoryCache(1 << 24, 1 << 20), pool, head, metrics, 56, LimitsConfig())
     await answer(service, orjson.dumps([get_balance(i, i) for i in range(14)]))
     assert node.sent() == 14 and len(node.requests) == 14 // batch_len
+
+
+class DictShared:
+    """A shared tier in a dict, counting how lookups arrive (one MGET per loop turn)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, Entry] = {}
+        self.puts: list[bytes] = []
+        self.gets = 0
+
+    async def get(self, key: bytes) -> Entry | None:
+        self.gets += 1
+        return self.entries.get(key)
+
+    async def put(self, key: bytes, entry: Entry, finality: Finality) -> None:
+        self.puts.append(key)
+        self.entries[key] = entry
+
+    async def exclusive(self, key: bytes, produce: Callable[[], Awaitable[Answer]]) -> Answer:
+        return await produce()
+
+
+async def test_with_a_shared_tier_its_entries_answer_and_the_rest_goes_up_in_batches() -> None:
+    node = MemoryNode()
+    service = make_service(node)
+    shared = service.shared = DictShared()
+    warm = [get_balance(i, i) for i in range(0, 150, 3)]  # 50 the shared tier holds
+    await answer(make_service(MemoryNode()), orjson.dumps(warm))
+    for c in warm:
+        key = policy.plan("eth_getBalance", c["params"], service.view).key
+        assert key is not None
+        shared.entries[key] = Entry(orjson.dumps(balance_of(c["params"][0])))
+    batch = [get_balance(i, i) for i in range(150)]
+    got = orjson.loads(await answer(service, orjson.dumps(batch)))
+    assert [a["result"] for a in got] == [balance_of(address(i)) for i in range(150)]
+    assert [len(r) for r in node.requests] == [100]  # only what the shared tier lacked
+    assert shared.gets == 150 and len(shared.puts) == 100
+    assert service.metrics.hits == 50
