@@ -78,10 +78,13 @@ _CHAIN_ID = "eth_chainId"
 # Reads whose miss brings in the rest of their block (``chain.fill``).
 _FILLED_BY = frozenset({"eth_getTransactionReceipt", "eth_getTransactionByHash"})
 _BLOCK_NUMBER = "eth_blockNumber"
-# Calls of a client batch served per turn of the event loop once one of them is a miss
-# (~0.5 ms of planning and cache lookups): ten batches of 1,000 arriving at once hold the
-# loop in slices of milliseconds, not for the 100 ms their calls take in all.
-BATCH_SLICE = 64
+# Once a client batch holds a miss, its own work (planning its calls, writing their
+# answers: ~30 us a call) gives the event loop back after this long: every batch under way
+# takes a step per loop turn, so ten batches of 1,000 arriving at once hold a turn for
+# ~5 ms, not for the 300 ms their calls take in all.
+BATCH_STEP = 0.0005
+# Answers of a batch written between looks at the clock.
+_ANSWERS_PER_LOOK = 64
 # Kinds whose calls in a client batch keep their own path (``_fetch``'s), never an upstream
 # batch: writes go to every upstream, subscriptions and filters are the node's own.
 _OWN_PATH = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
@@ -289,8 +292,8 @@ class RpcService:
     ) -> bytes:
         """The answer of a batch whose call ``at`` is a miss (``parts``: the answers of
         those before it), in the order of its calls. The calls from ``at`` on are served
-        here, ``BATCH_SLICE`` per turn of the event loop: a batch of a thousand calls never
-        holds the loop for all of them.
+        here, ``BATCH_STEP`` of them per turn of the event loop: a batch of a thousand
+        calls never holds the loop for all of them.
 
         Plain upstream reads go upstream as upstream batches of ``batch_len`` calls, each
         sent as soon as it is full and counted as that many calls in flight of the client
@@ -303,16 +306,19 @@ class RpcService:
         found: Found | Lookup = _UNCACHED if uncached else _MISS  # call ``at``'s, known
         # Cached reads to look up in the shared tier first (in one MGET), when there is one.
         looked: list[Batched] | None = [] if self.shared is not None else None
+        step_end = started + BATCH_STEP
         try:
             for n, item in enumerate(items[at:]):
                 if n:
-                    if not n % BATCH_SLICE:
+                    started = time.perf_counter()
+                    if started > step_end:
                         await asyncio.sleep(0)
+                        started = time.perf_counter()
+                        step_end = started + BATCH_STEP
                     if isinstance(item, bytes):
                         self.metrics.count("", "invalid", 0.0)
                         parts.append(item)
                         continue
-                    started = time.perf_counter()
                     found = self._answer_now(item, started)
                 assert not isinstance(item, bytes)
                 if found is _MISS or found is _UNCACHED:
@@ -348,7 +354,11 @@ class RpcService:
         got = await asyncio.gather(*waits, *(asyncio.shield(c) for c in chunks))
         done = iter(got)
         out: list[bytes] = []
-        for p in parts:
+        step_end = time.perf_counter() + BATCH_STEP
+        for n, p in enumerate(parts, 1):
+            if not n % _ANSWERS_PER_LOOK and time.perf_counter() > step_end:
+                await asyncio.sleep(0)
+                step_end = time.perf_counter() + BATCH_STEP
             if p is None:
                 continue
             if isinstance(p, bytes):
