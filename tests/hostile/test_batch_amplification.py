@@ -125,3 +125,35 @@ async def test_past_the_node_bound_batches_are_shed_with_minus_32005(
     )
     assert rss.peak_growth() < ATTACK_RSS_GROWTH
     assert bystander.p99() < BYSTANDER_P99, bystander.summary()
+
+
+async def test_a_client_past_its_own_bound_waits_while_another_client_is_served(
+    procs, anvil, relay_factory, tmp_path
+) -> None:
+    # One upstream batch of 100 at a time per client, each taking 100 ms upstream: the
+    # attacker's 2,000 calls take ~2 s; another client's 100 calls one upstream batch.
+    proxy = await start_proxy(procs, anvil.url, delay_ms=100, log_path=tmp_path / "proxy.log")
+    extra = "[limits]\nmax_upstream_in_flight_per_client = 100\n[pool]\nhedge = false\n"
+    relay = await relay_factory([proxy.url], extra)
+    attacker_bodies = [attack_batch(k) for k in range(2)]
+    other_body = orjson.dumps(orjson.loads(attack_batch(99))[:100])  # other addresses
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    attack_task = asyncio.ensure_future(attack(relay.url, attacker_bodies))
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    ) as s:
+        async with s.post(
+            relay.url, data=other_body, headers={"Content-Type": "application/json"}
+        ) as r:
+            other = orjson.loads(await r.read())
+    other_took = loop.time() - started
+    got = await asyncio.wait_for(attack_task, 60 * SECOND)
+    attack_took = loop.time() - started
+    assert all("result" in a for a in other)
+    assert all("result" in a for raw in got for a in orjson.loads(raw))
+    # The attacker's chunks went one at a time (20 x 100 ms); the other client's batch
+    # did not queue behind them.
+    assert attack_took > 1.5 * SECOND
+    print(f"other client {other_took:.2f} s, attacker {attack_took:.2f} s")
+    assert other_took < attack_took / 3, (other_took, attack_took)
