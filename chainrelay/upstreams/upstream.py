@@ -542,6 +542,9 @@ class WsUpstream(Upstream):
         # deadline order, so one timer, armed for the oldest, serves every call.
         self._deadlines: deque[tuple[float, int]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
+        # First ids of the batches under way (``call_batch``), oldest first: an error
+        # object with a null id is a batch's refusal, and goes to the oldest one.
+        self._batches: deque[int] = deque()
 
     async def start(self) -> None:
         return None  # connects on first use
@@ -636,6 +639,9 @@ class WsUpstream(Upstream):
                 cb(p.get("result"))
             return
         doc_id = doc.get("id")
+        if doc_id is None and self._batches and doc.get("error") is not None:
+            self._batch_refused(raw)
+            return
         if not isinstance(doc_id, int):
             return
         fut = self._pending.pop(doc_id, None)
@@ -656,6 +662,17 @@ class WsUpstream(Upstream):
                     if not fut.done():
                         fut.set_result(raw)
                     return
+
+    def _batch_refused(self, raw: bytes) -> None:
+        """An error object with a null id while batches are under way: a provider without
+        batches refusing one (a single call of ours is always a valid request, never
+        answered so). The oldest batch still waiting takes it, and asks call by call."""
+        pending = self._pending
+        for first in self._batches:
+            fut = pending.get(first)
+            if fut is not None and not fut.done():
+                fut.set_result(raw)
+                return
 
     def _subscribed(self, rid: int, raw: bytes) -> None:
         """Register the subscription an eth_subscribe answer names, before its caller
@@ -717,10 +734,12 @@ class WsUpstream(Upstream):
         deadlines.append((loop.time() + self.timeout, first))
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        self._batches.append(first)
         try:
             link.send(encode_batch(first, calls))
             return await fut, first
         finally:
+            self._batches.remove(first)
             for rid in ids:
                 pending.pop(rid, None)
             while deadlines and deadlines[0][1] not in pending:
