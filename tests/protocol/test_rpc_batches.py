@@ -14,6 +14,7 @@ import pytest
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
+from chainrelay.errors import UpstreamTimeout, UpstreamUnavailable
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import Entry, MemoryCache
@@ -21,7 +22,7 @@ from chainrelay.rpc.policy import Finality
 from chainrelay.rpc.service import RpcService
 from chainrelay.server.peer import enter_peer, leave_peer
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import Upstream
+from chainrelay.upstreams.upstream import TransportError, Upstream
 from chainrelay.wire.jsonrpc import Answer
 from tests.protocol.test_rpc_hits import head_at
 
@@ -264,3 +265,39 @@ async def test_with_a_shared_tier_its_entries_answer_and_the_rest_goes_up_in_bat
     assert [len(r) for r in node.requests] == [100]  # only what the shared tier lacked
     assert shared.gets == 150 and len(shared.puts) == 100
     assert service.metrics.hits == 50
+
+
+class DeadNode(MemoryNode):
+    """Refuses connections, as a node that is down."""
+
+    async def request(self, body: bytes) -> bytes:
+        self.requests.append(orjson.loads(body))
+        raise TransportError("connection refused")
+
+
+async def test_the_pool_fails_a_batch_over_to_the_next_upstream_as_it_does_a_call() -> None:
+    dead, live = DeadNode(), MemoryNode()
+    live.name = "live"
+    pool = UpstreamPool([dead, live], PoolConfig(hedge=False), Metrics())
+    dead.latency, live.latency = 0.001, 0.002  # the dead one is tried first
+    got = await pool.call_batch([("eth_getBalance", [address(i), "0x5a"]) for i in range(3)])
+    assert [a.result for a in got if isinstance(a, Answer)] == [
+        f'"{balance_of(address(i))}"'.encode() for i in range(3)
+    ]
+    assert len(dead.requests) == 1 and len(live.requests) == 1
+
+
+async def test_a_batch_no_upstream_answers_is_an_upstream_error_for_each_call() -> None:
+    pool = UpstreamPool([DeadNode()], PoolConfig(hedge=False, max_attempts=2), Metrics())
+    got = await pool.call_batch([("eth_getBalance", [address(i), "0x5a"]) for i in range(3)])
+    assert all(isinstance(e, UpstreamUnavailable) and e.attempts == 2 for e in got)
+
+
+async def test_a_batch_past_its_deadline_is_a_timeout_for_each_call() -> None:
+    node = MemoryNode()
+    node.hold.clear()
+    pool = UpstreamPool([node], PoolConfig(hedge=False), Metrics())
+    deadline = asyncio.get_running_loop().time() + 0.05
+    calls = [("eth_getBalance", [address(i), "0x5a"]) for i in range(3)]
+    got = await pool.call_batch(calls, deadline=deadline)
+    assert all(isinstance(e, UpstreamTimeout) and e.code == -32002 for e in got)
