@@ -13,6 +13,12 @@ A read that is never cached goes straight to a healthy WebSocket upstream when t
 decoding; its repeats at the same head are sent as the relay encoded the first one,
 id aside, with no decoding (a node must never read a repeat otherwise than the first call).
 A transport error hands the call to the full path, which retries and fails over.
+
+A client batch is one unit of upstream work: its plain upstream reads go up as JSON-RPC
+batches of ``[pool] batch_len`` calls (``_gather``, ``_chunk``), each call answered,
+coalesced and stored as it would be alone. Every client miss passes the gate of upstream
+calls in flight (``rpc/gate.py``): per client address, where a client past its bound waits
+for its own earlier calls, and node-wide, where the node answers -32005 at once.
 """
 
 from __future__ import annotations
@@ -496,6 +502,9 @@ class RpcService:
             return
         finally:
             gate.leave(who, n)
+        failed = [a for a in got if not isinstance(a, Answer)]
+        if failed:  # once for the chunk: a batch of 1,000 is not 1,000 lines of log
+            log.warning("upstream batch of %d: %d calls failed: %s", n, len(failed), failed[0])
         shared = self.shared
         puts = []
         for it, answer in zip(items, got, strict=True):
@@ -525,8 +534,7 @@ class RpcService:
                 self.metrics.count(method, "shed", elapsed)
                 return encode_error(rid, exc.code, exc.message)
             self.metrics.count(method, "error", elapsed)
-            if isinstance(exc, UpstreamError):
-                log.warning("%s", exc)
+            if isinstance(exc, UpstreamError):  # logged once for its chunk (``_chunk``)
                 data = {"upstream": exc.upstream, "attempts": exc.attempts}
                 return encode_error(rid, error_code(exc), error_message(exc), data)
             return encode_error(rid, -32603, "internal error")
