@@ -400,10 +400,10 @@ class RpcService:
         method = call.method
         rule = _RULES.get(method)
         params = call.params if call.has_params else None
+        if rule is not None and rule.kind in _OWN_PATH:  # planned as never cached, too
+            return self._answer_gated(call, started, uncached)
         if rule is None or uncached:
             return self._batched(ups, call, started, None, params)
-        if rule.kind in _OWN_PATH:
-            return self._answer_gated(call, started)
         p = policy.plan(method, call.params, self.view)
         key = p.key
         if key is None:

@@ -301,3 +301,23 @@ async def test_a_batch_past_its_deadline_is_a_timeout_for_each_call() -> None:
     calls = [("eth_getBalance", [address(i), "0x5a"]) for i in range(3)]
     got = await pool.call_batch(calls, deadline=deadline)
     assert all(isinstance(e, UpstreamTimeout) and e.code == -32002 for e in got)
+
+
+async def test_writes_subscriptions_and_filters_in_a_batch_keep_their_own_paths() -> None:
+    raw_tx = "0x" + "ab" * 40
+    calls = [
+        get_balance(0, 1),
+        {"jsonrpc": "2.0", "id": 2, "method": "eth_sendRawTransaction", "params": [raw_tx]},
+        {"jsonrpc": "2.0", "id": 3, "method": "eth_subscribe", "params": ["newHeads"]},
+        {"jsonrpc": "2.0", "id": 4, "method": "eth_newBlockFilter", "params": []},
+        get_balance(1, 5),
+    ]
+    alone = make_service(MemoryNode())
+    singles = [await answer(alone, orjson.dumps(c)) for c in calls]
+    node = MemoryNode()
+    got = await answer(make_service(node), orjson.dumps(calls))
+    assert got == b"[" + b",".join(singles) + b"]"
+    batches = [r for r in node.requests if isinstance(r, list)]
+    assert [[d["method"] for d in r] for r in batches] == [["eth_getBalance"] * 2]
+    sent_alone = [r["method"] for r in node.requests if isinstance(r, dict)]
+    assert sorted(sent_alone) == ["eth_newBlockFilter", "eth_sendRawTransaction"]  # no filters
