@@ -60,7 +60,7 @@ MEMO_MAX_PARAMS_BYTES = 4096
 # Upstream calls under way for clients, node-wide; past it a miss is answered -32005 at once
 # (retry later) instead of queueing: 64 keep-alive connections per upstream x a few calls
 # each, ~16 upstream batches of 100 with room for single misses; far above what a node
-# answers at once without every client's latency rising together.
+# answers at once without every client's latency rising together. Per worker process.
 MAX_UPSTREAM_IN_FLIGHT = 1024
 # The same per client address: a quarter of the node's, so one client cannot take it all;
 # a batch of 1000 misses goes a few upstream batches at a time within it, its later chunks
