@@ -3,11 +3,13 @@ upstream's array exactly as a single call's answer would read."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import orjson
 import pytest
 
 from chainrelay.upstreams.batching import NotABatchAnswer, encode_batch, parse_batch
-from chainrelay.wire.jsonrpc import parse_answer
+from chainrelay.wire.jsonrpc import Call, kept, parse_answer, parse_body
 
 
 def test_a_batch_request_numbers_its_calls_in_order_and_keeps_omitted_params_omitted() -> None:
@@ -72,3 +74,21 @@ def test_a_call_answered_with_an_error_keeps_that_error_as_its_answer() -> None:
 def test_what_answers_not_every_call_is_no_batch_answer(raw: bytes) -> None:
     with pytest.raises(NotABatchAnswer):
         parse_batch(raw, 1, 2)
+
+
+def test_ids_of_a_parsed_batch_hold_their_own_size_not_an_encoder_buffer() -> None:
+    body = orjson.dumps(
+        [{"jsonrpc": "2.0", "id": i if i % 2 else f"c{i}", "method": "m"} for i in range(1000)]
+    )
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        items, _ = parse_body(body, 1000)
+        ids = [c.id for c in items if isinstance(c, Call)]
+        del items
+        held = tracemalloc.get_traced_memory()[0] - base  # the ids and their list
+    finally:
+        tracemalloc.stop()
+    assert ids[:2] == [b'"c0"', b"1"]
+    assert held < 1000 * 100, held  # orjson's own buffers: 4 KiB an id
+    assert kept(orjson.dumps("x" * 700)) == orjson.dumps("x" * 700)
