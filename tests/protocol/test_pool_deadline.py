@@ -27,7 +27,7 @@ from tests.lab.timing import SECOND
 
 # The deadline the tests give a call, and the margin its end is held to (a loaded machine
 # may run the timer late, never early).
-DEADLINE = 0.5 * SECOND
+DEADLINE = 0.3 * SECOND
 LATE = 0.25 * SECOND
 
 
@@ -190,3 +190,32 @@ async def test_the_chain_id_is_local_and_a_stale_block_number_fails_fast(
     assert time.perf_counter() - started < LATE
     assert answer["error"]["code"] == -32001, answer
     assert answer["error"]["message"] == "no upstream in rotation"
+
+
+def hedged_pool(*upstreams: MemoryUpstream) -> UpstreamPool:
+    """A pool that hedges: the first upstream has latencies enough to hedge on (1 ms)."""
+    cfg = PoolConfig(deadline=DEADLINE, hedge=True, hedge_min_delay=0.05 * SECOND)
+    for u in upstreams:
+        u.samples.extend([0.001] * 32)
+        u.latency = 0.001
+    upstreams[-1].latency = 0.002  # the first is tried first
+    return UpstreamPool(list(upstreams), cfg, Metrics())
+
+
+async def test_a_hedge_answers_for_a_hanging_upstream_well_inside_the_deadline() -> None:
+    dead, live = MemoryUpstream("dead", "hang"), MemoryUpstream("live")
+    pool = hedged_pool(dead, live)
+    took, exc = await timed(pool.call("eth_call", [{}]))
+    assert exc is None, exc
+    assert took < DEADLINE / 2 and live.requests == 1
+    await pool.stop()
+
+
+async def test_hedges_on_hanging_upstreams_end_by_the_deadline() -> None:
+    a, b = MemoryUpstream("a", "hang"), MemoryUpstream("b", "hang")
+    pool = hedged_pool(a, b)
+    took, exc = await timed(pool.call("eth_call", [{}]))
+    assert isinstance(exc, UpstreamTimeout), exc
+    assert DEADLINE * 0.95 <= took <= DEADLINE + LATE, took
+    assert a.requests == b.requests == 1  # the first try and its hedge, both cut short
+    await pool.stop()
