@@ -12,6 +12,8 @@ the deadline within ``TOLERANCE``. Meanwhile a well-behaved client (``Bystander`
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
@@ -25,6 +27,7 @@ from tests.lab.fault_upstream import start_fault_upstream
 from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, Rss
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
+from tests.system.test_ws_upstream import stop_process
 
 pytestmark = pytest.mark.lab
 
@@ -191,3 +194,25 @@ async def test_fake_hanging_upstream_beside_a_real_one_calls_still_succeed_in_th
         assert status == 200, body
         assert [u["healthy"] for u in body["upstreams"]] == [False, True], body
     assert_bounded(relay, rss, bystander)
+
+
+async def test_hung_ws_node_a_forwarded_call_and_its_retry_share_one_deadline(
+    anvil, relay_factory
+) -> None:
+    # A real node, stopped: connected and silent. The forwarded try waits its timeout
+    # (0.6 deadlines), the retry on the full path only what is left of the same deadline.
+    try_timeout = 0.6 * DEADLINE
+    relay = await relay_factory([anvil.ws_url], POOL + f"timeout = {try_timeout}\nhedge = false\n")
+    call = ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"])
+    async with aiohttp.ClientSession() as s:
+        took, doc = await timed_call(s, relay.url, *call)
+        assert "result" in doc, doc
+        assert anvil.proc is not None
+        await stop_process(anvil.proc.pid)
+        try:
+            took, doc = await timed_call(s, relay.url, *call)
+        finally:
+            os.kill(anvil.proc.pid, signal.SIGCONT)
+        assert code(doc) == -32002, doc
+        assert doc["error"]["data"]["attempts"] == 2, doc  # the forwarded try and one more
+        assert DEADLINE * (1 - TOLERANCE) <= took <= DEADLINE * (1 + TOLERANCE), took
