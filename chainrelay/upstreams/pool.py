@@ -305,7 +305,7 @@ class UpstreamPool:
         """No hedge due (hedging off, or too few latencies known yet): the candidates one
         after another in the caller's own task, as the race would try them, with no tasks.
         Each try is cut to what is left of the deadline; an upstream that asked to slow
-        down is waited for only when its wait ends before the deadline."""
+        down is waited for only when a fair try (half its timeout) still fits after."""
         last: TransportError | None = None
         tries = 0
         for i in range(attempts):
@@ -314,9 +314,10 @@ class UpstreamPool:
                 continue
             now = time.perf_counter()
             if u.slow_until > now:
-                if u.slow_until >= deadline:
+                if deadline - u.slow_until < u.timeout / 2:
                     if last is None:
-                        last = TransportError("asked to slow down", retry_after=0.0)
+                        wait = u.slow_until - now
+                        last = TransportError(f"HTTP 429, {wait:.1f}s to wait", retry_after=wait)
                     continue
                 await asyncio.sleep(u.slow_until - now)
                 now = time.perf_counter()

@@ -155,10 +155,18 @@ class Upstream:
                 self.errors += 1
                 raise TransportError(f"malformed answer: {exc}", malformed=True) from None
         except TimeoutError:
-            self._failed()
+            # A try cut to under half its timeout by the call's deadline was not a fair
+            # chance: not counted against the upstream's health (still an error).
+            fair = timeout is None or 2 * timeout >= self.timeout
+            if fair:
+                self._failed()
+            else:
+                self.errors += 1
             self._observe("transport_error", started)
             waited = self.timeout if timeout is None else round(timeout, 3)
-            raise TransportError(f"timed out after {waited}s", timeout=True) from None
+            late = TransportError(f"timed out after {waited}s", timeout=True)
+            late.counts = fair
+            raise late from None
         except TransportError as exc:
             if exc.counts:
                 self._failed()

@@ -161,7 +161,7 @@ async def test_fake_429_storm_upstream_stays_in_rotation_and_calls_end_by_the_de
                 assert code(doc) == -32001 and "429" in doc["error"]["message"], doc
         status, body = await health(relay.url)
         assert status == 200 and body["upstreams"][0]["healthy"], body
-        assert await fake.fault_calls() >= 3 * len(reads())
+        assert await fake.fault_calls() >= len(reads())  # met, not dodged
 
         await fake.set_mode("healthy")
         took, doc = await timed_call(s, relay.url, *reads()[0])

@@ -80,6 +80,16 @@ async def test_a_hanging_upstream_costs_one_deadline_whatever_the_tries() -> Non
     await pool.stop()
 
 
+async def test_a_try_the_deadline_cut_below_half_its_timeout_is_not_held_against_it() -> None:
+    u = MemoryUpstream("hang", "hang", timeout=0.45 * DEADLINE)  # the third try: 0.1
+    pool = pool_of(u, max_consecutive_errors=3)
+    _, exc = await timed(pool.call("eth_call", [{}]))
+    assert isinstance(exc, UpstreamTimeout), exc
+    assert (u.requests, u.errors, u.consecutive_errors) == (3, 3, 2)
+    assert u.healthy
+    await pool.stop()
+
+
 async def test_a_try_longer_than_the_deadline_is_cut_to_it() -> None:
     u = MemoryUpstream("hang", "hang", timeout=10 * DEADLINE)
     pool = pool_of(u)
