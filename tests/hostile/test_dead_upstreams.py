@@ -39,7 +39,7 @@ PROBE_INTERVAL = 1.0 * SECOND
 # "Well under the deadline": a call refused because no upstream is in rotation.
 FAIL_FAST = 0.1 * DEADLINE
 # A loaded machine may run a timer or a request late by this much.
-LATE = 0.3 * SECOND
+LATE = 0.5 * SECOND
 POOL = f"[pool]\ndeadline = {DEADLINE}\nprobe_interval = {PROBE_INTERVAL}\n"
 HEADERS = {"Content-Type": "application/json"}
 
