@@ -438,7 +438,8 @@ class Node:
 
     def health(self) -> tuple[int, bytes]:
         head, pool = self.head, self.pool
-        ok = bool(head and head.fresh and pool and any(u.healthy for u in pool.upstreams))
+        # 503 while no upstream is in rotation (calls are refused then) or the head is stale.
+        ok = bool(head and head.fresh and pool and pool.in_rotation)
         body = {
             "status": "ok" if ok else "degraded",
             "chainId": self.chain_id,

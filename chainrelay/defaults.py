@@ -120,8 +120,16 @@ REDIS_MAX_CONNECTIONS = 64
 REDIS_MODE_MEMORY_BYTES = 1 * MiB
 
 # --- Upstreams -----------------------------------------------------------------------------
-# A read that has not answered in this long is retried on another upstream.
-UPSTREAM_TIMEOUT = 10.0
+# One deadline per client call, covering all its tries, hedges and the forwarding path:
+# past it the call ends with -32002. Under web3.py's 30 s request timeout and ethers' 120 s
+# (and the 10-15 s a browser dapp waits before showing an error), so a client always reads
+# the node's answer instead of timing out itself while the node still retries.
+CALL_DEADLINE = 10.0
+# One try of a call that has not answered in this long is retried (on another upstream
+# where there are several). Half the deadline, so a second try fits in it: public RPCs
+# answer in well under 2 s at p99, and a node that has not answered in 5 s is more often
+# hung than busy. Each try is also cut to what is left of the deadline.
+UPSTREAM_TIMEOUT = 5.0
 # Attempts per read, across distinct upstreams where there are several.
 UPSTREAM_MAX_ATTEMPTS = 3
 # Hedge slow reads (a second call on another upstream): tail latency falls for ~5 % more calls.
@@ -132,10 +140,16 @@ HEDGE_QUANTILE = 0.95
 HEDGE_MIN_DELAY = 0.05
 # An upstream this many blocks behind the best is taken out of rotation.
 MAX_LAG_BLOCKS = 5
-# Errors in a row that take an upstream out of rotation.
+# Errors in a row that take an upstream out of rotation. A provider's 429 ("slow down") is
+# never one of them; while no upstream is in rotation a call fails at once (-32001).
 MAX_CONSECUTIVE_ERRORS = 3
-# How often an out-of-rotation upstream is probed to bring it back.
+# How often an out-of-rotation upstream is probed to bring it back; each probe is bounded
+# by this interval too, so probes start on a fixed cadence and a healed upstream is back
+# within one interval (a restart's connection resets cost at most that much refusal).
 PROBE_INTERVAL = 2.0
+# Longest "Retry-After" a provider's 429 is honoured for: the upstream is tried last until
+# then. A minute bounds what one odd header can make the node avoid an upstream.
+RETRY_AFTER_MAX = 60.0
 # Keep-alive connections per upstream; more than anvil or a provider serves well at once.
 UPSTREAM_CONNECTIONS = 64
 # A WebSocket upstream is pinged this often; one that sends nothing for a whole period
@@ -159,8 +173,8 @@ REORG_WINDOW = 256
 BACKFILL_BLOCKS = 64
 # How often safe/finalized are refreshed, in blocks.
 FINALITY_REFRESH_BLOCKS = 4
-# eth_blockNumber/eth_chainId are answered locally only while the head is this fresh,
-# in block times; past it they go upstream.
+# eth_blockNumber is answered locally only while the head is this fresh, in block times;
+# past it it goes upstream (eth_chainId is always local: the chain id checked at start).
 HEAD_FRESH_BLOCKS = 3.0
 # HTTP head polling (chainrelay/chain/headpoll.py). Fractions are of the learned block
 # interval. A probe's first poll goes this early: the block's expected time is known to

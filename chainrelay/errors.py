@@ -24,7 +24,8 @@
     │   └── PublishUnauthorized          an ingress node refused the API key (HTTP 401)
     └── UpstreamError                    -32000 range; carries upstream, method, attempts
         ├── UpstreamUnavailable          -32001  no healthy upstream could answer
-        ├── UpstreamTimeout              -32002  every attempt timed out
+        │   └── NoUpstreamInRotation     -32001  none in rotation: refused at once, no try made
+        ├── UpstreamTimeout              -32002  the call's deadline passed (or every try timed out)
         ├── UpstreamWrongChain           refused at start: the upstream serves another chain
         └── UpstreamOverloaded           -32005  upstream calls in flight at their bound: shed
 
@@ -192,6 +193,12 @@ class UpstreamError(ChainRelayError):
 
 class UpstreamUnavailable(UpstreamError):
     code = -32001
+
+
+class NoUpstreamInRotation(UpstreamUnavailable):
+    """Every upstream is out of rotation (errors in a row, until a probe brings one back):
+    the call is refused at once rather than sent to an upstream known to fail and left to
+    wait out its deadline."""
 
 
 class UpstreamTimeout(UpstreamError):

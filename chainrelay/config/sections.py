@@ -148,6 +148,7 @@ class ChainConfig:
 class PoolConfig:
     """``[pool]``: picking, retrying and hedging among upstreams."""
 
+    deadline: float = positive(d.CALL_DEADLINE)
     timeout: float = d.UPSTREAM_TIMEOUT
     max_attempts: int = positive(d.UPSTREAM_MAX_ATTEMPTS)
     hedge: bool = d.HEDGE
@@ -155,7 +156,8 @@ class PoolConfig:
     hedge_min_delay: float = d.HEDGE_MIN_DELAY
     max_lag_blocks: int = d.MAX_LAG_BLOCKS
     max_consecutive_errors: int = d.MAX_CONSECUTIVE_ERRORS
-    probe_interval: float = d.PROBE_INTERVAL
+    probe_interval: float = positive(d.PROBE_INTERVAL)
+    retry_after_max: float = d.RETRY_AFTER_MAX
     connections: int = d.UPSTREAM_CONNECTIONS
     ws_ping_interval: float = positive(d.WS_PING_INTERVAL)
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)

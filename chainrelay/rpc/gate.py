@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 
 from chainrelay.errors import UpstreamOverloaded
@@ -39,7 +40,7 @@ class UpstreamGate:
     async def enter(self, who: str, n: int, deadline: float, method: str = "") -> None:
         """Count ``n`` calls of ``who`` once they may start; ``leave`` them when they end.
         Raises ``UpstreamOverloaded`` when the node is at its bound, or when ``who`` is
-        still at its own at ``deadline`` (``loop.time()``)."""
+        still at its own at ``deadline`` (a ``perf_counter`` time, as the pool's)."""
         queue = self._waiting.get(who)
         if queue is None:
             refused = self.counts.take(who, n)
@@ -47,16 +48,16 @@ class UpstreamGate:
                 return
             if refused is Refusal.NODE:
                 raise self._shed(NODE_OVERLOADED, method, n)
-        loop = asyncio.get_running_loop()
-        if deadline <= loop.time():
+        left = deadline - time.perf_counter()
+        if left <= 0.0:
             raise self._shed(CLIENT_OVERLOADED, method, n)
-        fut: asyncio.Future[bool] = loop.create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         entry = (n, fut)
         if queue is None:
             queue = self._waiting[who] = deque()
         queue.append(entry)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(left):
                 admitted = await fut
         except TimeoutError:
             self._abandon(who, entry)

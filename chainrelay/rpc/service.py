@@ -218,11 +218,11 @@ class RpcService:
         self.gate = UpstreamGate(
             limits.max_upstream_in_flight, limits.max_upstream_in_flight_per_client
         )
-        # Calls per upstream batch, and how long a client's calls may wait for its own
-        # earlier ones (and a batch's chunks take in all): as long as one read may take,
-        # every attempt timed out.
+        # Calls per upstream batch, and the one deadline of a client's call (``[pool]
+        # deadline``), which covers its wait for the client's own earlier calls too; a
+        # batch's chunks end by the deadline of the batch's first miss.
         self.batch_len = pool.settings.batch_len
-        self.call_budget = pool.settings.timeout * pool.settings.max_attempts
+        self.call_budget = pool.settings.deadline
         self._chunks: set[asyncio.Task[None]] = set()  # upstream batches under way
 
     # --- entry point -----------------------------------------------------------------
@@ -307,7 +307,7 @@ class RpcService:
         ups: list[Batched] = []
         chunks: list[asyncio.Task[None]] = []
         who = current_peer()
-        deadline = asyncio.get_running_loop().time() + self.call_budget
+        deadline = started + self.call_budget  # perf_counter, as the pool's
         size = self.batch_len
         found: Found | Lookup = _UNCACHED if uncached else _MISS  # call ``at``'s, known
         # Cached reads to look up in the shared tier first (in one MGET), when there is one.
@@ -486,7 +486,10 @@ class RpcService:
             if n == 1:
                 it = items[0]
                 try:
-                    got = [await self.pool.call(it.method, it.params, it.min_block)]
+                    one = await self.pool.call(
+                        it.method, it.params, it.min_block, deadline=deadline
+                    )
+                    got = [one]
                 except UpstreamError as exc:
                     got = [exc]
             else:
@@ -557,7 +560,7 @@ class RpcService:
         gate = self.gate
         who = current_peer()
         if not gate.enter_now(who, 1):
-            deadline = asyncio.get_running_loop().time() + self.call_budget
+            deadline = started + self.call_budget  # ``_answer_later``'s own: the wait counts
             try:
                 await gate.enter(who, 1, deadline, call.method)
             except UpstreamError as exc:
@@ -575,12 +578,15 @@ class RpcService:
         """A cache hit or a local answer, counted, or why the call needs upstream I/O."""
         method = call.method
         if method == _BLOCK_NUMBER or method == _CHAIN_ID:
-            if not self.head.fresh:
-                return _MISS
+            # The chain id is the one checked at start, whatever the head; the head's number
+            # only while the head is fresh (else the upstreams are asked: never a number the
+            # node cannot vouch for).
             if method == _CHAIN_ID:
                 result = self._chain_id_json
-            else:
+            elif self.head.fresh:
                 result = f'"{hex(self.view.number)}"'.encode()
+            else:
+                return _MISS
             self.metrics.count(method, "local", time.perf_counter() - started)
             return result, None, None
         if method not in _RULES:
@@ -664,11 +670,14 @@ class RpcService:
     ) -> bytes | None:
         """A call that waits for I/O; ``spent``: upstream attempts already made for it (by
         the forwarding path, ``Forward``), on the upstreams ``tried``; ``uncached``: planned
-        already as never cached (``Lookup.UNCACHED``), so not planned again."""
+        already as never cached (``Lookup.UNCACHED``), so not planned again. Its upstream
+        calls end by one deadline counted from ``started`` (``[pool] deadline``), what the
+        forwarding path spent of it included."""
         rid = call.id or NULL_ID
         method = call.method
+        deadline = started + self.pool.settings.deadline
         try:
-            answer, outcome = await self._fetch(call, spent, tried, uncached)
+            answer, outcome = await self._fetch(call, spent, tried, uncached, deadline)
         except UpstreamError as exc:
             exc.attempts += spent
             log.warning("%s", exc)
@@ -688,13 +697,20 @@ class RpcService:
         return encode_result(rid, answer.result)
 
     async def _fetch(
-        self, call: Call, spent: int = 0, tried: Sequence[Upstream] = (), uncached: bool = False
+        self,
+        call: Call,
+        spent: int = 0,
+        tried: Sequence[Upstream] = (),
+        uncached: bool = False,
+        deadline: float | None = None,
     ) -> tuple[Answer, str]:
+        """``deadline``: the ``perf_counter`` time its upstream calls end by (None: the
+        pool's deadline from each call's start; the node's own calls)."""
         method = call.method
         params = call.params if call.has_params else None
         rule = _RULES.get(method)
         if rule is not None and rule.kind is Kind.SEND:
-            return await self.pool.broadcast(method, params), "pass"
+            return await self.pool.broadcast(method, params, deadline=deadline), "pass"
         if rule is not None and rule.kind is Kind.SUBSCRIBE:
             # A subscription belongs to its WebSocket connection; over HTTP there is none.
             subs = current_subscriptions()
@@ -707,11 +723,17 @@ class RpcService:
             return subs.call(method, call.params), "local"
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"
-        if uncached:
-            return await self.pool.call(method, params, spent=spent, tried=tried), "pass"
-        p = policy.plan(method, call.params, self.view) if rule is not None else policy.PASS
+        if uncached or rule is None:
+            answer = await self.pool.call(
+                method, params, spent=spent, tried=tried, deadline=deadline
+            )
+            return answer, "pass"
+        p = policy.plan(method, call.params, self.view)
         if p.key is None:
-            return await self.pool.call(method, params, spent=spent, tried=tried), "pass"
+            answer = await self.pool.call(
+                method, params, spent=spent, tried=tried, deadline=deadline
+            )
+            return answer, "pass"
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):
@@ -726,7 +748,8 @@ class RpcService:
         if p.key in self._coalescer:
             # Join the call already under way: no shared-tier lookup of our own.
             self.metrics.coalesced.inc()
-            return await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd)), "miss"
+            answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd, deadline))
+            return answer, "miss"
         if self.shared is not None:
             entry = await self.shared.get(p.key)
             if entry is not None and self._still_canonical(entry):
@@ -740,7 +763,7 @@ class RpcService:
             note(method)
         if p.key in self._coalescer:  # another caller's miss started during our lookup
             self.metrics.coalesced.inc()
-        answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd))
+        answer = await self._coalescer.run(p.key, lambda: self._miss(p, method, fwd, deadline))
         return answer, "miss"
 
     async def call(self, method: str, params: policy.Params) -> Answer:
@@ -832,7 +855,11 @@ class RpcService:
         self._store(p, answer)
         return answer
 
-    async def _miss(self, p: Plan, method: str, params: policy.Params | None) -> Answer:
+    async def _miss(
+        self, p: Plan, method: str, params: policy.Params | None, deadline: float | None = None
+    ) -> Answer:
+        """The upstream read of a miss, stored; by ``deadline`` (``pool.call``'s). Callers
+        that join it (coalesced) came later: it ends by their own deadlines too."""
         if method == "eth_getLogs" and self.local_logs is not None:
             local = await self.local_logs(params)
             if local is not None:
@@ -840,7 +867,7 @@ class RpcService:
                 return local
         shared = self.shared
         if shared is None:
-            answer = await self.pool.call(method, params, p.min_block)
+            answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
             self._store(p, answer)
             self._fill_block(method, answer)
             return answer
@@ -848,7 +875,7 @@ class RpcService:
         assert key is not None
 
         async def produce() -> Answer:
-            answer = await self.pool.call(method, params, p.min_block)
+            answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
             entry = self._store(p, answer)
             self._fill_block(method, answer)
             if entry is not None:

@@ -3,6 +3,12 @@
 Reads go to the best upstream; a timeout, connection error, 5xx, 429 or malformed answer is
 retried on another one, and a slow read may be hedged onto a second upstream. A JSON-RPC
 error that an upstream answered is the node's real answer and is returned as it is.
+
+Every call has one deadline (``[pool] deadline``) covering all its tries and hedges; each
+try is cut to what is left of it, and past it the call ends with ``UpstreamTimeout``. An
+upstream whose errors in a row take it out of rotation is only probed until it answers,
+never tried; with none in rotation a call is refused at once (``NoUpstreamInRotation``).
+A provider's 429 asks to slow down: never counted against health.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from eth_utils import keccak
 
 from chainrelay.config import PoolConfig
 from chainrelay.errors import (
+    NoUpstreamInRotation,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -101,21 +109,28 @@ class UpstreamPool:
     def best_latest(self) -> int:
         return max((u.latest for u in self.upstreams), default=-1)
 
+    @property
+    def in_rotation(self) -> bool:
+        """Whether any upstream is in rotation: with none, calls are refused at once."""
+        return any(u.healthy for u in self.upstreams)
+
     def candidates(self, min_block: int = -1) -> list[Upstream]:
-        """Upstreams in the order to try them: in rotation, caught up, fastest first."""
+        """Upstreams in rotation in the order to try them: caught up (and holding
+        ``min_block``) first, then those asking to slow down (a 429), fastest first. Empty
+        when none is in rotation: out-of-rotation upstreams are only probed, never tried."""
         best = self.best_latest
         lag = self.settings.max_lag_blocks
-        good = [
-            u
-            for u in self.upstreams
-            if u.healthy
-            and (u.latest < 0 or best - u.latest <= lag)
-            and (min_block < 0 or u.latest < 0 or u.latest >= min_block)
-        ]
-        good.sort(key=lambda u: u.latency)
-        rest = [u for u in self.upstreams if u not in good]
-        rest.sort(key=lambda u: (not u.healthy, u.latency))
-        return good + rest
+        now = time.perf_counter()
+
+        def rank(u: Upstream) -> tuple[bool, bool, float]:
+            behind = u.latest >= 0 and (
+                best - u.latest > lag or (min_block >= 0 and u.latest < min_block)
+            )
+            return behind, u.slow_until > now, u.latency
+
+        order = [u for u in self.upstreams if u.healthy]
+        order.sort(key=rank)
+        return order
 
     def direct(self) -> WsUpstream | None:
         """The upstream a read may be sent to straight away by a caller that pairs its
@@ -127,7 +142,10 @@ class UpstreamPool:
         if len(upstreams) == 1:
             u = upstreams[0]
         else:
-            u = self.candidates()[0]
+            order = self.candidates()
+            if not order:
+                return None
+            u = order[0]
             if self._hedge_delay(u) is not None:
                 return None
         if u.__class__ is not WsUpstream or not u.healthy:
@@ -138,7 +156,16 @@ class UpstreamPool:
         """Count a call sent through ``direct`` that got no usable answer, as ``call``
         counts its own attempts (health included)."""
         u.failed(exc, elapsed)
-        if not exc.malformed:
+        self._failed_try(u, exc)
+
+    def _failed_try(self, u: Upstream, exc: TransportError) -> None:
+        """A try that got no usable answer: a 429 makes ``u`` tried last for what its
+        Retry-After asks (never counted against its health); errors in a row take it out
+        of rotation."""
+        if exc.retry_after is not None:
+            wait = min(exc.retry_after, self.settings.retry_after_max)
+            u.slow_until = max(u.slow_until, time.perf_counter() + wait)
+        elif exc.counts:
             self._mark_failed(u)
 
     def _mark_failed(self, u: Upstream) -> None:
@@ -151,23 +178,34 @@ class UpstreamPool:
             task.add_done_callback(self._probes.discard)
 
     async def _probe(self, u: Upstream) -> None:
+        """Probe ``u`` until it answers, then bring it back. Probes start one interval apart
+        and each is bounded by the interval: one that heals is back within one interval,
+        whatever the probe under way when it healed was stuck on. Any answer brings it
+        back, a 429 included (it is reachable; it only asks to be called less)."""
+        interval = self.settings.probe_interval
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + interval
         while not u.healthy:
-            await asyncio.sleep(self.settings.probe_interval)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at = loop.time() + interval
             try:
-                await u.call("eth_blockNumber", [])
-            except TransportError:
-                continue
+                await u.call("eth_blockNumber", [], timeout=interval)
+            except TransportError as exc:
+                if exc.retry_after is None:
+                    continue
             u.healthy = True
             u.consecutive_errors = 0
             self.metrics.upstream_healthy.labels(u.name).set(1)
             log.info("upstream %s back in rotation", u.name)
 
     # --- calls ------------------------------------------------------------------------
-    async def _attempt(self, u: Upstream, method: str, params: Params | None) -> Answer:
+    async def _attempt(
+        self, u: Upstream, method: str, params: Params | None, timeout: float
+    ) -> Answer:
         try:
-            return await u.call(method, params)
+            return await u.call(method, params, timeout=timeout)
         except TransportError as exc:
-            self._mark_failed(u)
+            self._failed_try(u, exc)
             log.debug("upstream %s %s failed: %s", u.name, method, exc)
             raise
 
@@ -184,44 +222,68 @@ class UpstreamPool:
         min_block: int = -1,
         spent: int = 0,
         tried: Sequence[Upstream] = (),
+        *,
+        deadline: float | None = None,
     ) -> Answer:
         """A read: the first good answer from the best upstreams, retried and maybe hedged.
         ``spent``: attempts the caller made already (a read sent through ``direct``), taken
         from the budget; one is always left, for a link that failed under it. ``tried``:
         the upstreams those attempts went to, asked last (the best one may be the one that
-        just failed, still healthy after one error)."""
+        just failed, still healthy after one error). ``deadline``: the ``perf_counter``
+        time the call ends by, answered or not (``UpstreamTimeout``), all its tries and
+        hedges included; the pool's ``deadline`` from now when not given (the node's own
+        reads). With no upstream in rotation, ``NoUpstreamInRotation`` at once."""
+        now = time.perf_counter()
+        if deadline is None:
+            deadline = now + self.settings.deadline
+        elif now >= deadline:  # spent on the forwarding path's try
+            raise _no_answer(list(tried), spent, None, method, self.settings.deadline)
         max_attempts = max(1, self.settings.max_attempts - spent)
         if len(self.upstreams) == 1:
-            return await self._call_in_turn(self.upstreams, method, params, max_attempts)
+            if not self.upstreams[0].healthy:
+                raise _out_of_rotation(self.upstreams, method)
+            return await self._call_in_turn(self.upstreams, method, params, max_attempts, deadline)
         order = self.candidates(min_block)
+        if not order:
+            raise _out_of_rotation(self.upstreams, method)
         if tried:
             order = [u for u in order if u not in tried] + [u for u in order if u in tried]
         if self._hedge_delay(order[0]) is None:
-            return await self._call_in_turn(order, method, params, max_attempts)
+            return await self._call_in_turn(order, method, params, max_attempts, deadline)
         launched = 0
         last_exc: TransportError | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
 
         def launch() -> bool:
             nonlocal launched
-            if launched >= max_attempts:
-                return False
-            u = order[launched % len(order)]
-            launched += 1
-            running[asyncio.ensure_future(self._attempt(u, method, params))] = u
-            return True
+            while launched < max_attempts:
+                u = order[launched % len(order)]
+                launched += 1
+                left = deadline - time.perf_counter()
+                if left <= 0.0:
+                    return False
+                if not u.healthy:  # taken out by this call's own tries
+                    continue
+                running[asyncio.ensure_future(self._attempt(u, method, params, left))] = u
+                return True
+            return False
 
         launch()
         try:
             while running:
+                left = deadline - time.perf_counter()
+                if left <= 0.0:
+                    break
                 first = next(iter(running.values()))
                 delay = self._hedge_delay(first) if len(running) == 1 and len(order) > 1 else None
+                wait = left if delay is None else min(delay, left)
                 done, _ = await asyncio.wait(
-                    running, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                    running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
-                    self.metrics.hedged.inc()
-                    launch()
+                    if delay is not None and delay < left:
+                        self.metrics.hedged.inc()
+                        launch()
                     continue
                 for task in done:
                     running.pop(task)
@@ -236,23 +298,50 @@ class UpstreamPool:
         finally:
             for task in running:
                 task.cancel()
-        raise _no_answer(order, launched, last_exc, method)
+        raise _no_answer(order, launched, last_exc, method, self._late(deadline))
 
     async def _call_in_turn(
-        self, order: list[Upstream], method: str, params: Params | None, attempts: int
+        self,
+        order: list[Upstream],
+        method: str,
+        params: Params | None,
+        attempts: int,
+        deadline: float,
     ) -> Answer:
         """No hedge due (hedging off, or too few latencies known yet): the candidates one
-        after another in the caller's own task, as the race would try them, with no tasks."""
+        after another in the caller's own task, as the race would try them, with no tasks.
+        Each try is cut to what is left of the deadline; an upstream that asked to slow
+        down is waited for only when a fair try (half its timeout) still fits after."""
         last: TransportError | None = None
+        tries = 0
         for i in range(attempts):
             u = order[i % len(order)]
+            if not u.healthy:  # taken out of rotation by this call's own tries
+                continue
+            now = time.perf_counter()
+            if u.slow_until > now:
+                if deadline - u.slow_until < u.timeout / 2:
+                    if last is None:
+                        wait = u.slow_until - now
+                        last = TransportError(f"HTTP 429, {wait:.1f}s to wait", retry_after=wait)
+                    continue
+                await asyncio.sleep(u.slow_until - now)
+                now = time.perf_counter()
+            left = deadline - now
+            if left <= 0.0:
+                break
+            tries += 1
             try:
-                return await u.call(method, params)
+                return await u.call(method, params, timeout=left)
             except TransportError as exc:
-                self._mark_failed(u)
+                self._failed_try(u, exc)
                 log.debug("upstream %s %s failed: %s", u.name, method, exc)
                 last = exc
-        raise _no_answer(order, attempts, last, method)
+        raise _no_answer(order, tries, last, method, self._late(deadline))
+
+    def _late(self, deadline: float) -> float | None:
+        """The pool's deadline, when ``deadline`` has passed (for the error's message)."""
+        return self.settings.deadline if time.perf_counter() >= deadline else None
 
     async def call_batch(
         self,
@@ -263,46 +352,65 @@ class UpstreamPool:
     ) -> list[Answer | UpstreamError]:
         """Reads sent as one JSON-RPC batch: each one's answer, in order, or the
         ``UpstreamError`` it got. The batch is tried on the candidates in turn as ``call``
-        tries one read (never hedged: a batch is not raced); an upstream that refuses it
-        (``BatchUnsupported``) has its reads asked one by one through ``call``.
-        ``deadline`` (``loop.time()``, None: none) bounds the whole of it."""
+        tries one read without a hedge (a batch is never raced), each try cut to what is
+        left of ``deadline`` (``call``'s: a ``perf_counter`` time, the pool's deadline from
+        now when not given). An upstream that refuses batches (``BatchUnsupported``) has
+        the reads asked one by one through ``call``, by the same deadline."""
+        if deadline is None:
+            deadline = time.perf_counter() + self.settings.deadline
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._batch_in_turn(calls, min_block)
-        except TimeoutError:
-            err = UpstreamTimeout(
-                "batch past its deadline", method=_methods(calls), upstream="", attempts=1
-            )
-            return [err] * len(calls)
+            return await self._batch_in_turn(calls, min_block, deadline)
+        except UpstreamError as exc:
+            return [exc] * len(calls)
 
     async def _batch_in_turn(
-        self, calls: Sequence[BatchCall], min_block: int
+        self, calls: Sequence[BatchCall], min_block: int, deadline: float
     ) -> list[Answer | UpstreamError]:
+        """``_call_in_turn`` for a batch: the same order, the same rules for an upstream
+        that asked to slow down, the same error when no try answers."""
+        method = _methods(calls)
         upstreams = self.upstreams
         order = upstreams if len(upstreams) == 1 else self.candidates(min_block)
-        attempts = self.settings.max_attempts
+        if not order or not any(u.healthy for u in order):
+            raise _out_of_rotation(upstreams, method)
         last: TransportError | None = None
-        for i in range(attempts):
+        tries = 0
+        for i in range(self.settings.max_attempts):
             u = order[i % len(order)]
+            if not u.healthy:  # taken out of rotation by this batch's own tries
+                continue
+            now = time.perf_counter()
+            if u.slow_until > now:
+                if deadline - u.slow_until < u.timeout / 2:
+                    if last is None:
+                        wait = u.slow_until - now
+                        last = TransportError(f"HTTP 429, {wait:.1f}s to wait", retry_after=wait)
+                    continue
+                await asyncio.sleep(u.slow_until - now)
+                now = time.perf_counter()
+            left = deadline - now
+            if left <= 0.0:
+                break
+            tries += 1
             try:
-                return list(await u.call_batch(calls))
+                return list(await u.call_batch(calls, timeout=left))
             except BatchUnsupported as exc:
                 log.debug("upstream %s: %s; asking call by call", u.name, exc)
-                return await self._one_by_one(calls, min_block)
+                return await self._one_by_one(calls, min_block, deadline)
             except TransportError as exc:
-                self._mark_failed(u)
+                self._failed_try(u, exc)
                 log.debug("upstream %s batch of %d failed: %s", u.name, len(calls), exc)
                 last = exc
-        err = _no_answer(order, attempts, last, _methods(calls))
-        return [err] * len(calls)
+        raise _no_answer(order, tries, last, method, self._late(deadline))
 
     async def _one_by_one(
-        self, calls: Sequence[BatchCall], min_block: int
+        self, calls: Sequence[BatchCall], min_block: int, deadline: float
     ) -> list[Answer | UpstreamError]:
         """A refused batch's reads, each through ``call`` (all at once: the caller counted
         them as that many calls in flight)."""
         got = await asyncio.gather(
-            *(self.call(m, p, min_block) for m, p in calls), return_exceptions=True
+            *(self.call(m, p, min_block, deadline=deadline) for m, p in calls),
+            return_exceptions=True,
         )
         out: list[Answer | UpstreamError] = []
         for r in got:
@@ -319,14 +427,24 @@ class UpstreamPool:
         if not task.cancelled() and task.exception() is not None:
             log.debug("late write failed: %s", task.exception())
 
-    async def broadcast(self, method: str, params: Params | None) -> Answer:
-        """A write to every upstream at once; the first success answers.
+    async def broadcast(
+        self, method: str, params: Params | None, *, deadline: float | None = None
+    ) -> Answer:
+        """A write to every upstream in rotation at once; the first success answers, by
+        ``deadline`` (as ``call``'s).
 
         "already known" from a node is success: the transaction is there. The calls that
-        have not answered yet go on in the background so every node gets the transaction.
+        have not answered yet go on in the background (each within its try's timeout) so
+        every node gets the transaction.
         """
-        order = [u for u in self.upstreams if u.healthy] or list(self.upstreams)
-        tasks = [asyncio.ensure_future(self._attempt(u, method, params)) for u in order]
+        now = time.perf_counter()
+        if deadline is None:
+            deadline = now + self.settings.deadline
+        order = [u for u in self.upstreams if u.healthy]
+        if not order:
+            raise _out_of_rotation(self.upstreams, method)
+        left = deadline - now
+        tasks = [asyncio.ensure_future(self._attempt(u, method, params, left)) for u in order]
         for task in tasks:
             # Failures that come after the answer (or together with it) are read there.
             task.add_done_callback(self._settled)
@@ -335,7 +453,12 @@ class UpstreamPool:
         pending = set(tasks)
         try:
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                left = deadline - time.perf_counter()
+                if left <= 0.0:
+                    break
+                done, pending = await asyncio.wait(
+                    pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
                 for task in done:
                     exc = task.exception()
                     if exc is not None:
@@ -352,10 +475,18 @@ class UpstreamPool:
             self._background.update(pending)
         if first_error is not None:
             return first_error
+        where = ",".join(u.name for u in order)
+        if pending or (isinstance(last_exc, TransportError) and last_exc.timeout):
+            raise UpstreamTimeout(
+                f"no upstream took the transaction within the {self.settings.deadline:g}s deadline",
+                method=method,
+                upstream=where,
+                attempts=len(order),
+            )
         raise UpstreamUnavailable(
             f"no upstream took the transaction: {last_exc}",
             method=method,
-            upstream=",".join(u.name for u in order),
+            upstream=where,
             attempts=len(order),
         )
 
@@ -378,14 +509,35 @@ def _methods(calls: Sequence[BatchCall]) -> str:
 
 
 def _no_answer(
-    order: list[Upstream], attempts: int, last: TransportError | None, method: str
+    order: list[Upstream],
+    attempts: int,
+    last: TransportError | None,
+    method: str,
+    deadline: float | None,
 ) -> UpstreamError:
-    """What a read that got no answer from ``attempts`` tries of ``order`` raises."""
+    """What a read that got no answer from ``attempts`` tries of ``order`` raises;
+    ``deadline``: the call's deadline in seconds when it passed."""
     where = ",".join(u.name for u in order[: max(1, attempts)])
+    if deadline is not None:
+        return UpstreamTimeout(
+            f"no upstream answered within the {deadline:g}s deadline",
+            method=method,
+            upstream=where,
+            attempts=attempts,
+        )
     if last is not None and last.timeout:
         return UpstreamTimeout(
             "upstream timed out", method=method, upstream=where, attempts=attempts
         )
     return UpstreamUnavailable(
         f"no upstream answered: {last}", method=method, upstream=where, attempts=attempts
+    )
+
+
+def _out_of_rotation(upstreams: Sequence[Upstream], method: str) -> NoUpstreamInRotation:
+    return NoUpstreamInRotation(
+        "no upstream in rotation",
+        method=method,
+        upstream=",".join(u.name for u in upstreams),
+        attempts=0,
     )

@@ -52,7 +52,13 @@ class TransportError(Exception):
     """The upstream gave no usable answer (timeout, refused, 5xx, 429, garbage): retryable."""
 
     def __init__(
-        self, message: str, *, timeout: bool = False, malformed: bool = False, loop: bool = False
+        self,
+        message: str,
+        *,
+        timeout: bool = False,
+        malformed: bool = False,
+        loop: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.timeout = timeout
@@ -62,6 +68,11 @@ class TransportError(Exception):
         # take every node out.
         self.malformed = malformed or loop
         self.loop = loop
+        # A provider's "slow down" (HTTP 429), with the seconds its Retry-After asks for
+        # (0.0 when it names none): the upstream is well, only busy; never counted against
+        # its health either.
+        self.retry_after = retry_after
+        self.counts = not (self.malformed or retry_after is not None)
 
 
 class BatchUnsupported(TransportError):
@@ -97,6 +108,9 @@ class Upstream:
         self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.consecutive_errors = 0
         self.healthy = True
+        # perf_counter time until which the upstream asked not to be called (a 429's
+        # Retry-After): tried after the others, and not waited for past a call's deadline.
+        self.slow_until = 0.0
         self.calls = 0
         self.errors = 0
         self.chain_id: int | None = None
@@ -124,12 +138,26 @@ class Upstream:
         async with asyncio.timeout(self.timeout):
             return await self.request(encode_request(1, method, params))
 
-    async def call(self, method: str, params: Params | None) -> Answer:
-        """One call, timed and measured. Raises ``TransportError``."""
+    async def _roundtrip_within(self, method: str, params: Params | None, timeout: float) -> bytes:
+        """``_roundtrip`` cut short to ``timeout`` (below ``self.timeout``): the last try of
+        a call whose deadline is near, or a probe."""
+        async with asyncio.timeout(timeout):
+            return await self._roundtrip(method, params)
+
+    async def call(
+        self, method: str, params: Params | None, *, timeout: float | None = None
+    ) -> Answer:
+        """One call, timed and measured, within ``self.timeout`` or ``timeout`` when that is
+        shorter (what is left of a call's deadline). Raises ``TransportError``."""
         self.calls += 1
         started = time.perf_counter()
+        if timeout is None or timeout >= self.timeout:
+            timeout = None
         try:
-            raw = await self._roundtrip(method, params)
+            if timeout is None:
+                raw = await self._roundtrip(method, params)
+            else:
+                raw = await self._roundtrip_within(method, params, timeout)
             if len(raw) > LARGE_ANSWER_BYTES:
                 await asyncio.sleep(0)  # see LARGE_ANSWER_BYTES
             try:
@@ -138,19 +166,33 @@ class Upstream:
                 self.errors += 1
                 raise TransportError(f"malformed answer: {exc}", malformed=True) from None
         except TimeoutError:
-            self._failed()
-            self._observe("transport_error", started)
-            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
-        except TransportError as exc:
-            if not exc.malformed:
+            # A try cut to under half its timeout by the call's deadline was not a fair
+            # chance: not counted against the upstream's health (still an error).
+            fair = timeout is None or 2 * timeout >= self.timeout
+            if fair:
                 self._failed()
+            else:
+                self.errors += 1
+            self._observe("transport_error", started)
+            waited = self.timeout if timeout is None else round(timeout, 3)
+            late = TransportError(f"timed out after {waited}s", timeout=True)
+            late.counts = fair
+            raise late from None
+        except TransportError as exc:
+            if exc.counts:
+                self._failed()
+            else:
+                self.errors += 1
             self._observe("transport_error", started)
             raise
         self.answered(time.perf_counter() - started, answer.error is not None)
         return answer
 
-    async def call_batch(self, calls: Sequence[BatchCall]) -> list[Answer]:
-        """``calls`` as one JSON-RPC batch: their answers, in order. Raises
+    async def call_batch(
+        self, calls: Sequence[BatchCall], *, timeout: float | None = None
+    ) -> list[Answer]:
+        """``calls`` as one JSON-RPC batch: their answers, in order, within
+        ``self.timeout`` or ``timeout`` when shorter (as ``call``). Raises
         ``BatchUnsupported`` when the upstream does not answer the batch as one, and
         ``TransportError`` as ``call`` does.
 
@@ -158,8 +200,14 @@ class Upstream:
         slower than the call the hedging quantile is about)."""
         self.calls += 1
         started = time.perf_counter()
+        if timeout is None or timeout >= self.timeout:
+            timeout = None
         try:
-            raw, first_id = await self._batch_roundtrip(calls)
+            if timeout is None:
+                raw, first_id = await self._batch_roundtrip(calls)
+            else:
+                async with asyncio.timeout(timeout):
+                    raw, first_id = await self._batch_roundtrip(calls)
             if len(raw) > LARGE_ANSWER_BYTES:
                 await asyncio.sleep(0)  # see LARGE_ANSWER_BYTES
             try:
@@ -167,12 +215,21 @@ class Upstream:
             except NotABatchAnswer as exc:
                 raise BatchUnsupported(f"batch of {len(calls)} refused: {exc}") from None
         except TimeoutError:
-            self._failed()
-            self._observe("transport_error", started)
-            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
-        except TransportError as exc:
-            if not exc.malformed:
+            fair = timeout is None or 2 * timeout >= self.timeout  # as ``call`` counts it
+            if fair:
                 self._failed()
+            else:
+                self.errors += 1
+            self._observe("transport_error", started)
+            waited = self.timeout if timeout is None else round(timeout, 3)
+            late = TransportError(f"timed out after {waited}s", timeout=True)
+            late.counts = fair
+            raise late from None
+        except TransportError as exc:
+            if exc.counts:
+                self._failed()
+            else:
+                self.errors += 1
             self._observe("transport_error", started)
             raise
         self.consecutive_errors = 0
@@ -180,7 +237,8 @@ class Upstream:
         return answers
 
     async def _batch_roundtrip(self, calls: Sequence[BatchCall]) -> tuple[bytes, int]:
-        """The raw answer to the batch of ``calls``, and the id of its first call."""
+        """The raw answer to the batch of ``calls`` within ``self.timeout``, and the id of
+        its first call."""
         async with asyncio.timeout(self.timeout):
             return await self.request(encode_batch(1, calls)), 1
 
@@ -196,7 +254,7 @@ class Upstream:
 
     def failed(self, exc: TransportError, elapsed: float) -> None:
         """Measure a call that got no usable answer (``exc``)."""
-        if not exc.malformed:
+        if exc.counts:
             self._failed()
         else:
             self.errors += 1
@@ -253,28 +311,44 @@ class HttpUpstream(Upstream):
             self._session = None
 
     async def _roundtrip(self, method: str, params: Params | None) -> bytes:
-        return await self.request(encode_request(1, method, params))
+        return await self._post(encode_request(1, method, params), None)
+
+    async def _roundtrip_within(self, method: str, params: Params | None, timeout: float) -> bytes:
+        return await self._post(encode_request(1, method, params), timeout)
 
     async def request(self, body: bytes) -> bytes:
         """POST one body; the answer's bytes. Raises ``TransportError``."""
+        return await self._post(body, None)
+
+    async def _post(self, body: bytes, timeout: float | None) -> bytes:
+        """POST ``body`` within the session's timeout, or ``timeout`` (shorter) when given."""
         session = self._session
         assert session is not None, "upstream not started"
         # This node's own Via goes with every request (the session's default header); a
         # request made for one another relay forwarded carries that one's chain too.
         came = current_via()
         headers = {"Via": f"{came}, {self.via}"} if came and self.via else None
+        # aiohttp's total timeout covers the whole exchange, the body read included: an
+        # upstream that drips its answer a byte at a time is cut off all the same.
+        # (Never None here: to aiohttp that means no timeout at all.)
+        bound = session.timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
-            async with session.post(self.url, data=body, headers=headers) as resp:
+            async with session.post(self.url, data=body, headers=headers, timeout=bound) as resp:
                 data = await resp.read()
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After") if status == 429 else None
         except TimeoutError:
-            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
+            waited = self.timeout if timeout is None else round(timeout, 3)
+            raise TransportError(f"timed out after {waited}s", timeout=True) from None
         except aiohttp.ClientError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from None
         if status == LOOP_DETECTED:
             raise TransportError("the request came round to a relay it passed", loop=True)
+        if status == 429:
+            wait = _retry_after(retry_after)
+            raise TransportError(f"HTTP 429, retry after {wait:g}s", retry_after=wait)
         if status != 200 and (status == 429 or status >= 500 or not data.lstrip().startswith(b"{")):
             raise TransportError(f"HTTP {status}")
         return data
@@ -290,6 +364,7 @@ class HttpUpstream(Upstream):
             async with session.post(self.url, data=encode_batch(1, calls), headers=headers) as resp:
                 data = await resp.read()
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After") if status == 429 else None
         except TimeoutError:
             raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -297,10 +372,23 @@ class HttpUpstream(Upstream):
         if status == LOOP_DETECTED:
             raise TransportError("the request came round to a relay it passed", loop=True)
         if status == 429:
-            raise TransportError("HTTP 429")
+            wait = _retry_after(retry_after)
+            raise TransportError(f"HTTP 429, retry after {wait:g}s", retry_after=wait)
         if status != 200:
             raise BatchUnsupported(f"HTTP {status}")
         return data, 1
+
+
+def _retry_after(header: str | None) -> float:
+    """Seconds a Retry-After header asks for: delta-seconds, or 0.0 when absent or an
+    HTTP date (rare from JSON-RPC providers; the 429 alone then says "slow down")."""
+    if header is None:
+        return 0.0
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        return 0.0
+    return seconds if seconds > 0.0 else 0.0  # a NaN or a negative asks for nothing
 
 
 class _WsLink(asyncio.Protocol):
@@ -837,15 +925,17 @@ class WsUpstream(Upstream):
 
 def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upstream:
     """The upstream ``u`` names, over WebSocket or HTTP by its URL, with the pool's
-    per-upstream settings."""
+    per-upstream settings. A try never outlasts a call's whole deadline: the timeout is
+    the shorter of the two (a call's later tries are cut to what is left of it)."""
+    timeout = min(pool.timeout, pool.deadline)
     if u.url.startswith(("ws://", "wss://")):
         return WsUpstream(
             u.name,
             u.url,
-            timeout=pool.timeout,
+            timeout=timeout,
             connections=pool.connections,
             ping_interval=pool.ws_ping_interval,
             max_message_bytes=pool.ws_max_message_bytes,
             via=via,
         )
-    return HttpUpstream(u.name, u.url, timeout=pool.timeout, connections=pool.connections, via=via)
+    return HttpUpstream(u.name, u.url, timeout=timeout, connections=pool.connections, via=via)

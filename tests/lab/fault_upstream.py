@@ -8,8 +8,15 @@ The calls a relay makes to check an upstream and follow its head (``HEAD_METHODS
 forwarded to the real node, so the fake passes the relay's startup checks and stays caught
 up; every other call gets the fault of ``--mode``:
 
+* ``healthy``: every call is forwarded to the node (a fake to be switched to a fault, or
+  back, with ``POST /mode``).
 * ``429``: HTTP 429 Too Many Requests, as a rate-limited provider answers.
+* ``429_storm``: the same, with ``Retry-After: STORM_RETRY_AFTER``, as a provider whose
+  key is over its quota answers every call for a while.
 * ``hang``: accepts the request and never answers.
+* ``drip``: sends the answer's headers, then one byte of its body every ``DRIP_EVERY``
+  seconds (for at most ``DRIP_FOR``): a connection that is never idle and never done.
+* ``close_mid_answer``: sends the headers and half the body, then closes the connection.
 * ``malformed``: HTTP 200 with a body that is not a JSON-RPC answer (cut-off JSON, a bare
   array, an object with neither result nor error), in turn.
 * ``receipts_error``: every call is forwarded but ``eth_getBlockReceipts``, which gets the
@@ -23,6 +30,9 @@ up; every other call gets the fault of ``--mode``:
   with ``WS_GARBAGE``: the layout of an answer under the call's own id, but not JSON.
 
 ``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``.
+``POST /mode`` with ``{"mode": M, "every": B}`` switches the fault at once (not for the
+WebSocket modes); ``every`` true gives it to ``HEAD_METHODS`` too: a dead upstream, whose
+head, chain id and probes fail like the rest (``--every`` at the start).
 """
 
 from __future__ import annotations
@@ -47,7 +57,25 @@ from tests.lab.counting_proxy import (
 )
 from tests.lab.procs import Procs
 
-MODES = ("429", "hang", "malformed", "receipts_error", "pending_garbage", "ws_garbage")
+MODES = (
+    "healthy",
+    "429",
+    "429_storm",
+    "hang",
+    "drip",
+    "close_mid_answer",
+    "malformed",
+    "receipts_error",
+    "pending_garbage",
+    "ws_garbage",
+)
+# ``429_storm``'s Retry-After, in seconds.
+STORM_RETRY_AFTER = 1
+# ``drip``: a byte this often, for at most this long (then the connection is closed).
+DRIP_EVERY = 0.5
+DRIP_FOR = 60.0
+# ``drip``'s announced length: far more bytes than it sends in DRIP_FOR.
+DRIP_LENGTH = 100_000
 # Pending-transaction subscriptions answered with garbage before they reach the node.
 PENDING_GARBAGE = 2
 # eth_chainId: the relay's chain check; eth_getBlockByNumber/ByHash: the head tracker;
@@ -67,10 +95,11 @@ MALFORMED = (
 
 
 class FaultUpstreamApp:
-    def __init__(self, mode: str, upstream: str) -> None:
+    def __init__(self, mode: str, upstream: str, every: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.mode = mode
+        self.every = every
         self.upstream = upstream
         self.counter = Counter()
         self.session: aiohttp.ClientSession | None = None
@@ -80,6 +109,7 @@ class FaultUpstreamApp:
         app = web.Application()
         app.router.add_get("/counts", self.counter.get_counts)
         app.router.add_post("/reset", self.counter.post_reset)
+        app.router.add_post("/mode", self.post_mode)
         app.router.add_post("/{tail:.*}", self.handle)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -92,14 +122,24 @@ class FaultUpstreamApp:
         if self.session is not None:
             await self.session.close()
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def post_mode(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read())
+        mode = doc.get("mode")
+        if mode not in MODES or mode in ("pending_garbage", "ws_garbage"):
+            return web.Response(status=400, text=f"mode must be one of {MODES[:-2]}")
+        self.mode = mode
+        self.every = bool(doc.get("every", False))
+        return web.json_response({"mode": self.mode, "every": self.every})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         methods = self.counter.add(body, peer_port(request))
-        forward = (
-            "eth_getBlockReceipts" not in methods
-            if self.mode == "receipts_error"
-            else all(m in HEAD_METHODS for m in methods)
-        )
+        if self.mode == "healthy":
+            forward = True
+        elif self.mode == "receipts_error":
+            forward = "eth_getBlockReceipts" not in methods
+        else:
+            forward = not self.every and all(m in HEAD_METHODS for m in methods)
         if forward:
             assert self.session is not None
             async with self.session.post(
@@ -108,18 +148,57 @@ class FaultUpstreamApp:
                 return web.Response(body=await resp.read(), status=resp.status, content_type=JSON)
         if self.mode == "429":
             return web.Response(status=429, text="rate limited", headers={"Retry-After": "1"})
+        if self.mode == "429_storm":
+            retry = {"Retry-After": str(STORM_RETRY_AFTER)}
+            return web.Response(status=429, text="over quota", headers=retry)
         if self.mode == "hang":
             await asyncio.Event().wait()  # never set: cancelled when the caller gives up
+        if self.mode == "drip":
+            return await self._drip(request)
+        if self.mode == "close_mid_answer":
+            return await self._close_mid_answer(request, body)
         if self.mode == "receipts_error":
             rid = orjson.loads(body).get("id")
             error = {"code": -32000, "message": "receipts not available"}
             return web.json_response({"jsonrpc": "2.0", "id": rid, "error": error})
         return web.Response(body=next(self._malformed), content_type=JSON)
 
+    async def _drip(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": JSON})
+        resp.content_length = DRIP_LENGTH
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + DRIP_FOR
+        # Cancelled (handler_cancellation) when the caller gives up and closes.
+        while loop.time() < until:
+            await resp.write(b" ")
+            await asyncio.sleep(DRIP_EVERY)
+        _cut(request)
+        return resp
+
+    async def _close_mid_answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        rid = None
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+            rid = orjson.loads(body).get("id")
+        answer = orjson.dumps({"jsonrpc": "2.0", "id": rid, "result": "0x" + "00" * 64})
+        resp = web.StreamResponse(headers={"Content-Type": JSON})
+        resp.content_length = len(answer)
+        await resp.prepare(request)
+        await resp.write(answer[: len(answer) // 2])
+        _cut(request)
+        return resp
+
+
+def _cut(request: web.Request) -> None:
+    """Close the connection under a response that has not ended."""
+    if request.transport is not None:
+        request.transport.close()
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fault_upstream", description=__doc__)
     p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--every", action="store_true", help="fault HEAD_METHODS too")
     p.add_argument("--upstream", required=True, help="the real node, for HEAD_METHODS")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -129,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.mode == "ws_garbage":
         app = ws_garbage_app(args.upstream)
     else:
-        app = FaultUpstreamApp(args.mode, args.upstream).app()
+        app = FaultUpstreamApp(args.mode, args.upstream, args.every).app()
     asyncio.run(serve(app, args.host, args.port))
 
 
@@ -177,9 +256,22 @@ class FaultUpstream(LabServer):
     module = "tests.lab.fault_upstream"
 
     def __init__(
-        self, procs: Procs, mode: str, upstream: str, log_path: Path | None = None
+        self,
+        procs: Procs,
+        mode: str,
+        upstream: str,
+        log_path: Path | None = None,
+        every: bool = False,
     ) -> None:
-        super().__init__(procs, ["--mode", mode, "--upstream", upstream], log_path)
+        args = ["--mode", mode, "--upstream", upstream] + (["--every"] if every else [])
+        super().__init__(procs, args, log_path)
+        self.mode = mode
+
+    async def set_mode(self, mode: str, every: bool = False) -> None:
+        """Switch the fault (``POST /mode``); ``every``: give it to ``HEAD_METHODS`` too."""
+        doc = orjson.dumps({"mode": mode, "every": every})
+        async with aiohttp.ClientSession() as s, s.post(self.url + "/mode", data=doc) as r:
+            assert r.status == 200, f"POST /mode: HTTP {r.status} {await r.text()}"
         self.mode = mode
 
     async def fault_calls(self) -> int:
@@ -195,9 +287,9 @@ class FaultUpstream(LabServer):
 
 
 async def start_fault_upstream(
-    procs: Procs, mode: str, upstream: str, log_path: Path | None = None
+    procs: Procs, mode: str, upstream: str, log_path: Path | None = None, every: bool = False
 ) -> FaultUpstream:
-    fake = FaultUpstream(procs, mode, upstream, log_path)
+    fake = FaultUpstream(procs, mode, upstream, log_path, every)
     fake.start()
     await fake.wait_ready()
     return fake

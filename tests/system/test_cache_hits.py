@@ -24,7 +24,8 @@ from tests.system.test_bad_input import read_response
 pytestmark = pytest.mark.lab
 
 # anvil mines only when asked: the head, and so every hit, stays put while measuring; the
-# relay is told its head stays fresh meanwhile (eth_chainId is answered locally only then).
+# relay is told its head stays fresh meanwhile (a local answer's repeats are replayed by
+# their bytes only then).
 FROZEN_HEAD = "[head]\nfresh_blocks = 1000000.0\n"
 ROUNDS = 12
 
