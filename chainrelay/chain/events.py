@@ -79,7 +79,9 @@ def geth_header(block: dict[str, Any]) -> dict[str, Any]:
 def kept(ev: BlockEvent) -> BlockEvent:
     """What the follower keeps of a delivered block for a reorg: number, hash, and its
     logs encoded (decoded again only if a reorg retracts it)."""
-    return BlockEvent(ev.number, ev.hash, {}, {}, [], False, ev.announced, orjson.dumps(ev.logs))
+    # Its own allocation: orjson's output keeps the buffer it grew.
+    logs_raw = bytes(memoryview(orjson.dumps(ev.logs)))
+    return BlockEvent(ev.number, ev.hash, {}, {}, [], False, ev.announced, logs_raw)
 
 
 def removed(ev: BlockEvent) -> BlockEvent:

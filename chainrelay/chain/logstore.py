@@ -36,6 +36,7 @@ import orjson
 from chainrelay.chain.events import BlockEvent
 from chainrelay.rpc.policy import HeadView
 from chainrelay.subscriptions.logfilter import LogFilter
+from chainrelay.wire.jsonrpc import kept
 
 # A held log: its address and topics in lower case (what a filter tests), and its JSON as the
 # node gave it (what an answer is made of).
@@ -298,7 +299,9 @@ def _held_logs(logs: list[dict[str, Any]], block_hash: str) -> list[HeldLog] | N
             return None
         if not all(isinstance(t, str) for t in topics):
             return None
-        held.append((address.lower(), tuple(t.lower() for t in topics), orjson.dumps(log)))
+        # Its own allocation: orjson's output keeps the buffer it grew (4 KiB and more).
+        raw = kept(orjson.dumps(log))
+        held.append((address.lower(), tuple(t.lower() for t in topics), raw))
     return held
 
 
