@@ -62,6 +62,7 @@ from chainrelay.tree.session import (
     encode_head,
     encode_welcome,
     parse_control,
+    parse_held,
     parse_hello,
     welcome_entry,
 )
@@ -635,21 +636,20 @@ class FeedChild(WsSession):
         if msg.get("type") == "hello":
             self._refuse("one hello per session", CLOSE_BAD_HELLO, "bad_hello")
             return
-        stream, position = msg.get("stream"), msg.get("position")
-        if (
-            msg.get("type") != "held"
-            or not isinstance(stream, str)
-            or type(position) is not int
-            or stream not in self.cursors
-        ):
-            self._refuse("after the hello only held messages", CLOSE_BAD_HELLO, "bad_control")
+        try:
+            stream, position = parse_held(msg)
+        except ControlError as exc:
+            self._refuse(str(exc), exc.code, "bad_control")
+            return
+        if stream not in self.cursors:
+            self._refuse("held of a stream not asked for", CLOSE_BAD_HELLO, "bad_control")
             return
         self.hub.note_held(self, stream, position)
 
     def _refuse(self, message: str, code: int, reason: str) -> None:
         self.hub.metrics.feed_child_closes.labels(reason).inc()
         self.send(encode_error(message))
-        self.close_now(code, message[:120])
+        self.close_now(code, close_reason(message))
 
     def pump(self) -> None:
         """Write what is due while the socket buffer has room; never waits."""
@@ -705,6 +705,13 @@ class FeedChild(WsSession):
                     if not self.sibling:
                         hub.metrics.feed_children.labels(name).dec()
         super()._release()
+
+
+def close_reason(message: str) -> str:
+    """``message`` cut to what a close frame carries: a control frame's payload is at most
+    125 bytes (RFC 6455 5.5), two of them the code, so 123 bytes of UTF-8, cut between
+    characters (a name from the wire may be anything)."""
+    return message.encode(errors="replace")[:123].decode(errors="ignore")
 
 
 def _no_rpc(_body: bytes) -> bytes:
