@@ -558,6 +558,7 @@ class FeedChild(WsSession):
         self.greeted = False
         self.node: str | None = None  # the relay's name its hello gave
         self.sibling = False  # another worker of this node (``FeedHub.open_sibling``)
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.high_water = hub.limits.child_buffer_bytes
         # Above this the transport pauses us; ``resume_writing`` pumps again.
         transport.set_write_buffer_limits(high=self.high_water)
@@ -577,7 +578,9 @@ class FeedChild(WsSession):
             if self.sibling:
                 self.hub.siblings.add(self)
             # A child that never says hello would hold its place among max_children.
-            asyncio.get_running_loop().call_later(self.hub.limits.hello_timeout, self._hello_due)
+            self._hello_timer = asyncio.get_running_loop().call_later(
+                self.hub.limits.hello_timeout, self._hello_due
+            )
         return ok
 
     def _hello_due(self) -> None:
@@ -590,6 +593,7 @@ class FeedChild(WsSession):
             self._after_hello(body)
             return
         self.greeted = True
+        self._stop_hello_timer()
         try:
             hello = parse_hello(body)
         except ControlError as exc:
@@ -691,7 +695,15 @@ class FeedChild(WsSession):
         self.proto.send_text(text)
         self._flush()
 
+    def _stop_hello_timer(self) -> None:
+        # The timer holds the session: left to run, every connection that came and went
+        # would stay in memory for hello_timeout (~7 KB each: thousands at a high rate).
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
     def _release(self) -> None:
+        self._stop_hello_timer()
         hub = self.hub
         if self in hub.children:
             hub.children.discard(self)
