@@ -28,8 +28,10 @@ A push message (WebSocket binary message, or the body of ``POST /batches``)::
 from __future__ import annotations
 
 import functools
+import re
 import struct
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 import lz4.block
 
@@ -47,6 +49,7 @@ from chainrelay.tree.frame import (
     recover,
     unpack,
 )
+from chainrelay.tree.session import POSITION_END
 
 BATCH_DOMAIN = b"chainrelay/batch/v1\x00"
 CONFIRMED_DOMAIN = b"chainrelay/confirmed/v1\x00"
@@ -222,7 +225,7 @@ def decode_push(data: bytes) -> Push:
         raise PushError("stream name is not ASCII") from None
     if not stream or b"\x00" in name:
         raise PushError("stream name is empty or holds NUL bytes")
-    if seq >= 2**63:
+    if seq >= POSITION_END:
         raise PushError("seq out of range")  # sqlite keeps signed 64-bit integers
     payload = data[PUSH_HEADER_LEN:]
     if kind == CONFIRMED and payload:
@@ -230,8 +233,60 @@ def decode_push(data: bytes) -> Push:
     return Push(kind, stream, seq, signature, payload, relays)
 
 
-# --- range answers (GET /feed/range) ----------------------------------------------------------
+# --- range requests and answers (GET /feed/range) ---------------------------------------------
 _LEN = struct.Struct(">I")
+# Fields a range query may have: stream, from, limit, and room for a proxy's or a cache
+# buster's one or two more; parsing a query of thousands of fields is work for nothing.
+MAX_RANGE_FIELDS = 8
+# A seq or a count as a range query writes it: plain decimal digits, no sign, no blanks,
+# no underscores (Python's int() takes all three), at most 19 (2^63 has 19 digits).
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+
+
+@dataclass(frozen=True, slots=True)
+class RangeQuery:
+    """``GET /feed/range?stream=S&from=N[&limit=K]``: batches of ``stream`` from seq
+    ``start``, at most ``limit`` of them (None: as many as the node serves at once)."""
+
+    stream: str
+    start: int
+    limit: int | None = None
+
+
+def parse_range_query(query: bytes) -> RangeQuery:
+    """A range request's query string; ``ValueError`` with a message a client can act on
+    for anything else (answered 400): every integer is checked for type and range here,
+    none reaches the log or the backlog unchecked."""
+    try:
+        pairs = parse_qsl(
+            query.decode("ascii"),
+            keep_blank_values=True,
+            strict_parsing=False,
+            max_num_fields=MAX_RANGE_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise ValueError("the query must be ASCII (percent-encode the rest)") from None
+    except ValueError:
+        raise ValueError(f"at most {MAX_RANGE_FIELDS} query fields") from None
+    fields: dict[str, str] = {}
+    for key, value in pairs:
+        if key in fields and key in ("stream", "from", "limit"):
+            raise ValueError(f"{key} given twice")
+        fields[key] = value
+    stream = fields.get("stream", "")
+    try:
+        stream_field(stream)
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError(f"stream must be 1-{STREAM_MAX} ASCII characters") from None
+    start = _query_int(fields.get("from"), "from", 0)
+    limit = fields.get("limit")
+    return RangeQuery(stream, start, None if limit is None else _query_int(limit, "limit", 1))
+
+
+def _query_int(text: str | None, name: str, low: int) -> int:
+    if text is None or not _DECIMAL.fullmatch(text) or not low <= int(text) < POSITION_END:
+        raise ValueError(f"{name} must be an integer from {low} to 2^63-1")
+    return int(text)
 
 
 def encode_range(frames: list[bytes]) -> bytes:

@@ -418,23 +418,30 @@ class PushSession(WsSession):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._out: list[bytes] = []
+        self._out_bytes = 0
 
     def send(self, payload: bytes) -> None:
         """Same rules as ``WsSession.send`` (never blocks, a reader too far behind is
         closed), the frame built here: this session never fragments and negotiates no
-        extension, so an answer is its header and its bytes (see ``send_frames``)."""
+        extension, so an answer is its header and its bytes (see ``send_frames``).
+
+        Answers gathered for the end of the loop turn count against the send buffer too:
+        one turn may read megabytes of pushes (tens of thousands of answers) from a
+        pusher that reads none of them."""
         if not payload or self.closed or self.proto.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+        if self.transport.get_write_buffer_size() + self._out_bytes > self.max_send_buffer:
             self._too_slow()
             return
         if not self._out:
             asyncio.get_running_loop().call_soon(self._write_out)
-        self._out.append(text_header(len(payload)))
+        header = text_header(len(payload))
+        self._out.append(header)
         self._out.append(payload)
+        self._out_bytes += len(header) + len(payload)
 
     def _write_out(self) -> None:
-        out, self._out = self._out, []
+        out, self._out, self._out_bytes = self._out, [], 0
         if out and not self.closed and self.proto.state is State.OPEN:
             self.transport.write(b"".join(out))
 

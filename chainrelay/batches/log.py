@@ -36,6 +36,7 @@ from typing import TypeVar
 
 from chainrelay.config import BatchesConfig
 from chainrelay.errors import BatchLogError
+from chainrelay.tree.session import POSITION_END
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +393,10 @@ class BatchLog:
         if max_frames <= 0:
             return []
         cursor = self._conn().execute(
-            "SELECT seq, frame FROM batches WHERE stream = ? AND seq >= ? AND seq < ? ORDER BY seq",
-            (stream, from_seq, from_seq + max_frames),
+            "SELECT seq, frame FROM batches"
+            " WHERE stream = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+            # The last seq asked for, within sqlite's signed 64-bit integers.
+            (stream, from_seq, min(from_seq + max_frames, POSITION_END) - 1),
         )
         out: list[bytes] = []
         size = 0

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from urllib.parse import parse_qs
 
 import aiohttp
 import orjson
 
-from chainrelay.batches.frame import decode_range, encode_range
+from chainrelay.batches.frame import decode_range, encode_range, parse_range_query
 from chainrelay.batches.log import BatchLog
 from chainrelay.config import BatchesConfig
 from chainrelay.server.http import RANGE_PATH, Reply
@@ -96,18 +95,11 @@ class BatchRange:
         return 200, body, OCTETS
 
     def _parse(self, query: bytes) -> tuple[str, int, int]:
-        q = parse_qs(query.decode("ascii", "replace"), strict_parsing=False)
-        stream = q.get("stream", [""])[0]
-        if not isinstance(self.hub.streams.get(stream), BatchStream):
-            raise ValueError(f"no batch stream {stream!r} here")
-        try:
-            start = int(q.get("from", [""])[0])
-            limit = int(q.get("limit", [str(self.cfg.range_max_frames)])[0])
-        except ValueError:
-            raise ValueError("from and limit must be integers") from None
-        if start < 0 or limit < 1:
-            raise ValueError("from must be >= 0 and limit >= 1")
-        return stream, start, min(limit, self.cfg.range_max_frames)
+        q = parse_range_query(query)
+        if not isinstance(self.hub.streams.get(q.stream), BatchStream):
+            raise ValueError(f"no batch stream {q.stream!r} here")
+        most = self.cfg.range_max_frames
+        return q.stream, q.start, min(q.limit or most, most)
 
     async def _climb(
         self, stream: str, start: int, limit: int, relays: list[bytes]

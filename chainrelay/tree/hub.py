@@ -62,6 +62,7 @@ from chainrelay.tree.session import (
     encode_head,
     encode_welcome,
     parse_control,
+    parse_held,
     parse_hello,
     welcome_entry,
 )
@@ -557,6 +558,7 @@ class FeedChild(WsSession):
         self.greeted = False
         self.node: str | None = None  # the relay's name its hello gave
         self.sibling = False  # another worker of this node (``FeedHub.open_sibling``)
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.high_water = hub.limits.child_buffer_bytes
         # Above this the transport pauses us; ``resume_writing`` pumps again.
         transport.set_write_buffer_limits(high=self.high_water)
@@ -576,7 +578,9 @@ class FeedChild(WsSession):
             if self.sibling:
                 self.hub.siblings.add(self)
             # A child that never says hello would hold its place among max_children.
-            asyncio.get_running_loop().call_later(self.hub.limits.hello_timeout, self._hello_due)
+            self._hello_timer = asyncio.get_running_loop().call_later(
+                self.hub.limits.hello_timeout, self._hello_due
+            )
         return ok
 
     def _hello_due(self) -> None:
@@ -589,6 +593,7 @@ class FeedChild(WsSession):
             self._after_hello(body)
             return
         self.greeted = True
+        self._stop_hello_timer()
         try:
             hello = parse_hello(body)
         except ControlError as exc:
@@ -635,21 +640,20 @@ class FeedChild(WsSession):
         if msg.get("type") == "hello":
             self._refuse("one hello per session", CLOSE_BAD_HELLO, "bad_hello")
             return
-        stream, position = msg.get("stream"), msg.get("position")
-        if (
-            msg.get("type") != "held"
-            or not isinstance(stream, str)
-            or type(position) is not int
-            or stream not in self.cursors
-        ):
-            self._refuse("after the hello only held messages", CLOSE_BAD_HELLO, "bad_control")
+        try:
+            stream, position = parse_held(msg)
+        except ControlError as exc:
+            self._refuse(str(exc), exc.code, "bad_control")
+            return
+        if stream not in self.cursors:
+            self._refuse("held of a stream not asked for", CLOSE_BAD_HELLO, "bad_control")
             return
         self.hub.note_held(self, stream, position)
 
     def _refuse(self, message: str, code: int, reason: str) -> None:
         self.hub.metrics.feed_child_closes.labels(reason).inc()
         self.send(encode_error(message))
-        self.close_now(code, message[:120])
+        self.close_now(code, close_reason(message))
 
     def pump(self) -> None:
         """Write what is due while the socket buffer has room; never waits."""
@@ -691,7 +695,15 @@ class FeedChild(WsSession):
         self.proto.send_text(text)
         self._flush()
 
+    def _stop_hello_timer(self) -> None:
+        # The timer holds the session: left to run, every connection that came and went
+        # would stay in memory for hello_timeout (~7 KB each: thousands at a high rate).
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
     def _release(self) -> None:
+        self._stop_hello_timer()
         hub = self.hub
         if self in hub.children:
             hub.children.discard(self)
@@ -705,6 +717,13 @@ class FeedChild(WsSession):
                     if not self.sibling:
                         hub.metrics.feed_children.labels(name).dec()
         super()._release()
+
+
+def close_reason(message: str) -> str:
+    """``message`` cut to what a close frame carries: a control frame's payload is at most
+    125 bytes (RFC 6455 5.5), two of them the code, so 123 bytes of UTF-8, cut between
+    characters (a name from the wire may be anything)."""
+    return message.encode(errors="replace")[:123].decode(errors="ignore")
 
 
 def _no_rpc(_body: bytes) -> bytes:

@@ -43,6 +43,13 @@ _NODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_CONTROL_BYTES = 64 * 1024
 # Streams one hello may name: a node carries a handful of chains' blocks and batches.
 MAX_HELLO_STREAMS = 16
+# Positions, counts and sizes a control message carries are below this: block numbers and
+# batch seqs are kept in sqlite (the batch log, the log store), whose integers are signed
+# 64-bit, and no real position or count comes near it.
+POSITION_END = 2**63
+# A stream's name as the frames carry it: 1-32 printable ASCII characters (the frame's
+# stream field), so a name a child sends is never longer than any this node has.
+_STREAM_NAME = re.compile(r"[!-~]{1,32}")
 
 # Close codes (RFC 6455 private range 4000-4999): why a parent ended a session.
 CLOSE_BAD_HELLO = 4400
@@ -271,8 +278,9 @@ class Hello:
 def _int_or_none(v: Any, what: str) -> int | None:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 2**64:
-        raise ControlError(f"{what} must be a non-negative integer")
+    # type(): true is an int in Python, and not a position.
+    if type(v) is not int or not 0 <= v < POSITION_END:
+        raise ControlError(f"{what} must be an integer from 0 to 2^63-1")
     return v
 
 
@@ -330,6 +338,8 @@ def parse_hello(data: bytes | str) -> Hello:
         if not isinstance(s, dict) or not isinstance(s.get("stream"), str):
             raise ControlError("each stream entry needs a stream name")
         name = s["stream"]
+        if not _STREAM_NAME.fullmatch(name):
+            raise ControlError("a stream name is 1-32 printable ASCII characters")
         if name in names:
             raise ControlError(f"stream {name} named twice")
         names.add(name)
@@ -399,10 +409,23 @@ def encode_held(stream: str, position: int) -> bytes:
     return orjson.dumps({"type": "held", "stream": stream, "position": position})
 
 
+def parse_held(msg: dict[str, Any]) -> tuple[str, int]:
+    """``(stream, position)`` of a child's ``held`` message; ``ControlError`` if malformed."""
+    stream, position = msg.get("stream"), msg.get("position")
+    if (
+        msg.get("type") != "held"
+        or not isinstance(stream, str)
+        or type(position) is not int
+        or not 0 <= position < POSITION_END
+    ):
+        raise ControlError("after the hello only held messages")
+    return stream, position
+
+
 def parse_confirmed(msg: dict[str, Any]) -> tuple[str, int, bytes]:
     """``(stream, seq, signature)`` of a confirmed message; ``ControlError`` if malformed."""
     stream, seq, sig = msg.get("stream"), msg.get("seq"), msg.get("signature")
-    if not isinstance(stream, str) or type(seq) is not int or seq < 0:
+    if not isinstance(stream, str) or type(seq) is not int or not 0 <= seq < POSITION_END:
         raise ControlError("confirmed needs a stream and a seq")
     if not isinstance(sig, str) or len(sig) != 132 or not sig.startswith("0x"):
         raise ControlError("confirmed needs a 65-byte 0x signature")

@@ -789,6 +789,18 @@ async def test_a_child_that_never_says_hello_is_closed_and_frees_its_place() -> 
     await welcomed(p)
 
 
+async def test_a_hello_or_a_closed_session_stops_the_hello_timer() -> None:
+    # A pending timer holds its session: a connection gone within hello_timeout would
+    # otherwise stay in memory that long, thousands of them at a high connection rate.
+    parent = hub()
+    served = connect(parent, [Want(STREAM)])
+    refused = connect(parent, hello=[encode_hello([Want("bsc/blocks")])])
+    await welcomed(served)
+    await asyncio.wait_for(refused.child.lost.wait(), WAIT)
+    for p in (served, refused):
+        assert p.session._hello_timer is None
+
+
 async def test_frames_of_unknown_streams_are_counted_under_one_label() -> None:
     parent = hub()
     for i in range(50):

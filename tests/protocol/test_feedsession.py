@@ -13,11 +13,15 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
+from chainrelay.tree.hub import close_reason
 from chainrelay.tree.session import (
     CLOSE_BAD_HELLO,
     MAX_CONTROL_BYTES,
     MAX_HELLO_STREAMS,
+    POSITION_END,
     PROTOCOL_VERSION,
     Backlog,
     ControlError,
@@ -31,6 +35,7 @@ from chainrelay.tree.session import (
     encode_hello,
     encode_welcome,
     parse_control,
+    parse_held,
     parse_hello,
     welcome_entry,
 )
@@ -482,9 +487,9 @@ def test_positions_see_a_frame_at_or_below_a_delivered_one_as_a_reorg() -> None:
 # --- control messages ---------------------------------------------------------------------------
 wants_strategy = st.lists(
     st.tuples(
-        st.text(min_size=1, max_size=32),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=32),
         st.sampled_from(["from", "last", "live"]),
-        st.integers(0, 2**64 - 1),
+        st.integers(0, POSITION_END - 1),
     ),
     min_size=1,
     max_size=MAX_HELLO_STREAMS,
@@ -563,6 +568,19 @@ MALFORMED_HELLOS: dict[str, bytes | str] = {
     "from false": one(**{"from": False}),
     "from list": one(**{"from": [1]}),
     "from 2**64": hello().replace(b'"bsc/blocks"}', b'"bsc/blocks","from":18446744073709551616}'),
+    "from 2**64-1": one(**{"from": 2**64 - 1}),
+    "from 2**63": one(**{"from": POSITION_END}),
+    "from 1e400": hello().replace(b'"bsc/blocks"}', b'"bsc/blocks","from":1e400}'),
+    "last 2**63": one(last=POSITION_END),
+    "max_frame_bytes 2**63": hello(max_frame_bytes=POSITION_END),
+    "max_frame_bytes negative": hello(max_frame_bytes=-1),
+    "max_frame_bytes string": hello(max_frame_bytes="1"),
+    "stream empty": hello(streams=[{"stream": ""}]),
+    "stream of 33 characters": hello(streams=[{"stream": "s" * 33}]),
+    "stream not ASCII": hello(streams=[{"stream": "blöcks"}]),
+    "stream of 120 wide characters": hello(streams=[{"stream": "é" * 120}]),
+    "stream with a blank": hello(streams=[{"stream": "bsc blocks"}]),
+    "stream with a NUL": hello(streams=[{"stream": "bsc\x00"}]),
     "last negative": one(last=-1),
     "last float": one(last=0.5),
     "last true": one(last=True),
@@ -582,7 +600,11 @@ def test_a_malformed_hello_is_a_control_error(data: bytes | str) -> None:
     "data",
     [
         hello(streams=[{"stream": f"s{i}"} for i in range(MAX_HELLO_STREAMS)]),
-        one(**{"from": 2**64 - 1}),
+        one(**{"from": POSITION_END - 1}),
+        one(last=POSITION_END - 1),
+        hello(max_frame_bytes=POSITION_END - 1),
+        hello(streams=[{"stream": "s" * 32}]),
+        hello(streams=[{"stream": "!~"}]),
         one(**{"from": 0}),
         one(last=0),
         one(**{"from": None, "last": 3}),
@@ -740,3 +762,43 @@ def test_a_hello_may_name_the_relay_node_and_a_bad_name_is_refused() -> None:
         )
         with pytest.raises(ControlError, match="node"):
             parse_hello(text)
+
+
+# --- what a child says after the hello, and what a refusal's close frame carries -------------
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"type": "held", "stream": "a/b", "position": -1},
+        {"type": "held", "stream": "a/b", "position": POSITION_END},
+        {"type": "held", "stream": "a/b", "position": 2**64},
+        {"type": "held", "stream": "a/b", "position": True},
+        {"type": "held", "stream": "a/b", "position": 1.0},
+        {"type": "held", "stream": "a/b", "position": "1"},
+        {"type": "held", "stream": 7, "position": 1},
+        {"type": "held", "position": 1},
+        {"type": "welcome", "stream": "a/b", "position": 1},
+    ],
+)
+def test_a_malformed_held_is_a_control_error(msg: dict[str, Any]) -> None:
+    with pytest.raises(ControlError) as exc:
+        parse_held(msg)
+    assert exc.value.code == CLOSE_BAD_HELLO
+
+
+def test_held_at_the_limits_is_read_as_sent() -> None:
+    assert parse_held({"type": "held", "stream": "a/b", "position": 0}) == ("a/b", 0)
+    top = POSITION_END - 1
+    assert parse_held({"type": "held", "stream": "a/b", "position": top}) == ("a/b", top)
+
+
+@given(st.text(max_size=300))
+def test_a_close_reason_fits_a_control_frame_whatever_the_message(message: str) -> None:
+    reason = close_reason(message)
+    assert len(reason.encode()) <= 123
+    # The message's start, cut between characters (a lone surrogate sent as "?").
+    assert message.encode(errors="replace").decode().startswith(reason)
+    # What websockets sends: a close frame of code and reason, never "control frame too long".
+    proto = ServerProtocol()
+    proto.state = State.OPEN
+    proto.send_close(CLOSE_BAD_HELLO, reason)
+    assert proto.data_to_send()
