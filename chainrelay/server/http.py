@@ -303,6 +303,7 @@ class HttpProtocol(asyncio.Protocol):
         "_at",
         "_body",
         "_body_len",
+        "_body_size",
         "_chunk",
         "_count_sends",
         "_head_at",
@@ -340,6 +341,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._body: list[bytes] = []
         self._body_len = 0
+        self._body_size = -1  # as its Content-Length announced; -1: chunked, or none
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunk = b""
         self._head_buf: list[bytes] = []
@@ -556,7 +558,6 @@ class HttpProtocol(asyncio.Protocol):
         if len(data) > PARSE_SLICE:
             self._rest = data
             self._rest_at = 0
-            self._pause(Paused.TURN)
             self._parse_rest()
             return
         self._feed(data)
@@ -588,21 +589,27 @@ class HttpProtocol(asyncio.Protocol):
         reading is paused for another reason (answers owed, a client that does not read
         them: ``_resume`` comes back here) or this turn has begun
         ``max_requests_per_turn`` requests: the rest waits for the next loop turn, so a
-        pipelined flood on one connection never holds the loop from the others. Reading
-        stays paused (``Paused.TURN``) until the read is all parsed."""
+        pipelined flood on one connection never holds the loop from the others. While a
+        rest waits, reading stays paused (``Paused.TURN``)."""
         self._parse_soon = False
         data, at = self._rest, self._rest_at
         last = self.requests + self.server.limits.max_requests_per_turn
         transport = self.transport
         assert transport is not None
         while at < len(data):
-            if self._paused != Paused.TURN or self._phase is _LINGERING or transport.is_closing():
+            if self._phase is _LINGERING or transport.is_closing():
+                at = len(data)  # nothing more is answered
+                break
+            if self._paused & ~Paused.TURN:
                 break
             if self.requests >= last:
                 self._rest_at = at
+                self._pause(Paused.TURN)
                 self._parse_later()
                 return
             end = at + PARSE_SLICE
+            if self._phase is _BODY and self._body_size > 0:
+                end = max(end, at + self._body_size - self._body_len)  # the body whole
             self._feed(data[at:end])
             at = end
             if self._phase is _UPGRADED:
@@ -610,10 +617,12 @@ class HttpProtocol(asyncio.Protocol):
                     self._rest = b""
                     self.data_received(data[at:])  # the WebSocket session's first frames
                 at = len(data)
-        self._rest_at = at
-        if at >= len(data) or self._phase is _LINGERING or transport.is_closing():
-            self._rest = b""
-            self._resume(Paused.TURN)
+        if at < len(data):
+            self._rest_at = at
+            self._pause(Paused.TURN)
+            return
+        self._rest = b""
+        self._resume(Paused.TURN)
 
     def _parse_later(self) -> None:
         if not self._parse_soon:
@@ -723,8 +732,10 @@ class HttpProtocol(asyncio.Protocol):
             return  # _head_buf is kept for the WebSocket handshake
         self._head_buf = []
         length = self.header(b"content-length")
+        self._body_size = -1
         if length is not None and length.isdigit():
-            if int(length) > self.server.limits.max_body_bytes:
+            self._body_size = int(length)
+            if self._body_size > self.server.limits.max_body_bytes:
                 self._reject_too_large()
 
     def _head_bytes(self) -> int:
@@ -761,12 +772,16 @@ class HttpProtocol(asyncio.Protocol):
             self._at += len(body)
         if self._phase is not _BODY:
             return  # refused, or the connection's last answer is out
-        over = self._in.take(len(body))
-        if over is not None:
-            self._refuse_unbuffered(over)
-            return
+        n = len(body)
+        # The piece that ends a body is handed over in this same read: not counted, so a
+        # request whose body comes whole in one read is answered even on a full node.
+        if self._body_len + n != self._body_size:
+            over = self._in.take(n)
+            if over is not None:
+                self._refuse_unbuffered(over)
+                return
         self._body.append(body)
-        self._body_len += len(body)
+        self._body_len += n
         if self._body_len > self.server.limits.max_body_bytes:
             self._body = []
             self._in.release()

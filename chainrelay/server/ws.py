@@ -165,13 +165,21 @@ class WsSession:
         held of its unfinished message is dropped at once."""
         self._fragments = []
         self._fragments_len = 0
+        if self.closed:
+            return
         if self.proto.state is State.OPEN:
             self.proto.fail(code, reason)  # drops what websockets buffered of a frame
+        # Closed to this session from now on (what still comes is dropped unread), but
+        # the transport is left to the peer's close, within close_timeout: closed at once
+        # while the peer still sends, its kernel would answer with a reset, which may
+        # reach the peer before the close frame it should read.
+        self.closed = True
         self._flush()
-        if not self.closed:  # not closed by the flush: websockets was closing already
-            self.closed = True
-            self.transport.close()
         self._release()
+        if not self._lost:
+            self._abort_later()
+        if self._on_close is not None:
+            self._on_close()
 
     def connection_lost(self) -> None:
         self.closed = True
