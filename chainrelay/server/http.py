@@ -577,12 +577,19 @@ class HttpProtocol(asyncio.Protocol):
             self.server.metrics.rejected.labels("bad_http").inc()
             self._plain(400, b"malformed HTTP request", keep_alive=False)
             return
-        # Still inside a head after this read: it is only ever head bytes that pile up.
-        if self._phase is _HEAD and (
-            sum(map(len, self._head_buf)) - (self._head_at or 0)
-            > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END
-        ):
+        finally:
+            self._chunk = b""  # not held past its parse: a body's read is megabytes
+        if self._phase is not _HEAD:
+            return
+        # Still inside a head after this read: it is only ever head bytes that pile up,
+        # held (for an upgrade) and counted until the head ends.
+        held = sum(map(len, self._head_buf))
+        if held - (self._head_at or 0) > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END:
             self._reject_head()
+            return
+        over = self._in.settle(held)
+        if over is not None:
+            self._refuse_unbuffered(over)
 
     def _parse_rest(self) -> None:
         """Parse what is left of a large read a slice at a time, until it is all parsed,
@@ -728,6 +735,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._body = []
         self._body_len = 0
+        if self._in.held:
+            self._in.release()  # the head split over reads, now parsed
         if self.parser.should_upgrade():
             return  # _head_buf is kept for the WebSocket handshake
         self._head_buf = []

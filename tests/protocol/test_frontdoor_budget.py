@@ -301,3 +301,33 @@ def test_text_that_is_not_utf8_closes_1007_binary_is_not_checked() -> None:
 def test_close_code_reads_what_websockets_writes(length: int) -> None:
     payload = struct.pack("!H", 1008) + b"r" * max(0, length - 2)
     assert close_code(Frame(Opcode.CLOSE, payload).serialize(mask=False, extensions=[])) == 1008
+
+
+async def test_a_head_split_over_reads_counts_until_it_ends() -> None:
+    front = budgeted(per_ip=100, total=100 * KiB)
+    front.warm(b'"0x2a"')
+    conn, transport = connect(front)
+    request = post(balance(1))
+    conn.data_received(request[:60])
+    assert conn._phase is Phase.HEAD and front.server.budget.held == 60
+    conn.data_received(request[60:])
+    assert front.server.budget.held == 0
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: relay\r\nX-Padding: " + b"p" * 80)
+    assert [a.status for a in answers(transport.out)] == [200, 429]
+
+
+async def test_a_body_that_ends_in_its_read_is_answered_on_a_full_node() -> None:
+    front = budgeted(per_ip=1 * KiB, total=1 * KiB, max_body_bytes=10 * KiB)
+    front.warm(b'"0x2a"')
+    hog, _ = connect(front, "127.0.0.2")
+    hog.data_received(announce(4 * KiB) + b" " * (KiB - 1))  # the node's whole budget
+    assert front.server.budget.held == front.server.budget.total
+    conn, transport = connect(front)
+    request = post(balance(1))
+    head_end = request.index(b"\r\n\r\n") + 4
+    # Head and body in two reads, the head alone not kept (the node is full): the body's
+    # one piece ends it, handed over at once, never counted.
+    conn.data_received(request[:head_end])
+    assert conn._phase is Phase.BODY
+    conn.data_received(request[head_end:])
+    assert [a.status for a in answers(transport.out)] == [200]
