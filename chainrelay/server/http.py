@@ -384,6 +384,7 @@ class HttpProtocol(asyncio.Protocol):
         if srv.per_ip[self.ip] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
+            self.close()  # at once, not lingering: its place is what it must not keep
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
@@ -454,9 +455,14 @@ class HttpProtocol(asyncio.Protocol):
         ws = self.ws
         transport = self.transport
         assert ws is not None and transport is not None
+        sending = transport.get_write_buffer_size() if self._count_sends else 0
+        if ws.closed:  # failed or closing: nothing more is read; its close frame is queued
+            self._in.release()
+            self._out.settle_anyway(sending)
+            return
         over = self._in.settle(ws.buffered())
-        if over is None and self._count_sends:
-            over = self._out.settle(transport.get_write_buffer_size())
+        if over is None:
+            over = self._out.settle(sending)
         if over is None:
             return
         self._count_refusal(over)

@@ -128,7 +128,7 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_stops_being_read(
 
 async def unfinished_body(relay: Relay, address: str, size: int, sent: int) -> bytes:
     """Announce a ``size``-byte body, send ``sent`` bytes of it, and wait for an answer
-    (there is one when the body is refused); what was answered, b"" if nothing."""
+    (a refusal, or a timeout); what was answered, b"" if nothing."""
     reader, writer = await open_from(relay, address)
     try:
         writer.write(
@@ -141,7 +141,7 @@ async def unfinished_body(relay: Relay, address: str, size: int, sent: int) -> b
                 writer.write(piece[: min(len(piece), sent - at)])
                 await writer.drain()
         with contextlib.suppress(TimeoutError, ConnectionError):
-            return await asyncio.wait_for(reader.read(4096), 3 * SECOND)
+            return await asyncio.wait_for(reader.read(4096), 20 * SECOND)
         return b""
     finally:
         writer.transport.abort()
@@ -152,8 +152,8 @@ async def test_unfinished_bodies_on_many_connections_are_refused_past_the_budget
 ) -> None:
     # Unbounded before: 150 POSTs announcing 5 MiB and sending 4.9 MiB held 751 MiB until
     # the keep-alive sweep (75 s), and one address could hold 1,024 such connections.
-    per_ip, total = 12 * MiB, 24 * MiB
-    relay = await node(limits(per_ip, total))
+    per_ip, total, read_timeout = 12 * MiB, 24 * MiB, 2.0
+    relay = await node(limits(per_ip, total, read_timeout))
     assert relay.proc is not None
     rss = Rss(relay.proc.pid)
     size, sent = 5 * MiB, 5 * MiB - 100 * 1024
@@ -164,14 +164,16 @@ async def test_unfinished_bodies_on_many_connections_are_refused_past_the_budget
             *(unfinished_body(relay, addresses[i % 4], size, sent) for i in range(100))
         )
         peak = rss.peak_growth()
-    refused = [a.split(b" ", 2)[1] for a in answers if a]
+    statuses = [a.split(b" ", 2)[1] if a else b"none" for a in answers]
+    held = statuses.count(b"408")
     print(
-        f"unfinished bodies: {len(refused)} refused ({sorted(set(refused))}), peak growth "
-        f"{peak / MiB:.1f} MiB, {bystander.summary()}"
+        f"unfinished bodies: {len(statuses) - held} refused, {held} held until they timed "
+        f"out ({sorted(set(statuses))}), peak growth {peak / MiB:.1f} MiB, {bystander.summary()}"
     )
-    # At most total / sent bodies held at once; the others were answered at once.
-    assert len(refused) >= 100 - total // sent
-    assert set(refused) <= {b"429", b"503"}
+    # At most total / sent bodies held at once, dropped after read_timeout (408); the
+    # others were refused as they came past the budget.
+    assert set(statuses) <= {b"429", b"503", b"408"}
+    assert held <= total // sent
     assert peak < ATTACK_RSS_GROWTH, f"peak growth {peak / MiB:.1f} MiB"
     assert bystander.p99() < BYSTANDER_P99, bystander.summary()
     # Every connection is gone: the node gives back what it held. glibc may keep some freed

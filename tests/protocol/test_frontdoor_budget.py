@@ -20,6 +20,8 @@ from websockets.frames import Close, Frame, Opcode
 from chainrelay.server.budget import Account, Budget, Over
 from chainrelay.server.http import HttpProtocol
 from chainrelay.server.phases import Phase
+from tests.lab.procs import until
+from tests.lab.timing import SECOND
 from tests.protocol.test_http_fast_path import (
     UPGRADE,
     Front,
@@ -331,3 +333,19 @@ async def test_a_body_that_ends_in_its_read_is_answered_on_a_full_node() -> None
     assert conn._phase is Phase.BODY
     conn.data_received(request[head_end:])
     assert [a.status for a in answers(transport.out)] == [200]
+
+
+async def test_the_sweep_drops_a_body_not_finished_in_time_and_keeps_a_finished_one() -> None:
+    front = budgeted(per_ip=100 * KiB, total=100 * KiB, body_read_timeout=0.05)
+    front.warm(b'"0x2a"')
+    stuck, stuck_out = connect(front)
+    fine, fine_out = connect(front)
+    stuck.data_received(announce(500))
+    fine.data_received(post(balance(1)))
+    sweep = asyncio.create_task(front.server._sweep())
+    try:
+        await until(lambda: bool(stuck_out.out), 100 * 0.05 * SECOND, "the 408")
+    finally:
+        sweep.cancel()
+    assert [a.status for a in answers(stuck_out.out)] == [408]
+    assert [a.status for a in answers(fine_out.out)] == [200] and not fine_out.eof
