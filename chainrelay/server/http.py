@@ -1099,6 +1099,7 @@ class HttpProtocol(asyncio.Protocol):
                 max_pending=limits.max_pending_per_connection,
                 open_subscriptions=self.server.routes.ws_subscriptions,
                 close_timeout=limits.ws_close_timeout,
+                sends=self._out,
             )
         if not session.accept(head):
             self.transport.close()

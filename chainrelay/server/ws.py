@@ -32,6 +32,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from chainrelay import defaults
+from chainrelay.server.budget import Account
 from chainrelay.server.peer import enter_peer, leave_peer
 from chainrelay.server.phases import Paused
 from chainrelay.wire.jsonrpc import Answer
@@ -91,8 +92,12 @@ class WsSession:
         open_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
         ip: str = "",
         close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
+        sends: Account | None = None,
     ) -> None:
         self.transport = transport
+        # What is queued for the peer, counted against the front door's budget (None: not
+        # counted here; a feed child's frames have their own bounds).
+        self.sends = sends
         self.close_timeout = close_timeout
         self.ip = ip  # the client's address, kept by each message's task (limits per IP)
         self.handler = handler
@@ -276,7 +281,7 @@ class WsSession:
         Never blocks: a notification fan-out calls it for every subscriber in turn."""
         if not payload or self.closed or self.proto.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+        if self._over_send_bound():
             self._too_slow()
             return
         try:
@@ -296,10 +301,21 @@ class WsSession:
         reader past the send-buffer bound is closed instead."""
         if self.closed or self.proto.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+        if self._over_send_bound():
             self._too_slow()
             return
         self.transport.write(frames)
+
+    def _over_send_bound(self) -> bool:
+        """Whether what is queued for the peer is past ``max_send_buffer``, or past what
+        its address may hold (``sends``, the front door's budget, when counted)."""
+        queued = self.transport.get_write_buffer_size()
+        if queued > self.max_send_buffer:
+            return True
+        sends = self.sends
+        if sends is None or not (queued or sends.held):
+            return False
+        return sends.settle(queued) is not None
 
     def resume_writing(self) -> None:
         """The transport drained below its high-water mark (sessions that stream use it)."""

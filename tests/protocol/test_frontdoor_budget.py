@@ -349,3 +349,16 @@ async def test_the_sweep_drops_a_body_not_finished_in_time_and_keeps_a_finished_
         sweep.cancel()
     assert [a.status for a in answers(stuck_out.out)] == [408]
     assert [a.status for a in answers(fine_out.out)] == [200] and not fine_out.eof
+
+
+def test_answers_queued_past_the_address_share_close_1013() -> None:
+    front = budgeted(per_ip=100 * KiB, total=1000 * KiB)
+    front.warm(b'"0x2a"')
+    conn, transport = upgraded(front)
+    conn.data_received(frame(Opcode.TEXT, balance(1)))
+    assert b'"result":"0x2a"' in transport.out
+    transport.buffered = 150 * KiB  # the peer reads nothing; far below max_ws_send_buffer
+    conn.data_received(frame(Opcode.TEXT, balance(2)))
+    assert close_code(transport.out) == 1013 and transport.closed
+    conn.connection_lost(None)
+    assert front.server.budget.held == 0
