@@ -165,9 +165,9 @@ class WsSession:
             self.transport.resume_reading()
 
     def fail(self, code: int, reason: str) -> None:
-        """Fail the connection (RFC 6455 7.1.7): a close frame, then the connection is
-        closed without waiting for the peer's, and nothing it still sends is read; what was
-        held of its unfinished message is dropped at once."""
+        """Fail the connection (RFC 6455 7.1.7): a close frame and the write side shut at
+        once, what was held of an unfinished message dropped, and nothing the peer still
+        sends read; the connection ends when the peer closes it, or after close_timeout."""
         self._fragments = []
         self._fragments_len = 0
         if self.closed:
