@@ -49,7 +49,8 @@ WS_CLOSE_TIMEOUT = 10.0
 MAX_BUFFERED_BYTES_PER_IP = 32 * MiB
 # The same over every client: four addresses at their share. Half what the cache may take,
 # so a flood from many addresses (all of 127/8 is loopback) costs refusals (503, close
-# 1013), not the node; requests read whole in one read never count against it.
+# 1013), not the node; requests read whole in one read never count against it. Each worker
+# process holds its own budget (a node of N workers: N times this at most).
 MAX_BUFFERED_BYTES_TOTAL = 128 * MiB
 # A request (head and body) or WebSocket message begun must be whole within this, or the
 # connection is dropped (408, close 1008): nginx's client_body_timeout is 60 s between

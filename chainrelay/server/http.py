@@ -734,8 +734,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _ON_HEADERS[self._phase]
-        if self._phase is _REFUSED:
-            return  # refused while it still came in
+        if self._phase is not _BODY:
+            return  # refused while it still came in, or the last answer is out
         if self._head_bytes() > self.server.limits.max_header_bytes:
             self._reject_head()
             return
@@ -970,6 +970,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body = []
         self._held = b""
         self._rest = b""
+        self._head_buf = []
         self._in.release()
         cancel_all(self._queue)  # written after this answer, they would never be read
         if not transport.can_write_eof():
@@ -1059,6 +1060,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upgrade(self, data: bytes, offset: int) -> None:
         assert self.transport is not None
+        if self._phase is _LINGERING:
+            return  # an upgrade pipelined behind the connection's last answer
         head = b"".join(self._head_buf[:-1]) + data[:offset]
         if self._head_at:  # the read began with earlier messages, already answered
             head = head[self._head_at :]

@@ -362,3 +362,13 @@ def test_answers_queued_past_the_address_share_close_1013() -> None:
     assert close_code(transport.out) == 1013 and transport.closed
     conn.connection_lost(None)
     assert front.server.budget.held == 0
+
+
+async def test_nothing_pipelined_behind_a_last_answer_is_answered_nor_upgraded() -> None:
+    front = budgeted(per_ip=100 * KiB, total=100 * KiB)
+    front.warm(b'"0x2a"')
+    conn, transport = connect(front)
+    too_large = post(b"", headers=b"Content-Length: 2000\r\n") + b"x" * 2000
+    conn.data_received(too_large + post(balance(1)) + UPGRADE)
+    assert [a.status for a in answers(transport.out)] == [413]
+    assert conn.ws is None and conn._phase is Phase.LINGERING
