@@ -5,7 +5,12 @@ What a client can make the front door hold between two of its reads is counted h
 request body still coming in (and a POST head kept for its body), a WebSocket message not
 yet whole (its fragments and the frame websockets is still reading), answers and control
 frames queued for a client that does not read them. Each connection counts what it holds
-in its own ``Account``, so all of it is given back when the connection goes.
+in its own ``Account``, so all of it is given back when the connection goes. One
+connection's own bounds are those of one message (``limits.max_header_bytes``,
+``max_body_bytes``, ``max_ws_message_bytes``) and of its send buffer (the transport's
+high-water mark, past which it is not read, then ``max_ws_send_buffer``); this budget bounds
+them all together, per address (``max_buffered_bytes_per_ip``) and in all
+(``max_buffered_bytes_total``).
 
 At a bound the caller refuses what would grow (HTTP 429 for an address over its share, 503
 when the node is full; WebSocket close 1008 and 1013) or stops reading; it never grows
