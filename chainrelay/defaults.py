@@ -42,6 +42,33 @@ MAX_WS_SEND_BUFFER = 16 * MiB
 # closed within this long is dropped, with whatever is buffered for it: websockets' own
 # close_timeout; a peer that ignores a close for 10 s will not read it.
 WS_CLOSE_TIMEOUT = 10.0
+# Bytes one client address may make the front door hold at once (server/budget.py): bodies
+# and WebSocket messages still coming in, answers and control frames queued for it. Six of
+# the largest bodies at once: a backend uploading a few large calls in parallel fits, and
+# 1,024 connections of one address no longer hold 5 GiB. Past it: 429, close 1008.
+MAX_BUFFERED_BYTES_PER_IP = 32 * MiB
+# The same over every client: four addresses at their share. Half what the cache may take,
+# so a flood from many addresses (all of 127/8 is loopback) costs refusals (503, close
+# 1013), not the node; requests read whole in one read never count against it. Each worker
+# process holds its own budget (a node of N workers: N times this at most).
+MAX_BUFFERED_BYTES_TOTAL = 128 * MiB
+# A request (head and body) or WebSocket message begun must be whole within this, or the
+# connection is dropped (408, close 1008): nginx's client_body_timeout is 60 s between
+# reads; half of it for a whole message, since a JSON-RPC call is kilobytes and even the
+# largest body (5 MiB) needs only 175 KB/s. A trickling client no longer pins its bytes
+# until the keep-alive sweep.
+BODY_READ_TIMEOUT = 30.0
+# After a connection's last answer (a refusal, Connection: close) what the client still
+# sends is read and dropped for up to this long and ...
+LINGER_TIMEOUT = 5.0  # nginx's lingering_timeout
+# ... this many bytes, so that it reads its answer (a 413) rather than a reset: the rest of
+# a body refused for its size, which is rarely much over the limit.
+LINGER_BYTES = 2 * MAX_BODY_BYTES
+# Requests parsed from one connection per loop turn: a pipelined flood (10,000 requests in
+# one write) is served a slice at a time, other connections in between; 64 small calls
+# take well under a millisecond, and a client that pipelines legitimately (a few dozen
+# calls) is served in one turn.
+MAX_REQUESTS_PER_TURN = 64
 # Relays a request may have passed through (its Via header) before a node refuses it with
 # 508: a tree is a few levels deep (origin, regional relays, leaves), so a longer chain is
 # a loop that named none of its nodes twice.

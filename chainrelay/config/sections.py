@@ -72,6 +72,12 @@ class LimitsConfig:
     max_ws_message_bytes: int = d.MAX_WS_MESSAGE_BYTES
     max_ws_send_buffer: int = d.MAX_WS_SEND_BUFFER
     ws_close_timeout: float = positive(d.WS_CLOSE_TIMEOUT)
+    max_buffered_bytes_per_ip: int = positive(d.MAX_BUFFERED_BYTES_PER_IP)
+    max_buffered_bytes_total: int = positive(d.MAX_BUFFERED_BYTES_TOTAL)
+    body_read_timeout: float = positive(d.BODY_READ_TIMEOUT)
+    linger_timeout: float = positive(d.LINGER_TIMEOUT)
+    linger_bytes: int = positive(d.LINGER_BYTES)
+    max_requests_per_turn: int = positive(d.MAX_REQUESTS_PER_TURN)
     max_relay_hops: int = positive(d.MAX_RELAY_HOPS)
     max_hit_table_bytes: int = positive(d.MAX_HIT_TABLE_BYTES)
     max_hit_table_entries: int = positive(d.MAX_HIT_TABLE_ENTRIES)

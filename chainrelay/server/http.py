@@ -6,6 +6,12 @@ ways in, cheapest first: a repeat of a request answered from cache at this head,
 aside (a replay, in ``data_received``: no parsing, no decoding); a read of one plain POST
 (``_plain_post``: no httptools); anything else through httptools (``on_message_complete``).
 Answers on one connection are written in request order (HTTP/1.1 pipelining).
+
+What a client makes the front door hold between its reads (a body still coming in, a head
+kept for its body, an unfinished WebSocket message, answers queued for a client that does
+not read them) counts against the node's memory budget (``server/budget.py``), per client
+address and node-wide. A request read whole in one read never touches the budget: the hot
+path pays nothing for it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import orjson
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
+from chainrelay.server.budget import Account, Budget, Over
 from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
 from chainrelay.server.pending import (
     INTERNAL_ERROR,
@@ -54,7 +61,7 @@ from chainrelay.server.routes import (
     Reply,
     Routes,
 )
-from chainrelay.server.ws import WsSession
+from chainrelay.server.ws import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
 if typing.TYPE_CHECKING:
@@ -70,6 +77,7 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     409: b"Conflict",
     413: b"Content Too Large",
     429: b"Too Many Requests",
@@ -101,6 +109,10 @@ _PARTIAL_HEAD_END = 3
 LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
+# A read longer than this is fed to httptools a slice at a time, so that a pipelined flood
+# can be stopped after ``limits.max_requests_per_turn`` requests (httptools parses a whole
+# buffer in one call). A slice of the smallest requests (an 18-byte GET) is ~230 of them.
+PARSE_SLICE = 4096
 
 
 def _nowhere(_data: bytes) -> None:
@@ -126,6 +138,7 @@ class HttpServer:
         self.metrics = metrics
         self.connections: set[HttpProtocol] = set()
         self.per_ip: collections.Counter[str] = collections.Counter()
+        self.budget = Budget(limits.max_buffered_bytes_per_ip, limits.max_buffered_bytes_total)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         origins = ["*"] if cors_origins is None else cors_origins
@@ -198,27 +211,38 @@ class HttpServer:
             await self._server.wait_closed()
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle for ``keepalive_timeout``.
+        """Close keep-alive connections idle for ``keepalive_timeout``, and drop those
+        that began a request or WebSocket message and did not finish it within
+        ``body_read_timeout``.
 
-        The hot path only counts requests; a connection whose count has not moved for
-        a whole timeout (and that owes no answer) is idle.
+        The hot path only counts requests (messages); a connection whose count has not
+        moved for a whole timeout is idle (if it owes no answer) or stuck in its message.
         """
-        timeout = self.limits.keepalive_timeout
-        seen: dict[HttpProtocol, tuple[int, float]] = {}
+        limits = self.limits
+        timeout, body_timeout = limits.keepalive_timeout, limits.body_read_timeout
+        seen: dict[HttpProtocol, tuple[int, bool, float]] = {}
         while True:
-            await asyncio.sleep(min(IDLE_SWEEP_INTERVAL, timeout))
+            await asyncio.sleep(min(IDLE_SWEEP_INTERVAL, timeout, body_timeout))
             now = time.monotonic()
-            live: dict[HttpProtocol, tuple[int, float]] = {}
-            for conn in self.connections:
-                if conn.ws is not None:
-                    continue
-                count, since = seen.get(conn, (-1, now))
-                if count != conn.requests or conn.busy:
-                    live[conn] = (conn.requests, now)
-                elif now - since >= timeout:
+            live: dict[HttpProtocol, tuple[int, bool, float]] = {}
+            for conn in list(self.connections):
+                count, unfinished = conn.progress()
+                last = seen.get(conn)
+                if last is None or last[:2] != (count, unfinished):
+                    live[conn] = (count, unfinished, now)
+                elif unfinished:
+                    if now - last[2] >= body_timeout:
+                        conn.drop_unfinished()
+                    else:
+                        live[conn] = last
+                elif conn.ws is not None:
+                    live[conn] = last
+                elif conn.busy:
+                    live[conn] = (count, unfinished, now)
+                elif now - last[2] >= timeout:
                     conn.close()
                 else:
-                    live[conn] = (count, since)
+                    live[conn] = last
             seen = live
 
     def head(
@@ -259,6 +283,8 @@ _HELD = Phase.HELD
 _HEAD = Phase.HEAD
 _REFUSED = Phase.REFUSED
 _UPGRADED = Phase.UPGRADED
+_BODY = Phase.BODY
+_LINGERING = Phase.LINGERING
 _ON_BEGIN = on(Event.BEGIN)
 _ON_HEADERS = on(Event.HEADERS)
 _ON_REFUSE = on(Event.REFUSE)
@@ -266,6 +292,7 @@ _ON_COMPLETE = on(Event.COMPLETE)
 _ON_HOLD = on(Event.HOLD)
 _ON_RELEASE = on(Event.RELEASE)
 _ON_UPGRADE = on(Event.UPGRADE)
+_ON_LINGER = on(Event.LINGER)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -276,14 +303,23 @@ class HttpProtocol(asyncio.Protocol):
         "_at",
         "_body",
         "_body_len",
+        "_body_size",
         "_chunk",
+        "_count_sends",
         "_head_at",
         "_head_buf",
         "_headers",
         "_held",
+        "_in",
+        "_lingered",
+        "_lingering",
+        "_out",
+        "_parse_soon",
         "_paused",
         "_phase",
         "_queue",
+        "_rest",
+        "_rest_at",
         "_send_now",
         "_url",
         "ip",
@@ -305,6 +341,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._body: list[bytes] = []
         self._body_len = 0
+        self._body_size = -1  # as its Content-Length announced; -1: chunked, or none
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunk = b""
         self._head_buf: list[bytes] = []
@@ -317,6 +354,20 @@ class HttpProtocol(asyncio.Protocol):
         self._queue: PendingQueue = collections.deque()
         self._paused = Paused(0)
         self._send_now: Callable[[bytes], object] = _nowhere  # the transport's write
+        # What this connection holds against the server's budget: what it reads (a body,
+        # a head kept, an unfinished WebSocket message) and what is queued for it.
+        self._in = Account(server.budget, "")
+        self._out = self._in
+        # Whether what is queued to send counts against the budget: answers and pongs,
+        # yes; a feed child's frames and a pusher's acks have their own bounds
+        # (tree.child_buffer_bytes, batches.max_in_flight).
+        self._count_sends = True
+        # What is left of a read too large to parse in one turn (``_parse_rest``).
+        self._rest = b""
+        self._rest_at = 0
+        self._parse_soon = False
+        self._lingering: asyncio.TimerHandle | None = None
+        self._lingered = 0  # bytes read and dropped since the last answer
 
     # --- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -325,12 +376,15 @@ class HttpProtocol(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         self.ip = peer[0] if peer else ""
         srv = self.server
+        self._in = Account(srv.budget, self.ip)
+        self._out = Account(srv.budget, self.ip)
         srv.per_ip[self.ip] += 1
         srv.connections.add(self)
         srv.metrics.connections.labels("http").inc()
         if srv.per_ip[self.ip] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
+            self.close()  # at once, not lingering: its place is what it must not keep
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
@@ -342,6 +396,11 @@ class HttpProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.connection_lost()
         cancel_all(self._queue)
+        self._in.release()
+        self._out.release()
+        self._rest = b""
+        if self._lingering is not None:
+            self._lingering.cancel()
 
     @property
     def busy(self) -> bool:
@@ -357,20 +416,101 @@ class HttpProtocol(asyncio.Protocol):
         if not self._paused & reason:
             return
         self._paused &= ~reason
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
+        if self._paused == Paused.TURN and self._rest:
+            self._parse_later()  # the rest of a read first; reading resumes after it
+        elif not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:
-        if self.ws is None and self.transport is not None:
-            # A client that does not read its answers is not read either: answers (a
-            # range answer runs to megabytes) never pile up in the transport unbounded.
-            self._pause(Paused.WRITES)
+        # A client that does not read its answers is not read either: answers (a range
+        # answer runs to megabytes) and pongs never pile up in the transport unbounded.
+        transport = self.transport
+        if transport is None:
+            return
+        if self.ws is not None:
+            # Counted after the read that queued it (``_settle_ws``), where it can be
+            # refused: here the transport is in the middle of a write.
+            self.ws.pause_reading(Paused.WRITES)
+            return
+        self._out.settle_anyway(transport.get_write_buffer_size())
+        self._pause(Paused.WRITES)
 
     def resume_writing(self) -> None:
+        transport = self.transport
+        assert transport is not None
         if self.ws is not None:
+            self.ws.resume_reading(Paused.WRITES)
+            if self._count_sends:
+                self._out.settle_anyway(transport.get_write_buffer_size())
             self.ws.resume_writing()
             return
+        self._out.settle_anyway(transport.get_write_buffer_size())
         self._resume(Paused.WRITES)
+
+    # --- the budget, and messages that never end ----------------------------------------
+    def _settle_ws(self) -> None:
+        """Count what the WebSocket session holds for its peer (a message not yet whole,
+        frames queued to it); past the budget the connection is failed, its bytes dropped:
+        1008 for an address over its share, 1013 (try later) when the node is full."""
+        ws = self.ws
+        transport = self.transport
+        assert ws is not None and transport is not None
+        sending = transport.get_write_buffer_size() if self._count_sends else 0
+        if ws.closed:  # failed or closing: nothing more is read; its close frame is queued
+            self._in.release()
+            self._out.settle_anyway(sending)
+            return
+        over = self._in.settle(ws.buffered())
+        if over is None:
+            over = self._out.settle(sending)
+        if over is None:
+            return
+        self._count_refusal(over)
+        if over is Over.NODE:
+            ws.fail(CLOSE_TRY_AGAIN_LATER, "node busy: too much buffered, try later")
+        else:
+            ws.fail(CLOSE_POLICY, "too much buffered for this address")
+        self._in.release()
+
+    def _count_refusal(self, over: Over) -> None:
+        label = "buffered_total" if over is Over.NODE else "buffered_per_ip"
+        self.server.metrics.rejected.labels(label).inc()
+
+    def progress(self) -> tuple[int, bool]:
+        """Messages begun so far (WebSocket: received whole), and whether one is begun and
+        not finished: what the sweep compares between its rounds."""
+        if self.ws is not None:
+            return self.ws.messages, self.ws.buffered() > 0
+        phase = self._phase
+        return self.requests, phase is _HEAD or phase is _BODY or phase is _HELD
+
+    def drop_unfinished(self) -> None:
+        """A request or message begun ``body_read_timeout`` ago is still not whole: its
+        bytes are dropped and the connection closed (408; WebSocket close 1008)."""
+        self.server.metrics.rejected.labels("read_timeout").inc()
+        if self.ws is not None:
+            self.ws.fail(CLOSE_POLICY, "message not finished in time")
+            self._in.release()
+            return
+        self._body = []
+        self._held = b""
+        self._in.release()
+        if self._queue:
+            self.close()  # answers still owed: the 408 could not go first
+            return
+        self._plain(408, b"request not finished in time", keep_alive=False)
+
+    def _refuse_unbuffered(self, over: Over) -> None:
+        """A body that would take the connection's address or the node past the budget:
+        answered 429 or 503 with Connection: close, its bytes dropped."""
+        self._body = []
+        self._in.release()
+        self._phase = _ON_REFUSE[self._phase]
+        self._count_refusal(over)
+        if over is Over.NODE:
+            self._plain(503, b"node busy: too many unfinished requests", keep_alive=False)
+        else:
+            self._plain(429, b"too many unfinished requests from this address", False)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -380,10 +520,22 @@ class HttpProtocol(asyncio.Protocol):
         phase = self._phase
         if phase is not _IDLE:
             if phase is _UPGRADED:
-                assert self.ws is not None
-                self.ws.data_received(data)
+                ws = self.ws
+                assert ws is not None
+                ws.data_received(data)
+                # Most reads end with no message half read and nothing queued.
+                if ws.buffered() or self._in.held or self._out.held:
+                    self._settle_ws()
+                elif self._count_sends and ws.transport.get_write_buffer_size():
+                    self._settle_ws()
+                return
+            if phase is _LINGERING:
+                self._lingered += len(data)
+                if self._lingered > self.server.limits.linger_bytes:
+                    self.close()
                 return
             if phase is _HELD:
+                self._in.give(len(self._held))
                 data = self._held + data
                 self._held = b""
                 self._phase = _ON_RELEASE[self._phase]
@@ -409,7 +561,16 @@ class HttpProtocol(asyncio.Protocol):
             if data[:5] == b"POST ":
                 if self._plain_post(data, split) or self._hold_head(data):
                     return
-        if phase is _HEAD:  # a request head split over reads: keep it for an upgrade
+        if len(data) > PARSE_SLICE:
+            self._rest = data
+            self._rest_at = 0
+            self._parse_rest()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse one read (or a slice of one) with httptools."""
+        if self._phase is _HEAD:  # a request head split over reads: keep it for an upgrade
             self._head_buf.append(data)
         self._chunk = data
         self._at = 0
@@ -422,12 +583,64 @@ class HttpProtocol(asyncio.Protocol):
             self.server.metrics.rejected.labels("bad_http").inc()
             self._plain(400, b"malformed HTTP request", keep_alive=False)
             return
-        # Still inside a head after this read: it is only ever head bytes that pile up.
-        if self._phase is _HEAD and (
-            sum(map(len, self._head_buf)) - (self._head_at or 0)
-            > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END
-        ):
+        finally:
+            self._chunk = b""  # not held past its parse: a body's read is megabytes
+        if self._phase is not _HEAD:
+            return
+        # Still inside a head after this read: it is only ever head bytes that pile up,
+        # held (for an upgrade) and counted until the head ends.
+        held = sum(map(len, self._head_buf))
+        if held - (self._head_at or 0) > self.server.limits.max_header_bytes + _PARTIAL_HEAD_END:
             self._reject_head()
+            return
+        over = self._in.settle(held)
+        if over is not None:
+            self._refuse_unbuffered(over)
+
+    def _parse_rest(self) -> None:
+        """Parse what is left of a large read a slice at a time, until it is all parsed,
+        reading is paused for another reason (answers owed, a client that does not read
+        them: ``_resume`` comes back here) or this turn has begun
+        ``max_requests_per_turn`` requests: the rest waits for the next loop turn, so a
+        pipelined flood on one connection never holds the loop from the others. While a
+        rest waits, reading stays paused (``Paused.TURN``)."""
+        self._parse_soon = False
+        data, at = self._rest, self._rest_at
+        last = self.requests + self.server.limits.max_requests_per_turn
+        transport = self.transport
+        assert transport is not None
+        while at < len(data):
+            if self._phase is _LINGERING or transport.is_closing():
+                at = len(data)  # nothing more is answered
+                break
+            if self._paused & ~Paused.TURN:
+                break
+            if self.requests >= last:
+                self._rest_at = at
+                self._pause(Paused.TURN)
+                self._parse_later()
+                return
+            end = at + PARSE_SLICE
+            if self._phase is _BODY and self._body_size > 0:
+                end = max(end, at + self._body_size - self._body_len)  # the body whole
+            self._feed(data[at:end])
+            at = end
+            if self._phase is _UPGRADED:
+                if at < len(data):
+                    self._rest = b""
+                    self.data_received(data[at:])  # the WebSocket session's first frames
+                at = len(data)
+        if at < len(data):
+            self._rest_at = at
+            self._pause(Paused.TURN)
+            return
+        self._rest = b""
+        self._resume(Paused.TURN)
+
+    def _parse_later(self) -> None:
+        if not self._parse_soon:
+            self._parse_soon = True
+            asyncio.get_running_loop().call_soon(self._parse_rest)
 
     def _plain_post(self, data: bytes, split: tuple[bytes, bytes] | None = None) -> bool:
         """Answer a read that holds exactly one ordinary keep-alive POST, without httptools.
@@ -485,6 +698,8 @@ class HttpProtocol(asyncio.Protocol):
         length = _CONTENT_LENGTH.search(data)
         if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
             return False  # no body to wait for, or one refused at once (413)
+        if self._in.take(len(data)) is not None:
+            return False  # httptools reads it, and refuses its body (429, 503)
         self._held = data
         self._phase = _ON_HOLD[self._phase]
         return True
@@ -519,19 +734,23 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _ON_HEADERS[self._phase]
-        if self._phase is _REFUSED:
-            return  # refused while it still came in
+        if self._phase is not _BODY:
+            return  # refused while it still came in, or the last answer is out
         if self._head_bytes() > self.server.limits.max_header_bytes:
             self._reject_head()
             return
         self._body = []
         self._body_len = 0
+        if self._in.held:
+            self._in.release()  # the head split over reads, now parsed
         if self.parser.should_upgrade():
             return  # _head_buf is kept for the WebSocket handshake
         self._head_buf = []
         length = self.header(b"content-length")
+        self._body_size = -1
         if length is not None and length.isdigit():
-            if int(length) > self.server.limits.max_body_bytes:
+            self._body_size = int(length)
+            if self._body_size > self.server.limits.max_body_bytes:
                 self._reject_too_large()
 
     def _head_bytes(self) -> int:
@@ -566,19 +785,30 @@ class HttpProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._at is not None:
             self._at += len(body)
-        if self._phase is _REFUSED:
-            return
+        if self._phase is not _BODY:
+            return  # refused, or the connection's last answer is out
+        n = len(body)
+        # The piece that ends a body is handed over in this same read: not counted, so a
+        # request whose body comes whole in one read is answered even on a full node.
+        if self._body_len + n != self._body_size:
+            over = self._in.take(n)
+            if over is not None:
+                self._refuse_unbuffered(over)
+                return
         self._body.append(body)
-        self._body_len += len(body)
+        self._body_len += n
         if self._body_len > self.server.limits.max_body_bytes:
             self._body = []
+            self._in.release()
             self._reject_too_large()
 
     def on_message_complete(self) -> None:
-        refused = self._phase is _REFUSED
-        self._phase = _ON_COMPLETE[self._phase]
-        if refused or self.parser.should_upgrade():
+        phase = self._phase
+        self._phase = _ON_COMPLETE[phase]
+        if phase is _REFUSED or phase is _LINGERING or self.parser.should_upgrade():
             return  # an upgrade is answered when httptools raises HttpParserUpgrade
+        if self._in.held:
+            self._in.release()  # the body is handed over now
         method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
         if method == b"POST":
@@ -722,17 +952,44 @@ class HttpProtocol(asyncio.Protocol):
 
     def _write(self, data: bytes, keep_alive: bool) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._phase is _LINGERING:
             return
         transport.write(data)
         if not keep_alive:
+            self._linger()
+
+    def _linger(self) -> None:
+        """The connection's last answer is written: shut the write side once it is out,
+        and read and drop what the client still sends until it closes, for at most
+        ``linger_timeout`` and ``linger_bytes``. Closing at once would make the kernel
+        answer bytes still coming (the rest of a refused body) with a reset, which may
+        reach the client before it read its answer (a 413 or 429 lost)."""
+        transport = self.transport
+        assert transport is not None
+        self._phase = _ON_LINGER[self._phase]
+        self._body = []
+        self._held = b""
+        self._rest = b""
+        self._head_buf = []
+        self._in.release()
+        cancel_all(self._queue)  # written after this answer, they would never be read
+        if not transport.can_write_eof():
             transport.close()
+            return
+        transport.write_eof()
+        limits = self.server.limits
+        self._lingering = asyncio.get_running_loop().call_later(limits.linger_timeout, self.close)
+        if self._paused:  # nothing more is answered: nothing to wait for before reading
+            self._paused = Paused(0)
+            transport.resume_reading()
 
     def _flush(self, _fut: object = None) -> None:
         """Write the answers now ready at the front of the queue, in request order."""
         q = self._queue
         for entry in pop_ready(q):
             keep_alive = entry.keep_alive
+            if self._phase is _LINGERING:
+                break  # the last answer is out
             if isinstance(entry, Ready):
                 self._write(entry.data, keep_alive)
                 continue
@@ -747,7 +1004,10 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 head = self.server.head(200, len(body), keep_alive, entry.cors)
                 self._write(head + body, keep_alive)
-        if self._paused and len(q) <= self.server.limits.max_pending_per_connection // 2:
+        if (
+            self._paused & Paused.BACKLOG
+            and len(q) <= self.server.limits.max_pending_per_connection // 2
+        ):
             self._resume(Paused.BACKLOG)
 
     def _plain(self, status: int, text: bytes, keep_alive: bool) -> None:
@@ -800,6 +1060,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upgrade(self, data: bytes, offset: int) -> None:
         assert self.transport is not None
+        if self._phase is _LINGERING:
+            return  # an upgrade pipelined behind the connection's last answer
         head = b"".join(self._head_buf[:-1]) + data[:offset]
         if self._head_at:  # the read began with earlier messages, already answered
             head = head[self._head_at :]
@@ -815,6 +1077,7 @@ class HttpProtocol(asyncio.Protocol):
                 batches.refuse_unauthorized()
                 self._plain(401, b"a push needs Authorization: Bearer <api key>", False)
                 return
+            self._count_sends = False
             session = batches.open(
                 self.transport,
                 ip=self.ip,
@@ -822,6 +1085,7 @@ class HttpProtocol(asyncio.Protocol):
                 close_timeout=limits.ws_close_timeout,
             )
         elif feed is not None and path == FEED_PATH:
+            self._count_sends = False
             session = feed(
                 self.transport,
                 ip=self.ip,
@@ -838,6 +1102,7 @@ class HttpProtocol(asyncio.Protocol):
                 max_pending=limits.max_pending_per_connection,
                 open_subscriptions=self.server.routes.ws_subscriptions,
                 close_timeout=limits.ws_close_timeout,
+                sends=self._out,
             )
         if not session.accept(head):
             self.transport.close()

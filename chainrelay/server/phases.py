@@ -2,8 +2,9 @@
 ``HttpProtocol``'s states (in h11's spirit: transitions are data, not branches).
 
 The phase decides who reads the next bytes: the fast paths (``IDLE``), the held head's
-body (``HELD``), httptools (``HEAD``, ``BODY``, ``REFUSED``) or a WebSocket session
-(``UPGRADED``). Whether reading is paused is apart from it (``Paused``): a connection in
+body (``HELD``), httptools (``HEAD``, ``BODY``, ``REFUSED``), a WebSocket session
+(``UPGRADED``), or nobody: after the last answer, what still comes is dropped
+(``LINGERING``). Whether reading is paused is apart from it (``Paused``): a connection in
 any phase may owe too many answers, or have a client that does not read them.
 """
 
@@ -23,6 +24,9 @@ class Phase(enum.Enum):
     BODY = "body"  # httptools is past the head, inside the body or at the message's end
     REFUSED = "refused"  # the message was answered 413/431: the rest of it is ignored
     UPGRADED = "upgraded"  # a WebSocket session owns the connection for good
+    # The last answer is written and the write side shut: what the client still sends is
+    # read and dropped (bounded), so that it reads its answer rather than a reset.
+    LINGERING = "lingering"
 
 
 class Event(enum.Enum):
@@ -35,6 +39,7 @@ class Event(enum.Enum):
     HOLD = "hold"  # a read that is a lone POST head is kept
     RELEASE = "release"  # the next read joins the head kept
     UPGRADE = "upgrade"  # a WebSocket handshake is accepted
+    LINGER = "linger"  # the connection's last answer is written (Connection: close)
 
 
 _P, _E = Phase, Event
@@ -54,6 +59,10 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (_P.IDLE, _E.UPGRADE): _P.UPGRADED,
     (_P.BODY, _E.UPGRADE): _P.UPGRADED,
 }
+# Any connection not upgraded lingers once its last answer is out, and stays so: httptools
+# may still end the message it was reading, which changes nothing.
+TRANSITIONS.update({(p, _E.LINGER): _P.LINGERING for p in _P if p is not _P.UPGRADED})
+TRANSITIONS.update({(_P.LINGERING, e): _P.LINGERING for e in _E})
 
 
 def on(event: Event) -> dict[Phase, Phase]:
@@ -67,3 +76,4 @@ class Paused(enum.IntFlag):
 
     BACKLOG = 1  # more answers owed than limits.max_pending_per_connection
     WRITES = 2  # the transport's buffer is full: a client that does not read its answers
+    TURN = 4  # part of a read is left to parse in a later loop turn (a pipelined flood)

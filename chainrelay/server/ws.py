@@ -9,6 +9,12 @@ message is handled they are reachable through ``current_subscriptions()``, so th
 pipeline routes subscription calls to this connection's without knowing the transport.
 Notifications go out as frames the fan-out built once for all subscribers
 (``send_frames``), under the same send-buffer bound as answers.
+
+What a session holds for its peer is bounded: a message not yet whole (``buffered``, which
+the front door counts against its budget), and what is queued to send. websockets answers
+every ping with a pong inside ``receive_data``, so a peer that pings and never reads would
+fill the send buffer with pongs: reading stops while the transport's buffer is past its
+high-water mark (``pause_reading(Paused.WRITES)``), and starts again once it drains.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from chainrelay import defaults
+from chainrelay.server.budget import Account
 from chainrelay.server.peer import enter_peer, leave_peer
+from chainrelay.server.phases import Paused
 from chainrelay.wire.jsonrpc import Answer
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,11 @@ Handler = Callable[[bytes], bytes | Awaitable[bytes | None]]
 # Close code for a reader too slow to keep up: "try again later" (RFC 6455, 1013).
 CLOSE_TRY_AGAIN_LATER = 1013
 SLOW_READER_REASON = "client too slow: send buffer full"
+# A text message that is not UTF-8 (RFC 6455 8.1: fail the connection, 1007).
+CLOSE_INVALID_DATA = 1007
+# What the peer did breaks the node's rules: over its address's share of the memory budget,
+# a message begun and never finished.
+CLOSE_POLICY = 1008
 
 
 class Subscriptions(Protocol):
@@ -79,19 +92,26 @@ class WsSession:
         open_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
         ip: str = "",
         close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
+        sends: Account | None = None,
     ) -> None:
         self.transport = transport
+        # What is queued for the peer, counted against the front door's budget (None: not
+        # counted here; a feed child's frames have their own bounds).
+        self.sends = sends
         self.close_timeout = close_timeout
         self.ip = ip  # the client's address, kept by each message's task (limits per IP)
         self.handler = handler
         self.max_send_buffer = max_send_buffer
         self.max_pending = max_pending
-        self._paused = False
+        self._paused = Paused(0)
         # No extension is ever negotiated (no permessage-deflate): ``send_frames`` relies on
         # a frame being its header and the payload as is.
         self.proto = ServerProtocol(max_size=max_message_bytes, extensions=None)
         # Frame payloads as websockets hands them over (bytes-like), joined once at the end.
         self._fragments: list[bytes | bytearray | memoryview] = []
+        self._fragments_len = 0
+        self._text = False  # the message being reassembled is a text message
+        self.messages = 0  # messages received whole: the idle sweep sees progress in it
         self._tasks: set[asyncio.Task[bytes | None]] = set()
         self._on_close = on_close
         self._open_subscriptions = open_subscriptions
@@ -118,11 +138,53 @@ class WsSession:
         return True
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # failed or closing: nothing more is read into memory
         self.proto.receive_data(data)
         for event in self.proto.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
         self._flush()
+
+    def buffered(self) -> int:
+        """Bytes of a message not yet whole held for the peer: its fragments so far and
+        what websockets holds of the frame it is reading (``max_message_bytes`` bounds one
+        message; the front door's budget bounds them all)."""
+        return self._fragments_len + len(self.proto.reader.buffer)
+
+    def pause_reading(self, reason: Paused) -> None:
+        if not self._paused and not self._lost:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_reading(self, reason: Paused) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and not self.closed:
+            self.transport.resume_reading()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): a close frame and the write side shut at
+        once, what was held of an unfinished message dropped, and nothing the peer still
+        sends read; the connection ends when the peer closes it, or after close_timeout."""
+        self._fragments = []
+        self._fragments_len = 0
+        if self.closed:
+            return
+        if self.proto.state is State.OPEN:
+            self.proto.fail(code, reason)  # drops what websockets buffered of a frame
+        # Closed to this session from now on (what still comes is dropped unread), but
+        # the transport is left to the peer's close, within close_timeout: closed at once
+        # while the peer still sends, its kernel would answer with a reset, which may
+        # reach the peer before the close frame it should read.
+        self.closed = True
+        self._flush()
+        self._release()
+        if not self._lost:
+            self._abort_later()
+        if self._on_close is not None:
+            self._on_close()
 
     def connection_lost(self) -> None:
         self.closed = True
@@ -142,17 +204,39 @@ class WsSession:
             self.transport.abort()
 
     def _frame(self, frame: Frame) -> None:
-        if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+        if self.closed:
+            return  # failed by an earlier frame of the same read
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self._text = opcode is Opcode.TEXT
             if not frame.fin:
                 self._fragments = [frame.data]
+                self._fragments_len = len(frame.data)
                 return
-            self._message(bytes(frame.data))
-        elif frame.opcode is Opcode.CONT:
+            self._whole(bytes(frame.data))
+        elif opcode is Opcode.CONT:
+            if not frame.fin:
+                self._fragments.append(frame.data)
+                self._fragments_len += len(frame.data)
+                return
             self._fragments.append(frame.data)
-            if frame.fin:
-                body = b"".join(self._fragments)
-                self._fragments = []
-                self._message(body)
+            body = b"".join(self._fragments)
+            self._fragments = []
+            self._fragments_len = 0
+            self._whole(body)
+
+    def _whole(self, body: bytes) -> None:
+        self.messages += 1
+        # RFC 6455 8.1: a text message must be UTF-8 whole (a character may straddle
+        # fragments, so it is checked once reassembled); JSON-RPC is ASCII nearly always,
+        # which is checked without decoding.
+        if self._text and not body.isascii():
+            try:
+                body.decode()
+            except UnicodeDecodeError as exc:
+                self.fail(CLOSE_INVALID_DATA, f"invalid UTF-8 at position {exc.start}")
+                return
+        self._message(body)
 
     def _message(self, body: bytes) -> None:
         subs = self.subscriptions
@@ -170,16 +254,14 @@ class WsSession:
                 _CURRENT.reset(token)
         self._tasks.add(task)
         task.add_done_callback(self._done)
-        if len(self._tasks) >= self.max_pending and not self._paused:
+        if len(self._tasks) >= self.max_pending:
             # Backpressure, not loss: stop reading until answers drain.
-            self._paused = True
-            self.transport.pause_reading()
+            self.pause_reading(Paused.BACKLOG)
 
     def _done(self, task: asyncio.Task[bytes | None]) -> None:
         self._tasks.discard(task)
-        if self._paused and len(self._tasks) <= self.max_pending // 2 and not self.closed:
-            self._paused = False
-            self.transport.resume_reading()
+        if len(self._tasks) <= self.max_pending // 2:
+            self.resume_reading(Paused.BACKLOG)
         if task.cancelled() or self.closed:
             return
         exc = task.exception()
@@ -199,7 +281,7 @@ class WsSession:
         Never blocks: a notification fan-out calls it for every subscriber in turn."""
         if not payload or self.closed or self.proto.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+        if self._over_send_bound():
             self._too_slow()
             return
         try:
@@ -219,10 +301,21 @@ class WsSession:
         reader past the send-buffer bound is closed instead."""
         if self.closed or self.proto.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.max_send_buffer:
+        if self._over_send_bound():
             self._too_slow()
             return
         self.transport.write(frames)
+
+    def _over_send_bound(self) -> bool:
+        """Whether what is queued for the peer is past ``max_send_buffer``, or past what
+        its address may hold (``sends``, the front door's budget, when counted)."""
+        queued = self.transport.get_write_buffer_size()
+        if queued > self.max_send_buffer:
+            return True
+        sends = self.sends
+        if sends is None or not (queued or sends.held):
+            return False
+        return sends.settle(queued) is not None
 
     def resume_writing(self) -> None:
         """The transport drained below its high-water mark (sessions that stream use it)."""

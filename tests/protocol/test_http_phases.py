@@ -9,15 +9,21 @@ from tests.protocol.test_http_fast_path import MAX_BODY, Front, answers, balance
 from tests.protocol.test_rpc_hits import ADDR
 
 
-def test_every_phase_but_upgraded_leads_back_to_idle() -> None:
+def test_every_phase_but_the_last_two_leads_back_to_idle() -> None:
     back = {Phase.IDLE}
     grew = True
     while grew:
         before = len(back)
         back |= {phase for (phase, _), after in TRANSITIONS.items() if after in back}
         grew = len(back) > before
-    assert back == set(Phase) - {Phase.UPGRADED}
+    assert back == set(Phase) - {Phase.UPGRADED, Phase.LINGERING}
     assert not any(phase is Phase.UPGRADED for phase, _ in TRANSITIONS), "upgraded for good"
+    # Once the last answer is out, every event leaves a connection lingering.
+    assert all(
+        after is Phase.LINGERING
+        for (phase, _), after in TRANSITIONS.items()
+        if phase is Phase.LINGERING
+    )
 
 
 def test_the_rows_of_each_event_are_the_table() -> None:
@@ -59,7 +65,7 @@ def test_a_body_over_the_limit_is_refused_and_the_rest_of_it_ignored() -> None:
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % (MAX_BODY + 1)
         + b"x" * (MAX_BODY + 1)
     )
-    assert conn._phase is Phase.REFUSED
+    assert conn._phase is Phase.LINGERING  # the 413 was its last answer
     assert [a.status for a in answers(transport.out)] == [413]
     assert transport.closed
 
