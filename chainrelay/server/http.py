@@ -82,6 +82,7 @@ _REASONS = {
     413: b"Content Too Large",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     503: b"Service Unavailable",
     508: b"Loop Detected",
 }

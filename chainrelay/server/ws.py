@@ -119,6 +119,9 @@ class WsSession:
         self.closed = False
         self.slow = False  # closed for reading too slowly
         self._lost = False  # the transport is gone
+        # The drop of a peer told to close, due close_timeout later; cancelled when the
+        # connection ends first, so a closed session is not kept alive that long.
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     def accept(self, raw_request: bytes) -> bool:
         """Answer the upgrade request; False when it was refused (and answered so)."""
@@ -189,6 +192,9 @@ class WsSession:
     def connection_lost(self) -> None:
         self.closed = True
         self._lost = True
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         for task in self._tasks:
             task.cancel()
         self._release()
@@ -344,7 +350,8 @@ class WsSession:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # driven outside a loop (sans-I/O tests): nothing to wait for
             return
-        loop.call_later(self.close_timeout, self.abort)
+        if self._abort_timer is None:
+            self._abort_timer = loop.call_later(self.close_timeout, self.abort)
 
     def _flush(self) -> None:
         for chunk in self.proto.data_to_send():

@@ -372,3 +372,18 @@ async def test_nothing_pipelined_behind_a_last_answer_is_answered_nor_upgraded()
     conn.data_received(too_large + post(balance(1)) + UPGRADE)
     assert [a.status for a in answers(transport.out)] == [413]
     assert conn.ws is None and conn._phase is Phase.LINGERING
+
+
+async def test_a_session_closed_then_lost_keeps_no_timer() -> None:
+    """The drop of a peer told to close is due close_timeout later; a connection that ends
+    first cancels it, so its session is not kept alive that long (thousands of refused
+    upgrades would pin their sessions for close_timeout each)."""
+    front = budgeted(per_ip=100 * KiB, total=1000 * KiB)
+    conn, _transport = upgraded(front)
+    ws = conn.ws
+    assert ws is not None
+    conn.data_received(frame(Opcode.TEXT, b'{"a":"\xc3"}'))  # closed 1007
+    timer = ws._abort_timer
+    assert timer is not None and not timer.cancelled()
+    conn.connection_lost(None)
+    assert timer.cancelled() and ws._abort_timer is None
