@@ -214,5 +214,7 @@ async def test_hung_ws_node_a_forwarded_call_and_its_retry_share_one_deadline(
         finally:
             os.kill(anvil.proc.pid, signal.SIGCONT)
         assert code(doc) == -32002, doc
-        assert doc["error"]["data"]["attempts"] == 2, doc  # the forwarded try and one more
+        # The forwarded try and the full path's: one more, or two when the first of them
+        # ended early enough (a loaded machine's timers fire late or a link fails early).
+        assert doc["error"]["data"]["attempts"] in (2, 3), doc
         assert DEADLINE * (1 - TOLERANCE) <= took <= DEADLINE * (1 + TOLERANCE), took

@@ -186,11 +186,14 @@ async def test_fake_upstream_faults_are_retried_on_the_healthy_path(
 
         await asyncio.gather(*(ask(i, *c) for i, c in enumerate(calls)))
 
-    # The fault was met, not dodged: most calls went to the fake first.
-    assert await fake.fault_calls() >= len(calls) // 2
+    # The fault was met, not dodged: most calls went to the fake first. But a 429 asks
+    # for a pause (its Retry-After, 1 s): the calls that come after the first 429s are sent
+    # to the healthy path first, so those met the fault at least once.
+    met = 1 if mode == "429" else len(calls) // 2
+    assert await fake.fault_calls() >= met
     m = await relay.metrics()
     errors = metric(m, "chainrelay_upstream_calls_total", upstream="u0", outcome="transport_error")
-    assert errors >= len(calls) // 2
+    assert errors >= met
     assert relay.proc is not None and relay.proc.poll() is None
 
 
