@@ -399,7 +399,13 @@ class HttpProtocol(asyncio.Protocol):
         cancel_all(self._queue)
         self._in.release()
         self._out.release()
+        # What was read of an unfinished request goes now, not when the collector gets to
+        # this protocol object (it is in reference cycles with its transport and parser).
         self._rest = b""
+        self._body = []
+        self._held = b""
+        self._head_buf = []
+        self._chunk = b""
         if self._lingering is not None:
             self._lingering.cancel()
 

@@ -20,6 +20,7 @@ high-water mark (``pause_reading(Paused.WRITES)``), and starts again once it dra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable
@@ -198,6 +199,14 @@ class WsSession:
         for task in self._tasks:
             task.cancel()
         self._release()
+        # What was read of an unfinished message goes now, not when the collector gets to
+        # this session (it is in reference cycles with its transport and protocol object):
+        # the fragments, and the frame websockets' reader still buffers.
+        self._fragments = []
+        self._fragments_len = 0
+        with contextlib.suppress(Exception):  # the stream ends: its parser stops
+            self.proto.receive_eof()
+        self.proto.reader.buffer.clear()
 
     def _release(self) -> None:
         subs, self.subscriptions = self.subscriptions, None

@@ -318,16 +318,10 @@ class UpstreamPool:
             u = order[i % len(order)]
             if not u.healthy:  # taken out of rotation by this call's own tries
                 continue
-            now = time.perf_counter()
-            if u.slow_until > now:
-                if deadline - u.slow_until < u.timeout / 2:
-                    if last is None:
-                        wait = u.slow_until - now
-                        last = TransportError(f"HTTP 429, {wait:.1f}s to wait", retry_after=wait)
-                    continue
-                await asyncio.sleep(u.slow_until - now)
-                now = time.perf_counter()
-            left = deadline - now
+            left = await _turn(u, deadline)
+            if isinstance(left, TransportError):
+                last = last or left
+                continue
             if left <= 0.0:
                 break
             tries += 1
@@ -379,16 +373,10 @@ class UpstreamPool:
             u = order[i % len(order)]
             if not u.healthy:  # taken out of rotation by this batch's own tries
                 continue
-            now = time.perf_counter()
-            if u.slow_until > now:
-                if deadline - u.slow_until < u.timeout / 2:
-                    if last is None:
-                        wait = u.slow_until - now
-                        last = TransportError(f"HTTP 429, {wait:.1f}s to wait", retry_after=wait)
-                    continue
-                await asyncio.sleep(u.slow_until - now)
-                now = time.perf_counter()
-            left = deadline - now
+            left = await _turn(u, deadline)
+            if isinstance(left, TransportError):
+                last = last or left
+                continue
             if left <= 0.0:
                 break
             tries += 1
@@ -489,6 +477,20 @@ class UpstreamPool:
             upstream=where,
             attempts=len(order),
         )
+
+
+async def _turn(u: Upstream, deadline: float) -> float | TransportError:
+    """What is left of ``deadline`` for a try on ``u`` once the pause its last 429 asked
+    for is over (waited here); the error to report instead when that pause leaves no fair
+    try (half its timeout) before the deadline."""
+    now = time.perf_counter()
+    if u.slow_until > now:
+        if deadline - u.slow_until < u.timeout / 2:
+            wait = u.slow_until - now
+            return TransportError(f"HTTP 429, {wait:.1f}s to wait", retry_after=wait)
+        await asyncio.sleep(u.slow_until - now)
+        now = time.perf_counter()
+    return deadline - now
 
 
 def _already_known(answer: Answer) -> bool:

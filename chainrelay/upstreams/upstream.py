@@ -166,24 +166,9 @@ class Upstream:
                 self.errors += 1
                 raise TransportError(f"malformed answer: {exc}", malformed=True) from None
         except TimeoutError:
-            # A try cut to under half its timeout by the call's deadline was not a fair
-            # chance: not counted against the upstream's health (still an error).
-            fair = timeout is None or 2 * timeout >= self.timeout
-            if fair:
-                self._failed()
-            else:
-                self.errors += 1
-            self._observe("transport_error", started)
-            waited = self.timeout if timeout is None else round(timeout, 3)
-            late = TransportError(f"timed out after {waited}s", timeout=True)
-            late.counts = fair
-            raise late from None
+            raise self._timed_out(started, timeout) from None
         except TransportError as exc:
-            if exc.counts:
-                self._failed()
-            else:
-                self.errors += 1
-            self._observe("transport_error", started)
+            self._try_failed(exc, started)
             raise
         self.answered(time.perf_counter() - started, answer.error is not None)
         return answer
@@ -215,22 +200,9 @@ class Upstream:
             except NotABatchAnswer as exc:
                 raise BatchUnsupported(f"batch of {len(calls)} refused: {exc}") from None
         except TimeoutError:
-            fair = timeout is None or 2 * timeout >= self.timeout  # as ``call`` counts it
-            if fair:
-                self._failed()
-            else:
-                self.errors += 1
-            self._observe("transport_error", started)
-            waited = self.timeout if timeout is None else round(timeout, 3)
-            late = TransportError(f"timed out after {waited}s", timeout=True)
-            late.counts = fair
-            raise late from None
+            raise self._timed_out(started, timeout) from None
         except TransportError as exc:
-            if exc.counts:
-                self._failed()
-            else:
-                self.errors += 1
-            self._observe("transport_error", started)
+            self._try_failed(exc, started)
             raise
         self.consecutive_errors = 0
         self._observe("ok", started)
@@ -268,6 +240,25 @@ class Upstream:
     def _failed(self) -> None:
         self.errors += 1
         self.consecutive_errors += 1
+
+    def _try_failed(self, exc: TransportError, started: float) -> None:
+        """Count a try (begun at ``started``) that got no usable answer: against the
+        upstream's health only when ``exc`` says so (not a 429, not a malformed answer)."""
+        if exc.counts:
+            self._failed()
+        else:
+            self.errors += 1
+        self._observe("transport_error", started)
+
+    def _timed_out(self, started: float, timeout: float | None) -> TransportError:
+        """Count a try that ran out of its time (``timeout``, None: the whole per-try
+        timeout) and return its error. A try cut to under half its timeout by the call's
+        deadline was not a fair chance: not counted against the upstream's health."""
+        waited = self.timeout if timeout is None else round(timeout, 3)
+        late = TransportError(f"timed out after {waited}s", timeout=True)
+        late.counts = timeout is None or 2 * timeout >= self.timeout
+        self._try_failed(late, started)
+        return late
 
     def quantile(self, q: float) -> float:
         if not self.samples:

@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.hostile.attacks import BATCH_CALLS, attack_batch, post_batches
 from tests.lab.counting_proxy import CountingProxy, start_proxy
 from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, Rss
 from tests.lab.procs import Relay
@@ -26,41 +27,9 @@ from tests.lab.timing import SECOND
 pytestmark = pytest.mark.lab
 
 BATCHES = 10
-CALLS = 1000
+CALLS = BATCH_CALLS
 # The relay's own calls, one request each, taken off the count.
 OWN = {"eth_blockNumber", "eth_getBlockByNumber", "eth_getBlockByHash", "eth_chainId"}
-
-
-def attack_batch(k: int) -> bytes:
-    """``CALLS`` distinct balance reads (a "latest" miss each: cacheable, not cached)."""
-    return orjson.dumps(
-        [
-            {
-                "jsonrpc": "2.0",
-                "id": i,
-                "method": "eth_getBalance",
-                "params": ["0x" + f"{k:04x}{i:036x}", "latest"],
-            }
-            for i in range(CALLS)
-        ]
-    )
-
-
-async def attack(url: str, bodies: list[bytes]) -> list[bytes]:
-    """``bodies`` at once from one client, each on its own connection; the answers, read
-    but not decoded (the bystander shares this process: its loop is not to be held by
-    the attacker's own decoding)."""
-    conn = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=60 * SECOND)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
-
-        async def one(body: bytes) -> bytes:
-            headers = {"Content-Type": "application/json"}
-            async with s.post(url, data=body, headers=headers) as r:
-                assert r.status == 200
-                return await r.read()
-
-        return await asyncio.gather(*(one(b) for b in bodies))
 
 
 async def upstream_requests(proxy: CountingProxy) -> tuple[int, int]:
@@ -86,7 +55,7 @@ async def test_parallel_batches_of_distinct_misses_cost_a_request_per_100_calls(
     proxy, relay, rss = await start(procs, anvil, relay_factory, tmp_path)
     bodies = [attack_batch(k) for k in range(BATCHES)]
     async with Bystander(relay.url) as bystander:
-        got = await asyncio.wait_for(attack(relay.url, bodies), 90 * SECOND)
+        got = await asyncio.wait_for(post_batches(relay.url, bodies), 90 * SECOND)
     answers: list[dict[str, Any]] = [a for raw in got for a in orjson.loads(raw)]
     assert len(answers) == BATCHES * CALLS
     assert all(a.get("result") == "0x0" for a in answers), [a for a in answers if "error" in a][:3]
@@ -109,7 +78,7 @@ async def test_past_the_node_bound_batches_are_shed_with_minus_32005(
     proxy, relay, rss = await start(procs, anvil, relay_factory, tmp_path, limits)
     bodies = [attack_batch(k) for k in range(BATCHES)]
     async with Bystander(relay.url) as bystander:
-        got = await asyncio.wait_for(attack(relay.url, bodies), 90 * SECOND)
+        got = await asyncio.wait_for(post_batches(relay.url, bodies), 90 * SECOND)
     answers: list[dict[str, Any]] = [a for raw in got for a in orjson.loads(raw)]
     shed = [a for a in answers if "error" in a]
     served = [a for a in answers if "result" in a]
@@ -139,7 +108,7 @@ async def test_a_client_past_its_own_bound_waits_while_another_client_is_served(
     other_body = orjson.dumps(orjson.loads(attack_batch(99))[:100])  # other addresses
     loop = asyncio.get_running_loop()
     started = loop.time()
-    attack_task = asyncio.ensure_future(attack(relay.url, attacker_bodies))
+    attack_task = asyncio.ensure_future(post_batches(relay.url, attacker_bodies))
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
     ) as s:

@@ -13,9 +13,7 @@ what they send.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,17 +21,25 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 
 from chainrelay.devnet import Anvil
+from tests.hostile.attacks import (
+    Streams,
+    close_all,
+    frame,
+    open_from,
+    settled,
+    unfinished_body,
+    upgrade,
+)
 from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, MiB, Rss
-from tests.lab.procs import Relay, until
+from tests.lab.procs import Relay
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
 RelayFactory = Callable[..., Awaitable[Relay]]
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 # Small bounds where they keep an attack short; the defaults' figures are in the brief of
 # each test.
@@ -47,46 +53,6 @@ CHAIN_ID = b'{"jsonrpc":"2.0","id":%d,"method":"eth_chainId","params":[]}'
 
 def limits(per_ip: int = 32 * MiB, total: int = 128 * MiB, read_timeout: float = 30.0) -> str:
     return LIMITS.format(per_ip=per_ip, total=total, read_timeout=read_timeout)
-
-
-async def open_from(relay: Relay, address: str = "127.0.0.1") -> Streams:
-    return await asyncio.open_connection("127.0.0.1", relay.port, local_addr=(address, 0))
-
-
-async def upgrade(relay: Relay, address: str = "127.0.0.1") -> Streams:
-    """A WebSocket connection's streams, past the handshake."""
-    reader, writer = await open_from(relay, address)
-    key = base64.b64encode(os.urandom(16))
-    writer.write(
-        b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10 * SECOND)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
-
-
-def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
-    return Frame(opcode, data, fin).serialize(mask=True, extensions=[])
-
-
-def close_all(writers: list[asyncio.StreamWriter]) -> None:
-    for w in writers:
-        w.transport.abort()
-
-
-async def settled(rss: Rss, within: int, timeout: float) -> int:
-    """RSS growth once it is back within ``within`` of the start (or the last reading)."""
-    got = rss.growth()
-
-    def back() -> bool:
-        nonlocal got
-        got = rss.growth()
-        return got < within
-
-    with contextlib.suppress(AssertionError):
-        await until(back, timeout, "the relay's RSS to come back")
-    return got
 
 
 @pytest.fixture
@@ -124,27 +90,6 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_stops_being_read(
     assert peak < ATTACK_RSS_GROWTH, f"peak growth {peak / MiB:.1f} MiB"
     assert bystander.p99() < BYSTANDER_P99, bystander.summary()
     assert bystander.failures == 0
-
-
-async def unfinished_body(relay: Relay, address: str, size: int, sent: int) -> bytes:
-    """Announce a ``size``-byte body, send ``sent`` bytes of it, and wait for an answer
-    (a refusal, or a timeout); what was answered, b"" if nothing."""
-    reader, writer = await open_from(relay, address)
-    try:
-        writer.write(
-            b"POST / HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % size
-        )
-        piece = b" " * (256 * 1024)
-        with contextlib.suppress(ConnectionError):
-            for at in range(0, sent, len(piece)):
-                writer.write(piece[: min(len(piece), sent - at)])
-                await writer.drain()
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            return await asyncio.wait_for(reader.read(4096), 20 * SECOND)
-        return b""
-    finally:
-        writer.transport.abort()
 
 
 async def test_unfinished_bodies_on_many_connections_are_refused_past_the_budget(

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.lab
 # How long the node may take to answer complete requests, or to end a half-closed
 # connection: far above anything it needs on a loaded two-core machine.
 BOUND = 5 * SECOND
-CI_EXAMPLES = 1000
+CI_EXAMPLES = 400
 FUZZ_SECONDS = float(os.environ.get("CHAINRELAY_FUZZ_SECONDS", "0"))
 STATUS = re.compile(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3})")
 

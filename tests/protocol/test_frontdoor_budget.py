@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from websockets.frames import Close, Frame, Opcode
 
+from chainrelay.allocator import return_memory_promptly
 from chainrelay.server.budget import Account, Budget, Over
 from chainrelay.server.http import HttpProtocol
 from chainrelay.server.phases import Phase
@@ -387,3 +388,27 @@ async def test_a_session_closed_then_lost_keeps_no_timer() -> None:
     assert timer is not None and not timer.cancelled()
     conn.connection_lost(None)
     assert timer.cancelled() and ws._abort_timer is None
+
+
+def test_a_lost_connection_lets_go_of_what_it_read_at_once() -> None:
+    """An unfinished body or message is dropped when its connection is lost, not when the
+    collector gets to the protocol object (it is in cycles with its transport)."""
+    front = budgeted(per_ip=100 * KiB, total=1000 * KiB)
+    conn, _transport = connect(front)
+    conn.data_received(announce(900))  # the front's body limit is 1000 bytes
+    conn.data_received(b" " * 500)
+    assert conn._body
+    conn.connection_lost(None)
+    assert not conn._body and front.server.budget.held == 0
+    conn, _transport = upgraded(front)
+    ws = conn.ws
+    assert ws is not None
+    conn.data_received(frame(Opcode.TEXT, b"[" + b"1," * KiB, fin=False))
+    conn.data_received(frame(Opcode.CONT, b"1," * (5 * KiB))[: 4 * KiB])
+    assert ws._fragments and ws.proto.reader.buffer
+    conn.connection_lost(None)
+    assert not ws._fragments and not ws.proto.reader.buffer
+
+
+def test_the_allocator_is_told_to_give_big_blocks_back() -> None:
+    assert return_memory_promptly()  # glibc, as on every machine this runs on
