@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 import time
 from types import TracebackType
 
@@ -135,3 +137,83 @@ class Bystander:
             f"{len(got)} calls, {self.failures} failed, p50 {got[len(got) // 2] * 1e3:.1f} ms, "
             f"p99 {self.p99() * 1e3:.1f} ms, max {got[-1] * 1e3:.1f} ms"
         )
+
+
+class BystanderProcess:
+    """A ``Bystander`` in a process of its own, for attacks heavy enough that their own
+    client work would delay a bystander sharing the test's event loop (the latency it
+    measures must be the node's)::
+
+        async with BystanderProcess(relay.url) as b:
+            ... attack ...
+        assert b.p99() < BYSTANDER_P99
+
+    It calls until its stdin closes, then prints its latencies as JSON.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> BystanderProcess:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.lab.hostile",
+            self.url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self._proc.stdout is not None
+        # It says "ready" once its first, unmeasured call is answered.
+        line = await asyncio.wait_for(self._proc.stdout.readline(), 30)
+        assert line.strip() == b"ready", line
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        proc = self._proc
+        assert proc is not None
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(b""), 30)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        got = json.loads(out)
+        self.latencies, self.failures = got["latencies"], got["failures"]
+
+    def p99(self) -> float:
+        got = sorted(self.latencies)
+        assert got, "the bystander made no call"
+        return got[min(len(got) - 1, int(len(got) * 0.99))]
+
+    def summary(self) -> str:
+        got = sorted(self.latencies)
+        if not got:
+            return "no calls"
+        return (
+            f"{len(got)} calls, {self.failures} failed, p50 {got[len(got) // 2] * 1e3:.1f} ms, "
+            f"p99 {self.p99() * 1e3:.1f} ms, max {got[-1] * 1e3:.1f} ms"
+        )
+
+
+async def _bystand(url: str) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    async with Bystander(url) as b:
+        print("ready", flush=True)
+        await reader.read()  # until the test closes our stdin
+    print(json.dumps({"latencies": b.latencies, "failures": b.failures}), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(_bystand(sys.argv[1]))
