@@ -88,13 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
-    """Start the event loop: uvloop, chosen here and nowhere else; and make this process's
-    allocator give freed memory back (``chainrelay/allocator.py``)."""
+    """Start the event loop: uvloop, chosen here and nowhere else."""
     import uvloop
-
-    from chainrelay.allocator import return_memory_promptly
-
-    return_memory_promptly()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(coro)

@@ -32,12 +32,14 @@ class Over(enum.Enum):
 class Budget:
     """Bytes held, per client address and in all; ``take`` refuses past either bound."""
 
-    __slots__ = ("by_ip", "held", "per_ip", "total")
+    __slots__ = ("by_ip", "held", "peak", "per_ip", "total")
 
     def __init__(self, per_ip: int, total: int) -> None:
         self.per_ip = per_ip
         self.total = total
         self.held = 0
+        # The most held since the last ``let_go`` (what a burst made the node hold).
+        self.peak = 0
         self.by_ip: dict[str, int] = {}
 
     def take(self, ip: str, n: int) -> Over | None:
@@ -51,6 +53,8 @@ class Budget:
             return Over.NODE
         self.by_ip[ip] = mine
         self.held += n
+        if self.held > self.peak:
+            self.peak = self.held
         return None
 
     def force(self, ip: str, n: int) -> None:
@@ -58,6 +62,8 @@ class Budget:
         there; counting them makes new input wait instead)."""
         self.by_ip[ip] = self.by_ip.get(ip, 0) + n
         self.held += n
+        if self.held > self.peak:
+            self.peak = self.held
 
     def give(self, ip: str, n: int) -> None:
         """``n`` bytes held for ``ip`` are no longer."""
@@ -70,6 +76,14 @@ class Budget:
 
     def of(self, ip: str) -> int:
         return self.by_ip.get(ip, 0)
+
+    def let_go(self, at_least: int) -> bool:
+        """Whether at least ``at_least`` bytes were let go of since the peak (a burst is
+        over); if so the peak starts again from what is held now."""
+        if self.peak - self.held < at_least:
+            return False
+        self.peak = self.held
+        return True
 
 
 class Account:

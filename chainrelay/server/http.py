@@ -29,6 +29,7 @@ from types import CoroutineType
 import httptools
 import orjson
 
+from chainrelay.allocator import give_back_freed_memory
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
@@ -110,6 +111,10 @@ _PARTIAL_HEAD_END = 3
 LARGE_BODY = 16 * 1024
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
+# Bytes of the memory budget let go of since its peak after which the sweep gives the
+# heap's free pages back to the kernel (``allocator.py``): a burst of a few bodies' worth,
+# so an attack's buffers do not stay resident, and a quiet node never trims.
+TRIM_AFTER_RELEASED = 32 * 1024 * 1024
 # A read longer than this is fed to httptools a slice at a time, so that a pipelined flood
 # can be stopped after ``limits.max_requests_per_turn`` requests (httptools parses a whole
 # buffer in one call). A slice of the smallest requests (an 18-byte GET) is ~230 of them.
@@ -245,6 +250,8 @@ class HttpServer:
                 else:
                     live[conn] = last
             seen = live
+            if self.budget.let_go(TRIM_AFTER_RELEASED):
+                give_back_freed_memory()
 
     def head(
         self,

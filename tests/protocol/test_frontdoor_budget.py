@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from websockets.frames import Close, Frame, Opcode
 
-from chainrelay.allocator import return_memory_promptly
+from chainrelay.allocator import give_back_freed_memory
 from chainrelay.server.budget import Account, Budget, Over
 from chainrelay.server.http import HttpProtocol
 from chainrelay.server.phases import Phase
@@ -410,5 +410,13 @@ def test_a_lost_connection_lets_go_of_what_it_read_at_once() -> None:
     assert not ws._fragments and not ws.proto.reader.buffer
 
 
-def test_the_allocator_is_told_to_give_big_blocks_back() -> None:
-    assert return_memory_promptly()  # glibc, as on every machine this runs on
+def test_a_burst_let_go_of_is_seen_once_and_the_heap_trimmed() -> None:
+    budget = Budget(100 * KiB, 1000 * KiB)
+    for ip in ("a", "b", "c"):
+        assert budget.take(ip, 90 * KiB) is None
+    assert not budget.let_go(100 * KiB)  # all still held
+    budget.give("a", 90 * KiB)
+    budget.give("b", 90 * KiB)
+    assert budget.let_go(100 * KiB)
+    assert not budget.let_go(100 * KiB)  # the same burst, once
+    assert give_back_freed_memory()  # glibc, as on every machine this runs on
