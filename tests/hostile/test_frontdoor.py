@@ -41,8 +41,8 @@ pytestmark = pytest.mark.lab
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 
-# Small bounds where they keep an attack short; the defaults' figures are in the brief of
-# each test.
+# Small bounds where they keep an attack short; what the same attack did on the default
+# limits before the budget is in the comment opening each test.
 LIMITS = """[limits]
 max_buffered_bytes_per_ip = {per_ip}
 max_buffered_bytes_total = {total}
