@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from eth_utils import keccak
 
@@ -41,6 +42,8 @@ from chainrelay.upstreams.upstream import (
 from chainrelay.wire.jsonrpc import Answer, Params
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Error texts that mean "this node already has the transaction": success for a broadcast.
 ALREADY_KNOWN = ("already known", "known transaction", "already imported", "already exists")
@@ -309,9 +312,26 @@ class UpstreamPool:
         deadline: float,
     ) -> Answer:
         """No hedge due (hedging off, or too few latencies known yet): the candidates one
-        after another in the caller's own task, as the race would try them, with no tasks.
-        Each try is cut to what is left of the deadline; an upstream that asked to slow
-        down is waited for only when a fair try (half its timeout) still fits after."""
+        after another in the caller's own task, as the race would try them, with no tasks
+        (``_in_turn``)."""
+
+        def one(u: Upstream, left: float) -> Awaitable[Answer]:
+            return u.call(method, params, timeout=left)
+
+        return await self._in_turn(order, attempts, deadline, method, one)
+
+    async def _in_turn(
+        self,
+        order: Sequence[Upstream],
+        attempts: int,
+        deadline: float,
+        what: str,
+        one: Callable[[Upstream, float], Awaitable[T]],
+    ) -> T:
+        """``one`` tried on ``order``'s upstreams in turn (``attempts`` tries at most), each
+        try given what is left of the deadline; an upstream that asked to slow down is
+        waited for only when a fair try (half its timeout) still fits after. The first
+        answer; else the error of the last try (``what``: the methods, for it)."""
         last: TransportError | None = None
         tries = 0
         for i in range(attempts):
@@ -326,12 +346,12 @@ class UpstreamPool:
                 break
             tries += 1
             try:
-                return await u.call(method, params, timeout=left)
+                return await one(u, left)
             except TransportError as exc:
                 self._failed_try(u, exc)
-                log.debug("upstream %s %s failed: %s", u.name, method, exc)
+                log.debug("upstream %s %s failed: %s", u.name, what, exc)
                 last = exc
-        raise _no_answer(order, tries, last, method, self._late(deadline))
+        raise _no_answer(list(order), tries, last, what, self._late(deadline))
 
     def _late(self, deadline: float) -> float | None:
         """The pool's deadline, when ``deadline`` has passed (for the error's message)."""
@@ -360,36 +380,22 @@ class UpstreamPool:
     async def _batch_in_turn(
         self, calls: Sequence[BatchCall], min_block: int, deadline: float
     ) -> list[Answer | UpstreamError]:
-        """``_call_in_turn`` for a batch: the same order, the same rules for an upstream
-        that asked to slow down, the same error when no try answers."""
+        """``_call_in_turn`` for a batch (``_in_turn``); an upstream that refuses batches
+        has the reads asked one by one instead."""
         method = _methods(calls)
         upstreams = self.upstreams
         order = upstreams if len(upstreams) == 1 else self.candidates(min_block)
         if not order or not any(u.healthy for u in order):
             raise _out_of_rotation(upstreams, method)
-        last: TransportError | None = None
-        tries = 0
-        for i in range(self.settings.max_attempts):
-            u = order[i % len(order)]
-            if not u.healthy:  # taken out of rotation by this batch's own tries
-                continue
-            left = await _turn(u, deadline)
-            if isinstance(left, TransportError):
-                last = last or left
-                continue
-            if left <= 0.0:
-                break
-            tries += 1
+
+        async def one(u: Upstream, left: float) -> list[Answer | UpstreamError]:
             try:
                 return list(await u.call_batch(calls, timeout=left))
             except BatchUnsupported as exc:
                 log.debug("upstream %s: %s; asking call by call", u.name, exc)
-                return await self._one_by_one(calls, min_block, deadline)
-            except TransportError as exc:
-                self._failed_try(u, exc)
-                log.debug("upstream %s batch of %d failed: %s", u.name, len(calls), exc)
-                last = exc
-        raise _no_answer(order, tries, last, method, self._late(deadline))
+            return await self._one_by_one(calls, min_block, deadline)
+
+        return await self._in_turn(order, self.settings.max_attempts, deadline, method, one)
 
     async def _one_by_one(
         self, calls: Sequence[BatchCall], min_block: int, deadline: float

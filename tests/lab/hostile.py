@@ -58,7 +58,30 @@ class Rss:
         return self.peak() - self.start
 
 
-class Bystander:
+class Latencies:
+    """What a bystander measured: each call's latency, and the calls that failed."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.failures = 0
+
+    def p99(self) -> float:
+        """The 99th percentile of the calls made so far (at least one must have been)."""
+        got = sorted(self.latencies)
+        assert got, "the bystander made no call"
+        return got[min(len(got) - 1, int(len(got) * 0.99))]
+
+    def summary(self) -> str:
+        got = sorted(self.latencies)
+        if not got:
+            return "no calls"
+        return (
+            f"{len(got)} calls, {self.failures} failed, p50 {got[len(got) // 2] * 1e3:.1f} ms, "
+            f"p99 {self.p99() * 1e3:.1f} ms, max {got[-1] * 1e3:.1f} ms"
+        )
+
+
+class Bystander(Latencies):
     """A well-behaved client asking one cheap call at a time, for as long as it runs::
 
         async with Bystander(relay.url) as b:
@@ -73,8 +96,7 @@ class Bystander:
         self.url = url
         self.timeout = timeout
         self.pause = pause  # between calls: a client, not a flood
-        self.latencies: list[float] = []
-        self.failures = 0
+        super().__init__()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -123,23 +145,8 @@ class Bystander:
                 self.latencies.append(self.timeout)
             await asyncio.sleep(self.pause)
 
-    def p99(self) -> float:
-        """The 99th percentile of the calls made so far (at least one must have been)."""
-        got = sorted(self.latencies)
-        assert got, "the bystander made no call"
-        return got[min(len(got) - 1, int(len(got) * 0.99))]
 
-    def summary(self) -> str:
-        got = sorted(self.latencies)
-        if not got:
-            return "no calls"
-        return (
-            f"{len(got)} calls, {self.failures} failed, p50 {got[len(got) // 2] * 1e3:.1f} ms, "
-            f"p99 {self.p99() * 1e3:.1f} ms, max {got[-1] * 1e3:.1f} ms"
-        )
-
-
-class BystanderProcess:
+class BystanderProcess(Latencies):
     """A ``Bystander`` in a process of its own, for attacks heavy enough that their own
     client work would delay a bystander sharing the test's event loop (the latency it
     measures must be the node's)::
@@ -153,8 +160,7 @@ class BystanderProcess:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.latencies: list[float] = []
-        self.failures = 0
+        super().__init__()
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> BystanderProcess:
@@ -189,20 +195,6 @@ class BystanderProcess:
             raise
         got = json.loads(out)
         self.latencies, self.failures = got["latencies"], got["failures"]
-
-    def p99(self) -> float:
-        got = sorted(self.latencies)
-        assert got, "the bystander made no call"
-        return got[min(len(got) - 1, int(len(got) * 0.99))]
-
-    def summary(self) -> str:
-        got = sorted(self.latencies)
-        if not got:
-            return "no calls"
-        return (
-            f"{len(got)} calls, {self.failures} failed, p50 {got[len(got) // 2] * 1e3:.1f} ms, "
-            f"p99 {self.p99() * 1e3:.1f} ms, max {got[-1] * 1e3:.1f} ms"
-        )
 
 
 async def _bystand(url: str) -> None:
