@@ -31,6 +31,7 @@ from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.locallogs import LocalLogs
 from chainrelay.chain.logstore import LogStore
 from chainrelay.chain.profiles import ChainProfile, profile_for
+from chainrelay.collector import settle_startup_heap
 from chainrelay.composition import Composition, on_leaving, running
 from chainrelay.config import Config, parse_listen
 from chainrelay.looplag import LoopLag
@@ -498,6 +499,7 @@ class Node:
 
     async def run_forever(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
         await self.start(reuse_port=reuse_port)
+        settle_startup_heap()
         try:
             await stop.wait()
         finally:

@@ -128,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _devnet(args: argparse.Namespace) -> int:
     from chainrelay import devnet
     from chainrelay.app import Node
+    from chainrelay.collector import settle_startup_heap
 
     async def main(stop: asyncio.Event) -> None:
         anvil = devnet.Anvil(chain_id=args.chain_id, block_time=args.block_time)
@@ -136,6 +137,7 @@ def _devnet(args: argparse.Namespace) -> int:
             await anvil.wait_ready()
             node = Node(configmod.quick([anvil.ws_url], args.listen))
             await node.start()
+            settle_startup_heap()
             try:
                 gen = asyncio.create_task(devnet.traffic(anvil.url, stop))
                 url = f"http://{args.listen}"

@@ -295,11 +295,13 @@ def _worker_main(
     )
     from chainrelay.app import Node
     from chainrelay.cli import _run, _until_signal
+    from chainrelay.collector import settle_startup_heap
 
     async def serve(stop: asyncio.Event) -> None:
         node = Node(cfg, via=via, worker=WorkerRole(index, feed))
         _register_worker(node, index)
         await node.start(reuse_port=True)
+        settle_startup_heap()
         try:
             ready.send_bytes(b"1")
             ready.close()

@@ -161,9 +161,11 @@ async def test_every_attack_at_once_with_default_limits_stays_within_the_node_bu
     assert peak < NODE_RSS_GROWTH, f"peak growth {peak / MiB:.1f} MiB"
     assert bystander.failures == 0, bystander.summary()
     # Every attack at once holds a well-behaved client longer than any one of them does
-    # (each module holds it under BYSTANDER_P99): here 110-200 ms at p99 on 2 loaded cores,
-    # the node's full collections after the batches' objects among it. Bounded, not met.
-    assert bystander.p99() < 5 * BYSTANDER_P99, bystander.summary()
+    # (each module holds it under BYSTANDER_P99): 25-70 ms at p99 here on 2 cores shared
+    # with the attackers, so twice the bound leaves room for a loaded machine. It was
+    # 110-200 ms before the node kept what it built at start out of the collector's full
+    # collections (chainrelay/collector.py).
+    assert bystander.p99() < 2 * BYSTANDER_P99, bystander.summary()
     # The attackers gone, the node gives back what it held (glibc may keep some freed heap
     # for reuse, so this is bounded, not zero).
     after = await settled(rss, 32 * MiB, 15 * SECOND)
