@@ -48,10 +48,13 @@ class ServerConfig:
     listen: str = d.LISTEN
     cors_origins: list[str] = field(default_factory=lambda: list(d.CORS_ORIGINS))
     workers: int = positive(d.WORKERS)
+    # The prefix an IPv6 client's limits are kept under (128: each address on its own).
+    ipv6_prefix: int = d.IPV6_CLIENT_PREFIX
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)
         check_fields(self, "server")
+        require(0 < self.ipv6_prefix <= 128, "server.ipv6_prefix: from 1 to 128 bits")
         require(
             self.workers <= 1 or port != 0,
             "server.listen: port 0 gives each worker its own port; name one",
