@@ -9,6 +9,8 @@ from __future__ import annotations
 MiB = 1024 * 1024
 
 # --- Server --------------------------------------------------------------------------------
+# The tier of clients without a key ([tiers.default]); keys name theirs.
+DEFAULT_TIER = "default"
 LISTEN = "127.0.0.1:8545"  # the port every Ethereum tool tries first
 # Browser origins allowed to call: a public JSON-RPC endpoint is meant for any dapp.
 CORS_ORIGINS = ("*",)

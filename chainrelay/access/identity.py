@@ -19,8 +19,7 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
-# The tier of a client without a key, and of any key whose tier is not named.
-DEFAULT_TIER = "default"
+from chainrelay.defaults import DEFAULT_TIER
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,18 @@ class ServerConfig:
 
 
 @dataclass
+class TierConfig:
+    """``[tiers.<name>]``: what one client (one identity: a key, or an address) of a tier
+    may ask. Clients without a key are in ``[tiers.default]``; a key names its tier."""
+
+    # The tier's own limit on the calls of one batch (the node's is limits.max_batch_len).
+    max_batch_len: int = positive(d.MAX_BATCH_LEN)
+
+    def check(self, name: str) -> None:
+        check_fields(self, f"tiers.{name}")
+
+
+@dataclass
 class LimitsConfig:
     """``[limits]``: what one request, connection or client may cost."""
 
