@@ -32,6 +32,8 @@ class Identity:
     name: str
     tier: str = DEFAULT_TIER
     key: str | None = None  # the key's name, when the client authenticated with one
+    # A key's own allow list of methods, narrower than its tier's (None: the tier's).
+    methods: frozenset[str] | None = None
 
 
 # The node's own calls (the block follower, probes): no client's limits apply.
