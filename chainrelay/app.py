@@ -23,6 +23,7 @@ from collections.abc import Callable
 import orjson
 
 from chainrelay import defaults
+from chainrelay.access.identity import Identity
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
@@ -343,6 +344,7 @@ class Node:
             self.metrics,
             cfg.server.cors_origins,
             via=self.via,
+            ipv6_prefix=cfg.server.ipv6_prefix,
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)
@@ -527,7 +529,7 @@ _FEED_ONLY = (
 )
 
 
-def _feed_only(_body: bytes) -> bytes:
+def _feed_only(_body: bytes, _who: Identity) -> bytes:
     return _FEED_ONLY
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 MiB = 1024 * 1024
 
 # --- Server --------------------------------------------------------------------------------
+# The tier of clients without a key ([tiers.default]); keys name theirs.
+DEFAULT_TIER = "default"
 LISTEN = "127.0.0.1:8545"  # the port every Ethereum tool tries first
 # Browser origins allowed to call: a public JSON-RPC endpoint is meant for any dapp.
 CORS_ORIGINS = ("*",)
@@ -18,6 +20,10 @@ WORKERS = 1
 # workers' links to it, see tree/siblings.py): each worker has one under way at a time, two
 # for a moment when one timed out while the feeder restarted; a hundred workers fit.
 WORKER_FEED_BACKLOG = 256
+# An IPv6 client is counted by its network of this many bits, as Nitro's feed does: a
+# subscriber is usually handed a /64, and per-address limits per /128 would let it take a
+# fresh address for every connection.
+IPV6_CLIENT_PREFIX = 64
 # geth's HTTP server refuses bodies over 5 MiB; a relay must accept whatever geth accepts.
 MAX_BODY_BYTES = 5 * MiB
 # geth's BatchRequestLimit is 1000; longer batches are abuse more often than need.

@@ -33,6 +33,7 @@ from chainrelay.config.sections import (
     PoolConfig,
     ServerConfig,
     SubscriptionsConfig,
+    TierConfig,
     TreeConfig,
     TreeParentConfig,
     UpstreamConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "PoolConfig",
     "ServerConfig",
     "SubscriptionsConfig",
+    "TierConfig",
     "TreeConfig",
     "TreeParentConfig",
     "UpstreamConfig",
@@ -84,6 +86,8 @@ class Config:
     tree: TreeConfig = field(default_factory=TreeConfig)
     batches: BatchesConfig = field(default_factory=BatchesConfig)
     upstreams: list[UpstreamConfig] = field(default_factory=list)
+    # What each tier of clients may ask; the "default" tier is there even when not written.
+    tiers: dict[str, TierConfig] = field(default_factory=dict)
 
     def check(self) -> None:
         """Every section's own rules, then those that span sections. Fills in what is
@@ -124,6 +128,9 @@ class Config:
         self.filters.check()
         self.subscriptions.check()
         self.head.check()
+        self.tiers.setdefault(d.DEFAULT_TIER, TierConfig())
+        for name, tier in self.tiers.items():
+            tier.check(name)
 
 
 def validate(cfg: Config) -> Config:

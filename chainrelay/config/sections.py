@@ -48,14 +48,29 @@ class ServerConfig:
     listen: str = d.LISTEN
     cors_origins: list[str] = field(default_factory=lambda: list(d.CORS_ORIGINS))
     workers: int = positive(d.WORKERS)
+    # The prefix an IPv6 client's limits are kept under (128: each address on its own).
+    ipv6_prefix: int = d.IPV6_CLIENT_PREFIX
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)
         check_fields(self, "server")
+        require(0 < self.ipv6_prefix <= 128, "server.ipv6_prefix: from 1 to 128 bits")
         require(
             self.workers <= 1 or port != 0,
             "server.listen: port 0 gives each worker its own port; name one",
         )
+
+
+@dataclass
+class TierConfig:
+    """``[tiers.<name>]``: what one client (one identity: a key, or an address) of a tier
+    may ask. Clients without a key are in ``[tiers.default]``; a key names its tier."""
+
+    # The tier's own limit on the calls of one batch (the node's is limits.max_batch_len).
+    max_batch_len: int = positive(d.MAX_BATCH_LEN)
+
+    def check(self, name: str) -> None:
+        check_fields(self, f"tiers.{name}")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+from chainrelay.access.identity import NODE, Identity
 from chainrelay.chain.head import HeadTracker
 from chainrelay.config import LimitsConfig
 from chainrelay.errors import (
@@ -54,7 +55,6 @@ from chainrelay.rpc.forward import Forwarder
 from chainrelay.rpc.gate import UpstreamGate
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
-from chainrelay.server.peer import current_peer
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import Upstream
@@ -226,13 +226,13 @@ class RpcService:
         self._chunks: set[asyncio.Task[None]] = set()  # upstream batches under way
 
     # --- entry point -----------------------------------------------------------------
-    def handle(self, body: bytes) -> bytes | Awaitable[bytes | None]:
-        """The answer to an HTTP body or WebSocket message (b"", or None later, when
-        nothing is owed)."""
-        return self.serve(body)[0]
+    def handle(self, body: bytes, who: Identity = NODE) -> bytes | Awaitable[bytes | None]:
+        """The answer to an HTTP body or WebSocket message from ``who`` (b"", or None
+        later, when nothing is owed)."""
+        return self.serve(body, who)[0]
 
-    def serve(self, body: bytes) -> Served:
-        """The answer to a body, as ``handle`` gives it, and the ``Seen`` record that
+    def serve(self, body: bytes, who: Identity = NODE) -> Served:
+        """The answer to a body from ``who``, as ``handle`` gives it, and the ``Seen`` record that
         answered it when its repeats (id aside) may be replayed by the caller through
         ``replay``: a transport that keeps whole requests (HttpServer) learns it there."""
         split = split_id(body)
@@ -254,7 +254,7 @@ class RpcService:
             self.metrics.count("", "invalid", 0.0)
             return encode_error(NULL_ID, exc.code, exc.message), None
         if is_batch:
-            return self._batch(items), None
+            return self._batch(items, who), None
         item = items[0]
         if isinstance(item, bytes):
             self.metrics.count("", "invalid", 0.0)
@@ -265,7 +265,7 @@ class RpcService:
             if sent is not None:
                 return sent, None
         if found is _MISS or found is _UNCACHED:
-            return self._answer_gated(item, started, found is _UNCACHED), None
+            return self._answer_gated(item, who, started, found is _UNCACHED), None
         rid = item.id
         if rid is None:
             return b"", None
@@ -274,7 +274,7 @@ class RpcService:
             record = self._remember(split[1], item.method, found)
         return encode_result(rid, found[0]), record
 
-    def _batch(self, items: list[Item]) -> bytes | Awaitable[bytes]:
+    def _batch(self, items: list[Item], who: Identity) -> bytes | Awaitable[bytes]:
         parts: list[bytes | Awaitable[bytes | None] | Batched | None] = []
         for at, item in enumerate(items):
             if isinstance(item, bytes):
@@ -284,7 +284,7 @@ class RpcService:
             started = time.perf_counter()
             found = self._answer_now(item, started)
             if found is _MISS or found is _UNCACHED:
-                return self._gather(parts, items, at, started, found is _UNCACHED)
+                return self._gather(parts, items, at, who, started, found is _UNCACHED)
             parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
         return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
 
@@ -293,6 +293,7 @@ class RpcService:
         parts: list[bytes | Awaitable[bytes | None] | Batched | None],
         items: list[Item],
         at: int,
+        who: Identity,
         started: float,
         uncached: bool,
     ) -> bytes:
@@ -306,7 +307,7 @@ class RpcService:
         (``_chunk``); every other miss takes a single call's path."""
         ups: list[Batched] = []
         chunks: list[asyncio.Task[None]] = []
-        who = current_peer()
+        name = who.name
         deadline = started + self.call_budget  # perf_counter, as the pool's
         size = self.batch_len
         found: Found | Lookup = _UNCACHED if uncached else _MISS  # call ``at``'s, known
@@ -328,9 +329,11 @@ class RpcService:
                     found = self._answer_now(item, started)
                 assert not isinstance(item, bytes)
                 if found is _MISS or found is _UNCACHED:
-                    parts.append(self._batch_miss(item, started, found is _UNCACHED, ups, looked))
+                    parts.append(
+                        self._batch_miss(item, who, started, found is _UNCACHED, ups, looked)
+                    )
                     if len(ups) >= size:
-                        chunks.append(self._send_chunk(ups, who, deadline))
+                        chunks.append(self._send_chunk(ups, name, deadline))
                         ups = []
                 elif item.id is not None:
                     parts.append(encode_result(item.id, found[0]))
@@ -340,7 +343,7 @@ class RpcService:
                 for it in await self._shared_misses(looked):
                     ups.append(it)
                     if len(ups) >= size:
-                        chunks.append(self._send_chunk(ups, who, deadline))
+                        chunks.append(self._send_chunk(ups, name, deadline))
                         ups = []
             looked = None
         except BaseException:
@@ -353,7 +356,7 @@ class RpcService:
             if looked:
                 ups.extend(looked)
             for i in range(0, len(ups), size):
-                chunks.append(self._send_chunk(ups[i : i + size], who, deadline))
+                chunks.append(self._send_chunk(ups[i : i + size], name, deadline))
         waits = [p for p in parts if p is not None and not isinstance(p, bytes | Batched)]
         # A chunk's calls may have been joined by others: a client gone cancels its own wait
         # only, never the chunk (which settles every call of it, whatever happens).
@@ -386,6 +389,7 @@ class RpcService:
     def _batch_miss(
         self,
         call: Call,
+        who: Identity,
         started: float,
         uncached: bool,
         ups: list[Batched],
@@ -401,7 +405,7 @@ class RpcService:
         rule = _RULES.get(method)
         params = call.params if call.has_params else None
         if rule is not None and rule.kind in _OWN_PATH:  # planned as never cached, too
-            return self._answer_gated(call, started, uncached)
+            return self._answer_gated(call, who, started, uncached)
         if rule is None or uncached:
             return self._batched(ups, call, started, None, params)
         p = policy.plan(method, call.params, self.view)
@@ -416,7 +420,7 @@ class RpcService:
         if key in self._coalescer or key in self._derivable:
             return self._answer_later(call, started)  # joins: no upstream call of its own
         if method == "eth_getLogs" and self.local_logs is not None:
-            return self._answer_gated(call, started)
+            return self._answer_gated(call, who, started)
         fwd = p.params if p.params is not None else params
         if looked is not None:
             return self._batched(looked, call, started, p, fwd)
@@ -551,18 +555,18 @@ class RpcService:
         return encode_result(rid, answer.result)
 
     async def _answer_gated(
-        self, call: Call, started: float, uncached: bool = False
+        self, call: Call, who: Identity, started: float, uncached: bool = False
     ) -> bytes | None:
         """``_answer_later`` once the client's upstream calls in flight leave room for one
         more (``UpstreamGate``): at once on the usual path, else after its own earlier calls
         end; -32005 when the node is at its bound or the wait would pass the call's
         deadline."""
         gate = self.gate
-        who = current_peer()
-        if not gate.enter_now(who, 1):
+        name = who.name
+        if not gate.enter_now(name, 1):
             deadline = started + self.call_budget  # ``_answer_later``'s own: the wait counts
             try:
-                await gate.enter(who, 1, deadline, call.method)
+                await gate.enter(name, 1, deadline, call.method)
             except UpstreamError as exc:
                 self.metrics.count(call.method, "shed", time.perf_counter() - started)
                 if call.id is None:
@@ -571,7 +575,7 @@ class RpcService:
         try:
             return await self._answer_later(call, started, uncached=uncached)
         finally:
-            gate.leave(who, 1)
+            gate.leave(name, 1)
 
     # --- the hot path ----------------------------------------------------------------
     def _answer_now(self, call: Call, started: float) -> Found | Lookup:

@@ -29,12 +29,14 @@ from types import CoroutineType
 import httptools
 import orjson
 
+from chainrelay import defaults
+from chainrelay.access.identity import NODE, enter_identity, for_address, leave_identity
 from chainrelay.allocator import give_back_freed_memory
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.budget import Account, Budget, Over
-from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
+from chainrelay.server.peer import enter_via, leave_via, relays_in
 from chainrelay.server.pending import (
     INTERNAL_ERROR,
     Awaited,
@@ -135,8 +137,11 @@ class HttpServer:
         metrics: Metrics,
         cors_origins: list[str] | None = None,
         via: str = "",
+        ipv6_prefix: int = defaults.IPV6_CLIENT_PREFIX,
     ) -> None:
         self.routes = routes
+        # An IPv6 client stands for its network of this prefix (chainrelay/access/identity.py).
+        self.ipv6_prefix = ipv6_prefix
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
         # came round in a loop. Empty: no loop check.
         self.via = via
@@ -330,11 +335,11 @@ class HttpProtocol(asyncio.Protocol):
         "_rest_at",
         "_send_now",
         "_url",
-        "ip",
         "parser",
         "requests",
         "server",
         "transport",
+        "who",
         "ws",
     )
 
@@ -343,7 +348,7 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.ws: WsSession | None = None
-        self.ip = ""
+        self.who = NODE  # the client, as limits see it (its address until it says more)
         self.requests = 0  # messages seen; the idle sweep compares it between sweeps
         self._phase = Phase.IDLE
         self._url = b""
@@ -382,14 +387,14 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         self._send_now = self.transport.write
         peer = self.transport.get_extra_info("peername")
-        self.ip = peer[0] if peer else ""
         srv = self.server
-        self._in = Account(srv.budget, self.ip)
-        self._out = Account(srv.budget, self.ip)
-        srv.per_ip[self.ip] += 1
+        self.who = who = for_address(peer[0] if peer else "", srv.ipv6_prefix)
+        self._in = Account(srv.budget, who.name)
+        self._out = Account(srv.budget, who.name)
+        srv.per_ip[who.name] += 1
         srv.connections.add(self)
         srv.metrics.connections.labels("http").inc()
-        if srv.per_ip[self.ip] > srv.limits.max_connections_per_ip:
+        if srv.per_ip[who.name] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
             self.close()  # at once, not lingering: its place is what it must not keep
@@ -397,9 +402,10 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
         srv.connections.discard(self)
-        srv.per_ip[self.ip] -= 1
-        if srv.per_ip[self.ip] <= 0:
-            del srv.per_ip[self.ip]
+        name = self.who.name
+        srv.per_ip[name] -= 1
+        if srv.per_ip[name] <= 0:
+            del srv.per_ip[name]
         srv.metrics.connections.labels("ws" if self.ws else "http").dec()
         if self.ws is not None:
             self.ws.connection_lost()
@@ -686,9 +692,9 @@ class HttpProtocol(asyncio.Protocol):
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            self._answer(routes.rpc(data[end + 4 :]), True, cors)
+            self._answer(routes.rpc(data[end + 4 :], self.who), True, cors)
             return True
-        answer, record = replayer.serve(data[end + 4 :])
+        answer, record = replayer.serve(data[end + 4 :], self.who)
         if record is not None and split is not None and answer.__class__ is bytes:
             server.learn_replay(split[1], split[0], answer, record, cors)
         self._answer(answer, True, cors)
@@ -834,7 +840,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
             via = self.headers(b"via")
             if via is None:
-                self._answer(self.server.routes.rpc(body), keep_alive)
+                self._answer(self.server.routes.rpc(body, self.who), keep_alive)
             else:
                 self._relayed(body, via, keep_alive)
         elif method == b"GET":
@@ -858,7 +864,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         token = enter_via(", ".join(f"1.1 {r.decode()}" for r in relays))
         try:
-            self._answer(server.routes.rpc(body), keep_alive)
+            self._answer(server.routes.rpc(body, self.who), keep_alive)
         finally:
             leave_via(token)
 
@@ -916,18 +922,18 @@ class HttpProtocol(asyncio.Protocol):
         assert not isinstance(result, bytes)
         if result.__class__ is CoroutineType:
             # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
-            # The task keeps the client's address (limits per IP); hits never set it.
+            # The task keeps the client's identity (limits per client); hits never set it.
             coro = typing.cast("Coroutine[object, object, bytes | None]", result)
-            token = enter_peer(self.ip)
+            token = enter_identity(self.who)
             fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_task(coro)
-            leave_peer(token)
+            leave_identity(token)
         elif result.__class__ is asyncio.Future:
             # A read already sent upstream (RpcService's forwarding path): no task to make.
             fut = typing.cast("asyncio.Future[bytes | None]", result)
         else:
-            token = enter_peer(self.ip)
+            token = enter_identity(self.who)
             fut = asyncio.ensure_future(result)
-            leave_peer(token)
+            leave_identity(token)
         self._queue.append(Awaited(fut, keep_alive, cors))
         fut.add_done_callback(self._flush)
         if len(self._queue) > self.server.limits.max_pending_per_connection:
@@ -1094,7 +1100,7 @@ class HttpProtocol(asyncio.Protocol):
             self._count_sends = False
             session = batches.open(
                 self.transport,
-                ip=self.ip,
+                ip=self.who.name,
                 max_send_buffer=limits.max_ws_send_buffer,
                 close_timeout=limits.ws_close_timeout,
             )
@@ -1102,7 +1108,7 @@ class HttpProtocol(asyncio.Protocol):
             self._count_sends = False
             session = feed(
                 self.transport,
-                ip=self.ip,
+                ip=self.who.name,
                 max_send_buffer=limits.max_ws_send_buffer,
                 close_timeout=limits.ws_close_timeout,
             )
@@ -1110,13 +1116,14 @@ class HttpProtocol(asyncio.Protocol):
             session = WsSession(
                 self.transport,
                 self.server.routes.rpc,
-                ip=self.ip,
+                ip=self.who.name,
                 max_message_bytes=limits.max_ws_message_bytes,
                 max_send_buffer=limits.max_ws_send_buffer,
                 max_pending=limits.max_pending_per_connection,
                 open_subscriptions=self.server.routes.ws_subscriptions,
                 close_timeout=limits.ws_close_timeout,
                 sends=self._out,
+                who=self.who,
             )
         if not session.accept(head):
             self.transport.close()

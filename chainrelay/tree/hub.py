@@ -39,6 +39,7 @@ from typing import Any
 from websockets.protocol import State
 
 from chainrelay import defaults
+from chainrelay.access.identity import Identity
 from chainrelay.batches import frame as batchframe
 from chainrelay.batches.order import Missing
 from chainrelay.config import TreeConfig
@@ -726,5 +727,5 @@ def close_reason(message: str) -> str:
     return message.encode(errors="replace")[:123].decode(errors="ignore")
 
 
-def _no_rpc(_body: bytes) -> bytes:
+def _no_rpc(_body: bytes, _who: Identity) -> bytes:
     return b""

@@ -34,6 +34,7 @@ def error_of(text: str, env: dict[str, str] | None = None) -> str:
         ("verbose = true\n" + UPSTREAM, "verbose"),
         ("[limits]\nmax_body_byte = 1\n" + UPSTREAM, "limits.max_body_byte"),
         ("[cache.memory]\nbytes = 1\n" + UPSTREAM, "cache.memory"),
+        ("[tiers.pro]\nmax_batch_lenn = 1\n" + UPSTREAM, "tiers.pro.max_batch_lenn"),
     ],
 )
 def test_unknown_key_is_an_error_naming_its_full_path(text: str, path: str) -> None:
@@ -53,6 +54,9 @@ def test_unknown_key_is_an_error_naming_its_full_path(text: str, path: str) -> N
         ('[server]\ncors_origins = "*"\n' + UPSTREAM, "server.cors_origins", "array"),
         ("server = 1\n" + UPSTREAM, "server", "table"),
         ('upstreams = ["http://127.0.0.1:1"]\n', "upstreams[0]", "table"),
+        ("tiers = 1\n" + UPSTREAM, "tiers", "table"),
+        ("[tiers]\npro = 1\n" + UPSTREAM, "tiers.pro", "table"),
+        ("[tiers.pro]\nmax_batch_len = 0\n" + UPSTREAM, "tiers.pro.max_batch_len", "positive"),
     ],
 )
 def test_wrong_types_name_the_key(text: str, path: str, words: str) -> None:
@@ -285,3 +289,9 @@ def test_exactly_the_bounded_keys_must_be_positive_with_one_message() -> None:
                     refused.add(f"{section.name}.{f.name}")
     expected = {f"{s}.{k}" for s, keys in POSITIVE_KEYS.items() for k in keys.split()}
     assert refused == expected
+
+
+def test_tiers_are_named_tables_and_the_default_tier_is_always_there() -> None:
+    cfg = loads("[tiers.pro]\nmax_batch_len = 50\n" + UPSTREAM, {})
+    assert cfg.tiers["pro"].max_batch_len == 50
+    assert cfg.tiers[defaults.DEFAULT_TIER].max_batch_len == defaults.MAX_BATCH_LEN

@@ -31,6 +31,7 @@ SANS_IO = (
     "chainrelay.rpc.replay",
     "chainrelay.rpc.inflight",
     "chainrelay.upstreams.batching",
+    "chainrelay.access.identity",
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
