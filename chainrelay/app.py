@@ -24,6 +24,7 @@ import orjson
 
 from chainrelay import defaults
 from chainrelay.access.identity import Identity
+from chainrelay.access.methods import MethodRules, TierLists
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
@@ -38,6 +39,7 @@ from chainrelay.config import Config, parse_listen
 from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.service import RpcService
 from chainrelay.rpc.shared_cache import RedisCache, lock_scope
 from chainrelay.server.http import HttpServer, Routes
@@ -127,6 +129,9 @@ class Node:
             self.chain_id,
             cfg.limits,
             shared=self.shared,
+            methods=methods_of(cfg),
+            log_guards=log_guards_of(cfg, head.profile),
+            tiers=cfg.tiers,
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
@@ -531,6 +536,24 @@ _FEED_ONLY = (
 
 def _feed_only(_body: bytes, _who: Identity) -> bytes:
     return _FEED_ONLY
+
+
+# --- Which calls are served ---------------------------------------------------------------
+def methods_of(cfg: Config) -> MethodRules:
+    """The allow lists of ``[methods]`` and every ``[tiers.<name>]``."""
+    tiers = {n: TierLists(t.enable_methods, t.disable_methods) for n, t in cfg.tiers.items()}
+    return MethodRules(cfg.methods.enable, cfg.methods.disable, tiers)
+
+
+def log_guards_of(cfg: Config, profile: ChainProfile) -> LogGuards:
+    """The eth_getLogs guards of ``[logs]``, the range the chain profile's when unset."""
+    logs = cfg.logs
+    return LogGuards(
+        logs.max_block_range or profile.logs_max_block_range,
+        logs.max_addresses,
+        logs.max_topics_per_position,
+        logs.max_answer_bytes,
+    )
 
 
 # --- Late links ----------------------------------------------------------------------------

@@ -100,6 +100,24 @@ MAX_UPSTREAM_IN_FLIGHT = 1024
 # waiting for its earlier ones (within the call's deadline, else -32005).
 MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT = 256
 
+# --- Which calls are served ([methods], [logs]; access/methods.py, rpc/logguards.py) -------
+# Methods served beyond the defaults (the policy table's, net_/web3_, a few standard reads),
+# and methods refused among them: none; a node on a public URL serves no debug_, trace_,
+# txpool_, admin_, personal_, miner_, engine_ or devnet control unless its operator says so.
+METHODS_ENABLE: tuple[str, ...] = ()
+METHODS_DISABLE: tuple[str, ...] = ()
+# eth_getLogs' widest block range: 0 takes the chain profile's (chain/profiles.py: 10,000
+# blocks on BSC, 100,000 on Arbitrum).
+LOGS_MAX_BLOCK_RANGE = 0
+# Addresses, and topics per position, of one eth_getLogs: geth's own bounds for a filter
+# (the [filters] ones), so a query and the filter made of it are held to the same.
+LOGS_MAX_ADDRESSES = 1000
+LOGS_MAX_TOPICS_PER_POSITION = 1000
+# An eth_getLogs answer's bytes: 10,000 logs (Infura's cap on results) of ~700 B of JSON
+# each, with room; under the WebSocket send buffer (16 MiB), so a subscriber's connection
+# can take it, and over it an answer is held by the node, upstream and cache alike.
+LOGS_MAX_ANSWER_BYTES = 10 * MiB
+
 # --- Cache ---------------------------------------------------------------------------------
 # "memory": this process only; a node with one worker needs nothing else. "tiered" puts the
 # memory LRU in front of a shared Redis, "redis" keeps only a minimal memory tier.

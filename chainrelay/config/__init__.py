@@ -30,6 +30,8 @@ from chainrelay.config.sections import (
     FiltersConfig,
     HeadConfig,
     LimitsConfig,
+    LogsConfig,
+    MethodsConfig,
     PoolConfig,
     ServerConfig,
     SubscriptionsConfig,
@@ -54,6 +56,8 @@ __all__ = [
     "FiltersConfig",
     "HeadConfig",
     "LimitsConfig",
+    "LogsConfig",
+    "MethodsConfig",
     "PoolConfig",
     "ServerConfig",
     "SubscriptionsConfig",
@@ -88,6 +92,8 @@ class Config:
     upstreams: list[UpstreamConfig] = field(default_factory=list)
     # What each tier of clients may ask; the "default" tier is there even when not written.
     tiers: dict[str, TierConfig] = field(default_factory=dict)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
 
     def check(self) -> None:
         """Every section's own rules, then those that span sections. Fills in what is
@@ -128,6 +134,8 @@ class Config:
         self.filters.check()
         self.subscriptions.check()
         self.head.check()
+        self.methods.check()
+        self.logs.check()
         self.tiers.setdefault(d.DEFAULT_TIER, TierConfig())
         for name, tier in self.tiers.items():
             tier.check(name)

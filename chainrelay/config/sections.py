@@ -1,6 +1,7 @@
 """Every section of the config file, in the order the file reads: ``[server]``,
-``[limits]``, ``[cache]``, ``[chain]``, ``[pool]``, ``[head]``, ``[subscriptions]``,
-``[filters]``, ``[tree]``, ``[batches]``, ``[[upstreams]]``.
+``[tiers.<name>]``, ``[methods]``, ``[logs]``, ``[limits]``, ``[cache]``, ``[chain]``,
+``[pool]``, ``[head]``, ``[subscriptions]``, ``[filters]``, ``[tree]``, ``[batches]``,
+``[[upstreams]]``.
 
 Each section is a dataclass whose fields are its keys, each default named in
 ``defaults.py``; ``check`` holds its own rules (``checks.py`` says how a rule is written).
@@ -14,6 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from chainrelay import defaults as d
+from chainrelay.access.methods import check_entries
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config.checks import check_fields, positive, require
 from chainrelay.errors import ConfigError
@@ -68,9 +70,50 @@ class TierConfig:
 
     # The tier's own limit on the calls of one batch (the node's is limits.max_batch_len).
     max_batch_len: int = positive(d.MAX_BATCH_LEN)
+    # Methods this tier's clients may call beyond the node's ([methods]), and those they
+    # may not among them: names, or families ("debug_*").
+    enable_methods: list[str] = field(default_factory=lambda: list(d.METHODS_ENABLE))
+    disable_methods: list[str] = field(default_factory=lambda: list(d.METHODS_DISABLE))
 
     def check(self, name: str) -> None:
         check_fields(self, f"tiers.{name}")
+        for key in ("enable_methods", "disable_methods"):
+            wrong = check_entries(getattr(self, key), f"tiers.{name}.{key}")
+            require(wrong is None, wrong or "")
+
+
+@dataclass
+class MethodsConfig:
+    """``[methods]``: the node's own allow list, for every tier (access/methods.py)."""
+
+    # Served beyond the defaults: names, or families ("debug_*", "trace_*").
+    enable: list[str] = field(default_factory=lambda: list(d.METHODS_ENABLE))
+    # Refused among what would be served.
+    disable: list[str] = field(default_factory=lambda: list(d.METHODS_DISABLE))
+
+    def check(self) -> None:
+        for key in ("enable", "disable"):
+            wrong = check_entries(getattr(self, key), f"methods.{key}")
+            require(wrong is None, wrong or "")
+
+
+@dataclass
+class LogsConfig:
+    """``[logs]``: the guards of eth_getLogs (rpc/logguards.py); past one, -32005."""
+
+    # The widest block range, tags resolved against the head (0: the chain profile's).
+    max_block_range: int = d.LOGS_MAX_BLOCK_RANGE
+    max_addresses: int = positive(d.LOGS_MAX_ADDRESSES)
+    max_topics_per_position: int = positive(d.LOGS_MAX_TOPICS_PER_POSITION)
+    # An answer's bytes, from the block logs held or from an upstream.
+    max_answer_bytes: int = positive(d.LOGS_MAX_ANSWER_BYTES)
+
+    def check(self) -> None:
+        check_fields(self, "logs")
+        require(
+            self.max_block_range >= 0,
+            "logs.max_block_range: must be 0 (the chain profile's) or positive",
+        )
 
 
 @dataclass

@@ -572,7 +572,7 @@ class HttpProtocol(asyncio.Protocol):
                 if (
                     replay is not None
                     and len(split[0]) == replay.token_len
-                    and replay.check(replay.record) is not None
+                    and replay.check(replay.record, self.who) is not None
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 
 if typing.TYPE_CHECKING:
+    from chainrelay.access.identity import Identity
     from chainrelay.rpc.replay import Seen
 
 # Per replay entry: the record, its dict slot and the answer's head, counted against
@@ -25,7 +26,8 @@ ANSWER_RESULT = b',"result":'
 class Replay:
     """A POST answered from cache whose bytes, id aside, come again: the answer around the
     id (an id of the same length, so the Content-Length holds), its record, and the
-    check that the record still answers (``Replayer.replay``)."""
+    check that the record still answers, for this client (``Replayer.replay``: a method the
+    client may not call is not replayed to it, whoever asked it first)."""
 
     __slots__ = ("check", "prefix", "record", "size", "suffix", "token_len")
 
@@ -35,7 +37,7 @@ class Replay:
         record: Seen,
         token_len: int,
         size: int,
-        check: Callable[[Seen], bytes | None],
+        check: Callable[[Seen, Identity], bytes | None],
     ) -> None:
         self.check = check
         self.prefix = prefix

@@ -29,12 +29,12 @@ Reply = tuple[int, bytes, bytes]
 
 class Replayer(typing.Protocol):
     """The JSON-RPC side of replays (``RpcService``): a body's answer with the record that
-    answered it, if one did, and the result of a record's call now, or None when it must
-    take the full path."""
+    answered it, if one did, and the result of a record's call now for ``who``, or None
+    when it must take the full path."""
 
     def serve(self, body: bytes, who: Identity) -> Served: ...
 
-    def replay(self, record: Seen) -> bytes | None: ...
+    def replay(self, record: Seen, who: Identity) -> bytes | None: ...
 
 
 class FeedOpener(typing.Protocol):

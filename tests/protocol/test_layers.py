@@ -32,6 +32,8 @@ SANS_IO = (
     "chainrelay.rpc.inflight",
     "chainrelay.upstreams.batching",
     "chainrelay.access.identity",
+    "chainrelay.access.methods",
+    "chainrelay.rpc.logguards",
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
