@@ -135,20 +135,21 @@ class ChildKeys:
     child counts as a relay, as before there were keys)."""
 
     addresses: frozenset[bytes] = frozenset()
-    secrets: tuple[bytes, ...] = ()
+    secrets: tuple[tuple[int, bytes], ...] = ()  # (its index in child_keys, the secret)
 
     @classmethod
     def of(cls, entries: list[str]) -> ChildKeys:
         """Each entry a 0x-prefixed 20-byte address, or else a shared secret."""
         addresses = {bytes.fromhex(e[2:]) for e in entries if is_address(e)}
-        shared = tuple(e.encode() for e in entries if not is_address(e))
+        shared = tuple((i, e.encode()) for i, e in enumerate(entries) if not is_address(e))
         return cls(frozenset(addresses), shared)
 
     def __bool__(self) -> bool:
         return bool(self.addresses or self.secrets)
 
     def verify(self, proof: Proof, challenge: Challenge, node: str | None) -> str:
-        """Who ``proof`` shows the child to be (``0x<address>``, or ``secret<i>``);
+        """Who ``proof`` shows the child to be (``0x<address>``, or ``child_keys[i]`` for
+        a secret);
         ``AuthError`` if it shows no one in these keys."""
         if node is None:
             raise AuthError("malformed", "auth needs the node name it was made for")
@@ -163,10 +164,10 @@ class ChildKeys:
             return "0x" + who.hex()
         assert proof.mac is not None
         found = None
-        for i, secret in enumerate(self.secrets):
+        for i, secret in self.secrets:
             # Every secret tried, each in constant time: how many matched bytes is no clue.
             if hmac.compare_digest(proof.mac, _mac(secret, digest)) and found is None:
-                found = f"secret{i}"
+                found = f"child_keys[{i}]"
         if found is None:
             raise AuthError("unknown_key", "auth.hmac matches none of this node's child_keys")
         return found
