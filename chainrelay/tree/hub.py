@@ -442,12 +442,13 @@ class FeedHub:
         if not st.held_waiters:
             return
         keep = []
-        # Per relay name (one relay is one, however many sessions it has), once per
-        # message, not once per waiter.
-        by_node: dict[str | None, int] = {}
+        # Per relay (``FeedChild.relay_name``: one relay is one, however many sessions
+        # it has), once per message, not once per waiter.
+        by_relay: dict[str | None, int] = {}
         for child, position in st.held.items():
-            by_node[child.node] = max(position, by_node.get(child.node, -1))
-        held = sorted(by_node.values())
+            who = child.relay_name
+            by_relay[who] = max(position, by_relay.get(who, -1))
+        held = sorted(by_relay.values())
         for seq, k, fut in st.held_waiters:
             if fut.done():
                 continue
@@ -689,6 +690,14 @@ class FeedChild(WsSession):
         if self.who is not None:
             log.info("feed child %s (%s) is relay %s", hello.node, self.ip, self.who)
         return True
+
+    @property
+    def relay_name(self) -> str | None:
+        """What this relay counts as, once however many sessions it has: the address it
+        proved (one key is one relay, whatever names its hellos give), else its name."""
+        if self.who is not None and self.who.startswith("0x"):
+            return self.who
+        return self.node
 
     def _leave_admission(self) -> None:
         if self._pending or self._anonymous:

@@ -15,7 +15,7 @@ import pytest
 from chainrelay.metrics import Metrics
 from chainrelay.tree.auth import ChildKeys, Credentials
 from chainrelay.tree.frame import Signer, keccak
-from chainrelay.tree.hub import FeedHub, HubLimits
+from chainrelay.tree.hub import FeedChild, FeedHub, HubLimits
 from chainrelay.tree.link import FeedLink
 from chainrelay.tree.session import CLOSE_TOO_MANY, Want, encode_held
 from chainrelay.tree.streams import BatchSpec, BatchStream
@@ -73,6 +73,13 @@ def dial(
     return link, dialer
 
 
+def held(hub: FeedHub) -> dict[FeedChild, int]:
+    """What each child counted as a relay said it holds of ``S``."""
+    st = hub.streams[S]
+    assert isinstance(st, BatchStream)
+    return st.held
+
+
 def anonymous(hub: FeedHub, node: str | None = None) -> Pair:
     return connect(hub, [Want(S, from_position=0)], node=node)
 
@@ -101,12 +108,41 @@ async def test_a_keyed_relay_proves_itself_and_only_its_held_counts(
         impostor.child.send_text(encode_held(S, 9))
         link.held(S, 9)
         assert await asyncio.wait_for(one, WAIT) == 1
-        st = hub.streams[S]
-        assert isinstance(st, BatchStream) and list(st.held) == [relay]
+        assert list(held(hub)) == [relay]
         assert not two.done()
         two.cancel()
     finally:
         await link.stop()
+        await hub.stop()
+
+
+async def test_one_key_is_one_relay_whatever_names_its_hellos_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = Signer(keccak(b"feed auth pair other child"))
+    hub = keyed_hub([CHILD_HEX, "0x" + other.address.hex()])
+    dialer = MemoryDialer()
+    links = [
+        dial(monkeypatch, hub, Credentials(key), node=name, dialer=dialer)[0]
+        for key, name in ((CHILD, "relay-a"), (CHILD, "relay-b"), (other, "relay-c"))
+    ]
+    for link in links[:2]:
+        await link.start()
+    try:
+        for link in links[:2]:
+            assert await link.wait_connected(WAIT)
+        two = hub.wait_held(S, 5, 2)
+        for link in links[:2]:
+            link.held(S, 5)
+        await until(lambda: len(held(hub)) == 2, WAIT, "both sessions' held")
+        assert not two.done()  # two names, one key: one relay
+        await links[2].start()
+        assert await links[2].wait_connected(WAIT)
+        links[2].held(S, 5)
+        assert await asyncio.wait_for(two, WAIT) == 2
+    finally:
+        for link in links:
+            await link.stop()
         await hub.stop()
 
 
