@@ -46,11 +46,12 @@ from chainrelay.server.http import HttpServer, Routes
 from chainrelay.server.peer import new_via_name
 from chainrelay.subscriptions.filters import FilterService
 from chainrelay.subscriptions.service import SubscriptionService
+from chainrelay.tree.auth import ChildKeys
 from chainrelay.tree.choice import Candidate
 from chainrelay.tree.hub import FeedHub, HubLimits
 from chainrelay.tree.intake import FeedSource
 from chainrelay.tree.link import FeedLink
-from chainrelay.tree.origin import Origin, load_signer
+from chainrelay.tree.origin import Origin, load_credentials, load_signer
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.session import Gap
 from chainrelay.tree.siblings import (
@@ -290,6 +291,8 @@ class Node:
             batches=specs_of(self.cfg.batches, self.chain_id),
             limits=HubLimits.of(tree),
             listeners=[source.on_frame] if source is not None else (),
+            child_keys=ChildKeys.of(tree.child_keys),
+            name=self.via,
         )
         if worker is not None and worker.feeder:
             # Each head's header goes to the other workers as the feeder adopts it, before
@@ -380,6 +383,7 @@ class Node:
             on_gap=_log_gap,
             on_confirmed=lambda _link, stream, seq, sig: hub.confirm(stream, seq, sig),
             node=self.via,
+            credentials=load_credentials(tree),
             probe_urls={p.name: p.rpc for p in tree.parents},
             on_change=lambda names: metrics.feed_parents.set(len(names)),
         )

@@ -425,6 +425,24 @@ TREE_RETRY_MAX = 5.0
 # WebSocket pings to a parent: measure its round trip and find a dead link within two.
 TREE_PING_INTERVAL = 2.0
 
+# --- Relay tree: who a feed child is (see tree/auth.py, tree/admission.py) ------------------
+# Anonymous feed sessions (no proof of a ``child_keys`` key) one address may hold; IPv6
+# addresses count by /64 (what one subscriber line gets). A host running a few
+# subscribers, or a small office behind one NAT, fits; each session draws ~265 KB a BSC
+# block, so 32 are ~11 MB/s from one address, not the node's whole uplink.
+TREE_ANON_PER_ADDRESS = 32
+# Anonymous feed sessions the node holds in all: 80% of TREE_MAX_CHILDREN, so subscribers
+# can never take the places of the relays it serves (the other 2,000).
+TREE_ANON_MAX_SESSIONS = 8_000
+# Seconds one address waits per new anonymous session once it opened TREE_ANON_PER_ADDRESS
+# of them in a burst: every (re)connect replays up to TREE_RESUME_LAST frames (~17 MB of
+# BSC blocks), so a client in a reconnect loop is held to one replay a second.
+TREE_ANON_RECONNECT_COOLDOWN = 1.0
+# Addresses with no session open whose cooldown is still remembered: an entry is ~200 B,
+# so a flood from this many addresses costs ~2 MB; past it the least recently seen is
+# forgotten (it gets a fresh burst: one flood's worth, not a way around the cap).
+TREE_ANON_IDLE_ADDRESSES = 10_000
+
 # --- Subscriber library (chainrelay.subscriber, ``chainrelay subscribe``) ------------------
 # Its links use the TREE_* frame, dedup and reconnect limits above, as a node's do.
 # Blocks waiting for the consumer: ~3 minutes of BSC; a consumer further behind is

@@ -381,6 +381,17 @@ class TreeConfig:
     hello_timeout: float = positive(d.TREE_HELLO_TIMEOUT)
     stall_rounds: int = positive(d.TREE_STALL_ROUNDS)
     offered_max_bytes: int = positive(d.OFFERED_MAX_BYTES)
+    # Who a feed child is (chainrelay/tree/auth.py, chainrelay/tree/admission.py).
+    # Child relays' addresses, or secrets shared with them (better: "${ENV_VAR}"): a child
+    # that proves one is a relay; any other is an anonymous subscriber.
+    child_keys: list[str] = field(default_factory=list)
+    node_key: str = ""  # this node's key as a child relay, hex (better: "${ENV_VAR}")
+    node_key_file: str = ""  # or a file holding it (hex, or a keystore: key_password)
+    node_secret: str = ""  # or a secret its parents list in their child_keys
+    anon_per_address: int = positive(d.TREE_ANON_PER_ADDRESS)
+    anon_max_sessions: int = positive(d.TREE_ANON_MAX_SESSIONS)
+    anon_reconnect_cooldown: float = d.TREE_ANON_RECONNECT_COOLDOWN
+    anon_idle_addresses: int = positive(d.TREE_ANON_IDLE_ADDRESSES)
 
     @property
     def enabled(self) -> bool:
@@ -419,6 +430,30 @@ class TreeConfig:
         require(
             not (self.resume_last < 0 or self.min_gain < 0 or self.down_hold < 0),
             "tree: resume_last, min_gain and down_hold must not be negative",
+        )
+        self._check_keys()
+
+    def _check_keys(self) -> None:
+        for i, k in enumerate(self.child_keys):
+            require(
+                ADDRESS.fullmatch(k) is not None or len(k) >= MIN_API_KEY_CHARS,
+                f"tree.child_keys[{i}]: expected a 0x-prefixed 20-byte address or a secret"
+                f" of at least {MIN_API_KEY_CHARS} characters",
+            )
+        require(
+            sum(map(bool, (self.node_key, self.node_key_file, self.node_secret))) <= 1,
+            "tree: give one of node_key, node_key_file and node_secret",
+        )
+        require(
+            not self.node_secret
+            or (
+                len(self.node_secret) >= MIN_API_KEY_CHARS
+                and not ADDRESS.fullmatch(self.node_secret)
+            ),
+            f"tree.node_secret: at least {MIN_API_KEY_CHARS} characters, and no address",
+        )
+        require(
+            self.anon_reconnect_cooldown >= 0, "tree.anon_reconnect_cooldown: must not be negative"
         )
 
 

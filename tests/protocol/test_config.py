@@ -264,7 +264,8 @@ POSITIVE_KEYS = {
     "child_buffer_bytes dedup_entries max_frame_bytes max_payload_bytes max_children "
     "stale_positions probe_interval degrade_factor connect_timeout retry_delay retry_max "
     "ping_interval probe_timeout probe_failures_down link_failures_down link_check_interval "
-    "hello_timeout stall_rounds offered_max_bytes",
+    "hello_timeout stall_rounds offered_max_bytes anon_per_address anon_max_sessions "
+    "anon_idle_addresses",
     "batches": "max_payload_bytes commit_max_batches commit_max_bytes max_in_flight "
     "recent_hashes relay_ack_timeout backlog_frames backlog_bytes order_max_held "
     "order_max_held_bytes order_wait child_queue_frames fetch_rounds range_max_frames "

@@ -52,6 +52,8 @@ SANS_IO = (
     "chainrelay.tree.frame",
     "chainrelay.tree.session",
     "chainrelay.tree.choice",
+    "chainrelay.tree.auth",
+    "chainrelay.tree.admission",
     "chainrelay.batches.frame",
     "chainrelay.batches.rules",
     "chainrelay.batches.order",
@@ -92,6 +94,7 @@ CLIENT_ALLOWED = (
     "chainrelay.wire",
     "chainrelay.tree.frame",
     "chainrelay.tree.session",
+    "chainrelay.tree.auth",  # the proof a child relay's hello carries
     "chainrelay.batches.frame",
 )
 ENTRY_POINTS = ("chainrelay.app", "chainrelay.cli", "chainrelay.workers")
