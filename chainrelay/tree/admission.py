@@ -2,8 +2,9 @@
 fast one address may open them.
 
 A child that proves no ``child_keys`` key (``tree.auth``) is an anonymous subscriber. Its
-address (IPv6 grouped by /64: one subscriber line's prefix, which its owner can fill with
-addresses at will) may hold ``per_address`` sessions, and every address together
+address (its identity's name: an IPv6 address stands for its /64, one subscriber line's
+prefix, which its owner can fill with addresses at will; chainrelay/access/identity.py) may
+hold ``per_address`` sessions, and every address together
 ``max_sessions``, fewer than the node's ``max_children``: anonymous subscribers never take
 the places of the relays it serves. Sessions that upgraded but sent no hello yet are
 bounded per address the same way (``pending``): until its hello a child is nobody, and an
@@ -20,26 +21,8 @@ forgotten first).
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
-
-# IPv6 addresses count by this prefix: what one customer is given (RFC 6177).
-IPV6_GROUP_PREFIX = 64
-
-
-def address_group(ip: str) -> str:
-    """The identity anonymous limits count by: an IPv4 address as it is (an IPv4-mapped
-    IPv6 one too), an IPv6 address's /64, anything else (a Unix socket's "") as given."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, IPV6_GROUP_PREFIX), strict=False))
-    return str(addr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +45,7 @@ class _Address:
 
 
 class Admission:
-    """The anonymous sessions of one hub, by address group (``address_group``)."""
+    """The anonymous sessions of one hub, by address (an identity's name)."""
 
     def __init__(
         self, *, per_address: int, max_sessions: int, cooldown: float, idle_addresses: int

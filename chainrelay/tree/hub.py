@@ -55,7 +55,7 @@ from chainrelay.config import TreeConfig
 from chainrelay.metrics import Metrics
 from chainrelay.server.ws import WsSession
 from chainrelay.tree import frame as feedframe
-from chainrelay.tree.admission import Admission, address_group
+from chainrelay.tree.admission import Admission
 from chainrelay.tree.auth import CHALLENGE_HEADER, AuthError, Challenge, ChildKeys
 from chainrelay.tree.frame import KIND_BATCH, Frame, FrameError
 from chainrelay.tree.session import (
@@ -599,9 +599,9 @@ class FeedChild(WsSession):
         self.node: str | None = None  # the relay's name its hello gave
         self.sibling = False  # another worker of this node (``FeedHub.open_sibling``)
         # Who it is: the key it proved (``tree.auth``), and whether its ``held`` counts.
-        self.who: str | None = None
+        self.proven: str | None = None
         self.relay = False
-        self.group = address_group(ip)  # what anonymous limits count it by
+        self.group = ip  # what anonymous limits count it by: its identity's name
         self._challenge: Challenge | None = None
         self._pending = False  # holds a place of its group's until its hello
         self._anonymous = False  # counted among the anonymous sessions
@@ -675,29 +675,29 @@ class FeedChild(WsSession):
         if hub.child_keys and hello.auth is not None:
             assert self._challenge is not None  # sent with every upgrade of a keyed hub
             try:
-                self.who = hub.child_keys.verify(hello.auth, self._challenge, hello.node)
+                self.proven = hub.child_keys.verify(hello.auth, self._challenge, hello.node)
             except AuthError as exc:
                 self._refuse(str(exc), CLOSE_UNAUTHORIZED, f"auth_{exc.reason}")
                 return False
         self._pending = False
-        anonymous = self.who is None
+        anonymous = self.proven is None
         refusal = hub.admission.hello(self.group, time.monotonic(), anonymous=anonymous)
         if refusal is not None:
             self._refuse(refusal.message, CLOSE_TOO_MANY, refusal.reason, refusal.retry_after)
             return False
         self._anonymous = anonymous
         # Without child_keys no child can prove anything: a named one is a relay, as ever.
-        self.relay = self.who is not None or (not hub.child_keys and hello.node is not None)
-        if self.who is not None:
-            log.info("feed child %s (%s) is relay %s", hello.node, self.ip, self.who)
+        self.relay = self.proven is not None or (not hub.child_keys and hello.node is not None)
+        if self.proven is not None:
+            log.info("feed child %s (%s) is relay %s", hello.node, self.ip, self.proven)
         return True
 
     @property
     def relay_name(self) -> str | None:
         """What this relay counts as, once however many sessions it has: the address it
         proved (one key is one relay, whatever names its hellos give), else its name."""
-        if self.who is not None and self.who.startswith("0x"):
-            return self.who
+        if self.proven is not None and self.proven.startswith("0x"):
+            return self.proven
         return self.node
 
     def _leave_admission(self) -> None:

@@ -98,11 +98,11 @@ async def test_a_keyed_relay_proves_itself_and_only_its_held_counts(
     try:
         assert await link.wait_connected(WAIT)
         relay = dialer.parents[0].session
-        assert relay is not None and relay.who == who and relay.relay
+        assert relay is not None and relay.proven == who and relay.relay
         # A child that names itself a relay but proves nothing: served, not counted.
         impostor = anonymous(hub, node="relay-impostor")
         await welcomed(impostor)
-        assert impostor.session.who is None and not impostor.session.relay
+        assert impostor.session.proven is None and not impostor.session.relay
         two = hub.wait_held(S, 5, 2)
         one = hub.wait_held(S, 5, 1)
         impostor.child.send_text(encode_held(S, 9))
@@ -173,7 +173,7 @@ async def test_a_keyed_relay_links_to_a_hub_without_keys_as_before(
         assert await link.wait_connected(WAIT)
         await welcomed(named)
         session = dialer.parents[0].session
-        assert session is not None and session.who is None and session.relay
+        assert session is not None and session.proven is None and session.relay
         fut = hub.wait_held(S, 5, 2)
         link.held(S, 5)
         named.child.send_text(encode_held(S, 5))
