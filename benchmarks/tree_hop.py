@@ -118,6 +118,9 @@ _POSITION = struct.Struct(">Q")
 
 
 # --- the children (client process) ---------------------------------------------------------
+CHILDREN_PER_ADDRESS = 16
+
+
 class Child:
     """One feed session on a plain non-blocking socket, read only by ``drain``. Frames are
     parsed as they stream by without keeping their payloads (only a position's bytes)."""
@@ -222,10 +225,11 @@ def drain(children: list[Child], out: Arrivals, buf: bytearray) -> None:
                 break
 
 
-async def open_child(port: int, path: str, direct: bool) -> Child:
+async def open_child(port: int, path: str, direct: bool, source: str = "127.0.0.1") -> Child:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHILD_RCVBUF)
+    sock.bind((source, 0))
     sock.setblocking(False)
     rest = await ws_upgrade(sock, port, path)
     await loop.sock_sendall(sock, masked_text_frame(encode_hello([Want(STREAM)])))
@@ -235,19 +239,27 @@ async def open_child(port: int, path: str, direct: bool) -> Child:
     return child
 
 
+def child_source(i: int) -> str:
+    """The loopback address child ``i`` connects from: sixteen children to an address, as
+    subscribers behind a few hosts would be (a node takes 32 anonymous feed sessions from one
+    address at once, ``tree.anon_per_address``; all of 127/8 is loopback)."""
+    k = i // CHILDREN_PER_ADDRESS
+    return f"127.1.{k // 250}.{k % 250 + 1}"
+
+
 def children_main(args: argparse.Namespace) -> int:
     """The client process: open the sessions, say ``ready``, then one ``drain`` per line."""
 
     async def connect() -> list[Child]:
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-        async def one(port: int, path: str, direct: bool) -> Child:
+        async def one(port: int, path: str, direct: bool, source: str = "127.0.0.1") -> Child:
             async with gate, asyncio.timeout(20):
-                return await open_child(port, path, direct)
+                return await open_child(port, path, direct, source)
 
         direct = await one(args.source_port, "/feed?direct=1", True)
         rest = await asyncio.gather(
-            *(one(args.relay_port, "/feed", False) for _ in range(args.count))
+            *(one(args.relay_port, "/feed", False, child_source(i)) for i in range(args.count))
         )
         return [direct, *rest]
 
