@@ -764,6 +764,14 @@ async def test_leaf_feed_comes_back_soon_after_its_sole_parent_restarted(
             origin = await tree.origin(anvil)
             relay = await tree.child("relay", [origin])
             leaf = await tree.child("leaf", [relay])
+
+            async def leaf_linked() -> bool:
+                # A leaf ready to serve may not have linked yet; one that never had its
+                # parent would never be left without it.
+                children = metric(await relay.metrics(), "chainrelay_feed_children", stream=STREAM)
+                return children == 1
+
+            await until(leaf_linked, HOP_TIMEOUT, "the leaf linked to the relay")
         assert relay.proc is not None
         relay.proc.kill()
         relay.proc.wait()
