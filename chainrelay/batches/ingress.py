@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from websockets.protocol import State
 
+from chainrelay.access.identity import NODE, Identity
 from chainrelay.batches import frame as batchframe
 from chainrelay.batches.frame import (
     CONFIRMED,
@@ -149,8 +150,9 @@ class Ingress:
             self._counters[(stream, outcome)] = counter
         counter.inc()
 
-    def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
-        """One push message (a WebSocket message): its answer, now or once durable."""
+    def handle(self, body: bytes, _who: Identity = NODE) -> bytes | Awaitable[bytes]:
+        """One push message (a WebSocket message): its answer, now or once durable. (A
+        pusher is who its API key says: the push endpoints check it before this.)"""
         t0 = time.perf_counter()
         try:
             push = batchframe.decode_push(body)
