@@ -15,10 +15,13 @@ The rules, in one place:
 * What a request paid for a cache hit beyond its hit cost may be refunded after serving;
   a refund never fills the bucket beyond ``burst``. So whatever an identity does, what it
   was charged in all, net of refunds, stays within ``burst + rate x elapsed``.
-* The table is bounded (``max_buckets``): buckets that have refilled since their last call
-  are dropped first (one made again is full: the same bucket); past the bound with every
-  bucket still refilling, new identities share one bucket (``OVERFLOW``), so an address
-  scan shares one budget and cannot grow the table.
+* The table is bounded (``max_buckets``): at the bound, buckets that have refilled since
+  their last call are dropped (one made again is full: the same bucket), at most once per
+  ``SWEEP_INTERVAL``; with every bucket still refilling, identities without a bucket share
+  one per tier (``OVERFLOW``), so an address scan shares one budget and can grow neither
+  the table nor the work per call. (A client dropped from the table while full and then
+  pushed into the overflow bucket may get that bucket's share on top of its own: only
+  while the table is full of active clients.)
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ NEVER = math.inf
 ASK = -1.0
 # The bucket new identities share while the table is full of buckets still refilling.
 OVERFLOW = "\x00overflow"
-# After a sweep that freed too little, buckets least recently used are dropped down to
-# this share of the bound, so a full table is swept once per eighth of it, not per call.
-_SWEEP_DOWN_TO = 7 / 8
+# A table at its bound is swept of full buckets at most this often: a scan of new
+# addresses against a table of active ones costs a dict lookup a call, not a sweep.
+SWEEP_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +75,11 @@ class Costs:
 class Buckets:
     """Token buckets by name, bounded in number (see the module docstring)."""
 
-    __slots__ = ("_table", "max_buckets")
+    __slots__ = ("_swept_at", "_table", "max_buckets")
 
     def __init__(self, max_buckets: int = defaults.MAX_RATE_BUCKETS) -> None:
         self.max_buckets = max_buckets
+        self._swept_at = -math.inf
         # name -> [tokens, when counted, rate, burst]: a list, the cheapest to update.
         self._table: dict[str, list[float]] = {}
 
@@ -121,33 +125,25 @@ class Buckets:
     def _new(self, name: str, rate: float, burst: float, now: float) -> list[float]:
         table = self._table
         if len(table) >= self.max_buckets:
-            self.sweep(now)
+            if now - self._swept_at >= SWEEP_INTERVAL:
+                self._swept_at = now
+                self.sweep(now)
             if len(table) >= self.max_buckets:
-                shared = table.get(OVERFLOW)
+                name = f"{OVERFLOW}{rate}/{burst}"  # one per tier's rate
+                shared = table.get(name)
                 if shared is not None:
                     return shared
-                name = OVERFLOW
         b = [burst, now, rate, burst]
         table[name] = b
         return b
 
     def sweep(self, now: float) -> int:
-        """Drop buckets full by now; if that leaves the table above 7/8 of its bound, drop
-        the least recently used down to it (each of those identities gets a fresh bucket
-        on its next call: a table that full is an address scan). Returns how many went."""
+        """Drop the buckets full by now; how many went."""
         table = self._table
         full = [k for k, b in table.items() if b[0] + (now - b[1]) * b[2] >= b[3]]
         for k in full:
             del table[k]
-        gone = len(full)
-        keep = int(self.max_buckets * _SWEEP_DOWN_TO)
-        if len(table) > keep:
-            oldest = sorted(table, key=lambda k: table[k][1])[: len(table) - keep]
-            for k in oldest:
-                if k != OVERFLOW:
-                    del table[k]
-                    gone += 1
-        return gone
+        return len(full)
 
 
 class Limiter:

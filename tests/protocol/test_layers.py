@@ -32,6 +32,7 @@ SANS_IO = (
     "chainrelay.rpc.inflight",
     "chainrelay.upstreams.batching",
     "chainrelay.access.identity",
+    "chainrelay.access.buckets",
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
