@@ -176,6 +176,33 @@ class Limiter:
             return 0.0
         return self.buckets.take(who.name, cost, tier.rate, tier.burst, self.clock())
 
+    def take_call(self, who: Identity, method: str, hit: bool) -> float:
+        """``take`` of one call of ``method`` (a hit, its tier's share of the cost): the
+        replays' hot path, in one Python call (the bucket math of ``Buckets.take`` inline)."""
+        tier = self.tiers.get(who.tier)
+        if tier is None:
+            return 0.0
+        name = who.name
+        if not name:
+            return 0.0
+        costs = self.costs
+        cost = costs.table.get(method, costs.default)
+        if hit:
+            cost *= tier.hit_factor
+        b = self.buckets._table.get(name)
+        if b is None or cost > tier.burst:
+            return self.buckets.take(name, cost, tier.rate, tier.burst, self.clock())
+        now = self.clock()
+        tokens = b[0] + (now - b[1]) * b[2]
+        if tokens > b[3]:
+            tokens = b[3]
+        b[1] = now
+        if tokens >= cost:
+            b[0] = tokens - cost
+            return 0.0
+        b[0] = tokens
+        return (cost - tokens) / b[2]
+
     def cost(self, who: Identity, method: str, hit: bool) -> float:
         """What one call of ``method`` costs ``who`` (a hit, its tier's share); 0.0 when
         ``who`` is not limited."""

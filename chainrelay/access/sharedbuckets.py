@@ -105,6 +105,8 @@ class SharedLimiter:
         # name -> the lease under way for it (one at a time per identity).
         self._leasing: dict[str, asyncio.Future[float]] = {}
         self._max = local.buckets.max_buckets
+        # Each tier's slice, and the allowance left under which the next is leased.
+        self._slices = {name: self._slice(t) for name, t in self.tiers.items()}
 
     def _slice(self, tier: TierRate) -> float:
         return max(1.0, min(tier.rate * self.lease_seconds, tier.burst * self.lease_burst_share))
@@ -122,13 +124,23 @@ class SharedLimiter:
         if cost > tier.burst:
             return NEVER
         name = who.name
-        left = self._allowance.get(name, 0.0) - cost
+        allowance = self._allowance
+        left = allowance.get(name, 0.0) - cost
         if left < 0:
             return ASK
-        self._allowance[name] = left
-        if left < self._slice(tier) / 2 and name not in self._leasing:
+        allowance[name] = left
+        if left + left < self._slices[who.tier] and name not in self._leasing:
             self._start_lease(name, tier, 0.0)  # the next slice, before this one runs out
         return 0.0
+
+    def take_call(self, who: Identity, method: str, hit: bool) -> float:
+        """``take`` of one call of ``method`` (a hit, its tier's share of the cost)."""
+        tier = self.tiers.get(who.tier)
+        if tier is None or not who.name:
+            return 0.0
+        costs = self.costs
+        cost = costs.table.get(method, costs.default)
+        return self.take(who, cost * tier.hit_factor if hit else cost)
 
     def cost(self, who: Identity, method: str, hit: bool) -> float:
         return self.local.cost(who, method, hit)

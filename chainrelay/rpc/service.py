@@ -260,9 +260,9 @@ class RpcService:
                 value = self.replay(record)
                 if value is not None:
                     if limiter is not None:
-                        cost = limiter.cost(who, record.method, True)
-                        wait = limiter.take(who, cost)
+                        wait = limiter.take_call(who, record.method, True)
                         if wait:
+                            cost = limiter.cost(who, record.method, True)
                             return self._limited(body, who, wait, cost, split[0]), None
                     return encode_result(split[0], value), record
             forwarder = self._forwarder

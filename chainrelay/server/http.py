@@ -621,8 +621,7 @@ class HttpProtocol(asyncio.Protocol):
         limiter = self.server.limiter
         if limiter is None:
             return True
-        who = self.who
-        return not limiter.take(who, limiter.cost(who, replay.record.method, True))
+        return not limiter.take_call(self.who, replay.record.method, True)
 
     def _rpc(
         self, body: bytes, keep_alive: bool, cors: bytes | None = None
