@@ -160,6 +160,51 @@ def limited_front(rate: float, burst: float, hit: float = 1.0) -> tuple[Front, C
     return front, clock
 
 
+conn_step = st.one_of(
+    st.tuples(st.just("wait"), st.floats(0, 2)),
+    st.tuples(st.just("call"), st.integers(0, 3)),
+    st.tuples(st.just("batch"), st.integers(1, 8)),  # a body under Front's 1,000 bytes
+    st.tuples(st.just("reconnect")),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rate=st.floats(0.5, 20), burst=st.floats(1, 15), steps=st.lists(conn_step, max_size=60))
+def test_no_mix_of_requests_over_connections_passes_the_budget(
+    rate: float, burst: float, steps: list[tuple[object, ...]]
+) -> None:
+    """The same budget through the HTTP front door itself: single calls (the full path,
+    then Seen replays, then the server's replay table), batches, new connections of the
+    same client; every call answered 200 counted at its cost (eth_getBalance: 1)."""
+    front, clock = limited_front(rate, burst)
+    front.warm(b'"0x2a"')
+    start = clock.now
+    conn, transport = front.connect()
+    served = 0
+    seen = 0
+    for s in steps:
+        kind = s[0]
+        if kind == "wait":
+            clock.now += float(s[1])  # type: ignore[arg-type]
+        elif kind == "reconnect":
+            conn, transport = front.connect()
+            seen = 0
+        elif kind == "call":
+            conn.data_received(post(balance(int(s[1]))))  # type: ignore[call-overload]
+        else:
+            n = int(s[1])  # type: ignore[call-overload]
+            conn.data_received(post(orjson.dumps([orjson.loads(balance(i)) for i in range(n)])))
+        got = answers(transport.out)[seen:]
+        seen += len(got)
+        for a in got:
+            assert a.status in (200, 429)
+            if a.status == 200:
+                served += len(a.doc) if isinstance(a.doc, list) else 1
+            else:
+                assert "error" in a.doc
+        assert served <= burst + rate * (clock.now - start) + 1e-6
+
+
 def test_replays_single_calls_and_batches_all_pay_and_get_429_with_retry_after() -> None:
     front, clock = limited_front(rate=2.0, burst=5.0)
     front.warm(b'"0x2a"')
