@@ -51,6 +51,7 @@ GOAL_RPS = 45_000
 TARGETS = {
     "relay": "relay (cache hits)",
     "limited": "relay, rate limits on (buckets in process)",
+    "tiered": "relay, limits off, Redis cache tier on",
     "shared": "relay, rate limits on (buckets shared through Redis)",
     "anvil": "anvil direct",
     "floor": "floor: uvloop + httptools, same answers, no relay work",
@@ -73,8 +74,11 @@ GOAL_SHARED = 0.5
 # the Redis URL). API keys (the identity a key names, its tier) are the next to measure
 # here: a "keyed" target whose config lists keys and whose wrk script sends the header
 # (wrk.lua_script), compared with "relay" the same way.
+# "tiered" (the Redis cache tier, limits off) is what "shared" is measured against too:
+# shared buckets come with a Redis tier.
 LIMITED: dict[str, Callable[[str], str]] = {
     "limited": lambda _redis: LIMITS_TOML,
+    "tiered": lambda redis: f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
     "shared": lambda redis: LIMITS_TOML + f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
 }
 
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         labels["base"] = f"relay at {common.commit_name(args.against)} (cache hits)"
     rounds = len(labels) * (args.runs + 1)
     common.budget(
-        int(40 + 20 * (not args.no_limits) + rounds * (args.duration + 3) + 30 * args.profile)
+        int(40 + 30 * (not args.no_limits) + rounds * (args.duration + 3) + 30 * args.profile)
     )
     m = common.machine()
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -588,6 +592,14 @@ def _limits_lines(med: dict[str, float], by: dict[str, list[Run]]) -> list[str]:
             f"- {TARGETS[name]} / limits off: **{ratio:.2f}x** req/s (goal ≥ {goal}x: "
             f"**{verdict}**); CPU µs per request {us:.1f} against {us_relay:.1f} "
             f"({us - us_relay:+.1f})"
+        )
+    if "tiered" in by and "shared" in by:
+        us_tiered = common.median([_us_per_request(r) for r in by["tiered"]])
+        us_shared = common.median([_us_per_request(r) for r in by["shared"]])
+        lines.append(
+            f"- shared buckets / the Redis cache tier alone (limits off): "
+            f"**{med['shared'] / med['tiered']:.2f}x** req/s; CPU µs per request "
+            f"{us_shared:.1f} against {us_tiered:.1f} ({us_shared - us_tiered:+.1f})"
         )
     return lines
 
