@@ -346,6 +346,7 @@ class RpcService:
         the cost first, then serves it."""
         if wait == ASK:
             return self._leased(body, who, cost, rid)
+        self.metrics.rejected.labels("rate_limit").inc()
         raise _rate_limited(wait, rid)
 
     async def _leased(self, body: bytes, who: Identity, cost: float, rid: bytes) -> bytes | None:
@@ -353,6 +354,7 @@ class RpcService:
         assert limiter is not None
         wait = await limiter.lease(who, cost)
         if wait:
+            self.metrics.rejected.labels("rate_limit").inc()
             raise _rate_limited(wait, rid)
         out = self.serve(body, who)[0]  # in the same turn: the slice pays it now
         if isinstance(out, bytes):

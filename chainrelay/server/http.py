@@ -636,8 +636,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _rate_limited(self, exc: RateLimited, keep_alive: bool, cors: bytes | None) -> None:
         """429 with the JSON-RPC answer (-32005) and Retry-After in whole seconds, rounded
-        up; the connection stays open."""
-        self.server.metrics.rejected.labels("rate_limit").inc()
+        up; the connection stays open. (Counted where it was refused, in the pipeline.)"""
         self._send(429, exc.answer, keep_alive, _retry_after(exc.retry_after), cors)
 
     def _feed(self, data: bytes) -> None:
@@ -1077,7 +1076,6 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             limited = _rate_limit_of(entry.answer)
             if limited is not None:  # refused once its lease came back (shared buckets)
-                self.server.metrics.rejected.labels("rate_limit").inc()
                 extra = _retry_after(limited.retry_after) + entry.cors
                 head = self.server.head(429, len(limited.answer), keep_alive, extra)
                 self._write(head + limited.answer, keep_alive)

@@ -222,6 +222,7 @@ def test_replays_single_calls_and_batches_all_pay_and_get_429_with_retry_after()
     assert refused.doc["error"]["code"] == -32005
     assert refused.doc["error"]["data"]["retry_after"] == pytest.approx(0.5)
     assert not transport.closed, "the connection stays open"
+    assert front.metrics.rejected.labels("rate_limit")._value.get() == 1
     clock.now += 0.5
     conn.data_received(post(balance(100)))
     assert answers(transport.out)[-1].status == 200
