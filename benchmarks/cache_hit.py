@@ -11,7 +11,7 @@ them, so two commits compare side by side in one run.
 
 Rate limits take their turn too: the same relay with every call paying its client's token
 bucket in the process (``limited``) and with the buckets shared through a redis-server
-(``shared``, leased in slices), each against the relay with limits off: the goals are
+(``redis``, leased in slices), each against the relay with limits off: the goals are
 ≥ 0.9x and ≥ 0.5x of its req/s. The buckets are deep enough never to refuse (a refusal
 is cheaper than a hit): what is measured is the check every call pays.
 
@@ -52,7 +52,7 @@ TARGETS = {
     "relay": "relay (cache hits)",
     "limited": "relay, rate limits on (buckets in process)",
     "tiered": "relay, limits off, Redis cache tier on",
-    "shared": "relay, rate limits on (buckets shared through Redis)",
+    "redis": "relay, rate limits on (buckets shared through Redis)",
     "anvil": "anvil direct",
     "floor": "floor: uvloop + httptools, same answers, no relay work",
 }
@@ -74,12 +74,12 @@ GOAL_SHARED = 0.5
 # the Redis URL). API keys (the identity a key names, its tier) are the next to measure
 # here: a "keyed" target whose config lists keys and whose wrk script sends the header
 # (wrk.lua_script), compared with "relay" the same way.
-# "tiered" (the Redis cache tier, limits off) is what "shared" is measured against too:
+# "tiered" (the Redis cache tier, limits off) is what "redis" is measured against too:
 # shared buckets come with a Redis tier.
 LIMITED: dict[str, Callable[[str], str]] = {
     "limited": lambda _redis: LIMITS_TOML,
     "tiered": lambda redis: f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
-    "shared": lambda redis: LIMITS_TOML + f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
+    "redis": lambda redis: LIMITS_TOML + f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
 }
 
 
@@ -582,7 +582,7 @@ def _limits_lines(med: dict[str, float], by: dict[str, list[Run]]) -> list[str]:
     """The rate-limit targets against the relay with limits off."""
     lines = []
     us_relay = common.median([_us_per_request(r) for r in by["relay"]])
-    for name, goal in (("limited", GOAL_LIMITED), ("shared", GOAL_SHARED)):
+    for name, goal in (("limited", GOAL_LIMITED), ("redis", GOAL_SHARED)):
         if name not in by:
             continue
         ratio = med[name] / med["relay"] if med["relay"] else float("nan")
@@ -593,12 +593,12 @@ def _limits_lines(med: dict[str, float], by: dict[str, list[Run]]) -> list[str]:
             f"**{verdict}**); CPU µs per request {us:.1f} against {us_relay:.1f} "
             f"({us - us_relay:+.1f})"
         )
-    if "tiered" in by and "shared" in by:
+    if "tiered" in by and "redis" in by:
         us_tiered = common.median([_us_per_request(r) for r in by["tiered"]])
-        us_shared = common.median([_us_per_request(r) for r in by["shared"]])
+        us_shared = common.median([_us_per_request(r) for r in by["redis"]])
         lines.append(
             f"- shared buckets / the Redis cache tier alone (limits off): "
-            f"**{med['shared'] / med['tiered']:.2f}x** req/s; CPU µs per request "
+            f"**{med['redis'] / med['tiered']:.2f}x** req/s; CPU µs per request "
             f"{us_shared:.1f} against {us_tiered:.1f} ({us_shared - us_tiered:+.1f})"
         )
     return lines
