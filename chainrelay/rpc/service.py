@@ -298,12 +298,21 @@ class RpcService:
         if isinstance(item, bytes):
             self.metrics.count("", "invalid", 0.0)
             return item, None
-        found = self._answer_now(item, started)
         if limiter is not None:
-            cost = limiter.cost(who, item.method, not (found is _MISS or found is _UNCACHED))
-            wait = limiter.take(who, cost)
+            # A hit's cost first, before the call is looked up: a client past its rate is
+            # refused without planning its call (an abuser's fresh calls fill no table).
+            wait = limiter.take_call(who, item.method, True)
             if wait:
+                cost = limiter.cost(who, item.method, True)
                 return self._limited(body, who, wait, cost, item.id or NULL_ID), None
+        found = self._answer_now(item, started)
+        if limiter is not None and (found is _MISS or found is _UNCACHED):
+            paid = limiter.cost(who, item.method, True)
+            more = limiter.cost(who, item.method, False) - paid
+            wait = limiter.take(who, more) if more > 0 else 0.0
+            if wait:
+                limiter.give(who, paid)  # refused whole: what it paid goes back
+                return self._limited(body, who, wait, paid + more, item.id or NULL_ID), None
         if found is _UNCACHED and item.id is not None:
             sent = self._forwarder.send(item, started, split)
             if sent is not None:

@@ -345,3 +345,23 @@ def test_tier_rates_and_costs_are_config_keys() -> None:
         with pytest.raises(ConfigError, match=r"tiers\.default"):
             loads(f"[tiers.default]\n{bad}\n" + UPSTREAM, {})
     assert Config().tiers == {} and loads(UPSTREAM, {}).tiers["default"].rate == 0  # off
+
+
+def test_a_miss_pays_its_full_cost_up_front_and_a_refused_one_takes_nothing() -> None:
+    front, _ = limited_front(rate=0.01, burst=1.0, hit=0.5)
+    front.warm(b'"0x2a"')
+    lim = front.rpc.limiter
+    assert isinstance(lim, Limiter)
+    who = Identity("10.2.2.2")
+    assert front.rpc.handle(balance(1), who) == b'{"jsonrpc":"2.0","id":1,"result":"0x2a"}'
+    # 0.5 left: a miss (another block, never cached here) needs 1; refused before any I/O.
+    with pytest.raises(RateLimited) as exc:
+        front.rpc.handle(balance(2, "0x1"), who)
+    assert orjson.loads(exc.value.answer)["error"]["data"]["retry_after"] == pytest.approx(50)
+    assert lim.buckets.tokens(who.name, 1000.0) == pytest.approx(0.5)
+    assert front.rpc.handle(balance(3), who) == b'{"jsonrpc":"2.0","id":3,"result":"0x2a"}'
+    # Empty now: refused on the hit's cost, before the call is even looked up.
+    memo = len(front.rpc._memo)
+    with pytest.raises(RateLimited):
+        front.rpc.handle(balance(4, "0x2"), who)
+    assert len(front.rpc._memo) == memo
