@@ -9,12 +9,19 @@ in turn, several runs each. With ``--against COMMIT`` a relay of that older comm
 same config, run from that commit's own tree: ``common.checkout``) takes its turn beside
 them, so two commits compare side by side in one run.
 
+Rate limits take their turn too: the same relay with every call paying its client's token
+bucket in the process (``limited``) and with the buckets shared through a redis-server
+(``redis``, leased in slices), each against the relay with limits off: the goals are
+≥ 0.9x and ≥ 0.5x of its req/s. The buckets are deep enough never to refuse (a refusal
+is cheaper than a hit): what is measured is the check every call pays.
+
 anvil mines only when a transaction arrives and none is sent while measuring, so "latest"
 does not move. The relay is told its head stays fresh that long (``head.fresh_blocks``):
 on a live chain new heads keep it fresh, and eth_blockNumber/eth_chainId are answered
 locally only while it is.
 
     python -m benchmarks.cache_hit [--duration 10] [--runs 3] [--profile] [--against COMMIT]
+                                   [--no-limits]
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import collections
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,9 @@ from chainrelay.devnet import DEV_ACCOUNTS, transfer_emitter_initcode
 GOAL_RPS = 45_000
 TARGETS = {
     "relay": "relay (cache hits)",
+    "limited": "relay, rate limits on (buckets in process)",
+    "tiered": "relay, limits off, Redis cache tier on",
+    "redis": "relay, rate limits on (buckets shared through Redis)",
     "anvil": "anvil direct",
     "floor": "floor: uvloop + httptools, same answers, no relay work",
 }
@@ -50,6 +62,25 @@ IDLE_ACCOUNTS = ["0x" + f"{0xB0B + i:040x}" for i in range(3)]
 PROFILE_ROWS = 18
 # The relay must believe its head is fresh for the whole run (see the module docstring).
 RELAY_TOML = "[head]\nfresh_blocks = 1000000.0\n"
+# Rate limits on for every client (wrk's connections are one identity, 127.0.0.1), never
+# refusing at wrk's rate: a million calls a second. The burst sets the shared buckets'
+# slice (a 20th of it: 500 calls a Redis round trip, ~80 round trips a second at 40,000
+# req/s).
+LIMITS_TOML = "[tiers.default]\nrate = 1000000.0\nburst = 10000.0\n"
+# Goals: the check a call pays costs little next to a hit (≤ 2 µs of ~20).
+GOAL_LIMITED = 0.9
+GOAL_SHARED = 0.5
+# The relay targets with limits, by name, and what their config adds to RELAY_TOML (given
+# the Redis URL). API keys (the identity a key names, its tier) are the next to measure
+# here: a "keyed" target whose config lists keys and whose wrk script sends the header
+# (wrk.lua_script), compared with "relay" the same way.
+# "tiered" (the Redis cache tier, limits off) is what "redis" is measured against too:
+# shared buckets come with a Redis tier.
+LIMITED: dict[str, Callable[[str], str]] = {
+    "limited": lambda _redis: LIMITS_TOML,
+    "tiered": lambda redis: f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
+    "redis": lambda redis: LIMITS_TOML + f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
+}
 
 
 @dataclass
@@ -62,6 +93,34 @@ class Run:
     errors: int
     seconds: float
     cpu: dict[str, float]  # process -> % of one core during the run
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server of its own (no persistence), for the shared buckets; its URL."""
+    port = common.free_port()
+    proc = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        common.stop_process(proc)
 
 
 def start_floor(answers: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -305,12 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also sample the relay with py-spy")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
+    ap.add_argument("--no-limits", action="store_true", help="without the rate-limit targets")
     args = ap.parse_args(argv)
     labels = dict(TARGETS)
+    if args.no_limits:
+        for name in LIMITED:
+            del labels[name]
     if args.against:
         labels["base"] = f"relay at {common.commit_name(args.against)} (cache hits)"
     rounds = len(labels) * (args.runs + 1)
-    common.budget(int(40 + rounds * (args.duration + 3) + 30 * args.profile))
+    common.budget(
+        int(40 + 30 * (not args.no_limits) + rounds * (args.duration + 3) + 30 * args.profile)
+    )
     m = common.machine()
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         anvil = common.start_anvil(block_time=None)
@@ -320,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         relay = common.Relay(anvil.ws_url, RELAY_TOML)
         stack.callback(relay.stop)
         relay.start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
+        limited: dict[str, common.Relay] = {}
+        if not args.no_limits:
+            redis_url = stack.enter_context(redis_server())
+            for name, toml in LIMITED.items():
+                limited[name] = common.Relay(anvil.ws_url, RELAY_TOML + toml(redis_url))
+                stack.callback(limited[name].stop)
+                limited[name].start(poke=lambda: setup.call("anvil_mine", ["0x1"]))
         base = None
         if args.against:  # started before the chain is built: its start may mine a block
             root = stack.enter_context(common.checkout(args.against))
@@ -339,8 +411,17 @@ def main(argv: list[str] | None = None) -> int:
         assert relay.proc is not None and anvil.proc is not None
         floor = start_floor(answers_path)
         stack.callback(common.stop_process, floor[0])
-        watch = {"relay": relay.proc.pid, "anvil": anvil.proc.pid, "floor": floor[0].pid}
-        targets = {"relay": relay.url + "/", "anvil": anvil.url + "/", "floor": floor[1]}
+        watch = {"relay": relay.proc.pid}
+        targets = {"relay": relay.url + "/"}
+        for name, node in limited.items():
+            node.wait_head(chain["head"])
+            check_same_answers(node.url, anvil.url, bodies)
+            check_hits(node, bodies, calls)
+            assert node.proc is not None
+            watch[name] = node.proc.pid
+            targets[name] = node.url + "/"
+        watch |= {"anvil": anvil.proc.pid, "floor": floor[0].pid}
+        targets |= {"anvil": anvil.url + "/", "floor": floor[1]}
         if base is not None:
             base.wait_head(chain["head"])
             check_same_answers(base.url, anvil.url, bodies)
@@ -492,8 +573,35 @@ def report(
             "process's user+system time over the run's wall time (100% = one core); "
             "*other* is everything else the machine ran meanwhile.",
             *against,
+            *_limits_lines(med, by),
         ]
     )
+
+
+def _limits_lines(med: dict[str, float], by: dict[str, list[Run]]) -> list[str]:
+    """The rate-limit targets against the relay with limits off."""
+    lines = []
+    us_relay = common.median([_us_per_request(r) for r in by["relay"]])
+    for name, goal in (("limited", GOAL_LIMITED), ("redis", GOAL_SHARED)):
+        if name not in by:
+            continue
+        ratio = med[name] / med["relay"] if med["relay"] else float("nan")
+        us = common.median([_us_per_request(r) for r in by[name]])
+        verdict = "met" if ratio >= goal else "not met"
+        lines.append(
+            f"- {TARGETS[name]} / limits off: **{ratio:.2f}x** req/s (goal ≥ {goal}x: "
+            f"**{verdict}**); CPU µs per request {us:.1f} against {us_relay:.1f} "
+            f"({us - us_relay:+.1f})"
+        )
+    if "tiered" in by and "redis" in by:
+        us_tiered = common.median([_us_per_request(r) for r in by["tiered"]])
+        us_shared = common.median([_us_per_request(r) for r in by["redis"]])
+        lines.append(
+            f"- shared buckets / the Redis cache tier alone (limits off): "
+            f"**{med['redis'] / med['tiered']:.2f}x** req/s; CPU µs per request "
+            f"{us_shared:.1f} against {us_tiered:.1f} ({us_shared - us_tiered:+.1f})"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ SECTIONS = (
     "tree_e2e",
     "batch_ack",
     "batch_e2e",
+    "abuse",
 )
 # How long a relay may take to answer /health after it is started.
 RELAY_READY_SECONDS = 20.0

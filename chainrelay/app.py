@@ -18,13 +18,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import orjson
 
 from chainrelay import defaults
+from chainrelay.access.buckets import Costs, Limiter, TierRate
 from chainrelay.access.identity import Identity
 from chainrelay.access.methods import MethodRules, TierLists
+from chainrelay.access.senders import SenderLimit
+from chainrelay.access.sharedbuckets import SharedLimiter
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
@@ -122,6 +126,7 @@ class Node:
         pool = await self._upstreams()
         head = await self._head(pool)
         cache = await self._cache()
+        limiter, senders = self._rate_limits()
         rpc = self.rpc = RpcService(
             cache,
             pool,
@@ -133,6 +138,8 @@ class Node:
             methods=methods_of(cfg),
             log_guards=log_guards_of(cfg, head.profile),
             tiers=cfg.tiers,
+            limiter=limiter,
+            senders=senders,
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
@@ -227,6 +234,27 @@ class Node:
             if c.backend == "redis":
                 memory_bytes = min(memory_bytes, defaults.REDIS_MODE_MEMORY_BYTES)
         return MemoryCache(memory_bytes, c.max_entry_bytes)
+
+    def _rate_limits(self) -> tuple[Limiter | SharedLimiter | None, SenderLimit | None]:
+        """The rate limits per identity and per sender, when a tier or the sender limit
+        has a rate: in Redis when there is a shared tier (this process's buckets while it
+        is down), else in this process."""
+        cfg = self.cfg
+        tiers = {
+            name: TierRate(t.rate, t.burst, t.hit_cost_factor) for name, t in cfg.tiers.items()
+        }
+        lim = cfg.limits
+        if not any(t.rate > 0 for t in tiers.values()) and lim.sender_rate <= 0:
+            return None, None
+        costs = Costs({**defaults.RATE_METHOD_COSTS, **lim.method_costs}, lim.default_cost)
+        local = Limiter(tiers, costs, time.monotonic, lim.max_rate_buckets)
+        limiter: Limiter | SharedLimiter = local
+        if self.shared is not None:
+            limiter = SharedLimiter(local, self.shared)
+        senders = None
+        if lim.sender_rate > 0:
+            senders = SenderLimit(lim.sender_rate, lim.sender_burst, limiter)
+        return (limiter if limiter.tiers else None), senders
 
     async def _follower(
         self, pool: UpstreamPool, head: HeadTracker, cache: MemoryCache, rpc: RpcService
@@ -353,6 +381,7 @@ class Node:
             cfg.server.cors_origins,
             via=self.via,
             ipv6_prefix=cfg.server.ipv6_prefix,
+            limiter=rpc.limiter,
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)

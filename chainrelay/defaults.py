@@ -117,6 +117,53 @@ LOGS_MAX_TOPICS_PER_POSITION = 1000
 # each, with room; under the WebSocket send buffer (16 MiB), so a subscriber's connection
 # can take it, and over it an answer is held by the node, upstream and cache alike.
 LOGS_MAX_ANSWER_BYTES = 10 * MiB
+# --- Rate limits per identity (chainrelay/access/buckets.py, limiter.py) ------------------
+# Calls per second one identity of a tier may make, on average: 0, no limit. Off by
+# default: a relay in front of a private node has no one to shed; a public one sets its
+# tiers' rates ([tiers.default] rate = 50 is a generous dapp: a page load is ~20 calls).
+RATE = 0.0
+# Calls one identity may make at once above its rate (the bucket's depth): a dapp's page
+# load of ~20-40 reads, or one batch of that many, passes untouched.
+RATE_BURST = 100.0
+# What a cache hit costs against the bucket, as a share of its method's cost: 1, a hit
+# costs what a miss does (the node's CPU is spent either way); lower it to favour clients
+# whose calls the cache answers.
+HIT_COST_FACTOR = 1.0
+# The cost of a call of a method not named in RATE_METHOD_COSTS.
+RATE_DEFAULT_COST = 1.0
+# Methods that cost an upstream node more than a plain read: eth_getLogs scans a range of
+# blocks (Alchemy prices it at 75 compute units against eth_chainId's 0-10), eth_call and
+# eth_estimateGas run the EVM, a trace replays a block. Overridable per method
+# ([limits] method_costs).
+RATE_METHOD_COSTS = {
+    "eth_getLogs": 10.0,
+    "eth_call": 4.0,
+    "eth_estimateGas": 4.0,
+    "eth_getFilterLogs": 10.0,
+    "debug_traceTransaction": 20.0,
+    "debug_traceCall": 20.0,
+    "trace_block": 20.0,
+    "trace_transaction": 20.0,
+    "eth_sendRawTransaction": 2.0,
+    "eth_chainId": 0.5,
+    "eth_blockNumber": 0.5,
+}
+# Identities whose buckets one process keeps: ~150 bytes each, so 15 MB at the cap. Idle
+# buckets that have refilled are dropped first (one recreated full is the same bucket);
+# past the cap with every bucket active, new identities share one bucket (an address scan
+# shares one budget, and cannot grow the table).
+MAX_RATE_BUCKETS = 100_000
+# Under a shared Redis tier a process leases its identities' allowance from Redis in
+# slices of this share of the rate (20 ms of it, at most a 20th of the burst): most calls
+# take from the slice without a round trip, and what N processes hold unused at once is
+# N slices, a few percent of the budget.
+RATE_LEASE_SECONDS = 0.02
+RATE_LEASE_BURST_SHARE = 0.05
+# eth_sendRawTransaction per sender (recovered from the signed transaction), as proxyd's
+# sender limit: transactions per second and at once of one sender address, whatever
+# identity sends them (0: no limit; off by default).
+SENDER_RATE = 0.0
+SENDER_BURST = 10.0
 
 # --- Cache ---------------------------------------------------------------------------------
 # "memory": this process only; a node with one worker needs nothing else. "tiered" puts the

@@ -14,7 +14,8 @@
     │   ├── FilterNotFound               -32000  filter id never installed, uninstalled or expired
     │   ├── PendingUnavailable           -32000  no upstream streams pending transactions
     │   ├── LimitExceeded                -32005  subscriptions per connection, address or node
-    │   │   └── TooManyFilters           -32005  filters per node or per client address
+    │   │   ├── TooManyFilters           -32005  filters per node or per client address
+    │   │   └── RateLimited              -32005  an identity's calls past its tier's rate (429)
     │   └── BatchRefused                 -32040..-32047  a batch push refused (ingress)
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
     ├── BackfillFailed                   a feed subscriber could not fill a gap over JSON-RPC
@@ -114,6 +115,17 @@ class LimitExceeded(RequestError):
 
 class TooManyFilters(LimitExceeded):
     """Installed filters (eth_newFilter & co) of the whole node, or of one client address."""
+
+
+class RateLimited(LimitExceeded):
+    """A request past its identity's rate (access/buckets.py), refused whole before any of
+    its calls is served: ``answer`` is its JSON-RPC answer (-32005, the wait in ``data``),
+    which a WebSocket sends as is and HTTP sends with 429 and ``Retry-After``."""
+
+    def __init__(self, retry_after: float, answer: bytes) -> None:
+        super().__init__("limit exceeded")
+        self.retry_after = retry_after  # seconds; math.inf: the request costs more than a burst
+        self.answer = answer
 
 
 class BatchRefused(RequestError):

@@ -68,6 +68,11 @@ class TierConfig:
     """``[tiers.<name>]``: what one client (one identity: a key, or an address) of a tier
     may ask. Clients without a key are in ``[tiers.default]``; a key names its tier."""
 
+    # Calls per second of one identity (a token bucket, access/buckets.py; 0: no limit),
+    # calls at once above it, and what a cache hit costs as a share of a miss.
+    rate: float = d.RATE
+    burst: float = positive(d.RATE_BURST)
+    hit_cost_factor: float = d.HIT_COST_FACTOR
     # The tier's own limit on the calls of one batch (the node's is limits.max_batch_len).
     max_batch_len: int = positive(d.MAX_BATCH_LEN)
     # Methods this tier's clients may call beyond the node's ([methods]), and those they
@@ -80,6 +85,9 @@ class TierConfig:
         for key in ("enable_methods", "disable_methods"):
             wrong = check_entries(getattr(self, key), f"tiers.{name}.{key}")
             require(wrong is None, wrong or "")
+
+        require(self.rate >= 0, f"tiers.{name}.rate: 0 (no limit) or more")
+        require(0 <= self.hit_cost_factor <= 1, f"tiers.{name}.hit_cost_factor: from 0 to 1")
 
 
 @dataclass
@@ -144,9 +152,20 @@ class LimitsConfig:
     # address (past it a client waits for its own earlier calls, within the call's deadline).
     max_upstream_in_flight: int = positive(d.MAX_UPSTREAM_IN_FLIGHT)
     max_upstream_in_flight_per_client: int = positive(d.MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT)
+    # What a call costs against its identity's bucket ([tiers.<name>] rate), by method, over
+    # defaults.RATE_METHOD_COSTS (a method named here takes this cost); others default_cost.
+    method_costs: dict[str, float] = field(default_factory=dict)
+    default_cost: float = positive(d.RATE_DEFAULT_COST)
+    max_rate_buckets: int = positive(d.MAX_RATE_BUCKETS)
+    # eth_sendRawTransaction per sender address (0: no limit).
+    sender_rate: float = d.SENDER_RATE
+    sender_burst: float = positive(d.SENDER_BURST)
 
     def check(self) -> None:
         check_fields(self, "limits")
+        require(self.sender_rate >= 0, "limits.sender_rate: 0 (no limit) or more")
+        for method, cost in self.method_costs.items():
+            require(cost >= 0, f"limits.method_costs.{method}: 0 or more")
 
 
 @dataclass

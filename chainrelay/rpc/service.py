@@ -19,6 +19,12 @@ batches of ``[pool] batch_len`` calls (``_gather``, ``_chunk``), each call answe
 coalesced and stored as it would be alone. Every client miss passes the gate of upstream
 calls in flight (``rpc/gate.py``): per client address, where a client past its bound waits
 for its own earlier calls, and node-wide, where the node answers -32005 at once.
+
+Every body of a client pays its identity's rate limit (``access/buckets.py``) before any of
+its calls is answered, on every way in: a ``Seen`` replay, a forwarded repeat, a single
+call (a hit at its hit cost), a batch (the sum of its calls' costs, up front). Past it,
+``serve`` raises ``RateLimited`` (the transport answers 429 or -32005); under shared buckets
+whose slice is empty it returns an awaitable that leases first (``_leased``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,11 +44,15 @@ from typing import Any, Final, Protocol
 import orjson
 
 from chainrelay import defaults as d
+from chainrelay.access.buckets import ASK, Limiter
 from chainrelay.access.identity import NODE, Identity
 from chainrelay.access.methods import METHOD_NOT_FOUND, MethodRules
+from chainrelay.access.senders import SenderLimit
+from chainrelay.access.sharedbuckets import SharedLimiter
 from chainrelay.chain.head import HeadTracker
 from chainrelay.config import LimitsConfig, TierConfig
 from chainrelay.errors import (
+    RateLimited,
     RequestError,
     UpstreamError,
     UpstreamOverloaded,
@@ -178,13 +189,19 @@ class RpcService:
         methods: MethodRules | None = None,
         log_guards: LogGuards | None = None,
         tiers: Mapping[str, TierConfig] | None = None,
+        limiter: Limiter | SharedLimiter | None = None,
+        senders: SenderLimit | None = None,
     ) -> None:
         """``limits``: a batch's length, and the bounds of the replay tables below (their
         bodies, and the answers they keep alive after the cache has let them go).
         ``methods``: who may call what (the defaults when None); ``log_guards``: the
         eth_getLogs guards (the defaults, with the chain profile's range, when None);
-        ``tiers``: each tier's batch length, within the node's ``limits.max_batch_len``."""
+        ``tiers``: each tier's batch length, within the node's ``limits.max_batch_len``;
+        ``limiter``: the rate limits per identity (None: none); ``senders``: the limit of
+        eth_sendRawTransaction per sender (None: none)."""
         self.cache = cache
+        self.limiter = limiter
+        self.senders = senders
         self.shared = shared
         self.pool = pool
         self.head = head
@@ -261,18 +278,35 @@ class RpcService:
         """The answer to a body from ``who``, as ``handle`` gives it, and the ``Seen`` record that
         answered it when its repeats (id aside) may be replayed by the caller through
         ``replay``: a transport that keeps whole requests (HttpServer) learns it there."""
+        limiter = self.limiter
         split = split_id(body)
         if split is not None:
             record = self._seen.get(split[1])
             if record is not None:
                 value = self.replay(record, who)
                 if value is not None:
+                    if limiter is not None:
+                        wait = limiter.take_call(who, record.method, True)
+                        if wait:
+                            cost = limiter.cost(who, record.method, True)
+                            return self._limited(body, who, wait, cost, split[0]), None
                     return encode_result(split[0], value), record
             forwarder = self._forwarder
             if forwarder.passes:
+                cost = 0.0
+                if limiter is not None:
+                    known = forwarder.passes.get_at(split[1], self.view.generation)
+                    if known is not None:
+                        cost = limiter.cost(who, known[0], False)
+                        wait = limiter.take(who, cost)
+                        if wait:
+                            return self._limited(body, who, wait, cost, split[0]), None
                 sent = forwarder.again(body, split[0], split[1], self.allowed(who))
                 if sent is not None:
                     return sent, None
+                if cost:
+                    assert limiter is not None
+                    limiter.give(who, cost)  # charged again on the full path
         started = time.perf_counter()
         try:
             items, is_batch = parse_body(
@@ -282,6 +316,11 @@ class RpcService:
             self.metrics.count("", "invalid", 0.0)
             return encode_error(NULL_ID, exc.code, exc.message), None
         if is_batch:
+            if limiter is not None:
+                cost = limiter.batch_cost(who, (c.method for c in items if isinstance(c, Call)))
+                wait = limiter.take(who, cost)
+                if wait:
+                    return self._limited(body, who, wait, cost, NULL_ID), None
             return self._batch(items, who), None
         item = items[0]
         if isinstance(item, bytes):
@@ -295,7 +334,21 @@ class RpcService:
             refused = self._refused(item, who)
             if refused is not None:
                 return refused, None
+        if limiter is not None:
+            # A hit's cost first, before the call is looked up: a client past its rate is
+            # refused without planning its call (an abuser's fresh calls fill no table).
+            wait = limiter.take_call(who, item.method, True)
+            if wait:
+                cost = limiter.cost(who, item.method, True)
+                return self._limited(body, who, wait, cost, item.id or NULL_ID), None
         found = self._answer_now(item, started)
+        if limiter is not None and (found is _MISS or found is _UNCACHED):
+            paid = limiter.cost(who, item.method, True)
+            more = limiter.cost(who, item.method, False) - paid
+            wait = limiter.take(who, more) if more > 0 else 0.0
+            if wait:
+                limiter.give(who, paid)  # refused whole: what it paid goes back
+                return self._limited(body, who, wait, paid + more, item.id or NULL_ID), None
         if found is _UNCACHED and item.id is not None:
             sent = self._forwarder.send(item, started, split)
             if sent is not None:
@@ -337,6 +390,8 @@ class RpcService:
         return encode_error_raw(call.id, why) if call.id is not None else b""
 
     def _batch(self, items: list[Item], who: Identity) -> bytes | Awaitable[bytes]:
+        """A batch's answer (paid for already, as misses): answered now when all its
+        calls are hits or local answers, which are then refunded what a hit costs less."""
         parts: list[bytes | Awaitable[bytes | None] | Batched | None] = []
         allowed = self.allowed(who)
         for at, item in enumerate(items):
@@ -354,7 +409,34 @@ class RpcService:
             if found is _MISS or found is _UNCACHED:
                 return self._gather(parts, items, at, who, started, found is _UNCACHED)
             parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
+        limiter = self.limiter
+        if limiter is not None:
+            limiter.refund_hits(who, (c.method for c in items if isinstance(c, Call)))
         return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
+
+    # --- rate limits -----------------------------------------------------------------
+    def _limited(
+        self, body: bytes, who: Identity, wait: float, cost: float, rid: bytes
+    ) -> Awaitable[bytes | None]:
+        """A body its identity's bucket cannot pay for now: ``RateLimited`` raised, or
+        under shared buckets whose slice is empty (``ASK``) the awaitable that leases
+        the cost first, then serves it."""
+        if wait == ASK:
+            return self._leased(body, who, cost, rid)
+        self.metrics.rejected.labels("rate_limit").inc()
+        raise _rate_limited(wait, rid)
+
+    async def _leased(self, body: bytes, who: Identity, cost: float, rid: bytes) -> bytes | None:
+        limiter = self.limiter
+        assert limiter is not None
+        wait = await limiter.lease(who, cost)
+        if wait:
+            self.metrics.rejected.labels("rate_limit").inc()
+            raise _rate_limited(wait, rid)
+        out = self.serve(body, who)[0]  # in the same turn: the slice pays it now
+        if isinstance(out, bytes):
+            return out
+        return await out
 
     async def _gather(
         self,
@@ -792,6 +874,11 @@ class RpcService:
         params = call.params if call.has_params else None
         rule = _RULES.get(method)
         if rule is not None and rule.kind is Kind.SEND:
+            senders = self.senders
+            if senders is not None and method == "eth_sendRawTransaction":
+                refused = await senders.check(params)
+                if refused is not None:
+                    return Answer(None, refused), "shed"
             return await self.pool.broadcast(method, params, deadline=deadline), "pass"
         if rule is not None and rule.kind is Kind.SUBSCRIBE:
             # A subscription belongs to its WebSocket connection; over HTTP there is none.
@@ -1007,6 +1094,18 @@ class RpcService:
         self.cache.put(how.key, entry)
         self.metrics.cache_bytes.set(self.cache.bytes)
         return entry
+
+
+def _rate_limited(wait: float, rid: bytes) -> RateLimited:
+    """The refusal of a body past its rate: ``data.retry_after`` the seconds to wait (None:
+    the body costs more than the whole bucket; send less at once)."""
+    if wait == math.inf:
+        message = "limit exceeded: the request costs more than this client's burst"
+        data: dict[str, float | None] = {"retry_after": None}
+    else:
+        message = "limit exceeded"
+        data = {"retry_after": round(wait, 3)}
+    return RateLimited(wait, encode_error(rid, -32005, message, data))
 
 
 def _settle_failed(items: list[Batched], exc: BaseException) -> None:

@@ -325,7 +325,7 @@ class RedisCache:
             o: locks.labels(o)
             for o in ("acquired", "found", "waited", "handoff", "fallback", "skipped")
         }
-        self._latency = {op: latency.labels(op) for op in ("get", "put", "lock", "wait")}
+        self._latency = {op: latency.labels(op) for op in ("get", "put", "lock", "wait", "limit")}
         self._m_up.set(0)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -441,6 +441,28 @@ class RedisCache:
         task = asyncio.create_task(aw)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # --- scripts of other shared state (access/sharedbuckets.py) ---------------------------
+    def script(self, lua: str) -> Callable[..., Awaitable[Any]]:
+        """``lua`` registered once: called, it runs by EVALSHA (loaded on first use)."""
+        return cast("Callable[..., Awaitable[Any]]", self._redis.register_script(lua))
+
+    async def run_script(
+        self, script: Callable[..., Awaitable[Any]], keys: list[bytes], args: list[Any]
+    ) -> Any:
+        """One script call under the command timeout; None when the tier is down or the
+        call fails (which marks it down, as any other command does)."""
+        if not self._up:
+            return None
+        try:
+            return await self._run("limit", script(keys=keys, args=args))
+        except _Down:
+            return None
+
+    @property
+    def key_base(self) -> bytes:
+        """The prefix of this chain's keys, for other shared state to name its own under."""
+        return self.keys.value_prefix[:-2]
 
     # --- SharedCache -----------------------------------------------------------------------
     async def get(self, key: bytes) -> Entry | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import re
 import socket
 import time
@@ -33,6 +34,7 @@ from chainrelay import defaults
 from chainrelay.access.identity import NODE, enter_identity, for_address, leave_identity
 from chainrelay.allocator import give_back_freed_memory
 from chainrelay.config import LimitsConfig
+from chainrelay.errors import RateLimited
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.budget import Account, Budget, Over
@@ -68,6 +70,8 @@ from chainrelay.server.ws import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, WsSession
 from chainrelay.wire.jsonrpc import single_id, split_token
 
 if typing.TYPE_CHECKING:
+    from chainrelay.access.buckets import Limiter
+    from chainrelay.access.sharedbuckets import SharedLimiter
     from chainrelay.rpc.replay import Seen
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,23 @@ TRIM_AFTER_RELEASED = 32 * 1024 * 1024
 PARSE_SLICE = 4096
 
 
+def _retry_after(wait: float) -> bytes:
+    """The Retry-After line for a wait (whole seconds, rounded up); none for a request
+    that can never pass (it costs more than the whole bucket)."""
+    if wait == math.inf:
+        return b""
+    return b"Retry-After: %d\r\n" % max(1, math.ceil(wait))
+
+
+def _rate_limit_of(
+    answer: asyncio.Future[bytes] | asyncio.Future[bytes | None],
+) -> RateLimited | None:
+    if answer.cancelled():
+        return None
+    exc = answer.exception()
+    return exc if isinstance(exc, RateLimited) else None
+
+
 def _nowhere(_data: bytes) -> None:
     """Where a protocol object writes before it has a transport: nowhere."""
 
@@ -138,8 +159,12 @@ class HttpServer:
         cors_origins: list[str] | None = None,
         via: str = "",
         ipv6_prefix: int = defaults.IPV6_CLIENT_PREFIX,
+        limiter: Limiter | SharedLimiter | None = None,
     ) -> None:
         self.routes = routes
+        # The rate limits per identity (RpcService's): a replay pays them here, since it
+        # never reaches the pipeline (None: no limits).
+        self.limiter = limiter
         # An IPv6 client stands for its network of this prefix (chainrelay/access/identity.py).
         self.ipv6_prefix = ipv6_prefix
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
@@ -573,6 +598,7 @@ class HttpProtocol(asyncio.Protocol):
                     replay is not None
                     and len(split[0]) == replay.token_len
                     and replay.check(replay.record, self.who) is not None
+                    and self._pays(replay)
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
@@ -587,6 +613,31 @@ class HttpProtocol(asyncio.Protocol):
             self._parse_rest()
             return
         self._feed(data)
+
+    def _pays(self, replay: Replay) -> bool:
+        """Whether the client's bucket pays for a replay now (a hit's cost). Not: the
+        request takes the pipeline's path, which refuses it (429) or, under shared buckets,
+        leases first."""
+        limiter = self.server.limiter
+        if limiter is None:
+            return True
+        return not limiter.take_call(self.who, replay.record.method, True)
+
+    def _rpc(
+        self, body: bytes, keep_alive: bool, cors: bytes | None = None
+    ) -> bytes | typing.Awaitable[bytes | None] | None:
+        """``routes.rpc``'s answer to ``body``; None when it was refused for the client's
+        rate and answered so (429)."""
+        try:
+            return self.server.routes.rpc(body, self.who)
+        except RateLimited as exc:
+            self._rate_limited(exc, keep_alive, cors)
+            return None
+
+    def _rate_limited(self, exc: RateLimited, keep_alive: bool, cors: bytes | None) -> None:
+        """429 with the JSON-RPC answer (-32005) and Retry-After in whole seconds, rounded
+        up; the connection stays open. (Counted where it was refused, in the pipeline.)"""
+        self._send(429, exc.answer, keep_alive, _retry_after(exc.retry_after), cors)
 
     def _feed(self, data: bytes) -> None:
         """Parse one read (or a slice of one) with httptools."""
@@ -692,9 +743,15 @@ class HttpProtocol(asyncio.Protocol):
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            self._answer(routes.rpc(data[end + 4 :], self.who), True, cors)
+            got = self._rpc(data[end + 4 :], True, cors)
+            if got is not None:
+                self._answer(got, True, cors)
             return True
-        answer, record = replayer.serve(data[end + 4 :], self.who)
+        try:
+            answer, record = replayer.serve(data[end + 4 :], self.who)
+        except RateLimited as exc:
+            self._rate_limited(exc, True, cors)
+            return True
         if record is not None and split is not None and answer.__class__ is bytes:
             server.learn_replay(split[1], split[0], answer, record, cors)
         self._answer(answer, True, cors)
@@ -840,7 +897,9 @@ class HttpProtocol(asyncio.Protocol):
                 return
             via = self.headers(b"via")
             if via is None:
-                self._answer(self.server.routes.rpc(body, self.who), keep_alive)
+                answer = self._rpc(body, keep_alive)
+                if answer is not None:
+                    self._answer(answer, keep_alive)
             else:
                 self._relayed(body, via, keep_alive)
         elif method == b"GET":
@@ -864,7 +923,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         token = enter_via(", ".join(f"1.1 {r.decode()}" for r in relays))
         try:
-            self._answer(server.routes.rpc(body, self.who), keep_alive)
+            answer = self._rpc(body, keep_alive)
+            if answer is not None:
+                self._answer(answer, keep_alive)
         finally:
             leave_via(token)
 
@@ -1012,6 +1073,12 @@ class HttpProtocol(asyncio.Protocol):
                 break  # the last answer is out
             if isinstance(entry, Ready):
                 self._write(entry.data, keep_alive)
+                continue
+            limited = _rate_limit_of(entry.answer)
+            if limited is not None:  # refused once its lease came back (shared buckets)
+                extra = _retry_after(limited.retry_after) + entry.cors
+                head = self.server.head(429, len(limited.answer), keep_alive, extra)
+                self._write(head + limited.answer, keep_alive)
                 continue
             body = outcome(entry.answer)
             if body is None:

@@ -34,6 +34,7 @@ from websockets.server import ServerProtocol
 
 from chainrelay import defaults
 from chainrelay.access.identity import NODE, Identity, enter_identity, leave_identity
+from chainrelay.errors import RateLimited
 from chainrelay.server.budget import Account
 from chainrelay.server.phases import Paused
 from chainrelay.wire.jsonrpc import Answer
@@ -261,7 +262,11 @@ class WsSession:
         subs = self.subscriptions
         token = _CURRENT.set(subs) if subs is not None else None
         try:
-            out = self.handler(body, self.who)
+            try:
+                out = self.handler(body, self.who)
+            except RateLimited as exc:  # past its rate: answered -32005, the connection open
+                self.send(exc.answer)
+                return
             if isinstance(out, bytes):
                 self.send(out)
                 return
@@ -284,6 +289,9 @@ class WsSession:
         if task.cancelled() or self.closed:
             return
         exc = task.exception()
+        if isinstance(exc, RateLimited):  # refused once its lease came back (shared buckets)
+            self.send(exc.answer)
+            return
         if exc is not None:
             log.error("websocket handler failed", exc_info=exc)
             return

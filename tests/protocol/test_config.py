@@ -246,7 +246,7 @@ POSITIVE_KEYS = {
     "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes "
     "max_upstream_in_flight max_upstream_in_flight_per_client "
     "max_buffered_bytes_per_ip max_buffered_bytes_total body_read_timeout linger_timeout "
-    "linger_bytes max_requests_per_turn",
+    "linger_bytes max_requests_per_turn default_cost max_rate_buckets sender_burst",
     "cache": "memory_bytes max_entry_bytes logs_bytes redis_max_entry_bytes "
     "redis_ttl_unfinalized redis_lock_ttl redis_timeout redis_connect_timeout "
     "redis_retry_interval redis_max_connections",

@@ -34,6 +34,7 @@ SANS_IO = (
     "chainrelay.access.identity",
     "chainrelay.access.methods",
     "chainrelay.rpc.logguards",
+    "chainrelay.access.buckets",
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",

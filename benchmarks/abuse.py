@@ -1,0 +1,304 @@
+"""One abusive client among 100 well-behaved dapps: what the rate limits per identity save.
+
+anvil (chain id 56) mines a block a second. 100 dapp users, each from its own loopback
+address (127.0.1.x: its own identity), call the relay about twice a second with think time
+between calls, from a dapp mix (``DAPP_MIX``: the head, balances, the latest block, an
+eth_call, a short eth_getLogs window). One abuser (127.0.2.1) sends 20x its tier's budget
+in eth_call misses (each with fresh arguments: an upstream call each when admitted),
+open loop, whatever it is answered, from a process of its own (its load never delays the
+users' own event loop, where their latencies are timed).
+
+Three phases of ``--seconds`` each, the same relay config but for the limits:
+
+* *quiet*: the dapp users alone, limits on ([tiers.default] rate, burst below);
+* *abuse*: the users and the abuser, limits on;
+* *abuse, no limits*: the same against a relay with limits off.
+
+Reported: the users' p50/p99 latency per phase (goal: abuse p99 within 1.2x of quiet), and
+the abuser's calls: sent, admitted (200), refused (429), the cost admitted against its
+budget (burst + rate x seconds) and the upstream calls the relay made beyond the quiet
+phase's (goal: within its budget).
+
+    python -m benchmarks.abuse [--seconds 20] [--users 100] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from benchmarks import common
+from chainrelay import defaults
+from chainrelay.devnet import DEV_ACCOUNTS
+
+RATE = 50.0  # tokens a second per identity
+BURST = 100.0
+ABUSE_FACTOR = 20  # the abuser asks this many times its budget
+THINK = 0.5  # seconds between one user's calls (jittered ±50%)
+GOAL_P99 = 1.2
+LIMITS_TOML = f"[tiers.default]\nrate = {RATE}\nburst = {BURST}\n"
+# The relay believes its head while anvil mines a block a second.
+RELAY_TOML = ""
+# (weight, method): the dapp mix; params are made per call (``dapp_call``).
+DAPP_MIX = [
+    (30, "eth_blockNumber"),
+    (30, "eth_getBalance"),
+    (10, "eth_chainId"),
+    (15, "eth_getBlockByNumber"),
+    (10, "eth_call"),
+    (5, "eth_getLogs"),
+]
+ABUSER_COST = defaults.RATE_METHOD_COSTS["eth_call"]
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    user_errors: int = 0
+    user_refused: int = 0
+    abuser_sent: int = 0
+    abuser_ok: int = 0
+    abuser_refused: int = 0
+    abuser_other: int = 0
+    upstream_calls: float = 0.0
+    seconds: float = 0.0
+
+
+def dapp_call(rng: random.Random, echo: str, head: int, n: int) -> bytes:
+    method = rng.choices([m for _, m in DAPP_MIX], [w for w, _ in DAPP_MIX])[0]
+    params: list[Any]
+    if method == "eth_getBalance":
+        params = [rng.choice(DEV_ACCOUNTS), "latest"]
+    elif method == "eth_getBlockByNumber":
+        params = ["latest", False]
+    elif method == "eth_call":
+        params = [{"to": echo, "data": common.word(rng.randrange(8))}, "latest"]
+    elif method == "eth_getLogs":
+        lo = max(0, head - 10)
+        params = [{"fromBlock": hex(lo), "toBlock": hex(lo + 5)}]
+    else:
+        params = []
+    return common.request_body(method, params, n)
+
+
+async def user(i: int, url: str, echo: str, head: list[int], stop: float, phase: Phase) -> None:
+    rng = random.Random(i)
+    connector = aiohttp.TCPConnector(local_addr=(f"127.0.1.{i + 1}", 0), limit=1)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as s:
+        await asyncio.sleep(rng.random() * THINK)
+        n = 0
+        while time.monotonic() < stop:
+            n += 1
+            body = dapp_call(rng, echo, head[0], n)
+            t0 = time.perf_counter()
+            try:
+                async with s.post(url, data=body) as r:
+                    data = await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                phase.user_errors += 1
+                continue
+            phase.latencies.append(time.perf_counter() - t0)
+            if status == 429:
+                phase.user_refused += 1
+            elif status != 200 or b'"error"' in data:
+                phase.user_errors += 1
+            await asyncio.sleep(THINK * (0.5 + rng.random()))
+
+
+async def abuser(url: str, echo: str, stop: float, phase: Phase) -> None:
+    """Open loop: ABUSE_FACTOR x the budget's calls a second, answered or not."""
+    per_second = ABUSE_FACTOR * RATE / ABUSER_COST
+    connector = aiohttp.TCPConnector(local_addr=("127.0.2.1", 0), limit=64)
+    headers = {"Content-Type": "application/json"}
+    tasks: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as s:
+
+        async def one(n: int) -> None:
+            data = common.word(10**6 + n)  # fresh arguments: a miss each
+            body = common.request_body("eth_call", [{"to": echo, "data": data}, "latest"], n)
+            try:
+                async with s.post(url, data=body) as r:
+                    await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                phase.abuser_other += 1
+                return
+            if status == 200:
+                phase.abuser_ok += 1
+            elif status == 429:
+                phase.abuser_refused += 1
+            else:
+                phase.abuser_other += 1
+
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() < stop:
+            due = started + n / per_second
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            n += 1
+            phase.abuser_sent += 1
+            task = asyncio.create_task(one(n))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+
+def abuser_process(url: str, echo: str, stop: float, out: multiprocessing.SimpleQueue[Any]) -> None:
+    """``abuser`` in a process of its own; its counts are put on ``out``."""
+    phase = Phase("abuser")
+    asyncio.run(abuser(url, echo, stop, phase))
+    out.put((phase.abuser_sent, phase.abuser_ok, phase.abuser_refused, phase.abuser_other))
+
+
+async def follow_head(url: str, head: list[int], stop: float) -> None:
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < stop:
+            body = common.request_body("eth_blockNumber", [], 1)
+            async with s.post(url, data=body) as r:
+                head[0] = int(orjson.loads(await r.read())["result"], 16)
+            await asyncio.sleep(0.5)
+
+
+async def run_phase(
+    name: str, relay: common.Relay, echo: str, users: int, seconds: float, with_abuser: bool
+) -> Phase:
+    phase = Phase(name)
+    url = relay.url + "/"
+    up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
+    head = [0]
+    started = time.monotonic()
+    stop = started + seconds
+    jobs = [follow_head(url, head, stop)]
+    jobs += [user(i, url, echo, head, stop, phase) for i in range(users)]
+    proc = None
+    if with_abuser:
+        # Spawned, not forked: a fork would inherit this running event loop. time.monotonic
+        # is one clock across the processes of a host.
+        ctx = multiprocessing.get_context("spawn")
+        out: multiprocessing.SimpleQueue[Any] = ctx.SimpleQueue()
+        proc = ctx.Process(target=abuser_process, args=(url, echo, stop, out))
+        proc.start()
+    await asyncio.gather(*jobs)
+    phase.seconds = time.monotonic() - started
+    if proc is not None:
+        await asyncio.get_running_loop().run_in_executor(None, proc.join, 30)
+        if out.empty():
+            raise RuntimeError(f"the abuser's process ended with {proc.exitcode}, no counts")
+        counts = out.get()
+        phase.abuser_sent, phase.abuser_ok, phase.abuser_refused, phase.abuser_other = counts
+    phase.upstream_calls = common.metric(relay.metrics(), "chainrelay_upstream_calls_total") - up0
+    return phase
+
+
+def report(m: dict[str, str], phases: list[Phase], args: argparse.Namespace) -> str:
+    rows = []
+    for p in phases:
+        ms = sorted(x * 1000 for x in p.latencies)
+        rows.append(
+            [
+                p.name,
+                f"{len(ms):,}",
+                f"{common.quantile(ms, 0.5):.2f}",
+                f"**{common.quantile(ms, 0.99):.2f}**",
+                f"{p.user_refused} / {p.user_errors}",
+                f"{p.abuser_sent:,} / {p.abuser_ok:,} / {p.abuser_refused:,}"
+                if p.abuser_sent
+                else "-",
+                f"{p.upstream_calls:,.0f}",
+            ]
+        )
+    quiet, abuse, free = phases
+    p99 = {p.name: common.quantile([x * 1000 for x in p.latencies], 0.99) for p in phases}
+    ratio = p99[abuse.name] / p99[quiet.name]
+    free_ratio = p99[free.name] / p99[quiet.name]
+    budget = BURST + RATE * abuse.seconds
+    cost = abuse.abuser_ok * ABUSER_COST
+    extra_upstream = abuse.upstream_calls - quiet.upstream_calls * abuse.seconds / quiet.seconds
+    return "\n".join(
+        [
+            "## One abuser among 100 dapps (`abuse.py`)",
+            "",
+            common.machine_line(m),
+            "",
+            f"{args.users} dapp users (one identity each) calling about every {THINK} s "
+            f"from a dapp mix; one abuser sending {ABUSE_FACTOR}x its budget in eth_call "
+            f"misses ({ABUSE_FACTOR * RATE / ABUSER_COST:.0f} calls/s, cost {ABUSER_COST:g} "
+            f"each); [tiers.default] rate = {RATE:g}, burst = {BURST:g}; "
+            f"{args.seconds:g} s per phase; anvil mining a block a second.",
+            "",
+            common.table(
+                [
+                    "phase",
+                    "user calls",
+                    "user p50 ms",
+                    "user p99 ms",
+                    "user 429 / errors",
+                    "abuser sent / 200 / 429",
+                    "upstream calls",
+                ],
+                rows,
+            ),
+            "",
+            f"- users' p99 with the abuser / without: **{ratio:.2f}x** (goal ≤ {GOAL_P99}x: "
+            f"**{'met' if ratio <= GOAL_P99 else 'not met'}**); with limits off: "
+            f"{free_ratio:.2f}x",
+            f"- the abuser's admitted cost: **{cost:,.0f}** of a budget of {budget:,.0f} "
+            f"(burst {BURST:g} + {RATE:g}/s x {abuse.seconds:.1f} s): "
+            f"**{'within' if cost <= budget * 1.0001 else 'over'}**; upstream calls beyond "
+            f"the quiet phase's (scaled to its length): {extra_upstream:,.0f} "
+            f"(admitted abuser calls: {abuse.abuser_ok:,}); with limits off it was answered "
+            f"{free.abuser_ok:,} times",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds per phase")
+    ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    common.budget(int(90 + 3 * (args.seconds + 15)))
+    m = common.machine()
+    with contextlib.ExitStack() as stack:
+        anvil = common.start_anvil(block_time=1.0)
+        stack.callback(anvil.stop)
+        setup = common.RpcClient(anvil.url)
+        stack.callback(setup.close)
+        echo = common.deploy(setup, common.echo_initcode())
+        limited = common.Relay(anvil.ws_url, RELAY_TOML + LIMITS_TOML)
+        stack.callback(limited.stop)
+        limited.start()
+        free = common.Relay(anvil.ws_url, RELAY_TOML + "[tiers.default]\nrate = 0\n")
+        stack.callback(free.stop)
+        free.start()
+        phases = [
+            asyncio.run(run_phase("quiet", limited, echo, args.users, args.seconds, False)),
+            asyncio.run(run_phase("abuse", limited, echo, args.users, args.seconds, True)),
+            asyncio.run(run_phase("abuse, no limits", free, echo, args.users, args.seconds, True)),
+        ]
+    text = report(m, phases, args)
+    print(text)
+    if not args.no_write:
+        common.write_section("abuse", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
