@@ -247,10 +247,10 @@ def test_keys_name_the_client_and_a_wrong_key_is_refused_required_or_not() -> No
         bearer = _headers(authorization=f"Bearer {SECRET}")
         assert door.admit(CLIENT_CONN, False, bearer.get, b"/") is ALICE.identity
         path = f"/k/{SECRET}".encode()
-        assert door.admit(CLIENT_CONN, False, {}.get, path) is ALICE.identity
+        assert door.admit(CLIENT_CONN, False, _headers().get, path) is ALICE.identity
         wrong = _headers(x_api_key="not-a-key-of-anyone-000")
         assert door.admit(CLIENT_CONN, False, wrong.get, b"/") is Refusal.UNAUTHORIZED
-        missing = door.admit(CLIENT_CONN, False, {}.get, b"/")
+        missing = door.admit(CLIENT_CONN, False, _headers().get, b"/")
         assert missing is (Refusal.UNAUTHORIZED if required else CLIENT_CONN)
     # The key wins over the proxied address: it is the key's limits that apply.
     door = Door(PROXIES, keys=RING)
