@@ -139,3 +139,28 @@ async def test_proxy_protocol_names_the_connection_and_refuses_what_is_not_one()
     assert transport.closed
     assert front.seen == []
     assert not front.server.per_ip  # the malformed were never counted; the others went
+
+
+UPGRADE = (
+    "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{}\r\n"
+)
+
+
+async def test_a_websocket_keeps_its_key_until_the_key_is_read_away() -> None:
+    front = Front(door(keys=True))
+    keyed, keyed_out = front.connect("203.0.113.8")
+    keyed.data_received(UPGRADE.format(f"X-Api-Key: {KEY}\r\n").encode())
+    anonymous, _ = front.connect("203.0.113.9")
+    anonymous.data_received(UPGRADE.format("").encode())
+    assert keyed_out.out.startswith(b"HTTP/1.1 101")
+    assert keyed.ws is not None and keyed.ws.who is CAROL.identity
+    assert anonymous.ws is not None and anonymous.ws.who == for_address("203.0.113.9")
+    refused, refused_out = front.connect("203.0.113.10")
+    refused.data_received(UPGRADE.format("X-Api-Key: not-the-key-0000000000\r\n").encode())
+    assert refused_out.out.startswith(b"HTTP/1.1 401") and refused.ws is None
+    # The keys read again, carol's gone: her session is closed (1008), the other stays.
+    other = client_key("dave", "default")
+    front.server.set_door(Door(Trusted(()), keys=KeyRing([("the-key-of-dave-0001112", other)])))
+    assert keyed.ws.closed and not anonymous.ws.closed
+    assert b"\x03\xf0" in keyed_out.out[keyed_out.out.index(b"\r\n\r\n") :]  # close code 1008
