@@ -5,6 +5,7 @@ write), API keys (``access/keys.py``) and the door's answer (``access/door.py``)
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -277,3 +278,50 @@ def test_refusals_answer_json_rpc_error_32001() -> None:
     for refusal, body in REFUSAL_BODIES.items():
         got = orjson.loads(body)
         assert got["error"]["code"] == -32001 and got["id"] is None, refusal
+
+
+# --- config ---------------------------------------------------------------------------------
+UPSTREAM = '[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\n'
+GOOD_KEY = 'name = "a"\nkey = "0123456789abcdef"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server]\ntrusted_proxies = ["10.0.0.0/33"]\n', "server.trusted_proxies"),
+        ("[server]\nproxy_protocol = true\n", "server.proxy_protocol"),
+        ('[server]\nclient_address_header = "x-real-ip"\n', "client_address_header"),
+        ("[server]\nmax_forwarded_hops = 0\n", "server.max_forwarded_hops"),
+        ('[[auth.keys]]\nname = "a"\nkey = "short"\n', r"auth.keys\[0\].key"),
+        ('[[auth.keys]]\nname = "a b"\nkey = "0123456789abcdef"\n', r"auth.keys\[0\].name"),
+        (f"[[auth.keys]]\n{GOOD_KEY}[[auth.keys]]\n{GOOD_KEY}", r"auth.keys\[1\].name"),
+        (f'[[auth.keys]]\n{GOOD_KEY}tier = "gold"\n', r"no \[tiers.gold\]"),
+        ('[auth]\nkeys_file = "/nonexistent/keys.toml"\n', "auth.keys_file"),
+    ],
+)
+def test_config_refuses_what_would_misname_clients(text: str, message: str) -> None:
+    from chainrelay.config import loads
+    from chainrelay.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        loads(text + UPSTREAM, {})
+
+
+def test_keys_come_from_config_and_the_keys_file_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chainrelay.config import load_keys, loads
+    from chainrelay.errors import ConfigError
+
+    file = tmp_path / "keys.toml"
+    file.write_text('[[keys]]\nname = "b"\nkey = "${B_KEY}"\ntier = "pro"\n')
+    text = f'[tiers.pro]\n[auth]\nkeys_file = "{file}"\n[[auth.keys]]\n{GOOD_KEY}' + UPSTREAM
+    monkeypatch.setenv("B_KEY", "fedcba9876543210")  # ${ENV} expands in the file too
+    cfg = loads(text, {})
+    assert [(k.name, k.key, k.tier) for k in load_keys(cfg)] == [
+        ("a", "0123456789abcdef", "default"),
+        ("b", "fedcba9876543210", "pro"),
+    ]
+    file.write_text('[[keys]]\nname = "a"\nkey = "fedcba9876543210"\n')
+    with pytest.raises(ConfigError, match="used twice"):
+        load_keys(cfg)
