@@ -25,6 +25,7 @@ import orjson
 
 from chainrelay import defaults
 from chainrelay.access.buckets import Costs, Limiter, TierRate
+from chainrelay.access.configure import door_for
 from chainrelay.access.identity import Identity
 from chainrelay.access.methods import MethodRules, TierLists
 from chainrelay.access.senders import SenderLimit
@@ -39,7 +40,8 @@ from chainrelay.chain.logstore import LogStore
 from chainrelay.chain.profiles import ChainProfile, profile_for
 from chainrelay.collector import settle_startup_heap
 from chainrelay.composition import Composition, on_leaving, running
-from chainrelay.config import Config, parse_listen
+from chainrelay.config import Config, load_keys, parse_listen
+from chainrelay.errors import ConfigError
 from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
@@ -382,6 +384,9 @@ class Node:
             via=self.via,
             ipv6_prefix=cfg.server.ipv6_prefix,
             limiter=rpc.limiter,
+            door=door_for(cfg, load_keys(cfg)),
+            proxy_protocol=cfg.server.proxy_protocol,
+            max_proxy_header_bytes=cfg.server.max_proxy_header_bytes,
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)
@@ -531,6 +536,24 @@ class Node:
                 if isinstance(st, BatchStream) and st.confirmed is not None
             },
         }
+
+    def reload_keys(self) -> dict[str, int]:
+        """Read the API keys again (``[[auth.keys]]`` and ``auth.keys_file``): on SIGHUP,
+        and for the admin call. Requests from now on are named by the new keys; a
+        WebSocket session opened with a key no longer there is closed (1008). A file the
+        node would refuse raises ``ConfigError`` and leaves the keys as they were."""
+        keys = load_keys(self.cfg)
+        if self.server is not None:
+            self.server.set_door(door_for(self.cfg, keys))
+        log.info("API keys read again: %d", len(keys))
+        return {"keys": len(keys)}
+
+    def reload_keys_logged(self) -> None:
+        """``reload_keys`` for a signal handler: a refused file is logged, not raised."""
+        try:
+            self.reload_keys()
+        except ConfigError as exc:
+            log.error("API keys not read again, the old ones stay: %s", exc)
 
     async def stop(self) -> None:
         """Stop what started, newest first. Every stop runs; their failures are raised

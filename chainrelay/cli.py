@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from chainrelay import config as configmod
@@ -95,11 +95,13 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         runner.run(coro)
 
 
-async def _until_signal(coro_factory: Any) -> None:
+async def _until_signal(coro_factory: Any, on_hup: Callable[[], None] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if on_hup is not None:  # SIGHUP: read the API keys again (Node.reload_keys)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await coro_factory(stop)
 
 
@@ -121,7 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
         from chainrelay.workers import supervise
 
         return supervise(cfg, cfg.server.workers, args.log_level)
-    _run(_until_signal(Node(cfg).run_forever))
+    node = Node(cfg)
+    _run(_until_signal(node.run_forever, node.reload_keys_logged))
     return 0
 
 

@@ -24,6 +24,26 @@ WORKER_FEED_BACKLOG = 256
 # subscriber is usually handed a /64, and per-address limits per /128 would let it take a
 # fresh address for every connection.
 IPV6_CLIENT_PREFIX = 64
+# --- who a client is: proxies in front of the node, API keys (chainrelay/access/) -------
+# Addresses whose X-Forwarded-For / Forwarded / PROXY header is believed: none. A header a
+# client wrote itself is otherwise taken at its word, and any client could be anyone.
+TRUSTED_PROXIES: tuple[str, ...] = ()
+# The header a trusted proxy names the client in: the one it writes. nginx and most
+# balancers append to X-Forwarded-For and pass a client's own Forwarded line through
+# untouched, so reading both would let a client pick its address.
+CLIENT_ADDRESS_HEADER = "x-forwarded-for"
+# PROXY protocol (v1/v2, as HAProxy and AWS NLB send it) on the listener: off.
+PROXY_PROTOCOL = False
+# Hops of X-Forwarded-For / Forwarded walked from the right: a chain of proxies is two or
+# three deep; a 32 KiB head holds ~2,000 hops, each an address to parse per request.
+MAX_FORWARDED_HOPS = 16
+# A PROXY header's bytes: a v1 line is at most 107; HAProxy's v2 TLVs (ALPN, authority, TLS
+# details) and NLB's (its endpoint id) take a few hundred. Past this: malformed, closed.
+MAX_PROXY_HEADER_BYTES = 1024
+# Calls without a key: answered, as the default tier's (true: refused, 401).
+AUTH_REQUIRED = False
+# API keys shorter than this are refused in config (a key in a URL must not be guessable).
+MIN_CLIENT_KEY_CHARS = 16
 # geth's HTTP server refuses bodies over 5 MiB; a relay must accept whatever geth accepts.
 MAX_BODY_BYTES = 5 * MiB
 # geth's BatchRequestLimit is 1000; longer batches are abuse more often than need.

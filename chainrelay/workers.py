@@ -61,6 +61,9 @@ STABLE_AFTER = 30.0
 # in-flight answers for up to 5 s, then upstream and Redis connections close.
 STOP_GRACE = 15.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What the supervisor handles: those, and SIGHUP (read the API keys again), which it
+# forwards to every worker.
+_HANDLED = (*_SIGNALS, signal.SIGHUP)
 
 
 @dataclass
@@ -79,7 +82,7 @@ def supervise(cfg: Config, workers: int, log_level: str) -> int:
     r, w = os.pipe()
     os.set_blocking(r, False)
     os.set_blocking(w, False)
-    previous = {sig: signal.signal(sig, _wake) for sig in _SIGNALS}
+    previous = {sig: signal.signal(sig, _wake) for sig in _HANDLED}
     old_fd = signal.set_wakeup_fd(w)
     feed = SiblingFeed.create()
     try:
@@ -177,23 +180,33 @@ class _Supervisor:
         )
         # Blocked across fork so the child cannot run the parent's handlers before it has
         # installed its own; pending signals are delivered when each side unblocks.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         try:
             proc.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         writer.close()  # EOF on ``reader`` now means the worker is gone
         slot.proc, slot.ready = proc, reader
         slot.started = time.monotonic()
         slot.restart_at = None
 
     def _on_signal(self) -> None:
+        got = b""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.wakeup[0], 64):
-                pass
-        if self.stop_deadline is None:
+            while chunk := os.read(self.wakeup[0], 64):
+                got += chunk  # the wakeup fd carries each signal's number as a byte
+        if signal.SIGHUP in got and self.stop_deadline is None:
+            self._forward(signal.SIGHUP)
+        if any(sig in got for sig in _SIGNALS) and self.stop_deadline is None:
             log.info("supervisor %d: stopping workers", os.getpid())
             self._stop_all()
+
+    def _forward(self, sig: signal.Signals) -> None:
+        log.info("supervisor %d: forwarding %s to the workers", os.getpid(), sig.name)
+        for s in self.slots:
+            if s.proc is not None and s.proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.proc.pid, sig)
 
     def _stop_all(self) -> None:
         self.stop_deadline = time.monotonic() + STOP_GRACE
@@ -287,7 +300,9 @@ def _worker_main(
         feed.drop_listener()  # only the feeder serves it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    # SIGHUP's default would end the worker: ignored until its loop reads the keys again.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
     logging.basicConfig(
         level=log_level.upper(),
         format=f"%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s",
@@ -299,6 +314,7 @@ def _worker_main(
 
     async def serve(stop: asyncio.Event) -> None:
         node = Node(cfg, via=via, worker=WorkerRole(index, feed))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, node.reload_keys_logged)
         _register_worker(node, index)
         await node.start(reuse_port=True)
         settle_startup_heap()

@@ -23,10 +23,12 @@ from chainrelay.config.sections import (
     CACHE_BACKENDS,
     FOLLOW_MODES,
     REDIS_SCHEMES,
+    AuthConfig,
     BatchesConfig,
     BatchStreamConfig,
     CacheConfig,
     ChainConfig,
+    ClientKeyConfig,
     FiltersConfig,
     HeadConfig,
     LimitsConfig,
@@ -39,6 +41,7 @@ from chainrelay.config.sections import (
     TreeConfig,
     TreeParentConfig,
     UpstreamConfig,
+    check_client_keys,
     check_upstreams,
     parse_listen,
 )
@@ -48,10 +51,12 @@ __all__ = [
     "CACHE_BACKENDS",
     "FOLLOW_MODES",
     "REDIS_SCHEMES",
+    "AuthConfig",
     "BatchStreamConfig",
     "BatchesConfig",
     "CacheConfig",
     "ChainConfig",
+    "ClientKeyConfig",
     "Config",
     "FiltersConfig",
     "HeadConfig",
@@ -67,6 +72,7 @@ __all__ = [
     "UpstreamConfig",
     "expand_env",
     "load",
+    "load_keys",
     "loads",
     "parse_listen",
     "quick",
@@ -94,6 +100,7 @@ class Config:
     tiers: dict[str, TierConfig] = field(default_factory=dict)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def check(self) -> None:
         """Every section's own rules, then those that span sections. Fills in what is
@@ -139,6 +146,35 @@ class Config:
         self.tiers.setdefault(d.DEFAULT_TIER, TierConfig())
         for name, tier in self.tiers.items():
             tier.check(name)
+        load_keys(self)  # the keys file too: a node that would refuse it does not start
+
+
+@dataclass
+class _KeysFile:
+    """What ``auth.keys_file`` holds: ``[[keys]]`` tables, as ``[[auth.keys]]``."""
+
+    keys: list[ClientKeyConfig] = field(default_factory=list)
+
+
+def load_keys(cfg: Config) -> list[ClientKeyConfig]:
+    """Every API key: the config's, then its keys file's (read now: the node reads it again
+    on SIGHUP), checked together. ``${ENV}`` expands in the file's strings too."""
+    auth = cfg.auth
+    keys = list(auth.keys)
+    path = "auth.keys"
+    if auth.keys_file:
+        p = Path(auth.keys_file)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except OSError as exc:
+            raise ConfigError(f"auth.keys_file: {p}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"auth.keys_file: {p}: not valid TOML: {exc}") from None
+        got: _KeysFile = decode(_KeysFile, expand_values(raw, None), str(p))
+        keys += got.keys
+        path = f"auth.keys + {p}: keys"
+    check_client_keys(keys, cfg.tiers.keys() or {d.DEFAULT_TIER}, path)
+    return keys
 
 
 def validate(cfg: Config) -> Config:

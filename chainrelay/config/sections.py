@@ -10,6 +10,7 @@ The rules that span sections are ``Config.check``'s.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ STREAM = re.compile(r"[a-z0-9_-]{1,20}/[a-z0-9_-]{1,11}")
 
 # A pusher's API key: long enough that guessing one is out of reach.
 MIN_API_KEY_CHARS = 16
+# The headers a trusted proxy may name its client in (see defaults.CLIENT_ADDRESS_HEADER).
+CLIENT_ADDRESS_HEADERS = ("x-forwarded-for", "forwarded")
+# A client's API key: URL-safe (it may be a URL's path), and long enough not to be guessed.
+CLIENT_KEY = re.compile(rf"[A-Za-z0-9._~-]{{{d.MIN_CLIENT_KEY_CHARS},256}}")
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -52,11 +58,39 @@ class ServerConfig:
     workers: int = positive(d.WORKERS)
     # The prefix an IPv6 client's limits are kept under (128: each address on its own).
     ipv6_prefix: int = d.IPV6_CLIENT_PREFIX
+    # Who a client is behind proxies (chainrelay/access/forwarded.py, proxyproto.py): the
+    # proxies believed (addresses, networks), the header they name the client in, and
+    # whether every connection begins with a PROXY header (then only from those proxies).
+    trusted_proxies: list[str] = field(default_factory=lambda: list(d.TRUSTED_PROXIES))
+    client_address_header: str = d.CLIENT_ADDRESS_HEADER
+    proxy_protocol: bool = d.PROXY_PROTOCOL
+    max_forwarded_hops: int = positive(d.MAX_FORWARDED_HOPS)
+    max_proxy_header_bytes: int = positive(d.MAX_PROXY_HEADER_BYTES)
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)
         check_fields(self, "server")
         require(0 < self.ipv6_prefix <= 128, "server.ipv6_prefix: from 1 to 128 bits")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"server.trusted_proxies: {entry!r} is not an address or a network"
+                ) from None
+        require(
+            self.client_address_header in CLIENT_ADDRESS_HEADERS,
+            "server.client_address_header: one of " + ", ".join(CLIENT_ADDRESS_HEADERS),
+        )
+        require(
+            not self.proxy_protocol or bool(self.trusted_proxies),
+            "server.proxy_protocol: name the proxies it is taken from in "
+            "server.trusted_proxies (every other connection is closed)",
+        )
+        require(
+            self.max_proxy_header_bytes >= 107,
+            "server.max_proxy_header_bytes: at least 107 (a PROXY v1 line)",
+        )
         require(
             self.workers <= 1 or port != 0,
             "server.listen: port 0 gives each worker its own port; name one",
@@ -122,6 +156,59 @@ class LogsConfig:
             self.max_block_range >= 0,
             "logs.max_block_range: must be 0 (the chain profile's) or positive",
         )
+
+
+@dataclass
+class ClientKeyConfig:
+    """``[[auth.keys]]``, and each ``[[keys]]`` of ``auth.keys_file``: one client's API key."""
+
+    name: str = ""
+    key: str = ""
+    tier: str = d.DEFAULT_TIER
+    # The key's own allow list of methods (empty: its tier's) and the browser origins it
+    # may be used from (empty: any; a call without Origin is not a browser's).
+    methods: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+
+    def check(self, path: str) -> None:
+        require(
+            KEY_NAME.fullmatch(self.name) is not None,
+            f"{path}.name: 1 to 64 characters of A-Z a-z 0-9 . _ -",
+        )
+        require(
+            CLIENT_KEY.fullmatch(self.key) is not None,
+            f"{path}.key: {d.MIN_CLIENT_KEY_CHARS} to 256 characters of A-Z a-z 0-9 . _ ~ -",
+        )
+
+
+def check_client_keys(keys: list[ClientKeyConfig], tiers: Collection[str], path: str) -> None:
+    """Each key's own rules, then: names and keys each used once, tiers that exist."""
+    names: set[str] = set()
+    secrets: set[str] = set()
+    for i, key in enumerate(keys):
+        where = f"{path}[{i}]"
+        key.check(where)
+        require(key.name not in names, f"{where}.name: {key.name!r} is used twice")
+        require(key.key not in secrets, f"{where}.key: the same key as an earlier one")
+        require(key.tier in tiers, f"{where}.tier: no [tiers.{key.tier}]")
+        names.add(key.name)
+        secrets.add(key.key)
+
+
+@dataclass
+class AuthConfig:
+    """``[auth]``: API keys (chainrelay/access/keys.py). A key comes in ``Authorization:
+    Bearer``, ``X-Api-Key`` or the URL's path; ``keys_file`` (TOML, ``[[keys]]`` tables) is
+    read again on SIGHUP."""
+
+    required: bool = d.AUTH_REQUIRED
+    keys_file: str = ""
+    keys: list[ClientKeyConfig] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls are asked for a key at all."""
+        return self.required or bool(self.keys) or bool(self.keys_file)
 
 
 @dataclass

@@ -31,7 +31,16 @@ import httptools
 import orjson
 
 from chainrelay import defaults
-from chainrelay.access.identity import NODE, enter_identity, for_address, leave_identity
+from chainrelay.access.door import REFUSAL_BODIES, Door, Refusal
+from chainrelay.access.identity import (
+    NODE,
+    Identity,
+    enter_identity,
+    for_address,
+    leave_identity,
+)
+from chainrelay.access.proxyproto import ProxyHeaderError
+from chainrelay.access.proxyproto import parse as parse_proxy_header
 from chainrelay.allocator import give_back_freed_memory
 from chainrelay.config import LimitsConfig
 from chainrelay.errors import RateLimited
@@ -110,6 +119,12 @@ _SPECIAL = re.compile(
 )
 # The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
 _ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
+# The header lines that name a request's client (``Door.admit``), read off a plain POST's
+# head only on connections that ask (from a trusted proxy, or with keys in use).
+_WHO_LINES = re.compile(
+    rb"\r\n(x-forwarded-for|forwarded|authorization|x-api-key|origin)[ \t]*:[ \t]*([^\r\n]*)",
+    re.I,
+)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
@@ -160,6 +175,9 @@ class HttpServer:
         via: str = "",
         ipv6_prefix: int = defaults.IPV6_CLIENT_PREFIX,
         limiter: Limiter | SharedLimiter | None = None,
+        door: Door | None = None,
+        proxy_protocol: bool = False,
+        max_proxy_header_bytes: int = defaults.MAX_PROXY_HEADER_BYTES,
     ) -> None:
         self.routes = routes
         # The rate limits per identity (RpcService's): a replay pays them here, since it
@@ -167,6 +185,12 @@ class HttpServer:
         self.limiter = limiter
         # An IPv6 client stands for its network of this prefix (chainrelay/access/identity.py).
         self.ipv6_prefix = ipv6_prefix
+        # Who a request is beyond its connection's address (trusted proxies, API keys);
+        # None: neither is configured, and no request is asked.
+        self.door = door
+        # Every connection begins with a PROXY header, from a trusted proxy only.
+        self.proxy_protocol = proxy_protocol
+        self.max_proxy_header_bytes = max_proxy_header_bytes
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
         # came round in a loop. Empty: no loop check.
         self.via = via
@@ -195,6 +219,18 @@ class HttpServer:
             return b"Access-Control-Allow-Origin: " + origin + b"\r\nVary: Origin\r\n"
         return b""
 
+    def set_door(self, door: Door | None) -> None:
+        """Name clients by new rules (keys read again): replays learned under the old ones
+        go, since a replay answers without asking the door (its head, key included, is the
+        one that was let in)."""
+        self.door = door
+        self.replays.clear()
+        names = door.keys.names() if door is not None else frozenset()
+        for conn in list(self.connections):
+            ws = conn.ws
+            if ws is not None and ws.who.key is not None and ws.who.key not in names:
+                ws.fail(CLOSE_POLICY, "API key no longer valid")
+
     def learn_replay(
         self, rest: bytes, token: bytes, answer: bytes, record: Seen, cors: bytes = b""
     ) -> None:
@@ -214,8 +250,9 @@ class HttpServer:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        protocol = ProxiedHttpProtocol if self.proxy_protocol else HttpProtocol
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
+            lambda: protocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
         )
         self._sweeper = asyncio.create_task(self._sweep())
 
@@ -344,6 +381,7 @@ class HttpProtocol(asyncio.Protocol):
         "_body_size",
         "_chunk",
         "_count_sends",
+        "_counted",
         "_head_at",
         "_head_buf",
         "_headers",
@@ -354,7 +392,9 @@ class HttpProtocol(asyncio.Protocol):
         "_out",
         "_parse_soon",
         "_paused",
+        "_per_request",
         "_phase",
+        "_proxied",
         "_queue",
         "_rest",
         "_rest_at",
@@ -374,6 +414,13 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ws: WsSession | None = None
         self.who = NODE  # the client, as limits see it (its address until it says more)
+        # The connection comes from a trusted proxy: its requests name their own clients.
+        self._proxied = False
+        # Each request is asked who it is (``Door.admit``): from a trusted proxy, or keys
+        # in use. False: every request is the connection's client, at no cost.
+        self._per_request = False
+        # The name the connection is counted under in ``per_ip`` (None: not counted).
+        self._counted: str | None = None
         self.requests = 0  # messages seen; the idle sweep compares it between sweeps
         self._phase = Phase.IDLE
         self._url = b""
@@ -411,14 +458,30 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
         self._send_now = self.transport.write
-        peer = self.transport.get_extra_info("peername")
         srv = self.server
-        self.who = who = for_address(peer[0] if peer else "", srv.ipv6_prefix)
-        self._in = Account(srv.budget, who.name)
-        self._out = Account(srv.budget, who.name)
-        srv.per_ip[who.name] += 1
         srv.connections.add(self)
         srv.metrics.connections.labels("http").inc()
+        self._admit(_peer_address(self.transport))
+
+    def _admit(self, address: str) -> None:
+        """The connection's client is at ``address``: count it under its identity (a
+        connection of a trusted proxy carries many clients, each limited per request: it
+        is not counted as one client's, and has a share of the memory budget of its own)."""
+        srv = self.server
+        self.who = who = for_address(address, srv.ipv6_prefix)
+        door = srv.door
+        if door is not None:
+            self._proxied = address in door.trusted
+            self._per_request = self._proxied or door.keys_on
+        if self._proxied:
+            share = f"{who.name}#{id(self)}"
+            self._in = Account(srv.budget, share)
+            self._out = Account(srv.budget, share)
+            return
+        self._in = Account(srv.budget, who.name)
+        self._out = Account(srv.budget, who.name)
+        self._counted = who.name
+        srv.per_ip[who.name] += 1
         if srv.per_ip[who.name] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
@@ -427,10 +490,11 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
         srv.connections.discard(self)
-        name = self.who.name
-        srv.per_ip[name] -= 1
-        if srv.per_ip[name] <= 0:
-            del srv.per_ip[name]
+        name = self._counted
+        if name is not None:
+            srv.per_ip[name] -= 1
+            if srv.per_ip[name] <= 0:
+                del srv.per_ip[name]
         srv.metrics.connections.labels("ws" if self.ws else "http").dec()
         if self.ws is not None:
             self.ws.connection_lost()
@@ -596,6 +660,7 @@ class HttpProtocol(asyncio.Protocol):
                 replay = self.server.replays.get(split[1])
                 if (
                     replay is not None
+                    and not self._per_request  # its identity is the request's: not known here
                     and len(split[0]) == replay.token_len
                     and replay.check(replay.record, self.who) is not None
                     and self._pays(replay)
@@ -624,12 +689,12 @@ class HttpProtocol(asyncio.Protocol):
         return not limiter.take_call(self.who, replay.record.method, True)
 
     def _rpc(
-        self, body: bytes, keep_alive: bool, cors: bytes | None = None
+        self, body: bytes, keep_alive: bool, cors: bytes | None = None, who: Identity | None = None
     ) -> bytes | typing.Awaitable[bytes | None] | None:
-        """``routes.rpc``'s answer to ``body``; None when it was refused for the client's
-        rate and answered so (429)."""
+        """``routes.rpc``'s answer to ``body`` from ``who`` (None: the connection's identity);
+        None when it was refused for the client's rate and answered so (429)."""
         try:
-            return self.server.routes.rpc(body, self.who)
+            return self.server.routes.rpc(body, who or self.who)
         except RateLimited as exc:
             self._rate_limited(exc, keep_alive, cors)
             return None
@@ -740,22 +805,61 @@ class HttpProtocol(asyncio.Protocol):
         if not server.cors_any:  # the first Origin line, as httptools' headers would give it
             origin = _ORIGIN.search(head)
             cors = server.cors_lines(origin.group(1) if origin is not None else None)
+        who = self.who
+        if self._per_request:
+            got = self._who_in_head(head)
+            if got.__class__ is Refusal:
+                self._refuse(got, True, cors)
+                return True
+            who = typing.cast(Identity, got)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            got = self._rpc(data[end + 4 :], True, cors)
-            if got is not None:
-                self._answer(got, True, cors)
+            answered = self._rpc(data[end + 4 :], True, cors, who)
+            if answered is not None:
+                self._answer(answered, True, cors, who)
             return True
         try:
-            answer, record = replayer.serve(data[end + 4 :], self.who)
+            answer, record = replayer.serve(data[end + 4 :], who)
         except RateLimited as exc:
             self._rate_limited(exc, True, cors)
             return True
-        if record is not None and split is not None and answer.__class__ is bytes:
+        if (
+            record is not None
+            and split is not None
+            and not self._per_request  # a replay would not know whose request it is
+            and answer.__class__ is bytes
+        ):
             server.learn_replay(split[1], split[0], answer, record, cors)
-        self._answer(answer, True, cors)
+        self._answer(answer, True, cors, who)
         return True
+
+    def _who_in_head(self, head: bytes) -> Identity | Refusal:
+        """``Door.admit`` for a plain POST's head, its header lines read by one regex."""
+        door = self.server.door
+        assert door is not None
+        found: dict[bytes, bytes] = {}
+        for name, value in _WHO_LINES.findall(head):
+            name = name.lower()
+            value = value.rstrip(b" \t")
+            found[name] = found[name] + b", " + value if name in found else value
+        target = head[5 : head.find(b" ", 5)]
+        return door.admit(self.who, self._proxied, found.get, target)
+
+    def _request_who(self) -> Identity | Refusal:
+        """The identity of the request httptools read last, or why it is refused."""
+        door = self.server.door
+        if not self._per_request or door is None:
+            return self.who
+        return door.admit(self.who, self._proxied, self.headers, self._url)
+
+    def _refuse(self, refusal: Refusal, keep_alive: bool, cors: bytes | None = None) -> None:
+        """401 (no valid key) or 403 (a key's origin), with a JSON-RPC error body."""
+        self.server.metrics.rejected.labels(
+            "unauthorized" if refusal is Refusal.UNAUTHORIZED else "origin"
+        ).inc()
+        extra = b"WWW-Authenticate: Bearer\r\n" if refusal is Refusal.UNAUTHORIZED else b""
+        self._send(refusal.value, REFUSAL_BODIES[refusal], keep_alive, extra, cors)
 
     def _hold_head(self, data: bytes) -> bool:
         """Keep a read that is exactly one plain POST head announcing a body, until the
@@ -895,13 +999,18 @@ class HttpProtocol(asyncio.Protocol):
             if batches is not None and self._url.split(b"?", 1)[0] == BATCHES_PATH:
                 self._batch_post(batches, body, keep_alive)
                 return
+            who = self._request_who()
+            if who.__class__ is Refusal:
+                self._refuse(who, keep_alive)
+                return
+            who = typing.cast(Identity, who)
             via = self.headers(b"via")
             if via is None:
-                answer = self._rpc(body, keep_alive)
+                answer = self._rpc(body, keep_alive, None, who)
                 if answer is not None:
-                    self._answer(answer, keep_alive)
+                    self._answer(answer, keep_alive, None, who)
             else:
-                self._relayed(body, via, keep_alive)
+                self._relayed(body, via, keep_alive, who)
         elif method == b"GET":
             self._get(keep_alive)
         elif method == b"OPTIONS":
@@ -909,7 +1018,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._plain(405, b"method not allowed", keep_alive)
 
-    def _relayed(self, body: bytes, via: bytes, keep_alive: bool) -> None:
+    def _relayed(self, body: bytes, via: bytes, keep_alive: bool, who: Identity) -> None:
         """A request another relay forwarded (``Via``, RFC 9110 7.6.3): refused with 508 if
         it passed through this node already (relays that are each other's upstreams would
         pass a miss or a write round forever); else served with its Via carried on to any
@@ -923,9 +1032,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         token = enter_via(", ".join(f"1.1 {r.decode()}" for r in relays))
         try:
-            answer = self._rpc(body, keep_alive)
+            answer = self._rpc(body, keep_alive, None, who)
             if answer is not None:
-                self._answer(answer, keep_alive)
+                self._answer(answer, keep_alive, None, who)
         finally:
             leave_via(token)
 
@@ -965,10 +1074,15 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- answers ---------------------------------------------------------------------
     def _answer(
-        self, result: bytes | Awaitable[bytes | None], keep_alive: bool, cors: bytes | None = None
+        self,
+        result: bytes | Awaitable[bytes | None],
+        keep_alive: bool,
+        cors: bytes | None = None,
+        who: Identity | None = None,
     ) -> None:
         """Write a POST's answer now or once it is ready, in request order. ``cors``: the
-        request's CORS lines, when they were not left to be read from httptools' headers."""
+        request's CORS lines, when they were not left to be read from httptools' headers;
+        ``who``: the request's identity (None: the connection's)."""
         if cors is None:
             # Read now: by the time an answer that waits is written, the headers at hand
             # may be those of a later request.
@@ -985,14 +1099,14 @@ class HttpProtocol(asyncio.Protocol):
             # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
             # The task keeps the client's identity (limits per client); hits never set it.
             coro = typing.cast("Coroutine[object, object, bytes | None]", result)
-            token = enter_identity(self.who)
+            token = enter_identity(who or self.who)
             fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_task(coro)
             leave_identity(token)
         elif result.__class__ is asyncio.Future:
             # A read already sent upstream (RpcService's forwarding path): no task to make.
             fut = typing.cast("asyncio.Future[bytes | None]", result)
         else:
-            token = enter_identity(self.who)
+            token = enter_identity(who or self.who)
             fut = asyncio.ensure_future(result)
             leave_identity(token)
         self._queue.append(Awaited(fut, keep_alive, cors))
@@ -1159,6 +1273,10 @@ class HttpProtocol(asyncio.Protocol):
         path = self._url.split(b"?", 1)[0]
         session: WsSession
         batches = self.server.routes.batches
+        door = self.server.door
+        who = self.who
+        if self._proxied and door is not None:
+            who = door.client(who, self.headers)  # a push or a feed child: no key here
         if batches is not None and path == BATCHES_PATH:
             if not batches.authorized(self.header(b"authorization")):
                 batches.refuse_unauthorized()
@@ -1167,7 +1285,7 @@ class HttpProtocol(asyncio.Protocol):
             self._count_sends = False
             session = batches.open(
                 self.transport,
-                ip=self.who.name,
+                ip=who.name,
                 max_send_buffer=limits.max_ws_send_buffer,
                 close_timeout=limits.ws_close_timeout,
             )
@@ -1175,22 +1293,27 @@ class HttpProtocol(asyncio.Protocol):
             self._count_sends = False
             session = feed(
                 self.transport,
-                ip=self.who.name,
+                ip=who.name,
                 max_send_buffer=limits.max_ws_send_buffer,
                 close_timeout=limits.ws_close_timeout,
             )
         else:
+            got = self._request_who()
+            if got.__class__ is Refusal:
+                self._refuse(got, False)
+                return
+            who = typing.cast(Identity, got)  # what the session's every message is
             session = WsSession(
                 self.transport,
                 self.server.routes.rpc,
-                ip=self.who.name,
+                ip=who.name,
                 max_message_bytes=limits.max_ws_message_bytes,
                 max_send_buffer=limits.max_ws_send_buffer,
                 max_pending=limits.max_pending_per_connection,
                 open_subscriptions=self.server.routes.ws_subscriptions,
                 close_timeout=limits.ws_close_timeout,
                 sends=self._out,
-                who=self.who,
+                who=who,
             )
         if not session.accept(head):
             self.transport.close()
@@ -1202,3 +1325,62 @@ class HttpProtocol(asyncio.Protocol):
         metrics.connections.labels("ws").inc()
         if rest:
             session.data_received(rest)
+
+
+def _peer_address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if peer else ""
+
+
+class ProxiedHttpProtocol(HttpProtocol):
+    """A connection of a ``proxy_protocol`` listener: its first bytes are a PROXY header
+    (``access/proxyproto.py``) naming the client, taken only from a trusted proxy. A
+    connection from anywhere else, or one that does not begin with a whole, well-formed
+    header within ``max_proxy_header_bytes``, is closed without an answer (what it sent is
+    not HTTP to this listener). Until the header is read, the connection counts as no
+    client's."""
+
+    __slots__ = ("_proxy_buf",)
+
+    def __init__(self, server: HttpServer) -> None:
+        super().__init__(server)
+        self._proxy_buf: bytes | None = b""  # None: the header is read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self._send_now = self.transport.write
+        srv = self.server
+        srv.connections.add(self)
+        srv.metrics.connections.labels("http").inc()
+        door = srv.door
+        if door is None or _peer_address(transport) not in door.trusted:
+            srv.metrics.rejected.labels("proxy_header").inc()
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._proxy_buf
+        if buf is None:
+            super().data_received(data)
+            return
+        transport = self.transport
+        assert transport is not None
+        buf += data
+        limit = self.server.max_proxy_header_bytes
+        try:
+            header = parse_proxy_header(buf, limit)
+            if header is None and len(buf) >= limit:
+                raise ProxyHeaderError(f"no whole PROXY header in {limit} bytes")
+        except ProxyHeaderError as exc:
+            self._proxy_buf = b""
+            self.server.metrics.rejected.labels("proxy_header").inc()
+            log.debug("closing a connection: %s", exc)
+            transport.close()
+            return
+        if header is None:
+            self._proxy_buf = buf
+            return
+        self._proxy_buf = None
+        self._admit(header.source or _peer_address(transport))
+        rest = buf[header.length :]
+        if rest and not transport.is_closing():
+            super().data_received(rest)
