@@ -34,10 +34,10 @@ STREAM = re.compile(r"[a-z0-9_-]{1,20}/[a-z0-9_-]{1,11}")
 MIN_API_KEY_CHARS = 16
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, key: str = "server.listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")
+        raise ConfigError(f"{key}: expected HOST:PORT, got {listen!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -48,10 +48,33 @@ class ServerConfig:
     listen: str = d.LISTEN
     cors_origins: list[str] = field(default_factory=lambda: list(d.CORS_ORIGINS))
     workers: int = positive(d.WORKERS)
+    # Operator surfaces: the admin listener, the access log, compression (README).
+    admin_listen: str = d.ADMIN_LISTEN
+    admin_scrape_timeout: float = positive(d.ADMIN_SCRAPE_TIMEOUT)
+    access_log: str = d.ACCESS_LOG
+    access_log_sample: float = d.ACCESS_LOG_SAMPLE
+    access_log_flush_interval: float = positive(d.ACCESS_LOG_FLUSH_INTERVAL)
+    access_log_flush_bytes: int = positive(d.ACCESS_LOG_FLUSH_BYTES)
+    access_log_max_buffer_bytes: int = positive(d.ACCESS_LOG_MAX_BUFFER_BYTES)
+    request_id_max_bytes: int = positive(d.REQUEST_ID_MAX_BYTES)
+    gzip_min_bytes: int = positive(d.GZIP_MIN_BYTES)
+    gzip_level: int = d.GZIP_LEVEL
+    ws_deflate: bool = d.WS_DEFLATE
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)
         check_fields(self, "server")
+        if self.admin_listen:
+            _, admin_port = parse_listen(self.admin_listen, "server.admin_listen")
+            require(
+                admin_port == 0 or admin_port != port,
+                "server.admin_listen: must not be the public port",
+            )
+        require(
+            0.0 <= self.access_log_sample <= 1.0,
+            "server.access_log_sample: must be between 0 and 1",
+        )
+        require(1 <= self.gzip_level <= 9, "server.gzip_level: must be between 1 and 9")
         require(
             self.workers <= 1 or port != 0,
             "server.listen: port 0 gives each worker its own port; name one",

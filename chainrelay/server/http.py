@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import re
+import secrets
 import socket
 import time
 import typing
@@ -29,6 +31,7 @@ from types import CoroutineType
 import httptools
 import orjson
 
+from chainrelay import defaults
 from chainrelay.allocator import give_back_freed_memory
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
@@ -51,6 +54,7 @@ from chainrelay.server.replays import (
     ANSWER_OPEN,
     ANSWER_RESULT,
     REPLAY_ENTRY_OVERHEAD,
+    REPLAY_OPEN,
     Replay,
     replay_size,
 )
@@ -104,6 +108,11 @@ _SPECIAL = re.compile(
 )
 # The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
 _ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
+# An X-Request-Id line of a head read without httptools (its value as httptools gives it).
+_REQUEST_ID = re.compile(rb"\r\nx-request-id:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n|$)", re.I)
+# An incoming request id is kept when made of these (URL-safe, no spaces, no quotes: it is
+# written into a head and a JSON log line as it is); else a fresh one replaces it.
+_SANE_ID = re.compile(rb"[-A-Za-z0-9._:/+=]+")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
@@ -119,6 +128,12 @@ TRIM_AFTER_RELEASED = 32 * 1024 * 1024
 # can be stopped after ``limits.max_requests_per_turn`` requests (httptools parses a whole
 # buffer in one call). A slice of the smallest requests (an 18-byte GET) is ~230 of them.
 PARSE_SLICE = 4096
+# The Prometheus text exposition's content type.
+METRICS_TYPE = b"text/plain; version=0.0.4"
+
+
+async def _metrics_reply(text: Awaitable[bytes]) -> Reply:
+    return 200, await text, METRICS_TYPE
 
 
 def _nowhere(_data: bytes) -> None:
@@ -135,8 +150,20 @@ class HttpServer:
         metrics: Metrics,
         cors_origins: list[str] | None = None,
         via: str = "",
+        *,
+        request_id_max_bytes: int = defaults.REQUEST_ID_MAX_BYTES,
+        protocol: type[HttpProtocol] | None = None,
     ) -> None:
+        """``protocol``: the connection class (a subclass that logs, or the admin
+        listener's); ``HttpProtocol`` when not given."""
         self.routes = routes
+        self.protocol = protocol or HttpProtocol
+        # Request ids: "X-Request-Id: <8 hex of this process>-<counter, hex>". Unique
+        # across a node's workers and restarts without any coordination, and one
+        # formatting of an int per answer (see README: its cost to a cache hit).
+        self.request_id_max_bytes = request_id_max_bytes
+        self._id_line = b"X-Request-Id: " + secrets.token_hex(4).encode() + b"-"
+        self._ids = itertools.count(1).__next__
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
         # came round in a loop. Empty: no loop check.
         self.via = via
@@ -158,6 +185,21 @@ class HttpServer:
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
         )
 
+    def id_line(self, incoming: bytes | None = None) -> bytes:
+        """An answer's X-Request-Id line: ``incoming`` (the request's) when it is sane (of
+        URL-safe characters, at most ``request_id_max_bytes``), else a fresh id."""
+        if (
+            incoming is not None
+            and len(incoming) <= self.request_id_max_bytes
+            and _SANE_ID.fullmatch(incoming) is not None
+        ):
+            return b"X-Request-Id: " + incoming + b"\r\n"
+        return self._id_line + b"%x\r\n" % self._ids()
+
+    def fresh_id(self) -> bytes:
+        """A new id's line without its CRLF (a replay writes it straight into its head)."""
+        return self._id_line + b"%x" % self._ids()
+
     def cors_lines(self, origin: bytes | None) -> bytes:
         """The CORS lines of an answer to a request from ``origin`` when origins are listed
         (with ``*``, every answer's head carries its own line)."""
@@ -175,17 +217,17 @@ class HttpServer:
             (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
             return  # an "id" in the head, or an answer not spliced from the record
-        prefix = self.head(200, len(answer), True, cors) + ANSWER_OPEN
-        size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
+        head = self.head(200, len(answer), True, cors)[:-2]  # the id line goes after it
+        size = len(rest) + len(head) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
-        replay = Replay(prefix, record, len(token), size, replayer.replay)
+        replay = Replay(head, record, len(token), size, replayer.replay)
         self.replays.add(rest, replay, record.generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
+            lambda: self.protocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
         )
         self._sweeper = asyncio.create_task(self._sweep())
 
@@ -193,7 +235,7 @@ class HttpServer:
         """Serve on a socket bound and listening already (made by another process: a
         node's feeder worker serves its private feed listener, which the supervisor made)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock)
+        self._server = await loop.create_server(lambda: self.protocol(self), sock=sock)
         self._sweeper = asyncio.create_task(self._sweep())
 
     @property
@@ -277,8 +319,10 @@ class HttpServer:
                 self._base_headers
                 if content_type is None
                 else b"Content-Type: " + content_type + b"\r\n" + self._cors_line,
-                extra,
+                # The answer's own lines after its length, where the prebuilt head of
+                # ``HttpProtocol._write_ok`` puts them: one answer, the same bytes either way.
                 b"Content-Length: %d\r\n" % length,
+                extra,
                 b"" if keep_alive else b"Connection: close\r\n",
                 b"\r\n",
             )
@@ -570,7 +614,11 @@ class HttpProtocol(asyncio.Protocol):
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
-                    self._send_now(replay.prefix + split[0] + replay.suffix)
+                    self._send_now(
+                        b"".join(
+                            (replay.head, self.server.fresh_id(), REPLAY_OPEN, split[0], replay.suffix)
+                        )
+                    )
                     return
             if data[:5] == b"POST ":
                 if self._plain_post(data, split) or self._hold_head(data):
@@ -683,15 +731,20 @@ class HttpProtocol(asyncio.Protocol):
         if not server.cors_any:  # the first Origin line, as httptools' headers would give it
             origin = _ORIGIN.search(head)
             cors = server.cors_lines(origin.group(1) if origin is not None else None)
+        # A request that names its id keeps it; a replay writes a fresh one, so such a
+        # request is never learned as one.
+        named = _REQUEST_ID.search(head)
+        lines = cors + server.id_line(named.group(1) if named is not None else None)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            self._answer(routes.rpc(data[end + 4 :]), True, cors)
+            self._answer(routes.rpc(data[end + 4 :]), True, lines)
             return True
         answer, record = replayer.serve(data[end + 4 :])
-        if record is not None and split is not None and answer.__class__ is bytes:
-            server.learn_replay(split[1], split[0], answer, record, cors)
-        self._answer(answer, True, cors)
+        if record is not None and split is not None and named is None:
+            if answer.__class__ is bytes:
+                server.learn_replay(split[1], split[0], answer, record, cors)
+        self._answer(answer, True, lines)
         return True
 
     def _hold_head(self, data: bytes) -> bool:
@@ -891,7 +944,7 @@ class HttpProtocol(asyncio.Protocol):
             self._plain(429, b"too many answers under way on this connection", keep_alive)
             return
         path = self._url
-        cors = b"" if self.server.cors_any else self._cors()
+        cors = self._lines()
         fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
         self._queue.append(AwaitedReply(fut, keep_alive, cors))
         fut.add_done_callback(self._flush)
@@ -901,15 +954,16 @@ class HttpProtocol(asyncio.Protocol):
         self, result: bytes | Awaitable[bytes | None], keep_alive: bool, cors: bytes | None = None
     ) -> None:
         """Write a POST's answer now or once it is ready, in request order. ``cors``: the
-        request's CORS lines, when they were not left to be read from httptools' headers."""
+        answer's own head lines (CORS, X-Request-Id), when they were not left to be read
+        from httptools' headers."""
         if cors is None:
             # Read now: by the time an answer that waits is written, the headers at hand
             # may be those of a later request.
-            cors = b"" if self.server.cors_any else self._cors()
+            cors = self._lines()
         if result.__class__ is bytes:
             # The hot path: a synchronous answer on an idle keep-alive connection.
-            if keep_alive and not self._queue and not cors:
-                self._write_ok(result)
+            if keep_alive and not self._queue:
+                self._write_ok(result, cors)
             else:
                 self._send(200, result, keep_alive, cors=cors)
             return
@@ -937,6 +991,13 @@ class HttpProtocol(asyncio.Protocol):
         """The CORS lines for the request httptools read last, when origins are listed."""
         return self.server.cors_lines(self.header(b"origin"))
 
+    def _lines(self) -> bytes:
+        """The head lines of the answer to the request httptools read last: its CORS lines
+        (origins listed) and its X-Request-Id."""
+        server = self.server
+        rid = server.id_line(self.header(b"x-request-id"))
+        return rid if server.cors_any else self._cors() + rid
+
     def _send(
         self,
         status: int,
@@ -946,19 +1007,20 @@ class HttpProtocol(asyncio.Protocol):
         cors: bytes | None = None,
     ) -> None:
         if cors is None:
-            cors = b"" if self.server.cors_any else self._cors()
+            cors = self._lines()
         data = self.server.head(status, len(body), keep_alive, extra + cors) + body
         if self._queue:
             self._queue.append(Ready(data, keep_alive))
             return
         self._write(data, keep_alive)
 
-    def _write_ok(self, body: bytes) -> None:
-        """200 OK on a keep-alive connection: the prebuilt head plus the length."""
+    def _write_ok(self, body: bytes, lines: bytes) -> None:
+        """200 OK on a keep-alive connection: the prebuilt head, the length and the
+        answer's own ``lines`` (X-Request-Id, CORS)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        head = self.server.ok_head + b"%d\r\n\r\n" % len(body)
+        head = self.server.ok_head + b"%d\r\n%b\r\n" % (len(body), lines)
         if len(body) > LARGE_BODY:
             transport.writelines((head, body))  # no copy of a large answer
         else:
@@ -1013,8 +1075,8 @@ class HttpProtocol(asyncio.Protocol):
             elif isinstance(entry, AwaitedReply):
                 self._write(body, keep_alive)
                 continue
-            if keep_alive and not entry.cors:
-                self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
+            if keep_alive:
+                self._write_ok(body, entry.cors)  # the head head(200, ...) builds, prebuilt
             else:
                 head = self.server.head(200, len(body), keep_alive, entry.cors)
                 self._write(head + body, keep_alive)
@@ -1050,9 +1112,13 @@ class HttpProtocol(asyncio.Protocol):
             self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
         elif path == b"/metrics" and routes.metrics_text is not None:
             text = routes.metrics_text()
+            if text.__class__ is not bytes:  # gathered from the other workers: later
+                self._reply(_metrics_reply(typing.cast("Awaitable[bytes]", text)), keep_alive)
+                return
+            assert isinstance(text, bytes)
             data = (
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(text)
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n%b"
+                b"Content-Length: %d\r\n\r\n" % (self._lines(), len(text))
             ) + text
             if self._queue:
                 self._queue.append(Ready(data, keep_alive))

@@ -1,0 +1,170 @@
+"""The admin listener (``[server] admin_listen``): what an operator asks a node, on a port
+of its own (loopback unless told otherwise), apart from the clients' port.
+
+It serves ``GET /metrics`` (under ``--workers``, every worker's, summed), the full
+``GET /health`` (upstreams, latencies, tree and worker detail) and an admin JSON-RPC on
+``POST /`` (``AdminRpc``):
+
+- ``chainrelay_cordonUpstream(name)``: the upstream leaves rotation until uncordoned;
+- ``chainrelay_uncordonUpstream(name)``: it is back;
+- ``chainrelay_reloadKeys()``: calls the reload hook the key table registers
+  (``AdminRpc.reload_keys``); with none registered it answers ``{"reloaded": false,
+  "reason": ...}``, never a success it did not have;
+- ``chainrelay_status()``: role, chain id, head, finalized, upstreams with their state,
+  cache stats.
+
+While it is on, the public port answers ``/health`` with liveness alone and no longer
+serves ``/metrics``. Under ``--workers`` the feeder (worker 0) serves it; every other worker
+serves its registry's text on a Unix socket in the supervisor's private directory
+(``WorkerMetrics``), which the feeder reads, each within ``admin_scrape_timeout``, at every
+scrape: a worker stuck or restarting is left out of that scrape and counted, never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chainrelay.server.metricsum import sum_expositions
+from chainrelay.wire.jsonrpc import NULL_ID, encode_error, encode_result
+
+log = logging.getLogger(__name__)
+
+# The hook the key table registers: reloads its keys, says what it did (a JSON object).
+KeyReload = Callable[[], dict[str, Any]]
+# What reloadKeys answers while no key table registered a hook.
+NO_KEY_TABLE = "this node has no key table to reload"
+# Largest admin request: the methods take one upstream name at most.
+MAX_ADMIN_BODY = 64 * 1024
+
+
+class AdminRpc:
+    """The admin JSON-RPC. ``cordon``/``uncordon`` take an upstream name and return whether
+    one has it; ``status`` gives the node's state as a JSON object."""
+
+    def __init__(
+        self,
+        cordon: Callable[[str], bool],
+        uncordon: Callable[[str], bool],
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._cordon = cordon
+        self._uncordon = uncordon
+        self._status = status
+        # Registered by the key table when there is one (``Node.register_key_reload``).
+        self.reload_keys: KeyReload | None = None
+
+    def handle(self, body: bytes) -> bytes:
+        """One JSON-RPC request's answer (no batches: an operator's call at a time)."""
+        if len(body) > MAX_ADMIN_BODY:
+            return encode_error(NULL_ID, -32600, "invalid request: body too large")
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return encode_error(NULL_ID, -32700, f"parse error: {exc}")
+        if not isinstance(doc, dict):
+            return encode_error(NULL_ID, -32600, "invalid request: one call object expected")
+        rid = doc.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int)):
+            return encode_error(NULL_ID, -32600, "invalid request: id must be a string or number")
+        id_bytes = orjson.dumps(rid)
+        method = doc.get("method")
+        params = doc.get("params", [])
+        if doc.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            return encode_error(id_bytes, -32600, 'invalid request: jsonrpc "2.0" and a method')
+        if not isinstance(params, list):
+            return encode_error(id_bytes, -32602, "invalid params: an array expected")
+        if method in ("chainrelay_cordonUpstream", "chainrelay_uncordonUpstream"):
+            if len(params) != 1 or not isinstance(params[0], str):
+                return encode_error(id_bytes, -32602, "invalid params: [upstream name]")
+            act = self._cordon if method == "chainrelay_cordonUpstream" else self._uncordon
+            if not act(params[0]):
+                return encode_error(id_bytes, -32602, f"no upstream named {params[0]!r}")
+            return encode_result(id_bytes, b"true")
+        if params:
+            return encode_error(id_bytes, -32602, "invalid params: none expected")
+        if method == "chainrelay_reloadKeys":
+            return encode_result(id_bytes, orjson.dumps(self._reload()))
+        if method == "chainrelay_status":
+            return encode_result(id_bytes, orjson.dumps(self._status()))
+        return encode_error(id_bytes, -32601, f"method not found: {method}")
+
+    def _reload(self) -> dict[str, Any]:
+        hook = self.reload_keys
+        if hook is None:
+            return {"reloaded": False, "reason": NO_KEY_TABLE}
+        try:
+            return hook()
+        except Exception as exc:  # the table's error is the answer, not a crash
+            log.exception("key reload failed")
+            return {"reloaded": False, "reason": f"reload failed: {exc}"}
+
+
+def worker_socket(directory: Path, index: int) -> Path:
+    """Where worker ``index`` serves its registry's text (under the supervisor's directory)."""
+    return directory / f"metrics-{index}.sock"
+
+
+class WorkerMetrics:
+    """A worker's registry on a Unix socket: each connection gets the text, then EOF."""
+
+    def __init__(self, path: Path, render: Callable[[], bytes]) -> None:
+        self.path = path
+        self._render = render
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a socket left by this worker's previous life
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def _serve(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(self._render())
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+async def read_worker(path: Path, timeout: float) -> str | None:
+    """One other worker's text, or None when it did not answer within ``timeout``."""
+
+    async def read() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            return await reader.read()
+        finally:
+            writer.close()
+
+    try:
+        return (await asyncio.wait_for(read(), timeout)).decode()
+    except (OSError, TimeoutError, UnicodeDecodeError):
+        return None
+
+
+async def gather_metrics(
+    own: bytes, others: list[Path], timeout: float, missed: Callable[[int], None]
+) -> bytes:
+    """This worker's text (``own``) and every other's, read at once, summed. ``missed``
+    is told how many did not answer in time."""
+    texts = await asyncio.gather(*(read_worker(p, timeout) for p in others))
+    lost = sum(1 for t in texts if t is None)
+    if lost:
+        missed(lost)
+    return sum_expositions([own.decode(), *(t for t in texts if t is not None)]).encode()
