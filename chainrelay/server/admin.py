@@ -32,7 +32,9 @@ from typing import Any
 
 import orjson
 
+from chainrelay.server.http import HttpProtocol
 from chainrelay.server.metricsum import sum_expositions
+from chainrelay.server.phases import Event, Phase, on
 from chainrelay.wire.jsonrpc import NULL_ID, encode_error, encode_result
 
 log = logging.getLogger(__name__)
@@ -168,3 +170,32 @@ async def gather_metrics(
     if lost:
         missed(lost)
     return sum_expositions([own.decode(), *(t for t in texts if t is not None)]).encode()
+
+
+class AdminProtocol(HttpProtocol):
+    """A connection to the admin listener: every request through httptools (an operator's
+    few calls need no fast path), and a POST from a browser page refused (403): a page on
+    any site may send a simple POST to a loopback port, and while it could not read the
+    answer, a cordon would be done all the same. Browsers always name the Origin of such
+    a request; operators' tools (curl, scripts) send none."""
+
+    __slots__ = ()
+
+    def _plain_post(self, data: bytes, split: tuple[bytes, bytes] | None = None) -> bool:
+        return False
+
+    def _hold_head(self, data: bytes) -> bool:
+        return False
+
+    def on_message_complete(self) -> None:
+        if (
+            self.parser.get_method() == b"POST"
+            and self.header(b"origin") is not None
+            and self._phase is Phase.BODY
+        ):
+            self._phase = on(Event.COMPLETE)[self._phase]
+            self._body = []
+            self.server.metrics.rejected.labels("admin_origin").inc()
+            self._plain(403, b"admin calls are not taken from browser pages", False)
+            return
+        super().on_message_complete()

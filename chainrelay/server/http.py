@@ -71,6 +71,7 @@ from chainrelay.wire.jsonrpc import single_id, split_token
 
 if typing.TYPE_CHECKING:
     from chainrelay.rpc.replay import Seen
+    from chainrelay.server.accesslog import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +154,21 @@ class HttpServer:
         *,
         request_id_max_bytes: int = defaults.REQUEST_ID_MAX_BYTES,
         protocol: type[HttpProtocol] | None = None,
+        access: AccessLog | None = None,
     ) -> None:
-        """``protocol``: the connection class (a subclass that logs, or the admin
-        listener's); ``HttpProtocol`` when not given."""
+        """``protocol``: the connection class (the access log's, or the admin listener's);
+        ``HttpProtocol`` when not given. ``access``: the access log, when on."""
         self.routes = routes
         self.protocol = protocol or HttpProtocol
         # Request ids: "X-Request-Id: <8 hex of this process>-<counter, hex>". Unique
         # across a node's workers and restarts without any coordination, and one
         # formatting of an int per answer (see README: its cost to a cache hit).
         self.request_id_max_bytes = request_id_max_bytes
-        self._id_line = b"X-Request-Id: " + secrets.token_hex(4).encode() + b"-"
+        self._id_prefix = secrets.token_hex(4).encode() + b"-"
+        self._id_line = b"X-Request-Id: " + self._id_prefix
         self._ids = itertools.count(1).__next__
+        # The access log, when on (its connections are ``LoggedHttpProtocol``).
+        self.access = access
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
         # came round in a loop. Empty: no loop check.
         self.via = via
@@ -199,6 +204,10 @@ class HttpServer:
     def fresh_id(self) -> bytes:
         """A new id's line without its CRLF (a replay writes it straight into its head)."""
         return self._id_line + b"%x" % self._ids()
+
+    def new_id(self) -> bytes:
+        """A new id (a WebSocket message's, in the access log)."""
+        return self._id_prefix + b"%x" % self._ids()
 
     def cors_lines(self, origin: bytes | None) -> bytes:
         """The CORS lines of an answer to a request from ``origin`` when origins are listed
@@ -616,7 +625,13 @@ class HttpProtocol(asyncio.Protocol):
                     # Reads stop when the transport closes, so it is open here.
                     self._send_now(
                         b"".join(
-                            (replay.head, self.server.fresh_id(), REPLAY_OPEN, split[0], replay.suffix)
+                            (
+                                replay.head,
+                                self.server.fresh_id(),
+                                REPLAY_OPEN,
+                                split[0],
+                                replay.suffix,
+                            )
                         )
                     )
                     return

@@ -34,6 +34,7 @@ SANS_IO = (
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
+    "chainrelay.server.metricsum",
     "chainrelay.chain.profiles",
     "chainrelay.chain.headpoll",
     "chainrelay.chain.blockorder",
