@@ -48,6 +48,7 @@ from chainrelay.server.admin import (
     gather_metrics,
     worker_socket,
 )
+from chainrelay.server.compress import Compression
 from chainrelay.server.http import HttpServer, Routes
 from chainrelay.server.peer import new_via_name
 from chainrelay.subscriptions.filters import FilterService
@@ -371,6 +372,9 @@ class Node:
             request_id_max_bytes=cfg.server.request_id_max_bytes,
             protocol=None if access is None else LoggedHttpProtocol,
             access=access,
+            compression=Compression(
+                cfg.server.gzip_min_bytes, cfg.server.gzip_level, cfg.server.ws_deflate
+            ),
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)

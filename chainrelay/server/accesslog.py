@@ -43,6 +43,7 @@ import orjson
 
 from chainrelay.config import ServerConfig
 from chainrelay.metrics import Metrics
+from chainrelay.server.compress import accepts_gzip
 from chainrelay.server.http import HttpProtocol
 
 if typing.TYPE_CHECKING:
@@ -192,12 +193,13 @@ class AccessLog:
             out = self._rpc(body)
         finally:
             _CURRENT.reset(token)
-        if ws:
-            entry.rid = f"{self._id_prefix}{self._ids():x}"
-        else:
+        http = conn is not None and not ws
+        if http:
             self.last = entry  # the connection's _answer names its id, before it completes
+        else:  # a WebSocket message (or a call outside any connection's read)
+            entry.rid = f"{self._id_prefix}{self._ids():x}"
         if isinstance(out, bytes):
-            if ws:
+            if not http:
                 self.finish(entry, out, 200)
             return out
         return self._later(entry, out)
@@ -339,10 +341,15 @@ class LoggedHttpProtocol(HttpProtocol):
             access.conn = access.last = None
 
     def _answer(
-        self, result: bytes | Awaitable[bytes | None], keep_alive: bool, cors: bytes | None = None
+        self,
+        result: bytes | Awaitable[bytes | None],
+        keep_alive: bool,
+        cors: bytes | None = None,
+        gzip: bool = False,
     ) -> None:
         if cors is None:
             cors = self._lines()
+            gzip = accepts_gzip(self.header(b"accept-encoding"))
         access = self._access()
         entry, access.last = access.last, None
         if entry is not None:
@@ -350,7 +357,7 @@ class LoggedHttpProtocol(HttpProtocol):
             entry.rid = found.group(1).decode() if found is not None else ""
             if isinstance(result, bytes):
                 access.finish(entry, result, 200)
-        super()._answer(result, keep_alive, cors)
+        super()._answer(result, keep_alive, cors, gzip)
 
     def _send(
         self,

@@ -37,6 +37,7 @@ from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.budget import Account, Budget, Over
+from chainrelay.server.compress import GZIP_LINES, Compression, accepts_gzip, asks_gzip
 from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
 from chainrelay.server.pending import (
     INTERNAL_ERROR,
@@ -155,6 +156,7 @@ class HttpServer:
         request_id_max_bytes: int = defaults.REQUEST_ID_MAX_BYTES,
         protocol: type[HttpProtocol] | None = None,
         access: AccessLog | None = None,
+        compression: Compression | None = None,
     ) -> None:
         """``protocol``: the connection class (the access log's, or the admin listener's);
         ``HttpProtocol`` when not given. ``access``: the access log, when on."""
@@ -169,6 +171,7 @@ class HttpServer:
         self._ids = itertools.count(1).__next__
         # The access log, when on (its connections are ``LoggedHttpProtocol``).
         self.access = access
+        self.compression = compression or Compression()
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
         # came round in a loop. Empty: no loop check.
         self.via = via
@@ -750,16 +753,18 @@ class HttpProtocol(asyncio.Protocol):
         # request is never learned as one.
         named = _REQUEST_ID.search(head)
         lines = cors + server.id_line(named.group(1) if named is not None else None)
+        gzip = asks_gzip(head)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            self._answer(routes.rpc(data[end + 4 :]), True, lines)
+            self._answer(routes.rpc(data[end + 4 :]), True, lines, gzip)
             return True
         answer, record = replayer.serve(data[end + 4 :])
-        if record is not None and split is not None and named is None:
+        # A replay writes the answer as it is: never one a client asked to have gzipped.
+        if record is not None and split is not None and named is None and not gzip:
             if answer.__class__ is bytes:
                 server.learn_replay(split[1], split[0], answer, record, cors)
-        self._answer(answer, True, lines)
+        self._answer(answer, True, lines, gzip)
         return True
 
     def _hold_head(self, data: bytes) -> bool:
@@ -966,16 +971,24 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- answers ---------------------------------------------------------------------
     def _answer(
-        self, result: bytes | Awaitable[bytes | None], keep_alive: bool, cors: bytes | None = None
+        self,
+        result: bytes | Awaitable[bytes | None],
+        keep_alive: bool,
+        cors: bytes | None = None,
+        gzip: bool = False,
     ) -> None:
         """Write a POST's answer now or once it is ready, in request order. ``cors``: the
-        answer's own head lines (CORS, X-Request-Id), when they were not left to be read
-        from httptools' headers."""
+        answer's own head lines (CORS, X-Request-Id), and ``gzip`` whether the client
+        accepts gzip, when they were not left to be read from httptools' headers."""
         if cors is None:
             # Read now: by the time an answer that waits is written, the headers at hand
             # may be those of a later request.
             cors = self._lines()
+            gzip = accepts_gzip(self.header(b"accept-encoding"))
         if result.__class__ is bytes:
+            if gzip:
+                assert isinstance(result, bytes)
+                result, cors = self._gzipped(result, cors)
             # The hot path: a synchronous answer on an idle keep-alive connection.
             if keep_alive and not self._queue:
                 self._write_ok(result, cors)
@@ -997,10 +1010,17 @@ class HttpProtocol(asyncio.Protocol):
             token = enter_peer(self.ip)
             fut = asyncio.ensure_future(result)
             leave_peer(token)
-        self._queue.append(Awaited(fut, keep_alive, cors))
+        self._queue.append(Awaited(fut, keep_alive, cors, gzip))
         fut.add_done_callback(self._flush)
         if len(self._queue) > self.server.limits.max_pending_per_connection:
             self._pause(Paused.BACKLOG)
+
+    def _gzipped(self, body: bytes, lines: bytes) -> tuple[bytes, bytes]:
+        """An answer for a client that accepts gzip: gzipped from ``gzip_min_bytes`` on."""
+        compression = self.server.compression
+        if len(body) < compression.gzip_min_bytes:
+            return body, lines
+        return compression.gzip(body), lines + GZIP_LINES
 
     def _cors(self) -> bytes:
         """The CORS lines for the request httptools read last, when origins are listed."""
@@ -1090,10 +1110,13 @@ class HttpProtocol(asyncio.Protocol):
             elif isinstance(entry, AwaitedReply):
                 self._write(body, keep_alive)
                 continue
+            lines = entry.cors
+            if isinstance(entry, Awaited) and entry.gzip:
+                body, lines = self._gzipped(body, lines)
             if keep_alive:
-                self._write_ok(body, entry.cors)  # the head head(200, ...) builds, prebuilt
+                self._write_ok(body, lines)  # the head head(200, ...) builds, prebuilt
             else:
-                head = self.server.head(200, len(body), keep_alive, entry.cors)
+                head = self.server.head(200, len(body), keep_alive, lines)
                 self._write(head + body, keep_alive)
         if (
             self._paused & Paused.BACKLOG
@@ -1198,6 +1221,7 @@ class HttpProtocol(asyncio.Protocol):
                 open_subscriptions=self.server.routes.ws_subscriptions,
                 close_timeout=limits.ws_close_timeout,
                 sends=self._out,
+                deflate=self.server.compression.ws_deflate,
             )
         if not session.accept(head):
             self.transport.close()

@@ -167,7 +167,7 @@ class UpstreamPool:
         return True
 
     def state(self, u: Upstream) -> str:
-        """"cordoned", "out" (of rotation after errors, probed) or "in" (rotation)."""
+        """ "cordoned", "out" (of rotation after errors, probed) or "in" (rotation)."""
         if u.name in self.cordoned:
             return "cordoned"
         return "in" if u.healthy else "out"

@@ -35,6 +35,7 @@ SANS_IO = (
     "chainrelay.server.phases",
     "chainrelay.server.replays",
     "chainrelay.server.metricsum",
+    "chainrelay.server.compress",
     "chainrelay.chain.profiles",
     "chainrelay.chain.headpoll",
     "chainrelay.chain.blockorder",
