@@ -37,7 +37,7 @@ from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.budget import Account, Budget, Over
-from chainrelay.server.compress import GZIP_LINES, Compression, accepts_gzip, asks_gzip
+from chainrelay.server.compress import GZIP_LINES, Compression, accepts_gzip
 from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
 from chainrelay.server.pending import (
     INTERNAL_ERROR,
@@ -110,8 +110,13 @@ _SPECIAL = re.compile(
 )
 # The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
 _ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
-# An X-Request-Id line of a head read without httptools (its value as httptools gives it).
-_REQUEST_ID = re.compile(rb"\r\nx-request-id:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n|$)", re.I)
+# The lines of a head read without httptools that change its answer's head: its own
+# X-Request-Id, and an Accept-Encoding (gzip). One scan of the head finds either; most
+# requests have neither.
+_ANSWER_LINES = re.compile(rb"\r\n(x-request-id|accept-encoding)[ \t]*:([^\r\n]*)", re.I)
+_SPECIAL_OR_LINES = re.compile(
+    _SPECIAL.pattern + rb"|\r\n(?:x-request-id|accept-encoding)[ \t]*:", re.I
+)
 # An incoming request id is kept when made of these (URL-safe, no spaces, no quotes: it is
 # written into a head and a JSON log line as it is); else a fresh one replaces it.
 _SANE_ID = re.compile(rb"[-A-Za-z0-9._:/+=]+")
@@ -167,8 +172,9 @@ class HttpServer:
         # formatting of an int per answer (see README: its cost to a cache hit).
         self.request_id_max_bytes = request_id_max_bytes
         self._id_prefix = secrets.token_hex(4).encode() + b"-"
-        self._id_line = b"X-Request-Id: " + self._id_prefix
-        self._ids = itertools.count(1).__next__
+        self.id_head = b"X-Request-Id: " + self._id_prefix
+        # The next id's counter (a replay's head ends in ``_id_line``, and writes it).
+        self.ids = itertools.count(1).__next__
         # The access log, when on (its connections are ``LoggedHttpProtocol``).
         self.access = access
         self.compression = compression or Compression()
@@ -202,15 +208,11 @@ class HttpServer:
             and _SANE_ID.fullmatch(incoming) is not None
         ):
             return b"X-Request-Id: " + incoming + b"\r\n"
-        return self._id_line + b"%x\r\n" % self._ids()
-
-    def fresh_id(self) -> bytes:
-        """A new id's line without its CRLF (a replay writes it straight into its head)."""
-        return self._id_line + b"%x" % self._ids()
+        return self.id_head + b"%x\r\n" % self.ids()
 
     def new_id(self) -> bytes:
         """A new id (a WebSocket message's, in the access log)."""
-        return self._id_prefix + b"%x" % self._ids()
+        return self._id_prefix + b"%x" % self.ids()
 
     def cors_lines(self, origin: bytes | None) -> bytes:
         """The CORS lines of an answer to a request from ``origin`` when origins are listed
@@ -229,7 +231,8 @@ class HttpServer:
             (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
             return  # an "id" in the head, or an answer not spliced from the record
-        head = self.head(200, len(answer), True, cors)[:-2]  # the id line goes after it
+        # Up to the value of its X-Request-Id: each replay writes a new one, then the rest.
+        head = self.head(200, len(answer), True, cors)[:-2] + self.id_head
         size = len(rest) + len(head) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
@@ -626,16 +629,10 @@ class HttpProtocol(asyncio.Protocol):
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
+                    # Its head ends in this process's id prefix: the counter completes it.
                     self._send_now(
-                        b"".join(
-                            (
-                                replay.head,
-                                self.server.fresh_id(),
-                                REPLAY_OPEN,
-                                split[0],
-                                replay.suffix,
-                            )
-                        )
+                        b"%b%x%b%b%b"
+                        % (replay.head, self.server.ids(), REPLAY_OPEN, split[0], replay.suffix)
                     )
                     return
             if data[:5] == b"POST ":
@@ -733,7 +730,12 @@ class HttpProtocol(asyncio.Protocol):
         if end < 0 or end > self.server.limits.max_header_bytes:
             return False
         head = data[:end]
-        if _PLAIN_HEAD.fullmatch(head) is None or _SPECIAL.search(head):
+        if _PLAIN_HEAD.fullmatch(head) is None:
+            return False
+        # One scan for the lines that take a POST off this path and those that change its
+        # answer's head; most heads have neither, and pay for one scan, as before either.
+        either = _SPECIAL_OR_LINES.search(head)
+        if either is not None and _SPECIAL.search(head, either.start()) is not None:
             return False
         if head.startswith(b"POST " + BATCHES_PATH):
             return False  # not JSON-RPC
@@ -751,9 +753,18 @@ class HttpProtocol(asyncio.Protocol):
             cors = server.cors_lines(origin.group(1) if origin is not None else None)
         # A request that names its id keeps it; a replay writes a fresh one, so such a
         # request is never learned as one.
-        named = _REQUEST_ID.search(head)
-        lines = cors + server.id_line(named.group(1) if named is not None else None)
-        gzip = asks_gzip(head)
+        named = gzip = False
+        if either is None:
+            lines = cors + server.id_head + b"%x\r\n" % server.ids()
+        else:
+            incoming = None
+            for found in _ANSWER_LINES.finditer(head):
+                if len(found.group(1)) == 12:  # x-request-id
+                    incoming = incoming or found.group(2).strip(b" \t")
+                    named = True
+                elif accepts_gzip(found.group(2).strip(b" \t")):
+                    gzip = True
+            lines = cors + server.id_line(incoming)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
@@ -761,7 +772,7 @@ class HttpProtocol(asyncio.Protocol):
             return True
         answer, record = replayer.serve(data[end + 4 :])
         # A replay writes the answer as it is: never one a client asked to have gzipped.
-        if record is not None and split is not None and named is None and not gzip:
+        if record is not None and split is not None and not named and not gzip:
             if answer.__class__ is bytes:
                 server.learn_replay(split[1], split[0], answer, record, cors)
         self._answer(answer, True, lines, gzip)

@@ -20,14 +20,14 @@ REPLAY_ENTRY_OVERHEAD = 300
 # An answer spliced around its id: ANSWER_OPEN, the id token, ANSWER_RESULT, the value, "}".
 ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
 ANSWER_RESULT = b',"result":'
-# What follows a replay's fresh X-Request-Id: the end of its line and of the head, then
+# What follows a replay's X-Request-Id counter: the end of its line and of the head, then
 # the answer up to its id.
 REPLAY_OPEN = b"\r\n\r\n" + ANSWER_OPEN
 
 
 class Replay:
-    """A POST answered from cache whose bytes, id aside, come again: the answer's head (but
-    for its X-Request-Id line and blank line, written fresh each time) and its body around
+    """A POST answered from cache whose bytes, id aside, come again: the answer's head (up
+    to its X-Request-Id's counter, written fresh each time) and its body around
     the id (an id of the same length, so the Content-Length holds), its record, and the
     check that the record still answers (``Replayer.replay``)."""
 
