@@ -200,15 +200,21 @@ class HttpServer:
         )
 
     def id_line(self, incoming: bytes | None = None) -> bytes:
-        """An answer's X-Request-Id line: ``incoming`` (the request's) when it is sane (of
-        URL-safe characters, at most ``request_id_max_bytes``), else a fresh id."""
+        """An answer's X-Request-Id line (see ``request_id``)."""
+        if incoming is None:
+            return self.id_head + b"%x\r\n" % self.ids()
+        return b"X-Request-Id: " + self.request_id(incoming) + b"\r\n"
+
+    def request_id(self, incoming: bytes | None) -> bytes:
+        """An answer's request id: ``incoming`` (the request's) when it is sane (of
+        URL-safe characters, at most ``request_id_max_bytes``), else a fresh one."""
         if (
             incoming is not None
             and len(incoming) <= self.request_id_max_bytes
             and _SANE_ID.fullmatch(incoming) is not None
         ):
-            return b"X-Request-Id: " + incoming + b"\r\n"
-        return self.id_head + b"%x\r\n" % self.ids()
+            return incoming
+        return self.new_id()
 
     def new_id(self) -> bytes:
         """A new id (a WebSocket message's, in the access log)."""
@@ -1233,6 +1239,7 @@ class HttpProtocol(asyncio.Protocol):
                 close_timeout=limits.ws_close_timeout,
                 sends=self._out,
                 deflate=self.server.compression.ws_deflate,
+                request_id=self.server.request_id(self.header(b"x-request-id")).decode(),
             )
         if not session.accept(head):
             self.transport.close()

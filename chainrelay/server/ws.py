@@ -97,10 +97,13 @@ class WsSession:
         close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
         sends: Account | None = None,
         deflate: bool = False,
+        request_id: str = "",
     ) -> None:
         """``deflate``: permessage-deflate is accepted when the client offers it (client
         JSON-RPC connections with ``[server] ws_deflate``; never a feed or a push, whose
-        frames are written as built)."""
+        frames are written as built). ``request_id``: the handshake answer's
+        X-Request-Id."""
+        self.request_id = request_id
         self.transport = transport
         # What is queued for the peer, counted against the front door's budget (None: not
         # counted here; a feed child's frames have their own bounds).
@@ -143,6 +146,8 @@ class WsSession:
             self._flush()
             return False
         response = self.proto.accept(request)
+        if self.request_id:
+            response.headers["X-Request-Id"] = self.request_id
         self.proto.send_response(response)
         self._flush()
         if response.status_code != 101:

@@ -17,7 +17,8 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from chainrelay.config import ServerConfig
+from chainrelay.config import ServerConfig, loads
+from chainrelay.errors import ConfigError
 from chainrelay.metrics import Metrics
 from chainrelay.server.accesslog import AccessLog, LoggedHttpProtocol
 from chainrelay.server.admin import NO_KEY_TABLE, AdminRpc
@@ -29,6 +30,7 @@ from chainrelay.server.ws import WsSession
 from chainrelay.wire.wsframes import text_header
 from tests.lab.procs import parse_metrics
 from tests.lab.timing import SECOND
+from tests.protocol.test_config import UPSTREAM
 from tests.protocol.test_http_fast_path import (
     Front,
     RecordingTransport,
@@ -357,3 +359,28 @@ def test_nothing_is_left_open(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ('admin_listen = "127.0.0.1:8545"', "server.admin_listen: must not be the public port"),
+        ('admin_listen = "nowhere"', "server.admin_listen: expected HOST:PORT"),
+        ("access_log_sample = 1.5", "server.access_log_sample: must be between 0 and 1"),
+        ("gzip_level = 0", "server.gzip_level: must be between 1 and 9"),
+    ],
+)
+def test_operator_keys_are_checked(server: str, message: str) -> None:
+    text = f'[server]\nlisten = "127.0.0.1:8545"\n{server}\n' + UPSTREAM
+    with pytest.raises(ConfigError) as got:
+        loads(text)
+    assert str(got.value).startswith(message)
+
+
+def test_operator_surfaces_are_off_by_default() -> None:
+    s = loads(UPSTREAM).server
+    assert (s.admin_listen, s.access_log, s.ws_deflate) == ("", "", False)
+    assert loads('[server]\nadmin_listen = ":9545"\n' + UPSTREAM).server.admin_listen == ":9545"

@@ -126,7 +126,8 @@ async def test_the_admin_listener_serves_what_the_public_port_no_longer_does_and
         async with s.put(relay.url, data=b"{}") as r:
             assert r.status == 405
             refused_id = r.headers["X-Request-Id"]
-    async with websockets.connect(relay.ws_url) as ws:
+    async with websockets.connect(relay.ws_url, additional_headers={"X-Request-Id": "ws-1"}) as ws:
+        assert ws.response is not None and ws.response.headers["X-Request-Id"] == "ws-1"
         await ws.send(call("eth_chainId", [], 9).decode())
         assert orjson.loads(await ws.recv())["result"] == "0x38"
 
