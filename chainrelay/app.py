@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import orjson
 
@@ -44,8 +45,12 @@ from chainrelay.server.admin import (
     AdminProtocol,
     AdminRpc,
     KeyReload,
-    WorkerMetrics,
+    WorkerAdmin,
+    ask_worker,
+    cordon_file,
     gather_metrics,
+    load_cordoned,
+    save_cordoned,
     worker_socket,
 )
 from chainrelay.server.compress import Compression
@@ -181,6 +186,10 @@ class Node:
             running(UpstreamPool(upstreams, cfg.pool, self.metrics))
         )
         self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
+        if self.worker is not None and cfg.server.admin_listen:
+            # Cordoned through the admin listener before this worker (re)started.
+            for name in load_cordoned(cordon_file(self.worker.feed.directory)):
+                pool.cordon(name)
         for u in pool.upstreams:
             self.metrics.upstream_healthy.labels(u.name).set(1)
         return pool
@@ -390,8 +399,13 @@ class Node:
             return
         worker = self.worker
         if worker is not None and not worker.feeder:
-            own = WorkerMetrics(
-                worker_socket(worker.feed.directory, worker.index), self.metrics.render
+            pool = self.pool
+            assert pool is not None
+            own = WorkerAdmin(
+                worker_socket(worker.feed.directory, worker.index),
+                self.metrics.render,
+                pool.cordon,
+                pool.uncordon,
             )
             await own.start()
             await self._composition.enter(on_leaving(own.stop))
@@ -416,16 +430,9 @@ class Node:
 
     async def _workers_metrics(self) -> bytes:
         """Every worker's metrics, summed (the feeder's admin listener, under workers)."""
-        worker = self.worker
-        assert worker is not None
-        others = [
-            worker_socket(worker.feed.directory, i)
-            for i in range(self.cfg.server.workers)
-            if i != worker.index
-        ]
         return await gather_metrics(
             self.metrics.render(),
-            others,
+            self._other_workers(),
             self.cfg.server.admin_scrape_timeout,
             self.metrics.worker_scrape_failures.inc,
         )
@@ -434,11 +441,43 @@ class Node:
         """The key table's reload, called by the admin ``chainrelay_reloadKeys``."""
         self.admin.reload_keys = hook
 
-    def _cordon(self, name: str) -> bool:
-        return self.pool is not None and self.pool.cordon(name)
+    def _other_workers(self) -> list[Path]:
+        """The admin sockets of this node's other workers."""
+        worker = self.worker
+        assert worker is not None
+        return [
+            worker_socket(worker.feed.directory, i)
+            for i in range(self.cfg.server.workers)
+            if i != worker.index
+        ]
 
-    def _uncordon(self, name: str) -> bool:
-        return self.pool is not None and self.pool.uncordon(name)
+    def _cordon(self, name: str) -> bool | Awaitable[bool]:
+        return self._set_cordon(name, True)
+
+    def _uncordon(self, name: str) -> bool | Awaitable[bool]:
+        return self._set_cordon(name, False)
+
+    def _set_cordon(self, name: str, on: bool) -> bool | Awaitable[bool]:
+        """Cordon or uncordon ``name`` here; under workers, in every worker too, and kept
+        in the supervisor's directory for a worker that starts later."""
+        pool = self.pool
+        if pool is None or not (pool.cordon(name) if on else pool.uncordon(name)):
+            return False
+        worker = self.worker
+        if worker is None:
+            return True
+        save_cordoned(cordon_file(worker.feed.directory), pool.cordoned)
+        return self._tell_workers((b"cordon " if on else b"uncordon ") + name.encode())
+
+    async def _tell_workers(self, command: bytes) -> bool:
+        timeout = self.cfg.server.admin_scrape_timeout
+        others = self._other_workers()
+        got = await asyncio.gather(*(ask_worker(p, command, timeout) for p in others))
+        silent = sum(1 for g in got if g != b"true")
+        if silent:
+            # Restarting, or stuck: it reads the cordoned names when it starts.
+            log.warning("%s: %d worker(s) did not confirm", command.decode(), silent)
+        return True
 
     def _parent_urls(self) -> list[str]:
         """The parents' HTTP endpoints: those linked now first, then the other candidates."""

@@ -15,9 +15,11 @@ It serves ``GET /metrics`` (under ``--workers``, every worker's, summed), the fu
 
 While it is on, the public port answers ``/health`` with liveness alone and no longer
 serves ``/metrics``. Under ``--workers`` the feeder (worker 0) serves it; every other worker
-serves its registry's text on a Unix socket in the supervisor's private directory
-(``WorkerMetrics``), which the feeder reads, each within ``admin_scrape_timeout``, at every
-scrape: a worker stuck or restarting is left out of that scrape and counted, never waited on.
+takes the feeder's commands on a Unix socket in the supervisor's private directory
+(``WorkerAdmin``): its registry's text, which the feeder reads from each, within
+``admin_scrape_timeout``, at every scrape (a worker stuck or restarting is left out of
+that scrape and counted, never waited on), and cordons, which the feeder passes on to every
+worker and keeps in that directory (``cordon_file``) for a worker that starts later.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,13 @@ KeyReload = Callable[[], dict[str, Any]]
 NO_KEY_TABLE = "this node has no key table to reload"
 # Largest admin request: the methods take one upstream name at most.
 MAX_ADMIN_BODY = 64 * 1024
+# A cordon or uncordon: done now, or once every worker is told (under workers).
+Act = Callable[[str], bool | Awaitable[bool]]
+# How long a worker's admin socket waits for its command line: the feeder writes it at
+# once; a connection that sends nothing is dropped, not held.
+COMMAND_TIMEOUT = 5.0
+# Longest command line (a verb and an upstream name).
+MAX_COMMAND = 4096
 
 
 class AdminRpc:
@@ -53,8 +62,8 @@ class AdminRpc:
 
     def __init__(
         self,
-        cordon: Callable[[str], bool],
-        uncordon: Callable[[str], bool],
+        cordon: Act,
+        uncordon: Act,
         status: Callable[[], dict[str, Any]],
     ) -> None:
         self._cordon = cordon
@@ -63,7 +72,7 @@ class AdminRpc:
         # Registered by the key table when there is one (``Node.register_key_reload``).
         self.reload_keys: KeyReload | None = None
 
-    def handle(self, body: bytes) -> bytes:
+    def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
         """One JSON-RPC request's answer (no batches: an operator's call at a time)."""
         if len(body) > MAX_ADMIN_BODY:
             return encode_error(NULL_ID, -32600, "invalid request: body too large")
@@ -87,9 +96,10 @@ class AdminRpc:
             if len(params) != 1 or not isinstance(params[0], str):
                 return encode_error(id_bytes, -32602, "invalid params: [upstream name]")
             act = self._cordon if method == "chainrelay_cordonUpstream" else self._uncordon
-            if not act(params[0]):
-                return encode_error(id_bytes, -32602, f"no upstream named {params[0]!r}")
-            return encode_result(id_bytes, b"true")
+            done = act(params[0])
+            if isinstance(done, bool):
+                return _acted(id_bytes, params[0], done)
+            return _acted_later(id_bytes, params[0], done)
         if params:
             return encode_error(id_bytes, -32602, "invalid params: none expected")
         if method == "chainrelay_reloadKeys":
@@ -109,17 +119,56 @@ class AdminRpc:
             return {"reloaded": False, "reason": f"reload failed: {exc}"}
 
 
+def _acted(id_bytes: bytes, name: str, done: bool) -> bytes:
+    if not done:
+        return encode_error(id_bytes, -32602, f"no upstream named {name!r}")
+    return encode_result(id_bytes, b"true")
+
+
+async def _acted_later(id_bytes: bytes, name: str, done: Awaitable[bool]) -> bytes:
+    return _acted(id_bytes, name, await done)
+
+
+def cordon_file(directory: Path) -> Path:
+    """Where, under workers, the cordoned upstreams' names are kept (one a line): a worker
+    that starts (restarted, or late) cordons them too."""
+    return directory / "cordoned"
+
+
+def save_cordoned(path: Path, names: set[str]) -> None:
+    """Write ``names`` whole (a rename: a worker starting meanwhile reads old or new)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{n}\n" for n in sorted(names)))
+    os.replace(tmp, path)
+
+
+def load_cordoned(path: Path) -> list[str]:
+    try:
+        return [n for n in path.read_text().splitlines() if n]
+    except FileNotFoundError:
+        return []
+
+
 def worker_socket(directory: Path, index: int) -> Path:
     """Where worker ``index`` serves its registry's text (under the supervisor's directory)."""
     return directory / f"metrics-{index}.sock"
 
 
-class WorkerMetrics:
-    """A worker's registry on a Unix socket: each connection gets the text, then EOF."""
+class WorkerAdmin:
+    """What the feeder asks another worker, on a Unix socket: one command line, then the
+    answer and EOF. ``metrics``: its registry's text; ``cordon NAME`` / ``uncordon NAME``:
+    ``true`` or ``false`` (no such upstream)."""
 
-    def __init__(self, path: Path, render: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        render: Callable[[], bytes],
+        cordon: Callable[[str], bool],
+        uncordon: Callable[[str], bool],
+    ) -> None:
         self.path = path
         self._render = render
+        self._acts = {b"cordon": cordon, b"uncordon": uncordon}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -127,12 +176,18 @@ class WorkerMetrics:
             os.unlink(self.path)  # a socket left by this worker's previous life
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
 
-    async def _serve(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(self._render())
+            line = await asyncio.wait_for(reader.readline(), COMMAND_TIMEOUT)
+            verb, _, arg = line[:MAX_COMMAND].strip().partition(b" ")
+            act = self._acts.get(verb)
+            if verb == b"metrics":
+                writer.write(self._render())
+            elif act is not None:
+                writer.write(b"true" if act(arg.decode(errors="replace")) else b"false")
             await writer.drain()
-        except OSError:
-            pass
+        except (OSError, TimeoutError, ValueError):
+            pass  # the asker went away or said nothing: it counts the worker as silent
         finally:
             writer.close()
 
@@ -144,19 +199,21 @@ class WorkerMetrics:
             os.unlink(self.path)
 
 
-async def read_worker(path: Path, timeout: float) -> str | None:
-    """One other worker's text, or None when it did not answer within ``timeout``."""
+async def ask_worker(path: Path, command: bytes, timeout: float) -> bytes | None:
+    """Another worker's answer to ``command``, or None when it did not answer (in full)
+    within ``timeout``."""
 
-    async def read() -> bytes:
+    async def ask() -> bytes:
         reader, writer = await asyncio.open_unix_connection(str(path))
         try:
+            writer.write(command + b"\n")
             return await reader.read()
         finally:
             writer.close()
 
     try:
-        return (await asyncio.wait_for(read(), timeout)).decode()
-    except (OSError, TimeoutError, UnicodeDecodeError):
+        return await asyncio.wait_for(ask(), timeout)
+    except (OSError, TimeoutError):
         return None
 
 
@@ -165,11 +222,11 @@ async def gather_metrics(
 ) -> bytes:
     """This worker's text (``own``) and every other's, read at once, summed. ``missed``
     is told how many did not answer in time."""
-    texts = await asyncio.gather(*(read_worker(p, timeout) for p in others))
-    lost = sum(1 for t in texts if t is None)
-    if lost:
-        missed(lost)
-    return sum_expositions([own.decode(), *(t for t in texts if t is not None)]).encode()
+    got = await asyncio.gather(*(ask_worker(p, b"metrics", timeout) for p in others))
+    texts = [t.decode(errors="replace") for t in got if t]
+    if len(texts) < len(others):
+        missed(len(others) - len(texts))
+    return sum_expositions([own.decode(), *texts]).encode()
 
 
 class AdminProtocol(HttpProtocol):

@@ -135,7 +135,9 @@ def admin_rpc() -> tuple[AdminRpc, set[str]]:
 
 def ask(rpc: AdminRpc, body: bytes | dict[str, Any]) -> Any:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return orjson.loads(rpc.handle(raw))
+    answer = rpc.handle(raw)
+    assert isinstance(answer, bytes)  # no worker to tell: answered at once
+    return orjson.loads(answer)
 
 
 def call(method: str, *params: Any) -> dict[str, Any]:
@@ -166,6 +168,26 @@ def test_the_admin_rpc_cordons_reports_and_refuses_bad_calls() -> None:
     }
     for body, code in codes.items():
         assert ask(rpc, body)["error"]["code"] == code, body[:40]
+
+
+async def test_a_cordon_that_tells_other_workers_is_answered_once_they_are_told() -> None:
+    told: list[str] = []
+
+    async def cordon(name: str) -> bool:
+        await asyncio.sleep(0)
+        told.append(name)
+        return name == "a"
+
+    rpc = AdminRpc(cordon, cordon, dict)
+    for name, want in (("a", {"jsonrpc": "2.0", "id": 3, "result": True}), ("z", None)):
+        answer = rpc.handle(orjson.dumps(call("chainrelay_cordonUpstream", name)))
+        assert not isinstance(answer, bytes)
+        got = orjson.loads(await answer)
+        if want is not None:
+            assert got == want
+        else:
+            assert got["error"]["code"] == -32602
+    assert told == ["a", "z"]
 
 
 def test_reload_keys_says_so_when_there_is_nothing_to_reload() -> None:

@@ -156,16 +156,18 @@ async def test_the_admin_listener_serves_what_the_public_port_no_longer_does_and
     assert ws_line["method"] == "eth_chainId" and FRESH_ID.fullmatch(ws_line["id"])
 
 
-async def test_under_two_workers_the_admin_metrics_sum_both_workers(
+async def test_under_two_workers_admin_metrics_sum_both_and_a_cordon_reaches_both(
     anvil_factory: AnvilFactory, procs: Procs, tmp_path: Path
 ) -> None:
     node = await still_anvil(anvil_factory)
+    proxies = [await start_proxy(procs, node.url) for _ in range(2)]
     admin_port = free_port()
     admin = f"http://127.0.0.1:{admin_port}"
     relay = Relay(
         procs,
         relay_config(
-            [node.url], f'admin_listen = "127.0.0.1:{admin_port}"\n[head]\nfresh_blocks = 1e6\n'
+            [p.url for p in proxies],
+            f'admin_listen = "127.0.0.1:{admin_port}"\n[head]\nfresh_blocks = 1e6\n',
         ),
         tmp_path,
         "workers",
@@ -196,11 +198,21 @@ async def test_under_two_workers_the_admin_metrics_sum_both_workers(
         for i in range(n):
             async with s.post(relay.url, data=call("eth_chainId", [], i)) as r:
                 assert orjson.loads(await r.read())["result"] == "0x38"
-    after = metric(await scrape(), "chainrelay_requests_total", method="eth_chainId")
-    assert after - before == n
-    # The head is the node's, not a sum over workers.
     m = await scrape()
-    assert metric(m, "chainrelay_head_block") == 5
+    assert metric(m, "chainrelay_requests_total", method="eth_chainId") - before == n
+    assert metric(m, "chainrelay_head_block") == 5  # the node's head, not a sum
+
+    # A cordon through worker 0's admin listener holds in both workers.
+    assert (await admin_call(admin, "chainrelay_cordonUpstream", "u0"))["result"] is True
+    for p in proxies:
+        await p.reset()
+    async with fresh_connections() as s:
+        for i in range(n):
+            body = call("eth_getBalance", [address(i), "latest"], i)
+            async with s.post(relay.url, data=body) as r:
+                assert "result" in orjson.loads(await r.read())
+    assert (await proxies[0].counts()).get("eth_getBalance", 0) == 0
+    assert (await proxies[1].counts()).get("eth_getBalance", 0) == n
 
 
 async def test_gzip_and_permessage_deflate_answers_are_the_same_bytes(
