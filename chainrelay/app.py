@@ -24,6 +24,8 @@ from pathlib import Path
 import orjson
 
 from chainrelay import defaults
+from chainrelay.access.identity import Identity
+from chainrelay.access.methods import MethodRules, TierLists
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.batches.ranges import BatchRange
@@ -38,6 +40,7 @@ from chainrelay.config import Config, parse_listen
 from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.service import RpcService
 from chainrelay.rpc.shared_cache import RedisCache, lock_scope
 from chainrelay.server.accesslog import AccessLog, LoggedHttpProtocol
@@ -58,11 +61,12 @@ from chainrelay.server.http import HttpServer, Routes
 from chainrelay.server.peer import new_via_name
 from chainrelay.subscriptions.filters import FilterService
 from chainrelay.subscriptions.service import SubscriptionService
+from chainrelay.tree.auth import ChildKeys
 from chainrelay.tree.choice import Candidate
 from chainrelay.tree.hub import FeedHub, HubLimits
 from chainrelay.tree.intake import FeedSource
 from chainrelay.tree.link import FeedLink
-from chainrelay.tree.origin import Origin, load_signer
+from chainrelay.tree.origin import Origin, load_credentials, load_signer
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.session import Gap
 from chainrelay.tree.siblings import (
@@ -144,6 +148,9 @@ class Node:
             self.chain_id,
             cfg.limits,
             shared=self.shared,
+            methods=methods_of(cfg),
+            log_guards=log_guards_of(cfg, head.profile),
+            tiers=cfg.tiers,
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
@@ -307,6 +314,8 @@ class Node:
             batches=specs_of(self.cfg.batches, self.chain_id),
             limits=HubLimits.of(tree),
             listeners=[source.on_frame] if source is not None else (),
+            child_keys=ChildKeys.of(tree.child_keys),
+            name=self.via,
         )
         if worker is not None and worker.feeder:
             # Each head's header goes to the other workers as the feeder adopts it, before
@@ -384,6 +393,7 @@ class Node:
             compression=Compression(
                 cfg.server.gzip_min_bytes, cfg.server.gzip_level, cfg.server.ws_deflate
             ),
+            ipv6_prefix=cfg.server.ipv6_prefix,
         )
         host, port = parse_listen(cfg.server.listen)
         await server.start(host, port, reuse_port=reuse_port)
@@ -502,6 +512,7 @@ class Node:
             on_gap=_log_gap,
             on_confirmed=lambda _link, stream, seq, sig: hub.confirm(stream, seq, sig),
             node=self.via,
+            credentials=load_credentials(tree),
             probe_urls={p.name: p.rpc for p in tree.parents},
             on_change=lambda names: metrics.feed_parents.set(len(names)),
         )
@@ -708,8 +719,26 @@ _FEED_ONLY = (
 )
 
 
-def _feed_only(_body: bytes) -> bytes:
+def _feed_only(_body: bytes, _who: Identity) -> bytes:
     return _FEED_ONLY
+
+
+# --- Which calls are served ---------------------------------------------------------------
+def methods_of(cfg: Config) -> MethodRules:
+    """The allow lists of ``[methods]`` and every ``[tiers.<name>]``."""
+    tiers = {n: TierLists(t.enable_methods, t.disable_methods) for n, t in cfg.tiers.items()}
+    return MethodRules(cfg.methods.enable, cfg.methods.disable, tiers)
+
+
+def log_guards_of(cfg: Config, profile: ChainProfile) -> LogGuards:
+    """The eth_getLogs guards of ``[logs]``, the range the chain profile's when unset."""
+    logs = cfg.logs
+    return LogGuards(
+        logs.max_block_range or profile.logs_max_block_range,
+        logs.max_addresses,
+        logs.max_topics_per_position,
+        logs.max_answer_bytes,
+    )
 
 
 # --- Late links ----------------------------------------------------------------------------

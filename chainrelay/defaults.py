@@ -9,6 +9,8 @@ from __future__ import annotations
 MiB = 1024 * 1024
 
 # --- Server --------------------------------------------------------------------------------
+# The tier of clients without a key ([tiers.default]); keys name theirs.
+DEFAULT_TIER = "default"
 LISTEN = "127.0.0.1:8545"  # the port every Ethereum tool tries first
 # Browser origins allowed to call: a public JSON-RPC endpoint is meant for any dapp.
 CORS_ORIGINS = ("*",)
@@ -18,6 +20,10 @@ WORKERS = 1
 # workers' links to it, see tree/siblings.py): each worker has one under way at a time, two
 # for a moment when one timed out while the feeder restarted; a hundred workers fit.
 WORKER_FEED_BACKLOG = 256
+# An IPv6 client is counted by its network of this many bits, as Nitro's feed does: a
+# subscriber is usually handed a /64, and per-address limits per /128 would let it take a
+# fresh address for every connection.
+IPV6_CLIENT_PREFIX = 64
 # geth's HTTP server refuses bodies over 5 MiB; a relay must accept whatever geth accepts.
 MAX_BODY_BYTES = 5 * MiB
 # geth's BatchRequestLimit is 1000; longer batches are abuse more often than need.
@@ -128,6 +134,23 @@ GZIP_LEVEL = 1
 # permessage-deflate on client WebSockets: off (each connection then holds a zlib state of
 # ~300 KB, and the fan-out's prebuilt frames must be compressed per connection).
 WS_DEFLATE = False
+# --- Which calls are served ([methods], [logs]; access/methods.py, rpc/logguards.py) -------
+# Methods served beyond the defaults (the policy table's, net_/web3_, a few standard reads),
+# and methods refused among them: none; a node on a public URL serves no debug_, trace_,
+# txpool_, admin_, personal_, miner_, engine_ or devnet control unless its operator says so.
+METHODS_ENABLE: tuple[str, ...] = ()
+METHODS_DISABLE: tuple[str, ...] = ()
+# eth_getLogs' widest block range: 0 takes the chain profile's (chain/profiles.py: 10,000
+# blocks on BSC, 100,000 on Arbitrum).
+LOGS_MAX_BLOCK_RANGE = 0
+# Addresses, and topics per position, of one eth_getLogs: geth's own bounds for a filter
+# (the [filters] ones), so a query and the filter made of it are held to the same.
+LOGS_MAX_ADDRESSES = 1000
+LOGS_MAX_TOPICS_PER_POSITION = 1000
+# An eth_getLogs answer's bytes: 10,000 logs (Infura's cap on results) of ~700 B of JSON
+# each, with room; under the WebSocket send buffer (16 MiB), so a subscriber's connection
+# can take it, and over it an answer is held by the node, upstream and cache alike.
+LOGS_MAX_ANSWER_BYTES = 10 * MiB
 
 # --- Cache ---------------------------------------------------------------------------------
 # "memory": this process only; a node with one worker needs nothing else. "tiered" puts the
@@ -435,6 +458,24 @@ TREE_RETRY_DELAY = 0.25
 TREE_RETRY_MAX = 5.0
 # WebSocket pings to a parent: measure its round trip and find a dead link within two.
 TREE_PING_INTERVAL = 2.0
+
+# --- Relay tree: who a feed child is (see tree/auth.py, tree/admission.py) ------------------
+# Anonymous feed sessions (no proof of a ``child_keys`` key) one address may hold; IPv6
+# addresses count by /64 (what one subscriber line gets). A host running a few
+# subscribers, or a small office behind one NAT, fits; each session draws ~265 KB a BSC
+# block, so 32 are ~11 MB/s from one address, not the node's whole uplink.
+TREE_ANON_PER_ADDRESS = 32
+# Anonymous feed sessions the node holds in all: 80% of TREE_MAX_CHILDREN, so subscribers
+# can never take the places of the relays it serves (the other 2,000).
+TREE_ANON_MAX_SESSIONS = 8_000
+# Seconds one address waits per new anonymous session once it opened TREE_ANON_PER_ADDRESS
+# of them in a burst: every (re)connect replays up to TREE_RESUME_LAST frames (~17 MB of
+# BSC blocks), so a client in a reconnect loop is held to one replay a second.
+TREE_ANON_RECONNECT_COOLDOWN = 1.0
+# Addresses with no session open whose cooldown is still remembered: an entry is ~200 B,
+# so a flood from this many addresses costs ~2 MB; past it the least recently seen is
+# forgotten (it gets a fresh burst: one flood's worth, not a way around the cap).
+TREE_ANON_IDLE_ADDRESSES = 10_000
 
 # --- Subscriber library (chainrelay.subscriber, ``chainrelay subscribe``) ------------------
 # Its links use the TREE_* frame, dedup and reconnect limits above, as a node's do.

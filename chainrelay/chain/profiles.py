@@ -16,19 +16,26 @@ class ChainProfile:
     fallback_finality_depth: int
     # Depth below the head treated as "safe" when the tag is missing.
     fallback_safe_depth: int
+    # The widest eth_getLogs block range a client may ask ([logs] max_block_range unset).
+    logs_max_block_range: int
 
 
 PROFILES: dict[str, ChainProfile] = {
     # BSC: 0.75 s blocks since the Maxwell upgrade; fast finality finalizes in ~2 blocks,
     # and before it the rule of thumb was 15 blocks (2/3 of 21 validators plus one).
-    "bsc": ChainProfile("bsc", 56, 0.75, 15, 2),
+    # Logs: 10,000 blocks (about 2 hours), the range BSC's public providers serve; a busy
+    # block holds ~2,000 logs.
+    "bsc": ChainProfile("bsc", 56, 0.75, 15, 2, 10_000),
     # Arbitrum One: ~0.25 s blocks; "finalized" follows L1 finality (~15-20 min). Without
     # the tag nothing under 30 min (7,200 blocks) is assumed final.
-    "arbitrum": ChainProfile("arbitrum", 42161, 0.25, 7200, 240),
-    "bsc-testnet": ChainProfile("bsc-testnet", 97, 0.75, 15, 2),
-    "arbitrum-sepolia": ChainProfile("arbitrum-sepolia", 421614, 0.25, 7200, 240),
-    # A local anvil devnet: one block a second; anvil answers the tags itself.
-    "devnet": ChainProfile("devnet", 31337, 1.0, 64, 32),
+    # Logs: 100,000 blocks (about 7 hours): blocks come 3x as often as BSC's, each holding
+    # a few logs.
+    "arbitrum": ChainProfile("arbitrum", 42161, 0.25, 7200, 240, 100_000),
+    "bsc-testnet": ChainProfile("bsc-testnet", 97, 0.75, 15, 2, 10_000),
+    "arbitrum-sepolia": ChainProfile("arbitrum-sepolia", 421614, 0.25, 7200, 240, 100_000),
+    # A local anvil devnet: one block a second; anvil answers the tags itself. Logs: 100,000
+    # blocks, more than a day of a devnet whose blocks are nearly empty.
+    "devnet": ChainProfile("devnet", 31337, 1.0, 64, 32, 100_000),
 }
 
 BY_CHAIN_ID: dict[int, ChainProfile] = {p.chain_id: p for p in PROFILES.values()}

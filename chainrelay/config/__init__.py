@@ -30,9 +30,12 @@ from chainrelay.config.sections import (
     FiltersConfig,
     HeadConfig,
     LimitsConfig,
+    LogsConfig,
+    MethodsConfig,
     PoolConfig,
     ServerConfig,
     SubscriptionsConfig,
+    TierConfig,
     TreeConfig,
     TreeParentConfig,
     UpstreamConfig,
@@ -53,9 +56,12 @@ __all__ = [
     "FiltersConfig",
     "HeadConfig",
     "LimitsConfig",
+    "LogsConfig",
+    "MethodsConfig",
     "PoolConfig",
     "ServerConfig",
     "SubscriptionsConfig",
+    "TierConfig",
     "TreeConfig",
     "TreeParentConfig",
     "UpstreamConfig",
@@ -84,6 +90,10 @@ class Config:
     tree: TreeConfig = field(default_factory=TreeConfig)
     batches: BatchesConfig = field(default_factory=BatchesConfig)
     upstreams: list[UpstreamConfig] = field(default_factory=list)
+    # What each tier of clients may ask; the "default" tier is there even when not written.
+    tiers: dict[str, TierConfig] = field(default_factory=dict)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
 
     def check(self) -> None:
         """Every section's own rules, then those that span sections. Fills in what is
@@ -124,6 +134,11 @@ class Config:
         self.filters.check()
         self.subscriptions.check()
         self.head.check()
+        self.methods.check()
+        self.logs.check()
+        self.tiers.setdefault(d.DEFAULT_TIER, TierConfig())
+        for name, tier in self.tiers.items():
+            tier.check(name)
 
 
 def validate(cfg: Config) -> Config:

@@ -72,6 +72,11 @@ def _value(tp: Any, v: Any, path: str) -> Any:
         if not isinstance(v, list):
             raise ConfigError(f"{path}: expected an array")
         return [_value(inner, x, f"{path}[{i}]") for i, x in enumerate(v)]
+    if origin is dict:  # a table of tables named by the operator: [tiers.<name>]
+        _key, inner = typing.get_args(tp)
+        if not isinstance(v, dict):
+            raise ConfigError(f"{path}: expected a table")
+        return {k: _value(inner, x, f"{path}.{k}") for k, x in v.items()}
     if origin in (types.UnionType, typing.Union):
         raise ConfigError(f"{path}: unsupported type")  # pragma: no cover
     if tp is float and isinstance(v, int) and not isinstance(v, bool):

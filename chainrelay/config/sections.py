@@ -1,6 +1,7 @@
 """Every section of the config file, in the order the file reads: ``[server]``,
-``[limits]``, ``[cache]``, ``[chain]``, ``[pool]``, ``[head]``, ``[subscriptions]``,
-``[filters]``, ``[tree]``, ``[batches]``, ``[[upstreams]]``.
+``[tiers.<name>]``, ``[methods]``, ``[logs]``, ``[limits]``, ``[cache]``, ``[chain]``,
+``[pool]``, ``[head]``, ``[subscriptions]``, ``[filters]``, ``[tree]``, ``[batches]``,
+``[[upstreams]]``.
 
 Each section is a dataclass whose fields are its keys, each default named in
 ``defaults.py``; ``check`` holds its own rules (``checks.py`` says how a rule is written).
@@ -14,6 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from chainrelay import defaults as d
+from chainrelay.access.methods import check_entries
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config.checks import check_fields, positive, require
 from chainrelay.errors import ConfigError
@@ -60,6 +62,8 @@ class ServerConfig:
     gzip_min_bytes: int = positive(d.GZIP_MIN_BYTES)
     gzip_level: int = d.GZIP_LEVEL
     ws_deflate: bool = d.WS_DEFLATE
+    # The prefix an IPv6 client's limits are kept under (128: each address on its own).
+    ipv6_prefix: int = d.IPV6_CLIENT_PREFIX
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)
@@ -75,9 +79,63 @@ class ServerConfig:
             "server.access_log_sample: must be between 0 and 1",
         )
         require(1 <= self.gzip_level <= 9, "server.gzip_level: must be between 1 and 9")
+        require(0 < self.ipv6_prefix <= 128, "server.ipv6_prefix: from 1 to 128 bits")
         require(
             self.workers <= 1 or port != 0,
             "server.listen: port 0 gives each worker its own port; name one",
+        )
+
+
+@dataclass
+class TierConfig:
+    """``[tiers.<name>]``: what one client (one identity: a key, or an address) of a tier
+    may ask. Clients without a key are in ``[tiers.default]``; a key names its tier."""
+
+    # The tier's own limit on the calls of one batch (the node's is limits.max_batch_len).
+    max_batch_len: int = positive(d.MAX_BATCH_LEN)
+    # Methods this tier's clients may call beyond the node's ([methods]), and those they
+    # may not among them: names, or families ("debug_*").
+    enable_methods: list[str] = field(default_factory=lambda: list(d.METHODS_ENABLE))
+    disable_methods: list[str] = field(default_factory=lambda: list(d.METHODS_DISABLE))
+
+    def check(self, name: str) -> None:
+        check_fields(self, f"tiers.{name}")
+        for key in ("enable_methods", "disable_methods"):
+            wrong = check_entries(getattr(self, key), f"tiers.{name}.{key}")
+            require(wrong is None, wrong or "")
+
+
+@dataclass
+class MethodsConfig:
+    """``[methods]``: the node's own allow list, for every tier (access/methods.py)."""
+
+    # Served beyond the defaults: names, or families ("debug_*", "trace_*").
+    enable: list[str] = field(default_factory=lambda: list(d.METHODS_ENABLE))
+    # Refused among what would be served.
+    disable: list[str] = field(default_factory=lambda: list(d.METHODS_DISABLE))
+
+    def check(self) -> None:
+        for key in ("enable", "disable"):
+            wrong = check_entries(getattr(self, key), f"methods.{key}")
+            require(wrong is None, wrong or "")
+
+
+@dataclass
+class LogsConfig:
+    """``[logs]``: the guards of eth_getLogs (rpc/logguards.py); past one, -32005."""
+
+    # The widest block range, tags resolved against the head (0: the chain profile's).
+    max_block_range: int = d.LOGS_MAX_BLOCK_RANGE
+    max_addresses: int = positive(d.LOGS_MAX_ADDRESSES)
+    max_topics_per_position: int = positive(d.LOGS_MAX_TOPICS_PER_POSITION)
+    # An answer's bytes, from the block logs held or from an upstream.
+    max_answer_bytes: int = positive(d.LOGS_MAX_ANSWER_BYTES)
+
+    def check(self) -> None:
+        check_fields(self, "logs")
+        require(
+            self.max_block_range >= 0,
+            "logs.max_block_range: must be 0 (the chain profile's) or positive",
         )
 
 
@@ -346,6 +404,17 @@ class TreeConfig:
     hello_timeout: float = positive(d.TREE_HELLO_TIMEOUT)
     stall_rounds: int = positive(d.TREE_STALL_ROUNDS)
     offered_max_bytes: int = positive(d.OFFERED_MAX_BYTES)
+    # Who a feed child is (chainrelay/tree/auth.py, chainrelay/tree/admission.py).
+    # Child relays' addresses, or secrets shared with them (better: "${ENV_VAR}"): a child
+    # that proves one is a relay; any other is an anonymous subscriber.
+    child_keys: list[str] = field(default_factory=list)
+    node_key: str = ""  # this node's key as a child relay, hex (better: "${ENV_VAR}")
+    node_key_file: str = ""  # or a file holding it (hex, or a keystore: key_password)
+    node_secret: str = ""  # or a secret its parents list in their child_keys
+    anon_per_address: int = positive(d.TREE_ANON_PER_ADDRESS)
+    anon_max_sessions: int = positive(d.TREE_ANON_MAX_SESSIONS)
+    anon_reconnect_cooldown: float = d.TREE_ANON_RECONNECT_COOLDOWN
+    anon_idle_addresses: int = positive(d.TREE_ANON_IDLE_ADDRESSES)
 
     @property
     def enabled(self) -> bool:
@@ -384,6 +453,30 @@ class TreeConfig:
         require(
             not (self.resume_last < 0 or self.min_gain < 0 or self.down_hold < 0),
             "tree: resume_last, min_gain and down_hold must not be negative",
+        )
+        self._check_keys()
+
+    def _check_keys(self) -> None:
+        for i, k in enumerate(self.child_keys):
+            require(
+                ADDRESS.fullmatch(k) is not None or len(k) >= MIN_API_KEY_CHARS,
+                f"tree.child_keys[{i}]: expected a 0x-prefixed 20-byte address or a secret"
+                f" of at least {MIN_API_KEY_CHARS} characters",
+            )
+        require(
+            sum(map(bool, (self.node_key, self.node_key_file, self.node_secret))) <= 1,
+            "tree: give one of node_key, node_key_file and node_secret",
+        )
+        require(
+            not self.node_secret
+            or (
+                len(self.node_secret) >= MIN_API_KEY_CHARS
+                and not ADDRESS.fullmatch(self.node_secret)
+            ),
+            f"tree.node_secret: at least {MIN_API_KEY_CHARS} characters, and no address",
+        )
+        require(
+            self.anon_reconnect_cooldown >= 0, "tree.anon_reconnect_cooldown: must not be negative"
         )
 
 

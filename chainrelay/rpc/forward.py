@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Container, Coroutine, Sequence
 from typing import Any
 
 from chainrelay.config import LimitsConfig
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 _RULES = policy.RULES
 # Kinds whose calls are never sent straight to one upstream: writes go to every upstream,
-# subscriptions and filters are the node's own.
-_NOT_FORWARDED = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
+# subscriptions and filters are the node's own, and a log query's answer is measured
+# against its size guard (``rpc/logguards.py``), which needs it read.
+_NOT_FORWARDED = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER, Kind.LOGS))
 _REQUEST_OPEN = b'{"jsonrpc":"2.0","id":'
 _REQUEST_OPEN_LEN = len(_REQUEST_OPEN)
 
@@ -114,13 +115,16 @@ class Forwarder:
             return
         passes.add(rest, (method, tail), generation)
 
-    def again(self, body: bytes, token: bytes, rest: bytes) -> asyncio.Future[bytes] | None:
+    def again(
+        self, body: bytes, token: bytes, rest: bytes, allowed: Container[str]
+    ) -> asyncio.Future[bytes] | None:
         """A call forwarded before at this head, id aside, sent again as the relay
         encoded it the first time, under a new id: no decoding, no planning. Never the
         caller's bytes: a node might read them otherwise (a key twice, a member spelled
-        in another case) than the relay did."""
+        in another case) than the relay did. None too when its method is not in
+        ``allowed`` (what this caller may call: its first caller may have been another)."""
         known = self.passes.get_at(rest, self.view.generation)
-        if known is None:
+        if known is None or known[0] not in allowed:
             return None
         upstream = self.pool.direct()
         loop = self._loop

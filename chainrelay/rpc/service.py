@@ -28,7 +28,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import CoroutineType
@@ -36,8 +36,11 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+from chainrelay import defaults as d
+from chainrelay.access.identity import NODE, Identity
+from chainrelay.access.methods import METHOD_NOT_FOUND, MethodRules
 from chainrelay.chain.head import HeadTracker
-from chainrelay.config import LimitsConfig
+from chainrelay.config import LimitsConfig, TierConfig
 from chainrelay.errors import (
     RequestError,
     UpstreamError,
@@ -52,9 +55,9 @@ from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import Forwarder
 from chainrelay.rpc.gate import UpstreamGate
+from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
-from chainrelay.server.peer import current_peer
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import Upstream
@@ -84,6 +87,7 @@ _CHAIN_ID = "eth_chainId"
 # Reads whose miss brings in the rest of their block (``chain.fill``).
 _FILLED_BY = frozenset({"eth_getTransactionReceipt", "eth_getTransactionByHash"})
 _BLOCK_NUMBER = "eth_blockNumber"
+_GET_LOGS = "eth_getLogs"
 # Once a client batch holds a miss, its own work (planning its calls, writing their
 # answers: ~30 us a call) gives the event loop back after this long: every batch under way
 # takes a step per loop turn, so ten batches of 1,000 arriving at once hold a turn for
@@ -92,8 +96,9 @@ BATCH_STEP = 0.0005
 # Answers of a batch written between looks at the clock.
 _ANSWERS_PER_LOOK = 64
 # Kinds whose calls in a client batch keep their own path (``_fetch``'s), never an upstream
-# batch: writes go to every upstream, subscriptions and filters are the node's own.
-_OWN_PATH = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER))
+# batch: writes go to every upstream, subscriptions and filters are the node's own, and a
+# log query's answer is measured against its size guard there.
+_OWN_PATH = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER, Kind.LOGS))
 
 
 class SharedCache(Protocol):
@@ -169,9 +174,16 @@ class RpcService:
         chain_id: int,
         limits: LimitsConfig,
         shared: SharedCache | None = None,
+        *,
+        methods: MethodRules | None = None,
+        log_guards: LogGuards | None = None,
+        tiers: Mapping[str, TierConfig] | None = None,
     ) -> None:
         """``limits``: a batch's length, and the bounds of the replay tables below (their
-        bodies, and the answers they keep alive after the cache has let them go)."""
+        bodies, and the answers they keep alive after the cache has let them go).
+        ``methods``: who may call what (the defaults when None); ``log_guards``: the
+        eth_getLogs guards (the defaults, with the chain profile's range, when None);
+        ``tiers``: each tier's batch length, within the node's ``limits.max_batch_len``."""
         self.cache = cache
         self.shared = shared
         self.pool = pool
@@ -180,6 +192,20 @@ class RpcService:
         self.metrics = metrics
         # Copied out of ``limits``: read on every request that is not a replay.
         self.max_batch_len = limits.max_batch_len
+        # A tier's batch length, the node's at most.
+        self.batch_len_by_tier = {
+            name: min(tier.max_batch_len, limits.max_batch_len)
+            for name, tier in (tiers or {}).items()
+        }
+        self.methods = methods if methods is not None else MethodRules()
+        # tier -> the methods its clients may call: the hot path's one lookup.
+        self._names_by_tier = self.methods.names_by_tier
+        self.log_guards = log_guards or LogGuards(
+            head.profile.logs_max_block_range,
+            d.LOGS_MAX_ADDRESSES,
+            d.LOGS_MAX_TOPICS_PER_POSITION,
+            d.LOGS_MAX_ANSWER_BYTES,
+        )
         self.memo_max_params_bytes = limits.memo_max_params_bytes
         self.chain_id = chain_id
         self._chain_id_json = f'"{hex(chain_id)}"'.encode()
@@ -226,46 +252,56 @@ class RpcService:
         self._chunks: set[asyncio.Task[None]] = set()  # upstream batches under way
 
     # --- entry point -----------------------------------------------------------------
-    def handle(self, body: bytes) -> bytes | Awaitable[bytes | None]:
-        """The answer to an HTTP body or WebSocket message (b"", or None later, when
-        nothing is owed)."""
-        return self.serve(body)[0]
+    def handle(self, body: bytes, who: Identity = NODE) -> bytes | Awaitable[bytes | None]:
+        """The answer to an HTTP body or WebSocket message from ``who`` (b"", or None
+        later, when nothing is owed)."""
+        return self.serve(body, who)[0]
 
-    def serve(self, body: bytes) -> Served:
-        """The answer to a body, as ``handle`` gives it, and the ``Seen`` record that
+    def serve(self, body: bytes, who: Identity = NODE) -> Served:
+        """The answer to a body from ``who``, as ``handle`` gives it, and the ``Seen`` record that
         answered it when its repeats (id aside) may be replayed by the caller through
         ``replay``: a transport that keeps whole requests (HttpServer) learns it there."""
         split = split_id(body)
         if split is not None:
             record = self._seen.get(split[1])
             if record is not None:
-                value = self.replay(record)
+                value = self.replay(record, who)
                 if value is not None:
                     return encode_result(split[0], value), record
             forwarder = self._forwarder
             if forwarder.passes:
-                sent = forwarder.again(body, split[0], split[1])
+                sent = forwarder.again(body, split[0], split[1], self.allowed(who))
                 if sent is not None:
                     return sent, None
         started = time.perf_counter()
         try:
-            items, is_batch = parse_body(body, self.max_batch_len)
+            items, is_batch = parse_body(
+                body, self.batch_len_by_tier.get(who.tier, self.max_batch_len)
+            )
         except RequestError as exc:
             self.metrics.count("", "invalid", 0.0)
             return encode_error(NULL_ID, exc.code, exc.message), None
         if is_batch:
-            return self._batch(items), None
+            return self._batch(items, who), None
         item = items[0]
         if isinstance(item, bytes):
             self.metrics.count("", "invalid", 0.0)
             return item, None
+        method = item.method
+        names = self._names_by_tier.get(who.tier) if who.methods is None else None  # allowed()
+        if names is None:
+            names = self.methods.names(who)
+        if method not in names or method == _GET_LOGS:
+            refused = self._refused(item, who)
+            if refused is not None:
+                return refused, None
         found = self._answer_now(item, started)
         if found is _UNCACHED and item.id is not None:
             sent = self._forwarder.send(item, started, split)
             if sent is not None:
                 return sent, None
         if found is _MISS or found is _UNCACHED:
-            return self._answer_gated(item, started, found is _UNCACHED), None
+            return self._answer_gated(item, who, started, found is _UNCACHED), None
         rid = item.id
         if rid is None:
             return b"", None
@@ -274,17 +310,49 @@ class RpcService:
             record = self._remember(split[1], item.method, found)
         return encode_result(rid, found[0]), record
 
-    def _batch(self, items: list[Item]) -> bytes | Awaitable[bytes]:
+    def allowed(self, who: Identity) -> frozenset[str]:
+        """The methods the node knows of that ``who`` may call (``MethodRules.names``): a
+        method outside it is refused, or takes ``_refused``'s slower look."""
+        if who.methods is None:
+            names = self._names_by_tier.get(who.tier)
+            if names is not None:
+                return names
+        return self.methods.names(who)
+
+    def _refused(self, call: Call, who: Identity) -> bytes | None:
+        """The answer refusing ``call`` from ``who`` (b"" for a notification, owed nothing),
+        or None when it may go on: a method ``who`` may not call (-32601), an eth_getLogs
+        past a guard (-32005)."""
+        method = call.method
+        why: bytes | None = None
+        if method not in self.allowed(who):
+            message = self.methods.refusal(method, who)
+            if message is not None:
+                why = orjson.dumps({"code": METHOD_NOT_FOUND, "message": message})
+        if why is None and method == _GET_LOGS:
+            why = self.log_guards.refusal(call.params, self.view)
+        if why is None:
+            return None
+        self.metrics.count(method, "refused", 0.0)
+        return encode_error_raw(call.id, why) if call.id is not None else b""
+
+    def _batch(self, items: list[Item], who: Identity) -> bytes | Awaitable[bytes]:
         parts: list[bytes | Awaitable[bytes | None] | Batched | None] = []
+        allowed = self.allowed(who)
         for at, item in enumerate(items):
             if isinstance(item, bytes):
                 self.metrics.count("", "invalid", 0.0)
                 parts.append(item)
                 continue
+            if item.method not in allowed or item.method == _GET_LOGS:
+                refused = self._refused(item, who)
+                if refused is not None:
+                    parts.append(refused or None)
+                    continue
             started = time.perf_counter()
             found = self._answer_now(item, started)
             if found is _MISS or found is _UNCACHED:
-                return self._gather(parts, items, at, started, found is _UNCACHED)
+                return self._gather(parts, items, at, who, started, found is _UNCACHED)
             parts.append(encode_result(item.id, found[0]) if item.id is not None else None)
         return join_batch([p for p in parts if isinstance(p, bytes)]) if parts else b""
 
@@ -293,6 +361,7 @@ class RpcService:
         parts: list[bytes | Awaitable[bytes | None] | Batched | None],
         items: list[Item],
         at: int,
+        who: Identity,
         started: float,
         uncached: bool,
     ) -> bytes:
@@ -306,7 +375,8 @@ class RpcService:
         (``_chunk``); every other miss takes a single call's path."""
         ups: list[Batched] = []
         chunks: list[asyncio.Task[None]] = []
-        who = current_peer()
+        name = who.name
+        allowed = self.allowed(who)
         deadline = started + self.call_budget  # perf_counter, as the pool's
         size = self.batch_len
         found: Found | Lookup = _UNCACHED if uncached else _MISS  # call ``at``'s, known
@@ -325,12 +395,19 @@ class RpcService:
                         self.metrics.count("", "invalid", 0.0)
                         parts.append(item)
                         continue
+                    if item.method not in allowed or item.method == _GET_LOGS:
+                        refused = self._refused(item, who)
+                        if refused is not None:
+                            parts.append(refused or None)
+                            continue
                     found = self._answer_now(item, started)
                 assert not isinstance(item, bytes)
                 if found is _MISS or found is _UNCACHED:
-                    parts.append(self._batch_miss(item, started, found is _UNCACHED, ups, looked))
+                    parts.append(
+                        self._batch_miss(item, who, started, found is _UNCACHED, ups, looked)
+                    )
                     if len(ups) >= size:
-                        chunks.append(self._send_chunk(ups, who, deadline))
+                        chunks.append(self._send_chunk(ups, name, deadline))
                         ups = []
                 elif item.id is not None:
                     parts.append(encode_result(item.id, found[0]))
@@ -340,7 +417,7 @@ class RpcService:
                 for it in await self._shared_misses(looked):
                     ups.append(it)
                     if len(ups) >= size:
-                        chunks.append(self._send_chunk(ups, who, deadline))
+                        chunks.append(self._send_chunk(ups, name, deadline))
                         ups = []
             looked = None
         except BaseException:
@@ -353,7 +430,7 @@ class RpcService:
             if looked:
                 ups.extend(looked)
             for i in range(0, len(ups), size):
-                chunks.append(self._send_chunk(ups[i : i + size], who, deadline))
+                chunks.append(self._send_chunk(ups[i : i + size], name, deadline))
         waits = [p for p in parts if p is not None and not isinstance(p, bytes | Batched)]
         # A chunk's calls may have been joined by others: a client gone cancels its own wait
         # only, never the chunk (which settles every call of it, whatever happens).
@@ -386,6 +463,7 @@ class RpcService:
     def _batch_miss(
         self,
         call: Call,
+        who: Identity,
         started: float,
         uncached: bool,
         ups: list[Batched],
@@ -394,14 +472,15 @@ class RpcService:
         """How one miss of a client batch is served, as ``_fetch`` would serve it alone: a
         plain upstream read is added to ``ups`` (its upstream batches), a cached one to
         ``looked`` first when there is a shared tier (``_shared_misses``); writes,
-        subscriptions, filters, reads the node may answer itself (eth_getLogs from the
-        block logs it holds, a block follower's call under way) and reads joining an
-        identical one under way take the single call's path."""
+        subscriptions, filters, eth_getLogs (answered from the block logs the node holds
+        where it can, and measured against its size guard), reads the node may answer
+        itself (a block follower's call under way) and reads joining an identical one under
+        way take the single call's path."""
         method = call.method
         rule = _RULES.get(method)
         params = call.params if call.has_params else None
         if rule is not None and rule.kind in _OWN_PATH:  # planned as never cached, too
-            return self._answer_gated(call, started, uncached)
+            return self._answer_gated(call, who, started, uncached)
         if rule is None or uncached:
             return self._batched(ups, call, started, None, params)
         p = policy.plan(method, call.params, self.view)
@@ -415,8 +494,6 @@ class RpcService:
             return encode_result(call.id, entry.value) if call.id is not None else None
         if key in self._coalescer or key in self._derivable:
             return self._answer_later(call, started)  # joins: no upstream call of its own
-        if method == "eth_getLogs" and self.local_logs is not None:
-            return self._answer_gated(call, started)
         fwd = p.params if p.params is not None else params
         if looked is not None:
             return self._batched(looked, call, started, p, fwd)
@@ -551,18 +628,18 @@ class RpcService:
         return encode_result(rid, answer.result)
 
     async def _answer_gated(
-        self, call: Call, started: float, uncached: bool = False
+        self, call: Call, who: Identity, started: float, uncached: bool = False
     ) -> bytes | None:
         """``_answer_later`` once the client's upstream calls in flight leave room for one
         more (``UpstreamGate``): at once on the usual path, else after its own earlier calls
         end; -32005 when the node is at its bound or the wait would pass the call's
         deadline."""
         gate = self.gate
-        who = current_peer()
-        if not gate.enter_now(who, 1):
+        name = who.name
+        if not gate.enter_now(name, 1):
             deadline = started + self.call_budget  # ``_answer_later``'s own: the wait counts
             try:
-                await gate.enter(who, 1, deadline, call.method)
+                await gate.enter(name, 1, deadline, call.method)
             except UpstreamError as exc:
                 self.metrics.count(call.method, "shed", time.perf_counter() - started)
                 if call.id is None:
@@ -571,7 +648,7 @@ class RpcService:
         try:
             return await self._answer_later(call, started, uncached=uncached)
         finally:
-            gate.leave(who, 1)
+            gate.leave(name, 1)
 
     # --- the hot path ----------------------------------------------------------------
     def _answer_now(self, call: Call, started: float) -> Found | Lookup:
@@ -628,15 +705,20 @@ class RpcService:
         seen.add(rest, record, generation)
         return record
 
-    def replay(self, record: Seen) -> bytes | None:
+    def replay(self, record: Seen, who: Identity = NODE) -> bytes | None:
         """The result of a call recognised by its bytes (see ``Seen``), counted; None when
         it must take the full path: another head, its entry no longer cached, a stale local
-        answer, or one call in ``REPLAY_TIMED_EVERY`` of its method and outcome (timed
-        there).
+        answer, a method ``who`` may not call (its first caller could: the tables key on
+        bytes, not on identities), or one call in ``REPLAY_TIMED_EVERY`` of its method and
+        outcome (timed there).
 
         Hot-path invariant: no decoding, no allocation, no upstream I/O."""
         slot = record.slot
         if record.generation != self.view.generation or not (slot[0] + 1) & _TIMED_MASK:
+            return None
+        # ``allowed(who)`` inlined: this runs for every replayed request.
+        names = self._names_by_tier.get(who.tier) if who.methods is None else None
+        if record.method not in (names if names is not None else self.methods.names(who)):
             return None
         if record.key is None:
             if not self.head.fresh:
@@ -727,13 +809,13 @@ class RpcService:
             answer = await self.pool.call(
                 method, params, spent=spent, tried=tried, deadline=deadline
             )
-            return answer, "pass"
+            return self._logs_bounded(method, answer), "pass"
         p = policy.plan(method, call.params, self.view)
         if p.key is None:
             answer = await self.pool.call(
                 method, params, spent=spent, tried=tried, deadline=deadline
             )
-            return answer, "pass"
+            return self._logs_bounded(method, answer), "pass"
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):
@@ -768,7 +850,12 @@ class RpcService:
 
     async def call(self, method: str, params: policy.Params) -> Answer:
         """One call through the whole pipeline (policy, cache, coalescing, pool), for the
-        node's own services: ``eth_getFilterLogs`` reads its range this way, cached."""
+        node's own services: ``eth_getFilterLogs`` reads its range this way, cached, and
+        held to the eth_getLogs guards as a client's eth_getLogs is."""
+        if method == _GET_LOGS:
+            why = self.log_guards.refusal(params, self.view)
+            if why is not None:
+                return Answer(None, why)
         answer, _ = await self._fetch(Call(None, method, params))
         return answer
 
@@ -860,14 +947,16 @@ class RpcService:
     ) -> Answer:
         """The upstream read of a miss, stored; by ``deadline`` (``pool.call``'s). Callers
         that join it (coalesced) came later: it ends by their own deadlines too."""
-        if method == "eth_getLogs" and self.local_logs is not None:
+        if method == _GET_LOGS and self.local_logs is not None:
             local = await self.local_logs(params)
             if local is not None:
+                local = self._logs_bounded(method, local)
                 self._store(p, local)
                 return local
         shared = self.shared
         if shared is None:
             answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
+            answer = self._logs_bounded(method, answer)
             self._store(p, answer)
             self._fill_block(method, answer)
             return answer
@@ -876,6 +965,7 @@ class RpcService:
 
         async def produce() -> Answer:
             answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
+            answer = self._logs_bounded(method, answer)
             entry = self._store(p, answer)
             self._fill_block(method, answer)
             if entry is not None:
@@ -883,6 +973,15 @@ class RpcService:
             return answer
 
         return await shared.exclusive(key, produce)
+
+    def _logs_bounded(self, method: str, answer: Answer) -> Answer:
+        """``answer``, or the -32005 refusing it when it is an eth_getLogs answer past the
+        size guard (then never stored: errors are not)."""
+        result = answer.result
+        if method != _GET_LOGS or result is None:
+            return answer
+        why = self.log_guards.oversize(len(result))
+        return answer if why is None else Answer(None, why)
 
     def _fill_block(self, method: str, answer: Answer) -> None:
         """A transaction or receipt just read upstream: its block may be filled."""

@@ -2,9 +2,11 @@
 WebSocket message, and per request the front door refused (4xx/5xx), to a file or stderr.
 
 A line holds: ``time`` (UTC, ms), ``id`` (the answer's X-Request-Id; a fresh one for a
-WebSocket message), ``client`` (the client's address), ``transport``, ``method`` (a list for
-a batch), ``outcome`` (hit, miss, pass, local, shared_hit, coalesced, shed, invalid,
-``error:<JSON-RPC code>``, or the HTTP status of a refusal; a list for a batch),
+WebSocket message), ``client`` (the identity its limits are kept under: "key:<name>" for
+a client with a key, else its address, an IPv6 client's network), ``transport``,
+``method`` (a list for a batch), ``outcome`` (hit, miss, pass, local, shared_hit,
+coalesced, shed, invalid, ``error:<JSON-RPC code>``, or the HTTP status of a refusal; a
+list for a batch),
 ``upstream`` (the upstreams called for it, when it called any), ``status``, ``in`` and
 ``out`` (body bytes), ``ms`` (from the request's read to its answer). Successful requests
 are sampled (``access_log_sample``); errors and refusals are always logged. GETs of
@@ -41,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
+from chainrelay.access.identity import NODE, Identity
 from chainrelay.config import ServerConfig
 from chainrelay.metrics import Metrics
 from chainrelay.server.compress import accepts_gzip
@@ -51,7 +54,7 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], bytes | Awaitable[bytes | None]]
+Handler = Callable[[bytes, Identity], bytes | Awaitable[bytes | None]]
 
 _ERROR_CODE = re.compile(rb'"error":\{"code":(-?\d+)')
 _METHOD = re.compile(rb'"method":"([^"\\]{1,100})"')
@@ -183,14 +186,15 @@ class AccessLog:
             self._flush()
 
     # --- lines ----------------------------------------------------------------------------
-    def handle(self, body: bytes) -> bytes | Awaitable[bytes | None]:
-        """The pipeline's answer to ``body``, its line written once it is answered."""
+    def handle(self, body: bytes, who: Identity = NODE) -> bytes | Awaitable[bytes | None]:
+        """The pipeline's answer to ``body`` from ``who``, its line written once it is
+        answered."""
         conn = self.conn
         ws = conn is not None and conn.ws is not None
-        entry = Entry(body, conn.ip if conn is not None else "", "ws" if ws else "http")
+        entry = Entry(body, who.name, "ws" if ws else "http")
         token = _CURRENT.set(entry)
         try:
-            out = self._rpc(body)
+            out = self._rpc(body, who)
         finally:
             _CURRENT.reset(token)
         http = conn is not None and not ws
@@ -372,5 +376,5 @@ class LoggedHttpProtocol(HttpProtocol):
                 cors = self._lines()
             found = _ID_VALUE.search(cors)
             rid = found.group(1) if found is not None else b""
-            self._access().refused(self.ip, rid, status, self._body_len)
+            self._access().refused(self.who.name, rid, status, self._body_len)
         super()._send(status, body, keep_alive, extra, cors)

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from chainrelay.access.identity import NODE, Identity
 from chainrelay.server.http import HttpProtocol
 from chainrelay.server.metricsum import sum_expositions
 from chainrelay.server.phases import Event, Phase, on
@@ -72,8 +73,9 @@ class AdminRpc:
         # Registered by the key table when there is one (``Node.register_key_reload``).
         self.reload_keys: KeyReload | None = None
 
-    def handle(self, body: bytes) -> bytes | Awaitable[bytes]:
-        """One JSON-RPC request's answer (no batches: an operator's call at a time)."""
+    def handle(self, body: bytes, _who: Identity = NODE) -> bytes | Awaitable[bytes]:
+        """One JSON-RPC request's answer (no batches: an operator's call at a time). Who
+        asks is not looked at: whoever reaches this listener is the operator."""
         if len(body) > MAX_ADMIN_BODY:
             return encode_error(NULL_ID, -32600, "invalid request: body too large")
         try:

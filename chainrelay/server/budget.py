@@ -78,9 +78,12 @@ class Budget:
         return self.by_ip.get(ip, 0)
 
     def let_go(self, at_least: int) -> bool:
-        """Whether at least ``at_least`` bytes were let go of since the peak (a burst is
-        over); if so the peak starts again from what is held now."""
-        if self.peak - self.held < at_least:
+        """Whether a burst is over: at least ``at_least`` bytes let go of since the peak,
+        or everything let go of after a peak of a quarter of that (the end of a burst whose
+        bulk was let go of earlier, when the heap was trimmed already); if so the peak
+        starts again from what is held now."""
+        gone = self.peak - self.held
+        if gone < at_least and not (self.held == 0 and gone >= at_least // 4):
             return False
         self.peak = self.held
         return True

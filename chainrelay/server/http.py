@@ -32,13 +32,14 @@ import httptools
 import orjson
 
 from chainrelay import defaults
+from chainrelay.access.identity import NODE, enter_identity, for_address, leave_identity
 from chainrelay.allocator import give_back_freed_memory
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.budget import Account, Budget, Over
 from chainrelay.server.compress import GZIP_LINES, Compression, accepts_gzip
-from chainrelay.server.peer import enter_peer, enter_via, leave_peer, leave_via, relays_in
+from chainrelay.server.peer import enter_via, leave_via, relays_in
 from chainrelay.server.pending import (
     INTERNAL_ERROR,
     Awaited,
@@ -158,6 +159,7 @@ class HttpServer:
         cors_origins: list[str] | None = None,
         via: str = "",
         *,
+        ipv6_prefix: int = defaults.IPV6_CLIENT_PREFIX,
         request_id_max_bytes: int = defaults.REQUEST_ID_MAX_BYTES,
         protocol: type[HttpProtocol] | None = None,
         access: AccessLog | None = None,
@@ -178,6 +180,8 @@ class HttpServer:
         # The access log, when on (its connections are ``LoggedHttpProtocol``).
         self.access = access
         self.compression = compression or Compression()
+        # An IPv6 client stands for its network of this prefix (chainrelay/access/identity.py).
+        self.ipv6_prefix = ipv6_prefix
         # This node's name in Via headers ("chainrelay-<random>"): a request naming it
         # came round in a loop. Empty: no loop check.
         self.via = via
@@ -395,11 +399,11 @@ class HttpProtocol(asyncio.Protocol):
         "_rest_at",
         "_send_now",
         "_url",
-        "ip",
         "parser",
         "requests",
         "server",
         "transport",
+        "who",
         "ws",
     )
 
@@ -408,7 +412,7 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.ws: WsSession | None = None
-        self.ip = ""
+        self.who = NODE  # the client, as limits see it (its address until it says more)
         self.requests = 0  # messages seen; the idle sweep compares it between sweeps
         self._phase = Phase.IDLE
         self._url = b""
@@ -447,14 +451,14 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         self._send_now = self.transport.write
         peer = self.transport.get_extra_info("peername")
-        self.ip = peer[0] if peer else ""
         srv = self.server
-        self._in = Account(srv.budget, self.ip)
-        self._out = Account(srv.budget, self.ip)
-        srv.per_ip[self.ip] += 1
+        self.who = who = for_address(peer[0] if peer else "", srv.ipv6_prefix)
+        self._in = Account(srv.budget, who.name)
+        self._out = Account(srv.budget, who.name)
+        srv.per_ip[who.name] += 1
         srv.connections.add(self)
         srv.metrics.connections.labels("http").inc()
-        if srv.per_ip[self.ip] > srv.limits.max_connections_per_ip:
+        if srv.per_ip[who.name] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
             self.close()  # at once, not lingering: its place is what it must not keep
@@ -462,9 +466,10 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
         srv.connections.discard(self)
-        srv.per_ip[self.ip] -= 1
-        if srv.per_ip[self.ip] <= 0:
-            del srv.per_ip[self.ip]
+        name = self.who.name
+        srv.per_ip[name] -= 1
+        if srv.per_ip[name] <= 0:
+            del srv.per_ip[name]
         srv.metrics.connections.labels("ws" if self.ws else "http").dec()
         if self.ws is not None:
             self.ws.connection_lost()
@@ -631,7 +636,7 @@ class HttpProtocol(asyncio.Protocol):
                 if (
                     replay is not None
                     and len(split[0]) == replay.token_len
-                    and replay.check(replay.record) is not None
+                    and replay.check(replay.record, self.who) is not None
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
@@ -774,9 +779,9 @@ class HttpProtocol(asyncio.Protocol):
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            self._answer(routes.rpc(data[end + 4 :]), True, lines, gzip)
+            self._answer(routes.rpc(data[end + 4 :], self.who), True, lines, gzip)
             return True
-        answer, record = replayer.serve(data[end + 4 :])
+        answer, record = replayer.serve(data[end + 4 :], self.who)
         # A replay writes the answer as it is: never one a client asked to have gzipped.
         if record is not None and split is not None and not named and not gzip:
             if answer.__class__ is bytes:
@@ -924,7 +929,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
             via = self.headers(b"via")
             if via is None:
-                self._answer(self.server.routes.rpc(body), keep_alive)
+                self._answer(self.server.routes.rpc(body, self.who), keep_alive)
             else:
                 self._relayed(body, via, keep_alive)
         elif method == b"GET":
@@ -948,7 +953,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         token = enter_via(", ".join(f"1.1 {r.decode()}" for r in relays))
         try:
-            self._answer(server.routes.rpc(body), keep_alive)
+            self._answer(server.routes.rpc(body, self.who), keep_alive)
         finally:
             leave_via(token)
 
@@ -1015,18 +1020,18 @@ class HttpProtocol(asyncio.Protocol):
         assert not isinstance(result, bytes)
         if result.__class__ is CoroutineType:
             # A miss: its coroutine, straight into a task (ensure_future's checks cost more).
-            # The task keeps the client's address (limits per IP); hits never set it.
+            # The task keeps the client's identity (limits per client); hits never set it.
             coro = typing.cast("Coroutine[object, object, bytes | None]", result)
-            token = enter_peer(self.ip)
+            token = enter_identity(self.who)
             fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_task(coro)
-            leave_peer(token)
+            leave_identity(token)
         elif result.__class__ is asyncio.Future:
             # A read already sent upstream (RpcService's forwarding path): no task to make.
             fut = typing.cast("asyncio.Future[bytes | None]", result)
         else:
-            token = enter_peer(self.ip)
+            token = enter_identity(self.who)
             fut = asyncio.ensure_future(result)
-            leave_peer(token)
+            leave_identity(token)
         self._queue.append(Awaited(fut, keep_alive, cors, gzip))
         fut.add_done_callback(self._flush)
         if len(self._queue) > self.server.limits.max_pending_per_connection:
@@ -1215,7 +1220,7 @@ class HttpProtocol(asyncio.Protocol):
             self._count_sends = False
             session = batches.open(
                 self.transport,
-                ip=self.ip,
+                ip=self.who.name,
                 max_send_buffer=limits.max_ws_send_buffer,
                 close_timeout=limits.ws_close_timeout,
             )
@@ -1223,7 +1228,7 @@ class HttpProtocol(asyncio.Protocol):
             self._count_sends = False
             session = feed(
                 self.transport,
-                ip=self.ip,
+                ip=self.who.name,
                 max_send_buffer=limits.max_ws_send_buffer,
                 close_timeout=limits.ws_close_timeout,
             )
@@ -1231,7 +1236,7 @@ class HttpProtocol(asyncio.Protocol):
             session = WsSession(
                 self.transport,
                 self.server.routes.rpc,
-                ip=self.ip,
+                ip=self.who.name,
                 max_message_bytes=limits.max_ws_message_bytes,
                 max_send_buffer=limits.max_ws_send_buffer,
                 max_pending=limits.max_pending_per_connection,
@@ -1240,6 +1245,7 @@ class HttpProtocol(asyncio.Protocol):
                 sends=self._out,
                 deflate=self.server.compression.ws_deflate,
                 request_id=self.server.request_id(self.header(b"x-request-id")).decode(),
+                who=self.who,
             )
         if not session.accept(head):
             self.transport.close()

@@ -1,11 +1,9 @@
-"""Who asks: the client address of the request being served (limits per address) and
-the relays it already passed through (loop detection).
+"""The relays a request already passed through (loop detection), and tasks of the node's
+own that carry no request's context.
 
-The request pipeline does not know its transport; a limit per client address (filters per
-IP) still needs the address. Transports set it only where a request becomes a task (a
-call that needs more than a cache hit), and the task keeps it: asyncio copies the context
-into every task it creates. A synchronous answer never reads it, so the cache-hit paths
-never pay for setting it.
+The request pipeline does not know its transport; the Via a request came with is set where
+a request becomes a task, and the task keeps it: asyncio copies the context into every
+task it creates. (Who the client is travels the same way: chainrelay/access/identity.py.)
 """
 
 from __future__ import annotations
@@ -18,25 +16,6 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-_PEER: contextvars.ContextVar[str] = contextvars.ContextVar("chainrelay_peer", default="")
-
-
-def current_peer() -> str:
-    """The client address of the request being served; "" when unknown (the node's own
-    calls, or a transport that does not say)."""
-    return _PEER.get()
-
-
-def enter_peer(ip: str) -> contextvars.Token[str]:
-    """Make ``ip`` the current client address until ``leave_peer``; call right around the
-    creation of a request's task, which keeps it."""
-    return _PEER.set(ip)
-
-
-def leave_peer(token: contextvars.Token[str]) -> None:
-    _PEER.reset(token)
-
 
 # The Via header (RFC 9110 7.6.3) of the request being served, as it came: the relays it
 # passed through. Upstream requests made for it carry it on, with this node added.

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 
 if typing.TYPE_CHECKING:
+    from chainrelay.access.identity import Identity
     from chainrelay.rpc.replay import Seen
 
 # Per replay entry: the record, its dict slot and the answer's head, counted against
@@ -27,9 +28,10 @@ REPLAY_OPEN = b"\r\n\r\n" + ANSWER_OPEN
 
 class Replay:
     """A POST answered from cache whose bytes, id aside, come again: the answer's head (up
-    to its X-Request-Id's counter, written fresh each time) and its body around
-    the id (an id of the same length, so the Content-Length holds), its record, and the
-    check that the record still answers (``Replayer.replay``)."""
+    to its X-Request-Id's counter, written fresh each time) and its body around the id (an
+    id of the same length, so the Content-Length holds), its record, and the check that the
+    record still answers, for this client (``Replayer.replay``: a method the client may
+    not call is not replayed to it, whoever asked it first)."""
 
     __slots__ = ("check", "head", "record", "size", "suffix", "token_len")
 
@@ -39,7 +41,7 @@ class Replay:
         record: Seen,
         token_len: int,
         size: int,
-        check: Callable[[Seen], bytes | None],
+        check: Callable[[Seen, Identity], bytes | None],
     ) -> None:
         self.check = check
         self.head = head

@@ -7,6 +7,7 @@ import asyncio
 import typing
 from collections.abc import Awaitable, Callable
 
+from chainrelay.access.identity import Identity
 from chainrelay.server.ws import Subscriptions, WsSession
 
 if typing.TYPE_CHECKING:
@@ -14,7 +15,7 @@ if typing.TYPE_CHECKING:
     from chainrelay.rpc.service import Served
 
 # A body's answer: now, or later (None later: a notification, nothing owed).
-Handler = Callable[[bytes], bytes | Awaitable[bytes | None]]
+Handler = Callable[[bytes, Identity], bytes | Awaitable[bytes | None]]
 
 # The path of the feed (the relay tree's frames) on the node's port.
 FEED_PATH = b"/feed"
@@ -28,12 +29,12 @@ Reply = tuple[int, bytes, bytes]
 
 class Replayer(typing.Protocol):
     """The JSON-RPC side of replays (``RpcService``): a body's answer with the record that
-    answered it, if one did, and the result of a record's call now, or None when it must
-    take the full path."""
+    answered it, if one did, and the result of a record's call now for ``who``, or None
+    when it must take the full path."""
 
-    def serve(self, body: bytes) -> Served: ...
+    def serve(self, body: bytes, who: Identity) -> Served: ...
 
-    def replay(self, record: Seen) -> bytes | None: ...
+    def replay(self, record: Seen, who: Identity) -> bytes | None: ...
 
 
 class FeedOpener(typing.Protocol):

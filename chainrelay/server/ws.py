@@ -34,15 +34,15 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from chainrelay import defaults
+from chainrelay.access.identity import NODE, Identity, enter_identity, leave_identity
 from chainrelay.server.budget import Account
-from chainrelay.server.peer import enter_peer, leave_peer
 from chainrelay.server.phases import Paused
 from chainrelay.wire.jsonrpc import Answer
 from chainrelay.wire.wsframes import next_frame
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], bytes | Awaitable[bytes | None]]
+Handler = Callable[[bytes, Identity], bytes | Awaitable[bytes | None]]
 
 # Close code for a reader too slow to keep up: "try again later" (RFC 6455, 1013).
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -98,6 +98,7 @@ class WsSession:
         sends: Account | None = None,
         deflate: bool = False,
         request_id: str = "",
+        who: Identity = NODE,
     ) -> None:
         """``deflate``: permessage-deflate is accepted when the client offers it (client
         JSON-RPC connections with ``[server] ws_deflate``; never a feed or a push, whose
@@ -109,7 +110,10 @@ class WsSession:
         # counted here; a feed child's frames have their own bounds).
         self.sends = sends
         self.close_timeout = close_timeout
-        self.ip = ip  # the client's address, kept by each message's task (limits per IP)
+        # The client as limits see it: its identity, kept by each message's task, and the
+        # name per-client counts are kept under (a feed or push session names only that).
+        self.who = who
+        self.ip = ip or who.name
         self.handler = handler
         self.max_send_buffer = max_send_buffer
         self.max_pending = max_pending
@@ -272,13 +276,13 @@ class WsSession:
         subs = self.subscriptions
         token = _CURRENT.set(subs) if subs is not None else None
         try:
-            out = self.handler(body)
+            out = self.handler(body, self.who)
             if isinstance(out, bytes):
                 self.send(out)
                 return
-            peer = enter_peer(self.ip)
+            peer = enter_identity(self.who)
             task = asyncio.ensure_future(out)  # takes the context: subscriptions, address
-            leave_peer(peer)
+            leave_identity(peer)
         finally:
             if token is not None:
                 _CURRENT.reset(token)

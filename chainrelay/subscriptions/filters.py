@@ -27,10 +27,10 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from chainrelay.access.identity import current_identity
 from chainrelay.config import FiltersConfig
 from chainrelay.errors import FilterNotFound, InvalidParams, PendingUnavailable, RequestError
 from chainrelay.metrics import Metrics
-from chainrelay.server.peer import current_peer
 from chainrelay.subscriptions.filtertable import BlockLike, FilterKind, FilterTable, live_filter
 from chainrelay.wire.jsonrpc import Answer
 
@@ -221,11 +221,15 @@ class FilterService:
             max_addresses=self.max_addresses,
             max_topics_per_position=self.max_topics_per_position,
         )
-        return _result(self.table.install(FilterKind.LOGS, criteria, self.clock(), current_peer()))
+        return _result(
+            self.table.install(FilterKind.LOGS, criteria, self.clock(), current_identity().name)
+        )
 
     def _new_block_filter(self, params: Any) -> Answer:
         _params(params, "eth_newBlockFilter", 0, 0)
-        return _result(self.table.install(FilterKind.BLOCKS, None, self.clock(), current_peer()))
+        return _result(
+            self.table.install(FilterKind.BLOCKS, None, self.clock(), current_identity().name)
+        )
 
     def _new_pending_filter(self, params: Any) -> Answer:
         got = _params(params, "eth_newPendingTransactionFilter", 0, 1)
@@ -237,7 +241,9 @@ class FilterService:
                 "pending transactions are not available from this node's upstreams"
                 " (they need a WebSocket upstream)"
             )
-        return _result(self.table.install(FilterKind.PENDING, None, self.clock(), current_peer()))
+        return _result(
+            self.table.install(FilterKind.PENDING, None, self.clock(), current_identity().name)
+        )
 
     @property
     def pending_available(self) -> bool:

@@ -17,12 +17,18 @@ whose socket buffer is full is skipped until its transport drains (``resume_writ
 and one that falls past its queue bound or out of the backlog is told ``bye`` and closed;
 it resumes from its position.
 
+Who a child is comes from its hello: on a hub with ``child_keys`` a relay proves its key
+against the challenge its upgrade was answered with (``tree.auth``); any other child is an
+anonymous subscriber, bounded per address and node-wide (``tree.admission``), so
+subscribers never take the relays' places.
+
 Block streams and batch streams are two types (``tree.streams``). Batch streams differ in
 three ways: each frame is checked against the stream's sequencers (the frame carries the
 sequencer's own signature), frames pass on strictly in sequence (``batches.order``: held
 past a missing one, which is fetched from a parent's range endpoint), and the sequencer's
 ``confirmed`` trims the backlog; child relays say what they hold (``held``) for
-acknowledgements that wait for relays.
+acknowledgements that wait for relays (on a hub with ``child_keys``, authenticated relays
+only).
 """
 
 from __future__ import annotations
@@ -31,30 +37,39 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from websockets.http11 import Request
 from websockets.protocol import State
 
 from chainrelay import defaults
+from chainrelay.access.identity import Identity
 from chainrelay.batches import frame as batchframe
 from chainrelay.batches.order import Missing
 from chainrelay.config import TreeConfig
 from chainrelay.metrics import Metrics
 from chainrelay.server.ws import WsSession
 from chainrelay.tree import frame as feedframe
+from chainrelay.tree.admission import Admission
+from chainrelay.tree.auth import CHALLENGE_HEADER, AuthError, Challenge, ChildKeys
 from chainrelay.tree.frame import KIND_BATCH, Frame, FrameError
 from chainrelay.tree.session import (
     CLOSE_BAD_HELLO,
     CLOSE_LAGGING,
+    CLOSE_TOO_MANY,
+    CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_STREAM,
     MAX_CONTROL_BYTES,
     Backlog,
     ControlError,
     Cursor,
     Dedup,
+    Hello,
     Want,
     encode_bye,
     encode_confirmed,
@@ -93,6 +108,11 @@ class HubLimits:
     max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
     max_children: int = defaults.TREE_MAX_CHILDREN
     hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
+    # Anonymous children (``tree.admission``)
+    anon_per_address: int = defaults.TREE_ANON_PER_ADDRESS
+    anon_max_sessions: int = defaults.TREE_ANON_MAX_SESSIONS
+    anon_reconnect_cooldown: float = defaults.TREE_ANON_RECONNECT_COOLDOWN
+    anon_idle_addresses: int = defaults.TREE_ANON_IDLE_ADDRESSES
 
     @classmethod
     def of(cls, tree: TreeConfig) -> HubLimits:
@@ -108,6 +128,10 @@ class HubLimits:
             max_children=tree.max_children,
             stale_positions=tree.stale_positions,
             hello_timeout=tree.hello_timeout,
+            anon_per_address=tree.anon_per_address,
+            anon_max_sessions=tree.anon_max_sessions,
+            anon_reconnect_cooldown=tree.anon_reconnect_cooldown,
+            anon_idle_addresses=tree.anon_idle_addresses,
         )
 
 
@@ -126,8 +150,21 @@ class FeedHub:
         limits: HubLimits | None = None,
         batches: Iterable[BatchSpec] = (),
         listeners: Iterable[FrameListener] = (),
+        child_keys: ChildKeys | None = None,
+        name: str = "",
     ) -> None:
+        """``child_keys``: who may be a child relay (``tree.auth``; none: every child that
+        names itself is one, as on a node without keys); ``name``: this hub's name in its
+        challenges (the node's Via name; a random one when not given)."""
         self.limits = lim = limits or HubLimits()
+        self.child_keys = child_keys or ChildKeys()
+        self.name = name or f"hub-{secrets.token_hex(8)}"
+        self.admission = Admission(
+            per_address=lim.anon_per_address,
+            max_sessions=lim.anon_max_sessions,
+            cooldown=lim.anon_reconnect_cooldown,
+            idle_addresses=lim.anon_idle_addresses,
+        )
         self.metrics = metrics
         self.trust = frozenset(trust)
         self.streams: dict[str, Stream] = {
@@ -391,8 +428,10 @@ class FeedHub:
         st = self.streams.get(stream)
         if not isinstance(st, BatchStream) or st.order.next is None or child not in st.children:
             return
-        if child.node is None:
-            return  # a subscriber, not a relay: what it holds helps no acknowledgement
+        if not child.relay:
+            # A subscriber (or, on a hub with child_keys, a child that proved no key): what
+            # it says it holds helps no acknowledgement.
+            return
         # Never more than this node sent: a child's word cannot make up a relay's copy.
         position = min(position, st.order.next - 1)
         if position <= st.held.get(child, -1):
@@ -404,12 +443,13 @@ class FeedHub:
         if not st.held_waiters:
             return
         keep = []
-        # Per relay name (one relay is one, however many sessions it has), once per
-        # message, not once per waiter.
-        by_node: dict[str | None, int] = {}
+        # Per relay (``FeedChild.relay_name``: one relay is one, however many sessions
+        # it has), once per message, not once per waiter.
+        by_relay: dict[str | None, int] = {}
         for child, position in st.held.items():
-            by_node[child.node] = max(position, by_node.get(child.node, -1))
-        held = sorted(by_node.values())
+            who = child.relay_name
+            by_relay[who] = max(position, by_relay.get(who, -1))
+        held = sorted(by_relay.values())
         for seq, k, fut in st.held_waiters:
             if fut.done():
                 continue
@@ -558,22 +598,34 @@ class FeedChild(WsSession):
         self.greeted = False
         self.node: str | None = None  # the relay's name its hello gave
         self.sibling = False  # another worker of this node (``FeedHub.open_sibling``)
+        # Who it is: the key it proved (``tree.auth``), and whether its ``held`` counts.
+        self.proven: str | None = None
+        self.relay = False
+        self.group = ip  # what anonymous limits count it by: its identity's name
+        self._challenge: Challenge | None = None
+        self._pending = False  # holds a place of its group's until its hello
+        self._anonymous = False  # counted among the anonymous sessions
         self._hello_timer: asyncio.TimerHandle | None = None
         self.high_water = hub.limits.child_buffer_bytes
         # Above this the transport pauses us; ``resume_writing`` pumps again.
         transport.set_write_buffer_limits(high=self.high_water)
 
     def accept(self, raw_request: bytes) -> bool:
-        if len(self.hub.children) >= self.hub.limits.max_children:
-            self.hub.metrics.feed_child_closes.labels("too_many_children").inc()
+        hub = self.hub
+        if len(hub.children) >= hub.limits.max_children:
             # Answered, not just dropped: the child can tell a full parent from a dead one.
-            self.proto.receive_data(raw_request)
-            self.proto.events_received()
-            self.proto.send_response(self.proto.reject(503, "too many children\n"))
-            self._flush()
-            return False
-        ok = super().accept(raw_request)
-        if ok:
+            return self._reject(raw_request, 503, "too many children", "too_many_children")
+        if not self.sibling:
+            refusal = hub.admission.upgrade(self.group, time.monotonic())
+            if refusal is not None:
+                return self._reject(
+                    raw_request, 429, refusal.message, refusal.reason, refusal.retry_after
+                )
+            self._pending = True
+        ok = self._upgrade(raw_request)
+        if not ok:
+            self._leave_admission()
+        else:
             self.hub.children.add(self)
             if self.sibling:
                 self.hub.siblings.add(self)
@@ -582,6 +634,76 @@ class FeedChild(WsSession):
                 self.hub.limits.hello_timeout, self._hello_due
             )
         return ok
+
+    def _reject(
+        self, raw_request: bytes, status: int, text: str, reason: str, retry_after: float = 0.0
+    ) -> bool:
+        self.hub.metrics.feed_child_closes.labels(reason).inc()
+        self.proto.receive_data(raw_request)
+        self.proto.events_received()
+        response = self.proto.reject(status, text + "\n")
+        if retry_after > 0:
+            response.headers["Retry-After"] = str(math.ceil(retry_after))
+        self.proto.send_response(response)
+        self._flush()
+        return False
+
+    def _upgrade(self, raw_request: bytes) -> bool:
+        """``WsSession.accept``, with the hub's challenge in the response when it has
+        ``child_keys`` (``tree.auth``): every child gets its own, fresh."""
+        self.proto.receive_data(raw_request)
+        events = self.proto.events_received()
+        request = events[0] if events and isinstance(events[0], Request) else None
+        if request is None:
+            self._flush()
+            return False
+        response = self.proto.accept(request)
+        if response.status_code == 101 and self.hub.child_keys and not self.sibling:
+            self._challenge = Challenge.fresh(self.hub.name)
+            response.headers[CHALLENGE_HEADER] = self._challenge.header()
+        self.proto.send_response(response)
+        self._flush()
+        return response.status_code == 101
+
+    def _admit(self, hello: Hello) -> bool:
+        """Who the child is, from its hello's proof; False (and refused) for a proof that
+        does not check out or an anonymous child past its bounds (``tree.admission``)."""
+        hub = self.hub
+        if self.sibling:  # the node's own worker
+            self.relay = hello.node is not None
+            return True
+        if hub.child_keys and hello.auth is not None:
+            assert self._challenge is not None  # sent with every upgrade of a keyed hub
+            try:
+                self.proven = hub.child_keys.verify(hello.auth, self._challenge, hello.node)
+            except AuthError as exc:
+                self._refuse(str(exc), CLOSE_UNAUTHORIZED, f"auth_{exc.reason}")
+                return False
+        self._pending = False
+        anonymous = self.proven is None
+        refusal = hub.admission.hello(self.group, time.monotonic(), anonymous=anonymous)
+        if refusal is not None:
+            self._refuse(refusal.message, CLOSE_TOO_MANY, refusal.reason, refusal.retry_after)
+            return False
+        self._anonymous = anonymous
+        # Without child_keys no child can prove anything: a named one is a relay, as ever.
+        self.relay = self.proven is not None or (not hub.child_keys and hello.node is not None)
+        if self.proven is not None:
+            log.info("feed child %s (%s) is relay %s", hello.node, self.ip, self.proven)
+        return True
+
+    @property
+    def relay_name(self) -> str | None:
+        """What this relay counts as, once however many sessions it has: the address it
+        proved (one key is one relay, whatever names its hellos give), else its name."""
+        if self.proven is not None and self.proven.startswith("0x"):
+            return self.proven
+        return self.node
+
+    def _leave_admission(self) -> None:
+        if self._pending or self._anonymous:
+            self.hub.admission.gone(self.group, time.monotonic(), counted=self._anonymous)
+            self._pending = self._anonymous = False
 
     def _hello_due(self) -> None:
         if not self.greeted and not self.closed:
@@ -609,6 +731,8 @@ class FeedChild(WsSession):
                     f"unknown stream {want.stream}", CLOSE_UNKNOWN_STREAM, "unknown_stream"
                 )
                 return
+        if not self._admit(hello):
+            return
         for want in hello.wants:
             st = hub.streams[want.stream]
             start, gap = st.backlog.resume(want.from_position, want.last, want.after)
@@ -650,9 +774,11 @@ class FeedChild(WsSession):
             return
         self.hub.note_held(self, stream, position)
 
-    def _refuse(self, message: str, code: int, reason: str) -> None:
+    def _refuse(
+        self, message: str, code: int, reason: str, retry_after: float | None = None
+    ) -> None:
         self.hub.metrics.feed_child_closes.labels(reason).inc()
-        self.send(encode_error(message))
+        self.send(encode_error(message, retry_after))
         self.close_now(code, close_reason(message))
 
     def pump(self) -> None:
@@ -704,6 +830,7 @@ class FeedChild(WsSession):
 
     def _release(self) -> None:
         self._stop_hello_timer()
+        self._leave_admission()
         hub = self.hub
         if self in hub.children:
             hub.children.discard(self)
@@ -726,5 +853,5 @@ def close_reason(message: str) -> str:
     return message.encode(errors="replace")[:123].decode(errors="ignore")
 
 
-def _no_rpc(_body: bytes) -> bytes:
+def _no_rpc(_body: bytes, _who: Identity) -> bytes:
     return b""

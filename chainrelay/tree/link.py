@@ -26,6 +26,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 
+from chainrelay.tree.auth import CHALLENGE_HEADER, Credentials, Proof, parse_challenge
 from chainrelay.tree.session import (
     ControlError,
     Gap,
@@ -83,12 +84,16 @@ class FeedLink:
         node: str | None = None,
         unix_path: str | None = None,
         on_head: Callable[[FeedLink, dict[str, Any]], object] = _no_head,
+        credentials: Credentials | None = None,
     ) -> None:
         """``node``: this node's name, told to the parent in the hello when this node is a
         relay (what it holds may count towards acknowledgements that wait for relays).
         ``unix_path``: the parent listens on this Unix socket (``url`` then only names the
         path and host of the handshake), as a node's feeder worker does for its others;
-        ``on_head`` takes the early heads such a feeder sends (``tree.session.encode_head``)."""
+        ``on_head`` takes the early heads such a feeder sends (``tree.session.encode_head``).
+        ``credentials``: this node's key or secret, which answers a parent's challenge
+        (``tree.auth``) in the hello, so the parent counts it as a relay."""
+        self.credentials = credentials
         self.url = url
         self.on_head = on_head
         self.unix_path = unix_path
@@ -118,6 +123,9 @@ class FeedLink:
         self._held: dict[str, int] = {}  # what to tell the parent this node holds
         self._held_all: dict[str, int] = {}  # ... and told, again at each new session
         self._held_timer: asyncio.TimerHandle | None = None
+        # Seconds the parent said to wait before trying again (a refusal's retry_after, a
+        # 429's Retry-After): the next reconnect waits at least that long.
+        self._retry_after = 0.0
 
     def __repr__(self) -> str:
         return f"FeedLink({self.name} {self.url} connected={self.connected})"
@@ -207,6 +215,9 @@ class FeedLink:
                 why = "closed"
             except asyncio.CancelledError:
                 raise
+            except websockets.InvalidStatus as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                self._retry_after = _seconds(exc.response.headers.get("Retry-After"))
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 why = f"{type(exc).__name__}: {exc}"
             except ControlError as exc:
@@ -226,7 +237,8 @@ class FeedLink:
                 self.failures = 0
             else:
                 self.failures += 1
-            await asyncio.sleep(self._backoff())
+            delay, self._retry_after = max(self._backoff(), self._retry_after), 0.0
+            await asyncio.sleep(delay)
 
     async def _session(self) -> None:
         """One connection, until it ends (an exception when it ends badly)."""
@@ -249,7 +261,10 @@ class FeedLink:
                 # Frames past our bound would end the link (1009) at every resume: the parent
                 # leaves them out, and the jump in positions is backfilled.
                 hello = encode_hello(
-                    self.wants(), max_frame_bytes=self.max_frame_bytes, node=self.node
+                    self.wants(),
+                    max_frame_bytes=self.max_frame_bytes,
+                    node=self.node,
+                    auth=self._proof(conn),
                 )
                 await conn.send(hello, text=True)
                 async with asyncio.timeout(self.connect_timeout):
@@ -281,10 +296,20 @@ class FeedLink:
                 # the session ends must end the link, not be taken for the pinger's.
                 await asyncio.wait([pinger])
 
+    def _proof(self, conn: ClientConnection) -> Proof | None:
+        """The answer to the parent's challenge, if it sent one and this node can prove."""
+        if not self.credentials or self.node is None or conn.response is None:
+            return None
+        challenge = parse_challenge(conn.response.headers.get(CHALLENGE_HEADER))
+        if challenge is None:
+            return None
+        return self.credentials.prove(challenge, self.node)
+
     def _welcome(self, text: str) -> list[tuple[str, Gap]]:
         """The welcome's gaps; ``ControlError`` for anything but a well-formed welcome."""
         msg = parse_control(text)
         if msg.get("type") == "error":
+            self._retry_after = _seconds(msg.get("retry_after"))
             raise ControlError(f"parent refused the hello: {msg.get('message')!r}")
         if msg.get("type") != "welcome":
             raise ControlError(f"expected a welcome, got {msg.get('type')!r}")
@@ -346,6 +371,20 @@ class FeedLink:
                 return
             self.rtt = rtt if self.rtt is None else self.rtt + RTT_ALPHA * (rtt - self.rtt)
             await asyncio.sleep(self.ping_interval)
+
+
+# A parent's word on when to retry is followed up to this long: a wrong or hostile value
+# must not park a link for good.
+MAX_RETRY_AFTER = 300.0
+
+
+def _seconds(v: object) -> float:
+    """A retry_after or Retry-After value in seconds (0 for anything that is not one)."""
+    try:
+        seconds = float(v) if isinstance(v, int | float | str) and not isinstance(v, bool) else 0.0
+    except ValueError:
+        return 0.0
+    return min(seconds, MAX_RETRY_AFTER) if seconds > 0 else 0.0
 
 
 def _ignore_closed(task: asyncio.Task[None]) -> None:

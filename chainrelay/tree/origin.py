@@ -18,6 +18,7 @@ from chainrelay.chain.follower import BlockFollower
 from chainrelay.config import TreeConfig
 from chainrelay.errors import ConfigError
 from chainrelay.tree import frame as feedframe
+from chainrelay.tree.auth import Credentials
 from chainrelay.tree.hub import FeedHub
 
 log = logging.getLogger(__name__)
@@ -26,17 +27,28 @@ log = logging.getLogger(__name__)
 def load_signer(tree: TreeConfig) -> feedframe.Signer | None:
     """The origin key of ``tree`` (None: this node is no origin), loaded with eth-account:
     a hex key, a keystore JSON (with ``key_password``), or a file holding a hex key."""
-    secret = tree.key
-    if tree.key_file:
+    return _load_key(tree.key, tree.key_file, tree.key_password, "key")
+
+
+def load_credentials(tree: TreeConfig) -> Credentials:
+    """What this node answers its parents' challenges with (``tree.auth``): its node key
+    (``node_key`` or ``node_key_file``, loaded as the origin key is), or its shared
+    ``node_secret``; empty for a node that proves nothing."""
+    signer = _load_key(tree.node_key, tree.node_key_file, tree.key_password, "node_key")
+    return Credentials(signer, tree.node_secret)
+
+
+def _load_key(secret: str, key_file: str, password: str, what: str) -> feedframe.Signer | None:
+    if key_file:
         try:
-            text = Path(tree.key_file).read_text().strip()
+            text = Path(key_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"tree.key_file: {exc}") from None
+            raise ConfigError(f"tree.{what}_file: {exc}") from None
         if text.startswith("{"):
             try:
-                key = Account.decrypt(text, tree.key_password)
+                key = Account.decrypt(text, password)
             except ValueError as exc:
-                raise ConfigError(f"tree.key_file: cannot decrypt the keystore: {exc}") from None
+                raise ConfigError(f"tree.{what}_file: cannot decrypt the keystore: {exc}") from None
             return feedframe.Signer(bytes(key))
         secret = text
     if not secret:
@@ -44,7 +56,7 @@ def load_signer(tree: TreeConfig) -> feedframe.Signer | None:
     try:
         account = Account.from_key(secret)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"tree.key: not a secp256k1 private key ({exc})") from None
+        raise ConfigError(f"tree.{what}: not a secp256k1 private key ({exc})") from None
     return feedframe.Signer(bytes(account.key))
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import aiohttp
 
 from chainrelay.config import TreeConfig
+from chainrelay.tree.auth import Credentials
 from chainrelay.tree.choice import Candidate, RttEstimate, choose, health_url
 from chainrelay.tree.link import FeedLink
 from chainrelay.tree.session import Gap, Want
@@ -65,6 +66,7 @@ class ParentSet:
         on_gap: Callable[[FeedLink, str, Gap], None] = _nothing,
         on_confirmed: Callable[[FeedLink, str, int, bytes], object] = _nothing,
         node: str | None = None,
+        credentials: Credentials | None = None,
         probe_urls: Mapping[str, str] | None = None,
         # Hooks (metrics, logs, tests): called synchronously, must not block
         on_change: Callable[[list[str]], None] = _nothing,
@@ -73,7 +75,8 @@ class ParentSet:
     ) -> None:
         """``tree``: the checked ``[tree]`` section; its ``parents_k``, probe, failure and
         hold settings drive the choice, and its frame, connect, retry and ping settings go
-        to every link (``node``: this node's name in their hello).
+        to every link (``node``: this node's name in their hello; ``credentials``: what
+        answers their challenge, ``tree.auth``).
         ``probe_urls`` maps a candidate's name to any URL of its HTTP endpoint (its
         JSON-RPC URL will do); without one, the candidate's own URL is probed.
         ``on_change(names)`` follows every change of parents, ``on_probe(name, seconds or
@@ -87,6 +90,7 @@ class ParentSet:
         self._state = {c.name: _State(health_url(urls.get(c.name, c.url))) for c in candidates}
         self.cfg = tree
         self.node = node
+        self.credentials = credentials
         self.wants = wants
         self.on_frame = on_frame
         self.on_gap = on_gap
@@ -285,6 +289,7 @@ class ParentSet:
                 retry_max=self.cfg.retry_max,
                 ping_interval=self.cfg.ping_interval,
                 node=self.node,
+                credentials=self.credentials,
             )
             self.links[name] = link
             await link.start()

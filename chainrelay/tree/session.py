@@ -20,6 +20,10 @@ Rules (everything that decides what a child is sent lives here):
 - A cursor that falls behind the backlog's oldest entry (the child read slower than the
   stream overwrote it), or more frames or bytes behind its end than its queue allows, is
   **lagging**: the parent says ``bye`` and closes; the child resumes from its position.
+- A child relay may prove in its hello (``auth``) that it holds a key the parent lists in
+  ``child_keys`` (``tree.auth``); a child that proves none is an anonymous subscriber,
+  bounded per address (``tree.admission``) and refused with ``CLOSE_TOO_MANY`` and a
+  ``retry_after`` past those bounds.
 - A child accepts the first copy of each identity (``Dedup``) and tracks positions
   (``Positions``): a frame past the next expected position reveals a gap to backfill; a
   frame at or below a position already delivered, with a new identity, is a reorg.
@@ -37,6 +41,8 @@ from typing import Any
 
 import orjson
 
+from chainrelay.tree.auth import AuthError, Proof, parse_proof
+
 PROTOCOL_VERSION = 1
 _NODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Control messages are small JSON objects; anything larger is abuse.
@@ -53,8 +59,14 @@ _STREAM_NAME = re.compile(r"[!-~]{1,32}")
 
 # Close codes (RFC 6455 private range 4000-4999): why a parent ended a session.
 CLOSE_BAD_HELLO = 4400
+# A hello's proof (``auth``) that names no key the parent knows (``tree.auth``).
+CLOSE_UNAUTHORIZED = 4401
 CLOSE_UNKNOWN_STREAM = 4404
 CLOSE_LAGGING = 4408
+# Too many anonymous sessions (from the child's address, or on the node), or opened too
+# fast: the error message before the close says in how many seconds to retry
+# (``retry_after``), as HTTP's 429 and its Retry-After would.
+CLOSE_TOO_MANY = 4429
 CLOSE_SHUTDOWN = 1001
 
 
@@ -273,6 +285,8 @@ class Hello:
     # The child node's name, when it is a relay (its Via name): what it says it holds
     # (``held``) counts towards acknowledgements that wait for relays, once per name.
     node: str | None = None
+    # Its proof of a key the parent knows (``tree.auth``), made for the parent's challenge.
+    auth: Proof | None = None
 
 
 def _int_or_none(v: Any, what: str) -> int | None:
@@ -296,7 +310,10 @@ def _identity_or_none(v: Any) -> bytes | None:
 
 
 def encode_hello(
-    wants: list[Want], max_frame_bytes: int | None = None, node: str | None = None
+    wants: list[Want],
+    max_frame_bytes: int | None = None,
+    node: str | None = None,
+    auth: Proof | None = None,
 ) -> bytes:
     streams = []
     for w in wants:
@@ -313,6 +330,8 @@ def encode_hello(
         msg["max_frame_bytes"] = max_frame_bytes
     if node is not None:
         msg["node"] = node
+    if auth is not None:
+        msg["auth"] = auth.to_json()
     return orjson.dumps(msg)
 
 
@@ -330,8 +349,18 @@ def parse_hello(data: bytes | str) -> Hello:
     node = msg.get("node")
     if node is not None and (not isinstance(node, str) or not _NODE.fullmatch(node)):
         raise ControlError("node must be a name of 1-64 letters, digits, '.', '_' or '-'")
+    auth = None
+    if "auth" in msg:
+        if node is None:
+            raise ControlError("auth needs the node name it was made for")
+        try:
+            auth = parse_proof(msg["auth"])
+        except AuthError as exc:
+            raise ControlError(str(exc)) from None
     hello = Hello(
-        max_frame_bytes=_int_or_none(msg.get("max_frame_bytes"), "max_frame_bytes"), node=node
+        max_frame_bytes=_int_or_none(msg.get("max_frame_bytes"), "max_frame_bytes"),
+        node=node,
+        auth=auth,
     )
     names: set[str] = set()
     for s in streams:
@@ -393,8 +422,12 @@ def encode_head(header: dict[str, Any]) -> bytes:
     return orjson.dumps({"type": "head", "header": header})
 
 
-def encode_error(message: str) -> bytes:
-    return orjson.dumps({"type": "error", "message": message})
+def encode_error(message: str, retry_after: float | None = None) -> bytes:
+    """A refusal; ``retry_after``: seconds before the child should try again."""
+    msg: dict[str, Any] = {"type": "error", "message": message}
+    if retry_after is not None:
+        msg["retry_after"] = round(retry_after, 3)
+    return orjson.dumps(msg)
 
 
 def encode_confirmed(stream: str, seq: int, signature: bytes) -> bytes:

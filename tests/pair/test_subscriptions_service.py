@@ -393,7 +393,7 @@ def upgraded_session(max_send_buffer: int) -> tuple[WsSession, RecordingTranspor
     transport = RecordingTransport()
     session = WsSession(
         transport,  # type: ignore[arg-type]
-        lambda body: body,
+        lambda body, _who: body,
         max_send_buffer=max_send_buffer,
     )
     client = ClientProtocol(

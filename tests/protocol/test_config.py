@@ -34,6 +34,7 @@ def error_of(text: str, env: dict[str, str] | None = None) -> str:
         ("verbose = true\n" + UPSTREAM, "verbose"),
         ("[limits]\nmax_body_byte = 1\n" + UPSTREAM, "limits.max_body_byte"),
         ("[cache.memory]\nbytes = 1\n" + UPSTREAM, "cache.memory"),
+        ("[tiers.pro]\nmax_batch_lenn = 1\n" + UPSTREAM, "tiers.pro.max_batch_lenn"),
     ],
 )
 def test_unknown_key_is_an_error_naming_its_full_path(text: str, path: str) -> None:
@@ -53,6 +54,9 @@ def test_unknown_key_is_an_error_naming_its_full_path(text: str, path: str) -> N
         ('[server]\ncors_origins = "*"\n' + UPSTREAM, "server.cors_origins", "array"),
         ("server = 1\n" + UPSTREAM, "server", "table"),
         ('upstreams = ["http://127.0.0.1:1"]\n', "upstreams[0]", "table"),
+        ("tiers = 1\n" + UPSTREAM, "tiers", "table"),
+        ("[tiers]\npro = 1\n" + UPSTREAM, "tiers.pro", "table"),
+        ("[tiers.pro]\nmax_batch_len = 0\n" + UPSTREAM, "tiers.pro.max_batch_len", "positive"),
     ],
 )
 def test_wrong_types_name_the_key(text: str, path: str, words: str) -> None:
@@ -251,6 +255,7 @@ POSITIVE_KEYS = {
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
     "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "
     "max_topics_per_position",
+    "logs": "max_addresses max_topics_per_position max_answer_bytes",
     "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "
     "max_log_filters_per_ip max_held_notifications max_held_bytes pending_tx_fetches "
     "slow_close_grace follow_recent_blocks max_block_fills filled_blocks_remembered "
@@ -260,7 +265,8 @@ POSITIVE_KEYS = {
     "child_buffer_bytes dedup_entries max_frame_bytes max_payload_bytes max_children "
     "stale_positions probe_interval degrade_factor connect_timeout retry_delay retry_max "
     "ping_interval probe_timeout probe_failures_down link_failures_down link_check_interval "
-    "hello_timeout stall_rounds offered_max_bytes",
+    "hello_timeout stall_rounds offered_max_bytes anon_per_address anon_max_sessions "
+    "anon_idle_addresses",
     "batches": "max_payload_bytes commit_max_batches commit_max_bytes max_in_flight "
     "recent_hashes relay_ack_timeout backlog_frames backlog_bytes order_max_held "
     "order_max_held_bytes order_wait child_queue_frames fetch_rounds range_max_frames "
@@ -286,3 +292,9 @@ def test_exactly_the_bounded_keys_must_be_positive_with_one_message() -> None:
                     refused.add(f"{section.name}.{f.name}")
     expected = {f"{s}.{k}" for s, keys in POSITIVE_KEYS.items() for k in keys.split()}
     assert refused == expected
+
+
+def test_tiers_are_named_tables_and_the_default_tier_is_always_there() -> None:
+    cfg = loads("[tiers.pro]\nmax_batch_len = 50\n" + UPSTREAM, {})
+    assert cfg.tiers["pro"].max_batch_len == 50
+    assert cfg.tiers[defaults.DEFAULT_TIER].max_batch_len == defaults.MAX_BATCH_LEN

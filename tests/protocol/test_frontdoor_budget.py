@@ -419,4 +419,10 @@ def test_a_burst_let_go_of_is_seen_once_and_the_heap_trimmed() -> None:
     budget.give("b", 90 * KiB)
     assert budget.let_go(100 * KiB)
     assert not budget.let_go(100 * KiB)  # the same burst, once
+    budget.give("c", 90 * KiB)  # its end, less than a trim's worth: all held is let go of
+    assert budget.let_go(100 * KiB)
+    assert not budget.let_go(100 * KiB)
+    assert budget.take("a", 10 * KiB) is None
+    budget.give("a", 10 * KiB)
+    assert not budget.let_go(100 * KiB)  # too little to be worth a trim
     assert give_back_freed_memory()  # glibc, as on every machine this runs on

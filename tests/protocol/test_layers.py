@@ -31,6 +31,9 @@ SANS_IO = (
     "chainrelay.rpc.replay",
     "chainrelay.rpc.inflight",
     "chainrelay.upstreams.batching",
+    "chainrelay.access.identity",
+    "chainrelay.access.methods",
+    "chainrelay.rpc.logguards",
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
@@ -51,6 +54,8 @@ SANS_IO = (
     "chainrelay.tree.frame",
     "chainrelay.tree.session",
     "chainrelay.tree.choice",
+    "chainrelay.tree.auth",
+    "chainrelay.tree.admission",
     "chainrelay.batches.frame",
     "chainrelay.batches.rules",
     "chainrelay.batches.order",
@@ -91,6 +96,7 @@ CLIENT_ALLOWED = (
     "chainrelay.wire",
     "chainrelay.tree.frame",
     "chainrelay.tree.session",
+    "chainrelay.tree.auth",  # the proof a child relay's hello carries
     "chainrelay.batches.frame",
 )
 ENTRY_POINTS = ("chainrelay.app", "chainrelay.cli", "chainrelay.workers")

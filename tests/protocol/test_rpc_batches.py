@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.access.identity import Identity, enter_identity, leave_identity
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
@@ -21,7 +22,6 @@ from chainrelay.rpc import policy
 from chainrelay.rpc.cache import Entry, MemoryCache
 from chainrelay.rpc.policy import Finality
 from chainrelay.rpc.service import RpcService
-from chainrelay.server.peer import enter_peer, leave_peer
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import TransportError, Upstream
 from chainrelay.wire.jsonrpc import Answer
@@ -93,12 +93,13 @@ def get_balance(i: int, id_: object, block: str = "0x5a") -> dict[str, Any]:
 
 
 async def answer(service: RpcService, body: bytes, peer: str = "10.0.0.1") -> bytes:
-    got = service.handle(body)
+    who = Identity(peer)
+    got = service.handle(body, who)
     if isinstance(got, bytes):
         return got
-    token = enter_peer(peer)
+    token = enter_identity(who)
     task = asyncio.ensure_future(got)
-    leave_peer(token)
+    leave_identity(token)
     out = await task
     assert out is not None
     return out

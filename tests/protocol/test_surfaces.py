@@ -256,7 +256,7 @@ async def test_lines_are_written_by_the_thread_and_a_full_buffer_drops_and_count
     access = AccessLog(
         server_cfg(path, access_log_max_buffer_bytes=4096, access_log_flush_bytes=1 << 20),
         metrics,
-        lambda body: answer,
+        lambda body, who: answer,
     )
     await access.start()
     try:
@@ -278,7 +278,7 @@ async def test_sampling_keeps_every_error(tmp_path: Path) -> None:
     ok = b'{"jsonrpc":"2.0","id":1,"result":"0x1"}'
     answers_ = iter([error, ok] * 50)
     access = AccessLog(
-        server_cfg(path, access_log_sample=0.0), Metrics(), lambda body: next(answers_)
+        server_cfg(path, access_log_sample=0.0), Metrics(), lambda body, who: next(answers_)
     )
     await access.start()
     for _ in range(100):
@@ -341,7 +341,7 @@ def test_a_deflate_session_answers_and_sends_prebuilt_frames_as_compressed_messa
     (raw,) = client.data_to_send()
     transport = WsTransport()
     answer = b'{"jsonrpc":"2.0","id":1,"result":"' + b"0" * 4000 + b'"}'
-    session = WsSession(transport, lambda body: answer, deflate=True)
+    session = WsSession(transport, lambda body, who: answer, deflate=True)
     assert session.accept(raw)
     client.receive_data(bytes(transport.out))
     transport.out.clear()
@@ -364,7 +364,7 @@ def test_without_deflate_the_session_negotiates_none() -> None:
     client.send_request(client.connect())
     (raw,) = client.data_to_send()
     transport = WsTransport()
-    session = WsSession(transport, lambda body: b"{}")
+    session = WsSession(transport, lambda body, who: b"{}")
     assert session.accept(raw)
     client.receive_data(bytes(transport.out))
     assert not client.extensions
@@ -375,7 +375,7 @@ def test_nothing_is_left_open(tmp_path: Path) -> None:
     before = len(os.listdir("/proc/self/fd"))
 
     async def run() -> None:
-        access = AccessLog(ServerConfig(access_log="-"), Metrics(), lambda body: b"{}")
+        access = AccessLog(ServerConfig(access_log="-"), Metrics(), lambda body, who: b"{}")
         await access.start()
         await asyncio.wait_for(access.stop(), 5 * SECOND)
 

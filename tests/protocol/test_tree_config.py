@@ -10,11 +10,13 @@ from eth_account import Account
 
 from chainrelay.config import load, loads
 from chainrelay.errors import ConfigError
-from chainrelay.tree.origin import load_signer
+from chainrelay.tree.auth import ChildKeys, Credentials
+from chainrelay.tree.origin import load_credentials, load_signer
 
 TREE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "tree").glob("*.toml"))
 KEY = "0x" + "11" * 32
 ADDRESS = Account.from_key(KEY).address
+UPSTREAM = '[[upstreams]]\nurl = "http://a:1"\n'
 PARENTS = f"""
 [tree]
 trust = ["{ADDRESS}"]
@@ -60,6 +62,16 @@ def test_listed_upstreams_are_kept_beside_parents() -> None:
             + '[[upstreams]]\nurl = "http://a:1"\n',
             "child_queue_bytes: must be at least",
         ),
+        ('[tree]\nchild_keys = ["short"]\n' + UPSTREAM, r"tree.child_keys\[0\]: expected"),
+        ('[tree]\nchild_keys = ["0x1234"]\n' + UPSTREAM, r"tree.child_keys\[0\]: expected"),
+        (
+            f'[tree]\nnode_key = "{KEY}"\nnode_secret = "{"s" * 16}"\n' + UPSTREAM,
+            "give one of node_key",
+        ),
+        ('[tree]\nnode_secret = "too short"\n' + UPSTREAM, "tree.node_secret: at least"),
+        (f'[tree]\nnode_secret = "{ADDRESS}"\n' + UPSTREAM, "tree.node_secret: at least"),
+        ("[tree]\nanon_reconnect_cooldown = -1\n" + UPSTREAM, "anon_reconnect_cooldown"),
+        ("[tree]\nanon_per_address = 0\n" + UPSTREAM, "tree.anon_per_address: must be"),
     ],
 )
 def test_bad_tree_settings_are_named(text: str, message: str) -> None:
@@ -84,6 +96,28 @@ def test_origin_keys_load_as_eth_account_loads_them(tmp_path: Path) -> None:
     assert load_signer(loads('[[upstreams]]\nurl = "http://a:1"\n').tree) is None
     with pytest.raises(ConfigError, match="not a secp256k1"):
         load_signer(loads('[tree]\nkey = "0x12"\n[[upstreams]]\nurl = "http://a:1"\n').tree)
+
+
+def test_child_keys_and_node_credentials_load_from_config(tmp_path: Path) -> None:
+    secret = "a secret the relays share"
+    cfg = loads(f'[tree]\nchild_keys = ["{ADDRESS}", "{secret}"]\n' + UPSTREAM)
+    keys = ChildKeys.of(cfg.tree.child_keys)
+    assert keys.addresses == {bytes.fromhex(ADDRESS[2:])} and keys.secrets == (
+        (1, secret.encode()),
+    )
+    assert not load_credentials(cfg.tree)  # a parent with keys proves nothing itself
+    keyed = load_credentials(loads(f'[tree]\nnode_key = "{KEY}"\n' + UPSTREAM).tree)
+    assert keyed.signer is not None and "0x" + keyed.signer.address.hex() == ADDRESS.lower()
+    key_file = tmp_path / "node.key"
+    key_file.write_text(KEY + "\n")
+    from_file = load_credentials(loads(f'[tree]\nnode_key_file = "{key_file}"\n' + UPSTREAM).tree)
+    assert from_file.signer is not None and from_file.signer.address == keyed.signer.address
+    shared = load_credentials(loads(f'[tree]\nnode_secret = "{secret}"\n' + UPSTREAM).tree)
+    assert isinstance(shared, Credentials) and shared.signer is None and shared
+    with pytest.raises(ConfigError, match=r"tree\.node_key: not a secp256k1"):
+        load_credentials(loads('[tree]\nnode_key = "0x12"\n' + UPSTREAM).tree)
+    with pytest.raises(ConfigError, match=r"tree\.node_key_file"):
+        load_credentials(loads(f'[tree]\nnode_key_file = "{tmp_path / "none"}"\n' + UPSTREAM).tree)
 
 
 @pytest.mark.parametrize("path", TREE_CONFIGS, ids=[p.name for p in TREE_CONFIGS])

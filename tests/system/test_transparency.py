@@ -32,6 +32,15 @@ pytestmark = pytest.mark.lab
 # the relay sends comes from the replayed requests and the head tracker's tag reads.
 STATIC_HEAD = "[head]\nbackfill_blocks = 0\n"
 
+
+def serving(exchanges: list[Exchange]) -> str:
+    """The relay's config: every method the recordings call is served (by default a relay
+    refuses debug_, txpool_ and unknown methods: access/methods.py), so each recorded
+    answer, an upstream's refusal included, comes back as recorded."""
+    names = ", ".join(f'"{m}"' for m in sorted({ex.method for ex in exchanges}))
+    return f"{STATIC_HEAD}[methods]\nenable = [{names}]\n"
+
+
 # execution-apis: 232 files, 4 of them with two exchanges (see the corpora's README.md).
 EXECUTION_APIS_EXCHANGES = 236
 ARB_SEPOLIA_EXCHANGES = 95
@@ -237,7 +246,7 @@ async def test_execution_apis_recordings_pass_through_relay(
     assert len(exchanges) == EXECUTION_APIS_EXCHANGES
     assert len({ex.source for ex in exchanges}) == 232
     upstream = await start_recorded_upstream(procs, tmp_path, "execution-apis", root)
-    relay = await relay_factory([upstream], STATIC_HEAD)
+    relay = await relay_factory([upstream], serving(exchanges))
     # The recorded chain is final up to its head (0x36): latest/safe/finalized are block 54.
     assert await wait_finality(relay) == 0x36
 
@@ -262,7 +271,7 @@ async def test_arb_sepolia_recordings_pass_through_relay(
     placeholders = {ex.name for ex in exchanges if not {"result", "error"} & set(ex.response)}
     assert placeholders == {n for n, why in ARB_SEPOLIA_EXCLUDED.items() if why is _NO_VALUE}
     upstream = await start_recorded_upstream(procs, tmp_path, "arb-sepolia", root)
-    relay = await relay_factory([upstream], STATIC_HEAD)
+    relay = await relay_factory([upstream], serving(exchanges))
     # No recorded "finalized": the relay keeps its profile's depth below the head, so
     # "latest" stays unfinalized and is forwarded by block hash for state methods.
     head = (await get_json(upstream + "/stats"))["head"]
