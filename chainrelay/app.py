@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import orjson
 
@@ -48,6 +51,20 @@ from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.service import RpcService
 from chainrelay.rpc.shared_cache import RedisCache, lock_scope
+from chainrelay.server.accesslog import AccessLog, LoggedHttpProtocol
+from chainrelay.server.admin import (
+    AdminProtocol,
+    AdminRpc,
+    KeyReload,
+    WorkerAdmin,
+    ask_worker,
+    cordon_file,
+    gather_metrics,
+    load_cordoned,
+    save_cordoned,
+    worker_socket,
+)
+from chainrelay.server.compress import Compression
 from chainrelay.server.http import HttpServer, Routes
 from chainrelay.server.peer import new_via_name
 from chainrelay.subscriptions.filters import FilterService
@@ -113,6 +130,10 @@ class Node:
         self.chain_id = 0
         # This node's name in the Via header of what it forwards (loop detection).
         self.via = via or new_via_name()
+        # The admin JSON-RPC (served when [server] admin_listen names a port).
+        self.admin = AdminRpc(self._cordon, self._uncordon, self.status)
+        self.admin.reload_keys = self._reload_keys_everywhere
+        self.admin_server: HttpServer | None = None
 
     async def start(self, *, reuse_port: bool = False) -> None:
         """Every capability in order; a failure stops what had started, then is raised."""
@@ -154,6 +175,7 @@ class Node:
         )
         await self._composition.enter(on_leaving(subs.stop))
         server = await self._server(rpc, subs, reuse_port)
+        await self._admin_listener()
         if self.hub is not None:
             await self._composition.enter(on_leaving(self._close_children))
         worker = self.worker
@@ -183,6 +205,10 @@ class Node:
             running(UpstreamPool(upstreams, cfg.pool, self.metrics))
         )
         self.chain_id = await pool.check_chain(cfg.chain.chain_id or None)
+        if self.worker is not None and cfg.server.admin_listen:
+            # Cordoned through the admin listener before this worker (re)started.
+            for name in load_cordoned(cordon_file(self.worker.feed.directory)):
+                pool.cordon(name)
         for u in pool.upstreams:
             self.metrics.upstream_healthy.labels(u.name).set(1)
         return pool
@@ -367,13 +393,25 @@ class Node:
         self, rpc: RpcService, subs: SubscriptionService, reuse_port: bool
     ) -> HttpServer:
         cfg = self.cfg
+        # With an admin listener, the public port tells liveness alone and no metrics.
+        admin = bool(cfg.server.admin_listen)
+        access = None
+        if cfg.server.access_log:
+            # Started before the server, so stopped after it: the last answers are logged.
+            access = AccessLog(cfg.server, self.metrics, rpc.handle)
+            await access.start()
+            await self._composition.enter(on_leaving(access.stop))
+            assert self.pool is not None
+            access.watch(self.pool)
         server = self.server = HttpServer(
             Routes(
-                rpc.handle,
-                self.health,
-                self.metrics.render,
+                rpc.handle if access is None else access.handle,
+                self.liveness if admin else self.health,
+                None if admin else self.metrics.render,
                 subs.open,
-                replayer=rpc,
+                # With the access log on, every request takes the path that counts its
+                # outcome (a replay is answered before anything could log it).
+                replayer=rpc if access is None else None,
                 feed=self.hub.open_child if self.hub is not None and self.in_tree else None,
                 batches=self.ingress,
                 feed_range=self.range.serve if self.range is not None else None,
@@ -382,6 +420,12 @@ class Node:
             self.metrics,
             cfg.server.cors_origins,
             via=self.via,
+            request_id_max_bytes=cfg.server.request_id_max_bytes,
+            protocol=None if access is None else LoggedHttpProtocol,
+            access=access,
+            compression=Compression(
+                cfg.server.gzip_min_bytes, cfg.server.gzip_level, cfg.server.ws_deflate
+            ),
             ipv6_prefix=cfg.server.ipv6_prefix,
             limiter=rpc.limiter,
             door=door_for(cfg, load_keys(cfg)),
@@ -393,6 +437,94 @@ class Node:
         # Its stop is entered once it has started: a server that failed to bind has none.
         await self._composition.enter(on_leaving(server.stop))
         return server
+
+    async def _admin_listener(self) -> None:
+        """The admin listener, when configured: served by this process, or under workers
+        by the feeder, every other worker serving its registry to the feeder instead."""
+        s = self.cfg.server
+        if not s.admin_listen:
+            return
+        worker = self.worker
+        if worker is not None and not worker.feeder:
+            pool = self.pool
+            assert pool is not None
+            own = WorkerAdmin(
+                worker_socket(worker.feed.directory, worker.index),
+                self.metrics.render,
+                pool.cordon,
+                pool.uncordon,
+            )
+            await own.start()
+            await self._composition.enter(on_leaving(own.stop))
+            return
+        server = self.admin_server = HttpServer(
+            Routes(
+                self.admin.handle,
+                self.health,
+                self.metrics.render if worker is None else self._workers_metrics,
+            ),
+            self.cfg.limits,
+            Metrics(),  # the node's metrics count its clients, not its operators
+            [],  # no browser page is answered (see AdminProtocol)
+            via=self.via,
+            request_id_max_bytes=s.request_id_max_bytes,
+            protocol=AdminProtocol,
+        )
+        host, port = parse_listen(s.admin_listen, "server.admin_listen")
+        await server.start(host, port)
+        await self._composition.enter(on_leaving(server.stop))
+        log.info("admin listener on %s:%d", host, server.port)
+
+    async def _workers_metrics(self) -> bytes:
+        """Every worker's metrics, summed (the feeder's admin listener, under workers)."""
+        return await gather_metrics(
+            self.metrics.render(),
+            self._other_workers(),
+            self.cfg.server.admin_scrape_timeout,
+            self.metrics.worker_scrape_failures.inc,
+        )
+
+    def register_key_reload(self, hook: KeyReload) -> None:
+        """The key table's reload, called by the admin ``chainrelay_reloadKeys``."""
+        self.admin.reload_keys = hook
+
+    def _other_workers(self) -> list[Path]:
+        """The admin sockets of this node's other workers."""
+        worker = self.worker
+        assert worker is not None
+        return [
+            worker_socket(worker.feed.directory, i)
+            for i in range(self.cfg.server.workers)
+            if i != worker.index
+        ]
+
+    def _cordon(self, name: str) -> bool | Awaitable[bool]:
+        return self._set_cordon(name, True)
+
+    def _uncordon(self, name: str) -> bool | Awaitable[bool]:
+        return self._set_cordon(name, False)
+
+    def _set_cordon(self, name: str, on: bool) -> bool | Awaitable[bool]:
+        """Cordon or uncordon ``name`` here; under workers, in every worker too, and kept
+        in the supervisor's directory for a worker that starts later."""
+        pool = self.pool
+        if pool is None or not (pool.cordon(name) if on else pool.uncordon(name)):
+            return False
+        worker = self.worker
+        if worker is None:
+            return True
+        save_cordoned(cordon_file(worker.feed.directory), pool.cordoned)
+        return self._tell_workers((b"cordon " if on else b"uncordon ") + name.encode())
+
+    async def _tell_workers(self, command: bytes) -> bool:
+        timeout = self.cfg.server.admin_scrape_timeout
+        others = self._other_workers()
+        got = await asyncio.gather(*(ask_worker(p, command, timeout) for p in others))
+        silent = sum(1 for g in got if g != b"true")
+        if silent:
+            # Restarting, or stuck: it reads the cordoned names when it starts.
+            log.warning("%s: %d worker(s) did not confirm", command.decode(), silent)
+        return True
 
     def _parent_urls(self) -> list[str]:
         """The parents' HTTP endpoints: those linked now first, then the other candidates."""
@@ -482,10 +614,62 @@ class Node:
         assert self.server is not None
         return self.server.port
 
+    def _ok(self) -> bool:
+        head, pool = self.head, self.pool
+        # Not while no upstream is in rotation (calls are refused then) or the head is stale.
+        return bool(head and head.fresh and pool and pool.in_rotation)
+
+    def liveness(self) -> tuple[int, bytes]:
+        """The public /health while an admin listener serves the full one: 200 or 503,
+        and nothing about the upstreams behind the node."""
+        return (200, b'{"status":"ok"}') if self._ok() else (503, b'{"status":"degraded"}')
+
+    def status(self) -> dict[str, object]:
+        """The admin ``chainrelay_status``: role, chain, head, upstreams, cache."""
+        head, pool, rpc = self.head, self.pool, self.rpc
+        worker = self.worker
+        tree = self.cfg.tree
+        if self.origin is not None and self.in_tree:
+            role = "origin"
+        elif tree.parents:
+            role = "relay" if self.in_tree else "leaf"
+        else:
+            role = "standalone"
+        cache = rpc.cache if rpc is not None else None
+        return {
+            "role": role,
+            "ingress": self.ingress is not None,
+            "worker": None if worker is None else worker.index,
+            "ok": self._ok(),
+            "chainId": self.chain_id,
+            "head": head.view.number if head else None,
+            "finalized": head.view.finalized if head else None,
+            "fresh": bool(head and head.fresh),
+            "upstreams": [
+                {
+                    "name": u.name,
+                    "state": "in" if pool is None else pool.state(u),
+                    "latest": u.latest,
+                    "latencyMs": round(u.latency * 1000, 3),
+                    "calls": u.calls,
+                    "errors": u.errors,
+                }
+                for u in (pool.upstreams if pool else [])
+            ],
+            "cache": None
+            if cache is None
+            else {
+                "entries": len(cache),
+                "bytes": cache.bytes,
+                "maxBytes": cache.max_bytes,
+                "evictions": cache.evictions,
+            },
+            "sharedCache": None if self.shared is None else ("up" if self.shared.up else "down"),
+        }
+
     def health(self) -> tuple[int, bytes]:
         head, pool = self.head, self.pool
-        # 503 while no upstream is in rotation (calls are refused then) or the head is stale.
-        ok = bool(head and head.fresh and pool and pool.in_rotation)
+        ok = self._ok()
         body = {
             "status": "ok" if ok else "degraded",
             "chainId": self.chain_id,
@@ -547,6 +731,16 @@ class Node:
             self.server.set_door(door_for(self.cfg, keys))
         log.info("API keys read again: %d", len(keys))
         return {"keys": len(keys)}
+
+    def _reload_keys_everywhere(self) -> dict[str, object]:
+        """The admin ``chainrelay_reloadKeys``: the keys read again here (a file the node
+        would refuse is the answer, and nothing changes), then, under workers, in every
+        worker: the supervisor passes SIGHUP on to each, as for a ``kill -HUP``."""
+        done: dict[str, object] = {"reloaded": True, **self.reload_keys()}
+        if self.worker is not None:
+            os.kill(os.getppid(), signal.SIGHUP)
+            done["workers"] = self.cfg.server.workers
+        return done
 
     def reload_keys_logged(self) -> None:
         """``reload_keys`` for a signal handler: a refused file is logged, not raised."""

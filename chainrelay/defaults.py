@@ -120,6 +120,40 @@ MAX_UPSTREAM_IN_FLIGHT = 1024
 # waiting for its earlier ones (within the call's deadline, else -32005).
 MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT = 256
 
+# --- Operator surfaces (server/admin.py, server/accesslog.py, server/compress.py) ---------
+# The admin listener (/metrics, the full /health, the admin JSON-RPC): off. A fixed default
+# port would collide between the nodes one host runs (a tree lab, tests), and turning it on
+# changes what the public port serves; "HOST:PORT" turns it on, ":PORT" binds loopback.
+ADMIN_LISTEN = ""
+# How long the admin listener's /metrics waits for each other worker's registry (under
+# ``--workers``): a scrape is a local Unix-socket round trip of ~1 ms; a worker stuck longer
+# is left out of that scrape (chainrelay_worker_scrape_failures counts it), never waited on.
+ADMIN_SCRAPE_TIMEOUT = 1.0
+# The access log: off ("-": stderr; else a file path, appended to).
+ACCESS_LOG = ""
+# Share of successful requests logged (errors always are): 1.0 logs every one.
+ACCESS_LOG_SAMPLE = 1.0
+# Lines are written by a thread, in chunks: one every interval, or sooner once this many
+# bytes wait (64 KiB: one write() of a few hundred lines, a pipe's whole buffer).
+ACCESS_LOG_FLUSH_INTERVAL = 0.5
+ACCESS_LOG_FLUSH_BYTES = 64 * 1024
+# Bytes of lines held while the disk is slower than the node: past it lines are dropped and
+# counted (chainrelay_access_log_dropped), never waited for. 8 MiB: ~30,000 lines, seconds
+# of a busy node's traffic.
+ACCESS_LOG_MAX_BUFFER_BYTES = 8 * MiB
+# An incoming X-Request-Id longer than this (or not of URL-safe characters) is replaced:
+# a UUID is 36, a W3C trace id 32; 128 leaves room for prefixed ids, not for a payload.
+REQUEST_ID_MAX_BYTES = 128
+# Answers at least this large are gzipped for clients that ask: below ~1 KiB gzip's 18
+# bytes of framing and a few hundred ns of CPU buy little (an answer is one TCP segment
+# either way), while block and log answers (tens of KB of hex) shrink ~2-3x.
+GZIP_MIN_BYTES = 1024
+# zlib level 1: ~2.5x on JSON-RPC hex at ~100 MB/s a core; level 6 gains ~10% more at a
+# third of the speed, which a node serving from cache cannot spend.
+GZIP_LEVEL = 1
+# permessage-deflate on client WebSockets: off (each connection then holds a zlib state of
+# ~300 KB, and the fan-out's prebuilt frames must be compressed per connection).
+WS_DEFLATE = False
 # --- Which calls are served ([methods], [logs]; access/methods.py, rpc/logguards.py) -------
 # Methods served beyond the defaults (the policy table's, net_/web3_, a few standard reads),
 # and methods refused among them: none; a node on a public URL serves no debug_, trace_,

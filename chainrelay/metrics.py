@@ -95,6 +95,18 @@ class Metrics:
             "chainrelay_finalized_block", "The node's finalized block number", registry=r
         )
         self.reorgs = Counter("chainrelay_reorgs", "Reorgs seen by the head tracker", registry=r)
+        self.access_log_dropped = Counter(
+            "chainrelay_access_log_dropped",
+            "Access log lines dropped: the disk was slower than the node and the buffer"
+            " (server.access_log_max_buffer_bytes) full, or a write failed",
+            registry=r,
+        )
+        self.worker_scrape_failures = Counter(
+            "chainrelay_worker_scrape_failures",
+            "Under serve --workers: other workers' metrics left out of an admin scrape"
+            " (no answer within server.admin_scrape_timeout)",
+            registry=r,
+        )
         self.connections = Gauge(
             "chainrelay_connections", "Open client connections", ["transport"], registry=r
         )
@@ -267,6 +279,25 @@ class Metrics:
             lat = self._latency[outcome] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         lat[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         lat[-1] += seconds
+
+    def tap(self, on_count: Callable[[str, str], None], on_coalesced: Callable[[], None]) -> None:
+        """Tell ``on_count`` of every call counted (method, outcome) and ``on_coalesced`` of
+        every call that joined another's, besides counting them (the access log). Installed
+        on this instance only when asked for: a node without it pays nothing for it on its
+        hot path, not even a test of whether it is there. Replays (``slot``) bypass it."""
+        count = self.count
+        coalesced = self.coalesced.inc
+
+        def counted(method: str, outcome: str, seconds: float) -> None:
+            count(method, outcome, seconds)
+            on_count(method, outcome)
+
+        def joined(amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+            coalesced(amount, exemplar)
+            on_coalesced()
+
+        self.count = counted  # type: ignore[method-assign]
+        self.coalesced.inc = joined  # type: ignore[method-assign]
 
     def slot(self, method: str, outcome: str) -> list[int]:
         """The counter of one (method, outcome), for a path that counts a call with

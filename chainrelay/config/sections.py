@@ -42,10 +42,10 @@ CLIENT_KEY = re.compile(rf"[A-Za-z0-9._~-]{{{d.MIN_CLIENT_KEY_CHARS},256}}")
 KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, key: str = "server.listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")
+        raise ConfigError(f"{key}: expected HOST:PORT, got {listen!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -56,6 +56,18 @@ class ServerConfig:
     listen: str = d.LISTEN
     cors_origins: list[str] = field(default_factory=lambda: list(d.CORS_ORIGINS))
     workers: int = positive(d.WORKERS)
+    # Operator surfaces: the admin listener, the access log, compression (README).
+    admin_listen: str = d.ADMIN_LISTEN
+    admin_scrape_timeout: float = positive(d.ADMIN_SCRAPE_TIMEOUT)
+    access_log: str = d.ACCESS_LOG
+    access_log_sample: float = d.ACCESS_LOG_SAMPLE
+    access_log_flush_interval: float = positive(d.ACCESS_LOG_FLUSH_INTERVAL)
+    access_log_flush_bytes: int = positive(d.ACCESS_LOG_FLUSH_BYTES)
+    access_log_max_buffer_bytes: int = positive(d.ACCESS_LOG_MAX_BUFFER_BYTES)
+    request_id_max_bytes: int = positive(d.REQUEST_ID_MAX_BYTES)
+    gzip_min_bytes: int = positive(d.GZIP_MIN_BYTES)
+    gzip_level: int = d.GZIP_LEVEL
+    ws_deflate: bool = d.WS_DEFLATE
     # The prefix an IPv6 client's limits are kept under (128: each address on its own).
     ipv6_prefix: int = d.IPV6_CLIENT_PREFIX
     # Who a client is behind proxies (chainrelay/access/forwarded.py, proxyproto.py): the
@@ -70,6 +82,17 @@ class ServerConfig:
     def check(self) -> None:
         _, port = parse_listen(self.listen)
         check_fields(self, "server")
+        if self.admin_listen:
+            _, admin_port = parse_listen(self.admin_listen, "server.admin_listen")
+            require(
+                admin_port == 0 or admin_port != port,
+                "server.admin_listen: must not be the public port",
+            )
+        require(
+            0.0 <= self.access_log_sample <= 1.0,
+            "server.access_log_sample: must be between 0 and 1",
+        )
+        require(1 <= self.gzip_level <= 9, "server.gzip_level: must be between 1 and 9")
         require(0 < self.ipv6_prefix <= 128, "server.ipv6_prefix: from 1 to 128 bits")
         for entry in self.trusted_proxies:
             try:

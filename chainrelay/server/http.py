@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 import re
+import secrets
 import socket
 import time
 import typing
@@ -47,6 +49,7 @@ from chainrelay.errors import RateLimited
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.server.budget import Account, Budget, Over
+from chainrelay.server.compress import GZIP_LINES, Compression, accepts_gzip
 from chainrelay.server.peer import enter_via, leave_via, relays_in
 from chainrelay.server.pending import (
     INTERNAL_ERROR,
@@ -64,6 +67,7 @@ from chainrelay.server.replays import (
     ANSWER_OPEN,
     ANSWER_RESULT,
     REPLAY_ENTRY_OVERHEAD,
+    REPLAY_OPEN,
     Replay,
     replay_size,
 )
@@ -82,6 +86,7 @@ if typing.TYPE_CHECKING:
     from chainrelay.access.buckets import Limiter
     from chainrelay.access.sharedbuckets import SharedLimiter
     from chainrelay.rpc.replay import Seen
+    from chainrelay.server.accesslog import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +130,16 @@ _WHO_LINES = re.compile(
     rb"\r\n(x-forwarded-for|forwarded|authorization|x-api-key|origin)[ \t]*:[ \t]*([^\r\n]*)",
     re.I,
 )
+# The lines of a head read without httptools that change its answer's head: its own
+# X-Request-Id, and an Accept-Encoding (gzip). One scan of the head finds either; most
+# requests have neither.
+_ANSWER_LINES = re.compile(rb"\r\n(x-request-id|accept-encoding)[ \t]*:([^\r\n]*)", re.I)
+_SPECIAL_OR_LINES = re.compile(
+    _SPECIAL.pattern + rb"|\r\n(?:x-request-id|accept-encoding)[ \t]*:", re.I
+)
+# An incoming request id is kept when made of these (URL-safe, no spaces, no quotes: it is
+# written into a head and a JSON log line as it is); else a fresh one replaces it.
+_SANE_ID = re.compile(rb"[-A-Za-z0-9._:/+=]+")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
@@ -140,6 +155,12 @@ TRIM_AFTER_RELEASED = 32 * 1024 * 1024
 # can be stopped after ``limits.max_requests_per_turn`` requests (httptools parses a whole
 # buffer in one call). A slice of the smallest requests (an 18-byte GET) is ~230 of them.
 PARSE_SLICE = 4096
+# The Prometheus text exposition's content type.
+METRICS_TYPE = b"text/plain; version=0.0.4"
+
+
+async def _metrics_reply(text: Awaitable[bytes]) -> Reply:
+    return 200, await text, METRICS_TYPE
 
 
 def _retry_after(wait: float) -> bytes:
@@ -173,16 +194,35 @@ class HttpServer:
         metrics: Metrics,
         cors_origins: list[str] | None = None,
         via: str = "",
+        *,
         ipv6_prefix: int = defaults.IPV6_CLIENT_PREFIX,
         limiter: Limiter | SharedLimiter | None = None,
         door: Door | None = None,
         proxy_protocol: bool = False,
         max_proxy_header_bytes: int = defaults.MAX_PROXY_HEADER_BYTES,
+        request_id_max_bytes: int = defaults.REQUEST_ID_MAX_BYTES,
+        protocol: type[HttpProtocol] | None = None,
+        access: AccessLog | None = None,
+        compression: Compression | None = None,
     ) -> None:
+        """``protocol``: the connection class (the access log's, or the admin listener's);
+        ``HttpProtocol`` when not given. ``access``: the access log, when on."""
         self.routes = routes
         # The rate limits per identity (RpcService's): a replay pays them here, since it
         # never reaches the pipeline (None: no limits).
         self.limiter = limiter
+        self.protocol = protocol or HttpProtocol
+        # Request ids: "X-Request-Id: <8 hex of this process>-<counter, hex>". Unique
+        # across a node's workers and restarts without any coordination, and one
+        # formatting of an int per answer (see README: its cost to a cache hit).
+        self.request_id_max_bytes = request_id_max_bytes
+        self._id_prefix = secrets.token_hex(4).encode() + b"-"
+        self.id_head = b"X-Request-Id: " + self._id_prefix
+        # The next id's counter (a replay's head ends in ``_id_line``, and writes it).
+        self.ids = itertools.count(1).__next__
+        # The access log, when on (its connections are ``LoggedHttpProtocol``).
+        self.access = access
+        self.compression = compression or Compression()
         # An IPv6 client stands for its network of this prefix (chainrelay/access/identity.py).
         self.ipv6_prefix = ipv6_prefix
         # Who a request is beyond its connection's address (trusted proxies, API keys);
@@ -211,6 +251,27 @@ class HttpServer:
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
         )
+
+    def id_line(self, incoming: bytes | None = None) -> bytes:
+        """An answer's X-Request-Id line (see ``request_id``)."""
+        if incoming is None:
+            return self.id_head + b"%x\r\n" % self.ids()
+        return b"X-Request-Id: " + self.request_id(incoming) + b"\r\n"
+
+    def request_id(self, incoming: bytes | None) -> bytes:
+        """An answer's request id: ``incoming`` (the request's) when it is sane (of
+        URL-safe characters, at most ``request_id_max_bytes``), else a fresh one."""
+        if (
+            incoming is not None
+            and len(incoming) <= self.request_id_max_bytes
+            and _SANE_ID.fullmatch(incoming) is not None
+        ):
+            return incoming
+        return self.new_id()
+
+    def new_id(self) -> bytes:
+        """A new id (a WebSocket message's, in the access log)."""
+        return self._id_prefix + b"%x" % self.ids()
 
     def cors_lines(self, origin: bytes | None) -> bytes:
         """The CORS lines of an answer to a request from ``origin`` when origins are listed
@@ -241,16 +302,19 @@ class HttpServer:
             (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
             return  # an "id" in the head, or an answer not spliced from the record
-        prefix = self.head(200, len(answer), True, cors) + ANSWER_OPEN
-        size = len(rest) + len(prefix) + len(answer) + REPLAY_ENTRY_OVERHEAD
+        # Up to the value of its X-Request-Id: each replay writes a new one, then the rest.
+        head = self.head(200, len(answer), True, cors)[:-2] + self.id_head
+        size = len(rest) + len(head) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
-        replay = Replay(prefix, record, len(token), size, replayer.replay)
+        replay = Replay(head, record, len(token), size, replayer.replay)
         self.replays.add(rest, replay, record.generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        protocol = ProxiedHttpProtocol if self.proxy_protocol else HttpProtocol
+        protocol = self.protocol
+        if self.proxy_protocol:
+            protocol = _reading_proxy_headers(protocol)
         self._server = await loop.create_server(
             lambda: protocol(self), host, port, reuse_port=reuse_port or None, backlog=2048
         )
@@ -260,7 +324,7 @@ class HttpServer:
         """Serve on a socket bound and listening already (made by another process: a
         node's feeder worker serves its private feed listener, which the supervisor made)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock)
+        self._server = await loop.create_server(lambda: self.protocol(self), sock=sock)
         self._sweeper = asyncio.create_task(self._sweep())
 
     @property
@@ -344,8 +408,10 @@ class HttpServer:
                 self._base_headers
                 if content_type is None
                 else b"Content-Type: " + content_type + b"\r\n" + self._cors_line,
-                extra,
+                # The answer's own lines after its length, where the prebuilt head of
+                # ``HttpProtocol._write_ok`` puts them: one answer, the same bytes either way.
                 b"Content-Length: %d\r\n" % length,
+                extra,
                 b"" if keep_alive else b"Connection: close\r\n",
                 b"\r\n",
             )
@@ -667,7 +733,11 @@ class HttpProtocol(asyncio.Protocol):
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
-                    self._send_now(replay.prefix + split[0] + replay.suffix)
+                    # Its head ends in this process's id prefix: the counter completes it.
+                    self._send_now(
+                        b"%b%x%b%b%b"
+                        % (replay.head, self.server.ids(), REPLAY_OPEN, split[0], replay.suffix)
+                    )
                     return
             if data[:5] == b"POST ":
                 if self._plain_post(data, split) or self._hold_head(data):
@@ -789,7 +859,12 @@ class HttpProtocol(asyncio.Protocol):
         if end < 0 or end > self.server.limits.max_header_bytes:
             return False
         head = data[:end]
-        if _PLAIN_HEAD.fullmatch(head) is None or _SPECIAL.search(head):
+        if _PLAIN_HEAD.fullmatch(head) is None:
+            return False
+        # One scan for the lines that take a POST off this path and those that change its
+        # answer's head; most heads have neither, and pay for one scan, as before either.
+        either = _SPECIAL_OR_LINES.search(head)
+        if either is not None and _SPECIAL.search(head, either.start()) is not None:
             return False
         if head.startswith(b"POST " + BATCHES_PATH):
             return False  # not JSON-RPC
@@ -805,33 +880,51 @@ class HttpProtocol(asyncio.Protocol):
         if not server.cors_any:  # the first Origin line, as httptools' headers would give it
             origin = _ORIGIN.search(head)
             cors = server.cors_lines(origin.group(1) if origin is not None else None)
+        # A request that names its id keeps it; a replay writes a fresh one, so such a
+        # request is never learned as one.
+        named = gzip = False
+        if either is None:
+            lines = cors + server.id_head + b"%x\r\n" % server.ids()
+        else:
+            incoming = None
+            for found in _ANSWER_LINES.finditer(head):
+                if len(found.group(1)) == 12:  # x-request-id
+                    incoming = incoming or found.group(2).strip(b" \t")
+                    named = True
+                elif accepts_gzip(found.group(2).strip(b" \t")):
+                    gzip = True
+            lines = cors + server.id_line(incoming)
         who = self.who
         if self._per_request:
             got = self._who_in_head(head)
             if got.__class__ is Refusal:
-                self._refuse(got, True, cors)
+                self._refuse(got, True, lines)
                 return True
             who = typing.cast(Identity, got)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
-            answered = self._rpc(data[end + 4 :], True, cors, who)
+            answered = self._rpc(data[end + 4 :], True, lines, who)
             if answered is not None:
-                self._answer(answered, True, cors, who)
+                self._answer(answered, True, lines, gzip, who)
             return True
         try:
             answer, record = replayer.serve(data[end + 4 :], who)
         except RateLimited as exc:
-            self._rate_limited(exc, True, cors)
+            self._rate_limited(exc, True, lines)
             return True
+        # A replay writes the answer as it is: never one a client asked to have gzipped,
+        # nor one whose identity is the request's (a replay would not know whose it is).
         if (
             record is not None
             and split is not None
-            and not self._per_request  # a replay would not know whose request it is
+            and not named
+            and not gzip
+            and not self._per_request
             and answer.__class__ is bytes
         ):
             server.learn_replay(split[1], split[0], answer, record, cors)
-        self._answer(answer, True, cors, who)
+        self._answer(answer, True, lines, gzip, who)
         return True
 
     def _who_in_head(self, head: bytes) -> Identity | Refusal:
@@ -1008,7 +1101,7 @@ class HttpProtocol(asyncio.Protocol):
             if via is None:
                 answer = self._rpc(body, keep_alive, None, who)
                 if answer is not None:
-                    self._answer(answer, keep_alive, None, who)
+                    self._answer(answer, keep_alive, None, who=who)
             else:
                 self._relayed(body, via, keep_alive, who)
         elif method == b"GET":
@@ -1034,7 +1127,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             answer = self._rpc(body, keep_alive, None, who)
             if answer is not None:
-                self._answer(answer, keep_alive, None, who)
+                self._answer(answer, keep_alive, None, who=who)
         finally:
             leave_via(token)
 
@@ -1067,7 +1160,7 @@ class HttpProtocol(asyncio.Protocol):
             self._plain(429, b"too many answers under way on this connection", keep_alive)
             return
         path = self._url
-        cors = b"" if self.server.cors_any else self._cors()
+        cors = self._lines()
         fut: asyncio.Future[bytes] = asyncio.ensure_future(whole())
         self._queue.append(AwaitedReply(fut, keep_alive, cors))
         fut.add_done_callback(self._flush)
@@ -1078,19 +1171,25 @@ class HttpProtocol(asyncio.Protocol):
         result: bytes | Awaitable[bytes | None],
         keep_alive: bool,
         cors: bytes | None = None,
+        gzip: bool = False,
         who: Identity | None = None,
     ) -> None:
         """Write a POST's answer now or once it is ready, in request order. ``cors``: the
-        request's CORS lines, when they were not left to be read from httptools' headers;
-        ``who``: the request's identity (None: the connection's)."""
+        answer's own head lines (CORS, X-Request-Id), and ``gzip`` whether the client
+        accepts gzip, when they were not left to be read from httptools' headers; ``who``:
+        the request's identity (None: the connection's)."""
         if cors is None:
             # Read now: by the time an answer that waits is written, the headers at hand
             # may be those of a later request.
-            cors = b"" if self.server.cors_any else self._cors()
+            cors = self._lines()
+            gzip = accepts_gzip(self.header(b"accept-encoding"))
         if result.__class__ is bytes:
+            if gzip:
+                assert isinstance(result, bytes)
+                result, cors = self._gzipped(result, cors)
             # The hot path: a synchronous answer on an idle keep-alive connection.
-            if keep_alive and not self._queue and not cors:
-                self._write_ok(result)
+            if keep_alive and not self._queue:
+                self._write_ok(result, cors)
             else:
                 self._send(200, result, keep_alive, cors=cors)
             return
@@ -1109,14 +1208,28 @@ class HttpProtocol(asyncio.Protocol):
             token = enter_identity(who or self.who)
             fut = asyncio.ensure_future(result)
             leave_identity(token)
-        self._queue.append(Awaited(fut, keep_alive, cors))
+        self._queue.append(Awaited(fut, keep_alive, cors, gzip))
         fut.add_done_callback(self._flush)
         if len(self._queue) > self.server.limits.max_pending_per_connection:
             self._pause(Paused.BACKLOG)
 
+    def _gzipped(self, body: bytes, lines: bytes) -> tuple[bytes, bytes]:
+        """An answer for a client that accepts gzip: gzipped from ``gzip_min_bytes`` on."""
+        compression = self.server.compression
+        if len(body) < compression.gzip_min_bytes:
+            return body, lines
+        return compression.gzip(body), lines + GZIP_LINES
+
     def _cors(self) -> bytes:
         """The CORS lines for the request httptools read last, when origins are listed."""
         return self.server.cors_lines(self.header(b"origin"))
+
+    def _lines(self) -> bytes:
+        """The head lines of the answer to the request httptools read last: its CORS lines
+        (origins listed) and its X-Request-Id."""
+        server = self.server
+        rid = server.id_line(self.header(b"x-request-id"))
+        return rid if server.cors_any else self._cors() + rid
 
     def _send(
         self,
@@ -1127,19 +1240,20 @@ class HttpProtocol(asyncio.Protocol):
         cors: bytes | None = None,
     ) -> None:
         if cors is None:
-            cors = b"" if self.server.cors_any else self._cors()
+            cors = self._lines()
         data = self.server.head(status, len(body), keep_alive, extra + cors) + body
         if self._queue:
             self._queue.append(Ready(data, keep_alive))
             return
         self._write(data, keep_alive)
 
-    def _write_ok(self, body: bytes) -> None:
-        """200 OK on a keep-alive connection: the prebuilt head plus the length."""
+    def _write_ok(self, body: bytes, lines: bytes) -> None:
+        """200 OK on a keep-alive connection: the prebuilt head, the length and the
+        answer's own ``lines`` (X-Request-Id, CORS)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        head = self.server.ok_head + b"%d\r\n\r\n" % len(body)
+        head = self.server.ok_head + b"%d\r\n%b\r\n" % (len(body), lines)
         if len(body) > LARGE_BODY:
             transport.writelines((head, body))  # no copy of a large answer
         else:
@@ -1200,10 +1314,13 @@ class HttpProtocol(asyncio.Protocol):
             elif isinstance(entry, AwaitedReply):
                 self._write(body, keep_alive)
                 continue
-            if keep_alive and not entry.cors:
-                self._write_ok(body)  # the same head as head(200, ...) builds, prebuilt
+            lines = entry.cors
+            if isinstance(entry, Awaited) and entry.gzip:
+                body, lines = self._gzipped(body, lines)
+            if keep_alive:
+                self._write_ok(body, lines)  # the head head(200, ...) builds, prebuilt
             else:
-                head = self.server.head(200, len(body), keep_alive, entry.cors)
+                head = self.server.head(200, len(body), keep_alive, lines)
                 self._write(head + body, keep_alive)
         if (
             self._paused & Paused.BACKLOG
@@ -1237,9 +1354,13 @@ class HttpProtocol(asyncio.Protocol):
             self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
         elif path == b"/metrics" and routes.metrics_text is not None:
             text = routes.metrics_text()
+            if text.__class__ is not bytes:  # gathered from the other workers: later
+                self._reply(_metrics_reply(typing.cast("Awaitable[bytes]", text)), keep_alive)
+                return
+            assert isinstance(text, bytes)
             data = (
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(text)
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n%b"
+                b"Content-Length: %d\r\n\r\n" % (self._lines(), len(text))
             ) + text
             if self._queue:
                 self._queue.append(Ready(data, keep_alive))
@@ -1313,6 +1434,8 @@ class HttpProtocol(asyncio.Protocol):
                 open_subscriptions=self.server.routes.ws_subscriptions,
                 close_timeout=limits.ws_close_timeout,
                 sends=self._out,
+                deflate=self.server.compression.ws_deflate,
+                request_id=self.server.request_id(self.header(b"x-request-id")).decode(),
                 who=who,
             )
         if not session.accept(head):
@@ -1384,3 +1507,10 @@ class ProxiedHttpProtocol(HttpProtocol):
         rest = buf[header.length :]
         if rest and not transport.is_closing():
             super().data_received(rest)
+
+
+def _reading_proxy_headers(cls: type[HttpProtocol]) -> type[HttpProtocol]:
+    """``cls``'s connections, reading a PROXY header first (``ProxiedHttpProtocol``)."""
+    if cls is HttpProtocol:
+        return ProxiedHttpProtocol
+    return type(f"Proxied{cls.__name__}", (cls, ProxiedHttpProtocol), {"__slots__": ()})

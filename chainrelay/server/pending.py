@@ -24,7 +24,8 @@ class Awaited(NamedTuple):
 
     answer: asyncio.Future[bytes | None]
     keep_alive: bool
-    cors: bytes
+    cors: bytes  # the answer's own head lines: CORS, X-Request-Id
+    gzip: bool = False  # the client accepts gzip: a large answer is sent gzipped
 
 
 class AwaitedReply(NamedTuple):

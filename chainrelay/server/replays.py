@@ -21,26 +21,30 @@ REPLAY_ENTRY_OVERHEAD = 300
 # An answer spliced around its id: ANSWER_OPEN, the id token, ANSWER_RESULT, the value, "}".
 ANSWER_OPEN = b'{"jsonrpc":"2.0","id":'
 ANSWER_RESULT = b',"result":'
+# What follows a replay's X-Request-Id counter: the end of its line and of the head, then
+# the answer up to its id.
+REPLAY_OPEN = b"\r\n\r\n" + ANSWER_OPEN
 
 
 class Replay:
-    """A POST answered from cache whose bytes, id aside, come again: the answer around the
-    id (an id of the same length, so the Content-Length holds), its record, and the
-    check that the record still answers, for this client (``Replayer.replay``: a method the
-    client may not call is not replayed to it, whoever asked it first)."""
+    """A POST answered from cache whose bytes, id aside, come again: the answer's head (up
+    to its X-Request-Id's counter, written fresh each time) and its body around the id (an
+    id of the same length, so the Content-Length holds), its record, and the check that the
+    record still answers, for this client (``Replayer.replay``: a method the client may
+    not call is not replayed to it, whoever asked it first)."""
 
-    __slots__ = ("check", "prefix", "record", "size", "suffix", "token_len")
+    __slots__ = ("check", "head", "record", "size", "suffix", "token_len")
 
     def __init__(
         self,
-        prefix: bytes,
+        head: bytes,
         record: Seen,
         token_len: int,
         size: int,
         check: Callable[[Seen, Identity], bytes | None],
     ) -> None:
         self.check = check
-        self.prefix = prefix
+        self.head = head
         # The answer after the id: the record's value, which stays the same while the
         # record answers (``Replayer.replay`` checks that the cache holds it still).
         self.suffix = ANSWER_RESULT + record.value + b"}"

@@ -69,7 +69,7 @@ class Routes:
         self,
         rpc: Handler,
         health: Callable[[], tuple[int, bytes]] | None,
-        metrics_text: Callable[[], bytes] | None,
+        metrics_text: Callable[[], bytes | Awaitable[bytes]] | None,
         ws_subscriptions: Callable[[WsSession], Subscriptions] | None = None,
         replayer: Replayer | None = None,
         feed: FeedOpener | None = None,
@@ -79,7 +79,8 @@ class Routes:
         self.rpc = rpc
         # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
         self.replayer = replayer
-        # GET /health and /metrics (None: not served here, 404).
+        # GET /health and /metrics (None: not served here, 404); the admin listener's
+        # metrics under workers come later (gathered from the other workers).
         self.health = health
         self.metrics_text = metrics_text
         # Opens the eth_subscribe state of each upgraded WebSocket connection.

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from websockets.exceptions import InvalidState
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -38,6 +39,7 @@ from chainrelay.errors import RateLimited
 from chainrelay.server.budget import Account
 from chainrelay.server.phases import Paused
 from chainrelay.wire.jsonrpc import Answer
+from chainrelay.wire.wsframes import next_frame
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,15 @@ class WsSession:
         ip: str = "",
         close_timeout: float = defaults.WS_CLOSE_TIMEOUT,
         sends: Account | None = None,
+        deflate: bool = False,
+        request_id: str = "",
         who: Identity = NODE,
     ) -> None:
+        """``deflate``: permessage-deflate is accepted when the client offers it (client
+        JSON-RPC connections with ``[server] ws_deflate``; never a feed or a push, whose
+        frames are written as built). ``request_id``: the handshake answer's
+        X-Request-Id."""
+        self.request_id = request_id
         self.transport = transport
         # What is queued for the peer, counted against the front door's budget (None: not
         # counted here; a feed child's frames have their own bounds).
@@ -110,9 +119,13 @@ class WsSession:
         self.max_send_buffer = max_send_buffer
         self.max_pending = max_pending
         self._paused = Paused(0)
-        # No extension is ever negotiated (no permessage-deflate): ``send_frames`` relies on
-        # a frame being its header and the payload as is.
-        self.proto = ServerProtocol(max_size=max_message_bytes, extensions=None)
+        # Without an extension a frame is its header and the payload as is, which
+        # ``send_frames`` relies on; with permessage-deflate it sends message by message.
+        # websockets bounds a compressed message by its size once inflated (max_size).
+        self.proto = ServerProtocol(
+            max_size=max_message_bytes,
+            extensions=[ServerPerMessageDeflateFactory()] if deflate else None,
+        )
         # Frame payloads as websockets hands them over (bytes-like), joined once at the end.
         self._fragments: list[bytes | bytearray | memoryview] = []
         self._fragments_len = 0
@@ -138,6 +151,8 @@ class WsSession:
             self._flush()
             return False
         response = self.proto.accept(request)
+        if self.request_id:
+            response.headers["X-Request-Id"] = self.request_id
         self.proto.send_response(response)
         self._flush()
         if response.status_code != 101:
@@ -322,16 +337,33 @@ class WsSession:
         ``subscriptions.registry.NotificationFrames``), past websockets' per-message path.
 
         Sound because this session never fragments what it sends (no frame can land inside
-        a message of its own), negotiates no extension (a frame is header + payload) and
+        a message of its own), writes them as they are only with no extension negotiated
+        (a frame is header + payload; with permessage-deflate each message is compressed
+        on its own, its payload taken out of its frame) and
         flushes the protocol object after every operation (none of its bytes wait to go
         out ahead of these). Same rules as ``send``: only while open, never blocks, and a
         reader past the send-buffer bound is closed instead."""
         if self.closed or self.proto.state is not State.OPEN:
             return
+        if self.proto.extensions:
+            self._send_each(frames)  # compressed: each message through websockets
+            return
         if self._over_send_bound():
             self._too_slow()
             return
         self.transport.write(frames)
+
+    def _send_each(self, frames: bytes) -> None:
+        """The messages of ``frames`` (final, unmasked text frames), sent one by one."""
+        pos = 0
+        while pos < len(frames):
+            found = next_frame(frames, pos, len(frames))
+            if found is None:
+                log.error("send_frames: a frame cut short, %d bytes dropped", len(frames) - pos)
+                return
+            _first, start, end = found
+            self.send(frames[start:end])
+            pos = end
 
     def _over_send_bound(self) -> bool:
         """Whether what is queued for the peer is past ``max_send_buffer``, or past what

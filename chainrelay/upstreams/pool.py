@@ -62,6 +62,9 @@ class UpstreamPool:
             u.observer = metrics.upstream_observer(u.name)
         self._probes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[object]] = set()
+        # Upstreams an operator took out of rotation (the admin listener's
+        # chainrelay_cordonUpstream): out until uncordoned, whatever probes say.
+        self.cordoned: set[str] = set()
 
     async def start(self) -> None:
         for u in self.upstreams:
@@ -135,6 +138,43 @@ class UpstreamPool:
         order.sort(key=rank)
         return order
 
+    def cordon(self, name: str) -> bool:
+        """Take the upstream ``name`` out of rotation until ``uncordon``: calls under way
+        finish, no new one is sent to it (heads may still be read from it). False: no
+        upstream of that name."""
+        u = self._named(name)
+        if u is None:
+            return False
+        self.cordoned.add(name)
+        u.healthy = False
+        self.metrics.upstream_healthy.labels(name).set(0)
+        log.warning("upstream %s cordoned: out of rotation until uncordoned", name)
+        return True
+
+    def uncordon(self, name: str) -> bool:
+        """Put a cordoned upstream back in rotation, its error count cleared (if it is
+        broken, its errors take it out again as they would any upstream). False: no
+        upstream of that name."""
+        u = self._named(name)
+        if u is None:
+            return False
+        if name in self.cordoned:
+            self.cordoned.discard(name)
+            u.healthy = True
+            u.consecutive_errors = 0
+            self.metrics.upstream_healthy.labels(name).set(1)
+            log.info("upstream %s uncordoned: back in rotation", name)
+        return True
+
+    def state(self, u: Upstream) -> str:
+        """ "cordoned", "out" (of rotation after errors, probed) or "in" (rotation)."""
+        if u.name in self.cordoned:
+            return "cordoned"
+        return "in" if u.healthy else "out"
+
+    def _named(self, name: str) -> Upstream | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
     def direct(self) -> WsUpstream | None:
         """The upstream a read may be sent to straight away by a caller that pairs its
         answer itself (RpcService's forwarding path): the one ``call`` would try first,
@@ -196,6 +236,8 @@ class UpstreamPool:
             except TransportError as exc:
                 if exc.retry_after is None:
                     continue
+            if u.name in self.cordoned:
+                return  # cordoned meanwhile: back only when uncordoned
             u.healthy = True
             u.consecutive_errors = 0
             self.metrics.upstream_healthy.labels(u.name).set(1)

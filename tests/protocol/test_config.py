@@ -241,7 +241,9 @@ def test_hit_table_and_memo_bounds_are_limits_and_must_be_positive() -> None:
 # Exactly the keys refused at 0, each with the one message: a bound whose check is lost, or
 # one newly checked (a config that loaded would stop loading), shows up here.
 POSITIVE_KEYS = {
-    "server": "workers max_forwarded_hops max_proxy_header_bytes",
+    "server": "workers max_forwarded_hops max_proxy_header_bytes admin_scrape_timeout "
+    "access_log_flush_interval access_log_flush_bytes access_log_max_buffer_bytes "
+    "request_id_max_bytes gzip_min_bytes",
     "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
     "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes "
     "max_upstream_in_flight max_upstream_in_flight_per_client "

@@ -42,6 +42,8 @@ SANS_IO = (
     "chainrelay.server.budget",
     "chainrelay.server.phases",
     "chainrelay.server.replays",
+    "chainrelay.server.metricsum",
+    "chainrelay.server.compress",
     "chainrelay.chain.profiles",
     "chainrelay.chain.headpoll",
     "chainrelay.chain.blockorder",
