@@ -220,12 +220,16 @@ class Limiter:
 
     def refund_hits(self, who: Identity, methods: Iterable[str]) -> None:
         """Give back what cache hits of ``methods`` were charged beyond their hit cost."""
-        tier = self.tiers.get(who.tier)
-        if tier is None or not who.name or tier.hit_factor >= 1.0:
-            return
-        amount = self.costs.total(methods) * (1.0 - tier.hit_factor)
+        amount = self.hit_refund(who, methods)
         if amount > 0:
             self.give(who, amount)
+
+    def hit_refund(self, who: Identity, methods: Iterable[str]) -> float:
+        """What cache hits of ``methods`` were charged beyond their hit cost."""
+        tier = self.tiers.get(who.tier)
+        if tier is None or not who.name or tier.hit_factor >= 1.0:
+            return 0.0
+        return self.costs.total(methods) * (1.0 - tier.hit_factor)
 
     def give(self, who: Identity, amount: float) -> None:
         self.buckets.give(who.name, amount, self.clock())

@@ -149,10 +149,7 @@ class SharedLimiter:
         return self.local.batch_cost(who, methods)
 
     def refund_hits(self, who: Identity, methods: Iterable[str]) -> None:
-        tier = self.tiers.get(who.tier)
-        if tier is None or not who.name or tier.hit_factor >= 1.0:
-            return
-        amount = self.costs.total(methods) * (1.0 - tier.hit_factor)
+        amount = self.local.hit_refund(who, methods)
         if amount > 0:
             self.give(who, amount)
 
