@@ -53,6 +53,7 @@ TARGETS = {
     "limited": "relay, rate limits on (buckets in process)",
     "tiered": "relay, limits off, Redis cache tier on",
     "redis": "relay, rate limits on (buckets shared through Redis)",
+    "keyed": "relay, API key and rate limits on (each request named by its key)",
     "anvil": "anvil direct",
     "floor": "floor: uvloop + httptools, same answers, no relay work",
 }
@@ -70,16 +71,19 @@ LIMITS_TOML = "[tiers.default]\nrate = 1000000.0\nburst = 10000.0\n"
 # Goals: the check a call pays costs little next to a hit (≤ 2 µs of ~20).
 GOAL_LIMITED = 0.9
 GOAL_SHARED = 0.5
+# The API key the "keyed" target's requests carry (X-Api-Key): each request is named by
+# its key, found in its head, and pays that key's bucket.
+BENCH_KEY = "bench-" + "k" * 26
+KEYS_TOML = f'[[auth.keys]]\nname = "bench"\nkey = "{BENCH_KEY}"\n'
 # The relay targets with limits, by name, and what their config adds to RELAY_TOML (given
-# the Redis URL). API keys (the identity a key names, its tier) are the next to measure
-# here: a "keyed" target whose config lists keys and whose wrk script sends the header
-# (wrk.lua_script), compared with "relay" the same way.
+# the Redis URL).
 # "tiered" (the Redis cache tier, limits off) is what "redis" is measured against too:
 # shared buckets come with a Redis tier.
 LIMITED: dict[str, Callable[[str], str]] = {
     "limited": lambda _redis: LIMITS_TOML,
     "tiered": lambda redis: f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
     "redis": lambda redis: LIMITS_TOML + f'[cache]\nbackend = "tiered"\nredis_url = "{redis}"\n',
+    "keyed": lambda _redis: LIMITS_TOML + KEYS_TOML,
 }
 
 
@@ -408,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         check_hits(relay, bodies, calls)
         script = Path(tmp) / "mix.lua"
         wrk.lua_script(bodies, script, string_ids=True)
+        keyed_script = Path(tmp) / "keyed.lua"
+        wrk.lua_script(bodies, keyed_script, string_ids=True, headers={"X-Api-Key": BENCH_KEY})
+        scripts = {"keyed": keyed_script}
         assert relay.proc is not None and anvil.proc is not None
         floor = start_floor(answers_path)
         stack.callback(common.stop_process, floor[0])
@@ -430,13 +437,13 @@ def main(argv: list[str] | None = None) -> int:
             watch["base"] = base.proc.pid
             targets["base"] = base.url + "/"
         for url in targets.values():  # connections, allocator, caches: warm, not measured
-            run_wrk(url, script, 2, watch)
+            run_wrk(url, script, 2, watch)  # (the keyed one: anonymous calls, served too)
         runs: list[Run] = []
         up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
         m0 = relay.metrics()
         for i in range(args.runs):
             for name, url in targets.items():
-                out, cpu, wall, _ = run_wrk(url, script, args.duration, watch)
+                out, cpu, wall, _ = run_wrk(url, scripts.get(name, script), args.duration, watch)
                 run = parse_wrk(name, out, cpu, wall)
                 runs.append(run)
                 print(
@@ -582,7 +589,7 @@ def _limits_lines(med: dict[str, float], by: dict[str, list[Run]]) -> list[str]:
     """The rate-limit targets against the relay with limits off."""
     lines = []
     us_relay = common.median([_us_per_request(r) for r in by["relay"]])
-    for name, goal in (("limited", GOAL_LIMITED), ("redis", GOAL_SHARED)):
+    for name, goal in (("limited", GOAL_LIMITED), ("keyed", GOAL_LIMITED), ("redis", GOAL_SHARED)):
         if name not in by:
             continue
         ratio = med[name] / med["relay"] if med["relay"] else float("nan")

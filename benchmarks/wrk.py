@@ -31,9 +31,12 @@ class Output:
     errors: int  # non-2xx answers and socket errors
 
 
-def lua_script(bodies: list[bytes], path: Path, *, string_ids: bool) -> None:
+def lua_script(
+    bodies: list[bytes], path: Path, *, string_ids: bool, headers: dict[str, str] | None = None
+) -> None:
     """Write a wrk script cycling through every body under ``IDS_PER_BODY`` ids; with
-    ``string_ids`` every third id is a string ("r3"), as some clients send."""
+    ``string_ids`` every third id is a string ("r3"), as some clients send; ``headers``:
+    lines every request carries besides Content-Type (an API key)."""
     parts = []
     for b in bodies:
         text = b.decode()
@@ -47,7 +50,9 @@ def lua_script(bodies: list[bytes], path: Path, *, string_ids: bool) -> None:
         """local reqs = {}
 local i = 0
 local headers = {["Content-Type"] = "application/json"}
-init = function(args)
+"""
+        + "".join(f'headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+        + """init = function(args)
   for k = 1, #bodies * ids_per_body do
     local id = tostring(k)
 """

@@ -69,15 +69,16 @@ async def singles(url: str, calls: list[dict[str, Any]]) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 
 
+# The methods the clients' calls here use (``mixed_calls``).
+CLIENT_METHODS = {"eth_getBalance", "eth_getTransactionCount", "eth_getCode", "eth_call"}
+
+
 async def batch_requests(proxy: CountingProxy) -> int:
-    """Requests that carried clients' calls: the relay's own single calls (head polling,
-    chain checks) made meanwhile are one request each and are taken off."""
+    """Requests that carried clients' calls: the relay's own calls made meanwhile (head
+    polling, chain checks, an upstream's probe, whenever a loaded machine lets them fall)
+    are one request each and are taken off."""
     counts = await proxy.counts()
-    own = sum(
-        v
-        for k, v in counts.items()
-        if k in {"eth_blockNumber", "eth_getBlockByNumber", "eth_chainId", "eth_getBlockByHash"}
-    )
+    own = sum(v for k, v in counts.items() if k not in CLIENT_METHODS)
     return await proxy.requests() - own
 
 

@@ -411,25 +411,34 @@ async def test_three_workers_follow_the_chain_once_and_every_worker_serves_each_
                     )
             reads = await proxy.calls()
 
-            # Every filter of every worker saw the same blocks and logs.
+            # Every filter of every worker saw the same blocks and logs. (A worker whose head
+            # before the first of them reached it after it subscribed, as a loaded machine
+            # may have it, passes that one on too: a head new to it.)
+            first = blocks[0][0]
+
+            def from_first(sub: Subscriber, sid: str) -> list[tuple[int, Any]]:
+                got = zip(numbers(sub, sid), sub.results(sid), strict=True)
+                return [(n, r) for n, r in got if n >= first]
+
             for i, sub in subs.items():
                 heads, logs, block_filter, log_filter = ids[i]
-                assert [
-                    (n, r["hash"])
-                    for n, r in zip(numbers(sub, heads), sub.results(heads), strict=True)
-                ] == [(n, h) for n, h, _tx in blocks], f"worker {i}'s newHeads"
+                assert [(n, r["hash"]) for n, r in from_first(sub, heads)] == [
+                    (n, h) for n, h, _tx in blocks
+                ], f"worker {i}'s newHeads"
                 assert [(r["blockHash"], r["transactionHash"]) for r in sub.results(logs)] == [
                     (h, tx) for _n, h, tx in blocks
                 ], f"worker {i}'s logs"
                 changes = await sub.call("eth_getFilterChanges", [block_filter])
-                assert changes["result"] == [h for _n, h, _tx in blocks], f"worker {i}"
+                hashes = changes["result"]
+                assert hashes[len(hashes) - len(blocks) :] == [h for _n, h, _tx in blocks]
+                assert len(hashes) - len(blocks) in (0, 1), f"worker {i}: {hashes}"
                 changes = await sub.call("eth_getFilterChanges", [log_filter])
                 assert [x["transactionHash"] for x in changes["result"]] == [
                     tx for _n, _h, tx in blocks
                 ], f"worker {i}'s log filter"
             # Each worker's newHeads are the header the upstream pushed to the feeder, which
             # the feeder passed to the others ahead of the block's frame.
-            assert len({orjson.dumps(s.results(ids[i][0])) for i, s in subs.items()}) == 1
+            assert len({orjson.dumps(from_first(s, ids[i][0])) for i, s in subs.items()}) == 1
             by_port = callers([*since_start, *following, *reads], proxy, pids.values())
 
     # One newHeads subscription upstream, the feeder's, over the node's whole life.
