@@ -317,6 +317,45 @@ UPSTREAM_BATCH_LEN = 100
 # Smoothing of the latency EWMA: ~the last 10 calls dominate.
 LATENCY_EWMA_ALPHA = 0.1
 
+# --- Upstream routing: roles, budgets, capabilities (upstreams/budget.py, capabilities.py) --
+# An [[upstreams]] entry's role: "primary" shares reads by weight; "fallback" serves only
+# what no primary can (down, lagging, over budget, lacking the method or the block), so a
+# paid provider kept as fallback is billed for exactly that.
+UPSTREAM_ROLE = "primary"
+# Share of a primary among the primaries (smooth weighted round robin, nginx's): 1 each is
+# an even split.
+UPSTREAM_WEIGHT = 1
+# Calls per second sent to one upstream (0: no bound): a provider's plan quota, kept below
+# so its 429s are the exception. Every call counts, the head tracker's and probes' too.
+UPSTREAM_MAX_RPS = 0.0
+# Calls in flight to one upstream at once (0: no bound); some providers cap concurrency.
+UPSTREAM_MAX_CONCURRENCY = 0
+# Burst a rate budget allows, in seconds of its rate (at least one call): a provider's
+# one-second window then sees at most 1.2x the rate, never a whole second's worth twice.
+BUDGET_BURST_SECONDS = 0.2
+# Longest a read waits for an upstream's budget when every upstream that could serve it
+# is at its bound: a burst over the quota is smoothed, a flood is refused (-32005).
+BUDGET_WAIT = 0.5
+# How long "this method is not supported here" is believed: a provider's plan or a
+# node's flags change rarely, and one probe of the method per 10 minutes costs nothing.
+CAPABILITY_TTL = 600.0
+# Pause after a JSON-RPC "slow down" answer (a provider's rate-limit wording under HTTP
+# 200), which carries no Retry-After: one second, a provider's usual window.
+SLOW_DOWN_PAUSE = 1.0
+# Auto-tuning of max_rps from 429s (erpc's rateLimitAutoTune): off unless asked.
+AUTO_TUNE = False
+# Auto-tuning: each 429 period cuts the rate by this factor; each quiet period raises it by
+# the other, up to max_rps: quick to back off, slow to come back (erpc: 0.9/1.05 per period).
+AUTO_TUNE_DECREASE = 0.9
+AUTO_TUNE_INCREASE = 1.05
+# Auto-tuning's period: one cut per period however many 429s one burst brought back.
+AUTO_TUNE_PERIOD = 1.0
+# Auto-tuning never cuts a rate below this, in calls per second: a budget of 0 would
+# stop the upstream for good.
+AUTO_TUNE_FLOOR = 1.0
+# Probes of a pruned upstream's lowest block (bisection): 32 steps reach any block number.
+AVAILABILITY_PROBE_STEPS = 32
+
 # --- Head tracker --------------------------------------------------------------------------
 # Canonical hashes remembered per chain: deeper than any reorg either chain has seen.
 REORG_WINDOW = 256

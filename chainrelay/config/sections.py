@@ -29,6 +29,11 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # When the block follower follows blocks (see chainrelay.chain.follower).
 FOLLOW_MODES = ("auto", "always", "never")
 
+# An upstream's role (chainrelay/upstreams/route.py), and a header name it may be sent
+# (RFC 9110's token).
+UPSTREAM_ROLES = ("primary", "fallback")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
 # A trusted signer, and a stream's name (<chain>/<kind>: at most 32 bytes, a frame's field).
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 STREAM = re.compile(r"[a-z0-9_-]{1,20}/[a-z0-9_-]{1,11}")
@@ -356,9 +361,18 @@ class PoolConfig:
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
     # Calls per JSON-RPC batch sent upstream for a client batch's misses (1: no batches).
     batch_len: int = positive(d.UPSTREAM_BATCH_LEN)
+    # Routing (README "Upstream routing"): the longest wait for an upstream's budget, how
+    # long a method learnt unsupported stays so, and auto-tuning of max_rps from 429s.
+    budget_wait: float = d.BUDGET_WAIT
+    capability_ttl: float = positive(d.CAPABILITY_TTL)
+    auto_tune: bool = d.AUTO_TUNE
 
     def check(self) -> None:
         check_fields(self, "pool")
+        require(
+            not (self.budget_wait < 0 or self.retry_after_max < 0),
+            "pool: budget_wait and retry_after_max must be >= 0",
+        )
 
 
 @dataclass
@@ -681,6 +695,38 @@ class UpstreamConfig:
 
     url: str = ""
     name: str = ""  # empty: "upstream<index>"
+    # Routing (README "Upstream routing"): "primary" or "fallback", a primary's share,
+    # its budget (0: none), whether it holds every block, and what a provider asks to be
+    # sent: headers (a table) and basic auth ("user:pass", ${ENV} expanded).
+    role: str = d.UPSTREAM_ROLE
+    weight: int = positive(d.UPSTREAM_WEIGHT)
+    max_rps: float = d.UPSTREAM_MAX_RPS
+    max_concurrency: int = d.UPSTREAM_MAX_CONCURRENCY
+    archive: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    auth: str = ""
+
+    def check(self, index: int) -> None:
+        path = f"upstreams[{index}]"
+        check_fields(self, path)
+        require(
+            self.role in UPSTREAM_ROLES,
+            f"{path}.role: expected one of {', '.join(UPSTREAM_ROLES)}, got {self.role!r}",
+        )
+        require(
+            not (self.max_rps < 0 or self.max_concurrency < 0 or self.max_rps != self.max_rps),
+            f"{path}: max_rps and max_concurrency must be >= 0 (0: no bound)",
+        )
+        require(not self.auth or ":" in self.auth, f'{path}.auth: expected "user:pass"')
+        for name, value in self.headers.items():
+            require(
+                HEADER_NAME.fullmatch(name) is not None,
+                f"{path}.headers: {name!r} is not an HTTP header name",
+            )
+            require(
+                isinstance(value, str) and not any(c in value for c in "\r\n\0"),
+                f"{path}.headers.{name}: a string without line breaks",
+            )
 
 
 def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
@@ -694,6 +740,7 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
             u.url.startswith(("http://", "https://", "ws://", "wss://")),
             f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
         )
+        u.check(i)
         if not u.name:
             u.name = f"upstream{i}"
     names = [u.name for u in upstreams]

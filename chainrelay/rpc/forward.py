@@ -85,7 +85,7 @@ class Forwarder:
         token and the rest (``split_id``), to send its repeats the same way."""
         if _RULES[call.method].kind in _NOT_FORWARDED:
             return None
-        upstream = self.pool.direct()
+        upstream = self.pool.direct(call.method)
         if upstream is None:
             return None
         loop = self._loop
@@ -126,11 +126,11 @@ class Forwarder:
         known = self.passes.get_at(rest, self.view.generation)
         if known is None or known[0] not in allowed:
             return None
-        upstream = self.pool.direct()
+        method, tail = known
+        upstream = self.pool.direct(method)
         loop = self._loop
         if upstream is None or loop is None:
             return None
-        method, tail = known
         out: asyncio.Future[bytes] = loop.create_future()
         forward = Forward(self, upstream, token, method, body, time.perf_counter(), out)
         if not upstream.send_now(_REQUEST_OPEN, tail, forward):
@@ -195,6 +195,8 @@ class Forward:
                 got = encode_error_raw(rid, answer.error), True
             else:
                 got = encode_result(rid, answer.result or NULL_ID), False
+        if got[1] and self._declined(raw, elapsed):
+            return
         out = self.out
         if out.done():  # the caller went away
             self._measure(elapsed, got[1])
@@ -203,6 +205,23 @@ class Forward:
         # Measured once the answer is written: the write was scheduled first.
         out.get_loop().call_soon(self._measure, elapsed, got[1])
 
+    def _declined(self, raw: bytes, elapsed: float) -> bool:
+        """An error answer the pool says another upstream may not give (a method this
+        one lacks, a block it pruned: ``UpstreamPool.declined``): measured, and the call
+        started again on the full path with this upstream tried. False: the node's real
+        answer, passed on."""
+        try:
+            error = parse_answer(raw).error
+        except ValueError:
+            return False
+        forwarder, upstream = self.forwarder, self.upstream
+        if error is None or not forwarder.pool.declined(upstream, self.method, error):
+            return False
+        upstream.prune()
+        upstream.answered(elapsed, True)
+        self._retry(1)
+        return True
+
     def _measure(self, elapsed: float, is_error: bool) -> None:
         upstream = self.upstream
         upstream.prune()
@@ -210,12 +229,18 @@ class Forward:
         self.forwarder.metrics.count(self.method, "pass", elapsed)
 
     def set_exception(self, exc: BaseException, /) -> None:
-        forwarder, upstream, call = self.forwarder, self.upstream, self.call
+        forwarder, upstream = self.forwarder, self.upstream
         upstream.prune()
         if not isinstance(exc, TransportError):
             exc = TransportError(f"{type(exc).__name__}: {exc}")
         forwarder.pool.failed(upstream, exc, time.perf_counter() - self.started)
         log.debug("upstream %s %s failed: %s; retried", upstream.name, self.method, exc)
+        self._retry(1)
+
+    def _retry(self, spent: int) -> None:
+        """Start the call again on the full path, ``spent`` attempts made (on this
+        upstream, asked last there)."""
+        call = self.call
         if self.out.done():
             return  # the caller went away
         if isinstance(call, bytes):
@@ -223,7 +248,7 @@ class Forward:
             assert isinstance(item, Call)  # it was forwarded as one
             call = item
         retry = self.out.get_loop().create_task(
-            forwarder.full_path(call, self.started, 1, (upstream,))
+            self.forwarder.full_path(call, self.started, spent, (self.upstream,))
         )
         retry.add_done_callback(self._retried)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -27,6 +28,9 @@ from chainrelay import defaults
 from chainrelay.config import PoolConfig, UpstreamConfig
 from chainrelay.server.peer import current_via
 from chainrelay.upstreams.batching import BatchCall, NotABatchAnswer, encode_batch, parse_batch
+from chainrelay.upstreams.budget import Budget
+from chainrelay.upstreams.capabilities import Capabilities
+from chainrelay.upstreams.route import ROLES, Route
 from chainrelay.wire import wsframes
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
 
@@ -117,6 +121,18 @@ class Upstream:
         # Set by the pool so that every call counts, the head tracker's included.
         self.observer: Observer | None = None
         self.via = via
+        # Role, weight, budget and capabilities (the pool's, from the [[upstreams]] entry):
+        # every call sent spends from its budget, whoever sends it.
+        self.route = Route()
+        # Headers sent with every request (HTTP) or the WebSocket handshake: a provider's
+        # key or basic auth ([[upstreams]] headers, auth; ``make_upstream``).
+        self.headers: dict[str, str] = {}
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered (for ``max_concurrency``)."""
+        return self._in_flight
 
     @property
     def is_ws(self) -> bool:
@@ -151,8 +167,10 @@ class Upstream:
         shorter (what is left of a call's deadline). Raises ``TransportError``."""
         self.calls += 1
         started = time.perf_counter()
+        self.route.budget.spend(started)
         if timeout is None or timeout >= self.timeout:
             timeout = None
+        self._in_flight += 1
         try:
             if timeout is None:
                 raw = await self._roundtrip(method, params)
@@ -170,6 +188,8 @@ class Upstream:
         except TransportError as exc:
             self._try_failed(exc, started)
             raise
+        finally:
+            self._in_flight -= 1
         self.answered(time.perf_counter() - started, answer.error is not None)
         return answer
 
@@ -185,8 +205,10 @@ class Upstream:
         slower than the call the hedging quantile is about)."""
         self.calls += 1
         started = time.perf_counter()
+        self.route.budget.spend(started, len(calls))
         if timeout is None or timeout >= self.timeout:
             timeout = None
+        self._in_flight += 1
         try:
             if timeout is None:
                 raw, first_id = await self._batch_roundtrip(calls)
@@ -204,6 +226,8 @@ class Upstream:
         except TransportError as exc:
             self._try_failed(exc, started)
             raise
+        finally:
+            self._in_flight -= 1
         self.consecutive_errors = 0
         self._observe("ok", started)
         return answers
@@ -287,7 +311,7 @@ class HttpUpstream(Upstream):
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=300)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **self.headers}
         if self.via:
             headers["Via"] = self.via  # a relayed request's Via replaces it (``request``)
         self._session = aiohttp.ClientSession(
@@ -403,8 +427,10 @@ class _WsLink(asyncio.Protocol):
         *,
         ping_interval: float = defaults.WS_PING_INTERVAL,
         max_message: int = defaults.WS_MAX_MESSAGE_BYTES,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.proto = ClientProtocol(uri, max_size=max_message)
+        self.headers = headers or {}
         self.ping_interval = ping_interval
         self.max_message = max_message
         self.transport: asyncio.Transport | None = None
@@ -426,7 +452,10 @@ class _WsLink(asyncio.Protocol):
     # --- transport callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
-        self.proto.send_request(self.proto.connect())
+        request = self.proto.connect()
+        for name, value in self.headers.items():  # a provider's key or basic auth
+            request.headers[name] = value
+        self.proto.send_request(request)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -625,6 +654,11 @@ class WsUpstream(Upstream):
         # object with a null id is a batch's refusal, and goes to the oldest one.
         self._batches: deque[int] = deque()
 
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered, ``send_now``'s included: the link's own table."""
+        return len(self._pending)
+
     async def start(self) -> None:
         return None  # connects on first use
 
@@ -656,6 +690,7 @@ class WsUpstream(Upstream):
             self._lost,
             ping_interval=self.ping_interval,
             max_message=self.max_message_bytes,
+            headers=self.headers,
         )
         try:
             await loop.create_connection(
@@ -848,6 +883,9 @@ class WsUpstream(Upstream):
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
         self.calls += 1
+        budget = self.route.budget
+        if budget.bounded:
+            budget.spend(time.perf_counter())
         return True
 
     def prune(self) -> None:
@@ -916,11 +954,13 @@ class WsUpstream(Upstream):
 
 def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upstream:
     """The upstream ``u`` names, over WebSocket or HTTP by its URL, with the pool's
-    per-upstream settings. A try never outlasts a call's whole deadline: the timeout is
-    the shorter of the two (a call's later tries are cut to what is left of it)."""
+    per-upstream settings and its own route (role, weight, budget, capabilities) and
+    headers. A try never outlasts a call's whole deadline: the timeout is the shorter of
+    the two (a call's later tries are cut to what is left of it)."""
     timeout = min(pool.timeout, pool.deadline)
+    upstream: Upstream
     if u.url.startswith(("ws://", "wss://")):
-        return WsUpstream(
+        upstream = WsUpstream(
             u.name,
             u.url,
             timeout=timeout,
@@ -929,4 +969,25 @@ def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upst
             max_message_bytes=pool.ws_max_message_bytes,
             via=via,
         )
-    return HttpUpstream(u.name, u.url, timeout=timeout, connections=pool.connections, via=via)
+    else:
+        upstream = HttpUpstream(
+            u.name, u.url, timeout=timeout, connections=pool.connections, via=via
+        )
+    upstream.route = Route(
+        tier=ROLES[u.role],
+        weight=u.weight,
+        budget=Budget(u.max_rps, u.max_concurrency, auto_tune=pool.auto_tune),
+        caps=Capabilities(archive=u.archive, ttl=pool.capability_ttl),
+    )
+    upstream.headers = request_headers(u)
+    return upstream
+
+
+def request_headers(u: UpstreamConfig) -> dict[str, str]:
+    """The headers ``u`` asks to send: its ``headers`` table, and ``auth`` ("user:pass")
+    as HTTP basic auth (an Authorization header of the table wins)."""
+    headers = dict(u.headers)
+    if u.auth and not any(k.lower() == "authorization" for k in headers):
+        token = base64.b64encode(u.auth.encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return headers
