@@ -98,21 +98,26 @@ class Budget:
         once a period however many 429s one burst brought back."""
         if not self.auto_tune:
             return
-        self._tick(now)
+        if self.rate <= 0.0:
+            # No bound known: start from what was being sent in the period under way.
+            sent = self._count / max(now - self._period_start, d.AUTO_TUNE_PERIOD)
+            self._tick(now)  # no rate to raise yet
+            self.rate = max(d.AUTO_TUNE_FLOOR, sent)
+            self.tokens = 0.0
+            self._stamp = now
+        else:
+            self._tick(now)
         if self._slowed_in_period:
             return
         self._slowed_in_period = True
-        if self.rate <= 0.0:
-            # No bound known: start from what was being sent this period.
-            elapsed = max(now - self._period_start, d.AUTO_TUNE_PERIOD)
-            self.rate = self._count / elapsed
-            self.tokens = 0.0
-            self._stamp = now
         self.rate = max(d.AUTO_TUNE_FLOOR, self.rate * d.AUTO_TUNE_DECREASE)
         self.tokens = min(self.tokens, self._burst())
 
     def _tick(self, now: float) -> None:
         """Close the auto-tuning periods that ended by ``now``: a quiet one raises the rate."""
+        if self._period_start == 0.0:
+            self._period_start = now  # the first period starts with the first call
+            return
         if now - self._period_start < d.AUTO_TUNE_PERIOD:
             return
         if not self._slowed_in_period and self.rate > 0.0:

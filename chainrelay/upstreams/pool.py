@@ -492,20 +492,24 @@ class UpstreamPool:
             return False
 
         launch()
+        hedging = len(order) > 1
         try:
             while running:
                 left = deadline - time.perf_counter()
                 if left <= 0.0:
                     break
                 first = next(iter(running.values()))
-                delay = self._hedge_delay(first) if len(running) == 1 and len(order) > 1 else None
+                delay = self._hedge_delay(first) if hedging and len(running) == 1 else None
                 wait = left if delay is None else min(delay, left)
                 done, _ = await asyncio.wait(
                     running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
-                    if delay is not None and delay < left and launch(hedge=True):
-                        self.metrics.hedged.inc()
+                    if delay is not None and delay < left:
+                        if launch(hedge=True):
+                            self.metrics.hedged.inc()
+                        else:
+                            hedging = False  # none to race: wait for the one under way
                     continue
                 for task in done:
                     running.pop(task)
