@@ -128,6 +128,7 @@ class Upstream:
         # key or basic auth ([[upstreams]] headers, auth; ``make_upstream``).
         self.headers: dict[str, str] = {}
         self._in_flight = 0
+        self._gate: asyncio.Semaphore | None = None  # max_concurrency's slots, made on use
 
     @property
     def in_flight(self) -> int:
@@ -171,7 +172,10 @@ class Upstream:
         if timeout is None or timeout >= self.timeout:
             timeout = None
         self._in_flight += 1
+        slot = None
         try:
+            if self.route.budget.concurrency:
+                slot, timeout = await self._slot(started, timeout)
             if timeout is None:
                 raw = await self._roundtrip(method, params)
             else:
@@ -190,8 +194,33 @@ class Upstream:
             raise
         finally:
             self._in_flight -= 1
+            if slot is not None:
+                slot.release()
         self.answered(time.perf_counter() - started, answer.error is not None)
         return answer
+
+    async def _slot(
+        self, started: float, timeout: float | None
+    ) -> tuple[asyncio.Semaphore, float | None]:
+        """One of the upstream's ``max_concurrency`` slots, waited for (every caller's
+        calls, the head tracker's too, keep to it; the pool routes around a full one
+        first), and what is left of the try's time once it is had. Raises
+        ``TransportError`` (not counted against health) when none frees in that time."""
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = asyncio.Semaphore(self.route.budget.concurrency)
+        bound = self.timeout if timeout is None else timeout
+        if gate.locked():
+            try:
+                async with asyncio.timeout(bound):
+                    await gate.acquire()
+            except TimeoutError:
+                busy = TransportError("no call slot free in time", timeout=True)
+                busy.counts = False
+                raise busy from None
+            return gate, bound - (time.perf_counter() - started)
+        await gate.acquire()  # free: taken at once
+        return gate, timeout
 
     async def call_batch(
         self, calls: Sequence[BatchCall], *, timeout: float | None = None
@@ -209,7 +238,10 @@ class Upstream:
         if timeout is None or timeout >= self.timeout:
             timeout = None
         self._in_flight += 1
+        slot = None
         try:
+            if self.route.budget.concurrency:
+                slot, timeout = await self._slot(started, timeout)
             if timeout is None:
                 raw, first_id = await self._batch_roundtrip(calls)
             else:
@@ -228,6 +260,8 @@ class Upstream:
             raise
         finally:
             self._in_flight -= 1
+            if slot is not None:
+                slot.release()
         self.consecutive_errors = 0
         self._observe("ok", started)
         return answers
