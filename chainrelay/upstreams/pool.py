@@ -408,10 +408,14 @@ class UpstreamPool:
         return answer
 
     async def _attempt_read(
-        self, u: Upstream, method: str, params: Params | None, block: int, timeout: float
+        self, u: Upstream, method: str, params: Params | None, block: int, deadline: float
     ) -> Answer:
+        """A try of a raced read: ``_read`` once ``u``'s pause and budget allow (``_turn``)."""
         try:
-            return await self._read(u, method, params, block, timeout)
+            left = await self._turn(u, deadline)
+            if isinstance(left, TransportError):
+                raise left
+            return await self._read(u, method, params, block, left)
         except TransportError as exc:
             self._failed_try(u, exc)
             log.debug("upstream %s %s failed: %s", u.name, method, exc)
@@ -466,27 +470,31 @@ class UpstreamPool:
                 order, method, params, min_block, max_attempts, deadline
             )
         launched = 0
+        # Attempts: a decline is routing, not a failed try, so it gives its attempt back
+        # (once per upstream at most).
+        limit = max_attempts
         last_exc: TransportError | None = None
         declined: list[Upstream] = []
         first_declined: Declined | None = None
+        shut: OverBudget | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
 
         def launch(hedge: bool = False) -> bool:
             nonlocal launched
-            while launched < max_attempts:
+            while launched < limit:
                 u = order[launched % len(order)]
-                left = deadline - time.perf_counter()
-                if left <= 0.0:
+                if deadline - time.perf_counter() <= 0.0:
                     return False
                 if hedge and u.route.tier != order[0].route.tier:
                     return False  # a hedge is never billed to a fallback
                 launched += 1
                 if not u.healthy or u in declined:  # out, or declined, in this call
                     continue
-                b = u.route.budget
-                if b.bounded and not b.open(time.perf_counter(), u.in_flight):
-                    continue  # a race is not waited for: the next one, if any
-                task = asyncio.ensure_future(self._attempt_read(u, method, params, min_block, left))
+                if hedge and not _ready(u, time.perf_counter()):
+                    continue  # a hedge is never waited for: the next one, if any
+                task = asyncio.ensure_future(
+                    self._attempt_read(u, method, params, min_block, deadline)
+                )
                 running[task] = u
                 return True
             return False
@@ -521,15 +529,18 @@ class UpstreamPool:
                     if isinstance(exc, Declined):
                         declined.append(exc.upstream)
                         first_declined = first_declined or exc
+                        limit = min(limit + 1, max_attempts + len(order))
+                    elif isinstance(exc, OverBudget):
+                        shut = exc
                     last_exc = exc
                     if not running:
                         launch()
         finally:
             for task in running:
                 task.cancel()
-        if first_declined is not None:
+        if first_declined is not None and shut is None:
             return first_declined.answer
-        raise _no_answer(order, launched, last_exc, method, self._late(deadline))
+        raise _no_answer(order, launched, shut or last_exc, method, self._late(deadline))
 
     async def _call_in_turn(
         self,
@@ -569,15 +580,24 @@ class UpstreamPool:
         last: TransportError | None = None
         first_declined: Declined | None = None
         declined: list[Upstream] | None = None
+        shut: OverBudget | None = None
         tries = 0
-        for i in range(attempts):
+        # A decline is routing, not a failed try: it gives its attempt back, so each
+        # upstream may decline once on top of ``attempts``.
+        limit = attempts
+        for i in range(attempts + len(order)):
+            if i >= limit:
+                break
             u = order[i % len(order)]
             if not u.healthy:  # taken out of rotation by this call's own tries
                 continue
             if declined is not None and u in declined:
-                continue  # it said so already: not asked twice
+                limit += 1  # it said so already: not asked twice, and no attempt spent
+                continue
             left = await self._turn(u, deadline)
             if isinstance(left, TransportError):
+                if isinstance(left, OverBudget):
+                    shut = left
                 last = last or left
                 continue
             if left <= 0.0:
@@ -592,9 +612,10 @@ class UpstreamPool:
                 if isinstance(exc, Declined):
                     declined = [u] if declined is None else [*declined, u]
                     first_declined = first_declined or exc
-        if first_declined is not None:
-            raise first_declined
-        raise _no_answer(list(order), tries, last, what, self._late(deadline))
+                    limit += 1
+        if first_declined is not None and shut is None:
+            raise first_declined  # every upstream asked declined: the node's own error
+        raise _no_answer(list(order), tries, shut or last, what, self._late(deadline))
 
     async def _turn(self, u: Upstream, deadline: float) -> float | TransportError:
         """What is left of ``deadline`` for a try on ``u`` once the pause its last 429 asked
@@ -787,6 +808,12 @@ async def _paused(u: Upstream, deadline: float) -> float | TransportError:
         await asyncio.sleep(u.slow_until - now)
         now = time.perf_counter()
     return deadline - now
+
+
+def _ready(u: Upstream, now: float) -> bool:
+    """Whether a call may go to ``u`` now: not paused by a 429, within its budget."""
+    b = u.route.budget
+    return u.slow_until <= now and (not b.bounded or b.open(now, u.in_flight))
 
 
 def _rank(u: Upstream) -> tuple[int, float]:
