@@ -194,11 +194,12 @@ archive = true
     relay = Relay(procs, config, tmp_path)
     relay.start()
     await relay.wait_ready()
-    old = ["eth_getAccount", [DEV_ACCOUNTS[0], hex(BLOCKS - 5)]]
-    want = await rpc(archive.url, *old)
+    old: list[Any] = [DEV_ACCOUNTS[0], hex(BLOCKS - 5)]
+    want = await rpc(archive.url, "eth_getAccount", old)
     assert "result" in want, want
-    assert (await rpc(pruned.url, *old))["error"]["message"].startswith("BlockOutOfRangeError")
-    got = await rpc(relay.url, *old)
+    refused = await rpc(pruned.url, "eth_getAccount", old)
+    assert refused["error"]["message"].startswith("BlockOutOfRangeError"), refused
+    got = await rpc(relay.url, "eth_getAccount", old)
     assert got.get("result") == want["result"], got
     assert (await archive_door.counts()).get("eth_getAccount") == 1
     # A read the pruned node holds is its own, the fallback not asked.
