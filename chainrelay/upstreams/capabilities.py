@@ -121,14 +121,16 @@ class Capabilities:
     """What one upstream is known not to serve: methods (each until its mark ends) and
     blocks below ``lowest``. ``archive``: declared to hold every block (never learned)."""
 
-    __slots__ = ("_unsupported", "archive", "lowest", "ttl")
+    __slots__ = ("_lowest_until", "_unsupported", "archive", "lowest", "ttl")
 
     def __init__(self, *, archive: bool = False, ttl: float = 600.0) -> None:
         self.archive = archive
         self.ttl = ttl
         # The lowest block the upstream is known to hold (0: all; learned upwards only, a
-        # pruning node's window only moves up).
+        # pruning node's window only moves up), believed for ``ttl`` after it was last
+        # raised: the node behind a URL may be replaced by one that holds more.
         self.lowest = 0
+        self._lowest_until = 0.0
         # method -> perf_counter time its "unsupported" mark ends. Empty for nearly every
         # upstream: ``serves`` then costs one truth test.
         self._unsupported: dict[str, float] = {}
@@ -137,7 +139,9 @@ class Capabilities:
         """Whether a call of ``method`` reading ``block`` (-1: none known) may be sent
         here: not marked unsupported, and the block not below what it holds."""
         if block >= 0 and block < self.lowest:
-            return False
+            if now < self._lowest_until:
+                return False
+            self.lowest = 0  # the mark ended: asked again, and learnt again if still so
         marks = self._unsupported
         if marks:
             until = marks.get(method)
@@ -156,6 +160,7 @@ class Capabilities:
             return not known
         if verdict is Verdict.PRUNED and not self.archive and block >= self.lowest:
             self.lowest = block + 1
+            self._lowest_until = now + self.ttl
             return True
         return False
 

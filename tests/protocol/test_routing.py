@@ -454,3 +454,14 @@ def test_bad_routing_fields_are_refused_by_name(entry: str, says: str) -> None:
 def test_an_authorization_header_of_the_table_wins_over_auth() -> None:
     u = UpstreamConfig(url="http://x", auth="a:b", headers={"authorization": "Bearer t"})
     assert request_headers(u) == {"authorization": "Bearer t"}
+
+
+def test_a_learnt_lowest_block_is_believed_for_the_ttl_then_asked_again() -> None:
+    caps = Capabilities(ttl=10.0)
+    assert caps.learn(Verdict.PRUNED, "eth_getBalance", 50, now=100.0)
+    assert caps.lowest == 51 and not caps.serves("eth_call", 40, 105.0)
+    assert caps.serves("eth_call", 60, 105.0)  # held: past the mark
+    assert caps.serves("eth_call", 40, 111.0) and caps.lowest == 0  # the mark ended
+    archive = Capabilities(archive=True)
+    assert not archive.learn(Verdict.PRUNED, "eth_getBalance", 50, now=100.0)
+    assert archive.serves("eth_call", 0, 100.0)
