@@ -121,10 +121,16 @@ MAX_UPSTREAM_IN_FLIGHT = 1024
 MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT = 256
 
 # --- Operator surfaces (server/admin.py, server/accesslog.py, server/compress.py) ---------
-# The admin listener (/metrics, the full /health, the admin JSON-RPC): off. A fixed default
-# port would collide between the nodes one host runs (a tree lab, tests), and turning it on
-# changes what the public port serves; "HOST:PORT" turns it on, ":PORT" binds loopback.
-ADMIN_LISTEN = ""
+# The admin listener (/metrics, the full /health, the admin JSON-RPC): loopback, so only the
+# host's operator (and its Prometheus) reach it. 9645 is clear of what runs beside a relay:
+# JSON-RPC 8545/8546, the engine API 8551, geth's and BSC's metrics 6060, Nitro's 6070 and
+# its feed 9642, Redis 6379, Prometheus 9090. A second node on the host sets its own (it
+# refuses to start on a port taken); ":PORT" binds loopback, "" turns the listener off.
+ADMIN_LISTEN = "127.0.0.1:9645"
+# The public port serves /metrics and the full /health (upstream names and latencies, tree
+# detail) only while the admin listener is off, or when this says so: a public URL tells
+# anyone its liveness, not its upstreams and its traffic.
+PUBLIC_METRICS = False
 # How long the admin listener's /metrics waits for each other worker's registry (under
 # ``--workers``): a scrape is a local Unix-socket round trip of ~1 ms; a worker stuck longer
 # is left out of that scrape (chainrelay_worker_scrape_failures counts it), never waited on.
@@ -160,6 +166,11 @@ WS_DEFLATE = False
 # txpool_, admin_, personal_, miner_, engine_ or devnet control unless its operator says so.
 METHODS_ENABLE: tuple[str, ...] = ()
 METHODS_DISABLE: tuple[str, ...] = ()
+# What ``chainrelay devnet`` serves beyond them: its anvil's controls. Test suites written
+# for hardhat or foundry mine, snapshot, revert and fund accounts through their RPC URL
+# (evm_mine, anvil_setBalance; anvil answers hardhat's names too), and a local devnet has
+# no public to keep them from.
+DEVNET_METHODS_ENABLE = ("anvil_*", "evm_*", "hardhat_*")
 # eth_getLogs' widest block range: 0 takes the chain profile's (chain/profiles.py: 10,000
 # blocks on BSC, 100,000 on Arbitrum).
 LOGS_MAX_BLOCK_RANGE = 0

@@ -58,6 +58,8 @@ class ServerConfig:
     workers: int = positive(d.WORKERS)
     # Operator surfaces: the admin listener, the access log, compression (README).
     admin_listen: str = d.ADMIN_LISTEN
+    # /metrics and the full /health on the public port too, with the admin listener on.
+    public_metrics: bool = d.PUBLIC_METRICS
     admin_scrape_timeout: float = positive(d.ADMIN_SCRAPE_TIMEOUT)
     access_log: str = d.ACCESS_LOG
     access_log_sample: float = d.ACCESS_LOG_SAMPLE

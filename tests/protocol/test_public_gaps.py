@@ -9,6 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
+from chainrelay import config as configmod
+from chainrelay.access.identity import Identity
+from chainrelay.app import methods_of
+from chainrelay.cli import devnet_config
 from chainrelay.rpc.cache import Entry
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import Finality
@@ -69,3 +73,18 @@ async def test_a_log_answer_from_the_shared_tier_is_held_to_the_size_guard() -> 
 
 async def _nothing(key: bytes) -> Entry | None:
     return None
+
+
+# --- chainrelay devnet ------------------------------------------------------------------------
+def test_the_devnet_relay_lets_its_anvils_controls_through_and_serve_does_not() -> None:
+    devnet = methods_of(devnet_config("ws://127.0.0.1:8546", "127.0.0.1:8545", ""))
+    served = methods_of(configmod.quick(["ws://127.0.0.1:8546"]))
+    anyone = Identity("10.0.0.1")
+    for method in ("evm_mine", "evm_snapshot", "anvil_setBalance", "hardhat_mine"):
+        assert devnet.refusal(method, anyone) is None
+        assert devnet.tier(anyone).allows(method)
+        assert not served.tier(anyone).allows(method)
+        assert served.refusal(method, anyone) == f"the method {method} is disabled on this node"
+    # Node internals stay refused on the devnet's relay too.
+    assert not devnet.tier(anyone).allows("debug_traceTransaction")
+    assert devnet_config("ws://x:1", "127.0.0.1:8545", "").server.admin_listen == ""
