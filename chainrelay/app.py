@@ -166,7 +166,16 @@ class Node:
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
-            running(FilterService(cfg.filters, follower, rpc.call, self.metrics))
+            running(
+                FilterService(
+                    cfg.filters,
+                    follower,
+                    rpc.call,
+                    self.metrics,
+                    guards=rpc.log_guards,
+                    view=rpc.view,
+                )
+            )
         )
         local_logs = LocalLogs(follower.logs, rpc.call, self.metrics, cfg.cache, cfg.filters)
         _link_rpc(rpc, filters, follower, local_logs)

@@ -372,9 +372,11 @@ FILTER_IDLE_TIMEOUT = 300.0
 # Filters held by one node: each is matched against every block's logs, so this bounds the
 # per-block CPU of matching (one catch-all filter per dapp backend of a busy relay).
 MAX_FILTERS = 10_000
-# Changes one filter buffers between polls, then the filter is expired (its client's next
-# poll gets "filter not found" and reinstalls): a catch-all log filter on BSC (~2k logs a
-# block every 3 s) polled each minute holds ~40k.
+# Changes one filter buffers between polls, then the filter stops collecting (its client's
+# next poll gets -32005 saying so, the one after "filter not found", and it reinstalls): a
+# catch-all log filter on BSC (~2k logs a block every 3 s) polled each minute holds ~40k.
+# Polls are answered in pages of [logs] max_answer_bytes, so a full buffer (~35 MB of
+# logs) drains in a few polls; its memory is mostly the log objects, shared by filters.
 MAX_FILTER_CHANGES = 50_000
 # Filters one client address may hold: a busy dapp backend polls a few hundred, and one
 # address can never take more than a tenth of MAX_FILTERS and lock every other client out.

@@ -7,11 +7,15 @@ Everything that decides what a poll returns lives here, with geth's semantics:
   ``removed: true`` when their block is reorged away.
 * A block filter collects the hashes of newly adopted blocks; a pending filter collects
   pending transaction hashes.
-* ``eth_getFilterChanges`` returns what was collected since the last poll and empties it.
+* ``eth_getFilterChanges`` returns what was collected since the last poll and empties it;
+  an answer is at most ``max_answer_bytes`` (``[logs]``, as an eth_getLogs answer): past
+  it, the oldest changes that fit are answered and the rest kept, in order, for the next
+  poll (changes are never split: one larger than the bound is answered alone).
 * A filter nobody polls for ``idle_timeout`` seconds is gone ("filter not found").
 * A filter's buffer holds at most ``max_changes`` entries: a filter that would hold more
-  is expired and counted, so a filter polled too rarely cannot grow memory, and its
-  client's next poll gets "filter not found", on which web3.py and ethers install a new
+  stops collecting (its buffer freed, counted), so a filter polled too rarely cannot grow
+  memory; its client's next poll is answered -32005 saying so, and the filter is removed,
+  so the poll after gets "filter not found", on which web3.py and ethers install a new
   filter and catch up with ``eth_getLogs`` (dropping changes silently would lose logs).
 * A reorg's removed logs come first, oldest orphaned block first, each block's logs in
   log-index order (geth's ``core/blockchain.go`` reorg: "Deleted log emission on the API
@@ -36,7 +40,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from chainrelay.errors import FilterNotFound, InvalidParams, TooManyFilters
+import orjson
+
+from chainrelay.errors import FilterNotFound, FilterOverflowed, InvalidParams, TooManyFilters
 from chainrelay.subscriptions.ids import ID_BYTES, encode_id
 from chainrelay.subscriptions.logfilter import (
     MAX_FILTER_ADDRESSES,
@@ -87,7 +93,7 @@ class Filter:
     last_poll: float
     changes: deque[Any] = field(default_factory=deque)
     owner: str = ""  # the client address that installed it; "" = not counted per address
-    overflowed: bool = False  # its buffer filled up: expired at the end of this feed call
+    overflowed: bool = False  # its buffer filled up: collects nothing more, told at a poll
 
 
 def new_id(token: Callable[[int], bytes] = secrets.token_bytes) -> str:
@@ -226,6 +232,12 @@ class FilterTable:
                 self._per_owner[f.owner] = left
             else:
                 del self._per_owner[f.owner]
+        self._unindex(f)
+        return True
+
+    def _unindex(self, f: Filter) -> None:
+        """Match nothing more for ``f`` (uninstalled, or its buffer full)."""
+        fid = f.id
         if f.kind is FilterKind.LOGS:
             assert f.criteria is not None
             places = self._index_of(f.criteria)
@@ -242,7 +254,6 @@ class FilterTable:
             self._block_filters.discard(fid)
         else:
             self._pending_filters.discard(fid)
-        return True
 
     def get(self, fid: Any, now: float) -> Filter:
         """The live filter of that id, or ``FilterNotFound`` (an expired one is removed)."""
@@ -258,11 +269,39 @@ class FilterTable:
     # --- polls ---------------------------------------------------------------------------
     def poll(self, fid: Any, now: float) -> list[Any]:
         """``eth_getFilterChanges``: everything collected since the last poll, in order."""
+        return orjson.loads(self.poll_encoded(fid, now))
+
+    def poll_encoded(self, fid: Any, now: float, max_bytes: int | None = None) -> bytes:
+        """``eth_getFilterChanges``' result, encoded: what was collected since the last
+        poll, in order; when that is over ``max_bytes``, the oldest changes that fit (one
+        at least), the others kept for the next poll. ``FilterOverflowed`` (and the filter
+        removed) when its buffer filled up since the last poll."""
         f = self.get(fid, now)
         f.last_poll = now
-        out = list(f.changes)
-        f.changes.clear()
-        return out
+        if f.overflowed:
+            self.uninstall(fid)
+            raise FilterOverflowed(
+                f"filter changes overflowed: more than {self.max_changes} changes since the "
+                "last poll were not kept, and the filter is removed; install a new filter and "
+                "read the blocks since the last poll with eth_getLogs",
+                {"limit": "filters.max_changes", "value": self.max_changes},
+            )
+        changes = f.changes
+        whole = orjson.dumps(list(changes))
+        if max_bytes is None or len(whole) <= max_bytes:
+            changes.clear()
+            return whole
+        # The rare page: each change encoded alone, to find where the bound falls.
+        parts: list[bytes] = []
+        size = 2  # the brackets
+        while changes:
+            one = orjson.dumps(changes[0])
+            if parts and size + len(one) + 1 > max_bytes:
+                break
+            parts.append(one)
+            size += len(one) + 1
+            changes.popleft()
+        return b"[" + b",".join(parts) + b"]"
 
     def expire(self, now: float) -> list[str]:
         """Remove every filter idle for longer than ``idle_timeout``; their ids."""
@@ -278,7 +317,7 @@ class FilterTable:
             return
         changes = f.changes
         if len(changes) >= self.max_changes:
-            # Expired, not trimmed: a poll must never look complete when changes were lost.
+            # Stopped, not trimmed: a poll must never look complete when changes were lost.
             f.overflowed = True
             f.changes = deque()
             self._overflowed.append(f.id)
@@ -286,15 +325,19 @@ class FilterTable:
         changes.append(item)
 
     def _expire_overflowed(self) -> list[str]:
+        """Stop matching for the filters whose buffer filled up in this feed call: they
+        stay installed (and counted) until their next poll says so, or they idle out."""
         gone, self._overflowed = self._overflowed, []
         for fid in gone:
-            self.uninstall(fid)
+            f = self.filters.get(fid)
+            if f is not None:
+                self._unindex(f)
         self.overflowed_total += len(gone)
         return gone
 
     def on_blocks(self, events: Sequence[BlockLike]) -> list[str]:
         """Feed blocks adopted or reorged away, as the head stream reports them; the ids
-        of filters expired because their buffer filled up.
+        of filters whose buffer filled up (they match nothing more).
 
         The logs of a removed block are expected to carry ``removed: true`` already. The
         removed blocks of a reorg are reported oldest first, whatever order they come in.
@@ -347,8 +390,7 @@ class FilterTable:
                 self._push(f, lg)
 
     def on_pending(self, tx_hash: str) -> list[str]:
-        """Feed one pending transaction hash; the ids of filters expired because their
-        buffer filled up."""
+        """Feed one pending transaction hash; the ids of filters whose buffer filled up."""
         filters = self.filters
         for fid in self._pending_filters:
             self._push(filters[fid], tx_hash)

@@ -6,6 +6,7 @@ controls through."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -13,17 +14,25 @@ from chainrelay import config as configmod
 from chainrelay.access.identity import Identity
 from chainrelay.app import methods_of
 from chainrelay.cli import devnet_config
+from chainrelay.config import FiltersConfig
+from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import Entry
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import Finality
+from chainrelay.subscriptions.filters import FilterService
 from chainrelay.wire.jsonrpc import Answer
+from tests.protocol.test_filters import Block
+from tests.protocol.test_rpc_hits import head_at
 from tests.protocol.test_served_calls import (
+    ADDR,
+    TOPIC,
     RecordingNode,
     ask,
     error_of,
     log_at,
     make_service,
     request,
+    view_at,
 )
 
 
@@ -88,3 +97,103 @@ def test_the_devnet_relay_lets_its_anvils_controls_through_and_serve_does_not() 
     # Node internals stay refused on the devnet's relay too.
     assert not devnet.tier(anyone).allows("debug_traceTransaction")
     assert devnet_config("ws://x:1", "127.0.0.1:8545", "").server.admin_listen == ""
+
+
+# --- filters under the eth_getLogs guards ----------------------------------------------------
+class NoFollower:
+    """A block source the filter service is never started on: blocks are fed to its table."""
+
+    def add_listener(self, fn: Callable[[list[Any]], None]) -> None: ...
+
+    def remove_listener(self, fn: Callable[[list[Any]], None]) -> None: ...
+
+    def add_pending_listener(self, fn: Callable[[str], None]) -> None: ...
+
+    def remove_pending_listener(self, fn: Callable[[str], None]) -> None: ...
+
+
+def filter_service(guards: LogGuards, asked: list[Any]) -> FilterService:
+    async def ask(method: str, params: list[Any]) -> Answer:
+        asked.append((method, params))
+        return Answer(b"[]", None)
+
+    return FilterService(
+        FiltersConfig(), NoFollower(), ask, Metrics(), guards=guards, view=view_at(1000, 990, 980)
+    )
+
+
+def decoded(answer: Answer) -> Any:
+    if answer.error is not None:
+        return {"error": orjson.loads(answer.error)}
+    assert answer.result is not None
+    return {"result": orjson.loads(answer.result)}
+
+
+async def test_a_filter_past_a_logs_guard_is_refused_at_creation_in_the_same_words() -> None:
+    asked: list[Any] = []
+    service = filter_service(LogGuards(50, 3, 2, 10_000), asked)
+    many = [ADDR[:-1] + str(i) for i in range(4)]
+    cases = [
+        ({"fromBlock": "0x0"}, "logs.max_block_range", "is limited to a 50 block range"),
+        ({"fromBlock": hex(900), "toBlock": "latest"}, "logs.max_block_range", "spans 101"),
+        ({"toBlock": hex(1100)}, "logs.max_block_range", "spans 101 blocks"),
+        ({"address": many}, "logs.max_addresses", "limited to 3 addresses per query"),
+        ({"topics": [[TOPIC] * 3]}, "logs.max_topics_per_position", "position 0"),
+    ]
+    for obj, guard, words in cases:
+        got = decoded(await service.call("eth_newFilter", [obj]))
+        error = got["error"]
+        assert error["code"] == -32005 and error["data"]["limit"] == guard, (obj, error)
+        assert error["message"].startswith("eth_newFilter ") and words in error["message"]
+    assert len(service.table) == 0 and asked == []
+    # Within every guard: installed, as before.
+    for obj in ({}, {"fromBlock": hex(951)}, {"address": many[:3], "topics": [[TOPIC] * 2]}):
+        assert decoded(await service.call("eth_newFilter", [obj]))["result"].startswith("0x")
+    assert len(service.table) == 3
+
+
+async def test_a_filters_logs_obey_the_range_guard_as_its_range_grows() -> None:
+    asked: list[Any] = []
+    service = filter_service(LogGuards(50, 3, 2, 10_000), asked)
+    fid = decoded(await service.call("eth_newFilter", [{"fromBlock": hex(960)}]))["result"]
+    assert decoded(await service.call("eth_getFilterLogs", [fid])) == {"result": []}
+    assert asked == [("eth_getLogs", [{"fromBlock": hex(960)}])]
+    head_at(service.view, 1010)  # the chain went on: the range is 51 blocks now
+    error = decoded(await service.call("eth_getFilterLogs", [fid]))["error"]
+    assert error["code"] == -32005 and error["data"]["limit"] == "logs.max_block_range"
+    assert error["message"].startswith("eth_getFilterLogs is limited to a 50 block range")
+    assert len(asked) == 1
+
+
+async def test_filter_changes_are_paged_at_the_answer_bound_and_none_is_lost() -> None:
+    service = filter_service(LogGuards(50, 3, 2, 2_000), [])
+    fid = decoded(await service.call("eth_newFilter", [{"address": ADDR}]))["result"]
+    logs = [log_at(1000, i) for i in range(10)]  # ~500 bytes each: ~5 KB in all
+    service.table.on_blocks([Block(1000, logs[0]["blockHash"], logs)])
+    pages: list[list[Any]] = []
+    while True:
+        answer = await service.call("eth_getFilterChanges", [fid])
+        assert answer.result is not None and len(answer.result) <= 2_000
+        page = orjson.loads(answer.result)
+        if not page:
+            break
+        pages.append(page)
+    assert len(pages) >= 3 and [lg for p in pages for lg in p] == logs
+    # A buffer that filled up between two polls: said with -32005, never answered short.
+    small = FilterService(
+        FiltersConfig(max_changes=4),
+        NoFollower(),
+        _no_ask,
+        Metrics(),
+        guards=LogGuards(50, 3, 2, 2_000),
+    )
+    fid = decoded(await small.call("eth_newFilter", [{"address": ADDR}]))["result"]
+    small.table.on_blocks([Block(1000, logs[0]["blockHash"], logs)])
+    error = decoded(await small.call("eth_getFilterChanges", [fid]))["error"]
+    assert error["code"] == -32005 and error["data"] == {"limit": "filters.max_changes", "value": 4}
+    error = decoded(await small.call("eth_getFilterChanges", [fid]))["error"]
+    assert error == {"code": -32000, "message": "filter not found"}
+
+
+async def _no_ask(method: str, params: list[Any]) -> Answer:
+    raise AssertionError("no read expected")
