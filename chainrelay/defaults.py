@@ -56,7 +56,11 @@ MAX_PENDING_PER_CONNECTION = 256
 # have under way; more are answered 429: a range answer runs to megabytes (a pusher that
 # wants more in flight uses the WebSocket).
 MAX_PENDING_REPLIES = 4
-# Connections one IP may hold: a browser opens ~6, a busy backend a few hundred.
+# Connections one IP may hold: a browser opens ~6, a busy backend a few hundred. Counted at
+# accept, before any key is known, so per client address, never per key: the peer's, the
+# one a trusted proxy's PROXY header names, or, for a WebSocket through a trusted HTTP
+# proxy, the one its upgrade's forwarding header names (a proxy's keep-alive connections
+# carry many clients and count as none's).
 MAX_CONNECTIONS_PER_IP = 1024
 # Idle keep-alive connections are closed after this; matches nginx's keepalive_timeout.
 KEEPALIVE_TIMEOUT = 75.0
@@ -378,8 +382,9 @@ MAX_FILTERS = 10_000
 # Polls are answered in pages of [logs] max_answer_bytes, so a full buffer (~35 MB of
 # logs) drains in a few polls; its memory is mostly the log objects, shared by filters.
 MAX_FILTER_CHANGES = 50_000
-# Filters one client address may hold: a busy dapp backend polls a few hundred, and one
-# address can never take more than a tenth of MAX_FILTERS and lock every other client out.
+# Filters one client may hold, per identity despite the name (its API key, else its real
+# address): a busy dapp backend polls a few hundred, and one client can never take more
+# than a tenth of MAX_FILTERS and lock every other client out.
 MAX_FILTERS_PER_IP = 1000
 # geth's maxAddresses (1.14): bounds the memory one filter object can pin, and a filter's
 # entries in the address index.
@@ -392,8 +397,9 @@ MAX_TOPICS_PER_POSITION = 1000
 # Subscriptions one connection may hold: a dapp watching a few hundred contracts with one
 # logs subscription each fits; more is one client pinning the node's fan-out work.
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 1000
-# Subscriptions one address may hold across its connections (at most MAX_CONNECTIONS_PER_IP
-# of them): a busy indexer backend, not a flood.
+# Subscriptions one client may hold across its connections (at most MAX_CONNECTIONS_PER_IP
+# of them), per identity despite the name (its API key, else its real address): a busy
+# indexer backend, not a flood.
 MAX_SUBSCRIPTIONS_PER_IP = 10_000
 # Subscriptions of the whole node: bounds their memory and the frames written per block
 # (one per newHeads subscriber, one per matching log and logs subscriber); matching work is
@@ -404,8 +410,8 @@ MAX_SUBSCRIPTIONS_TOTAL = 100_000
 # address or topic0 and the few with neither; the worst case, every filter on one hot
 # topic0 (or none), costs ~1.3 us per filter per log: 1,000 x 500 logs ~ 0.65 s a block.
 MAX_LOG_FILTERS = 1000
-# Distinct logs filters one client address may hold: a quarter of the node's, so one
-# address can never lock every other client out of new filters.
+# Distinct logs filters one client may hold (per identity, as above): a quarter of the
+# node's, so one client can never lock every other client out of new filters.
 MAX_LOG_FILTERS_PER_IP = 250
 # Notifications held on one connection for subscriptions whose id has not reached the
 # client yet (its eth_subscribe answer is still being written): a few blocks' worth for

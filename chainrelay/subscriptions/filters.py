@@ -8,10 +8,11 @@ fed from the node's block follower, which follows whichever upstream is healthy.
 Every call but ``eth_getFilterLogs`` is answered without I/O; that one asks the node's
 own request pipeline for ``eth_getLogs`` over the filter's range, so it is cached there.
 
-Filters are counted per client address (``[filters] max_per_ip``): the transports make the
-address of the request being served known through ``server.peer``. Pending-transaction
-filters are refused when no upstream can stream pending transactions (only a WebSocket
-upstream can), rather than installed to stay empty forever.
+Filters are counted per client (``[filters] max_per_ip``, despite its name): under the
+identity of the request being served (``access.identity.current_identity``), its API key
+when it carries one, else its real address (a trusted proxy's header names it).
+Pending-transaction filters are refused when no upstream can stream pending transactions
+(only a WebSocket upstream can), rather than installed to stay empty forever.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ Everything that decides what a poll returns lives here, with geth's semantics:
 * A reorg's removed logs come first, oldest orphaned block first, each block's logs in
   log-index order (geth's ``core/blockchain.go`` reorg: "Deleted log emission on the API
   uses forward order"); then the new chain's logs.
-* A client address holds at most ``max_per_owner`` filters, the node ``max_filters``.
+* A client (its identity: its API key, else its address) holds at most ``max_per_owner``
+  filters, the node ``max_filters``.
 
 Matching a block costs work in proportion to the filters that could want its logs: log
 filters are indexed by the addresses they name, or failing that by their first topic;
@@ -92,7 +93,7 @@ class Filter:
     criteria: LogFilter | None
     last_poll: float
     changes: deque[Any] = field(default_factory=deque)
-    owner: str = ""  # the client address that installed it; "" = not counted per address
+    owner: str = ""  # the identity that installed it (key or address); "": not counted per client
     overflowed: bool = False  # its buffer filled up: collects nothing more, told at a poll
 
 
@@ -171,16 +172,16 @@ class FilterTable:
         return bool(self._pending_filters)
 
     def owned_by(self, owner: str) -> int:
-        """How many filters the client address ``owner`` holds."""
+        """How many filters the client ``owner`` (an identity's name) holds."""
         return self._per_owner.get(owner, 0)
 
     # --- install / uninstall -------------------------------------------------------------
     def install(
         self, kind: FilterKind, criteria: LogFilter | None, now: float, owner: str = ""
     ) -> str:
-        """Install a filter for the client address ``owner`` ("" when unknown: counted
-        only against the node's limit) and return its id; raises ``TooManyFilters`` when
-        the node or that address holds as many as allowed."""
+        """Install a filter for the client ``owner`` (an identity's name; "" when unknown:
+        counted only against the node's limit) and return its id; raises ``TooManyFilters``
+        when the node or that client holds as many as allowed."""
         if kind is FilterKind.LOGS and criteria is None:
             raise ValueError("a log filter needs criteria")
         if len(self.filters) >= self.max_filters or (
@@ -191,7 +192,8 @@ class FilterTable:
                 raise TooManyFilters(f"too many filters: at most {self.max_filters} per node")
             if owner and self._per_owner.get(owner, 0) >= self.max_per_owner:
                 raise TooManyFilters(
-                    f"too many filters: at most {self.max_per_owner} per client address"
+                    f"too many filters: at most {self.max_per_owner} per client"
+                    " (its API key, or its address)"
                 )
         fid = new_id(self._token)
         while fid in self.filters:  # 128 random bits: never in practice, but cheap to rule out

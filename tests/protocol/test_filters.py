@@ -300,7 +300,7 @@ def test_filters_per_client_address_are_bounded() -> None:
     with pytest.raises(TooManyFilters) as info:
         t.install(FilterKind.PENDING, None, 0.0, owner="10.0.0.1")
     assert info.value.code == -32005
-    assert "per client address" in info.value.message
+    assert "per client (its API key, or its address)" in info.value.message
     # another address is not locked out, nor the node's own calls (no address)
     t.install(FilterKind.BLOCKS, None, 0.0, owner="10.0.0.2")
     for _ in range(3):

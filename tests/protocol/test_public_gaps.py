@@ -14,14 +14,16 @@ from chainrelay import config as configmod
 from chainrelay.access.identity import Identity
 from chainrelay.app import methods_of
 from chainrelay.cli import devnet_config
-from chainrelay.config import FiltersConfig
+from chainrelay.config import FiltersConfig, LimitsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import Entry
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import Finality
 from chainrelay.subscriptions.filters import FilterService
 from chainrelay.wire.jsonrpc import Answer
+from tests.protocol.test_access_http import Front, door, post
 from tests.protocol.test_filters import Block
+from tests.protocol.test_http_fast_path import answers
 from tests.protocol.test_rpc_hits import head_at
 from tests.protocol.test_served_calls import (
     ADDR,
@@ -197,3 +199,37 @@ async def test_filter_changes_are_paged_at_the_answer_bound_and_none_is_lost() -
 
 async def _no_ask(method: str, params: list[Any]) -> Answer:
     raise AssertionError("no read expected")
+
+
+# --- connections per client address ---------------------------------------------------------
+def upgrade(client: str) -> bytes:
+    return (
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"X-Forwarded-For: {client}\r\n\r\n"
+    ).encode()
+
+
+async def test_a_websocket_through_a_trusted_proxy_counts_as_its_clients_connection() -> None:
+    front = Front(door())
+    front.server.limits = LimitsConfig(max_connections_per_ip=2)
+    held = []
+    for _ in range(2):
+        proto, transport = front.connect("10.0.0.1")
+        proto.data_received(upgrade("198.51.100.1"))
+        assert transport.out.startswith(b"HTTP/1.1 101"), transport.out[:80]
+        held.append(proto)
+    assert front.server.per_ip == {"198.51.100.1": 2}  # the client's, not the proxy's
+    proto, transport = front.connect("10.0.0.1")
+    proto.data_received(upgrade("198.51.100.1"))
+    assert [a.status for a in answers(transport.out)] == [429] and transport.closed
+    proto.connection_lost(None)
+    # Another client behind the same proxy, and plain requests through it, are not held up.
+    other, transport = front.connect("10.0.0.1")
+    other.data_received(upgrade("198.51.100.2"))
+    assert transport.out.startswith(b"HTTP/1.1 101")
+    plain, transport = front.connect("10.0.0.1")
+    plain.data_received(post("X-Forwarded-For: 198.51.100.1\r\n"))
+    assert [a.status for a in answers(transport.out)] == [200]
+    held[0].connection_lost(None)
+    assert front.server.per_ip == {"198.51.100.1": 1, "198.51.100.2": 1}

@@ -485,7 +485,7 @@ async def test_filters_per_client_address_are_bounded_over_http_and_websocket(
             await over_ws("eth_newPendingTransactionFilter", []),
         ):
             assert refused["error"]["code"] == -32005, refused
-            assert "per client address" in refused["error"]["message"]
+            assert "per client (its API key, or its address)" in refused["error"]["message"]
         theirs = [(await raw(other, "eth_newBlockFilter", []))["result"] for _ in range(2)]
         assert (await raw(other, "eth_newBlockFilter", []))["error"]["code"] == -32005
         assert metric(await lab.relay.metrics(), "chainrelay_filters") == 4
