@@ -7,14 +7,25 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from chainrelay.defaults import ADMIN_LISTEN
 from chainrelay.devnet import Anvil
+from tests.lab.chain import metric, wait_same_head
 from tests.lab.procs import Procs, Relay, rpc, until
 from tests.lab.timing import SECOND
+from tests.system.test_filters import (
+    A0,
+    A1,
+    SETTLE_TIMEOUT,
+    lab_of,
+    mine_block,
+    poll_until,
+    raw,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -57,3 +68,35 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_second_node_sa
     assert "Traceback" not in out
     # The first node serves on, untouched.
     assert (await rpc(first.url, "eth_chainId"))["result"] == "0x38"
+
+
+async def test_filters_past_a_logs_guard_are_refused_at_creation_through_a_real_relay(
+    anvil_factory: AnvilFactory, relay_factory: RelayFactory
+) -> None:
+    extra = "[logs]\nmax_block_range = 4\nmax_addresses = 2\n"
+    async with lab_of(anvil_factory, relay_factory, extra=extra) as lab:
+        head, _ = await lab.node.head()
+        wide = {"fromBlock": "latest", "toBlock": hex(head + 10)}
+        many = {"address": [lab.emitter, A0, A1]}
+        for obj, guard, value in [
+            (wide, "logs.max_block_range", 4),
+            (many, "logs.max_addresses", 2),
+        ]:
+            error = (await raw(lab.through, "eth_newFilter", [obj]))["error"]
+            assert error["code"] == -32005, error
+            assert error["data"] == {"limit": guard, "value": value}
+            assert error["message"].startswith("eth_newFilter is limited to ")
+        # Within the guards: installed, and it collects as before.
+        fid = (await raw(lab.through, "eth_newFilter", [{"fromBlock": hex(head)}]))["result"]
+        got: list[Any] = []
+        await mine_block(lab, 0)
+        await poll_until(lab.through, fid, got, lambda h: len(h) == 1, "the filter's log")
+        # Its range grows with the chain: past the guard, its logs are refused, not read.
+        for i in range(1, 5):
+            await mine_block(lab, i)
+        await wait_same_head(lab.through, lab.node, SETTLE_TIMEOUT)
+        error = (await raw(lab.through, "eth_getFilterLogs", [fid]))["error"]
+        assert error["code"] == -32005 and error["data"]["limit"] == "logs.max_block_range"
+        assert error["message"].startswith("eth_getFilterLogs is limited to a 4 block range")
+        await poll_until(lab.through, fid, got, lambda h: len(h) == 5, "the next four logs")
+        assert metric(await lab.relay.metrics(), "chainrelay_filters") == 1
