@@ -75,7 +75,9 @@ WS_CLOSE_TIMEOUT = 10.0
 # Bytes one client address may make the front door hold at once (server/budget.py): bodies
 # and WebSocket messages still coming in, answers and control frames queued for it. Six of
 # the largest bodies at once: a backend uploading a few large calls in parallel fits, and
-# 1,024 connections of one address no longer hold 5 GiB. Past it: 429, close 1008.
+# 1,024 connections of one address no longer hold 5 GiB. Past it: 429, close 1008. Per
+# client address, never per key: bytes are held as they arrive, before a key is read (a
+# trusted proxy's connection has a share of its own).
 MAX_BUFFERED_BYTES_PER_IP = 32 * MiB
 # The same over every client: four addresses at their share. Half what the cache may take,
 # so a flood from many addresses (all of 127/8 is loopback) costs refusals (503, close
