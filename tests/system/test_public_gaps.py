@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from chainrelay.defaults import ADMIN_LISTEN
-from chainrelay.devnet import Anvil
+from chainrelay.devnet import Anvil, free_port
 from tests.lab.chain import metric, wait_same_head
 from tests.lab.procs import Procs, Relay, rpc, until
 from tests.lab.timing import SECOND
@@ -68,6 +68,13 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_second_node_sa
     assert "Traceback" not in out
     # The first node serves on, untouched.
     assert (await rpc(first.url, "eth_chainId"))["result"] == "0x38"
+    # A node given its own admin port, whose operator wants the metrics public too.
+    own = text.replace("\n\n", f'\nadmin_listen = ":{free_port()}"\npublic_metrics = true\n\n', 1)
+    third = Relay(procs, own, tmp_path, "third")
+    third.start()
+    await third.wait_ready()
+    status, body = await status_of(third.url + "/metrics")
+    assert status == 200 and "chainrelay_requests_total" in body
 
 
 async def test_filters_past_a_logs_guard_are_refused_at_creation_through_a_real_relay(
