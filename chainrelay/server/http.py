@@ -293,11 +293,18 @@ class HttpServer:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
 
     def learn_replay(
-        self, rest: bytes, token: bytes, answer: bytes, record: Seen, cors: bytes = b""
+        self,
+        rest: bytes,
+        token: bytes,
+        answer: bytes,
+        record: Seen,
+        cors: bytes = b"",
+        who: Identity | None = None,
+        proxied: bool = False,
     ) -> None:
         """Remember that the request ``rest`` (id token aside) was answered ``answer`` from
         ``record`` (with the CORS lines ``cors``), when the answer is exactly the splice a
-        replay writes."""
+        replay writes; ``who`` and ``proxied``: see ``Replay``."""
         if not single_id(rest) or answer != b"".join(
             (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
@@ -307,7 +314,7 @@ class HttpServer:
         size = len(rest) + len(head) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
-        replay = Replay(head, record, len(token), size, replayer.replay)
+        replay = Replay(head, record, len(token), size, replayer.replay, who, proxied)
         self.replays.add(rest, replay, record.generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -726,10 +733,10 @@ class HttpProtocol(asyncio.Protocol):
                 replay = self.server.replays.get(split[1])
                 if (
                     replay is not None
-                    and not self._per_request  # its identity is the request's: not known here
                     and len(split[0]) == replay.token_len
-                    and replay.check(replay.record, self.who) is not None
-                    and self._pays(replay)
+                    and replay.proxied is self._proxied
+                    and replay.check(replay.record, replay.who or self.who) is not None
+                    and self._pays(replay, replay.who or self.who)
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
@@ -749,14 +756,14 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._feed(data)
 
-    def _pays(self, replay: Replay) -> bool:
-        """Whether the client's bucket pays for a replay now (a hit's cost). Not: the
-        request takes the pipeline's path, which refuses it (429) or, under shared buckets,
-        leases first."""
+    def _pays(self, replay: Replay, who: Identity) -> bool:
+        """Whether ``who``'s bucket pays for a replay now (a hit's cost). Not: the request
+        takes the pipeline's path, which refuses it (429) or, under shared buckets, leases
+        first."""
         limiter = self.server.limiter
         if limiter is None:
             return True
-        return not limiter.take_call(self.who, replay.record.method, True)
+        return not limiter.take_call(who, replay.record.method, True)
 
     def _rpc(
         self, body: bytes, keep_alive: bool, cors: bytes | None = None, who: Identity | None = None
@@ -913,17 +920,18 @@ class HttpProtocol(asyncio.Protocol):
         except RateLimited as exc:
             self._rate_limited(exc, True, lines)
             return True
-        # A replay writes the answer as it is: never one a client asked to have gzipped,
-        # nor one whose identity is the request's (a replay would not know whose it is).
+        # A replay writes the answer as it is: never one a client asked to have gzipped.
+        # It keeps who the request named (a key, a forwarded address), if not the
+        # connection's own client: the same bytes name the same client again.
         if (
             record is not None
             and split is not None
             and not named
             and not gzip
-            and not self._per_request
             and answer.__class__ is bytes
         ):
-            server.learn_replay(split[1], split[0], answer, record, cors)
+            named_who = None if who is self.who else who
+            server.learn_replay(split[1], split[0], answer, record, cors, named_who, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
 
