@@ -247,6 +247,10 @@ class HttpServer:
         self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""
         self._base_headers = b"Content-Type: application/json\r\n" + self._cors_line
         self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
+        # A plain POST's head -> who it names (None: the connection's own client), and
+        # whether it was read on a trusted proxy's connection: see ``Replay``, whose rule
+        # this is too. Only heads that were let in; new door rules clear it.
+        self.named_heads: dict[bytes, tuple[Identity | None, bool]] = {}
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
@@ -286,11 +290,19 @@ class HttpServer:
         one that was let in)."""
         self.door = door
         self.replays.clear()
+        self.named_heads.clear()
         names = door.keys.names() if door is not None else frozenset()
         for conn in list(self.connections):
             ws = conn.ws
             if ws is not None and ws.who.key is not None and ws.who.key not in names:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
+
+    def name_head(self, head: bytes, who: Identity | None, proxied: bool) -> None:
+        """Remember who ``head`` named (see ``named_heads``), within its bound."""
+        heads = self.named_heads
+        if len(heads) >= self.limits.max_named_heads:
+            heads.clear()
+        heads[head] = (who, proxied)
 
     def learn_replay(
         self,
@@ -903,11 +915,16 @@ class HttpProtocol(asyncio.Protocol):
             lines = cors + server.id_line(incoming)
         who = self.who
         if self._per_request:
-            got = self._who_in_head(head)
-            if got.__class__ is Refusal:
-                self._refuse(got, True, lines)
-                return True
-            who = typing.cast(Identity, got)
+            known = server.named_heads.get(head)
+            if known is not None and known[1] is self._proxied:
+                who = known[0] or who
+            else:
+                got = self._who_in_head(head)
+                if got.__class__ is Refusal:
+                    self._refuse(got, True, lines)
+                    return True
+                who = typing.cast(Identity, got)
+                server.name_head(head, None if who is self.who else who, self._proxied)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
@@ -930,8 +947,8 @@ class HttpProtocol(asyncio.Protocol):
             and not gzip
             and answer.__class__ is bytes
         ):
-            named_who = None if who is self.who else who
-            server.learn_replay(split[1], split[0], answer, record, cors, named_who, self._proxied)
+            its = None if who is self.who else who
+            server.learn_replay(split[1], split[0], answer, record, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
 

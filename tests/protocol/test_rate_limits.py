@@ -254,9 +254,15 @@ def test_repeats_naming_a_key_or_a_forwarded_client_are_replayed_and_paid_by_it(
     # The same bytes straight from a client: its own address pays, not 198.51.100.1's.
     assert statuses("203.0.113.10", forwarded, 6) == [200] * 5 + [429]
     assert statuses("10.0.0.1", forwarded, 3) == [200, 200, 429]
+    # Heads are remembered by who they named, within their bound.
+    assert (CAROL.identity, False) in front.server.named_heads.values()
+    front.server.limits.max_named_heads = 3
+    for i in range(10):
+        assert statuses("203.0.113.11", b"X-Trace: %d\r\n" % i + keyed, 1) == [429]
+    assert len(front.server.named_heads) <= 3
     # And a key the node no longer holds is refused at once, replays or not.
     front.server.set_door(Door(Trusted(parse_networks(["10.0.0.0/8"])), keys=KeyRing()))
-    assert not front.server.replays
+    assert not front.server.replays and not front.server.named_heads
     assert statuses("203.0.113.8", keyed, 2) == [401, 401]
 
 
