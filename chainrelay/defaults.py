@@ -390,6 +390,12 @@ MAX_FILTERS = 10_000
 # Polls are answered in pages of [logs] max_answer_bytes, so a full buffer (~35 MB of
 # logs) drains in a few polls; its memory is mostly the log objects, shared by filters.
 MAX_FILTER_CHANGES = 50_000
+# Changes every filter of the node buffers together: twenty catch-all log filters at their
+# full MAX_FILTER_CHANGES. Each is a reference (8 B) to a log or a hash, but the logs it
+# keeps alive are ~1.3 KB each: without it, MAX_FILTERS rarely polled filters could hold
+# 500 million references and the chain's logs of a whole idle timeout. At the bound the
+# largest buffers (the filters polled least) stop first, until a tenth of it is free.
+MAX_FILTER_CHANGES_TOTAL = 1_000_000
 # Filters one client may hold, per identity despite the name (its API key, else its real
 # address): a busy dapp backend polls a few hundred, and one client can never take more
 # than a tenth of MAX_FILTERS and lock every other client out.

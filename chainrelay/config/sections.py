@@ -444,6 +444,7 @@ class FiltersConfig:
     idle_timeout: float = positive(d.FILTER_IDLE_TIMEOUT)
     max_filters: int = positive(d.MAX_FILTERS)
     max_changes: int = positive(d.MAX_FILTER_CHANGES)
+    max_changes_total: int = positive(d.MAX_FILTER_CHANGES_TOTAL)
     max_per_ip: int = positive(d.MAX_FILTERS_PER_IP)
     max_addresses: int = positive(d.MAX_FILTER_ADDRESSES)
     max_topics_per_position: int = positive(d.MAX_TOPICS_PER_POSITION)

@@ -125,6 +125,7 @@ class FilterService:
             max_filters=cfg.max_filters,
             max_changes=cfg.max_changes,
             max_per_owner=cfg.max_per_ip,
+            max_changes_total=cfg.max_changes_total,
         )
         self.max_addresses = cfg.max_addresses
         self.guards = guards

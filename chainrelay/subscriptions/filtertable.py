@@ -17,6 +17,10 @@ Everything that decides what a poll returns lives here, with geth's semantics:
   memory; its client's next poll is answered -32005 saying so, and the filter is removed,
   so the poll after gets "filter not found", on which web3.py and ethers install a new
   filter and catch up with ``eth_getLogs`` (dropping changes silently would lose logs).
+* Every filter's buffers together hold at most ``max_changes_total``: at that bound the
+  largest buffers (the filters polled least) stop the same way, until a tenth of it is
+  free, so many filters that nobody polls cannot make the node hold the chain's logs
+  once for each of them.
 * A reorg's removed logs come first, oldest orphaned block first, each block's logs in
   log-index order (geth's ``core/blockchain.go`` reorg: "Deleted log emission on the API
   uses forward order"); then the new chain's logs.
@@ -51,6 +55,9 @@ from chainrelay.subscriptions.logfilter import (
     LogFilter,
 )
 
+# The bounds a filter's buffer may meet (their config keys, named in the -32005).
+PER_FILTER = "filters.max_changes"
+TOTAL = "filters.max_changes_total"
 # The methods this table answers; the policy table classes them as never cached.
 FILTER_METHODS = frozenset(
     {
@@ -94,7 +101,9 @@ class Filter:
     last_poll: float
     changes: deque[Any] = field(default_factory=deque)
     owner: str = ""  # the identity that installed it (key or address); "": not counted per client
-    overflowed: bool = False  # its buffer filled up: collects nothing more, told at a poll
+    # Its buffer filled up: collects nothing more, told at a poll; the config key of the
+    # bound it met ("" while it collects).
+    overflowed: str = ""
 
 
 def new_id(token: Callable[[int], bytes] = secrets.token_bytes) -> str:
@@ -138,11 +147,16 @@ class FilterTable:
         max_filters: int,
         max_changes: int,
         max_per_owner: int | None = None,
+        max_changes_total: int | None = None,
         token: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_filters = max_filters
         self.max_changes = max_changes
+        self.max_changes_total = (
+            max_filters * max_changes if max_changes_total is None else max_changes_total
+        )
+        self.buffered = 0  # changes held in every filter's buffer together
         self.max_per_owner = max_filters if max_per_owner is None else max_per_owner
         self._token = token
         self.filters: dict[str, Filter] = {}
@@ -228,6 +242,7 @@ class FilterTable:
         f = self.filters.pop(fid, None) if isinstance(fid, str) else None
         if f is None:
             return False
+        self.buffered -= len(f.changes)
         if f.owner:
             left = self._per_owner[f.owner] - 1
             if left:
@@ -282,15 +297,11 @@ class FilterTable:
         f.last_poll = now
         if f.overflowed:
             self.uninstall(fid)
-            raise FilterOverflowed(
-                f"filter changes overflowed: more than {self.max_changes} changes since the "
-                "last poll were not kept, and the filter is removed; install a new filter and "
-                "read the blocks since the last poll with eth_getLogs",
-                {"limit": "filters.max_changes", "value": self.max_changes},
-            )
+            raise self._overflow_error(f.overflowed)
         changes = f.changes
         whole = orjson.dumps(list(changes))
         if max_bytes is None or len(whole) <= max_bytes:
+            self.buffered -= len(changes)
             changes.clear()
             return whole
         # The rare page: each change encoded alone, to find where the bound falls.
@@ -303,7 +314,22 @@ class FilterTable:
             parts.append(one)
             size += len(one) + 1
             changes.popleft()
+        self.buffered -= len(parts)
         return b"[" + b",".join(parts) + b"]"
+
+    def _overflow_error(self, key: str) -> FilterOverflowed:
+        if key == TOTAL:
+            what = f"this node's filters hold {self.max_changes_total} changes in all"
+            value = self.max_changes_total
+        else:
+            what = f"more than {self.max_changes} changes since the last poll"
+            value = self.max_changes
+        return FilterOverflowed(
+            f"filter changes overflowed ({what}): changes were not kept, and the filter is "
+            "removed; install a new filter and read the blocks since the last poll with "
+            "eth_getLogs",
+            {"limit": key, "value": value},
+        )
 
     def expire(self, now: float) -> list[str]:
         """Remove every filter idle for longer than ``idle_timeout``; their ids."""
@@ -317,14 +343,31 @@ class FilterTable:
     def _push(self, f: Filter, item: Any) -> None:
         if f.overflowed:
             return
-        changes = f.changes
-        if len(changes) >= self.max_changes:
-            # Stopped, not trimmed: a poll must never look complete when changes were lost.
-            f.overflowed = True
-            f.changes = deque()
-            self._overflowed.append(f.id)
+        if len(f.changes) >= self.max_changes:
+            self._stop(f, PER_FILTER)
             return
-        changes.append(item)
+        if self.buffered >= self.max_changes_total:
+            self._shed()
+            if f.overflowed:
+                return
+        f.changes.append(item)
+        self.buffered += 1
+
+    def _stop(self, f: Filter, key: str) -> None:
+        # Stopped, not trimmed: a poll must never look complete when changes were lost.
+        f.overflowed = key
+        self.buffered -= len(f.changes)
+        f.changes = deque()
+        self._overflowed.append(f.id)
+
+    def _shed(self) -> None:
+        """Every buffer together reached ``max_changes_total``: stop the largest (the
+        filters polled least) until a tenth of it is free. Rare, so a sort is fine."""
+        target = self.max_changes_total - self.max_changes_total // 10
+        for f in sorted(self.filters.values(), key=_buffered, reverse=True):
+            if self.buffered <= target or not f.changes:
+                break
+            self._stop(f, TOTAL)
 
     def _expire_overflowed(self) -> list[str]:
         """Stop matching for the filters whose buffer filled up in this feed call: they
@@ -401,3 +444,7 @@ class FilterTable:
 
 def _number(block: BlockLike) -> int:
     return block.number
+
+
+def _buffered(f: Filter) -> int:
+    return len(f.changes)

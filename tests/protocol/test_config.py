@@ -254,7 +254,7 @@ POSITIVE_KEYS = {
     "redis_retry_interval redis_max_connections",
     "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len",
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
-    "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "
+    "filters": "idle_timeout max_filters max_changes max_changes_total max_per_ip max_addresses "
     "max_topics_per_position",
     "logs": "max_addresses max_topics_per_position max_answer_bytes",
     "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "

@@ -177,7 +177,7 @@ def test_full_buffer_stops_the_filter_its_next_poll_says_so_and_the_one_after_no
         with pytest.raises(FilterOverflowed) as over:
             t.poll(fid, 2.0)
         assert over.value.code == -32005
-        assert over.value.message.startswith("filter changes overflowed: more than 3 changes")
+        assert over.value.message.startswith("filter changes overflowed (more than 3 changes")
         assert over.value.data == {"limit": "filters.max_changes", "value": 3}
         with pytest.raises(FilterNotFound) as info:
             t.poll(fid, 2.0)

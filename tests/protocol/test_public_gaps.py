@@ -9,17 +9,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import pytest
 
 from chainrelay import config as configmod
 from chainrelay.access.identity import Identity
 from chainrelay.app import methods_of
 from chainrelay.cli import devnet_config
 from chainrelay.config import FiltersConfig, LimitsConfig
+from chainrelay.errors import FilterOverflowed
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import Entry
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import Finality
 from chainrelay.subscriptions.filters import FilterService
+from chainrelay.subscriptions.filtertable import FilterKind, FilterTable
 from chainrelay.wire.jsonrpc import Answer
 from tests.protocol.test_access_http import Front, door, post
 from tests.protocol.test_filters import Block
@@ -233,3 +236,26 @@ async def test_a_websocket_through_a_trusted_proxy_counts_as_its_clients_connect
     assert [a.status for a in answers(transport.out)] == [200]
     held[0].connection_lost(None)
     assert front.server.per_ip == {"198.51.100.1": 1, "198.51.100.2": 1}
+
+
+def test_every_filters_buffers_together_are_bounded_and_the_least_polled_stop_first() -> None:
+    t = FilterTable(idle_timeout=300.0, max_filters=100, max_changes=1000, max_changes_total=10)
+    rare = t.install(FilterKind.BLOCKS, None, now=0.0)
+    often = t.install(FilterKind.BLOCKS, None, now=0.0)
+    for n in range(4):
+        t.on_blocks([Block(n, f"0x{n:064x}", [])])
+    assert t.poll(often, 1.0) == [f"0x{n:064x}" for n in range(4)]
+    assert t.buffered == 4
+    got: list[str] = []
+    for n in range(4, 12):  # rare reaches 10 changes (the node's bound) on its way
+        got += t.on_blocks([Block(n, f"0x{n:064x}", [])])
+        assert t.buffered <= 10
+        t.poll(often, 1.0)
+    assert got == [rare]  # the one nobody polled stopped, not the other
+    with pytest.raises(FilterOverflowed) as over:
+        t.poll(rare, 2.0)
+    assert over.value.data == {"limit": "filters.max_changes_total", "value": 10}
+    assert "this node's filters hold 10 changes in all" in over.value.message
+    t.on_blocks([Block(12, f"0x{12:064x}", [])])
+    assert t.poll(often, 2.0) == [f"0x{12:064x}"] and t.buffered == 0
+    assert FiltersConfig().max_changes_total == 1_000_000
