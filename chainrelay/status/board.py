@@ -156,7 +156,7 @@ class StatusBoard:
             "uptimeSeconds": round(time.time() - self.started, 1),
             "node": {
                 "name": node.via,
-                "role": status["role"],
+                "role": self._role(status),
                 "region": node.cfg.tree.region or None,
                 "ingress": status["ingress"],
                 "worker": status["worker"],
@@ -172,6 +172,19 @@ class StatusBoard:
             "cache": status["cache"],
             "series": series.as_json(),
         }
+
+    def _role(self, status: dict[str, object]) -> object:
+        """Its place in the tree as the page draws it: ``origin``; ``relay`` (parents and
+        child relays); ``leaf`` (parents, no child relay now); ``root`` (a tree node with no
+        parents that signs nothing: an ingress, say); else the node's own word for it."""
+        node, role = self.node, status["role"]
+        hub = node.hub
+        if role == "origin" or hub is None or not (node.cfg.tree.enabled or status["ingress"]):
+            return role
+        relays = any(c.relay and not c.sibling for c in hub.children)
+        if node.cfg.tree.parents:
+            return "relay" if relays else "leaf"
+        return "root"
 
     def _chain(self) -> dict[str, object]:
         node, head, pool = self.node, self.node.head, self.node.pool
@@ -239,7 +252,7 @@ class StatusBoard:
     def _children(self) -> dict[str, object]:
         hub = self.node.hub
         if hub is None:
-            return {"count": 0, "listed": []}
+            return {"count": 0, "relays": 0, "listed": []}
         children = [c for c in hub.children if not c.sibling and c.cursors]
         listed = [
             {
