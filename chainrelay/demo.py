@@ -188,11 +188,11 @@ class Demo:
             lines += ["", "[[upstreams]]", 'name = "anvil"', f'url = "{upstream}"']
         return "\n".join(lines) + "\n" + batches
 
-    def _serve(self, spec: NodeSpec, text: str) -> Proc:
+    def _serve(self, spec: NodeSpec, text: str, *, workers: int | None = None) -> Proc:
         path = self.dir / f"{spec.name}.toml"
         path.write_text(text)
         argv = [sys.executable, "-m", "chainrelay", "serve", "--config", str(path)]
-        argv += ["--workers", str(self.workers)]
+        argv += ["--workers", str(workers or self.workers)]
         return Proc(spec.name, argv, self.dir / f"{spec.name}.log")
 
     def _start(self, *procs: Proc) -> None:
@@ -310,7 +310,9 @@ class Demo:
         log = self.dir / "ingress.sqlite"
         ingress_batches = f'\n[batches]\nlog = "{log}"\napi_keys = ["{api_key}"]\n' + streams
         ingress_proc = self._serve(
-            ingress, self._node_toml(ingress, tree="", upstream=ws, batches=ingress_batches)
+            ingress,
+            self._node_toml(ingress, tree="", upstream=ws, batches=ingress_batches),
+            workers=1,  # its durable log is written by one process
         )
         relay_procs = [
             self._serve(r, self._node_toml(r, tree=trust, upstream=None, batches=streams))
