@@ -165,6 +165,7 @@ def _devnet(args: argparse.Namespace) -> int:
                     f"  wallet  : RPC URL {url}, chain id {args.chain_id}\n"
                     f"  ws      : ws://{args.listen}\n"
                     f"  metrics : {url}/metrics   health: {url}/health\n"
+                    "The relay tree, a sequencer's batches, status pages: chainrelay demo\n"
                     "Ctrl-C stops.",
                     flush=True,
                 )
