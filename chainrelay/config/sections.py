@@ -261,6 +261,7 @@ class LimitsConfig:
     max_relay_hops: int = positive(d.MAX_RELAY_HOPS)
     max_hit_table_bytes: int = positive(d.MAX_HIT_TABLE_BYTES)
     max_hit_table_entries: int = positive(d.MAX_HIT_TABLE_ENTRIES)
+    max_named_heads: int = positive(d.MAX_NAMED_HEADS)
     memo_max_params_bytes: int = positive(d.MEMO_MAX_PARAMS_BYTES)
     # Upstream calls under way for clients: node-wide (past it -32005 at once), per client
     # address (past it a client waits for its own earlier calls, within the call's deadline).

@@ -247,6 +247,10 @@ class HttpServer:
         self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""
         self._base_headers = b"Content-Type: application/json\r\n" + self._cors_line
         self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
+        # A plain POST's head -> who it names (None: the connection's own client), and
+        # whether it was read on a trusted proxy's connection: see ``Replay``, whose rule
+        # this is too. Only heads that were let in; new door rules clear it.
+        self.named_heads: dict[bytes, tuple[Identity | None, bool]] = {}
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
@@ -286,18 +290,33 @@ class HttpServer:
         one that was let in)."""
         self.door = door
         self.replays.clear()
+        self.named_heads.clear()
         names = door.keys.names() if door is not None else frozenset()
         for conn in list(self.connections):
             ws = conn.ws
             if ws is not None and ws.who.key is not None and ws.who.key not in names:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
 
+    def name_head(self, head: bytes, who: Identity | None, proxied: bool) -> None:
+        """Remember who ``head`` named (see ``named_heads``), within its bound."""
+        heads = self.named_heads
+        if len(heads) >= self.limits.max_named_heads:
+            heads.clear()
+        heads[head] = (who, proxied)
+
     def learn_replay(
-        self, rest: bytes, token: bytes, answer: bytes, record: Seen, cors: bytes = b""
+        self,
+        rest: bytes,
+        token: bytes,
+        answer: bytes,
+        record: Seen,
+        cors: bytes = b"",
+        who: Identity | None = None,
+        proxied: bool = False,
     ) -> None:
         """Remember that the request ``rest`` (id token aside) was answered ``answer`` from
         ``record`` (with the CORS lines ``cors``), when the answer is exactly the splice a
-        replay writes."""
+        replay writes; ``who`` and ``proxied``: see ``Replay``."""
         if not single_id(rest) or answer != b"".join(
             (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
@@ -307,7 +326,7 @@ class HttpServer:
         size = len(rest) + len(head) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
-        replay = Replay(head, record, len(token), size, replayer.replay)
+        replay = Replay(head, record, len(token), size, replayer.replay, who, proxied)
         self.replays.add(rest, replay, record.generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -726,10 +745,10 @@ class HttpProtocol(asyncio.Protocol):
                 replay = self.server.replays.get(split[1])
                 if (
                     replay is not None
-                    and not self._per_request  # its identity is the request's: not known here
                     and len(split[0]) == replay.token_len
-                    and replay.check(replay.record, self.who) is not None
-                    and self._pays(replay)
+                    and replay.proxied is self._proxied
+                    and replay.check(replay.record, replay.who or self.who) is not None
+                    and self._pays(replay, replay.who or self.who)
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
@@ -749,14 +768,14 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._feed(data)
 
-    def _pays(self, replay: Replay) -> bool:
-        """Whether the client's bucket pays for a replay now (a hit's cost). Not: the
-        request takes the pipeline's path, which refuses it (429) or, under shared buckets,
-        leases first."""
+    def _pays(self, replay: Replay, who: Identity) -> bool:
+        """Whether ``who``'s bucket pays for a replay now (a hit's cost). Not: the request
+        takes the pipeline's path, which refuses it (429) or, under shared buckets, leases
+        first."""
         limiter = self.server.limiter
         if limiter is None:
             return True
-        return not limiter.take_call(self.who, replay.record.method, True)
+        return not limiter.take_call(who, replay.record.method, True)
 
     def _rpc(
         self, body: bytes, keep_alive: bool, cors: bytes | None = None, who: Identity | None = None
@@ -896,11 +915,16 @@ class HttpProtocol(asyncio.Protocol):
             lines = cors + server.id_line(incoming)
         who = self.who
         if self._per_request:
-            got = self._who_in_head(head)
-            if got.__class__ is Refusal:
-                self._refuse(got, True, lines)
-                return True
-            who = typing.cast(Identity, got)
+            known = server.named_heads.get(head)
+            if known is not None and known[1] is self._proxied:
+                who = known[0] or who
+            else:
+                got = self._who_in_head(head)
+                if got.__class__ is Refusal:
+                    self._refuse(got, True, lines)
+                    return True
+                who = typing.cast(Identity, got)
+                server.name_head(head, None if who is self.who else who, self._proxied)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
@@ -913,17 +937,18 @@ class HttpProtocol(asyncio.Protocol):
         except RateLimited as exc:
             self._rate_limited(exc, True, lines)
             return True
-        # A replay writes the answer as it is: never one a client asked to have gzipped,
-        # nor one whose identity is the request's (a replay would not know whose it is).
+        # A replay writes the answer as it is: never one a client asked to have gzipped.
+        # It keeps who the request named (a key, a forwarded address), if not the
+        # connection's own client: the same bytes name the same client again.
         if (
             record is not None
             and split is not None
             and not named
             and not gzip
-            and not self._per_request
             and answer.__class__ is bytes
         ):
-            server.learn_replay(split[1], split[0], answer, record, cors)
+            its = None if who is self.who else who
+            server.learn_replay(split[1], split[0], answer, record, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
 

@@ -245,7 +245,7 @@ POSITIVE_KEYS = {
     "access_log_flush_interval access_log_flush_bytes access_log_max_buffer_bytes "
     "request_id_max_bytes gzip_min_bytes status_history status_max_children",
     "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
-    "max_hit_table_bytes max_hit_table_entries memo_max_params_bytes "
+    "max_hit_table_bytes max_hit_table_entries max_named_heads memo_max_params_bytes "
     "max_upstream_in_flight max_upstream_in_flight_per_client "
     "max_buffered_bytes_per_ip max_buffered_bytes_total body_read_timeout linger_timeout "
     "linger_bytes max_requests_per_turn default_cost max_rate_buckets sender_burst",
