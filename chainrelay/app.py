@@ -67,6 +67,7 @@ from chainrelay.server.admin import (
 from chainrelay.server.compress import Compression
 from chainrelay.server.http import HttpServer, Routes
 from chainrelay.server.peer import new_via_name
+from chainrelay.status.board import StatusBoard
 from chainrelay.subscriptions.filters import FilterService
 from chainrelay.subscriptions.service import SubscriptionService
 from chainrelay.tree.auth import ChildKeys
@@ -467,11 +468,15 @@ class Node:
             await own.start()
             await self._composition.enter(on_leaving(own.stop))
             return
+        board = await self._composition.enter(
+            running(StatusBoard(self, history=s.status_history, max_children=s.status_max_children))
+        )
         server = self.admin_server = HttpServer(
             Routes(
                 self.admin.handle,
                 self.health,
                 self.metrics.render if worker is None else self._workers_metrics,
+                pages={b"/status": board.page, b"/status.json": board.json},
             ),
             self.cfg.limits,
             Metrics(),  # the node's metrics count its clients, not its operators

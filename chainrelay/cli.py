@@ -70,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     subs.add_argument("--count", type=int, help="stop after this many blocks or batches")
     subs.add_argument("--max-seconds", type=float, help="stop after this long")
+    key = sub.add_parser(
+        "keygen",
+        help="write a new secp256k1 key (origins, sequencers, relays) and print its address",
+    )
+    key.add_argument("--out", help="the key file to create (mode 0600, never over one that exists)")
+    demo = sub.add_parser(
+        "demo",
+        help="offline: anvil, an origin, two relays, two leaves, an ingress and a sequencer",
+    )
+    demo.add_argument("--workers", type=int, default=1, help="worker processes per node")
+    demo.add_argument("--block-time", type=float, default=1.0)
+    demo.add_argument("--batch-rate", type=float, default=2.0, help="batches per second")
+    demo.add_argument("--dir", help="keep configs, keys and logs here (default: a temp dir)")
     pub = sub.add_parser(
         "publish",
         help="sign and push batches to ingress nodes, wait for the acks, print a JSON summary",
@@ -172,6 +185,7 @@ def _devnet(args: argparse.Namespace) -> int:
                     f"  wallet  : RPC URL {url}, chain id {args.chain_id}\n"
                     f"  ws      : ws://{args.listen}\n"
                     f"  metrics : {admin}/metrics   health: {admin}/health\n"
+                    "The relay tree, a sequencer's batches, status pages: chainrelay demo\n"
                     "Ctrl-C stops.",
                     flush=True,
                 )
@@ -270,6 +284,37 @@ def _publish(args: argparse.Namespace) -> int:
     return code
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from chainrelay.keygen import new_key, write_key
+
+    if args.out:
+        try:
+            address = write_key(args.out)
+        except FileExistsError:
+            print(f"chainrelay keygen: {args.out} exists; not replaced", file=sys.stderr)
+            return 1
+        print(address)
+        return 0
+    key, address = new_key()
+    print(f"key     {key}\naddress {address}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from chainrelay.demo import Demo
+
+    if args.workers < 1 or args.block_time <= 0 or args.batch_rate <= 0:
+        raise ConfigError("--workers, --block-time and --batch-rate must be positive")
+    demo = Demo(
+        workers=args.workers,
+        block_time=args.block_time,
+        batch_rate=args.batch_rate,
+        directory=args.dir,
+    )
+    _run(_until_signal(demo.run))
+    return demo.code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -286,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             return _subscribe(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "keygen":
+            return _keygen(args)
+        if args.command == "demo":
+            return _demo(args)
         if args.command in (None, "devnet"):
             if args.command is None:
                 args = _parser().parse_args(["devnet"])

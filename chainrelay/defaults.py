@@ -677,3 +677,11 @@ PUBLISHER_RETRY_MAX = 2.0
 PUBLISHER_GIVE_UP_AFTER = 60.0
 # WebSocket pings to an ingress: a dead link (no pong) is found within two of them.
 PUBLISHER_PING_INTERVAL = 5.0
+
+# --- Status page (admin listener: /status, /status.json) ---------------------------------
+# Seconds of per-second samples kept for the page's plots: five minutes show a trend across
+# a few hundred blocks, and cost ~300 small records (about 100 KB).
+STATUS_HISTORY = 300
+# Children listed by name in /status.json (relays first); the rest are counted. A hub may
+# serve 10,000 children: listing them all would make a once-a-second answer of megabytes.
+STATUS_MAX_CHILDREN = 200

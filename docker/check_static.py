@@ -8,7 +8,8 @@
 * prometheus.yml scrapes exactly the relay services, on their admin port, which no service
   publishes;
 * the dashboard: unique panel ids, no overlapping panels, every query on the provisioned
-  data source.
+  data source, and a panel for each family in ``PLOTTED`` (subscriptions, filters, the
+  feed, batches: a node exports them, an operator should see them).
 
     python3 docker/check_static.py
 """
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,19 @@ import yaml
 HERE = Path(__file__).resolve().parent
 # The relays' admin listener (docker/config/*.toml): what Prometheus scrapes.
 ADMIN_PORT = 9645
+# Metric families the dashboard must plot, beside traffic, caches, upstreams and the head.
+PLOTTED = (
+    "chainrelay_subscriptions",
+    "chainrelay_subscription_notifications_total",
+    "chainrelay_filters",
+    "chainrelay_feed_frames_total",
+    "chainrelay_feed_last_latency_seconds",
+    "chainrelay_feed_parents",
+    "chainrelay_feed_children",
+    "chainrelay_batch_pushes_total",
+    "chainrelay_batch_ack_seconds_bucket",
+    "chainrelay_batch_order_gaps_total",
+)
 
 
 def load_yaml(name: str) -> Any:
@@ -103,6 +118,10 @@ def check() -> list[str]:
     queries = [t for p in dash["panels"] for t in p.get("targets", [])]
     assert all(t["datasource"]["uid"] == uid for t in queries), "a query on another source"
     done.append(f"dashboard: {len(ids)} panels, {len(queries)} queries on data source {uid!r}")
+    exprs = " ".join(t["expr"] for t in queries)
+    missing = [m for m in PLOTTED if re.search(re.escape(m) + r"\b", exprs) is None]
+    assert not missing, f"dashboard: no panel plots {missing}"
+    done.append(f"dashboard: plots all {len(PLOTTED)} subscription, filter, feed, batch families")
     return done
 
 

@@ -80,6 +80,10 @@ class ServerConfig:
     proxy_protocol: bool = d.PROXY_PROTOCOL
     max_forwarded_hops: int = positive(d.MAX_FORWARDED_HOPS)
     max_proxy_header_bytes: int = positive(d.MAX_PROXY_HEADER_BYTES)
+    # The admin listener's status page (chainrelay/status/): seconds of samples kept, and
+    # children listed in /status.json (the rest counted).
+    status_history: int = positive(d.STATUS_HISTORY)
+    status_max_children: int = positive(d.STATUS_MAX_CHILDREN)
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)

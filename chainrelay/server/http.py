@@ -1386,6 +1386,13 @@ class HttpProtocol(asyncio.Protocol):
         elif path == RANGE_PATH and routes.feed_range is not None:
             query = self._url.split(b"?", 1)[1] if b"?" in self._url else b""
             self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
+        elif path in routes.pages:
+            status, body, content_type = routes.pages[path]()
+            head = self.server.head(status, len(body), keep_alive, self._lines(), content_type)
+            if self._queue:
+                self._queue.append(Ready(head + body, keep_alive))
+            else:
+                self._write(head + body, keep_alive)
         elif path == b"/metrics" and routes.metrics_text is not None:
             text = routes.metrics_text()
             if text.__class__ is not bytes:  # gathered from the other workers: later

@@ -243,7 +243,7 @@ def test_hit_table_and_memo_bounds_are_limits_and_must_be_positive() -> None:
 POSITIVE_KEYS = {
     "server": "workers max_forwarded_hops max_proxy_header_bytes admin_scrape_timeout "
     "access_log_flush_interval access_log_flush_bytes access_log_max_buffer_bytes "
-    "request_id_max_bytes gzip_min_bytes",
+    "request_id_max_bytes gzip_min_bytes status_history status_max_children",
     "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
     "max_hit_table_bytes max_hit_table_entries max_named_heads memo_max_params_bytes "
     "max_upstream_in_flight max_upstream_in_flight_per_client "

@@ -64,6 +64,7 @@ SANS_IO = (
     "chainrelay.batches.frame",
     "chainrelay.batches.rules",
     "chainrelay.batches.order",
+    "chainrelay.status.samples",
 )
 # What a sans-I/O module may never import: event loops, sockets, I/O clients and servers.
 IO_MODULES = (
