@@ -310,6 +310,21 @@ WS_PING_INTERVAL = 20.0
 # Largest message taken from a WebSocket upstream: a full BSC block with its transactions
 # stays far below, while debug_trace answers can reach tens of MiB.
 WS_MAX_MESSAGE_BYTES = 64 * MiB
+# HTTP upstreams (chainrelay/upstreams/httplink.py). An idle keep-alive connection is closed
+# after this: aiohttp's default, which the node used until now; under most gateways' own
+# (nginx 75 s, AWS ALB 60 s), so the upstream rarely closes one just as a request goes out.
+HTTP_UPSTREAM_KEEPALIVE = 15.0
+# Requests in flight at once on one connection (HTTP/1.1 pipelining) once every connection
+# of the upstream is busy: each waits for the answers before it, so a few, not many. 1: off.
+HTTP_UPSTREAM_PIPELINE_DEPTH = 4
+# Largest answer taken from an HTTP upstream, as read and once decoded (gzip): as for a
+# WebSocket upstream's message (a BSC block with its transactions stays far below,
+# debug_trace answers reach tens of MiB); past it the try fails and the connection goes.
+HTTP_UPSTREAM_MAX_ANSWER_BYTES = 64 * MiB
+# Ask HTTP upstreams for gzip/deflate answers (Accept-Encoding), as aiohttp did: providers
+# compress large answers (a block, logs) about 5x, which saves more time on the wire than
+# zlib spends decoding them (README: the measure); anvil and geth never compress.
+HTTP_UPSTREAM_ACCEPT_ENCODING = True
 # Calls per JSON-RPC batch sent upstream (a client batch's misses go up in chunks this long):
 # many providers cap batches at 100 or less (geth's own cap is 1000); 100 calls in one
 # request instead of 100 requests.

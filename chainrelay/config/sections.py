@@ -356,6 +356,11 @@ class PoolConfig:
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
     # Calls per JSON-RPC batch sent upstream for a client batch's misses (1: no batches).
     batch_len: int = positive(d.UPSTREAM_BATCH_LEN)
+    # HTTP upstreams: idle keep-alive, pipelining depth (1: none), answer bound, gzip.
+    http_keepalive_timeout: float = positive(d.HTTP_UPSTREAM_KEEPALIVE)
+    http_pipeline_depth: int = positive(d.HTTP_UPSTREAM_PIPELINE_DEPTH)
+    http_max_answer_bytes: int = positive(d.HTTP_UPSTREAM_MAX_ANSWER_BYTES)
+    http_accept_encoding: bool = d.HTTP_UPSTREAM_ACCEPT_ENCODING
 
     def check(self) -> None:
         check_fields(self, "pool")
@@ -681,6 +686,11 @@ class UpstreamConfig:
 
     url: str = ""
     name: str = ""  # empty: "upstream<index>"
+    # Keep-alive connections to it (0: [pool] connections).
+    connections: int = 0
+    # CA certificates (PEM) its TLS certificate is verified against, instead of the
+    # system's: a private CA. Verification is never off.
+    ca_file: str = ""
 
 
 def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
@@ -693,6 +703,11 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
         require(
             u.url.startswith(("http://", "https://", "ws://", "wss://")),
             f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
+        )
+        require(u.connections >= 0, f"upstreams[{i}].connections: must be >= 0")
+        require(
+            not u.ca_file or u.url.startswith("https://"),
+            f"upstreams[{i}].ca_file: only for an https:// URL",
         )
         if not u.name:
             u.name = f"upstream{i}"
