@@ -5,10 +5,11 @@ task, coalescing and cache: when the pool has a healthy WebSocket or HTTP upstre
 (``direct``), the request is written to it inside the caller's read, and its answer,
 paired where it is read (by id, or by its place on an HTTP connection), is readdressed to
 the caller's id without decoding (``Forward``). Its repeats at the same head (id aside) are
-sent as the relay encoded the first one, with no decoding or planning (``Forwarder.again``). A transport error hands the call to the full path,
-which retries and fails over within what is left of the same deadline: the full path
-counts it from the call's ``started``, and the forwarded try itself is bounded by the
-upstream's timeout, never longer than the deadline (``make_upstream``).
+sent as the relay encoded the first one, with no decoding or planning (``Forwarder.again``).
+A transport error hands the call to the full path, which retries and fails over within
+what is left of the same deadline: the full path counts it from the call's ``started``,
+and the forwarded try itself is bounded by the upstream's timeout, never longer than the
+deadline (``make_upstream``).
 """
 
 from __future__ import annotations

@@ -210,8 +210,9 @@ class HttpLink(asyncio.Protocol):
         if keep:
             if not self.sent:
                 self.idle_since = self.loop.time()
-                if self._timer is None:
-                    self._arm(self.idle_since + self.pool.keepalive)
+                idle_until = self.idle_since + self.pool.keepalive
+                if self._timer is None or self._timer_at > idle_until:
+                    self._arm(idle_until)
             self.pool.released(self)
         _tell(sent.waiter, outcome)
 
