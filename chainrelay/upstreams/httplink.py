@@ -389,10 +389,15 @@ class LinkPool:
         return link
 
     def released(self, link: HttpLink) -> None:
-        """``link`` answered a request: idle again, or with room in its line."""
+        """``link`` answered a request: idle again, or with room in its line (for as many
+        waiters as it has room: a proven link takes a whole line at once)."""
         if not link.sent:
             self.idle.append(link)
-        self._wake()
+        if self._room:
+            if link.proven and self.pipelining:
+                self._wake(self.depth - len(link.sent))
+            elif not link.sent:
+                self._wake()
 
     def lost(self, link: HttpLink, dropped: int) -> None:
         """``link`` is closed: forgotten, and room to open another. ``dropped``: requests
@@ -409,13 +414,14 @@ class LinkPool:
             self.idle.remove(link)
         self._wake()
 
-    def _wake(self) -> None:
+    def _wake(self, n: int = 1) -> None:
+        """Let the ``n`` oldest callers waiting for room look again."""
         room = self._room
-        while room:
+        while room and n > 0:
             fut = room.popleft()
             if not fut.done():
                 fut.set_result(None)
-                return
+                n -= 1
 
     def close(self) -> None:
         """Close every connection (requests on them fail); no new ones."""
