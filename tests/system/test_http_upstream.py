@@ -11,6 +11,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,7 +24,7 @@ from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
-READS = [
+READS: list[tuple[str, list[Any]]] = [
     ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"]),
     ("eth_getTransactionCount", [DEV_ACCOUNTS[0], "pending"]),
     ("eth_getCode", [DEV_ACCOUNTS[0], "pending"]),
@@ -35,7 +36,7 @@ SLOW = 0.3 * SECOND
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.I)
 
 
-async def direct(anvil: Anvil, method: str, params: list[object]) -> object:
+async def direct(anvil: Anvil, method: str, params: list[Any]) -> object:
     return (await rpc(anvil.url, method, params))["result"]
 
 
