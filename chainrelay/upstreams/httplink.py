@@ -72,6 +72,16 @@ def _tell(waiter: Waiter, outcome: bytes | BaseException) -> None:
         log.exception("HTTP upstream: a waiter failed on its answer")
 
 
+def _behind(why: str) -> TransportError:
+    """The error of a request that failed only because one before it on its connection
+    did (or because the upstream said it would close after an earlier answer): retried,
+    but not counted against the upstream's health, which the first one's error already is
+    (one fault, one count: else a line of four would take an upstream out at once)."""
+    exc = TransportError(why)
+    exc.counts = False
+    return exc
+
+
 class HttpLink(asyncio.Protocol):
     """One keep-alive connection of a ``LinkPool``."""
 
@@ -190,7 +200,8 @@ class HttpLink(asyncio.Protocol):
         if not keep:
             # "Connection: close" (or HTTP/1.0): the upstream reads nothing more; requests
             # pipelined behind this one were never read, so are safely asked again.
-            self.close("the upstream closed the connection after an earlier answer")
+            self._failure = _behind("the upstream closed the connection after an answer")
+            self.close()
 
     # --- inside ------------------------------------------------------------------------------
     def _answered(self, status: int, keep: bool) -> None:
@@ -239,7 +250,7 @@ class HttpLink(asyncio.Protocol):
         self._body = []
         self.pool.lost(self, len(sent) if dropped else 0)
         for i, s in enumerate(sent):
-            _tell(s.waiter, first if i == 0 else TransportError("connection closed"))
+            _tell(s.waiter, first if i == 0 else _behind("connection closed"))
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
@@ -263,12 +274,11 @@ class HttpLink(asyncio.Protocol):
             sent, self.sent = self.sent, deque()
             self.close("timed out")
             for s in sent:
-                late = s.deadline <= now
                 _tell(
                     s.waiter,
                     TransportError(f"timed out after {s.budget:g}s", timeout=True)
-                    if late
-                    else TransportError("connection closed: a request before it timed out"),
+                    if s.deadline <= now
+                    else _behind("connection closed: a request before it timed out"),
                 )
             return
         idle_until = self.idle_since + self.pool.keepalive

@@ -202,10 +202,12 @@ async def test_https_fake_tls_upstream_chunked_slow_and_closing_mid_answer(
         # connection leaves the pool, and the next call opens a new one.
         fake.mode = "close_mid_answer"
         calls = [asyncio.ensure_future(up.call(m, p)) for m, p in READS[:2]]
+        counted = []
         for c in calls:
             with pytest.raises(TransportError) as broke:
                 await c
-            assert broke.value.counts
+            counted.append(broke.value.counts)
+        assert counted == [True, False]  # one fault, counted once
         assert not links.links
         fake.mode = "chunked"
         assert (await up.call(*READS[0])).value == await direct(anvil, *READS[0])
