@@ -377,6 +377,7 @@ class LinkPool:
     async def _open(self, deadline: float, budget: float) -> HttpLink:
         t = self.target
         self.opening += 1
+        opened = False
         try:
             async with asyncio.timeout_at(deadline):
                 _, link = await self.loop.create_connection(
@@ -386,12 +387,15 @@ class LinkPool:
                     ssl=self.ssl,
                     server_hostname=t.host if self.ssl is not None else None,
                 )
+            opened = True
         except TimeoutError:
             raise TransportError(f"timed out after {budget:g}s", timeout=True) from None
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"connect: {exc}") from None
         finally:
             self.opening -= 1
+            if not opened:
+                self._wake()  # the room it held is free again (failed, or cancelled)
         if self.stopped:
             link.close("upstream stopped")
             raise TransportError("upstream stopped")
