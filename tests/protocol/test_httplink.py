@@ -13,10 +13,12 @@ import zlib
 import orjson
 import pytest
 
+from chainrelay.config import loads
+from chainrelay.errors import ConfigError
 from chainrelay.upstreams import httpwire
 from chainrelay.upstreams.failures import BatchUnsupported, TransportError
 from chainrelay.upstreams.httplink import HttpLink, LinkPool, Sent
-from chainrelay.upstreams.upstream import HttpUpstream
+from chainrelay.upstreams.upstream import HttpUpstream, make_upstream
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 from tests.protocol.test_http_fast_path import RecordingTransport
@@ -317,3 +319,21 @@ def test_targets() -> None:
     for bad in ("ftp://x/", "http:///nohost", "http://x/a b"):
         with pytest.raises(ValueError):
             httpwire.target(bad)
+
+
+def test_config_an_upstreams_connections_and_ca_file_reach_it() -> None:
+    cfg = loads(
+        "[pool]\nconnections = 8\nhttp_pipeline_depth = 1\n"
+        '[[upstreams]]\nurl = "https://node.example/"\nconnections = 2\nca_file = "/ca.pem"\n'
+        '[[upstreams]]\nurl = "http://other.example/"\n'
+    )
+    first, second = (make_upstream(u, cfg.pool) for u in cfg.upstreams)
+    assert isinstance(first, HttpUpstream) and isinstance(second, HttpUpstream)
+    assert (first.connections, first.ca_file, first.pipeline_depth) == (2, "/ca.pem", 1)
+    assert second.connections == 8
+    for bad in (
+        'url = "http://node.example/"\nca_file = "/ca.pem"',
+        'url = "http://x/"\nconnections = -1',
+    ):
+        with pytest.raises(ConfigError, match="upstreams\\[0\\]"):
+            loads(f"[[upstreams]]\n{bad}\n")
