@@ -1,7 +1,7 @@
 """Keep-alive HTTP/1.1 connections to one upstream: an asyncio Protocol over httptools'
 response parser (as the front door is built), and the bounded pool of them.
 
-Why not aiohttp here: its client costs ~155 µs of CPU a call (``miss_overhead.py``),
+Why not aiohttp here: its client costs 155-216 µs of CPU a call (``miss_overhead.py``),
 twice a miss's whole budget. A request here is one ``write`` of a head built once per
 upstream plus the body; its answer is framed by httptools in the transport's callback and
 handed to whatever waits for it (a future, or ``rpc/forward.py``'s ``Forward``) right

@@ -97,8 +97,8 @@ class Upstream:
 
     async def _roundtrip(self, method: str, params: Params | None) -> bytes:
         """The raw answer to one call, within ``self.timeout``. HTTP and WebSocket override
-        it to bound the wait with a timer they keep anyway (aiohttp's own, one expiry timer
-        for all calls), cheaper than an ``asyncio.timeout`` per call."""
+        it to bound the wait with a timer they keep anyway (one per HTTP connection, one
+        expiry timer for all WebSocket calls), cheaper than an ``asyncio.timeout`` per call."""
         async with asyncio.timeout(self.timeout):
             return await self.request(encode_request(1, method, params))
 
