@@ -20,6 +20,7 @@ from chainrelay.access.methods import check_entries
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config.checks import check_fields, positive, require
 from chainrelay.errors import ConfigError
+from chainrelay.upstreams.httpwire import target as http_target
 
 # "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
 # "redis": Redis, with only a minimal memory tier (defaults.REDIS_MODE_MEMORY_BYTES).
@@ -705,6 +706,11 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
             f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
         )
         require(u.connections >= 0, f"upstreams[{i}].connections: must be >= 0")
+        if u.url.startswith(("http://", "https://")):
+            try:
+                http_target(u.url)
+            except ValueError as exc:
+                raise ConfigError(f"upstreams[{i}].url: {exc}") from None
         require(
             not u.ca_file or u.url.startswith("https://"),
             f"upstreams[{i}].ca_file: only for an https:// URL",

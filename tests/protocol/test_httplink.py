@@ -316,7 +316,8 @@ def test_targets() -> None:
     )
     assert httpwire.relayed_head(t, "a", "b").endswith(b"\r\nVia: a, b\r\nContent-Length: ")
     assert httpwire.frame(b"H: ", b"{}") == b"H: 2\r\n\r\n{}"
-    for bad in ("ftp://x/", "http:///nohost", "http://x/a b"):
+    bad_urls = ('url = "http://x/a b"', 'url = "https://:443/"')
+    for bad in (*bad_urls, "ftp://x/", "http:///nohost", "http://x/a b"):
         with pytest.raises(ValueError):
             httpwire.target(bad)
 
