@@ -20,6 +20,7 @@ from chainrelay.access.methods import check_entries
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config.checks import check_fields, positive, require
 from chainrelay.errors import ConfigError
+from chainrelay.upstreams.httpwire import target as http_target
 
 # "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
 # "redis": Redis, with only a minimal memory tier (defaults.REDIS_MODE_MEMORY_BYTES).
@@ -363,6 +364,11 @@ class PoolConfig:
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
     # Calls per JSON-RPC batch sent upstream for a client batch's misses (1: no batches).
     batch_len: int = positive(d.UPSTREAM_BATCH_LEN)
+    # HTTP upstreams: idle keep-alive, pipelining depth (1: none), answer bound, gzip.
+    http_keepalive_timeout: float = positive(d.HTTP_UPSTREAM_KEEPALIVE)
+    http_pipeline_depth: int = positive(d.HTTP_UPSTREAM_PIPELINE_DEPTH)
+    http_max_answer_bytes: int = positive(d.HTTP_UPSTREAM_MAX_ANSWER_BYTES)
+    http_accept_encoding: bool = d.HTTP_UPSTREAM_ACCEPT_ENCODING
 
     def check(self) -> None:
         check_fields(self, "pool")
@@ -689,6 +695,11 @@ class UpstreamConfig:
 
     url: str = ""
     name: str = ""  # empty: "upstream<index>"
+    # Keep-alive connections to it (0: [pool] connections).
+    connections: int = 0
+    # CA certificates (PEM) its TLS certificate is verified against, instead of the
+    # system's: a private CA. Verification is never off.
+    ca_file: str = ""
 
 
 def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
@@ -701,6 +712,16 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
         require(
             u.url.startswith(("http://", "https://", "ws://", "wss://")),
             f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
+        )
+        require(u.connections >= 0, f"upstreams[{i}].connections: must be >= 0")
+        if u.url.startswith(("http://", "https://")):
+            try:
+                http_target(u.url)
+            except ValueError as exc:
+                raise ConfigError(f"upstreams[{i}].url: {exc}") from None
+        require(
+            not u.ca_file or u.url.startswith("https://"),
+            f"upstreams[{i}].ca_file: only for an https:// URL",
         )
         if not u.name:
             u.name = f"upstream{i}"

@@ -8,7 +8,7 @@ repeats under other ids: by the body's remainder inside ``handle``, or by whole 
 bytes that a transport keeps (``serve`` returns the record with the answer) and checks
 again through ``replay``. Those tables are ``ReplayTable``s (``rpc/replay.py``).
 
-A read that is never cached goes straight to a healthy WebSocket upstream when there is one
+A read that is never cached goes straight to a healthy WebSocket or HTTP upstream (one only)
 (``rpc/forward.py``): no task, and its answer readdressed to the caller's id without
 decoding; its repeats at the same head are sent as the relay encoded the first one,
 id aside, with no decoding (a node must never read a repeat otherwise than the first call).

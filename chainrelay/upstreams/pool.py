@@ -35,6 +35,7 @@ from chainrelay.server.peer import detached
 from chainrelay.upstreams.batching import BatchCall
 from chainrelay.upstreams.upstream import (
     BatchUnsupported,
+    HttpUpstream,
     TransportError,
     Upstream,
     WsUpstream,
@@ -175,10 +176,10 @@ class UpstreamPool:
     def _named(self, name: str) -> Upstream | None:
         return next((u for u in self.upstreams if u.name == name), None)
 
-    def direct(self) -> WsUpstream | None:
+    def direct(self) -> WsUpstream | HttpUpstream | None:
         """The upstream a read may be sent to straight away by a caller that pairs its
         answer itself (RpcService's forwarding path): the one ``call`` would try first,
-        when it is a healthy WebSocket upstream and no hedge would be raced against it.
+        when it is a healthy WebSocket or HTTP upstream and no hedge would be raced against it.
         None otherwise: the read goes through ``call``. Retries are the caller's to ask
         for, through ``call``, after ``failed`` (see ``Upstream``)."""
         upstreams = self.upstreams
@@ -191,7 +192,7 @@ class UpstreamPool:
             u = order[0]
             if self._hedge_delay(u) is not None:
                 return None
-        if u.__class__ is not WsUpstream or not u.healthy:
+        if (u.__class__ is not WsUpstream and u.__class__ is not HttpUpstream) or not u.healthy:
             return None
         return u
 

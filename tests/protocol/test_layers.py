@@ -31,6 +31,8 @@ SANS_IO = (
     "chainrelay.rpc.replay",
     "chainrelay.rpc.inflight",
     "chainrelay.upstreams.batching",
+    "chainrelay.upstreams.httpwire",
+    "chainrelay.upstreams.failures",
     "chainrelay.access.identity",
     "chainrelay.access.methods",
     "chainrelay.rpc.logguards",
