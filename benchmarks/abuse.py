@@ -14,12 +14,16 @@ Three phases of ``--seconds`` each, the same relay config but for the limits:
 * *abuse*: the users and the abuser, limits on;
 * *abuse, no limits*: the same against a relay with limits off.
 
-Reported: the users' p50/p99 latency per phase (goal: abuse p99 within 1.2x of quiet), and
-the abuser's calls: sent, admitted (200), refused (429), the cost admitted against its
-budget (burst + rate x seconds) and the upstream calls the relay made beyond the quiet
-phase's (goal: within its budget).
+The three run in turn, ``--rounds`` times: a users' p99 of a few milliseconds on a shared
+2-core machine moves by tens of percent from one phase to the next, so each round's
+abuse/quiet ratio is taken and the median of them is what the goal is judged by.
 
-    python -m benchmarks.abuse [--seconds 20] [--users 100] [--no-write]
+Reported: the users' p50/p99 latency per phase, all rounds pooled (goal: the median of
+the rounds' abuse/quiet p99 ratios within 1.2x), and the abuser's calls: sent, admitted
+(200), refused (429), the cost admitted against its budget (burst + rate x seconds, in
+every round) and the upstream calls the relay made beyond the quiet phase's.
+
+    python -m benchmarks.abuse [--seconds 15] [--rounds 3] [--users 100] [--no-write]
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ import asyncio
 import contextlib
 import multiprocessing
 import random
+import re
+import statistics
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +66,8 @@ DAPP_MIX = [
     (5, "eth_getLogs"),
 ]
 ABUSER_COST = defaults.RATE_METHOD_COSTS["eth_call"]
+# Keep-alive connections the abuser pipelines its calls over.
+ABUSER_CONNECTIONS = 4
 
 
 @dataclass
@@ -118,45 +127,100 @@ async def user(i: int, url: str, echo: str, head: list[int], stop: float, phase:
             await asyncio.sleep(THINK * (0.5 + rng.random()))
 
 
-async def abuser(url: str, echo: str, stop: float, phase: Phase) -> None:
-    """Open loop: ABUSE_FACTOR x the budget's calls a second, answered or not."""
-    per_second = ABUSE_FACTOR * RATE / ABUSER_COST
-    connector = aiohttp.TCPConnector(local_addr=("127.0.2.1", 0), limit=64)
-    headers = {"Content-Type": "application/json"}
-    tasks: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as s:
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.I)
 
-        async def one(n: int) -> None:
-            data = common.word(10**6 + n)  # fresh arguments: a miss each
-            body = common.request_body("eth_call", [{"to": echo, "data": data}, "latest"], n)
-            try:
-                async with s.post(url, data=body) as r:
-                    await r.read()
-                    status = r.status
-            except aiohttp.ClientError:
-                phase.abuser_other += 1
+
+class _Counted(asyncio.Protocol):
+    """One of the abuser's keep-alive connections: requests written pipelined, answers
+    counted by status as they come back (a head, then its Content-Length of body)."""
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.owed = 0
+        self.settled = asyncio.Event()  # nothing owed (set again at each last answer)
+        self.settled.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(request)
+        self.owed += 1
+        self.settled.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[: end + 2]
+            found = _LENGTH.search(head)
+            size = end + 4 + (int(found.group(1)) if found is not None else 0)
+            if len(self.buf) < size:
                 return
-            if status == 200:
-                phase.abuser_ok += 1
-            elif status == 429:
-                phase.abuser_refused += 1
-            else:
-                phase.abuser_other += 1
+            self.buf = self.buf[size:]
+            self._answered(int(head[9:12]))
 
-        started = time.monotonic()
-        n = 0
-        while time.monotonic() < stop:
-            due = started + n / per_second
-            now = time.monotonic()
-            if due > now:
-                await asyncio.sleep(due - now)
-            n += 1
-            phase.abuser_sent += 1
-            task = asyncio.create_task(one(n))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
+    def _answered(self, status: int) -> None:
+        if status == 200:
+            self.phase.abuser_ok += 1
+        elif status == 429:
+            self.phase.abuser_refused += 1
+        else:
+            self.phase.abuser_other += 1
+        self.owed -= 1
+        if not self.owed:
+            self.settled.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase.abuser_other += self.owed
+        self.owed = 0
+        self.settled.set()
+
+
+async def abuser(url: str, echo: str, stop: float, phase: Phase) -> None:
+    """Open loop: ABUSE_FACTOR x the budget's calls a second, answered or not, pipelined
+    on a few keep-alive connections with no HTTP client library: an abuser spends almost
+    no CPU of its own, so what the users feel is the relay's doing, not a client's load
+    on a shared machine."""
+    per_second = ABUSE_FACTOR * RATE / ABUSER_COST
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+    loop = asyncio.get_running_loop()
+    conns = []
+    for _ in range(ABUSER_CONNECTIONS):
+        _, conn = await loop.create_connection(
+            lambda: _Counted(phase), host, port, local_addr=("127.0.2.1", 0)
+        )
+        conns.append(conn)
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() < stop:
+        due = started + n / per_second
+        now = time.monotonic()
+        if due > now:
+            await asyncio.sleep(due - now)
+        n += 1
+        data = common.word(10**6 + n)  # fresh arguments: a miss each
+        body = common.request_body("eth_call", [{"to": echo, "data": data}, "latest"], n)
+        conn = conns[n % len(conns)]
+        phase.abuser_sent += 1
+        if conn.transport is None or conn.transport.is_closing():
+            phase.abuser_other += 1
+            continue
+        conn.send(
+            b"POST / HTTP/1.1\r\nHost: %b\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (host.encode(), len(body), body)
+        )
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            for c in conns:
+                await c.settled.wait()
+    for c in conns:
+        phase.abuser_other += c.owed
+        if c.transport is not None:
+            c.transport.close()
 
 
 def abuser_process(url: str, echo: str, stop: float, out: multiprocessing.SimpleQueue[Any]) -> None:
@@ -206,9 +270,30 @@ async def run_phase(
     return phase
 
 
-def report(m: dict[str, str], phases: list[Phase], args: argparse.Namespace) -> str:
-    rows = []
+def pooled(phases: list[Phase]) -> Phase:
+    """One phase of every round's ``phases`` of one name: their calls and counts summed."""
+    out = Phase(phases[0].name)
     for p in phases:
+        out.latencies += p.latencies
+        out.user_errors += p.user_errors
+        out.user_refused += p.user_refused
+        out.abuser_sent += p.abuser_sent
+        out.abuser_ok += p.abuser_ok
+        out.abuser_refused += p.abuser_refused
+        out.abuser_other += p.abuser_other
+        out.upstream_calls += p.upstream_calls
+        out.seconds += p.seconds
+    return out
+
+
+def p99_ms(p: Phase) -> float:
+    return common.quantile([x * 1000 for x in p.latencies], 0.99)
+
+
+def report(m: dict[str, str], rounds: list[list[Phase]], args: argparse.Namespace) -> str:
+    quiet, abuse, free = (pooled([r[i] for r in rounds]) for i in range(3))
+    rows = []
+    for p in (quiet, abuse, free):
         ms = sorted(x * 1000 for x in p.latencies)
         rows.append(
             [
@@ -223,11 +308,16 @@ def report(m: dict[str, str], phases: list[Phase], args: argparse.Namespace) -> 
                 f"{p.upstream_calls:,.0f}",
             ]
         )
-    quiet, abuse, free = phases
-    p99 = {p.name: common.quantile([x * 1000 for x in p.latencies], 0.99) for p in phases}
-    ratio = p99[abuse.name] / p99[quiet.name]
-    free_ratio = p99[free.name] / p99[quiet.name]
-    budget = BURST + RATE * abuse.seconds
+    ratios = sorted(p99_ms(r[1]) / p99_ms(r[0]) for r in rounds)
+    free_ratios = sorted(p99_ms(r[2]) / p99_ms(r[0]) for r in rounds)
+    ratio = statistics.median(ratios)
+    free_ratio = statistics.median(free_ratios)
+    # The abuser's budget holds in every round (each its own 20x flood against a bucket
+    # that had refilled in the rounds' other phases).
+    within = all(
+        r[1].abuser_ok * ABUSER_COST <= (BURST + RATE * r[1].seconds) * 1.0001 for r in rounds
+    )
+    budget = len(rounds) * BURST + RATE * abuse.seconds
     cost = abuse.abuser_ok * ABUSER_COST
     extra_upstream = abuse.upstream_calls - quiet.upstream_calls * abuse.seconds / quiet.seconds
     return "\n".join(
@@ -240,7 +330,8 @@ def report(m: dict[str, str], phases: list[Phase], args: argparse.Namespace) -> 
             f"from a dapp mix; one abuser sending {ABUSE_FACTOR}x its budget in eth_call "
             f"misses ({ABUSE_FACTOR * RATE / ABUSER_COST:.0f} calls/s, cost {ABUSER_COST:g} "
             f"each); [tiers.default] rate = {RATE:g}, burst = {BURST:g}; "
-            f"{args.seconds:g} s per phase; anvil mining a block a second.",
+            f"{args.seconds:g} s per phase, the three phases in turn {len(rounds)} times "
+            "(the table pools the rounds); anvil mining a block a second.",
             "",
             common.table(
                 [
@@ -255,13 +346,14 @@ def report(m: dict[str, str], phases: list[Phase], args: argparse.Namespace) -> 
                 rows,
             ),
             "",
-            f"- users' p99 with the abuser / without: **{ratio:.2f}x** (goal ≤ {GOAL_P99}x: "
+            f"- users' p99 with the abuser / without, median of the rounds: **{ratio:.2f}x** "
+            f"({', '.join(f'{x:.2f}' for x in ratios)}; goal ≤ {GOAL_P99}x: "
             f"**{'met' if ratio <= GOAL_P99 else 'not met'}**); with limits off: "
-            f"{free_ratio:.2f}x",
+            f"{free_ratio:.2f}x ({', '.join(f'{x:.2f}' for x in free_ratios)})",
             f"- the abuser's admitted cost: **{cost:,.0f}** of a budget of {budget:,.0f} "
-            f"(burst {BURST:g} + {RATE:g}/s x {abuse.seconds:.1f} s): "
-            f"**{'within' if cost <= budget * 1.0001 else 'over'}**; upstream calls beyond "
-            f"the quiet phase's (scaled to its length): {extra_upstream:,.0f} "
+            f"(burst {BURST:g} a round + {RATE:g}/s x {abuse.seconds:.1f} s): "
+            f"**{'within' if within else 'over'}** in every round; upstream calls beyond "
+            f"the quiet phases' (scaled to their length): {extra_upstream:,.0f} "
             f"(admitted abuser calls: {abuse.abuser_ok:,}); with limits off it was answered "
             f"{free.abuser_ok:,} times",
         ]
@@ -270,11 +362,12 @@ def report(m: dict[str, str], phases: list[Phase], args: argparse.Namespace) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=20.0, help="seconds per phase")
+    ap.add_argument("--seconds", type=float, default=15.0, help="seconds per phase")
+    ap.add_argument("--rounds", type=int, default=3, help="times the three phases run in turn")
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
-    common.budget(int(90 + 3 * (args.seconds + 15)))
+    common.budget(int(90 + 3 * args.rounds * (args.seconds + 15)))
     m = common.machine()
     with contextlib.ExitStack() as stack:
         anvil = common.start_anvil(block_time=1.0)
@@ -288,12 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         free = common.Relay(anvil.ws_url, RELAY_TOML + "[tiers.default]\nrate = 0\n")
         stack.callback(free.stop)
         free.start()
-        phases = [
-            asyncio.run(run_phase("quiet", limited, echo, args.users, args.seconds, False)),
-            asyncio.run(run_phase("abuse", limited, echo, args.users, args.seconds, True)),
-            asyncio.run(run_phase("abuse, no limits", free, echo, args.users, args.seconds, True)),
-        ]
-    text = report(m, phases, args)
+        rounds = []
+        for _ in range(args.rounds):
+            n, s = args.users, args.seconds
+            rounds.append(
+                [
+                    asyncio.run(run_phase("quiet", limited, echo, n, s, False)),
+                    asyncio.run(run_phase("abuse", limited, echo, n, s, True)),
+                    asyncio.run(run_phase("abuse, no limits", free, echo, n, s, True)),
+                ]
+            )
+    text = report(m, rounds, args)
     print(text)
     if not args.no_write:
         common.write_section("abuse", text)

@@ -15,6 +15,7 @@
     │   ├── PendingUnavailable           -32000  no upstream streams pending transactions
     │   ├── LimitExceeded                -32005  subscriptions per connection, address or node
     │   │   ├── TooManyFilters           -32005  filters per node or per client address
+    │   │   ├── FilterOverflowed         -32005  a filter's changes overflowed between two polls
     │   │   └── RateLimited              -32005  an identity's calls past its tier's rate (429)
     │   └── BatchRefused                 -32040..-32047  a batch push refused (ingress)
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
@@ -115,6 +116,11 @@ class LimitExceeded(RequestError):
 
 class TooManyFilters(LimitExceeded):
     """Installed filters (eth_newFilter & co) of the whole node, or of one client address."""
+
+
+class FilterOverflowed(LimitExceeded):
+    """A filter's buffer of changes filled up between two polls: what did not fit was not
+    kept, so the poll is refused (and the filter removed) rather than answered incomplete."""
 
 
 class RateLimited(LimitExceeded):

@@ -20,6 +20,7 @@ from chainrelay.access.methods import check_entries
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config.checks import check_fields, positive, require
 from chainrelay.errors import ConfigError
+from chainrelay.upstreams.httpwire import target as http_target
 
 # "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
 # "redis": Redis, with only a minimal memory tier (defaults.REDIS_MODE_MEMORY_BYTES).
@@ -63,6 +64,8 @@ class ServerConfig:
     workers: int = positive(d.WORKERS)
     # Operator surfaces: the admin listener, the access log, compression (README).
     admin_listen: str = d.ADMIN_LISTEN
+    # /metrics and the full /health on the public port too, with the admin listener on.
+    public_metrics: bool = d.PUBLIC_METRICS
     admin_scrape_timeout: float = positive(d.ADMIN_SCRAPE_TIMEOUT)
     access_log: str = d.ACCESS_LOG
     access_log_sample: float = d.ACCESS_LOG_SAMPLE
@@ -83,6 +86,10 @@ class ServerConfig:
     proxy_protocol: bool = d.PROXY_PROTOCOL
     max_forwarded_hops: int = positive(d.MAX_FORWARDED_HOPS)
     max_proxy_header_bytes: int = positive(d.MAX_PROXY_HEADER_BYTES)
+    # The admin listener's status page (chainrelay/status/): seconds of samples kept, and
+    # children listed in /status.json (the rest counted).
+    status_history: int = positive(d.STATUS_HISTORY)
+    status_max_children: int = positive(d.STATUS_MAX_CHILDREN)
 
     def check(self) -> None:
         _, port = parse_listen(self.listen)
@@ -262,6 +269,7 @@ class LimitsConfig:
     max_relay_hops: int = positive(d.MAX_RELAY_HOPS)
     max_hit_table_bytes: int = positive(d.MAX_HIT_TABLE_BYTES)
     max_hit_table_entries: int = positive(d.MAX_HIT_TABLE_ENTRIES)
+    max_named_heads: int = positive(d.MAX_NAMED_HEADS)
     memo_max_params_bytes: int = positive(d.MEMO_MAX_PARAMS_BYTES)
     # Upstream calls under way for clients: node-wide (past it -32005 at once), per client
     # address (past it a client waits for its own earlier calls, within the call's deadline).
@@ -366,6 +374,11 @@ class PoolConfig:
     budget_wait: float = d.BUDGET_WAIT
     capability_ttl: float = positive(d.CAPABILITY_TTL)
     auto_tune: bool = d.AUTO_TUNE
+    # HTTP upstreams: idle keep-alive, pipelining depth (1: none), answer bound, gzip.
+    http_keepalive_timeout: float = positive(d.HTTP_UPSTREAM_KEEPALIVE)
+    http_pipeline_depth: int = positive(d.HTTP_UPSTREAM_PIPELINE_DEPTH)
+    http_max_answer_bytes: int = positive(d.HTTP_UPSTREAM_MAX_ANSWER_BYTES)
+    http_accept_encoding: bool = d.HTTP_UPSTREAM_ACCEPT_ENCODING
 
     def check(self) -> None:
         check_fields(self, "pool")
@@ -455,6 +468,7 @@ class FiltersConfig:
     idle_timeout: float = positive(d.FILTER_IDLE_TIMEOUT)
     max_filters: int = positive(d.MAX_FILTERS)
     max_changes: int = positive(d.MAX_FILTER_CHANGES)
+    max_changes_total: int = positive(d.MAX_FILTER_CHANGES_TOTAL)
     max_per_ip: int = positive(d.MAX_FILTERS_PER_IP)
     max_addresses: int = positive(d.MAX_FILTER_ADDRESSES)
     max_topics_per_position: int = positive(d.MAX_TOPICS_PER_POSITION)
@@ -728,6 +742,12 @@ class UpstreamConfig:
                 f"{path}.headers.{name}: a string without line breaks",
             )
 
+    # Keep-alive connections to it (0: [pool] connections).
+    connections: int = 0
+    # CA certificates (PEM) its TLS certificate is verified against, instead of the
+    # system's: a private CA. Verification is never off.
+    ca_file: str = ""
+
 
 def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
     """The ``[[upstreams]]`` list: at least one, each a URL, names unique (and given)."""
@@ -741,6 +761,16 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
             f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
         )
         u.check(i)
+        require(u.connections >= 0, f"upstreams[{i}].connections: must be >= 0")
+        if u.url.startswith(("http://", "https://")):
+            try:
+                http_target(u.url)
+            except ValueError as exc:
+                raise ConfigError(f"upstreams[{i}].url: {exc}") from None
+        require(
+            not u.ca_file or u.url.startswith("https://"),
+            f"upstreams[{i}].ca_file: only for an https:// URL",
+        )
         if not u.name:
             u.name = f"upstream{i}"
     names = [u.name for u in upstreams]

@@ -1,14 +1,14 @@
-"""Reads that are never cached, sent at once to one WebSocket upstream.
+"""Reads that are never cached, sent at once to one WebSocket or HTTP upstream.
 
 A call the policy never caches (``Lookup.UNCACHED``) gains nothing from the full path's
-task, coalescing and cache: when the pool has a healthy WebSocket upstream (``direct``),
-the request is written to it inside the caller's read, and its answer, paired by id where
-it is read, is readdressed to the caller's id without decoding (``Forward``). Its repeats
-at the same head (id aside) are sent as the relay encoded the first one, with no decoding
-or planning (``Forwarder.again``). A transport error, or an error answer another upstream
-may not give (a method this one lacks, a block it pruned: ``UpstreamPool.declined``), hands
-the call to the full path, which retries and fails over within what is left of the same
-deadline: the full path
+task, coalescing and cache: when the pool has a healthy WebSocket or HTTP upstream
+(``direct``), the request is written to it inside the caller's read, and its answer,
+paired where it is read (by id, or by its place on an HTTP connection), is readdressed to
+the caller's id without decoding (``Forward``). Its repeats at the same head (id aside) are
+sent as the relay encoded the first one, with no decoding or planning (``Forwarder.again``).
+A transport error, or an error answer another upstream may not give (a method this one
+lacks, a block it pruned: ``UpstreamPool.declined``), hands the call to the full path,
+which retries and fails over within what is left of the same deadline: the full path
 counts it from the call's ``started``, and the forwarded try itself is bounded by the
 upstream's timeout, never longer than the deadline (``make_upstream``).
 """
@@ -27,7 +27,7 @@ from chainrelay.rpc import policy
 from chainrelay.rpc.policy import HeadView, Kind
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import TransportError, Upstream, WsUpstream
+from chainrelay.upstreams.upstream import HttpUpstream, TransportError, Upstream, WsUpstream
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
     Call,
@@ -82,8 +82,8 @@ class Forwarder:
     def send(
         self, call: Call, started: float, split: tuple[bytes, bytes] | None
     ) -> asyncio.Future[bytes] | None:
-        """The future of ``call``'s answer, sent at once to a WebSocket upstream (the
-        pool's ``direct``), or None when it takes the full path. ``split``: the body's id
+        """The future of ``call``'s answer, sent at once to a WebSocket or HTTP upstream
+        (the pool's ``direct``), or None when it takes the full path. ``split``: the body's id
         token and the rest (``split_id``), to send its repeats the same way."""
         if _RULES[call.method].kind in _NOT_FORWARDED:
             return None
@@ -156,7 +156,7 @@ class Forward:
     def __init__(
         self,
         forwarder: Forwarder,
-        upstream: WsUpstream,
+        upstream: WsUpstream | HttpUpstream,
         rid: bytes,
         method: str,
         call: Call | bytes,

@@ -247,6 +247,10 @@ class HttpServer:
         self._cors_line = b"Access-Control-Allow-Origin: *\r\n" if self.cors_any else b""
         self._base_headers = b"Content-Type: application/json\r\n" + self._cors_line
         self.ok_head = b"HTTP/1.1 200 OK\r\n" + self._base_headers + b"Content-Length: "
+        # A plain POST's head -> who it names (None: the connection's own client), and
+        # whether it was read on a trusted proxy's connection: see ``Replay``, whose rule
+        # this is too. Only heads that were let in; new door rules clear it.
+        self.named_heads: dict[bytes, tuple[Identity | None, bool]] = {}
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
@@ -286,18 +290,33 @@ class HttpServer:
         one that was let in)."""
         self.door = door
         self.replays.clear()
+        self.named_heads.clear()
         names = door.keys.names() if door is not None else frozenset()
         for conn in list(self.connections):
             ws = conn.ws
             if ws is not None and ws.who.key is not None and ws.who.key not in names:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
 
+    def name_head(self, head: bytes, who: Identity | None, proxied: bool) -> None:
+        """Remember who ``head`` named (see ``named_heads``), within its bound."""
+        heads = self.named_heads
+        if len(heads) >= self.limits.max_named_heads:
+            heads.clear()
+        heads[head] = (who, proxied)
+
     def learn_replay(
-        self, rest: bytes, token: bytes, answer: bytes, record: Seen, cors: bytes = b""
+        self,
+        rest: bytes,
+        token: bytes,
+        answer: bytes,
+        record: Seen,
+        cors: bytes = b"",
+        who: Identity | None = None,
+        proxied: bool = False,
     ) -> None:
         """Remember that the request ``rest`` (id token aside) was answered ``answer`` from
         ``record`` (with the CORS lines ``cors``), when the answer is exactly the splice a
-        replay writes."""
+        replay writes; ``who`` and ``proxied``: see ``Replay``."""
         if not single_id(rest) or answer != b"".join(
             (ANSWER_OPEN, token, ANSWER_RESULT, record.value, b"}")
         ):
@@ -307,7 +326,7 @@ class HttpServer:
         size = len(rest) + len(head) + len(answer) + REPLAY_ENTRY_OVERHEAD
         replayer = self.routes.replayer
         assert replayer is not None  # replays are learned only from one
-        replay = Replay(head, record, len(token), size, replayer.replay)
+        replay = Replay(head, record, len(token), size, replayer.replay, who, proxied)
         self.replays.add(rest, replay, record.generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -546,12 +565,21 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._in = Account(srv.budget, who.name)
         self._out = Account(srv.budget, who.name)
-        self._counted = who.name
-        srv.per_ip[who.name] += 1
-        if srv.per_ip[who.name] > srv.limits.max_connections_per_ip:
+        self._count_connection(who.name)
+
+    def _count_connection(self, name: str) -> bool:
+        """Count the connection under the client address ``name`` (``max_connections_per_ip``:
+        per address, never per key, since a connection is counted before any key is
+        known); False, the connection refused (429) and closed, past the bound."""
+        srv = self.server
+        self._counted = name
+        srv.per_ip[name] += 1
+        if srv.per_ip[name] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
             self.close()  # at once, not lingering: its place is what it must not keep
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
@@ -726,10 +754,10 @@ class HttpProtocol(asyncio.Protocol):
                 replay = self.server.replays.get(split[1])
                 if (
                     replay is not None
-                    and not self._per_request  # its identity is the request's: not known here
                     and len(split[0]) == replay.token_len
-                    and replay.check(replay.record, self.who) is not None
-                    and self._pays(replay)
+                    and replay.proxied is self._proxied
+                    and replay.check(replay.record, replay.who or self.who) is not None
+                    and self._pays(replay, replay.who or self.who)
                 ):
                     self.requests += 1
                     # Reads stop when the transport closes, so it is open here.
@@ -749,14 +777,14 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._feed(data)
 
-    def _pays(self, replay: Replay) -> bool:
-        """Whether the client's bucket pays for a replay now (a hit's cost). Not: the
-        request takes the pipeline's path, which refuses it (429) or, under shared buckets,
-        leases first."""
+    def _pays(self, replay: Replay, who: Identity) -> bool:
+        """Whether ``who``'s bucket pays for a replay now (a hit's cost). Not: the request
+        takes the pipeline's path, which refuses it (429) or, under shared buckets, leases
+        first."""
         limiter = self.server.limiter
         if limiter is None:
             return True
-        return not limiter.take_call(self.who, replay.record.method, True)
+        return not limiter.take_call(who, replay.record.method, True)
 
     def _rpc(
         self, body: bytes, keep_alive: bool, cors: bytes | None = None, who: Identity | None = None
@@ -896,11 +924,16 @@ class HttpProtocol(asyncio.Protocol):
             lines = cors + server.id_line(incoming)
         who = self.who
         if self._per_request:
-            got = self._who_in_head(head)
-            if got.__class__ is Refusal:
-                self._refuse(got, True, lines)
-                return True
-            who = typing.cast(Identity, got)
+            known = server.named_heads.get(head)
+            if known is not None and known[1] is self._proxied:
+                who = known[0] or who
+            else:
+                got = self._who_in_head(head)
+                if got.__class__ is Refusal:
+                    self._refuse(got, True, lines)
+                    return True
+                who = typing.cast(Identity, got)
+                server.name_head(head, None if who is self.who else who, self._proxied)
         routes = server.routes
         replayer = routes.replayer
         if replayer is None:
@@ -913,17 +946,18 @@ class HttpProtocol(asyncio.Protocol):
         except RateLimited as exc:
             self._rate_limited(exc, True, lines)
             return True
-        # A replay writes the answer as it is: never one a client asked to have gzipped,
-        # nor one whose identity is the request's (a replay would not know whose it is).
+        # A replay writes the answer as it is: never one a client asked to have gzipped.
+        # It keeps who the request named (a key, a forwarded address), if not the
+        # connection's own client: the same bytes name the same client again.
         if (
             record is not None
             and split is not None
             and not named
             and not gzip
-            and not self._per_request
             and answer.__class__ is bytes
         ):
-            server.learn_replay(split[1], split[0], answer, record, cors)
+            its = None if who is self.who else who
+            server.learn_replay(split[1], split[0], answer, record, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
 
@@ -1352,6 +1386,13 @@ class HttpProtocol(asyncio.Protocol):
         elif path == RANGE_PATH and routes.feed_range is not None:
             query = self._url.split(b"?", 1)[1] if b"?" in self._url else b""
             self._reply(routes.feed_range(query, self.headers(b"via")), keep_alive)
+        elif path in routes.pages:
+            status, body, content_type = routes.pages[path]()
+            head = self.server.head(status, len(body), keep_alive, self._lines(), content_type)
+            if self._queue:
+                self._queue.append(Ready(head + body, keep_alive))
+            else:
+                self._write(head + body, keep_alive)
         elif path == b"/metrics" and routes.metrics_text is not None:
             text = routes.metrics_text()
             if text.__class__ is not bytes:  # gathered from the other workers: later
@@ -1398,6 +1439,10 @@ class HttpProtocol(asyncio.Protocol):
         who = self.who
         if self._proxied and door is not None:
             who = door.client(who, self.headers)  # a push or a feed child: no key here
+            # A WebSocket through a trusted proxy is one client's from now on (a keep-alive
+            # connection of the proxy carried many): counted under its address from here.
+            if self._counted is None and not self._count_connection(who.name):
+                return
         if batches is not None and path == BATCHES_PATH:
             if not batches.authorized(self.header(b"authorization")):
                 batches.refuse_unauthorized()

@@ -31,9 +31,16 @@ class Replay:
     to its X-Request-Id's counter, written fresh each time) and its body around the id (an
     id of the same length, so the Content-Length holds), its record, and the check that the
     record still answers, for this client (``Replayer.replay``: a method the client may
-    not call is not replayed to it, whoever asked it first)."""
+    not call is not replayed to it, whoever asked it first).
 
-    __slots__ = ("check", "head", "record", "size", "suffix", "token_len")
+    Who a repeat is: ``who``, when the request's own bytes named it (an API key, or a
+    client address a trusted proxy forwarded: the same bytes name the same client while
+    the door's rules stand, and new rules clear every replay); None, when it is whoever
+    the connection is. ``proxied``: whether it was learned on a connection of a trusted
+    proxy; a repeat on the other kind of connection is not a replay (bytes a proxy's
+    forwarding header names a client by are, from anyone else, only a claim)."""
+
+    __slots__ = ("check", "head", "proxied", "record", "size", "suffix", "token_len", "who")
 
     def __init__(
         self,
@@ -42,8 +49,12 @@ class Replay:
         token_len: int,
         size: int,
         check: Callable[[Seen, Identity], bytes | None],
+        who: Identity | None = None,
+        proxied: bool = False,
     ) -> None:
         self.check = check
+        self.who = who
+        self.proxied = proxied
         self.head = head
         # The answer after the id: the record's value, which stays the same while the
         # record answers (``Replayer.replay`` checks that the cache holds it still).

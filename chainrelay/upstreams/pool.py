@@ -51,6 +51,7 @@ from chainrelay.upstreams.capabilities import Verdict, classify
 from chainrelay.upstreams.route import pick_weighted
 from chainrelay.upstreams.upstream import (
     BatchUnsupported,
+    HttpUpstream,
     TransportError,
     Upstream,
     WsUpstream,
@@ -238,13 +239,13 @@ class UpstreamPool:
     def _named(self, name: str) -> Upstream | None:
         return next((u for u in self.upstreams if u.name == name), None)
 
-    def direct(self, method: str = "") -> WsUpstream | None:
+    def direct(self, method: str = "") -> WsUpstream | HttpUpstream | None:
         """The upstream a read of ``method`` may be sent to straight away by a caller that
         pairs its answer itself (RpcService's forwarding path): the one ``call`` would try
-        first, when it is a healthy WebSocket upstream that can take it now (not paused,
-        within its budget) and no hedge would be raced against it. None otherwise: the read
-        goes through ``call``. Retries are the caller's to ask for, through ``call``, after
-        ``failed`` or ``declined`` (see ``Upstream``)."""
+        first, when it is a healthy WebSocket or HTTP upstream that can take it now (not
+        paused, within its budget) and no hedge would be raced against it. None otherwise:
+        the read goes through ``call``. Retries are the caller's to ask for, through
+        ``call``, after ``failed`` or ``declined`` (see ``Upstream``)."""
         upstreams = self.upstreams
         if len(upstreams) == 1:
             u = upstreams[0]
@@ -262,8 +263,10 @@ class UpstreamPool:
                 return None
             if self._hedge_delay(u) is not None:
                 return None
-        if u.__class__ is not WsUpstream or not u.healthy:
+        if (u.__class__ is not WsUpstream and u.__class__ is not HttpUpstream) or not u.healthy:
             return None
+        if u.route.budget.concurrency and u.__class__ is HttpUpstream:
+            return None  # its sends straight away are not counted in flight: ``call`` keeps it
         return u
 
     def declined(self, u: Upstream, method: str, error: bytes) -> bool:

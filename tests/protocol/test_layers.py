@@ -34,6 +34,8 @@ SANS_IO = (
     "chainrelay.upstreams.budget",
     "chainrelay.upstreams.capabilities",
     "chainrelay.upstreams.route",
+    "chainrelay.upstreams.httpwire",
+    "chainrelay.upstreams.failures",
     "chainrelay.access.identity",
     "chainrelay.access.methods",
     "chainrelay.rpc.logguards",
@@ -67,6 +69,7 @@ SANS_IO = (
     "chainrelay.batches.frame",
     "chainrelay.batches.rules",
     "chainrelay.batches.order",
+    "chainrelay.status.samples",
 )
 # What a sans-I/O module may never import: event loops, sockets, I/O clients and servers.
 IO_MODULES = (

@@ -14,11 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chainrelay.access.buckets import NEVER, OVERFLOW, Buckets, Costs, Limiter, TierRate
-from chainrelay.access.identity import NODE, Identity
+from chainrelay.access.door import Door
+from chainrelay.access.forwarded import Trusted, parse_networks
+from chainrelay.access.identity import NODE, Identity, for_address
+from chainrelay.access.keys import KeyRing
 from chainrelay.access.senders import SenderLimit, sender_of
 from chainrelay.config import Config, loads
 from chainrelay.errors import ConfigError, InvalidParams, RateLimited
-from chainrelay.server.http import HttpServer, Routes
+from chainrelay.server.http import HttpProtocol, HttpServer, Routes
+from chainrelay.server.replays import Replay
+from tests.protocol.test_access_http import CAROL, PeerTransport
+from tests.protocol.test_access_http import KEY as API_KEY
 from tests.protocol.test_config import UPSTREAM
 from tests.protocol.test_http_fast_path import Front, answers, balance, post
 
@@ -203,6 +209,61 @@ def test_no_mix_of_requests_over_connections_passes_the_budget(
             else:
                 assert "error" in a.doc
         assert served <= burst + rate * (clock.now - start) + 1e-6
+
+
+def keyed_front(rate: float, burst: float) -> tuple[Front, Clock]:
+    """``limited_front`` behind a door: API keys on (not required), 10.0.0.0/8 trusted."""
+    front, clock = limited_front(rate, burst)
+    lim = front.server.limiter
+    door = Door(Trusted(parse_networks(["10.0.0.0/8"])), keys=KeyRing([(API_KEY, CAROL)]))
+    front.server = HttpServer(
+        front.server.routes, front.server.limits, front.metrics, limiter=lim, door=door
+    )
+    return front, clock
+
+
+def test_repeats_naming_a_key_or_a_forwarded_client_are_replayed_and_paid_by_it() -> None:
+    """Repeats of a keyed or proxied hit take the replay table like any other, each paid
+    by the client its bytes name; the same bytes from a peer that is no trusted proxy name
+    no one but that peer."""
+    front, _ = keyed_front(rate=0.001, burst=5.0)
+    front.warm(b'"0x2a"')
+
+    def statuses(peer: str, header: bytes, n: int) -> list[int]:
+        conn = HttpProtocol(front.server)
+        transport = PeerTransport(peer)
+        conn.connection_made(transport)
+        for i in range(n):
+            body = balance(100 + i)
+            conn.data_received(post(body, headers=header + b"Content-Length: %d\r\n" % len(body)))
+        return [a.status for a in answers(transport.out)]
+
+    def learned() -> list[Replay]:
+        table = front.server.replays
+        return [r for r in map(table.get, table) if r is not None]
+
+    keyed = b"X-Api-Key: " + API_KEY.encode() + b"\r\n"
+    assert statuses("203.0.113.8", keyed, 6) == [200] * 5 + [429]
+    assert [r.who for r in learned()] == [CAROL.identity], "keyed repeats are replays"
+    # Another address with the same key shares the key's (spent) budget; without it, its own.
+    assert statuses("203.0.113.9", keyed, 1) == [429]
+    assert statuses("203.0.113.9", b"", 5) == [200] * 5
+    forwarded = b"X-Forwarded-For: 198.51.100.1\r\n"
+    assert statuses("10.0.0.1", forwarded, 3) == [200] * 3
+    assert [(r.who, r.proxied) for r in learned()][-1] == (for_address("198.51.100.1"), True)
+    # The same bytes straight from a client: its own address pays, not 198.51.100.1's.
+    assert statuses("203.0.113.10", forwarded, 6) == [200] * 5 + [429]
+    assert statuses("10.0.0.1", forwarded, 3) == [200, 200, 429]
+    # Heads are remembered by who they named, within their bound.
+    assert (CAROL.identity, False) in front.server.named_heads.values()
+    front.server.limits.max_named_heads = 3
+    for i in range(10):
+        assert statuses("203.0.113.11", b"X-Trace: %d\r\n" % i + keyed, 1) == [429]
+    assert len(front.server.named_heads) <= 3
+    # And a key the node no longer holds is refused at once, replays or not.
+    front.server.set_door(Door(Trusted(parse_networks(["10.0.0.0/8"])), keys=KeyRing()))
+    assert not front.server.replays and not front.server.named_heads
+    assert statuses("203.0.113.8", keyed, 2) == [401, 401]
 
 
 def test_replays_single_calls_and_batches_all_pay_and_get_429_with_retry_after() -> None:
