@@ -465,3 +465,15 @@ def test_a_learnt_lowest_block_is_believed_for_the_ttl_then_asked_again() -> Non
     archive = Capabilities(archive=True)
     assert not archive.learn(Verdict.PRUNED, "eth_getBalance", 50, now=100.0)
     assert archive.serves("eth_call", 0, 100.0)
+
+
+def test_an_http_upstreams_headers_and_auth_go_in_every_requests_head() -> None:
+    cfg = loads(
+        '[[upstreams]]\nurl = "https://user:pw@paid.example/v1"\nauth = "a:b"\n'
+        'headers = { "X-Api-Key" = "k-1" }\n'
+    )
+    u = make_upstream(cfg.upstreams[0], cfg.pool)
+    assert isinstance(u, HttpUpstream)
+    head = u.target.head.decode()
+    assert "\r\nX-Api-Key: k-1\r\n" in head
+    assert head.count("Authorization:") == 1 and "Authorization: Basic YTpi\r\n" in head
