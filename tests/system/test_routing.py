@@ -25,7 +25,7 @@ import orjson
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.fault_upstream import start_fault_upstream
-from tests.lab.procs import Procs, Relay, rpc
+from tests.lab.procs import Procs, Relay, relay_config, rpc
 from tests.lab.timing import SECOND
 
 GENESIS_TIME = 1_700_000_000
@@ -90,10 +90,7 @@ async def test_a_dapp_mix_gets_no_error_and_the_fallback_only_what_primaries_cou
         start_fault_upstream(procs, "rate", pruned.url, rps=QUOTA_RPS, lacks=LACKED),
         start_fault_upstream(procs, "healthy", archive.url),
     )
-    config = f"""[server]
-listen = "{{listen}}"
-
-[pool]
+    config = f"""[pool]
 auto_tune = true
 
 [[upstreams]]
@@ -112,7 +109,7 @@ role = "fallback"
 archive = true
 max_concurrency = {ARCHIVE_CONCURRENCY}
 """
-    relay = Relay(procs, config, tmp_path)
+    relay = Relay(procs, relay_config([], config), tmp_path)
     relay.start()
     await relay.wait_ready()
     head = BLOCKS
@@ -175,10 +172,7 @@ async def test_a_read_forwarded_straight_to_a_pruned_node_is_answered_by_the_arc
     # upstream (the forwarding path), whose pruned answer must not reach the client.
     pruned, archive = await twin_chains(anvil_factory)
     archive_door = await start_fault_upstream(procs, "healthy", archive.url)
-    config = f"""[server]
-listen = "{{listen}}"
-
-[methods]
+    config = f"""[methods]
 enable = ["eth_getAccount"]
 
 [[upstreams]]
@@ -191,7 +185,7 @@ url = "{archive_door.url}"
 role = "fallback"
 archive = true
 """
-    relay = Relay(procs, config, tmp_path)
+    relay = Relay(procs, relay_config([], config), tmp_path)
     relay.start()
     await relay.wait_ready()
     old: list[Any] = [DEV_ACCOUNTS[0], hex(BLOCKS - 5)]
