@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     common.budget(int(40 + per * len(transports)))
     m = common.machine()
     results: dict[str, list[Window]] = {}
+    paid_calls: dict[str, dict[str, int]] = {}
+    paid_seen: collections.Counter[str] = collections.Counter()
     with contextlib.ExitStack() as stack:
         anvil = common.start_anvil(block_time=1.0)
         stack.callback(anvil.stop)
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         counter, counter_url = common.start_counter(anvil)
         stack.callback(common.stop_process, counter)
         pool = ""
+        paid_url = ""
         if args.routing:
             limited, limited_url = start_limited(anvil)
             stack.callback(common.stop_process, limited)
@@ -318,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 relay.stop()
             results[transport] = windows
+            if paid_url:  # what the fallback was asked, by method, over this relay's run
+                now = collections.Counter(orjson.loads(common.http_get(paid_url + "/counts")))
+                paid_calls[transport] = dict(now - paid_seen)
+                paid_seen = now
             for k, w in enumerate(windows):
                 print(
                     f"{transport:4s} {'cold  ' if k == 0 else 'window'} {w.seconds:4.1f}s: "
@@ -327,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{w.metric_upstream:.0f} by metric ({w.per_1000(w.metric_upstream):.1f}/1000)",
                     flush=True,
                 )
-    text = report(m, results, args)
+    text = report(m, results, args, paid_calls)
     print(text)
     if not args.no_write:
         common.write_section("upstream_ratio", text)
@@ -376,7 +383,12 @@ def shares(results: dict[str, list[Window]]) -> list[str]:
     ]
 
 
-def report(m: dict[str, str], results: dict[str, list[Window]], args: Any) -> str:
+def report(
+    m: dict[str, str],
+    results: dict[str, list[Window]],
+    args: Any,
+    paid_calls: dict[str, dict[str, int]] | None = None,
+) -> str:
     rows = []
     verdicts = []
     breakdown: dict[str, collections.Counter[str]] = {}
@@ -465,6 +477,19 @@ def report(m: dict[str, str], results: dict[str, list[Window]], args: Any) -> st
             ),
             *shares(results),
             "",
+            *(
+                [
+                    "The paid fallback's calls by method over each whole run (cold start "
+                    "included): "
+                    + "; ".join(
+                        f"{t.upper()} " + ", ".join(f"`{k}` {v}" for k, v in sorted(c.items()) if k)
+                        for t, c in paid_calls.items()
+                    ),
+                    "",
+                ]
+                if paid_calls
+                else []
+            ),
             "Upstream calls on the wire per 1,000 client requests, by method (measured windows):",
             "",
             common.table(
