@@ -238,11 +238,16 @@ class NitroServer:
         ip = _ip(conn)
         requested = self._requested.pop(conn, None)
         self.metrics.nitro_clients.inc()
+        # A client that leaves while its handler waits for the next message (a quiet feed)
+        # ends the handler now: its connection slot is free at once.
+        closed = asyncio.ensure_future(conn.wait_closed())
+        closed.add_done_callback(lambda _: task.cancel())
         try:
             await self._serve(conn, requested)
-        except ConnectionClosed:
+        except (ConnectionClosed, asyncio.CancelledError):
             pass
         finally:
+            closed.cancel()
             self._handlers.discard(task)
             self.metrics.nitro_clients.dec()
             self._release(ip)
