@@ -16,8 +16,11 @@ every client connection; ``stop`` closes the server.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import signal
+import sys
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -142,3 +145,59 @@ class FakeNitroFeed:
             self._queues.pop(conn, None)
             with contextlib.suppress(Exception):
                 conn.transport.abort()
+
+
+# --- as a process of its own (in a lab region) -------------------------------------------------
+def script_messages(count: int, first: int, seed: int, key: bytes) -> list[Made]:
+    """The messages a ``python -m tests.lab.fake_nitro_feed`` process publishes: the test
+    that started it makes the same ones to compare what its clients get."""
+    from chainrelay.tree.frame import Signer
+    from tests.lab.nitro_messages import realistic
+
+    return realistic(count, first_seq=first, seed=seed, signer=Signer(key))
+
+
+async def _serve_script(args: argparse.Namespace) -> None:
+    host, _, port = args.listen.rpartition(":")
+    made = script_messages(args.count, args.first, args.seed, bytes.fromhex(args.key))
+    feed = FakeNitroFeed(args.chain_id, host=host, port=int(port))
+    await feed.start()
+    feed.publish(made[: args.backlog])
+    loop = asyncio.get_running_loop()
+    go = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, go.set)
+    print(f"ready {feed.port}", flush=True)
+    if args.wait_signal:
+        await go.wait()  # the test's cue: its clients are connected, the stream goes live
+    start = loop.time()
+    for i in range(args.backlog, args.count):
+        # Pacing, as a sequencer sends: the next message is due at start + i / rate.
+        await asyncio.sleep(max(0.0, start + (i - args.backlog) / args.rate - loop.time()))
+        feed.publish([made[i]])
+    await asyncio.Event().wait()  # serve the backlog until stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.lab.fake_nitro_feed --listen 0.0.0.0:9700 --count 200 ...``:
+    publishes ``--backlog`` messages at once, the rest at ``--rate`` a second (from its
+    SIGUSR1 with ``--wait-signal``), then keeps serving; prints ``ready <port>``; stops on
+    SIGTERM."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--listen", default="127.0.0.1:0")
+    ap.add_argument("--chain-id", type=int, default=42161)
+    ap.add_argument("--count", type=int, default=100)
+    ap.add_argument("--first", type=int, default=150_000_000)
+    ap.add_argument("--backlog", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--key", required=True, help="the sequencer's key, hex")
+    ap.add_argument("--wait-signal", action="store_true", help="go live on SIGUSR1")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_script(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,18 +13,17 @@ backlog is served it from the entry node's durable log through the range endpoin
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from chainrelay.devnet import free_port
 from chainrelay.nitro.codec import encode_broadcast
-from chainrelay.nitro.tail import Received, follow
 from chainrelay.tree.frame import Signer, keccak
 from tests.lab.chain import metric
 from tests.lab.fake_nitro_feed import FakeNitroFeed
+from tests.lab.nitro_clients import Collector, collecting
+from tests.lab.nitro_clients import has as has_all
 from tests.lab.nitro_messages import feed_message, realistic
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
@@ -69,45 +68,8 @@ def leaf_toml(parent: Relay, nitro_port: int) -> str:
     )
 
 
-class Collector:
-    """A Nitro-protocol client's messages, by arrival."""
-
-    def __init__(self, url: str, from_seq: int | None, compression: bool = True) -> None:
-        self.got: list[Received] = []
-        self.task = asyncio.ensure_future(self._run(url, from_seq, compression))
-
-    async def _run(self, url: str, from_seq: int | None, compression: bool) -> None:
-        async for r in follow(url, from_seq, compression=compression, retry_max=0.5):
-            self.got.append(r)
-
-    def messages(self) -> list[tuple[int, bytes]]:
-        return [(r.seq, r.raw) for r in self.got if not r.confirmation]
-
-    def confirmations(self) -> list[int]:
-        return [r.seq for r in self.got if r.confirmation]
-
-    async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
-@contextlib.asynccontextmanager
-async def collecting(*cs: Collector) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for c in cs:
-            await c.close()
-
-
-def expected(feed: FakeNitroFeed, start: int, end: int) -> list[tuple[int, bytes]]:
-    return [(s, feed.sent[s]) for s in range(start, end)]
-
-
 async def has(c: Collector, feed: FakeNitroFeed, start: int, end: int) -> None:
-    await until(lambda: len(c.messages()) >= end - start, TIMEOUT, f"messages {start}-{end - 1}")
-    assert c.messages() == expected(feed, start, end)
+    await has_all(c, feed.sent, start, end, TIMEOUT)
 
 
 async def test_nitro_feed_through_entry_and_leaf(
