@@ -693,3 +693,10 @@ NITRO_RECENT_MESSAGES = 512
 # Feed messages read from the tree's range endpoint per page when a client asks for a number
 # no longer held here (each page climbs to the nearest node that holds it).
 NITRO_RANGE_PAGE = 256
+# Retention of the feed in an entry node's batch log: the range endpoint serves a resume this
+# far back. Messages kept at least (~3 days of Arbitrum's ~4 a second)...
+NITRO_LOG_KEEP_MESSAGES = 1_000_000
+# ...and for how long (seconds): older ones go even within the count (3 days).
+NITRO_LOG_KEEP_SECONDS = 3 * 24 * 3600.0
+# Seconds between retention passes: each deletes at most batches.log.TRIM_ROWS records.
+NITRO_LOG_TRIM_INTERVAL = 60.0

@@ -16,6 +16,9 @@ broadcast that is not JSON, or larger than ``max_message_bytes``, closes that in
 connection (it reconnects from the next number wanted); a message with a bad signature,
 too large, or an input going backwards is dropped, its number still wanted from the
 others. A number missing for ``gap_wait`` from every input reconnects them all from it.
+
+The log keeps the feed by count and age (``log_keep_messages``, ``log_keep_seconds``),
+trimmed every ``log_trim_interval``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from chainrelay.batches.frame import CONFIRMED, GAP, PUSH, Push, sign_batch, sign_confirmed
 from chainrelay.batches.ingress import Ingress
+from chainrelay.batches.log import TRIM_ROWS
 from chainrelay.config import NitroConfig
-from chainrelay.errors import BatchRefused
+from chainrelay.errors import BatchLogError, BatchRefused
 from chainrelay.metrics import Metrics
 from chainrelay.nitro.codec import (
     CHAIN_ID_HEADER,
@@ -96,6 +100,7 @@ class NitroFeedIn:
         for inp in self.cfg.inputs:
             self._tasks.append(loop.create_task(self._follow(inp.url)))
         self._tasks.append(loop.create_task(self._watch_gaps()))
+        self._tasks.append(loop.create_task(self._retain()))
         log.info(
             "nitro feed in: %d input(s) into %s, next %s",
             len(self.cfg.inputs),
@@ -289,6 +294,26 @@ class NitroFeedIn:
             log.info("nitro confirmation %d not passed on: %s", seq, exc.message)
             return
         self._confirmed_sent = seq
+
+    # --- retention ---------------------------------------------------------------------------
+    async def _retain(self) -> None:
+        """Trim the batch log to ``log_keep_messages`` and ``log_keep_seconds`` now and
+        then: what a resume from the range endpoint can reach back to."""
+        cfg = self.cfg
+        while True:
+            await asyncio.sleep(cfg.log_trim_interval)
+            before_us = int((time.time() - cfg.log_keep_seconds) * 1e6)
+            try:
+                while True:
+                    n = await self.ingress.log.trim(
+                        self.spec.name, cfg.log_keep_messages, max(0, before_us)
+                    )
+                    if n:
+                        log.info("nitro feed: %d old messages trimmed from the log", n)
+                    if n < TRIM_ROWS:
+                        break
+            except BatchLogError as exc:
+                log.warning("nitro feed: log retention failed: %s", exc)
 
     # --- numbers no input sends ----------------------------------------------------------------
     async def _watch_gaps(self) -> None:

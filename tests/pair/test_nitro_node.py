@@ -8,7 +8,8 @@ Two inputs sending overlapping numbers out of order give each number once, in or
 broadcast past the size limit closes that input, counted, and it resumes from the next
 number; the endpoint's upgrade answers as Nitro's does (headers, 400 for an old client or
 a malformed number, 429 past the per-address limit, deflate when offered); a client that
-never reads is disconnected, and what the node queues for it stays within its bound.
+never reads is disconnected, and what the node queues for it stays within its bound; the
+log keeps the feed by count and age.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from chainrelay.batches.frame import encode_frame
 from chainrelay.batches.ingress import Ingress, specs_of
 from chainrelay.batches.log import BatchLog
 from chainrelay.config import BatchesConfig, BatchStreamConfig, NitroConfig, NitroInputConfig
@@ -237,3 +239,50 @@ async def test_a_client_asking_for_nothing_gets_the_whole_backlog(
                     if len(got) == 5:
                         break
             assert [r.raw for r in got] == [m.raw for m in made]
+
+
+async def test_the_log_keeps_the_feed_by_count_and_age(tmp_path: Path) -> None:
+    bcfg = BatchesConfig(
+        streams=[BatchStreamConfig(STREAM, CHAIN, ["0x" + ENTRY.address.hex()])],
+        log=str(tmp_path / "trim.sqlite"),
+        api_keys=["pair-nitro-api-key"],
+    )
+    log = BatchLog(bcfg)
+    await log.start()
+    try:
+        # Frames 0-9 made at t = 1000 + seq seconds (the frame's origin time, in µs).
+        for seq in range(10):
+            raw = encode_frame(
+                chain_id=CHAIN,
+                stream=STREAM,
+                seq=seq,
+                payload=b"m%d" % seq,
+                signature=bytes(65),
+                origin_us=(1000 + seq) * 1_000_000,
+            )
+            await log.append(STREAM, seq, keccak(raw), raw)
+        assert await log.trim(STREAM, 8, 0) == 2  # by count: the newest 8 stay
+        assert (await log.frames(STREAM, 0, 100, 1 << 20)) == []
+        assert len(await log.frames(STREAM, 2, 100, 1 << 20)) == 8
+        assert await log.trim(STREAM, 100, 1005 * 1_000_000) == 3  # by age: 2, 3, 4
+        assert len(await log.frames(STREAM, 5, 100, 1 << 20)) == 5
+        # Everything is old: the newest record stays, where the stream goes on from.
+        assert await log.trim(STREAM, 1, 2000 * 1_000_000) == 4
+        assert await log.last_seq(STREAM) == 9
+    finally:
+        await log.stop()
+
+
+async def test_an_entry_node_trims_its_log_as_it_follows(tmp_path: Path) -> None:
+    made = realistic(12, first_seq=FIRST, sizes=(200, 500))
+    async with FakeNitroFeed(CHAIN) as feed:
+        async with node(tmp_path, [feed.url], log_keep_messages=5, log_trim_interval=0.05) as n:
+            feed.publish(made)
+            await until(lambda: n.hub.next_seq(STREAM) == FIRST + 12, WAIT, "all twelve")
+
+            async def trimmed() -> bool:
+                return len(await n.ingress.log.frames(STREAM, FIRST, 100, 1 << 20)) == 0
+
+            await until(trimmed, WAIT, "the oldest trimmed")
+            kept = await n.ingress.log.frames(STREAM, FIRST + 7, 100, 1 << 20)
+            assert len(kept) == 5
