@@ -26,26 +26,49 @@ CPU per message (medians): at the entry node, parse + frame (lz4, keccak, one si
 and, with ``allowed_signers``, Nitro's signature check; at every hop, the frame's check
 (signature recovery); at a leaf, unpack and wrap once for all its clients.
 
-    python -m benchmarks.nitro_feed [--count 200] [--repeats 5]
+Latency (``--seconds`` > 0): real processes on loopback. A fake Nitro feed (this process,
+``tests/lab/fake_nitro_feed.py``) → entry node (its batch log fsynced per message group)
+→ relay → leaf, each tree link through a delay link (``tests/lab/delay_link.py``, a
+process holding each chunk ``--link-ms`` one way). At Arbitrum's rate (4 messages a
+second) and at 10x it, for ``--seconds`` each: per message, the time from the feed's send
+to a Nitro-protocol client of the leaf (this process) minus the two links' delays, p50 and
+p99. Then ``--clients`` Nitro-protocol clients on the leaf (plain text, this process) at
+4 a second: per message, the last client's arrival minus the send (p50, p99), and the
+leaf's CPU per GB it sent. The clients share this process (and two CPUs) with the feed and
+the nodes, so the last client's times include this one process reading a thousand sockets
+(132 MB/s of JSON at these message sizes).
+
+    python -m benchmarks.nitro_feed [--count 200] [--repeats 5] [--seconds 15] [--clients 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import re
 import statistics
+import subprocess
 import sys
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from websockets.asyncio.client import connect
 
 from benchmarks import common
 from chainrelay.batches.frame import encode_frame, open_frame, sign_batch
+from chainrelay.devnet import free_port
 from chainrelay.nitro.codec import encode_broadcast, feed_signer, parse_broadcast
 from chainrelay.tree.frame import Signer, decode, keccak, unpack
 from chainrelay.wire.wsframes import binary_header, text_header
+from tests.lab.fake_nitro_feed import FakeNitroFeed
+from tests.lab.netns import read_ready
 from tests.lab.nitro_messages import example_messages, realistic
+from tests.lab.procs import until
 
-BUDGET_SECONDS = 120
+BUDGET_SECONDS = 240
 CHAIN_ID = 42161
 STREAM = "arbitrum/nitro-feed"
 SEQUENCER = Signer(keccak(b"benchmark nitro sequencer"))
@@ -85,14 +108,219 @@ def med_us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+# --- latency and fan-out through real processes ---------------------------------------------
+ARBITRUM_RATE = 4.0  # feed messages a second on Arbitrum One
+_SEQ = re.compile(rb'"sequenceNumber":(\d+)')
+
+
+@dataclass
+class Tree:
+    anvil: object
+    entry: common.Relay
+    relay: common.Relay
+    leaf: common.Relay
+    leaf_nitro: int
+    links: list[subprocess.Popen[bytes]]
+
+    def stop(self) -> None:
+        for r in (self.leaf, self.relay, self.entry):
+            r.stop()
+        for link in self.links:
+            common.stop_process(link)
+        self.anvil.stop()  # type: ignore[attr-defined]
+
+
+def _link(port: int, delay_ms: float) -> tuple[subprocess.Popen[bytes], int]:
+    proc = common.spawn(
+        "tests.lab.delay_link",
+        "--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{port}", "--delay-ms", str(delay_ms),
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    return proc, read_ready(proc, 15.0)
+
+
+def _streams() -> str:
+    return (
+        f'[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN_ID}\n'
+        f'sequencers = ["0x{ENTRY.address.hex()}"]\n'
+    )
+
+
+def start_tree(feed_url: str, link_ms: float, log_dir: str) -> Tree:
+    anvil = common.start_anvil(block_time=1.0, chain_id=CHAIN_ID)
+    ws = f"ws://127.0.0.1:{anvil.port}"
+    entry = common.Relay(
+        ws,
+        f'[tree]\nnode_key = "0x{keccak(b"benchmark nitro entry node").hex()}"\n\n'
+        f'[batches]\nlog = "{log_dir}/entry.sqlite"\napi_keys = ["benchmark-entry-key"]\n\n'
+        f'[nitro]\nlisten = "127.0.0.1:{free_port()}"\n\n'
+        f'[[nitro.inputs]]\nurl = "{feed_url}"\n\n' + _streams(),
+    )
+    entry.start()
+    links = []
+    proc, port = _link(entry.port, link_ms)
+    links.append(proc)
+    relay = common.Relay(
+        ws,
+        f'[tree]\n\n[[tree.parents]]\nname = "entry"\nurl = "ws://127.0.0.1:{port}/feed"\n\n'
+        f'[nitro]\nlisten = ""\n\n' + _streams(),
+    )
+    relay.start()
+    proc, port = _link(relay.port, link_ms)
+    links.append(proc)
+    leaf_nitro = free_port()
+    leaf = common.Relay(
+        ws,
+        f'[tree]\n\n[[tree.parents]]\nname = "relay"\nurl = "ws://127.0.0.1:{port}/feed"\n\n'
+        f'[nitro]\nlisten = "127.0.0.1:{leaf_nitro}"\nmax_connections_per_ip = 5000\n\n'
+        + _streams(),
+    )
+    leaf.start()
+    return Tree(anvil, entry, relay, leaf, leaf_nitro, links)
+
+
+async def _reader(
+    url: str, arrivals: dict[int, float], ready: asyncio.Event, from_seq: int | None = None
+) -> None:
+    """A Nitro-protocol client that notes each message's arrival (wall clock), from
+    ``from_seq`` (None: the whole backlog the leaf holds)."""
+    headers = {"Arbitrum-Feed-Client-Version": "2"}
+    if from_seq is not None:
+        headers["Arbitrum-Requested-Sequence-Number"] = str(from_seq)
+    async with connect(
+        url,
+        additional_headers=headers,
+        compression=None,
+        max_size=None,
+        proxy=None,
+    ) as ws:
+        ready.set()
+        while True:
+            data = await ws.recv(decode=False)
+            now = time.time()
+            # The number only, not the whole parse: a thousand clients share this process.
+            m = _SEQ.search(data, 0, 200)
+            if m is not None:
+                arrivals[int(m.group(1))] = now
+
+
+async def paced(feed: FakeNitroFeed, msgs: list, rate: float, sent: dict[int, float]) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i, m in enumerate(msgs):
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        sent[m.seq] = time.time()
+        feed.publish([m])
+
+
+async def measure_latency(args: argparse.Namespace, tmp: str) -> tuple[list[list[str]], str]:
+    rows: list[list[str]] = []
+    next_seq = 10_000_000
+    async with FakeNitroFeed(CHAIN_ID) as feed:
+        tree = await asyncio.to_thread(start_tree, feed.url, args.link_ms, tmp)
+        try:
+            url = f"ws://127.0.0.1:{tree.leaf_nitro}"
+            # Warm-up: the first message starts the stream at every node.
+            warm = realistic(1, first_seq=next_seq, seed=99)
+            arrivals: dict[int, float] = {}
+            ready = asyncio.Event()
+            reader = asyncio.ensure_future(_reader(url, arrivals, ready))
+            await ready.wait()
+            feed.publish(warm)
+            next_seq += 1
+            await until(lambda: next_seq - 1 in arrivals, 60, "the first message at the leaf")
+            for rate in (ARBITRUM_RATE, 10 * ARBITRUM_RATE):
+                n = int(rate * args.seconds)
+                msgs = realistic(n, first_seq=next_seq, seed=int(rate))
+                next_seq += n
+                sent: dict[int, float] = {}
+                await paced(feed, msgs, rate, sent)
+                with contextlib.suppress(AssertionError):  # what is missing is counted
+                    await until(lambda ms=msgs: all(m.seq in arrivals for m in ms), 30, "all")
+                excess = [
+                    (arrivals[s] - t) * 1000 - 2 * args.link_ms
+                    for s, t in sent.items()
+                    if s in arrivals
+                ]
+                rows.append(
+                    [
+                        f"{rate:g}/s",
+                        f"{len(excess)}/{n}",
+                        f"{common.median(excess):.1f}",
+                        f"{common.quantile(excess, 0.99):.1f}",
+                    ]
+                )
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            fan = await fanout(args, feed, tree, url, next_seq)
+        finally:
+            await asyncio.to_thread(tree.stop)
+    return rows, fan
+
+
+async def fanout(
+    args: argparse.Namespace, feed: FakeNitroFeed, tree: Tree, url: str, first: int
+) -> str:
+    if args.clients <= 0:
+        return ""
+    per: list[dict[int, float]] = [{} for _ in range(args.clients)]
+    readies = [asyncio.Event() for _ in range(args.clients)]
+    readers = []
+    for i in range(args.clients):
+        # From the next message: live only, no replay of what the leaf holds.
+        readers.append(asyncio.ensure_future(_reader(url, per[i], readies[i], first)))
+        if i % 50 == 49:
+            await asyncio.gather(*(r.wait() for r in readies[: i + 1]))
+    await asyncio.gather(*(r.wait() for r in readies))
+    assert tree.leaf.proc is not None
+    n = int(ARBITRUM_RATE * args.seconds)
+    msgs = realistic(n, first_seq=first, seed=5)
+    cpu0 = common.cpu_seconds(tree.leaf.proc.pid)
+    sent: dict[int, float] = {}
+    await paced(feed, msgs, ARBITRUM_RATE, sent)
+    with contextlib.suppress(AssertionError):  # what is missing is counted
+        await until(lambda: all(msgs[-1].seq in d for d in per), 30, "the last at every client")
+    cpu = common.cpu_seconds(tree.leaf.proc.pid) - cpu0
+    last = []
+    missing = 0
+    for s, t in sent.items():
+        got = [d[s] for d in per if s in d]
+        missing += args.clients - len(got)
+        if got:
+            last.append((max(got) - t) * 1000 - 2 * args.link_ms)
+    wire = sum(len(encode_broadcast([m.raw])) for m in msgs) * args.clients
+    for r in readers:
+        r.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    return (
+        f"**{args.clients} Nitro-protocol clients on the leaf** at {ARBITRUM_RATE:g} messages/s "
+        f"for {args.seconds:g} s ({n} messages, {wire / 1e9:.3f} GB of JSON sent in all; "
+        f"deliveries missed: {missing}): last client's arrival minus the send, minus the two "
+        f"links' {2 * args.link_ms:g} ms: p50 **{common.median(last):.1f} ms**, p99 "
+        f"**{common.quantile(last, 0.99):.1f} ms**. Leaf CPU: {cpu:.2f} s, "
+        f"**{cpu / (wire / 1e9):.1f} s per GB** sent."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=200, help="generated messages")
     ap.add_argument("--repeats", type=int, default=5, help="timings per message")
+    ap.add_argument("--seconds", type=float, default=15.0, help="per latency rate (0: none)")
+    ap.add_argument("--link-ms", type=float, default=20.0, help="one-way delay of each link")
+    ap.add_argument("--clients", type=int, default=1000, help="Nitro clients on the leaf")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
     common.budget(BUDGET_SECONDS)
     m = common.machine()
+    lat_rows: list[list[str]] = []
+    fan = ""
+    if args.seconds > 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nitro-bench-") as tmp:
+            lat_rows, fan = asyncio.run(measure_latency(args, tmp))
     made = realistic(args.count, signer=SEQUENCER, chain_id=CHAIN_ID)
     groups = {
         "compressible (RLP-like)": [x.raw for i, x in enumerate(made) if i % 2 == 0],
@@ -192,6 +420,19 @@ def main(argv: list[str] | None = None) -> int:
             "larger than deflated JSON. What the frame buys is that it is made once, at "
             "the entry node, and checked, not recompressed, at every hop.",
         ]
+        + (
+            [
+                f"Latency from the feed's send to a Nitro-protocol client two hops down "
+                f"(entry → relay → leaf, each link {args.link_ms:g} ms one way, real "
+                "processes on loopback; the entry commits each message to its sqlite log, "
+                f"fsynced, before publishing it), minus the links' {2 * args.link_ms:g} ms, "
+                f"{args.seconds:g} s per rate:",
+                common.table(["rate", "arrived", "p50 ms", "p99 ms"], lat_rows),
+            ]
+            if lat_rows
+            else []
+        )
+        + ([fan] if fan else [])
     )
     print(body)
     if not args.no_write:
