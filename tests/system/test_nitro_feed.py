@@ -8,14 +8,19 @@ client at the leaf byte for byte as the sequencer sent it, in order (backlog, th
 compressed or not); bad input at the entry (malformed JSON, a forged signature, numbers
 going backwards) is counted and nothing of it forwarded; the leaf restarts and its client
 goes on from its next number; and a client asking for a number older than the leaf's
-backlog is served it from the entry node's durable log through the range endpoint.
+backlog is served it from the entry node's durable log through the range endpoint; and
+``chainrelay nitro-tail`` pointed at the leaf prints one line per message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from chainrelay.devnet import free_port
 from chainrelay.nitro.codec import encode_broadcast
@@ -140,3 +145,15 @@ async def test_nitro_feed_through_entry_and_leaf(
             feed.publish(msgs[55:60])
             await has(old, feed, FIRST + 2, FIRST + 60)
         assert "held nowhere" not in leaf.log_path.read_text()
+
+        # chainrelay nitro-tail, pointed at the leaf: one JSON line a message.
+        tail = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chainrelay", "--log-level", "WARNING", "nitro-tail",
+            leaf_url, "--from", str(FIRST + 57), "--count", "3", "--max-seconds", "30",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(tail.communicate(), TIMEOUT)
+        lines = [orjson.loads(x) for x in out.splitlines()]
+        assert [x["seq"] for x in lines] == [FIRST + 57, FIRST + 58, FIRST + 59]
+        assert [x["bytes"] for x in lines] == [len(feed.sent[x["seq"]]) for x in lines]
+        assert all(x["l1_block"] == 19_000_002 for x in lines)
