@@ -319,6 +319,8 @@ class NitroServer:
         if out:
             return out, at
         n = min(end - at, limit)
+        # A page's frames are held while they are sent: about as much as a few socket
+        # buffers of the client's (at least one frame, however large).
         frames = self.hub.range(self.spec.name, at, n, self.cfg.write_buffer_bytes * 4)
         if frames is None:
             frames = await self._climb(at, n)
