@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", help=f"HOST:PORT (default {defaults.LISTEN})")
     serve.add_argument(
+        "--admin-listen",
+        help=f'the admin listener\'s HOST:PORT (default {defaults.ADMIN_LISTEN}; "" turns it off)',
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         help="worker processes sharing the port (SO_REUSEPORT); overrides server.workers",
@@ -44,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("file")
     dev = sub.add_parser("devnet", help="anvil + real transactions + a relay (the default)")
     dev.add_argument("--listen", default=defaults.LISTEN)
+    dev.add_argument(
+        "--admin-listen", default=defaults.ADMIN_LISTEN, help='"" turns the admin listener off'
+    )
     dev.add_argument("--chain-id", type=int, default=56)
     dev.add_argument("--block-time", type=float, default=1.0)
     subs = sub.add_parser(
@@ -63,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     subs.add_argument("--count", type=int, help="stop after this many blocks or batches")
     subs.add_argument("--max-seconds", type=float, help="stop after this long")
+    key = sub.add_parser(
+        "keygen",
+        help="write a new secp256k1 key (origins, sequencers, relays) and print its address",
+    )
+    key.add_argument("--out", help="the key file to create (mode 0600, never over one that exists)")
+    demo = sub.add_parser(
+        "demo",
+        help="offline: anvil, an origin, two relays, two leaves, an ingress and a sequencer",
+    )
+    demo.add_argument("--workers", type=int, default=1, help="worker processes per node")
+    demo.add_argument("--block-time", type=float, default=1.0)
+    demo.add_argument("--batch-rate", type=float, default=2.0, help="batches per second")
+    demo.add_argument("--dir", help="keep configs, keys and logs here (default: a temp dir)")
     pub = sub.add_parser(
         "publish",
         help="sign and push batches to ingress nodes, wait for the acks, print a JSON summary",
@@ -127,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("serve needs --config FILE or at least one --upstream URL")
     if args.workers is not None:
         cfg.server.workers = args.workers
+    if args.admin_listen is not None:
+        cfg.server.admin_listen = args.admin_listen
     configmod.validate(cfg)
     if cfg.server.workers > 1:
         from chainrelay.workers import supervise
@@ -135,6 +157,16 @@ def _serve(args: argparse.Namespace) -> int:
     node = Node(cfg)
     _run(_until_signal(node.run_forever, node.reload_keys_logged))
     return 0
+
+
+def devnet_config(upstream: str, listen: str, admin_listen: str) -> configmod.Config:
+    """The relay of ``chainrelay devnet``: ``serve --upstream``'s, with the devnet's own
+    controls let through (``defaults.DEVNET_METHODS_ENABLE``), as test suites that mine,
+    snapshot and fund accounts through their RPC URL need."""
+    cfg = configmod.quick([upstream], listen)
+    cfg.server.admin_listen = admin_listen
+    cfg.methods.enable = list(defaults.DEVNET_METHODS_ENABLE)
+    return configmod.validate(cfg)
 
 
 def _devnet(args: argparse.Namespace) -> int:
@@ -147,12 +179,13 @@ def _devnet(args: argparse.Namespace) -> int:
         anvil.start()
         try:
             await anvil.wait_ready()
-            node = Node(configmod.quick([anvil.ws_url], args.listen))
+            node = Node(devnet_config(anvil.ws_url, args.listen, args.admin_listen))
             await node.start()
             settle_startup_heap()
             try:
                 gen = asyncio.create_task(devnet.traffic(anvil.url, stop))
                 url = f"http://{args.listen}"
+                admin = f"http://{args.admin_listen}" if args.admin_listen else url
                 print(
                     f"\nchainrelay devnet: anvil (chain id {args.chain_id}) at {anvil.url}, "
                     f"relay at {url}\n"
@@ -160,7 +193,8 @@ def _devnet(args: argparse.Namespace) -> int:
                     f"  ethers  : new ethers.JsonRpcProvider('{url}')\n"
                     f"  wallet  : RPC URL {url}, chain id {args.chain_id}\n"
                     f"  ws      : ws://{args.listen}\n"
-                    f"  metrics : {url}/metrics   health: {url}/health\n"
+                    f"  metrics : {admin}/metrics   health: {admin}/health\n"
+                    "The relay tree, a sequencer's batches, status pages: chainrelay demo\n"
                     "Ctrl-C stops.",
                     flush=True,
                 )
@@ -285,6 +319,37 @@ def _publish(args: argparse.Namespace) -> int:
     return code
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from chainrelay.keygen import new_key, write_key
+
+    if args.out:
+        try:
+            address = write_key(args.out)
+        except FileExistsError:
+            print(f"chainrelay keygen: {args.out} exists; not replaced", file=sys.stderr)
+            return 1
+        print(address)
+        return 0
+    key, address = new_key()
+    print(f"key     {key}\naddress {address}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from chainrelay.demo import Demo
+
+    if args.workers < 1 or args.block_time <= 0 or args.batch_rate <= 0:
+        raise ConfigError("--workers, --block-time and --batch-rate must be positive")
+    demo = Demo(
+        workers=args.workers,
+        block_time=args.block_time,
+        batch_rate=args.batch_rate,
+        directory=args.dir,
+    )
+    _run(_until_signal(demo.run))
+    return demo.code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -303,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             return _publish(args)
         if args.command == "nitro-tail":
             return _nitro_tail(args)
+        if args.command == "keygen":
+            return _keygen(args)
+        if args.command == "demo":
+            return _demo(args)
         if args.command in (None, "devnet"):
             if args.command is None:
                 args = _parser().parse_args(["devnet"])

@@ -328,6 +328,16 @@ class Metrics:
         items walked: for a look once a block, not per call)."""
         return sum(n[0] for (method, _), n in list(self._requests.items()) if method in methods)
 
+    def calls_total(self) -> int:
+        """Client calls answered so far, any method and outcome (for a look once a second,
+        not per call)."""
+        return sum(n[0] for n in list(self._requests.values()))
+
+    def upstream_calls_total(self) -> int:
+        """Calls sent to every upstream so far, any outcome."""
+        n = len(UPSTREAM_OUTCOMES)
+        return int(sum(sum(slots[:n]) for slots in list(self._upstream.values())))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

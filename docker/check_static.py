@@ -5,9 +5,11 @@
 * compose: every depends_on names a service, every network used is declared, every bind
   mount and build file exists, every relay runs a config from docker/config/, every port
   is published on 127.0.0.1 only, and every Redis runs with maxmemory and allkeys-lru;
-* prometheus.yml scrapes exactly the relay services, on their container port;
+* prometheus.yml scrapes exactly the relay services, on their admin port, which no service
+  publishes;
 * the dashboard: unique panel ids, no overlapping panels, every query on the provisioned
-  data source.
+  data source, and a panel for each family in ``PLOTTED`` (subscriptions, filters, the
+  feed, batches: a node exports them, an operator should see them).
 
     python3 docker/check_static.py
 """
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,21 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
+# The relays' admin listener (docker/config/*.toml): what Prometheus scrapes.
+ADMIN_PORT = 9645
+# Metric families the dashboard must plot, beside traffic, caches, upstreams and the head.
+PLOTTED = (
+    "chainrelay_subscriptions",
+    "chainrelay_subscription_notifications_total",
+    "chainrelay_filters",
+    "chainrelay_feed_frames_total",
+    "chainrelay_feed_last_latency_seconds",
+    "chainrelay_feed_parents",
+    "chainrelay_feed_children",
+    "chainrelay_batch_pushes_total",
+    "chainrelay_batch_ack_seconds_bucket",
+    "chainrelay_batch_order_gaps_total",
+)
 
 
 def load_yaml(name: str) -> Any:
@@ -74,7 +92,10 @@ def check() -> list[str]:
         for static in job["static_configs"]
         for t in static["targets"]
     }
-    assert targets == {f"{r}:8545" for r in relays}, f"scrape targets {sorted(targets)}"
+    assert targets == {f"{r}:{ADMIN_PORT}" for r in relays}, f"scrape targets {sorted(targets)}"
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert not str(port).endswith(f":{ADMIN_PORT}"), f"{name}: admin port published"
     done.append(f"prometheus.yml scrapes exactly the {len(relays)} relays")
 
     uid = sources["datasources"][0]["uid"]
@@ -97,6 +118,10 @@ def check() -> list[str]:
     queries = [t for p in dash["panels"] for t in p.get("targets", [])]
     assert all(t["datasource"]["uid"] == uid for t in queries), "a query on another source"
     done.append(f"dashboard: {len(ids)} panels, {len(queries)} queries on data source {uid!r}")
+    exprs = " ".join(t["expr"] for t in queries)
+    missing = [m for m in PLOTTED if re.search(re.escape(m) + r"\b", exprs) is None]
+    assert not missing, f"dashboard: no panel plots {missing}"
+    done.append(f"dashboard: plots all {len(PLOTTED)} subscription, filter, feed, batch families")
     return done
 
 

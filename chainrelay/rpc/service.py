@@ -8,7 +8,7 @@ repeats under other ids: by the body's remainder inside ``handle``, or by whole 
 bytes that a transport keeps (``serve`` returns the record with the answer) and checks
 again through ``replay``. Those tables are ``ReplayTable``s (``rpc/replay.py``).
 
-A read that is never cached goes straight to a healthy WebSocket upstream when there is one
+A read that is never cached goes straight to a healthy WebSocket or HTTP upstream (one only)
 (``rpc/forward.py``): no task, and its answer readdressed to the caller's id without
 decoding; its repeats at the same head are sent as the relay encoded the first one,
 id aside, with no decoding (a node must never read a repeat otherwise than the first call).
@@ -922,6 +922,11 @@ class RpcService:
         if self.shared is not None:
             entry = await self.shared.get(p.key)
             if entry is not None and self._still_canonical(entry):
+                # Stored by another process or node, maybe one with a larger size guard:
+                # held to this node's, and then not kept here either.
+                why = self._logs_oversize(method, entry.value)
+                if why is not None:
+                    return Answer(None, why), "refused"
                 self.cache.put(p.key, entry)
                 self.metrics.cache_bytes.set(self.cache.bytes)
                 self.metrics.hits += 1
@@ -1059,16 +1064,21 @@ class RpcService:
                 await shared.put(key, entry, p.finality)
             return answer
 
-        return await shared.exclusive(key, produce)
+        # What another process stored (or handed over) meanwhile meets this node's guard too.
+        return self._logs_bounded(method, await shared.exclusive(key, produce))
 
     def _logs_bounded(self, method: str, answer: Answer) -> Answer:
         """``answer``, or the -32005 refusing it when it is an eth_getLogs answer past the
         size guard (then never stored: errors are not)."""
-        result = answer.result
-        if method != _GET_LOGS or result is None:
-            return answer
-        why = self.log_guards.oversize(len(result))
+        why = self._logs_oversize(method, answer.result)
         return answer if why is None else Answer(None, why)
+
+    def _logs_oversize(self, method: str, result: bytes | None) -> bytes | None:
+        """The -32005 refusing ``result`` when it is an eth_getLogs answer past the size
+        guard, else None."""
+        if method != _GET_LOGS or result is None:
+            return None
+        return self.log_guards.oversize(len(result))
 
     def _fill_block(self, method: str, answer: Answer) -> None:
         """A transaction or receipt just read upstream: its block may be filled."""

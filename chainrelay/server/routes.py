@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from chainrelay.access.identity import Identity
 from chainrelay.server.ws import Subscriptions, WsSession
@@ -75,6 +75,7 @@ class Routes:
         feed: FeedOpener | None = None,
         batches: BatchRoutes | None = None,
         feed_range: Callable[[bytes, bytes | None], Awaitable[Reply]] | None = None,
+        pages: Mapping[bytes, Callable[[], Reply]] | None = None,
     ) -> None:
         self.rpc = rpc
         # Answers repeats of a POST without calling ``rpc`` (see HttpServer.learn_replay).
@@ -91,3 +92,6 @@ class Routes:
         # (called with the query string and the request's Via).
         self.batches = batches
         self.feed_range = feed_range
+        # Other GETs by path, answered now with any content type (the admin listener's
+        # status page and its JSON); none on the public port.
+        self.pages: Mapping[bytes, Callable[[], Reply]] = pages or {}

@@ -243,7 +243,7 @@ def test_hit_table_and_memo_bounds_are_limits_and_must_be_positive() -> None:
 POSITIVE_KEYS = {
     "server": "workers max_forwarded_hops max_proxy_header_bytes admin_scrape_timeout "
     "access_log_flush_interval access_log_flush_bytes access_log_max_buffer_bytes "
-    "request_id_max_bytes gzip_min_bytes",
+    "request_id_max_bytes gzip_min_bytes status_history status_max_children",
     "limits": "max_body_bytes max_batch_len max_pending_replies ws_close_timeout max_relay_hops "
     "max_hit_table_bytes max_hit_table_entries max_named_heads memo_max_params_bytes "
     "max_upstream_in_flight max_upstream_in_flight_per_client "
@@ -252,9 +252,10 @@ POSITIVE_KEYS = {
     "cache": "memory_bytes max_entry_bytes logs_bytes redis_max_entry_bytes "
     "redis_ttl_unfinalized redis_lock_ttl redis_timeout redis_connect_timeout "
     "redis_retry_interval redis_max_connections",
-    "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len",
+    "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len "
+    "http_keepalive_timeout http_pipeline_depth http_max_answer_bytes capability_ttl",
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
-    "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "
+    "filters": "idle_timeout max_filters max_changes max_changes_total max_per_ip max_addresses "
     "max_topics_per_position",
     "logs": "max_addresses max_topics_per_position max_answer_bytes",
     "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "

@@ -31,6 +31,11 @@ SANS_IO = (
     "chainrelay.rpc.replay",
     "chainrelay.rpc.inflight",
     "chainrelay.upstreams.batching",
+    "chainrelay.upstreams.budget",
+    "chainrelay.upstreams.capabilities",
+    "chainrelay.upstreams.route",
+    "chainrelay.upstreams.httpwire",
+    "chainrelay.upstreams.failures",
     "chainrelay.access.identity",
     "chainrelay.access.methods",
     "chainrelay.rpc.logguards",
@@ -66,6 +71,7 @@ SANS_IO = (
     "chainrelay.batches.order",
     "chainrelay.nitro.codec",
     "chainrelay.nitro.intake",
+    "chainrelay.status.samples",
 )
 # What a sans-I/O module may never import: event loops, sockets, I/O clients and servers.
 IO_MODULES = (
