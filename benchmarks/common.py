@@ -60,6 +60,7 @@ SECTIONS = (
     "batch_ack",
     "batch_e2e",
     "abuse",
+    "nitro_feed",
 )
 # How long a relay may take to answer /health after it is started.
 RELAY_READY_SECONDS = 20.0

@@ -33,6 +33,7 @@ LIMIT_SECONDS = {
     "batch_ack": 1530,
     "batch_e2e": 450,
     "abuse": 225,
+    "nitro_feed": 150,
     "scale_out": 312,
     "head_delay": 170,
 }

@@ -47,6 +47,8 @@ from chainrelay.config import Config, load_keys, parse_listen
 from chainrelay.errors import ConfigError
 from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
+from chainrelay.nitro.feedin import NitroFeedIn
+from chainrelay.nitro.feedout import NitroServer
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.service import RpcService
@@ -120,6 +122,8 @@ class Node:
         self.parents: ParentSet | None = None
         self.ingress: Ingress | None = None
         self.range: BatchRange | None = None
+        self.nitro_in: NitroFeedIn | None = None
+        self.nitro_out: NitroServer | None = None
         self.worker = worker
         # Under workers: the feeder's private listener, or another worker's link to it.
         self.sibling_server: HttpServer | None = None
@@ -398,6 +402,37 @@ class Node:
             )
         )
         _link_hub_range(hub, rng)
+        await self._nitro(hub, rng)
+
+    async def _nitro(self, hub: FeedHub, rng: BatchRange) -> None:
+        """Nitro's sequencer feed, when the node carries its stream: followed from
+        ``[[nitro.inputs]]`` at an entry node, served in Nitro's protocol at ``[nitro]
+        listen`` (by one process: under workers, the feeder)."""
+        cfg = self.cfg
+        n = cfg.nitro
+        st = hub.streams.get(n.stream)
+        if not isinstance(st, BatchStream):
+            return
+        if n.inputs and self.ingress is not None:
+            signer = load_credentials(cfg.tree).signer
+            if signer is None:
+                raise ConfigError("nitro.inputs: the entry node signs with tree.node_key")
+            self.nitro_in = await self._composition.enter(
+                running(NitroFeedIn(n, st.spec, self.ingress, signer, self.metrics))
+            )
+        if n.listen and (self.worker is None or self.worker.feeder):
+            self.nitro_out = await self._composition.enter(
+                running(
+                    NitroServer(
+                        n,
+                        hub,
+                        st.spec,
+                        self.metrics,
+                        read_range=lambda q: rng.serve(q, None),
+                        max_frame_bytes=cfg.tree.max_frame_bytes,
+                    )
+                )
+            )
 
     async def _server(
         self, rpc: RpcService, subs: SubscriptionService, reuse_port: bool

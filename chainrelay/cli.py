@@ -104,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--confirm-every", type=int, default=0, help="send a confirmation every N batches"
     )
+    tail = sub.add_parser(
+        "nitro-tail",
+        help="follow a Nitro sequencer feed (or a chainrelay node's); one JSON line a message",
+    )
+    tail.add_argument("url", metavar="URL", help="a feed's ws(s)://HOST:PORT, e.g. port 9642")
+    tail.add_argument("--from", dest="from_seq", type=int, help="the first sequence number")
+    tail.add_argument("--count", type=int, help="stop after this many messages")
+    tail.add_argument("--max-seconds", type=float, help="stop after this long")
+    tail.add_argument("--no-compression", action="store_true", help="offer no permessage-deflate")
     return p
 
 
@@ -243,6 +252,32 @@ def _subscribe(args: argparse.Namespace) -> int:
     return code
 
 
+def _nitro_tail(args: argparse.Namespace) -> int:
+    from chainrelay.nitro.tail import print_tail
+
+    async def main(stop: asyncio.Event) -> None:
+        work = asyncio.ensure_future(
+            print_tail(
+                args.url,
+                args.from_seq,
+                count=args.count,
+                max_seconds=args.max_seconds,
+                compression=not args.no_compression,
+            )
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+
+    _run(_until_signal(main))
+    return 0
+
+
 def _publish(args: argparse.Namespace) -> int:
     from chainrelay.clients.publisher import run_publish
 
@@ -331,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             return _subscribe(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "nitro-tail":
+            return _nitro_tail(args)
         if args.command == "keygen":
             return _keygen(args)
         if args.command == "demo":

@@ -741,3 +741,53 @@ STATUS_HISTORY = 300
 # Children listed by name in /status.json (relays first); the rest are counted. A hub may
 # serve 10,000 children: listing them all would make a once-a-second answer of megabytes.
 STATUS_MAX_CHILDREN = 200
+
+# --- Nitro's sequencer feed (chainrelay/nitro; Nitro's broadcast protocol at both ends) ----
+# The port a leaf serves Nitro's feed protocol on: Nitro's own relay's (--node.feed.output.port).
+NITRO_LISTEN = ":9642"
+# The stream the feed travels the tree in: one frame per feed message, position = seq.
+NITRO_STREAM = "arbitrum/nitro-feed"
+# Largest broadcast message taken from an input (a WebSocket message): a feed message holds
+# one L2 block's transactions, under ~100 KB on Arbitrum One; a backlog replay may put many
+# in one broadcast. Past it the input is closed (1009) and reconnected from the next number.
+NITRO_MAX_MESSAGE_BYTES = 16 * MiB
+# Feed messages an input may run ahead of a missing one before the newest are refused:
+# ~40 minutes of Arbitrum's ~4 messages a second; they come again after the reconnect.
+NITRO_ORDER_MAX_HELD = 10_000
+# Bytes of those held messages.
+NITRO_ORDER_MAX_HELD_BYTES = 64 * MiB
+# Seconds a missing message may stay missing (no input sent it) before every input is
+# reconnected from it: a sequencer sends ~4 a second, so 2 s is 8 messages late.
+NITRO_GAP_WAIT = 2.0
+# First delay before reconnecting to an input, doubled per failed connect up to the max
+# (Nitro's broadcastclient backs off the same way, from 50 ms to a few seconds).
+NITRO_RETRY_DELAY = 0.1
+NITRO_RETRY_MAX = 5.0
+# TCP + TLS + WebSocket handshake to an input: three intercontinental round trips and more.
+NITRO_CONNECT_TIMEOUT = 10.0
+# Feed connections one client address may hold at the Nitro endpoint (Nitro's relay:
+# --node.feed.output.connection-limits.per-ip-limit, 5; a region's NAT may hold more).
+NITRO_MAX_CONNECTIONS_PER_IP = 16
+# Feed connections the Nitro endpoint holds in all: each costs a task and its socket buffers.
+NITRO_MAX_CONNECTIONS = 20_000
+# Messages a client may fall behind the newest before it is disconnected (Nitro's relay:
+# --node.feed.output.max-send-queue, 4096); it reconnects with its next number.
+NITRO_SEND_QUEUE_MESSAGES = 4096
+# Seconds one send to a client may take (its socket full) before it is disconnected: Nitro's
+# relay drops a client that has not read for --node.feed.output.client-timeout, 15 s.
+NITRO_SEND_TIMEOUT = 15.0
+# Bytes queued in one client's socket before a send waits: ~10 large messages.
+NITRO_WRITE_BUFFER_BYTES = 1 * MiB
+# Decoded feed messages the endpoint keeps for its clients' replays and live sends: every
+# client behind by less reads them from memory, not from frames (~2 minutes at 4/s).
+NITRO_RECENT_MESSAGES = 512
+# Feed messages read from the tree's range endpoint per page when a client asks for a number
+# no longer held here (each page climbs to the nearest node that holds it).
+NITRO_RANGE_PAGE = 256
+# Retention of the feed in an entry node's batch log: the range endpoint serves a resume this
+# far back. Messages kept at least (~3 days of Arbitrum's ~4 a second)...
+NITRO_LOG_KEEP_MESSAGES = 1_000_000
+# ...and for how long (seconds): older ones go even within the count (3 days).
+NITRO_LOG_KEEP_SECONDS = 3 * 24 * 3600.0
+# Seconds between retention passes: each deletes at most batches.log.TRIM_ROWS records.
+NITRO_LOG_TRIM_INTERVAL = 60.0

@@ -203,6 +203,19 @@ class Metrics:
             ["stream", "outcome"],
             registry=r,
         )
+        self.nitro_messages = Counter(
+            "chainrelay_nitro_messages",
+            "Nitro feed messages and broadcasts, by where and outcome: in (accepted,"
+            " duplicate, backwards, malformed, signature, signer, too_large, held_full,"
+            " refused) and out (sent, too_slow, refused_limit, bad_request)",
+            ["where", "outcome"],
+            registry=r,
+        )
+        self.nitro_clients = Gauge(
+            "chainrelay_nitro_clients",
+            "Clients connected to this node's Nitro feed endpoint",
+            registry=r,
+        )
         self.batch_ack_seconds = Histogram(
             "chainrelay_batch_ack_seconds",
             "Seconds from a batch push read to its acknowledgement (durable, fsynced)",

@@ -125,6 +125,21 @@ class Ingress:
     async def stop(self) -> None:
         await self.log.stop()
 
+    def begin_at(self, stream: str, seq: int) -> bool:
+        """Start stream ``stream`` at ``seq`` if it has taken nothing yet (its log empty,
+        nothing in flight): a feed followed from its middle (Nitro's) starts where its
+        input is, not at a configured number. False if it has begun already."""
+        st = self.streams[stream]
+        rules = st.rules
+        if rules.next != rules.first or st.in_flight or seq < rules.first:
+            return False
+        st.rules = StreamRules(seq, None, self.cfg.recent_hashes)
+        # Before the first record is queued: the log's writer starts an empty stream here.
+        self.log.first_seqs[stream] = seq
+        self.hub.start_batches_at(stream, seq)
+        log.info("ingress of %s: begins at %d", stream, seq)
+        return True
+
     # --- authentication -------------------------------------------------------------------
     def authorized(self, header: bytes | None) -> bool:
         """True for ``Authorization: Bearer <one of the api keys>`` (compared in constant

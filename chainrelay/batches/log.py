@@ -84,6 +84,23 @@ class _Record:
 _Outcome = list[tuple[asyncio.Future[None], BatchLogError | None]]
 
 
+@dataclass(slots=True)
+class _Trim:
+    stream: str
+    keep: int
+    before_us: int
+    future: asyncio.Future[int]
+
+
+# Where a frame's origin time (u64, big-endian) sits in it (tree.frame.HEADER: version,
+# kind, flags, stream, position, identity, then the time): sqlite's substr counts from 1,
+# and compares BLOBs bytewise, which orders big-endian integers of one width.
+_ORIGIN_AT = 1 + 1 + 1 + 2 + 32 + 8 + 32
+# Records one trim looks at, oldest first: a log years behind its retention is cut back a
+# slice per call, never in one transaction that holds the writer for seconds.
+TRIM_ROWS = 10_000
+
+
 def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; the writer says BEGIN and COMMIT.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
@@ -135,6 +152,7 @@ class BatchLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cond = threading.Condition()
         self._queue: deque[_Record] = deque()  # guarded by _cond
+        self._trims: deque[_Trim] = deque()  # guarded by _cond: retention, between groups
         self._draining = False  # guarded by _cond: the writer exits once the queue is empty
         self._closed = False  # loop thread only: append fails from here on
         self._writer: threading.Thread | None = None
@@ -211,6 +229,42 @@ class BatchLog:
             self._cond.notify()
         return fut
 
+    def trim(self, stream: str, keep: int, before_us: int) -> asyncio.Future[int]:
+        """Retention: delete ``stream``'s oldest records past the newest ``keep`` and those
+        whose frame was made before ``before_us`` (unix µs; 0: none by age), at most
+        ``TRIM_ROWS`` a call; the newest record always stays (it is where the stream goes
+        on after a restart). Done by the writer between groups; resolves with the count."""
+        if self._loop is None or self._closed:
+            raise BatchLogError("batch log is not open")
+        fut: asyncio.Future[int] = self._loop.create_future()
+        with self._cond:
+            self._trims.append(_Trim(stream, max(1, keep), before_us, fut))
+            self._cond.notify()
+        return fut
+
+    def _trim(self, conn: sqlite3.Connection, t: _Trim) -> int:
+        cur = conn.execute(
+            "DELETE FROM batches WHERE stream = ? AND seq IN ("
+            " SELECT seq FROM batches WHERE stream = ? ORDER BY seq LIMIT ?)"
+            " AND seq < (SELECT MAX(seq) FROM batches WHERE stream = ?)"
+            " AND (seq <= (SELECT MAX(seq) FROM batches WHERE stream = ?) - ?"
+            f"      OR substr(frame, {_ORIGIN_AT}, 8) < ?)",
+            (t.stream, t.stream, TRIM_ROWS, t.stream, t.stream, t.keep,
+             t.before_us.to_bytes(8, "big")),
+        )  # fmt: skip
+        return cur.rowcount
+
+    def _run_trims(self, conn: sqlite3.Connection, trims: list[_Trim]) -> None:
+        assert self._loop is not None
+        for t in trims:
+            try:
+                n: int | BaseException = self._trim(conn, t)
+            except Exception as exc:
+                log.error("batch log %s: trim of %s failed: %s", self.path, t.stream, exc)
+                n = BatchLogError(f"trim failed: {exc}")
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_settle_trim, t.future, n)
+
     def _write_loop(self, opened: concurrent.futures.Future[None]) -> None:
         """The writer thread: open, then commit groups until drained at stop."""
         try:
@@ -243,8 +297,12 @@ class BatchLog:
         opened.set_result(None)
         try:
             while True:
-                group = self._take()
+                group, trims = self._take()
+                if trims:
+                    self._run_trims(conn, trims)
                 if not group:
+                    if trims:
+                        continue
                     return
                 try:
                     outcome = self._commit(conn, group, next_seq)
@@ -256,14 +314,18 @@ class BatchLog:
         finally:
             conn.close()
 
-    def _take(self) -> list[_Record]:
-        """Everything queued, up to the group bounds (at least one record); waits for one.
-        Empty once stop has been asked and the queue is drained."""
+    def _take(self) -> tuple[list[_Record], list[_Trim]]:
+        """Everything queued, up to the group bounds, and the trims asked for; waits for
+        either. Both empty once stop has been asked and the queue is drained."""
         with self._cond:
-            while not self._queue:
+            while not self._queue and not self._trims:
                 if self._draining:
-                    return []
+                    return [], []
                 self._cond.wait()
+            trims = list(self._trims)
+            self._trims.clear()
+            if not self._queue:
+                return [], trims
             group = [self._queue.popleft()]
             size = len(group[0].frame)
             while self._queue and len(group) < self.max_batches:
@@ -271,7 +333,7 @@ class BatchLog:
                 if size > self.max_bytes:
                     break
                 group.append(self._queue.popleft())
-            return group
+            return group, trims
 
     def _commit(
         self, conn: sqlite3.Connection, group: list[_Record], next_seq: dict[str, int]
@@ -424,6 +486,15 @@ class BatchLog:
             .fetchone()
         )
         return row[0]
+
+
+def _settle_trim(fut: asyncio.Future[int], n: int | BaseException) -> None:
+    if fut.done():
+        return
+    if isinstance(n, BaseException):
+        fut.set_exception(n)
+    else:
+        fut.set_result(n)
 
 
 def _settle(outcome: _Outcome) -> None:

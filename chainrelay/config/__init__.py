@@ -34,6 +34,8 @@ from chainrelay.config.sections import (
     LimitsConfig,
     LogsConfig,
     MethodsConfig,
+    NitroConfig,
+    NitroInputConfig,
     PoolConfig,
     ServerConfig,
     SubscriptionsConfig,
@@ -63,6 +65,8 @@ __all__ = [
     "LimitsConfig",
     "LogsConfig",
     "MethodsConfig",
+    "NitroConfig",
+    "NitroInputConfig",
     "PoolConfig",
     "ServerConfig",
     "SubscriptionsConfig",
@@ -101,6 +105,7 @@ class Config:
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    nitro: NitroConfig = field(default_factory=NitroConfig)
 
     def check(self) -> None:
         """Every section's own rules, then those that span sections. Fills in what is
@@ -111,6 +116,11 @@ class Config:
             # Misses go to the parents' JSON-RPC endpoints, as to any upstream.
             self.upstreams = [UpstreamConfig(url=p.rpc, name=p.name) for p in tree.parents]
         batches.check(taken=tree.streams)
+        self.nitro.check([s.name for s in batches.streams], bool(batches.log))
+        require(
+            not (self.nitro.inputs and not (tree.node_key or tree.node_key_file)),
+            "nitro.inputs: an entry node signs the feed's frames with its tree.node_key; set it",
+        )
         # POST /batches bodies pass the HTTP body bound first: a legal push must fit it.
         require(
             not (

@@ -775,3 +775,69 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
             u.name = f"upstream{i}"
     names = [u.name for u in upstreams]
     require(len(set(names)) == len(names), "upstreams: names must be unique")
+
+
+@dataclass
+class NitroInputConfig:
+    """One ``[[nitro.inputs]]`` entry: a Nitro feed this node follows (a sequencer's feed or
+    Nitro's relay), as a Nitro node's ``--node.feed.input.url``."""
+
+    url: str = ""
+
+
+@dataclass
+class NitroConfig:
+    """``[nitro]``: Arbitrum's sequencer feed in Nitro's broadcast format (chainrelay/nitro).
+    It travels the tree as the batch stream ``stream`` (named in ``[[batches.streams]]``,
+    its sequencers the entry nodes' node keys). An entry node (``inputs``, ``batches.log``,
+    ``tree.node_key``) follows the feed; every node that carries the stream serves it at
+    ``listen`` in Nitro's own protocol."""
+
+    stream: str = d.NITRO_STREAM
+    listen: str = d.NITRO_LISTEN  # empty: no Nitro endpoint on this node
+    inputs: list[NitroInputConfig] = field(default_factory=list)
+    # Addresses whose feed signatures a message must carry (empty: not checked), as a
+    # Nitro node's --node.feed.input.verify.allowed-addresses.
+    allowed_signers: list[str] = field(default_factory=list)
+    max_message_bytes: int = positive(d.NITRO_MAX_MESSAGE_BYTES)
+    order_max_held: int = positive(d.NITRO_ORDER_MAX_HELD)
+    order_max_held_bytes: int = positive(d.NITRO_ORDER_MAX_HELD_BYTES)
+    gap_wait: float = positive(d.NITRO_GAP_WAIT)
+    retry_delay: float = positive(d.NITRO_RETRY_DELAY)
+    retry_max: float = positive(d.NITRO_RETRY_MAX)
+    connect_timeout: float = positive(d.NITRO_CONNECT_TIMEOUT)
+    max_connections_per_ip: int = positive(d.NITRO_MAX_CONNECTIONS_PER_IP)
+    max_connections: int = positive(d.NITRO_MAX_CONNECTIONS)
+    send_queue_messages: int = positive(d.NITRO_SEND_QUEUE_MESSAGES)
+    send_timeout: float = positive(d.NITRO_SEND_TIMEOUT)
+    write_buffer_bytes: int = positive(d.NITRO_WRITE_BUFFER_BYTES)
+    recent_messages: int = positive(d.NITRO_RECENT_MESSAGES)
+    range_page: int = positive(d.NITRO_RANGE_PAGE)
+    log_keep_messages: int = positive(d.NITRO_LOG_KEEP_MESSAGES)
+    log_keep_seconds: float = positive(d.NITRO_LOG_KEEP_SECONDS)
+    log_trim_interval: float = positive(d.NITRO_LOG_TRIM_INTERVAL)
+    compression: bool = True  # permessage-deflate for a client that offers it
+
+    def check(self, batch_streams: Collection[str], ingress: bool) -> None:
+        """``batch_streams``: the node's batch streams; ``ingress``: it has a batch log."""
+        check_fields(self, "nitro")
+        if self.listen:
+            parse_listen(self.listen, "nitro.listen")
+        for i, inp in enumerate(self.inputs):
+            require(
+                inp.url.startswith(("ws://", "wss://")),
+                f"nitro.inputs[{i}].url: expected a ws:// or wss:// URL",
+            )
+        for j, a in enumerate(self.allowed_signers):
+            require(
+                ADDRESS.fullmatch(a) is not None,
+                f"nitro.allowed_signers[{j}]: expected a 0x-prefixed address",
+            )
+        if self.inputs:
+            require(
+                self.stream in batch_streams,
+                f"nitro.stream: name {self.stream} in [[batches.streams]], its sequencers "
+                "the entry nodes' node keys",
+            )
+            require(ingress, "nitro.inputs: an entry node keeps the feed in batches.log; set it")
+        require(self.retry_delay <= self.retry_max, "nitro.retry_delay: above nitro.retry_max")

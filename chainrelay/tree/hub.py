@@ -190,6 +190,8 @@ class FeedHub:
         # confirmations it took (its own children get them from here).
         self.fetch_range: RangeFetcher | None = None
         self.on_held: Callable[[str, int], None] | None = None
+        # The node's own takers of confirmations (its Nitro endpoint), after its children.
+        self.confirm_listeners: list[Callable[[str, int], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- counting ----------------------------------------------------------------------
@@ -421,6 +423,11 @@ class FeedHub:
         text = encode_confirmed(stream, seq, signature)
         for child in list(st.children):
             child.send(text)
+        for fn in self.confirm_listeners:
+            try:
+                fn(stream, seq)
+            except Exception:
+                log.exception("confirmation listener failed")
         return True
 
     def note_held(self, child: FeedChild, stream: str, position: int) -> None:

@@ -273,6 +273,10 @@ POSITIVE_KEYS = {
     "recent_hashes relay_ack_timeout backlog_frames backlog_bytes order_max_held "
     "order_max_held_bytes order_wait child_queue_frames fetch_rounds range_max_frames "
     "range_max_bytes range_timeout",
+    "nitro": "max_message_bytes order_max_held order_max_held_bytes gap_wait retry_delay "
+    "retry_max connect_timeout max_connections_per_ip max_connections send_queue_messages "
+    "send_timeout write_buffer_bytes recent_messages range_page log_keep_messages "
+    "log_keep_seconds log_trim_interval",
 }
 
 

@@ -69,6 +69,8 @@ SANS_IO = (
     "chainrelay.batches.frame",
     "chainrelay.batches.rules",
     "chainrelay.batches.order",
+    "chainrelay.nitro.codec",
+    "chainrelay.nitro.intake",
     "chainrelay.status.samples",
 )
 # What a sans-I/O module may never import: event loops, sockets, I/O clients and servers.

@@ -1,0 +1,248 @@
+"""Nitro's broadcast format (chainrelay.nitro.codec) against Nitro's own serialization
+examples and signature vector, and the entry node's intake (chainrelay.nitro.intake):
+each number once, in order, bad messages refused. Bytes in, bytes out."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import orjson
+import pytest
+
+from chainrelay.nitro.codec import (
+    Broadcast,
+    FeedMessage,
+    NitroFormatError,
+    encode_broadcast,
+    feed_signer,
+    l1_block_number,
+    message_spans,
+    parse_broadcast,
+    signature_hash,
+)
+from chainrelay.nitro.intake import FeedIntake
+from chainrelay.tree.frame import Signer
+from tests.lab.nitro_messages import (
+    example_messages,
+    feed_message,
+    realistic,
+    serialization_examples,
+)
+
+EXAMPLES = serialization_examples()["examples"]
+assert isinstance(EXAMPLES, list)
+SEQUENCER = Signer(bytes.fromhex("11" * 32))
+OTHER = Signer(bytes.fromhex("22" * 32))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: str(e["name"]))
+def test_nitros_examples_parse_and_encode_to_their_exact_bytes(example: dict[str, object]) -> None:
+    text = str(example["text"]).encode()
+    b = parse_broadcast(text)
+    assert [m.seq for m in b.messages] == example["sequence_numbers"]
+    assert b.confirmed == example["confirmed"]
+    assert encode_broadcast([m.raw for m in b.messages], b.confirmed) == text
+
+
+def test_nitros_signature_hash_vector() -> None:
+    v = serialization_examples()["signature_hash"]
+    assert isinstance(v, dict)
+    got = signature_hash(v["message"].encode(), v["chain_id"])
+    assert "0x" + got.hex() == v["hash"]
+
+
+def test_the_hash_covers_every_signed_field() -> None:
+    base = feed_message(7, b"\x01\x02", block_hash=b"\xaa" * 32, block_metadata=b"\x00\x01")
+    h = signature_hash(base, 42161)
+    assert signature_hash(base, 42170) != h
+    for changed in (
+        feed_message(8, b"\x01\x02", block_hash=b"\xaa" * 32, block_metadata=b"\x00\x01"),
+        feed_message(7, b"\x01\x03", block_hash=b"\xaa" * 32, block_metadata=b"\x00\x01"),
+        feed_message(7, b"\x01\x02", block_hash=b"\xab" * 32, block_metadata=b"\x00\x01"),
+        feed_message(7, b"\x01\x02", block_hash=b"\xaa" * 32, block_metadata=b"\x00\x02"),
+        feed_message(
+            7, b"\x01\x02", block_hash=b"\xaa" * 32, block_metadata=b"\x00\x01", l1_block=1
+        ),
+    ):
+        assert signature_hash(changed, 42161) != h
+
+
+def test_a_signed_message_recovers_its_signer() -> None:
+    raw = feed_message(9, b"tx", signer=SEQUENCER)
+    assert feed_signer(raw, 42161) == SEQUENCER.address
+    assert feed_signer(raw, 1) != SEQUENCER.address  # another chain's hash
+    assert feed_signer(feed_message(9, b"tx"), 42161) is None
+    # The older field name, "signature", is read too.
+    old = raw.replace(b'"signatureV2"', b'"signature"')
+    assert feed_signer(old, 42161) == SEQUENCER.address
+
+
+def test_raw_slices_are_the_bytes_sent_not_a_reserialization() -> None:
+    # Whitespace, key order and escapes as a sender wrote them are kept byte for byte.
+    odd = (
+        b'{ "messages" : [ {"message":{"message":{"header":{"kind":3,"sender":"0x'
+        + b"00" * 20
+        + b'","blockNumber":1,"timestamp":2,"requestId":null,"baseFeeL1":1e0},'
+        b'"l2Msg":"AA=="},"delayedMessagesRead":0}, "x\\"}]{": "]}",'
+        b' "sequenceNumber" : 5 } ,{"sequenceNumber":6,"extra":[1,{"a":"}"}]}],'
+        b' "version": 1, "note":"messages"}'
+    )
+    b = parse_broadcast(odd)
+    assert [m.seq for m in b.messages] == [5, 6]
+    assert b.messages[0].raw.startswith(b'{"message":') and b.messages[0].raw.endswith(b": 5 }")
+    assert b.messages[1].raw == b'{"sequenceNumber":6,"extra":[1,{"a":"}"}]}'
+    assert orjson.loads(b.messages[0].raw)['x"}]{'] == "]}"
+
+
+def test_realistic_messages_round_trip_in_one_broadcast() -> None:
+    made = realistic(6, signer=SEQUENCER)
+    text = encode_broadcast([m.raw for m in made], 149_999_999)
+    b = parse_broadcast(text)
+    assert [(m.seq, m.raw) for m in b.messages] == [(m.seq, m.raw) for m in made]
+    assert b.confirmed == 149_999_999
+    assert all(feed_signer(m.raw, 42161) == SEQUENCER.address for m in b.messages)
+    assert l1_block_number(made[0].raw) == 19_000_000
+    # Go's encoder and Python's agree on the wrapper: the JSON itself is the same document.
+    assert json.loads(text)["messages"][0] == json.loads(made[0].raw)
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1,2]", "JSON object"),
+        (b'{"messages":[]}', "version"),
+        (b'{"version":1,"messages":{}}', "not a list"),
+        (b'{"version":1,"messages":[1]}', "object"),
+        (b'{"version":1,"messages":[{"sequenceNumber":-1}]}', "sequenceNumber"),
+        (b'{"version":1,"messages":[{"sequenceNumber":"5"}]}', "sequenceNumber"),
+        (b'{"version":1,"messages":[{"sequenceNumber":true}]}', "sequenceNumber"),
+        (b'{"version":1,"messages":[{"sequenceNumber":9223372036854775808}]}', "range"),
+        (b'{"version":1,"confirmedSequenceNumberMessage":5}', "not an object"),
+        (
+            b'{"version":1,"messages":[{"sequenceNumber":1}],"messages":[{"sequenceNumber":2}]}',
+            "twice",
+        ),
+    ],
+)
+def test_malformed_broadcasts_are_refused_with_a_reason(text: bytes, what: str) -> None:
+    with pytest.raises(NitroFormatError, match=what):
+        parse_broadcast(text)
+
+
+def test_a_huge_base_fee_is_read_past_64_bits() -> None:
+    raw = feed_message(1, b"x", base_fee=2**70, signer=SEQUENCER)
+    assert feed_signer(raw, 42161) == SEQUENCER.address
+    assert parse_broadcast(encode_broadcast([raw])).messages[0].raw == raw
+
+
+def test_spans_find_only_the_top_level_messages() -> None:
+    text = b'{"a":{"messages":[{"x":1}]},"messages":[{"sequenceNumber":1,"messages":[{}]}]}'
+    spans = message_spans(text)
+    assert [text[a:b] for a, b in spans] == [b'{"sequenceNumber":1,"messages":[{}]}']
+
+
+def test_examples_yield_their_feed_messages() -> None:
+    assert len(example_messages()) == 2
+
+
+# --- the intake ------------------------------------------------------------------------------
+def _intake(**kw: object) -> FeedIntake:
+    args: dict[str, object] = {
+        "chain_id": 42161,
+        "allowed_signers": frozenset(),
+        "max_payload_bytes": 200_000,
+        "max_held": 100,
+        "max_held_bytes": 10_000_000,
+    }
+    args.update(kw)
+    return FeedIntake(**args)  # type: ignore[arg-type]
+
+
+def _b(*seqs: int, made: dict[int, bytes], confirmed: int | None = None) -> Broadcast:
+    return Broadcast(1, [FeedMessage(s, made[s]) for s in seqs], confirmed)
+
+
+def test_two_inputs_overlapping_out_of_order_give_each_number_once_in_order() -> None:
+    made = {m.seq: m.raw for m in realistic(12, first_seq=100, sizes=(100, 2000))}
+    intake = _intake(next_seq=100)
+    out: list[int] = []
+    dups = 0
+    # Input a is ahead and skips 103 (it lost it), b is late, resends and fills the hole.
+    script = [
+        ("a", (100, 101, 102)),
+        ("b", (100,)),
+        ("a", (104, 105)),
+        ("b", (101, 102, 103)),
+        ("a", (106, 107, 108)),
+        ("b", (104, 105, 106, 107, 108, 109)),
+        ("a", (110, 111)),
+        ("b", (110, 111)),
+    ]
+    for source, seqs in script:
+        t = intake.take(source, _b(*seqs, made=made))
+        assert not t.refused
+        out += [m.seq for m in t.released]
+        dups += t.duplicates
+        for m in t.released:
+            assert m.raw == made[m.seq]
+    assert out == list(range(100, 112))
+    assert dups == sum(len(s) for _, s in script) - 12
+
+
+def test_the_first_message_sets_the_start_when_nothing_is_kept() -> None:
+    made = {m.seq: m.raw for m in realistic(3, first_seq=5, sizes=(100, 200))}
+    intake = _intake()
+    assert [m.seq for m in intake.take("a", _b(6, 7, made=made)).released] == [6, 7]
+    assert intake.take("b", _b(5, made=made)).duplicates == 1  # before the start
+
+
+def test_an_input_going_backwards_is_refused_until_it_reconnects() -> None:
+    made = {m.seq: m.raw for m in realistic(5, first_seq=0, sizes=(100, 200))}
+    intake = _intake(next_seq=0)
+    intake.take("a", _b(0, 1, 2, made=made))
+    t = intake.take("a", _b(1, made=made))
+    assert [(r.seq, r.outcome) for r in t.refused] == [(1, "backwards")]
+    intake.connected("a")  # a reconnect replays from what it asked for: no longer backwards
+    t = intake.take("a", _b(1, 2, 3, made=made))
+    assert not t.refused and t.duplicates == 2 and [m.seq for m in t.released] == [3]
+
+
+def test_signatures_are_checked_when_signers_are_allowed() -> None:
+    intake = _intake(next_seq=1, allowed_signers=frozenset({SEQUENCER.address}))
+    good = feed_message(1, b"tx", signer=SEQUENCER)
+    forged = feed_message(1, b"tx", signer=OTHER)
+    unsigned = feed_message(1, b"tx")
+    tampered = good.replace(
+        b'"l2Msg":"' + base64.b64encode(b"tx"), b'"l2Msg":"' + base64.b64encode(b"tX")
+    )
+    cases = (("forged", forged, "signer"), ("unsigned", unsigned, "signature"))
+    for source, raw, outcome in (*cases, ("tampered", tampered, "signer")):
+        t = intake.take(source, Broadcast(1, [FeedMessage(1, raw)]))
+        assert [r.outcome for r in t.refused] == [outcome] and not t.released
+    # Refused copies leave the number missing: the good one is still taken.
+    t = intake.take("good", Broadcast(1, [FeedMessage(1, good)]))
+    assert [m.raw for m in t.released] == [good]
+
+
+def test_too_large_and_too_much_held_are_refused() -> None:
+    made = {m.seq: m.raw for m in realistic(6, first_seq=0, sizes=(100, 200))}
+    intake = _intake(next_seq=0, max_held=2, max_payload_bytes=150)
+    big = FeedMessage(0, b"x" * 151)
+    t = intake.take("a", Broadcast(1, [big]))
+    assert [r.outcome for r in t.refused] == ["too_large"]
+    intake = _intake(next_seq=0, max_held=2)
+    t = intake.take("a", _b(1, 2, 3, made=made))
+    assert [(r.seq, r.outcome) for r in t.refused] == [(3, "held_full")]
+    assert intake.missing() is not None and intake.missing().start == 0  # type: ignore[union-attr]
+    t = intake.take("b", _b(0, 1, 2, 3, made=made))
+    assert [m.seq for m in t.released] == [0, 1, 2, 3]
+
+
+def test_confirmations_only_move_forward() -> None:
+    intake = _intake(next_seq=0)
+    assert intake.take("a", Broadcast(1, [], 10)).confirmed == 10
+    assert intake.take("b", Broadcast(1, [], 9)).confirmed is None
+    assert intake.take("b", Broadcast(1, [], 10)).confirmed is None
+    assert intake.take("b", Broadcast(1, [], 11)).confirmed == 11
