@@ -9,6 +9,7 @@ task it creates. (Who the client is travels the same way: chainrelay/access/iden
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import re
 import secrets
@@ -54,3 +55,12 @@ def detached(coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.T
     that sent an upstream to probation) lends it neither its client address nor its Via,
     which would otherwise mark every later call of the task."""
     return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())
+
+
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a service's own task (None: none running) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

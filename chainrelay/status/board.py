@@ -12,7 +12,6 @@ when asked for (a page polls it once a second), with lists bounded: at most
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from importlib import resources
 from typing import Protocol
@@ -22,6 +21,7 @@ import orjson
 from chainrelay.chain.head import HeadTracker
 from chainrelay.config import Config
 from chainrelay.metrics import Metrics
+from chainrelay.server.peer import stop_task
 from chainrelay.status.samples import SampleRing, Series, Totals, ratio
 from chainrelay.subscriptions.filters import FilterService
 from chainrelay.tree.frame import Frame
@@ -91,10 +91,7 @@ class StatusBoard:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         hub = self.node.hub
         if hub is not None and self._on_frame in hub.listeners:
             hub.listeners.remove(self._on_frame)

@@ -19,7 +19,6 @@ it died (its link's back-off), not up to a probe interval later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import aiohttp
 
 from chainrelay.config import TreeConfig
+from chainrelay.server.peer import stop_task
 from chainrelay.tree.auth import Credentials
 from chainrelay.tree.choice import Candidate, RttEstimate, choose, health_url
 from chainrelay.tree.link import FeedLink
@@ -118,10 +118,7 @@ class ParentSet:
     async def stop(self) -> None:
         """Stop probing, then every link."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         links, self.links = self.links, {}
         self.parents = []
         for name, link in links.items():

@@ -276,22 +276,7 @@ class Tree:
         """Start anvil in a new namespace ``place``; its URL for the test process."""
         region = self.lab.add_region(place)
         self.anvil_place = region
-        region.spawn(
-            [find_anvil(), "--host", "127.0.0.1", "--port", str(ANVIL_PORT),
-             "--chain-id", str(chain_id), "--block-time", str(block_time), "--silent"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        url = region.url(ANVIL_PORT)
-
-        async def answers() -> bool:
-            body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
-                    return r.status == 200
-            return False
-
-        await until(answers, ANVIL_READY_TIMEOUT, "anvil")
-        return url
+        return await anvil_in(region, chain_id=chain_id, block_time=block_time)
 
     def origin(
         self,
@@ -444,3 +429,31 @@ async def batch_tree(
     await tree.start(b, c, timeout=timeout)
     await tree.start(*leaf_nodes, timeout=timeout)
     return ingress, [b, c], leaf_nodes
+
+
+async def anvil_in(
+    region: Region,
+    *,
+    chain_id: int = 56,
+    block_time: float = 1.0,
+    what: str = "anvil",
+    timeout: float = ANVIL_READY_TIMEOUT,
+) -> str:
+    """Start anvil inside ``region`` (on ANVIL_PORT there); its URL for the test process,
+    once it answers."""
+    region.spawn(
+        [find_anvil(), "--host", "127.0.0.1", "--port", str(ANVIL_PORT),
+         "--chain-id", str(chain_id), "--block-time", str(block_time), "--silent"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = region.url(ANVIL_PORT)
+
+    async def answers() -> bool:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+                return r.status == 200
+        return False
+
+    await until(answers, timeout, what)
+    return url

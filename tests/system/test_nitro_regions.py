@@ -20,24 +20,21 @@ range endpoint from entry b.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from chainrelay.devnet import find_anvil
 from chainrelay.tree.frame import Signer, keccak
 from tests.lab.fake_nitro_feed import script_messages
 from tests.lab.netns import Region, RegionLab, read_ready, unavailable
 from tests.lab.nitro_clients import Collector, collecting, has
 from tests.lab.procs import Procs, until
 from tests.lab.timing import SECOND
-from tests.lab.tree import ANVIL_PORT, BATCH_TREE_EXTRA, Tree, TreeNode
+from tests.lab.tree import ANVIL_PORT, BATCH_TREE_EXTRA, Tree, TreeNode, anvil_in
 
 pytestmark = [
     pytest.mark.lab,
@@ -77,21 +74,9 @@ async def entry(tree: Tree, name: str, region: str, feed: Region, feed_rtt: floa
         trust=(),
         tree_extra={**BATCH_TREE_EXTRA, "node_key": "0x" + ENTRY_KEYS[name].hex()},
     )
-    node.place.spawn(
-        [find_anvil(), "--host", "127.0.0.1", "--port", str(ANVIL_PORT),
-         "--chain-id", str(CHAIN_ID), "--block-time", "1", "--silent"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = node.place.url(ANVIL_PORT)
-
-    async def answers() -> bool:
-        body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
-                return r.status == 200
-        return False
-
-    await until(answers, START_TIMEOUT, f"anvil beside {name}")
+    await anvil_in(
+        node.place, chain_id=CHAIN_ID, what=f"anvil beside {name}", timeout=START_TIMEOUT
+    )
     f_host, f_port = tree.lab.link(node.place, feed, FEED_PORT, feed_rtt)
     node.text += (
         f'\n[[upstreams]]\nname = "anvil"\nurl = "ws://127.0.0.1:{ANVIL_PORT}"\n'
