@@ -49,6 +49,7 @@ from chainrelay.looplag import LoopLag
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.service import RpcService
 from chainrelay.rpc.shared_cache import RedisCache, lock_scope
 from chainrelay.server.accesslog import AccessLog, LoggedHttpProtocol
@@ -161,6 +162,10 @@ class Node:
             shared=self.shared,
             methods=methods_of(cfg),
             log_guards=log_guards_of(cfg, head.profile),
+            log_split=SplitRule(
+                cfg.logs.split_blocks or head.profile.logs_split_blocks,
+                cfg.logs.split_concurrency,
+            ),
             tiers=cfg.tiers,
             limiter=limiter,
             senders=senders,

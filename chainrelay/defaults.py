@@ -177,6 +177,15 @@ LOGS_MAX_TOPICS_PER_POSITION = 1000
 # each, with room; under the WebSocket send buffer (16 MiB), so a subscriber's connection
 # can take it, and over it an answer is held by the node, upstream and cache alike.
 LOGS_MAX_ANSWER_BYTES = 10 * MiB
+# A range wider than this many blocks is asked upstream in chunks of it (rpc/logsplit.py):
+# 0 takes the chain profile's (chain/profiles.py: 5,000 blocks on BSC, 10,000 on Arbitrum,
+# the ranges their public providers accept).
+LOGS_SPLIT_BLOCKS = 0
+# Chunk calls one split eth_getLogs has under way at once: a scan of 50 chunks takes ~13
+# round trips, not 50, and holds no more upstream calls than four clients would; with the
+# per-client gate ([limits] max_upstream_in_flight_per_client) of queries in flight, one
+# identity holds at most that many times four.
+LOGS_SPLIT_CONCURRENCY = 4
 # --- Rate limits per identity (chainrelay/access/buckets.py, limiter.py) ------------------
 # Calls per second one identity of a tier may make, on average: 0, no limit. Off by
 # default: a relay in front of a private node has no one to shed; a public one sets its

@@ -176,12 +176,20 @@ class LogsConfig:
     max_topics_per_position: int = positive(d.LOGS_MAX_TOPICS_PER_POSITION)
     # An answer's bytes, from the block logs held or from an upstream.
     max_answer_bytes: int = positive(d.LOGS_MAX_ANSWER_BYTES)
+    # A wider range is asked upstream in chunks of this many blocks (0: the profile's),
+    # this many chunk calls at once.
+    split_blocks: int = d.LOGS_SPLIT_BLOCKS
+    split_concurrency: int = positive(d.LOGS_SPLIT_CONCURRENCY)
 
     def check(self) -> None:
         check_fields(self, "logs")
         require(
             self.max_block_range >= 0,
             "logs.max_block_range: must be 0 (the chain profile's) or positive",
+        )
+        require(
+            self.split_blocks >= 0,
+            "logs.split_blocks: must be 0 (the chain profile's) or positive",
         )
 
 

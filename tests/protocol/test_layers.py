@@ -34,6 +34,7 @@ SANS_IO = (
     "chainrelay.access.identity",
     "chainrelay.access.methods",
     "chainrelay.rpc.logguards",
+    "chainrelay.rpc.logsplit",
     "chainrelay.access.buckets",
     "chainrelay.access.forwarded",
     "chainrelay.access.proxyproto",
