@@ -61,7 +61,7 @@ from chainrelay.errors import (
     error_message,
 )
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
-from chainrelay.rpc import logscan, policy
+from chainrelay.rpc import logscan, logsplit, policy
 from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import Forwarder
@@ -1072,24 +1072,32 @@ class RpcService:
         self, p: Plan, method: str, params: policy.Params | None, deadline: float | None
     ) -> Answer:
         """The upstream read of a planned miss: an eth_getLogs wider than ``[logs]
-        split_blocks`` in chunks (``rpc/logscan.py``), anything else in one call."""
-        if method == _GET_LOGS:
-            span = _logs_span(params)
-            rule = self.log_split
-            if span is not None and span[1] - span[0] + 1 > rule.blocks > 0:
-                assert isinstance(params, list)
-                guards = self.log_guards
-                return await logscan.scan(
-                    params[0],
-                    span[0],
-                    span[1],
-                    rule.blocks,
-                    rule.concurrency,
-                    partial(self._logs_chunk, deadline=deadline),
-                    guards.max_answer_bytes,
-                    guards.oversize,
-                )
-        return await self.pool.call(method, params, p.min_block, deadline=deadline)
+        split_blocks`` in chunks (``rpc/logscan.py``), anything else in one call; a
+        narrower eth_getLogs refused as too large is asked again in halves."""
+        span = _logs_span(params) if method == _GET_LOGS else None
+        rule = self.log_split
+        if span is None or rule.blocks <= 0:
+            return await self.pool.call(method, params, p.min_block, deadline=deadline)
+        lo, hi = span
+        size = rule.blocks
+        if hi - lo + 1 <= size:
+            answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
+            if hi <= lo or not logsplit.too_large(answer.error):
+                return answer
+            # Chunks of half the range: their keys are not this call's, whose miss this is.
+            size = (hi - lo + 2) // 2
+        assert isinstance(params, list)
+        guards = self.log_guards
+        return await logscan.scan(
+            params[0],
+            lo,
+            hi,
+            size,
+            rule.concurrency,
+            partial(self._logs_chunk, deadline=deadline),
+            guards.max_answer_bytes,
+            guards.oversize,
+        )
 
     async def _logs_chunk(self, params: list[Any], index: int, deadline: float | None) -> Answer:
         """One chunk of a split eth_getLogs, as a call of its own: cached under the key the
