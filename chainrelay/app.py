@@ -695,6 +695,8 @@ class Node:
                     "healthy": u.healthy,
                     "latest": u.latest,
                     "latencyMs": round(u.latency * 1000, 3),
+                    # Why its head is not used for latest (chain/quorum.py), or None.
+                    "flagged": pool.head_flags.get(u.name) if pool else None,
                 }
                 for u in (pool.upstreams if pool else [])
             ],

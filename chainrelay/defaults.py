@@ -338,6 +338,18 @@ REORG_WINDOW = 256
 # Recent canonical hashes fetched behind the first head, so reads of blocks from just
 # before a start are cached by hash at once: a BSC minute, well inside the window.
 BACKFILL_BLOCKS = 64
+# With 3 upstreams or more, the head is a block this many of them hold by hash (0: a
+# majority): one upstream on a fork of its own never moves the head clients see.
+HEAD_QUORUM = 0
+# An upstream whose head is more than this many blocks above the trusted head is flagged
+# and not used for `latest`: 64 blocks is 48 s on BSC, 16 s on Arbitrum, far past the few
+# blocks (MAX_LAG_BLOCKS) by which well upstreams differ; a head further ahead is a chain
+# (or a misconfigured devnet) nobody else follows.
+HEAD_MAX_AHEAD_BLOCKS = 64
+# How often each upstream is asked eth_syncing (and once at start): a node catching up
+# reports heads behind the chain's, so is flagged "syncing" until it says it is done;
+# once a minute costs nothing next to head polling.
+HEAD_SYNCING_EVERY = 60.0
 # How often safe/finalized are refreshed, in blocks.
 FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber is answered locally only while the head is this fresh, in block times;

@@ -391,9 +391,15 @@ class HeadConfig:
     poll_min_interval: float = positive(d.HEAD_POLL_MIN_INTERVAL)
     poll_max_interval: float = d.HEAD_POLL_MAX_INTERVAL
     poll_probe_every: int = positive(d.HEAD_POLL_PROBE_EVERY)
+    # Upstreams that must hold a block by hash for it to be the head (3 or more upstreams;
+    # 0: a majority), how far above it an upstream may be, how often eth_syncing is asked.
+    quorum: int = d.HEAD_QUORUM
+    max_ahead_blocks: int = positive(d.HEAD_MAX_AHEAD_BLOCKS)
+    syncing_every: float = positive(d.HEAD_SYNCING_EVERY)
 
     def check(self) -> None:
         check_fields(self, "head")
+        require(self.quorum >= 0, "head.quorum: must be 0 (a majority) or positive")
         require(
             # Written as refusals, so a NaN (valid TOML) passes exactly as it always has.
             not (self.poll_lead < 0 or self.interval_alpha > 1 or self.poll_backoff < 1),

@@ -253,7 +253,8 @@ POSITIVE_KEYS = {
     "redis_ttl_unfinalized redis_lock_ttl redis_timeout redis_connect_timeout "
     "redis_retry_interval redis_max_connections",
     "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len",
-    "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
+    "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every "
+    "max_ahead_blocks syncing_every",
     "filters": "idle_timeout max_filters max_changes max_per_ip max_addresses "
     "max_topics_per_position",
     "logs": "max_addresses max_topics_per_position max_answer_bytes split_concurrency",

@@ -47,6 +47,7 @@ SANS_IO = (
     "chainrelay.server.compress",
     "chainrelay.chain.profiles",
     "chainrelay.chain.headpoll",
+    "chainrelay.chain.quorum",
     "chainrelay.chain.blockorder",
     "chainrelay.chain.events",
     "chainrelay.chain.offers",
