@@ -302,6 +302,8 @@ class HeadTracker:
         if quorum is None or u.name not in quorum.names:
             return u, h
         quorum.saw(u.name, h)
+        for x in self.pool.upstreams:
+            quorum.set_out(x.name, not x.healthy)
         number = quorum.unknown_below(u.name)
         if number is not None:
             with contextlib.suppress(TransportError):

@@ -4,12 +4,14 @@ whose heads are not to be used for ``latest``.
 Taking the highest head any upstream reports lets one upstream on a fork of its own, or one
 that reports a head far ahead of the rest, move the head every client sees. Instead:
 
-* With 3 upstreams or more, the head is the highest block (among those the upstreams
-  reported as their heads) that a quorum of them (``[head] quorum``; a majority when 0)
-  holds: as its head, or as an ancestor of its head. What each upstream holds is what it
-  reported: its heads, and each head's parent, over the last ``window`` blocks.
+* With 3 upstreams or more in rotation and not syncing, the head is the highest block
+  (among those the upstreams reported as their heads) that a quorum of them (``[head]
+  quorum``; a majority when 0) holds: as its head, or as an ancestor of its head. What
+  each upstream holds is what it reported (its heads, and each head's parent, over the
+  last ``window`` blocks), and its block at the agreed height when the tracker asked.
 * With 2, the higher head, as before, unless it is more than ``max_ahead_blocks`` above
-  the other; with 1, its head.
+  the other; with 1, its head. Upstreams out of rotation (dead, cordoned) do not count:
+  two of three down leave the third's head followed, not frozen.
 * An upstream is flagged, and its head not counted, while: it reports ``eth_syncing``
   (``syncing``); its head is more than ``max_ahead_blocks`` above the trusted head
   (``ahead``); its hash at the trusted head's height (or, behind it, at its own head's)
@@ -48,6 +50,7 @@ class _Reports:
     heads: dict[int, HeaderLike] = field(default_factory=dict)
     hashes: dict[int, str] = field(default_factory=dict)
     syncing: bool = False
+    out: bool = False  # out of the pool's rotation: its reports are not counted
 
 
 class HeadQuorum:
@@ -56,7 +59,7 @@ class HeadQuorum:
         of them); ``max_ahead``: blocks an upstream may be above the trusted head;
         ``window``: blocks of each upstream's reports kept."""
         self.names = list(names)
-        self.quorum = quorum if quorum > 0 else len(names) // 2 + 1
+        self.configured = quorum
         self.max_ahead = max_ahead
         self.window = window
         self._reports = {name: _Reports() for name in names}
@@ -100,21 +103,44 @@ class HeadQuorum:
     def set_syncing(self, name: str, syncing: bool) -> None:
         self._reports[name].syncing = syncing
 
-    def _counted(self) -> list[_Reports]:
-        return [r for r in self._reports.values() if not r.syncing and r.head is not None]
+    def set_out(self, name: str, out: bool) -> None:
+        """``name`` is out of the pool's rotation (dead, cordoned): not counted, so two
+        upstreams of three down leave the third's head followed, not frozen."""
+        self._reports[name].out = out
+
+    def _counted(self) -> dict[str, _Reports]:
+        return {
+            n: r
+            for n, r in self._reports.items()
+            if not r.syncing and not r.out and r.head is not None
+        }
+
+    def _voters(self) -> int:
+        """Upstreams that count, whether they reported a head yet or not: the rule (quorum
+        or two-upstream) is theirs."""
+        return sum(1 for r in self._reports.values() if not r.syncing and not r.out)
+
+    def _required(self, counted: int) -> int:
+        """How many of ``counted`` upstreams must hold a block: the configured quorum, at
+        most all of them; a majority of them when none is configured."""
+        if self.configured > 0:
+            return min(self.configured, counted)
+        return counted // 2 + 1
 
     def trusted(self) -> tuple[HeaderLike, str] | None:
         """The head to follow and an upstream that holds it; None while none is agreed."""
-        counted = {n: r for n, r in self._reports.items() if not r.syncing and r.head}
+        counted = self._counted()
         if not counted:
             return None
-        if len(self.names) < 3:
+        voters = self._voters()
+        if voters < 3:
             return self._highest_within_bound(counted)
+        required = self._required(voters)
         numbers = sorted({n for r in counted.values() for n in r.heads}, reverse=True)
         for number in numbers:
             votes = Counter(r.hashes.get(number) for r in counted.values())
             for block_hash, count in votes.most_common():
-                if block_hash is None or count < self.quorum:
+                if block_hash is None or count < required:
                     continue
                 for name, r in counted.items():
                     h = r.heads.get(number)
@@ -138,13 +164,15 @@ class HeadQuorum:
         if got is None:
             return out
         top, _ = got
-        counted = {n: r for n, r in self._reports.items() if not r.syncing and r.head}
+        counted = self._counted()
+        voters = self._voters()
+        required = self._required(voters)
         for name, r in counted.items():
             assert r.head is not None
             if r.head.number - top.number > self.max_ahead:
                 out[name] = AHEAD
                 continue
-            if len(self.names) < 3:
+            if voters < 3:
                 continue
             at = min(r.head.number, top.number)
             mine = r.hashes.get(at)
@@ -152,7 +180,7 @@ class HeadQuorum:
                 continue
             votes = Counter(o.hashes.get(at) for o in counted.values())
             held, count = next(((h, c) for h, c in votes.most_common() if h is not None), (None, 0))
-            if count >= self.quorum and held != mine:
+            if count >= required and held != mine:
                 out[name] = FORK
         return out
 

@@ -86,8 +86,8 @@ def test_a_syncing_upstream_is_flagged_and_not_counted() -> None:
     hq.saw("c", BY_NUMBER[101])
     hq.set_syncing("b", True)
     assert hq.flags()["b"] == SYNCING
-    got = hq.trusted()
-    assert got is not None and got[0] == BY_NUMBER[100]  # a and c (101's parent)
+    # Two left: the two-upstream rule, the higher head within the bound.
+    assert hq.trusted() == (BY_NUMBER[101], "c")
     hq.set_syncing("b", False)
     assert "b" not in hq.flags()
 
@@ -102,3 +102,23 @@ def test_a_reorg_all_upstreams_follow_moves_the_head() -> None:
     got = hq.trusted()
     assert got is not None and got[0] == other[-1]
     assert hq.flags() == {"c": FORK}  # c holds the old 100; the quorum holds another
+
+
+def test_upstreams_out_of_rotation_are_not_counted() -> None:
+    hq = q()
+    for name in "abc":
+        hq.saw(name, BY_NUMBER[100])
+    hq.saw("c", BY_NUMBER[110])
+    hq.set_out("a", True)
+    hq.set_out("b", True)
+    # One left in rotation: its head, not one frozen at what the dead ones last said.
+    assert hq.trusted() == (BY_NUMBER[110], "c")
+
+
+def test_a_configured_quorum_of_all() -> None:
+    hq = q(quorum=3)
+    hq.saw("a", BY_NUMBER[100])
+    hq.saw("b", BY_NUMBER[101])
+    hq.saw("c", BY_NUMBER[101])
+    got = hq.trusted()
+    assert got is not None and got[0] == BY_NUMBER[100]  # all three hold 100, two hold 101
