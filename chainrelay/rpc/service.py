@@ -900,15 +900,11 @@ class RpcService:
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"
         if uncached or rule is None:
-            answer = await self.pool.call(
-                method, params, spent=spent, tried=tried, deadline=deadline
-            )
+            answer = await self._uncached(method, params, spent, tried, deadline)
             return self._logs_bounded(method, answer), "pass"
         p = policy.plan(method, call.params, self.view)
         if p.key is None:
-            answer = await self.pool.call(
-                method, params, spent=spent, tried=tried, deadline=deadline
-            )
+            answer = await self._uncached(method, params, spent, tried, deadline)
             return self._logs_bounded(method, answer), "pass"
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
@@ -1067,6 +1063,20 @@ class RpcService:
             return answer
 
         return await shared.exclusive(key, produce)
+
+    async def _uncached(
+        self,
+        method: str,
+        params: policy.Params | None,
+        spent: int,
+        tried: Sequence[Upstream],
+        deadline: float | None,
+    ) -> Answer:
+        """A read that is not cached, upstream: an eth_getLogs (bounds given as numbers the
+        head tracker cannot vouch for yet) split or bisected as a planned one is."""
+        if method == _GET_LOGS:
+            return await self._read(policy.PASS, method, params, deadline)
+        return await self.pool.call(method, params, spent=spent, tried=tried, deadline=deadline)
 
     async def _read(
         self, p: Plan, method: str, params: policy.Params | None, deadline: float | None
