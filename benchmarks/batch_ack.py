@@ -281,7 +281,7 @@ class ProfiledRelay(common.Relay):
         self._tmp = tempfile.TemporaryDirectory(prefix="chainrelay-bench-")
         path = Path(self._tmp.name) / "relay.toml"
         path.write_text(
-            f'[server]\nlisten = "127.0.0.1:{self.port}"\n\n{self.toml}\n\n'
+            f'[server]\nlisten = "127.0.0.1:{self.port}"\n{self._no_admin_line}\n{self.toml}\n\n'
             f'[[upstreams]]\nname = "anvil"\nurl = "{self.upstream}"\n'
         )
         cmd = [sys.executable, "-c", _PROFILED_NODE, str(self.profile_path)]

@@ -295,6 +295,14 @@ class Relay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def _no_admin_line(self) -> str:
+        """The config line that turns the admin listener off where ``root``'s node has one
+        on by default (its /metrics is read on the public port, and relays run side by
+        side); nothing for an older commit's (off by default, or no such key or flag)."""
+        defaults = (self.root / "chainrelay" / "defaults.py").read_text()
+        return 'admin_listen = ""\n' if "PUBLIC_METRICS" in defaults else ""
+
     def start(self, poke: Callable[[], object] | None = None) -> None:
         """Start the process and wait until /health says ok.
 
@@ -308,12 +316,14 @@ class Relay:
             self._tmp = tempfile.TemporaryDirectory(prefix="chainrelay-bench-")
             path = Path(self._tmp.name) / "relay.toml"
             path.write_text(
-                f'[server]\nlisten = "{listen}"\n\n{self.toml}\n\n'
+                f'[server]\nlisten = "{listen}"\n{self._no_admin_line}\n{self.toml}\n\n'
                 f'[[upstreams]]\nname = "anvil"\nurl = "{self.upstream}"\n'
             )
             cmd += ["--config", str(path)]
         else:
             cmd += ["--upstream", self.upstream, "--listen", listen]
+            if self._no_admin_line:
+                cmd += ["--admin-listen", ""]
         self.log = tempfile.TemporaryFile(prefix="chainrelay-bench-log-")
         # ``-m`` puts the working directory first on sys.path: the process imports
         # ``root``'s chainrelay, never the installed one.

@@ -117,7 +117,8 @@ class RelayProc:
             cache += f"memory_bytes = {setup.memory_bytes}\n"
         path = tmp / f"relay-{self.port}.toml"
         path.write_text(
-            f'[server]\nlisten = "127.0.0.1:{self.port}"\nworkers = {setup.workers}\n\n'
+            f'[server]\nlisten = "127.0.0.1:{self.port}"\nworkers = {setup.workers}\n'
+            'admin_listen = ""\n\n'
             "[head]\nfresh_blocks = 1000000.0\n\n"  # no new block for an hour: still fresh
             f"[cache]\n{cache}\n"
             f'[[upstreams]]\nname = "anvil"\nurl = "{upstream}"\n'

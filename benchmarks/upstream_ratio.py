@@ -23,7 +23,16 @@ counts every call it forwards, so the count includes the head tracker's own call
 ``chainrelay_upstream_calls_total`` (all labels summed) is reported next to it. Both
 upstream transports run, one after the other: WebSocket (newHeads) and HTTP (polling).
 
-    python -m benchmarks.upstream_ratio [--users 150] [--window 8] [--windows 3] [--mix scans]
+Each upstream's share of the upstream calls per 1,000 client calls is reported too (from
+``chainrelay_upstream_calls_total`` by upstream), so an operator sees what each provider
+is billed. With ``--routing`` the relay has a pool of three in front of the same anvil:
+the primary above, a rate-limited provider (``tests/lab/fault_upstream.py`` mode ``rate``:
+429 past ``LIMITED_QUOTA`` calls a second, given a budget of ``LIMITED_BUDGET``) as a
+second primary, and a paid fallback (``archive = true``) that should be billed only for
+what the primaries could not serve.
+
+    python -m benchmarks.upstream_ratio [--users 150] [--window 8] [--windows 3] [--routing]
+        [--mix scans]
 """
 
 from __future__ import annotations
@@ -63,6 +72,10 @@ HEADERS = {"Content-Type": "application/json"}
 SCANNER_EVERY = 10
 SCAN_HISTORY = 2000
 SCAN_SPLIT_BLOCKS = 200
+# --routing: the rate-limited provider's quota, and the budget the relay keeps for it
+# (above the quota: its 429s come, auto-tuning brings the budget under it).
+LIMITED_QUOTA = 20
+LIMITED_BUDGET = 30
 
 
 @dataclass
@@ -83,6 +96,8 @@ class Window:
     wire: collections.Counter[str]
     served: dict[str, float]
     blocks: int
+    # Upstream calls the relay made, by upstream (its metric, every outcome summed).
+    by_upstream: dict[str, float] = field(default_factory=dict)
 
     @property
     def wire_total(self) -> int:
@@ -239,7 +254,18 @@ def _window(before: Any, after: Any) -> Window:
         - common.metric(m0, "chainrelay_requests_total", outcome=o)
         for o in ("hit", "local", "miss", "pass", "error")
     }
+    names = {
+        key.split('upstream="', 1)[1].split('"', 1)[0]
+        for key in m1
+        if key.startswith("chainrelay_upstream_calls_total{") and 'upstream="' in key
+    }
+    by_upstream = {
+        name: common.metric(m1, "chainrelay_upstream_calls_total", upstream=name)
+        - common.metric(m0, "chainrelay_upstream_calls_total", upstream=name)
+        for name in sorted(names)
+    }
     return Window(
+        by_upstream=by_upstream,
         seconds=t1 - t0,
         client=n1 - n0,
         errors=e1 - e0,
@@ -271,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         help="scans: one user in 10 scans the logs from block 0 each poll (an indexer)",
     )
     ap.add_argument(
+        "--routing",
+        action="store_true",
+        help="a pool: the primary, a rate-limited primary and a paid fallback",
+    )
+    ap.add_argument(
         "--follow-blocks",
         choices=("auto", "always", "never"),
         default=None,
@@ -282,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     common.budget(int(40 + per * len(transports)))
     m = common.machine()
     results: dict[str, list[Window]] = {}
+    paid_calls: dict[str, dict[str, int]] = {}
+    paid_seen: collections.Counter[str] = collections.Counter()
     with contextlib.ExitStack() as stack:
         anvil = common.start_anvil(block_time=1.0)
         stack.callback(anvil.stop)
@@ -293,12 +326,27 @@ def main(argv: list[str] | None = None) -> int:
             setup.call("anvil_mine", [hex(SCAN_HISTORY)])
         counter, counter_url = common.start_counter(anvil)
         stack.callback(common.stop_process, counter)
+        pool = ""
+        paid_url = ""
+        if args.routing:
+            limited, limited_url = start_limited(anvil)
+            stack.callback(common.stop_process, limited)
+            paid, paid_url = common.start_counter(anvil)
+            stack.callback(common.stop_process, paid)
+            pool = (
+                "[pool]\nauto_tune = true\n\n"
+                f'[[upstreams]]\nname = "limited"\nurl = "{limited_url}"\n'
+                f"max_rps = {LIMITED_BUDGET}\n\n"
+                f'[[upstreams]]\nname = "paid"\nurl = "{paid_url}"\n'
+                'role = "fallback"\narchive = true\n'
+            )
         for transport in transports:
             upstream = counter_url.replace("http://", "ws://") if transport == "ws" else counter_url
             toml = f'[subscriptions]\nfollow_blocks = "{args.follow_blocks}"\n'
             toml = toml if args.follow_blocks else ""
             if args.mix == "scans":
                 toml += f"[logs]\nsplit_blocks = {SCAN_SPLIT_BLOCKS}\n"
+            toml += pool
             relay = common.Relay(upstream, toml=toml)
             try:
                 relay.start()
@@ -306,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 relay.stop()
             results[transport] = windows
+            if paid_url:  # what the fallback was asked, by method, over this relay's run
+                now = collections.Counter(orjson.loads(common.http_get(paid_url + "/counts")))
+                paid_calls[transport] = dict(now - paid_seen)
+                paid_seen = now
             for k, w in enumerate(windows):
                 print(
                     f"{transport:4s} {'cold  ' if k == 0 else 'window'} {w.seconds:4.1f}s: "
@@ -315,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{w.metric_upstream:.0f} by metric ({w.per_1000(w.metric_upstream):.1f}/1000)",
                     flush=True,
                 )
-    text = report(m, results, args)
+    text = report(m, results, args, paid_calls)
     print(text)
     # The scans mix prints its report only: RESULTS.md's section is the dapp mix's.
     if not args.no_write and args.mix == "dapp":
@@ -323,7 +375,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(m: dict[str, str], results: dict[str, list[Window]], args: Any) -> str:
+def start_limited(node: Any) -> tuple[Any, str]:
+    """A provider with a quota (``fault_upstream`` mode ``rate``) in front of ``node``."""
+    port = common.free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["--mode", "rate", "--rps", str(LIMITED_QUOTA), "--upstream", node.url]
+    args += ["--port", str(port)]
+    proc = common.start_server(
+        "tests.lab.fault_upstream", args, lambda: common.http_get(url + "/counts")
+    )
+    return proc, url
+
+
+def shares(results: dict[str, list[Window]]) -> list[str]:
+    """Each upstream's calls per 1,000 client calls and share of all upstream calls, by
+    transport, over the measured windows: what each provider is billed."""
+    rows = []
+    for transport, (_cold, *ws) in results.items():
+        client = sum(w.client for w in ws)
+        total: collections.Counter[str] = collections.Counter()
+        for w in ws:
+            total.update(w.by_upstream)
+        every = sum(total.values())
+        for name, calls in sorted(total.items()):
+            rows.append(
+                [
+                    transport.upper(),
+                    f"`{name}`",
+                    f"{1000 * calls / client:.1f}" if client else "-",
+                    f"{calls / every:.1%}" if every else "-",
+                ]
+            )
+    return [
+        "Each upstream's share (`chainrelay_upstream_calls_total` by upstream, measured "
+        "windows): what each provider is billed per 1,000 client calls.",
+        "",
+        common.table(
+            ["transport", "upstream", "calls / 1000 client calls", "share of upstream calls"],
+            rows,
+        ),
+    ]
+
+
+def report(
+    m: dict[str, str],
+    results: dict[str, list[Window]],
+    args: Any,
+    paid_calls: dict[str, dict[str, int]] | None = None,
+) -> str:
     rows = []
     verdicts = []
     breakdown: dict[str, collections.Counter[str]] = {}
@@ -405,6 +504,32 @@ def report(m: dict[str, str], results: dict[str, list[Window]], args: Any) -> st
             "",
             *verdicts,
             "",
+            *(
+                [
+                    f"`--routing`: a pool of three in front of the same anvil: `anvil` "
+                    f"(primary), `limited` (primary; 429 past {LIMITED_QUOTA} calls a second, "
+                    f"max_rps {LIMITED_BUDGET}, auto_tune) and `paid` (fallback, archive). "
+                    "*Wire* counts `anvil`'s door only.",
+                    "",
+                ]
+                if args.routing
+                else []
+            ),
+            *shares(results),
+            "",
+            *(
+                [
+                    "The paid fallback's calls by method over each whole run (cold start "
+                    "included): "
+                    + "; ".join(
+                        f"{t.upper()} " + ", ".join(f"`{k}` {v}" for k, v in sorted(c.items()) if k)
+                        for t, c in paid_calls.items()
+                    ),
+                    "",
+                ]
+                if paid_calls
+                else []
+            ),
             "Upstream calls on the wire per 1,000 client requests, by method (measured windows):",
             "",
             common.table(

@@ -172,7 +172,16 @@ class Node:
         )
         follower = await self._follower(pool, head, cache, rpc)
         filters = self.filters = await self._composition.enter(
-            running(FilterService(cfg.filters, follower, rpc.call, self.metrics))
+            running(
+                FilterService(
+                    cfg.filters,
+                    follower,
+                    rpc.call,
+                    self.metrics,
+                    guards=rpc.log_guards,
+                    view=rpc.view,
+                )
+            )
         )
         local_logs = LocalLogs(follower.logs, rpc.call, self.metrics, cfg.cache, cfg.filters)
         _link_rpc(rpc, filters, follower, local_logs)
@@ -399,8 +408,9 @@ class Node:
         self, rpc: RpcService, subs: SubscriptionService, reuse_port: bool
     ) -> HttpServer:
         cfg = self.cfg
-        # With an admin listener, the public port tells liveness alone and no metrics.
-        admin = bool(cfg.server.admin_listen)
+        # With an admin listener, the public port tells liveness alone and no metrics,
+        # unless the operator wants them there too.
+        admin = bool(cfg.server.admin_listen) and not cfg.server.public_metrics
         access = None
         if cfg.server.access_log:
             # Started before the server, so stopped after it: the last answers are logged.
@@ -481,7 +491,15 @@ class Node:
             protocol=AdminProtocol,
         )
         host, port = parse_listen(s.admin_listen, "server.admin_listen")
-        await server.start(host, port)
+        try:
+            await server.start(host, port)
+        except OSError as exc:
+            # Most often a second node on the host left at the default port: said as a
+            # config error (exit 2), not a traceback.
+            raise ConfigError(
+                f"server.admin_listen: cannot listen on {host}:{port} ({exc.strerror or exc});"
+                ' give each node on a host its own admin port, or "" to turn it off'
+            ) from None
         await self._composition.enter(on_leaving(server.stop))
         log.info("admin listener on %s:%d", host, server.port)
 

@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", help=f"HOST:PORT (default {defaults.LISTEN})")
     serve.add_argument(
+        "--admin-listen",
+        help=f'the admin listener\'s HOST:PORT (default {defaults.ADMIN_LISTEN}; "" turns it off)',
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         help="worker processes sharing the port (SO_REUSEPORT); overrides server.workers",
@@ -44,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("file")
     dev = sub.add_parser("devnet", help="anvil + real transactions + a relay (the default)")
     dev.add_argument("--listen", default=defaults.LISTEN)
+    dev.add_argument(
+        "--admin-listen", default=defaults.ADMIN_LISTEN, help='"" turns the admin listener off'
+    )
     dev.add_argument("--chain-id", type=int, default=56)
     dev.add_argument("--block-time", type=float, default=1.0)
     subs = sub.add_parser(
@@ -131,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("serve needs --config FILE or at least one --upstream URL")
     if args.workers is not None:
         cfg.server.workers = args.workers
+    if args.admin_listen is not None:
+        cfg.server.admin_listen = args.admin_listen
     configmod.validate(cfg)
     if cfg.server.workers > 1:
         from chainrelay.workers import supervise
@@ -139,6 +148,16 @@ def _serve(args: argparse.Namespace) -> int:
     node = Node(cfg)
     _run(_until_signal(node.run_forever, node.reload_keys_logged))
     return 0
+
+
+def devnet_config(upstream: str, listen: str, admin_listen: str) -> configmod.Config:
+    """The relay of ``chainrelay devnet``: ``serve --upstream``'s, with the devnet's own
+    controls let through (``defaults.DEVNET_METHODS_ENABLE``), as test suites that mine,
+    snapshot and fund accounts through their RPC URL need."""
+    cfg = configmod.quick([upstream], listen)
+    cfg.server.admin_listen = admin_listen
+    cfg.methods.enable = list(defaults.DEVNET_METHODS_ENABLE)
+    return configmod.validate(cfg)
 
 
 def _devnet(args: argparse.Namespace) -> int:
@@ -151,12 +170,13 @@ def _devnet(args: argparse.Namespace) -> int:
         anvil.start()
         try:
             await anvil.wait_ready()
-            node = Node(configmod.quick([anvil.ws_url], args.listen))
+            node = Node(devnet_config(anvil.ws_url, args.listen, args.admin_listen))
             await node.start()
             settle_startup_heap()
             try:
                 gen = asyncio.create_task(devnet.traffic(anvil.url, stop))
                 url = f"http://{args.listen}"
+                admin = f"http://{args.admin_listen}" if args.admin_listen else url
                 print(
                     f"\nchainrelay devnet: anvil (chain id {args.chain_id}) at {anvil.url}, "
                     f"relay at {url}\n"
@@ -164,7 +184,7 @@ def _devnet(args: argparse.Namespace) -> int:
                     f"  ethers  : new ethers.JsonRpcProvider('{url}')\n"
                     f"  wallet  : RPC URL {url}, chain id {args.chain_id}\n"
                     f"  ws      : ws://{args.listen}\n"
-                    f"  metrics : {url}/metrics   health: {url}/health\n"
+                    f"  metrics : {admin}/metrics   health: {admin}/health\n"
                     "The relay tree, a sequencer's batches, status pages: chainrelay demo\n"
                     "Ctrl-C stops.",
                     flush=True,

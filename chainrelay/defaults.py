@@ -56,7 +56,11 @@ MAX_PENDING_PER_CONNECTION = 256
 # have under way; more are answered 429: a range answer runs to megabytes (a pusher that
 # wants more in flight uses the WebSocket).
 MAX_PENDING_REPLIES = 4
-# Connections one IP may hold: a browser opens ~6, a busy backend a few hundred.
+# Connections one IP may hold: a browser opens ~6, a busy backend a few hundred. Counted at
+# accept, before any key is known, so per client address, never per key: the peer's, the
+# one a trusted proxy's PROXY header names, or, for a WebSocket through a trusted HTTP
+# proxy, the one its upgrade's forwarding header names (a proxy's keep-alive connections
+# carry many clients and count as none's).
 MAX_CONNECTIONS_PER_IP = 1024
 # Idle keep-alive connections are closed after this; matches nginx's keepalive_timeout.
 KEEPALIVE_TIMEOUT = 75.0
@@ -71,7 +75,9 @@ WS_CLOSE_TIMEOUT = 10.0
 # Bytes one client address may make the front door hold at once (server/budget.py): bodies
 # and WebSocket messages still coming in, answers and control frames queued for it. Six of
 # the largest bodies at once: a backend uploading a few large calls in parallel fits, and
-# 1,024 connections of one address no longer hold 5 GiB. Past it: 429, close 1008.
+# 1,024 connections of one address no longer hold 5 GiB. Past it: 429, close 1008. Per
+# client address, never per key: bytes are held as they arrive, before a key is read (a
+# trusted proxy's connection has a share of its own).
 MAX_BUFFERED_BYTES_PER_IP = 32 * MiB
 # The same over every client: four addresses at their share. Half what the cache may take,
 # so a flood from many addresses (all of 127/8 is loopback) costs refusals (503, close
@@ -127,10 +133,16 @@ MAX_UPSTREAM_IN_FLIGHT = 1024
 MAX_UPSTREAM_IN_FLIGHT_PER_CLIENT = 256
 
 # --- Operator surfaces (server/admin.py, server/accesslog.py, server/compress.py) ---------
-# The admin listener (/metrics, the full /health, the admin JSON-RPC): off. A fixed default
-# port would collide between the nodes one host runs (a tree lab, tests), and turning it on
-# changes what the public port serves; "HOST:PORT" turns it on, ":PORT" binds loopback.
-ADMIN_LISTEN = ""
+# The admin listener (/metrics, the full /health, the admin JSON-RPC): loopback, so only the
+# host's operator (and its Prometheus) reach it. 9645 is clear of what runs beside a relay:
+# JSON-RPC 8545/8546, the engine API 8551, geth's and BSC's metrics 6060, Nitro's 6070 and
+# its feed 9642, Redis 6379, Prometheus 9090. A second node on the host sets its own (it
+# refuses to start on a port taken); ":PORT" binds loopback, "" turns the listener off.
+ADMIN_LISTEN = "127.0.0.1:9645"
+# The public port serves /metrics and the full /health (upstream names and latencies, tree
+# detail) only while the admin listener is off, or when this says so: a public URL tells
+# anyone its liveness, not its upstreams and its traffic.
+PUBLIC_METRICS = False
 # How long the admin listener's /metrics waits for each other worker's registry (under
 # ``--workers``): a scrape is a local Unix-socket round trip of ~1 ms; a worker stuck longer
 # is left out of that scrape (chainrelay_worker_scrape_failures counts it), never waited on.
@@ -166,6 +178,11 @@ WS_DEFLATE = False
 # txpool_, admin_, personal_, miner_, engine_ or devnet control unless its operator says so.
 METHODS_ENABLE: tuple[str, ...] = ()
 METHODS_DISABLE: tuple[str, ...] = ()
+# What ``chainrelay devnet`` serves beyond them: its anvil's controls. Test suites written
+# for hardhat or foundry mine, snapshot, revert and fund accounts through their RPC URL
+# (evm_mine, anvil_setBalance; anvil answers hardhat's names too), and a local devnet has
+# no public to keep them from.
+DEVNET_METHODS_ENABLE = ("anvil_*", "evm_*", "hardhat_*")
 # eth_getLogs' widest block range: 0 takes the chain profile's (chain/profiles.py: 10,000
 # blocks on BSC, 100,000 on Arbitrum).
 LOGS_MAX_BLOCK_RANGE = 0
@@ -325,12 +342,68 @@ WS_PING_INTERVAL = 20.0
 # Largest message taken from a WebSocket upstream: a full BSC block with its transactions
 # stays far below, while debug_trace answers can reach tens of MiB.
 WS_MAX_MESSAGE_BYTES = 64 * MiB
+# HTTP upstreams (chainrelay/upstreams/httplink.py). An idle keep-alive connection is closed
+# after this: aiohttp's default, which the node used until now; under most gateways' own
+# (nginx 75 s, AWS ALB 60 s), so the upstream rarely closes one just as a request goes out.
+HTTP_UPSTREAM_KEEPALIVE = 15.0
+# Requests in flight at once on one connection (HTTP/1.1 pipelining) once every connection
+# of the upstream is busy: each waits for the answers before it, so a few, not many. 1: off.
+HTTP_UPSTREAM_PIPELINE_DEPTH = 4
+# Largest answer taken from an HTTP upstream, as read and once decoded (gzip): as for a
+# WebSocket upstream's message (a BSC block with its transactions stays far below,
+# debug_trace answers reach tens of MiB); past it the try fails and the connection goes.
+HTTP_UPSTREAM_MAX_ANSWER_BYTES = 64 * MiB
+# Ask HTTP upstreams for gzip/deflate answers (Accept-Encoding), as aiohttp did. Measured
+# here: mainnet block 18,000,000's receipts (474 KB) gzip 13.5x and decode in 0.42 ms, its
+# full block (654 KB) 2.5x in 1.9 ms; 394-438 KB less on the wire is 3 ms at 1 Gbit/s, 30 ms
+# at 100 Mbit/s, so a remote provider's answers come sooner compressed. A 1 KB answer costs
+# 4-6 us to decode (anvil and geth never compress). Off for an upstream on the same LAN.
+HTTP_UPSTREAM_ACCEPT_ENCODING = True
 # Calls per JSON-RPC batch sent upstream (a client batch's misses go up in chunks this long):
 # many providers cap batches at 100 or less (geth's own cap is 1000); 100 calls in one
 # request instead of 100 requests.
 UPSTREAM_BATCH_LEN = 100
 # Smoothing of the latency EWMA: ~the last 10 calls dominate.
 LATENCY_EWMA_ALPHA = 0.1
+
+# --- Upstream routing: roles, budgets, capabilities (upstreams/budget.py, capabilities.py) --
+# An [[upstreams]] entry's role: "primary" shares reads by weight; "fallback" serves only
+# what no primary can (down, lagging, over budget, lacking the method or the block), so a
+# paid provider kept as fallback is billed for exactly that.
+UPSTREAM_ROLE = "primary"
+# Share of a primary among the primaries (smooth weighted round robin, nginx's): 1 each is
+# an even split.
+UPSTREAM_WEIGHT = 1
+# Calls per second sent to one upstream (0: no bound): a provider's plan quota, kept below
+# so its 429s are the exception. Every call counts, the head tracker's and probes' too.
+UPSTREAM_MAX_RPS = 0.0
+# Calls in flight to one upstream at once (0: no bound); some providers cap concurrency.
+UPSTREAM_MAX_CONCURRENCY = 0
+# Burst a rate budget allows, in seconds of its rate (at least one call): a provider's
+# one-second window then sees at most 1.2x the rate, never a whole second's worth twice.
+BUDGET_BURST_SECONDS = 0.2
+# Longest a read waits for an upstream's budget when every upstream that could serve it
+# is at its bound: a burst over the quota is smoothed, a flood is refused (-32005).
+BUDGET_WAIT = 0.5
+# How long "this method is not supported here" is believed: a provider's plan or a
+# node's flags change rarely, and one probe of the method per 10 minutes costs nothing.
+CAPABILITY_TTL = 600.0
+# Pause after a JSON-RPC "slow down" answer (a provider's rate-limit wording under HTTP
+# 200), which carries no Retry-After: one second, a provider's usual window.
+SLOW_DOWN_PAUSE = 1.0
+# Auto-tuning of max_rps from 429s (erpc's rateLimitAutoTune): off unless asked.
+AUTO_TUNE = False
+# Auto-tuning: each 429 period cuts the rate by this factor; each quiet period raises it by
+# the other, up to max_rps: quick to back off, slow to come back (erpc: 0.9/1.05 per period).
+AUTO_TUNE_DECREASE = 0.9
+AUTO_TUNE_INCREASE = 1.05
+# Auto-tuning's period: one cut per period however many 429s one burst brought back.
+AUTO_TUNE_PERIOD = 1.0
+# Auto-tuning never cuts a rate below this, in calls per second: a budget of 0 would
+# stop the upstream for good.
+AUTO_TUNE_FLOOR = 1.0
+# Probes of a pruned upstream's lowest block (bisection): 32 steps reach any block number.
+AVAILABILITY_PROBE_STEPS = 32
 
 # --- Head tracker --------------------------------------------------------------------------
 # Canonical hashes remembered per chain: deeper than any reorg either chain has seen.
@@ -388,12 +461,21 @@ FILTER_IDLE_TIMEOUT = 300.0
 # Filters held by one node: each is matched against every block's logs, so this bounds the
 # per-block CPU of matching (one catch-all filter per dapp backend of a busy relay).
 MAX_FILTERS = 10_000
-# Changes one filter buffers between polls, then the filter is expired (its client's next
-# poll gets "filter not found" and reinstalls): a catch-all log filter on BSC (~2k logs a
-# block every 3 s) polled each minute holds ~40k.
+# Changes one filter buffers between polls, then the filter stops collecting (its client's
+# next poll gets -32005 saying so, the one after "filter not found", and it reinstalls): a
+# catch-all log filter on BSC (~2k logs a block every 3 s) polled each minute holds ~40k.
+# Polls are answered in pages of [logs] max_answer_bytes, so a full buffer (~35 MB of
+# logs) drains in a few polls; its memory is mostly the log objects, shared by filters.
 MAX_FILTER_CHANGES = 50_000
-# Filters one client address may hold: a busy dapp backend polls a few hundred, and one
-# address can never take more than a tenth of MAX_FILTERS and lock every other client out.
+# Changes every filter of the node buffers together: twenty catch-all log filters at their
+# full MAX_FILTER_CHANGES. Each is a reference (8 B) to a log or a hash, but the logs it
+# keeps alive are ~1.3 KB each: without it, MAX_FILTERS rarely polled filters could hold
+# 500 million references and the chain's logs of a whole idle timeout. At the bound the
+# largest buffers (the filters polled least) stop first, until a tenth of it is free.
+MAX_FILTER_CHANGES_TOTAL = 1_000_000
+# Filters one client may hold, per identity despite the name (its API key, else its real
+# address): a busy dapp backend polls a few hundred, and one client can never take more
+# than a tenth of MAX_FILTERS and lock every other client out.
 MAX_FILTERS_PER_IP = 1000
 # geth's maxAddresses (1.14): bounds the memory one filter object can pin, and a filter's
 # entries in the address index.
@@ -406,8 +488,9 @@ MAX_TOPICS_PER_POSITION = 1000
 # Subscriptions one connection may hold: a dapp watching a few hundred contracts with one
 # logs subscription each fits; more is one client pinning the node's fan-out work.
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 1000
-# Subscriptions one address may hold across its connections (at most MAX_CONNECTIONS_PER_IP
-# of them): a busy indexer backend, not a flood.
+# Subscriptions one client may hold across its connections (at most MAX_CONNECTIONS_PER_IP
+# of them), per identity despite the name (its API key, else its real address): a busy
+# indexer backend, not a flood.
 MAX_SUBSCRIPTIONS_PER_IP = 10_000
 # Subscriptions of the whole node: bounds their memory and the frames written per block
 # (one per newHeads subscriber, one per matching log and logs subscriber); matching work is
@@ -418,8 +501,8 @@ MAX_SUBSCRIPTIONS_TOTAL = 100_000
 # address or topic0 and the few with neither; the worst case, every filter on one hot
 # topic0 (or none), costs ~1.3 us per filter per log: 1,000 x 500 logs ~ 0.65 s a block.
 MAX_LOG_FILTERS = 1000
-# Distinct logs filters one client address may hold: a quarter of the node's, so one
-# address can never lock every other client out of new filters.
+# Distinct logs filters one client may hold (per identity, as above): a quarter of the
+# node's, so one client can never lock every other client out of new filters.
 MAX_LOG_FILTERS_PER_IP = 250
 # Notifications held on one connection for subscriptions whose id has not reached the
 # client yet (its eth_subscribe answer is still being written): a few blocks' worth for

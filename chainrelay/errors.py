@@ -15,6 +15,7 @@
     │   ├── PendingUnavailable           -32000  no upstream streams pending transactions
     │   ├── LimitExceeded                -32005  subscriptions per connection, address or node
     │   │   ├── TooManyFilters           -32005  filters per node or per client address
+    │   │   ├── FilterOverflowed         -32005  a filter's changes overflowed between two polls
     │   │   └── RateLimited              -32005  an identity's calls past its tier's rate (429)
     │   └── BatchRefused                 -32040..-32047  a batch push refused (ingress)
     ├── InternalError                    -32603  a bug in this node; never the caller's fault
@@ -28,7 +29,7 @@
         │   └── NoUpstreamInRotation     -32001  none in rotation: refused at once, no try made
         ├── UpstreamTimeout              -32002  the call's deadline passed (or every try timed out)
         ├── UpstreamWrongChain           refused at start: the upstream serves another chain
-        └── UpstreamOverloaded           -32005  upstream calls in flight at their bound: shed
+        └── UpstreamOverloaded           -32005  calls in flight or upstream budgets at their bound
 
 A JSON-RPC error that an upstream node *answered* (``execution reverted`` and the like) is
 not an exception here: it is the node's real answer and passes through unchanged.
@@ -115,6 +116,11 @@ class LimitExceeded(RequestError):
 
 class TooManyFilters(LimitExceeded):
     """Installed filters (eth_newFilter & co) of the whole node, or of one client address."""
+
+
+class FilterOverflowed(LimitExceeded):
+    """A filter's buffer of changes filled up between two polls: what did not fit was not
+    kept, so the poll is refused (and the filter removed) rather than answered incomplete."""
 
 
 class RateLimited(LimitExceeded):
@@ -223,9 +229,11 @@ class UpstreamWrongChain(UpstreamError):
 
 class UpstreamOverloaded(UpstreamError):
     """The node's upstream calls in flight are at their bound (node-wide, or the caller's
-    own past its wait): the call was never sent. -32005, the code providers answer for
-    "limit exceeded": the caller may retry later. An ``UpstreamError`` so that every
-    caller waiting on the same answer (coalesced calls) gets it as such."""
+    own past its wait), or every upstream that could answer stayed at its budget
+    (``max_rps``, ``max_concurrency``) past ``[pool] budget_wait``: shed. -32005, the
+    code providers answer for "limit exceeded": the caller may retry later. An
+    ``UpstreamError`` so that every caller waiting on the same answer (coalesced calls)
+    gets it as such."""
 
     code = -32005
 

@@ -5,7 +5,8 @@
 * compose: every depends_on names a service, every network used is declared, every bind
   mount and build file exists, every relay runs a config from docker/config/, every port
   is published on 127.0.0.1 only, and every Redis runs with maxmemory and allkeys-lru;
-* prometheus.yml scrapes exactly the relay services, on their container port;
+* prometheus.yml scrapes exactly the relay services, on their admin port, which no service
+  publishes;
 * the dashboard: unique panel ids, no overlapping panels, every query on the provisioned
   data source, and a panel for each family in ``PLOTTED`` (subscriptions, filters, the
   feed, batches: a node exports them, an operator should see them).
@@ -24,6 +25,8 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
+# The relays' admin listener (docker/config/*.toml): what Prometheus scrapes.
+ADMIN_PORT = 9645
 # Metric families the dashboard must plot, beside traffic, caches, upstreams and the head.
 PLOTTED = (
     "chainrelay_subscriptions",
@@ -89,7 +92,10 @@ def check() -> list[str]:
         for static in job["static_configs"]
         for t in static["targets"]
     }
-    assert targets == {f"{r}:8545" for r in relays}, f"scrape targets {sorted(targets)}"
+    assert targets == {f"{r}:{ADMIN_PORT}" for r in relays}, f"scrape targets {sorted(targets)}"
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert not str(port).endswith(f":{ADMIN_PORT}"), f"{name}: admin port published"
     done.append(f"prometheus.yml scrapes exactly the {len(relays)} relays")
 
     uid = sources["datasources"][0]["uid"]

@@ -128,6 +128,9 @@ async def run(lab: Lab) -> list[str]:
         lab.spawn(f"redis-{region}", [*cmd, "--dir", str(lab.tmp)])
     ports = {n: free_port() for n in ("origin", "regional-eu", "regional-us", "leaf-eu", "leaf-us")}
     url = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
+    # Each relay's admin listener (its /metrics) on a port of its own: one host runs five.
+    admin_ports = {n: free_port() for n in ports}
+    admin = {n: f"http://127.0.0.1:{p}" for n, p in admin_ports.items()}
     # The environment of each service in compose.yaml, with loopback addresses.
     env = {
         "origin": {"ANVIL_URL": anvil.ws_url, "REDIS_URL": redis["core"]},
@@ -169,7 +172,10 @@ async def run(lab: Lab) -> list[str]:
         for tier in (["origin"], ["regional-eu", "regional-us"], ["leaf-eu", "leaf-us"]):
             for name in tier:
                 cmd = [sys.executable, "-m", "chainrelay", "serve", "--config", str(config[name])]
-                listen = {"CHAINRELAY_LISTEN": f"127.0.0.1:{ports[name]}"}
+                listen = {
+                    "CHAINRELAY_LISTEN": f"127.0.0.1:{ports[name]}",
+                    "CHAINRELAY_ADMIN_LISTEN": f"127.0.0.1:{admin_ports[name]}",
+                }
                 lab.spawn(name, cmd, {**env[name], **listen})
             for name in tier:
                 await until(lambda name=name: healthy(name), 30, f"{name} to be healthy")
@@ -203,11 +209,11 @@ async def run(lab: Lab) -> list[str]:
 
         # One miss climbing the tree, then answered from caches.
         probe = ("eth_getTransactionByBlockHashAndIndex", [block["hash"], "0x0"])
-        before = {n: await scrape(s, url[n]) for n in url}
+        before = {n: await scrape(s, admin[n]) for n in url}
         await call(s, url["leaf-eu"], *probe)
         await call(s, url["leaf-us"], *probe)
         await call(s, url["leaf-eu"], *probe)
-        after = {n: await scrape(s, url[n]) for n in url}
+        after = {n: await scrape(s, admin[n]) for n in url}
         rows = []
         for n in url:
             d = {

@@ -20,6 +20,7 @@ from chainrelay.access.methods import check_entries
 from chainrelay.chain.profiles import PROFILES
 from chainrelay.config.checks import check_fields, positive, require
 from chainrelay.errors import ConfigError
+from chainrelay.upstreams.httpwire import target as http_target
 
 # "memory": this process only. "tiered": the memory LRU in front of a shared Redis.
 # "redis": Redis, with only a minimal memory tier (defaults.REDIS_MODE_MEMORY_BYTES).
@@ -28,6 +29,11 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 # When the block follower follows blocks (see chainrelay.chain.follower).
 FOLLOW_MODES = ("auto", "always", "never")
+
+# An upstream's role (chainrelay/upstreams/route.py), and a header name it may be sent
+# (RFC 9110's token).
+UPSTREAM_ROLES = ("primary", "fallback")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 # A trusted signer, and a stream's name (<chain>/<kind>: at most 32 bytes, a frame's field).
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
@@ -58,6 +64,8 @@ class ServerConfig:
     workers: int = positive(d.WORKERS)
     # Operator surfaces: the admin listener, the access log, compression (README).
     admin_listen: str = d.ADMIN_LISTEN
+    # /metrics and the full /health on the public port too, with the admin listener on.
+    public_metrics: bool = d.PUBLIC_METRICS
     admin_scrape_timeout: float = positive(d.ADMIN_SCRAPE_TIMEOUT)
     access_log: str = d.ACCESS_LOG
     access_log_sample: float = d.ACCESS_LOG_SAMPLE
@@ -369,9 +377,23 @@ class PoolConfig:
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
     # Calls per JSON-RPC batch sent upstream for a client batch's misses (1: no batches).
     batch_len: int = positive(d.UPSTREAM_BATCH_LEN)
+    # Routing (README "Upstream routing"): the longest wait for an upstream's budget, how
+    # long a method learnt unsupported stays so, and auto-tuning of max_rps from 429s.
+    budget_wait: float = d.BUDGET_WAIT
+    capability_ttl: float = positive(d.CAPABILITY_TTL)
+    auto_tune: bool = d.AUTO_TUNE
+    # HTTP upstreams: idle keep-alive, pipelining depth (1: none), answer bound, gzip.
+    http_keepalive_timeout: float = positive(d.HTTP_UPSTREAM_KEEPALIVE)
+    http_pipeline_depth: int = positive(d.HTTP_UPSTREAM_PIPELINE_DEPTH)
+    http_max_answer_bytes: int = positive(d.HTTP_UPSTREAM_MAX_ANSWER_BYTES)
+    http_accept_encoding: bool = d.HTTP_UPSTREAM_ACCEPT_ENCODING
 
     def check(self) -> None:
         check_fields(self, "pool")
+        require(
+            not (self.budget_wait < 0 or self.retry_after_max < 0),
+            "pool: budget_wait and retry_after_max must be >= 0",
+        )
 
 
 @dataclass
@@ -460,6 +482,7 @@ class FiltersConfig:
     idle_timeout: float = positive(d.FILTER_IDLE_TIMEOUT)
     max_filters: int = positive(d.MAX_FILTERS)
     max_changes: int = positive(d.MAX_FILTER_CHANGES)
+    max_changes_total: int = positive(d.MAX_FILTER_CHANGES_TOTAL)
     max_per_ip: int = positive(d.MAX_FILTERS_PER_IP)
     max_addresses: int = positive(d.MAX_FILTER_ADDRESSES)
     max_topics_per_position: int = positive(d.MAX_TOPICS_PER_POSITION)
@@ -700,6 +723,44 @@ class UpstreamConfig:
 
     url: str = ""
     name: str = ""  # empty: "upstream<index>"
+    # Routing (README "Upstream routing"): "primary" or "fallback", a primary's share,
+    # its budget (0: none), whether it holds every block, and what a provider asks to be
+    # sent: headers (a table) and basic auth ("user:pass", ${ENV} expanded).
+    role: str = d.UPSTREAM_ROLE
+    weight: int = positive(d.UPSTREAM_WEIGHT)
+    max_rps: float = d.UPSTREAM_MAX_RPS
+    max_concurrency: int = d.UPSTREAM_MAX_CONCURRENCY
+    archive: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    auth: str = ""
+
+    def check(self, index: int) -> None:
+        path = f"upstreams[{index}]"
+        check_fields(self, path)
+        require(
+            self.role in UPSTREAM_ROLES,
+            f"{path}.role: expected one of {', '.join(UPSTREAM_ROLES)}, got {self.role!r}",
+        )
+        require(
+            not (self.max_rps < 0 or self.max_concurrency < 0 or self.max_rps != self.max_rps),
+            f"{path}: max_rps and max_concurrency must be >= 0 (0: no bound)",
+        )
+        require(not self.auth or ":" in self.auth, f'{path}.auth: expected "user:pass"')
+        for name, value in self.headers.items():
+            require(
+                HEADER_NAME.fullmatch(name) is not None,
+                f"{path}.headers: {name!r} is not an HTTP header name",
+            )
+            require(
+                isinstance(value, str) and not any(c in value for c in "\r\n\0"),
+                f"{path}.headers.{name}: a string without line breaks",
+            )
+
+    # Keep-alive connections to it (0: [pool] connections).
+    connections: int = 0
+    # CA certificates (PEM) its TLS certificate is verified against, instead of the
+    # system's: a private CA. Verification is never off.
+    ca_file: str = ""
 
 
 def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
@@ -712,6 +773,17 @@ def check_upstreams(upstreams: list[UpstreamConfig]) -> None:
         require(
             u.url.startswith(("http://", "https://", "ws://", "wss://")),
             f"upstreams[{i}].url: expected an http(s):// or ws(s):// URL",
+        )
+        u.check(i)
+        require(u.connections >= 0, f"upstreams[{i}].connections: must be >= 0")
+        if u.url.startswith(("http://", "https://")):
+            try:
+                http_target(u.url)
+            except ValueError as exc:
+                raise ConfigError(f"upstreams[{i}].url: {exc}") from None
+        require(
+            not u.ca_file or u.url.startswith("https://"),
+            f"upstreams[{i}].ca_file: only for an https:// URL",
         )
         if not u.name:
             u.name = f"upstream{i}"

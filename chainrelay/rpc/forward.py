@@ -1,11 +1,13 @@
-"""Reads that are never cached, sent at once to one WebSocket upstream.
+"""Reads that are never cached, sent at once to one WebSocket or HTTP upstream.
 
 A call the policy never caches (``Lookup.UNCACHED``) gains nothing from the full path's
-task, coalescing and cache: when the pool has a healthy WebSocket upstream (``direct``),
-the request is written to it inside the caller's read, and its answer, paired by id where
-it is read, is readdressed to the caller's id without decoding (``Forward``). Its repeats
-at the same head (id aside) are sent as the relay encoded the first one, with no decoding
-or planning (``Forwarder.again``). A transport error hands the call to the full path,
+task, coalescing and cache: when the pool has a healthy WebSocket or HTTP upstream
+(``direct``), the request is written to it inside the caller's read, and its answer,
+paired where it is read (by id, or by its place on an HTTP connection), is readdressed to
+the caller's id without decoding (``Forward``). Its repeats at the same head (id aside) are
+sent as the relay encoded the first one, with no decoding or planning (``Forwarder.again``).
+A transport error, or an error answer another upstream may not give (a method this one
+lacks, a block it pruned: ``UpstreamPool.declined``), hands the call to the full path,
 which retries and fails over within what is left of the same deadline: the full path
 counts it from the call's ``started``, and the forwarded try itself is bounded by the
 upstream's timeout, never longer than the deadline (``make_upstream``).
@@ -25,7 +27,7 @@ from chainrelay.rpc import policy
 from chainrelay.rpc.policy import HeadView, Kind
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import TransportError, Upstream, WsUpstream
+from chainrelay.upstreams.upstream import HttpUpstream, TransportError, Upstream, WsUpstream
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
     Call,
@@ -80,12 +82,12 @@ class Forwarder:
     def send(
         self, call: Call, started: float, split: tuple[bytes, bytes] | None
     ) -> asyncio.Future[bytes] | None:
-        """The future of ``call``'s answer, sent at once to a WebSocket upstream (the
-        pool's ``direct``), or None when it takes the full path. ``split``: the body's id
+        """The future of ``call``'s answer, sent at once to a WebSocket or HTTP upstream
+        (the pool's ``direct``), or None when it takes the full path. ``split``: the body's id
         token and the rest (``split_id``), to send its repeats the same way."""
         if _RULES[call.method].kind in _NOT_FORWARDED:
             return None
-        upstream = self.pool.direct()
+        upstream = self.pool.direct(call.method)
         if upstream is None:
             return None
         loop = self._loop
@@ -126,11 +128,11 @@ class Forwarder:
         known = self.passes.get_at(rest, self.view.generation)
         if known is None or known[0] not in allowed:
             return None
-        upstream = self.pool.direct()
+        method, tail = known
+        upstream = self.pool.direct(method)
         loop = self._loop
         if upstream is None or loop is None:
             return None
-        method, tail = known
         out: asyncio.Future[bytes] = loop.create_future()
         forward = Forward(self, upstream, token, method, body, time.perf_counter(), out)
         if not upstream.send_now(_REQUEST_OPEN, tail, forward):
@@ -154,7 +156,7 @@ class Forward:
     def __init__(
         self,
         forwarder: Forwarder,
-        upstream: WsUpstream,
+        upstream: WsUpstream | HttpUpstream,
         rid: bytes,
         method: str,
         call: Call | bytes,
@@ -195,6 +197,8 @@ class Forward:
                 got = encode_error_raw(rid, answer.error), True
             else:
                 got = encode_result(rid, answer.result or NULL_ID), False
+        if got[1] and self._declined(raw, elapsed):
+            return
         out = self.out
         if out.done():  # the caller went away
             self._measure(elapsed, got[1])
@@ -203,6 +207,23 @@ class Forward:
         # Measured once the answer is written: the write was scheduled first.
         out.get_loop().call_soon(self._measure, elapsed, got[1])
 
+    def _declined(self, raw: bytes, elapsed: float) -> bool:
+        """An error answer the pool says another upstream may not give (a method this
+        one lacks, a block it pruned: ``UpstreamPool.declined``): measured, and the call
+        started again on the full path with this upstream tried. False: the node's real
+        answer, passed on."""
+        try:
+            error = parse_answer(raw).error
+        except ValueError:
+            return False
+        forwarder, upstream = self.forwarder, self.upstream
+        if error is None or not forwarder.pool.declined(upstream, self.method, error):
+            return False
+        upstream.prune()
+        upstream.answered(elapsed, True)
+        self._retry(1)
+        return True
+
     def _measure(self, elapsed: float, is_error: bool) -> None:
         upstream = self.upstream
         upstream.prune()
@@ -210,12 +231,18 @@ class Forward:
         self.forwarder.metrics.count(self.method, "pass", elapsed)
 
     def set_exception(self, exc: BaseException, /) -> None:
-        forwarder, upstream, call = self.forwarder, self.upstream, self.call
+        forwarder, upstream = self.forwarder, self.upstream
         upstream.prune()
         if not isinstance(exc, TransportError):
             exc = TransportError(f"{type(exc).__name__}: {exc}")
         forwarder.pool.failed(upstream, exc, time.perf_counter() - self.started)
         log.debug("upstream %s %s failed: %s; retried", upstream.name, self.method, exc)
+        self._retry(1)
+
+    def _retry(self, spent: int) -> None:
+        """Start the call again on the full path, ``spent`` attempts made (on this
+        upstream, asked last there)."""
+        call = self.call
         if self.out.done():
             return  # the caller went away
         if isinstance(call, bytes):
@@ -223,7 +250,7 @@ class Forward:
             assert isinstance(item, Call)  # it was forwarded as one
             call = item
         retry = self.out.get_loop().create_task(
-            forwarder.full_path(call, self.started, 1, (upstream,))
+            self.forwarder.full_path(call, self.started, spent, (self.upstream,))
         )
         retry.add_done_callback(self._retried)
 

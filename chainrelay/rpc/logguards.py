@@ -12,7 +12,11 @@ to change, and ``data`` naming the config key, so a client can adapt:
 * the addresses and the topics per position (``max_addresses``,
   ``max_topics_per_position``);
 * the answer's size in bytes (``max_answer_bytes``), whether it came from the block logs
-  the node holds or from an upstream; an answer past it is never cached.
+  the node holds, an upstream or the shared cache tier; an answer past it is never cached.
+
+Installed filters are held to the same guards: eth_newFilter at its creation (its range
+resolved then), eth_getFilterLogs at each read; eth_getFilterChanges answers are paged at
+``max_answer_bytes`` (subscriptions/filtertable.py).
 
 Malformed params are not judged here: the upstream's own error is the transparent answer.
 Sans-I/O: ``refusal`` reads params and a head view, ``oversize`` an answer's length.
@@ -48,15 +52,17 @@ class LogGuards:
         self.max_topics = max_topics
         self.max_answer_bytes = max_answer_bytes
 
-    def refusal(self, params: Any, head: HeadView) -> bytes | None:
-        """The error object (JSON) refusing eth_getLogs(``params``) at ``head``, or None."""
+    def refusal(self, params: Any, head: HeadView, method: str = "eth_getLogs") -> bytes | None:
+        """The error object (JSON) refusing eth_getLogs(``params``) at ``head``, or None.
+        ``method``: the call the message names, for a filter held to the same guards
+        (eth_newFilter at its creation, eth_getFilterLogs at each read)."""
         if not isinstance(params, list) or not params or not isinstance(params[0], dict):
             return None
         flt: dict[str, Any] = params[0]
         addresses = flt.get("address")
         if isinstance(addresses, list) and len(addresses) > self.max_addresses:
             return _error(
-                f"eth_getLogs is limited to {self.max_addresses} addresses per query; "
+                f"{method} is limited to {self.max_addresses} addresses per query; "
                 f"this query names {len(addresses)}",
                 "logs.max_addresses",
                 self.max_addresses,
@@ -66,7 +72,7 @@ class LogGuards:
             for position, alternatives in enumerate(topics):
                 if isinstance(alternatives, list) and len(alternatives) > self.max_topics:
                     return _error(
-                        f"eth_getLogs is limited to {self.max_topics} topics per position; "
+                        f"{method} is limited to {self.max_topics} topics per position; "
                         f"position {position} of this query has {len(alternatives)}",
                         "logs.max_topics_per_position",
                         self.max_topics,
@@ -80,7 +86,7 @@ class LogGuards:
         span = hi - lo + 1
         if span > self.max_block_range:
             return _error(
-                f"eth_getLogs is limited to a {self.max_block_range} block range; this "
+                f"{method} is limited to a {self.max_block_range} block range; this "
                 f"query spans {span} blocks ({hex(lo)} to {hex(hi)}): ask for a smaller "
                 "range, or page through it",
                 "logs.max_block_range",

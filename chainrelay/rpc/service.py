@@ -8,7 +8,7 @@ repeats under other ids: by the body's remainder inside ``handle``, or by whole 
 bytes that a transport keeps (``serve`` returns the record with the answer) and checks
 again through ``replay``. Those tables are ``ReplayTable``s (``rpc/replay.py``).
 
-A read that is never cached goes straight to a healthy WebSocket upstream when there is one
+A read that is never cached goes straight to a healthy WebSocket or HTTP upstream (one only)
 (``rpc/forward.py``): no task, and its answer readdressed to the caller's id without
 decoding; its repeats at the same head are sent as the relay encoded the first one,
 id aside, with no decoding (a node must never read a repeat otherwise than the first call).
@@ -72,6 +72,7 @@ from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.route import PRIMARY
 from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
@@ -925,6 +926,11 @@ class RpcService:
         if self.shared is not None:
             entry = await self.shared.get(p.key)
             if entry is not None and self._still_canonical(entry):
+                # Stored by another process or node, maybe one with a larger size guard:
+                # held to this node's, and then not kept here either.
+                why = self._logs_oversize(method, entry.value)
+                if why is not None:
+                    return Answer(None, why), "refused"
                 self.cache.put(p.key, entry)
                 self.metrics.cache_bytes.set(self.cache.bytes)
                 self.metrics.hits += 1
@@ -1062,7 +1068,8 @@ class RpcService:
                 await shared.put(key, entry, p.finality)
             return answer
 
-        return await shared.exclusive(key, produce)
+        # What another process stored (or handed over) meanwhile meets this node's guard too.
+        return self._logs_bounded(method, await shared.exclusive(key, produce))
 
     async def _uncached(
         self,
@@ -1144,24 +1151,33 @@ class RpcService:
     async def _spread(
         self, params: policy.Params, min_block: int, index: int, deadline: float | None
     ) -> Answer:
-        """A chunk asked first of the ``index``-th caught-up upstream in the pool's order
-        (the others after it, as the pool would retry): a scan's chunks spread over the
-        upstreams that hold their blocks instead of all queuing on the fastest."""
-        order = [u for u in self.pool.candidates(min_block) if u.latest >= min_block]
+        """A chunk asked first of the ``index``-th caught-up primary in rotation (the others
+        after it in the pool's own order, as it would retry; fallbacks last, as it puts
+        them): a scan's chunks spread over the primaries that hold their blocks instead of
+        all queuing on the first."""
+        # Not ``candidates()``: its weighted pick moves on each call, and ``call`` makes one.
+        everyone = self.pool.upstreams
+        order = [
+            u for u in everyone if u.healthy and u.route.tier == PRIMARY and u.latest >= min_block
+        ]
         tried: list[Upstream] = []
         if len(order) > 1:
             first = order[index % len(order)]
-            tried = [u for u in order if u is not first]
+            tried = [u for u in everyone if u is not first]  # in the pool's order after it
         return await self.pool.call(_GET_LOGS, params, min_block, tried=tried, deadline=deadline)
 
     def _logs_bounded(self, method: str, answer: Answer) -> Answer:
         """``answer``, or the -32005 refusing it when it is an eth_getLogs answer past the
         size guard (then never stored: errors are not)."""
-        result = answer.result
-        if method != _GET_LOGS or result is None:
-            return answer
-        why = self.log_guards.oversize(len(result))
+        why = self._logs_oversize(method, answer.result)
         return answer if why is None else Answer(None, why)
+
+    def _logs_oversize(self, method: str, result: bytes | None) -> bytes | None:
+        """The -32005 refusing ``result`` when it is an eth_getLogs answer past the size
+        guard, else None."""
+        if method != _GET_LOGS or result is None:
+            return None
+        return self.log_guards.oversize(len(result))
 
     def _fill_block(self, method: str, answer: Answer) -> None:
         """A transaction or receipt just read upstream: its block may be filled."""

@@ -565,12 +565,21 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._in = Account(srv.budget, who.name)
         self._out = Account(srv.budget, who.name)
-        self._counted = who.name
-        srv.per_ip[who.name] += 1
-        if srv.per_ip[who.name] > srv.limits.max_connections_per_ip:
+        self._count_connection(who.name)
+
+    def _count_connection(self, name: str) -> bool:
+        """Count the connection under the client address ``name`` (``max_connections_per_ip``:
+        per address, never per key, since a connection is counted before any key is
+        known); False, the connection refused (429) and closed, past the bound."""
+        srv = self.server
+        self._counted = name
+        srv.per_ip[name] += 1
+        if srv.per_ip[name] > srv.limits.max_connections_per_ip:
             srv.metrics.rejected.labels("connections_per_ip").inc()
             self._plain(429, b"too many connections from this address", keep_alive=False)
             self.close()  # at once, not lingering: its place is what it must not keep
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
@@ -1430,6 +1439,10 @@ class HttpProtocol(asyncio.Protocol):
         who = self.who
         if self._proxied and door is not None:
             who = door.client(who, self.headers)  # a push or a feed child: no key here
+            # A WebSocket through a trusted proxy is one client's from now on (a keep-alive
+            # connection of the proxy carried many): counted under its address from here.
+            if self._counted is None and not self._count_connection(who.name):
+                return
         if batches is not None and path == BATCHES_PATH:
             if not batches.authorized(self.header(b"authorization")):
                 batches.refuse_unauthorized()

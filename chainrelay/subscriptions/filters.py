@@ -8,10 +8,11 @@ fed from the node's block follower, which follows whichever upstream is healthy.
 Every call but ``eth_getFilterLogs`` is answered without I/O; that one asks the node's
 own request pipeline for ``eth_getLogs`` over the filter's range, so it is cached there.
 
-Filters are counted per client address (``[filters] max_per_ip``): the transports make the
-address of the request being served known through ``server.peer``. Pending-transaction
-filters are refused when no upstream can stream pending transactions (only a WebSocket
-upstream can), rather than installed to stay empty forever.
+Filters are counted per client (``[filters] max_per_ip``, despite its name): under the
+identity of the request being served (``access.identity.current_identity``), its API key
+when it carries one, else its real address (a trusted proxy's header names it).
+Pending-transaction filters are refused when no upstream can stream pending transactions
+(only a WebSocket upstream can), rather than installed to stay empty forever.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from chainrelay.access.identity import current_identity
 from chainrelay.config import FiltersConfig
 from chainrelay.errors import FilterNotFound, InvalidParams, PendingUnavailable, RequestError
 from chainrelay.metrics import Metrics
+from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.policy import HeadView
 from chainrelay.subscriptions.filtertable import BlockLike, FilterKind, FilterTable, live_filter
 from chainrelay.wire.jsonrpc import Answer
 
@@ -72,7 +75,10 @@ Ask = Callable[[str, list[Any]], Awaitable[Answer]]
 
 
 def _error(exc: RequestError) -> Answer:
-    return Answer(None, orjson.dumps({"code": exc.code, "message": exc.message}))
+    error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.data is not None:
+        error["data"] = exc.data
+    return Answer(None, orjson.dumps(error))
 
 
 def _result(value: Any) -> Answer:
@@ -109,14 +115,21 @@ class FilterService:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         pool: UpstreamSet | None = None,
+        guards: LogGuards | None = None,
+        view: HeadView | None = None,
     ) -> None:
+        """``guards``: the eth_getLogs guards (``[logs]``) a log filter is held to, at
+        ``view``'s head (None: the pipeline's own, when it reads the filter's logs)."""
         self.table = FilterTable(
             idle_timeout=cfg.idle_timeout,
             max_filters=cfg.max_filters,
             max_changes=cfg.max_changes,
             max_per_owner=cfg.max_per_ip,
+            max_changes_total=cfg.max_changes_total,
         )
         self.max_addresses = cfg.max_addresses
+        self.guards = guards
+        self.view = view if view is not None else HeadView()
         self.max_topics_per_position = cfg.max_topics_per_position
         # The follower's pending transactions come from an upstream's eth_subscribe, so only a
         # WebSocket upstream gives any; the pool is the follower's own unless one is given.
@@ -216,6 +229,10 @@ class FilterService:
 
     def _new_filter(self, params: Any) -> Answer:
         (obj,) = _params(params, "eth_newFilter", 1, 1)
+        # Refused now, as the same eth_getLogs would be: its range and its reads would be.
+        why = self._refusal(obj, "eth_newFilter")
+        if why is not None:
+            return Answer(None, why)
         criteria = live_filter(
             obj,
             max_addresses=self.max_addresses,
@@ -253,7 +270,8 @@ class FilterService:
 
     def _changes(self, params: Any) -> Answer:
         fid = _filter_id(params, "eth_getFilterChanges")
-        return _result(self.table.poll(fid, self.clock()))
+        bound = self.guards.max_answer_bytes if self.guards is not None else None
+        return Answer(self.table.poll_encoded(fid, self.clock(), bound), None)
 
     def _uninstall(self, params: Any) -> Answer:
         fid = _filter_id(params, "eth_uninstallFilter")
@@ -264,7 +282,15 @@ class FilterService:
         f = self.table.get(fid, self.clock())
         if f.criteria is None:
             raise FilterNotFound("filter not found")  # geth: only log filters have logs
-        return await self.ask("eth_getLogs", [f.criteria.to_params()])
+        query = f.criteria.to_params()
+        why = self._refusal(query, "eth_getFilterLogs")  # its range grows with the chain
+        if why is not None:
+            return Answer(None, why)
+        return await self.ask("eth_getLogs", [query])
+
+    def _refusal(self, query: Any, method: str) -> bytes | None:
+        guards = self.guards
+        return None if guards is None else guards.refusal([query], self.view, method)
 
 
 class _FilterCollector(Collector):

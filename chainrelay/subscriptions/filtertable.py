@@ -7,16 +7,25 @@ Everything that decides what a poll returns lives here, with geth's semantics:
   ``removed: true`` when their block is reorged away.
 * A block filter collects the hashes of newly adopted blocks; a pending filter collects
   pending transaction hashes.
-* ``eth_getFilterChanges`` returns what was collected since the last poll and empties it.
+* ``eth_getFilterChanges`` returns what was collected since the last poll and empties it;
+  an answer is at most ``max_answer_bytes`` (``[logs]``, as an eth_getLogs answer): past
+  it, the oldest changes that fit are answered and the rest kept, in order, for the next
+  poll (changes are never split: one larger than the bound is answered alone).
 * A filter nobody polls for ``idle_timeout`` seconds is gone ("filter not found").
 * A filter's buffer holds at most ``max_changes`` entries: a filter that would hold more
-  is expired and counted, so a filter polled too rarely cannot grow memory, and its
-  client's next poll gets "filter not found", on which web3.py and ethers install a new
+  stops collecting (its buffer freed, counted), so a filter polled too rarely cannot grow
+  memory; its client's next poll is answered -32005 saying so, and the filter is removed,
+  so the poll after gets "filter not found", on which web3.py and ethers install a new
   filter and catch up with ``eth_getLogs`` (dropping changes silently would lose logs).
+* Every filter's buffers together hold at most ``max_changes_total``: at that bound the
+  largest buffers (the filters polled least) stop the same way, until a tenth of it is
+  free, so many filters that nobody polls cannot make the node hold the chain's logs
+  once for each of them.
 * A reorg's removed logs come first, oldest orphaned block first, each block's logs in
   log-index order (geth's ``core/blockchain.go`` reorg: "Deleted log emission on the API
   uses forward order"); then the new chain's logs.
-* A client address holds at most ``max_per_owner`` filters, the node ``max_filters``.
+* A client (its identity: its API key, else its address) holds at most ``max_per_owner``
+  filters, the node ``max_filters``.
 
 Matching a block costs work in proportion to the filters that could want its logs: log
 filters are indexed by the addresses they name, or failing that by their first topic;
@@ -36,7 +45,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from chainrelay.errors import FilterNotFound, InvalidParams, TooManyFilters
+import orjson
+
+from chainrelay.errors import FilterNotFound, FilterOverflowed, InvalidParams, TooManyFilters
 from chainrelay.subscriptions.ids import ID_BYTES, encode_id
 from chainrelay.subscriptions.logfilter import (
     MAX_FILTER_ADDRESSES,
@@ -44,6 +55,9 @@ from chainrelay.subscriptions.logfilter import (
     LogFilter,
 )
 
+# The bounds a filter's buffer may meet (their config keys, named in the -32005).
+PER_FILTER = "filters.max_changes"
+TOTAL = "filters.max_changes_total"
 # The methods this table answers; the policy table classes them as never cached.
 FILTER_METHODS = frozenset(
     {
@@ -86,8 +100,10 @@ class Filter:
     criteria: LogFilter | None
     last_poll: float
     changes: deque[Any] = field(default_factory=deque)
-    owner: str = ""  # the client address that installed it; "" = not counted per address
-    overflowed: bool = False  # its buffer filled up: expired at the end of this feed call
+    owner: str = ""  # the identity that installed it (key or address); "": not counted per client
+    # Its buffer filled up: collects nothing more, told at a poll; the config key of the
+    # bound it met ("" while it collects).
+    overflowed: str = ""
 
 
 def new_id(token: Callable[[int], bytes] = secrets.token_bytes) -> str:
@@ -131,11 +147,16 @@ class FilterTable:
         max_filters: int,
         max_changes: int,
         max_per_owner: int | None = None,
+        max_changes_total: int | None = None,
         token: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_filters = max_filters
         self.max_changes = max_changes
+        self.max_changes_total = (
+            max_filters * max_changes if max_changes_total is None else max_changes_total
+        )
+        self.buffered = 0  # changes held in every filter's buffer together
         self.max_per_owner = max_filters if max_per_owner is None else max_per_owner
         self._token = token
         self.filters: dict[str, Filter] = {}
@@ -165,16 +186,16 @@ class FilterTable:
         return bool(self._pending_filters)
 
     def owned_by(self, owner: str) -> int:
-        """How many filters the client address ``owner`` holds."""
+        """How many filters the client ``owner`` (an identity's name) holds."""
         return self._per_owner.get(owner, 0)
 
     # --- install / uninstall -------------------------------------------------------------
     def install(
         self, kind: FilterKind, criteria: LogFilter | None, now: float, owner: str = ""
     ) -> str:
-        """Install a filter for the client address ``owner`` ("" when unknown: counted
-        only against the node's limit) and return its id; raises ``TooManyFilters`` when
-        the node or that address holds as many as allowed."""
+        """Install a filter for the client ``owner`` (an identity's name; "" when unknown:
+        counted only against the node's limit) and return its id; raises ``TooManyFilters``
+        when the node or that client holds as many as allowed."""
         if kind is FilterKind.LOGS and criteria is None:
             raise ValueError("a log filter needs criteria")
         if len(self.filters) >= self.max_filters or (
@@ -185,7 +206,8 @@ class FilterTable:
                 raise TooManyFilters(f"too many filters: at most {self.max_filters} per node")
             if owner and self._per_owner.get(owner, 0) >= self.max_per_owner:
                 raise TooManyFilters(
-                    f"too many filters: at most {self.max_per_owner} per client address"
+                    f"too many filters: at most {self.max_per_owner} per client"
+                    " (its API key, or its address)"
                 )
         fid = new_id(self._token)
         while fid in self.filters:  # 128 random bits: never in practice, but cheap to rule out
@@ -220,12 +242,19 @@ class FilterTable:
         f = self.filters.pop(fid, None) if isinstance(fid, str) else None
         if f is None:
             return False
+        self.buffered -= len(f.changes)
         if f.owner:
             left = self._per_owner[f.owner] - 1
             if left:
                 self._per_owner[f.owner] = left
             else:
                 del self._per_owner[f.owner]
+        self._unindex(f)
+        return True
+
+    def _unindex(self, f: Filter) -> None:
+        """Match nothing more for ``f`` (uninstalled, or its buffer full)."""
+        fid = f.id
         if f.kind is FilterKind.LOGS:
             assert f.criteria is not None
             places = self._index_of(f.criteria)
@@ -242,7 +271,6 @@ class FilterTable:
             self._block_filters.discard(fid)
         else:
             self._pending_filters.discard(fid)
-        return True
 
     def get(self, fid: Any, now: float) -> Filter:
         """The live filter of that id, or ``FilterNotFound`` (an expired one is removed)."""
@@ -258,11 +286,50 @@ class FilterTable:
     # --- polls ---------------------------------------------------------------------------
     def poll(self, fid: Any, now: float) -> list[Any]:
         """``eth_getFilterChanges``: everything collected since the last poll, in order."""
+        return orjson.loads(self.poll_encoded(fid, now))
+
+    def poll_encoded(self, fid: Any, now: float, max_bytes: int | None = None) -> bytes:
+        """``eth_getFilterChanges``' result, encoded: what was collected since the last
+        poll, in order; when that is over ``max_bytes``, the oldest changes that fit (one
+        at least), the others kept for the next poll. ``FilterOverflowed`` (and the filter
+        removed) when its buffer filled up since the last poll."""
         f = self.get(fid, now)
         f.last_poll = now
-        out = list(f.changes)
-        f.changes.clear()
-        return out
+        if f.overflowed:
+            self.uninstall(fid)
+            raise self._overflow_error(f.overflowed)
+        changes = f.changes
+        whole = orjson.dumps(list(changes))
+        if max_bytes is None or len(whole) <= max_bytes:
+            self.buffered -= len(changes)
+            changes.clear()
+            return whole
+        # The rare page: each change encoded alone, to find where the bound falls.
+        parts: list[bytes] = []
+        size = 2  # the brackets
+        while changes:
+            one = orjson.dumps(changes[0])
+            if parts and size + len(one) + 1 > max_bytes:
+                break
+            parts.append(one)
+            size += len(one) + 1
+            changes.popleft()
+        self.buffered -= len(parts)
+        return b"[" + b",".join(parts) + b"]"
+
+    def _overflow_error(self, key: str) -> FilterOverflowed:
+        if key == TOTAL:
+            what = f"this node's filters hold {self.max_changes_total} changes in all"
+            value = self.max_changes_total
+        else:
+            what = f"more than {self.max_changes} changes since the last poll"
+            value = self.max_changes
+        return FilterOverflowed(
+            f"filter changes overflowed ({what}): changes were not kept, and the filter is "
+            "removed; install a new filter and read the blocks since the last poll with "
+            "eth_getLogs",
+            {"limit": key, "value": value},
+        )
 
     def expire(self, now: float) -> list[str]:
         """Remove every filter idle for longer than ``idle_timeout``; their ids."""
@@ -276,25 +343,46 @@ class FilterTable:
     def _push(self, f: Filter, item: Any) -> None:
         if f.overflowed:
             return
-        changes = f.changes
-        if len(changes) >= self.max_changes:
-            # Expired, not trimmed: a poll must never look complete when changes were lost.
-            f.overflowed = True
-            f.changes = deque()
-            self._overflowed.append(f.id)
+        if len(f.changes) >= self.max_changes:
+            self._stop(f, PER_FILTER)
             return
-        changes.append(item)
+        if self.buffered >= self.max_changes_total:
+            self._shed()
+            if f.overflowed:
+                return
+        f.changes.append(item)
+        self.buffered += 1
+
+    def _stop(self, f: Filter, key: str) -> None:
+        # Stopped, not trimmed: a poll must never look complete when changes were lost.
+        f.overflowed = key
+        self.buffered -= len(f.changes)
+        f.changes = deque()
+        self._overflowed.append(f.id)
+
+    def _shed(self) -> None:
+        """Every buffer together reached ``max_changes_total``: stop the largest (the
+        filters polled least) until a tenth of it is free. Rare, so a sort is fine."""
+        target = self.max_changes_total - self.max_changes_total // 10
+        for f in sorted(self.filters.values(), key=_buffered, reverse=True):
+            if self.buffered <= target or not f.changes:
+                break
+            self._stop(f, TOTAL)
 
     def _expire_overflowed(self) -> list[str]:
+        """Stop matching for the filters whose buffer filled up in this feed call: they
+        stay installed (and counted) until their next poll says so, or they idle out."""
         gone, self._overflowed = self._overflowed, []
         for fid in gone:
-            self.uninstall(fid)
+            f = self.filters.get(fid)
+            if f is not None:
+                self._unindex(f)
         self.overflowed_total += len(gone)
         return gone
 
     def on_blocks(self, events: Sequence[BlockLike]) -> list[str]:
         """Feed blocks adopted or reorged away, as the head stream reports them; the ids
-        of filters expired because their buffer filled up.
+        of filters whose buffer filled up (they match nothing more).
 
         The logs of a removed block are expected to carry ``removed: true`` already. The
         removed blocks of a reorg are reported oldest first, whatever order they come in.
@@ -347,8 +435,7 @@ class FilterTable:
                 self._push(f, lg)
 
     def on_pending(self, tx_hash: str) -> list[str]:
-        """Feed one pending transaction hash; the ids of filters expired because their
-        buffer filled up."""
+        """Feed one pending transaction hash; the ids of filters whose buffer filled up."""
         filters = self.filters
         for fid in self._pending_filters:
             self._push(filters[fid], tx_hash)
@@ -357,3 +444,7 @@ class FilterTable:
 
 def _number(block: BlockLike) -> int:
     return block.number
+
+
+def _buffered(f: Filter) -> int:
+    return len(f.changes)

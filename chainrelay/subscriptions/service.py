@@ -110,9 +110,15 @@ class SubscriptionService:
         self._gauges[_PENDING_FULL] = self._gauges[proto.PENDING]
 
     def open(self, session: WsSession) -> Connection:
-        """The subscriptions of a newly upgraded WebSocket connection."""
-        peer = session.transport.get_extra_info("peername")
-        return Connection(self, session, peer[0] if peer else "")
+        """The subscriptions of a newly upgraded WebSocket connection, counted under its
+        identity (``max_per_ip``, ``max_log_filters_per_ip``): the API key its upgrade
+        carried, else its client's real address (a trusted proxy's header or PROXY line
+        names it); the socket's peer only for a session that knows no identity."""
+        name = session.who.name
+        if not name:
+            peer = session.transport.get_extra_info("peername")
+            name = peer[0] if peer else ""
+        return Connection(self, session, name)
 
     async def stop(self) -> None:
         for task in self._fetches:
@@ -152,7 +158,8 @@ class SubscriptionService:
             )
         if self.per_ip[conn.ip] >= cfg.max_per_ip:
             raise LimitExceeded(
-                f"limit exceeded: at most {cfg.max_per_ip} subscriptions per client address"
+                f"limit exceeded: at most {cfg.max_per_ip} subscriptions per client"
+                " (its API key, or its address)"
             )
         if self.total >= cfg.max_total:
             raise LimitExceeded("limit exceeded: this node holds all the subscriptions it can")
@@ -194,7 +201,7 @@ class SubscriptionService:
         if mine is not None and len(mine) >= cfg.max_log_filters_per_ip:
             raise LimitExceeded(
                 f"limit exceeded: at most {cfg.max_log_filters_per_ip} distinct logs filters"
-                " per client address"
+                " per client (its API key, or its address)"
             )
         if flt not in self.routes.groups and len(self.routes.groups) >= cfg.max_log_filters:
             raise LimitExceeded(

@@ -1,8 +1,19 @@
-"""The upstream pool: picks upstreams by health, lag and latency; retries, hedges, fails over.
+"""The upstream pool: picks upstreams by role, weight, budget, capability, health and lag;
+retries, hedges, fails over.
 
-Reads go to the best upstream; a timeout, connection error, 5xx, 429 or malformed answer is
-retried on another one, and a slow read may be hedged onto a second upstream. A JSON-RPC
-error that an upstream answered is the node's real answer and is returned as it is.
+Primaries share reads by weight among those that can serve the call now; fallbacks serve
+only what no primary can: down, lagging, paused by a 429, at their budget, or lacking the
+method or the block (``candidates``, ``route.py``). A timeout, connection error, 5xx, 429 or
+malformed answer is retried on another upstream, and a slow read may be hedged onto a
+second upstream of the same role. A JSON-RPC error that an upstream answered is the node's
+real answer and is returned as it is, unless its wording says another upstream may answer
+(``capabilities.py``: a method it lacks, a block it pruned, a rate limit in words): then
+the upstream learns it and the call is asked elsewhere; the node's error goes back only
+when no upstream could answer.
+
+Every upstream's budget (``budget.py``: calls per second, calls in flight) is kept: a read
+goes to an upstream within it, or waits for one up to ``[pool] budget_wait``, then fails
+with -32005 (``UpstreamOverloaded``).
 
 Every call has one deadline (``[pool] deadline``) covering all its tries and hedges; each
 try is cut to what is left of it, and past it the call ends with ``UpstreamTimeout``. An
@@ -16,16 +27,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from eth_utils import keccak
 
+from chainrelay import defaults as d
 from chainrelay.config import PoolConfig
 from chainrelay.errors import (
     NoUpstreamInRotation,
     UpstreamError,
+    UpstreamOverloaded,
     UpstreamTimeout,
     UpstreamUnavailable,
     UpstreamWrongChain,
@@ -33,8 +47,11 @@ from chainrelay.errors import (
 from chainrelay.metrics import Metrics
 from chainrelay.server.peer import detached
 from chainrelay.upstreams.batching import BatchCall
+from chainrelay.upstreams.capabilities import Verdict, classify
+from chainrelay.upstreams.route import pick_weighted
 from chainrelay.upstreams.upstream import (
     BatchUnsupported,
+    HttpUpstream,
     TransportError,
     Upstream,
     WsUpstream,
@@ -47,6 +64,36 @@ T = TypeVar("T")
 
 # Error texts that mean "this node already has the transaction": success for a broadcast.
 ALREADY_KNOWN = ("already known", "known transaction", "already imported", "already exists")
+# A read waiting for an upstream's concurrency to free a slot looks again this often: a
+# call ending is not signalled (the forwarding path's ends in the link's own callback), and
+# 5 ms is well under a provider's round trip.
+BUDGET_RECHECK = 0.005
+# The state read that probes a pruned upstream's lowest block (erpc's "callState" probe).
+PROBE_ADDRESS = "0x" + "00" * 20
+
+
+class Declined(TransportError):
+    """An upstream answered with an error another upstream may not give (``verdict``):
+    it lacks the method, pruned the block, or asked in words to slow down. Retried
+    elsewhere; never counted against its health. ``answer``: the node's own error, what
+    the caller gets when no upstream could answer."""
+
+    def __init__(self, upstream: Upstream, answer: Answer, verdict: Verdict) -> None:
+        pause = d.SLOW_DOWN_PAUSE if verdict is Verdict.SLOW_DOWN else None
+        super().__init__(f"{verdict.value}: {answer.error_message()}", retry_after=pause)
+        self.upstream = upstream
+        self.answer = answer
+        self.verdict = verdict
+        self.counts = False
+
+
+class OverBudget(TransportError):
+    """No try was made: the upstream stayed at its budget (``max_rps``, ``max_concurrency``)
+    for all of ``[pool] budget_wait``."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__(f"upstream {upstream.name} at its budget")
+        self.counts = False
 
 
 class UpstreamPool:
@@ -61,6 +108,8 @@ class UpstreamPool:
         for u in self.upstreams:
             u.observer = metrics.upstream_observer(u.name)
         self._probes: set[asyncio.Task[None]] = set()
+        # Upstreams whose lowest block is being probed (one probe each at a time).
+        self._probing: set[str] = set()
         self._background: set[asyncio.Task[object]] = set()
         # Upstreams an operator took out of rotation (the admin listener's
         # chainrelay_cordonUpstream): out until uncordoned, whatever probes say.
@@ -128,22 +177,37 @@ class UpstreamPool:
         """Whether any upstream is in rotation: with none, calls are refused at once."""
         return any(u.healthy for u in self.upstreams)
 
-    def candidates(self, min_block: int = -1) -> list[Upstream]:
-        """Upstreams in rotation in the order to try them: caught up (and holding
-        ``min_block``) first, then those asking to slow down (a 429), fastest first. Empty
-        when none is in rotation: out-of-rotation upstreams are only probed, never tried."""
+    def candidates(self, min_block: int = -1, method: str = "") -> list[Upstream]:
+        """Upstreams in rotation in the order to try them for ``method`` reading
+        ``min_block`` (-1: none). In classes, primaries before fallbacks in each: those that
+        can serve it now (the first primary picked by weight, the others fastest first);
+        then those to wait for (a 429's pause, a budget at its bound); then those lagging
+        or lacking the method or the block (last: a mark may be stale). Empty when none is
+        in rotation: out-of-rotation upstreams are only probed, never tried.
+
+        On every miss: one pass over the upstreams, one list, one sort, as before routing."""
         best = self.best_latest
         lag = self.settings.max_lag_blocks
         now = time.perf_counter()
-
-        def rank(u: Upstream) -> tuple[bool, bool, float]:
-            behind = u.latest >= 0 and (
-                best - u.latest > lag or (min_block >= 0 and u.latest < min_block)
-            )
-            return behind, u.slow_until > now, u.latency
-
-        order = [u for u in self.upstreams if u.healthy]
-        order.sort(key=rank)
+        order = []
+        for u in self.upstreams:
+            if not u.healthy:
+                continue
+            r = u.route
+            latest = u.latest
+            if (
+                latest >= 0 and (best - latest > lag or (min_block >= 0 and latest < min_block))
+            ) or not r.caps.serves(method, min_block, now):
+                r.rank = 4 + r.tier
+            elif u.slow_until > now or (r.budget.bounded and not r.budget.open(now, u.in_flight)):
+                r.rank = 2 + r.tier
+            else:
+                r.rank = r.tier
+            order.append(u)
+        first = pick_weighted(order)
+        if first is not None:
+            first.route.rank = -1
+        order.sort(key=_rank)
         return order
 
     def cordon(self, name: str) -> bool:
@@ -183,25 +247,42 @@ class UpstreamPool:
     def _named(self, name: str) -> Upstream | None:
         return next((u for u in self.upstreams if u.name == name), None)
 
-    def direct(self) -> WsUpstream | None:
-        """The upstream a read may be sent to straight away by a caller that pairs its
-        answer itself (RpcService's forwarding path): the one ``call`` would try first,
-        when it is a healthy WebSocket upstream and no hedge would be raced against it.
-        None otherwise: the read goes through ``call``. Retries are the caller's to ask
-        for, through ``call``, after ``failed`` (see ``Upstream``)."""
+    def direct(self, method: str = "") -> WsUpstream | HttpUpstream | None:
+        """The upstream a read of ``method`` may be sent to straight away by a caller that
+        pairs its answer itself (RpcService's forwarding path): the one ``call`` would try
+        first, when it is a healthy WebSocket or HTTP upstream that can take it now (not
+        paused, within its budget) and no hedge would be raced against it. None otherwise:
+        the read goes through ``call``. Retries are the caller's to ask for, through
+        ``call``, after ``failed`` or ``declined`` (see ``Upstream``)."""
         upstreams = self.upstreams
         if len(upstreams) == 1:
             u = upstreams[0]
+            r = u.route
+            if r.budget.bounded or u.slow_until:
+                now = time.perf_counter()
+                if u.slow_until > now or not r.budget.open(now, u.in_flight):
+                    return None
         else:
-            order = self.candidates()
+            order = self.candidates(-1, method)
             if not order:
                 return None
             u = order[0]
+            if u.route.rank > 1:  # to be waited for, or lacking the method: the full path
+                return None
             if self._hedge_delay(u) is not None:
                 return None
-        if u.__class__ is not WsUpstream or not u.healthy:
+        if (u.__class__ is not WsUpstream and u.__class__ is not HttpUpstream) or not u.healthy:
             return None
+        if u.route.budget.concurrency and u.__class__ is HttpUpstream:
+            return None  # its sends straight away are not counted in flight: ``call`` keeps it
         return u
+
+    def declined(self, u: Upstream, method: str, error: bytes) -> bool:
+        """Whether the JSON-RPC ``error`` that ``u`` answered to a read of ``method`` sent
+        through ``direct`` is one another upstream may not give (``capabilities.py``):
+        learnt, and the caller then asks ``call`` with ``u`` as tried. False: it is the
+        node's real answer."""
+        return self._judge(u, method, -1, Answer(None, error)) is not None
 
     def failed(self, u: Upstream, exc: TransportError, elapsed: float) -> None:
         """Count a call sent through ``direct`` that got no usable answer, as ``call``
@@ -214,10 +295,74 @@ class UpstreamPool:
         Retry-After asks (never counted against its health); errors in a row take it out
         of rotation."""
         if exc.retry_after is not None:
+            now = time.perf_counter()
             wait = min(exc.retry_after, self.settings.retry_after_max)
-            u.slow_until = max(u.slow_until, time.perf_counter() + wait)
+            u.slow_until = max(u.slow_until, now + wait)
+            u.route.budget.slowed(now)
         elif exc.counts:
             self._mark_failed(u)
+
+    def _judge(self, u: Upstream, method: str, block: int, answer: Answer) -> Declined | None:
+        """``answer``'s error when another upstream may answer instead (``capabilities``),
+        with what ``u`` learns from it taken in; None for a result or the node's real
+        error. ``block``: the block the call read (-1: none known)."""
+        if answer.error is None:
+            return None
+        verdict = classify(answer.error)
+        if verdict is None:
+            return None
+        if verdict is not Verdict.SLOW_DOWN and u.route.caps.learn(
+            verdict, method, block, time.perf_counter()
+        ):
+            log.info(
+                "upstream %s: %s %s at block %d: asked elsewhere",
+                u.name,
+                verdict.value,
+                method,
+                block,
+            )
+            if verdict is Verdict.PRUNED and block >= 0:
+                self._probe_lowest(u)
+        return Declined(u, answer, verdict)
+
+    def _probe_lowest(self, u: Upstream) -> None:
+        """Find ``u``'s lowest available block by bisection, in the background, once a
+        pruned answer marked it (erpc's blockAvailability probe): reads of the blocks
+        between the mark and the true bound then skip it at once, instead of each learning
+        it by a failed try."""
+        if u.name in self._probing or u.latest < 0:
+            return
+        self._probing.add(u.name)
+        task = detached(self._bisect_lowest(u), name=f"availability:{u.name}")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _bisect_lowest(self, u: Upstream) -> None:
+        """Bisect between ``u``'s learnt lowest block (not held below it) and its head
+        (held): each step one state read, within its budget (none spent past it)."""
+        caps = u.route.caps
+        budget = u.route.budget
+        hi = u.latest
+        try:
+            for _ in range(d.AVAILABILITY_PROBE_STEPS):
+                lo = caps.lowest
+                if lo >= hi or (
+                    budget.bounded and not budget.open(time.perf_counter(), u.in_flight)
+                ):
+                    return
+                mid = (lo + hi) // 2
+                answer = await u.call("eth_getBalance", [PROBE_ADDRESS, hex(mid)])
+                if answer.error is None:
+                    hi = mid
+                elif classify(answer.error) is Verdict.PRUNED:
+                    caps.learn(Verdict.PRUNED, "", mid, time.perf_counter())
+                else:
+                    return
+        except TransportError as exc:
+            log.debug("upstream %s: availability probe stopped: %s", u.name, exc)
+        finally:
+            self._probing.discard(u.name)
+            log.info("upstream %s: lowest available block %d", u.name, caps.lowest)
 
     def _mark_failed(self, u: Upstream) -> None:
         if u.healthy and u.consecutive_errors >= self.settings.max_consecutive_errors:
@@ -262,6 +407,31 @@ class UpstreamPool:
             log.debug("upstream %s %s failed: %s", u.name, method, exc)
             raise
 
+    async def _read(
+        self, u: Upstream, method: str, params: Params | None, block: int, timeout: float
+    ) -> Answer:
+        """One try of a read on ``u``: its answer, or ``Declined`` when its error says
+        another upstream may answer (learnt by ``u``)."""
+        answer = await u.call(method, params, timeout=timeout)
+        declined = self._judge(u, method, block, answer)
+        if declined is not None:
+            raise declined
+        return answer
+
+    async def _attempt_read(
+        self, u: Upstream, method: str, params: Params | None, block: int, deadline: float
+    ) -> Answer:
+        """A try of a raced read: ``_read`` once ``u``'s pause and budget allow (``_turn``)."""
+        try:
+            left = await self._turn(u, deadline)
+            if isinstance(left, TransportError):
+                raise left
+            return await self._read(u, method, params, block, left)
+        except TransportError as exc:
+            self._failed_try(u, exc)
+            log.debug("upstream %s %s failed: %s", u.name, method, exc)
+            raise
+
     def _hedge_delay(self, u: Upstream) -> float | None:
         s = self.settings
         if not s.hedge or len(u.samples) < 20:
@@ -279,13 +449,16 @@ class UpstreamPool:
         deadline: float | None = None,
     ) -> Answer:
         """A read: the first good answer from the best upstreams, retried and maybe hedged.
-        ``spent``: attempts the caller made already (a read sent through ``direct``), taken
-        from the budget; one is always left, for a link that failed under it. ``tried``:
-        the upstreams those attempts went to, asked last (the best one may be the one that
-        just failed, still healthy after one error). ``deadline``: the ``perf_counter``
-        time the call ends by, answered or not (``UpstreamTimeout``), all its tries and
-        hedges included; the pool's ``deadline`` from now when not given (the node's own
-        reads). With no upstream in rotation, ``NoUpstreamInRotation`` at once."""
+        ``min_block``: the block the read needs (the one it reads, ``policy.Plan``'s), for
+        lag and block availability. ``spent``: attempts the caller made already (a read sent
+        through ``direct``), taken from the budget; one is always left, for a link that
+        failed under it. ``tried``: the upstreams those attempts went to, asked last (the
+        best one may be the one that just failed, still healthy after one error).
+        ``deadline``: the ``perf_counter`` time the call ends by, answered or not
+        (``UpstreamTimeout``), all its tries and hedges included; the pool's ``deadline``
+        from now when not given (the node's own reads). With no upstream in rotation,
+        ``NoUpstreamInRotation`` at once. An answer every upstream asked declined (a
+        method none has, a block none holds) is the first one's own error."""
         now = time.perf_counter()
         if deadline is None:
             deadline = now + self.settings.deadline
@@ -295,48 +468,67 @@ class UpstreamPool:
         if len(self.upstreams) == 1:
             if not self.upstreams[0].healthy:
                 raise _out_of_rotation(self.upstreams, method)
-            return await self._call_in_turn(self.upstreams, method, params, max_attempts, deadline)
-        order = self.candidates(min_block)
+            return await self._call_in_turn(
+                self.upstreams, method, params, min_block, max_attempts, deadline
+            )
+        order = self.candidates(min_block, method)
         if not order:
             raise _out_of_rotation(self.upstreams, method)
         if tried:
             order = [u for u in order if u not in tried] + [u for u in order if u in tried]
         if self._hedge_delay(order[0]) is None:
-            return await self._call_in_turn(order, method, params, max_attempts, deadline)
+            return await self._call_in_turn(
+                order, method, params, min_block, max_attempts, deadline
+            )
         launched = 0
+        # Attempts: a decline is routing, not a failed try, so it gives its attempt back
+        # (once per upstream at most).
+        limit = max_attempts
         last_exc: TransportError | None = None
+        declined: list[Upstream] = []
+        first_declined: Declined | None = None
+        shut: OverBudget | None = None
         running: dict[asyncio.Task[Answer], Upstream] = {}
 
-        def launch() -> bool:
+        def launch(hedge: bool = False) -> bool:
             nonlocal launched
-            while launched < max_attempts:
+            while launched < limit:
                 u = order[launched % len(order)]
-                launched += 1
-                left = deadline - time.perf_counter()
-                if left <= 0.0:
+                if deadline - time.perf_counter() <= 0.0:
                     return False
-                if not u.healthy:  # taken out by this call's own tries
+                if hedge and u.route.tier != order[0].route.tier:
+                    return False  # a hedge is never billed to a fallback
+                launched += 1
+                if not u.healthy or u in declined:  # out, or declined, in this call
                     continue
-                running[asyncio.ensure_future(self._attempt(u, method, params, left))] = u
+                if hedge and not _ready(u, time.perf_counter()):
+                    continue  # a hedge is never waited for: the next one, if any
+                task = asyncio.ensure_future(
+                    self._attempt_read(u, method, params, min_block, deadline)
+                )
+                running[task] = u
                 return True
             return False
 
         launch()
+        hedging = len(order) > 1
         try:
             while running:
                 left = deadline - time.perf_counter()
                 if left <= 0.0:
                     break
                 first = next(iter(running.values()))
-                delay = self._hedge_delay(first) if len(running) == 1 and len(order) > 1 else None
+                delay = self._hedge_delay(first) if hedging and len(running) == 1 else None
                 wait = left if delay is None else min(delay, left)
                 done, _ = await asyncio.wait(
                     running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
                     if delay is not None and delay < left:
-                        self.metrics.hedged.inc()
-                        launch()
+                        if launch(hedge=True):
+                            self.metrics.hedged.inc()
+                        else:
+                            hedging = False  # none to race: wait for the one under way
                     continue
                 for task in done:
                     running.pop(task)
@@ -345,30 +537,42 @@ class UpstreamPool:
                         return task.result()
                     if not isinstance(exc, TransportError):
                         raise exc
+                    if isinstance(exc, Declined):
+                        declined.append(exc.upstream)
+                        first_declined = first_declined or exc
+                        limit = min(limit + 1, max_attempts + len(order))
+                    elif isinstance(exc, OverBudget):
+                        shut = exc
                     last_exc = exc
                     if not running:
                         launch()
         finally:
             for task in running:
                 task.cancel()
-        raise _no_answer(order, launched, last_exc, method, self._late(deadline))
+        if first_declined is not None and shut is None:
+            return first_declined.answer
+        raise _no_answer(order, launched, shut or last_exc, method, self._late(deadline))
 
     async def _call_in_turn(
         self,
-        order: list[Upstream],
+        order: Sequence[Upstream],
         method: str,
         params: Params | None,
+        min_block: int,
         attempts: int,
         deadline: float,
     ) -> Answer:
         """No hedge due (hedging off, or too few latencies known yet): the candidates one
         after another in the caller's own task, as the race would try them, with no tasks
-        (``_in_turn``)."""
+        (``_in_turn``). Every upstream declining: the first one's own error."""
 
         def one(u: Upstream, left: float) -> Awaitable[Answer]:
-            return u.call(method, params, timeout=left)
+            return self._read(u, method, params, min_block, left)
 
-        return await self._in_turn(order, attempts, deadline, method, one)
+        try:
+            return await self._in_turn(order, attempts, deadline, method, one)
+        except Declined as exc:
+            return exc.answer
 
     async def _in_turn(
         self,
@@ -380,16 +584,31 @@ class UpstreamPool:
     ) -> T:
         """``one`` tried on ``order``'s upstreams in turn (``attempts`` tries at most), each
         try given what is left of the deadline; an upstream that asked to slow down is
-        waited for only when a fair try (half its timeout) still fits after. The first
-        answer; else the error of the last try (``what``: the methods, for it)."""
+        waited for only when a fair try (half its timeout) still fits after, and one at its
+        budget for ``[pool] budget_wait`` at most. The first answer; else the first
+        ``Declined`` (every upstream tried declined the call), else the error of the last
+        try (``what``: the methods, for it)."""
         last: TransportError | None = None
+        first_declined: Declined | None = None
+        declined: list[Upstream] | None = None
+        shut: OverBudget | None = None
         tries = 0
-        for i in range(attempts):
+        # A decline is routing, not a failed try: it gives its attempt back, so each
+        # upstream may decline once on top of ``attempts``.
+        limit = attempts
+        for i in range(attempts + len(order)):
+            if i >= limit:
+                break
             u = order[i % len(order)]
             if not u.healthy:  # taken out of rotation by this call's own tries
                 continue
-            left = await _turn(u, deadline)
+            if declined is not None and u in declined:
+                limit += 1  # it said so already: not asked twice, and no attempt spent
+                continue
+            left = await self._turn(u, deadline)
             if isinstance(left, TransportError):
+                if isinstance(left, OverBudget):
+                    shut = left
                 last = last or left
                 continue
             if left <= 0.0:
@@ -401,7 +620,34 @@ class UpstreamPool:
                 self._failed_try(u, exc)
                 log.debug("upstream %s %s failed: %s", u.name, what, exc)
                 last = exc
-        raise _no_answer(list(order), tries, last, what, self._late(deadline))
+                if isinstance(exc, Declined):
+                    declined = [u] if declined is None else [*declined, u]
+                    first_declined = first_declined or exc
+                    limit += 1
+        if first_declined is not None and shut is None:
+            raise first_declined  # every upstream asked declined: the node's own error
+        raise _no_answer(list(order), tries, shut or last, what, self._late(deadline))
+
+    async def _turn(self, u: Upstream, deadline: float) -> float | TransportError:
+        """What is left of ``deadline`` for a try on ``u`` once the pause its last 429 asked
+        for is over, and its budget lets one more call go (both waited here); the error to
+        report instead when that pause leaves no fair try (half its timeout) before the
+        deadline, or the budget stays shut for all of ``[pool] budget_wait``."""
+        left = await _paused(u, deadline)
+        budget = u.route.budget
+        if isinstance(left, TransportError) or not budget.bounded:
+            return left
+        now = time.perf_counter()
+        until = min(now + self.settings.budget_wait, deadline)
+        while not budget.open(now, u.in_flight):
+            wait = budget.wait(now, u.in_flight)
+            if wait == math.inf:  # a slot frees when a call ends: looked for again
+                wait = BUDGET_RECHECK
+            if now + wait > until:
+                return OverBudget(u)
+            await asyncio.sleep(wait)
+            now = time.perf_counter()
+        return deadline - now
 
     def _late(self, deadline: float) -> float | None:
         """The pool's deadline, when ``deadline`` has passed (for the error's message)."""
@@ -419,7 +665,8 @@ class UpstreamPool:
         tries one read without a hedge (a batch is never raced), each try cut to what is
         left of ``deadline`` (``call``'s: a ``perf_counter`` time, the pool's deadline from
         now when not given). An upstream that refuses batches (``BatchUnsupported``) has
-        the reads asked one by one through ``call``, by the same deadline."""
+        the reads asked one by one through ``call``, by the same deadline; a read it
+        declined (a method it lacks, a block it pruned) is asked again through ``call``."""
         if deadline is None:
             deadline = time.perf_counter() + self.settings.deadline
         try:
@@ -440,12 +687,37 @@ class UpstreamPool:
 
         async def one(u: Upstream, left: float) -> list[Answer | UpstreamError]:
             try:
-                return list(await u.call_batch(calls, timeout=left))
+                answers = await u.call_batch(calls, timeout=left)
             except BatchUnsupported as exc:
                 log.debug("upstream %s: %s; asking call by call", u.name, exc)
-            return await self._one_by_one(calls, min_block, deadline)
+                return await self._one_by_one(calls, min_block, deadline)
+            return await self._asked_again(u, calls, answers, deadline)
 
         return await self._in_turn(order, self.settings.max_attempts, deadline, method, one)
+
+    async def _asked_again(
+        self, u: Upstream, calls: Sequence[BatchCall], answers: list[Answer], deadline: float
+    ) -> list[Answer | UpstreamError]:
+        """``u``'s answers to a batch, with those it declined asked again through ``call``
+        (``u`` tried last). A batch's calls may read different blocks: none is learnt as
+        ``u``'s lowest from here, only methods."""
+        out: list[Answer | UpstreamError] = list(answers)
+        again: list[int] = []
+        for i, (answer, (m, _p)) in enumerate(zip(answers, calls, strict=True)):
+            if answer.error is not None and self._judge(u, m, -1, answer) is not None:
+                again.append(i)
+        if not again:
+            return out
+        got = await asyncio.gather(
+            *(self.call(calls[i][0], calls[i][1], tried=(u,), deadline=deadline) for i in again),
+            return_exceptions=True,
+        )
+        for i, r in zip(again, got, strict=True):
+            if isinstance(r, Answer | UpstreamError):
+                out[i] = r
+            else:
+                raise r
+        return out
 
     async def _one_by_one(
         self, calls: Sequence[BatchCall], min_block: int, deadline: float
@@ -535,7 +807,7 @@ class UpstreamPool:
         )
 
 
-async def _turn(u: Upstream, deadline: float) -> float | TransportError:
+async def _paused(u: Upstream, deadline: float) -> float | TransportError:
     """What is left of ``deadline`` for a try on ``u`` once the pause its last 429 asked
     for is over (waited here); the error to report instead when that pause leaves no fair
     try (half its timeout) before the deadline."""
@@ -547,6 +819,17 @@ async def _turn(u: Upstream, deadline: float) -> float | TransportError:
         await asyncio.sleep(u.slow_until - now)
         now = time.perf_counter()
     return deadline - now
+
+
+def _ready(u: Upstream, now: float) -> bool:
+    """Whether a call may go to ``u`` now: not paused by a 429, within its budget."""
+    b = u.route.budget
+    return u.slow_until <= now and (not b.bounded or b.open(now, u.in_flight))
+
+
+def _rank(u: Upstream) -> tuple[int, float]:
+    """The order of ``candidates``: its class for the call (``Route.rank``), then latency."""
+    return u.route.rank, u.latency
 
 
 def _already_known(answer: Answer) -> bool:
@@ -576,6 +859,14 @@ def _no_answer(
     """What a read that got no answer from ``attempts`` tries of ``order`` raises;
     ``deadline``: the call's deadline in seconds when it passed."""
     where = ",".join(u.name for u in order[: max(1, attempts)])
+    if isinstance(last, OverBudget):
+        return UpstreamOverloaded(
+            "every upstream that could answer stayed at its budget (max_rps, "
+            "max_concurrency) past [pool] budget_wait",
+            method=method,
+            upstream=where,
+            attempts=attempts,
+        )
     if deadline is not None:
         return UpstreamTimeout(
             f"no upstream answered within the {deadline:g}s deadline",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -14,7 +15,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiohttp
 import orjson
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidState
@@ -25,8 +25,15 @@ from websockets.uri import WebSocketURI, parse_uri
 
 from chainrelay import defaults
 from chainrelay.config import PoolConfig, UpstreamConfig
+from chainrelay.rpc.policy import RULES, Kind
 from chainrelay.server.peer import current_via
+from chainrelay.upstreams import httpwire
 from chainrelay.upstreams.batching import BatchCall, NotABatchAnswer, encode_batch, parse_batch
+from chainrelay.upstreams.budget import Budget
+from chainrelay.upstreams.capabilities import Capabilities
+from chainrelay.upstreams.failures import BatchUnsupported, TransportError
+from chainrelay.upstreams.httplink import LinkPool, Sent, Waiter
+from chainrelay.upstreams.route import ROLES, Route
 from chainrelay.wire import wsframes
 from chainrelay.wire.jsonrpc import Answer, Params, encode_request, parse_answer
 
@@ -36,8 +43,6 @@ log = logging.getLogger(__name__)
 LATENCY_SAMPLES = 256
 # Random bytes drawn at once for client frame masks: a thousand frames per system call.
 WS_MASK_POOL = 4096
-# A relay's answer to a request whose Via names it (RFC 5842's 508 Loop Detected).
-LOOP_DETECTED = 508
 _ANSWER_PREFIX = b'{"jsonrpc":"2.0","id":'
 _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 
@@ -46,43 +51,6 @@ _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 # is decoded in a turn of the event loop of its own, not in the turn that read its last
 # bytes and whatever else that turn runs: no single turn holds the loop for both.
 LARGE_ANSWER_BYTES = 256 * 1024
-
-
-class TransportError(Exception):
-    """The upstream gave no usable answer (timeout, refused, 5xx, 429, garbage): retryable."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        timeout: bool = False,
-        malformed: bool = False,
-        loop: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.timeout = timeout
-        # The upstream answered, but not with JSON-RPC (or, ``loop``, refused a request that
-        # had passed through it already: relays that are each other's upstreams). Retried
-        # elsewhere, yet not counted against the upstream's health: one odd request must not
-        # take every node out.
-        self.malformed = malformed or loop
-        self.loop = loop
-        # A provider's "slow down" (HTTP 429), with the seconds its Retry-After asks for
-        # (0.0 when it names none): the upstream is well, only busy; never counted against
-        # its health either.
-        self.retry_after = retry_after
-        self.counts = not (self.malformed or retry_after is not None)
-
-
-class BatchUnsupported(TransportError):
-    """The upstream answered a batch with something else than an answer to each of its
-    calls (an HTTP error status, an error object, an array missing ids): the calls are
-    asked one by one. Not counted against the upstream's health: it answers, only not
-    batches (or not batches this long)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, malformed=True)
 
 
 Notify = Callable[[str, Any], None]
@@ -117,6 +85,19 @@ class Upstream:
         # Set by the pool so that every call counts, the head tracker's included.
         self.observer: Observer | None = None
         self.via = via
+        # Role, weight, budget and capabilities (the pool's, from the [[upstreams]] entry):
+        # every call sent spends from its budget, whoever sends it.
+        self.route = Route()
+        # Headers sent with every request (HTTP) or the WebSocket handshake: a provider's
+        # key or basic auth ([[upstreams]] headers, auth; ``make_upstream``).
+        self.headers: dict[str, str] = {}
+        self._in_flight = 0
+        self._gate: asyncio.Semaphore | None = None  # max_concurrency's slots, made on use
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered (for ``max_concurrency``)."""
+        return self._in_flight
 
     @property
     def is_ws(self) -> bool:
@@ -133,8 +114,8 @@ class Upstream:
 
     async def _roundtrip(self, method: str, params: Params | None) -> bytes:
         """The raw answer to one call, within ``self.timeout``. HTTP and WebSocket override
-        it to bound the wait with a timer they keep anyway (aiohttp's own, one expiry timer
-        for all calls), cheaper than an ``asyncio.timeout`` per call."""
+        it to bound the wait with a timer they keep anyway (one per HTTP connection, one
+        expiry timer for all WebSocket calls), cheaper than an ``asyncio.timeout`` per call."""
         async with asyncio.timeout(self.timeout):
             return await self.request(encode_request(1, method, params))
 
@@ -151,9 +132,14 @@ class Upstream:
         shorter (what is left of a call's deadline). Raises ``TransportError``."""
         self.calls += 1
         started = time.perf_counter()
+        self.route.budget.spend(started)
         if timeout is None or timeout >= self.timeout:
             timeout = None
+        self._in_flight += 1
+        slot = None
         try:
+            if self.route.budget.concurrency:
+                slot, timeout = await self._slot(started, timeout)
             if timeout is None:
                 raw = await self._roundtrip(method, params)
             else:
@@ -170,8 +156,35 @@ class Upstream:
         except TransportError as exc:
             self._try_failed(exc, started)
             raise
+        finally:
+            self._in_flight -= 1
+            if slot is not None:
+                slot.release()
         self.answered(time.perf_counter() - started, answer.error is not None)
         return answer
+
+    async def _slot(
+        self, started: float, timeout: float | None
+    ) -> tuple[asyncio.Semaphore, float | None]:
+        """One of the upstream's ``max_concurrency`` slots, waited for (every caller's
+        calls, the head tracker's too, keep to it; the pool routes around a full one
+        first), and what is left of the try's time once it is had. Raises
+        ``TransportError`` (not counted against health) when none frees in that time."""
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = asyncio.Semaphore(self.route.budget.concurrency)
+        bound = self.timeout if timeout is None else timeout
+        if gate.locked():
+            try:
+                async with asyncio.timeout(bound):
+                    await gate.acquire()
+            except TimeoutError:
+                busy = TransportError("no call slot free in time", timeout=True)
+                busy.counts = False
+                raise busy from None
+            return gate, bound - (time.perf_counter() - started)
+        await gate.acquire()  # free: taken at once
+        return gate, timeout
 
     async def call_batch(
         self, calls: Sequence[BatchCall], *, timeout: float | None = None
@@ -185,9 +198,14 @@ class Upstream:
         slower than the call the hedging quantile is about)."""
         self.calls += 1
         started = time.perf_counter()
+        self.route.budget.spend(started, len(calls))
         if timeout is None or timeout >= self.timeout:
             timeout = None
+        self._in_flight += 1
+        slot = None
         try:
+            if self.route.budget.concurrency:
+                slot, timeout = await self._slot(started, timeout)
             if timeout is None:
                 raw, first_id = await self._batch_roundtrip(calls)
             else:
@@ -204,6 +222,10 @@ class Upstream:
         except TransportError as exc:
             self._try_failed(exc, started)
             raise
+        finally:
+            self._in_flight -= 1
+            if slot is not None:
+                slot.release()
         self.consecutive_errors = 0
         self._observe("ok", started)
         return answers
@@ -272,114 +294,145 @@ class Upstream:
 
 
 class HttpUpstream(Upstream):
-    """An HTTP upstream through one pooled keep-alive aiohttp session.
+    """An HTTP(S) upstream over the node's own keep-alive connections (``httplink.py``):
+    pooled, pipelined where safe, TLS from ``ssl`` with verification on.
 
-    The call's deadline is kept by aiohttp's own timer (``total``) rather than by a second
-    one around it. Its default headers and cookie jar stay: some providers refuse requests
-    without a User-Agent, and load balancers pin a client to a node by cookie.
+    The request head is built once from the URL (``httpwire.target``); a call writes it
+    with its Content-Length and body, and waits for its answer with no timer of its own
+    (each connection keeps one for every deadline on it). A try's deadline covers the whole
+    exchange, the body read included: an upstream that drips its answer a byte at a time
+    is cut off all the same.
+
+    Pipelining: only reads of the policy table's (never ``eth_sendRawTransaction``, nor a
+    method it does not know, which may write). A request pipelined behind another is lost
+    with it if the connection drops, and a write lost so cannot be told from a write the
+    node took: a write always has a connection to itself. Batches are not pipelined
+    either (a batch's answer is long to come, and everything behind it would wait).
     """
 
     def __init__(
-        self, name: str, url: str, *, timeout: float, connections: int, via: str = ""
+        self,
+        name: str,
+        url: str,
+        *,
+        timeout: float,
+        connections: int,
+        via: str = "",
+        pipeline_depth: int = defaults.HTTP_UPSTREAM_PIPELINE_DEPTH,
+        keepalive: float = defaults.HTTP_UPSTREAM_KEEPALIVE,
+        max_answer_bytes: int = defaults.HTTP_UPSTREAM_MAX_ANSWER_BYTES,
+        accept_encoding: bool = defaults.HTTP_UPSTREAM_ACCEPT_ENCODING,
+        ca_file: str = "",
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """``ca_file``: CA certificates (PEM) to verify an https:// upstream against
+        instead of the system's. ``headers``: sent with every request (a provider's key,
+        basic auth: ``[[upstreams]] headers``, ``auth``)."""
         super().__init__(name, url, timeout=timeout, connections=connections, via=via)
-        self._session: aiohttp.ClientSession | None = None
+        self.headers = dict(headers or {})
+        self.target = httpwire.target(
+            url, via=via, accept_encoding=accept_encoding, headers=self.headers
+        )
+        self.pipeline_depth = pipeline_depth
+        self.keepalive = keepalive
+        self.max_answer_bytes = max_answer_bytes
+        self.ca_file = ca_file
+        self._links: LinkPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=300)
-        headers = {"Content-Type": "application/json"}
-        if self.via:
-            headers["Via"] = self.via  # a relayed request's Via replaces it (``request``)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        context = None
+        if self.target.secure:
+            # Made once: a context costs milliseconds (the CA store read and parsed).
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+        self._links = LinkPool(
+            self.target,
+            size=self.connections,
+            depth=self.pipeline_depth,
+            keepalive=self.keepalive,
+            max_answer_bytes=self.max_answer_bytes,
+            ssl_context=context,
         )
 
     async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        links, self._links = self._links, None
+        if links is not None:
+            links.close()
 
     async def _roundtrip(self, method: str, params: Params | None) -> bytes:
-        return await self._post(encode_request(1, method, params), None)
+        return await self._post(encode_request(1, method, params), None, _pipelines(method))
 
     async def _roundtrip_within(self, method: str, params: Params | None, timeout: float) -> bytes:
-        return await self._post(encode_request(1, method, params), timeout)
+        return await self._post(encode_request(1, method, params), timeout, _pipelines(method))
 
     async def request(self, body: bytes) -> bytes:
         """POST one body; the answer's bytes. Raises ``TransportError``."""
-        return await self._post(body, None)
+        return await self._post(body, None, False)
 
-    async def _post(self, body: bytes, timeout: float | None) -> bytes:
-        """POST ``body`` within the session's timeout, or ``timeout`` (shorter) when given."""
-        session = self._session
-        assert session is not None, "upstream not started"
-        # This node's own Via goes with every request (the session's default header); a
-        # request made for one another relay forwarded carries that one's chain too.
+    def _head(self) -> bytes:
+        # This node's own Via goes with every request; a request made for one another relay
+        # forwarded carries that one's chain too.
         came = current_via()
-        headers = {"Via": f"{came}, {self.via}"} if came and self.via else None
-        # aiohttp's total timeout covers the whole exchange, the body read included: an
-        # upstream that drips its answer a byte at a time is cut off all the same.
-        # (Never None here: to aiohttp that means no timeout at all.)
-        bound = session.timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
-        try:
-            async with session.post(self.url, data=body, headers=headers, timeout=bound) as resp:
-                data = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After") if status == 429 else None
-        except TimeoutError:
-            waited = self.timeout if timeout is None else round(timeout, 3)
-            raise TransportError(f"timed out after {waited}s", timeout=True) from None
-        except aiohttp.ClientError as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}") from None
-        if status == LOOP_DETECTED:
-            raise TransportError("the request came round to a relay it passed", loop=True)
-        if status == 429:
-            wait = _retry_after(retry_after)
-            raise TransportError(f"HTTP 429, retry after {wait:g}s", retry_after=wait)
-        if status != 200 and (status == 429 or status >= 500 or not data.lstrip().startswith(b"{")):
-            raise TransportError(f"HTTP {status}")
-        return data
+        if came and self.via:
+            return httpwire.relayed_head(self.target, came, self.via)
+        return self.target.head
+
+    async def _post(
+        self, body: bytes, timeout: float | None, pipelined: bool, batch: bool = False
+    ) -> bytes:
+        """POST ``body`` within ``self.timeout``, or ``timeout`` (shorter) when given; the
+        answer's body (decoded), or ``TransportError`` (``httpwire.refusal``: what a
+        non-200 status means; a connection lost, a late or an oversized answer)."""
+        links = self._links
+        if links is None:
+            raise TransportError("upstream not started")
+        budget = self.timeout if timeout is None else round(timeout, 3)
+        loop = links.loop
+        deadline = loop.time() + budget
+        link = links.ready(pipelined) or await links.acquire(pipelined, deadline, budget)
+        answer: asyncio.Future[bytes] = loop.create_future()
+        # Cancelled (a hedge lost, the caller gone), the future is done: its answer is
+        # read when it comes and dropped (the connection cannot skip it).
+        link.send(httpwire.frame(self._head(), body), Sent(answer, deadline, budget, batch))
+        return await answer
 
     async def _batch_roundtrip(self, calls: Sequence[BatchCall]) -> tuple[bytes, int]:
-        """One POST of the batch, within the session's timeout. An HTTP error status other
-        than 429 (slow down: another upstream is asked) refuses the batch."""
-        session = self._session
-        assert session is not None, "upstream not started"
-        came = current_via()
-        headers = {"Via": f"{came}, {self.via}"} if came and self.via else None
-        try:
-            async with session.post(self.url, data=encode_batch(1, calls), headers=headers) as resp:
-                data = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After") if status == 429 else None
-        except TimeoutError:
-            raise TransportError(f"timed out after {self.timeout}s", timeout=True) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}") from None
-        if status == LOOP_DETECTED:
-            raise TransportError("the request came round to a relay it passed", loop=True)
-        if status == 429:
-            wait = _retry_after(retry_after)
-            raise TransportError(f"HTTP 429, retry after {wait:g}s", retry_after=wait)
-        if status != 200:
-            raise BatchUnsupported(f"HTTP {status}")
-        return data, 1
+        """One POST of the batch, within ``self.timeout``. An HTTP error status other than
+        429 (slow down: another upstream is asked) refuses the batch."""
+        return await self._post(encode_batch(1, calls), None, False, batch=True), 1
+
+    def send_now(self, head: bytes, tail: bytes, waiter: Waiter) -> bool:
+        """As ``WsUpstream.send_now``: one call sent at once on a connection that takes it
+        without waiting (idle, or room in its line: ``rpc/forward.py`` sends reads of the
+        policy table only, safe to pipeline), its answer handed to ``waiter`` where it is
+        read. Its id is 1: answers are paired by their place on the connection. False
+        when no connection takes it now (``call`` then)."""
+        links = self._links
+        if links is None:
+            return False
+        link = links.ready(True)
+        if link is None:
+            return False
+        budget = self.timeout
+        length = len(head) + 1 + len(tail)
+        link.send(
+            b"%b%d\r\n\r\n%b1%b" % (self._head(), length, head, tail),
+            Sent(waiter, links.loop.time() + budget, budget, False),
+        )
+        self.calls += 1
+        spent = self.route.budget
+        if spent.bounded:
+            spent.spend(time.perf_counter())
+        return True
+
+    def prune(self) -> None:
+        """Nothing to prune: a call's deadline lives on its connection, gone with it."""
 
 
-def _retry_after(header: str | None) -> float:
-    """Seconds a Retry-After header asks for: delta-seconds, or 0.0 when absent or an
-    HTTP date (rare from JSON-RPC providers; the 429 alone then says "slow down")."""
-    if header is None:
-        return 0.0
-    try:
-        seconds = float(header.strip())
-    except ValueError:
-        return 0.0
-    return seconds if seconds > 0.0 else 0.0  # a NaN or a negative asks for nothing
+def _pipelines(method: str) -> bool:
+    """Whether a call of ``method`` may be pipelined (see ``HttpUpstream``): a read the
+    policy table knows."""
+    rule = RULES.get(method)
+    return rule is not None and rule.kind is not Kind.SEND
 
 
 class _WsLink(asyncio.Protocol):
@@ -403,8 +456,10 @@ class _WsLink(asyncio.Protocol):
         *,
         ping_interval: float = defaults.WS_PING_INTERVAL,
         max_message: int = defaults.WS_MAX_MESSAGE_BYTES,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.proto = ClientProtocol(uri, max_size=max_message)
+        self.headers = headers or {}
         self.ping_interval = ping_interval
         self.max_message = max_message
         self.transport: asyncio.Transport | None = None
@@ -426,7 +481,10 @@ class _WsLink(asyncio.Protocol):
     # --- transport callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
-        self.proto.send_request(self.proto.connect())
+        request = self.proto.connect()
+        for name, value in self.headers.items():  # a provider's key or basic auth
+            request.headers[name] = value
+        self.proto.send_request(request)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -579,17 +637,6 @@ class _WsLink(asyncio.Protocol):
             transport.close()
 
 
-class Waiter(typing.Protocol):
-    """What waits for a WebSocket upstream's answer to one call: an asyncio future, or an
-    object that acts on the answer where it arrives (``WsUpstream.send_now``)."""
-
-    def done(self) -> bool: ...
-
-    def set_result(self, result: bytes, /) -> None: ...
-
-    def set_exception(self, exception: BaseException, /) -> None: ...
-
-
 class WsUpstream(Upstream):
     """A WebSocket upstream: requests multiplexed by id over one connection, reconnected
     on demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``."""
@@ -625,6 +672,11 @@ class WsUpstream(Upstream):
         # object with a null id is a batch's refusal, and goes to the oldest one.
         self._batches: deque[int] = deque()
 
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered, ``send_now``'s included: the link's own table."""
+        return len(self._pending)
+
     async def start(self) -> None:
         return None  # connects on first use
 
@@ -656,6 +708,7 @@ class WsUpstream(Upstream):
             self._lost,
             ping_interval=self.ping_interval,
             max_message=self.max_message_bytes,
+            headers=self.headers,
         )
         try:
             await loop.create_connection(
@@ -848,6 +901,9 @@ class WsUpstream(Upstream):
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
         self.calls += 1
+        budget = self.route.budget
+        if budget.bounded:
+            budget.spend(time.perf_counter())
         return True
 
     def prune(self) -> None:
@@ -916,11 +972,13 @@ class WsUpstream(Upstream):
 
 def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upstream:
     """The upstream ``u`` names, over WebSocket or HTTP by its URL, with the pool's
-    per-upstream settings. A try never outlasts a call's whole deadline: the timeout is
-    the shorter of the two (a call's later tries are cut to what is left of it)."""
+    per-upstream settings and its own route (role, weight, budget, capabilities) and
+    headers. A try never outlasts a call's whole deadline: the timeout is the shorter of
+    the two (a call's later tries are cut to what is left of it)."""
     timeout = min(pool.timeout, pool.deadline)
+    upstream: Upstream
     if u.url.startswith(("ws://", "wss://")):
-        return WsUpstream(
+        upstream = WsUpstream(
             u.name,
             u.url,
             timeout=timeout,
@@ -929,4 +987,36 @@ def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upst
             max_message_bytes=pool.ws_max_message_bytes,
             via=via,
         )
-    return HttpUpstream(u.name, u.url, timeout=timeout, connections=pool.connections, via=via)
+    else:
+        upstream = HttpUpstream(
+            u.name,
+            u.url,
+            timeout=timeout,
+            connections=u.connections or pool.connections,
+            via=via,
+            pipeline_depth=pool.http_pipeline_depth,
+            keepalive=pool.http_keepalive_timeout,
+            max_answer_bytes=pool.http_max_answer_bytes,
+            accept_encoding=pool.http_accept_encoding,
+            ca_file=u.ca_file,
+            headers=request_headers(u),
+        )
+    upstream.route = Route(
+        tier=ROLES[u.role],
+        weight=u.weight,
+        budget=Budget(u.max_rps, u.max_concurrency, auto_tune=pool.auto_tune),
+        caps=Capabilities(archive=u.archive, ttl=pool.capability_ttl),
+    )
+    upstream.headers = request_headers(u)
+    return upstream
+
+
+def request_headers(u: UpstreamConfig) -> dict[str, str]:
+    """The headers ``u`` asks to send: its ``headers`` table, and ``auth`` ("user:pass")
+    as HTTP basic auth (an Authorization header of the table wins, and either wins over
+    the URL's userinfo)."""
+    headers = dict(u.headers)
+    if u.auth and not any(k.lower() == "authorization" for k in headers):
+        token = base64.b64encode(u.auth.encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return headers

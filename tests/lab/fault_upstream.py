@@ -10,6 +10,9 @@ up; every other call gets the fault of ``--mode``:
 
 * ``healthy``: every call is forwarded to the node (a fake to be switched to a fault, or
   back, with ``POST /mode``).
+* ``rate``: a provider's quota: every call, ``HEAD_METHODS`` included, is forwarded while
+  fewer than ``--rps`` were forwarded in the last second, and answered HTTP 429 with
+  ``Retry-After: 1`` past it.
 * ``429``: HTTP 429 Too Many Requests, as a rate-limited provider answers.
 * ``429_storm``: the same, with ``Retry-After: STORM_RETRY_AFTER``, as a provider whose
   key is over its quota answers every call for a while.
@@ -32,7 +35,13 @@ up; every other call gets the fault of ``--mode``:
   call but ``HEAD_METHODS`` and the head stream's ``eth_subscribe``/``eth_unsubscribe``
   with ``WS_GARBAGE``: the layout of an answer under the call's own id, but not JSON.
 
-``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``.
+``--lacks METHOD`` (any mode): that method is answered -32601 in geth's words, as a node
+or a provider's plan without it answers.
+
+``GET /counts`` and ``POST /reset`` count calls per method like ``counting_proxy``;
+``GET /calls`` lists them; ``GET /load`` gives the most requests ever in flight at once,
+the most that arrived within one second, how many ``rate`` refused and how many it
+forwarded after its first refusal.
 ``POST /mode`` with ``{"mode": M, "every": B}`` switches the fault at once (not for the
 WebSocket modes); ``every`` true gives it to ``HEAD_METHODS`` too: a dead upstream, whose
 head, chain id and probes fail like the rest (``--every`` at the start).
@@ -42,8 +51,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
+import time
 from pathlib import Path
 
 import aiohttp
@@ -62,6 +73,7 @@ from tests.lab.procs import Procs
 
 MODES = (
     "healthy",
+    "rate",
     "429",
     "429_storm",
     "hang",
@@ -101,19 +113,34 @@ MALFORMED = (
 
 
 class FaultUpstreamApp:
-    def __init__(self, mode: str, upstream: str, every: bool = False) -> None:
+    def __init__(
+        self, mode: str, upstream: str, every: bool = False, rps: float = 0.0, lacks: str = ""
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.mode = mode
         self.every = every
         self.upstream = upstream
+        self.rps = rps
+        self.lacks = lacks
         self.counter = Counter()
         self.session: aiohttp.ClientSession | None = None
         self._malformed = itertools.cycle(MALFORMED)
+        # What ``GET /load`` reports: requests in flight (and the most at once), arrival
+        # and forwarding times of the last second (and the most arrivals in one), refusals.
+        self.in_flight = 0
+        self.in_flight_peak = 0
+        self.arrived: collections.deque[float] = collections.deque()
+        self.window_peak = 0
+        self.forwarded: collections.deque[float] = collections.deque()
+        self.refused = 0
+        self.served_after_refusal = 0  # calls forwarded once the first was refused
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/counts", self.counter.get_counts)
+        app.router.add_get("/calls", self.counter.get_calls)
+        app.router.add_get("/load", self.get_load)
         app.router.add_post("/reset", self.counter.post_reset)
         app.router.add_post("/mode", self.post_mode)
         app.router.add_post("/{tail:.*}", self.handle)
@@ -137,10 +164,47 @@ class FaultUpstreamApp:
         self.every = bool(doc.get("every", False))
         return web.json_response({"mode": self.mode, "every": self.every})
 
+    async def get_load(self, _request: web.Request) -> web.Response:
+        doc = {
+            "in_flight_peak": self.in_flight_peak,
+            "window_peak": self.window_peak,
+            "refused": self.refused,
+            "served_after_refusal": self.served_after_refusal,
+        }
+        return web.json_response(doc)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        now = time.monotonic()
+        arrived = self.arrived
+        arrived.append(now)
+        while arrived[0] <= now - 1.0:
+            arrived.popleft()
+        self.window_peak = max(self.window_peak, len(arrived))
+        self.in_flight += 1
+        self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+        try:
+            return await self._handle(request, now)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request, now: float) -> web.StreamResponse:
         body = await request.read()
         methods = self.counter.add(body, peer_port(request))
-        if self.mode == "healthy":
+        if self.lacks and methods == [self.lacks]:  # a single call (batches: not needed)
+            rid = orjson.loads(body).get("id")
+            message = f"the method {self.lacks} does not exist/is not available"
+            error = {"code": -32601, "message": message}
+            return web.json_response({"jsonrpc": "2.0", "id": rid, "error": error})
+        if self.mode == "rate":
+            forwarded = self.forwarded
+            while forwarded and forwarded[0] <= now - 1.0:
+                forwarded.popleft()
+            if len(forwarded) >= self.rps:
+                self.refused += 1
+                return web.Response(status=429, text="rate limited", headers={"Retry-After": "1"})
+            forwarded.append(now)
+            self.served_after_refusal += self.refused > 0
+        if self.mode in ("healthy", "rate"):
             forward = True
         elif self.mode == "receipts_error":
             forward = "eth_getBlockReceipts" not in methods
@@ -224,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fault_upstream", description=__doc__)
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--every", action="store_true", help="fault HEAD_METHODS too")
+    p.add_argument("--rps", type=float, default=0.0, help="rate: calls forwarded a second")
+    p.add_argument("--lacks", default="", help="a method answered -32601")
     p.add_argument("--upstream", required=True, help="the real node, for HEAD_METHODS")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -233,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.mode == "ws_garbage":
         app = ws_garbage_app(args.upstream)
     else:
-        app = FaultUpstreamApp(args.mode, args.upstream, args.every).app()
+        app = FaultUpstreamApp(args.mode, args.upstream, args.every, args.rps, args.lacks).app()
     asyncio.run(serve(app, args.host, args.port))
 
 
@@ -287,10 +353,18 @@ class FaultUpstream(LabServer):
         upstream: str,
         log_path: Path | None = None,
         every: bool = False,
+        rps: float = 0.0,
+        lacks: str = "",
     ) -> None:
         args = ["--mode", mode, "--upstream", upstream] + (["--every"] if every else [])
+        args += ["--rps", str(rps), "--lacks", lacks]
         super().__init__(procs, args, log_path)
         self.mode = mode
+
+    async def load(self) -> dict[str, int]:
+        """``GET /load``: in_flight_peak, window_peak (arrivals in one second), refused,
+        served_after_refusal."""
+        return dict(await self._get("/load"))
 
     async def set_mode(self, mode: str, every: bool = False) -> None:
         """Switch the fault (``POST /mode``); ``every``: give it to ``HEAD_METHODS`` too."""
@@ -312,9 +386,16 @@ class FaultUpstream(LabServer):
 
 
 async def start_fault_upstream(
-    procs: Procs, mode: str, upstream: str, log_path: Path | None = None, every: bool = False
+    procs: Procs,
+    mode: str,
+    upstream: str,
+    log_path: Path | None = None,
+    every: bool = False,
+    *,
+    rps: float = 0.0,
+    lacks: str = "",
 ) -> FaultUpstream:
-    fake = FaultUpstream(procs, mode, upstream, log_path, every)
+    fake = FaultUpstream(procs, mode, upstream, log_path, every, rps, lacks)
     fake.start()
     await fake.wait_ready()
     return fake

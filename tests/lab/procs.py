@@ -186,4 +186,7 @@ async def fetch_metrics(url: str) -> dict[str, float]:
 def relay_config(upstreams: list[str], extra: str = "") -> str:
     """A config for a lab relay; ``{listen}`` is filled in by ``Relay``."""
     ups = "\n".join(f'[[upstreams]]\nname = "u{i}"\nurl = "{u}"\n' for i, u in enumerate(upstreams))
-    return f'[server]\nlisten = "{{listen}}"\n\n{extra}\n{ups}'
+    # Lab relays read /metrics and the full /health on the public port, and many run on one
+    # host: no admin listener unless the test gives one its own port (``extra``).
+    admin = "" if "admin_listen" in extra else 'admin_listen = ""\n'
+    return f'[server]\nlisten = "{{listen}}"\n{admin}\n{extra}\n{ups}'

@@ -55,6 +55,9 @@ from tests.lab.timing import SECOND
 # Every node listens on this port inside its own namespace: one number for every node keeps
 # configs and logs legible, and a restarted node comes back where its children look for it.
 NODE_PORT = 8600
+# The public port serves /metrics and the full /health (what the lab reads); the origin
+# and an ingress share anvil's namespace, where one admin port would be taken twice.
+SERVER = {"listen": f"0.0.0.0:{NODE_PORT}", "admin_listen": ""}
 ANVIL_PORT = 8545
 # A fixed, test-only origin key: its address is what every other node and subscriber trusts.
 ORIGIN_KEY = "0x" + "5a" * 32
@@ -302,7 +305,7 @@ class Tree:
         assert self.anvil_place is not None, "chain() first"
         tree = {"region": region, "key": key, **(tree_extra or {})}
         text = (
-            _table("server", {"listen": f"0.0.0.0:{NODE_PORT}"})
+            _table("server", SERVER)
             + "\n"
             + _table("tree", tree)
             + "\n[[upstreams]]\n"
@@ -315,7 +318,7 @@ class Tree:
         ingress for batch streams when ``extra`` holds its ``[batches]`` tables."""
         assert self.anvil_place is not None, "chain() first"
         text = (
-            _table("server", {"listen": f"0.0.0.0:{NODE_PORT}"})
+            _table("server", SERVER)
             + "\n"
             + _table("tree", {"region": region})
             + "\n[[upstreams]]\n"
@@ -336,7 +339,7 @@ class Tree:
         ``parent`` before it starts (two nodes may be each other's candidates)."""
         place = self.lab.add_region(name)
         tree = {"region": region, "trust": list(trust), **(tree_extra or {})}
-        text = _table("server", {"listen": f"0.0.0.0:{NODE_PORT}"}) + "\n" + _table("tree", tree)
+        text = _table("server", SERVER) + "\n" + _table("tree", tree)
         return self._add(name, place, region, text)
 
     def parent(self, child: TreeNode, parent: TreeNode, rtt_ms: float) -> None:

@@ -17,7 +17,7 @@ from aiohttp import web
 from chainrelay.app import Node
 from chainrelay.chain.follower import BlockFollower
 from chainrelay.chain.head import HeadTracker
-from chainrelay.config import quick
+from chainrelay.config import Config, quick
 from chainrelay.errors import StopFailed
 from chainrelay.server.http import HttpServer
 from chainrelay.subscriptions.filters import FilterService
@@ -69,6 +69,14 @@ def record_stops(
         monkeypatch.setattr(cls, "stop", make(name, original))
 
 
+def config(upstream: str) -> Config:
+    """``serve --upstream``'s config on a free port, with no admin listener: its fixed
+    default port is no test's to take."""
+    cfg = quick([upstream], "127.0.0.1:0")
+    cfg.server.admin_listen = ""
+    return cfg
+
+
 def refuses(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -79,7 +87,7 @@ async def test_a_node_stops_its_capabilities_in_reverse_order_of_start(
 ) -> None:
     journal: list[str] = []
     record_stops(monkeypatch, journal)
-    node = Node(quick([upstream], "127.0.0.1:0"))
+    node = Node(config(upstream))
     await node.start()
     port = node.port
     assert journal == []
@@ -93,7 +101,7 @@ async def test_every_stop_runs_and_the_failures_come_out_as_one_group(
 ) -> None:
     journal: list[str] = []
     record_stops(monkeypatch, journal, frozenset({"subscriptions", "pool"}))
-    node = Node(quick([upstream], "127.0.0.1:0"))
+    node = Node(config(upstream))
     await node.start()
     port = node.port
     with pytest.raises(StopFailed) as exc:

@@ -24,6 +24,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from chainrelay.access.identity import Identity
 from chainrelay.chain.events import BlockEvent
 from chainrelay.config import FiltersConfig, SubscriptionsConfig
 from chainrelay.metrics import Metrics
@@ -83,8 +84,9 @@ class FakeSession:
     """Stands in for ``ws.WsSession``: what the service writes is read by a websockets
     client protocol, as a client would, and kept message by message."""
 
-    def __init__(self, ip: str = "10.0.0.1") -> None:
+    def __init__(self, ip: str = "10.0.0.1", who: Identity | None = None) -> None:
         self.transport = FakeTransport(ip)
+        self.who = who or Identity(ip)  # what the front door found: a key, else the address
         self.sent: list[bytes] = []
         self.writes = 0
         self.aborted = asyncio.Event()
@@ -247,6 +249,30 @@ def test_limits_per_connection_address_and_node() -> None:
     c.closed(False)
     subscribe(d, ["newHeads"])  # room again once a connection went away
     assert svc.total == 4
+
+
+def test_subscriptions_count_per_identity_a_key_apart_from_its_address() -> None:
+    # One address (a NAT, a proxy's clients) with two keys: two clients; one key from two
+    # addresses: one client. The front door names each (``WsSession.who``).
+    feed = FakeFeed()
+    cfg = SubscriptionsConfig(max_per_ip=2, max_log_filters_per_ip=1)
+    svc = SubscriptionService(feed, Metrics(), cfg)  # type: ignore[arg-type]
+    alice, bob = Identity("key:alice", key="alice"), Identity("key:bob", key="bob")
+    a1 = svc.open(FakeSession("10.0.0.1", alice))  # type: ignore[arg-type]
+    a2 = svc.open(FakeSession("10.0.0.2", alice))  # type: ignore[arg-type]
+    b = svc.open(FakeSession("10.0.0.1", bob))  # type: ignore[arg-type]
+    anon = svc.open(FakeSession("10.0.0.1"))  # type: ignore[arg-type]
+    subscribe(a1, ["newHeads"])
+    subscribe(a2, ["logs", {"address": "0x" + "11" * 20}])
+    answer = a2.call("eth_subscribe", ["newHeads"])
+    assert answer.error is not None
+    message = orjson.loads(answer.error)["message"]
+    assert "at most 2 subscriptions per client (its API key, or its address)" in message
+    assert error_code(a1, ["logs", {"address": "0x" + "22" * 20}]) == -32005  # its 1 filter
+    for conn in (b, anon):  # the same address, other clients: untouched by alice's
+        subscribe(conn, ["newHeads"])
+        subscribe(conn, ["logs", {"address": "0x" + "22" * 20}])
+    assert svc.per_ip == {"key:alice": 2, "key:bob": 2, "10.0.0.1": 2}
 
 
 def test_closing_unsubscribes_everything_and_stops_following_the_feed(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from chainrelay.errors import FilterNotFound, InvalidParams, TooManyFilters
+from chainrelay.errors import FilterNotFound, FilterOverflowed, InvalidParams, TooManyFilters
 from chainrelay.subscriptions.filtertable import FilterKind, FilterTable, live_filter, new_id
 from chainrelay.subscriptions.logfilter import LogFilter
 
@@ -161,23 +161,28 @@ def test_expire_sweeps_indexes_so_blocks_cost_nothing_after() -> None:
     t.on_blocks([block(1)])  # nothing left to match: no error, no state
 
 
-def test_full_buffer_expires_the_filter_and_counts() -> None:
-    # Dropping the oldest changes would hand the client a poll that looks complete; an
-    # expired filter makes it reinstall and catch up (web3.py and ethers do on "not found").
+def test_full_buffer_stops_the_filter_its_next_poll_says_so_and_the_one_after_not_found() -> None:
+    # Dropping the oldest changes would hand the client a poll that looks complete: the
+    # poll is refused (-32005, saying what to do), then the filter is gone, and a client
+    # reinstalls and catches up (web3.py and ethers do on "not found").
     t = table(max_changes=3)
-    full = t.install(FilterKind.BLOCKS, None, now=0.0)
+    full = t.install(FilterKind.BLOCKS, None, now=0.0, owner="10.0.0.1")
     logs = t.install(FilterKind.LOGS, LogFilter.parse({"address": TOKEN}), now=0.0)
     polled = t.install(FilterKind.BLOCKS, None, now=0.0)
     t.on_blocks([block(n) for n in range(1, 4)])
     assert t.poll(polled, 1.0) == [bhash(1), bhash(2), bhash(3)]
-    assert t.on_blocks([block(4)]) == [full, logs]  # expired: the caller may stop listening
-    with pytest.raises(FilterNotFound) as info:
-        t.poll(full, 2.0)
-    assert info.value.message == "filter not found"
-    with pytest.raises(FilterNotFound):
-        t.poll(logs, 2.0)
-    assert t.overflowed_total == 2 and t.expired_total == 0
-    assert not t._by_address
+    assert t.on_blocks([block(4)]) == [full, logs]  # stopped: the caller may stop listening
+    assert not t._by_address and len(t) == 3 and t.owned_by("10.0.0.1") == 1
+    for fid in (full, logs):
+        with pytest.raises(FilterOverflowed) as over:
+            t.poll(fid, 2.0)
+        assert over.value.code == -32005
+        assert over.value.message.startswith("filter changes overflowed (more than 3 changes")
+        assert over.value.data == {"limit": "filters.max_changes", "value": 3}
+        with pytest.raises(FilterNotFound) as info:
+            t.poll(fid, 2.0)
+        assert info.value.message == "filter not found"
+    assert t.overflowed_total == 2 and t.expired_total == 0 and t.owned_by("10.0.0.1") == 0
     assert t.poll(polled, 2.0) == [bhash(4)]  # the one polled in time is untouched
     assert t.on_blocks([block(5)]) == []
 
@@ -188,6 +193,8 @@ def test_full_pending_buffer_expires_the_filter() -> None:
     assert t.on_pending("0x01") == [] and t.on_pending("0x02") == []
     assert t.on_pending("0x03") == [fid]
     assert not t.wants_pending and t.overflowed_total == 1
+    with pytest.raises(FilterOverflowed):
+        t.poll(fid, 1.0)
     with pytest.raises(FilterNotFound):
         t.poll(fid, 1.0)
 
@@ -198,7 +205,9 @@ def test_overflow_within_one_feed_call_expires_once_and_keeps_indexes_whole() ->
     keep = t.install(FilterKind.LOGS, LogFilter.parse({"topics": [TRANSFER]}), now=0.0)
     t.poll(keep, 0.0)
     assert sorted(t.on_blocks([block(1, [mklog(1, i) for i in range(5)])])) == sorted([fid, keep])
-    assert t.overflowed_total == 2 and len(t) == 0 and not t._by_topic0
+    assert t.overflowed_total == 2 and len(t) == 2 and not t._by_topic0
+    assert t.expire(IDLE + 1.0) == [fid, keep]  # stopped filters still idle out
+    assert len(t) == 0
 
 
 def test_reorg_removed_logs_oldest_block_first_in_log_order_then_new_chain() -> None:
@@ -291,7 +300,7 @@ def test_filters_per_client_address_are_bounded() -> None:
     with pytest.raises(TooManyFilters) as info:
         t.install(FilterKind.PENDING, None, 0.0, owner="10.0.0.1")
     assert info.value.code == -32005
-    assert "per client address" in info.value.message
+    assert "per client (its API key, or its address)" in info.value.message
     # another address is not locked out, nor the node's own calls (no address)
     t.install(FilterKind.BLOCKS, None, 0.0, owner="10.0.0.2")
     for _ in range(3):

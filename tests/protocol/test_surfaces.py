@@ -402,7 +402,9 @@ def test_operator_keys_are_checked(server: str, message: str) -> None:
     assert str(got.value).startswith(message)
 
 
-def test_operator_surfaces_are_off_by_default() -> None:
+def test_the_admin_listener_is_on_loopback_by_default_and_the_other_surfaces_off() -> None:
     s = loads(UPSTREAM).server
-    assert (s.admin_listen, s.access_log, s.ws_deflate) == ("", "", False)
+    assert (s.admin_listen, s.public_metrics) == ("127.0.0.1:9645", False)
+    assert (s.access_log, s.ws_deflate) == ("", False)
+    assert loads('[server]\nadmin_listen = ""\n' + UPSTREAM).server.admin_listen == ""
     assert loads('[server]\nadmin_listen = ":9545"\n' + UPSTREAM).server.admin_listen == ":9545"

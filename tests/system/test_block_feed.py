@@ -197,12 +197,15 @@ async def test_automatic_feed_follows_while_clients_read_blocks_hit_or_miss(
             for sender in (A0, A1):
                 await node.send({"from": sender, "to": A2, "value": "0x1"})
             await proxy.reset()
+            held = await _blocks_held(relay)
             await mine_one()
             await until(
                 lambda: _counted(proxy, "eth_getBlockReceipts", 1),
                 10 * SECOND,
                 "the feed's fetch of the block",
             )
+            # Taken in (its cache warmed before its logs are held), not just asked for.
+            await until(lambda: _holds(relay, held + 1), 10 * SECOND, "the block taken in")
             # Its receipts are then hits, byte for byte the node's.
             reads = await receipt_reads(node, (await node.head())[1])
             for m, p in reads:
@@ -214,11 +217,17 @@ async def test_automatic_feed_follows_while_clients_read_blocks_hit_or_miss(
             await proxy.reset()
             for _ in range(5):
                 await node.send({"from": A0, "to": A2, "value": "0x1"})
+                held = await _blocks_held(relay)
                 await mine_one()
                 await until(
                     lambda: _counted(proxy, "eth_getBlockReceipts", 1),
                     10 * SECOND,
                     "the feed's fetch of the block",
+                )
+                await until(
+                    lambda held=held: _holds(relay, held + 1),
+                    10 * SECOND,
+                    "the block taken in",
                 )
                 block = await node.call("eth_getBlockByNumber", ["latest", False])
                 await through.call("eth_getTransactionReceipt", [block["transactions"][0]])
@@ -240,6 +249,15 @@ async def test_automatic_feed_follows_while_clients_read_blocks_hit_or_miss(
 
 async def _relay_at(through: Chain, n: int) -> bool:
     return int(await through.call("eth_blockNumber"), 16) >= n
+
+
+async def _blocks_held(relay: Relay) -> float:
+    """Blocks the relay's follower has taken in (``chainrelay_log_store_blocks``)."""
+    return (await relay.metrics()).get("chainrelay_log_store_blocks", 0.0)
+
+
+async def _holds(relay: Relay, n: float) -> bool:
+    return await _blocks_held(relay) >= n
 
 
 async def _counted(proxy: Any, method: str, n: int) -> bool:

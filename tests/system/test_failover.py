@@ -165,11 +165,14 @@ async def test_fake_upstream_faults_are_retried_on_the_healthy_path(
     await direct(anvil.url, "anvil_setCode", [BALANCE_READER, BALANCE_READER_CODE])
     await direct(anvil.url, "evm_mine", [])
     fake = await start_fault_upstream(procs, mode, anvil.url, tmp_path / "fake.log")
-    # The healthy path answers 200 ms later than the fake (whose head calls reach anvil), so
-    # the relay, which orders upstreams by latency, sends each call to the fake first.
+    # The fake (whose head calls reach anvil) is the primary, the healthy path (answering
+    # 200 ms later) its fallback: the relay sends each call to the fake first.
     healthy = await start_proxy(procs, anvil.url, delay_ms=200, log_path=tmp_path / "proxy.log")
     relay = await relay_factory(
-        [fake.url, healthy.url], "[pool]\ntimeout = 1.0\nmax_consecutive_errors = 1000\n"
+        [],
+        "[pool]\ntimeout = 1.0\nmax_consecutive_errors = 1000\n\n"
+        f'[[upstreams]]\nname = "u0"\nurl = "{fake.url}"\n\n'
+        f'[[upstreams]]\nname = "u1"\nurl = "{healthy.url}"\nrole = "fallback"\n',
     )
     # Everything in the mix whose answer cannot move (no mining here), asked of the node.
     calls = [

@@ -319,7 +319,7 @@ async def test_reorg_reports_removed_logs(lab: Lab) -> None:
 
 
 # --- expiry ------------------------------------------------------------------------------------
-async def test_filter_whose_buffer_fills_up_expires_and_a_new_one_catches_up(
+async def test_filter_whose_buffer_fills_up_is_refused_then_gone_and_a_new_one_catches_up(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
@@ -339,6 +339,9 @@ async def test_filter_whose_buffer_fills_up_expires_and_a_new_one_catches_up(
 
         await until(overflowed, SETTLE_TIMEOUT, "both rarely polled filters to overflow")
         for fid in (rare, blocks_f):
+            # Told why (-32005) once, then gone, as a poll of an expired filter is.
+            error = (await raw(lab.through, "eth_getFilterChanges", [fid]))["error"]
+            assert error["code"] == -32005 and error["data"]["limit"] == "filters.max_changes"
             assert (await raw(lab.through, "eth_getFilterChanges", [fid]))["error"] == (
                 FILTER_NOT_FOUND
             )
@@ -482,7 +485,7 @@ async def test_filters_per_client_address_are_bounded_over_http_and_websocket(
             await over_ws("eth_newPendingTransactionFilter", []),
         ):
             assert refused["error"]["code"] == -32005, refused
-            assert "per client address" in refused["error"]["message"]
+            assert "per client (its API key, or its address)" in refused["error"]["message"]
         theirs = [(await raw(other, "eth_newBlockFilter", []))["result"] for _ in range(2)]
         assert (await raw(other, "eth_newBlockFilter", []))["error"]["code"] == -32005
         assert metric(await lab.relay.metrics(), "chainrelay_filters") == 4

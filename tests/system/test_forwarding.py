@@ -29,6 +29,14 @@ DEV_BALANCE = hex(10_000 * 10**18)
 REVERTS = "0x602a60005260206000fd"
 
 
+def primary_and_fallback(primary: str, fallback: str) -> str:
+    """``[[upstreams]]`` u0, the primary every call goes to first, and u1, its fallback."""
+    return (
+        f'\n[[upstreams]]\nname = "u0"\nurl = "{primary}"\n'
+        f'\n[[upstreams]]\nname = "u1"\nurl = "{fallback}"\nrole = "fallback"\n'
+    )
+
+
 def body(id_: object, method: str, params: list[object]) -> bytes:
     return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
 
@@ -201,15 +209,16 @@ async def test_a_forwarded_call_that_failed_is_retried_on_another_upstream(
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
     # u0: a WebSocket node behind the lab proxy (which keeps answering the relay's pings
-    # once the node is stopped), the fastest, so calls are forwarded to it. u1: a healthy
-    # node behind a proxy that delays every HTTP answer, so it stays the slower one.
+    # once the node is stopped), the primary, so calls are forwarded to it. u1: a healthy
+    # node behind a proxy that delays every HTTP answer, the fallback.
     hung = await anvil_factory(chain_id=56, block_time=1.0)
     healthy = await anvil_factory(chain_id=56, block_time=1.0)
     hung_proxy = await start_proxy(procs, hung.url)
     slow_proxy = await start_proxy(procs, healthy.url, delay_ms=100)
     relay = await relay_factory(
-        [hung_proxy.ws_url, slow_proxy.url],
-        f"[pool]\ntimeout = {SECOND}\nmax_attempts = 2\nhedge = false\n",
+        [],
+        f"[pool]\ntimeout = {SECOND}\nmax_attempts = 2\nhedge = false\n"
+        + primary_and_fallback(hung_proxy.ws_url, slow_proxy.url),
     )
     params = [DEV_ACCOUNTS[1], "pending"]
     assert (await rpc(relay.url, "eth_getBalance", params))["result"] == DEV_BALANCE
@@ -234,12 +243,13 @@ async def test_garbage_from_a_fake_upstream_on_the_forwarding_path_is_retried_el
 ) -> None:
     # u0 (a fake: no node answers garbage) answers every forwarded call with bytes laid out
     # like an answer under the call's id, that are not JSON; u1, the node behind a proxy
-    # that delays its answers, stays the slower one.
+    # that delays its answers, is the fallback.
     fake = await start_fault_upstream(procs, "ws_garbage", anvil.url)
     slow_proxy = await start_proxy(procs, anvil.url, delay_ms=100)
     relay = await relay_factory(
-        [fake.url.replace("http", "ws", 1), slow_proxy.url],
-        "[pool]\nmax_attempts = 2\nhedge = false\n",
+        [],
+        "[pool]\nmax_attempts = 2\nhedge = false\n"
+        + primary_and_fallback(fake.url.replace("http", "ws", 1), slow_proxy.url),
     )
     params = [DEV_ACCOUNTS[1], "pending"]
     for id_ in (1, 2):  # the second call is a repeat at the same head, as likely as not

@@ -72,7 +72,8 @@ def node_config(
 ) -> str:
     """A tree node's config; ``{listen}`` is filled in by ``Relay``. ``rpcs``: the
     parents' JSON-RPC endpoints, in order, where not the parent's own (a proxy)."""
-    lines = ["[server]", 'listen = "{listen}"', "", "[tree]", f'region = "{region}"']
+    lines = ["[server]", 'listen = "{listen}"', 'admin_listen = ""']
+    lines += ["", "[tree]", f'region = "{region}"']
     if key:
         lines.append(f'key = "{key}"')
     if trust:
