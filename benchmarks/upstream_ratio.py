@@ -13,6 +13,11 @@ second (jittered), each poll a few sequential calls:
 * the receipt of one transaction of the latest block, when it has any
 * every fifth poll: eth_chainId
 
+``--mix scans`` adds indexers: one user in ``SCANNER_EVERY`` instead scans the emitter's
+logs from block 0 to "latest" on every poll (a wide eth_getLogs, split by the relay in
+chunks of ``SCAN_SPLIT_BLOCKS`` over a chain of ``SCAN_HISTORY`` blocks mined first), as an
+indexer re-scanning history does; its report is printed, RESULTS.md left alone.
+
 The relay reaches anvil through ``tests/lab/counting_proxy.py``, a transparent proxy that
 counts every call it forwards, so the count includes the head tracker's own calls; the relay's
 ``chainrelay_upstream_calls_total`` (all labels summed) is reported next to it. Both
@@ -27,6 +32,7 @@ second primary, and a paid fallback (``archive = true``) that should be billed o
 what the primaries could not serve.
 
     python -m benchmarks.upstream_ratio [--users 150] [--window 8] [--windows 3] [--routing]
+        [--mix scans]
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ ACCOUNTS = DEV_ACCOUNTS + ["0x" + f"{0xA11CE + i:040x}" for i in range(17)]
 # "latest" keys per block: balance and nonce per account, 5 eth_calls, the block, the logs.
 KEYS_PER_BLOCK = 2 * len(ACCOUNTS) + 5 + 1 + 1
 HEADERS = {"Content-Type": "application/json"}
+# ``--mix scans``: one user in this many is an indexer scanning from block 0 each poll, over
+# a chain of this many blocks mined before the run, split by the relay in chunks of this
+# many blocks (the whole history is then ~10 chunks, all but the last finalized).
+SCANNER_EVERY = 10
+SCAN_HISTORY = 2000
+SCAN_SPLIT_BLOCKS = 200
 # --routing: the rate-limited provider's quota, and the budget the relay keeps for it
 # (above the quota: its 429s come, auto-tuning brings the budget under it).
 LIMITED_QUOTA = 20
@@ -98,11 +110,12 @@ class Window:
 class Users:
     """The simulated dapp users, all sharing one aiohttp session to the relay."""
 
-    def __init__(self, url: str, emitter: str, echo: str, load: Load) -> None:
+    def __init__(self, url: str, emitter: str, echo: str, load: Load, scans: bool = False) -> None:
         self.url = url
         self.emitter = emitter
         self.echo = echo
         self.load = load
+        self.scans = scans
 
     async def call(self, session: aiohttp.ClientSession, method: str, params: list[Any]) -> Any:
         body = common.request_body(method, params, self.load.requests + 1)
@@ -129,8 +142,17 @@ class Users:
         with contextlib.suppress(TimeoutError):  # random phase: users do not poll in step
             await asyncio.wait_for(stop.wait(), rng.random() * POLL_SECONDS)
         tick = 0
+        scanner = self.scans and i % SCANNER_EVERY == 0
         while not stop.is_set():
             started = loop.time()
+            if scanner:
+                scan = {"fromBlock": "0x0", "toBlock": "latest", "address": self.emitter}
+                await call(session, "eth_getLogs", [scan])
+                pause = POLL_SECONDS * rng.uniform(0.8, 1.2) - (loop.time() - started)
+                if pause > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), pause)
+                continue
             head = await call(session, "eth_blockNumber", [])
             block = await call(session, "eth_getBlockByNumber", ["latest", False])
             await call(session, "eth_getBalance", [acct, "latest"])
@@ -191,7 +213,7 @@ async def drive(
     """Traffic on anvil, users on the relay: the cold-start ``Window``, then one per
     measured interval."""
     load = Load()
-    users = Users(relay_url + "/", emitter, echo, load)
+    users = Users(relay_url + "/", emitter, echo, load, args.mix == "scans")
     stop = asyncio.Event()
     windows: list[Window] = []
     connector = aiohttp.TCPConnector(limit=64)
@@ -269,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     ap.add_argument(
+        "--mix",
+        choices=("dapp", "scans"),
+        default="dapp",
+        help="scans: one user in 10 scans the logs from block 0 each poll (an indexer)",
+    )
+    ap.add_argument(
         "--routing",
         action="store_true",
         help="a pool: the primary, a rate-limited primary and a paid fallback",
@@ -294,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(setup.close)
         emitter = common.deploy(setup, transfer_emitter_initcode())
         echo = common.deploy(setup, common.echo_initcode())
+        if args.mix == "scans":
+            setup.call("anvil_mine", [hex(SCAN_HISTORY)])
         counter, counter_url = common.start_counter(anvil)
         stack.callback(common.stop_process, counter)
         pool = ""
@@ -313,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         for transport in transports:
             upstream = counter_url.replace("http://", "ws://") if transport == "ws" else counter_url
             toml = f'[subscriptions]\nfollow_blocks = "{args.follow_blocks}"\n'
-            toml = (toml if args.follow_blocks else "") + pool
+            toml = toml if args.follow_blocks else ""
+            if args.mix == "scans":
+                toml += f"[logs]\nsplit_blocks = {SCAN_SPLIT_BLOCKS}\n"
+            toml += pool
             relay = common.Relay(upstream, toml=toml)
             try:
                 relay.start()
@@ -336,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     text = report(m, results, args, paid_calls)
     print(text)
-    if not args.no_write:
+    # The scans mix prints its report only: RESULTS.md's section is the dapp mix's.
+    if not args.no_write and args.mix == "dapp":
         common.write_section("upstream_ratio", text)
     return 0
 
@@ -434,7 +468,13 @@ def report(
     ]
     return "\n".join(
         [
-            "## Upstream calls per 1,000 client requests (`upstream_ratio.py`)",
+            "## Upstream calls per 1,000 client requests (`upstream_ratio.py`"
+            + (
+                f" --mix scans: one user in {SCANNER_EVERY} scans the logs from block 0 each "
+                f"poll, over {SCAN_HISTORY:,}+ blocks split in chunks of {SCAN_SPLIT_BLOCKS})"
+                if args.mix == "scans"
+                else ")"
+            ),
             "",
             common.machine_line(m),
             "",

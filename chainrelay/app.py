@@ -51,6 +51,7 @@ from chainrelay.nitro.feedin import NitroFeedIn
 from chainrelay.nitro.feedout import NitroServer
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.service import RpcService
 from chainrelay.rpc.shared_cache import RedisCache, lock_scope
 from chainrelay.server.accesslog import AccessLog, LoggedHttpProtocol
@@ -165,6 +166,10 @@ class Node:
             shared=self.shared,
             methods=methods_of(cfg),
             log_guards=log_guards_of(cfg, head.profile),
+            log_split=SplitRule(
+                cfg.logs.split_blocks or head.profile.logs_split_blocks,
+                cfg.logs.split_concurrency,
+            ),
             tiers=cfg.tiers,
             limiter=limiter,
             senders=senders,
@@ -743,6 +748,8 @@ class Node:
                     "healthy": u.healthy,
                     "latest": u.latest,
                     "latencyMs": round(u.latency * 1000, 3),
+                    # Why its head is not used for latest (chain/quorum.py), or None.
+                    "flagged": pool.head_flags.get(u.name) if pool else None,
                 }
                 for u in (pool.upstreams if pool else [])
             ],

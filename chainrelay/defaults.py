@@ -194,6 +194,15 @@ LOGS_MAX_TOPICS_PER_POSITION = 1000
 # each, with room; under the WebSocket send buffer (16 MiB), so a subscriber's connection
 # can take it, and over it an answer is held by the node, upstream and cache alike.
 LOGS_MAX_ANSWER_BYTES = 10 * MiB
+# A range wider than this many blocks is asked upstream in chunks of it (rpc/logsplit.py):
+# 0 takes the chain profile's (chain/profiles.py: 5,000 blocks on BSC, 10,000 on Arbitrum,
+# the ranges their public providers accept).
+LOGS_SPLIT_BLOCKS = 0
+# Chunk calls one split eth_getLogs has under way at once: a scan of 50 chunks takes ~13
+# round trips, not 50, and holds no more upstream calls than four clients would; with the
+# per-client gate ([limits] max_upstream_in_flight_per_client) of queries in flight, one
+# identity holds at most that many times four.
+LOGS_SPLIT_CONCURRENCY = 4
 # --- Rate limits per identity (chainrelay/access/buckets.py, limiter.py) ------------------
 # Calls per second one identity of a tier may make, on average: 0, no limit. Off by
 # default: a relay in front of a private node has no one to shed; a public one sets its
@@ -402,6 +411,18 @@ REORG_WINDOW = 256
 # Recent canonical hashes fetched behind the first head, so reads of blocks from just
 # before a start are cached by hash at once: a BSC minute, well inside the window.
 BACKFILL_BLOCKS = 64
+# With 3 upstreams or more, the head is a block this many of them hold by hash (0: a
+# majority): one upstream on a fork of its own never moves the head clients see.
+HEAD_QUORUM = 0
+# An upstream whose head is more than this many blocks above the trusted head is flagged
+# and not used for `latest`: 64 blocks is 48 s on BSC, 16 s on Arbitrum, far past the few
+# blocks (MAX_LAG_BLOCKS) by which well upstreams differ; a head further ahead is a chain
+# (or a misconfigured devnet) nobody else follows.
+HEAD_MAX_AHEAD_BLOCKS = 64
+# How often each upstream is asked eth_syncing (and once at start): a node catching up
+# reports heads behind the chain's, so is flagged "syncing" until it says it is done;
+# once a minute costs nothing next to head polling.
+HEAD_SYNCING_EVERY = 60.0
 # How often safe/finalized are refreshed, in blocks.
 FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber is answered locally only while the head is this fresh, in block times;

@@ -1,8 +1,13 @@
 """The head tracker: follows every upstream's head, keeps latest/safe/finalized, sees reorgs.
 
 Each upstream is followed by ``newHeads`` when it speaks WebSocket and by polling
-otherwise. The node's head is the highest block any upstream reported; the recent
-canonical chain (number -> hash) is kept for a bounded window and rewritten on a reorg.
+otherwise. The node's head is the block its upstreams agree on (``chain/quorum.py``): with
+3 or more, the highest a quorum holds by hash; with 2, the higher head within
+``[head] max_ahead_blocks`` of the other; with 1, its head. Upstreams on a fork of their
+own, too far ahead, or syncing (``eth_syncing``, asked at start and every
+``[head] syncing_every``) are flagged in the pool (``UpstreamPool.head_flags``), so their
+heads count for no ``latest``, until they agree again. The recent canonical chain
+(number -> hash) is kept for a bounded window and rewritten on a reorg.
 
 Under ``serve --workers N`` the feeder worker's tracker writes its head to a
 ``SharedHead`` (``share_to``); the other workers' trackers take their heads from the
@@ -25,6 +30,7 @@ from typing import Any
 
 from chainrelay.chain.headpoll import HeadPollSchedule
 from chainrelay.chain.profiles import ChainProfile
+from chainrelay.chain.quorum import HeadQuorum
 from chainrelay.chain.sharedhead import SharedHead
 from chainrelay.config import HeadConfig
 from chainrelay.metrics import Metrics
@@ -116,6 +122,9 @@ class HeadTracker:
         # Whether the upstreams answer each tag: None until asked. The profile's fallback
         # depth stands in only for a tag that is missing, never on top of a real answer.
         self._has_tag: dict[str, bool | None] = {"finalized": None, "safe": None}
+        # Which head the upstreams agree on; set at start for two upstreams or more that
+        # this tracker follows itself (heads pushed from the tree were agreed upstream).
+        self.quorum: HeadQuorum | None = None
 
     @property
     def fresh(self) -> bool:
@@ -125,8 +134,16 @@ class HeadTracker:
         return self.view.known and time.monotonic() - confirmed < max(self.fresh_seconds, 1.0)
 
     async def start(self) -> None:
-        for u in self.pool.upstreams:
+        upstreams = self.pool.upstreams
+        if len(upstreams) > 1 and not self.pushed_only:
+            cfg = self.cfg
+            names = [u.name for u in upstreams]
+            self.quorum = HeadQuorum(names, cfg.quorum, cfg.max_ahead_blocks, self.window)
+        for u in upstreams:
             self._tasks.append(asyncio.create_task(self._follow(u), name=f"head:{u.name}"))
+            if self.quorum is not None:
+                task = asyncio.create_task(self._check_syncing(u), name=f"syncing:{u.name}")
+                self._tasks.append(task)
 
     async def stop(self) -> None:
         tasks = [*self._tasks]
@@ -250,12 +267,69 @@ class HeadTracker:
         if view.known:
             self.share_to.publish(view.number, self.confirmed_at, view.finalized, view.safe)
 
+    async def _check_syncing(self, u: Upstream) -> None:
+        """Ask ``u`` eth_syncing now and every ``[head] syncing_every``: a node catching up
+        is flagged "syncing" (its head not used) until it answers false."""
+        quorum = self.quorum
+        assert quorum is not None
+        while True:
+            with contextlib.suppress(TransportError):
+                answer = await u.call("eth_syncing", [])
+                if answer.error is None:
+                    quorum.set_syncing(u.name, answer.value not in (False, None))
+                    self._flag(quorum)
+            await asyncio.sleep(self.cfg.syncing_every)
+
+    def _flag(self, quorum: HeadQuorum) -> None:
+        """The pool's flags, as the quorum sees the upstreams now; changes logged."""
+        flags = quorum.flags()
+        before = self.pool.head_flags
+        if flags != before:
+            for name in flags.keys() | before.keys():
+                if flags.get(name) != before.get(name):
+                    why = flags.get(name)
+                    log.warning(
+                        "upstream %s head %s", name, f"flagged: {why}" if why else "trusted again"
+                    )
+            self.pool.head_flags = flags
+
+    async def _trusted(self, u: Upstream, h: Header) -> tuple[Upstream, Header] | None:
+        """``u``'s report of ``h`` taken by the quorum: the head to follow and an upstream
+        holding it (None: none is agreed). ``u`` ahead of the agreed head is asked for its
+        block there when what it holds is not known yet (one call; none while it leads by
+        one block, whose parent it named): a fork of its own is flagged at once."""
+        quorum = self.quorum
+        if quorum is None or u.name not in quorum.names:
+            return u, h
+        quorum.saw(u.name, h)
+        for x in self.pool.upstreams:
+            quorum.set_out(x.name, not x.healthy)
+        number = quorum.unknown_below(u.name)
+        if number is not None:
+            with contextlib.suppress(TransportError):
+                answer = await u.call("eth_getBlockByNumber", [hex(number), False])
+                block = Header.parse(answer.value)
+                if block is not None and block.number == number:
+                    quorum.holds(u.name, number, block.hash)
+        self._flag(quorum)
+        got = quorum.trusted()
+        if got is None:
+            return None
+        top, name = got
+        holder = next((x for x in self.pool.upstreams if x.name == name), u)
+        assert isinstance(top, Header)
+        return holder, top
+
     async def _take_header(self, u: Upstream, h: Header) -> None:
         if h.number > u.latest:
             u.latest = h.number
+        trusted = await self._trusted(u, h)
+        self.metrics.upstream_lag.labels(u.name).set(max(0, self.pool.best_latest - u.latest))
+        if trusted is None:
+            return
+        u, h = trusted
         if self.view.known and h.number >= self.view.number:
             self.confirmed_at = time.monotonic()
-        self.metrics.upstream_lag.labels(u.name).set(max(0, self.pool.best_latest - u.latest))
         view = self.view
         if view.canonical.get(h.number) == h.hash:
             return

@@ -184,12 +184,20 @@ class LogsConfig:
     max_topics_per_position: int = positive(d.LOGS_MAX_TOPICS_PER_POSITION)
     # An answer's bytes, from the block logs held or from an upstream.
     max_answer_bytes: int = positive(d.LOGS_MAX_ANSWER_BYTES)
+    # A wider range is asked upstream in chunks of this many blocks (0: the profile's),
+    # this many chunk calls at once.
+    split_blocks: int = d.LOGS_SPLIT_BLOCKS
+    split_concurrency: int = positive(d.LOGS_SPLIT_CONCURRENCY)
 
     def check(self) -> None:
         check_fields(self, "logs")
         require(
             self.max_block_range >= 0,
             "logs.max_block_range: must be 0 (the chain profile's) or positive",
+        )
+        require(
+            self.split_blocks >= 0,
+            "logs.split_blocks: must be 0 (the chain profile's) or positive",
         )
 
 
@@ -405,9 +413,15 @@ class HeadConfig:
     poll_min_interval: float = positive(d.HEAD_POLL_MIN_INTERVAL)
     poll_max_interval: float = d.HEAD_POLL_MAX_INTERVAL
     poll_probe_every: int = positive(d.HEAD_POLL_PROBE_EVERY)
+    # Upstreams that must hold a block by hash for it to be the head (3 or more upstreams;
+    # 0: a majority), how far above it an upstream may be, how often eth_syncing is asked.
+    quorum: int = d.HEAD_QUORUM
+    max_ahead_blocks: int = positive(d.HEAD_MAX_AHEAD_BLOCKS)
+    syncing_every: float = positive(d.HEAD_SYNCING_EVERY)
 
     def check(self) -> None:
         check_fields(self, "head")
+        require(self.quorum >= 0, "head.quorum: must be 0 (a majority) or positive")
         require(
             # Written as refusals, so a NaN (valid TOML) passes exactly as it always has.
             not (self.poll_lead < 0 or self.interval_alpha > 1 or self.poll_backoff < 1),

@@ -61,16 +61,18 @@ from chainrelay.errors import (
     error_message,
 )
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
-from chainrelay.rpc import policy
+from chainrelay.rpc import logscan, logsplit, policy
 from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import Forwarder
 from chainrelay.rpc.gate import UpstreamGate
 from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
 from chainrelay.server.ws import current_subscriptions
 from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.route import PRIMARY
 from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
@@ -188,6 +190,7 @@ class RpcService:
         *,
         methods: MethodRules | None = None,
         log_guards: LogGuards | None = None,
+        log_split: SplitRule | None = None,
         tiers: Mapping[str, TierConfig] | None = None,
         limiter: Limiter | SharedLimiter | None = None,
         senders: SenderLimit | None = None,
@@ -196,6 +199,8 @@ class RpcService:
         bodies, and the answers they keep alive after the cache has let them go).
         ``methods``: who may call what (the defaults when None); ``log_guards``: the
         eth_getLogs guards (the defaults, with the chain profile's range, when None);
+        ``log_split``: how a wide eth_getLogs is asked in chunks (the chain profile's chunk
+        and the default concurrency when None);
         ``tiers``: each tier's batch length, within the node's ``limits.max_batch_len``;
         ``limiter``: the rate limits per identity (None: none); ``senders``: the limit of
         eth_sendRawTransaction per sender (None: none)."""
@@ -222,6 +227,9 @@ class RpcService:
             d.LOGS_MAX_ADDRESSES,
             d.LOGS_MAX_TOPICS_PER_POSITION,
             d.LOGS_MAX_ANSWER_BYTES,
+        )
+        self.log_split = log_split or SplitRule(
+            head.profile.logs_split_blocks, d.LOGS_SPLIT_CONCURRENCY
         )
         self.memo_max_params_bytes = limits.memo_max_params_bytes
         self.chain_id = chain_id
@@ -893,15 +901,11 @@ class RpcService:
         if rule is not None and rule.kind is Kind.FILTER and self.filters is not None:
             return await self.filters.call(method, params), "local"
         if uncached or rule is None:
-            answer = await self.pool.call(
-                method, params, spent=spent, tried=tried, deadline=deadline
-            )
+            answer = await self._uncached(method, params, spent, tried, deadline)
             return self._logs_bounded(method, answer), "pass"
         p = policy.plan(method, call.params, self.view)
         if p.key is None:
-            answer = await self.pool.call(
-                method, params, spent=spent, tried=tried, deadline=deadline
-            )
+            answer = await self._uncached(method, params, spent, tried, deadline)
             return self._logs_bounded(method, answer), "pass"
         # A concurrent identical miss may have landed while this call waited.
         entry = self.cache.get(p.key)
@@ -1047,7 +1051,7 @@ class RpcService:
                 return local
         shared = self.shared
         if shared is None:
-            answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
+            answer = await self._read(p, method, params, deadline)
             answer = self._logs_bounded(method, answer)
             self._store(p, answer)
             self._fill_block(method, answer)
@@ -1056,7 +1060,7 @@ class RpcService:
         assert key is not None
 
         async def produce() -> Answer:
-            answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
+            answer = await self._read(p, method, params, deadline)
             answer = self._logs_bounded(method, answer)
             entry = self._store(p, answer)
             self._fill_block(method, answer)
@@ -1066,6 +1070,101 @@ class RpcService:
 
         # What another process stored (or handed over) meanwhile meets this node's guard too.
         return self._logs_bounded(method, await shared.exclusive(key, produce))
+
+    async def _uncached(
+        self,
+        method: str,
+        params: policy.Params | None,
+        spent: int,
+        tried: Sequence[Upstream],
+        deadline: float | None,
+    ) -> Answer:
+        """A read that is not cached, upstream: an eth_getLogs (bounds given as numbers the
+        head tracker cannot vouch for yet) split or bisected as a planned one is."""
+        if method == _GET_LOGS:
+            return await self._read(policy.PASS, method, params, deadline)
+        return await self.pool.call(method, params, spent=spent, tried=tried, deadline=deadline)
+
+    async def _read(
+        self, p: Plan, method: str, params: policy.Params | None, deadline: float | None
+    ) -> Answer:
+        """The upstream read of a planned miss: an eth_getLogs wider than ``[logs]
+        split_blocks`` in chunks (``rpc/logscan.py``), anything else in one call; a
+        narrower eth_getLogs refused as too large is asked again in halves."""
+        span = _logs_span(params) if method == _GET_LOGS else None
+        rule = self.log_split
+        if span is None or rule.blocks <= 0:
+            return await self.pool.call(method, params, p.min_block, deadline=deadline)
+        lo, hi = span
+        size = rule.blocks
+        if hi - lo + 1 <= size:
+            answer = await self.pool.call(method, params, p.min_block, deadline=deadline)
+            if hi <= lo or not logsplit.too_large(answer.error):
+                return answer
+            # Chunks of half the range: their keys are not this call's, whose miss this is.
+            size = (hi - lo + 2) // 2
+        assert isinstance(params, list)
+        guards = self.log_guards
+        return await logscan.scan(
+            params[0],
+            lo,
+            hi,
+            size,
+            rule.concurrency,
+            partial(self._logs_chunk, deadline=deadline),
+            guards.max_answer_bytes,
+            guards.oversize,
+        )
+
+    async def _logs_chunk(self, params: list[Any], index: int, deadline: float | None) -> Answer:
+        """One chunk of a split eth_getLogs, as a call of its own: cached under the key the
+        same client request has (a finalized chunk for ever, by its exact range), coalesced
+        with identical chunks under way, answered from the block logs held where it can."""
+        p = policy.plan(_GET_LOGS, params, self.view)
+        key = p.key
+        if key is None:
+            return await self._spread(params, p.min_block, index, deadline)
+        entry = self.cache.get(key)
+        if entry is not None and self._still_canonical(entry):
+            self.metrics.hits += 1
+            return Answer(entry.value, None)
+        shared = self.shared
+        if shared is not None:
+            entry = await shared.get(key)
+            if entry is not None and self._still_canonical(entry):
+                self.cache.put(key, entry)
+                return Answer(entry.value, None)
+
+        async def miss() -> Answer:
+            fwd = p.params if p.params is not None else params
+            local = await self.local_logs(fwd) if self.local_logs is not None else None
+            if local is None:
+                local = await self._spread(fwd, p.min_block, index, deadline)
+            answer = local
+            stored = self._store(p, answer)
+            if stored is not None and shared is not None:
+                await shared.put(key, stored, p.finality)
+            return answer
+
+        return await self._coalescer.run(key, miss)
+
+    async def _spread(
+        self, params: policy.Params, min_block: int, index: int, deadline: float | None
+    ) -> Answer:
+        """A chunk asked first of the ``index``-th caught-up primary in rotation (the others
+        after it in the pool's own order, as it would retry; fallbacks last, as it puts
+        them): a scan's chunks spread over the primaries that hold their blocks instead of
+        all queuing on the first."""
+        # Not ``candidates()``: its weighted pick moves on each call, and ``call`` makes one.
+        everyone = self.pool.upstreams
+        order = [
+            u for u in everyone if u.healthy and u.route.tier == PRIMARY and u.latest >= min_block
+        ]
+        tried: list[Upstream] = []
+        if len(order) > 1:
+            first = order[index % len(order)]
+            tried = [u for u in everyone if u is not first]  # in the pool's order after it
+        return await self.pool.call(_GET_LOGS, params, min_block, tried=tried, deadline=deadline)
 
     def _logs_bounded(self, method: str, answer: Answer) -> Answer:
         """``answer``, or the -32005 refusing it when it is an eth_getLogs answer past the
@@ -1126,6 +1225,23 @@ def _settle_failed(items: list[Batched], exc: BaseException) -> None:
         if not fut.done():
             fut.set_exception(exc)
             fut.exception()
+
+
+def _logs_span(params: policy.Params | None) -> tuple[int, int] | None:
+    """The block range of a planned eth_getLogs (bounds resolved to numbers); None for
+    a query by block hash, or bounds that are not plain numbers."""
+    if not isinstance(params, list) or len(params) != 1 or not isinstance(params[0], dict):
+        return None
+    flt = params[0]
+    if "blockHash" in flt:
+        return None
+    lo, hi = flt.get("fromBlock"), flt.get("toBlock")
+    if not isinstance(lo, str) or not isinstance(hi, str):
+        return None
+    try:
+        return int(lo, 16), int(hi, 16)
+    except ValueError:
+        return None
 
 
 def _memo_size(key: tuple[str, bytes], cache_key: bytes | None) -> int:

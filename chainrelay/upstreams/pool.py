@@ -114,6 +114,9 @@ class UpstreamPool:
         # Upstreams an operator took out of rotation (the admin listener's
         # chainrelay_cordonUpstream): out until uncordoned, whatever probes say.
         self.cordoned: set[str] = set()
+        # Upstreams whose heads the head tracker does not trust (chain/quorum.py), with
+        # why ("fork", "ahead", "syncing"): their heads count for no ``best_latest``.
+        self.head_flags: dict[str, str] = {}
 
     async def start(self) -> None:
         for u in self.upstreams:
@@ -162,6 +165,11 @@ class UpstreamPool:
     # --- selection --------------------------------------------------------------------
     @property
     def best_latest(self) -> int:
+        flags = self.head_flags
+        if flags:
+            trusted = [u.latest for u in self.upstreams if u.name not in flags]
+            if trusted:
+                return max(trusted)
         return max((u.latest for u in self.upstreams), default=-1)
 
     @property

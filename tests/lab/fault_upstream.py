@@ -28,6 +28,9 @@ up; every other call gets the fault of ``--mode``:
 * ``pending_garbage``: a WebSocket proxy to the node (``counting_proxy``'s) whose first
   ``PENDING_GARBAGE`` ``eth_subscribe("newPendingTransactions")`` calls are answered with
   cut-off JSON, as a broken gateway sends; later ones, and every other call, reach the node.
+* ``logs_range``: every call is forwarded but an eth_getLogs over more than
+  ``LOGS_RANGE_CAP`` blocks (explicit numbers), answered as BSC's public endpoints refuse
+  one: -32000 "exceed maximum block range: 2000".
 * ``ws_garbage``: a WebSocket proxy to the node (``counting_proxy``'s) that answers every
   call but ``HEAD_METHODS`` and the head stream's ``eth_subscribe``/``eth_unsubscribe``
   with ``WS_GARBAGE``: the layout of an answer under the call's own id, but not JSON.
@@ -78,6 +81,7 @@ MODES = (
     "close_mid_answer",
     "malformed",
     "receipts_error",
+    "logs_range",
     "pending_garbage",
     "ws_garbage",
 )
@@ -88,6 +92,8 @@ DRIP_EVERY = 0.5
 DRIP_FOR = 60.0
 # ``drip``'s announced length: far more bytes than it sends in DRIP_FOR.
 DRIP_LENGTH = 100_000
+# ``logs_range``: the widest eth_getLogs range forwarded.
+LOGS_RANGE_CAP = 2000
 # Pending-transaction subscriptions answered with garbage before they reach the node.
 PENDING_GARBAGE = 2
 # eth_chainId: the relay's chain check; eth_getBlockByNumber/ByHash: the head tracker;
@@ -202,6 +208,8 @@ class FaultUpstreamApp:
             forward = True
         elif self.mode == "receipts_error":
             forward = "eth_getBlockReceipts" not in methods
+        elif self.mode == "logs_range":
+            forward = not _too_wide(body)
         else:
             forward = not self.every and all(m in HEAD_METHODS for m in methods)
         if forward:
@@ -224,6 +232,10 @@ class FaultUpstreamApp:
         if self.mode == "receipts_error":
             rid = orjson.loads(body).get("id")
             error = {"code": -32000, "message": "receipts not available"}
+            return web.json_response({"jsonrpc": "2.0", "id": rid, "error": error})
+        if self.mode == "logs_range":
+            rid = orjson.loads(body).get("id")
+            error = {"code": -32000, "message": f"exceed maximum block range: {LOGS_RANGE_CAP}"}
             return web.json_response({"jsonrpc": "2.0", "id": rid, "error": error})
         return web.Response(body=next(self._malformed), content_type=JSON)
 
@@ -251,6 +263,19 @@ class FaultUpstreamApp:
         await resp.write(answer[: len(answer) // 2])
         _cut(request)
         return resp
+
+
+def _too_wide(body: bytes) -> bool:
+    """Whether ``body`` is one eth_getLogs over more than ``LOGS_RANGE_CAP`` blocks."""
+    try:
+        doc = orjson.loads(body)
+        if not isinstance(doc, dict) or doc.get("method") != "eth_getLogs":
+            return False
+        flt = doc["params"][0]
+        span = int(flt["toBlock"], 16) - int(flt["fromBlock"], 16) + 1
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return False
+    return span > LOGS_RANGE_CAP
 
 
 def _cut(request: web.Request) -> None:

@@ -254,10 +254,11 @@ POSITIVE_KEYS = {
     "redis_retry_interval redis_max_connections",
     "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len "
     "http_keepalive_timeout http_pipeline_depth http_max_answer_bytes capability_ttl",
-    "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every",
+    "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every "
+    "max_ahead_blocks syncing_every",
     "filters": "idle_timeout max_filters max_changes max_changes_total max_per_ip max_addresses "
     "max_topics_per_position",
-    "logs": "max_addresses max_topics_per_position max_answer_bytes",
+    "logs": "max_addresses max_topics_per_position max_answer_bytes split_concurrency",
     "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "
     "max_log_filters_per_ip max_held_notifications max_held_bytes pending_tx_fetches "
     "slow_close_grace follow_recent_blocks max_block_fills filled_blocks_remembered "
