@@ -181,14 +181,16 @@ class UpstreamPool:
         """Upstreams in rotation in the order to try them for ``method`` reading
         ``min_block`` (-1: none). In classes, primaries before fallbacks in each: those that
         can serve it now (the first primary picked by weight, the others fastest first);
-        then those to wait for (a 429's pause, a budget at its bound); then those lagging
-        or lacking the method or the block (last: a mark may be stale). Empty when none is
+        then those to wait for (a 429's pause, a budget at its bound); then those lagging,
+        lacking the method or the block, or whose head the tracker does not trust
+        (``head_flags``: last, asked only when no other can be). Empty when none is
         in rotation: out-of-rotation upstreams are only probed, never tried.
 
         On every miss: one pass over the upstreams, one list, one sort, as before routing."""
         best = self.best_latest
         lag = self.settings.max_lag_blocks
         now = time.perf_counter()
+        flags = self.head_flags
         order = []
         for u in self.upstreams:
             if not u.healthy:
@@ -196,8 +198,10 @@ class UpstreamPool:
             r = u.route
             latest = u.latest
             if (
-                latest >= 0 and (best - latest > lag or (min_block >= 0 and latest < min_block))
-            ) or not r.caps.serves(method, min_block, now):
+                (latest >= 0 and (best - latest > lag or (min_block >= 0 and latest < min_block)))
+                or not r.caps.serves(method, min_block, now)
+                or (flags and u.name in flags)  # on a fork of its own, far ahead, syncing
+            ):
                 r.rank = 4 + r.tier
             elif u.slow_until > now or (r.budget.bounded and not r.budget.open(now, u.in_flight)):
                 r.rank = 2 + r.tier

@@ -199,6 +199,26 @@ async def test_the_fallback_serves_only_while_no_primary_can() -> None:
     assert len(paid.asked) == 2 and len(primary.asked) == 20
 
 
+async def test_an_upstream_whose_head_is_not_trusted_is_asked_only_when_none_else_can() -> None:
+    a = ScriptedUpstream("a")
+    forked = ScriptedUpstream("forked", weight=100)
+    c = ScriptedUpstream("c")
+    pool = pool_of(a, forked, c)
+    pool.head_flags["forked"] = "fork"
+    for _ in range(20):
+        await pool.call("eth_getBalance", ["0x00", "latest"])
+    assert forked.asked == [] and len(a.asked) + len(c.asked) == 20
+    assert pool.direct("eth_getBalance") is not forked
+    a.healthy = c.healthy = False
+    await pool.call("eth_getBalance", ["0x00", "latest"])
+    assert len(forked.asked) == 1, "the last resort still answers"
+    a.healthy = c.healthy = True
+    del pool.head_flags["forked"]  # it agrees again
+    for _ in range(20):
+        await pool.call("eth_getBalance", ["0x00", "latest"])
+    assert forked.count("eth_getBalance") > 10
+
+
 async def test_a_hedge_is_never_billed_to_a_fallback() -> None:
     primary = ScriptedUpstream("primary")
     paid = ScriptedUpstream("paid", tier=FALLBACK)
