@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import random
 import re
 import statistics
@@ -82,6 +83,12 @@ class Phase:
     abuser_other: int = 0
     upstream_calls: float = 0.0
     seconds: float = 0.0
+    # The relay's own share of the tail: its CPU (share of one core), its event loop's lag
+    # p99 (its own histogram, this phase's samples), and how busy the whole machine was
+    # (share of all its CPUs): the users' p99 is timed in a process of its own.
+    relay_cpu: float = 0.0
+    loop_lag_p99_ms: float = 0.0
+    machine_busy: float = 0.0
 
 
 def dapp_call(rng: random.Random, echo: str, head: int, n: int) -> bytes:
@@ -244,7 +251,10 @@ async def run_phase(
 ) -> Phase:
     phase = Phase(name)
     url = relay.url + "/"
-    up0 = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
+    m0 = relay.metrics()
+    up0 = common.metric(m0, "chainrelay_upstream_calls_total")
+    assert relay.proc is not None
+    cpu0, busy0 = common.cpu_seconds(relay.proc.pid), common.busy_cpu_seconds()
     head = [0]
     started = time.monotonic()
     stop = started + seconds
@@ -266,8 +276,28 @@ async def run_phase(
             raise RuntimeError(f"the abuser's process ended with {proc.exitcode}, no counts")
         counts = out.get()
         phase.abuser_sent, phase.abuser_ok, phase.abuser_refused, phase.abuser_other = counts
-    phase.upstream_calls = common.metric(relay.metrics(), "chainrelay_upstream_calls_total") - up0
+    m1 = relay.metrics()
+    phase.upstream_calls = common.metric(m1, "chainrelay_upstream_calls_total") - up0
+    phase.relay_cpu = (common.cpu_seconds(relay.proc.pid) - cpu0) / phase.seconds
+    phase.machine_busy = (common.busy_cpu_seconds() - busy0) / phase.seconds / (os.cpu_count() or 1)
+    phase.loop_lag_p99_ms = lag_p99_ms(m0, m1)
     return phase
+
+
+def lag_p99_ms(before: dict[str, float], after: dict[str, float]) -> float:
+    """The p99 of the event-loop lag samples taken between two reads of the relay's
+    metrics: the upper bound of the first histogram bucket holding 99% of them."""
+    name = "chainrelay_event_loop_lag_seconds_bucket"
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(name + "{") and 'le="' in key:
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    total = buckets[-1][1]
+    return next(le for le, n in buckets if n >= 0.99 * total) * 1000
 
 
 def pooled(phases: list[Phase]) -> Phase:
@@ -283,6 +313,10 @@ def pooled(phases: list[Phase]) -> Phase:
         out.abuser_other += p.abuser_other
         out.upstream_calls += p.upstream_calls
         out.seconds += p.seconds
+    n = len(phases)
+    out.relay_cpu = sum(p.relay_cpu for p in phases) / n
+    out.machine_busy = sum(p.machine_busy for p in phases) / n
+    out.loop_lag_p99_ms = statistics.median(p.loop_lag_p99_ms for p in phases)
     return out
 
 
@@ -306,6 +340,9 @@ def report(m: dict[str, str], rounds: list[list[Phase]], args: argparse.Namespac
                 if p.abuser_sent
                 else "-",
                 f"{p.upstream_calls:,.0f}",
+                f"{p.relay_cpu:.0%}",
+                f"{p.loop_lag_p99_ms:.1f}",
+                f"{p.machine_busy:.0%}",
             ]
         )
     ratios = sorted(p99_ms(r[1]) / p99_ms(r[0]) for r in rounds)
@@ -342,6 +379,9 @@ def report(m: dict[str, str], rounds: list[list[Phase]], args: argparse.Namespac
                     "user 429 / errors",
                     "abuser sent / 200 / 429",
                     "upstream calls",
+                    "relay CPU",
+                    "relay loop lag p99 ms",
+                    "machine busy",
                 ],
                 rows,
             ),

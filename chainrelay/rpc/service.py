@@ -664,6 +664,8 @@ class RpcService:
                 min_block = max(it.min_block for it in items)
                 got = await self.pool.call_batch(calls, min_block, deadline=deadline)
         except BaseException as exc:
+            if isinstance(exc, GeneratorExit):
+                raise  # closed by the collector after its loop ended: no one is waiting
             if not isinstance(exc, Exception):
                 _settle_failed(items, UpstreamUnavailable("call abandoned"))
                 raise

@@ -25,7 +25,12 @@ from chainrelay.rpc.service import RpcService
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import TransportError, Upstream
 from chainrelay.wire.jsonrpc import Answer
+from tests.lab.procs import until
+from tests.lab.timing import SECOND
 from tests.protocol.test_rpc_hits import head_at
+
+# How long a wait for the pipeline's own step may take on a loaded machine.
+WAIT = 5 * SECOND
 
 
 def balance_of(address: str) -> str:
@@ -156,13 +161,14 @@ async def test_a_concurrent_single_call_joins_the_batchs_call_and_the_batch_join
     service = make_service(node)
     node.hold.clear()
     single = asyncio.ensure_future(answer(service, orjson.dumps(get_balance(0, "s"))))
-    await asyncio.sleep(0.01)
+    await until(lambda: len(node.requests) == 1, WAIT, "the single call sent")
     batch = asyncio.ensure_future(
         answer(service, orjson.dumps([get_balance(i, i) for i in range(5)]), "10.0.0.2")
     )
-    await asyncio.sleep(0.01)
+    await until(lambda: len(node.requests) == 2, WAIT, "the batch's call sent")
     late = asyncio.ensure_future(answer(service, orjson.dumps(get_balance(3, "late")), "10.0.0.3"))
-    await asyncio.sleep(0.01)
+    coalesced = service.metrics.coalesced
+    await until(lambda: coalesced._value.get() == 2, WAIT, "the late call joined")
     node.hold.set()
     await asyncio.gather(single, batch, late)
     assert node.sent() == 5  # address 0 by the single call, 1..4 in one batch
@@ -188,7 +194,7 @@ async def test_past_the_node_bound_the_batch_is_answered_minus_32005_at_once() -
     first = asyncio.ensure_future(
         answer(service, orjson.dumps([get_balance(i, i) for i in range(100)]), "10.0.0.1")
     )
-    await asyncio.sleep(0.01)
+    await until(lambda: len(node.requests) == 1, WAIT, "the first batch sent")
     shed = await answer(
         service, orjson.dumps([get_balance(i, i) for i in range(100, 200)]), "10.0.0.2"
     )
@@ -208,7 +214,7 @@ async def test_a_client_past_its_own_bound_goes_a_few_chunks_at_a_time() -> None
     batch = asyncio.ensure_future(
         answer(service, orjson.dumps([get_balance(i, i) for i in range(500)]))
     )
-    await asyncio.sleep(0.01)
+    await until(lambda: len(node.requests) >= 2, WAIT, "two chunks sent")
     assert len(node.requests) == 2  # 200 calls in flight: the other chunks wait
     assert service.gate.counts.held == {"10.0.0.1": 200}
     assert service.gate.enter_now("10.0.0.9", 1)  # another client is not held up
