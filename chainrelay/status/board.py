@@ -29,6 +29,7 @@ from chainrelay.tree.hub import FeedHub
 from chainrelay.tree.parents import ParentSet
 from chainrelay.tree.streams import BatchStream
 from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.route import FALLBACK
 
 # The document's shape; a page or a script checks it before reading on.
 SCHEMA_VERSION = 1
@@ -324,6 +325,14 @@ class StatusBoard:
                 "consecutiveErrors": u.consecutive_errors,
                 # What is left of a provider's "slow down" (a 429's Retry-After).
                 "slowedSeconds": round(max(0.0, u.slow_until - now), 3),
+                # Its place in routing: primary or fallback, its weight and budget (0: no
+                # bound), and why the head tracker does not trust its head (None: it does).
+                "routing": "fallback" if u.route.tier == FALLBACK else "primary",
+                "weight": u.route.weight,
+                "maxRps": u.route.budget.rate,
+                "maxConcurrency": u.route.budget.concurrency,
+                "inFlight": u.in_flight,
+                "flagged": pool.head_flags.get(u.name),
             }
             for u in pool.upstreams
         ]

@@ -73,6 +73,12 @@ UPSTREAM = {
     "errors": (int,),
     "consecutiveErrors": (int,),
     "slowedSeconds": NUM,
+    "routing": (str,),
+    "weight": (int,),
+    "maxRps": NUM,
+    "maxConcurrency": (int,),
+    "inFlight": (int,),
+    "flagged": (str, type(None)),
 }
 SUBSCRIPTIONS = {"byKind": (dict,), "total": (int,), "filters": (int,)}
 CACHE = {"entries": (int,), "bytes": (int,), "maxBytes": (int,), "evictions": (int,)}
