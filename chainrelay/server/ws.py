@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -53,6 +54,11 @@ CLOSE_INVALID_DATA = 1007
 # What the peer did breaks the node's rules: over its address's share of the memory budget,
 # a message begun and never finished.
 CLOSE_POLICY = 1008
+# The payload of the pings a session sends to time its peer (``ping_rtt``): the pong of
+# this payload, and only of this one, is a round trip.
+RTT_PING = b"chainrelay-rtt"
+# Weight of each new round trip in the smoothed one (as a feed link weighs its parent's).
+RTT_WEIGHT = 0.25
 
 
 class Subscriptions(Protocol):
@@ -131,6 +137,9 @@ class WsSession:
         self._fragments_len = 0
         self._text = False  # the message being reassembled is a text message
         self.messages = 0  # messages received whole: the idle sweep sees progress in it
+        # The peer's smoothed round-trip time, in seconds, once a ``ping_rtt`` came back.
+        self.rtt: float | None = None
+        self._rtt_sent = 0.0  # when the ping in flight was sent (0: none)
         self._tasks: set[asyncio.Task[bytes | None]] = set()
         self._on_close = on_close
         self._open_subscriptions = open_subscriptions
@@ -259,6 +268,20 @@ class WsSession:
             self._fragments = []
             self._fragments_len = 0
             self._whole(body)
+        elif opcode is Opcode.PONG and self._rtt_sent and frame.data == RTT_PING:
+            sample = time.monotonic() - self._rtt_sent
+            self._rtt_sent = 0.0
+            rtt = self.rtt
+            self.rtt = sample if rtt is None else rtt + RTT_WEIGHT * (sample - rtt)
+
+    def ping_rtt(self) -> None:
+        """Ping the peer to time its round trip (``rtt``, taken when its pong comes); one
+        in flight at a time: a ping whose pong never came is sent again."""
+        if self.closed or self._lost:
+            return
+        self._rtt_sent = time.monotonic()
+        self.proto.send_ping(RTT_PING)
+        self._flush()
 
     def _whole(self, body: bytes) -> None:
         self.messages += 1

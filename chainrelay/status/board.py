@@ -259,8 +259,9 @@ class StatusBoard:
                 "relay": c.relay,
                 "proven": c.proven,
                 "streams": sorted(c.cursors),
-                # A child's round trip is measured by the child (its pings); none here.
-                "rttMs": None,
+                # A relay child's round trip, timed by this node's pings (hub._time_rtt);
+                # anonymous subscribers are not pinged.
+                "rttMs": None if c.rtt is None else round(c.rtt * 1000, 3),
             }
             for c in sorted(children, key=lambda c: (not c.relay, c.node or c.ip))[
                 : self.max_children

@@ -108,6 +108,9 @@ class HubLimits:
     max_frame_bytes: int = defaults.TREE_MAX_FRAME_BYTES
     max_children: int = defaults.TREE_MAX_CHILDREN
     hello_timeout: float = defaults.TREE_HELLO_TIMEOUT
+    # How often a relay child is pinged to time its round trip (the status page's): the
+    # interval a child pings its parent at ([tree] ping_interval).
+    child_ping_interval: float = defaults.TREE_PING_INTERVAL
     # Anonymous children (``tree.admission``)
     anon_per_address: int = defaults.TREE_ANON_PER_ADDRESS
     anon_max_sessions: int = defaults.TREE_ANON_MAX_SESSIONS
@@ -128,6 +131,7 @@ class HubLimits:
             max_children=tree.max_children,
             stale_positions=tree.stale_positions,
             hello_timeout=tree.hello_timeout,
+            child_ping_interval=tree.ping_interval,
             anon_per_address=tree.anon_per_address,
             anon_max_sessions=tree.anon_max_sessions,
             anon_reconnect_cooldown=tree.anon_reconnect_cooldown,
@@ -613,6 +617,7 @@ class FeedChild(WsSession):
         self._pending = False  # holds a place of its group's until its hello
         self._anonymous = False  # counted among the anonymous sessions
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._rtt_timer: asyncio.TimerHandle | None = None  # the next ping of a relay child
         self.high_water = hub.limits.child_buffer_bytes
         # Above this the transport pauses us; ``resume_writing`` pumps again.
         transport.set_write_buffer_limits(high=self.high_water)
@@ -760,6 +765,20 @@ class FeedChild(WsSession):
             if isinstance(st, BatchStream) and st.confirmed is not None:
                 self.send(encode_confirmed(name, *st.confirmed))
         self.pump()
+        if self.relay and not self.sibling:
+            self._time_rtt()
+
+    def _time_rtt(self) -> None:
+        """Ping a relay child now and every ``child_ping_interval`` after: its round trip is
+        what the status page shows of it (anonymous subscribers, possibly thousands, are
+        not pinged)."""
+        self._rtt_timer = None
+        if self.closed:
+            return
+        self.ping_rtt()
+        self._rtt_timer = asyncio.get_running_loop().call_later(
+            self.hub.limits.child_ping_interval, self._time_rtt
+        )
 
     def _after_hello(self, body: bytes) -> None:
         """A child relay's ``held`` (what it holds of a batch stream); nothing else."""
@@ -837,6 +856,9 @@ class FeedChild(WsSession):
 
     def _release(self) -> None:
         self._stop_hello_timer()
+        if self._rtt_timer is not None:
+            self._rtt_timer.cancel()
+            self._rtt_timer = None
         self._leave_admission()
         hub = self.hub
         if self in hub.children:

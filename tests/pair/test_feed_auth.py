@@ -92,7 +92,7 @@ def anonymous(hub: FeedHub, node: str | None = None) -> Pair:
 async def test_a_keyed_relay_proves_itself_and_only_its_held_counts(
     monkeypatch: pytest.MonkeyPatch, creds: Credentials, who: str
 ) -> None:
-    hub = keyed_hub()
+    hub = keyed_hub(child_ping_interval=0.05)
     link, dialer = dial(monkeypatch, hub, creds)
     await link.start()
     try:
@@ -103,6 +103,9 @@ async def test_a_keyed_relay_proves_itself_and_only_its_held_counts(
         impostor = anonymous(hub, node="relay-impostor")
         await welcomed(impostor)
         assert impostor.session.proven is None and not impostor.session.relay
+        # The relay's round trip is timed by the hub's pings; a subscriber is not pinged.
+        await until(lambda: relay.rtt is not None, WAIT, "the relay's round trip")
+        assert 0 < (relay.rtt or 0) < WAIT and impostor.session.rtt is None
         two = hub.wait_held(S, 5, 2)
         one = hub.wait_held(S, 5, 1)
         impostor.child.send_text(encode_held(S, 9))
