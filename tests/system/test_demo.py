@@ -38,7 +38,7 @@ from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
-# The brief a newcomer gets: blocks and batches at a leaf within 30 s of typing the command.
+# What a newcomer is promised: blocks and batches at a leaf within 30 s of typing the command.
 FIRST_OUTPUT_WITHIN = 30 * SECOND
 READY_TIMEOUT = 60 * SECOND
 STOP_TIMEOUT = 40 * SECOND

@@ -44,8 +44,7 @@ from tests.lab.batches import (
     read_range,
     start_ingress,
 )
-from tests.lab.chain import metric
-from tests.lab.procs import Relay, fetch_metrics, until
+from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -440,9 +439,9 @@ async def test_two_ingress_nodes_feed_a_relay_every_batch_once_one_killed_mid_st
     assert len(got) == TWO_BATCHES
     check_batches(got, 0, SEQUENCER_HEX)
     assert sub.duplicates == 0 and not sub.dropped, (sub.duplicates, sub.dropped)
-    # Both parents sent the batches before the kill: the relay dropped the second copies.
-    samples = await fetch_metrics(relay.url)
-    assert metric(samples, "chainrelay_feed_frames_total", stream=STREAM, outcome="duplicate")
+    # Whether both parents streamed at once before the kill (the relay then dropped second
+    # copies) depends on the machine's timing; either way the subscriber got each batch
+    # once (above). Dropping second copies is tested in tests/pair (two parents, one hub).
     # The survivor took every batch into its own durable log.
     got_b = await read_range(b, SEQUENCER_HEX, 0, TWO_BATCHES)
     assert got_b == {s: payload_of(s) for s in range(TWO_BATCHES)}
