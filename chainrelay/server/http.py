@@ -541,12 +541,15 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._opened(transport)
+        self._admit(_peer_address(transport))
+
+    def _opened(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport and count the connection among the server's."""
         self.transport = typing.cast(asyncio.Transport, transport)
         self._send_now = self.transport.write
-        srv = self.server
-        srv.connections.add(self)
-        srv.metrics.connections.labels("http").inc()
-        self._admit(_peer_address(self.transport))
+        self.server.connections.add(self)
+        self.server.metrics.connections.labels("http").inc()
 
     def _admit(self, address: str) -> None:
         """The connection's client is at ``address``: count it under its identity (a
@@ -1515,15 +1518,11 @@ class ProxiedHttpProtocol(HttpProtocol):
         self._proxy_buf: bytes | None = b""  # None: the header is read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)
-        self._send_now = self.transport.write
-        srv = self.server
-        srv.connections.add(self)
-        srv.metrics.connections.labels("http").inc()
-        door = srv.door
+        self._opened(transport)
+        door = self.server.door
         if door is None or _peer_address(transport) not in door.trusted:
-            srv.metrics.rejected.labels("proxy_header").inc()
-            self.transport.close()
+            self.server.metrics.rejected.labels("proxy_header").inc()
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         buf = self._proxy_buf

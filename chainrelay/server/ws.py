@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from websockets.exceptions import InvalidState
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -151,6 +151,11 @@ class WsSession:
         # connection ends first, so a closed session is not kept alive that long.
         self._abort_timer: asyncio.TimerHandle | None = None
 
+    def _answering(self, response: Response) -> None:
+        """Add this session's own headers to its handshake answer: its X-Request-Id."""
+        if self.request_id:
+            response.headers["X-Request-Id"] = self.request_id
+
     def accept(self, raw_request: bytes) -> bool:
         """Answer the upgrade request; False when it was refused (and answered so)."""
         self.proto.receive_data(raw_request)
@@ -160,8 +165,7 @@ class WsSession:
             self._flush()
             return False
         response = self.proto.accept(request)
-        if self.request_id:
-            response.headers["X-Request-Id"] = self.request_id
+        self._answering(response)
         self.proto.send_response(response)
         self._flush()
         if response.status_code != 101:

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from websockets.http11 import Request
+from websockets.http11 import Response
 from websockets.protocol import State
 
 from chainrelay import defaults
@@ -634,7 +634,7 @@ class FeedChild(WsSession):
                     raw_request, 429, refusal.message, refusal.reason, refusal.retry_after
                 )
             self._pending = True
-        ok = self._upgrade(raw_request)
+        ok = super().accept(raw_request)
         if not ok:
             self._leave_admission()
         else:
@@ -660,22 +660,13 @@ class FeedChild(WsSession):
         self._flush()
         return False
 
-    def _upgrade(self, raw_request: bytes) -> bool:
-        """``WsSession.accept``, with the hub's challenge in the response when it has
-        ``child_keys`` (``tree.auth``): every child gets its own, fresh."""
-        self.proto.receive_data(raw_request)
-        events = self.proto.events_received()
-        request = events[0] if events and isinstance(events[0], Request) else None
-        if request is None:
-            self._flush()
-            return False
-        response = self.proto.accept(request)
+    def _answering(self, response: Response) -> None:
+        """A hub with ``child_keys`` (``tree.auth``) puts its challenge in the upgrade's
+        answer: every child gets its own, fresh."""
+        super()._answering(response)
         if response.status_code == 101 and self.hub.child_keys and not self.sibling:
             self._challenge = Challenge.fresh(self.hub.name)
             response.headers[CHALLENGE_HEADER] = self._challenge.header()
-        self.proto.send_response(response)
-        self._flush()
-        return response.status_code == 101
 
     def _admit(self, hello: Hello) -> bool:
         """Who the child is, from its hello's proof; False (and refused) for a proof that
