@@ -12,8 +12,9 @@ Run as a process of its own (a test must be able to SIGKILL it)::
   latest), in arrival order, as ``[peer port, method, params]``: the port of the client
   connection it came over, so a test can tell which process of the client made it.
 * ``GET /params?method=M``: the params of each of those calls of ``M``, in arrival order.
-* ``GET /requests``: ``{"requests": N}``, the HTTP requests and WebSocket messages that
-  carried those calls (a batch is one), since the start or the last reset.
+* ``GET /requests``: ``{"requests": N, "counts": {...}}``, the HTTP requests and WebSocket
+  messages that carried those calls (a batch is one) since the start or the last reset,
+  with ``/counts`` of the same instant (a call arriving between two reads would skew them).
 * ``POST /reset``: zero the counts and forget the calls.
 * ``--refuse-batches``: a POSTed batch is answered HTTP 400 with one error object, as
   providers without batches answer (counted, never forwarded).
@@ -116,7 +117,8 @@ class Counter:
         return web.Response(body=orjson.dumps(got), content_type=JSON)
 
     async def get_requests(self, _request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"requests": self.requests}), content_type=JSON)
+        got = {"requests": self.requests, "counts": dict(self.counts)}
+        return web.Response(body=orjson.dumps(got), content_type=JSON)
 
     async def post_reset(self, _request: web.Request) -> web.Response:
         self.requests = 0
@@ -351,7 +353,12 @@ class LabServer:
 
     async def requests(self) -> int:
         """HTTP requests and WebSocket messages since the last reset (a batch is one)."""
-        return int((await self._get("/requests"))["requests"])
+        return (await self.tally())[0]
+
+    async def tally(self) -> tuple[int, dict[str, int]]:
+        """``requests()`` and ``counts()`` read at one instant."""
+        got = await self._get("/requests")
+        return int(got["requests"]), dict(got["counts"])
 
     async def reset(self) -> None:
         await self._post("/reset")

@@ -77,9 +77,9 @@ async def batch_requests(proxy: CountingProxy) -> int:
     """Requests that carried clients' calls: the relay's own calls made meanwhile (head
     polling, chain checks, an upstream's probe, whenever a loaded machine lets them fall)
     are one request each and are taken off."""
-    counts = await proxy.counts()
+    requests, counts = await proxy.tally()  # one instant: a poll between two reads skews
     own = sum(v for k, v in counts.items() if k not in CLIENT_METHODS)
-    return await proxy.requests() - own
+    return requests - own
 
 
 async def lab(
