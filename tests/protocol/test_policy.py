@@ -17,6 +17,7 @@ from chainrelay.rpc.policy import (
     anchor_of,
     items_canonical,
     plan,
+    ref_number,
     store_decision,
 )
 
@@ -49,6 +50,37 @@ def head() -> HeadView:
 
 def passes(p: Any) -> bool:
     return p.finality is Finality.NEVER and p.key is None
+
+
+# --- one reading of a block reference, for keys and for log ranges -------------------------
+@pytest.mark.parametrize(
+    ("ref", "as_key", "as_bound"),
+    [
+        ("latest", HEAD, HEAD),
+        ("pending", None, HEAD),  # never cached; a range bound reads it as the head
+        ("safe", SAFE, SAFE),
+        ("finalized", FINAL, FINAL),
+        ("earliest", 0, 0),
+        ("0x5", 5, 5),
+        ("0X5", 5, 5),
+        ({"blockNumber": "0x5"}, 5, 5),
+        ({"blockHash": block_hash(90)}, None, None),  # keyed as given, one block for a guard
+        ("0x" + "f" * 17, None, None),  # past 64 bits: the upstream's own error answers it
+        ("0x", None, None),
+        ("12", None, None),
+        (12, None, None),
+    ],
+)
+def test_a_block_reference_reads_the_same_for_keys_and_for_log_ranges_but_pending(
+    head: HeadView, ref: Any, as_key: int | None, as_bound: int | None
+) -> None:
+    assert ref_number(ref, head) == as_key
+    assert ref_number(ref, head, pending=True) == as_bound
+
+
+def test_a_tag_the_head_does_not_know_yet_names_no_block() -> None:
+    blank = HeadView()
+    assert ref_number("latest", blank) is None and ref_number("safe", blank) is None
 
 
 # --- finality classes and tag resolution -----------------------------------------------------
