@@ -72,6 +72,9 @@ class Upstream:
         self.connections = connections
         # Measured state, read by the pool.
         self.latest = -1
+        # The hash of the head it last reported at ``latest`` (None: not known): a read of
+        # that very block may name it by number there (``UpstreamPool.call``'s ``at_head``).
+        self.head_hash: str | None = None
         self.latency = 0.0  # EWMA, seconds
         self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.consecutive_errors = 0

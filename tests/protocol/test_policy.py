@@ -528,3 +528,19 @@ def test_a_block_known_to_the_caller_is_its_answer_s_block(head: HeadView) -> No
     final = plan("eth_getBlockByNumber", [hex(FINAL), False], head)
     stored = store_decision(final, b"{}", None, None, head, 3.0, block=(FINAL, "0x00"))
     assert stored == Storing(final.key, 0.0, -1, None)
+
+
+def test_an_unfinalized_state_read_has_its_by_number_form_for_an_upstream_at_that_head(
+    head: HeadView,
+) -> None:
+    call = [{"to": ADDR, "data": "0x"}, "latest"]
+    p = plan("eth_call", call, head)
+    assert p.params == [call[0], {"blockHash": block_hash(HEAD)}]
+    assert p.at_head == [call[0], hex(HEAD)] and p.block_hash == block_hash(HEAD)
+    # Receipts by a bare hash have the same choice.
+    assert plan("eth_getBlockReceipts", ["latest"], head).at_head == [hex(HEAD)]
+    # Final blocks go by number already; a client's own by-hash request keeps its form.
+    assert plan("eth_call", [call[0], hex(FINAL)], head).at_head is None
+    assert plan("eth_call", [call[0], {"blockHash": block_hash(HEAD)}], head).at_head is None
+    # Reads that never went by hash have none.
+    assert plan("eth_getBlockByNumber", ["latest", False], head).at_head is None
