@@ -295,7 +295,7 @@ async def test_arb_sepolia_recordings_pass_through_relay(
     # is not: tests/protocol/test_routing.py).
     state = {"eth_getCode", "eth_getTransactionCount", "eth_call"}
     at_head = {r["method"] for r in stats["rewritten"] if hex(head) in r["params"]}
-    assert at_head == state
+    assert state <= at_head
     assert not [r for r in stats["rewritten"] if names_by_hash(r)]
 
 
