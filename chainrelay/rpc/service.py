@@ -71,7 +71,7 @@ from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
 from chainrelay.server.ws import current_subscriptions
-from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.pool import AtHead, UpstreamPool
 from chainrelay.upstreams.route import PRIMARY
 from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import (
@@ -654,7 +654,11 @@ class RpcService:
                 it = items[0]
                 try:
                     one = await self.pool.call(
-                        it.method, it.params, it.min_block, deadline=deadline
+                        it.method,
+                        it.params,
+                        it.min_block,
+                        deadline=deadline,
+                        at_head=_at_head(it.plan),
                     )
                     got = [one]
                 except UpstreamError as exc:
@@ -662,7 +666,10 @@ class RpcService:
             else:
                 calls = [(it.method, it.params) for it in items]
                 min_block = max(it.min_block for it in items)
-                got = await self.pool.call_batch(calls, min_block, deadline=deadline)
+                at_head = [_at_head(it.plan) for it in items]
+                got = await self.pool.call_batch(
+                    calls, min_block, deadline=deadline, at_head=at_head
+                )
         except BaseException as exc:
             if isinstance(exc, GeneratorExit):
                 raise  # closed by the collector after its loop ended: no one is waiting
@@ -1096,9 +1103,8 @@ class RpcService:
         span = _logs_span(params) if method == _GET_LOGS else None
         rule = self.log_split
         if span is None or rule.blocks <= 0:
-            at_head = (p.block_hash, p.at_head) if p.at_head and p.block_hash else None
             return await self.pool.call(
-                method, params, p.min_block, deadline=deadline, at_head=at_head
+                method, params, p.min_block, deadline=deadline, at_head=_at_head(p)
             )
         lo, hi = span
         size = rule.blocks
@@ -1208,6 +1214,13 @@ class RpcService:
         self.cache.put(how.key, entry)
         self.metrics.cache_bytes.set(self.cache.bytes)
         return entry
+
+
+def _at_head(p: Plan | None) -> AtHead | None:
+    """The by-number form of a read planned by hash, for an upstream at that head."""
+    if p is None or p.at_head is None or p.block_hash is None:
+        return None
+    return p.block_hash, p.at_head
 
 
 def _rate_limited(wait: float, rid: bytes) -> RateLimited:

@@ -684,6 +684,7 @@ class UpstreamPool:
         min_block: int = -1,
         *,
         deadline: float | None = None,
+        at_head: Sequence[AtHead | None] = (),
     ) -> list[Answer | UpstreamError]:
         """Reads sent as one JSON-RPC batch: each one's answer, in order, or the
         ``UpstreamError`` it got. The batch is tried on the candidates in turn as ``call``
@@ -691,16 +692,21 @@ class UpstreamPool:
         left of ``deadline`` (``call``'s: a ``perf_counter`` time, the pool's deadline from
         now when not given). An upstream that refuses batches (``BatchUnsupported``) has
         the reads asked one by one through ``call``, by the same deadline; a read it
-        declined (a method it lacks, a block it pruned) is asked again through ``call``."""
+        declined (a method it lacks, a block it pruned) is asked again through ``call``.
+        ``at_head``: each read's, as ``call``'s (none: every read as it is)."""
         if deadline is None:
             deadline = time.perf_counter() + self.settings.deadline
         try:
-            return await self._batch_in_turn(calls, min_block, deadline)
+            return await self._batch_in_turn(calls, min_block, deadline, at_head)
         except UpstreamError as exc:
             return [exc] * len(calls)
 
     async def _batch_in_turn(
-        self, calls: Sequence[BatchCall], min_block: int, deadline: float
+        self,
+        calls: Sequence[BatchCall],
+        min_block: int,
+        deadline: float,
+        at_head: Sequence[AtHead | None] = (),
     ) -> list[Answer | UpstreamError]:
         """``_call_in_turn`` for a batch (``_in_turn``); an upstream that refuses batches
         has the reads asked one by one instead."""
@@ -712,7 +718,7 @@ class UpstreamPool:
 
         async def one(u: Upstream, left: float) -> list[Answer | UpstreamError]:
             try:
-                answers = await u.call_batch(calls, timeout=left)
+                answers = await u.call_batch(_at_its_head(calls, at_head, u), timeout=left)
             except BatchUnsupported as exc:
                 log.debug("upstream %s: %s; asking call by call", u.name, exc)
                 return await self._one_by_one(calls, min_block, deadline)
@@ -915,3 +921,17 @@ def _out_of_rotation(upstreams: Sequence[Upstream], method: str) -> NoUpstreamIn
         upstream=",".join(u.name for u in upstreams),
         attempts=0,
     )
+
+
+def _at_its_head(
+    calls: Sequence[BatchCall], at_head: Sequence[AtHead | None], u: Upstream
+) -> Sequence[BatchCall]:
+    """``calls`` as sent to ``u``: each read pinned to ``u``'s own head by hash, by number
+    instead (``UpstreamPool.call``'s ``at_head``)."""
+    head = u.head_hash
+    if head is None or not at_head:
+        return calls
+    return [
+        (m, form[1]) if form is not None and form[0] == head else (m, p)
+        for (m, p), form in zip(calls, at_head, strict=True)
+    ]

@@ -546,3 +546,18 @@ async def test_each_upstream_tried_gets_the_form_its_own_head_allows() -> None:
     )
     assert answer.result == orjson.dumps(BALANCE)
     assert tried == [BY_HASH] and second.asked == [("eth_getBalance", BY_NUMBER)]
+
+
+async def test_a_batch_sends_each_read_pinned_to_the_upstreams_head_by_number() -> None:
+    u = ScriptedUpstream("u")
+    u.head_hash = HEAD_HASH
+    older = ["0x" + "11" * 20, {"blockHash": "0x" + "cd" * 32}]
+    calls = [("eth_getBalance", BY_HASH), ("eth_getBalance", older), ("eth_chainId", [])]
+    at_head = [(HEAD_HASH, BY_NUMBER), ("0x" + "cd" * 32, ["0x" + "11" * 20, "0x3e7"]), None]
+    got = await pool_of(u).call_batch(calls, 1_000, at_head=at_head)
+    assert [a.result for a in got if isinstance(a, Answer)] == [orjson.dumps(BALANCE)] * 3
+    assert u.asked == [
+        ("eth_getBalance", BY_NUMBER),
+        ("eth_getBalance", older),
+        ("eth_chainId", []),
+    ]
