@@ -423,6 +423,11 @@ HEAD_MAX_AHEAD_BLOCKS = 64
 # reports heads behind the chain's, so is flagged "syncing" until it says it is done;
 # once a minute costs nothing next to head polling.
 HEAD_SYNCING_EVERY = 60.0
+# A fallback's head is checked this often while the primaries serve (and at full cadence
+# only while it serves): a paid fallback is billed per call, and a check every 30 s (2 calls
+# a minute, against ~80 when polled every 0.75 s BSC block) is enough to know it is alive
+# and not lagging when it is needed. A fallback does not vote on the head meanwhile.
+HEAD_FALLBACK_INTERVAL = 30.0
 # How often safe/finalized are refreshed, in blocks.
 FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber is answered locally only while the head is this fresh, in block times;

@@ -72,6 +72,11 @@ class Upstream:
         self.connections = connections
         # Measured state, read by the pool.
         self.latest = -1
+        # A fallback whose head is checked at the slow cadence while the primaries serve
+        # (chain/head.py): how far behind the best head it was at its last check, by which
+        # its lag is judged meanwhile (its ``latest`` is that old). None: followed at full
+        # cadence, judged by its head now.
+        self.slow_lag: int | None = None
         self.latency = 0.0  # EWMA, seconds
         self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.consecutive_errors = 0
