@@ -199,9 +199,10 @@ LOGS_MAX_ANSWER_BYTES = 10 * MiB
 # the ranges their public providers accept).
 LOGS_SPLIT_BLOCKS = 0
 # Chunk calls one split eth_getLogs has under way at once: a scan of 50 chunks takes ~13
-# round trips, not 50, and holds no more upstream calls than four clients would; with the
-# per-client gate ([limits] max_upstream_in_flight_per_client) of queries in flight, one
-# identity holds at most that many times four.
+# round trips, not 50, and holds no more upstream calls than four clients would. Each chunk
+# under way holds one of the client's slots ([limits] max_upstream_in_flight_per_client):
+# beyond the first (its call's own slot), only slots it has free, so an identity's chunks
+# and other calls together stay within its bound.
 LOGS_SPLIT_CONCURRENCY = 4
 # --- Rate limits per identity (chainrelay/access/buckets.py, limiter.py) ------------------
 # Calls per second one identity of a tier may make, on average: 0, no limit. Off by

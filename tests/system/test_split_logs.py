@@ -11,6 +11,7 @@ paths as 25 of 2,000."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,7 +36,9 @@ LOG_HEIGHTS = (199, 200, 201, 399, 400, 1777, 2399, 2400, 2998, 3000)
 FAKE_SPLIT = 2500
 # No block following: every log comes from the upstream, so its calls can be counted.
 FOLLOW = '[subscriptions]\nfollow_blocks = "never"\n'
-CONFIG = f"{FOLLOW}[logs]\nsplit_blocks = {CHUNK}\n"
+CONFIG = f"{FOLLOW}[logs]\nsplit_blocks = {CHUNK}\nsplit_concurrency = 4\n"
+# Upstream calls in flight one client may have: fewer than a scan's concurrency.
+CLIENT_SLOTS = 2
 
 
 async def chain_with_logs(node: Chain) -> str:
@@ -112,6 +115,24 @@ async def test_a_scan_is_one_calls_bytes_its_repeat_cached_and_refusals_bisected
             assert asked2, "the chunk holding the new block is asked"
             assert all(hi > finalized for _lo, hi in asked2), (finalized, asked2)
             assert len(asked2) <= 2, asked2
+
+        # One client's wide scan holds its own slots of upstream calls in flight: with a
+        # bound of 2 per client, two chunks at a time are asked, not the split's 4.
+        held = await start_proxy(procs, anvil.url, hold=("eth_getLogs",))
+        bounded = f"{CONFIG}[limits]\nmax_upstream_in_flight_per_client = {CLIENT_SLOTS}\n"
+        relay = await start_relay_mining(node, relay_factory, [held.url], bounded)
+        async with Chain.open(relay.url) as through:
+            flt = {"fromBlock": "0x0", "toBlock": hex(top), "address": emitter}
+            scan = asyncio.ensure_future(through.raw("eth_getLogs", [flt]))
+
+            async def chunks_held() -> bool:
+                return await held.held() >= CLIENT_SLOTS
+
+            await until(chunks_held, 20 * SECOND, "the scan's first chunks upstream")
+            await through.call("eth_chainId")  # a round trip: any further chunk sent by now
+            assert await held.held() == CLIENT_SLOTS
+            await held.release()
+            assert await scan == await node.raw("eth_getLogs", [flt])
 
         fake = await start_fault_upstream(procs, "logs_range", anvil.url)
         extra = f"{FOLLOW}[logs]\nsplit_blocks = {FAKE_SPLIT}\n"
