@@ -67,6 +67,7 @@ from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import Forwarder
 from chainrelay.rpc.gate import CALLER, UpstreamGate
 from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.logscan import Spliced
 from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
@@ -1205,7 +1206,10 @@ class RpcService:
 
     def _store(self, p: Plan, answer: Answer) -> Entry | None:
         """Store a fresh answer as the caching rules say (``policy.store_decision``); the
-        entry stored, if any."""
+        entry stored, if any. A split eth_getLogs's answer is not: its chunks are
+        (``logscan.Spliced``)."""
+        if answer.__class__ is Spliced:
+            return None
         how = policy.store_decision(
             p, answer.result, answer.error, answer.value, self.view, self._block_time
         )

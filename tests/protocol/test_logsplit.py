@@ -158,11 +158,13 @@ async def test_one_block_refused_is_the_answer() -> None:
 
 
 class LogsNode(Upstream):
-    """Answers every eth_getLogs with no logs, a loop turn later; counts the calls under
-    way at once (``most``)."""
+    """Answers every eth_getLogs a loop turn later: no logs, or (``pad``) one log of ``pad``
+    bytes of data in the range's first block; counts the calls under way at once
+    (``most``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pad: int = 0) -> None:
         super().__init__("logs", "mem://", timeout=30, connections=1)
+        self.pad = pad
         self.asked = 0
         self.running = 0
         self.most = 0
@@ -183,7 +185,16 @@ class LogsNode(Upstream):
                 await asyncio.sleep(0)
         finally:
             self.running -= 1
-        return b'{"jsonrpc":"2.0","id":' + orjson.dumps(doc["id"]) + b',"result":[]}'
+        result = b"[]"
+        if self.pad:
+            number = doc["params"][0]["fromBlock"]
+            log = {
+                "blockNumber": number,
+                "blockHash": "0x" + number[2:].rjust(64, "a"),  # head_at's hashes
+                "data": "0x" + "ab" * self.pad,
+            }
+            result = orjson.dumps([log])
+        return b'{"jsonrpc":"2.0","id":' + orjson.dumps(doc["id"]) + b',"result":' + result + b"}"
 
 
 def logs_service(node: LogsNode, per_client: int) -> RpcService:
@@ -231,3 +242,22 @@ async def test_a_client_at_its_bound_has_its_chunks_asked_in_the_one_slot_its_ca
     assert service.gate.counts.held == {"10.0.0.1": 2}
     service.gate.leave("10.0.0.1", 2)
     assert service.gate.more("10.0.0.9", 5) == 3, "another client's own three"
+
+
+async def test_a_split_answer_is_stored_as_its_chunks_only_and_a_second_scan_asks_nothing() -> None:
+    node = LogsNode(pad=10_000)
+    service = logs_service(node, 256)
+    body = wide_logs(0, 899)  # 9 chunks of 100, all final (the head 1,000, final at 990)
+    first = await answer(service, body)
+    logs = orjson.loads(first)["result"]
+    assert [int(x["blockNumber"], 16) for x in logs] == list(range(0, 900, 100))
+    whole = len(orjson.dumps(logs))
+    # The chunks are stored (9 entries, the answer's bytes once), the spliced whole not.
+    assert node.asked == 9 and len(service.cache) == 9
+    assert whole < service.cache.bytes < whole * 1.1, (whole, service.cache.bytes)
+    stored = service.cache.bytes
+    assert await answer(service, body) == first
+    assert node.asked == 9 and service.cache.bytes == stored, "served from the chunks"
+    # Another window over the same history is served from the same chunks.
+    inner = orjson.loads(await answer(service, wide_logs(100, 599)))["result"]
+    assert inner == logs[1:6] and node.asked == 9
