@@ -484,7 +484,12 @@ class Node:
             max_proxy_header_bytes=cfg.server.max_proxy_header_bytes,
         )
         host, port = parse_listen(cfg.server.listen)
-        await server.start(host, port, reuse_port=reuse_port)
+        await _bind(
+            server.start(host, port, reuse_port=reuse_port),
+            "server.listen",
+            (host, port),
+            "give it a free HOST:PORT",
+        )
         # Its stop is entered once it has started: a server that failed to bind has none.
         await self._composition.enter(on_leaving(server.stop))
         return server
@@ -526,15 +531,13 @@ class Node:
             protocol=AdminProtocol,
         )
         host, port = parse_listen(s.admin_listen, "server.admin_listen")
-        try:
-            await server.start(host, port)
-        except OSError as exc:
-            # Most often a second node on the host left at the default port: said as a
-            # config error (exit 2), not a traceback.
-            raise ConfigError(
-                f"server.admin_listen: cannot listen on {host}:{port} ({exc.strerror or exc});"
-                ' give each node on a host its own admin port, or "" to turn it off'
-            ) from None
+        # Most often a second node on the host left at the default port.
+        await _bind(
+            server.start(host, port),
+            "server.admin_listen",
+            (host, port),
+            'give each node on a host its own admin port, or "" to turn it off',
+        )
         await self._composition.enter(on_leaving(server.stop))
         log.info("admin listener on %s:%d", host, server.port)
 
@@ -898,3 +901,16 @@ def _link_hub_range(hub: FeedHub, rng: BatchRange) -> None:
 def _link_hub_parents(hub: FeedHub, tell_held: Callable[[str, int], None]) -> None:
     """What the hub holds is told to the parents, whose frames go to the hub."""
     hub.on_held = tell_held
+
+
+async def _bind(start: Awaitable[None], key: str, where: tuple[str, int], hint: str) -> None:
+    """Await a listener's ``start``; a port that cannot be had (taken, not ours to bind,
+    an address not on this host) is said as a config error naming ``key`` (exit 2), not
+    a traceback."""
+    try:
+        await start
+    except OSError as exc:
+        host, port = where
+        raise ConfigError(
+            f"{key}: cannot listen on {host}:{port} ({exc.strerror or exc}); {hint}"
+        ) from None

@@ -387,8 +387,9 @@ class HeadTracker:
         return holder, top
 
     async def _take_header(self, u: Upstream, h: Header) -> None:
-        if h.number > u.latest:
+        if h.number >= u.latest:  # a new head, or another block at the same height
             u.latest = h.number
+            u.head_hash = h.hash
         trusted = await self._trusted(u, h)
         self.metrics.upstream_lag.labels(u.name).set(max(0, self.pool.best_latest - u.latest))
         if trusted is None:

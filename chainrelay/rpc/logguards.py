@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from chainrelay.rpc.policy import HeadView
+from chainrelay.rpc.policy import HeadView, ref_number
 
 LIMIT_EXCEEDED = -32005
 
@@ -79,8 +79,8 @@ class LogGuards:
                     )
         if "blockHash" in flt:
             return None  # one block
-        lo = block_number(flt.get("fromBlock", "latest"), head)
-        hi = block_number(flt.get("toBlock", "latest"), head)
+        lo = ref_number(flt.get("fromBlock", "latest"), head, pending=True)
+        hi = ref_number(flt.get("toBlock", "latest"), head, pending=True)
         if lo is None or hi is None or hi < lo:
             return None  # unresolved, or an empty range: the upstream's to answer
         span = hi - lo + 1
@@ -104,28 +104,3 @@ class LogGuards:
             "logs.max_answer_bytes",
             self.max_answer_bytes,
         )
-
-
-def block_number(ref: Any, head: HeadView) -> int | None:
-    """A range bound as a block number, tags resolved against ``head``; None when it cannot
-    be (a tag the head does not know yet, an odd value)."""
-    if isinstance(ref, dict):  # EIP-1898 object
-        ref = ref.get("blockNumber")
-    if not isinstance(ref, str):
-        return None
-    if ref == "latest" or ref == "pending":
-        n = head.number
-    elif ref == "safe":
-        n = head.safe
-    elif ref == "finalized":
-        n = head.finalized
-    elif ref == "earliest":
-        return 0
-    else:
-        if not ref.startswith(("0x", "0X")):
-            return None
-        try:
-            return int(ref, 16)
-        except ValueError:
-            return None
-    return n if n >= 0 else None

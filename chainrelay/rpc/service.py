@@ -1099,7 +1099,10 @@ class RpcService:
         span = _logs_span(params) if method == _GET_LOGS else None
         rule = self.log_split
         if span is None or rule.blocks <= 0:
-            return await self.pool.call(method, params, p.min_block, deadline=deadline)
+            at_head = (p.block_hash, p.at_head) if p.at_head and p.block_hash else None
+            return await self.pool.call(
+                method, params, p.min_block, deadline=deadline, at_head=at_head
+            )
         lo, hi = span
         size = rule.blocks
         if hi - lo + 1 <= size:

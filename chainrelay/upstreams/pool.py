@@ -58,6 +58,9 @@ from chainrelay.upstreams.upstream import (
 )
 from chainrelay.wire.jsonrpc import Answer, Params
 
+# A read forwarded by block hash: (that hash, its params naming the block by number instead).
+AtHead = tuple[str, Params]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -440,10 +443,18 @@ class UpstreamPool:
             raise
 
     async def _read(
-        self, u: Upstream, method: str, params: Params | None, block: int, timeout: float
+        self,
+        u: Upstream,
+        method: str,
+        params: Params | None,
+        block: int,
+        timeout: float,
+        at_head: AtHead | None = None,
     ) -> Answer:
         """One try of a read on ``u``: its answer, or ``Declined`` when its error says
-        another upstream may answer (learnt by ``u``)."""
+        another upstream may answer (learnt by ``u``). ``at_head``: see ``call``."""
+        if at_head is not None and u.head_hash == at_head[0]:
+            params = at_head[1]
         answer = await u.call(method, params, timeout=timeout)
         declined = self._judge(u, method, block, answer)
         if declined is not None:
@@ -451,14 +462,20 @@ class UpstreamPool:
         return answer
 
     async def _attempt_read(
-        self, u: Upstream, method: str, params: Params | None, block: int, deadline: float
+        self,
+        u: Upstream,
+        method: str,
+        params: Params | None,
+        block: int,
+        deadline: float,
+        at_head: AtHead | None = None,
     ) -> Answer:
         """A try of a raced read: ``_read`` once ``u``'s pause and budget allow (``_turn``)."""
         try:
             left = await self._turn(u, deadline)
             if isinstance(left, TransportError):
                 raise left
-            return await self._read(u, method, params, block, left)
+            return await self._read(u, method, params, block, left, at_head)
         except TransportError as exc:
             self._failed_try(u, exc)
             log.debug("upstream %s %s failed: %s", u.name, method, exc)
@@ -479,6 +496,7 @@ class UpstreamPool:
         tried: Sequence[Upstream] = (),
         *,
         deadline: float | None = None,
+        at_head: AtHead | None = None,
     ) -> Answer:
         """A read: the first good answer from the best upstreams, retried and maybe hedged.
         ``min_block``: the block the read needs (the one it reads, ``policy.Plan``'s), for
@@ -486,6 +504,8 @@ class UpstreamPool:
         through ``direct``), taken from the budget; one is always left, for a link that
         failed under it. ``tried``: the upstreams those attempts went to, asked last (the
         best one may be the one that just failed, still healthy after one error).
+        ``at_head``: (block hash, params naming that block by number) for a read forwarded
+        by hash: an upstream whose own head is that block is sent the by-number form.
         ``deadline``: the ``perf_counter`` time the call ends by, answered or not
         (``UpstreamTimeout``), all its tries and hedges included; the pool's ``deadline``
         from now when not given (the node's own reads). With no upstream in rotation,
@@ -501,7 +521,7 @@ class UpstreamPool:
             if not self.upstreams[0].healthy:
                 raise _out_of_rotation(self.upstreams, method)
             return await self._call_in_turn(
-                self.upstreams, method, params, min_block, max_attempts, deadline
+                self.upstreams, method, params, min_block, max_attempts, deadline, at_head
             )
         order = self.candidates(min_block, method)
         if not order:
@@ -510,7 +530,7 @@ class UpstreamPool:
             order = [u for u in order if u not in tried] + [u for u in order if u in tried]
         if self._hedge_delay(order[0]) is None:
             return await self._call_in_turn(
-                order, method, params, min_block, max_attempts, deadline
+                order, method, params, min_block, max_attempts, deadline, at_head
             )
         launched = 0
         # Attempts: a decline is routing, not a failed try, so it gives its attempt back
@@ -536,7 +556,7 @@ class UpstreamPool:
                 if hedge and not _ready(u, time.perf_counter()):
                     continue  # a hedge is never waited for: the next one, if any
                 task = asyncio.ensure_future(
-                    self._attempt_read(u, method, params, min_block, deadline)
+                    self._attempt_read(u, method, params, min_block, deadline, at_head)
                 )
                 running[task] = u
                 return True
@@ -593,13 +613,14 @@ class UpstreamPool:
         min_block: int,
         attempts: int,
         deadline: float,
+        at_head: AtHead | None = None,
     ) -> Answer:
         """No hedge due (hedging off, or too few latencies known yet): the candidates one
         after another in the caller's own task, as the race would try them, with no tasks
         (``_in_turn``). Every upstream declining: the first one's own error."""
 
         def one(u: Upstream, left: float) -> Awaitable[Answer]:
-            return self._read(u, method, params, min_block, left)
+            return self._read(u, method, params, min_block, left, at_head)
 
         try:
             return await self._in_turn(order, attempts, deadline, method, one)

@@ -77,6 +77,9 @@ class Upstream:
         # its lag is judged meanwhile (its ``latest`` is that old). None: followed at full
         # cadence, judged by its head now.
         self.slow_lag: int | None = None
+        # The hash of the head it last reported at ``latest`` (None: not known): a read of
+        # that very block may name it by number there (``UpstreamPool.call``'s ``at_head``).
+        self.head_hash: str | None = None
         self.latency = 0.0  # EWMA, seconds
         self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.consecutive_errors = 0

@@ -17,6 +17,7 @@ from chainrelay.rpc.policy import (
     anchor_of,
     items_canonical,
     plan,
+    ref_number,
     store_decision,
 )
 
@@ -49,6 +50,37 @@ def head() -> HeadView:
 
 def passes(p: Any) -> bool:
     return p.finality is Finality.NEVER and p.key is None
+
+
+# --- one reading of a block reference, for keys and for log ranges -------------------------
+@pytest.mark.parametrize(
+    ("ref", "as_key", "as_bound"),
+    [
+        ("latest", HEAD, HEAD),
+        ("pending", None, HEAD),  # never cached; a range bound reads it as the head
+        ("safe", SAFE, SAFE),
+        ("finalized", FINAL, FINAL),
+        ("earliest", 0, 0),
+        ("0x5", 5, 5),
+        ("0X5", 5, 5),
+        ({"blockNumber": "0x5"}, 5, 5),
+        ({"blockHash": block_hash(90)}, None, None),  # keyed as given, one block for a guard
+        ("0x" + "f" * 17, None, None),  # past 64 bits: the upstream's own error answers it
+        ("0x", None, None),
+        ("12", None, None),
+        (12, None, None),
+    ],
+)
+def test_a_block_reference_reads_the_same_for_keys_and_for_log_ranges_but_pending(
+    head: HeadView, ref: Any, as_key: int | None, as_bound: int | None
+) -> None:
+    assert ref_number(ref, head) == as_key
+    assert ref_number(ref, head, pending=True) == as_bound
+
+
+def test_a_tag_the_head_does_not_know_yet_names_no_block() -> None:
+    blank = HeadView()
+    assert ref_number("latest", blank) is None and ref_number("safe", blank) is None
 
 
 # --- finality classes and tag resolution -----------------------------------------------------
@@ -496,3 +528,19 @@ def test_a_block_known_to_the_caller_is_its_answer_s_block(head: HeadView) -> No
     final = plan("eth_getBlockByNumber", [hex(FINAL), False], head)
     stored = store_decision(final, b"{}", None, None, head, 3.0, block=(FINAL, "0x00"))
     assert stored == Storing(final.key, 0.0, -1, None)
+
+
+def test_an_unfinalized_state_read_has_its_by_number_form_for_an_upstream_at_that_head(
+    head: HeadView,
+) -> None:
+    call = [{"to": ADDR, "data": "0x"}, "latest"]
+    p = plan("eth_call", call, head)
+    assert p.params == [call[0], {"blockHash": block_hash(HEAD)}]
+    assert p.at_head == [call[0], hex(HEAD)] and p.block_hash == block_hash(HEAD)
+    # Receipts by a bare hash have the same choice.
+    assert plan("eth_getBlockReceipts", ["latest"], head).at_head == [hex(HEAD)]
+    # Final blocks go by number already; a client's own by-hash request keeps its form.
+    assert plan("eth_call", [call[0], hex(FINAL)], head).at_head is None
+    assert plan("eth_call", [call[0], {"blockHash": block_hash(HEAD)}], head).at_head is None
+    # Reads that never went by hash have none.
+    assert plan("eth_getBlockByNumber", ["latest", False], head).at_head is None

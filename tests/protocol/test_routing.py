@@ -580,3 +580,52 @@ def test_a_fallback_checked_slowly_is_judged_by_its_lag_at_the_check() -> None:
     assert pool.candidates(1_000, "eth_getProof")[0] is a
     paid.slow_lag = d.MAX_LAG_BLOCKS + 1  # it lagged at its check
     assert pool.candidates(-1, "eth_getProof")[0] is a
+
+
+# --- a read forwarded by hash, sent by number where that block is the upstream's head ------
+HEAD_HASH = "0x" + "ab" * 32
+BY_HASH = ["0x" + "11" * 20, {"blockHash": HEAD_HASH}]
+BY_NUMBER = ["0x" + "11" * 20, hex(1_000)]
+
+
+async def test_a_read_pinned_to_the_upstreams_own_head_is_sent_by_number() -> None:
+    u = ScriptedUpstream("u")
+    u.head_hash = HEAD_HASH
+    pool = pool_of(u)
+    answer = await pool.call("eth_getBalance", BY_HASH, 1_000, at_head=(HEAD_HASH, BY_NUMBER))
+    assert answer.result == orjson.dumps(BALANCE)
+    assert u.asked == [("eth_getBalance", BY_NUMBER)]
+
+
+@pytest.mark.parametrize("head_hash", [None, "0x" + "cd" * 32])
+async def test_a_read_pinned_to_another_block_than_the_upstreams_head_stays_by_hash(
+    head_hash: str | None,
+) -> None:
+    # Its head not known yet, or another block (a new head it moved to, a fork): only the
+    # hash names the block the read is keyed by.
+    u = ScriptedUpstream("u")
+    u.head_hash = head_hash
+    await pool_of(u).call("eth_getBalance", BY_HASH, 1_000, at_head=(HEAD_HASH, BY_NUMBER))
+    assert u.asked == [("eth_getBalance", BY_HASH)]
+
+
+async def test_each_upstream_tried_gets_the_form_its_own_head_allows() -> None:
+    # The first at another head fails the try; the second, at the read's block, is asked
+    # by number: the choice is made per try, not once per call.
+    first = ScriptedUpstream("first", weight=1_000)
+    first.head_hash = "0x" + "cd" * 32
+    second = ScriptedUpstream("second", weight=1)
+    second.head_hash = HEAD_HASH
+    gone = TransportError("connection reset")
+    tried: list[Any] = []
+
+    async def refuse(body: bytes) -> bytes:
+        tried.append(orjson.loads(body)["params"])
+        raise gone
+
+    first.request = refuse  # type: ignore[method-assign]
+    answer = await pool_of(first, second, max_attempts=2).call(
+        "eth_getBalance", BY_HASH, 1_000, at_head=(HEAD_HASH, BY_NUMBER)
+    )
+    assert answer.result == orjson.dumps(BALANCE)
+    assert tried == [BY_HASH] and second.asked == [("eth_getBalance", BY_NUMBER)]

@@ -38,7 +38,7 @@ async def status_of(url: str) -> tuple[int, str]:
         return r.status, await r.text()
 
 
-async def test_the_admin_listener_is_on_loopback_by_default_and_a_second_node_says_it_is_taken(
+async def test_the_admin_listener_is_on_loopback_by_default_and_a_taken_port_is_said_plainly(
     procs: Procs, anvil_factory: AnvilFactory, tmp_path: Path
 ) -> None:
     chain = await anvil_factory(chain_id=56, block_time=1.0)
@@ -75,6 +75,18 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_second_node_sa
     await third.wait_ready()
     status, body = await status_of(third.url + "/metrics")
     assert status == 200 and "chainrelay_requests_total" in body
+    # A node whose public port another holds: the same kind of refusal, naming its key.
+    taken = first.url.removeprefix("http://")
+    fourth_text = text.replace('"{listen}"', f'"{taken}"\nadmin_listen = ""')
+    fourth = Relay(procs, fourth_text, tmp_path, "fourth")
+    fourth.start()
+    proc = fourth.proc
+    assert proc is not None
+    await until(lambda: proc.poll() is not None, 20 * SECOND, "the fourth node to exit")
+    out = fourth.log_path.read_text()
+    assert proc.returncode == 2, out[-2000:]
+    assert f"server.listen: cannot listen on {taken}" in out, out[-2000:]
+    assert "Traceback" not in out
 
 
 async def test_filters_past_a_logs_guard_are_refused_at_creation_through_a_real_relay(
