@@ -62,6 +62,12 @@ SECTIONS = (
     "abuse",
     "nitro_feed",
 )
+# Sections of a script run with options, each right after the script's own section (and
+# run by run_all.py after the script itself): section -> (script, options).
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "upstream_ratio_scans": ("upstream_ratio", ("--mix", "scans")),
+    "upstream_ratio_routing": ("upstream_ratio", ("--routing",)),
+}
 # How long a relay may take to answer /health after it is started.
 RELAY_READY_SECONDS = 20.0
 
@@ -557,7 +563,8 @@ def write_section(name: str, body: str, *, path: Path = RESULTS) -> None:
     """Replace (or add, in ``SECTIONS`` order) the section ``name`` of RESULTS.md."""
     text = path.read_text() if path.exists() else HEADER
     sections: dict[str, str] = {}
-    for s in SECTIONS:
+    order = [x for s in SECTIONS for x in (s, *(v for v, (of, _) in VARIANTS.items() if of == s))]
+    for s in order:
         begin, end = _markers(s)
         m = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), text, re.S)
         if m is not None:
@@ -565,7 +572,7 @@ def write_section(name: str, body: str, *, path: Path = RESULTS) -> None:
     sections[name] = body.rstrip("\n") + "\n"
     head = text.split("<!-- BEGIN ", 1)[0].rstrip("\n") + "\n"
     parts = [head]
-    for s in SECTIONS:
+    for s in order:
         if s in sections:
             begin, end = _markers(s)
             parts.append(f"\n{begin}\n{sections[s]}{end}\n")

@@ -55,10 +55,10 @@ HELPERS = frozenset(
 )
 
 
-def run(name: str, profile: bool) -> int:
-    """Run benchmark ``name`` as it is documented, within its ceiling; its exit status
-    (-1 when it was stopped at the ceiling)."""
-    args = ["--profile"] if name == "cache_hit" and profile else []
+def run(name: str, profile: bool, options: tuple[str, ...] = ()) -> int:
+    """Run benchmark ``name`` as it is documented (with ``options``: a variant of it),
+    within its ceiling; its exit status (-1 when it was stopped at the ceiling)."""
+    args = ["--profile"] if name == "cache_hit" and profile else [*options]
     proc = common.spawn(f"benchmarks.{name}", *args)
     try:
         return proc.wait(LIMIT_SECONDS[name])
@@ -74,16 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     common.RESULTS.write_text(common.HEADER)
     failed = 0
-    for name in SCRIPTS:
+    runs = [
+        (section, script, options)
+        for name in SCRIPTS
+        for section, script, options in [
+            (name, name, ()),
+            *((v, of, o) for v, (of, o) in common.VARIANTS.items() if of == name),
+        ]
+    ]
+    for name, script, options in runs:
         print(f"== {name}", flush=True)
         started = time.monotonic()
-        rc = run(name, not args.no_profile)
+        rc = run(script, not args.no_profile, options)
         elapsed = time.monotonic() - started
         print(f"== {name}: exit {rc} after {elapsed:.0f} s", flush=True)
         if rc == 0:
             continue
         failed += 1
-        if name in common.SECTIONS:
+        if name in common.SECTIONS or name in common.VARIANTS:
             common.write_section(
                 name,
                 f"## `{name}.py`\n\nFailed (exit {rc} after {elapsed:.0f} s) on "

@@ -16,7 +16,9 @@ second (jittered), each poll a few sequential calls:
 ``--mix scans`` adds indexers: one user in ``SCANNER_EVERY`` instead scans the emitter's
 logs from block 0 to "latest" on every poll (a wide eth_getLogs, split by the relay in
 chunks of ``SCAN_SPLIT_BLOCKS`` over a chain of ``SCAN_HISTORY`` blocks mined first), as an
-indexer re-scanning history does; its report is printed, RESULTS.md left alone.
+indexer re-scanning history does. Each mix writes its own section of RESULTS.md
+(``upstream_ratio``, ``upstream_ratio_scans``; ``upstream_ratio_routing`` with
+``--routing``).
 
 The relay reaches anvil through ``tests/lab/counting_proxy.py``, a transparent proxy that
 counts every call it forwards, so the count includes the head tracker's own calls; the relay's
@@ -51,6 +53,7 @@ import aiohttp
 import orjson
 
 from benchmarks import common
+from chainrelay.config import HeadConfig
 from chainrelay.devnet import (
     DEV_ACCOUNTS,
     TRANSFER_TOPIC,
@@ -369,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
     text = report(m, results, args, paid_calls)
     print(text)
-    # The scans mix prints its report only: RESULTS.md's section is the dapp mix's.
-    if not args.no_write and args.mix == "dapp":
-        common.write_section("upstream_ratio", text)
+    if not args.no_write:
+        section = "upstream_ratio" + ("_routing" if args.routing else "")
+        if args.mix == "scans" and not args.routing:
+            section = "upstream_ratio_scans"
+        common.write_section(section, text)
     return 0
 
 
@@ -509,7 +514,9 @@ def report(
                     f"`--routing`: a pool of three in front of the same anvil: `anvil` "
                     f"(primary), `limited` (primary; 429 past {LIMITED_QUOTA} calls a second, "
                     f"max_rps {LIMITED_BUDGET}, auto_tune) and `paid` (fallback, archive). "
-                    "*Wire* counts `anvil`'s door only.",
+                    "*Wire* counts `anvil`'s door only. While a primary serves, `paid`'s "
+                    f"head is checked every {HeadConfig().fallback_interval:g} s "
+                    "(`[head] fallback_interval`) and it gets no write.",
                     "",
                 ]
                 if args.routing

@@ -199,9 +199,10 @@ LOGS_MAX_ANSWER_BYTES = 10 * MiB
 # the ranges their public providers accept).
 LOGS_SPLIT_BLOCKS = 0
 # Chunk calls one split eth_getLogs has under way at once: a scan of 50 chunks takes ~13
-# round trips, not 50, and holds no more upstream calls than four clients would; with the
-# per-client gate ([limits] max_upstream_in_flight_per_client) of queries in flight, one
-# identity holds at most that many times four.
+# round trips, not 50, and holds no more upstream calls than four clients would. Each chunk
+# under way holds one of the client's slots ([limits] max_upstream_in_flight_per_client):
+# beyond the first (its call's own slot), only slots it has free, so an identity's chunks
+# and other calls together stay within its bound.
 LOGS_SPLIT_CONCURRENCY = 4
 # --- Rate limits per identity (chainrelay/access/buckets.py, limiter.py) ------------------
 # Calls per second one identity of a tier may make, on average: 0, no limit. Off by
@@ -423,6 +424,11 @@ HEAD_MAX_AHEAD_BLOCKS = 64
 # reports heads behind the chain's, so is flagged "syncing" until it says it is done;
 # once a minute costs nothing next to head polling.
 HEAD_SYNCING_EVERY = 60.0
+# A fallback's head is checked this often while the primaries serve (and at full cadence
+# only while it serves): a paid fallback is billed per call, and a check every 30 s (2 calls
+# a minute, against ~80 when polled every 0.75 s BSC block) is enough to know it is alive
+# and not lagging when it is needed. A fallback does not vote on the head meanwhile.
+HEAD_FALLBACK_INTERVAL = 30.0
 # How often safe/finalized are refreshed, in blocks.
 FINALITY_REFRESH_BLOCKS = 4
 # eth_blockNumber is answered locally only while the head is this fresh, in block times;

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +38,16 @@ from chainrelay.metrics import Metrics
 from chainrelay.rpc.policy import HeadView
 from chainrelay.server.peer import detached
 from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.route import PRIMARY
 from chainrelay.upstreams.upstream import TransportError, Upstream
 
 log = logging.getLogger(__name__)
 
 # Back-off after a failed poll or a broken head stream.
 RETRY_DELAY = 0.5
+# How often a fallback's follower looks whether the fallbacks serve (a look at the pool's
+# state, no call): a dead primary has its fallback followed at full cadence within a second.
+FALLBACK_RECHECK = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,10 @@ class HeadTracker:
             cfg = self.cfg
             names = [u.name for u in upstreams]
             self.quorum = HeadQuorum(names, cfg.quorum, cfg.max_ahead_blocks, self.window)
+        if not self.pushed_only and any(u.route.tier == PRIMARY for u in upstreams):
+            for u in upstreams:
+                if u.route.tier != PRIMARY:
+                    u.slow_lag = 0  # checked slowly from the start, until it serves
         for u in upstreams:
             self._tasks.append(asyncio.create_task(self._follow(u), name=f"head:{u.name}"))
             if self.quorum is not None:
@@ -171,26 +180,78 @@ class HeadTracker:
                 await self._poll_once(u)
             await self._confirm(u)
             return
-        if u.is_ws:
-            # Polling confirms the head by itself; a head stream needs the confirmation loop.
-            self._tasks.append(asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}"))
-            with contextlib.suppress(TransportError):
-                await self._poll_once(u)  # a first head now, not at the next block
+        if u.slow_lag is not None:
+            await self._follow_fallback(u)
+        else:
+            await self._follow_full(u)
+
+    async def _follow_full(self, u: Upstream) -> None:
+        """Follow ``u``'s head at full cadence: its head stream, or polls as its schedule
+        expects blocks."""
+        confirm: asyncio.Task[None] | None = None
+        try:
+            if u.is_ws:
+                # Polling confirms the head by itself; a head stream needs the confirmation
+                # loop.
+                confirm = asyncio.create_task(self._confirm(u), name=f"confirm:{u.name}")
+                self._tasks.append(confirm)
+                with contextlib.suppress(TransportError):
+                    await self._poll_once(u)  # a first head now, not at the next block
+            while True:
+                try:
+                    if u.is_ws:
+                        await u.subscribe_heads(functools.partial(self.push_header, u))
+                    else:
+                        await self._poll(u)
+                except asyncio.CancelledError:
+                    raise
+                except (TransportError, NotImplementedError) as exc:
+                    log.debug("head stream of %s broke: %s", u.name, exc)
+                    if u.is_ws:
+                        # Whatever the stream missed is fetched when the next head links back.
+                        with contextlib.suppress(TransportError):
+                            await self._poll_once(u)
+                await asyncio.sleep(RETRY_DELAY)
+        finally:
+            if confirm is not None:
+                confirm.cancel()
+                self._tasks.remove(confirm)
+
+    async def _follow_fallback(self, u: Upstream) -> None:
+        """Follow a fallback's head: one check every ``[head] fallback_interval`` while the
+        primaries serve (it is billed per call, and serves nothing meanwhile; its lag at
+        the check is what the pool judges it by: ``Upstream.slow_lag``), at full cadence
+        while the fallbacks serve (``UpstreamPool.fallbacks_serve``) and for one interval
+        after. A fallback does not vote on the head while checked slowly (its head is up to
+        an interval old: it would flag the primaries "ahead"); it votes while it serves."""
+        pool = self.pool
+        every = self.cfg.fallback_interval
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                if u.is_ws:
-                    await u.subscribe_heads(functools.partial(self.push_header, u))
-                else:
-                    await self._poll(u)
-            except asyncio.CancelledError:
-                raise
-            except (TransportError, NotImplementedError) as exc:
-                log.debug("head stream of %s broke: %s", u.name, exc)
-                if u.is_ws:
-                    # Whatever the stream missed is fetched when the next head links back.
-                    with contextlib.suppress(TransportError):
-                        await self._poll_once(u)
-            await asyncio.sleep(RETRY_DELAY)
+            if pool.fallbacks_serve(every):
+                u.slow_lag = None
+                log.info("fallback %s serves: its head followed at full cadence", u.name)
+                if self.quorum is not None:
+                    await self._ask_syncing(u, self.quorum)
+                full = asyncio.create_task(self._follow_full(u), name=f"head-full:{u.name}")
+                try:
+                    while pool.fallbacks_serve(every) and not full.done():
+                        await asyncio.wait({full}, timeout=FALLBACK_RECHECK)
+                finally:
+                    full.cancel()
+                    await asyncio.gather(full, return_exceptions=True)
+                log.info("fallback %s idle: its head checked every %gs", u.name, every)
+            u.slow_lag = max(0, pool.best_latest - u.latest) if u.latest >= 0 else 0
+            with contextlib.suppress(TransportError):
+                await self._poll_once(u)
+            if u.latest >= 0:
+                u.slow_lag = max(0, pool.best_latest - u.latest)
+            next_at = loop.time() + every
+            for _ in range(math.ceil(every / FALLBACK_RECHECK)):
+                left = next_at - loop.time()
+                if left <= 0 or pool.fallbacks_serve(every):
+                    break
+                await asyncio.sleep(min(FALLBACK_RECHECK, left))
 
     async def _confirm(self, u: Upstream) -> None:
         """On a quiet chain a head stream says nothing: ask now and then, so a live
@@ -273,12 +334,16 @@ class HeadTracker:
         quorum = self.quorum
         assert quorum is not None
         while True:
-            with contextlib.suppress(TransportError):
-                answer = await u.call("eth_syncing", [])
-                if answer.error is None:
-                    quorum.set_syncing(u.name, answer.value not in (False, None))
-                    self._flag(quorum)
+            if u.slow_lag is None:  # a fallback checked slowly is asked when it serves
+                await self._ask_syncing(u, quorum)
             await asyncio.sleep(self.cfg.syncing_every)
+
+    async def _ask_syncing(self, u: Upstream, quorum: HeadQuorum) -> None:
+        with contextlib.suppress(TransportError):
+            answer = await u.call("eth_syncing", [])
+            if answer.error is None:
+                quorum.set_syncing(u.name, answer.value not in (False, None))
+                self._flag(quorum)
 
     def _flag(self, quorum: HeadQuorum) -> None:
         """The pool's flags, as the quorum sees the upstreams now; changes logged."""
@@ -303,8 +368,9 @@ class HeadTracker:
             return u, h
         quorum.saw(u.name, h)
         for x in self.pool.upstreams:
-            quorum.set_out(x.name, not x.healthy)
-        number = quorum.unknown_below(u.name)
+            # A fallback checked slowly does not vote: its head may be an interval old.
+            quorum.set_out(x.name, not x.healthy or x.slow_lag is not None)
+        number = quorum.unknown_below(u.name) if u.slow_lag is None else None
         if number is not None:
             with contextlib.suppress(TransportError):
                 answer = await u.call("eth_getBlockByNumber", [hex(number), False])

@@ -11,7 +11,9 @@ that reports a head far ahead of the rest, move the head every client sees. Inst
   last ``window`` blocks), and its block at the agreed height when the tracker asked.
 * With 2, the higher head, as before, unless it is more than ``max_ahead_blocks`` above
   the other; with 1, its head. Upstreams out of rotation (dead, cordoned) do not count:
-  two of three down leave the third's head followed, not frozen.
+  two of three down leave the third's head followed, not frozen. Nor does a fallback whose
+  head is checked only now and then while the primaries serve (``chain/head.py``): a
+  report that old would flag the primaries "ahead"; it counts while it serves.
 * An upstream is flagged, and its head not counted, while: it reports ``eth_syncing``
   (``syncing``); its head is more than ``max_ahead_blocks`` above the trusted head
   (``ahead``); its hash at the trusted head's height (or, behind it, at its own head's)
@@ -104,8 +106,9 @@ class HeadQuorum:
         self._reports[name].syncing = syncing
 
     def set_out(self, name: str, out: bool) -> None:
-        """``name`` is out of the pool's rotation (dead, cordoned): not counted, so two
-        upstreams of three down leave the third's head followed, not frozen."""
+        """``name`` is out of the pool's rotation (dead, cordoned), or a fallback checked
+        slowly: not counted, so two upstreams of three down leave the third's head
+        followed, not frozen."""
         self._reports[name].out = out
 
     def _counted(self) -> dict[str, _Reports]:

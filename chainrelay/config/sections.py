@@ -418,6 +418,9 @@ class HeadConfig:
     quorum: int = d.HEAD_QUORUM
     max_ahead_blocks: int = positive(d.HEAD_MAX_AHEAD_BLOCKS)
     syncing_every: float = positive(d.HEAD_SYNCING_EVERY)
+    # How often a fallback's head is checked while the primaries serve (README "Upstream
+    # routing"): at full cadence only while it serves.
+    fallback_interval: float = positive(d.HEAD_FALLBACK_INTERVAL)
 
     def check(self) -> None:
         check_fields(self, "head")

@@ -6,12 +6,19 @@ served among its waiters (a batch's chunks go a few at a time), until the call's
 then it is answered -32005. The node's bound is never waited for: past it a call is
 answered -32005 at once ("node overloaded, retry later"), since queueing there is how
 latency collapses for everyone.
+
+One client call that becomes several upstream calls at once (a wide eth_getLogs asked as
+chunks, ``rpc/logscan.py``) holds a slot for each beyond its first (``more``): taken only
+when free, never waited for, so a client at its bound has its chunks asked one at a time
+within the slot its call holds, and one call cannot put more upstream work in flight than
+the client's bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections import deque
 
@@ -20,6 +27,11 @@ from chainrelay.rpc.inflight import InFlight, Refusal
 
 NODE_OVERLOADED = "node overloaded, retry later"
 CLIENT_OVERLOADED = "too many calls of this client under way, retry later"
+
+# The identity whose gated call the running task serves (set around it by ``RpcService``;
+# a coalesced call's task inherits it from the caller that started it): the one whose slots
+# a call's extra upstream calls take (``UpstreamGate.more``). None: the node's own work.
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
 
 
 class UpstreamGate:
@@ -36,6 +48,17 @@ class UpstreamGate:
         if who in self._waiting:
             return False  # behind its own waiters
         return self.counts.take(who, n) is None
+
+    def more(self, who: str, n: int) -> int:
+        """Count up to ``n`` more calls of ``who``, of those free now (not waited for, and
+        none ahead of ``who``'s own waiters); how many were counted, each to ``leave``."""
+        if who in self._waiting:
+            return 0
+        taken = 0
+        counts = self.counts
+        while taken < n and counts.take(who, 1) is None:
+            taken += 1
+        return taken
 
     async def enter(self, who: str, n: int, deadline: float, method: str = "") -> None:
         """Count ``n`` calls of ``who`` once they may start; ``leave`` them when they end.

@@ -7,6 +7,10 @@ as it grows: past ``max_bytes`` the scan stops and answers the size guard's erro
 never holds more than the guard plus the chunks under way. The first error that is not
 "too large" ends the scan with that error, as one call over the range would have answered
 it; never part of an answer.
+
+The answer is a ``Spliced``: each chunk was stored under its own key as it came, and those
+serve every later scan that covers them, so the whole is not stored again (it would hold
+every chunk's bytes twice, for a key that only the same window meets).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from chainrelay.wire.jsonrpc import Answer
 
 # (params of one chunk, the chunk's index: spreads chunks over the upstreams) -> its answer.
 AskChunk = Callable[[list[Any], int], Awaitable[Answer]]
+
+
+class Spliced(Answer):
+    """An answer spliced from chunks each stored under its own key: not stored whole."""
+
+    __slots__ = ()
 
 
 class _Stop(Exception):
@@ -70,7 +80,7 @@ async def scan(
     merged = logsplit.splice(parts)
     if merged is None:
         raise ValueError("eth_getLogs chunk answered something else than a list")
-    return Answer(merged, None)
+    return Spliced(merged, None)
 
 
 async def _range(flt: dict[str, Any], a: int, b: int, index: int, ask: AskChunk) -> bytes:

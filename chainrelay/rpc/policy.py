@@ -45,7 +45,7 @@ class Kind(enum.Enum):
     CHAIN = "chain"  # a fact of the chain that never changes (chain id)
     HEAD = "head"  # the head's number, answered locally
     REALTIME = "realtime"  # about the current head (gas price, syncing)
-    SEND = "send"  # eth_sendRawTransaction: broadcast to every upstream
+    SEND = "send"  # eth_sendRawTransaction: to every primary (``UpstreamPool.broadcast``)
     # Subscriptions belong to a connection; forwarding them over a shared upstream
     # connection would lose every notification, so they are refused, as geth does on HTTP.
     SUBSCRIBE = "subscribe"

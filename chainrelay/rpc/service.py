@@ -65,8 +65,9 @@ from chainrelay.rpc import logscan, logsplit, policy
 from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import Forwarder
-from chainrelay.rpc.gate import UpstreamGate
+from chainrelay.rpc.gate import CALLER, UpstreamGate
 from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.logscan import Spliced
 from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
@@ -744,9 +745,11 @@ class RpcService:
                 if call.id is None:
                     return None
                 return encode_error(call.id, error_code(exc), error_message(exc))
+        token = CALLER.set(name)  # a split eth_getLogs's chunks take this client's slots
         try:
             return await self._answer_later(call, started, uncached=uncached)
         finally:
+            CALLER.reset(token)
             gate.leave(name, 1)
 
     # --- the hot path ----------------------------------------------------------------
@@ -1116,16 +1119,25 @@ class RpcService:
             size = (hi - lo + 2) // 2
         assert isinstance(params, list)
         guards = self.log_guards
-        return await logscan.scan(
-            params[0],
-            lo,
-            hi,
-            size,
-            rule.concurrency,
-            partial(self._logs_chunk, deadline=deadline),
-            guards.max_answer_bytes,
-            guards.oversize,
-        )
+        # Chunks in flight: one in the slot the client's call holds, one more per slot of
+        # its own it has free (``UpstreamGate.more``); the node's own scans are not gated.
+        who = CALLER.get()
+        want = min(rule.concurrency, hi // size - lo // size + 1) - 1
+        extra = self.gate.more(who, want) if who is not None else want
+        try:
+            return await logscan.scan(
+                params[0],
+                lo,
+                hi,
+                size,
+                1 + extra,
+                partial(self._logs_chunk, deadline=deadline),
+                guards.max_answer_bytes,
+                guards.oversize,
+            )
+        finally:
+            if who is not None and extra:
+                self.gate.leave(who, extra)
 
     async def _logs_chunk(self, params: list[Any], index: int, deadline: float | None) -> Answer:
         """One chunk of a split eth_getLogs, as a call of its own: cached under the key the
@@ -1203,7 +1215,10 @@ class RpcService:
 
     def _store(self, p: Plan, answer: Answer) -> Entry | None:
         """Store a fresh answer as the caching rules say (``policy.store_decision``); the
-        entry stored, if any."""
+        entry stored, if any. A split eth_getLogs's answer is not: its chunks are
+        (``logscan.Spliced``)."""
+        if answer.__class__ is Spliced:
+            return None
         how = policy.store_decision(
             p, answer.result, answer.error, answer.value, self.view, self._block_time
         )

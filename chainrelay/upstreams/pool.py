@@ -48,7 +48,7 @@ from chainrelay.metrics import Metrics
 from chainrelay.server.peer import detached
 from chainrelay.upstreams.batching import BatchCall
 from chainrelay.upstreams.capabilities import Verdict, classify
-from chainrelay.upstreams.route import pick_weighted
+from chainrelay.upstreams.route import PRIMARY, pick_weighted
 from chainrelay.upstreams.upstream import (
     BatchUnsupported,
     HttpUpstream,
@@ -120,6 +120,9 @@ class UpstreamPool:
         # Upstreams whose heads the head tracker does not trust (chain/quorum.py), with
         # why ("fork", "ahead", "syncing"): their heads count for no ``best_latest``.
         self.head_flags: dict[str, str] = {}
+        # When (perf_counter) a call last found no primary that could serve it now: the
+        # fallbacks serve, so the head tracker follows their heads at full cadence.
+        self.fallback_wanted_at = -math.inf
 
     async def start(self) -> None:
         for u in self.upstreams:
@@ -200,8 +203,9 @@ class UpstreamPool:
                 continue
             r = u.route
             latest = u.latest
+            behind = best - latest if u.slow_lag is None else u.slow_lag
             if (
-                (latest >= 0 and (best - latest > lag or (min_block >= 0 and latest < min_block)))
+                (latest >= 0 and (behind > lag or (min_block >= 0 and latest < min_block)))
                 or not r.caps.serves(method, min_block, now)
                 or (flags and u.name in flags)  # on a fork of its own, far ahead, syncing
             ):
@@ -214,8 +218,32 @@ class UpstreamPool:
         first = pick_weighted(order)
         if first is not None:
             first.route.rank = -1
+        else:
+            self.fallback_wanted_at = now  # no primary can serve it now
         order.sort(key=_rank)
         return order
+
+    def fallbacks_serve(self, hold: float) -> bool:
+        """Whether the fallbacks serve (and so are followed at full cadence): no primary
+        can (each out of rotation, failing, flagged, lagging or paused by a 429; none
+        configured), or a call found none that could, for its budget, capability or block,
+        within the last ``hold`` seconds."""
+        now = time.perf_counter()
+        if now - self.fallback_wanted_at < hold:
+            return True
+        best = self.best_latest
+        lag = self.settings.max_lag_blocks
+        failing = self.settings.max_consecutive_errors
+        flags = self.head_flags
+        return not any(
+            u.route.tier == PRIMARY
+            and u.healthy
+            and u.consecutive_errors < failing  # head polls failing too: it is down
+            and u.name not in flags
+            and (u.latest < 0 or best - u.latest <= lag)
+            and u.slow_until <= now
+            for u in self.upstreams
+        )
 
     def cordon(self, name: str) -> bool:
         """Take the upstream ``name`` out of rotation until ``uncordon``: calls under way
@@ -777,8 +805,10 @@ class UpstreamPool:
     async def broadcast(
         self, method: str, params: Params | None, *, deadline: float | None = None
     ) -> Answer:
-        """A write to every upstream in rotation at once; the first success answers, by
-        ``deadline`` (as ``call``'s).
+        """A write to every primary in rotation at once; the first success answers, by
+        ``deadline`` (as ``call``'s). The fallbacks get it only when no primary can take it
+        (none in rotation, or each failed without an answer): a paid fallback is not billed
+        for every transaction the primaries carry.
 
         "already known" from a node is success: the transaction is there. The calls that
         have not answered yet go on in the background (each within its try's timeout) so
@@ -787,10 +817,53 @@ class UpstreamPool:
         now = time.perf_counter()
         if deadline is None:
             deadline = now + self.settings.deadline
-        order = [u for u in self.upstreams if u.healthy]
-        if not order:
+        healthy = [u for u in self.upstreams if u.healthy]
+        if not healthy:
             raise _out_of_rotation(self.upstreams, method)
-        left = deadline - now
+        primaries = [u for u in healthy if u.route.tier == PRIMARY]
+        fallbacks = [u for u in healthy if u.route.tier != PRIMARY]
+        tiers = [primaries, fallbacks] if primaries and fallbacks else [healthy]
+        asked: list[Upstream] = []
+        last_exc: BaseException | None = None
+        for order in tiers:
+            if asked and deadline - time.perf_counter() <= 0.0:
+                break
+            asked += order
+            got = await self._write_to(order, method, params, deadline)
+            if isinstance(got, Answer):
+                return got
+            if got is None:  # still under way at the deadline
+                raise UpstreamTimeout(
+                    f"no upstream took the transaction within the "
+                    f"{self.settings.deadline:g}s deadline",
+                    method=method,
+                    upstream=",".join(u.name for u in asked),
+                    attempts=len(asked),
+                )
+            last_exc = got
+        where = ",".join(u.name for u in asked)
+        if isinstance(last_exc, TransportError) and last_exc.timeout:
+            raise UpstreamTimeout(
+                f"no upstream took the transaction within the {self.settings.deadline:g}s deadline",
+                method=method,
+                upstream=where,
+                attempts=len(asked),
+            )
+        raise UpstreamUnavailable(
+            f"no upstream took the transaction: {last_exc}",
+            method=method,
+            upstream=where,
+            attempts=len(asked),
+        )
+
+    async def _write_to(
+        self, order: Sequence[Upstream], method: str, params: Params | None, deadline: float
+    ) -> Answer | BaseException | None:
+        """``broadcast``'s write sent to each of ``order`` at once: the first success, else
+        the first error an upstream answered (its real answer), else the last failure
+        (none answered: the next tier may be asked); None when some were still under way
+        at ``deadline``."""
+        left = deadline - time.perf_counter()
         tasks = [asyncio.ensure_future(self._attempt(u, method, params, left)) for u in order]
         for task in tasks:
             # Failures that come after the answer (or together with it) are read there.
@@ -822,20 +895,9 @@ class UpstreamPool:
             self._background.update(pending)
         if first_error is not None:
             return first_error
-        where = ",".join(u.name for u in order)
-        if pending or (isinstance(last_exc, TransportError) and last_exc.timeout):
-            raise UpstreamTimeout(
-                f"no upstream took the transaction within the {self.settings.deadline:g}s deadline",
-                method=method,
-                upstream=where,
-                attempts=len(order),
-            )
-        raise UpstreamUnavailable(
-            f"no upstream took the transaction: {last_exc}",
-            method=method,
-            upstream=where,
-            attempts=len(order),
-        )
+        if pending:
+            return None
+        return last_exc
 
 
 async def _paused(u: Upstream, deadline: float) -> float | TransportError:

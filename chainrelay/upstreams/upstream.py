@@ -72,6 +72,11 @@ class Upstream:
         self.connections = connections
         # Measured state, read by the pool.
         self.latest = -1
+        # A fallback whose head is checked at the slow cadence while the primaries serve
+        # (chain/head.py): how far behind the best head it was at its last check, by which
+        # its lag is judged meanwhile (its ``latest`` is that old). None: followed at full
+        # cadence, judged by its head now.
+        self.slow_lag: int | None = None
         # The hash of the head it last reported at ``latest`` (None: not known): a read of
         # that very block may name it by number there (``UpstreamPool.call``'s ``at_head``).
         self.head_hash: str | None = None
@@ -666,6 +671,9 @@ class WsUpstream(Upstream):
         # eth_subscribe calls under way, by request id: the subscription is registered as
         # its answer is read, so a notification in the same read is not lost.
         self._sub_calls: dict[int, Callable[[Any], None]] = {}
+        # eth_unsubscribe calls of head streams given up (a fallback back to its slow head
+        # checks), held until answered.
+        self._unsubscribing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         # (deadline, id) of calls in the order sent: with one timeout for all, that is
         # deadline order, so one timer, armed for the oldest, serves every call.
@@ -684,6 +692,8 @@ class WsUpstream(Upstream):
         return None  # connects on first use
 
     async def stop(self) -> None:
+        for task in self._unsubscribing:
+            task.cancel()
         link = self._link
         if link is not None:
             link.close()
@@ -961,6 +971,9 @@ class WsUpstream(Upstream):
         except TransportError as exc:
             self.failed(exc, time.perf_counter() - started)
             raise
+        except asyncio.CancelledError:
+            self._given_up(deliver)  # cancelled as it was answered: registered all the same
+            raise
         self.answered(time.perf_counter() - started, answer.error is not None)
         if answer.error is not None or not isinstance(answer.value, str):
             raise TransportError(f"eth_subscribe refused: {answer.error!r}")
@@ -969,8 +982,24 @@ class WsUpstream(Upstream):
         try:
             await broken.wait()
         finally:
-            self._subs.pop(answer.value, None)
+            self._given_up(deliver)
         raise TransportError("newHeads stream closed")
+
+    def _given_up(self, deliver: Callable[[Any], None]) -> None:
+        """The head stream that delivers to ``deliver`` is over: forgotten, and, when it was
+        given up rather than lost with its link (``_lost`` forgets every stream first), the
+        node told to stop sending (a provider bills every header it pushes), after this
+        task's own end."""
+        for sub_id in [k for k, cb in self._subs.items() if cb is deliver]:
+            del self._subs[sub_id]
+            if self._link is not None and not self._link.closed:
+                task = asyncio.get_running_loop().create_task(self._unsubscribe(sub_id))
+                self._unsubscribing.add(task)
+                task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, sub_id: str) -> None:
+        with contextlib.suppress(TransportError):
+            await self.call("eth_unsubscribe", [sub_id])
 
 
 def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upstream:

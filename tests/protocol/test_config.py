@@ -255,7 +255,7 @@ POSITIVE_KEYS = {
     "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len "
     "http_keepalive_timeout http_pipeline_depth http_max_answer_bytes capability_ttl",
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every "
-    "max_ahead_blocks syncing_every",
+    "max_ahead_blocks syncing_every fallback_interval",
     "filters": "idle_timeout max_filters max_changes max_changes_total max_per_ip max_addresses "
     "max_topics_per_position",
     "logs": "max_addresses max_topics_per_position max_answer_bytes split_concurrency",

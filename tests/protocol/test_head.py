@@ -18,7 +18,10 @@ from chainrelay.chain.sharedhead import SLOTS, Finality, SharedHead
 from chainrelay.config import HeadConfig, PoolConfig
 from chainrelay.metrics import Metrics
 from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.route import FALLBACK, PRIMARY, Route
 from chainrelay.upstreams.upstream import Upstream
+from tests.lab.procs import until
+from tests.lab.timing import SECOND
 
 
 def h(fork: str, n: int) -> str:
@@ -294,3 +297,49 @@ async def test_a_worker_whose_link_to_the_feeder_is_down_confirms_its_head_itsel
     assert worker._feeder_confirms()
     linked = False  # the feeder died: its last word still looks fresh, for a while
     assert not worker._feeder_confirms()
+
+
+class HeadNode(MemoryChain):
+    """A chain in memory whose ``latest`` is ``head``; counts its head reads."""
+
+    def __init__(self, name: str, tier: int) -> None:
+        super().__init__()
+        self.name = name
+        self.route = Route(tier=tier)
+        self.head: Header | None = None
+
+    async def request(self, body: bytes) -> bytes:
+        req = orjson.loads(body)
+        if req["method"] == "eth_getBlockByNumber" and req["params"][0] == "latest":
+            self.tags.append("latest")
+            block = self.blocks[self.head.hash] if self.head is not None else None
+            return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": block})
+        if req["method"] == "eth_syncing":
+            return orjson.dumps({"jsonrpc": "2.0", "id": req["id"], "result": False})
+        return await super().request(body)
+
+
+async def test_a_fallback_is_checked_slowly_votes_on_nothing_then_followed_when_it_serves() -> None:
+    primary, paid = HeadNode("primary", PRIMARY), HeadNode("paid", FALLBACK)
+    primary.head = extend(primary, "a", 0, 100, "a")[-1]
+    paid.head = extend(paid, "a", 0, 20, "a")[-1]  # 80 blocks behind: past max_ahead
+    metrics = Metrics()
+    pool = UpstreamPool([primary, paid], PoolConfig(), metrics)
+    cfg = HeadConfig(reorg_window=16, backfill_blocks=0, fallback_interval=0.4, max_ahead_blocks=64)
+    tracker = HeadTracker(pool, PROFILES["devnet"], metrics, cfg)
+    await tracker.start()
+    try:
+        assert await tracker.wait_ready(5.0)
+        started = time.monotonic()
+        await until(lambda: paid.tags.count("latest") >= 3, 5 * SECOND, "three slow checks")
+        took = time.monotonic() - started
+        # One check each interval, no more; its old head flags no primary "ahead".
+        assert paid.tags.count("latest") <= took / 0.4 + 2, (paid.tags, took)
+        assert paid.slow_lag == 80 and pool.head_flags == {} and tracker.view.number == 100
+        # The primary goes down: the fallback serves, followed at full cadence, and votes.
+        primary.healthy = False
+        await until(lambda: paid.slow_lag is None, 5 * SECOND, "the fallback to serve")
+        paid.head = extend(paid, "a", 21, 120, "a")[-1]
+        await until(lambda: tracker.view.number == 120, 5 * SECOND, "the fallback's head")
+    finally:
+        await tracker.stop()

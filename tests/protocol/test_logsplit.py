@@ -10,9 +10,20 @@ from typing import Any
 import orjson
 import pytest
 
+from chainrelay.chain.head import HeadTracker
+from chainrelay.chain.profiles import PROFILES
+from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
+from chainrelay.metrics import Metrics
 from chainrelay.rpc import logscan, logsplit
+from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.logguards import LogGuards
+from chainrelay.rpc.logsplit import SplitRule
+from chainrelay.rpc.service import RpcService
+from chainrelay.upstreams.pool import UpstreamPool
+from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import Answer
+from tests.protocol.test_rpc_batches import answer
+from tests.protocol.test_rpc_hits import head_at
 
 
 def test_chunks_are_aligned_and_cover_the_range_once() -> None:
@@ -141,3 +152,112 @@ async def test_one_block_refused_is_the_answer() -> None:
     node = Node(cap=0)
     got = await logscan.scan({"address": "0xabc"}, 0, 3, 2, 1, node.ask, 10**9, GUARDS.oversize)
     assert got.error is not None and logsplit.too_large(got.error)
+
+
+# --- a split call holds the client's slots of upstream calls in flight --------------------
+
+
+class LogsNode(Upstream):
+    """Answers every eth_getLogs a loop turn later: no logs, or (``pad``) one log of ``pad``
+    bytes of data in the range's first block; counts the calls under way at once
+    (``most``)."""
+
+    def __init__(self, pad: int = 0) -> None:
+        super().__init__("logs", "mem://", timeout=30, connections=1)
+        self.pad = pad
+        self.asked = 0
+        self.running = 0
+        self.most = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def request(self, body: bytes) -> bytes:
+        doc = orjson.loads(body)
+        self.asked += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+        finally:
+            self.running -= 1
+        result = b"[]"
+        if self.pad:
+            number = doc["params"][0]["fromBlock"]
+            log = {
+                "blockNumber": number,
+                "blockHash": "0x" + number[2:].rjust(64, "a"),  # head_at's hashes
+                "data": "0x" + "ab" * self.pad,
+            }
+            result = orjson.dumps([log])
+        return b'{"jsonrpc":"2.0","id":' + orjson.dumps(doc["id"]) + b',"result":' + result + b"}"
+
+
+def logs_service(node: LogsNode, per_client: int) -> RpcService:
+    metrics = Metrics()
+    pool = UpstreamPool([node], PoolConfig(hedge=False), metrics)
+    head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())
+    head_at(head.view, 1_000)
+    limits = LimitsConfig(max_upstream_in_flight_per_client=per_client)
+    return RpcService(
+        MemoryCache(1 << 24, 1 << 20),
+        pool,
+        head,
+        metrics,
+        56,
+        limits,
+        log_split=SplitRule(100, 4),
+    )
+
+
+def wide_logs(lo: int, hi: int) -> bytes:
+    flt = {"fromBlock": hex(lo), "toBlock": hex(hi), "address": "0x" + "ab" * 20}
+    return orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_getLogs", "params": [flt]})
+
+
+@pytest.mark.parametrize(("per_client", "most"), [(2, 2), (1, 1), (256, 4)])
+async def test_a_split_calls_chunks_in_flight_are_held_to_the_clients_bound(
+    per_client: int, most: int
+) -> None:
+    node = LogsNode()
+    service = logs_service(node, per_client)
+    got = orjson.loads(await answer(service, wide_logs(0, 999)))  # 10 chunks of 100
+    assert got["result"] == [] and node.asked == 10
+    # Its chunks went a few at a time, never more than the client's slots (nor the split's
+    # concurrency), and every slot was given back.
+    assert node.most == most, node.most
+    assert service.gate.counts.total == 0 and service.gate.counts.held == {}
+
+
+async def test_a_client_at_its_bound_has_its_chunks_asked_in_the_one_slot_its_call_holds() -> None:
+    node = LogsNode()
+    service = logs_service(node, 3)
+    assert service.gate.more("10.0.0.1", 2) == 2  # two of its three slots taken elsewhere
+    got = orjson.loads(await answer(service, wide_logs(0, 999)))
+    assert got["result"] == [] and node.asked == 10 and node.most == 1
+    assert service.gate.counts.held == {"10.0.0.1": 2}
+    service.gate.leave("10.0.0.1", 2)
+    assert service.gate.more("10.0.0.9", 5) == 3, "another client's own three"
+
+
+async def test_a_split_answer_is_stored_as_its_chunks_only_and_a_second_scan_asks_nothing() -> None:
+    node = LogsNode(pad=10_000)
+    service = logs_service(node, 256)
+    body = wide_logs(0, 899)  # 9 chunks of 100, all final (the head 1,000, final at 990)
+    first = await answer(service, body)
+    logs = orjson.loads(first)["result"]
+    assert [int(x["blockNumber"], 16) for x in logs] == list(range(0, 900, 100))
+    whole = len(orjson.dumps(logs))
+    # The chunks are stored (9 entries, the answer's bytes once), the spliced whole not.
+    assert node.asked == 9 and len(service.cache) == 9
+    assert whole < service.cache.bytes < whole * 1.1, (whole, service.cache.bytes)
+    stored = service.cache.bytes
+    assert await answer(service, body) == first
+    assert node.asked == 9 and service.cache.bytes == stored, "served from the chunks"
+    # Another window over the same history is served from the same chunks.
+    inner = orjson.loads(await answer(service, wide_logs(100, 599)))["result"]
+    assert inner == logs[1:6] and node.asked == 9

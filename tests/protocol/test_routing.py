@@ -499,6 +499,89 @@ def test_an_http_upstreams_headers_and_auth_go_in_every_requests_head() -> None:
     assert head.count("Authorization:") == 1 and "Authorization: Basic YTpi\r\n" in head
 
 
+# --- what a fallback costs while the primaries serve ---------------------------------------
+
+
+class DownUpstream(ScriptedUpstream):
+    """A node that cannot be reached: every call fails as a refused connection does."""
+
+    async def request(self, body: bytes) -> bytes:
+        self.asked.append((orjson.loads(body)["method"], []))
+        raise TransportError("connection refused")
+
+
+async def test_a_write_goes_to_every_primary_and_to_the_fallback_only_when_none_takes_it() -> None:
+    a, b = ScriptedUpstream("a"), ScriptedUpstream("b")
+    paid = ScriptedUpstream("paid", tier=FALLBACK)
+    pool = pool_of(a, b, paid)
+    for _ in range(3):
+        await pool.broadcast("eth_sendRawTransaction", ["0x01"])
+    await until(lambda: a.count("eth_sendRawTransaction") == 3, 5 * SECOND, "a's copies")
+    await until(lambda: b.count("eth_sendRawTransaction") == 3, 5 * SECOND, "b's copies")
+    assert paid.asked == []
+    # Both primaries down but still in rotation (one failure each): the write fails on
+    # them, then goes to the fallback, within the same call.
+    down_a, down_b = DownUpstream("a"), DownUpstream("b")
+    pool = pool_of(down_a, down_b, paid)
+    assert (await pool.broadcast("eth_sendRawTransaction", ["0x01"])).result == b'"0x2a"'
+    assert paid.count("eth_sendRawTransaction") == 1
+    assert down_a.count("eth_sendRawTransaction") == down_b.count("eth_sendRawTransaction") == 1
+    # No primary in rotation: straight to the fallback.
+    pool = pool_of(a, paid)
+    a.healthy = False
+    await pool.broadcast("eth_sendRawTransaction", ["0x01"])
+    assert paid.count("eth_sendRawTransaction") == 2 and a.count("eth_sendRawTransaction") == 3
+
+
+async def test_a_primarys_real_error_to_a_write_is_the_answer_the_fallback_not_asked() -> None:
+    nonce = error(-32000, "nonce too low")
+    a = ScriptedUpstream("a", lambda _m, _p: nonce)
+    paid = ScriptedUpstream("paid", tier=FALLBACK)
+    answer = await pool_of(a, paid).broadcast("eth_sendRawTransaction", ["0x01"])
+    assert answer.error_message() == "nonce too low" and paid.asked == []
+
+
+def test_the_fallbacks_serve_while_no_primary_can_or_a_call_found_none_that_could() -> None:
+    a = ScriptedUpstream("a")
+    paid = ScriptedUpstream("paid", tier=FALLBACK)
+    pool = pool_of(a, paid)
+    assert not pool.fallbacks_serve(30.0)
+    a.consecutive_errors = d.MAX_CONSECUTIVE_ERRORS  # its head polls fail: it is down
+    assert pool.fallbacks_serve(30.0)
+    a.consecutive_errors = 0
+    a.latest = 1_000 - d.MAX_LAG_BLOCKS - 1  # lagging
+    assert pool.fallbacks_serve(30.0)
+    a.latest = 1_000
+    pool.head_flags["a"] = "fork"
+    assert pool.fallbacks_serve(30.0)
+    pool.head_flags.clear()
+    a.slow_until = time.perf_counter() + 10  # paused by a 429
+    assert pool.fallbacks_serve(30.0)
+    a.slow_until = 0.0
+    assert not pool.fallbacks_serve(30.0)
+    # A call the primary cannot take (it lacks the method) wants the fallback: it serves
+    # for the next ``hold`` seconds.
+    a.route.caps.learn(Verdict.UNSUPPORTED, "eth_getProof", -1, time.perf_counter())
+    assert pool.candidates(-1, "eth_getProof")[0] is paid
+    assert pool.fallbacks_serve(30.0) and not pool.fallbacks_serve(0.0)
+    # No primary configured: the fallbacks always serve.
+    assert pool_of(ScriptedUpstream("x", tier=FALLBACK)).fallbacks_serve(30.0)
+
+
+def test_a_fallback_checked_slowly_is_judged_by_its_lag_at_the_check() -> None:
+    a = ScriptedUpstream("a")
+    paid = ScriptedUpstream("paid", tier=FALLBACK)
+    pool = pool_of(a, paid)
+    a.route.caps.learn(Verdict.UNSUPPORTED, "eth_getProof", -1, time.perf_counter())
+    paid.latest = 1_000 - 30  # checked 30 blocks ago, level with the primaries then
+    paid.slow_lag = 0
+    assert pool.candidates(-1, "eth_getProof")[0] is paid, "it serves what a primary lacks"
+    # Still not asked for a block past the head it was last seen at.
+    assert pool.candidates(1_000, "eth_getProof")[0] is a
+    paid.slow_lag = d.MAX_LAG_BLOCKS + 1  # it lagged at its check
+    assert pool.candidates(-1, "eth_getProof")[0] is a
+
+
 # --- a read forwarded by hash, sent by number where that block is the upstream's head ------
 HEAD_HASH = "0x" + "ab" * 32
 BY_HASH = ["0x" + "11" * 20, {"blockHash": HEAD_HASH}]

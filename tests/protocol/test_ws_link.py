@@ -134,3 +134,46 @@ async def test_a_head_read_with_the_subscribe_answer_is_not_lost() -> None:
     with pytest.raises(TransportError):
         await stream
     assert not up._subs and not up._sub_calls
+
+
+async def test_a_head_stream_given_up_is_unsubscribed_one_lost_is_not() -> None:
+    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1)
+    pair = Pair(up)
+    up._link = pair.link
+
+    async def subscribed(sub: str) -> asyncio.Future[None]:
+        stream = asyncio.ensure_future(up.subscribe_heads(lambda _h: None))
+        await until(lambda: bool(up._sub_calls), SECOND, "eth_subscribe to be sent")
+        (request,) = [e for e in pair.server_reads() if isinstance(e, Frame)]
+        rid = orjson.loads(request.data)["id"]
+        pair.server.send_text(b'{"jsonrpc":"2.0","id":%d,"result":"%s"}' % (rid, sub.encode()))
+        pair.to_link(pair.server_bytes())
+        await until(lambda: sub in up._subs, SECOND, "the subscription registered")
+        return stream
+
+    async def unsubscribed(sub: str) -> None:
+        await until(lambda: bool(up._pending), SECOND, "eth_unsubscribe to be sent")
+        (request,) = [e for e in pair.server_reads() if isinstance(e, Frame)]
+        call = orjson.loads(request.data)
+        assert (call["method"], call["params"]) == ("eth_unsubscribe", [sub])
+        pair.server.send_text(b'{"jsonrpc":"2.0","id":%d,"result":true}' % call["id"])
+        pair.to_link(pair.server_bytes())
+        await until(lambda: not up._unsubscribing, SECOND, "the unsubscribe answered")
+        assert sub not in up._subs
+
+    # Given up (a fallback's full cadence ends) as its answer is read, and once it streams:
+    # either way the node is told to stop pushing heads.
+    for sub, streaming in (("0xab", False), ("0xac", True)):
+        stream = await subscribed(sub)
+        if streaming:
+            await until(lambda: len(up.samples) == 2, SECOND, "the stream to be under way")
+        stream.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stream
+        await unsubscribed(sub)
+    # Lost with its link: nothing to tell the node.
+    stream = await subscribed("0xcd")
+    pair.link.connection_lost(None)
+    with pytest.raises(TransportError):
+        await stream
+    assert not up._unsubscribing and not up._subs

@@ -23,9 +23,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from chainrelay.devnet import DEV_ACCOUNTS, Anvil
+from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, Anvil
+from tests.lab.chain import sign_transfer
+from tests.lab.counting_proxy import start_proxy
 from tests.lab.fault_upstream import start_fault_upstream
-from tests.lab.procs import Procs, Relay, relay_config, rpc
+from tests.lab.procs import Procs, Relay, relay_config, rpc, until
 from tests.lab.timing import SECOND
 
 GENESIS_TIME = 1_700_000_000
@@ -200,3 +202,86 @@ archive = true
     got = await rpc(relay.url, "eth_getAccount", [DEV_ACCOUNTS[0], "latest"])
     assert got.get("result") == want["result"], got
     assert (await archive_door.counts()).get("eth_getAccount") == 1
+
+
+# A fallback's head is checked this often while the primary serves (the default is 30 s).
+FALLBACK_EVERY = 5.0
+# The window over which the idle fallback is watched: a dapp's reads and writes, paced.
+WINDOW_STEPS = 14
+WINDOW_PACE = 0.5
+WRITES_AT = (0, 5, 10)
+
+
+async def signed_write(node: str, nonce: int | None = None) -> tuple[str, str]:
+    """A transfer from the last dev account, signed for ``node``'s chain: (raw, hash)."""
+    block = (await rpc(node, "eth_getBlockByNumber", ["latest", False]))["result"]
+    if nonce is None:
+        got = await rpc(node, "eth_getTransactionCount", [DEV_ACCOUNTS[-1], "pending"])
+        nonce = int(got["result"], 16)
+    return sign_transfer(
+        DEV_KEYS[-1],
+        nonce=nonce,
+        to=DEV_ACCOUNTS[0],
+        value=1,
+        chain_id=56,
+        base_fee=int(block["baseFeePerGas"], 16),
+    )
+
+
+async def test_an_idle_fallback_gets_only_slow_head_checks_and_writes_once_the_primary_is_down(
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    procs: Procs,
+    tmp_path: Path,
+) -> None:
+    primary, paid = await asyncio.gather(
+        anvil_factory(chain_id=56, block_time=1.0), anvil_factory(chain_id=56, block_time=1.0)
+    )
+    door, paid_door = await asyncio.gather(
+        start_proxy(procs, primary.url), start_proxy(procs, paid.url)
+    )
+    config = f"""[head]
+fallback_interval = {FALLBACK_EVERY}
+
+[[upstreams]]
+name = "primary"
+url = "{door.url}"
+
+[[upstreams]]
+name = "paid"
+url = "{paid_door.url}"
+role = "fallback"
+"""
+    relay = Relay(procs, relay_config([], config), tmp_path)
+    relay.start()
+    await relay.wait_ready()
+    await paid_door.reset()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for step in range(WINDOW_STEPS):
+        at = loop.time()
+        if step in WRITES_AT:
+            raw, tx_hash = await signed_write(primary.url)
+            assert (await rpc(relay.url, "eth_sendRawTransaction", [raw])).get("result") == tx_hash
+        got = await rpc(relay.url, "eth_getBalance", [DEV_ACCOUNTS[0], "latest"])
+        assert "result" in got, got
+        await asyncio.sleep(max(0.0, at + WINDOW_PACE - loop.time()))  # the dapp's pace
+    window = loop.time() - started
+    # The paid fallback was asked for its head once an interval, and for nothing else.
+    counts = await paid_door.counts()
+    assert set(counts) <= {"eth_getBlockByNumber"}, counts
+    assert counts.get("eth_getBlockByNumber", 0) <= window / FALLBACK_EVERY + 1, (counts, window)
+    assert (await door.counts()).get("eth_sendRawTransaction") == len(WRITES_AT)
+
+    # The primary vanishes: a write goes to the fallback, and its head is followed at full
+    # cadence (blocks come every second; a check every 5 s could not make 5 in 15 s).
+    door.kill()
+    raw, tx_hash = await signed_write(paid.url)
+    got = await rpc(relay.url, "eth_sendRawTransaction", [raw])
+    assert got.get("result") == tx_hash, got
+    assert (await paid_door.counts()).get("eth_sendRawTransaction") == 1
+    before = (await paid_door.counts()).get("eth_getBlockByNumber", 0)
+
+    async def followed() -> bool:
+        return (await paid_door.counts()).get("eth_getBlockByNumber", 0) >= before + 5
+
+    await until(followed, 15 * SECOND, "the fallback followed at full cadence")
