@@ -43,7 +43,7 @@ from chainrelay.wire.jsonrpc import (
 log = logging.getLogger(__name__)
 
 _RULES = policy.RULES
-# Kinds whose calls are never sent straight to one upstream: writes go to every upstream,
+# Kinds whose calls are never sent straight to one upstream: writes go to every primary,
 # subscriptions and filters are the node's own, and a log query's answer is measured
 # against its size guard (``rpc/logguards.py``), which needs it read.
 _NOT_FORWARDED = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER, Kind.LOGS))

@@ -110,8 +110,8 @@ BATCH_STEP = 0.0005
 # Answers of a batch written between looks at the clock.
 _ANSWERS_PER_LOOK = 64
 # Kinds whose calls in a client batch keep their own path (``_fetch``'s), never an upstream
-# batch: writes go to every upstream, subscriptions and filters are the node's own, and a
-# log query's answer is measured against its size guard there.
+# batch: writes go to every primary (``pool.broadcast``), subscriptions and filters are the
+# node's own, and a log query's answer is measured against its size guard there.
 _OWN_PATH = frozenset((Kind.SEND, Kind.SUBSCRIBE, Kind.FILTER, Kind.LOGS))
 
 
