@@ -1,13 +1,16 @@
 """A node's Nitro feed endpoint (``[nitro] listen``): Nitro's own broadcast protocol, for
 Nitro nodes and any client written for the sequencer's feed.
 
-The upgrade: a client may send ``Arbitrum-Feed-Client-Version`` (below 2: refused 400, as
-Nitro refuses it) and ``Arbitrum-Requested-Sequence-Number``; the answer carries
-``Arbitrum-Feed-Server-Version: 2`` and ``Arbitrum-Chain-Id``. permessage-deflate is
-agreed when the client offers it. Then, as Nitro's relay does: the messages from the
-requested number (without one: the whole backlog held here), then live ones with no gap
-and no duplicate, each as ``{"version":1,"messages":[<the feed message's bytes as the
-sequencer sent them>]}``, and each confirmation as ``{"version":1,
+The upgrade: a client may send ``Arbitrum-Feed-Client-Version`` (below 2: refused 400,
+as Nitro refuses it) and ``Arbitrum-Requested-Sequence-Number``; the answer carries
+``Arbitrum-Feed-Server-Version: 2`` and ``Arbitrum-Chain-Id``. Compression is agreed
+when the client offers it, as Nitro's relay agrees it (``chainrelay.nitro.deflate``):
+Nitro's ``Arbitrum-permessage-deflate`` (a Nitro node's offer), or the standard
+permessage-deflate; each message is compressed once for every client that agreed. Then,
+as Nitro's relay does: the messages from the requested number (without one: the whole
+backlog held here), then live ones with no gap and no duplicate, each as
+``{"version":1,"messages":[<the feed message's bytes as the sequencer sent them>]}``,
+and each confirmation as ``{"version":1,
 "confirmedSequenceNumberMessage":{"sequenceNumber":N}}``.
 
 Each client reads the stream at its own pace from one shared place: the messages come
@@ -50,6 +53,7 @@ from chainrelay.nitro.codec import (
     SERVER_VERSION_HEADER,
     encode_broadcast,
 )
+from chainrelay.nitro.deflate import NITRO_ANSWER, NITRO_EXTENSION, SharedDeflate, server_extensions
 from chainrelay.tree.frame import Frame, FrameError, decode, unpack
 from chainrelay.tree.hub import FeedHub
 from chainrelay.tree.streams import BatchSpec, BatchStream
@@ -59,6 +63,7 @@ log = logging.getLogger(__name__)
 # What a feed client may send: nothing but control frames; a message is read within this.
 CLIENT_MESSAGE_MAX = 4096
 CLOSE_TOO_SLOW = 1008
+EXTENSIONS_HEADER = "Sec-WebSocket-Extensions"
 RangeReader = Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]
 
 
@@ -93,6 +98,9 @@ class NitroServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._counters: dict[str, Any] = {}
         self._requested: dict[ServerConnection, int | None] = {}
+        # Each message's compressed bytes, made once for all clients: kept as long as
+        # the message is among the recent ones.
+        self.deflate = SharedDeflate(cfg.recent_messages + 1)
 
     async def start(self) -> None:
         self._wake = asyncio.get_running_loop().create_future()
@@ -108,7 +116,8 @@ class NitroServer:
             port,
             process_request=self._admit,
             process_response=self._headers,
-            compression="deflate" if self.cfg.compression else None,
+            compression=None,
+            extensions=server_extensions(self.deflate) if self.cfg.compression else None,
             max_size=CLIENT_MESSAGE_MAX,
             max_queue=4,
             write_limit=self.cfg.write_buffer_bytes,
@@ -216,6 +225,11 @@ class NitroServer:
             h: Headers = response.headers
             h[SERVER_VERSION_HEADER] = str(FEED_VERSION)
             h[CHAIN_ID_HEADER] = str(self.spec.chain_id)
+            ext = h.get(EXTENSIONS_HEADER, "")
+            if ext.startswith(NITRO_EXTENSION + ";"):
+                # Nitro's answer as Nitro's server writes it, to the byte.
+                del h[EXTENSIONS_HEADER]
+                h[EXTENSIONS_HEADER] = NITRO_ANSWER
         elif conn in self._requested:
             # Admitted, but the upgrade failed: the handler will never run.
             self._requested.pop(conn, None)
