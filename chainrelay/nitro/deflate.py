@@ -94,12 +94,14 @@ FLAVORS = (NITRO, STANDARD)
 
 
 class SharedDeflate:
-    """Each distinct message's compressed bytes, made once per flavor and kept for the
-    last ``max_entries`` messages: every client of an endpoint gets the same bytes."""
+    """Each distinct message's compressed bytes, made once per flavor and kept while the
+    messages and their compressed copies come to at most ``max_bytes`` (the oldest go
+    first): every client of an endpoint gets the same bytes."""
 
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
         self._cache: dict[str, OrderedDict[bytes, bytes]] = {f.name: OrderedDict() for f in FLAVORS}
+        self._bytes = 0
         self.compressed = 0  # messages compressed (not served from the cache)
 
     def get(self, flavor: Flavor, data: bytes) -> bytes:
@@ -108,8 +110,11 @@ class SharedDeflate:
         if out is None:
             out = cache[data] = flavor.compress(data)
             self.compressed += 1
-            while len(cache) > self.max_entries:
-                cache.popitem(last=False)
+            self._bytes += len(data) + len(out)
+            for c in (cache, *self._cache.values()):
+                while self._bytes > self.max_bytes and c:
+                    key, value = c.popitem(last=False)
+                    self._bytes -= len(key) + len(value)
         return out
 
 

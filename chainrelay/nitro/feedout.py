@@ -17,7 +17,9 @@ Each client reads the stream at its own pace from one shared place: the messages
 from the node's batch stream (the hub's backlog, or for a number it holds no more the
 range endpoint, which climbs the tree to a node that holds it, the entry node's durable
 log included). A message is unpacked from its frame and wrapped once per node, not once
-per client (``NITRO_RECENT_MESSAGES`` are kept wrapped). A number held nowhere is passed
+per client (``NITRO_RECENT_MESSAGES`` are kept wrapped, and older ones read for a
+client catching up are kept, up to ``NITRO_RANGE_CACHE_BYTES``, for all the others: a
+client holds at most ``write_buffer_bytes`` of them at a time). A number held nowhere is passed
 over to the oldest one held, as Nitro's relay serves a request older than its backlog.
 
 Limits, per client address: ``max_connections_per_ip`` (429 past it), and a client that
@@ -98,9 +100,15 @@ class NitroServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._counters: dict[str, Any] = {}
         self._requested: dict[ServerConnection, int | None] = {}
-        # Each message's compressed bytes, made once for all clients: kept as long as
-        # the message is among the recent ones.
-        self.deflate = SharedDeflate(cfg.recent_messages + 1)
+        # Each message's compressed bytes, made once for all clients: kept (with the
+        # message's text) up to range_cache_bytes, the recent and older ones alike.
+        self.deflate = SharedDeflate(cfg.range_cache_bytes)
+        # Older messages, wrapped once for every client catching up (range_cache_bytes).
+        self._older: OrderedDict[int, bytes] = OrderedDict()
+        self._older_bytes = 0
+        self._loading: dict[int, asyncio.Future[list[bytes]]] = {}
+        self._loads = asyncio.Semaphore(cfg.range_loads)
+        self.loads = 0  # pages of older messages read (from the backlog or the range endpoint)
 
     async def start(self) -> None:
         self._wake = asyncio.get_running_loop().create_future()
@@ -320,32 +328,24 @@ class NitroServer:
         conn.transport.abort()
 
     async def _read(self, start: int, end: int) -> tuple[list[bytes], int]:
-        """Wrapped messages from ``start`` (fewer than ``end``), and the number after them.
-        From the recent ones, else the backlog's frames, else the range endpoint; a number
-        held nowhere is passed over to the oldest one held here."""
-        recent = self._recent
-        out: list[bytes] = []
-        at = start
-        limit = self.cfg.range_page
-        while at < end and len(out) < limit and at in recent:
-            out.append(recent[at])
-            at += 1
+        """Wrapped messages from ``start`` (fewer than ``end``), and the number after them:
+        about ``write_buffer_bytes`` of them (at least one). From the recent ones or the
+        older ones kept, else a page read once for all clients from the backlog's frames
+        or the range endpoint; a number held nowhere is passed over to the oldest one
+        held here."""
+        out, at = self._kept(start, end)
         if out:
             return out, at
-        n = min(end - at, limit)
-        # A page's frames are held while they are sent: about as much as a few socket
-        # buffers of the client's (at least one frame, however large).
-        frames = self.hub.range(self.spec.name, at, n, self.cfg.write_buffer_bytes * 4)
-        if frames is None:
-            frames = await self._climb(at, n)
-        for raw in frames:
-            text = self._open(raw, at)
-            if text is None:
+        texts = await self._load(start, min(end - start, self.cfg.range_page))
+        budget = self.cfg.write_buffer_bytes
+        used = 0
+        for text in texts:
+            if out and used + len(text) > budget:
                 break
             out.append(text)
-            at += 1
+            used += len(text)
         if out:
-            return out, at
+            return out, start + len(out)
         oldest = self._oldest()
         if oldest is None or oldest <= start:
             oldest = end  # nothing older anywhere: only what comes next
@@ -357,6 +357,57 @@ class NitroServer:
             oldest,
         )
         return [], oldest
+
+    def _kept(self, at: int, end: int) -> tuple[list[bytes], int]:
+        """The run of messages from ``at`` held wrapped here, within the byte budget."""
+        recent, older = self._recent, self._older
+        budget = self.cfg.write_buffer_bytes
+        out: list[bytes] = []
+        used = 0
+        while at < end:
+            text = recent.get(at) or older.get(at)
+            if text is None or (out and used + len(text) > budget):
+                break
+            out.append(text)
+            used += len(text)
+            at += 1
+        return out, at
+
+    async def _load(self, start: int, n: int) -> list[bytes]:
+        """Messages ``start``.. (up to ``n``), wrapped and kept among the older ones: one
+        read for every client asking for the same number meanwhile, at most
+        ``range_loads`` reads at once. Its own task: a client leaving does not end it for
+        the others waiting."""
+        task = self._loading.get(start)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(start, n))
+            self._loading[start] = task
+            task.add_done_callback(lambda _: self._loading.pop(start, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, start: int, n: int) -> list[bytes]:
+        async with self._loads:
+            self.loads += 1
+            # The backlog's frames are the hub's own bytes (no copy); a page from the range
+            # endpoint is at most its range_max_bytes.
+            frames = self.hub.range(self.spec.name, start, n, self.cfg.write_buffer_bytes * 4)
+            if frames is None:
+                frames = await self._climb(start, n)
+            texts: list[bytes] = []
+            for raw in frames:
+                text = self._open(raw, start + len(texts))
+                if text is None:
+                    break
+                texts.append(text)
+        older = self._older
+        for i, text in enumerate(texts):
+            if start + i not in older:
+                older[start + i] = text
+                self._older_bytes += len(text)
+        while self._older_bytes > self.cfg.range_cache_bytes and older:
+            _, text = older.popitem(last=False)
+            self._older_bytes -= len(text)
+        return texts
 
     async def _climb(self, start: int, n: int) -> list[bytes]:
         if self.read_range is None:

@@ -68,7 +68,7 @@ class FakeNitroFeed:
             process_request=self._admit,
             process_response=self._headers,
             compression=None,
-            extensions=server_extensions(SharedDeflate(64)),
+            extensions=server_extensions(SharedDeflate(16 << 20)),
             server_header=None,
             max_size=4096,
         )

@@ -310,6 +310,19 @@ def test_signatures_are_checked_when_signers_are_allowed() -> None:
     assert [m.raw for m in t.released] == [good]
 
 
+def test_a_refused_message_does_not_make_the_next_good_one_backwards() -> None:
+    intake = _intake(next_seq=1, allowed_signers=frozenset({SEQUENCER.address}))
+    forged_ahead = feed_message(5, b"tx", signer=OTHER)
+    forged = feed_message(1, b"tx", signer=OTHER)
+    t = intake.take("a", Broadcast(1, [FeedMessage(5, forged_ahead), FeedMessage(1, forged)]))
+    assert [r.outcome for r in t.refused] == ["signer", "signer"]
+    good = [feed_message(s, b"tx", signer=SEQUENCER) for s in (1, 2)]
+    t = intake.take(
+        "a", Broadcast(1, [FeedMessage(s, g) for s, g in zip((1, 2), good, strict=True)])
+    )
+    assert not t.refused and [m.raw for m in t.released] == good
+
+
 def test_too_large_and_too_much_held_are_refused() -> None:
     made = {m.seq: m.raw for m in realistic(6, first_seq=0, sizes=(100, 200))}
     intake = _intake(next_seq=0, max_held=2, max_payload_bytes=150)

@@ -59,7 +59,7 @@ NITRO_SERVER_ANSWERS = (
 def upgrade(
     offer: str | None, shared: SharedDeflate | None = None
 ) -> tuple[Response, ServerProtocol]:
-    server = ServerProtocol(extensions=server_extensions(shared or SharedDeflate(8)))
+    server = ServerProtocol(extensions=server_extensions(shared or SharedDeflate(1 << 20)))
     h = Headers()
     h["Host"] = "leaf"
     h["Upgrade"] = "websocket"
@@ -222,9 +222,10 @@ def test_our_client_refuses_an_answer_keeping_the_servers_context() -> None:
 
 
 def test_each_message_is_compressed_once_for_every_client() -> None:
-    shared = SharedDeflate(4)
-    a, b = FeedDeflate(NITRO, shared), FeedDeflate(NITRO, shared)
     text = encode_broadcast([realistic(1)[0].raw])
+    # Room for the message and one compressed copy, not much more.
+    shared = SharedDeflate(len(text) * 3 // 2)
+    a, b = FeedDeflate(NITRO, shared), FeedDeflate(NITRO, shared)
     fa = a.encode(Frame(Opcode.TEXT, text))
     fb = b.encode(Frame(Opcode.TEXT, bytes(text)))  # the same message, another object
     assert fa.rsv1 and fb.rsv1 and fa.data == fb.data
@@ -239,10 +240,11 @@ def test_each_message_is_compressed_once_for_every_client() -> None:
     fs = FeedDeflate(STANDARD, shared).encode(Frame(Opcode.TEXT, text))
     assert zlib.decompressobj(-15).decompress(bytes(fs.data) + b"\x00\x00\xff\xff") == text
     assert shared.compressed == 2
-    for i in range(5):  # kept for the last few messages only
-        a.encode(Frame(Opcode.TEXT, encode_broadcast([], i)))
+    assert shared.get(STANDARD, text) and shared.compressed == 3  # past the bound: not kept
+    for i in range(5):  # the oldest go first: the message's copy is made again
+        a.encode(Frame(Opcode.TEXT, encode_broadcast([], i) + b" " * (len(text) // 4)))
     a.encode(Frame(Opcode.TEXT, text))
-    assert shared.compressed == 8
+    assert shared.compressed == 9
 
 
 def test_a_compressed_message_past_the_size_limit_is_refused() -> None:
