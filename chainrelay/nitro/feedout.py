@@ -81,15 +81,18 @@ class NitroServer:
         *,
         read_range: RangeReader | None = None,
         max_frame_bytes: int,
+        reuse_port: bool = False,
     ) -> None:
         """``read_range``: the node's range endpoint (``BatchRange.serve``), for numbers
-        the hub no longer holds."""
+        the hub no longer holds; ``reuse_port``: one of the workers of ``serve --workers
+        N``, each serving the endpoint on the same port (SO_REUSEPORT)."""
         self.cfg = cfg
         self.hub = hub
         self.spec = spec
         self.metrics = metrics
         self.read_range = read_range
         self.max_frame_bytes = max_frame_bytes
+        self.reuse_port = reuse_port
         self.port = 0
         self._server: Server | None = None
         self._recent: OrderedDict[int, bytes] = OrderedDict()  # seq -> wrapped broadcast
@@ -130,6 +133,7 @@ class NitroServer:
             max_queue=4,
             write_limit=self.cfg.write_buffer_bytes,
             server_header=None,
+            reuse_port=self.reuse_port or None,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
