@@ -4,7 +4,8 @@ both ends of Nitro's feed start each message's deflate stream with it preset (Go
 read by a Nitro node, and one compressed with it by no other client.
 
 The bytes of ``GetStaticCompressorDictionary()`` in Nitro's
-``wsbroadcastserver/dictionary.go`` (OffchainLabs/nitro, as of 2026-04-23), base64 here
+``wsbroadcastserver/dictionary.go`` (OffchainLabs/nitro at 6dce8d1, 2026-04-23; Business
+Source License 1.1, as the Nitro test data in tests/corpora), base64 here
 only to keep this file printable; ``FEED_DICTIONARY_SHA256`` pins them (a different
 dictionary would make every compressed message unreadable to Nitro's nodes).
 """
