@@ -12,13 +12,12 @@ Per message:
 * *JSON*: the broadcast message a Nitro node reads (``{"version":1,"messages":[...]}``
   and its newline) in one unmasked WebSocket text frame: what the sequencer's feed, Nitro's
   relay, and a chainrelay leaf without compression send.
-* *Nitro deflate*: that text compressed as Nitro's feed server does for a client that
-  offers compression: each message on its own (no context takeover), flate at
-  ``BestCompression`` (level 9). Nitro also primes its compressor with a static
-  dictionary (``wsbroadcastserver/dictionary.go``), not copied here: its gain on 1-100 KB
-  messages of base64 is small, and these numbers are without it.
-* *leaf deflate*: the same texts through one permessage-deflate stream with context
-  takeover, as websockets' default (level 6) sends them to one client of a leaf.
+* *Nitro deflate*: that text compressed as Nitro's feed server, and now a leaf, sends it
+  to a Nitro node (``Arbitrum-permessage-deflate``, ``chainrelay.nitro.deflate.NITRO``):
+  each message on its own (no context takeover), flate at ``BestCompression`` (level 9)
+  primed with Nitro's static dictionary; compressed once for all clients.
+* *standard deflate*: what a leaf sends a client offering the standard permessage-deflate
+  (``STANDARD``): the same, without the dictionary.
 * *frame*: the tree's frame of the message (lz4 when it saves, the entry node's
   signature) with its WebSocket binary header: what each hop of the tree carries.
 
@@ -51,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +59,7 @@ from benchmarks import common
 from chainrelay.batches.frame import encode_frame, open_frame, sign_batch
 from chainrelay.devnet import free_port
 from chainrelay.nitro.codec import encode_broadcast, feed_signer, parse_broadcast
+from chainrelay.nitro.deflate import NITRO, STANDARD, Flavor
 from chainrelay.tree.frame import Signer, decode, keccak, unpack
 from chainrelay.wire.wsframes import binary_header, text_header
 from tests.lab.fake_nitro_feed import FakeNitroFeed
@@ -74,29 +73,12 @@ STREAM = "arbitrum/nitro-feed"
 SEQUENCER = Signer(keccak(b"benchmark nitro sequencer"))
 ENTRY = Signer(keccak(b"benchmark nitro entry node"))
 MAX = 64 * 1024 * 1024
-# What a permessage-deflate message ends with and does not send (RFC 7692 7.2.1).
-DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
-def nitro_deflate(text: bytes) -> int:
-    """Bytes of ``text`` as Nitro's compressed output: one raw deflate stream per message."""
-    c = zlib.compressobj(9, zlib.DEFLATED, -15)
-    body = c.compress(text) + c.flush(zlib.Z_SYNC_FLUSH)
-    if body.endswith(DEFLATE_TAIL):
-        body = body[:-4]
+def deflated(flavor: Flavor, text: bytes) -> int:
+    """Bytes of ``text`` on the wire as ``flavor`` compresses it, its frame header included."""
+    body = flavor.compress(text)
     return len(text_header(len(body))) + len(body)
-
-
-def stream_deflate(texts: list[bytes]) -> list[int]:
-    """Bytes of each text through one deflate stream with context takeover (level 6)."""
-    c = zlib.compressobj(6, zlib.DEFLATED, -15)
-    out = []
-    for t in texts:
-        body = c.compress(t) + c.flush(zlib.Z_SYNC_FLUSH)
-        if body.endswith(DEFLATE_TAIL):
-            body = body[:-4]
-        out.append(len(text_header(len(body))) + len(body))
-    return out
 
 
 def med_us(fn: Callable[[], object], repeats: int) -> float:
@@ -332,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, raws in groups.items():
         texts = [encode_broadcast([r]) for r in raws]
         json_b = [len(text_header(len(t))) + len(t) for t in texts]
-        nitro_b = [nitro_deflate(t) for t in texts]
-        leaf_b = stream_deflate(texts)
+        nitro_b = [deflated(NITRO, t) for t in texts]
+        leaf_b = [deflated(STANDARD, t) for t in texts]
         frames = []
         for seq, (raw, text) in enumerate(zip(raws, texts, strict=True)):
 
@@ -394,10 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             "half RLP-like, half random; signed, with block hash and metadata) and Nitro's "
             "two serialization examples. Sizes relative to *JSON*: the broadcast text in "
             "one WebSocket text frame, what Nitro's feed sends uncompressed. *Nitro deflate*: "
-            "each message compressed alone at level 9, as Nitro's feed server does (without "
-            "its static dictionary, not copied here). *leaf deflate*: one permessage-deflate "
-            "stream with context takeover at level 6, what a leaf sends a client that offers "
-            "it. *frame*: the tree's frame of the message with its WebSocket header, what "
+            "each message compressed alone at level 9 with Nitro's static dictionary "
+            "(Arbitrum-permessage-deflate), as Nitro's feed server and a leaf send it to a "
+            "Nitro node. *standard deflate*: the same without the dictionary, what a leaf "
+            "sends a client offering the standard permessage-deflate. *frame*: the tree's "
+            "frame of the message with its WebSocket header, what "
             "every hop carries.",
             common.table(
                 [
@@ -405,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                     "n",
                     "JSON kB (mean)",
                     "Nitro deflate / JSON",
-                    "leaf deflate / JSON",
+                    "standard deflate / JSON",
                     "frame / JSON",
                     "frame / Nitro deflate",
                 ],

@@ -412,7 +412,8 @@ class Node:
     async def _nitro(self, hub: FeedHub, rng: BatchRange) -> None:
         """Nitro's sequencer feed, when the node carries its stream: followed from
         ``[[nitro.inputs]]`` at an entry node, served in Nitro's protocol at ``[nitro]
-        listen`` (by one process: under workers, the feeder)."""
+        listen``: under workers by every worker on the one port (each takes the stream's
+        frames from the feeder, as every block)."""
         cfg = self.cfg
         n = cfg.nitro
         st = hub.streams.get(n.stream)
@@ -425,7 +426,7 @@ class Node:
             self.nitro_in = await self._composition.enter(
                 running(NitroFeedIn(n, st.spec, self.ingress, signer, self.metrics))
             )
-        if n.listen and (self.worker is None or self.worker.feeder):
+        if n.listen:
             self.nitro_out = await self._composition.enter(
                 running(
                     NitroServer(
@@ -435,6 +436,7 @@ class Node:
                         self.metrics,
                         read_range=lambda q: rng.serve(q, None),
                         max_frame_bytes=cfg.tree.max_frame_bytes,
+                        reuse_port=self.worker is not None,
                     )
                 )
             )

@@ -811,6 +811,15 @@ NITRO_RECENT_MESSAGES = 512
 # Feed messages read from the tree's range endpoint per page when a client asks for a number
 # no longer held here (each page climbs to the nearest node that holds it).
 NITRO_RANGE_PAGE = 256
+# Older feed messages (past the recent ones) the endpoint keeps wrapped for every client
+# catching up, in bytes: pages read once from the backlog or the range endpoint are shared
+# by all clients, so a client behind costs no copy of its own (each holds at most
+# NITRO_WRITE_BUFFER_BYTES of them at a time); also the bound of the compressed copies kept.
+NITRO_RANGE_CACHE_BYTES = 32 * MiB
+# Pages of older messages read at once for the endpoint's clients (each up to
+# BATCH_RANGE_MAX_BYTES in flight, twice: the answer and its messages): what many clients
+# asking for many old numbers at once can make the node hold is this many pages.
+NITRO_RANGE_LOADS = 2
 # Retention of the feed in an entry node's batch log: the range endpoint serves a resume this
 # far back. Messages kept at least (~3 days of Arbitrum's ~4 a second)...
 NITRO_LOG_KEEP_MESSAGES = 1_000_000

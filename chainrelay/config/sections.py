@@ -830,10 +830,12 @@ class NitroConfig:
     write_buffer_bytes: int = positive(d.NITRO_WRITE_BUFFER_BYTES)
     recent_messages: int = positive(d.NITRO_RECENT_MESSAGES)
     range_page: int = positive(d.NITRO_RANGE_PAGE)
+    range_cache_bytes: int = positive(d.NITRO_RANGE_CACHE_BYTES)
+    range_loads: int = positive(d.NITRO_RANGE_LOADS)
     log_keep_messages: int = positive(d.NITRO_LOG_KEEP_MESSAGES)
     log_keep_seconds: float = positive(d.NITRO_LOG_KEEP_SECONDS)
     log_trim_interval: float = positive(d.NITRO_LOG_TRIM_INTERVAL)
-    compression: bool = True  # permessage-deflate for a client that offers it
+    compression: bool = True  # Nitro's or the standard permessage-deflate, when offered
 
     def check(self, batch_streams: Collection[str], ingress: bool) -> None:
         """``batch_streams``: the node's batch streams; ``ingress``: it has a batch log."""

@@ -18,16 +18,32 @@ sequencer sent (``FeedMessage.raw``, a slice of the text it came in), and a leaf
 those bytes again; so whatever the sequencer signs or adds in a later version reaches
 every Nitro node as it was, and a field this module does not know is not lost.
 
-The sequencer's signature (Nitro's ``BroadcastFeedMessage.SignatureHash``, checked by a
-Nitro node's ``broadcastclient`` against its allowed addresses)::
+The sequencer's signature comes in two kinds, each over its own hash (go-ethereum's
+``crypto.Sign``: 65 bytes r | s | v, v 0 or 1, over the hash itself):
+
+- ``signatureV2`` (Nitro since November 2025, ``BroadcastFeedMessage.SignatureHash`` in
+  ``broadcaster/message/message.go``), over the fields a node uses::
 
     keccak("Arbitrum Nitro Feed:" | chain id u64 | seq u64 | [block hash 32] |
            block metadata | delayed messages read u64 | kind u8 | poster 20 |
            L1 block number u64 | timestamp u64 | [request id 32] | [L1 base fee, big-endian,
            minimal] | l2 message)
 
-(integers big-endian; a bracketed part only when present), signed as go-ethereum's
-``crypto.Sign``: 65 bytes r | s | v, v 0 or 1, over the hash itself.
+  (integers big-endian; a bracketed part only when present);
+- ``signature`` (Nitro before it: ``MessageWithMetadata.Hash`` in ``arbos/arbostypes/
+  messagewithmeta.go``, removed by Nitro's commit 2b3cf21), over the RLP of the whole L1
+  message, so a field added to it changes the hash::
+
+    keccak("Arbitrum Nitro Feed:" | seq u64 | chain id u64 | delayed messages read u64 |
+           rlp(L1IncomingMessage))
+
+  with ``rlp(L1IncomingMessage)`` = ``[[kind, poster, L1 block number, timestamp,
+  request id (absent: an empty list), L1 base fee (absent: empty)], l2 message,
+  (optional) batchGasCost, (optional) [batchDataTokens.length, .nonzeros]]``.
+
+A message with a ``signatureV2`` field is checked with the first (what a Nitro node of
+today reads), one with only a ``signature`` field with the second (what the Nitro nodes
+that wrote that field read).
 """
 
 from __future__ import annotations
@@ -210,10 +226,12 @@ def encode_broadcast(raws: Sequence[bytes], confirmed: int | None = None) -> byt
 # --- the sequencer's signature ------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Signed:
-    """What a feed message's signature covers, and the signature (None: not signed)."""
+    """What a feed message's signature covers, the signature (None: not signed), and its
+    kind (2: ``signatureV2``, 1: the older ``signature``)."""
 
     hash_input: bytes
     signature: bytes | None
+    version: int = 2
 
 
 def _b64(v: object, where: str) -> bytes:
@@ -242,15 +260,15 @@ def _uint(v: object, where: str, bits: int = 64) -> int:
     return v
 
 
-def signed_parts(raw: bytes, chain_id: int) -> Signed:
-    """The bytes a feed message's signature hashes (``SignatureHash``'s input) and its
-    signature; ``NitroFormatError`` if a field it needs is missing or malformed."""
+def signed_parts(raw: bytes, chain_id: int, version: int | None = None) -> Signed:
+    """The bytes a feed message's signature hashes and its signature: ``signatureV2`` over
+    ``SignatureHash``'s input, or (no such field) ``signature`` over the older hash's input
+    (``version`` 1 or 2: that kind's, whatever the message carries); ``NitroFormatError``
+    if a field it needs is missing or malformed."""
     doc = _loads_exact(raw)
     if not isinstance(doc, dict):
         raise NitroFormatError("a feed message is a JSON object")
     seq = _seq(doc.get("sequenceNumber"), "feed message")
-    sig_field = doc.get("signatureV2", doc.get("signature"))
-    signature = _b64(sig_field, "signature") or None
     mwm = doc.get("message")
     if not isinstance(mwm, dict) or not isinstance(mwm.get("message"), dict):
         raise NitroFormatError("message.message missing")
@@ -258,12 +276,22 @@ def signed_parts(raw: bytes, chain_id: int) -> Signed:
     header = msg.get("header")
     if not isinstance(header, dict):
         raise NitroFormatError("message.message.header missing")
+    delayed = _U64.pack(_uint(mwm.get("delayedMessagesRead", 0), "delayedMessagesRead"))
+    if version is None:
+        # Which Nitro wrote it: each writes its own field always (null when unsigned), and
+        # a Nitro node of today reads only "signatureV2".
+        version = 1 if "signatureV2" not in doc and "signature" in doc else 2
+    if version == 1:
+        signature = _b64(doc.get("signature"), "signature") or None
+        v1 = [SIGNATURE_PREFIX, _U64.pack(seq), _U64.pack(chain_id), delayed, _rlp_message(msg)]
+        return Signed(b"".join(v1), signature, 1)
+    signature = _b64(doc.get("signatureV2"), "signatureV2") or None
     parts = [SIGNATURE_PREFIX, _U64.pack(chain_id), _U64.pack(seq)]
     block_hash = doc.get("blockHash")
     if block_hash is not None:
         parts.append(_hex(block_hash, 32, "blockHash"))
     parts.append(_b64(doc.get("blockMetadata"), "blockMetadata"))
-    parts.append(_U64.pack(_uint(mwm.get("delayedMessagesRead", 0), "delayedMessagesRead")))
+    parts.append(delayed)
     parts.append(bytes((_uint(header.get("kind"), "header.kind", 8),)))
     parts.append(_hex(header.get("sender"), 20, "header.sender"))
     parts.append(_U64.pack(_uint(header.get("blockNumber"), "header.blockNumber")))
@@ -276,12 +304,78 @@ def signed_parts(raw: bytes, chain_id: int) -> Signed:
         fee = _uint(base_fee, "header.baseFeeL1", 256)
         parts.append(fee.to_bytes((fee.bit_length() + 7) // 8, "big"))
     parts.append(_b64(msg.get("l2Msg"), "l2Msg"))
-    return Signed(b"".join(parts), signature)
+    return Signed(b"".join(parts), signature, 2)
 
 
-def signature_hash(raw: bytes, chain_id: int) -> bytes:
-    """Nitro's ``SignatureHash`` of the feed message ``raw`` on chain ``chain_id``."""
-    return keccak(signed_parts(raw, chain_id).hash_input)
+# --- RLP, as go-ethereum's rlp.EncodeToBytes writes the older hash's L1 message ----------------
+def _rlp_length(n: int, offset: int) -> bytes:
+    if n < 56:
+        return bytes((offset + n,))
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((offset + 55 + len(size),)) + size
+
+
+def _rlp_bytes(b: bytes) -> bytes:
+    if len(b) == 1 and b[0] < 0x80:
+        return b
+    return _rlp_length(len(b), 0x80) + b
+
+
+def _rlp_uint(v: int) -> bytes:
+    return _rlp_bytes(v.to_bytes((v.bit_length() + 7) // 8, "big"))  # 0: the empty string
+
+
+def _rlp_list(items: Sequence[bytes]) -> bytes:
+    body = b"".join(items)
+    return _rlp_length(len(body), 0xC0) + body
+
+
+def _rlp_message(msg: dict[str, Any]) -> bytes:
+    """``rlp.EncodeToBytes(L1IncomingMessage)``: the header (a nil request id is an empty
+    list, ``rlp:"nilList"``; a nil base fee the empty string), the L2 message, then the
+    optional fields, left out from the last one present."""
+    h = msg["header"]
+    request_id = h.get("requestId")
+    base_fee = h.get("baseFeeL1")
+    header = _rlp_list(
+        [
+            _rlp_uint(_uint(h.get("kind"), "header.kind", 8)),
+            _rlp_bytes(_hex(h.get("sender"), 20, "header.sender")),
+            _rlp_uint(_uint(h.get("blockNumber"), "header.blockNumber")),
+            _rlp_uint(_uint(h.get("timestamp"), "header.timestamp")),
+            b"\xc0" if request_id is None else _rlp_bytes(_hex(request_id, 32, "header.requestId")),
+            b"\x80" if base_fee is None else _rlp_uint(_uint(base_fee, "header.baseFeeL1", 256)),
+        ]
+    )
+    items = [header, _rlp_bytes(_b64(msg.get("l2Msg"), "l2Msg"))]
+    gas = msg.get("batchGasCost")
+    stats = msg.get("batchDataTokens")
+    optional: list[bytes | None] = [
+        None if gas is None else _rlp_uint(_uint(gas, "batchGasCost")),
+        None if stats is None else _rlp_stats(stats),
+    ]
+    while optional and optional[-1] is None:
+        optional.pop()
+    items += [b"\x80" if o is None else o for o in optional]  # a nil *uint64: empty
+    return _rlp_list(items)
+
+
+def _rlp_stats(stats: object) -> bytes:
+    if not isinstance(stats, dict):
+        raise NitroFormatError("batchDataTokens is not an object")
+    return _rlp_list(
+        [
+            _rlp_uint(_uint(stats.get("length", 0), "batchDataTokens.length")),
+            _rlp_uint(_uint(stats.get("nonzeros", 0), "batchDataTokens.nonzeros")),
+        ]
+    )
+
+
+def signature_hash(raw: bytes, chain_id: int, version: int | None = None) -> bytes:
+    """The hash the signature of feed message ``raw`` on chain ``chain_id`` signs: Nitro's
+    ``SignatureHash``, or for a message carrying only the older ``signature`` (or with
+    ``version`` 1), the older hash."""
+    return keccak(signed_parts(raw, chain_id, version).hash_input)
 
 
 def feed_signer(raw: bytes, chain_id: int) -> bytes | None:

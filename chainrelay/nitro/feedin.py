@@ -4,12 +4,13 @@ its ``--node.feed.input.url`` list, and puts every feed message into the tree on
 Each input is a WebSocket client of Nitro's feed server: it sends
 ``Arbitrum-Feed-Client-Version: 2`` and, once it has taken anything, the next number it
 wants (``Arbitrum-Requested-Sequence-Number``), so a reconnect resumes with no gap; it
-offers permessage-deflate. What every input sends goes through one ``FeedIntake`` (each
-number once, in order, checked), and each message it passes on becomes a push into the
-node's batch ingress: signed by this node's key over the exact bytes received, made
-durable in the batch log, then published to the tree as one lz4 frame (position = the
-sequence number). A confirmation from the sequencer becomes a signed confirmation of the
-stream (its backlogs are trimmed below it, at every node).
+offers compression as a Nitro node does (``chainrelay.nitro.deflate``). What every input
+sends goes through one ``FeedIntake`` (each number once, in order, checked), and each
+message it passes on becomes a push into the node's batch ingress: signed by this node's
+key over the exact bytes received, made durable in the batch log, then published to the
+tree as one lz4 frame (position = the sequence number). A confirmation from the
+sequencer becomes a signed confirmation of the stream (its backlogs are trimmed below
+it, at every node).
 
 Every bad input is logged and counted (``chainrelay_nitro_messages{where="in"}``): a
 broadcast that is not JSON, or larger than ``max_message_bytes``, closes that input's
@@ -48,6 +49,7 @@ from chainrelay.nitro.codec import (
     NitroFormatError,
     parse_broadcast,
 )
+from chainrelay.nitro.deflate import client_extensions
 from chainrelay.nitro.intake import FeedIntake
 from chainrelay.tree.frame import Signer
 from chainrelay.tree.streams import BatchSpec
@@ -140,7 +142,8 @@ class NitroFeedIn:
                         url,
                         additional_headers=headers,
                         max_size=cfg.max_message_bytes,
-                        compression="deflate" if cfg.compression else None,
+                        compression=None,
+                        extensions=client_extensions() if cfg.compression else None,
                         open_timeout=None,
                         proxy=None,
                     )

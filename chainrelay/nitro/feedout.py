@@ -1,20 +1,25 @@
 """A node's Nitro feed endpoint (``[nitro] listen``): Nitro's own broadcast protocol, for
 Nitro nodes and any client written for the sequencer's feed.
 
-The upgrade: a client may send ``Arbitrum-Feed-Client-Version`` (below 2: refused 400, as
-Nitro refuses it) and ``Arbitrum-Requested-Sequence-Number``; the answer carries
-``Arbitrum-Feed-Server-Version: 2`` and ``Arbitrum-Chain-Id``. permessage-deflate is
-agreed when the client offers it. Then, as Nitro's relay does: the messages from the
-requested number (without one: the whole backlog held here), then live ones with no gap
-and no duplicate, each as ``{"version":1,"messages":[<the feed message's bytes as the
-sequencer sent them>]}``, and each confirmation as ``{"version":1,
+The upgrade: a client may send ``Arbitrum-Feed-Client-Version`` (below 2: refused 400,
+as Nitro refuses it) and ``Arbitrum-Requested-Sequence-Number``; the answer carries
+``Arbitrum-Feed-Server-Version: 2`` and ``Arbitrum-Chain-Id``. Compression is agreed
+when the client offers it, as Nitro's relay agrees it (``chainrelay.nitro.deflate``):
+Nitro's ``Arbitrum-permessage-deflate`` (a Nitro node's offer), or the standard
+permessage-deflate; each message is compressed once for every client that agreed. Then,
+as Nitro's relay does: the messages from the requested number (without one: the whole
+backlog held here), then live ones with no gap and no duplicate, each as
+``{"version":1,"messages":[<the feed message's bytes as the sequencer sent them>]}``,
+and each confirmation as ``{"version":1,
 "confirmedSequenceNumberMessage":{"sequenceNumber":N}}``.
 
 Each client reads the stream at its own pace from one shared place: the messages come
 from the node's batch stream (the hub's backlog, or for a number it holds no more the
 range endpoint, which climbs the tree to a node that holds it, the entry node's durable
 log included). A message is unpacked from its frame and wrapped once per node, not once
-per client (``NITRO_RECENT_MESSAGES`` are kept wrapped). A number held nowhere is passed
+per client (``NITRO_RECENT_MESSAGES`` are kept wrapped, and older ones read for a
+client catching up are kept, up to ``NITRO_RANGE_CACHE_BYTES``, for all the others: a
+client holds at most ``write_buffer_bytes`` of them at a time). A number held nowhere is passed
 over to the oldest one held, as Nitro's relay serves a request older than its backlog.
 
 Limits, per client address: ``max_connections_per_ip`` (429 past it), and a client that
@@ -50,6 +55,7 @@ from chainrelay.nitro.codec import (
     SERVER_VERSION_HEADER,
     encode_broadcast,
 )
+from chainrelay.nitro.deflate import NITRO_ANSWER, NITRO_EXTENSION, SharedDeflate, server_extensions
 from chainrelay.tree.frame import Frame, FrameError, decode, unpack
 from chainrelay.tree.hub import FeedHub
 from chainrelay.tree.streams import BatchSpec, BatchStream
@@ -59,6 +65,7 @@ log = logging.getLogger(__name__)
 # What a feed client may send: nothing but control frames; a message is read within this.
 CLIENT_MESSAGE_MAX = 4096
 CLOSE_TOO_SLOW = 1008
+EXTENSIONS_HEADER = "Sec-WebSocket-Extensions"
 RangeReader = Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]
 
 
@@ -74,15 +81,18 @@ class NitroServer:
         *,
         read_range: RangeReader | None = None,
         max_frame_bytes: int,
+        reuse_port: bool = False,
     ) -> None:
         """``read_range``: the node's range endpoint (``BatchRange.serve``), for numbers
-        the hub no longer holds."""
+        the hub no longer holds; ``reuse_port``: one of the workers of ``serve --workers
+        N``, each serving the endpoint on the same port (SO_REUSEPORT)."""
         self.cfg = cfg
         self.hub = hub
         self.spec = spec
         self.metrics = metrics
         self.read_range = read_range
         self.max_frame_bytes = max_frame_bytes
+        self.reuse_port = reuse_port
         self.port = 0
         self._server: Server | None = None
         self._recent: OrderedDict[int, bytes] = OrderedDict()  # seq -> wrapped broadcast
@@ -93,6 +103,15 @@ class NitroServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._counters: dict[str, Any] = {}
         self._requested: dict[ServerConnection, int | None] = {}
+        # Each message's compressed bytes, made once for all clients: kept (with the
+        # message's text) up to range_cache_bytes, the recent and older ones alike.
+        self.deflate = SharedDeflate(cfg.range_cache_bytes)
+        # Older messages, wrapped once for every client catching up (range_cache_bytes).
+        self._older: OrderedDict[int, bytes] = OrderedDict()
+        self._older_bytes = 0
+        self._loading: dict[int, asyncio.Future[list[bytes]]] = {}
+        self._loads = asyncio.Semaphore(cfg.range_loads)
+        self.loads = 0  # pages of older messages read (from the backlog or the range endpoint)
 
     async def start(self) -> None:
         self._wake = asyncio.get_running_loop().create_future()
@@ -108,11 +127,13 @@ class NitroServer:
             port,
             process_request=self._admit,
             process_response=self._headers,
-            compression="deflate" if self.cfg.compression else None,
+            compression=None,
+            extensions=server_extensions(self.deflate) if self.cfg.compression else None,
             max_size=CLIENT_MESSAGE_MAX,
             max_queue=4,
             write_limit=self.cfg.write_buffer_bytes,
             server_header=None,
+            reuse_port=self.reuse_port or None,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -216,6 +237,11 @@ class NitroServer:
             h: Headers = response.headers
             h[SERVER_VERSION_HEADER] = str(FEED_VERSION)
             h[CHAIN_ID_HEADER] = str(self.spec.chain_id)
+            ext = h.get(EXTENSIONS_HEADER, "")
+            if ext.startswith(NITRO_EXTENSION + ";"):
+                # Nitro's answer as Nitro's server writes it, to the byte.
+                del h[EXTENSIONS_HEADER]
+                h[EXTENSIONS_HEADER] = NITRO_ANSWER
         elif conn in self._requested:
             # Admitted, but the upgrade failed: the handler will never run.
             self._requested.pop(conn, None)
@@ -306,32 +332,24 @@ class NitroServer:
         conn.transport.abort()
 
     async def _read(self, start: int, end: int) -> tuple[list[bytes], int]:
-        """Wrapped messages from ``start`` (fewer than ``end``), and the number after them.
-        From the recent ones, else the backlog's frames, else the range endpoint; a number
-        held nowhere is passed over to the oldest one held here."""
-        recent = self._recent
-        out: list[bytes] = []
-        at = start
-        limit = self.cfg.range_page
-        while at < end and len(out) < limit and at in recent:
-            out.append(recent[at])
-            at += 1
+        """Wrapped messages from ``start`` (fewer than ``end``), and the number after them:
+        about ``write_buffer_bytes`` of them (at least one). From the recent ones or the
+        older ones kept, else a page read once for all clients from the backlog's frames
+        or the range endpoint; a number held nowhere is passed over to the oldest one
+        held here."""
+        out, at = self._kept(start, end)
         if out:
             return out, at
-        n = min(end - at, limit)
-        # A page's frames are held while they are sent: about as much as a few socket
-        # buffers of the client's (at least one frame, however large).
-        frames = self.hub.range(self.spec.name, at, n, self.cfg.write_buffer_bytes * 4)
-        if frames is None:
-            frames = await self._climb(at, n)
-        for raw in frames:
-            text = self._open(raw, at)
-            if text is None:
+        texts = await self._load(start, min(end - start, self.cfg.range_page))
+        budget = self.cfg.write_buffer_bytes
+        used = 0
+        for text in texts:
+            if out and used + len(text) > budget:
                 break
             out.append(text)
-            at += 1
+            used += len(text)
         if out:
-            return out, at
+            return out, start + len(out)
         oldest = self._oldest()
         if oldest is None or oldest <= start:
             oldest = end  # nothing older anywhere: only what comes next
@@ -343,6 +361,57 @@ class NitroServer:
             oldest,
         )
         return [], oldest
+
+    def _kept(self, at: int, end: int) -> tuple[list[bytes], int]:
+        """The run of messages from ``at`` held wrapped here, within the byte budget."""
+        recent, older = self._recent, self._older
+        budget = self.cfg.write_buffer_bytes
+        out: list[bytes] = []
+        used = 0
+        while at < end:
+            text = recent.get(at) or older.get(at)
+            if text is None or (out and used + len(text) > budget):
+                break
+            out.append(text)
+            used += len(text)
+            at += 1
+        return out, at
+
+    async def _load(self, start: int, n: int) -> list[bytes]:
+        """Messages ``start``.. (up to ``n``), wrapped and kept among the older ones: one
+        read for every client asking for the same number meanwhile, at most
+        ``range_loads`` reads at once. Its own task: a client leaving does not end it for
+        the others waiting."""
+        task = self._loading.get(start)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(start, n))
+            self._loading[start] = task
+            task.add_done_callback(lambda _: self._loading.pop(start, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, start: int, n: int) -> list[bytes]:
+        async with self._loads:
+            self.loads += 1
+            # The backlog's frames are the hub's own bytes (no copy); a page from the range
+            # endpoint is at most its range_max_bytes.
+            frames = self.hub.range(self.spec.name, start, n, self.cfg.write_buffer_bytes * 4)
+            if frames is None:
+                frames = await self._climb(start, n)
+            texts: list[bytes] = []
+            for raw in frames:
+                text = self._open(raw, start + len(texts))
+                if text is None:
+                    break
+                texts.append(text)
+        older = self._older
+        for i, text in enumerate(texts):
+            if start + i not in older:
+                older[start + i] = text
+                self._older_bytes += len(text)
+        while self._older_bytes > self.cfg.range_cache_bytes and older:
+            _, text = older.popitem(last=False)
+            self._older_bytes -= len(text)
+        return texts
 
     async def _climb(self, start: int, n: int) -> list[bytes]:
         if self.read_range is None:

@@ -99,11 +99,13 @@ class FeedIntake:
                 Refusal(seq, "backwards", f"sequence number {seq} after {last} on one connection")
             )
             return
-        self._last[source] = seq
         order = self.order
         if not order.is_new(seq):
+            self._last[source] = seq
             out.duplicates += 1
             return
+        # A message refused here does not move the input's last number on: its number is
+        # not to be trusted (a forged one ahead would make the real one look backwards).
         if len(msg.raw) > self.max_payload_bytes:
             out.refused.append(
                 Refusal(
@@ -116,6 +118,7 @@ class FeedIntake:
             if refusal is not None:
                 out.refused.append(refusal)
                 return
+        self._last[source] = seq
         released = order.offer(seq, msg, len(msg.raw))
         if released is None:
             out.refused.append(

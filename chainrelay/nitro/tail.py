@@ -1,7 +1,7 @@
 """A client of Nitro's feed protocol (``chainrelay nitro-tail URL [--from N]``): it speaks
 to a sequencer's feed, Nitro's relay or a chainrelay leaf alike, as a Nitro node does
-(``Arbitrum-Feed-Client-Version: 2``, the next number on each reconnect, permessage-deflate
-offered), and yields each feed message once, in order, as the bytes received.
+(``Arbitrum-Feed-Client-Version: 2``, the next number on each reconnect, Nitro's
+compression offered), and yields each feed message once, in order, as the bytes received.
 
 Each printed line: ``seq``, ``l1_block`` (the L1 block number in the message's header),
 ``bytes`` (the feed message's JSON), and ``age_ms``: now minus the message's timestamp
@@ -31,6 +31,7 @@ from chainrelay.nitro.codec import (
     NitroFormatError,
     parse_broadcast,
 )
+from chainrelay.nitro.deflate import client_extensions
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ async def follow(
             async with connect(
                 url,
                 additional_headers=headers,
-                compression="deflate" if compression else None,
+                compression=None,
+                extensions=client_extensions() if compression else None,
                 max_size=max_message_bytes,
                 proxy=None,
             ) as ws:

@@ -4,7 +4,9 @@ cannot be made to misbehave; it speaks the protocol as Nitro does:
 
 - the upgrade takes ``Arbitrum-Feed-Client-Version`` (below 2: 400) and
   ``Arbitrum-Requested-Sequence-Number``, and answers ``Arbitrum-Feed-Server-Version: 2``
-  and ``Arbitrum-Chain-Id``; permessage-deflate when the client offers it;
+  and ``Arbitrum-Chain-Id``; compression when the client offers it, Nitro's own
+  ``Arbitrum-permessage-deflate`` answered as Nitro's relay answers it (``agreed``: what
+  each connection agreed);
 - on connect, the backlog from the requested number (or all of it), in broadcasts of up to
   ``backlog_group`` messages, then every live broadcast, with no gap and no duplicate;
 - ``confirm(n)`` sends ``confirmedSequenceNumberMessage`` and trims the backlog below it.
@@ -28,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from chainrelay.nitro.codec import encode_broadcast
+from chainrelay.nitro.deflate import NITRO_ANSWER, NITRO_EXTENSION, SharedDeflate, server_extensions
 from tests.lab.nitro_messages import Made
 
 
@@ -48,6 +51,7 @@ class FakeNitroFeed:
         self.sent: dict[int, bytes] = {}  # every feed message ever published, by number
         self.clients: set[ServerConnection] = set()
         self.connects: list[int | None] = []  # each client's requested number
+        self.agreed: list[list[str]] = []  # each client's compression extensions
         self._server: Server | None = None
         self._queues: dict[ServerConnection, asyncio.Queue[bytes | None]] = {}
         self._requested: dict[ServerConnection, int | None] = {}
@@ -63,7 +67,8 @@ class FakeNitroFeed:
             self.port,
             process_request=self._admit,
             process_response=self._headers,
-            compression="deflate",
+            compression=None,
+            extensions=server_extensions(SharedDeflate(16 << 20)),
             server_header=None,
             max_size=4096,
         )
@@ -119,11 +124,15 @@ class FakeNitroFeed:
     def _headers(self, conn: ServerConnection, request: Request, response: Response) -> Response:
         response.headers["Arbitrum-Feed-Server-Version"] = "2"
         response.headers["Arbitrum-Chain-Id"] = str(self.chain_id)
+        if response.headers.get("Sec-WebSocket-Extensions", "").startswith(NITRO_EXTENSION):
+            del response.headers["Sec-WebSocket-Extensions"]
+            response.headers["Sec-WebSocket-Extensions"] = NITRO_ANSWER
         return response
 
     async def _handle(self, conn: ServerConnection) -> None:
         requested = self._requested.pop(conn, None)
         self.connects.append(requested)
+        self.agreed.append([e.name for e in conn.protocol.extensions])
         q: asyncio.Queue[bytes | None] = asyncio.Queue()
         # The backlog and the queue are taken in one step: nothing published between them.
         backlog = [m for m in self.backlog if requested is None or m.seq >= requested]

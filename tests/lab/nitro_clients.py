@@ -56,3 +56,56 @@ async def has(
     got = c.messages()
     assert [s for s, _ in got[: end - start]] == list(range(start, end))
     assert got[: end - start] == [(s, sent[s]) for s in range(start, end)]
+
+
+async def nitro_node_reads(
+    port: int, from_seq: int, count: int, timeout: float
+) -> tuple[bytes, list[tuple[bool, bytes]]]:
+    """What a Nitro node with ``enable-compression`` reads from the feed at ``port``, at the
+    byte level: it upgrades with Nitro's client's exact headers (``NITRO_OFFER``), and
+    reads ``count`` data messages. The answer's head, and each message's RSV1 bit and
+    payload (its fragments joined), as sent."""
+    import asyncio
+    import struct
+
+    from chainrelay.nitro.deflate import NITRO_OFFER
+    from tests.hostile.wsraw import OP_CLOSE, OP_CONT, upgrade_request
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(timeout):
+            writer.write(
+                upgrade_request(
+                    "/",
+                    [
+                        b"Arbitrum-Feed-Client-Version: 2",
+                        b"Arbitrum-Requested-Sequence-Number: %d" % from_seq,
+                        b"Sec-WebSocket-Extensions: " + NITRO_OFFER.encode(),
+                    ],
+                )
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            out: list[tuple[bool, bytes]] = []
+            rsv1 = False
+            parts: list[bytes] = []
+            while len(out) < count:
+                b0, b1 = await reader.readexactly(2)
+                n = b1 & 0x7F
+                if n == 126:
+                    (n,) = struct.unpack(">H", await reader.readexactly(2))
+                elif n == 127:
+                    (n,) = struct.unpack(">Q", await reader.readexactly(8))
+                payload = await reader.readexactly(n)
+                opcode = b0 & 0x0F
+                if opcode == OP_CLOSE:
+                    raise AssertionError(f"closed after {len(out)} messages")
+                if opcode >= 0x8:
+                    continue  # a ping: a Nitro node answers it, the test need not
+                if opcode != OP_CONT:
+                    rsv1, parts = bool(b0 & 0x40), []
+                parts.append(payload)
+                if b0 & 0x80:
+                    out.append((rsv1, b"".join(parts)))
+            return head, out
+    finally:
+        writer.close()

@@ -66,8 +66,11 @@ def feed_message(
     timestamp: int = 1_700_000_000,
     delayed: int = 1_500_000,
     base_fee: int = 30_000_000_000,
+    kind: int = 2,
 ) -> bytes:
-    """One feed message's JSON as Nitro's encoder writes it (signed if ``signer``)."""
+    """One feed message's JSON as Nitro's encoder writes it (signed if ``signer``): with
+    ``kind`` 2 as Nitro writes it now (``signatureV2``), with 1 as it did before
+    November 2025 (``signature``, over the older hash)."""
     b64 = base64.b64encode
 
     def render(signature: bytes | None) -> bytes:
@@ -83,7 +86,8 @@ def feed_message(
         if block_hash is not None:
             parts.append(f',"blockHash":"0x{block_hash.hex()}"')
         sig = "null" if signature is None else f'"{b64(signature).decode()}"'
-        parts.append(f',"signatureV2":{sig}')
+        field = "signatureV2" if kind == 2 else "signature"
+        parts.append(f',"{field}":{sig}')
         if block_metadata:
             parts.append(f',"blockMetadata":"{b64(block_metadata).decode()}"')
         parts.append("}")
@@ -92,7 +96,7 @@ def feed_message(
     unsigned = render(None)
     if signer is None:
         return unsigned
-    return render(signer.sign(signature_hash(unsigned, chain_id)))
+    return render(signer.sign(signature_hash(unsigned, chain_id, kind)))
 
 
 def realistic(

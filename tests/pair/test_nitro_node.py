@@ -241,6 +241,25 @@ async def test_a_client_asking_for_nothing_gets_the_whole_backlog(
             assert [r.raw for r in got] == [m.raw for m in made]
 
 
+async def test_clients_catching_up_share_one_read_and_one_compression(tmp_path: Path) -> None:
+    made = realistic(40, first_seq=FIRST, sizes=(2_000, 8_000))
+    async with FakeNitroFeed(CHAIN) as feed:
+        # Four recent messages, a client holding at most 16 KiB of older ones at a time:
+        # the rest comes from pages of the backlog, read once for every client.
+        async with node(tmp_path, [feed.url], recent_messages=4, write_buffer_bytes=16 * 1024) as n:
+            feed.publish(made)
+            await until(lambda: n.count("in", "accepted") == 40, WAIT, "all taken in")
+            want = [(m.seq, m.raw) for m in made]
+            first = await collect(n.url, FIRST, 40)
+            assert [(r.seq, r.raw) for r in first] == want
+            loads = n.server.loads
+            assert loads >= 1
+            more = await asyncio.gather(*(collect(n.url, FIRST, 40) for _ in range(6)))
+            assert all([(r.seq, r.raw) for r in got] == want for got in more)
+            assert n.server.loads == loads  # the older ones were read once, for all
+            assert n.server.deflate.compressed == 40  # each compressed once, for all
+
+
 async def test_the_log_keeps_the_feed_by_count_and_age(tmp_path: Path) -> None:
     bcfg = BatchesConfig(
         streams=[BatchStreamConfig(STREAM, CHAIN, ["0x" + ENTRY.address.hex()])],

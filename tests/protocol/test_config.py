@@ -276,8 +276,8 @@ POSITIVE_KEYS = {
     "range_max_bytes range_timeout",
     "nitro": "max_message_bytes order_max_held order_max_held_bytes gap_wait retry_delay "
     "retry_max connect_timeout max_connections_per_ip max_connections send_queue_messages "
-    "send_timeout write_buffer_bytes recent_messages range_page log_keep_messages "
-    "log_keep_seconds log_trim_interval",
+    "send_timeout write_buffer_bytes recent_messages range_page range_cache_bytes range_loads "
+    "log_keep_messages log_keep_seconds log_trim_interval",
 }
 
 

@@ -73,6 +73,8 @@ SANS_IO = (
     "chainrelay.batches.order",
     "chainrelay.nitro.codec",
     "chainrelay.nitro.intake",
+    "chainrelay.nitro.deflate",
+    "chainrelay.nitro.dictionary",
     "chainrelay.status.samples",
 )
 # What a sans-I/O module may never import: event loops, sockets, I/O clients and servers.

@@ -20,6 +20,7 @@ from chainrelay.nitro.codec import (
     message_spans,
     parse_broadcast,
     signature_hash,
+    signed_parts,
 )
 from chainrelay.nitro.intake import FeedIntake
 from chainrelay.tree.frame import Signer
@@ -73,9 +74,92 @@ def test_a_signed_message_recovers_its_signer() -> None:
     assert feed_signer(raw, 42161) == SEQUENCER.address
     assert feed_signer(raw, 1) != SEQUENCER.address  # another chain's hash
     assert feed_signer(feed_message(9, b"tx"), 42161) is None
-    # The older field name, "signature", is read too.
-    old = raw.replace(b'"signatureV2"', b'"signature"')
-    assert feed_signer(old, 42161) == SEQUENCER.address
+    # A signature over one kind's hash does not pass for the other kind.
+    moved = raw.replace(b'"signatureV2"', b'"signature"')
+    assert feed_signer(moved, 42161) not in (None, SEQUENCER.address)
+
+
+# Nitro's own signature test message (broadcaster/message/message_signature_test.go), as the
+# Nitro of before November 2025 wrote it: "signature", no block metadata (not hashed then).
+V1_MESSAGE = (
+    b'{"sequenceNumber":12345,"message":{"message":{"header":{"kind":0,'
+    b'"sender":"0x0000000000000000000000000000000000000000","blockNumber":0,"timestamp":0,'
+    b'"requestId":"0x0000000000000000000000000000000000000000000000000000000000000000",'
+    b'"baseFeeL1":0},"l2Msg":"3q2+7w=="},"delayedMessagesRead":3333},"signature":null}'
+)
+# Its older hash's input, written out by hand from MessageWithMetadata.Hash (arbos/
+# arbostypes/messagewithmeta.go before Nitro's commit 2b3cf21) and go-ethereum's RLP.
+V1_PREIMAGE = (
+    b"Arbitrum Nitro Feed:"
+    + bytes.fromhex("0000000000003039")  # sequence number 12345 (first, unlike the new hash)
+    + bytes.fromhex("000000000000a4b1")  # chain id 0xa4b1
+    + bytes.fromhex("0000000000000d05")  # delayed messages read 3333
+    + bytes.fromhex("f841")  # rlp list, 65 bytes: the L1 message
+    + bytes.fromhex("f83a")  # rlp list, 58 bytes: its header
+    + bytes.fromhex("80")  # kind 0
+    + bytes.fromhex("94")
+    + bytes(20)  # poster
+    + bytes.fromhex("8080")  # L1 block number 0, timestamp 0
+    + bytes.fromhex("a0")
+    + bytes(32)  # request id
+    + bytes.fromhex("80")  # L1 base fee 0
+    + bytes.fromhex("84deadbeef")  # the L2 message
+)
+
+
+def test_the_older_signature_hashes_the_rlp_of_the_l1_message() -> None:
+    assert signed_parts(V1_MESSAGE, 0xA4B1).hash_input == V1_PREIMAGE
+    assert signed_parts(V1_MESSAGE, 0xA4B1).version == 1
+    # The same message as Nitro writes it now hashes to Nitro's own vector.
+    v2 = V1_MESSAGE.replace(b'"signature":null', b'"signatureV2":null,"blockMetadata":"3q2+rw=="')
+    assert signature_hash(v2, 0xA4B1).hex() == (
+        "3d79853de5f9e4354e5d6c6d4cad19dcd969f9646f0cab21e5bdfee4902dfa2e"
+    )
+    assert signature_hash(V1_MESSAGE, 0xA4B1) != signature_hash(v2, 0xA4B1)
+    # Absent fields as go-ethereum writes them: a nil request id an empty list, a nil base
+    # fee the empty string (lists of 32 and 26 bytes); the optional fields only up to the
+    # last one present, a nil one before it the empty string.
+    bare = V1_MESSAGE.replace(
+        b'"requestId":"0x0000000000000000000000000000000000000000000000000000000000000000",'
+        b'"baseFeeL1":0',
+        b'"requestId":null,"baseFeeL1":null',
+    )
+    assert signed_parts(bare, 1).hash_input.endswith(
+        bytes.fromhex("e0" + "da" + "80" + "94" + "00" * 20 + "8080" + "c0" + "80" + "84deadbeef")
+    )
+    gas = V1_MESSAGE.replace(b'"l2Msg":"3q2+7w=="}', b'"l2Msg":"3q2+7w==","batchGasCost":1000}')
+    assert signed_parts(gas, 1).hash_input.endswith(bytes.fromhex("84deadbeef8203e8"))
+    stats = V1_MESSAGE.replace(
+        b'"l2Msg":"3q2+7w=="}', b'"l2Msg":"3q2+7w==","batchDataTokens":{"length":5,"nonzeros":3}}'
+    )
+    assert signed_parts(stats, 1).hash_input.endswith(bytes.fromhex("84deadbeef80c20503"))
+
+
+def test_each_kind_of_signature_is_checked_with_its_own_hash() -> None:
+    v1 = feed_message(9, b"tx", signer=SEQUENCER, kind=1)
+    v2 = feed_message(9, b"tx", signer=SEQUENCER, kind=2)
+    assert b'"signature":"' in v1 and b'"signatureV2":"' in v2
+    assert signature_hash(v1, 42161) != signature_hash(v2, 42161)
+    assert signature_hash(v1, 42161) == signature_hash(v2, 42161, 1)
+    assert feed_signer(v1, 42161) == SEQUENCER.address
+    assert feed_signer(v2, 42161) == SEQUENCER.address
+    # Each signature under the other kind's name recovers someone else.
+    assert feed_signer(v1.replace(b'"signature"', b'"signatureV2"'), 42161) != SEQUENCER.address
+    assert feed_signer(v2.replace(b'"signatureV2"', b'"signature"'), 42161) != SEQUENCER.address
+    # The older hash covers the chain id too: another chain's copy does not verify.
+    assert feed_signer(feed_message(9, b"tx", signer=SEQUENCER, kind=1, chain_id=1), 42161) != (
+        SEQUENCER.address
+    )
+    # An intake with allowed signers takes either kind, and refuses either kind forged.
+    intake = _intake(next_seq=9, allowed_signers=frozenset({SEQUENCER.address}))
+    forged = feed_message(9, b"tx", signer=OTHER, kind=1)
+    t = intake.take("a", Broadcast(1, [FeedMessage(9, forged)]))
+    assert [r.outcome for r in t.refused] == ["signer"]
+    t = intake.take("b", Broadcast(1, [FeedMessage(9, v1)]))
+    assert [m.raw for m in t.released] == [v1]
+    v2_10 = feed_message(10, b"tx", signer=SEQUENCER)
+    t = intake.take("b", Broadcast(1, [FeedMessage(10, v2_10)]))
+    assert [m.raw for m in t.released] == [v2_10]
 
 
 def test_raw_slices_are_the_bytes_sent_not_a_reserialization() -> None:
@@ -224,6 +308,19 @@ def test_signatures_are_checked_when_signers_are_allowed() -> None:
     # Refused copies leave the number missing: the good one is still taken.
     t = intake.take("good", Broadcast(1, [FeedMessage(1, good)]))
     assert [m.raw for m in t.released] == [good]
+
+
+def test_a_refused_message_does_not_make_the_next_good_one_backwards() -> None:
+    intake = _intake(next_seq=1, allowed_signers=frozenset({SEQUENCER.address}))
+    forged_ahead = feed_message(5, b"tx", signer=OTHER)
+    forged = feed_message(1, b"tx", signer=OTHER)
+    t = intake.take("a", Broadcast(1, [FeedMessage(5, forged_ahead), FeedMessage(1, forged)]))
+    assert [r.outcome for r in t.refused] == ["signer", "signer"]
+    good = [feed_message(s, b"tx", signer=SEQUENCER) for s in (1, 2)]
+    t = intake.take(
+        "a", Broadcast(1, [FeedMessage(s, g) for s, g in zip((1, 2), good, strict=True)])
+    )
+    assert not t.refused and [m.raw for m in t.released] == good
 
 
 def test_too_large_and_too_much_held_are_refused() -> None:

@@ -5,17 +5,19 @@ clients (``chainrelay.nitro.tail.follow``, as a Nitro node follows a feed).
 
 One test, in phases, so the three node processes start once: every message reaches a
 client at the leaf byte for byte as the sequencer sent it, in order (backlog, then live,
-compressed or not); bad input at the entry (malformed JSON, a forged signature, numbers
-going backwards) is counted and nothing of it forwarded; the leaf restarts and its client
-goes on from its next number; and a client asking for a number older than the leaf's
-backlog is served it from the entry node's durable log through the range endpoint; and
-``chainrelay nitro-tail`` pointed at the leaf prints one line per message.
+compressed or not; a client making a Nitro node's exact offer gets Nitro's compression);
+bad input at the entry (malformed JSON, a forged signature, numbers going backwards) is
+counted and nothing of it forwarded; the leaf restarts and its client goes on from its
+next number; and a client asking for a number older than the leaf's backlog is served it
+from the entry node's durable log through the range endpoint; and ``chainrelay
+nitro-tail`` pointed at the leaf prints one line per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ import orjson
 
 from chainrelay.devnet import free_port
 from chainrelay.nitro.codec import encode_broadcast
+from chainrelay.nitro.deflate import NITRO_ANSWER, NITRO_EXTENSION
+from chainrelay.nitro.dictionary import FEED_DICTIONARY
 from chainrelay.tree.frame import Signer, keccak
 from tests.lab.chain import metric
 from tests.lab.fake_nitro_feed import FakeNitroFeed
-from tests.lab.nitro_clients import Collector, collecting
+from tests.lab.nitro_clients import Collector, collecting, nitro_node_reads
 from tests.lab.nitro_clients import has as has_all
 from tests.lab.nitro_messages import feed_message, realistic
 from tests.lab.procs import Relay, until
@@ -103,6 +107,19 @@ async def test_nitro_feed_through_entry_and_leaf(
                 feed.publish(msgs[i : i + 4])
             for c in (plain, deflated, at_entry):
                 await has(c, feed, FIRST, FIRST + 40)
+            # The entry's input agreed Nitro's own compression with the (Nitro-like) feed.
+            assert feed.agreed and all(a == [NITRO_EXTENSION] for a in feed.agreed)
+
+            # A Nitro node's exact offer at the leaf: Nitro's exact answer, and every
+            # message compressed (RSV1), inflating with Nitro's dictionary to the bytes
+            # the sequencer's relay would send.
+            head, got = await nitro_node_reads(leaf_port, FIRST + 30, 10, TIMEOUT)
+            assert b"\r\nSec-WebSocket-Extensions: " + NITRO_ANSWER.encode() + b"\r\n" in head
+            for i, (rsv1, payload) in enumerate(got):
+                assert rsv1
+                text = zlib.decompressobj(-15, zdict=FEED_DICTIONARY).decompress(payload)
+                assert text == encode_broadcast([feed.sent[FIRST + 30 + i]])
+
             feed.confirm(FIRST + 10)
             await until(lambda: FIRST + 10 in plain.confirmations(), TIMEOUT, "the confirmation")
 
