@@ -76,7 +76,38 @@ def find_anvil() -> str:
     )
 
 
+# Ports handed out for listeners are drawn from below the kernel's ephemeral range: a port
+# the kernel picked (bind to 0) is free only until it hands the same one to some outgoing
+# connection, which on a busy machine happens between the pick and the listener's bind.
+LISTEN_PORTS_LOW = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port a listener can bind on ``host`` now: from below the ephemeral range where
+    there is room (chosen at random, so processes picking at once rarely meet, and never
+    twice in this process), else one the kernel picks."""
+    high = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(100 if high - LISTEN_PORTS_LOW > 1_000 else 0):
+        port = rng.randrange(LISTEN_PORTS_LOW, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
