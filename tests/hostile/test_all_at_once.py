@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
@@ -130,7 +131,7 @@ async def pipelined_flood(relay: Relay, address: str, n: int) -> int:
 
 
 async def test_every_attack_at_once_with_default_limits_stays_within_the_node_budget(
-    anvil: Anvil, relay_factory
+    anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
 ) -> None:
     relay: Relay = await relay_factory([anvil.url])
     assert relay.proc is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -46,6 +47,7 @@ def mixed_calls(n: int, offset: int = 0) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i in range(offset, offset + n):
         kind = i % 5
+        params: list[Any]
         if kind == 0:
             method, params = "eth_getBalance", [address(i), "latest"]
         elif kind == 1:
@@ -107,7 +109,10 @@ async def lab(
 
 
 async def test_a_batch_of_300_distinct_misses_costs_3_upstream_requests_answered_as_singles(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(procs, anvil_factory, relay_factory, tmp_path)
     calls = mixed_calls(300)
@@ -141,7 +146,10 @@ async def test_a_batch_of_300_distinct_misses_costs_3_upstream_requests_answered
 
 
 async def test_batch_items_coalesce_with_identical_single_calls_both_ways(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(
         procs, anvil_factory, relay_factory, tmp_path, hold=("eth_getBalance",)
@@ -175,7 +183,10 @@ async def test_batch_items_coalesce_with_identical_single_calls_both_ways(
 
 
 async def test_fake_upstream_refusing_batches_gets_the_calls_one_by_one(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(
         procs, anvil_factory, relay_factory, tmp_path, refuse_batches=True
@@ -187,7 +198,10 @@ async def test_fake_upstream_refusing_batches_gets_the_calls_one_by_one(
 
 
 async def test_a_websocket_upstream_takes_a_batch_as_one_message(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, _relay, direct = await lab(procs, anvil_factory, relay_factory, tmp_path)
     ws_relay = await relay_factory([proxy.ws_url], RELAY_CONFIG, name="ws")
