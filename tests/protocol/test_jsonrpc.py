@@ -86,8 +86,9 @@ def test_ids_come_back_as_the_caller_wrote_them_or_as_an_equal_number(raw_id: by
 def test_big_int_and_float_ids_splice_exactly_into_answers() -> None:
     body = b'[{"jsonrpc":"2.0","id":%d,"method":"a"},{"jsonrpc":"2.0","id":0.5,"method":"b"}]' % BIG
     items, _ = parse_body(body, 10)
-    answers = [orjson.loads(encode_result(c.id, b'"0x1"')) for c in items if isinstance(c, Call)]
-    exact = [json.loads(encode_result(c.id, b"1")) for c in items if isinstance(c, Call)]
+    ids = [c.id for c in items if isinstance(c, Call) and c.id is not None]
+    answers = [orjson.loads(encode_result(i, b'"0x1"')) for i in ids]
+    exact = [json.loads(encode_result(i, b"1")) for i in ids]
     assert [a["result"] for a in answers] == ["0x1", "0x1"]
     assert [e["id"] for e in exact] == [BIG, 0.5]
 

@@ -250,7 +250,7 @@ def test_choice_properties(
     for n in got:
         p = by_name[n]
         for x in reachable:
-            if x.name in got or (x.rtt, x.name) >= (p.rtt, p.name):  # type: ignore[operator]
+            if x.name in got or (x.rtt, x.name) >= (p.rtt, p.name):
                 continue
             rest = {by_name[m].region for m in got if m != n}
             if len(rest | {x.region}) < target:
@@ -283,4 +283,4 @@ def test_without_current_parents_each_region_gives_its_fastest(
         used = {by_name[n].region for n in got}
         for x in reachable:
             if x.region not in used:
-                assert (x.rtt, x.name) > (slowest.rtt, slowest.name)  # type: ignore[operator]
+                assert (x.rtt, x.name) > (slowest.rtt, slowest.name)
