@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from chainrelay.batches.frame import encode_frame, encode_range, sign_batch
-from chainrelay.clients.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.clients.batchsubscriber import BatchSubscription, Checked, FeedBatch
 from chainrelay.clients.feed import range_url
 from chainrelay.errors import BackfillFailed, ConfigError
 from chainrelay.tree.frame import HEADER_LEN, KIND_BLOCK, Signer, encode, keccak
@@ -67,8 +67,14 @@ def subscription(urls: list[str] | None = None, **kw: object) -> BatchSubscripti
     )
 
 
+def checked(batch: Checked | None) -> Checked:
+    """A queued batch, not a gap's marker."""
+    assert batch is not None, "a gap queued where a batch was expected"
+    return batch
+
+
 def queued(sub: BatchSubscription) -> list[int]:
-    return [q.batch.seq for q in sub.queue]
+    return [checked(q.batch).seq for q in sub.queue]
 
 
 # --- checks of each frame --------------------------------------------------------------------
@@ -78,8 +84,8 @@ def test_frames_in_order_are_queued_with_their_payload_and_signer() -> None:
     for seq in range(5, 9):
         sub.on_frame(link, frame_of(seq))
     assert queued(sub) == [5, 6, 7, 8]
-    assert sub.queue[0].batch.payload == payload_of(5)
-    assert sub.queue[0].batch.signer == TRUST[0]
+    assert checked(sub.queue[0].batch).payload == payload_of(5)
+    assert checked(sub.queue[0].batch).signer == TRUST[0]
     assert sub.accepted_next == 9 and not sub.dropped and sub.duplicates == 0
 
 
