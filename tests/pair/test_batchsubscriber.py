@@ -11,7 +11,8 @@ subscription's links only retry in the background.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import TypedDict, Unpack
 
 import pytest
 from aiohttp import web
@@ -29,7 +30,24 @@ CHAIN = 42161
 SEQUENCER = Signer(keccak(b"sequencer key"))
 STRANGER = Signer(keccak(b"someone else's key"))
 TRUST = ["0x" + SEQUENCER.address.hex()]
-FAST = {"retry_delay": 0.02, "retry_max": 0.05, "connect_timeout": 2 * SECOND}
+
+
+class Timeouts(TypedDict):
+    retry_delay: float
+    retry_max: float
+    connect_timeout: float
+
+
+class Changes(TypedDict, total=False):
+    """What a test here sets of BatchSubscription's arguments beside the defaults below."""
+
+    from_seq: int | None
+    max_payload_bytes: int
+    queue_batches: int
+    range_rounds: int
+
+
+FAST: Timeouts = {"retry_delay": 0.02, "retry_max": 0.05, "connect_timeout": 2 * SECOND}
 
 
 def payload_of(seq: int) -> bytes:
@@ -57,13 +75,15 @@ def frame_of(
     )
 
 
-def subscription(urls: list[str] | None = None, **kw: object) -> BatchSubscription:
+def subscription(
+    urls: list[str] | None = None,
+    *,
+    trust: Sequence[str] = TRUST,
+    chain_id: int | None = CHAIN,
+    **kw: Unpack[Changes],
+) -> BatchSubscription:
     return BatchSubscription(
-        urls or ["ws://127.0.0.1:9/feed"],
-        STREAM,
-        trust=kw.pop("trust", TRUST),  # type: ignore[arg-type]
-        chain_id=kw.pop("chain_id", CHAIN),  # type: ignore[arg-type]
-        **{**FAST, **kw},  # type: ignore[arg-type]
+        urls or ["ws://127.0.0.1:9/feed"], STREAM, trust=trust, chain_id=chain_id, **FAST, **kw
     )
 
 
