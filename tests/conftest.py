@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -22,12 +23,22 @@ def procs() -> Iterator[Procs]:
         p.close()
 
 
+class AnvilArgs(TypedDict, total=False):
+    """Anvil's keyword arguments."""
+
+    chain_id: int
+    block_time: float | None
+    host: str
+    port: int | None
+    extra: list[str] | None
+
+
 @pytest.fixture
 def anvil_factory(procs: Procs) -> Callable[..., Awaitable[Anvil]]:
     """Start an anvil node: ``await anvil_factory(chain_id=56, block_time=1.0)``."""
 
-    async def make(**kw: object) -> Anvil:
-        node = Anvil(**kw)  # type: ignore[arg-type]
+    async def make(**kw: Unpack[AnvilArgs]) -> Anvil:
+        node = Anvil(**kw)
         procs.anvils.append(node)
         node.start()
         await node.wait_ready(20 * SECOND)
