@@ -27,6 +27,11 @@ def c(name: str, region: str, rtt_ms: float | None, up: bool = True) -> Candidat
     )
 
 
+def rtt_of(cand: Candidate) -> float:
+    assert cand.rtt is not None, f"{cand.name} has no rtt"
+    return cand.rtt
+
+
 def pick(cands: list[Candidate], k: int = 2, current: tuple[str, ...] = ()) -> list[str]:
     return choose(cands, k, list(current), degrade_factor=FACTOR, min_gain=GAIN)
 
@@ -242,8 +247,8 @@ def test_choice_properties(
     assert all(by_name[n].reachable for n in got)
     regions = {by_name[n].region for n in got}
     assert len(regions) == min(len(got), len({x.region for x in reachable}))
-    rtts = [by_name[n].rtt for n in got]
-    assert rtts == sorted(rtts)  # type: ignore[type-var]
+    rtts = [rtt_of(by_name[n]) for n in got]
+    assert rtts == sorted(rtts)
     # A faster candidate that could take a parent's place without costing a region is left
     # out only by the hysteresis: the parent is a current one, not worse by both thresholds.
     target = len(regions)
@@ -256,7 +261,8 @@ def test_choice_properties(
             if len(rest | {x.region}) < target:
                 continue
             assert n in current, f"{x.name} is faster than the new parent {n}"
-            assert not (p.rtt > factor * x.rtt and p.rtt - x.rtt >= gain)  # type: ignore[operator]
+            slower = rtt_of(p) > factor * rtt_of(x) and rtt_of(p) - rtt_of(x) >= gain
+            assert not slower
     # Stable: the answer, given back as the current parents, is the answer again.
     assert choose(cands, k, got, degrade_factor=factor, min_gain=gain) == got
     # Deterministic: the candidates' order does not matter.
