@@ -15,7 +15,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.fault_upstream import start_fault_upstream
 from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, Rss
-from tests.lab.procs import Procs, Relay, until
+from tests.lab.procs import Procs, Relay, RelayFactory, until
 from tests.lab.timing import SECOND
 from tests.system.test_ws_upstream import stop_process
 
@@ -87,7 +86,7 @@ async def test_fake_dead_upstream_calls_end_by_their_deadline_then_fail_fast_the
     mode: str,
     procs: Procs,
     anvil: Anvil,
-    relay_factory: Callable[..., Awaitable[Relay]],
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     fake = await start_fault_upstream(procs, "healthy", anvil.url, tmp_path / "fake.log")
@@ -149,7 +148,7 @@ async def test_fake_dead_upstream_calls_end_by_their_deadline_then_fail_fast_the
 
 
 async def test_fake_429_storm_upstream_stays_in_rotation_and_calls_end_by_the_deadline(
-    procs: Procs, anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]], tmp_path: Path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     fake = await start_fault_upstream(procs, "healthy", anvil.url, tmp_path / "fake.log")
     relay = await relay_factory([fake.url], POOL + "max_consecutive_errors = 2\n")
@@ -176,7 +175,7 @@ async def test_fake_429_storm_upstream_stays_in_rotation_and_calls_end_by_the_de
 
 
 async def test_fake_hanging_upstream_beside_a_real_one_calls_still_succeed_in_the_deadline(
-    procs: Procs, anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]], tmp_path: Path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     fake = await start_fault_upstream(procs, "healthy", anvil.url, tmp_path / "fake.log")
     # The real node is reached 200 ms later than the fake, so the relay (which orders
@@ -203,7 +202,7 @@ async def test_fake_hanging_upstream_beside_a_real_one_calls_still_succeed_in_th
 
 
 async def test_hung_ws_node_a_forwarded_call_and_its_retry_share_one_deadline(
-    anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
+    anvil: Anvil, relay_factory: RelayFactory
 ) -> None:
     # A real node, stopped: connected and silent. The forwarded try waits its timeout
     # (0.6 deadlines), the retry on the full path only what is left of the same deadline.

@@ -7,7 +7,7 @@ answers a normal request and its process is still running.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
-from tests.lab.procs import Relay, rpc
+from tests.lab.procs import Relay, RelayFactory, rpc
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -34,9 +34,7 @@ CALL = b'{"jsonrpc":"2.0","id":%d,"method":"eth_chainId"}'
 
 
 @pytest.fixture
-async def relay(
-    anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
-) -> AsyncIterator[Relay]:
+async def relay(anvil: Anvil, relay_factory: RelayFactory) -> AsyncIterator[Relay]:
     # An HTTP upstream: the node's errors are compared with what it answers over HTTP
     # (anvil words some errors differently over WebSocket).
     yield await relay_factory([anvil.url], LIMITS)

@@ -9,7 +9,6 @@ calls in them. A second relay straight on anvil gives each call's single answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.counting_proxy import CountingProxy, start_proxy
-from tests.lab.procs import Procs, Relay, until
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -86,8 +85,8 @@ async def batch_requests(proxy: CountingProxy) -> int:
 
 async def lab(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Any,
     **proxy_kw: Any,
 ) -> tuple[Anvil, CountingProxy, Relay, Relay]:
@@ -110,8 +109,8 @@ async def lab(
 
 async def test_a_batch_of_300_distinct_misses_costs_3_upstream_requests_answered_as_singles(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(procs, anvil_factory, relay_factory, tmp_path)
@@ -147,8 +146,8 @@ async def test_a_batch_of_300_distinct_misses_costs_3_upstream_requests_answered
 
 async def test_batch_items_coalesce_with_identical_single_calls_both_ways(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(
@@ -184,8 +183,8 @@ async def test_batch_items_coalesce_with_identical_single_calls_both_ways(
 
 async def test_fake_upstream_refusing_batches_gets_the_calls_one_by_one(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(
@@ -199,8 +198,8 @@ async def test_fake_upstream_refusing_batches_gets_the_calls_one_by_one(
 
 async def test_a_websocket_upstream_takes_a_batch_as_one_message(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     _anvil, proxy, _relay, direct = await lab(procs, anvil_factory, relay_factory, tmp_path)

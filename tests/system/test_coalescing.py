@@ -8,7 +8,6 @@ the count at the proxy is the number of calls that reached the node.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ import aiohttp
 import orjson
 import pytest
 
-from chainrelay.devnet import DEV_ACCOUNTS, Anvil
+from chainrelay.devnet import DEV_ACCOUNTS
 from tests.lab.counting_proxy import start_proxy
-from tests.lab.procs import Procs, Relay, until
+from tests.lab.procs import AnvilFactory, Procs, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -72,8 +71,8 @@ def request_id(i: int) -> int | str:
 
 async def test_200_concurrent_identical_eth_calls_reach_the_node_once(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)  # the head must not move
@@ -123,8 +122,8 @@ async def test_200_concurrent_identical_eth_calls_reach_the_node_once(
 
 async def test_an_empty_eth_call_answer_at_an_unfinal_block_costs_one_upstream_call(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     # Asked by hash, an empty answer ("0x": no code there) is that block's answer for good.
@@ -163,8 +162,8 @@ async def test_an_empty_eth_call_answer_at_an_unfinal_block_costs_one_upstream_c
 
 async def test_concurrent_reads_of_a_finalized_block_cost_one_upstream_call(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)

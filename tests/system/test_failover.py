@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ import aiohttp
 import orjson
 import pytest
 
-from chainrelay.devnet import DEV_ACCOUNTS, Anvil
+from chainrelay.devnet import DEV_ACCOUNTS
 from tests.lab.counting_proxy import CountingProxy, start_proxy
 from tests.lab.fault_upstream import HEAD_METHODS, start_fault_upstream
-from tests.lab.procs import Procs, Relay, until
+from tests.lab.procs import AnvilFactory, Procs, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -130,8 +129,8 @@ def non_head_calls(counts: dict[str, int]) -> int:
 
 async def test_sigkill_of_an_upstream_mid_load_fails_no_client_request(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=1.0)
@@ -166,8 +165,8 @@ async def test_sigkill_of_an_upstream_mid_load_fails_no_client_request(
 async def test_fake_upstream_faults_are_retried_on_the_healthy_path(
     mode: str,
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)
@@ -223,8 +222,8 @@ def revert_code(reason: str) -> str:
 
 async def test_node_errors_pass_through_unchanged_and_are_not_retried(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)

@@ -5,7 +5,6 @@ eth_getLogs guards at creation, against a real anvil.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,9 @@ import aiohttp
 import pytest
 
 from chainrelay.defaults import ADMIN_LISTEN
-from chainrelay.devnet import Anvil, free_port
+from chainrelay.devnet import free_port
 from tests.lab.chain import metric, wait_same_head
-from tests.lab.procs import Procs, Relay, rpc, until
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, rpc, until
 from tests.lab.timing import SECOND
 from tests.system.test_filters import (
     A0,
@@ -28,9 +27,6 @@ from tests.system.test_filters import (
 )
 
 pytestmark = pytest.mark.lab
-
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[Anvil]]
 
 
 async def status_of(url: str) -> tuple[int, str]:

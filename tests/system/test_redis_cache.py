@@ -14,7 +14,6 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,12 @@ import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.counting_proxy import CountingProxy, start_proxy
-from tests.lab.procs import Procs, Relay, rpc, until
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, rpc, until
 from tests.lab.redis_server import RedisServer, start_redis
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[Anvil]]
 
 STILL_HEAD = "[head]\nfresh_blocks = 1000000.0\n"
 

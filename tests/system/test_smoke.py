@@ -1,18 +1,14 @@
 """The quickest end-to-end check: a relay in front of anvil answers like anvil."""
 
-from collections.abc import Awaitable, Callable
-
 import pytest
 
 from chainrelay.devnet import Anvil
-from tests.lab.procs import Relay, rpc
+from tests.lab.procs import RelayFactory, rpc
 
 pytestmark = pytest.mark.lab
 
 
-async def test_relay_answers_like_anvil(
-    anvil: Anvil, relay_factory: Callable[..., Awaitable[Relay]]
-) -> None:
+async def test_relay_answers_like_anvil(anvil: Anvil, relay_factory: RelayFactory) -> None:
     relay = await relay_factory([anvil.ws_url])
     direct = await rpc(anvil.url, "eth_chainId")
     through = await rpc(relay.url, "eth_chainId", id_="x")
