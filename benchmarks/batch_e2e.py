@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -51,7 +52,7 @@ import orjson
 # The lab's helpers live with the tests (``tests/lab``), one level above this folder.
 from benchmarks import common
 from chainrelay.clients.batchsubscriber import BatchSubscription
-from chainrelay.clients.publisher import Publisher
+from chainrelay.clients.publisher import Ack, Publisher
 from chainrelay.tree.frame import Signer, keccak
 from tests.lab.batches import payload_of
 from tests.lab.chain import metric
@@ -175,6 +176,10 @@ async def push(pub: Publisher, seqs: range, rate: float, size: int, r: Round) ->
     """Push ``seqs`` at ``rate`` a second; returns once every one is acknowledged."""
     loop = asyncio.get_running_loop()
     acks = []
+
+    def acked(seq: int, _fut: asyncio.Future[Ack]) -> None:
+        r.acked_us[seq] = time.time_ns() // 1000
+
     start = loop.time()
     for i, seq in enumerate(seqs):
         # Pacing: batch i is due at start + i / rate.
@@ -183,9 +188,7 @@ async def push(pub: Publisher, seqs: range, rate: float, size: int, r: Round) ->
         await pub.room(len(data))
         fut = pub.submit(seq, data)
         r.sent_us[seq] = time.time_ns() // 1000
-        fut.add_done_callback(
-            lambda _f, seq=seq: r.acked_us.__setitem__(seq, time.time_ns() // 1000)
-        )
+        fut.add_done_callback(functools.partial(acked, seq))
         acks.append(fut)
     async with asyncio.timeout(DRAIN_SECONDS):
         await asyncio.gather(*acks)

@@ -77,10 +77,17 @@ def command(url: str, script: Path, seconds: float) -> list[str]:
     ]
 
 
+def printed(pattern: str, out: str) -> str:
+    """The first group of ``pattern`` in wrk's output, which must have it."""
+    found = re.search(pattern, out)
+    assert found is not None, f"wrk printed nothing like {pattern!r}:\n{out}"
+    return found.group(1)
+
+
 def parse(out: str) -> Output:
     """What wrk printed, as figures."""
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(printed(r"Requests/sec:\s+([\d.]+)", out))
+    requests = int(printed(r"(\d+) requests in", out))
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
     errors = 0
     for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: (.*)"):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
 from chainrelay.devnet import Anvil
-from tests.lab.procs import Procs, Relay, relay_config
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, relay_config
 from tests.lab.timing import SECOND
 
 
@@ -22,12 +23,22 @@ def procs() -> Iterator[Procs]:
         p.close()
 
 
+class AnvilArgs(TypedDict, total=False):
+    """Anvil's keyword arguments."""
+
+    chain_id: int
+    block_time: float | None
+    host: str
+    port: int | None
+    extra: list[str] | None
+
+
 @pytest.fixture
-def anvil_factory(procs: Procs) -> Callable[..., Awaitable[Anvil]]:
+def anvil_factory(procs: Procs) -> AnvilFactory:
     """Start an anvil node: ``await anvil_factory(chain_id=56, block_time=1.0)``."""
 
-    async def make(**kw: object) -> Anvil:
-        node = Anvil(**kw)  # type: ignore[arg-type]
+    async def make(**kw: Unpack[AnvilArgs]) -> Anvil:
+        node = Anvil(**kw)
         procs.anvils.append(node)
         node.start()
         await node.wait_ready(20 * SECOND)
@@ -37,13 +48,13 @@ def anvil_factory(procs: Procs) -> Callable[..., Awaitable[Anvil]]:
 
 
 @pytest.fixture
-async def anvil(anvil_factory: Callable[..., Awaitable[Anvil]]) -> AsyncIterator[Anvil]:
+async def anvil(anvil_factory: AnvilFactory) -> AsyncIterator[Anvil]:
     """A BSC-like anvil (chain id 56) mining a block every second."""
     yield await anvil_factory(chain_id=56, block_time=1.0)
 
 
 @pytest.fixture
-def relay_factory(procs: Procs, tmp_path: Path) -> Callable[..., Awaitable[Relay]]:
+def relay_factory(procs: Procs, tmp_path: Path) -> RelayFactory:
     """Start a relay process: ``await relay_factory([upstream_url, ...], extra_toml)``."""
 
     async def make(upstreams: list[str], extra: str = "", name: str = "relay") -> Relay:

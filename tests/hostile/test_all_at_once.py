@@ -41,7 +41,7 @@ from tests.lab.hostile import (
     MiB,
     Rss,
 )
-from tests.lab.procs import Relay
+from tests.lab.procs import Relay, RelayFactory
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -130,7 +130,7 @@ async def pipelined_flood(relay: Relay, address: str, n: int) -> int:
 
 
 async def test_every_attack_at_once_with_default_limits_stays_within_the_node_budget(
-    anvil: Anvil, relay_factory
+    anvil: Anvil, relay_factory: RelayFactory
 ) -> None:
     relay: Relay = await relay_factory([anvil.url])
     assert relay.proc is not None

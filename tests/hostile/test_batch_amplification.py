@@ -12,16 +12,18 @@ relay → counting proxy → anvil; the proxy counts the upstream requests.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from chainrelay.devnet import Anvil
 from tests.hostile.attacks import BATCH_CALLS, attack_batch, post_batches
 from tests.lab.counting_proxy import CountingProxy, start_proxy
 from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, Rss
-from tests.lab.procs import Relay
+from tests.lab.procs import Procs, Relay, RelayFactory
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -40,8 +42,12 @@ async def upstream_requests(proxy: CountingProxy) -> tuple[int, int]:
 
 
 async def start(
-    procs, anvil, relay_factory, tmp_path, extra: str = ""
-) -> tuple[CountingProxy, Relay, Rss]:  # type: ignore[no-untyped-def]
+    procs: Procs,
+    anvil: Anvil,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
+    extra: str = "",
+) -> tuple[CountingProxy, Relay, Rss]:
     proxy = await start_proxy(procs, anvil.url, log_path=tmp_path / "proxy.log")
     relay = await relay_factory([proxy.url], "[pool]\nhedge = false\n" + extra)
     assert relay.proc is not None
@@ -50,7 +56,7 @@ async def start(
 
 
 async def test_parallel_batches_of_distinct_misses_cost_a_request_per_100_calls(
-    procs, anvil, relay_factory, tmp_path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     proxy, relay, rss = await start(procs, anvil, relay_factory, tmp_path)
     bodies = [attack_batch(k) for k in range(BATCHES)]
@@ -71,7 +77,7 @@ async def test_parallel_batches_of_distinct_misses_cost_a_request_per_100_calls(
 
 
 async def test_past_the_node_bound_batches_are_shed_with_minus_32005(
-    procs, anvil, relay_factory, tmp_path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     # Room for one chunk of 100 calls and a few single misses: the other chunks are shed.
     limits = "[limits]\nmax_upstream_in_flight = 150\nmax_upstream_in_flight_per_client = 1000\n"
@@ -97,7 +103,7 @@ async def test_past_the_node_bound_batches_are_shed_with_minus_32005(
 
 
 async def test_a_client_past_its_own_bound_waits_while_another_client_is_served(
-    procs, anvil, relay_factory, tmp_path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     # One upstream batch of 100 at a time per client, each taking 100 ms upstream: the
     # attacker's 2,000 calls take ~2 s; another client's 100 calls one upstream batch.

@@ -15,17 +15,18 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from chainrelay.devnet import DEV_ACCOUNTS
+from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.counting_proxy import start_proxy
 from tests.lab.fault_upstream import start_fault_upstream
 from tests.lab.hostile import ATTACK_RSS_GROWTH, BYSTANDER_P99, Bystander, Rss
-from tests.lab.procs import Relay, until
+from tests.lab.procs import Procs, Relay, RelayFactory, until
 from tests.lab.timing import SECOND
 from tests.system.test_ws_upstream import stop_process
 
@@ -82,7 +83,11 @@ def assert_bounded(relay: Relay, rss: Rss, bystander: Bystander) -> None:
 
 @pytest.mark.parametrize("mode", ["hang", "drip", "close_mid_answer"])
 async def test_fake_dead_upstream_calls_end_by_their_deadline_then_fail_fast_then_recover(
-    mode, procs, anvil, relay_factory, tmp_path
+    mode: str,
+    procs: Procs,
+    anvil: Anvil,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     fake = await start_fault_upstream(procs, "healthy", anvil.url, tmp_path / "fake.log")
     relay = await relay_factory([fake.url], POOL)
@@ -143,7 +148,7 @@ async def test_fake_dead_upstream_calls_end_by_their_deadline_then_fail_fast_the
 
 
 async def test_fake_429_storm_upstream_stays_in_rotation_and_calls_end_by_the_deadline(
-    procs, anvil, relay_factory, tmp_path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     fake = await start_fault_upstream(procs, "healthy", anvil.url, tmp_path / "fake.log")
     relay = await relay_factory([fake.url], POOL + "max_consecutive_errors = 2\n")
@@ -170,7 +175,7 @@ async def test_fake_429_storm_upstream_stays_in_rotation_and_calls_end_by_the_de
 
 
 async def test_fake_hanging_upstream_beside_a_real_one_calls_still_succeed_in_the_deadline(
-    procs, anvil, relay_factory, tmp_path
+    procs: Procs, anvil: Anvil, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:
     fake = await start_fault_upstream(procs, "healthy", anvil.url, tmp_path / "fake.log")
     # The real node is reached 200 ms later than the fake, so the relay (which orders
@@ -197,7 +202,7 @@ async def test_fake_hanging_upstream_beside_a_real_one_calls_still_succeed_in_th
 
 
 async def test_hung_ws_node_a_forwarded_call_and_its_retry_share_one_deadline(
-    anvil, relay_factory
+    anvil: Anvil, relay_factory: RelayFactory
 ) -> None:
     # A real node, stopped: connected and silent. The forwarded try waits its timeout
     # (0.6 deadlines), the retry on the full path only what is left of the same deadline.

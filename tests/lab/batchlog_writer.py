@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import random
 import sys
@@ -48,7 +49,7 @@ async def run(path: str, count: int) -> None:
     for seq in range(1, count + 1):
         await window.acquire()
         last = log.append(STREAM, seq, *batch(seq))
-        last.add_done_callback(lambda f, seq=seq: acked(f, seq))
+        last.add_done_callback(functools.partial(acked, seq=seq))
     if last is not None:
         await asyncio.wait([last])
     await log.stop()

@@ -167,6 +167,12 @@ class Relay:
             return body
 
 
+# The anvil_factory and relay_factory fixtures (tests/conftest.py), as a test's parameters:
+# ``await anvil_factory(chain_id=56, block_time=None)``, ``await relay_factory([url], toml)``.
+AnvilFactory = Callable[..., Awaitable[Anvil]]
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text exposition as {"name{labels}": value}, for ``chain.metric``."""
     out: dict[str, float] = {}

@@ -6,6 +6,7 @@ move together.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 NUM = (int, float)
@@ -107,7 +108,7 @@ TOP = {
 }
 
 
-def _keys(doc: Any, spec: dict[str, tuple[type, ...]], where: str) -> None:
+def _keys(doc: Any, spec: Mapping[str, tuple[type, ...]], where: str) -> None:
     assert isinstance(doc, dict), f"{where}: an object expected, got {doc!r}"
     assert set(doc) == set(spec), f"{where}: keys {sorted(doc)} != {sorted(spec)}"
     for key, types in spec.items():

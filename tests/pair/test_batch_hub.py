@@ -14,6 +14,7 @@ forged one; and count its children's ``held`` for acknowledgements that wait for
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,10 +85,14 @@ def relay_node(**kw: Any) -> FeedHub:
     return h
 
 
-def order_of(h: FeedHub) -> BatchOrder[Frame]:
+def batch_stream(h: FeedHub) -> BatchStream:
     st = h.streams[S]
     assert isinstance(st, BatchStream)
-    return st.order
+    return st
+
+
+def order_of(h: FeedHub) -> BatchOrder[Frame]:
+    return batch_stream(h).order
 
 
 def counted(h: FeedHub, outcome: str, stream: str = S) -> float:
@@ -182,14 +187,21 @@ async def test_batches_from_one_parent_a_turn_apart_pass_as_the_other_fills_each
     pa = connect(a, [Want(S, from_position=0)], hub=relay)
     pb = connect(b, [Want(S, from_position=0)], hub=relay)
     await welcomed(child, pa, pb)
+
+    def relay_has_from_a(n: int) -> bool:
+        return len(pa.child.frames) == n - n // 3
+
+    def child_has_up_to(n: int) -> bool:
+        return len(child.child.frames) >= min(n + 3, 20)
+
     for n in range(20):
         if n % 3:
             a.publish(FRAMES[n])
-            await until(lambda n=n: len(pa.child.frames) == n - n // 3, WAIT, f"a's {n}")
+            await until(functools.partial(relay_has_from_a, n), WAIT, f"a's {n}")
     assert child.child.frames == [] and order_of(relay).next == 0  # 0 was never sent
     for n in range(0, 20, 3):
         b.publish(FRAMES[n])
-        await until(lambda n=n: len(child.child.frames) >= min(n + 3, 20), WAIT, f"up to {n}")
+        await until(functools.partial(child_has_up_to, n), WAIT, f"up to {n}")
     assert child.child.frames == [FRAMES[n] for n in range(20)]
 
 
@@ -431,7 +443,7 @@ async def test_a_forged_confirmation_is_refused_and_changes_nothing(how: str) ->
     assert relay.confirm(S, 3, sig) is True
     stream, seq, forged = forgeries(8)[how]
     assert relay.confirm(stream, seq, forged) is False
-    assert relay.streams[S].confirmed == (3, sig)
+    assert batch_stream(relay).confirmed == (3, sig)
     assert relay.streams[S].backlog.oldest_position == 3
     relay.publish(FRAMES[10])  # anything the forgery sent would be on the wire before it
     await has(child, 11)
@@ -446,7 +458,7 @@ async def test_a_forged_confirmation_below_the_confirmed_seq_is_refused() -> Non
 
 # --- held -----------------------------------------------------------------------------
 def held_by(h: FeedHub, p: Pair) -> int | None:
-    return h.streams[S].held.get(p.session)
+    return batch_stream(h).held.get(p.session)
 
 
 async def tell_held(h: FeedHub, p: Pair, position: int) -> None:
@@ -474,7 +486,7 @@ async def test_wait_held_resolves_once_k_children_hold_the_seq() -> None:
     gone = c1.session
     c1.to_parent.close()
     await until(lambda: gone not in relay.streams[S].children, WAIT, "c1 gone")
-    assert gone not in relay.streams[S].held
+    assert gone not in batch_stream(relay).held
     await tell_held(relay, c2, 7)
     assert not later.done()
     await tell_held(relay, c3, 9)
@@ -515,7 +527,7 @@ async def test_a_malformed_control_message_closes_that_child_only(body: bytes) -
     await bad.child.lost.wait()
     assert bad.child.close_code == CLOSE_BAD_HELLO
     assert closes(relay, "bad_control") == 1
-    assert not fut.done() and relay.streams[S].held == {}
+    assert not fut.done() and batch_stream(relay).held == {}
     relay.publish(FRAMES[3])
     await has(good, 4)
     assert good.child.frames == [FRAMES[n] for n in range(4)]
@@ -647,7 +659,7 @@ async def test_a_relay_wired_as_a_node_tells_its_parent_what_it_holds(
         assert await asyncio.wait_for(last, WAIT) == 1
         assert not beyond.done()
         assert seqs([e.raw for e in relay.streams[S].backlog.entries]) == list(range(30))
-        assert list(parent.streams[S].held.values()) == [29]
+        assert list(batch_stream(parent).held.values()) == [29]
     finally:
         await link.stop()
         await parent.stop()

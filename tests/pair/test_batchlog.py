@@ -8,6 +8,7 @@ A commit that fails is made by a real sqlite trigger that aborts the insert of o
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import sqlite3
@@ -57,11 +58,15 @@ async def test_a_burst_is_committed_in_few_transactions(blog: BatchLog) -> None:
 
 async def test_futures_resolve_in_append_order_across_streams(blog: BatchLog) -> None:
     order: list[tuple[str, int]] = []
+
+    def resolved(key: tuple[str, int], _fut: asyncio.Future[None]) -> None:
+        order.append(key)
+
     futures = []
     for seq in range(1, 301):
         for stream in ("a/batches", "b/batches"):
             fut = push(blog, seq, 256, stream)
-            fut.add_done_callback(lambda _f, key=(stream, seq): order.append(key))
+            fut.add_done_callback(functools.partial(resolved, (stream, seq)))
             futures.append(fut)
     await asyncio.gather(*futures)
     assert order == [(s, n) for n in range(1, 301) for s in ("a/batches", "b/batches")]

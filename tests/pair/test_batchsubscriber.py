@@ -11,13 +11,14 @@ subscription's links only retry in the background.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import TypedDict, Unpack
 
 import pytest
 from aiohttp import web
 
 from chainrelay.batches.frame import encode_frame, encode_range, sign_batch
-from chainrelay.clients.batchsubscriber import BatchSubscription, FeedBatch
+from chainrelay.clients.batchsubscriber import BatchSubscription, Checked, FeedBatch
 from chainrelay.clients.feed import range_url
 from chainrelay.errors import BackfillFailed, ConfigError
 from chainrelay.tree.frame import HEADER_LEN, KIND_BLOCK, Signer, encode, keccak
@@ -29,7 +30,24 @@ CHAIN = 42161
 SEQUENCER = Signer(keccak(b"sequencer key"))
 STRANGER = Signer(keccak(b"someone else's key"))
 TRUST = ["0x" + SEQUENCER.address.hex()]
-FAST = {"retry_delay": 0.02, "retry_max": 0.05, "connect_timeout": 2 * SECOND}
+
+
+class Timeouts(TypedDict):
+    retry_delay: float
+    retry_max: float
+    connect_timeout: float
+
+
+class Changes(TypedDict, total=False):
+    """What a test here sets of BatchSubscription's arguments beside the defaults below."""
+
+    from_seq: int | None
+    max_payload_bytes: int
+    queue_batches: int
+    range_rounds: int
+
+
+FAST: Timeouts = {"retry_delay": 0.02, "retry_max": 0.05, "connect_timeout": 2 * SECOND}
 
 
 def payload_of(seq: int) -> bytes:
@@ -57,18 +75,26 @@ def frame_of(
     )
 
 
-def subscription(urls: list[str] | None = None, **kw: object) -> BatchSubscription:
+def subscription(
+    urls: list[str] | None = None,
+    *,
+    trust: Sequence[str] = TRUST,
+    chain_id: int | None = CHAIN,
+    **kw: Unpack[Changes],
+) -> BatchSubscription:
     return BatchSubscription(
-        urls or ["ws://127.0.0.1:9/feed"],
-        STREAM,
-        trust=kw.pop("trust", TRUST),  # type: ignore[arg-type]
-        chain_id=kw.pop("chain_id", CHAIN),  # type: ignore[arg-type]
-        **{**FAST, **kw},  # type: ignore[arg-type]
+        urls or ["ws://127.0.0.1:9/feed"], STREAM, trust=trust, chain_id=chain_id, **FAST, **kw
     )
 
 
+def checked(batch: Checked | None) -> Checked:
+    """A queued batch, not a gap's marker."""
+    assert batch is not None, "a gap queued where a batch was expected"
+    return batch
+
+
 def queued(sub: BatchSubscription) -> list[int]:
-    return [q.batch.seq for q in sub.queue]
+    return [checked(q.batch).seq for q in sub.queue]
 
 
 # --- checks of each frame --------------------------------------------------------------------
@@ -78,8 +104,8 @@ def test_frames_in_order_are_queued_with_their_payload_and_signer() -> None:
     for seq in range(5, 9):
         sub.on_frame(link, frame_of(seq))
     assert queued(sub) == [5, 6, 7, 8]
-    assert sub.queue[0].batch.payload == payload_of(5)
-    assert sub.queue[0].batch.signer == TRUST[0]
+    assert checked(sub.queue[0].batch).payload == payload_of(5)
+    assert checked(sub.queue[0].batch).signer == TRUST[0]
     assert sub.accepted_next == 9 and not sub.dropped and sub.duplicates == 0
 
 

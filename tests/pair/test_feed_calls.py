@@ -85,6 +85,7 @@ class Pair:
         body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
         got = self.rpc.handle(body)
         raw = got if isinstance(got, bytes) else await got
+        assert raw is not None, "no answer owed for a call with an id"
         return orjson.loads(raw)
 
 

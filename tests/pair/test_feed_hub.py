@@ -11,6 +11,7 @@ losing the link; ``bye`` and 4408 when it reads too slowly, and the rest when it
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import tracemalloc
 from collections.abc import Callable
@@ -157,9 +158,13 @@ async def test_children_joining_while_the_parent_publishes_get_every_frame_from_
                 await asyncio.sleep(0)
 
     await asyncio.gather(children(), origin())
+
+    def caught_up_or_closed(p: Pair) -> bool:
+        return p.child.frames[-1:] == published[-1:] or p.child.close_code is not None
+
     for p, _ in joins:
         await until(
-            lambda p=p: p.child.frames[-1:] == published[-1:] or p.child.close_code is not None,
+            functools.partial(caught_up_or_closed, p),
             WAIT,
             "the last frame at every child",
         )
@@ -722,9 +727,9 @@ async def test_a_feeders_fan_out_writes_the_nodes_other_workers_first() -> None:
     for name, p in [*(("child", c) for c in children), *(("sibling", s) for s in siblings)]:
         write = p.to_child.writelines
 
-        def recorded(chunks: Any, write: Any = write, name: str = name) -> None:
+        def recorded(list_of_data: Any, write: Any = write, name: str = name) -> None:
             order.append(name)
-            write(chunks)
+            write(list_of_data)
 
         p.to_child.writelines = recorded  # type: ignore[method-assign]
     parent.publish(frame(1))

@@ -17,6 +17,7 @@ flight, and goes to one group.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -48,6 +49,7 @@ from chainrelay.metrics import Metrics
 from chainrelay.tree import frame as feedframe
 from chainrelay.tree.frame import Frame, Signer, keccak
 from chainrelay.tree.hub import FeedHub
+from chainrelay.tree.streams import BatchStream
 from tests.lab.timing import SECOND
 
 S = "arbitrum/batches"
@@ -179,6 +181,12 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     finally:
         await ingress.stop()
         await hub.stop()
+
+
+def batch_stream(node: Node) -> BatchStream:
+    st = node.hub.streams[S]
+    assert isinstance(st, BatchStream)
+    return st
 
 
 def backlog(node: Node) -> list[Frame]:
@@ -318,8 +326,8 @@ async def test_confirmed_from_the_sequencer_trims_the_backlog_up_to_the_last_acc
 
     assert await node.answer(confirm(6)) == {"type": "confirmed", "stream": S, "seq": 6}
     assert [f.position for f in backlog(node)] == list(range(6, 10))
-    assert node.hub.streams[S].confirmed is not None
-    assert node.hub.streams[S].confirmed[0] == 6
+    confirmed = batch_stream(node).confirmed
+    assert confirmed is not None and confirmed[0] == 6
 
     assert await node.answer(confirm(9)) == {"type": "confirmed", "stream": S, "seq": 9}
     assert [f.position for f in backlog(node)] == [9]
@@ -328,7 +336,8 @@ async def test_confirmed_from_the_sequencer_trims_the_backlog_up_to_the_last_acc
     assert data == {"expected": 10}
     data = refusal(await node.answer(confirm(8, signer=STRANGER)), SIGNER, 8)
     assert data == {"signer": "0x" + STRANGER.address.hex()}
-    assert node.hub.streams[S].confirmed[0] == 9
+    confirmed = batch_stream(node).confirmed
+    assert confirmed is not None and confirmed[0] == 9
     assert [f.position for f in backlog(node)] == [9]
     assert node.count("confirmed") == 2
 
@@ -338,7 +347,7 @@ async def test_acks_come_in_seq_order_and_refusals_at_once(node: Node) -> None:
     order: list[int] = []
     all_answered = asyncio.Event()
 
-    def answered(seq: int) -> None:
+    def answered(seq: int, _fut: asyncio.Future[Any]) -> None:
         order.append(seq)
         if len(order) == 300:
             all_answered.set()
@@ -347,7 +356,7 @@ async def test_acks_come_in_seq_order_and_refusals_at_once(node: Node) -> None:
     for seq in range(300):
         answer = node.send(push(seq))
         assert isinstance(answer, asyncio.Future)
-        answer.add_done_callback(lambda _f, seq=seq: answered(seq))
+        answer.add_done_callback(functools.partial(answered, seq))
         answers.append(answer)
         if seq % 50 == 25:
             # Refused while acks are pending: answered now, not behind them.

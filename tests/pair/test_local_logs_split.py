@@ -170,5 +170,5 @@ async def test_odd_params_and_unresolved_tags_are_left_to_the_upstream() -> None
         [{"fromBlock": "0x5a", "toBlock": "0x64", "address": "0x1234"}],
         [{"blockHash": block_hash(89)}],  # not held
     ):
-        assert await local.answer(params) is None, params  # type: ignore[arg-type]
+        assert await local.answer(params) is None, params
     assert upstream.asked == []

@@ -7,6 +7,7 @@ import asyncio
 import io
 import lzma
 from pathlib import Path
+from typing import Required, TypedDict
 
 import orjson
 import pytest
@@ -27,7 +28,34 @@ from chainrelay.errors import ConfigError, PublishError, PublishRefused
 from chainrelay.tree.frame import keccak, recover
 
 KEY = bytes(Account.create().key)
-OPTS = {"stream": "arbitrum/batches", "chain_id": 42161, "key": KEY.hex(), "api_key": "k"}
+
+
+class PlanKeys(TypedDict, total=False):
+    """publish_plan's stream and keys: what every test gives it."""
+
+    stream: Required[str]
+    chain_id: Required[int]
+    key: str | None
+    key_file: str | None
+    api_key: str | None
+
+
+class PlanArgs(PlanKeys, total=False):
+    """All of publish_plan's keyword arguments, for the tests that change any of them."""
+
+    file: str | None
+    count: int | None
+    size: int | None
+    seed: int
+    from_seq: int
+    rate: float | None
+    relays: int
+    window: int
+    confirm_every: int
+    env: dict[str, str] | None
+
+
+OPTS: PlanKeys = {"stream": "arbitrum/batches", "chain_id": 42161, "key": KEY.hex(), "api_key": "k"}
 
 
 @pytest.mark.parametrize(
@@ -100,14 +128,14 @@ def test_plan_generated_and_from_file(tmp_path: Path) -> None:
     batches.write_text("0x01\n02\n")
     key_file = tmp_path / "key"
     key_file.write_text("0x" + KEY.hex() + "\n")
-    opts = {**OPTS, "key": None, "key_file": str(key_file)}
+    opts: PlanKeys = {**OPTS, "key": None, "key_file": str(key_file)}
     plan = publish_plan(["ws://h:1"], file=str(batches), **opts)
     assert (plan.count, plan.key) == (2, KEY)
     assert [plan.payload(i) for i in range(2)] == [b"\x01", b"\x02"]
 
 
 def test_plan_api_key_from_the_environment() -> None:
-    opts = {**OPTS, "api_key": None}
+    opts: PlanKeys = {**OPTS, "api_key": None}
     plan = publish_plan(["ws://h:1"], count=1, size=1, env={"CHAINRELAY_API_KEY": "e"}, **opts)
     assert plan.api_key == "e"
     with pytest.raises(ConfigError, match="API key"):
@@ -130,10 +158,10 @@ def test_plan_api_key_from_the_environment() -> None:
         ({"confirm_every": -1}, "--confirm-every"),
     ],
 )
-def test_plan_refuses_bad_arguments(change: dict[str, object], match: str) -> None:
-    kw: dict[str, object] = {**OPTS, "count": 10, "size": 10, "env": {}, **change}
+def test_plan_refuses_bad_arguments(change: PlanArgs, match: str) -> None:
+    kw: PlanArgs = {**OPTS, "count": 10, "size": 10, "env": {}, **change}
     with pytest.raises(ConfigError, match=match):
-        publish_plan(["ws://h:1"], **kw)  # type: ignore[arg-type]
+        publish_plan(["ws://h:1"], **kw)
 
 
 def test_cli_bad_arguments_exit_2_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,7 +247,10 @@ def two_nodes(**limits: int) -> Publisher:
 
 
 def answer(pub: Publisher, node: int, kind: str, seq: int, **fields: object) -> None:
-    pub.nodes[node]._answer(orjson.dumps({"type": kind, "stream": "s", "seq": seq, **fields}))
+    # As the node's text message: the publisher ignores binary ones.
+    pub.nodes[node]._answer(
+        orjson.dumps({"type": kind, "stream": "s", "seq": seq, **fields}).decode()
+    )
 
 
 def refuse(pub: Publisher, node: int, seq: int, code: int, **data: object) -> None:

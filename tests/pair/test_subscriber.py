@@ -14,8 +14,9 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 import pytest
@@ -47,7 +48,15 @@ ORIGIN = Signer(keccak(b"origin key"))
 STRANGER = Signer(keccak(b"someone else's key"))
 TRUST = ["0x" + ORIGIN.address.hex()]
 # Fast reconnects keep the tests short; the back-off itself is the link's.
-FAST = {"retry_delay": 0.02, "retry_max": 0.2, "connect_timeout": 2 * SECOND}
+
+
+class Timeouts(TypedDict):
+    retry_delay: float
+    retry_max: float
+    connect_timeout: float
+
+
+FAST: Timeouts = {"retry_delay": 0.02, "retry_max": 0.2, "connect_timeout": 2 * SECOND}
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Made:
 
 def make_block(n: int, *, salt: bytes = b"", signer: Signer = ORIGIN, txs: int = 2) -> Made:
     h = keccak(b"block %d" % n + salt)
-    block = {
+    block: dict[str, Any] = {
         "number": hex(n),
         "hash": "0x" + h.hex(),
         "parentHash": "0x" + keccak(b"block %d" % (n - 1)).hex(),
@@ -188,11 +197,16 @@ class Parent:
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
 
+# Fixtures: parents(**Parent's arguments) starts one; consumers(sub) reads a subscription.
+Parents = Callable[..., Awaitable[Parent]]
+Consumers = Callable[[Subscription], FeedReader]
+
+
 @pytest.fixture
-async def parents() -> Any:
+async def parents() -> AsyncIterator[Parents]:
     made: list[Parent] = []
 
-    async def start(**kw: Any) -> Parent:
+    async def start(**kw: int) -> Parent:
         p = await Parent(**kw).start()
         made.append(p)
         return p
@@ -203,7 +217,7 @@ async def parents() -> Any:
 
 
 @pytest.fixture
-async def consumers() -> Any:
+async def consumers() -> AsyncIterator[Consumers]:
     made: list[FeedReader] = []
 
     def start(sub: Subscription) -> FeedReader:
@@ -233,7 +247,9 @@ def corpus_block() -> Made:
     return Made(n, b["hash"], b, r, raw)
 
 
-async def test_blocks_arrive_in_order_checked_and_whole(parents: Any, consumers: Any) -> None:
+async def test_blocks_arrive_in_order_checked_and_whole(
+    parents: Parents, consumers: Consumers
+) -> None:
     parent = await parents()
     real = corpus_block()
     n = real.number
@@ -256,7 +272,7 @@ async def test_blocks_arrive_in_order_checked_and_whole(parents: Any, consumers:
     assert not sub.dropped and not parent.rpc_calls
 
 
-async def test_first_copy_wins_across_two_parents(parents: Any, consumers: Any) -> None:
+async def test_first_copy_wins_across_two_parents(parents: Parents, consumers: Consumers) -> None:
     a, b = await parents(), await parents()
     sub = Subscription([a.url, b.url], STREAM, from_block=1, trust=TRUST, **FAST)
     c = consumers(sub)
@@ -280,7 +296,7 @@ async def test_first_copy_wins_across_two_parents(parents: Any, consumers: Any) 
 
 
 async def test_frame_from_an_untrusted_signer_is_dropped_and_counted(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
@@ -298,7 +314,7 @@ async def test_frame_from_an_untrusted_signer_is_dropped_and_counted(
 
 
 async def test_any_signer_is_accepted_and_reported_without_trust(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, **FAST)
@@ -310,7 +326,7 @@ async def test_any_signer_is_accepted_and_reported_without_trust(
 
 
 async def test_truncated_frame_and_lz4_bomb_are_dropped_and_the_session_kept(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     limit = 1 << 20
@@ -341,7 +357,7 @@ async def test_truncated_frame_and_lz4_bomb_are_dropped_and_the_session_kept(
 
 
 async def test_resume_after_the_parent_drops_the_session_no_gap_no_duplicate(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
@@ -362,7 +378,7 @@ async def test_resume_after_the_parent_drops_the_session_no_gap_no_duplicate(
 
 
 async def test_bye_lagging_then_the_link_reconnects_and_resumes(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
@@ -380,7 +396,9 @@ async def test_bye_lagging_then_the_link_reconnects_and_resumes(
     assert parent.hellos[1].wants[0].from_position == 3
 
 
-async def test_welcome_gap_backfilled_over_a_jsonrpc_answerer(parents: Any, consumers: Any) -> None:
+async def test_welcome_gap_backfilled_over_a_jsonrpc_answerer(
+    parents: Parents, consumers: Consumers
+) -> None:
     parent = await parents(backlog_frames=3)
     blocks = [make_block(k) for k in range(1, 11)]
     for m in blocks:
@@ -403,7 +421,7 @@ async def test_welcome_gap_backfilled_over_a_jsonrpc_answerer(parents: Any, cons
 
 
 async def test_position_jump_backfilled_over_a_jsonrpc_answerer(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
@@ -421,7 +439,7 @@ async def test_position_jump_backfilled_over_a_jsonrpc_answerer(
 
 
 async def test_a_gap_its_parent_cannot_fill_is_fetched_from_the_other_parent(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     a, b = await parents(), await parents()
     sub = Subscription([a.url, b.url], STREAM, from_block=1, trust=TRUST, **FAST)
@@ -439,7 +457,7 @@ async def test_a_gap_its_parent_cannot_fill_is_fetched_from_the_other_parent(
     assert ("eth_getBlockByNumber", ["0x3", True]) in b.rpc_calls
 
 
-async def test_a_gap_no_endpoint_can_fill_ends_the_subscription(parents: Any) -> None:
+async def test_a_gap_no_endpoint_can_fill_ends_the_subscription(parents: Parents) -> None:
     parent = await parents()
     parent.publish(make_block(1))
     parent.publish(make_block(3), rpc_too=True)  # block 2: no frame, no JSON-RPC answer
@@ -452,7 +470,9 @@ async def test_a_gap_no_endpoint_can_fill_ends_the_subscription(parents: Any) ->
     assert got == [1]
 
 
-async def test_a_new_block_at_a_delivered_height_is_a_reorg(parents: Any, consumers: Any) -> None:
+async def test_a_new_block_at_a_delivered_height_is_a_reorg(
+    parents: Parents, consumers: Consumers
+) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
     c = consumers(sub)
@@ -467,7 +487,7 @@ async def test_a_new_block_at_a_delivered_height_is_a_reorg(parents: Any, consum
 
 
 async def test_frames_below_the_position_asked_for_are_stale_not_reorgs(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     parent.publish(make_block(1))
@@ -484,7 +504,7 @@ async def test_frames_below_the_position_asked_for_are_stale_not_reorgs(
 
 
 async def test_a_reorg_frame_past_a_missed_height_backfills_it_as_a_reorg(
-    parents: Any, consumers: Any
+    parents: Parents, consumers: Consumers
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, **FAST)
@@ -506,7 +526,7 @@ async def test_a_reorg_frame_past_a_missed_height_backfills_it_as_a_reorg(
 
 
 async def test_a_consumer_that_falls_behind_is_resynchronised_from_the_backlog(
-    parents: Any,
+    parents: Parents,
 ) -> None:
     parent = await parents()
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, queue_blocks=2, **FAST)
@@ -527,7 +547,7 @@ async def test_a_consumer_that_falls_behind_is_resynchronised_from_the_backlog(
 
 
 async def test_a_resync_past_the_parents_backlog_backfills_what_it_lost(
-    parents: Any,
+    parents: Parents,
 ) -> None:
     parent = await parents(backlog_frames=4)
     sub = Subscription(parent.url, STREAM, from_block=1, trust=TRUST, queue_blocks=2, **FAST)
@@ -548,7 +568,7 @@ async def test_a_resync_past_the_parents_backlog_backfills_what_it_lost(
     assert sub.backfilled == len(unverified)
 
 
-async def test_closing_the_generator_stops_every_link(parents: Any) -> None:
+async def test_closing_the_generator_stops_every_link(parents: Parents) -> None:
     a, b = await parents(), await parents()
     a.publish(make_block(1))
     gen = subscribe([a.url, b.url], STREAM, from_block=1, trust=TRUST)
@@ -559,7 +579,7 @@ async def test_closing_the_generator_stops_every_link(parents: Any) -> None:
     await until(lambda: not a.sockets and not b.sockets, 5 * SECOND, "both sessions to end")
 
 
-async def test_cli_prints_one_json_line_per_block(parents: Any) -> None:
+async def test_cli_prints_one_json_line_per_block(parents: Parents) -> None:
     parent = await parents()
     for k in range(1, 4):
         parent.publish(make_block(k, txs=k))
@@ -597,7 +617,7 @@ async def test_cli_prints_one_json_line_per_block(parents: Any) -> None:
     assert b"no --trust" in err and ("0x" + ORIGIN.address.hex()).encode() in err
 
 
-async def test_cli_ends_cleanly_on_sigint_and_reports_drops(parents: Any) -> None:
+async def test_cli_ends_cleanly_on_sigint_and_reports_drops(parents: Parents) -> None:
     parent = await parents()
     parent.publish(make_block(1))
     parent.publish(make_block(2, signer=STRANGER), rpc_too=False)

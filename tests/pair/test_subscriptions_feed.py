@@ -52,15 +52,16 @@ class MemoryChain(Upstream):
 
     def add(self, fork: str, n: int, parent_fork: str) -> Header:
         parent = block_hash(parent_fork, n - 1)
+        hash_ = block_hash(fork, n)
         block = {
             "number": hex(n),
-            "hash": block_hash(fork, n),
+            "hash": hash_,
             "parentHash": parent,
             "timestamp": hex(1000 + n),
             "transactions": [],
         }
-        self.blocks[block["hash"]] = block
-        return Header(n, block["hash"], parent)
+        self.blocks[hash_] = block
+        return Header(n, hash_, parent)
 
     def pushed(self, h: Header) -> dict[str, Any]:
         """The header as a node's newHeads stream sends it (no transactions)."""
@@ -299,7 +300,7 @@ async def test_an_upstream_without_block_receipts_is_asked_again_later() -> None
 class FailingCache(MemoryCache):
     """A cache whose stores fail: the fault a warming bug would cause."""
 
-    def put(self, key: bytes, entry: Entry) -> None:
+    def put(self, key: bytes, entry: Entry) -> bool:
         raise RuntimeError("store failed")
 
 

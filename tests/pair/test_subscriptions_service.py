@@ -21,6 +21,7 @@ import pytest
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
@@ -434,6 +435,7 @@ def upgraded_session(max_send_buffer: int) -> tuple[WsSession, RecordingTranspor
     client.receive_data(bytes(transport.written))
     transport.written.clear()
     (response,) = client.events_received()
+    assert isinstance(response, Response)
     assert response.status_code == 101
     assert "Sec-WebSocket-Extensions" not in response.headers
     assert client.state is State.OPEN and client.extensions == []

@@ -189,7 +189,7 @@ def anvil_blocks(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]] 
     quantities of odd hex length, empty ``0x`` input and data, a zero logs bloom."""
     number = draw(st.integers(0, 2**40))
     block_hash = "0x" + draw(st.binary(min_size=32, max_size=32)).hex()
-    txs = []
+    txs: list[dict[str, Any]] = []
     for i in range(draw(st.integers(0, 3))):
         txs.append(
             {

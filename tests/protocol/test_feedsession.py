@@ -140,7 +140,7 @@ def test_trim_below_drops_confirmed_frames_from_the_front_only() -> None:
     # The reorged 11 stays: it follows a frame that is kept, and seqs stay consecutive.
     assert [e.position for e in b.entries] == [12, 11, 12, 13]
     assert b.base_seq == 2 and b.bytes == 400
-    assert b.get(3) is not None and b.get(3).position == 11  # type: ignore[union-attr]
+    assert (entry := b.get(3)) is not None and entry.position == 11
     behind = Cursor(1, UNBOUNDED, UNBOUNDED)
     assert behind.lagging(b) and behind.take(b, UNBOUNDED) == []
 

@@ -45,15 +45,14 @@ def chunked(body: bytes, size: int = 7) -> bytes:
     return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
 
 
-def pool_of(**kw: object) -> LinkPool:
-    settings: dict[str, object] = {
-        "size": 2,
-        "depth": 4,
-        "keepalive": 10 * SECOND,
-        "max_answer_bytes": MAX_ANSWER,
-    }
-    settings.update(kw)
-    return LinkPool(httpwire.target("http://node.example:8545/"), **settings)  # type: ignore[arg-type]
+def pool_of(*, size: int = 2, keepalive: float = 10 * SECOND) -> LinkPool:
+    return LinkPool(
+        httpwire.target("http://node.example:8545/"),
+        size=size,
+        depth=4,
+        keepalive=keepalive,
+        max_answer_bytes=MAX_ANSWER,
+    )
 
 
 def link_of(pool: LinkPool) -> tuple[HttpLink, Transport]:

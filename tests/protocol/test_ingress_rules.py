@@ -190,7 +190,7 @@ class IngressStream(RuleBasedStateMachine):
     )
     def start(self, first: int, n: int, recent: int) -> None:
         self.first, self.end, self.recent = first, first + n, recent
-        self.rules = StreamRules(first, recent=recent)
+        self.stream_rules = StreamRules(first, recent=recent)
         self.durable: list[tuple[int, bytes]] = []
         self.in_flight: list[tuple[int, bytes]] = []
         self.conflicts = 0
@@ -206,25 +206,25 @@ class IngressStream(RuleBasedStateMachine):
 
     def push(self, seq: int, payload_hash: bytes) -> Decision:
         """What the node answers: ``decide``, and the log's word when it says LOOKUP."""
-        before = self.rules.next
-        decision = self.rules.decide(seq, payload_hash)
-        assert decision.expected == self.rules.next
+        before = self.stream_rules.next
+        decision = self.stream_rules.decide(seq, payload_hash)
+        assert decision.expected == self.stream_rules.next
         if decision.verdict is Verdict.LOOKUP:
-            assert self.first <= seq < before and self.rules.hash_of(seq) is None
-            assert self.rules.next == before
-            decision = self.rules.decide_known(seq, payload_hash, self.stored(seq))
+            assert self.first <= seq < before and self.stream_rules.hash_of(seq) is None
+            assert self.stream_rules.next == before
+            decision = self.stream_rules.decide_known(seq, payload_hash, self.stored(seq))
         if decision.verdict is Verdict.ACCEPT:
             assert seq == before and self.stored(seq) is None  # never two payloads for a seq
             self.in_flight.append((seq, payload_hash))
         else:
-            assert self.rules.next == before
+            assert self.stream_rules.next == before
         return decision
 
     # The sequencer's side.
     @rule(data=st.data())
     def push_true_batch(self, data: st.DataObject) -> None:
         """Any number of the true stream, in any order, repeats welcome."""
-        nxt = self.rules.next
+        nxt = self.stream_rules.next
         seq = data.draw(
             st.integers(self.first, self.end - 1)
             | st.just(min(nxt, self.end - 1))  # the stream moves on
@@ -242,14 +242,14 @@ class IngressStream(RuleBasedStateMachine):
     @precondition(lambda self: self.accepted())
     @rule(data=st.data())
     def push_conflicting_batch(self, data: st.DataObject) -> None:
-        seq = data.draw(st.integers(self.first, self.rules.next - 1), label="seq")
+        seq = data.draw(st.integers(self.first, self.stream_rules.next - 1), label="seq")
         self.conflicts += 1
         decision = self.push(seq, forged_hash(seq, self.conflicts))
-        assert decision == Decision(Verdict.CONFLICT, self.rules.next)
+        assert decision == Decision(Verdict.CONFLICT, self.stream_rules.next)
 
     @rule(data=st.data(), forged=st.booleans())
     def push_past_next(self, data: st.DataObject, forged: bool) -> None:
-        nxt = self.rules.next
+        nxt = self.stream_rules.next
         seq = data.draw(st.integers(nxt + 1, nxt + 40), label="seq")
         decision = self.push(seq, forged_hash(seq) if forged else true_hash(seq))
         assert decision == Decision(Verdict.GAP, nxt)
@@ -259,7 +259,7 @@ class IngressStream(RuleBasedStateMachine):
     def push_before_start(self, data: st.DataObject) -> None:
         seq = data.draw(st.integers(max(0, self.first - 40), self.first - 1), label="seq")
         decision = self.push(seq, true_hash(seq))
-        assert decision == Decision(Verdict.BEFORE_START, self.rules.next)
+        assert decision == Decision(Verdict.BEFORE_START, self.stream_rules.next)
 
     @rule()
     def commit(self) -> None:
@@ -268,7 +268,7 @@ class IngressStream(RuleBasedStateMachine):
 
     @rule()
     def commit_fails(self) -> None:
-        self.rules.rollback(self.first + len(self.durable))
+        self.stream_rules.rollback(self.first + len(self.durable))
         self.in_flight = []
 
     @precondition(lambda self: self.in_flight)
@@ -281,10 +281,10 @@ class IngressStream(RuleBasedStateMachine):
         self.durable += self.in_flight[:done]
         failed_at = self.in_flight[done][0]
         assert failed_at == self.first + len(self.durable)
-        self.rules.rollback(failed_at)
+        self.stream_rules.rollback(failed_at)
         self.in_flight = []
-        assert self.rules.next == failed_at
-        assert self.rules.hash_of(failed_at) is None
+        assert self.stream_rules.next == failed_at
+        assert self.stream_rules.hash_of(failed_at) is None
 
     @rule(data=st.data())
     def crash_and_restart(self, data: st.DataObject) -> None:
@@ -294,25 +294,25 @@ class IngressStream(RuleBasedStateMachine):
         size = len(self.durable)
         keep = data.draw(st.integers(min(1, size), size), label="tail") if size else 0
         tail = self.durable[size - keep :]
-        self.rules = StreamRules.restored(self.first, tail, recent=self.recent)
+        self.stream_rules = StreamRules.restored(self.first, tail, recent=self.recent)
 
     # What must always hold.
     @invariant()
     def accepted_is_a_prefix_of_the_true_stream(self) -> None:
         log = self.accepted()
         assert log == [(s, true_hash(s)) for s in range(self.first, self.first + len(log))]
-        assert self.rules.next == self.first + len(log) <= self.end
+        assert self.stream_rules.next == self.first + len(log) <= self.end
 
     @invariant()
     def held_hashes_are_the_accepted_ones_and_bounded(self) -> None:
         held = 0
-        for s in range(self.first, self.rules.next):
-            h = self.rules.hash_of(s)
+        for s in range(self.first, self.stream_rules.next):
+            h = self.stream_rules.hash_of(s)
             if h is not None:
                 assert h == true_hash(s)
                 held += 1
         assert held <= self.recent
-        assert self.rules.hash_of(self.rules.next) is None
+        assert self.stream_rules.hash_of(self.stream_rules.next) is None
 
     def teardown(self) -> None:
         """The sequencer's retry: from the first number it has no ack for, in order to
@@ -320,13 +320,13 @@ class IngressStream(RuleBasedStateMachine):
         if not hasattr(self, "rules"):
             return
         for s in range(self.first + len(self.durable), self.end):
-            nxt = self.rules.next
+            nxt = self.stream_rules.next
             decision = self.push(s, true_hash(s))
             expected = Verdict.ACCEPT if s == nxt else Verdict.DUPLICATE
             assert decision.verdict is expected, (s, decision)
         self.commit()
         assert self.durable == [(s, true_hash(s)) for s in range(self.first, self.end)]
-        assert self.rules.next == self.end
+        assert self.stream_rules.next == self.end
 
 
 IngressStream.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import orjson
 import pytest
@@ -26,7 +27,7 @@ from chainrelay.wire.jsonrpc import (
 BIG = 123456789012345678901234567890  # past 64 bits: orjson alone would turn it into a float
 
 
-def error_of(item: object) -> dict[str, object]:
+def error_of(item: object) -> dict[str, Any]:
     assert isinstance(item, bytes), f"expected a ready error answer, got {item!r}"
     doc = orjson.loads(item)
     assert doc["jsonrpc"] == "2.0"
@@ -86,8 +87,9 @@ def test_ids_come_back_as_the_caller_wrote_them_or_as_an_equal_number(raw_id: by
 def test_big_int_and_float_ids_splice_exactly_into_answers() -> None:
     body = b'[{"jsonrpc":"2.0","id":%d,"method":"a"},{"jsonrpc":"2.0","id":0.5,"method":"b"}]' % BIG
     items, _ = parse_body(body, 10)
-    answers = [orjson.loads(encode_result(c.id, b'"0x1"')) for c in items if isinstance(c, Call)]
-    exact = [json.loads(encode_result(c.id, b"1")) for c in items if isinstance(c, Call)]
+    ids = [c.id for c in items if isinstance(c, Call) and c.id is not None]
+    answers = [orjson.loads(encode_result(i, b'"0x1"')) for i in ids]
+    exact = [json.loads(encode_result(i, b"1")) for i in ids]
     assert [a["result"] for a in answers] == ["0x1", "0x1"]
     assert [e["id"] for e in exact] == [BIG, 0.5]
 
@@ -181,7 +183,7 @@ def test_batch_keeps_order_and_mixes_calls_notifications_and_invalid_items() -> 
     assert error_of(items[1])["id"] is None
     assert items[2] == Call(None, "note", [], False)
     assert error_of(items[3])["id"] == "x"
-    assert error_of(items[4])["error"]["code"] == -32600  # type: ignore[index]
+    assert error_of(items[4])["error"]["code"] == -32600
     assert items[5] == Call(b"2.5", "c", [1], True)
 
 
@@ -189,7 +191,7 @@ def test_batch_of_non_objects_is_one_error_per_item() -> None:
     items, is_batch = parse_body(b'[1,"a",null,true,[]]', 10)
     assert is_batch is True
     errs = [error_of(i) for i in items]
-    assert [e["error"]["code"] for e in errs] == [-32600] * 5  # type: ignore[index]
+    assert [e["error"]["code"] for e in errs] == [-32600] * 5
     assert all(e["id"] is None for e in errs)
 
 

@@ -42,6 +42,7 @@ def log(
 
 # --- parsing ---------------------------------------------------------------------------------
 def test_parse_empty_object_and_null_match_everything() -> None:
+    obj: dict[str, Any] | None
     for obj in ({}, None):
         flt = LogFilter.parse(obj)
         assert flt.addresses is None and flt.topics == ()
@@ -193,7 +194,7 @@ def test_to_params_round_trips() -> None:
 
 # --- receipts --------------------------------------------------------------------------------
 def test_logs_of_receipts_in_log_index_order() -> None:
-    receipts = [
+    receipts: list[dict[str, Any]] = [
         {"logs": [log(index=2), log(index=3)]},
         {"logs": []},
         {"logs": [log(index=0), log(index=1)]},  # an upstream that shuffled its receipts

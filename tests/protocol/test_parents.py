@@ -27,6 +27,11 @@ def c(name: str, region: str, rtt_ms: float | None, up: bool = True) -> Candidat
     )
 
 
+def rtt_of(cand: Candidate) -> float:
+    assert cand.rtt is not None, f"{cand.name} has no rtt"
+    return cand.rtt
+
+
 def pick(cands: list[Candidate], k: int = 2, current: tuple[str, ...] = ()) -> list[str]:
     return choose(cands, k, list(current), degrade_factor=FACTOR, min_gain=GAIN)
 
@@ -242,21 +247,22 @@ def test_choice_properties(
     assert all(by_name[n].reachable for n in got)
     regions = {by_name[n].region for n in got}
     assert len(regions) == min(len(got), len({x.region for x in reachable}))
-    rtts = [by_name[n].rtt for n in got]
-    assert rtts == sorted(rtts)  # type: ignore[type-var]
+    rtts = [rtt_of(by_name[n]) for n in got]
+    assert rtts == sorted(rtts)
     # A faster candidate that could take a parent's place without costing a region is left
     # out only by the hysteresis: the parent is a current one, not worse by both thresholds.
     target = len(regions)
     for n in got:
         p = by_name[n]
         for x in reachable:
-            if x.name in got or (x.rtt, x.name) >= (p.rtt, p.name):  # type: ignore[operator]
+            if x.name in got or (x.rtt, x.name) >= (p.rtt, p.name):
                 continue
             rest = {by_name[m].region for m in got if m != n}
             if len(rest | {x.region}) < target:
                 continue
             assert n in current, f"{x.name} is faster than the new parent {n}"
-            assert not (p.rtt > factor * x.rtt and p.rtt - x.rtt >= gain)  # type: ignore[operator]
+            slower = rtt_of(p) > factor * rtt_of(x) and rtt_of(p) - rtt_of(x) >= gain
+            assert not slower
     # Stable: the answer, given back as the current parents, is the answer again.
     assert choose(cands, k, got, degrade_factor=factor, min_gain=gain) == got
     # Deterministic: the candidates' order does not matter.
@@ -283,4 +289,4 @@ def test_without_current_parents_each_region_gives_its_fastest(
         used = {by_name[n].region for n in got}
         for x in reachable:
             if x.region not in used:
-                assert (x.rtt, x.name) > (slowest.rtt, slowest.name)  # type: ignore[operator]
+                assert (x.rtt, x.name) > (slowest.rtt, slowest.name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from typing import TypedDict, Unpack
 
 import orjson
 import pytest
@@ -55,15 +57,22 @@ class MemoryUpstream(Upstream):
         return orjson.dumps({"jsonrpc": "2.0", "id": rid, "result": "0x2a"})
 
 
-def pool_of(*upstreams: Upstream, **settings: object) -> UpstreamPool:
-    cfg = PoolConfig(deadline=DEADLINE, hedge=False, **settings)  # type: ignore[arg-type]
+class PoolChanges(TypedDict, total=False):
+    """The [pool] settings a test here changes."""
+
+    max_consecutive_errors: int
+    probe_interval: float
+
+
+def pool_of(*upstreams: Upstream, **settings: Unpack[PoolChanges]) -> UpstreamPool:
+    cfg = PoolConfig(deadline=DEADLINE, hedge=False, **settings)
     return UpstreamPool(list(upstreams), cfg, Metrics())
 
 
-async def timed(call: asyncio.Future[object] | object) -> tuple[float, BaseException | None]:
+async def timed(call: Awaitable[object]) -> tuple[float, BaseException | None]:
     started = time.perf_counter()
     try:
-        await call  # type: ignore[misc]
+        await call
     except Exception as exc:
         return time.perf_counter() - started, exc
     return time.perf_counter() - started, None

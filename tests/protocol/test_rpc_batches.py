@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import orjson
 import pytest
@@ -79,7 +79,14 @@ class MemoryNode(Upstream):
         return sum(len(r) if isinstance(r, list) else 1 for r in self.requests)
 
 
-def make_service(node: MemoryNode, **limits: int) -> RpcService:
+class UpstreamBounds(TypedDict, total=False):
+    """The [limits] a test here changes."""
+
+    max_upstream_in_flight: int
+    max_upstream_in_flight_per_client: int
+
+
+def make_service(node: MemoryNode, **limits: Unpack[UpstreamBounds]) -> RpcService:
     metrics = Metrics()
     pool = UpstreamPool([node], PoolConfig(hedge=False), metrics)
     head = HeadTracker(pool, PROFILES["devnet"], metrics, HeadConfig())

@@ -92,8 +92,10 @@ def test_the_document_of_a_node_with_nothing_keeps_the_schema() -> None:
     doc = board.document()
     check_status(doc)
     assert doc["parents"] == [] and doc["upstreams"] == [] and doc["streams"] == []
-    assert doc["chain"]["head"] is None and doc["chain"]["lagBlocks"] is None
-    assert doc["summary"]["hitRatio"] is None
+    chain, summary = doc["chain"], doc["summary"]
+    assert isinstance(chain, dict) and isinstance(summary, dict)
+    assert chain["head"] is None and chain["lagBlocks"] is None
+    assert summary["hitRatio"] is None
     status, body, content_type = board.json()
     assert (status, content_type) == (200, b"application/json")
     check_status(orjson.loads(body))

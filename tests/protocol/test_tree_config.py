@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
+from eth_typing import HexStr
 
 from chainrelay.config import load, loads
 from chainrelay.errors import ConfigError
@@ -84,7 +85,7 @@ def test_origin_keys_load_as_eth_account_loads_them(tmp_path: Path) -> None:
     signer = load_signer(hex_cfg.tree)
     assert signer is not None and "0x" + signer.address.hex() == ADDRESS.lower()
     keystore = tmp_path / "origin.json"
-    keystore.write_text(json.dumps(Account.encrypt(KEY, "pw", kdf="pbkdf2", iterations=2)))
+    keystore.write_text(json.dumps(Account.encrypt(HexStr(KEY), "pw", kdf="pbkdf2", iterations=2)))
     ks_cfg = loads(
         f'[tree]\nkey_file = "{keystore}"\nkey_password = "pw"\n[[upstreams]]\nurl = "http://a:1"\n'
     )

@@ -17,7 +17,6 @@ import re
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from chainrelay.devnet import Anvil
 from tests.lab.hostile import Rss
-from tests.lab.procs import ROOT, Procs, Relay, relay_config, until
+from tests.lab.procs import ROOT, Procs, Relay, RelayFactory, relay_config, until
 from tests.lab.timing import SECOND
 from tests.protocol.test_access import (
     V1_TCP4,
@@ -37,8 +36,6 @@ from tests.protocol.test_access import (
     V2_TCP4,
     V2_TCP6,
 )
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 NEW_FILTER = b'{"jsonrpc":"2.0","id":7,"method":"eth_newBlockFilter","params":[]}'
 CHAIN_ID = b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}'

@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from chainrelay.devnet import DEV_ACCOUNTS
-from tests.lab.procs import Relay, rpc
+from chainrelay.devnet import DEV_ACCOUNTS, Anvil
+from tests.lab.procs import Relay, RelayFactory, rpc
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -34,7 +34,7 @@ CALL = b'{"jsonrpc":"2.0","id":%d,"method":"eth_chainId"}'
 
 
 @pytest.fixture
-async def relay(anvil, relay_factory) -> AsyncIterator[Relay]:
+async def relay(anvil: Anvil, relay_factory: RelayFactory) -> AsyncIterator[Relay]:
     # An HTTP upstream: the node's errors are compared with what it answers over HTTP
     # (anvil words some errors differently over WebSocket).
     yield await relay_factory([anvil.url], LIMITS)
@@ -160,7 +160,7 @@ async def anvil_errors(anvil_url: str) -> dict[str, Any]:
 
 
 # --- HTTP: JSON-RPC level --------------------------------------------------------------------
-async def test_http_bad_requests_get_json_rpc_errors(anvil, relay) -> None:
+async def test_http_bad_requests_get_json_rpc_errors(anvil: Anvil, relay: Relay) -> None:
     cases = bad_inputs(await anvil_errors(anvil.url))
     for name, body, check in cases:
         status, answer = await post_raw(relay.url, body)
@@ -217,7 +217,7 @@ def post_head(length: int | None = None, extra: bytes = b"") -> bytes:
     return head + b"\r\n"
 
 
-async def test_body_over_the_limit_is_refused_with_413(relay) -> None:
+async def test_body_over_the_limit_is_refused_with_413(relay: Relay) -> None:
     big = b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":["' + b"a" * MAX_BODY + b'"]}'
     async with aiohttp.ClientSession() as s, s.post(relay.url, data=big, headers=JSON_HEADERS) as r:
         assert r.status == 413
@@ -270,7 +270,7 @@ async def settled(relay: Relay) -> None:
                 await r.read()
 
 
-async def test_request_head_over_the_limit_is_refused_with_431(relay) -> None:
+async def test_request_head_over_the_limit_is_refused_with_431(relay: Relay) -> None:
     huge = b"X-Padding: " + b"p" * 40 * 1024 + b"\r\n"
     ((status, headers, _),) = await raw_exchange(relay, [post_head(len(CALL % 1), huge) + CALL % 1])
     assert status == 431 and headers["connection"] == "close"
@@ -287,7 +287,7 @@ async def test_request_head_over_the_limit_is_refused_with_431(relay) -> None:
     assert m['chainrelay_rejected_total{reason="header_too_large"}'] == 2
 
 
-async def test_split_head_followed_by_a_large_body_is_served(relay) -> None:
+async def test_split_head_followed_by_a_large_body_is_served(relay: Relay) -> None:
     body = CALL[:-1] % 7 + b" " * 60_000 + b"}"
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     try:
@@ -304,7 +304,7 @@ async def test_split_head_followed_by_a_large_body_is_served(relay) -> None:
     assert orjson.loads(raw) == {"jsonrpc": "2.0", "id": 7, "result": "0x38"}
 
 
-async def test_chunked_bodies_are_read_whole(relay) -> None:
+async def test_chunked_bodies_are_read_whole(relay: Relay) -> None:
     body = orjson.dumps(
         [
             {
@@ -329,7 +329,7 @@ async def test_chunked_bodies_are_read_whole(relay) -> None:
     await assert_alive(relay, "a chunked body")
 
 
-async def test_pipelined_requests_are_answered_in_order(relay) -> None:
+async def test_pipelined_requests_are_answered_in_order(relay: Relay) -> None:
     def post(body: bytes) -> bytes:
         return post_head(len(body)) + body
 
@@ -367,7 +367,7 @@ async def test_pipelined_requests_are_answered_in_order(relay) -> None:
     await assert_alive(relay, "a pipeline")
 
 
-async def test_http_routes(relay) -> None:
+async def test_http_routes(relay: Relay) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(relay.url + "/no/such/page") as r:
             assert r.status == 404
@@ -402,7 +402,7 @@ async def test_http_routes(relay) -> None:
     await assert_alive(relay, "the routes")
 
 
-async def test_preflight_204_has_no_content_length(relay) -> None:
+async def test_preflight_204_has_no_content_length(relay: Relay) -> None:
     req = b"OPTIONS / HTTP/1.1\r\nHost: relay\r\nOrigin: https://dapp.example\r\n\r\n"
     ((status, headers, _),) = await raw_exchange(relay, [req])
     assert status == 204
@@ -427,7 +427,7 @@ def _is_utf8(body: bytes) -> bool:
     return True
 
 
-async def test_ws_bad_requests_get_json_rpc_errors(anvil, relay) -> None:
+async def test_ws_bad_requests_get_json_rpc_errors(anvil: Anvil, relay: Relay) -> None:
     cases = bad_inputs(await anvil_errors(anvil.url))
     async with ws(relay) as conn:
         for i, (name, body, check) in enumerate(cases):
@@ -445,7 +445,7 @@ async def test_ws_bad_requests_get_json_rpc_errors(anvil, relay) -> None:
     await assert_alive(relay, "websocket bad input")
 
 
-async def test_ws_oversized_message_is_closed_with_1009(relay) -> None:
+async def test_ws_oversized_message_is_closed_with_1009(relay: Relay) -> None:
     async with ws(relay) as conn:
         assert (await ask(conn, CALL % 1))["result"] == "0x38"
         await conn.send("[" + " " * MAX_BODY + "]")
@@ -458,7 +458,7 @@ async def test_ws_oversized_message_is_closed_with_1009(relay) -> None:
     await assert_alive(relay, "an oversized websocket message")
 
 
-async def test_ws_message_just_under_the_limit_is_served(relay) -> None:
+async def test_ws_message_just_under_the_limit_is_served(relay: Relay) -> None:
     call = CALL % 4
     padded = call[:-1] + b" " * (MAX_BODY - len(call)) + b"}"
     async with ws(relay) as conn:

@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -74,7 +74,9 @@ async def test_a_client_that_reads_no_range_answers_holds_few_of_them(
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
     try:
-        writer.transport.pause_reading()  # the node's answers back up
+        # open_connection's transport reads too; typeshed types StreamWriter's as write-only.
+        transport = cast(asyncio.Transport, writer.transport)
+        transport.pause_reading()  # the node's answers back up
         for _ in range(FLOOD):
             writer.write(request)
         # The node stops reading this client; the kernel then holds the rest of the flood.
@@ -89,7 +91,7 @@ async def test_a_client_that_reads_no_range_answers_holds_few_of_them(
             await asyncio.sleep(0.05)
         assert grown < MAX_GROWTH, f"the node grew by {grown / 2**20:.0f} MiB"
         # Every request was answered, in order: a few with their frames, the rest 429.
-        writer.transport.resume_reading()
+        transport.resume_reading()
         statuses: list[int] = []
         async with asyncio.timeout(READ_TIMEOUT):
             for _ in range(FLOOD):

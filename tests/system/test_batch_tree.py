@@ -19,6 +19,7 @@ stream's sequencers).
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ async def test_every_subscriber_gets_every_batch_in_order(procs: Procs, tmp_path
     with RegionLab(procs) as lab, Tree(lab, tmp_path) as tree:
         ingress, _, leaves = await build(tree)
         for leaf in leaves:
-            await until(lambda leaf=leaf: linked_to_both(leaf), START_TIMEOUT, "two parents")
+            await until(functools.partial(linked_to_both, leaf), START_TIMEOUT, "two parents")
         subs = await subscribe_all(tree, leaves)
         await push_steady(ingress, BATCHES, RATE)
         for sub in subs:
@@ -128,7 +129,7 @@ async def test_a_regional_relay_killed_mid_stream_costs_no_subscriber_a_batch(
     with RegionLab(procs) as lab, Tree(lab, tmp_path) as tree:
         ingress, (b, _), leaves = await build(tree)
         for leaf in leaves:
-            await until(lambda leaf=leaf: linked_to_both(leaf), START_TIMEOUT, "two parents")
+            await until(functools.partial(linked_to_both, leaf), START_TIMEOUT, "two parents")
         subs = await subscribe_all(tree, leaves)
         pushing = asyncio.ensure_future(push_steady(ingress, BATCHES, RATE))
         try:

@@ -9,7 +9,7 @@ calls in them. A second relay straight on anvil gives each call's single answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +18,7 @@ import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.counting_proxy import CountingProxy, start_proxy
-from tests.lab.procs import Procs, Relay, until
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -46,6 +46,7 @@ def mixed_calls(n: int, offset: int = 0) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i in range(offset, offset + n):
         kind = i % 5
+        params: list[Any]
         if kind == 0:
             method, params = "eth_getBalance", [address(i), "latest"]
         elif kind == 1:
@@ -84,8 +85,8 @@ async def batch_requests(proxy: CountingProxy) -> int:
 
 async def lab(
     procs: Procs,
-    anvil_factory: Callable[..., Awaitable[Anvil]],
-    relay_factory: Callable[..., Awaitable[Relay]],
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
     tmp_path: Any,
     **proxy_kw: Any,
 ) -> tuple[Anvil, CountingProxy, Relay, Relay]:
@@ -107,7 +108,10 @@ async def lab(
 
 
 async def test_a_batch_of_300_distinct_misses_costs_3_upstream_requests_answered_as_singles(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(procs, anvil_factory, relay_factory, tmp_path)
     calls = mixed_calls(300)
@@ -141,7 +145,10 @@ async def test_a_batch_of_300_distinct_misses_costs_3_upstream_requests_answered
 
 
 async def test_batch_items_coalesce_with_identical_single_calls_both_ways(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(
         procs, anvil_factory, relay_factory, tmp_path, hold=("eth_getBalance",)
@@ -175,7 +182,10 @@ async def test_batch_items_coalesce_with_identical_single_calls_both_ways(
 
 
 async def test_fake_upstream_refusing_batches_gets_the_calls_one_by_one(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, relay, direct = await lab(
         procs, anvil_factory, relay_factory, tmp_path, refuse_batches=True
@@ -187,7 +197,10 @@ async def test_fake_upstream_refusing_batches_gets_the_calls_one_by_one(
 
 
 async def test_a_websocket_upstream_takes_a_batch_as_one_message(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     _anvil, proxy, _relay, direct = await lab(procs, anvil_factory, relay_factory, tmp_path)
     ws_relay = await relay_factory([proxy.ws_url], RELAY_CONFIG, name="ws")

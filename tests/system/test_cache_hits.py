@@ -18,7 +18,7 @@ import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS
 from tests.lab.chain import metric
-from tests.lab.procs import rpc
+from tests.lab.procs import AnvilFactory, RelayFactory, rpc
 from tests.system.test_bad_input import read_response
 
 pytestmark = pytest.mark.lab
@@ -37,7 +37,7 @@ def spellings(method: str, params: list[Any], id_: object) -> list[bytes]:
 
 
 async def test_repeats_under_other_ids_are_answered_as_anvil_does_and_counted(
-    anvil_factory, relay_factory
+    anvil_factory: AnvilFactory, relay_factory: RelayFactory
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)
     for _ in range(3):

@@ -8,6 +8,7 @@ the count at the proxy is the number of calls that reached the node.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS
 from tests.lab.counting_proxy import start_proxy
-from tests.lab.procs import until
+from tests.lab.procs import AnvilFactory, Procs, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -69,7 +70,10 @@ def request_id(i: int) -> int | str:
 
 
 async def test_200_concurrent_identical_eth_calls_reach_the_node_once(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)  # the head must not move
     await deploy_reader(anvil.url)
@@ -117,7 +121,10 @@ async def test_200_concurrent_identical_eth_calls_reach_the_node_once(
 
 
 async def test_an_empty_eth_call_answer_at_an_unfinal_block_costs_one_upstream_call(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     # Asked by hash, an empty answer ("0x": no code there) is that block's answer for good.
     anvil = await anvil_factory(chain_id=56, block_time=None)
@@ -154,7 +161,10 @@ async def test_an_empty_eth_call_answer_at_an_unfinal_block_costs_one_upstream_c
 
 
 async def test_concurrent_reads_of_a_finalized_block_cost_one_upstream_call(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)
     await call(anvil.url, "evm_mine", [])  # block 1 on top of genesis; genesis is final

@@ -29,7 +29,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.types import FilterParams
 
 from tests.lab.browser import Browser
 from tests.lab.procs import ROOT, rpc, until
@@ -182,19 +184,20 @@ async def test_a_leaf_streams_blocks_and_batches_and_answers_as_anvil(demo: Runn
             block = await through.eth.get_block(n, full_transactions=True)
             assert block == await direct.eth.get_block(n, full_transactions=True)
             for tx in block["transactions"][:2]:
+                assert not isinstance(tx, HexBytes), "full transactions, not their hashes"
                 receipt = await through.eth.get_transaction_receipt(tx["hash"])
                 assert receipt == await direct.eth.get_transaction_receipt(tx["hash"])
                 sender = tx["from"]
                 assert await through.eth.get_balance(sender, n) == await direct.eth.get_balance(
                     sender, n
                 )
-        window = {"fromBlock": max(1, head - 3), "toBlock": head}
-        logs = await through.eth.get_logs(window)  # type: ignore[arg-type]
-        assert logs == await direct.eth.get_logs(window)  # type: ignore[arg-type]
+        window: FilterParams = {"fromBlock": max(1, head - 3), "toBlock": head}
+        logs = await through.eth.get_logs(window)
+        assert logs == await direct.eth.get_logs(window)
         assert logs, "the demo's traffic sends ERC-20 Transfer logs every block"
     finally:
         for w3 in (direct, through):
-            await w3.provider.disconnect()  # type: ignore[attr-defined]
+            await w3.provider.disconnect()
 
 
 async def test_status_json_keeps_its_schema_and_is_only_on_the_admin_listener(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,7 +20,7 @@ import pytest
 from chainrelay.devnet import DEV_ACCOUNTS
 from tests.lab.counting_proxy import CountingProxy, start_proxy
 from tests.lab.fault_upstream import HEAD_METHODS, start_fault_upstream
-from tests.lab.procs import until
+from tests.lab.procs import AnvilFactory, Procs, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -127,7 +128,10 @@ def non_head_calls(counts: dict[str, int]) -> int:
 
 
 async def test_sigkill_of_an_upstream_mid_load_fails_no_client_request(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=1.0)
     await direct(anvil.url, "anvil_setCode", [BALANCE_READER, BALANCE_READER_CODE])
@@ -159,7 +163,11 @@ async def test_sigkill_of_an_upstream_mid_load_fails_no_client_request(
 # --- faults a real node cannot produce -------------------------------------------------------
 @pytest.mark.parametrize("mode", ["429", "hang", "malformed"])
 async def test_fake_upstream_faults_are_retried_on_the_healthy_path(
-    mode, procs, anvil_factory, relay_factory, tmp_path
+    mode: str,
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)
     await direct(anvil.url, "anvil_setCode", [BALANCE_READER, BALANCE_READER_CODE])
@@ -213,7 +221,10 @@ def revert_code(reason: str) -> str:
 
 
 async def test_node_errors_pass_through_unchanged_and_are_not_retried(
-    procs, anvil_factory, relay_factory, tmp_path
+    procs: Procs,
+    anvil_factory: AnvilFactory,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
 ) -> None:
     anvil = await anvil_factory(chain_id=56, block_time=None)
     reverter, invalid = "0x" + "de" * 20, "0x" + "fe" * 20

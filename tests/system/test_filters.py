@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,9 @@ import aiohttp
 import orjson
 import pytest
 import websockets
+from eth_typing import HexStr
 from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.types import FilterParams
 
 from chainrelay.devnet import Anvil, transfer_emitter_initcode
 from tests.lab.chain import (
@@ -89,7 +92,7 @@ async def mine_block(lab: Lab, i: int, logs: int = 1) -> None:
 
 def plain(entries: Any) -> Any:
     """web3.py's AttributeDicts and HexBytes as JSON-comparable values."""
-    return orjson.loads(AsyncWeb3.to_json(entries))  # type: ignore[arg-type]
+    return orjson.loads(AsyncWeb3.to_json(entries))
 
 
 async def raw(chain: Chain, method: str, params: list[Any]) -> dict[str, Any]:
@@ -122,7 +125,7 @@ async def test_web3_filter_changes_through_relay_match_anvil(lab: Lab) -> None:
 
 
 async def compare_filters(lab: Lab, direct: AsyncWeb3[Any], through: AsyncWeb3[Any]) -> None:
-    crit = {"topics": [TRANSFER_TOPIC]}
+    crit: FilterParams = {"topics": [HexStr(TRANSFER_TOPIC)]}
     filters = {
         name: (await w3.eth.filter(crit), await w3.eth.filter("latest"))
         for name, w3 in (("direct", direct), ("through", through))
@@ -165,6 +168,7 @@ async def compare_filters(lab: Lab, direct: AsyncWeb3[Any], through: AsyncWeb3[A
     # uninstall: true once, then false; polls of it are "filter not found"
     for name, w3 in (("direct", direct), ("through", through)):
         log_f = filters[name][0]
+        assert log_f.filter_id is not None
         assert await w3.eth.uninstall_filter(log_f.filter_id) is True
         assert await w3.eth.uninstall_filter(log_f.filter_id) is False
     gone = await raw(lab.through, "eth_getFilterChanges", [filters["through"][0].filter_id])
@@ -330,9 +334,13 @@ async def test_filter_whose_buffer_fills_up_is_refused_then_gone_and_a_new_one_c
         blocks_f = (await raw(lab.through, "eth_newBlockFilter", []))["result"]
         polled = (await raw(lab.through, "eth_newFilter", [{"address": lab.emitter}]))["result"]
         got: list[dict[str, Any]] = []
+
+        def count_is(n: int, have: list[Any]) -> bool:
+            return len(have) == n
+
         for i in range(4):  # four logs and four blocks: one more than either buffer holds
             await mine_block(lab, i)
-            await poll_until(lab.through, polled, got, lambda h, n=i + 1: len(h) == n, "a log")
+            await poll_until(lab.through, polled, got, functools.partial(count_is, i + 1), "a log")
 
         async def overflowed() -> bool:
             return metric(await lab.relay.metrics(), "chainrelay_filters_overflowed_total") == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import orjson
@@ -37,11 +37,11 @@ def primary_and_fallback(primary: str, fallback: str) -> str:
     )
 
 
-def body(id_: object, method: str, params: list[object]) -> bytes:
+def body(id_: object, method: str, params: Sequence[object]) -> bytes:
     return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
 
 
-CALLS = [
+CALLS: list[tuple[str, list[object]]] = [
     ("eth_getBalance", [DEV_ACCOUNTS[1], "pending"]),
     ("eth_getTransactionCount", [DEV_ACCOUNTS[0], "pending"]),
     ("eth_call", [{"to": "0x00000000000000000000000000000000000000aa", "data": "0x"}, "pending"]),

@@ -41,9 +41,9 @@ async def direct(anvil: Anvil, method: str, params: list[Any]) -> object:
 
 
 def up_of(
-    url: str, *, connections: int = 1, timeout: float = 10 * SECOND, **kw: object
+    url: str, *, connections: int = 1, timeout: float = 10 * SECOND, ca_file: str = ""
 ) -> HttpUpstream:
-    return HttpUpstream("up", url, timeout=timeout, connections=connections, **kw)  # type: ignore[arg-type]
+    return HttpUpstream("up", url, timeout=timeout, connections=connections, ca_file=ca_file)
 
 
 async def test_keep_alive_and_pipelining_against_anvil(anvil: Anvil) -> None:

@@ -5,7 +5,6 @@ eth_getLogs guards at creation, against a real anvil.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,9 @@ import aiohttp
 import pytest
 
 from chainrelay.defaults import ADMIN_LISTEN
-from chainrelay.devnet import Anvil, free_port
+from chainrelay.devnet import free_port
 from tests.lab.chain import metric, wait_same_head
-from tests.lab.procs import Procs, Relay, rpc, until
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, rpc, until
 from tests.lab.timing import SECOND
 from tests.system.test_filters import (
     A0,
@@ -28,9 +27,6 @@ from tests.system.test_filters import (
 )
 
 pytestmark = pytest.mark.lab
-
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[Anvil]]
 
 
 async def status_of(url: str) -> tuple[int, str]:
@@ -59,11 +55,11 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_taken_port_is_
     # A second node on the host left at the default: a clear refusal, not a traceback.
     second = Relay(procs, text, tmp_path, "second")
     second.start()
-    proc = second.proc
-    assert proc is not None
-    await until(lambda: proc.poll() is not None, 20 * SECOND, "the second node to exit")
+    second_proc = second.proc
+    assert second_proc is not None
+    await until(lambda: second_proc.poll() is not None, 20 * SECOND, "the second node to exit")
     out = second.log_path.read_text()
-    assert proc.returncode == 2, out[-2000:]
+    assert second_proc.returncode == 2, out[-2000:]
     assert f"server.admin_listen: cannot listen on {ADMIN_LISTEN}" in out, out[-2000:]
     assert "Traceback" not in out
     # The first node serves on, untouched.
@@ -80,11 +76,11 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_taken_port_is_
     fourth_text = text.replace('"{listen}"', f'"{taken}"\nadmin_listen = ""')
     fourth = Relay(procs, fourth_text, tmp_path, "fourth")
     fourth.start()
-    proc = fourth.proc
-    assert proc is not None
-    await until(lambda: proc.poll() is not None, 20 * SECOND, "the fourth node to exit")
+    fourth_proc = fourth.proc
+    assert fourth_proc is not None
+    await until(lambda: fourth_proc.poll() is not None, 20 * SECOND, "the fourth node to exit")
     out = fourth.log_path.read_text()
-    assert proc.returncode == 2, out[-2000:]
+    assert fourth_proc.returncode == 2, out[-2000:]
     assert f"server.listen: cannot listen on {taken}" in out, out[-2000:]
     assert "Traceback" not in out
 

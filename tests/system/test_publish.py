@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +21,7 @@ from chainrelay.batches.frame import decode_range, open_frame
 from chainrelay.clients.publisher import Publisher, generated_payload
 from chainrelay.errors import PublishRefused
 from chainrelay.tree.frame import decode
-from tests.lab.procs import ROOT, Procs, Relay, until
+from tests.lab.procs import ROOT, AnvilFactory, Procs, Relay, RelayFactory, until
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
@@ -31,9 +30,6 @@ STREAM = "arbitrum/batches"
 CHAIN_ID = 42161
 API_KEY = "publisher-test-api-key"
 MAX_FRAME = 2 * 1024 * 1024
-
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[object]]
 
 
 def ingress_toml(log: Path, sequencer: str) -> str:
@@ -58,7 +54,7 @@ async def start_ingress(
     anvil = await anvil_factory(chain_id=CHAIN_ID, block_time=1)
     nodes = [
         await relay_factory(
-            [anvil.ws_url],  # type: ignore[attr-defined]
+            [anvil.ws_url],
             ingress_toml(tmp_path / f"ingress{i}.sqlite", account.address),
             name=f"ingress{i}",
         )

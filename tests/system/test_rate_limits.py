@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,14 @@ import pytest
 import websockets
 from eth_account import Account
 
-from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, Anvil
-from tests.lab.procs import Procs, Relay, until
+from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS
+from tests.lab.procs import AnvilFactory, Procs, RelayFactory, until
 from tests.lab.redis_server import start_redis
 from tests.lab.timing import SECOND
 from tests.system.test_workers import start_workers, still_anvil
 
 pytestmark = pytest.mark.lab
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[Anvil]]
 
 STILL_HEAD = "[head]\nfresh_blocks = 1000000.0\n"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,12 @@ import pytest
 
 from chainrelay.devnet import DEV_ACCOUNTS, Anvil
 from tests.lab.counting_proxy import CountingProxy, start_proxy
-from tests.lab.procs import Procs, Relay, rpc, until
+from tests.lab.procs import AnvilFactory, Procs, Relay, RelayFactory, rpc, until
 from tests.lab.redis_server import RedisServer, start_redis
 from tests.lab.timing import SECOND
 
 pytestmark = pytest.mark.lab
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[Anvil]]
 
 STILL_HEAD = "[head]\nfresh_blocks = 1000000.0\n"
 
@@ -188,7 +186,11 @@ async def test_waiters_call_upstream_themselves_when_the_lock_holder_dies(
     async with aiohttp.ClientSession() as s:
         expected = (await post(s, still_anvil.url, call("eth_getBalance", params)))["result"]
         first = asyncio.create_task(post(s, holder.url, call("eth_getBalance", params)))
-        await until(held.held, 10 * SECOND, "the holder's upstream call")
+
+        async def holding() -> bool:
+            return await held.held() > 0
+
+        await until(holding, 10 * SECOND, "the holder's upstream call")
         second = asyncio.create_task(post(s, waiter.url, call("eth_getBalance", params)))
         await until(
             lambda: _gauge(waiter, "chainrelay_shared_cache_waiting", 1.0),
@@ -281,7 +283,7 @@ async def test_redis_killed_mid_load_fails_no_request_and_is_used_again_after_re
     await redis.restart()
     for r in relays:
         await until(
-            lambda r=r: _gauge(r, "chainrelay_shared_cache_up", 1.0),
+            functools.partial(_gauge, r, "chainrelay_shared_cache_up", 1.0),
             10 * SECOND,
             f"relay on port {r.port} to use Redis again",
         )

@@ -109,9 +109,9 @@ async def test_via_entries_other_than_relays_are_ignored_and_long_relay_chains_r
 ) -> None:
     node = await anvil_factory(chain_id=56, block_time=1.0)
     relay = await relay_factory([node.url])
-    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount"}
-    body["params"] = [DEV_ACCOUNTS[0], "pending"]
-    want = await rpc(node.url, "eth_getTransactionCount", body["params"])
+    params = [DEV_ACCOUNTS[0], "pending"]
+    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount", "params": params}
+    want = await rpc(node.url, "eth_getTransactionCount", params)
     chain = ", ".join(f"1.1 chainrelay-{i:08x}" for i in range(MAX_RELAY_HOPS))
     async with aiohttp.ClientSession() as s:
         # A proxy's or a client's own entries are no relays: served (and not carried on).

@@ -2,12 +2,13 @@
 
 import pytest
 
-from tests.lab.procs import rpc
+from chainrelay.devnet import Anvil
+from tests.lab.procs import RelayFactory, rpc
 
 pytestmark = pytest.mark.lab
 
 
-async def test_relay_answers_like_anvil(anvil, relay_factory) -> None:
+async def test_relay_answers_like_anvil(anvil: Anvil, relay_factory: RelayFactory) -> None:
     relay = await relay_factory([anvil.ws_url])
     direct = await rpc(anvil.url, "eth_chainId")
     through = await rpc(relay.url, "eth_chainId", id_="x")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -323,7 +324,11 @@ async def test_new_heads_go_out_before_the_relay_has_the_blocks_receipts(
                 data = emitter_data(A2, 100 + i)
                 await node.send({"from": A0, "to": emitter, "data": data, "gas": "0x20000"})
             await until(lambda: len(sub.notes[heads]) >= 2, 10 * SECOND, "2 heads, unfetched")
-            await until(lambda: proxy.held(), 10 * SECOND, "the relay's receipts call held")
+
+            async def holding() -> bool:
+                return await proxy.held() > 0
+
+            await until(holding, 10 * SECOND, "the relay's receipts call held")
             assert sub.notes[logs] == []  # logs need the receipts: none yet
             got = sub.results(heads)
             assert_consecutive(got, "heads ahead of their blocks")
@@ -356,9 +361,13 @@ async def test_upstream_stream_dropped_mid_stream_no_gap_no_duplicate(
     async with mining(anvil.url), Subscriber.connect(relay.ws_url) as sub:
         heads = await sub.subscribe(NEW_HEADS)
         logs = await sub.subscribe(TRANSFER_LOGS)
+
+        def heads_reach(n: int) -> bool:
+            return len(sub.notes[heads]) >= n
+
         for _ in range(2):
             target = len(sub.notes[heads]) + 3
-            await until(lambda t=target: len(sub.notes[heads]) >= t, 10 * SECOND, "3 more heads")
+            await until(functools.partial(heads_reach, target), 10 * SECOND, "3 more heads")
             await proxy.drop_websockets()
         target = len(sub.notes[heads]) + 6
         await until(lambda: len(sub.notes[heads]) >= target, 20 * SECOND, "heads after the drops")
@@ -588,12 +597,16 @@ async def test_new_blocks_warm_the_cache_and_pending_hashes_stream(
             await until(lambda: active_is(relay, 3), 5 * SECOND, "three subscriptions")
             # The upstream pending stream starts as the first subscription arrives: a probe
             # sent before it is up is never announced, so probe until one is.
+
+            def announced(probe: str) -> bool:
+                return orjson.dumps(probe) in b"".join(sub.notes[pending])
+
             probe = ""
             for attempt in range(10):
                 probe = await node.send({"from": A2, "to": A0, "value": hex(1 + attempt)})
                 with contextlib.suppress(AssertionError):
                     await until(
-                        lambda p=probe: orjson.dumps(p) in b"".join(sub.notes[pending]),
+                        functools.partial(announced, probe),
                         SECOND,
                         "a probe announced as pending",
                     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,20 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from chainrelay.devnet import Anvil, free_port
 from tests.lab.chain import metric
 from tests.lab.counting_proxy import start_proxy
-from tests.lab.procs import Procs, Relay, parse_metrics, relay_config, until
+from tests.lab.procs import (
+    AnvilFactory,
+    Procs,
+    Relay,
+    RelayFactory,
+    parse_metrics,
+    relay_config,
+    until,
+)
 from tests.lab.timing import SECOND
 from tests.system.test_workers import fresh_connections, spawn_serve, still_anvil
 
 pytestmark = pytest.mark.lab
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-AnvilFactory = Callable[..., Awaitable[Anvil]]
 
 # A fresh request id: this process's prefix, a dash, a counter in hex.
 FRESH_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]+")

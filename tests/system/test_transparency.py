@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 
 from chainrelay.devnet import free_port
 from tests.lab.corpora import CORPORA, Exchange, corpus_dir, load
-from tests.lab.procs import ROOT, Procs, Relay, rpc, until
+from tests.lab.procs import ROOT, Procs, Relay, RelayFactory, rpc, until
 from tests.lab.recorded_upstream import NOT_RECORDED, recordings_for
 from tests.lab.timing import SECOND
 
@@ -233,9 +232,6 @@ async def wait_finality(relay: Relay) -> int:
 
     await until(known, 10 * SECOND, "the relay to learn a finalized block")
     return found[0]
-
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 async def test_execution_apis_recordings_pass_through_relay(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,6 +24,7 @@ import pytest
 import websockets
 from eth_account import Account
 from eth_utils import to_checksum_address
+from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3, WebSocketProvider
 from websockets.asyncio.client import ClientConnection
 
@@ -278,6 +280,7 @@ async def test_leaf_serves_what_anvil_serves_from_frames(
             assert await w3_leaf.eth.get_block(block["hash"], True) == block
             asked["eth_getBlockByHash"] += 1
             for tx in block["transactions"]:
+                assert not isinstance(tx, HexBytes), "full transactions, not their hashes"
                 h = tx["hash"]
                 assert await w3_leaf.eth.get_transaction(h) == await w3_anvil.eth.get_transaction(h)
                 got_receipt = await w3_leaf.eth.get_transaction_receipt(h)
@@ -294,8 +297,8 @@ async def test_leaf_serves_what_anvil_serves_from_frames(
             # A hit is answered from the cache, with no upstream I/O (the cache-hit path).
             # chainrelay_upstream_calls_total is no measure of this: it also counts the head
             # tracker's finality refreshes (two calls every FINALITY_REFRESH_BLOCKS blocks).
-            got = delta(outcomes(after, method), outcomes(before, method))
-            assert got == {"hit": n}, f"{method}: {got} for {n} reads"
+            counted = delta(outcomes(after, method), outcomes(before, method))
+            assert counted == {"hit": n}, f"{method}: {counted} for {n} reads"
 
         # Logs: answered from the blocks the leaf's frames delivered.
         flts: list[Any] = [
@@ -447,7 +450,9 @@ async def test_two_origins_each_block_accepted_once_and_forwarded_once(
         await node.call("evm_mine")
         tip = await head_number(anvil.url)
         for o in (first_origin, second_origin):
-            await until(lambda o=o: newest_is(o, tip), HOP_TIMEOUT, f"{o.log_path.name} at {tip}")
+            await until(
+                functools.partial(newest_is, o, tip), HOP_TIMEOUT, f"{o.log_path.name} at {tip}"
+            )
         relay = await tree.child("relay", [first_origin, second_origin], trust=both)
         leaf = await tree.child("leaf", [relay], trust=both)
 

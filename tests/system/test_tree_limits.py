@@ -24,7 +24,7 @@ import pytest
 import websockets
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
@@ -191,8 +191,11 @@ class RawChild:
             if isinstance(event, Response):
                 assert self.proto.handshake_exc is None, self.proto.handshake_exc
                 self.proto.send_text(encode_hello([self.want]))
-            elif event.opcode is Opcode.BINARY:
-                self.got.positions.append(feedframe.decode(event.data, len(event.data)).position)
+                continue
+            assert isinstance(event, Frame), event  # a client is sent no requests
+            if event.opcode is Opcode.BINARY:
+                raw = bytes(event.data)
+                self.got.positions.append(feedframe.decode(raw, len(raw)).position)
             elif event.opcode is Opcode.TEXT:
                 self.got.texts.append(orjson.loads(event.data))
             elif event.opcode is Opcode.CLOSE and self.proto.close_rcvd is not None:

@@ -12,6 +12,7 @@ kills a node starts it again before it ends, so the tests do not depend on their
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import statistics
 import time
@@ -354,7 +355,7 @@ async def test_leaves_miss_no_block_when_a_relay_dies_and_choose_new_parents(
         killed_at, _ = await node.head()
         for name in had_it:
             leaf = r.leaves[name]
-            await until(lambda leaf=leaf: rechosen(leaf), 10 * SECOND, f"{name} to re-choose")
+            await until(functools.partial(rechosen, leaf), 10 * SECOND, f"{name} to re-choose")
         print(f"{', '.join(had_it)} re-chose within {time.monotonic() - killed:.1f} s of the kill")
         for sub in r.subs.values():
             await sub.wait_number(killed_at + 10, 25 * BLOCK)

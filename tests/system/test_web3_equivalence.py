@@ -15,13 +15,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import aiohttp
 import orjson
 import pytest
-from web3 import AsyncHTTPProvider, AsyncWeb3, WebSocketProvider
+from eth_typing import BlockNumber, ChecksumAddress, HexStr
+from web3 import AsyncHTTPProvider, AsyncWeb3, Web3, WebSocketProvider
 from web3.exceptions import Web3RPCError
+from web3.types import FilterParams, TxParams, Wei
 
 from chainrelay.devnet import Anvil, traffic, transfer_emitter_initcode
 from tests.lab.chain import (
@@ -48,6 +50,17 @@ LIVE_BLOCKS = 2
 SETTLE_TIMEOUT = 12 * SECOND
 
 Read = Callable[[AsyncWeb3[Any]], Awaitable[Any]]
+P = ParamSpec("P")
+# As web3's types want them; the dev accounts are written checksummed already.
+ACCOUNTS = [Web3.to_checksum_address(a) for a in DEV_ACCOUNTS]
+
+
+def bound(
+    read: Callable[Concatenate[AsyncWeb3[Any], P], Awaitable[Any]], *args: P.args, **kw: P.kwargs
+) -> Read:
+    """``read`` with its arguments after the web3 bound now: reads made in a loop keep their
+    own block, hash or account."""
+    return lambda w: read(w, *args, **kw)
 
 
 @dataclass
@@ -57,8 +70,8 @@ class Net:
     node: Chain
     direct: AsyncWeb3[Any]
     through: AsyncWeb3[Any]
-    emitter: str
-    store: str
+    emitter: ChecksumAddress
+    store: ChecksumAddress
     filled_head: int  # the last block filled before the relay started
     start_head: int  # anvil's head once the relay served: later blocks are in its window
 
@@ -71,8 +84,8 @@ async def net(
 ) -> AsyncIterator[Net]:
     """anvil with filled blocks and live traffic, and a relay following it by WS or HTTP."""
     async with Chain.open(anvil.url) as node:
-        emitter = await node.deploy(transfer_emitter_initcode())
-        store = await node.deploy(store_initcode())
+        emitter = Web3.to_checksum_address(await node.deploy(transfer_emitter_initcode()))
+        store = Web3.to_checksum_address(await node.deploy(store_initcode()))
         sent = await node.fill(FILL_ROUNDS, emitter, store)
         filled_head = int((await node.receipt(sent[-1]))["blockNumber"], 16)
         relay = await relay_factory([anvil.ws_url if request.param == "ws" else anvil.url])
@@ -168,7 +181,7 @@ async def settled_fees(w3: AsyncWeb3[Any], newest: int, percentiles: list[float]
     is (geth gives block newest+1's), so on anvil it changes with every block while the
     rest of the answer is fixed.
     """
-    fees = dict(await w3.eth.fee_history(4, newest, percentiles))
+    fees: dict[str, Any] = dict(await w3.eth.fee_history(4, BlockNumber(newest), percentiles))
     fees["baseFeePerGas"] = fees["baseFeePerGas"][:-1]
     fees["baseFeePerBlobGas"] = fees["baseFeePerBlobGas"][:-1]
     return fees
@@ -198,22 +211,32 @@ async def test_blocks_transactions_receipts_and_logs_match(net: Net) -> None:
     with_logs = 0
     for n in numbers:
         hit = n in cached
-        block = await same(net, lambda w, n=n: w.eth.get_block(n, True), f"block {n} full")
+        block = await same(net, bound(lambda w, n: w.eth.get_block(n, True), n), f"block {n} full")
         assert block["transactions"], f"block {n} has no transactions: nothing to compare"
         h = block["hash"]
-        add(f"block {n}", "eth_getBlockByNumber", lambda w, n=n: w.eth.get_block(n), hit)
-        add(f"block {n} full", "eth_getBlockByNumber", lambda w, n=n: w.eth.get_block(n, True), hit)
-        add(f"block {h.hex()}", "eth_getBlockByHash", lambda w, h=h: w.eth.get_block(h), True)
+        add(f"block {n}", "eth_getBlockByNumber", bound(lambda w, n: w.eth.get_block(n), n), hit)
+        add(
+            f"block {n} full",
+            "eth_getBlockByNumber",
+            bound(lambda w, n: w.eth.get_block(n, True), n),
+            hit,
+        )
+        add(
+            f"block {h.hex()}",
+            "eth_getBlockByHash",
+            bound(lambda w, h: w.eth.get_block(h), h),
+            True,
+        )
         add(
             f"block {h.hex()} full",
             "eth_getBlockByHash",
-            lambda w, h=h: w.eth.get_block(h, True),
+            bound(lambda w, h: w.eth.get_block(h, True), h),
             True,
         )
         add(
             f"receipts of {n}",
             "eth_getBlockReceipts",
-            lambda w, n=n: w.eth.get_block_receipts(n),
+            bound(lambda w, n: w.eth.get_block_receipts(n), n),
             hit,
         )
         receipts = await net.direct.eth.get_block_receipts(n)
@@ -224,13 +247,16 @@ async def test_blocks_transactions_receipts_and_logs_match(net: Net) -> None:
         add(
             f"logs of block {n} by hash {h.hex()}",
             "eth_getLogs",
-            lambda w, h=h: w.eth.get_logs({"blockHash": h}),
+            bound(lambda w, h: w.eth.get_logs({"blockHash": h}), h),
             has_logs,
         )
         add(
             f"emitter logs in {n}",
             "eth_getLogs",
-            lambda w, n=n: w.eth.get_logs({"fromBlock": n, "toBlock": n, "address": net.emitter}),
+            bound(
+                lambda w, n: w.eth.get_logs({"fromBlock": n, "toBlock": n, "address": net.emitter}),
+                n,
+            ),
             hit,
         )
         for tx in block["transactions"]:
@@ -238,20 +264,20 @@ async def test_blocks_transactions_receipts_and_logs_match(net: Net) -> None:
             add(
                 f"tx {th.hex()}",
                 "eth_getTransactionByHash",
-                lambda w, th=th: w.eth.get_transaction(th),
+                bound(lambda w, th: w.eth.get_transaction(th), th),
                 True,
             )
             add(
                 f"receipt {th.hex()}",
                 "eth_getTransactionReceipt",
-                lambda w, th=th: w.eth.get_transaction_receipt(th),
+                bound(lambda w, th: w.eth.get_transaction_receipt(th), th),
                 True,
             )
     assert with_logs >= len(numbers) - 1, "too few compared blocks carry logs"
 
     # Ranges: all final, and one that runs from final blocks into the relay's live window.
     to_dev2 = [TRANSFER_TOPIC, None, topic_of(DEV_ACCOUNTS[2])]
-    ranges: list[tuple[str, dict[str, Any], bool]] = [
+    ranges: list[tuple[str, FilterParams, bool]] = [
         ("final range", {"fromBlock": 1, "toBlock": finalized, "address": net.emitter}, True),
         (
             "final range, to dev2",
@@ -270,9 +296,9 @@ async def test_blocks_transactions_receipts_and_logs_match(net: Net) -> None:
         ),
     ]
     for what, flt, hit in ranges:
-        logs = await same(net, lambda w, flt=flt: w.eth.get_logs(flt), what)
+        logs = await same(net, bound(lambda w, flt: w.eth.get_logs(flt), flt), what)
         assert len(logs) >= 3, f"{what}: only {len(logs)} logs, nothing to compare"
-        add(what, "eth_getLogs", lambda w, flt=flt: w.eth.get_logs(flt), hit)
+        add(what, "eth_getLogs", bound(lambda w, flt: w.eth.get_logs(flt), flt), hit)
 
     for what, _method, read, _hit in reads:
         await same(net, read, what)
@@ -280,7 +306,9 @@ async def test_blocks_transactions_receipts_and_logs_match(net: Net) -> None:
     # Tags name a moving block: compare once both sides saw the same head.
     for tag in ("latest", "safe", "finalized", "earliest"):
         for full in (False, True):
-            await settle(net, lambda w, t=tag, f=full: w.eth.get_block(t, f), f"block {tag}")
+            await settle(
+                net, bound(lambda w, t, f: w.eth.get_block(t, f), tag, full), f"block {tag}"
+            )
     earliest = await net.through.eth.get_block("earliest")
     assert earliest["number"] == 0
 
@@ -290,19 +318,19 @@ async def test_blocks_transactions_receipts_and_logs_match(net: Net) -> None:
 
 async def test_state_reads_match(net: Net) -> None:
     numbers, cached, _finalized = await block_numbers(net)
-    a0, a1, a2 = DEV_ACCOUNTS
-    write = {"from": a0, "to": net.store, "data": "0x" + "2a".rjust(64, "0")}
-    transfer = {"from": a1, "to": a2, "value": 1}
+    a0, a1, a2 = ACCOUNTS
+    write: TxParams = {"from": a0, "to": net.store, "data": HexStr("0x" + "2a".rjust(64, "0"))}
+    transfer: TxParams = {"from": a1, "to": a2, "value": Wei(1)}
 
     reads: list[tuple[str, str, Read, bool]] = []
     for n in numbers:
         hit = n in cached
-        for acct in DEV_ACCOUNTS:
+        for acct in ACCOUNTS:
             reads.append(
                 (
                     f"balance {acct} at {n}",
                     "eth_getBalance",
-                    lambda w, a=acct, n=n: w.eth.get_balance(a, n),
+                    bound(lambda w, a, n: w.eth.get_balance(a, n), acct, n),
                     hit,
                 )
             )
@@ -310,7 +338,7 @@ async def test_state_reads_match(net: Net) -> None:
                 (
                     f"nonce {acct} at {n}",
                     "eth_getTransactionCount",
-                    lambda w, a=acct, n=n: w.eth.get_transaction_count(a, n),
+                    bound(lambda w, a, n: w.eth.get_transaction_count(a, n), acct, n),
                     hit,
                 )
             )
@@ -319,7 +347,7 @@ async def test_state_reads_match(net: Net) -> None:
                 (
                     f"code {contract} at {n}",
                     "eth_getCode",
-                    lambda w, c=contract, n=n: w.eth.get_code(c, n),
+                    bound(lambda w, c, n: w.eth.get_code(c, n), contract, n),
                     hit,
                 )
             )
@@ -327,31 +355,31 @@ async def test_state_reads_match(net: Net) -> None:
             (
                 f"store slot 0 at {n}",
                 "eth_getStorageAt",
-                lambda w, n=n: w.eth.get_storage_at(net.store, 0, n),
+                bound(lambda w, n: w.eth.get_storage_at(net.store, 0, n), n),
                 hit,
             ),
             (
                 f"store read at {n}",
                 "eth_call",
-                lambda w, n=n: w.eth.call({"to": net.store}, n),
+                bound(lambda w, n: w.eth.call({"to": net.store}, n), n),
                 hit,
             ),
             (
                 f"estimate store write at {n}",
                 "eth_estimateGas",
-                lambda w, n=n: w.eth.estimate_gas(write, n),  # type: ignore[arg-type]
+                bound(lambda w, n: w.eth.estimate_gas(write, n), n),
                 hit,
             ),
             (
                 f"estimate transfer at {n}",
                 "eth_estimateGas",
-                lambda w, n=n: w.eth.estimate_gas(transfer, n),  # type: ignore[arg-type]
+                bound(lambda w, n: w.eth.estimate_gas(transfer, n), n),
                 hit,
             ),
             (
                 f"fee history to {n}",
                 "eth_feeHistory",
-                lambda w, n=n: settled_fees(w, n, [25.0, 75.0]),
+                bound(lambda w, n: settled_fees(w, n, [25.0, 75.0]), n),
                 hit,
             ),
         ]
@@ -372,14 +400,14 @@ async def test_state_reads_match(net: Net) -> None:
     await settle(net, lambda w: w.eth.get_transaction_count(a1, "safe"), "nonce at safe")
     await settle(net, lambda w: w.eth.get_storage_at(net.store, 0, "finalized"), "slot at final")
     await settle(net, lambda w: w.eth.fee_history(4, "latest", [50.0]), "fee history latest")
-    fees = await net.direct.eth.fee_history(4, numbers[-1], [25.0, 75.0])
+    fees = await net.direct.eth.fee_history(4, BlockNumber(numbers[-1]), [25.0, 75.0])
     assert len(fees["baseFeePerGas"]) == 5 and len(fees["reward"]) == 4
 
     await again(net, reads)
 
 
 async def test_signed_transaction_through_relay(net: Net) -> None:
-    account = DEV_ACCOUNTS[0]
+    account = ACCOUNTS[0]
     # The traffic generator sends from the same account: a nonce it takes first is retried.
     for attempt in range(5):
         latest = await net.through.eth.get_block("latest")
@@ -393,7 +421,7 @@ async def test_signed_transaction_through_relay(net: Net) -> None:
             base_fee=int(latest["baseFeePerGas"]),
         )
         try:
-            sent = await net.through.eth.send_raw_transaction(raw)
+            sent = await net.through.eth.send_raw_transaction(HexStr(raw))
             break
         except Web3RPCError as exc:
             if "nonce" not in str(exc).lower() and "underpriced" not in str(exc).lower():
@@ -432,8 +460,8 @@ async def test_websocket_provider_plain_calls(net: Net) -> None:
             assert await ws.eth.get_transaction_receipt(tx["hash"]) == (
                 await net.direct.eth.get_transaction_receipt(tx["hash"])
             )
-            assert await ws.eth.get_balance(DEV_ACCOUNTS[1], n) == (
-                await net.direct.eth.get_balance(DEV_ACCOUNTS[1], n)
+            assert await ws.eth.get_balance(ACCOUNTS[1], n) == (
+                await net.direct.eth.get_balance(ACCOUNTS[1], n)
             )
             assert await ws.eth.get_storage_at(net.store, 0, n) == (
                 await net.direct.eth.get_storage_at(net.store, 0, n)

@@ -365,8 +365,8 @@ async def test_three_workers_follow_the_chain_once_and_every_worker_serves_each_
                 heads = await sub.subscribe(NEW_HEADS)
                 logs = await sub.subscribe(TRANSFER_LOGS)
                 block_filter = (await sub.call("eth_newBlockFilter", []))["result"]
-                log_filter = await sub.call("eth_newFilter", [{"topics": [TRANSFER_TOPIC]}])
-                ids[i] = (heads, logs, block_filter, log_filter["result"])
+                new_filter = await sub.call("eth_newFilter", [{"topics": [TRANSFER_TOPIC]}])
+                ids[i] = (heads, logs, block_filter, new_filter["result"])
             since_start = await proxy.calls()
             await proxy.reset()
 
