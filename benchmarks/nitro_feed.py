@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import re
 import statistics
 import subprocess
@@ -64,7 +65,7 @@ from chainrelay.tree.frame import Signer, decode, keccak, unpack
 from chainrelay.wire.wsframes import binary_header, text_header
 from tests.lab.fake_nitro_feed import FakeNitroFeed
 from tests.lab.netns import read_ready
-from tests.lab.nitro_messages import example_messages, realistic
+from tests.lab.nitro_messages import Made, example_messages, realistic
 from tests.lab.procs import until
 
 BUDGET_SECONDS = 240
@@ -79,6 +80,20 @@ def deflated(flavor: Flavor, text: bytes) -> int:
     """Bytes of ``text`` on the wire as ``flavor`` compresses it, its frame header included."""
     body = flavor.compress(text)
     return len(text_header(len(body))) + len(body)
+
+
+def all_arrived(msgs: list[Made], arrivals: dict[int, float]) -> bool:
+    return all(m.seq in arrivals for m in msgs)
+
+
+def hop(frame: bytes) -> object:
+    """What a relay hop does with a frame: opened, its signature checked."""
+    return open_frame(decode(frame, MAX), MAX)
+
+
+def leaf(frame: bytes) -> bytes:
+    """What a leaf does with a frame: the broadcast message its clients are sent."""
+    return encode_broadcast([unpack(decode(frame, MAX), MAX)])
 
 
 def med_us(fn: Callable[[], object], repeats: int) -> float:
@@ -218,7 +233,7 @@ async def measure_latency(args: argparse.Namespace, tmp: str) -> tuple[list[list
                 sent: dict[int, float] = {}
                 await paced(feed, msgs, rate, sent)
                 with contextlib.suppress(AssertionError):  # what is missing is counted
-                    await until(lambda ms=msgs: all(m.seq in arrivals for m in ms), 30, "all")
+                    await until(functools.partial(all_arrived, msgs, arrivals), 30, "all")
                 excess = [
                     (arrivals[s] - t) * 1000 - 2 * args.link_ms
                     for s, t in sent.items()
@@ -336,14 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             if name != "Nitro's examples":
                 cpu["entry"].append(med_us(entry, args.repeats))
                 cpu["check"].append(
-                    med_us(lambda raw=raw: feed_signer(raw, CHAIN_ID), args.repeats)
+                    med_us(functools.partial(feed_signer, raw, CHAIN_ID), args.repeats)
                 )
-                cpu["hop"].append(
-                    med_us(lambda frame=frame: open_frame(decode(frame, MAX), MAX), args.repeats)
-                )
+                cpu["hop"].append(med_us(functools.partial(hop, frame), args.repeats))
                 cpu["leaf"].append(
                     med_us(
-                        lambda frame=frame: encode_broadcast([unpack(decode(frame, MAX), MAX)]),
+                        functools.partial(leaf, frame),
                         args.repeats,
                     )
                 )

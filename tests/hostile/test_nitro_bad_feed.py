@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -76,6 +77,15 @@ def entry_toml(feed: FakeNitroFeed, nitro_port: int, log: Path) -> str:
         f'[[batches.streams]]\nname = "{STREAM}"\nchain_id = {CHAIN_ID}\n'
         f'sequencers = ["0x{entry.address.hex()}"]\n'
     )
+
+
+def has_read(client: Collector, n: int) -> bool:
+    return len(client.messages()) >= n
+
+
+def reconnected(feed: FakeNitroFeed, connects: int) -> bool:
+    """Whether the input connected again since it had ``connects`` connections."""
+    return len(feed.connects) > connects
 
 
 async def never_reader(port: int, address: str) -> asyncio.StreamWriter:
@@ -149,7 +159,7 @@ async def test_bad_feed_input_and_never_reading_clients(
                     feed.publish(batch[GOOD_PER_ROUND // 2 :])
                     # Paced as a sequencer's feed: the next round once this one is through.
                     await until(
-                        lambda n=at + GOOD_PER_ROUND: len(reading.messages()) >= n,
+                        functools.partial(has_read, reading, at + GOOD_PER_ROUND),
                         WAIT,
                         f"round {r} at the reading client",
                     )
@@ -168,7 +178,7 @@ async def test_bad_feed_input_and_never_reading_clients(
                         )
                         feed.send_raw(bad)
                         await until(
-                            lambda c=connects: len(feed.connects) > c, WAIT, "the input back"
+                            functools.partial(reconnected, feed, connects), WAIT, "the input back"
                         )
 
                 # Every good message reaches the reading client, exactly, in order; and

@@ -52,6 +52,12 @@ def passes(p: Any) -> bool:
     return p.finality is Finality.NEVER and p.key is None
 
 
+def stored_as(p: Plan, lifetime: float, number: int, block: str | None) -> Storing:
+    """How an answer to ``p`` (a plan with a key) is stored, as ``store_decision`` says it."""
+    assert p.key is not None
+    return Storing(p.key, lifetime, number, block)
+
+
 # --- one reading of a block reference, for keys and for log ranges -------------------------
 @pytest.mark.parametrize(
     ("ref", "as_key", "as_bound"),
@@ -434,7 +440,7 @@ def test_an_empty_answer_pinned_to_a_block_hash_is_stored_tied_to_that_block(
     p = plan("eth_call", [{"to": ADDR, "data": "0x"}, ref], head)
     assert p.pinned and p.block_hash is not None
     stored = store_decision(p, empty, None, None, head, 3.0)
-    assert stored == Storing(p.key, 0.0, p.block_number, p.block_hash)
+    assert stored == stored_as(p, 0.0, p.block_number, p.block_hash)
 
 
 def test_empty_answers_not_pinned_to_a_block_wait_for_finality(head: HeadView) -> None:
@@ -455,7 +461,7 @@ def test_empty_answers_not_pinned_to_a_block_wait_for_finality(head: HeadView) -
 
 def test_a_final_answer_is_stored_for_ever_without_a_check(head: HeadView) -> None:
     p = balance_at(hex(FINAL), head)
-    assert store_decision(p, b'"0x1"', None, "0x1", head, 3.0) == Storing(p.key, 0.0, -1, None)
+    assert store_decision(p, b'"0x1"', None, "0x1", head, 3.0) == stored_as(p, 0.0, -1, None)
 
 
 def test_reads_pinned_to_a_block_hash_are_stored_whatever_they_hold_tied_to_that_block(
@@ -467,7 +473,7 @@ def test_reads_pinned_to_a_block_hash_are_stored_whatever_they_hold_tied_to_that
         for value in (b'"0x0"', b'"0x1"', b'"0xffffffffffffffffffff"'):
             stored = store_decision(p, value, None, None, head, 3.0)
             expected = (HEAD, head.canonical[HEAD]) if ref == "latest" else (HEAD - 1, h)
-            assert stored == Storing(p.key, 0.0, *expected)
+            assert stored == stored_as(p, 0.0, *expected)
 
 
 def test_a_pinned_block_reorged_away_or_past_the_head_is_not_stored(head: HeadView) -> None:
@@ -501,7 +507,7 @@ def test_a_transaction_not_yet_in_a_block_is_not_stored(head: HeadView) -> None:
     assert store_decision(p, b"{}", None, pending, head, 3.0) is None
     mined = {"hash": "0x" + "12" * 32, "blockHash": block_hash(HEAD), "blockNumber": hex(HEAD)}
     stored = store_decision(p, b"{}", None, mined, head, 3.0)
-    assert stored == Storing(p.key, 0.0, HEAD, block_hash(HEAD))
+    assert stored == stored_as(p, 0.0, HEAD, block_hash(HEAD))
 
 
 def test_list_answers_with_an_item_off_the_chain_are_not_stored(head: HeadView) -> None:
@@ -516,18 +522,18 @@ def test_list_answers_with_an_item_off_the_chain_are_not_stored(head: HeadView) 
 
 def test_realtime_answers_live_one_block_time(head: HeadView) -> None:
     p = plan("eth_gasPrice", [], head)
-    assert store_decision(p, b'"0x1"', None, "0x1", head, 3.0) == Storing(p.key, 3.0, -1, None)
+    assert store_decision(p, b'"0x1"', None, "0x1", head, 3.0) == stored_as(p, 3.0, -1, None)
 
 
 def test_a_block_known_to_the_caller_is_its_answer_s_block(head: HeadView) -> None:
     n, h = HEAD - 1, block_hash(HEAD - 1)
     by_hash = plan("eth_getBlockByHash", [h, False], head)
-    assert store_decision(by_hash, b"{}", None, None, head, 3.0, block=(n, h)) == Storing(
-        by_hash.key, 0.0, n, h
+    assert store_decision(by_hash, b"{}", None, None, head, 3.0, block=(n, h)) == stored_as(
+        by_hash, 0.0, n, h
     )
     final = plan("eth_getBlockByNumber", [hex(FINAL), False], head)
     stored = store_decision(final, b"{}", None, None, head, 3.0, block=(FINAL, "0x00"))
-    assert stored == Storing(final.key, 0.0, -1, None)
+    assert stored == stored_as(final, 0.0, -1, None)
 
 
 def test_an_unfinalized_state_read_has_its_by_number_form_for_an_upstream_at_that_head(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import operator
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -225,7 +227,7 @@ async def test_automatic_feed_follows_while_clients_read_blocks_hit_or_miss(
                     "the feed's fetch of the block",
                 )
                 await until(
-                    lambda held=held: _holds(relay, held + 1),
+                    functools.partial(_holds, relay, held + 1),
                     10 * SECOND,
                     "the block taken in",
                 )
@@ -297,7 +299,9 @@ async def test_garbage_from_a_fake_upstream_does_not_end_the_pending_stream(
                 for attempt in range(20):
                     probe = await node.send({"from": A2, "to": A0, "value": hex(1 + attempt)})
                     with contextlib.suppress(AssertionError):
-                        await until(lambda p=probe: p in seen, SECOND, "a probe as pending")
+                        await until(
+                            functools.partial(operator.contains, seen, probe), SECOND, "pending"
+                        )
                         break
                 else:
                     raise AssertionError("the pending stream never came back")
