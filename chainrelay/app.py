@@ -89,8 +89,8 @@ from chainrelay.tree.siblings import (
     origin_signer,
 )
 from chainrelay.tree.streams import BatchStream
+from chainrelay.upstreams.make import make_upstream
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import make_upstream
 
 log = logging.getLogger(__name__)
 

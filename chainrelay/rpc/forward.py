@@ -27,7 +27,8 @@ from chainrelay.rpc import policy
 from chainrelay.rpc.policy import HeadView, Kind
 from chainrelay.rpc.replay import ReplayTable
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import HttpUpstream, TransportError, Upstream, WsUpstream
+from chainrelay.upstreams.upstream import HttpUpstream, TransportError, Upstream
+from chainrelay.upstreams.wslink import WsUpstream
 from chainrelay.wire.jsonrpc import (
     NULL_ID,
     Call,

@@ -49,13 +49,8 @@ from chainrelay.server.peer import detached
 from chainrelay.upstreams.batching import BatchCall
 from chainrelay.upstreams.capabilities import Verdict, classify
 from chainrelay.upstreams.route import PRIMARY, pick_weighted
-from chainrelay.upstreams.upstream import (
-    BatchUnsupported,
-    HttpUpstream,
-    TransportError,
-    Upstream,
-    WsUpstream,
-)
+from chainrelay.upstreams.upstream import BatchUnsupported, HttpUpstream, TransportError, Upstream
+from chainrelay.upstreams.wslink import WsUpstream
 from chainrelay.wire.jsonrpc import Answer, Params
 
 # A read forwarded by block hash: (that hash, its params naming the block by number instead).

@@ -23,8 +23,8 @@ from chainrelay.config import HeadConfig, PoolConfig, UpstreamConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
 from chainrelay.rpc.cache import MemoryCache
+from chainrelay.upstreams.make import make_upstream
 from chainrelay.upstreams.pool import UpstreamPool
-from chainrelay.upstreams.upstream import make_upstream
 from chainrelay.wire.jsonrpc import Answer
 from tests.lab.procs import until
 from tests.lab.timing import SECOND

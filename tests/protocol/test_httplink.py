@@ -18,7 +18,8 @@ from chainrelay.errors import ConfigError
 from chainrelay.upstreams import httpwire
 from chainrelay.upstreams.failures import BatchUnsupported, TransportError
 from chainrelay.upstreams.httplink import HttpLink, LinkPool, Sent
-from chainrelay.upstreams.upstream import HttpUpstream, make_upstream
+from chainrelay.upstreams.make import make_upstream
+from chainrelay.upstreams.upstream import HttpUpstream
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 from tests.protocol.test_http_fast_path import RecordingTransport

@@ -21,15 +21,10 @@ from chainrelay.errors import ConfigError, UpstreamOverloaded, error_code
 from chainrelay.metrics import Metrics
 from chainrelay.upstreams.budget import Budget
 from chainrelay.upstreams.capabilities import WORDINGS, Capabilities, Verdict, classify
+from chainrelay.upstreams.make import make_upstream, request_headers
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.route import FALLBACK, PRIMARY, Route
-from chainrelay.upstreams.upstream import (
-    HttpUpstream,
-    TransportError,
-    Upstream,
-    make_upstream,
-    request_headers,
-)
+from chainrelay.upstreams.upstream import HttpUpstream, TransportError, Upstream
 from chainrelay.wire.jsonrpc import Answer
 from tests.lab.procs import until
 from tests.lab.timing import SECOND

@@ -11,7 +11,8 @@ import orjson
 import pytest
 from websockets.frames import Frame
 
-from chainrelay.upstreams.upstream import BatchUnsupported, WsUpstream
+from chainrelay.upstreams.upstream import BatchUnsupported
+from chainrelay.upstreams.wslink import WsUpstream
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 from tests.protocol.test_ws_link import Pair

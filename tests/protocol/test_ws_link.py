@@ -13,7 +13,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from chainrelay.upstreams.upstream import TransportError, WsUpstream, _WsLink
+from chainrelay.upstreams.upstream import TransportError
+from chainrelay.upstreams.wslink import WsLink, WsUpstream
 from tests.lab.procs import until
 from tests.lab.timing import SECOND
 from tests.protocol.test_http_fast_path import RecordingTransport
@@ -24,10 +25,10 @@ class Pair:
 
     def __init__(self, up: WsUpstream | None = None) -> None:
         self.messages: list[bytes] = []
-        self.lost: list[_WsLink] = []
+        self.lost: list[WsLink] = []
         on_message = up._message if up is not None else self.messages.append
         on_lost = up._lost if up is not None else self.lost.append
-        self.link = _WsLink(parse_uri("ws://node.example/"), on_message, on_lost)
+        self.link = WsLink(parse_uri("ws://node.example/"), on_message, on_lost)
         self.transport = RecordingTransport()
         self.server = ServerProtocol(max_size=None)
         self.link.connection_made(self.transport)
