@@ -290,6 +290,8 @@ class Relay:
     upstream: str
     toml: str = ""
     root: Path = ROOT
+    # More lines of the ``[[upstreams]]`` entry (with ``toml`` only).
+    upstream_toml: str = ""
     port: int = field(default_factory=free_port)
     # The module run with ``python -m``: the relay's own, or a launcher that runs it
     # (``benchmarks.lag_probe``); ``env``: more environment variables for the process.
@@ -324,7 +326,7 @@ class Relay:
             path = Path(self._tmp.name) / "relay.toml"
             path.write_text(
                 f'[server]\nlisten = "{listen}"\n{self._no_admin_line}\n{self.toml}\n\n'
-                f'[[upstreams]]\nname = "anvil"\nurl = "{self.upstream}"\n'
+                f'[[upstreams]]\nname = "anvil"\nurl = "{self.upstream}"\n{self.upstream_toml}'
             )
             cmd += ["--config", str(path)]
         else:

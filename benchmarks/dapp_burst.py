@@ -32,6 +32,9 @@ blocks) included:
 * *cold*: a fresh relay started just before each of its phases; the calls of its start
   count in its phase.
 
+This tree's relays declare anvil one node (``head_by_number``): their reads pinned to its
+head go by number, as a node's operator would set it; an older commit's run as they are.
+
 The phases run interleaved in rounds (direct, warm, cold in each round); figures are
 medians over rounds. With ``--against COMMIT`` a warm and a cold relay of that commit (run
 from its own tree: ``common.checkout``) take their turns in each round too. The relay's
@@ -116,6 +119,9 @@ GOAL_LOOP_LAG_MS = 2.0
 LAG_HISTOGRAM = "chainrelay_event_loop_lag_seconds"
 # The relay's config beyond its listen address and upstream: the chain, nothing tuned.
 RELAY_TOML = "[chain]\nchain_id = 56\n"
+# anvil is one node: reads pinned to its head go by number (README, "How answers are
+# cached"). Only for this tree's relays: an older commit may not know the key.
+UPSTREAM_TOML = "head_by_number = true\n"
 
 
 # --- a light HTTP/1.1 client ---------------------------------------------------------------
@@ -434,7 +440,7 @@ async def run_phase(
     async with target.lock:  # the warm relay's light reader waits meanwhile
         if target.kind == "cold":
             before_start = await counts(target.proxy)
-            target.relay = relay = common.Relay(upstream_url(target, args), RELAY_TOML, target.root)
+            target.relay = relay = relay_of(target, args)
             STARTED.append(relay)
             await asyncio.to_thread(relay.start)
         try:
@@ -502,6 +508,11 @@ def stop_relays() -> None:
         relay.stop()
 
 
+def relay_of(target: Target, args: argparse.Namespace) -> common.Relay:
+    extra = UPSTREAM_TOML if target.root == common.ROOT else ""
+    return common.Relay(upstream_url(target, args), RELAY_TOML, target.root, upstream_toml=extra)
+
+
 def upstream_url(target: Target, args: argparse.Namespace) -> str:
     """The relay's upstream: its counting proxy, over WebSocket or HTTP."""
     return target.proxy.replace("http://", "ws://") if args.transport == "ws" else target.proxy
@@ -563,7 +574,7 @@ async def measure(
     world = World(traffic, tokens, senders, senders + recipients)
     for target in targets:
         if target.kind == "warm":
-            target.relay = common.Relay(upstream_url(target, args), RELAY_TOML, target.root)
+            target.relay = relay_of(target, args)
             STARTED.append(target.relay)
             await asyncio.to_thread(target.relay.start)
     assert anvil.proc is not None

@@ -380,6 +380,13 @@ UPSTREAM_WEIGHT = 1
 UPSTREAM_MAX_RPS = 0.0
 # Calls in flight to one upstream at once (0: no bound); some providers cap concurrency.
 UPSTREAM_MAX_CONCURRENCY = 0
+# Whether a read the node pins to a block by hash is sent by number to an upstream whose own
+# last reported head is that block. Off: behind one provider URL may stand several nodes, at
+# the tip on different forks, and a number would be answered from whichever one took the
+# request (stored under the hash the read names). On for an upstream that is one node, where
+# a number at its head is the same state and can be faster (anvil: a hash costs it p50 4.8
+# against 2.9 ms, p99 38 against 9 ms, under busy traffic).
+UPSTREAM_HEAD_BY_NUMBER = False
 # Burst a rate budget allows, in seconds of its rate (at least one call): a provider's
 # one-second window then sees at most 1.2x the rate, never a whole second's worth twice.
 BUDGET_BURST_SECONDS = 0.2

@@ -57,8 +57,10 @@ async def anvil(anvil_factory: AnvilFactory) -> AsyncIterator[Anvil]:
 def relay_factory(procs: Procs, tmp_path: Path) -> RelayFactory:
     """Start a relay process: ``await relay_factory([upstream_url, ...], extra_toml)``."""
 
-    async def make(upstreams: list[str], extra: str = "", name: str = "relay") -> Relay:
-        relay = Relay(procs, relay_config(upstreams, extra), tmp_path, name)
+    async def make(
+        upstreams: list[str], extra: str = "", name: str = "relay", each_upstream: str = ""
+    ) -> Relay:
+        relay = Relay(procs, relay_config(upstreams, extra, each_upstream), tmp_path, name)
         relay.start()
         await relay.wait_ready()
         return relay

@@ -764,6 +764,8 @@ class UpstreamConfig:
     # CA certificates (PEM) its TLS certificate is verified against, instead of the
     # system's: a private CA. Verification is never off.
     ca_file: str = ""
+    # One node behind this URL: reads pinned to its own head go by number (see defaults).
+    head_by_number: bool = d.UPSTREAM_HEAD_BY_NUMBER
 
 
 def check_upstreams(upstreams: list[UpstreamConfig]) -> None:

@@ -51,6 +51,7 @@ def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upst
         caps=Capabilities(archive=u.archive, ttl=pool.capability_ttl),
     )
     upstream.headers = request_headers(u)
+    upstream.head_by_number = u.head_by_number
     return upstream
 
 

@@ -448,7 +448,7 @@ class UpstreamPool:
     ) -> Answer:
         """One try of a read on ``u``: its answer, or ``Declined`` when its error says
         another upstream may answer (learnt by ``u``). ``at_head``: see ``call``."""
-        if at_head is not None and u.head_hash == at_head[0]:
+        if at_head is not None and u.head_by_number and u.head_hash == at_head[0]:
             params = at_head[1]
         answer = await u.call(method, params, timeout=timeout)
         declined = self._judge(u, method, block, answer)
@@ -500,7 +500,8 @@ class UpstreamPool:
         failed under it. ``tried``: the upstreams those attempts went to, asked last (the
         best one may be the one that just failed, still healthy after one error).
         ``at_head``: (block hash, params naming that block by number) for a read forwarded
-        by hash: an upstream whose own head is that block is sent the by-number form.
+        by hash: an upstream whose own head is that block is sent the by-number form, if it
+        is one node (``Upstream.head_by_number``).
         ``deadline``: the ``perf_counter`` time the call ends by, answered or not
         (``UpstreamTimeout``), all its tries and hedges included; the pool's ``deadline``
         from now when not given (the node's own reads). With no upstream in rotation,
@@ -986,7 +987,7 @@ def _at_its_head(
     """``calls`` as sent to ``u``: each read pinned to ``u``'s own head by hash, by number
     instead (``UpstreamPool.call``'s ``at_head``)."""
     head = u.head_hash
-    if head is None or not at_head:
+    if head is None or not at_head or not u.head_by_number:
         return calls
     return [
         (m, form[1]) if form is not None and form[0] == head else (m, p)

@@ -58,8 +58,10 @@ class Upstream:
         # cadence, judged by its head now.
         self.slow_lag: int | None = None
         # The hash of the head it last reported at ``latest`` (None: not known): a read of
-        # that very block may name it by number there (``UpstreamPool.call``'s ``at_head``).
+        # that very block is named by number there when ``head_by_number`` (one node behind
+        # the URL; ``UpstreamPool.call``'s ``at_head``).
         self.head_hash: str | None = None
+        self.head_by_number = defaults.UPSTREAM_HEAD_BY_NUMBER
         self.latency = 0.0  # EWMA, seconds
         self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.consecutive_errors = 0

@@ -247,8 +247,9 @@ async def start_relay_mining(
     relay_factory: Callable[..., Awaitable[Relay]],
     upstreams: list[str],
     extra: str = "",
+    each_upstream: str = "",
 ) -> Relay:
     """Start a relay in front of a node that mines on demand, mining a block every
     START_HEARTBEAT until the relay serves (bounded by RELAY_START_TIMEOUT)."""
     async with heartbeat(node), asyncio.timeout(RELAY_START_TIMEOUT):
-        return await relay_factory(upstreams, extra)
+        return await relay_factory(upstreams, extra, each_upstream=each_upstream)

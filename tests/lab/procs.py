@@ -189,9 +189,13 @@ async def fetch_metrics(url: str) -> dict[str, float]:
         return parse_metrics(await r.text())
 
 
-def relay_config(upstreams: list[str], extra: str = "") -> str:
-    """A config for a lab relay; ``{listen}`` is filled in by ``Relay``."""
-    ups = "\n".join(f'[[upstreams]]\nname = "u{i}"\nurl = "{u}"\n' for i, u in enumerate(upstreams))
+def relay_config(upstreams: list[str], extra: str = "", each_upstream: str = "") -> str:
+    """A config for a lab relay; ``{listen}`` is filled in by ``Relay``. ``each_upstream``:
+    more lines of every ``[[upstreams]]`` entry."""
+    ups = "\n".join(
+        f'[[upstreams]]\nname = "u{i}"\nurl = "{u}"\n{each_upstream}'
+        for i, u in enumerate(upstreams)
+    )
     # Lab relays read /metrics and the full /health on the public port, and many run on one
     # host: no admin listener unless the test gives one its own port (``extra``).
     admin = "" if "admin_listen" in extra else 'admin_listen = ""\n'

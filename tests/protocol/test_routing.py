@@ -585,7 +585,7 @@ BY_NUMBER = ["0x" + "11" * 20, hex(1_000)]
 
 async def test_a_read_pinned_to_the_upstreams_own_head_is_sent_by_number() -> None:
     u = ScriptedUpstream("u")
-    u.head_hash = HEAD_HASH
+    u.head_hash, u.head_by_number = HEAD_HASH, True
     pool = pool_of(u)
     answer = await pool.call("eth_getBalance", BY_HASH, 1_000, at_head=(HEAD_HASH, BY_NUMBER))
     assert answer.result == orjson.dumps(BALANCE)
@@ -599,7 +599,7 @@ async def test_a_read_pinned_to_another_block_than_the_upstreams_head_stays_by_h
     # Its head not known yet, or another block (a new head it moved to, a fork): only the
     # hash names the block the read is keyed by.
     u = ScriptedUpstream("u")
-    u.head_hash = head_hash
+    u.head_hash, u.head_by_number = head_hash, True
     await pool_of(u).call("eth_getBalance", BY_HASH, 1_000, at_head=(HEAD_HASH, BY_NUMBER))
     assert u.asked == [("eth_getBalance", BY_HASH)]
 
@@ -608,9 +608,9 @@ async def test_each_upstream_tried_gets_the_form_its_own_head_allows() -> None:
     # The first at another head fails the try; the second, at the read's block, is asked
     # by number: the choice is made per try, not once per call.
     first = ScriptedUpstream("first", weight=1_000)
-    first.head_hash = "0x" + "cd" * 32
+    first.head_hash, first.head_by_number = "0x" + "cd" * 32, True
     second = ScriptedUpstream("second", weight=1)
-    second.head_hash = HEAD_HASH
+    second.head_hash, second.head_by_number = HEAD_HASH, True
     gone = TransportError("connection reset")
     tried: list[Any] = []
 
@@ -628,7 +628,7 @@ async def test_each_upstream_tried_gets_the_form_its_own_head_allows() -> None:
 
 async def test_a_batch_sends_each_read_pinned_to_the_upstreams_head_by_number() -> None:
     u = ScriptedUpstream("u")
-    u.head_hash = HEAD_HASH
+    u.head_hash, u.head_by_number = HEAD_HASH, True
     older = ["0x" + "11" * 20, {"blockHash": "0x" + "cd" * 32}]
     calls = [("eth_getBalance", BY_HASH), ("eth_getBalance", older), ("eth_chainId", [])]
     at_head = [(HEAD_HASH, BY_NUMBER), ("0x" + "cd" * 32, ["0x" + "11" * 20, "0x3e7"]), None]
@@ -639,3 +639,24 @@ async def test_a_batch_sends_each_read_pinned_to_the_upstreams_head_by_number() 
         ("eth_getBalance", older),
         ("eth_chainId", []),
     ]
+
+
+async def test_an_upstream_not_declared_one_node_is_asked_by_hash_even_at_its_head() -> None:
+    # Behind a provider's URL, nodes at the tip may sit on different forks: a number would
+    # be answered from whichever took the request.
+    u = ScriptedUpstream("u")
+    u.head_hash = HEAD_HASH
+    assert not u.head_by_number  # the default
+    pool = pool_of(u)
+    await pool.call("eth_getBalance", BY_HASH, 1_000, at_head=(HEAD_HASH, BY_NUMBER))
+    await pool.call_batch([("eth_getBalance", BY_HASH)], 1_000, at_head=[(HEAD_HASH, BY_NUMBER)])
+    assert u.asked == [("eth_getBalance", BY_HASH)] * 2
+
+
+def test_head_by_number_is_set_from_the_upstreams_config() -> None:
+    cfg = loads(
+        '[[upstreams]]\nurl = "http://127.0.0.1:8545"\nhead_by_number = true\n'
+        '[[upstreams]]\nurl = "ws://127.0.0.1:8546"\n'
+    )
+    one, two = (make_upstream(u, cfg.pool) for u in cfg.upstreams)
+    assert one.head_by_number and not two.head_by_number

@@ -62,7 +62,10 @@ class Lab:
     answers: dict[bytes, dict[str, Any]] = field(default_factory=dict)
 
 
-@pytest.fixture(params=["ws", "http"])
+# The relay's upstream, and how its reads pinned to the upstream's own head are sent: by
+# hash, or by number ("one node": ``head_by_number``, whose answers a reorg must not let
+# stand for the block they were keyed by either).
+@pytest.fixture(params=["ws", "http", "ws-one-node"])
 async def lab(
     request: pytest.FixtureRequest,
     anvil_factory: Callable[..., Awaitable[Anvil]],
@@ -73,8 +76,9 @@ async def lab(
         await node.call("evm_setAutomine", [False])
         emitter = await node.deploy(transfer_emitter_initcode())
         store = await node.deploy(store_initcode())
-        upstream = anvil.ws_url if request.param == "ws" else anvil.url
-        relay = await start_relay_mining(node, relay_factory, [upstream])
+        upstream = anvil.url if request.param == "http" else anvil.ws_url
+        one_node = "head_by_number = true\n" if request.param == "ws-one-node" else ""
+        relay = await start_relay_mining(node, relay_factory, [upstream], each_upstream=one_node)
         for i in range(BASE_BLOCKS):
             await node.send({"from": A0, "to": A1, "value": hex(1 + i)})
             await node.call("evm_mine")
