@@ -131,7 +131,7 @@ class BlockFiller:
             return False
         if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
             return False  # another block by now: nothing to warm
-        await self.warmer.warm_receipts(n, h, receipts, answer.result)
+        await self.warmer.warm_receipts(n, h, receipts, answer.result, answer.parts)
         if self.on_logs is not None and self.warmer.vouched(n, h):
             self.on_logs(n, h, logs_of_receipts(receipts))
         return True
@@ -143,5 +143,5 @@ class BlockFiller:
             return False
         if block.get("hash") != h:
             return False
-        await self.warmer.warm_block(n, h, block, answer.result)
+        await self.warmer.warm_block(n, h, block, answer.result, answer.parts)
         return True

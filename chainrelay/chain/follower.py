@@ -45,7 +45,7 @@ from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
 from chainrelay.chain.fill import BlockFiller
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
-from chainrelay.chain.logstore import LogStore
+from chainrelay.chain.logstore import Held, LogStore, held_logs_steps
 from chainrelay.chain.offers import OfferedBlocks
 from chainrelay.chain.pending import PendingListener, PendingStream
 from chainrelay.chain.warm import CacheWarmer
@@ -53,9 +53,13 @@ from chainrelay.config import SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.server.peer import detached
+from chainrelay.slices import drive
 from chainrelay.upstreams.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
+
+# Logs made ready for the log store between two looks at the slice's clock (~0.1 ms).
+HELD_STEP = 64
 
 
 class BlockFollower:
@@ -281,6 +285,8 @@ class BlockFollower:
                     break
                 self._passes.pop((number, block_hash), None)
                 await self.warmer.warm(event, raw)
+                # Its logs made ready for the log store and the reorg window, in slices.
+                held = await drive(held_logs_steps(event.logs, block_hash, HELD_STEP))
                 if self.head.view.canonical.get(number) != block_hash:
                     break  # reorged away while the cache was warmed: step again
                 for fetched in self._fetched_listeners:
@@ -290,10 +296,14 @@ class BlockFollower:
                         log.exception("fetched-block listener failed")
                 if self.heads.delivered(number, block_hash):
                     event = dataclasses.replace(event, announced=True)
-                # What a reorg needs of it, no more: the block and header are big.
-                self.order.delivered(number, block_hash, kept(event))
+                # What a reorg needs of it, no more: the block and header are big. Its logs'
+                # JSON is the held logs' joined: the same bytes as encoding them again.
+                logs_raw = None
+                if held is not None:
+                    logs_raw = b"[" + b",".join(raw for _, _, raw in held[0]) + b"]"
+                self.order.delivered(number, block_hash, kept(event, logs_raw))
                 events.append(event)
-                self._deliver(events)
+                self._deliver(events, {block_hash: held})
                 events = []
             else:
                 if events:
@@ -325,8 +335,10 @@ class BlockFollower:
         self.order.delivered(number, block_hash, BlockEvent(number, block_hash, {}, {}, [], False))
         return True
 
-    def _deliver(self, events: list[BlockEvent]) -> None:
-        self.logs.note(events)
+    def _deliver(
+        self, events: list[BlockEvent], ready: dict[str, Held | None] | None = None
+    ) -> None:
+        self.logs.note(events, ready)
         for fn in list(self._listeners):
             try:
                 fn(events)
