@@ -819,8 +819,8 @@ NITRO_LOG_TRIM_INTERVAL = 60.0
 # late by about this much at most, against 5-13 ms for one orjson.loads of 2 MB of receipts.
 LOOP_SLICE_SECONDS = 0.0005
 # An upstream answer (or a cached result the follower reads back) this large is decoded
-# piecewise (chainrelay/wire/pieces.py), ~0.25 ms of it per slice; a smaller one is one
-# orjson.loads of under ~1 ms, faster in all (the piecewise decoder costs ~1.5x its time).
+# piecewise (chainrelay/wire/pieces.py), a slice at a time; a smaller one is one
+# orjson.loads of under ~1 ms, cheaper in all (piecewise costs 2-2.5x orjson's CPU time).
 LARGE_ANSWER_BYTES = 256 * 1024
-# Characters the piecewise decoder decodes between two looks at the slice's clock: ~0.1 ms.
+# Bytes the piecewise decoder decodes between two looks at the slice's clock: ~0.1 ms.
 DECODE_STEP_CHARS = 16 * 1024

@@ -22,7 +22,7 @@ import orjson
 
 from chainrelay import defaults
 from chainrelay.wire.jsonrpc import Answer, parse_answer
-from chainrelay.wire.pieces import answer_steps, decode_steps, result_parts
+from chainrelay.wire.pieces import answer_steps, result_steps
 
 T = TypeVar("T")
 
@@ -74,10 +74,9 @@ async def decode_result(result: bytes, slicer: Slicer | None = None) -> Answer:
     ``orjson.JSONDecodeError`` for bytes that are not JSON."""
     if len(result) > defaults.LARGE_ANSWER_BYTES:
         try:
-            text = result.decode()
-            got = await drive(decode_steps(text, defaults.DECODE_STEP_CHARS), slicer)
+            value, parts = await drive(result_steps(result, defaults.DECODE_STEP_CHARS), slicer)
         except ValueError:
             pass
         else:
-            return Answer(result, None, got.value, result_parts(result, text, got))
+            return Answer(result, None, value, parts)
     return Answer(result, None, orjson.loads(result))
