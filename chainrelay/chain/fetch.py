@@ -33,7 +33,7 @@ from chainrelay.config import SubscriptionsConfig
 from chainrelay.errors import UpstreamError
 from chainrelay.metrics import Metrics
 from chainrelay.slices import Slicer, decode_result, drive
-from chainrelay.subscriptions.logfilter import logs_of_receipts, logs_of_receipts_steps
+from chainrelay.subscriptions.logfilter import logs_of_receipts_steps
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.wire.jsonrpc import Answer
 
@@ -129,7 +129,7 @@ class BlockFetcher:
     async def fetch_once(self, number: int, block_hash: str) -> tuple[BlockEvent, RawBlock]:
         offered = self.offers.take(block_hash)
         if offered is not None:
-            got = self._from_offer(number, block_hash, *offered)
+            got = await self._from_offer(number, block_hash, *offered)
             if got is not None:
                 return got
         # Client reads answered from this block, joined while it is fetched. By number
@@ -178,7 +178,7 @@ class BlockFetcher:
             fetched.parts if fetched is not None else None,
         )
 
-    def _from_offer(
+    async def _from_offer(
         self,
         number: int,
         block_hash: str,
@@ -186,19 +186,24 @@ class BlockFetcher:
         block_raw: bytes,
         receipts_raw: bytes | None,
     ) -> tuple[BlockEvent, RawBlock] | None:
-        """An offered block as if fetched; None (fetch it) if it does not hold together."""
+        """An offered block as if fetched; None (fetch it) if it does not hold together. Its
+        receipts decoded and their logs gathered in slices, as a fetched block's."""
         if block.get("hash") != block_hash or block.get("number") != hex(number):
             return None
-        receipts = orjson.loads(receipts_raw) if receipts_raw is not None else None
+        if receipts_raw is None:
+            return None
+        slicer = Slicer()
+        decoded = await decode_result(receipts_raw, slicer)
+        receipts = decoded.value
         if not isinstance(receipts, list) or any(
             not isinstance(r, dict) or r.get("blockHash") != block_hash for r in receipts
         ):
             return None  # no usable receipts: fetched the usual way
+        logs = await drive(logs_of_receipts_steps(receipts, RECEIPTS_STEP), slicer)
         light = light_block(block)
-        event = BlockEvent(
-            number, block_hash, self._header(light), block, logs_of_receipts(receipts), False
-        )
-        return event, RawBlock(block_raw, light, receipts, receipts_raw)
+        event = BlockEvent(number, block_hash, self._header(light), block, logs, False)
+        raw = RawBlock(block_raw, light, receipts, receipts_raw, None, decoded.parts)
+        return event, raw
 
     async def _logs(self, number: int, block_hash: str) -> list[dict[str, Any]]:
         """The block's logs by eth_getLogs, when its receipts did not come."""
