@@ -21,7 +21,12 @@ before the relay had its own ``chainrelay_event_loop_lag_seconds`` (that one, wh
 relay has it, is read too, as a cross-check). Per relay: lag p50 / p99 (interpolated
 within a bucket), max (the bound of the highest bucket with a sample), the share of
 samples over 2 ms, GC pauses by generation (how many, the highest bucket), its CPU, the
-blocks it followed (its head's advance) and its block feed troubles.
+blocks it followed (its head's advance) and its block feed troubles. Beside it, *lag on
+CPU*: the same timer's lateness as far as the relay's own thread was running meanwhile (see
+``benchmarks.lag_probe``: an upper bound of the lag its own work causes; the rest is the
+kernel running other processes), and the same probe on an idle event loop in a process of
+its own (``LAG_PROBE_IDLE``): the machine's floor, how late a process that does nothing is
+woken on a machine this busy.
 
 With ``--against COMMIT`` a relay of that commit (``common.checkout``) follows the same
 chain at the same time as this tree's: both take in the same blocks, side by side, on the
@@ -37,7 +42,9 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +60,7 @@ from benchmarks.dapp_burst import LAG_HISTOGRAM, Conn, histogram_quantile, lag_b
 from chainrelay.devnet import Anvil, BusyTraffic, deploy_tokens, rpc, rpc_batch
 
 GC_HISTOGRAM = "chainrelay_gc_pause_seconds"
+LAG_CPU_HISTOGRAM = "chainrelay_event_loop_lag_cpu_seconds"
 TOKENS = 4
 RECIPIENTS = 4_000
 MINTED = 10**30
@@ -113,6 +121,8 @@ class Result:
     p99_past: bool
     max_ms: float | None  # bound of the highest bucket with a sample; inf: past the last
     over_2ms: float | None
+    cpu_p99_ms: float | None  # lag on CPU (see the module's docstring)
+    cpu_over_2ms: float | None
     gc: dict[str, tuple[float, float | None]]  # generation: (pauses, highest bucket)
     own_p99: str  # the relay's own histogram, as a cross-check
     cpu: float  # % of one core
@@ -148,12 +158,61 @@ def gc_buckets(samples: dict[str, float]) -> dict[str, dict[float, float]]:
     return out
 
 
+def buckets_of(samples: dict[str, float], name: str) -> dict[float, float]:
+    """The cumulative buckets {le: count} of histogram ``name`` (empty when absent)."""
+    out: dict[float, float] = {}
+    for key, value in samples.items():
+        metric, _, labels = key.partition("{")
+        if metric == name + "_bucket":
+            le = labels.partition('le="')[2].partition('"')[0]
+            out[float(le)] = out.get(float(le), 0.0) + value
+    return out
+
+
+def lag_of(
+    before: dict[float, float], after: dict[float, float]
+) -> tuple[float, tuple[float, bool] | None, tuple[float, bool] | None, float | None]:
+    """Samples, p50, p99 and the share over 2 ms of a lag histogram between snapshots."""
+    total = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
+    under = after.get(0.002, 0.0) - before.get(0.002, 0.0)
+    return (
+        total,
+        histogram_quantile(0.5, before, after),
+        histogram_quantile(0.99, before, after),
+        (total - under) / total if total else None,
+    )
+
+
+def floor_result(first: dict[str, float], last: dict[str, float], seconds: float) -> Result:
+    """The idle loop's lag: the machine's floor."""
+    total, p50, p99, over = lag_of(lag_buckets(first), lag_buckets(last))
+    before, after = lag_buckets(first), lag_buckets(last)
+    return Result(
+        name="idle loop (floor)",
+        seconds=seconds,
+        samples=total,
+        p50_ms=None if p50 is None else p50[0] * 1e3,
+        p99_ms=None if p99 is None else p99[0] * 1e3,
+        p99_past=p99 is not None and p99[1],
+        max_ms=None if (top := highest_bucket(before, after)) is None else top * 1e3,
+        over_2ms=over,
+        cpu_p99_ms=None,
+        cpu_over_2ms=None,
+        gc={},
+        own_p99="",
+        cpu=math.nan,
+        blocks=math.nan,
+        problems=math.nan,
+        reader="",
+    )
+
+
 def summarize(t: Target, first: Snapshot, last: Snapshot) -> Result:
     before, after = lag_buckets(first.probe), lag_buckets(last.probe)
-    total = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
-    p50 = histogram_quantile(0.5, before, after)
-    p99 = histogram_quantile(0.99, before, after)
-    under = after.get(0.002, 0.0) - before.get(0.002, 0.0)
+    total, p50, p99, over_2ms = lag_of(before, after)
+    _, _, cpu_p99, cpu_over = lag_of(
+        buckets_of(first.probe, LAG_CPU_HISTOGRAM), buckets_of(last.probe, LAG_CPU_HISTOGRAM)
+    )
     gc_before, gc_after = gc_buckets(first.probe), gc_buckets(last.probe)
     gc = {}
     for generation in sorted(gc_after):
@@ -181,7 +240,9 @@ def summarize(t: Target, first: Snapshot, last: Snapshot) -> Result:
         p99_ms=None if p99 is None else p99[0] * 1e3,
         p99_past=p99 is not None and p99[1],
         max_ms=None if (top := highest_bucket(before, after)) is None else top * 1e3,
-        over_2ms=(total - under) / total if total else None,
+        over_2ms=over_2ms,
+        cpu_p99_ms=None if cpu_p99 is None else cpu_p99[0] * 1e3,
+        cpu_over_2ms=cpu_over,
         gc=gc,
         own_p99=own_text,
         cpu=100.0 * (last.cpu - first.cpu) / seconds,
@@ -241,6 +302,7 @@ class Chain:
     other_cpu: float = 0.0
     driver_errors: int = 0
     driver_first_errors: list[str] = field(default_factory=list)
+    floor: Result | None = None  # the idle loop's lag
 
 
 async def raw_size(
@@ -258,8 +320,12 @@ def _check(task: asyncio.Task[None]) -> None:
         raise RuntimeError(f"traffic driver stopped: {task.exception()!r}")
 
 
+def probe_file(path: Path) -> dict[str, float]:
+    return common.parse_metrics(path.read_text()) if path.exists() else {}
+
+
 async def measure(
-    args: argparse.Namespace, anvil: Anvil, targets: list[Target]
+    args: argparse.Namespace, anvil: Anvil, targets: list[Target], idle: Path
 ) -> tuple[list[Result], Chain]:
     async with aiohttp.ClientSession() as session:
         senders = [str(a) for a in await rpc(session, anvil.url, "eth_accounts", [])]
@@ -290,6 +356,7 @@ async def measure(
             common.busy_cpu_seconds(),
         )
         first = [await Snapshot.take(t) for t in targets]
+        idle0 = probe_file(idle)
         head0 = traffic.head
         print(f"measuring {args.seconds:g} s from block {head0}", flush=True)
         end = time.monotonic() + args.seconds
@@ -297,8 +364,10 @@ async def measure(
             _check(driver)
             await traffic.wait_head(traffic.head, min(left, 5.0))  # the window's length
         last = [await Snapshot.take(t) for t in targets]
+        idle1 = probe_file(idle)
         head1 = traffic.head
         window = last[0].at - first[0].at
+        chain.floor = floor_result(idle0, idle1, window)
         chain.anvil_cpu = 100 * (common.cpu_seconds(anvil.proc.pid) - anvil_cpu0) / window
         chain.load_cpu = 100 * (time.process_time() - load_cpu0) / window
         relays_cpu = sum(b.cpu - a.cpu for a, b in zip(first, last, strict=True))
@@ -374,6 +443,8 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
             f"**{'> ' if r.p99_past else ''}{_ms(r.p99_ms)}**",
             ("≤ " if r.max_ms is not None and not math.isinf(r.max_ms) else "") + _ms(r.max_ms),
             "n/a" if r.over_2ms is None else f"{100 * r.over_2ms:.2f}%",
+            _ms(r.cpu_p99_ms)
+            + ("" if r.cpu_over_2ms is None else f" ({100 * r.cpu_over_2ms:.2f}%)"),
             _gc_text(r.gc),
             f"{r.cpu:.0f}%",
             f"{r.blocks:.0f}",
@@ -382,6 +453,19 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
         ]
         for r in results
     ]
+    if chain.floor is not None:
+        f = chain.floor
+        rows.append(
+            [
+                f.name,
+                f"{f.samples:.0f}",
+                _ms(f.p50_ms),
+                f"{'> ' if f.p99_past else ''}{_ms(f.p99_ms)}",
+                ("≤ " if f.max_ms is not None and not math.isinf(f.max_ms) else "") + _ms(f.max_ms),
+                "n/a" if f.over_2ms is None else f"{100 * f.over_2ms:.2f}%",
+                *["n/a"] * 6,
+            ]
+        )
     side = "at the same time, on the same chain" if len(results) > 1 else "alone (no `--against`)"
     lines = [
         "## Event-loop lag while 1 MB blocks arrive every second (`intake_lag.py`)",
@@ -402,9 +486,13 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
         "Lag: how late a timer due every 5 ms fired on the relay's loop "
         "(`benchmarks/lag_probe.py`, the same in every relay), over the window; p50 and "
         "p99 interpolated within a bucket, max the bound of the highest bucket with a sample; "
+        "*lag on CPU*: the lateness as far as the relay's own thread ran meanwhile (an upper "
+        "bound of the lag its own work causes), p99 (share of samples over 2 ms); "
         "GC pauses by generation: how many (the highest bucket); relay CPU in % of one core; "
         "blocks: its head's advance; *own p99*: the relay's own "
-        f"`{LAG_HISTOGRAM}` (coarser buckets), where it has one.",
+        f"`{LAG_HISTOGRAM}` (coarser buckets), where it has one. *idle loop (floor)*: the "
+        "same probe on an event loop doing nothing, in a process of its own: how late a "
+        "process is woken on this machine meanwhile, whatever it runs.",
         "",
         common.table(
             [
@@ -414,6 +502,7 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
                 "lag p99 ms",
                 "lag max ms",
                 "samples > 2 ms",
+                "lag on CPU p99 ms",
                 "GC pauses by generation",
                 "relay CPU",
                 "blocks",
@@ -444,6 +533,15 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
             f"(first: `{chain.driver_first_errors[0][:160]}`).",
         ]
     return "\n".join(lines)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _txs(text: str) -> tuple[int, int]:
@@ -487,8 +585,17 @@ def main(argv: list[str] | None = None) -> int:
             relay = common.Relay(upstream, RELAY_TOML, root, module="benchmarks.lag_probe", env=env)
             stack.callback(relay.stop)
             targets.append(Target(name, root, relay, probe))
+        idle = tmp / "probe-idle.prom"
+        floor = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.lag_probe"],
+            cwd=common.ROOT,
+            env={**os.environ, "LAG_PROBE_OUT": str(idle), "LAG_PROBE_IDLE": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(_stop, floor)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            results, chain = runner.run(measure(args, anvil, targets))
+            results, chain = runner.run(measure(args, anvil, targets, idle))
     text = report(m, results, chain, args)
     print(text)
     if not args.no_write:

@@ -6,10 +6,17 @@ relay of any commit, also one from before ``chainrelay_event_loop_lag_seconds`` 
 Runs ``chainrelay.cli.main`` with the arguments given, in this process, and puts on its
 event loop a timer due every 5 ms (as ``chainrelay/looplag.py`` does): how late it fires is
 observed into a histogram with finer buckets than the relay's, beside the garbage
-collector's pauses by generation. Once a second, from the loop, the cumulative buckets are
-written to ``LAG_PROBE_OUT`` in the Prometheus text format, named as the relay names its
-own (``chainrelay_event_loop_lag_seconds``, ``chainrelay_gc_pause_seconds``), so that the
+collector's pauses by generation, and beside the part of that lateness the process's own
+work can explain (``LAG_CPU``): the lateness, or the loop thread's CPU time since the timer
+was set when that is less. An upper bound of it: a sample late only because the kernel ran
+other processes counts there only as far as the thread worked since the timer was set. Once
+a second, from the loop, the cumulative buckets are written to ``LAG_PROBE_OUT`` in the
+Prometheus text format, named as the relay names its own
+(``chainrelay_event_loop_lag_seconds``, ``chainrelay_gc_pause_seconds``), so that the
 benchmark reads both the same way. A write is a few hundred bytes: a few microseconds.
+
+With ``LAG_PROBE_IDLE=1`` the process runs no relay: an idle event loop with the probe
+alone, whose lag is the machine's floor (how late a process that does nothing is woken).
 
 Run from the relay's own tree (the working directory is first on ``sys.path``, so its
 ``chainrelay`` is imported) with this clone's root on ``PYTHONPATH`` for this module. The
@@ -54,6 +61,7 @@ BUCKETS = (
 )
 WRITE_EVERY = 1.0
 LAG = "chainrelay_event_loop_lag_seconds"
+LAG_CPU = "chainrelay_event_loop_lag_cpu_seconds"
 GC = "chainrelay_gc_pause_seconds"
 
 
@@ -84,6 +92,7 @@ class Probe:
         self.out = out
         self.tmp = out.with_suffix(".tmp")
         self.lag = Histogram()
+        self.lag_cpu = Histogram()
         self.gc: dict[str, Histogram] = {}
         self.gc_started = 0.0
         self.next_write = time.perf_counter() + WRITE_EVERY
@@ -100,18 +109,20 @@ class Probe:
 
     def _arm(self) -> None:
         due = time.perf_counter() + SAMPLE_EVERY
-        self.loop.call_later(SAMPLE_EVERY, self._fired, due)
+        self.loop.call_later(SAMPLE_EVERY, self._fired, due, time.thread_time())
 
-    def _fired(self, due: float) -> None:
+    def _fired(self, due: float, cpu: float) -> None:
         now = time.perf_counter()
-        self.lag.observe(max(0.0, now - due))
+        late = max(0.0, now - due)
+        self.lag.observe(late)
+        self.lag_cpu.observe(min(late, time.thread_time() - cpu))
         if now >= self.next_write:
             self.next_write = now + WRITE_EVERY
             self.write()
         self._arm()
 
     def write(self) -> None:
-        lines = self.lag.lines(LAG)
+        lines = self.lag.lines(LAG) + self.lag_cpu.lines(LAG_CPU)
         for generation, hist in sorted(self.gc.items()):
             lines += hist.lines(GC, f'generation="{generation}",')
         self.tmp.write_text("\n".join(lines) + "\n")
@@ -129,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return loop
 
     uvloop.new_event_loop = probed_loop
+    if os.environ.get("LAG_PROBE_IDLE"):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(asyncio.Event().wait())  # until killed
+        return 0
     from chainrelay.cli import main as relay_main
 
     return relay_main(sys.argv[1:] if argv is None else argv)

@@ -76,11 +76,13 @@ def geth_header(block: dict[str, Any]) -> dict[str, Any]:
     return {k: block[k] for k in HEADER_FIELDS if k in block}
 
 
-def kept(ev: BlockEvent) -> BlockEvent:
+def kept(ev: BlockEvent, logs_raw: bytes | None = None) -> BlockEvent:
     """What the follower keeps of a delivered block for a reorg: number, hash, and its
-    logs encoded (decoded again only if a reorg retracts it)."""
-    # Its own allocation: orjson's output keeps the buffer it grew.
-    logs_raw = bytes(memoryview(orjson.dumps(ev.logs)))
+    logs encoded (decoded again only if a reorg retracts it); ``logs_raw``: that encoding,
+    when at hand."""
+    if logs_raw is None:
+        # Its own allocation: orjson's output keeps the buffer it grew.
+        logs_raw = bytes(memoryview(orjson.dumps(ev.logs)))
     return BlockEvent(ev.number, ev.hash, {}, {}, [], False, ev.announced, logs_raw)
 
 

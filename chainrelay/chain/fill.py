@@ -26,13 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 from chainrelay import defaults
-from chainrelay.chain.fetch import FollowerReads
+from chainrelay.chain.fetch import RECEIPTS_STEP, FollowerReads
 from chainrelay.chain.head import HeadTracker
 from chainrelay.chain.warm import CacheWarmer
 from chainrelay.errors import UpstreamError
 from chainrelay.metrics import Metrics
 from chainrelay.server.peer import detached
-from chainrelay.subscriptions.logfilter import logs_of_receipts
+from chainrelay.slices import drive
+from chainrelay.subscriptions.logfilter import logs_of_receipts_steps
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,10 @@ class BlockFiller:
             return False
         if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
             return False  # another block by now: nothing to warm
-        await self.warmer.warm_receipts(n, h, receipts, answer.result)
+        await self.warmer.warm_receipts(n, h, receipts, answer.result, answer.parts)
         if self.on_logs is not None and self.warmer.vouched(n, h):
-            self.on_logs(n, h, logs_of_receipts(receipts))
+            logs = await drive(logs_of_receipts_steps(receipts, RECEIPTS_STEP))
+            self.on_logs(n, h, logs)
         return True
 
     async def _transactions(self, n: int, h: str) -> bool:
@@ -143,5 +145,5 @@ class BlockFiller:
             return False
         if block.get("hash") != h:
             return False
-        await self.warmer.warm_block(n, h, block, answer.result)
+        await self.warmer.warm_block(n, h, block, answer.result, answer.parts)
         return True

@@ -25,6 +25,7 @@ own upstream stream (``chain.pending``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -45,7 +46,7 @@ from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
 from chainrelay.chain.fill import BlockFiller
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
-from chainrelay.chain.logstore import LogStore
+from chainrelay.chain.logstore import Held, LogStore, held_logs_steps
 from chainrelay.chain.offers import OfferedBlocks
 from chainrelay.chain.pending import PendingListener, PendingStream
 from chainrelay.chain.warm import CacheWarmer
@@ -53,9 +54,13 @@ from chainrelay.config import SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.server.peer import detached
+from chainrelay.slices import drive
 from chainrelay.upstreams.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
+
+# Logs made ready for the log store between two looks at the slice's clock (~0.1 ms).
+HELD_STEP = 64
 
 
 class BlockFollower:
@@ -94,7 +99,7 @@ class BlockFollower:
                 metrics,
                 max_fills=cfg.max_block_fills,
                 remembered=cfg.filled_blocks_remembered,
-                on_logs=self.logs.hold,
+                on_logs=self._hold_filled,
             )
             if reads is not None
             else None
@@ -103,6 +108,11 @@ class BlockFollower:
         self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
         # Failed passes per block (number, hash) not delivered yet.
         self._passes: dict[tuple[int, str], int] = {}
+        # Hashes of the blocks fetched lately (a window's worth) or under way: the follower
+        # warms their cache itself, so a client's miss there fills nothing (a fill would read
+        # and decode the block's receipts again, a second 2 MB, for nothing).
+        self._taken: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._holding: set[asyncio.Task[None]] = set()
         self.order: DeliveredChain[BlockEvent] = DeliveredChain(window)
         self._listeners: list[BlockListener] = []
         self._fetched_listeners: list[FetchedListener] = []
@@ -158,7 +168,7 @@ class BlockFollower:
         """Called by the RPC pipeline when a client's receipt or transaction read went
         upstream and named its block: the rest of that block is brought in
         (``chain.fill``)."""
-        if self.filler is not None:
+        if self.filler is not None and block_hash not in self._taken:
             self.filler.note(method, number, block_hash)
 
     def note_miss(self, method: str) -> None:
@@ -267,9 +277,11 @@ class BlockFollower:
             events = [removed(ev) for ev in step.retract]
             complete = True
             for number, block_hash in step.fetch:
+                self._take(block_hash)
                 try:
                     event, raw = await self.fetcher.fetch(number, block_hash)
                 except Unavailable:
+                    self._taken.pop(block_hash, None)  # a client's miss may fill it
                     if self._give_up(number, block_hash):
                         continue
                     complete = False
@@ -281,6 +293,8 @@ class BlockFollower:
                     break
                 self._passes.pop((number, block_hash), None)
                 await self.warmer.warm(event, raw)
+                # Its logs made ready for the log store and the reorg window, in slices.
+                held = await drive(held_logs_steps(event.logs, block_hash, HELD_STEP))
                 if self.head.view.canonical.get(number) != block_hash:
                     break  # reorged away while the cache was warmed: step again
                 for fetched in self._fetched_listeners:
@@ -290,10 +304,14 @@ class BlockFollower:
                         log.exception("fetched-block listener failed")
                 if self.heads.delivered(number, block_hash):
                     event = dataclasses.replace(event, announced=True)
-                # What a reorg needs of it, no more: the block and header are big.
-                self.order.delivered(number, block_hash, kept(event))
+                # What a reorg needs of it, no more: the block and header are big. Its logs'
+                # JSON is the held logs' joined: the same bytes as encoding them again.
+                logs_raw = None
+                if held is not None:
+                    logs_raw = b"[" + b",".join(raw for _, _, raw in held[0]) + b"]"
+                self.order.delivered(number, block_hash, kept(event, logs_raw))
                 events.append(event)
-                self._deliver(events)
+                self._deliver(events, {block_hash: held})
                 events = []
             else:
                 if events:
@@ -303,6 +321,25 @@ class BlockFollower:
                 self._deliver(events)
             if not complete:
                 return False
+
+    def _take(self, block_hash: str) -> None:
+        taken = self._taken
+        taken[block_hash] = None
+        taken.move_to_end(block_hash)
+        while len(taken) > self.order.window:
+            taken.popitem(last=False)
+
+    def _hold_filled(self, number: int, block_hash: str, logs: list[dict[str, Any]]) -> None:
+        """The logs of a block a client's miss filled, held in slices (``LogStore.hold`` of
+        ~3,000 logs at once is ~3.5 ms)."""
+        task = detached(self._hold_sliced(number, block_hash, logs), name="hold-filled-logs")
+        self._holding.add(task)
+        task.add_done_callback(self._holding.discard)
+
+    async def _hold_sliced(self, number: int, block_hash: str, logs: list[dict[str, Any]]) -> None:
+        ready = await drive(held_logs_steps(logs, block_hash, HELD_STEP))
+        if ready is not None:
+            self.logs.hold(number, block_hash, logs, ready)
 
     def _give_up(self, number: int, block_hash: str) -> bool:
         """Count a failed pass over a block; after ``feed_block_passes`` of them, record it as
@@ -325,8 +362,10 @@ class BlockFollower:
         self.order.delivered(number, block_hash, BlockEvent(number, block_hash, {}, {}, [], False))
         return True
 
-    def _deliver(self, events: list[BlockEvent]) -> None:
-        self.logs.note(events)
+    def _deliver(
+        self, events: list[BlockEvent], ready: dict[str, Held | None] | None = None
+    ) -> None:
+        self.logs.note(events, ready)
         for fn in list(self._listeners):
             try:
                 fn(events)

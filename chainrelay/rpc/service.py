@@ -72,6 +72,7 @@ from chainrelay.rpc.logsplit import SplitRule
 from chainrelay.rpc.policy import Finality, Kind, Plan
 from chainrelay.rpc.replay import ReplayTable, Seen
 from chainrelay.server.ws import current_subscriptions
+from chainrelay.slices import decode_result
 from chainrelay.upstreams.pool import AtHead, UpstreamPool
 from chainrelay.upstreams.route import PRIMARY
 from chainrelay.upstreams.upstream import Upstream
@@ -987,7 +988,7 @@ class RpcService:
             return await self.pool.call(method, params, min_block)
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):
-            return Answer(entry.value, None, orjson.loads(entry.value))
+            return await decode_result(entry.value)  # a block's: piecewise
         if p.min_block < min_block:
             p.min_block = min_block  # an upstream that has the block, not a lagging one
         fwd = p.params if p.params is not None else params
@@ -997,7 +998,7 @@ class RpcService:
         self._derive_from(task, derived)
         answer = await asyncio.shield(task)
         if answer.value is None and answer.result is not None and answer.result != b"null":
-            answer = Answer(answer.result, answer.error, orjson.loads(answer.result))
+            answer = await decode_result(answer.result)
         return answer
 
     def follower_derive(self, method: str, params: list[Any], derived: Sequence[Derived]) -> None:

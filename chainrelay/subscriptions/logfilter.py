@@ -16,7 +16,7 @@ Sans-I/O: no asyncio, no sockets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,12 +249,37 @@ def logs_of_receipts(receipts: Iterable[Mapping[str, Any]]) -> list[dict[str, An
     Receipts come in transaction order, so their logs already are in order; the sort is
     stable and only repairs an upstream that returns receipts shuffled.
     """
+    steps = logs_of_receipts_steps(receipts, 0)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def logs_of_receipts_steps(
+    receipts: Iterable[Mapping[str, Any]], step: int
+) -> Generator[None, None, list[dict[str, Any]]]:
+    """``logs_of_receipts``, yielding after every ``step`` receipts (0: never): a block of
+    1,500 receipts is ~1.3 ms of work, taken in slices by the block follower."""
     logs: list[dict[str, Any]] = []
-    for receipt in receipts:
-        if not isinstance(receipt, Mapping):
-            continue
-        got = receipt.get("logs")
-        if isinstance(got, list):
-            logs.extend(log for log in got if isinstance(log, dict))
-    logs.sort(key=_log_index)
+    keys: list[int] = []
+    ordered = True
+    last = -1
+    for at, receipt in enumerate(receipts, 1):
+        if isinstance(receipt, Mapping):
+            got = receipt.get("logs")
+            if isinstance(got, list):
+                for log in got:
+                    if isinstance(log, dict):
+                        key = _log_index(log)
+                        ordered = ordered and key >= last
+                        last = key
+                        logs.append(log)
+                        keys.append(key)
+        if step and at % step == 0:
+            yield
+    if not ordered:  # a stable sort by the keys found, as logs.sort(key=_log_index)
+        order = sorted(range(len(logs)), key=keys.__getitem__)
+        logs = [logs[i] for i in order]
     return logs

@@ -297,6 +297,10 @@ class Answer:
     error: bytes | None
     # The decoded result, when someone already paid for decoding it.
     value: Any = None
+    # The exact JSON of each element of a large result decoded piecewise, when it is an
+    # array (receipts), or of its transactions (a block): the cache's entries for one
+    # receipt or transaction, with no encoding again (``wire.pieces.result_parts``).
+    parts: list[bytes] | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -162,3 +162,29 @@ async def test_a_fill_that_failed_is_tried_again_by_a_later_miss() -> None:
     await until(lambda: lab.fills("receipts", "filled") == 1, 5 * SECOND, "the fill")
     assert lab.cached_receipt(HEAD, 2)
     await lab.filler.stop()
+
+
+async def test_a_receipt_is_cached_as_the_exact_json_the_upstream_sent_when_at_hand() -> None:
+    lab = Lab()
+    n = HEAD - 2
+    receipts = receipts_of(n)
+    # Spaced as an upstream might: cached as sent, not encoded again.
+    parts = [orjson.dumps(r).replace(b",", b", ") for r in receipts]
+    raw = b"[" + b",".join(parts) + b"]"
+    await lab.filler.warmer.warm_receipts(n, block_hash(n), receipts, raw, parts)
+    view = lab.head.view
+    for r, part in zip(receipts, parts, strict=True):
+        key = policy.plan(RECEIPT, [r["transactionHash"]], view).key
+        assert key is not None
+        entry = lab.cache.get(key)
+        assert entry is not None and entry.value == part
+    # Parts that are not one per receipt are not used: each receipt is encoded.
+    m = HEAD - 3
+    await lab.filler.warmer.warm_receipts(
+        m, block_hash(m), receipts_of(m), orjson.dumps(receipts_of(m)), parts[:2]
+    )
+    for r in receipts_of(m):
+        key = policy.plan(RECEIPT, [r["transactionHash"]], view).key
+        assert key is not None
+        entry = lab.cache.get(key)
+        assert entry is not None and entry.value == orjson.dumps(r)

@@ -26,6 +26,7 @@ PACKAGE = Path(chainrelay.__file__).resolve().parent
 SANS_IO = (
     "chainrelay.wire.jsonrpc",
     "chainrelay.wire.wsframes",
+    "chainrelay.wire.pieces",
     "chainrelay.rpc.policy",
     "chainrelay.rpc.cache",
     "chainrelay.rpc.replay",

@@ -312,3 +312,66 @@ async def test_garbage_from_a_fake_upstream_does_not_end_the_pending_stream(
         m = await relay.metrics()
     problems = metric(m, "chainrelay_block_feed_problems_total", problem="pending_stream")
     assert problems >= PENDING_GARBAGE
+
+
+# Transfers in the large block: its answers (~330 kB with transactions, ~450 kB of receipts)
+# are past defaults.LARGE_ANSWER_BYTES, so the feed decodes them piecewise.
+LARGE_BLOCK_TXS = 500
+
+
+async def test_a_large_block_is_taken_in_piecewise_and_every_part_served_as_the_node_sends_it(
+    procs: Any,
+    anvil_factory: Callable[..., Awaitable[Anvil]],
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
+        relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
+        nonce = int(await node.call("eth_getTransactionCount", [A0, "pending"]), 16)
+        for i in range(LARGE_BLOCK_TXS):  # nonces given: pending ones are not replaced
+            await node.send({"from": A0, "to": A2, "value": "0x1", "nonce": hex(nonce + i)})
+        await proxy.reset()
+        await node.call("evm_mine")
+        n, block_hash = await node.head()
+        block_raw = await node.raw("eth_getBlockByNumber", [hex(n), True])
+        receipts_raw = await node.raw("eth_getBlockReceipts", [hex(n)])
+        assert min(len(block_raw), len(receipts_raw)) > 256 * 1024
+        # The cache holds the block and its receipts twice over (whole and each part) once
+        # the feed has warmed it (the gauge is set as a block's warming ends).
+        warmed = 1.5 * (len(block_raw) + len(receipts_raw))
+        await until(
+            lambda: _cache_bytes_past(relay, warmed), 30 * SECOND, "the feed to warm the block"
+        )
+        block = orjson.loads(block_raw)["result"]
+        hashes = [tx["hash"] for tx in block["transactions"]]
+        assert len(hashes) == LARGE_BLOCK_TXS
+        reads: list[tuple[str, list[Any]]] = [
+            ("eth_getBlockByNumber", [hex(n), True]),
+            ("eth_getBlockByHash", [block_hash, False]),
+            ("eth_getBlockReceipts", [hex(n)]),
+            *(("eth_getTransactionReceipt", [h]) for h in hashes[::50]),
+            *(("eth_getTransactionByHash", [h]) for h in hashes[::50]),
+            ("eth_getTransactionReceipt", [hashes[-1]]),
+            ("eth_getTransactionByHash", [hashes[-1]]),
+        ]
+        async with Chain.open(relay.url) as through:
+            got = [await through.raw(m, p) for m, p in reads]
+        want = [await node.raw(m, p) for m, p in reads]
+        counts = await proxy.counts()
+        by_hash = await proxy.params("eth_getBlockByHash")
+        receipts = await proxy.params("eth_getBlockReceipts")
+    for read, g, w in zip(reads, got, want, strict=True):
+        assert g == w, read
+    # The feed's two calls for this block (others are for the blocks mined while the relay
+    # started), and no client read reached the node: every one was warmed.
+    assert [p for p in by_hash if p == [block_hash, True]] == [[block_hash, True]], by_hash
+    assert len([p for p in receipts if p[0] in (hex(n), block_hash)]) == 1, receipts
+    assert "eth_getTransactionReceipt" not in counts, counts
+    assert "eth_getTransactionByHash" not in counts, counts
+
+
+async def _cache_bytes_past(relay: Relay, at_least: float) -> bool:
+    return metric(await relay.metrics(), "chainrelay_cache_bytes") >= at_least
