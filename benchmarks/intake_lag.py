@@ -249,7 +249,8 @@ def summarize(t: Target, first: Snapshot, last: Snapshot) -> Result:
         blocks=last.own.get("chainrelay_head_block", 0.0)
         - first.own.get("chainrelay_head_block", 0.0),
         problems=problems,
-        reader=f"{t.reader_calls} calls, {t.reader_errors} errors",
+        reader=f"{t.reader_calls} calls, {t.reader_errors} errors"
+        + "".join(f" (`{e[:160]}`)" for e in t.reader_first_errors),
     )
 
 
