@@ -104,13 +104,20 @@ async def upgrade(
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[bool, int, bytes]:
     """``(fin, opcode, payload)`` of the next frame a server sent (never masked)."""
+    b0, payload = await read_frame_bits(reader)
+    return bool(b0 & 0x80), b0 & 0x0F, payload
+
+
+async def read_frame_bits(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The first byte (FIN, RSV1-3, opcode) and the payload of the next frame a server sent
+    (never masked)."""
     b0, b1 = await reader.readexactly(2)
     n = b1 & 0x7F
     if n == 126:
         (n,) = struct.unpack(">H", await reader.readexactly(2))
     elif n == 127:
         (n,) = struct.unpack(">Q", await reader.readexactly(8))
-    return bool(b0 & 0x80), b0 & 0x0F, await reader.readexactly(n)
+    return b0, await reader.readexactly(n)
 
 
 def read_fast(writer: asyncio.StreamWriter) -> None:

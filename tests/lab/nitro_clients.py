@@ -66,10 +66,9 @@ async def nitro_node_reads(
     reads ``count`` data messages. The answer's head, and each message's RSV1 bit and
     payload (its fragments joined), as sent."""
     import asyncio
-    import struct
 
     from chainrelay.nitro.deflate import NITRO_OFFER
-    from tests.hostile.wsraw import OP_CLOSE, OP_CONT, upgrade_request
+    from tests.hostile.wsraw import OP_CLOSE, OP_CONT, read_frame_bits, upgrade_request
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -89,13 +88,7 @@ async def nitro_node_reads(
             rsv1 = False
             parts: list[bytes] = []
             while len(out) < count:
-                b0, b1 = await reader.readexactly(2)
-                n = b1 & 0x7F
-                if n == 126:
-                    (n,) = struct.unpack(">H", await reader.readexactly(2))
-                elif n == 127:
-                    (n,) = struct.unpack(">Q", await reader.readexactly(8))
-                payload = await reader.readexactly(n)
+                b0, payload = await read_frame_bits(reader)
                 opcode = b0 & 0x0F
                 if opcode == OP_CLOSE:
                     raise AssertionError(f"closed after {len(out)} messages")
