@@ -821,6 +821,7 @@ class UpstreamPool:
         tiers = [primaries, fallbacks] if primaries and fallbacks else [healthy]
         asked: list[Upstream] = []
         last_exc: BaseException | None = None
+        under_way = False  # some still under way at the deadline
         for order in tiers:
             if asked and deadline - time.perf_counter() <= 0.0:
                 break
@@ -828,17 +829,12 @@ class UpstreamPool:
             got = await self._write_to(order, method, params, deadline)
             if isinstance(got, Answer):
                 return got
-            if got is None:  # still under way at the deadline
-                raise UpstreamTimeout(
-                    f"no upstream took the transaction within the "
-                    f"{self.settings.deadline:g}s deadline",
-                    method=method,
-                    upstream=",".join(u.name for u in asked),
-                    attempts=len(asked),
-                )
+            if got is None:
+                under_way = True
+                break
             last_exc = got
         where = ",".join(u.name for u in asked)
-        if isinstance(last_exc, TransportError) and last_exc.timeout:
+        if under_way or (isinstance(last_exc, TransportError) and last_exc.timeout):
             raise UpstreamTimeout(
                 f"no upstream took the transaction within the {self.settings.deadline:g}s deadline",
                 method=method,
