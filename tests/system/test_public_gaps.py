@@ -53,15 +53,10 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_taken_port_is_
     status, body = await status_of(admin + "/health")
     assert status == 200 and "upstreams" in body
     # A second node on the host left at the default: a clear refusal, not a traceback.
-    second = Relay(procs, text, tmp_path, "second")
-    second.start()
-    second_proc = second.proc
-    assert second_proc is not None
-    await until(lambda: second_proc.poll() is not None, 20 * SECOND, "the second node to exit")
-    out = second.log_path.read_text()
-    assert second_proc.returncode == 2, out[-2000:]
-    assert f"server.admin_listen: cannot listen on {ADMIN_LISTEN}" in out, out[-2000:]
-    assert "Traceback" not in out
+    await refused_at_start(
+        Relay(procs, text, tmp_path, "second"),
+        f"server.admin_listen: cannot listen on {ADMIN_LISTEN}",
+    )
     # The first node serves on, untouched.
     assert (await rpc(first.url, "eth_chainId"))["result"] == "0x38"
     # A node given its own admin port, whose operator wants the metrics public too.
@@ -74,14 +69,21 @@ async def test_the_admin_listener_is_on_loopback_by_default_and_a_taken_port_is_
     # A node whose public port another holds: the same kind of refusal, naming its key.
     taken = first.url.removeprefix("http://")
     fourth_text = text.replace('"{listen}"', f'"{taken}"\nadmin_listen = ""')
-    fourth = Relay(procs, fourth_text, tmp_path, "fourth")
-    fourth.start()
-    fourth_proc = fourth.proc
-    assert fourth_proc is not None
-    await until(lambda: fourth_proc.poll() is not None, 20 * SECOND, "the fourth node to exit")
-    out = fourth.log_path.read_text()
-    assert fourth_proc.returncode == 2, out[-2000:]
-    assert f"server.listen: cannot listen on {taken}" in out, out[-2000:]
+    await refused_at_start(
+        Relay(procs, fourth_text, tmp_path, "fourth"), f"server.listen: cannot listen on {taken}"
+    )
+
+
+async def refused_at_start(node: Relay, why: str) -> None:
+    """``node`` started exits with a config error (exit code 2) saying ``why``, and no
+    traceback."""
+    node.start()
+    proc = node.proc
+    assert proc is not None
+    await until(lambda: proc.poll() is not None, 20 * SECOND, "the refused node to exit")
+    out = node.log_path.read_text()
+    assert proc.returncode == 2, out[-2000:]
+    assert why in out, out[-2000:]
     assert "Traceback" not in out
 
 
