@@ -143,8 +143,15 @@ _SANE_ID = re.compile(rb"[-A-Za-z0-9._:/+=]+")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
+# What a plain POST's head says (``HttpProtocol._read_plain_head``): its Content-Length
+# (-1: not a plain POST), its answer's CORS lines, whether it names its id, whether it
+# takes gzip, and the id it names.
+PlainHead = tuple[int, bytes, bool, bool, bytes | None]
+NOT_PLAIN: PlainHead = (-1, b"", False, False, None)
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
+# Every reason to pause but a parse left for a later turn.
+_NOT_TURN = Paused.BACKLOG | Paused.WRITES
 # How often idle keep-alive connections are looked for.
 IDLE_SWEEP_INTERVAL = 5.0
 # Bytes of the memory budget let go of since its peak after which the sweep gives the
@@ -251,6 +258,8 @@ class HttpServer:
         # whether it was read on a trusted proxy's connection: see ``Replay``, whose rule
         # this is too. Only heads that were let in; new door rules clear it.
         self.named_heads: dict[bytes, tuple[Identity | None, bool]] = {}
+        # A plain POST's head -> what it says (``HttpProtocol._read_plain_head``).
+        self.plain_heads: dict[bytes, PlainHead] = {}
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
@@ -296,6 +305,13 @@ class HttpServer:
             ws = conn.ws
             if ws is not None and ws.who.key is not None and ws.who.key not in names:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
+
+    def remember_plain_head(self, head: bytes, plain: PlainHead) -> None:
+        """Remember what ``head`` says (see ``plain_heads``), within ``max_named_heads``."""
+        heads = self.plain_heads
+        if len(heads) >= self.limits.max_named_heads:
+            heads.clear()
+        heads[head] = plain
 
     def name_head(self, head: bytes, who: Identity | None, proxied: bool) -> None:
         """Remember who ``head`` named (see ``named_heads``), within its bound."""
@@ -522,7 +538,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head_at: int | None = 0
         self._held = b""  # the lone POST head kept in Phase.HELD
         self._queue: PendingQueue = collections.deque()
-        self._paused = Paused(0)
+        self._paused = 0  # ``Paused`` bits
         self._send_now: Callable[[bytes], object] = _nowhere  # the transport's write
         # What this connection holds against the server's budget: what it reads (a body,
         # a head kept, an unfinished WebSocket message) and what is queued for it.
@@ -613,12 +629,12 @@ class HttpProtocol(asyncio.Protocol):
         """Whether answers are owed (the server's drain and idle sweep ask)."""
         return bool(self._queue)
 
-    def _pause(self, reason: Paused) -> None:
+    def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
         self._paused |= reason
 
-    def _resume(self, reason: Paused) -> None:
+    def _resume(self, reason: int) -> None:
         if not self._paused & reason:
             return
         self._paused &= ~reason
@@ -850,7 +866,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._phase is _LINGERING or transport.is_closing():
                 at = len(data)  # nothing more is answered
                 break
-            if self._paused & ~Paused.TURN:
+            if self._paused & _NOT_TURN:
                 break
             if self.requests >= last:
                 self._rest_at = at
@@ -886,44 +902,27 @@ class HttpProtocol(asyncio.Protocol):
         for more than a length-delimited body (no chunking, upgrade, Expect, Connection or
         a second Content-Length); anything else goes to httptools untouched.
         """
+        server = self.server
+        limits = server.limits
         end = data.find(b"\r\n\r\n")
-        if end < 0 or end > self.server.limits.max_header_bytes:
+        if end < 0 or end > limits.max_header_bytes:
             return False
         head = data[:end]
-        if _PLAIN_HEAD.fullmatch(head) is None:
-            return False
-        # One scan for the lines that take a POST off this path and those that change its
-        # answer's head; most heads have neither, and pay for one scan, as before either.
-        either = _SPECIAL_OR_LINES.search(head)
-        if either is not None and _SPECIAL.search(head, either.start()) is not None:
-            return False
-        if head.startswith(b"POST " + BATCHES_PATH):
-            return False  # not JSON-RPC
-        length = _CONTENT_LENGTH.search(head)
-        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
-            return False
-        n = int(length.group(1))
-        if len(data) != end + 4 + n or n > self.server.limits.max_body_bytes:
+        # A client sends the same head again and again but for Content-Length: what it
+        # says is read by regex once (about 2 µs) and then looked up.
+        plain = server.plain_heads.get(head)
+        if plain is None:
+            plain = self._read_plain_head(head)
+            server.remember_plain_head(head, plain)
+        n, cors, named, gzip, incoming = plain
+        if n < 0 or len(data) != end + 4 + n or n > limits.max_body_bytes:
             return False
         self.requests += 1
-        server = self.server
-        cors = b""
-        if not server.cors_any:  # the first Origin line, as httptools' headers would give it
-            origin = _ORIGIN.search(head)
-            cors = server.cors_lines(origin.group(1) if origin is not None else None)
         # A request that names its id keeps it; a replay writes a fresh one, so such a
         # request is never learned as one.
-        named = gzip = False
-        if either is None:
+        if incoming is None:
             lines = cors + server.id_head + b"%x\r\n" % server.ids()
         else:
-            incoming = None
-            for found in _ANSWER_LINES.finditer(head):
-                if len(found.group(1)) == 12:  # x-request-id
-                    incoming = incoming or found.group(2).strip(b" \t")
-                    named = True
-                elif accepts_gzip(found.group(2).strip(b" \t")):
-                    gzip = True
             lines = cors + server.id_line(incoming)
         who = self.who
         if self._per_request:
@@ -963,6 +962,39 @@ class HttpProtocol(asyncio.Protocol):
             server.learn_replay(split[1], split[0], answer, record, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
+
+    def _read_plain_head(self, head: bytes) -> PlainHead:
+        """What a POST's head says for ``_plain_post``: its Content-Length, the CORS lines
+        of its answer, whether it names its id or takes gzip, the id it names. A length of
+        -1 (``NOT_PLAIN``) when the head asks for more than a length-delimited body (chunks,
+        an upgrade, Expect, Connection, a second Content-Length), or is not JSON-RPC's."""
+        if _PLAIN_HEAD.fullmatch(head) is None:
+            return NOT_PLAIN
+        # One scan for the lines that take a POST off this path and those that change its
+        # answer's head; most heads have neither, and pay for one scan, as before either.
+        either = _SPECIAL_OR_LINES.search(head)
+        if either is not None and _SPECIAL.search(head, either.start()) is not None:
+            return NOT_PLAIN
+        if head.startswith(b"POST " + BATCHES_PATH):
+            return NOT_PLAIN  # not JSON-RPC
+        length = _CONTENT_LENGTH.search(head)
+        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
+            return NOT_PLAIN
+        server = self.server
+        cors = b""
+        if not server.cors_any:  # the first Origin line, as httptools' headers would give it
+            origin = _ORIGIN.search(head)
+            cors = server.cors_lines(origin.group(1) if origin is not None else None)
+        named = gzip = False
+        incoming = None
+        if either is not None:
+            for found in _ANSWER_LINES.finditer(head):
+                if len(found.group(1)) == 12:  # x-request-id
+                    incoming = incoming or found.group(2).strip(b" \t")
+                    named = True
+                elif accepts_gzip(found.group(2).strip(b" \t")):
+                    gzip = True
+        return int(length.group(1)), cors, named, gzip, incoming
 
     def _who_in_head(self, head: bytes) -> Identity | Refusal:
         """``Door.admit`` for a plain POST's head, its header lines read by one regex."""
@@ -1326,7 +1358,7 @@ class HttpProtocol(asyncio.Protocol):
         limits = self.server.limits
         self._lingering = asyncio.get_running_loop().call_later(limits.linger_timeout, self.close)
         if self._paused:  # nothing more is answered: nothing to wait for before reading
-            self._paused = Paused(0)
+            self._paused = 0
             transport.resume_reading()
 
     def _flush(self, _fut: object = None) -> None:

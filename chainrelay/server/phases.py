@@ -11,6 +11,7 @@ any phase may owe too many answers, or have a client that does not read them.
 from __future__ import annotations
 
 import enum
+import typing
 
 
 class Phase(enum.Enum):
@@ -71,9 +72,14 @@ def on(event: Event) -> dict[Phase, Phase]:
     return {phase: after for (phase, e), after in TRANSITIONS.items() if e is event}
 
 
-class Paused(enum.IntFlag):
-    """Why reading is paused; it resumes once no reason is left."""
+class Paused:
+    """Why reading is paused, as bits of an int; it resumes once no reason is left. Plain
+    ints, not an IntFlag: the bits are tested on every read and answer, and an IntFlag's
+    ``&`` runs Python code (about 1 µs)."""
 
-    BACKLOG = 1  # more answers owed than limits.max_pending_per_connection
-    WRITES = 2  # the transport's buffer is full: a client that does not read its answers
-    TURN = 4  # part of a read is left to parse in a later loop turn (a pipelined flood)
+    # More answers owed than limits.max_pending_per_connection.
+    BACKLOG: typing.Final = 1
+    # The transport's buffer is full: a client that does not read its answers.
+    WRITES: typing.Final = 2
+    # Part of a read is left to parse in a later loop turn (a pipelined flood).
+    TURN: typing.Final = 4

@@ -124,7 +124,7 @@ class WsSession:
         self.handler = handler
         self.max_send_buffer = max_send_buffer
         self.max_pending = max_pending
-        self._paused = Paused(0)
+        self._paused = 0  # ``Paused`` bits
         # Without an extension a frame is its header and the payload as is, which
         # ``send_frames`` relies on; with permessage-deflate it sends message by message.
         # websockets bounds a compressed message by its size once inflated (max_size).
@@ -189,12 +189,12 @@ class WsSession:
         message; the front door's budget bounds them all)."""
         return self._fragments_len + len(self.proto.reader.buffer)
 
-    def pause_reading(self, reason: Paused) -> None:
+    def pause_reading(self, reason: int) -> None:
         if not self._paused and not self._lost:
             self.transport.pause_reading()
         self._paused |= reason
 
-    def resume_reading(self, reason: Paused) -> None:
+    def resume_reading(self, reason: int) -> None:
         if not self._paused & reason:
             return
         self._paused &= ~reason
