@@ -28,13 +28,9 @@ from collections import deque
 import httptools
 
 from chainrelay.upstreams.failures import TransportError
-from chainrelay.upstreams.httpwire import SPECIAL_ANSWER_LINES, Target, decode, refusal
+from chainrelay.upstreams.httpwire import Target, decode, refusal
 
 log = logging.getLogger(__name__)
-
-# How an answer ``HttpLink._plain_ok`` may take starts.
-_OK_LINE = b"HTTP/1.1 200 "
-_CONTENT_LENGTH = b"\r\ncontent-length:"
 
 
 class Waiter(typing.Protocol):
@@ -140,8 +136,6 @@ class HttpLink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if not self._reading and data[:13] == _OK_LINE and self.sent and self._plain_ok(data):
-            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -210,38 +204,6 @@ class HttpLink(asyncio.Protocol):
             self.close()
 
     # --- inside ------------------------------------------------------------------------------
-    def _plain_ok(self, data: bytes) -> bool:
-        """Take a read that is exactly one ordinary answer, without httptools: a 200 over
-        HTTP/1.1 framed by one Content-Length, none of the headers that change what is made
-        of it (an encoding, chunks, Connection), no bare CR or LF in its head, nothing
-        before or after it. Every node's usual answer, for a few scans in C instead of nine
-        parser callbacks. False: the parser takes it."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or len(data) > self.pool.max_answer_bytes:
-            return False
-        head = data[:end].lower()
-        lines = head.count(b"\r\n")
-        if head.count(b"\r") != lines or head.count(b"\n") != lines:
-            return False
-        for special in SPECIAL_ANSWER_LINES:
-            if special in head:
-                return False
-        at = head.find(_CONTENT_LENGTH)
-        if at < 0 or head.find(_CONTENT_LENGTH, at + 1) >= 0:
-            return False
-        value_at = at + len(_CONTENT_LENGTH)
-        value_end = head.find(b"\r\n", value_at)
-        value = head[value_at : value_end if value_end >= 0 else end].strip(b" \t")
-        start = end + 4
-        if not value.isdigit() or len(value) > 10 or len(data) - start != int(value):
-            return False
-        self.proven = True
-        self._encoding = b""
-        self._retry_after = None
-        self._body = [data[start:]]
-        self._answered(200, True)
-        return True
-
     def _answered(self, status: int, keep: bool) -> None:
         """Hand the answer just read to the oldest request's waiter; ``keep``: the link
         stays open (back in the pool first, so the waiter may send on it at once)."""

@@ -29,14 +29,6 @@ _TARGET = re.compile(r"[!-~]+")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # gzip's header and trailer, or zlib's, around a deflate stream (RFC 9110 8.4.1).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
-# Header lines (of a head in lower case) that change how an answer is framed or read:
-# an answer with any of them is left to httptools (``HttpLink._plain_ok``).
-SPECIAL_ANSWER_LINES = (
-    b"\r\ntransfer-encoding",
-    b"\r\ncontent-encoding",
-    b"\r\nconnection",
-    b"\r\nupgrade",
-)
 # What is asked for when Accept-Encoding is sent: the two every provider's gateway
 # speaks, both decoded by zlib (no brotli dependency).
 ACCEPT_ENCODING = b"gzip, deflate"

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import typing
 import zlib
 
-import httptools
 import orjson
 import pytest
 
@@ -340,35 +338,6 @@ def test_config_an_upstreams_connections_and_ca_file_reach_it() -> None:
     ):
         with pytest.raises(ConfigError, match="upstreams\\[0\\]"):
             loads(f"[[upstreams]]\n{bad}\n")
-
-
-class UnusedParser:
-    """Stands in for httptools: fails a test that reaches it."""
-
-    def feed_data(self, data: bytes) -> None:
-        raise AssertionError(f"the parser was given {data[:40]!r}")
-
-
-async def test_a_usual_answer_whole_in_one_read_is_taken_without_the_parser() -> None:
-    pool = pool_of()
-    link, _ = link_of(pool)
-    real_parser = link.parser
-    link.parser = typing.cast(httptools.HttpResponseParser, UnusedParser())
-    for i in range(3):
-        fut = send(link)
-        body = b'{"jsonrpc":"2.0","id":1,"result":"0x%d"}' % i
-        link.data_received(
-            ok(body, b"content-type: application/json", b"vary: origin", b"date: today")
-        )
-        assert fut.result() == body
-        assert link.proven and pool.ready(False) is link
-    # A read that ends mid-answer goes to the parser, and so does the rest of that answer.
-    link.parser = real_parser
-    fut = send(link)
-    wire = ok(ANSWER)
-    link.data_received(wire[:20])
-    link.data_received(wire[20:])
-    assert fut.result() == ANSWER and not link.closed
 
 
 @pytest.mark.parametrize(
