@@ -55,6 +55,7 @@ from chainrelay.server.pending import (
     INTERNAL_ERROR,
     Awaited,
     AwaitedReply,
+    Pending,
     PendingQueue,
     Ready,
     cancel_all,
@@ -1364,6 +1365,34 @@ class HttpProtocol(asyncio.Protocol):
     def _flush(self, _fut: object = None) -> None:
         """Write the answers now ready at the front of the queue, in request order."""
         q = self._queue
+        if len(q) == 1 and self._flush_one(q[0]):
+            q.clear()
+        else:
+            self._flush_all(q)
+        if (
+            self._paused & Paused.BACKLOG
+            and len(q) <= self.server.limits.max_pending_per_connection // 2
+        ):
+            self._resume(Paused.BACKLOG)
+
+    def _flush_one(self, entry: Pending) -> bool:
+        """Write the one answer owed on a keep-alive connection when it is the usual kind:
+        a JSON-RPC answer done, not gzipped. False: ``_flush_all`` writes it (or waits)."""
+        if entry.__class__ is not Awaited or self._phase is _LINGERING:
+            return False
+        fut = entry.answer
+        if (
+            not entry.keep_alive
+            or entry.gzip
+            or not fut.done()
+            or fut.cancelled()
+            or fut.exception() is not None
+        ):
+            return False
+        self._write_ok(fut.result() or b"", entry.cors)
+        return True
+
+    def _flush_all(self, q: PendingQueue) -> None:
         for entry in pop_ready(q):
             keep_alive = entry.keep_alive
             if self._phase is _LINGERING:
@@ -1391,11 +1420,6 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 head = self.server.head(200, len(body), keep_alive, lines)
                 self._write(head + body, keep_alive)
-        if (
-            self._paused & Paused.BACKLOG
-            and len(q) <= self.server.limits.max_pending_per_connection // 2
-        ):
-            self._resume(Paused.BACKLOG)
 
     def _plain(self, status: int, text: bytes, keep_alive: bool) -> None:
         body = orjson.dumps({"error": text.decode()})

@@ -238,6 +238,15 @@ _ERROR_MEMBER = b',"error":'
 _MAX_ID_DIGITS = 20
 
 
+# The usual answer to a read, checked by one scan: this codec's layout with an integer id
+# and a result that is a string without escapes (a hex quantity or data), null, true or
+# false. JSON as it stands, with its three members once each, so nothing is decoded.
+_PLAIN_RESULT = re.compile(
+    rb'\{"jsonrpc":"2\.0","id":(?:0|[1-9][0-9]{0,19}),"result":'
+    rb'(?:"[ !#-\[\]-~]*"|null|true|false)\}'
+).fullmatch
+
+
 def readdress(raw: bytes, id_bytes: bytes) -> tuple[bytes, bool] | None:
     """An upstream's answer to one call, addressed to the caller's id ``id_bytes`` without
     decoding it: ``(answer, is_error)``, the upstream's bytes but for the id.
@@ -247,6 +256,8 @@ def readdress(raw: bytes, id_bytes: bytes) -> tuple[bytes, bool] | None:
     brace, the whole of it JSON (decoded to check it, never encoded again). None for any
     other layout, and for bytes that are not JSON: such an answer is decoded
     (``parse_answer``), which refuses what is not an answer."""
+    if _PLAIN_RESULT(raw) is not None:
+        return _ANSWER_OPEN + id_bytes + raw[raw.find(b",", _ANSWER_OPEN_LEN) :], False
     if not raw.startswith(_ANSWER_OPEN) or raw[-1:] != b"}":
         return None
     comma = raw.find(b",", _ANSWER_OPEN_LEN, _ANSWER_OPEN_LEN + _MAX_ID_DIGITS + 1)

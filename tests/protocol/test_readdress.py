@@ -23,6 +23,11 @@ from chainrelay.wire.jsonrpc import (
         b'{"jsonrpc":"2.0","id":123456789,"result":{"a":[1,2,{"id":3}],"b":null}}',
         b'{"jsonrpc":"2.0","id":1,"result":null}',
         b'{"jsonrpc":"2.0","id":1,"result":123456789012345678901234567890}',
+        # The usual kinds, checked by one scan, and their neighbours that are decoded.
+        b'{"jsonrpc":"2.0","id":0,"result":true}',
+        b'{"jsonrpc":"2.0","id":1,"result":""}',
+        b'{"jsonrpc":"2.0","id":1,"result":"say \\"hi\\" \\u00e9"}',
+        b'{"jsonrpc":"2.0","id":1,"result":"caf\xc3\xa9"}',
     ],
 )
 @pytest.mark.parametrize("caller", [b"1", b"null", b'"abc"', b"18446744073709551616"])
@@ -66,6 +71,9 @@ def test_an_error_passes_through_unchanged_but_for_the_id() -> None:
         b'{"jsonrpc":"2.0","id":7,"error":null}',
         b'{"jsonrpc":"2.0","id":7,"result":"0x1","error":{"code":1,"message":"m"}}',
         b'{"jsonrpc":"2.0","id":7,"result":"0x1","result":"0x2"}',  # read as its last copy
+        b'{"jsonrpc":"2.0","id":07,"result":"0x1"}',  # a leading zero: not JSON
+        b'{"jsonrpc":"2.0","id":7,"result":"\x01"}',  # a raw control character: not JSON
+        b'{"jsonrpc":"2.0","id":7,"result":"\xff"}',  # not UTF-8: not JSON
     ],
 )
 def test_other_layouts_are_left_to_decoding(raw: bytes) -> None:
