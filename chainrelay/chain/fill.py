@@ -141,7 +141,8 @@ class BlockFiller:
             if taken(h) or self._filled(kind, h):
                 continue
             while len(mine) >= at_once or len(self._running) >= self.max_fills:
-                await asyncio.wait(mine or set(self._running), return_when=asyncio.FIRST_COMPLETED)
+                # Any fill's end may free a slot (the window's are among them).
+                await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
             # Looked at again after the wait: the chain may have moved, a client's miss or
             # the follower may have taken the block meanwhile.
             if view.canonical.get(n) != h or taken(h) or self._filled(kind, h):
