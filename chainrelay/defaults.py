@@ -555,8 +555,10 @@ FILLED_BLOCKS_REMEMBERED = 4096
 # filled, newest first, once a client's read misses there (chain/windowfill.py): the head
 # tracker's backfill window, the blocks before a start the node can vouch for by hash. A
 # dapp reading receipts and logs of the last minutes then pays one call per block there
-# instead of a receipt miss and a fill, and its eth_getLogs windows are answered locally.
-# Once per run of the follower; 0: off.
+# instead of a receipt miss and a fill, and its eth_getLogs windows are answered locally
+# (benchmarks/dapp_burst.py, a cold relay's 20 s phase: receipt misses 145 -> ~65, eth_getLogs
+# upstream 53 -> ~9, 0.476 -> 0.446 upstream calls per client call). Once per run of the
+# follower; 0: off.
 FILL_WINDOW_BLOCKS = BACKFILL_BLOCKS
 # Of those fills, at most this many at once, and never past MAX_BLOCK_FILLS with the fills
 # of clients' misses: half the filler's slots, so clients' misses keep the other half.
