@@ -187,7 +187,14 @@ class Node:
                 )
             )
         )
-        local_logs = LocalLogs(follower.logs, rpc.call, self.metrics, cfg.cache, cfg.filters)
+        local_logs = LocalLogs(
+            follower.logs,
+            rpc.call,
+            self.metrics,
+            cfg.cache,
+            cfg.filters,
+            unheld=follower.note_unheld,
+        )
         _link_rpc(rpc, filters, follower, local_logs)
         subs = self.subscriptions = SubscriptionService(
             follower, self.metrics, cfg.subscriptions, filters=cfg.filters, ask=rpc.call
@@ -315,6 +322,11 @@ class Node:
             # Every block of the tree warms this node's cache. Under workers the feeder
             # publishes every block, and every other worker takes each into its cache.
             sc = dataclasses.replace(sc, follow_blocks_always=True)
+        if self.worker is not None and not self.worker.feeder:
+            # The recent window behind the first block is filled by the feeder alone (the
+            # worker that follows the chain from the upstreams): every worker filling it
+            # would ask the upstreams for it N times.
+            sc = dataclasses.replace(sc, fill_window_blocks=0)
         follower = self.follower = BlockFollower(
             pool,
             head,

@@ -234,7 +234,9 @@ class Metrics:
             "chainrelay_block_fills",
             "Blocks brought in after a client's miss on one of their receipts or"
             " transactions, by kind (receipts, transactions) and outcome: filled, failed,"
-            " busy (too many fills under way: not filled)",
+            " busy (too many fills under way: not filled); window_filled, window_failed:"
+            " receipts of the recent window behind the block follower's first block,"
+            " filled ahead of clients' reads (chain/windowfill.py)",
             ["kind", "outcome"],
             registry=r,
         )

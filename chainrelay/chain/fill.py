@@ -14,6 +14,11 @@ call goes through the pipeline under a client's key), and remembered for a while
 is not filled twice. Only blocks the node can vouch for are filled: canonical in the head's
 window, or final. At most ``max_fills`` fills run at once node-wide: a client scanning
 receipts of old blocks costs its upstream calls, not twice that.
+
+The recent window behind the block follower is filled the same way, ahead of the clients'
+reads (``fill_window``, when ``chain.windowfill`` says so): the same remembered blocks, so
+a block a client's miss filled is not filled again, nor the other way round, and within the
+same ``max_fills``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from chainrelay import defaults
@@ -75,6 +80,8 @@ class BlockFiller:
         # in (fewer misses than MISSES_BEFORE_FILL), oldest first.
         self._seen: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._running: set[asyncio.Task[None]] = set()
+        # Windows being filled (``fill_window``).
+        self._windows: set[asyncio.Task[None]] = set()
 
     def note(self, method: str, number: int, block_hash: str) -> None:
         """A client's ``method`` (a receipt or a transaction read) went upstream and
@@ -105,14 +112,73 @@ class BlockFiller:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
+    def fill_window(
+        self, numbers: Iterable[int], taken: Callable[[str], bool], at_once: int
+    ) -> None:
+        """Fill the receipts of the canonical blocks ``numbers`` (newest first; from
+        ``WindowFill.due``), in the background: blocks ``taken`` (by hash: the follower
+        warms those itself) or filled lately or under way are passed over; at most
+        ``at_once`` of these fills run at a time, and never more than ``max_fills`` fills
+        with those of clients' misses, so a client's miss meanwhile still finds a slot."""
+        task = detached(self._fill_window(numbers, taken, at_once), name="window-fill")
+        self._windows.add(task)
+        task.add_done_callback(self._windows.discard)
+
+    async def _fill_window(
+        self, numbers: Iterable[int], taken: Callable[[str], bool], at_once: int
+    ) -> None:
+        kind = "receipts"
+        view = self.head.view
+        mine: set[asyncio.Task[None]] = set()
+        for n in numbers:
+            h = view.canonical.get(n)
+            if h is None:
+                # The head tracker may still be walking back from its first head.
+                await self.head.walked_back()
+                h = view.canonical.get(n)
+                if h is None:
+                    break  # older than any block the head knows by hash: the window ends
+            if taken(h) or self._filled(kind, h):
+                continue
+            while len(mine) >= at_once or len(self._running) >= self.max_fills:
+                # Any fill's end may free a slot (the window's are among them).
+                await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
+            # Looked at again after the wait: the chain may have moved, a client's miss or
+            # the follower may have taken the block meanwhile.
+            if view.canonical.get(n) != h or taken(h) or self._filled(kind, h):
+                continue
+            self._remember((kind, h), MISSES_BEFORE_FILL[kind] + 1)  # under way
+            task = detached(self._fill(kind, n, h, behind=True), name="window-block-fill")
+            for running in (mine, self._running):
+                running.add(task)
+                task.add_done_callback(running.discard)
+        if mine:
+            await asyncio.wait(mine)
+
+    def _filled(self, kind: str, h: str) -> bool:
+        """Whether block ``h``'s ``kind`` was filled lately or is under way."""
+        return self._seen.get((kind, h), 0) >= MISSES_BEFORE_FILL[kind]
+
+    def _remember(self, key: tuple[str, str], misses: int) -> None:
+        seen = self._seen
+        seen[key] = misses
+        seen.move_to_end(key)
+        while len(seen) > self.remembered:
+            seen.popitem(last=False)
+
     async def stop(self) -> None:
+        for window in list(self._windows):
+            window.cancel()  # before the fills: it would start more
+        await asyncio.gather(*self._windows, return_exceptions=True)
         tasks = list(self._running)
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _fill(self, kind: str, n: int, h: str) -> None:
+    async def _fill(self, kind: str, n: int, h: str, *, behind: bool = False) -> None:
+        """Fill block ``n`` ``h``'s ``kind``; ``behind``: for the window (``fill_window``),
+        not a client's miss (counted apart)."""
         try:
             ok = await (self._receipts(n, h) if kind == "receipts" else self._transactions(n, h))
         except UpstreamError as exc:
@@ -123,7 +189,8 @@ class BlockFiller:
             ok = False
         if not ok:
             self._seen[(kind, h)] = MISSES_BEFORE_FILL[kind] - 1  # a later miss tries again
-        self.metrics.block_fills.labels(kind, "filled" if ok else "failed").inc()
+        outcome = "filled" if ok else "failed"
+        self.metrics.block_fills.labels(kind, f"window_{outcome}" if behind else outcome).inc()
 
     async def _receipts(self, n: int, h: str) -> bool:
         answer = await self.reads.follower_call("eth_getBlockReceipts", [hex(n)], n)

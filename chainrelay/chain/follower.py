@@ -43,13 +43,14 @@ from chainrelay.chain.events import (
     removed,
 )
 from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
-from chainrelay.chain.fill import BlockFiller
+from chainrelay.chain.fill import RECEIPT, BlockFiller
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
 from chainrelay.chain.logstore import Held, LogStore, held_logs_steps
 from chainrelay.chain.offers import OfferedBlocks
 from chainrelay.chain.pending import PendingListener, PendingStream
 from chainrelay.chain.warm import CacheWarmer
+from chainrelay.chain.windowfill import WindowFill
 from chainrelay.config import SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
@@ -104,6 +105,8 @@ class BlockFollower:
             if reads is not None
             else None
         )
+        # The recent window behind each run's first block, filled when clients read there.
+        self.window = WindowFill(cfg.fill_window_blocks if self.filler is not None else 0)
         self.heads = HeadAnnouncer()
         self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
         # Failed passes per block (number, hash) not delivered yet.
@@ -170,6 +173,17 @@ class BlockFollower:
         (``chain.fill``)."""
         if self.filler is not None and block_hash not in self._taken:
             self.filler.note(method, number, block_hash)
+        if method == RECEIPT:
+            self.note_unheld(number, number)
+
+    def note_unheld(self, low: int, high: int) -> None:
+        """Called when a client's read of blocks ``low``..``high`` found data this node does
+        not hold (a receipt that went upstream, an eth_getLogs window reaching blocks whose
+        logs are not held): the first such read of the window behind this run's first
+        block has that window's receipts filled (``chain.windowfill``)."""
+        numbers = self.window.due(low, high)
+        if numbers is not None and self.filler is not None:
+            self.filler.fill_window(numbers, self._taken.__contains__, self.cfg.fill_window_at_once)
 
     def note_miss(self, method: str) -> None:
         """Called by the RPC pipeline on a cache miss of ``method``: a read of block data
@@ -215,6 +229,7 @@ class BlockFollower:
         number, block_hash = after if after is not None else (view.number, view.hash)
         self.order.start_after(number)
         self.heads.reset(number, block_hash)
+        self.window.following_after(number)
         self._worker = detached(self._run(), name="block-feed")
 
     def _unfollow(self) -> None:

@@ -173,6 +173,13 @@ class HeadTracker:
                     await self._changed.wait()
         return self.view.known
 
+    async def walked_back(self) -> None:
+        """Return once the walk back from the first head (``[head] backfill_blocks``) is
+        over, if one is under way: the canonical hashes behind that head are then known."""
+        task = self._backfill_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+
     # --- following -------------------------------------------------------------------
     async def _follow(self, u: Upstream) -> None:
         if self.pushed_only:

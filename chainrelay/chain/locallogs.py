@@ -39,6 +39,8 @@ from chainrelay.wire.jsonrpc import Answer
 
 # ``RpcService.call``: one call through the pipeline's cache, coalescer and pool.
 Ask = Callable[[str, Params], Awaitable[Answer]]
+# Told of a window reaching blocks whose logs are not held: (lowest, highest block number).
+Unheld = Callable[[int, int], None]
 
 _METHOD = "eth_getLogs"
 
@@ -51,10 +53,15 @@ class LocalLogs:
         metrics: Metrics,
         cache: CacheConfig,
         filters: FiltersConfig,
+        *,
+        unheld: Unheld | None = None,
     ) -> None:
         """``cache``: how many sub-ranges a window may be split into; ``filters``: the
-        filter bounds this node holds clients to (a filter past them goes upstream)."""
+        filter bounds this node holds clients to (a filter past them goes upstream);
+        ``unheld``: told of each window not wholly held (the block follower fills the
+        recent window behind it: ``BlockFollower.note_unheld``)."""
         self.store = store
+        self.unheld = unheld
         self.ask = ask
         self.metrics = metrics
         self.max_upstream = cache.logs_max_upstream_ranges
@@ -87,9 +94,11 @@ class LocalLogs:
         if not isinstance(low, int) or not isinstance(high, int):
             return None
         pieces = store.split(flt, low, high, self.max_upstream)
+        holes = [p for p in pieces if p.logs is None] if pieces is not None else []
+        if (pieces is None or holes) and self.unheld is not None:
+            self.unheld(low, high)
         if pieces is None:
             return None
-        holes = [p for p in pieces if p.logs is None]
         if not holes:
             self.metrics.local_logs.labels("local").inc()
             return Answer(_array(pieces[0].logs or []), None)  # one run: all of it held

@@ -458,6 +458,9 @@ class SubscriptionsConfig:
     follow_recent_blocks: int = positive(d.FOLLOW_RECENT_BLOCKS)
     max_block_fills: int = positive(d.MAX_BLOCK_FILLS)
     filled_blocks_remembered: int = positive(d.FILLED_BLOCKS_REMEMBERED)
+    # The recent window filled behind the follower's first block (chain/windowfill.py).
+    fill_window_blocks: int = d.FILL_WINDOW_BLOCKS
+    fill_window_at_once: int = positive(d.FILL_WINDOW_AT_ONCE)
     feed_fetch_retry_delay: float = positive(d.FEED_FETCH_RETRY_DELAY)
     feed_fetch_attempts: int = positive(d.FEED_FETCH_ATTEMPTS)
     feed_block_passes: int = positive(d.FEED_BLOCK_PASSES)
@@ -470,6 +473,9 @@ class SubscriptionsConfig:
             self.follow_blocks in FOLLOW_MODES,
             f"subscriptions.follow_blocks: expected one of {', '.join(FOLLOW_MODES)}, "
             f"got {self.follow_blocks!r}",
+        )
+        require(
+            self.fill_window_blocks >= 0, "subscriptions.fill_window_blocks: must be >= 0 (0: off)"
         )
 
     @property

@@ -1,5 +1,7 @@
 """The block filler's bounds, in memory: only blocks the node can vouch for are filled, at
 most ``max_fills`` at a time, each once; a fill that fails is tried again by a later miss.
+The recent window's fill (``fill_window``) keeps to the same bounds, shares the blocks
+filled with clients' misses, and ends where the head knows no hash.
 
 Pair tier: a real BlockFiller, CacheWarmer and memory cache, reading through a stand-in for
 the pipeline that holds each call until the test answers it (what a real node answers is
@@ -57,12 +59,19 @@ class HeldReads:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[Any]]] = []
         self.go: dict[str, asyncio.Future[bool]] = {}
+        self.waiting = 0  # calls not answered yet
+        self.most = 0  # the most calls ever waiting at once
 
     async def follower_call(
         self, method: str, params: list[Any], min_block: int, derived: Sequence[Derived] = ()
     ) -> Answer:
         self.calls.append((method, params))
-        ok = await self.go.setdefault(params[0], asyncio.get_running_loop().create_future())
+        self.waiting += 1
+        self.most = max(self.most, self.waiting)
+        try:
+            ok = await self.go.setdefault(params[0], asyncio.get_running_loop().create_future())
+        finally:
+            self.waiting -= 1
         if not ok:
             return Answer(None, b'{"code":-32000,"message":"not now"}')
         value = receipts_of(int(params[0], 16))
@@ -188,3 +197,102 @@ async def test_a_receipt_is_cached_as_the_exact_json_the_upstream_sent_when_at_h
         assert key is not None
         entry = lab.cache.get(key)
         assert entry is not None and entry.value == orjson.dumps(r)
+
+
+def asked(lab: Lab) -> list[int]:
+    return [int(c[1][0], 16) for c in lab.reads.calls]
+
+
+async def answer_when_asked(lab: Lab, n: int) -> None:
+    await until(lambda: hex(n) in lab.reads.go, 5 * SECOND, f"block {n}'s call")
+    lab.reads.answer(n)
+
+
+async def test_the_window_is_filled_newest_first_beside_clients_fills_each_block_once() -> None:
+    lab = Lab(max_fills=4)
+    lab.filler.note(RECEIPT, HEAD - 1, block_hash(HEAD - 1))  # a client's fill under way
+    taken = {block_hash(HEAD - 2)}  # the follower warms that one itself
+    lab.filler.fill_window(range(HEAD, HEAD - 10, -1), taken.__contains__, 2)
+    await until(lambda: len(lab.reads.calls) >= 3, 5 * SECOND, "two of the window's calls")
+    assert asked(lab) == [HEAD - 1, HEAD, HEAD - 3]
+    # A client's miss on a block the window fills joins it; another still finds a slot.
+    lab.filler.note(RECEIPT, HEAD - 3, block_hash(HEAD - 3))
+    lab.filler.note(RECEIPT, HEAD - 50, block_hash(HEAD - 50))
+    await until(lambda: len(lab.reads.calls) >= 4, 5 * SECOND, "the client's own fill")
+    assert asked(lab)[3] == HEAD - 50
+    assert lab.fills("receipts", "busy") == 0
+    window = [n for n in range(HEAD, HEAD - 10, -1) if n not in (HEAD - 1, HEAD - 2)]
+    for n in (HEAD - 1, HEAD - 50, *window):
+        await answer_when_asked(lab, n)
+    await until(lambda: lab.fills("receipts", "window_filled") == 8, 5 * SECOND, "the window")
+    assert asked(lab) == [HEAD - 1, HEAD, HEAD - 3, HEAD - 50, *window[2:]]
+    assert lab.reads.most <= 4  # max_fills, clients' fills and the window's together
+    assert lab.fills("receipts", "filled") == 2
+    assert all(lab.cached_receipt(n, 2) for n in window)
+    assert sorted(lab.logs) == sorted([*window, HEAD - 1, HEAD - 50])
+    # Filled: neither a client's miss nor the next run's window asks for them again.
+    lab.filler.note(RECEIPT, HEAD - 4, block_hash(HEAD - 4))
+    lab.filler.fill_window(range(HEAD, HEAD - 10, -1), taken.__contains__, 2)
+    await until(lambda: not lab.filler._windows, 5 * SECOND, "the second window's pass")
+    await lab.filler.stop()
+    assert len(lab.reads.calls) == 10
+
+
+async def test_the_window_never_runs_past_max_fills_with_clients_fills() -> None:
+    lab = Lab(max_fills=3)
+    lab.filler.note(RECEIPT, HEAD - 40, block_hash(HEAD - 40))
+    lab.filler.note(RECEIPT, HEAD - 41, block_hash(HEAD - 41))
+    lab.filler.fill_window(range(HEAD, HEAD - 4, -1), lambda h: False, 4)
+    await until(lambda: len(lab.reads.calls) >= 3, 5 * SECOND, "one of the window's calls")
+    await answer_when_asked(lab, HEAD - 40)  # a client's fill over: the window takes its slot
+    await until(lambda: len(lab.reads.calls) >= 4, 5 * SECOND, "the window's second call")
+    for n in (HEAD - 41, *range(HEAD, HEAD - 4, -1)):
+        await answer_when_asked(lab, n)
+    await until(lambda: lab.fills("receipts", "window_filled") == 4, 5 * SECOND, "the window")
+    await lab.filler.stop()
+    assert asked(lab) == [HEAD - 40, HEAD - 41, HEAD, HEAD - 1, HEAD - 2, HEAD - 3]
+    assert lab.reads.most == 3
+
+
+async def test_the_window_ends_where_the_head_knows_no_hash_once_its_walk_back_is_over() -> None:
+    lab = Lab()
+    view = lab.head.view
+    low = min(view.canonical)
+    walked = asyncio.Event()
+
+    async def walk_back() -> None:  # the tracker's walk back from its first head, held
+        await walked.wait()
+        for n in range(low - 1, low - 4, -1):
+            view.canonical[n] = block_hash(n)
+            view.numbers[block_hash(n)] = n
+
+    lab.head._backfill_task = asyncio.create_task(walk_back())
+    lab.filler.fill_window(range(low + 2, low - 10, -1), lambda h: False, 8)
+    await until(lambda: len(lab.reads.calls) >= 3, 5 * SECOND, "the known blocks' calls")
+    assert asked(lab) == [low + 2, low + 1, low]  # then it waits for the walk back
+    walked.set()
+    await until(lambda: len(lab.reads.calls) >= 6, 5 * SECOND, "the walked blocks' calls")
+    for n in range(low + 2, low - 4, -1):
+        lab.reads.answer(n)
+    await until(lambda: lab.fills("receipts", "window_filled") == 6, 5 * SECOND, "the window")
+    await lab.filler.stop()
+    assert asked(lab) == list(range(low + 2, low - 4, -1))  # none the head knows no hash of
+
+
+async def test_a_block_reorged_while_the_window_fills_it_is_neither_cached_nor_held() -> None:
+    lab = Lab()
+    view = lab.head.view
+    lab.filler.fill_window(range(HEAD - 5, HEAD - 7, -1), lambda h: False, 8)
+    await until(lambda: len(lab.reads.calls) >= 2, 5 * SECOND, "the window's calls")
+    other = "0x" + "ab" * 32  # another block takes HEAD - 5's height
+    del view.numbers[block_hash(HEAD - 5)]
+    view.canonical[HEAD - 5] = other
+    view.numbers[other] = HEAD - 5
+    view.generation += 1
+    lab.reads.answer(HEAD - 5)  # the old block's receipts, as a lagging upstream sends them
+    lab.reads.answer(HEAD - 6)
+    await until(lambda: lab.fills("receipts", "window_filled") == 2, 5 * SECOND, "the window")
+    await lab.filler.stop()
+    assert not any(lab.cached_receipt(HEAD - 5, i) for i in range(3))
+    assert lab.cached_receipt(HEAD - 6, 0)
+    assert lab.logs == [HEAD - 6]

@@ -172,3 +172,24 @@ async def test_odd_params_and_unresolved_tags_are_left_to_the_upstream() -> None
     ):
         assert await local.answer(params) is None, params
     assert upstream.asked == []
+
+
+async def test_windows_not_wholly_held_are_told_for_the_recent_window_s_fill() -> None:
+    chain = Chain(number=100, finalized=90)
+    upstream = FakeUpstream()
+    store = LogStore(chain.view, 1 << 30)
+    for n in range(90, 101):
+        assert store.hold(n, block_hash(n), block_logs(n))
+    told: list[tuple[int, int]] = []
+    local = LocalLogs(
+        store,
+        upstream.ask,
+        Metrics(),
+        CacheConfig(),
+        FiltersConfig(),
+        unheld=lambda low, high: told.append((low, high)),
+    )
+    assert await local.answer(window(92, 100)) is not None  # wholly held
+    await local.answer(window(85, 100))  # split: 85..89 asked upstream
+    await local.answer(window(40, 60))  # nothing held there: asked whole
+    assert told == [(85, 100), (40, 60)]

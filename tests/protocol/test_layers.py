@@ -59,6 +59,7 @@ SANS_IO = (
     "chainrelay.chain.offers",
     "chainrelay.chain.logstore",
     "chainrelay.chain.sharedhead",
+    "chainrelay.chain.windowfill",
     "chainrelay.subscriptions.registry",
     "chainrelay.subscriptions.filtertable",
     "chainrelay.subscriptions.logfilter",
