@@ -144,11 +144,11 @@ _SANE_ID = re.compile(rb"[-A-Za-z0-9._:/+=]+")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
-# What a plain POST's head says (``HttpProtocol._read_plain_head``): its Content-Length
+# What a plain POST's head says (``HttpServer.read_plain_head``): its Content-Length
 # (-1: not a plain POST), its answer's CORS lines, whether it names its id, whether it
 # takes gzip, and the id it names.
-PlainHead = tuple[int, bytes, bool, bool, bytes | None]
-NOT_PLAIN: PlainHead = (-1, b"", False, False, None)
+_PlainHead = tuple[int, bytes, bool, bool, bytes | None]
+_NOT_PLAIN: _PlainHead = (-1, b"", False, False, None)
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
 # Every reason to pause but a parse left for a later turn.
@@ -259,8 +259,8 @@ class HttpServer:
         # whether it was read on a trusted proxy's connection: see ``Replay``, whose rule
         # this is too. Only heads that were let in; new door rules clear it.
         self.named_heads: dict[bytes, tuple[Identity | None, bool]] = {}
-        # A plain POST's head -> what it says (``HttpProtocol._read_plain_head``).
-        self.plain_heads: dict[bytes, PlainHead] = {}
+        # A plain POST's head -> what it says (``read_plain_head``).
+        self.plain_heads: dict[bytes, _PlainHead] = {}
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
@@ -307,12 +307,46 @@ class HttpServer:
             if ws is not None and ws.who.key is not None and ws.who.key not in names:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
 
-    def remember_plain_head(self, head: bytes, plain: PlainHead) -> None:
-        """Remember what ``head`` says (see ``plain_heads``), within ``max_named_heads``."""
+    def read_plain_head(self, head: bytes) -> _PlainHead:
+        """What a POST's head says for ``HttpProtocol._plain_post``: its Content-Length,
+        the CORS lines of its answer, whether it names its id or takes gzip, the id it
+        names. A length of -1 (``_NOT_PLAIN``) when the head asks for more than a
+        length-delimited body (chunks, an upgrade, Expect, Connection, a second
+        Content-Length), or is not JSON-RPC's. Remembered in ``plain_heads``, within
+        ``max_named_heads`` (past it the table starts over)."""
         heads = self.plain_heads
         if len(heads) >= self.limits.max_named_heads:
             heads.clear()
-        heads[head] = plain
+        plain = heads[head] = self._plain_head(head)
+        return plain
+
+    def _plain_head(self, head: bytes) -> _PlainHead:
+        if _PLAIN_HEAD.fullmatch(head) is None:
+            return _NOT_PLAIN
+        # One scan for the lines that take a POST off this path and those that change its
+        # answer's head; most heads have neither, and pay for one scan, as before either.
+        either = _SPECIAL_OR_LINES.search(head)
+        if either is not None and _SPECIAL.search(head, either.start()) is not None:
+            return _NOT_PLAIN
+        if head.startswith(b"POST " + BATCHES_PATH):
+            return _NOT_PLAIN  # not JSON-RPC
+        length = _CONTENT_LENGTH.search(head)
+        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
+            return _NOT_PLAIN
+        cors = b""
+        if not self.cors_any:  # the first Origin line, as httptools' headers would give it
+            origin = _ORIGIN.search(head)
+            cors = self.cors_lines(origin.group(1) if origin is not None else None)
+        named = gzip = False
+        incoming = None
+        if either is not None:
+            for found in _ANSWER_LINES.finditer(head):
+                if len(found.group(1)) == 12:  # x-request-id
+                    incoming = incoming or found.group(2).strip(b" \t")
+                    named = True
+                elif accepts_gzip(found.group(2).strip(b" \t")):
+                    gzip = True
+        return int(length.group(1)), cors, named, gzip, incoming
 
     def name_head(self, head: bytes, who: Identity | None, proxied: bool) -> None:
         """Remember who ``head`` named (see ``named_heads``), within its bound."""
@@ -909,12 +943,11 @@ class HttpProtocol(asyncio.Protocol):
         if end < 0 or end > limits.max_header_bytes:
             return False
         head = data[:end]
-        # A client sends the same head again and again but for Content-Length: what it
-        # says is read by regex once (about 2 µs) and then looked up.
+        # A client sends a few heads again and again (they differ in Content-Length): what
+        # each says is read by regex once (about 2 µs) and then looked up.
         plain = server.plain_heads.get(head)
         if plain is None:
-            plain = self._read_plain_head(head)
-            server.remember_plain_head(head, plain)
+            plain = server.read_plain_head(head)
         n, cors, named, gzip, incoming = plain
         if n < 0 or len(data) != end + 4 + n or n > limits.max_body_bytes:
             return False
@@ -963,39 +996,6 @@ class HttpProtocol(asyncio.Protocol):
             server.learn_replay(split[1], split[0], answer, record, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
-
-    def _read_plain_head(self, head: bytes) -> PlainHead:
-        """What a POST's head says for ``_plain_post``: its Content-Length, the CORS lines
-        of its answer, whether it names its id or takes gzip, the id it names. A length of
-        -1 (``NOT_PLAIN``) when the head asks for more than a length-delimited body (chunks,
-        an upgrade, Expect, Connection, a second Content-Length), or is not JSON-RPC's."""
-        if _PLAIN_HEAD.fullmatch(head) is None:
-            return NOT_PLAIN
-        # One scan for the lines that take a POST off this path and those that change its
-        # answer's head; most heads have neither, and pay for one scan, as before either.
-        either = _SPECIAL_OR_LINES.search(head)
-        if either is not None and _SPECIAL.search(head, either.start()) is not None:
-            return NOT_PLAIN
-        if head.startswith(b"POST " + BATCHES_PATH):
-            return NOT_PLAIN  # not JSON-RPC
-        length = _CONTENT_LENGTH.search(head)
-        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
-            return NOT_PLAIN
-        server = self.server
-        cors = b""
-        if not server.cors_any:  # the first Origin line, as httptools' headers would give it
-            origin = _ORIGIN.search(head)
-            cors = server.cors_lines(origin.group(1) if origin is not None else None)
-        named = gzip = False
-        incoming = None
-        if either is not None:
-            for found in _ANSWER_LINES.finditer(head):
-                if len(found.group(1)) == 12:  # x-request-id
-                    incoming = incoming or found.group(2).strip(b" \t")
-                    named = True
-                elif accepts_gzip(found.group(2).strip(b" \t")):
-                    gzip = True
-        return int(length.group(1)), cors, named, gzip, incoming
 
     def _who_in_head(self, head: bytes) -> Identity | Refusal:
         """``Door.admit`` for a plain POST's head, its header lines read by one regex."""

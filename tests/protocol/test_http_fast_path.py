@@ -743,3 +743,30 @@ def test_an_upgrade_after_a_request_in_the_same_read_is_accepted(front: Front, s
     # RFC 6455's sample key: the accept value proves the handshake read this head.
     assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in out
     assert conn.ws is not None
+
+
+def test_what_a_head_says_is_remembered_within_its_bound_and_ids_stay_per_request() -> None:
+    front = Front()
+    front.server.limits.max_named_heads = 3
+    front.warm(b'"0x2a"')
+    conn, transport = front.connect()
+    body = balance(7)
+    length = b"Content-Length: %d\r\n" % len(body)
+    heads = [
+        b"X-Request-Id: mine-1\r\n" + length,  # a valid id: kept, every time
+        b"X-Request-Id: \r\n" + length,  # an empty one: a fresh one each time
+        b'X-Request-Id: "bad id"\r\n' + length,  # one that may not be echoed: fresh too
+        b"Accept-Encoding: identity\r\nUser-Agent: a\r\n" + length,
+        b"User-Agent: b\r\n" + length,
+    ]
+    for _ in range(2):  # the second round looks up what the first one read
+        for extra in heads:
+            conn.data_received(post(body, headers=extra))
+            assert len(front.server.plain_heads) <= 3
+    got = answers(transport.out)
+    assert [a.body for a in got] == [b'{"jsonrpc":"2.0","id":7,"result":"0x2a"}'] * 10
+    ids = [a.request_id for a in got]
+    assert ids[0] == ids[5] == b"mine-1"
+    fresh = [i for n, i in enumerate(ids) if n % 5 != 0]
+    assert len(set(fresh)) == len(fresh), "a remembered head never repeats an id"
+    assert 0 < len(front.server.plain_heads) < len(heads), "the table started over"
