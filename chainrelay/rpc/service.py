@@ -301,22 +301,10 @@ class RpcService:
                             cost = limiter.cost(who, record.method, True)
                             return self._limited(body, who, wait, cost, split[0]), None
                     return encode_result(split[0], value), record
-            forwarder = self._forwarder
-            if forwarder.passes:
-                cost = 0.0
-                if limiter is not None:
-                    known = forwarder.passes.get_at(split[1], self.view.generation)
-                    if known is not None:
-                        cost = limiter.cost(who, known[0], False)
-                        wait = limiter.take(who, cost)
-                        if wait:
-                            return self._limited(body, who, wait, cost, split[0]), None
-                sent = forwarder.again(body, split[0], split[1], self.allowed(who))
+            if self._forwarder.passes:
+                sent = self.again(body, split[0], split[1], who)
                 if sent is not None:
                     return sent, None
-                if cost:
-                    assert limiter is not None
-                    limiter.give(who, cost)  # charged again on the full path
         started = time.perf_counter()
         try:
             items, is_batch = parse_body(
@@ -372,6 +360,40 @@ class RpcService:
         if split is not None and split[0] == rid:
             record = self._remember(split[1], item.method, found)
         return encode_result(rid, found[0]), record
+
+    def passed(self, body: bytes) -> tuple[bytes, int] | None:
+        """For a body whose call was just forwarded uncached (``Forwarder.send``): the key
+        its call is remembered under at this head (the body without its id) and the head's
+        generation; None when it is not remembered (``again`` then has nothing to send)."""
+        split = split_id(body)
+        generation = self.view.generation
+        if split is None or self._forwarder.passes.get_at(split[1], generation) is None:
+            return None
+        return split[1], generation
+
+    def again(
+        self, body: bytes, token: bytes, rest: bytes, who: Identity
+    ) -> asyncio.Future[bytes] | None:
+        """The call forwarded before at this head whose body without its id is ``rest``,
+        sent again for ``who`` under the id ``token`` (``Forwarder.again``), its upstream
+        cost paid first. None when it must take the full path: not remembered at this
+        head, a method ``who`` may not call, no upstream to send it to now, or ``who``
+        past its rate (the full path then refuses it as it refuses any call)."""
+        forwarder = self._forwarder
+        limiter = self.limiter
+        cost = 0.0
+        if limiter is not None:
+            known = forwarder.passes.get_at(rest, self.view.generation)
+            if known is None:
+                return None
+            cost = limiter.cost(who, known[0], False)
+            if limiter.take(who, cost):
+                return None  # not taken: refused on the full path
+        sent = forwarder.again(body, token, rest, self.allowed(who))
+        if sent is None and cost:
+            assert limiter is not None
+            limiter.give(who, cost)  # charged again on the full path
+        return sent
 
     def allowed(self, who: Identity) -> frozenset[str]:
         """The methods the node knows of that ``who`` may call (``MethodRules.names``): a

@@ -69,7 +69,9 @@ from chainrelay.server.replays import (
     ANSWER_RESULT,
     REPLAY_ENTRY_OVERHEAD,
     REPLAY_OPEN,
+    ForwardReplay,
     Replay,
+    forward_size,
     replay_size,
 )
 from chainrelay.server.routes import (
@@ -265,6 +267,11 @@ class HttpServer:
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
         )
+        # A request without its id token -> the uncached call it was forwarded as, at one
+        # head (``ForwardReplay``), bounded as the replays are.
+        self.forwards: ReplayTable[bytes, ForwardReplay] = ReplayTable(
+            limits.max_hit_table_bytes, limits.max_hit_table_entries, forward_size
+        )
 
     def id_line(self, incoming: bytes | None = None) -> bytes:
         """An answer's X-Request-Id line (see ``request_id``)."""
@@ -300,6 +307,7 @@ class HttpServer:
         one that was let in)."""
         self.door = door
         self.replays.clear()
+        self.forwards.clear()
         self.named_heads.clear()
         names = door.keys.names() if door is not None else frozenset()
         for conn in list(self.connections):
@@ -379,6 +387,26 @@ class HttpServer:
         assert replayer is not None  # replays are learned only from one
         replay = Replay(head, record, len(token), size, replayer.replay, who, proxied)
         self.replays.add(rest, replay, record.generation)
+
+    def learn_forward(
+        self,
+        split: tuple[bytes, bytes],
+        body_at: int,
+        passed: tuple[bytes, int],
+        cors: bytes = b"",
+        who: Identity | None = None,
+        proxied: bool = False,
+    ) -> None:
+        """Remember that the request ``split`` (id token, the rest) was forwarded uncached
+        as the call ``passed`` names (``Replayer.passed``: its key, at its generation), its
+        body starting at ``body_at``, answered with the CORS lines ``cors``; ``who`` and
+        ``proxied``: see ``Replay``."""
+        token, rest = split
+        if not single_id(rest):
+            return  # an "id" in the head too
+        key, generation = passed
+        entry = ForwardReplay(body_at, len(token), key, cors, who, proxied)
+        self.forwards.add(rest, entry, generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -821,6 +849,9 @@ class HttpProtocol(asyncio.Protocol):
                         % (replay.head, self.server.ids(), REPLAY_OPEN, split[0], replay.suffix)
                     )
                     return
+                forward = self.server.forwards.get(split[1])
+                if forward is not None and self._forward_again(forward, split[0], data):
+                    return
             if data[:5] == b"POST ":
                 if self._plain_post(data, split) or self._hold_head(data):
                     return
@@ -830,6 +861,27 @@ class HttpProtocol(asyncio.Protocol):
             self._parse_rest()
             return
         self._feed(data)
+
+    def _forward_again(self, forward: ForwardReplay, token: bytes, data: bytes) -> bool:
+        """Send a request forwarded before at this head, but for its id ``token``, as the
+        call it was forwarded as (``Replayer.again``): no parsing of its head or body, no
+        planning. False: it takes the usual path (another head, a method this client may
+        not call, its rate, no upstream to send it to now)."""
+        if len(token) != forward.token_len or forward.proxied is not self._proxied:
+            return False
+        server = self.server
+        replayer = server.routes.replayer
+        if replayer is None:
+            return False
+        sent = replayer.again(data[forward.body_at :], token, forward.rest, forward.who or self.who)
+        if sent is None:
+            return False
+        self.requests += 1
+        lines = forward.cors + server.id_head + b"%x\r\n" % server.ids()
+        fut = typing.cast("asyncio.Future[bytes | None]", sent)
+        self._queue.append(Awaited(fut, True, lines))
+        fut.add_done_callback(self._flush)
+        return True
 
     def _pays(self, replay: Replay, who: Identity) -> bool:
         """Whether ``who``'s bucket pays for a replay now (a hit's cost). Not: the request
@@ -994,6 +1046,17 @@ class HttpProtocol(asyncio.Protocol):
         ):
             its = None if who is self.who else who
             server.learn_replay(split[1], split[0], answer, record, cors, its, self._proxied)
+        elif (
+            record is None
+            and split is not None
+            and not named
+            and not gzip
+            and answer.__class__ is asyncio.Future
+        ):
+            passed = replayer.passed(data[end + 4 :])
+            if passed is not None:
+                its = None if who is self.who else who
+                server.learn_forward(split, end + 4, passed, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
 

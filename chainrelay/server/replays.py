@@ -1,9 +1,15 @@
-"""Whole-request replays: a POST answered from cache, found again by its bytes, id aside.
+"""Whole-request replays: a POST answered from cache, or forwarded uncached, found again by
+its bytes, id aside.
 
 The cheapest way in of ``HttpProtocol.data_received``: a read that, but for its id token,
 is a request answered from cache before at this head is answered by splicing the new id
 into the old answer, with no parsing and no decoding. ``HttpServer.learn_replay`` makes
 the entries; the server's ``ReplayTable`` holds them for one head.
+
+A request forwarded uncached before at this head (``rpc/forward.py``: a read at "pending",
+say, that a wallet polls) is sent again the same way: its bytes name the call the
+forwarder remembered, and it goes upstream under the new id with no parsing of its head
+and no planning (``ForwardReplay``, made by ``HttpServer.learn_forward``).
 """
 
 from __future__ import annotations
@@ -66,3 +72,33 @@ class Replay:
 
 def replay_size(_rest: bytes, replay: Replay) -> int:
     return replay.size
+
+
+class ForwardReplay:
+    """A POST forwarded uncached whose bytes, id aside, come again: where its body starts
+    (the head is the same bytes each time), the length of the id token it was learned with
+    (another length would not match its Content-Length), the key the forwarder remembers
+    its call under (its body without the id: ``Replayer.again``), its answer's CORS lines,
+    and who it is and where it was learned, as for a ``Replay``."""
+
+    __slots__ = ("body_at", "cors", "proxied", "rest", "token_len", "who")
+
+    def __init__(
+        self,
+        body_at: int,
+        token_len: int,
+        rest: bytes,
+        cors: bytes,
+        who: Identity | None,
+        proxied: bool,
+    ) -> None:
+        self.body_at = body_at
+        self.token_len = token_len
+        self.rest = rest
+        self.cors = cors
+        self.who = who
+        self.proxied = proxied
+
+
+def forward_size(rest: bytes, replay: ForwardReplay) -> int:
+    return len(rest) + len(replay.rest) + len(replay.cors) + REPLAY_ENTRY_OVERHEAD
