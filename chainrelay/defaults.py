@@ -565,6 +565,11 @@ FILL_WINDOW_BLOCKS = BACKFILL_BLOCKS
 # Of those fills, at most this many at once, and never past MAX_BLOCK_FILLS with the fills
 # of clients' misses: half the filler's slots, so clients' misses keep the other half.
 FILL_WINDOW_AT_ONCE = 4
+# Reads missing in that window before it is filled: a dapp's burst reads a dozen receipts
+# of as many blocks at once and crosses it in its first burst, while one wallet looking up
+# one receipt does not make the node ask for 64 blocks (those reads pay their own misses
+# and fills: 2 calls each, 8 of them about a quarter of the window's 64).
+FILL_WINDOW_AFTER_MISSES = 8
 
 # --- Block feed (what eth_subscribe and eth_newFilter follow) ------------------------------
 # Wait before asking again for a block an upstream could not give (not there yet, or an

@@ -106,7 +106,9 @@ class BlockFollower:
             else None
         )
         # The recent window behind each run's first block, filled when clients read there.
-        self.window = WindowFill(cfg.fill_window_blocks if self.filler is not None else 0)
+        self.window = WindowFill(
+            cfg.fill_window_blocks if self.filler is not None else 0, cfg.fill_window_after_misses
+        )
         self.heads = HeadAnnouncer()
         self.pending = PendingStream(pool, metrics, max_message=cfg.pending_max_message)
         # Failed passes per block (number, hash) not delivered yet.

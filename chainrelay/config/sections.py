@@ -461,6 +461,7 @@ class SubscriptionsConfig:
     # The recent window filled behind the follower's first block (chain/windowfill.py).
     fill_window_blocks: int = d.FILL_WINDOW_BLOCKS
     fill_window_at_once: int = positive(d.FILL_WINDOW_AT_ONCE)
+    fill_window_after_misses: int = positive(d.FILL_WINDOW_AFTER_MISSES)
     feed_fetch_retry_delay: float = positive(d.FEED_FETCH_RETRY_DELAY)
     feed_fetch_attempts: int = positive(d.FEED_FETCH_ATTEMPTS)
     feed_block_passes: int = positive(d.FEED_BLOCK_PASSES)

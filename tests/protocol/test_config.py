@@ -262,7 +262,7 @@ POSITIVE_KEYS = {
     "subscriptions": "max_per_connection max_per_ip max_total max_log_filters "
     "max_log_filters_per_ip max_held_notifications max_held_bytes pending_tx_fetches "
     "slow_close_grace follow_recent_blocks max_block_fills filled_blocks_remembered "
-    "fill_window_at_once "
+    "fill_window_at_once fill_window_after_misses "
     "feed_fetch_retry_delay feed_fetch_attempts "
     "feed_block_passes feed_receipts_retry_blocks pending_max_message",
     "tree": "parents_k backlog_frames backlog_bytes child_queue_frames child_queue_bytes "

@@ -60,3 +60,19 @@ def test_the_window_stops_at_genesis_and_defaults_to_the_heads_backfill() -> Non
     assert due is not None and list(due) == list(range(10, -1, -1))
     assert defaults.FILL_WINDOW_BLOCKS == defaults.BACKFILL_BLOCKS
     assert defaults.FILL_WINDOW_AT_ONCE <= defaults.MAX_BLOCK_FILLS
+
+
+def test_the_window_waits_for_enough_reads_missing_there_and_counts_per_run() -> None:
+    window = WindowFill(64, after_misses=3)
+    window.following_after(HEAD)
+    assert window.due(HEAD - 30, HEAD - 30) is None  # one wallet's one receipt: not yet
+    assert window.due(HEAD + 5, HEAD + 5) is None  # outside the window: not counted
+    assert window.due(HEAD - 3, HEAD - 3) is None
+    due = window.due(HEAD - 40, HEAD - 20)  # the third read missing there
+    assert due is not None and due[0] == HEAD
+    # A new run counts its own reads.
+    window.following_after(HEAD + 100)
+    assert window.due(HEAD + 99, HEAD + 99) is None
+    assert window.due(HEAD + 98, HEAD + 98) is None
+    assert window.due(HEAD + 97, HEAD + 97) is not None
+    assert defaults.FILL_WINDOW_AFTER_MISSES > 1

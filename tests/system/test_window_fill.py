@@ -1,8 +1,8 @@
-"""The recent window behind the block follower, filled on the first read that misses there:
-a cold relay's first receipt miss of a block from before its start brings in the receipts
-(and so the held logs) of every block behind its first followed block, so the other
-receipts and the eth_getLogs windows over those blocks cost no upstream call, each answer
-anvil's own bytes.
+"""The recent window behind the block follower, filled once reads miss there: a cold relay's
+receipt misses of blocks from before its start (``fill_window_after_misses`` of them, here
+2) bring in the receipts (and so the held logs) of every block behind its first followed
+block, so the other receipts and the eth_getLogs windows over those blocks cost no
+upstream call, each answer anvil's own bytes. The first miss alone fills only its block.
 
 Real anvil (mining on demand), a real relay with its default follow mode and window, the
 counting proxy between them.
@@ -62,7 +62,7 @@ async def window_fills(relay: Relay) -> tuple[float, float]:
     )
 
 
-async def test_a_first_receipt_miss_fills_the_recent_window_so_its_reads_go_nowhere(
+async def test_receipt_misses_fill_the_recent_window_so_its_reads_go_nowhere(
     procs: Any,
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
@@ -73,7 +73,9 @@ async def test_a_first_receipt_miss_fills_the_recent_window_so_its_reads_go_nowh
         await node.call("evm_setAutomine", [False])
         emitter = await node.deploy(transfer_emitter_initcode())
         blocks = await mine_logged_blocks(node, emitter)
-        relay = await start_relay_mining(node, relay_factory, [proxy.url])
+        relay = await start_relay_mining(
+            node, relay_factory, [proxy.url], "[subscriptions]\nfill_window_after_misses = 2\n"
+        )
         head, _ = await node.head()  # no block is mined from here on
         first = (await node.call("eth_getTransactionReceipt", [blocks[0][0]]))["blockNumber"]
         async with Chain.open(relay.url) as through:
@@ -87,9 +89,18 @@ async def test_a_first_receipt_miss_fills_the_recent_window_so_its_reads_go_nowh
             await until_vouched(relay, through, int(first, 16))
             assert await window_fills(relay) == (0, 0)
             await proxy.reset()
-            one = blocks[-1][0]
+            one, two = blocks[-1][0], blocks[-2][0]
             assert await through.raw("eth_getTransactionReceipt", [one]) == await node.raw(
                 "eth_getTransactionReceipt", [one]
+            )
+
+            async def its_block_filled() -> bool:
+                return await window_fills(relay) == (0, 1)
+
+            # One miss: its own block is filled, not the window.
+            await until(its_block_filled, 10 * SECOND, "the missed receipt's block filled")
+            assert await through.raw("eth_getTransactionReceipt", [two]) == await node.raw(
+                "eth_getTransactionReceipt", [two]
             )
 
             async def window_held() -> bool:
@@ -112,8 +123,8 @@ async def test_a_first_receipt_miss_fills_the_recent_window_so_its_reads_go_nowh
             got = [await through.raw(m, p) for m, p in reads]
             counts = await proxy.counts()
             want = [await node.raw(m, p) for m, p in reads]
-    assert filled == 1  # the missed receipt's own block; all the others by the window
-    assert window == head
+    assert filled == 2  # the missed receipts' own blocks; all the others by the window
+    assert window == head - 1
     assert got == want
     assert not {m: n for m, n in counts.items() if m in FILLED_BY}, counts
     assert b'"logIndex"' in want[-3]  # the windows hold logs: not empty answers compared
