@@ -554,21 +554,22 @@ MAX_BLOCK_FILLS = 8
 # window and then some, at about 150 bytes each.
 FILLED_BLOCKS_REMEMBERED = 4096
 # Blocks just behind the block follower's first block whose receipts (and so their logs) are
-# filled, newest first, once a client's read misses there (chain/windowfill.py): the head
-# tracker's backfill window, the blocks before a start the node can vouch for by hash. A
-# dapp reading receipts and logs of the last minutes then pays one call per block there
-# instead of a receipt miss and a fill, and its eth_getLogs windows are answered locally
-# (benchmarks/dapp_burst.py, a cold relay's 20 s phase: receipt misses 145 -> ~65, eth_getLogs
-# upstream 53 -> ~9, 0.476 -> 0.446 upstream calls per client call). Once per run of the
-# follower; 0: off.
-FILL_WINDOW_BLOCKS = BACKFILL_BLOCKS
+# filled, newest first, once clients' reads miss there (chain/windowfill.py): those the head
+# tracker holds hashes of (BACKFILL_BLOCKS), and below them final blocks, by number. Readers
+# of recent transfers look a minute or two back: 128 blocks are 96 s of BSC. A dapp reading
+# receipts and logs there then pays one call per block instead of a receipt miss and a
+# fill, and its eth_getLogs windows are answered locally (benchmarks/dapp_burst.py, a cold
+# relay's 20 s phase over the last 100 blocks, 64 of them filled: receipt misses 145 -> ~65,
+# eth_getLogs upstream 53 -> ~9, 0.476 -> 0.446 upstream calls per client call). Once per
+# run of the follower; 0: off.
+FILL_WINDOW_BLOCKS = 128
 # Of those fills, at most this many at once, and never past MAX_BLOCK_FILLS with the fills
 # of clients' misses: half the filler's slots, so clients' misses keep the other half.
 FILL_WINDOW_AT_ONCE = 4
 # Reads missing in that window before it is filled: a dapp's burst reads a dozen receipts
 # of as many blocks at once and crosses it in its first burst, while one wallet looking up
-# one receipt does not make the node ask for 64 blocks (those reads pay their own misses
-# and fills: 2 calls each, 8 of them about a quarter of the window's 64).
+# one receipt does not make the node ask for a whole window (those reads pay their own
+# misses and fills: 2 calls each, 8 of them an eighth of the window's 128).
 FILL_WINDOW_AFTER_MISSES = 8
 
 # --- Block feed (what eth_subscribe and eth_newFilter follow) ------------------------------

@@ -18,7 +18,8 @@ receipts of old blocks costs its upstream calls, not twice that.
 The recent window behind the block follower is filled the same way, ahead of the clients'
 reads (``fill_window``, when ``chain.windowfill`` says so): the same remembered blocks, so
 a block a client's miss filled is not filled again, nor the other way round, and within the
-same ``max_fills``.
+same ``max_fills``. Its blocks older than the hashes the head holds are filled if final, by
+number, each hash taken from the block's receipts.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ FILLS = {RECEIPT: "receipts", TRANSACTION: "transactions"}
 # often (a link followed to one transaction), and a whole block of bodies to save none
 # would double the cost of such reads.
 MISSES_BEFORE_FILL = {"receipts": 1, "transactions": 2}
+
+
+def by_number(n: int) -> str:
+    """What stands for the hash of final block ``n`` while it is not known (``_seen``'s
+    key, ``_fill``'s ``h``): no block hash looks like it."""
+    return f"#{n}"
+
 
 # Told the logs of a block whose receipts were filled: (number, hash, logs).
 LogsListener = Callable[[int, str, list[dict[str, Any]]], object]
@@ -136,19 +144,25 @@ class BlockFiller:
                 # The head tracker may still be walking back from its first head.
                 await self.head.walked_back()
                 h = view.canonical.get(n)
-                if h is None:
-                    break  # older than any block the head knows by hash: the window ends
-            if taken(h) or self._filled(kind, h):
+                if h is None and n > view.finalized:
+                    break  # neither known by hash nor final: the window ends
+            # A final block older than the hashes the head holds is filled by its number
+            # (canonical for good), its hash taken from its receipts: remembered by number
+            # until then.
+            key = h if h is not None else by_number(n)
+            if (h is not None and taken(h)) or self._filled(kind, key):
                 continue
             while len(mine) >= at_once or len(self._running) >= self.max_fills:
                 # Any fill's end may free a slot (the window's are among them).
                 await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
             # Looked at again after the wait: the chain may have moved, a client's miss or
             # the follower may have taken the block meanwhile.
-            if view.canonical.get(n) != h or taken(h) or self._filled(kind, h):
+            if h is not None and (view.canonical.get(n) != h or taken(h)):
                 continue
-            self._remember((kind, h), MISSES_BEFORE_FILL[kind] + 1)  # under way
-            task = detached(self._fill(kind, n, h, behind=True), name="window-block-fill")
+            if self._filled(kind, key):
+                continue
+            self._remember((kind, key), MISSES_BEFORE_FILL[kind] + 1)  # under way
+            task = detached(self._fill(kind, n, key, behind=True), name="window-block-fill")
             for running in (mine, self._running):
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -177,8 +191,9 @@ class BlockFiller:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _fill(self, kind: str, n: int, h: str, *, behind: bool = False) -> None:
-        """Fill block ``n`` ``h``'s ``kind``; ``behind``: for the window (``fill_window``),
-        not a client's miss (counted apart)."""
+        """Fill block ``n`` ``h``'s ``kind`` (``h``: ``by_number(n)`` for a final block
+        whose hash is not known yet: receipts only); ``behind``: for the window
+        (``fill_window``), not a client's miss (counted apart)."""
         try:
             ok = await (self._receipts(n, h) if kind == "receipts" else self._transactions(n, h))
         except UpstreamError as exc:
@@ -197,6 +212,19 @@ class BlockFiller:
         receipts = answer.value
         if answer.error is not None or answer.result is None or not isinstance(receipts, list):
             return False
+        if h == by_number(n):
+            # A final block by its number: its hash is its receipts' own, if they agree.
+            if n > self.head.view.finalized:
+                return False  # not final after all (the head went back): a miss fills it
+            if not receipts:
+                return True  # no transactions: nothing to warm
+            first = receipts[0]
+            if not isinstance(first, dict) or not isinstance(first.get("blockHash"), str):
+                return False
+            h = first["blockHash"]
+            if self._filled("receipts", h):
+                return True  # a client's miss filled it meanwhile
+            self._remember(("receipts", h), MISSES_BEFORE_FILL["receipts"] + 1)
         if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
             return False  # another block by now: nothing to warm
         await self.warmer.warm_receipts(n, h, receipts, answer.result, answer.parts)

@@ -258,6 +258,7 @@ async def test_the_window_ends_where_the_head_knows_no_hash_once_its_walk_back_i
     lab = Lab()
     view = lab.head.view
     low = min(view.canonical)
+    view.finalized = low - 6  # the blocks below the walk back are not final: not by number
     walked = asyncio.Event()
 
     async def walk_back() -> None:  # the tracker's walk back from its first head, held
@@ -277,6 +278,26 @@ async def test_the_window_ends_where_the_head_knows_no_hash_once_its_walk_back_i
     await until(lambda: lab.fills("receipts", "window_filled") == 6, 5 * SECOND, "the window")
     await lab.filler.stop()
     assert asked(lab) == list(range(low + 2, low - 4, -1))  # none the head knows no hash of
+
+
+async def test_final_blocks_below_the_heads_hashes_are_filled_by_number() -> None:
+    lab = Lab()
+    view = lab.head.view
+    low = min(view.canonical)  # final, as the two blocks below it it knows no hash of
+    window = range(low + 1, low - 3, -1)
+    lab.filler.fill_window(window, lambda h: False, 8)
+    await until(lambda: len(lab.reads.calls) >= 4, 5 * SECOND, "the window's calls")
+    for n in window:
+        lab.reads.answer(n)
+    await until(lambda: lab.fills("receipts", "window_filled") == 4, 5 * SECOND, "the window")
+    assert asked(lab) == list(window)
+    for n in (low - 1, low - 2):  # cached under the hash their receipts name, logs held
+        assert all(lab.cached_receipt(n, i) for i in range(3))
+        assert n in lab.logs
+    # A client's miss there fills nothing again: the block is remembered by its hash.
+    lab.filler.note(RECEIPT, low - 2, block_hash(low - 2))
+    await lab.filler.stop()
+    assert len(lab.reads.calls) == 4
 
 
 async def test_a_block_reorged_while_the_window_fills_it_is_neither_cached_nor_held() -> None:
