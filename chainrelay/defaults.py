@@ -554,22 +554,23 @@ MAX_BLOCK_FILLS = 8
 # window and then some, at about 150 bytes each.
 FILLED_BLOCKS_REMEMBERED = 4096
 # Blocks just behind the block follower's first block whose receipts (and so their logs) are
-# filled, newest first, once clients' reads miss there (chain/windowfill.py): those the head
-# tracker holds hashes of (BACKFILL_BLOCKS), and below them final blocks, by number. Readers
-# of recent transfers look a minute or two back: 128 blocks are 96 s of BSC. A dapp reading
-# receipts and logs there then pays one call per block instead of a receipt miss and a
+# filled, newest first, once clients' reads miss there (chain/windowfill.py): the head
+# tracker's backfill window, the blocks before a start the node can vouch for by hash (final
+# blocks below it, when the head holds fewer hashes, by number). A dapp reading receipts and
+# logs of the last minute then pays one call per block there instead of a receipt miss and a
 # fill, and its eth_getLogs windows are answered locally (benchmarks/dapp_burst.py, a cold
-# relay's 20 s phase over the last 100 blocks, 64 of them filled: receipt misses 145 -> ~65,
-# eth_getLogs upstream 53 -> ~9, 0.476 -> 0.446 upstream calls per client call). Once per
-# run of the follower; 0: off.
-FILL_WINDOW_BLOCKS = 128
+# relay's 20 s phase over the last 100 blocks: receipt misses 145 -> ~65, eth_getLogs
+# upstream 53 -> ~9, 0.476 -> 0.446 upstream calls per client call). Deeper costs more than
+# it saves there: 128 blocks gave 0.454, the blocks past the 100 read never paying back.
+# Once per run of the follower; 0: off.
+FILL_WINDOW_BLOCKS = BACKFILL_BLOCKS
 # Of those fills, at most this many at once, and never past MAX_BLOCK_FILLS with the fills
 # of clients' misses: half the filler's slots, so clients' misses keep the other half.
 FILL_WINDOW_AT_ONCE = 4
 # Reads missing in that window before it is filled: a dapp's burst reads a dozen receipts
 # of as many blocks at once and crosses it in its first burst, while one wallet looking up
 # one receipt does not make the node ask for a whole window (those reads pay their own
-# misses and fills: 2 calls each, 8 of them an eighth of the window's 128).
+# misses and fills: 2 calls each, 8 of them a quarter of the window's 64).
 FILL_WINDOW_AFTER_MISSES = 8
 
 # --- Block feed (what eth_subscribe and eth_newFilter follow) ------------------------------

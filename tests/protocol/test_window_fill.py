@@ -53,12 +53,12 @@ def test_a_new_run_after_a_gap_has_a_window_of_its_own() -> None:
     assert window.due(HEAD + 95, HEAD + 95) is None
 
 
-def test_the_window_stops_at_genesis_and_reaches_past_the_heads_backfill() -> None:
+def test_the_window_stops_at_genesis_and_defaults_to_the_heads_backfill() -> None:
     window = WindowFill(64)
     window.following_after(10)
     due = window.due(3, 3)
     assert due is not None and list(due) == list(range(10, -1, -1))
-    assert defaults.FILL_WINDOW_BLOCKS > defaults.BACKFILL_BLOCKS  # final blocks below it
+    assert defaults.FILL_WINDOW_BLOCKS == defaults.BACKFILL_BLOCKS
     assert defaults.FILL_WINDOW_AT_ONCE <= defaults.MAX_BLOCK_FILLS
 
 
