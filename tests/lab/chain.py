@@ -19,7 +19,8 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 
 from chainrelay.devnet import DEV_ACCOUNTS, DEV_KEYS, TRANSFER_TOPIC
-from tests.lab.procs import Relay
+from tests.lab.counting_proxy import CountingProxy, start_proxy
+from tests.lab.procs import Procs, Relay
 from tests.lab.timing import SECOND
 
 __all__ = [
@@ -253,3 +254,16 @@ async def start_relay_mining(
     START_HEARTBEAT until the relay serves (bounded by RELAY_START_TIMEOUT)."""
     async with heartbeat(node), asyncio.timeout(RELAY_START_TIMEOUT):
         return await relay_factory(upstreams, extra, each_upstream=each_upstream)
+
+
+@asynccontextmanager
+async def on_demand_behind_proxy(
+    procs: Procs, anvil_factory: Callable[..., Awaitable[Any]], hold: tuple[str, ...] = ()
+) -> AsyncIterator[tuple[Chain, CountingProxy]]:
+    """A BSC-like anvil (chain id 56) that mines only when told (automine off too), behind a
+    counting proxy (``hold``: methods it holds until released); (the node, the proxy)."""
+    anvil = await anvil_factory(chain_id=56, block_time=None)
+    proxy = await start_proxy(procs, anvil.url, hold=hold)
+    async with Chain.open(anvil.url) as node:
+        await node.call("evm_setAutomine", [False])
+        yield node, proxy

@@ -19,8 +19,7 @@ import pytest
 import websockets
 
 from chainrelay.devnet import Anvil
-from tests.lab.chain import DEV_ACCOUNTS, Chain, metric, start_relay_mining
-from tests.lab.counting_proxy import start_proxy
+from tests.lab.chain import DEV_ACCOUNTS, Chain, metric, on_demand_behind_proxy, start_relay_mining
 from tests.lab.fault_upstream import PENDING_GARBAGE, start_fault_upstream
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
@@ -56,10 +55,8 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockByHash",))
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    held = ("eth_getBlockByHash",)  # by the proxy until released
+    async with on_demand_behind_proxy(procs, anvil_factory, held) as (node, proxy):
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
@@ -110,10 +107,8 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockReceipts",))
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    held = ("eth_getBlockReceipts",)  # by the proxy until released
+    async with on_demand_behind_proxy(procs, anvil_factory, held) as (node, proxy):
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
@@ -170,10 +165,7 @@ async def test_automatic_feed_follows_while_clients_read_blocks_hit_or_miss(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url)
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    async with on_demand_behind_proxy(procs, anvil_factory) as (node, proxy):
         # The default mode ("auto"), following for 3 blocks after a client's last miss; the
         # recent window's fill (tests/system/test_window_fill.py) off: the calls counted
         # here are the feed's alone.
@@ -326,10 +318,7 @@ async def test_a_large_block_is_taken_in_piecewise_and_every_part_served_as_the_
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url)
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    async with on_demand_behind_proxy(procs, anvil_factory) as (node, proxy):
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         nonce = int(await node.call("eth_getTransactionCount", [A0, "pending"]), 16)

@@ -15,8 +15,14 @@ import orjson
 import pytest
 
 from chainrelay.devnet import Anvil, transfer_emitter_initcode
-from tests.lab.chain import DEV_ACCOUNTS, Chain, emitter_data, metric, start_relay_mining
-from tests.lab.counting_proxy import start_proxy
+from tests.lab.chain import (
+    DEV_ACCOUNTS,
+    Chain,
+    emitter_data,
+    metric,
+    on_demand_behind_proxy,
+    start_relay_mining,
+)
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
 
@@ -65,10 +71,7 @@ async def test_a_receipt_miss_brings_in_its_blocks_receipts_and_tx_misses_its_tx
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url)
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    async with on_demand_behind_proxy(procs, anvil_factory) as (node, proxy):
         blocks = await mine_blocks_of_transfers(node, 2)
         relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
         async with Chain.open(relay.url) as through:
@@ -121,11 +124,9 @@ async def test_a_block_is_filled_once_however_many_of_its_receipts_miss(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
     # Receipts held at the proxy: every read of the block misses while the fill waits.
-    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBlockReceipts",))
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    held = ("eth_getBlockReceipts",)  # by the proxy until released
+    async with on_demand_behind_proxy(procs, anvil_factory, held) as (node, proxy):
         (block,) = await mine_blocks_of_transfers(node, 1)
         relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
         async with Chain.open(relay.url) as through:
@@ -161,10 +162,7 @@ async def test_a_filled_blocks_logs_answer_eth_get_logs_with_no_upstream_call(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url)
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    async with on_demand_behind_proxy(procs, anvil_factory) as (node, proxy):
         emitter = await node.deploy(transfer_emitter_initcode())
         sent = []
         for i in range(TXS_PER_BLOCK):

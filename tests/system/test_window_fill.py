@@ -21,9 +21,9 @@ from tests.lab.chain import (
     Chain,
     emitter_data,
     metric,
+    on_demand_behind_proxy,
     start_relay_mining,
 )
-from tests.lab.counting_proxy import start_proxy
 from tests.lab.procs import Relay, until
 from tests.lab.timing import SECOND
 from tests.system.test_block_fill import until_vouched
@@ -67,10 +67,7 @@ async def test_receipt_misses_fill_the_recent_window_so_its_reads_go_nowhere(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    anvil = await anvil_factory(chain_id=56, block_time=None)
-    proxy = await start_proxy(procs, anvil.url)
-    async with Chain.open(anvil.url) as node:
-        await node.call("evm_setAutomine", [False])
+    async with on_demand_behind_proxy(procs, anvil_factory) as (node, proxy):
         emitter = await node.deploy(transfer_emitter_initcode())
         blocks = await mine_logged_blocks(node, emitter)
         relay = await start_relay_mining(
