@@ -159,6 +159,10 @@ class BlockFiller:
             # the follower may have taken the block meanwhile.
             if h is not None and (view.canonical.get(n) != h or taken(h)):
                 continue
+            if h is None and (known := view.canonical.get(n)) is not None:
+                h = key = known  # the head learned its hash meanwhile
+                if taken(h):
+                    continue
             if self._filled(kind, key):
                 continue
             self._remember((kind, key), MISSES_BEFORE_FILL[kind] + 1)  # under way
@@ -212,26 +216,56 @@ class BlockFiller:
         receipts = answer.value
         if answer.error is not None or answer.result is None or not isinstance(receipts, list):
             return False
-        if h == by_number(n):
-            # A final block by its number: its hash is its receipts' own, if they agree.
-            if n > self.head.view.finalized:
-                return False  # not final after all (the head went back): a miss fills it
-            if not receipts:
-                return True  # no transactions: nothing to warm
+        if h != by_number(n):
+            if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
+                return False  # another block by now: nothing to warm
+            await self._warm_receipts(n, h, receipts, answer.result, answer.parts)
+            return True
+        # A final block by its number: its hash is its receipts' own, when they agree, or
+        # its header's (a block without transactions has no receipt to name it).
+        if n > self.head.view.finalized:
+            return False  # not final after all: a later miss fills it
+        found = await self._final_hash(n, receipts)
+        if found is None:
+            return False
+        if self._filled("receipts", found):
+            return True  # a client's miss filled it meanwhile
+        key = ("receipts", found)
+        self._remember(key, MISSES_BEFORE_FILL["receipts"] + 1)  # under way, by its hash now
+        try:
+            await self._warm_receipts(n, found, receipts, answer.result, answer.parts)
+        except BaseException:
+            self._seen[key] = MISSES_BEFORE_FILL["receipts"] - 1  # a later miss tries again
+            raise
+        return True
+
+    async def _final_hash(self, n: int, receipts: list[Any]) -> str | None:
+        """The hash of final block ``n``, whose ``receipts`` came by number: the one they
+        all name, or (none) its header's; None when they disagree or none is to be had."""
+        if receipts:
             first = receipts[0]
-            if not isinstance(first, dict) or not isinstance(first.get("blockHash"), str):
-                return False
-            h = first["blockHash"]
-            if self._filled("receipts", h):
-                return True  # a client's miss filled it meanwhile
-            self._remember(("receipts", h), MISSES_BEFORE_FILL["receipts"] + 1)
-        if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
-            return False  # another block by now: nothing to warm
-        await self.warmer.warm_receipts(n, h, receipts, answer.result, answer.parts)
+            h = first.get("blockHash") if isinstance(first, dict) else None
+            if not isinstance(h, str) or any(
+                not isinstance(r, dict) or r.get("blockHash") != h for r in receipts
+            ):
+                return None
+            return h
+        header = await self.reads.follower_call("eth_getBlockByNumber", [hex(n), False], n)
+        block = header.value
+        if header.error is not None or not isinstance(block, dict):
+            return None
+        h = block.get("hash")
+        return h if isinstance(h, str) and block.get("number") == hex(n) else None
+
+    async def _warm_receipts(
+        self, n: int, h: str, receipts: list[Any], raw: bytes, parts: list[bytes] | None
+    ) -> None:
+        """Cache block ``n`` ``h``'s ``receipts`` (``raw``: their JSON as it came, ``parts``:
+        each one's) and hold their logs, while it is canonical or final."""
+        await self.warmer.warm_receipts(n, h, receipts, raw, parts)
         if self.on_logs is not None and self.warmer.vouched(n, h):
             logs = await drive(logs_of_receipts_steps(receipts, RECEIPTS_STEP))
             self.on_logs(n, h, logs)
-        return True
 
     async def _transactions(self, n: int, h: str) -> bool:
         answer = await self.reads.follower_call("eth_getBlockByHash", [h, True], n)

@@ -302,7 +302,9 @@ class RpcService:
                             return self._limited(body, who, wait, cost, split[0]), None
                     return encode_result(split[0], value), record
             if self._forwarder.passes:
-                sent = self.again(body, split[0], split[1], who)
+                sent, wait, cost = self._send_again(body, split[0], split[1], who)
+                if wait:
+                    return self._limited(body, who, wait, cost, split[0]), None
                 if sent is not None:
                     return sent, None
         started = time.perf_counter()
@@ -376,24 +378,31 @@ class RpcService:
     ) -> asyncio.Future[bytes] | None:
         """The call forwarded before at this head whose body without its id is ``rest``,
         sent again for ``who`` under the id ``token`` (``Forwarder.again``), its upstream
-        cost paid first. None when it must take the full path: not remembered at this
-        head, a method ``who`` may not call, no upstream to send it to now, or ``who``
-        past its rate (the full path then refuses it as it refuses any call)."""
+        cost paid first. None when it must take the full path (``serve``): not remembered
+        at this head, a method ``who`` may not call, no upstream to send it to now, or
+        ``who`` past its rate (``serve`` refuses it as it refuses any repeat)."""
+        return self._send_again(body, token, rest, who)[0]
+
+    def _send_again(
+        self, body: bytes, token: bytes, rest: bytes, who: Identity
+    ) -> tuple[asyncio.Future[bytes] | None, float, float]:
+        """``again``'s send: (its future, 0, 0); (None, the wait, the cost) when ``who`` is
+        past its rate (nothing taken); (None, 0, 0) when it takes the full path."""
         forwarder = self._forwarder
         limiter = self.limiter
         cost = 0.0
         if limiter is not None:
             known = forwarder.passes.get_at(rest, self.view.generation)
-            if known is None:
-                return None
-            cost = limiter.cost(who, known[0], False)
-            if limiter.take(who, cost):
-                return None  # not taken: refused on the full path
+            if known is not None:
+                cost = limiter.cost(who, known[0], False)
+                wait = limiter.take(who, cost)
+                if wait:
+                    return None, wait, cost
         sent = forwarder.again(body, token, rest, self.allowed(who))
         if sent is None and cost:
             assert limiter is not None
             limiter.give(who, cost)  # charged again on the full path
-        return sent
+        return sent, 0.0, 0.0
 
     def allowed(self, who: Identity) -> frozenset[str]:
         """The methods the node knows of that ``who`` may call (``MethodRules.names``): a

@@ -60,6 +60,8 @@ class HeldReads:
         self.calls: list[tuple[str, list[Any]]] = []
         self.go: dict[str, asyncio.Future[bool]] = {}
         self.waiting = 0  # calls not answered yet
+        self.empty: set[int] = set()  # blocks without transactions
+        self.forked: set[int] = set()  # blocks whose receipts disagree on their block
         self.most = 0  # the most calls ever waiting at once
 
     async def follower_call(
@@ -74,7 +76,16 @@ class HeldReads:
             self.waiting -= 1
         if not ok:
             return Answer(None, b'{"code":-32000,"message":"not now"}')
-        value = receipts_of(int(params[0], 16))
+        n = int(params[0], 16)
+        value: Any
+        if method == "eth_getBlockByNumber":
+            value = {"hash": block_hash(n), "number": hex(n)}
+        elif n in self.empty:
+            value = []
+        else:
+            value = receipts_of(n)
+            if n in self.forked:  # one receipt from another block at that height
+                value[-1] = {**value[-1], "blockHash": "0x" + "ef" * 32}
         return Answer(orjson.dumps(value), None, value)
 
     def follower_derive(self, method: str, params: list[Any], derived: Sequence[Derived]) -> None:
@@ -317,3 +328,36 @@ async def test_a_block_reorged_while_the_window_fills_it_is_neither_cached_nor_h
     assert not any(lab.cached_receipt(HEAD - 5, i) for i in range(3))
     assert lab.cached_receipt(HEAD - 6, 0)
     assert lab.logs == [HEAD - 6]
+
+
+async def test_a_final_block_by_number_whose_receipts_disagree_is_left_to_a_later_miss() -> None:
+    lab = Lab()
+    low = min(lab.head.view.canonical)
+    lab.reads.forked.add(low - 1)
+    lab.filler.fill_window([low - 1], lambda h: False, 8)
+    await until(lambda: len(lab.reads.calls) >= 1, 5 * SECOND, "the window's call")
+    lab.reads.answer(low - 1)
+    await until(lambda: lab.fills("receipts", "window_failed") == 1, 5 * SECOND, "the fill")
+    assert not lab.cached_receipt(low - 1, 0)
+    # Nothing is remembered as filled under its hash: a client's miss there fills it.
+    lab.reads.forked.clear()
+    lab.filler.note(RECEIPT, low - 1, block_hash(low - 1))
+    await until(lambda: lab.fills("receipts", "filled") == 1, 5 * SECOND, "the miss's fill")
+    await lab.filler.stop()
+    assert lab.cached_receipt(low - 1, 0)
+
+
+async def test_a_final_block_without_transactions_is_filled_by_its_headers_hash() -> None:
+    lab = Lab()
+    low = min(lab.head.view.canonical)
+    lab.reads.empty.update({low, low - 1})
+    lab.filler.fill_window([low, low - 1], lambda h: False, 8)
+    await until(lambda: len(lab.reads.calls) >= 2, 5 * SECOND, "the window's calls")
+    lab.reads.answer(low)
+    lab.reads.answer(low - 1)
+    await until(lambda: lab.fills("receipts", "window_filled") == 2, 5 * SECOND, "the window")
+    await lab.filler.stop()
+    # The block the head knows by hash, and the one below it by its header's: both held
+    # (no logs), so an eth_getLogs window over them is answered locally.
+    assert sorted(lab.logs) == [low - 1, low]
+    assert ("eth_getBlockByNumber", [hex(low - 1), False]) in lab.reads.calls
