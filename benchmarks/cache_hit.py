@@ -246,12 +246,28 @@ def parse_wrk(target: str, out: str, cpu: dict[str, float], wall: float) -> Run:
     )
 
 
+def wait_upstream_quiet(relay: common.Relay, timeout: float = 30.0) -> None:
+    """Return once the relay made no upstream call over half a second (by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    last = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = common.metric(relay.metrics(), "chainrelay_upstream_calls_total")
+        if now == last:
+            return
+        last = now
+    raise RuntimeError(f"the relay kept calling its upstream for {timeout:g}s")
+
+
 def check_hits(relay: common.Relay, bodies: list[bytes], calls: list[Any]) -> None:
     """Every body of the mix is answered from the relay's cache (or locally): no upstream call."""
     client = common.RpcClient(relay.url)
     try:
         for body in bodies:  # warm: misses fill the cache
             client.raw(body)
+        # Their misses may have the node fill blocks behind them (the recent window's
+        # receipts): the check starts once its upstream calls have stopped.
+        wait_upstream_quiet(relay)
         before = relay.metrics()
         missing = []
         for body, call in zip(bodies, calls, strict=True):
