@@ -55,8 +55,8 @@ async def test_a_block_asked_as_it_is_mined_rides_on_the_feeds_own_fetch(
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    held = ("eth_getBlockByHash",)  # by the proxy until released
-    async with on_demand_behind_proxy(procs, anvil_factory, held) as (node, proxy):
+    holding = ("eth_getBlockByHash",)  # by the proxy until released
+    async with on_demand_behind_proxy(procs, anvil_factory, holding) as (node, proxy):
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:
@@ -107,8 +107,8 @@ async def test_receipts_asked_as_the_block_is_fetched_ride_on_the_feeds_own_call
     anvil_factory: Callable[..., Awaitable[Anvil]],
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    held = ("eth_getBlockReceipts",)  # by the proxy until released
-    async with on_demand_behind_proxy(procs, anvil_factory, held) as (node, proxy):
+    holding = ("eth_getBlockReceipts",)  # by the proxy until released
+    async with on_demand_behind_proxy(procs, anvil_factory, holding) as (node, proxy):
         extra = NO_BACKFILL + '[subscriptions]\nfollow_blocks = "always"\n'
         relay = await start_relay_mining(node, relay_factory, [proxy.url], extra)
         async with Chain.open(relay.url) as through:

@@ -125,8 +125,8 @@ async def test_a_block_is_filled_once_however_many_of_its_receipts_miss(
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
     # Receipts held at the proxy: every read of the block misses while the fill waits.
-    held = ("eth_getBlockReceipts",)  # by the proxy until released
-    async with on_demand_behind_proxy(procs, anvil_factory, held) as (node, proxy):
+    holding = ("eth_getBlockReceipts",)  # by the proxy until released
+    async with on_demand_behind_proxy(procs, anvil_factory, holding) as (node, proxy):
         (block,) = await mine_blocks_of_transfers(node, 1)
         relay = await start_relay_mining(node, relay_factory, [proxy.url], NO_FOLLOW)
         async with Chain.open(relay.url) as through:
