@@ -287,12 +287,17 @@ class HeadTracker:
         block): kept by hash as pushed, and taken in as ``u``'s head in a task of its own."""
         h = Header.parse(obj)
         if h is not None:
-            pushed = self.pushed
-            pushed[h.hash] = obj
-            if len(pushed) > self.window:
-                del pushed[next(iter(pushed))]
+            self.keep_pushed(h, obj)
             task = asyncio.ensure_future(self.on_header(u, h))
             task.add_done_callback(_log_failure)
+
+    def keep_pushed(self, h: Header, obj: Any) -> None:
+        """Keep ``obj`` as the header pushed for ``h`` (the last ``window`` of them): the
+        block follower gives ``h``'s block this payload."""
+        pushed = self.pushed
+        pushed[h.hash] = obj
+        if len(pushed) > self.window:
+            del pushed[next(iter(pushed))]
 
     async def _poll(self, u: Upstream) -> None:
         """Follow an HTTP upstream: the first poll at once, then whenever its schedule

@@ -63,7 +63,10 @@ class FeedSource:
             self._bad(frame, "block does not match the frame's header")
             return
         self.follower.offer(block, block_raw, None if receipts_raw == b"null" else receipts_raw)
-        header = geth_header(block)
+        # Its newHeads payload: the header the feeder sent ahead of it, if it came (kept
+        # even when it could not be announced early: a worker's heads are then its
+        # feeder's, whichever came first), else geth's header fields of the block.
+        header = self.head.pushed.get(block["hash"]) or geth_header(block)
         # The tracker asks this upstream for parents it lacks (a gap): the parent that sent
         # the frame when it is one of the upstreams, else any live one.
         upstreams = self.pool.upstreams
@@ -78,8 +81,12 @@ class FeedSource:
         are due (as the feeder announced it to its own); its block follows in a frame,
         whose event then comes marked announced."""
         h = Header.parse(header)
+        if h is None:
+            return
+        # Kept as pushed: its block's frame then goes out with it, announced early or not.
+        self.head.keep_pushed(h, header)
         announcer = self.follower.heads
-        if h is not None and announcer.listeners:  # as the follower's own announcing
+        if announcer.listeners:  # as the follower's own announcing
             announcer.announce(h, header)
 
     def _bad(self, frame: Frame, why: str) -> None:
