@@ -185,9 +185,13 @@ async def test_under_two_workers_admin_metrics_sum_both_and_a_cordon_reaches_bot
             assert r.status == 200
             return parse_metrics(await r.text())
 
-    # Both workers' registries in one scrape, once both serve.
+    # Both workers' registries in one scrape, once both serve (the admin listener may start
+    # after the public port answers: refused until then).
     async def both() -> bool:
-        m = await scrape()
+        try:
+            m = await scrape()
+        except aiohttp.ClientConnectorError:
+            return False
         return (
             metric(m, "chainrelay_worker", worker="0")
             > 0
