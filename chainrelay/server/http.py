@@ -64,6 +64,13 @@ from chainrelay.server.pending import (
     replies_under_way,
 )
 from chainrelay.server.phases import Event, Paused, Phase, on
+from chainrelay.server.plainhead import (
+    CONTENT_LENGTH,
+    NOT_PLAIN,
+    SPECIAL,
+    PlainHead,
+    read_head,
+)
 from chainrelay.server.replays import (
     ANSWER_OPEN,
     ANSWER_RESULT,
@@ -110,47 +117,17 @@ _REASONS = {
     503: b"Service Unavailable",
     508: b"Loop Detected",
 }
-# A request head the fast path reads as httptools would: a POST line with a target of
-# visible characters, then header lines of a token name, a colon and a value without
-# control characters. Anything else (spaces in names or targets, folded lines, lines with
-# no colon) goes to httptools, which refuses it.
-_PLAIN_HEAD = re.compile(
-    rb"POST [!-~]+ HTTP/1\.1(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~\x80-\xff]*)*"
-)
-# Headers that take a POST off the fast path (see HttpProtocol._plain_post).
-# "Connection: keep-alive" alone changes nothing in HTTP/1.1 (requests, and so web3.py,
-# sends it on every call); any other Connection header does.
-_SPECIAL = re.compile(
-    rb"\r\n(?:transfer-encoding|upgrade|expect|via)[ \t]*:"
-    rb"|\r\nconnection[ \t]*:(?![ \t]*keep-alive[ \t]*(?:\r\n|$))",
-    re.I,
-)
-# The value of an Origin line as httptools gives it: leading blanks dropped, trailing kept.
-_ORIGIN = re.compile(rb"\r\norigin:[ \t]*([^\r\n]*)", re.I)
 # The header lines that name a request's client (``Door.admit``), read off a plain POST's
 # head only on connections that ask (from a trusted proxy, or with keys in use).
 _WHO_LINES = re.compile(
     rb"\r\n(x-forwarded-for|forwarded|authorization|x-api-key|origin)[ \t]*:[ \t]*([^\r\n]*)",
     re.I,
 )
-# The lines of a head read without httptools that change its answer's head: its own
-# X-Request-Id, and an Accept-Encoding (gzip). One scan of the head finds either; most
-# requests have neither.
-_ANSWER_LINES = re.compile(rb"\r\n(x-request-id|accept-encoding)[ \t]*:([^\r\n]*)", re.I)
-_SPECIAL_OR_LINES = re.compile(
-    _SPECIAL.pattern + rb"|\r\n(?:x-request-id|accept-encoding)[ \t]*:", re.I
-)
 # An incoming request id is kept when made of these (URL-safe, no spaces, no quotes: it is
 # written into a head and a JSON log line as it is); else a fresh one replaces it.
 _SANE_ID = re.compile(rb"[-A-Za-z0-9._:/+=]+")
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,10})[ \t]*(?=\r\n|$)", re.I)
 # A head not yet complete may end in up to this many bytes of its blank line ("\r\n\r").
 _PARTIAL_HEAD_END = 3
-# What a plain POST's head says (``HttpServer.read_plain_head``): its Content-Length
-# (-1: not a plain POST), its answer's CORS lines, whether it names its id, whether it
-# takes gzip, and the id it names.
-_PlainHead = tuple[int, bytes, bool, bool, bytes | None]
-_NOT_PLAIN: _PlainHead = (-1, b"", False, False, None)
 # Answers above this are written as head and body without joining them (saves a copy).
 LARGE_BODY = 16 * 1024
 # Every reason to pause but a parse left for a later turn.
@@ -262,7 +239,7 @@ class HttpServer:
         # this is too. Only heads that were let in; new door rules clear it.
         self.named_heads: dict[bytes, tuple[Identity | None, bool]] = {}
         # A plain POST's head -> what it says (``read_plain_head``).
-        self.plain_heads: dict[bytes, _PlainHead] = {}
+        self.plain_heads: dict[bytes, PlainHead] = {}
         # A request without its id token -> how a repeat of it is answered, at one head.
         self.replays: ReplayTable[bytes, Replay] = ReplayTable(
             limits.max_hit_table_bytes, limits.max_hit_table_entries, replay_size
@@ -315,46 +292,18 @@ class HttpServer:
             if ws is not None and ws.who.key is not None and ws.who.key not in names:
                 ws.fail(CLOSE_POLICY, "API key no longer valid")
 
-    def read_plain_head(self, head: bytes) -> _PlainHead:
-        """What a POST's head says for ``HttpProtocol._plain_post``: its Content-Length,
-        the CORS lines of its answer, whether it names its id or takes gzip, the id it
-        names. A length of -1 (``_NOT_PLAIN``) when the head asks for more than a
-        length-delimited body (chunks, an upgrade, Expect, Connection, a second
-        Content-Length), or is not JSON-RPC's. Remembered in ``plain_heads``, within
-        ``max_named_heads`` (past it the table starts over)."""
+    def read_plain_head(self, head: bytes) -> PlainHead:
+        """What a POST's head says for ``HttpProtocol._plain_post`` (``plainhead.read_head``;
+        ``NOT_PLAIN`` too for the batch endpoint's, which are not JSON-RPC), remembered in
+        ``plain_heads`` within ``max_named_heads`` (past it the table starts over)."""
         heads = self.plain_heads
         if len(heads) >= self.limits.max_named_heads:
             heads.clear()
-        plain = heads[head] = self._plain_head(head)
-        return plain
-
-    def _plain_head(self, head: bytes) -> _PlainHead:
-        if _PLAIN_HEAD.fullmatch(head) is None:
-            return _NOT_PLAIN
-        # One scan for the lines that take a POST off this path and those that change its
-        # answer's head; most heads have neither, and pay for one scan, as before either.
-        either = _SPECIAL_OR_LINES.search(head)
-        if either is not None and _SPECIAL.search(head, either.start()) is not None:
-            return _NOT_PLAIN
         if head.startswith(b"POST " + BATCHES_PATH):
-            return _NOT_PLAIN  # not JSON-RPC
-        length = _CONTENT_LENGTH.search(head)
-        if length is None or _CONTENT_LENGTH.search(head, length.end()) is not None:
-            return _NOT_PLAIN
-        cors = b""
-        if not self.cors_any:  # the first Origin line, as httptools' headers would give it
-            origin = _ORIGIN.search(head)
-            cors = self.cors_lines(origin.group(1) if origin is not None else None)
-        named = gzip = False
-        incoming = None
-        if either is not None:
-            for found in _ANSWER_LINES.finditer(head):
-                if len(found.group(1)) == 12:  # x-request-id
-                    incoming = incoming or found.group(2).strip(b" \t")
-                    named = True
-                elif accepts_gzip(found.group(2).strip(b" \t")):
-                    gzip = True
-        return int(length.group(1)), cors, named, gzip, incoming
+            plain = heads[head] = NOT_PLAIN  # not JSON-RPC
+        else:
+            plain = heads[head] = read_head(head, None if self.cors_any else self.cors_lines)
+        return plain
 
     def name_head(self, head: bytes, who: Identity | None, proxied: bool) -> None:
         """Remember who ``head`` named (see ``named_heads``), within its bound."""
@@ -1098,11 +1047,11 @@ class HttpProtocol(asyncio.Protocol):
         end = len(data) - 4
         if end <= 0 or end > self.server.limits.max_header_bytes:
             return False
-        if data.find(b"\r\n\r\n") != end or _SPECIAL.search(data) is not None:
+        if data.find(b"\r\n\r\n") != end or SPECIAL.search(data) is not None:
             return False
         if data.startswith(b"POST " + BATCHES_PATH):
             return False
-        length = _CONTENT_LENGTH.search(data)
+        length = CONTENT_LENGTH.search(data)
         if length is None or not 0 < int(length.group(1)) <= self.server.limits.max_body_bytes:
             return False  # no body to wait for, or one refused at once (413)
         if self._in.take(len(data)) is not None:

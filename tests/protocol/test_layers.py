@@ -51,6 +51,7 @@ SANS_IO = (
     "chainrelay.server.replays",
     "chainrelay.server.metricsum",
     "chainrelay.server.compress",
+    "chainrelay.server.plainhead",
     "chainrelay.chain.profiles",
     "chainrelay.chain.headpoll",
     "chainrelay.chain.quorum",
