@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,19 +184,36 @@ def lag_of(
     )
 
 
+class LagFields(typing.TypedDict):
+    """A ``Result``'s fields read off a loop-lag histogram."""
+
+    samples: float
+    p50_ms: float | None
+    p99_ms: float | None
+    p99_past: bool
+    max_ms: float | None
+    over_2ms: float | None
+
+
+def lag_fields(before: dict[float, float], after: dict[float, float]) -> LagFields:
+    """A ``Result``'s loop-lag fields from a lag histogram's buckets at a window's ends."""
+    total, p50, p99, over = lag_of(before, after)
+    return {
+        "samples": total,
+        "p50_ms": None if p50 is None else p50[0] * 1e3,
+        "p99_ms": None if p99 is None else p99[0] * 1e3,
+        "p99_past": p99 is not None and p99[1],
+        "max_ms": None if (top := highest_bucket(before, after)) is None else top * 1e3,
+        "over_2ms": over,
+    }
+
+
 def floor_result(first: dict[str, float], last: dict[str, float], seconds: float) -> Result:
     """The idle loop's lag: the machine's floor."""
-    total, p50, p99, over = lag_of(lag_buckets(first), lag_buckets(last))
-    before, after = lag_buckets(first), lag_buckets(last)
     return Result(
         name="idle loop (floor)",
         seconds=seconds,
-        samples=total,
-        p50_ms=None if p50 is None else p50[0] * 1e3,
-        p99_ms=None if p99 is None else p99[0] * 1e3,
-        p99_past=p99 is not None and p99[1],
-        max_ms=None if (top := highest_bucket(before, after)) is None else top * 1e3,
-        over_2ms=over,
+        **lag_fields(lag_buckets(first), lag_buckets(last)),
         cpu_p99_ms=None,
         cpu_over_2ms=None,
         gc={},
@@ -208,8 +226,6 @@ def floor_result(first: dict[str, float], last: dict[str, float], seconds: float
 
 
 def summarize(t: Target, first: Snapshot, last: Snapshot) -> Result:
-    before, after = lag_buckets(first.probe), lag_buckets(last.probe)
-    total, p50, p99, over_2ms = lag_of(before, after)
     _, _, cpu_p99, cpu_over = lag_of(
         buckets_of(first.probe, LAG_CPU_HISTOGRAM), buckets_of(last.probe, LAG_CPU_HISTOGRAM)
     )
@@ -235,12 +251,7 @@ def summarize(t: Target, first: Snapshot, last: Snapshot) -> Result:
     return Result(
         name=t.name,
         seconds=seconds,
-        samples=total,
-        p50_ms=None if p50 is None else p50[0] * 1e3,
-        p99_ms=None if p99 is None else p99[0] * 1e3,
-        p99_past=p99 is not None and p99[1],
-        max_ms=None if (top := highest_bucket(before, after)) is None else top * 1e3,
-        over_2ms=over_2ms,
+        **lag_fields(lag_buckets(first.probe), lag_buckets(last.probe)),
         cpu_p99_ms=None if cpu_p99 is None else cpu_p99[0] * 1e3,
         cpu_over_2ms=cpu_over,
         gc=gc,
