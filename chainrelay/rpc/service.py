@@ -363,15 +363,14 @@ class RpcService:
             record = self._remember(split[1], item.method, found)
         return encode_result(rid, found[0]), record
 
-    def passed(self, body: bytes) -> tuple[bytes, int] | None:
-        """For a body whose call was just forwarded uncached (``Forwarder.send``): the key
-        its call is remembered under at this head (the body without its id) and the head's
-        generation; None when it is not remembered (``again`` then has nothing to send)."""
-        split = split_id(body)
+    def passed(self, rest: bytes) -> int | None:
+        """For a body just forwarded uncached (``Forwarder.send``), ``rest`` that body
+        without its id: the head's generation when the forwarder remembers its call under
+        it (``again`` can send it again), else None."""
         generation = self.view.generation
-        if split is None or self._forwarder.passes.get_at(split[1], generation) is None:
+        if self._forwarder.passes.get_at(rest, generation) is None:
             return None
-        return split[1], generation
+        return generation
 
     def again(
         self, body: bytes, token: bytes, rest: bytes, who: Identity

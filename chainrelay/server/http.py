@@ -341,20 +341,19 @@ class HttpServer:
         self,
         split: tuple[bytes, bytes],
         body_at: int,
-        passed: tuple[bytes, int],
+        generation: int,
         cors: bytes = b"",
         who: Identity | None = None,
         proxied: bool = False,
     ) -> None:
         """Remember that the request ``split`` (id token, the rest) was forwarded uncached
-        as the call ``passed`` names (``Replayer.passed``: its key, at its generation), its
-        body starting at ``body_at``, answered with the CORS lines ``cors``; ``who`` and
-        ``proxied``: see ``Replay``."""
+        at head ``generation``, its body starting at ``body_at`` (its call remembered by the
+        forwarder under that body without its id: ``Replayer.passed``), answered with the
+        CORS lines ``cors``; ``who`` and ``proxied``: see ``Replay``."""
         token, rest = split
         if not single_id(rest):
             return  # an "id" in the head too
-        key, generation = passed
-        entry = ForwardReplay(body_at, len(token), key, cors, who, proxied)
+        entry = ForwardReplay(body_at, len(token), rest[body_at:], cors, who, proxied)
         self.forwards.add(rest, entry, generation)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -1002,10 +1001,12 @@ class HttpProtocol(asyncio.Protocol):
             and not gzip
             and answer.__class__ is asyncio.Future
         ):
-            passed = replayer.passed(data[end + 4 :])
-            if passed is not None:
+            # The body without its id: the request's without it, past the head (the id
+            # is the body's when it is the request's only one, as learn_forward checks).
+            generation = replayer.passed(split[1][end + 4 :])
+            if generation is not None:
                 its = None if who is self.who else who
-                server.learn_forward(split, end + 4, passed, cors, its, self._proxied)
+                server.learn_forward(split, end + 4, generation, cors, its, self._proxied)
         self._answer(answer, True, lines, gzip, who)
         return True
 

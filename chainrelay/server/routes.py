@@ -30,15 +30,15 @@ Reply = tuple[int, bytes, bytes]
 class Replayer(typing.Protocol):
     """The JSON-RPC side of replays (``RpcService``): a body's answer with the record that
     answered it, if one did, and the result of a record's call now for ``who``, or None
-    when it must take the full path; for a body just forwarded uncached, the key and head
-    generation its call is remembered under (``passed``), and that call sent again under
-    another id (``again``; None: the full path)."""
+    when it must take the full path; for a body just forwarded uncached (given without
+    its id), the head generation its call is remembered at (``passed``), and that call
+    sent again under another id (``again``; None: the full path)."""
 
     def serve(self, body: bytes, who: Identity) -> Served: ...
 
     def replay(self, record: Seen, who: Identity) -> bytes | None: ...
 
-    def passed(self, body: bytes) -> tuple[bytes, int] | None: ...
+    def passed(self, rest: bytes) -> int | None: ...
 
     def again(
         self, body: bytes, token: bytes, rest: bytes, who: Identity
