@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Container, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from chainrelay.config import LimitsConfig
 from chainrelay.metrics import Metrics
@@ -54,6 +54,21 @@ _REQUEST_OPEN_LEN = len(_REQUEST_OPEN)
 # The full path of a call (``RpcService._answer_later``): (call, started, attempts spent,
 # upstreams tried) -> its answer.
 FullPath = Callable[[Call, float, int, Sequence[Upstream]], Coroutine[Any, Any, bytes | None]]
+
+
+class AnswerSink(Protocol):
+    """Where a forwarded call's answer is given, as to an asyncio future: a future, or a
+    holder that writes it the moment it is given (``server/pending.py``'s ``Owed``)."""
+
+    def get_loop(self) -> asyncio.AbstractEventLoop: ...
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: bytes, /) -> None: ...
+
+    def set_exception(self, exc: BaseException, /) -> None: ...
+
+    def cancel(self, msg: Any = None) -> bool: ...
 
 
 class Forwarder:
@@ -91,11 +106,7 @@ class Forwarder:
         upstream = self.pool.direct(call.method)
         if upstream is None:
             return None
-        loop = self._loop
-        if loop is None:
-            # Kept: asking asyncio for the running loop costs a getpid() system call.
-            loop = self._loop = asyncio.get_running_loop()
-        out: asyncio.Future[bytes] = loop.create_future()
+        out = self.future()
         method = call.method
         rid = call.id or NULL_ID
         request = encode_request(0, method, call.params if call.has_params else None)
@@ -108,6 +119,14 @@ class Forwarder:
             self._remember(split[1], method, tail)
         return out
 
+    def future(self) -> asyncio.Future[bytes]:
+        """A future on the running loop, for a forwarded call's answer."""
+        loop = self._loop
+        if loop is None:
+            # Kept: asking asyncio for the running loop costs a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.create_future()
+
     def _remember(self, rest: bytes, method: str, tail: bytes) -> None:
         """Remember a call just forwarded by its body without its id (``split_id``), with
         the request it was sent as (``tail``: what follows the id), so that its repeats at
@@ -119,26 +138,24 @@ class Forwarder:
         passes.add(rest, (method, tail), generation)
 
     def again(
-        self, body: bytes, token: bytes, rest: bytes, allowed: Container[str]
-    ) -> asyncio.Future[bytes] | None:
-        """A call forwarded before at this head, id aside, sent again as the relay
-        encoded it the first time, under a new id: no decoding, no planning. Never the
-        caller's bytes: a node might read them otherwise (a key twice, a member spelled
-        in another case) than the relay did. None too when its method is not in
-        ``allowed`` (what this caller may call: its first caller may have been another)."""
+        self, body: bytes, token: bytes, rest: bytes, allowed: Container[str], out: AnswerSink
+    ) -> bool:
+        """Send a call forwarded before at this head, id aside, again as the relay encoded
+        it the first time, under a new id, its answer to be given to ``out``: no decoding,
+        no planning. Never the caller's bytes: a node might read them otherwise (a key
+        twice, a member spelled in another case) than the relay did. False, with nothing
+        sent, when it was not forwarded at this head, when no upstream takes it now, or
+        when its method is not in ``allowed`` (what this caller may call: its first caller
+        may have been another)."""
         known = self.passes.get_at(rest, self.view.generation)
         if known is None or known[0] not in allowed:
-            return None
+            return False
         method, tail = known
         upstream = self.pool.direct(method)
-        loop = self._loop
-        if upstream is None or loop is None:
-            return None
-        out: asyncio.Future[bytes] = loop.create_future()
+        if upstream is None:
+            return False
         forward = Forward(self, upstream, token, method, body, time.perf_counter(), out)
-        if not upstream.send_now(_REQUEST_OPEN, tail, forward):
-            return None
-        return out
+        return upstream.send_now(_REQUEST_OPEN, tail, forward)
 
 
 def _pass_size(rest: bytes, sent: tuple[str, bytes]) -> int:
@@ -162,7 +179,7 @@ class Forward:
         method: str,
         call: Call | bytes,
         started: float,
-        out: asyncio.Future[bytes],
+        out: AnswerSink,
     ) -> None:
         self.forwarder = forwarder
         self.upstream = upstream
@@ -205,8 +222,11 @@ class Forward:
             self._measure(elapsed, got[1])
             return
         out.set_result(got[0])
-        # Measured once the answer is written: the write was scheduled first.
-        out.get_loop().call_soon(self._measure, elapsed, got[1])
+        if isinstance(out, asyncio.Future):
+            # Measured once the answer is written: the write was scheduled first.
+            out.get_loop().call_soon(self._measure, elapsed, got[1])
+        else:  # written as it was given
+            self._measure(elapsed, got[1])
 
     def _declined(self, raw: bytes, elapsed: float) -> bool:
         """An error answer the pool says another upstream may not give (a method this

@@ -64,7 +64,7 @@ from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import logscan, logsplit, policy
 from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
-from chainrelay.rpc.forward import Forwarder
+from chainrelay.rpc.forward import AnswerSink, Forwarder
 from chainrelay.rpc.gate import CALLER, UpstreamGate
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.logscan import Spliced
@@ -302,11 +302,12 @@ class RpcService:
                             return self._limited(body, who, wait, cost, split[0]), None
                     return encode_result(split[0], value), record
             if self._forwarder.passes:
-                sent, wait, cost = self._send_again(body, split[0], split[1], who)
+                out = self._forwarder.future()
+                again, wait, cost = self._send_again(body, split[0], split[1], who, out)
                 if wait:
                     return self._limited(body, who, wait, cost, split[0]), None
-                if sent is not None:
-                    return sent, None
+                if again:
+                    return out, None
         started = time.perf_counter()
         try:
             items, is_batch = parse_body(
@@ -372,21 +373,21 @@ class RpcService:
             return None
         return generation
 
-    def again(
-        self, body: bytes, token: bytes, rest: bytes, who: Identity
-    ) -> asyncio.Future[bytes] | None:
-        """The call forwarded before at this head whose body without its id is ``rest``,
-        sent again for ``who`` under the id ``token`` (``Forwarder.again``), its upstream
-        cost paid first. None when it must take the full path (``serve``): not remembered
-        at this head, a method ``who`` may not call, no upstream to send it to now, or
-        ``who`` past its rate (``serve`` refuses it as it refuses any repeat)."""
-        return self._send_again(body, token, rest, who)[0]
+    def again(self, body: bytes, token: bytes, rest: bytes, who: Identity, out: AnswerSink) -> bool:
+        """Send the call forwarded before at this head whose body without its id is
+        ``rest`` again for ``who`` under the id ``token`` (``Forwarder.again``), its
+        upstream cost paid first, its answer to be given to ``out``. False when it must
+        take the full path (``serve``): not remembered at this head, a method ``who`` may
+        not call, no upstream to send it to now, or ``who`` past its rate (``serve``
+        refuses it as it refuses any repeat)."""
+        return self._send_again(body, token, rest, who, out)[0]
 
     def _send_again(
-        self, body: bytes, token: bytes, rest: bytes, who: Identity
-    ) -> tuple[asyncio.Future[bytes] | None, float, float]:
-        """``again``'s send: (its future, 0, 0); (None, the wait, the cost) when ``who`` is
-        past its rate (nothing taken); (None, 0, 0) when it takes the full path."""
+        self, body: bytes, token: bytes, rest: bytes, who: Identity, out: AnswerSink
+    ) -> tuple[bool, float, float]:
+        """``again``'s send: (True, 0, 0) when sent; (False, the wait, the cost) when
+        ``who`` is past its rate (nothing taken); (False, 0, 0) when it takes the full
+        path."""
         forwarder = self._forwarder
         limiter = self.limiter
         cost = 0.0
@@ -396,9 +397,9 @@ class RpcService:
                 cost = limiter.cost(who, known[0], False)
                 wait = limiter.take(who, cost)
                 if wait:
-                    return None, wait, cost
-        sent = forwarder.again(body, token, rest, self.allowed(who))
-        if sent is None and cost:
+                    return False, wait, cost
+        sent = forwarder.again(body, token, rest, self.allowed(who), out)
+        if not sent and cost:
             assert limiter is not None
             limiter.give(who, cost)  # charged again on the full path
         return sent, 0.0, 0.0

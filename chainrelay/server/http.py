@@ -55,6 +55,7 @@ from chainrelay.server.pending import (
     INTERNAL_ERROR,
     Awaited,
     AwaitedReply,
+    Owed,
     Pending,
     PendingQueue,
     Ready,
@@ -159,7 +160,7 @@ def _retry_after(wait: float) -> bytes:
 
 
 def _rate_limit_of(
-    answer: asyncio.Future[bytes] | asyncio.Future[bytes | None],
+    answer: asyncio.Future[bytes] | asyncio.Future[bytes | None] | Owed,
 ) -> RateLimited | None:
     if answer.cancelled():
         return None
@@ -821,14 +822,16 @@ class HttpProtocol(asyncio.Protocol):
         replayer = server.routes.replayer
         if replayer is None:
             return False
-        sent = replayer.again(data[forward.body_at :], token, forward.rest, forward.who or self.who)
-        if sent is None:
+        # Written as soon as it is given, in the upstream's read (``Owed``): it is given
+        # no sooner, so it finds itself queued.
+        out = Owed(self._flush)
+        if not replayer.again(
+            data[forward.body_at :], token, forward.rest, forward.who or self.who, out
+        ):
             return False
         self.requests += 1
         lines = forward.cors + server.id_head + b"%x\r\n" % server.ids()
-        fut = typing.cast("asyncio.Future[bytes | None]", sent)
-        self._queue.append(Awaited(fut, True, lines))
-        fut.add_done_callback(self._flush)
+        self._queue.append(Awaited(out, True, lines))
         return True
 
     def _pays(self, replay: Replay, who: Identity) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -19,10 +19,75 @@ log = logging.getLogger(__name__)
 INTERNAL_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}'
 
 
+class Owed:
+    """An answer under way that is written the moment it is given: ``set_result`` (or
+    ``set_exception``) calls ``on_done`` there and then, where an asyncio future would
+    schedule its callbacks for the loop's next turn. For an answer given inside an
+    upstream connection's read (a forwarded call's, ``rpc/forward.py``): the client's
+    answer goes out in that same read, not one loop turn later. Read as a finished
+    future is read (``outcome``); cancelled, it calls nothing (the connection is gone)."""
+
+    __slots__ = ("_exception", "_on_done", "_result", "_state")
+
+    _PENDING, _DONE, _CANCELLED = 0, 1, 2
+
+    def __init__(self, on_done: Callable[[Owed], object]) -> None:
+        self._on_done = on_done
+        self._state = Owed._PENDING
+        self._result: bytes | None = None
+        self._exception: BaseException | None = None
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (asked for only where a call is retried: it costs a getpid())."""
+        return asyncio.get_running_loop()
+
+    def done(self) -> bool:
+        return self._state != Owed._PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == Owed._CANCELLED
+
+    def set_result(self, result: bytes | None, /) -> None:
+        if self._state != Owed._PENDING:
+            raise asyncio.InvalidStateError("answer already given")
+        self._result = result
+        self._state = Owed._DONE
+        self._on_done(self)
+
+    def set_exception(self, exc: BaseException, /) -> None:
+        if self._state != Owed._PENDING:
+            raise asyncio.InvalidStateError("answer already given")
+        self._exception = exc
+        self._state = Owed._DONE
+        self._on_done(self)
+
+    def cancel(self, msg: object = None) -> bool:
+        if self._state != Owed._PENDING:
+            return False
+        self._state = Owed._CANCELLED
+        return True
+
+    def result(self) -> bytes | None:
+        if self._state == Owed._CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == Owed._PENDING:
+            raise asyncio.InvalidStateError("answer not given yet")
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        if self._state == Owed._CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == Owed._PENDING:
+            raise asyncio.InvalidStateError("answer not given yet")
+        return self._exception
+
+
 class Awaited(NamedTuple):
     """A JSON-RPC answer under way: written as a 200 with the request's CORS lines."""
 
-    answer: asyncio.Future[bytes | None]
+    answer: asyncio.Future[bytes | None] | Owed
     keep_alive: bool
     cors: bytes  # the answer's own head lines: CORS, X-Request-Id
     gzip: bool = False  # the client accepts gzip: a large answer is sent gzipped
@@ -58,7 +123,7 @@ def pop_ready(queue: PendingQueue) -> Iterator[Pending]:
         yield entry
 
 
-def outcome(answer: asyncio.Future[bytes] | asyncio.Future[bytes | None]) -> bytes | None:
+def outcome(answer: asyncio.Future[bytes] | asyncio.Future[bytes | None] | Owed) -> bytes | None:
     """The body of a completed answer (b"" for a notification's: nothing owed, as when
     answered at once); None when it failed or was cancelled, which is still answered
     (``INTERNAL_ERROR``): on a pipelined connection the answers that follow would

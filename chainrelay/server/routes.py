@@ -8,6 +8,7 @@ import typing
 from collections.abc import Awaitable, Callable, Mapping
 
 from chainrelay.access.identity import Identity
+from chainrelay.server.pending import Owed
 from chainrelay.server.ws import Subscriptions, WsSession
 
 if typing.TYPE_CHECKING:
@@ -32,7 +33,8 @@ class Replayer(typing.Protocol):
     answered it, if one did, and the result of a record's call now for ``who``, or None
     when it must take the full path; for a body just forwarded uncached (given without
     its id), the head generation its call is remembered at (``passed``), and that call
-    sent again under another id (``again``; None: the full path)."""
+    sent again under another id, its answer given to ``out`` (``again``; False: the full
+    path)."""
 
     def serve(self, body: bytes, who: Identity) -> Served: ...
 
@@ -40,9 +42,7 @@ class Replayer(typing.Protocol):
 
     def passed(self, rest: bytes) -> int | None: ...
 
-    def again(
-        self, body: bytes, token: bytes, rest: bytes, who: Identity
-    ) -> asyncio.Future[bytes] | None: ...
+    def again(self, body: bytes, token: bytes, rest: bytes, who: Identity, out: Owed) -> bool: ...
 
 
 class FeedOpener(typing.Protocol):

@@ -143,3 +143,44 @@ async def test_a_repeat_that_cannot_be_sent_again_takes_the_usual_path(why: str)
     assert got[1].doc["result"] == orjson.loads(RESULT)
     assert node.upstream.calls == before + 1
     assert CountedPlainPost.usual == 1
+
+
+async def test_a_repeats_answer_is_written_in_the_upstreams_read_not_a_loop_turn_later() -> None:
+    node = Node()
+    conn, _ = connect(node)
+    node.ask(conn, 7)
+    await settle()
+    fast, fast_out = connect(node, NoPlainPost)
+    node.ask(fast, 8)  # the upstream's answer is read inside: no turn of the loop after it
+    got = answers(fast_out.out)
+    assert [a.doc["id"] for a in got] == [8]
+    assert got[0].body.endswith(b',"result":' + RESULT + b"}")
+    assert not fast._queue
+    await settle()
+    # Measured as any forwarded call is: the first and its repeat, both passed.
+    assert node.metrics._requests[("eth_getBalance", "pass")] == [2]
+
+
+async def test_a_repeat_whose_client_left_before_its_answer_writes_nothing() -> None:
+    node = Node()
+    conn, _ = connect(node)
+    node.ask(conn, 7)
+    await settle()
+    fast, fast_out = connect(node, NoPlainPost)
+    fast.data_received(
+        post(
+            orjson.dumps(
+                {"jsonrpc": "2.0", "id": 8, "method": "eth_getBalance", "params": [ADDR, "pending"]}
+            )
+        )
+    )
+    assert len(fast._queue) == 1
+    fast_out.close()
+    fast.connection_lost(None)
+    answer = b'{"jsonrpc":"2.0","id":1,"result":%b}' % RESULT
+    node.link.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(answer), answer)
+    )
+    await settle()
+    assert answers(fast_out.out) == []
+    assert node.upstream.calls == 2  # asked once more, and nothing retried

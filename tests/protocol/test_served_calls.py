@@ -35,6 +35,7 @@ from chainrelay.rpc.cache import Entry, MemoryCache
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import HeadView
 from chainrelay.rpc.service import RpcService
+from chainrelay.server.pending import Owed
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import Upstream
 from chainrelay.wire.jsonrpc import Answer, parse_body
@@ -329,7 +330,9 @@ def test_a_forwarded_call_is_sent_again_only_for_a_caller_allowed_it() -> None:
     forwarder.passes.add(rest, ("eth_gasPrice", b"tail"), service.view.generation)
     narrow = Identity("key:k", key="k", methods=frozenset({"eth_chainId"}))
     # Refused before any upstream is looked at (there is no WebSocket upstream here).
-    assert forwarder.again(rest, b"1", rest, service.allowed(narrow)) is None
+    out = Owed(lambda _: None)
+    assert not forwarder.again(rest, b"1", rest, service.allowed(narrow), out)
+    assert not out.done()
     assert "eth_gasPrice" not in service.allowed(narrow)
     assert "eth_gasPrice" in service.allowed(Identity("10.0.0.1"))
 
