@@ -62,7 +62,7 @@ from chainrelay.errors import (
 )
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import logscan, logsplit, policy
-from chainrelay.rpc.cache import Entry, MemoryCache, stored_entry
+from chainrelay.rpc.cache import ANCHOR_HASH, ANCHOR_NUMBER, VALUE, Entry, MemoryCache, stored_entry
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.forward import AnswerSink, Forwarder
 from chainrelay.rpc.gate import CALLER, UpstreamGate
@@ -614,7 +614,7 @@ class RpcService:
         if entry is not None and self._still_canonical(entry):
             self.metrics.hits += 1
             self.metrics.count(method, "hit", time.perf_counter() - started)
-            return encode_result(call.id, entry.value) if call.id is not None else None
+            return encode_result(call.id, entry[VALUE]) if call.id is not None else None
         if key in self._coalescer or key in self._derivable:
             return self._answer_later(call, started)  # joins: no upstream call of its own
         fwd = p.params if p.params is not None else params
@@ -645,7 +645,7 @@ class RpcService:
                 self.metrics.cache_bytes.set(self.cache.bytes)
                 self.metrics.hits += 1
                 it.outcome = "shared_hit"
-                it.answer.set_result(Answer(entry.value, None))
+                it.answer.set_result(Answer(entry[VALUE], None))
             else:
                 self._count_miss(it.method)
                 misses.append(it)
@@ -823,7 +823,7 @@ class RpcService:
             return _MISS
         self.metrics.hits += 1
         self.metrics.count(method, "hit", time.perf_counter() - started)
-        return entry.value, key, entry
+        return entry[VALUE], key, entry
 
     # --- the hottest path: a call seen before at this head ---------------------------
     def _remember(self, rest: bytes, method: str, found: Found) -> Seen | None:
@@ -865,14 +865,14 @@ class RpcService:
         return record.value
 
     def _still_canonical(self, entry: Entry) -> bool:
-        if entry.anchor_hash is None:
+        if entry[ANCHOR_HASH] is None:
             return True
-        n = entry.anchor_number
+        n = entry[ANCHOR_NUMBER]
         view = self.view
         if n > view.number:
             return False
         got = view.canonical.get(n)
-        return got is None or got == entry.anchor_hash
+        return got is None or got == entry[ANCHOR_HASH]
 
     # --- misses ----------------------------------------------------------------------
     async def _answer_later(
@@ -955,7 +955,7 @@ class RpcService:
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):
             self.metrics.hits += 1
-            return Answer(entry.value, None), "hit"
+            return Answer(entry[VALUE], None), "hit"
         derivable = self._derivable.get(p.key)
         if derivable is not None:
             derived = await self._from_follower(*derivable)
@@ -972,13 +972,13 @@ class RpcService:
             if entry is not None and self._still_canonical(entry):
                 # Stored by another process or node, maybe one with a larger size guard:
                 # held to this node's, and then not kept here either.
-                why = self._logs_oversize(method, entry.value)
+                why = self._logs_oversize(method, entry[VALUE])
                 if why is not None:
                     return Answer(None, why), "refused"
                 self.cache.put(p.key, entry)
                 self.metrics.cache_bytes.set(self.cache.bytes)
                 self.metrics.hits += 1
-                return Answer(entry.value, None), "shared_hit"
+                return Answer(entry[VALUE], None), "shared_hit"
         self.metrics.misses += 1
         note = self.note_miss
         if note is not None:
@@ -1019,7 +1019,7 @@ class RpcService:
             return await self.pool.call(method, params, min_block)
         entry = self.cache.get(p.key)
         if entry is not None and self._still_canonical(entry):
-            return await decode_result(entry.value)  # a block's: piecewise
+            return await decode_result(entry[VALUE])  # a block's: piecewise
         if p.min_block < min_block:
             p.min_block = min_block  # an upstream that has the block, not a lagging one
         fwd = p.params if p.params is not None else params
@@ -1182,13 +1182,13 @@ class RpcService:
         entry = self.cache.get(key)
         if entry is not None and self._still_canonical(entry):
             self.metrics.hits += 1
-            return Answer(entry.value, None)
+            return Answer(entry[VALUE], None)
         shared = self.shared
         if shared is not None:
             entry = await shared.get(key)
             if entry is not None and self._still_canonical(entry):
                 self.cache.put(key, entry)
-                return Answer(entry.value, None)
+                return Answer(entry[VALUE], None)
 
         async def miss() -> Answer:
             fwd = p.params if p.params is not None else params

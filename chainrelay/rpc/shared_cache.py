@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 
 from chainrelay.config.sections import CacheConfig
 from chainrelay.metrics import LATENCY_BUCKETS, Metrics
-from chainrelay.rpc.cache import Entry
+from chainrelay.rpc.cache import ANCHOR_HASH, ANCHOR_NUMBER, EXPIRES, VALUE, Entry, new_entry
 from chainrelay.rpc.policy import Finality
 from chainrelay.wire.jsonrpc import Answer
 
@@ -89,12 +89,12 @@ def encode_entry(entry: Entry, now_wall: float, now_mono: float) -> bytes:
     """The Redis value for ``entry``; its monotonic expiry becomes a wall-clock deadline."""
     flags = 0
     parts: list[bytes] = []
-    if entry.expires:
+    if entry[EXPIRES]:
         flags |= _HAS_EXPIRY
-        parts.append(_F64.pack(now_wall + (entry.expires - now_mono)))
-    h = entry.anchor_hash
+        parts.append(_F64.pack(now_wall + (entry[EXPIRES] - now_mono)))
+    h = entry[ANCHOR_HASH]
     if h is not None:
-        number = _U64.pack(max(entry.anchor_number, 0))
+        number = _U64.pack(max(entry[ANCHOR_NUMBER], 0))
         raw = _hash_bytes(h)
         if raw is not None:
             flags |= _HAS_ANCHOR
@@ -103,7 +103,7 @@ def encode_entry(entry: Entry, now_wall: float, now_mono: float) -> bytes:
             text = h.encode()[:255]
             flags |= _ANCHOR_TEXT
             parts.append(number + bytes((len(text),)) + text)
-    return bytes((_VERSION | flags,)) + b"".join(parts) + entry.value
+    return bytes((_VERSION | flags,)) + b"".join(parts) + entry[VALUE]
 
 
 def decode_entry(raw: bytes, now_wall: float, now_mono: float) -> Entry | None:
@@ -142,7 +142,7 @@ def decode_entry(raw: bytes, now_wall: float, now_mono: float) -> Entry | None:
     value = raw[i:]
     if not value:
         return None
-    return Entry(value, expires, number, anchor)
+    return new_entry(value, expires, number, anchor)
 
 
 def _hash_bytes(h: str) -> bytes | None:
@@ -218,7 +218,7 @@ def ttl_ms(finality: Finality, entry: Entry, c: CacheConfig, now_mono: float) ->
     if finality is Finality.UNFINALIZED:
         return max(1, round(c.redis_ttl_unfinalized * 1000))
     if finality is Finality.REALTIME:
-        left = round((entry.expires - now_mono) * 1000) if entry.expires else 0
+        left = round((entry[EXPIRES] - now_mono) * 1000) if entry[EXPIRES] else 0
         return left if left > 0 else None
     return None
 
@@ -508,7 +508,7 @@ class RedisCache:
         if not self._up:
             self._puts["skipped"].inc()
             return
-        if len(entry.value) > self.cfg.redis_max_entry_bytes:
+        if len(entry[VALUE]) > self.cfg.redis_max_entry_bytes:
             self._puts["too_large"].inc()
             return
         now = time.monotonic()
@@ -542,7 +542,7 @@ class RedisCache:
                 if acquired:
                     self._background(self._release(lkey, akey, token, b""))
                 self._locks["found"].inc()
-                return Answer(entry.value, None)
+                return Answer(entry[VALUE], None)
             if acquired:
                 self._locks["acquired"].inc()
                 return await self._hold(key, lkey, akey, token, produce)
@@ -617,7 +617,7 @@ class RedisCache:
                 entry = decode_entry(raw, time.time(), time.monotonic())
                 if entry is not None:
                     self._locks["waited"].inc()
-                    return Answer(entry.value, None)
+                    return Answer(entry[VALUE], None)
             if handoff:
                 answer = decode_answer(handoff)
                 if answer is not None:

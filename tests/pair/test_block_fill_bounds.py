@@ -24,7 +24,7 @@ from chainrelay.chain.warm import CacheWarmer
 from chainrelay.config import HeadConfig, PoolConfig, UpstreamConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import MemoryCache
+from chainrelay.rpc.cache import VALUE, MemoryCache
 from chainrelay.upstreams.make import make_upstream
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.wire.jsonrpc import Answer
@@ -197,7 +197,7 @@ async def test_a_receipt_is_cached_as_the_exact_json_the_upstream_sent_when_at_h
         key = policy.plan(RECEIPT, [r["transactionHash"]], view).key
         assert key is not None
         entry = lab.cache.get(key)
-        assert entry is not None and entry.value == part
+        assert entry is not None and entry[VALUE] == part
     # Parts that are not one per receipt are not used: each receipt is encoded.
     m = HEAD - 3
     await lab.filler.warmer.warm_receipts(
@@ -207,7 +207,7 @@ async def test_a_receipt_is_cached_as_the_exact_json_the_upstream_sent_when_at_h
         key = policy.plan(RECEIPT, [r["transactionHash"]], view).key
         assert key is not None
         entry = lab.cache.get(key)
-        assert entry is not None and entry.value == orjson.dumps(r)
+        assert entry is not None and entry[VALUE] == orjson.dumps(r)
 
 
 def asked(lab: Lab) -> list[int]:

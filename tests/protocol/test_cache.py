@@ -7,6 +7,7 @@ resolves itself, never with sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 import tracemalloc
@@ -15,7 +16,15 @@ from collections.abc import Awaitable, Callable
 import orjson
 import pytest
 
-from chainrelay.rpc.cache import ENTRY_OVERHEAD, Entry, MemoryCache, stored_entry
+from chainrelay.rpc.cache import (
+    ANCHOR_HASH,
+    ANCHOR_NUMBER,
+    ENTRY_OVERHEAD,
+    VALUE,
+    MemoryCache,
+    new_entry,
+    stored_entry,
+)
 from chainrelay.rpc.coalesce import Coalescer
 from chainrelay.rpc.policy import Storing
 
@@ -25,6 +34,20 @@ def cost(key: bytes, value: bytes) -> int:
 
 
 # --- MemoryCache -----------------------------------------------------------------------------
+def test_cached_answers_are_not_walked_by_the_garbage_collector() -> None:
+    """A full collection walks every object the collector tracks: a cache of a million
+    answers, each an object of its own, would stall the loop for a second each time. An
+    entry holds only atoms, so the collector lets go of it once it survives a collection."""
+    cache = MemoryCache(1 << 20, 1 << 16)
+    how = Storing(b"k", 30.0, 7, "0x" + "ab" * 32)
+    cache.put(b"anchored", stored_entry(orjson.dumps({"n": 1}), how))
+    cache.put(b"plain", new_entry(orjson.dumps([1, 2])))
+    gc.collect()
+    for key in (b"anchored", b"plain"):
+        entry = cache.get(key)
+        assert entry is not None and not gc.is_tracked(entry)
+
+
 def test_a_stored_entry_holds_no_more_than_its_value() -> None:
     """An answer orjson encoded holds the buffer orjson grew for it (4 KiB and up for a
     700-byte log, orjson >= 3.12); the byte bound counts its length, so what is stored is
@@ -40,7 +63,7 @@ def test_a_stored_entry_holds_no_more_than_its_value() -> None:
         held = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    size = len(entries[0].value)
+    size = len(entries[0][VALUE])
     # The value, the entry object and the allocator's rounding: well under 2x the value.
     assert held / n < 2 * size + 200, (held / n, size)
 
@@ -48,10 +71,10 @@ def test_a_stored_entry_holds_no_more_than_its_value() -> None:
 def test_get_returns_what_put_stored_and_none_otherwise() -> None:
     c = MemoryCache(10_000, 1_000)
     assert c.get(b"k") is None
-    assert c.put(b"k", Entry(b'"0x1"', anchor_number=5, anchor_hash="0xab"))
+    assert c.put(b"k", new_entry(b'"0x1"', anchor_number=5, anchor_hash="0xab"))
     e = c.get(b"k")
-    assert e is not None and e.value == b'"0x1"'
-    assert (e.anchor_number, e.anchor_hash) == (5, "0xab")
+    assert e is not None and e[VALUE] == b'"0x1"'
+    assert (e[ANCHOR_NUMBER], e[ANCHOR_HASH]) == (5, "0xab")
     assert len(c) == 1 and c.bytes == cost(b"k", b'"0x1"')
 
 
@@ -63,12 +86,12 @@ def test_byte_bound_is_never_exceeded_under_a_flood_of_distinct_entries() -> Non
     for i in range(20_000):
         key = b"eth_getBalance:%d" % i
         value = b'"0x' + b"a" * rnd.randrange(0, 3000) + b'"'
-        if c.put(key, Entry(value)):
+        if c.put(key, new_entry(value)):
             stored += 1
         assert c.bytes <= max_bytes
         # The accounting matches what is really held.
         if i % 997 == 0:
-            assert c.bytes == sum(cost(k, e.value) for k, e in c._data.items())
+            assert c.bytes == sum(cost(k, e[VALUE]) for k, e in c._data.items())
     assert stored == 20_000  # every entry fit the per-entry limit; older ones were evicted
     assert c.evictions == stored - len(c)
     assert c.bytes > max_bytes - 4 * 1024  # the bound is used, not merely respected
@@ -79,9 +102,9 @@ def test_least_recently_used_goes_first_and_a_get_refreshes() -> None:
     one = cost(b"k0", value)
     c = MemoryCache(3 * one, 10 * one)
     for k in (b"k0", b"k1", b"k2"):
-        assert c.put(k, Entry(value))
+        assert c.put(k, new_entry(value))
     assert c.get(b"k0") is not None  # k0 is now the most recent; k1 the least
-    assert c.put(b"k3", Entry(value))
+    assert c.put(b"k3", new_entry(value))
     assert c.get(b"k1") is None
     assert [c.get(k) is not None for k in (b"k0", b"k2", b"k3")] == [True, True, True]
     assert c.evictions == 1
@@ -91,9 +114,9 @@ def test_one_big_put_evicts_as_many_as_needed_and_no_more() -> None:
     c = MemoryCache(1000, 1000)
     small = b"s" * 80
     for i in range(4):
-        assert c.put(b"k%d" % i, Entry(small))  # 4 x 202 bytes
+        assert c.put(b"k%d" % i, new_entry(small))  # 4 x 202 bytes
     big = b"b" * (1000 - ENTRY_OVERHEAD - 3 - 2 * cost(b"k0", small))
-    assert c.put(b"big", Entry(big))
+    assert c.put(b"big", new_entry(big))
     assert c.bytes <= 1000
     assert c.get(b"k0") is None and c.get(b"k1") is None
     assert c.get(b"k2") is not None and c.get(b"k3") is not None and c.get(b"big") is not None
@@ -101,34 +124,34 @@ def test_one_big_put_evicts_as_many_as_needed_and_no_more() -> None:
 
 def test_per_entry_limit_refuses_without_evicting() -> None:
     c = MemoryCache(100_000, 500)
-    assert c.put(b"a", Entry(b"1"))
+    assert c.put(b"a", new_entry(b"1"))
     limit_value = b"v" * (500 - ENTRY_OVERHEAD - 1)
-    assert c.put(b"k", Entry(limit_value))  # exactly at the limit
-    assert not c.put(b"z", Entry(limit_value + b"v"))  # one byte over
+    assert c.put(b"k", new_entry(limit_value))  # exactly at the limit
+    assert not c.put(b"z", new_entry(limit_value + b"v"))  # one byte over
     assert c.get(b"z") is None
     assert c.get(b"a") is not None and c.get(b"k") is not None
     assert c.evictions == 0
     tiny = MemoryCache(200, 10_000)  # the whole cache is smaller than the entry
-    assert not tiny.put(b"k", Entry(b"v" * 100))
+    assert not tiny.put(b"k", new_entry(b"v" * 100))
     assert tiny.bytes == 0
 
 
 def test_replacing_a_key_accounts_for_the_old_value() -> None:
     c = MemoryCache(10_000, 10_000)
-    c.put(b"k", Entry(b"x" * 1000))
-    c.put(b"k", Entry(b"y" * 10))
+    c.put(b"k", new_entry(b"x" * 1000))
+    c.put(b"k", new_entry(b"y" * 10))
     assert len(c) == 1
     assert c.bytes == cost(b"k", b"y" * 10)
     e = c.get(b"k")
-    assert e is not None and e.value == b"y" * 10
+    assert e is not None and e[VALUE] == b"y" * 10
 
 
 def test_expired_entries_are_not_served_and_free_their_bytes() -> None:
     c = MemoryCache(10_000, 10_000)
     now = time.monotonic()
-    c.put(b"old", Entry(b'"0x1"', expires=now - 1.0))
-    c.put(b"fresh", Entry(b'"0x2"', expires=now + 3600.0))
-    c.put(b"forever", Entry(b'"0x3"'))
+    c.put(b"old", new_entry(b'"0x1"', expires=now - 1.0))
+    c.put(b"fresh", new_entry(b'"0x2"', expires=now + 3600.0))
+    c.put(b"forever", new_entry(b'"0x3"'))
     assert c.get(b"old") is None
     assert c.get(b"fresh") is not None
     assert c.get(b"forever") is not None
@@ -138,7 +161,7 @@ def test_expired_entries_are_not_served_and_free_their_bytes() -> None:
 
 def test_discard_removes_and_accounts() -> None:
     c = MemoryCache(10_000, 10_000)
-    c.put(b"k", Entry(b"v"))
+    c.put(b"k", new_entry(b"v"))
     c.discard(b"k")
     c.discard(b"missing")
     assert c.get(b"k") is None and len(c) == 0 and c.bytes == 0

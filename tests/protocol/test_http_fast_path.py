@@ -24,7 +24,7 @@ from chainrelay.chain.profiles import PROFILES
 from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.metrics import REPLAY_TIMED_EVERY, Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.cache import MemoryCache, new_entry
 from chainrelay.rpc.service import RpcService
 from chainrelay.server.http import HttpProtocol, HttpServer, Routes
 from chainrelay.server.pending import Ready
@@ -142,7 +142,7 @@ class Front:
         assert not isinstance(call, bytes)
         key = policy.plan(call.method, call.params, self.rpc.view).key
         assert key is not None
-        self.rpc.cache.put(key, Entry(value))
+        self.rpc.cache.put(key, new_entry(value))
         return key
 
     def connect(self) -> tuple[HttpProtocol, RecordingTransport]:
@@ -308,7 +308,7 @@ def test_an_entry_replaced_or_dropped_from_the_cache_is_not_replayed(front: Fron
     conn, transport = front.connect()
     conn.data_received(post(balance(1)))
     conn.data_received(post(balance(2)))
-    front.rpc.cache.put(key, Entry(b'"0x2d"'))
+    front.rpc.cache.put(key, new_entry(b'"0x2d"'))
     conn.data_received(post(balance(3)))
     conn.data_received(post(balance(4)))
     got = answers(transport.out)

@@ -18,7 +18,7 @@ from chainrelay.cli import devnet_config
 from chainrelay.config import FiltersConfig, LimitsConfig
 from chainrelay.errors import FilterOverflowed
 from chainrelay.metrics import Metrics
-from chainrelay.rpc.cache import Entry
+from chainrelay.rpc.cache import Entry, new_entry
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import Finality
 from chainrelay.subscriptions.filters import FilterService
@@ -52,7 +52,7 @@ class SharedTier:
 
     async def get(self, key: bytes) -> Entry | None:
         self.gets += 1
-        return Entry(self.value)
+        return new_entry(self.value)
 
     async def put(self, key: bytes, entry: Entry, finality: Finality) -> None:
         self.puts.append(key)

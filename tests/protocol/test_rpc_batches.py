@@ -19,7 +19,7 @@ from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.errors import UpstreamTimeout, UpstreamUnavailable
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.cache import Entry, MemoryCache, new_entry
 from chainrelay.rpc.policy import Finality
 from chainrelay.rpc.service import RpcService
 from chainrelay.upstreams.pool import UpstreamPool
@@ -273,7 +273,7 @@ async def test_with_a_shared_tier_its_entries_answer_and_the_rest_goes_up_in_bat
     for c in warm:
         key = policy.plan("eth_getBalance", c["params"], service.view).key
         assert key is not None
-        shared.entries[key] = Entry(orjson.dumps(balance_of(c["params"][0])))
+        shared.entries[key] = new_entry(orjson.dumps(balance_of(c["params"][0])))
     batch = [get_balance(i, i) for i in range(150)]
     got = orjson.loads(await answer(service, orjson.dumps(batch)))
     assert [a["result"] for a in got] == [balance_of(address(i)) for i in range(150)]

@@ -18,7 +18,7 @@ from chainrelay.config import HeadConfig, LimitsConfig, PoolConfig
 from chainrelay.defaults import MEMO_MAX_PARAMS_BYTES
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.cache import MemoryCache, new_entry
 from chainrelay.rpc.policy import HeadView
 from chainrelay.rpc.service import RpcService
 from chainrelay.upstreams.pool import UpstreamPool
@@ -72,7 +72,7 @@ def warm(service: RpcService, value: bytes) -> None:
     assert not isinstance(call, bytes)
     key = policy.plan(call.method, call.params, service.view).key
     assert key is not None
-    service.cache.put(key, Entry(value))
+    service.cache.put(key, new_entry(value))
 
 
 def test_repeated_calls_take_the_fast_path_with_their_own_ids(service: RpcService) -> None:

@@ -31,7 +31,7 @@ from chainrelay.config import (
 from chainrelay.errors import ConfigError
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import policy
-from chainrelay.rpc.cache import Entry, MemoryCache
+from chainrelay.rpc.cache import MemoryCache, new_entry
 from chainrelay.rpc.logguards import LogGuards
 from chainrelay.rpc.policy import HeadView
 from chainrelay.rpc.service import RpcService
@@ -300,7 +300,7 @@ def _warm_balance(service: RpcService) -> bytes:
     assert not isinstance(call, bytes)
     key = policy.plan(call.method, call.params, service.view).key
     assert key is not None
-    service.cache.put(key, Entry(b'"0x2a"'))
+    service.cache.put(key, new_entry(b'"0x2a"'))
     return body
 
 

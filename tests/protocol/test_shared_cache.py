@@ -9,7 +9,7 @@ from chainrelay import config, defaults
 from chainrelay.errors import ConfigError
 from chainrelay.metrics import Metrics
 from chainrelay.rpc import shared_cache as sc
-from chainrelay.rpc.cache import Entry
+from chainrelay.rpc.cache import ANCHOR_HASH, ANCHOR_NUMBER, EXPIRES, VALUE, new_entry
 from chainrelay.rpc.policy import Finality
 from chainrelay.wire.jsonrpc import Answer
 
@@ -19,46 +19,56 @@ UPSTREAM = '[[upstreams]]\nurl = "ws://127.0.0.1:8546"\n'
 
 # --- entry codec -------------------------------------------------------------------------------
 def test_a_plain_entry_costs_one_header_byte() -> None:
-    raw = sc.encode_entry(Entry(b'"0x1"'), 1000.0, 50.0)
+    raw = sc.encode_entry(new_entry(b'"0x1"'), 1000.0, 50.0)
     assert raw == b'\x10"0x1"'
     got = sc.decode_entry(raw, 2000.0, 90.0)
     assert got is not None
-    assert (got.value, got.expires, got.anchor_number, got.anchor_hash) == (b'"0x1"', 0.0, -1, None)
+    assert (got[VALUE], got[EXPIRES], got[ANCHOR_NUMBER], got[ANCHOR_HASH]) == (
+        b'"0x1"',
+        0.0,
+        -1,
+        None,
+    )
 
 
 def test_an_anchored_entry_keeps_its_block_in_40_bytes() -> None:
-    entry = Entry(b'{"x":1}', anchor_number=123_456, anchor_hash=HASH)
+    entry = new_entry(b'{"x":1}', anchor_number=123_456, anchor_hash=HASH)
     raw = sc.encode_entry(entry, 0.0, 0.0)
     assert len(raw) == 1 + 8 + 32 + len(b'{"x":1}')
     got = sc.decode_entry(raw, 0.0, 0.0)
     assert got is not None
-    assert (got.value, got.anchor_number, got.anchor_hash) == (b'{"x":1}', 123_456, HASH)
+    assert (got[VALUE], got[ANCHOR_NUMBER], got[ANCHOR_HASH]) == (b'{"x":1}', 123_456, HASH)
 
 
 @pytest.mark.parametrize("h", ["0x" + "AB" * 32, "0xabc", "not-a-hash", "0x" + "zz" * 32])
 def test_a_hash_not_in_lowercase_hex_comes_back_exactly_as_given(h: str) -> None:
-    raw = sc.encode_entry(Entry(b"1", anchor_number=7, anchor_hash=h), 0.0, 0.0)
+    raw = sc.encode_entry(new_entry(b"1", anchor_number=7, anchor_hash=h), 0.0, 0.0)
     got = sc.decode_entry(raw, 0.0, 0.0)
-    assert got is not None and (got.anchor_number, got.anchor_hash, got.value) == (7, h, b"1")
+    assert got is not None and (got[ANCHOR_NUMBER], got[ANCHOR_HASH], got[VALUE]) == (7, h, b"1")
 
 
 def test_expiry_travels_as_wall_time_and_lands_on_the_readers_monotonic_clock() -> None:
     # Writer: monotonic 100 s, wall 5000 s, expires in 0.75 s.
-    raw = sc.encode_entry(Entry(b'"0x5"', expires=100.75), 5000.0, 100.0)
+    raw = sc.encode_entry(new_entry(b'"0x5"', expires=100.75), 5000.0, 100.0)
     # Reader, another process: its monotonic clock reads 7 s at wall 5000.25 s.
     got = sc.decode_entry(raw, 5000.25, 7.0)
     assert got is not None
-    assert got.expires == pytest.approx(7.5)
+    assert got[EXPIRES] == pytest.approx(7.5)
     # At or past the deadline the entry is gone.
     assert sc.decode_entry(raw, 5000.75, 7.0) is None
     assert sc.decode_entry(raw, 5001.0, 7.0) is None
 
 
 def test_expiry_and_anchor_together() -> None:
-    entry = Entry(b"[]", expires=10.5, anchor_number=9, anchor_hash=HASH)
+    entry = new_entry(b"[]", expires=10.5, anchor_number=9, anchor_hash=HASH)
     got = sc.decode_entry(sc.encode_entry(entry, 100.0, 10.0), 100.0, 10.0)
     assert got is not None
-    assert (got.expires, got.anchor_number, got.anchor_hash, got.value) == (10.5, 9, HASH, b"[]")
+    assert (got[EXPIRES], got[ANCHOR_NUMBER], got[ANCHOR_HASH], got[VALUE]) == (
+        10.5,
+        9,
+        HASH,
+        b"[]",
+    )
 
 
 @pytest.mark.parametrize(
@@ -121,15 +131,15 @@ def test_long_keys_are_stored_under_a_digest() -> None:
 
 def test_every_non_finalized_class_lives_a_bounded_time() -> None:
     s = config.CacheConfig(redis_ttl_finalized=0.0, redis_ttl_unfinalized=1800.0)
-    e = Entry(b"1")
+    e = new_entry(b"1")
     assert sc.ttl_ms(Finality.FINALIZED, e, s, 0.0) == 0  # no TTL: maxmemory + LRU bound it
     minute = config.CacheConfig(redis_ttl_finalized=60.0)
     assert sc.ttl_ms(Finality.FINALIZED, e, minute, 0.0) == 60_000
     assert sc.ttl_ms(Finality.UNFINALIZED, e, s, 0.0) == 1_800_000
     # Realtime entries live what is left of their own expiry, and not at all once expired.
-    assert sc.ttl_ms(Finality.REALTIME, Entry(b"1", expires=10.75), s, 10.0) == 750
-    assert sc.ttl_ms(Finality.REALTIME, Entry(b"1", expires=10.0), s, 10.5) is None
-    assert sc.ttl_ms(Finality.REALTIME, Entry(b"1"), s, 10.0) is None
+    assert sc.ttl_ms(Finality.REALTIME, new_entry(b"1", expires=10.75), s, 10.0) == 750
+    assert sc.ttl_ms(Finality.REALTIME, new_entry(b"1", expires=10.0), s, 10.5) is None
+    assert sc.ttl_ms(Finality.REALTIME, new_entry(b"1"), s, 10.0) is None
     assert sc.ttl_ms(Finality.NEVER, e, s, 0.0) is None
 
 
@@ -207,7 +217,7 @@ async def test_a_tier_marked_down_is_skipped_by_every_operation() -> None:
     cache = sc.RedisCache(config.CacheConfig(redis_url="redis://127.0.0.1:9/0"), 56, m)
     assert not cache.up
     assert await cache.get(b"k") is None
-    await cache.put(b"k", Entry(b'"0x1"'), Finality.FINALIZED)
+    await cache.put(b"k", new_entry(b'"0x1"'), Finality.FINALIZED)
     calls = 0
 
     async def produce() -> Answer:
