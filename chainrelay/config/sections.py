@@ -375,6 +375,8 @@ class PoolConfig:
     connections: int = d.UPSTREAM_CONNECTIONS
     ws_ping_interval: float = positive(d.WS_PING_INTERVAL)
     ws_max_message_bytes: int = positive(d.WS_MAX_MESSAGE_BYTES)
+    # Connections a WebSocket upstream spreads its single calls over (see WS_LANES).
+    ws_lanes: int = positive(d.WS_LANES)
     # Calls per JSON-RPC batch sent upstream for a client batch's misses (1: no batches).
     batch_len: int = positive(d.UPSTREAM_BATCH_LEN)
     # Routing (README "Upstream routing"): the longest wait for an upstream's budget, how

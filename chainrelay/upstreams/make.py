@@ -29,6 +29,7 @@ def make_upstream(u: UpstreamConfig, pool: PoolConfig, *, via: str = "") -> Upst
             ping_interval=pool.ws_ping_interval,
             max_message_bytes=pool.ws_max_message_bytes,
             via=via,
+            lanes=pool.ws_lanes,
         )
     else:
         upstream = HttpUpstream(

@@ -42,6 +42,29 @@ _ANSWER_PREFIX_LEN = len(_ANSWER_PREFIX)
 Notify = Callable[[str, Any], None]
 
 
+# Calls that belong to the connection of the subscriptions they name.
+_FIRST_ONLY = frozenset(("eth_subscribe", "eth_unsubscribe"))
+
+
+def _answer_id(raw: bytes) -> int | None:
+    """The id of an answer that opens with ``_ANSWER_PREFIX`` and a number (nearly every
+    answer), read without decoding it; None otherwise."""
+    if not raw.startswith(_ANSWER_PREFIX):
+        return None
+    end = raw.find(b",", _ANSWER_PREFIX_LEN, _ANSWER_PREFIX_LEN + 24)
+    token = raw[_ANSWER_PREFIX_LEN:end] if end > 0 else b""
+    return int(token) if token.isdigit() else None
+
+
+def _fail_all(pending: dict[int, Waiter]) -> None:
+    """Fail every call under way in ``pending`` (its connection is gone), and forget them."""
+    waiting = list(pending.values())
+    pending.clear()
+    for fut in waiting:
+        if not fut.done():
+            fut.set_exception(TransportError("connection closed"))
+
+
 class WsLink(asyncio.Protocol):
     """One WebSocket connection to an upstream, driven through websockets' sans-I/O
     ``ClientProtocol`` in the transport's own callbacks: a message costs no task, no
@@ -244,9 +267,28 @@ class WsLink(asyncio.Protocol):
             transport.close()
 
 
+class _Lane:
+    """A connection of a WebSocket upstream beside its first, for single calls only (no
+    subscriptions, no batches): its link once open, and its own table of calls under way
+    (failed with it alone when it is lost)."""
+
+    __slots__ = ("link", "pending")
+
+    def __init__(self) -> None:
+        self.link: WsLink | None = None
+        self.pending: dict[int, Waiter] = {}
+
+
 class WsUpstream(Upstream):
-    """A WebSocket upstream: requests multiplexed by id over one connection, reconnected
-    on demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``."""
+    """A WebSocket upstream: requests multiplexed by id over connections reconnected on
+    demand; ``subscribe_heads`` uses ``eth_subscribe("newHeads")``.
+
+    The first connection carries the subscriptions and the batches, and single calls when
+    it is idle. A single call sent while it is busy goes to the connection with the fewest
+    calls under way, and one more is opened beside them, in the background, up to
+    ``lanes`` in all (``WS_LANES``): a node may answer one connection's calls one at a
+    time, and one connection carries its answers in order, so a block's megabytes of
+    receipts would hold up every call behind them."""
 
     def __init__(
         self,
@@ -258,12 +300,20 @@ class WsUpstream(Upstream):
         ping_interval: float = defaults.WS_PING_INTERVAL,
         max_message_bytes: int = defaults.WS_MAX_MESSAGE_BYTES,
         via: str = "",
+        lanes: int = defaults.WS_LANES,
     ) -> None:
         super().__init__(name, url, timeout=timeout, connections=connections, via=via)
         self._uri = parse_uri(url)
         self.ping_interval = ping_interval
         self.max_message_bytes = max_message_bytes
+        self.lanes = max(1, lanes)
         self._link: WsLink | None = None
+        # The connections beside the first (``_Lane``), those being opened, and when one
+        # may be tried again after an attempt failed (loop time).
+        self._extra: list[_Lane] = []
+        self._opening: set[asyncio.Task[None]] = set()
+        self._lanes_after = 0.0
+        self._stopped = False
         self._ids = itertools.count(1)
         self._pending: dict[int, Waiter] = {}
         self._subs: dict[str, Callable[[Any], None]] = {}
@@ -274,9 +324,10 @@ class WsUpstream(Upstream):
         # checks), held until answered.
         self._unsubscribing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
-        # (deadline, id) of calls in the order sent: with one timeout for all, that is
-        # deadline order, so one timer, armed for the oldest, serves every call.
-        self._deadlines: deque[tuple[float, int]] = deque()
+        # (deadline, id, its connection's table) of calls in the order sent: with one
+        # timeout for all, that is deadline order, so one timer, armed for the oldest,
+        # serves every call.
+        self._deadlines: deque[tuple[float, int, dict[int, Waiter]]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
         # First ids of the batches under way (``call_batch``), oldest first: an error
         # object with a null id is a batch's refusal, and goes to the oldest one.
@@ -284,22 +335,85 @@ class WsUpstream(Upstream):
 
     @property
     def in_flight(self) -> int:
-        """Calls sent and not yet answered, ``send_now``'s included: the link's own table."""
-        return len(self._pending)
+        """Calls sent and not yet answered, ``send_now``'s included: the links' own tables."""
+        n = len(self._pending)
+        for lane in self._extra:
+            n += len(lane.pending)
+        return n
 
     async def start(self) -> None:
-        return None  # connects on first use
+        self._stopped = False  # connects on first use
 
     async def stop(self) -> None:
-        for task in self._unsubscribing:
+        self._stopped = True
+        for task in (*self._unsubscribing, *self._opening):
             task.cancel()
         link = self._link
         if link is not None:
             link.close()
             self._lost(link)
+        for lane in list(self._extra):  # when the first was not open
+            self._lane_lost(lane)
+            if lane.link is not None:
+                lane.link.close()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+
+    def _pick(self) -> tuple[WsLink, dict[int, Waiter]] | None:
+        """The open connection that takes a single call now, with its table: the first
+        when idle, else the one with the fewest calls under way (one more is opened when
+        every one is busy and fewer than ``lanes`` are open). None: none is open and
+        writable."""
+        link = self._link
+        table = self._pending
+        if link is not None and link._writable is None:
+            if not table:
+                return link, table
+            fewest = len(table)
+        else:
+            link, fewest = None, 1 << 62
+        for lane in self._extra:
+            n = len(lane.pending)
+            if n < fewest and lane.link is not None and lane.link._writable is None:
+                link, table, fewest = lane.link, lane.pending, n
+                if not n:
+                    return link, table
+        if (
+            len(self._extra) + len(self._opening) + 1 < self.lanes
+            and self._link is not None
+            and not self._stopped
+            and self._link.loop.time() >= self._lanes_after
+        ):
+            task = self._link.loop.create_task(self._add_lane())
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+        return None if link is None else (link, table)
+
+    async def _add_lane(self) -> None:
+        """Open one more connection for single calls; on failure, none is tried again for
+        ``WS_LANE_RETRY`` seconds (the calls go on over those open)."""
+        lane = _Lane()
+        table = lane.pending
+        try:
+            async with asyncio.timeout(self.timeout):
+                link = await self._connect(
+                    lambda raw: self._answered_on(raw, table), lambda _: self._lane_lost(lane)
+                )
+        except (TransportError, TimeoutError) as exc:
+            log.debug("upstream %s: another connection: %s", self.name, exc)
+            self._lanes_after = asyncio.get_running_loop().time() + defaults.WS_LANE_RETRY
+            return
+        if self._stopped:
+            link.close()
+            return
+        lane.link = link
+        self._extra.append(lane)
+
+    def _lane_lost(self, lane: _Lane) -> None:
+        if lane in self._extra:
+            self._extra.remove(lane)
+        _fail_all(lane.pending)
 
     async def _connection(self) -> WsLink:
         link = self._link
@@ -311,13 +425,18 @@ class WsUpstream(Upstream):
                     self._link = await self._connect()
         return self._link
 
-    async def _connect(self) -> WsLink:
+    async def _connect(
+        self,
+        on_message: Callable[[bytes], None] | None = None,
+        on_lost: Callable[[WsLink], None] | None = None,
+    ) -> WsLink:
+        """A new connection, open: the first's (``_message``, ``_lost``) unless told."""
         uri = self._uri
         loop = asyncio.get_running_loop()
         link = WsLink(
             uri,
-            self._message,
-            self._lost,
+            on_message or self._message,
+            on_lost or self._lost,
             ping_interval=self.ping_interval,
             max_message=self.max_message_bytes,
             headers=self.headers,
@@ -339,33 +458,49 @@ class WsUpstream(Upstream):
         return link
 
     def _lost(self, link: WsLink) -> None:
+        """The first connection is gone: its calls fail, its subscriptions break, and the
+        connections beside it are closed with it (the node may be gone: a call retried
+        must not find one of them still open, about to be lost too). Calls reconnect the
+        first; the others are opened again as calls overlap."""
         if link is not self._link:
             return
         self._link = None
-        pending = list(self._pending.values())
-        self._pending.clear()  # the same dict: calls under way still hold it
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(TransportError("connection closed"))
+        _fail_all(self._pending)  # the same dict: calls under way still hold it
         subs, self._subs = self._subs, {}
         for cb in subs.values():
             cb(None)  # None tells a subscriber its stream broke
+        for lane in list(self._extra):
+            self._lane_lost(lane)
+            if lane.link is not None:
+                lane.link.close()
+
+    def _answered_on(self, raw: bytes, table: dict[int, Waiter]) -> None:
+        """A message on a connection beside the first: only answers to single calls."""
+        rid = _answer_id(raw)
+        if rid is None:
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return
+            rid = doc.get("id") if isinstance(doc, dict) else None
+            if not isinstance(rid, int):
+                return
+        fut = table.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(raw)
 
     def _message(self, raw: bytes) -> None:
         # Answers nearly always open with this prefix: their id is read without decoding
         # the message (the caller decodes it once, in parse_answer).
-        if raw.startswith(_ANSWER_PREFIX):
-            end = raw.find(b",", _ANSWER_PREFIX_LEN, _ANSWER_PREFIX_LEN + 24)
-            token = raw[_ANSWER_PREFIX_LEN:end] if end > 0 else b""
-            if token.isdigit():
-                rid = int(token)
-                fut = self._pending.pop(rid, None)
-                if fut is not None:
-                    if self._sub_calls:
-                        self._subscribed(rid, raw)
-                    if not fut.done():
-                        fut.set_result(raw)
-                    return
+        rid = _answer_id(raw)
+        if rid is not None:
+            fut = self._pending.pop(rid, None)
+            if fut is not None:
+                if self._sub_calls:
+                    self._subscribed(rid, raw)
+                if not fut.done():
+                    fut.set_result(raw)
+                return
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -436,17 +571,20 @@ class WsUpstream(Upstream):
         params: Params | None,
         subscriber: Callable[[Any], None] | None = None,
     ) -> bytes:
-        link = self._link or await self._connection()
+        picked = None if subscriber is not None or method in _FIRST_ONLY else self._pick()
+        if picked is None:
+            link, pending = self._link or await self._connection(), self._pending
+        else:
+            link, pending = picked
         await link.writable()
         rid = next(self._ids)
         if subscriber is not None:
             self._sub_calls[rid] = subscriber
         loop = link.loop
         fut: asyncio.Future[bytes] = loop.create_future()
-        pending = self._pending
         pending[rid] = fut
         deadlines = self._deadlines
-        deadlines.append((loop.time() + self.timeout, rid))
+        deadlines.append((loop.time() + self.timeout, rid, pending))
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
         try:
@@ -456,8 +594,7 @@ class WsUpstream(Upstream):
             pending.pop(rid, None)
             if subscriber is not None:
                 self._sub_calls.pop(rid, None)
-            while deadlines and deadlines[0][1] not in pending:
-                deadlines.popleft()
+            self.prune()
 
     async def _batch_roundtrip(self, calls: Sequence[BatchCall]) -> tuple[bytes, int]:
         """One message of the batch; the answer array comes back as one message, paired
@@ -475,7 +612,7 @@ class WsUpstream(Upstream):
         for rid in ids:
             pending[rid] = fut
         deadlines = self._deadlines
-        deadlines.append((loop.time() + self.timeout, first))
+        deadlines.append((loop.time() + self.timeout, first, pending))
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
         self._batches.append(first)
@@ -486,8 +623,7 @@ class WsUpstream(Upstream):
             self._batches.remove(first)
             for rid in ids:
                 pending.pop(rid, None)
-            while deadlines and deadlines[0][1] not in pending:
-                deadlines.popleft()
+            self.prune()
 
     def send_now(self, head: bytes, tail: bytes, waiter: Waiter) -> bool:
         """Send one call at once on the open link: the request ``head`` + an id of this
@@ -498,18 +634,19 @@ class WsUpstream(Upstream):
 
         For callers that measure the answer themselves (``answered``, ``failed``): no
         task, no decoding."""
-        link = self._link
-        if link is None or link._writable is not None:
+        picked = self._pick()
+        if picked is None:
             return False
+        link, pending = picked
         rid = next(self._ids)
         loop = link.loop
         try:
             link.send(b"%b%d%b" % (head, rid, tail))
         except TransportError:
             return False
-        self._pending[rid] = waiter
+        pending[rid] = waiter
         deadlines = self._deadlines
-        deadlines.append((loop.time() + self.timeout, rid))
+        deadlines.append((loop.time() + self.timeout, rid, pending))
         if self._expiry is None:
             self._expiry = loop.call_at(deadlines[0][0], self._expire)
         self.calls += 1
@@ -521,8 +658,8 @@ class WsUpstream(Upstream):
     def prune(self) -> None:
         """Drop the deadlines of answered calls at the head of the line (``send_now``'s
         callers, once their answer arrived): bounds the line by the calls under way."""
-        deadlines, pending = self._deadlines, self._pending
-        while deadlines and deadlines[0][1] not in pending:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in deadlines[0][2]:
             deadlines.popleft()
 
     def _expire(self) -> None:
@@ -530,9 +667,9 @@ class WsUpstream(Upstream):
         self._expiry = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadlines, pending = self._deadlines, self._pending
+        deadlines = self._deadlines
         while deadlines:
-            at, rid = deadlines[0]
+            at, rid, pending = deadlines[0]
             fut = pending.get(rid)
             if fut is not None and at > now:
                 self._expiry = loop.call_at(at, self._expire)
