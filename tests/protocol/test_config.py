@@ -252,7 +252,8 @@ POSITIVE_KEYS = {
     "cache": "memory_bytes max_entry_bytes logs_bytes redis_max_entry_bytes "
     "redis_ttl_unfinalized redis_lock_ttl redis_timeout redis_connect_timeout "
     "redis_retry_interval redis_max_connections",
-    "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes batch_len "
+    "pool": "deadline max_attempts probe_interval ws_ping_interval ws_max_message_bytes ws_lanes "
+    "batch_len "
     "http_keepalive_timeout http_pipeline_depth http_max_answer_bytes capability_ttl",
     "head": "poll_near interval_alpha interval_min_factor poll_min_interval poll_probe_every "
     "max_ahead_blocks syncing_every fallback_interval",
