@@ -286,9 +286,9 @@ class WsUpstream(Upstream):
     The first connection carries the subscriptions and the batches, and single calls when
     it is idle. A single call sent while it is busy goes to the connection with the fewest
     calls under way, and one more is opened beside them, in the background, up to
-    ``lanes`` in all (``WS_LANES``): a node may answer one connection's calls one at a
-    time, and one connection carries its answers in order, so a block's megabytes of
-    receipts would hold up every call behind them."""
+    ``lanes`` in all (``WS_LANES``): a node may serve one connection's calls with less
+    parallelism than separate ones, and one connection carries its answers in order, so a
+    block's megabytes of receipts would hold up every call behind them."""
 
     def __init__(
         self,
@@ -400,7 +400,7 @@ class WsUpstream(Upstream):
                 link = await self._connect(
                     lambda raw: self._answered_on(raw, table), lambda _: self._lane_lost(lane)
                 )
-        except (TransportError, TimeoutError) as exc:
+        except Exception as exc:  # refused, timed out, a handshake refused: all alike
             log.debug("upstream %s: another connection: %s", self.name, exc)
             self._lanes_after = asyncio.get_running_loop().time() + defaults.WS_LANE_RETRY
             return

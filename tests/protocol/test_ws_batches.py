@@ -25,7 +25,7 @@ CALLS: list[tuple[str, Any]] = [
 
 
 def linked() -> tuple[WsUpstream, Pair]:
-    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1)
+    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1, lanes=1)
     pair = Pair(up)
     up._link = pair.link
     return up, pair

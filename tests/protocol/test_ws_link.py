@@ -5,6 +5,7 @@ reads, fragmented messages, pings, a server's close. No sockets."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -23,11 +24,18 @@ from tests.protocol.test_http_fast_path import RecordingTransport
 class Pair:
     """A link and the node's side of it, joined by hand."""
 
-    def __init__(self, up: WsUpstream | None = None) -> None:
+    def __init__(
+        self,
+        up: WsUpstream | None = None,
+        on_message: Callable[[bytes], None] | None = None,
+        on_lost: Callable[[WsLink], None] | None = None,
+    ) -> None:
         self.messages: list[bytes] = []
         self.lost: list[WsLink] = []
-        on_message = up._message if up is not None else self.messages.append
-        on_lost = up._lost if up is not None else self.lost.append
+        if on_message is None:
+            on_message = up._message if up is not None else self.messages.append
+        if on_lost is None:
+            on_lost = up._lost if up is not None else self.lost.append
         self.link = WsLink(parse_uri("ws://node.example/"), on_message, on_lost)
         self.transport = RecordingTransport()
         self.server = ServerProtocol(max_size=None)
@@ -97,7 +105,7 @@ async def test_a_frame_over_the_limit_drops_the_link() -> None:
 
 
 async def test_a_close_from_the_node_fails_calls_under_way() -> None:
-    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1)
+    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1, lanes=1)
     pair = Pair(up)
     up._link = pair.link
     call = asyncio.ensure_future(up.call("eth_chainId", []))
@@ -113,7 +121,7 @@ async def test_a_close_from_the_node_fails_calls_under_way() -> None:
 
 
 async def test_a_head_read_with_the_subscribe_answer_is_not_lost() -> None:
-    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1)
+    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1, lanes=1)
     pair = Pair(up)
     up._link = pair.link
     heads: list[dict[str, object]] = []
@@ -138,7 +146,7 @@ async def test_a_head_read_with_the_subscribe_answer_is_not_lost() -> None:
 
 
 async def test_a_head_stream_given_up_is_unsubscribed_one_lost_is_not() -> None:
-    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1)
+    up = WsUpstream("node", "ws://node.example/", timeout=5, connections=1, lanes=1)
     pair = Pair(up)
     up._link = pair.link
 

@@ -125,3 +125,45 @@ async def test_ws_link_to_a_silent_node_is_dropped_by_its_pings_then_restored(
         return bool((await rpc(relay.url, *call)).get("result") == DEV_BALANCE)
 
     await until(answers, 10 * SECOND, "the relay to answer through a new link")
+
+
+async def test_overlapping_calls_spread_over_more_ws_connections_with_anvils_answers(
+    anvil: Anvil, procs: Procs, relay_factory: Callable[..., Awaitable[Relay]]
+) -> None:
+    # The lab proxy reads a WebSocket's messages one after another and holds eth_getBalance
+    # calls until released: calls that overlap one held on a connection are sent on others.
+    proxy = await start_proxy(procs, anvil.url, hold=("eth_getBalance",))
+    relay = await relay_factory([proxy.ws_url], extra="[pool]\nws_lanes = 3\n")
+
+    async def linked() -> bool:
+        return await proxy.open_websockets() >= 1
+
+    await until(linked, 10 * SECOND, "the relay's WebSocket link through the proxy")
+    accounts = DEV_ACCOUNTS[:6]
+    calls = [
+        asyncio.ensure_future(rpc(relay.url, "eth_getBalance", [a, "pending"], i))
+        for i, a in enumerate(accounts)
+    ]
+    try:
+
+        async def spread() -> bool:
+            return await proxy.open_websockets() >= 3 and await proxy.held() >= 3
+
+        await until(spread, 10 * SECOND, "calls held on three connections")
+        assert await proxy.open_websockets() == 3  # no more than the lanes
+        await proxy.release()
+        got = await asyncio.wait_for(asyncio.gather(*calls), 10 * SECOND)
+    finally:
+        for c in calls:
+            c.cancel()
+    want = [
+        await rpc(anvil.url, "eth_getBalance", [a, "pending"], i) for i, a in enumerate(accounts)
+    ]
+    assert got == want
+    # The head stream stays on the first connection: the relay still follows new blocks.
+    first = int((await rpc(relay.url, "eth_blockNumber"))["result"], 16)
+
+    async def advanced() -> bool:
+        return int((await rpc(relay.url, "eth_blockNumber"))["result"], 16) > first + 1
+
+    await until(advanced, 10 * SECOND, "the relay's head to advance")
