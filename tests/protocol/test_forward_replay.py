@@ -67,19 +67,27 @@ class Node:
         links.idle.append(self.link)
 
     def ask(self, conn: HttpProtocol, id_: object) -> bytes:
-        """Send ``id_``'s balance call on ``conn``; what the upstream was sent for it."""
+        """Send ``id_``'s balance call on ``conn`` and answer it; what the upstream was sent
+        for it."""
         before = len(self.wire.out)
+        self.send(conn, id_)
+        sent = bytes(self.wire.out[before:])
+        assert sent, "nothing went upstream"
+        self.answer()
+        return sent
+
+    def send(self, conn: HttpProtocol, id_: object) -> None:
         body = orjson.dumps(
             {"jsonrpc": "2.0", "id": id_, "method": "eth_getBalance", "params": [ADDR, "pending"]}
         )
         conn.data_received(post(body))
-        sent = bytes(self.wire.out[before:])
-        assert sent, "nothing went upstream"
+
+    def answer(self) -> None:
+        """The upstream's answer to the oldest call on its connection."""
         answer = b'{"jsonrpc":"2.0","id":1,"result":%b}' % RESULT
         self.link.data_received(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(answer), answer)
         )
-        return sent
 
 
 class CountedPlainPost(HttpProtocol):
@@ -145,12 +153,18 @@ async def test_a_repeat_that_cannot_be_sent_again_takes_the_usual_path(why: str)
     assert CountedPlainPost.usual == 1
 
 
-async def test_a_repeats_answer_is_written_in_the_upstreams_read_not_a_loop_turn_later() -> None:
-    node = Node()
+async def forwarded_once(node: Node) -> tuple[HttpProtocol, Link]:
+    """A balance call forwarded and answered, so that its repeats are forward replays; a
+    new connection (``NoPlainPost``) to send them on."""
     conn, _ = connect(node)
     node.ask(conn, 7)
     await settle()
-    fast, fast_out = connect(node, NoPlainPost)
+    return connect(node, NoPlainPost)
+
+
+async def test_a_repeats_answer_is_written_in_the_upstreams_read_not_a_loop_turn_later() -> None:
+    node = Node()
+    fast, fast_out = await forwarded_once(node)
     node.ask(fast, 8)  # the upstream's answer is read inside: no turn of the loop after it
     got = answers(fast_out.out)
     assert [a.doc["id"] for a in got] == [8]
@@ -163,24 +177,12 @@ async def test_a_repeats_answer_is_written_in_the_upstreams_read_not_a_loop_turn
 
 async def test_a_repeat_whose_client_left_before_its_answer_writes_nothing() -> None:
     node = Node()
-    conn, _ = connect(node)
-    node.ask(conn, 7)
-    await settle()
-    fast, fast_out = connect(node, NoPlainPost)
-    fast.data_received(
-        post(
-            orjson.dumps(
-                {"jsonrpc": "2.0", "id": 8, "method": "eth_getBalance", "params": [ADDR, "pending"]}
-            )
-        )
-    )
+    fast, fast_out = await forwarded_once(node)
+    node.send(fast, 8)
     assert len(fast._queue) == 1
     fast_out.close()
     fast.connection_lost(None)
-    answer = b'{"jsonrpc":"2.0","id":1,"result":%b}' % RESULT
-    node.link.data_received(
-        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(answer), answer)
-    )
+    node.answer()
     await settle()
     assert answers(fast_out.out) == []
     assert node.upstream.calls == 2  # asked once more, and nothing retried
