@@ -301,8 +301,9 @@ class RpcService:
                             cost = limiter.cost(who, record.method, True)
                             return self._limited(body, who, wait, cost, split[0]), None
                     return encode_result(split[0], value), record
-            if self._forwarder.passes:
-                out = self._forwarder.future()
+            forwarder = self._forwarder
+            if forwarder.passes and forwarder.passes.get_at(split[1], self.view.generation):
+                out = forwarder.future()
                 again, wait, cost = self._send_again(body, split[0], split[1], who, out)
                 if wait:
                     return self._limited(body, who, wait, cost, split[0]), None
