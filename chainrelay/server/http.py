@@ -822,8 +822,7 @@ class HttpProtocol(asyncio.Protocol):
         replayer = server.routes.replayer
         if replayer is None:
             return False
-        # Written as soon as it is given, in the upstream's read (``Owed``): it is given
-        # no sooner, so it finds itself queued.
+        # Written as soon as it is given, in the upstream's read (``Owed``).
         out = Owed(self._flush)
         if not replayer.again(
             data[forward.body_at :], token, forward.rest, forward.who or self.who, out
@@ -832,6 +831,8 @@ class HttpProtocol(asyncio.Protocol):
         self.requests += 1
         lines = forward.cors + server.id_head + b"%x\r\n" % server.ids()
         self._queue.append(Awaited(out, True, lines))
+        if out.done():  # given inside the send, before it was queued (a failed write)
+            self._flush()
         return True
 
     def _pays(self, replay: Replay, who: Identity) -> bool:

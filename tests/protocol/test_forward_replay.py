@@ -19,7 +19,7 @@ from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.rpc.service import RpcService
 from chainrelay.server.http import HttpProtocol, HttpServer, Routes
-from chainrelay.upstreams.httplink import HttpLink, LinkPool
+from chainrelay.upstreams.httplink import HttpLink, LinkPool, Waiter
 from chainrelay.upstreams.pool import UpstreamPool
 from chainrelay.upstreams.upstream import HttpUpstream
 from tests.protocol.test_http_fast_path import RecordingTransport, answers, post
@@ -186,3 +186,18 @@ async def test_a_repeat_whose_client_left_before_its_answer_writes_nothing() -> 
     await settle()
     assert answers(fast_out.out) == []
     assert node.upstream.calls == 2  # asked once more, and nothing retried
+
+
+async def test_a_repeat_answered_inside_its_own_send_is_still_written() -> None:
+    node = Node()
+    fast, fast_out = await forwarded_once(node)
+    raw = b'{"jsonrpc":"2.0","id":1,"result":%b}' % RESULT
+
+    def answered_at_once(head: bytes, tail: bytes, waiter: Waiter) -> bool:
+        waiter.set_result(raw)  # as no real link does: the answer before the send returns
+        return True
+
+    node.upstream.send_now = answered_at_once  # type: ignore[method-assign]
+    node.send(fast, 8)
+    got = answers(fast_out.out)
+    assert [a.doc["id"] for a in got] == [8] and not fast._queue
