@@ -84,7 +84,11 @@ async def test_repeats_under_other_ids_are_answered_as_anvil_does_and_counted(
         return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert delta("chainrelay_requests_total") == sent
-    assert delta("chainrelay_requests_total", outcome="hit") == sent * 3 / 4
+    outcomes = {
+        o: delta("chainrelay_requests_total", outcome=o)
+        for o in ("hit", "local", "miss", "pass", "coalesced", "derived", "shared_hit", "error")
+    }
+    assert delta("chainrelay_requests_total", outcome="hit") == sent * 3 / 4, outcomes
     assert delta("chainrelay_requests_total", outcome="local") == sent / 4
     assert delta("chainrelay_cache_hits_total") == sent * 3 / 4
     assert delta("chainrelay_upstream_calls_total") == 0

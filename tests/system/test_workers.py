@@ -438,7 +438,8 @@ async def test_three_workers_follow_the_chain_once_and_every_worker_serves_each_
                 ], f"worker {i}'s log filter"
             # Each worker's newHeads are the header the upstream pushed to the feeder, which
             # the feeder passed to the others ahead of the block's frame.
-            assert len({orjson.dumps(from_first(s, ids[i][0])) for i, s in subs.items()}) == 1
+            seen = {i: orjson.dumps(from_first(s, ids[i][0])) for i, s in subs.items()}
+            assert len(set(seen.values())) == 1, seen
             by_port = callers([*since_start, *following, *reads], proxy, pids.values())
 
     # One newHeads subscription upstream, the feeder's, over the node's whole life.
