@@ -105,10 +105,7 @@ class BlockFiller:
             return  # filled, or under way
         if not self.warmer.vouched(number, block_hash):
             return
-        seen[key] = misses
-        seen.move_to_end(key)
-        while len(seen) > self.remembered:
-            seen.popitem(last=False)
+        self._remember(key, misses)
         if misses < MISSES_BEFORE_FILL[kind]:
             return
         if len(self._running) >= self.max_fills:
@@ -217,7 +214,7 @@ class BlockFiller:
         if answer.error is not None or answer.result is None or not isinstance(receipts, list):
             return False
         if h != by_number(n):
-            if any(not isinstance(r, dict) or r.get("blockHash") != h for r in receipts):
+            if not _all_of(receipts, h):
                 return False  # another block by now: nothing to warm
             await self._warm_receipts(n, h, receipts, answer.result, answer.parts)
             return True
@@ -245,11 +242,7 @@ class BlockFiller:
         if receipts:
             first = receipts[0]
             h = first.get("blockHash") if isinstance(first, dict) else None
-            if not isinstance(h, str) or any(
-                not isinstance(r, dict) or r.get("blockHash") != h for r in receipts
-            ):
-                return None
-            return h
+            return h if isinstance(h, str) and _all_of(receipts, h) else None
         header = await self.reads.follower_call("eth_getBlockByNumber", [hex(n), False], n)
         block = header.value
         if header.error is not None or not isinstance(block, dict):
@@ -276,3 +269,8 @@ class BlockFiller:
             return False
         await self.warmer.warm_block(n, h, block, answer.result, answer.parts)
         return True
+
+
+def _all_of(receipts: list[Any], h: str) -> bool:
+    """Whether every one of ``receipts`` is a receipt of block ``h``."""
+    return all(isinstance(r, dict) and r.get("blockHash") == h for r in receipts)
