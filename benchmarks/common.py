@@ -67,6 +67,7 @@ SECTIONS = (
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "upstream_ratio_scans": ("upstream_ratio", ("--mix", "scans")),
     "upstream_ratio_routing": ("upstream_ratio", ("--routing",)),
+    "intake_lag_pinned": ("intake_lag", ("--pin",)),
 }
 # How long a relay may take to answer /health after it is started.
 RELAY_READY_SECONDS = 20.0
@@ -173,6 +174,16 @@ def median(values: Sequence[float]) -> float:
 
 
 # --- processes ---------------------------------------------------------------------------
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process ``pid`` on ``cpus`` only (threads it starts later
+    inherit it). For a lag measured apart from the load generator: on a machine of few
+    CPUs, anvil mining full blocks takes all of them, and a process that shares them is
+    woken late whatever it runs."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a live process, all its threads."""
     stat = Path(f"/proc/{pid}/stat").read_text()

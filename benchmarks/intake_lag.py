@@ -32,8 +32,14 @@ With ``--against COMMIT`` a relay of that commit (``common.checkout``) follows t
 chain at the same time as this tree's: both take in the same blocks, side by side, on the
 same machine (the two compete for its CPUs with anvil and the traffic driver alike).
 
+With ``--pin`` the relays and the idle loop run on the machine's last CPU, anvil and this
+script on the others (``common.pin``; section ``intake_lag_pinned``): on a machine of 2
+CPUs, anvil mining full blocks keeps both busy, and a process sharing them is woken late
+by the kernel whatever it runs (the idle loop's floor shows how late). Pinned, the lag is
+the relays' own work, as on a node that does not share its CPUs with the chain's.
+
     python -m benchmarks.intake_lag [--seconds 150] [--warmup 20] [--txs 1000-1500]
-        [--transport ws|http] [--against COMMIT]
+        [--transport ws|http] [--against COMMIT] [--pin]
 """
 
 from __future__ import annotations
@@ -348,6 +354,9 @@ async def measure(
     traffic = BusyTraffic(anvil.url, anvil.ws_url, senders, tokens, recipients, per_block=args.txs)
     for t in targets:
         await asyncio.to_thread(t.relay.start)
+        if args.relay_cpus is not None:
+            assert t.relay.proc is not None
+            common.pin(t.relay.proc.pid, args.relay_cpus)
     stop = asyncio.Event()
     driver = asyncio.create_task(traffic.run(stop))
     readers = [asyncio.create_task(reader(t, stop)) for t in targets]
@@ -480,7 +489,8 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
         )
     side = "at the same time, on the same chain" if len(results) > 1 else "alone (no `--against`)"
     lines = [
-        "## Event-loop lag while 1 MB blocks arrive every second (`intake_lag.py`)",
+        "## Event-loop lag while 1 MB blocks arrive every second "
+        f"(`intake_lag.py{' --pin' if args.relay_cpus is not None else ''}`)",
         "",
         common.machine_line(m),
         "",
@@ -493,7 +503,14 @@ def report(m: dict[str, str], results: list[Result], chain: Chain, args: argpars
         '(`follow_blocks = "always"`) through '
         f"{'WebSocket' if args.transport == 'ws' else 'HTTP'}, {side}, after "
         f"{args.warmup} busy blocks of warm-up; each has one light reader (the latest block "
-        f"and {READER_RECEIPTS} of its receipts once a second) and no other load.",
+        f"and {READER_RECEIPTS} of its receipts once a second) and no other load."
+        + (
+            ""
+            if args.relay_cpus is None
+            else f" Pinned (`--pin`): the relays and the idle loop on CPU "
+            f"{min(args.relay_cpus)}, anvil and this script on the others: the lag is the "
+            "relays' own, not anvil's taking their CPU."
+        ),
         "",
         "Lag: how late a timer due every 5 ms fired on the relay's loop "
         "(`benchmarks/lag_probe.py`, the same in every relay), over the window; p50 and "
@@ -570,11 +587,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gas-limit", type=int, default=GAS_LIMIT, help="anvil's block gas limit")
     ap.add_argument("--transport", choices=("ws", "http"), default="ws", help="relay -> anvil")
     ap.add_argument("--against", metavar="COMMIT", help="also a relay of this older commit")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="relays and the idle loop on the last CPU, anvil and this script on the others",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = ap.parse_args(argv)
     args.accounts = args.accounts or SENDERS_PER_TRANSFER * args.txs[1]
     common.budget(int(120 + 1.5 * args.warmup + args.seconds + 60))
     m = common.machine()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        ap.error("--pin needs 2 CPUs or more")
+    # (the relays' CPUs, the load's): the load's are this process's from here on, and so
+    # anvil's, which it starts
+    pinned = ({cpus[-1]}, set(cpus[:-1])) if args.pin else None
+    args.relay_cpus = None if pinned is None else pinned[0]
+    if pinned is not None:
+        os.sched_setaffinity(0, pinned[1])
     with contextlib.ExitStack() as stack:
         anvil = common.start_anvil(
             block_time=1.0,
@@ -606,12 +637,14 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.DEVNULL,
         )
         stack.callback(_stop, floor)
+        if pinned is not None:
+            common.pin(floor.pid, pinned[0])
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             results, chain = runner.run(measure(args, anvil, targets, idle))
     text = report(m, results, chain, args)
     print(text)
     if not args.no_write:
-        common.write_section("intake_lag", text)
+        common.write_section("intake_lag" + ("_pinned" if args.pin else ""), text)
     return 0
 
 
