@@ -9,14 +9,18 @@ between pieces of its work (``wire.pieces``, ``chain.logstore``) the same way.
 
 A small answer is decoded in one call, as before: below ``LARGE_ANSWER_BYTES`` the
 piecewise decoder would cost more than the stall it saves.
+
+What a block was decoded into is freed the same way (``let_go``): dropped at once, its
+~100,000 objects took 3 to 13 ms to free, on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Generator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -52,6 +56,21 @@ async def drive(steps: Generator[None, None, T], slicer: Slicer | None = None) -
         except StopIteration as stop:
             return stop.value
         await clock.pause()
+
+
+async def let_go(lists: list[list[Any]], slicer: Slicer | None = None) -> None:
+    """Free large decoded lists (a block's transactions, receipts, logs) a slice at a
+    time, ``LET_GO_STEP`` items between two looks at the clock; ``lists`` is emptied. A
+    list something else still holds is left as it is: whoever drops it last frees it."""
+    clock = slicer if slicer is not None else Slicer()
+    while lists:
+        items = lists.pop()
+        # Held by this frame's name alone (and getrefcount's own argument).
+        if sys.getrefcount(items) == 2:
+            while items:
+                del items[-defaults.LET_GO_STEP :]
+                await clock.pause()
+        del items
 
 
 async def parse_large_answer(raw: bytes, slicer: Slicer | None = None) -> Answer:

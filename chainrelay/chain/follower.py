@@ -42,7 +42,7 @@ from chainrelay.chain.events import (
     kept,
     removed,
 )
-from chainrelay.chain.fetch import BlockFetcher, FollowerReads, Unavailable
+from chainrelay.chain.fetch import BlockFetcher, FollowerReads, RawBlock, Unavailable
 from chainrelay.chain.fill import RECEIPT, BlockFiller
 from chainrelay.chain.followmode import FOLLOWER_SERVED, FollowMode
 from chainrelay.chain.head import Header, HeadTracker
@@ -55,7 +55,7 @@ from chainrelay.config import SubscriptionsConfig
 from chainrelay.metrics import Metrics
 from chainrelay.rpc.cache import MemoryCache
 from chainrelay.server.peer import detached
-from chainrelay.slices import drive
+from chainrelay.slices import drive, let_go
 from chainrelay.upstreams.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,11 @@ class BlockFollower:
                 events.append(event)
                 self._deliver(events, {block_hash: held})
                 events = []
+                # What the block was decoded into, freed a slice at a time rather than all
+                # at once when these names are bound again (unless a listener holds it).
+                decoded = _decoded(event, raw)
+                del event, raw
+                await let_go(decoded)
             else:
                 if events:
                     self._deliver(events)
@@ -388,3 +393,10 @@ class BlockFollower:
                 fn(events)
             except Exception:
                 log.exception("block listener failed")
+
+
+def _decoded(event: BlockEvent, raw: RawBlock) -> list[list[Any]]:
+    """The large lists a fetched block was decoded into: its transactions, its receipts
+    (with their logs), the event's logs."""
+    txs = event.block.get("transactions")
+    return [x for x in (txs, raw.receipts, event.logs) if isinstance(x, list)]

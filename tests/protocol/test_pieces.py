@@ -1,6 +1,7 @@
 """The piecewise JSON decoder (``wire.pieces``) and its drivers (``chainrelay.slices``): the
 same objects as orjson's decoding, each element's exact bytes, text it does not take left to
-the usual decoding, and the event loop let run while a large answer is decoded."""
+the usual decoding, and the event loop let run while a large answer is decoded, and while
+what it was decoded into is freed."""
 
 from __future__ import annotations
 
@@ -294,3 +295,37 @@ def test_logs_made_ready_in_steps_are_held_as_logs_held_at_once() -> None:
 
 def test_corpus_files_are_there() -> None:
     assert isinstance(MAINNET, Path) and len(RECEIPTS) > 50 and len(BLOCK["transactions"]) > 50
+
+
+async def test_a_decoded_block_held_nowhere_else_is_freed_with_the_loop_let_run() -> None:
+    receipts = orjson.loads(orjson.dumps(big_receipts(1500)))
+    logs = [log for r in receipts for log in r["logs"]]
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    lists = [receipts, logs]
+    del receipts, logs  # the lists' only holder is now ``lists``
+    kept = lists[0][:3]  # three receipts someone still holds: freed by whoever drops them
+    await slices.let_go(lists, slices.Slicer(budget=0.0))
+    task.cancel()
+    assert lists == []
+    assert turns >= 2 * 1500 // defaults.LET_GO_STEP - 2  # a turn of the loop every step
+    # Held by ``kept`` alone now (and getrefcount's argument), whole.
+    refs = sys.getrefcount(kept[0])
+    assert refs == 2 and kept[0]["logs"][0]["topics"]
+
+
+async def test_a_decoded_list_held_elsewhere_is_left_as_it_is() -> None:
+    receipts = orjson.loads(orjson.dumps(big_receipts(200)))
+    held = {"receipts": receipts}  # a listener that kept them
+    lists = [receipts]
+    del receipts
+    await slices.let_go(lists, slices.Slicer(budget=0.0))
+    assert lists == [] and len(held["receipts"]) == 200
