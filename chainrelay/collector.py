@@ -11,8 +11,8 @@ a full collection then walks only what the node made since (cached answers, conn
 The young collections are made shorter and the full ones rarer (``GC_THRESHOLDS``): a
 block of a busy chain is decoded, cached and held a slice at a time, so its tens of
 thousands of objects stay alive across many young collections, and the middle generation
-collected every tenth young collection walked them all at once: 3 to 7 ms, at about one
-block in two, the largest of a node's own stalls while it follows such a chain.
+collected every tenth young collection walked them all at once: up to 7-15 ms, over 2 ms in
+half of them, the largest of a node's own stalls while it follows such a chain.
 
 Called by the processes that serve (``chainrelay serve``, each worker, ``chainrelay
 devnet``), never by a library user's process: freezing someone else's heap would keep

@@ -877,9 +877,9 @@ LOOP_SLICE_SECONDS = 0.0005
 # slice at a time (``LOOP_SLICE_SECONDS``), its decoded objects alive meanwhile: a middle
 # collection after 10 young ones walked up to 7,000 of them at once, up to 7-15 ms, over
 # 2 ms in half of them; after 3, up to 4-5 ms, over 2 ms in one in ten. A full collection
-# walks all the node made since start: after 100 middle ones, 3 came in 150 s of 1 MB
-# blocks (`intake_lag --pin`) instead of 10. It collects cyclic garbage only (the rest is
-# freed as it is dropped), so fewer of them hold little more memory.
+# walks all the node made since start: after 100 middle ones, 2-3 came in 150 s of 1 MB
+# blocks (`intake_lag --pin`) instead of 6-10. It collects cyclic garbage only (the rest
+# is freed as it is dropped), so fewer of them hold little more memory.
 GC_THRESHOLDS = (700, 3, 100)
 # An upstream answer (or a cached result the follower reads back) this large is decoded
 # piecewise (chainrelay/wire/pieces.py), a slice at a time; a smaller one is one

@@ -6,9 +6,11 @@ what it was decoded into is freed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -233,21 +235,30 @@ def big_receipts(count: int) -> list[dict[str, Any]]:
     return out
 
 
-async def test_a_large_answer_is_decoded_with_the_loop_let_run_between_slices() -> None:
-    body = answer_of(big_receipts(1500))
-    assert len(body) > defaults.LARGE_ANSWER_BYTES
-    turns = 0
+@contextlib.asynccontextmanager
+async def loop_turns() -> AsyncIterator[list[int]]:
+    """How many turns another task got on the loop while the body ran (``[n]``)."""
+    turns = [0]
 
     async def other() -> None:
-        nonlocal turns
         while True:
-            turns += 1
+            turns[0] += 1
             await asyncio.sleep(0)
 
     task = asyncio.create_task(other())
     await asyncio.sleep(0)
-    got = await slices.parse_large_answer(body, slices.Slicer(budget=0.0))
-    task.cancel()
+    try:
+        yield turns
+    finally:
+        task.cancel()
+
+
+async def test_a_large_answer_is_decoded_with_the_loop_let_run_between_slices() -> None:
+    body = answer_of(big_receipts(1500))
+    assert len(body) > defaults.LARGE_ANSWER_BYTES
+    async with loop_turns() as counted:
+        got = await slices.parse_large_answer(body, slices.Slicer(budget=0.0))
+    (turns,) = counted
     usual = parse_answer(body)
     assert (got.result, got.error, got.value) == (usual.result, usual.error, usual.value)
     assert got.parts is not None and len(got.parts) == 1500
@@ -300,21 +311,12 @@ def test_corpus_files_are_there() -> None:
 async def test_a_decoded_block_held_nowhere_else_is_freed_with_the_loop_let_run() -> None:
     receipts = orjson.loads(orjson.dumps(big_receipts(1500)))
     logs = [log for r in receipts for log in r["logs"]]
-    turns = 0
-
-    async def other() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other())
-    await asyncio.sleep(0)
     lists = [receipts, logs]
     del receipts, logs  # the lists' only holder is now ``lists``
     kept = lists[0][:3]  # three receipts someone still holds: freed by whoever drops them
-    await slices.let_go(lists, slices.Slicer(budget=0.0))
-    task.cancel()
+    async with loop_turns() as counted:
+        await slices.let_go(lists, slices.Slicer(budget=0.0))
+    (turns,) = counted
     assert lists == []
     assert turns >= 2 * 1500 // defaults.LET_GO_STEP - 2  # a turn of the loop every step
     # Held by ``kept`` alone now (and getrefcount's argument), whole.
