@@ -7,7 +7,8 @@ that block a hit: eth_getBlockReceipts after a receipt miss (its logs then answe
 eth_getLogs locally too), eth_getBlockByHash(h, true) after a second transaction miss in the
 block (``MISSES_BEFORE_FILL``). The client
 is not kept waiting for it: its own answer goes out first, and the fill warms the cache
-behind it (``chain.warm``).
+behind it (``chain.warm``), then frees what it decoded a slice at a time (``slices.let_go``:
+a block of a busy chain dropped at once held the loop for milliseconds).
 
 Each (kind, block) is filled once, coalesced with whoever asks the same block meanwhile (the
 call goes through the pipeline under a client's key), and remembered for a while so a block
@@ -38,7 +39,7 @@ from chainrelay.chain.warm import CacheWarmer
 from chainrelay.errors import UpstreamError
 from chainrelay.metrics import Metrics
 from chainrelay.server.peer import detached
-from chainrelay.slices import drive
+from chainrelay.slices import drive, let_go
 from chainrelay.subscriptions.logfilter import logs_of_receipts_steps
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,11 @@ class BlockFiller:
         """Fill block ``n`` ``h``'s ``kind`` (``h``: ``by_number(n)`` for a final block
         whose hash is not known yet: receipts only); ``behind``: for the window
         (``fill_window``), not a client's miss (counted apart)."""
+        decoded: list[list[Any]] = []  # what the block was decoded into, to free in slices
         try:
-            ok = await (self._receipts(n, h) if kind == "receipts" else self._transactions(n, h))
+            fill = self._receipts if kind == "receipts" else self._transactions
+            ok = await fill(n, h, decoded)
+            await let_go(decoded)
         except UpstreamError as exc:
             log.debug("block %d %s: %s not filled (%s)", n, h, kind, exc)
             ok = False
@@ -208,11 +212,13 @@ class BlockFiller:
         outcome = "filled" if ok else "failed"
         self.metrics.block_fills.labels(kind, f"window_{outcome}" if behind else outcome).inc()
 
-    async def _receipts(self, n: int, h: str) -> bool:
+    async def _receipts(self, n: int, h: str, decoded: list[list[Any]]) -> bool:
+        """Fill block ``n``'s receipts; ``decoded`` is given them (``let_go``'s to free)."""
         answer = await self.reads.follower_call("eth_getBlockReceipts", [hex(n)], n)
         receipts = answer.value
         if answer.error is not None or answer.result is None or not isinstance(receipts, list):
             return False
+        decoded.append(receipts)
         if h != by_number(n):
             if not _all_of(receipts, h):
                 return False  # another block by now: nothing to warm
@@ -260,11 +266,15 @@ class BlockFiller:
             logs = await drive(logs_of_receipts_steps(receipts, RECEIPTS_STEP))
             self.on_logs(n, h, logs)
 
-    async def _transactions(self, n: int, h: str) -> bool:
+    async def _transactions(self, n: int, h: str, decoded: list[list[Any]]) -> bool:
+        """Fill block ``h``'s transactions; ``decoded`` is given them (``let_go``'s)."""
         answer = await self.reads.follower_call("eth_getBlockByHash", [h, True], n)
         block = answer.value
         if answer.error is not None or answer.result is None or not isinstance(block, dict):
             return False
+        txs = block.get("transactions")
+        if isinstance(txs, list):
+            decoded.append(txs)
         if block.get("hash") != h:
             return False
         await self.warmer.warm_block(n, h, block, answer.result, answer.parts)

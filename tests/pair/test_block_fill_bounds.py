@@ -1,7 +1,8 @@
 """The block filler's bounds, in memory: only blocks the node can vouch for are filled, at
 most ``max_fills`` at a time, each once; a fill that fails is tried again by a later miss.
 The recent window's fill (``fill_window``) keeps to the same bounds, shares the blocks
-filled with clients' misses, and ends where the head knows no hash.
+filled with clients' misses, and ends where the head knows no hash. What a fill decoded is
+freed a slice at a time once cached (``slices.let_go``).
 
 Pair tier: a real BlockFiller, CacheWarmer and memory cache, reading through a stand-in for
 the pipeline that holds each call until the test answers it (what a real node answers is
@@ -11,11 +12,15 @@ checked against anvil in tests/system/test_block_fill.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+import pytest
 
+from chainrelay import defaults, slices
+from chainrelay.chain import fill
 from chainrelay.chain.fetch import Derived
 from chainrelay.chain.fill import BlockFiller
 from chainrelay.chain.head import HeadTracker
@@ -63,6 +68,7 @@ class HeldReads:
         self.empty: set[int] = set()  # blocks without transactions
         self.forked: set[int] = set()  # blocks whose receipts disagree on their block
         self.most = 0  # the most calls ever waiting at once
+        self.receipts: Callable[[int], list[dict[str, Any]]] = receipts_of  # a block's
 
     async def follower_call(
         self, method: str, params: list[Any], min_block: int, derived: Sequence[Derived] = ()
@@ -83,7 +89,7 @@ class HeldReads:
         elif n in self.empty:
             value = []
         else:
-            value = receipts_of(n)
+            value = self.receipts(n)
             if n in self.forked:  # one receipt from another block at that height
                 value[-1] = {**value[-1], "blockHash": "0x" + "ef" * 32}
         return Answer(orjson.dumps(value), None, value)
@@ -361,3 +367,45 @@ async def test_a_final_block_without_transactions_is_filled_by_its_headers_hash(
     # (no logs), so an eth_getLogs window over them is answered locally.
     assert sorted(lab.logs) == [low - 1, low]
     assert ("eth_getBlockByNumber", [hex(low - 1), False]) in lab.reads.calls
+
+
+class Tracked(dict[str, Any]):
+    """A receipt whose freeing the test sees (a dict subclass takes weak references)."""
+
+
+async def test_a_filled_blocks_receipts_are_freed_a_slice_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lab = Lab()
+    turns = 0
+    freed: list[int] = []  # the loop's turn each receipt was freed at
+
+    def receipts(n: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for r in receipts_of(n) * 100:
+            t = Tracked(r)
+            weakref.finalize(t, lambda: freed.append(turns))
+            out.append(t)
+        return out
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def let_go(lists: list[list[Any]]) -> None:  # every step a slice of its own
+        await slices.let_go(lists, slices.Slicer(budget=0.0))
+
+    monkeypatch.setattr(fill, "let_go", let_go)
+    lab.reads.receipts = receipts
+    task = asyncio.create_task(other())
+    lab.filler.note(RECEIPT, HEAD, block_hash(HEAD))
+    await answer_when_asked(lab, HEAD)
+    await until(lambda: lab.fills("receipts", "filled") == 1, 5 * SECOND, "the fill")
+    await until(lambda: len(freed) == 300, 5 * SECOND, "every receipt freed")
+    task.cancel()
+    assert lab.cached_receipt(HEAD, 0)
+    # Freed by the fill itself once cached, over one turn of the loop a step at least.
+    assert len(set(freed)) >= 300 // defaults.LET_GO_STEP, sorted(set(freed))
+    await lab.filler.stop()
