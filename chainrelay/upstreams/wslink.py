@@ -366,10 +366,7 @@ class WsUpstream(Upstream):
         if link is not None:
             link.close()
             self._lost(link)
-        for lane in list(self._extra):  # when the first was not open
-            self._lane_lost(lane)
-            if lane.link is not None:
-                lane.link.close()
+        self._close_lanes()  # when the first was not open
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -423,6 +420,13 @@ class WsUpstream(Upstream):
             return
         lane.link = link
         self._extra.append(lane)
+
+    def _close_lanes(self) -> None:
+        """Close the connections beside the first, failing their calls under way."""
+        for lane in list(self._extra):
+            self._lane_lost(lane)
+            if lane.link is not None:
+                lane.link.close()
 
     def _lane_lost(self, lane: _Lane) -> None:
         if lane in self._extra:
@@ -483,10 +487,7 @@ class WsUpstream(Upstream):
         subs, self._subs = self._subs, {}
         for cb in subs.values():
             cb(None)  # None tells a subscriber its stream broke
-        for lane in list(self._extra):
-            self._lane_lost(lane)
-            if lane.link is not None:
-                lane.link.close()
+        self._close_lanes()
 
     def _answered_on(self, raw: bytes, table: dict[int, Waiter]) -> None:
         """A message on a connection beside the first: only answers to single calls."""
@@ -597,10 +598,7 @@ class WsUpstream(Upstream):
         loop = link.loop
         fut: asyncio.Future[bytes] = loop.create_future()
         pending[rid] = fut
-        deadlines = self._deadlines
-        deadlines.append((loop.time() + self.timeout, rid, pending))
-        if self._expiry is None:
-            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        self._due(loop, rid, pending)
         try:
             link.send(encode_request(rid, method, params))
             return await fut
@@ -625,10 +623,7 @@ class WsUpstream(Upstream):
         pending = self._pending
         for rid in ids:
             pending[rid] = fut
-        deadlines = self._deadlines
-        deadlines.append((loop.time() + self.timeout, first, pending))
-        if self._expiry is None:
-            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        self._due(loop, first, pending)
         self._batches.append(first)
         try:
             link.send(encode_batch(first, calls))
@@ -659,15 +654,19 @@ class WsUpstream(Upstream):
         except TransportError:
             return False
         pending[rid] = waiter
-        deadlines = self._deadlines
-        deadlines.append((loop.time() + self.timeout, rid, pending))
-        if self._expiry is None:
-            self._expiry = loop.call_at(deadlines[0][0], self._expire)
+        self._due(loop, rid, pending)
         self.calls += 1
         budget = self.route.budget
         if budget.bounded:
             budget.spend(time.perf_counter())
         return True
+
+    def _due(self, loop: asyncio.AbstractEventLoop, rid: int, table: dict[int, Waiter]) -> None:
+        """Give call ``rid`` of ``table`` its deadline; the one timer is armed if idle."""
+        deadlines = self._deadlines
+        deadlines.append((loop.time() + self.timeout, rid, table))
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire)
 
     def prune(self) -> None:
         """Drop the deadlines of answered calls at the head of the line (``send_now``'s
